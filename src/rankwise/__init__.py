@@ -1,0 +1,58 @@
+"""rankwise: low-rank adapters smarter than plain LoRA.
+
+The public surface::
+
+    import rankwise
+    cfg = rankwise.LoraConfig(r=8, alpha=16, target_modules=["query", "value"])
+    report = rankwise.attach(model, cfg)          # adapters on, everything else frozen
+    rankwise.step(model, optimizer)               # after each optimizer step (RAC-LoRA uses it)
+    rankwise.merge(model); rankwise.unmerge(model)
+    rankwise.save(model, "out/"); rankwise.load(base_model, "out/")
+    rankwise.export_peft(model, "peft_out/")
+"""
+
+__version__ = "0.1.0"
+
+from .config import AdapterConfig  # noqa: E402
+from .io import AdapterFileError, load, read_adapter, save  # noqa: E402
+from .layer import AdapterLayer  # noqa: E402
+from .methods import DoraConfig, LoraConfig  # noqa: E402
+from .model import (  # noqa: E402
+    AttachReport,
+    adapter_layers,
+    attach,
+    count_parameters,
+    detach,
+    lora_plus_param_groups,
+    merge,
+    step,
+    trainable_parameters,
+    unmerge,
+)
+from .peft_format import export_peft  # noqa: E402
+from .registry import all_methods, config_from_dict  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "AdapterConfig",
+    "LoraConfig",
+    "DoraConfig",
+    "attach",
+    "detach",
+    "merge",
+    "unmerge",
+    "step",
+    "save",
+    "load",
+    "read_adapter",
+    "export_peft",
+    "AttachReport",
+    "AdapterFileError",
+    "AdapterLayer",
+    "adapter_layers",
+    "trainable_parameters",
+    "count_parameters",
+    "lora_plus_param_groups",
+    "all_methods",
+    "config_from_dict",
+]

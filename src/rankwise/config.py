@@ -1,0 +1,89 @@
+"""Configuration shared by every rankwise method.
+
+Each method defines one frozen dataclass that extends :class:`AdapterConfig` and is passed
+whole to :func:`rankwise.attach`. Configs are immutable and JSON-serialisable
+(:meth:`AdapterConfig.to_dict` / :func:`config_from_dict`), which is how a saved adapter
+records exactly what built it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+def _as_targets(value: Any, field_name: str) -> tuple[str, ...] | str | None:
+    """Normalise a target specification: a regex string stays a string, a list becomes a tuple."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = tuple(value)
+        for item in items:
+            if not isinstance(item, str) or not item:
+                raise TypeError(f"{field_name} must hold non-empty strings, got {item!r}")
+        return items
+    raise TypeError(f"{field_name} must be a list of module-name suffixes or a regex string, got {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Fields common to all methods.
+
+    Attributes:
+        r: adapter rank (for GoRA, see ``r_ref`` in its config).
+        alpha: scale numerator; the update is scaled by ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
+        dropout: dropout probability applied to the adapter's input.
+        target_modules: module-name suffixes (``["query", "value"]`` matches ``...attention.self.query``),
+            or one regex string matched against full module names with ``re.fullmatch``.
+        exclude_modules: same syntax; matching modules are never adapted.
+        modules_to_save: module-name suffixes of modules trained fully (e.g. a classifier head).
+        use_rslora: scale by ``alpha / sqrt(r)`` (Kalajdzievski 2023) instead of ``alpha / r``.
+        seed: seed for the adapter's random initialisation; ``None`` draws from torch's global RNG.
+    """
+
+    method: ClassVar[str] = "base"
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | str = ("query", "value")
+    exclude_modules: tuple[str, ...] | str | None = None
+    modules_to_save: tuple[str, ...] | None = None
+    use_rslora: bool = False
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target_modules", _as_targets(self.target_modules, "target_modules"))
+        object.__setattr__(self, "exclude_modules", _as_targets(self.exclude_modules, "exclude_modules"))
+        mts = _as_targets(self.modules_to_save, "modules_to_save")
+        if isinstance(mts, str):
+            mts = (mts,)
+        object.__setattr__(self, "modules_to_save", mts)
+        if self.target_modules is None or (isinstance(self.target_modules, tuple) and not self.target_modules):
+            raise ValueError("target_modules must name at least one module")
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            raise ValueError(f"r must be a positive integer, got {self.r!r}")
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha must be a positive finite number, got {self.alpha!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+    def scale(self, rank: int) -> float:
+        """The forward scale ``s`` for a layer of rank ``rank``: ``alpha/r`` or, with rsLoRA, ``alpha/sqrt(r)``."""
+        return self.alpha / math.sqrt(rank) if self.use_rslora else self.alpha / rank
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict including the method name."""
+        out: dict[str, Any] = {"method": self.method}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def replace(self, **changes: Any) -> "AdapterConfig":
+        """A copy with some fields changed (configs are frozen)."""
+        return dataclasses.replace(self, **changes)
+
+
+__all__ = ["AdapterConfig"]

@@ -1,0 +1,174 @@
+"""The thin contract every adapter layer follows.
+
+An :class:`AdapterLayer` replaces a ``nn.Linear`` (or transformers' GPT-2 ``Conv1D``) in place. It
+*keeps the base layer's names*: the frozen base tensors stay reachable as ``layer.weight`` and
+``layer.bias`` (the very same ``Parameter`` objects), so the model's ``state_dict`` keys for the base
+weights do not change. A method adds its own tensors next to them and implements
+
+* :meth:`adapter_forward` — the forward pass while unmerged;
+* :meth:`merged_weight` — the ``out x in`` weight the layer is equivalent to (fp32).
+
+Merging is explicit and idempotent, guarded by ``self.merged``: :meth:`merge` writes
+``merged_weight()`` into ``weight`` once (rounding once into the base dtype) and keeps the original
+bits, which :meth:`unmerge` restores exactly. ``train()``/``eval()`` never merge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import AdapterConfig
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class PeftFactors:
+    """A layer expressed in HF PEFT's LoRA form: ``W' = W0 + scale·B A`` (or DoRA's with ``magnitude``)."""
+
+    lora_a: Tensor  # r x in
+    lora_b: Tensor  # out x r
+    scale: float
+    magnitude: Tensor | None = None  # out, for DoRA-family layers
+
+
+def layer_generator(seed: int | None, index: int) -> torch.Generator | None:
+    """A CPU generator for layer ``index`` of a seeded config (``None``: use torch's global RNG).
+
+    Random draws happen on the CPU and are then moved, so a seed gives the same adapter on every
+    device and on every rank of a distributed job.
+    """
+    if seed is None:
+        return None
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + index)
+
+
+class AdapterLayer(nn.Module):
+    """Base class: owns the base layer's ``weight``/``bias``, the rank and the scale; merges and unmerges.
+
+    Subclasses set ``trainable`` (names of their trainable tensors) and ``lr_multiplied`` (the tensors
+    LoRA+ gives the larger learning rate), and implement :meth:`adapter_forward` and
+    :meth:`merged_weight`.
+    """
+
+    trainable: ClassVar[tuple[str, ...]] = ()
+    lr_multiplied: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, base: nn.Module, config: AdapterConfig, rank: int) -> None:
+        super().__init__()
+        weight = base.weight
+        if not torch.is_floating_point(weight):
+            raise TypeError(
+                f"cannot adapt a {type(base).__name__} whose weight has dtype {weight.dtype}: "
+                "rankwise adapters need floating-point base weights (dequantise first)"
+            )
+        self.fan_in_fan_out: bool = type(base).__name__ == "Conv1D"  # GPT-2 style: weight is in x out
+        in_features, out_features = (weight.shape[0], weight.shape[1]) if self.fan_in_fan_out else (weight.shape[1], weight.shape[0])
+        if rank > min(in_features, out_features):
+            raise ValueError(
+                f"rank {rank} is larger than this layer's dimensions (out={out_features}, in={in_features}); "
+                f"use r <= {min(in_features, out_features)}"
+            )
+        self.in_features: int = int(in_features)
+        self.out_features: int = int(out_features)
+        self.rank: int = int(rank)
+        self.scale: float = config.scale(rank)
+        # the base tensors, shared (not copied) and frozen
+        self.weight = weight
+        self.register_parameter("bias", base.bias)
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.dropout: nn.Module = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        # adapters train in fp32 over a bf16/fp16 base (the usual mixed-precision setup)
+        self.adapter_dtype: torch.dtype = torch.float32 if weight.dtype in LOW_PRECISION else weight.dtype
+        self.merged: bool = False
+        self._original_weight: Tensor | None = None
+        self._base_ref: list[nn.Module] = [base]  # a list so it is not registered as a submodule
+
+    # ------------------------------------------------------------------ helpers
+    def base_weight(self) -> Tensor:
+        """The frozen base weight as ``out x in`` (a view; transposed for ``Conv1D``)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    def unmerged_base_weight(self) -> Tensor:
+        """``W0`` in ``out x in`` even while merged (the kept original bits)."""
+        w = self._original_weight if self.merged else self.weight
+        assert w is not None
+        return w.t() if self.fan_in_fan_out else w
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.base_weight(), self.bias)
+
+    def new_tensor(self, *shape: int, zeros: bool = True) -> Tensor:
+        """An adapter tensor on the base weight's device, in the adapter dtype."""
+        make = torch.zeros if zeros else torch.empty
+        return make(*shape, dtype=self.adapter_dtype, device=self.weight.device)
+
+    # ------------------------------------------------------------------ the contract
+    def adapter_forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def merged_weight(self) -> Tensor:  # pragma: no cover - abstract
+        """The equivalent dense weight, ``out x in``, in fp32 (computed from the unmerged ``W0``)."""
+        raise NotImplementedError
+
+    def delta_weight(self) -> Tensor:
+        """``merged_weight() - W0`` in fp32, ``out x in``."""
+        return self.merged_weight() - self.unmerged_base_weight().float()
+
+    def peft_factors(self) -> PeftFactors:
+        """This layer as PEFT LoRA/DoRA factors (for :func:`rankwise.export_peft`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no PEFT LoRA form")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return self.base_forward(x)
+        return self.adapter_forward(x)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Write the adapted weight into ``weight`` (once; idempotent). The original bits are kept."""
+        if self.merged:
+            return
+        new = self.merged_weight()  # out x in, fp32
+        if not torch.isfinite(new).all():
+            raise FloatingPointError(f"merging would write non-finite values into a {tuple(new.shape)} weight")
+        self._original_weight = self.weight.detach().clone()
+        self.weight.copy_((new.t() if self.fan_in_fan_out else new).to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the exact original weight (idempotent)."""
+        if not self.merged:
+            return
+        assert self._original_weight is not None
+        self.weight.copy_(self._original_weight)
+        self._original_weight = None
+        self.merged = False
+
+    def to_base(self) -> nn.Module:
+        """The original base module (holding the same, possibly merged, weight)."""
+        base = self._base_ref[0]
+        base.weight = self.weight
+        base.bias = self.bias
+        return base
+
+    def adapter_state(self) -> dict[str, Tensor]:
+        """Every tensor that defines the adapter (not the base weight/bias), by local name."""
+        return {k: v for k, v in self.state_dict(keep_vars=False).items() if k not in ("weight", "bias")}
+
+    def trainable_tensors(self) -> dict[str, nn.Parameter]:
+        return {name: getattr(self, name) for name in self.trainable}
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"scale={self.scale:.4g}, merged={self.merged}"
+        )

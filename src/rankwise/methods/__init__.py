@@ -1,0 +1,6 @@
+"""One file per method; importing this package registers them all."""
+
+from .dora import DoraConfig, DoraLinear
+from .lora import LoraConfig, LoraLinear
+
+__all__ = ["LoraConfig", "LoraLinear", "DoraConfig", "DoraLinear"]

@@ -1,0 +1,82 @@
+"""DoRA: weight-decomposed low-rank adaptation (Liu et al. 2024, arXiv 2402.09353).
+
+DoRA eq. (5), in PyTorch's ``out x in`` convention with per-output-row norms::
+
+    W' = m ⊙ (W0 + s·B A) / ‖W0 + s·B A‖_row
+
+``m`` (length ``out``) starts at ``‖W0‖_row`` so ``W' = W0`` at init; the norm is treated as a
+constant in backward (DoRA §4.3: detached). The forward pass matches HF PEFT's, including its
+handling of dropout (the magnitude rescales the dropped-out input's path)::
+
+    h = x W0ᵀ + b + (m/n − 1) ⊙ x_d W0ᵀ + (m/n) ⊙ s · x_d Aᵀ Bᵀ,     n = ‖W0 + s B A‖_row
+
+We form ``B A`` directly (``out x r x in`` flops) rather than through an identity-matrix pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import AdapterConfig
+from ..layer import PeftFactors
+from ..registry import Method, register_method, simple_build
+from .lora import LoraLinear
+
+
+@dataclass(frozen=True)
+class DoraConfig(AdapterConfig):
+    """DoRA. See :class:`rankwise.config.AdapterConfig` for the common fields."""
+
+    method: ClassVar[str] = "dora"
+
+
+class DoraLinear(LoraLinear):
+    """LoRA's factors plus a trainable magnitude ``m`` (``out``)."""
+
+    trainable: ClassVar[tuple[str, ...]] = ("lora_a", "lora_b", "magnitude")
+
+    def __init__(self, base: nn.Module, config: AdapterConfig, rank: int, *, index: int = 0, init: bool = True) -> None:
+        super().__init__(base, config, rank, index=index, init=init)
+        self.magnitude = nn.Parameter(self.new_tensor(self.out_features))  # out
+        if init:
+            self.init_magnitude()
+
+    @torch.no_grad()
+    def init_magnitude(self) -> None:
+        """Named init step: ``m = ‖W0 + s·B A‖_row`` (= ``‖W0‖_row`` while B = 0)."""
+        self.magnitude.copy_(self.weight_norm())
+
+    def weight_norm(self) -> Tensor:
+        """``‖W0 + s·B A‖_row`` (``out``), detached: DoRA treats it as a constant in backward."""
+        w = self.unmerged_base_weight().to(self.adapter_dtype)  # out x in
+        delta = self.lora_b.detach() @ self.lora_a.detach()  # out x in
+        return torch.linalg.norm(w + self.scale * delta, dim=1).detach()  # out
+
+    def adapter_forward(self, x: Tensor) -> Tensor:
+        result = self.base_forward(x)  # (..., out)
+        mag_scale = self.magnitude / self.weight_norm()  # out
+        x_d = self.dropout(x)
+        if isinstance(self.dropout, nn.Identity):
+            base_no_bias = result if self.bias is None else result - self.bias  # (..., out)
+        else:
+            base_no_bias = F.linear(x_d, self.base_weight())  # (..., out)
+        dora = (mag_scale - 1) * base_no_bias.to(self.adapter_dtype) + mag_scale * self.lora_out(x_d)
+        return result + dora.to(result.dtype)
+
+    def merged_weight(self) -> Tensor:
+        w0 = self.unmerged_base_weight().float()  # out x in
+        directed = w0 + self.scale * (self.lora_b.float() @ self.lora_a.float())  # out x in
+        norm = torch.linalg.norm(directed, dim=1, keepdim=True)  # out x 1
+        return self.magnitude.float().unsqueeze(1) * directed / norm  # out x in
+
+    def peft_factors(self) -> PeftFactors:
+        return PeftFactors(self.lora_a.detach(), self.lora_b.detach(), self.scale, self.magnitude.detach())
+
+
+_build, _rebuild = simple_build(DoraLinear)
+DORA = register_method(Method(name="dora", config_cls=DoraConfig, build=_build, rebuild=_rebuild))

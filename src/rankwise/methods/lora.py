@@ -1,0 +1,71 @@
+"""LoRA (Hu et al. 2021, arXiv 2106.09685), with the rsLoRA scale as an option.
+
+The adapted layer computes (LoRA eq. 3, in PyTorch's ``out x in`` convention)::
+
+    h = x W0ᵀ + b + s · dropout(x) Aᵀ Bᵀ,        ΔW = s · B A
+
+with ``A: r x in`` Kaiming-uniform (a = √5), ``B: out x r`` zero (so ΔW = 0 at init), and
+``s = alpha / r`` — or ``alpha / √r`` with rsLoRA (Kalajdzievski 2023). This is numerically the
+same layer as HF PEFT's ``LoraLayer`` (tested against it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..config import AdapterConfig
+from ..layer import AdapterLayer, PeftFactors, layer_generator
+from ..registry import Method, register_method, simple_build
+
+
+@dataclass(frozen=True)
+class LoraConfig(AdapterConfig):
+    """Plain LoRA. See :class:`rankwise.config.AdapterConfig` for the common fields."""
+
+    method: ClassVar[str] = "lora"
+
+
+class LoraLinear(AdapterLayer):
+    """``W0 + s·B A`` over a frozen ``nn.Linear`` / ``Conv1D``."""
+
+    trainable: ClassVar[tuple[str, ...]] = ("lora_a", "lora_b")
+    lr_multiplied: ClassVar[tuple[str, ...]] = ("lora_b",)
+
+    def __init__(self, base: nn.Module, config: AdapterConfig, rank: int, *, index: int = 0, init: bool = True) -> None:
+        super().__init__(base, config, rank)
+        self.lora_a = nn.Parameter(self.new_tensor(rank, self.in_features))  # r x in
+        self.lora_b = nn.Parameter(self.new_tensor(self.out_features, rank))  # out x r
+        if init:
+            self.init_lora(layer_generator(config.seed, index))
+
+    @torch.no_grad()
+    def init_lora(self, generator: torch.Generator | None = None) -> None:
+        """A ~ Kaiming-uniform(a=√5) (as ``nn.Linear``'s default), B = 0: the update starts at zero."""
+        a = torch.empty(self.rank, self.in_features, dtype=torch.float32)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        self.lora_a.copy_(a)
+        self.lora_b.zero_()
+
+    def lora_out(self, x: Tensor) -> Tensor:
+        """``s · x Aᵀ Bᵀ`` for an input already dropped-out, in the adapter dtype."""
+        return (x.to(self.adapter_dtype) @ self.lora_a.t()) @ self.lora_b.t() * self.scale  # (..., out)
+
+    def adapter_forward(self, x: Tensor) -> Tensor:
+        result = self.base_forward(x)  # (..., out)
+        return result + self.lora_out(self.dropout(x)).to(result.dtype)
+
+    def merged_weight(self) -> Tensor:
+        w0 = self.unmerged_base_weight().float()  # out x in
+        return w0 + self.scale * (self.lora_b.float() @ self.lora_a.float())  # out x in
+
+    def peft_factors(self) -> PeftFactors:
+        return PeftFactors(self.lora_a.detach(), self.lora_b.detach(), self.scale)
+
+
+_build, _rebuild = simple_build(LoraLinear)
+LORA = register_method(Method(name="lora", config_cls=LoraConfig, build=_build, rebuild=_rebuild))

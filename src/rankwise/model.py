@@ -1,0 +1,280 @@
+"""Attaching adapters to a model, and what you do with them afterwards.
+
+The whole public workflow::
+
+    report = rankwise.attach(model, cfg)      # adapters on the targets, everything else frozen
+    ...train with any loop, calling rankwise.step(model, optimizer) after optimizer.step()...
+    rankwise.merge(model); rankwise.unmerge(model)
+    rankwise.detach(model, merge=True)        # a plain model again
+
+``attach`` is all-or-nothing: layers are built (and any data-dependent init is run) before a single
+module of the model is replaced, so an error leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig
+from .layer import AdapterLayer
+from .registry import BuildResult, LossFn, method_for
+from .targeting import find_modules_to_save, find_targets
+
+STATE_ATTR = "_rankwise"
+
+
+@dataclass
+class RankwiseState:
+    """What ``attach`` remembers on the model (as ``model._rankwise``)."""
+
+    config: AdapterConfig
+    layer_names: list[str]
+    modules_to_save: list[str]
+    step: int = 0
+    method_state: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LayerRow:
+    name: str
+    out_features: int
+    in_features: int
+    rank: int
+    trainable: int
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AttachReport:
+    """Per adapted layer: name, shape, rank, trainable parameters; and the totals. Prints as a table."""
+
+    method: str
+    layers: list[LayerRow]
+    trainable: int
+    total: int
+    modules_to_save: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def adapter_trainable(self) -> int:
+        return sum(row.trainable for row in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "layers": [vars(row) for row in self.layers],
+            "trainable": self.trainable,
+            "total": self.total,
+            "modules_to_save": self.modules_to_save,
+            "notes": self.notes,
+        }
+
+    def __str__(self) -> str:
+        extra_keys: list[str] = []
+        for row in self.layers:
+            extra_keys += [k for k in row.extras if k not in extra_keys]
+        header = ["layer", "shape (out x in)", "rank", "trainable", *extra_keys]
+        rows = [
+            [row.name, f"{row.out_features} x {row.in_features}", str(row.rank), f"{row.trainable:,}"]
+            + [_fmt(row.extras.get(k, "")) for k in extra_keys]
+            for row in self.layers
+        ]
+        for name, n in self.modules_to_save.items():
+            rows.append([name + " (trained fully)", "", "", f"{n:,}"] + [""] * len(extra_keys))
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+        line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+        out = [f"rankwise {self.method}: {len(self.layers)} adapted layers", line(header), line(["-" * w for w in widths])]
+        out += [line(r) for r in rows]
+        share = 100.0 * self.trainable / max(self.total, 1)
+        out.append(f"trainable: {self.trainable:,} of {self.total:,} parameters ({share:.4f}%)")
+        out += self.notes
+        return "\n".join(out)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+# ---------------------------------------------------------------------------- queries
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    """``{full_name: layer}`` for every adapter layer in the model."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+
+
+def get_state(model: nn.Module) -> RankwiseState:
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        raise ValueError(f"this {type(model).__name__} has no rankwise adapters: call rankwise.attach first")
+    return state
+
+
+def is_attached(model: nn.Module) -> bool:
+    return getattr(model, STATE_ATTR, None) is not None or bool(adapter_layers(model))
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``{name: parameter}`` for every parameter with ``requires_grad``."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts (shared tensors counted once)."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def lora_plus_param_groups(
+    model: nn.Module, lr: float, ratio: float = 16.0, weight_decay: float = 0.0
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups for LoRA+ (Hayou et al. 2024): ``lr_B = ratio · lr``.
+
+    Works for every method: each layer names the tensors that get the larger rate (LoRA's ``B``);
+    all other trainable tensors (``A``, magnitudes, cores, fully-trained modules) get ``lr``.
+    """
+    fast: list[nn.Parameter] = []
+    fast_ids: set[int] = set()
+    for layer in adapter_layers(model).values():
+        for name in layer.lr_multiplied:
+            p = getattr(layer, name)
+            if p.requires_grad:
+                fast.append(p)
+                fast_ids.add(id(p))
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in fast_ids]
+    groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "base_lr"}]
+    if fast:
+        groups.append({"params": fast, "lr": lr * ratio, "weight_decay": weight_decay, "name": "lora_plus_b"})
+    return [g for g in groups if g["params"]]
+
+
+# ---------------------------------------------------------------------------- attach / detach
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _report(model: nn.Module, config: AdapterConfig, result: BuildResult, saved: dict[str, nn.Module]) -> AttachReport:
+    rows = []
+    for name, layer in result.layers.items():
+        n = sum(getattr(layer, t).numel() for t in layer.trainable if getattr(layer, t).requires_grad)
+        rows.append(LayerRow(name, layer.out_features, layer.in_features, layer.rank, n, result.extras.get(name, {})))
+    trainable, total = count_parameters(model)
+    mts = {name: sum(p.numel() for p in m.parameters()) for name, m in saved.items()}
+    return AttachReport(config.method, rows, trainable, total, mts, list(result.notes))
+
+
+def install(model: nn.Module, config: AdapterConfig, result: BuildResult, saved: dict[str, nn.Module]) -> AttachReport:
+    """Swap built layers into the model, freeze the rest, and record the state (no checks: callers check)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, layer in result.layers.items():
+        _set_submodule(model, name, layer)
+        for t in layer.trainable:
+            getattr(layer, t).requires_grad_(True)
+    for module in saved.values():
+        for p in module.parameters():
+            p.requires_grad_(True)
+    setattr(model, STATE_ATTR, RankwiseState(config, list(result.layers), list(saved)))
+    return _report(model, config, result, saved)
+
+
+def attach(
+    model: nn.Module,
+    config: AdapterConfig,
+    calibration: Iterable[Any] | None = None,
+    loss_fn: LossFn | None = None,
+) -> AttachReport:
+    """Put adapters on the modules ``config`` targets, in place; freeze everything else.
+
+    Args:
+        model: any ``nn.Module`` (a Hugging Face model, a plain MLP, ...).
+        config: a method's frozen config (``LoraConfig``, ``DoraConfig``, ...).
+        calibration: batches for methods that initialise from data (GoRA); each batch is passed as
+            ``model(**batch)`` (a dict) or ``model(batch)``, and its ``.loss`` is used unless
+            ``loss_fn(model, batch)`` is given.
+        loss_fn: optional ``(model, batch) -> scalar loss``.
+
+    Returns:
+        An :class:`AttachReport` (print it for a table).
+
+    Raises:
+        ValueError / TypeError with the culprit named; the model is unchanged on any error.
+    """
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"config must be a rankwise config (e.g. rankwise.LoraConfig), got {type(config).__name__}")
+    if is_attached(model):
+        raise ValueError(
+            "this model already has rankwise adapters; call rankwise.detach(model) first "
+            "(attaching twice would stack adapters on adapters)"
+        )
+    method = method_for(config)
+    saved = find_modules_to_save(model, config.modules_to_save)
+    targets = find_targets(model, config.target_modules, config.exclude_modules, skip=saved)
+    if method.uses_calibration and calibration is None:
+        raise ValueError(f"{method.name} initialises from data: pass calibration=<iterable of training batches> to attach")
+    result = method.build(model, targets, config, calibration, loss_fn)
+    return install(model, config, result, saved)
+
+
+def detach(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Remove every adapter, restoring the original modules (merged first if ``merge=True``).
+
+    Without ``merge`` the model's weights are exactly the originals again.
+    """
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError(f"this {type(model).__name__} has no rankwise adapters to detach")
+    for name, layer in layers.items():
+        if merge:
+            layer.merge()
+            layer._original_weight = None  # the merge is permanent: drop the kept copy
+        else:
+            layer.unmerge()
+        _set_submodule(model, name, layer.to_base())
+    if hasattr(model, STATE_ATTR):
+        delattr(model, STATE_ATTR)
+    return model
+
+
+def merge(model: nn.Module) -> None:
+    """Merge every adapter into its base weight (idempotent; :func:`unmerge` restores the exact bits)."""
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("no rankwise adapters to merge")
+    for layer in layers.values():
+        layer.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo :func:`merge` exactly (idempotent)."""
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("no rankwise adapters to unmerge")
+    for layer in layers.values():
+        layer.unmerge()
+
+
+def step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Call after every ``optimizer.step()``. A no-op for most methods; RAC-LoRA ends links here.
+
+    It never changes the function the model computes.
+    """
+    state = get_state(model)
+    state.step += 1
+    method = method_for(state.config)
+    if method.on_step is not None:
+        method.on_step(model, adapter_layers(model), optimizer, state)

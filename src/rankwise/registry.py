@@ -1,0 +1,103 @@
+"""The method registry: how a method name maps to its config, its layer and its named steps.
+
+Each method module registers one :class:`Method`. ``attach`` calls ``method.build`` (which may run
+data-dependent initialisation), ``step`` calls ``method.on_step`` when the method has one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .config import AdapterConfig
+from .layer import AdapterLayer
+
+LossFn = Callable[[nn.Module, Any], Any]
+
+
+@dataclass
+class BuildResult:
+    """What a method's ``build`` returns: new layers (not yet in the model) and per-layer report extras."""
+
+    layers: dict[str, AdapterLayer]
+    extras: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+Build = Callable[[nn.Module, dict[str, nn.Module], AdapterConfig, "Iterable[Any] | None", "LossFn | None"], BuildResult]
+Rebuild = Callable[[dict[str, nn.Module], AdapterConfig, dict[str, int]], dict[str, AdapterLayer]]
+OnStep = Callable[[nn.Module, dict[str, AdapterLayer], Any, "Any"], None]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method.
+
+    Attributes:
+        name: the config's ``method`` string.
+        config_cls: its frozen config dataclass.
+        build: builds initialised layers for the matched targets (``calibration`` and ``loss_fn``
+            are passed through for data-dependent inits).
+        rebuild: builds *uninitialised* layers of given ranks, to be filled from a saved adapter.
+        on_step: called by :func:`rankwise.step` after each optimizer step (``None``: no-op).
+        uses_calibration: whether ``build`` needs calibration data.
+    """
+
+    name: str
+    config_cls: type[AdapterConfig]
+    build: Build
+    rebuild: Rebuild
+    on_step: OnStep | None = None
+    uses_calibration: bool = False
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    _METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in _METHODS:
+        raise ValueError(f"unknown adapter method {name!r}; known: {sorted(_METHODS)}")
+    return _METHODS[name]
+
+
+def method_for(config: AdapterConfig) -> Method:
+    method = get_method(config.method)
+    if not isinstance(config, method.config_cls):
+        raise TypeError(f"config of type {type(config).__name__} does not belong to method {method.name!r}")
+    return method
+
+
+def all_methods() -> dict[str, Method]:
+    return dict(_METHODS)
+
+
+def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
+    """Rebuild a config written by :meth:`AdapterConfig.to_dict`."""
+    data = dict(data)
+    method = get_method(data.pop("method", None))
+    known = {f.name for f in dataclasses.fields(method.config_cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"config for method {method.name!r} has unknown fields {sorted(unknown)}")
+    return method.config_cls(**data)
+
+
+def simple_build(layer_cls: type[AdapterLayer]) -> tuple[Build, Rebuild]:
+    """``build``/``rebuild`` for methods whose layers need only (base, config, rank, index)."""
+
+    def build(model, targets, config, calibration, loss_fn) -> BuildResult:  # noqa: ARG001
+        return BuildResult({name: layer_cls(m, config, config.r, index=i) for i, (name, m) in enumerate(targets.items())})
+
+    def rebuild(targets, config, ranks) -> dict[str, AdapterLayer]:
+        return {name: layer_cls(m, config, ranks[name], index=i, init=False) for i, (name, m) in enumerate(targets.items())}
+
+    return build, rebuild

@@ -1,0 +1,81 @@
+"""Exact target matching: which modules of a model get adapters.
+
+Semantics (the same as HF PEFT's, so configs transfer):
+
+* a list of strings matches a module whose full name equals an entry or ends with ``"." + entry``;
+* a single string is a regular expression that must match the *whole* module name (``re.fullmatch``);
+* ``exclude_modules`` uses the same syntax and wins over ``target_modules``;
+* matching nothing is an error, and so is matching a module of a type no method supports.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from torch import nn
+
+SUPPORTED_TYPES: tuple[str, ...] = ("Linear", "Conv1D")
+
+
+def name_matches(name: str, spec: tuple[str, ...] | str | None) -> bool:
+    """Whether module ``name`` is selected by ``spec`` (suffix list or full-match regex)."""
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == key or name.endswith("." + key) for key in spec)
+
+
+def is_supported(module: nn.Module) -> bool:
+    """``nn.Linear`` (and subclasses) and transformers' GPT-2 style ``Conv1D`` (transposed weight)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def find_targets(
+    model: nn.Module,
+    target_modules: tuple[str, ...] | str,
+    exclude_modules: tuple[str, ...] | str | None = None,
+    skip: Iterable[str] = (),
+) -> dict[str, nn.Module]:
+    """Return ``{full_name: module}`` for every module selected by the config, in model order.
+
+    Raises ``ValueError`` naming the spec when nothing matches, and ``TypeError`` naming the module
+    when a match has an unsupported type.
+    """
+    skipped = tuple(skip)
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if not name or not name_matches(name, target_modules) or name_matches(name, exclude_modules):
+            continue
+        if any(name == s or name.startswith(s + ".") for s in skipped):
+            continue
+        if not is_supported(module):
+            raise TypeError(
+                f"target {name!r} is a {type(module).__name__}; rankwise adapts {', '.join(SUPPORTED_TYPES)} "
+                f"layers only. Narrow target_modules (or add {name!r} to exclude_modules)."
+            )
+        found[name] = module
+    if not found:
+        sample = [n for n, m in model.named_modules() if n and is_supported(m)][:12]
+        raise ValueError(
+            f"target_modules={target_modules!r} matched no module of {type(model).__name__} "
+            f"(exclude_modules={exclude_modules!r}). Adaptable layers include: {sample}"
+        )
+    return found
+
+
+def find_modules_to_save(model: nn.Module, names: tuple[str, ...] | None) -> dict[str, nn.Module]:
+    """Modules trained in full (e.g. a classification head); each entry must match at least one module."""
+    if not names:
+        return {}
+    found: dict[str, nn.Module] = {}
+    for key in names:
+        hits = {n: m for n, m in model.named_modules() if n and (n == key or n.endswith("." + key))}
+        if not hits:
+            raise ValueError(f"modules_to_save entry {key!r} matched no module of {type(model).__name__}")
+        found.update(hits)
+    # keep only outermost modules (a child of a saved module is saved with it)
+    return {n: m for n, m in found.items() if not any(n.startswith(o + ".") for o in found if o != n)}

@@ -1,0 +1,1 @@
+"""The training harness and CLI: a layer on top of :mod:`rankwise` (which never imports it)."""

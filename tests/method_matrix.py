@@ -1,0 +1,38 @@
+"""The test matrix's method axis: one entry per method, each a recipe for a config on a model case.
+
+Adding a method to rankwise means adding it here; every invariant test then runs on it.
+
+Each entry returns ``(config, calibration_or_None)``. ``identity_at_init`` says whether the method
+promises an unchanged model right after ``attach`` (GoRA deliberately does not: its init is a step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import rankwise
+from conftest import ModelCase
+
+
+@dataclass(frozen=True)
+class MethodCase:
+    name: str
+    make: Callable[[ModelCase, bool], tuple[rankwise.AdapterConfig, Any]]  # (case, with_head) -> (config, calibration)
+    identity_at_init: bool = True
+
+
+def _common(case: ModelCase, with_head: bool) -> dict[str, Any]:
+    return {
+        "target_modules": case.targets,
+        "modules_to_save": [case.head] if with_head and case.head else None,
+        "seed": 0,
+    }
+
+
+METHOD_CASES: dict[str, MethodCase] = {
+    "lora": MethodCase("lora", lambda c, h: (rankwise.LoraConfig(r=4, alpha=8, **_common(c, h)), None)),
+    "lora-rs": MethodCase("lora-rs", lambda c, h: (rankwise.LoraConfig(r=4, alpha=8, use_rslora=True, **_common(c, h)), None)),
+    "dora": MethodCase("dora", lambda c, h: (rankwise.DoraConfig(r=4, alpha=8, **_common(c, h)), None)),
+}

@@ -1,0 +1,241 @@
+"""Bad input gets a clear error naming the culprit, and changes nothing."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import rankwise
+from conftest import ModelCase, TinyMLP
+
+
+def _snapshot(model: nn.Module) -> dict[str, object]:
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "types": [type(m) for m in model.modules()],
+    }
+
+
+def _assert_unchanged(model: nn.Module, snap: dict[str, object]) -> None:
+    now = _snapshot(model)
+    assert now["types"] == snap["types"]
+    assert now["grad"] == snap["grad"]
+    assert now["state"].keys() == snap["state"].keys()
+    for k, v in snap["state"].items():
+        assert torch.equal(now["state"][k], v), k
+    assert not hasattr(model, "_rankwise")
+
+
+def test_target_matching_nothing(mlp_case: ModelCase) -> None:
+    model = mlp_case.make()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=r"matched no module.*fc1"):
+        rankwise.attach(model, rankwise.LoraConfig(target_modules=["qkv"]))
+    _assert_unchanged(model, snap)
+
+
+def test_unsupported_module_type() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    snap = _snapshot(model)
+    with pytest.raises(TypeError, match=r"'1' is a LayerNorm"):
+        rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["0", "1"]))
+    _assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("cfg_cls", [rankwise.LoraConfig, rankwise.DoraConfig])
+def test_rank_larger_than_layer(cfg_cls) -> None:
+    model = TinyMLP(d_in=12, d_hidden=16, n_out=3)
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=r"rank 13 is larger than this layer's dimensions \(out=16, in=12\)"):
+        rankwise.attach(model, cfg_cls(r=13, target_modules=["fc2", "fc1"]))
+    _assert_unchanged(model, snap)
+
+
+def test_attach_twice(mlp_case: ModelCase) -> None:
+    model = mlp_case.make()
+    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["fc1"]))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="already has rankwise adapters"):
+        rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["fc2"]))
+    assert set(rankwise.adapter_layers(model)) == {"fc1"}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_non_float_weight() -> None:
+    model = nn.Sequential(nn.Linear(4, 4))
+    model[0].weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(TypeError, match="floating-point"):
+        rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["0"]))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"r": 0}, "r must be a positive integer"),
+        ({"alpha": float("nan")}, "alpha must be"),
+        ({"dropout": 1.0}, "dropout must be in"),
+        ({"target_modules": []}, "at least one module"),
+        ({"target_modules": [""]}, "non-empty strings"),
+    ],
+)
+def test_bad_config_values(kwargs, match) -> None:
+    with pytest.raises((ValueError, TypeError), match=match):
+        rankwise.LoraConfig(**kwargs)
+
+
+def test_configs_are_frozen() -> None:
+    cfg = rankwise.LoraConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.r = 4  # type: ignore[misc]
+
+
+def test_regex_and_exclusion(bert_case: ModelCase) -> None:
+    model = bert_case.make()
+    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=r".*layer\.0\..*(query|value)", exclude_modules=["value"]))
+    assert list(rankwise.adapter_layers(model)) == ["bert.encoder.layer.0.attention.self.query"]
+    # a suffix list matches whole name components only: "uery" does not match "query"
+    with pytest.raises(ValueError, match="matched no module"):
+        rankwise.attach(bert_case.make(), rankwise.LoraConfig(r=2, target_modules=["uery"]))
+
+
+def test_modules_to_save_matching_nothing(mlp_case: ModelCase) -> None:
+    model = mlp_case.make()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="modules_to_save entry 'classifier'"):
+        rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["fc1"], modules_to_save=["classifier"]))
+    _assert_unchanged(model, snap)
+
+
+# ------------------------------------------------------------------ loading
+def _saved(case: ModelCase, tmp_path, cfg=None):
+    model = case.make()
+    rankwise.attach(model, cfg or rankwise.DoraConfig(r=2, target_modules=case.targets, seed=0))
+    with torch.no_grad():
+        for p in rankwise.trainable_parameters(model).values():
+            p.add_(0.1)
+    path = rankwise.save(model, tmp_path / "adapter")
+    return model, path
+
+
+def test_load_onto_wrong_shapes(mlp_case: ModelCase, tmp_path) -> None:
+    _, path = _saved(mlp_case, tmp_path)
+    other = TinyMLP(d_in=12, d_hidden=20)
+    snap = _snapshot(other)
+    with pytest.raises(rankwise.AdapterFileError, match=r"'fc1' is 20 x 12 in this model but 16 x 12"):
+        rankwise.load(other, path)
+    _assert_unchanged(other, snap)
+
+
+def test_load_onto_wrong_names(mlp_case: ModelCase, tmp_path) -> None:
+    _, path = _saved(mlp_case, tmp_path)
+    other = nn.Sequential(nn.Linear(12, 16))
+    snap = _snapshot(other)
+    with pytest.raises(rankwise.AdapterFileError, match="do not fit this model"):
+        rankwise.load(other, path)
+    _assert_unchanged(other, snap)
+
+
+def test_load_onto_different_checkpoint(mlp_case: ModelCase, tmp_path) -> None:
+    _, path = _saved(mlp_case, tmp_path)
+    torch.manual_seed(123)
+    other = TinyMLP()  # same architecture, other weights
+    snap = _snapshot(other)
+    with pytest.raises(rankwise.AdapterFileError, match="different base weights"):
+        rankwise.load(other, path)
+    _assert_unchanged(other, snap)
+    rankwise.load(other, path, check_base=False)  # explicit override works
+    assert set(rankwise.adapter_layers(other)) == {"fc1", "fc2"}
+
+
+def test_load_missing_file(mlp_case: ModelCase, tmp_path) -> None:
+    model = mlp_case.make()
+    with pytest.raises(rankwise.AdapterFileError, match="does not exist"):
+        rankwise.load(model, tmp_path / "nothing-here")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "header"])
+def test_load_corrupt_file(mlp_case: ModelCase, tmp_path, damage: str) -> None:
+    _, path = _saved(mlp_case, tmp_path)
+    file = path / "adapter.safetensors"
+    data = bytearray(file.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) - 17]
+    elif damage == "flip":
+        data[-3] ^= 0xFF  # a tensor byte
+    else:
+        data[10] ^= 0xFF  # inside the JSON header
+    file.write_bytes(bytes(data))
+    fresh = mlp_case.make()
+    snap = _snapshot(fresh)
+    with pytest.raises(rankwise.AdapterFileError, match="corrupt|truncated"):
+        rankwise.load(fresh, path)
+    _assert_unchanged(fresh, snap)
+
+
+def test_load_onto_attached_model(mlp_case: ModelCase, tmp_path) -> None:
+    model, path = _saved(mlp_case, tmp_path)
+    with pytest.raises(ValueError, match="already has rankwise adapters"):
+        rankwise.load(model, path)
+
+
+def test_interrupted_save_keeps_previous_adapter(mlp_case: ModelCase, tmp_path, monkeypatch) -> None:
+    model, path = _saved(mlp_case, tmp_path)
+    before = (path / "adapter.safetensors").read_bytes()
+    with torch.no_grad():
+        for p in rankwise.trainable_parameters(model).values():
+            p.add_(1.0)
+    import rankwise.io as rio
+
+    real_fdopen = rio.os.fdopen
+
+    class Exploding:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rio.os, "fdopen", lambda fd, mode: Exploding(real_fdopen(fd, mode)))
+    with pytest.raises(OSError, match="No space left"):
+        rankwise.save(model, path)
+    monkeypatch.undo()
+    assert (path / "adapter.safetensors").read_bytes() == before
+    assert not [p for p in path.iterdir() if p.name.endswith(".tmp")]
+    fresh = mlp_case.make()
+    rankwise.load(fresh, path)  # the previous adapter still loads
+
+
+def test_unknown_method_in_file(mlp_case: ModelCase, tmp_path) -> None:
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _, path = _saved(mlp_case, tmp_path)
+    file = path / "adapter.safetensors"
+    with safe_open(str(file), framework="pt") as f:
+        meta = json.loads(f.metadata()["rankwise"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta["config"]["method"] = "qlora-9000"
+    save_file(tensors, str(file), metadata={"rankwise": json.dumps(meta)})
+    with pytest.raises(rankwise.AdapterFileError, match="unknown adapter method 'qlora-9000'"):
+        rankwise.load(mlp_case.make(), path)
+
+
+def test_merge_without_adapters() -> None:
+    with pytest.raises(ValueError, match="no rankwise adapters"):
+        rankwise.merge(TinyMLP())
+    with pytest.raises(ValueError, match="no rankwise adapters"):
+        rankwise.step(TinyMLP(), None)
