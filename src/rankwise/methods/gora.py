@@ -15,8 +15,8 @@ One procedure before training decides, from gradients, each layer's rank *and* B
    ``b = r_ref · Σ_i w_i`` and ``r_i = clip(round(b · a_i / w_i), r_min, r_max)``. Clipping alone
    loses or overspends budget, so we solve for the multiplier ``λ`` with
    ``Σ_i w_i · clip(λ a_i / w_i, lo_i, hi_i) = b`` (water-filling: what the clips free or take is
-   redistributed over the unclipped layers), round, and then move single rank units until
-   ``Σ_i w_i r_i`` is as close to ``b`` as integers allow. ``hi_i = min(r_max, in_i, out_i)``.
+   redistributed over the unclipped layers), then round (floor, and round up the largest remainders
+   while that brings ``Σ_i w_i r_i`` nearer ``b``: every rank stays within one unit of its target). ``hi_i = min(r_max, in_i, out_i)``.
 4. **Init** (GoRA eq. 8-9). ``A_i`` Kaiming-uniform (``r_i x in_i``), ``B_i = −Ḡ_i A_i⁺ · ξ_i`` with
    ``A⁺ = Aᵀ(AAᵀ)⁻¹`` (an fp64 solve with a tiny ridge) and ``ξ_i = γ √in_i / α``. With the forward
    scale ``s_i = α / √r_i`` (rsLoRA-style, always on for GoRA) the initial update is
@@ -196,7 +196,7 @@ def _weight_out_in(module: nn.Module, t: Tensor) -> Tensor:
 def collect_gradients(
     model: nn.Module, targets: dict[str, nn.Module], config: GoraConfig, calibration: Iterable[Any], loss_fn: LossFn | None
 ) -> tuple[dict[str, Tensor], GradientStats]:
-    """Step 1: the mean gradient ``Ḡ_i`` (fp32, ``out x in``) of every target weight.
+    """Step 1: the mean gradient ``Ḡ_i`` (fp32, or fp64 for an fp64 model; ``out x in``) of every target weight.
 
     The model comes back as it went in: ``requires_grad`` flags, ``.grad`` fields and buffers (e.g.
     batch-norm statistics updated in train mode) are restored, also when this raises.
@@ -220,7 +220,9 @@ def collect_gradients(
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     weights = {name: m.weight for name, m in targets.items()}
     acc = {
-        name: torch.zeros(w.shape, dtype=torch.float32, device="cpu" if config.offload_to_cpu else w.device)
+        name: torch.zeros(
+            w.shape, dtype=torch.promote_types(w.dtype, torch.float32), device="cpu" if config.offload_to_cpu else w.device
+        )  # at least fp32 (bf16/fp16 gradients are summed in fp32)
         for name, w in weights.items()
     }
     cuda_devices = {w.device for w in weights.values() if w.device.type == "cuda"}
@@ -231,7 +233,7 @@ def collect_gradients(
     def fold(name: str) -> Any:
         def hook(p: Tensor) -> None:
             assert p.grad is not None
-            acc[name].add_(p.grad.detach().to(device=acc[name].device, dtype=torch.float32))
+            acc[name].add_(p.grad.detach().to(device=acc[name].device, dtype=acc[name].dtype))
             p.grad = None  # freed at once: peak memory ~ one layer's gradient
 
         return hook
@@ -392,20 +394,13 @@ def allocate_ranks(
         else:
             hi_lam = mid
     target = fill(hi_lam)
-    ranks = {n: int(min(max(round(target[n]), lo[n]), hi[n])) for n in names}
-    # integer fix-up: single rank units toward b, most under-/over-served layer first
-    for _ in range(4 * len(names) + 8):
+    # integers: floor every target, then round up the largest remainders while that brings Σ w·r nearer b
+    # (each rank stays within one unit of its continuous target)
+    ranks = {n: int(math.floor(target[n] + 1e-9)) for n in names}
+    for n in sorted(names, key=lambda n: ranks[n] - target[n]):
         gap = budget - spend(ranks)  # type: ignore[arg-type]
-        if gap > 0:
-            order = sorted((n for n in names if ranks[n] < hi[n]), key=lambda n: ranks[n] - target[n])
-            step = 1
-        else:
-            order = sorted((n for n in names if ranks[n] > lo[n]), key=lambda n: target[n] - ranks[n])
-            step = -1
-        move = next((n for n in order if abs(gap - step * w[n]) < abs(gap)), None)
-        if move is None:
-            break
-        ranks[move] += step
+        if target[n] - ranks[n] > 1e-9 and abs(gap - w[n]) < abs(gap):
+            ranks[n] += 1
     spent = spend(ranks)  # type: ignore[arg-type]
     return Allocation(
         ranks=ranks,
