@@ -216,7 +216,14 @@ def test_collection_leaves_model_as_it_was_and_modes_agree(mlp_case: ModelCase) 
         model.register_buffer("counter", torch.zeros(1))
         model.fc2.register_forward_hook(lambda m, i, o, model=model: model.counter.add_(1) and None)
         model.train(train)
-        report = rankwise.attach(model, _gora(**kw), calibration=batches)
+        seen: list[bool] = []
+
+        def loss_fn(m, b, seen=seen):  # each weight's gradient is freed as soon as it is folded in
+            seen.append(all(m.get_submodule(n).weight.grad is None for n in ("fc1", "fc2")))
+            return m(**b).loss
+
+        report = rankwise.attach(model, _gora(**kw), calibration=batches, loss_fn=loss_fn)
+        assert len(seen) == 4 and all(seen), "a weight gradient was kept between backward passes"
         assert float(model.counter) == 0.0, "calibration forward passes changed a buffer"
         assert all(p.grad is None for p in model.parameters()), "a .grad was left behind"
         assert model.training == train
