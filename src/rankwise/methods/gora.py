@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AdapterConfig
-from ..layer import layer_generator
+from ..layer import AdapterLayer, layer_generator
 from ..registry import BuildResult, LossFn, Method, register_method, simple_build
 from .lora import LoraLinear
 
@@ -199,7 +199,13 @@ def collect_gradients(
     """Step 1: the mean gradient ``Ḡ_i`` (fp32, or fp64 for an fp64 model; ``out x in``) of every target weight.
 
     The model comes back as it went in: ``requires_grad`` flags, ``.grad`` fields and buffers (e.g.
-    batch-norm statistics updated in train mode) are restored, also when this raises.
+    batch-norm statistics updated in train mode) are restored, also when this raises. The model's
+    train/eval mode is left as the caller set it (dropout then acts as in training).
+
+    Under ``torch.distributed`` every rank must call this with the same ``n_steps`` and
+    ``grad_accumulation`` (each on its own shard of the batches): the mean is all-reduced at the end
+    and, with early stopping, a stop flag after every step. A rank that raises (e.g. runs out of
+    batches) leaves the others waiting in the collective, as any failed rank in a DDP job does.
     """
     if calibration is None:
         raise ValueError("GoRA initialises from data: pass calibration=<iterable of training batches> to attach")
@@ -438,7 +444,7 @@ def build(
     shapes = {n: (g.shape[0], g.shape[1]) for n, g in grads.items()}
     alloc = allocate_ranks(imp, shapes, config.r_ref, config.r_min, config.r_max, config.budget)
     seed, seed_source = _shared_seed(config.seed)
-    layers: dict[str, nn.Module] = {}
+    layers: dict[str, AdapterLayer] = {}
     for i, (name, module) in enumerate(targets.items()):
         layer = GoraLinear(module, config, alloc.ranks[name], index=i, init=False)
         layer.init_lora(layer_generator(seed, i))
@@ -466,7 +472,7 @@ def build(
         f"accumulators {_mib(stats.accumulator_bytes)} on {'CPU' if config.offload_to_cpu else 'the weights device'}, "
         f"peak CUDA memory {_mib(stats.peak_cuda_bytes) if stats.peak_cuda_bytes is not None else 'n/a (no CUDA weights)'}",
     ]
-    return BuildResult(layers, extras, notes)  # type: ignore[arg-type]
+    return BuildResult(layers, extras, notes)
 
 
 # ---------------------------------------------------------------------------- 6. the rank picture
