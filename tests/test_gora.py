@@ -296,14 +296,14 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path) -> None:
 
 
 # ------------------------------------------------------------------ round trips with heterogeneous ranks
-def _hetero(bert_case: ModelCase) -> tuple[nn.Module, nn.Module]:
-    base = bert_case.make()
+def _hetero(case: ModelCase) -> tuple[nn.Module, nn.Module]:
+    base = case.make()
     model = copy.deepcopy(base)
     report = rankwise.attach(
         model,
-        rankwise.GoraConfig(r_ref=4, r_min=2, r_max=8, alpha=8, n_steps=2, target_modules=bert_case.targets,
-                            modules_to_save=["classifier"], seed=0),
-        calibration=[bert_case.batch(i) for i in range(2)],
+        rankwise.GoraConfig(r_ref=4, r_min=2, r_max=8, alpha=8, n_steps=2, target_modules=case.targets,
+                            modules_to_save=[case.head] if case.head else None, seed=0),
+        calibration=[case.batch(i) for i in range(2)],
     )
     assert len({row.rank for row in report.layers}) > 1, "the test needs heterogeneous ranks"
     with torch.no_grad():
@@ -327,10 +327,12 @@ def test_save_load_merge_with_heterogeneous_ranks(bert_case: ModelCase, tmp_path
         torch.testing.assert_close(fresh(**batch).logits, out, rtol=1e-5, atol=1e-6)
 
 
-def test_export_peft_with_rank_pattern(bert_case: ModelCase, tmp_path) -> None:
+@pytest.mark.parametrize("which", ["bert", "gpt2-conv1d"])
+def test_export_peft_with_rank_pattern(which: str, bert_case: ModelCase, gpt2_case: ModelCase, tmp_path) -> None:
     peft = pytest.importorskip("peft")
-    base, model = _hetero(bert_case)
-    batch = bert_case.batch(4)
+    case = bert_case if which == "bert" else gpt2_case
+    base, model = _hetero(case)
+    batch = case.batch(4)
     with torch.no_grad():
         ours = model(**batch).logits
     for vllm in (False, True):
@@ -341,6 +343,21 @@ def test_export_peft_with_rank_pattern(bert_case: ModelCase, tmp_path) -> None:
         loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), folder)
         with torch.no_grad():
             torch.testing.assert_close(loaded(**batch).logits, ours, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("form", ["params", "sqrt"])
+def test_bf16_model_and_budget_forms(form: str, mlp_case: ModelCase) -> None:
+    """A bf16 base: gradients summed in fp32, adapters in fp32, base untouched; the report names the form."""
+    base = mlp_case.make().to(torch.bfloat16)
+    model = copy.deepcopy(base)
+    batches = [{"x": b["x"].to(torch.bfloat16), "labels": b["labels"]} for b in _mlp_batches(3)]
+    report = rankwise.attach(model, _gora(budget=form), calibration=batches)
+    for name, layer in rankwise.adapter_layers(model).items():
+        assert layer.lora_a.dtype == layer.lora_b.dtype == torch.float32 and layer.lora_b.abs().sum() > 0
+        assert torch.equal(layer.weight, base.get_submodule(name).weight)
+    assert any(f"GoRA budget ({form} form" in n for n in report.notes)
+    with torch.no_grad():
+        assert torch.isfinite(model(**batches[0]).logits.float()).all()
 
 
 def test_lora_plus_groups_cover_gora(mlp_case: ModelCase) -> None:
