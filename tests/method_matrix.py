@@ -35,4 +35,12 @@ METHOD_CASES: dict[str, MethodCase] = {
     "lora": MethodCase("lora", lambda c, h: (rankwise.LoraConfig(r=4, alpha=8, **_common(c, h)), None)),
     "lora-rs": MethodCase("lora-rs", lambda c, h: (rankwise.LoraConfig(r=4, alpha=8, use_rslora=True, **_common(c, h)), None)),
     "dora": MethodCase("dora", lambda c, h: (rankwise.DoraConfig(r=4, alpha=8, **_common(c, h)), None)),
+    "gora": MethodCase(
+        "gora",
+        lambda c, h: (
+            rankwise.GoraConfig(r_ref=4, r_min=2, r_max=8, alpha=8, n_steps=2, **_common(c, h)),
+            [c.batch(1000 + i) for i in range(2)],
+        ),
+        identity_at_init=False,
+    ),
 }

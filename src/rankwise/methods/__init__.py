@@ -1,6 +1,10 @@
 """One file per method; importing this package registers them all."""
 
 from .dora import DoraConfig, DoraLinear
+from .gora import GoraConfig, GoraLinear, RankTable, gora_rank_table, plot_gora_ranks
 from .lora import LoraConfig, LoraLinear
 
-__all__ = ["LoraConfig", "LoraLinear", "DoraConfig", "DoraLinear"]
+__all__ = [
+    "LoraConfig", "LoraLinear", "DoraConfig", "DoraLinear",
+    "GoraConfig", "GoraLinear", "RankTable", "gora_rank_table", "plot_gora_ranks",
+]
