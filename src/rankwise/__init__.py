@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 from .config import AdapterConfig  # noqa: E402
 from .io import AdapterFileError, load, read_adapter, save  # noqa: E402
 from .layer import AdapterLayer  # noqa: E402
-from .methods import DoraConfig, LoraConfig  # noqa: E402
+from .methods import DoraConfig, EdoraConfig, LoraConfig  # noqa: E402
 from .model import (  # noqa: E402
     AttachReport,
     adapter_layers,
@@ -37,6 +37,7 @@ __all__ = [
     "AdapterConfig",
     "LoraConfig",
     "DoraConfig",
+    "EdoraConfig",
     "attach",
     "detach",
     "merge",
