@@ -240,7 +240,8 @@ def test_export_loads_in_peft(model_case: ModelCase, dropout: float, tmp_path) -
     base = model_case.make()
     model = copy.deepcopy(base)
     rankwise.attach(model, rankwise.EdoraConfig(r=4, alpha=8, dropout=dropout, target_modules=model_case.targets, seed=0))
-    assert not any(m.training for m in model.modules()), "attach must keep an eval-mode model in eval mode"
+    for name, layer in rankwise.adapter_layers(model).items():  # attach keeps each module's train/eval mode
+        assert layer.training == layer.dropout.training == base.get_submodule(name).training, name
     for i, layer in enumerate(rankwise.adapter_layers(model).values()):
         _spread(layer, seed=i, scale=0.05)
     rankwise.export_peft(model, tmp_path)
