@@ -43,4 +43,12 @@ METHOD_CASES: dict[str, MethodCase] = {
         ),
         identity_at_init=False,
     ),
+    # sigma=0: R starts at zero, so the model is exactly unchanged at init (checked); the default
+    # sigma=1e-5 starts R a hair off zero (tests/test_edora.py bounds that)
+    "edora": MethodCase("edora", lambda c, h: (rankwise.EdoraConfig(r=4, alpha=8, sigma=0.0, **_common(c, h)), None)),
+    "edora-random": MethodCase(
+        "edora-random",
+        lambda c, h: (rankwise.EdoraConfig(r=4, alpha=8, factors="random", **_common(c, h)), None),
+        identity_at_init=False,
+    ),
 }

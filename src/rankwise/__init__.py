@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 from .config import AdapterConfig  # noqa: E402
 from .io import AdapterFileError, load, read_adapter, save  # noqa: E402
 from .layer import AdapterLayer  # noqa: E402
-from .methods import DoraConfig, GoraConfig, LoraConfig, gora_rank_table, plot_gora_ranks  # noqa: E402
+from .methods import DoraConfig, EdoraConfig, GoraConfig, LoraConfig, gora_rank_table, plot_gora_ranks  # noqa: E402
 from .model import (  # noqa: E402
     AttachReport,
     adapter_layers,
@@ -40,6 +40,7 @@ __all__ = [
     "GoraConfig",
     "gora_rank_table",
     "plot_gora_ranks",
+    "EdoraConfig",
     "attach",
     "detach",
     "merge",

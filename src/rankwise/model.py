@@ -182,6 +182,7 @@ def install(model: nn.Module, config: AdapterConfig, result: BuildResult, saved:
     for p in model.parameters():
         p.requires_grad_(False)
     for name, layer in result.layers.items():
+        layer.train(model.get_submodule(name).training)  # a new module defaults to train mode: keep the model's
         _set_submodule(model, name, layer)
         for t in layer.trainable:
             getattr(layer, t).requires_grad_(True)

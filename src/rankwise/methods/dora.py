@@ -15,6 +15,7 @@ We form ``B A`` directly (``out x r x in`` flops) rather than through an identit
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -23,9 +24,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AdapterConfig
-from ..layer import PeftFactors
+from ..layer import AdapterLayer, PeftFactors
 from ..registry import Method, register_method, simple_build
 from .lora import LoraLinear
+
+
+def magnitude_forward(layer: AdapterLayer, x: Tensor, mag_scale: Tensor, lora_out: Callable[[Tensor], Tensor]) -> Tensor:
+    """DoRA's forward for any DoRA-family layer, as HF PEFT computes it (dropout included)::
+
+        h = x W0ᵀ + b + (m/n − 1) ⊙ x_d W0ᵀ + (m/n) ⊙ lora_out(x_d),      x_d = dropout(x)
+
+    ``mag_scale`` is ``m/n`` (``out``, with ``n`` detached); ``lora_out`` maps the dropped-out input
+    to ``s · x_d ΔWᵀ`` in the adapter dtype.
+    """
+    result = layer.base_forward(x)  # (..., out)
+    x_d = layer.dropout(x)
+    if isinstance(layer.dropout, nn.Identity):
+        base_no_bias = result if layer.bias is None else result - layer.bias  # (..., out)
+    else:
+        base_no_bias = F.linear(x_d, layer.base_weight())  # (..., out)
+    dora = (mag_scale - 1) * base_no_bias.to(layer.adapter_dtype) + mag_scale * lora_out(x_d)
+    return result + dora.to(result.dtype)
 
 
 @dataclass(frozen=True)
@@ -58,15 +77,7 @@ class DoraLinear(LoraLinear):
         return torch.linalg.norm(w + self.scale * delta, dim=1).detach()  # out
 
     def adapter_forward(self, x: Tensor) -> Tensor:
-        result = self.base_forward(x)  # (..., out)
-        mag_scale = self.magnitude / self.weight_norm()  # out
-        x_d = self.dropout(x)
-        if isinstance(self.dropout, nn.Identity):
-            base_no_bias = result if self.bias is None else result - self.bias  # (..., out)
-        else:
-            base_no_bias = F.linear(x_d, self.base_weight())  # (..., out)
-        dora = (mag_scale - 1) * base_no_bias.to(self.adapter_dtype) + mag_scale * self.lora_out(x_d)
-        return result + dora.to(result.dtype)
+        return magnitude_forward(self, x, self.magnitude / self.weight_norm(), self.lora_out)
 
     def merged_weight(self) -> Tensor:
         w0 = self.unmerged_base_weight().float()  # out x in

@@ -1,0 +1,272 @@
+"""EDoRA: efficient weight-decomposed low-rank adaptation via SVD (Nasiri & Garraghan, arXiv 2501.12067).
+
+DoRA's magnitude/direction split with frozen, SVD-initialised factors and a small trainable core
+(PyTorch's ``out x in`` convention, per-output-row norms)::
+
+    W' = m ⊙ (W0 + s·B R A) / ‖W0 + s·B R A‖_row,        s = alpha / r
+
+* ``W0 ≈ U_r Σ_r V_rᵀ`` (truncated SVD): ``B = U_r`` (``out x r``) and ``A = Σ_r V_rᵀ`` (``r x in``),
+  all singular values in A. Both are **frozen** buffers (saved with the adapter); ``W0`` is unchanged.
+  ``B A`` is the best rank-r approximation of ``W0`` (Eckart–Young).
+* ``R`` (``r x r``) is trainable, drawn from ``N(0, σ²)`` (σ = 1e-5: the update starts near zero).
+* ``m`` (``out``) is trainable and starts at ``‖W0‖_row``. The norm is a constant in backward
+  (detached, as in DoRA §4.3). Trainable per layer: ``r² + out``.
+
+Because A and B never change, the row norm needs no ``out x in`` matrix. With ``n0 = ‖W0‖²_row``,
+``C = W0 Aᵀ`` (``out x r``) and ``K = A Aᵀ`` (``r x r``), computed once from ``W0`` and ``A``::
+
+    ‖W0 + s·B R A‖²_row = n0 + rowsum((BR) ⊙ (2s·C + s²·(BR) K))
+
+which costs ``O(out·r²)`` per step instead of DoRA's ``O(out·in·r)``. The forward pass is DoRA's
+(PEFT's, with its dropout semantics, :func:`rankwise.methods.dora.magnitude_forward`) with the
+low-rank path ``s·((x Aᵀ) Rᵀ) Bᵀ``.
+
+``factors="random"`` is the paper's ablation: frozen random factors instead of the SVD ones, drawn as
+the official code draws them (Kaiming-uniform, a = √5, on the transposed factors:
+``A ~ U(±1/√r)``, ``B ~ U(±1/√out)``).
+
+Exported to PEFT as a DoRA adapter with ``lora_A = A``, ``lora_B = B R``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..config import AdapterConfig
+from ..layer import AdapterLayer, PeftFactors, layer_generator
+from ..registry import BuildResult, Method, register_method
+from .dora import magnitude_forward
+
+SVD_MODES = ("exact", "randomized")
+FACTOR_MODES = ("svd", "random")
+OVERSAMPLE = 10  # extra sketch columns for the randomized SVD (Halko et al. 2011, §4.2)
+
+
+@dataclass(frozen=True)
+class EdoraConfig(AdapterConfig):
+    """EDoRA. See :class:`rankwise.config.AdapterConfig` for the common fields.
+
+    Attributes:
+        sigma: standard deviation of the trainable core ``R``'s normal init (paper: 1e-5).
+        svd: ``"exact"`` (``torch.linalg.svd``; fp32, fp64 for fp64 weights) or ``"randomized"``
+            (Halko et al. randomized range finder with ``svd_niter`` power iterations, for large
+            layers; its sketch is drawn from ``seed`` — 0 when ``seed`` is None — so it is deterministic).
+        svd_niter: power iterations of the randomized SVD (official code: 10).
+        factors: ``"svd"`` (the method) or ``"random"`` (the paper's ablation: random frozen factors).
+    """
+
+    method: ClassVar[str] = "edora"
+
+    sigma: float = 1e-5
+    svd: str = "exact"
+    svd_niter: int = 10
+    factors: str = "svd"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma) and self.sigma >= 0):
+            raise ValueError(f"sigma must be a finite number >= 0, got {self.sigma!r}")
+        if self.svd not in SVD_MODES:
+            raise ValueError(f"svd must be one of {SVD_MODES}, got {self.svd!r}")
+        if not isinstance(self.svd_niter, int) or isinstance(self.svd_niter, bool) or self.svd_niter < 0:
+            raise ValueError(f"svd_niter must be an integer >= 0, got {self.svd_niter!r}")
+        if self.factors not in FACTOR_MODES:
+            raise ValueError(f"factors must be one of {FACTOR_MODES}, got {self.factors!r}")
+
+
+# ---------------------------------------------------------------------------- named init steps
+def _flip_signs(u: Tensor, vh: Tensor) -> tuple[Tensor, Tensor]:
+    """Deterministic signs: the largest-magnitude entry of each column of ``U`` is made positive."""
+    rows = u.abs().argmax(dim=0)  # r
+    signs = torch.sign(u[rows, torch.arange(u.shape[1], device=u.device)])  # r
+    signs[signs == 0] = 1
+    return u * signs, vh * signs.unsqueeze(1)
+
+
+def randomized_svd(w: Tensor, rank: int, niter: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-``rank`` SVD of ``w`` (``out x in``) by a randomized range finder with QR-stabilised power
+    iterations (Halko, Martinsson & Tropp 2011, Alg. 4.4 + 5.1; the algorithm of ``torch.svd_lowrank``).
+
+    ``torch.svd_lowrank`` draws its sketch from the global RNG of ``w``'s device and takes no
+    generator; here the sketch is drawn on the CPU from ``generator`` and moved, so a seed gives the
+    same factors on every device and leaves the global RNG alone.
+    """
+    out_f, in_f = w.shape
+    q = min(rank + OVERSAMPLE, out_f, in_f)
+    omega = torch.randn(in_f, q, generator=generator, dtype=w.dtype).to(w.device)  # in x q
+    basis = torch.linalg.qr(w @ omega).Q  # out x q
+    for _ in range(niter):
+        basis = torch.linalg.qr(w @ torch.linalg.qr(w.t() @ basis).Q).Q  # out x q
+    u_small, s, vh = torch.linalg.svd(basis.t() @ w, full_matrices=False)  # q x q, q, q x in
+    return (basis @ u_small)[:, :rank], s[:rank], vh[:rank]
+
+
+def svd_factors(w0: Tensor, rank: int, mode: str, niter: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """Named init step: ``B = U_r`` (``out x r``), ``A = Σ_r V_rᵀ`` (``r x in``) and ``Σ_r``, with
+    deterministic signs, computed in fp32 (fp64 for an fp64 weight)."""
+    if not torch.isfinite(w0).all():
+        raise ValueError("the base weight holds non-finite values; its SVD is undefined")
+    w = w0.detach().to(torch.float64 if w0.dtype == torch.float64 else torch.float32)  # out x in
+    if mode == "exact":
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+    else:
+        u, s, vh = randomized_svd(w, rank, niter, generator)
+    u, vh = _flip_signs(u, vh)  # out x r, r x in
+    return u, s.unsqueeze(1) * vh, s  # B: out x r, A: r x in, Σ_r: r
+
+
+def random_factors(out_f: int, in_f: int, rank: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Named init step of the ablation: ``A ~ U(±1/√r)`` (``r x in``), ``B ~ U(±1/√out)`` (``out x r``),
+    i.e. Kaiming-uniform (a = √5) on ``Aᵀ`` and ``Bᵀ`` as in the official code."""
+    a_t = torch.empty(in_f, rank)  # in x r
+    b_t = torch.empty(rank, out_f)  # r x out
+    nn.init.kaiming_uniform_(a_t, a=math.sqrt(5), generator=generator)
+    nn.init.kaiming_uniform_(b_t, a=math.sqrt(5), generator=generator)
+    return b_t.t(), a_t.t()
+
+
+# ---------------------------------------------------------------------------- the layer
+class EdoraLinear(AdapterLayer):
+    """Frozen ``B`` (``frozen_b``), ``A`` (``frozen_a``); trainable core ``R`` (``core``) and magnitude ``m``."""
+
+    trainable: ClassVar[tuple[str, ...]] = ("core", "magnitude")
+
+    def __init__(self, base: nn.Module, config: EdoraConfig, rank: int, *, index: int = 0, init: bool = True) -> None:
+        super().__init__(base, config, rank)
+        self.register_buffer("frozen_a", self.new_tensor(rank, self.in_features))  # r x in
+        self.register_buffer("frozen_b", self.new_tensor(self.out_features, rank))  # out x r
+        self.core = nn.Parameter(self.new_tensor(rank, rank))  # r x r
+        self.magnitude = nn.Parameter(self.new_tensor(self.out_features))  # out
+        # norm terms, functions of (W0, A): recomputed, not saved (see precompute_norm_terms)
+        self.register_buffer("norm_n0", self.new_tensor(self.out_features), persistent=False)  # out
+        self.register_buffer("norm_c", self.new_tensor(self.out_features, rank), persistent=False)  # out x r
+        self.register_buffer("norm_k", self.new_tensor(rank, rank), persistent=False)  # r x r
+        self.register_load_state_dict_post_hook(_after_load)
+        if init:
+            self.initialise(config, index)
+
+    # ------------------------------------------------------------------ init
+    def initialise(self, config: EdoraConfig, index: int) -> Tensor | None:
+        """Run the named init steps in order; returns ``Σ_r`` (``None`` for random factors)."""
+        generator = layer_generator(config.seed, index)
+        spectrum = self.init_factors(config, generator if generator is not None else layer_generator(0, index))
+        self.init_core(config.sigma, generator)
+        self.init_magnitude()
+        return spectrum
+
+    @torch.no_grad()
+    def init_factors(self, config: EdoraConfig, generator: torch.Generator) -> Tensor | None:
+        """Named init step: the frozen ``B``, ``A`` from the SVD of ``W0`` (or random, for the ablation)."""
+        if config.factors == "svd":
+            b, a, spectrum = svd_factors(self.unmerged_base_weight(), self.rank, config.svd, config.svd_niter, generator)
+        else:
+            b, a = random_factors(self.out_features, self.in_features, self.rank, generator)
+            spectrum = None
+        self.frozen_b.copy_(b)
+        self.frozen_a.copy_(a)
+        self.precompute_norm_terms()
+        return spectrum
+
+    @torch.no_grad()
+    def init_core(self, sigma: float, generator: torch.Generator | None) -> None:
+        """Named init step: ``R ~ N(0, σ²)`` (drawn on the CPU, then moved)."""
+        self.core.copy_(torch.randn(self.rank, self.rank, generator=generator) * sigma)
+
+    @torch.no_grad()
+    def init_magnitude(self) -> None:
+        """Named init step: ``m = ‖W0‖_row``."""
+        self.magnitude.copy_(self.norm_n0.sqrt())
+
+    @torch.no_grad()
+    def precompute_norm_terms(self) -> None:
+        """``n0 = ‖W0‖²_row``, ``C = W0 Aᵀ``, ``K = A Aᵀ`` (in fp64, stored in the adapter dtype).
+
+        Deterministic functions of ``W0`` and ``A``, so they are recomputed after loading rather than
+        saved; a load therefore reproduces them bit for bit.
+        """
+        w0 = self.unmerged_base_weight().double()  # out x in
+        a = self.frozen_a.double()  # r x in
+        self.norm_n0.copy_((w0 * w0).sum(dim=1))  # out
+        self.norm_c.copy_(w0 @ a.t())  # out x r
+        self.norm_k.copy_(a @ a.t())  # r x r
+
+    # ------------------------------------------------------------------ forward
+    @torch.no_grad()
+    def weight_norm(self) -> Tensor:
+        """``‖W0 + s·B R A‖_row`` (``out``) in ``O(out·r²)``, detached (a constant in backward)."""
+        s = self.scale
+        br = self.frozen_b @ self.core  # out x r
+        inner = torch.addmm(self.norm_c, br, self.norm_k, beta=2 * s, alpha=s * s)  # out x r: 2s·C + s²·BRK
+        return (self.norm_n0 + (br * inner).sum(dim=1)).clamp_min(0).sqrt()  # out
+
+    def lora_out(self, x: Tensor) -> Tensor:
+        """``s · ((x Aᵀ) Rᵀ) Bᵀ`` for an input already dropped-out, in the adapter dtype."""
+        h = x.to(self.adapter_dtype) @ self.frozen_a.t()  # (..., r)
+        return (h @ self.core.t()) @ self.frozen_b.t() * self.scale  # (..., out)
+
+    def adapter_forward(self, x: Tensor) -> Tensor:
+        return magnitude_forward(self, x, self.magnitude / self.weight_norm(), self.lora_out)
+
+    # ------------------------------------------------------------------ merge / export
+    def merged_weight(self) -> Tensor:
+        w0 = self.unmerged_base_weight().float()  # out x in
+        delta = self.frozen_b.float() @ self.core.float() @ self.frozen_a.float()  # out x in
+        directed = w0 + self.scale * delta  # out x in
+        norm = torch.linalg.norm(directed, dim=1, keepdim=True)  # out x 1
+        return self.magnitude.float().unsqueeze(1) * directed / norm  # out x in
+
+    def peft_factors(self) -> PeftFactors:
+        """PEFT DoRA form: ``lora_A = A``, ``lora_B = B R``, the magnitude and ``s``."""
+        b_r = self.frozen_b.detach() @ self.core.detach()  # out x r
+        return PeftFactors(self.frozen_a.detach(), b_r, self.scale, self.magnitude.detach())
+
+
+def _after_load(layer: EdoraLinear, _keys: Any) -> None:
+    """After ``load_state_dict`` (new ``A`` or a new base): recompute the norm terms."""
+    layer.precompute_norm_terms()
+
+
+# ---------------------------------------------------------------------------- build
+def _zero_tail(spectrum: Tensor, shape: tuple[int, int]) -> int:
+    """How many of the top-r singular values are numerically zero (``σ_i ≤ σ_1 · max(shape) · eps``)."""
+    tol = spectrum.max().clamp_min(torch.finfo(spectrum.dtype).tiny) * max(shape) * torch.finfo(spectrum.dtype).eps
+    return int((spectrum <= tol).sum())
+
+
+def _build(model: nn.Module, targets: dict[str, nn.Module], config: EdoraConfig, calibration: Any, loss_fn: Any) -> BuildResult:  # noqa: ARG001
+    layers: dict[str, AdapterLayer] = {}
+    extras: dict[str, dict[str, Any]] = {}
+    for index, (name, module) in enumerate(targets.items()):
+        try:
+            layer = EdoraLinear(module, config, config.r, index=index, init=False)
+            spectrum = layer.initialise(config, index)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"layer {name!r}: {exc}") from exc
+        layers[name] = layer
+        if spectrum is None:
+            continue
+        zeros = _zero_tail(spectrum, (layer.out_features, layer.in_features))
+        if zeros:
+            warnings.warn(
+                f"EDoRA layer {name!r}: {zeros} of its top {layer.rank} singular values are zero (its weight has "
+                f"rank {layer.rank - zeros} < r={layer.rank}); those directions of A are zero, so the matching "
+                "entries of R have no effect. The adapter is still correct; a smaller r wastes nothing.",
+                stacklevel=3,
+            )
+        total = layer.norm_n0.double().sum().clamp_min(torch.finfo(torch.float64).tiny)
+        extras[name] = {"svd_energy": float(spectrum.double().pow(2).sum() / total)}
+    return BuildResult(layers, extras)
+
+
+def _rebuild(targets: dict[str, nn.Module], config: EdoraConfig, ranks: dict[str, int]) -> dict[str, AdapterLayer]:
+    return {name: EdoraLinear(m, config, ranks[name], index=i, init=False) for i, (name, m) in enumerate(targets.items())}
+
+
+EDORA = register_method(Method(name="edora", config_cls=EdoraConfig, build=_build, rebuild=_rebuild))
