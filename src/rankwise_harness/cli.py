@@ -12,8 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-DEMO_ARGS = ["--task", "rotten", "--method", "lora", "--max-steps", "60", "--batch-size", "16", "--lr", "2e-3",
-             "--lora-plus-ratio", "4", "--max-length", "64", "--max-eval", "500", "--eval-before",
+DEMO_ARGS = ["--task", "rotten", "--method", "lora", "--max-steps", "120", "--batch-size", "16", "--lr", "2e-3",
+             "--lora-plus-ratio", "4", "--max-length", "64", "--max-eval", "500", "--eval-before", "--eval-every", "40",
              "--warmup-ratio", "0.05", "--output", "runs/demo", "--overwrite"]
 
 
@@ -96,16 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("methods", help="list the registered methods and their config fields")
     sub.add_parser("tasks", help="list the tasks, their data formats and metrics")
     demo = sub.add_parser("demo", help="the main job: LoRA on the packaged MiniLM, Rotten Tomatoes snippets (CPU, ~1-2 min)")
-    demo.add_argument("extra", nargs=argparse.REMAINDER, help="more finetune flags, e.g. --method dora")
+    demo.add_argument("finetune_flags", nargs="*", help="any finetune flags; they override the demo's "
+                      f"({' '.join(DEMO_ARGS)})")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        return main(["finetune", *DEMO_ARGS, *args.extra])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"] and not {"-h", "--help"} & set(argv):  # later flags override the demo's
+        return main(["finetune", *DEMO_ARGS, *argv[1:]])
+    args = build_parser().parse_args(argv)
 
     from .config import ConfigError
     from .data import DataError

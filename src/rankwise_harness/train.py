@@ -448,7 +448,7 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
         history.losses.append(loss_value)
         now = elapsed + time.perf_counter() - t_start - eval_time
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", ex_per_s=f"{step * global_bs * cfg.grad_accum / max(now, 1e-9):.1f}")
+        bar.set_postfix(loss=f"{loss_value:.4f}", avg10=f"{np.mean(history.losses[-10:]):.4f}", ex_per_s=f"{step * global_bs * cfg.grad_accum / max(now, 1e-9):.1f}")
         if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
             t_eval = time.perf_counter()
             result = evaluate(model, enc, dev, accelerator, cfg.batch_size * 2, cfg.max_new_tokens)
