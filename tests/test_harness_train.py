@@ -265,3 +265,27 @@ def test_smollm2_default_generation_model(tmp_path: Path) -> None:
     meta = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert all(n.endswith(("q_proj", "v_proj")) for n in meta["layers"]) and len(meta["layers"]) == 60
     assert result["metrics"]["exact_match"] >= 0.0
+
+
+@pytest.mark.parametrize("task,header,row", [
+    ("stsb", "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore",
+     "{i}\tmain\tMSRvid\t2012\t{i}\tnone\tnone\tA man plays {i}.\tA man is playing {i}.\t{s}"),
+    ("mrpc", "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String", "{c}\t{i}\t{i}\tHe said {i}.\t\"He stated {i}."),
+    ("mnli", "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
+     "sentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label", "{i}\t1\t1e\tgov\t( x )\t( y )\t(S x)\t(S y)\tIt rains {i}.\tIt is wet.\t{l}\t{l}"),
+])
+def test_pair_and_regression_tasks_train(tmp_path: Path, tiny_models: dict[str, str], task: str, header: str, row: str) -> None:
+    folder = tmp_path / task
+    folder.mkdir()
+    labels = ["entailment", "neutral", "contradiction"]
+    lines = [header] + [row.format(i=i, s=f"{i % 6:.3f}", c=i % 2, l=labels[i % 3]) for i in range(12)]
+    (folder / "train.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8-sig" if task == "mrpc" else "utf-8")
+    (folder / ("dev_matched.tsv" if task == "mnli" else "dev.tsv")).write_text("\n".join(lines) + "\n")
+    result = finetune(_cfg(tmp_path, tiny_models, str(folder), task=task, max_steps=2, batch_size=4),
+                      show_progress=False, log=lambda _m: None)
+    expected = {"stsb": {"pearson", "spearman"}, "mrpc": {"f1", "accuracy"}, "mnli": {"accuracy"}}[task]
+    assert set(result["metrics"]) == expected
+    head = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert head["modules_to_save"] == ["classifier"]
+    n_out = load_file(str(tmp_path / "run" / "adapter" / "adapter.safetensors"))["modules_to_save.classifier.bias"].numel()
+    assert n_out == {"stsb": 1, "mrpc": 2, "mnli": 3}[task]

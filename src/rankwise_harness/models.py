@@ -122,7 +122,8 @@ def load_model(name: str, task: Task) -> tuple[nn.Module, Any]:
         if task.kind == "generation":
             model = AutoModelForCausalLM.from_pretrained(name)
         else:
-            kwargs: dict[str, Any] = {"num_labels": task.num_labels}
+            # a checkpoint's own head may have another size: it is re-initialised for this task
+            kwargs: dict[str, Any] = {"num_labels": task.num_labels, "ignore_mismatched_sizes": True}
             if task.kind == "regression":
                 kwargs["problem_type"] = "regression"
             model = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
