@@ -174,6 +174,8 @@ def test_output_folder_guards(tmp_path: Path, tiny_models: dict[str, str], sst2:
     with pytest.raises(RunError, match="holds another run.*--overwrite"):
         finetune(cfg, show_progress=False, log=lambda _m: None)
     assert (tmp_path / "run" / "metrics.json").read_bytes() == before
+    assert finetune(cfg, resume=True, show_progress=False, log=lambda _m: None)["metrics"] == json.loads(before)["metrics"]
+    assert (tmp_path / "run" / "metrics.json").read_bytes() == before  # a finished run is not run again
     with pytest.raises(RunError, match=r"different settings \(lr\)"):
         finetune(_cfg(tmp_path, tiny_models, sst2, max_steps=1, lr=1e-4), resume=True, show_progress=False, log=lambda _m: None)
     finetune(cfg, overwrite=True, show_progress=False, log=lambda _m: None)
@@ -212,6 +214,13 @@ def test_compare_writes_tables_and_plot(tmp_path: Path, tiny_models: dict[str, s
         assert float(row["accuracy_std"]) == pytest.approx(np.std(accs, ddof=1))
     assert int(rows[1]["trainable_params"]) > int(rows[0]["trainable_params"])  # DoRA adds magnitudes
     assert "± " in (out / "compare.md").read_text()
+    stamp = (out / "lora-seed0" / "metrics.json").stat().st_mtime_ns
+    args = ["compare", "--methods", "lora", "--task", "sst2", "--data", sst2, "--model", tiny_models["bert"], "--seeds", "0",
+            "--max-steps", "2", "--batch-size", "8", "--max-length", "32", "--r", "2", "--output", str(out), "--no-progress"]
+    assert cli.main(args) == 0  # the finished run is reused, not redone
+    assert (out / "lora-seed0" / "metrics.json").stat().st_mtime_ns == stamp
+    assert cli.main([*args[:-3], "--lr", "0.1", *args[-3:]]) == 2  # a different run in the folder: refused
+    assert (out / "lora-seed0" / "metrics.json").stat().st_mtime_ns == stamp
 
 
 def _gsm8k_folder(tmp_path: Path) -> str:

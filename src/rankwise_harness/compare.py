@@ -46,9 +46,10 @@ def compare(base: RunConfig, methods: list[str], seeds: list[int], output: Path,
                 log(f"reusing finished run {folder}")
                 results.append(done)
                 continue
-            has_ckpt = (folder / "checkpoints").is_dir()
-            results.append(finetune(cfg, resume=has_ckpt, overwrite=overwrite or not has_ckpt and folder.is_dir(),
-                                    show_progress=show_progress, log=log))
+            # an unfinished run with the same settings continues; a different run there is refused
+            # (finetune says so) unless --overwrite
+            started = (folder / "config.json").is_file() and not overwrite
+            results.append(finetune(cfg, resume=started, overwrite=overwrite, show_progress=show_progress, log=log))
     rows = aggregate(results)
     write_tables(rows, output)
     plot_compare(rows, output / "compare.png", results[0]["task"] if results else "")

@@ -302,10 +302,26 @@ def _schedule(cfg: RunConfig, total: int) -> Callable[[int], float]:
     return factor
 
 
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 resets the process's peak RSS (VmHWM), so runs sharing a process are apart
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS (CPU)"
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024, "process peak RSS during training (CPU)"
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS since start (CPU)"
 
 
 def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, hook: StepHook | None = None,
@@ -332,6 +348,9 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
         broadcast_object_list(holder)
         ckpt = Path(holder[0]) if holder[0] else None
     out = Path(cfg.output)
+    if resume and ckpt is None and (out / "metrics.json").is_file():
+        say(f"{out} holds a finished run; nothing to resume (pass --overwrite to run it again)")
+        return json.loads((out / "metrics.json").read_text())
 
     splits: Splits = load_task_data(task, cfg.data, cfg.skip_bad_rows)
     for msg in splits.skipped[:20]:
@@ -418,8 +437,7 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
         f"x {cfg.grad_accum} accumulation, {trainable:,} trainable of {total:,} parameters, "
         f"device {accelerator.device}, {world} process(es), precision {mp}")
     model.train()
-    if accelerator.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(accelerator.device)
+    _reset_peak_memory(accelerator.device)
     bar = tqdm(total=total_steps, initial=step, desc=f"{cfg.method}/{task.name}", unit="step",
                disable=not (show_progress and accelerator.is_main_process), dynamic_ncols=True)
     micro = step * cfg.grad_accum
