@@ -86,9 +86,19 @@ def test_finetune_writes_every_output(tmp_path: Path, tiny_models: dict[str, str
     # the saved adapter reproduces the final model's dev accuracy on a fresh base
     from transformers import AutoModelForSequenceClassification
 
+    from transformers import AutoTokenizer
+
+    from rankwise_harness.data import load_task_data
+
     fresh = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"], num_labels=2)
     rankwise.load(fresh, out / "adapter")
     assert rankwise.count_parameters(fresh)[0] == saved["trainable_params"]
+    batch = Encoder(get_task("sst2"), AutoTokenizer.from_pretrained(tiny_models["bert"]), 32).train_batch(
+        load_task_data(get_task("sst2"), sst2).dev)
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        acc = (fresh.eval()(**batch).logits.argmax(-1) == labels).float().mean().item()
+    assert acc == pytest.approx(saved["metrics"]["accuracy"])
     assert result["metrics"] == saved["metrics"]
 
 
@@ -298,3 +308,21 @@ def test_pair_and_regression_tasks_train(tmp_path: Path, tiny_models: dict[str, 
     assert head["modules_to_save"] == ["classifier"]
     n_out = load_file(str(tmp_path / "run" / "adapter" / "adapter.safetensors"))["modules_to_save.classifier.bias"].numel()
     assert n_out == {"stsb": 1, "mrpc": 2, "mnli": 3}[task]
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_with_torchrun(tmp_path: Path, tiny_models: dict[str, str], sst2: str) -> None:
+    """The same command under torchrun: 2 processes (gloo), each its share of every global batch."""
+    import subprocess
+    import sys
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "rankwise_harness.cli",
+           "finetune", "--task", "sst2", "--data", sst2, "--model", tiny_models["bert"], "--max-steps", "3",
+           "--batch-size", "4", "--grad-accum", "2", "--save-every", "2", "--max-length", "32", "--rank", "2",
+           "--output", str(tmp_path / "run"), "--no-progress"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2 and metrics["steps"] == 3 and len(metrics["losses"]) == 3

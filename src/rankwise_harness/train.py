@@ -16,7 +16,6 @@ import os
 import random
 import resource
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -337,7 +336,9 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     else:
         mp = cfg.precision
-    accelerator = Accelerator(mixed_precision=mp)
+    # several CPU processes (torchrun without GPUs) need cpu=True for Accelerate to set up gloo
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(mixed_precision=mp, cpu=multi_cpu)
     say = log if accelerator.is_main_process else (lambda _msg: None)
     ckpt = prepare_output(cfg, resume, overwrite) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
