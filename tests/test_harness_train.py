@@ -8,6 +8,7 @@ tiny slices of ../shared/data (or fixtures), and a few steps each.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -102,8 +103,20 @@ def test_finetune_writes_every_output(tmp_path: Path, tiny_models: dict[str, str
     assert result["metrics"] == saved["metrics"]
 
 
-def test_resume_after_interruption_equals_uninterrupted(tmp_path: Path, tiny_models: dict[str, str], sst2: str) -> None:
-    kw = dict(max_steps=6, save_every=2, dropout=0.1, grad_accum=2, eval_every=3, lora_plus_ratio=4.0)
+def _resume_methods() -> list[str]:
+    return sorted(rankwise.all_methods()) + ["full"]
+
+
+@pytest.mark.parametrize("method", _resume_methods())
+def test_resume_after_interruption_equals_uninterrupted(tmp_path: Path, tiny_models: dict[str, str], sst2: str,
+                                                        method: str) -> None:
+    """Every registered method (and full): crash after step 5, resume from the step-4 checkpoint, and
+    end bitwise where the uninterrupted run ends (with dropout, so RNG states matter)."""
+    kw: dict = dict(method=method, max_steps=6, save_every=2, grad_accum=2, eval_every=3)
+    if method != "full":
+        kw.update(dropout=0.1, lora_plus_ratio=4.0)
+        fields = {f.name for f in dataclasses.fields(rankwise.all_methods()[method].config_cls)}
+        kw["overrides"] = {"link_steps": "2"} if "link_steps" in fields else {}  # RAC-LoRA: links end mid-run
     whole = finetune(_cfg(tmp_path / "a", tiny_models, sst2, **kw), show_progress=False, log=lambda _m: None)
 
     class Crash(RuntimeError):
@@ -122,8 +135,9 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path: Path, tiny_mod
     resumed = finetune(cfg, resume=True, show_progress=False, log=lambda _m: None)
     assert resumed["steps_this_session"] == 2
     assert resumed["losses"] == whole["losses"] and resumed["metrics"] == whole["metrics"]
-    a = load_file(str(tmp_path / "a" / "run" / "adapter" / "adapter.safetensors"))
-    b = load_file(str(Path(cfg.output) / "adapter" / "adapter.safetensors"))
+    file = "model.safetensors" if method == "full" else "adapter/adapter.safetensors"
+    a = load_file(str(tmp_path / "a" / "run" / file))
+    b = load_file(str(Path(cfg.output) / file))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -205,7 +219,9 @@ def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     (tmp_path / "nodata").mkdir()
     assert cli.main(["finetune", "--task", "cola", "--data", str(tmp_path / "nodata"), "--output", str(tmp_path / "y")]) == 2
     assert "train.tsv does not exist" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert cli.main(["finetune", "--task", "sst2", "--data", sst2, "--targets", "nosuch", "--output", str(tmp_path / "z")]) == 2
+    assert "nosuch" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
 
 
 def test_compare_writes_tables_and_plot(tmp_path: Path, tiny_models: dict[str, str], sst2: str) -> None:

@@ -52,7 +52,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-ratio", type=float, default=0.06)
     g.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"])
     g.add_argument("--max-length", type=int, default=128, help="tokens per example")
-    g.add_argument("--calibration-batches", type=int, default=8, help="training batches for data-dependent inits (GoRA)")
+    g.add_argument("--calibration-batches", type=int,
+                   help="training batches for data-dependent inits (default: the config's n_steps x grad_accumulation, else 8)")
     g.add_argument("--max-new-tokens", type=int, default=256, help="generation budget for gsm8k evaluation")
     g.add_argument("--precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
                    help="auto: bf16 on GPUs that support it, else fp32")

@@ -126,7 +126,7 @@ class RunConfig:
     eval_every: int = 0
     eval_before: bool = False
     save_every: int = 0
-    calibration_batches: int = 8
+    calibration_batches: int | None = None
     max_new_tokens: int = 256
     precision: str = "auto"
     skip_bad_rows: bool = False
@@ -136,7 +136,7 @@ class RunConfig:
             self.targets = tuple(self.targets)
         check_method(self.method)
         for name in ("batch_size", "grad_accum", "max_length", "calibration_batches", "max_new_tokens"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"--max-steps must be at least 1, got {self.max_steps}")

@@ -389,11 +389,16 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
             method = rankwise.all_methods()[cfg.method]
             calibration = None
             if method.uses_calibration:
+                # as many batches as the config asks for (GoRA: n_steps x grad_accumulation), else 8
+                n_cal = cfg.calibration_batches or getattr(mcfg, "n_steps", 8) * getattr(mcfg, "grad_accumulation", 1)
                 g = random.Random(cfg.seed + 7919)
                 calibration = [to_device(enc.train_batch([train[i] for i in g.sample(range(len(train)), min(cfg.batch_size, len(train)))]),
-                                         accelerator.device) for _ in range(cfg.calibration_batches)]
+                                         accelerator.device) for _ in range(n_cal)]
             t0 = time.perf_counter()
-            report = rankwise.attach(model, mcfg, calibration=calibration)
+            try:
+                report = rankwise.attach(model, mcfg, calibration=calibration)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"cannot attach {cfg.method} to {model_name}: {exc}") from exc
             init_seconds = time.perf_counter() - t0
             say(str(report))
     trainable, total = rankwise.count_parameters(model)
