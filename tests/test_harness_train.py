@@ -227,7 +227,7 @@ def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 def test_compare_writes_tables_and_plot(tmp_path: Path, tiny_models: dict[str, str], sst2: str) -> None:
     out = tmp_path / "cmp"
     code = cli.main(["compare", "--methods", "lora,dora", "--task", "sst2", "--data", sst2, "--model", tiny_models["bert"],
-                     "--seeds", "0,1", "--max-steps", "2", "--batch-size", "8", "--max-length", "32", "--r", "2",
+                     "--seeds", "0,1", "--max-steps", "2", "--lr", "0.002", "--batch-size", "8", "--max-length", "32", "--r", "2",
                      "--output", str(out), "--no-progress"])
     assert code == 0
     for name in ("compare.md", "compare.csv", "compare.png"):
@@ -239,10 +239,11 @@ def test_compare_writes_tables_and_plot(tmp_path: Path, tiny_models: dict[str, s
         assert float(row["accuracy_mean"]) == pytest.approx(np.mean(accs))
         assert float(row["accuracy_std"]) == pytest.approx(np.std(accs, ddof=1))
     assert int(rows[1]["trainable_params"]) > int(rows[0]["trainable_params"])  # DoRA adds magnitudes
+    assert {json.loads((out / f"{m}-seed0" / "config.json").read_text())["run"]["lr"] for m in ("lora", "dora")} == {0.002}
     assert "± " in (out / "compare.md").read_text()
     stamp = (out / "lora-seed0" / "metrics.json").stat().st_mtime_ns
     args = ["compare", "--methods", "lora", "--task", "sst2", "--data", sst2, "--model", tiny_models["bert"], "--seeds", "0",
-            "--max-steps", "2", "--batch-size", "8", "--max-length", "32", "--r", "2", "--output", str(out), "--no-progress"]
+            "--max-steps", "2", "--lr", "0.002", "--batch-size", "8", "--max-length", "32", "--r", "2", "--output", str(out), "--no-progress"]
     assert cli.main(args) == 0  # the finished run is reused, not redone
     assert (out / "lora-seed0" / "metrics.json").stat().st_mtime_ns == stamp
     assert cli.main([*args[:-3], "--lr", "0.1", *args[-3:]]) == 2  # a different run in the folder: refused

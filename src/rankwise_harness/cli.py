@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
 
             output = Path(args.output or f"runs/compare-{args.task}")
             base = _run_config(args, args.methods[0], str(output))
-            compare(base, args.methods, args.seeds, output, overwrite=args.overwrite, show_progress=not args.no_progress)
+            compare(base, args.methods, args.seeds, output, lr=args.lr, overwrite=args.overwrite,
+                    show_progress=not args.no_progress)
     except (ConfigError, DataError, ModelError, RunError) as exc:
         print(f"rankwise: error: {exc}", file=sys.stderr)
         return 2

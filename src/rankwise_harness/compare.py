@@ -30,17 +30,19 @@ def _finished(folder: Path, cfg: RunConfig) -> dict[str, Any] | None:
     return json.loads(metrics.read_text()) if old == cfg.identity() else None
 
 
-def compare(base: RunConfig, methods: list[str], seeds: list[int], output: Path, *, overwrite: bool = False,
-            show_progress: bool = True, log: Any = print) -> list[dict[str, Any]]:
-    """Run every (method, seed); write ``compare.md``, ``compare.csv``, ``compare.png`` in ``output``."""
+def compare(base: RunConfig, methods: list[str], seeds: list[int], output: Path, *, lr: float | None = None,
+            overwrite: bool = False, show_progress: bool = True, log: Any = print) -> list[dict[str, Any]]:
+    """Run every (method, seed); write ``compare.md``, ``compare.csv``, ``compare.png`` in ``output``.
+
+    ``lr`` applies to every method; ``None`` gives each method its default (adapters 5e-4, full 5e-5).
+    """
     for m in methods:
         check_method(m)
     results = []
     for method in methods:
         for seed in seeds:
             folder = run_folder(output, method, seed)
-            cfg = dataclasses.replace(base, method=method, seed=seed, output=str(folder),
-                                      lr=base.lr if base.method == method else None)
+            cfg = dataclasses.replace(base, method=method, seed=seed, output=str(folder), lr=lr)
             done = None if overwrite else _finished(folder, cfg)
             if done is not None:
                 log(f"reusing finished run {folder}")
