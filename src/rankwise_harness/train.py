@@ -252,7 +252,7 @@ def restore_model(model: nn.Module, cfg: RunConfig, ckpt: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- output folder
-def prepare_output(cfg: RunConfig, resume: bool, overwrite: bool) -> Path | None:
+def prepare_output(cfg: RunConfig, resume: bool, overwrite: bool, delete: bool = True) -> Path | None:
     """Check the output folder; returns the checkpoint to resume from, if any. Never deletes a
     folder that is not a rankwise run."""
     out = Path(cfg.output)
@@ -276,7 +276,8 @@ def prepare_output(cfg: RunConfig, resume: bool, overwrite: bool) -> Path | None
                            f"{previous.get('run', {}).get('task')}); pass --overwrite to replace it or --resume to continue it")
         if previous.get("format") != RUN_MARKER:
             raise RunError(f"--output {out} has a config.json that rankwise did not write; refusing to delete it")
-        shutil.rmtree(out)
+        if delete:
+            shutil.rmtree(out)
     return None
 
 
@@ -340,14 +341,9 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(mixed_precision=mp, cpu=multi_cpu)
     say = log if accelerator.is_main_process else (lambda _msg: None)
-    ckpt = prepare_output(cfg, resume, overwrite) if accelerator.is_main_process else None
+    # every process checks (so all stop on a bad folder); only the main one deletes
+    ckpt = prepare_output(cfg, resume, overwrite, delete=accelerator.is_main_process)
     accelerator.wait_for_everyone()
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        holder = [str(ckpt) if ckpt else None]
-        broadcast_object_list(holder)
-        ckpt = Path(holder[0]) if holder[0] else None
     out = Path(cfg.output)
     if resume and ckpt is None and (out / "metrics.json").is_file():
         say(f"{out} holds a finished run; nothing to resume (pass --overwrite to run it again)")
