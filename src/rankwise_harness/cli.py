@@ -1,23 +1,165 @@
-"""The ``rankwise`` command line."""
+"""The ``rankwise`` command line: ``finetune``, ``compare``, ``methods``, ``tasks``, ``demo``.
+
+    rankwise finetune --method gora --task sst2 --data ../shared/data/glue/SST-2 --output runs/sst2-gora
+    rankwise compare  --methods lora,dora,full --task cola --data ../shared/data/glue/CoLA --seeds 0,1,2
+    accelerate launch -m rankwise_harness.cli finetune ...     # several GPUs / nodes, same flags
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
+
+DEMO_ARGS = ["--task", "rotten", "--method", "lora", "--max-steps", "120", "--batch-size", "16", "--lr", "2e-3",
+             "--lora-plus-ratio", "4", "--max-length", "64", "--max-eval", "500", "--eval-before", "--eval-every", "40",
+             "--warmup-ratio", "0.05", "--output", "runs/demo", "--overwrite"]
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("task and data")
+    g.add_argument("--task", required=True, help="cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli, gsm8k, rotten")
+    g.add_argument("--data", help="folder with the GLUE release's train.tsv/dev.tsv (gsm8k: train.jsonl/test.jsonl), "
+                   "or 'hf' to download by name (online only); rotten needs none")
+    g.add_argument("--skip-bad-rows", action="store_true", help="skip rows that do not parse (default: stop with the line number)")
+    g.add_argument("--max-train", type=int, help="use only the first N training examples")
+    g.add_argument("--max-eval", type=int, help="evaluate on only the first N dev examples")
+    g = p.add_argument_group("model and adapter")
+    g.add_argument("--model", help="Hugging Face path or name; default: packaged MiniLM (classification), "
+                   "SmolLM2-135M (gsm8k); 'minilm' / 'smollm2' name them")
+    g.add_argument("--targets", type=_csv, help="comma-separated module-name suffixes (default per architecture, "
+                   "e.g. BERT query,value; Llama q_proj,v_proj; GPT-2 c_attn)")
+    g.add_argument("--r", "--rank", dest="r", type=int, default=8,
+                   help="adapter rank (also GoRA's r_ref); under torchrun spell it --rank")
+    g.add_argument("--alpha", type=float, default=16.0, help="adapter scale numerator")
+    g.add_argument("--dropout", type=float, help="adapter dropout")
+    g.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", default=[],
+                   help="any field of the method's config, e.g. --set r_min=2 --set use_rslora=true (repeatable)")
+    g = p.add_argument_group("training")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-steps", type=int, help="optimizer steps (default: from --epochs)")
+    g.add_argument("--epochs", type=float, default=1.0)
+    g.add_argument("--batch-size", type=int, default=16, help="per process and micro-batch")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, help="learning rate (default 5e-4 for adapters, 5e-5 for full)")
+    g.add_argument("--lora-plus-ratio", type=float, help="LoRA+: B-side learning rate = ratio x lr")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--warmup-ratio", type=float, default=0.06)
+    g.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"])
+    g.add_argument("--max-length", type=int, default=128, help="tokens per example")
+    g.add_argument("--calibration-batches", type=int,
+                   help="training batches for data-dependent inits (default: the config's n_steps x grad_accumulation, else 8)")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="generation budget for gsm8k evaluation")
+    g.add_argument("--precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
+                   help="auto: bf16 on GPUs that support it, else fp32")
+    g = p.add_argument_group("evaluation, checkpoints, output")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate on dev every N optimizer steps (0: at the end only)")
+    g.add_argument("--eval-before", action="store_true", help="also evaluate before training")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N optimizer steps (for --resume)")
+    g.add_argument("--overwrite", action="store_true", help="replace a previous run in the output folder")
+    g.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last checkpoint")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_config(args: argparse.Namespace, method: str, output: str):  # -> RunConfig
+    from .config import RunConfig, parse_overrides
+
+    return RunConfig(
+        task=args.task, method=method, data=args.data, model=args.model, output=output,
+        targets=tuple(args.targets) if args.targets else None, r=args.r, alpha=args.alpha, dropout=args.dropout,
+        overrides=parse_overrides(args.overrides), seed=args.seed, max_steps=args.max_steps, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, lora_plus_ratio=args.lora_plus_ratio, weight_decay=args.weight_decay,
+        warmup_ratio=args.warmup_ratio, schedule=args.schedule, grad_accum=args.grad_accum, max_length=args.max_length,
+        max_train=args.max_train, max_eval=args.max_eval, eval_every=args.eval_every, eval_before=args.eval_before,
+        save_every=args.save_every, calibration_batches=args.calibration_batches, max_new_tokens=args.max_new_tokens,
+        precision=args.precision, skip_bad_rows=args.skip_bad_rows,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rankwise", description="Fine-tune models with rankwise adapters.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ft = sub.add_parser("finetune", help="fine-tune one method on one task",
+                        description="Fine-tune one method on one task; writes config, adapter, metrics and plots to --output.")
+    ft.add_argument("--method", default="lora", help="an adapter method (see `rankwise methods`) or 'full'")
+    ft.add_argument("--output", required=True, help="run folder (refused if it holds another run)")
+    _add_run_args(ft)
+    cp = sub.add_parser("compare", help="run several methods x seeds; write tables and a plot",
+                        description="Run every (method, seed); writes compare.md, compare.csv, compare.png to --output.")
+    cp.add_argument("--methods", type=_csv, required=True, help="comma-separated, e.g. lora,dora,gora,full")
+    cp.add_argument("--seeds", type=lambda s: [int(v) for v in _csv(s)], default=[0, 1, 2])
+    cp.add_argument("--output", help="folder for all runs and the tables (default runs/compare-<task>)")
+    _add_run_args(cp)
+    sub.add_parser("methods", help="list the registered methods and their config fields")
+    sub.add_parser("tasks", help="list the tasks, their data formats and metrics")
+    demo = sub.add_parser("demo", help="the main job: LoRA on the packaged MiniLM, Rotten Tomatoes snippets (CPU, ~1-2 min)")
+    demo.add_argument("finetune_flags", nargs="*", help="any finetune flags; they override the demo's "
+                      f"({' '.join(DEMO_ARGS)})")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rankwise", description="Fine-tune models with rankwise adapters.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="LoRA on the packaged MiniLM, trained on Rotten Tomatoes snippets (CPU, ~1 min)")
-    demo.add_argument("--steps", type=int, default=60)
-    demo.add_argument("--batch-size", type=int, default=16)
-    demo.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        from .demo import main as demo_main
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"] and not {"-h", "--help"} & set(argv):  # later flags override the demo's
+        return main(["finetune", *DEMO_ARGS, *argv[1:]])
+    args = build_parser().parse_args(argv)
 
-        demo_main(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    from .config import ConfigError
+    from .data import DataError
+    from .models import ModelError
+    from .train import RunError
+
+    try:
+        if args.command == "methods":
+            return _list_methods()
+        if args.command == "tasks":
+            return _list_tasks()
+        from .data import get_task
+
+        get_task(args.task)
+        if args.command == "finetune":
+            from .train import finetune
+
+            finetune(_run_config(args, args.method, args.output), resume=args.resume, overwrite=args.overwrite,
+                     show_progress=not args.no_progress)
+        else:
+            from .compare import compare
+
+            output = Path(args.output or f"runs/compare-{args.task}")
+            base = _run_config(args, args.methods[0], str(output))
+            compare(base, args.methods, args.seeds, output, lr=args.lr, overwrite=args.overwrite,
+                    show_progress=not args.no_progress)
+    except (ConfigError, DataError, ModelError, RunError) as exc:
+        print(f"rankwise: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _list_methods() -> int:
+    import dataclasses
+
+    import rankwise
+
+    for name, method in sorted(rankwise.all_methods().items()):
+        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(method.config_cls))
+        note = " (initialises from training batches)" if method.uses_calibration else ""
+        print(f"{name}{note}\n    {method.config_cls.__name__}: {fields}")
+    print("full\n    full fine-tuning: every weight trained, no adapters")
+    return 0
+
+
+def _list_tasks() -> int:
+    from .data import TASKS
+
+    for t in TASKS.values():
+        labels = f" labels {', '.join(t.labels)}" if t.labels else ""
+        print(f"{t.name:7s} {t.kind:14s} metrics {', '.join(t.metrics)};{labels}")
     return 0
 
 

@@ -1,0 +1,564 @@
+"""``finetune``: one run of one method on one task, with HF Accelerate underneath.
+
+The same code runs on CPU, on one GPU (bf16 autocast where supported) and on many processes
+launched by ``accelerate launch`` / ``torchrun``. The data order is a pure function of
+``(seed, epoch)``, so a run resumed from a checkpoint (adapter, optimizer, scheduler, RNG states and
+data position, written atomically every ``save_every`` steps) ends exactly where an uninterrupted
+run does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import rankwise
+
+from . import metrics as M
+from .config import FULL, RUN_MARKER, ConfigError, RunConfig, build_method_config
+from .data import Example, Splits, Task, get_task, load_task_data
+from .models import default_targets, head_modules, load_model, resolve_model_name
+
+CKPT_DIR = "checkpoints"
+LATEST = "LATEST"
+IGNORE = -100
+
+
+class RunError(RuntimeError):
+    """A run that cannot start (e.g. its output folder holds another run)."""
+
+
+StepHook = Callable[[int, float], None]  # (optimizer step just done, its loss) -> None; may raise
+
+
+# ---------------------------------------------------------------------------- batches
+@dataclass
+class Encoder:
+    """Turns examples into model batches for a task and tokenizer."""
+
+    task: Task
+    tokenizer: Any
+    max_length: int
+
+    def prompt(self, ex: Example) -> str:
+        return f"Question: {ex.text}\nAnswer: "
+
+    def train_batch(self, rows: list[Example]) -> dict[str, torch.Tensor]:
+        if self.task.kind == "generation":
+            return self._lm_batch(rows)
+        pairs = [r.text_pair for r in rows]
+        enc = self.tokenizer([r.text for r in rows], pairs if pairs[0] is not None else None,
+                             truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+        dtype = torch.float32 if self.task.kind == "regression" else torch.long
+        enc["labels"] = torch.tensor([r.label for r in rows], dtype=dtype)
+        return dict(enc)
+
+    def _lm_batch(self, rows: list[Example]) -> dict[str, torch.Tensor]:
+        """Question -> worked answer; the loss covers answer tokens (and the end token) only."""
+        tok = self.tokenizer
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        seqs, labels = [], []
+        for r in rows:
+            p = tok(self.prompt(r))["input_ids"]
+            a = tok(r.target, add_special_tokens=False)["input_ids"] + eos
+            ids = (p + a)[: self.max_length]
+            seqs.append(ids)
+            labels.append(([IGNORE] * len(p) + a)[: self.max_length])
+        width = max(len(s) for s in seqs)
+        pad = tok.pad_token_id
+        return {
+            "input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in seqs]),
+            "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs]),
+            "labels": torch.tensor([lab + [IGNORE] * (width - len(lab)) for lab in labels]),
+        }
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def micro_batch_indices(n: int, global_bs: int, seed: int, micro: int) -> list[int]:
+    """Example indices of global micro-batch number ``micro``: epoch ``e`` is a permutation drawn
+    from ``(seed, e)``; an epoch has ``max(1, n // global_bs)`` full batches (short data wraps)."""
+    per_epoch = max(1, n // global_bs)
+    epoch, b = divmod(micro, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    if n < global_bs:
+        perm = (perm * math.ceil(global_bs / n))[:global_bs]
+    return perm[b * global_bs : (b + 1) * global_bs]
+
+
+# ---------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model: nn.Module, enc: Encoder, dev: list[Example], accelerator: Any, batch_size: int,
+             max_new_tokens: int) -> dict[str, float]:
+    """The task's metrics on ``dev`` (sharded across processes, gathered on all)."""
+    from accelerate.utils import gather_object
+
+    was_training = model.training
+    model.eval()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = list(range(rank, len(dev), world))
+    out: list[tuple[int, Any]] = []
+    for i in range(0, len(mine), batch_size):
+        idx = mine[i : i + batch_size]
+        rows = [dev[j] for j in idx]
+        if enc.task.kind == "generation":
+            out += list(zip(idx, generate(model, enc, rows, accelerator.device, max_new_tokens)))
+            continue
+        batch = to_device(enc.train_batch(rows), accelerator.device)
+        batch.pop("labels")
+        with accelerator.autocast():
+            logits = model(**batch).logits.float()
+        pred = logits.squeeze(-1) if enc.task.kind == "regression" else logits.argmax(-1)
+        out += list(zip(idx, pred.cpu().tolist()))
+    if world > 1:
+        out = gather_object(out)
+    out.sort(key=lambda t: t[0])
+    model.train(was_training)
+    preds = [p for _, p in out]
+    if enc.task.kind == "generation":
+        return {"exact_match": M.exact_match(preds, [dev[i].target or "" for i, _ in out])}
+    return M.compute(enc.task.metrics, preds, [dev[i].label for i, _ in out])
+
+
+def generate(model: nn.Module, enc: Encoder, rows: list[Example], device: torch.device, max_new_tokens: int) -> list[str]:
+    """Greedy continuations of the rows' prompts."""
+    tok = enc.tokenizer
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        batch = tok([enc.prompt(r) for r in rows], return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
+    batch = to_device(dict(batch), device)
+    batch.pop("token_type_ids", None)
+    gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    return tok.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def model_tensors(model: nn.Module, method: str) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of the model besides the saved adapter: every trainable tensor and,
+    for adapter methods, every tensor of the adapted layers (methods such as RAC-LoRA merge into the
+    base weight during training)."""
+    sd = model.state_dict()
+    keep = {n for n, p in model.named_parameters() if p.requires_grad}
+    if method != FULL:
+        prefixes = tuple(name + "." for name in rankwise.adapter_layers(model))
+        keep |= {k for k in sd if k.startswith(prefixes)}
+    return {k: sd[k].detach().cpu().clone().contiguous() for k in sorted(keep) if k in sd}
+
+
+def save_trainable(model: nn.Module, method: str, folder: Path) -> None:
+    """The run's result: the adapter (``rankwise.save``), or for ``full`` the trained weights."""
+    from safetensors.torch import save_file
+
+    if method == FULL:
+        save_file(model_tensors(model, FULL), str(folder / "model.safetensors"))
+    else:
+        rankwise.save(model, folder / "adapter")
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    pointer = output / CKPT_DIR / LATEST
+    if not pointer.is_file():
+        return None
+    path = output / CKPT_DIR / pointer.read_text().strip()
+    return path if (path / "trainer.pt").is_file() else None
+
+
+def write_checkpoint(model: nn.Module, cfg: RunConfig, accelerator: Any, optimizer: Any, scheduler: Any,
+                     trainer_state: dict[str, Any], output: Path) -> None:
+    """Write ``checkpoints/step-N`` in a temporary folder, rename it into place, then move the
+    ``LATEST`` pointer (an interrupted save leaves the previous checkpoint in force)."""
+    from safetensors.torch import save_file
+    from rankwise.io import atomic_write_bytes
+
+    root = output / CKPT_DIR
+    name = f"step-{trainer_state['step']:07d}"
+    tmp = root / f".{name}.tmp"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        if cfg.method != FULL:
+            rankwise.save(unwrapped, tmp / "adapter")
+        save_file(model_tensors(unwrapped, cfg.method), str(tmp / "model_tensors.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **trainer_state},
+                   tmp / "trainer.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = root / name
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        atomic_write_bytes(root / LATEST, name.encode())
+        for old in root.glob("step-*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def restore_model(model: nn.Module, cfg: RunConfig, ckpt: Path) -> None:
+    """Rebuild the adapter from a checkpoint onto a fresh base (no data-dependent init is re-run)."""
+    from safetensors.torch import load_file
+    from rankwise.model import get_state
+
+    if cfg.method != FULL:
+        rankwise.load(model, ckpt / "adapter", check_base=False)
+    tensors = load_file(str(ckpt / "model_tensors.safetensors"))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected:
+        raise RunError(f"checkpoint {ckpt} holds tensors this model lacks: {unexpected[:5]}")
+    if cfg.method == FULL:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        get_state(model).step = int(torch.load(ckpt / "trainer.pt", weights_only=False)["step"])
+
+
+# ---------------------------------------------------------------------------- output folder
+def prepare_output(cfg: RunConfig, resume: bool, overwrite: bool, delete: bool = True) -> Path | None:
+    """Check the output folder; returns the checkpoint to resume from, if any. Never deletes a
+    folder that is not a rankwise run."""
+    out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--output {out} exists and is not a folder")
+    config_file = out / "config.json"
+    has_run = config_file.is_file()
+    if out.is_dir() and any(out.iterdir()):
+        if not has_run:
+            raise RunError(f"--output {out} is not empty and holds no rankwise run; refusing to write into it")
+        previous = json.loads(config_file.read_text())
+        if resume:
+            old = RunConfig.from_dict(previous.get("run", {})).identity()
+            diff = sorted(k for k, v in cfg.identity().items() if old.get(k) != v)
+            if diff:
+                raise RunError(f"--resume: {out} holds a run with different settings ({', '.join(diff)}); "
+                               "resume with the same settings or choose another --output")
+            return latest_checkpoint(out)
+        if not overwrite:
+            raise RunError(f"--output {out} holds another run ({previous.get('run', {}).get('method')} on "
+                           f"{previous.get('run', {}).get('task')}); pass --overwrite to replace it or --resume to continue it")
+        if previous.get("format") != RUN_MARKER:
+            raise RunError(f"--output {out} has a config.json that rankwise did not write; refusing to delete it")
+        if delete:
+            shutil.rmtree(out)
+    return None
+
+
+# ---------------------------------------------------------------------------- the run
+@dataclass
+class History:
+    losses: list[float] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _schedule(cfg: RunConfig, total: int) -> Callable[[int], float]:
+    warmup = int(round(cfg.warmup_ratio * total))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress if cfg.schedule == "linear" else 1.0
+
+    return factor
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 resets the process's peak RSS (VmHWM), so runs sharing a process are apart
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max allocated"
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024, "process peak RSS during training (CPU)"
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS since start (CPU)"
+
+
+def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, hook: StepHook | None = None,
+             show_progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run ``cfg`` end to end; writes the output folder and returns what ``metrics.json`` holds."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    task = get_task(cfg.task)
+    if cfg.precision == "auto":
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    else:
+        mp = cfg.precision
+    # several CPU processes (torchrun without GPUs) need cpu=True for Accelerate to set up gloo
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(mixed_precision=mp, cpu=multi_cpu)
+    say = log if accelerator.is_main_process else (lambda _msg: None)
+    # every process checks (so all stop on a bad folder); only the main one deletes
+    ckpt = prepare_output(cfg, resume, overwrite, delete=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    out = Path(cfg.output)
+    if resume and ckpt is None and (out / "metrics.json").is_file():
+        say(f"{out} holds a finished run; nothing to resume (pass --overwrite to run it again)")
+        return json.loads((out / "metrics.json").read_text())
+
+    splits: Splits = load_task_data(task, cfg.data, cfg.skip_bad_rows)
+    for msg in splits.skipped[:20]:
+        say(f"skipped: {msg}")
+    if len(splits.skipped) > 20:
+        say(f"skipped {len(splits.skipped) - 20} more bad rows")
+    train = splits.train[: cfg.max_train] if cfg.max_train else splits.train
+    dev = splits.dev[: cfg.max_eval] if cfg.max_eval else splits.dev
+
+    set_seed(cfg.seed)
+    model_name = resolve_model_name(cfg.model, task)
+    model, tokenizer = load_model(model_name, task)
+    enc = Encoder(task, tokenizer, cfg.max_length)
+    model.to(accelerator.device)
+    world = accelerator.num_processes
+    global_bs = cfg.batch_size * world
+
+    # adapters (or full fine-tuning)
+    init_seconds = 0.0
+    method_config: dict[str, Any] | None = None
+    if cfg.method == FULL:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        if ckpt:
+            restore_model(model, cfg, ckpt)
+    else:
+        targets = cfg.targets or default_targets(model)
+        heads = head_modules(model) if task.kind != "generation" else None
+        mcfg = build_method_config(cfg.method, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=targets,
+                                   modules_to_save=heads, seed=cfg.seed, overrides=cfg.overrides)
+        method_config = mcfg.to_dict()
+        if ckpt:
+            restore_model(model, cfg, ckpt)
+        else:
+            method = rankwise.all_methods()[cfg.method]
+            calibration = None
+            if method.uses_calibration:
+                # as many batches as the config asks for (GoRA: n_steps x grad_accumulation), else 8
+                n_cal = cfg.calibration_batches or getattr(mcfg, "n_steps", 8) * getattr(mcfg, "grad_accumulation", 1)
+                g = random.Random(cfg.seed + 7919)
+                calibration = [to_device(enc.train_batch([train[i] for i in g.sample(range(len(train)), min(cfg.batch_size, len(train)))]),
+                                         accelerator.device) for _ in range(n_cal)]
+            t0 = time.perf_counter()
+            try:
+                report = rankwise.attach(model, mcfg, calibration=calibration)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"cannot attach {cfg.method} to {model_name}: {exc}") from exc
+            init_seconds = time.perf_counter() - t0
+            say(str(report))
+    trainable, total = rankwise.count_parameters(model)
+
+    # optimizer, schedule
+    if cfg.method != FULL and cfg.lora_plus_ratio:
+        groups = rankwise.lora_plus_param_groups(model, cfg.lr, cfg.lora_plus_ratio, cfg.weight_decay)
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    per_epoch = max(1, len(train) // global_bs)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total_steps))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+
+    # write the resolved config before any training (marks the folder as this run's)
+    resolved = {"format": RUN_MARKER, "run": cfg.to_dict(), "model_path": model_name, "method_config": method_config,
+                "total_steps": total_steps, "train_examples": len(train), "dev_examples": len(dev),
+                "data_source": splits.source, "num_processes": world, "mixed_precision": mp}
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+
+    history = History()
+    step, elapsed, metrics_before = 0, 0.0, None
+    if ckpt:
+        state = torch.load(ckpt / "trainer.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, elapsed = state["step"], state["elapsed"]
+        history = History(state["losses"], state["evals"])
+        metrics_before, init_seconds = state.get("metrics_before"), state.get("init_seconds", 0.0)
+        rng = ckpt / f"rng-{accelerator.process_index}.pt"
+        _set_rng_state(torch.load(rng if rng.is_file() else ckpt / "rng-0.pt", weights_only=False))
+        say(f"resumed from {ckpt} at step {step} of {total_steps}")
+    elif cfg.eval_before:
+        metrics_before = evaluate(model, enc, dev, accelerator, cfg.batch_size * 2, cfg.max_new_tokens)
+        say(f"before training: {_fmt_metrics(metrics_before)}")
+
+    say(f"training {cfg.method} on {task.name}: {len(train):,} examples, {total_steps} steps x {global_bs} "
+        f"x {cfg.grad_accum} accumulation, {trainable:,} trainable of {total:,} parameters, "
+        f"device {accelerator.device}, {world} process(es), precision {mp}")
+    model.train()
+    _reset_peak_memory(accelerator.device)
+    bar = tqdm(total=total_steps, initial=step, desc=f"{cfg.method}/{task.name}", unit="step",
+               disable=not (show_progress and accelerator.is_main_process), dynamic_ncols=True)
+    micro = step * cfg.grad_accum
+    t_start = time.perf_counter()
+    eval_time = 0.0
+    while step < total_steps:
+        step_loss = torch.zeros((), device=accelerator.device)
+        for k in range(cfg.grad_accum):
+            idx = micro_batch_indices(len(train), global_bs, cfg.seed, micro)
+            mine = idx[accelerator.process_index * cfg.batch_size : (accelerator.process_index + 1) * cfg.batch_size]
+            batch = to_device(enc.train_batch([train[i] for i in mine]), accelerator.device)
+            micro += 1
+            sync = k == cfg.grad_accum - 1
+            ctx = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
+            with ctx, accelerator.autocast():
+                loss = model(**batch).loss / cfg.grad_accum
+                accelerator.backward(loss)
+            step_loss += loss.detach()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cfg.method != FULL:
+            rankwise.step(raw_model, optimizer.optimizer)
+        step += 1
+        loss_value = float(accelerator.reduce(step_loss, "mean")) if world > 1 else float(step_loss)
+        history.losses.append(loss_value)
+        now = elapsed + time.perf_counter() - t_start - eval_time
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", avg10=f"{np.mean(history.losses[-10:]):.4f}", ex_per_s=f"{step * global_bs * cfg.grad_accum / max(now, 1e-9):.1f}")
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+            t_eval = time.perf_counter()
+            result = evaluate(model, enc, dev, accelerator, cfg.batch_size * 2, cfg.max_new_tokens)
+            history.evals.append({"step": step, **result})
+            eval_time += time.perf_counter() - t_eval
+            if accelerator.is_main_process:
+                bar.write(f"step {step}: loss {loss_value:.4f}  {_fmt_metrics(result)}")
+        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+            t_save = time.perf_counter()
+            trainer_state = {"step": step, "elapsed": elapsed + time.perf_counter() - t_start - eval_time,
+                             "losses": history.losses, "evals": history.evals, "micro": micro,
+                             "metrics_before": metrics_before, "init_seconds": init_seconds}
+            write_checkpoint(model, cfg, accelerator, optimizer, scheduler, trainer_state, out)
+            eval_time += time.perf_counter() - t_save
+        if hook is not None:
+            hook(step, loss_value)
+    bar.close()
+    train_seconds = elapsed + time.perf_counter() - t_start - eval_time
+    steps_this_session = step - (int(torch.load(ckpt / "trainer.pt", weights_only=False)["step"]) if ckpt else 0)
+    peak_mb, peak_kind = _peak_memory_mb(accelerator.device)
+
+    final = evaluate(model, enc, dev, accelerator, cfg.batch_size * 2, cfg.max_new_tokens)
+    history.evals.append({"step": step, **final})
+    result = {
+        "task": task.name, "method": cfg.method, "model": model_name, "seed": cfg.seed,
+        "metrics": final, "metrics_before": metrics_before, "headline_metric": task.metrics[0],
+        "trainable_params": trainable, "total_params": total,
+        "train_seconds": round(train_seconds, 3), "step_seconds": round(train_seconds / max(step, 1), 5),
+        "steps": step, "steps_this_session": steps_this_session, "init_seconds": round(init_seconds, 3),
+        "peak_memory_mb": round(peak_mb, 1), "peak_memory_kind": peak_kind,
+        "final_loss": history.losses[-1] if history.losses else None,
+        "loss_first10_mean": float(np.mean(history.losses[:10])) if history.losses else None,
+        "loss_last10_mean": float(np.mean(history.losses[-10:])) if history.losses else None,
+        "eval_history": history.evals, "losses": history.losses,
+        "num_processes": world, "mixed_precision": mp, "device": str(accelerator.device),
+        "train_examples": len(train), "dev_examples": len(dev), "skipped_rows": len(splits.skipped),
+    }
+    if accelerator.is_main_process:
+        save_trainable(raw_model, cfg.method, out)
+        (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        plot_loss(history, out / "loss_curve.png", f"{cfg.method} on {task.name}")
+        if cfg.method == "gora" and hasattr(rankwise, "plot_gora_ranks"):
+            rankwise.plot_gora_ranks(raw_model, out / "gora_ranks.png")
+        shutil.rmtree(out / CKPT_DIR, ignore_errors=True)
+        say(summary(result, out))
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _fmt_metrics(m: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in m.items())
+
+
+def summary(result: dict[str, Any], out: Path) -> str:
+    lines = [f"== {result['method']} on {result['task']} (seed {result['seed']}) =="]
+    if result.get("metrics_before"):
+        lines.append(f"before:      {_fmt_metrics(result['metrics_before'])}")
+    lines.append(f"after:       {_fmt_metrics(result['metrics'])}")
+    if result["losses"]:
+        lines.append(f"loss:        {result['loss_first10_mean']:.4f} (mean of first 10 steps) -> "
+                     f"{result['loss_last10_mean']:.4f} (last 10)")
+    lines.append(f"trainable:   {result['trainable_params']:,} of {result['total_params']:,} parameters")
+    lines.append(f"time:        {result['train_seconds']:.1f}s training ({result['steps']} steps, "
+                 f"{1000 * result['step_seconds']:.1f} ms/step), init {result['init_seconds']:.2f}s")
+    lines.append(f"peak memory: {result['peak_memory_mb']:.0f} MB ({result['peak_memory_kind']})")
+    lines.append(f"outputs:     {out}/ (config.json, metrics.json, loss_curve.png, "
+                 f"{'model.safetensors' if result['method'] == FULL else 'adapter/'})")
+    return "\n".join(lines)
+
+
+def plot_loss(history: History, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    steps = np.arange(1, len(history.losses) + 1)
+    ax.plot(steps, history.losses, lw=0.8, alpha=0.5, label="loss")
+    if len(history.losses) >= 5:
+        w = max(2, len(history.losses) // 20)
+        smooth = np.convolve(history.losses, np.ones(w) / w, mode="valid")
+        ax.plot(steps[w - 1:], smooth, lw=1.8, label=f"mean of {w}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+__all__ = ["finetune", "RunConfig", "RunError", "ConfigError", "evaluate", "micro_batch_indices"]
