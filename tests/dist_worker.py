@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -91,6 +92,7 @@ def run_method(case_name: str, method_name: str, mode: str) -> dict[str, object]
     gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, flat)
     ranks_identical = all(torch.equal(g, gathered[0]) for g in gathered)
+    saved_ok = _save_and_reload(case, method_name, wrapped, inner, mode, trained, rank)
     if rank != 0:
         return {}
     # one process, gradient accumulation over the same two halves
@@ -110,7 +112,37 @@ def run_method(case_name: str, method_name: str, mode: str) -> dict[str, object]
         "max_abs_diff": max(float((trained[k] - expected[k]).abs().max()) for k in expected),
         "max_abs_moved": max(float((expected[k] - start[k]).abs().max()) for k in expected),
         "tensors": len(expected),
+        "save_reload_exact": saved_ok,
     }
+
+
+def _save_and_reload(case, method_name: str, wrapped: nn.Module, inner: nn.Module, mode: str, trained: dict[str, torch.Tensor], rank: int) -> bool:
+    """Save from rank 0 the way docs/distributed.md says, reload into a plain model, compare."""
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / f"rankwise-dist-{os.getppid()}-{mode}"
+    if mode == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(wrapped, writeback=False):
+            if rank == 0:
+                rankwise.save(inner, path)
+    elif mode == "fsdp2":  # parameters are DTensors: gather a full state dict, put it in a plain copy
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            plain = _attach(case, method_name)
+            plain.load_state_dict(full)
+            rankwise.save(plain, path)
+    elif rank == 0:
+        rankwise.save(inner, path)
+    dist.barrier()
+    if rank != 0:
+        return True
+    fresh = rankwise.load(case.make(), path)
+    reloaded = _adapter_state(fresh)
+    return set(reloaded) == set(trained) and all(torch.equal(reloaded[k], trained[k]) for k in trained)
 
 
 def main() -> None:

@@ -38,6 +38,7 @@ def _check(results: dict[str, dict]) -> None:
     for name, r in results.items():
         assert "error" not in r, f"{name}: {r.get('traceback', r)}"
         assert r["ranks_identical"], f"{name}: adapters differ between ranks"
+        assert r["save_reload_exact"], f"{name}: rankwise.save from rank 0, then load, did not reproduce the trained adapter"
         assert r["max_abs_moved"] > 1e-3, f"{name}: training did not move the adapters (the comparison would be empty)"
         assert r["max_abs_diff"] <= 1e-6, f"{name}: data-parallel result differs from gradient accumulation by {r['max_abs_diff']}"
 

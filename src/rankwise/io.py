@@ -117,12 +117,14 @@ def adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
     """Every tensor ``save`` writes, by file key."""
     state = get_state(model)
     out: dict[str, Tensor] = {}
+    # copies, never views of live parameters: hashing goes through numpy, which pins a CPU tensor's
+    # storage (FSDP must be able to free its unsharded parameters after saving)
     for name, layer in adapter_layers(model).items():
         for key, t in layer.adapter_state().items():
-            out[f"{name}.{key}"] = t.detach().contiguous().cpu()
+            out[f"{name}.{key}"] = t.detach().to("cpu", copy=True).contiguous()
     for name in state.modules_to_save:
         for key, t in model.get_submodule(name).state_dict().items():
-            out[f"modules_to_save.{name}.{key}"] = t.detach().contiguous().cpu()
+            out[f"modules_to_save.{name}.{key}"] = t.detach().to("cpu", copy=True).contiguous()
     return out
 
 
