@@ -87,6 +87,23 @@ def test_import_peft_matches_peft_and_keeps_training(model_case: ModelCase, vari
         torch.testing.assert_close(reloaded(**model_case.batch(1)).logits, after, rtol=1e-5, atol=1e-6)
 
 
+def test_import_sequence_classification_task(bert_case: ModelCase, tmp_path: Path) -> None:
+    """task_type="SEQ_CLS" makes PEFT save the head and list modules_to_save=["classifier", "score"]."""
+    base = bert_case.make()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query"]))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+    theirs.save_pretrained(tmp_path)
+    assert "score" in json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"]
+    ours = rankwise.import_peft(copy.deepcopy(base), tmp_path)
+    assert ours._rankwise.modules_to_save == ["classifier"]
+    batch = bert_case.batch(0)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**batch).logits, theirs.eval()(**batch).logits, rtol=1e-5, atol=1e-6)
+
+
 def _write_peft(tmp_path: Path, base: nn.Module, **cfg) -> Path:
     model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg))
     model.save_pretrained(tmp_path / "bad")

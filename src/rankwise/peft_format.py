@@ -230,7 +230,10 @@ def import_peft(base_model: nn.Module, path: str | os.PathLike[str], *, trainabl
             "transposed; rankwise supports fan_in_fan_out for GPT-2 Conv1D layers only"
         )
 
-    saved = find_modules_to_save(base_model, tuple(cfg.get("modules_to_save") or ()) or None)
+    # PEFT skips modules_to_save entries that match nothing (task_type="SEQ_CLS" lists both "classifier"
+    # and "score"); every saved tensor must still find its module (the stray check below)
+    wanted = [k for k in cfg.get("modules_to_save") or () if any(n == k or n.endswith("." + k) for n in modules)]
+    saved = find_modules_to_save(base_model, tuple(wanted) or None)
     lora_keys = {k for k in tensors if _LORA_KEY.fullmatch(k)}
     mts: dict[str, dict[str, Tensor]] = {}
     for name, module in saved.items():
