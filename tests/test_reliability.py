@@ -3,7 +3,6 @@ calibration, NaN/inf gradients. Each bad input gets a clear error and loses noth
 
 from __future__ import annotations
 
-import copy
 import errno
 from pathlib import Path
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
@@ -179,8 +180,6 @@ def import_peft(base_model: nn.Module, path: str | os.PathLike[str], *, trainabl
     Everything is checked before the model is touched; unsupported PEFT types, options or layer
     types raise ``ValueError`` / ``TypeError`` naming the culprit and leave the model as it was.
     """
-    from safetensors.torch import load_file
-
     from .methods import DoraConfig, LoraConfig
     from .model import install, is_attached
     from .registry import BuildResult, method_for
