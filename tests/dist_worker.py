@@ -2,9 +2,10 @@
 
 For every method in the matrix it trains a few steps data-parallel (each rank gets its half of the
 same global batch), then rank 0 trains a single-process copy with gradient accumulation over the
-two halves and compares the adapters. Modes: ``ddp`` (DistributedDataParallel), ``fsdp2``
-(``fully_shard`` per adapted layer, then the root), ``fsdp1`` (``FullyShardedDataParallel`` with
-``use_orig_params=True``). Writes ``{method: {...}}`` JSON to ``--out`` from rank 0.
+two halves and compares the adapters. Modes: ``ddp`` (DistributedDataParallel), ``accelerate``
+(``Accelerator.prepare_model``, which wraps in DDP), ``fsdp2`` (``fully_shard`` per adapted layer,
+then the root), ``fsdp1`` (``FullyShardedDataParallel`` with ``use_orig_params=True``). Writes
+``{method: {...}}`` JSON to ``--out`` from rank 0.
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ def _attach(case, method_name: str) -> nn.Module:
 def _wrap(model: nn.Module, mode: str) -> nn.Module:
     if mode == "ddp":
         return nn.parallel.DistributedDataParallel(model)
+    if mode == "accelerate":
+        from accelerate import Accelerator
+
+        wrapped = Accelerator(cpu=True).prepare_model(model)
+        assert isinstance(wrapped, nn.parallel.DistributedDataParallel), type(wrapped)
+        return wrapped
     if mode == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
@@ -94,6 +101,7 @@ def run_method(case_name: str, method_name: str, mode: str) -> dict[str, object]
     ranks_identical = all(torch.equal(g, gathered[0]) for g in gathered)
     saved_ok = _save_and_reload(case, method_name, wrapped, inner, mode, trained, rank)
     if rank != 0:
+        dist.barrier()  # wait while rank 0 runs the reference: the ranks enter each method in lockstep
         return {}
     # one process, gradient accumulation over the same two halves
     ref = _attach(case, method_name)
@@ -107,6 +115,7 @@ def run_method(case_name: str, method_name: str, mode: str) -> dict[str, object]
     expected = _adapter_state(ref)
     assert set(expected) == set(trained), (sorted(expected), sorted(trained))
     start = _adapter_state(_attach(case, method_name))
+    dist.barrier()
     return {
         "ranks_identical": ranks_identical,
         "max_abs_diff": max(float((trained[k] - expected[k]).abs().max()) for k in expected),
@@ -147,7 +156,7 @@ def _save_and_reload(case, method_name: str, wrapped: nn.Module, inner: nn.Modul
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["ddp", "fsdp2", "fsdp1"], default="ddp")
+    parser.add_argument("--mode", choices=["ddp", "accelerate", "fsdp2", "fsdp1"], default="ddp")
     parser.add_argument("--case", default="mlp", choices=list(MODEL_CASES))
     parser.add_argument("--out", required=True)
     args = parser.parse_args()

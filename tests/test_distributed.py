@@ -48,8 +48,8 @@ def test_ddp_matches_gradient_accumulation(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["fsdp2", "fsdp1"])
-def test_fsdp_matches_gradient_accumulation(mode: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["accelerate", "fsdp2", "fsdp1"])
+def test_accelerate_and_fsdp_match_gradient_accumulation(mode: str, tmp_path: Path) -> None:
     _check(_launch(mode, tmp_path))
 
 
