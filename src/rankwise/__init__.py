@@ -8,7 +8,7 @@ The public surface::
     rankwise.step(model, optimizer)               # after each optimizer step (RAC-LoRA uses it)
     rankwise.merge(model); rankwise.unmerge(model)
     rankwise.save(model, "out/"); rankwise.load(base_model, "out/")
-    rankwise.export_peft(model, "peft_out/")
+    rankwise.export_peft(model, "peft_out/"); rankwise.import_peft(base_model, "peft_out/")
 """
 
 __version__ = "0.1.0"
@@ -21,6 +21,7 @@ from .model import (  # noqa: E402
     AttachReport,
     adapter_layers,
     attach,
+    check_finite_grads,
     count_parameters,
     detach,
     lora_plus_param_groups,
@@ -29,7 +30,7 @@ from .model import (  # noqa: E402
     trainable_parameters,
     unmerge,
 )
-from .peft_format import export_peft  # noqa: E402
+from .peft_format import export_peft, import_peft  # noqa: E402
 from .registry import all_methods, config_from_dict  # noqa: E402
 
 __all__ = [
@@ -46,10 +47,12 @@ __all__ = [
     "merge",
     "unmerge",
     "step",
+    "check_finite_grads",
     "save",
     "load",
     "read_adapter",
     "export_peft",
+    "import_peft",
     "AttachReport",
     "AdapterFileError",
     "AdapterLayer",

@@ -102,6 +102,7 @@ def describe(model: nn.Module) -> dict[str, Any]:
                 "out_features": layer.out_features,
                 "in_features": layer.in_features,
                 "rank": layer.rank,
+                "scale": layer.scale,
                 "conv1d": layer.fan_in_fan_out,
                 "base_fingerprint": base_fingerprint(layer.unmerged_base_weight()),
             }
@@ -116,12 +117,14 @@ def adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
     """Every tensor ``save`` writes, by file key."""
     state = get_state(model)
     out: dict[str, Tensor] = {}
+    # copies, never views of live parameters: hashing goes through numpy, which pins a CPU tensor's
+    # storage (FSDP must be able to free its unsharded parameters after saving)
     for name, layer in adapter_layers(model).items():
         for key, t in layer.adapter_state().items():
-            out[f"{name}.{key}"] = t.detach().contiguous().cpu()
+            out[f"{name}.{key}"] = t.detach().to("cpu", copy=True).contiguous()
     for name in state.modules_to_save:
         for key, t in model.get_submodule(name).state_dict().items():
-            out[f"modules_to_save.{name}.{key}"] = t.detach().contiguous().cpu()
+            out[f"modules_to_save.{name}.{key}"] = t.detach().to("cpu", copy=True).contiguous()
     return out
 
 
@@ -197,17 +200,31 @@ def _check_fits(model: nn.Module, meta: dict[str, Any], targets: dict[str, nn.Mo
 
 
 def load(
-    model: nn.Module, path: str | os.PathLike[str], *, check_base: bool = True, trainable: bool = True
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    check_base: bool = True,
+    trainable: bool = True,
+    expect_method: str | None = None,
 ) -> nn.Module:
     """Attach the adapter saved at ``path`` to ``model`` (a fresh base), reproducing it exactly.
 
     Everything is verified before the model is touched: a failure raises :class:`AdapterFileError`
     (or ``ValueError`` when the model already has adapters) and changes nothing.
-    ``trainable=False`` loads frozen, for inference.
+    ``trainable=False`` loads frozen, for inference. ``expect_method="lora"`` refuses an adapter
+    saved by any other method (a pipeline that means to continue LoRA training never silently
+    continues a DoRA adapter).
     """
+    if expect_method is not None:
+        get_method(expect_method)  # an unknown name is the caller's error, not the file's
     if is_attached(model):
         raise ValueError("this model already has rankwise adapters; load onto a fresh base model (or detach first)")
     meta, tensors = read_adapter(path)
+    if expect_method is not None and meta.get("method") != expect_method:
+        raise AdapterFileError(
+            f"the adapter at {path} was saved by method {meta.get('method')!r}, not {expect_method!r} as expected "
+            f"(load it with expect_method={meta.get('method')!r}, or without expect_method)"
+        )
     try:
         config = config_from_dict(meta["config"])
     except (ValueError, TypeError) as exc:
@@ -224,6 +241,8 @@ def load(
     layers = method.rebuild(targets, config, ranks)
     for name, layer in layers.items():
         _fill(layer, name, tensors)
+        if "scale" in meta["layers"][name]:  # a layer's scale may differ from config.scale(rank) (PEFT patterns)
+            layer.scale = float(meta["layers"][name]["scale"])
     mts_tensors: dict[str, dict[str, Tensor]] = {}
     for name, module in saved.items():
         sd = module.state_dict()

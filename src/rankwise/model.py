@@ -269,12 +269,59 @@ def unmerge(model: nn.Module) -> None:
         layer.unmerge()
 
 
-def step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+def _first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first tensor holding a NaN/inf, with one host sync for all of them."""
+    if not tensors:
+        return None
+    device = next(iter(tensors.values())).device
+    flags = torch.stack([torch.isfinite(t).all().to(device) for t in tensors.values()])  # n_tensors
+    if bool(flags.all()):
+        return None
+    return list(tensors)[int((~flags).nonzero()[0])]
+
+
+def _adapter_tensors(model: nn.Module, grads: bool) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in adapter_layers(model).items():
+        for t in layer.trainable:
+            p = getattr(layer, t)
+            value = p.grad if grads else p
+            if value is not None:
+                out[f"{name}.{t}"] = value.detach()
+    return out
+
+
+def check_finite_grads(model: nn.Module) -> None:
+    """Raise ``FloatingPointError`` naming the adapter tensor whose gradient holds NaN/inf.
+
+    Call it between ``loss.backward()`` and ``optimizer.step()`` to stop before a bad update is
+    applied (one host sync per call). Not for fp16 loss scaling, where inf gradients are expected
+    and ``GradScaler`` skips the step itself.
+    """
+    bad = _first_non_finite(_adapter_tensors(model, grads=True))
+    if bad is not None:
+        raise FloatingPointError(
+            f"the gradient of adapter tensor {bad!r} holds NaN/inf: check the loss and inputs of this batch "
+            "(or lower the learning rate / clip gradients)"
+        )
+
+
+def step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, check_finite: bool = True) -> None:
     """Call after every ``optimizer.step()``. A no-op for most methods; RAC-LoRA ends links here.
 
-    It never changes the function the model computes.
+    It never changes the function the model computes. With ``check_finite`` (the default) it first
+    checks every adapter tensor for NaN/inf (one host sync) and raises ``FloatingPointError`` naming
+    the first bad one: NaN gradients otherwise poison a run silently.
     """
     state = get_state(model)
+    if check_finite:
+        bad = _first_non_finite(_adapter_tensors(model, grads=False))
+        if bad is not None:
+            raise FloatingPointError(
+                f"adapter tensor {bad!r} holds NaN/inf after step {state.step + 1}: a NaN/inf gradient or a too "
+                "large learning rate reached it. Call rankwise.check_finite_grads(model) before optimizer.step() "
+                "to find the batch"
+            )
     state.step += 1
     method = method_for(state.config)
     if method.on_step is not None:

@@ -11,6 +11,9 @@ correctly (vLLM ignores the patterns and applies one global ``lora_alpha / r``):
 baked into ``lora_B``, ranks are zero-padded to one global ``r`` (exact: padding adds nothing), and
 ``lora_alpha = r`` so the global scale is 1. vLLM refuses DoRA, so DoRA-family adapters raise there:
 merge them instead (``rankwise.detach(model, merge=True)`` then ``save_pretrained``).
+
+:func:`import_peft` goes the other way: a PEFT LoRA / rsLoRA / DoRA folder becomes a rankwise
+adapter (per-layer ranks and scales kept), ready to continue training.
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
@@ -119,3 +124,155 @@ def export_peft(
     atomic_write_bytes(folder / PEFT_WEIGHTS, st_save(tensors, metadata={"format": "pt", "exported_by": f"rankwise {state.config.method}"}))
     atomic_write_bytes(folder / PEFT_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
     return folder
+
+
+# ---------------------------------------------------------------------------- import
+# PEFT LoraConfig options that change what an adapter computes in ways rankwise does not model.
+_UNSUPPORTED_OPTIONS: dict[str, str] = {
+    "layers_to_transform": "adapters on a subset of layer indices",
+    "layer_replication": "layer replication",
+    "megatron_config": "Megatron parallel layers",
+    "trainable_token_indices": "trainable tokens",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "use_qalora": "QA-LoRA",
+    "lora_bias": "a trainable bias on lora_B",
+    "target_parameters": "LoRA on nn.Parameter targets",
+    "use_bdlora": "block-diagonal LoRA",
+}
+_LORA_KEY = re.compile(
+    r"(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?|lora_embedding_[AB])"
+)
+
+
+def pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` rule: the first key ``k`` with ``(.*\\.)?(k)$`` matching ``name``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _check_peft_config(cfg: dict[str, Any], path: Path) -> None:
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(
+            f"{path} holds a PEFT {cfg.get('peft_type')!r} adapter; rankwise imports LORA adapters only "
+            "(plain LoRA, rsLoRA and DoRA)"
+        )
+    if cfg.get("bias", "none") != "none":
+        raise ValueError(
+            f"{path} trains biases (bias={cfg['bias']!r}); rankwise keeps base biases frozen, so it cannot continue "
+            "this adapter exactly. Re-train with bias='none'"
+        )
+    for key, what in _UNSUPPORTED_OPTIONS.items():
+        if cfg.get(key) not in (None, False, [], {}):
+            raise ValueError(f"{path} uses PEFT option {key}={cfg[key]!r} ({what}), which rankwise does not support")
+
+
+def import_peft(base_model: nn.Module, path: str | os.PathLike[str], *, trainable: bool = True) -> nn.Module:
+    """Attach a HF PEFT LoRA / rsLoRA / DoRA adapter folder to ``base_model`` in place, to continue training.
+
+    Per-layer ranks come from the tensor shapes (checked against ``rank_pattern``), per-layer scales
+    from ``alpha_pattern`` (``alpha / r``, or ``alpha / √r`` with ``use_rslora``) and live on each layer,
+    so :func:`rankwise.save` / :func:`rankwise.load` and :func:`export_peft` keep them. GPT-2 ``Conv1D``
+    layers (``fan_in_fan_out``) and ``modules_to_save`` are imported too. The result computes what
+    ``peft.PeftModel.from_pretrained(base_model, path)`` computes.
+
+    Everything is checked before the model is touched; unsupported PEFT types, options or layer
+    types raise ``ValueError`` / ``TypeError`` naming the culprit and leave the model as it was.
+    """
+    from .methods import DoraConfig, LoraConfig
+    from .model import install, is_attached
+    from .registry import BuildResult, method_for
+    from .targeting import SUPPORTED_TYPES, find_modules_to_save, is_supported
+
+    folder = Path(path)
+    if is_attached(base_model):
+        raise ValueError("this model already has rankwise adapters; import onto a fresh base model")
+    for file in (PEFT_CONFIG, PEFT_WEIGHTS):
+        if not (folder / file).is_file():
+            raise FileNotFoundError(f"no PEFT adapter at {folder}: {file} is missing")
+    cfg = json.loads((folder / PEFT_CONFIG).read_text())
+    _check_peft_config(cfg, folder)
+    raw = load_file(str(folder / PEFT_WEIGHTS))
+    tensors = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in raw.items()}
+
+    parts: dict[str, dict[str, Tensor]] = {}
+    for key, t in tensors.items():
+        m = _LORA_KEY.fullmatch(key)
+        if m:
+            parts.setdefault(m["module"], {})[m["part"].split(".")[0]] = t
+    if not parts:
+        raise ValueError(f"{folder / PEFT_WEIGHTS} holds no lora_A/lora_B tensors")
+    dora = bool(cfg.get("use_dora"))
+    modules = dict(base_model.named_modules())
+    targets: dict[str, nn.Module] = {}
+    ranks: dict[str, int] = {}
+    for name, got in parts.items():
+        if name not in modules:
+            raise ValueError(f"PEFT adapter layer {name!r} is not a module of this {type(base_model).__name__}: wrong base model?")
+        module = modules[name]
+        if not is_supported(module) or any(t.dim() != 2 for k, t in got.items() if k != "lora_magnitude_vector"):
+            raise TypeError(
+                f"PEFT adapter layer {name!r} is a {type(module).__name__}; rankwise adapts {', '.join(SUPPORTED_TYPES)} layers only"
+            )
+        need = {"lora_A", "lora_B"} | ({"lora_magnitude_vector"} if dora else set())
+        if set(got) != need:
+            raise ValueError(f"PEFT layer {name!r} has tensors {sorted(got)}, expected {sorted(need)}")
+        rank = int(got["lora_A"].shape[0])
+        expected_rank = int(pattern_value(cfg.get("rank_pattern") or {}, name, cfg["r"]))
+        if rank != expected_rank:
+            raise ValueError(f"PEFT layer {name!r} has rank {rank} in its tensors but {expected_rank} in adapter_config.json")
+        targets[name], ranks[name] = module, rank
+    if any(type(m).__name__ != "Conv1D" for m in targets.values()) and cfg.get("fan_in_fan_out"):
+        raise ValueError(
+            f"{folder} sets fan_in_fan_out=True but adapts nn.Linear layers, whose weights PEFT would then read "
+            "transposed; rankwise supports fan_in_fan_out for GPT-2 Conv1D layers only"
+        )
+
+    # PEFT skips modules_to_save entries that match nothing (task_type="SEQ_CLS" lists both "classifier"
+    # and "score"); every saved tensor must still find its module (the stray check below)
+    wanted = [k for k in cfg.get("modules_to_save") or () if any(n == k or n.endswith("." + k) for n in modules)]
+    saved = find_modules_to_save(base_model, tuple(wanted) or None)
+    lora_keys = {k for k in tensors if _LORA_KEY.fullmatch(k)}
+    mts: dict[str, dict[str, Tensor]] = {}
+    for name, module in saved.items():
+        sd = module.state_dict()
+        got = {k: tensors.get(f"{name}.{k}") for k in sd}
+        if any(v is None or v.shape != sd[k].shape for k, v in got.items()):
+            raise ValueError(f"PEFT adapter's tensors for fully-trained module {name!r} are missing or do not fit this model")
+        mts[name] = got  # type: ignore[assignment]
+    stray = sorted(set(tensors) - lora_keys - {f"{n}.{k}" for n, sd in mts.items() for k in sd})
+    if stray:
+        raise ValueError(f"{folder / PEFT_WEIGHTS} holds tensors rankwise cannot place: {stray[:5]}")
+
+    cfg_cls = DoraConfig if dora else LoraConfig
+    config = cfg_cls(
+        r=int(cfg["r"]),
+        alpha=float(cfg["lora_alpha"]),
+        dropout=float(cfg.get("lora_dropout") or 0.0),
+        target_modules=tuple(targets),  # full names: exactly the layers the adapter has
+        modules_to_save=tuple(saved) or None,
+        use_rslora=bool(cfg.get("use_rslora")),
+    )
+    layers = method_for(config).rebuild(targets, config, ranks)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            alpha = float(pattern_value(cfg.get("alpha_pattern") or {}, name, cfg["lora_alpha"]))
+            layer.scale = alpha / math.sqrt(layer.rank) if config.use_rslora else alpha / layer.rank
+            for ours, theirs in (("lora_a", "lora_A"), ("lora_b", "lora_B"), ("magnitude", "lora_magnitude_vector")):
+                if theirs in parts[name]:
+                    src = parts[name][theirs]
+                    dst = getattr(layer, ours)
+                    if src.shape != dst.shape:
+                        raise ValueError(
+                            f"PEFT tensor {name}.{theirs} has shape {tuple(src.shape)} but this model needs {tuple(dst.shape)}"
+                        )
+                    dst.copy_(src)
+    # all checks passed: now change the model
+    for name, module in saved.items():
+        module.load_state_dict(mts[name])
+    install(base_model, config, BuildResult(layers), saved)
+    if not trainable:
+        for p in base_model.parameters():
+            p.requires_grad_(False)
+    return base_model

@@ -1,0 +1,92 @@
+"""``rankwise export`` and ``rankwise import``: move adapters between rankwise, HF PEFT, vLLM and plain models.
+
+::
+
+    rankwise export ADAPTER --base BASE --out DIR [--format peft|vllm|merged]
+    rankwise import PEFT_ADAPTER --base BASE --out DIR
+
+``BASE`` is a Hugging Face model folder (or hub name); its class is read from ``config.json``'s
+``architectures`` unless ``--model-class`` names one. ``peft`` writes a PEFT LoRA/DoRA folder,
+``vllm`` the form engines reading only ``r`` / ``lora_alpha`` serve, ``merged`` a plain model with
+the adapter baked in (``save_pretrained``). ``import`` turns a PEFT LoRA/DoRA adapter into a rankwise
+adapter folder that ``rankwise.load`` (and training) continue from.
+
+The main CLI wires these in with :func:`add_subcommands` and dispatches to :func:`run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+FORMATS = ("peft", "vllm", "merged")
+
+
+def add_subcommands(subparsers: Any) -> None:
+    """Add ``export`` and ``import`` to an ``argparse`` sub-parser collection (``dest="command"``)."""
+    export = subparsers.add_parser("export", help="write a rankwise adapter as a PEFT adapter, a vLLM adapter, or a merged model")
+    export.add_argument("adapter", help="folder written by rankwise.save")
+    export.add_argument("--base", required=True, help="the base model the adapter was trained on (HF folder or name)")
+    export.add_argument("--out", required=True, help="output folder")
+    export.add_argument("--format", choices=FORMATS, default="peft",
+                        help="peft: PEFT LoRA/DoRA folder; vllm: one global r/lora_alpha, scales baked in; merged: plain model")
+    export.add_argument("--model-class", default=None, help="transformers class for the base (default: from config.json)")
+    export.add_argument("--no-check-base", action="store_true", help="skip the base-weight fingerprint check")
+    imp = subparsers.add_parser("import", help="turn a PEFT LoRA/DoRA adapter into a rankwise adapter to continue training")
+    imp.add_argument("adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    imp.add_argument("--base", required=True, help="the base model the adapter belongs to (HF folder or name)")
+    imp.add_argument("--out", required=True, help="output folder for the rankwise adapter")
+    imp.add_argument("--model-class", default=None, help="transformers class for the base (default: from config.json)")
+
+
+def load_base(name_or_path: str, model_class: str | None = None) -> Any:
+    """Load a Hugging Face base model with the class named in its config (or ``model_class``)."""
+    import transformers
+
+    if model_class is None:
+        archs = transformers.AutoConfig.from_pretrained(name_or_path).architectures or []
+        if not archs:
+            raise ValueError(f"{name_or_path}'s config.json names no architecture: pass --model-class")
+        model_class = archs[0]
+    cls = getattr(transformers, model_class, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ValueError(f"--model-class {model_class!r} is not a transformers model class")
+    return cls.from_pretrained(name_or_path).eval()
+
+
+def _export(args: argparse.Namespace) -> str:
+    import rankwise
+
+    model = load_base(args.base, args.model_class)
+    rankwise.load(model, args.adapter, check_base=not args.no_check_base, trainable=False)
+    if args.format == "merged":
+        rankwise.detach(model, merge=True)
+        model.save_pretrained(args.out)
+        return f"merged model written to {args.out} (load it with {type(model).__name__}.from_pretrained)"
+    rankwise.export_peft(model, args.out, vllm=args.format == "vllm", base_model_name_or_path=args.base)
+    return f"{args.format} adapter written to {args.out}"
+
+
+def _import(args: argparse.Namespace) -> str:
+    import rankwise
+
+    model = load_base(args.base, args.model_class)
+    rankwise.import_peft(model, args.adapter)
+    rankwise.save(model, args.out)
+    n = len(rankwise.adapter_layers(model))
+    return f"rankwise {model._rankwise.config.method} adapter ({n} layers) written to {args.out}"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``export`` / ``import``; prints one line, returns the exit status (1 with a message on bad input)."""
+    from rankwise import AdapterFileError
+
+    handlers = {"export": _export, "import": _import}
+    try:
+        message = handlers[args.command](args)
+    except (AdapterFileError, ValueError, TypeError, FileNotFoundError, OSError) as exc:
+        print(f"rankwise {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    print(message)
+    return 0
