@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(cp)
     sub.add_parser("methods", help="list the registered methods and their config fields")
     sub.add_parser("tasks", help="list the tasks, their data formats and metrics")
+    from .interop_cli import add_subcommands
+
+    add_subcommands(sub)
     demo = sub.add_parser("demo", help="the main job: LoRA on the packaged MiniLM, Rotten Tomatoes snippets (CPU, ~1-2 min)")
     demo.add_argument("finetune_flags", nargs="*", help="any finetune flags; they override the demo's "
                       f"({' '.join(DEMO_ARGS)})")
@@ -120,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             return _list_methods()
         if args.command == "tasks":
             return _list_tasks()
+        if args.command in ("export", "import"):
+            from .interop_cli import run
+
+            return run(args)
         from .data import get_task
 
         get_task(args.task)
