@@ -100,10 +100,8 @@ def run_method(case_name: str, method_name: str, mode: str) -> dict[str, object]
     dist.all_gather(gathered, flat)
     ranks_identical = all(torch.equal(g, gathered[0]) for g in gathered)
     saved_ok = _save_and_reload(case, method_name, wrapped, inner, mode, trained, rank)
-    if rank != 0:
-        dist.barrier()  # wait while rank 0 runs the reference: the ranks enter each method in lockstep
-        return {}
-    # one process, gradient accumulation over the same two halves
+    # one process, gradient accumulation over the same two halves. Every rank computes it (identically),
+    # so attaches that use collectives (GoRA's gradient all-reduce, seed broadcasts) stay in lockstep.
     ref = _attach(case, method_name)
     ref_opt = torch.optim.Adam([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
     for i in range(STEPS):
@@ -116,6 +114,8 @@ def run_method(case_name: str, method_name: str, mode: str) -> dict[str, object]
     assert set(expected) == set(trained), (sorted(expected), sorted(trained))
     start = _adapter_state(_attach(case, method_name))
     dist.barrier()
+    if rank != 0:
+        return {}
     return {
         "ranks_identical": ranks_identical,
         "max_abs_diff": max(float((trained[k] - expected[k]).abs().max()) for k in expected),
@@ -140,8 +140,8 @@ def _save_and_reload(case, method_name: str, wrapped: nn.Module, inner: nn.Modul
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        plain = _attach(case, method_name)  # on every rank: attaches may use collectives
         if rank == 0:
-            plain = _attach(case, method_name)
             plain.load_state_dict(full)
             rankwise.save(plain, path)
     elif rank == 0:
