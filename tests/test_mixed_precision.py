@@ -31,6 +31,8 @@ def test_low_precision_base_fp32_adapters(case_name: str, dtype_name: str, metho
     dtype = DTYPES[dtype_name]
     model = case.make().to(dtype)
     config, calibration = METHOD_CASES[method_name].make(case, False)
+    if calibration is not None:  # data-dependent inits see batches in the model's precision
+        calibration = [_cast(b, dtype) for b in calibration]
     rankwise.attach(model, config, calibration=calibration)
     layers = rankwise.adapter_layers(model)
     for layer in layers.values():
