@@ -1,0 +1,144 @@
+"""GLUE quality on the packaged MiniLM: every method at a matched budget, several seeds.
+
+Each (task, method, seed) is one `rankwise finetune` run (finished runs are reused), then this script
+aggregates the runs' `metrics.json` into `docs/bench/quality.md`, `quality.csv` and a plot of the average
+score against trainable parameters.
+
+Budgets: LoRA, DoRA and RAC-LoRA at r=8, GoRA at r_ref=8 (LoRA-8's parameter budget), EDoRA at r=16
+(the paper's setting); all on the same targets (query, value) with the classifier trained fully.
+
+    python bench/quality.py                          # full run (long on CPU)
+    python bench/quality.py --steps 20 --seeds 0 --tasks mrpc --methods lora   # smoke run
+    python bench/quality.py --report-only            # re-aggregate existing runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = {"sst2": ("SST-2", 64, "accuracy"), "cola": ("CoLA", 64, "matthews"), "mrpc": ("MRPC", 128, "f1")}
+METHOD_ARGS = {
+    "lora": ["--r", "8", "--alpha", "16"],
+    "dora": ["--r", "8", "--alpha", "16"],
+    "gora": ["--r", "8", "--alpha", "16"],
+    "edora": ["--r", "16", "--alpha", "16"],
+    "raclora": ["--r", "8", "--alpha", "16", "--set", "link_steps=50"],
+    "full": [],
+}
+
+
+def run_one(task: str, method: str, seed: int, args: argparse.Namespace) -> Path:
+    folder, max_len, _ = TASKS[task]
+    out = Path(args.runs) / task / f"{method}-seed{seed}"
+    if (out / "metrics.json").exists():
+        return out
+    lr = args.full_lr if method == "full" else args.lr
+    cmd = ["rankwise", "finetune", "--method", method, "--task", task, "--data", str(Path(args.data) / "glue" / folder),
+           "--output", str(out), "--seed", str(seed), "--max-steps", str(args.steps), "--batch-size", "16",
+           "--max-length", str(max_len), "--lr", str(lr), "--no-progress", "--overwrite", *METHOD_ARGS[method]]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    return out
+
+
+def report(args: argparse.Namespace) -> None:
+    rows = []
+    for task, (_, _, metric) in TASKS.items():
+        for method in args.methods:
+            runs = sorted((Path(args.runs) / task).glob(f"{method}-seed*/metrics.json"))
+            if not runs:
+                continue
+            ms = [json.loads(p.read_text()) for p in runs]
+            vals = [100 * m["metrics"][metric] for m in ms]
+            rows.append({
+                "task": task, "method": method, "metric": metric, "n_seeds": len(vals),
+                "mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                "trainable": ms[0]["trainable_params"],
+                "step_ms": 1000 * statistics.mean(m["step_seconds"] for m in ms),
+                "init_s": statistics.mean(m.get("init_seconds", 0.0) for m in ms),
+                "train_s": statistics.mean(m["train_seconds"] for m in ms),
+                "peak_mb": max(m["peak_memory_mb"] for m in ms),
+            })
+    out = ROOT / "docs" / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "quality.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    by_method: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], {})[r["task"]] = r
+    tasks = [t for t in TASKS if any(t in v for v in by_method.values())]
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    lines = [
+        f"Measured {date} on {platform.machine()}, {os.cpu_count()} CPU cores; `python bench/quality.py "
+        f"--steps {args.steps} --lr {args.lr} --full-lr {args.full_lr}`. Packaged MiniLM (all-MiniLM-L6-v2), "
+        f"{args.steps} optimizer steps x batch 16 per run, dev sets of ../shared/data; mean ± std over seeds "
+        "(score x 100: SST-2 accuracy, CoLA Matthews, MRPC F1).", "",
+        "| method | trainable | " + " | ".join(tasks) + " | average | init share of run | ms/step |",
+        "|---|---:|" + "---:|" * len(tasks) + "---:|---:|---:|",
+    ]
+    plot = []
+    for method, per in by_method.items():
+        cells = [f"{per[t]['mean']:.1f} ± {per[t]['std']:.1f}" if t in per else "—" for t in tasks]
+        avg = statistics.mean(per[t]["mean"] for t in tasks if t in per)
+        init_share = statistics.mean(per[t]["init_s"] / (per[t]["init_s"] + per[t]["train_s"]) for t in per)
+        step = statistics.mean(per[t]["step_ms"] for t in per)
+        trainable = next(iter(per.values()))["trainable"]
+        lines.append(f"| {method} | {trainable:,} | " + " | ".join(cells) + f" | {avg:.1f} | {100 * init_share:.1f}% | {step:.0f} |")
+        plot.append((method, trainable, avg))
+    (out / "quality.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method, n, avg in plot:
+            ax.scatter(n, avg)
+            ax.annotate(method, (n, avg), textcoords="offset points", xytext=(4, 4))
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (log)")
+        ax.set_ylabel("GLUE average (x100)")
+        ax.set_title("MiniLM: average score vs trainable parameters")
+        fig.tight_layout()
+        fig.savefig(out / "quality.png", dpi=120)
+    except ImportError:
+        pass
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--methods", default=",".join(METHOD_ARGS))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--full-lr", type=float, default=5e-5)
+    ap.add_argument("--data", default=os.environ.get("RANKWISE_SHARED_DATA", str(ROOT.parent / "shared" / "data")))
+    ap.add_argument("--runs", default=str(ROOT / "runs" / "quality"))
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    args.methods = args.methods.split(",")
+    if not args.report_only:
+        for seed in [int(s) for s in args.seeds.split(",")]:  # seed-major: every cell gets a first seed early
+            for task in args.tasks.split(","):
+                for method in args.methods:
+                    run_one(task, method, seed, args)
+    report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
