@@ -223,6 +223,8 @@ def load(
     ranks = {n: int(spec["rank"]) for n, spec in meta["layers"].items()}
     layers = method.rebuild(targets, config, ranks)
     for name, layer in layers.items():
+        prefix = f"{name}."
+        layer.resize_for_load({k[len(prefix):]: t.shape for k, t in tensors.items() if k.startswith(prefix)})
         _fill(layer, name, tensors)
     mts_tensors: dict[str, dict[str, Tensor]] = {}
     for name, module in saved.items():
