@@ -34,7 +34,7 @@ def problem(kind: str, n: int, c: int, samples: int, seed: int):
         loss = lambda out: 0.5 * ((out - y) ** 2).sum(1).mean()  # noqa: E731
         lip = float(torch.linalg.eigvalsh(x.t() @ x / samples).max())
     else:
-        y = torch.distributions.Categorical(logits=x @ w_true.t()).sample()
+        y = torch.multinomial(torch.softmax(x @ w_true.t(), 1), 1, generator=g).squeeze(1)
         loss = lambda out: nn.functional.cross_entropy(out, y)  # noqa: E731
         lip = 0.5 * float(torch.linalg.eigvalsh(x.t() @ x / samples).max())
     return x, loss, lip
