@@ -51,4 +51,9 @@ METHOD_CASES: dict[str, MethodCase] = {
         lambda c, h: (rankwise.EdoraConfig(r=4, alpha=8, factors="random", **_common(c, h)), None),
         identity_at_init=False,
     ),
+    # RAC-LoRA and its cousins, with short links so _train crosses link boundaries (merge, resample, reset)
+    "raclora": MethodCase("raclora", lambda c, h: (rankwise.RacLoraConfig(r=4, alpha=8, link_steps=2, **_common(c, h)), None)),
+    "raclora-b": MethodCase("raclora-b", lambda c, h: (rankwise.RacLoraConfig(r=4, alpha=8, link_steps=2, frozen="B", **_common(c, h)), None)),
+    "cola": MethodCase("cola", lambda c, h: (rankwise.RacLoraConfig.cola(r=4, alpha=8, link_steps=2, **_common(c, h)), None)),
+    "asymmetric": MethodCase("asymmetric", lambda c, h: (rankwise.RacLoraConfig.asymmetric(r=4, alpha=8, **_common(c, h)), None)),
 }

@@ -6,6 +6,7 @@ The public surface::
     cfg = rankwise.LoraConfig(r=8, alpha=16, target_modules=["query", "value"])
     report = rankwise.attach(model, cfg)          # adapters on, everything else frozen
     rankwise.step(model, optimizer)               # after each optimizer step (RAC-LoRA uses it)
+    rankwise.end_link(model, optimizer)           # RAC-LoRA: end a link now (e.g. per epoch)
     rankwise.merge(model); rankwise.unmerge(model)
     rankwise.save(model, "out/"); rankwise.load(base_model, "out/")
     rankwise.export_peft(model, "peft_out/"); rankwise.import_peft(base_model, "peft_out/")
@@ -16,7 +17,17 @@ __version__ = "0.1.0"
 from .config import AdapterConfig  # noqa: E402
 from .io import AdapterFileError, load, read_adapter, save  # noqa: E402
 from .layer import AdapterLayer  # noqa: E402
-from .methods import DoraConfig, EdoraConfig, GoraConfig, LoraConfig, gora_rank_table, plot_gora_ranks  # noqa: E402
+from .methods import (  # noqa: E402
+    DoraConfig,
+    EdoraConfig,
+    GoraConfig,
+    LoraConfig,
+    RacLoraConfig,
+    compress_chain,
+    end_link,
+    gora_rank_table,
+    plot_gora_ranks,
+)
 from .model import (  # noqa: E402
     AttachReport,
     adapter_layers,
@@ -42,6 +53,9 @@ __all__ = [
     "gora_rank_table",
     "plot_gora_ranks",
     "EdoraConfig",
+    "RacLoraConfig",
+    "end_link",
+    "compress_chain",
     "attach",
     "detach",
     "merge",

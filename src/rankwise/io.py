@@ -50,7 +50,7 @@ def tensors_digest(tensors: dict[str, Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # reshape: 0-d tensors too
     return h.hexdigest()
 
 
@@ -240,6 +240,8 @@ def load(
     ranks = {n: int(spec["rank"]) for n, spec in meta["layers"].items()}
     layers = method.rebuild(targets, config, ranks)
     for name, layer in layers.items():
+        prefix = f"{name}."
+        layer.resize_for_load({k[len(prefix):]: t.shape for k, t in tensors.items() if k.startswith(prefix)})
         _fill(layer, name, tensors)
         if "scale" in meta["layers"][name]:  # a layer's scale may differ from config.scale(rank) (PEFT patterns)
             layer.scale = float(meta["layers"][name]["scale"])

@@ -164,6 +164,13 @@ class AdapterLayer(nn.Module):
         """Every tensor that defines the adapter (not the base weight/bias), by local name."""
         return {k: v for k, v in self.state_dict(keep_vars=False).items() if k not in ("weight", "bias")}
 
+    def resize_for_load(self, shapes: dict[str, torch.Size]) -> None:
+        """Called by :func:`rankwise.load` with the saved adapter tensors' shapes, before they are filled in.
+
+        A no-op for fixed-shape adapters; methods whose tensors grow in training (RAC-LoRA's chain
+        record) re-allocate them here to the saved shapes. Shapes are still checked afterwards.
+        """
+
     def trainable_tensors(self) -> dict[str, nn.Parameter]:
         return {name: getattr(self, name) for name in self.trainable}
 

@@ -1,0 +1,353 @@
+"""RAC-LoRA: randomized asymmetric chain of LoRA (Malinovsky et al. 2024, arXiv 2410.08305).
+
+Training is a chain of links ``t = 0, 1, ...``. In link ``t`` one factor is *sampled* (Gaussian,
+the sketch) and frozen, the other starts at zero and is trained; the adapted layer computes::
+
+    h = x W0ᵀ + b + x Cₐᵀ C_bᵀ + s · dropout(x) A_tᵀ B_tᵀ,      C_b Cₐ = Σ_{τ<t} s B_τ A_τ
+
+At the link's end (:func:`rankwise.step` every ``link_steps`` optimizer steps, or
+:func:`end_link`) the link is merged — ``s B_t A_t`` is appended to the chain's stacked factors
+``(Cₐ, C_b)`` (scale baked into ``C_b``) — the trained factor is re-zeroed, the sketch resampled,
+and the optimizer state of both factors dropped. The model's function does not change at a link
+boundary (the product moves from the link into the chain, and the new link's product is zero).
+
+Why a stacked record and not ``W ← W + s B A``: writing into the base weight rounds every link into
+its dtype (in bf16 a small ``s B A`` is mostly lost), and would destroy the original ``W0`` that
+``unmerge``/``detach`` must restore bit for bit. The stacked factors are exact in fp32, cost a
+rank-``T r`` LoRA in the forward pass, are saved as ordinary adapter buffers, and *are* the chain's
+PEFT export (a LoRA of rank ``T r``). When ``T r`` would exceed ``min(in, out)`` the record is
+re-factored losslessly by an SVD to rank ``min(in, out)``; :func:`compress_chain` truncates it.
+
+The analysed step (paper §4): with ``A`` frozen, training ``B`` is projected gradient descent on
+``W``, ``W⁺ = W − γ ∇f(W) H_A``, ``H_A = Aᵀ(AAᵀ)†A``; for Gaussian sketches ``E[H_A] = (r/n) I``, so
+the chain converges to the *full* fine-tuning solution (rate ``(1 − γ μ r/n)^T`` under PL).
+
+The sketch ``A ~ N(0, σ²)`` with ``σ = sketch_scale / √n`` (``n`` the dimension the sketch
+contracts: ``in`` for ``A``, ``out`` for ``B``). With the default ``sketch_scale = 1`` the sketch's
+rows are nearly orthonormal (``AAᵀ ≈ I``), so an SGD step of size ``η`` on ``B`` *is* the analysed
+step ``W − η s² ∇f H_A``, at every layer width, and LoRA's learning rates carry over (LoRA's
+Kaiming-uniform ``A`` has ``σ² = 1/(3 in)``). The follow-up code's unit variance is
+``sketch_scale = √n``; it multiplies the effective step by ``n`` (measured in ``docs/raclora.md``).
+
+The same machinery gives the paper's baselines, one flag apart:
+
+* RAC-LoRA: ``train_both=False, chain=True`` (default);
+* Asymmetric LoRA: ``train_both=False, chain=False`` (one link, never merged);
+* Chain of LoRA (COLA): ``train_both=True, chain=True`` (both factors trained, merge, restart);
+* plain LoRA with a Gaussian ``A``: ``train_both=True, chain=False``.
+
+With ``train_both`` nothing is frozen: ``frozen`` then names the factor initialised Gaussian (the
+other starts at zero) — the paper's "A Gaussian, B zero" / "A zero, B Gaussian" columns.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..config import AdapterConfig
+from ..layer import AdapterLayer, PeftFactors
+from ..model import RankwiseState, adapter_layers, get_state
+from ..registry import BuildResult, Method, register_method
+
+FROZEN_CHOICES = ("A", "B", "alternate")
+
+
+@dataclass(frozen=True)
+class RacLoraConfig(AdapterConfig):
+    """RAC-LoRA and its cousins (see the module docstring). Common fields: :class:`AdapterConfig`.
+
+    Attributes:
+        link_steps: optimizer steps per link (``rankwise.step`` ends a link every ``link_steps``
+            calls); ``None``: links end only when you call :func:`rankwise.end_link` (e.g. per epoch).
+        frozen: the sampled (random, frozen) factor: ``"A"`` (train ``B`` from zero, the paper's
+            default), ``"B"`` (train ``A`` from zero), or ``"alternate"`` (``A`` in even links, ``B`` in
+            odd ones). With ``train_both`` it names the Gaussian-initialised factor.
+        sketch_scale: the sketch's standard deviation times ``√n`` (``n``: the dimension it contracts).
+        chain: merge and restart at link ends (``False``: a single link — Asymmetric LoRA / LoRA).
+        train_both: train both factors (COLA / LoRA) instead of freezing the sketch.
+        seed: seeds every link's sketch (layer ``i``, link ``t``); ``None`` draws one seed from torch's
+            global RNG at attach (broadcast from rank 0 under ``torch.distributed``) and records it.
+    """
+
+    method: ClassVar[str] = "raclora"
+
+    link_steps: int | None = 500
+    frozen: str = "A"
+    sketch_scale: float = 1.0
+    chain: bool = True
+    train_both: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.frozen not in FROZEN_CHOICES:
+            raise ValueError(f"frozen must be one of {FROZEN_CHOICES}, got {self.frozen!r}")
+        if self.link_steps is not None and (
+            not isinstance(self.link_steps, int) or isinstance(self.link_steps, bool) or self.link_steps < 1
+        ):
+            raise ValueError(f"link_steps must be a positive integer or None (links end by rankwise.end_link), got {self.link_steps!r}")
+        if not (isinstance(self.sketch_scale, (int, float)) and math.isfinite(self.sketch_scale) and self.sketch_scale > 0):
+            raise ValueError(f"sketch_scale must be a positive finite number, got {self.sketch_scale!r}")
+
+    @classmethod
+    def asymmetric(cls, **kwargs: Any) -> "RacLoraConfig":
+        """Asymmetric LoRA: one frozen random factor, one trained factor, one link (``chain=False``)."""
+        return cls(**{"chain": False, "train_both": False, **kwargs})
+
+    @classmethod
+    def cola(cls, **kwargs: Any) -> "RacLoraConfig":
+        """Chain of LoRA (COLA): both factors trained; merge and restart every link (``train_both=True``)."""
+        return cls(**{"chain": True, "train_both": True, **kwargs})
+
+    @classmethod
+    def lora(cls, **kwargs: Any) -> "RacLoraConfig":
+        """Plain LoRA with a Gaussian sketch initialisation (``train_both=True, chain=False``): the paper's LoRA row."""
+        return cls(**{"chain": False, "train_both": True, **kwargs})
+
+
+def sketch_generator(seed: int, index: int, link: int) -> torch.Generator:
+    """The CPU generator for layer ``index``'s sketch in link ``link``: the same on every device and rank."""
+    return torch.Generator().manual_seed(((int(seed) * 1_000_003 + index) * 1_000_033 + link) % (2**63 - 1))
+
+
+def resolve_seed(seed: int | None) -> int:
+    """``seed``, or one drawn from torch's global RNG, made identical on every ``torch.distributed`` rank."""
+    value = torch.tensor(int(seed) if seed is not None else int(torch.randint(0, 2**62, ())), dtype=torch.int64)
+    if seed is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        backend = torch.distributed.get_backend()
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        value = value.to(device)
+        torch.distributed.broadcast(value, src=0)
+    return int(value.item())
+
+
+class RacLoraLinear(AdapterLayer):
+    """A link ``s·B A`` (one factor a frozen Gaussian sketch) plus the merged chain ``C_b Cₐ`` over ``W0``."""
+
+    trainable: ClassVar[tuple[str, ...]] = ("lora_a", "lora_b")  # narrowed per instance in __init__
+    lr_multiplied: ClassVar[tuple[str, ...]] = ("lora_b",)
+
+    def __init__(
+        self, base: nn.Module, config: RacLoraConfig, rank: int, *, index: int = 0, seed: int = 0, init: bool = True
+    ) -> None:
+        super().__init__(base, config, rank)
+        self.index: int = index
+        self.frozen: str = config.frozen
+        self.sketch_scale: float = float(config.sketch_scale)
+        self.train_both: bool = config.train_both
+        # which Parameters the optimizer must hold: the trained factor, or both when the role alternates
+        both = config.train_both or config.frozen == "alternate"
+        self.trainable = ("lora_a", "lora_b") if both else ("lora_b",) if config.frozen == "A" else ("lora_a",)  # type: ignore[misc]
+        # a factor that is never trained is the sketch: a buffer (saved, not a parameter, never in an optimizer)
+        for name, shape in (("lora_a", (rank, self.in_features)), ("lora_b", (self.out_features, rank))):  # r x in, out x r
+            if name in self.trainable:
+                self.register_parameter(name, nn.Parameter(self.new_tensor(*shape)))
+            else:
+                self.register_buffer(name, self.new_tensor(*shape))
+        self.lora_a: Tensor
+        self.lora_b: Tensor
+        self.register_buffer("chain_a", self.new_tensor(0, self.in_features))  # k x in
+        self.register_buffer("chain_b", self.new_tensor(self.out_features, 0))  # out x k, scale baked in
+        # shape (1,), not 0-d: safetensors-friendly; links = merged links so far, sketch_seed = the chain's seed
+        self.register_buffer("links", torch.zeros(1, dtype=torch.int64, device=self.weight.device))
+        self.register_buffer("sketch_seed", torch.tensor([int(seed)], dtype=torch.int64, device=self.weight.device))
+        if init:
+            self.init_link()
+
+    # ------------------------------------------------------------------ the link
+    def sampled(self) -> str:
+        """The factor sampled (and, unless ``train_both``, frozen) in the current link: ``"A"`` or ``"B"``."""
+        if self.frozen == "alternate":
+            return "A" if int(self.links) % 2 == 0 else "B"
+        return self.frozen
+
+    def link_factors(self) -> tuple[Tensor, Tensor]:
+        """``(A, B)`` for the forward pass, the frozen sketch detached (no gradient, skipped by optimizers)."""
+        if self.train_both:
+            return self.lora_a, self.lora_b
+        if self.sampled() == "A":
+            return self.lora_a.detach(), self.lora_b
+        return self.lora_a, self.lora_b.detach()
+
+    @torch.no_grad()
+    def init_link(self) -> None:
+        """Named init step: sample the sketch ``N(0, (sketch_scale/√n)²)`` for link ``links``; zero the other factor."""
+        g = sketch_generator(int(self.sketch_seed), self.index, int(self.links))
+        if self.sampled() == "A":
+            sketch = torch.randn(self.rank, self.in_features, generator=g) * (self.sketch_scale / math.sqrt(self.in_features))
+            self.lora_a.copy_(sketch)  # r x in
+            self.lora_b.zero_()
+        else:
+            sketch = torch.randn(self.out_features, self.rank, generator=g) * (self.sketch_scale / math.sqrt(self.out_features))
+            self.lora_b.copy_(sketch)  # out x r
+            self.lora_a.zero_()
+
+    @torch.no_grad()
+    def end_link(self) -> None:
+        """Merge ``s B_t A_t`` into the chain record (exact, fp32), then start link ``t+1``.
+
+        Parameters are changed in place only (never replaced), so optimizers, schedulers, DDP and
+        HF Trainer keep their references. A link whose product is exactly zero adds nothing.
+        """
+        if bool(self.lora_a.any()) and bool(self.lora_b.any()):
+            chain_a = torch.cat([self.chain_a, self.lora_a.detach()])  # (k + r) x in
+            chain_b = torch.cat([self.chain_b, self.scale * self.lora_b.detach()], dim=1)  # out x (k + r)
+            if chain_a.shape[0] > min(self.in_features, self.out_features):
+                chain_a, chain_b, _ = refactor(chain_a, chain_b, min(self.in_features, self.out_features))
+            self.chain_a = chain_a
+            self.chain_b = chain_b
+        self.links += 1
+        self.init_link()
+
+    # ------------------------------------------------------------------ the contract
+    def chain_delta(self) -> Tensor:
+        """``Σ_{τ<t} s B_τ A_τ = C_b Cₐ`` in fp32, ``out x in``."""
+        return self.chain_b.float() @ self.chain_a.float()  # out x in
+
+    def adapter_forward(self, x: Tensor) -> Tensor:
+        result = self.base_forward(x)  # (..., out)
+        x_d = self.dropout(x).to(self.adapter_dtype)
+        a, b = self.link_factors()
+        update = (x_d @ a.t()) @ b.t() * self.scale  # (..., out)
+        if self.chain_a.shape[0]:
+            update = update + (x_d @ self.chain_a.t()) @ self.chain_b.t()  # (..., out)
+        return result + update.to(result.dtype)
+
+    def merged_weight(self) -> Tensor:
+        w0 = self.unmerged_base_weight().float()  # out x in
+        return w0 + self.chain_delta() + self.scale * (self.lora_b.float() @ self.lora_a.float())  # out x in
+
+    def peft_factors(self) -> PeftFactors:
+        """The whole chain as one LoRA of rank ``k + r`` (``k`` = chain rank), scale baked into ``B``.
+
+        The current link is left out when its product is exactly zero (e.g. right after a link end).
+        """
+        a = self.lora_a.detach().float()  # r x in
+        b = self.scale * self.lora_b.detach().float()  # out x r
+        if self.chain_a.shape[0] and not (bool(a.any()) and bool(b.any())):
+            return PeftFactors(self.chain_a.float(), self.chain_b.float(), 1.0)
+        return PeftFactors(torch.cat([self.chain_a.float(), a]), torch.cat([self.chain_b.float(), b], dim=1), 1.0)
+
+    def resize_for_load(self, shapes: dict[str, torch.Size]) -> None:
+        """Give the chain record the saved rank before a saved adapter is filled in (it grows in training)."""
+        if "chain_a" in shapes and len(shapes["chain_a"]) == 2:
+            self.chain_a = self.new_tensor(int(shapes["chain_a"][0]), self.in_features)  # k x in
+        if "chain_b" in shapes and len(shapes["chain_b"]) == 2:
+            self.chain_b = self.new_tensor(self.out_features, int(shapes["chain_b"][1]))  # out x k
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, links={int(self.links)}, chain_rank={self.chain_a.shape[0]}, sketch={self.sampled()}"
+
+
+@torch.no_grad()
+def refactor(chain_a: Tensor, chain_b: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
+    """``C_b Cₐ ≈ U_k S_k V_kᵀ`` (truncated SVD): new ``(Cₐ, C_b)`` of rank ``≤ rank`` and the relative
+    Frobenius error ``‖S_{k:}‖ / ‖S‖`` (0 when ``rank ≥`` the product's rank)."""
+    delta = chain_b.float() @ chain_a.float()  # out x in
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)  # out x m, m, m x in
+    k = min(rank, s.shape[0])
+    total = float(torch.linalg.norm(s))
+    error = float(torch.linalg.norm(s[k:])) / total if total > 0 else 0.0
+    return vh[:k].to(chain_a.dtype).contiguous(), (u[:, :k] * s[:k]).to(chain_b.dtype).contiguous(), error  # k x in, out x k
+
+
+# ---------------------------------------------------------------------------- the step machinery
+def reset_optimizer_state(optimizer: Any, params: Iterable[Tensor]) -> None:
+    """Drop ``optimizer``'s state (Adam moments, step counts, momentum) for ``params``: fresh as at step 0."""
+    state = optimizer.state
+    for p in params:
+        if p in state:
+            del state[p]
+
+
+def _end_links(layers: dict[str, AdapterLayer], optimizer: Any, state: RankwiseState) -> None:
+    if optimizer is None:
+        raise ValueError(
+            "a RAC-LoRA link ends here and its optimizer state must be reset: call rankwise.step(model, optimizer) "
+            "(or rankwise.end_link(model, optimizer)) with the optimizer"
+        )
+    for layer in layers.values():
+        assert isinstance(layer, RacLoraLinear)
+        layer.end_link()
+        reset_optimizer_state(optimizer, (layer.lora_a, layer.lora_b))
+        layer.lora_a.grad = None
+        layer.lora_b.grad = None
+    state.method_state["link_step"] = 0
+    state.method_state["links"] = int(state.method_state.get("links", 0)) + 1
+
+
+def on_step(model: nn.Module, layers: dict[str, AdapterLayer], optimizer: Any, state: RankwiseState) -> None:  # noqa: ARG001
+    """After each optimizer step: count it; end the link after ``link_steps`` steps (chains only)."""
+    config = state.config
+    assert isinstance(config, RacLoraConfig)
+    if not config.chain:
+        return
+    state.method_state["link_step"] = int(state.method_state.get("link_step", 0)) + 1
+    if config.link_steps is not None and state.method_state["link_step"] >= config.link_steps:
+        _end_links(layers, optimizer, state)
+
+
+def _rac_state(model: nn.Module) -> tuple[RacLoraConfig, RankwiseState, dict[str, RacLoraLinear]]:
+    state = get_state(model)
+    if not isinstance(state.config, RacLoraConfig):
+        raise ValueError(f"this model's adapter is {state.config.method!r}, not a RAC-LoRA chain (rankwise.RacLoraConfig)")
+    layers = {n: layer for n, layer in adapter_layers(model).items() if isinstance(layer, RacLoraLinear)}
+    return state.config, state, layers
+
+
+def end_link(model: nn.Module, optimizer: Any) -> None:
+    """End the current link now (e.g. at an epoch's end): merge, resample, reset the optimizer state.
+
+    Never changes the model's function. Raises for a config with ``chain=False`` (one link by definition).
+    """
+    config, state, layers = _rac_state(model)
+    if not config.chain:
+        raise ValueError("this RacLoraConfig has chain=False (Asymmetric LoRA / LoRA: a single link); there is no link to end")
+    _end_links(dict(layers), optimizer, state)
+
+
+@torch.no_grad()
+def compress_chain(model: nn.Module, rank: int) -> dict[str, float]:
+    """Fold each layer's whole update (chain + current link) into a chain of rank ``≤ rank`` by SVD.
+
+    For export/serving after training: the current link's trained factor is zeroed (its product moves
+    into the chain). Lossy unless ``rank`` is at least the update's rank. Returns each layer's relative
+    Frobenius error ``‖ΔW − ΔW_rank‖ / ‖ΔW‖``.
+    """
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    _, _, layers = _rac_state(model)
+    merged = [n for n, layer in layers.items() if layer.merged]
+    if merged:
+        raise ValueError(f"unmerge before compressing the chain (merged layers: {merged[:4]})")
+    errors: dict[str, float] = {}
+    for name, layer in layers.items():
+        a = torch.cat([layer.chain_a, layer.lora_a.detach()])  # (k + r) x in
+        b = torch.cat([layer.chain_b, layer.scale * layer.lora_b.detach()], dim=1)  # out x (k + r)
+        layer.chain_a, layer.chain_b, errors[name] = refactor(a, b, rank)
+        (layer.lora_b if layer.sampled() == "A" else layer.lora_a).zero_()
+    return errors
+
+
+# ---------------------------------------------------------------------------- registration
+def _build(model: nn.Module, targets: dict[str, nn.Module], config: AdapterConfig, calibration: Any, loss_fn: Any) -> BuildResult:  # noqa: ARG001
+    assert isinstance(config, RacLoraConfig)
+    seed = resolve_seed(config.seed)
+    layers: dict[str, AdapterLayer] = {
+        name: RacLoraLinear(m, config, config.r, index=i, seed=seed) for i, (name, m) in enumerate(targets.items())
+    }
+    notes = [] if config.seed is not None else [f"raclora: sketch seed {seed} (drawn; recorded in the adapter)"]
+    return BuildResult(layers, notes=notes)
+
+
+def _rebuild(targets: dict[str, nn.Module], config: AdapterConfig, ranks: dict[str, int]) -> dict[str, AdapterLayer]:
+    assert isinstance(config, RacLoraConfig)
+    return {name: RacLoraLinear(m, config, ranks[name], index=i, init=False) for i, (name, m) in enumerate(targets.items())}
+
+
+RACLORA = register_method(Method(name="raclora", config_cls=RacLoraConfig, build=_build, rebuild=_rebuild, on_step=on_step))
