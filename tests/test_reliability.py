@@ -211,3 +211,11 @@ def test_nan_from_the_data(mlp_case: ModelCase) -> None:
     model(**batch).loss.backward()
     with pytest.raises(FloatingPointError, match=r"gradient of adapter tensor 'fc1\.lora_(a|b)'"):
         rankwise.check_finite_grads(model)
+
+
+def test_digest_covers_zero_dim_tensors() -> None:
+    from rankwise.io import tensors_digest
+
+    a = tensors_digest({"step": torch.tensor(3.0), "w": torch.ones(2)})
+    b = tensors_digest({"step": torch.tensor(4.0), "w": torch.ones(2)})
+    assert a != b
