@@ -84,19 +84,22 @@ def report(args: argparse.Namespace) -> None:
         f"Measured {date} on {platform.machine()}, {os.cpu_count()} CPU cores; `python bench/quality.py "
         f"--steps {args.steps} --lr {args.lr} --full-lr {args.full_lr}`. Packaged MiniLM (all-MiniLM-L6-v2), "
         f"{args.steps} optimizer steps x batch 16 per run, dev sets of ../shared/data; mean ± std over seeds "
-        "(score x 100: SST-2 accuracy, CoLA Matthews, MRPC F1).", "",
-        "| method | trainable | " + " | ".join(tasks) + " | average | init share of run | ms/step |",
-        "|---|---:|" + "---:|" * len(tasks) + "---:|---:|---:|",
+        "(score x 100: SST-2 accuracy, CoLA Matthews, MRPC F1); cells with fewer than 3 seeds say n. "
+        "Step times are in bench/speed.py's results, not here: these runs shared the machine with other jobs.", "",
+        "| method | trainable | " + " | ".join(tasks) + " | average | init share of run |",
+        "|---|---:|" + "---:|" * len(tasks) + "---:|---:|",
     ]
     plot = []
     for method, per in by_method.items():
-        cells = [f"{per[t]['mean']:.1f} ± {per[t]['std']:.1f}" if t in per else "—" for t in tasks]
-        avg = statistics.mean(per[t]["mean"] for t in tasks if t in per)
+        cells = [f"{per[t]['mean']:.1f} ± {per[t]['std']:.1f}" + (f" (n={per[t]['n_seeds']})" if per[t]["n_seeds"] < 3 else "")
+                 if t in per else "—" for t in tasks]
+        complete = all(t in per for t in tasks)
+        avg = statistics.mean(per[t]["mean"] for t in tasks) if complete else float("nan")
         init_share = statistics.mean(per[t]["init_s"] / (per[t]["init_s"] + per[t]["train_s"]) for t in per)
-        step = statistics.mean(per[t]["step_ms"] for t in per)
         trainable = next(iter(per.values()))["trainable"]
-        lines.append(f"| {method} | {trainable:,} | " + " | ".join(cells) + f" | {avg:.1f} | {100 * init_share:.1f}% | {step:.0f} |")
-        plot.append((method, trainable, avg))
+        lines.append(f"| {method} | {trainable:,} | " + " | ".join(cells) + f" | {avg:.1f} | {100 * init_share:.1f}% |".replace("nan", "—"))
+        if complete:
+            plot.append((method, trainable, avg))
     (out / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
