@@ -6,8 +6,12 @@ score against trainable parameters.
 
 Budgets: LoRA, DoRA and RAC-LoRA at r=8, GoRA at r_ref=8 (LoRA-8's parameter budget), EDoRA at r=16
 (the paper's setting); all on the same targets (query, value) with the classifier trained fully.
+``peft-lora`` / ``peft-dora`` are HF PEFT's layers run through the identical harness loop (the
+``attach_fn`` seam of ``rankwise_harness.train.finetune``): the controls our LoRA/DoRA must match.
+``METHOD@LR`` runs a method at its own learning rate (``edora@1e-2``; its runs are kept apart).
 
     python bench/quality.py                          # full run (long on CPU)
+    python bench/quality.py --methods lora,peft-lora,edora@1e-2 --seeds 0,1,2
     python bench/quality.py --steps 20 --seeds 0 --tasks mrpc --methods lora   # smoke run
     python bench/quality.py --report-only            # re-aggregate existing runs
 """
@@ -34,18 +38,58 @@ METHOD_ARGS = {
     "edora": ["--r", "16", "--alpha", "16"],
     "raclora": ["--r", "8", "--alpha", "16", "--set", "link_steps=50"],
     "full": [],
+    # HF PEFT controls: the same loop, data and evaluation, with PEFT's LoRA / DoRA layers (r=8)
+    "peft-lora": ["--r", "8", "--alpha", "16"],
+    "peft-dora": ["--r", "8", "--alpha", "16"],
 }
 
 
-def run_one(task: str, method: str, seed: int, args: argparse.Namespace) -> Path:
+def peft_attach(use_dora: bool):
+    """An ``attach_fn`` for the harness that injects HF PEFT's LoRA/DoRA in place of rankwise's."""
+
+    def attach(model, mcfg, calibration=None):  # noqa: ARG001 - PEFT's LoRA/DoRA need no calibration
+        from peft import LoraConfig, get_peft_model
+
+        pc = LoraConfig(r=mcfg.r, lora_alpha=mcfg.alpha, lora_dropout=mcfg.dropout, use_dora=use_dora,
+                        target_modules=list(mcfg.target_modules), modules_to_save=list(mcfg.modules_to_save or []))
+        get_peft_model(model, pc)  # injects into ``model`` in place; the wrapper is not needed
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return f"HF PEFT {'DoRA' if use_dora else 'LoRA'} r={mcfg.r} on {list(mcfg.target_modules)}: {n:,} trainable"
+
+    attach.__name__ = "peft-dora" if use_dora else "peft-lora"
+    return attach
+
+
+def split_label(label: str) -> tuple[str, str | None]:
+    """``"edora@5e-3"`` -> ``("edora", "5e-3")``: a method run at its own learning rate."""
+    method, _, lr = label.partition("@")
+    if method not in METHOD_ARGS:
+        raise SystemExit(f"unknown method {method!r}; known: {', '.join(METHOD_ARGS)}")
+    return method, lr or None
+
+
+def run_peft(cmd: list[str]) -> None:
+    """Run one PEFT control in this process through the harness (``--one`` mode)."""
+    from rankwise_harness.cli import _run_config, build_parser
+    from rankwise_harness.train import finetune
+
+    args = build_parser().parse_args(["finetune", *cmd])
+    cfg = _run_config(args, args.method.removeprefix("peft-"), args.output)
+    finetune(cfg, overwrite=True, show_progress=False, attach_fn=peft_attach(args.method == "peft-dora"))
+
+
+def run_one(task: str, label: str, seed: int, args: argparse.Namespace) -> Path:
     folder, max_len, _ = TASKS[task]
-    out = Path(args.runs) / task / f"{method}-seed{seed}"
+    method, lr_override = split_label(label)
+    out = Path(args.runs) / task / f"{label}-seed{seed}"
     if (out / "metrics.json").exists():
         return out
-    lr = args.full_lr if method == "full" else args.lr
-    cmd = ["rankwise", "finetune", "--method", method, "--task", task, "--data", str(Path(args.data) / "glue" / folder),
-           "--output", str(out), "--seed", str(seed), "--max-steps", str(args.steps), "--batch-size", "16",
-           "--max-length", str(max_len), "--lr", str(lr), "--no-progress", "--overwrite", *METHOD_ARGS[method]]
+    lr = lr_override or (args.full_lr if method == "full" else args.lr)
+    common = ["--method", method, "--task", task, "--data", str(Path(args.data) / "glue" / folder),
+              "--output", str(out), "--seed", str(seed), "--max-steps", str(args.steps), "--batch-size", "16",
+              "--max-length", str(max_len), "--lr", str(lr), "--no-progress", "--overwrite", *METHOD_ARGS[method]]
+    cmd = ([sys.executable, __file__, "--one", *common] if method.startswith("peft-")
+           else ["rankwise", "finetune", *common])
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return out
@@ -123,9 +167,12 @@ def report(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--one":  # internal: one PEFT control run, in this process
+        return run_peft(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default=",".join(TASKS))
-    ap.add_argument("--methods", default=",".join(METHOD_ARGS))
+    ap.add_argument("--methods", default=",".join(METHOD_ARGS),
+                    help="comma-separated; METHOD@LR runs a method at its own learning rate (e.g. edora@5e-3)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--lr", type=float, default=1e-3)

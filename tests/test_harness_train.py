@@ -191,6 +191,37 @@ def test_full_finetuning_saves_trained_weights(tmp_path: Path, tiny_models: dict
     assert sum(t.numel() for t in weights.values()) >= result["trainable_params"]  # tied tensors appear under each name
 
 
+def test_attach_fn_stands_in_for_attach_in_the_same_loop(tmp_path: Path, tiny_models: dict[str, str], sst2: str) -> None:
+    """The seam bench/quality.py uses for PEFT controls: an attach_fn that is rankwise.attach reproduces
+    the normal run's losses exactly; a PEFT one trains and saves its trainable tensors."""
+    seen: list[str] = []
+
+    def via_rankwise(model, mcfg, calibration=None):
+        seen.append(mcfg.method)
+        return rankwise.attach(model, mcfg, calibration=calibration)
+
+    quiet = dict(show_progress=False, log=lambda _m: None)
+    ref = finetune(_cfg(tmp_path / "ref", tiny_models, sst2), **quiet)
+    same = finetune(_cfg(tmp_path / "same", tiny_models, sst2), attach_fn=via_rankwise, **quiet)
+    assert seen == ["lora"] and same["losses"] == ref["losses"] and same["metrics"] == ref["metrics"]
+
+    peft = pytest.importorskip("peft")
+
+    def via_peft(model, mcfg, calibration=None):
+        cfg = peft.LoraConfig(r=mcfg.r, lora_alpha=mcfg.alpha, target_modules=list(mcfg.target_modules),
+                              modules_to_save=list(mcfg.modules_to_save or []))
+        peft.get_peft_model(model, cfg)
+        return "peft"
+
+    got = finetune(_cfg(tmp_path / "peft", tiny_models, sst2), attach_fn=via_peft, **quiet)
+    assert got["trainable_params"] == ref["trainable_params"]  # same budget as rankwise LoRA
+    assert got["adapter_implementation"] == "via_peft" and all(np.isfinite(got["losses"]))
+    saved = load_file(str(tmp_path / "peft" / "run" / "model.safetensors"))
+    assert sum(t.numel() for t in saved.values()) == got["trainable_params"]
+    with pytest.raises(Exception, match="resume"):
+        finetune(_cfg(tmp_path / "peft", tiny_models, sst2), attach_fn=via_peft, resume=True, **quiet)
+
+
 def test_output_folder_guards(tmp_path: Path, tiny_models: dict[str, str], sst2: str) -> None:
     cfg = _cfg(tmp_path, tiny_models, sst2, max_steps=1)
     finetune(cfg, show_progress=False, log=lambda _m: None)

@@ -43,6 +43,7 @@ class RunError(RuntimeError):
 
 
 StepHook = Callable[[int, float], None]  # (optimizer step just done, its loss) -> None; may raise
+AttachFn = Callable[..., Any]  # (model, method config, calibration=...) -> printable report; adapts in place
 
 
 # ---------------------------------------------------------------------------- batches
@@ -325,8 +326,17 @@ def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
 
 
 def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, hook: StepHook | None = None,
-             show_progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run ``cfg`` end to end; writes the output folder and returns what ``metrics.json`` holds."""
+             show_progress: bool = True, log: Callable[[str], None] = print,
+             attach_fn: AttachFn | None = None) -> dict[str, Any]:
+    """Run ``cfg`` end to end; writes the output folder and returns what ``metrics.json`` holds.
+
+    ``attach_fn`` stands in for ``rankwise.attach`` (same arguments; it adapts the model in place and
+    returns something printable): ``bench/quality.py`` passes HF PEFT's injection through it, so PEFT
+    controls run the identical data, loop and evaluation. Such a run saves its trainable tensors as
+    ``model.safetensors`` (not a rankwise adapter), never calls ``rankwise.step`` and cannot resume.
+    """
+    if attach_fn is not None and (resume or cfg.method == FULL):
+        raise ConfigError("attach_fn runs cannot resume and need an adapter method's config")
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -392,7 +402,7 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
                                          accelerator.device) for _ in range(n_cal)]
             t0 = time.perf_counter()
             try:
-                report = rankwise.attach(model, mcfg, calibration=calibration)
+                report = (attach_fn or rankwise.attach)(model, mcfg, calibration=calibration)
             except (ValueError, TypeError) as exc:
                 raise ConfigError(f"cannot attach {cfg.method} to {model_name}: {exc}") from exc
             init_seconds = time.perf_counter() - t0
@@ -461,7 +471,7 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if cfg.method != FULL:
+        if cfg.method != FULL and attach_fn is None:
             rankwise.step(raw_model, optimizer.optimizer)
         step += 1
         loss_value = float(accelerator.reduce(step_loss, "mean")) if world > 1 else float(step_loss)
@@ -505,9 +515,10 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
         "eval_history": history.evals, "losses": history.losses,
         "num_processes": world, "mixed_precision": mp, "device": str(accelerator.device),
         "train_examples": len(train), "dev_examples": len(dev), "skipped_rows": len(splits.skipped),
+        "adapter_implementation": "rankwise" if attach_fn is None else getattr(attach_fn, "__name__", "external"),
     }
     if accelerator.is_main_process:
-        save_trainable(raw_model, cfg.method, out)
+        save_trainable(raw_model, FULL if attach_fn is not None else cfg.method, out)
         (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         plot_loss(history, out / "loss_curve.png", f"{cfg.method} on {task.name}")
         if cfg.method == "gora" and hasattr(rankwise, "plot_gora_ranks"):

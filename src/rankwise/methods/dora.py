@@ -37,12 +37,16 @@ def magnitude_forward(layer: AdapterLayer, x: Tensor, mag_scale: Tensor, lora_ou
     ``mag_scale`` is ``m/n`` (``out``, with ``n`` detached); ``lora_out`` maps the dropped-out input
     to ``s · x_d ΔWᵀ`` in the adapter dtype.
     """
-    result = layer.base_forward(x)  # (..., out)
     x_d = layer.dropout(x)
     if isinstance(layer.dropout, nn.Identity):
-        base_no_bias = result if layer.bias is None else result - layer.bias  # (..., out)
-    else:
-        base_no_bias = F.linear(x_d, layer.base_weight())  # (..., out)
+        # x_d = x, so the same h is  b + (m/n) ⊙ (x W0ᵀ + lora_out(x)): two passes over (..., out), not five
+        base_no_bias = F.linear(x, layer.base_weight())  # (..., out)
+        inner = lora_out(x) + base_no_bias.to(layer.adapter_dtype)  # (..., out), promoted like the long form
+        if layer.bias is None:
+            return (inner * mag_scale).to(base_no_bias.dtype)
+        return torch.addcmul(layer.bias.to(layer.adapter_dtype), inner, mag_scale).to(base_no_bias.dtype)
+    result = layer.base_forward(x)  # (..., out)
+    base_no_bias = F.linear(x_d, layer.base_weight())  # (..., out)
     dora = (mag_scale - 1) * base_no_bias.to(layer.adapter_dtype) + mag_scale * lora_out(x_d)
     return result + dora.to(result.dtype)
 

@@ -199,20 +199,28 @@ class EdoraLinear(AdapterLayer):
 
     # ------------------------------------------------------------------ forward
     @torch.no_grad()
-    def weight_norm(self) -> Tensor:
-        """``‖W0 + s·B R A‖_row`` (``out``) in ``O(out·r²)``, detached (a constant in backward)."""
+    def weight_norm(self, br: Tensor | None = None) -> Tensor:
+        """``‖W0 + s·B R A‖_row`` (``out``) in ``O(out·r²)``, detached (a constant in backward).
+
+        ``br`` is ``B R`` when the caller already has it.
+        """
         s = self.scale
-        br = self.frozen_b @ self.core  # out x r
+        br = self.frozen_b @ self.core if br is None else br.detach()  # out x r
         inner = torch.addmm(self.norm_c, br, self.norm_k, beta=2 * s, alpha=s * s)  # out x r: 2s·C + s²·BRK
         return (self.norm_n0 + (br * inner).sum(dim=1)).clamp_min(0).sqrt()  # out
 
     def lora_out(self, x: Tensor) -> Tensor:
         """``s · ((x Aᵀ) Rᵀ) Bᵀ`` for an input already dropped-out, in the adapter dtype."""
+        return self._lora_out(x, self.frozen_b @ self.core)
+
+    def _lora_out(self, x: Tensor, br: Tensor) -> Tensor:
         h = x.to(self.adapter_dtype) @ self.frozen_a.t()  # (..., r)
-        return (h @ self.core.t()) @ self.frozen_b.t() * self.scale  # (..., out)
+        return h @ (br * self.scale).t()  # (..., out); s applied to the out x r factor
 
     def adapter_forward(self, x: Tensor) -> Tensor:
-        return magnitude_forward(self, x, self.magnitude / self.weight_norm(), self.lora_out)
+        br = self.frozen_b @ self.core  # out x r, computed once for the norm and the update
+        mag_scale = self.magnitude / self.weight_norm(br)  # out
+        return magnitude_forward(self, x, mag_scale, lambda x_d: self._lora_out(x_d, br))
 
     # ------------------------------------------------------------------ merge / export
     def merged_weight(self) -> Tensor:

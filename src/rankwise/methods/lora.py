@@ -52,12 +52,17 @@ class LoraLinear(AdapterLayer):
         self.lora_b.zero_()
 
     def lora_out(self, x: Tensor) -> Tensor:
-        """``s · x Aᵀ Bᵀ`` for an input already dropped-out, in the adapter dtype."""
-        return (x.to(self.adapter_dtype) @ self.lora_a.t()) @ self.lora_b.t() * self.scale  # (..., out)
+        """``s · x Aᵀ Bᵀ`` for an input already dropped-out, in the adapter dtype.
+
+        ``s`` multiplies the ``out x r`` factor, not the ``(..., out)`` product: one pass over the
+        activations fewer, forward and backward.
+        """
+        b = self.lora_b if self.scale == 1.0 else self.lora_b * self.scale  # out x r
+        return (x.to(self.adapter_dtype) @ self.lora_a.t()) @ b.t()  # (..., out)
 
     def adapter_forward(self, x: Tensor) -> Tensor:
-        result = self.base_forward(x)  # (..., out)
-        return result + self.lora_out(self.dropout(x)).to(result.dtype)
+        result = self.base_forward(x)  # (..., out); F.linear does not keep its output for backward
+        return result.add_(self.lora_out(self.dropout(x)).to(result.dtype))
 
     def merged_weight(self) -> Tensor:
         w0 = self.unmerged_base_weight().float()  # out x in

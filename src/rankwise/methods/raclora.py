@@ -213,10 +213,12 @@ class RacLoraLinear(AdapterLayer):
         result = self.base_forward(x)  # (..., out)
         x_d = self.dropout(x).to(self.adapter_dtype)
         a, b = self.link_factors()
-        update = (x_d @ a.t()) @ b.t() * self.scale  # (..., out)
-        if self.chain_a.shape[0]:
-            update = update + (x_d @ self.chain_a.t()) @ self.chain_b.t()  # (..., out)
-        return result + update.to(result.dtype)
+        b = b * self.scale  # out x r: the scale on the small factor, not on the activations
+        if self.chain_a.shape[0]:  # chain and current link as one rank-(k + r) product
+            a = torch.cat([self.chain_a, a])  # (k + r) x in
+            b = torch.cat([self.chain_b, b], dim=1)  # out x (k + r)
+        update = (x_d @ a.t()) @ b.t()  # (..., out)
+        return result.add_(update.to(result.dtype))
 
     def merged_weight(self) -> Tensor:
         w0 = self.unmerged_base_weight().float()  # out x in

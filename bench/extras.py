@@ -1,0 +1,204 @@
+"""The rest of issue 8's speed section: inference latency unmerged vs merged, GoRA's initialisation
+cost against ``n_steps``, and adapter file sizes. Packaged MiniLM, CPU, same targets and rank as
+``bench/speed.py`` (rank 8 on query, key, value, dense).
+
+- **Inference:** every variant (rankwise methods unmerged and merged, PEFT LoRA/DoRA unmerged and after
+  ``merge_and_unload``) lives in one process; each round runs one ``no_grad`` eval forward of each on the
+  same batch, order rotating; median per variant, ratio to the plain base model's forward.
+- **GoRA init:** one subprocess per ``n_steps``: load the model, reset the peak-RSS mark, time
+  ``rankwise.attach`` with ``n_steps`` calibration batches; report seconds, peak RSS growth over the
+  resident size before ``attach``, and what GoRA's own report says.
+- **File sizes:** bytes on disk of ``rankwise.save`` (``adapter.safetensors`` + ``adapter_config.json``), of
+  ``rankwise.export_peft`` and, for LoRA/DoRA, of PEFT's own ``save_pretrained`` of the same adapter.
+
+    python bench/extras.py            # writes docs/bench/extras.{json,md}
+    python bench/extras.py --quick    # a smoke run (writes extras_quick.*)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import ROOT, TARGETS, _status_kb, batch_for, calibration, load_base  # noqa: E402
+
+import rankwise  # noqa: E402
+
+METHODS = ("lora", "dora", "gora", "edora", "raclora")
+
+
+def _ours(base: torch.nn.Module, name: str, r: int, bs: int, sl: int, n_steps: int = 4) -> torch.nn.Module:
+    method = rankwise.all_methods()[name]
+    kw: dict = {"r_ref": r, "n_steps": n_steps} if name == "gora" else {"r": r}
+    cfg = method.config_cls(target_modules=TARGETS, alpha=2 * r, seed=0, **kw)
+    calib = calibration(n_steps, bs, sl) if method.uses_calibration else None
+    rankwise.attach(base, cfg, calibration=calib)
+    return base
+
+
+def _peft(base: torch.nn.Module, r: int, dora: bool) -> torch.nn.Module:
+    import peft
+
+    return peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, use_dora=dora))
+
+
+def _train_a_little(model: torch.nn.Module, batch: dict[str, torch.Tensor], steps: int = 2) -> None:
+    """A few steps so adapters are non-zero (a zero update would make merged == base trivially fast)."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(steps):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if hasattr(model, "_rankwise"):
+            rankwise.step(model, opt)
+    model.eval()
+
+
+def inference(r: int, bs: int, sl: int, rounds: int, warmup: int) -> dict[str, dict[str, float]]:
+    base = load_base().eval()
+    batch = batch_for(bs, sl)
+    models: dict[str, torch.nn.Module] = {"base (no adapter)": base}
+    for name in METHODS:
+        m = _ours(copy.deepcopy(base), name, r, bs, sl)
+        _train_a_little(m, batch)
+        models[f"{name} unmerged"] = m
+        merged = copy.deepcopy(m)
+        rankwise.merge(merged)
+        models[f"{name} merged"] = merged
+    for dora in (False, True):
+        m = _peft(copy.deepcopy(base), r, dora)
+        _train_a_little(m, batch)
+        label = "peft-dora" if dora else "peft-lora"
+        models[f"{label} unmerged"] = m
+        models[f"{label} merged"] = copy.deepcopy(m).merge_and_unload()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    times: dict[str, list[float]] = {k: [] for k in models}
+    labels = list(models)
+    with torch.no_grad():
+        for i in range(warmup + rounds):
+            for label in labels[i % len(labels):] + labels[: i % len(labels)]:
+                t0 = time.perf_counter()
+                models[label](**inputs)
+                if i >= warmup:
+                    times[label].append(time.perf_counter() - t0)
+    ref = statistics.median(times["base (no adapter)"])
+    return {k: {"median_ms": 1000 * statistics.median(v), "ratio_to_base": statistics.median(v) / ref} for k, v in times.items()}
+
+
+def gora_init_child(n_steps: int, r: int, bs: int, sl: int) -> None:
+    base = load_base()
+    calib = calibration(n_steps, bs, sl)
+    gc.collect()
+    before = _status_kb("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    t0 = time.perf_counter()
+    report = rankwise.attach(base, rankwise.GoraConfig(r_ref=r, alpha=2 * r, n_steps=n_steps, target_modules=TARGETS, seed=0),
+                             calibration=calib)
+    seconds = time.perf_counter() - t0
+    peak = _status_kb("VmHWM")
+    stats = getattr(report, "gora", None) or getattr(report, "extra", None)
+    print(json.dumps({"n_steps": n_steps, "attach_s": seconds, "peak_growth_mb": (peak - before) / 1024,
+                      "trainable": report.trainable, "report_tail": str(stats)[:300] if stats is not None else None}))
+
+
+def gora_init(n_steps_list: list[int], r: int, bs: int, sl: int) -> list[dict]:
+    out = []
+    for n in n_steps_list:
+        cmd = [sys.executable, __file__, "--gora-child", str(n), "--r", str(r), "--batch", str(bs), "--seq", str(sl)]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        print(out[-1], flush=True)
+    return out
+
+
+def _folder_bytes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def file_sizes(r: int, bs: int, sl: int) -> dict[str, dict]:
+    base = load_base()
+    batch = batch_for(bs, sl)
+    out: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in METHODS:
+            m = _ours(copy.deepcopy(base), name, r, bs, sl)
+            _train_a_little(m, batch)
+            rankwise.save(m, Path(tmp) / name / "rankwise")
+            rankwise.export_peft(m, Path(tmp) / name / "peft")
+            out[name] = {"trainable": rankwise.count_parameters(m)[0],
+                         "rankwise": _folder_bytes(Path(tmp) / name / "rankwise"),
+                         "export_peft": _folder_bytes(Path(tmp) / name / "peft")}
+        for dora in (False, True):
+            m = _peft(copy.deepcopy(base), r, dora)
+            label = "peft-dora" if dora else "peft-lora"
+            m.save_pretrained(Path(tmp) / label)
+            out[label] = {"trainable": sum(p.numel() for p in m.parameters() if p.requires_grad),
+                          "peft save_pretrained": _folder_bytes(Path(tmp) / label)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--r", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--n-steps", default="1,2,4,8,16")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "bench"))
+    ap.add_argument("--gora-child", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    if args.gora_child is not None:
+        gora_init_child(args.gora_child, args.r, args.batch, args.seq)
+        return
+    if args.quick:
+        args.batch, args.seq, args.rounds, args.n_steps = 2, 16, 2, "1,2"
+    inf = inference(args.r, args.batch, args.seq, args.rounds, warmup=2)
+    print(json.dumps(inf, indent=1), flush=True)
+    gora = gora_init([int(n) for n in args.n_steps.split(",")], args.r, args.batch, args.seq)
+    sizes = file_sizes(args.r, args.batch, args.seq)
+    meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+            "command": "python bench/extras.py " + " ".join(sys.argv[1:]), "rank": args.r, "batch": args.batch, "seq": args.seq}
+    suffix = "_quick" if args.quick else ""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"extras{suffix}.json").write_text(json.dumps({"meta": meta, "inference": inf, "gora_init": gora, "file_sizes": sizes}, indent=1))
+    lines = [f"Measured {meta['date']} on {meta['machine']}; `{meta['command']}`; rank {args.r} on {TARGETS}, "
+             f"batch {args.batch} x seq {args.seq}.", "",
+             f"**Inference (eval forward, no_grad), median of {args.rounds} interleaved rounds**", "",
+             "| variant | median (ms) | ratio to base model |", "|---|---:|---:|"]
+    lines += [f"| {k} | {v['median_ms']:.1f} | {v['ratio_to_base']:.3f} |" for k, v in inf.items()]
+    lines += ["", f"**GoRA initialisation against n_steps** (calibration batches of {args.batch} x {args.seq})", "",
+              "| n_steps | attach (s) | peak RSS growth during attach (MB) |", "|---:|---:|---:|"]
+    lines += [f"| {g['n_steps']} | {g['attach_s']:.2f} | {g['peak_growth_mb']:.0f} |" for g in gora]
+    lines += ["", "**Adapter files (bytes)**", "", "| method | trainable | rankwise.save | export_peft | PEFT save_pretrained |",
+              "|---|---:|---:|---:|---:|"]
+    for name, v in sizes.items():
+        cell = lambda key: f"{sum(v[key].values()):,}" if key in v else "—"  # noqa: E731
+        lines.append(f"| {name} | {v['trainable']:,} | {cell('rankwise')} | {cell('export_peft')} | {cell('peft save_pretrained')} |")
+    (out / f"extras{suffix}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
