@@ -164,6 +164,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--n-steps", default="1,2,4,8,16")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench"))
+    ap.add_argument("--parts", default="inference,gora_init,file_sizes",
+                    help="which parts to measure now; the others are kept from the previous results file")
     ap.add_argument("--gora-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
@@ -172,26 +174,39 @@ def main() -> None:
         return
     if args.quick:
         args.batch, args.seq, args.rounds, args.n_steps = 2, 16, 2, "1,2"
-    inf = inference(args.r, args.batch, args.seq, args.rounds, warmup=2)
-    print(json.dumps(inf, indent=1), flush=True)
-    gora = gora_init([int(n) for n in args.n_steps.split(",")], args.r, args.batch, args.seq)
-    sizes = file_sizes(args.r, args.batch, args.seq)
-    meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
-            "command": "python bench/extras.py " + " ".join(sys.argv[1:]), "rank": args.r, "batch": args.batch, "seq": args.seq}
     suffix = "_quick" if args.quick else ""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"extras{suffix}.json").write_text(json.dumps({"meta": meta, "inference": inf, "gora_init": gora, "file_sizes": sizes}, indent=1))
-    lines = [f"Measured {meta['date']} on {meta['machine']}; `{meta['command']}`; rank {args.r} on {TARGETS}, "
-             f"batch {args.batch} x seq {args.seq}.", "",
-             f"**Inference (eval forward, no_grad), median of {args.rounds} interleaved rounds**", "",
+    parts = set(args.parts.split(","))
+    # parts not run now are taken from the previous results file (each part keeps its own stamp)
+    prev = json.loads((out / f"extras{suffix}.json").read_text()) if (out / f"extras{suffix}.json").is_file() else {}
+    stamp = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+             "command": "python bench/extras.py " + " ".join(sys.argv[1:])}
+    res = {}
+    for part, run in (("inference", lambda: inference(args.r, args.batch, args.seq, args.rounds, warmup=2)),
+                      ("gora_init", lambda: gora_init([int(n) for n in args.n_steps.split(",")], args.r, args.batch, args.seq)),
+                      ("file_sizes", lambda: file_sizes(args.r, args.batch, args.seq))):
+        if part in parts or part not in prev:
+            res[part] = {"measured": stamp, "data": run()}
+            print(json.dumps(res[part], indent=1), flush=True)
+        else:
+            res[part] = prev[part]
+    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+            "rank": args.r, "batch": args.batch, "seq": args.seq}
+    (out / f"extras{suffix}.json").write_text(json.dumps({"meta": meta, **res}, indent=1))
+    inf, gora, sizes = res["inference"]["data"], res["gora_init"]["data"], res["file_sizes"]["data"]
+
+    def when(part: str) -> str:
+        return f"{res[part]['measured']['date']}, `{res[part]['measured']['command']}`"
+
+    lines = [f"On {meta['machine']}; rank {args.r} on {TARGETS}, batch {args.batch} x seq {args.seq}.", "",
+             f"**Inference (eval forward, no_grad), median of {args.rounds} interleaved rounds** ({when('inference')})", "",
              "| variant | median (ms) | ratio to base model |", "|---|---:|---:|"]
     lines += [f"| {k} | {v['median_ms']:.1f} | {v['ratio_to_base']:.3f} |" for k, v in inf.items()]
-    lines += ["", f"**GoRA initialisation against n_steps** (calibration batches of {args.batch} x {args.seq})", "",
+    lines += ["", f"**GoRA initialisation against n_steps** (calibration batches of {args.batch} x {args.seq}; {when('gora_init')})", "",
               "| n_steps | attach (s) | peak RSS growth during attach (MB) |", "|---:|---:|---:|"]
     lines += [f"| {g['n_steps']} | {g['attach_s']:.2f} | {g['peak_growth_mb']:.0f} |" for g in gora]
-    lines += ["", "**Adapter files (bytes)**", "", "| method | trainable | rankwise.save | export_peft | PEFT save_pretrained |",
+    lines += ["", f"**Adapter files (bytes)** ({when('file_sizes')})", "", "| method | trainable | rankwise.save | export_peft | PEFT save_pretrained |",
               "|---|---:|---:|---:|---:|"]
     for name, v in sizes.items():
         cell = lambda key: f"{sum(v[key].values()):,}" if key in v else "—"  # noqa: E731

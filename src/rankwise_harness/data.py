@@ -145,13 +145,22 @@ def read_glue_tsv(task: Task, path: Path, skip_bad_rows: bool = False, skipped: 
                 pair = row[idx[1]] if idx[1] is not None else None
                 out.append(Example(text, pair, _label(task, row[idx[2]], where)))
             except DataError as exc:
-                if not skip_bad_rows:
-                    raise DataError(f"{exc} (pass --skip-bad-rows to skip such rows)") from None
-                if skipped is not None:
-                    skipped.append(str(exc))
-    if not out:
+                _bad_row(exc, skip_bad_rows, skipped)
+    return _usable(out, path)
+
+
+def _bad_row(exc: DataError, skip_bad_rows: bool, skipped: list[str] | None) -> None:
+    """Stop on a bad row (naming it and the flag that skips it), or record it and go on."""
+    if not skip_bad_rows:
+        raise DataError(f"{exc} (pass --skip-bad-rows to skip such rows)") from None
+    if skipped is not None:
+        skipped.append(str(exc))
+
+
+def _usable(rows: list[Example], path: Path) -> list[Example]:
+    if not rows:
         raise DataError(f"{path} holds no usable rows")
-    return out
+    return rows
 
 
 def _dev_path(task: Task, folder: Path) -> Path:
@@ -185,13 +194,8 @@ def read_gsm8k_jsonl(path: Path, skip_bad_rows: bool = False, skipped: list[str]
                     raise DataError(f"{where}: answer does not end with '#### <number>'")
                 out.append(Example(row["question"], target=row["answer"]))
             except DataError as exc:
-                if not skip_bad_rows:
-                    raise DataError(f"{exc} (pass --skip-bad-rows to skip such rows)") from None
-                if skipped is not None:
-                    skipped.append(str(exc))
-    if not out:
-        raise DataError(f"{path} holds no usable rows")
-    return out
+                _bad_row(exc, skip_bad_rows, skipped)
+    return _usable(out, path)
 
 
 # ---------------------------------------------------------------------------- Rotten Tomatoes (offline)
