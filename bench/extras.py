@@ -34,26 +34,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import ROOT, TARGETS, _status_kb, batch_for, calibration, load_base  # noqa: E402
+from speed import ROOT, TARGETS, _status_kb, batch_for, calibration, load_base, variants  # noqa: E402
 
 import rankwise  # noqa: E402
 
 METHODS = ("lora", "dora", "gora", "edora", "raclora")
 
 
-def _ours(base: torch.nn.Module, name: str, r: int, bs: int, sl: int, n_steps: int = 4) -> torch.nn.Module:
-    method = rankwise.all_methods()[name]
-    kw: dict = {"r_ref": r, "n_steps": n_steps} if name == "gora" else {"r": r}
-    cfg = method.config_cls(target_modules=TARGETS, alpha=2 * r, seed=0, **kw)
-    calib = calibration(n_steps, bs, sl) if method.uses_calibration else None
-    rankwise.attach(base, cfg, calibration=calib)
-    return base
-
-
-def _peft(base: torch.nn.Module, r: int, dora: bool) -> torch.nn.Module:
-    import peft
-
-    return peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, use_dora=dora))
+def _make(label: str, base: torch.nn.Module, r: int, bs: int, sl: int) -> torch.nn.Module:
+    """The model ``bench/speed.py`` times under ``label`` (same configs), built on ``base``."""
+    return variants(r, bs, sl)[label](base)
 
 
 def _train_a_little(model: torch.nn.Module, batch: dict[str, torch.Tensor], steps: int = 2) -> None:
@@ -74,16 +64,15 @@ def inference(r: int, bs: int, sl: int, rounds: int, warmup: int) -> dict[str, d
     batch = batch_for(bs, sl)
     models: dict[str, torch.nn.Module] = {"base (no adapter)": base}
     for name in METHODS:
-        m = _ours(copy.deepcopy(base), name, r, bs, sl)
+        m = _make(name, copy.deepcopy(base), r, bs, sl)
         _train_a_little(m, batch)
         models[f"{name} unmerged"] = m
         merged = copy.deepcopy(m)
         rankwise.merge(merged)
         models[f"{name} merged"] = merged
-    for dora in (False, True):
-        m = _peft(copy.deepcopy(base), r, dora)
+    for label in ("peft-lora", "peft-dora"):
+        m = _make(label, copy.deepcopy(base), r, bs, sl)
         _train_a_little(m, batch)
-        label = "peft-dora" if dora else "peft-lora"
         models[f"{label} unmerged"] = m
         models[f"{label} merged"] = copy.deepcopy(m).merge_and_unload()
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -139,16 +128,15 @@ def file_sizes(r: int, bs: int, sl: int) -> dict[str, dict]:
     out: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in METHODS:
-            m = _ours(copy.deepcopy(base), name, r, bs, sl)
+            m = _make(name, copy.deepcopy(base), r, bs, sl)
             _train_a_little(m, batch)
             rankwise.save(m, Path(tmp) / name / "rankwise")
             rankwise.export_peft(m, Path(tmp) / name / "peft")
             out[name] = {"trainable": rankwise.count_parameters(m)[0],
                          "rankwise": _folder_bytes(Path(tmp) / name / "rankwise"),
                          "export_peft": _folder_bytes(Path(tmp) / name / "peft")}
-        for dora in (False, True):
-            m = _peft(copy.deepcopy(base), r, dora)
-            label = "peft-dora" if dora else "peft-lora"
+        for label in ("peft-lora", "peft-dora"):
+            m = _make(label, copy.deepcopy(base), r, bs, sl)
             m.save_pretrained(Path(tmp) / label)
             out[label] = {"trainable": sum(p.numel() for p in m.parameters() if p.requires_grad),
                           "peft save_pretrained": _folder_bytes(Path(tmp) / label)}
