@@ -8,12 +8,18 @@ Budgets: LoRA, DoRA and RAC-LoRA at r=8, GoRA at r_ref=8 (LoRA-8's parameter bud
 (the paper's setting); all on the same targets (query, value) with the classifier trained fully.
 ``peft-lora`` / ``peft-dora`` are HF PEFT's layers run through the identical harness loop (the
 ``attach_fn`` seam of ``rankwise_harness.train.finetune``): the controls our LoRA/DoRA must match.
-``METHOD@LR`` runs a method at its own learning rate (``edora@1e-2``; its runs are kept apart).
+``METHOD@LR`` runs a method at its own learning rate (``edora@1e-2``; its runs are kept apart), and
+``METHOD+KEY=VALUE`` with a config field overridden (``gora+gamma=0``: adaptive ranks without the
+gradient init; ``lora+use_rslora=true``: LoRA at GoRA's α/√r scale).
 
     python bench/quality.py                          # full run (long on CPU)
     python bench/quality.py --methods lora,peft-lora,edora@1e-2 --seeds 0,1,2
     python bench/quality.py --steps 20 --seeds 0 --tasks mrpc --methods lora   # smoke run
     python bench/quality.py --report-only            # re-aggregate existing runs
+    python bench/quality.py --tasks cola,mrpc --methods lora,gora --epochs 3 \
+        --runs runs/quality-3ep --name quality-3ep   # a longer schedule, kept apart
+    python bench/quality.py --tasks sst2 --methods lora,dora,edora@1e-2 --r 16 \
+        --targets query,value,output.dense --runs runs/quality-r16 --name quality-r16   # same r, more modules
 """
 
 from __future__ import annotations
@@ -60,12 +66,17 @@ def peft_attach(use_dora: bool):
     return attach
 
 
-def split_label(label: str) -> tuple[str, str | None]:
-    """``"edora@5e-3"`` -> ``("edora", "5e-3")``: a method run at its own learning rate."""
-    method, _, lr = label.partition("@")
+def split_label(label: str) -> tuple[str, str | None, list[str]]:
+    """``"edora@5e-3"`` -> ``("edora", "5e-3", [])``: a method run at its own learning rate;
+    ``"gora+gamma=0"`` -> ``("gora", None, ["gamma=0"])``: a method with config fields overridden
+    (``--set``; several ``+`` allowed, the ``@LR`` part last)."""
+    rest, _, lr = label.partition("@")
+    method, *sets = rest.split("+")
     if method not in METHOD_ARGS:
         raise SystemExit(f"unknown method {method!r}; known: {', '.join(METHOD_ARGS)}")
-    return method, lr or None
+    if any("=" not in kv for kv in sets):
+        raise SystemExit(f"bad label {label!r}: overrides are +KEY=VALUE")
+    return method, lr or None, sets
 
 
 def run_peft(cmd: list[str]) -> None:
@@ -80,19 +91,37 @@ def run_peft(cmd: list[str]) -> None:
 
 def run_one(task: str, label: str, seed: int, args: argparse.Namespace) -> Path:
     folder, max_len, _ = TASKS[task]
-    method, lr_override = split_label(label)
+    method, lr_override, sets = split_label(label)
     out = Path(args.runs) / task / f"{label}-seed{seed}"
     if (out / "metrics.json").exists():
         return out
     lr = lr_override or (args.full_lr if method == "full" else args.lr)
     common = ["--method", method, "--task", task, "--data", str(Path(args.data) / "glue" / folder),
-              "--output", str(out), "--seed", str(seed), "--max-steps", str(args.steps), "--batch-size", "16",
-              "--max-length", str(max_len), "--lr", str(lr), "--no-progress", "--overwrite", *METHOD_ARGS[method]]
+              "--output", str(out), "--seed", str(seed), *schedule_args(args), "--batch-size", "16",
+              "--max-length", str(max_len), "--lr", str(lr), "--no-progress", "--overwrite", *adapter_args(method, args),
+              *[a for kv in sets for a in ("--set", kv)]]
     cmd = ([sys.executable, __file__, "--one", *common] if method.startswith("peft-")
            else ["rankwise", "finetune", *common])
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return out
+
+
+def adapter_args(method: str, args: argparse.Namespace) -> list[str]:
+    """The method's budget arguments, with ``--r`` / ``--targets`` replaced when the run overrides them."""
+    out = list(METHOD_ARGS[method])
+    if method == "full":
+        return out
+    if args.r is not None:
+        out[out.index("--r") + 1] = str(args.r)
+    if args.targets:
+        out += ["--targets", args.targets]
+    return out
+
+
+def schedule_args(args: argparse.Namespace) -> list[str]:
+    """``--epochs E`` (a whole-data schedule per task) when given, else ``--max-steps``."""
+    return ["--epochs", str(args.epochs)] if args.epochs else ["--max-steps", str(args.steps)]
 
 
 def report(args: argparse.Namespace) -> None:
@@ -115,7 +144,7 @@ def report(args: argparse.Namespace) -> None:
             })
     out = ROOT / "docs" / "bench"
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "quality.csv", "w", newline="") as f:
+    with open(out / f"{args.name}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
@@ -124,10 +153,13 @@ def report(args: argparse.Namespace) -> None:
         by_method.setdefault(r["method"], {})[r["task"]] = r
     tasks = [t for t in TASKS if any(t in v for v in by_method.values())]
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    sched = f"--epochs {args.epochs}" if args.epochs else f"--steps {args.steps}"
+    sched += (f" --r {args.r}" if args.r is not None else "") + (f" --targets {args.targets}" if args.targets else "")
+    run_len = f"{args.epochs:g} epochs" if args.epochs else f"{args.steps} optimizer steps"
     lines = [
         f"Measured {date} on {platform.machine()}, {os.cpu_count()} CPU cores; `python bench/quality.py "
-        f"--steps {args.steps} --lr {args.lr} --full-lr {args.full_lr}`. Packaged MiniLM (all-MiniLM-L6-v2), "
-        f"{args.steps} optimizer steps x batch 16 per run, dev sets of ../shared/data; mean ± std over seeds "
+        f"{sched} --lr {args.lr} --full-lr {args.full_lr} --name {args.name}`. Packaged MiniLM (all-MiniLM-L6-v2), "
+        f"{run_len} x batch 16 per run, dev sets of ../shared/data; mean ± std over seeds "
         "(score x 100: SST-2 accuracy, CoLA Matthews, MRPC F1); cells with fewer than 3 seeds say n. "
         "Step times are in bench/speed.py's results, not here: these runs shared the machine with other jobs.", "",
         "| method | trainable | " + " | ".join(tasks) + " | average | init share of run |",
@@ -144,7 +176,7 @@ def report(args: argparse.Namespace) -> None:
         lines.append(f"| {method} | {trainable:,} | " + " | ".join(cells) + f" | {avg:.1f} | {100 * init_share:.1f}% |".replace("nan", "—"))
         if complete:
             plot.append((method, trainable, avg))
-    (out / "quality.md").write_text("\n".join(lines) + "\n")
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
         import matplotlib
@@ -161,7 +193,7 @@ def report(args: argparse.Namespace) -> None:
         ax.set_ylabel("GLUE average (x100)")
         ax.set_title("MiniLM: average score vs trainable parameters")
         fig.tight_layout()
-        fig.savefig(out / "quality.png", dpi=120)
+        fig.savefig(out / f"{args.name}.png", dpi=120)
     except ImportError:
         pass
 
@@ -172,13 +204,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--methods", default=",".join(METHOD_ARGS),
-                    help="comma-separated; METHOD@LR runs a method at its own learning rate (e.g. edora@5e-3)")
+                    help="comma-separated; METHOD@LR runs a method at its own learning rate (e.g. edora@5e-3), "
+                         "METHOD+KEY=VALUE overrides a config field (e.g. gora+gamma=0, lora+use_rslora=true)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--epochs", type=float, default=None, help="train whole epochs instead of --steps")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--full-lr", type=float, default=5e-5)
     ap.add_argument("--data", default=os.environ.get("RANKWISE_SHARED_DATA", str(ROOT.parent / "shared" / "data")))
     ap.add_argument("--runs", default=str(ROOT / "runs" / "quality"))
+    ap.add_argument("--r", type=int, default=None, help="one rank for every adapter method (default: the budgets above)")
+    ap.add_argument("--targets", default=None, help="comma-separated target suffixes for every adapter method (default: query,value)")
+    ap.add_argument("--name", default="quality", help="docs/bench/NAME.md, .csv, .png")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     args.methods = args.methods.split(",")
