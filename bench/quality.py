@@ -126,7 +126,8 @@ def schedule_args(args: argparse.Namespace) -> list[str]:
 
 def report(args: argparse.Namespace) -> None:
     rows = []
-    for task, (_, _, metric) in TASKS.items():
+    for task in args.tasks.split(","):
+        metric = TASKS[task][2]
         for method in args.methods:
             runs = sorted((Path(args.runs) / task).glob(f"{method}-seed*/metrics.json"))
             if not runs:
