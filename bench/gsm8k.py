@@ -25,6 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from quality import split_label  # noqa: E402 - METHOD@LR / METHOD+KEY=VALUE labels, as in the GLUE benchmark
 METHOD_ARGS = {
     "lora": ["--r", "8", "--alpha", "16"],
     "gora": ["--r", "8", "--alpha", "16"],
@@ -33,9 +35,7 @@ METHOD_ARGS = {
 
 
 def run_one(label: str, args: argparse.Namespace) -> Path:
-    method, _, lr = label.partition("@")
-    if method not in METHOD_ARGS:
-        raise SystemExit(f"unknown method {method!r}; known: {', '.join(METHOD_ARGS)}")
+    method, lr, sets = split_label(label, METHOD_ARGS)
     out = Path(args.runs) / f"{label}-seed{args.seed}"
     if (out / "metrics.json").exists():
         return out
@@ -43,7 +43,7 @@ def run_one(label: str, args: argparse.Namespace) -> Path:
            "--output", str(out), "--seed", str(args.seed), "--max-steps", str(args.steps),
            "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--lr", lr or str(args.lr),
            "--max-eval", str(args.max_eval), "--max-new-tokens", str(args.max_new_tokens),
-           "--no-progress", "--overwrite", *METHOD_ARGS[method]]
+           "--no-progress", "--overwrite", *METHOD_ARGS[method], *[a for kv in sets for a in ("--set", kv)]]
     if label == args.base_with:
         cmd.append("--eval-before")  # the base model's score, once
     print("+", " ".join(cmd), flush=True)
@@ -89,7 +89,7 @@ def report(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default="lora,gora,edora@1e-2",
-                    help="comma-separated; METHOD@LR runs a method at its own learning rate")
+                    help="comma-separated; METHOD@LR runs a method at its own learning rate, METHOD+KEY=VALUE overrides a config field")
     ap.add_argument("--base-with", default="lora", help="the run that also scores the untouched model first")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=100)

@@ -10,6 +10,7 @@ claims in docs/benchmarks.md. Cheap (no training); writes ``docs/bench/params.md
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,13 +32,8 @@ CONFIGS = [
 ]
 
 
-def adapter_params(cfg: rankwise.AdapterConfig) -> int:
-    from transformers import AutoModel
-
-    from rankwise_harness.models import minilm_path
-
-    torch.manual_seed(0)
-    model = AutoModel.from_pretrained(minilm_path())  # no classifier head: adapter parameters only
+def adapter_params(base: torch.nn.Module, cfg: rankwise.AdapterConfig) -> int:
+    model = copy.deepcopy(base)
     rankwise.attach(model, cfg)
     return rankwise.count_parameters(model)[0]
 
@@ -45,7 +41,12 @@ def adapter_params(cfg: rankwise.AdapterConfig) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.parse_args()
-    counts = {(name, ts): adapter_params(make(targets)) for ts, targets in TARGET_SETS.items() for name, make in CONFIGS}
+    from transformers import AutoModel
+
+    from rankwise_harness.models import minilm_path
+
+    base = AutoModel.from_pretrained(minilm_path())  # no classifier head: adapter parameters only
+    counts = {(name, ts): adapter_params(base, make(targets)) for ts, targets in TARGET_SETS.items() for name, make in CONFIGS}
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     lines = [f"Counted {date} with `python bench/params.py`: trainable parameters of each adapter on the packaged "
              "MiniLM (6 layers, hidden 384, FFN 1536), classifier excluded; the ratio column is DoRA at the same "

@@ -66,14 +66,15 @@ def peft_attach(use_dora: bool):
     return attach
 
 
-def split_label(label: str) -> tuple[str, str | None, list[str]]:
+def split_label(label: str, known: dict | None = None) -> tuple[str, str | None, list[str]]:
     """``"edora@5e-3"`` -> ``("edora", "5e-3", [])``: a method run at its own learning rate;
     ``"gora+gamma=0"`` -> ``("gora", None, ["gamma=0"])``: a method with config fields overridden
     (``--set``; several ``+`` allowed, the ``@LR`` part last)."""
     rest, _, lr = label.partition("@")
     method, *sets = rest.split("+")
-    if method not in METHOD_ARGS:
-        raise SystemExit(f"unknown method {method!r}; known: {', '.join(METHOD_ARGS)}")
+    known = METHOD_ARGS if known is None else known
+    if method not in known:
+        raise SystemExit(f"unknown method {method!r}; known: {', '.join(known)}")
     if any("=" not in kv for kv in sets):
         raise SystemExit(f"bad label {label!r}: overrides are +KEY=VALUE")
     return method, lr or None, sets
@@ -220,6 +221,9 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     args.methods = args.methods.split(",")
+    unknown = [t for t in args.tasks.split(",") if t not in TASKS]
+    if unknown:
+        raise SystemExit(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
     if not args.report_only:
         for seed in [int(s) for s in args.seeds.split(",")]:  # seed-major: every cell gets a first seed early
             for task in args.tasks.split(","):
