@@ -24,7 +24,7 @@ import rankwise
 from conftest import SHARED_DATA, minilm_path
 from rankwise.registry import _METHODS, Method, get_method
 from rankwise_harness import cli
-from rankwise_harness.config import RunConfig
+from rankwise_harness.config import ConfigError, RunConfig
 from rankwise_harness.data import get_task
 from rankwise_harness.data import Example
 from rankwise_harness.train import IGNORE, Encoder, RunError, finetune, micro_batch_indices
@@ -181,6 +181,71 @@ def test_calibration_batches_reach_data_dependent_methods(tmp_path: Path, tiny_m
     assert len(seen) == 1 and len(seen[0]) == 3
     assert all(b["input_ids"].shape[0] == 8 and b["labels"].shape == (8,) for b in seen[0])
     assert result["init_seconds"] >= 0.0
+
+
+def test_head_warm_up_trains_only_the_head(tiny_models: dict[str, str], sst2: str) -> None:
+    """``warm_up_head`` moves the classifier (its loss falls on a repeated batch) and nothing else; the
+    requires_grad flags and the train/eval mode come back as they were."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rankwise_harness.data import load_task_data
+    from rankwise_harness.train import warm_up_head
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"]).eval()
+    model.bert.embeddings.word_embeddings.weight.requires_grad_(False)  # a pattern the warm-up must restore
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    enc = Encoder(get_task("sst2"), AutoTokenizer.from_pretrained(tiny_models["bert"]), 32)
+    batch = enc.train_batch(load_task_data(get_task("sst2"), sst2).train[:16])
+    model.config.hidden_dropout_prob = 0.0
+    losses = warm_up_head(model, ("classifier",), [batch] * 25, lr=1e-2)
+    assert len(losses) == 25 and losses[-1] < losses[0] - 0.05
+    for n, p in model.named_parameters():
+        assert p.requires_grad == flags[n] and p.grad is None
+        if n.startswith("classifier."):
+            assert not torch.equal(p, before[n]), n
+        else:
+            assert torch.equal(p, before[n]), n
+    assert not model.training
+
+
+def test_head_warmup_reaches_calibration(tmp_path: Path, tiny_models: dict[str, str], sst2: str) -> None:
+    """With ``head_warmup_steps`` the adapter's calibration sees a classifier that differs from the
+    checkpoint's (it has been trained); without it, the checkpoint's own random head."""
+    from transformers import AutoModelForSequenceClassification
+
+    lora = get_method("lora")
+    heads: list[torch.Tensor] = []
+
+    def build(model, targets, config, calibration, loss_fn):
+        heads.append(model.classifier.weight.detach().clone())
+        return lora.build(model, targets, config, calibration, loss_fn)
+
+    stored = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"]).classifier.weight
+    _METHODS["calib-probe"] = Method("calib-probe", _ProbeConfig, build, lora.rebuild, uses_calibration=True)
+    try:
+        plain = finetune(_cfg(tmp_path, tiny_models, sst2, method="calib-probe", max_steps=1, output=str(tmp_path / "a")),
+                         show_progress=False, log=lambda _m: None)
+        warm = finetune(_cfg(tmp_path, tiny_models, sst2, method="calib-probe", max_steps=1, head_warmup_steps=5,
+                             output=str(tmp_path / "b")), show_progress=False, log=lambda _m: None)
+    finally:
+        _METHODS.pop("calib-probe", None)
+    assert torch.equal(heads[0], stored) and not torch.equal(heads[1], stored)
+    assert plain["head_warmup"] is None
+    assert warm["head_warmup"]["steps"] == 5 and warm["head_warmup"]["seconds"] >= 0.0
+
+
+def test_head_warmup_bad_input(tmp_path: Path, tiny_models: dict[str, str], sst2: str) -> None:
+    with pytest.raises(ConfigError, match="head-warmup-steps must be 0 or more"):
+        _cfg(tmp_path, tiny_models, sst2, head_warmup_steps=-1)
+    with pytest.raises(ConfigError, match="full fine-tuning"):
+        _cfg(tmp_path, tiny_models, sst2, method="full", head_warmup_steps=3)
+    cfg = RunConfig(task="gsm8k", method="lora", data=_gsm8k_folder(tmp_path), model=tiny_models["gpt2"],
+                    output=str(tmp_path / "run"), r=2, alpha=4, max_steps=1, batch_size=4, max_length=64,
+                    head_warmup_steps=2)
+    with pytest.raises(ConfigError, match="no task head"):
+        finetune(cfg, show_progress=False, log=lambda _m: None)
+    assert not (tmp_path / "run" / "config.json").exists()
 
 
 def test_full_finetuning_saves_trained_weights(tmp_path: Path, tiny_models: dict[str, str], sst2: str) -> None:

@@ -54,6 +54,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-length", type=int, default=128, help="tokens per example")
     g.add_argument("--calibration-batches", type=int,
                    help="training batches for data-dependent inits (default: the config's n_steps x grad_accumulation, else 8)")
+    g.add_argument("--head-warmup-steps", type=int, default=0,
+                   help="before attaching the adapter, train only the task head (classifier) for N steps, so "
+                        "data-dependent inits (GoRA's gradients) see a trained head instead of a random one")
     g.add_argument("--max-new-tokens", type=int, default=256, help="generation budget for gsm8k evaluation")
     g.add_argument("--precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
                    help="auto: bf16 on GPUs that support it, else fp32")
@@ -76,7 +79,8 @@ def _run_config(args: argparse.Namespace, method: str, output: str):  # -> RunCo
         batch_size=args.batch_size, lr=args.lr, lora_plus_ratio=args.lora_plus_ratio, weight_decay=args.weight_decay,
         warmup_ratio=args.warmup_ratio, schedule=args.schedule, grad_accum=args.grad_accum, max_length=args.max_length,
         max_train=args.max_train, max_eval=args.max_eval, eval_every=args.eval_every, eval_before=args.eval_before,
-        save_every=args.save_every, calibration_batches=args.calibration_batches, max_new_tokens=args.max_new_tokens,
+        save_every=args.save_every, calibration_batches=args.calibration_batches,
+        head_warmup_steps=args.head_warmup_steps, max_new_tokens=args.max_new_tokens,
         precision=args.precision, skip_bad_rows=args.skip_bad_rows,
     )
 

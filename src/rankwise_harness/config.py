@@ -127,6 +127,7 @@ class RunConfig:
     eval_before: bool = False
     save_every: int = 0
     calibration_batches: int | None = None
+    head_warmup_steps: int = 0
     max_new_tokens: int = 256
     precision: str = "auto"
     skip_bad_rows: bool = False
@@ -138,6 +139,10 @@ class RunConfig:
         for name in ("batch_size", "grad_accum", "max_length", "calibration_batches", "max_new_tokens"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.head_warmup_steps < 0:
+            raise ConfigError(f"--head-warmup-steps must be 0 or more, got {self.head_warmup_steps}")
+        if self.head_warmup_steps and self.method == FULL:
+            raise ConfigError("--head-warmup-steps is for adapter methods (full fine-tuning trains the head anyway)")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"--max-steps must be at least 1, got {self.max_steps}")
         if self.epochs <= 0:

@@ -17,7 +17,7 @@ import random
 import resource
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,6 +101,44 @@ def micro_batch_indices(n: int, global_bs: int, seed: int, micro: int) -> list[i
     if n < global_bs:
         perm = (perm * math.ceil(global_bs / n))[:global_bs]
     return perm[b * global_bs : (b + 1) * global_bs]
+
+
+# ---------------------------------------------------------------------------- head warm-up
+def warm_up_head(model: nn.Module, heads: tuple[str, ...], batches: Iterable[dict[str, torch.Tensor]],
+                 lr: float) -> list[float]:
+    """Train only the modules named in ``heads`` (the task head), one AdamW step per batch; returns the losses.
+
+    Used before attaching an adapter (``--head-warmup-steps``) so a data-dependent init such as GoRA's
+    calibration sees a trained classifier rather than a random one. Every other parameter is left
+    bit-for-bit as it was, and every ``requires_grad`` flag and the train/eval mode are restored.
+    """
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    params = [p for h in heads for p in model.get_submodule(h).parameters()]
+    if not params:
+        raise ConfigError(f"head warm-up: the head modules {list(heads)} have no parameters")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses: list[float] = []
+    model.train()
+    try:
+        for batch in batches:
+            loss = model(**batch).loss
+            if not torch.isfinite(loss):
+                raise RunError(f"head warm-up: non-finite loss {loss.item()} at step {len(losses) + 1}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+            p.grad = None
+        model.train(was_training)
+    return losses
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -377,6 +415,7 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
 
     # adapters (or full fine-tuning)
     init_seconds = 0.0
+    head_warmup: dict[str, Any] | None = None
     method_config: dict[str, Any] | None = None
     if cfg.method == FULL:
         for p in model.parameters():
@@ -392,6 +431,19 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
         if ckpt:
             restore_model(model, cfg, ckpt)
         else:
+            if cfg.head_warmup_steps:
+                if not heads:
+                    raise ConfigError(f"--head-warmup-steps: {model_name} on {task.name} has no task head to warm up")
+                g = random.Random(cfg.seed + 104729)  # its own stream: the training order is unchanged
+                batches = (to_device(enc.train_batch([train[i] for i in g.sample(range(len(train)), min(cfg.batch_size, len(train)))]),
+                                     accelerator.device) for _ in range(cfg.head_warmup_steps))
+                t0 = time.perf_counter()
+                with accelerator.autocast():
+                    losses = warm_up_head(model, heads, batches, cfg.lr)
+                head_warmup = {"steps": len(losses), "seconds": round(time.perf_counter() - t0, 3),
+                               "loss_first": losses[0], "loss_last10_mean": float(np.mean(losses[-10:]))}
+                say(f"head warm-up ({', '.join(heads)} only): {len(losses)} steps, loss {losses[0]:.4f} -> "
+                    f"{head_warmup['loss_last10_mean']:.4f} (mean of the last 10), {head_warmup['seconds']:.1f}s")
             method = rankwise.all_methods()[cfg.method]
             calibration = None
             if method.uses_calibration:
@@ -438,6 +490,7 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
         step, elapsed = state["step"], state["elapsed"]
         history = History(state["losses"], state["evals"])
         metrics_before, init_seconds = state.get("metrics_before"), state.get("init_seconds", 0.0)
+        head_warmup = state.get("head_warmup")
         rng = ckpt / f"rng-{accelerator.process_index}.pt"
         _set_rng_state(torch.load(rng if rng.is_file() else ckpt / "rng-0.pt", weights_only=False))
         say(f"resumed from {ckpt} at step {step} of {total_steps}")
@@ -490,7 +543,8 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
             t_save = time.perf_counter()
             trainer_state = {"step": step, "elapsed": elapsed + time.perf_counter() - t_start - eval_time,
                              "losses": history.losses, "evals": history.evals, "micro": micro,
-                             "metrics_before": metrics_before, "init_seconds": init_seconds}
+                             "metrics_before": metrics_before, "init_seconds": init_seconds,
+                             "head_warmup": head_warmup}
             write_checkpoint(model, cfg, accelerator, optimizer, scheduler, trainer_state, out)
             eval_time += time.perf_counter() - t_save
         if hook is not None:
@@ -508,6 +562,7 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
         "trainable_params": trainable, "total_params": total,
         "train_seconds": round(train_seconds, 3), "step_seconds": round(train_seconds / max(step, 1), 5),
         "steps": step, "steps_this_session": steps_this_session, "init_seconds": round(init_seconds, 3),
+        "head_warmup": head_warmup,
         "peak_memory_mb": round(peak_mb, 1), "peak_memory_kind": peak_kind,
         "final_loss": history.losses[-1] if history.losses else None,
         "loss_first10_mean": float(np.mean(history.losses[:10])) if history.losses else None,
