@@ -98,9 +98,14 @@ def test_finetune_writes_every_output(tmp_path: Path, tiny_models: dict[str, str
         load_task_data(get_task("sst2"), sst2).dev)
     labels = batch.pop("labels")
     with torch.no_grad():
-        acc = (fresh.eval()(**batch).logits.argmax(-1) == labels).float().mean().item()
+        pred = fresh.eval()(**batch).logits.argmax(-1)
+    acc = (pred == labels).float().mean().item()
     assert acc == pytest.approx(saved["metrics"]["accuracy"])
     assert result["metrics"] == saved["metrics"]
+    # predictions.jsonl: one row per dev example, in order, the same predictions the reloaded adapter makes
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(len(labels)))
+    assert [r["label"] for r in rows] == labels.tolist() and [r["prediction"] for r in rows] == pred.tolist()
 
 
 def _resume_methods() -> list[str]:
@@ -381,6 +386,11 @@ def test_gsm8k_tiny_causal_lm_run(tmp_path: Path, tiny_models: dict[str, str]) -
                     max_eval=4, max_new_tokens=6, lr=1e-2)
     result = finetune(cfg, show_progress=False, log=lambda _m: None)
     assert set(result["metrics"]) == {"exact_match"} and 0.0 <= result["metrics"]["exact_match"] <= 1.0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    test = [json.loads(line) for line in (Path(cfg.data) / "test.jsonl").read_text().splitlines()][:4]
+    assert [r["question"] for r in rows] == [t["question"] for t in test]
+    assert [r["reference"] for r in rows] == [t["answer"].split("####")[-1].strip().replace(",", "") for t in test]
+    assert np.mean([r["correct"] for r in rows]) == pytest.approx(result["metrics"]["exact_match"])
     meta = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert all(name.endswith("attn.c_attn") for name in meta["layers"])  # GPT-2's default target
 

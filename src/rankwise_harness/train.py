@@ -144,8 +144,12 @@ def warm_up_head(model: nn.Module, heads: tuple[str, ...], batches: Iterable[dic
 # ---------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model: nn.Module, enc: Encoder, dev: list[Example], accelerator: Any, batch_size: int,
-             max_new_tokens: int) -> dict[str, float]:
-    """The task's metrics on ``dev`` (sharded across processes, gathered on all)."""
+             max_new_tokens: int, records: list[dict[str, Any]] | None = None) -> dict[str, float]:
+    """The task's metrics on ``dev`` (sharded across processes, gathered on all).
+
+    ``records``, when given, receives one dict per dev example in order: the prediction and the reference
+    (for generation, the question, the generated text and both final numbers), for ``predictions.jsonl``.
+    """
     from accelerate.utils import gather_object
 
     was_training = model.training
@@ -171,7 +175,17 @@ def evaluate(model: nn.Module, enc: Encoder, dev: list[Example], accelerator: An
     model.train(was_training)
     preds = [p for _, p in out]
     if enc.task.kind == "generation":
-        return {"exact_match": M.exact_match(preds, [dev[i].target or "" for i, _ in out])}
+        refs = [dev[i].target or "" for i, _ in out]
+        if records is not None:
+            for (i, text), ref in zip(out, refs):
+                got, want = M.extract_final_number(text), M.extract_final_number(ref)
+                records.append({"index": i, "question": dev[i].text, "output": text,
+                                "answer": None if got is None else format(got, "f"),
+                                "reference": None if want is None else format(want, "f"),
+                                "correct": got is not None and got == want})
+        return {"exact_match": M.exact_match(preds, refs)}
+    if records is not None:
+        records += [{"index": i, "prediction": p, "label": dev[i].label} for i, p in out]
     return M.compute(enc.task.metrics, preds, [dev[i].label for i, _ in out])
 
 
@@ -554,7 +568,8 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
     steps_this_session = step - (int(torch.load(ckpt / "trainer.pt", weights_only=False)["step"]) if ckpt else 0)
     peak_mb, peak_kind = _peak_memory_mb(accelerator.device)
 
-    final = evaluate(model, enc, dev, accelerator, cfg.batch_size * 2, cfg.max_new_tokens)
+    records: list[dict[str, Any]] = []
+    final = evaluate(model, enc, dev, accelerator, cfg.batch_size * 2, cfg.max_new_tokens, records)
     history.evals.append({"step": step, **final})
     result = {
         "task": task.name, "method": cfg.method, "model": model_name, "seed": cfg.seed,
@@ -575,6 +590,7 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
     if accelerator.is_main_process:
         save_trainable(raw_model, FULL if attach_fn is not None else cfg.method, out)
         (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         plot_loss(history, out / "loss_curve.png", f"{cfg.method} on {task.name}")
         if cfg.method == "gora" and hasattr(rankwise, "plot_gora_ranks"):
             rankwise.plot_gora_ranks(raw_model, out / "gora_ranks.png")
@@ -600,7 +616,7 @@ def summary(result: dict[str, Any], out: Path) -> str:
     lines.append(f"time:        {result['train_seconds']:.1f}s training ({result['steps']} steps, "
                  f"{1000 * result['step_seconds']:.1f} ms/step), init {result['init_seconds']:.2f}s")
     lines.append(f"peak memory: {result['peak_memory_mb']:.0f} MB ({result['peak_memory_kind']})")
-    lines.append(f"outputs:     {out}/ (config.json, metrics.json, loss_curve.png, "
+    lines.append(f"outputs:     {out}/ (config.json, metrics.json, predictions.jsonl, loss_curve.png, "
                  f"{'model.safetensors' if result['method'] == FULL else 'adapter/'})")
     return "\n".join(lines)
 
