@@ -17,7 +17,7 @@ import random
 import resource
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,6 +101,15 @@ def micro_batch_indices(n: int, global_bs: int, seed: int, micro: int) -> list[i
     if n < global_bs:
         perm = (perm * math.ceil(global_bs / n))[:global_bs]
     return perm[b * global_bs : (b + 1) * global_bs]
+
+
+def random_batches(enc: Encoder, train: list[Example], n: int, batch_size: int, seed: int,
+                   device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """``n`` batches of ``batch_size`` training examples drawn (without replacement within a batch) from a
+    stream seeded by ``seed`` alone: calibration and head warm-up data, apart from the training order."""
+    g = random.Random(seed)
+    for _ in range(n):
+        yield to_device(enc.train_batch([train[i] for i in g.sample(range(len(train)), min(batch_size, len(train)))]), device)
 
 
 # ---------------------------------------------------------------------------- head warm-up
@@ -448,9 +457,9 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
             if cfg.head_warmup_steps:
                 if not heads:
                     raise ConfigError(f"--head-warmup-steps: {model_name} on {task.name} has no task head to warm up")
-                g = random.Random(cfg.seed + 104729)  # its own stream: the training order is unchanged
-                batches = (to_device(enc.train_batch([train[i] for i in g.sample(range(len(train)), min(cfg.batch_size, len(train)))]),
-                                     accelerator.device) for _ in range(cfg.head_warmup_steps))
+                # its own stream of batches: the training order is unchanged
+                batches = random_batches(enc, train, cfg.head_warmup_steps, cfg.batch_size, cfg.seed + 104729,
+                                         accelerator.device)
                 t0 = time.perf_counter()
                 with accelerator.autocast():
                     losses = warm_up_head(model, heads, batches, cfg.lr)
@@ -463,9 +472,7 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
             if method.uses_calibration:
                 # as many batches as the config asks for (GoRA: n_steps x grad_accumulation), else 8
                 n_cal = cfg.calibration_batches or getattr(mcfg, "n_steps", 8) * getattr(mcfg, "grad_accumulation", 1)
-                g = random.Random(cfg.seed + 7919)
-                calibration = [to_device(enc.train_batch([train[i] for i in g.sample(range(len(train)), min(cfg.batch_size, len(train)))]),
-                                         accelerator.device) for _ in range(n_cal)]
+                calibration = list(random_batches(enc, train, n_cal, cfg.batch_size, cfg.seed + 7919, accelerator.device))
             t0 = time.perf_counter()
             try:
                 report = (attach_fn or rankwise.attach)(model, mcfg, calibration=calibration)
