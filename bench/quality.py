@@ -133,7 +133,8 @@ def report(args: argparse.Namespace) -> None:
     for task in args.tasks.split(","):
         metric = TASKS[task][2]
         for method in args.methods:
-            runs = sorted((Path(args.runs) / task).glob(f"{method}-seed*/metrics.json"))
+            # only the seeds asked for (a --seeds 0 probe next to 3-seed runs of the same label reports seed 0)
+            runs = [p for s in args.seeds.split(",") if (p := Path(args.runs) / task / f"{method}-seed{s}" / "metrics.json").is_file()]
             if not runs:
                 continue
             ms = [json.loads(p.read_text()) for p in runs]

@@ -214,6 +214,23 @@ def test_head_warm_up_trains_only_the_head(tiny_models: dict[str, str], sst2: st
     assert not model.training
 
 
+def test_head_warm_up_stops_on_a_non_finite_loss(tiny_models: dict[str, str], sst2: str) -> None:
+    """A NaN loss stops the warm-up with a message naming the step; the flags come back as they were."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rankwise_harness.data import load_task_data
+    from rankwise_harness.train import warm_up_head
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"])
+    with torch.no_grad():
+        model.classifier.bias.fill_(float("nan"))
+    enc = Encoder(get_task("sst2"), AutoTokenizer.from_pretrained(tiny_models["bert"]), 32)
+    batch = enc.train_batch(load_task_data(get_task("sst2"), sst2).train[:8])
+    with pytest.raises(RunError, match="non-finite loss .* at step 1"):
+        warm_up_head(model, ("classifier",), [batch] * 3, lr=1e-2)
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_head_warmup_reaches_calibration(tmp_path: Path, tiny_models: dict[str, str], sst2: str) -> None:
     """With ``head_warmup_steps`` the adapter's calibration sees a classifier that differs from the
     checkpoint's (it has been trained); without it, the checkpoint's own random head."""
