@@ -10,7 +10,8 @@ Budgets: LoRA, DoRA and RAC-LoRA at r=8, GoRA at r_ref=8 (LoRA-8's parameter bud
 ``attach_fn`` seam of ``rankwise_harness.train.finetune``): the controls our LoRA/DoRA must match.
 ``METHOD@LR`` runs a method at its own learning rate (``edora@1e-2``; its runs are kept apart), and
 ``METHOD+KEY=VALUE`` with a config field overridden (``gora+gamma=0``: adaptive ranks without the
-gradient init; ``lora+use_rslora=true``: LoRA at GoRA's α/√r scale).
+gradient init; ``lora+use_rslora=true``: LoRA at GoRA's α/√r scale); ``+lora_plus=16`` trains with LoRA+ groups
+(``--lora-plus-ratio 16``: B, or EDoRA's core, at 16 × the lr).
 
     python bench/quality.py                          # full run (long on CPU)
     python bench/quality.py --methods lora,peft-lora,edora@1e-2 --seeds 0,1,2
@@ -103,12 +104,18 @@ def run_one(task: str, label: str, seed: int, args: argparse.Namespace) -> Path:
               "--output", str(out), "--seed", str(seed), *schedule_args(args), "--batch-size", "16",
               "--max-length", str(max_len), "--lr", str(lr), "--no-progress", "--overwrite", *adapter_args(method, args),
               *(["--head-warmup-steps", str(args.head_warmup_steps)] if args.head_warmup_steps else []),
-              *[a for kv in sets for a in ("--set", kv)]]
+              *[a for kv in sets for a in lora_plus_or_set(kv)]]
     cmd = ([sys.executable, __file__, "--one", *common] if method.startswith("peft-")
            else ["rankwise", "finetune", *common])
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return out
+
+
+def lora_plus_or_set(kv: str) -> tuple[str, str]:
+    """``lora_plus=16`` -> ``--lora-plus-ratio 16`` (an optimizer setting); any other ``KEY=VALUE`` -> ``--set``."""
+    key, _, value = kv.partition("=")
+    return ("--lora-plus-ratio", value) if key == "lora_plus" else ("--set", kv)
 
 
 def adapter_args(method: str, args: argparse.Namespace) -> list[str]:

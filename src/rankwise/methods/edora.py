@@ -137,6 +137,9 @@ class EdoraLinear(AdapterLayer):
     """Frozen ``B`` (``frozen_b``), ``A`` (``frozen_a``); trainable core ``R`` (``core``) and magnitude ``m``."""
 
     trainable: ClassVar[tuple[str, ...]] = ("core", "magnitude")
+    # LoRA+-style groups give the core (the only trained factor of the update) the larger rate, the
+    # magnitude the base rate: the core's r² entries need a larger step than DoRA's factors (docs/benchmarks.md §3).
+    lr_multiplied: ClassVar[tuple[str, ...]] = ("core",)
 
     def __init__(self, base: nn.Module, config: EdoraConfig, rank: int, *, index: int = 0, init: bool = True) -> None:
         super().__init__(base, config, rank)
