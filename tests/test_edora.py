@@ -154,6 +154,17 @@ def test_only_core_and_magnitude_move(bert_case: ModelCase) -> None:
         torch.testing.assert_close(layer.norm_c.double(), w0 @ layer.frozen_a.double().t(), rtol=1e-6, atol=1e-7)
 
 
+def test_lora_plus_groups_speed_up_the_core_only(bert_case: ModelCase) -> None:
+    model = bert_case.make()
+    rankwise.attach(model, rankwise.EdoraConfig(r=4, target_modules=bert_case.targets, modules_to_save=["classifier"]))
+    groups = rankwise.lora_plus_param_groups(model, lr=1e-3, ratio=10)
+    ids = {g["name"]: {id(p) for p in g["params"]} for g in groups}
+    layers = rankwise.adapter_layers(model).values()
+    assert ids["lora_plus_b"] == {id(l.core) for l in layers}
+    assert {id(l.magnitude) for l in layers} | {id(p) for p in model.classifier.parameters()} == ids["base_lr"]
+    assert {g["name"]: g["lr"] for g in groups} == {"base_lr": 1e-3, "lora_plus_b": pytest.approx(1e-2)}
+
+
 def test_init_distributions_and_identity() -> None:
     layer = _layer(64, 64, r=32, dtype=torch.float32, sigma=1e-5)
     assert layer.core.std().item() == pytest.approx(1e-5, rel=0.1)  # 1024 draws of N(0, σ²)

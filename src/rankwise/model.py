@@ -142,8 +142,9 @@ def lora_plus_param_groups(
 ) -> list[dict[str, Any]]:
     """Optimizer parameter groups for LoRA+ (Hayou et al. 2024): ``lr_B = ratio · lr``.
 
-    Works for every method: each layer names the tensors that get the larger rate (LoRA's ``B``);
-    all other trainable tensors (``A``, magnitudes, cores, fully-trained modules) get ``lr``.
+    Works for every method: each layer names the tensors that get the larger rate (LoRA's, DoRA's,
+    GoRA's and RAC-LoRA's ``B``; EDoRA's core ``R``, its only trained factor); all other trainable
+    tensors (``A``, magnitudes, fully-trained modules) get ``lr``.
     """
     fast: list[nn.Parameter] = []
     fast_ids: set[int] = set()

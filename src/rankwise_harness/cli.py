@@ -47,7 +47,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=16, help="per process and micro-batch")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, help="learning rate (default 5e-4 for adapters, 5e-5 for full)")
-    g.add_argument("--lora-plus-ratio", type=float, help="LoRA+: B-side learning rate = ratio x lr")
+    g.add_argument("--lora-plus-ratio", type=float, help="LoRA+: B-side learning rate (EDoRA: the core's) = ratio x lr")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--warmup-ratio", type=float, default=0.06)
     g.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"])
