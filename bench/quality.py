@@ -156,9 +156,13 @@ def report(args: argparse.Namespace) -> None:
                                           for m in ms),
                 "train_s": statistics.mean(m["train_seconds"] for m in ms),
                 "peak_mb": max(m["peak_memory_mb"] for m in ms),
+                # when the runs finished (their metrics files), so a --report-only rerun keeps the runs' dates
+                "finished": sorted(datetime.fromtimestamp(p.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d")
+                                   for p in runs),
             })
     out = ROOT / "docs" / "bench"
     out.mkdir(parents=True, exist_ok=True)
+    days = sorted({d for r in rows for d in r.pop("finished")})
     with open(out / f"{args.name}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -167,7 +171,7 @@ def report(args: argparse.Namespace) -> None:
     for r in rows:
         by_method.setdefault(r["method"], {})[r["task"]] = r
     tasks = [t for t in TASKS if any(t in v for v in by_method.values())]
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    date = days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
     sched = f"--epochs {args.epochs}" if args.epochs else f"--steps {args.steps}"
     sched += (f" --r {args.r}" if args.r is not None else "") + (f" --targets {args.targets}" if args.targets else "")
     sched += f" --head-warmup-steps {args.head_warmup_steps}" if args.head_warmup_steps else ""
