@@ -172,13 +172,16 @@ def report(args: argparse.Namespace) -> None:
         by_method.setdefault(r["method"], {})[r["task"]] = r
     tasks = [t for t in TASKS if any(t in v for v in by_method.values())]
     date = days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
-    sched = f"--epochs {args.epochs}" if args.epochs else f"--steps {args.steps}"
+    sched = f"--tasks {args.tasks} --methods {','.join(args.methods)} --seeds {args.seeds} "
+    sched += f"--epochs {args.epochs}" if args.epochs else f"--steps {args.steps}"
     sched += (f" --r {args.r}" if args.r is not None else "") + (f" --targets {args.targets}" if args.targets else "")
     sched += f" --head-warmup-steps {args.head_warmup_steps}" if args.head_warmup_steps else ""
+    runs = Path(args.runs).resolve()
+    runs_arg = runs.relative_to(ROOT) if runs.is_relative_to(ROOT) else runs
     run_len = f"{args.epochs:g} epochs" if args.epochs else f"{args.steps} optimizer steps"
     lines = [
         f"Measured {date} on {platform.machine()}, {os.cpu_count()} CPU cores; `python bench/quality.py "
-        f"{sched} --lr {args.lr} --full-lr {args.full_lr} --name {args.name}`. Packaged MiniLM (all-MiniLM-L6-v2), "
+        f"{sched} --lr {args.lr} --full-lr {args.full_lr} --runs {runs_arg} --name {args.name}`. Packaged MiniLM (all-MiniLM-L6-v2), "
         f"{run_len} x batch 16 per run, dev sets of ../shared/data; mean ± std over seeds "
         "(score x 100: SST-2 accuracy, CoLA Matthews, MRPC F1); cells with fewer than 3 seeds say n. "
         "Step times are in bench/speed.py's results, not here: these runs shared the machine with other jobs.", "",
