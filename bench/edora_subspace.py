@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from rankwise.methods.edora import random_factors
+from rankwise.methods.edora import random_factors, svd_factors
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_TYPES = {"query": "attention.self.query", "value": "attention.self.value",
@@ -59,8 +59,8 @@ def top_energy(delta: Tensor, r: int) -> float:
 def layer_rows(w0: Tensor, refs: dict[str, Tensor], learned: tuple[Tensor, Tensor], r: int, alpha: float,
                seed: int) -> dict[str, float]:
     """All measurements for one layer (``w0``: ``out x in``, fp64; ``learned``: DoRA's trained ``(B, A)``)."""
-    u, s, vh = torch.linalg.svd(w0, full_matrices=False)
-    b_svd, a_svd = u[:, :r], s[:r, None] * vh[:r]  # out x r, r x in
+    b_svd, a_svd, _ = svd_factors(w0, r, "exact", 0, torch.Generator())  # EDoRA's own init: out x r, r x in
+    s = torch.linalg.svdvals(w0)  # the whole spectrum, for the energy share and the gap at r
     b_rnd, a_rnd = (t.double() for t in random_factors(w0.shape[0], w0.shape[1], r, torch.Generator().manual_seed(seed)))
     step = torch.sign(torch.randn(r, r, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))  # r x r
     row = {"top_r_energy_W0": ((s[:r] ** 2).sum() / (s**2).sum()).item(), "gap": (s[r - 1] / s[r]).item(),
@@ -89,8 +89,11 @@ def main() -> None:
     from rankwise_harness.models import minilm_path
 
     base = {f"bert.{k}": v.detach().double() for k, v in AutoModel.from_pretrained(minilm_path()).state_dict().items()}
-    full = load_file(str(Path(args.full) / "model.safetensors"))
     dora_dir = Path(args.dora) / "adapter"
+    for need in (Path(args.full) / "model.safetensors", dora_dir / "adapter.safetensors", dora_dir / "adapter_config.json"):
+        if not need.is_file():
+            raise SystemExit(f"{need} not found: pass a finished full fine-tuning run (--full) and DoRA run (--dora)")
+    full = load_file(str(Path(args.full) / "model.safetensors"))
     dora, meta = load_file(str(dora_dir / "adapter.safetensors")), json.loads((dora_dir / "adapter_config.json").read_text())
     if meta["method"] != "dora":
         raise SystemExit(f"{args.dora} holds a {meta['method']} adapter, not DoRA")
