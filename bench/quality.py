@@ -137,6 +137,7 @@ def schedule_args(args: argparse.Namespace) -> list[str]:
 
 def report(args: argparse.Namespace) -> None:
     rows = []
+    days: set[str] = set()
     for task in args.tasks.split(","):
         metric = TASKS[task][2]
         for method in args.methods:
@@ -156,13 +157,11 @@ def report(args: argparse.Namespace) -> None:
                                           for m in ms),
                 "train_s": statistics.mean(m["train_seconds"] for m in ms),
                 "peak_mb": max(m["peak_memory_mb"] for m in ms),
-                # when the runs finished (their metrics files), so a --report-only rerun keeps the runs' dates
-                "finished": sorted(datetime.fromtimestamp(p.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d")
-                                   for p in runs),
             })
+            # when the runs finished (their metrics files), so a --report-only rerun keeps the runs' dates
+            days |= {datetime.fromtimestamp(p.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d") for p in runs}
     out = ROOT / "docs" / "bench"
     out.mkdir(parents=True, exist_ok=True)
-    days = sorted({d for r in rows for d in r.pop("finished")})
     with open(out / f"{args.name}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -171,7 +170,7 @@ def report(args: argparse.Namespace) -> None:
     for r in rows:
         by_method.setdefault(r["method"], {})[r["task"]] = r
     tasks = [t for t in TASKS if any(t in v for v in by_method.values())]
-    date = days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
+    date = min(days) if len(days) == 1 else f"{min(days)} to {max(days)}"
     sched = f"--tasks {args.tasks} --methods {','.join(args.methods)} --seeds {args.seeds} "
     sched += f"--epochs {args.epochs}" if args.epochs else f"--steps {args.steps}"
     sched += (f" --r {args.r}" if args.r is not None else "") + (f" --targets {args.targets}" if args.targets else "")
