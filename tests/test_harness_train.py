@@ -115,9 +115,10 @@ def _resume_methods() -> list[str]:
 @pytest.mark.parametrize("method", _resume_methods())
 def test_resume_after_interruption_equals_uninterrupted(tmp_path: Path, tiny_models: dict[str, str], sst2: str,
                                                         method: str) -> None:
-    """Every registered method (and full): crash after step 5, resume from the step-4 checkpoint, and
-    end bitwise where the uninterrupted run ends (with dropout, so RNG states matter)."""
-    kw: dict = dict(method=method, max_steps=6, save_every=2, grad_accum=2, eval_every=3)
+    """Every registered method (and full): crash after step 5, resume from the step-4 checkpoint (the
+    resumed part writes its own step-6 checkpoint, replacing the one it resumed from), and end bitwise
+    where the uninterrupted run ends (with dropout, so RNG states matter)."""
+    kw: dict = dict(method=method, max_steps=8, save_every=2, grad_accum=2, eval_every=3)
     if method != "full":
         kw.update(dropout=0.1, lora_plus_ratio=4.0)
         fields = {f.name for f in dataclasses.fields(rankwise.all_methods()[method].config_cls)}
@@ -138,7 +139,7 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path: Path, tiny_mod
     with pytest.raises(RunError, match="holds another run"):
         finetune(cfg, show_progress=False, log=lambda _m: None)
     resumed = finetune(cfg, resume=True, show_progress=False, log=lambda _m: None)
-    assert resumed["steps_this_session"] == 2
+    assert resumed["steps_this_session"] == 4
     assert resumed["losses"] == whole["losses"] and resumed["metrics"] == whole["metrics"]
     file = "model.safetensors" if method == "full" else "adapter/adapter.safetensors"
     a = load_file(str(tmp_path / "a" / "run" / file))

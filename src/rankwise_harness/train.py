@@ -29,17 +29,13 @@ from torch import nn
 import rankwise
 
 from . import metrics as M
+from .checkpoint import (CKPT_DIR, Checkpoint, RunError, TrainerState, frozen_digests, latest_checkpoint, model_tensors,
+                         read_checkpoint, restore_model, write_checkpoint)
 from .config import FULL, RUN_MARKER, ConfigError, RunConfig, build_method_config
 from .data import Example, Splits, Task, get_task, load_task_data
 from .models import default_targets, head_modules, load_model, resolve_model_name
 
-CKPT_DIR = "checkpoints"
-LATEST = "LATEST"
 IGNORE = -100
-
-
-class RunError(RuntimeError):
-    """A run that cannot start (e.g. its output folder holds another run)."""
 
 
 StepHook = Callable[[int, float], None]  # (optimizer step just done, its loss) -> None; may raise
@@ -214,103 +210,15 @@ def generate(model: nn.Module, enc: Encoder, rows: list[Example], device: torch.
     return tok.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-# ---------------------------------------------------------------------------- checkpoints
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def model_tensors(model: nn.Module, method: str) -> dict[str, torch.Tensor]:
-    """What a checkpoint keeps of the model besides the saved adapter: every trainable tensor and,
-    for adapter methods, every tensor of the adapted layers (methods such as RAC-LoRA merge into the
-    base weight during training)."""
-    sd = model.state_dict()
-    keep = {n for n, p in model.named_parameters() if p.requires_grad}
-    if method != FULL:
-        prefixes = tuple(name + "." for name in rankwise.adapter_layers(model))
-        keep |= {k for k in sd if k.startswith(prefixes)}
-    return {k: sd[k].detach().cpu().clone().contiguous() for k in sorted(keep) if k in sd}
-
-
+# ---------------------------------------------------------------------------- checkpoints (checkpoint.py)
 def save_trainable(model: nn.Module, method: str, folder: Path) -> None:
     """The run's result: the adapter (``rankwise.save``), or for ``full`` the trained weights."""
     from safetensors.torch import save_file
 
     if method == FULL:
-        save_file(model_tensors(model, FULL), str(folder / "model.safetensors"))
+        save_file(model_tensors(model), str(folder / "model.safetensors"))
     else:
         rankwise.save(model, folder / "adapter")
-
-
-def latest_checkpoint(output: Path) -> Path | None:
-    pointer = output / CKPT_DIR / LATEST
-    if not pointer.is_file():
-        return None
-    path = output / CKPT_DIR / pointer.read_text().strip()
-    return path if (path / "trainer.pt").is_file() else None
-
-
-def write_checkpoint(model: nn.Module, cfg: RunConfig, accelerator: Any, optimizer: Any, scheduler: Any,
-                     trainer_state: dict[str, Any], output: Path) -> None:
-    """Write ``checkpoints/step-N`` in a temporary folder, rename it into place, then move the
-    ``LATEST`` pointer (an interrupted save leaves the previous checkpoint in force)."""
-    from safetensors.torch import save_file
-    from rankwise.io import atomic_write_bytes
-
-    root = output / CKPT_DIR
-    name = f"step-{trainer_state['step']:07d}"
-    tmp = root / f".{name}.tmp"
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    accelerator.wait_for_everyone()
-    torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        if cfg.method != FULL:
-            rankwise.save(unwrapped, tmp / "adapter")
-        save_file(model_tensors(unwrapped, cfg.method), str(tmp / "model_tensors.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **trainer_state},
-                   tmp / "trainer.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        final = root / name
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        atomic_write_bytes(root / LATEST, name.encode())
-        for old in root.glob("step-*"):
-            if old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def restore_model(model: nn.Module, cfg: RunConfig, ckpt: Path) -> None:
-    """Rebuild the adapter from a checkpoint onto a fresh base (no data-dependent init is re-run)."""
-    from safetensors.torch import load_file
-    from rankwise.model import get_state
-
-    if cfg.method != FULL:
-        rankwise.load(model, ckpt / "adapter", check_base=False)
-    tensors = load_file(str(ckpt / "model_tensors.safetensors"))
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if unexpected:
-        raise RunError(f"checkpoint {ckpt} holds tensors this model lacks: {unexpected[:5]}")
-    if cfg.method == FULL:
-        for p in model.parameters():
-            p.requires_grad_(True)
-    else:
-        get_state(model).step = int(torch.load(ckpt / "trainer.pt", weights_only=False)["step"])
 
 
 # ---------------------------------------------------------------------------- output folder
@@ -414,6 +322,7 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
     say = log if accelerator.is_main_process else (lambda _msg: None)
     # every process checks (so all stop on a bad folder); only the main one deletes
     ckpt = prepare_output(cfg, resume, overwrite, delete=accelerator.is_main_process)
+    saved: Checkpoint | None = read_checkpoint(ckpt, accelerator.process_index) if ckpt else None  # read once
     accelerator.wait_for_everyone()
     out = Path(cfg.output)
     if resume and ckpt is None and (out / "metrics.json").is_file():
@@ -443,16 +352,16 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
     if cfg.method == FULL:
         for p in model.parameters():
             p.requires_grad_(True)
-        if ckpt:
-            restore_model(model, cfg, ckpt)
+        if saved:
+            frozen = restore_model(model, cfg.method != FULL, saved)
     else:
         targets = cfg.targets or default_targets(model)
         heads = head_modules(model) if task.kind != "generation" else None
         mcfg = build_method_config(cfg.method, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=targets,
                                    modules_to_save=heads, seed=cfg.seed, overrides=cfg.overrides)
         method_config = mcfg.to_dict()
-        if ckpt:
-            restore_model(model, cfg, ckpt)
+        if saved:
+            frozen = restore_model(model, cfg.method != FULL, saved)
         else:
             if cfg.head_warmup_steps:
                 if not heads:
@@ -480,6 +389,7 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
                 raise ConfigError(f"cannot attach {cfg.method} to {model_name}: {exc}") from exc
             init_seconds = time.perf_counter() - t0
             say(str(report))
+    frozen = frozen if saved else frozen_digests(model)  # the fresh base's frozen tensors, for checkpoints
     trainable, total = rankwise.count_parameters(model)
 
     # optimizer, schedule
@@ -504,16 +414,11 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
 
     history = History()
     step, elapsed, metrics_before = 0, 0.0, None
-    if ckpt:
-        state = torch.load(ckpt / "trainer.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, elapsed = state["step"], state["elapsed"]
-        history = History(state["losses"], state["evals"])
-        metrics_before, init_seconds = state.get("metrics_before"), state.get("init_seconds", 0.0)
-        head_warmup = state.get("head_warmup")
-        rng = ckpt / f"rng-{accelerator.process_index}.pt"
-        _set_rng_state(torch.load(rng if rng.is_file() else ckpt / "rng-0.pt", weights_only=False))
+    if saved:
+        saved.restore_training(optimizer, scheduler)  # optimizer, schedule, RNG states
+        t = saved.trainer
+        step, elapsed, history = t.step, t.elapsed, History(list(t.losses), list(t.evals))
+        metrics_before, init_seconds, head_warmup = t.metrics_before, t.init_seconds, t.head_warmup
         say(f"resumed from {ckpt} at step {step} of {total_steps}")
     elif cfg.eval_before:
         metrics_before = evaluate(model, enc, dev, accelerator, cfg.batch_size * 2, cfg.max_new_tokens)
@@ -562,17 +467,15 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
                 bar.write(f"step {step}: loss {loss_value:.4f}  {_fmt_metrics(result)}")
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             t_save = time.perf_counter()
-            trainer_state = {"step": step, "elapsed": elapsed + time.perf_counter() - t_start - eval_time,
-                             "losses": history.losses, "evals": history.evals, "micro": micro,
-                             "metrics_before": metrics_before, "init_seconds": init_seconds,
-                             "head_warmup": head_warmup}
-            write_checkpoint(model, cfg, accelerator, optimizer, scheduler, trainer_state, out)
+            state = TrainerState(step, elapsed + time.perf_counter() - t_start - eval_time, micro, history.losses,
+                                 history.evals, metrics_before, init_seconds, head_warmup)
+            write_checkpoint(model, cfg.method != FULL, accelerator, optimizer, scheduler, state, out, frozen)
             eval_time += time.perf_counter() - t_save
         if hook is not None:
             hook(step, loss_value)
     bar.close()
     train_seconds = elapsed + time.perf_counter() - t_start - eval_time
-    steps_this_session = step - (int(torch.load(ckpt / "trainer.pt", weights_only=False)["step"]) if ckpt else 0)
+    steps_this_session = step - (saved.trainer.step if saved else 0)
     peak_mb, peak_kind = _peak_memory_mb(accelerator.device)
 
     records: list[dict[str, Any]] = []

@@ -1,0 +1,317 @@
+"""A run's checkpoints: written atomically every ``save_every`` steps, read once on ``--resume``.
+
+``checkpoints/step-N`` holds
+
+* ``adapter/`` — ``rankwise.save`` of the adapter (adapter methods);
+* ``model_tensors.safetensors`` — what training changes besides it: every trainable tensor, and any frozen
+  tensor of an adapted layer that no longer equals the freshly loaded base (none for the registered
+  methods, whose base weights stay frozen; the check keeps a method that writes into its base resumable);
+* ``trainer.json`` + ``trainer.safetensors`` — step, elapsed time, losses, evaluations, optimizer and
+  scheduler state: plain values as JSON, tensors as safetensors;
+* ``rng-<process>.json`` + ``rng-<process>.safetensors`` — each process's Python, NumPy and torch RNG states.
+
+Nothing here is ever unpickled: a run folder from someone else cannot run code on ``--resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import rankwise
+
+CKPT_DIR = "checkpoints"
+LATEST = "LATEST"
+FORMAT = "rankwise-checkpoint/2"
+MODEL_TENSORS = "model_tensors.safetensors"
+_STEP_NAME = re.compile(r"step-\d{7,}")
+_TENSOR, _TUPLE, _ITEMS, _ARRAY = "__tensor__", "__tuple__", "__items__", "__ndarray__"
+
+
+class RunError(RuntimeError):
+    """A run that cannot start (e.g. its output folder holds another run, or a damaged checkpoint)."""
+
+
+# ---------------------------------------------------------------------------- JSON + safetensors codec
+def encode(obj: Any, tensors: dict[str, torch.Tensor], where: str = "state") -> Any:
+    """``obj`` as JSON-able data; its tensors go into ``tensors`` (referenced by key). Tuples, dicts with
+    non-string keys and NumPy arrays are tagged so :func:`decode` gives them back exactly."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, torch.Tensor):
+        key = str(len(tensors))
+        tensors[key] = obj.detach().to("cpu", copy=True).contiguous()
+        return {_TENSOR: key}
+    if isinstance(obj, np.ndarray):
+        return {_ARRAY: obj.dtype.str, "data": obj.tolist()}
+    if isinstance(obj, tuple):
+        return {_TUPLE: [encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: encode(v, tensors, f"{where}.{k}") for k, v in obj.items()}
+        return {_ITEMS: [[encode(k, tensors, where), encode(v, tensors, f"{where}.{k}")] for k, v in obj.items()]}
+    raise TypeError(f"{where} is a {type(obj).__name__}, which a checkpoint does not store")
+
+
+def decode(obj: Any, tensors: dict[str, torch.Tensor], where: str = "state") -> Any:
+    """The inverse of :func:`encode`; anything it did not write raises ``ValueError`` naming the place."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, list):
+        return [decode(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: unexpected {type(obj).__name__}")
+    tags = [t for t in (_TENSOR, _TUPLE, _ITEMS, _ARRAY) if t in obj]
+    if not tags:
+        return {k: decode(v, tensors, f"{where}.{k}") for k, v in obj.items()}
+    tag = tags[0]
+    if set(obj) != ({_ARRAY, "data"} if tag == _ARRAY else {tag}):
+        raise ValueError(f"{where}: malformed {tag} entry {sorted(obj)}")
+    value = obj[tag]
+    if tag == _TENSOR:
+        if value not in tensors:
+            raise ValueError(f"{where}: tensor {value!r} is not in the checkpoint's safetensors file")
+        return tensors[value]
+    if tag == _ARRAY:
+        dtype = np.dtype(value) if isinstance(value, str) and len(value) <= 8 else None
+        if dtype is None or dtype.kind not in "biuf":
+            raise ValueError(f"{where}: array dtype {value!r} is not numeric")
+        return np.asarray(obj["data"], dtype=dtype)
+    if not isinstance(value, list):
+        raise ValueError(f"{where}: {tag} must hold a list")
+    if tag == _TUPLE:
+        return tuple(decode(v, tensors, f"{where}[{i}]") for i, v in enumerate(value))
+    out = {}
+    for item in value:
+        if not (isinstance(item, list) and len(item) == 2):
+            raise ValueError(f"{where}: {_ITEMS} entries must be [key, value] pairs")
+        key = decode(item[0], tensors, where)
+        if not isinstance(key, (int, float, str, bool, tuple)):
+            raise ValueError(f"{where}: a key of type {type(key).__name__}")
+        out[key] = decode(item[1], tensors, f"{where}.{key}")
+    return out
+
+
+def write_state(folder: Path, stem: str, state: dict[str, Any]) -> None:
+    """``state`` as ``<stem>.json`` (plain values) + ``<stem>.safetensors`` (its tensors)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    doc = {"format": FORMAT, "state": encode(state, tensors, stem)}
+    save_file(tensors, str(folder / f"{stem}.safetensors"))
+    (folder / f"{stem}.json").write_text(json.dumps(doc) + "\n")
+
+
+def read_state(folder: Path, stem: str) -> dict[str, Any]:
+    """What :func:`write_state` wrote; a missing, foreign or damaged pair raises :class:`RunError`."""
+    from safetensors.torch import load_file
+
+    file = folder / f"{stem}.json"
+    try:
+        doc = json.loads(file.read_text(encoding="utf-8"))
+        tensors = load_file(str(folder / f"{stem}.safetensors"))
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise ValueError(f"format {doc.get('format') if isinstance(doc, dict) else None!r}, not {FORMAT!r}")
+        state = decode(doc.get("state"), tensors, stem)
+        if not isinstance(state, dict):
+            raise ValueError("the state is not an object")
+        return state
+    except Exception as exc:  # OSError, JSON, safetensors and ValueError: one message naming the file
+        raise RunError(f"checkpoint file {file} cannot be used ({type(exc).__name__}: {exc}); "
+                       "start again with --overwrite") from None
+
+
+# ---------------------------------------------------------------------------- what a checkpoint holds
+@dataclass
+class TrainerState:
+    """The loop's position and record, saved with every checkpoint."""
+
+    step: int
+    elapsed: float
+    micro: int
+    losses: list[float] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    metrics_before: dict[str, float] | None = None
+    init_seconds: float = 0.0
+    head_warmup: dict[str, Any] | None = None
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], where: Path) -> "TrainerState":
+        try:
+            out = cls(**{k: state[k] for k in cls.__dataclass_fields__})
+        except (KeyError, TypeError) as exc:
+            raise RunError(f"checkpoint {where}: trainer state lacks {exc}; start again with --overwrite") from None
+        checks = {"step": isinstance(out.step, int) and not isinstance(out.step, bool) and out.step >= 0,
+                  "micro": isinstance(out.micro, int) and out.micro >= 0,
+                  "elapsed": isinstance(out.elapsed, (int, float)) and out.elapsed >= 0,
+                  "losses": isinstance(out.losses, list) and all(isinstance(v, (int, float)) for v in out.losses),
+                  "evals": isinstance(out.evals, list) and all(isinstance(v, dict) for v in out.evals)}
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise RunError(f"checkpoint {where}: trainer state field(s) {bad} are not valid; start again with --overwrite")
+        return out
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read once, at the start of a resumed run (its folder may be replaced later)."""
+
+    path: Path
+    trainer: TrainerState
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, Any]
+
+    def restore_training(self, optimizer: Any, scheduler: Any) -> None:
+        """Load the optimizer, schedule and RNG states (this process's)."""
+        try:
+            optimizer.load_state_dict(self.optimizer)
+            scheduler.load_state_dict(self.scheduler)
+            set_rng_state(self.rng)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+            raise RunError(f"checkpoint {self.path} does not fit this run ({type(exc).__name__}: {exc}); "
+                           "start again with --overwrite") from None
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def frozen_digests(model: nn.Module) -> dict[str, str]:
+    """SHA-256 of every tensor of the adapted layers that is not the adapter's (their base weight and
+    bias), by ``state_dict`` name: taken on the freshly loaded base, to tell later whether training changed one."""
+    from rankwise.io import tensors_digest
+
+    out: dict[str, str] = {}
+    for name, layer in rankwise.adapter_layers(model).items():
+        own = set(layer.adapter_state())
+        for key, t in layer.state_dict().items():
+            if key not in own:
+                out[f"{name}.{key}"] = tensors_digest({key: t})
+    return out
+
+
+def model_tensors(model: nn.Module, frozen: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """What training changed in the model: every trainable tensor and, given ``frozen`` (the fresh base's
+    :func:`frozen_digests`), every frozen tensor of an adapted layer whose bytes differ from it."""
+    sd = model.state_dict()
+    keep = {n for n, p in model.named_parameters() if p.requires_grad}
+    if frozen is not None:
+        keep |= {k for k, digest in frozen_digests(model).items() if frozen.get(k) != digest}
+    return {k: sd[k].detach().cpu().clone().contiguous() for k in sorted(keep) if k in sd}
+
+
+# ---------------------------------------------------------------------------- write, find, read, restore
+def write_checkpoint(model: nn.Module, has_adapter: bool, accelerator: Any, optimizer: Any, scheduler: Any,
+                     trainer: TrainerState, output: Path, frozen: dict[str, str] | None) -> None:
+    """Write ``checkpoints/step-N`` in a temporary folder, rename it into place, then move the
+    ``LATEST`` pointer (an interrupted save leaves the previous checkpoint in force)."""
+    from safetensors.torch import save_file
+    from rankwise.io import atomic_write_bytes
+
+    root = output / CKPT_DIR
+    name = f"step-{trainer.step:07d}"
+    tmp = root / f".{name}.tmp"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    accelerator.wait_for_everyone()
+    write_state(tmp, f"rng-{accelerator.process_index}", rng_state())
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        if has_adapter:
+            rankwise.save(unwrapped, tmp / "adapter")
+        save_file(model_tensors(unwrapped, frozen), str(tmp / MODEL_TENSORS))
+        write_state(tmp, "trainer", {**asdict(trainer), "optimizer": optimizer.state_dict(),
+                                     "scheduler": scheduler.state_dict()})
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = root / name
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        atomic_write_bytes(root / LATEST, name.encode())
+        for old in root.glob("step-*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    """The folder ``LATEST`` names, if it holds a checkpoint. An old pickled checkpoint is refused, unread."""
+    pointer = output / CKPT_DIR / LATEST
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text(errors="replace").strip()
+    if not _STEP_NAME.fullmatch(name):
+        raise RunError(f"{pointer} names {name[:80]!r}, not a checkpoint folder (step-NNNNNNN)")
+    path = output / CKPT_DIR / name
+    if (path / "trainer.json").is_file():
+        return path
+    if (path / "trainer.pt").exists():
+        raise RunError(f"checkpoint {path} was written by an older rankwise as pickles (trainer.pt), which are never "
+                       "loaded (unpickling a file can run code); start again with --overwrite")
+    return None
+
+
+def read_checkpoint(path: Path, process_index: int) -> Checkpoint:
+    """Everything a resumed run needs from ``path`` except the model tensors, read once and checked."""
+    state = read_state(path, "trainer")
+    rng_stem = f"rng-{process_index}" if (path / f"rng-{process_index}.json").is_file() else "rng-0"
+    rng = read_state(path, rng_stem)
+    if not {"python", "numpy", "torch"} <= set(rng):
+        raise RunError(f"checkpoint {path}: {rng_stem}.json lacks RNG states; start again with --overwrite")
+    optimizer, scheduler = state.get("optimizer"), state.get("scheduler")
+    if not isinstance(optimizer, dict) or not isinstance(scheduler, dict):
+        raise RunError(f"checkpoint {path}: trainer.json lacks the optimizer or scheduler state; start again with --overwrite")
+    return Checkpoint(path, TrainerState.from_state(state, path), optimizer, scheduler, rng)
+
+
+def restore_model(model: nn.Module, has_adapter: bool, ckpt: Checkpoint) -> dict[str, str]:
+    """Rebuild the adapter from ``ckpt`` onto a fresh base (no data-dependent init is re-run) and load the
+    trained tensors; returns the fresh base's :func:`frozen_digests`, taken before any tensor is loaded."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from rankwise.model import get_state
+
+    try:
+        if has_adapter:
+            rankwise.load(model, ckpt.path / "adapter", check_base=False)
+        frozen = frozen_digests(model)
+        tensors = load_file(str(ckpt.path / MODEL_TENSORS))
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except (rankwise.AdapterFileError, SafetensorError, ValueError, TypeError, OSError, RuntimeError) as exc:
+        raise RunError(f"checkpoint {ckpt.path} cannot be restored ({exc}); start again with --overwrite") from None
+    if unexpected:
+        raise RunError(f"checkpoint {ckpt.path} holds tensors this model lacks: {unexpected[:5]}")
+    if has_adapter:
+        get_state(model).step = ckpt.trainer.step
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    return frozen
