@@ -10,7 +10,8 @@
   scheduler state: plain values as JSON, tensors as safetensors;
 * ``rng-<process>.json`` + ``rng-<process>.safetensors`` — each process's Python, NumPy and torch RNG states.
 
-Nothing here is ever unpickled: a run folder from someone else cannot run code on ``--resume``.
+Only JSON and safetensors are read, never ``torch.load``: a run folder from someone else cannot run code on
+``--resume``.
 """
 
 from __future__ import annotations
@@ -263,7 +264,7 @@ def write_checkpoint(model: nn.Module, has_adapter: bool, accelerator: Any, opti
 
 
 def latest_checkpoint(output: Path) -> Path | None:
-    """The folder ``LATEST`` names, if it holds a checkpoint. An old pickled checkpoint is refused, unread."""
+    """The folder ``LATEST`` names, if it holds a checkpoint. An old ``torch.save`` checkpoint is refused, unread."""
     pointer = output / CKPT_DIR / LATEST
     if not pointer.is_file():
         return None
@@ -274,8 +275,8 @@ def latest_checkpoint(output: Path) -> Path | None:
     if (path / "trainer.json").is_file():
         return path
     if (path / "trainer.pt").exists():
-        raise RunError(f"checkpoint {path} was written by an older rankwise as pickles (trainer.pt), which are never "
-                       "loaded (unpickling a file can run code); start again with --overwrite")
+        raise RunError(f"checkpoint {path} was written by an older rankwise with torch.save (trainer.pt); such files "
+                       "are never loaded, since loading one can run arbitrary code: start again with --overwrite")
     return None
 
 
