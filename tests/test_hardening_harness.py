@@ -267,3 +267,112 @@ def test_a_method_that_writes_its_base_still_resumes_exactly(tmp_path: Path, tin
     finally:
         _METHODS.pop("base-writer", None)
     assert resumed["losses"] == whole["losses"] and resumed["metrics"] == whole["metrics"]
+
+
+# ---------------------------------------------------------------------------- 3 + 13. rankwise import / export
+def _interop(*argv: str) -> int:
+    import argparse
+
+    from rankwise_harness import interop_cli
+
+    parser = argparse.ArgumentParser(prog="rankwise")
+    interop_cli.add_subcommands(parser.add_subparsers(dest="command", required=True))
+    return interop_cli.run(parser.parse_args(list(argv)))
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def adapters(bert_case, tmp_path: Path) -> Path:
+    """``base/`` (a tiny BERT), ``peft/`` (a PEFT LoRA adapter for it) and ``rw/`` (a rankwise adapter)."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    base = bert_case.make()
+    base.save_pretrained(tmp_path / "base")
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = copy.deepcopy(base)
+    rankwise.attach(ours, rankwise.LoraConfig(r=4, alpha=8, target_modules=["query", "value"]))
+    rankwise.save(ours, tmp_path / "rw")
+    return tmp_path
+
+
+def test_import_never_writes_over_a_peft_adapter_or_foreign_files(adapters: Path, capsys) -> None:
+    """``rankwise import P --out P`` (and --out onto another PEFT adapter, or a folder of other files) is
+    refused in one line with exit status 2; every file stays byte-identical. A previous import is replaced."""
+    t = adapters
+    (t / "other").mkdir()
+    (t / "other" / "notes.txt").write_text("keep me")
+    (t / "peft2").mkdir()
+    for f in (t / "peft").iterdir():
+        (t / "peft2" / f.name).write_bytes(f.read_bytes())
+    before = {d: _snapshot(t / d) for d in ("peft", "peft2", "other", "base")}
+    for out, says in (("peft", "is an input"), ("peft2", "holds a PEFT adapter"), ("other", "notes.txt"),
+                      ("base", "is an input")):
+        assert _interop("import", str(t / "peft"), "--base", str(t / "base"), "--out", str(t / out)) == 2
+        err = capsys.readouterr().err
+        assert says in err and "refus" in err or says == "is an input", err
+        assert err.count("\n") == 1 and err.startswith("rankwise import: error: --out"), err
+    assert {d: _snapshot(t / d) for d in before} == before
+    assert _interop("import", str(t / "peft"), "--base", str(t / "base"), "--out", str(t / "new")) == 0
+    assert _interop("import", str(t / "peft"), "--base", str(t / "base"), "--out", str(t / "new")) == 0  # its own kind
+    assert _interop("import", str(t / "peft"), "--base", str(t / "base"), "--out", str(t / "rw")) == 0
+
+
+def test_export_never_writes_over_its_input_or_a_rankwise_adapter(adapters: Path, capsys) -> None:
+    """``rankwise export A --out A``, onto another rankwise adapter, or ``--format merged --out BASE``: exit
+    status 2, one line, nothing changed. A previous export of the same format is replaced."""
+    t = adapters
+    (t / "rw2").mkdir()
+    for f in (t / "rw").iterdir():
+        (t / "rw2" / f.name).write_bytes(f.read_bytes())
+    before = {d: _snapshot(t / d) for d in ("rw", "rw2", "base", "peft")}
+    for out, fmt, says in (("rw", "peft", "is an input"), ("rw2", "peft", "holds a rankwise adapter"),
+                           ("rw2", "vllm", "holds a rankwise adapter"), ("base", "merged", "is an input"),
+                           ("rw2", "merged", "holds a rankwise adapter"), ("peft", "merged", "holds a PEFT adapter")):
+        assert _interop("export", str(t / "rw"), "--base", str(t / "base"), "--out", str(t / out), "--format", fmt) == 2
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1, err
+    assert {d: _snapshot(t / d) for d in before} == before
+    for fmt in ("peft", "peft", "merged", "merged"):  # twice each: a previous export of that kind is replaced
+        assert _interop("export", str(t / "rw"), "--base", str(t / "base"), "--out", str(t / fmt), "--format", fmt) == 0
+
+
+def _rewrite_rankwise(folder: Path, change) -> None:
+    """Re-save ``folder``'s adapter with its metadata changed by ``change(meta)`` (checksum still valid)."""
+    from safetensors.torch import save as st_save
+
+    meta, tensors = rankwise.read_adapter(folder)
+    change(meta)
+    (folder / "adapter.safetensors").write_bytes(st_save(tensors, metadata={"rankwise": json.dumps(meta)}))
+
+
+@pytest.mark.parametrize("case", ["no-layers", "layers-a-list", "rank-0", "config-a-list", "bad-header",
+                                  "peft-without-r", "peft-config-a-list"])
+def test_malformed_adapters_get_one_line_not_a_traceback(adapters: Path, capsys, case: str) -> None:
+    """Every malformed adapter the review tried, through the CLI: exit status 2 and one line naming it."""
+    t = adapters
+    if case.startswith("peft"):
+        cfg = json.loads((t / "peft" / "adapter_config.json").read_text())
+        cfg.pop("r")
+        (t / "peft" / "adapter_config.json").write_text(json.dumps(cfg if case == "peft-without-r" else [cfg]))
+        code = _interop("import", str(t / "peft"), "--base", str(t / "base"), "--out", str(t / "out"))
+    else:
+        if case == "bad-header":
+            blob = (t / "rw" / "adapter.safetensors").read_bytes()
+            (t / "rw" / "adapter.safetensors").write_bytes(b"\xff" * 8 + blob[8:])
+        else:
+            change = {"no-layers": lambda m: m.pop("layers"),
+                      "layers-a-list": lambda m: m.update(layers=list(m["layers"])),
+                      "rank-0": lambda m: [v.update(rank=0) for v in m["layers"].values()],
+                      "config-a-list": lambda m: m.update(config=[m["config"]])}[case]
+            _rewrite_rankwise(t / "rw", change)
+        code = _interop("export", str(t / "rw"), "--base", str(t / "base"), "--out", str(t / "out"))
+    err = capsys.readouterr().err  # transformers' own progress bars may precede the line
+    lines = [line for line in err.splitlines() if "rankwise" in line]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("rankwise ") and "Traceback" not in err, err
+    assert "error:" in lines[0]
+    assert not (t / "out").exists()

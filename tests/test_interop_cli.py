@@ -76,11 +76,11 @@ def test_import(bert_case: ModelCase, tmp_path: Path) -> None:
 
 def test_bad_input_exits_nonzero_with_a_message(saved, tmp_path: Path, capsys) -> None:
     base, model, tmp = saved
-    assert _cli("export", str(tmp / "missing"), "--base", str(tmp / "base"), "--out", str(tmp / "x")) == 1
+    assert _cli("export", str(tmp / "missing"), "--base", str(tmp / "base"), "--out", str(tmp / "x")) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert _cli("import", str(tmp / "adapter"), "--base", str(tmp / "base"), "--out", str(tmp / "y")) == 1
+    assert _cli("import", str(tmp / "adapter"), "--base", str(tmp / "base"), "--out", str(tmp / "y")) == 2
     assert "adapter_model.safetensors is missing" in capsys.readouterr().err
-    assert _cli("export", str(tmp / "adapter"), "--base", str(tmp / "base"), "--out", str(tmp / "z"), "--model-class", "Nope") == 1
+    assert _cli("export", str(tmp / "adapter"), "--base", str(tmp / "base"), "--out", str(tmp / "z"), "--model-class", "Nope") == 2
     assert "'Nope' is not a transformers model class" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _cli("export", str(tmp / "adapter"), "--base", str(tmp / "base"), "--out", str(tmp / "w"), "--format", "onnx")

@@ -11,16 +11,31 @@
 the adapter baked in (``save_pretrained``). ``import`` turns a PEFT LoRA/DoRA adapter into a rankwise
 adapter folder that ``rankwise.load`` (and training) continue from.
 
+``--out`` is never an input folder, and never a non-empty folder holding anything but a previous output
+of the same kind (``import``: a rankwise adapter; ``export``: a PEFT adapter or a merged model): a PEFT
+adapter and a rankwise adapter both use ``adapter_config.json``, so writing one over the other destroys it.
+Bad input gets one line on stderr and exit status 2.
+
 The main CLI wires these in with :func:`add_subcommands` and dispatches to :func:`run`.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import json
+import re
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 FORMATS = ("peft", "vllm", "merged")
+# what each kind of output folder may hold (file name patterns), and how its config file says it is one
+RANKWISE_FILES = ("adapter.safetensors", "adapter_config.json")
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+MERGED_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                "model-*-of-*.safetensors")
 
 
 def add_subcommands(subparsers: Any) -> None:
@@ -55,9 +70,56 @@ def load_base(name_or_path: str, model_class: str | None = None) -> Any:
     return cls.from_pretrained(name_or_path).eval()
 
 
+def _config_of(folder: Path, name: str) -> dict[str, Any] | None:
+    try:
+        data = json.loads((folder / name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _is_rankwise_adapter(folder: Path) -> bool:
+    from rankwise.io import FORMAT
+
+    return (_config_of(folder, "adapter_config.json") or {}).get("format") == FORMAT
+
+
+def _is_peft_adapter(folder: Path) -> bool:
+    cfg = _config_of(folder, "adapter_config.json")
+    return cfg is not None and "peft_type" in cfg and "format" not in cfg
+
+
+def _is_merged_model(folder: Path) -> bool:
+    return "architectures" in (_config_of(folder, "config.json") or {})
+
+
+def check_out(out: str, inputs: list[str], files: tuple[str, ...], is_ours: Callable[[Path], bool], kind: str) -> None:
+    """Refuse ``--out`` when it is one of the ``inputs`` or a non-empty folder that is not a previous ``kind``
+    (only files matching ``files``, recognised by ``is_ours``); raises ``ValueError`` naming what it holds."""
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--out {folder} exists and is not a folder")
+    for given in inputs:
+        if Path(given).exists() and folder.exists() and folder.resolve() == Path(given).resolve():
+            raise ValueError(f"--out {folder} is an input of this command; choose another folder")
+    held = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if not held:
+        return
+    foreign = [n for n in held if not any(fnmatch.fnmatchcase(n, f) for f in files)]
+    if foreign or not is_ours(folder):
+        what = ("a rankwise adapter" if _is_rankwise_adapter(folder) else "a PEFT adapter" if _is_peft_adapter(folder)
+                else "files that are not " + kind)
+        raise ValueError(f"--out {folder} holds {what} ({', '.join(held[:6])}{', ...' if len(held) > 6 else ''}); "
+                         f"refusing to write {kind} into it: choose a new or empty folder")
+
+
 def _export(args: argparse.Namespace) -> str:
     import rankwise
 
+    if args.format == "merged":
+        check_out(args.out, [args.adapter, args.base], MERGED_FILES, _is_merged_model, "a merged model")
+    else:
+        check_out(args.out, [args.adapter, args.base], PEFT_FILES, _is_peft_adapter, "a PEFT adapter")
     model = load_base(args.base, args.model_class)
     rankwise.load(model, args.adapter, check_base=not args.no_check_base, trainable=False)
     if args.format == "merged":
@@ -71,6 +133,7 @@ def _export(args: argparse.Namespace) -> str:
 def _import(args: argparse.Namespace) -> str:
     import rankwise
 
+    check_out(args.out, [args.adapter, args.base], RANKWISE_FILES, _is_rankwise_adapter, "a rankwise adapter")
     model = load_base(args.base, args.model_class)
     rankwise.import_peft(model, args.adapter)
     rankwise.save(model, args.out)
@@ -79,14 +142,25 @@ def _import(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``export`` / ``import``; prints one line, returns the exit status (1 with a message on bad input)."""
+    """Run ``export`` / ``import``; prints one line, returns the exit status (2 with a one-line message on
+    bad input: a missing, malformed or ill-fitting adapter or base, or a refused ``--out``)."""
+    from safetensors import SafetensorError
+
     from rankwise import AdapterFileError
 
     handlers = {"export": _export, "import": _import}
     try:
         message = handlers[args.command](args)
-    except (AdapterFileError, ValueError, TypeError, FileNotFoundError, OSError) as exc:
-        print(f"rankwise {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+    except (AdapterFileError, ValueError, TypeError, OSError) as exc:
+        return _fail(args.command, str(exc))
+    except (KeyError, IndexError, AttributeError, ZeroDivisionError, re.error, SafetensorError) as exc:
+        # a malformed file the library did not name: say which input, and what broke
+        return _fail(args.command, f"{args.adapter} is malformed or does not fit the base "
+                                   f"({type(exc).__name__}: {exc})")
     print(message)
     return 0
+
+
+def _fail(command: str, message: str) -> int:
+    print(f"rankwise {command}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
