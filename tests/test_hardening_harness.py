@@ -376,3 +376,72 @@ def test_malformed_adapters_get_one_line_not_a_traceback(adapters: Path, capsys,
     assert code == 2 and len(lines) == 1 and lines[0].startswith("rankwise ") and "Traceback" not in err, err
     assert "error:" in lines[0]
     assert not (t / "out").exists()
+
+
+# ---------------------------------------------------------------------------- 13. unreadable rows, numeric flags
+def _sst2_bytes(folder: Path, bad: bytes) -> Path:
+    """An SST-2 folder whose train.tsv has ``bad`` as its line 3 (of 5); dev.tsv is clean."""
+    folder.mkdir()
+    good = [b"sentence\tlabel", b"a fine film\t1", bad, b"a bad film\t0", b"fine again\t1"]
+    (folder / "train.tsv").write_bytes(b"\n".join(good) + b"\n")
+    (folder / "dev.tsv").write_bytes(b"\n".join(good[:2] + good[3:]) + b"\n")
+    return folder
+
+
+@pytest.mark.parametrize("bad,says", [
+    (b"caf\xe9 au lait\t1", r"train\.tsv:3: not valid UTF-8 \(byte 0xe9 at character 4\)"),
+    (b"x" * (200 * 1024) + b"\t1", r"train\.tsv:3: field larger than field limit \(131072\)"),
+])
+def test_unreadable_tsv_rows_are_named_and_skipped_when_asked(tmp_path: Path, bad: bytes, says: str) -> None:
+    """A non-UTF-8 byte or a field over csv's 128 KiB limit: a DataError with file and line (not a raw
+    UnicodeDecodeError / _csv.Error); ``--skip-bad-rows`` skips that row and keeps every other."""
+    from rankwise_harness.data import DataError, get_task, load_task_data
+
+    folder = _sst2_bytes(tmp_path / "sst2", bad)
+    with pytest.raises(DataError, match=says + r".*--skip-bad-rows"):
+        load_task_data(get_task("sst2"), str(folder))
+    splits = load_task_data(get_task("sst2"), str(folder), skip_bad_rows=True)
+    assert [e.text for e in splits.train] == ["a fine film", "a bad film", "fine again"]
+    assert len(splits.skipped) == 1 and re.search(says, splits.skipped[0])
+
+
+def test_non_utf8_gsm8k_line_is_named(tmp_path: Path) -> None:
+    from rankwise_harness.data import DataError, read_gsm8k_jsonl
+
+    path = tmp_path / "train.jsonl"
+    rows = [json.dumps({"question": f"q{i}", "answer": f"#### {i}"}).encode() for i in range(3)]
+    path.write_bytes(b"\n".join([rows[0], rows[1].replace(b"q1", b"q\xff1"), rows[2]]) + b"\n")
+    with pytest.raises(DataError, match=r"train\.jsonl:2: not valid UTF-8 \(byte 0xff"):
+        read_gsm8k_jsonl(path)
+    skipped: list[str] = []
+    assert [e.text for e in read_gsm8k_jsonl(path, skip_bad_rows=True, skipped=skipped)] == ["q0", "q2"]
+    assert len(skipped) == 1
+
+
+@pytest.mark.parametrize("flag,value,says", [
+    ("--lr", "-1e-3", "--lr must be positive"), ("--lr", "nan", "--lr must be a finite number"),
+    ("--lr", "inf", "--lr must be a finite number"), ("--max-train", "0", r"--max-train must be at least 1 \(omit it"),
+    ("--max-train", "-5", "--max-train must be at least 1"), ("--max-eval", "-1", "--max-eval must be at least 1"),
+    ("--batch-size", "-2", "--batch-size must be at least 1"), ("--epochs", "-1", "--epochs must be positive"),
+    ("--epochs", "nan", "--epochs must be a finite number"), ("--max-steps", "-3", "--max-steps must be at least 1"),
+    ("--warmup-ratio", "1.5", r"--warmup-ratio must be in \[0, 1\)"), ("--warmup-ratio", "-0.1", "--warmup-ratio"),
+    ("--warmup-ratio", "nan", "--warmup-ratio"), ("--weight-decay", "-0.01", "--weight-decay must be 0 or more"),
+    ("--lora-plus-ratio", "0", "--lora-plus-ratio must be positive"), ("--seed", "-1", "--seed must be 0 or more"),
+    ("--save-every", "-1", "--save-every must be 0 or more"), ("--eval-every", "-2", "--eval-every must be 0 or more"),
+    ("--grad-accum", "0", "--grad-accum must be at least 1"), ("--max-length", "0", "--max-length must be at least 1"),
+    ("--r", "0", "r must be a positive integer"), ("--alpha", "nan", "alpha must be a positive finite number"),
+    ("--dropout", "1.5", r"dropout must be in \[0, 1\)"), ("--set", "r=-2", "r must be a positive integer"),
+])
+def test_every_numeric_flag_is_checked_before_any_work(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch,
+                                                      sst2: str, flag: str, value: str, says: str) -> None:
+    """Each bad number: exit status 2 and a message naming the flag, before the model or the data is
+    read and before the output folder is made."""
+    import rankwise_harness.train as train_mod
+    from rankwise_harness import cli
+
+    monkeypatch.setattr(train_mod, "load_task_data", lambda *a: pytest.fail("the data was read"))
+    monkeypatch.setattr(train_mod, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    out = tmp_path / "run"
+    assert cli.main(["finetune", "--task", "sst2", "--data", sst2, "--output", str(out), f"{flag}={value}"]) == 2
+    assert re.search(says, capsys.readouterr().err)
+    assert not out.exists()

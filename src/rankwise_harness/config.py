@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,29 +133,50 @@ class RunConfig:
     precision: str = "auto"
     skip_bad_rows: bool = False
 
+    # every numeric flag, by rule: (flags, integer, lowest allowed, lowest included); None always means "default"
+    _NUMBERS = (
+        (("batch_size", "grad_accum", "max_length", "calibration_batches", "max_new_tokens", "max_steps",
+          "max_train", "max_eval"), True, 1, True),
+        (("seed", "eval_every", "save_every", "head_warmup_steps"), True, 0, True),
+        (("epochs", "lr", "lora_plus_ratio"), False, 0.0, False),
+        (("weight_decay",), False, 0.0, True),
+    )
+
     def __post_init__(self) -> None:
         if self.targets is not None and not isinstance(self.targets, tuple):
             self.targets = tuple(self.targets)
         check_method(self.method)
-        for name in ("batch_size", "grad_accum", "max_length", "calibration_batches", "max_new_tokens"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.head_warmup_steps < 0:
-            raise ConfigError(f"--head-warmup-steps must be 0 or more, got {self.head_warmup_steps}")
+        self._check_numbers()
         if self.head_warmup_steps and self.method == FULL:
             raise ConfigError("--head-warmup-steps is for adapter methods (full fine-tuning trains the head anyway)")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"--max-steps must be at least 1, got {self.max_steps}")
-        if self.epochs <= 0:
-            raise ConfigError(f"--epochs must be positive, got {self.epochs}")
         if self.schedule not in ("linear", "cosine", "constant"):
             raise ConfigError(f"--schedule must be linear, cosine or constant, got {self.schedule!r}")
         if self.precision not in ("auto", "no", "bf16", "fp16"):
             raise ConfigError(f"--precision must be auto, no, bf16 or fp16, got {self.precision!r}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
+        if isinstance(self.warmup_ratio, bool) or not (isinstance(self.warmup_ratio, (int, float)) and 0.0 <= self.warmup_ratio < 1.0):
             raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.lr is None:
             self.lr = 5e-5 if self.method == FULL else 5e-4
+        if self.method != FULL:  # the adapter's own fields (--r, --alpha, --dropout, --set), before any model loads
+            build_method_config(self.method, r=self.r, alpha=self.alpha, dropout=self.dropout,
+                                targets=self.targets or ("any",), seed=self.seed, overrides=self.overrides)
+
+    def _check_numbers(self) -> None:
+        """Every numeric flag is a finite number of the right kind and range; a ConfigError names the flag."""
+        for names, integer, low, inclusive in self._NUMBERS:
+            for name in names:
+                value = getattr(self, name)
+                if value is None:
+                    continue
+                flag = f"--{name.replace('_', '-')}"
+                ok_type = isinstance(value, int) if integer else isinstance(value, (int, float)) and math.isfinite(value)
+                if isinstance(value, bool) or not ok_type:
+                    kind = "an integer" if integer else "a finite number"
+                    raise ConfigError(f"{flag} must be {kind}, got {value!r}")
+                if value < low or (value == low and not inclusive):
+                    bound = ("0 or more" if low == 0 else f"at least {low}") if inclusive else "positive"
+                    hint = " (omit it to use all)" if name in ("max_train", "max_eval") else ""
+                    raise ConfigError(f"{flag} must be {bound}{hint}, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import random
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,10 +124,12 @@ def read_glue_tsv(task: Task, path: Path, skip_bad_rows: bool = False, skipped: 
         raise DataError(f"{path} does not exist: a {task.name} data folder needs train.tsv and {task.dev_file} "
                         "from the GLUE release")
     out: list[Example] = []
-    with path.open("r", encoding="utf-8-sig", newline="") as fh:  # utf-8-sig drops MRPC's BOM
+    # utf-8-sig drops MRPC's BOM; surrogateescape lets a non-UTF-8 byte reach _tsv_rows, which names its line
+    with path.open("r", encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
         reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        rows = _tsv_rows(reader, path, skip_bad_rows, skipped)
         if task.header:
-            header = next(reader, None)
+            header = next(rows, (None, None))[1]
             if header is None:
                 raise DataError(f"{path} is empty")
             missing = [c for c in task.columns if c is not None and c not in header]
@@ -136,8 +139,7 @@ def read_glue_tsv(task: Task, path: Path, skip_bad_rows: bool = False, skipped: 
             width = len(header)
         else:
             idx, width = list(task.columns), 4
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
+        for where, row in rows:
             try:
                 if len(row) != width:
                     raise DataError(f"{where}: expected {width} tab-separated fields, found {len(row)}")
@@ -147,6 +149,36 @@ def read_glue_tsv(task: Task, path: Path, skip_bad_rows: bool = False, skipped: 
             except DataError as exc:
                 _bad_row(exc, skip_bad_rows, skipped)
     return _usable(out, path)
+
+
+def _tsv_rows(reader: Any, path: Path, skip_bad_rows: bool, skipped: list[str] | None) -> Iterator[tuple[str, list[str]]]:
+    """``("file:line", fields)`` for every row; a row csv cannot read (a field over its 128 KiB
+    ``field_size_limit``) or holding a byte that is not UTF-8 is a bad row (stop, or skip when asked)."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:  # the reader has consumed the line and goes on with the next
+            _bad_row(DataError(f"{path}:{reader.line_num}: {exc}"), skip_bad_rows, skipped)
+            continue
+        where = f"{path}:{reader.line_num}"
+        try:
+            check_utf8("\t".join(row), where)
+        except DataError as exc:
+            _bad_row(exc, skip_bad_rows, skipped)
+            continue
+        yield where, row
+
+
+def check_utf8(text: str, where: str) -> None:
+    """Text read with ``errors="surrogateescape"``: a byte that was not UTF-8 is a lone surrogate; name it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        byte = ord(text[exc.start]) - 0xDC00
+        what = f"byte 0x{byte:02x}" if 0x80 <= byte <= 0xFF else "a character"
+        raise DataError(f"{where}: not valid UTF-8 ({what} at character {exc.start + 1}); save the file as UTF-8") from None
 
 
 def _bad_row(exc: DataError, skip_bad_rows: bool, skipped: list[str] | None) -> None:
@@ -178,12 +210,13 @@ def read_gsm8k_jsonl(path: Path, skip_bad_rows: bool = False, skipped: list[str]
     if not path.is_file():
         raise DataError(f"{path} does not exist: a gsm8k data folder needs train.jsonl and test.jsonl (or dev.jsonl)")
     out: list[Example] = []
-    with path.open("r", encoding="utf-8") as fh:
+    with path.open("r", encoding="utf-8", errors="surrogateescape") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             where = f"{path}:{n}"
             try:
+                check_utf8(line, where)
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
@@ -211,10 +244,13 @@ def read_rotten(path: Path | None = None) -> Splits:
     """Fresh (1) / rotten (0) review snippets (plot summaries dropped), split deterministically:
     the last ``ROTTEN_DEV_SIZE`` after a fixed shuffle are the dev set."""
     path = path or rotten_tomatoes_path()
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with bz2.open(path, "rt", encoding="utf-8") as fh:
-        rows = [Example(r["text"], None, 1 if r["category"] == "fresh" else 0)
-                for r in csv.DictReader(fh) if r["category"] in ("fresh", "rotten")]
+    limit = csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # its plot summaries are long; restored below
+    try:
+        with bz2.open(path, "rt", encoding="utf-8") as fh:
+            rows = [Example(r["text"], None, 1 if r["category"] == "fresh" else 0)
+                    for r in csv.DictReader(fh) if r["category"] in ("fresh", "rotten")]
+    finally:
+        csv.field_size_limit(limit)
     random.Random(ROTTEN_SPLIT_SEED).shuffle(rows)
     return Splits(rows[:-ROTTEN_DEV_SIZE], rows[-ROTTEN_DEV_SIZE:], str(path))
 
