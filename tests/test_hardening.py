@@ -156,7 +156,7 @@ BAD_METADATA: dict[str, tuple[Callable[[dict[str, Any], dict[str, torch.Tensor]]
     "rank a string": (lambda m, t: _layer(m).__setitem__("rank", "4"), "layers.fc1.rank"),
     "rank a float": (lambda m, t: _layer(m).__setitem__("rank", 4.5), "layers.fc1.rank"),
     "rank larger than the layer": (lambda m, t: _layer(m).__setitem__("rank", 13), "layers.fc1.rank"),
-    "rank not the tensors' rank": (lambda m, t: _layer(m).__setitem__("rank", 3), "fc1.lora_a"),
+    "rank not the tensors' rank": (lambda m, t: _layer(m).__setitem__("rank", 3), "'layers.fc1.rank' = 3"),
     "no rank": (lambda m, t: _layer(m).pop("rank"), "'rank'"),
     "scale NaN": (lambda m, t: _layer(m).__setitem__("scale", float("nan")), "layers.fc1.scale"),
     "scale inf": (lambda m, t: _layer(m).__setitem__("scale", float("inf")), "layers.fc1.scale"),

@@ -406,7 +406,10 @@ def _rebuild_filled(
     for name, layer in layers.items():
         prefix = f"{name}."
         layer.resize_for_load({k[len(prefix):]: t.shape for k, t in tensors.items() if k.startswith(prefix)})
-        _fill(layer, name, tensors)
+        try:
+            _fill(layer, name, tensors)
+        except AdapterFileError as exc:
+            raise AdapterFileError(f"{exc} (the file records field 'layers.{name}.rank' = {ranks[name]})") from exc
         if "scale" in meta["layers"][name]:  # a layer's scale may differ from config.scale(rank) (PEFT patterns)
             layer.scale = float(meta["layers"][name]["scale"])
     return layers
