@@ -243,7 +243,9 @@ def import_peft(base_model: nn.Module, path: str | os.PathLike[str], *, trainabl
     ``peft.PeftModel.from_pretrained(base_model, path)`` computes.
 
     Everything is checked before the model is touched; unsupported PEFT types, options or layer
-    types raise ``ValueError`` / ``TypeError`` naming the culprit and leave the model as it was.
+    types raise ``ValueError`` / ``TypeError`` naming the culprit, a malformed file (bad JSON or
+    safetensors, a missing or non-finite number, a regex pattern key) :class:`AdapterFileError`
+    naming the field; either way the model is left as it was (flags included).
     """
     from .methods import DoraConfig, LoraConfig
     from .model import all_or_nothing, install, is_attached
