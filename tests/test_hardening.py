@@ -9,7 +9,6 @@ round trip.
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 import textwrap
@@ -512,4 +511,3 @@ def test_import_save_load_round_trip_of_a_regex_target(tmp_path) -> None:
     loaded = rankwise.load(_Nested(), tmp_path / "rw")
     assert list(rankwise.adapter_layers(loaded)) == ["fc"]
     torch.testing.assert_close(loaded(x), want, rtol=1e-5, atol=1e-6)
-    assert math.isfinite(float(loaded(x).sum()))
