@@ -128,7 +128,13 @@ def validate_description(meta: Any, file: Any) -> dict[str, Any]:
             for i, v in enumerate(points):
                 file_number(v, file, f"{where}.base_fingerprint[{i}]", positive=False)
     file_names(meta.get("modules_to_save", []), file, "modules_to_save")
-    file_dict(meta.get("method_state", {}), file, "method_state")
+    for key, value in file_dict(meta.get("method_state", {}), file, "method_state").items():
+        if isinstance(value, int) and not isinstance(value, bool):
+            file_int(value, file, f"method_state.{key}", minimum=0)  # counters (RAC-LoRA's link_step, links)
+        elif isinstance(value, float):
+            file_number(value, file, f"method_state.{key}", positive=False)
+        elif not isinstance(value, (str, bool, type(None))):
+            raise AdapterFileError(f"{_where(file, 'method_state.' + key)} must be a number, string or boolean, got {value!r:.100}")
     return meta
 
 
