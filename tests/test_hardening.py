@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import rankwise
-from conftest import ModelCase, TinyMLP
+from conftest import ModelCase
 from method_matrix import METHOD_CASES
 from rankwise.io import metadata_digest, tensors_digest
 from test_bad_input import _assert_unchanged, _snapshot
