@@ -381,7 +381,7 @@ def load(
 
     method_state = dict(meta.get("method_state", {}))
     # building a layer freezes its base weight, so from here on any error restores the model
-    with all_or_nothing(model, targets, saved):
+    with all_or_nothing(model, targets):
         layers = _rebuild_filled(method, targets, config, meta, tensors, path)
         mts_tensors = _saved_module_tensors(saved, tensors)
         known = {f"{n}.{k}" for n, layer in layers.items() for k in layer.adapter_state()}
@@ -389,14 +389,14 @@ def load(
         stray = sorted(set(tensors) - known)
         if stray:
             raise AdapterFileError(f"adapter file holds tensors this method does not use: {stray[:5]}")
-        # all checks passed: now change the model
-        for name, module in saved.items():
-            module.load_state_dict(mts_tensors[name])
+        # all checks passed: now change the model; the fully-trained modules' tensors last (shapes checked)
         install(model, config, BuildResult(layers), saved)
         get_state(model).method_state = method_state
         if not trainable:
             for p in model.parameters():
                 p.requires_grad_(False)
+        for name, module in saved.items():
+            module.load_state_dict(mts_tensors[name])
     return model
 
 

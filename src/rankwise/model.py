@@ -223,16 +223,16 @@ def install(model: nn.Module, config: AdapterConfig, result: BuildResult, saved:
 
 
 @contextmanager
-def all_or_nothing(model: nn.Module, targets: Iterable[str], saved: dict[str, nn.Module]) -> Iterator[None]:
+def all_or_nothing(model: nn.Module, targets: Iterable[str]) -> Iterator[None]:
     """Undo everything ``attach`` / ``load`` / ``import_peft`` may have changed if the block raises.
 
     Restores every parameter's ``requires_grad`` flag (building a layer freezes its base weight), the
-    original modules at ``targets`` (if some were already swapped), the tensors of the fully-trained
-    modules ``saved`` (a load fills them in) and the model's rankwise state; then re-raises.
+    original modules at ``targets`` (if some were already swapped) and the model's rankwise state;
+    then re-raises. Tensors are not snapshotted (a fully-trained head can be large): callers copy
+    saved tensors in last, after every check.
     """
     flags = [(p, p.requires_grad) for p in model.parameters()]
     originals = {name: model.get_submodule(name) for name in targets}
-    saved_tensors = {name: {k: v.detach().clone() for k, v in m.state_dict().items()} for name, m in saved.items()}
     had_state = hasattr(model, STATE_ATTR)
     try:
         yield
@@ -240,9 +240,6 @@ def all_or_nothing(model: nn.Module, targets: Iterable[str], saved: dict[str, nn
         for name, module in originals.items():
             if model.get_submodule(name) is not module:
                 _set_submodule(model, name, module)
-        with torch.no_grad():
-            for name, module in saved.items():
-                module.load_state_dict(saved_tensors[name])
         for p, flag in flags:
             p.requires_grad_(flag)
         if not had_state and hasattr(model, STATE_ATTR):
@@ -287,7 +284,7 @@ def attach(
     targets = find_targets(model, config.target_modules, config.exclude_modules, skip=saved)
     if method.uses_calibration and calibration is None:
         raise ValueError(f"{method.name} initialises from data: pass calibration=<iterable of training batches> to attach")
-    with all_or_nothing(model, targets, {}):
+    with all_or_nothing(model, targets):
         result = method.build(model, targets, config, calibration, loss_fn)
         return install(model, config, result, saved)
 

@@ -321,16 +321,16 @@ def import_peft(base_model: nn.Module, path: str | os.PathLike[str], *, trainabl
         use_rslora=bool(cfg.get("use_rslora")),
     )
     # building a layer freezes its base weight, so from here on any error restores the model
-    with all_or_nothing(base_model, targets, saved):
+    with all_or_nothing(base_model, targets):
         layers = method_for(config).rebuild(targets, config, ranks)
         _fill_from_peft(layers, parts, cfg, config.use_rslora)
-        # all checks passed: now change the model
-        for name, module in saved.items():
-            module.load_state_dict(mts[name])
+        # all checks passed: now change the model; the fully-trained modules' tensors last (shapes checked)
         install(base_model, config, BuildResult(layers), saved)
         if not trainable:
             for p in base_model.parameters():
                 p.requires_grad_(False)
+        for name, module in saved.items():
+            module.load_state_dict(mts[name])
     return base_model
 
 
