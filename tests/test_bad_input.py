@@ -223,12 +223,15 @@ def test_unknown_method_in_file(mlp_case: ModelCase, tmp_path) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from rankwise.io import metadata_digest
+
     _, path = _saved(mlp_case, tmp_path)
     file = path / "adapter.safetensors"
     with safe_open(str(file), framework="pt") as f:
         meta = json.loads(f.metadata()["rankwise"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     meta["config"]["method"] = "qlora-9000"
+    meta["metadata_sha256"] = metadata_digest(meta)  # a consistent file, only the method unknown
     save_file(tensors, str(file), metadata={"rankwise": json.dumps(meta)})
     with pytest.raises(rankwise.AdapterFileError, match="unknown adapter method 'qlora-9000'"):
         rankwise.load(mlp_case.make(), path)

@@ -85,13 +85,25 @@ class AdapterLayer(nn.Module):
         if self.bias is not None:
             self.bias.requires_grad_(False)
         self.dropout: nn.Module = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        # adapters train in fp32 over a bf16/fp16 base (the usual mixed-precision setup)
-        self.adapter_dtype: torch.dtype = torch.float32 if weight.dtype in LOW_PRECISION else weight.dtype
+        # adapters are created in fp32 over a bf16/fp16 base (the usual mixed-precision setup); afterwards
+        # they run in whatever dtype their tensors have (see adapter_dtype)
+        self._init_dtype: torch.dtype = torch.float32 if weight.dtype in LOW_PRECISION else weight.dtype
         self.merged: bool = False
         self._original_weight: Tensor | None = None
         self._base_ref: list[nn.Module] = [base]  # a list so it is not registered as a submodule
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        """The dtype the adapter computes in: its own tensors' (read at each use, not cached).
+
+        fp32 over a bf16/fp16 base at attach; after ``model.to(torch.bfloat16)`` (or ``.double()``)
+        the adapter tensors were converted with the base, and the forward pass follows them.
+        """
+        if not self.trainable:
+            return self._init_dtype
+        return getattr(self, self.trainable[0]).dtype
+
     def base_weight(self) -> Tensor:
         """The frozen base weight as ``out x in`` (a view; transposed for ``Conv1D``)."""
         return self.weight.t() if self.fan_in_fan_out else self.weight
@@ -108,7 +120,7 @@ class AdapterLayer(nn.Module):
     def new_tensor(self, *shape: int, zeros: bool = True) -> Tensor:
         """An adapter tensor on the base weight's device, in the adapter dtype."""
         make = torch.zeros if zeros else torch.empty
-        return make(*shape, dtype=self.adapter_dtype, device=self.weight.device)
+        return make(*shape, dtype=self._init_dtype, device=self.weight.device)
 
     # ------------------------------------------------------------------ the contract
     def adapter_forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract

@@ -13,7 +13,8 @@ module of the model is replaced, so an error leaves the model exactly as it was.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,11 @@ from .registry import BuildResult, LossFn, method_for
 from .targeting import find_modules_to_save, find_targets
 
 STATE_ATTR = "_rankwise"
+# wrappers whose inner model holds the adapter: torch.compile, DDP, DataParallel, FSDP1
+_WRAPPER_ATTRS = {"OptimizedModule": "_orig_mod", "DistributedDataParallel": "module", "DataParallel": "module",
+                  "FullyShardedDataParallel": "_fsdp_wrapped_module"}
+# the name segments such wrappers (and activation checkpointing) add when they wrap a submodule
+_WRAPPER_SEGMENTS = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
 @dataclass
@@ -103,19 +109,38 @@ def _fmt(value: Any) -> str:
 
 
 # ---------------------------------------------------------------------------- queries
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile`` / DDP / ``DataParallel`` / FSDP1 wrappers (any nesting).
+
+    Every public entry point unwraps, so adapter names are the plain model's (``fc1``, never
+    ``_orig_mod.fc1`` or ``module.fc1``) and ``save(torch.compile(model))`` loads onto a plain base.
+    """
+    while type(model).__name__ in _WRAPPER_ATTRS and isinstance(getattr(model, _WRAPPER_ATTRS[type(model).__name__], None), nn.Module):
+        model = getattr(model, _WRAPPER_ATTRS[type(model).__name__])
+    return model
+
+
+def plain_name(name: str) -> str:
+    """``name`` without the segments wrappers of submodules add (``_orig_mod.``, ``_fsdp_wrapped_module.``, ...)."""
+    for segment in _WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
+
+
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
-    """``{full_name: layer}`` for every adapter layer in the model."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+    """``{full_name: layer}`` for every adapter layer in the (unwrapped) model, by its plain name."""
+    return {plain_name(name): m for name, m in unwrap_model(model).named_modules() if isinstance(m, AdapterLayer)}
 
 
 def get_state(model: nn.Module) -> RankwiseState:
-    state = getattr(model, STATE_ATTR, None)
+    state = getattr(unwrap_model(model), STATE_ATTR, None)
     if state is None:
         raise ValueError(f"this {type(model).__name__} has no rankwise adapters: call rankwise.attach first")
     return state
 
 
 def is_attached(model: nn.Module) -> bool:
+    model = unwrap_model(model)
     return getattr(model, STATE_ATTR, None) is not None or bool(adapter_layers(model))
 
 
@@ -179,7 +204,10 @@ def _report(model: nn.Module, config: AdapterConfig, result: BuildResult, saved:
 
 
 def install(model: nn.Module, config: AdapterConfig, result: BuildResult, saved: dict[str, nn.Module]) -> AttachReport:
-    """Swap built layers into the model, freeze the rest, and record the state (no checks: callers check)."""
+    """Swap built layers into the model, freeze the rest, and record the state (no checks: callers check).
+
+    Call it inside :func:`all_or_nothing`, which puts the original modules and flags back on an error.
+    """
     for p in model.parameters():
         p.requires_grad_(False)
     for name, layer in result.layers.items():
@@ -194,6 +222,31 @@ def install(model: nn.Module, config: AdapterConfig, result: BuildResult, saved:
     return _report(model, config, result, saved)
 
 
+@contextmanager
+def all_or_nothing(model: nn.Module, targets: Iterable[str]) -> Iterator[None]:
+    """Undo everything ``attach`` / ``load`` / ``import_peft`` may have changed if the block raises.
+
+    Restores every parameter's ``requires_grad`` flag (building a layer freezes its base weight), the
+    original modules at ``targets`` (if some were already swapped) and the model's rankwise state;
+    then re-raises. Tensors are not snapshotted (a fully-trained head can be large): callers copy
+    saved tensors in last, after every check.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    originals = {name: model.get_submodule(name) for name in targets}
+    had_state = hasattr(model, STATE_ATTR)
+    try:
+        yield
+    except BaseException:
+        for name, module in originals.items():
+            if model.get_submodule(name) is not module:
+                _set_submodule(model, name, module)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        if not had_state and hasattr(model, STATE_ATTR):
+            delattr(model, STATE_ATTR)
+        raise
+
+
 def attach(
     model: nn.Module,
     config: AdapterConfig,
@@ -203,7 +256,8 @@ def attach(
     """Put adapters on the modules ``config`` targets, in place; freeze everything else.
 
     Args:
-        model: any ``nn.Module`` (a Hugging Face model, a plain MLP, ...).
+        model: any ``nn.Module`` (a Hugging Face model, a plain MLP, ...); a ``torch.compile`` / DDP
+            wrapper is unwrapped (the adapter goes on the model inside).
         config: a method's frozen config (``LoraConfig``, ``DoraConfig``, ...).
         calibration: batches for methods that initialise from data (GoRA); each batch is passed as
             ``model(**batch)`` (a dict) or ``model(batch)``, and its ``.loss`` is used unless
@@ -214,10 +268,12 @@ def attach(
         An :class:`AttachReport` (print it for a table).
 
     Raises:
-        ValueError / TypeError with the culprit named; the model is unchanged on any error.
+        ValueError / TypeError with the culprit named; the model is unchanged on any error
+        (``requires_grad`` flags included).
     """
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be a rankwise config (e.g. rankwise.LoraConfig), got {type(config).__name__}")
+    model = unwrap_model(model)
     if is_attached(model):
         raise ValueError(
             "this model already has rankwise adapters; call rankwise.detach(model) first "
@@ -228,16 +284,18 @@ def attach(
     targets = find_targets(model, config.target_modules, config.exclude_modules, skip=saved)
     if method.uses_calibration and calibration is None:
         raise ValueError(f"{method.name} initialises from data: pass calibration=<iterable of training batches> to attach")
-    result = method.build(model, targets, config, calibration, loss_fn)
-    return install(model, config, result, saved)
+    with all_or_nothing(model, targets):
+        result = method.build(model, targets, config, calibration, loss_fn)
+        return install(model, config, result, saved)
 
 
 def detach(model: nn.Module, merge: bool = False) -> nn.Module:
     """Remove every adapter, restoring the original modules (merged first if ``merge=True``).
 
-    Without ``merge`` the model's weights are exactly the originals again.
+    Without ``merge`` the model's weights are exactly the originals again. Returns the (unwrapped) model.
     """
-    layers = adapter_layers(model)
+    model = unwrap_model(model)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
     if not layers:
         raise ValueError(f"this {type(model).__name__} has no rankwise adapters to detach")
     for name, layer in layers.items():
@@ -323,7 +381,11 @@ def step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, ch
                 "large learning rate reached it. Call rankwise.check_finite_grads(model) before optimizer.step() "
                 "to find the batch"
             )
-    state.step += 1
     method = method_for(state.config)
+    state.step += 1
     if method.on_step is not None:
-        method.on_step(model, adapter_layers(model), optimizer, state)
+        try:
+            method.on_step(model, adapter_layers(model), optimizer, state)
+        except BaseException:
+            state.step -= 1  # a refused step (e.g. the wrong optimizer) is not counted
+            raise

@@ -1,9 +1,9 @@
-"""Export to the HF PEFT adapter format, so a rankwise adapter serves wherever PEFT adapters do.
+r"""Export to the HF PEFT adapter format, so a rankwise adapter serves wherever PEFT adapters do.
 
 A PEFT LoRA adapter is a folder with ``adapter_config.json`` and ``adapter_model.safetensors`` whose
 keys are ``base_model.model.<module>.lora_A.weight`` (``r x in``), ``...lora_B.weight`` (``out x r``)
 and, for DoRA, ``...lora_magnitude_vector`` (``out``). Per-layer ranks and scales go in
-``rank_pattern`` / ``alpha_pattern`` (regexes matched as ``(.*\\.)?(key)$``; we write full module
+``rank_pattern`` / ``alpha_pattern`` (regexes matched as ``(.*\.)?(key)$``; we write full module
 names). Every method maps onto this through :meth:`AdapterLayer.peft_factors`.
 
 ``vllm=True`` writes the form engines that read only ``r``, ``lora_alpha`` and tensor shapes serve
@@ -13,7 +13,12 @@ baked into ``lora_B``, ranks are zero-padded to one global ``r`` (exact: padding
 merge them instead (``rankwise.detach(model, merge=True)`` then ``save_pretrained``).
 
 :func:`import_peft` goes the other way: a PEFT LoRA / rsLoRA / DoRA folder becomes a rankwise
-adapter (per-layer ranks and scales kept), ready to continue training.
+adapter (per-layer ranks and scales kept), ready to continue training. A PEFT folder is data, never
+code: the adapted layers are the ones its tensors name (``target_modules`` is not evaluated), every
+number of its config is validated, and ``rank_pattern`` / ``alpha_pattern`` keys are matched as plain
+module names or dotted name suffixes (optionally anchored with ``^`` / ``$``), never as regexes — what
+PEFT's rule ``(.*\.)?(key)$`` gives for such keys, without the catastrophic backtracking a crafted
+regex key could cause. A key with other regex syntax is refused, naming it.
 """
 
 from __future__ import annotations
@@ -31,8 +36,8 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from .io import atomic_write_bytes
-from .model import adapter_layers, get_state
+from .io import AdapterFileError, atomic_write_bytes, file_dict, file_int, file_names, file_number
+from .model import adapter_layers, get_state, unwrap_model
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -53,7 +58,9 @@ def export_peft(
     """Write the model's adapter as a PEFT LoRA (or DoRA) adapter folder; returns the folder.
 
     ``peft.PeftModel.from_pretrained(base, path)`` then computes the same outputs as the rankwise model.
+    A ``torch.compile`` / DDP / FSDP1 wrapper is unwrapped (module names are the plain model's).
     """
+    model = unwrap_model(model)
     state = get_state(model)
     layers = adapter_layers(model)
     factors = {name: layer.peft_factors() for name, layer in layers.items()}
@@ -144,12 +151,70 @@ _LORA_KEY = re.compile(
 )
 
 
-def pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
-    """PEFT's ``rank_pattern`` / ``alpha_pattern`` rule: the first key ``k`` with ``(.*\\.)?(k)$`` matching ``name``."""
+_PLAIN_KEY = re.compile(r"\^?[\w.\-]+\$?")  # a module name or dotted suffix, optionally anchored
+
+
+def pattern_value(patterns: dict[str, Any], name: str, default: Any, field: str = "rank_pattern") -> Any:
+    r"""PEFT's ``rank_pattern`` / ``alpha_pattern`` rule for plain keys: the first key ``k`` that equals
+    ``name`` or is a dotted suffix of it (``^k``: only equal), without evaluating ``k`` as a regex.
+
+    PEFT matches ``(.*\.)?(k)$``; for a key made of name characters that is exactly this rule (a ``.``
+    in ``k`` is taken literally). A key with other regex syntax raises :class:`AdapterFileError`
+    naming ``field`` and the key: a regex read from a file is never evaluated.
+    """
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if not _PLAIN_KEY.fullmatch(key):
+            raise AdapterFileError(
+                f"{field} key {key!r} is a regular expression; rankwise matches {field} keys as module names or "
+                "dotted name suffixes (optionally ^/$-anchored) and never evaluates a regex read from a file. "
+                f"Write the key as the module names it means (e.g. {name!r})"
+            )
+        anchored, plain = key.startswith("^"), key.strip("^$")
+        if name == plain or (not anchored and name.endswith("." + plain)):
             return value
     return default
+
+
+def _read_peft_config(folder: Path) -> dict[str, Any]:
+    """``adapter_config.json`` as a dict, every field import uses validated (:class:`AdapterFileError` naming it)."""
+    file = folder / PEFT_CONFIG
+    try:
+        cfg = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(f"{file} is not valid JSON ({exc})") from exc
+    if not isinstance(cfg, dict):
+        raise AdapterFileError(f"{file} must hold a JSON object, got {type(cfg).__name__}")
+    _check_peft_config(cfg, folder)  # the type and options first: an IA3 config has no r to validate
+    for key in ("r", "lora_alpha"):
+        if key not in cfg:
+            raise AdapterFileError(f"{file} lacks field {key!r}")
+    file_int(cfg["r"], file, "r")
+    file_number(cfg["lora_alpha"], file, "lora_alpha")
+    for key, value in file_dict(cfg.get("rank_pattern") or {}, file, "rank_pattern").items():
+        file_int(value, file, f"rank_pattern[{key!r}]")
+    for key, value in file_dict(cfg.get("alpha_pattern") or {}, file, "alpha_pattern").items():
+        file_number(value, file, f"alpha_pattern[{key!r}]")
+    dropout = cfg.get("lora_dropout") or 0.0
+    if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0.0 <= dropout < 1.0):
+        raise AdapterFileError(f"{file}: field 'lora_dropout' must be a number in [0, 1), got {dropout!r}")
+    for key in ("use_dora", "use_rslora", "fan_in_fan_out"):
+        if cfg.get(key) not in (None, True, False):
+            raise AdapterFileError(f"{file}: field {key!r} must be true or false, got {cfg[key]!r}")
+    file_names(cfg.get("modules_to_save") or [], file, "modules_to_save")
+    return cfg
+
+
+def _read_peft_tensors(folder: Path) -> dict[str, Tensor]:
+    """The adapter's tensors without PEFT's ``base_model.model.`` prefix; a bad file raises :class:`AdapterFileError`."""
+    file = folder / PEFT_WEIGHTS
+    try:
+        raw = load_file(str(file))
+    except Exception as exc:  # safetensors raises several types for truncated/corrupt headers
+        raise AdapterFileError(f"{file} is truncated or corrupt and cannot be read ({exc})") from exc
+    for key, t in raw.items():
+        if torch.is_floating_point(t) and not bool(torch.isfinite(t).all()):
+            raise AdapterFileError(f"{file}: tensor {key!r} holds NaN/inf")
+    return {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in raw.items()}
 
 
 def _check_peft_config(cfg: dict[str, Any], path: Path) -> None:
@@ -178,23 +243,24 @@ def import_peft(base_model: nn.Module, path: str | os.PathLike[str], *, trainabl
     ``peft.PeftModel.from_pretrained(base_model, path)`` computes.
 
     Everything is checked before the model is touched; unsupported PEFT types, options or layer
-    types raise ``ValueError`` / ``TypeError`` naming the culprit and leave the model as it was.
+    types raise ``ValueError`` / ``TypeError`` naming the culprit, a malformed file (bad JSON or
+    safetensors, a missing or non-finite number, a regex pattern key) :class:`AdapterFileError`
+    naming the field; either way the model is left as it was (flags included).
     """
     from .methods import DoraConfig, LoraConfig
-    from .model import install, is_attached
+    from .model import all_or_nothing, install, is_attached
     from .registry import BuildResult, method_for
     from .targeting import SUPPORTED_TYPES, find_modules_to_save, is_supported
 
     folder = Path(path)
+    base_model = unwrap_model(base_model)
     if is_attached(base_model):
         raise ValueError("this model already has rankwise adapters; import onto a fresh base model")
     for file in (PEFT_CONFIG, PEFT_WEIGHTS):
         if not (folder / file).is_file():
             raise FileNotFoundError(f"no PEFT adapter at {folder}: {file} is missing")
-    cfg = json.loads((folder / PEFT_CONFIG).read_text())
-    _check_peft_config(cfg, folder)
-    raw = load_file(str(folder / PEFT_WEIGHTS))
-    tensors = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in raw.items()}
+    cfg = _read_peft_config(folder)
+    tensors = _read_peft_tensors(folder)
 
     parts: dict[str, dict[str, Tensor]] = {}
     for key, t in tensors.items():
@@ -219,7 +285,7 @@ def import_peft(base_model: nn.Module, path: str | os.PathLike[str], *, trainabl
         if set(got) != need:
             raise ValueError(f"PEFT layer {name!r} has tensors {sorted(got)}, expected {sorted(need)}")
         rank = int(got["lora_A"].shape[0])
-        expected_rank = int(pattern_value(cfg.get("rank_pattern") or {}, name, cfg["r"]))
+        expected_rank = int(pattern_value(cfg.get("rank_pattern") or {}, name, cfg["r"], "rank_pattern"))
         if rank != expected_rank:
             raise ValueError(f"PEFT layer {name!r} has rank {rank} in its tensors but {expected_rank} in adapter_config.json")
         targets[name], ranks[name] = module, rank
@@ -254,25 +320,32 @@ def import_peft(base_model: nn.Module, path: str | os.PathLike[str], *, trainabl
         modules_to_save=tuple(saved) or None,
         use_rslora=bool(cfg.get("use_rslora")),
     )
-    layers = method_for(config).rebuild(targets, config, ranks)
-    with torch.no_grad():
-        for name, layer in layers.items():
-            alpha = float(pattern_value(cfg.get("alpha_pattern") or {}, name, cfg["lora_alpha"]))
-            layer.scale = alpha / math.sqrt(layer.rank) if config.use_rslora else alpha / layer.rank
-            for ours, theirs in (("lora_a", "lora_A"), ("lora_b", "lora_B"), ("magnitude", "lora_magnitude_vector")):
-                if theirs in parts[name]:
-                    src = parts[name][theirs]
-                    dst = getattr(layer, ours)
-                    if src.shape != dst.shape:
-                        raise ValueError(
-                            f"PEFT tensor {name}.{theirs} has shape {tuple(src.shape)} but this model needs {tuple(dst.shape)}"
-                        )
-                    dst.copy_(src)
-    # all checks passed: now change the model
-    for name, module in saved.items():
-        module.load_state_dict(mts[name])
-    install(base_model, config, BuildResult(layers), saved)
-    if not trainable:
-        for p in base_model.parameters():
-            p.requires_grad_(False)
+    # building a layer freezes its base weight, so from here on any error restores the model
+    with all_or_nothing(base_model, targets):
+        layers = method_for(config).rebuild(targets, config, ranks)
+        _fill_from_peft(layers, parts, cfg, config.use_rslora)
+        # all checks passed: now change the model; the fully-trained modules' tensors last (shapes checked)
+        install(base_model, config, BuildResult(layers), saved)
+        if not trainable:
+            for p in base_model.parameters():
+                p.requires_grad_(False)
+        for name, module in saved.items():
+            module.load_state_dict(mts[name])
     return base_model
+
+
+@torch.no_grad()
+def _fill_from_peft(layers: dict[str, Any], parts: dict[str, dict[str, Tensor]], cfg: dict[str, Any], rslora: bool) -> None:
+    """Copy PEFT's factors into the rebuilt layers and set each layer's scale from ``alpha_pattern``."""
+    for name, layer in layers.items():
+        alpha = float(pattern_value(cfg.get("alpha_pattern") or {}, name, cfg["lora_alpha"], "alpha_pattern"))
+        layer.scale = alpha / math.sqrt(layer.rank) if rslora else alpha / layer.rank
+        for ours, theirs in (("lora_a", "lora_A"), ("lora_b", "lora_B"), ("magnitude", "lora_magnitude_vector")):
+            if theirs in parts[name]:
+                src = parts[name][theirs]
+                dst = getattr(layer, ours)
+                if src.shape != dst.shape:
+                    raise ValueError(
+                        f"PEFT tensor {name}.{theirs} has shape {tuple(src.shape)} but this model needs {tuple(dst.shape)}"
+                    )
+                dst.copy_(src)

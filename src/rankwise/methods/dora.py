@@ -11,6 +11,11 @@ handling of dropout (the magnitude rescales the dropped-out input's path)::
     h = x W0ᵀ + b + (m/n − 1) ⊙ x_d W0ᵀ + (m/n) ⊙ s · x_d Aᵀ Bᵀ,     n = ‖W0 + s B A‖_row
 
 We form ``B A`` directly (``out x r x in`` flops) rather than through an identity-matrix pass.
+
+A row whose norm is zero (an all-zero row of ``W0``, as pruned models have; ``m = 0`` there) would
+give ``0/0``: the norm is clamped at :data:`NORM_EPS`, so such a row computes ``m/ε · (…) = 0``, the
+base's output (its bias), instead of NaN. HF PEFT divides unclamped (NaN on such a row); every row
+with a norm above ``ε`` is computed exactly as PEFT does.
 """
 
 from __future__ import annotations
@@ -27,6 +32,18 @@ from ..config import AdapterConfig
 from ..layer import AdapterLayer, PeftFactors
 from ..registry import Method, register_method, simple_build
 from .lora import LoraLinear
+
+NORM_EPS = 1e-12  # floor of a row norm in DoRA-family divisions (far below any real weight row's norm)
+
+
+def clamp_norm(norm: Tensor) -> Tensor:
+    """Row norms floored at ``ε`` (:data:`NORM_EPS`, or the dtype's smallest normal number if larger)."""
+    return norm.clamp_min(max(NORM_EPS, torch.finfo(norm.dtype).tiny))
+
+
+def magnitude_scale(magnitude: Tensor, norm: Tensor) -> Tensor:
+    """``m / max(n, ε)`` (any shape): DoRA's row scale, finite on an all-zero row (see the module docstring)."""
+    return magnitude / clamp_norm(norm)
 
 
 def magnitude_forward(layer: AdapterLayer, x: Tensor, mag_scale: Tensor, lora_out: Callable[[Tensor], Tensor]) -> Tensor:
@@ -81,13 +98,13 @@ class DoraLinear(LoraLinear):
         return torch.linalg.norm(w + self.scale * delta, dim=1).detach()  # out
 
     def adapter_forward(self, x: Tensor) -> Tensor:
-        return magnitude_forward(self, x, self.magnitude / self.weight_norm(), self.lora_out)
+        return magnitude_forward(self, x, magnitude_scale(self.magnitude, self.weight_norm()), self.lora_out)
 
     def merged_weight(self) -> Tensor:
         w0 = self.unmerged_base_weight().float()  # out x in
         directed = w0 + self.scale * (self.lora_b.float() @ self.lora_a.float())  # out x in
         norm = torch.linalg.norm(directed, dim=1, keepdim=True)  # out x 1
-        return self.magnitude.float().unsqueeze(1) * directed / norm  # out x in
+        return self.magnitude.float().unsqueeze(1) * directed / clamp_norm(norm)  # out x in
 
     def peft_factors(self) -> PeftFactors:
         return PeftFactors(self.lora_a.detach(), self.lora_b.detach(), self.scale, self.magnitude.detach())

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from ..config import AdapterConfig
 from ..layer import AdapterLayer, PeftFactors, layer_generator
 from ..registry import BuildResult, Method, register_method
-from .dora import magnitude_forward
+from .dora import clamp_norm, magnitude_forward, magnitude_scale
 
 SVD_MODES = ("exact", "randomized")
 FACTOR_MODES = ("svd", "random")
@@ -222,7 +222,7 @@ class EdoraLinear(AdapterLayer):
 
     def adapter_forward(self, x: Tensor) -> Tensor:
         br = self.frozen_b @ self.core  # out x r, computed once for the norm and the update
-        mag_scale = self.magnitude / self.weight_norm(br)  # out
+        mag_scale = magnitude_scale(self.magnitude, self.weight_norm(br))  # out; finite on an all-zero row
         return magnitude_forward(self, x, mag_scale, lambda x_d: self._lora_out(x_d, br))
 
     # ------------------------------------------------------------------ merge / export
@@ -231,7 +231,7 @@ class EdoraLinear(AdapterLayer):
         delta = self.frozen_b.float() @ self.core.float() @ self.frozen_a.float()  # out x in
         directed = w0 + self.scale * delta  # out x in
         norm = torch.linalg.norm(directed, dim=1, keepdim=True)  # out x 1
-        return self.magnitude.float().unsqueeze(1) * directed / norm  # out x in
+        return self.magnitude.float().unsqueeze(1) * directed / clamp_norm(norm)  # out x in
 
     def peft_factors(self) -> PeftFactors:
         """PEFT DoRA form: ``lora_A = A``, ``lora_B = B R``, the magnitude and ``s``."""

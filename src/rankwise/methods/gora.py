@@ -132,7 +132,13 @@ class GoraLinear(LoraLinear):
         ridge = _RIDGE * float(gram.diagonal().mean()) * torch.eye(self.rank, dtype=torch.float64, device=g.device)
         b_t = torch.linalg.solve(gram + ridge, -(a @ g.t()))  # r x out  (= (−Ḡ A⁺)ᵀ)
         xi = gamma * math.sqrt(self.in_features) / alpha
-        self.lora_b.copy_((b_t.t() * xi).to(self.lora_b.device))  # out x r
+        b = (b_t.t() * xi).to(device=self.lora_b.device, dtype=self.lora_b.dtype)  # out x r
+        if not torch.isfinite(b).all():
+            raise FloatingPointError(
+                f"GoRA's initial B is not finite in {self.lora_b.dtype} (gamma={gamma:g}, largest |mean gradient| "
+                f"{float(g.abs().max()):.3g}): lower gamma, or the loss scale of the calibration batches"
+            )
+        self.lora_b.copy_(b)
 
 
 # ---------------------------------------------------------------------------- 1. gradients
@@ -326,8 +332,27 @@ def _importance(module: nn.Module, grad_like: Tensor, kind: str) -> float:
 
 
 def importances(targets: dict[str, nn.Module], grads: dict[str, Tensor], kind: str) -> dict[str, float]:
-    """Step 2: ``I_i`` for every layer (``grads`` are ``out x in``)."""
-    return {name: _importance(targets[name], _weight_out_in(targets[name], grads[name]), kind) for name in targets}
+    """Step 2: ``I_i`` for every layer (``grads`` are ``out x in``); raises naming a layer whose ``I_i`` is not finite."""
+    out = {name: _importance(targets[name], _weight_out_in(targets[name], grads[name]), kind) for name in targets}
+    for name, value in out.items():
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"GoRA importance of layer {name!r} is {value!r} ({kind} overflowed fp32): the calibration loss or "
+                "gradients are too large; lower the loss scale"
+            )
+    return out
+
+
+def importance_shares(importance: dict[str, float]) -> dict[str, float] | None:
+    """``a_i = I_i / Σ_j I_j`` (``None`` if every ``I_i`` is 0); when the sum overflows, after dividing by the largest ``I``."""
+    total = sum(importance.values())
+    if not math.isfinite(total):
+        top = max(importance.values())
+        importance = {n: v / top for n, v in importance.items()}
+        total = sum(importance.values())
+    if not total > 0:
+        return None
+    return {n: v / total for n, v in importance.items()}
 
 
 # ---------------------------------------------------------------------------- 3. ranks
@@ -380,8 +405,7 @@ def allocate_ranks(
     for n, v in importance.items():
         if not (math.isfinite(v) and v >= 0):
             raise ValueError(f"importance of layer {n!r} is {v!r}; it must be finite and >= 0")
-    total = sum(importance[n] for n in names)
-    share = {n: importance[n] / total for n in names} if total > 0 else {n: w[n] / sum(w.values()) for n in names}
+    share = importance_shares({n: importance[n] for n in names}) or {n: w[n] / sum(w.values()) for n in names}
 
     def fill(lam: float) -> dict[str, float]:
         return {n: min(max(lam * share[n] / w[n], lo[n]), hi[n]) for n in names}
@@ -448,13 +472,16 @@ def build(
     for i, (name, module) in enumerate(targets.items()):
         layer = GoraLinear(module, config, alloc.ranks[name], index=i, init=False)
         layer.init_lora(layer_generator(seed, i))
-        layer.init_from_gradient(grads[name], config.gamma, config.alpha)
+        try:
+            layer.init_from_gradient(grads[name], config.gamma, config.alpha)
+        except (ValueError, FloatingPointError) as exc:
+            raise type(exc)(f"GoRA layer {name!r}: {exc}") from exc
         layers[name] = layer
-    total_imp = sum(imp.values())
+    share = importance_shares(imp)
     extras = {
         n: {
             "importance": imp[n],
-            "share": imp[n] / total_imp if total_imp > 0 else float("nan"),
+            "share": share[n] if share is not None else float("nan"),
             "rank_target": alloc.targets[n],
         }
         for n in targets

@@ -267,12 +267,31 @@ def reset_optimizer_state(optimizer: Any, params: Iterable[Tensor]) -> None:
             del state[p]
 
 
+def check_optimizer(layers: dict[str, AdapterLayer], optimizer: Any) -> None:
+    """Raise unless ``optimizer`` holds every trained factor of ``layers`` (checked before a link ends).
+
+    Ending a link resets the optimizer's state for the factors; with another optimizer (one for a
+    different model, or built before ``attach``) the real one would keep stale moments and move a
+    factor on a zero gradient.
+    """
+    held = {id(p) for group in getattr(optimizer, "param_groups", ()) for p in group.get("params", ())}
+    for name, layer in layers.items():
+        for tensor_name, p in layer.trainable_tensors().items():
+            if id(p) not in held:
+                raise ValueError(
+                    f"the optimizer passed to rankwise.step/end_link does not hold adapter parameter "
+                    f"{name}.{tensor_name}: pass the optimizer that trains this model (built after rankwise.attach, "
+                    "e.g. torch.optim.AdamW(rankwise.trainable_parameters(model).values()))"
+                )
+
+
 def _end_links(layers: dict[str, AdapterLayer], optimizer: Any, state: RankwiseState) -> None:
     if optimizer is None:
         raise ValueError(
             "a RAC-LoRA link ends here and its optimizer state must be reset: call rankwise.step(model, optimizer) "
             "(or rankwise.end_link(model, optimizer)) with the optimizer"
         )
+    check_optimizer(layers, optimizer)
     for layer in layers.values():
         assert isinstance(layer, RacLoraLinear)
         layer.end_link()
@@ -289,9 +308,13 @@ def on_step(model: nn.Module, layers: dict[str, AdapterLayer], optimizer: Any, s
     assert isinstance(config, RacLoraConfig)
     if not config.chain:
         return
-    state.method_state["link_step"] = int(state.method_state.get("link_step", 0)) + 1
-    if config.link_steps is not None and state.method_state["link_step"] >= config.link_steps:
-        _end_links(layers, optimizer, state)
+    if optimizer is not None:
+        check_optimizer(layers, optimizer)  # every step, so a wrong optimizer is caught at once, not at a link end
+    link_step = int(state.method_state.get("link_step", 0)) + 1
+    if config.link_steps is not None and link_step >= config.link_steps:
+        _end_links(layers, optimizer, state)  # checks first, so a refusal changes nothing; resets link_step
+    else:
+        state.method_state["link_step"] = link_step
 
 
 def _rac_state(model: nn.Module) -> tuple[RacLoraConfig, RankwiseState, dict[str, RacLoraLinear]]:
