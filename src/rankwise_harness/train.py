@@ -620,7 +620,7 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
         (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         plot_loss(history, out / "loss_curve.png", f"{cfg.method} on {task.name}")
-        if cfg.method == "gora" and hasattr(rankwise, "plot_gora_ranks"):
+        if cfg.method == "gora" and attach_fn is None and hasattr(rankwise, "plot_gora_ranks"):
             rankwise.plot_gora_ranks(raw_model, out / "gora_ranks.png")
         shutil.rmtree(out / CKPT_DIR, ignore_errors=True)
         say(summary(result, out))
