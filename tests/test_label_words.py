@@ -359,3 +359,24 @@ def test_peft_injection_works_on_the_wrapper(tmp_path: Path, tiny_lm: str, sst2:
 def test_verbalizer_renders_pairs() -> None:
     v = Verbalizer("A: {text} B: {text_pair} ->", (" no", " yes"))
     assert v.render("x", "y") == "A: x B: y ->"
+
+
+def test_resume_in_label_word_mode_equals_uninterrupted(tmp_path: Path, tiny_lm: str, sst2: str) -> None:
+    kw = dict(method="gora", targets=("q_proj", "v_proj"), overrides={"n_steps": "2"}, max_steps=4, save_every=2,
+              dropout=0.1, lora_plus_ratio=4.0)
+    whole = finetune(_cfg(tmp_path / "a", tiny_lm, sst2, **kw), **QUIET)
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash(step: int, _loss: float) -> None:
+        if step == 3:
+            raise Crash
+
+    cfg = _cfg(tmp_path / "b", tiny_lm, sst2, **kw)
+    with pytest.raises(Crash):
+        finetune(cfg, hook=crash, **QUIET)
+    resumed = finetune(cfg, resume=True, **QUIET)
+    assert resumed["losses"] == whole["losses"] and resumed["metrics"] == whole["metrics"]
+    a = (tmp_path / "a" / "run" / "predictions.jsonl").read_text()
+    assert (tmp_path / "b" / "run" / "predictions.jsonl").read_text() == a
