@@ -174,7 +174,6 @@ def _list_methods() -> int:
 
 def _list_tasks() -> int:
     from .data import TASKS
-
     from .verbalize import DEFAULT_VERBALIZERS, NO_VERBALIZER
 
     for t in TASKS.values():

@@ -203,11 +203,10 @@ def evaluate(model: nn.Module, enc: Encoder, dev: list[Example], accelerator: An
                                 "correct": got is not None and got == want})
         return {"exact_match": M.exact_match(preds, refs)}
     if records is not None:
-        records += [{"index": i, "prediction": p, "label": dev[i].label} for i, p in out]
-        if enc.label_words is not None:
-            words, by_index = enc.label_words.verbalizer.label_words, dict(probs)
-            for rec in records[-len(out):]:
-                rec["label_word_probs"] = dict(zip(words, by_index[rec["index"]]))
+        words, by_index = (enc.label_words.verbalizer.label_words if enc.label_words else ()), dict(probs)
+        for i, p in out:
+            extra = {"label_word_probs": dict(zip(words, by_index[i]))} if i in by_index else {}
+            records.append({"index": i, "prediction": p, "label": dev[i].label, **extra})
     return M.compute(enc.task.metrics, preds, [dev[i].label for i, _ in out])
 
 
