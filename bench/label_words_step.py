@@ -5,6 +5,9 @@ only (``rankwise_harness.verbalize.LabelWordLM``) against the full-sequence head
 Both variants run the same batches (SST-2 training rows in the task's template, right-padded to the
 batch's longest), the same LoRA adapter on the same model, interleaved round by round so machine load hits
 both alike; each step is forward, backward, AdamW step. The losses of the two agree (checked each round).
+Reported per variant: the median wall time and the median CPU time of this process per step (with one
+thread, CPU time is close to what the step takes on an idle core, so it is the steadier number on a
+shared machine).
 
     OMP_NUM_THREADS=1 python bench/label_words_step.py --rounds 8
 """
@@ -59,6 +62,7 @@ def main() -> None:
         return torch.nn.functional.cross_entropy(row, torch.tensor(ids)[batch["labels"]])
 
     times: dict[str, list[float]] = {"last position": [], "full sequence": []}
+    cpu: dict[str, list[float]] = {"last position": [], "full sequence": []}  # process CPU seconds
     lengths = []
     for rnd in range(args.rounds + 1):  # round 0 warms up
         batch = words.batch(tok, train[rnd * args.batch_size:(rnd + 1) * args.batch_size], 128)
@@ -67,23 +71,27 @@ def main() -> None:
         order = [("last position", last_position), ("full sequence", full_sequence)]
         for label, fn in order if rnd % 2 else order[::-1]:
             state = {k: v.clone() for k, v in model.state_dict().items() if "lora" in k}
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             loss = fn(batch)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             model.load_state_dict(state, strict=False)  # both variants step from the same weights
-            losses[label] = float(loss)
+            losses[label] = float(loss.detach())
             if rnd:
                 times[label].append(dt)
+                cpu[label].append(dc)
         assert abs(losses["last position"] - losses["full sequence"]) < 1e-3 * max(1.0, abs(losses["full sequence"])), losses
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"model {name}, batch {args.batch_size}, padded lengths {lengths[1:]}, torch threads {torch.get_num_threads()}, "
           f"{args.rounds} rounds")
+    cmed = {k: statistics.median(v) for k, v in cpu.items()}
     for k, v in med.items():
-        print(f"{k:14s} median {v:.3f} s/step  (min {min(times[k]):.3f}, max {max(times[k]):.3f})")
-    print(f"ratio last/full: {med['last position'] / med['full sequence']:.3f}")
+        print(f"{k:14s} median {v:.3f} s/step wall (min {min(times[k]):.3f}, max {max(times[k]):.3f}); "
+              f"median {cmed[k]:.3f} CPU s/step")
+    print(f"ratio last/full: wall {med['last position'] / med['full sequence']:.3f}, "
+          f"CPU {cmed['last position'] / cmed['full sequence']:.3f}")
 
 
 if __name__ == "__main__":
