@@ -38,6 +38,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="adapter rank (also GoRA's r_ref); under torchrun spell it --rank")
     g.add_argument("--alpha", type=float, default=16.0, help="adapter scale numerator")
     g.add_argument("--dropout", type=float, help="adapter dropout")
+    g.add_argument("--template", help="causal LMs (classified by label words): the prompt, with {text} and, for "
+                   "sentence pairs, {text_pair}; \\n is a newline (default per task: `rankwise tasks`)")
+    g.add_argument("--label-words", help="causal LMs: one word per class in the task's label order, comma-separated "
+                   "with spaces kept (' no, yes') or a JSON list; a word of several tokens is scored by its first")
     g.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", default=[],
                    help="any field of the method's config, e.g. --set r_min=2 --set use_rslora=true (repeatable)")
     g = p.add_argument_group("training")
@@ -71,6 +75,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 def _run_config(args: argparse.Namespace, method: str, output: str):  # -> RunConfig
     from .config import RunConfig, parse_overrides
+    from .verbalize import parse_label_words, unescape_template
 
     return RunConfig(
         task=args.task, method=method, data=args.data, model=args.model, output=output,
@@ -82,6 +87,8 @@ def _run_config(args: argparse.Namespace, method: str, output: str):  # -> RunCo
         save_every=args.save_every, calibration_batches=args.calibration_batches,
         head_warmup_steps=args.head_warmup_steps, max_new_tokens=args.max_new_tokens,
         precision=args.precision, skip_bad_rows=args.skip_bad_rows,
+        template=unescape_template(args.template) if args.template is not None else None,
+        label_words=parse_label_words(args.label_words) if args.label_words is not None else None,
     )
 
 
@@ -167,10 +174,17 @@ def _list_methods() -> int:
 
 def _list_tasks() -> int:
     from .data import TASKS
+    from .verbalize import DEFAULT_VERBALIZERS, NO_VERBALIZER
 
     for t in TASKS.values():
         labels = f" labels {', '.join(t.labels)}" if t.labels else ""
         print(f"{t.name:7s} {t.kind:14s} metrics {', '.join(t.metrics)};{labels}")
+        if t.name in DEFAULT_VERBALIZERS:
+            v = DEFAULT_VERBALIZERS[t.name]
+            words = ", ".join(f"{label} -> {word!r}" for label, word in zip(t.labels, v.label_words))
+            print(f"{'':7s} causal LMs: label words {words}; template {v.template!r}")
+        elif t.name in NO_VERBALIZER:
+            print(f"{'':7s} causal LMs: none ({NO_VERBALIZER[t.name].split(';')[0]})")
     return 0
 
 

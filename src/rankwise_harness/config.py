@@ -132,6 +132,8 @@ class RunConfig:
     max_new_tokens: int = 256
     precision: str = "auto"
     skip_bad_rows: bool = False
+    template: str | None = None  # causal LMs: the prompt, and one label word per class (verbalize.py)
+    label_words: tuple[str, ...] | None = None
 
     # every numeric flag, by rule: (flags, integer, lowest allowed, lowest included); None always means "default"
     _NUMBERS = (
@@ -145,6 +147,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.targets is not None and not isinstance(self.targets, tuple):
             self.targets = tuple(self.targets)
+        if self.label_words is not None and not isinstance(self.label_words, tuple):
+            self.label_words = tuple(self.label_words)
         check_method(self.method)
         self._check_numbers()
         if self.head_warmup_steps and self.method == FULL:
@@ -181,6 +185,7 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["targets"] = list(self.targets) if self.targets is not None else None
+        out["label_words"] = list(self.label_words) if self.label_words is not None else None
         return out
 
     @classmethod

@@ -112,14 +112,15 @@ def resolve_model_name(name: str | None, task: Task) -> str:
     return name
 
 
-def load_model(name: str, task: Task) -> tuple[nn.Module, Any]:
+def load_model(name: str, task: Task, causal_lm: bool = False) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` for ``task``: a sequence-classification model (regression head for
-    STS-B) or a causal LM. Errors name the model and what to do."""
+    STS-B), or a causal LM for generation and (``causal_lm``) for classification by label words
+    (``verbalize.py``). Errors name the model and what to do."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        if task.kind == "generation":
+        if task.kind == "generation" or causal_lm:
             model = AutoModelForCausalLM.from_pretrained(name)
         else:
             # a checkpoint's own head may have another size: it is re-initialised for this task

@@ -34,6 +34,7 @@ from .checkpoint import (CKPT_DIR, Checkpoint, RunError, TrainerState, frozen_di
 from .config import FULL, RUN_MARKER, ConfigError, RunConfig, build_method_config
 from .data import Example, Splits, Task, get_task, load_task_data
 from .models import default_targets, head_modules, load_model, resolve_model_name
+from .verbalize import LabelWords, label_word_setup
 
 IGNORE = -100
 
@@ -50,6 +51,7 @@ class Encoder:
     task: Task
     tokenizer: Any
     max_length: int
+    label_words: LabelWords | None = None  # a causal LM classifying by label words (verbalize.py)
 
     def prompt(self, ex: Example) -> str:
         return f"Question: {ex.text}\nAnswer: "
@@ -57,6 +59,8 @@ class Encoder:
     def train_batch(self, rows: list[Example]) -> dict[str, torch.Tensor]:
         if self.task.kind == "generation":
             return self._lm_batch(rows)
+        if self.label_words is not None:
+            return self.label_words.batch(self.tokenizer, rows, self.max_length)
         pairs = [r.text_pair for r in rows]
         enc = self.tokenizer([r.text for r in rows], pairs if pairs[0] is not None else None,
                              truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
@@ -153,7 +157,8 @@ def evaluate(model: nn.Module, enc: Encoder, dev: list[Example], accelerator: An
     """The task's metrics on ``dev`` (sharded across processes, gathered on all).
 
     ``records``, when given, receives one dict per dev example in order: the prediction and the reference
-    (for generation, the question, the generated text and both final numbers), for ``predictions.jsonl``.
+    (for generation, the question, the generated text and both final numbers; with label words, each
+    word's probability, a softmax over the label words' logits), for ``predictions.jsonl``.
     """
     from accelerate.utils import gather_object
 
@@ -162,6 +167,7 @@ def evaluate(model: nn.Module, enc: Encoder, dev: list[Example], accelerator: An
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = list(range(rank, len(dev), world))
     out: list[tuple[int, Any]] = []
+    probs: list[tuple[int, list[float]]] = []  # label words: softmax over the label words' logits
     for i in range(0, len(mine), batch_size):
         idx = mine[i : i + batch_size]
         rows = [dev[j] for j in idx]
@@ -174,8 +180,11 @@ def evaluate(model: nn.Module, enc: Encoder, dev: list[Example], accelerator: An
             logits = model(**batch).logits.float()
         pred = logits.squeeze(-1) if enc.task.kind == "regression" else logits.argmax(-1)
         out += list(zip(idx, pred.cpu().tolist()))
+        if enc.label_words is not None:
+            probs += list(zip(idx, logits.softmax(-1).cpu().tolist()))
     if world > 1:
         out = gather_object(out)
+        probs = gather_object(probs)
     out.sort(key=lambda t: t[0])
     model.train(was_training)
     preds = [p for _, p in out]
@@ -190,7 +199,10 @@ def evaluate(model: nn.Module, enc: Encoder, dev: list[Example], accelerator: An
                                 "correct": got is not None and got == want})
         return {"exact_match": M.exact_match(preds, refs)}
     if records is not None:
-        records += [{"index": i, "prediction": p, "label": dev[i].label} for i, p in out]
+        words, by_index = (enc.label_words.verbalizer.label_words if enc.label_words else ()), dict(probs)
+        for i, p in out:
+            extra = {"label_word_probs": dict(zip(words, by_index[i]))} if i in by_index else {}
+            records.append({"index": i, "prediction": p, "label": dev[i].label, **extra})
     return M.compute(enc.task.metrics, preds, [dev[i].label for i, _ in out])
 
 
@@ -312,6 +324,9 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     task = get_task(cfg.task)
+    model_name = resolve_model_name(cfg.model, task)
+    # causal LMs classify by label words: template and words are checked before anything is written
+    label_words = label_word_setup(task, model_name, None, cfg.template, cfg.label_words, cfg.max_length)
     if cfg.precision == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     else:
@@ -338,9 +353,12 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
     dev = splits.dev[: cfg.max_eval] if cfg.max_eval else splits.dev
 
     set_seed(cfg.seed)
-    model_name = resolve_model_name(cfg.model, task)
-    model, tokenizer = load_model(model_name, task)
-    enc = Encoder(task, tokenizer, cfg.max_length)
+    model, tokenizer = load_model(model_name, task, causal_lm=label_words is not None)
+    if label_words is not None:
+        model = label_words.wrap(model)
+        for note in label_words.notes():
+            say(note)
+    enc = Encoder(task, tokenizer, cfg.max_length, label_words)
     model.to(accelerator.device)
     world = accelerator.num_processes
     global_bs = cfg.batch_size * world
@@ -407,7 +425,8 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
     # write the resolved config before any training (marks the folder as this run's)
     resolved = {"format": RUN_MARKER, "run": cfg.to_dict(), "model_path": model_name, "method_config": method_config,
                 "total_steps": total_steps, "train_examples": len(train), "dev_examples": len(dev),
-                "data_source": splits.source, "num_processes": world, "mixed_precision": mp}
+                "data_source": splits.source, "num_processes": world, "mixed_precision": mp,
+                "label_words": label_words.to_dict() if label_words is not None else None}
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
@@ -496,13 +515,14 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
         "num_processes": world, "mixed_precision": mp, "device": str(accelerator.device),
         "train_examples": len(train), "dev_examples": len(dev), "skipped_rows": len(splits.skipped),
         "adapter_implementation": "rankwise" if attach_fn is None else getattr(attach_fn, "__name__", "external"),
+        "label_words": label_words.to_dict() if label_words is not None else None,
     }
     if accelerator.is_main_process:
         save_trainable(raw_model, FULL if attach_fn is not None else cfg.method, out)
         (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         plot_loss(history, out / "loss_curve.png", f"{cfg.method} on {task.name}")
-        if cfg.method == "gora" and hasattr(rankwise, "plot_gora_ranks"):
+        if cfg.method == "gora" and attach_fn is None and hasattr(rankwise, "plot_gora_ranks"):
             rankwise.plot_gora_ranks(raw_model, out / "gora_ranks.png")
         shutil.rmtree(out / CKPT_DIR, ignore_errors=True)
         say(summary(result, out))
