@@ -62,6 +62,15 @@ def test_roberta_head_is_dense_tanh_out_proj_on_the_pooled_vector(pooling: str) 
     torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(want, labels), rtol=1e-5, atol=1e-6)
 
 
+def test_regression_head_has_one_output_and_mse_loss() -> None:
+    model = _bert(num_labels=1)
+    install_head(model, "roberta", "mean", head_modules(model))
+    ids, target = _ids(2), torch.tensor([0.5, -1.0, 2.0])
+    out = model(input_ids=ids, labels=target)
+    assert out.logits.shape == (3, 1)
+    torch.testing.assert_close(out.loss, ((out.logits.squeeze(-1) - target) ** 2).mean())
+
+
 def test_mean_pooling_ignores_padding() -> None:
     model = _bert()
     install_head(model, "linear", "mean", head_modules(model))
