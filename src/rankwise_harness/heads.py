@@ -100,7 +100,9 @@ def install_head(model: nn.Module, head: str, pooling: str, heads: tuple[str, ..
     init = getattr(model, "_init_weights", None)
     if callable(init):  # the model's own initialisation for new layers (BERT: N(0, 0.02), zero bias)
         new.apply(init)
-    new.to(next(model.parameters()).device)
+    ref = next(getattr(model, name).parameters(), None)
+    ref = next(model.parameters()) if ref is None else ref
+    new.to(device=ref.device, dtype=ref.dtype)  # where and in what dtype the replaced head was
     for other in heads or ():
         if other != name:
             delattr(model, other)
