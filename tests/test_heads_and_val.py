@@ -14,10 +14,11 @@ from rankwise_harness import cli
 from rankwise_harness import train as train_mod
 from rankwise_harness.config import ConfigError, RunConfig
 from rankwise_harness.data import get_task, load_task_data
-from rankwise_harness.heads import ClassifierHead, install_head, pool
+from rankwise_harness.heads import ClassifierHead, install_head, pool, resolve_pooling
 from rankwise_harness.models import head_modules
 from rankwise_harness.selection import best_and_last, split_validation
 from rankwise_harness.train import finetune
+from conftest import minilm_path
 from test_harness_train import _cfg, sst2, tiny_models  # noqa: F401  (module fixtures: a tiny BERT, 64 SST-2 rows)
 
 QUIET = {"show_progress": False, "log": lambda _m: None}
@@ -96,6 +97,19 @@ def test_default_head_leaves_the_model_as_built() -> None:
         torch.testing.assert_close(model(input_ids=ids).logits, fresh(input_ids=ids).logits, rtol=0, atol=0)
 
 
+def test_pooling_defaults_to_mean_only_for_mean_pooled_sentence_transformers(tmp_path: Path,
+                                                                            tiny_models: dict[str, str]) -> None:
+    assert resolve_pooling(None, minilm_path()) == "mean"  # the packaged MiniLM: modules.json + 1_Pooling (mean)
+    assert resolve_pooling("cls", minilm_path()) == "cls"  # an explicit choice wins
+    assert resolve_pooling(None, tiny_models["bert"]) == "cls"  # a plain transformers checkpoint
+    assert resolve_pooling(None, "org/some-hub-name") == "cls"
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "modules.json").write_text("[]")
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True,
+                                                                     "pooling_mode_mean_tokens": False}))
+    assert resolve_pooling(None, str(tmp_path)) == "cls"  # a sentence-transformers model pretrained with [CLS]
+
+
 def test_roberta_head_trains_at_head_lr_and_is_counted_apart(tmp_path: Path, tiny_models: dict[str, str], sst2: str,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     made: list[torch.optim.Optimizer] = []
@@ -121,6 +135,7 @@ def test_roberta_head_trains_at_head_lr_and_is_counted_apart(tmp_path: Path, tin
     assert result["head_params"] == h * h + h + 2 * h + 2
     assert result["adapter_params"] == 4 * 4 * (h + h)
     assert result["trainable_params"] == result["head_params"] + result["adapter_params"]
+    assert (result["head"], result["pooling"]) == ("roberta", "mean")
     assert json.loads((Path(cfg.output) / "metrics.json").read_text())["head_params"] == result["head_params"]
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 DEMO_ARGS = ["--task", "rotten", "--method", "lora", "--max-steps", "120", "--batch-size", "16", "--lr", "2e-3",
              "--lora-plus-ratio", "4", "--max-length", "64", "--max-eval", "500", "--eval-before", "--eval-every", "40",
-             "--warmup-ratio", "0.05", "--output", "runs/demo", "--overwrite"]
+             "--warmup-ratio", "0.05", "--pooling", "cls", "--output", "runs/demo", "--overwrite"]
 
 
 def _csv(value: str) -> list[str]:
@@ -60,7 +60,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                         "data-dependent inits (GoRA's gradients) see a trained head instead of a random one")
     g.add_argument("--head", default="linear", help="classification head: linear (default; with --pooling cls the "
                    "model's own head) or roberta (dense h x h + tanh + out_proj, RoBERTa's GLUE head); not adapter parameters")
-    g.add_argument("--pooling", default="cls", help="cls (first token; default) or mean (over non-padding tokens)")
+    g.add_argument("--pooling", help="cls (first token) or mean (over non-padding tokens); default: mean for "
+                   "sentence-transformers checkpoints such as the packaged MiniLM, else cls")
     g.add_argument("--head-lr", type=float, help="learning rate of the classification head (default: --lr)")
     g.add_argument("--val-split", type=float, help="hold out this fraction (0-1) of the training rows (after "
                    "--max-train, a fixed seed-independent shuffle); evaluated beside dev; picks the best evaluation")

@@ -133,7 +133,7 @@ class RunConfig:
     precision: str = "auto"
     skip_bad_rows: bool = False
     head: str = "linear"
-    pooling: str = "cls"
+    pooling: str | None = None
     head_lr: float | None = None
     val_split: float | None = None
     eval_each_epoch: bool = False
@@ -191,9 +191,9 @@ class RunConfig:
 
         if self.head not in HEADS:
             raise ConfigError(f"--head must be one of {', '.join(HEADS)}, got {self.head!r}")
-        if self.pooling not in POOLINGS:
+        if self.pooling is not None and self.pooling not in POOLINGS:
             raise ConfigError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
-        if not is_default(self.head, self.pooling) and get_task(self.task).kind == "generation":
+        if not is_default(self.head, self.pooling or "cls") and get_task(self.task).kind == "generation":
             raise ConfigError(f"--head/--pooling are for classification and regression tasks; {self.task} generates text")
         v = self.val_split
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 < v < 1):

@@ -1,6 +1,6 @@
 """Classification heads and pooling for sequence-classification models (``--head``, ``--pooling``).
 
-* ``--head linear --pooling cls`` (the default): the model exactly as transformers builds it. For BERT
+* ``--head linear --pooling cls``: the model exactly as transformers builds it. For BERT
   (MiniLM) that is the *pretrained, frozen* pooler (dense + tanh on [CLS]) and a new ``h -> labels``
   linear classifier.
 * any other choice replaces the model's task head by a :class:`ClassifierHead` under the same name
@@ -15,13 +15,19 @@
     GLUE recipe trains (``RobertaClassificationHead``); dropout is the config's ``classifier_dropout``,
     else its ``hidden_dropout_prob``, as in transformers.
 
+Without ``--pooling``, sentence-transformers checkpoints (a ``modules.json`` and a ``1_Pooling`` config asking
+for mean pooling, as the packaged MiniLM has) get ``mean``, every other model ``cls``
+(:func:`resolve_pooling`); measured on SST-2 / MiniLM in docs/benchmarks.md section 3e.
+
 The head is a module the harness trains fully next to the adapter (``modules_to_save``), at
 ``--head-lr``; its parameters are reported apart from the adapter's (``head_params``).
 """
 
 from __future__ import annotations
 
+import json
 import types
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +36,19 @@ from torch import Tensor, nn
 HEADS = ("linear", "roberta")
 POOLINGS = ("cls", "mean")
 DEFAULT_HEAD, DEFAULT_POOLING = "linear", "cls"
+
+
+def resolve_pooling(pooling: str | None, model_path: str) -> str:
+    """``pooling``, or when ``None``: ``mean`` for a local sentence-transformers checkpoint pretrained with
+    mean pooling, else ``cls``."""
+    if pooling is not None:
+        return pooling
+    folder = Path(model_path)
+    try:
+        config = json.loads((folder / "1_Pooling" / "config.json").read_text())
+    except (OSError, ValueError):
+        return "cls"
+    return "mean" if (folder / "modules.json").is_file() and config.get("pooling_mode_mean_tokens") else "cls"
 
 
 def is_default(head: str, pooling: str) -> bool:

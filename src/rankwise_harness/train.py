@@ -33,7 +33,7 @@ from .checkpoint import (CKPT_DIR, Checkpoint, RunError, TrainerState, frozen_di
                          read_checkpoint, restore_model, write_checkpoint)
 from .config import FULL, RUN_MARKER, ConfigError, RunConfig, build_method_config
 from .data import Example, Splits, Task, get_task, load_task_data
-from .heads import head_parameters, install_head, with_head_group
+from .heads import head_parameters, install_head, resolve_pooling, with_head_group
 from .models import default_targets, head_modules, load_model, resolve_model_name
 from .selection import best_and_last, split_validation
 
@@ -348,11 +348,12 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
     set_seed(cfg.seed)
     model_name = resolve_model_name(cfg.model, task)
     model, tokenizer = load_model(model_name, task)
-    if task.kind != "generation":
+    pooling = resolve_pooling(cfg.pooling, model_name) if task.kind != "generation" else None
+    if pooling is not None:
         try:
-            install_head(model, cfg.head, cfg.pooling, head_modules(model))
+            install_head(model, cfg.head, pooling, head_modules(model))
         except ValueError as exc:
-            raise ConfigError(f"--head {cfg.head} --pooling {cfg.pooling} on {model_name}: {exc}") from None
+            raise ConfigError(f"--head {cfg.head} --pooling {pooling} on {model_name}: {exc}") from None
     enc = Encoder(task, tokenizer, cfg.max_length)
     model.to(accelerator.device)
     world = accelerator.num_processes
@@ -423,7 +424,8 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
     # write the resolved config before any training (marks the folder as this run's)
     resolved = {"format": RUN_MARKER, "run": cfg.to_dict(), "model_path": model_name, "method_config": method_config,
                 "total_steps": total_steps, "train_examples": len(train), "dev_examples": len(dev), "val_examples": len(val),
-                "data_source": splits.source, "num_processes": world, "mixed_precision": mp}
+                "data_source": splits.source, "num_processes": world, "mixed_precision": mp, "head": cfg.head,
+                "pooling": pooling}
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
@@ -503,7 +505,8 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
         "task": task.name, "method": cfg.method, "model": model_name, "seed": cfg.seed,
         "metrics": final, "metrics_before": metrics_before, "headline_metric": task.metrics[0],
         "trainable_params": trainable, "total_params": total,
-        "head_params": n_head, "adapter_params": None if cfg.method == FULL else trainable - n_head,
+        "head": cfg.head, "pooling": pooling, "head_params": n_head,
+        "adapter_params": None if cfg.method == FULL else trainable - n_head,
         "best": best, "last": last, "val_examples": len(val),
         "train_seconds": round(train_seconds, 3), "step_seconds": round(train_seconds / max(step, 1), 5),
         "steps": step, "steps_this_session": steps_this_session, "init_seconds": round(init_seconds, 3),
