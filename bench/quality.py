@@ -103,6 +103,7 @@ def run_one(task: str, label: str, seed: int, args: argparse.Namespace) -> Path:
     common = ["--method", method, "--task", task, "--data", str(Path(args.data) / "glue" / folder),
               "--output", str(out), "--seed", str(seed), *schedule_args(args), "--batch-size", "16",
               "--max-length", str(max_len), "--lr", str(lr), "--no-progress", "--overwrite", *adapter_args(method, args),
+              "--pooling", "cls",  # the protocol these tables were measured with (the pretrained pooler on [CLS])
               *(["--head-warmup-steps", str(args.head_warmup_steps)] if args.head_warmup_steps else []),
               *[a for kv in sets for a in lora_plus_or_set(kv)]]
     cmd = ([sys.executable, __file__, "--one", *common] if method.startswith("peft-")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 DEMO_ARGS = ["--task", "rotten", "--method", "lora", "--max-steps", "120", "--batch-size", "16", "--lr", "2e-3",
              "--lora-plus-ratio", "4", "--max-length", "64", "--max-eval", "500", "--eval-before", "--eval-every", "40",
-             "--warmup-ratio", "0.05", "--output", "runs/demo", "--overwrite"]
+             "--warmup-ratio", "0.05", "--pooling", "cls", "--output", "runs/demo", "--overwrite"]
 
 
 def _csv(value: str) -> list[str]:
@@ -52,7 +52,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, help="learning rate (default 5e-4 for adapters, 5e-5 for full)")
     g.add_argument("--lora-plus-ratio", type=float, help="LoRA+: B-side learning rate (EDoRA: the core's) = ratio x lr")
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--weight-decay", type=float, default=0.0,
+                   help="AdamW's decoupled weight decay, on every trainable tensor (adapter, head, biases)")
     g.add_argument("--warmup-ratio", type=float, default=0.06)
     g.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"])
     g.add_argument("--max-length", type=int, default=128, help="tokens per example")
@@ -61,12 +62,20 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--head-warmup-steps", type=int, default=0,
                    help="before attaching the adapter, train only the task head (classifier) for N steps, so "
                         "data-dependent inits (GoRA's gradients) see a trained head instead of a random one")
+    g.add_argument("--head", default="linear", help="classification head: linear (default; with --pooling cls the "
+                   "model's own head) or roberta (dense h x h + tanh + out_proj, RoBERTa's GLUE head); not adapter parameters")
+    g.add_argument("--pooling", help="cls (first token) or mean (over non-padding tokens); default: mean for "
+                   "sentence-transformers checkpoints such as the packaged MiniLM, else cls")
+    g.add_argument("--head-lr", type=float, help="learning rate of the classification head (default: --lr)")
+    g.add_argument("--val-split", type=float, help="hold out this fraction (0-1) of the training rows (after "
+                   "--max-train, a fixed seed-independent shuffle); evaluated beside dev; picks the best evaluation")
     g.add_argument("--max-new-tokens", type=int, default=256, help="generation budget for gsm8k evaluation")
     g.add_argument("--precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
                    help="auto: bf16 on GPUs that support it, else fp32")
     g = p.add_argument_group("evaluation, checkpoints, output")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate on dev every N optimizer steps (0: at the end only)")
     g.add_argument("--eval-before", action="store_true", help="also evaluate before training")
+    g.add_argument("--eval-each-epoch", action="store_true", help="also evaluate at every epoch's end")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N optimizer steps (for --resume)")
     g.add_argument("--overwrite", action="store_true", help="replace a previous run in the output folder")
     g.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last checkpoint")
@@ -86,7 +95,8 @@ def _run_config(args: argparse.Namespace, method: str, output: str):  # -> RunCo
         max_train=args.max_train, max_eval=args.max_eval, eval_every=args.eval_every, eval_before=args.eval_before,
         save_every=args.save_every, calibration_batches=args.calibration_batches,
         head_warmup_steps=args.head_warmup_steps, max_new_tokens=args.max_new_tokens,
-        precision=args.precision, skip_bad_rows=args.skip_bad_rows,
+        precision=args.precision, skip_bad_rows=args.skip_bad_rows, head=args.head, pooling=args.pooling,
+        head_lr=args.head_lr, val_split=args.val_split, eval_each_epoch=args.eval_each_epoch,
         template=unescape_template(args.template) if args.template is not None else None,
         label_words=parse_label_words(args.label_words) if args.label_words is not None else None,
     )

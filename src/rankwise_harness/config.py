@@ -134,13 +134,18 @@ class RunConfig:
     skip_bad_rows: bool = False
     template: str | None = None  # causal LMs: the prompt, and one label word per class (verbalize.py)
     label_words: tuple[str, ...] | None = None
+    head: str = "linear"
+    pooling: str | None = None
+    head_lr: float | None = None
+    val_split: float | None = None
+    eval_each_epoch: bool = False
 
     # every numeric flag, by rule: (flags, integer, lowest allowed, lowest included); None always means "default"
     _NUMBERS = (
         (("batch_size", "grad_accum", "max_length", "calibration_batches", "max_new_tokens", "max_steps",
           "max_train", "max_eval"), True, 1, True),
         (("seed", "eval_every", "save_every", "head_warmup_steps"), True, 0, True),
-        (("epochs", "lr", "lora_plus_ratio"), False, 0.0, False),
+        (("epochs", "lr", "lora_plus_ratio", "head_lr"), False, 0.0, False),
         (("weight_decay",), False, 0.0, True),
     )
 
@@ -161,6 +166,7 @@ class RunConfig:
             raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.lr is None:
             self.lr = 5e-5 if self.method == FULL else 5e-4
+        self._check_head_and_split()
         if self.method != FULL:  # the adapter's own fields (--r, --alpha, --dropout, --set), before any model loads
             build_method_config(self.method, r=self.r, alpha=self.alpha, dropout=self.dropout,
                                 targets=self.targets or ("any",), seed=self.seed, overrides=self.overrides)
@@ -181,6 +187,21 @@ class RunConfig:
                     bound = ("0 or more" if low == 0 else f"at least {low}") if inclusive else "positive"
                     hint = " (omit it to use all)" if name in ("max_train", "max_eval") else ""
                     raise ConfigError(f"{flag} must be {bound}{hint}, got {value!r}")
+
+    def _check_head_and_split(self) -> None:
+        """``--head``, ``--pooling`` (classification tasks only) and ``--val-split`` (strictly between 0 and 1)."""
+        from .data import get_task
+        from .heads import HEADS, POOLINGS, is_default
+
+        if self.head not in HEADS:
+            raise ConfigError(f"--head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise ConfigError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if not is_default(self.head, self.pooling or "cls") and get_task(self.task).kind == "generation":
+            raise ConfigError(f"--head/--pooling are for classification and regression tasks; {self.task} generates text")
+        v = self.val_split
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 < v < 1):
+            raise ConfigError(f"--val-split must be a fraction strictly between 0 and 1, got {v!r}")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -33,8 +33,10 @@ from .checkpoint import (CKPT_DIR, Checkpoint, RunError, TrainerState, frozen_di
                          read_checkpoint, restore_model, write_checkpoint)
 from .config import FULL, RUN_MARKER, ConfigError, RunConfig, build_method_config
 from .data import Example, Splits, Task, get_task, load_task_data
+from .heads import head_parameters, install_head, resolve_pooling, with_head_group
 from .models import default_targets, head_modules, load_model, resolve_model_name
 from .verbalize import LabelWords, label_word_setup
+from .selection import best_and_last, split_validation
 
 IGNORE = -100
 
@@ -327,6 +329,8 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
     model_name = resolve_model_name(cfg.model, task)
     # causal LMs classify by label words: template and words are checked before anything is written
     label_words = label_word_setup(task, model_name, None, cfg.template, cfg.label_words, cfg.max_length)
+    if label_words is not None and (cfg.head != "linear" or cfg.pooling is not None):
+        raise ConfigError("--head/--pooling apply to encoder classifiers; a causal LM scores label words (no head)")
     if cfg.precision == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     else:
@@ -351,6 +355,12 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
         say(f"skipped {len(splits.skipped) - 20} more bad rows")
     train = splits.train[: cfg.max_train] if cfg.max_train else splits.train
     dev = splits.dev[: cfg.max_eval] if cfg.max_eval else splits.dev
+    val: list[Example] = []
+    if cfg.val_split:
+        try:
+            train, val, _ = split_validation(train, cfg.val_split)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     set_seed(cfg.seed)
     model, tokenizer = load_model(model_name, task, causal_lm=label_words is not None)
@@ -358,6 +368,12 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
         model = label_words.wrap(model)
         for note in label_words.notes():
             say(note)
+    pooling = resolve_pooling(cfg.pooling, model_name) if task.kind != "generation" and label_words is None else None
+    if pooling is not None:
+        try:
+            install_head(model, cfg.head, pooling, head_modules(model))
+        except ValueError as exc:
+            raise ConfigError(f"--head {cfg.head} --pooling {pooling} on {model_name}: {exc}") from None
     enc = Encoder(task, tokenizer, cfg.max_length, label_words)
     model.to(accelerator.device)
     world = accelerator.num_processes
@@ -389,7 +405,7 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
                                          accelerator.device)
                 t0 = time.perf_counter()
                 with accelerator.autocast():
-                    losses = warm_up_head(model, heads, batches, cfg.lr)
+                    losses = warm_up_head(model, heads, batches, cfg.head_lr or cfg.lr)
                 head_warmup = {"steps": len(losses), "seconds": round(time.perf_counter() - t0, 3),
                                "loss_first": losses[0], "loss_last10_mean": float(np.mean(losses[-10:]))}
                 say(f"head warm-up ({', '.join(heads)} only): {len(losses)} steps, loss {losses[0]:.4f} -> "
@@ -409,12 +425,15 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
             say(str(report))
     frozen = frozen if saved else frozen_digests(model)  # the fresh base's frozen tensors, for checkpoints
     trainable, total = rankwise.count_parameters(model)
+    head_params = head_parameters(model, head_modules(model) if task.kind != "generation" else None)
+    n_head = sum(p.numel() for p in head_params if p.requires_grad)
 
     # optimizer, schedule
     if cfg.method != FULL and cfg.lora_plus_ratio:
         groups = rankwise.lora_plus_param_groups(model, cfg.lr, cfg.lora_plus_ratio, cfg.weight_decay)
     else:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+    groups = with_head_group(groups, head_params, cfg.head_lr or cfg.lr, cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     per_epoch = max(1, len(train) // global_bs)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
@@ -424,9 +443,9 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
 
     # write the resolved config before any training (marks the folder as this run's)
     resolved = {"format": RUN_MARKER, "run": cfg.to_dict(), "model_path": model_name, "method_config": method_config,
-                "total_steps": total_steps, "train_examples": len(train), "dev_examples": len(dev),
-                "data_source": splits.source, "num_processes": world, "mixed_precision": mp,
-                "label_words": label_words.to_dict() if label_words is not None else None}
+                "total_steps": total_steps, "train_examples": len(train), "dev_examples": len(dev), "val_examples": len(val),
+                "data_source": splits.source, "num_processes": world, "mixed_precision": mp, "head": cfg.head,
+                "pooling": pooling, "label_words": label_words.to_dict() if label_words is not None else None}
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
@@ -477,10 +496,11 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
         now = elapsed + time.perf_counter() - t_start - eval_time
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}", avg10=f"{np.mean(history.losses[-10:]):.4f}", ex_per_s=f"{step * global_bs * cfg.grad_accum / max(now, 1e-9):.1f}")
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+        epoch_end = cfg.eval_each_epoch and micro // per_epoch > (micro - cfg.grad_accum) // per_epoch
+        if ((cfg.eval_every and step % cfg.eval_every == 0) or epoch_end) and step < total_steps:
             t_eval = time.perf_counter()
             result = evaluate(model, enc, dev, accelerator, cfg.batch_size * 2, cfg.max_new_tokens)
-            history.evals.append({"step": step, **result})
+            history.evals.append(_eval_entry(step, micro / per_epoch, result, model, enc, val, accelerator, cfg))
             eval_time += time.perf_counter() - t_eval
             if accelerator.is_main_process:
                 bar.write(f"step {step}: loss {loss_value:.4f}  {_fmt_metrics(result)}")
@@ -499,11 +519,15 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
 
     records: list[dict[str, Any]] = []
     final = evaluate(model, enc, dev, accelerator, cfg.batch_size * 2, cfg.max_new_tokens, records)
-    history.evals.append({"step": step, **final})
+    history.evals.append(_eval_entry(step, micro / per_epoch, final, model, enc, val, accelerator, cfg))
+    best, last = best_and_last(history.evals, task.metrics[0])
     result = {
         "task": task.name, "method": cfg.method, "model": model_name, "seed": cfg.seed,
         "metrics": final, "metrics_before": metrics_before, "headline_metric": task.metrics[0],
         "trainable_params": trainable, "total_params": total,
+        "head": cfg.head, "pooling": pooling, "head_params": n_head,
+        "adapter_params": None if cfg.method == FULL else trainable - n_head,
+        "best": best, "last": last, "val_examples": len(val),
         "train_seconds": round(train_seconds, 3), "step_seconds": round(train_seconds / max(step, 1), 5),
         "steps": step, "steps_this_session": steps_this_session, "init_seconds": round(init_seconds, 3),
         "head_warmup": head_warmup,
@@ -530,6 +554,15 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
     return result
 
 
+def _eval_entry(step: int, epoch: float, dev_metrics: dict[str, float], model: nn.Module, enc: Encoder,
+                val: list[Example], accelerator: Any, cfg: RunConfig) -> dict[str, Any]:
+    """One ``eval_history`` entry: the step, the epochs done, dev's metrics and, with ``--val-split``, the held-out ones."""
+    entry: dict[str, Any] = {"step": step, "epoch": round(epoch, 4), **dev_metrics}
+    if val:
+        entry["val"] = evaluate(model, enc, val, accelerator, cfg.batch_size * 2, cfg.max_new_tokens)
+    return entry
+
+
 def _fmt_metrics(m: dict[str, float]) -> str:
     return "  ".join(f"{k} {v:.4f}" for k, v in m.items())
 
@@ -542,7 +575,12 @@ def summary(result: dict[str, Any], out: Path) -> str:
     if result["losses"]:
         lines.append(f"loss:        {result['loss_first10_mean']:.4f} (mean of first 10 steps) -> "
                      f"{result['loss_last10_mean']:.4f} (last 10)")
-    lines.append(f"trainable:   {result['trainable_params']:,} of {result['total_params']:,} parameters")
+    lines.append(f"trainable:   {result['trainable_params']:,} of {result['total_params']:,} parameters"
+                 f" (task head {result.get('head_params') or 0:,})")
+    if result.get("best"):
+        b = result["best"]
+        lines.append(f"best on val: step {b['step']} (epoch {b['epoch']}): val {_fmt_metrics(b['val'])}; "
+                     f"dev {_fmt_metrics(b['dev'])}")
     lines.append(f"time:        {result['train_seconds']:.1f}s training ({result['steps']} steps, "
                  f"{1000 * result['step_seconds']:.1f} ms/step), init {result['init_seconds']:.2f}s")
     lines.append(f"peak memory: {result['peak_memory_mb']:.0f} MB ({result['peak_memory_kind']})")

@@ -11,6 +11,14 @@ At the link's end (:func:`rankwise.step` every ``link_steps`` optimizer steps, o
 and the optimizer state of both factors dropped. The model's function does not change at a link
 boundary (the product moves from the link into the chain, and the new link's product is zero).
 
+Optimizer state at a link end (``keep_optimizer_state``): ``False`` (default) drops it for both
+factors, so each link starts like a fresh LoRA (Adam's moments and step count at zero).
+``True`` keeps it for every factor that is trained again in the next link (the trained factor; with
+``train_both`` both), as the authors' code does (one Adam over the whole chain); a factor that becomes
+the sketch (``frozen="alternate"``) still loses its state, so it never carries moments from a link
+where it was frozen. Either way the merge is exact and ``step`` leaves the outputs unchanged; with
+kept moments the first step of a link already moves the re-zeroed factor along the old momentum.
+
 Why a stacked record and not ``W ← W + s B A``: writing into the base weight rounds every link into
 its dtype (in bf16 a small ``s B A`` is mostly lost), and would destroy the original ``W0`` that
 ``unmerge``/``detach`` must restore bit for bit. The stacked factors are exact in fp32, cost a
@@ -71,6 +79,9 @@ class RacLoraConfig(AdapterConfig):
         sketch_scale: the sketch's standard deviation times ``√n`` (``n``: the dimension it contracts).
         chain: merge and restart at link ends (``False``: a single link — Asymmetric LoRA / LoRA).
         train_both: train both factors (COLA / LoRA) instead of freezing the sketch.
+        keep_optimizer_state: at a link end keep the optimizer's state (Adam's moments) of the factor(s)
+            trained in the next link, as the authors' code does; ``False`` (default) resets it (see the
+            module docstring).
         seed: seeds every link's sketch (layer ``i``, link ``t``); ``None`` draws one seed from torch's
             global RNG at attach (broadcast from rank 0 under ``torch.distributed``) and records it.
     """
@@ -82,6 +93,7 @@ class RacLoraConfig(AdapterConfig):
     sketch_scale: float = 1.0
     chain: bool = True
     train_both: bool = False
+    keep_optimizer_state: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,6 +103,8 @@ class RacLoraConfig(AdapterConfig):
             not isinstance(self.link_steps, int) or isinstance(self.link_steps, bool) or self.link_steps < 1
         ):
             raise ValueError(f"link_steps must be a positive integer or None (links end by rankwise.end_link), got {self.link_steps!r}")
+        if not isinstance(self.keep_optimizer_state, bool):
+            raise ValueError(f"keep_optimizer_state must be true or false, got {self.keep_optimizer_state!r}")
         if not (isinstance(self.sketch_scale, (int, float)) and math.isfinite(self.sketch_scale) and self.sketch_scale > 0):
             raise ValueError(f"sketch_scale must be a positive finite number, got {self.sketch_scale!r}")
 
@@ -165,6 +179,12 @@ class RacLoraLinear(AdapterLayer):
         if self.frozen == "alternate":
             return "A" if int(self.links) % 2 == 0 else "B"
         return self.frozen
+
+    def link_trained(self) -> tuple[Tensor, ...]:
+        """The factor(s) trained in the current link: both with ``train_both``, else the one not sampled."""
+        if self.train_both:
+            return (self.lora_a, self.lora_b)
+        return (self.lora_b,) if self.sampled() == "A" else (self.lora_a,)
 
     def link_factors(self) -> tuple[Tensor, Tensor]:
         """``(A, B)`` for the forward pass, the frozen sketch detached (no gradient, skipped by optimizers)."""
@@ -285,6 +305,15 @@ def check_optimizer(layers: dict[str, AdapterLayer], optimizer: Any) -> None:
                 )
 
 
+def link_end_resets(layer: RacLoraLinear, keep: bool) -> tuple[Tensor, ...]:
+    """After ``layer.end_link()``: the factors whose optimizer state to drop — both, or with ``keep`` only those
+    not trained in the new link (a factor that has just become the sketch)."""
+    if not keep:
+        return (layer.lora_a, layer.lora_b)
+    trained = {id(t) for t in layer.link_trained()}
+    return tuple(t for t in (layer.lora_a, layer.lora_b) if id(t) not in trained)
+
+
 def _end_links(layers: dict[str, AdapterLayer], optimizer: Any, state: RankwiseState) -> None:
     if optimizer is None:
         raise ValueError(
@@ -295,7 +324,7 @@ def _end_links(layers: dict[str, AdapterLayer], optimizer: Any, state: RankwiseS
     for layer in layers.values():
         assert isinstance(layer, RacLoraLinear)
         layer.end_link()
-        reset_optimizer_state(optimizer, (layer.lora_a, layer.lora_b))
+        reset_optimizer_state(optimizer, link_end_resets(layer, bool(getattr(state.config, "keep_optimizer_state", False))))
         layer.lora_a.grad = None
         layer.lora_b.grad = None
     state.method_state["link_step"] = 0
@@ -326,7 +355,8 @@ def _rac_state(model: nn.Module) -> tuple[RacLoraConfig, RankwiseState, dict[str
 
 
 def end_link(model: nn.Module, optimizer: Any) -> None:
-    """End the current link now (e.g. at an epoch's end): merge, resample, reset the optimizer state.
+    """End the current link now (e.g. at an epoch's end): merge, resample, reset the optimizer state
+    (only the new sketch's with ``keep_optimizer_state``).
 
     Never changes the model's function. Raises for a config with ``chain=False`` (one link by definition).
     """

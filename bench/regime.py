@@ -1,0 +1,156 @@
+"""Shared machinery of the papers'-regime benchmarks (``edora_regime.py``, ``raclora_chain.py``).
+
+Protocol (issue 16): every run holds out ``--val-split`` of the training rows (a fixed split, the same
+for every arm and seed) and evaluates at every epoch's end; the learning rate of each arm is picked
+from a small grid on the held-out rows (seed 0, the best held-out epoch), then the picked lr runs on
+every seed; dev is reported at the best held-out epoch and at the last epoch, never used to choose.
+
+Resumable: one folder per run (``<runs>/<task>/<arm>/lr<LR>-seed<S>``); a folder holding a finished
+``metrics.json`` is skipped, an unfinished one is continued with ``--resume`` (checkpoints every
+``--save-every`` steps), so the scripts can be killed and started again with the same command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("RANKWISE_SHARED_DATA", str(ROOT.parent / "shared" / "data")))
+GLUE = {"sst2": ("SST-2", 64), "cola": ("CoLA", 64), "mrpc": ("MRPC", 128)}
+
+
+@dataclass
+class Arm:
+    """One arm: a label, the method and its flags, and the lr grid searched for it."""
+
+    label: str
+    method: str
+    flags: list[str] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+
+
+def run_dir(runs: Path, task: str, arm: Arm, lr: float, seed: int) -> Path:
+    return runs / task / arm.label / f"lr{lr:g}-seed{seed}"
+
+
+def run_one(runs: Path, task: str, arm: Arm, lr: float, seed: int, common: list[str], dry: bool = False) -> Path:
+    """One ``rankwise finetune`` run, unless its folder holds a finished one; an unfinished one resumes."""
+    out = run_dir(runs, task, arm, lr, seed)
+    if (out / "metrics.json").is_file():
+        return out
+    folder, max_len = GLUE[task]
+    cmd = [sys.executable, "-m", "rankwise_harness.cli", "finetune", "--task", task, "--data", str(DATA / "glue" / folder),
+           "--method", arm.method, "--lr", f"{lr:g}", "--seed", str(seed), "--max-length", str(max_len),
+           "--output", str(out), "--no-progress", *common, *arm.flags]
+    cmd.append("--resume" if (out / "config.json").is_file() else "--overwrite")
+    print("+", " ".join(cmd), flush=True)
+    if not dry:
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        subprocess.run(cmd, check=True, env=env)
+    return out
+
+
+def metrics(folder: Path) -> dict[str, Any] | None:
+    path = folder / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def held_out_score(m: dict[str, Any]) -> float:
+    """The best held-out headline score of a finished run (what the lr is picked on)."""
+    best = m.get("best")
+    if not best:
+        raise SystemExit(f"run of {m['method']} has no held-out evaluation: it was not run with --val-split")
+    return float(best["val"][m["headline_metric"]])
+
+
+def pick_lr(runs: Path, task: str, arm: Arm, common: list[str], dry: bool = False) -> float | None:
+    """Run the arm's grid at seed 0 (resumably) and return the lr with the best held-out score."""
+    scores = {}
+    for lr in arm.lrs:
+        m = metrics(run_one(runs, task, arm, lr, 0, common, dry))
+        if m is not None:
+            scores[lr] = held_out_score(m)
+    return max(scores, key=lambda lr: (scores[lr], -lr)) if scores else None
+
+
+def majority_rate(task: str) -> float:
+    """The dev set's majority-class rate (what predicting one class for everything scores)."""
+    from collections import Counter
+
+    from rankwise_harness.data import get_task, load_task_data
+
+    dev = load_task_data(get_task(task), str(DATA / "glue" / GLUE[task][0])).dev
+    return Counter(e.label for e in dev).most_common(1)[0][1] / len(dev)
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "—"
+    s = f"{100 * statistics.mean(values):.1f} ± {100 * (statistics.stdev(values) if len(values) > 1 else 0.0):.1f}"
+    return s + (f" (n={len(values)})" if len(values) < 3 else "")
+
+
+def table(runs: Path, task: str, arms: list[Arm], picked: dict[str, float | None], seeds: list[int]) -> list[str]:
+    """Markdown rows: arm, lr, adapter and head parameters, dev headline / accuracy at the best held-out epoch and at the last."""
+    lines = [f"**{task}** (dev majority-class rate {100 * majority_rate(task):.1f} %)", "",
+             "| arm | lr (picked on held-out) | adapter params | head params | dev, best held-out epoch | "
+             "dev accuracy, same | dev, last epoch | dev accuracy, last | seconds per run |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for arm in arms:
+        lr = picked.get(arm.label)
+        ms = [m for s in seeds if lr is not None and (m := metrics(run_dir(runs, task, arm, lr, s)))]
+        if not ms:
+            lines.append(f"| {arm.label} | {lr if lr is not None else '—'} | — | — | not yet run | | | | |")
+            continue
+        head = ms[0]["headline_metric"]
+        best = [m["best"]["dev"][head] for m in ms]
+        best_acc = [m["best"]["dev"].get("accuracy", float("nan")) for m in ms]
+        last = [m["last"]["dev"][head] for m in ms]
+        last_acc = [m["last"]["dev"].get("accuracy", float("nan")) for m in ms]
+        secs = statistics.mean(m["train_seconds"] for m in ms)
+        adapter = ms[0].get("adapter_params")
+        lines.append(f"| {arm.label} | {lr:g} | {adapter if adapter is None else f'{adapter:,}'} | {ms[0]['head_params']:,} | "
+                     f"{mean_std(best)} | {mean_std(best_acc)} | {mean_std(last)} | {mean_std(last_acc)} | {secs:.0f} |")
+    return lines
+
+
+def curves(runs: Path, task: str, arms: list[Arm], picked: dict[str, float | None], seeds: list[int], path: Path) -> None:
+    """Held-out headline metric against epoch, seed mean per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for arm in arms:
+        lr = picked.get(arm.label)
+        ms = [m for s in seeds if lr is not None and (m := metrics(run_dir(runs, task, arm, lr, s)))]
+        if not ms:
+            continue
+        head = ms[0]["headline_metric"]
+        by_epoch: dict[float, list[float]] = {}
+        for m in ms:
+            for e in m["eval_history"]:
+                if "val" in e:
+                    by_epoch.setdefault(e["epoch"], []).append(e["val"][head])
+        xs = sorted(by_epoch)
+        ax.plot(xs, [100 * statistics.mean(by_epoch[x]) for x in xs], marker="o", ms=3, label=f"{arm.label} (lr {lr:g})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("held-out metric x100")
+    ax.set_title(f"{task}: held-out training rows, mean over seeds")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def header(command: str) -> str:
+    return f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores. Command: `{command}`."
