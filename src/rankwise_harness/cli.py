@@ -32,6 +32,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and adapter")
     g.add_argument("--model", help="Hugging Face path or name; default: packaged MiniLM (classification), "
                    "SmolLM2-135M (gsm8k); 'minilm' / 'smollm2' name them")
+    g.add_argument("--quantize", choices=["nf4", "fp4", "int8"],  # rankwise_harness.config.QUANTIZE_CHOICES
+                   help="load the base's linear layers quantised by bitsandbytes (QLoRA-style; needs "
+                        "pip install 'rankwise[quant]'); heads stay float; compute dtype fp32 on CPU")
     g.add_argument("--targets", type=_csv, help="comma-separated module-name suffixes (default per architecture, "
                    "e.g. BERT query,value; Llama q_proj,v_proj; GPT-2 c_attn)")
     g.add_argument("--r", "--rank", dest="r", type=int, default=8,
@@ -81,7 +84,7 @@ def _run_config(args: argparse.Namespace, method: str, output: str):  # -> RunCo
         max_train=args.max_train, max_eval=args.max_eval, eval_every=args.eval_every, eval_before=args.eval_before,
         save_every=args.save_every, calibration_batches=args.calibration_batches,
         head_warmup_steps=args.head_warmup_steps, max_new_tokens=args.max_new_tokens,
-        precision=args.precision, skip_bad_rows=args.skip_bad_rows,
+        precision=args.precision, skip_bad_rows=args.skip_bad_rows, quantize=args.quantize,
     )
 
 

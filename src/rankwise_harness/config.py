@@ -15,6 +15,7 @@ from typing import Any
 import rankwise
 
 FULL = "full"
+QUANTIZE_CHOICES = ("nf4", "fp4", "int8")  # --quantize: bitsandbytes 4-bit NormalFloat / 4-bit float / LLM.int8
 RUN_MARKER = "rankwise-run/1"
 
 
@@ -131,6 +132,7 @@ class RunConfig:
     max_new_tokens: int = 256
     precision: str = "auto"
     skip_bad_rows: bool = False
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         if self.targets is not None and not isinstance(self.targets, tuple):
@@ -149,6 +151,11 @@ class RunConfig:
             raise ConfigError(f"--epochs must be positive, got {self.epochs}")
         if self.schedule not in ("linear", "cosine", "constant"):
             raise ConfigError(f"--schedule must be linear, cosine or constant, got {self.schedule!r}")
+        if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
+            raise ConfigError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize!r}")
+        if self.quantize is not None and self.method == FULL:
+            raise ConfigError("--quantize trains adapters over a frozen quantised base; full fine-tuning cannot train "
+                              "quantised weights (pick an adapter method)")
         if self.precision not in ("auto", "no", "bf16", "fp16"):
             raise ConfigError(f"--precision must be auto, no, bf16 or fp16, got {self.precision!r}")
         if not 0.0 <= self.warmup_ratio < 1.0:

@@ -430,9 +430,10 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
 
     set_seed(cfg.seed)
     model_name = resolve_model_name(cfg.model, task)
-    model, tokenizer = load_model(model_name, task)
+    model, tokenizer = load_model(model_name, task, cfg.quantize, accelerator.device)
     enc = Encoder(task, tokenizer, cfg.max_length)
-    model.to(accelerator.device)
+    if not cfg.quantize:  # a quantised model is placed by from_pretrained (bitsandbytes models refuse .to)
+        model.to(accelerator.device)
     world = accelerator.num_processes
     global_bs = cfg.batch_size * world
 
@@ -579,7 +580,7 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
     final = evaluate(model, enc, dev, accelerator, cfg.batch_size * 2, cfg.max_new_tokens, records)
     history.evals.append({"step": step, **final})
     result = {
-        "task": task.name, "method": cfg.method, "model": model_name, "seed": cfg.seed,
+        "task": task.name, "method": cfg.method, "model": model_name, "quantize": cfg.quantize, "seed": cfg.seed,
         "metrics": final, "metrics_before": metrics_before, "headline_metric": task.metrics[0],
         "trainable_params": trainable, "total_params": total,
         "train_seconds": round(train_seconds, 3), "step_seconds": round(train_seconds / max(step, 1), 5),

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AdapterConfig
@@ -40,13 +39,13 @@ def magnitude_forward(layer: AdapterLayer, x: Tensor, mag_scale: Tensor, lora_ou
     x_d = layer.dropout(x)
     if isinstance(layer.dropout, nn.Identity):
         # x_d = x, so the same h is  b + (m/n) ⊙ (x W0ᵀ + lora_out(x)): two passes over (..., out), not five
-        base_no_bias = F.linear(x, layer.base_weight())  # (..., out)
+        base_no_bias = layer.base_forward_no_bias(x)  # (..., out)
         inner = lora_out(x) + base_no_bias.to(layer.adapter_dtype)  # (..., out), promoted like the long form
         if layer.bias is None:
             return (inner * mag_scale).to(base_no_bias.dtype)
         return torch.addcmul(layer.bias.to(layer.adapter_dtype), inner, mag_scale).to(base_no_bias.dtype)
     result = layer.base_forward(x)  # (..., out)
-    base_no_bias = F.linear(x_d, layer.base_weight())  # (..., out)
+    base_no_bias = layer.base_forward_no_bias(x_d)  # (..., out)
     dora = (mag_scale - 1) * base_no_bias.to(layer.adapter_dtype) + mag_scale * lora_out(x_d)
     return result + dora.to(result.dtype)
 
