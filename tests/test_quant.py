@@ -314,9 +314,18 @@ def test_gora_gradient_of_a_quantised_weight_comes_from_its_input_and_output_gra
         assert imp["quant"][name] == pytest.approx(imp["float"][name], rel=1e-4)
 
 
-@pytest.mark.parametrize("method, per_forward", [("lora", 0), ("gora", 0), ("edora", 0), ("raclora", 0), ("dora", 1)])
-def test_only_dora_dequantises_per_step(llama_dir: str, method: str, per_forward: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = attach_method(llama_dir, "nf4", method)
+@pytest.mark.parametrize("method, kind, dropout, per_forward", [
+    ("lora", "nf4", 0.0, 0), ("gora", "nf4", 0.0, 0), ("edora", "nf4", 0.0, 0), ("raclora", "nf4", 0.0, 0),
+    ("dora", "nf4", 0.0, 0),  # W0 Aᵀ rides along the base forward: no dequantisation of its own
+    ("dora", "nf4", 0.1, 1), ("dora", "int8", 0.0, 1),  # the norm dequantises, as PEFT's QDoRA does
+    ("edora", "int8", 0.1, 0),
+])
+def test_dequantisation_per_step(llama_dir: str, method: str, kind: str, dropout: float, per_forward: int,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    case = llama_case(llama_dir, kind)
+    model = case.make()
+    config, calibration = METHOD_CASES[method].make(case, False)
+    rankwise.attach(model, config.replace(dropout=dropout), calibration=calibration)
     calls: list[int] = []
     real = rankwise.layer.dequantize
     monkeypatch.setattr(rankwise.layer, "dequantize", lambda m: calls.append(1) or real(m))

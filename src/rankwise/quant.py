@@ -6,9 +6,12 @@ as it adapts ``nn.Linear``, QLoRA-style:
 
 * the quantised weight is shared, frozen and never written; the base path is the bitsandbytes module's
   own ``forward`` (its matmul), the adapter path computes in fp32;
-* methods that need ``W0`` itself dequantise **one layer at a time, when they need it** (DoRA's
-  per-step row norm, as HF PEFT's QDoRA does; EDoRA's SVD and norm terms and GoRA's importance, once
-  at attach; the base fingerprint when saving and loading), via :func:`dequantize`;
+* methods that need ``W0`` itself dequantise **one layer at a time, when they need it**, via
+  :func:`dequantize`: EDoRA's SVD and norm terms, GoRA's importance and DoRA's ``‖W0‖²_row``, once at
+  attach; the base fingerprint when saving and loading. DoRA's per-step row norm needs ``W0 Aᵀ``: over a
+  4-bit base computing in fp32 (without dropout) A's rows ride along the base forward, so no extra
+  dequantisation; otherwise (8-bit, dropout, bf16 compute) it dequantises per step, as HF PEFT's QDoRA does.
+  GoRA's gradient comes from the layer's input and output gradients (a quantised weight has no ``.grad``);
 * ``merge`` is refused (rounding ``W0 + ΔW`` back into 4 or 8 bits loses most of the update, and the
   original bits could not be restored); ``rankwise.detach(model, merge=True)`` instead gives float
   ``nn.Linear`` layers holding ``dequantised W0 + ΔW`` (:func:`float_linear`, :func:`dequantize_model`).
