@@ -420,3 +420,18 @@ def test_finetune_quantize_records_it(method: str, tmp_path: Path) -> None:
     layers = rankwise.adapter_layers(base)
     assert layers and all(layer.quantized == "4bit" for layer in layers.values())
     assert not quant.is_quantized(base.score)  # the head stays float, trained fully
+
+
+def test_cli_export_merged_from_a_quantised_base(llama_dir: str, tmp_path: Path) -> None:
+    from rankwise_harness import cli
+
+    model = attach_method(llama_dir, "nf4", "lora")
+    train(model)
+    rankwise.save(model, tmp_path / "adapter")
+    args = ["export", str(tmp_path / "adapter"), "--base", llama_dir, "--out", str(tmp_path / "merged"), "--format", "merged"]
+    assert cli.main([*args, "--quantize", "nf4"]) == 0
+    assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+    merged = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged").train()
+    torch.testing.assert_close(outputs(merged), outputs(model), rtol=1e-5, atol=1e-5)
+    # without --quantize the float base does not match the fingerprint recorded on the nf4 one
+    assert cli.main([*args[:-4], "--out", str(tmp_path / "merged2"), "--format", "merged"]) == 1

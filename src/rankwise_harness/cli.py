@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from . import QUANTIZE_CHOICES
+
 DEMO_ARGS = ["--task", "rotten", "--method", "lora", "--max-steps", "120", "--batch-size", "16", "--lr", "2e-3",
              "--lora-plus-ratio", "4", "--max-length", "64", "--max-eval", "500", "--eval-before", "--eval-every", "40",
              "--warmup-ratio", "0.05", "--output", "runs/demo", "--overwrite"]
@@ -32,7 +34,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and adapter")
     g.add_argument("--model", help="Hugging Face path or name; default: packaged MiniLM (classification), "
                    "SmolLM2-135M (gsm8k); 'minilm' / 'smollm2' name them")
-    g.add_argument("--quantize", choices=["nf4", "fp4", "int8"],  # rankwise_harness.config.QUANTIZE_CHOICES
+    g.add_argument("--quantize", choices=QUANTIZE_CHOICES,
                    help="load the base's linear layers quantised by bitsandbytes (QLoRA-style; needs "
                         "pip install 'rankwise[quant]'); heads stay float; compute dtype fp32 on CPU")
     g.add_argument("--targets", type=_csv, help="comma-separated module-name suffixes (default per architecture, "

@@ -14,8 +14,9 @@ from typing import Any
 
 import rankwise
 
+from . import QUANTIZE_CHOICES
+
 FULL = "full"
-QUANTIZE_CHOICES = ("nf4", "fp4", "int8")  # --quantize: bitsandbytes 4-bit NormalFloat / 4-bit float / LLM.int8
 RUN_MARKER = "rankwise-run/1"
 
 

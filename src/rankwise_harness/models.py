@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import QUANTIZE_CHOICES
+from . import QUANTIZE_CHOICES
 from .data import Task
 
 SMOLLM2 = "smollm2"
