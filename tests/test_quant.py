@@ -387,39 +387,77 @@ def test_harness_quantize_without_bitsandbytes_names_the_extra(monkeypatch: pyte
         RunConfig(task="sst2", method="full", quantize="nf4")
 
 
-@pytest.mark.parametrize("method", ["gora", "dora"])
-def test_finetune_quantize_records_it(method: str, tmp_path: Path) -> None:
-    from rankwise_harness.config import RunConfig
-    from rankwise_harness.train import finetune
-
+@pytest.fixture(scope="module")
+def harness_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A tiny Llama classifier with the packaged MiniLM's tokenizer, and an SST-2 slice (or a fixture in its format)."""
+    root = tmp_path_factory.mktemp("harness")
     tok = transformers.AutoTokenizer.from_pretrained(minilm_path())
     cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                    num_labels=2, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
-    transformers.LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
-    data = tmp_path / "sst2"
+    transformers.LlamaForSequenceClassification(cfg).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    data = root / "sst2"
     data.mkdir()
     real = SHARED_DATA / "glue" / "SST-2"
     for split, n in (("train", 32), ("dev", 8)):
         lines = ((real / f"{split}.tsv").read_text().splitlines()[: n + 1] if real.is_dir() else
                  ["sentence\tlabel"] + [f"{'good' if i % 2 else 'bad'} film {i}\t{i % 2}" for i in range(n)])
         (data / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-    run = RunConfig(task="sst2", method=method, data=str(data), model=str(tmp_path / "model"), output=str(tmp_path / "run"),
-                    r=4, alpha=8, max_steps=2, batch_size=4, lr=5e-3, max_length=24, warmup_ratio=0.0, quantize="nf4",
-                    overrides={"n_steps": "2"} if method == "gora" else {})
+    return str(root / "model"), str(data)
+
+
+def _run(harness_inputs: tuple[str, str], output: Path, **kw: Any):  # -> RunConfig
+    from rankwise_harness.config import RunConfig
+
+    model, data = harness_inputs
+    base = dict(task="sst2", method="lora", data=data, model=model, output=str(output), r=4, alpha=8, max_steps=2,
+                batch_size=4, lr=5e-3, max_length=24, warmup_ratio=0.0, quantize="nf4")
+    return RunConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("method", ["gora", "dora"])
+def test_finetune_quantize_records_it(method: str, harness_inputs: tuple[str, str], tmp_path: Path) -> None:
+    from rankwise_harness.train import finetune
+
+    run = _run(harness_inputs, tmp_path / "run", method=method, overrides={"n_steps": "2"} if method == "gora" else {})
     result = finetune(run, show_progress=False, log=lambda _m: None)
     assert result["quantize"] == "nf4"
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["quantize"] == "nf4"
     assert json.loads((tmp_path / "run" / "config.json").read_text())["run"]["quantize"] == "nf4"
     base = transformers.LlamaForSequenceClassification.from_pretrained(
-        tmp_path / "model", quantization_config=transformers.BitsAndBytesConfig(**QUANTS["nf4"], llm_int8_skip_modules=["score"]),
-        device_map="cpu")
+        harness_inputs[0], device_map="cpu",
+        quantization_config=transformers.BitsAndBytesConfig(**QUANTS["nf4"], llm_int8_skip_modules=["score"]))
     rankwise.load(base, tmp_path / "run" / "adapter")  # the fingerprint fits the same nf4 base
     layers = rankwise.adapter_layers(base)
     assert layers and all(layer.quantized == "4bit" for layer in layers.values())
     assert not quant.is_quantized(base.score)  # the head stays float, trained fully
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_quantised_resume_equals_uninterrupted(method: str, harness_inputs: tuple[str, str], tmp_path: Path) -> None:
+    from rankwise_harness.train import finetune
+    from safetensors.torch import load_file
+
+    kw: dict[str, Any] = dict(method=method, max_steps=4, save_every=2, dropout=0.1)  # dropout: RNG states matter
+    whole = finetune(_run(harness_inputs, tmp_path / "a", **kw), show_progress=False, log=lambda _m: None)
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash(step: int, _loss: float) -> None:
+        if step == 3:
+            raise Crash
+
+    cfg = _run(harness_inputs, tmp_path / "b", **kw)
+    with pytest.raises(Crash):
+        finetune(cfg, hook=crash, show_progress=False, log=lambda _m: None)
+    resumed = finetune(cfg, resume=True, show_progress=False, log=lambda _m: None)
+    assert resumed["steps_this_session"] == 2 and resumed["losses"] == whole["losses"]
+    a = load_file(str(tmp_path / "a" / "adapter" / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "b" / "adapter" / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_cli_export_merged_from_a_quantised_base(llama_dir: str, tmp_path: Path) -> None:
