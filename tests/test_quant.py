@@ -130,6 +130,8 @@ def test_every_method_trains_and_never_writes_the_quantised_weight(llama_dir: st
     layers = rankwise.adapter_layers(model)
     assert len(layers) == 6 and all(layer.quantized == ("8bit" if kind == "int8" else "4bit") for layer in layers.values())
     assert [(row.out_features, row.in_features) for row in report.layers][:3] == [(64, 64), (32, 64), (64, 128)]
+    float_total = sum(p.numel() for p in transformers.LlamaForCausalLM.from_pretrained(llama_dir).parameters())
+    assert report.total == float_total + report.trainable  # 4-bit weights counted as values, not packed bytes
     trainable = rankwise.trainable_parameters(model)
     start = {n: p.detach().clone() for n, p in trainable.items()}
     assert all(p.dtype == torch.float32 for p in trainable.values())  # adapters in the compute dtype (fp32)

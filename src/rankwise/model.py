@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .layer import AdapterLayer
-from .quant import dequantize_model, merge_refusal
+from .quant import dequantize_model, merge_refusal, parameter_count
 from .registry import BuildResult, LossFn, method_for
 from .targeting import find_modules_to_save, find_targets
 
@@ -133,7 +133,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
+        total += parameter_count(p)  # a 4-bit weight holds two values per stored byte
         trainable += p.numel() if p.requires_grad else 0
     return trainable, total
 

@@ -94,6 +94,13 @@ def check_adaptable(module: nn.Module) -> str | None:
     return kind
 
 
+def parameter_count(p: Tensor) -> int:
+    """How many weights ``p`` holds: a bitsandbytes 4-bit weight packs two per byte of its storage."""
+    if type(p).__name__ == "Params4bit":
+        return p.numel() * p.element_size() * 2
+    return p.numel()
+
+
 def compute_dtype(module: nn.Module) -> torch.dtype:
     """The dtype a quantised layer computes in: ``Linear4bit.compute_dtype``, else its bias's dtype, else fp32."""
     dtype = getattr(module, "compute_dtype", None)
@@ -196,5 +203,6 @@ def dequantize_model(model: nn.Module) -> list[str]:
 
 __all__ = [
     "QUANT_EXTRA", "base_forward", "check_adaptable", "compute_dtype", "dense_weight", "dequantize",
-    "dequantize_model", "describe_quant", "float_linear", "is_quantized", "merge_refusal", "quant_kind",
+    "dequantize_model", "describe_quant", "float_linear", "is_quantized", "merge_refusal", "parameter_count",
+    "quant_kind",
 ]
