@@ -79,11 +79,19 @@ def variants(r: int, batch_size: int, seq_len: int) -> dict[str, Callable[[torch
 
         return make
 
+    def dora_dequantising(base):
+        """rankwise DoRA made to dequantise W0 for its norm every step, as PEFT's QDoRA does (the cost avoided)."""
+        ours("dora", r=r, alpha=2 * r)(base)
+        for layer in rankwise.adapter_layers(base).values():
+            layer.norm_n0 = None  # falls back to weight_norm(): dequantise, then ‖W0 + s·B A‖_row
+        return base
+
     return {
         "peft-qlora": theirs(False),
         "peft-qdora": theirs(True),
         "lora": ours("lora", r=r, alpha=2 * r),
         "dora": ours("dora", r=r, alpha=2 * r),
+        "dora-dequant": dora_dequantising,
         "edora": ours("edora", r=r, alpha=2 * r),
         "gora": ours("gora", r_ref=r, alpha=2 * r, n_steps=4),
         "raclora": ours("raclora", r=r, alpha=2 * r, link_steps=10),
@@ -107,8 +115,10 @@ def make_trainable(make: Callable) -> tuple[torch.nn.Module, torch.optim.Optimiz
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4), setup
 
 
-def time_interleaved(r: int, batch_size: int, seq_len: int, rounds: int, warmup: int) -> dict[str, dict[str, float]]:
-    models = {label: make_trainable(make) for label, make in variants(r, batch_size, seq_len).items()}
+def time_interleaved(r: int, batch_size: int, seq_len: int, rounds: int, warmup: int,
+                     only: list[str] | None = None) -> dict[str, dict[str, float]]:
+    models = {label: make_trainable(make) for label, make in variants(r, batch_size, seq_len).items()
+              if only is None or label in only}
     batch = batch_for(batch_size, seq_len)
     times: dict[str, list[float]] = {label: [] for label in models}
     labels = list(models)
@@ -166,6 +176,7 @@ RATIOS = [  # (numerator, denominator, goal)
     ("gora", "lora", None),
     ("raclora", "lora", None),
     ("dora", "lora", None),
+    ("dora-dequant", "lora", None),
     ("peft-qdora", "peft-qlora", None),
 ]
 
@@ -185,6 +196,8 @@ def report(results: list[dict], meta: dict) -> str:
                          f"{x.get('train_growth_mb', float('nan')):.0f} |")
         lines += ["", "| ratio of median step times | value | goal | met |", "|---|---:|---:|---|"]
         for num, den, goal in RATIOS:
+            if num not in v or den not in v:
+                continue
             ratio = v[num]["median_s"] / v[den]["median_s"]
             met = "—" if goal is None else ("yes" if ratio <= goal else "**no**")
             lines.append(f"| {num} / {den} | {ratio:.3f} | {'—' if goal is None else f'≤ {goal}'} | {met} |")
@@ -202,6 +215,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--memory-steps", type=int, default=3)
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--variants", help="comma-separated subset (default: all; peft-qlora is always included)")
+    ap.add_argument("--tag", default="", help="suffix of the output files (quant<tag>.json/.md)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench"))
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -214,7 +229,8 @@ def main() -> None:
     results = []
     for bs in [int(x) for x in args.batch_sizes.split(",")]:
         for sl in [int(x) for x in args.seq_lens.split(",")]:
-            timing = time_interleaved(args.r, bs, sl, args.rounds, args.warmup)
+            only = ["peft-qlora", *args.variants.split(",")] if args.variants else None
+            timing = time_interleaved(args.r, bs, sl, args.rounds, args.warmup, only)
             if not args.no_memory:
                 for label in timing:
                     timing[label].update(memory(label, args.r, bs, sl, args.memory_steps))
@@ -233,7 +249,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "quant_quick" if args.quick else "quant"
+    stem = ("quant_quick" if args.quick else "quant") + args.tag
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     text = report(results, meta)
     (out / f"{stem}.md").write_text(text + "\n")
