@@ -12,7 +12,6 @@ repacks 4-bit CPU weights for a bf16 kernel, which computes something slightly d
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 import sys
@@ -28,7 +27,7 @@ from conftest import SHARED_DATA, ModelCase, minilm_path
 from method_matrix import METHOD_CASES
 from rankwise import quant
 
-pytest.importorskip("bitsandbytes", reason="bitsandbytes cannot be imported here (pip install 'rankwise[quant]')")
+bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes cannot be imported here (pip install 'rankwise[quant]')")
 transformers = pytest.importorskip("transformers")
 
 QUANTS: dict[str, dict[str, Any]] = {
@@ -227,7 +226,7 @@ def test_merge_is_refused_and_changes_nothing(llama_dir: str) -> None:
     assert not any(layer.merged for layer in rankwise.adapter_layers(model).values())
     assert torch.equal(outputs(model), expected)
     rankwise.detach(model)  # unmerged detach: the very same bitsandbytes modules again
-    assert isinstance(model.model.layers[0].self_attn.q_proj, __import__("bitsandbytes").nn.Linear4bit)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
 
 
 # ---------------------------------------------------------------------------- PEFT
