@@ -37,6 +37,7 @@ QUANTS: dict[str, dict[str, Any]] = {
     "int8": {"load_in_8bit": True},
 }
 FOUR_BIT = ("nf4", "fp4-dq")
+REPACKS = bool(bnb.nn.Linear4bit(64, 64).support_avx512bf16_for_cpu)  # this CPU gets bitsandbytes' bf16 repacking
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 VOCAB = 64
 
@@ -347,6 +348,38 @@ def test_raclora_link_ends_stay_in_the_adapter(llama_dir: str) -> None:
     torch.testing.assert_close(outputs(model), expected, rtol=1e-5, atol=1e-6)
     assert all(layer.chain_a.shape[0] == 2 * layer.rank for layer in rankwise.adapter_layers(model).values())
     assert all(torch.equal(a, b) for n, t in quant_snapshot(model).items() for a, b in zip(t, before[n]))
+
+
+def test_eval_forward_keeps_the_quantised_layout(llama_dir: str) -> None:
+    """bitsandbytes repacks a 4-bit CPU weight at its first eval-mode forward without gradients (then training
+    through it fails); adapted layers are kept out of that, the harness keeps the whole model out of it."""
+    model = attach_method(llama_dir, "nf4", "lora")
+    bases = quantized_bases(model)
+    before = quant_snapshot(model)
+    train_out = outputs(model)
+    model.eval()
+    eval_out = outputs(model)  # eval + no_grad: the non-adapted layers repack, the adapted ones must not
+    assert all(not getattr(b.weight.quant_state, "packing_format_for_cpu", False) for b in bases.values())
+    assert all(torch.equal(before[n][0], quant_snapshot(model)[n][0]) for n in bases)
+    if REPACKS:
+        assert not torch.equal(eval_out, train_out)  # (the repacked layers compute in bf16)
+    quant.keep_layout(model)
+    fresh = load_quantized(llama_dir, "nf4")
+    assert quant.keep_layout(fresh) == 14
+    fresh.eval()
+    outputs(fresh)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in fresh.modules() if quant.is_quantized(m))
+    model.train()
+    train(model, steps=1)  # training after evaluation still works
+
+
+@pytest.mark.skipif(not REPACKS, reason="this CPU lacks AVX512-BF16: bitsandbytes does not repack 4-bit weights here")
+def test_a_repacked_weight_is_refused(llama_dir: str) -> None:
+    model = load_quantized(llama_dir, "nf4").eval()
+    outputs(model)  # bitsandbytes repacks every 4-bit weight for its CPU inference kernel
+    with pytest.raises(ValueError, match=r"repacked by bitsandbytes.*keep_layout"):
+        rankwise.attach(model, rankwise.LoraConfig(r=4, target_modules=TARGETS))
+    assert not rankwise.adapter_layers(model)
 
 
 # ---------------------------------------------------------------------------- bad input

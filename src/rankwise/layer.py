@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .config import AdapterConfig
 from .quant import base_forward as quant_base_forward
-from .quant import check_adaptable, dequantize, float_linear, merge_refusal
+from .quant import check_adaptable, dequantize, float_linear, keep_layout, merge_refusal
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -66,6 +66,8 @@ class AdapterLayer(nn.Module):
         weight = base.weight
         # "4bit" / "8bit" for a bitsandbytes layer (rankwise.quant), None for a float one; raises for others
         self.quantized: str | None = check_adaptable(base)
+        if self.quantized:
+            keep_layout(base)  # bitsandbytes must not repack this weight for CPU inference (rankwise.quant)
         self.fan_in_fan_out: bool = type(base).__name__ == "Conv1D"  # GPT-2 style: weight is in x out
         if self.quantized:  # the stored weight is packed: the layer knows its shape
             in_features, out_features = base.in_features, base.out_features

@@ -86,6 +86,12 @@ def check_adaptable(module: nn.Module) -> str | None:
             )
         return None
     bnb()
+    if kind == "4bit" and getattr(weight, "quant_state", None) is not None and getattr(weight.quant_state, "packing_format_for_cpu", False):
+        raise ValueError(
+            f"this {type(module).__name__}'s weight was repacked by bitsandbytes for CPU inference (an eval-mode forward "
+            "without gradients ran before attach); training through it fails. Reload the model, or call "
+            "rankwise.quant.keep_layout(model) right after loading it"
+        )
     if kind == "8bit" and weight is not None and weight.dtype != torch.int8:
         raise TypeError(
             f"cannot adapt a {type(module).__name__} with has_fp16_weights=True (weight dtype {weight.dtype}): rankwise "
@@ -99,6 +105,23 @@ def parameter_count(p: Tensor) -> int:
     if type(p).__name__ == "Params4bit":
         return p.numel() * p.element_size() * 2
     return p.numel()
+
+
+def keep_layout(model: nn.Module) -> int:
+    """Turn off bitsandbytes' CPU inference repacking on every 4-bit layer in ``model`` (or ``model`` itself);
+    returns how many layers it applies to.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.50) rewrites a 4-bit weight into a packed layout at its first
+    eval-mode forward without gradients, then computes in bf16; a training forward after that fails for
+    layers with a bias (and computes differently for the others). rankwise calls this on each layer it
+    adapts (so their weights keep their bytes, and eval computes what training computes); the harness calls
+    it on the whole model, so evaluating mid-run leaves training intact.
+    """
+    modules = [m for m in model.modules() if quant_kind(m) == "4bit"]
+    for m in modules:
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return len(modules)
 
 
 def compute_dtype(module: nn.Module) -> torch.dtype:
@@ -203,6 +226,6 @@ def dequantize_model(model: nn.Module) -> list[str]:
 
 __all__ = [
     "QUANT_EXTRA", "base_forward", "check_adaptable", "compute_dtype", "dense_weight", "dequantize",
-    "dequantize_model", "describe_quant", "float_linear", "is_quantized", "merge_refusal", "parameter_count",
-    "quant_kind",
+    "dequantize_model", "describe_quant", "float_linear", "is_quantized", "keep_layout", "merge_refusal",
+    "parameter_count", "quant_kind",
 ]

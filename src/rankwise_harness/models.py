@@ -156,6 +156,10 @@ def load_model(name: str, task: Task, quantize: str | None = None,
             model = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
     except OSError as exc:
         raise ModelError(f"could not load model {name!r}: {exc}") from None
+    if quantize:  # evaluating mid-run must not repack 4-bit CPU weights (training through them would fail)
+        from rankwise.quant import keep_layout
+
+        keep_layout(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if getattr(model.config, "pad_token_id", None) is None:
