@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from . import __version__
 from .layer import AdapterLayer
 from .model import adapter_layers, all_or_nothing, get_state, install, is_attached, unwrap_model
+from .quant import dense_weight
 from .registry import BuildResult, config_from_dict, get_method
 from .targeting import SUPPORTED_TYPES, is_supported
 
@@ -316,7 +317,7 @@ def recorded_modules(model: nn.Module, meta: dict[str, Any]) -> tuple[dict[str, 
 def _check_fits(model: nn.Module, meta: dict[str, Any], targets: dict[str, nn.Module], check_base: bool) -> None:
     for name, spec in meta["layers"].items():
         module = targets[name]
-        w = module.weight
+        w = dense_weight(module)  # a quantised layer's dequantised weight (one layer at a time)
         conv = type(module).__name__ == "Conv1D"
         out_f, in_f = (w.shape[1], w.shape[0]) if conv else (w.shape[0], w.shape[1])
         if (out_f, in_f) != (spec["out_features"], spec["in_features"]):

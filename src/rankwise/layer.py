@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import AdapterConfig
+from .quant import base_forward as quant_base_forward
+from .quant import check_adaptable, dequantize, float_linear, keep_layout, merge_refusal
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -62,13 +64,15 @@ class AdapterLayer(nn.Module):
     def __init__(self, base: nn.Module, config: AdapterConfig, rank: int) -> None:
         super().__init__()
         weight = base.weight
-        if not torch.is_floating_point(weight):
-            raise TypeError(
-                f"cannot adapt a {type(base).__name__} whose weight has dtype {weight.dtype}: "
-                "rankwise adapters need floating-point base weights (dequantise first)"
-            )
+        # "4bit" / "8bit" for a bitsandbytes layer (rankwise.quant), None for a float one; raises for others
+        self.quantized: str | None = check_adaptable(base)
+        if self.quantized:
+            keep_layout(base)  # bitsandbytes must not repack this weight for CPU inference (rankwise.quant)
         self.fan_in_fan_out: bool = type(base).__name__ == "Conv1D"  # GPT-2 style: weight is in x out
-        in_features, out_features = (weight.shape[0], weight.shape[1]) if self.fan_in_fan_out else (weight.shape[1], weight.shape[0])
+        if self.quantized:  # the stored weight is packed: the layer knows its shape
+            in_features, out_features = base.in_features, base.out_features
+        else:
+            in_features, out_features = (weight.shape[0], weight.shape[1]) if self.fan_in_fan_out else (weight.shape[1], weight.shape[0])
         if rank > min(in_features, out_features):
             raise ValueError(
                 f"rank {rank} is larger than this layer's dimensions (out={out_features}, in={in_features}); "
@@ -85,9 +89,10 @@ class AdapterLayer(nn.Module):
         if self.bias is not None:
             self.bias.requires_grad_(False)
         self.dropout: nn.Module = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        # adapters are created in fp32 over a bf16/fp16 base (the usual mixed-precision setup); afterwards
-        # they run in whatever dtype their tensors have (see adapter_dtype)
-        self._init_dtype: torch.dtype = torch.float32 if weight.dtype in LOW_PRECISION else weight.dtype
+        # adapters are created in fp32 over a bf16/fp16 base (the usual mixed-precision setup) and over a
+        # quantised base (whose weight dtype is its storage format); afterwards they run in whatever dtype
+        # their tensors have (see adapter_dtype)
+        self._init_dtype: torch.dtype = torch.float32 if self.quantized or weight.dtype in LOW_PRECISION else weight.dtype
         self.merged: bool = False
         self._original_weight: Tensor | None = None
         self._base_ref: list[nn.Module] = [base]  # a list so it is not registered as a submodule
@@ -105,17 +110,32 @@ class AdapterLayer(nn.Module):
         return getattr(self, self.trainable[0]).dtype
 
     def base_weight(self) -> Tensor:
-        """The frozen base weight as ``out x in`` (a view; transposed for ``Conv1D``)."""
+        """The frozen base weight as ``out x in`` (a view; transposed for ``Conv1D``; for a quantised
+        base a new fp32 tensor, dequantised on each call)."""
+        if self.quantized:
+            return dequantize(self._base_ref[0])
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
     def unmerged_base_weight(self) -> Tensor:
-        """``W0`` in ``out x in`` even while merged (the kept original bits)."""
+        """``W0`` in ``out x in`` even while merged (the kept original bits; dequantised for a quantised base)."""
+        if self.quantized:
+            return self.base_weight()  # never merged
         w = self._original_weight if self.merged else self.weight
         assert w is not None
         return w.t() if self.fan_in_fan_out else w
 
     def base_forward(self, x: Tensor) -> Tensor:
+        """``x W0ᵀ + b``; a quantised base runs its own (bitsandbytes) forward."""
+        if self.quantized:
+            return quant_base_forward(self._base_ref[0], x, self.training)
         return F.linear(x, self.base_weight(), self.bias)
+
+    def base_forward_no_bias(self, x: Tensor) -> Tensor:
+        """``x W0ᵀ`` (a quantised base: its own forward, less the bias, as HF PEFT's QDoRA computes it)."""
+        if self.quantized:
+            out = self.base_forward(x)
+            return out if self.bias is None else out - self.bias.to(out.dtype)
+        return F.linear(x, self.base_weight())
 
     def new_tensor(self, *shape: int, zeros: bool = True) -> Tensor:
         """An adapter tensor on the base weight's device, in the adapter dtype."""
@@ -148,6 +168,8 @@ class AdapterLayer(nn.Module):
         """Write the adapted weight into ``weight`` (once; idempotent). The original bits are kept."""
         if self.merged:
             return
+        if self.quantized:
+            raise merge_refusal(self._base_ref[0])
         new = self.merged_weight()  # out x in, fp32
         if not torch.isfinite(new).all():
             raise FloatingPointError(f"merging would write non-finite values into a {tuple(new.shape)} weight")
@@ -164,6 +186,11 @@ class AdapterLayer(nn.Module):
         self.weight.copy_(self._original_weight)
         self._original_weight = None
         self.merged = False
+
+    def to_merged_float(self) -> nn.Module:
+        """A quantised base's replacement for a merged detach: a float ``nn.Linear`` holding the
+        dequantised ``W0`` + the update, in the base's compute dtype."""
+        return float_linear(self._base_ref[0], self.merged_weight().detach())
 
     def to_base(self) -> nn.Module:
         """The original base module (holding the same, possibly merged, weight)."""

@@ -23,6 +23,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .layer import AdapterLayer
+from .quant import dequantize_model, merge_refusal, parameter_count
 from .registry import BuildResult, LossFn, method_for
 from .targeting import find_modules_to_save, find_targets
 
@@ -157,7 +158,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
+        total += parameter_count(p)  # a 4-bit weight holds two values per stored byte
         trainable += p.numel() if p.requires_grad else 0
     return trainable, total
 
@@ -292,19 +293,28 @@ def attach(
 def detach(model: nn.Module, merge: bool = False) -> nn.Module:
     """Remove every adapter, restoring the original modules (merged first if ``merge=True``).
 
-    Without ``merge`` the model's weights are exactly the originals again. Returns the (unwrapped) model.
+    Without ``merge`` the model's weights are exactly the originals again. With ``merge`` on a
+    bitsandbytes-quantised model the result is a float model: each adapted layer becomes an
+    ``nn.Linear`` holding the dequantised ``W0`` + the update, the other quantised layers are
+    dequantised, in the layers' compute dtype (``rankwise.quant``). Returns the (unwrapped) model.
     """
     model = unwrap_model(model)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
     if not layers:
         raise ValueError(f"this {type(model).__name__} has no rankwise adapters to detach")
+    quantized = any(layer.quantized for layer in layers.values())
     for name, layer in layers.items():
+        if merge and layer.quantized:  # a float nn.Linear: dequantised W0 + update (never rounded back to 4 bits)
+            _set_submodule(model, name, layer.to_merged_float())
+            continue
         if merge:
             layer.merge()
             layer._original_weight = None  # the merge is permanent: drop the kept copy
         else:
             layer.unmerge()
         _set_submodule(model, name, layer.to_base())
+    if merge and quantized:  # the rest of the model too, so save_pretrained writes a float checkpoint
+        dequantize_model(model)
     if hasattr(model, STATE_ATTR):
         delattr(model, STATE_ATTR)
     return model
@@ -315,6 +325,9 @@ def merge(model: nn.Module) -> None:
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("no rankwise adapters to merge")
+    for layer in layers.values():  # all-or-nothing: refuse before any layer is merged
+        if layer.quantized:
+            raise merge_refusal(layer._base_ref[0])
     for layer in layers.values():
         layer.merge()
 

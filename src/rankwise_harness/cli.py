@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from . import QUANTIZE_CHOICES
+
 DEMO_ARGS = ["--task", "rotten", "--method", "lora", "--max-steps", "120", "--batch-size", "16", "--lr", "2e-3",
              "--lora-plus-ratio", "4", "--max-length", "64", "--max-eval", "500", "--eval-before", "--eval-every", "40",
              "--warmup-ratio", "0.05", "--pooling", "cls", "--output", "runs/demo", "--overwrite"]
@@ -32,6 +34,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and adapter")
     g.add_argument("--model", help="Hugging Face path or name; default: packaged MiniLM (classification), "
                    "SmolLM2-135M (gsm8k); 'minilm' / 'smollm2' name them")
+    g.add_argument("--quantize", choices=QUANTIZE_CHOICES,
+                   help="load the base's linear layers quantised by bitsandbytes (QLoRA-style; needs "
+                        "pip install 'rankwise[quant]'); heads stay float; compute dtype fp32 on CPU")
     g.add_argument("--targets", type=_csv, help="comma-separated module-name suffixes (default per architecture, "
                    "e.g. BERT query,value; Llama q_proj,v_proj; GPT-2 c_attn)")
     g.add_argument("--r", "--rank", dest="r", type=int, default=8,
@@ -95,7 +100,7 @@ def _run_config(args: argparse.Namespace, method: str, output: str):  # -> RunCo
         max_train=args.max_train, max_eval=args.max_eval, eval_every=args.eval_every, eval_before=args.eval_before,
         save_every=args.save_every, calibration_batches=args.calibration_batches,
         head_warmup_steps=args.head_warmup_steps, max_new_tokens=args.max_new_tokens,
-        precision=args.precision, skip_bad_rows=args.skip_bad_rows, head=args.head, pooling=args.pooling,
+        precision=args.precision, skip_bad_rows=args.skip_bad_rows, quantize=args.quantize, head=args.head, pooling=args.pooling,
         head_lr=args.head_lr, val_split=args.val_split, eval_each_epoch=args.eval_each_epoch,
         template=unescape_template(args.template) if args.template is not None else None,
         label_words=parse_label_words(args.label_words) if args.label_words is not None else None,

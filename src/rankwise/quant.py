@@ -1,0 +1,231 @@
+"""Quantised base layers (bitsandbytes 4-bit and 8-bit): detection, dequantisation, the base forward.
+
+rankwise adapts bitsandbytes' ``Linear4bit`` (nf4 or fp4, with or without double quantisation; also
+its ``LinearNF4``/``LinearFP4`` subclasses) and ``Linear8bitLt`` (int8 weights, ``has_fp16_weights=False``)
+as it adapts ``nn.Linear``, QLoRA-style:
+
+* the quantised weight is shared, frozen and never written; the base path is the bitsandbytes module's
+  own ``forward`` (its matmul), the adapter path computes in fp32;
+* methods that need ``W0`` itself dequantise **one layer at a time, when they need it**, via
+  :func:`dequantize`: EDoRA's SVD and norm terms, GoRA's importance and DoRA's ``‖W0‖²_row``, once at
+  attach; the base fingerprint when saving and loading. DoRA's per-step row norm needs ``W0 Aᵀ``: over a
+  4-bit base computing in fp32 (without dropout) A's rows ride along the base forward, so no extra
+  dequantisation; otherwise (8-bit, dropout, bf16 compute) it dequantises per step, as HF PEFT's QDoRA does.
+  GoRA's gradient comes from the layer's input and output gradients (a quantised weight has no ``.grad``);
+* ``merge`` is refused (rounding ``W0 + ΔW`` back into 4 or 8 bits loses most of the update, and the
+  original bits could not be restored); ``rankwise.detach(model, merge=True)`` instead gives float
+  ``nn.Linear`` layers holding ``dequantised W0 + ΔW`` (:func:`float_linear`, :func:`dequantize_model`).
+
+Detection reads class names (no import), so a quantised model met without bitsandbytes importable
+gets an error naming the extra to install (``pip install 'rankwise[quant]'``).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+QUANT_EXTRA = "pip install 'rankwise[quant]'"
+QUANT_TYPES: dict[str, str] = {"Linear4bit": "4bit", "Linear8bitLt": "8bit"}  # bitsandbytes class -> kind
+_PARAM_TYPES = ("Params4bit", "Int8Params")  # bitsandbytes' weight classes
+
+
+def bnb() -> Any:
+    """The ``bitsandbytes`` module; ``ImportError`` naming the extra when it cannot be imported."""
+    try:
+        import bitsandbytes
+    except ImportError as exc:
+        raise ImportError(
+            f"this model has bitsandbytes-quantised layers, and adapting them needs bitsandbytes ({exc}): {QUANT_EXTRA}"
+        ) from exc
+    return bitsandbytes
+
+
+def quant_kind(module: nn.Module) -> str | None:
+    """``"4bit"`` / ``"8bit"`` for a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (or subclass), else ``None``."""
+    for cls in type(module).__mro__:
+        if cls.__name__ in QUANT_TYPES and cls.__module__.startswith("bitsandbytes"):
+            return QUANT_TYPES[cls.__name__]
+    return None
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return quant_kind(module) is not None
+
+
+def describe_quant(module: nn.Module) -> str:
+    """A short label: ``"nf4"``, ``"fp4"``, ``"nf4 (double quant)"``, ``"int8"``; ``""`` for a float layer."""
+    kind = quant_kind(module)
+    if kind == "8bit":
+        return "int8"
+    if kind == "4bit":
+        state = getattr(module.weight, "quant_state", None)
+        qt = getattr(state, "quant_type", None) or getattr(module.weight, "quant_type", "4bit")
+        nested = bool(getattr(state, "nested", False) or getattr(module.weight, "compress_statistics", False))
+        return f"{qt} (double quant)" if nested else str(qt)
+    return ""
+
+
+def check_adaptable(module: nn.Module) -> str | None:
+    """The layer's quantisation kind (``None``: a float layer); raises for what rankwise cannot adapt.
+
+    ``TypeError`` names the type of a layer with a non-float weight that is not a supported bitsandbytes
+    layer; ``ImportError`` names the extra when a bitsandbytes layer is met without bitsandbytes.
+    """
+    kind = quant_kind(module)
+    weight = getattr(module, "weight", None)
+    if kind is None:
+        if weight is not None and not torch.is_floating_point(weight):
+            raise TypeError(
+                f"cannot adapt a {type(module).__name__} whose weight ({type(weight).__name__}) has dtype {weight.dtype}: "
+                f"rankwise adapts floating-point weights and bitsandbytes {' / '.join(QUANT_TYPES)} layers "
+                f"({QUANT_EXTRA}); dequantise this layer first or leave it out of target_modules"
+            )
+        return None
+    bnb()
+    if kind == "4bit" and getattr(weight, "quant_state", None) is not None and getattr(weight.quant_state, "packing_format_for_cpu", False):
+        raise ValueError(
+            f"this {type(module).__name__}'s weight was repacked by bitsandbytes for CPU inference (an eval-mode forward "
+            "without gradients ran before attach); training through it fails. Reload the model, or call "
+            "rankwise.quant.keep_layout(model) right after loading it"
+        )
+    if kind == "8bit" and weight is not None and weight.dtype != torch.int8:
+        raise TypeError(
+            f"cannot adapt a {type(module).__name__} with has_fp16_weights=True (weight dtype {weight.dtype}): rankwise "
+            "adapts frozen int8 Linear8bitLt layers (has_fp16_weights=False, as transformers' load_in_8bit loads them)"
+        )
+    return kind
+
+
+def parameter_count(p: Tensor) -> int:
+    """How many weights ``p`` holds: a bitsandbytes 4-bit weight packs two per byte of its storage."""
+    if type(p).__name__ == "Params4bit":
+        return p.numel() * p.element_size() * 2
+    return p.numel()
+
+
+def keep_layout(model: nn.Module) -> int:
+    """Turn off bitsandbytes' CPU inference repacking on every 4-bit layer in ``model`` (or ``model`` itself);
+    returns how many layers it applies to.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.50) rewrites a 4-bit weight into a packed layout at its first
+    eval-mode forward without gradients, then computes in bf16; a training forward after that fails for
+    layers with a bias (and computes differently for the others). rankwise calls this on each layer it
+    adapts (so their weights keep their bytes, and eval computes what training computes); the harness calls
+    it on the whole model, so evaluating mid-run leaves training intact.
+    """
+    modules = [m for m in model.modules() if quant_kind(m) == "4bit"]
+    for m in modules:
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return len(modules)
+
+
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a quantised layer computes in: ``Linear4bit.compute_dtype``, else its bias's dtype, else fp32."""
+    dtype = getattr(module, "compute_dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    bias = getattr(module, "bias", None)
+    return bias.dtype if bias is not None and torch.is_floating_point(bias) else torch.float32
+
+
+@torch.no_grad()
+def dequantize(module: nn.Module) -> Tensor:
+    """One quantised layer's weight as a new fp32 ``out x in`` tensor (the quantised weight is not touched)."""
+    kind = quant_kind(module)
+    functional = bnb().functional
+    weight = module.weight
+    if kind == "4bit":
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # bitsandbytes repacks a CPU weight for its AVX512-BF16 inference kernel (eval mode, no grad);
+            # its inverse edits the state it is given, so give it a copy
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            data, state = _convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
+        return functional.dequantize_4bit(data, state).float()
+    if kind == "8bit":
+        scb = getattr(weight, "SCB", None)
+        if scb is None:  # after the first forward bitsandbytes keeps the row scales on the module's state
+            scb = module.state.SCB
+        return functional.int8_vectorwise_dequant(weight.data, scb.to(weight.device)).float()
+    raise TypeError(f"{type(module).__name__} is not a bitsandbytes quantised layer")
+
+
+def dense_weight(module: nn.Module) -> Tensor:
+    """The layer's weight in its own layout: dequantised (fp32) for a quantised layer, else ``module.weight``."""
+    return dequantize(module) if is_quantized(module) else module.weight
+
+
+def base_forward(module: nn.Module, x: Tensor, training: bool) -> Tensor:
+    """The bitsandbytes layer's own forward (its matmul), in the adapter layer's train/eval mode.
+
+    The base module sits outside the model's module tree once adapted, so ``model.train()`` /
+    ``model.eval()`` do not reach it: its mode is set from the adapter layer's here.
+    """
+    if module.training != training:
+        module.train(training)
+    return module(x)
+
+
+def merge_refusal(module: nn.Module) -> ValueError:
+    """The error ``merge`` raises on a quantised base: why, and what to do instead."""
+    return ValueError(
+        f"cannot merge into a bitsandbytes {describe_quant(module)} weight ({type(module).__name__}): rounding "
+        "W0 + ΔW back into the quantised format loses most of the update (it is far smaller than one quantisation "
+        "step), and unmerge could not restore the original bits. Keep the adapter unmerged (it trains, saves and "
+        "exports as it is), or call rankwise.detach(model, merge=True) for a float model (dequantised W0 + update)"
+    )
+
+
+def float_linear(module: nn.Module, weight: Tensor, dtype: torch.dtype | None = None) -> nn.Linear:
+    """A plain ``nn.Linear`` with ``weight`` (``out x in``) and the quantised ``module``'s bias, in ``dtype``
+    (default: the module's compute dtype), on the weight's device."""
+    dtype = dtype or compute_dtype(module)
+    bias = getattr(module, "bias", None)
+    out_f, in_f = weight.shape
+    linear = nn.Linear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    linear.weight.requires_grad_(False)
+    if linear.bias is not None:
+        linear.bias.requires_grad_(False)
+    linear.train(module.training)
+    return linear
+
+
+def dequantize_model(model: nn.Module) -> list[str]:
+    """Replace every bitsandbytes layer left in ``model`` by a float ``nn.Linear`` (one layer at a time)
+    and drop transformers' quantisation markers, so ``save_pretrained`` writes a plain float checkpoint.
+
+    Returns the names of the layers replaced.
+    """
+    names = [name for name, m in model.named_modules() if name and is_quantized(m)]
+    for name in names:
+        module = model.get_submodule(name)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, float_linear(module, dequantize(module)))
+    if names or getattr(model, "is_quantized", False):
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "quantization_config"):
+            del config.quantization_config
+        for attr in ("hf_quantizer", "quantization_method", "_weight_conversions"):
+            if hasattr(model, attr):
+                delattr(model, attr)
+        if hasattr(model, "is_quantized"):
+            model.is_quantized = False
+    return names
+
+
+__all__ = [
+    "QUANT_EXTRA", "base_forward", "check_adaptable", "compute_dtype", "dense_weight", "dequantize",
+    "dequantize_model", "describe_quant", "float_linear", "is_quantized", "keep_layout", "merge_refusal",
+    "parameter_count", "quant_kind",
+]
