@@ -32,8 +32,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and adapter")
     g.add_argument("--model", help="Hugging Face path or name; default: packaged MiniLM (classification), "
                    "SmolLM2-135M (gsm8k); 'minilm' / 'smollm2' name them")
-    g.add_argument("--targets", type=_csv, help="comma-separated module-name suffixes (default per architecture, "
-                   "e.g. BERT query,value; Llama q_proj,v_proj; GPT-2 c_attn)")
+    g.add_argument("--targets", type=_csv, help="comma-separated module-name suffixes, e.g. query,value or q_proj,v_proj; default "
+                   "all-linear: every Linear/Conv1D layer except the output/classification head")
     g.add_argument("--r", "--rank", dest="r", type=int, default=8,
                    help="adapter rank (also GoRA's r_ref); under torchrun spell it --rank")
     g.add_argument("--alpha", type=float, default=16.0, help="adapter scale numerator")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import rankwise
+from rankwise.targeting import ALL_LINEAR, is_all_linear
 
 FULL = "full"
 RUN_MARKER = "rankwise-run/1"
@@ -58,6 +59,14 @@ def _coerce(raw: Any, default: Any) -> Any:
     if isinstance(value, list):
         value = tuple(value)
     return value
+
+
+def target_spec(targets: tuple[str, ...] | None) -> tuple[str, ...] | str:
+    """The ``target_modules`` a run's ``--targets`` asks for: ``"all-linear"`` (the default, also when
+    spelled ``--targets all-linear``) or the given module-name suffixes."""
+    if not targets or (len(targets) == 1 and is_all_linear(targets[0])):
+        return ALL_LINEAR
+    return targets
 
 
 def build_method_config(

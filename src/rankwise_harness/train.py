@@ -29,9 +29,9 @@ from torch import nn
 import rankwise
 
 from . import metrics as M
-from .config import FULL, RUN_MARKER, ConfigError, RunConfig, build_method_config
+from .config import FULL, RUN_MARKER, ConfigError, RunConfig, build_method_config, target_spec
 from .data import Example, Splits, Task, get_task, load_task_data
-from .models import default_targets, head_modules, load_model, resolve_model_name
+from .models import head_modules, load_model, resolve_model_name
 
 CKPT_DIR = "checkpoints"
 LATEST = "LATEST"
@@ -446,7 +446,7 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
         if ckpt:
             restore_model(model, cfg, ckpt)
     else:
-        targets = cfg.targets or default_targets(model)
+        targets = target_spec(cfg.targets)
         heads = head_modules(model) if task.kind != "generation" else None
         mcfg = build_method_config(cfg.method, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=targets,
                                    modules_to_save=heads, seed=cfg.seed, overrides=cfg.overrides)
