@@ -116,9 +116,18 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["demo"] and not {"-h", "--help"} & set(argv):  # later flags override the demo's
         return main(["finetune", *DEMO_ARGS, *argv[1:]])
     args = build_parser().parse_args(argv)
+    if args.command in ("finetune", "compare"):
+        from .deps import MissingDependencyError, check_harness
+
+        try:  # before anything imports numpy/transformers/accelerate, and long before any training
+            check_harness(args.task)
+        except MissingDependencyError as exc:
+            print(f"rankwise: error: {exc}", file=sys.stderr)
+            return 2
 
     from .config import ConfigError
     from .data import DataError
+    from .deps import MissingDependencyError
     from .models import ModelError
     from .train import RunError
 
@@ -146,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             base = _run_config(args, args.methods[0], str(output))
             compare(base, args.methods, args.seeds, output, lr=args.lr, overwrite=args.overwrite,
                     show_progress=not args.no_progress)
-    except (ConfigError, DataError, ModelError, RunError) as exc:
+    except (ConfigError, DataError, ModelError, RunError, MissingDependencyError) as exc:
         print(f"rankwise: error: {exc}", file=sys.stderr)
         return 2
     return 0
