@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 import rankwise
 from conftest import SHARED_DATA, minilm_path
 from rankwise.registry import _METHODS, Method, get_method
+from rankwise.targeting import target_names
 from rankwise_harness import cli
 from rankwise_harness.config import ConfigError, RunConfig
 from rankwise_harness.data import get_task
@@ -296,7 +297,7 @@ def test_attach_fn_stands_in_for_attach_in_the_same_loop(tmp_path: Path, tiny_mo
     peft = pytest.importorskip("peft")
 
     def via_peft(model, mcfg, calibration=None):
-        cfg = peft.LoraConfig(r=mcfg.r, lora_alpha=mcfg.alpha, target_modules=list(mcfg.target_modules),
+        cfg = peft.LoraConfig(r=mcfg.r, lora_alpha=mcfg.alpha, target_modules=target_names(model, mcfg),
                               modules_to_save=list(mcfg.modules_to_save or []))
         peft.get_peft_model(model, cfg)
         return "peft"

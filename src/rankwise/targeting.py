@@ -108,3 +108,11 @@ def find_modules_to_save(model: nn.Module, names: tuple[str, ...] | None) -> dic
         found.update(hits)
     # keep only outermost modules (a child of a saved module is saved with it)
     return {n: m for n, m in found.items() if not any(n.startswith(o + ".") for o in found if o != n)}
+
+
+def target_names(model: nn.Module, config: object) -> list[str]:
+    """The full names of the layers ``rankwise.attach(model, config)`` would adapt (``all-linear`` resolved),
+    e.g. to hand another library (HF PEFT) exactly the same targets."""
+    saved = find_modules_to_save(model, getattr(config, "modules_to_save", None))
+    return list(find_targets(model, getattr(config, "target_modules"), getattr(config, "exclude_modules", None),
+                             skip=saved))
