@@ -189,3 +189,19 @@ def test_finetune_log_off_a_tty_has_no_carriage_returns(tmp_path: Path, capsys: 
     assert rc == 0 and "\r" not in text
     steps = [line for line in text.splitlines() if line.startswith("lora/sst2 step ")]
     assert [s.split()[2] for s in steps] == [f"{i}/6" for i in range(1, 7)]  # 6 steps: a line every step
+
+
+def test_default_lr_comes_from_the_method_config_and_help_states_it() -> None:
+    from rankwise_harness.config import FULL_LR, RunConfig
+
+    for name, method in rankwise.all_methods().items():
+        assert RunConfig(task="sst2", method=name).lr == method.config_cls.default_lr
+    assert RunConfig(task="sst2", method="full").lr == FULL_LR
+    assert RunConfig(task="sst2", method="lora", lr=3e-4).lr == 3e-4
+    assert rankwise.EdoraConfig.default_lr == pytest.approx(10 * rankwise.LoraConfig.default_lr)  # its r x r core
+    run = RunConfig(task="sst2")
+    assert (run.schedule, run.warmup_ratio, run.targets) == ("constant", 0.0, None)
+    text = " ".join(cli.build_parser()._subparsers._group_actions[0].choices["finetune"].format_help().split())
+    for name, method in rankwise.all_methods().items():
+        assert f"{name} {method.config_cls.default_lr:g}" in text
+    assert "default constant" in text and "default all-linear" in text

@@ -45,6 +45,9 @@ class AdapterConfig:
     """
 
     method: ClassVar[str] = "base"
+    # a learning rate that trains the method well with AdamW at a constant rate (measured on MiniLM / GLUE,
+    # docs/benchmarks.md "Default learning rates and targets"); training harnesses use it when given none
+    default_lr: ClassVar[float] = 1e-3
 
     r: int = 8
     alpha: float = 16.0

@@ -21,6 +21,13 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _default_lrs() -> str:
+    """``lora 0.001, ..., full 5e-05``: each method's default learning rate, from the registry."""
+    from .config import default_lr, method_names
+
+    return ", ".join(f"{m} {default_lr(m):g}" for m in method_names())
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("task and data")
     g.add_argument("--task", required=True, help="cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli, gsm8k, rotten")
@@ -35,23 +42,24 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--targets", type=_csv, help="comma-separated module-name suffixes, e.g. query,value or q_proj,v_proj; default "
                    "all-linear: every Linear/Conv1D layer except the output/classification head")
     g.add_argument("--r", "--rank", dest="r", type=int, default=8,
-                   help="adapter rank (also GoRA's r_ref); under torchrun spell it --rank")
-    g.add_argument("--alpha", type=float, default=16.0, help="adapter scale numerator")
+                   help="adapter rank (default 8; also r_ref for methods that have one); under torchrun spell it --rank")
+    g.add_argument("--alpha", type=float, default=16.0, help="adapter scale numerator (default 16)")
     g.add_argument("--dropout", type=float, help="adapter dropout")
     g.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", default=[],
                    help="any field of the method's config, e.g. --set r_min=2 --set use_rslora=true (repeatable)")
     g = p.add_argument_group("training")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-steps", type=int, help="optimizer steps (default: from --epochs)")
-    g.add_argument("--epochs", type=float, default=1.0)
-    g.add_argument("--batch-size", type=int, default=16, help="per process and micro-batch")
+    g.add_argument("--epochs", type=float, default=1.0, help="passes over the training data (default 1)")
+    g.add_argument("--batch-size", type=int, default=16, help="per process and micro-batch (default 16)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, help="learning rate (default 5e-4 for adapters, 5e-5 for full)")
+    g.add_argument("--lr", type=float, help=f"learning rate (default: the method's own; {_default_lrs()})")
     g.add_argument("--lora-plus-ratio", type=float, help="LoRA+: B-side learning rate (EDoRA: the core's) = ratio x lr")
     g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--warmup-ratio", type=float, default=0.06)
-    g.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"])
-    g.add_argument("--max-length", type=int, default=128, help="tokens per example")
+    g.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of the steps spent warming up (default 0)")
+    g.add_argument("--schedule", default="constant", choices=["linear", "cosine", "constant"],
+                   help="learning-rate schedule after warm-up (default constant)")
+    g.add_argument("--max-length", type=int, default=128, help="tokens per example (default 128)")
     g.add_argument("--calibration-batches", type=int,
                    help="training batches for data-dependent inits (default: the config's n_steps x grad_accumulation, else 8)")
     g.add_argument("--head-warmup-steps", type=int, default=0,
@@ -169,7 +177,7 @@ def _list_methods() -> int:
     for name, method in sorted(rankwise.all_methods().items()):
         fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(method.config_cls))
         note = " (initialises from training batches)" if method.uses_calibration else ""
-        print(f"{name}{note}\n    {method.config_cls.__name__}: {fields}")
+        print(f"{name}{note}, default lr {method.config_cls.default_lr:g}\n    {method.config_cls.__name__}: {fields}")
     print("full\n    full fine-tuning: every weight trained, no adapters")
     return 0
 

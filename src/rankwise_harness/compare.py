@@ -35,7 +35,7 @@ def compare(base: RunConfig, methods: list[str], seeds: list[int], output: Path,
             overwrite: bool = False, show_progress: bool = True, log: Any = print) -> list[dict[str, Any]]:
     """Run every (method, seed); write ``compare.md``, ``compare.csv``, ``compare.png`` in ``output``.
 
-    ``lr`` applies to every method; ``None`` gives each method its default (adapters 5e-4, full 5e-5).
+    ``lr`` applies to every method; ``None`` gives each method its default (its config's ``default_lr``; full 5e-5).
     """
     for m in methods:
         check_method(m)

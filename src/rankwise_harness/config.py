@@ -17,6 +17,7 @@ from rankwise.targeting import ALL_LINEAR, is_all_linear
 
 FULL = "full"
 RUN_MARKER = "rankwise-run/1"
+FULL_LR = 5e-5
 
 
 class ConfigError(ValueError):
@@ -30,6 +31,13 @@ def method_names() -> list[str]:
 def check_method(name: str) -> None:
     if name != FULL and name not in rankwise.all_methods():
         raise ConfigError(f"unknown method {name!r}; known: {', '.join(method_names())}")
+
+
+def default_lr(method: str) -> float:
+    """The learning rate a run of ``method`` gets without ``--lr``: the method config's ``default_lr``
+    (``full``: 5e-5)."""
+    check_method(method)
+    return FULL_LR if method == FULL else float(rankwise.all_methods()[method].config_cls.default_lr)
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, str]:
@@ -126,8 +134,8 @@ class RunConfig:
     lr: float | None = None
     lora_plus_ratio: float | None = None
     weight_decay: float = 0.0
-    warmup_ratio: float = 0.06
-    schedule: str = "linear"
+    warmup_ratio: float = 0.0
+    schedule: str = "constant"
     grad_accum: int = 1
     max_length: int = 128
     max_train: int | None = None
@@ -163,7 +171,7 @@ class RunConfig:
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.lr is None:
-            self.lr = 5e-5 if self.method == FULL else 5e-4
+            self.lr = default_lr(self.method)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
