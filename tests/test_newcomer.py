@@ -182,11 +182,13 @@ def test_finetune_log_off_a_tty_has_no_carriage_returns(tmp_path: Path, capsys: 
     # the CLI turns transformers' own loading bars off through HF_HUB_DISABLE_PROGRESS_BARS, which transformers
     # reads when first imported; in this test process it was imported long ago, so do here what that does
     monkeypatch.setattr(hf_logging, "_tqdm_active", False)
+    monkeypatch.chdir(tmp_path)  # no --output: the run goes to runs/<task>-<method>
     rc = cli.main(["finetune", "--task", "sst2", "--data", sst2, "--model", tiny_models["bert"], "--r", "4",
-                   "--max-steps", "6", "--batch-size", "8", "--max-length", "32", "--output", str(tmp_path / "run")])
+                   "--max-steps", "6", "--batch-size", "8", "--max-length", "32"])
     captured = capsys.readouterr()
     text = captured.out + captured.err
     assert rc == 0 and "\r" not in text
+    assert (tmp_path / "runs" / "sst2-lora" / "metrics.json").is_file()
     steps = [line for line in text.splitlines() if line.startswith("lora/sst2 step ")]
     assert [s.split()[2] for s in steps] == [f"{i}/6" for i in range(1, 7)]  # 6 steps: a line every step
 

@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft = sub.add_parser("finetune", help="fine-tune one method on one task",
                         description="Fine-tune one method on one task; writes config, adapter, metrics and plots to --output.")
     ft.add_argument("--method", default="lora", help="an adapter method (see `rankwise methods`) or 'full'")
-    ft.add_argument("--output", required=True, help="run folder (refused if it holds another run)")
+    ft.add_argument("--output", help="run folder, refused if it holds another run (default runs/<task>-<method>)")
     _add_run_args(ft)
     cp = sub.add_parser("compare", help="run several methods x seeds; write tables and a plot",
                         description="Run every (method, seed); writes compare.md, compare.csv, compare.png to --output.")
@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "finetune":
             from .train import finetune
 
-            finetune(_run_config(args, args.method, args.output), resume=args.resume, overwrite=args.overwrite,
+            output = args.output or f"runs/{args.task}-{args.method}"
+            finetune(_run_config(args, args.method, output), resume=args.resume, overwrite=args.overwrite,
                      show_progress=not args.no_progress)
         else:
             from .compare import compare
