@@ -12,9 +12,10 @@ import os
 import sys
 from pathlib import Path
 
-DEMO_ARGS = ["--task", "rotten", "--method", "lora", "--max-steps", "120", "--batch-size", "16", "--lr", "2e-3",
-             "--lora-plus-ratio", "4", "--max-length", "64", "--max-eval", "500", "--eval-before", "--eval-every", "40",
-             "--warmup-ratio", "0.05", "--output", "runs/demo", "--overwrite"]
+# the defaults (all-linear targets, the method's lr, constant schedule) on a short run
+DEMO_ARGS = ["--task", "rotten", "--method", "lora", "--max-steps", "120", "--batch-size", "16",
+             "--max-length", "64", "--max-eval", "500", "--eval-before", "--eval-every", "40",
+             "--output", "runs/demo", "--overwrite"]
 
 
 def _csv(value: str) -> list[str]:
