@@ -403,6 +403,7 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
     check_harness(cfg.task)  # before any loading or training: a missing package stops the run now
     from accelerate import Accelerator
     from accelerate.utils import set_seed
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     task = get_task(cfg.task)
     plots = can_plot("the run's plots (loss_curve.png)")
