@@ -59,11 +59,14 @@ def peft_attach(use_dora: bool):
     def attach(model, mcfg, calibration=None):  # noqa: ARG001 - PEFT's LoRA/DoRA need no calibration
         from peft import LoraConfig, get_peft_model
 
+        from rankwise.targeting import target_names
+
+        targets = target_names(model, mcfg)  # exactly rankwise's layers ("all-linear" resolved by our rule)
         pc = LoraConfig(r=mcfg.r, lora_alpha=mcfg.alpha, lora_dropout=mcfg.dropout, use_dora=use_dora,
-                        target_modules=list(mcfg.target_modules), modules_to_save=list(mcfg.modules_to_save or []))
+                        target_modules=targets, modules_to_save=list(mcfg.modules_to_save or []))
         get_peft_model(model, pc)  # injects into ``model`` in place; the wrapper is not needed
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        return f"HF PEFT {'DoRA' if use_dora else 'LoRA'} r={mcfg.r} on {list(mcfg.target_modules)}: {n:,} trainable"
+        return f"HF PEFT {'DoRA' if use_dora else 'LoRA'} r={mcfg.r} on {len(targets)} layers: {n:,} trainable"
 
     attach.__name__ = "peft-dora" if use_dora else "peft-lora"
     return attach
@@ -126,14 +129,15 @@ def adapter_args(method: str, args: argparse.Namespace) -> list[str]:
         return out
     if args.r is not None:
         out[out.index("--r") + 1] = str(args.r)
-    if args.targets:
-        out += ["--targets", args.targets]
+    # pinned: the harness's defaults changed to all-linear / constant lr (issue 18); these runs keep their setting
+    out += ["--targets", args.targets or "query,value"]
     return out
 
 
 def schedule_args(args: argparse.Namespace) -> list[str]:
     """``--epochs E`` (a whole-data schedule per task) when given, else ``--max-steps``."""
-    return ["--epochs", str(args.epochs)] if args.epochs else ["--max-steps", str(args.steps)]
+    length = ["--epochs", str(args.epochs)] if args.epochs else ["--max-steps", str(args.steps)]
+    return [*length, "--schedule", "linear", "--warmup-ratio", "0.06"]  # the pre-issue-18 default, pinned
 
 
 def report(args: argparse.Namespace) -> None:

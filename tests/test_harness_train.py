@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 import rankwise
 from conftest import SHARED_DATA, minilm_path
 from rankwise.registry import _METHODS, Method, get_method
+from rankwise.targeting import target_names
 from rankwise_harness import cli
 from rankwise_harness.config import ConfigError, RunConfig
 from rankwise_harness.data import get_task
@@ -297,7 +298,7 @@ def test_attach_fn_stands_in_for_attach_in_the_same_loop(tmp_path: Path, tiny_mo
     peft = pytest.importorskip("peft")
 
     def via_peft(model, mcfg, calibration=None):
-        cfg = peft.LoraConfig(r=mcfg.r, lora_alpha=mcfg.alpha, target_modules=list(mcfg.target_modules),
+        cfg = peft.LoraConfig(r=mcfg.r, lora_alpha=mcfg.alpha, target_modules=target_names(model, mcfg),
                               modules_to_save=list(mcfg.modules_to_save or []))
         peft.get_peft_model(model, cfg)
         return "peft"
@@ -411,7 +412,9 @@ def test_gsm8k_tiny_causal_lm_run(tmp_path: Path, tiny_models: dict[str, str]) -
     assert [r["reference"] for r in rows] == [t["answer"].split("####")[-1].strip().replace(",", "") for t in test]
     assert np.mean([r["correct"] for r in rows]) == pytest.approx(result["metrics"]["exact_match"])
     meta = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
-    assert all(name.endswith("attn.c_attn") for name in meta["layers"])  # GPT-2's default target
+    # the default targets, all-linear: every Conv1D of the blocks (4 per block), not the tied lm_head
+    assert sorted(meta["layers"]) == sorted(f"transformer.h.{i}.{m}" for i in range(2)
+                                            for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
 
 
 @pytest.mark.slow
@@ -424,7 +427,8 @@ def test_smollm2_default_generation_model(tmp_path: Path) -> None:
                     max_steps=1, batch_size=2, max_length=128, max_eval=2, max_new_tokens=16)
     result = finetune(cfg, show_progress=False, log=lambda _m: None)
     meta = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
-    assert all(n.endswith(("q_proj", "v_proj")) for n in meta["layers"]) and len(meta["layers"]) == 60
+    # all-linear: the 7 projections of each of the 30 blocks, not lm_head
+    assert all(n.startswith("model.layers.") for n in meta["layers"]) and len(meta["layers"]) == 30 * 7
     assert result["metrics"]["exact_match"] >= 0.0
 
 

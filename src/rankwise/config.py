@@ -35,7 +35,9 @@ class AdapterConfig:
         alpha: scale numerator; the update is scaled by ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
         dropout: dropout probability applied to the adapter's input.
         target_modules: module-name suffixes (``["query", "value"]`` matches ``...attention.self.query``),
-            or one regex string matched against full module names with ``re.fullmatch``.
+            or one regex string matched against full module names with ``re.fullmatch``, or
+            ``"all-linear"``: every Linear/Conv1D layer except the output/classification head (HF PEFT's
+            shorthand; ``attach`` resolves it to the list of full names the saved adapter records).
         exclude_modules: same syntax; matching modules are never adapted.
         modules_to_save: module-name suffixes of modules trained fully (e.g. a classifier head).
         use_rslora: scale by ``alpha / sqrt(r)`` (Kalajdzievski 2023) instead of ``alpha / r``.
@@ -43,6 +45,9 @@ class AdapterConfig:
     """
 
     method: ClassVar[str] = "base"
+    # a learning rate that trains the method well with AdamW at a constant rate (measured on MiniLM / GLUE,
+    # docs/benchmarks.md "Default learning rates and targets"); training harnesses use it when given none
+    default_lr: ClassVar[float] = 1e-3
 
     r: int = 8
     alpha: float = 16.0

@@ -25,7 +25,7 @@ from .config import AdapterConfig
 from .layer import AdapterLayer
 from .quant import dequantize_model, merge_refusal, parameter_count
 from .registry import BuildResult, LossFn, method_for
-from .targeting import find_modules_to_save, find_targets
+from .targeting import find_modules_to_save, find_targets, is_all_linear
 
 STATE_ATTR = "_rankwise"
 # wrappers whose inner model holds the adapter: torch.compile, DDP, DataParallel, FSDP1
@@ -283,6 +283,8 @@ def attach(
     method = method_for(config)
     saved = find_modules_to_save(model, config.modules_to_save)
     targets = find_targets(model, config.target_modules, config.exclude_modules, skip=saved)
+    if is_all_linear(config.target_modules):  # the adapter records the layers it has, not the shorthand
+        config = config.replace(target_modules=tuple(targets))
     if method.uses_calibration and calibration is None:
         raise ValueError(f"{method.name} initialises from data: pass calibration=<iterable of training batches> to attach")
     with all_or_nothing(model, targets):

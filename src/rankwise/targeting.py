@@ -5,7 +5,11 @@ Semantics (the same as HF PEFT's, so configs transfer):
 * a list of strings matches a module whose full name equals an entry or ends with ``"." + entry``;
 * a single string is a regular expression that must match the *whole* module name (``re.fullmatch``);
 * ``exclude_modules`` uses the same syntax and wins over ``target_modules``;
-* matching nothing is an error, and so is matching a module of a type no method supports.
+* matching nothing is an error, and so is matching a module of a type no method supports;
+* the string ``"all-linear"`` (any case) means every ``Linear``/``Conv1D`` layer except the model's output
+  head: its output embedding (``get_output_embeddings()``, e.g. ``lm_head``) or, when it has none, a
+  top-level ``classifier``/``score`` head; ``modules_to_save`` and ``exclude_modules`` are left out too.
+  :func:`rankwise.attach` records the resolved list of full names, never the shorthand.
 """
 
 from __future__ import annotations
@@ -16,6 +20,26 @@ from collections.abc import Iterable
 from torch import nn
 
 SUPPORTED_TYPES: tuple[str, ...] = ("Linear", "Conv1D")
+ALL_LINEAR = "all-linear"
+CLASSIFIER_HEADS: tuple[str, ...] = ("classifier", "score")  # top-level heads of classification models
+
+
+def is_all_linear(spec: tuple[str, ...] | str | None) -> bool:
+    """Whether a ``target_modules`` value is the ``"all-linear"`` shorthand (HF PEFT's spelling)."""
+    return isinstance(spec, str) and spec.lower() == ALL_LINEAR
+
+
+def output_heads(model: nn.Module) -> tuple[str, ...]:
+    """Names of the model's output head: the output embedding if it has one, else a top-level
+    ``classifier``/``score`` module. ``all-linear`` never adapts these (nor anything inside them)."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if head is None:
+        children = dict(model.named_children())
+        head = next((children[n] for n in CLASSIFIER_HEADS if n in children), None)
+    if head is None:
+        return ()
+    return tuple(n for n, m in model.named_modules() if m is head and n)
 
 
 def name_matches(name: str, spec: tuple[str, ...] | str | None) -> bool:
@@ -46,9 +70,14 @@ def find_targets(
     when a match has an unsupported type.
     """
     skipped = tuple(skip)
+    all_linear = is_all_linear(target_modules)
+    if all_linear:
+        skipped += output_heads(model)
     found: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if not name or not name_matches(name, target_modules) or name_matches(name, exclude_modules):
+        if not name or name_matches(name, exclude_modules):
+            continue
+        if not (is_supported(module) if all_linear else name_matches(name, target_modules)):
             continue
         if any(name == s or name.startswith(s + ".") for s in skipped):
             continue
@@ -79,3 +108,11 @@ def find_modules_to_save(model: nn.Module, names: tuple[str, ...] | None) -> dic
         found.update(hits)
     # keep only outermost modules (a child of a saved module is saved with it)
     return {n: m for n, m in found.items() if not any(n.startswith(o + ".") for o in found if o != n)}
+
+
+def target_names(model: nn.Module, config: object) -> list[str]:
+    """The full names of the layers ``rankwise.attach(model, config)`` would adapt (``all-linear`` resolved),
+    e.g. to hand another library (HF PEFT) exactly the same targets."""
+    saved = find_modules_to_save(model, getattr(config, "modules_to_save", None))
+    return list(find_targets(model, getattr(config, "target_modules"), getattr(config, "exclude_modules", None),
+                             skip=saved))

@@ -14,13 +14,21 @@ from pathlib import Path
 
 from . import QUANTIZE_CHOICES
 
-DEMO_ARGS = ["--task", "rotten", "--method", "lora", "--max-steps", "120", "--batch-size", "16", "--lr", "2e-3",
-             "--lora-plus-ratio", "4", "--max-length", "64", "--max-eval", "500", "--eval-before", "--eval-every", "40",
-             "--warmup-ratio", "0.05", "--pooling", "cls", "--output", "runs/demo", "--overwrite"]
+# the defaults (all-linear targets, the method's lr, constant schedule) on a short run
+DEMO_ARGS = ["--task", "rotten", "--method", "lora", "--max-steps", "120", "--batch-size", "16",
+             "--max-length", "64", "--max-eval", "500", "--eval-before", "--eval-every", "40",
+             "--output", "runs/demo", "--overwrite"]
 
 
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _default_lrs() -> str:
+    """``lora 0.001, ..., full 5e-05``: each method's default learning rate, from the registry."""
+    from .config import default_lr, method_names
+
+    return ", ".join(f"{m} {default_lr(m):g}" for m in method_names())
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -37,11 +45,11 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantize", choices=QUANTIZE_CHOICES,
                    help="load the base's linear layers quantised by bitsandbytes (QLoRA-style; needs "
                         "pip install 'rankwise[quant]'); heads stay float; compute dtype fp32 on CPU")
-    g.add_argument("--targets", type=_csv, help="comma-separated module-name suffixes (default per architecture, "
-                   "e.g. BERT query,value; Llama q_proj,v_proj; GPT-2 c_attn)")
+    g.add_argument("--targets", type=_csv, help="comma-separated module-name suffixes, e.g. query,value or q_proj,v_proj; default "
+                   "all-linear: every Linear/Conv1D layer except the output/classification head")
     g.add_argument("--r", "--rank", dest="r", type=int, default=8,
-                   help="adapter rank (also GoRA's r_ref); under torchrun spell it --rank")
-    g.add_argument("--alpha", type=float, default=16.0, help="adapter scale numerator")
+                   help="adapter rank (default 8; also r_ref for methods that have one); under torchrun spell it --rank")
+    g.add_argument("--alpha", type=float, default=16.0, help="adapter scale numerator (default 16)")
     g.add_argument("--dropout", type=float, help="adapter dropout")
     g.add_argument("--template", help="causal LMs (classified by label words): the prompt, with {text} and, for "
                    "sentence pairs, {text_pair}; \\n is a newline (default per task: `rankwise tasks`)")
@@ -52,16 +60,17 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-steps", type=int, help="optimizer steps (default: from --epochs)")
-    g.add_argument("--epochs", type=float, default=1.0)
-    g.add_argument("--batch-size", type=int, default=16, help="per process and micro-batch")
+    g.add_argument("--epochs", type=float, default=1.0, help="passes over the training data (default 1)")
+    g.add_argument("--batch-size", type=int, default=16, help="per process and micro-batch (default 16)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, help="learning rate (default 5e-4 for adapters, 5e-5 for full)")
+    g.add_argument("--lr", type=float, help=f"learning rate (default: the method's own; {_default_lrs()})")
     g.add_argument("--lora-plus-ratio", type=float, help="LoRA+: B-side learning rate (EDoRA: the core's) = ratio x lr")
     g.add_argument("--weight-decay", type=float, default=0.0,
                    help="AdamW's decoupled weight decay, on every trainable tensor (adapter, head, biases)")
-    g.add_argument("--warmup-ratio", type=float, default=0.06)
-    g.add_argument("--schedule", default="linear", choices=["linear", "cosine", "constant"])
-    g.add_argument("--max-length", type=int, default=128, help="tokens per example")
+    g.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of the steps spent warming up (default 0)")
+    g.add_argument("--schedule", default="constant", choices=["linear", "cosine", "constant"],
+                   help="learning-rate schedule after warm-up (default constant)")
+    g.add_argument("--max-length", type=int, default=128, help="tokens per example (default 128)")
     g.add_argument("--calibration-batches", type=int,
                    help="training batches for data-dependent inits (default: the config's n_steps x grad_accumulation, else 8)")
     g.add_argument("--head-warmup-steps", type=int, default=0,
@@ -113,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft = sub.add_parser("finetune", help="fine-tune one method on one task",
                         description="Fine-tune one method on one task; writes config, adapter, metrics and plots to --output.")
     ft.add_argument("--method", default="lora", help="an adapter method (see `rankwise methods`) or 'full'")
-    ft.add_argument("--output", required=True, help="run folder (refused if it holds another run)")
+    ft.add_argument("--output", help="run folder, refused if it holds another run (default runs/<task>-<method>)")
     _add_run_args(ft)
     cp = sub.add_parser("compare", help="run several methods x seeds; write tables and a plot",
                         description="Run every (method, seed); writes compare.md, compare.csv, compare.png to --output.")
@@ -138,9 +147,18 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["demo"] and not {"-h", "--help"} & set(argv):  # later flags override the demo's
         return main(["finetune", *DEMO_ARGS, *argv[1:]])
     args = build_parser().parse_args(argv)
+    if args.command in ("finetune", "compare"):
+        from .deps import MissingDependencyError, check_harness
+
+        try:  # before anything imports numpy/transformers/accelerate, and long before any training
+            check_harness(args.task)
+        except MissingDependencyError as exc:
+            print(f"rankwise: error: {exc}", file=sys.stderr)
+            return 2
 
     from .config import ConfigError
     from .data import DataError
+    from .deps import MissingDependencyError
     from .models import ModelError
     from .train import RunError
 
@@ -159,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "finetune":
             from .train import finetune
 
-            finetune(_run_config(args, args.method, args.output), resume=args.resume, overwrite=args.overwrite,
+            output = args.output or f"runs/{args.task}-{args.method}"
+            finetune(_run_config(args, args.method, output), resume=args.resume, overwrite=args.overwrite,
                      show_progress=not args.no_progress)
         else:
             from .compare import compare
@@ -168,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             base = _run_config(args, args.methods[0], str(output))
             compare(base, args.methods, args.seeds, output, lr=args.lr, overwrite=args.overwrite,
                     show_progress=not args.no_progress)
-    except (ConfigError, DataError, ModelError, RunError) as exc:
+    except (ConfigError, DataError, ModelError, RunError, MissingDependencyError) as exc:
         print(f"rankwise: error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -182,7 +201,7 @@ def _list_methods() -> int:
     for name, method in sorted(rankwise.all_methods().items()):
         fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(method.config_cls))
         note = " (initialises from training batches)" if method.uses_calibration else ""
-        print(f"{name}{note}\n    {method.config_cls.__name__}: {fields}")
+        print(f"{name}{note}, default lr {method.config_cls.default_lr:g}\n    {method.config_cls.__name__}: {fields}")
     print("full\n    full fine-tuning: every weight trained, no adapters")
     return 0
 

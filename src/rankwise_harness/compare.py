@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .config import RunConfig, check_method
+from .deps import can_plot
 from .train import finetune
 
 
@@ -34,7 +35,7 @@ def compare(base: RunConfig, methods: list[str], seeds: list[int], output: Path,
             overwrite: bool = False, show_progress: bool = True, log: Any = print) -> list[dict[str, Any]]:
     """Run every (method, seed); write ``compare.md``, ``compare.csv``, ``compare.png`` in ``output``.
 
-    ``lr`` applies to every method; ``None`` gives each method its default (adapters 5e-4, full 5e-5).
+    ``lr`` applies to every method; ``None`` gives each method its default (its config's ``default_lr``; full 5e-5).
     """
     for m in methods:
         check_method(m)
@@ -54,7 +55,8 @@ def compare(base: RunConfig, methods: list[str], seeds: list[int], output: Path,
             results.append(finetune(cfg, resume=started, overwrite=overwrite, show_progress=show_progress, log=log))
     rows = aggregate(results)
     write_tables(rows, output)
-    plot_compare(rows, output / "compare.png", results[0]["task"] if results else "")
+    if can_plot("compare.png"):
+        plot_compare(rows, output / "compare.png", results[0]["task"] if results else "")
     log((output / "compare.md").read_text())
     return results
 

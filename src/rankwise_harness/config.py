@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import rankwise
+from rankwise.targeting import ALL_LINEAR, is_all_linear
 
 from . import QUANTIZE_CHOICES
 
 FULL = "full"
 RUN_MARKER = "rankwise-run/1"
+FULL_LR = 5e-5
 
 
 class ConfigError(ValueError):
@@ -32,6 +34,13 @@ def method_names() -> list[str]:
 def check_method(name: str) -> None:
     if name != FULL and name not in rankwise.all_methods():
         raise ConfigError(f"unknown method {name!r}; known: {', '.join(method_names())}")
+
+
+def default_lr(method: str) -> float:
+    """The learning rate a run of ``method`` gets without ``--lr``: the method config's ``default_lr``
+    (``full``: 5e-5)."""
+    check_method(method)
+    return FULL_LR if method == FULL else float(rankwise.all_methods()[method].config_cls.default_lr)
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, str]:
@@ -61,6 +70,14 @@ def _coerce(raw: Any, default: Any) -> Any:
     if isinstance(value, list):
         value = tuple(value)
     return value
+
+
+def target_spec(targets: tuple[str, ...] | None) -> tuple[str, ...] | str:
+    """The ``target_modules`` a run's ``--targets`` asks for: ``"all-linear"`` (the default, also when
+    spelled ``--targets all-linear``) or the given module-name suffixes."""
+    if not targets or (len(targets) == 1 and is_all_linear(targets[0])):
+        return ALL_LINEAR
+    return targets
 
 
 def build_method_config(
@@ -120,8 +137,8 @@ class RunConfig:
     lr: float | None = None
     lora_plus_ratio: float | None = None
     weight_decay: float = 0.0
-    warmup_ratio: float = 0.06
-    schedule: str = "linear"
+    warmup_ratio: float = 0.0
+    schedule: str = "constant"
     grad_accum: int = 1
     max_length: int = 128
     max_train: int | None = None
@@ -173,7 +190,7 @@ class RunConfig:
         if isinstance(self.warmup_ratio, bool) or not (isinstance(self.warmup_ratio, (int, float)) and 0.0 <= self.warmup_ratio < 1.0):
             raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.lr is None:
-            self.lr = 5e-5 if self.method == FULL else 5e-4
+            self.lr = default_lr(self.method)
         self._check_head_and_split()
         if self.method != FULL:  # the adapter's own fields (--r, --alpha, --dropout, --set), before any model loads
             build_method_config(self.method, r=self.r, alpha=self.alpha, dropout=self.dropout,

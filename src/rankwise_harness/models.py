@@ -26,24 +26,6 @@ SMOLLM2 = "smollm2"
 MINILM = "minilm"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# attention projections adapted by default, per transformers ``model_type`` (overridable with --targets)
-DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "bert": ("query", "value"),
-    "roberta": ("query", "value"),
-    "xlm-roberta": ("query", "value"),
-    "electra": ("query", "value"),
-    "deberta-v2": ("query_proj", "value_proj"),
-    "distilbert": ("q_lin", "v_lin"),
-    "gpt2": ("c_attn",),
-    "llama": ("q_proj", "v_proj"),
-    "mistral": ("q_proj", "v_proj"),
-    "qwen2": ("q_proj", "v_proj"),
-    "qwen3": ("q_proj", "v_proj"),
-    "gemma": ("q_proj", "v_proj"),
-    "phi3": ("qkv_proj",),
-    "opt": ("q_proj", "v_proj"),
-    "t5": ("q", "v"),
-}
 # freshly initialised task heads, trained fully next to the adapters
 HEAD_NAMES = ("classifier", "score", "pre_classifier")
 
@@ -166,14 +148,6 @@ def load_model(name: str, task: Task, causal_lm: bool = False, quantize: str | N
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
-
-
-def default_targets(model: nn.Module) -> tuple[str, ...]:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DEFAULT_TARGETS:
-        raise ModelError(f"no default target modules for model type {model_type!r}; pass --targets "
-                         "(module-name suffixes, e.g. --targets q_proj,v_proj)")
-    return DEFAULT_TARGETS[model_type]
 
 
 def head_modules(model: nn.Module) -> tuple[str, ...] | None:

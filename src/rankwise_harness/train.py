@@ -31,12 +31,14 @@ import rankwise
 from . import metrics as M
 from .checkpoint import (CKPT_DIR, Checkpoint, RunError, TrainerState, frozen_digests, latest_checkpoint, model_tensors,
                          read_checkpoint, restore_model, write_checkpoint)
-from .config import FULL, RUN_MARKER, ConfigError, RunConfig, build_method_config
+from .config import FULL, RUN_MARKER, ConfigError, RunConfig, build_method_config, target_spec
 from .data import Example, Splits, Task, get_task, load_task_data
+from .deps import can_plot, check_harness
 from .heads import head_parameters, install_head, resolve_pooling, with_head_group
-from .models import default_targets, head_modules, load_model, resolve_model_name
-from .verbalize import LabelWords, label_word_setup
+from .models import head_modules, load_model, resolve_model_name
+from .progress import Progress
 from .selection import best_and_last, split_validation
+from .verbalize import LabelWords, label_word_setup
 
 IGNORE = -100
 
@@ -320,12 +322,13 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
     """
     if attach_fn is not None and (resume or cfg.method == FULL):
         raise ConfigError("attach_fn runs cannot resume and need an adapter method's config")
+    check_harness(cfg.task)  # before any loading or training: a missing package stops the run now
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     task = get_task(cfg.task)
+    plots = can_plot("the run's plots (loss_curve.png)")
     model_name = resolve_model_name(cfg.model, task)
     # causal LMs classify by label words: template and words are checked before anything is written
     label_words = label_word_setup(task, model_name, None, cfg.template, cfg.label_words, cfg.max_length)
@@ -391,7 +394,7 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
         if saved:
             frozen = restore_model(model, cfg.method != FULL, saved)
     else:
-        targets = cfg.targets or default_targets(model)
+        targets = target_spec(cfg.targets)
         heads = head_modules(model) if task.kind != "generation" else None
         mcfg = build_method_config(cfg.method, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=targets,
                                    modules_to_save=heads, seed=cfg.seed, overrides=cfg.overrides)
@@ -469,8 +472,7 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
         f"device {accelerator.device}, {world} process(es), precision {mp}")
     model.train()
     _reset_peak_memory(accelerator.device)
-    bar = tqdm(total=total_steps, initial=step, desc=f"{cfg.method}/{task.name}", unit="step",
-               disable=not (show_progress and accelerator.is_main_process), dynamic_ncols=True)
+    bar = Progress(total_steps, step, f"{cfg.method}/{task.name}", show_progress and accelerator.is_main_process)
     micro = step * cfg.grad_accum
     t_start = time.perf_counter()
     eval_time = 0.0
@@ -496,8 +498,7 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
         loss_value = float(accelerator.reduce(step_loss, "mean")) if world > 1 else float(step_loss)
         history.losses.append(loss_value)
         now = elapsed + time.perf_counter() - t_start - eval_time
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", avg10=f"{np.mean(history.losses[-10:]):.4f}", ex_per_s=f"{step * global_bs * cfg.grad_accum / max(now, 1e-9):.1f}")
+        bar.update(loss_value, float(np.mean(history.losses[-10:])), step * global_bs * cfg.grad_accum / max(now, 1e-9))
         epoch_end = cfg.eval_each_epoch and micro // per_epoch > (micro - cfg.grad_accum) // per_epoch
         if ((cfg.eval_every and step % cfg.eval_every == 0) or epoch_end) and step < total_steps:
             t_eval = time.perf_counter()
@@ -547,9 +548,10 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
         save_trainable(raw_model, FULL if attach_fn is not None else cfg.method, out)
         (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        plot_loss(history, out / "loss_curve.png", f"{cfg.method} on {task.name}")
-        if cfg.method == "gora" and attach_fn is None and hasattr(rankwise, "plot_gora_ranks"):
-            rankwise.plot_gora_ranks(raw_model, out / "gora_ranks.png")
+        if plots:
+            plot_loss(history, out / "loss_curve.png", f"{cfg.method} on {task.name}")
+            if cfg.method == "gora" and attach_fn is None and hasattr(rankwise, "plot_gora_ranks"):
+                rankwise.plot_gora_ranks(raw_model, out / "gora_ranks.png")
         shutil.rmtree(out / CKPT_DIR, ignore_errors=True)
         say(summary(result, out))
     accelerator.wait_for_everyone()

@@ -311,6 +311,10 @@ class LabelWordLM(nn.Module):
     def get_input_embeddings(self) -> nn.Module:
         return getattr(self, self.backbone_name).get_input_embeddings()
 
+    def get_output_embeddings(self) -> nn.Module:
+        """The LM head (so ``target_modules="all-linear"`` leaves it out, as on the plain causal LM)."""
+        return getattr(self, self.head_name)
+
     def last_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``batch x hidden``: the backbone's output at each row's last real token."""
         mask = attention_mask.long()

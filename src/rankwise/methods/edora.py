@@ -62,6 +62,7 @@ class EdoraConfig(AdapterConfig):
     """
 
     method: ClassVar[str] = "edora"
+    default_lr: ClassVar[float] = 1e-2  # only an r x r core per layer trains: ~10x LoRA's rate (docs/benchmarks.md)
 
     sigma: float = 1e-5
     svd: str = "exact"

@@ -1,0 +1,79 @@
+"""Training progress: a tqdm bar on a terminal, plain periodic lines anywhere else (CI, ``nohup``, ``> log``).
+
+Off a terminal a bar would write one ``\\r``-separated frame per step, so a log becomes one very long line.
+:class:`Progress` prints instead one line every ``every_steps`` steps or ``every_seconds`` seconds
+(whichever comes first), and at the last step: step, loss, mean of the last 10 losses, examples/s, ETA.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class Progress:
+    """``update(loss, avg10, ex_per_s)`` once per optimizer step; ``write(msg)`` for other lines; ``close()``.
+
+    Args:
+        total: the run's optimizer steps; initial: steps already done (a resumed run).
+        desc: a label such as ``lora/sst2``; enabled: ``False`` prints nothing at all.
+        stream: the bar's stream (default ``sys.stderr``); a bar only if it is a TTY.
+        out: where plain lines and :meth:`write` go without a bar (default ``sys.stdout``).
+        every_steps: off a TTY, a line every this many steps (default: a twentieth of the run, at least 1).
+        every_seconds: off a TTY, also a line when this long has passed since the last one.
+    """
+
+    def __init__(self, total: int, initial: int = 0, desc: str = "", enabled: bool = True,
+                 stream: TextIO | None = None, out: TextIO | None = None, every_steps: int | None = None, every_seconds: float = 60.0) -> None:
+        self.total, self.step, self.desc, self.enabled = total, initial, desc, enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.out = out
+        self.every_steps = every_steps or max(1, total // 20)
+        self.every_seconds = every_seconds
+        self._initial = initial
+        self._t0 = self._last = time.perf_counter()
+        self._bar: Any = None
+        isatty = getattr(self.stream, "isatty", None)
+        if enabled and callable(isatty) and isatty():
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", file=self.stream, dynamic_ncols=True)
+
+    def update(self, loss: float, avg10: float, ex_per_s: float) -> None:
+        """One optimizer step done, with its loss, the mean of the last 10 and the throughput so far."""
+        self.step += 1
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{loss:.4f}", avg10=f"{avg10:.4f}", ex_per_s=f"{ex_per_s:.1f}")
+            return
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        due = self.step % self.every_steps == 0 or now - self._last >= self.every_seconds or self.step == self.total
+        if not due:
+            return
+        self._last = now
+        rate = (now - self._t0) / max(self.step - self._initial, 1)
+        eta = _clock(rate * (self.total - self.step))
+        self.write(f"{self.desc} step {self.step}/{self.total}  loss {loss:.4f}  avg10 {avg10:.4f}  "
+                   f"{ex_per_s:.1f} ex/s  ETA {eta}")
+
+    def write(self, msg: str) -> None:
+        """A line of its own, shown even when progress is disabled (through the bar on a terminal, so the
+        bar stays intact)."""
+        out = self.out if self.out is not None else sys.stdout
+        if self._bar is not None:
+            self._bar.write(msg, file=out)
+        else:
+            print(msg, file=out, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -1,0 +1,132 @@
+"""TRL's ``SFTTrainer`` on a model adapted by ``rankwise.attach``, with ``RankwiseCallback`` (issue 18).
+
+A tiny Llama (2 layers, width 32) with the packaged MiniLM's tokenizer learns one repeated sentence:
+the loss falls, only adapter tensors move, GoRA's calibration happens before the trainer exists, and
+RAC-LoRA's links end inside ``SFTTrainer`` (one per ``link_steps`` optimizer steps, via the callback).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import rankwise
+from conftest import minilm_path
+from rankwise.integrations.hf import RankwiseCallback
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+TEXT = "the quick brown fox jumps over the lazy dog and the cat sat on the mat"
+
+
+def _tokenizer() -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    tok.eos_token = tok.sep_token  # a BERT tokenizer has no end-of-text token; SFTTrainer appends one
+    return tok
+
+
+def _tiny_llama(tok: Any) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
+    return LlamaForCausalLM(cfg)
+
+
+def _sft(model: torch.nn.Module, tok: Any, tmp_path: Path, steps: int, **kw: Any) -> Any:
+    """An SFTTrainer with TRL's defaults except the size of the run (and CPU, no saving or reporting)."""
+    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=steps, per_device_train_batch_size=4,
+                         learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                         max_length=32, seed=0, **kw)
+    data = datasets.Dataset.from_dict({"text": [TEXT] * 16})
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
+                             callbacks=[RankwiseCallback()])
+    trainer.train()
+    return trainer
+
+
+def _losses(trainer: Any) -> list[float]:
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def _frozen_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+
+
+def test_sft_trainer_trains_lora_and_exports_to_peft(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    tok = _tokenizer()
+    model = _tiny_llama(tok)
+    rankwise.attach(model, rankwise.LoraConfig(r=4, alpha=8, target_modules="all-linear", seed=0))
+    frozen = _frozen_snapshot(model)
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = _sft(model, tok, tmp_path, steps=8)
+    losses = _losses(trainer)
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.05
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert all(not torch.equal(p, trainable[n]) for n, p in model.named_parameters() if n in trainable)
+
+    # the adapter TRL trained, saved and exported, serves in PEFT with rankwise.load's outputs
+    rankwise.save(model, tmp_path / "adapter")
+    rankwise.export_peft(model, tmp_path / "peft")
+    ids = tok([TEXT], return_tensors="pt")["input_ids"]
+    ours = _tiny_llama(tok)
+    rankwise.load(ours, tmp_path / "adapter")
+    theirs = peft.PeftModel.from_pretrained(_tiny_llama(tok), str(tmp_path / "peft"))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.eval()(input_ids=ids).logits, ours.eval()(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_sft_trainer_trains_gora_calibrated_before(tmp_path: Path) -> None:
+    tok = _tokenizer()
+    model = _tiny_llama(tok)
+    enc = tok([TEXT] * 4, return_tensors="pt")
+    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": enc["input_ids"]}
+    cfg = rankwise.GoraConfig(r_ref=4, r_min=2, r_max=8, alpha=8, n_steps=2, target_modules="all-linear", seed=0)
+    rankwise.attach(model, cfg, calibration=[batch, batch])
+    ranks = {n: layer.rank for n, layer in rankwise.adapter_layers(model).items()}
+    assert len(set(ranks.values())) > 1  # calibration allocated per-layer ranks
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = _sft(model, tok, tmp_path, steps=6, bf16=False)
+    losses = _losses(trainer)
+    assert losses[-1] < losses[0]
+    assert {n: layer.rank for n, layer in rankwise.adapter_layers(model).items()} == ranks
+    assert all(not torch.equal(p, trainable[n]) for n, p in model.named_parameters() if n in trainable)
+
+
+def test_sft_trainer_ends_raclora_links(tmp_path: Path) -> None:
+    tok = _tokenizer()
+    model = _tiny_llama(tok)
+    rankwise.attach(model, rankwise.RacLoraConfig(r=4, alpha=8, target_modules="all-linear", link_steps=3, seed=0))
+    layers = rankwise.adapter_layers(model)
+    assert {int(layer.links) for layer in layers.values()} == {0}
+    trainer = _sft(model, tok, tmp_path, steps=7)
+    # 7 optimizer steps at 3 steps per link: two links merged into the chain, the third in progress
+    assert {int(layer.links) for layer in layers.values()} == {2}
+    assert all(layer.chain_a.shape[0] > 0 for layer in layers.values())
+    assert _losses(trainer)[-1] < _losses(trainer)[0]
+
+
+def test_sft_trainer_default_bf16_autocasts_on_cpu(tmp_path: Path) -> None:
+    """What README warns about: SFTConfig's default ``bf16=True`` runs the training forward under bf16
+    autocast even on CPU, so its losses are not an fp32 forward's."""
+    tok = _tokenizer()
+    model = _tiny_llama(tok)
+    rankwise.attach(model, rankwise.LoraConfig(r=4, alpha=8, target_modules="all-linear", seed=0))
+    seen: set[torch.dtype] = set()
+    layer = rankwise.adapter_layers(model)["model.layers.0.mlp.down_proj"]
+    hook = layer.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
+    try:
+        _sft(model, tok, tmp_path, steps=1)
+    finally:
+        hook.remove()
+    assert seen == {torch.bfloat16}
