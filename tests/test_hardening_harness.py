@@ -221,7 +221,7 @@ def test_checkpoint_state_round_trips_exactly() -> None:
 # ---------------------------------------------------------------------------- 14. only what training changes
 def test_lora_checkpoint_holds_no_base_weight(tmp_path: Path, tiny_models: dict[str, str], sst2: str) -> None:
     """A LoRA checkpoint's model tensors are exactly the trainable ones: no frozen base weight or bias."""
-    cfg = _cfg(tmp_path, tiny_models, sst2, max_steps=6, save_every=2)
+    cfg = _cfg(tmp_path, tiny_models, sst2, max_steps=6, save_every=2, targets=("query", "value"))
     ckpt = _interrupted(cfg)
     saved = load_file(str(ckpt / "model_tensors.safetensors"))
     from transformers import AutoModelForSequenceClassification

@@ -120,7 +120,8 @@ def test_roberta_head_trains_at_head_lr_and_is_counted_apart(tmp_path: Path, tin
         return made[-1]
 
     monkeypatch.setattr(train_mod.torch.optim, "AdamW", spy)
-    cfg = _cfg(tmp_path, tiny_models, sst2, head="roberta", pooling="mean", lr=1e-3, head_lr=3e-2, weight_decay=0.01)
+    cfg = _cfg(tmp_path, tiny_models, sst2, head="roberta", pooling="mean", lr=1e-3, head_lr=3e-2, weight_decay=0.01,
+               targets=("query", "value"))
     result = finetune(cfg, **QUIET)
     (opt,) = made
     groups = {g.get("name"): g for g in opt.param_groups}
