@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from os import PathLike
 from typing import Any
 
 from torch import nn
@@ -31,6 +32,11 @@ class BuildResult:
 Build = Callable[[nn.Module, dict[str, nn.Module], AdapterConfig, "Iterable[Any] | None", "LossFn | None"], BuildResult]
 Rebuild = Callable[[dict[str, nn.Module], AdapterConfig, dict[str, int]], dict[str, AdapterLayer]]
 OnStep = Callable[[nn.Module, dict[str, AdapterLayer], Any, "Any"], None]
+Plot = Callable[[nn.Module, str | PathLike[str]], Any]  # (adapted model, file path) -> writes a picture of the adapters
+
+
+def _default_calibration_batches(config: AdapterConfig) -> int:  # noqa: ARG001
+    return 8
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,10 @@ class Method:
         rebuild: builds *uninitialised* layers of given ranks, to be filled from a saved adapter.
         on_step: called by :func:`rankwise.step` after each optimizer step (``None``: no-op).
         uses_calibration: whether ``build`` needs calibration data.
+        calibration_batches: how many calibration batches ``build`` reads for a given config (a
+            harness draws that many when the user does not say; only read when ``uses_calibration``).
+        plot: draws the adapted model's per-layer ranks to a file (``None``: the method has no such
+            picture); a harness calls it at the end of a run as ``<name>_ranks.png``.
     """
 
     name: str
@@ -53,6 +63,8 @@ class Method:
     rebuild: Rebuild
     on_step: OnStep | None = None
     uses_calibration: bool = False
+    calibration_batches: Callable[[AdapterConfig], int] = _default_calibration_batches
+    plot: Plot | None = None
 
 
 _METHODS: dict[str, Method] = {}

@@ -604,4 +604,6 @@ def plot_gora_ranks(model_or_report: Any, path: str | None = None, title: str = 
 
 
 _, _rebuild = simple_build(GoraLinear)
-GORA = register_method(Method(name="gora", config_cls=GoraConfig, build=build, rebuild=_rebuild, uses_calibration=True))
+GORA = register_method(Method(name="gora", config_cls=GoraConfig, build=build, rebuild=_rebuild, uses_calibration=True,
+                              calibration_batches=lambda c: c.n_steps * c.grad_accumulation,
+                              plot=plot_gora_ranks))
