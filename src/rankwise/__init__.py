@@ -12,12 +12,11 @@ The public surface::
     rankwise.export_peft(model, "peft_out/"); rankwise.import_peft(base_model, "peft_out/")
 """
 
-__version__ = "0.1.0"
-
-from .config import AdapterConfig  # noqa: E402
-from .io import AdapterFileError, load, read_adapter, save  # noqa: E402
-from .layer import AdapterLayer  # noqa: E402
-from .methods import (  # noqa: E402
+from ._version import __version__
+from .config import AdapterConfig
+from .io import AdapterFileError, load, read_adapter, save
+from .layer import AdapterLayer
+from .methods import (
     DoraConfig,
     EdoraConfig,
     GoraConfig,
@@ -28,7 +27,7 @@ from .methods import (  # noqa: E402
     gora_rank_table,
     plot_gora_ranks,
 )
-from .model import (  # noqa: E402
+from .model import (
     AttachReport,
     adapter_layers,
     attach,
@@ -41,8 +40,8 @@ from .model import (  # noqa: E402
     trainable_parameters,
     unmerge,
 )
-from .peft_format import export_peft, import_peft  # noqa: E402
-from .registry import all_methods, config_from_dict  # noqa: E402
+from .peft_format import export_peft, import_peft
+from .registry import all_methods, config_from_dict
 
 __all__ = [
     "__version__",

@@ -36,11 +36,12 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from . import __version__
+from ._version import __version__
 from .layer import AdapterLayer
-from .model import adapter_layers, all_or_nothing, get_state, install, is_attached, unwrap_model
+from .model import all_or_nothing, install
 from .quant import dense_weight
 from .registry import BuildResult, config_from_dict, get_method
+from .state import adapter_layers, get_state, is_attached, unwrap_model
 from .targeting import SUPPORTED_TYPES, is_supported
 
 TENSOR_FILE = "adapter.safetensors"

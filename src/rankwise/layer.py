@@ -56,6 +56,15 @@ class AdapterLayer(nn.Module):
     Subclasses set ``trainable`` (names of their trainable tensors) and ``lr_multiplied`` (the tensors
     LoRA+ gives the larger learning rate), and implement :meth:`adapter_forward` and
     :meth:`merged_weight`.
+
+    **Constructor contract.** A method's layer is built as ``Layer(base, config, rank, *, index, init)``:
+    ``base`` the ``nn.Linear``/``Conv1D`` it replaces, ``config`` the method's config, ``rank`` this
+    layer's rank (a method such as GoRA gives each layer its own), ``index`` the layer's position among
+    the targets (seeds its random init through :func:`layer_generator`), and ``init=False`` for an
+    *uninitialised* layer of the right shapes, which ``load``/``import_peft`` then fill from a file.
+    :func:`rankwise.registry.simple_build` (and so every method's ``rebuild``) relies on exactly this
+    signature; a layer whose init needs more (data, the whole model) does that work in its method's
+    ``build`` instead.
     """
 
     trainable: ClassVar[tuple[str, ...]] = ()

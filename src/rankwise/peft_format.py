@@ -37,7 +37,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
 from .io import AdapterFileError, atomic_write_bytes, file_dict, file_int, file_names, file_number
-from .model import adapter_layers, get_state, unwrap_model
+from .state import adapter_layers, get_state, unwrap_model
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -248,7 +248,8 @@ def import_peft(base_model: nn.Module, path: str | os.PathLike[str], *, trainabl
     naming the field; either way the model is left as it was (flags included).
     """
     from .methods import DoraConfig, LoraConfig
-    from .model import all_or_nothing, install, is_attached
+    from .model import all_or_nothing, install
+    from .state import is_attached
     from .registry import BuildResult, method_for
     from .targeting import SUPPORTED_TYPES, find_modules_to_save, is_supported
 

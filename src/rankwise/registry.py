@@ -48,7 +48,9 @@ class Method:
         config_cls: its frozen config dataclass.
         build: builds initialised layers for the matched targets (``calibration`` and ``loss_fn``
             are passed through for data-dependent inits).
-        rebuild: builds *uninitialised* layers of given ranks, to be filled from a saved adapter.
+        rebuild: builds *uninitialised* layers of given ranks, to be filled from a saved adapter
+            (``{name: Layer(base, config, ranks[name], index=i, init=False)}``: the constructor
+            contract in :class:`~rankwise.layer.AdapterLayer`).
         on_step: called by :func:`rankwise.step` after each optimizer step (``None``: no-op).
         uses_calibration: whether ``build`` needs calibration data.
         calibration_batches: how many calibration batches ``build`` reads for a given config (a
@@ -104,7 +106,8 @@ def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
 
 
 def simple_build(layer_cls: type[AdapterLayer]) -> tuple[Build, Rebuild]:
-    """``build``/``rebuild`` for methods whose layers need only (base, config, rank, index)."""
+    """``build``/``rebuild`` for methods whose layers need only the constructor contract
+    ``layer_cls(base, config, rank, *, index, init)`` (see :class:`~rankwise.layer.AdapterLayer`)."""
 
     def build(model, targets, config, calibration, loss_fn) -> BuildResult:  # noqa: ARG001
         return BuildResult({name: layer_cls(m, config, config.r, index=i) for i, (name, m) in enumerate(targets.items())})

@@ -298,7 +298,7 @@ def restore_model(model: nn.Module, has_adapter: bool, ckpt: Checkpoint) -> dict
     trained tensors; returns the fresh base's :func:`frozen_digests`, taken before any tensor is loaded."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    from rankwise.model import get_state
+    from rankwise.state import get_state
 
     try:
         if has_adapter:

@@ -557,7 +557,7 @@ def gora_rank_table(model_or_report: Any) -> RankTable:
     if hasattr(model_or_report, "layers") and isinstance(model_or_report.layers, list):
         ranks = {row.name: row.rank for row in model_or_report.layers}
     elif isinstance(model_or_report, nn.Module):
-        from ..model import adapter_layers
+        from ..state import adapter_layers
 
         ranks = {n: layer.rank for n, layer in adapter_layers(model_or_report).items()}
     else:

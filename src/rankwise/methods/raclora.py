@@ -60,8 +60,8 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig
 from ..layer import AdapterLayer, PeftFactors
-from ..model import RankwiseState, adapter_layers, get_state
 from ..registry import BuildResult, Method, register_method
+from ..state import RankwiseState, adapter_layers, get_state
 
 FROZEN_CHOICES = ("A", "B", "alternate")
 
