@@ -25,8 +25,7 @@ from .config import AdapterConfig
 from .layer import AdapterLayer
 from .quant import dequantize_model, merge_refusal, parameter_count
 from .registry import BuildResult, LossFn, method_for
-from .state import (STATE_ATTR, RankwiseState, adapter_layers, get_state, is_attached,  # noqa: F401  (re-exported)
-                    plain_name, unwrap_model)
+from .state import STATE_ATTR, RankwiseState, adapter_layers, get_state, is_attached, unwrap_model  # noqa: F401
 from .targeting import find_modules_to_save, find_targets, is_all_linear
 
 
