@@ -42,7 +42,7 @@ from .model import all_or_nothing, install
 from .quant import dense_weight
 from .registry import BuildResult, config_from_dict, get_method
 from .state import adapter_layers, get_state, is_attached, unwrap_model
-from .targeting import SUPPORTED_TYPES, is_supported
+from .targeting import SUPPORTED_TYPES, is_supported, out_in
 
 TENSOR_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -319,15 +319,14 @@ def _check_fits(model: nn.Module, meta: dict[str, Any], targets: dict[str, nn.Mo
     for name, spec in meta["layers"].items():
         module = targets[name]
         w = dense_weight(module)  # a quantised layer's dequantised weight (one layer at a time)
-        conv = type(module).__name__ == "Conv1D"
-        out_f, in_f = (w.shape[1], w.shape[0]) if conv else (w.shape[0], w.shape[1])
+        out_f, in_f = out_in(module, w).shape
         if (out_f, in_f) != (spec["out_features"], spec["in_features"]):
             raise AdapterFileError(
                 f"layer {name!r} is {out_f} x {in_f} in this model but {spec['out_features']} x {spec['in_features']} "
                 "in the adapter: wrong base model"
             )
         if check_base and "base_fingerprint" in spec:
-            now = torch.tensor(base_fingerprint(w.t() if conv else w))
+            now = torch.tensor(base_fingerprint(out_in(module, w)))
             then = torch.tensor(spec["base_fingerprint"])
             if not torch.allclose(now, then, rtol=1e-2, atol=1e-6):
                 raise AdapterFileError(

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .config import AdapterConfig
 from .quant import base_forward as quant_base_forward
 from .quant import check_adaptable, dequantize, float_linear, keep_layout, merge_refusal
+from .targeting import is_conv1d
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -77,7 +78,7 @@ class AdapterLayer(nn.Module):
         self.quantized: str | None = check_adaptable(base)
         if self.quantized:
             keep_layout(base)  # bitsandbytes must not repack this weight for CPU inference (rankwise.quant)
-        self.fan_in_fan_out: bool = type(base).__name__ == "Conv1D"  # GPT-2 style: weight is in x out
+        self.fan_in_fan_out: bool = is_conv1d(base)  # GPT-2 style: weight is in x out
         if self.quantized:  # the stored weight is packed: the layer knows its shape
             in_features, out_features = base.in_features, base.out_features
         else:
@@ -220,6 +221,7 @@ class AdapterLayer(nn.Module):
         """
 
     def trainable_tensors(self) -> dict[str, nn.Parameter]:
+        """``{name: tensor}`` for the names in ``trainable`` (this layer's trained tensors)."""
         return {name: getattr(self, name) for name in self.trainable}
 
     def extra_repr(self) -> str:

@@ -145,7 +145,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def _report(model: nn.Module, config: AdapterConfig, result: BuildResult, saved: dict[str, nn.Module]) -> AttachReport:
     rows = []
     for name, layer in result.layers.items():
-        n = sum(getattr(layer, t).numel() for t in layer.trainable if getattr(layer, t).requires_grad)
+        n = sum(p.numel() for p in layer.trainable_tensors().values() if p.requires_grad)
         rows.append(LayerRow(name, layer.out_features, layer.in_features, layer.rank, n, result.extras.get(name, {})))
     trainable, total = count_parameters(model)
     mts = {name: sum(p.numel() for p in m.parameters()) for name, m in saved.items()}
@@ -162,8 +162,8 @@ def install(model: nn.Module, config: AdapterConfig, result: BuildResult, saved:
     for name, layer in result.layers.items():
         layer.train(model.get_submodule(name).training)  # a new module defaults to train mode: keep the model's
         _set_submodule(model, name, layer)
-        for t in layer.trainable:
-            getattr(layer, t).requires_grad_(True)
+        for p in layer.trainable_tensors().values():
+            p.requires_grad_(True)
     for module in saved.values():
         for p in module.parameters():
             p.requires_grad_(True)
@@ -305,8 +305,7 @@ def _first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
 def _adapter_tensors(model: nn.Module, grads: bool) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name, layer in adapter_layers(model).items():
-        for t in layer.trainable:
-            p = getattr(layer, t)
+        for t, p in layer.trainable_tensors().items():
             value = p.grad if grads else p
             if value is not None:
                 out[f"{name}.{t}"] = value.detach()

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from .io import AdapterFileError, atomic_write_bytes, file_dict, file_int, file_names, file_number
 from .state import adapter_layers, get_state, unwrap_model
+from .targeting import is_conv1d
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -290,7 +291,7 @@ def import_peft(base_model: nn.Module, path: str | os.PathLike[str], *, trainabl
         if rank != expected_rank:
             raise ValueError(f"PEFT layer {name!r} has rank {rank} in its tensors but {expected_rank} in adapter_config.json")
         targets[name], ranks[name] = module, rank
-    if any(type(m).__name__ != "Conv1D" for m in targets.values()) and cfg.get("fan_in_fan_out"):
+    if any(not is_conv1d(m) for m in targets.values()) and cfg.get("fan_in_fan_out"):
         raise ValueError(
             f"{folder} sets fan_in_fan_out=True but adapts nn.Linear layers, whose weights PEFT would then read "
             "transposed; rankwise supports fan_in_fan_out for GPT-2 Conv1D layers only"

@@ -42,10 +42,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..config import AdapterConfig
+from ..config import AdapterConfig, check_positive_int
 from ..layer import AdapterLayer, layer_generator
 from ..quant import dense_weight, is_quantized
 from ..registry import BuildResult, LossFn, Method, register_method, simple_build
+from ..targeting import out_in
 from .lora import LoraLinear
 
 IMPORTANCES = ("mean_abs_wg", "nuclear_g", "nuclear_wg")
@@ -92,9 +93,7 @@ class GoraConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         for name in ("r_ref", "r_min", "r_max", "n_steps", "grad_accumulation", "early_stop_min_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(name, getattr(self, name))
         if self.r not in (0, self.r_ref):
             raise ValueError(f"GoRA's r is an alias of r_ref: leave r out or pass r == r_ref (got r={self.r}, r_ref={self.r_ref})")
         object.__setattr__(self, "r", self.r_ref)
@@ -198,7 +197,7 @@ def _all_reduce_mean(t: Tensor, dist: Any) -> Tensor:
 
 def _weight_out_in(module: nn.Module, t: Tensor) -> Tensor:
     """A weight-shaped tensor as ``out x in`` (transposed for GPT-2 ``Conv1D``)."""
-    return t.t() if type(module).__name__ == "Conv1D" else t
+    return out_in(module, t)
 
 
 def tap_weight_gradient(module: nn.Module, acc: Tensor) -> Any:

@@ -58,7 +58,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..config import AdapterConfig
+from ..config import AdapterConfig, check_positive_int
 from ..layer import AdapterLayer, PeftFactors
 from ..registry import BuildResult, Method, register_method
 from ..state import RankwiseState, adapter_layers, get_state
@@ -99,10 +99,7 @@ class RacLoraConfig(AdapterConfig):
         super().__post_init__()
         if self.frozen not in FROZEN_CHOICES:
             raise ValueError(f"frozen must be one of {FROZEN_CHOICES}, got {self.frozen!r}")
-        if self.link_steps is not None and (
-            not isinstance(self.link_steps, int) or isinstance(self.link_steps, bool) or self.link_steps < 1
-        ):
-            raise ValueError(f"link_steps must be a positive integer or None (links end by rankwise.end_link), got {self.link_steps!r}")
+        check_positive_int("link_steps", self.link_steps, none="links end by rankwise.end_link")
         if not isinstance(self.keep_optimizer_state, bool):
             raise ValueError(f"keep_optimizer_state must be true or false, got {self.keep_optimizer_state!r}")
         if not (isinstance(self.sketch_scale, (int, float)) and math.isfinite(self.sketch_scale) and self.sketch_scale > 0):
@@ -374,8 +371,7 @@ def compress_chain(model: nn.Module, rank: int) -> dict[str, float]:
     into the chain). Lossy unless ``rank`` is at least the update's rank. Returns each layer's relative
     Frobenius error ``‖ΔW − ΔW_rank‖ / ‖ΔW‖``.
     """
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    check_positive_int("rank", rank)
     _, _, layers = _rac_state(model)
     merged = [n for n, layer in layers.items() if layer.merged]
     if merged:
