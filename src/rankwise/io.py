@@ -28,6 +28,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
 from ._version import __version__
+from .config import AdapterConfig
 from .layer import AdapterLayer
 from .model import all_or_nothing, install
 from .quant import dense_weight
@@ -380,9 +382,7 @@ def load(
     _check_fits(model, meta, targets, check_base)
     _check_tensors_finite(tensors, path)
 
-    method_state = dict(meta.get("method_state", {}))
-    # building a layer freezes its base weight, so from here on any error restores the model
-    with all_or_nothing(model, targets):
+    def rebuild_and_fill() -> tuple[dict[str, AdapterLayer], dict[str, dict[str, Tensor]]]:
         layers = _rebuild_filled(method, targets, config, meta, tensors, path)
         mts_tensors = _saved_module_tensors(saved, tensors)
         known = {f"{n}.{k}" for n, layer in layers.items() for k in layer.adapter_state()}
@@ -390,15 +390,41 @@ def load(
         stray = sorted(set(tensors) - known)
         if stray:
             raise AdapterFileError(f"adapter file holds tensors this method does not use: {stray[:5]}")
-        # all checks passed: now change the model; the fully-trained modules' tensors last (shapes checked)
+        return layers, mts_tensors
+
+    install_rebuilt(model, config, targets, saved, rebuild_and_fill, trainable=trainable,
+                    method_state=dict(meta.get("method_state", {})))
+    return model
+
+
+def install_rebuilt(
+    model: nn.Module,
+    config: AdapterConfig,
+    targets: dict[str, nn.Module],
+    saved: dict[str, nn.Module],
+    rebuild_and_fill: Callable[[], tuple[dict[str, AdapterLayer], dict[str, dict[str, Tensor]]]],
+    *,
+    trainable: bool,
+    method_state: dict[str, Any] | None = None,
+) -> None:
+    """The shared end of :func:`load` and :func:`rankwise.import_peft`, after their checks of the file.
+
+    ``rebuild_and_fill`` builds the method's layers for ``targets`` and fills them from the file,
+    returning them with each fully-trained module's tensors; it raises on anything that does not fit.
+    Building a layer freezes its base weight, so all of it runs inside :func:`all_or_nothing`: on any
+    error the model is put back as it was. Then the layers are installed, everything is frozen unless
+    ``trainable``, and the fully-trained modules' tensors are loaded last (their shapes already checked).
+    """
+    with all_or_nothing(model, targets):
+        layers, saved_tensors = rebuild_and_fill()
         install(model, config, BuildResult(layers), saved)
-        get_state(model).method_state = method_state
+        if method_state is not None:
+            get_state(model).method_state = method_state
         if not trainable:
             for p in model.parameters():
                 p.requires_grad_(False)
         for name, module in saved.items():
-            module.load_state_dict(mts_tensors[name])
-    return model
+            module.load_state_dict(saved_tensors[name])
 
 
 def _rebuild_filled(

@@ -36,9 +36,11 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from .io import AdapterFileError, atomic_write_bytes, file_dict, file_int, file_names, file_number
-from .state import adapter_layers, get_state, unwrap_model
-from .targeting import is_conv1d
+from .io import AdapterFileError, atomic_write_bytes, file_dict, file_int, file_names, file_number, install_rebuilt
+from .methods import DoraConfig, LoraConfig
+from .registry import method_for
+from .state import adapter_layers, get_state, is_attached, unwrap_model
+from .targeting import SUPPORTED_TYPES, find_modules_to_save, is_conv1d, is_supported
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -248,12 +250,6 @@ def import_peft(base_model: nn.Module, path: str | os.PathLike[str], *, trainabl
     safetensors, a missing or non-finite number, a regex pattern key) :class:`AdapterFileError`
     naming the field; either way the model is left as it was (flags included).
     """
-    from .methods import DoraConfig, LoraConfig
-    from .model import all_or_nothing, install
-    from .state import is_attached
-    from .registry import BuildResult, method_for
-    from .targeting import SUPPORTED_TYPES, find_modules_to_save, is_supported
-
     folder = Path(path)
     base_model = unwrap_model(base_model)
     if is_attached(base_model):
@@ -263,7 +259,30 @@ def import_peft(base_model: nn.Module, path: str | os.PathLike[str], *, trainabl
             raise FileNotFoundError(f"no PEFT adapter at {folder}: {file} is missing")
     cfg = _read_peft_config(folder)
     tensors = _read_peft_tensors(folder)
+    parts, targets, ranks = _peft_layers(base_model, folder, cfg, tensors)
+    saved, mts = _peft_saved_modules(base_model, folder, cfg, tensors)
+    config = (DoraConfig if cfg.get("use_dora") else LoraConfig)(
+        r=int(cfg["r"]),
+        alpha=float(cfg["lora_alpha"]),
+        dropout=float(cfg.get("lora_dropout") or 0.0),
+        target_modules=tuple(targets),  # full names: exactly the layers the adapter has
+        modules_to_save=tuple(saved) or None,
+        use_rslora=bool(cfg.get("use_rslora")),
+    )
 
+    def rebuild_and_fill() -> tuple[dict[str, Any], dict[str, dict[str, Tensor]]]:
+        layers = method_for(config).rebuild(targets, config, ranks)
+        _fill_from_peft(layers, parts, cfg, config.use_rslora)
+        return layers, mts
+
+    install_rebuilt(base_model, config, targets, saved, rebuild_and_fill, trainable=trainable)
+    return base_model
+
+
+def _peft_layers(
+    base_model: nn.Module, folder: Path, cfg: dict[str, Any], tensors: dict[str, Tensor]
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, nn.Module], dict[str, int]]:
+    """``(parts, targets, ranks)``: each adapted layer's PEFT tensors, its module, its rank (all checked)."""
     parts: dict[str, dict[str, Tensor]] = {}
     for key, t in tensors.items():
         m = _LORA_KEY.fullmatch(key)
@@ -296,10 +315,17 @@ def import_peft(base_model: nn.Module, path: str | os.PathLike[str], *, trainabl
             f"{folder} sets fan_in_fan_out=True but adapts nn.Linear layers, whose weights PEFT would then read "
             "transposed; rankwise supports fan_in_fan_out for GPT-2 Conv1D layers only"
         )
+    return parts, targets, ranks
 
+
+def _peft_saved_modules(
+    base_model: nn.Module, folder: Path, cfg: dict[str, Any], tensors: dict[str, Tensor]
+) -> tuple[dict[str, nn.Module], dict[str, dict[str, Tensor]]]:
+    """``(saved, their tensors)``: the fully-trained modules; every tensor of the file must find its place."""
     # PEFT skips modules_to_save entries that match nothing (task_type="SEQ_CLS" lists both "classifier"
     # and "score"); every saved tensor must still find its module (the stray check below)
-    wanted = [k for k in cfg.get("modules_to_save") or () if any(n == k or n.endswith("." + k) for n in modules)]
+    names = [n for n, _ in base_model.named_modules()]
+    wanted = [k for k in cfg.get("modules_to_save") or () if any(n == k or n.endswith("." + k) for n in names)]
     saved = find_modules_to_save(base_model, tuple(wanted) or None)
     lora_keys = {k for k in tensors if _LORA_KEY.fullmatch(k)}
     mts: dict[str, dict[str, Tensor]] = {}
@@ -312,28 +338,7 @@ def import_peft(base_model: nn.Module, path: str | os.PathLike[str], *, trainabl
     stray = sorted(set(tensors) - lora_keys - {f"{n}.{k}" for n, sd in mts.items() for k in sd})
     if stray:
         raise ValueError(f"{folder / PEFT_WEIGHTS} holds tensors rankwise cannot place: {stray[:5]}")
-
-    cfg_cls = DoraConfig if dora else LoraConfig
-    config = cfg_cls(
-        r=int(cfg["r"]),
-        alpha=float(cfg["lora_alpha"]),
-        dropout=float(cfg.get("lora_dropout") or 0.0),
-        target_modules=tuple(targets),  # full names: exactly the layers the adapter has
-        modules_to_save=tuple(saved) or None,
-        use_rslora=bool(cfg.get("use_rslora")),
-    )
-    # building a layer freezes its base weight, so from here on any error restores the model
-    with all_or_nothing(base_model, targets):
-        layers = method_for(config).rebuild(targets, config, ranks)
-        _fill_from_peft(layers, parts, cfg, config.use_rslora)
-        # all checks passed: now change the model; the fully-trained modules' tensors last (shapes checked)
-        install(base_model, config, BuildResult(layers), saved)
-        if not trainable:
-            for p in base_model.parameters():
-                p.requires_grad_(False)
-        for name, module in saved.items():
-            module.load_state_dict(mts[name])
-    return base_model
+    return saved, mts
 
 
 @torch.no_grad()
