@@ -78,31 +78,8 @@ def export_peft(
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
 
-    tensors: dict[str, Tensor] = {}
-    ranks: dict[str, int] = {}
-    alphas: dict[str, float] = {}
     use_rslora = bool(getattr(state.config, "use_rslora", False)) and not vllm
-    r_max = max(f.lora_a.shape[0] for f in factors.values())
-    for name, f in factors.items():
-        a = f.lora_a.detach().float().cpu()  # r x in
-        b = f.lora_b.detach().float().cpu()  # out x r
-        if vllm:
-            b = b * f.scale
-            pad = r_max - a.shape[0]
-            if pad:
-                a = torch.cat([a, a.new_zeros(pad, a.shape[1])])  # r_max x in
-                b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)  # out x r_max
-        rank = a.shape[0]
-        ranks[name] = rank
-        alphas[name] = 1.0 * rank if vllm else f.scale * (math.sqrt(rank) if use_rslora else rank)
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = a.contiguous()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = b.contiguous()
-        if f.magnitude is not None:
-            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = f.magnitude.detach().float().cpu().contiguous()
-    for name in state.modules_to_save:
-        for key, t in model.get_submodule(name).state_dict().items():
-            tensors[f"{PREFIX}{name}.{key}"] = t.detach().cpu().contiguous()
-
+    tensors, ranks, alphas = _peft_tensors(model, factors, state.modules_to_save, vllm, use_rslora)
     r_global = _most_common(list(ranks.values()))
     alpha_global = _most_common([alphas[n] for n in ranks if ranks[n] == r_global])
     rank_pattern = {n: r for n, r in ranks.items() if r != r_global}
@@ -134,6 +111,40 @@ def export_peft(
     atomic_write_bytes(folder / PEFT_WEIGHTS, st_save(tensors, metadata={"format": "pt", "exported_by": f"rankwise {state.config.method}"}))
     atomic_write_bytes(folder / PEFT_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
     return folder
+
+
+def _peft_tensors(
+    model: nn.Module, factors: dict[str, Any], modules_to_save: list[str], vllm: bool, use_rslora: bool
+) -> tuple[dict[str, Tensor], dict[str, int], dict[str, float]]:
+    """PEFT's tensors (factors, DoRA magnitudes, fully-trained modules) and each layer's rank and alpha.
+
+    ``vllm``: the scale is baked into ``B`` and every layer padded with zeros to the largest rank,
+    so one ``r`` and ``lora_alpha = r`` describe them all.
+    """
+    tensors: dict[str, Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    r_max = max(f.lora_a.shape[0] for f in factors.values())
+    for name, f in factors.items():
+        a = f.lora_a.detach().float().cpu()  # r x in
+        b = f.lora_b.detach().float().cpu()  # out x r
+        if vllm:
+            b = b * f.scale
+            pad = r_max - a.shape[0]
+            if pad:
+                a = torch.cat([a, a.new_zeros(pad, a.shape[1])])  # r_max x in
+                b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)  # out x r_max
+        rank = a.shape[0]
+        ranks[name] = rank
+        alphas[name] = 1.0 * rank if vllm else f.scale * (math.sqrt(rank) if use_rslora else rank)
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = a.contiguous()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = b.contiguous()
+        if f.magnitude is not None:
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = f.magnitude.detach().float().cpu().contiguous()
+    for name in modules_to_save:
+        for key, t in model.get_submodule(name).state_dict().items():
+            tensors[f"{PREFIX}{name}.{key}"] = t.detach().cpu().contiguous()
+    return tensors, ranks, alphas
 
 
 # ---------------------------------------------------------------------------- import
