@@ -36,7 +36,8 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from .io import AdapterFileError, atomic_write_bytes, file_dict, file_int, file_names, file_number, install_rebuilt
+from .adapter_file import AdapterFileError, atomic_write_bytes, file_dict, file_int, file_names, file_number
+from .io import install_rebuilt
 from .methods import DoraConfig, LoraConfig
 from .registry import method_for
 from .state import adapter_layers, get_state, is_attached, unwrap_model
