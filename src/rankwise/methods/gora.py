@@ -223,6 +223,101 @@ def tap_weight_gradient(module: nn.Module, acc: Tensor) -> Any:
     return module.register_forward_hook(forward_hook)
 
 
+def _check_calibration_size(calibration: Iterable[Any] | None, config: GoraConfig) -> None:
+    """Calibration is given and, when it has a length, holds the ``n_steps x grad_accumulation`` batches read."""
+    if calibration is None:
+        raise ValueError("GoRA initialises from data: pass calibration=<iterable of training batches> to attach")
+    needed = config.n_steps * config.grad_accumulation
+    if hasattr(calibration, "__len__"):
+        n = len(calibration)  # type: ignore[arg-type]
+        if n == 0:
+            raise ValueError("no calibration data: the calibration batches are empty")
+        if n < needed:
+            raise ValueError(
+                f"GoRA needs n_steps x grad_accumulation = {config.n_steps} x {config.grad_accumulation} = {needed} "
+                f"calibration batches, got {n}"
+            )
+
+
+def _accumulators(targets: dict[str, nn.Module], tapped: set[str], offload_to_cpu: bool) -> dict[str, Tensor]:
+    """A zero gradient sum per target, at least fp32 (bf16/fp16 gradients are summed in fp32); ``out x in``
+    for a tapped (quantised) layer, else the weight's own layout."""
+    acc = {}
+    for name, m in targets.items():
+        w = m.weight
+        acc[name] = torch.zeros(
+            (m.out_features, m.in_features) if name in tapped else w.shape,
+            dtype=torch.float32 if name in tapped else torch.promote_types(w.dtype, torch.float32),
+            device="cpu" if offload_to_cpu else w.device,
+        )
+    return acc
+
+
+def _next_batch(it: Iterator[Any], batches: int, config: GoraConfig) -> Any:
+    """The next calibration batch; an iterable that runs out early is an error naming how many were needed."""
+    try:
+        return next(it)
+    except StopIteration:
+        if batches == 0:
+            raise ValueError("no calibration data: the calibration batches are empty") from None
+        raise ValueError(
+            f"GoRA needs n_steps x grad_accumulation = {config.n_steps} x {config.grad_accumulation} = "
+            f"{config.n_steps * config.grad_accumulation} calibration batches, but the iterable ran out after {batches}"
+        ) from None
+
+
+def _settled(
+    targets: dict[str, nn.Module], acc: dict[str, Tensor], steps: int, previous: dict[str, float] | None,
+    config: GoraConfig, dist: Any,
+) -> tuple[bool, dict[str, float]]:
+    """Early stopping: whether every layer's importance moved by at most ``early_stop_threshold`` (relative)
+    since the last step, agreed across ranks (every rank stops at the same step); and the importances now."""
+    now = {n: _importance(targets[n], a / steps, config.importance) for n, a in acc.items()}
+    settled = previous is not None and all(
+        abs(now[n] - previous[n]) <= config.early_stop_threshold * max(abs(previous[n]), 1e-30) for n in now
+    )
+    if dist is not None:
+        flag = torch.tensor([0.0 if settled else 1.0], device=_comm_device(dist))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        settled = bool(flag.item() == 0.0)
+    return settled, now
+
+
+def _hook_gradients(targets: dict[str, nn.Module], tapped: set[str], acc: dict[str, Tensor], hooks: list[Any]) -> None:
+    """Each target weight's gradient summed into ``acc`` as it arrives (and freed at once: peak memory ~ one
+    layer's gradient), tapped from the layer's input and output gradient for a quantised weight; the
+    handles go into ``hooks`` one by one, so the caller removes every one made, also after an error."""
+
+    def fold(name: str) -> Any:
+        def hook(p: Tensor) -> None:
+            assert p.grad is not None
+            acc[name].add_(p.grad.detach().to(device=acc[name].device, dtype=acc[name].dtype))
+            p.grad = None
+
+        return hook
+
+    for name, m in targets.items():
+        if name in tapped:
+            hooks.append(tap_weight_gradient(m, acc[name]))
+            continue
+        m.weight.requires_grad_(True)
+        hooks.append(m.weight.register_post_accumulate_grad_hook(fold(name)))
+
+
+def _restore(model: nn.Module, hooks: list[Any], params: dict[str, nn.Parameter], flags: dict[str, bool],
+             grads: dict[str, Tensor | None], buffers: dict[str, Tensor]) -> None:
+    """The model as calibration found it: hooks removed, ``requires_grad`` flags, ``.grad`` fields and buffers back."""
+    for h in hooks:
+        h.remove()
+    for n, p in params.items():
+        p.requires_grad_(flags[n])
+        p.grad = grads[n]
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            if n in buffers:
+                b.copy_(buffers[n])
+
+
 def collect_gradients(
     model: nn.Module, targets: dict[str, nn.Module], config: GoraConfig, calibration: Iterable[Any], loss_fn: LossFn | None
 ) -> tuple[dict[str, Tensor], GradientStats]:
@@ -237,18 +332,7 @@ def collect_gradients(
     and, with early stopping, a stop flag after every step. A rank that raises (e.g. runs out of
     batches) leaves the others waiting in the collective, as any failed rank in a DDP job does.
     """
-    if calibration is None:
-        raise ValueError("GoRA initialises from data: pass calibration=<iterable of training batches> to attach")
-    needed = config.n_steps * config.grad_accumulation
-    if hasattr(calibration, "__len__"):
-        n = len(calibration)  # type: ignore[arg-type]
-        if n == 0:
-            raise ValueError("no calibration data: the calibration batches are empty")
-        if n < needed:
-            raise ValueError(
-                f"GoRA needs n_steps x grad_accumulation = {config.n_steps} x {config.grad_accumulation} = {needed} "
-                f"calibration batches, got {n}"
-            )
+    _check_calibration_size(calibration, config)
     dist = _dist()
     params = dict(model.named_parameters())
     flags = {n: p.requires_grad for n, p in params.items()}
@@ -256,27 +340,11 @@ def collect_gradients(
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     weights = {name: m.weight for name, m in targets.items()}
     tapped = {name for name, m in targets.items() if is_quantized(m)}  # no .grad on a quantised weight
-    acc = {
-        name: torch.zeros(
-            (targets[name].out_features, targets[name].in_features) if name in tapped else w.shape,
-            dtype=torch.float32 if name in tapped else torch.promote_types(w.dtype, torch.float32),
-            device="cpu" if config.offload_to_cpu else w.device,
-        )  # at least fp32 (bf16/fp16 gradients are summed in fp32)
-        for name, w in weights.items()
-    }
+    acc = _accumulators(targets, tapped, config.offload_to_cpu)
     cuda_devices = {w.device for w in weights.values() if w.device.type == "cuda"}
     for d in cuda_devices:
         torch.cuda.reset_peak_memory_stats(d)
-    hooks = []
-
-    def fold(name: str) -> Any:
-        def hook(p: Tensor) -> None:
-            assert p.grad is not None
-            acc[name].add_(p.grad.detach().to(device=acc[name].device, dtype=acc[name].dtype))
-            p.grad = None  # freed at once: peak memory ~ one layer's gradient
-
-        return hook
-
+    hooks: list[Any] = []
     start = time.perf_counter()
     steps = batches = 0
     early = False
@@ -285,25 +353,11 @@ def collect_gradients(
         for p in params.values():
             p.requires_grad_(False)
             p.grad = None
-        for name, w in weights.items():
-            if name in tapped:
-                hooks.append(tap_weight_gradient(targets[name], acc[name]))
-                continue
-            w.requires_grad_(True)
-            hooks.append(w.register_post_accumulate_grad_hook(fold(name)))
+        _hook_gradients(targets, tapped, acc, hooks)
         it: Iterator[Any] = iter(calibration)
         while steps < config.n_steps:
             for _ in range(config.grad_accumulation):
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    if batches == 0:
-                        raise ValueError("no calibration data: the calibration batches are empty") from None
-                    raise ValueError(
-                        f"GoRA needs n_steps x grad_accumulation = {config.n_steps} x {config.grad_accumulation} = "
-                        f"{needed} calibration batches, but the iterable ran out after {batches}"
-                    ) from None
-                loss = calibration_loss(model, batch, loss_fn)
+                loss = calibration_loss(model, _next_batch(it, batches, config), loss_fn)
                 (loss / config.grad_accumulation).backward()
                 batches += 1
             steps += 1
@@ -314,28 +368,12 @@ def collect_gradients(
                         "batches, the loss, or lower the precision risk (e.g. fp32 calibration)"
                     )
             if config.early_stop_threshold is not None:
-                now = {n: _importance(targets[n], a / steps, config.importance) for n, a in acc.items()}
-                settled = previous is not None and all(
-                    abs(now[n] - previous[n]) <= config.early_stop_threshold * max(abs(previous[n]), 1e-30) for n in now
-                )
-                previous = now
-                if dist is not None:  # every rank stops at the same step
-                    flag = torch.tensor([0.0 if settled else 1.0], device=_comm_device(dist))
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                    settled = bool(flag.item() == 0.0)
+                settled, previous = _settled(targets, acc, steps, previous, config, dist)
                 if settled and steps >= config.early_stop_min_steps and steps < config.n_steps:
                     early = True
                     break
     finally:
-        for h in hooks:
-            h.remove()
-        for n, p in params.items():
-            p.requires_grad_(flags[n])
-            p.grad = grads[n]
-        with torch.no_grad():
-            for n, b in model.named_buffers():
-                if n in buffers:
-                    b.copy_(buffers[n])
+        _restore(model, hooks, params, flags, grads, buffers)
     mean = {name: _weight_out_in(targets[name], a / steps) for name, a in acc.items()}
     if dist is not None:
         mean = {name: _all_reduce_mean(g, dist) for name, g in mean.items()}
