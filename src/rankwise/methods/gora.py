@@ -43,9 +43,10 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AdapterConfig, check_positive_int
+from ..distributed import broadcast_from_rank0, process_group
 from ..layer import AdapterLayer, layer_generator
 from ..registry import BuildResult, LossFn, Method, register_method, simple_build
-from .gora_gradients import _comm_device, _dist, collect_gradients, importance_shares, importances
+from .gora_gradients import collect_gradients, importance_shares, importances
 from .lora import LoraLinear
 
 IMPORTANCES = ("mean_abs_wg", "nuclear_g", "nuclear_wg")
@@ -232,12 +233,9 @@ def allocate_ranks(
 # ---------------------------------------------------------------------------- 4. build
 def _shared_seed(seed: int | None) -> tuple[int | None, str]:
     """The seed A is drawn from: the config's; under distributed with ``None``, one broadcast from rank 0."""
-    dist = _dist()
-    if seed is not None or dist is None:
+    if seed is not None or process_group() is None:
         return seed, "config" if seed is not None else "torch global RNG"
-    t = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64).to(_comm_device(dist))
-    dist.broadcast(t, src=0)
-    return int(t.item()), "broadcast from rank 0"
+    return broadcast_from_rank0(int(torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64))), "broadcast from rank 0"
 
 
 def _mib(n: int) -> str:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed import comm_device, process_group
 from ..quant import dense_weight, is_quantized
 from ..registry import LossFn
 from ..targeting import out_in
@@ -57,19 +58,8 @@ def calibration_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> Te
     return loss.reshape(())
 
 
-def _dist() -> Any:
-    """``torch.distributed`` when a process group is initialised, else ``None``."""
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def _comm_device(dist: Any) -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
 def _all_reduce_mean(t: Tensor, dist: Any) -> Tensor:
-    buf = t.to(_comm_device(dist))
+    buf = t.to(comm_device(dist))
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     return (buf / dist.get_world_size()).to(t.device)
 
@@ -156,7 +146,7 @@ def _settled(
         abs(now[n] - previous[n]) <= config.early_stop_threshold * max(abs(previous[n]), 1e-30) for n in now
     )
     if dist is not None:
-        flag = torch.tensor([0.0 if settled else 1.0], device=_comm_device(dist))
+        flag = torch.tensor([0.0 if settled else 1.0], device=comm_device(dist))
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         settled = bool(flag.item() == 0.0)
     return settled, now
@@ -212,7 +202,7 @@ def collect_gradients(
     batches) leaves the others waiting in the collective, as any failed rank in a DDP job does.
     """
     _check_calibration_size(calibration, config)
-    dist = _dist()
+    dist = process_group()
     params = dict(model.named_parameters())
     flags = {n: p.requires_grad for n, p in params.items()}
     grads = {n: p.grad for n, p in params.items()}

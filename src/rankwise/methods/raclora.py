@@ -59,6 +59,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AdapterConfig, check_positive_int
+from ..distributed import broadcast_from_rank0
 from ..layer import AdapterLayer, PeftFactors
 from ..registry import BuildResult, Method, register_method
 from ..state import RankwiseState, adapter_layers, get_state
@@ -128,13 +129,7 @@ def sketch_generator(seed: int, index: int, link: int) -> torch.Generator:
 
 def resolve_seed(seed: int | None) -> int:
     """``seed``, or one drawn from torch's global RNG, made identical on every ``torch.distributed`` rank."""
-    value = torch.tensor(int(seed) if seed is not None else int(torch.randint(0, 2**62, ())), dtype=torch.int64)
-    if seed is None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        backend = torch.distributed.get_backend()
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        value = value.to(device)
-        torch.distributed.broadcast(value, src=0)
-    return int(value.item())
+    return int(seed) if seed is not None else broadcast_from_rank0(int(torch.randint(0, 2**62, ())))
 
 
 class RacLoraLinear(AdapterLayer):
