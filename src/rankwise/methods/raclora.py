@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from ..config import AdapterConfig, check_positive_int
 from ..distributed import broadcast_from_rank0
 from ..layer import AdapterLayer, PeftFactors
-from ..registry import BuildResult, Method, register_method
+from ..registry import BuildResult, Method, register_method, simple_build
 from ..state import RankwiseState, adapter_layers, get_state
 
 FROZEN_CHOICES = ("A", "B", "alternate")
@@ -391,9 +391,7 @@ def _build(model: nn.Module, targets: dict[str, nn.Module], config: AdapterConfi
     return BuildResult(layers, notes=notes)
 
 
-def _rebuild(targets: dict[str, nn.Module], config: AdapterConfig, ranks: dict[str, int]) -> dict[str, AdapterLayer]:
-    assert isinstance(config, RacLoraConfig)
-    return {name: RacLoraLinear(m, config, ranks[name], index=i, init=False) for i, (name, m) in enumerate(targets.items())}
+_, _rebuild = simple_build(RacLoraLinear)  # uninitialised layers of the saved ranks: the constructor contract
 
 
 RACLORA = register_method(Method(name="raclora", config_cls=RacLoraConfig, build=_build, rebuild=_rebuild, on_step=on_step))
