@@ -514,3 +514,15 @@ def test_import_save_load_round_trip_of_a_regex_target(tmp_path) -> None:
     loaded = rankwise.load(_Nested(), tmp_path / "rw")
     assert list(rankwise.adapter_layers(loaded)) == ["fc"]
     torch.testing.assert_close(loaded(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_public_surface_is_core_api_plus_method_extras_at_home() -> None:
+    """``__all__`` names only the core API, each resolvable; one method's extras live in its module and
+    the old top-level names are those very objects (old code keeps working)."""
+    from rankwise.methods import gora, raclora
+
+    assert all(hasattr(rankwise, name) for name in rankwise.__all__)
+    extras = {"end_link": raclora, "compress_chain": raclora, "gora_rank_table": gora, "plot_gora_ranks": gora}
+    for name, home in extras.items():
+        assert name not in rankwise.__all__
+        assert getattr(rankwise, name) is getattr(home, name)

@@ -226,3 +226,41 @@ def test_method_configs_from_cli_values() -> None:
         build_method_config("lora", r=0)
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["oops"])
+
+
+def test_rank_defaults_belong_to_the_method_config() -> None:
+    """No ``--r``: the config class's own default; ``--set r_ref=16`` alone sets GoRA's reference rank
+    (it failed when the CLI's default ``--r 8`` was written into ``r_ref`` too); ``--r`` still sets it."""
+    from rankwise_harness.cli import _run_config, build_parser
+
+    args = build_parser().parse_args(["finetune", "--task", "sst2", "--method", "gora", "--set", "r_ref=16"])
+    run = _run_config(args, "gora", "runs/x")
+    assert run.r is None and run.alpha is None
+    gora = build_method_config("gora", r=run.r, alpha=run.alpha, overrides=run.overrides)
+    assert gora.r_ref == 16 and gora.r == 16
+    assert build_method_config("gora", r=12).r_ref == 12
+    for name, method in rankwise.all_methods().items():  # nothing given: exactly the class defaults
+        assert build_method_config(name, r=None, alpha=None) == method.config_cls()
+
+
+def test_every_run_config_field_comes_from_its_flag() -> None:
+    """``_run_config`` reads each RunConfig field from the flag of that name: flags set to non-default
+    values arrive unchanged (parsed where the field needs it)."""
+    import dataclasses
+
+    from rankwise_harness.cli import _run_config, build_parser
+
+    argv = ["finetune", "--task", "rotten", "--data", "d", "--model", "m", "--targets", "query,value", "--r", "4",
+            "--alpha", "3", "--dropout", "0.1", "--set", "use_rslora=true", "--seed", "5", "--max-steps", "7",
+            "--epochs", "2", "--batch-size", "3", "--lr", "0.01", "--lora-plus-ratio", "4", "--weight-decay", "0.1",
+            "--warmup-ratio", "0.2", "--schedule", "cosine", "--grad-accum", "2", "--max-length", "32",
+            "--max-train", "9", "--max-eval", "8", "--eval-every", "3", "--eval-before", "--save-every", "2",
+            "--calibration-batches", "4", "--head-warmup-steps", "2", "--max-new-tokens", "5", "--precision", "no",
+            "--skip-bad-rows", "--head", "roberta", "--pooling", "mean", "--head-lr", "0.02",
+            "--val-split", "0.25", "--eval-each-epoch"]
+    run = _run_config(build_parser().parse_args(argv), "dora", "out")
+    defaults = {f.name: f.default for f in dataclasses.fields(type(run)) if f.default is not dataclasses.MISSING}
+    unchanged = {k for k, v in dataclasses.asdict(run).items() if k in defaults and v == defaults[k]}
+    # the flags given above cover every field but these (each its own feature, tested elsewhere)
+    assert unchanged == {"template", "label_words", "quantize"}
+    assert run.targets == ("query", "value") and run.overrides == {"use_rslora": "true"} and run.r == 4

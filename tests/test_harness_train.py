@@ -28,7 +28,8 @@ from rankwise_harness import cli
 from rankwise_harness.config import ConfigError, RunConfig
 from rankwise_harness.data import get_task
 from rankwise_harness.data import Example
-from rankwise_harness.train import IGNORE, Encoder, RunError, finetune, micro_batch_indices
+from rankwise_harness.batches import IGNORE, Encoder, micro_batch_indices
+from rankwise_harness.train import RunError, finetune
 
 SHARED = Path(os.environ.get("RANKWISE_SHARED_DATA", SHARED_DATA))
 

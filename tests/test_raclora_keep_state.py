@@ -112,7 +112,7 @@ def test_the_flag_is_saved_and_the_chain_exports_to_peft(tmp_path) -> None:
     torch.manual_seed(0)
     fresh = TinyMLP()
     rankwise.load(fresh, tmp_path / "a")
-    from rankwise.model import get_state
+    from rankwise.state import get_state
 
     assert get_state(fresh).config.keep_optimizer_state is True
     rankwise.export_peft(kept, tmp_path / "peft")

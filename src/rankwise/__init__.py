@@ -6,29 +6,23 @@ The public surface::
     cfg = rankwise.LoraConfig(r=8, alpha=16, target_modules=["query", "value"])
     report = rankwise.attach(model, cfg)          # adapters on, everything else frozen
     rankwise.step(model, optimizer)               # after each optimizer step (RAC-LoRA uses it)
-    rankwise.end_link(model, optimizer)           # RAC-LoRA: end a link now (e.g. per epoch)
     rankwise.merge(model); rankwise.unmerge(model)
     rankwise.save(model, "out/"); rankwise.load(base_model, "out/")
     rankwise.export_peft(model, "peft_out/"); rankwise.import_peft(base_model, "peft_out/")
+
+``__all__`` is the core API, which every method works through. One method's extras live in its module
+(``from rankwise.methods.raclora import end_link``; ``rankwise.methods.gora.plot_gora_ranks``); the four
+that were once top-level names still are, for old code, but are not in ``__all__``.
 """
 
-__version__ = "0.1.0"
-
-from .config import AdapterConfig  # noqa: E402
-from .io import AdapterFileError, load, read_adapter, save  # noqa: E402
-from .layer import AdapterLayer  # noqa: E402
-from .methods import (  # noqa: E402
-    DoraConfig,
-    EdoraConfig,
-    GoraConfig,
-    LoraConfig,
-    RacLoraConfig,
-    compress_chain,
-    end_link,
-    gora_rank_table,
-    plot_gora_ranks,
-)
-from .model import (  # noqa: E402
+from ._version import __version__
+from .config import AdapterConfig
+from .io import AdapterFileError, load, read_adapter, save
+from .layer import AdapterLayer
+from .methods import DoraConfig, EdoraConfig, GoraConfig, LoraConfig, RacLoraConfig
+from .methods.gora import gora_rank_table, plot_gora_ranks  # noqa: F401  (method extras, kept for old code)
+from .methods.raclora import compress_chain, end_link  # noqa: F401  (method extras, kept for old code)
+from .model import (
     AttachReport,
     adapter_layers,
     attach,
@@ -41,8 +35,8 @@ from .model import (  # noqa: E402
     trainable_parameters,
     unmerge,
 )
-from .peft_format import export_peft, import_peft  # noqa: E402
-from .registry import all_methods, config_from_dict  # noqa: E402
+from .peft_format import export_peft, import_peft
+from .registry import all_methods, config_from_dict
 
 __all__ = [
     "__version__",
@@ -50,12 +44,8 @@ __all__ = [
     "LoraConfig",
     "DoraConfig",
     "GoraConfig",
-    "gora_rank_table",
-    "plot_gora_ranks",
     "EdoraConfig",
     "RacLoraConfig",
-    "end_link",
-    "compress_chain",
     "attach",
     "detach",
     "merge",

@@ -13,6 +13,18 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+def check_positive_int(name: str, value: Any, *, none: str | None = None) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is an ``int`` >= 1 (a ``bool`` is not).
+
+    ``none``: ``None`` is allowed too, and this says what it means (``""``: allowed, said plainly).
+    """
+    if value is None and none is not None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        also = "" if none is None else f" or None{f' ({none})' if none else ''}"
+        raise ValueError(f"{name} must be a positive integer{also}, got {value!r}")
+
+
 def _as_targets(value: Any, field_name: str) -> tuple[str, ...] | str | None:
     """Normalise a target specification: a regex string stays a string, a list becomes a tuple."""
     if value is None or isinstance(value, str):
@@ -67,8 +79,7 @@ class AdapterConfig:
         object.__setattr__(self, "modules_to_save", mts)
         if self.target_modules is None or (isinstance(self.target_modules, tuple) and not self.target_modules):
             raise ValueError("target_modules must name at least one module")
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            raise ValueError(f"r must be a positive integer, got {self.r!r}")
+        check_positive_int("r", self.r)
         if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(f"alpha must be a positive finite number, got {self.alpha!r}")
         if not 0.0 <= float(self.dropout) < 1.0:

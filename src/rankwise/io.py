@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,159 +35,20 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from . import __version__
+from ._version import __version__
+from .adapter_file import (AdapterFileError, atomic_write_bytes, base_fingerprint, metadata_digest,  # noqa: F401
+                           tensors_digest, validate_description)
+from .config import AdapterConfig
 from .layer import AdapterLayer
-from .model import adapter_layers, all_or_nothing, get_state, install, is_attached, unwrap_model
+from .model import all_or_nothing, install
 from .quant import dense_weight
 from .registry import BuildResult, config_from_dict, get_method
-from .targeting import SUPPORTED_TYPES, is_supported
+from .state import adapter_layers, get_state, is_attached, unwrap_model
+from .targeting import SUPPORTED_TYPES, is_supported, out_in
 
 TENSOR_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
 FORMAT = "rankwise-adapter/1"
-_FINGERPRINT_POINTS = 8
-
-
-class AdapterFileError(RuntimeError):
-    """A saved adapter is missing, truncated, corrupt, malformed, or does not fit the model."""
-
-
-_DIGESTS = ("tensors_sha256", "metadata_sha256")
-
-
-# ---------------------------------------------------------------------------- validating values read from files
-def _where(file: Any, field: str) -> str:
-    return f"{file}: field {field!r}"
-
-
-def file_int(value: Any, file: Any, field: str, minimum: int = 1) -> int:
-    """``value`` as an int ``>= minimum`` (bools refused), else :class:`AdapterFileError` naming ``field``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise AdapterFileError(f"{_where(file, field)} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def file_number(value: Any, file: Any, field: str, positive: bool = True) -> float:
-    """``value`` as a finite float (``> 0`` when ``positive``), else :class:`AdapterFileError` naming ``field``."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or (positive and value <= 0):
-        raise AdapterFileError(f"{_where(file, field)} must be a finite {'positive ' if positive else ''}number, got {value!r}")
-    return float(value)
-
-
-def file_dict(value: Any, file: Any, field: str) -> dict[str, Any]:
-    """``value`` if it is a dict with string keys, else :class:`AdapterFileError` naming ``field``."""
-    if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
-        raise AdapterFileError(f"{_where(file, field)} must be an object with non-empty string keys, got {type(value).__name__}")
-    return value
-
-
-def file_names(value: Any, file: Any, field: str) -> list[str]:
-    """``value`` if it is a list of non-empty strings, else :class:`AdapterFileError` naming ``field``."""
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise AdapterFileError(f"{_where(file, field)} must be a list of module names, got {value!r:.200}")
-    return value
-
-
-def validate_description(meta: Any, file: Any) -> dict[str, Any]:
-    """Check every field ``load`` uses: types, integers, finite/positive numbers, ranks within the shapes.
-
-    Raises :class:`AdapterFileError` naming the field; returns ``meta``.
-    """
-    if not isinstance(meta, dict):
-        raise AdapterFileError(f"{file}: the rankwise metadata must be a JSON object, got {type(meta).__name__}")
-    for key in ("method", "config", "layers"):
-        if key not in meta:
-            raise AdapterFileError(f"{file}: the rankwise metadata lacks field {key!r}")
-    if not isinstance(meta["method"], str):
-        raise AdapterFileError(f"{_where(file, 'method')} must be a string, got {meta['method']!r}")
-    file_dict(meta["config"], file, "config")
-    layers = file_dict(meta["layers"], file, "layers")
-    if not layers:
-        raise AdapterFileError(f"{_where(file, 'layers')} is empty: the adapter adapts no layer")
-    for name, spec in layers.items():
-        where = f"layers.{name}"
-        file_dict(spec, file, where)
-        for key in ("out_features", "in_features", "rank"):
-            if key not in spec:
-                raise AdapterFileError(f"{file}: layer {name!r} lacks field {key!r}")
-            file_int(spec[key], file, f"{where}.{key}")
-        if spec["rank"] > min(spec["out_features"], spec["in_features"]):
-            raise AdapterFileError(
-                f"{_where(file, where + '.rank')} is {spec['rank']}, larger than the layer "
-                f"({spec['out_features']} x {spec['in_features']})"
-            )
-        if "scale" in spec:
-            file_number(spec["scale"], file, f"{where}.scale")
-        if not isinstance(spec.get("conv1d", False), bool):
-            raise AdapterFileError(f"{_where(file, where + '.conv1d')} must be true or false, got {spec['conv1d']!r}")
-        if "base_fingerprint" in spec:
-            points = spec["base_fingerprint"]
-            if not isinstance(points, list) or len(points) != _FINGERPRINT_POINTS:
-                raise AdapterFileError(f"{_where(file, where + '.base_fingerprint')} must be a list of {_FINGERPRINT_POINTS} numbers")
-            for i, v in enumerate(points):
-                file_number(v, file, f"{where}.base_fingerprint[{i}]", positive=False)
-    file_names(meta.get("modules_to_save", []), file, "modules_to_save")
-    for key, value in file_dict(meta.get("method_state", {}), file, "method_state").items():
-        if isinstance(value, int) and not isinstance(value, bool):
-            file_int(value, file, f"method_state.{key}", minimum=0)  # counters (RAC-LoRA's link_step, links)
-        elif isinstance(value, float):
-            file_number(value, file, f"method_state.{key}", positive=False)
-        elif not isinstance(value, (str, bool, type(None))):
-            raise AdapterFileError(f"{_where(file, 'method_state.' + key)} must be a number, string or boolean, got {value!r:.100}")
-    return meta
-
-
-def metadata_digest(meta: dict[str, Any]) -> str:
-    """SHA-256 of the description (digest fields left out) as canonical JSON: sorted keys, no spaces."""
-    body = {k: v for k, v in meta.items() if k not in _DIGESTS}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-# ---------------------------------------------------------------------------- helpers
-def tensors_digest(tensors: dict[str, Tensor]) -> str:
-    """SHA-256 over names, dtypes, shapes and raw bytes, in name order."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # reshape: 0-d tensors too
-    return h.hexdigest()
-
-
-def base_fingerprint(weight_out_in: Tensor) -> list[float]:
-    """A few base-weight values at fixed positions: catches loading onto a different checkpoint."""
-    flat = weight_out_in.detach().reshape(-1)
-    idx = torch.linspace(0, flat.numel() - 1, _FINGERPRINT_POINTS).round().long()
-    return [float(v) for v in flat[idx.to(flat.device)].float().cpu()]
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder, fsync, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
 def describe(model: nn.Module) -> dict[str, Any]:
     """The JSON description of a model's adapter (what ``save`` records)."""
     model = unwrap_model(model)
@@ -318,15 +178,14 @@ def _check_fits(model: nn.Module, meta: dict[str, Any], targets: dict[str, nn.Mo
     for name, spec in meta["layers"].items():
         module = targets[name]
         w = dense_weight(module)  # a quantised layer's dequantised weight (one layer at a time)
-        conv = type(module).__name__ == "Conv1D"
-        out_f, in_f = (w.shape[1], w.shape[0]) if conv else (w.shape[0], w.shape[1])
+        out_f, in_f = out_in(module, w).shape
         if (out_f, in_f) != (spec["out_features"], spec["in_features"]):
             raise AdapterFileError(
                 f"layer {name!r} is {out_f} x {in_f} in this model but {spec['out_features']} x {spec['in_features']} "
                 "in the adapter: wrong base model"
             )
         if check_base and "base_fingerprint" in spec:
-            now = torch.tensor(base_fingerprint(w.t() if conv else w))
+            now = torch.tensor(base_fingerprint(out_in(module, w)))
             then = torch.tensor(spec["base_fingerprint"])
             if not torch.allclose(now, then, rtol=1e-2, atol=1e-6):
                 raise AdapterFileError(
@@ -380,9 +239,7 @@ def load(
     _check_fits(model, meta, targets, check_base)
     _check_tensors_finite(tensors, path)
 
-    method_state = dict(meta.get("method_state", {}))
-    # building a layer freezes its base weight, so from here on any error restores the model
-    with all_or_nothing(model, targets):
+    def rebuild_and_fill() -> tuple[dict[str, AdapterLayer], dict[str, dict[str, Tensor]]]:
         layers = _rebuild_filled(method, targets, config, meta, tensors, path)
         mts_tensors = _saved_module_tensors(saved, tensors)
         known = {f"{n}.{k}" for n, layer in layers.items() for k in layer.adapter_state()}
@@ -390,15 +247,41 @@ def load(
         stray = sorted(set(tensors) - known)
         if stray:
             raise AdapterFileError(f"adapter file holds tensors this method does not use: {stray[:5]}")
-        # all checks passed: now change the model; the fully-trained modules' tensors last (shapes checked)
+        return layers, mts_tensors
+
+    install_rebuilt(model, config, targets, saved, rebuild_and_fill, trainable=trainable,
+                    method_state=dict(meta.get("method_state", {})))
+    return model
+
+
+def install_rebuilt(
+    model: nn.Module,
+    config: AdapterConfig,
+    targets: dict[str, nn.Module],
+    saved: dict[str, nn.Module],
+    rebuild_and_fill: Callable[[], tuple[dict[str, AdapterLayer], dict[str, dict[str, Tensor]]]],
+    *,
+    trainable: bool,
+    method_state: dict[str, Any] | None = None,
+) -> None:
+    """The shared end of :func:`load` and :func:`rankwise.import_peft`, after their checks of the file.
+
+    ``rebuild_and_fill`` builds the method's layers for ``targets`` and fills them from the file,
+    returning them with each fully-trained module's tensors; it raises on anything that does not fit.
+    Building a layer freezes its base weight, so all of it runs inside :func:`all_or_nothing`: on any
+    error the model is put back as it was. Then the layers are installed, everything is frozen unless
+    ``trainable``, and the fully-trained modules' tensors are loaded last (their shapes already checked).
+    """
+    with all_or_nothing(model, targets):
+        layers, saved_tensors = rebuild_and_fill()
         install(model, config, BuildResult(layers), saved)
-        get_state(model).method_state = method_state
+        if method_state is not None:
+            get_state(model).method_state = method_state
         if not trainable:
             for p in model.parameters():
                 p.requires_grad_(False)
         for name, module in saved.items():
-            module.load_state_dict(mts_tensors[name])
-    return model
+            module.load_state_dict(saved_tensors[name])
 
 
 def _rebuild_filled(

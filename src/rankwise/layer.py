@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .config import AdapterConfig
 from .quant import base_forward as quant_base_forward
 from .quant import check_adaptable, dequantize, float_linear, keep_layout, merge_refusal
+from .targeting import is_conv1d
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -56,6 +57,15 @@ class AdapterLayer(nn.Module):
     Subclasses set ``trainable`` (names of their trainable tensors) and ``lr_multiplied`` (the tensors
     LoRA+ gives the larger learning rate), and implement :meth:`adapter_forward` and
     :meth:`merged_weight`.
+
+    **Constructor contract.** A method's layer is built as ``Layer(base, config, rank, *, index, init)``:
+    ``base`` the ``nn.Linear``/``Conv1D`` it replaces, ``config`` the method's config, ``rank`` this
+    layer's rank (a method such as GoRA gives each layer its own), ``index`` the layer's position among
+    the targets (seeds its random init through :func:`layer_generator`), and ``init=False`` for an
+    *uninitialised* layer of the right shapes, which ``load``/``import_peft`` then fill from a file.
+    :func:`rankwise.registry.simple_build` (and so every method's ``rebuild``) relies on exactly this
+    signature; a layer whose init needs more (data, the whole model) does that work in its method's
+    ``build`` instead.
     """
 
     trainable: ClassVar[tuple[str, ...]] = ()
@@ -68,7 +78,7 @@ class AdapterLayer(nn.Module):
         self.quantized: str | None = check_adaptable(base)
         if self.quantized:
             keep_layout(base)  # bitsandbytes must not repack this weight for CPU inference (rankwise.quant)
-        self.fan_in_fan_out: bool = type(base).__name__ == "Conv1D"  # GPT-2 style: weight is in x out
+        self.fan_in_fan_out: bool = is_conv1d(base)  # GPT-2 style: weight is in x out
         if self.quantized:  # the stored weight is packed: the layer knows its shape
             in_features, out_features = base.in_features, base.out_features
         else:
@@ -211,6 +221,7 @@ class AdapterLayer(nn.Module):
         """
 
     def trainable_tensors(self) -> dict[str, nn.Parameter]:
+        """``{name: tensor}`` for the names in ``trainable`` (this layer's trained tensors)."""
         return {name: getattr(self, name) for name in self.trainable}
 
     def extra_repr(self) -> str:

@@ -25,25 +25,8 @@ from .config import AdapterConfig
 from .layer import AdapterLayer
 from .quant import dequantize_model, merge_refusal, parameter_count
 from .registry import BuildResult, LossFn, method_for
+from .state import STATE_ATTR, RankwiseState, adapter_layers, get_state, is_attached, unwrap_model  # noqa: F401
 from .targeting import find_modules_to_save, find_targets, is_all_linear
-
-STATE_ATTR = "_rankwise"
-# wrappers whose inner model holds the adapter: torch.compile, DDP, DataParallel, FSDP1
-_WRAPPER_ATTRS = {"OptimizedModule": "_orig_mod", "DistributedDataParallel": "module", "DataParallel": "module",
-                  "FullyShardedDataParallel": "_fsdp_wrapped_module"}
-# the name segments such wrappers (and activation checkpointing) add when they wrap a submodule
-_WRAPPER_SEGMENTS = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
-
-
-@dataclass
-class RankwiseState:
-    """What ``attach`` remembers on the model (as ``model._rankwise``)."""
-
-    config: AdapterConfig
-    layer_names: list[str]
-    modules_to_save: list[str]
-    step: int = 0
-    method_state: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -110,41 +93,6 @@ def _fmt(value: Any) -> str:
 
 
 # ---------------------------------------------------------------------------- queries
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside ``torch.compile`` / DDP / ``DataParallel`` / FSDP1 wrappers (any nesting).
-
-    Every public entry point unwraps, so adapter names are the plain model's (``fc1``, never
-    ``_orig_mod.fc1`` or ``module.fc1``) and ``save(torch.compile(model))`` loads onto a plain base.
-    """
-    while type(model).__name__ in _WRAPPER_ATTRS and isinstance(getattr(model, _WRAPPER_ATTRS[type(model).__name__], None), nn.Module):
-        model = getattr(model, _WRAPPER_ATTRS[type(model).__name__])
-    return model
-
-
-def plain_name(name: str) -> str:
-    """``name`` without the segments wrappers of submodules add (``_orig_mod.``, ``_fsdp_wrapped_module.``, ...)."""
-    for segment in _WRAPPER_SEGMENTS:
-        name = name.replace(segment, "")
-    return name
-
-
-def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
-    """``{full_name: layer}`` for every adapter layer in the (unwrapped) model, by its plain name."""
-    return {plain_name(name): m for name, m in unwrap_model(model).named_modules() if isinstance(m, AdapterLayer)}
-
-
-def get_state(model: nn.Module) -> RankwiseState:
-    state = getattr(unwrap_model(model), STATE_ATTR, None)
-    if state is None:
-        raise ValueError(f"this {type(model).__name__} has no rankwise adapters: call rankwise.attach first")
-    return state
-
-
-def is_attached(model: nn.Module) -> bool:
-    model = unwrap_model(model)
-    return getattr(model, STATE_ATTR, None) is not None or bool(adapter_layers(model))
-
-
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """``{name: parameter}`` for every parameter with ``requires_grad``."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -197,7 +145,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def _report(model: nn.Module, config: AdapterConfig, result: BuildResult, saved: dict[str, nn.Module]) -> AttachReport:
     rows = []
     for name, layer in result.layers.items():
-        n = sum(getattr(layer, t).numel() for t in layer.trainable if getattr(layer, t).requires_grad)
+        n = sum(p.numel() for p in layer.trainable_tensors().values() if p.requires_grad)
         rows.append(LayerRow(name, layer.out_features, layer.in_features, layer.rank, n, result.extras.get(name, {})))
     trainable, total = count_parameters(model)
     mts = {name: sum(p.numel() for p in m.parameters()) for name, m in saved.items()}
@@ -214,8 +162,8 @@ def install(model: nn.Module, config: AdapterConfig, result: BuildResult, saved:
     for name, layer in result.layers.items():
         layer.train(model.get_submodule(name).training)  # a new module defaults to train mode: keep the model's
         _set_submodule(model, name, layer)
-        for t in layer.trainable:
-            getattr(layer, t).requires_grad_(True)
+        for p in layer.trainable_tensors().values():
+            p.requires_grad_(True)
     for module in saved.values():
         for p in module.parameters():
             p.requires_grad_(True)
@@ -357,8 +305,7 @@ def _first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
 def _adapter_tensors(model: nn.Module, grads: bool) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name, layer in adapter_layers(model).items():
-        for t in layer.trainable:
-            p = getattr(layer, t)
+        for t, p in layer.trainable_tensors().items():
             value = p.grad if grads else p
             if value is not None:
                 out[f"{name}.{t}"] = value.detach()

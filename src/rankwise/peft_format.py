@@ -36,8 +36,12 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from .io import AdapterFileError, atomic_write_bytes, file_dict, file_int, file_names, file_number
-from .model import adapter_layers, get_state, unwrap_model
+from .adapter_file import AdapterFileError, atomic_write_bytes, file_dict, file_int, file_names, file_number
+from .io import install_rebuilt
+from .methods import DoraConfig, LoraConfig
+from .registry import method_for
+from .state import adapter_layers, get_state, is_attached, unwrap_model
+from .targeting import SUPPORTED_TYPES, find_modules_to_save, is_conv1d, is_supported
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -75,31 +79,8 @@ def export_peft(
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
 
-    tensors: dict[str, Tensor] = {}
-    ranks: dict[str, int] = {}
-    alphas: dict[str, float] = {}
     use_rslora = bool(getattr(state.config, "use_rslora", False)) and not vllm
-    r_max = max(f.lora_a.shape[0] for f in factors.values())
-    for name, f in factors.items():
-        a = f.lora_a.detach().float().cpu()  # r x in
-        b = f.lora_b.detach().float().cpu()  # out x r
-        if vllm:
-            b = b * f.scale
-            pad = r_max - a.shape[0]
-            if pad:
-                a = torch.cat([a, a.new_zeros(pad, a.shape[1])])  # r_max x in
-                b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)  # out x r_max
-        rank = a.shape[0]
-        ranks[name] = rank
-        alphas[name] = 1.0 * rank if vllm else f.scale * (math.sqrt(rank) if use_rslora else rank)
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = a.contiguous()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = b.contiguous()
-        if f.magnitude is not None:
-            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = f.magnitude.detach().float().cpu().contiguous()
-    for name in state.modules_to_save:
-        for key, t in model.get_submodule(name).state_dict().items():
-            tensors[f"{PREFIX}{name}.{key}"] = t.detach().cpu().contiguous()
-
+    tensors, ranks, alphas = _peft_tensors(model, factors, state.modules_to_save, vllm, use_rslora)
     r_global = _most_common(list(ranks.values()))
     alpha_global = _most_common([alphas[n] for n in ranks if ranks[n] == r_global])
     rank_pattern = {n: r for n, r in ranks.items() if r != r_global}
@@ -131,6 +112,40 @@ def export_peft(
     atomic_write_bytes(folder / PEFT_WEIGHTS, st_save(tensors, metadata={"format": "pt", "exported_by": f"rankwise {state.config.method}"}))
     atomic_write_bytes(folder / PEFT_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
     return folder
+
+
+def _peft_tensors(
+    model: nn.Module, factors: dict[str, Any], modules_to_save: list[str], vllm: bool, use_rslora: bool
+) -> tuple[dict[str, Tensor], dict[str, int], dict[str, float]]:
+    """PEFT's tensors (factors, DoRA magnitudes, fully-trained modules) and each layer's rank and alpha.
+
+    ``vllm``: the scale is baked into ``B`` and every layer padded with zeros to the largest rank,
+    so one ``r`` and ``lora_alpha = r`` describe them all.
+    """
+    tensors: dict[str, Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    r_max = max(f.lora_a.shape[0] for f in factors.values())
+    for name, f in factors.items():
+        a = f.lora_a.detach().float().cpu()  # r x in
+        b = f.lora_b.detach().float().cpu()  # out x r
+        if vllm:
+            b = b * f.scale
+            pad = r_max - a.shape[0]
+            if pad:
+                a = torch.cat([a, a.new_zeros(pad, a.shape[1])])  # r_max x in
+                b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)  # out x r_max
+        rank = a.shape[0]
+        ranks[name] = rank
+        alphas[name] = 1.0 * rank if vllm else f.scale * (math.sqrt(rank) if use_rslora else rank)
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = a.contiguous()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = b.contiguous()
+        if f.magnitude is not None:
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = f.magnitude.detach().float().cpu().contiguous()
+    for name in modules_to_save:
+        for key, t in model.get_submodule(name).state_dict().items():
+            tensors[f"{PREFIX}{name}.{key}"] = t.detach().cpu().contiguous()
+    return tensors, ranks, alphas
 
 
 # ---------------------------------------------------------------------------- import
@@ -247,11 +262,6 @@ def import_peft(base_model: nn.Module, path: str | os.PathLike[str], *, trainabl
     safetensors, a missing or non-finite number, a regex pattern key) :class:`AdapterFileError`
     naming the field; either way the model is left as it was (flags included).
     """
-    from .methods import DoraConfig, LoraConfig
-    from .model import all_or_nothing, install, is_attached
-    from .registry import BuildResult, method_for
-    from .targeting import SUPPORTED_TYPES, find_modules_to_save, is_supported
-
     folder = Path(path)
     base_model = unwrap_model(base_model)
     if is_attached(base_model):
@@ -261,7 +271,30 @@ def import_peft(base_model: nn.Module, path: str | os.PathLike[str], *, trainabl
             raise FileNotFoundError(f"no PEFT adapter at {folder}: {file} is missing")
     cfg = _read_peft_config(folder)
     tensors = _read_peft_tensors(folder)
+    parts, targets, ranks = _peft_layers(base_model, folder, cfg, tensors)
+    saved, mts = _peft_saved_modules(base_model, folder, cfg, tensors)
+    config = (DoraConfig if cfg.get("use_dora") else LoraConfig)(
+        r=int(cfg["r"]),
+        alpha=float(cfg["lora_alpha"]),
+        dropout=float(cfg.get("lora_dropout") or 0.0),
+        target_modules=tuple(targets),  # full names: exactly the layers the adapter has
+        modules_to_save=tuple(saved) or None,
+        use_rslora=bool(cfg.get("use_rslora")),
+    )
 
+    def rebuild_and_fill() -> tuple[dict[str, Any], dict[str, dict[str, Tensor]]]:
+        layers = method_for(config).rebuild(targets, config, ranks)
+        _fill_from_peft(layers, parts, cfg, config.use_rslora)
+        return layers, mts
+
+    install_rebuilt(base_model, config, targets, saved, rebuild_and_fill, trainable=trainable)
+    return base_model
+
+
+def _peft_layers(
+    base_model: nn.Module, folder: Path, cfg: dict[str, Any], tensors: dict[str, Tensor]
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, nn.Module], dict[str, int]]:
+    """``(parts, targets, ranks)``: each adapted layer's PEFT tensors, its module, its rank (all checked)."""
     parts: dict[str, dict[str, Tensor]] = {}
     for key, t in tensors.items():
         m = _LORA_KEY.fullmatch(key)
@@ -289,15 +322,22 @@ def import_peft(base_model: nn.Module, path: str | os.PathLike[str], *, trainabl
         if rank != expected_rank:
             raise ValueError(f"PEFT layer {name!r} has rank {rank} in its tensors but {expected_rank} in adapter_config.json")
         targets[name], ranks[name] = module, rank
-    if any(type(m).__name__ != "Conv1D" for m in targets.values()) and cfg.get("fan_in_fan_out"):
+    if any(not is_conv1d(m) for m in targets.values()) and cfg.get("fan_in_fan_out"):
         raise ValueError(
             f"{folder} sets fan_in_fan_out=True but adapts nn.Linear layers, whose weights PEFT would then read "
             "transposed; rankwise supports fan_in_fan_out for GPT-2 Conv1D layers only"
         )
+    return parts, targets, ranks
 
+
+def _peft_saved_modules(
+    base_model: nn.Module, folder: Path, cfg: dict[str, Any], tensors: dict[str, Tensor]
+) -> tuple[dict[str, nn.Module], dict[str, dict[str, Tensor]]]:
+    """``(saved, their tensors)``: the fully-trained modules; every tensor of the file must find its place."""
     # PEFT skips modules_to_save entries that match nothing (task_type="SEQ_CLS" lists both "classifier"
     # and "score"); every saved tensor must still find its module (the stray check below)
-    wanted = [k for k in cfg.get("modules_to_save") or () if any(n == k or n.endswith("." + k) for n in modules)]
+    names = [n for n, _ in base_model.named_modules()]
+    wanted = [k for k in cfg.get("modules_to_save") or () if any(n == k or n.endswith("." + k) for n in names)]
     saved = find_modules_to_save(base_model, tuple(wanted) or None)
     lora_keys = {k for k in tensors if _LORA_KEY.fullmatch(k)}
     mts: dict[str, dict[str, Tensor]] = {}
@@ -310,28 +350,7 @@ def import_peft(base_model: nn.Module, path: str | os.PathLike[str], *, trainabl
     stray = sorted(set(tensors) - lora_keys - {f"{n}.{k}" for n, sd in mts.items() for k in sd})
     if stray:
         raise ValueError(f"{folder / PEFT_WEIGHTS} holds tensors rankwise cannot place: {stray[:5]}")
-
-    cfg_cls = DoraConfig if dora else LoraConfig
-    config = cfg_cls(
-        r=int(cfg["r"]),
-        alpha=float(cfg["lora_alpha"]),
-        dropout=float(cfg.get("lora_dropout") or 0.0),
-        target_modules=tuple(targets),  # full names: exactly the layers the adapter has
-        modules_to_save=tuple(saved) or None,
-        use_rslora=bool(cfg.get("use_rslora")),
-    )
-    # building a layer freezes its base weight, so from here on any error restores the model
-    with all_or_nothing(base_model, targets):
-        layers = method_for(config).rebuild(targets, config, ranks)
-        _fill_from_peft(layers, parts, cfg, config.use_rslora)
-        # all checks passed: now change the model; the fully-trained modules' tensors last (shapes checked)
-        install(base_model, config, BuildResult(layers), saved)
-        if not trainable:
-            for p in base_model.parameters():
-                p.requires_grad_(False)
-        for name, module in saved.items():
-            module.load_state_dict(mts[name])
-    return base_model
+    return saved, mts
 
 
 @torch.no_grad()

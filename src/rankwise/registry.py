@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from os import PathLike
 from typing import Any
 
 from torch import nn
@@ -31,6 +32,11 @@ class BuildResult:
 Build = Callable[[nn.Module, dict[str, nn.Module], AdapterConfig, "Iterable[Any] | None", "LossFn | None"], BuildResult]
 Rebuild = Callable[[dict[str, nn.Module], AdapterConfig, dict[str, int]], dict[str, AdapterLayer]]
 OnStep = Callable[[nn.Module, dict[str, AdapterLayer], Any, "Any"], None]
+Plot = Callable[[nn.Module, str | PathLike[str]], Any]  # (adapted model, file path) -> writes a picture of the adapters
+
+
+def _default_calibration_batches(config: AdapterConfig) -> int:  # noqa: ARG001
+    return 8
 
 
 @dataclass(frozen=True)
@@ -42,9 +48,15 @@ class Method:
         config_cls: its frozen config dataclass.
         build: builds initialised layers for the matched targets (``calibration`` and ``loss_fn``
             are passed through for data-dependent inits).
-        rebuild: builds *uninitialised* layers of given ranks, to be filled from a saved adapter.
+        rebuild: builds *uninitialised* layers of given ranks, to be filled from a saved adapter
+            (``{name: Layer(base, config, ranks[name], index=i, init=False)}``: the constructor
+            contract in :class:`~rankwise.layer.AdapterLayer`).
         on_step: called by :func:`rankwise.step` after each optimizer step (``None``: no-op).
         uses_calibration: whether ``build`` needs calibration data.
+        calibration_batches: how many calibration batches ``build`` reads for a given config (a
+            harness draws that many when the user does not say; only read when ``uses_calibration``).
+        plot: draws the adapted model's per-layer ranks to a file (``None``: the method has no such
+            picture); a harness calls it at the end of a run as ``<name>_ranks.png``.
     """
 
     name: str
@@ -53,6 +65,8 @@ class Method:
     rebuild: Rebuild
     on_step: OnStep | None = None
     uses_calibration: bool = False
+    calibration_batches: Callable[[AdapterConfig], int] = _default_calibration_batches
+    plot: Plot | None = None
 
 
 _METHODS: dict[str, Method] = {}
@@ -92,7 +106,8 @@ def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
 
 
 def simple_build(layer_cls: type[AdapterLayer]) -> tuple[Build, Rebuild]:
-    """``build``/``rebuild`` for methods whose layers need only (base, config, rank, index)."""
+    """``build``/``rebuild`` for methods whose layers need only the constructor contract
+    ``layer_cls(base, config, rank, *, index, init)`` (see :class:`~rankwise.layer.AdapterLayer`)."""
 
     def build(model, targets, config, calibration, loss_fn) -> BuildResult:  # noqa: ARG001
         return BuildResult({name: layer_cls(m, config, config.r, index=i) for i, (name, m) in enumerate(targets.items())})

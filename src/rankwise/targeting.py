@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 SUPPORTED_TYPES: tuple[str, ...] = ("Linear", "Conv1D")
@@ -51,11 +52,21 @@ def name_matches(name: str, spec: tuple[str, ...] | str | None) -> bool:
     return any(name == key or name.endswith("." + key) for key in spec)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style ``Conv1D``, whose weight is stored ``in x out`` (PEFT's ``fan_in_fan_out``)."""
+    return type(module).__name__ == "Conv1D"
+
+
+def out_in(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """A tensor laid out like ``module.weight``, as ``out x in`` (transposed for ``Conv1D``; a view)."""
+    return t.t() if is_conv1d(module) else t
+
+
 def is_supported(module: nn.Module) -> bool:
     """``nn.Linear`` (and subclasses) and transformers' GPT-2 style ``Conv1D`` (transposed weight)."""
     if isinstance(module, nn.Linear):
         return True
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+    return is_conv1d(module) and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
 def find_targets(

@@ -206,7 +206,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def frozen_digests(model: nn.Module) -> dict[str, str]:
     """SHA-256 of every tensor of the adapted layers that is not the adapter's (their base weight and
     bias), by ``state_dict`` name: taken on the freshly loaded base, to tell later whether training changed one."""
-    from rankwise.io import tensors_digest
+    from rankwise.adapter_file import tensors_digest
 
     out: dict[str, str] = {}
     for name, layer in rankwise.adapter_layers(model).items():
@@ -233,7 +233,7 @@ def write_checkpoint(model: nn.Module, has_adapter: bool, accelerator: Any, opti
     """Write ``checkpoints/step-N`` in a temporary folder, rename it into place, then move the
     ``LATEST`` pointer (an interrupted save leaves the previous checkpoint in force)."""
     from safetensors.torch import save_file
-    from rankwise.io import atomic_write_bytes
+    from rankwise.adapter_file import atomic_write_bytes
 
     root = output / CKPT_DIR
     name = f"step-{trainer.step:07d}"
@@ -298,7 +298,7 @@ def restore_model(model: nn.Module, has_adapter: bool, ckpt: Checkpoint) -> dict
     trained tensors; returns the fresh base's :func:`frozen_digests`, taken before any tensor is loaded."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    from rankwise.model import get_state
+    from rankwise.state import get_state
 
     try:
         if has_adapter:

@@ -47,9 +47,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                         "pip install 'rankwise[quant]'); heads stay float; compute dtype fp32 on CPU")
     g.add_argument("--targets", type=_csv, help="comma-separated module-name suffixes, e.g. query,value or q_proj,v_proj; default "
                    "all-linear: every Linear/Conv1D layer except the output/classification head")
-    g.add_argument("--r", "--rank", dest="r", type=int, default=8,
-                   help="adapter rank (default 8; also r_ref for methods that have one); under torchrun spell it --rank")
-    g.add_argument("--alpha", type=float, default=16.0, help="adapter scale numerator (default 16)")
+    g.add_argument("--r", "--rank", dest="r", type=int,
+                   help="adapter rank (default: the method config's, 8; for methods with r_ref, such as GoRA, it sets "
+                        "r_ref); under torchrun spell it --rank")
+    g.add_argument("--alpha", type=float, help="adapter scale numerator (default: the method config's, 16)")
     g.add_argument("--dropout", type=float, help="adapter dropout")
     g.add_argument("--template", help="causal LMs (classified by label words): the prompt, with {text} and, for "
                    "sentence pairs, {text_pair}; \\n is a newline (default per task: `rankwise tasks`)")
@@ -97,23 +98,22 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_config(args: argparse.Namespace, method: str, output: str):  # -> RunConfig
+    """The run config from parsed flags: every :class:`RunConfig` field is read from the flag of the same
+    name (a new flag is one field there plus its ``add_argument``), a few through their parsers."""
+    import dataclasses
+
     from .config import RunConfig, parse_overrides
     from .verbalize import parse_label_words, unescape_template
 
-    return RunConfig(
-        task=args.task, method=method, data=args.data, model=args.model, output=output,
-        targets=tuple(args.targets) if args.targets else None, r=args.r, alpha=args.alpha, dropout=args.dropout,
-        overrides=parse_overrides(args.overrides), seed=args.seed, max_steps=args.max_steps, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, lora_plus_ratio=args.lora_plus_ratio, weight_decay=args.weight_decay,
-        warmup_ratio=args.warmup_ratio, schedule=args.schedule, grad_accum=args.grad_accum, max_length=args.max_length,
-        max_train=args.max_train, max_eval=args.max_eval, eval_every=args.eval_every, eval_before=args.eval_before,
-        save_every=args.save_every, calibration_batches=args.calibration_batches,
-        head_warmup_steps=args.head_warmup_steps, max_new_tokens=args.max_new_tokens,
-        precision=args.precision, skip_bad_rows=args.skip_bad_rows, quantize=args.quantize, head=args.head, pooling=args.pooling,
-        head_lr=args.head_lr, val_split=args.val_split, eval_each_epoch=args.eval_each_epoch,
-        template=unescape_template(args.template) if args.template is not None else None,
-        label_words=parse_label_words(args.label_words) if args.label_words is not None else None,
-    )
+    parse = {"targets": lambda v: tuple(v) if v else None, "overrides": parse_overrides,
+             "template": unescape_template, "label_words": parse_label_words}
+    values = {}
+    for f in dataclasses.fields(RunConfig):
+        if f.name in ("method", "output"):
+            continue
+        value = getattr(args, f.name)
+        values[f.name] = parse[f.name](value) if f.name in parse and value is not None else value
+    return RunConfig(method=method, output=output, **values)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -93,7 +93,9 @@ def build_method_config(
 ) -> rankwise.AdapterConfig:
     """The method's config: class defaults, then the common values given, then ``overrides``.
 
-    ``--r`` also sets ``r_ref`` for methods that have it (GoRA's reference rank) unless overridden.
+    A value left ``None`` keeps the config class's default. ``r``, when given, also sets ``r_ref`` for
+    methods that have one (GoRA's reference rank, whose ``r`` is its alias); left out, ``--set r_ref=N``
+    alone sets the rank.
     """
     check_method(method)
     if method == FULL:
@@ -102,7 +104,7 @@ def build_method_config(
     fields = {f.name: f for f in dataclasses.fields(cls)}
     given = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": targets,
              "modules_to_save": modules_to_save, "seed": seed}
-    if "r_ref" in fields:
+    if "r_ref" in fields and r is not None:
         given["r_ref"] = r
     values = {k: v for k, v in given.items() if v is not None and k in fields}
     for key, raw in (overrides or {}).items():
@@ -126,8 +128,8 @@ class RunConfig:
     model: str | None = None
     output: str = "runs/run"
     targets: tuple[str, ...] | None = None
-    r: int | None = 8
-    alpha: float | None = 16.0
+    r: int | None = None  # None: the method config's default (so is alpha, dropout)
+    alpha: float | None = None
     dropout: float | None = None
     overrides: dict[str, str] = field(default_factory=dict)
     seed: int = 0

@@ -88,7 +88,6 @@ TASKS: dict[str, Task] = {
     "gsm8k": Task("gsm8k", "generation", metrics=("exact_match",), hf=("openai/gsm8k", "main", "test")),
     "rotten": Task("rotten", "classification", ("rotten", "fresh"), metrics=("accuracy",)),
 }
-GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
 
 
 def get_task(name: str) -> Task:

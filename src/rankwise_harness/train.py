@@ -13,11 +13,10 @@ import contextlib
 import json
 import math
 import os
-import random
 import resource
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,8 @@ from torch import nn
 
 import rankwise
 
-from . import metrics as M
+from .batches import Encoder, micro_batch_indices, random_batches, to_device
+from .evaluation import evaluate
 from .checkpoint import (CKPT_DIR, Checkpoint, RunError, TrainerState, frozen_digests, latest_checkpoint, model_tensors,
                          read_checkpoint, restore_model, write_checkpoint)
 from .config import FULL, RUN_MARKER, ConfigError, RunConfig, build_method_config, target_spec
@@ -40,80 +40,8 @@ from .progress import Progress
 from .selection import best_and_last, split_validation
 from .verbalize import LabelWords, label_word_setup
 
-IGNORE = -100
-
-
 StepHook = Callable[[int, float], None]  # (optimizer step just done, its loss) -> None; may raise
 AttachFn = Callable[..., Any]  # (model, method config, calibration=...) -> printable report; adapts in place
-
-
-# ---------------------------------------------------------------------------- batches
-@dataclass
-class Encoder:
-    """Turns examples into model batches for a task and tokenizer."""
-
-    task: Task
-    tokenizer: Any
-    max_length: int
-    label_words: LabelWords | None = None  # a causal LM classifying by label words (verbalize.py)
-
-    def prompt(self, ex: Example) -> str:
-        return f"Question: {ex.text}\nAnswer: "
-
-    def train_batch(self, rows: list[Example]) -> dict[str, torch.Tensor]:
-        if self.task.kind == "generation":
-            return self._lm_batch(rows)
-        if self.label_words is not None:
-            return self.label_words.batch(self.tokenizer, rows, self.max_length)
-        pairs = [r.text_pair for r in rows]
-        enc = self.tokenizer([r.text for r in rows], pairs if pairs[0] is not None else None,
-                             truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
-        dtype = torch.float32 if self.task.kind == "regression" else torch.long
-        enc["labels"] = torch.tensor([r.label for r in rows], dtype=dtype)
-        return dict(enc)
-
-    def _lm_batch(self, rows: list[Example]) -> dict[str, torch.Tensor]:
-        """Question -> worked answer; the loss covers answer tokens (and the end token) only."""
-        tok = self.tokenizer
-        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        seqs, labels = [], []
-        for r in rows:
-            p = tok(self.prompt(r))["input_ids"]
-            a = tok(r.target, add_special_tokens=False)["input_ids"] + eos
-            ids = (p + a)[: self.max_length]
-            seqs.append(ids)
-            labels.append(([IGNORE] * len(p) + a)[: self.max_length])
-        width = max(len(s) for s in seqs)
-        pad = tok.pad_token_id
-        return {
-            "input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in seqs]),
-            "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs]),
-            "labels": torch.tensor([lab + [IGNORE] * (width - len(lab)) for lab in labels]),
-        }
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def micro_batch_indices(n: int, global_bs: int, seed: int, micro: int) -> list[int]:
-    """Example indices of global micro-batch number ``micro``: epoch ``e`` is a permutation drawn
-    from ``(seed, e)``; an epoch has ``max(1, n // global_bs)`` full batches (short data wraps)."""
-    per_epoch = max(1, n // global_bs)
-    epoch, b = divmod(micro, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-    if n < global_bs:
-        perm = (perm * math.ceil(global_bs / n))[:global_bs]
-    return perm[b * global_bs : (b + 1) * global_bs]
-
-
-def random_batches(enc: Encoder, train: list[Example], n: int, batch_size: int, seed: int,
-                   device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
-    """``n`` batches of ``batch_size`` training examples drawn (without replacement within a batch) from a
-    stream seeded by ``seed`` alone: calibration and head warm-up data, apart from the training order."""
-    g = random.Random(seed)
-    for _ in range(n):
-        yield to_device(enc.train_batch([train[i] for i in g.sample(range(len(train)), min(batch_size, len(train)))]), device)
 
 
 # ---------------------------------------------------------------------------- head warm-up
@@ -152,78 +80,6 @@ def warm_up_head(model: nn.Module, heads: tuple[str, ...], batches: Iterable[dic
             p.grad = None
         model.train(was_training)
     return losses
-
-
-# ---------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(model: nn.Module, enc: Encoder, dev: list[Example], accelerator: Any, batch_size: int,
-             max_new_tokens: int, records: list[dict[str, Any]] | None = None) -> dict[str, float]:
-    """The task's metrics on ``dev`` (sharded across processes, gathered on all).
-
-    ``records``, when given, receives one dict per dev example in order: the prediction and the reference
-    (for generation, the question, the generated text and both final numbers; with label words, each
-    word's probability, a softmax over the label words' logits), for ``predictions.jsonl``.
-    """
-    from accelerate.utils import gather_object
-
-    was_training = model.training
-    model.eval()
-    rank, world = accelerator.process_index, accelerator.num_processes
-    mine = list(range(rank, len(dev), world))
-    out: list[tuple[int, Any]] = []
-    probs: list[tuple[int, list[float]]] = []  # label words: softmax over the label words' logits
-    for i in range(0, len(mine), batch_size):
-        idx = mine[i : i + batch_size]
-        rows = [dev[j] for j in idx]
-        if enc.task.kind == "generation":
-            out += list(zip(idx, generate(model, enc, rows, accelerator.device, max_new_tokens)))
-            continue
-        batch = to_device(enc.train_batch(rows), accelerator.device)
-        batch.pop("labels")
-        with accelerator.autocast():
-            logits = model(**batch).logits.float()
-        pred = logits.squeeze(-1) if enc.task.kind == "regression" else logits.argmax(-1)
-        out += list(zip(idx, pred.cpu().tolist()))
-        if enc.label_words is not None:
-            probs += list(zip(idx, logits.softmax(-1).cpu().tolist()))
-    if world > 1:
-        out = gather_object(out)
-        probs = gather_object(probs)
-    out.sort(key=lambda t: t[0])
-    model.train(was_training)
-    preds = [p for _, p in out]
-    if enc.task.kind == "generation":
-        refs = [dev[i].target or "" for i, _ in out]
-        if records is not None:
-            for (i, text), ref in zip(out, refs):
-                got, want = M.extract_final_number(text), M.extract_final_number(ref)
-                records.append({"index": i, "question": dev[i].text, "output": text,
-                                "answer": None if got is None else format(got, "f"),
-                                "reference": None if want is None else format(want, "f"),
-                                "correct": got is not None and got == want})
-        return {"exact_match": M.exact_match(preds, refs)}
-    if records is not None:
-        words, by_index = (enc.label_words.verbalizer.label_words if enc.label_words else ()), dict(probs)
-        for i, p in out:
-            extra = {"label_word_probs": dict(zip(words, by_index[i]))} if i in by_index else {}
-            records.append({"index": i, "prediction": p, "label": dev[i].label, **extra})
-    return M.compute(enc.task.metrics, preds, [dev[i].label for i, _ in out])
-
-
-def generate(model: nn.Module, enc: Encoder, rows: list[Example], device: torch.device, max_new_tokens: int) -> list[str]:
-    """Greedy continuations of the rows' prompts."""
-    tok = enc.tokenizer
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        batch = tok([enc.prompt(r) for r in rows], return_tensors="pt", padding=True)
-    finally:
-        tok.padding_side = side
-    batch = to_device(dict(batch), device)
-    batch.pop("token_type_ids", None)
-    gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    return tok.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 # ---------------------------------------------------------------------------- checkpoints (checkpoint.py)
@@ -319,14 +175,118 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
     returns something printable): ``bench/quality.py`` passes HF PEFT's injection through it, so PEFT
     controls run the identical data, loop and evaluation. Such a run saves its trainable tensors as
     ``model.safetensors`` (not a rankwise adapter), never calls ``rankwise.step`` and cannot resume.
+
+    The stages, in order: open the run (settings, processes, output folder, checkpoint), read the data,
+    load the model, set up the adapter (or restore it), the optimizer, then the loop and the finish.
     """
     if attach_fn is not None and (resume or cfg.method == FULL):
         raise ConfigError("attach_fn runs cannot resume and need an adapter method's config")
     check_harness(cfg.task)  # before any loading or training: a missing package stops the run now
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run = _open_run(cfg, resume, overwrite, log)
+    if resume and run.ckpt is None and (run.out / "metrics.json").is_file():
+        run.say(f"{run.out} holds a finished run; nothing to resume (pass --overwrite to run it again)")
+        return json.loads((run.out / "metrics.json").read_text())
+    _read_data(run)
+    _load_model(run)
+    adapter = _set_up_adapter(run, attach_fn)
+    training = _set_up_training(run, adapter, attach_fn, hook)
+    loop = _restore_or_start(run, training)
+    _train(run, training, loop, show_progress)
+    return _finish(run, training, loop, attach_fn)
+
+
+# ---------------------------------------------------------------------------- the run's stages
+@dataclass
+class _Run:
+    """What every stage of a run reads: the settings, the processes, the output folder, the data, the model."""
+
+    cfg: RunConfig
+    accelerator: Any
+    say: Callable[[str], None]
+    out: Path
+    mp: str
+    plots: bool
+    task: Task
+    model_name: str
+    label_words: LabelWords | None
+    ckpt: Path | None
+    saved: Checkpoint | None  # the checkpoint to resume from, read once
+    splits: Splits | None = None
+    train: list[Example] = field(default_factory=list)
+    dev: list[Example] = field(default_factory=list)
+    val: list[Example] = field(default_factory=list)
+    model: Any = None  # the model (after ``accelerator.prepare``, its wrapper)
+    enc: Encoder | None = None
+    pooling: str | None = None
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def global_bs(self) -> int:
+        return self.cfg.batch_size * self.world
+
+    @property
+    def per_epoch(self) -> int:
+        return max(1, len(self.train) // self.global_bs)
+
+    @property
+    def heads(self) -> tuple[str, ...] | None:
+        return head_modules(self.model) if self.task.kind != "generation" else None
+
+    def evaluate(self, data: list[Example], records: list[dict[str, Any]] | None = None) -> dict[str, float]:
+        return evaluate(self.model, self.enc, data, self.accelerator, self.cfg.batch_size * 2, self.cfg.max_new_tokens,
+                        records)
+
+
+@dataclass
+class _Adapter:
+    """What setting up the adapter leaves: its config, what its init cost, the frozen tensors' digests."""
+
+    method_config: dict[str, Any] | None
+    init_seconds: float
+    head_warmup: dict[str, Any] | None
+    frozen: dict[str, str]
+
+
+@dataclass
+class _Training:
+    """The optimizer side of a run, fixed before the first step."""
+
+    adapter: _Adapter
+    optimizer: Any
+    scheduler: Any
+    raw_model: nn.Module
+    total_steps: int
+    trainable: int
+    total: int
+    n_head: int
+    call_step: bool  # whether to call ``rankwise.step`` after each optimizer step
+    hook: StepHook | None
+
+
+@dataclass
+class _Loop:
+    """The loop's position and clock; a resumed run starts from the checkpoint's."""
+
+    step: int
+    elapsed: float  # training seconds of earlier sessions
+    history: History
+    metrics_before: dict[str, float] | None
+    micro: int = 0
+    t_start: float = 0.0
+    eval_time: float = 0.0  # seconds of this session spent evaluating and saving
+
+    def seconds(self) -> float:
+        return self.elapsed + time.perf_counter() - self.t_start - self.eval_time
+
+
+def _open_run(cfg: RunConfig, resume: bool, overwrite: bool, log: Callable[[str], None]) -> _Run:
+    """Settings checked, processes set up, output folder checked (and cleared), checkpoint read."""
+    from accelerate import Accelerator
+
     task = get_task(cfg.task)
     plots = can_plot("the run's plots (loss_curve.png)")
     model_name = resolve_model_name(cfg.model, task)
@@ -344,226 +304,288 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
     say = log if accelerator.is_main_process else (lambda _msg: None)
     # every process checks (so all stop on a bad folder); only the main one deletes
     ckpt = prepare_output(cfg, resume, overwrite, delete=accelerator.is_main_process)
-    saved: Checkpoint | None = read_checkpoint(ckpt, accelerator.process_index) if ckpt else None  # read once
+    saved = read_checkpoint(ckpt, accelerator.process_index) if ckpt else None  # read once
     accelerator.wait_for_everyone()
-    out = Path(cfg.output)
-    if resume and ckpt is None and (out / "metrics.json").is_file():
-        say(f"{out} holds a finished run; nothing to resume (pass --overwrite to run it again)")
-        return json.loads((out / "metrics.json").read_text())
+    return _Run(cfg, accelerator, say, Path(cfg.output), mp, plots, task, model_name, label_words, ckpt, saved)
 
-    splits: Splits = load_task_data(task, cfg.data, cfg.skip_bad_rows)
-    for msg in splits.skipped[:20]:
-        say(f"skipped: {msg}")
-    if len(splits.skipped) > 20:
-        say(f"skipped {len(splits.skipped) - 20} more bad rows")
-    train = splits.train[: cfg.max_train] if cfg.max_train else splits.train
-    dev = splits.dev[: cfg.max_eval] if cfg.max_eval else splits.dev
-    val: list[Example] = []
+
+def _read_data(run: _Run) -> None:
+    """The task's splits, cut to ``--max-train``/``--max-eval``, with ``--val-split`` held out of train."""
+    cfg = run.cfg
+    run.splits = load_task_data(run.task, cfg.data, cfg.skip_bad_rows)
+    for msg in run.splits.skipped[:20]:
+        run.say(f"skipped: {msg}")
+    if len(run.splits.skipped) > 20:
+        run.say(f"skipped {len(run.splits.skipped) - 20} more bad rows")
+    run.train = run.splits.train[: cfg.max_train] if cfg.max_train else run.splits.train
+    run.dev = run.splits.dev[: cfg.max_eval] if cfg.max_eval else run.splits.dev
     if cfg.val_split:
         try:
-            train, val, _ = split_validation(train, cfg.val_split)
+            run.train, run.val, _ = split_validation(run.train, cfg.val_split)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 
+
+def _load_model(run: _Run) -> None:
+    """The base model (seeded), with label words or a task head, on the run's device; its encoder."""
+    from accelerate.utils import set_seed
+
+    cfg, task, label_words = run.cfg, run.task, run.label_words
     set_seed(cfg.seed)
-    model, tokenizer = load_model(model_name, task, causal_lm=label_words is not None, quantize=cfg.quantize,
-                                  device=accelerator.device)
+    model, tokenizer = load_model(run.model_name, task, causal_lm=label_words is not None, quantize=cfg.quantize,
+                                  device=run.accelerator.device)
     if label_words is not None:
         model = label_words.wrap(model)
         for note in label_words.notes():
-            say(note)
-    pooling = resolve_pooling(cfg.pooling, model_name) if task.kind != "generation" and label_words is None else None
-    if pooling is not None:
+            run.say(note)
+    run.pooling = resolve_pooling(cfg.pooling, run.model_name) if task.kind != "generation" and label_words is None else None
+    if run.pooling is not None:
         try:
-            install_head(model, cfg.head, pooling, head_modules(model))
+            install_head(model, cfg.head, run.pooling, head_modules(model))
         except ValueError as exc:
-            raise ConfigError(f"--head {cfg.head} --pooling {pooling} on {model_name}: {exc}") from None
-    enc = Encoder(task, tokenizer, cfg.max_length, label_words)
+            raise ConfigError(f"--head {cfg.head} --pooling {run.pooling} on {run.model_name}: {exc}") from None
+    run.enc = Encoder(task, tokenizer, cfg.max_length, label_words)
     if not cfg.quantize:  # a quantised model is placed by from_pretrained (bitsandbytes models refuse .to)
-        model.to(accelerator.device)
-    world = accelerator.num_processes
-    global_bs = cfg.batch_size * world
+        model.to(run.accelerator.device)
+    run.model = model
 
-    # adapters (or full fine-tuning)
-    init_seconds = 0.0
-    head_warmup: dict[str, Any] | None = None
-    method_config: dict[str, Any] | None = None
+
+def _set_up_adapter(run: _Run, attach_fn: AttachFn | None) -> _Adapter:
+    """Full fine-tuning unfreezes everything; a method's adapter is attached (after an optional head
+    warm-up, with calibration data when the method asks) or, on resume, rebuilt from the checkpoint."""
+    cfg, model = run.cfg, run.model
+    adapter = _Adapter(None, 0.0, None, {})
     if cfg.method == FULL:
         for p in model.parameters():
             p.requires_grad_(True)
-        if saved:
-            frozen = restore_model(model, cfg.method != FULL, saved)
     else:
-        targets = target_spec(cfg.targets)
-        heads = head_modules(model) if task.kind != "generation" else None
-        mcfg = build_method_config(cfg.method, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=targets,
-                                   modules_to_save=heads, seed=cfg.seed, overrides=cfg.overrides)
-        method_config = mcfg.to_dict()
-        if saved:
-            frozen = restore_model(model, cfg.method != FULL, saved)
-        else:
-            if cfg.head_warmup_steps:
-                if not heads:
-                    raise ConfigError(f"--head-warmup-steps: {model_name} on {task.name} has no task head to warm up")
-                # its own stream of batches: the training order is unchanged
-                batches = random_batches(enc, train, cfg.head_warmup_steps, cfg.batch_size, cfg.seed + 104729,
-                                         accelerator.device)
-                t0 = time.perf_counter()
-                with accelerator.autocast():
-                    losses = warm_up_head(model, heads, batches, cfg.head_lr or cfg.lr)
-                head_warmup = {"steps": len(losses), "seconds": round(time.perf_counter() - t0, 3),
-                               "loss_first": losses[0], "loss_last10_mean": float(np.mean(losses[-10:]))}
-                say(f"head warm-up ({', '.join(heads)} only): {len(losses)} steps, loss {losses[0]:.4f} -> "
-                    f"{head_warmup['loss_last10_mean']:.4f} (mean of the last 10), {head_warmup['seconds']:.1f}s")
-            method = rankwise.all_methods()[cfg.method]
-            calibration = None
-            if method.uses_calibration:
-                # as many batches as the config asks for (GoRA: n_steps x grad_accumulation), else 8
-                n_cal = cfg.calibration_batches or getattr(mcfg, "n_steps", 8) * getattr(mcfg, "grad_accumulation", 1)
-                calibration = list(random_batches(enc, train, n_cal, cfg.batch_size, cfg.seed + 7919, accelerator.device))
-            t0 = time.perf_counter()
-            try:
-                report = (attach_fn or rankwise.attach)(model, mcfg, calibration=calibration)
-            except (ValueError, TypeError) as exc:
-                raise ConfigError(f"cannot attach {cfg.method} to {model_name}: {exc}") from exc
-            init_seconds = time.perf_counter() - t0
-            say(str(report))
-    frozen = frozen if saved else frozen_digests(model)  # the fresh base's frozen tensors, for checkpoints
-    trainable, total = rankwise.count_parameters(model)
-    head_params = head_parameters(model, head_modules(model) if task.kind != "generation" else None)
-    n_head = sum(p.numel() for p in head_params if p.requires_grad)
+        heads = run.heads
+        mcfg = build_method_config(cfg.method, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
+                                   targets=target_spec(cfg.targets), modules_to_save=heads, seed=cfg.seed,
+                                   overrides=cfg.overrides)
+        adapter.method_config = mcfg.to_dict()
+        if not run.saved:
+            adapter.head_warmup = _head_warmup(run, heads) if cfg.head_warmup_steps else None
+            adapter.init_seconds = _attach(run, mcfg, attach_fn)
+    # the frozen tensors' digests, for checkpoints: the checkpoint's on resume, else the fresh base's
+    adapter.frozen = restore_model(model, cfg.method != FULL, run.saved) if run.saved else frozen_digests(model)
+    return adapter
 
-    # optimizer, schedule
+
+def _head_warmup(run: _Run, heads: tuple[str, ...] | None) -> dict[str, Any]:
+    """``--head-warmup-steps``: the task head alone, trained on its own stream (the training order is unchanged)."""
+    cfg = run.cfg
+    if not heads:
+        raise ConfigError(f"--head-warmup-steps: {run.model_name} on {run.task.name} has no task head to warm up")
+    batches = random_batches(run.enc, run.train, cfg.head_warmup_steps, cfg.batch_size, cfg.seed + 104729,
+                             run.accelerator.device)
+    t0 = time.perf_counter()
+    with run.accelerator.autocast():
+        losses = warm_up_head(run.model, heads, batches, cfg.head_lr or cfg.lr)
+    info = {"steps": len(losses), "seconds": round(time.perf_counter() - t0, 3),
+            "loss_first": losses[0], "loss_last10_mean": float(np.mean(losses[-10:]))}
+    run.say(f"head warm-up ({', '.join(heads)} only): {len(losses)} steps, loss {losses[0]:.4f} -> "
+            f"{info['loss_last10_mean']:.4f} (mean of the last 10), {info['seconds']:.1f}s")
+    return info
+
+
+def _attach(run: _Run, mcfg: rankwise.AdapterConfig, attach_fn: AttachFn | None) -> float:
+    """Attach the adapter (calibration batches drawn when the method asks); returns the seconds it took."""
+    cfg = run.cfg
+    method = rankwise.all_methods()[cfg.method]
+    calibration = None
+    if method.uses_calibration:  # as many batches as the method's config asks for, unless the user says
+        n_cal = cfg.calibration_batches or method.calibration_batches(mcfg)
+        calibration = list(random_batches(run.enc, run.train, n_cal, cfg.batch_size, cfg.seed + 7919,
+                                          run.accelerator.device))
+    t0 = time.perf_counter()
+    try:
+        report = (attach_fn or rankwise.attach)(run.model, mcfg, calibration=calibration)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"cannot attach {cfg.method} to {run.model_name}: {exc}") from exc
+    seconds = time.perf_counter() - t0
+    run.say(str(report))
+    return seconds
+
+
+def _set_up_training(run: _Run, adapter: _Adapter, attach_fn: AttachFn | None, hook: StepHook | None) -> _Training:
+    """Optimizer (LoRA+ groups, the head's group), schedule, Accelerate's wrapping, and ``config.json``."""
+    cfg, model = run.cfg, run.model
+    trainable, total = rankwise.count_parameters(model)
+    head_params = head_parameters(model, run.heads)
+    n_head = sum(p.numel() for p in head_params if p.requires_grad)
     if cfg.method != FULL and cfg.lora_plus_ratio:
         groups = rankwise.lora_plus_param_groups(model, cfg.lr, cfg.lora_plus_ratio, cfg.weight_decay)
     else:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
     groups = with_head_group(groups, head_params, cfg.head_lr or cfg.lr, cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-    per_epoch = max(1, len(train) // global_bs)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * run.per_epoch / cfg.grad_accum))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total_steps))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(model)
+    run.model, optimizer = run.accelerator.prepare(model, optimizer)
+    training = _Training(adapter, optimizer, scheduler, run.accelerator.unwrap_model(run.model), total_steps,
+                         trainable, total, n_head, cfg.method != FULL and attach_fn is None, hook)
+    _write_config(run, training)
+    return training
 
-    # write the resolved config before any training (marks the folder as this run's)
-    resolved = {"format": RUN_MARKER, "run": cfg.to_dict(), "model_path": model_name, "method_config": method_config,
-                "total_steps": total_steps, "train_examples": len(train), "dev_examples": len(dev), "val_examples": len(val),
-                "data_source": splits.source, "num_processes": world, "mixed_precision": mp, "head": cfg.head,
-                "pooling": pooling, "label_words": label_words.to_dict() if label_words is not None else None}
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
 
-    history = History()
-    step, elapsed, metrics_before = 0, 0.0, None
+def _write_config(run: _Run, training: _Training) -> None:
+    """The resolved config, written before any training (it marks the folder as this run's)."""
+    resolved = {"format": RUN_MARKER, "run": run.cfg.to_dict(), "model_path": run.model_name,
+                "method_config": training.adapter.method_config, "total_steps": training.total_steps,
+                "train_examples": len(run.train), "dev_examples": len(run.dev), "val_examples": len(run.val),
+                "data_source": run.splits.source, "num_processes": run.world, "mixed_precision": run.mp,
+                "head": run.cfg.head, "pooling": run.pooling,
+                "label_words": run.label_words.to_dict() if run.label_words is not None else None}
+    if run.accelerator.is_main_process:
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+
+
+def _restore_or_start(run: _Run, training: _Training) -> _Loop:
+    """On resume: optimizer, schedule, RNG states and the loop's position from the checkpoint; else step 0
+    (with ``--eval-before``, dev's metrics before training)."""
+    saved = run.saved
     if saved:
-        saved.restore_training(optimizer, scheduler)  # optimizer, schedule, RNG states
+        saved.restore_training(training.optimizer, training.scheduler)  # optimizer, schedule, RNG states
         t = saved.trainer
-        step, elapsed, history = t.step, t.elapsed, History(list(t.losses), list(t.evals))
-        metrics_before, init_seconds, head_warmup = t.metrics_before, t.init_seconds, t.head_warmup
-        say(f"resumed from {ckpt} at step {step} of {total_steps}")
-    elif cfg.eval_before:
-        metrics_before = evaluate(model, enc, dev, accelerator, cfg.batch_size * 2, cfg.max_new_tokens)
-        say(f"before training: {_fmt_metrics(metrics_before)}")
+        loop = _Loop(t.step, t.elapsed, History(list(t.losses), list(t.evals)), t.metrics_before)
+        training.adapter.init_seconds, training.adapter.head_warmup = t.init_seconds, t.head_warmup
+        run.say(f"resumed from {run.ckpt} at step {loop.step} of {training.total_steps}")
+    else:
+        loop = _Loop(0, 0.0, History(), None)
+        if run.cfg.eval_before:
+            loop.metrics_before = run.evaluate(run.dev)
+            run.say(f"before training: {_fmt_metrics(loop.metrics_before)}")
+    loop.micro = loop.step * run.cfg.grad_accum
+    return loop
 
-    say(f"training {cfg.method} on {task.name}: {len(train):,} examples, {total_steps} steps x {global_bs} "
-        f"x {cfg.grad_accum} accumulation, {trainable:,} trainable of {total:,} parameters, "
-        f"device {accelerator.device}, {world} process(es), precision {mp}")
-    model.train()
+
+def _train(run: _Run, training: _Training, loop: _Loop, show_progress: bool) -> None:
+    """Optimizer steps until ``total_steps``: accumulate, step, log; evaluate and checkpoint when due."""
+    cfg, accelerator = run.cfg, run.accelerator
+    run.say(f"training {cfg.method} on {run.task.name}: {len(run.train):,} examples, {training.total_steps} steps x "
+            f"{run.global_bs} x {cfg.grad_accum} accumulation, {training.trainable:,} trainable of {training.total:,} "
+            f"parameters, device {accelerator.device}, {run.world} process(es), precision {run.mp}")
+    run.model.train()
     _reset_peak_memory(accelerator.device)
-    bar = Progress(total_steps, step, f"{cfg.method}/{task.name}", show_progress and accelerator.is_main_process)
-    micro = step * cfg.grad_accum
-    t_start = time.perf_counter()
-    eval_time = 0.0
-    while step < total_steps:
-        step_loss = torch.zeros((), device=accelerator.device)
-        for k in range(cfg.grad_accum):
-            idx = micro_batch_indices(len(train), global_bs, cfg.seed, micro)
-            mine = idx[accelerator.process_index * cfg.batch_size : (accelerator.process_index + 1) * cfg.batch_size]
-            batch = to_device(enc.train_batch([train[i] for i in mine]), accelerator.device)
-            micro += 1
-            sync = k == cfg.grad_accum - 1
-            ctx = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
-            with ctx, accelerator.autocast():
-                loss = model(**batch).loss / cfg.grad_accum
-                accelerator.backward(loss)
-            step_loss += loss.detach()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if cfg.method != FULL and attach_fn is None:
-            rankwise.step(raw_model, optimizer.optimizer)
-        step += 1
-        loss_value = float(accelerator.reduce(step_loss, "mean")) if world > 1 else float(step_loss)
-        history.losses.append(loss_value)
-        now = elapsed + time.perf_counter() - t_start - eval_time
-        bar.update(loss_value, float(np.mean(history.losses[-10:])), step * global_bs * cfg.grad_accum / max(now, 1e-9))
-        epoch_end = cfg.eval_each_epoch and micro // per_epoch > (micro - cfg.grad_accum) // per_epoch
-        if ((cfg.eval_every and step % cfg.eval_every == 0) or epoch_end) and step < total_steps:
-            t_eval = time.perf_counter()
-            result = evaluate(model, enc, dev, accelerator, cfg.batch_size * 2, cfg.max_new_tokens)
-            history.evals.append(_eval_entry(step, micro / per_epoch, result, model, enc, val, accelerator, cfg))
-            eval_time += time.perf_counter() - t_eval
-            if accelerator.is_main_process:
-                bar.write(f"step {step}: loss {loss_value:.4f}  {_fmt_metrics(result)}")
-        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-            t_save = time.perf_counter()
-            state = TrainerState(step, elapsed + time.perf_counter() - t_start - eval_time, micro, history.losses,
-                                 history.evals, metrics_before, init_seconds, head_warmup)
-            write_checkpoint(model, cfg.method != FULL, accelerator, optimizer, scheduler, state, out, frozen)
-            eval_time += time.perf_counter() - t_save
-        if hook is not None:
-            hook(step, loss_value)
+    bar = Progress(training.total_steps, loop.step, f"{cfg.method}/{run.task.name}",
+                   show_progress and accelerator.is_main_process)
+    loop.t_start = time.perf_counter()
+    while loop.step < training.total_steps:
+        step_loss = _accumulate(run, loop)
+        training.optimizer.step()
+        training.scheduler.step()
+        training.optimizer.zero_grad(set_to_none=True)
+        if training.call_step:
+            rankwise.step(training.raw_model, training.optimizer.optimizer)
+        loop.step += 1
+        loss_value = float(accelerator.reduce(step_loss, "mean")) if run.world > 1 else float(step_loss)
+        loop.history.losses.append(loss_value)
+        bar.update(loss_value, float(np.mean(loop.history.losses[-10:])),
+                   loop.step * run.global_bs * cfg.grad_accum / max(loop.seconds(), 1e-9))
+        _evaluate_and_save_when_due(run, training, loop, bar, loss_value)
+        if training.hook is not None:
+            training.hook(loop.step, loss_value)
     bar.close()
-    train_seconds = elapsed + time.perf_counter() - t_start - eval_time
-    steps_this_session = step - (saved.trainer.step if saved else 0)
-    peak_mb, peak_kind = _peak_memory_mb(accelerator.device)
 
+
+def _accumulate(run: _Run, loop: _Loop) -> torch.Tensor:
+    """``grad_accum`` micro-batches' gradients (synchronised across processes on the last); their summed loss."""
+    cfg, accelerator = run.cfg, run.accelerator
+    step_loss = torch.zeros((), device=accelerator.device)
+    for k in range(cfg.grad_accum):
+        idx = micro_batch_indices(len(run.train), run.global_bs, cfg.seed, loop.micro)
+        mine = idx[accelerator.process_index * cfg.batch_size : (accelerator.process_index + 1) * cfg.batch_size]
+        batch = to_device(run.enc.train_batch([run.train[i] for i in mine]), accelerator.device)
+        loop.micro += 1
+        sync = k == cfg.grad_accum - 1
+        ctx = accelerator.no_sync(run.model) if not sync else contextlib.nullcontext()
+        with ctx, accelerator.autocast():
+            loss = run.model(**batch).loss / cfg.grad_accum
+            accelerator.backward(loss)
+        step_loss += loss.detach()
+    return step_loss
+
+
+def _evaluate_and_save_when_due(run: _Run, training: _Training, loop: _Loop, bar: Progress, loss_value: float) -> None:
+    """``--eval-every`` / ``--eval-each-epoch`` evaluations and ``--save-every`` checkpoints (never at the last
+    step: the finish evaluates and saves); their time is kept out of the training time."""
+    cfg, step, per_epoch = run.cfg, loop.step, run.per_epoch
+    epoch_end = cfg.eval_each_epoch and loop.micro // per_epoch > (loop.micro - cfg.grad_accum) // per_epoch
+    if ((cfg.eval_every and step % cfg.eval_every == 0) or epoch_end) and step < training.total_steps:
+        t_eval = time.perf_counter()
+        result = run.evaluate(run.dev)
+        loop.history.evals.append(_eval_entry(step, loop.micro / per_epoch, result, run))
+        loop.eval_time += time.perf_counter() - t_eval
+        if run.accelerator.is_main_process:
+            bar.write(f"step {step}: loss {loss_value:.4f}  {_fmt_metrics(result)}")
+    if cfg.save_every and step % cfg.save_every == 0 and step < training.total_steps:
+        t_save = time.perf_counter()
+        a = training.adapter
+        state = TrainerState(step, loop.seconds(), loop.micro, loop.history.losses, loop.history.evals,
+                             loop.metrics_before, a.init_seconds, a.head_warmup)
+        write_checkpoint(run.model, cfg.method != FULL, run.accelerator, training.optimizer, training.scheduler,
+                         state, run.out, a.frozen)
+        loop.eval_time += time.perf_counter() - t_save
+
+
+def _finish(run: _Run, training: _Training, loop: _Loop, attach_fn: AttachFn | None) -> dict[str, Any]:
+    """The final evaluation, ``metrics.json``, ``predictions.jsonl``, the result and the plots; the checkpoints go."""
+    train_seconds = loop.seconds()
+    peak_mb, peak_kind = _peak_memory_mb(run.accelerator.device)
     records: list[dict[str, Any]] = []
-    final = evaluate(model, enc, dev, accelerator, cfg.batch_size * 2, cfg.max_new_tokens, records)
-    history.evals.append(_eval_entry(step, micro / per_epoch, final, model, enc, val, accelerator, cfg))
-    best, last = best_and_last(history.evals, task.metrics[0])
-    result = {
-        "task": task.name, "method": cfg.method, "model": model_name, "quantize": cfg.quantize, "seed": cfg.seed,
-        "metrics": final, "metrics_before": metrics_before, "headline_metric": task.metrics[0],
-        "trainable_params": trainable, "total_params": total,
-        "head": cfg.head, "pooling": pooling, "head_params": n_head,
-        "adapter_params": None if cfg.method == FULL else trainable - n_head,
-        "best": best, "last": last, "val_examples": len(val),
-        "train_seconds": round(train_seconds, 3), "step_seconds": round(train_seconds / max(step, 1), 5),
-        "steps": step, "steps_this_session": steps_this_session, "init_seconds": round(init_seconds, 3),
-        "head_warmup": head_warmup,
-        "peak_memory_mb": round(peak_mb, 1), "peak_memory_kind": peak_kind,
-        "final_loss": history.losses[-1] if history.losses else None,
-        "loss_first10_mean": float(np.mean(history.losses[:10])) if history.losses else None,
-        "loss_last10_mean": float(np.mean(history.losses[-10:])) if history.losses else None,
-        "eval_history": history.evals, "losses": history.losses,
-        "num_processes": world, "mixed_precision": mp, "device": str(accelerator.device),
-        "train_examples": len(train), "dev_examples": len(dev), "skipped_rows": len(splits.skipped),
-        "adapter_implementation": "rankwise" if attach_fn is None else getattr(attach_fn, "__name__", "external"),
-        "label_words": label_words.to_dict() if label_words is not None else None,
-    }
-    if accelerator.is_main_process:
-        save_trainable(raw_model, FULL if attach_fn is not None else cfg.method, out)
+    final = run.evaluate(run.dev, records)
+    loop.history.evals.append(_eval_entry(loop.step, loop.micro / run.per_epoch, final, run))
+    result = _result(run, training, loop, final, train_seconds, (peak_mb, peak_kind), attach_fn)
+    if run.accelerator.is_main_process:
+        out, cfg = run.out, run.cfg
+        save_trainable(training.raw_model, FULL if attach_fn is not None else cfg.method, out)
         (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        if plots:
-            plot_loss(history, out / "loss_curve.png", f"{cfg.method} on {task.name}")
-            if cfg.method == "gora" and attach_fn is None and hasattr(rankwise, "plot_gora_ranks"):
-                rankwise.plot_gora_ranks(raw_model, out / "gora_ranks.png")
+        if run.plots:
+            plot_loss(loop.history, out / "loss_curve.png", f"{cfg.method} on {run.task.name}")
+            method = rankwise.all_methods().get(cfg.method)
+            if method is not None and method.plot is not None and attach_fn is None:
+                method.plot(training.raw_model, out / f"{cfg.method}_ranks.png")
         shutil.rmtree(out / CKPT_DIR, ignore_errors=True)
-        say(summary(result, out))
-    accelerator.wait_for_everyone()
+        run.say(summary(result, out))
+    run.accelerator.wait_for_everyone()
     return result
 
 
-def _eval_entry(step: int, epoch: float, dev_metrics: dict[str, float], model: nn.Module, enc: Encoder,
-                val: list[Example], accelerator: Any, cfg: RunConfig) -> dict[str, Any]:
+def _result(run: _Run, training: _Training, loop: _Loop, final: dict[str, float], train_seconds: float,
+            peak: tuple[float, str], attach_fn: AttachFn | None) -> dict[str, Any]:
+    """What ``metrics.json`` holds."""
+    cfg, losses, step = run.cfg, loop.history.losses, loop.step
+    best, last = best_and_last(loop.history.evals, run.task.metrics[0])
+    return {
+        "task": run.task.name, "method": cfg.method, "model": run.model_name, "quantize": cfg.quantize, "seed": cfg.seed,
+        "metrics": final, "metrics_before": loop.metrics_before, "headline_metric": run.task.metrics[0],
+        "trainable_params": training.trainable, "total_params": training.total,
+        "head": cfg.head, "pooling": run.pooling, "head_params": training.n_head,
+        "adapter_params": None if cfg.method == FULL else training.trainable - training.n_head,
+        "best": best, "last": last, "val_examples": len(run.val),
+        "train_seconds": round(train_seconds, 3), "step_seconds": round(train_seconds / max(step, 1), 5),
+        "steps": step, "steps_this_session": step - (run.saved.trainer.step if run.saved else 0),
+        "init_seconds": round(training.adapter.init_seconds, 3), "head_warmup": training.adapter.head_warmup,
+        "peak_memory_mb": round(peak[0], 1), "peak_memory_kind": peak[1],
+        "final_loss": losses[-1] if losses else None,
+        "loss_first10_mean": float(np.mean(losses[:10])) if losses else None,
+        "loss_last10_mean": float(np.mean(losses[-10:])) if losses else None,
+        "eval_history": loop.history.evals, "losses": losses,
+        "num_processes": run.world, "mixed_precision": run.mp, "device": str(run.accelerator.device),
+        "train_examples": len(run.train), "dev_examples": len(run.dev), "skipped_rows": len(run.splits.skipped),
+        "adapter_implementation": "rankwise" if attach_fn is None else getattr(attach_fn, "__name__", "external"),
+        "label_words": run.label_words.to_dict() if run.label_words is not None else None,
+    }
+
+
+def _eval_entry(step: int, epoch: float, dev_metrics: dict[str, float], run: _Run) -> dict[str, Any]:
     """One ``eval_history`` entry: the step, the epochs done, dev's metrics and, with ``--val-split``, the held-out ones."""
     entry: dict[str, Any] = {"step": step, "epoch": round(epoch, 4), **dev_metrics}
-    if val:
-        entry["val"] = evaluate(model, enc, val, accelerator, cfg.batch_size * 2, cfg.max_new_tokens)
+    if run.val:
+        entry["val"] = run.evaluate(run.val)
     return entry
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from torch import nn
 
+from ..config import check_positive_int
 from ..model import step
 
 
@@ -42,8 +43,7 @@ def _callback_class() -> type:
         """
 
         def __init__(self, model: nn.Module | None = None, epochs_per_link: int | None = None) -> None:
-            if epochs_per_link is not None and (not isinstance(epochs_per_link, int) or epochs_per_link < 1):
-                raise ValueError(f"epochs_per_link must be a positive integer or None, got {epochs_per_link!r}")
+            check_positive_int("epochs_per_link", epochs_per_link, none="")
             self.model = model
             self.epochs_per_link = epochs_per_link
             self._epochs = 0

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig
 from ..layer import AdapterLayer, PeftFactors, layer_generator
-from ..registry import BuildResult, Method, register_method
+from ..registry import BuildResult, Method, register_method, simple_build
 from .dora import clamp_norm, magnitude_forward, magnitude_scale
 
 SVD_MODES = ("exact", "randomized")
@@ -277,8 +277,7 @@ def _build(model: nn.Module, targets: dict[str, nn.Module], config: EdoraConfig,
     return BuildResult(layers, extras)
 
 
-def _rebuild(targets: dict[str, nn.Module], config: EdoraConfig, ranks: dict[str, int]) -> dict[str, AdapterLayer]:
-    return {name: EdoraLinear(m, config, ranks[name], index=i, init=False) for i, (name, m) in enumerate(targets.items())}
+_, _rebuild = simple_build(EdoraLinear)  # uninitialised layers of the saved ranks: the constructor contract
 
 
 EDORA = register_method(Method(name="edora", config_cls=EdoraConfig, build=_build, rebuild=_rebuild))

@@ -7,8 +7,9 @@ One procedure before training decides, from gradients, each layer's rank *and* B
    the mean gradient ``Ḡ_i`` (out x in). Each weight's ``.grad`` is folded into an fp32 accumulator
    (optionally on the CPU) by a post-accumulate hook and freed at once, so peak memory stays near
    inference + one layer's gradient. A quantised weight holds no gradient: there ``Ḡ_i = Σ δᵀ x``
-   comes from the layer's input and output gradient (:func:`tap_weight_gradient`). Under ``torch.distributed`` the mean is all-reduced, so every rank
-   allocates the same ranks and (with a shared seed) builds identical adapters.
+   comes from the layer's input and output gradient (:func:`gora_gradients.tap_weight_gradient`). Under
+   ``torch.distributed`` the mean is all-reduced, so every rank allocates the same ranks and (with a
+   shared seed) builds identical adapters. Steps 1 and 2 live in ``gora_gradients.py``.
 2. **Importance** ``I_i = mean(|W_i ⊙ Ḡ_i|)`` (default; the paper's ablation winner), or the nuclear
    norm of ``Ḡ_i`` / of ``W_i ⊙ Ḡ_i``. Normalised: ``a_i = I_i / Σ_j I_j``.
 3. **Ranks** under LoRA-``r_ref``'s budget. With weights ``w_i = in_i + out_i`` (``budget="params"``,
@@ -34,18 +35,18 @@ rank, and ``r_ref`` is what LoRA at equal budget would use.
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from ..config import AdapterConfig
+from ..config import AdapterConfig, check_positive_int
+from ..distributed import broadcast_from_rank0, process_group
 from ..layer import AdapterLayer, layer_generator
-from ..quant import dense_weight, is_quantized
 from ..registry import BuildResult, LossFn, Method, register_method, simple_build
+from .gora_gradients import collect_gradients, importance_shares, importances
 from .lora import LoraLinear
 
 IMPORTANCES = ("mean_abs_wg", "nuclear_g", "nuclear_wg")
@@ -92,9 +93,7 @@ class GoraConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         for name in ("r_ref", "r_min", "r_max", "n_steps", "grad_accumulation", "early_stop_min_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(name, getattr(self, name))
         if self.r not in (0, self.r_ref):
             raise ValueError(f"GoRA's r is an alias of r_ref: leave r out or pass r == r_ref (got r={self.r}, r_ref={self.r_ref})")
         object.__setattr__(self, "r", self.r_ref)
@@ -141,249 +140,6 @@ class GoraLinear(LoraLinear):
                 f"{float(g.abs().max()):.3g}): lower gamma, or the loss scale of the calibration batches"
             )
         self.lora_b.copy_(b)
-
-
-# ---------------------------------------------------------------------------- 1. gradients
-@dataclass
-class GradientStats:
-    """What the collection did: steps taken, whether it stopped early, time and memory."""
-
-    steps: int
-    batches: int
-    early_stopped: bool
-    seconds: float
-    accumulator_bytes: int
-    peak_cuda_bytes: int | None
-    world_size: int
-
-
-def calibration_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> Tensor:
-    """The scalar loss of one batch: ``loss_fn(model, batch)``, else ``model(**batch).loss`` / ``model(batch).loss``."""
-    if loss_fn is not None:
-        loss = loss_fn(model, batch)
-    else:
-        out = model(**batch) if isinstance(batch, dict) else model(batch)
-        loss = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
-        if loss is None:
-            raise ValueError(
-                f"the model's output ({type(out).__name__}) has no .loss for the calibration batch: "
-                "put labels in the batches or pass loss_fn=(model, batch) -> loss to attach"
-            )
-    if not isinstance(loss, Tensor) or loss.numel() != 1:
-        raise ValueError(f"the calibration loss must be a scalar tensor, got {type(loss).__name__} {getattr(loss, 'shape', '')}")
-    if not loss.requires_grad:
-        raise ValueError(
-            "the calibration loss does not require grad (computed under torch.no_grad(), detached, or from "
-            "frozen inputs only?): GoRA needs the gradient of the loss w.r.t. the target weights"
-        )
-    return loss.reshape(())
-
-
-def _dist() -> Any:
-    """``torch.distributed`` when a process group is initialised, else ``None``."""
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def _comm_device(dist: Any) -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def _all_reduce_mean(t: Tensor, dist: Any) -> Tensor:
-    buf = t.to(_comm_device(dist))
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-    return (buf / dist.get_world_size()).to(t.device)
-
-
-def _weight_out_in(module: nn.Module, t: Tensor) -> Tensor:
-    """A weight-shaped tensor as ``out x in`` (transposed for GPT-2 ``Conv1D``)."""
-    return t.t() if type(module).__name__ == "Conv1D" else t
-
-
-def tap_weight_gradient(module: nn.Module, acc: Tensor) -> Any:
-    """Add the gradient of ``module``'s weight, ``Σ δᵀ x`` (``out x in``), into ``acc`` on every backward,
-    from the layer's input ``x`` and output gradient ``δ``; for weights that cannot hold a ``.grad``
-    (bitsandbytes-quantised bases). Returns the hook's handle (``.remove()`` it).
-
-    When nothing before the layer needs a gradient, its output is made a leaf that does, so ``δ`` still
-    flows back to it (the layers before it need no gradient of their own from this one).
-    """
-
-    def forward_hook(_module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
-        x = args[0].detach()  # (..., in)
-        out = output if output.requires_grad else output.detach().requires_grad_(True)
-
-        def grad_hook(delta: Tensor) -> None:
-            d = delta.detach().reshape(-1, delta.shape[-1]).to(torch.float32)  # tokens x out
-            acc.add_((d.t() @ x.reshape(-1, x.shape[-1]).to(torch.float32)).to(acc.device))  # out x in
-
-        out.register_hook(grad_hook)
-        return out
-
-    return module.register_forward_hook(forward_hook)
-
-
-def collect_gradients(
-    model: nn.Module, targets: dict[str, nn.Module], config: GoraConfig, calibration: Iterable[Any], loss_fn: LossFn | None
-) -> tuple[dict[str, Tensor], GradientStats]:
-    """Step 1: the mean gradient ``Ḡ_i`` (fp32, or fp64 for an fp64 model; ``out x in``) of every target weight.
-
-    The model comes back as it went in: ``requires_grad`` flags, ``.grad`` fields and buffers (e.g.
-    batch-norm statistics updated in train mode) are restored, also when this raises. The model's
-    train/eval mode is left as the caller set it (dropout then acts as in training).
-
-    Under ``torch.distributed`` every rank must call this with the same ``n_steps`` and
-    ``grad_accumulation`` (each on its own shard of the batches): the mean is all-reduced at the end
-    and, with early stopping, a stop flag after every step. A rank that raises (e.g. runs out of
-    batches) leaves the others waiting in the collective, as any failed rank in a DDP job does.
-    """
-    if calibration is None:
-        raise ValueError("GoRA initialises from data: pass calibration=<iterable of training batches> to attach")
-    needed = config.n_steps * config.grad_accumulation
-    if hasattr(calibration, "__len__"):
-        n = len(calibration)  # type: ignore[arg-type]
-        if n == 0:
-            raise ValueError("no calibration data: the calibration batches are empty")
-        if n < needed:
-            raise ValueError(
-                f"GoRA needs n_steps x grad_accumulation = {config.n_steps} x {config.grad_accumulation} = {needed} "
-                f"calibration batches, got {n}"
-            )
-    dist = _dist()
-    params = dict(model.named_parameters())
-    flags = {n: p.requires_grad for n, p in params.items()}
-    grads = {n: p.grad for n, p in params.items()}
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    weights = {name: m.weight for name, m in targets.items()}
-    tapped = {name for name, m in targets.items() if is_quantized(m)}  # no .grad on a quantised weight
-    acc = {
-        name: torch.zeros(
-            (targets[name].out_features, targets[name].in_features) if name in tapped else w.shape,
-            dtype=torch.float32 if name in tapped else torch.promote_types(w.dtype, torch.float32),
-            device="cpu" if config.offload_to_cpu else w.device,
-        )  # at least fp32 (bf16/fp16 gradients are summed in fp32)
-        for name, w in weights.items()
-    }
-    cuda_devices = {w.device for w in weights.values() if w.device.type == "cuda"}
-    for d in cuda_devices:
-        torch.cuda.reset_peak_memory_stats(d)
-    hooks = []
-
-    def fold(name: str) -> Any:
-        def hook(p: Tensor) -> None:
-            assert p.grad is not None
-            acc[name].add_(p.grad.detach().to(device=acc[name].device, dtype=acc[name].dtype))
-            p.grad = None  # freed at once: peak memory ~ one layer's gradient
-
-        return hook
-
-    start = time.perf_counter()
-    steps = batches = 0
-    early = False
-    previous: dict[str, float] | None = None
-    try:
-        for p in params.values():
-            p.requires_grad_(False)
-            p.grad = None
-        for name, w in weights.items():
-            if name in tapped:
-                hooks.append(tap_weight_gradient(targets[name], acc[name]))
-                continue
-            w.requires_grad_(True)
-            hooks.append(w.register_post_accumulate_grad_hook(fold(name)))
-        it: Iterator[Any] = iter(calibration)
-        while steps < config.n_steps:
-            for _ in range(config.grad_accumulation):
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    if batches == 0:
-                        raise ValueError("no calibration data: the calibration batches are empty") from None
-                    raise ValueError(
-                        f"GoRA needs n_steps x grad_accumulation = {config.n_steps} x {config.grad_accumulation} = "
-                        f"{needed} calibration batches, but the iterable ran out after {batches}"
-                    ) from None
-                loss = calibration_loss(model, batch, loss_fn)
-                (loss / config.grad_accumulation).backward()
-                batches += 1
-            steps += 1
-            for name, a in acc.items():
-                if not torch.isfinite(a).all():
-                    raise FloatingPointError(
-                        f"non-finite gradient (NaN/inf) for layer {name!r} at calibration step {steps}: check the "
-                        "batches, the loss, or lower the precision risk (e.g. fp32 calibration)"
-                    )
-            if config.early_stop_threshold is not None:
-                now = {n: _importance(targets[n], a / steps, config.importance) for n, a in acc.items()}
-                settled = previous is not None and all(
-                    abs(now[n] - previous[n]) <= config.early_stop_threshold * max(abs(previous[n]), 1e-30) for n in now
-                )
-                previous = now
-                if dist is not None:  # every rank stops at the same step
-                    flag = torch.tensor([0.0 if settled else 1.0], device=_comm_device(dist))
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                    settled = bool(flag.item() == 0.0)
-                if settled and steps >= config.early_stop_min_steps and steps < config.n_steps:
-                    early = True
-                    break
-    finally:
-        for h in hooks:
-            h.remove()
-        for n, p in params.items():
-            p.requires_grad_(flags[n])
-            p.grad = grads[n]
-        with torch.no_grad():
-            for n, b in model.named_buffers():
-                if n in buffers:
-                    b.copy_(buffers[n])
-    mean = {name: _weight_out_in(targets[name], a / steps) for name, a in acc.items()}
-    if dist is not None:
-        mean = {name: _all_reduce_mean(g, dist) for name, g in mean.items()}
-    stats = GradientStats(
-        steps=steps,
-        batches=batches,
-        early_stopped=early,
-        seconds=time.perf_counter() - start,
-        accumulator_bytes=sum(a.numel() * a.element_size() for a in acc.values()),
-        peak_cuda_bytes=max((torch.cuda.max_memory_allocated(d) for d in cuda_devices), default=None),
-        world_size=dist.get_world_size() if dist is not None else 1,
-    )
-    return mean, stats
-
-
-# ---------------------------------------------------------------------------- 2. importance
-def _importance(module: nn.Module, grad_like: Tensor, kind: str) -> float:
-    """One layer's importance from its (running) mean gradient, in the weight's own layout."""
-    g = grad_like.float()
-    if kind == "nuclear_g":
-        return float(torch.linalg.matrix_norm(g, ord="nuc"))
-    wg = dense_weight(module).detach().to(device=g.device, dtype=torch.float32) * g  # dequantised if quantised
-    return float(wg.abs().mean()) if kind == "mean_abs_wg" else float(torch.linalg.matrix_norm(wg, ord="nuc"))
-
-
-def importances(targets: dict[str, nn.Module], grads: dict[str, Tensor], kind: str) -> dict[str, float]:
-    """Step 2: ``I_i`` for every layer (``grads`` are ``out x in``); raises naming a layer whose ``I_i`` is not finite."""
-    out = {name: _importance(targets[name], _weight_out_in(targets[name], grads[name]), kind) for name in targets}
-    for name, value in out.items():
-        if not math.isfinite(value):
-            raise FloatingPointError(
-                f"GoRA importance of layer {name!r} is {value!r} ({kind} overflowed fp32): the calibration loss or "
-                "gradients are too large; lower the loss scale"
-            )
-    return out
-
-
-def importance_shares(importance: dict[str, float]) -> dict[str, float] | None:
-    """``a_i = I_i / Σ_j I_j`` (``None`` if every ``I_i`` is 0); when the sum overflows, after dividing by the largest ``I``."""
-    total = sum(importance.values())
-    if not math.isfinite(total):
-        top = max(importance.values())
-        importance = {n: v / top for n, v in importance.items()}
-        total = sum(importance.values())
-    if not total > 0:
-        return None
-    return {n: v / total for n, v in importance.items()}
 
 
 # ---------------------------------------------------------------------------- 3. ranks
@@ -477,12 +233,9 @@ def allocate_ranks(
 # ---------------------------------------------------------------------------- 4. build
 def _shared_seed(seed: int | None) -> tuple[int | None, str]:
     """The seed A is drawn from: the config's; under distributed with ``None``, one broadcast from rank 0."""
-    dist = _dist()
-    if seed is not None or dist is None:
+    if seed is not None or process_group() is None:
         return seed, "config" if seed is not None else "torch global RNG"
-    t = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64).to(_comm_device(dist))
-    dist.broadcast(t, src=0)
-    return int(t.item()), "broadcast from rank 0"
+    return broadcast_from_rank0(int(torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64))), "broadcast from rank 0"
 
 
 def _mib(n: int) -> str:
@@ -557,7 +310,7 @@ def gora_rank_table(model_or_report: Any) -> RankTable:
     if hasattr(model_or_report, "layers") and isinstance(model_or_report.layers, list):
         ranks = {row.name: row.rank for row in model_or_report.layers}
     elif isinstance(model_or_report, nn.Module):
-        from ..model import adapter_layers
+        from ..state import adapter_layers
 
         ranks = {n: layer.rank for n, layer in adapter_layers(model_or_report).items()}
     else:
@@ -604,4 +357,6 @@ def plot_gora_ranks(model_or_report: Any, path: str | None = None, title: str = 
 
 
 _, _rebuild = simple_build(GoraLinear)
-GORA = register_method(Method(name="gora", config_cls=GoraConfig, build=build, rebuild=_rebuild, uses_calibration=True))
+GORA = register_method(Method(name="gora", config_cls=GoraConfig, build=build, rebuild=_rebuild, uses_calibration=True,
+                              calibration_batches=lambda c: c.n_steps * c.grad_accumulation,
+                              plot=plot_gora_ranks))

@@ -58,10 +58,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..config import AdapterConfig
+from ..config import AdapterConfig, check_positive_int
+from ..distributed import broadcast_from_rank0
 from ..layer import AdapterLayer, PeftFactors
-from ..model import RankwiseState, adapter_layers, get_state
-from ..registry import BuildResult, Method, register_method
+from ..registry import BuildResult, Method, register_method, simple_build
+from ..state import RankwiseState, adapter_layers, get_state
 
 FROZEN_CHOICES = ("A", "B", "alternate")
 
@@ -99,10 +100,7 @@ class RacLoraConfig(AdapterConfig):
         super().__post_init__()
         if self.frozen not in FROZEN_CHOICES:
             raise ValueError(f"frozen must be one of {FROZEN_CHOICES}, got {self.frozen!r}")
-        if self.link_steps is not None and (
-            not isinstance(self.link_steps, int) or isinstance(self.link_steps, bool) or self.link_steps < 1
-        ):
-            raise ValueError(f"link_steps must be a positive integer or None (links end by rankwise.end_link), got {self.link_steps!r}")
+        check_positive_int("link_steps", self.link_steps, none="links end by rankwise.end_link")
         if not isinstance(self.keep_optimizer_state, bool):
             raise ValueError(f"keep_optimizer_state must be true or false, got {self.keep_optimizer_state!r}")
         if not (isinstance(self.sketch_scale, (int, float)) and math.isfinite(self.sketch_scale) and self.sketch_scale > 0):
@@ -131,13 +129,7 @@ def sketch_generator(seed: int, index: int, link: int) -> torch.Generator:
 
 def resolve_seed(seed: int | None) -> int:
     """``seed``, or one drawn from torch's global RNG, made identical on every ``torch.distributed`` rank."""
-    value = torch.tensor(int(seed) if seed is not None else int(torch.randint(0, 2**62, ())), dtype=torch.int64)
-    if seed is None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        backend = torch.distributed.get_backend()
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        value = value.to(device)
-        torch.distributed.broadcast(value, src=0)
-    return int(value.item())
+    return int(seed) if seed is not None else broadcast_from_rank0(int(torch.randint(0, 2**62, ())))
 
 
 class RacLoraLinear(AdapterLayer):
@@ -374,8 +366,7 @@ def compress_chain(model: nn.Module, rank: int) -> dict[str, float]:
     into the chain). Lossy unless ``rank`` is at least the update's rank. Returns each layer's relative
     Frobenius error ``‖ΔW − ΔW_rank‖ / ‖ΔW‖``.
     """
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    check_positive_int("rank", rank)
     _, _, layers = _rac_state(model)
     merged = [n for n, layer in layers.items() if layer.merged]
     if merged:
@@ -400,9 +391,7 @@ def _build(model: nn.Module, targets: dict[str, nn.Module], config: AdapterConfi
     return BuildResult(layers, notes=notes)
 
 
-def _rebuild(targets: dict[str, nn.Module], config: AdapterConfig, ranks: dict[str, int]) -> dict[str, AdapterLayer]:
-    assert isinstance(config, RacLoraConfig)
-    return {name: RacLoraLinear(m, config, ranks[name], index=i, init=False) for i, (name, m) in enumerate(targets.items())}
+_, _rebuild = simple_build(RacLoraLinear)  # uninitialised layers of the saved ranks: the constructor contract
 
 
 RACLORA = register_method(Method(name="raclora", config_cls=RacLoraConfig, build=_build, rebuild=_rebuild, on_step=on_step))

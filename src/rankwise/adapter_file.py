@@ -1,0 +1,161 @@
+"""The adapter file's building blocks: its error, checked reads of every value, digests, atomic writes.
+
+``io`` (``save``/``load``) and ``peft_format`` read and write adapter folders through these; every
+value read from a file goes through a ``file_*`` check that raises :class:`AdapterFileError` naming
+the field, so a crafted or damaged file can never reach the model unchecked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+_FINGERPRINT_POINTS = 8
+
+
+class AdapterFileError(RuntimeError):
+    """A saved adapter is missing, truncated, corrupt, malformed, or does not fit the model."""
+
+
+_DIGESTS = ("tensors_sha256", "metadata_sha256")
+
+
+# ---------------------------------------------------------------------------- validating values read from files
+def _where(file: Any, field: str) -> str:
+    return f"{file}: field {field!r}"
+
+
+def file_int(value: Any, file: Any, field: str, minimum: int = 1) -> int:
+    """``value`` as an int ``>= minimum`` (bools refused), else :class:`AdapterFileError` naming ``field``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise AdapterFileError(f"{_where(file, field)} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def file_number(value: Any, file: Any, field: str, positive: bool = True) -> float:
+    """``value`` as a finite float (``> 0`` when ``positive``), else :class:`AdapterFileError` naming ``field``."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (positive and value <= 0):
+        raise AdapterFileError(f"{_where(file, field)} must be a finite {'positive ' if positive else ''}number, got {value!r}")
+    return float(value)
+
+
+def file_dict(value: Any, file: Any, field: str) -> dict[str, Any]:
+    """``value`` if it is a dict with string keys, else :class:`AdapterFileError` naming ``field``."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
+        raise AdapterFileError(f"{_where(file, field)} must be an object with non-empty string keys, got {type(value).__name__}")
+    return value
+
+
+def file_names(value: Any, file: Any, field: str) -> list[str]:
+    """``value`` if it is a list of non-empty strings, else :class:`AdapterFileError` naming ``field``."""
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise AdapterFileError(f"{_where(file, field)} must be a list of module names, got {value!r:.200}")
+    return value
+
+
+def validate_description(meta: Any, file: Any) -> dict[str, Any]:
+    """Check every field ``load`` uses: types, integers, finite/positive numbers, ranks within the shapes.
+
+    Raises :class:`AdapterFileError` naming the field; returns ``meta``.
+    """
+    if not isinstance(meta, dict):
+        raise AdapterFileError(f"{file}: the rankwise metadata must be a JSON object, got {type(meta).__name__}")
+    for key in ("method", "config", "layers"):
+        if key not in meta:
+            raise AdapterFileError(f"{file}: the rankwise metadata lacks field {key!r}")
+    if not isinstance(meta["method"], str):
+        raise AdapterFileError(f"{_where(file, 'method')} must be a string, got {meta['method']!r}")
+    file_dict(meta["config"], file, "config")
+    layers = file_dict(meta["layers"], file, "layers")
+    if not layers:
+        raise AdapterFileError(f"{_where(file, 'layers')} is empty: the adapter adapts no layer")
+    for name, spec in layers.items():
+        where = f"layers.{name}"
+        file_dict(spec, file, where)
+        for key in ("out_features", "in_features", "rank"):
+            if key not in spec:
+                raise AdapterFileError(f"{file}: layer {name!r} lacks field {key!r}")
+            file_int(spec[key], file, f"{where}.{key}")
+        if spec["rank"] > min(spec["out_features"], spec["in_features"]):
+            raise AdapterFileError(
+                f"{_where(file, where + '.rank')} is {spec['rank']}, larger than the layer "
+                f"({spec['out_features']} x {spec['in_features']})"
+            )
+        if "scale" in spec:
+            file_number(spec["scale"], file, f"{where}.scale")
+        if not isinstance(spec.get("conv1d", False), bool):
+            raise AdapterFileError(f"{_where(file, where + '.conv1d')} must be true or false, got {spec['conv1d']!r}")
+        if "base_fingerprint" in spec:
+            points = spec["base_fingerprint"]
+            if not isinstance(points, list) or len(points) != _FINGERPRINT_POINTS:
+                raise AdapterFileError(f"{_where(file, where + '.base_fingerprint')} must be a list of {_FINGERPRINT_POINTS} numbers")
+            for i, v in enumerate(points):
+                file_number(v, file, f"{where}.base_fingerprint[{i}]", positive=False)
+    file_names(meta.get("modules_to_save", []), file, "modules_to_save")
+    for key, value in file_dict(meta.get("method_state", {}), file, "method_state").items():
+        if isinstance(value, int) and not isinstance(value, bool):
+            file_int(value, file, f"method_state.{key}", minimum=0)  # counters (RAC-LoRA's link_step, links)
+        elif isinstance(value, float):
+            file_number(value, file, f"method_state.{key}", positive=False)
+        elif not isinstance(value, (str, bool, type(None))):
+            raise AdapterFileError(f"{_where(file, 'method_state.' + key)} must be a number, string or boolean, got {value!r:.100}")
+    return meta
+
+
+def metadata_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of the description (digest fields left out) as canonical JSON: sorted keys, no spaces."""
+    body = {k: v for k, v in meta.items() if k not in _DIGESTS}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------- helpers
+def tensors_digest(tensors: dict[str, Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and raw bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # reshape: 0-d tensors too
+    return h.hexdigest()
+
+
+def base_fingerprint(weight_out_in: Tensor) -> list[float]:
+    """A few base-weight values at fixed positions: catches loading onto a different checkpoint."""
+    flat = weight_out_in.detach().reshape(-1)
+    idx = torch.linspace(0, flat.numel() - 1, _FINGERPRINT_POINTS).round().long()
+    return [float(v) for v in flat[idx.to(flat.device)].float().cpu()]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder, fsync, then ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass

@@ -1,0 +1,292 @@
+"""GoRA's steps 1 and 2: the mean gradient of every target weight over calibration batches, and each
+layer's importance from it (the method, its config and its layer are in ``gora.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from ..distributed import comm_device, process_group
+from ..quant import dense_weight, is_quantized
+from ..registry import LossFn
+from ..targeting import out_in
+
+if TYPE_CHECKING:
+    from .gora import GoraConfig
+
+
+# ---------------------------------------------------------------------------- 1. gradients
+@dataclass
+class GradientStats:
+    """What the collection did: steps taken, whether it stopped early, time and memory."""
+
+    steps: int
+    batches: int
+    early_stopped: bool
+    seconds: float
+    accumulator_bytes: int
+    peak_cuda_bytes: int | None
+    world_size: int
+
+
+def calibration_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> Tensor:
+    """The scalar loss of one batch: ``loss_fn(model, batch)``, else ``model(**batch).loss`` / ``model(batch).loss``."""
+    if loss_fn is not None:
+        loss = loss_fn(model, batch)
+    else:
+        out = model(**batch) if isinstance(batch, dict) else model(batch)
+        loss = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
+        if loss is None:
+            raise ValueError(
+                f"the model's output ({type(out).__name__}) has no .loss for the calibration batch: "
+                "put labels in the batches or pass loss_fn=(model, batch) -> loss to attach"
+            )
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise ValueError(f"the calibration loss must be a scalar tensor, got {type(loss).__name__} {getattr(loss, 'shape', '')}")
+    if not loss.requires_grad:
+        raise ValueError(
+            "the calibration loss does not require grad (computed under torch.no_grad(), detached, or from "
+            "frozen inputs only?): GoRA needs the gradient of the loss w.r.t. the target weights"
+        )
+    return loss.reshape(())
+
+
+def _all_reduce_mean(t: Tensor, dist: Any) -> Tensor:
+    buf = t.to(comm_device(dist))
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return (buf / dist.get_world_size()).to(t.device)
+
+
+def _weight_out_in(module: nn.Module, t: Tensor) -> Tensor:
+    """A weight-shaped tensor as ``out x in`` (transposed for GPT-2 ``Conv1D``)."""
+    return out_in(module, t)
+
+
+def tap_weight_gradient(module: nn.Module, acc: Tensor) -> Any:
+    """Add the gradient of ``module``'s weight, ``Σ δᵀ x`` (``out x in``), into ``acc`` on every backward,
+    from the layer's input ``x`` and output gradient ``δ``; for weights that cannot hold a ``.grad``
+    (bitsandbytes-quantised bases). Returns the hook's handle (``.remove()`` it).
+
+    When nothing before the layer needs a gradient, its output is made a leaf that does, so ``δ`` still
+    flows back to it (the layers before it need no gradient of their own from this one).
+    """
+
+    def forward_hook(_module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+        x = args[0].detach()  # (..., in)
+        out = output if output.requires_grad else output.detach().requires_grad_(True)
+
+        def grad_hook(delta: Tensor) -> None:
+            d = delta.detach().reshape(-1, delta.shape[-1]).to(torch.float32)  # tokens x out
+            acc.add_((d.t() @ x.reshape(-1, x.shape[-1]).to(torch.float32)).to(acc.device))  # out x in
+
+        out.register_hook(grad_hook)
+        return out
+
+    return module.register_forward_hook(forward_hook)
+
+
+def _check_calibration_size(calibration: Iterable[Any] | None, config: GoraConfig) -> None:
+    """Calibration is given and, when it has a length, holds the ``n_steps x grad_accumulation`` batches read."""
+    if calibration is None:
+        raise ValueError("GoRA initialises from data: pass calibration=<iterable of training batches> to attach")
+    needed = config.n_steps * config.grad_accumulation
+    if hasattr(calibration, "__len__"):
+        n = len(calibration)  # type: ignore[arg-type]
+        if n == 0:
+            raise ValueError("no calibration data: the calibration batches are empty")
+        if n < needed:
+            raise ValueError(
+                f"GoRA needs n_steps x grad_accumulation = {config.n_steps} x {config.grad_accumulation} = {needed} "
+                f"calibration batches, got {n}"
+            )
+
+
+def _accumulators(targets: dict[str, nn.Module], tapped: set[str], offload_to_cpu: bool) -> dict[str, Tensor]:
+    """A zero gradient sum per target, at least fp32 (bf16/fp16 gradients are summed in fp32); ``out x in``
+    for a tapped (quantised) layer, else the weight's own layout."""
+    acc = {}
+    for name, m in targets.items():
+        w = m.weight
+        acc[name] = torch.zeros(
+            (m.out_features, m.in_features) if name in tapped else w.shape,
+            dtype=torch.float32 if name in tapped else torch.promote_types(w.dtype, torch.float32),
+            device="cpu" if offload_to_cpu else w.device,
+        )
+    return acc
+
+
+def _next_batch(it: Iterator[Any], batches: int, config: GoraConfig) -> Any:
+    """The next calibration batch; an iterable that runs out early is an error naming how many were needed."""
+    try:
+        return next(it)
+    except StopIteration:
+        if batches == 0:
+            raise ValueError("no calibration data: the calibration batches are empty") from None
+        raise ValueError(
+            f"GoRA needs n_steps x grad_accumulation = {config.n_steps} x {config.grad_accumulation} = "
+            f"{config.n_steps * config.grad_accumulation} calibration batches, but the iterable ran out after {batches}"
+        ) from None
+
+
+def _settled(
+    targets: dict[str, nn.Module], acc: dict[str, Tensor], steps: int, previous: dict[str, float] | None,
+    config: GoraConfig, dist: Any,
+) -> tuple[bool, dict[str, float]]:
+    """Early stopping: whether every layer's importance moved by at most ``early_stop_threshold`` (relative)
+    since the last step, agreed across ranks (every rank stops at the same step); and the importances now."""
+    now = {n: _importance(targets[n], a / steps, config.importance) for n, a in acc.items()}
+    settled = previous is not None and all(
+        abs(now[n] - previous[n]) <= config.early_stop_threshold * max(abs(previous[n]), 1e-30) for n in now
+    )
+    if dist is not None:
+        flag = torch.tensor([0.0 if settled else 1.0], device=comm_device(dist))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        settled = bool(flag.item() == 0.0)
+    return settled, now
+
+
+def _hook_gradients(targets: dict[str, nn.Module], tapped: set[str], acc: dict[str, Tensor], hooks: list[Any]) -> None:
+    """Each target weight's gradient summed into ``acc`` as it arrives (and freed at once: peak memory ~ one
+    layer's gradient), tapped from the layer's input and output gradient for a quantised weight; the
+    handles go into ``hooks`` one by one, so the caller removes every one made, also after an error."""
+
+    def fold(name: str) -> Any:
+        def hook(p: Tensor) -> None:
+            assert p.grad is not None
+            acc[name].add_(p.grad.detach().to(device=acc[name].device, dtype=acc[name].dtype))
+            p.grad = None
+
+        return hook
+
+    for name, m in targets.items():
+        if name in tapped:
+            hooks.append(tap_weight_gradient(m, acc[name]))
+            continue
+        m.weight.requires_grad_(True)
+        hooks.append(m.weight.register_post_accumulate_grad_hook(fold(name)))
+
+
+def _restore(model: nn.Module, hooks: list[Any], params: dict[str, nn.Parameter], flags: dict[str, bool],
+             grads: dict[str, Tensor | None], buffers: dict[str, Tensor]) -> None:
+    """The model as calibration found it: hooks removed, ``requires_grad`` flags, ``.grad`` fields and buffers back."""
+    for h in hooks:
+        h.remove()
+    for n, p in params.items():
+        p.requires_grad_(flags[n])
+        p.grad = grads[n]
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            if n in buffers:
+                b.copy_(buffers[n])
+
+
+def collect_gradients(
+    model: nn.Module, targets: dict[str, nn.Module], config: GoraConfig, calibration: Iterable[Any], loss_fn: LossFn | None
+) -> tuple[dict[str, Tensor], GradientStats]:
+    """Step 1: the mean gradient ``Ḡ_i`` (fp32, or fp64 for an fp64 model; ``out x in``) of every target weight.
+
+    The model comes back as it went in: ``requires_grad`` flags, ``.grad`` fields and buffers (e.g.
+    batch-norm statistics updated in train mode) are restored, also when this raises. The model's
+    train/eval mode is left as the caller set it (dropout then acts as in training).
+
+    Under ``torch.distributed`` every rank must call this with the same ``n_steps`` and
+    ``grad_accumulation`` (each on its own shard of the batches): the mean is all-reduced at the end
+    and, with early stopping, a stop flag after every step. A rank that raises (e.g. runs out of
+    batches) leaves the others waiting in the collective, as any failed rank in a DDP job does.
+    """
+    _check_calibration_size(calibration, config)
+    dist = process_group()
+    params = dict(model.named_parameters())
+    flags = {n: p.requires_grad for n, p in params.items()}
+    grads = {n: p.grad for n, p in params.items()}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    weights = {name: m.weight for name, m in targets.items()}
+    tapped = {name for name, m in targets.items() if is_quantized(m)}  # no .grad on a quantised weight
+    acc = _accumulators(targets, tapped, config.offload_to_cpu)
+    cuda_devices = {w.device for w in weights.values() if w.device.type == "cuda"}
+    for d in cuda_devices:
+        torch.cuda.reset_peak_memory_stats(d)
+    hooks: list[Any] = []
+    start = time.perf_counter()
+    steps = batches = 0
+    early = False
+    previous: dict[str, float] | None = None
+    try:
+        for p in params.values():
+            p.requires_grad_(False)
+            p.grad = None
+        _hook_gradients(targets, tapped, acc, hooks)
+        it: Iterator[Any] = iter(calibration)
+        while steps < config.n_steps:
+            for _ in range(config.grad_accumulation):
+                loss = calibration_loss(model, _next_batch(it, batches, config), loss_fn)
+                (loss / config.grad_accumulation).backward()
+                batches += 1
+            steps += 1
+            for name, a in acc.items():
+                if not torch.isfinite(a).all():
+                    raise FloatingPointError(
+                        f"non-finite gradient (NaN/inf) for layer {name!r} at calibration step {steps}: check the "
+                        "batches, the loss, or lower the precision risk (e.g. fp32 calibration)"
+                    )
+            if config.early_stop_threshold is not None:
+                settled, previous = _settled(targets, acc, steps, previous, config, dist)
+                if settled and steps >= config.early_stop_min_steps and steps < config.n_steps:
+                    early = True
+                    break
+    finally:
+        _restore(model, hooks, params, flags, grads, buffers)
+    mean = {name: _weight_out_in(targets[name], a / steps) for name, a in acc.items()}
+    if dist is not None:
+        mean = {name: _all_reduce_mean(g, dist) for name, g in mean.items()}
+    stats = GradientStats(
+        steps=steps,
+        batches=batches,
+        early_stopped=early,
+        seconds=time.perf_counter() - start,
+        accumulator_bytes=sum(a.numel() * a.element_size() for a in acc.values()),
+        peak_cuda_bytes=max((torch.cuda.max_memory_allocated(d) for d in cuda_devices), default=None),
+        world_size=dist.get_world_size() if dist is not None else 1,
+    )
+    return mean, stats
+
+
+# ---------------------------------------------------------------------------- 2. importance
+def _importance(module: nn.Module, grad_like: Tensor, kind: str) -> float:
+    """One layer's importance from its (running) mean gradient, in the weight's own layout."""
+    g = grad_like.float()
+    if kind == "nuclear_g":
+        return float(torch.linalg.matrix_norm(g, ord="nuc"))
+    wg = dense_weight(module).detach().to(device=g.device, dtype=torch.float32) * g  # dequantised if quantised
+    return float(wg.abs().mean()) if kind == "mean_abs_wg" else float(torch.linalg.matrix_norm(wg, ord="nuc"))
+
+
+def importances(targets: dict[str, nn.Module], grads: dict[str, Tensor], kind: str) -> dict[str, float]:
+    """Step 2: ``I_i`` for every layer (``grads`` are ``out x in``); raises naming a layer whose ``I_i`` is not finite."""
+    out = {name: _importance(targets[name], _weight_out_in(targets[name], grads[name]), kind) for name in targets}
+    for name, value in out.items():
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"GoRA importance of layer {name!r} is {value!r} ({kind} overflowed fp32): the calibration loss or "
+                "gradients are too large; lower the loss scale"
+            )
+    return out
+
+
+def importance_shares(importance: dict[str, float]) -> dict[str, float] | None:
+    """``a_i = I_i / Σ_j I_j`` (``None`` if every ``I_i`` is 0); when the sum overflows, after dividing by the largest ``I``."""
+    total = sum(importance.values())
+    if not math.isfinite(total):
+        top = max(importance.values())
+        importance = {n: v / top for n, v in importance.items()}
+        total = sum(importance.values())
+    if not total > 0:
+        return None
+    return {n: v / total for n, v in importance.items()}
