@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AdapterConfig
+from ..fused import low_rank_linear, use_fused
 from ..layer import AdapterLayer, PeftFactors
 from ..quant import compute_dtype
 from ..registry import Method, register_method, simple_build
@@ -109,6 +110,19 @@ class DoraLinear(LoraLinear):
         return torch.linalg.norm(w + self.scale * delta, dim=1).detach()  # out
 
     def adapter_forward(self, x: Tensor) -> Tensor:
+        if use_fused(self, x, self.lora_a, self.lora_b, self.magnitude):
+            return self.fused_forward(x)
+        return self.reference_forward(x)
+
+    def fused_forward(self, x: Tensor) -> Tensor:
+        """The training step's path (no dropout): ``h = b + μ ⊙ (x W0ᵀ + s·x Aᵀ Bᵀ)``, ``μ = m/n`` with
+        ``n`` detached, in one autograd node (:class:`rankwise.fused.LowRankLinear`); its backward is
+        LoRA's with ``g' = g ⊙ μ``, plus ``dμ = Σ_tokens g ⊙ (x W0ᵀ + s·x Aᵀ Bᵀ)``."""
+        mu = magnitude_scale(self.magnitude, self.weight_norm())  # out
+        return low_rank_linear(x, self.base_weight(), self.bias, self.lora_a, self.scaled_b(), mu)  # (..., out)
+
+    def reference_forward(self, x: Tensor) -> Tensor:
+        """The plain implementation (eval, dropout, quantised base; what the fused path is tested against)."""
         if self.norm_n0 is not None and isinstance(self.dropout, nn.Identity):
             return self.probed_forward(x)
         return magnitude_forward(self, x, magnitude_scale(self.magnitude, self.weight_norm()), self.lora_out)
