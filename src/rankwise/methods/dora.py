@@ -47,6 +47,16 @@ def magnitude_scale(magnitude: Tensor, norm: Tensor) -> Tensor:
     return magnitude / clamp_norm(norm)
 
 
+def low_rank_row_norm(n0: Tensor, c: Tensor, b: Tensor, k: Tensor, s: float) -> Tensor:
+    """``‖W0 + s·B A‖_row`` (``out``) from ``n0 = ‖W0‖²_row`` (``out``), ``C = W0 Aᵀ`` (``out x r``),
+    ``B`` (``out x r``) and ``K = A Aᵀ`` (``r x r``), never forming an ``out x in`` matrix::
+
+        ‖W0 + s·B A‖²_row = n0 + rowsum(B ⊙ (2s·C + s²·B K))
+    """
+    inner = torch.addmm(c, b, k, beta=2 * s, alpha=s * s)  # out x r: 2s·C + s²·B K
+    return (n0 + (b * inner).sum(dim=1)).clamp_min(0).sqrt()  # out
+
+
 def magnitude_forward(
     layer: AdapterLayer, x: Tensor, mag_scale: Tensor, lora_out: Callable[[Tensor], Tensor], base_no_bias: Tensor | None = None
 ) -> Tensor:
@@ -104,10 +114,16 @@ class DoraLinear(LoraLinear):
         self.magnitude.copy_(self.weight_norm())
 
     def weight_norm(self) -> Tensor:
-        """``‖W0 + s·B A‖_row`` (``out``), detached: DoRA treats it as a constant in backward."""
+        """``‖W0 + s·B A‖_row`` (``out``), detached: DoRA treats it as a constant in backward.
+
+        Computed without the ``out x in`` sum, from two reads of ``W0`` (:func:`low_rank_row_norm`)::
+
+            ‖W0 + s·B A‖²_row = ‖W0‖²_row + rowsum(B ⊙ (2s·W0 Aᵀ + s²·B A Aᵀ))
+        """
         w = self.unmerged_base_weight().to(self.adapter_dtype)  # out x in
-        delta = self.lora_b.detach() @ self.lora_a.detach()  # out x in
-        return torch.linalg.norm(w + self.scale * delta, dim=1).detach()  # out
+        a = self.lora_a.detach()  # r x in
+        n0 = torch.linalg.vector_norm(w, dim=1).square()  # out
+        return low_rank_row_norm(n0, w @ a.t(), self.lora_b.detach(), a @ a.t(), self.scale)  # out
 
     def adapter_forward(self, x: Tensor) -> Tensor:
         if use_fused(self, x, self.lora_a, self.lora_b, self.magnitude):
@@ -141,9 +157,7 @@ class DoraLinear(LoraLinear):
         both = self.base_forward_no_bias(torch.cat([flat, a.to(flat.dtype)]))  # (tokens + r) x out
         base_no_bias = both[: flat.shape[0]].reshape(*x.shape[:-1], both.shape[-1])  # (..., out)
         c = both[flat.shape[0]:].detach().t().to(self.adapter_dtype)  # out x r
-        s = self.scale
-        inner = torch.addmm(c, b, a @ a.t(), beta=2 * s, alpha=s * s)  # out x r: 2s·C + s²·B A Aᵀ
-        norm = (self.norm_n0 + (b * inner).sum(dim=1)).clamp_min(0).sqrt()  # out
+        norm = low_rank_row_norm(self.norm_n0, c, b, a @ a.t(), self.scale)  # out
         return magnitude_forward(self, x, magnitude_scale(self.magnitude, norm), self.lora_out, base_no_bias)
 
     def merged_weight(self) -> Tensor:
