@@ -13,11 +13,12 @@ that rotates each round. We report median step times and their ratios to the flo
 Shapes: ``minilm`` (the packaged MiniLM, r 8 on query/key/value/dense, batch 32 x 64 tokens) and
 ``smollm`` (SmolLM2-135M's shapes, randomly initialised since the hub is offline: d 576, 30 layers,
 MLP 1536, 9 heads / 3 KV heads, all seven linear layers per block targeted, a 2-label
-sequence-classification head, vocabulary cut to 4096 since only the linear layers' shapes matter).
+sequence-classification head, vocabulary cut to 32000 (SmolLM2: 49152) since only the linear layers' shapes matter).
 
     python bench/floor.py --shape minilm --rounds 15      # writes docs/bench/floor_minilm.{json,md}
     python bench/floor.py --shape smollm --batch 4 --seq 64 --rounds 6
     python bench/floor.py --shape minilm --profile        # torch profiler table per op, fused vs reference
+    python bench/floor.py --shape minilm --memory         # training RSS growth per variant
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -54,7 +56,7 @@ def load_smollm_shapes() -> torch.nn.Module:
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                      num_key_value_heads=3, vocab_size=4096, max_position_embeddings=2048, tie_word_embeddings=True,
+                      num_key_value_heads=3, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=True,
                       num_labels=2, pad_token_id=0)
     return LlamaForSequenceClassification(cfg)
 
@@ -67,7 +69,8 @@ def floor(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def build(shape: str, r: int, batch: int, seq: int) -> tuple[dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]], dict]:
+def build(shape: str, r: int, batch: int, seq: int, only: str | None = None) -> tuple[dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]], dict]:
+    """label -> (model, AdamW over its trainable tensors) for every variant (or just ``only``), and trainable counts."""
     if shape == "smollm":
         speed.TARGETS[:] = SMOLLM_TARGETS  # variants() reads the module's target list
         base = load_smollm_shapes()
@@ -79,6 +82,8 @@ def build(shape: str, r: int, batch: int, seq: int) -> tuple[dict[str, tuple[tor
     for name in OURS:
         if name in makers:
             makers[f"{name}-ref"] = makers[name]
+    if only is not None:
+        makers = {only: makers[only]}
     models = {}
     for label, make in makers.items():
         model = make(copy.deepcopy(base))
@@ -123,6 +128,32 @@ def profile(models: dict, batch: dict, labels: list[str], steps: int) -> str:
     return "\n".join(out)
 
 
+def memory_child(args: argparse.Namespace) -> None:
+    """Train one variant a few steps; print its RSS growth over the state right before training (``speed._status_kb``)."""
+    import gc
+
+    models, _ = build(args.shape, args.r, args.batch, args.seq, only=args.memory_child)
+    model, opt = models[args.memory_child]
+    batch = speed.batch_for(args.batch, args.seq)
+    gc.collect()
+    before = speed._status_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak mark: loading must not mask training's peak
+    for _ in range(3):
+        step(args.memory_child, model, opt, batch)
+    print(json.dumps({"train_growth_mb": (speed._status_kb("VmHWM") - before) / 1024}))
+
+
+def memory(args: argparse.Namespace, labels: list[str]) -> dict[str, float]:
+    """Training RSS growth (MB) of each variant, each in its own process."""
+    out = {}
+    for label in labels:
+        cmd = [sys.executable, __file__, "--memory-child", label, "--shape", args.shape, "--r", str(args.r),
+               "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[label] = json.loads(res.stdout.strip().splitlines()[-1])["train_growth_mb"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=("minilm", "smollm"), default="minilm")
@@ -133,9 +164,23 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--profile", action="store_true", help="a per-op profiler table for floor, lora, lora-ref, dora, dora-ref")
+    ap.add_argument("--memory", action="store_true", help="training RSS growth per variant (subprocesses), no timing")
+    ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(args)
+        return
+    if args.memory:
+        labels = ["floor", "peft-lora", "peft-dora", "lora", "lora-ref", "dora", "dora-ref", "edora", "edora-ref"]
+        rss = memory(args, labels)
+        lines = [f"Training RSS growth over 3 steps (MB), `python bench/floor.py {' '.join(sys.argv[1:])}`, batch {args.batch} x {args.seq}:",
+                 "", "| variant | RSS growth (MB) | × PEFT LoRA |", "|---|---:|---:|"]
+        lines += [f"| {k} | {v:.0f} | {v / rss['peft-lora']:.2f} |" for k, v in rss.items()]
+        (Path(args.out) / f"floor_{args.shape}_memory.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return
     models, trainable = build(args.shape, args.r, args.batch, args.seq)
     batch = speed.batch_for(args.batch, args.seq)
     out = Path(args.out)
