@@ -166,8 +166,13 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="a per-op profiler table for floor, lora, lora-ref, dora, dora-ref")
     ap.add_argument("--memory", action="store_true", help="training RSS growth per variant (subprocesses), no timing")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--table", default=None, help="print the markdown table of a saved run (its .json) and exit")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench"))
     args = ap.parse_args()
+    if args.table:
+        saved = json.loads(Path(args.table).read_text())
+        print(table(saved["meta"], saved["results"]), end="")
+        return
     torch.set_num_threads(args.threads)
     if args.memory_child:
         memory_child(args)
@@ -198,17 +203,30 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared), torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s); load average before {load[0]:.1f}, after {os.getloadavg()[0]:.1f}",
         "command": "python bench/floor.py " + " ".join(sys.argv[1:]),
+        "shape": f"batch {args.batch} x {args.seq} tokens, r {args.r}, median of {args.rounds} interleaved steps",
     }
     rows = {label: {"median_s": med[label], "to_floor": med[label] / med["floor"], "to_peft_lora": med[label] / med["peft-lora"],
                     "trainable": trainable[label], "times_s": times[label]} for label in times}
     (out / f"floor_{args.shape}.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
-    lines = [f"Measured {meta['date']} on {meta['machine']}; `{meta['command']}`; batch {args.batch} x {args.seq} tokens, "
-             f"r {args.r}, median of {args.rounds} interleaved steps.", "",
-             "| variant | trainable | median step (ms) | × floor | × PEFT LoRA |", "|---|---:|---:|---:|---:|"]
+    text = table(meta, rows)
+    (out / f"floor_{args.shape}.md").write_text(text)
+    print(text)
+
+
+def paired(rows: dict, label: str, ref: str) -> float:
+    """Median over rounds of ``t_label / t_ref`` within the same round (robust to load drifting between rounds)."""
+    return statistics.median(a / b for a, b in zip(rows[label]["times_s"], rows[ref]["times_s"]))
+
+
+def table(meta: dict, rows: dict) -> str:
+    """The markdown table of one run: medians, ratios of medians and paired (per-round) ratios."""
+    lines = [f"Measured {meta['date']} on {meta['machine']}; `{meta['command']}`; {meta.get('shape', '')}.", "",
+             "| variant | trainable | median step (ms) | × floor | × PEFT LoRA | × floor, paired | × PEFT LoRA, paired |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for label, v in rows.items():
-        lines.append(f"| {label} | {v['trainable']:,} | {1000 * v['median_s']:.1f} | {v['to_floor']:.3f} | {v['to_peft_lora']:.3f} |")
-    (out / f"floor_{args.shape}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        lines.append(f"| {label} | {v['trainable']:,} | {1000 * v['median_s']:.1f} | {v['to_floor']:.3f} | {v['to_peft_lora']:.3f} | "
+                     f"{paired(rows, label, 'floor'):.3f} | {paired(rows, label, 'peft-lora'):.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
