@@ -10,12 +10,13 @@ handling of dropout (the magnitude rescales the dropped-out input's path)::
 
     h = x W0ᵀ + b + (m/n − 1) ⊙ x_d W0ᵀ + (m/n) ⊙ s · x_d Aᵀ Bᵀ,     n = ‖W0 + s B A‖_row
 
-We form ``B A`` directly (``out x r x in`` flops) rather than through an identity-matrix pass.
+The row norm never forms ``B A`` or ``W0 + s·B A``: ``‖W0 + s·B A‖²_row = ‖W0‖²_row +
+rowsum(B ⊙ (2s·W0 Aᵀ + s²·B A Aᵀ))`` (:func:`low_rank_row_norm`).
 
 A row whose norm is zero (an all-zero row of ``W0``, as pruned models have; ``m = 0`` there) would
 give ``0/0``: the norm is clamped at :data:`NORM_EPS`, so such a row computes ``m/ε · (…) = 0``, the
 base's output (its bias), instead of NaN. HF PEFT divides unclamped (NaN on such a row); every row
-with a norm above ``ε`` is computed exactly as PEFT does.
+with a norm above ``ε`` is computed as PEFT does (to rounding: the norm comes from the identity above).
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ class DoraLinear(LoraLinear):
         w = self.unmerged_base_weight().to(self.adapter_dtype)  # out x in
         a = self.lora_a.detach()  # r x in
         n0 = torch.linalg.vector_norm(w, dim=1).square()  # out
-        return low_rank_row_norm(n0, w @ a.t(), self.lora_b.detach(), a @ a.t(), self.scale)  # out
+        return low_rank_row_norm(n0, w @ a.t(), self.lora_b.detach(), a @ a.t(), self.scale).detach()  # out
 
     def adapter_forward(self, x: Tensor) -> Tensor:
         if use_fused(self, x, self.lora_a, self.lora_b, self.magnitude):
