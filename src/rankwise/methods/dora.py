@@ -10,12 +10,13 @@ handling of dropout (the magnitude rescales the dropped-out input's path)::
 
     h = x W0ᵀ + b + (m/n − 1) ⊙ x_d W0ᵀ + (m/n) ⊙ s · x_d Aᵀ Bᵀ,     n = ‖W0 + s B A‖_row
 
-We form ``B A`` directly (``out x r x in`` flops) rather than through an identity-matrix pass.
+The row norm never forms ``B A`` or ``W0 + s·B A``: ``‖W0 + s·B A‖²_row = ‖W0‖²_row +
+rowsum(B ⊙ (2s·W0 Aᵀ + s²·B A Aᵀ))`` (:func:`low_rank_row_norm`).
 
 A row whose norm is zero (an all-zero row of ``W0``, as pruned models have; ``m = 0`` there) would
 give ``0/0``: the norm is clamped at :data:`NORM_EPS`, so such a row computes ``m/ε · (…) = 0``, the
 base's output (its bias), instead of NaN. HF PEFT divides unclamped (NaN on such a row); every row
-with a norm above ``ε`` is computed exactly as PEFT does.
+with a norm above ``ε`` is computed as PEFT does (to rounding: the norm comes from the identity above).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AdapterConfig
+from ..fused import low_rank_linear, use_fused
 from ..layer import AdapterLayer, PeftFactors
 from ..quant import compute_dtype
 from ..registry import Method, register_method, simple_build
@@ -44,6 +46,16 @@ def clamp_norm(norm: Tensor) -> Tensor:
 def magnitude_scale(magnitude: Tensor, norm: Tensor) -> Tensor:
     """``m / max(n, ε)`` (any shape): DoRA's row scale, finite on an all-zero row (see the module docstring)."""
     return magnitude / clamp_norm(norm)
+
+
+def low_rank_row_norm(n0: Tensor, c: Tensor, b: Tensor, k: Tensor, s: float) -> Tensor:
+    """``‖W0 + s·B A‖_row`` (``out``) from ``n0 = ‖W0‖²_row`` (``out``), ``C = W0 Aᵀ`` (``out x r``),
+    ``B`` (``out x r``) and ``K = A Aᵀ`` (``r x r``), never forming an ``out x in`` matrix::
+
+        ‖W0 + s·B A‖²_row = n0 + rowsum(B ⊙ (2s·C + s²·B K))
+    """
+    inner = torch.addmm(c, b, k, beta=2 * s, alpha=s * s)  # out x r: 2s·C + s²·B K
+    return (n0 + (b * inner).sum(dim=1)).clamp_min(0).sqrt()  # out
 
 
 def magnitude_forward(
@@ -103,12 +115,31 @@ class DoraLinear(LoraLinear):
         self.magnitude.copy_(self.weight_norm())
 
     def weight_norm(self) -> Tensor:
-        """``‖W0 + s·B A‖_row`` (``out``), detached: DoRA treats it as a constant in backward."""
+        """``‖W0 + s·B A‖_row`` (``out``), detached: DoRA treats it as a constant in backward.
+
+        Computed without the ``out x in`` sum, from two reads of ``W0`` (:func:`low_rank_row_norm`)::
+
+            ‖W0 + s·B A‖²_row = ‖W0‖²_row + rowsum(B ⊙ (2s·W0 Aᵀ + s²·B A Aᵀ))
+        """
         w = self.unmerged_base_weight().to(self.adapter_dtype)  # out x in
-        delta = self.lora_b.detach() @ self.lora_a.detach()  # out x in
-        return torch.linalg.norm(w + self.scale * delta, dim=1).detach()  # out
+        a = self.lora_a.detach()  # r x in
+        n0 = torch.linalg.vector_norm(w, dim=1).square()  # out
+        return low_rank_row_norm(n0, w @ a.t(), self.lora_b.detach(), a @ a.t(), self.scale).detach()  # out
 
     def adapter_forward(self, x: Tensor) -> Tensor:
+        if use_fused(self, x, self.lora_a, self.lora_b, self.magnitude):
+            return self.fused_forward(x)
+        return self.reference_forward(x)
+
+    def fused_forward(self, x: Tensor) -> Tensor:
+        """The training step's path (no dropout): ``h = b + μ ⊙ (x W0ᵀ + s·x Aᵀ Bᵀ)``, ``μ = m/n`` with
+        ``n`` detached, in one autograd node (:class:`rankwise.fused.LowRankLinear`); its backward is
+        LoRA's with ``g' = g ⊙ μ``, plus ``dμ = Σ_tokens g ⊙ (x W0ᵀ + s·x Aᵀ Bᵀ)``."""
+        mu = magnitude_scale(self.magnitude, self.weight_norm())  # out
+        return low_rank_linear(x, self.base_weight(), self.bias, self.lora_a, self.scaled_b(), mu)  # (..., out)
+
+    def reference_forward(self, x: Tensor) -> Tensor:
+        """The plain implementation (eval, dropout, quantised base; what the fused path is tested against)."""
         if self.norm_n0 is not None and isinstance(self.dropout, nn.Identity):
             return self.probed_forward(x)
         return magnitude_forward(self, x, magnitude_scale(self.magnitude, self.weight_norm()), self.lora_out)
@@ -127,9 +158,7 @@ class DoraLinear(LoraLinear):
         both = self.base_forward_no_bias(torch.cat([flat, a.to(flat.dtype)]))  # (tokens + r) x out
         base_no_bias = both[: flat.shape[0]].reshape(*x.shape[:-1], both.shape[-1])  # (..., out)
         c = both[flat.shape[0]:].detach().t().to(self.adapter_dtype)  # out x r
-        s = self.scale
-        inner = torch.addmm(c, b, a @ a.t(), beta=2 * s, alpha=s * s)  # out x r: 2s·C + s²·B A Aᵀ
-        norm = (self.norm_n0 + (b * inner).sum(dim=1)).clamp_min(0).sqrt()  # out
+        norm = low_rank_row_norm(self.norm_n0, c, b, a @ a.t(), self.scale)  # out
         return magnitude_forward(self, x, magnitude_scale(self.magnitude, norm), self.lora_out, base_no_bias)
 
     def merged_weight(self) -> Tensor:

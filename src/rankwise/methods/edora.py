@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AdapterConfig
+from ..fused import low_rank_linear, use_fused
 from ..layer import AdapterLayer, PeftFactors, layer_generator
 from ..registry import BuildResult, Method, register_method, simple_build
 from .dora import clamp_norm, magnitude_forward, magnitude_scale
@@ -222,6 +223,19 @@ class EdoraLinear(AdapterLayer):
         return h @ (br * self.scale).t()  # (..., out); s applied to the out x r factor
 
     def adapter_forward(self, x: Tensor) -> Tensor:
+        if use_fused(self, x, self.core, self.magnitude):
+            return self.fused_forward(x)
+        return self.reference_forward(x)
+
+    def fused_forward(self, x: Tensor) -> Tensor:
+        """The training step's path (no dropout), in one autograd node (:class:`rankwise.fused.LowRankLinear`):
+        DoRA's with ``A`` frozen, so the backward forms only ``d(s·BR) = g'ᵀ (x Aᵀ)`` (-> ``dR``), ``dμ``, ``dx``."""
+        br = self.frozen_b @ self.core  # out x r, computed once for the norm and the update
+        mag_scale = magnitude_scale(self.magnitude, self.weight_norm(br))  # out; finite on an all-zero row
+        return low_rank_linear(x, self.base_weight(), self.bias, self.frozen_a, br * self.scale, mag_scale)
+
+    def reference_forward(self, x: Tensor) -> Tensor:
+        """The plain implementation (eval, dropout, quantised base; what the fused path is tested against)."""
         br = self.frozen_b @ self.core  # out x r, computed once for the norm and the update
         mag_scale = magnitude_scale(self.magnitude, self.weight_norm(br))  # out; finite on an all-zero row
         return magnitude_forward(self, x, mag_scale, lambda x_d: self._lora_out(x_d, br))

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AdapterConfig
+from ..fused import low_rank_linear, use_fused
 from ..layer import AdapterLayer, PeftFactors, layer_generator
 from ..registry import Method, register_method, simple_build
 
@@ -51,16 +52,27 @@ class LoraLinear(AdapterLayer):
         self.lora_a.copy_(a)
         self.lora_b.zero_()
 
-    def lora_out(self, x: Tensor) -> Tensor:
-        """``s · x Aᵀ Bᵀ`` for an input already dropped-out, in the adapter dtype.
+    def scaled_b(self) -> Tensor:
+        """``s · B`` (``out x r``): ``s`` multiplies the small factor, not the ``(..., out)`` product —
+        one pass over the activations fewer, forward and backward."""
+        return self.lora_b if self.scale == 1.0 else self.lora_b * self.scale
 
-        ``s`` multiplies the ``out x r`` factor, not the ``(..., out)`` product: one pass over the
-        activations fewer, forward and backward.
-        """
-        b = self.lora_b if self.scale == 1.0 else self.lora_b * self.scale  # out x r
-        return (x.to(self.adapter_dtype) @ self.lora_a.t()) @ b.t()  # (..., out)
+    def lora_out(self, x: Tensor) -> Tensor:
+        """``s · x Aᵀ Bᵀ`` for an input already dropped-out, in the adapter dtype."""
+        return (x.to(self.adapter_dtype) @ self.lora_a.t()) @ self.scaled_b().t()  # (..., out)
 
     def adapter_forward(self, x: Tensor) -> Tensor:
+        if use_fused(self, x, self.lora_a, self.lora_b):
+            return self.fused_forward(x)
+        return self.reference_forward(x)
+
+    def fused_forward(self, x: Tensor) -> Tensor:
+        """The training step's path: one autograd node (:class:`rankwise.fused.LowRankLinear`), backward
+        ``u = g (sB)``, ``dx = g W0 + u A``, ``dA = uᵀ x``, ``d(sB) = gᵀ (x Aᵀ)``; no dropout."""
+        return low_rank_linear(x, self.base_weight(), self.bias, self.lora_a, self.scaled_b())  # (..., out)
+
+    def reference_forward(self, x: Tensor) -> Tensor:
+        """The plain implementation (eval, dropout, quantised base; what the fused path is tested against)."""
         result = self.base_forward(x)  # (..., out); F.linear does not keep its output for backward
         return result.add_(self.lora_out(self.dropout(x)).to(result.dtype))
 

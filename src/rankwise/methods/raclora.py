@@ -60,6 +60,7 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig, check_positive_int
 from ..distributed import broadcast_from_rank0
+from ..fused import low_rank_linear, use_fused
 from ..layer import AdapterLayer, PeftFactors
 from ..registry import BuildResult, Method, register_method, simple_build
 from ..state import RankwiseState, adapter_layers, get_state
@@ -221,14 +222,27 @@ class RacLoraLinear(AdapterLayer):
         """``Σ_{τ<t} s B_τ A_τ = C_b Cₐ`` in fp32, ``out x in``."""
         return self.chain_b.float() @ self.chain_a.float()  # out x in
 
-    def adapter_forward(self, x: Tensor) -> Tensor:
-        result = self.base_forward(x)  # (..., out)
-        x_d = self.dropout(x).to(self.adapter_dtype)
+    def forward_factors(self) -> tuple[Tensor, Tensor]:
+        """``(A, s·B)`` of the whole update: chain and current link as one rank-``(k + r)`` product
+        (``(k + r) x in``, ``out x (k + r)``); the frozen sketch and the chain carry no gradient."""
         a, b = self.link_factors()
         b = b * self.scale  # out x r: the scale on the small factor, not on the activations
-        if self.chain_a.shape[0]:  # chain and current link as one rank-(k + r) product
+        if self.chain_a.shape[0]:
             a = torch.cat([self.chain_a, a])  # (k + r) x in
             b = torch.cat([self.chain_b, b], dim=1)  # out x (k + r)
+        return a, b
+
+    def adapter_forward(self, x: Tensor) -> Tensor:
+        if use_fused(self, x, *self.link_trained()):
+            a, b = self.forward_factors()  # one autograd node (rankwise.fused.LowRankLinear), LoRA's backward
+            return low_rank_linear(x, self.base_weight(), self.bias, a, b)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: Tensor) -> Tensor:
+        """The plain implementation (eval, dropout, quantised base; what the fused path is tested against)."""
+        result = self.base_forward(x)  # (..., out)
+        x_d = self.dropout(x).to(self.adapter_dtype)
+        a, b = self.forward_factors()
         update = (x_d @ a.t()) @ b.t()  # (..., out)
         return result.add_(update.to(result.dtype))
 
