@@ -51,7 +51,6 @@ other starts at zero) — the paper's "A Gaussian, B zero" / "A zero, B Gaussian
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -62,6 +61,7 @@ from ..config import AdapterConfig, check_positive_int
 from ..distributed import broadcast_from_rank0
 from ..fused import low_rank_linear, use_fused
 from ..layer import AdapterLayer, PeftFactors
+from ..optim import check_optimizer, reset_optimizer_state
 from ..registry import BuildResult, Method, register_method, simple_build
 from ..state import RankwiseState, adapter_layers, get_state
 
@@ -285,32 +285,6 @@ def refactor(chain_a: Tensor, chain_b: Tensor, rank: int) -> tuple[Tensor, Tenso
 
 
 # ---------------------------------------------------------------------------- the step machinery
-def reset_optimizer_state(optimizer: Any, params: Iterable[Tensor]) -> None:
-    """Drop ``optimizer``'s state (Adam moments, step counts, momentum) for ``params``: fresh as at step 0."""
-    state = optimizer.state
-    for p in params:
-        if p in state:
-            del state[p]
-
-
-def check_optimizer(layers: dict[str, AdapterLayer], optimizer: Any) -> None:
-    """Raise unless ``optimizer`` holds every trained factor of ``layers`` (checked before a link ends).
-
-    Ending a link resets the optimizer's state for the factors; with another optimizer (one for a
-    different model, or built before ``attach``) the real one would keep stale moments and move a
-    factor on a zero gradient.
-    """
-    held = {id(p) for group in getattr(optimizer, "param_groups", ()) for p in group.get("params", ())}
-    for name, layer in layers.items():
-        for tensor_name, p in layer.trainable_tensors().items():
-            if id(p) not in held:
-                raise ValueError(
-                    f"the optimizer passed to rankwise.step/end_link does not hold adapter parameter "
-                    f"{name}.{tensor_name}: pass the optimizer that trains this model (built after rankwise.attach, "
-                    "e.g. torch.optim.AdamW(rankwise.trainable_parameters(model).values()))"
-                )
-
-
 def link_end_resets(layer: RacLoraLinear, keep: bool) -> tuple[Tensor, ...]:
     """After ``layer.end_link()``: the factors whose optimizer state to drop — both, or with ``keep`` only those
     not trained in the new link (a factor that has just become the sketch)."""
