@@ -40,6 +40,9 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import rankwise  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from speed import _status_kb, train_step  # noqa: E402  (bench/speed.py's step and /proc reader, shared)
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 VOCAB_LOW, VOCAB_HIGH = 1000, 40000
 
@@ -98,15 +101,6 @@ def variants(r: int, batch_size: int, seq_len: int) -> dict[str, Callable[[torch
     }
 
 
-def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> None:
-    loss = model(**batch).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    if hasattr(model, "_rankwise"):
-        rankwise.step(model, opt)
-
-
 def make_trainable(make: Callable) -> tuple[torch.nn.Module, torch.optim.Optimizer, float]:
     t0 = time.perf_counter()
     model = make(load_base())
@@ -139,13 +133,6 @@ def time_interleaved(r: int, batch_size: int, seq_len: int, rounds: int, warmup:
                       "setup_s": models[label][2],
                       "trainable": sum(p.numel() for p in models[label][0].parameters() if p.requires_grad)}
     return out
-
-
-def _status_kb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return float(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def memory_child(label: str, r: int, batch_size: int, seq_len: int, steps: int) -> None:
