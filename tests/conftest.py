@@ -20,6 +20,19 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def write_sst2_slice(folder: Path, n_train: int, n_dev: int) -> str:
+    """``folder`` with ``n_train``/``n_dev`` SST-2 rows: a slice of the real release when present (or at
+    ``$RANKWISE_SHARED_DATA``), else rows in its format. Returns the folder as a string."""
+    real = Path(os.environ.get("RANKWISE_SHARED_DATA", SHARED_DATA)) / "glue" / "SST-2"
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        if real.is_dir():
+            lines = (real / f"{split}.tsv").read_text().splitlines()[: n + 1]
+        else:
+            lines = ["sentence\tlabel"] + [f"{'good fine' if i % 2 else 'bad awful'} film {i} \t{i % 2}" for i in range(n)]
+        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return str(folder)
+
+
 class TinyMLP(nn.Module):
     """A 3-layer MLP with named layers; ``model(x, labels)`` returns an object with ``.loss`` and ``.logits``."""
 

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 import rankwise
-from conftest import SHARED_DATA, minilm_path
+from conftest import SHARED_DATA, minilm_path, write_sst2_slice
 from rankwise.registry import _METHODS, Method, get_method
 from rankwise.targeting import target_names
 from rankwise_harness import cli
@@ -54,15 +54,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def sst2(tmp_path_factory: pytest.TempPathFactory) -> str:
     """64 train / 32 dev rows: a slice of the real SST-2 when present, else a fixture in its format."""
-    folder = tmp_path_factory.mktemp("sst2")
-    real = SHARED / "glue" / "SST-2"
-    for split, n in (("train", 64), ("dev", 32)):
-        if real.is_dir():
-            lines = (real / f"{split}.tsv").read_text().splitlines()[: n + 1]
-        else:
-            lines = ["sentence\tlabel"] + [f"{'good fine' if i % 2 else 'bad awful'} film {i} \t{i % 2}" for i in range(n)]
-        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-    return str(folder)
+    return write_sst2_slice(tmp_path_factory.mktemp("sst2"), 64, 32)
 
 
 def _cfg(tmp_path: Path, models: dict[str, str], data: str, **kw) -> RunConfig:

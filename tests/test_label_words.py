@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import rankwise
-from conftest import SHARED_DATA, minilm_path
+from conftest import minilm_path, write_sst2_slice
 from rankwise_harness import cli
 from rankwise_harness.config import ConfigError, RunConfig
 from rankwise_harness.data import TASKS, Example, get_task, load_task_data
@@ -32,7 +32,6 @@ from rankwise_harness.verbalize import (DEFAULT_VERBALIZERS, LabelWordLM, LabelW
                                         is_causal_lm, label_word_setup, parse_label_words, unescape_template,
                                         verbalizer_for)
 
-SHARED = Path(os.environ.get("RANKWISE_SHARED_DATA", SHARED_DATA))
 WORDS = [" negative", " positive", " yes", " no", " maybe", "Review", "Sentiment", "Answer", "Question"]
 QUIET = dict(show_progress=False, log=lambda _m: None)
 
@@ -76,15 +75,7 @@ def _load(path: str):
 @pytest.fixture(scope="module")
 def sst2(tmp_path_factory: pytest.TempPathFactory) -> str:
     """48 train / 16 dev rows: a slice of the real SST-2 when present, else a fixture in its format."""
-    folder = tmp_path_factory.mktemp("sst2")
-    real = SHARED / "glue" / "SST-2"
-    for split, n in (("train", 48), ("dev", 16)):
-        if real.is_dir():
-            lines = (real / f"{split}.tsv").read_text().splitlines()[: n + 1]
-        else:
-            lines = ["sentence\tlabel"] + [f"{'good fine' if i % 2 else 'bad awful'} film {i} \t{i % 2}" for i in range(n)]
-        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-    return str(folder)
+    return write_sst2_slice(tmp_path_factory.mktemp("sst2"), 48, 16)
 
 
 def _cfg(tmp_path: Path, model: str, data: str, **kw) -> RunConfig:
