@@ -175,3 +175,16 @@ def bert_case() -> ModelCase:
 @pytest.fixture
 def gpt2_case() -> ModelCase:
     return _gpt2_case()
+
+
+def assert_grads_match_peft(ours: nn.Module, theirs: nn.Module, dora: bool, rtol: float, atol: float) -> None:
+    """Every adapter layer's A, B (and DoRA magnitude) gradients equal those of the same layer in HF PEFT's model."""
+    import rankwise
+
+    for name, layer in rankwise.adapter_layers(ours).items():
+        pl = theirs.base_model.model.get_submodule(name)
+        torch.testing.assert_close(layer.lora_a.grad, pl.lora_A["default"].weight.grad, rtol=rtol, atol=atol)
+        torch.testing.assert_close(layer.lora_b.grad, pl.lora_B["default"].weight.grad, rtol=rtol, atol=atol)
+        if dora:
+            torch.testing.assert_close(layer.magnitude.grad, pl.lora_magnitude_vector["default"].weight.grad,
+                                       rtol=rtol, atol=atol)

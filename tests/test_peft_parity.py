@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import rankwise
-from conftest import ModelCase
+from conftest import ModelCase, assert_grads_match_peft
 
 peft = pytest.importorskip("peft")
 
@@ -51,12 +51,7 @@ def test_outputs_gradients_merged_match_peft(model_case: ModelCase, dora: bool, 
     torch.testing.assert_close(out_ours.logits, out_theirs.logits, rtol=1e-5, atol=1e-6)
     out_ours.loss.backward()
     out_theirs.loss.backward()
-    for name, layer in rankwise.adapter_layers(ours).items():
-        pl = theirs.base_model.model.get_submodule(name)
-        torch.testing.assert_close(layer.lora_a.grad, pl.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-7)
-        torch.testing.assert_close(layer.lora_b.grad, pl.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-7)
-        if dora:
-            torch.testing.assert_close(layer.magnitude.grad, pl.lora_magnitude_vector["default"].weight.grad, rtol=1e-4, atol=1e-7)
+    assert_grads_match_peft(ours, theirs, dora, rtol=1e-4, atol=1e-7)
     # merged weights
     rankwise.merge(ours)
     merged_theirs = theirs.merge_and_unload()

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import rankwise
-from conftest import SHARED_DATA, ModelCase, minilm_path
+from conftest import SHARED_DATA, ModelCase, assert_grads_match_peft, minilm_path
 from method_matrix import METHOD_CASES
 from rankwise import quant
 
@@ -262,12 +262,7 @@ def test_outputs_and_gradients_match_peft(llama_dir: str, kind: str, dora: bool)
     torch.testing.assert_close(out_ours.logits, out_theirs.logits, rtol=1e-5, atol=1e-5)
     out_ours.loss.backward()
     out_theirs.loss.backward()
-    for name, layer in rankwise.adapter_layers(ours).items():
-        pl = theirs.base_model.model.get_submodule(name)
-        torch.testing.assert_close(layer.lora_a.grad, pl.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(layer.lora_b.grad, pl.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-6)
-        if dora:
-            torch.testing.assert_close(layer.magnitude.grad, pl.lora_magnitude_vector["default"].weight.grad, rtol=1e-4, atol=1e-6)
+    assert_grads_match_peft(ours, theirs, dora, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "gora", "edora", "raclora"])

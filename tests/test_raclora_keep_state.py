@@ -8,21 +8,12 @@ import torch
 
 import rankwise
 from conftest import TinyMLP
+from test_raclora import _batch, _model as raclora_model
 from rankwise.methods.raclora import RacLoraLinear
 
 
 def _model(keep: bool, **kw) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = TinyMLP()
-    cfg = rankwise.RacLoraConfig(r=2, alpha=4, link_steps=3, target_modules=["fc1", "fc2"], seed=3,
-                                 keep_optimizer_state=keep, **kw)
-    rankwise.attach(model, cfg)
-    return model
-
-
-def _batch(i: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(i)
-    return {"x": torch.randn(8, 12, generator=g), "labels": torch.randint(0, 3, (8,), generator=g)}
+    return raclora_model(keep_optimizer_state=keep, **kw)  # TinyMLP, r 2, links of 3 steps, seed 3
 
 
 def _optimizer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, i: int) -> None:
