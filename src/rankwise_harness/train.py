@@ -368,7 +368,11 @@ def _set_up_adapter(run: _Run, attach_fn: AttachFn | None) -> _Adapter:
             adapter.head_warmup = _head_warmup(run, heads) if cfg.head_warmup_steps else None
             adapter.init_seconds = _attach(run, mcfg, attach_fn)
     # the frozen tensors' digests, for checkpoints: the checkpoint's on resume, else the fresh base's
-    adapter.frozen = restore_model(model, cfg.method != FULL, run.saved) if run.saved else frozen_digests(model)
+    # (hashing every adapted base weight is only worth it when checkpoints will be written)
+    if run.saved:
+        adapter.frozen = restore_model(model, cfg.method != FULL, run.saved)
+    else:
+        adapter.frozen = frozen_digests(model) if cfg.save_every else {}
     return adapter
 
 
