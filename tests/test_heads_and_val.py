@@ -3,6 +3,8 @@ per-epoch evaluation with the best (chosen on held-out training rows) and the la
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from rankwise_harness.config import ConfigError, RunConfig
 from rankwise_harness.data import get_task, load_task_data
 from rankwise_harness.heads import ClassifierHead, install_head, pool, resolve_pooling
 from rankwise_harness.models import head_modules
-from rankwise_harness.selection import best_and_last, split_validation
+from rankwise_harness.selection import best_and_last, evals_since_best, split_validation
 from rankwise_harness.train import finetune
 from conftest import minilm_path
 from test_harness_train import _cfg, sst2, tiny_models  # noqa: F401  (module fixtures: a tiny BERT, 64 SST-2 rows)
@@ -228,6 +230,39 @@ def test_best_is_never_chosen_on_dev() -> None:
     assert best["step"] == 2 and best["dev"] == {"accuracy": 0.5}  # highest held-out score, earliest on ties
 
 
+def test_evals_since_best_counts_held_out_evaluations_after_the_earliest_best() -> None:
+    def ev(*vals):
+        return [{"step": i, "accuracy": 0.0, "val": {"accuracy": v}} for i, v in enumerate(vals)]
+
+    assert evals_since_best([], "accuracy") == 0
+    assert evals_since_best([{"step": 1, "accuracy": 0.9}], "accuracy") == 0  # no held-out metrics: never stops
+    assert evals_since_best(ev(0.5, 0.7), "accuracy") == 0
+    assert evals_since_best(ev(0.5, 0.7, 0.6), "accuracy") == 1
+    assert evals_since_best(ev(0.5, 0.7, 0.6, 0.7), "accuracy") == 2  # a tie is not a new best
+
+
+def test_patience_stops_after_n_held_out_evaluations_without_a_new_best(
+        tmp_path: Path, tiny_models: dict[str, str], sst2: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # every evaluation is dev then held-out; the held-out scores are scripted: best at epoch 2, then none better
+    val_scores = itertools.chain([0.5, 0.7, 0.6, 0.7, 0.65], itertools.repeat(0.1))
+    calls = {"n": 0}
+
+    def evaluate(*_args, **_kwargs):
+        calls["n"] += 1
+        return {"accuracy": next(val_scores) if calls["n"] % 2 == 0 else 0.0}
+
+    monkeypatch.setattr(train_mod, "evaluate", evaluate)
+    cfg = _cfg(tmp_path, tiny_models, sst2, max_train=48, val_split=0.25, max_steps=None, epochs=8,
+               eval_each_epoch=True, patience=3)
+    result = finetune(cfg, **QUIET)
+    # 36 training rows, batch 8: 4 steps an epoch; epochs 3, 4, 5 bring no new best, so it stops at step 20 of 32
+    assert result["steps"] == 20 and result["stopped_early"]
+    assert [e["step"] for e in result["eval_history"]] == [4, 8, 12, 16, 20, 20]
+    assert result["best"]["step"] == 8
+    unlimited = finetune(dataclasses.replace(cfg, patience=None, output=str(tmp_path / "all")), **QUIET)
+    assert unlimited["steps"] == 32 and not unlimited["stopped_early"]
+
+
 class _Crash(Exception):
     pass
 
@@ -260,10 +295,19 @@ def test_val_split_and_roberta_head_resume_to_the_uninterrupted_result(tmp_path:
     ("val_split", float("nan"), "--val-split"),
     ("head_lr", -1e-3, "--head-lr must be positive"),
     ("head_lr", 0.0, "--head-lr must be positive"),
+    ("patience", 2, "--patience stops on the held-out metric: it needs --val-split"),
 ])
 def test_bad_head_pooling_split_values_are_named(field: str, value, says: str) -> None:
     with pytest.raises(ConfigError, match=says.replace("(", r"\(")):
         RunConfig(task="sst2", **{field: value})
+
+
+def test_patience_needs_a_positive_count_and_an_evaluation_schedule() -> None:
+    with pytest.raises(ConfigError, match="--patience must be at least 1"):
+        RunConfig(task="sst2", val_split=0.1, eval_each_epoch=True, patience=0)
+    with pytest.raises(ConfigError, match="--eval-each-epoch or --eval-every"):
+        RunConfig(task="sst2", val_split=0.1, patience=2)
+    assert RunConfig(task="sst2", val_split=0.1, eval_every=5, patience=2).patience == 2
 
 
 def test_bad_flags_on_the_command_line_stop_before_any_work(tmp_path: Path, sst2: str,

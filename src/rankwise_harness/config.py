@@ -160,12 +160,13 @@ class RunConfig:
     head_lr: float | None = None
     val_split: float | None = None
     eval_each_epoch: bool = False
+    patience: int | None = None  # stop after this many held-out evaluations without a new best
     quantize: str | None = None
 
     # every numeric flag, by rule: (flags, integer, lowest allowed, lowest included); None always means "default"
     _NUMBERS = (
         (("batch_size", "grad_accum", "max_length", "calibration_batches", "max_new_tokens", "max_steps",
-          "max_train", "max_eval"), True, 1, True),
+          "max_train", "max_eval", "patience"), True, 1, True),
         (("seed", "eval_every", "save_every", "head_warmup_steps"), True, 0, True),
         (("epochs", "lr", "lora_plus_ratio", "head_lr"), False, 0.0, False),
         (("weight_decay",), False, 0.0, True),
@@ -216,7 +217,8 @@ class RunConfig:
                     raise ConfigError(f"{flag} must be {bound}{hint}, got {value!r}")
 
     def _check_head_and_split(self) -> None:
-        """``--head``, ``--pooling`` (classification tasks only) and ``--val-split`` (strictly between 0 and 1)."""
+        """``--head``, ``--pooling`` (classification tasks only), ``--val-split`` (strictly between 0 and 1) and
+        ``--patience`` (which needs held-out evaluations)."""
         from .data import get_task
         from .heads import HEADS, POOLINGS, is_default
 
@@ -229,6 +231,9 @@ class RunConfig:
         v = self.val_split
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 < v < 1):
             raise ConfigError(f"--val-split must be a fraction strictly between 0 and 1, got {v!r}")
+        if self.patience is not None and not (v and (self.eval_each_epoch or self.eval_every)):
+            raise ConfigError("--patience stops on the held-out metric: it needs --val-split and an evaluation "
+                              "schedule (--eval-each-epoch or --eval-every)")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

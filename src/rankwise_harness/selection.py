@@ -51,3 +51,12 @@ def best_and_last(evals: list[dict[str, Any]], headline: str) -> tuple[dict[str,
         return None, last
     best = max(scored, key=lambda e: (e["val"][headline], -scored.index(e)))
     return _summary(best, headline), last
+
+
+def evals_since_best(evals: list[dict[str, Any]], headline: str) -> int:
+    """How many held-out evaluations came after the best one (0 when the latest is the best or there is none)."""
+    scored = [e["val"][headline] for e in evals if isinstance(e.get("val"), dict) and headline in e["val"]]
+    if not scored:
+        return 0
+    best = max(range(len(scored)), key=lambda i: (scored[i], -i))  # the earliest maximum, as best_and_last
+    return len(scored) - 1 - best

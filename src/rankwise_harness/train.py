@@ -37,7 +37,7 @@ from .deps import can_plot, check_harness
 from .heads import head_parameters, install_head, resolve_pooling, with_head_group
 from .models import head_modules, load_model, resolve_model_name
 from .progress import Progress
-from .selection import best_and_last, split_validation
+from .selection import best_and_last, evals_since_best, split_validation
 from .verbalize import LabelWords, label_word_setup
 
 StepHook = Callable[[int, float], None]  # (optimizer step just done, its loss) -> None; may raise
@@ -476,7 +476,7 @@ def _train(run: _Run, training: _Training, loop: _Loop, show_progress: bool) -> 
     bar = Progress(training.total_steps, loop.step, f"{cfg.method}/{run.task.name}",
                    show_progress and accelerator.is_main_process)
     loop.t_start = time.perf_counter()
-    while loop.step < training.total_steps:
+    while loop.step < training.total_steps and not _out_of_patience(run, loop):
         step_loss = _accumulate(run, loop)
         training.optimizer.step()
         training.scheduler.step()
@@ -492,6 +492,16 @@ def _train(run: _Run, training: _Training, loop: _Loop, show_progress: bool) -> 
         if training.hook is not None:
             training.hook(loop.step, loss_value)
     bar.close()
+    if loop.step < training.total_steps:
+        run.say(f"early stop at step {loop.step} of {training.total_steps}: {cfg.patience} held-out evaluation(s) "
+                "without a new best")
+
+
+def _out_of_patience(run: _Run, loop: _Loop) -> bool:
+    """``--patience N``: the last N held-out evaluations brought no new best (checked before every step, so a
+    run resumed at that point stops too)."""
+    patience = run.cfg.patience
+    return bool(patience) and evals_since_best(loop.history.evals, run.task.metrics[0]) >= patience
 
 
 def _accumulate(run: _Run, loop: _Loop) -> torch.Tensor:
@@ -571,7 +581,7 @@ def _result(run: _Run, training: _Training, loop: _Loop, final: dict[str, float]
         "adapter_params": None if cfg.method == FULL else training.trainable - training.n_head,
         "best": best, "last": last, "val_examples": len(run.val),
         "train_seconds": round(train_seconds, 3), "step_seconds": round(train_seconds / max(step, 1), 5),
-        "steps": step, "steps_this_session": step - (run.saved.trainer.step if run.saved else 0),
+        "steps": step, "stopped_early": step < training.total_steps, "steps_this_session": step - (run.saved.trainer.step if run.saved else 0),
         "init_seconds": round(training.adapter.init_seconds, 3), "head_warmup": training.adapter.head_warmup,
         "peak_memory_mb": round(peak[0], 1), "peak_memory_kind": peak[1],
         "final_loss": losses[-1] if losses else None,
