@@ -410,6 +410,30 @@ def test_gsm8k_tiny_causal_lm_run(tmp_path: Path, tiny_models: dict[str, str]) -
                                             for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
 
 
+def test_generation_rows_without_an_answer_token_are_dropped_or_refused(tmp_path: Path,
+                                                                       tiny_models: dict[str, str]) -> None:
+    from transformers import AutoTokenizer
+
+    folder = Path(_gsm8k_folder(tmp_path))
+    tok = AutoTokenizer.from_pretrained(tiny_models["gpt2"])
+    rows = [{"question": "What is 1+1?", "answer": "1+1=2\n#### 2"},
+            {"question": "How many apples " * 12 + "are there?", "answer": "#### 3"}]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    enc = Encoder(get_task("gsm8k"), tok, max_length=24)
+    short, long = (Example(r["question"], target=r["answer"]) for r in rows)
+    assert len(tok(enc.prompt(short))["input_ids"]) < 24 <= len(tok(enc.prompt(long))["input_ids"])
+    assert enc.keeps_answer(short) and not enc.keeps_answer(long)
+    said: list[str] = []
+    kw = dict(task="gsm8k", method="lora", data=str(folder), model=tiny_models["gpt2"], r=2, alpha=4, max_steps=2,
+              batch_size=2, max_eval=2, max_new_tokens=2, lr=1e-2)
+    result = finetune(RunConfig(output=str(tmp_path / "a"), max_length=24, **kw), show_progress=False, log=said.append)
+    assert result["train_examples"] == 1 and all(np.isfinite(result["losses"]))
+    assert any("dropped 1 of 2 training rows" in m for m in said)
+    with pytest.raises(ConfigError, match="--max-length 4: every training question fills it"):
+        finetune(RunConfig(output=str(tmp_path / "b"), max_length=4, **kw), show_progress=False, log=lambda _m: None)
+    assert not (tmp_path / "b" / "metrics.json").exists()
+
+
 @pytest.mark.slow
 def test_smollm2_default_generation_model(tmp_path: Path) -> None:
     import importlib.util

@@ -33,6 +33,11 @@ class Encoder:
     def prompt(self, ex: Example) -> str:
         return f"Question: {ex.text}\nAnswer: "
 
+    def keeps_answer(self, ex: Example) -> bool:
+        """Generation tasks: whether ``--max-length`` leaves at least one answer token after the prompt (a row
+        whose question alone fills it would teach nothing, and a batch of only such rows has no loss)."""
+        return len(self.tokenizer(self.prompt(ex))["input_ids"]) < self.max_length
+
     def train_batch(self, rows: list[Example]) -> dict[str, torch.Tensor]:
         if self.task.kind == "generation":
             return self._lm_batch(rows)

@@ -345,9 +345,24 @@ def _load_model(run: _Run) -> None:
         except ValueError as exc:
             raise ConfigError(f"--head {cfg.head} --pooling {run.pooling} on {run.model_name}: {exc}") from None
     run.enc = Encoder(task, tokenizer, cfg.max_length, label_words)
+    if task.kind == "generation":
+        _drop_answerless_rows(run)
     if not cfg.quantize:  # a quantised model is placed by from_pretrained (bitsandbytes models refuse .to)
         model.to(run.accelerator.device)
     run.model = model
+
+
+def _drop_answerless_rows(run: _Run) -> None:
+    """Generation tasks: training rows whose question alone fills ``--max-length`` are dropped (said, with their
+    count); when that is every row, the run stops with a ConfigError before any training."""
+    kept = [r for r in run.train if run.enc.keeps_answer(r)]
+    if not kept:
+        raise ConfigError(f"--max-length {run.cfg.max_length}: every training question fills it, leaving no answer "
+                          "token to learn from; raise --max-length")
+    if len(kept) < len(run.train):
+        run.say(f"dropped {len(run.train) - len(kept)} of {len(run.train)} training rows: their question alone fills "
+                f"--max-length {run.cfg.max_length}, leaving no answer token")
+    run.train = kept
 
 
 def _set_up_adapter(run: _Run, attach_fn: AttachFn | None) -> _Adapter:
