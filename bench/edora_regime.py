@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from regime import ROOT, Arm, curves, header, pick_lr, run_one, table  # noqa: E402
+from regime import ROOT, Arm, curves, header, run_all, table  # noqa: E402
 
 
 def arms(r: int, alpha: float) -> list[Arm]:
@@ -69,12 +69,7 @@ def main() -> None:
     out = ROOT / "docs" / "bench"
     lines = [header("python " + " ".join(shlex.quote(a) for a in sys.argv)), ""]
     for task in args.tasks.split(","):
-        picked = {}
-        for arm in chosen:
-            picked[arm.label] = pick_lr(runs, task, arm, common, args.dry_run or args.report_only)
-            if picked[arm.label] is not None and not args.report_only:
-                for seed in seeds:
-                    run_one(runs, task, arm, picked[arm.label], seed, common, args.dry_run)
+        picked = run_all(runs, task, chosen, seeds, common, args.dry_run, args.report_only)
         if args.dry_run:
             continue
         lines += table(runs, task, chosen, picked, seeds) + [""]

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from regime import DATA, GLUE, ROOT, Arm, curves, header, pick_lr, run_one, table  # noqa: E402
+from regime import DATA, GLUE, ROOT, Arm, curves, header, run_all, table  # noqa: E402
 
 ADAPTER_LRS = [3e-4, 1e-3, 3e-3]
 
@@ -77,12 +77,7 @@ def main() -> None:
               "--val-split", str(args.val_split), "--eval-each-epoch", "--epochs", str(args.links),
               "--batch-size", str(args.batch_size), "--save-every", "200", "--targets", "query,value",
               *(["--max-train", str(args.max_train)] if args.max_train else [])]
-    picked = {}
-    for arm in chosen:
-        picked[arm.label] = pick_lr(runs, args.task, arm, common, args.dry_run or args.report_only)
-        if picked[arm.label] is not None and not args.report_only:
-            for seed in seeds:
-                run_one(runs, args.task, arm, picked[arm.label], seed, common, args.dry_run)
+    picked = run_all(runs, args.task, chosen, seeds, common, args.dry_run, args.report_only)
     if args.dry_run:
         return
     out = ROOT / "docs" / "bench"

@@ -4,6 +4,8 @@ Protocol (issue 16): every run holds out ``--val-split`` of the training rows (a
 for every arm and seed) and evaluates at every epoch's end; the learning rate of each arm is picked
 from a small grid on the held-out rows (seed 0, the best held-out epoch), then the picked lr runs on
 every seed; dev is reported at the best held-out epoch and at the last epoch, never used to choose.
+The grid runs first for all arms, its middle value first (:func:`run_all`), so a session cut short
+leaves every arm with a point; the table says how much of each grid has finished.
 
 Resumable: one folder per run (``<runs>/<task>/<arm>/lr<LR>-seed<S>``); a folder holding a finished
 ``metrics.json`` is skipped, an unfinished one is continued with ``--resume`` (checkpoints every
@@ -71,14 +73,44 @@ def held_out_score(m: dict[str, Any]) -> float:
     return float(best["val"][m["headline_metric"]])
 
 
+def grid_order(lrs: list[float]) -> list[float]:
+    """The grid's middle value first, then the rest in order: a run cut short still has every arm at one lr."""
+    mid = len(lrs) // 2
+    return [lrs[mid], *lrs[:mid], *lrs[mid + 1:]]
+
+
 def pick_lr(runs: Path, task: str, arm: Arm, common: list[str], dry: bool = False) -> float | None:
-    """Run the arm's grid at seed 0 (resumably) and return the lr with the best held-out score."""
+    """Run the arm's grid at seed 0 (resumably) and return the lr with the best held-out score among the
+    finished grid runs (with ``dry``, only those already finished count)."""
     scores = {}
-    for lr in arm.lrs:
+    for lr in grid_order(arm.lrs):
         m = metrics(run_one(runs, task, arm, lr, 0, common, dry))
         if m is not None:
             scores[lr] = held_out_score(m)
     return max(scores, key=lambda lr: (scores[lr], -lr)) if scores else None
+
+
+def grid_done(runs: Path, task: str, arm: Arm) -> int:
+    """How many of the arm's grid runs (seed 0) have finished."""
+    return sum(metrics(run_dir(runs, task, arm, lr, 0)) is not None for lr in arm.lrs)
+
+
+def run_all(runs: Path, task: str, arms: list[Arm], seeds: list[int], common: list[str], dry: bool = False,
+            report_only: bool = False) -> dict[str, float | None]:
+    """Every arm's lr grid at seed 0, one grid point of every arm before the next point of any; then the
+    picked lr of every arm at every seed. Returns the picked lr per arm (``None``: no grid run finished)."""
+    if not (dry or report_only):
+        for i in range(max(len(a.lrs) for a in arms)):
+            for arm in arms:
+                if i < len(arm.lrs):
+                    run_one(runs, task, arm, grid_order(arm.lrs)[i], 0, common)
+    picked = {arm.label: pick_lr(runs, task, arm, common, dry or report_only) for arm in arms}
+    if not report_only:
+        for seed in seeds:
+            for arm in arms:
+                if picked[arm.label] is not None:
+                    run_one(runs, task, arm, picked[arm.label], seed, common, dry)
+    return picked
 
 
 def majority_rate(task: str) -> float:
@@ -107,8 +139,9 @@ def table(runs: Path, task: str, arms: list[Arm], picked: dict[str, float | None
     for arm in arms:
         lr = picked.get(arm.label)
         ms = [m for s in seeds if lr is not None and (m := metrics(run_dir(runs, task, arm, lr, s)))]
+        grid = f" (grid {grid_done(runs, task, arm)}/{len(arm.lrs)})"
         if not ms:
-            lines.append(f"| {arm.label} | {lr if lr is not None else '—'} | — | — | not yet run | | | | |")
+            lines.append(f"| {arm.label} | {'—' if lr is None else f'{lr:g}'}{grid} | — | — | not yet run | | | | |")
             continue
         head = ms[0]["headline_metric"]
         best = [m["best"]["dev"][head] for m in ms]
@@ -117,7 +150,7 @@ def table(runs: Path, task: str, arms: list[Arm], picked: dict[str, float | None
         last_acc = [m["last"]["dev"].get("accuracy", float("nan")) for m in ms]
         secs = statistics.mean(m["train_seconds"] for m in ms)
         adapter = ms[0].get("adapter_params")
-        lines.append(f"| {arm.label} | {lr:g} | {adapter if adapter is None else f'{adapter:,}'} | {ms[0]['head_params']:,} | "
+        lines.append(f"| {arm.label} | {lr:g}{grid} | {adapter if adapter is None else f'{adapter:,}'} | {ms[0]['head_params']:,} | "
                      f"{mean_std(best)} | {mean_std(best_acc)} | {mean_std(last)} | {mean_std(last_acc)} | {secs:.0f} |")
     return lines
 
