@@ -86,7 +86,13 @@ def run_method(case_name: str, method_name: str, mode: str) -> dict[str, object]
         wrapped(**_half(case.batch(100 + i), rank)).loss.backward()
         opt.step()
         opt.zero_grad()
-        rankwise.step(inner, opt)
+        if mode == "fsdp1":  # link ends need whole parameters: FSDP1 has them only inside summon_full_params
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            with FullyShardedDataParallel.summon_full_params(wrapped, writeback=True):
+                rankwise.step(inner, opt)
+        else:
+            rankwise.step(inner, opt)
     if mode == "fsdp1":  # outside forward, FSDP1's use_orig_params views are this rank's shard only
         from torch.distributed.fsdp import FullyShardedDataParallel
 

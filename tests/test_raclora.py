@@ -249,3 +249,37 @@ def test_two_gloo_processes_build_identical_chains(tmp_path) -> None:
     assert int(s0["fc1.links"]) == 2 and s0["fc1.chain_a"].shape[0] == 4
     for k in s0:
         assert torch.equal(s0[k], s1[k]), k
+
+
+def test_load_state_dict_takes_a_grown_chain_into_a_fresh_attached_model() -> None:
+    """What HF Trainer's resume and the FSDP2 save recipe do: ``load_state_dict`` of a trained chain into a
+    model attached anew (empty chain record) gives the same model, tensor for tensor."""
+    model = _model("B", link_steps=2)
+    opt = torch.optim.Adam(rankwise.trainable_parameters(model).values(), lr=1e-2)
+    _train(model, opt, range(5))  # two links merged
+    assert all(layer.chain_a.shape[0] == 4 for layer in _layers(model).values())
+    fresh = _model("B", link_steps=2)
+    assert all(layer.chain_a.shape[0] == 0 for layer in _layers(fresh).values())
+    fresh.load_state_dict(model.state_dict())
+    for (n1, t1), (n2, t2) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        assert n1 == n2 and torch.equal(t1, t2), n1
+    with pytest.raises(RuntimeError, match="size mismatch for fc1.lora_b"):  # other shapes are still checked
+        bad = {k: (v[:, :1] if k == "fc1.lora_b" else v) for k, v in model.state_dict().items()}
+        _model("B", link_steps=2).load_state_dict(bad)
+
+
+def test_a_link_end_on_flattened_shards_is_refused_before_anything_changes() -> None:
+    """FSDP1 (``use_orig_params=True``) leaves each parameter as this rank's flat shard outside its forward:
+    a link end there is refused with the fix named, and no layer's chain changes."""
+    model = _model("A", link_steps=None)
+    opt = torch.optim.Adam(rankwise.trainable_parameters(model).values(), lr=1e-2)
+    _train(model, opt, range(2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layer = _layers(model)["fc2"]
+    full = layer.lora_b.data
+    layer.lora_b.data = full.reshape(-1)[: full.numel() // 2]  # what FSDP1 leaves on one of two ranks
+    with pytest.raises(RuntimeError, match="summon_full_params"):
+        rankwise.end_link(model, opt)
+    layer.lora_b.data = full
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -1,7 +1,8 @@
 """``torch.distributed`` for the methods: the process group if any, its device, and a value shared from rank 0.
 
 One home for what GoRA (gradient all-reduce, early-stop flag, shared A seed) and RAC-LoRA (shared
-sketch seed) need; every function is a no-op without an initialised process group.
+sketch seed, link ends on FSDP2's sharded parameters) need; every function is a no-op without an
+initialised process group or a sharded tensor.
 """
 
 from __future__ import annotations
@@ -31,3 +32,28 @@ def broadcast_from_rank0(value: int) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=comm_device(dist))
     dist.broadcast(t, src=0)
     return int(t.item())
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's whole value: an FSDP2 parameter (a sharded ``DTensor``) gathered from every rank (a
+    collective: every rank must call it), anything else as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def assign(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy ``value`` (the whole tensor, identical on every rank) into ``param`` in place; an FSDP2
+    parameter keeps only its own shard of it (cut locally, no communication)."""
+    if hasattr(param, "device_mesh") and hasattr(param, "placements"):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
+    param.copy_(value)
+
+
+def check_unflattened(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """Refuse a parameter FSDP1 has flattened to this rank's shard (outside its forward), with the fix."""
+    if tuple(t.shape) != shape:
+        raise RuntimeError(f"{name} has shape {tuple(t.shape)}, not {shape}: under FSDP1 a parameter outside the "
+                           "forward pass is this rank's flat shard. End RAC-LoRA links inside "
+                           "FullyShardedDataParallel.summon_full_params(model, writeback=True) (call rankwise.step "
+                           "there at link ends), or shard with FSDP2 (fully_shard), which works as it is")

@@ -16,7 +16,7 @@ bits, which :meth:`unmerge` restores exactly. ``train()``/``eval()`` never merge
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -219,6 +219,14 @@ class AdapterLayer(nn.Module):
         A no-op for fixed-shape adapters; methods whose tensors grow in training (RAC-LoRA's chain
         record) re-allocate them here to the saved shapes. Shapes are still checked afterwards.
         """
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        """``load_state_dict`` (HF Trainer's resume, the FSDP2 save recipe) resizes grown tensors first, as
+        :func:`rankwise.load` does; shapes are then checked by PyTorch as usual."""
+        shapes = {k[len(prefix):]: v.shape for k, v in state_dict.items()
+                  if k.startswith(prefix) and "." not in k[len(prefix):] and hasattr(v, "shape")}
+        self.resize_for_load(shapes)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def trainable_tensors(self) -> dict[str, nn.Parameter]:
         """``{name: tensor}`` for the names in ``trainable`` (this layer's trained tensors)."""

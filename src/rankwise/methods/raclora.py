@@ -58,7 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AdapterConfig, check_positive_int
-from ..distributed import broadcast_from_rank0
+from ..distributed import assign, broadcast_from_rank0, check_unflattened, whole
 from ..fused import low_rank_linear, use_fused
 from ..layer import AdapterLayer, PeftFactors
 from ..optim import check_optimizer, reset_optimizer_state
@@ -193,29 +193,40 @@ class RacLoraLinear(AdapterLayer):
         g = sketch_generator(int(self.sketch_seed), self.index, int(self.links))
         if self.sampled() == "A":
             sketch = torch.randn(self.rank, self.in_features, generator=g) * (self.sketch_scale / math.sqrt(self.in_features))
-            self.lora_a.copy_(sketch)  # r x in
+            assign(self.lora_a, sketch)  # r x in
             self.lora_b.zero_()
         else:
             sketch = torch.randn(self.out_features, self.rank, generator=g) * (self.sketch_scale / math.sqrt(self.out_features))
-            self.lora_b.copy_(sketch)  # out x r
+            assign(self.lora_b, sketch)  # out x r
             self.lora_a.zero_()
 
     @torch.no_grad()
     def end_link(self) -> None:
         """Merge ``s B_t A_t`` into the chain record (exact, fp32), then start link ``t+1``.
 
-        Parameters are changed in place only (never replaced), so optimizers, schedulers, DDP and
+        Parameters are changed in place only (never replaced), so optimizers, schedulers, DDP, FSDP2 and
         HF Trainer keep their references. A link whose product is exactly zero adds nothing.
         """
-        if bool(self.lora_a.any()) and bool(self.lora_b.any()):
-            chain_a = torch.cat([self.chain_a, self.lora_a.detach()])  # (k + r) x in
-            chain_b = torch.cat([self.chain_b, self.scale * self.lora_b.detach()], dim=1)  # out x (k + r)
+        a, b = self.whole_link()
+        if bool(a.any()) and bool(b.any()):
+            chain_a = torch.cat([self.chain_a, a])  # (k + r) x in
+            chain_b = torch.cat([self.chain_b, self.scale * b], dim=1)  # out x (k + r)
             if chain_a.shape[0] > min(self.in_features, self.out_features):
                 chain_a, chain_b, _ = refactor(chain_a, chain_b, min(self.in_features, self.out_features))
             self.chain_a = chain_a
             self.chain_b = chain_b
         self.links += 1
         self.init_link()
+
+    def check_link_shapes(self) -> None:
+        """Refuse FSDP1's flattened shards (outside its forward) before a link end changes anything."""
+        check_unflattened("lora_a", self.lora_a, (self.rank, self.in_features))
+        check_unflattened("lora_b", self.lora_b, (self.out_features, self.rank))
+
+    def whole_link(self) -> tuple[Tensor, Tensor]:
+        """``(A, B)`` of the current link, detached and whole (FSDP2 shards gathered: every rank calls this)."""
+        self.check_link_shapes()
+        return whole(self.lora_a.detach()), whole(self.lora_b.detach())  # r x in, out x r
 
     # ------------------------------------------------------------------ the contract
     def chain_delta(self) -> Tensor:
@@ -303,6 +314,8 @@ def _end_links(layers: dict[str, AdapterLayer], optimizer: Any, state: RankwiseS
     check_optimizer(layers, optimizer)
     for layer in layers.values():
         assert isinstance(layer, RacLoraLinear)
+        layer.check_link_shapes()  # every layer before any changes: a refusal leaves the chain as it was
+    for layer in layers.values():
         layer.end_link()
         reset_optimizer_state(optimizer, link_end_resets(layer, bool(getattr(state.config, "keep_optimizer_state", False))))
         layer.lora_a.grad = None
@@ -361,8 +374,9 @@ def compress_chain(model: nn.Module, rank: int) -> dict[str, float]:
         raise ValueError(f"unmerge before compressing the chain (merged layers: {merged[:4]})")
     errors: dict[str, float] = {}
     for name, layer in layers.items():
-        a = torch.cat([layer.chain_a, layer.lora_a.detach()])  # (k + r) x in
-        b = torch.cat([layer.chain_b, layer.scale * layer.lora_b.detach()], dim=1)  # out x (k + r)
+        link_a, link_b = layer.whole_link()
+        a = torch.cat([layer.chain_a, link_a])  # (k + r) x in
+        b = torch.cat([layer.chain_b, layer.scale * link_b], dim=1)  # out x (k + r)
         layer.chain_a, layer.chain_b, errors[name] = refactor(a, b, rank)
         (layer.lora_b if layer.sampled() == "A" else layer.lora_a).zero_()
     return errors
