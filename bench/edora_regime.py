@@ -14,9 +14,10 @@ trainable adapter parameters (the head counted apart).
     python bench/edora_regime.py --tasks mrpc,cola --epochs 20    # the runs (long on 2 CPU cores)
     python bench/edora_regime.py --report-only                    # tables + curves from finished runs
 
-Regime (b), SmolLM2-135M label-word classification with no head at all, needs the harness's label-word
-mode (another issue): pass its flags with ``--model smollm2 --extra "..."``. Not yet run: see
-docs/benchmarks.md.
+Regime (b), ``--regime b``: SmolLM2-135M classifying by prompt and label words, no head at all (so no
+head flags; adapters on ``q_proj,v_proj``, the causal LM's counterparts of RoBERTa's query/value). Runs
+are in their own folder (``<runs>-b``). Far slower per step than MiniLM on a CPU: see docs/benchmarks.md
+for what has been run.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ def main() -> None:
     ap.add_argument("--val-split", type=float, default=0.1)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-train", type=int, help="SST-2: a fixed subset (the first N rows)")
-    ap.add_argument("--model", default=None, help="default: the packaged MiniLM")
+    ap.add_argument("--regime", choices=["a", "b"], default="a",
+                    help="a: MiniLM + RoBERTa-style head (default); b: SmolLM2-135M by label words, no head")
+    ap.add_argument("--model", default=None, help="default: the packaged MiniLM (a) or SmolLM2-135M (b)")
     ap.add_argument("--extra", default="", help="more finetune flags for every run (quoted)")
     ap.add_argument("--arms", default="lora,dora,edora-svd,edora-random")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "edora-regime"))
@@ -59,13 +62,15 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
-    runs, seeds = Path(args.runs), [int(s) for s in args.seeds.split(",")]
+    runs, seeds = Path(args.runs + ("-b" if args.regime == "b" else "")), [int(s) for s in args.seeds.split(",")]
     chosen = [a for a in arms(args.r, args.alpha) if a.label in args.arms.split(",")]
-    common = ["--head", "roberta", "--pooling", "mean", "--head-lr", f"{args.head_lr:g}", "--weight-decay", "0.01",
-              "--val-split", str(args.val_split), "--eval-each-epoch", "--epochs", f"{args.epochs:g}",
-              "--batch-size", str(args.batch_size), "--save-every", "200", "--targets", "query,value",
+    model = args.model or ("smollm2" if args.regime == "b" else None)
+    regime = (["--head", "roberta", "--pooling", "mean", "--head-lr", f"{args.head_lr:g}", "--targets", "query,value"]
+              if args.regime == "a" else ["--targets", "q_proj,v_proj"])
+    common = [*regime, "--weight-decay", "0.01", "--val-split", str(args.val_split), "--eval-each-epoch",
+              "--epochs", f"{args.epochs:g}", "--batch-size", str(args.batch_size), "--save-every", "200",
               *(["--max-train", str(args.max_train)] if args.max_train else []),
-              *(["--model", args.model] if args.model else []), *shlex.split(args.extra)]
+              *(["--model", model] if model else []), *shlex.split(args.extra)]
     out = ROOT / "docs" / "bench"
     lines = [header("python " + " ".join(shlex.quote(a) for a in sys.argv)), ""]
     for task in args.tasks.split(","):
