@@ -20,7 +20,9 @@ Arms (``--arms``):
 The PEFT arms run through the harness's own loop (``finetune(attach_fn=...)``), in a child process each.
 Every run is a folder ``<runs>/<task>/<arm>-seed<seed>``: a finished one (``metrics.json``) is skipped; an
 unfinished rankwise run continues from its last checkpoint (``--save-every``) with ``--resume``, an
-unfinished PEFT run starts again. ``--jobs 2`` runs two single-threaded jobs at once.
+unfinished PEFT run starts again. ``--jobs 2`` runs two single-threaded jobs at once. ``--peft-seeds`` and
+``--full-seeds`` give those arms fewer seeds; when the sweep picks the baseline's own lr, ``lora-tuned`` is
+the ``lora`` run (a link to its folder), not a second run of the same thing.
 
     python bench/gora_regime.py                                   # everything (many hours on 2 CPU cores)
     python bench/gora_regime.py --tasks mrpc --arms lora,gora --seeds 0 --max-train 256 --runs runs/gr-smoke
@@ -108,6 +110,10 @@ def run_one(task: str, arm: str, seed: int, lr: float, args: argparse.Namespace,
     label = f"{arm}@{lr:g}" if sweep else arm
     out = Path(args.runs) / task / ("sweep" if sweep else "") / f"{label}-seed{seed}"
     if (out / "metrics.json").is_file():
+        return out
+    if arm == "lora-tuned" and not sweep and lr == args.lr:  # the sweep picked the baseline's lr: the same run
+        same = run_one(task, "lora", seed, lr, args)
+        out.symlink_to(same.name)
         return out
     data = str(heldout_folder(task, args)) if sweep else str(Path(args.data) / "glue" / TASKS[task][0])
     cmd = run_args(task, arm, seed, lr, data, out, args)
@@ -221,6 +227,8 @@ def plan(args: argparse.Namespace) -> None:
             for arm in args.arms:
                 if arm in PEFT_ARMS and seed not in args.seeds[: args.peft_seeds]:
                     continue
+                if arm == "full" and seed not in args.seeds[: args.full_seeds]:
+                    continue
                 lr = tuned[task] if arm == "lora-tuned" else args.full_lr if arm == "full" else args.lr
                 jobs.append((task, arm, seed, lr, False))
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -301,6 +309,7 @@ def main() -> None:
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--peft-seeds", type=int, default=2, help="the PEFT arms run the first N of --seeds")
+    ap.add_argument("--full-seeds", type=int, default=3, help="full fine-tuning runs the first N of --seeds")
     ap.add_argument("--sweep-lrs", default="1e-4,3e-4,1e-3,3e-3")
     ap.add_argument("--sweep-seeds", default="0")
     ap.add_argument("--lr", type=float, default=1e-4)
