@@ -91,6 +91,21 @@ def test_mean_pooling_ignores_padding() -> None:
     torch.testing.assert_close(pool(noisy, mask, "mean"), hidden[:, :7].mean(1))
 
 
+@pytest.mark.parametrize("head, pooling", [("linear", "mean"), ("roberta", "cls")])
+def test_an_installed_head_removes_the_unread_bert_pooler(head: str, pooling: str) -> None:
+    """Nothing reads BERT's pooler once the head pools the last hidden states: it goes, so all-linear puts no
+    dead adapter on it (an adapter there would get no gradient yet count as trained parameters)."""
+    model = _bert()
+    assert any(n.startswith("bert.pooler") for n, _ in model.named_modules())
+    install_head(model, head, pooling, head_modules(model))
+    assert not any("pooler" in n for n, _ in model.named_modules())
+    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules="all-linear", modules_to_save=("classifier",)))
+    names = set(rankwise.adapter_layers(model))
+    assert names and not any("pooler" in n for n in names)
+    model(input_ids=_ids(), labels=torch.tensor([0, 1, 1])).loss.backward()
+    assert all(p.grad is not None for p in rankwise.trainable_parameters(model).values())  # nothing dead
+
+
 def test_default_head_leaves_the_model_as_built() -> None:
     model, fresh = _bert(), _bert()
     assert install_head(model, "linear", "cls", head_modules(model)) is None

@@ -7,7 +7,7 @@
   (``classifier``, or ``score``) and its forward by one that pools the encoder's last hidden states:
 
   - ``cls``: the first token's hidden state (RoBERTa's ``features[:, 0]``; BERT's pretrained pooler is
-    bypassed);
+    removed, since nothing reads it: no compute, and no dead adapter on it under ``all-linear``);
   - ``mean``: the mean over non-padding tokens (``attention_mask == 1``), as sentence-transformers
     models (MiniLM) were pretrained;
   - ``linear``: dropout -> ``out_proj`` (``h -> labels``);
@@ -125,6 +125,8 @@ def install_head(model: nn.Module, head: str, pooling: str, heads: tuple[str, ..
     for other in heads or ():
         if other != name:
             delattr(model, other)
+    if getattr(model.base_model, "pooler", None) is not None:  # BERT's pooler: its output is no longer read,
+        model.base_model.pooler = None  # so it would only cost compute (and dead adapters under all-linear)
     setattr(model, name, new)
     model.forward = types.MethodType(_pooled_forward(name, pooling), model)
     return name
