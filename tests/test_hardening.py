@@ -165,6 +165,8 @@ BAD_METADATA: dict[str, tuple[Callable[[dict[str, Any], dict[str, torch.Tensor]]
     "out_features a bool": (lambda m, t: _layer(m).__setitem__("out_features", True), "layers.fc1.out_features"),
     "conv1d a string": (lambda m, t: _layer(m).__setitem__("conv1d", "no"), "layers.fc1.conv1d"),
     "fingerprint NaN": (lambda m, t: _layer(m)["base_fingerprint"].__setitem__(0, float("nan")), "base_fingerprint[0]"),
+    "base_quant unknown": (lambda m, t: _layer(m).__setitem__("base_quant", "3bit"), "layers.fc1.base_quant"),
+    "base_quant_block 0": (lambda m, t: _layer(m).__setitem__("base_quant_block", 0), "layers.fc1.base_quant_block"),
     "modules_to_save a string": (lambda m, t: m.__setitem__("modules_to_save", "head"), "'modules_to_save'"),
     "method_state a list": (lambda m, t: m.__setitem__("method_state", [1]), "'method_state'"),
     "method_state counter negative": (lambda m, t: m.__setitem__("method_state", {"link_step": -3}), "method_state.link_step"),

@@ -100,6 +100,10 @@ def validate_description(meta: Any, file: Any) -> dict[str, Any]:
                 raise AdapterFileError(f"{_where(file, where + '.base_fingerprint')} must be a list of {_FINGERPRINT_POINTS} numbers")
             for i, v in enumerate(points):
                 file_number(v, file, f"{where}.base_fingerprint[{i}]", positive=False)
+        if spec.get("base_quant", "4bit") not in ("4bit", "8bit"):
+            raise AdapterFileError(f"{_where(file, where + '.base_quant')} must be \"4bit\" or \"8bit\", got {spec['base_quant']!r:.50}")
+        if "base_quant_block" in spec:
+            file_int(spec["base_quant_block"], file, f"{where}.base_quant_block")
     file_names(meta.get("modules_to_save", []), file, "modules_to_save")
     for key, value in file_dict(meta.get("method_state", {}), file, "method_state").items():
         if isinstance(value, int) and not isinstance(value, bool):
@@ -128,11 +132,30 @@ def tensors_digest(tensors: dict[str, Tensor]) -> str:
     return h.hexdigest()
 
 
+def _fingerprint_index(numel: int) -> Tensor:
+    return torch.linspace(0, numel - 1, _FINGERPRINT_POINTS).round().long()
+
+
 def base_fingerprint(weight_out_in: Tensor) -> list[float]:
     """A few base-weight values at fixed positions: catches loading onto a different checkpoint."""
     flat = weight_out_in.detach().reshape(-1)
-    idx = torch.linspace(0, flat.numel() - 1, _FINGERPRINT_POINTS).round().long()
-    return [float(v) for v in flat[idx.to(flat.device)].float().cpu()]
+    return [float(v) for v in flat[_fingerprint_index(flat.numel()).to(flat.device)].float().cpu()]
+
+
+# the largest error of one quantised value, as a fraction of its block's absmax: half the widest gap of the
+# 4-bit codebooks (NF4: (1 - 0.7230) / 2; FP4: (1 - 0.6667) / 2, rounded up) and of int8's 127 steps
+_QUANT_ERROR = {"4bit": 0.17, "8bit": 0.5 / 127}
+
+
+def fingerprint_tolerance(weight_out_in: Tensor, quant: str, block: int) -> Tensor:
+    """Per fingerprint point, how far a weight and its quantised copy (``quant`` with blocks of ``block``
+    values of the flattened ``out x in`` weight; int8: one row) can differ: the codebook's largest error
+    times the absmax of the point's block (of ``weight_out_in``, either side's)."""
+    flat = weight_out_in.detach().reshape(-1).float()
+    idx = _fingerprint_index(flat.numel()).to(flat.device)
+    starts = (idx // block) * block
+    absmax = torch.stack([flat[s : s + block].abs().max() for s in starts.tolist()])
+    return (_QUANT_ERROR[quant] * absmax * 1.01).cpu()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -36,12 +36,13 @@ from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
 from ._version import __version__
-from .adapter_file import (AdapterFileError, atomic_write_bytes, base_fingerprint, metadata_digest,  # noqa: F401
+from .adapter_file import (AdapterFileError, atomic_write_bytes, base_fingerprint, fingerprint_tolerance,  # noqa: F401
+                           metadata_digest,
                            tensors_digest, validate_description)
 from .config import AdapterConfig
 from .layer import AdapterLayer
 from .model import all_or_nothing, install
-from .quant import dense_weight
+from .quant import dense_weight, quant_block, quant_kind
 from .registry import BuildResult, config_from_dict, get_method
 from .state import adapter_layers, get_state, is_attached, unwrap_model
 from .targeting import SUPPORTED_TYPES, is_supported, out_in
@@ -68,6 +69,7 @@ def describe(model: nn.Module) -> dict[str, Any]:
                 "scale": layer.scale,
                 "conv1d": layer.fan_in_fan_out,
                 "base_fingerprint": base_fingerprint(layer.unmerged_base_weight()),
+                **_quant_spec(layer.base_layer()),
             }
             for name, layer in layers.items()
         },
@@ -174,6 +176,30 @@ def recorded_modules(model: nn.Module, meta: dict[str, Any]) -> tuple[dict[str, 
     return targets, saved
 
 
+def _quant_spec(base: nn.Module) -> dict[str, Any]:
+    """For a quantised base layer: its kind and block (4-bit: values per absmax; int8: a row), for the
+    fingerprint check of a load onto a base quantised differently (or not at all)."""
+    kind = quant_kind(base)
+    if kind is None:
+        return {}
+    return {"base_quant": kind, "base_quant_block": quant_block(base)}
+
+
+def _base_matches(module: nn.Module, w_out_in: Tensor, spec: dict[str, Any]) -> bool:
+    """The fingerprint check: the same values (rtol 1e-2) on a base quantised as the adapter's was; across a
+    quantisation (trained on nf4, loaded on the float checkpoint: QLoRA's serving path, or the reverse)
+    within the quantisation's largest error at each point."""
+    now = torch.tensor(base_fingerprint(w_out_in))
+    then = torch.tensor(spec["base_fingerprint"])
+    saved_q, now_q = spec.get("base_quant"), quant_kind(module)
+    if saved_q == now_q:
+        return bool(torch.allclose(now, then, rtol=1e-2, atol=1e-6))
+    quant = saved_q or now_q
+    block = int(spec.get("base_quant_block", 64)) if saved_q else quant_block(module)
+    tol = fingerprint_tolerance(w_out_in, quant, block)
+    return bool(((now - then).abs() <= tol + 1e-6 + 1e-2 * then.abs()).all())
+
+
 def _check_fits(model: nn.Module, meta: dict[str, Any], targets: dict[str, nn.Module], check_base: bool) -> None:
     for name, spec in meta["layers"].items():
         module = targets[name]
@@ -185,9 +211,7 @@ def _check_fits(model: nn.Module, meta: dict[str, Any], targets: dict[str, nn.Mo
                 "in the adapter: wrong base model"
             )
         if check_base and "base_fingerprint" in spec:
-            now = torch.tensor(base_fingerprint(out_in(module, w)))
-            then = torch.tensor(spec["base_fingerprint"])
-            if not torch.allclose(now, then, rtol=1e-2, atol=1e-6):
+            if not _base_matches(module, out_in(module, w), spec):
                 raise AdapterFileError(
                     f"layer {name!r} has different base weights from those the adapter was trained on: wrong base "
                     "checkpoint (pass check_base=False to load anyway)"

@@ -119,6 +119,10 @@ class AdapterLayer(nn.Module):
             return self._init_dtype
         return getattr(self, self.trainable[0]).dtype
 
+    def base_layer(self) -> nn.Module:
+        """The base module this layer adapts (not a submodule: its tensors are this layer's ``weight``/``bias``)."""
+        return self._base_ref[0]
+
     def base_weight(self) -> Tensor:
         """The frozen base weight as ``out x in`` (a view; transposed for ``Conv1D``; for a quantised
         base a new fp32 tensor, dequantised on each call)."""

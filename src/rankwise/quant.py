@@ -56,6 +56,15 @@ def is_quantized(module: nn.Module) -> bool:
     return quant_kind(module) is not None
 
 
+def quant_block(module: nn.Module) -> int:
+    """How many consecutive values of the flattened ``out x in`` weight share one scale: the 4-bit
+    ``blocksize`` (64 by default), or a whole row (int8's row-wise absmax)."""
+    if quant_kind(module) == "4bit":
+        state = getattr(module.weight, "quant_state", None)
+        return int(getattr(state, "blocksize", None) or getattr(module.weight, "blocksize", 64))
+    return int(module.in_features)
+
+
 def describe_quant(module: nn.Module) -> str:
     """A short label: ``"nf4"``, ``"fp4"``, ``"nf4 (double quant)"``, ``"int8"``; ``""`` for a float layer."""
     kind = quant_kind(module)
