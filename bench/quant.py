@@ -24,8 +24,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -41,7 +39,8 @@ sys.path.insert(0, str(ROOT / "src"))
 import rankwise  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from speed import _status_kb, train_step  # noqa: E402  (bench/speed.py's step and /proc reader, shared)
+from speed import _status_kb, adapter_maker, peft_maker, step_times, summarise, train_step  # noqa: E402  (shared)
+from speed import memory as speed_memory  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 VOCAB_LOW, VOCAB_HIGH = 1000, 40000
@@ -64,40 +63,25 @@ def batch_for(batch_size: int, seq_len: int, seed: int = 0) -> dict[str, torch.T
 
 def variants(r: int, batch_size: int, seq_len: int) -> dict[str, Callable[[torch.nn.Module], torch.nn.Module]]:
     """label -> function turning a freshly loaded nf4 base into the model to train."""
-    methods = rankwise.all_methods()
-
-    def ours(name: str, **kw):
-        def make(base):
-            calib = [batch_for(batch_size, seq_len, 100 + i) for i in range(4)] if methods[name].uses_calibration else None
-            rankwise.attach(base, methods[name].config_cls(target_modules=TARGETS, seed=0, **kw), calibration=calib)
-            return base
-
-        return make
-
-    def theirs(dora: bool):
-        def make(base):
-            import peft
-
-            return peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, use_dora=dora))
-
-        return make
+    def calib() -> list[dict[str, torch.Tensor]]:
+        return [batch_for(batch_size, seq_len, 100 + i) for i in range(4)]
 
     def dora_dequantising(base):
         """rankwise DoRA made to dequantise W0 for its norm every step, as PEFT's QDoRA does (the cost avoided)."""
-        ours("dora", r=r, alpha=2 * r)(base)
+        adapter_maker("dora", TARGETS, r=r, alpha=2 * r)(base)
         for layer in rankwise.adapter_layers(base).values():
             layer.norm_n0 = None  # falls back to weight_norm(): dequantise, then ‖W0 + s·B A‖_row
         return base
 
     return {
-        "peft-qlora": theirs(False),
-        "peft-qdora": theirs(True),
-        "lora": ours("lora", r=r, alpha=2 * r),
-        "dora": ours("dora", r=r, alpha=2 * r),
+        "peft-qlora": peft_maker(r, TARGETS, False),
+        "peft-qdora": peft_maker(r, TARGETS, True),
+        "lora": adapter_maker("lora", TARGETS, r=r, alpha=2 * r),
+        "dora": adapter_maker("dora", TARGETS, r=r, alpha=2 * r),
         "dora-dequant": dora_dequantising,
-        "edora": ours("edora", r=r, alpha=2 * r),
-        "gora": ours("gora", r_ref=r, alpha=2 * r, n_steps=4),
-        "raclora": ours("raclora", r=r, alpha=2 * r, link_steps=10),
+        "edora": adapter_maker("edora", TARGETS, r=r, alpha=2 * r),
+        "gora": adapter_maker("gora", TARGETS, calib, r_ref=r, alpha=2 * r, n_steps=4),
+        "raclora": adapter_maker("raclora", TARGETS, r=r, alpha=2 * r, link_steps=10),
     }
 
 
@@ -113,25 +97,9 @@ def time_interleaved(r: int, batch_size: int, seq_len: int, rounds: int, warmup:
                      only: list[str] | None = None) -> dict[str, dict[str, float]]:
     models = {label: make_trainable(make) for label, make in variants(r, batch_size, seq_len).items()
               if only is None or label in only}
-    batch = batch_for(batch_size, seq_len)
-    times: dict[str, list[float]] = {label: [] for label in models}
-    labels = list(models)
-    for i in range(warmup + rounds):
-        order = labels[i % len(labels):] + labels[: i % len(labels)]
-        for label in order:
-            model, opt, _ = models[label]
-            t0 = time.perf_counter()
-            train_step(model, opt, batch)
-            if i >= warmup:
-                times[label].append(time.perf_counter() - t0)
-    ref = statistics.median(times["peft-qlora"])
-    out = {}
-    for label, ts in times.items():
-        med = statistics.median(ts)
-        q = statistics.quantiles(ts, n=4)
-        out[label] = {"median_s": med, "ratio_to_peft_qlora": med / ref, "iqr_s": q[2] - q[0],
-                      "setup_s": models[label][2],
-                      "trainable": sum(p.numel() for p in models[label][0].parameters() if p.requires_grad)}
+    out = summarise(step_times(models, batch_for(batch_size, seq_len), rounds, warmup), models, "peft-qlora")
+    for label, row in out.items():
+        row["setup_s"] = models[label][2]
     return out
 
 
@@ -150,10 +118,7 @@ def memory_child(label: str, r: int, batch_size: int, seq_len: int, steps: int) 
 
 
 def memory(label: str, r: int, batch_size: int, seq_len: int, steps: int) -> dict[str, float]:
-    cmd = [sys.executable, __file__, "--memory-child", label, "--r", str(r), "--batch-sizes", str(batch_size),
-           "--seq-lens", str(seq_len), "--rounds", str(steps)]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return speed_memory(label, r, batch_size, seq_len, steps, script=__file__)
 
 
 RATIOS = [  # (numerator, denominator, goal)

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -60,39 +61,46 @@ def calibration(n: int, batch_size: int, seq_len: int) -> list[dict[str, torch.T
     return [batch_for(batch_size, seq_len, seed=100 + i) for i in range(n)]
 
 
-def variants(r: int, batch_size: int, seq_len: int) -> dict[str, Callable[[torch.nn.Module], torch.nn.Module]]:
-    """label -> function turning a fresh base model into the model to train."""
-    methods = rankwise.all_methods()
+def adapter_maker(name: str, targets: list[str], calibration: Callable[[], list] | None = None,
+                  **kw: Any) -> Callable[[torch.nn.Module], torch.nn.Module]:
+    """A function attaching rankwise method ``name`` (config ``kw``) to a fresh base; calibration batches
+    from ``calibration()`` when the method uses them. Shared with bench/quant.py."""
+    method = rankwise.all_methods()[name]
 
-    def ours(name: str, **kw):
-        def make(base):
-            cfg_cls = methods[name].config_cls
-            calib = calibration(4, batch_size, seq_len) if methods[name].uses_calibration else None
-            rankwise.attach(base, cfg_cls(target_modules=TARGETS, seed=0, **kw), calibration=calib)
-            return base
-
-        return make
-
-    def theirs(dora: bool):
-        def make(base):
-            import peft
-
-            return peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, use_dora=dora))
-
-        return make
-
-    def full(base):
+    def make(base: torch.nn.Module) -> torch.nn.Module:
+        calib = calibration() if method.uses_calibration and calibration is not None else None
+        rankwise.attach(base, method.config_cls(target_modules=targets, seed=0, **kw), calibration=calib)
         return base
 
-    out: dict[str, Callable] = {"peft-lora": theirs(False), "peft-dora": theirs(True), "lora": ours("lora", r=r, alpha=2 * r)}
-    out["dora"] = ours("dora", r=r, alpha=2 * r)
+    return make
+
+
+def peft_maker(r: int, targets: list[str], dora: bool) -> Callable[[torch.nn.Module], torch.nn.Module]:
+    """A function wrapping a fresh base in HF PEFT's LoRA (or DoRA) at rank ``r``, alpha ``2r``."""
+    def make(base: torch.nn.Module) -> torch.nn.Module:
+        import peft
+
+        return peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, use_dora=dora))
+
+    return make
+
+
+def variants(r: int, batch_size: int, seq_len: int) -> dict[str, Callable[[torch.nn.Module], torch.nn.Module]]:
+    """label -> function turning a fresh base model into the model to train."""
+    def calib() -> list[dict[str, torch.Tensor]]:
+        return calibration(4, batch_size, seq_len)
+
+    methods = rankwise.all_methods()
+    out: dict[str, Callable] = {"peft-lora": peft_maker(r, TARGETS, False), "peft-dora": peft_maker(r, TARGETS, True),
+                                "lora": adapter_maker("lora", TARGETS, r=r, alpha=2 * r),
+                                "dora": adapter_maker("dora", TARGETS, r=r, alpha=2 * r)}
     if "gora" in methods:
-        out["gora"] = ours("gora", r_ref=r, alpha=2 * r, n_steps=4)
+        out["gora"] = adapter_maker("gora", TARGETS, calib, r_ref=r, alpha=2 * r, n_steps=4)
     if "edora" in methods:
-        out["edora"] = ours("edora", r=r, alpha=2 * r)
+        out["edora"] = adapter_maker("edora", TARGETS, r=r, alpha=2 * r)
     if "raclora" in methods:
-        out["raclora"] = ours("raclora", r=r, alpha=2 * r, link_steps=10)
-    out["full"] = full
+        out["raclora"] = adapter_maker("raclora", TARGETS, r=r, alpha=2 * r, link_steps=10)
+    out["full"] = lambda base: base
     return out
 
 
@@ -112,30 +120,37 @@ def make_trainable(label: str, make: Callable, base: torch.nn.Module) -> tuple[t
     return model, torch.optim.AdamW(params, lr=1e-4)
 
 
-def time_interleaved(r: int, batch_size: int, seq_len: int, rounds: int, warmup: int) -> dict[str, dict[str, float]]:
-    base = load_base()
-    makers = variants(r, batch_size, seq_len)
-    models = {label: make_trainable(label, make, base) for label, make in makers.items()}
-    batch = batch_for(batch_size, seq_len)
+def step_times(models: dict[str, tuple], batch: dict[str, torch.Tensor], rounds: int,
+               warmup: int) -> dict[str, list[float]]:
+    """Seconds of each ``(model, optimizer, ...)``'s training steps on the same batch, interleaved (the order
+    rotates every round, so drift on a shared machine hits every variant alike); warm-up rounds dropped."""
     times: dict[str, list[float]] = {label: [] for label in models}
     labels = list(models)
     for i in range(warmup + rounds):
-        order = labels[i % len(labels):] + labels[: i % len(labels)]
-        for label in order:
-            model, opt = models[label]
+        for label in labels[i % len(labels):] + labels[: i % len(labels)]:
+            model, opt = models[label][:2]
             t0 = time.perf_counter()
             train_step(model, opt, batch)
-            dt = time.perf_counter() - t0
             if i >= warmup:
-                times[label].append(dt)
-    ref = statistics.median(times["peft-lora"])
+                times[label].append(time.perf_counter() - t0)
+    return times
+
+
+def summarise(times: dict[str, list[float]], models: dict[str, tuple], ref: str) -> dict[str, dict[str, float]]:
+    """Median step, its ratio to ``ref``'s (key ``ratio_to_<ref with _ for ->``), IQR and trainable count."""
+    key = "ratio_to_" + ref.replace("-", "_")
     out = {}
     for label, ts in times.items():
-        med = statistics.median(ts)
-        trainable = sum(p.numel() for p in models[label][0].parameters() if p.requires_grad)
-        out[label] = {"median_s": med, "ratio_to_peft_lora": med / ref, "trainable": trainable,
-                      "iqr_s": statistics.quantiles(ts, n=4)[2] - statistics.quantiles(ts, n=4)[0]}
+        q = statistics.quantiles(ts, n=4)
+        out[label] = {"median_s": statistics.median(ts), key: statistics.median(ts) / statistics.median(times[ref]),
+                      "iqr_s": q[2] - q[0], "trainable": sum(p.numel() for p in models[label][0].parameters() if p.requires_grad)}
     return out
+
+
+def time_interleaved(r: int, batch_size: int, seq_len: int, rounds: int, warmup: int) -> dict[str, dict[str, float]]:
+    base = load_base()
+    models = {label: make_trainable(label, make, base) for label, make in variants(r, batch_size, seq_len).items()}
+    return summarise(step_times(models, batch_for(batch_size, seq_len), rounds, warmup), models, "peft-lora")
 
 
 def memory_child(label: str, r: int, batch_size: int, seq_len: int, steps: int) -> None:
@@ -164,8 +179,9 @@ def _status_kb(field: str) -> float:
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
-def memory(label: str, r: int, batch_size: int, seq_len: int, steps: int) -> dict[str, float]:
-    cmd = [sys.executable, __file__, "--memory-child", label, "--r", str(r), "--batch-sizes", str(batch_size),
+def memory(label: str, r: int, batch_size: int, seq_len: int, steps: int, script: str = __file__) -> dict[str, float]:
+    """Peak RSS of ``steps`` training steps of one variant, measured in a child process of ``script``."""
+    cmd = [sys.executable, script, "--memory-child", label, "--r", str(r), "--batch-sizes", str(batch_size),
            "--seq-lens", str(seq_len), "--rounds", str(steps)]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])

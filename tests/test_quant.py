@@ -383,6 +383,19 @@ def test_raclora_link_ends_stay_in_the_adapter(llama_dir: str) -> None:
     assert all(torch.equal(a, b) for n, t in quant_snapshot(model).items() for a, b in zip(t, before[n]))
 
 
+def test_gora_calibrates_an_eval_mode_quantised_model(llama_dir: str) -> None:
+    """``from_pretrained`` returns an eval-mode model: GoRA's calibration forwards on it must not let
+    bitsandbytes repack the 4-bit weights (attach would then refuse them, or training through them fail)."""
+    if not REPACKS:
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks here")
+    model = load_quantized(llama_dir, "nf4").eval()
+    before = quant_snapshot(model)
+    cfg = rankwise.GoraConfig(r_ref=4, alpha=8, n_steps=2, target_modules=TARGETS, seed=0)
+    rankwise.attach(model, cfg, calibration=[batch(0), batch(1)])
+    assert all(torch.equal(a, b) for n, t in quant_snapshot(model).items() for a, b in zip(t, before[n]))
+    train(model.train())  # trains through the adapted layers and every other 4-bit layer
+
+
 def test_eval_forward_keeps_the_quantised_layout(llama_dir: str) -> None:
     """bitsandbytes repacks a 4-bit CPU weight at its first eval-mode forward without gradients (then training
     through it fails); adapted layers are kept out of that, the harness keeps the whole model out of it."""

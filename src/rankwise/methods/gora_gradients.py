@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import comm_device, process_group
-from ..quant import dense_weight, is_quantized
+from ..quant import dense_weight, is_quantized, keep_layout
 from ..registry import LossFn
 from ..targeting import out_in
 
@@ -193,7 +193,9 @@ def collect_gradients(
     """Step 1: the mean gradient ``Ḡ_i`` (fp32, or fp64 for an fp64 model; ``out x in``) of every target weight.
 
     The model comes back as it went in: ``requires_grad`` flags, ``.grad`` fields and buffers (e.g.
-    batch-norm statistics updated in train mode) are restored, also when this raises. The model's
+    batch-norm statistics updated in train mode) are restored, also when this raises. Its 4-bit layers are
+    kept out of bitsandbytes' CPU inference repacking (``rankwise.quant.keep_layout``), which an eval-mode
+    calibration forward would otherwise trigger. The model's
     train/eval mode is left as the caller set it (dropout then acts as in training).
 
     Under ``torch.distributed`` every rank must call this with the same ``n_steps`` and
@@ -202,6 +204,9 @@ def collect_gradients(
     batches) leaves the others waiting in the collective, as any failed rank in a DDP job does.
     """
     _check_calibration_size(calibration, config)
+    # the calibration forwards run in the caller's mode; an eval-mode model (as from_pretrained returns it)
+    # would let bitsandbytes repack its 4-bit CPU weights, after which training through them fails
+    keep_layout(model)
     dist = process_group()
     params = dict(model.named_parameters())
     flags = {n: p.requires_grad for n, p in params.items()}
