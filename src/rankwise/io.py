@@ -37,8 +37,7 @@ from torch import Tensor, nn
 
 from ._version import __version__
 from .adapter_file import (AdapterFileError, atomic_write_bytes, base_fingerprint, fingerprint_tolerance,  # noqa: F401
-                           metadata_digest,
-                           tensors_digest, validate_description)
+                           metadata_digest, tensors_digest, validate_description)
 from .config import AdapterConfig
 from .layer import AdapterLayer
 from .model import all_or_nothing, install
