@@ -16,7 +16,7 @@ import rankwise
 from conftest import SHARED_DATA
 from rankwise_harness import metrics as M
 from rankwise_harness.config import ConfigError, build_method_config, parse_overrides
-from rankwise_harness.data import TASKS, DataError, get_task, load_task_data, read_glue_tsv, read_gsm8k_jsonl, read_hf, read_rotten
+from rankwise_harness.data import TASKS, DataError, get_task, load_task_data, read_gsm8k_jsonl, read_hf, read_rotten
 
 SHARED = Path(os.environ.get("RANKWISE_SHARED_DATA", SHARED_DATA))  # a worktree may keep the data elsewhere
 GLUE = SHARED / "glue"

@@ -179,7 +179,6 @@ def _key(ex) -> tuple:
 def _recorded_run(cfg: RunConfig, monkeypatch: pytest.MonkeyPatch) -> tuple[list[tuple], list[tuple], dict]:
     """Run ``cfg``; returns the rows training batches drew, the rows every held-out evaluation saw, and metrics."""
     trained: list[tuple] = []
-    held: list[tuple] = []
     inside = [False]
     real_eval, real_batch = train_mod.evaluate, train_mod.Encoder.train_batch
 

@@ -59,7 +59,7 @@ class _FailingFile:
 
 def _inject(monkeypatch: pytest.MonkeyPatch, fault: str) -> type[BaseException]:
     """Make the next adapter write fail at ``fault``; returns the exception type the caller sees."""
-    real_fdopen, real_fsync = rio.os.fdopen, rio.os.fsync
+    real_fdopen = rio.os.fdopen
     if fault == "disk-full-mid-write":
         monkeypatch.setattr(rio.os, "fdopen", lambda fd, mode: _FailingFile(real_fdopen(fd, mode), OSError(errno.ENOSPC, "No space left on device")))
         return OSError

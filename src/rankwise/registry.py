@@ -7,7 +7,7 @@ data-dependent initialisation), ``step`` calls ``method.on_step`` when the metho
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable  # noqa: F401  (Iterable: in a string annotation below)
 from dataclasses import dataclass, field
 from os import PathLike
 from typing import Any
