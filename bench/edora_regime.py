@@ -6,7 +6,9 @@ pooling (MiniLM's pretraining), AdamW weight decay 0.01, many epochs with every 
 lr picked per arm on held-out training rows (``--val-split``, seed 0), then every seed at that lr. EDoRA
 runs with SVD factors (the method) and with random factors (``main_glue.py``'s default config).
 
-Arms at one rank ``--r`` on the same targets: ``lora``, ``dora``, ``edora-svd``, ``edora-random``.
+Arms at one rank ``--r`` on the same targets: ``lora``, ``dora``, ``edora-svd``, ``edora-random``, and the
+control ``head-only`` (the head trained alone: a LoRA at lr 1e-12, so its B stays zero), which shows how
+much of each score the head earns without any adapter.
 The paper's claim checked in the report: EDoRA within 1 point of DoRA's average with >= 20x fewer
 trainable adapter parameters (the head counted apart).
 
@@ -38,6 +40,8 @@ def arms(r: int, alpha: float) -> list[Arm]:
         Arm("dora", "dora", common, [3e-4, 1e-3, 3e-3]),
         Arm("edora-svd", "edora", common + ["--set", "factors=svd"], [3e-3, 1e-2, 3e-2]),
         Arm("edora-random", "edora", common + ["--set", "factors=random"], [3e-3, 1e-2, 3e-2]),
+        # the control: the head alone (a LoRA whose lr 1e-12 leaves B at zero, so the adapter adds nothing)
+        Arm("head-only", "lora", common, [1e-12]),
     ]
 
 
@@ -56,7 +60,7 @@ def main() -> None:
                     help="a: MiniLM + RoBERTa-style head (default); b: SmolLM2-135M by label words, no head")
     ap.add_argument("--model", default=None, help="default: the packaged MiniLM (a) or SmolLM2-135M (b)")
     ap.add_argument("--extra", default="", help="more finetune flags for every run (quoted)")
-    ap.add_argument("--arms", default="lora,dora,edora-svd,edora-random")
+    ap.add_argument("--arms", default="lora,dora,edora-svd,edora-random,head-only")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "edora-regime"))
     ap.add_argument("--name", default="edora-regime")
     ap.add_argument("--dry-run", action="store_true")
