@@ -283,7 +283,8 @@ def report(args: argparse.Namespace) -> None:
     date = min(days) if len(days) == 1 else f"{min(days)} to {max(days)}"
     lines = [f"Measured {date} on {platform.machine()}, {os.cpu_count()} CPU cores; `python bench/gora_regime.py "
              f"--tasks {','.join(args.tasks)} --arms {','.join(args.arms)} --seeds {','.join(map(str, args.seeds))} "
-             f"--calibration-batches {args.calibration_batches}" + (f" --max-train {args.max_train}" if args.max_train else "")
+             f"--peft-seeds {args.peft_seeds} --full-seeds {args.full_seeds} --calibration-batches {args.calibration_batches}"
+             + (f" --max-train {args.max_train}" if args.max_train else "")
              + f"`. {args.model} by label words, one epoch, batch 32, cosine, 3 % warmup, r 8 / α 16 on every linear "
              "layer; mean ± std over seeds (x100); `one-class` counts seeds that predicted one class for all of dev.", "",
              "| task | arm | lr | metric | mean ± std | accuracy | dev majority | one-class seeds | trainable | init share | s/step |",
@@ -296,7 +297,8 @@ def report(args: argparse.Namespace) -> None:
         best = Path(args.runs) / task / "sweep" / "best_lr.json"
         if best.is_file():
             b = json.loads(best.read_text())
-            lines.append(f"\n{task}: held-out sweep (LoRA, headline metric) {b['scores']}; chosen lr {b['best']:g}")
+            lines.append(f"\n{task}: held-out sweep (LoRA, headline metric) {b['scores']}; chosen lr {b['best']:g}"
+                         + (" (the baseline's own: `lora-tuned` is the `lora` runs)" if b["best"] == args.lr else ""))
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
