@@ -40,23 +40,26 @@ def _summary(entry: dict[str, Any], headline: str) -> dict[str, Any]:
             "headline_metric": headline}
 
 
+def _held_out(evals: list[dict[str, Any]], headline: str) -> tuple[list[dict[str, Any]], int | None]:
+    """The evaluations with a held-out ``headline``, and the index among them of the best (the earliest
+    maximum; ``None`` when there is none). One rule for the reported best and for ``--patience``."""
+    scored = [e for e in evals if isinstance(e.get("val"), dict) and headline in e["val"]]
+    if not scored:
+        return scored, None
+    return scored, max(range(len(scored)), key=lambda i: (scored[i]["val"][headline], -i))
+
+
 def best_and_last(evals: list[dict[str, Any]], headline: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """The evaluation with the highest held-out ``headline`` (the earliest on ties), and the last one.
 
     ``best`` is ``None`` without held-out metrics: it is never chosen on dev.
     """
     last = _summary(evals[-1], headline) if evals else None
-    scored = [e for e in evals if isinstance(e.get("val"), dict) and headline in e["val"]]
-    if not scored:
-        return None, last
-    best = max(scored, key=lambda e: (e["val"][headline], -scored.index(e)))
-    return _summary(best, headline), last
+    scored, best = _held_out(evals, headline)
+    return (None if best is None else _summary(scored[best], headline)), last
 
 
 def evals_since_best(evals: list[dict[str, Any]], headline: str) -> int:
     """How many held-out evaluations came after the best one (0 when the latest is the best or there is none)."""
-    scored = [e["val"][headline] for e in evals if isinstance(e.get("val"), dict) and headline in e["val"]]
-    if not scored:
-        return 0
-    best = max(range(len(scored)), key=lambda i: (scored[i], -i))  # the earliest maximum, as best_and_last
-    return len(scored) - 1 - best
+    scored, best = _held_out(evals, headline)
+    return 0 if best is None else len(scored) - 1 - best
