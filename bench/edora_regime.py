@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from regime import ROOT, Arm, curves, header, run_all, table  # noqa: E402
+from regime import ROOT, Arm, curves, head_only, header, run_all, table  # noqa: E402
 
 
 def arms(r: int, alpha: float) -> list[Arm]:
@@ -40,8 +40,7 @@ def arms(r: int, alpha: float) -> list[Arm]:
         Arm("dora", "dora", common, [3e-4, 1e-3, 3e-3]),
         Arm("edora-svd", "edora", common + ["--set", "factors=svd"], [3e-3, 1e-2, 3e-2]),
         Arm("edora-random", "edora", common + ["--set", "factors=random"], [3e-3, 1e-2, 3e-2]),
-        # the control: the head alone (a LoRA whose lr 1e-12 leaves B at zero, so the adapter adds nothing)
-        Arm("head-only", "lora", common, [1e-12]),
+        head_only(common),
     ]
 
 
@@ -55,7 +54,7 @@ def main() -> None:
     ap.add_argument("--head-lr", type=float, default=1e-3)
     ap.add_argument("--val-split", type=float, default=0.1)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-train", type=int, help="SST-2: a fixed subset (the first N rows)")
+    ap.add_argument("--max-train", type=int, help="a fixed subset of the training rows (the first N), any task")
     ap.add_argument("--regime", choices=["a", "b"], default="a",
                     help="a: MiniLM + RoBERTa-style head (default); b: SmolLM2-135M by label words, no head")
     ap.add_argument("--model", default=None, help="default: the packaged MiniLM (a) or SmolLM2-135M (b)")

@@ -3,7 +3,8 @@ adapter cannot. MRPC on the packaged MiniLM, rank 2, 10 links of one epoch each.
 
 Arms: RAC-LoRA with frozen B and frozen A, each with Adam's state kept across link ends (the authors'
 code) and reset (rankwise's default); LoRA r 2 and r 20 for the same epochs; COLA (both factors trained,
-merged every epoch) and Asymmetric LoRA (one link, frozen A) at r 2; full fine-tuning as the reference.
+merged every epoch) and Asymmetric LoRA (one link, frozen A) at r 2; full fine-tuning as the reference;
+the head alone as the control (how much the head earns without any adapter).
 Every arm's lr is picked on held-out training rows (``--val-split``, seed 0), then every seed runs at it;
 the report plots the held-out metric against epoch for all arms (see ``bench/regime.py``).
 
@@ -22,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from regime import DATA, GLUE, ROOT, Arm, curves, header, run_all, table  # noqa: E402
+from regime import DATA, GLUE, ROOT, Arm, curves, head_only, header, run_all, table  # noqa: E402
 
 ADAPTER_LRS = [3e-4, 1e-3, 3e-3]
 
@@ -47,7 +48,8 @@ def arms(r: int, wide: int, steps: int) -> list[Arm]:
             Arm(f"lora-r{wide}", "lora", ["--r", str(wide), "--alpha", str(2 * wide)], ADAPTER_LRS),
             Arm(f"cola-r{r}", "raclora", rank + link + ["--set", "train_both=true"], ADAPTER_LRS),
             Arm(f"asymmetric-r{r}", "raclora", rank + ["--set", "chain=false"], ADAPTER_LRS),
-            Arm("full", "full", [], [2e-5, 5e-5])]
+            Arm("full", "full", [], [2e-5, 5e-5]),
+            head_only(rank)]
     return out
 
 

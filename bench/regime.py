@@ -39,6 +39,12 @@ class Arm:
     lrs: list[float] = field(default_factory=list)
 
 
+def head_only(flags: list[str]) -> Arm:
+    """The control arm: the head trained alone (a LoRA whose lr 1e-12 leaves B at zero, so the adapter adds
+    nothing); it shows how much of a score the head earns without any adapter."""
+    return Arm("head-only", "lora", flags, [1e-12])
+
+
 def run_dir(runs: Path, task: str, arm: Arm, lr: float, seed: int) -> Path:
     return runs / task / arm.label / f"lr{lr:g}-seed{seed}"
 
@@ -123,25 +129,31 @@ def majority_rate(task: str) -> float:
     return Counter(e.label for e in dev).most_common(1)[0][1] / len(dev)
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], scale: float = 100, digits: int = 1) -> str:
     if not values:
         return "—"
-    s = f"{100 * statistics.mean(values):.1f} ± {100 * (statistics.stdev(values) if len(values) > 1 else 0.0):.1f}"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    s = f"{scale * statistics.mean(values):.{digits}f} ± {scale * spread:.{digits}f}"
     return s + (f" (n={len(values)})" if len(values) < 3 else "")
+
+
+def last_epoch_loss(m: dict[str, Any]) -> float:
+    """The mean training loss over the run's last epoch (how well the arm fits its training rows)."""
+    return epoch_losses(m)[-1]
 
 
 def table(runs: Path, task: str, arms: list[Arm], picked: dict[str, float | None], seeds: list[int]) -> list[str]:
     """Markdown rows: arm, lr, adapter and head parameters, dev headline / accuracy at the best held-out epoch and at the last."""
     lines = [f"**{task}** (dev majority-class rate {100 * majority_rate(task):.1f} %)", "",
              "| arm | lr (picked on held-out) | adapter params | head params | dev, best held-out epoch | "
-             "dev accuracy, same | dev, last epoch | dev accuracy, last | seconds per run |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "dev accuracy, same | dev, last epoch | dev accuracy, last | training loss, last epoch | seconds per run |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for arm in arms:
         lr = picked.get(arm.label)
         ms = [m for s in seeds if lr is not None and (m := metrics(run_dir(runs, task, arm, lr, s)))]
         grid = f" (grid {grid_done(runs, task, arm)}/{len(arm.lrs)})"
         if not ms:
-            lines.append(f"| {arm.label} | {'—' if lr is None else f'{lr:g}'}{grid} | — | — | not yet run | | | | |")
+            lines.append(f"| {arm.label} | {'—' if lr is None else f'{lr:g}'}{grid} | — | — | not yet run | | | | | |")
             continue
         head = ms[0]["headline_metric"]
         best = [m["best"]["dev"][head] for m in ms]
@@ -151,18 +163,26 @@ def table(runs: Path, task: str, arms: list[Arm], picked: dict[str, float | None
         secs = statistics.mean(m["train_seconds"] for m in ms)
         adapter = ms[0].get("adapter_params")
         lines.append(f"| {arm.label} | {lr:g}{grid} | {adapter if adapter is None else f'{adapter:,}'} | {ms[0]['head_params']:,} | "
-                     f"{mean_std(best)} | {mean_std(best_acc)} | {mean_std(last)} | {mean_std(last_acc)} | {secs:.0f} |")
+                     f"{mean_std(best)} | {mean_std(best_acc)} | {mean_std(last)} | {mean_std(last_acc)} | "
+                     f"{mean_std([last_epoch_loss(m) for m in ms], scale=1, digits=3)} | {secs:.0f} |")
     return lines
 
 
+def epoch_losses(m: dict[str, Any]) -> list[float]:
+    """The mean training loss of each epoch of a run (the steps between two evaluations)."""
+    per_epoch = max(1, round(m["steps"] / m["last"]["epoch"]))
+    losses = m["losses"]
+    return [statistics.mean(losses[i:i + per_epoch]) for i in range(0, len(losses), per_epoch)]
+
+
 def curves(runs: Path, task: str, arms: list[Arm], picked: dict[str, float | None], seeds: list[int], path: Path) -> None:
-    """Held-out headline metric against epoch, seed mean per arm."""
+    """Two panels, seed mean per arm against epoch: the held-out headline metric, and the training loss."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, (held, fit) = plt.subplots(1, 2, figsize=(12, 4.5))
     for arm in arms:
         lr = picked.get(arm.label)
         ms = [m for s in seeds if lr is not None and (m := metrics(run_dir(runs, task, arm, lr, s)))]
@@ -175,11 +195,16 @@ def curves(runs: Path, task: str, arms: list[Arm], picked: dict[str, float | Non
                 if "val" in e:
                     by_epoch.setdefault(e["epoch"], []).append(e["val"][head])
         xs = sorted(by_epoch)
-        ax.plot(xs, [100 * statistics.mean(by_epoch[x]) for x in xs], marker="o", ms=3, label=f"{arm.label} (lr {lr:g})")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("held-out metric x100")
-    ax.set_title(f"{task}: held-out training rows, mean over seeds")
-    ax.legend(fontsize=7)
+        line, = held.plot(xs, [100 * statistics.mean(by_epoch[x]) for x in xs], marker="o", ms=3,
+                          label=f"{arm.label} (lr {lr:g})")
+        per_run = [epoch_losses(m) for m in ms]
+        n = min(len(v) for v in per_run)
+        fit.plot(range(1, n + 1), [statistics.mean(v[i] for v in per_run) for i in range(n)], marker="o", ms=3,
+                 color=line.get_color())
+    held.set(xlabel="epoch", ylabel="held-out metric x100", title=f"{task}: held-out training rows")
+    fit.set(xlabel="epoch", ylabel="mean training loss of the epoch", yscale="log", title="fit to the training rows")
+    held.legend(fontsize=7)
+    fig.suptitle(f"mean over the seeds run ({len(seeds)} asked; n per arm in the table)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

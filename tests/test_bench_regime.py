@@ -44,3 +44,16 @@ def test_run_all_runs_the_grid_breadth_first_and_picks_on_held_out_not_dev(tmp_p
     assert calls[5:] == [("a", 3.0, 1), ("b", 1.0, 1), ("a", 3.0, 2), ("b", 1.0, 2)]  # seed 0 is the grid's run
     calls.clear()
     assert regime.run_all(tmp_path, "mrpc", arms, [0, 1, 2], [], report_only=True) == picked and not calls
+
+
+def test_last_epoch_loss_is_the_mean_over_the_last_epochs_steps() -> None:
+    # 3 epochs of 4 steps: the last epoch's losses are 9..12, whatever came before
+    m = {"steps": 12, "last": {"epoch": 3.0}, "losses": [100.0] * 8 + [9.0, 10.0, 11.0, 12.0]}
+    assert regime.last_epoch_loss(m) == pytest.approx(10.5)
+    # a run that stopped after half an epoch still averages only the steps it took
+    assert regime.last_epoch_loss({"steps": 2, "last": {"epoch": 0.5}, "losses": [1.0, 3.0]}) == pytest.approx(2.0)
+
+
+def test_epoch_losses_averages_each_epochs_steps() -> None:
+    m = {"steps": 6, "last": {"epoch": 3.0}, "losses": [1.0, 3.0, 5.0, 7.0, 2.0, 2.0]}
+    assert regime.epoch_losses(m) == pytest.approx([2.0, 6.0, 2.0])
