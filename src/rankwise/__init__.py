@@ -22,7 +22,7 @@ from .layer import AdapterLayer
 from .methods import DoraConfig, EdoraConfig, GoraConfig, LoraConfig, RacLoraConfig
 from .methods.gora import gora_rank_table, plot_gora_ranks  # noqa: F401  (method extras, kept for old code)
 from .methods.raclora import compress_chain, end_link  # noqa: F401  (method extras, kept for old code)
-from .model import (
+from .lifecycle import (
     AttachReport,
     adapter_layers,
     attach,

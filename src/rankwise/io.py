@@ -40,7 +40,7 @@ from .adapter_file import (AdapterFileError, atomic_write_bytes, base_fingerprin
                            metadata_digest, tensors_digest, validate_description)
 from .config import AdapterConfig
 from .layer import AdapterLayer
-from .model import all_or_nothing, install
+from .lifecycle import all_or_nothing, install
 from .quant import dense_weight, quant_block, quant_kind
 from .registry import BuildResult, config_from_dict, get_method
 from .state import adapter_layers, get_state, is_attached, unwrap_model

@@ -1,7 +1,7 @@
 """Where a model keeps its adapters: the state ``attach`` leaves on it, and finding its adapter layers.
 
 The bottom of the library's layering: methods (``methods/*.py``), ``io`` and ``peft_format`` read a
-model's adapters through these, without importing ``model`` (attach, merge, step) above them.
+model's adapters through these, without importing ``lifecycle`` (attach, merge, step) above them.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from typing import Any
 from torch import nn
 
 from ..config import check_positive_int
-from ..model import step
+from ..lifecycle import step
 
 
 def _callback_class() -> type:
