@@ -12,7 +12,7 @@ the report plots the held-out metric against epoch for all arms (see ``bench/reg
     python bench/raclora_chain.py                    # the runs (long on 2 CPU cores), resumable
     python bench/raclora_chain.py --report-only      # tables + curves from finished runs
 
-Not yet run: see docs/benchmarks.md.
+Results and the command that made them: docs/benchmarks.md §3f (docs/bench/raclora-chain.md, .png).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from regime import DATA, GLUE, ROOT, Arm, curves, head_only, header, run_all, table  # noqa: E402
+from regime import DATA, GLUE, ROOT, Arm, curves, grid_table, head_only, header, run_all, table  # noqa: E402
 
 ADAPTER_LRS = [3e-4, 1e-3, 3e-3]
 
@@ -85,7 +85,7 @@ def main() -> None:
     out = ROOT / "docs" / "bench"
     lines = [header("python " + " ".join(shlex.quote(a) for a in sys.argv)),
              f"One link = one epoch = {steps} optimizer steps.", ""]
-    lines += table(runs, args.task, chosen, picked, seeds)
+    lines += table(runs, args.task, chosen, picked, seeds) + [""] + grid_table(runs, args.task, chosen)
     curves(runs, args.task, chosen, picked, seeds, out / f"{args.name}.png")
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

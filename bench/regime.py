@@ -161,10 +161,27 @@ def table(runs: Path, task: str, arms: list[Arm], picked: dict[str, float | None
         last = [m["last"]["dev"][head] for m in ms]
         last_acc = [m["last"]["dev"].get("accuracy", float("nan")) for m in ms]
         secs = statistics.mean(m["train_seconds"] for m in ms)
-        adapter = ms[0].get("adapter_params")
-        lines.append(f"| {arm.label} | {lr:g}{grid} | {adapter if adapter is None else f'{adapter:,}'} | {ms[0]['head_params']:,} | "
+        adapter = ms[0].get("adapter_params")  # None: full fine-tuning (every weight trains)
+        adapter_cell = f"{adapter:,}" if adapter is not None else f"{ms[0]['trainable_params'] - ms[0]['head_params']:,} (all)"
+        lines.append(f"| {arm.label} | {lr:g}{grid} | {adapter_cell} | {ms[0]['head_params']:,} | "
                      f"{mean_std(best)} | {mean_std(best_acc)} | {mean_std(last)} | {mean_std(last_acc)} | "
                      f"{mean_std([last_epoch_loss(m) for m in ms], scale=1, digits=3)} | {secs:.0f} |")
+    return lines
+
+
+def grid_table(runs: Path, task: str, arms: list[Arm]) -> list[str]:
+    """Markdown rows: every finished grid run (seed 0) with its held-out score (what the lr is picked on)
+    and its training loss over the last epoch (how far that lr fits the training rows)."""
+    lines = [f"**{task}: the lr grids (seed 0)**: held-out score at the best epoch / training loss, last epoch", "",
+             "| arm | " + " | ".join("lr" for _ in range(max(len(a.lrs) for a in arms))) + " |",
+             "|---|" + "---:|" * max(len(a.lrs) for a in arms)]
+    for arm in arms:
+        cells = []
+        for lr in arm.lrs:
+            m = metrics(run_dir(runs, task, arm, lr, 0))
+            cells.append(f"{lr:g}: not run" if m is None else
+                         f"{lr:g}: {100 * held_out_score(m):.1f} / {last_epoch_loss(m):.3f}")
+        lines.append(f"| {arm.label} | " + " | ".join(cells) + " |")
     return lines
 
 
