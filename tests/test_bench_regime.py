@@ -57,3 +57,14 @@ def test_last_epoch_loss_is_the_mean_over_the_last_epochs_steps() -> None:
 def test_epoch_losses_averages_each_epochs_steps() -> None:
     m = {"steps": 6, "last": {"epoch": 3.0}, "losses": [1.0, 3.0, 5.0, 7.0, 2.0, 2.0]}
     assert regime.epoch_losses(m) == pytest.approx([2.0, 6.0, 2.0])
+
+
+def test_grid_table_shows_every_grid_point_and_the_unfinished_ones(tmp_path: Path) -> None:
+    arm = regime.Arm("a", "lora", [], [1e-3, 3e-3])
+    out = regime.run_dir(tmp_path, "mrpc", arm, 1e-3, 0)
+    out.mkdir(parents=True)
+    (out / "metrics.json").write_text(json.dumps({
+        "method": "lora", "headline_metric": "f1", "steps": 4, "last": {"epoch": 2.0}, "losses": [9.0, 9.0, 0.5, 0.25],
+        "best": {"val": {"f1": 0.813}, "dev": {"f1": 0.1}}}))
+    row = regime.grid_table(tmp_path, "mrpc", [arm])[-1]
+    assert row == "| a | 0.001: 81.3 / 0.375 | 0.003: not run |"
