@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from regime import DATA, GLUE, ROOT, Arm, curves, grid_table, head_only, header, run_all, table  # noqa: E402
+from regime import DATA, GLUE, ROOT, Arm, curves, grid_table, head_only, header, run_all, run_dir, table  # noqa: E402
 
 ADAPTER_LRS = [3e-4, 1e-3, 3e-3]
 
@@ -35,6 +35,26 @@ def link_steps(task: str, val_split: float, batch_size: int, max_train: int | No
     n = len(load_task_data(get_task(task), str(DATA / "glue" / GLUE[task][0])).train)
     n = min(n, max_train) if max_train else n
     return max(1, (n - int(round(val_split * n))) // batch_size)
+
+
+def update_norm(folder: Path) -> float:
+    """Mean over adapted layers of ||ΔW||_F, the whole update a run's saved adapter adds to W: the live link
+    ``scale · B A`` plus a chain's merged links (``chain_b`` carries its scale)."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    layers = json.loads((folder / "adapter" / "adapter_config.json").read_text())["layers"]
+    t = {k: v.float() for k, v in load_file(str(folder / "adapter" / "adapter.safetensors")).items()}
+    norms = []
+    for name, info in layers.items():
+        pre = next(k for k in t if k.endswith(f"{name}.lora_a"))[: -len("lora_a")]
+        delta = info["scale"] * t[pre + "lora_b"] @ t[pre + "lora_a"]
+        if pre + "chain_b" in t:
+            delta = delta + t[pre + "chain_b"] @ t[pre + "chain_a"]
+        norms.append(float(torch.linalg.matrix_norm(delta)))
+    return sum(norms) / len(norms)
 
 
 def arms(r: int, wide: int, steps: int) -> list[Arm]:
@@ -69,6 +89,8 @@ def main() -> None:
     ap.add_argument("--arms", default=None, help="comma-separated labels (default: all)")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "raclora-chain"))
     ap.add_argument("--name", default="raclora-chain")
+    ap.add_argument("--update-norms", type=float, metavar="LR",
+                    help="print each adapter arm's mean ||ΔW||_F (seed 0 at this grid lr) and exit")
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
@@ -79,6 +101,12 @@ def main() -> None:
               "--val-split", str(args.val_split), "--eval-each-epoch", "--epochs", str(args.links),
               "--batch-size", str(args.batch_size), "--save-every", "200", "--targets", "query,value",
               *(["--max-train", str(args.max_train)] if args.max_train else [])]
+    if args.update_norms is not None:
+        for arm in chosen:
+            folder = run_dir(runs, args.task, arm, args.update_norms, 0)
+            if arm.method != "full" and (folder / "adapter" / "adapter.safetensors").is_file():
+                print(f"{arm.label}: mean ||dW||_F {update_norm(folder):.2f}")
+        return
     picked = run_all(runs, args.task, chosen, seeds, common, args.dry_run, args.report_only)
     if args.dry_run:
         return
