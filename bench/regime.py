@@ -96,6 +96,11 @@ def pick_lr(runs: Path, task: str, arm: Arm, common: list[str], dry: bool = Fals
     return max(scores, key=lambda lr: (scores[lr], -lr)) if scores else None
 
 
+def seed_metrics(runs: Path, task: str, arm: Arm, lr: float | None, seeds: list[int]) -> list[dict[str, Any]]:
+    """The finished runs of ``arm`` at ``lr`` among ``seeds`` (none when no lr was picked)."""
+    return [m for s in seeds if lr is not None and (m := metrics(run_dir(runs, task, arm, lr, s)))]
+
+
 def grid_done(runs: Path, task: str, arm: Arm) -> int:
     """How many of the arm's grid runs (seed 0) have finished."""
     return sum(metrics(run_dir(runs, task, arm, lr, 0)) is not None for lr in arm.lrs)
@@ -150,7 +155,7 @@ def table(runs: Path, task: str, arms: list[Arm], picked: dict[str, float | None
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for arm in arms:
         lr = picked.get(arm.label)
-        ms = [m for s in seeds if lr is not None and (m := metrics(run_dir(runs, task, arm, lr, s)))]
+        ms = seed_metrics(runs, task, arm, lr, seeds)
         grid = f" (grid {grid_done(runs, task, arm)}/{len(arm.lrs)})"
         if not ms:
             lines.append(f"| {arm.label} | {'—' if lr is None else f'{lr:g}'}{grid} | — | — | not yet run | | | | | |")
@@ -172,9 +177,9 @@ def table(runs: Path, task: str, arms: list[Arm], picked: dict[str, float | None
 def grid_table(runs: Path, task: str, arms: list[Arm]) -> list[str]:
     """Markdown rows: every finished grid run (seed 0) with its held-out score (what the lr is picked on)
     and its training loss over the last epoch (how far that lr fits the training rows)."""
+    width = max(len(a.lrs) for a in arms)
     lines = [f"**{task}: the lr grids (seed 0)**: held-out score at the best epoch / training loss, last epoch", "",
-             "| arm | " + " | ".join("lr" for _ in range(max(len(a.lrs) for a in arms))) + " |",
-             "|---|" + "---:|" * max(len(a.lrs) for a in arms)]
+             "| arm | " + " | ".join(["lr"] * width) + " |", "|---|" + "---:|" * width]
     for arm in arms:
         cells = []
         for lr in arm.lrs:
@@ -202,7 +207,7 @@ def curves(runs: Path, task: str, arms: list[Arm], picked: dict[str, float | Non
     fig, (held, fit) = plt.subplots(1, 2, figsize=(12, 4.5))
     for arm in arms:
         lr = picked.get(arm.label)
-        ms = [m for s in seeds if lr is not None and (m := metrics(run_dir(runs, task, arm, lr, s)))]
+        ms = seed_metrics(runs, task, arm, lr, seeds)
         if not ms:
             continue
         head = ms[0]["headline_metric"]
