@@ -33,14 +33,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from regime import ROOT, Arm, curves, head_only, header, run_all, table  # noqa: E402
 
 
-def arms(r: int, alpha: float) -> list[Arm]:
+def arms(r: int, alpha: float, few: int | None = 3) -> list[Arm]:
+    """The arms at rank ``r``: DoRA and both EDoRAs run every asked seed, LoRA and the head-only control the
+    first ``few`` (issue 27: 5 and 3)."""
     common = ["--r", str(r), "--alpha", f"{alpha:g}"]
     return [
-        Arm("lora", "lora", common, [3e-4, 1e-3, 3e-3]),
+        Arm("lora", "lora", common, [3e-4, 1e-3, 3e-3], few),
         Arm("dora", "dora", common, [3e-4, 1e-3, 3e-3]),
         Arm("edora-svd", "edora", common + ["--set", "factors=svd"], [3e-3, 1e-2, 3e-2]),
         Arm("edora-random", "edora", common + ["--set", "factors=random"], [3e-3, 1e-2, 3e-2]),
-        head_only(common),
+        head_only(common, few),
     ]
 
 
@@ -48,13 +50,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default="mrpc,cola")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--few-seeds", type=int, default=3, help="LoRA and head-only run the first N of --seeds")
+    ap.add_argument("--targets", default="query,value",
+                    help="regime a's targets (the paper's four on BERT: query,value,output.dense — the last matches "
+                         "attention.output.dense and the FFN's output.dense)")
+    ap.add_argument("--patience", type=int, help="stop a run after N epochs without a new best held-out metric")
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=16.0)
     ap.add_argument("--epochs", type=float, default=20.0)
     ap.add_argument("--head-lr", type=float, default=1e-3)
     ap.add_argument("--val-split", type=float, default=0.1)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-train", type=int, help="a fixed subset of the training rows (the first N), any task")
+    ap.add_argument("--max-train", type=int, help="N training rows drawn at random, label-stratified (seeded)")
     ap.add_argument("--regime", choices=["a", "b"], default="a",
                     help="a: MiniLM + RoBERTa-style head (default); b: SmolLM2-135M by label words, no head")
     ap.add_argument("--model", default=None, help="default: the packaged MiniLM (a) or SmolLM2-135M (b)")
@@ -66,13 +73,14 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     runs, seeds = Path(args.runs + ("-b" if args.regime == "b" else "")), [int(s) for s in args.seeds.split(",")]
-    chosen = [a for a in arms(args.r, args.alpha) if a.label in args.arms.split(",")]
+    chosen = [a for a in arms(args.r, args.alpha, args.few_seeds) if a.label in args.arms.split(",")]
     model = args.model or ("smollm2" if args.regime == "b" else None)
-    regime = (["--head", "roberta", "--pooling", "mean", "--head-lr", f"{args.head_lr:g}", "--targets", "query,value"]
+    regime = (["--head", "roberta", "--pooling", "mean", "--head-lr", f"{args.head_lr:g}", "--targets", args.targets]
               if args.regime == "a" else ["--targets", "q_proj,v_proj"])
     common = [*regime, "--weight-decay", "0.01", "--val-split", str(args.val_split), "--eval-each-epoch",
               "--epochs", f"{args.epochs:g}", "--batch-size", str(args.batch_size), "--save-every", "200",
               *(["--max-train", str(args.max_train)] if args.max_train else []),
+              *(["--patience", str(args.patience)] if args.patience else []),
               *(["--model", model] if model else []), *shlex.split(args.extra)]
     out = ROOT / "docs" / "bench"
     lines = [header("python " + " ".join(shlex.quote(a) for a in sys.argv)), ""]

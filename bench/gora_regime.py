@@ -1,100 +1,71 @@
-"""GoRA in its paper's own regime against its peers (issue 15, part 2): SmolLM2-135M classifying MRPC and
-CoLA (SST-2 on a fixed training subset optional) by prompt and label words (no new head), the paper's T5
-protocol: one epoch, batch 32, lr 1e-4, cosine schedule with 3 % warmup, adapters on every linear layer of
-the blocks (q/k/v/o/gate/up/down), r 8 / α 16.
+"""GoRA in its paper's own regime, decided (issue 26): SmolLM2-135M-Instruct (dequantised from a Q4_1 GGUF)
+classifying all of MRPC's training rows by prompt and label words (no head), GoRA's T5 protocol: one epoch,
+batch 32, cosine schedule with 3 % warm-up, r 8 / α 16 on the 7 projections of all 30 blocks. The protocol and
+its decision rule are in docs/protocols/gora-mrpc.md, committed before the first run.
 
-Arms (``--arms``):
+Arms (``--arms``; 3 seeds unless said):
 
     lora         LoRA at lr 1e-4 (the paper's baseline)
-    lora-tuned   LoRA at its best lr from --sweep-lrs, chosen on a held-out 10 % of the training set (runs
-                 ``sweep/lora@LR`` train on the other 90 %; dev is never looked at), then run on the whole set
-    rslora-lp16  rsLoRA (α/√r) + LoRA+ 16: GoRA's step size without its allocation or init
-    gora         GoRA's recipe: LoRA+ 16, γ 5e-2, --calibration-batches (default 64) calibration batches
+    lora-tuned   LoRA at its best lr from --lora-grid, picked on a stratified, seeded 10 % held-out split of the
+                 training rows (sweep runs, seed 0, train on the other 90 %; dev is never looked at)
+    rslora-lp16  rsLoRA (α/√r) + LoRA+ 16 at lr 1e-4: GoRA's step size without its allocation or init
+    gora         GoRA's recipe at lr 1e-4: LoRA+ 16, γ 5e-2, --calibration-batches (64) calibration batches
     gora-g0      GoRA with γ = 0 (rank allocation only)
-    peft-loraga  HF PEFT's LoRA-GA (init_lora_weights="lora_ga", preprocess_loraga on the calibration batches)
-    peft-pissa   HF PEFT's PiSSA (init_lora_weights="pissa_niter_4")
-    peft-adalora HF PEFT's AdaLoRA, init_r 12 → target_r 8 (LoRA-8's budget on average), orthogonal
-                 regularisation 0.1, rank allocation every 10 steps between 10 % and 80 % of the run
-    full         full fine-tuning at --full-lr (the reference)
+    gora-tuned   GoRA at its best lr from --gora-grid, picked as lora-tuned's (the same tuning effort)
+    peft-loraga  HF PEFT's LoRA-GA through the same loop (--peft-seeds seeds)
+    peft-pissa   HF PEFT's PiSSA through the same loop (--peft-seeds seeds)
+    peft-adalora HF PEFT's AdaLoRA (not in issue 26's arms; kept runnable)
+    full         full fine-tuning at --full-lr (not in issue 26's arms; kept runnable)
 
-The PEFT arms run through the harness's own loop (``finetune(attach_fn=...)``), in a child process each.
-Every run is a folder ``<runs>/<task>/<arm>-seed<seed>``: a finished one (``metrics.json``) is skipped; an
-unfinished rankwise run continues from its last checkpoint (``--save-every``) with ``--resume``, an
-unfinished PEFT run starts again. ``--jobs 2`` runs two single-threaded jobs at once. ``--peft-seeds`` and
-``--full-seeds`` give those arms fewer seeds; when the sweep picks the baseline's own lr, ``lora-tuned`` is
-the ``lora`` run (a link to its folder), not a second run of the same thing.
+A tuned arm whose picked lr is its base arm's (1e-4) is that arm's runs, not a second run of the same thing.
+Every finished run is an entry of the committed result ledger (bench/ledger.py, experiment ``--experiment``):
+a run in the ledger is skipped, so the command continues on any machine from what is committed; an unfinished
+rankwise run folder (``<runs>/...``, checkpoints every ``--save-every`` steps) continues with ``--resume``; an
+unfinished PEFT run starts again. The report (``docs/bench/<experiment>.md``) is built from the ledger alone.
 
-    python bench/gora_regime.py                                   # everything (many hours on 2 CPU cores)
-    python bench/gora_regime.py --tasks mrpc --arms lora,gora --seeds 0 --max-train 256 --runs runs/gr-smoke
-    python bench/gora_regime.py --report-only                     # docs/bench/gora_regime.md from the runs
-
-Report (``docs/bench/<name>.md``/``.csv``): per task and arm the headline metric mean ± std over seeds,
-accuracy, the dev set's majority-class rate, how many seeds predicted one class for every dev example,
-trainable parameters, init time share and step time.
+    python bench/gora_regime.py --measure-length                  # --max-length that truncates < 1 % of rows
+    python bench/gora_regime.py                                   # everything (~30 runs, days on 2 CPU cores)
+    python bench/gora_regime.py --report-only                     # the table and the verdict from the ledger
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
 import os
-import platform
-import random
 import statistics
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ledger  # noqa: E402  (bench/ is not a package)
+
 ROOT = Path(__file__).resolve().parents[1]
-TASKS = {"mrpc": ("MRPC", 128), "cola": ("CoLA", 64), "sst2": ("SST-2", 64)}
+TASKS = {"mrpc": ("MRPC", 120), "cola": ("CoLA", 64), "sst2": ("SST-2", 64)}  # MRPC 120: measured, < 1 % truncated
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 RANKWISE_ARMS: dict[str, list[str]] = {
     "lora": ["--method", "lora"],
-    "lora-tuned": ["--method", "lora"],
     "rslora-lp16": ["--method", "lora", "--set", "use_rslora=true", "--lora-plus-ratio", "16"],
     "gora": ["--method", "gora", "--lora-plus-ratio", "16", "--set", "gamma=0.05"],
     "gora-g0": ["--method", "gora", "--lora-plus-ratio", "16", "--set", "gamma=0"],
     "full": ["--method", "full"],
 }
+TUNED = {"lora-tuned": "lora", "gora-tuned": "gora"}  # tuned arm -> the arm whose flags it runs with
 # PEFT arms run as harness method "gora" only so that the harness hands them calibration batches
 PEFT_ARMS = ("peft-loraga", "peft-pissa", "peft-adalora")
-ARMS = (*RANKWISE_ARMS, *PEFT_ARMS)
-HELDOUT_SEED = 1234
-
-
-# ---------------------------------------------------------------------------- held-out split
-def heldout_folder(task: str, args: argparse.Namespace) -> Path:
-    """``<runs>/heldout/<task>``: the training file split 90 / 10 by a fixed shuffle, in its own format
-    (``train.tsv`` the 90 %, ``dev.tsv`` the held-out 10 %); written once."""
-    from rankwise_harness.data import get_task
-
-    folder = Path(args.runs) / "heldout" / task
-    if (folder / "dev.tsv").is_file():
-        return folder
-    source = Path(args.data) / "glue" / TASKS[task][0] / "train.tsv"
-    lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
-    header = lines[:1] if get_task(task).header else []
-    rows = lines[len(header):]
-    if args.max_train:  # the same rows the main runs train on
-        rows = rows[: args.max_train]
-    random.Random(HELDOUT_SEED).shuffle(rows)
-    n_dev = max(1, len(rows) // 10)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "train.tsv").write_text("".join(header + rows[n_dev:]), encoding="utf-8")
-    (folder / "dev.tsv").write_text("".join(header + rows[:n_dev]), encoding="utf-8")
-    return folder
+ARMS = ("lora", "lora-tuned", "rslora-lp16", "gora", "gora-g0", "gora-tuned", *PEFT_ARMS, "full")
+DEFAULT_ARMS = "lora,lora-tuned,rslora-lp16,gora,gora-g0,gora-tuned,peft-loraga,peft-pissa"
+VAL_SPLIT = 0.1
 
 
 # ---------------------------------------------------------------------------- one run
-def run_args(task: str, arm: str, seed: int, lr: float, data: str, out: Path, args: argparse.Namespace) -> list[str]:
-    method_args = RANKWISE_ARMS.get(arm, ["--method", "gora"])
+def run_args(task: str, arm: str, seed: int, lr: float, data: str, out: Path, args: argparse.Namespace,
+             sweep: bool = False) -> list[str]:
+    """The ``rankwise finetune`` flags of one run (a sweep run holds out a stratified 10 % of the training rows)."""
+    method_args = RANKWISE_ARMS.get(TUNED.get(arm, arm), ["--method", "gora"])
     common = ["finetune", *method_args, "--task", task, "--data", data, "--model", args.model,
-              "--output", str(out), "--seed", str(seed), "--epochs", "1", "--batch-size", "32", "--lr", str(lr),
+              "--output", str(out), "--seed", str(seed), "--epochs", "1", "--batch-size", "32", "--lr", f"{lr:g}",
               "--schedule", "cosine", "--warmup-ratio", "0.03", "--max-length", str(TASKS[task][1]), "--no-progress"]
     if arm != "full":
         common += ["--r", "8", "--alpha", "16", "--targets", TARGETS]
@@ -102,34 +73,34 @@ def run_args(task: str, arm: str, seed: int, lr: float, data: str, out: Path, ar
         common += ["--set", f"n_steps={args.calibration_batches}"]
     if args.max_train:
         common += ["--max-train", str(args.max_train)]
+    if sweep:
+        common += ["--val-split", str(VAL_SPLIT)]
     return common
 
 
-def run_one(task: str, arm: str, seed: int, lr: float, args: argparse.Namespace, sweep: bool = False) -> Path:
-    """Run (or skip, or continue) one arm on one task and seed; returns its folder."""
-    label = f"{arm}@{lr:g}" if sweep else arm
-    out = Path(args.runs) / task / ("sweep" if sweep else "") / f"{label}-seed{seed}"
-    if (out / "metrics.json").is_file():
-        return out
-    if arm == "lora-tuned" and not sweep and lr == args.lr:  # the sweep picked the baseline's lr: the same run
-        same = run_one(task, "lora", seed, lr, args)
-        out.symlink_to(same.name)
-        return out
-    data = str(heldout_folder(task, args)) if sweep else str(Path(args.data) / "glue" / TASKS[task][0])
-    cmd = run_args(task, arm, seed, lr, data, out, args)
+def run_id(task: str, arm: str, lr: float, seed: int, sweep: bool = False) -> str:
+    """A tuned arm's runs are its base arm's runs at the picked lr: one id for one configuration."""
+    return f"{task}/{'sweep/' if sweep else ''}{TUNED.get(arm, arm)}/lr{lr:g}-seed{seed}"
+
+
+def run_one(task: str, arm: str, seed: int, lr: float, args: argparse.Namespace, sweep: bool = False) -> dict[str, Any]:
+    """Run (or skip: the ledger has it; or continue) one arm on one task and seed; returns its ledger entry."""
+    rid = run_id(task, arm, lr, seed, sweep)
+    done = ledger.entry(args.experiment, rid)
+    if done is not None:
+        return done
+    out = Path(args.runs) / rid
+    data = str(Path(args.data) / "glue" / TASKS[task][0])
+    cmd = run_args(task, arm, seed, lr, data, out, args, sweep)
     if arm in PEFT_ARMS:
         cmd = [sys.executable, __file__, "--one", arm, *cmd[1:], "--overwrite"]
     else:
-        unfinished = (out / "config.json").is_file()
+        unfinished = (out / "config.json").is_file() and not (out / "metrics.json").is_file()
         cmd = [sys.executable, "-m", "rankwise_harness.cli", *cmd, "--save-every", str(args.save_every),
                "--resume" if unfinished else "--overwrite"]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    print("+", " ".join(cmd), flush=True)
-    log = out.parent / f"{out.name}.log"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a") as fh:
-        subprocess.run(cmd, check=True, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    return out
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+               PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return ledger.run_recorded(args.experiment, rid, out, cmd, env, log=out.parent / f"{out.name}.log")
 
 
 # ---------------------------------------------------------------------------- PEFT arms (child process)
@@ -200,139 +171,234 @@ def run_peft(argv: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------- the plan
-def best_lr(task: str, args: argparse.Namespace) -> float:
-    """The sweep lr with the best mean held-out headline metric (ties: the smaller lr)."""
+def held_out(e: dict[str, Any]) -> float:
+    """A sweep run's held-out headline metric (its one evaluation, at the end of the epoch)."""
+    m = e["metrics"]
+    return float(m["best"]["val"][m["headline_metric"]])
+
+
+def best_lr(task: str, base: str, grid: list[float], args: argparse.Namespace) -> float | None:
+    """The grid lr whose sweep run (seed 0) scores best on the held-out rows (ties: the smaller lr); ``None``
+    until every grid point has finished (a pick from part of the grid would not be the protocol's)."""
     scores = {}
-    for lr in args.sweep_lrs:
-        runs = [json.loads((Path(args.runs) / task / "sweep" / f"lora@{lr:g}-seed{s}" / "metrics.json").read_text())
-                for s in args.sweep_seeds]
-        scores[lr] = statistics.mean(r["metrics"][r["headline_metric"]] for r in runs)
-    best = max(sorted(scores), key=lambda lr: scores[lr])
-    (Path(args.runs) / task / "sweep" / "best_lr.json").write_text(json.dumps({"scores": scores, "best": best}, indent=2))
-    return best
+    for lr in grid:
+        e = ledger.entry(args.experiment, run_id(task, base, lr, 0, sweep=True))
+        if e is None:
+            return None
+        scores[lr] = held_out(e)
+    return max(sorted(scores), key=lambda lr: scores[lr])
+
+
+def jobs(args: argparse.Namespace) -> list[tuple[str, str, int, float, bool]]:
+    """``(task, arm, seed, lr, sweep)`` in the order they run: the untuned arms' first seed (the paper's baseline
+    and recipe first), the sweeps (middle of each grid first), the tuned arms once their grid is done, then
+    the remaining seeds, then the PEFT arms. Tuned arms appear only when their pick is known."""
+    out: list[tuple[str, str, int, float, bool]] = []
+    for task in args.tasks:
+        grids = {"lora-tuned": args.lora_grid, "gora-tuned": args.gora_grid}
+        fixed = [a for a in args.arms if a not in TUNED and a not in PEFT_ARMS]
+        first = sorted(fixed, key=lambda a: ("lora", "gora").index(a) if a in ("lora", "gora") else 2)
+        out += [(task, a, args.seeds[0], args.full_lr if a == "full" else args.lr, False) for a in first[:2]]
+        for tuned, grid in grids.items():
+            if tuned in args.arms:
+                mid = len(grid) // 2
+                out += [(task, TUNED[tuned], 0, lr, True) for lr in [grid[mid], *grid[:mid], *grid[mid + 1:]]]
+        out += [(task, a, args.seeds[0], args.full_lr if a == "full" else args.lr, False) for a in first[2:]]
+        picks = {t: best_lr(task, TUNED[t], g, args) for t, g in grids.items() if t in args.arms}
+        for seed in args.seeds:
+            out += [(task, a, seed, args.full_lr if a == "full" else args.lr, False) for a in fixed
+                    if a != "full" or seed in args.seeds[: args.full_seeds]]
+            out += [(task, t, seed, lr, False) for t, lr in picks.items() if lr is not None]
+        out += [(task, a, s, args.lr, False) for a in args.arms if a in PEFT_ARMS for s in args.seeds[: args.peft_seeds]]
+    return out
 
 
 def plan(args: argparse.Namespace) -> None:
-    """Seed-major, so every cell gets a first seed early; the sweep runs before ``lora-tuned`` needs it."""
-    jobs: list[tuple[str, str, int, float, bool]] = []
-    for task in args.tasks:
-        if "lora-tuned" in args.arms:
-            jobs += [(task, "lora", s, lr, True) for s in args.sweep_seeds for lr in args.sweep_lrs]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda j: run_one(j[0], j[1], j[2], j[3], args, sweep=j[4]), jobs))
-    tuned = {task: best_lr(task, args) for task in args.tasks} if "lora-tuned" in args.arms else {}
-    jobs = []
-    for seed in args.seeds:
-        for task in args.tasks:
-            for arm in args.arms:
-                if arm in PEFT_ARMS and seed not in args.seeds[: args.peft_seeds]:
-                    continue
-                if arm == "full" and seed not in args.seeds[: args.full_seeds]:
-                    continue
-                lr = tuned[task] if arm == "lora-tuned" else args.full_lr if arm == "full" else args.lr
-                jobs.append((task, arm, seed, lr, False))
-    with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda j: run_one(j[0], j[1], j[2], j[3], args, sweep=j[4]), jobs))
+    """Run every job in order, one at a time (``--jobs`` in parallel); the tuned arms' picks are re-read after
+    each pass, so a grid that finishes adds its tuned arm's runs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    seen: set[tuple[str, str, int, float, bool]] = set()
+    while todo := [j for j in jobs(args) if j not in seen]:
+        seen |= set(todo)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda j: run_one(j[0], j[1], j[2], j[3], args, sweep=j[4]), todo))
 
 
 # ---------------------------------------------------------------------------- report
-def one_class_run(folder: Path) -> bool:
-    preds = {json.loads(line)["prediction"] for line in (folder / "predictions.jsonl").read_text().splitlines()}
-    return len(preds) == 1
+def welch(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """``(mean(a) - mean(b), its standard error, Welch's degrees of freedom)``; needs 2 values on each side."""
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / ((va ** 2 / (len(a) - 1)) + (vb ** 2 / (len(b) - 1))) if se > 0 else float("inf")
+    return statistics.mean(a) - statistics.mean(b), se, df
 
 
-def majority_rate(folder: Path) -> float:
-    labels = [json.loads(line)["label"] for line in (folder / "predictions.jsonl").read_text().splitlines()]
-    return max(labels.count(k) for k in set(labels)) / len(labels)
+def verdict(a: list[float], b: list[float], name_a: str, name_b: str, margin: float = 2.0) -> str:
+    """The pre-registered rule (docs/protocols/gora-mrpc.md): ``a`` beats ``b`` when the mean accuracy difference
+    exceeds both ``margin`` points and twice its Welch standard error; within 2 standard errors: add seeds 3 and
+    4 (said, not done here); otherwise not distinguishable at this budget. Values are in points (x100)."""
+    if min(len(a), len(b)) < 2:
+        return f"{name_a} vs {name_b}: not decided yet (needs >= 2 seeds each; have {len(a)} and {len(b)})"
+    d, se, df = welch(a, b)
+    ci = f"difference {d:+.1f} points, Welch s.e. {se:.1f} (df {df:.1f}), ±2 s.e. [{d - 2 * se:+.1f}, {d + 2 * se:+.1f}]"
+    if d > margin and d > 2 * se:
+        return f"{name_a} beats {name_b}: {ci}"
+    if d < -margin and -d > 2 * se:
+        return f"{name_b} beats {name_a}: {ci}"
+    if abs(d) <= 2 * se and min(len(a), len(b)) < 5:
+        return f"{name_a} vs {name_b}: within 2 s.e.: the rule adds seeds 3 and 4 to both; {ci}"
+    return f"{name_a} vs {name_b}: not distinguishable at this budget; {ci}"
+
+
+def arm_runs(task: str, arm: str, args: argparse.Namespace) -> tuple[float | None, list[dict[str, Any]]]:
+    """The lr an arm ran at (a tuned arm's pick; ``None`` before it is known) and its finished seeds' entries."""
+    if arm in TUNED:
+        lr = best_lr(task, TUNED[arm], args.lora_grid if arm == "lora-tuned" else args.gora_grid, args)
+    else:
+        lr = args.full_lr if arm == "full" else args.lr
+    if lr is None:
+        return None, []
+    found = [ledger.entry(args.experiment, run_id(task, arm, lr, s)) for s in args.seeds]
+    return lr, [e for e in found if e is not None]
+
+
+def _yes_share(e: dict[str, Any]) -> float:
+    preds = e["dev_counts"]["predictions"]
+    return preds.get("1", 0) / sum(preds.values())
+
+
+def _majority(e: dict[str, Any]) -> float:
+    labels = e["dev_counts"]["labels"]
+    return max(labels.values()) / sum(labels.values())
+
+
+def table_rows(task: str, args: argparse.Namespace) -> tuple[list[str], dict[str, list[float]]]:
+    """Markdown rows per arm, and each arm's per-seed dev accuracies (x100) for the verdicts."""
+    rows, accs = [], {}
+    for arm in args.arms:
+        lr, es = arm_runs(task, arm, args)
+        if not es:
+            rows.append(f"| {arm} | {'pick pending' if lr is None else f'{lr:g}'} | not yet run | | | | | | |")
+            continue
+        acc = [100 * e["metrics"]["metrics"]["accuracy"] for e in es]
+        f1 = [100 * e["metrics"]["metrics"]["f1"] for e in es]
+        accs[arm] = acc
+        sd = (lambda v: f" ± {statistics.stdev(v):.1f}" if len(v) > 1 else "")  # noqa: E731
+        m0 = es[0]["metrics"]
+        init = statistics.mean(e["metrics"]["init_seconds"] / (e["metrics"]["init_seconds"] + e["metrics"]["train_seconds"])
+                               for e in es)
+        wall = (m0["init_seconds"] + m0["train_seconds"]) / 60
+        rows.append(f"| {arm} | {lr:g} | {statistics.mean(acc):.1f}{sd(acc)} (n={len(acc)}) | {statistics.mean(f1):.1f}{sd(f1)} "
+                    f"| {100 * statistics.mean(_yes_share(e) for e in es):.1f} | {m0['trainable_params']:,} "
+                    f"| {100 * init:.1f}% | {wall:.0f} min | {m0['step_seconds']:.1f} |")
+    return rows, accs
+
+
+def sweep_lines(task: str, args: argparse.Namespace) -> list[str]:
+    lines = []
+    for tuned, grid in (("lora-tuned", args.lora_grid), ("gora-tuned", args.gora_grid)):
+        cells = []
+        for lr in grid:
+            e = ledger.entry(args.experiment, run_id(task, TUNED[tuned], lr, 0, sweep=True))
+            cells.append(f"{lr:g}: " + ("not run" if e is None else f"{100 * held_out(e):.1f}"))
+        pick = best_lr(task, TUNED[tuned], grid, args)
+        lines.append(f"- {TUNED[tuned]} sweep (held-out F1 x100, seed 0): " + ", ".join(cells)
+                     + f"; picked {'—' if pick is None else f'{pick:g}'}")
+    return lines
 
 
 def report(args: argparse.Namespace) -> None:
-    rows: list[dict[str, Any]] = []
-    days: set[str] = set()
-    for task in args.tasks:
-        for arm in args.arms:
-            folders = [f for s in args.seeds if ((f := Path(args.runs) / task / f"{arm}-seed{s}") / "metrics.json").is_file()]
-            if not folders:
-                continue
-            ms = [json.loads((f / "metrics.json").read_text()) for f in folders]
-            metric = ms[0]["headline_metric"]
-            vals = [100 * m["metrics"][metric] for m in ms]
-            acc = [100 * m["metrics"]["accuracy"] for m in ms]
-            rows.append({
-                "task": task, "arm": arm, "metric": metric, "seeds": len(ms), "lr": ms[0].get("lr") or "",
-                "mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                "accuracy": statistics.mean(acc), "majority": 100 * majority_rate(folders[0]),
-                "one_class_seeds": sum(one_class_run(f) for f in folders), "trainable": ms[0]["trainable_params"],
-                "init_share": 100 * statistics.mean(m["init_seconds"] / (m["init_seconds"] + m["train_seconds"]) for m in ms),
-                "step_s": statistics.mean(m["step_seconds"] for m in ms),
-            })
-            days |= {datetime.fromtimestamp((f / "metrics.json").stat().st_mtime, timezone.utc).strftime("%Y-%m-%d")
-                     for f in folders}
-    if not rows:
-        print("no finished runs to report")
+    """``docs/bench/<experiment>.md``: the table per task, the sweeps and the verdicts, from the ledger alone."""
+    runs = ledger.entries(args.experiment)
+    if not runs:
+        print(f"no finished runs in the ledger ({ledger.LEDGER / args.experiment})")
         return
-    for row in rows:  # the learning rate each arm ran at, from its run config
-        cfg = json.loads((Path(args.runs) / row["task"] / f"{row['arm']}-seed{args.seeds[0]}" / "config.json").read_text())
-        row["lr"] = cfg["run"]["lr"]
-    out = ROOT / "docs" / "bench"
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / f"{args.name}.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    date = min(days) if len(days) == 1 else f"{min(days)} to {max(days)}"
-    lines = [f"Measured {date} on {platform.machine()}, {os.cpu_count()} CPU cores; `python bench/gora_regime.py "
-             f"--tasks {','.join(args.tasks)} --arms {','.join(args.arms)} --seeds {','.join(map(str, args.seeds))} "
-             f"--peft-seeds {args.peft_seeds} --full-seeds {args.full_seeds} --calibration-batches {args.calibration_batches}"
-             + (f" --max-train {args.max_train}" if args.max_train else "")
-             + f"`. {args.model} by label words, one epoch, batch 32, cosine, 3 % warmup, r 8 / α 16 on every linear "
-             "layer; mean ± std over seeds (x100); `one-class` counts seeds that predicted one class for all of dev.", "",
-             "| task | arm | lr | metric | mean ± std | accuracy | dev majority | one-class seeds | trainable | init share | s/step |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['task']} | {r['arm']} | {r['lr']:g} | {r['metric']} | {r['mean']:.1f} ± {r['std']:.1f} (n={r['seeds']}) "
-                     f"| {r['accuracy']:.1f} | {r['majority']:.1f} | {r['one_class_seeds']}/{r['seeds']} | {r['trainable']:,} "
-                     f"| {r['init_share']:.1f}% | {r['step_s']:.2f} |")
+    dates = sorted(e["finished_utc"][:10] for e in runs.values())
+    lines = [f"{len(runs)} finished runs in the ledger (`docs/bench/runs/{args.experiment}/`), {dates[0]} to {dates[-1]}; "
+             f"command `python bench/gora_regime.py --experiment {args.experiment}`; protocol and decision rule: "
+             "[docs/protocols/gora-mrpc.md](../protocols/gora-mrpc.md). SmolLM2-135M-Instruct dequantised from Q4_1 "
+             "(GGUF) by label words; one epoch, batch 32, cosine, 3 % warm-up, r 8 / α 16 on every projection; "
+             "single-threaded runs on a shared 2-core CPU box (wall times are distorted by the load).", ""]
     for task in args.tasks:
-        best = Path(args.runs) / task / "sweep" / "best_lr.json"
-        if best.is_file():
-            b = json.loads(best.read_text())
-            lines.append(f"\n{task}: held-out sweep (LoRA, headline metric) {b['scores']}; chosen lr {b['best']:g}"
-                         + (" (the baseline's own: `lora-tuned` is the `lora` runs)" if b["best"] == args.lr else ""))
-    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+        some = next(e for rid, e in runs.items() if rid.startswith(task + "/"))
+        rows, accs = table_rows(task, args)
+        lines += [f"**{task}** — dev majority-class rate {100 * _majority(some):.1f} %", "",
+                  "| arm | lr | dev accuracy | dev F1 | 'yes' answers % | trainable | init share | one run | s/step |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, "", *sweep_lines(task, args), ""]
+        gora_best = choose_gora(task, args)
+        if gora_best and gora_best in accs:
+            lines.append(f"- GoRA's arm for the verdict (picked on held-out): {gora_best}")
+            for other in ("lora-tuned", "rslora-lp16"):
+                if other in accs:
+                    lines.append("- " + verdict(accs[gora_best], accs[other], gora_best, other))
+        lines.append("")
+    out = ROOT / "docs" / "bench" / f"{args.experiment}.md"
+    out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def choose_gora(task: str, args: argparse.Namespace) -> str | None:
+    """Of ``gora`` (lr 1e-4) and ``gora-tuned``, the one whose lr scored best on the held-out sweep (the grid holds
+    1e-4, so ``gora-tuned`` *is* ``gora`` when the sweep picks 1e-4); ``None`` until the sweep is done."""
+    pick = best_lr(task, "gora", args.gora_grid, args)
+    return None if pick is None else ("gora" if pick == args.lr else "gora-tuned")
+
+
+def measure_length(args: argparse.Namespace) -> None:
+    """Print the share of each task's training prompts (template and label-word context) longer than L tokens."""
+    from transformers import AutoTokenizer
+
+    from rankwise_harness.data import get_task, load_task_data
+    from rankwise_harness.models import resolve_model_name
+    from rankwise_harness.verbalize import label_word_setup
+
+    for task in args.tasks:
+        t = get_task(task)
+        path = resolve_model_name(args.model, t)
+        tok = AutoTokenizer.from_pretrained(path)
+        words = label_word_setup(t, path, tok, None, None, 100_000)
+        rows = load_task_data(t, str(Path(args.data) / "glue" / TASKS[task][0])).train
+        lens = [len(words.prompt_ids(tok, r, 100_000)) for r in rows]
+        cut = [(n, 100 * sum(v > n for v in lens) / len(lens)) for n in range(48, max(lens) + 8, 8)]
+        print(task, ", ".join(f"{n}: {p:.2f}%" for n, p in cut), f"(longest {max(lens)})")
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--one":  # internal: one PEFT arm, in this process
         return run_peft(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", default="mrpc,cola")
-    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--tasks", default="mrpc")
+    ap.add_argument("--arms", default=DEFAULT_ARMS)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--peft-seeds", type=int, default=2, help="the PEFT arms run the first N of --seeds")
-    ap.add_argument("--full-seeds", type=int, default=3, help="full fine-tuning runs the first N of --seeds")
-    ap.add_argument("--sweep-lrs", default="1e-4,3e-4,1e-3,3e-3")
-    ap.add_argument("--sweep-seeds", default="0")
+    ap.add_argument("--full-seeds", type=int, default=1, help="full fine-tuning runs the first N of --seeds")
+    ap.add_argument("--lora-grid", default="1e-4,3e-4,1e-3,3e-3")
+    ap.add_argument("--gora-grid", default="3e-5,1e-4,3e-4,1e-3")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--full-lr", type=float, default=2e-5)
     ap.add_argument("--calibration-batches", type=int, default=64, help="GoRA's and LoRA-GA's calibration batches")
-    ap.add_argument("--max-train", type=int, help="train on the first N examples (SST-2: a fixed subset)")
+    ap.add_argument("--max-train", type=int, help="N training rows, stratified and seeded (smoke tests only)")
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--data", default=os.environ.get("RANKWISE_SHARED_DATA", str(ROOT.parent / "shared" / "data")))
-    ap.add_argument("--runs", default=str(ROOT / "runs" / "gora-regime"))
-    ap.add_argument("--jobs", type=int, default=2, help="runs at once")
+    ap.add_argument("--experiment", default="gora-mrpc", help="the ledger's experiment name (docs/bench/runs/NAME)")
+    ap.add_argument("--runs", help="run folders (checkpoints); default runs/<experiment>")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--save-every", type=int, default=20, help="checkpoint interval of rankwise runs (for resuming)")
-    ap.add_argument("--name", default="gora_regime", help="docs/bench/NAME.md and .csv")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--measure-length", action="store_true")
     args = ap.parse_args()
     args.tasks, args.arms = args.tasks.split(","), args.arms.split(",")
-    args.seeds, args.sweep_seeds = [int(s) for s in args.seeds.split(",")], [int(s) for s in args.sweep_seeds.split(",")]
-    args.sweep_lrs = [float(v) for v in args.sweep_lrs.split(",")]
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.lora_grid = [float(v) for v in args.lora_grid.split(",")]
+    args.gora_grid = [float(v) for v in args.gora_grid.split(",")]
+    args.runs = args.runs or str(ROOT / "runs" / args.experiment)
     bad = [t for t in args.tasks if t not in TASKS] + [a for a in args.arms if a not in ARMS]
     if bad:
         raise SystemExit(f"unknown task(s)/arm(s) {bad}; tasks {list(TASKS)}, arms {list(ARMS)}")
+    if args.measure_length:
+        return measure_length(args)
     if not args.report_only:
         plan(args)
     report(args)

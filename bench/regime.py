@@ -7,9 +7,11 @@ every seed; dev is reported at the best held-out epoch and at the last epoch, ne
 The grid runs first for all arms, its middle value first (:func:`run_all`), so a session cut short
 leaves every arm with a point; the table says how much of each grid has finished.
 
-Resumable: one folder per run (``<runs>/<task>/<arm>/lr<LR>-seed<S>``); a folder holding a finished
-``metrics.json`` is skipped, an unfinished one is continued with ``--resume`` (checkpoints every
-``--save-every`` steps), so the scripts can be killed and started again with the same command.
+Resumable across machines: a finished run is an entry in the committed result ledger (bench/ledger.py,
+``docs/bench/runs/<experiment>/<task>/<arm>/lr<LR>-seed<S>.json``, experiment = the ``--runs`` folder's name)
+and is skipped; an unfinished run folder (``<runs>/<task>/<arm>/lr<LR>-seed<S>``) is continued with ``--resume``
+(checkpoints every ``--save-every`` steps), so the scripts can be killed and started again with the same
+command, on this machine or another. Reports read the ledger only.
 """
 
 from __future__ import annotations
@@ -20,9 +22,13 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ledger  # noqa: E402  (bench/ is not a package)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("RANKWISE_SHARED_DATA", str(ROOT.parent / "shared" / "data")))
@@ -31,44 +37,74 @@ GLUE = {"sst2": ("SST-2", 64), "cola": ("CoLA", 64), "mrpc": ("MRPC", 128)}
 
 @dataclass
 class Arm:
-    """One arm: a label, the method and its flags, and the lr grid searched for it."""
+    """One arm: a label, the method and its flags, the lr grid searched for it, and how many of the asked seeds
+    it runs (``None``: all of them)."""
 
     label: str
     method: str
     flags: list[str] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
+    n_seeds: int | None = None
+    extend_grid: bool = True  # a pick at the grid's edge adds the next point outward (half a decade)
+    base_grid: int = field(init=False, default=0)  # the grid's size as given, before any extension
+
+    def __post_init__(self) -> None:
+        self.base_grid = len(self.lrs)
+
+    def seeds(self, seeds: list[int]) -> list[int]:
+        return seeds if self.n_seeds is None else seeds[: self.n_seeds]
 
 
-def head_only(flags: list[str]) -> Arm:
+def head_only(flags: list[str], n_seeds: int | None = None) -> Arm:
     """The control arm: the head trained alone (a LoRA whose lr 1e-12 leaves B at zero, so the adapter adds
     nothing); it shows how much of a score the head earns without any adapter."""
-    return Arm("head-only", "lora", flags, [1e-12])
+    return Arm("head-only", "lora", flags, [1e-12], n_seeds, extend_grid=False)
+
+
+def run_id(task: str, arm: Arm, lr: float, seed: int) -> str:
+    return f"{task}/{arm.label}/lr{lr:g}-seed{seed}"
 
 
 def run_dir(runs: Path, task: str, arm: Arm, lr: float, seed: int) -> Path:
-    return runs / task / arm.label / f"lr{lr:g}-seed{seed}"
+    return runs / run_id(task, arm, lr, seed)
 
 
-def run_one(runs: Path, task: str, arm: Arm, lr: float, seed: int, common: list[str], dry: bool = False) -> Path:
-    """One ``rankwise finetune`` run, unless its folder holds a finished one; an unfinished one resumes."""
+def run_one(runs: Path, task: str, arm: Arm, lr: float, seed: int, common: list[str],
+            dry: bool = False) -> dict[str, Any] | None:
+    """One ``rankwise finetune`` run, unless the ledger (experiment ``runs.name``) has it; an unfinished run
+    folder resumes. Returns the run's metrics (``None`` with ``dry`` when it has not finished)."""
+    done = metrics(runs, task, arm, lr, seed)
+    if done is not None or dry:
+        if dry and done is None:
+            print("+ (not run)", run_id(task, arm, lr, seed), flush=True)
+        return done
     out = run_dir(runs, task, arm, lr, seed)
-    if (out / "metrics.json").is_file():
-        return out
     folder, max_len = GLUE[task]
     cmd = [sys.executable, "-m", "rankwise_harness.cli", "finetune", "--task", task, "--data", str(DATA / "glue" / folder),
            "--method", arm.method, "--lr", f"{lr:g}", "--seed", str(seed), "--max-length", str(max_len),
            "--output", str(out), "--no-progress", *common, *arm.flags]
-    cmd.append("--resume" if (out / "config.json").is_file() else "--overwrite")
-    print("+", " ".join(cmd), flush=True)
-    if not dry:
+    cmd.append("--resume" if (out / "config.json").is_file() and not (out / "metrics.json").is_file() else "--overwrite")
+    if not (out / "metrics.json").is_file():
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        print("+", " ".join(cmd), flush=True)
+        started = time.time()
         subprocess.run(cmd, check=True, env=env)
-    return out
+    else:  # finished before the ledger existed (or before it was written): record it now
+        started = (out / "metrics.json").stat().st_mtime
+    return _as_metrics(ledger.record(runs.name, run_id(task, arm, lr, seed), out, cmd, started))
 
 
-def metrics(folder: Path) -> dict[str, Any] | None:
-    path = folder / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+def _as_metrics(entry: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A ledger entry's metrics, with its per-epoch training losses and the entry's own fields beside them."""
+    if entry is None:
+        return None
+    return {**entry["metrics"], "epoch_losses": entry["losses"].get("epoch_losses"),
+            "loss_bins": entry["losses"].get("loss_bins"), "ledger": {k: entry[k] for k in ("run_id", "command")}}
+
+
+def metrics(runs: Path, task: str, arm: Arm, lr: float, seed: int) -> dict[str, Any] | None:
+    """The finished run's metrics from the ledger (experiment ``runs.name``), or ``None``."""
+    return _as_metrics(ledger.entry(runs.name, run_id(task, arm, lr, seed)))
 
 
 def held_out_score(m: dict[str, Any]) -> float:
@@ -85,31 +121,53 @@ def grid_order(lrs: list[float]) -> list[float]:
     return [lrs[mid], *lrs[:mid], *lrs[mid + 1:]]
 
 
+MAX_EXTENSIONS = 3
+
+
+def outward(lrs: list[float], best: float) -> float | None:
+    """The next grid point beyond ``best`` when ``best`` is the grid's smallest or largest lr (a half-decade step,
+    ×/÷ √10, rounded to 2 significant digits), else ``None``."""
+    ordered = sorted(lrs)
+    if len(ordered) < 2 or best not in (ordered[0], ordered[-1]):
+        return None
+    step = 10 ** 0.5 if best == ordered[-1] else 10 ** -0.5
+    return float(f"{best * step:.2g}")
+
+
 def pick_lr(runs: Path, task: str, arm: Arm, common: list[str], dry: bool = False) -> float | None:
     """Run the arm's grid at seed 0 (resumably) and return the lr with the best held-out score among the
-    finished grid runs (with ``dry``, only those already finished count)."""
-    scores = {}
-    for lr in grid_order(arm.lrs):
-        m = metrics(run_one(runs, task, arm, lr, 0, common, dry))
+    finished grid runs (ties: the smaller lr). A pick at the grid's edge extends the grid outward
+    (:func:`outward`, at most :data:`MAX_EXTENSIONS` points, recorded in ``arm.lrs``) until the pick is inside
+    it; with ``dry``, only runs already finished count."""
+    scores: dict[float, float] = {}
+    todo = grid_order(arm.lrs)
+    while todo:
+        lr = todo.pop(0)
+        m = run_one(runs, task, arm, lr, 0, common, dry)
         if m is not None:
             scores[lr] = held_out_score(m)
+        if not todo and scores and arm.extend_grid and len(arm.lrs) - arm.base_grid < MAX_EXTENSIONS:
+            nxt = outward(arm.lrs, max(scores, key=lambda v: (scores[v], -v)))
+            if nxt is not None and nxt not in arm.lrs and (not dry or metrics(runs, task, arm, nxt, 0) is not None):
+                arm.lrs.append(nxt)
+                todo.append(nxt)
     return max(scores, key=lambda lr: (scores[lr], -lr)) if scores else None
 
 
 def seed_metrics(runs: Path, task: str, arm: Arm, lr: float | None, seeds: list[int]) -> list[dict[str, Any]]:
-    """The finished runs of ``arm`` at ``lr`` among ``seeds`` (none when no lr was picked)."""
-    return [m for s in seeds if lr is not None and (m := metrics(run_dir(runs, task, arm, lr, s)))]
+    """The finished runs of ``arm`` at ``lr`` among its share of ``seeds`` (none when no lr was picked)."""
+    return [m for s in arm.seeds(seeds) if lr is not None and (m := metrics(runs, task, arm, lr, s))]
 
 
 def grid_done(runs: Path, task: str, arm: Arm) -> int:
     """How many of the arm's grid runs (seed 0) have finished."""
-    return sum(metrics(run_dir(runs, task, arm, lr, 0)) is not None for lr in arm.lrs)
+    return sum(metrics(runs, task, arm, lr, 0) is not None for lr in arm.lrs)
 
 
 def run_all(runs: Path, task: str, arms: list[Arm], seeds: list[int], common: list[str], dry: bool = False,
             report_only: bool = False) -> dict[str, float | None]:
     """Every arm's lr grid at seed 0, one grid point of every arm before the next point of any; then the
-    picked lr of every arm at every seed. Returns the picked lr per arm (``None``: no grid run finished)."""
+    picked lr of every arm at each of its seeds. Returns the picked lr per arm (``None``: no grid run finished)."""
     if not (dry or report_only):
         for i in range(max(len(a.lrs) for a in arms)):
             for arm in arms:
@@ -119,7 +177,7 @@ def run_all(runs: Path, task: str, arms: list[Arm], seeds: list[int], common: li
     if not report_only:
         for seed in seeds:
             for arm in arms:
-                if picked[arm.label] is not None:
+                if picked[arm.label] is not None and seed in arm.seeds(seeds):
                     run_one(runs, task, arm, picked[arm.label], seed, common, dry)
     return picked
 
@@ -183,7 +241,7 @@ def grid_table(runs: Path, task: str, arms: list[Arm]) -> list[str]:
     for arm in arms:
         cells = []
         for lr in arm.lrs:
-            m = metrics(run_dir(runs, task, arm, lr, 0))
+            m = metrics(runs, task, arm, lr, 0)
             cells.append(f"{lr:g}: not run" if m is None else
                          f"{lr:g}: {100 * held_out_score(m):.1f} / {last_epoch_loss(m):.3f}")
         lines.append(f"| {arm.label} | " + " | ".join(cells) + " |")
@@ -192,6 +250,8 @@ def grid_table(runs: Path, task: str, arms: list[Arm]) -> list[str]:
 
 def epoch_losses(m: dict[str, Any]) -> list[float]:
     """The mean training loss of each epoch of a run (the steps between two evaluations)."""
+    if m.get("epoch_losses"):
+        return list(m["epoch_losses"])
     per_epoch = max(1, round(m["steps"] / m["last"]["epoch"]))
     losses = m["losses"]
     return [statistics.mean(losses[i:i + per_epoch]) for i in range(0, len(losses), per_epoch)]

@@ -11,7 +11,8 @@ import pytest
 
 _BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(_BENCH))
-import regime  # noqa: E402  (bench/ is not a package)
+import ledger  # noqa: E402  (bench/ is not a package)
+import regime  # noqa: E402
 
 
 def test_grid_order_puts_the_middle_first_and_keeps_every_value() -> None:
@@ -20,30 +21,78 @@ def test_grid_order_puts_the_middle_first_and_keeps_every_value() -> None:
     assert regime.grid_order([5.0]) == [5.0]
 
 
-def test_run_all_runs_the_grid_breadth_first_and_picks_on_held_out_not_dev(tmp_path: Path,
+def _write_entry(runs: Path, task: str, arm, lr: float, seed: int, metrics: dict) -> dict:
+    """A ledger entry as bench/ledger.py writes it (only the fields the reports read)."""
+    path = ledger.entry_path(runs.name, regime.run_id(task, arm, lr, seed))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"run_id": regime.run_id(task, arm, lr, seed), "command": "x", "metrics": metrics,
+                                "losses": {"epoch_losses": metrics.get("epoch_losses")}}))
+    return regime.metrics(runs, task, arm, lr, seed)
+
+
+@pytest.fixture()
+def tmp_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setattr(ledger, "LEDGER", tmp_path / "ledger")
+    return tmp_path / "runs"
+
+
+def test_run_all_runs_the_grid_breadth_first_and_picks_on_held_out_not_dev(tmp_ledger: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[str, float, int]] = []
     # held-out scores by (arm, lr); dev scores are the reverse, so picking on dev would choose otherwise
-    held = {("a", 1.0): 0.6, ("a", 2.0): 0.5, ("a", 3.0): 0.7, ("b", 1.0): 0.9, ("b", 2.0): 0.4}
+    held = {("a", 1.0): 0.6, ("a", 2.0): 0.7, ("a", 3.0): 0.5, ("b", 1.0): 0.9, ("b", 2.0): 0.4, ("b", 0.32): 0.3}
 
     def fake_run_one(runs, task, arm, lr, seed, common, dry=False):
-        out = regime.run_dir(runs, task, arm, lr, seed)
-        if not dry and not (out / "metrics.json").is_file():
-            calls.append((arm.label, lr, seed))
-            out.mkdir(parents=True)
-            v = held[(arm.label, lr)]
-            (out / "metrics.json").write_text(json.dumps({"method": arm.method, "headline_metric": "accuracy",
-                                                          "best": {"val": {"accuracy": v}, "dev": {"accuracy": 1 - v}}}))
-        return out
+        done = regime.metrics(runs, task, arm, lr, seed)
+        if done is not None or dry:
+            return done
+        calls.append((arm.label, lr, seed))
+        v = held[(arm.label, lr)]
+        return _write_entry(runs, task, arm, lr, seed, {"method": arm.method, "headline_metric": "accuracy",
+                                                        "best": {"val": {"accuracy": v}, "dev": {"accuracy": 1 - v}}})
 
     monkeypatch.setattr(regime, "run_one", fake_run_one)
-    arms = [regime.Arm("a", "lora", [], [1.0, 2.0, 3.0]), regime.Arm("b", "lora", [], [1.0, 2.0])]
-    picked = regime.run_all(tmp_path, "mrpc", arms, [0, 1, 2], [])
+    arms = [regime.Arm("a", "lora", [], [1.0, 2.0, 3.0]), regime.Arm("b", "lora", [], [1.0, 2.0], n_seeds=2)]
+    picked = regime.run_all(tmp_ledger, "mrpc", arms, [0, 1, 2], [])
     assert calls[:5] == [("a", 2.0, 0), ("b", 2.0, 0), ("a", 1.0, 0), ("b", 1.0, 0), ("a", 3.0, 0)]
-    assert picked == {"a": 3.0, "b": 1.0}
-    assert calls[5:] == [("a", 3.0, 1), ("b", 1.0, 1), ("a", 3.0, 2), ("b", 1.0, 2)]  # seed 0 is the grid's run
+    assert calls[5] == ("b", 0.32, 0), "b's pick sat at the grid's edge: the grid extends outward"
+    assert picked == {"a": 2.0, "b": 1.0}
+    assert calls[6:] == [("a", 2.0, 1), ("b", 1.0, 1), ("a", 2.0, 2)]  # seed 0 is the grid's run; b runs 2 seeds
     calls.clear()
-    assert regime.run_all(tmp_path, "mrpc", arms, [0, 1, 2], [], report_only=True) == picked and not calls
+    again = [regime.Arm("a", "lora", [], [1.0, 2.0, 3.0]), regime.Arm("b", "lora", [], [1.0, 2.0], n_seeds=2)]
+    assert regime.run_all(tmp_ledger, "mrpc", again, [0, 1, 2], [], report_only=True) == picked and not calls
+    assert again[1].lrs == [1.0, 2.0, 0.32], "the report finds the extension in the ledger"
+
+
+def test_outward_steps_half_a_decade_beyond_an_edge_only() -> None:
+    assert regime.outward([1e-3, 3e-3, 1e-2], 1e-2) == pytest.approx(0.032)
+    assert regime.outward([1e-3, 3e-3, 1e-2], 1e-3) == pytest.approx(3.2e-4)
+    assert regime.outward([1e-3, 3e-3, 1e-2], 3e-3) is None
+    assert regime.outward([1e-12], 1e-12) is None
+
+
+def test_the_ledger_records_a_finished_run_and_reduces_its_losses(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ledger, "LEDGER", tmp_path / "ledger")
+    run = tmp_path / "run"
+    run.mkdir()
+    losses = [float(i) for i in range(1000)]
+    (run / "metrics.json").write_text(json.dumps({"steps": 1000, "last": {"epoch": 4.0}, "losses": losses,
+                                                  "headline_metric": "f1", "metrics": {"f1": 0.5}}))
+    (run / "config.json").write_text(json.dumps({"run": {"lr": 1e-3}}))
+    (run / "predictions.jsonl").write_text("".join(json.dumps({"label": lab, "prediction": 1}) + "\n"
+                                                   for lab in (0, 1, 1)))
+    assert ledger.entry("exp", "mrpc/x/lr0.001-seed0") is None
+    e = ledger.record("exp", "mrpc/x/lr0.001-seed0", run, ["rankwise", "finetune"], started=0.0)
+    assert ledger.entry("exp", "mrpc/x/lr0.001-seed0") == e and list(ledger.entries("exp")) == ["mrpc/x/lr0.001-seed0"]
+    assert "losses" not in e["metrics"] and e["config"] == {"run": {"lr": 1e-3}}
+    assert e["losses"]["epoch_losses"] == pytest.approx([124.5, 374.5, 624.5, 874.5])
+    bins = e["losses"]["loss_bins"]
+    assert len(bins) == ledger.LOSS_BINS and bins[0] == [5, pytest.approx(2.0)] and bins[-1][0] == 1000
+    assert e["dev_counts"] == {"labels": {"0": 1, "1": 2}, "predictions": {"1": 3}}
+    assert e["command"] == "rankwise finetune" and e["packages"]["torch"]
+    with pytest.raises(ValueError):
+        ledger.entry_path("exp", "../escape")
 
 
 def test_last_epoch_loss_is_the_mean_over_the_last_epochs_steps() -> None:
@@ -59,12 +108,10 @@ def test_epoch_losses_averages_each_epochs_steps() -> None:
     assert regime.epoch_losses(m) == pytest.approx([2.0, 6.0, 2.0])
 
 
-def test_grid_table_shows_every_grid_point_and_the_unfinished_ones(tmp_path: Path) -> None:
+def test_grid_table_shows_every_grid_point_and_the_unfinished_ones(tmp_ledger: Path) -> None:
     arm = regime.Arm("a", "lora", [], [1e-3, 3e-3])
-    out = regime.run_dir(tmp_path, "mrpc", arm, 1e-3, 0)
-    out.mkdir(parents=True)
-    (out / "metrics.json").write_text(json.dumps({
-        "method": "lora", "headline_metric": "f1", "steps": 4, "last": {"epoch": 2.0}, "losses": [9.0, 9.0, 0.5, 0.25],
-        "best": {"val": {"f1": 0.813}, "dev": {"f1": 0.1}}}))
-    row = regime.grid_table(tmp_path, "mrpc", [arm])[-1]
+    _write_entry(tmp_ledger, "mrpc", arm, 1e-3, 0, {
+        "method": "lora", "headline_metric": "f1", "steps": 4, "last": {"epoch": 2.0}, "epoch_losses": [9.0, 0.375],
+        "best": {"val": {"f1": 0.813}, "dev": {"f1": 0.1}}})
+    row = regime.grid_table(tmp_ledger, "mrpc", [arm])[-1]
     assert row == "| a | 0.001: 81.3 / 0.375 | 0.003: not run |"

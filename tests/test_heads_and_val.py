@@ -18,7 +18,7 @@ from rankwise_harness.config import ConfigError, RunConfig
 from rankwise_harness.data import get_task, load_task_data
 from rankwise_harness.heads import ClassifierHead, install_head, pool, resolve_pooling
 from rankwise_harness.models import head_modules
-from rankwise_harness.selection import best_and_last, evals_since_best, split_validation
+from rankwise_harness.selection import best_and_last, evals_since_best, sample_rows, split_validation
 from rankwise_harness.train import finetune
 from conftest import minilm_path
 from test_harness_train import _cfg, sst2, tiny_models  # noqa: F401  (module fixtures: a tiny BERT, 64 SST-2 rows)
@@ -167,6 +167,7 @@ def test_split_validation_is_disjoint_complete_and_seed_independent() -> None:
     assert len(val) == 10 and sorted(train + val) == rows and not set(train) & set(val)
     assert val == sorted(val) and train == sorted(train) and held == val
     assert val != list(range(40, 50)) and val != list(range(10)), "a shuffle, not a slice"
+    assert split_validation(rows, 0.2, data_seed=1)[1] != val, "--data-seed chooses another split"
     for bad in (0.001, 0.999):  # leaves no held-out row, or no training row
         with pytest.raises(ValueError, match="at least one"):
             split_validation(rows, bad)
@@ -198,8 +199,8 @@ def _recorded_run(cfg: RunConfig, monkeypatch: pytest.MonkeyPatch) -> tuple[list
     monkeypatch.setattr(train_mod.Encoder, "train_batch", train_batch)
     seen: list[list[tuple]] = []
 
-    def spy_split(rows, fraction):
-        out = split_validation(rows, fraction)
+    def spy_split(rows, fraction, data_seed=0):
+        out = split_validation(rows, fraction, data_seed)
         seen.append([_key(r) for r in out[1]])
         return out
 
@@ -211,7 +212,7 @@ def _recorded_run(cfg: RunConfig, monkeypatch: pytest.MonkeyPatch) -> tuple[list
 def test_val_split_never_overlaps_training_or_dev_and_is_the_same_for_every_seed(
         tmp_path: Path, tiny_models: dict[str, str], sst2: str, monkeypatch: pytest.MonkeyPatch) -> None:
     splits = load_task_data(get_task("sst2"), sst2)
-    first48 = [_key(r) for r in splits.train[:48]]
+    first48 = [_key(r) for r in sample_rows(splits.train, 48, 0)]  # --max-train's sample (data seed 0)
     dev = {_key(r) for r in splits.dev}
     vals = []
     for seed in (0, 1):

@@ -37,7 +37,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", help="folder with the GLUE release's train.tsv/dev.tsv (gsm8k: train.jsonl/test.jsonl), "
                    "or 'hf' to download by name (online only); rotten needs none")
     g.add_argument("--skip-bad-rows", action="store_true", help="skip rows that do not parse (default: stop with the line number)")
-    g.add_argument("--max-train", type=int, help="use only the first N training examples")
+    g.add_argument("--max-train", type=int, help="train on N rows drawn at random, label-stratified, seeded by "
+                   "--data-seed (the same N and seed: the same rows on any machine)")
+    g.add_argument("--data-seed", type=int, default=0, help="seed of --max-train's sample and --val-split's held-out "
+                   "rows (default 0; never the run's --seed, so every seed trains on the same rows)")
+    g.add_argument("--subset", default="stratified", choices=["stratified", "prefix"],
+                   help="--max-train's rows: stratified random (default) or the file's first N (GLUE files are "
+                        "ordered by source: a biased sample, only to reproduce older reports)")
     g.add_argument("--max-eval", type=int, help="evaluate on only the first N dev examples")
     g = p.add_argument_group("model and adapter")
     g.add_argument("--model", help="Hugging Face path or name; default: packaged MiniLM (classification), "
@@ -83,7 +89,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    "sentence-transformers checkpoints such as the packaged MiniLM, else cls")
     g.add_argument("--head-lr", type=float, help="learning rate of the classification head (default: --lr)")
     g.add_argument("--val-split", type=float, help="hold out this fraction (0-1) of the training rows (after "
-                   "--max-train, a fixed seed-independent shuffle); evaluated beside dev; picks the best evaluation")
+                   "--max-train; label-stratified, seeded by --data-seed, never --seed); evaluated beside dev; picks "
+                   "the best evaluation")
     g.add_argument("--max-new-tokens", type=int, default=256, help="generation budget for gsm8k evaluation")
     g.add_argument("--precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
                    help="auto: bf16 on GPUs that support it, else fp32")

@@ -144,6 +144,8 @@ class RunConfig:
     grad_accum: int = 1
     max_length: int = 128
     max_train: int | None = None
+    data_seed: int = 0  # --max-train's sample and --val-split's rows (selection.py)
+    subset: str = "stratified"  # or "prefix": --max-train takes the file's first rows
     max_eval: int | None = None
     eval_every: int = 0
     eval_before: bool = False
@@ -167,7 +169,7 @@ class RunConfig:
     _NUMBERS = (
         (("batch_size", "grad_accum", "max_length", "calibration_batches", "max_new_tokens", "max_steps",
           "max_train", "max_eval", "patience"), True, 1, True),
-        (("seed", "eval_every", "save_every", "head_warmup_steps"), True, 0, True),
+        (("seed", "data_seed", "eval_every", "save_every", "head_warmup_steps"), True, 0, True),
         (("epochs", "lr", "lora_plus_ratio", "head_lr"), False, 0.0, False),
         (("weight_decay",), False, 0.0, True),
     )
@@ -228,6 +230,8 @@ class RunConfig:
             raise ConfigError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if not is_default(self.head, self.pooling or "cls") and get_task(self.task).kind == "generation":
             raise ConfigError(f"--head/--pooling are for classification and regression tasks; {self.task} generates text")
+        if self.subset not in ("stratified", "prefix"):
+            raise ConfigError(f"--subset must be stratified or prefix, got {self.subset!r}")
         v = self.val_split
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 < v < 1):
             raise ConfigError(f"--val-split must be a fraction strictly between 0 and 1, got {v!r}")

@@ -37,7 +37,7 @@ from .deps import can_plot, check_harness
 from .heads import head_parameters, install_head, resolve_pooling, with_head_group
 from .models import head_modules, load_model, resolve_model_name
 from .progress import Progress
-from .selection import best_and_last, evals_since_best, split_validation
+from .selection import best_and_last, evals_since_best, sample_rows, split_validation
 from .verbalize import LabelWords, label_word_setup
 
 StepHook = Callable[[int, float], None]  # (optimizer step just done, its loss) -> None; may raise
@@ -310,18 +310,19 @@ def _open_run(cfg: RunConfig, resume: bool, overwrite: bool, log: Callable[[str]
 
 
 def _read_data(run: _Run) -> None:
-    """The task's splits, cut to ``--max-train``/``--max-eval``, with ``--val-split`` held out of train."""
+    """The task's splits: ``--max-train`` rows sampled (stratified, seeded by ``--data-seed``), ``--max-eval``
+    the first dev rows, ``--val-split`` held out of train (stratified, seeded); see :mod:`.selection`."""
     cfg = run.cfg
     run.splits = load_task_data(run.task, cfg.data, cfg.skip_bad_rows)
     for msg in run.splits.skipped[:20]:
         run.say(f"skipped: {msg}")
     if len(run.splits.skipped) > 20:
         run.say(f"skipped {len(run.splits.skipped) - 20} more bad rows")
-    run.train = run.splits.train[: cfg.max_train] if cfg.max_train else run.splits.train
+    run.train = sample_rows(run.splits.train, cfg.max_train, cfg.data_seed, cfg.subset)
     run.dev = run.splits.dev[: cfg.max_eval] if cfg.max_eval else run.splits.dev
     if cfg.val_split:
         try:
-            run.train, run.val, _ = split_validation(run.train, cfg.val_split)
+            run.train, run.val, _ = split_validation(run.train, cfg.val_split, cfg.data_seed)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
 

@@ -1,0 +1,147 @@
+"""The result ledger: one small committed JSON file per finished benchmark run, so experiments survive machines.
+
+A run's folder (checkpoints, adapter, predictions) lives under ``runs/`` or ``~/.cache``, which a new machine
+does not have. When a run finishes, :func:`record` writes its small result to
+``docs/bench/runs/<experiment>/<run id>.json`` (``$RANKWISE_LEDGER`` overrides the root): the metrics (per-step
+training losses reduced to per-epoch means and at most :data:`LOSS_BINS` bin means), the resolved config, the
+command, the package versions, the machine, the dates, the wall time and the time per step, and the dev set's
+label and prediction counts. Bench scripts treat an entry as a finished run (:func:`entry`) and skip it, and
+build their reports from the ledger alone (:func:`entries`), so each stop commits what finished and the next
+one, on any machine, continues from there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+LEDGER = Path(os.environ.get("RANKWISE_LEDGER", str(ROOT / "docs" / "bench" / "runs")))
+LOSS_BINS = 200
+PACKAGES = ("torch", "transformers", "accelerate", "peft", "numpy", "bitsandbytes")
+
+
+def entry_path(experiment: str, run_id: str) -> Path:
+    """``<ledger>/<experiment>/<run id>.json``; a run id may hold ``/`` (one folder level each)."""
+    if ".." in Path(run_id).parts or Path(run_id).is_absolute():
+        raise ValueError(f"run id {run_id!r} must be a relative path inside the experiment")
+    return LEDGER / experiment / f"{run_id}.json"
+
+
+def entry(experiment: str, run_id: str) -> dict[str, Any] | None:
+    """The ledger's record of a finished run, or ``None`` when the run has not finished (on any machine)."""
+    path = entry_path(experiment, run_id)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def entries(experiment: str) -> dict[str, dict[str, Any]]:
+    """Every finished run of ``experiment``, by run id."""
+    base = LEDGER / experiment
+    return {str(p.relative_to(base).with_suffix("")): json.loads(p.read_text()) for p in sorted(base.rglob("*.json"))}
+
+
+def reduce_losses(losses: list[float], steps_per_epoch: int | None) -> dict[str, Any]:
+    """Per-epoch means and at most :data:`LOSS_BINS` equal-width bin means (each with its last step)."""
+    out: dict[str, Any] = {"steps": len(losses)}
+    if steps_per_epoch:
+        out["epoch_losses"] = [statistics.mean(losses[i:i + steps_per_epoch])
+                               for i in range(0, len(losses), steps_per_epoch)]
+    width = max(1, -(-len(losses) // LOSS_BINS))
+    out["loss_bins"] = [[min(i + width, len(losses)), statistics.mean(losses[i:i + width])]
+                        for i in range(0, len(losses), width)]
+    return out
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def _commit() -> str:
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "src", "bench"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _prediction_counts(folder: Path) -> dict[str, dict[str, int]]:
+    path = folder / "predictions.jsonl"
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    count = lambda key: {str(k): v for k, v in sorted(Counter(r.get(key) for r in rows).items(), key=str)}  # noqa: E731
+    return {"labels": count("label"), "predictions": count("prediction")}
+
+
+def steps_per_epoch(metrics: dict[str, Any]) -> int | None:
+    """Optimizer steps per epoch of a finished run (from its last evaluation's epoch), if known."""
+    last = metrics.get("last") or {}
+    epoch = last.get("epoch")
+    return max(1, round(metrics["steps"] / epoch)) if epoch else None
+
+
+def record(experiment: str, run_id: str, folder: Path, command: list[str], started: float) -> dict[str, Any]:
+    """Write the ledger entry of the finished run in ``folder`` (atomically) and return it."""
+    metrics = json.loads((folder / "metrics.json").read_text())
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    losses = metrics.pop("losses", []) or []
+    now = time.time()
+    data = {
+        "experiment": experiment, "run_id": run_id, "command": shlex.join(command), "rankwise_commit": _commit(),
+        "started_utc": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+        "finished_utc": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),
+        "wall_seconds_last_segment": round(now - started, 1),
+        "machine": {"arch": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                    "system": platform.system(), "threads": os.environ.get("OMP_NUM_THREADS")},
+        "packages": _versions(), "metrics": metrics, "losses": reduce_losses(losses, steps_per_epoch(metrics)),
+        "dev_counts": _prediction_counts(folder), "config": config,
+    }
+    path = entry_path(experiment, run_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+    return data
+
+
+def run_recorded(experiment: str, run_id: str, folder: Path, command: list[str], env: dict[str, str] | None = None,
+                 log: Path | None = None) -> dict[str, Any]:
+    """The ledger entry of ``run_id``: read when it exists; else ``command`` runs (its output appended to ``log``,
+    else to this process's), and the finished run in ``folder`` is recorded."""
+    done = entry(experiment, run_id)
+    if done is not None:
+        return done
+    print("+", shlex.join(command), flush=True)
+    started = time.time()
+    if log is None:
+        subprocess.run(command, check=True, env=env)
+    else:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("a") as fh:
+            subprocess.run(command, check=True, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    return record(experiment, run_id, folder, command, started)
+
+
+if __name__ == "__main__":  # python bench/ledger.py EXPERIMENT: list its finished runs
+    for rid, e in entries(sys.argv[1]).items():
+        m = e["metrics"]
+        print(f"{rid}: {m['headline_metric']} {m['metrics'].get(m['headline_metric'])}  ({e['finished_utc']})")
