@@ -283,3 +283,28 @@ def test_a_link_end_on_flattened_shards_is_refused_before_anything_changes() -> 
     layer.lora_b.data = full
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_one_cola_link_is_lora_with_a_gaussian_a() -> None:
+    """Until its first link ends, COLA (both factors trained, A Gaussian, B zero) is exactly a LoRA whose A was
+    initialised with the same Gaussian: same outputs and the same Adam trajectory. What separates the two over a
+    run is only what happens at link ends (merge, re-zeroed B, a new Gaussian A, Adam's state dropped) and the
+    init scale (Gaussian σ² = 1/in against LoRA's Kaiming-uniform 1/(3 in))."""
+    cola = _model(link_steps=None, train_both=True)
+    torch.manual_seed(0)
+    lora = TinyMLP()
+    rankwise.attach(lora, rankwise.LoraConfig(r=2, alpha=4, target_modules=["fc1", "fc2"]))
+    with torch.no_grad():
+        for name, layer in rankwise.adapter_layers(lora).items():
+            src = _layers(cola)[name]
+            layer.lora_a.copy_(src.lora_a)  # the COLA link's Gaussian A, r x in
+            assert not src.lora_b.any() and not layer.lora_b.any()
+            assert layer.scale == src.scale
+    opts = [torch.optim.Adam(rankwise.trainable_parameters(m).values(), lr=1e-2) for m in (cola, lora)]
+    x = _batch(99)["x"]
+    for i in range(5):
+        for m, opt in zip((cola, lora), opts):
+            m(**_batch(i)).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        torch.testing.assert_close(cola(x).logits, lora(x).logits, rtol=1e-5, atol=1e-6)

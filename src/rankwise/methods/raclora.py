@@ -35,7 +35,8 @@ contracts: ``in`` for ``A``, ``out`` for ``B``). With the default ``sketch_scale
 rows are nearly orthonormal (``AAᵀ ≈ I``), so an SGD step of size ``η`` on ``B`` *is* the analysed
 step ``W − η s² ∇f H_A``, at every layer width, and LoRA's learning rates carry over (LoRA's
 Kaiming-uniform ``A`` has ``σ² = 1/(3 in)``). The follow-up code's unit variance is
-``sketch_scale = √n``; it multiplies the effective step by ``n`` (measured in ``docs/raclora.md``).
+``sketch_scale = √n``; under SGD it multiplies the effective step by ``n`` (measured in ``docs/raclora.md``);
+under Adam, whose update of ``B`` is normalised per element, by about ``√n``.
 
 The same machinery gives the paper's baselines, one flag apart:
 
