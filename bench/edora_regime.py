@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from regime import ROOT, Arm, curves, head_only, header, run_all, table  # noqa: E402
+from regime import ROOT, Arm, curves, grid_table, head_only, header, run_all, seed_metrics, table, welch_interval  # noqa: E402
 
 
 def arms(r: int, alpha: float, few: int | None = 3) -> list[Arm]:
@@ -44,6 +44,68 @@ def arms(r: int, alpha: float, few: int | None = 3) -> list[Arm]:
         Arm("edora-random", "edora", common + ["--set", "factors=random"], [3e-3, 1e-2, 3e-2]),
         head_only(common, few),
     ]
+
+
+VERDICT_METRIC = {"cola": "matthews", "mrpc": "accuracy"}  # as the LoRA/DoRA/EDoRA GLUE tables report them
+
+
+def dev_scores(runs: Path, task: str, arm: Arm, lr: float | None, seeds: list[int]) -> dict[int, float]:
+    """Per seed, the dev verdict metric (x100) at the best held-out epoch."""
+    metric = VERDICT_METRIC.get(task, "accuracy")
+    out = {}
+    for s in arm.seeds(seeds):
+        ms = seed_metrics(runs, task, arm, lr, [s])
+        if ms:
+            out[s] = 100 * ms[0]["best"]["dev"][metric]
+    return out
+
+
+def rule(d: float, low: float, high: float) -> str:
+    """The pre-registered verdict (docs/protocols/edora-decided.md) from the 90 % interval of DoRA − EDoRA."""
+    if -1 <= low and high <= 1:
+        return "holds (EDoRA within 1 point of DoRA)"
+    if low > 1:
+        return "fails (EDoRA more than 1 point below DoRA)"
+    return "not decided at this budget"
+
+
+def verdict_lines(runs: Path, tasks: list[str], arms: list[Arm], picked: dict[str, float | None],
+                  seeds: list[int], max_epochs: float) -> list[str]:
+    """Per task, per EDoRA arm and for the tasks' average: the 90 % Welch interval of DoRA − EDoRA, the verdict,
+    the DoRA / EDoRA adapter-parameter ratio, and how many runs stopped by patience (plateaued)."""
+    by = {a.label: a for a in arms}
+    if "dora" not in by:
+        return []
+    lines = ["**Verdicts** (rule fixed in advance: docs/protocols/edora-decided.md; dev at the best held-out epoch, "
+             "CoLA MCC / MRPC accuracy, x100; 90 % Welch interval of DoRA − EDoRA)", "",
+             "| task | EDoRA arm | DoRA − EDoRA | 90 % interval | seeds (DoRA, EDoRA) | verdict | params DoRA / EDoRA | runs plateaued |",
+             "|---|---|---:|---|---|---|---:|---:|"]
+    per_task: dict[str, dict[str, dict[int, float]]] = {}
+    for task in tasks:
+        per_task[task] = {a.label: dev_scores(runs, task, a, picked.get(f"{task}:{a.label}"), seeds) for a in arms}
+    for edora in (a for a in ("edora-svd", "edora-random") if a in by):
+        for task in [*tasks, "average"]:
+            if task == "average":
+                common = [s for s in seeds if all(s in per_task[t][x] for t in tasks for x in ("dora", edora))]
+                dora = [sum(per_task[t]["dora"][s] for t in tasks) / len(tasks) for s in common]
+                ed = [sum(per_task[t][edora][s] for t in tasks) / len(tasks) for s in common]
+                ratio, stopped = "", ""
+            else:
+                dora, ed = list(per_task[task]["dora"].values()), list(per_task[task][edora].values())
+                ms = {x: seed_metrics(runs, task, by[x], picked.get(f"{task}:{x}"), seeds) for x in ("dora", edora)}
+                if not (ms["dora"] and ms[edora]):
+                    lines.append(f"| {task} | {edora} | | | ({len(dora)}, {len(ed)}) | not yet run | | |")
+                    continue
+                ratio = f"{ms['dora'][0]['adapter_params'] / ms[edora][0]['adapter_params']:.1f}×"
+                runs_all = ms["dora"] + ms[edora]
+                stopped = f"{sum(m['last']['epoch'] < max_epochs for m in runs_all)}/{len(runs_all)}"
+            if min(len(dora), len(ed)) < 2:
+                lines.append(f"| {task} | {edora} | | | ({len(dora)}, {len(ed)}) | not decided yet (< 2 seeds) | {ratio} | {stopped} |")
+                continue
+            d, low, high = welch_interval(dora, ed, 0.90)
+            lines.append(f"| {task} | {edora} | {d:+.2f} | [{low:+.2f}, {high:+.2f}] | ({len(dora)}, {len(ed)}) "
+                         f"| {rule(d, low, high)} | {ratio} | {stopped} |")
+    return lines
 
 
 def main() -> None:
@@ -84,12 +146,16 @@ def main() -> None:
               *(["--model", model] if model else []), *shlex.split(args.extra)]
     out = ROOT / "docs" / "bench"
     lines = [header("python " + " ".join(shlex.quote(a) for a in sys.argv)), ""]
+    all_picked: dict[str, float | None] = {}
     for task in args.tasks.split(","):
         picked = run_all(runs, task, chosen, seeds, common, args.dry_run, args.report_only)
+        all_picked |= {f"{task}:{k}": v for k, v in picked.items()}
         if args.dry_run:
             continue
-        lines += table(runs, task, chosen, picked, seeds) + [""]
+        lines += table(runs, task, chosen, picked, seeds) + [""] + grid_table(runs, task, chosen) + [""]
         curves(runs, task, chosen, picked, seeds, out / f"{args.name}-{task}.png")
+    if not args.dry_run:
+        lines += verdict_lines(runs, args.tasks.split(","), chosen, all_picked, seeds, args.epochs)
     if not args.dry_run:
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")

@@ -40,6 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ledger  # noqa: E402  (bench/ is not a package)
+from regime import welch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"mrpc": ("MRPC", 120), "cola": ("CoLA", 64), "sst2": ("SST-2", 64)}  # MRPC 120: measured, < 1 % truncated
@@ -226,14 +227,6 @@ def plan(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------- report
-def welch(a: list[float], b: list[float]) -> tuple[float, float, float]:
-    """``(mean(a) - mean(b), its standard error, Welch's degrees of freedom)``; needs 2 values on each side."""
-    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
-    se = math.sqrt(va + vb)
-    df = (va + vb) ** 2 / ((va ** 2 / (len(a) - 1)) + (vb ** 2 / (len(b) - 1))) if se > 0 else float("inf")
-    return statistics.mean(a) - statistics.mean(b), se, df
-
-
 def verdict(a: list[float], b: list[float], name_a: str, name_b: str, margin: float = 2.0) -> str:
     """The pre-registered rule (docs/protocols/gora-mrpc.md): ``a`` beats ``b`` when the mean accuracy difference
     exceeds both ``margin`` points and twice its Welch standard error; within 2 standard errors: add seeds 3 and

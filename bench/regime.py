@@ -136,7 +136,7 @@ def outward(lrs: list[float], best: float) -> float | None:
 
 def pick_lr(runs: Path, task: str, arm: Arm, common: list[str], dry: bool = False) -> float | None:
     """Run the arm's grid at seed 0 (resumably) and return the lr with the best held-out score among the
-    finished grid runs (ties: the smaller lr). A pick at the grid's edge extends the grid outward
+    finished grid runs (ties: the smaller lr). A pick at the grid's edge that no other point ties extends the grid outward
     (:func:`outward`, at most :data:`MAX_EXTENSIONS` points, recorded in ``arm.lrs``) until the pick is inside
     it; with ``dry``, only runs already finished count."""
     scores: dict[float, float] = {}
@@ -146,8 +146,10 @@ def pick_lr(runs: Path, task: str, arm: Arm, common: list[str], dry: bool = Fals
         m = run_one(runs, task, arm, lr, 0, common, dry)
         if m is not None:
             scores[lr] = held_out_score(m)
-        if not todo and scores and arm.extend_grid and len(arm.lrs) - arm.base_grid < MAX_EXTENSIONS:
-            nxt = outward(arm.lrs, max(scores, key=lambda v: (scores[v], -v)))
+        best = max(scores, key=lambda v: (scores[v], -v)) if scores else None
+        unique = best is not None and sum(v == scores[best] for v in scores.values()) == 1  # a tie is no edge pick
+        if not todo and unique and arm.extend_grid and len(arm.lrs) - arm.base_grid < MAX_EXTENSIONS:
+            nxt = outward(arm.lrs, best)
             if nxt is not None and nxt not in arm.lrs and (not dry or metrics(runs, task, arm, nxt, 0) is not None):
                 arm.lrs.append(nxt)
                 todo.append(nxt)
@@ -180,6 +182,23 @@ def run_all(runs: Path, task: str, arms: list[Arm], seeds: list[int], common: li
                 if picked[arm.label] is not None and seed in arm.seeds(seeds):
                     run_one(runs, task, arm, picked[arm.label], seed, common, dry)
     return picked
+
+
+def welch(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """``(mean(a) - mean(b), its standard error, Welch's degrees of freedom)``; needs 2 values on each side."""
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    se = (va + vb) ** 0.5
+    df = (va + vb) ** 2 / ((va ** 2 / (len(a) - 1)) + (vb ** 2 / (len(b) - 1))) if se > 0 else float("inf")
+    return statistics.mean(a) - statistics.mean(b), se, df
+
+
+def welch_interval(a: list[float], b: list[float], level: float = 0.90) -> tuple[float, float, float]:
+    """``(difference, low, high)``: the two-sided ``level`` Welch t interval of ``mean(a) - mean(b)``."""
+    from scipy.stats import t
+
+    d, se, df = welch(a, b)
+    half = 0.0 if se == 0 else float(t.ppf(0.5 + level / 2, df)) * se
+    return d, d - half, d + half
 
 
 def majority_rate(task: str) -> float:

@@ -64,6 +64,14 @@ def test_run_all_runs_the_grid_breadth_first_and_picks_on_held_out_not_dev(tmp_l
     assert again[1].lrs == [1.0, 2.0, 0.32], "the report finds the extension in the ledger"
 
 
+def test_a_tied_edge_pick_extends_nothing(tmp_ledger: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    arm = regime.Arm("a", "lora", [], [1.0, 2.0, 3.0])
+    for lr in arm.lrs:  # every point at the same score (a floor): the smallest lr is picked, no extension
+        _write_entry(tmp_ledger, "mrpc", arm, lr, 0, {"method": "lora", "headline_metric": "accuracy",
+                                                        "best": {"val": {"accuracy": 0.5}}})
+    assert regime.pick_lr(tmp_ledger, "mrpc", arm, [], dry=True) == 1.0 and arm.lrs == [1.0, 2.0, 3.0]
+
+
 def test_outward_steps_half_a_decade_beyond_an_edge_only() -> None:
     assert regime.outward([1e-3, 3e-3, 1e-2], 1e-2) == pytest.approx(0.032)
     assert regime.outward([1e-3, 3e-3, 1e-2], 1e-3) == pytest.approx(3.2e-4)
@@ -115,3 +123,42 @@ def test_grid_table_shows_every_grid_point_and_the_unfinished_ones(tmp_ledger: P
         "best": {"val": {"f1": 0.813}, "dev": {"f1": 0.1}}})
     row = regime.grid_table(tmp_ledger, "mrpc", [arm])[-1]
     assert row == "| a | 0.001: 81.3 / 0.375 | 0.003: not run |"
+
+
+def _edora():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("edora_regime", _BENCH / "edora_regime.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_welch_interval_is_the_t_interval() -> None:
+    d, low, high = regime.welch_interval([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
+    assert (d, low + high) == (0.0, pytest.approx(0.0))
+    # equal variances 1 and n 3 each: se = sqrt(2/3), df = 4, t(0.95, 4) = 2.1318
+    d, low, high = regime.welch_interval([2.0, 3.0, 4.0], [1.0, 2.0, 3.0])
+    assert d == pytest.approx(1.0) and high - d == pytest.approx(2.1318 * (2 / 3) ** 0.5, rel=1e-4)
+
+
+def test_the_edora_verdict_follows_the_pre_registered_rule(tmp_ledger: Path) -> None:
+    er = _edora()
+    assert er.rule(0.1, -0.8, 0.9).startswith("holds")
+    assert er.rule(2.0, 1.2, 2.8).startswith("fails")
+    assert er.rule(0.5, -0.5, 1.5) == "not decided at this budget"
+    arms = er.arms(8, 16.0)
+    by = {a.label: a for a in arms}
+    picked = {"mrpc:dora": 1e-3, "mrpc:edora-svd": 1e-2}
+    dora = [80.0, 81.0, 80.5, 80.2, 80.8]
+    edora = [78.0, 79.0, 78.5, 78.2, 78.8]  # 2 points below with little spread: fails
+    for s in range(5):
+        for label, score, params in (("dora", dora[s], 20_000), ("edora-svd", edora[s], 1_000)):
+            _write_entry(tmp_ledger, "mrpc", by[label], picked[f"mrpc:{label}"], s, {
+                "adapter_params": params, "last": {"epoch": 7.0 if s else 20.0},
+                "best": {"dev": {"accuracy": score / 100, "f1": 0.0}}})
+    lines = er.verdict_lines(tmp_ledger, ["mrpc"], [by["dora"], by["edora-svd"]], picked, [0, 1, 2, 3, 4], 20.0)
+    row = next(line for line in lines if line.startswith("| mrpc | edora-svd"))
+    assert "fails" in row and "20.0×" in row and "| 8/10 |" in row and "(5, 5)" in row
+    avg = next(line for line in lines if line.startswith("| average | edora-svd"))
+    assert "fails" in avg  # one task: the average is that task
