@@ -67,7 +67,7 @@ def report(args: argparse.Namespace) -> None:
     lines = [
         f"Measured {date} on {platform.machine()}, {os.cpu_count()} CPU cores; `python bench/gsm8k.py "
         f"--steps {args.steps} --batch-size {args.batch_size} --lr {args.lr} --max-eval {args.max_eval} "
-        f"--seed {args.seed}`. SmolLM2-135M-Instruct (fp32), {args.steps} optimizer steps x batch "
+        f"--seed {args.seed}`. SmolLM2-135M-Instruct (dequantised from a Q4_1 GGUF to fp32), {args.steps} optimizer steps x batch "
         f"{args.batch_size} of GSM8K train (max {args.max_length} tokens), greedy decoding of up to "
         f"{args.max_new_tokens} new tokens on the first {args.max_eval} test problems; exact match of the final "
         "number x 100. One seed: at this size a difference of a few problems is noise.", "",

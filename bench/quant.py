@@ -1,6 +1,6 @@
 """Training-step speed and memory on a 4-bit (nf4) SmolLM2-135M, rankwise vs HF PEFT QLoRA / QDoRA (CPU).
 
-The fp32 SmolLM2-135M-Instruct checkpoint the harness caches (``rankwise_harness.models.smollm2_path``)
+The fp32 SmolLM2-135M-Instruct checkpoint the harness caches (dequantised from the Q4_1 GGUF) (``rankwise_harness.models.smollm2_path``)
 is loaded with transformers' ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
 bnb_4bit_compute_dtype=float32)`` and ``device_map="cpu"``, once per variant (bitsandbytes models are
 not deep-copied). Adapters: rank 8 on the attention projections ``q_proj, k_proj, v_proj, o_proj``
