@@ -46,6 +46,7 @@ class Arm:
     lrs: list[float] = field(default_factory=list)
     n_seeds: int | None = None
     extend_grid: bool = True  # a pick at the grid's edge adds the next point outward (half a decade)
+    pick_on: str = "held-out"  # or "train-loss": the lowest last-epoch training loss (an optimisation claim)
     base_grid: int = field(init=False, default=0)  # the grid's size as given, before any extension
 
     def __post_init__(self) -> None:
@@ -135,8 +136,8 @@ def outward(lrs: list[float], best: float) -> float | None:
 
 
 def pick_lr(runs: Path, task: str, arm: Arm, common: list[str], dry: bool = False) -> float | None:
-    """Run the arm's grid at seed 0 (resumably) and return the lr with the best held-out score among the
-    finished grid runs (ties: the smaller lr). A pick at the grid's edge that no other point ties extends the grid outward
+    """Run the arm's grid at seed 0 (resumably) and return the lr with the best held-out score (``arm.pick_on``
+    ``"train-loss"``: the lowest last-epoch training loss) among the finished grid runs (ties: the smaller lr). A pick at the grid's edge that no other point ties extends the grid outward
     (:func:`outward`, at most :data:`MAX_EXTENSIONS` points, recorded in ``arm.lrs``) until the pick is inside
     it; with ``dry``, only runs already finished count."""
     scores: dict[float, float] = {}
@@ -145,7 +146,7 @@ def pick_lr(runs: Path, task: str, arm: Arm, common: list[str], dry: bool = Fals
         lr = todo.pop(0)
         m = run_one(runs, task, arm, lr, 0, common, dry)
         if m is not None:
-            scores[lr] = held_out_score(m)
+            scores[lr] = held_out_score(m) if arm.pick_on == "held-out" else -last_epoch_loss(m)
         best = max(scores, key=lambda v: (scores[v], -v)) if scores else None
         unique = best is not None and sum(v == scores[best] for v in scores.values()) == 1  # a tie is no edge pick
         if not todo and unique and arm.extend_grid and len(arm.lrs) - arm.base_grid < MAX_EXTENSIONS:
@@ -227,7 +228,7 @@ def last_epoch_loss(m: dict[str, Any]) -> float:
 def table(runs: Path, task: str, arms: list[Arm], picked: dict[str, float | None], seeds: list[int]) -> list[str]:
     """Markdown rows: arm, lr, adapter and head parameters, dev headline / accuracy at the best held-out epoch and at the last."""
     lines = [f"**{task}** (dev majority-class rate {100 * majority_rate(task):.1f} %)", "",
-             "| arm | lr (picked on held-out) | adapter params | head params | dev, best held-out epoch | "
+             "| arm | lr (picked on held-out; † on training loss) | adapter params | head params | dev, best held-out epoch | "
              "dev accuracy, same | dev, last epoch | dev accuracy, last | training loss, last epoch | seconds per run |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for arm in arms:
@@ -245,7 +246,8 @@ def table(runs: Path, task: str, arms: list[Arm], picked: dict[str, float | None
         secs = statistics.mean(m["train_seconds"] for m in ms)
         adapter = ms[0].get("adapter_params")  # None: full fine-tuning (every weight trains)
         adapter_cell = f"{adapter:,}" if adapter is not None else f"{ms[0]['trainable_params'] - ms[0]['head_params']:,} (all)"
-        lines.append(f"| {arm.label} | {lr:g}{grid} | {adapter_cell} | {ms[0]['head_params']:,} | "
+        mark = "†" if arm.pick_on == "train-loss" else ""
+        lines.append(f"| {arm.label} | {lr:g}{mark}{grid} | {adapter_cell} | {ms[0]['head_params']:,} | "
                      f"{mean_std(best)} | {mean_std(best_acc)} | {mean_std(last)} | {mean_std(last_acc)} | "
                      f"{mean_std([last_epoch_loss(m) for m in ms], scale=1, digits=3)} | {secs:.0f} |")
     return lines
