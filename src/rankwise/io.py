@@ -43,7 +43,7 @@ from .layer import AdapterLayer
 from .lifecycle import all_or_nothing, install
 from .quant import dense_weight, quant_block, quant_kind
 from .registry import BuildResult, config_from_dict, get_method
-from .state import adapter_layers, get_state, is_attached, unwrap_model
+from .state import adapter_layers, get_state, is_attached, refuse_peft_model, unwrap_model
 from .targeting import SUPPORTED_TYPES, is_supported, out_in
 
 TENSOR_FILE = "adapter.safetensors"
@@ -243,6 +243,7 @@ def load(
     if expect_method is not None:
         get_method(expect_method)  # an unknown name is the caller's error, not the file's
     model = unwrap_model(model)
+    refuse_peft_model(model)
     if is_attached(model):
         raise ValueError("this model already has rankwise adapters; load onto a fresh base model (or detach first)")
     meta, tensors = read_adapter(path)

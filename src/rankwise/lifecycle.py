@@ -25,7 +25,7 @@ from .config import AdapterConfig
 from .layer import AdapterLayer
 from .quant import dequantize_model, merge_refusal, parameter_count
 from .registry import BuildResult, LossFn, method_for
-from .state import STATE_ATTR, RankwiseState, adapter_layers, get_state, is_attached, unwrap_model  # noqa: F401
+from .state import STATE_ATTR, RankwiseState, adapter_layers, get_state, is_attached, refuse_peft_model, unwrap_model  # noqa: F401
 from .targeting import find_modules_to_save, find_targets, is_all_linear
 
 
@@ -223,6 +223,7 @@ def attach(
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be a rankwise config (e.g. rankwise.LoraConfig), got {type(config).__name__}")
     model = unwrap_model(model)
+    refuse_peft_model(model)
     if is_attached(model):
         raise ValueError(
             "this model already has rankwise adapters; call rankwise.detach(model) first "

@@ -40,7 +40,7 @@ from .adapter_file import AdapterFileError, atomic_write_bytes, file_dict, file_
 from .io import install_rebuilt
 from .methods import DoraConfig, LoraConfig
 from .registry import method_for
-from .state import adapter_layers, get_state, is_attached, unwrap_model
+from .state import adapter_layers, get_state, is_attached, refuse_peft_model, unwrap_model
 from .targeting import SUPPORTED_TYPES, find_modules_to_save, is_conv1d, is_supported
 
 PEFT_CONFIG = "adapter_config.json"
@@ -264,6 +264,7 @@ def import_peft(base_model: nn.Module, path: str | os.PathLike[str], *, trainabl
     """
     folder = Path(path)
     base_model = unwrap_model(base_model)
+    refuse_peft_model(base_model)
     if is_attached(base_model):
         raise ValueError("this model already has rankwise adapters; import onto a fresh base model")
     for file in (PEFT_CONFIG, PEFT_WEIGHTS):

@@ -63,6 +63,25 @@ def get_state(model: nn.Module) -> RankwiseState:
     return state
 
 
+def refuse_peft_model(model: nn.Module) -> None:
+    """Raise ``ValueError`` if ``model`` (or any submodule) is a HF PEFT wrapper or layer, naming how to unwrap it.
+
+    A PEFT-wrapped model's adapted layers are PEFT's (``peft.tuners.lora.Linear`` around the base layer):
+    rankwise would either refuse them as unsupported types or stack a second adapter under PEFT's.
+    """
+    found = [(n, type(m)) for n, m in model.named_modules() if type(m).__module__.split(".")[0] == "peft"]
+    if not found:
+        return
+    name, kind = found[0]
+    where = f"{name!r} is a {kind.__module__}.{kind.__name__}" if name else f"the model itself is a PEFT {kind.__name__}"
+    raise ValueError(
+        f"this model carries HF PEFT layers ({where}); rankwise works on the plain model. Unwrap it first: "
+        "model = peft_model.merge_and_unload() keeps PEFT's adapter merged into the weights, peft_model.unload() "
+        "drops it (or load the base model afresh). To continue a saved PEFT adapter, use "
+        "rankwise.import_peft(base_model, adapter_folder) on the unwrapped base model"
+    )
+
+
 def is_attached(model: nn.Module) -> bool:
     model = unwrap_model(model)
     return getattr(model, STATE_ATTR, None) is not None or bool(adapter_layers(model))
