@@ -13,7 +13,13 @@ import torch
 from torch import nn
 
 import rankwise
-from conftest import ModelCase, TinyMLP
+from conftest import ModelCase
+from method_matrix import METHOD_CASES, MethodCase
+
+
+@pytest.fixture(params=list(METHOD_CASES))
+def method_case(request: pytest.FixtureRequest) -> MethodCase:
+    return METHOD_CASES[request.param]
 
 
 # ---------------------------------------------------------------------------- 16. PEFT-wrapped models
@@ -39,3 +45,54 @@ def test_a_peft_wrapped_model_is_named_with_how_to_unwrap(view: str, mlp_case: M
         assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     plain = wrapped.merge_and_unload()  # the named way out works
     rankwise.attach(plain, rankwise.LoraConfig(r=2, target_modules=["fc1"]))
+
+
+# ---------------------------------------------------------------------------- 8. fp16 merge overflow
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: t.detach().clone() for n, t in model.state_dict(keep_vars=True).items()}
+
+
+def test_fp16_merge_overflow_is_refused_after_the_cast_and_merges_nothing(mlp_case: ModelCase) -> None:
+    """W0 + s·BA finite in fp32 but beyond fp16's 65504 in one entry of the second layer: merge raises naming
+    the layer, no layer (not even the first) is merged, the bits are unchanged; detach(merge=True) the same."""
+    model = mlp_case.make()
+    rankwise.attach(model, rankwise.LoraConfig(r=2, alpha=2, target_modules=["fc1", "fc2"], seed=0))
+    with torch.no_grad():
+        layers = rankwise.adapter_layers(model)
+        layers["fc1"].lora_b.fill_(0.01)
+        layers["fc2"].weight[3, 5] = 65000.0
+        layers["fc2"].lora_a.zero_()
+        layers["fc2"].lora_b.zero_()
+        layers["fc2"].lora_a[0, 5] = 40.0
+        layers["fc2"].lora_b[3, 0] = 40.0  # s·BA = 1600 at (3, 5): 66600 > 65504
+    model.half()
+    before = _weights(model)
+    x = mlp_case.batch(0)["x"].half()
+    out = model(x).logits
+    for call in (rankwise.merge, lambda m: rankwise.detach(m, merge=True)):
+        with pytest.raises(FloatingPointError, match=r"layer 'fc2': .*torch.float16.*6659[0-9].*no layer was merged"):
+            call(model)
+        assert not any(layer.merged for layer in rankwise.adapter_layers(model).values())
+        assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+        assert torch.equal(model(x).logits, out)
+    model.float()
+    rankwise.merge(model)  # the named way out: a wider dtype
+    assert torch.isfinite(rankwise.adapter_layers(model)["fc2"].weight).all()
+
+
+def test_merge_is_all_or_nothing_for_every_method(mlp_case: ModelCase, method_case: MethodCase) -> None:
+    """Every method over an fp16 model: a later layer whose merged weight overflows fp16 leaves every earlier
+    layer unmerged and every tensor bit-identical (merge and detach(merge=True))."""
+    model = mlp_case.make()
+    config, calibration = method_case.make(mlp_case, True)
+    rankwise.attach(model, config, calibration=calibration)
+    model.half()
+    layers = rankwise.adapter_layers(model)
+    last = list(layers)[-1]
+    layers[last].merged_weight = lambda: torch.full((16, 16), 7e4)  # finite in fp32, inf in fp16
+    before = _weights(model)
+    for call in (rankwise.merge, lambda m: rankwise.detach(m, merge=True)):
+        with pytest.raises(FloatingPointError, match=f"layer '{last}'"):
+            call(model)
+        assert not any(layer.merged for layer in rankwise.adapter_layers(model).values())
+        assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())

@@ -185,10 +185,16 @@ class AdapterLayer(nn.Module):
         if self.quantized:
             raise merge_refusal(self._base_ref[0])
         new = self.merged_weight()  # out x in, fp32
-        if not torch.isfinite(new).all():
-            raise FloatingPointError(f"merging would write non-finite values into a {tuple(new.shape)} weight")
+        cast = (new.t() if self.fan_in_fan_out else new).to(self.weight.dtype)  # what would be written
+        if not torch.isfinite(cast).all():  # checked after the cast: W0 + ΔW may overflow fp16 although finite in fp32
+            peak = float(new.abs().max()) if torch.isfinite(new).all() else float("nan")
+            raise FloatingPointError(
+                f"merging would write non-finite values into this {tuple(new.shape)} {self.weight.dtype} weight: "
+                f"max |W0 + ΔW| = {peak:.6g}, beyond {self.weight.dtype}'s range (±{torch.finfo(self.weight.dtype).max:.6g}) "
+                "or not finite. Keep the adapter unmerged, or merge into a wider dtype (model.float() first)"
+            )
         self._original_weight = self.weight.detach().clone()
-        self.weight.copy_((new.t() if self.fan_in_fan_out else new).to(self.weight.dtype))
+        self.weight.copy_(cast)
         self.merged = True
 
     @torch.no_grad()

@@ -254,6 +254,8 @@ def detach(model: nn.Module, merge: bool = False) -> nn.Module:
     if not layers:
         raise ValueError(f"this {type(model).__name__} has no rankwise adapters to detach")
     quantized = any(layer.quantized for layer in layers.values())
+    if merge:  # every float layer first, all or nothing: a refusal leaves the model attached and unmerged
+        merge_all({n: layer for n, layer in layers.items() if not layer.quantized})
     for name, layer in layers.items():
         if merge and layer.quantized:  # a float nn.Linear: dequantised W0 + update (never rounded back to 4 bits)
             _set_submodule(model, name, layer.to_merged_float())
@@ -279,8 +281,23 @@ def merge(model: nn.Module) -> None:
     for layer in layers.values():  # all-or-nothing: refuse before any layer is merged
         if layer.quantized:
             raise merge_refusal(layer._base_ref[0])
-    for layer in layers.values():
-        layer.merge()
+    merge_all(layers)
+
+
+def merge_all(layers: dict[str, AdapterLayer]) -> None:
+    """Merge every layer, all or nothing: a layer that cannot merge (e.g. fp16 overflow) unmerges the
+    ones merged before it (exactly) and raises naming it."""
+    done: list[AdapterLayer] = []
+    for name, layer in layers.items():
+        if layer.merged:
+            continue
+        try:
+            layer.merge()
+        except FloatingPointError as exc:
+            for merged in done:
+                merged.unmerge()
+            raise FloatingPointError(f"layer {name!r}: {exc}; no layer was merged") from None
+        done.append(layer)
 
 
 def unmerge(model: nn.Module) -> None:
