@@ -96,3 +96,57 @@ def test_merge_is_all_or_nothing_for_every_method(mlp_case: ModelCase, method_ca
             call(model)
         assert not any(layer.merged for layer in rankwise.adapter_layers(model).values())
         assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+
+
+# ---------------------------------------------------------------------------- 7. state_dict taken while merged
+def _outputs(case: ModelCase, model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return case.output(model, case.batch(0))
+
+
+def _attached(case: ModelCase, method: MethodCase, base: nn.Module) -> nn.Module:
+    model = copy.deepcopy(base)
+    config, calibration = method.make(case, True)
+    rankwise.attach(model, config, calibration=calibration)
+    return model
+
+
+def _trained(case: ModelCase, method: MethodCase, base: nn.Module) -> nn.Module:
+    model = _attached(case, method, base)
+    opt = torch.optim.Adam(rankwise.trainable_parameters(model).values(), lr=2e-2)
+    model.train()
+    for i in range(3):  # crosses a RAC-LoRA link end (link_steps=2)
+        model(**case.batch(100 + i)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        rankwise.step(model, opt)
+    return model.eval()
+
+
+def test_a_merged_state_dict_never_applies_the_update_twice(mlp_case: ModelCase, method_case: MethodCase) -> None:
+    """Every method: a state_dict taken while merged loads into a fresh adapted model with the trained
+    model's outputs (merged there too, and unmerging gives the original base bits); into a fresh plain
+    base (strict=False) it gives the merged model; an unmerged state_dict loaded into a merged model
+    keeps it merged and correct."""
+    base = mlp_case.make()
+    trained = _trained(mlp_case, method_case, base)
+    expected = _outputs(mlp_case, trained)
+    unmerged_sd = copy.deepcopy(trained.state_dict())
+    rankwise.merge(trained)
+    merged_sd = trained.state_dict()
+    fresh = _attached(mlp_case, method_case, base)
+    fresh.load_state_dict(merged_sd)
+    assert all(layer.merged for layer in rankwise.adapter_layers(fresh).values())
+    torch.testing.assert_close(_outputs(mlp_case, fresh), expected, rtol=1e-5, atol=1e-5)
+    rankwise.unmerge(fresh)
+    torch.testing.assert_close(_outputs(mlp_case, fresh), expected, rtol=1e-5, atol=1e-5)
+    for name, layer in rankwise.adapter_layers(fresh).items():
+        assert torch.equal(layer.weight, base.get_submodule(name).weight)
+    plain = copy.deepcopy(base)
+    plain.load_state_dict(merged_sd, strict=False)
+    torch.testing.assert_close(_outputs(mlp_case, plain), expected, rtol=1e-5, atol=1e-5)
+    other = _attached(mlp_case, method_case, base)
+    rankwise.merge(other)
+    other.load_state_dict(unmerged_sd)
+    assert all(layer.merged for layer in rankwise.adapter_layers(other).values())
+    torch.testing.assert_close(_outputs(mlp_case, other), expected, rtol=1e-5, atol=1e-5)

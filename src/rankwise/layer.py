@@ -28,6 +28,7 @@ from .quant import check_adaptable, dequantize, float_linear, keep_layout, merge
 from .targeting import is_conv1d
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+UNMERGED_KEY = "unmerged_weight"  # a merged layer's original weight, in its state_dict (see _save_to_state_dict)
 
 
 @dataclass
@@ -221,7 +222,16 @@ class AdapterLayer(nn.Module):
 
     def adapter_state(self) -> dict[str, Tensor]:
         """Every tensor that defines the adapter (not the base weight/bias), by local name."""
-        return {k: v for k, v in self.state_dict(keep_vars=False).items() if k not in ("weight", "bias")}
+        return {k: v for k, v in self.state_dict(keep_vars=False).items() if k not in ("weight", "bias", UNMERGED_KEY)}
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        """A merged layer's ``state_dict`` carries its merged state: ``weight`` is the merged weight (what a
+        plain model reading it computes) and ``unmerged_weight`` the kept original bits, so it loads into a
+        fresh adapted model merged and exactly unmergeable, never with the update applied twice."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            assert self._original_weight is not None
+            destination[prefix + UNMERGED_KEY] = self._original_weight if keep_vars else self._original_weight.detach()
 
     def resize_for_load(self, shapes: dict[str, torch.Size]) -> None:
         """Called by :func:`rankwise.load` with the saved adapter tensors' shapes, before they are filled in.
@@ -236,7 +246,18 @@ class AdapterLayer(nn.Module):
         shapes = {k[len(prefix):]: v.shape for k, v in state_dict.items()
                   if k.startswith(prefix) and "." not in k[len(prefix):] and hasattr(v, "shape")}
         self.resize_for_load(shapes)
+        was_merged = self.merged
+        self.unmerge()  # the incoming tensors are loaded into the unmerged layer
+        unmerged = state_dict.pop(prefix + UNMERGED_KEY, None)  # a merged layer's state_dict
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if unmerged is not None:  # ``weight`` held the merged weight: keep the original bits beside it
+            if unmerged.shape != self.weight.shape:
+                raise RuntimeError(f"size mismatch for {prefix}{UNMERGED_KEY}: {tuple(unmerged.shape)} in the "
+                                   f"state_dict, {tuple(self.weight.shape)} here")
+            self._original_weight = unmerged.detach().to(self.weight.device, self.weight.dtype, copy=True)
+            self.merged = True
+        elif was_merged:
+            self.merge()
 
     def trainable_tensors(self) -> dict[str, nn.Parameter]:
         """``{name: tensor}`` for the names in ``trainable`` (this layer's trained tensors)."""
