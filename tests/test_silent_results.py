@@ -150,3 +150,25 @@ def test_a_merged_state_dict_never_applies_the_update_twice(mlp_case: ModelCase,
     other.load_state_dict(unmerged_sd)
     assert all(layer.merged for layer in rankwise.adapter_layers(other).values())
     torch.testing.assert_close(_outputs(mlp_case, other), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- 11. training while merged
+def test_training_while_merged_is_refused(mlp_case: ModelCase, method_case: MethodCase) -> None:
+    """Every method, with a fully-trained head: a training forward (train mode, grad enabled) of a merged
+    model raises instead of silently training only the head; eval mode, no_grad, a frozen (trainable=False)
+    adapter and the unmerged model run as before."""
+    base = mlp_case.make()
+    model = _attached(mlp_case, method_case, base)
+    rankwise.merge(model)
+    model.train()
+    with pytest.raises(RuntimeError, match=r"is merged, so training now would not train it.*rankwise.unmerge\(model\)"):
+        model(**mlp_case.batch(1)).loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    with torch.no_grad():
+        model(**mlp_case.batch(1))
+    model.eval()
+    model(**mlp_case.batch(1))
+    rankwise.unmerge(model)
+    model.train()
+    model(**mlp_case.batch(1)).loss.backward()
+    assert all(p.grad is not None for p in rankwise.trainable_parameters(model).values())

@@ -175,6 +175,13 @@ class AdapterLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
+            if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.trainable_tensors().values()):
+                raise RuntimeError(
+                    f"this adapter layer ({self.out_features} x {self.in_features}) is merged, so training now would "
+                    "not train it (the merged weight is frozen: its adapter tensors get no gradient) while a "
+                    "fully-trained module would. Call rankwise.unmerge(model) before training; for inference use "
+                    "model.eval() or torch.no_grad()"
+                )
             return self.base_forward(x)
         return self.adapter_forward(x)
 
