@@ -6,6 +6,7 @@ Each test is one defect class and a row in docs/reliability.md ("Adversarial rev
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import pytest
@@ -153,22 +154,35 @@ def test_a_merged_state_dict_never_applies_the_update_twice(mlp_case: ModelCase,
 
 
 # ---------------------------------------------------------------------------- 11. training while merged
-def test_training_while_merged_is_refused(mlp_case: ModelCase, method_case: MethodCase) -> None:
-    """Every method, with a fully-trained head: a training forward (train mode, grad enabled) of a merged
-    model raises instead of silently training only the head; eval mode, no_grad, a frozen (trainable=False)
-    adapter and the unmerged model run as before."""
+def test_training_while_merged_is_named_once_and_its_step_refused(mlp_case: ModelCase, method_case: MethodCase) -> None:
+    """Every method, with a fully-trained head: the first training forward (train mode, grad enabled) of a
+    merged model warns once that the adapter does not train; ``rankwise.step`` then refuses. Eval mode,
+    ``no_grad`` and a frozen adapter stay silent; after unmerging every adapter tensor gets a gradient."""
     base = mlp_case.make()
     model = _attached(mlp_case, method_case, base)
+    opt = torch.optim.SGD(rankwise.trainable_parameters(model).values(), lr=0.1)
     rankwise.merge(model)
     model.train()
-    with pytest.raises(RuntimeError, match=r"is merged, so training now would not train it.*rankwise.unmerge\(model\)"):
-        model(**mlp_case.batch(1)).loss.backward()
-    assert all(p.grad is None for p in model.parameters())
-    with torch.no_grad():
+    with pytest.warns(UserWarning, match=r"merged adapter does not train.*rankwise.unmerge\(model\)") as seen:
+        for i in range(3):
+            model(**mlp_case.batch(i)).loss.backward()
+    assert sum("merged adapter" in str(w.message) for w in seen) == len(rankwise.adapter_layers(model))  # once a layer
+    assert all(p.grad is None for p in (t for layer in rankwise.adapter_layers(model).values()
+                                        for t in layer.trainable_tensors().values()))
+    opt.step()
+    with pytest.raises(ValueError, match=r"step\(\) while the adapter is merged .*rankwise.unmerge\(model\)"):
+        rankwise.step(model, opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rankwise.merge(model)
+        rankwise.unmerge(model)
+        rankwise.merge(model)
+        with torch.no_grad():
+            model(**mlp_case.batch(1))
+        model.eval()
         model(**mlp_case.batch(1))
-    model.eval()
-    model(**mlp_case.batch(1))
+    opt.zero_grad(set_to_none=True)
     rankwise.unmerge(model)
     model.train()
     model(**mlp_case.batch(1)).loss.backward()
-    assert all(p.grad is not None for p in rankwise.trainable_parameters(model).values())
+    assert any(p.grad is not None for p in rankwise.trainable_parameters(model).values() if p.dim() == 2)

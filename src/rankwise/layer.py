@@ -15,6 +15,7 @@ bits, which :meth:`unmerge` restores exactly. ``train()``/``eval()`` never merge
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -28,6 +29,11 @@ from .quant import check_adaptable, dequantize, float_linear, keep_layout, merge
 from .targeting import is_conv1d
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+MERGED_TRAINING = (
+    "rankwise: a training forward (train mode, gradients on) through merged adapter layers: a merged adapter "
+    "does not train (its tensors get no gradient) while fully-trained modules still would. Call "
+    "rankwise.unmerge(model) before training; for inference use model.eval() or torch.no_grad()"
+)
 UNMERGED_KEY = "unmerged_weight"  # a merged layer's original weight, in its state_dict (see _save_to_state_dict)
 
 
@@ -105,6 +111,7 @@ class AdapterLayer(nn.Module):
         # their tensors have (see adapter_dtype)
         self._init_dtype: torch.dtype = torch.float32 if self.quantized or weight.dtype in LOW_PRECISION else weight.dtype
         self.merged: bool = False
+        self._warned_merged: bool = False  # a training forward while merged has been named (MERGED_TRAINING)
         self._original_weight: Tensor | None = None
         self._base_ref: list[nn.Module] = [base]  # a list so it is not registered as a submodule
 
@@ -175,13 +182,9 @@ class AdapterLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
-            if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.trainable_tensors().values()):
-                raise RuntimeError(
-                    f"this adapter layer ({self.out_features} x {self.in_features}) is merged, so training now would "
-                    "not train it (the merged weight is frozen: its adapter tensors get no gradient) while a "
-                    "fully-trained module would. Call rankwise.unmerge(model) before training; for inference use "
-                    "model.eval() or torch.no_grad()"
-                )
+            if not self._warned_merged and self.training and torch.is_grad_enabled() and self.requires_grad():
+                self._warned_merged = True  # once per merge
+                warnings.warn(MERGED_TRAINING, stacklevel=2)
             return self.base_forward(x)
         return self.adapter_forward(x)
 
@@ -204,6 +207,7 @@ class AdapterLayer(nn.Module):
         self._original_weight = self.weight.detach().clone()
         self.weight.copy_(cast)
         self.merged = True
+        self._warned_merged = False
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -265,6 +269,10 @@ class AdapterLayer(nn.Module):
             self.merged = True
         elif was_merged:
             self.merge()
+
+    def requires_grad(self) -> bool:
+        """Whether any of this layer's trainable tensors is set to train (``False`` after ``load(..., trainable=False)``)."""
+        return any(p.requires_grad for p in self.trainable_tensors().values())
 
     def trainable_tensors(self) -> dict[str, nn.Parameter]:
         """``{name: tensor}`` for the names in ``trainable`` (this layer's trained tensors)."""

@@ -353,6 +353,13 @@ def step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, ch
     the first bad one: NaN gradients otherwise poison a run silently.
     """
     state = get_state(model)
+    merged = [n for n, layer in adapter_layers(model).items() if layer.merged and layer.requires_grad()]
+    if merged:
+        raise ValueError(
+            f"step() while the adapter is merged (layers {merged[:4]}): a merged adapter does not train (its tensors "
+            "get no gradient), so this step trained only the fully-trained modules. Call rankwise.unmerge(model) "
+            "before training"
+        )
     if check_finite:
         bad = _first_non_finite(_adapter_tensors(model, grads=False))
         if bad is not None:
