@@ -148,10 +148,11 @@ def test_only_core_and_magnitude_move(bert_case: ModelCase) -> None:
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved and all(k.endswith((".core", ".magnitude")) for k in moved), sorted(moved)
     assert len(moved) == 2 * len(rankwise.adapter_layers(model))
-    # the norm terms still describe the (unchanged) W0 and A
+    # the norm terms still describe the (unchanged) W0 and A (kept divided by c², c a power of two)
     for layer in rankwise.adapter_layers(model).values():
         w0 = layer.weight.double()
-        torch.testing.assert_close(layer.norm_c.double(), w0 @ layer.frozen_a.double().t(), rtol=1e-6, atol=1e-7)
+        c2 = layer.norm_scale.double() ** 2
+        torch.testing.assert_close(layer.norm_c.double() * c2, w0 @ layer.frozen_a.double().t(), rtol=1e-6, atol=1e-7)
 
 
 def test_lora_plus_groups_speed_up_the_core_only(bert_case: ModelCase) -> None:

@@ -186,3 +186,101 @@ def test_training_while_merged_is_named_once_and_its_step_refused(mlp_case: Mode
     model.train()
     model(**mlp_case.batch(1)).loss.backward()
     assert any(p.grad is not None for p in rankwise.trainable_parameters(model).values() if p.dim() == 2)
+
+
+# ---------------------------------------------------------------------------- 9. DoRA/EDoRA row norms at any scale
+_NORM_CASES = [  # (dtype, weight scale): fp16 ‖W0‖² overflows past row norms ~256 and underflows below ~2.4e-4;
+    (torch.float32, 1e-21), (torch.float32, 1e-30), (torch.float32, 1e15),  # fp32's below ~1e-19, above ~1e19
+    (torch.float16, 1e3), (torch.float16, 1e-4), (torch.bfloat16, 1e-21), (torch.bfloat16, 1e20), (torch.float64, 1e-150),
+]
+_NORM_METHODS = {
+    "dora": lambda: rankwise.DoraConfig(r=4, alpha=8, target_modules=["fc"], seed=0),
+    "edora": lambda: rankwise.EdoraConfig(r=4, alpha=8, sigma=0.0, target_modules=["fc"], seed=0),
+}
+
+
+def _scaled(scale: float, dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("fc", nn.Linear(16, 12, bias=False))
+    model.eval().to(torch.float64 if dtype == torch.float64 else torch.float32)
+    with torch.no_grad():
+        model.fc.weight.copy_(model.fc.weight.double() * scale)  # fp64 product: exact scale before any cast
+    return model
+
+
+def _reference(layer: nn.Module, method: str, x: torch.Tensor) -> torch.Tensor:
+    """DoRA eq. (5) in fp64 from the layer's own factors: ``m ⊙ (W0 + s·ΔW) / ‖W0 + s·ΔW‖_row``."""
+    w0 = layer.weight.double()
+    if method == "dora":
+        delta = layer.lora_b.double() @ layer.lora_a.double()
+    else:
+        delta = layer.frozen_b.double() @ layer.core.double() @ layer.frozen_a.double()
+    directed = w0 + layer.scale * delta
+    w = layer.magnitude.double().unsqueeze(1) * directed / torch.linalg.vector_norm(directed, dim=1, keepdim=True)
+    return x.double() @ w.t()
+
+
+@pytest.mark.parametrize("method", list(_NORM_METHODS))
+@pytest.mark.parametrize(("dtype", "scale"), _NORM_CASES, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("order", ["attach-then-convert", "convert-then-attach"])
+def test_dora_family_norms_hold_identity_at_any_scale_and_dtype(method: str, dtype: torch.dtype, scale: float,
+                                                                order: str) -> None:
+    """Identity at init for weights scaled by 1e-30 ... 1e20 in fp32 / fp16 / bf16 / fp64: exact when attached
+    on the converted model, within the dtype's rounding of W0 when the model is converted after attaching
+    (``model.half()``: the conversion itself rounds W0); after the update moves, the output matches DoRA's
+    formula in fp64 (within the dtype's rounding), finite, merged or not."""
+    tol = {torch.float32: 1e-5, torch.float64: 1e-10, torch.float16: 1e-2, torch.bfloat16: 3e-2}[dtype]
+    base = _scaled(scale, dtype)
+    if order == "convert-then-attach":
+        base = base.to(dtype)
+    model = copy.deepcopy(base)
+    rankwise.attach(model, _NORM_METHODS[method]())
+    model.to(dtype)
+    base.to(dtype)
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with torch.no_grad():
+        if order == "convert-then-attach":
+            assert torch.equal(model(x), base(x)), "W' = W0 at init"
+        else:
+            expected = base(x)
+            torch.testing.assert_close(model(x), expected, rtol=tol, atol=tol * float(expected.abs().max()))
+        layer = rankwise.adapter_layers(model)["fc"]
+        g = torch.Generator().manual_seed(2)
+        if method == "dora":  # an update the size of W0: both terms matter in the norm
+            layer.lora_b.copy_(torch.randn(layer.lora_b.shape, generator=g) * 0.3 * scale / max(layer.lora_a.abs().max().item(), 1e-300))
+        else:
+            layer.core.copy_(torch.randn(layer.core.shape, generator=g) * 0.3)
+        out = model(x)
+    assert torch.isfinite(out).all()
+    with torch.no_grad():
+        ref = _reference(layer, method, x)
+    atol = tol * float(ref.abs().max())  # entries near zero from cancellation: relative to the output's scale
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=atol)
+    if dtype == torch.float64:
+        return  # merged weights are computed in fp32 for every method (rankwise.layer): 1e-150 is out of its range
+    rankwise.merge(model)  # the merged weight's norm is computed the same way
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).double(), ref, rtol=tol, atol=atol)
+
+
+@pytest.mark.parametrize("method", list(_NORM_METHODS))
+@pytest.mark.parametrize("scale", [1e-15, 1.0, 1e15])
+def test_dora_family_norms_match_peft_at_large_and_small_scales(method: str, scale: float, tmp_path: Path) -> None:
+    """Where PEFT's own fp32 norm is exact, its load of the exported adapter computes our outputs."""
+    peft = pytest.importorskip("peft")
+    base = _scaled(scale)
+    model = copy.deepcopy(base)
+    rankwise.attach(model, _NORM_METHODS[method]())
+    layer = rankwise.adapter_layers(model)["fc"]
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(2)
+        if method == "dora":
+            layer.lora_b.copy_(torch.randn(layer.lora_b.shape, generator=g) * 0.3 * scale / layer.lora_a.abs().max())
+        else:
+            layer.core.copy_(torch.randn(layer.core.shape, generator=g) * 0.3)
+    rankwise.export_peft(model, tmp_path / "peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), theirs(x), rtol=1e-5, atol=0)

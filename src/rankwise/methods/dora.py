@@ -13,10 +13,16 @@ handling of dropout (the magnitude rescales the dropped-out input's path)::
 The row norm never forms ``B A`` or ``W0 + s·B A``: ``‖W0 + s·B A‖²_row = ‖W0‖²_row +
 rowsum(B ⊙ (2s·W0 Aᵀ + s²·B A Aᵀ))`` (:func:`low_rank_row_norm`).
 
+Row norms are computed so that ``W' = W0`` at init holds for any finite weight scale and dtype: in
+fp32 (fp64 for an fp64 adapter) whatever the adapter's dtype, and on the weights divided by a power of
+two near their largest entry (exact), so ``‖W0‖²`` neither overflows fp16 (row norms above ~256) nor
+underflows (below ~2.4e-4 in fp16, ~1e-19 in fp32); the norm is then rounded to the adapter's dtype, as
+PEFT rounds it, and ``m/n`` is divided in fp32 (:func:`magnitude_scale`).
+
 A row whose norm is zero (an all-zero row of ``W0``, as pruned models have; ``m = 0`` there) would
-give ``0/0``: the norm is clamped at :data:`NORM_EPS`, so such a row computes ``m/ε · (…) = 0``, the
-base's output (its bias), instead of NaN. HF PEFT divides unclamped (NaN on such a row); every row
-with a norm above ``ε`` is computed as PEFT does (to rounding: the norm comes from the identity above).
+give ``0/0``: the norm is clamped at the smallest normal number, so such a row computes ``m/ε · (…) = 0``,
+the base's output (its bias), instead of NaN. HF PEFT divides unclamped (NaN on such a row); every
+other row is computed as PEFT does (to rounding: the norm comes from the identity above).
 """
 
 from __future__ import annotations
@@ -35,17 +41,35 @@ from ..quant import compute_dtype
 from ..registry import Method, register_method, simple_build
 from .lora import LoraLinear
 
-NORM_EPS = 1e-12  # floor of a row norm in DoRA-family divisions (far below any real weight row's norm)
+def wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype DoRA-family norms are computed in: fp64 for fp64, else fp32 (fp16/bf16 are upcast)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def pow2_scale(peak: Tensor) -> Tensor:
+    """``2^e`` with ``peak / 2^e`` in ``[1, 2)`` (1 for a zero peak): dividing by it is exact, never overflows
+    the dtype, and brings squares of values up to ``peak`` into range (0-d, ``peak``'s dtype)."""
+    _, exponent = torch.frexp(peak)
+    return torch.where(peak > 0, torch.ldexp(torch.ones_like(peak), exponent - 1), torch.ones_like(peak))
 
 
 def clamp_norm(norm: Tensor) -> Tensor:
-    """Row norms floored at ``ε`` (:data:`NORM_EPS`, or the dtype's smallest normal number if larger)."""
-    return norm.clamp_min(max(NORM_EPS, torch.finfo(norm.dtype).tiny))
+    """Row norms floored at the dtype's smallest normal number (only an all-zero row is ever that small)."""
+    return norm.clamp_min(torch.finfo(norm.dtype).tiny)
+
+
+def scaled_row_norm(w: Tensor) -> Tensor:
+    """``‖w‖_row`` (``out x 1``) of an ``out x in`` matrix, computed on ``w / 2^e`` (exact) so it neither
+    overflows nor underflows for any finite scale of ``w``."""
+    c = pow2_scale(w.detach().abs().amax())
+    return c * torch.linalg.vector_norm(w / c, dim=1, keepdim=True)
 
 
 def magnitude_scale(magnitude: Tensor, norm: Tensor) -> Tensor:
-    """``m / max(n, ε)`` (any shape): DoRA's row scale, finite on an all-zero row (see the module docstring)."""
-    return magnitude / clamp_norm(norm)
+    """``m / max(n, ε)`` (any shape), divided in fp32 (fp64 for fp64) and returned in ``m``'s dtype:
+    DoRA's row scale, exactly 1 where ``m = n`` and finite on an all-zero row (see the module docstring)."""
+    wide = wide_dtype(magnitude.dtype)
+    return (magnitude.to(wide) / clamp_norm(norm.to(wide))).to(magnitude.dtype)
 
 
 def low_rank_row_norm(n0: Tensor, c: Tensor, b: Tensor, k: Tensor, s: float) -> Tensor:
@@ -120,11 +144,19 @@ class DoraLinear(LoraLinear):
         Computed without the ``out x in`` sum, from two reads of ``W0`` (:func:`low_rank_row_norm`)::
 
             ‖W0 + s·B A‖²_row = ‖W0‖²_row + rowsum(B ⊙ (2s·W0 Aᵀ + s²·B A Aᵀ))
+
+        In fp32 (fp64 for an fp64 adapter) on ``W0 / c`` and ``B / c``, ``c`` a power of two within a factor
+        2 of the largest of ``|W0|`` and ``s·|B|·|A|`` (dividing by it is exact), then
+        ``‖·‖ = c·‖W0/c + s·(B/c) A‖``, rounded to the adapter dtype: correct for any finite weight scale in
+        any dtype (see the module docstring).
         """
-        w = self.unmerged_base_weight().to(self.adapter_dtype)  # out x in
-        a = self.lora_a.detach()  # r x in
-        n0 = torch.linalg.vector_norm(w, dim=1).square()  # out
-        return low_rank_row_norm(n0, w @ a.t(), self.lora_b.detach(), a @ a.t(), self.scale).detach()  # out
+        wide = wide_dtype(self.adapter_dtype)
+        w = self.unmerged_base_weight().detach().to(wide)  # out x in
+        a, b = self.lora_a.detach().to(wide), self.lora_b.detach().to(wide)  # r x in, out x r
+        c = pow2_scale(torch.maximum(w.abs().amax(), self.scale * b.abs().amax() * a.abs().amax()))
+        w, b = w / c, b / c
+        n0 = (w * w).sum(dim=1)  # out
+        return (c * low_rank_row_norm(n0, w @ a.t(), b, a @ a.t(), self.scale)).to(self.adapter_dtype)  # out
 
     def adapter_forward(self, x: Tensor) -> Tensor:
         if use_fused(self, x, self.lora_a, self.lora_b, self.magnitude):
@@ -164,8 +196,7 @@ class DoraLinear(LoraLinear):
     def merged_weight(self) -> Tensor:
         w0 = self.unmerged_base_weight().float()  # out x in
         directed = w0 + self.scale * (self.lora_b.float() @ self.lora_a.float())  # out x in
-        norm = torch.linalg.norm(directed, dim=1, keepdim=True)  # out x 1
-        return self.magnitude.float().unsqueeze(1) * directed / clamp_norm(norm)  # out x in
+        return self.magnitude.float().unsqueeze(1) * (directed / clamp_norm(scaled_row_norm(directed)))  # out x in
 
     def peft_factors(self) -> PeftFactors:
         return PeftFactors(self.lora_a.detach(), self.lora_b.detach(), self.scale, self.magnitude.detach())

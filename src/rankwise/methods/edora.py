@@ -17,7 +17,10 @@ Because A and B never change, the row norm needs no ``out x in`` matrix. With ``
 
     ‖W0 + s·B R A‖²_row = n0 + rowsum((BR) ⊙ (2s·C + s²·(BR) K))
 
-which costs ``O(out·r²)`` per step instead of DoRA's ``O(out·in·r)``. The forward pass is DoRA's
+which costs ``O(out·r²)`` per step instead of DoRA's ``O(out·in·r)``. The terms are kept for ``W0 / c``
+and ``A / c`` (``c`` a power of two near ``max |W0|``, so the division is exact): ``n0/c²``, ``C/c²``,
+``K/c²`` stay in range in every dtype, and the norm is ``c·√(…)`` computed in fp32 (fp64 for fp64),
+so ``W' = W0`` at init holds for any finite weight scale (see :mod:`rankwise.methods.dora`). The forward pass is DoRA's
 (PEFT's, with its dropout semantics, :func:`rankwise.methods.dora.magnitude_forward`) with the
 low-rank path ``s·((x Aᵀ) Rᵀ) Bᵀ``.
 
@@ -42,7 +45,7 @@ from ..config import AdapterConfig
 from ..fused import low_rank_linear, use_fused
 from ..layer import AdapterLayer, PeftFactors, layer_generator
 from ..registry import BuildResult, Method, register_method, simple_build
-from .dora import clamp_norm, magnitude_forward, magnitude_scale
+from .dora import clamp_norm, magnitude_forward, magnitude_scale, pow2_scale, scaled_row_norm, wide_dtype
 
 SVD_MODES = ("exact", "randomized")
 FACTOR_MODES = ("svd", "random")
@@ -150,6 +153,7 @@ class EdoraLinear(AdapterLayer):
         self.core = nn.Parameter(self.new_tensor(rank, rank))  # r x r
         self.magnitude = nn.Parameter(self.new_tensor(self.out_features))  # out
         # norm terms, functions of (W0, A): recomputed, not saved (see precompute_norm_terms)
+        self.register_buffer("norm_scale", self.new_tensor(1), persistent=False)  # c: a power of two (1,)
         self.register_buffer("norm_n0", self.new_tensor(self.out_features), persistent=False)  # out
         self.register_buffer("norm_c", self.new_tensor(self.out_features, rank), persistent=False)  # out x r
         self.register_buffer("norm_k", self.new_tensor(rank, rank), persistent=False)  # r x r
@@ -186,21 +190,35 @@ class EdoraLinear(AdapterLayer):
 
     @torch.no_grad()
     def init_magnitude(self) -> None:
-        """Named init step: ``m = ‖W0‖_row``."""
-        self.magnitude.copy_(self.norm_n0.sqrt())
+        """Named init step: ``m = ‖W0‖_row`` (the norm of :meth:`weight_norm` with ``R = 0``, bit for bit)."""
+        self.magnitude.copy_(self.weight_norm(torch.zeros_like(self.frozen_b)))
 
     @torch.no_grad()
     def precompute_norm_terms(self) -> None:
-        """``n0 = ‖W0‖²_row``, ``C = W0 Aᵀ``, ``K = A Aᵀ`` (in fp64, stored in the adapter dtype).
+        """``c``, ``n0/c² = ‖W0/c‖²_row``, ``C/c² = (W0/c)(A/c)ᵀ``, ``K/c² = (A/c)(A/c)ᵀ`` (in fp64, stored in
+        the adapter dtype; ``c`` a power of two near ``max |W0|``).
 
         Deterministic functions of ``W0`` and ``A``, so they are recomputed after loading rather than
         saved; a load therefore reproduces them bit for bit.
         """
         w0 = self.unmerged_base_weight().double()  # out x in
-        a = self.frozen_a.double()  # r x in
+        c = pow2_scale(w0.abs().amax())
+        w0, a = w0 / c, self.frozen_a.double() / c  # out x in, r x in
+        self.norm_scale.copy_(c)
         self.norm_n0.copy_((w0 * w0).sum(dim=1))  # out
         self.norm_c.copy_(w0 @ a.t())  # out x r
         self.norm_k.copy_(a @ a.t())  # r x r
+
+    def _apply(self, fn: Any, recurse: bool = True) -> EdoraLinear:
+        """``model.half()`` / ``.to(torch.bfloat16)`` would round the norm terms to the new dtype: they are kept
+        in fp32 (fp64 for fp64) instead, recomputed from the converted ``W0``, so ``m/n`` stays exact."""
+        super()._apply(fn, recurse)
+        wide = wide_dtype(self.adapter_dtype)
+        if self.norm_n0.dtype != wide:
+            for name in ("norm_scale", "norm_n0", "norm_c", "norm_k"):
+                setattr(self, name, getattr(self, name).to(wide))
+            self.precompute_norm_terms()
+        return self
 
     # ------------------------------------------------------------------ forward
     @torch.no_grad()
@@ -209,10 +227,11 @@ class EdoraLinear(AdapterLayer):
 
         ``br`` is ``B R`` when the caller already has it.
         """
-        s = self.scale
-        br = self.frozen_b @ self.core if br is None else br.detach()  # out x r
-        inner = torch.addmm(self.norm_c, br, self.norm_k, beta=2 * s, alpha=s * s)  # out x r: 2s·C + s²·BRK
-        return (self.norm_n0 + (br * inner).sum(dim=1)).clamp_min(0).sqrt()  # out
+        s, wide = self.scale, wide_dtype(self.adapter_dtype)
+        br = (self.frozen_b @ self.core if br is None else br.detach()).to(wide)  # out x r
+        c, n0, cc, k = (t.to(wide) for t in (self.norm_scale, self.norm_n0, self.norm_c, self.norm_k))
+        inner = torch.addmm(cc, br, k, beta=2 * s, alpha=s * s)  # out x r: (2s·C + s²·BRK) / c²
+        return (c * (n0 + (br * inner).sum(dim=1)).clamp_min(0).sqrt()).to(self.adapter_dtype)  # out
 
     def lora_out(self, x: Tensor) -> Tensor:
         """``s · ((x Aᵀ) Rᵀ) Bᵀ`` for an input already dropped-out, in the adapter dtype."""
@@ -245,8 +264,7 @@ class EdoraLinear(AdapterLayer):
         w0 = self.unmerged_base_weight().float()  # out x in
         delta = self.frozen_b.float() @ self.core.float() @ self.frozen_a.float()  # out x in
         directed = w0 + self.scale * delta  # out x in
-        norm = torch.linalg.norm(directed, dim=1, keepdim=True)  # out x 1
-        return self.magnitude.float().unsqueeze(1) * directed / clamp_norm(norm)  # out x in
+        return self.magnitude.float().unsqueeze(1) * (directed / clamp_norm(scaled_row_norm(directed)))  # out x in
 
     def peft_factors(self) -> PeftFactors:
         """PEFT DoRA form: ``lora_A = A``, ``lora_B = B R``, the magnitude and ``s``."""
@@ -286,7 +304,7 @@ def _build(model: nn.Module, targets: dict[str, nn.Module], config: EdoraConfig,
                 "entries of R have no effect. The adapter is still correct; a smaller r wastes nothing.",
                 stacklevel=3,
             )
-        total = layer.norm_n0.double().sum().clamp_min(torch.finfo(torch.float64).tiny)
+        total = layer.norm_n0.double().sum().clamp_min(torch.finfo(torch.float64).tiny) * layer.norm_scale.double() ** 2
         extras[name] = {"svd_energy": float(spectrum.double().pow(2).sum() / total)}
     return BuildResult(layers, extras)
 
