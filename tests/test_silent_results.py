@@ -284,3 +284,54 @@ def test_dora_family_norms_match_peft_at_large_and_small_scales(method: str, sca
     x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model(x), theirs(x), rtol=1e-5, atol=0)
+
+
+# ---------------------------------------------------------------------------- 18. all-linear vs PEFT, exactly
+def _seq_cls(kind: str) -> nn.Module:
+    from transformers import (BertConfig, BertForSequenceClassification, DistilBertConfig,
+                              DistilBertForSequenceClassification, ElectraConfig, ElectraForSequenceClassification,
+                              RobertaConfig, RobertaForSequenceClassification)
+
+    torch.manual_seed(0)
+    small = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+             "intermediate_size": 48, "max_position_embeddings": 40}
+    if kind == "roberta":
+        return RobertaForSequenceClassification(RobertaConfig(**small))
+    if kind == "electra":
+        return ElectraForSequenceClassification(ElectraConfig(embedding_size=32, **small))
+    if kind == "distilbert":
+        return DistilBertForSequenceClassification(DistilBertConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4,
+                                                                    hidden_dim=48, max_position_embeddings=40))
+    return BertForSequenceClassification(BertConfig(**small))
+
+
+@pytest.mark.parametrize("kind", ["roberta", "electra", "distilbert", "bert"])
+def test_all_linear_is_peft_with_seq_cls_and_peft_without_it_also_adapts_the_classifier(kind: str) -> None:
+    """README's statement, exactly: rankwise's ``all-linear`` is every Linear except the top-level classifier
+    (and everything in it: RoBERTa's / Electra's ``classifier.dense`` and ``classifier.out_proj``); PEFT with
+    ``task_type="SEQ_CLS"`` adapts the same set (the classifier goes to its modules_to_save; on DistilBERT,
+    whose classifier is a bare Linear, PEFT 0.21 refuses the combination); PEFT without a task type adapts
+    these plus the classifier's Linears."""
+    peft = pytest.importorskip("peft")
+    model = _seq_cls(kind)
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    head = {n for n in linears if n == "classifier" or n.startswith("classifier.")}
+    assert head and linears - head
+    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules="all-linear", seed=0))
+    ours = set(rankwise.adapter_layers(model))
+    assert ours == linears - head
+
+    def peft_targets(task_type: str | None) -> set[str]:
+        wrapped = peft.get_peft_model(_seq_cls(kind), peft.LoraConfig(r=2, target_modules="all-linear", task_type=task_type))
+        return {n.removeprefix("base_model.model.") for n, m in wrapped.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+
+    assert peft_targets(None) == ours | head
+    if kind == "distilbert":
+        try:
+            seq_cls = peft_targets("SEQ_CLS")
+        except TypeError as exc:  # PEFT 0.21: "modules_to_save cannot be applied to modules of type ...lora...Linear"
+            assert "modules_to_save" in str(exc)
+            return
+        assert seq_cls == ours
+    else:
+        assert peft_targets("SEQ_CLS") == ours
