@@ -335,3 +335,90 @@ def test_all_linear_is_peft_with_seq_cls_and_peft_without_it_also_adapts_the_cla
         assert seq_cls == ours
     else:
         assert peft_targets("SEQ_CLS") == ours
+
+
+# ---------------------------------------------------------------------------- 4. PEFT inits that change W0
+_PEFT_TARGETS = ["fc1", "fc2"]
+
+
+def _peft_adapter(case: ModelCase, folder: Path, init: object) -> nn.Module:
+    """A PEFT LoRA written by PEFT itself with ``init_lora_weights=init``, its B moved off the init (as
+    training would); returns the PEFT model it saved (which computes on PEFT's own, possibly changed, base)."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(case.make(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=_PEFT_TARGETS,
+                                                             init_lora_weights=init))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(folder)
+    return model.eval()
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "lora_ga", "corda", "loftq", "made_up"])
+def test_import_refuses_adapters_trained_on_a_changed_base(init: str, mlp_case: ModelCase, tmp_path: Path) -> None:
+    """Every init PEFT 0.21 can write here whose load rebuilds W0 (PiSSA, its randomized variant, OLoRA,
+    LoRA-GA) is refused naming the init and PEFT's conversion step; CorDA (needs the ``attrs`` package) and
+    LoftQ (needs CUDA) cannot be written here, so their adapter_config.json is edited in; an unknown init
+    is refused too. PEFT's own load of the written ones is not the plain ``W0 + s·BA`` (the reason)."""
+    peft = pytest.importorskip("peft")
+    folder = tmp_path / init
+    written = init not in ("corda", "loftq", "made_up")
+    _peft_adapter(mlp_case, folder, init if written else True)
+    if not written:
+        cfg_file = folder / "adapter_config.json"
+        cfg_file.write_text(cfg_file.read_text().replace('"init_lora_weights": true', f'"init_lora_weights": "{init}"'))
+    model = mlp_case.make()
+    before = _weights(model)
+    how = r"merge_and_unload\(\)" if init == "loftq" else r"path_initial_model_for_weight_conversion"
+    what = r"does not know" if init == "made_up" else rf"init_lora_weights='{init}'.*{how}"
+    with pytest.raises(ValueError, match=what):
+        rankwise.import_peft(model, folder)
+    assert not rankwise.adapter_layers(model) and all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+    if init in ("pissa", "olora"):  # deterministic inits: PEFT's load really computes something else than W0 + s·BA
+        theirs = peft.PeftModel.from_pretrained(mlp_case.make(), folder).eval()
+        plain = mlp_case.make()
+        for name in _PEFT_TARGETS:
+            lora = theirs.base_model.model.get_submodule(name)
+            with torch.no_grad():
+                plain.get_submodule(name).weight += 2.0 * lora.lora_B["default"].weight @ lora.lora_A["default"].weight
+        x = mlp_case.batch(0)["x"]
+        with torch.no_grad():
+            assert (theirs(x).logits - plain(x).logits).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian", "eva", "orthogonal", "mica"])
+def test_import_of_inits_that_keep_the_base_matches_peft(init: object, mlp_case: ModelCase, tmp_path: Path) -> None:
+    """Inits whose adapters apply to the unchanged base import and compute PEFT's own load exactly."""
+    peft = pytest.importorskip("peft")
+    _peft_adapter(mlp_case, tmp_path / "a", init)
+    ours = rankwise.import_peft(mlp_case.make(), tmp_path / "a").eval()
+    theirs = peft.PeftModel.from_pretrained(mlp_case.make(), tmp_path / "a").eval()
+    x = mlp_case.batch(0)["x"]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, theirs(x).logits, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_the_named_conversion_makes_a_residual_adapter_portable(init: str, mlp_case: ModelCase, tmp_path: Path) -> None:
+    """The refusal's named way out: PEFT's ``path_initial_model_for_weight_conversion`` writes a plain LoRA
+    (rank 2r) of the original base; rankwise imports it and computes what the trained PEFT model computed on
+    its residual base, and what PEFT's load of the converted adapter computes."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(mlp_case.make(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=_PEFT_TARGETS,
+                                                                 init_lora_weights=init))
+    model.peft_config["default"].init_lora_weights = True  # PEFT's recipe: the initial adapter, saved as plain
+    model.save_pretrained(tmp_path / "initial")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    ours = rankwise.import_peft(mlp_case.make(), tmp_path / "converted").eval()
+    theirs = peft.PeftModel.from_pretrained(mlp_case.make(), tmp_path / "converted").eval()
+    x = mlp_case.batch(0)["x"]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, theirs(x).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(x).logits, model.eval()(x).logits, rtol=1e-4, atol=1e-5)

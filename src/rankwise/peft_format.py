@@ -161,6 +161,11 @@ _UNSUPPORTED_OPTIONS: dict[str, str] = {
     "target_parameters": "LoRA on nn.Parameter targets",
     "use_bdlora": "block-diagonal LoRA",
 }
+# PEFT ``init_lora_weights`` values whose adapters apply to the base as it is: PEFT's load leaves W0 alone
+_PORTABLE_INITS: tuple[Any, ...] = (True, False, "gaussian", "eva", "orthogonal", "mica")
+# ... and those whose adapters were trained on a base PEFT changed at init (value prefix -> name)
+_RESIDUAL_INITS: dict[str, str] = {"pissa": "PiSSA", "olora": "OLoRA", "corda": "CorDA", "lora_ga": "LoRA-GA",
+                                   "loftq": "LoftQ"}
 _LORA_KEY = re.compile(
     r"(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?|lora_embedding_[AB])"
 )
@@ -246,6 +251,40 @@ def _check_peft_config(cfg: dict[str, Any], path: Path) -> None:
     for key, what in _UNSUPPORTED_OPTIONS.items():
         if cfg.get(key) not in (None, False, [], {}):
             raise ValueError(f"{path} uses PEFT option {key}={cfg[key]!r} ({what}), which rankwise does not support")
+    init = cfg.get("init_lora_weights")
+    _check_init(True if init is None else init, path)  # absent or null: PEFT's default, True
+
+
+def _check_init(init: Any, path: Path) -> None:
+    """Refuse adapters whose ``init_lora_weights`` changed the base weight ``W0`` they were trained on.
+
+    PiSSA, OLoRA, CorDA and LoRA-GA replace ``W0`` by the residual ``W0 − s·B₀A₀`` of their initial factors
+    (PEFT's load recomputes it for PiSSA/OLoRA/CorDA; PiSSA's ``pissa_niter_k`` draws it at random), LoftQ
+    replaces it by a quantised residual: the saved ``lora_A``/``lora_B`` apply to that base, not to the
+    model's weights. PEFT converts such an adapter to a plain LoRA of the original base on save.
+    """
+    if any(init is v or (isinstance(init, str) and init == v) for v in _PORTABLE_INITS):
+        return
+    kind = next((name for prefix, name in _RESIDUAL_INITS.items() if isinstance(init, str) and init.lower().startswith(prefix)), None)
+    if kind is None:
+        raise ValueError(
+            f"{path} was saved with init_lora_weights={init!r}, which rankwise does not know: it cannot tell whether "
+            f"PEFT changes the base weights when loading it. Known: {list(_PORTABLE_INITS)} (imported as they are) "
+            f"and {list(_RESIDUAL_INITS)} (refused)"
+        )
+    if kind == "LoftQ":
+        how = ("PEFT cannot convert LoftQ adapters to plain LoRA: merge it with PEFT (peft_model.merge_and_unload()) "
+               "and use the merged model, or load it with PEFT onto the LoftQ base it was trained on")
+    else:
+        how = (f"make it portable with PEFT: save the trained adapter with peft_model.save_pretrained(out, "
+               f"path_initial_model_for_weight_conversion=<the untrained {kind} adapter, saved with "
+               "init_lora_weights=True>), which writes a plain LoRA of rank 2r for the original base weights, and "
+               "import that (PEFT docs: 'Convert PiSSA/OLoRA/CorDA/LoRA-GA to LoRA')")
+    raise ValueError(
+        f"{path} is a {kind} adapter (init_lora_weights={init!r}): it was trained on a base weight {kind} changed "
+        f"(W0 replaced by a residual of its initial factors), not on this model's weights, so its lora_A/lora_B do "
+        f"not apply here. Refusing rather than computing something else; {how}"
+    )
 
 
 def import_peft(base_model: nn.Module, path: str | os.PathLike[str], *, trainable: bool = True) -> nn.Module:
