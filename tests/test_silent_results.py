@@ -422,3 +422,63 @@ def test_the_named_conversion_makes_a_residual_adapter_portable(init: str, mlp_c
     with torch.no_grad():
         torch.testing.assert_close(ours(x).logits, theirs(x).logits, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ours(x).logits, model.eval()(x).logits, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- 5. HF Trainer resume, every method
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, case: ModelCase, n_batches: int) -> None:
+        self.rows = [{k: v[i] for k, v in case.batch(500 + b).items()} for b in range(n_batches) for i in range(4)]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.rows[i]
+
+
+def _trainer_run(case: ModelCase, method: MethodCase, out: Path, resume: Path | None) -> nn.Module:
+    from transformers import Trainer, TrainingArguments
+
+    from rankwise.integrations.hf import RankwiseCallback
+
+    model = case.make()
+    config, calibration = method.make(case, True)
+    rankwise.attach(model, config, calibration=calibration)
+    args = TrainingArguments(output_dir=str(out), max_steps=6, save_steps=3, per_device_train_batch_size=4,
+                             learning_rate=1e-2, lr_scheduler_type="constant", seed=0, report_to=[],
+                             logging_strategy="no", disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=args, train_dataset=_Rows(case, 6), callbacks=[RankwiseCallback()])
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    return model
+
+
+def test_hf_trainer_resume_equals_the_uninterrupted_run(bert_case: ModelCase, method_case: MethodCase, tmp_path: Path) -> None:
+    """Every method: a Trainer run resumed from its own step-3 checkpoint (mid-link for RAC-LoRA/COLA, whose
+    links end every 2 steps) ends with the uninterrupted run's adapter, step counter and method state,
+    exactly: the Trainer's checkpoint (save_pretrained of model.state_dict()) carries rankwise's state."""
+    pytest.importorskip("transformers")
+    from rankwise.io import adapter_tensors
+    from rankwise.state import get_state
+
+    whole = _trainer_run(bert_case, method_case, tmp_path / "whole", None)
+    resumed = _trainer_run(bert_case, method_case, tmp_path / "resumed", tmp_path / "whole" / "checkpoint-3")
+    assert (get_state(resumed).step, get_state(resumed).method_state) == (get_state(whole).step, get_state(whole).method_state)
+    assert get_state(whole).step == 6
+    expected, got = adapter_tensors(whole), adapter_tensors(resumed)
+    assert expected.keys() == got.keys()
+    for key, t in expected.items():
+        assert torch.equal(got[key], t), key
+
+
+def test_a_damaged_state_in_a_state_dict_is_named(mlp_case: ModelCase) -> None:
+    """The state the state_dict carries is validated like a saved adapter's: garbage or a negative counter is
+    a load_state_dict error naming the key, never a silently wrong counter."""
+    model = mlp_case.make()
+    rankwise.attach(model, rankwise.RacLoraConfig(r=2, link_steps=2, target_modules=["fc1"], seed=0))
+    good = model.state_dict()
+    for blob in (b"not json", b'{"step": -3, "method_state": {}}', b'{"step": 1, "method_state": {"link_step": [1]}}'):
+        bad = dict(good, rankwise_state=torch.frombuffer(bytearray(blob), dtype=torch.uint8))
+        with pytest.raises(RuntimeError, match=r"state_dict key 'rankwise_state' is not a rankwise state"):
+            model.load_state_dict(bad)
+    plain = mlp_case.make()
+    plain.load_state_dict({k: v for k, v in good.items() if k in plain.state_dict()})

@@ -105,14 +105,21 @@ def validate_description(meta: Any, file: Any) -> dict[str, Any]:
         if "base_quant_block" in spec:
             file_int(spec["base_quant_block"], file, f"{where}.base_quant_block")
     file_names(meta.get("modules_to_save", []), file, "modules_to_save")
-    for key, value in file_dict(meta.get("method_state", {}), file, "method_state").items():
-        if isinstance(value, int) and not isinstance(value, bool):
-            file_int(value, file, f"method_state.{key}", minimum=0)  # counters (RAC-LoRA's link_step, links)
-        elif isinstance(value, float):
-            file_number(value, file, f"method_state.{key}", positive=False)
-        elif not isinstance(value, (str, bool, type(None))):
-            raise AdapterFileError(f"{_where(file, 'method_state.' + key)} must be a number, string or boolean, got {value!r:.100}")
+    validate_method_state(meta.get("method_state", {}), file)
+    file_int(meta.get("step", 0), file, "step", minimum=0)  # rankwise.step calls so far (absent in older files)
     return meta
+
+
+def validate_method_state(value: Any, file: Any) -> dict[str, Any]:
+    """A recorded ``method_state``: an object of counters (ints >= 0), finite numbers, strings or booleans."""
+    for key, item in file_dict(value, file, "method_state").items():
+        if isinstance(item, int) and not isinstance(item, bool):
+            file_int(item, file, f"method_state.{key}", minimum=0)  # counters (RAC-LoRA's link_step, links)
+        elif isinstance(item, float):
+            file_number(item, file, f"method_state.{key}", positive=False)
+        elif not isinstance(item, (str, bool, type(None))):
+            raise AdapterFileError(f"{_where(file, 'method_state.' + key)} must be a number, string or boolean, got {item!r:.100}")
+    return value
 
 
 def metadata_digest(meta: dict[str, Any]) -> str:

@@ -74,6 +74,7 @@ def describe(model: nn.Module) -> dict[str, Any]:
         },
         "modules_to_save": state.modules_to_save,
         "method_state": state.method_state,
+        "step": state.step,
     }
 
 
@@ -274,7 +275,7 @@ def load(
         return layers, mts_tensors
 
     install_rebuilt(model, config, targets, saved, rebuild_and_fill, trainable=trainable,
-                    method_state=dict(meta.get("method_state", {})))
+                    method_state=dict(meta.get("method_state", {})), step=int(meta.get("step", 0)))
     return model
 
 
@@ -287,6 +288,7 @@ def install_rebuilt(
     *,
     trainable: bool,
     method_state: dict[str, Any] | None = None,
+    step: int = 0,
 ) -> None:
     """The shared end of :func:`load` and :func:`rankwise.import_peft`, after their checks of the file.
 
@@ -301,6 +303,7 @@ def install_rebuilt(
         install(model, config, BuildResult(layers), saved)
         if method_state is not None:
             get_state(model).method_state = method_state
+        get_state(model).step = step
         if not trainable:
             for p in model.parameters():
                 p.requires_grad_(False)

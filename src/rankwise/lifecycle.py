@@ -13,6 +13,7 @@ module of the model is replaced, so an error leaves the model exactly as it was.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapter_file import AdapterFileError, validate_method_state
 from .config import AdapterConfig
 from .layer import AdapterLayer
 from .quant import dequantize_model, merge_refusal, parameter_count
@@ -168,7 +170,50 @@ def install(model: nn.Module, config: AdapterConfig, result: BuildResult, saved:
         for p in module.parameters():
             p.requires_grad_(True)
     setattr(model, STATE_ATTR, RankwiseState(config, list(result.layers), list(saved)))
+    carry_state_in_state_dict(model)
     return _report(model, config, result, saved)
+
+
+# ---------------------------------------------------------------------------- the state in model.state_dict()
+STATE_KEY = "rankwise_state"  # the model's state_dict key for its step counter and method state (JSON bytes)
+
+
+def carry_state_in_state_dict(model: nn.Module) -> None:
+    """Make ``model.state_dict()`` carry the rankwise step counter and method state (RAC-LoRA's position in its
+    link, ...) under :data:`STATE_KEY`, and ``load_state_dict`` restore them: so a checkpoint any trainer writes
+    from the state_dict (HF ``Trainer``, Accelerate, a hand-written loop) resumes every method exactly. Once
+    per model; the hooks do nothing on a model without adapters."""
+    if getattr(model, "_rankwise_state_hooks", False):
+        return
+    model.register_state_dict_post_hook(_state_into_dict)
+    model.register_load_state_dict_pre_hook(_state_from_dict)
+    model._rankwise_state_hooks = True  # type: ignore[assignment]
+
+
+def _state_into_dict(module: nn.Module, state_dict: dict[str, Any], prefix: str, _meta: Any) -> None:
+    state = getattr(module, STATE_ATTR, None)
+    if state is not None:
+        blob = json.dumps({"step": state.step, "method_state": state.method_state}, sort_keys=True).encode()
+        state_dict[prefix + STATE_KEY] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+
+
+def _state_from_dict(module: nn.Module, state_dict: dict[str, Any], prefix: str, _meta: Any, _strict: bool,
+                     _missing: list[str], _unexpected: list[str], errors: list[str]) -> None:
+    raw = state_dict.pop(prefix + STATE_KEY, None)  # consumed here: never an unexpected key
+    state = getattr(module, STATE_ATTR, None)
+    if raw is None or state is None:
+        return
+    where = f"state_dict key {prefix + STATE_KEY!r}"
+    try:
+        decoded = json.loads(bytes(raw.detach().cpu().to(torch.uint8).tolist()))
+        step = decoded["step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        method_state = validate_method_state(decoded["method_state"], where)
+    except (ValueError, TypeError, KeyError, AdapterFileError) as exc:  # JSONDecodeError is a ValueError
+        errors.append(f"{where} is not a rankwise state ({exc})")
+        return
+    state.step, state.method_state = step, dict(method_state)
 
 
 @contextmanager
