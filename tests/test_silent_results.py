@@ -6,6 +6,7 @@ Each test is one defect class and a row in docs/reliability.md ("Adversarial rev
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -113,7 +114,10 @@ def _attached(case: ModelCase, method: MethodCase, base: nn.Module) -> nn.Module
 
 
 def _trained(case: ModelCase, method: MethodCase, base: nn.Module) -> nn.Module:
-    model = _attached(case, method, base)
+    return _train_steps(case, _attached(case, method, base))
+
+
+def _train_steps(case: ModelCase, model: nn.Module) -> nn.Module:
     opt = torch.optim.Adam(rankwise.trainable_parameters(model).values(), lr=2e-2)
     model.train()
     for i in range(3):  # crosses a RAC-LoRA link end (link_steps=2)
@@ -482,3 +486,82 @@ def test_a_damaged_state_in_a_state_dict_is_named(mlp_case: ModelCase) -> None:
             model.load_state_dict(bad)
     plain = mlp_case.make()
     plain.load_state_dict({k: v for k, v in good.items() if k in plain.state_dict()})
+
+
+# ---------------------------------------------------------------------------- 6. tied weights, fully-trained copies
+def _tied_case(gpt2_case: ModelCase) -> ModelCase:
+    model = gpt2_case.make()
+    assert model.lm_head.weight is model.transformer.wte.weight  # GPT-2 ties its head to the input embedding
+    return dataclasses.replace(gpt2_case, targets=["c_attn", "lm_head"], head=None)
+
+
+def test_an_adapter_on_a_tied_head_never_writes_into_the_embedding(gpt2_case: ModelCase, method_case: MethodCase,
+                                                                   tmp_path: Path) -> None:
+    """Every method, adapter on GPT-2's lm_head (tied to wte): attach says so; merge leaves the input embedding
+    bit-identical and computes the adapted model; unmerge ties them again; detach(merge=True) returns a model
+    computing the adapted outputs, untied (config too), which survives save_pretrained / from_pretrained."""
+    case = _tied_case(gpt2_case)
+    base = case.make()
+    wte = base.transformer.wte.weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"'lm_head' shares its weight with \['transformer.wte.weight'\]"):
+        model = _trained(case, method_case, base)
+    expected = _outputs(case, model)
+    rankwise.merge(model)
+    assert torch.equal(model.transformer.wte.weight, wte)
+    torch.testing.assert_close(_outputs(case, model), expected, rtol=1e-4, atol=1e-4)
+    rankwise.unmerge(model)
+    assert model.lm_head.weight is model.transformer.wte.weight and torch.equal(model.lm_head.weight, wte)
+    merged = rankwise.detach(model, merge=True)
+    assert torch.equal(merged.transformer.wte.weight, wte) and not merged.config.tie_word_embeddings
+    torch.testing.assert_close(_outputs(case, merged), expected, rtol=1e-4, atol=1e-4)
+    merged.save_pretrained(tmp_path / "m")
+    reloaded = type(merged).from_pretrained(tmp_path / "m").eval()
+    torch.testing.assert_close(_outputs(case, reloaded), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_tied_fully_trained_head_trains_a_copy_as_peft_does(gpt2_case: ModelCase, tmp_path: Path) -> None:
+    """modules_to_save=["lm_head"] on a tied model: the input embedding never changes in training; the PEFT
+    export (PEFT trains a copy too) computes our outputs; detach() puts back the original, tied module with
+    the base's outputs; detach(merge=True) keeps the trained copy, untied."""
+    peft = pytest.importorskip("peft")
+    case = dataclasses.replace(gpt2_case, targets=["c_attn"], head="lm_head")
+    base = case.make()
+    wte = base.transformer.wte.weight.detach().clone()
+    base_out = _outputs(case, base)
+    for merge in (False, True):
+        with pytest.warns(UserWarning, match=r"'lm_head' shares its weight .* trains a copy"):
+            model = _trained(case, METHOD_CASES["lora"], base)
+        assert torch.equal(model.transformer.wte.weight, wte)
+        assert not torch.equal(model.lm_head.weight, wte)  # the copy trained
+        expected = _outputs(case, model)
+        if not merge:
+            rankwise.export_peft(model, tmp_path / "peft")
+            theirs = peft.PeftModel.from_pretrained(case.make(), tmp_path / "peft").eval()
+            torch.testing.assert_close(_outputs(case, theirs), expected, rtol=1e-5, atol=1e-5)
+            plain = rankwise.detach(model)
+            assert plain.lm_head.weight is plain.transformer.wte.weight and plain.config.tie_word_embeddings
+            torch.testing.assert_close(_outputs(case, plain), base_out, rtol=0, atol=0)
+        else:
+            merged = rankwise.detach(model, merge=True)
+            assert not merged.config.tie_word_embeddings and torch.equal(merged.transformer.wte.weight, wte)
+            torch.testing.assert_close(_outputs(case, merged), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_detach_without_merge_restores_the_original_fully_trained_modules(mlp_case: ModelCase,
+                                                                           method_case: MethodCase) -> None:
+    """Every method, untied head: detach() gives back the very module objects the model had, with their
+    original bits and the base's outputs; detach(merge=True) keeps the trained head."""
+    base = mlp_case.make()
+    model = copy.deepcopy(base)
+    head = model.head
+    config, calibration = method_case.make(mlp_case, True)
+    rankwise.attach(model, config, calibration=calibration)
+    assert model.head is not head
+    _train_steps(mlp_case, model)
+    trained_head = model.head.weight.detach().clone()
+    assert not torch.equal(trained_head, base.head.weight)
+    kept = rankwise.detach(copy.deepcopy(model), merge=True)
+    assert torch.equal(kept.head.weight, trained_head)
+    plain = rankwise.detach(model)
+    assert plain.head is head and torch.equal(plain.head.weight, base.head.weight)
+    torch.testing.assert_close(_outputs(mlp_case, plain), _outputs(mlp_case, base), rtol=0, atol=0)

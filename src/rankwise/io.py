@@ -298,7 +298,7 @@ def install_rebuilt(
     error the model is put back as it was. Then the layers are installed, everything is frozen unless
     ``trainable``, and the fully-trained modules' tensors are loaded last (their shapes already checked).
     """
-    with all_or_nothing(model, targets):
+    with all_or_nothing(model, [*targets, *saved]):
         layers, saved_tensors = rebuild_and_fill()
         install(model, config, BuildResult(layers), saved)
         if method_state is not None:
@@ -307,8 +307,8 @@ def install_rebuilt(
         if not trainable:
             for p in model.parameters():
                 p.requires_grad_(False)
-        for name, module in saved.items():
-            module.load_state_dict(saved_tensors[name])
+        for name in saved:  # into the trained copies install put in place
+            model.get_submodule(name).load_state_dict(saved_tensors[name])
 
 
 def _rebuild_filled(

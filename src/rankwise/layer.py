@@ -111,6 +111,9 @@ class AdapterLayer(nn.Module):
         # their tensors have (see adapter_dtype)
         self._init_dtype: torch.dtype = torch.float32 if self.quantized or weight.dtype in LOW_PRECISION else weight.dtype
         self.merged: bool = False
+        # the base weight is shared with another module (e.g. lm_head tied to the input embedding): merging
+        # then gives this layer its own weight instead of writing into the shared one (set at install)
+        self.tied: bool = False
         self._warned_merged: bool = False  # a training forward while merged has been named (MERGED_TRAINING)
         self._original_weight: Tensor | None = None
         self._base_ref: list[nn.Module] = [base]  # a list so it is not registered as a submodule
@@ -204,8 +207,12 @@ class AdapterLayer(nn.Module):
                 f"max |W0 + ΔW| = {peak:.6g}, beyond {self.weight.dtype}'s range (±{torch.finfo(self.weight.dtype).max:.6g}) "
                 "or not finite. Keep the adapter unmerged, or merge into a wider dtype (model.float() first)"
             )
-        self._original_weight = self.weight.detach().clone()
-        self.weight.copy_(cast)
+        if self.tied:  # never write into a shared tensor: keep it (it is the original) and own the merged one
+            self._original_weight = self.weight
+            self.weight = nn.Parameter(cast, requires_grad=False)
+        else:
+            self._original_weight = self.weight.detach().clone()
+            self.weight.copy_(cast)
         self.merged = True
         self._warned_merged = False
 
@@ -215,7 +222,10 @@ class AdapterLayer(nn.Module):
         if not self.merged:
             return
         assert self._original_weight is not None
-        self.weight.copy_(self._original_weight)
+        if self.tied:  # the shared tensor itself, never written: tied again
+            self.weight = self._original_weight  # type: ignore[assignment]
+        else:
+            self.weight.copy_(self._original_weight)
         self._original_weight = None
         self.merged = False
 
@@ -251,23 +261,23 @@ class AdapterLayer(nn.Module):
         record) re-allocate them here to the saved shapes. Shapes are still checked afterwards.
         """
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
         """``load_state_dict`` (HF Trainer's resume, the FSDP2 save recipe) resizes grown tensors first, as
-        :func:`rankwise.load` does; shapes are then checked by PyTorch as usual."""
+        :func:`rankwise.load` does; shapes are then checked by PyTorch as usual. A merged state_dict (one with
+        ``unmerged_weight``) loads its original ``W0`` and merges (recomputing the same merged bits); loading
+        into a merged layer unmerges, loads and re-merges."""
         shapes = {k[len(prefix):]: v.shape for k, v in state_dict.items()
                   if k.startswith(prefix) and "." not in k[len(prefix):] and hasattr(v, "shape")}
         self.resize_for_load(shapes)
         was_merged = self.merged
         self.unmerge()  # the incoming tensors are loaded into the unmerged layer
         unmerged = state_dict.pop(prefix + UNMERGED_KEY, None)  # a merged layer's state_dict
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if unmerged is not None:  # ``weight`` held the merged weight: keep the original bits beside it
-            if unmerged.shape != self.weight.shape:
-                raise RuntimeError(f"size mismatch for {prefix}{UNMERGED_KEY}: {tuple(unmerged.shape)} in the "
-                                   f"state_dict, {tuple(self.weight.shape)} here")
-            self._original_weight = unmerged.detach().to(self.weight.device, self.weight.dtype, copy=True)
-            self.merged = True
-        elif was_merged:
+        if unmerged is not None:  # load its original W0; the merged weight is recomputed from it (the same bits)
+            state_dict[prefix + "weight"] = unmerged
+        n_errors = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if (unmerged is not None or was_merged) and len(error_msgs) == n_errors:
             self.merge()
 
     def requires_grad(self) -> bool:

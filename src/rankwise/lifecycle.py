@@ -13,7 +13,9 @@ module of the model is replaced, so an error leaves the model exactly as it was.
 
 from __future__ import annotations
 
+import copy
 import json
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -157,21 +159,59 @@ def _report(model: nn.Module, config: AdapterConfig, result: BuildResult, saved:
 def install(model: nn.Module, config: AdapterConfig, result: BuildResult, saved: dict[str, nn.Module]) -> AttachReport:
     """Swap built layers into the model, freeze the rest, and record the state (no checks: callers check).
 
-    Call it inside :func:`all_or_nothing`, which puts the original modules and flags back on an error.
+    Each fully-trained module is replaced by a trainable copy (as PEFT does): the original, kept for
+    :func:`detach`, is never trained, and a head tied to another module (``lm_head`` and the input
+    embedding) trains its own copy instead of the shared tensor. Call it inside :func:`all_or_nothing`,
+    which puts the original modules and flags back on an error.
     """
+    ties = _ties(model, result, saved)
     for p in model.parameters():
         p.requires_grad_(False)
     for name, layer in result.layers.items():
         layer.train(model.get_submodule(name).training)  # a new module defaults to train mode: keep the model's
+        layer.tied = name in ties
         _set_submodule(model, name, layer)
         for p in layer.trainable_tensors().values():
             p.requires_grad_(True)
-    for module in saved.values():
-        for p in module.parameters():
+    for name, original in saved.items():
+        trained = copy.deepcopy(original)
+        _set_submodule(model, name, trained)
+        for p in trained.parameters():
             p.requires_grad_(True)
-    setattr(model, STATE_ATTR, RankwiseState(config, list(result.layers), list(saved)))
+    setattr(model, STATE_ATTR, RankwiseState(config, list(result.layers), list(saved), original_modules=dict(saved)))
     carry_state_in_state_dict(model)
-    return _report(model, config, result, saved)
+    report = _report(model, config, result, saved)
+    for name, others in ties.items():
+        report.notes.append(_tie_note(name, others, name in saved))
+        warnings.warn(report.notes[-1], stacklevel=3)
+    return report
+
+
+def _ties(model: nn.Module, result: BuildResult, saved: dict[str, nn.Module]) -> dict[str, list[str]]:
+    """``{module: [other parameter names]}`` for adapted layers and fully-trained modules whose parameters
+    share storage with a parameter outside them (tied weights)."""
+    where: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        where.setdefault(p.data_ptr(), []).append(n)
+    ties: dict[str, list[str]] = {}
+    owned = {name: [layer.weight] for name, layer in result.layers.items()}
+    owned.update({name: list(m.parameters()) for name, m in saved.items()})
+    for name, params in owned.items():
+        others = [n for p in params if p.data_ptr() for n in where.get(p.data_ptr(), [])
+                  if n != name and not n.startswith(name + ".")]
+        if others:
+            ties[name] = others
+    return ties
+
+
+def _tie_note(name: str, others: list[str], fully_trained: bool) -> str:
+    if fully_trained:
+        return (f"rankwise: {name!r} shares its weight with {others[:3]} (tied weights): it trains a copy (as PEFT "
+                "does), so those stay as they are; detach(merge=True) keeps the trained copy and unties them "
+                "(config.tie_word_embeddings=False), detach() puts the original, tied module back")
+    return (f"rankwise: {name!r} shares its weight with {others[:3]} (tied weights): the adapter never writes into it; "
+            f"merging gives {name!r} its own merged weight (those keep W0), so merge and detach(merge=True) untie them "
+            "(detach(merge=True) sets config.tie_word_embeddings=False); unmerge ties them again")
 
 
 # ---------------------------------------------------------------------------- the state in model.state_dict()
@@ -281,7 +321,7 @@ def attach(
         config = config.replace(target_modules=tuple(targets))
     if method.uses_calibration and calibration is None:
         raise ValueError(f"{method.name} initialises from data: pass calibration=<iterable of training batches> to attach")
-    with all_or_nothing(model, targets):
+    with all_or_nothing(model, [*targets, *saved]):
         result = method.build(model, targets, config, calibration, loss_fn)
         return install(model, config, result, saved)
 
@@ -289,7 +329,10 @@ def attach(
 def detach(model: nn.Module, merge: bool = False) -> nn.Module:
     """Remove every adapter, restoring the original modules (merged first if ``merge=True``).
 
-    Without ``merge`` the model's weights are exactly the originals again. With ``merge`` on a
+    Without ``merge`` the model's weights are exactly the originals again, and the fully-trained modules
+    (``modules_to_save``, trained as copies) are the original module objects. With ``merge`` they keep
+    their trained copies; a layer or module that was tied to another (``lm_head`` and the input
+    embedding) ends untied, and ``config.tie_word_embeddings`` is set to False. With ``merge`` on a
     bitsandbytes-quantised model the result is a float model: each adapted layer becomes an
     ``nn.Linear`` holding the dequantised ``W0`` + the update, the other quantised layers are
     dequantised, in the layers' compute dtype (``rankwise.quant``). Returns the (unwrapped) model.
@@ -301,6 +344,8 @@ def detach(model: nn.Module, merge: bool = False) -> nn.Module:
     quantized = any(layer.quantized for layer in layers.values())
     if merge:  # every float layer first, all or nothing: a refusal leaves the model attached and unmerged
         merge_all({n: layer for n, layer in layers.items() if not layer.quantized})
+    state = getattr(model, STATE_ATTR, None)
+    untied = merge and (any(layer.tied for layer in layers.values()) or _trains_a_tie(model, state))
     for name, layer in layers.items():
         if merge and layer.quantized:  # a float nn.Linear: dequantised W0 + update (never rounded back to 4 bits)
             _set_submodule(model, name, layer.to_merged_float())
@@ -313,9 +358,30 @@ def detach(model: nn.Module, merge: bool = False) -> nn.Module:
         _set_submodule(model, name, layer.to_base())
     if merge and quantized:  # the rest of the model too, so save_pretrained writes a float checkpoint
         dequantize_model(model)
-    if hasattr(model, STATE_ATTR):
+    if state is not None and not merge:  # the fully-trained modules as they were (their trained copies go)
+        for name, original in state.original_modules.items():
+            _set_submodule(model, name, _like(original, model.get_submodule(name)))
+    config = getattr(model, "config", None)
+    if untied and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False  # save_pretrained / from_pretrained must not tie them again
+    if state is not None:
         delattr(model, STATE_ATTR)
     return model
+
+
+def _trains_a_tie(model: nn.Module, state: RankwiseState | None) -> bool:
+    """Whether a fully-trained copy replaced a module whose weight the model still shares elsewhere."""
+    if state is None:
+        return False
+    mine = {p.data_ptr() for n in state.original_modules for p in model.get_submodule(n).parameters()}
+    shared = {p.data_ptr() for m in state.original_modules.values() for p in m.parameters()}
+    return bool(shared & {p.data_ptr() for p in model.parameters()} - mine)
+
+
+def _like(original: nn.Module, current: nn.Module) -> nn.Module:
+    """``original`` on the device (and floating dtype) ``current``, its trained copy, has now."""
+    ref = next((p for p in current.parameters() if p.is_floating_point()), None)
+    return original if ref is None else original.to(device=ref.device, dtype=ref.dtype)
 
 
 def merge(model: nn.Module) -> None:

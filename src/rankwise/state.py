@@ -31,6 +31,9 @@ class RankwiseState:
     modules_to_save: list[str]
     step: int = 0
     method_state: dict[str, Any] = field(default_factory=dict)
+    # the fully-trained modules as they were before attach (the model trains copies, as PEFT does); not
+    # submodules, so they are in no state_dict or optimizer; detach() without merge puts them back
+    original_modules: dict[str, nn.Module] = field(default_factory=dict)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

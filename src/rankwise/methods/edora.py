@@ -157,6 +157,12 @@ class EdoraLinear(AdapterLayer):
         self.register_buffer("norm_n0", self.new_tensor(self.out_features), persistent=False)  # out
         self.register_buffer("norm_c", self.new_tensor(self.out_features, rank), persistent=False)  # out x r
         self.register_buffer("norm_k", self.new_tensor(rank, rank), persistent=False)  # r x r
+        self.frozen_a: Tensor
+        self.frozen_b: Tensor
+        self.norm_scale: Tensor
+        self.norm_n0: Tensor
+        self.norm_c: Tensor
+        self.norm_k: Tensor
         self.register_load_state_dict_post_hook(_after_load)
         if init:
             self.initialise(config, index)
