@@ -217,8 +217,9 @@ def attach(
         An :class:`AttachReport` (print it for a table).
 
     Raises:
-        ValueError / TypeError with the culprit named; the model is unchanged on any error
-        (``requires_grad`` flags included).
+        ValueError: a bad target, rank or config value, or a model that already has adapters; the
+            message names the culprit. The model is unchanged on any error (``requires_grad`` flags included).
+        TypeError: ``config`` is not a rankwise config, or a target is a module type rankwise cannot adapt.
     """
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be a rankwise config (e.g. rankwise.LoraConfig), got {type(config).__name__}")
