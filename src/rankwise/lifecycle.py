@@ -214,7 +214,7 @@ def attach(
         loss_fn: optional ``(model, batch) -> scalar loss``.
 
     Returns:
-        An :class:`AttachReport` (print it for a table).
+        The per-layer report, an :class:`AttachReport` (print it for a table).
 
     Raises:
         ValueError: a bad target, rank or config value, or a model that already has adapters; the
