@@ -194,7 +194,7 @@ def _base_matches(module: nn.Module, w_out_in: Tensor, spec: dict[str, Any]) -> 
     saved_q, now_q = spec.get("base_quant"), quant_kind(module)
     if saved_q == now_q:
         return bool(torch.allclose(now, then, rtol=1e-2, atol=1e-6))
-    quant = saved_q or now_q
+    quant = str(saved_q or now_q)  # they differ, so one of them names a quantisation
     block = int(spec.get("base_quant_block", 64)) if saved_q else quant_block(module)
     tol = fingerprint_tolerance(w_out_in, quant, block)
     return bool(((now - then).abs() <= tol + 1e-6 + 1e-2 * then.abs()).all())

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -77,17 +77,19 @@ class AdapterLayer(nn.Module):
 
     trainable: ClassVar[tuple[str, ...]] = ()
     lr_multiplied: ClassVar[tuple[str, ...]] = ()
+    weight: Tensor  # the base's own tensors, shared (nn.Module's __getattr__ would type them Tensor | Module)
+    bias: Tensor | None
 
     def __init__(self, base: nn.Module, config: AdapterConfig, rank: int) -> None:
         super().__init__()
-        weight = base.weight
+        weight: Tensor = base.weight  # type: ignore[assignment]  # nn.Module attribute: a Tensor here
         # "4bit" / "8bit" for a bitsandbytes layer (rankwise.quant), None for a float one; raises for others
         self.quantized: str | None = check_adaptable(base)
         if self.quantized:
             keep_layout(base)  # bitsandbytes must not repack this weight for CPU inference (rankwise.quant)
         self.fan_in_fan_out: bool = is_conv1d(base)  # GPT-2 style: weight is in x out
         if self.quantized:  # the stored weight is packed: the layer knows its shape
-            in_features, out_features = base.in_features, base.out_features
+            in_features, out_features = cast(Any, base).in_features, cast(Any, base).out_features
         else:
             in_features, out_features = (weight.shape[0], weight.shape[1]) if self.fan_in_fan_out else (weight.shape[1], weight.shape[0])
         if rank > min(in_features, out_features):
@@ -101,7 +103,7 @@ class AdapterLayer(nn.Module):
         self.scale: float = config.scale(rank)
         # the base tensors, shared (not copied) and frozen
         self.weight = weight
-        self.register_parameter("bias", base.bias)
+        self.register_parameter("bias", cast(Any, base).bias)
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
@@ -237,8 +239,8 @@ class AdapterLayer(nn.Module):
     def to_base(self) -> nn.Module:
         """The original base module (holding the same, possibly merged, weight)."""
         base = self._base_ref[0]
-        base.weight = self.weight
-        base.bias = self.bias
+        cast(Any, base).weight = self.weight
+        cast(Any, base).bias = self.bias
         return base
 
     def adapter_state(self) -> dict[str, Tensor]:

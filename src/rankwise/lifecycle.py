@@ -299,11 +299,12 @@ def attach(
         loss_fn: optional ``(model, batch) -> scalar loss``.
 
     Returns:
-        An :class:`AttachReport` (print it for a table).
+        The per-layer report, an :class:`AttachReport` (print it for a table).
 
     Raises:
-        ValueError / TypeError with the culprit named; the model is unchanged on any error
-        (``requires_grad`` flags included).
+        ValueError: a bad target, rank or config value, or a model that already has adapters; the
+            message names the culprit. The model is unchanged on any error (``requires_grad`` flags included).
+        TypeError: ``config`` is not a rankwise config, or a target is a module type rankwise cannot adapt.
     """
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be a rankwise config (e.g. rankwise.LoraConfig), got {type(config).__name__}")

@@ -23,7 +23,7 @@ gets an error naming the extra to install (``pip install 'rankwise[quant]'``).
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -59,10 +59,12 @@ def is_quantized(module: nn.Module) -> bool:
 def quant_block(module: nn.Module) -> int:
     """How many consecutive values of the flattened ``out x in`` weight share one scale: the 4-bit
     ``blocksize`` (64 by default), or a whole row (int8's row-wise absmax)."""
+    layer: Any = module  # a bitsandbytes layer (untyped)
     if quant_kind(module) == "4bit":
-        state = getattr(module.weight, "quant_state", None)
-        return int(getattr(state, "blocksize", None) or getattr(module.weight, "blocksize", 64))
-    return int(module.in_features)
+        state = getattr(layer.weight, "quant_state", None)
+        block: Any = getattr(state, "blocksize", None) or getattr(layer.weight, "blocksize", 64)
+        return int(block)
+    return int(layer.in_features)
 
 
 def describe_quant(module: nn.Module) -> str:
@@ -95,7 +97,7 @@ def check_adaptable(module: nn.Module) -> str | None:
             )
         return None
     bnb()
-    if kind == "4bit" and getattr(weight, "quant_state", None) is not None and getattr(weight.quant_state, "packing_format_for_cpu", False):
+    if kind == "4bit" and getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
         raise ValueError(
             f"this {type(module).__name__}'s weight was repacked by bitsandbytes for CPU inference (an eval-mode forward "
             "without gradients ran before attach); training through it fails. Reload the model, or call "
@@ -129,7 +131,7 @@ def keep_layout(model: nn.Module) -> int:
     modules = [m for m in model.modules() if quant_kind(m) == "4bit"]
     for m in modules:
         if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
+            cast(Any, m).support_avx512bf16_for_cpu = False
     return len(modules)
 
 
@@ -147,7 +149,8 @@ def dequantize(module: nn.Module) -> Tensor:
     """One quantised layer's weight as a new fp32 ``out x in`` tensor (the quantised weight is not touched)."""
     kind = quant_kind(module)
     functional = bnb().functional
-    weight = module.weight
+    layer: Any = module  # a bitsandbytes layer (untyped)
+    weight = layer.weight
     if kind == "4bit":
         data, state = weight.data, weight.quant_state
         if getattr(state, "packing_format_for_cpu", False):
@@ -160,14 +163,14 @@ def dequantize(module: nn.Module) -> Tensor:
     if kind == "8bit":
         scb = getattr(weight, "SCB", None)
         if scb is None:  # after the first forward bitsandbytes keeps the row scales on the module's state
-            scb = module.state.SCB
+            scb = layer.state.SCB
         return functional.int8_vectorwise_dequant(weight.data, scb.to(weight.device)).float()
     raise TypeError(f"{type(module).__name__} is not a bitsandbytes quantised layer")
 
 
 def dense_weight(module: nn.Module) -> Tensor:
     """The layer's weight in its own layout: dequantised (fp32) for a quantised layer, else ``module.weight``."""
-    return dequantize(module) if is_quantized(module) else module.weight
+    return dequantize(module) if is_quantized(module) else cast(Tensor, module.weight)
 
 
 def base_forward(module: nn.Module, x: Tensor, training: bool) -> Tensor:
@@ -229,7 +232,7 @@ def dequantize_model(model: nn.Module) -> list[str]:
             if hasattr(model, attr):
                 delattr(model, attr)
         if hasattr(model, "is_quantized"):
-            model.is_quantized = False
+            cast(Any, model).is_quantized = False
     return names
 
 

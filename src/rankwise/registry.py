@@ -7,9 +7,8 @@ data-dependent initialisation), ``step`` calls ``method.on_step`` when the metho
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable  # noqa: F401  (Iterable: in a string annotation below)
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from os import PathLike
 from typing import Any
 
 from torch import nn
@@ -29,10 +28,13 @@ class BuildResult:
     notes: list[str] = field(default_factory=list)
 
 
-Build = Callable[[nn.Module, dict[str, nn.Module], AdapterConfig, "Iterable[Any] | None", "LossFn | None"], BuildResult]
-Rebuild = Callable[[dict[str, nn.Module], AdapterConfig, dict[str, int]], dict[str, AdapterLayer]]
+# A method's callables take its own config subclass (``method_for`` checks the type before any is called),
+# so their config parameter is left open here: ``(model, targets, config, calibration, loss_fn)``.
+Build = Callable[..., BuildResult]
+Rebuild = Callable[[dict[str, nn.Module], Any, dict[str, int]], dict[str, AdapterLayer]]  # (targets, config, ranks)
 OnStep = Callable[[nn.Module, dict[str, AdapterLayer], Any, "Any"], None]
-Plot = Callable[[nn.Module, str | PathLike[str]], Any]  # (adapted model, file path) -> writes a picture of the adapters
+Plot = Callable[..., Any]  # (adapted model or report, file path) -> writes a picture of the adapters
+LayerFactory = Callable[..., AdapterLayer]  # ``(base, config, rank, *, index, init)``: AdapterLayer's contract
 
 
 def _default_calibration_batches(config: AdapterConfig) -> int:  # noqa: ARG001
@@ -65,7 +67,7 @@ class Method:
     rebuild: Rebuild
     on_step: OnStep | None = None
     uses_calibration: bool = False
-    calibration_batches: Callable[[AdapterConfig], int] = _default_calibration_batches
+    calibration_batches: Callable[[Any], int] = _default_calibration_batches
     plot: Plot | None = None
 
 
@@ -105,14 +107,15 @@ def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
     return method.config_cls(**data)
 
 
-def simple_build(layer_cls: type[AdapterLayer]) -> tuple[Build, Rebuild]:
+def simple_build(layer_cls: LayerFactory) -> tuple[Build, Rebuild]:
     """``build``/``rebuild`` for methods whose layers need only the constructor contract
     ``layer_cls(base, config, rank, *, index, init)`` (see :class:`~rankwise.layer.AdapterLayer`)."""
 
-    def build(model, targets, config, calibration, loss_fn) -> BuildResult:  # noqa: ARG001
+    def build(model: nn.Module, targets: dict[str, nn.Module], config: AdapterConfig, calibration: Any,  # noqa: ARG001
+              loss_fn: Any) -> BuildResult:  # noqa: ARG001
         return BuildResult({name: layer_cls(m, config, config.r, index=i) for i, (name, m) in enumerate(targets.items())})
 
-    def rebuild(targets, config, ranks) -> dict[str, AdapterLayer]:
+    def rebuild(targets: dict[str, nn.Module], config: AdapterConfig, ranks: dict[str, int]) -> dict[str, AdapterLayer]:
         return {name: layer_cls(m, config, ranks[name], index=i, init=False) for i, (name, m) in enumerate(targets.items())}
 
     return build, rebuild

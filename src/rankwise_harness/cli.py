@@ -157,18 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["demo"] and not {"-h", "--help"} & set(argv):  # later flags override the demo's
         return main(["finetune", *DEMO_ARGS, *argv[1:]])
     args = build_parser().parse_args(argv)
-    if args.command in ("finetune", "compare"):
-        from .deps import MissingDependencyError, check_harness
+    from .deps import MissingDependencyError, check_harness
 
-        try:  # before anything imports numpy/transformers/accelerate, and long before any training
-            check_harness(args.task)
-        except MissingDependencyError as exc:
-            print(f"rankwise: error: {exc}", file=sys.stderr)
-            return 2
+    try:  # every command, before anything imports transformers/accelerate (a bare `pip install rankwise`
+        check_harness(getattr(args, "task", None))  # has the library only): one line naming the extra
+    except MissingDependencyError as exc:
+        print(f"rankwise: error: {exc}", file=sys.stderr)
+        return 2
 
     from .config import ConfigError
     from .data import DataError
-    from .deps import MissingDependencyError
     from .models import ModelError
     from .train import RunError
 

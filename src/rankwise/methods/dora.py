@@ -119,6 +119,7 @@ class DoraLinear(LoraLinear):
     """LoRA's factors plus a trainable magnitude ``m`` (``out``)."""
 
     trainable: ClassVar[tuple[str, ...]] = ("lora_a", "lora_b", "magnitude")
+    norm_n0: Tensor  # buffer: ‖W0‖²_row
 
     def __init__(self, base: nn.Module, config: AdapterConfig, rank: int, *, index: int = 0, init: bool = True) -> None:
         super().__init__(base, config, rank, index=index, init=init)

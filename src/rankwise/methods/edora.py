@@ -145,6 +145,11 @@ class EdoraLinear(AdapterLayer):
     # LoRA+ groups give the core (the update's only trained factor) the multiplied rate, the magnitude the
     # base rate. On MiniLM one rate for both, ~10x LoRA's, scored higher (docs/benchmarks.md §3d).
     lr_multiplied: ClassVar[tuple[str, ...]] = ("core",)
+    frozen_a: Tensor  # buffers (typed here: nn.Module's __getattr__ says Tensor | Module)
+    frozen_b: Tensor
+    norm_n0: Tensor
+    norm_c: Tensor
+    norm_k: Tensor
 
     def __init__(self, base: nn.Module, config: EdoraConfig, rank: int, *, index: int = 0, init: bool = True) -> None:
         super().__init__(base, config, rank)
@@ -171,7 +176,9 @@ class EdoraLinear(AdapterLayer):
     def initialise(self, config: EdoraConfig, index: int) -> Tensor | None:
         """Run the named init steps in order; returns ``Σ_r`` (``None`` for random factors)."""
         generator = layer_generator(config.seed, index)
-        spectrum = self.init_factors(config, generator if generator is not None else layer_generator(0, index))
+        factor_generator = generator if generator is not None else layer_generator(0, index)
+        assert factor_generator is not None  # a seed gives a generator
+        spectrum = self.init_factors(config, factor_generator)
         self.init_core(config.sigma, generator)
         self.init_magnitude()
         return spectrum

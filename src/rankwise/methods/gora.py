@@ -35,7 +35,7 @@ rank, and ``r_ref`` is what LoRA at equal budget would use.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -197,7 +197,7 @@ def allocate_ranks(
     def fill(lam: float) -> dict[str, float]:
         return {n: min(max(lam * share[n] / w[n], lo[n]), hi[n]) for n in names}
 
-    def spend(t: dict[str, float]) -> float:
+    def spend(t: Mapping[str, float]) -> float:
         return sum(w[n] * t[n] for n in names)
 
     # water-filling: the multiplier λ whose clipped targets spend exactly b (monotone in λ: bisection)
@@ -215,7 +215,7 @@ def allocate_ranks(
     # (each rank stays within one unit of its continuous target)
     ranks = {n: int(math.floor(target[n] + 1e-9)) for n in names}
     for n in sorted(names, key=lambda n: ranks[n] - target[n]):
-        gap = budget - spend(ranks)  # type: ignore[arg-type]
+        gap = budget - spend(ranks)
         if target[n] - ranks[n] > 1e-9 and abs(gap - w[n]) < abs(gap):
             ranks[n] += 1
     spent = spend(ranks)  # type: ignore[arg-type]

@@ -8,7 +8,7 @@ import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -113,9 +113,9 @@ def _accumulators(targets: dict[str, nn.Module], tapped: set[str], offload_to_cp
     for a tapped (quantised) layer, else the weight's own layout."""
     acc = {}
     for name, m in targets.items():
-        w = m.weight
+        w: Tensor = cast(Tensor, m.weight)
         acc[name] = torch.zeros(
-            (m.out_features, m.in_features) if name in tapped else w.shape,
+            (cast(Any, m).out_features, cast(Any, m).in_features) if name in tapped else w.shape,
             dtype=torch.float32 if name in tapped else torch.promote_types(w.dtype, torch.float32),
             device="cpu" if offload_to_cpu else w.device,
         )
@@ -142,8 +142,9 @@ def _settled(
     """Early stopping: whether every layer's importance moved by at most ``early_stop_threshold`` (relative)
     since the last step, agreed across ranks (every rank stops at the same step); and the importances now."""
     now = {n: _importance(targets[n], a / steps, config.importance) for n, a in acc.items()}
+    threshold = config.early_stop_threshold or 0.0  # called only when it is set
     settled = previous is not None and all(
-        abs(now[n] - previous[n]) <= config.early_stop_threshold * max(abs(previous[n]), 1e-30) for n in now
+        abs(now[n] - previous[n]) <= threshold * max(abs(previous[n]), 1e-30) for n in now
     )
     if dist is not None:
         flag = torch.tensor([0.0 if settled else 1.0], device=comm_device(dist))
@@ -169,8 +170,9 @@ def _hook_gradients(targets: dict[str, nn.Module], tapped: set[str], acc: dict[s
         if name in tapped:
             hooks.append(tap_weight_gradient(m, acc[name]))
             continue
-        m.weight.requires_grad_(True)
-        hooks.append(m.weight.register_post_accumulate_grad_hook(fold(name)))
+        weight = cast(Tensor, m.weight)
+        weight.requires_grad_(True)
+        hooks.append(weight.register_post_accumulate_grad_hook(fold(name)))
 
 
 def _restore(model: nn.Module, hooks: list[Any], params: dict[str, nn.Parameter], flags: dict[str, bool],

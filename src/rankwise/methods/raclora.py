@@ -139,6 +139,12 @@ class RacLoraLinear(AdapterLayer):
 
     trainable: ClassVar[tuple[str, ...]] = ("lora_a", "lora_b")  # narrowed per instance in __init__
     lr_multiplied: ClassVar[tuple[str, ...]] = ("lora_b",)
+    lora_a: Tensor  # a parameter or the frozen sketch buffer (typed here: nn.Module's __getattr__ is untyped)
+    lora_b: Tensor
+    chain_a: Tensor
+    chain_b: Tensor
+    links: Tensor
+    sketch_seed: Tensor
 
     def __init__(
         self, base: nn.Module, config: RacLoraConfig, rank: int, *, index: int = 0, seed: int = 0, init: bool = True
@@ -313,10 +319,11 @@ def _end_links(layers: dict[str, AdapterLayer], optimizer: Any, state: RankwiseS
             "(or rankwise.end_link(model, optimizer)) with the optimizer"
         )
     check_optimizer(layers, optimizer)
-    for layer in layers.values():
-        assert isinstance(layer, RacLoraLinear)
+    chain = [layer for layer in layers.values() if isinstance(layer, RacLoraLinear)]
+    assert len(chain) == len(layers)
+    for layer in chain:
         layer.check_link_shapes()  # every layer before any changes: a refusal leaves the chain as it was
-    for layer in layers.values():
+    for layer in chain:
         layer.end_link()
         reset_optimizer_state(optimizer, link_end_resets(layer, bool(getattr(state.config, "keep_optimizer_state", False))))
         layer.lora_a.grad = None
