@@ -254,7 +254,7 @@ def test_every_run_config_field_comes_from_its_flag() -> None:
             "--alpha", "3", "--dropout", "0.1", "--set", "use_rslora=true", "--seed", "5", "--max-steps", "7",
             "--epochs", "2", "--batch-size", "3", "--lr", "0.01", "--lora-plus-ratio", "4", "--weight-decay", "0.1",
             "--warmup-ratio", "0.2", "--schedule", "cosine", "--grad-accum", "2", "--max-length", "32",
-            "--max-train", "9", "--max-eval", "8", "--eval-every", "3", "--eval-before", "--save-every", "2",
+            "--max-train", "9", "--data-seed", "3", "--subset", "prefix", "--max-eval", "8", "--eval-every", "3", "--eval-before", "--save-every", "2",
             "--calibration-batches", "4", "--head-warmup-steps", "2", "--max-new-tokens", "5", "--precision", "no",
             "--skip-bad-rows", "--head", "roberta", "--pooling", "mean", "--head-lr", "0.02",
             "--val-split", "0.25", "--eval-each-epoch", "--patience", "2"]
