@@ -362,8 +362,8 @@ def detach(model: nn.Module, merge: bool = False) -> nn.Module:
     if state is not None and not merge:  # the fully-trained modules as they were (their trained copies go)
         for name, original in state.original_modules.items():
             _set_submodule(model, name, _like(original, model.get_submodule(name)))
-    config = getattr(model, "config", None)
-    if untied and getattr(config, "tie_word_embeddings", False):
+    config: Any = getattr(model, "config", None)  # a transformers PretrainedConfig, if any
+    if untied and config is not None and getattr(config, "tie_word_embeddings", False):
         config.tie_word_embeddings = False  # save_pretrained / from_pretrained must not tie them again
     if state is not None:
         delattr(model, STATE_ATTR)
