@@ -4,7 +4,8 @@ Each GLUE task's ``train.tsv`` is split once, by a fixed shuffle, into a held-ou
 written as the folder's ``dev.tsv``) and the rest (its ``train.tsv``), in a folder outside the repository;
 the real dev set is never looked at while choosing. Every (task, method, lr, schedule) of the grid is one
 ``rankwise finetune`` run (single-threaded, ``nice``, at most ``--jobs`` at a time); the table of held-out
-scores is printed as markdown and written to ``<out>/grid.md`` / ``grid.json``.
+scores is printed as markdown and written to ``<out>/grid.md`` / ``grid.json`` (with ``-- --eval-before``, the score
+before training too: a causal LM's zero-shot score on the label-word path).
 
     python bench/defaults.py --tasks sst2,cola,mrpc --methods lora --lrs 5e-4,1e-3,2e-3 \
         --schedules constant,linear --max-steps 100 --batch-size 32 --out runs/defaults
@@ -103,10 +104,13 @@ def main() -> None:
             results.append(_row(key, run_dir, time.time() - t0))
             print(json.dumps(results[-1]), flush=True)
     (out / "grid.json").write_text(json.dumps(results, indent=1) + "\n")
-    table = ["| task | method | lr | schedule | held-out metric | loss first10 -> last10 | wall s |", "|---|---|---|---|---|---|---|"]
+    table = ["| task | method | lr | schedule | steps | held-out metric | before training | loss first -> last | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (r["task"], r["method"], r["schedule"], r["lr"])):
-        table.append(f"| {r['task']} | {r['method']} | {r['lr']:g} | {r['schedule']} | {r['metric']} {r['value']:.4f} | "
-                     f"{r['loss_first10']:.3f} -> {r['loss_last10']:.3f} | {r.get('wall_s') or '-'} |")
+        before = "-" if r["before"] is None else f"{r['before']:.4f}"
+        table.append(f"| {r['task']} | {r['method']} | {r['lr']:g} | {r['schedule']} | {r['steps']} | {r['metric']} "
+                     f"{r['value']:.4f} | {before} | {r['loss_first10']:.3f} -> {r['loss_last10']:.3f} | "
+                     f"{r.get('wall_s') or '-'} |")
     (out / "grid.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
 
@@ -115,7 +119,9 @@ def _row(key: tuple, run_dir: Path, wall: float | None = None) -> dict:
     task, method, lr, sched = key
     m = json.loads((run_dir / "metrics.json").read_text())
     head = m["headline_metric"]
+    before = (m.get("metrics_before") or {}).get(head)  # with --eval-before: the zero-shot / untrained score
     return {"task": task, "method": method, "lr": lr, "schedule": sched, "metric": head, "value": m["metrics"][head],
+            "before": before, "steps": m["steps"],
             "loss_first10": m["loss_first10_mean"], "loss_last10": m["loss_last10_mean"],
             "train_seconds": m["train_seconds"], "wall_s": None if wall is None else round(wall)}
 

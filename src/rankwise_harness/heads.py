@@ -169,3 +169,42 @@ def with_head_group(groups: list[dict[str, Any]], head: list[nn.Parameter], head
     out.append({"params": [p for p in head if p.requires_grad], "lr": head_lr, "weight_decay": weight_decay,
                 "name": "head"})
     return out
+
+
+# ---------------------------------------------------------------------------- merged exports of a replaced head
+HEAD_FILE = "rankwise_head.json"  # beside a merged model's config.json: the head and pooling it was trained with
+
+
+def write_head_spec(folder: str | Path, head: str, pooling: str) -> None:
+    """Record in a merged model's folder which harness head it carries (read back by :func:`load_merged`)."""
+    (Path(folder) / HEAD_FILE).write_text(json.dumps({"head": head, "pooling": pooling}) + "\n")
+
+
+def load_merged(folder: str | Path) -> nn.Module:
+    """A merged export (``rankwise export RUN/adapter --format merged``) of a run whose head transformers lacks.
+
+    The class is the one ``config.json`` names; the head and pooling come from ``rankwise_head.json`` and are
+    installed as in training (:func:`install_head`); then every weight is read from the folder's safetensors
+    files, refusing any missing or left-over key. Returns the model in eval mode.
+    """
+    import transformers
+    from safetensors.torch import load_file
+
+    from .models import head_modules
+
+    folder = Path(folder)
+    spec = json.loads((folder / HEAD_FILE).read_text())
+    config = transformers.AutoConfig.from_pretrained(folder)
+    cls = getattr(transformers, (config.architectures or [""])[0], None)
+    if cls is None:
+        raise ValueError(f"{folder}/config.json names no transformers class")
+    model = cls(config)  # weights come next, all of them
+    install_head(model, spec["head"], spec["pooling"], head_modules(model))
+    state: dict[str, Tensor] = {}
+    for shard in sorted(folder.glob("model*.safetensors")):
+        state.update(load_file(str(shard)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{folder} does not fit {cls.__name__} with the {spec['head']}/{spec['pooling']} head: "
+                         f"missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}")
+    return model.eval()

@@ -37,18 +37,20 @@ FORMATS = ("peft", "vllm", "merged")
 RANKWISE_FILES = ("adapter.safetensors", "adapter_config.json")
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
 MERGED_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-                "model-*-of-*.safetensors")
+                "model-*-of-*.safetensors", "rankwise_head.json")
 
 
 def add_subcommands(subparsers: Any) -> None:
     """Add ``export`` and ``import`` to an ``argparse`` sub-parser collection (``dest="command"``)."""
     export = subparsers.add_parser("export", help="write a rankwise adapter as a PEFT adapter, a vLLM adapter, or a merged model")
-    export.add_argument("adapter", help="folder written by rankwise.save")
-    export.add_argument("--base", required=True, help="the base model the adapter was trained on (HF folder or name)")
+    export.add_argument("adapter", help="folder written by rankwise.save, e.g. a run's RUN/adapter")
+    export.add_argument("--base", help="the base model the adapter was trained on (HF folder or name; default for a "
+                        "run's adapter: the model the run recorded)")
     export.add_argument("--out", required=True, help="output folder")
     export.add_argument("--format", choices=FORMATS, default="peft",
                         help="peft: PEFT LoRA/DoRA folder; vllm: one global r/lora_alpha, scales baked in; merged: plain model")
-    export.add_argument("--model-class", default=None, help="transformers class for the base (default: from config.json)")
+    export.add_argument("--model-class", default=None, help="transformers class for the base (default: the class the "
+                        "run recorded, else config.json's architecture)")
     export.add_argument("--no-check-base", action="store_true", help="skip the base-weight fingerprint check")
     export.add_argument("--quantize", choices=QUANTIZE_CHOICES,
                         help="load BASE quantised as in training (finetune --quantize); merged: a float model of the "
@@ -61,24 +63,75 @@ def add_subcommands(subparsers: Any) -> None:
     imp.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="load BASE quantised (a PEFT QLoRA/QDoRA adapter's base)")
 
 
-def load_base(name_or_path: str, model_class: str | None = None, quantize: str | None = None) -> Any:
-    """Load a Hugging Face base model with the class named in its config (or ``model_class``),
-    its linear layers quantised by bitsandbytes on the CPU if ``quantize`` (``nf4``/``fp4``/``int8``) says so."""
+def load_base(name_or_path: str, model_class: str | None = None, quantize: str | None = None, **kwargs: Any) -> Any:
+    """Load a Hugging Face base model with ``model_class``, else the class its config names (a config naming
+    none but a decoder-only model type, as SmolLM2's cached checkpoint: ``AutoModelForCausalLM``), its linear
+    layers quantised by bitsandbytes on the CPU if ``quantize`` (``nf4``/``fp4``/``int8``) says so; ``kwargs``
+    go to ``from_pretrained`` (a run's ``num_labels``)."""
     import torch
     import transformers
 
-    from .models import quantization_kwargs
+    from .models import quantization_kwargs, quiet_head_report
+    from .verbalize import is_causal_lm
 
     if model_class is None:
         archs = transformers.AutoConfig.from_pretrained(name_or_path).architectures or []
-        if not archs:
+        if not archs and not is_causal_lm(name_or_path):
             raise ValueError(f"{name_or_path}'s config.json names no architecture: pass --model-class")
-        model_class = archs[0]
+        model_class = archs[0] if archs else "AutoModelForCausalLM"
     cls = getattr(transformers, model_class, None)
     if cls is None or not hasattr(cls, "from_pretrained"):
         raise ValueError(f"--model-class {model_class!r} is not a transformers model class")
-    kwargs = quantization_kwargs(quantize, torch.device("cpu")) if quantize else {}
-    return cls.from_pretrained(name_or_path, **kwargs).eval()
+    kwargs.update(quantization_kwargs(quantize, torch.device("cpu")) if quantize else {})
+    with quiet_head_report():  # the adapter brings a run's head: transformers' "classifier MISSING" is no news
+        return cls.from_pretrained(name_or_path, **kwargs).eval()
+
+
+def run_record(adapter: str) -> dict[str, Any] | None:
+    """The ``config.json`` of the rankwise run whose ``adapter/`` folder ``adapter`` is, else ``None``."""
+    from .config import RUN_MARKER
+
+    folder = Path(adapter)
+    record = _config_of(folder.parent, "config.json") if folder.name == "adapter" else None
+    return record if record is not None and record.get("format") == RUN_MARKER else None
+
+
+def _run_base(args: argparse.Namespace, run: dict[str, Any] | None) -> tuple[str, str | None, dict[str, Any]]:
+    """``(base, model class, from_pretrained kwargs)``: the flags, else what the run recorded (its model, its
+    class, its task's labels; a run written before classes were recorded gets the Auto class of its path)."""
+    if run is None:
+        if not args.base:
+            raise ValueError(f"{args.adapter} is not a rankwise run's adapter folder: pass --base")
+        return args.base, args.model_class, {}
+    from .data import get_task
+
+    task = get_task(run["run"]["task"])
+    causal = task.kind == "generation" or run.get("label_words") is not None
+    model_class = args.model_class or run.get("model_class") or (
+        "AutoModelForCausalLM" if causal else "AutoModelForSequenceClassification")
+    kwargs: dict[str, Any] = {}
+    if not causal:  # the run's head size; a checkpoint's own head of another size is replaced, as in training
+        kwargs = {"num_labels": task.num_labels, "ignore_mismatched_sizes": True}
+        if task.kind == "regression":
+            kwargs["problem_type"] = "regression"
+    return args.base or run["model_path"], model_class, kwargs
+
+
+def _harness_head(args: argparse.Namespace, run: dict[str, Any] | None) -> tuple[str, str] | None:
+    """The run's own head (``--head``/``--pooling`` other than the model's), if any. Only a merged model can
+    carry it: PEFT and vLLM load adapters onto the transformers class, which lacks it (refused here, before
+    anything loads)."""
+    from .heads import is_default
+
+    head, pooling = (run or {}).get("head"), (run or {}).get("pooling")
+    if head is None or pooling is None or is_default(head, pooling):
+        return None
+    if args.format != "merged":
+        raise ValueError(f"this run trained the harness's own head (--head {head} --pooling {pooling}) in place of "
+                         f"{run.get('model_class') or 'the model'}'s, which no transformers class computes, so a "
+                         f"{args.format} adapter would not reproduce it: use --format merged (it loads with "
+                         "rankwise_harness.heads.load_merged), or train with --head linear --pooling cls for a PEFT adapter")
+    return head, pooling
 
 
 def _config_of(folder: Path, name: str) -> dict[str, Any] | None:
@@ -124,27 +177,47 @@ def check_out(out: str, inputs: list[str], files: tuple[str, ...], is_ours: Call
                          f"refusing to write {kind} into it: choose a new or empty folder")
 
 
+def _inputs(args: argparse.Namespace) -> list[str]:
+    return [a for a in (args.adapter, args.base) if a]
+
+
 def _export(args: argparse.Namespace) -> str:
     import rankwise
 
     if args.format == "merged":
-        check_out(args.out, [args.adapter, args.base], MERGED_FILES, _is_merged_model, "a merged model")
+        check_out(args.out, _inputs(args), MERGED_FILES, _is_merged_model, "a merged model")
     else:
-        check_out(args.out, [args.adapter, args.base], PEFT_FILES, _is_peft_adapter, "a PEFT adapter")
-    model = load_base(args.base, args.model_class, args.quantize)
+        check_out(args.out, _inputs(args), PEFT_FILES, _is_peft_adapter, "a PEFT adapter")
+    run = run_record(args.adapter)
+    head = _harness_head(args, run)
+    base, model_class, kwargs = _run_base(args, run)
+    model = load_base(base, model_class, args.quantize, **kwargs)
+    if head is not None:
+        from .heads import install_head
+        from .models import head_modules
+
+        install_head(model, *head, head_modules(model))
     rankwise.load(model, args.adapter, check_base=not args.no_check_base, trainable=False)
+    cls = type(model).__name__
     if args.format == "merged":
         rankwise.detach(model, merge=True)
         model.save_pretrained(args.out)
-        return f"merged model written to {args.out} (load it with {type(model).__name__}.from_pretrained)"
-    rankwise.export_peft(model, args.out, vllm=args.format == "vllm", base_model_name_or_path=args.base)
-    return f"{args.format} adapter written to {args.out}"
+        if head is None:
+            return f"merged model written to {args.out} (load it with {cls}.from_pretrained)"
+        from .heads import write_head_spec
+
+        write_head_spec(args.out, *head)
+        return (f"merged model written to {args.out} ({cls} with the run's {head[0]} head on {head[1]} pooling; "
+                f"load it with rankwise_harness.heads.load_merged({str(args.out)!r}))")
+    rankwise.export_peft(model, args.out, vllm=args.format == "vllm", base_model_name_or_path=base)
+    return f"{args.format} adapter written to {args.out} (load it onto {cls}.from_pretrained({base!r}"\
+           f"{', num_labels=' + str(kwargs['num_labels']) if 'num_labels' in kwargs else ''}))"
 
 
 def _import(args: argparse.Namespace) -> str:
     import rankwise
 
-    check_out(args.out, [args.adapter, args.base], RANKWISE_FILES, _is_rankwise_adapter, "a rankwise adapter")
+    check_out(args.out, _inputs(args), RANKWISE_FILES, _is_rankwise_adapter, "a rankwise adapter")
     model = load_base(args.base, args.model_class, args.quantize)
     rankwise.import_peft(model, args.adapter)
     rankwise.save(model, args.out)

@@ -9,10 +9,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,35 @@ HEAD_NAMES = ("classifier", "score", "pre_classifier")
 
 class ModelError(ValueError):
     """A model that cannot be found or loaded; the message says what to install or pass."""
+
+
+class _HeadOnlyReportFilter(logging.Filter):
+    """Drops transformers' load report when every key it lists is a task head's (``classifier.weight``
+    MISSING, ...): the harness trains that head, or replaces it, so the report is no news. A report naming
+    any other key passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "LOAD REPORT" not in message:
+            return True
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", message)
+        rows = [line.split("|") for line in plain.splitlines() if "|" in line]
+        keys = [cells[0].strip() for cells in rows[1:] if cells[0].strip() and set(cells[0].strip()) != {"-"}]
+        statuses = {cells[1].strip() for cells in rows[1:] if len(cells) > 1 and set(cells[0].strip()) != {"-"}}
+        head_only = keys and all(k.split(".")[0] in HEAD_NAMES for k in keys) and statuses <= {"MISSING", "MISMATCH"}
+        return not head_only
+
+
+@contextlib.contextmanager
+def quiet_head_report() -> Iterator[None]:
+    """Within the block, transformers' load report is dropped when it lists only task-head keys."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    report_filter = _HeadOnlyReportFilter()
+    logger.addFilter(report_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(report_filter)
 
 
 def cache_dir() -> Path:
@@ -76,6 +109,7 @@ def smollm2_path() -> str:
         config = model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
+        config.architectures = [type(model).__name__]  # so `rankwise export --base <this folder>` finds the class
         config.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tok.save_pretrained(tmp)
@@ -136,7 +170,8 @@ def load_model(name: str, task: Task, causal_lm: bool = False, quantize: str | N
             kwargs: dict[str, Any] = {"num_labels": task.num_labels, "ignore_mismatched_sizes": True, **quant}
             if task.kind == "regression":
                 kwargs["problem_type"] = "regression"
-            model = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
+            with quiet_head_report():  # the harness trains (or replaces) the new head: no "classifier MISSING"
+                model = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
     except OSError as exc:
         raise ModelError(f"could not load model {name!r}: {exc}") from None
     if quantize:  # evaluating mid-run must not repack 4-bit CPU weights (training through them would fail)

@@ -219,6 +219,7 @@ class _Run:
     model: Any = None  # the model (after ``accelerator.prepare``, its wrapper)
     enc: Encoder | None = None
     pooling: str | None = None
+    model_class: str | None = None  # the transformers class loaded (before label words wrap it), for ``export``
 
     @property
     def world(self) -> int:
@@ -335,6 +336,7 @@ def _load_model(run: _Run) -> None:
     set_seed(cfg.seed)
     model, tokenizer = load_model(run.model_name, task, causal_lm=label_words is not None, quantize=cfg.quantize,
                                   device=run.accelerator.device)
+    run.model_class = type(model).__name__
     if label_words is not None:
         model = label_words.wrap(model)
         for note in label_words.notes():
@@ -455,7 +457,7 @@ def _write_config(run: _Run, training: _Training) -> None:
                 "method_config": training.adapter.method_config, "total_steps": training.total_steps,
                 "train_examples": len(run.train), "dev_examples": len(run.dev), "val_examples": len(run.val),
                 "data_source": run.splits.source, "num_processes": run.world, "mixed_precision": run.mp,
-                "head": run.cfg.head, "pooling": run.pooling,
+                "model_class": run.model_class, "head": run.cfg.head, "pooling": run.pooling,
                 "label_words": run.label_words.to_dict() if run.label_words is not None else None}
     if run.accelerator.is_main_process:
         run.out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,118 @@
+"""A newcomer's first hour, round 2 (issue 32): every run folder exports, a new head left frozen is warned
+about, ``compare`` shows the majority-class baseline, short runs summarise their loss honestly, phases show
+progress, ``trainable_parameters`` prints a summary."""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import rankwise
+from conftest import minilm_path, write_sst2_slice
+from rankwise_harness import cli
+
+HEADS = [("linear", "cls"), ("linear", "mean"), ("roberta", "cls"), ("roberta", "mean")]
+
+
+@pytest.fixture(scope="module")
+def bare_base(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny BERT saved as ``BertModel`` (no task head, as the packaged MiniLM's checkpoint), with a tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    folder = tmp_path_factory.mktemp("bare") / "bert"
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=48, max_position_embeddings=64)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["architectures"] == ["BertModel"]
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def sst2_small(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return write_sst2_slice(tmp_path_factory.mktemp("sst2"), 32, 16)
+
+
+def _finetune(run: Path, base: str, data: str, *flags: str) -> None:
+    argv = ["finetune", "--task", "sst2", "--data", data, "--model", base, "--max-steps", "2", "--batch-size", "8",
+            "--max-length", "32", "--r", "4", "--lr", "1e-2", "--output", str(run), "--no-progress", *flags]
+    assert cli.main(argv) == 0
+
+
+def _batch(base: str) -> dict[str, torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    return dict(tok(["a fine film", "dull , flat and far too long"], padding=True, return_tensors="pt"))
+
+
+def _trained(base: str, run: Path, head: str, pooling: str) -> torch.nn.Module:
+    """The run's model rebuilt by hand (the class the run recorded, the head, the adapter): the reference."""
+    import transformers
+
+    from rankwise_harness.heads import install_head
+    from rankwise_harness.models import head_modules
+
+    record = json.loads((run / "config.json").read_text())
+    assert (record["model_class"], record["head"], record["pooling"]) == ("BertForSequenceClassification", head, pooling)
+    model = transformers.BertForSequenceClassification.from_pretrained(base, num_labels=2)
+    install_head(model, head, pooling, head_modules(model))
+    return rankwise.load(model, run / "adapter", trainable=False).eval()
+
+
+@pytest.mark.parametrize("head,pooling", HEADS)
+def test_every_run_folder_exports(head: str, pooling: str, bare_base: str, sst2_small: str, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    peft = pytest.importorskip("peft")
+    from transformers import BertForSequenceClassification
+
+    from rankwise_harness.heads import load_merged
+
+    run = tmp_path / "run"
+    _finetune(run, bare_base, sst2_small, "--head", head, "--pooling", pooling)
+    batch = _batch(bare_base)
+    with torch.no_grad():
+        want = _trained(bare_base, run, head, pooling)(**batch).logits
+    capsys.readouterr()
+    rc = cli.main(["export", str(run / "adapter"), "--out", str(tmp_path / "peft")])  # no --base, no --model-class
+    err = capsys.readouterr().err
+    if (head, pooling) == ("linear", "cls"):  # transformers' own head: PEFT loads it onto the class the run used
+        assert rc == 0, err
+        fresh = BertForSequenceClassification.from_pretrained(bare_base, num_labels=2)
+        with torch.no_grad():
+            got = peft.PeftModel.from_pretrained(fresh, tmp_path / "peft").eval()(**batch).logits
+    else:  # no transformers class computes this head: one line saying so and what works
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and "--format merged" in err, err
+        assert not (tmp_path / "peft").exists()
+        assert cli.main(["export", str(run / "adapter"), "--out", str(tmp_path / "merged"), "--format", "merged"]) == 0
+        assert "load_merged" in capsys.readouterr().out
+        with torch.no_grad():
+            got = load_merged(tmp_path / "merged")(**batch).logits
+    assert not torch.allclose(want, torch.zeros_like(want))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_export_outside_a_run_still_needs_base(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "adapter").mkdir()
+    assert cli.main(["export", str(tmp_path / "adapter"), "--out", str(tmp_path / "o")]) == 2
+    assert "pass --base" in capsys.readouterr().err
+
+
+def test_the_harness_hides_the_head_only_load_report(bare_base: str, caplog: pytest.LogCaptureFixture) -> None:
+    """transformers reports the new classifier as MISSING; the harness trains that head, so it says nothing."""
+    from transformers import BertForSequenceClassification
+
+    from rankwise_harness.data import get_task
+    from rankwise_harness.models import load_model
+
+    BertForSequenceClassification.from_pretrained(bare_base, num_labels=2)
+    assert "classifier" in caplog.text and "MISSING" in caplog.text  # what transformers itself says
+    caplog.clear()
+    load_model(bare_base, get_task("sst2"))
+    assert "LOAD REPORT" not in caplog.text
