@@ -116,3 +116,23 @@ def test_the_harness_hides_the_head_only_load_report(bare_base: str, caplog: pyt
     caplog.clear()
     load_model(bare_base, get_task("sst2"))
     assert "LOAD REPORT" not in caplog.text
+
+
+def test_attach_warns_when_a_new_head_stays_frozen(bare_base: str) -> None:
+    from transformers import BertForSequenceClassification
+
+    def fresh() -> torch.nn.Module:
+        return BertForSequenceClassification.from_pretrained(bare_base, num_labels=2)
+
+    with pytest.warns(UserWarning, match=r"classifier was newly initialised.*modules_to_save=\['classifier'\]"):
+        rankwise.attach(fresh(), rankwise.LoraConfig(r=4, target_modules="all-linear"))
+    with warnings.catch_warnings():  # listed: it trains and is saved, so nothing to say
+        warnings.simplefilter("error")
+        rankwise.attach(fresh(), rankwise.LoraConfig(r=4, target_modules="all-linear", modules_to_save=["classifier"]))
+        # a model built in code (no checkpoint loaded) says nothing about which weights are new
+        rankwise.attach(BertForSequenceClassification(fresh().config), rankwise.LoraConfig(r=4, target_modules="all-linear"))
+        # every weight from the checkpoint (the saved classifier now included): nothing new, nothing to say
+        trained = fresh()
+        trained.save_pretrained(Path(bare_base).parent / "with-head")
+        full = BertForSequenceClassification.from_pretrained(Path(bare_base).parent / "with-head")
+        rankwise.attach(full, rankwise.LoraConfig(r=4, target_modules="all-linear"))

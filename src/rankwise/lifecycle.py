@@ -324,7 +324,32 @@ def attach(
         raise ValueError(f"{method.name} initialises from data: pass calibration=<iterable of training batches> to attach")
     with all_or_nothing(model, [*targets, *saved]):
         result = method.build(model, targets, config, calibration, loss_fn)
-        return install(model, config, result, saved)
+        report = install(model, config, result, saved)
+    _warn_fresh_frozen(model)
+    return report
+
+
+def fresh_frozen_modules(model: nn.Module) -> list[str]:
+    """Modules whose parameters transformers' ``from_pretrained`` newly initialised (missing from the checkpoint,
+    e.g. a new ``classifier``) and that stay frozen: random weights nothing trains. transformers marks every
+    parameter it loaded ``_is_hf_initialized``; a model without any mark (not loaded that way, or moved since)
+    yields nothing."""
+    params = list(model.named_parameters())
+    if not any(getattr(p, "_is_hf_initialized", False) for _, p in params):
+        return []
+    adapters = tuple(f"{name}." for name in adapter_layers(model))  # their frozen factors are rankwise's own
+    fresh = [n.rpartition(".")[0] or n for n, p in params
+             if not getattr(p, "_is_hf_initialized", False) and not p.requires_grad and not n.startswith(adapters)]
+    return sorted(set(fresh))
+
+
+def _warn_fresh_frozen(model: nn.Module) -> None:
+    fresh = fresh_frozen_modules(model)
+    if fresh:
+        warnings.warn(f"rankwise.attach: {', '.join(fresh[:4])}{' ...' if len(fresh) > 4 else ''} was newly initialised "
+                      "by from_pretrained (missing from the checkpoint) and stays frozen, so it stays random and is not "
+                      f"saved; to train and save it pass modules_to_save={fresh[:4]!r} in the config", UserWarning,
+                      stacklevel=3)
 
 
 def detach(model: nn.Module, merge: bool = False) -> nn.Module:
