@@ -136,3 +136,17 @@ def test_attach_warns_when_a_new_head_stays_frozen(bare_base: str) -> None:
         trained.save_pretrained(Path(bare_base).parent / "with-head")
         full = BertForSequenceClassification.from_pretrained(Path(bare_base).parent / "with-head")
         rankwise.attach(full, rankwise.LoraConfig(r=4, target_modules="all-linear"))
+
+
+def test_trainable_parameters_prints_one_summary_line() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["0"], modules_to_save=["2"]))
+    params = rankwise.trainable_parameters(model)
+    # still the dict it was: names -> the tensors an optimizer takes
+    assert set(params) == {"0.lora_a", "0.lora_b", "2.weight", "2.bias"}
+    torch.optim.SGD(params.values(), lr=0.1)
+    want = 2 * 6 + 5 * 2 + 5 * 3 + 3  # A (r x in), B (out x r), the fully trained layer
+    total = 6 * 5 + 5 + want
+    assert (params.trainable, params.total) == (want, total)
+    assert repr(params) == str(params) == f"trainable params: {want:,} || all params: {total:,} || trainable%: {100 * want / total:.4f}"
+    assert "\n" not in repr(params) and "tensor" not in repr(params)

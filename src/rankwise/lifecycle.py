@@ -97,9 +97,29 @@ def _fmt(value: Any) -> str:
 
 
 # ---------------------------------------------------------------------------- queries
-def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """``{name: parameter}`` for every parameter with ``requires_grad``."""
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+class TrainableParameters(dict):  # type: ignore[type-arg]  # dict[str, nn.Parameter]
+    """``{name: parameter}`` for every parameter with ``requires_grad`` (a plain dict: ``.values()`` feeds an
+    optimizer), printing as one summary line instead of every tensor: ``trainable params: 147,456 || all
+    params: 22,860,290 || trainable%: 0.6450`` (the form of PEFT's ``print_trainable_parameters``)."""
+
+    def __init__(self, params: dict[str, nn.Parameter], trainable: int, total: int) -> None:
+        super().__init__(params)
+        self.trainable, self.total = trainable, total
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __repr__(self) -> str:
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
+
+    __str__ = __repr__
+
+
+def trainable_parameters(model: nn.Module) -> TrainableParameters:
+    """``{name: parameter}`` for every parameter with ``requires_grad``; prints as a one-line summary
+    (counts as :func:`count_parameters`: shared tensors once, 4-bit weights by the values they hold)."""
+    return TrainableParameters({n: p for n, p in model.named_parameters() if p.requires_grad}, *count_parameters(model))
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
