@@ -150,3 +150,36 @@ def test_trainable_parameters_prints_one_summary_line() -> None:
     assert (params.trainable, params.total) == (want, total)
     assert repr(params) == str(params) == f"trainable params: {want:,} || all params: {total:,} || trainable%: {100 * want / total:.4f}"
     assert "\n" not in repr(params) and "tensor" not in repr(params)
+
+
+def _labels(tsv: Path) -> list[int]:
+    import csv
+
+    with tsv.open(encoding="utf-8") as fh:
+        return [int(row["label"]) for row in csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)]
+
+
+def test_compare_shows_the_majority_class_and_marks_who_beats_it(bare_base: str, sst2_small: str, tmp_path: Path) -> None:
+    import csv
+
+    out = tmp_path / "cmp"
+    assert cli.main(["compare", "--methods", "lora,dora", "--task", "sst2", "--data", sst2_small, "--model", bare_base,
+                     "--seeds", "0", "--max-steps", "2", "--batch-size", "8", "--max-length", "32", "--r", "2",
+                     "--eval-before", "--pooling", "cls", "--output", str(out), "--no-progress"]) == 0
+    train, dev = _labels(Path(sst2_small) / "train.tsv"), _labels(Path(sst2_small) / "dev.tsv")
+    majority = max(set(train), key=lambda c: (train.count(c), -c))
+    share = sum(label == majority for label in dev) / len(dev)  # accuracy of always answering that class
+    table = (out / "compare.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| *majority class*"))
+    assert f"| {share:.4f} |" in row
+    assert "| *before training* |" in table
+    assert "±" not in table.split("\n\n")[0]  # one seed: no spread to show
+    rows = list(csv.DictReader((out / "compare.csv").open()))
+    assert [(r["kind"], r["method"]) for r in rows] == [("method", "lora"), ("method", "dora"),
+                                                       ("baseline", "majority class"), ("baseline", "before training")]
+    assert float(rows[2]["accuracy_mean"]) == pytest.approx(share) and rows[0]["accuracy_std"] == ""
+    for r in rows[:2]:  # the table's verdict follows the numbers
+        beats = float(r["accuracy_mean"]) > share
+        line = next(line for line in table.splitlines() if line.startswith(f"| {r['method']} |"))
+        assert ("| yes |" in line) == beats and ("| **no** |" in line) == (not beats)
+    assert (out / "compare.png").stat().st_size > 10_000

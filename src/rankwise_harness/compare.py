@@ -53,26 +53,24 @@ def compare(base: RunConfig, methods: list[str], seeds: list[int], output: Path,
             # (finetune says so) unless --overwrite
             started = (folder / "config.json").is_file() and not overwrite
             results.append(finetune(cfg, resume=started, overwrite=overwrite, show_progress=show_progress, log=log))
-    rows = aggregate(results)
-    write_tables(rows, output)
+    rows, base_rows = aggregate(results), baselines(results)
+    write_tables(rows, output, base_rows)
     if can_plot("compare.png"):
-        plot_compare(rows, output / "compare.png", results[0]["task"] if results else "")
+        plot_compare(rows, output / "compare.png", results[0]["task"] if results else "", base_rows)
     log((output / "compare.md").read_text())
     return results
 
 
 def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per method: mean and std (over seeds) of each metric, params, step time, memory."""
+    """One row per method: mean and std (over seeds; ``None`` with one seed) of each metric, params, step time,
+    memory."""
     by_method: dict[str, list[dict[str, Any]]] = {}
     for r in results:
         by_method.setdefault(r["method"], []).append(r)
     rows = []
     for method, runs in by_method.items():
         row: dict[str, Any] = {"method": method, "seeds": len(runs), "headline": runs[0]["headline_metric"]}
-        for name in runs[0]["metrics"]:
-            vals = np.array([r["metrics"][name] for r in runs], dtype=np.float64)
-            row[f"{name}_mean"] = float(vals.mean())
-            row[f"{name}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+        row.update(_mean_std([r["metrics"] for r in runs]))
         row["trainable_params"] = runs[0]["trainable_params"]
         row["step_ms"] = 1000 * float(np.mean([r["step_seconds"] for r in runs]))
         row["init_seconds"] = float(np.mean([r["init_seconds"] for r in runs]))
@@ -81,46 +79,110 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def write_tables(rows: list[dict[str, Any]], output: Path) -> None:
+def _mean_std(metrics: list[dict[str, float]]) -> dict[str, float | None]:
+    """``{name_mean, name_std}`` over runs; the std only from two runs on (one run has no spread to show)."""
+    out: dict[str, float | None] = {}
+    for name in metrics[0]:
+        vals = np.array([m[name] for m in metrics], dtype=np.float64)
+        out[f"{name}_mean"] = float(vals.mean())
+        out[f"{name}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else None
+    return out
+
+
+def baselines(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows for what a method must beat: the majority class (classification) and, where runs evaluated before
+    training (``--eval-before``), the untrained model: for a causal LM on label words its zero-shot score."""
+    rows = []
+    majority = next((r["majority_baseline"] for r in results if r.get("majority_baseline")), None)
+    if majority:
+        rows.append({"method": "majority class", "seeds": 0, **_mean_std([majority])})
+    # one untrained model per seed (every method of a seed starts from it): its score once per seed
+    before = list({r["seed"]: r["metrics_before"] for r in results if r.get("metrics_before")}.values())
+    if before:
+        zero_shot = any(r.get("label_words") for r in results)
+        rows.append({"method": "zero-shot (before training)" if zero_shot else "before training", "seeds": len(before),
+                     **_mean_std(before)})
+    return rows
+
+
+def _cell(row: dict[str, Any], metric: str) -> str:
+    mean, std = row.get(f"{metric}_mean"), row.get(f"{metric}_std")
+    if mean is None:
+        return "—"
+    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def _beats(row: dict[str, Any], majority: dict[str, Any] | None, metric: str) -> str:
+    if majority is None:
+        return "—"
+    return "yes" if row[f"{metric}_mean"] > majority[f"{metric}_mean"] else "**no**"
+
+
+def write_tables(rows: list[dict[str, Any]], output: Path, base_rows: list[dict[str, Any]] | None = None) -> None:
+    """``compare.md`` (methods, then the baselines; a column saying whether each method beats the majority class
+    on the headline metric) and ``compare.csv`` (the same rows, ``kind`` telling methods from baselines)."""
     output.mkdir(parents=True, exist_ok=True)
     if not rows:
         return
+    base_rows = base_rows or []
     metric_names = [k[: -len("_mean")] for k in rows[0] if k.endswith("_mean")]
-    header = ["method", *[f"{m} (mean ± std)" for m in metric_names], "trainable params", "step (ms)",
-              "init (s)", "peak memory (MB)", "seeds"]
+    headline = rows[0]["headline"]
+    majority = next((b for b in base_rows if b["method"] == "majority class"), None)
+    several = any(r["seeds"] > 1 for r in rows)
+    header = ["method", *[f"{m} (mean ± std)" if several else m for m in metric_names],
+              f"beats majority ({headline})", "trainable params", "step (ms)", "init (s)", "peak memory (MB)", "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = [r["method"], *[f"{r[m + '_mean']:.4f} ± {r[m + '_std']:.4f}" for m in metric_names],
+        cells = [r["method"], *[_cell(r, m) for m in metric_names], _beats(r, majority, headline),
                  f"{r['trainable_params']:,}", f"{r['step_ms']:.1f}", f"{r['init_seconds']:.2f}",
                  f"{r['peak_memory_mb']:.0f}", str(r["seeds"])]
         lines.append("| " + " | ".join(cells) + " |")
-    (output / "compare.md").write_text("\n".join(lines) + "\n")
-    fields = ["method", *[f"{m}_{s}" for m in metric_names for s in ("mean", "std")], "trainable_params",
+    for b in base_rows:
+        lines.append("| " + " | ".join([f"*{b['method']}*", *[_cell(b, m) for m in metric_names], "", "", "", "", "",
+                                        str(b["seeds"] or "")]) + " |")
+    notes = ["", "Dev metrics; ± is the standard deviation over seeds (shown from 2 seeds on)."]
+    if majority is not None:
+        notes.append("*majority class*: always predicting the most frequent training label; a method marked **no** "
+                     "scores no better than that on the headline metric.")
+    notes.append("step (ms): wall-clock time per optimizer step while the run ran; other load on the machine "
+                 "inflates it, so compare step times only between runs made under the same load.")
+    (output / "compare.md").write_text("\n".join(lines + notes) + "\n")
+    fields = ["kind", "method", *[f"{m}_{s}" for m in metric_names for s in ("mean", "std")], "trainable_params",
               "step_ms", "init_seconds", "peak_memory_mb", "seeds"]
     with (output / "compare.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows([{"kind": "method", **r} for r in rows] + [{"kind": "baseline", **b} for b in base_rows])
 
 
-def plot_compare(rows: list[dict[str, Any]], path: Path, task: str) -> None:
-    """Headline metric (mean ± std over seeds) against trainable parameters, log-scaled."""
+def plot_compare(rows: list[dict[str, Any]], path: Path, task: str, base_rows: list[dict[str, Any]] | None = None) -> None:
+    """Headline metric (mean; ± std over seeds from two seeds on) against trainable parameters (log scale), one
+    marker per method named in the legend, the baselines as horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
 
     if not rows:
         return
     metric = rows[0]["headline"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        ax.errorbar(r["trainable_params"], r[f"{metric}_mean"], yerr=r[f"{metric}_std"], fmt="o", capsize=4)
-        ax.annotate(r["method"], (r["trainable_params"], r[f"{metric}_mean"]), textcoords="offset points", xytext=(6, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    markers = "osD^vP*Xh<>"
+    for i, r in enumerate(rows):
+        ax.errorbar(r["trainable_params"], r[f"{metric}_mean"], yerr=r[f"{metric}_std"], fmt=markers[i % len(markers)],
+                    ms=8, capsize=4, label=f"{r['method']} ({r['seeds']} seed{'s' if r['seeds'] > 1 else ''})")
+    for b, style in zip(base_rows or [], ("--", ":")):
+        ax.axhline(b[f"{metric}_mean"], color="grey", ls=style, lw=1.3, label=f"{b['method']}: {b[f'{metric}_mean']:.3f}")
     ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel(f"{metric} (mean ± std over seeds)")
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # only the decades are labelled
+    ax.margins(x=0.25, y=0.15)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel(f"dev {metric}" + (" (mean ± std over seeds)" if any(r["seeds"] > 1 for r in rows) else ""))
     ax.set_title(f"{task}: {metric} vs trainable parameters")
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=9, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -92,3 +92,10 @@ def compute(names: Sequence[str], pred: Sequence[float], gold: Sequence[float]) 
     """The named metrics for classification / regression predictions."""
     fns = {"accuracy": accuracy, "f1": f1, "matthews": matthews, "pearson": pearson, "spearman": spearman}
     return {name: fns[name](pred, gold) for name in names}
+
+
+def majority_class(names: Sequence[str], train_labels: Sequence[int], gold: Sequence[int]) -> dict[str, float]:
+    """The named metrics of always predicting the most frequent training label (the lowest index on a tie):
+    the score a classifier must beat to have learnt anything (accuracy = that class's share, Matthews 0)."""
+    counts = np.bincount(np.asarray(train_labels, dtype=np.int64))
+    return compute(names, [int(counts.argmax())] * len(gold), gold)

@@ -29,6 +29,7 @@ import rankwise
 
 from .batches import Encoder, micro_batch_indices, random_batches, to_device
 from .evaluation import evaluate
+from .metrics import majority_class
 from .checkpoint import (CKPT_DIR, Checkpoint, RunError, TrainerState, frozen_digests, latest_checkpoint, model_tensors,
                          read_checkpoint, restore_model, write_checkpoint)
 from .config import FULL, RUN_MARKER, ConfigError, RunConfig, build_method_config, target_spec
@@ -594,6 +595,7 @@ def _result(run: _Run, training: _Training, loop: _Loop, final: dict[str, float]
     return {
         "task": run.task.name, "method": cfg.method, "model": run.model_name, "quantize": cfg.quantize, "seed": cfg.seed,
         "metrics": final, "metrics_before": loop.metrics_before, "headline_metric": run.task.metrics[0],
+        "majority_baseline": _majority(run),
         "trainable_params": training.trainable, "total_params": training.total,
         "head": cfg.head, "pooling": run.pooling, "head_params": training.n_head,
         "adapter_params": None if cfg.method == FULL else training.trainable - training.n_head,
@@ -611,6 +613,13 @@ def _result(run: _Run, training: _Training, loop: _Loop, final: dict[str, float]
         "adapter_implementation": "rankwise" if attach_fn is None else getattr(attach_fn, "__name__", "external"),
         "label_words": run.label_words.to_dict() if run.label_words is not None else None,
     }
+
+
+def _majority(run: _Run) -> dict[str, float] | None:
+    """Classification: dev's metrics for always predicting the most frequent training label; else ``None``."""
+    if run.task.kind != "classification" or not run.train or not run.dev:
+        return None
+    return majority_class(run.task.metrics, [e.label for e in run.train], [e.label for e in run.dev])
 
 
 def _eval_entry(step: int, epoch: float, dev_metrics: dict[str, float], run: _Run) -> dict[str, Any]:
