@@ -183,3 +183,21 @@ def test_compare_shows_the_majority_class_and_marks_who_beats_it(bare_base: str,
         line = next(line for line in table.splitlines() if line.startswith(f"| {r['method']} |"))
         assert ("| yes |" in line) == beats and ("| **no** |" in line) == (not beats)
     assert (out / "compare.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 10, 19, 20, 45])
+def test_the_loss_summary_compares_disjoint_windows(n: int) -> None:
+    from rankwise_harness.train import loss_window, summary
+
+    losses = [float(i) for i in range(n)]  # distinct losses: equal means would mean a shared window
+    k = loss_window(n)
+    assert 1 <= k <= 10 and (n == 1 or 2 * k <= n) and (n < 20 or k == 10)
+    result = {"method": "lora", "task": "sst2", "seed": 0, "metrics": {"accuracy": 0.5}, "losses": losses,
+              "trainable_params": 1, "total_params": 2, "train_seconds": 1.0, "steps": n, "step_seconds": 0.1,
+              "init_seconds": 0.0, "peak_memory_mb": 1.0, "peak_memory_kind": "x"}
+    line = next(l for l in summary(result, Path("out")).splitlines() if l.startswith("loss:"))
+    if n == 1:
+        assert "one step" in line
+    else:
+        first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+        assert f"{first:.4f} (mean of the first {k} steps) -> {last:.4f} (last {k})" in line and first != last

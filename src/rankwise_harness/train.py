@@ -605,8 +605,10 @@ def _result(run: _Run, training: _Training, loop: _Loop, final: dict[str, float]
         "init_seconds": round(training.adapter.init_seconds, 3), "head_warmup": training.adapter.head_warmup,
         "peak_memory_mb": round(peak[0], 1), "peak_memory_kind": peak[1],
         "final_loss": losses[-1] if losses else None,
-        "loss_first10_mean": float(np.mean(losses[:10])) if losses else None,
-        "loss_last10_mean": float(np.mean(losses[-10:])) if losses else None,
+        # first and last loss_window steps: 10, fewer in a run under 20 steps so the two never overlap
+        "loss_window": loss_window(len(losses)),
+        "loss_first10_mean": float(np.mean(losses[: loss_window(len(losses))])) if losses else None,
+        "loss_last10_mean": float(np.mean(losses[-loss_window(len(losses)):])) if losses else None,
         "eval_history": loop.history.evals, "losses": losses,
         "num_processes": run.world, "mixed_precision": run.mp, "device": str(run.accelerator.device),
         "train_examples": len(run.train), "dev_examples": len(run.dev), "skipped_rows": len(run.splits.skipped),
@@ -630,6 +632,12 @@ def _eval_entry(step: int, epoch: float, dev_metrics: dict[str, float], run: _Ru
     return entry
 
 
+def loss_window(n_steps: int) -> int:
+    """How many steps the first/last loss means cover: 10, or half the run (at least 1) when it is shorter
+    than 20 steps, so the two windows never share a step."""
+    return max(1, min(10, n_steps // 2))
+
+
 def _fmt_metrics(m: dict[str, float]) -> str:
     return "  ".join(f"{k} {v:.4f}" for k, v in m.items())
 
@@ -639,9 +647,13 @@ def summary(result: dict[str, Any], out: Path) -> str:
     if result.get("metrics_before"):
         lines.append(f"before:      {_fmt_metrics(result['metrics_before'])}")
     lines.append(f"after:       {_fmt_metrics(result['metrics'])}")
-    if result["losses"]:
-        lines.append(f"loss:        {result['loss_first10_mean']:.4f} (mean of first 10 steps) -> "
-                     f"{result['loss_last10_mean']:.4f} (last 10)")
+    losses = result["losses"]
+    if len(losses) == 1:
+        lines.append(f"loss:        {losses[0]:.4f} (one step)")
+    elif losses:
+        k = loss_window(len(losses))
+        lines.append(f"loss:        {np.mean(losses[:k]):.4f} (mean of the first {k} steps) -> "
+                     f"{np.mean(losses[-k:]):.4f} (last {k})")
     lines.append(f"trainable:   {result['trainable_params']:,} of {result['total_params']:,} parameters"
                  f" (task head {result.get('head_params') or 0:,})")
     if result.get("best"):
