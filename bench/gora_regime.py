@@ -35,6 +35,7 @@ import math
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -122,9 +123,12 @@ def peft_attach(arm: str, total_steps: int):
 
             peft.preprocess_loraga(model, pc, train_step)
             peft.get_peft_model(model, pc)
-        elif arm == "peft-pissa":
+        elif arm == "peft-pissa":  # one randomised SVD per target weight, inside get_peft_model: say so
+            t0 = time.perf_counter()
+            print(f"PiSSA init: a randomised SVD of each of {len(targets)} target kinds' weights...", flush=True)
             peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
                                                        init_lora_weights="pissa_niter_4"))
+            print(f"PiSSA init done in {time.perf_counter() - t0:.1f} s", flush=True)
         else:  # AdaLoRA: rank allocation after each optimizer step (gradients still there), orth. regulariser
             pc = peft.AdaLoraConfig(init_r=12, target_r=r, lora_alpha=alpha, target_modules=targets,
                                     total_step=total_steps, tinit=total_steps // 10, tfinal=total_steps // 5,

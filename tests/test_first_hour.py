@@ -4,6 +4,7 @@ progress, ``trainable_parameters`` prints a summary."""
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import warnings
@@ -201,3 +202,36 @@ def test_the_loss_summary_compares_disjoint_windows(n: int) -> None:
     else:
         first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
         assert f"{first:.4f} (mean of the first {k} steps) -> {last:.4f} (last {k})" in line and first != last
+
+
+def test_long_phases_show_progress_off_a_terminal() -> None:
+    from rankwise_harness.progress import PhaseProgress, TrackedBatches
+
+    out = io.StringIO()  # not a TTY: plain lines
+    batches = TrackedBatches([{"x": i} for i in range(4)], "gora calibration batches", out=out, every_seconds=0.0)
+    assert len(batches) == 4 and batches[2] == {"x": 2}  # still the list GoRA checks the length of
+    assert [b["x"] for b in batches] == [0, 1, 2, 3]
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("gora calibration batches: 1/4, ") and "elapsed, ETA" in lines[0]
+    assert lines[-1].startswith("gora calibration batches: 4/4, ") and lines[-1].endswith("ETA 00:00")
+    quiet = io.StringIO()  # a phase shorter than every_seconds prints nothing
+    bar = PhaseProgress(3, "evaluating", out=quiet, every_seconds=60.0)
+    for _ in range(3):
+        bar.advance()
+    bar.close()
+    assert quiet.getvalue() == ""
+
+
+def test_gora_calibrates_through_tracked_batches() -> None:
+    from rankwise_harness.progress import TrackedBatches
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    data = [torch.randn(4, 8) for _ in range(4)]
+    cfg = rankwise.GoraConfig(r_ref=2, r_min=1, r_max=4, n_steps=4, target_modules=["0"], seed=0)
+    loss = lambda m, x: m(x).pow(2).mean()  # noqa: E731
+    plain, tracked = copy.deepcopy(model), copy.deepcopy(model)
+    rankwise.attach(plain, cfg, calibration=list(data), loss_fn=loss)
+    rankwise.attach(tracked, cfg, calibration=TrackedBatches(data, "gora", enabled=False), loss_fn=loss)
+    for a, b in zip(plain.state_dict().values(), tracked.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

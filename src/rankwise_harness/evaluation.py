@@ -10,16 +10,18 @@ from torch import nn
 from . import metrics as M
 from .batches import Encoder, to_device
 from .data import Example
+from .progress import PhaseProgress
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, enc: Encoder, dev: list[Example], accelerator: Any, batch_size: int,
-             max_new_tokens: int, records: list[dict[str, Any]] | None = None) -> dict[str, float]:
+             max_new_tokens: int, records: list[dict[str, Any]] | None = None, desc: str | None = None) -> dict[str, float]:
     """The task's metrics on ``dev`` (sharded across processes, gathered on all).
 
     ``records``, when given, receives one dict per dev example in order: the prediction and the reference
     (for generation, the question, the generated text and both final numbers; with label words, each
-    word's probability, a softmax over the label words' logits), for ``predictions.jsonl``.
+    word's probability, a softmax over the label words' logits), for ``predictions.jsonl``. ``desc`` shows the
+    main process's batches as a :class:`~rankwise_harness.progress.PhaseProgress` under that label.
     """
     from accelerate.utils import gather_object
 
@@ -29,20 +31,24 @@ def evaluate(model: nn.Module, enc: Encoder, dev: list[Example], accelerator: An
     mine = list(range(rank, len(dev), world))
     out: list[tuple[int, Any]] = []
     probs: list[tuple[int, list[float]]] = []  # label words: softmax over the label words' logits
-    for i in range(0, len(mine), batch_size):
+    starts = range(0, len(mine), batch_size)
+    bar = PhaseProgress(len(starts), desc or "", enabled=desc is not None and accelerator.is_main_process)
+    for i in starts:
         idx = mine[i : i + batch_size]
         rows = [dev[j] for j in idx]
         if enc.task.kind == "generation":
             out += list(zip(idx, generate(model, enc, rows, accelerator.device, max_new_tokens)))
-            continue
-        batch = to_device(enc.train_batch(rows), accelerator.device)
-        batch.pop("labels")
-        with accelerator.autocast():
-            logits = model(**batch).logits.float()
-        pred = logits.squeeze(-1) if enc.task.kind == "regression" else logits.argmax(-1)
-        out += list(zip(idx, pred.cpu().tolist()))
-        if enc.label_words is not None:
-            probs += list(zip(idx, logits.softmax(-1).cpu().tolist()))
+        else:
+            batch = to_device(enc.train_batch(rows), accelerator.device)
+            batch.pop("labels")
+            with accelerator.autocast():
+                logits = model(**batch).logits.float()
+            pred = logits.squeeze(-1) if enc.task.kind == "regression" else logits.argmax(-1)
+            out += list(zip(idx, pred.cpu().tolist()))
+            if enc.label_words is not None:
+                probs += list(zip(idx, logits.softmax(-1).cpu().tolist()))
+        bar.advance()
+    bar.close()
     if world > 1:
         out = gather_object(out)
         probs = gather_object(probs)

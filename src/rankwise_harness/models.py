@@ -96,8 +96,13 @@ def smollm2_path() -> str:
     gguf = smollm2_gguf()
     if importlib.util.find_spec("gguf") is None:
         raise ModelError("loading SmolLM2's GGUF file needs the gguf package: pip install gguf")
+    import time
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    t0 = time.perf_counter()
+    print(f"converting SmolLM2's GGUF file to a transformers checkpoint in {target} (once: every tensor is "
+          "dequantised)...", flush=True)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -118,6 +123,7 @@ def smollm2_path() -> str:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    print(f"converted SmolLM2 in {time.perf_counter() - t0:.0f} s", flush=True)
     return str(target)
 
 

@@ -1,4 +1,6 @@
-"""Training progress: a tqdm bar on a terminal, plain periodic lines anywhere else (CI, ``nohup``, ``> log``).
+"""Progress: a tqdm bar on a terminal, plain periodic lines anywhere else (CI, ``nohup``, ``> log``), for
+training (:class:`Progress`) and for the other phases that take more than a few seconds (:class:`PhaseProgress`:
+calibration batches, dev evaluation).
 
 Off a terminal a bar would write one ``\\r``-separated frame per step, so a log becomes one very long line.
 :class:`Progress` prints instead one line every ``every_steps`` steps or ``every_seconds`` seconds
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
 
 
@@ -77,3 +80,66 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+class PhaseProgress:
+    """Progress of a phase other than training (calibration batches, dev evaluation): ``advance()`` per item.
+
+    On a terminal a tqdm bar; off one (CI, ``> log``) a plain line ``desc: k/n, elapsed, ETA`` once
+    ``every_seconds`` have passed since the phase began or since the last line, and a closing line if any
+    was printed, so a phase of a few seconds stays silent in logs and tests.
+    """
+
+    def __init__(self, total: int, desc: str, enabled: bool = True, stream: TextIO | None = None,
+                 out: TextIO | None = None, every_seconds: float = 10.0) -> None:
+        self.total, self.desc, self.enabled, self.done = total, desc, enabled, 0
+        self.stream = stream if stream is not None else sys.stderr
+        self.out, self.every_seconds = out, every_seconds
+        self._t0 = self._last = time.perf_counter()
+        self._printed = False
+        self._bar: Any = None
+        isatty = getattr(self.stream, "isatty", None)
+        if enabled and callable(isatty) and isatty():
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, file=self.stream, dynamic_ncols=True, leave=False)
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+            return
+        now = time.perf_counter()
+        if self.enabled and now - self._last >= self.every_seconds:
+            self._last, self._printed = now, True
+            self._line(now)
+
+    def _line(self, now: float) -> None:
+        elapsed = now - self._t0
+        eta = elapsed / max(self.done, 1) * (self.total - self.done)
+        print(f"{self.desc}: {self.done}/{self.total}, {_clock(elapsed)} elapsed, ETA {_clock(eta)}",
+              file=self.out if self.out is not None else sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self._printed:
+            self._line(time.perf_counter())
+
+
+class TrackedBatches(list):  # type: ignore[type-arg]
+    """A list of batches whose every pass shows a :class:`PhaseProgress` (its length and indexing are the list's,
+    so a consumer that checks ``len`` first, as GoRA's calibration does, sees no difference)."""
+
+    def __init__(self, items: Iterable[Any], desc: str, enabled: bool = True, **kwargs: Any) -> None:
+        super().__init__(items)
+        self.desc, self.enabled, self.kwargs = desc, enabled, kwargs
+
+    def __iter__(self) -> Iterator[Any]:
+        bar = PhaseProgress(len(self), self.desc, self.enabled, **self.kwargs)
+        try:
+            for item in super().__iter__():
+                yield item
+                bar.advance()
+        finally:
+            bar.close()

@@ -37,7 +37,7 @@ from .data import Example, Splits, Task, get_task, load_task_data
 from .deps import can_plot, check_harness
 from .heads import head_parameters, install_head, resolve_pooling, with_head_group
 from .models import head_modules, load_model, resolve_model_name
-from .progress import Progress
+from .progress import Progress, TrackedBatches
 from .selection import best_and_last, evals_since_best, sample_rows, split_validation
 from .verbalize import LabelWords, label_word_setup
 
@@ -185,6 +185,7 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
     check_harness(cfg.task)  # before any loading or training: a missing package stops the run now
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run = _open_run(cfg, resume, overwrite, log)
+    run.progress = show_progress
     if resume and run.ckpt is None and (run.out / "metrics.json").is_file():
         run.say(f"{run.out} holds a finished run; nothing to resume (pass --overwrite to run it again)")
         return json.loads((run.out / "metrics.json").read_text())
@@ -221,6 +222,7 @@ class _Run:
     enc: Encoder | None = None
     pooling: str | None = None
     model_class: str | None = None  # the transformers class loaded (before label words wrap it), for ``export``
+    progress: bool = True  # progress of training and of the other long phases (evaluation, calibration)
 
     @property
     def world(self) -> int:
@@ -239,8 +241,9 @@ class _Run:
         return head_modules(self.model) if self.task.kind != "generation" else None
 
     def evaluate(self, data: list[Example], records: list[dict[str, Any]] | None = None) -> dict[str, float]:
+        desc = f"evaluating {len(data):,} examples" if self.progress else None
         return evaluate(self.model, self.enc, data, self.accelerator, self.cfg.batch_size * 2, self.cfg.max_new_tokens,
-                        records)
+                        records, desc)
 
 
 @dataclass
@@ -419,8 +422,9 @@ def _attach(run: _Run, mcfg: rankwise.AdapterConfig, attach_fn: AttachFn | None)
     calibration = None
     if method.uses_calibration:  # as many batches as the method's config asks for, unless the user says
         n_cal = cfg.calibration_batches or method.calibration_batches(mcfg)
-        calibration = list(random_batches(run.enc, run.train, n_cal, cfg.batch_size, cfg.seed + 7919,
-                                          run.accelerator.device))
+        calibration = TrackedBatches(random_batches(run.enc, run.train, n_cal, cfg.batch_size, cfg.seed + 7919,
+                                                    run.accelerator.device), f"{cfg.method} calibration batches",
+                                     enabled=run.progress and run.accelerator.is_main_process)
     t0 = time.perf_counter()
     try:
         report = (attach_fn or rankwise.attach)(run.model, mcfg, calibration=calibration)
