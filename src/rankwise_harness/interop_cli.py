@@ -177,20 +177,16 @@ def check_out(out: str, inputs: list[str], files: tuple[str, ...], is_ours: Call
                          f"refusing to write {kind} into it: choose a new or empty folder")
 
 
-def _inputs(args: argparse.Namespace) -> list[str]:
-    return [a for a in (args.adapter, args.base) if a]
-
-
 def _export(args: argparse.Namespace) -> str:
     import rankwise
 
-    if args.format == "merged":
-        check_out(args.out, _inputs(args), MERGED_FILES, _is_merged_model, "a merged model")
-    else:
-        check_out(args.out, _inputs(args), PEFT_FILES, _is_peft_adapter, "a PEFT adapter")
     run = run_record(args.adapter)
     head = _harness_head(args, run)
     base, model_class, kwargs = _run_base(args, run)
+    if args.format == "merged":
+        check_out(args.out, [args.adapter, base], MERGED_FILES, _is_merged_model, "a merged model")
+    else:
+        check_out(args.out, [args.adapter, base], PEFT_FILES, _is_peft_adapter, "a PEFT adapter")
     model = load_base(base, model_class, args.quantize, **kwargs)
     if head is not None:
         from .heads import install_head
@@ -217,7 +213,7 @@ def _export(args: argparse.Namespace) -> str:
 def _import(args: argparse.Namespace) -> str:
     import rankwise
 
-    check_out(args.out, _inputs(args), RANKWISE_FILES, _is_rankwise_adapter, "a rankwise adapter")
+    check_out(args.out, [args.adapter, args.base], RANKWISE_FILES, _is_rankwise_adapter, "a rankwise adapter")
     model = load_base(args.base, args.model_class, args.quantize)
     rankwise.import_peft(model, args.adapter)
     rankwise.save(model, args.out)
