@@ -97,7 +97,7 @@ def _fmt(value: Any) -> str:
 
 
 # ---------------------------------------------------------------------------- queries
-class TrainableParameters(dict):  # type: ignore[type-arg]  # dict[str, nn.Parameter]
+class TrainableParameters(dict[str, nn.Parameter]):
     """``{name: parameter}`` for every parameter with ``requires_grad`` (a plain dict: ``.values()`` feeds an
     optimizer), printing as one summary line instead of every tensor: ``trainable params: 147,456 || all
     params: 22,860,290 || trainable%: 0.6450`` (the form of PEFT's ``print_trainable_parameters``)."""
