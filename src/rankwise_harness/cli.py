@@ -25,12 +25,10 @@ def _csv(value: str) -> list[str]:
 
 
 def _default_lrs() -> str:
-    """``lora 0.001, ..., full 5e-05; x 0.1 ...``: each method's default learning rate, from the registry, and
-    the label-word path's factor."""
-    from .config import LABEL_WORDS_LR_FACTOR, default_lr, method_names
+    """``lora 0.001, ..., full 5e-05``: each method's default learning rate, from the registry."""
+    from .config import default_lr, method_names
 
-    return (", ".join(f"{m} {default_lr(m):g}" for m in method_names())
-            + f"; x {LABEL_WORDS_LR_FACTOR:g} for a causal LM scored by label words")
+    return ", ".join(f"{m} {default_lr(m):g}" for m in method_names())
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
