@@ -16,7 +16,6 @@ import torch
 import rankwise
 from conftest import minilm_path, write_sst2_slice
 from rankwise_harness import cli
-from test_label_words import tiny_lm  # noqa: F401  (fixture)
 
 HEADS = [("linear", "cls"), ("linear", "mean"), ("roberta", "cls"), ("roberta", "mean")]
 
@@ -236,21 +235,3 @@ def test_gora_calibrates_through_tracked_batches() -> None:
     rankwise.attach(tracked, cfg, calibration=TrackedBatches(data, "gora", enabled=False), loss_fn=loss)
     for a, b in zip(plain.state_dict().values(), tracked.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
-def test_label_word_runs_default_to_the_smaller_lr_and_compare_reuses_them(tiny_lm: str, bare_base: str,
-                                                                          sst2_small: str, tmp_path: Path) -> None:
-    from rankwise_harness.config import LABEL_WORDS_LR_FACTOR
-
-    args = ["compare", "--methods", "lora", "--task", "sst2", "--data", sst2_small, "--seeds", "0", "--max-steps", "1",
-            "--batch-size", "4", "--max-eval", "4", "--max-length", "48", "--r", "2", "--no-progress"]
-    for model, factor in ((tiny_lm, LABEL_WORDS_LR_FACTOR), (bare_base, 1.0)):
-        out = tmp_path / Path(model).name
-        assert cli.main([*args, "--model", model, "--output", str(out)]) == 0
-        record = json.loads((out / "lora-seed0" / "config.json").read_text())
-        assert record["run"]["lr"] == pytest.approx(factor * rankwise.LoraConfig.default_lr) and record["lr_default"]
-        stamp = (out / "lora-seed0" / "metrics.json").stat().st_mtime_ns
-        assert cli.main([*args, "--model", model, "--output", str(out)]) == 0  # the same defaults: reused
-        assert (out / "lora-seed0" / "metrics.json").stat().st_mtime_ns == stamp
-        given = ["--lr", str(3 * factor * rankwise.LoraConfig.default_lr)]  # another rate: another run, refused
-        assert cli.main([*args, *given, "--model", model, "--output", str(out)]) == 2

@@ -194,15 +194,12 @@ def test_finetune_log_off_a_tty_has_no_carriage_returns(tmp_path: Path, capsys: 
 
 
 def test_default_lr_comes_from_the_method_config_and_help_states_it() -> None:
-    from rankwise_harness.config import FULL_LR, LABEL_WORDS_LR_FACTOR, RunConfig
+    from rankwise_harness.config import FULL_LR, RunConfig
 
     for name, method in rankwise.all_methods().items():
-        assert RunConfig(task="sst2", method=name).lr is None  # filled in once the model's path is known
-        assert RunConfig(task="sst2", method=name).with_default_lr(False).lr == method.config_cls.default_lr
-        assert RunConfig(task="sst2", method=name).with_default_lr(True).lr == pytest.approx(
-            LABEL_WORDS_LR_FACTOR * method.config_cls.default_lr)  # the label-word path's smaller steps
-    assert RunConfig(task="sst2", method="full").with_default_lr(False).lr == FULL_LR
-    assert RunConfig(task="sst2", method="lora", lr=3e-4).with_default_lr(True).lr == 3e-4  # a given lr stands
+        assert RunConfig(task="sst2", method=name).lr == method.config_cls.default_lr
+    assert RunConfig(task="sst2", method="full").lr == FULL_LR
+    assert RunConfig(task="sst2", method="lora", lr=3e-4).lr == 3e-4
     assert rankwise.EdoraConfig.default_lr == pytest.approx(10 * rankwise.LoraConfig.default_lr)  # its r x r core
     run = RunConfig(task="sst2")
     assert (run.schedule, run.warmup_ratio, run.targets) == ("constant", 0.0, None)

@@ -27,11 +27,8 @@ def _finished(folder: Path, cfg: RunConfig) -> dict[str, Any] | None:
     metrics, config = folder / "metrics.json", folder / "config.json"
     if not (metrics.is_file() and config.is_file()):
         return None
-    record = json.loads(config.read_text())
-    old, new = RunConfig.from_dict(record.get("run", {})).identity(), cfg.identity()
-    if new["lr"] is None and record.get("lr_default"):  # both left --lr out: the run's own default stands
-        old.pop("lr"), new.pop("lr")
-    return json.loads(metrics.read_text()) if old == new else None
+    old = RunConfig.from_dict(json.loads(config.read_text()).get("run", {})).identity()
+    return json.loads(metrics.read_text()) if old == cfg.identity() else None
 
 
 def compare(base: RunConfig, methods: list[str], seeds: list[int], output: Path, *, lr: float | None = None,

@@ -21,7 +21,6 @@ from . import QUANTIZE_CHOICES
 FULL = "full"
 RUN_MARKER = "rankwise-run/1"
 FULL_LR = 5e-5
-LABEL_WORDS_LR_FACTOR = 0.1  # chosen on held-out rows of SST-2, MRPC and CoLA (docs/benchmarks.md section 6b)
 
 
 class ConfigError(ValueError):
@@ -37,13 +36,11 @@ def check_method(name: str) -> None:
         raise ConfigError(f"unknown method {name!r}; known: {', '.join(method_names())}")
 
 
-def default_lr(method: str, label_words: bool = False) -> float:
+def default_lr(method: str) -> float:
     """The learning rate a run of ``method`` gets without ``--lr``: the method config's ``default_lr``
-    (``full``: 5e-5), times :data:`LABEL_WORDS_LR_FACTOR` on the label-word path (a causal LM scored by label
-    words, whose zero-shot answer the first steps must not wreck: docs/benchmarks.md section 6b)."""
+    (``full``: 5e-5)."""
     check_method(method)
-    lr = FULL_LR if method == FULL else float(rankwise.all_methods()[method].config_cls.default_lr)
-    return lr * LABEL_WORDS_LR_FACTOR if label_words else lr
+    return FULL_LR if method == FULL else float(rankwise.all_methods()[method].config_cls.default_lr)
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, str]:
@@ -139,7 +136,7 @@ class RunConfig:
     max_steps: int | None = None
     epochs: float = 1.0
     batch_size: int = 16
-    lr: float | None = None  # None: the method's default, filled in once the model's path is known (with_default_lr)
+    lr: float | None = None
     lora_plus_ratio: float | None = None
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
@@ -197,6 +194,8 @@ class RunConfig:
             raise ConfigError(f"--precision must be auto, no, bf16 or fp16, got {self.precision!r}")
         if isinstance(self.warmup_ratio, bool) or not (isinstance(self.warmup_ratio, (int, float)) and 0.0 <= self.warmup_ratio < 1.0):
             raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.lr is None:
+            self.lr = default_lr(self.method)
         self._check_head_and_split()
         if self.method != FULL:  # the adapter's own fields (--r, --alpha, --dropout, --set), before any model loads
             build_method_config(self.method, r=self.r, alpha=self.alpha, dropout=self.dropout,
@@ -239,11 +238,6 @@ class RunConfig:
         if self.patience is not None and not (v and (self.eval_each_epoch or self.eval_every)):
             raise ConfigError("--patience stops on the held-out metric: it needs --val-split and an evaluation "
                               "schedule (--eval-each-epoch or --eval-every)")
-
-    def with_default_lr(self, label_words: bool) -> "RunConfig":
-        """This config with ``lr`` filled in when it was left out (``None``): the method's default, scaled on
-        the label-word path (:func:`default_lr`); a given ``lr`` is kept."""
-        return self if self.lr is not None else dataclasses.replace(self, lr=default_lr(self.method, label_words))
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -223,7 +223,6 @@ class _Run:
     pooling: str | None = None
     model_class: str | None = None  # the transformers class loaded (before label words wrap it), for ``export``
     progress: bool = True  # progress of training and of the other long phases (evaluation, calibration)
-    lr_default: bool = False  # whether the learning rate is the default (no --lr), for ``compare``'s reuse check
 
     @property
     def world(self) -> int:
@@ -300,8 +299,6 @@ def _open_run(cfg: RunConfig, resume: bool, overwrite: bool, log: Callable[[str]
     label_words = label_word_setup(task, model_name, None, cfg.template, cfg.label_words, cfg.max_length)
     if label_words is not None and (cfg.head != "linear" or cfg.pooling is not None):
         raise ConfigError("--head/--pooling apply to encoder classifiers; a causal LM scores label words (no head)")
-    lr_default = cfg.lr is None
-    cfg = cfg.with_default_lr(label_words is not None)  # the path decides the default (before resume compares)
     if cfg.precision == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     else:
@@ -314,9 +311,7 @@ def _open_run(cfg: RunConfig, resume: bool, overwrite: bool, log: Callable[[str]
     ckpt = prepare_output(cfg, resume, overwrite, delete=accelerator.is_main_process)
     saved = read_checkpoint(ckpt, accelerator.process_index) if ckpt else None  # read once
     accelerator.wait_for_everyone()
-    run = _Run(cfg, accelerator, say, Path(cfg.output), mp, plots, task, model_name, label_words, ckpt, saved)
-    run.lr_default = lr_default
-    return run
+    return _Run(cfg, accelerator, say, Path(cfg.output), mp, plots, task, model_name, label_words, ckpt, saved)
 
 
 def _read_data(run: _Run) -> None:
@@ -467,7 +462,7 @@ def _write_config(run: _Run, training: _Training) -> None:
                 "method_config": training.adapter.method_config, "total_steps": training.total_steps,
                 "train_examples": len(run.train), "dev_examples": len(run.dev), "val_examples": len(run.val),
                 "data_source": run.splits.source, "num_processes": run.world, "mixed_precision": run.mp,
-                "model_class": run.model_class, "head": run.cfg.head, "pooling": run.pooling, "lr_default": run.lr_default,
+                "model_class": run.model_class, "head": run.cfg.head, "pooling": run.pooling,
                 "label_words": run.label_words.to_dict() if run.label_words is not None else None}
     if run.accelerator.is_main_process:
         run.out.mkdir(parents=True, exist_ok=True)
