@@ -7,11 +7,13 @@ the field, so a crafted or damaged file can never reach the model unchecked.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,99 @@ class AdapterFileError(RuntimeError):
 
 
 _DIGESTS = ("tensors_sha256", "metadata_sha256")
+# the deepest nesting a JSON file rankwise reads may have: adapter descriptions, PEFT configs, run configs,
+# checkpoints and metrics nest 6 levels or fewer
+MAX_JSON_DEPTH = 32
+
+
+# ---------------------------------------------------------------------------- reading JSON from files
+def _depth(value: Any) -> int:
+    """How deeply ``value`` nests lists and objects (iterative: no recursion, whatever the depth)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((c, level + 1) for c in children if isinstance(c, (dict, list)))
+    return deepest
+
+
+def read_json(text: str | bytes, file: Any, error: type[Exception] = AdapterFileError) -> Any:
+    """``text`` parsed as JSON. What no file rankwise reads can be raises ``error`` naming ``file``: invalid
+    JSON, bytes that are not UTF-8, or nesting deeper than :data:`MAX_JSON_DEPTH` (including nesting deep
+    enough to exhaust Python's recursion limit, which would otherwise raise ``RecursionError`` here or in
+    any later walk of the value)."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise error(f"{file}: JSON nested too deeply to read (beyond Python's recursion limit); rankwise's "
+                    f"files nest at most {MAX_JSON_DEPTH} levels: the file is malformed") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{file}: not valid JSON ({exc})") from None
+    depth = _depth(value)
+    if depth > MAX_JSON_DEPTH:
+        raise error(f"{file}: JSON nested {depth} levels deep; rankwise's files nest at most {MAX_JSON_DEPTH} "
+                    "levels: the file is malformed")
+    return value
+
+
+# ---------------------------------------------------------------------------- output folders
+RANKWISE_FILES = ("adapter.safetensors", "adapter_config.json")  # what rankwise.save writes
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")  # what PEFT / export_peft write
+
+
+def json_config(folder: Path, name: str) -> dict[str, Any] | None:
+    """``folder/name`` as a JSON object, or ``None`` when it is missing, unreadable, malformed or not an object."""
+    try:
+        data = read_json((folder / name).read_bytes(), folder / name)
+    except (OSError, AdapterFileError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def is_rankwise_adapter(folder: Path) -> bool:
+    """Whether ``folder``'s ``adapter_config.json`` was written by :func:`rankwise.save`."""
+    return str((json_config(folder, "adapter_config.json") or {}).get("format", "")).startswith("rankwise-adapter/")
+
+
+def is_peft_adapter(folder: Path) -> bool:
+    """Whether ``folder``'s ``adapter_config.json`` is a HF PEFT adapter's (``peft_type``, no rankwise format)."""
+    cfg = json_config(folder, "adapter_config.json")
+    return cfg is not None and "peft_type" in cfg and "format" not in cfg
+
+
+def is_hf_model(folder: Path) -> bool:
+    """Whether ``folder`` holds a Hugging Face model (a ``config.json`` naming ``architectures``)."""
+    return "architectures" in (json_config(folder, "config.json") or {})
+
+
+def folder_holds(folder: Path) -> str:
+    """What a non-empty ``folder`` holds, in words, for error messages."""
+    what = ("a rankwise adapter" if is_rankwise_adapter(folder) else "a PEFT adapter" if is_peft_adapter(folder)
+            else "a Hugging Face model" if is_hf_model(folder) else "other files")
+    held = sorted(p.name for p in folder.iterdir())
+    return f"{what} ({', '.join(held[:6])}{', ...' if len(held) > 6 else ''})"
+
+
+def check_output_folder(folder: Path, files: tuple[str, ...], is_ours: Callable[[Path], bool], kind: str,
+                        how_to_force: str) -> None:
+    """Refuse to write ``kind`` into ``folder`` when it holds anything but a previous ``kind``: only names
+    matching ``files`` (and the hidden temp files an interrupted atomic write of one leaves), recognised
+    by ``is_ours``. Raises ``FileExistsError`` naming what the folder holds and ``how_to_force``.
+
+    A PEFT adapter and a rankwise adapter both use ``adapter_config.json``: writing one into the other's
+    folder destroys the one that was there.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} exists and is not a folder")
+    held = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if not held:
+        return
+    patterns = [*files, *(f".{f}.*.tmp" for f in files)]
+    foreign = [n for n in held if not any(fnmatch.fnmatchcase(n, f) for f in patterns)]
+    if foreign or not is_ours(folder):
+        raise FileExistsError(f"{folder} holds {folder_holds(folder)}; refusing to write {kind} into it, which "
+                              f"would replace or mix with what is there: choose a new or empty folder, or {how_to_force}")
 
 
 # ---------------------------------------------------------------------------- validating values read from files

@@ -36,8 +36,9 @@ from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
 from ._version import __version__
-from .adapter_file import (AdapterFileError, atomic_write_bytes, base_fingerprint, fingerprint_tolerance,  # noqa: F401
-                           metadata_digest, tensors_digest, validate_description)
+from .adapter_file import (RANKWISE_FILES, AdapterFileError, atomic_write_bytes, base_fingerprint,  # noqa: F401
+                           check_output_folder, fingerprint_tolerance, is_rankwise_adapter, metadata_digest, read_json,
+                           tensors_digest, validate_description)
 from .config import AdapterConfig
 from .layer import AdapterLayer
 from .lifecycle import all_or_nothing, install
@@ -95,15 +96,22 @@ def adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
 
 
 # ---------------------------------------------------------------------------- save
-def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
+def save(model: nn.Module, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """Save the adapter (not the base model) to folder ``path``, atomically. Returns the folder.
 
+    ``path`` must be new, empty or a previous rankwise adapter (which is replaced); a folder holding
+    anything else (a PEFT adapter, whose ``adapter_config.json`` this would replace, a model, other
+    files) raises ``FileExistsError`` naming what it holds, unless ``overwrite=True`` (then rankwise's
+    two files are written and everything else there is left as it was).
     A ``torch.compile`` / DDP / FSDP1 wrapper is unwrapped: names are the plain model's, as ``load`` expects.
     """
     model = unwrap_model(model)
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"{folder} exists and is not a folder")
+    if not overwrite:
+        check_output_folder(folder, RANKWISE_FILES, is_rankwise_adapter, "a rankwise adapter",
+                            "pass overwrite=True to rankwise.save to write into it anyway")
     meta = describe(model)
     tensors = adapter_tensors(model)
     meta["tensors_sha256"] = tensors_digest(tensors)
@@ -129,10 +137,7 @@ def read_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str
         raise AdapterFileError(f"{file} is truncated or corrupt and cannot be read ({exc})") from exc
     if raw_meta is None:
         raise AdapterFileError(f"{file} is a safetensors file but not a rankwise adapter (no 'rankwise' metadata)")
-    try:
-        meta = json.loads(raw_meta)
-    except json.JSONDecodeError as exc:
-        raise AdapterFileError(f"{file} has corrupt rankwise metadata ({exc})") from exc
+    meta = read_json(raw_meta, f"{file}'s rankwise metadata")
     if not isinstance(meta, dict):
         raise AdapterFileError(f"{file}: the rankwise metadata must be a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:

@@ -36,7 +36,8 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from .adapter_file import AdapterFileError, atomic_write_bytes, file_dict, file_int, file_names, file_number
+from .adapter_file import (PEFT_FILES, AdapterFileError, atomic_write_bytes, check_output_folder, file_dict, file_int,
+                           file_names, file_number, is_peft_adapter, read_json)
 from .io import install_rebuilt
 from .methods import DoraConfig, LoraConfig
 from .registry import method_for
@@ -58,13 +59,22 @@ def export_peft(
     *,
     vllm: bool = False,
     base_model_name_or_path: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write the model's adapter as a PEFT LoRA (or DoRA) adapter folder; returns the folder.
 
     ``peft.PeftModel.from_pretrained(base, path)`` then computes the same outputs as the rankwise model.
-    A ``torch.compile`` / DDP / FSDP1 wrapper is unwrapped (module names are the plain model's).
+    ``path`` must be new, empty or a previous PEFT adapter (replaced); a folder holding anything else (a
+    rankwise adapter, whose ``adapter_config.json`` this would replace, a model, other files) raises
+    ``FileExistsError`` naming what it holds, unless ``overwrite=True`` (PEFT's two files are written and
+    everything else there is left). A ``torch.compile`` / DDP / FSDP1 wrapper is unwrapped (module names
+    are the plain model's).
     """
     model = unwrap_model(model)
+    folder = Path(path)
+    if not overwrite:
+        check_output_folder(folder, PEFT_FILES, is_peft_adapter, "a PEFT adapter",
+                            "pass overwrite=True to rankwise.export_peft to write into it anyway")
     state = get_state(model)
     layers = adapter_layers(model)
     factors = {name: layer.peft_factors() for name, layer in layers.items()}
@@ -108,7 +118,6 @@ def export_peft(
         "layers_to_transform": None,
         "layers_pattern": None,
     }
-    folder = Path(path)
     atomic_write_bytes(folder / PEFT_WEIGHTS, st_save(tensors, metadata={"format": "pt", "exported_by": f"rankwise {state.config.method}"}))
     atomic_write_bytes(folder / PEFT_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
     return folder
@@ -199,9 +208,9 @@ def _read_peft_config(folder: Path) -> dict[str, Any]:
     """``adapter_config.json`` as a dict, every field import uses validated (:class:`AdapterFileError` naming it)."""
     file = folder / PEFT_CONFIG
     try:
-        cfg = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFileError(f"{file} is not valid JSON ({exc})") from exc
+        cfg = read_json(file.read_bytes(), file)
+    except OSError as exc:
+        raise AdapterFileError(f"{file} cannot be read ({exc})") from exc
     if not isinstance(cfg, dict):
         raise AdapterFileError(f"{file} must hold a JSON object, got {type(cfg).__name__}")
     _check_peft_config(cfg, folder)  # the type and options first: an IA3 config has no r to validate

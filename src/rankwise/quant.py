@@ -37,10 +37,13 @@ def bnb() -> Any:
     """The ``bitsandbytes`` module; ``ImportError`` naming the extra when it cannot be imported."""
     try:
         import bitsandbytes
-    except ImportError as exc:
+    except Exception as exc:  # installed but broken raises anything (OSError, RuntimeError, ...): one line
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        how = QUANT_EXTRA if isinstance(exc, ModuleNotFoundError) else "fix or reinstall it (pip install --force-reinstall bitsandbytes)"
         raise ImportError(
-            f"this model has bitsandbytes-quantised layers, and adapting them needs bitsandbytes ({exc}): {QUANT_EXTRA}"
-        ) from exc
+            f"this model has bitsandbytes-quantised layers, and adapting them needs bitsandbytes, which cannot be "
+            f"imported ({type(exc).__name__}: {first}): {how}"
+        ) from None
     return bitsandbytes
 
 

@@ -43,6 +43,18 @@ class RunError(RuntimeError):
     """A run that cannot start (e.g. its output folder holds another run, or a damaged checkpoint)."""
 
 
+def read_run_json(path: Path) -> Any:
+    """A run folder's JSON file (``config.json``, ``metrics.json``); unreadable, not JSON or absurdly nested
+    raises :class:`RunError` naming it."""
+    from rankwise.adapter_file import read_json
+
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise RunError(f"{path} cannot be read ({exc})") from None
+    return read_json(text, path, RunError)
+
+
 # ---------------------------------------------------------------------------- JSON + safetensors codec
 def encode(obj: Any, tensors: dict[str, torch.Tensor], where: str = "state") -> Any:
     """``obj`` as JSON-able data; its tensors go into ``tensors`` (referenced by key). Tuples, dicts with

@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     from .deps import MissingDependencyError, check_harness
 
     try:  # every command, before anything imports transformers/accelerate (a bare `pip install rankwise`
-        check_harness(getattr(args, "task", None))  # has the library only): one line naming the extra
+        check_harness(getattr(args, "task", None), getattr(args, "quantize", None))  # has the library only): one
+        # line naming the extra; --quantize: bitsandbytes, imported to check it
     except MissingDependencyError as exc:
         print(f"rankwise: error: {exc}", file=sys.stderr)
         return 2

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .checkpoint import read_run_json
 from .config import RunConfig, check_method
 from .deps import can_plot
 from .train import finetune
@@ -27,8 +27,8 @@ def _finished(folder: Path, cfg: RunConfig) -> dict[str, Any] | None:
     metrics, config = folder / "metrics.json", folder / "config.json"
     if not (metrics.is_file() and config.is_file()):
         return None
-    old = RunConfig.from_dict(json.loads(config.read_text()).get("run", {})).identity()
-    return json.loads(metrics.read_text()) if old == cfg.identity() else None
+    old = RunConfig.from_dict(read_run_json(config).get("run", {})).identity()
+    return read_run_json(metrics) if old == cfg.identity() else None
 
 
 def compare(base: RunConfig, methods: list[str], seeds: list[int], output: Path, *, lr: float | None = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -251,7 +252,34 @@ class RunConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def identity(self) -> dict[str, Any]:
-        """The fields that must match to resume a run (where it writes does not matter)."""
+        """The fields that must match to resume a run (where it writes does not matter), each in one
+        canonical spelling, so equivalent flags compare equal: the model (``None``, ``minilm`` and the packaged
+        MiniLM's path are one model), the adapter (``--r/--alpha/--dropout/--targets/--set`` as the method
+        config they build: ``--r 8`` equals the default 8, ``--targets all-linear`` the default targets), the
+        causal-LM template and label words (``None`` is the task's default), the pooling (``None`` is the
+        model's default) and the data folder (its real path)."""
+        from .data import get_task
+        from .heads import resolve_pooling
+        from .models import canonical_model
+        from .verbalize import DEFAULT_VERBALIZERS
+
         out = self.to_dict()
         out.pop("output")
+        task = get_task(self.task)
+        out["model"], model_path = canonical_model(self.model, task)
+        if self.method != FULL:
+            for key in ("r", "alpha", "dropout", "overrides", "targets"):
+                out.pop(key)
+            out["method_config"] = build_method_config(
+                self.method, r=self.r, alpha=self.alpha, dropout=self.dropout, targets=target_spec(self.targets),
+                seed=self.seed, overrides=self.overrides).to_dict()
+        default = DEFAULT_VERBALIZERS.get(self.task)
+        if default is not None:
+            out["template"] = self.template if self.template is not None else default.template
+            words = self.label_words if self.label_words is not None else default.label_words
+            out["label_words"] = list(words)
+        if model_path is not None and task.kind != "generation":
+            out["pooling"] = resolve_pooling(self.pooling, model_path)
+        if self.data not in (None, "hf"):
+            out["data"] = os.path.realpath(self.data)
         return out

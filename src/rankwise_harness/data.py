@@ -12,13 +12,14 @@ from __future__ import annotations
 import bz2
 import csv
 import importlib.util
-import json
 import random
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from rankwise.adapter_file import read_json
 
 ROTTEN_DEV_SIZE = 1000
 ROTTEN_SPLIT_SEED = 1234  # fixed: the train/dev split never depends on the run's seed
@@ -105,13 +106,26 @@ class Splits:
 
 
 # ---------------------------------------------------------------------------- GLUE TSV
+FLOAT32_MAX = 3.4028234663852886e38  # a training label is a float32: past this it is inf
+
+
+def score(raw: Any, where: str) -> float:
+    """A regression label: a number that stays finite as a float32 (``nan``, ``inf``, ``1e400``, ``4e38`` are
+    refused: the loss of the first batch holding one is not finite), else :class:`DataError` naming ``where``."""
+    try:
+        value = float(raw.strip() if isinstance(raw, str) else raw)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: score {raw!r} is not a number") from None
+    if not abs(value) <= FLOAT32_MAX:  # also NaN
+        raise DataError(f"{where}: score {raw!r} is not a finite number within float32's range (|score| <= 3.4e38); "
+                        "fix or remove the row")
+    return value
+
+
 def _label(task: Task, raw: str, where: str) -> int | float:
     raw = raw.strip()
     if task.kind == "regression":
-        try:
-            return float(raw)
-        except ValueError:
-            raise DataError(f"{where}: score {raw!r} is not a number") from None
+        return score(raw, where)
     if raw not in task.labels:
         raise DataError(f"{where}: label {raw!r} is not one the {task.name} task knows ({', '.join(task.labels)})")
     return task.labels.index(raw)
@@ -216,10 +230,7 @@ def read_gsm8k_jsonl(path: Path, skip_bad_rows: bool = False, skipped: list[str]
             where = f"{path}:{n}"
             try:
                 check_utf8(line, where)
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
+                row = read_json(line, where, DataError)  # also one nested past Python's recursion limit
                 if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
                     raise DataError(f"{where}: expected an object with string fields 'question' and 'answer'")
                 if "####" not in row["answer"] or extract_final_number(row["answer"]) is None:
@@ -271,18 +282,18 @@ def read_hf(task: Task) -> Splits:
         raise DataError(f"could not load {name}/{config} from the Hugging Face hub ({type(exc).__name__}: {exc}); "
                         f"offline, give --data <folder with the {task.name} files>") from None
 
-    def convert(split: Any) -> list[Example]:
+    def convert(split: Any, split_name: str) -> list[Example]:
         out = []
-        for row in split:
+        for i, row in enumerate(split):
             if task.kind == "generation":
                 out.append(Example(row["question"], target=row["answer"]))
                 continue
             keys = [k for k in row if k not in ("idx", "label")]
-            out.append(Example(row[keys[0]], row[keys[1]] if len(keys) > 1 else None,
-                               float(row["label"]) if task.kind == "regression" else int(row["label"])))
+            label = score(row["label"], f"hf:{name}/{config} {split_name} row {i}") if task.kind == "regression" else int(row["label"])
+            out.append(Example(row[keys[0]], row[keys[1]] if len(keys) > 1 else None, label))
         return [e for e in out if task.kind != "classification" or e.label is None or e.label >= 0]
 
-    return Splits(convert(ds["train"]), convert(ds[dev_split]), f"hf:{name}/{config}")
+    return Splits(convert(ds["train"], "train"), convert(ds[dev_split], dev_split), f"hf:{name}/{config}")
 
 
 # ---------------------------------------------------------------------------- entry point

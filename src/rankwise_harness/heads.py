@@ -25,13 +25,14 @@ The head is a module the harness trains fully next to the adapter (``modules_to_
 
 from __future__ import annotations
 
-import json
 import types
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from rankwise.adapter_file import read_json
 
 HEADS = ("linear", "roberta")
 POOLINGS = ("cls", "mean")
@@ -45,7 +46,7 @@ def resolve_pooling(pooling: str | None, model_path: str) -> str:
         return pooling
     folder = Path(model_path)
     try:
-        config = json.loads((folder / "1_Pooling" / "config.json").read_text())
+        config = read_json((folder / "1_Pooling" / "config.json").read_bytes(), folder, ValueError)
     except (OSError, ValueError):
         return "cls"
     return "mean" if (folder / "modules.json").is_file() and config.get("pooling_mode_mean_tokens") else "cls"

@@ -22,8 +22,6 @@ The main CLI wires these in with :func:`add_subcommands` and dispatches to :func
 from __future__ import annotations
 
 import argparse
-import fnmatch
-import json
 import re
 import sys
 from collections.abc import Callable
@@ -33,9 +31,7 @@ from typing import Any
 from . import QUANTIZE_CHOICES
 
 FORMATS = ("peft", "vllm", "merged")
-# what each kind of output folder may hold (file name patterns), and how its config file says it is one
-RANKWISE_FILES = ("adapter.safetensors", "adapter_config.json")
-PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+# what a merged-model output folder may hold (file name patterns); the adapter kinds' are the library's
 MERGED_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
                 "model-*-of-*.safetensors", "rankwise_head.json")
 
@@ -89,10 +85,12 @@ def load_base(name_or_path: str, model_class: str | None = None, quantize: str |
 
 def run_record(adapter: str) -> dict[str, Any] | None:
     """The ``config.json`` of the rankwise run whose ``adapter/`` folder ``adapter`` is, else ``None``."""
+    from rankwise.adapter_file import json_config
+
     from .config import RUN_MARKER
 
     folder = Path(adapter)
-    record = _config_of(folder.parent, "config.json") if folder.name == "adapter" else None
+    record = json_config(folder.parent, "config.json") if folder.name == "adapter" else None
     return record if record is not None and record.get("format") == RUN_MARKER else None
 
 
@@ -134,59 +132,35 @@ def _harness_head(args: argparse.Namespace, run: dict[str, Any] | None) -> tuple
     return head, pooling
 
 
-def _config_of(folder: Path, name: str) -> dict[str, Any] | None:
-    try:
-        data = json.loads((folder / name).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _is_rankwise_adapter(folder: Path) -> bool:
-    from rankwise.io import FORMAT
-
-    return (_config_of(folder, "adapter_config.json") or {}).get("format") == FORMAT
-
-
-def _is_peft_adapter(folder: Path) -> bool:
-    cfg = _config_of(folder, "adapter_config.json")
-    return cfg is not None and "peft_type" in cfg and "format" not in cfg
-
-
-def _is_merged_model(folder: Path) -> bool:
-    return "architectures" in (_config_of(folder, "config.json") or {})
-
-
 def check_out(out: str, inputs: list[str], files: tuple[str, ...], is_ours: Callable[[Path], bool], kind: str) -> None:
     """Refuse ``--out`` when it is one of the ``inputs`` or a non-empty folder that is not a previous ``kind``
-    (only files matching ``files``, recognised by ``is_ours``); raises ``ValueError`` naming what it holds."""
+    (only files matching ``files``, recognised by ``is_ours``; the library's rule,
+    :func:`rankwise.adapter_file.check_output_folder`); raises ``ValueError``/``OSError`` naming what it holds."""
+    from rankwise.adapter_file import check_output_folder
+
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"--out {folder} exists and is not a folder")
     for given in inputs:
         if Path(given).exists() and folder.exists() and folder.resolve() == Path(given).resolve():
             raise ValueError(f"--out {folder} is an input of this command; choose another folder")
-    held = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    if not held:
-        return
-    foreign = [n for n in held if not any(fnmatch.fnmatchcase(n, f) for f in files)]
-    if foreign or not is_ours(folder):
-        what = ("a rankwise adapter" if _is_rankwise_adapter(folder) else "a PEFT adapter" if _is_peft_adapter(folder)
-                else "files that are not " + kind)
-        raise ValueError(f"--out {folder} holds {what} ({', '.join(held[:6])}{', ...' if len(held) > 6 else ''}); "
-                         f"refusing to write {kind} into it: choose a new or empty folder")
+    try:
+        check_output_folder(folder, files, is_ours, kind, "delete what is there first")
+    except FileExistsError as exc:
+        raise ValueError(f"--out {exc}") from None
 
 
 def _export(args: argparse.Namespace) -> str:
     import rankwise
+    from rankwise.adapter_file import PEFT_FILES, is_hf_model, is_peft_adapter
 
     run = run_record(args.adapter)
     head = _harness_head(args, run)
     base, model_class, kwargs = _run_base(args, run)
     if args.format == "merged":
-        check_out(args.out, [args.adapter, base], MERGED_FILES, _is_merged_model, "a merged model")
+        check_out(args.out, [args.adapter, base], MERGED_FILES, is_hf_model, "a merged model")
     else:
-        check_out(args.out, [args.adapter, base], PEFT_FILES, _is_peft_adapter, "a PEFT adapter")
+        check_out(args.out, [args.adapter, base], PEFT_FILES, is_peft_adapter, "a PEFT adapter")
     model = load_base(base, model_class, args.quantize, **kwargs)
     if head is not None:
         from .heads import install_head
@@ -212,8 +186,9 @@ def _export(args: argparse.Namespace) -> str:
 
 def _import(args: argparse.Namespace) -> str:
     import rankwise
+    from rankwise.adapter_file import RANKWISE_FILES, is_rankwise_adapter
 
-    check_out(args.out, [args.adapter, args.base], RANKWISE_FILES, _is_rankwise_adapter, "a rankwise adapter")
+    check_out(args.out, [args.adapter, args.base], RANKWISE_FILES, is_rankwise_adapter, "a rankwise adapter")
     model = load_base(args.base, args.model_class, args.quantize)
     rankwise.import_peft(model, args.adapter)
     rankwise.save(model, args.out)

@@ -127,6 +127,23 @@ def smollm2_path() -> str:
     return str(target)
 
 
+def canonical_model(name: str | None, task: Task) -> tuple[str, str | None]:
+    """``(one spelling of the model, a local folder holding it or None)``, without loading or converting
+    anything: the default (``None``) and the packaged models' aliases and folders compare equal, and a local
+    folder is its real path."""
+    if name is None:
+        name = SMOLLM2 if task.kind == "generation" else MINILM
+    if name == SMOLLM2 or os.path.realpath(name) == os.path.realpath(cache_dir() / "smollm2-135m-instruct-fp32"):
+        return SMOLLM2, None
+    try:
+        packaged = minilm_path()
+    except ModelError:
+        packaged = None
+    if name == MINILM or (packaged is not None and os.path.realpath(name) == os.path.realpath(packaged)):
+        return MINILM, packaged
+    return (os.path.realpath(name), name) if os.path.isdir(name) else (name, None)
+
+
 def resolve_model_name(name: str | None, task: Task) -> str:
     """The path or hub name to load: ``None`` picks the offline default for the task's kind."""
     if name is None:
@@ -144,8 +161,11 @@ def quantization_kwargs(quantize: str, device: torch.device) -> dict[str, Any]:
     the LM head stay float. Without bitsandbytes the error names the extra to install."""
     if quantize not in QUANTIZE_CHOICES:
         raise ModelError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModelError(f"--quantize {quantize} needs bitsandbytes: pip install 'rankwise[quant]'")
+    from .deps import QUANT_EXTRA, _problem_line, import_problem
+
+    problem = import_problem("bitsandbytes")
+    if problem is not None:
+        raise ModelError(_problem_line("bitsandbytes", problem, f"--quantize {quantize}", QUANT_EXTRA))
     from transformers import BitsAndBytesConfig
 
     skip = [*HEAD_NAMES, "lm_head"]

@@ -31,7 +31,7 @@ from .batches import Encoder, micro_batch_indices, random_batches, to_device
 from .evaluation import evaluate
 from .metrics import majority_class
 from .checkpoint import (CKPT_DIR, Checkpoint, RunError, TrainerState, frozen_digests, latest_checkpoint, model_tensors,
-                         read_checkpoint, restore_model, write_checkpoint)
+                         read_checkpoint, read_run_json, restore_model, write_checkpoint)
 from .config import FULL, RUN_MARKER, ConfigError, RunConfig, build_method_config, target_spec
 from .data import Example, Splits, Task, get_task, load_task_data
 from .deps import can_plot, check_harness
@@ -106,10 +106,11 @@ def prepare_output(cfg: RunConfig, resume: bool, overwrite: bool, delete: bool =
     if out.is_dir() and any(out.iterdir()):
         if not has_run:
             raise RunError(f"--output {out} is not empty and holds no rankwise run; refusing to write into it")
-        previous = json.loads(config_file.read_text())
+        previous = read_run_json(config_file)
+        if not isinstance(previous, dict):
+            raise RunError(f"--output {out} has a config.json that rankwise did not write; refusing to use it")
         if resume:
-            old = RunConfig.from_dict(previous.get("run", {})).identity()
-            diff = sorted(k for k, v in cfg.identity().items() if old.get(k) != v)
+            diff = _settings_diff(RunConfig.from_dict(previous.get("run", {})).identity(), cfg.identity())
             if diff:
                 raise RunError(f"--resume: {out} holds a run with different settings ({', '.join(diff)}); "
                                "resume with the same settings or choose another --output")
@@ -122,6 +123,18 @@ def prepare_output(cfg: RunConfig, resume: bool, overwrite: bool, delete: bool =
         if delete:
             shutil.rmtree(out)
     return None
+
+
+def _settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The settings (``RunConfig.identity``) that differ, by flag name; the method config's by field."""
+    diff = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a != b and isinstance(a, dict) and isinstance(b, dict):
+            diff += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            diff.append(key)
+    return diff
 
 
 # ---------------------------------------------------------------------------- the run
@@ -182,13 +195,16 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
     """
     if attach_fn is not None and (resume or cfg.method == FULL):
         raise ConfigError("attach_fn runs cannot resume and need an adapter method's config")
-    check_harness(cfg.task)  # before any loading or training: a missing package stops the run now
+    if resume and overwrite:
+        raise ConfigError(f"--resume and --overwrite contradict each other: --resume continues the run in "
+                          f"{cfg.output} from its last checkpoint, --overwrite deletes it and starts again; pass one")
+    check_harness(cfg.task, cfg.quantize)  # before any loading or training: a missing package stops the run now
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run = _open_run(cfg, resume, overwrite, log)
     run.progress = show_progress
     if resume and run.ckpt is None and (run.out / "metrics.json").is_file():
         run.say(f"{run.out} holds a finished run; nothing to resume (pass --overwrite to run it again)")
-        return json.loads((run.out / "metrics.json").read_text())
+        return read_run_json(run.out / "metrics.json")
     _read_data(run)
     _load_model(run)
     adapter = _set_up_adapter(run, attach_fn)
