@@ -17,8 +17,40 @@ from pathlib import Path
 
 import pytest
 
+from rankwise_harness.checkpoint import CKPT_DIR, RunError
+from rankwise_harness.config import ConfigError, RunConfig
 from rankwise_harness.data import DataError, get_task, load_task_data
+from rankwise_harness.train import finetune
 from test_harness_data import FORMATS, _folder
+from test_harness_train import _cfg, sst2, tiny_models  # noqa: F401  (module fixtures: a tiny BERT, 64 SST-2 rows)
+
+QUIET = dict(show_progress=False, log=lambda _m: None)
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def _crash_at(n: int):
+    def hook(step: int, _loss: float) -> None:
+        if step == n:
+            raise _Crash
+
+    return hook
+
+
+def _interrupted(cfg: RunConfig, at: int = 3) -> None:
+    """Run ``cfg`` until it crashes after step ``at`` (a checkpoint every 2 steps)."""
+    with pytest.raises(_Crash):
+        finetune(cfg, hook=_crash_at(at), **QUIET)
+    assert (Path(cfg.output) / CKPT_DIR / "LATEST").is_file()
+
+
+def _copy_data(src: str, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for f in Path(src).iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -40,3 +72,97 @@ def test_non_finite_scores_are_a_data_error_naming_file_and_line(tmp_path: Path,
     assert len(splits.train) == len(splits.dev) == 2
     assert [s.split(": score")[0].rsplit("/", 1)[-1] for s in splits.skipped] == [f"{split}:4"]
     assert all(abs(e.label) < 6 for e in splits.train + splits.dev)
+
+
+# ---------------------------------------------------------------------------- 10. --resume on other data
+def _flip_labels(line: str) -> str:
+    text, _, label = line.rpartition("\t")
+    return f"{text}\t{1 - int(label)}"
+
+
+@pytest.mark.parametrize("change", ["every-label-flipped", "one-text-edited", "a-row-appended", "dev-edited"])
+def test_resume_on_other_data_is_refused_naming_the_file(tmp_path: Path, tiny_models: dict[str, str], sst2: str,
+                                                         change: str) -> None:
+    """The run records a SHA-256 of the examples each split uses (``config.json``: ``data_fingerprint``); a
+    ``--resume`` whose data gives other examples (the review's every-label flip, one edited text, a row added
+    within ``--max-train``, an edited dev file) is refused before any model loads, naming the file. Put back,
+    the data resumes and the run ends as an uninterrupted one."""
+    data = _copy_data(sst2, tmp_path / "data")
+    cfg = _cfg(tmp_path, tiny_models, str(data), max_steps=6, save_every=2, max_train=48)
+    whole = finetune(_cfg(tmp_path / "whole", tiny_models, str(data), max_steps=6, save_every=2, max_train=48), **QUIET)
+    _interrupted(cfg)
+    recorded = json.loads((Path(cfg.output) / "config.json").read_text())["data_fingerprint"]
+    assert recorded["train"]["examples"] == 48 and recorded["train"]["file"].endswith("train.tsv")
+    file = "dev.tsv" if change == "dev-edited" else "train.tsv"
+    original = (data / file).read_text()
+    head, *rows = original.splitlines()
+    if change == "every-label-flipped":
+        rows = [_flip_labels(r) for r in rows]
+    elif change == "a-row-appended":
+        rows = rows[:40] + ["an inserted row\t1"] + rows[40:]
+    else:
+        rows[5] = rows[5].replace(rows[5].split("\t")[0], "a different text")
+    (data / file).write_text("\n".join([head, *rows]) + "\n")
+    split = "dev" if file == "dev.tsv" else "train"
+    with pytest.raises(RunError, match=rf"--resume: the {split} data changed since this run started: .*{file} now gives"):
+        finetune(cfg, resume=True, **QUIET)
+    (data / file).write_text(original)
+    resumed = finetune(cfg, resume=True, **QUIET)
+    assert resumed["losses"] == whole["losses"] and resumed["metrics"] == whole["metrics"]
+
+
+# ---------------------------------------------------------------------------- 17. conflicting and equivalent flags
+def test_resume_and_overwrite_together_are_one_clear_error(tmp_path: Path, tiny_models: dict[str, str], sst2: str) -> None:
+    """``--resume --overwrite`` on a finished run (the review's case: it printed "nothing to resume (pass
+    --overwrite)" and exited 0) and on an interrupted one: ``ConfigError`` naming both flags, nothing touched."""
+    finished = _cfg(tmp_path / "finished", tiny_models, sst2, max_steps=2)
+    finetune(finished, **QUIET)
+    interrupted = _cfg(tmp_path / "interrupted", tiny_models, sst2, max_steps=6, save_every=2)
+    _interrupted(interrupted)
+    for cfg in (finished, interrupted):
+        before = {p: p.read_bytes() for p in Path(cfg.output).rglob("*") if p.is_file()}
+        with pytest.raises(ConfigError, match="--resume and --overwrite contradict each other.*pass one"):
+            finetune(cfg, resume=True, overwrite=True, **QUIET)
+        assert {p: p.read_bytes() for p in Path(cfg.output).rglob("*") if p.is_file()} == before
+
+
+def test_equivalent_spellings_compare_equal_and_real_differences_are_named(tmp_path: Path) -> None:
+    """``RunConfig.identity`` (what ``--resume`` and ``compare`` compare) is one spelling per setting: the default
+    model, ``minilm`` and the packaged MiniLM's folder; ``--r 8`` / ``--alpha 16`` / ``--set r=8`` and the
+    method's defaults; ``--targets all-linear`` and none; the default pooling spelled out; the task's default
+    template and label words; a data folder by a relative or absolute path or a symlink. A real difference
+    still differs, named by field."""
+    from rankwise_harness.models import minilm_path
+    from rankwise_harness.train import _settings_diff
+    from rankwise_harness.verbalize import DEFAULT_VERBALIZERS
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (tmp_path / "link").symlink_to(data)
+    base = RunConfig(task="sst2", data=str(data)).identity()
+    v = DEFAULT_VERBALIZERS["sst2"]
+    same = [dict(model="minilm"), dict(model=minilm_path()), dict(model=minilm_path() + "/"), dict(r=8), dict(alpha=16),
+            dict(overrides={"r": "8", "alpha": "16.0"}), dict(targets=("all-linear",)), dict(pooling="mean"),
+            dict(template=v.template, label_words=v.label_words), dict(data=str(tmp_path / "link")),
+            dict(data=os.path.relpath(data))]
+    for kw in same:
+        kw.setdefault("data", str(data))
+        assert RunConfig(task="sst2", **kw).identity() == base, kw
+    different = {"method_config.r": dict(r=4), "method_config.target_modules": dict(targets=("query",)),
+                 "pooling": dict(pooling="cls"), "model": dict(model=str(tmp_path)), "lr": dict(lr=1e-4)}
+    for field, kw in different.items():
+        diff = _settings_diff(base, RunConfig(task="sst2", data=str(data), **kw).identity())
+        assert diff == ([field, "pooling"] if field == "model" else [field]), field  # another model: its own pooling
+
+
+def test_resume_with_the_default_model_spelled_out(tmp_path: Path, tiny_models: dict[str, str], sst2: str) -> None:
+    """End to end: a run started with the model's folder and default targets resumes when the same model is
+    spelled through a symlink and the targets as ``all-linear``, and ends as the uninterrupted run."""
+    cfg = _cfg(tmp_path, tiny_models, sst2, max_steps=6, save_every=2)
+    whole = finetune(_cfg(tmp_path / "whole", tiny_models, sst2, max_steps=6, save_every=2), **QUIET)
+    _interrupted(cfg)
+    (tmp_path / "model-link").symlink_to(tiny_models["bert"])
+    respelled = RunConfig(**{**cfg.to_dict(), "model": str(tmp_path / "model-link"), "targets": ("all-linear",),
+                             "r": None, "overrides": {"r": "4"}})
+    resumed = finetune(respelled, resume=True, **QUIET)
+    assert resumed["losses"] == whole["losses"] and resumed["metrics"] == whole["metrics"]

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import bz2
 import csv
+import hashlib
 import importlib.util
+import json
 import random
 import sys
 from collections.abc import Iterator
@@ -103,6 +105,19 @@ class Splits:
     dev: list[Example]
     source: str
     skipped: list[str] = field(default_factory=list)  # "file:line: why" for rows skipped on request
+    files: dict[str, str] = field(default_factory=dict)  # "train" / "dev" -> the file read, when read from one
+
+    def file_of(self, split: str) -> str:
+        """The file a split's examples came from (``val`` is held out of train), else the source."""
+        return self.files.get("train" if split == "val" else split, self.source)
+
+
+def fingerprint(rows: list[Example]) -> str:
+    """SHA-256 of examples (every text, pair, label and target, in order): equal only for the same data."""
+    h = hashlib.sha256()
+    for e in rows:
+        h.update(json.dumps([e.text, e.text_pair, e.label, e.target]).encode() + b"\n")
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------- GLUE TSV
@@ -312,7 +327,8 @@ def load_task_data(task: Task, data: str | None, skip_bad_rows: bool = False) ->
     if task.kind == "generation":
         dev = folder / "test.jsonl" if (folder / "test.jsonl").is_file() else folder / "dev.jsonl"
         train = read_gsm8k_jsonl(folder / "train.jsonl", skip_bad_rows, skipped)
-        return Splits(train, read_gsm8k_jsonl(dev, skip_bad_rows, skipped), str(folder), skipped)
+        return Splits(train, read_gsm8k_jsonl(dev, skip_bad_rows, skipped), str(folder), skipped,
+                      {"train": str(folder / "train.jsonl"), "dev": str(dev)})
     train = read_glue_tsv(task, folder / "train.tsv", skip_bad_rows, skipped)
     dev = read_glue_tsv(task, _dev_path(task, folder), skip_bad_rows, skipped)
-    return Splits(train, dev, str(folder), skipped)
+    return Splits(train, dev, str(folder), skipped, {"train": str(folder / "train.tsv"), "dev": str(_dev_path(task, folder))})

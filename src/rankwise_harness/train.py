@@ -33,7 +33,7 @@ from .metrics import majority_class
 from .checkpoint import (CKPT_DIR, Checkpoint, RunError, TrainerState, frozen_digests, latest_checkpoint, model_tensors,
                          read_checkpoint, read_run_json, restore_model, write_checkpoint)
 from .config import FULL, RUN_MARKER, ConfigError, RunConfig, build_method_config, target_spec
-from .data import Example, Splits, Task, get_task, load_task_data
+from .data import Example, Splits, Task, fingerprint, get_task, load_task_data
 from .deps import can_plot, check_harness
 from .heads import head_parameters, install_head, resolve_pooling, with_head_group
 from .models import head_modules, load_model, resolve_model_name
@@ -206,6 +206,8 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
         run.say(f"{run.out} holds a finished run; nothing to resume (pass --overwrite to run it again)")
         return read_run_json(run.out / "metrics.json")
     _read_data(run)
+    if run.saved is not None:
+        _check_same_data(run)
     _load_model(run)
     adapter = _set_up_adapter(run, attach_fn)
     training = _set_up_training(run, adapter, attach_fn, hook)
@@ -348,6 +350,28 @@ def _read_data(run: _Run) -> None:
             raise ConfigError(str(exc)) from None
 
 
+def _data_fingerprint(run: _Run) -> dict[str, Any]:
+    """Per split the run uses: how many examples, their SHA-256 (:func:`data.fingerprint`) and the file read."""
+    return {split: {"examples": len(rows), "sha256": fingerprint(rows), "file": run.splits.file_of(split)}
+            for split, rows in (("train", run.train), ("dev", run.dev), ("val", run.val))}
+
+
+def _check_same_data(run: _Run) -> None:
+    """``--resume`` on the data the run started with: every split's fingerprint equals the one ``config.json``
+    recorded (runs from before fingerprints were recorded are not checked)."""
+    recorded = read_run_json(run.out / "config.json").get("data_fingerprint")
+    if not isinstance(recorded, dict):
+        run.say(f"note: {run.out}/config.json records no data fingerprint (an older rankwise); the data is not checked")
+        return
+    for split, now in _data_fingerprint(run).items():
+        then = recorded.get(split)
+        if not isinstance(then, dict) or then.get("sha256") != now["sha256"]:
+            was = f"{then.get('examples')} examples, sha256 {str(then.get('sha256'))[:12]}" if isinstance(then, dict) else "none"
+            raise RunError(f"--resume: the {split} data changed since this run started: {now['file']} now gives "
+                           f"{now['examples']} examples, sha256 {now['sha256'][:12]} (recorded in {run.out}/config.json: "
+                           f"{was}); resume on the data the run started with, or start again with --overwrite")
+
+
 def _load_model(run: _Run) -> None:
     """The base model (seeded), with label words or a task head, on the run's device; its encoder."""
     from accelerate.utils import set_seed
@@ -477,8 +501,8 @@ def _write_config(run: _Run, training: _Training) -> None:
     resolved = {"format": RUN_MARKER, "run": run.cfg.to_dict(), "model_path": run.model_name,
                 "method_config": training.adapter.method_config, "total_steps": training.total_steps,
                 "train_examples": len(run.train), "dev_examples": len(run.dev), "val_examples": len(run.val),
-                "data_source": run.splits.source, "num_processes": run.world, "mixed_precision": run.mp,
-                "model_class": run.model_class, "head": run.cfg.head, "pooling": run.pooling,
+                "data_source": run.splits.source, "data_fingerprint": _data_fingerprint(run), "num_processes": run.world,
+                "mixed_precision": run.mp, "model_class": run.model_class, "head": run.cfg.head, "pooling": run.pooling,
                 "label_words": run.label_words.to_dict() if run.label_words is not None else None}
     if run.accelerator.is_main_process:
         run.out.mkdir(parents=True, exist_ok=True)
