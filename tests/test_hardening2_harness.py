@@ -166,3 +166,92 @@ def test_resume_with_the_default_model_spelled_out(tmp_path: Path, tiny_models: 
                              "r": None, "overrides": {"r": "4"}})
     resumed = finetune(respelled, resume=True, **QUIET)
     assert resumed["losses"] == whole["losses"] and resumed["metrics"] == whole["metrics"]
+
+
+# ---------------------------------------------------------------------------- 2. one live run per folder
+# the real CLI; a patched rankwise.step waits after step 1 until the file GATE exists (a run that lasts as long
+# as the test needs) and SIGKILLs the process after step KILL_AT
+_CHILD = """
+import os, signal, sys, time
+import rankwise
+from rankwise_harness import cli
+kill_at, gate = int(os.environ.get("KILL_AT", "0")), os.environ.get("GATE")
+real_step, calls = rankwise.step, [0]
+def step(model, optimizer=None, **kw):
+    real_step(model, optimizer, **kw)
+    calls[0] += 1
+    while gate and not os.path.exists(gate):
+        time.sleep(0.05)
+    if calls[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+rankwise.step = step
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _cli(args: list[str], **env: str) -> subprocess.Popen:
+    full = dict(os.environ, PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1", **env)
+    return subprocess.Popen([sys.executable, "-c", _CHILD, *args], env=full, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _run_args(tiny_models: dict[str, str], sst2: str, out: Path, steps: int = 6) -> list[str]:
+    return ["finetune", "--task", "sst2", "--data", sst2, "--model", tiny_models["bert"], "--max-steps", str(steps),
+            "--save-every", "2", "--batch-size", "8", "--max-length", "32", "--r", "4", "--lr", "5e-3", "--no-progress",
+            "--output", str(out)]
+
+
+def test_two_runs_on_one_output_second_refused_at_once(tmp_path: Path, tiny_models: dict[str, str], sst2: str) -> None:
+    """The review's case: two ``rankwise finetune`` processes started together on one ``--output``. Exactly one
+    runs (exit 0, every output, checkpoints all its own); the other exits 2 while the first is still
+    training, with one line naming the owner's PID and host; no lock file is left. The same for a second run
+    with ``--resume`` or ``--overwrite`` against a live one: refused, nothing deleted."""
+    import socket
+
+    out, gate = tmp_path / "run", tmp_path / "gate"
+    args = _run_args(tiny_models, sst2, out, steps=6)
+    procs = [_cli(args, GATE=str(gate)), _cli(args, GATE=str(gate))]
+    loser = None
+    while loser is None:  # the refused one ends first, while the owner trains
+        loser = next((p for p in procs if p.poll() is not None), None)
+    winner = procs[1 - procs.index(loser)]
+    _, err = loser.communicate()
+    assert loser.returncode == 2 and winner.poll() is None, err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err, err
+    assert f"is in use by another rankwise run (pid {winner.pid} on host {socket.gethostname()}" in err, err
+    others = [_cli([*args, extra]) for extra in ("--resume", "--overwrite")]  # while the owner still runs
+    for other in others:
+        _, err2 = other.communicate(timeout=300)
+        assert other.returncode == 2 and f"pid {winner.pid}" in err2, err2
+    assert winner.poll() is None
+    gate.write_text("go")
+    _, err_w = winner.communicate(timeout=600)
+    assert winner.returncode == 0, err_w[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["steps_this_session"] == 6
+    assert (out / "adapter" / "adapter.safetensors").is_file() and not (out / ".rankwise-run.lock").exists()
+
+
+def test_stale_lock_of_a_killed_run_is_named_and_taken_over(tmp_path: Path, tiny_models: dict[str, str], sst2: str) -> None:
+    """``kill -9`` leaves the lock file (its ``flock`` dies with the process): ``--resume`` names the dead owner's
+    PID, takes the folder over and finishes; a lock file from another host is refused with the command that
+    removes it, and after that command the run resumes."""
+    out = tmp_path / "run"
+    args = _run_args(tiny_models, sst2, out)
+    killed = _cli(args, KILL_AT="3")
+    killed.communicate(timeout=600)
+    assert killed.returncode == -9
+    lock = out / ".rankwise-run.lock"
+    assert json.loads(lock.read_text())["pid"] == killed.pid
+    record = lock.read_text()
+    lock.write_text(record.replace(json.loads(record)["host"], "elsewhere.example"))
+    refused = _cli([*args, "--resume"])
+    _, err = refused.communicate(timeout=300)
+    assert refused.returncode == 2 and f"locked by a run on another host (pid {killed.pid} on host elsewhere.example" in err
+    assert f"remove the lock (rm {lock})" in err and lock.is_file()
+    lock.write_text(record)
+    resumed = _cli([*args, "--resume"])
+    out_text, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-2000:]
+    assert f"was left by pid {killed.pid} on this host" in out_text and "taking the folder over" in out_text
+    assert json.loads((out / "metrics.json").read_text())["steps_this_session"] == 4 and not lock.exists()

@@ -38,6 +38,7 @@ from .deps import can_plot, check_harness
 from .heads import head_parameters, install_head, resolve_pooling, with_head_group
 from .models import head_modules, load_model, resolve_model_name
 from .progress import Progress, TrackedBatches
+from .runlock import LOCK_NAME, RunLock, acquire
 from .selection import best_and_last, evals_since_best, sample_rows, split_validation
 from .verbalize import LabelWords, label_word_setup
 
@@ -103,7 +104,7 @@ def prepare_output(cfg: RunConfig, resume: bool, overwrite: bool, delete: bool =
         raise RunError(f"--output {out} exists and is not a folder")
     config_file = out / "config.json"
     has_run = config_file.is_file()
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
         if not has_run:
             raise RunError(f"--output {out} is not empty and holds no rankwise run; refusing to write into it")
         previous = read_run_json(config_file)
@@ -120,8 +121,10 @@ def prepare_output(cfg: RunConfig, resume: bool, overwrite: bool, delete: bool =
                            f"{previous.get('run', {}).get('task')}); pass --overwrite to replace it or --resume to continue it")
         if previous.get("format") != RUN_MARKER:
             raise RunError(f"--output {out} has a config.json that rankwise did not write; refusing to delete it")
-        if delete:
-            shutil.rmtree(out)
+        if delete:  # everything but the lock this run holds
+            for child in out.iterdir():
+                if child.name != LOCK_NAME:
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     return None
 
 
@@ -202,18 +205,22 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run = _open_run(cfg, resume, overwrite, log)
     run.progress = show_progress
-    if resume and run.ckpt is None and (run.out / "metrics.json").is_file():
-        run.say(f"{run.out} holds a finished run; nothing to resume (pass --overwrite to run it again)")
-        return read_run_json(run.out / "metrics.json")
-    _read_data(run)
-    if run.saved is not None:
-        _check_same_data(run)
-    _load_model(run)
-    adapter = _set_up_adapter(run, attach_fn)
-    training = _set_up_training(run, adapter, attach_fn, hook)
-    loop = _restore_or_start(run, training)
-    _train(run, training, loop, show_progress)
-    return _finish(run, training, loop, attach_fn)
+    try:
+        if resume and run.ckpt is None and (run.out / "metrics.json").is_file():
+            run.say(f"{run.out} holds a finished run; nothing to resume (pass --overwrite to run it again)")
+            return read_run_json(run.out / "metrics.json")
+        _read_data(run)
+        if run.saved is not None:
+            _check_same_data(run)
+        _load_model(run)
+        adapter = _set_up_adapter(run, attach_fn)
+        training = _set_up_training(run, adapter, attach_fn, hook)
+        loop = _restore_or_start(run, training)
+        _train(run, training, loop, show_progress)
+        return _finish(run, training, loop, attach_fn)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
 
 
 # ---------------------------------------------------------------------------- the run's stages
@@ -232,6 +239,7 @@ class _Run:
     label_words: LabelWords | None
     ckpt: Path | None
     saved: Checkpoint | None  # the checkpoint to resume from, read once
+    lock: RunLock | None  # the output folder's lock (main process)
     splits: Splits | None = None
     train: list[Example] = field(default_factory=list)
     dev: list[Example] = field(default_factory=list)
@@ -325,11 +333,19 @@ def _open_run(cfg: RunConfig, resume: bool, overwrite: bool, log: Callable[[str]
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(mixed_precision=mp, cpu=multi_cpu)
     say = log if accelerator.is_main_process else (lambda _msg: None)
-    # every process checks (so all stop on a bad folder); only the main one deletes
-    ckpt = prepare_output(cfg, resume, overwrite, delete=accelerator.is_main_process)
-    saved = read_checkpoint(ckpt, accelerator.process_index) if ckpt else None  # read once
+    # every process checks (so all stop on a bad folder); a foreign folder is refused before a lock file is made
+    # in it; the main process then owns the folder (a live run there refuses this one) and only it deletes
+    prepare_output(cfg, resume, overwrite, delete=False)
+    lock = acquire(Path(cfg.output), say) if accelerator.is_main_process else None
+    try:
+        ckpt = prepare_output(cfg, resume, overwrite, delete=accelerator.is_main_process)
+        saved = read_checkpoint(ckpt, accelerator.process_index) if ckpt else None  # read once
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     accelerator.wait_for_everyone()
-    return _Run(cfg, accelerator, say, Path(cfg.output), mp, plots, task, model_name, label_words, ckpt, saved)
+    return _Run(cfg, accelerator, say, Path(cfg.output), mp, plots, task, model_name, label_words, ckpt, saved, lock)
 
 
 def _read_data(run: _Run) -> None:
