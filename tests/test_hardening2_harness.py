@@ -255,3 +255,73 @@ def test_stale_lock_of_a_killed_run_is_named_and_taken_over(tmp_path: Path, tiny
     assert resumed.returncode == 0, err[-2000:]
     assert f"was left by pid {killed.pid} on this host" in out_text and "taking the folder over" in out_text
     assert json.loads((out / "metrics.json").read_text())["steps_this_session"] == 4 and not lock.exists()
+
+
+# ---------------------------------------------------------------------------- 3. compare --output
+def _compare_args(tiny_models: dict[str, str], sst2: str, out: Path) -> list[str]:
+    return ["compare", "--methods", "lora", "--task", "sst2", "--data", sst2, "--model", tiny_models["bert"],
+            "--seeds", "0", "--max-steps", "2", "--batch-size", "8", "--max-length", "32", "--r", "2", "--no-progress",
+            "--output", str(out)]
+
+
+def _bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_compare_never_overwrites_a_users_tables(tmp_path: Path, tiny_models: dict[str, str], sst2: str) -> None:
+    """The review's case, as a real process: ``rankwise compare --output DIR`` where DIR holds the user's own
+    ``compare.csv`` / ``compare.md``: exit 2, one line naming them and ``--overwrite``; every byte unchanged."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "compare.csv").write_text("method,accuracy\nmy-model,0.93\n")
+    (out / "compare.md").write_text("# my notes\n")
+    before = _bytes(out)
+    proc = subprocess.run([sys.executable, "-m", "rankwise_harness.cli", *_compare_args(tiny_models, sst2, out)],
+                          env=dict(os.environ, PYTHONPATH=str(SRC)), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "holds compare.csv, compare.md that rankwise did not write" in proc.stderr and "--overwrite" in proc.stderr
+    assert _bytes(out) == before
+
+
+@pytest.mark.parametrize("holds", ["foreign-file", "foreign-folder", "tables-only", "a-file-path"])
+def test_compare_refuses_every_foreign_output(tmp_path: Path, holds: str) -> None:
+    """The class: anything but a comparison's own files (its tables, ``compare.json``, ``<method>-seed<N>`` run
+    folders) is refused, with or without ``--overwrite``; unmarked tables without rankwise runs beside them need
+    ``--overwrite``. Refused before any run starts; nothing changed."""
+    from rankwise_harness.compare import check_compare_output
+
+    out = tmp_path / "out"
+    if holds == "a-file-path":
+        out.write_text("x")
+    else:
+        out.mkdir()
+        (out / "compare.md").write_text("mine")
+        if holds == "foreign-file":
+            (out / "results.txt").write_text("mine")
+        elif holds == "foreign-folder":
+            (out / "checkpoints").mkdir()
+    want = {"foreign-file": "results.txt", "foreign-folder": "checkpoints", "tables-only": "rankwise did not write",
+            "a-file-path": "is not a folder"}[holds]
+    with pytest.raises(RunError, match=want):
+        check_compare_output(out, overwrite=False)
+    if holds == "tables-only":
+        check_compare_output(out, overwrite=True)
+    else:
+        with pytest.raises(RunError, match=want):
+            check_compare_output(out, overwrite=True)
+
+
+def test_compare_reuses_its_own_folder(tmp_path: Path, tiny_models: dict[str, str], sst2: str) -> None:
+    """A comparison's own folder (marked by ``compare.json``; or an older one, unmarked but with its rankwise
+    runs) is continued: finished runs reused, tables rewritten, no lock left behind."""
+    from rankwise_harness import cli
+
+    out = tmp_path / "cmp"
+    args = _compare_args(tiny_models, sst2, out)
+    assert cli.main(args) == 0
+    assert json.loads((out / "compare.json").read_text())["format"] == "rankwise-compare/1"
+    (out / "compare.json").unlink()  # as an older rankwise left it
+    stamp = (out / "lora-seed0" / "metrics.json").stat().st_mtime_ns
+    assert cli.main(args) == 0
+    assert (out / "lora-seed0" / "metrics.json").stat().st_mtime_ns == stamp
+    assert (out / "compare.json").is_file() and not (out / ".rankwise-run.lock").exists()

@@ -2,21 +2,37 @@
 
 Each run writes its own folder ``<output>/<method>-seed<seed>``; a finished run (``metrics.json``
 present with the same settings) is reused, so an interrupted comparison picks up where it stopped.
+
+``<output>`` is refused when it holds anything but a comparison (files that are not its tables, run
+folders and ``compare.json`` marker), and its tables are replaced only when they are rankwise's (marked
+by ``compare.json``, or beside rankwise runs) or ``--overwrite`` says so. A comparison holds the
+folder's lock while it runs (``runlock.py``), as each of its runs holds its own.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import io
+import json
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .checkpoint import read_run_json
-from .config import RunConfig, check_method
+from rankwise.adapter_file import atomic_write_bytes
+
+from .checkpoint import RunError, read_run_json
+from .config import RUN_MARKER, RunConfig, check_method
 from .deps import can_plot
+from .runlock import LOCK_NAME, acquire
 from .train import finetune
+
+COMPARE_MARKER = "rankwise-compare/1"
+MARKER_FILE = "compare.json"
+TABLES = ("compare.md", "compare.csv", "compare.png")
+_RUN_FOLDER = re.compile(r".+-seed\d+")
 
 
 def run_folder(output: Path, method: str, seed: int) -> Path:
@@ -31,6 +47,32 @@ def _finished(folder: Path, cfg: RunConfig) -> dict[str, Any] | None:
     return read_run_json(metrics) if old == cfg.identity() else None
 
 
+def _is_run(folder: Path) -> bool:
+    try:
+        return folder.is_dir() and read_run_json(folder / "config.json").get("format") == RUN_MARKER
+    except (RunError, AttributeError):
+        return False
+
+
+def check_compare_output(output: Path, overwrite: bool) -> None:
+    """Refuse ``output`` when it holds anything but a comparison, or tables rankwise cannot tell are its own
+    (no ``compare.json`` and no rankwise run beside them) without ``overwrite``; :class:`RunError` names them."""
+    if output.exists() and not output.is_dir():
+        raise RunError(f"--output {output} exists and is not a folder")
+    held = sorted(p for p in output.iterdir() if p.name != LOCK_NAME) if output.is_dir() else []
+    foreign = [p.name for p in held if p.name not in (*TABLES, MARKER_FILE)
+               and not (p.is_dir() and _RUN_FOLDER.fullmatch(p.name))]
+    if foreign:
+        raise RunError(f"--output {output} holds files that are not a rankwise comparison ({', '.join(foreign[:6])}"
+                       f"{', ...' if len(foreign) > 6 else ''}); refusing to write into it: choose another --output")
+    marker = output / MARKER_FILE
+    ours = (marker.is_file() and isinstance(m := read_run_json(marker), dict) and m.get("format") == COMPARE_MARKER)
+    tables = [p.name for p in held if p.name in TABLES]
+    if tables and not ours and not overwrite and not any(_is_run(p) for p in held if p.is_dir()):
+        raise RunError(f"--output {output} holds {', '.join(tables)} that rankwise did not write (no {MARKER_FILE}, no "
+                       "rankwise run beside them); pass --overwrite to replace them, or choose another --output")
+
+
 def compare(base: RunConfig, methods: list[str], seeds: list[int], output: Path, *, lr: float | None = None,
             overwrite: bool = False, show_progress: bool = True, log: Any = print) -> list[dict[str, Any]]:
     """Run every (method, seed); write ``compare.md``, ``compare.csv``, ``compare.png`` in ``output``.
@@ -39,6 +81,18 @@ def compare(base: RunConfig, methods: list[str], seeds: list[int], output: Path,
     """
     for m in methods:
         check_method(m)
+    check_compare_output(output, overwrite)
+    lock = acquire(output, log)
+    try:
+        atomic_write_bytes(output / MARKER_FILE, (json.dumps({"format": COMPARE_MARKER, "task": base.task,
+                                                              "methods": methods, "seeds": seeds}) + "\n").encode())
+        return _compare(base, methods, seeds, output, lr, overwrite, show_progress, log)
+    finally:
+        lock.release()
+
+
+def _compare(base: RunConfig, methods: list[str], seeds: list[int], output: Path, lr: float | None, overwrite: bool,
+             show_progress: bool, log: Any) -> list[dict[str, Any]]:
     results = []
     for method in methods:
         for seed in seeds:
@@ -146,13 +200,14 @@ def write_tables(rows: list[dict[str, Any]], output: Path, base_rows: list[dict[
                      "scores no better than that on the headline metric.")
     notes.append("step (ms): wall-clock time per optimizer step while the run ran; other load on the machine "
                  "inflates it, so compare step times only between runs made under the same load.")
-    (output / "compare.md").write_text("\n".join(lines + notes) + "\n")
+    atomic_write_bytes(output / "compare.md", ("\n".join(lines + notes) + "\n").encode())
     fields = ["kind", "method", *[f"{m}_{s}" for m in metric_names for s in ("mean", "std")], "trainable_params",
               "step_ms", "init_seconds", "peak_memory_mb", "seeds"]
-    with (output / "compare.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows([{"kind": "method", **r} for r in rows] + [{"kind": "baseline", **b} for b in base_rows])
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows([{"kind": "method", **r} for r in rows] + [{"kind": "baseline", **b} for b in base_rows])
+    atomic_write_bytes(output / "compare.csv", buf.getvalue().encode())
 
 
 def plot_compare(rows: list[dict[str, Any]], path: Path, task: str, base_rows: list[dict[str, Any]] | None = None) -> None:
