@@ -182,6 +182,9 @@ def step(model, optimizer=None, **kw):
     calls[0] += 1
     while gate and not os.path.exists(gate):
         time.sleep(0.05)
+    if calls[0] == int(os.environ.get("PAUSE_AT", "0")):  # say so, then wait for a signal
+        open(os.environ["READY"], "w").close()
+        time.sleep(600)
     if calls[0] == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
 rankwise.step = step
@@ -325,3 +328,44 @@ def test_compare_reuses_its_own_folder(tmp_path: Path, tiny_models: dict[str, st
     assert cli.main(args) == 0
     assert (out / "lora-seed0" / "metrics.json").stat().st_mtime_ns == stamp
     assert (out / "compare.json").is_file() and not (out / ".rankwise-run.lock").exists()
+
+
+# ---------------------------------------------------------------------------- 19. Ctrl-C
+@pytest.mark.parametrize("checkpointed", [True, False])
+def test_ctrl_c_is_one_line_with_the_command_that_resumes(tmp_path: Path, tiny_models: dict[str, str], sst2: str,
+                                                          checkpointed: bool) -> None:
+    """SIGINT to a real ``rankwise finetune`` in step 3 of 6: exit 130 and one line (no traceback) naming the step,
+    the checkpoint kept and the command that resumes; that command, run as printed, finishes the run (4 steps
+    this session). Without checkpoints the line says none was written and gives the command that starts
+    over. The folder's lock is released either way."""
+    import shlex
+    import signal
+    import time
+
+    out, ready = tmp_path / "run", tmp_path / "ready"
+    args = _run_args(tiny_models, sst2, out)
+    if not checkpointed:
+        args[args.index("--save-every") + 1] = "0"
+    proc = _cli([*args, "--overwrite"], PAUSE_AT="3", READY=str(ready))
+    deadline = time.time() + 600
+    while not ready.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("rankwise: interrupted at step 3 of 6 (2 done); "), lines[0]
+    assert not (out / ".rankwise-run.lock").exists()
+    if not checkpointed:
+        assert "no checkpoint was written" in lines[0] and lines[0].split("; ")[-1].startswith("start again with: rankwise finetune")
+        assert lines[0].endswith("--overwrite") and "--resume" not in lines[0]
+        return
+    assert f"the last checkpoint (step-0000002) is kept in {out / CKPT_DIR}" in lines[0]
+    command = shlex.split(lines[0].split("resume with: ", 1)[1])
+    assert command[:2] == ["rankwise", "finetune"] and command[-1] == "--resume" and "--overwrite" not in command
+    resumed = _cli(command[1:])
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["steps_this_session"] == 4

@@ -43,6 +43,19 @@ class RunError(RuntimeError):
     """A run that cannot start (e.g. its output folder holds another run, or a damaged checkpoint)."""
 
 
+class RunInterrupted(RunError):
+    """Ctrl-C (SIGINT) during a run: where it stopped and the checkpoint kept; the command line adds how to resume."""
+
+    def __init__(self, out: Path, step: int | None, total: int | None, checkpoint: Path | None) -> None:
+        self.out, self.step, self.total, self.checkpoint = out, step, total, checkpoint
+        # ``step`` optimizer steps were done: Ctrl-C came during the next one, or in the finish after the last
+        where = ("before training started" if step is None or not total else
+                 f"at step {step + 1} of {total} ({step} done)" if step < total else f"after the last step ({total})")
+        kept = (f"the last checkpoint ({checkpoint.name}) is kept in {checkpoint.parent}" if checkpoint is not None
+                else "no checkpoint was written (pass --save-every N to make a run resumable)")
+        super().__init__(f"interrupted {where}; {kept}")
+
+
 def read_run_json(path: Path) -> Any:
     """A run folder's JSON file (``config.json``, ``metrics.json``); unreadable, not JSON or absurdly nested
     raises :class:`RunError` naming it."""

@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rankwise: error: {exc}", file=sys.stderr)
         return 2
 
+    from .checkpoint import RunInterrupted
     from .config import ConfigError
     from .data import DataError
     from .models import ModelError
@@ -197,10 +198,29 @@ def main(argv: list[str] | None = None) -> int:
             base = _run_config(args, args.methods[0], str(output))
             compare(base, args.methods, args.seeds, output, lr=args.lr, overwrite=args.overwrite,
                     show_progress=not args.no_progress)
+    except RunInterrupted as exc:
+        print(f"rankwise: {exc}; {_again(args.command, argv, exc.checkpoint is not None)}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"rankwise: interrupted; {_again(args.command, argv, False)}", file=sys.stderr)
+        return 130
     except (ConfigError, DataError, ModelError, RunError, MissingDependencyError) as exc:
         print(f"rankwise: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _again(command: str, argv: list[str], resumable: bool) -> str:
+    """After Ctrl-C: the command that continues (``finetune`` from its checkpoint with ``--resume``;
+    ``compare`` continues its unfinished runs by itself), or that starts over."""
+    import shlex
+
+    again = [a for a in argv if a not in ("--overwrite", "--resume")]
+    if command == "finetune":
+        again.append("--resume" if resumable else "--overwrite")
+    verb = ("resume with" if resumable or command == "compare" else "start again with" if command == "finetune"
+            else "run again with")
+    return f"{verb}: rankwise {shlex.join(again)}"
 
 
 def _list_methods() -> int:

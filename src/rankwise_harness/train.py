@@ -30,7 +30,7 @@ import rankwise
 from .batches import Encoder, micro_batch_indices, random_batches, to_device
 from .evaluation import evaluate
 from .metrics import majority_class
-from .checkpoint import (CKPT_DIR, Checkpoint, RunError, TrainerState, frozen_digests, latest_checkpoint, model_tensors,
+from .checkpoint import (CKPT_DIR, Checkpoint, RunError, RunInterrupted, TrainerState, frozen_digests, latest_checkpoint, model_tensors,
                          read_checkpoint, read_run_json, restore_model, write_checkpoint)
 from .config import FULL, RUN_MARKER, ConfigError, RunConfig, build_method_config, target_spec
 from .data import Example, Splits, Task, fingerprint, get_task, load_task_data
@@ -205,6 +205,7 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run = _open_run(cfg, resume, overwrite, log)
     run.progress = show_progress
+    where: dict[str, Any] = {}  # the loop, once it exists: Ctrl-C names its step
     try:
         if resume and run.ckpt is None and (run.out / "metrics.json").is_file():
             run.say(f"{run.out} holds a finished run; nothing to resume (pass --overwrite to run it again)")
@@ -215,12 +216,24 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
         _load_model(run)
         adapter = _set_up_adapter(run, attach_fn)
         training = _set_up_training(run, adapter, attach_fn, hook)
-        loop = _restore_or_start(run, training)
+        loop = where["loop"] = _restore_or_start(run, training)
+        where["total"] = training.total_steps
         _train(run, training, loop, show_progress)
         return _finish(run, training, loop, attach_fn)
+    except KeyboardInterrupt:
+        loop = where.get("loop")
+        ckpt = _latest_or_none(run.out)
+        raise RunInterrupted(run.out, loop.step if loop else None, where.get("total"), ckpt) from None
     finally:
         if run.lock is not None:
             run.lock.release()
+
+
+def _latest_or_none(out: Path) -> Path | None:
+    try:
+        return latest_checkpoint(out)
+    except RunError:
+        return None
 
 
 # ---------------------------------------------------------------------------- the run's stages
