@@ -180,11 +180,12 @@ real_step, calls = rankwise.step, [0]
 def step(model, optimizer=None, **kw):
     real_step(model, optimizer, **kw)
     calls[0] += 1
-    while gate and not os.path.exists(gate):
+    while gate and not os.environ.get("PAUSE_AT") and not os.path.exists(gate):
         time.sleep(0.05)
-    if calls[0] == int(os.environ.get("PAUSE_AT", "0")):  # say so, then wait for a signal
+    if calls[0] == int(os.environ.get("PAUSE_AT", "0")):  # say so, then wait for GATE or a signal
         open(os.environ["READY"], "w").close()
-        time.sleep(600)
+        while not (gate and os.path.exists(gate)):
+            time.sleep(0.05)
     if calls[0] == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
 rankwise.step = step
@@ -369,3 +370,105 @@ def test_ctrl_c_is_one_line_with_the_command_that_resumes(tmp_path: Path, tiny_m
     assert resumed.returncode == 0, err[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 6 and metrics["steps_this_session"] == 4
+
+
+# ---------------------------------------------------------------------------- 13. disk full
+def _full_disk(monkeypatch: pytest.MonkeyPatch, when: dict[str, bool], only: str = "") -> None:
+    """From when["full"] on, every fsync of a file whose path contains ``only`` fails with ENOSPC, as a full
+    disk makes it (every harness and library write goes through write, fsync, rename)."""
+    import errno
+
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if when["full"] and only in path and not os.path.isdir(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return [str(p) for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "final-everything", "final-adapter-only"])
+def test_disk_full_is_one_error_keeps_everything_and_resume_finishes(tmp_path: Path, tiny_models: dict[str, str],
+                                                                     sst2: str, monkeypatch: pytest.MonkeyPatch,
+                                                                     where: str) -> None:
+    """ENOSPC while writing the step-4 checkpoint, or the final outputs (all of them, or only the adapter after
+    metrics.json fitted): one ``DiskFullError`` naming the folder, what it wrote, the space needed and what is
+    kept; no temp file left; the last good checkpoint intact; ``--resume`` after space is freed ends exactly as
+    the uninterrupted run."""
+    from rankwise_harness.checkpoint import DiskFullError, latest_checkpoint, read_checkpoint
+
+    whole = finetune(_cfg(tmp_path / "whole", tiny_models, sst2, max_steps=6, save_every=2), **QUIET)
+    cfg = _cfg(tmp_path, tiny_models, sst2, max_steps=6, save_every=2)
+    when = {"full": False}
+    _full_disk(monkeypatch, when, only="adapter.safetensors" if where == "final-adapter-only" else "")
+    full_after = 3 if where == "checkpoint" else 6
+
+    def hook(step: int, _loss: float) -> None:
+        when["full"] = when["full"] or step == full_after
+
+    out = Path(cfg.output)
+    want = (r"writing checkpoint step-0000004 needs about [\d.]+ MB \([\d.]+ MB free\); the previous checkpoint "
+            r"\(step-0000002\) is kept" if where == "checkpoint" else
+            r"writing the run's final outputs needs about [\d.]+ MB .*the last checkpoint \(step-0000004\) is kept")
+    with pytest.raises(DiskFullError, match=rf"no space left on device in {out}.*{want}.*--resume"):
+        finetune(cfg, hook=hook, **QUIET)
+    assert _leftovers(out) == [] and not (out / ".rankwise-run.lock").exists()
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None and ckpt.name == ("step-0000002" if where == "checkpoint" else "step-0000004")
+    read_checkpoint(ckpt, 0)  # intact
+    assert (out / "metrics.json").is_file() == (where == "final-adapter-only")
+    if where == "final-adapter-only":  # the metrics fitted: kept, and they are the run's
+        assert json.loads((out / "metrics.json").read_text())["metrics"] == whole["metrics"]
+    assert not (out / "adapter" / "adapter.safetensors").exists()
+    when["full"] = False  # space freed
+    resumed = finetune(cfg, resume=True, **QUIET)
+    assert resumed["losses"] == whole["losses"] and resumed["metrics"] == whole["metrics"]
+    assert not (out / CKPT_DIR).exists() and (out / "adapter" / "adapter.safetensors").is_file()
+
+
+def _tmpfs(folder: Path, size: str) -> bool:
+    folder.mkdir()
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True).returncode == 0
+
+
+def test_a_real_full_disk_gets_one_line_and_resume_finishes(tmp_path: Path, tiny_models: dict[str, str], sst2: str) -> None:
+    """A real full filesystem (a small tmpfs, filled by a ballast file after the step-2 checkpoint): the real
+    ``rankwise finetune`` exits 2 with one line naming the folder and the space needed; no temp file left, the
+    step-2 checkpoint intact; with the ballast removed the printed remedy (``--resume``) finishes the run.
+    Needs ``mount`` (root); skipped where it is not allowed."""
+    disk = tmp_path / "disk"
+    if not _tmpfs(disk, "4m"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        out, ready, gate = disk / "run", tmp_path / "ready", tmp_path / "gate"
+        args = _run_args(tiny_models, sst2, out)
+        proc = _cli(args, PAUSE_AT="3", READY=str(ready), GATE=str(gate))
+        while not ready.exists() and proc.poll() is None:
+            pass
+        with (disk / "ballast").open("wb", buffering=0) as fh:  # fill the disk
+            try:
+                while True:
+                    fh.write(b"\0" * 4096)
+            except OSError:
+                pass
+        gate.write_text("go")
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 2, err[-2000:]
+        assert err.strip().count("\n") == 0 and "Traceback" not in err, err
+        assert f"rankwise: error: no space left on device in {out / CKPT_DIR}: writing checkpoint step-0000004 needs about" in err
+        assert "the previous checkpoint (step-0000002) is kept" in err and "--resume" in err
+        assert _leftovers(out) == [] and (out / CKPT_DIR / "LATEST").read_text() == "step-0000002"
+        (disk / "ballast").unlink()
+        resumed = _cli([*args, "--resume"])
+        _, err = resumed.communicate(timeout=600)
+        assert resumed.returncode == 0, err[-2000:]
+        assert json.loads((out / "metrics.json").read_text())["steps_this_session"] == 4
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)

@@ -16,11 +16,14 @@ Only JSON and safetensors are read, never ``torch.load``: a run folder from some
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +57,51 @@ class RunInterrupted(RunError):
         kept = (f"the last checkpoint ({checkpoint.name}) is kept in {checkpoint.parent}" if checkpoint is not None
                 else "no checkpoint was written (pass --save-every N to make a run resumable)")
         super().__init__(f"interrupted {where}; {kept}")
+
+
+class DiskFullError(RunError):
+    """A write failed for lack of space (or quota); the message names the folder and the space needed."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is a full disk or quota: ``OSError`` ENOSPC / EDQUOT, or safetensors' wrapped IO error."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return any(s in text for s in ("No space left on device", "StorageFull", "Disk quota exceeded"))
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+@contextlib.contextmanager
+def disk_full_is_named(folder: Path, needed: int, what: str, then: str) -> Iterator[None]:
+    """Turn a full disk inside the block into one :class:`DiskFullError`: the folder, what was being written,
+    about how much space it needs (``needed`` bytes) and how much is free, and ``then`` (what is kept and how
+    to go on). Other errors pass through."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        try:
+            free = _mb(shutil.disk_usage(folder if folder.exists() else folder.parent).free)
+        except OSError:
+            free = "unknown"
+        raise DiskFullError(f"no space left on device in {folder}: {what} needs about {_mb(needed)} ({free} free); "
+                            f"{then}") from None
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in ``obj`` (nested dicts, lists, tuples): what writing it takes, roughly."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def read_run_json(path: Path) -> Any:
@@ -134,12 +182,13 @@ def decode(obj: Any, tensors: dict[str, torch.Tensor], where: str = "state") -> 
 
 def write_state(folder: Path, stem: str, state: dict[str, Any]) -> None:
     """``state`` as ``<stem>.json`` (plain values) + ``<stem>.safetensors`` (its tensors)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+    from rankwise.adapter_file import atomic_write_bytes
 
     tensors: dict[str, torch.Tensor] = {}
     doc = {"format": FORMAT, "state": encode(state, tensors, stem)}
-    save_file(tensors, str(folder / f"{stem}.safetensors"))
-    (folder / f"{stem}.json").write_text(json.dumps(doc) + "\n")
+    atomic_write_bytes(folder / f"{stem}.safetensors", save(tensors))
+    atomic_write_bytes(folder / f"{stem}.json", (json.dumps(doc) + "\n").encode())
 
 
 def read_state(folder: Path, stem: str) -> dict[str, Any]:
@@ -256,26 +305,38 @@ def model_tensors(model: nn.Module, frozen: dict[str, str] | None = None) -> dic
 def write_checkpoint(model: nn.Module, has_adapter: bool, accelerator: Any, optimizer: Any, scheduler: Any,
                      trainer: TrainerState, output: Path, frozen: dict[str, str] | None) -> None:
     """Write ``checkpoints/step-N`` in a temporary folder, rename it into place, then move the
-    ``LATEST`` pointer (an interrupted save leaves the previous checkpoint in force)."""
-    from safetensors.torch import save_file
+    ``LATEST`` pointer (an interrupted save leaves the previous checkpoint in force). A full disk removes
+    the temporary folder and raises :class:`DiskFullError` (the previous checkpoint stays in force)."""
+    from safetensors.torch import save
     from rankwise.adapter_file import atomic_write_bytes
 
     root = output / CKPT_DIR
     name = f"step-{trainer.step:07d}"
     tmp = root / f".{name}.tmp"
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
+    unwrapped = accelerator.unwrap_model(model)
+    tensors = model_tensors(unwrapped, frozen) if accelerator.is_main_process else {}
+    state = ({**asdict(trainer), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+             if accelerator.is_main_process else {})
+    needed = 2 * tensor_bytes(tensors) + tensor_bytes(state) + 2**20  # the adapter is within the trainable tensors
+    kept = (f"the previous checkpoint ({(root / LATEST).read_text().strip()}) is kept" if (root / LATEST).is_file()
+            else "no earlier checkpoint exists")
+    try:
+        with disk_full_is_named(root, needed, f"writing checkpoint {name}",
+                                f"{kept}: free space and run the same command with --resume"):
+            if accelerator.is_main_process:
+                root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+            accelerator.wait_for_everyone()
+            write_state(tmp, f"rng-{accelerator.process_index}", rng_state())
+            if accelerator.is_main_process:
+                if has_adapter:
+                    rankwise.save(unwrapped, tmp / "adapter")
+                atomic_write_bytes(tmp / MODEL_TENSORS, save(tensors))
+                write_state(tmp, "trainer", state)
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    accelerator.wait_for_everyone()
-    write_state(tmp, f"rng-{accelerator.process_index}", rng_state())
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        if has_adapter:
-            rankwise.save(unwrapped, tmp / "adapter")
-        save_file(model_tensors(unwrapped, frozen), str(tmp / MODEL_TENSORS))
-        write_state(tmp, "trainer", {**asdict(trainer), "optimizer": optimizer.state_dict(),
-                                     "scheduler": scheduler.state_dict()})
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = root / name

@@ -27,7 +27,7 @@ from .checkpoint import RunError, read_run_json
 from .config import RUN_MARKER, RunConfig, check_method
 from .deps import can_plot
 from .runlock import LOCK_NAME, acquire
-from .train import finetune
+from .train import finetune, finished, save_figure
 
 COMPARE_MARKER = "rankwise-compare/1"
 MARKER_FILE = "compare.json"
@@ -41,7 +41,7 @@ def run_folder(output: Path, method: str, seed: int) -> Path:
 
 def _finished(folder: Path, cfg: RunConfig) -> dict[str, Any] | None:
     metrics, config = folder / "metrics.json", folder / "config.json"
-    if not (metrics.is_file() and config.is_file()):
+    if not (finished(folder) and config.is_file()):
         return None
     old = RunConfig.from_dict(read_run_json(config).get("run", {})).identity()
     return read_run_json(metrics) if old == cfg.identity() else None
@@ -239,5 +239,4 @@ def plot_compare(rows: list[dict[str, Any]], path: Path, task: str, base_rows: l
     ax.set_title(f"{task}: {metric} vs trainable parameters")
     ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=9, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

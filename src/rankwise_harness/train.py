@@ -10,6 +10,7 @@ run does.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -30,7 +31,7 @@ import rankwise
 from .batches import Encoder, micro_batch_indices, random_batches, to_device
 from .evaluation import evaluate
 from .metrics import majority_class
-from .checkpoint import (CKPT_DIR, Checkpoint, RunError, RunInterrupted, TrainerState, frozen_digests, latest_checkpoint, model_tensors,
+from .checkpoint import (CKPT_DIR, Checkpoint, RunError, RunInterrupted, TrainerState, disk_full_is_named, tensor_bytes, frozen_digests, latest_checkpoint, model_tensors,
                          read_checkpoint, read_run_json, restore_model, write_checkpoint)
 from .config import FULL, RUN_MARKER, ConfigError, RunConfig, build_method_config, target_spec
 from .data import Example, Splits, Task, fingerprint, get_task, load_task_data
@@ -86,13 +87,21 @@ def warm_up_head(model: nn.Module, heads: tuple[str, ...], batches: Iterable[dic
 
 # ---------------------------------------------------------------------------- checkpoints (checkpoint.py)
 def save_trainable(model: nn.Module, method: str, folder: Path) -> None:
-    """The run's result: the adapter (``rankwise.save``), or for ``full`` the trained weights."""
-    from safetensors.torch import save_file
+    """The run's result: the adapter (``rankwise.save``), or for ``full`` the trained weights; atomically."""
+    from safetensors.torch import save
+    from rankwise.adapter_file import atomic_write_bytes
 
     if method == FULL:
-        save_file(model_tensors(model), str(folder / "model.safetensors"))
+        atomic_write_bytes(folder / "model.safetensors", save(model_tensors(model)))
     else:
         rankwise.save(model, folder / "adapter")
+
+
+def finished(out: Path) -> bool:
+    """Whether ``out`` holds a finished run: its metrics and its result written, its checkpoints gone (a finish
+    stopped by a full disk leaves them, so ``--resume`` finishes it)."""
+    result = (out / "adapter" / "adapter.safetensors").is_file() or (out / "model.safetensors").is_file()
+    return (out / "metrics.json").is_file() and result and not (out / CKPT_DIR / "LATEST").is_file()
 
 
 # ---------------------------------------------------------------------------- output folder
@@ -207,7 +216,7 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
     run.progress = show_progress
     where: dict[str, Any] = {}  # the loop, once it exists: Ctrl-C names its step
     try:
-        if resume and run.ckpt is None and (run.out / "metrics.json").is_file():
+        if resume and run.ckpt is None and finished(run.out):
             run.say(f"{run.out} holds a finished run; nothing to resume (pass --overwrite to run it again)")
             return read_run_json(run.out / "metrics.json")
         _read_data(run)
@@ -534,8 +543,13 @@ def _write_config(run: _Run, training: _Training) -> None:
                 "mixed_precision": run.mp, "model_class": run.model_class, "head": run.cfg.head, "pooling": run.pooling,
                 "label_words": run.label_words.to_dict() if run.label_words is not None else None}
     if run.accelerator.is_main_process:
-        run.out.mkdir(parents=True, exist_ok=True)
-        (run.out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
+        from rankwise.adapter_file import atomic_write_bytes
+
+        text = (json.dumps(resolved, indent=2) + "\n").encode()
+        with disk_full_is_named(run.out, len(text), "writing config.json", "nothing was trained yet: free space and "
+                                "run the same command again"):
+            run.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(run.out / "config.json", text)
 
 
 def _restore_or_start(run: _Run, training: _Training) -> _Loop:
@@ -645,19 +659,37 @@ def _finish(run: _Run, training: _Training, loop: _Loop, attach_fn: AttachFn | N
     loop.history.evals.append(_eval_entry(loop.step, loop.micro / run.per_epoch, final, run))
     result = _result(run, training, loop, final, train_seconds, (peak_mb, peak_kind), attach_fn)
     if run.accelerator.is_main_process:
-        out, cfg = run.out, run.cfg
+        _write_outputs(run, training, loop, result, records, attach_fn)
+        shutil.rmtree(run.out / CKPT_DIR, ignore_errors=True)  # only once every output is written
+        run.say(summary(result, run.out))
+    run.accelerator.wait_for_everyone()
+    return result
+
+
+def _write_outputs(run: _Run, training: _Training, loop: _Loop, result: dict[str, Any], records: list[dict[str, Any]],
+                   attach_fn: AttachFn | None) -> None:
+    """``metrics.json`` first (the smallest and most precious), then the predictions, the result and the plots,
+    each atomically. A full disk raises one :class:`DiskFullError` naming the folder and the space needed;
+    the checkpoints stay, so ``--resume`` finishes the run once space is freed."""
+    from rankwise.adapter_file import atomic_write_bytes
+
+    out, cfg = run.out, run.cfg
+    metrics = (json.dumps(result, indent=2) + "\n").encode()
+    predictions = "".join(json.dumps(r) + "\n" for r in records).encode()
+    needed = len(metrics) + len(predictions) + 2 * tensor_bytes(model_tensors(training.raw_model)) + 2**20
+    latest = out / CKPT_DIR / "LATEST"
+    kept = (f"the last checkpoint ({latest.read_text().strip()}) is kept" if latest.is_file()
+            else "no checkpoint was written, so the run starts over")
+    with disk_full_is_named(out, needed, "writing the run's final outputs",
+                            f"{kept}: free space and run the same command with --resume (dev: {_fmt_metrics(result['metrics'])})"):
+        atomic_write_bytes(out / "metrics.json", metrics)
+        atomic_write_bytes(out / "predictions.jsonl", predictions)
         save_trainable(training.raw_model, FULL if attach_fn is not None else cfg.method, out)
-        (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         if run.plots:
             plot_loss(loop.history, out / "loss_curve.png", f"{cfg.method} on {run.task.name}")
             method = rankwise.all_methods().get(cfg.method)
             if method is not None and method.plot is not None and attach_fn is None:
                 method.plot(training.raw_model, out / f"{cfg.method}_ranks.png")
-        shutil.rmtree(out / CKPT_DIR, ignore_errors=True)
-        run.say(summary(result, out))
-    run.accelerator.wait_for_everyone()
-    return result
 
 
 def _result(run: _Run, training: _Training, loop: _Loop, final: dict[str, float], train_seconds: float,
@@ -759,8 +791,20 @@ def plot_loss(history: History, path: Path, title: str) -> None:
     ax.set_title(title)
     ax.legend(loc="upper right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Write a matplotlib figure as PNG atomically (a full disk leaves no partial file) and close it."""
+    import matplotlib.pyplot as plt
+    from rankwise.adapter_file import atomic_write_bytes
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 __all__ = ["finetune", "RunConfig", "RunError", "ConfigError", "evaluate", "micro_batch_indices"]
