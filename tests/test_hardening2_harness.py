@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -210,13 +211,25 @@ def test_two_runs_on_one_output_second_refused_at_once(tmp_path: Path, tiny_mode
     runs (exit 0, every output, checkpoints all its own); the other exits 2 while the first is still
     training, with one line naming the owner's PID and host; no lock file is left. The same for a second run
     with ``--resume`` or ``--overwrite`` against a live one: refused, nothing deleted."""
-    import socket
-
     out, gate = tmp_path / "run", tmp_path / "gate"
     args = _run_args(tiny_models, sst2, out, steps=6)
     procs = [_cli(args, GATE=str(gate)), _cli(args, GATE=str(gate))]
+    try:
+        _race(procs, args, gate, out)
+    finally:
+        gate.write_text("go")  # a failed assertion must not leave a child waiting
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _race(procs: list[subprocess.Popen], args: list[str], gate: Path, out: Path) -> None:
+    import socket
+
     loser = None
     while loser is None:  # the refused one ends first, while the owner trains
+        time.sleep(0.05)
         loser = next((p for p in procs if p.poll() is not None), None)
     winner = procs[1 - procs.index(loser)]
     _, err = loser.communicate()
@@ -341,7 +354,6 @@ def test_ctrl_c_is_one_line_with_the_command_that_resumes(tmp_path: Path, tiny_m
     over. The folder's lock is released either way."""
     import shlex
     import signal
-    import time
 
     out, ready = tmp_path / "run", tmp_path / "ready"
     args = _run_args(tiny_models, sst2, out)
@@ -446,12 +458,12 @@ def test_a_real_full_disk_gets_one_line_and_resume_finishes(tmp_path: Path, tiny
     disk = tmp_path / "disk"
     if not _tmpfs(disk, "4m"):
         pytest.skip("cannot mount a tmpfs here (needs root)")
+    out, ready, gate = disk / "run", tmp_path / "ready", tmp_path / "gate"
+    args = _run_args(tiny_models, sst2, out)
+    proc = _cli(args, PAUSE_AT="3", READY=str(ready), GATE=str(gate))
     try:
-        out, ready, gate = disk / "run", tmp_path / "ready", tmp_path / "gate"
-        args = _run_args(tiny_models, sst2, out)
-        proc = _cli(args, PAUSE_AT="3", READY=str(ready), GATE=str(gate))
         while not ready.exists() and proc.poll() is None:
-            pass
+            time.sleep(0.05)
         with (disk / "ballast").open("wb", buffering=0) as fh:  # fill the disk
             try:
                 while True:
@@ -471,4 +483,8 @@ def test_a_real_full_disk_gets_one_line_and_resume_finishes(tmp_path: Path, tiny
         assert resumed.returncode == 0, err[-2000:]
         assert json.loads((out / "metrics.json").read_text())["steps_this_session"] == 4
     finally:
+        gate.write_text("go")  # a failed assertion must not leave the child waiting
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
         subprocess.run(["umount", str(disk)], capture_output=True)
