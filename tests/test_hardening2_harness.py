@@ -85,15 +85,15 @@ def _flip_labels(line: str) -> str:
 def test_resume_on_other_data_is_refused_naming_the_file(tmp_path: Path, tiny_models: dict[str, str], sst2: str,
                                                          change: str) -> None:
     """The run records a SHA-256 of the examples each split uses (``config.json``: ``data_fingerprint``); a
-    ``--resume`` whose data gives other examples (the review's every-label flip, one edited text, a row added
-    within ``--max-train``, an edited dev file) is refused before any model loads, naming the file. Put back,
+    ``--resume`` whose data gives other examples (the review's every-label flip, one edited text, a row added,
+    an edited dev file) is refused before any model loads, naming the file. Put back,
     the data resumes and the run ends as an uninterrupted one."""
     data = _copy_data(sst2, tmp_path / "data")
-    cfg = _cfg(tmp_path, tiny_models, str(data), max_steps=6, save_every=2, max_train=48)
-    whole = finetune(_cfg(tmp_path / "whole", tiny_models, str(data), max_steps=6, save_every=2, max_train=48), **QUIET)
+    cfg = _cfg(tmp_path, tiny_models, str(data), max_steps=6, save_every=2)
+    whole = finetune(_cfg(tmp_path / "whole", tiny_models, str(data), max_steps=6, save_every=2), **QUIET)
     _interrupted(cfg)
     recorded = json.loads((Path(cfg.output) / "config.json").read_text())["data_fingerprint"]
-    assert recorded["train"]["examples"] == 48 and recorded["train"]["file"].endswith("train.tsv")
+    assert recorded["train"]["examples"] == 64 and recorded["train"]["file"].endswith("train.tsv")
     file = "dev.tsv" if change == "dev-edited" else "train.tsv"
     original = (data / file).read_text()
     head, *rows = original.splitlines()
