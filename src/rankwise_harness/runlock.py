@@ -31,10 +31,12 @@ LOCK_NAME = ".rankwise-run.lock"
 
 @dataclass
 class RunLock:
-    """A held lock; :meth:`release` removes the file and drops the lock (idempotent)."""
+    """A held lock; :meth:`release` removes the file (and the folder, if taking the lock created it and nothing
+    else was written there: a run stopped by bad input leaves no trace) and drops the lock (idempotent)."""
 
     path: Path
     fd: int | None
+    created_folder: bool = False
 
     def release(self) -> None:
         if self.fd is None:
@@ -42,6 +44,8 @@ class RunLock:
         try:
             if _same_file(self.fd, self.path):
                 self.path.unlink()
+            if self.created_folder:
+                self.path.parent.rmdir()  # only if empty
         except OSError:
             pass
         os.close(self.fd)
@@ -76,6 +80,7 @@ def acquire(folder: Path, say: Callable[[str], None] = print) -> RunLock:
     """Take ``folder``'s lock (creating the folder), or raise :class:`RunError`: at once when a live run holds
     it, naming that run; for a stale file from another host, with the command that removes it. A stale file
     from a dead process on this host is taken over, and its owner named through ``say``."""
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
     while True:
@@ -90,7 +95,7 @@ def acquire(folder: Path, say: Callable[[str], None] = print) -> RunLock:
         if _same_file(fd, path):  # not a file its previous owner removed while we opened it
             break
         os.close(fd)
-    lock = RunLock(path, fd)
+    lock = RunLock(path, fd, created)
     stale = _owner(fd)
     host = socket.gethostname()
     if stale is not None and stale.get("host") != host:
