@@ -26,6 +26,7 @@ import rankwise
 from conftest import ModelCase
 from method_matrix import METHOD_CASES
 from rankwise.io import metadata_digest, tensors_digest
+from rankwise.state import get_state
 from test_bad_input import _assert_unchanged, _snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -377,7 +378,7 @@ def test_raclora_refuses_an_optimizer_without_its_parameters(method: str, mlp_ca
     other_model = mlp_case.make()
     rankwise.attach(other_model, cfg)
     other = torch.optim.Adam(rankwise.trainable_parameters(other_model).values(), lr=1e-2)
-    state = model._rankwise
+    state = get_state(model)
     before = ({k: v.clone() for k, v in model.state_dict().items()}, state.step, dict(state.method_state),
               {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for p, s in real.state.items()})
     for call in (lambda: rankwise.step(model, other), lambda: rankwise.end_link(model, other)):

@@ -13,6 +13,7 @@ from torch import nn
 
 import rankwise
 from conftest import ModelCase
+from rankwise.state import get_state
 from method_matrix import METHOD_CASES, MethodCase
 from test_bad_input import _assert_unchanged, _snapshot
 
@@ -98,7 +99,7 @@ def test_import_sequence_classification_task(bert_case: ModelCase, tmp_path: Pat
     theirs.save_pretrained(tmp_path)
     assert "score" in json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"]
     ours = rankwise.import_peft(copy.deepcopy(base), tmp_path)
-    assert ours._rankwise.modules_to_save == ["classifier"]
+    assert get_state(ours).modules_to_save == ["classifier"]
     batch = bert_case.batch(0)
     with torch.no_grad():
         torch.testing.assert_close(ours(**batch).logits, theirs.eval()(**batch).logits, rtol=1e-5, atol=1e-6)

@@ -268,6 +268,27 @@ def test_merge_is_refused_and_changes_nothing(llama_dir: str) -> None:
     assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
 
 
+@pytest.mark.parametrize("kind", list(QUANTS))
+@pytest.mark.parametrize("method", ["dora", "raclora"])
+def test_disabled_is_the_quantised_base_bit_for_bit(llama_dir: str, kind: str, method: str) -> None:
+    """Inside ``rankwise.disabled`` every adapted layer is its bitsandbytes module's own forward: the outputs
+    of the quantised model before attach, bit for bit, and no adapter gets a gradient (issue 30). The switch
+    is the method-independent host forward; DoRA (whose 4-bit path probes the base forward) and RAC-LoRA (a
+    chain) stand for the methods here (all of them passed it once: 30 cases, 14 min on the shared dev CPU)."""
+    expected = outputs(load_quantized(llama_dir, kind))
+    model = attach_method(llama_dir, kind, method)
+    train(model)
+    adapted = outputs(model)
+    assert not torch.equal(adapted, expected)
+    with rankwise.disabled(model):
+        assert torch.equal(outputs(model), expected)
+        loss = model(**batch(3)).loss
+        if loss.requires_grad:
+            loss.backward()
+    assert all(p.grad is None for p in rankwise.trainable_parameters(model).values())
+    assert torch.equal(outputs(model), adapted)
+
+
 # ---------------------------------------------------------------------------- PEFT
 def _peft_pair(path: str, kind: str, dora: bool) -> tuple[nn.Module, nn.Module]:
     peft = pytest.importorskip("peft")

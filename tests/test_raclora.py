@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 import rankwise
 from conftest import ModelCase, TinyMLP
 from rankwise.methods.raclora import RacLoraLinear
+from rankwise.state import get_state
 
 
 def _model(frozen: str = "A", link_steps: int | None = 3, **kw) -> torch.nn.Module:
@@ -213,7 +214,7 @@ def test_hf_callback_counts_optimizer_steps_under_accumulation(tmp_path) -> None
     )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Data(), callbacks=[RankwiseCallback()])
     trainer.train()
-    assert model._rankwise.step == 4  # optimizer steps, not the 8 micro-batches
+    assert get_state(model).step == 4  # optimizer steps, not the 8 micro-batches
     assert all(int(layer.links) == 2 for layer in _layers(model).values())
 
 

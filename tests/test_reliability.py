@@ -12,6 +12,7 @@ from torch import nn
 
 import rankwise
 import rankwise.io as rio
+from rankwise.state import get_state
 from conftest import ModelCase
 from method_matrix import METHOD_CASES, MethodCase
 from test_bad_input import _assert_unchanged, _snapshot
@@ -146,7 +147,7 @@ def test_failure_writing_the_readable_config_keeps_a_consistent_adapter(mlp_case
 def test_wrong_method_on_load(mlp_case: ModelCase, method_case: MethodCase, tmp_path: Path) -> None:
     model = _attached(mlp_case, method_case)
     path = rankwise.save(model, tmp_path / "adapter")
-    saved_as = model._rankwise.config.method
+    saved_as = get_state(model).config.method
     for other in sorted(set(rankwise.all_methods()) - {saved_as}):
         fresh = mlp_case.make()
         snap = _snapshot(fresh)
@@ -157,7 +158,7 @@ def test_wrong_method_on_load(mlp_case: ModelCase, method_case: MethodCase, tmp_
     with pytest.raises(ValueError, match="unknown adapter method 'lora2'"):
         rankwise.load(fresh, path, expect_method="lora2")
     rankwise.load(fresh, path, expect_method=saved_as)
-    assert fresh._rankwise.config.method == saved_as
+    assert get_state(fresh).config.method == saved_as
 
 
 # ---------------------------------------------------------------------------- missing calibration

@@ -7,6 +7,8 @@ RAC-LoRA's links end inside ``SFTTrainer`` (one per ``link_steps`` optimizer ste
 
 from __future__ import annotations
 
+import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +132,48 @@ def test_sft_trainer_default_bf16_autocasts_on_cpu(tmp_path: Path) -> None:
     finally:
         hook.remove()
     assert seen == {torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------- DPO without a second model (issue 30)
+PREFERENCES = {"prompt": ["the quick brown fox", "the cat sat"] * 4,
+               "chosen": [" jumps over the lazy dog", " on the mat"] * 4,
+               "rejected": [" sat on the mat", " jumps over the dog"] * 4}
+
+
+def _dpo(model: torch.nn.Module, tok: Any, tmp_path: Path, **kw: Any) -> Any:
+    """A DPOTrainer that precomputes the reference log-probs (TRL's path for a model that is not a PEFT model)."""
+    args = trl.DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=3, per_device_train_batch_size=4,
+                         learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                         max_length=32, seed=0, bf16=False, precompute_ref_log_probs=True)
+    return trl.DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict(PREFERENCES),
+                          processing_class=tok, **kw)
+
+
+def test_dpo_reference_log_probs_come_from_the_same_model_under_disabled(tmp_path: Path) -> None:
+    """The recipe: build the DPOTrainer inside ``rankwise.disabled`` with ``precompute_ref_log_probs``; the
+    reference log-probs it stores equal those a deep-copied base model gives as ``ref_model``, bit for bit,
+    with one model in memory; then DPO trains the adapter only."""
+    tok = _tokenizer()
+    base = _tiny_llama(tok)
+    model = copy.deepcopy(base)
+    rankwise.attach(model, rankwise.LoraConfig(r=4, alpha=8, target_modules="all-linear", seed=0))
+    with torch.no_grad():  # an adapter already off zero (e.g. after SFT): the policy is not the base
+        for name, p in rankwise.trainable_parameters(model).items():
+            if name.endswith("lora_b"):
+                p.add_(0.05)
+    with rankwise.disabled(model):
+        ours = _dpo(model, tok, tmp_path / "ours")
+    deep_copy = _dpo(copy.deepcopy(model), tok, tmp_path / "copy", ref_model=copy.deepcopy(base))
+    for column in ("ref_chosen_logps", "ref_rejected_logps"):
+        assert ours.train_dataset[column] == deep_copy.train_dataset[column]
+    # outside the block the model is the policy: its log-probs are not the reference's (the test can fail)
+    batch = ours.data_collator([ours.train_dataset[i] for i in range(4)])
+    policy_chosen, _ = ours.compute_ref_log_probs(model, batch)
+    assert not torch.allclose(policy_chosen, torch.tensor(ours.train_dataset["ref_chosen_logps"][:4]))
+    frozen = _frozen_snapshot(model)
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    ours.train()
+    losses = _losses(ours)
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert all(not torch.equal(p, trainable[n]) for n, p in model.named_parameters() if n in trainable)

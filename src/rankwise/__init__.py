@@ -9,6 +9,8 @@ The public surface::
     rankwise.merge(model); rankwise.unmerge(model)
     rankwise.save(model, "out/"); rankwise.load(base_model, "out/")
     rankwise.export_peft(model, "peft_out/"); rankwise.import_peft(base_model, "peft_out/")
+    with rankwise.disabled(model): ...            # the base model, exactly (e.g. DPO's reference)
+    rankwise.attach(model, cfg2, name="b"); rankwise.set_active(model, ["default", "b"]); rankwise.delete(model, "b")
 
 ``__all__`` is the core API, which every method works through. One method's extras live in its module
 (``from rankwise.methods.raclora import end_link``; ``rankwise.methods.gora.plot_gora_ranks``); the four
@@ -36,6 +38,7 @@ from .lifecycle import (
     unmerge,
 )
 from .peft_format import export_peft, import_peft
+from .adapters import delete, disabled, set_active
 from .registry import all_methods, config_from_dict
 
 __all__ = [
@@ -50,6 +53,9 @@ __all__ = [
     "detach",
     "merge",
     "unmerge",
+    "disabled",
+    "set_active",
+    "delete",
     "step",
     "check_finite_grads",
     "save",

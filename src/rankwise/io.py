@@ -41,20 +41,21 @@ from .adapter_file import (RANKWISE_FILES, AdapterFileError, atomic_write_bytes,
                            tensors_digest, validate_description)
 from .config import AdapterConfig
 from .layer import AdapterLayer
-from .lifecycle import all_or_nothing, install
+from .lifecycle import all_or_nothing, check_new_name, install
 from .quant import dense_weight, quant_block, quant_kind
 from .registry import BuildResult, config_from_dict, get_method
-from .state import adapter_layers, get_state, is_attached, refuse_peft_model, unwrap_model
+from .state import (DEFAULT_NAME, adapter_layers, adapter_set, base_modules, get_state, is_attached, refuse_peft_model,
+                    unwrap_model)
 from .targeting import SUPPORTED_TYPES, is_supported, out_in
 
 TENSOR_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
 FORMAT = "rankwise-adapter/1"
-def describe(model: nn.Module) -> dict[str, Any]:
-    """The JSON description of a model's adapter (what ``save`` records)."""
+def describe(model: nn.Module, name: str | None = None) -> dict[str, Any]:
+    """The JSON description of a model's adapter ``name`` (``None``: its only one), what ``save`` records."""
     model = unwrap_model(model)
-    state = get_state(model)
-    layers = adapter_layers(model)
+    state = get_state(model, name)
+    layers = adapter_layers(model, name)
     return {
         "format": FORMAT,
         "library": "rankwise",
@@ -79,48 +80,77 @@ def describe(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
-    """Every tensor ``save`` writes, by file key."""
+def adapter_tensors(model: nn.Module, name: str | None = None) -> dict[str, Tensor]:
+    """Every tensor ``save`` writes for adapter ``name`` (``None``: the only one), by file key."""
     model = unwrap_model(model)
-    state = get_state(model)
+    state = get_state(model, name)
     out: dict[str, Tensor] = {}
     # copies, never views of live parameters: hashing goes through numpy, which pins a CPU tensor's
     # storage (FSDP must be able to free its unsharded parameters after saving)
-    for name, layer in adapter_layers(model).items():
+    for layer_name, layer in adapter_layers(model, name).items():
         for key, t in layer.adapter_state().items():
-            out[f"{name}.{key}"] = t.detach().to("cpu", copy=True).contiguous()
-    for name in state.modules_to_save:
-        for key, t in model.get_submodule(name).state_dict().items():
-            out[f"modules_to_save.{name}.{key}"] = t.detach().to("cpu", copy=True).contiguous()
+            out[f"{layer_name}.{key}"] = t.detach().to("cpu", copy=True).contiguous()
+    for module_name in state.modules_to_save:
+        for key, t in model.get_submodule(module_name).state_dict().items():
+            out[f"modules_to_save.{module_name}.{key}"] = t.detach().to("cpu", copy=True).contiguous()
     return out
 
 
+def folders_by_name(model: nn.Module, path: str | os.PathLike[str], name: str | None) -> dict[str, Path]:
+    """Where ``save`` / ``export_peft`` write each adapter: adapter ``name`` (or a model's only adapter) in
+    ``path``; with several adapters and no name, HF PEFT's multi-adapter layout: ``"default"`` in ``path``,
+    each other adapter in ``path/<name>/``."""
+    adapters = adapter_set(model)
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} exists and is not a folder")
+    if name is not None or len(adapters.adapters) == 1:
+        return {adapters.resolve(name): folder}
+    return {n: folder if n == DEFAULT_NAME else folder / n for n in adapters.adapters}
+
+
+def check_folders(folders: dict[str, Path], files: tuple[str, ...], is_ours: Callable[[Path], bool], kind: str,
+                  how_to_force: str) -> None:
+    """:func:`check_output_folder` for every folder an adapter goes to (``default``'s may also hold the
+    other adapters' subfolders: PEFT's multi-adapter layout)."""
+    for folder in folders.values():
+        subfolders = tuple(other.name for other in folders.values() if other.parent == folder)
+        check_output_folder(folder, files + subfolders, is_ours, kind, how_to_force)
+
+
 # ---------------------------------------------------------------------------- save
-def save(model: nn.Module, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+def save(model: nn.Module, path: str | os.PathLike[str], *, overwrite: bool = False, name: str | None = None) -> Path:
     """Save the adapter (not the base model) to folder ``path``, atomically. Returns the folder.
 
     ``path`` must be new, empty or a previous rankwise adapter (which is replaced); a folder holding
     anything else (a PEFT adapter, whose ``adapter_config.json`` this would replace, a model, other
     files) raises ``FileExistsError`` naming what it holds, unless ``overwrite=True`` (then rankwise's
     two files are written and everything else there is left as it was).
+    ``name``: that adapter alone (the same file as a model with only it would write). A model with
+    several adapters and no ``name`` writes them all, as HF PEFT lays them out: ``"default"`` in
+    ``path``, each other one in ``path/<name>/`` (load each with ``load(model, path/<name>, name=...)``).
     A ``torch.compile`` / DDP / FSDP1 wrapper is unwrapped: names are the plain model's, as ``load`` expects.
     """
     model = unwrap_model(model)
-    folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(f"{folder} exists and is not a folder")
+    folders = folders_by_name(model, path, name)
     if not overwrite:
-        check_output_folder(folder, RANKWISE_FILES, is_rankwise_adapter, "a rankwise adapter",
-                            "pass overwrite=True to rankwise.save to write into it anyway")
-    meta = describe(model)
-    tensors = adapter_tensors(model)
+        check_folders(folders, RANKWISE_FILES, is_rankwise_adapter, "a rankwise adapter",
+                      "pass overwrite=True to rankwise.save to write into it anyway")
+    blobs = {n: _adapter_blob(model, n) for n in folders}  # every adapter described before any file is written
+    for n, (meta, blob) in blobs.items():
+        atomic_write_bytes(folders[n] / TENSOR_FILE, blob)
+        readable = dict(meta, file_sha256=hashlib.sha256(blob).hexdigest())
+        atomic_write_bytes(folders[n] / CONFIG_FILE, (json.dumps(readable, indent=2) + "\n").encode())
+    return Path(path)
+
+
+def _adapter_blob(model: nn.Module, name: str) -> tuple[dict[str, Any], bytes]:
+    """Adapter ``name``'s description (digests included) and its safetensors file's bytes."""
+    meta = describe(model, name)
+    tensors = adapter_tensors(model, name)
     meta["tensors_sha256"] = tensors_digest(tensors)
     meta["metadata_sha256"] = metadata_digest(meta)
-    blob = st_save(tensors, metadata={"rankwise": json.dumps(meta)})
-    atomic_write_bytes(folder / TENSOR_FILE, blob)
-    readable = dict(meta, file_sha256=hashlib.sha256(blob).hexdigest())
-    atomic_write_bytes(folder / CONFIG_FILE, (json.dumps(readable, indent=2) + "\n").encode())
-    return folder
+    return meta, st_save(tensors, metadata={"rankwise": json.dumps(meta)})
 
 
 # ---------------------------------------------------------------------------- load
@@ -156,17 +186,18 @@ def recorded_modules(model: nn.Module, meta: dict[str, Any]) -> tuple[dict[str, 
     No pattern is evaluated: a recorded name either is a module of ``model`` or the adapter does not fit.
     """
     layers, mts = meta["layers"], meta.get("modules_to_save", [])
-    modules = dict(model.named_modules())
+    named = base_modules(model)  # a module beside another adapter is seen as its base module
+    modules = dict(named)
     missing = [n for n in [*layers, *mts] if n not in modules]
     if missing:
-        sample = [n for n, m in model.named_modules() if n and is_supported(m)][:8]
+        sample = [n for n, m in named if n and is_supported(m)][:8]
         raise AdapterFileError(
             f"the adapter's layers do not fit this model ({type(model).__name__}): modules in the adapter but not in the "
             f"model: {missing[:8]}; adaptable layers of the model include {sample}. Is this the right base model?"
         )
-    saved = {n: m for n, m in model.named_modules() if n in set(mts)}
+    saved = {n: m for n, m in named if n in set(mts)}
     targets: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
+    for name, module in named:
         if name not in layers:
             continue
         if not is_supported(module):
@@ -236,6 +267,7 @@ def load(
     check_base: bool = True,
     trainable: bool = True,
     expect_method: str | None = None,
+    name: str | None = None,
 ) -> nn.Module:
     """Attach the adapter saved at ``path`` to ``model`` (a fresh base), reproducing it exactly.
 
@@ -244,14 +276,17 @@ def load(
     failure raises :class:`AdapterFileError` (or ``ValueError`` when the model already has adapters)
     and changes nothing. ``trainable=False`` loads frozen, for inference. ``expect_method="lora"``
     refuses an adapter saved by any other method (a pipeline that means to continue LoRA training
-    never silently continues a DoRA adapter). Returns the (unwrapped) model.
+    never silently continues a DoRA adapter). ``name``: load it as adapter ``name``, beside the model's
+    other adapters if it has some (``attach``'s rules). Returns the (unwrapped) model.
     """
     if expect_method is not None:
         get_method(expect_method)  # an unknown name is the caller's error, not the file's
     model = unwrap_model(model)
     refuse_peft_model(model)
-    if is_attached(model):
-        raise ValueError("this model already has rankwise adapters; load onto a fresh base model (or detach first)")
+    if is_attached(model) and name is None:
+        raise ValueError("this model already has rankwise adapters; load onto a fresh base model (or detach first), "
+                         "or pass name= to load this one beside them")
+    name = check_new_name(model, name)
     meta, tensors = read_adapter(path)
     if expect_method is not None and meta["method"] != expect_method:
         raise AdapterFileError(
@@ -264,6 +299,7 @@ def load(
         raise AdapterFileError(f"adapter config at {path} is not usable by this rankwise ({exc})") from exc
     if config.method != meta["method"]:
         raise AdapterFileError(f"{path}: field 'method' is {meta['method']!r} but the config is {config.method!r}'s")
+    check_new_name(model, name, config)  # beside other adapters: no modules_to_save
     method = get_method(config.method)
     targets, saved = recorded_modules(model, meta)
     _check_fits(model, meta, targets, check_base)
@@ -280,7 +316,7 @@ def load(
         return layers, mts_tensors
 
     install_rebuilt(model, config, targets, saved, rebuild_and_fill, trainable=trainable,
-                    method_state=dict(meta.get("method_state", {})), step=int(meta.get("step", 0)))
+                    method_state=dict(meta.get("method_state", {})), step=int(meta.get("step", 0)), name=name)
     return model
 
 
@@ -294,6 +330,7 @@ def install_rebuilt(
     trainable: bool,
     method_state: dict[str, Any] | None = None,
     step: int = 0,
+    name: str = DEFAULT_NAME,
 ) -> None:
     """The shared end of :func:`load` and :func:`rankwise.import_peft`, after their checks of the file.
 
@@ -305,15 +342,16 @@ def install_rebuilt(
     """
     with all_or_nothing(model, [*targets, *saved]):
         layers, saved_tensors = rebuild_and_fill()
-        install(model, config, BuildResult(layers), saved)
+        install(model, config, BuildResult(layers), saved, name)
         if method_state is not None:
-            get_state(model).method_state = method_state
-        get_state(model).step = step
-        if not trainable:
-            for p in model.parameters():
-                p.requires_grad_(False)
-        for name in saved:  # into the trained copies install put in place
-            model.get_submodule(name).load_state_dict(saved_tensors[name])
+            get_state(model, name).method_state = method_state
+        get_state(model, name).step = step
+        if not trainable:  # this adapter's tensors and modules (a first adapter: so the whole model) frozen
+            for module in [*layers.values(), *(model.get_submodule(n) for n in saved)]:
+                for p in module.parameters():
+                    p.requires_grad_(False)
+        for module_name in saved:  # into the trained copies install put in place
+            model.get_submodule(module_name).load_state_dict(saved_tensors[module_name])
 
 
 def _rebuild_filled(

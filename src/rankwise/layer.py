@@ -11,6 +11,17 @@ weights do not change. A method adds its own tensors next to them and implements
 Merging is explicit and idempotent, guarded by ``self.merged``: :meth:`merge` writes
 ``merged_weight()`` into ``weight`` once (rounding once into the base dtype) and keeps the original
 bits, which :meth:`unmerge` restores exactly. ``train()``/``eval()`` never merge.
+
+Several adapters on one module (``attach(..., name=...)``): the layer in the model's slot is the
+*host*; other adapters' layers for the same module are its ``peers`` (built over the same base module,
+so they share ``weight``/``bias``). The host's forward is the base plus the sum of the *active*
+layers' updates (HF PEFT's rule for several active adapters)::
+
+    h = x W0ᵀ + b + Σ_{i active} (f_i(x) − x W0ᵀ − b)        (f_i: layer i's own forward)
+
+and a merge writes ``W0 + Σ_{i active} ΔW_i``. With one active layer the host runs that layer's own
+forward and merge, unchanged. :meth:`disable` switches the whole stack off: the base module's own
+forward, bit for bit (a merged host puts the kept original bits in for the while, see there).
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ MERGED_TRAINING = (
     "rankwise.unmerge(model) before training; for inference use model.eval() or torch.no_grad()"
 )
 UNMERGED_KEY = "unmerged_weight"  # a merged layer's original weight, in its state_dict (see _save_to_state_dict)
+DEFAULT_ADAPTER = "default"  # the name of an adapter attached without one (HF PEFT's default too)
 
 
 @dataclass
@@ -119,6 +131,13 @@ class AdapterLayer(nn.Module):
         self._warned_merged: bool = False  # a training forward while merged has been named (MERGED_TRAINING)
         self._original_weight: Tensor | None = None
         self._base_ref: list[nn.Module] = [base]  # a list so it is not registered as a submodule
+        self.adapter_name: str = DEFAULT_ADAPTER  # which named adapter this layer belongs to
+        self.active: bool = True  # whether this layer's update is computed (rankwise.set_active)
+        self.is_peer: bool = False  # a peer lives in its host's ``peers``, not in the model's slot
+        self.disabled: bool = False  # inside rankwise.disabled(): the base module's own forward (hosts only)
+        self._merged_aside: Tensor | None = None  # a disabled merged host's merged bits, put back by enable()
+        self._merge_pending: bool = False  # a load_state_dict of a merged layer merges after its peers loaded
+        self.register_load_state_dict_post_hook(_merge_after_load)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -185,22 +204,102 @@ class AdapterLayer(nn.Module):
         """This layer as PEFT LoRA/DoRA factors (for :func:`rankwise.export_peft`)."""
         raise NotImplementedError(f"{type(self).__name__} has no PEFT LoRA form")
 
+    def delta_forward(self, x: Tensor) -> Tensor:
+        """This layer's update to the output, ``f(x) − (x W0ᵀ + b)`` (what it adds beside other adapters)."""
+        return self.adapter_forward(x) - self.base_forward(x)
+
+    def plain_forward(self, x: Tensor) -> Tensor:
+        """The base module exactly as before ``attach``: its own forward (a quantised base: bitsandbytes')."""
+        if self.quantized:
+            return self.base_forward(x)
+        return self.base_layer()(x)
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.disabled:
+            return self.plain_forward(x)
         if self.merged:
             if not self._warned_merged and self.training and torch.is_grad_enabled() and self.requires_grad():
                 self._warned_merged = True  # once per merge
                 warnings.warn(MERGED_TRAINING, stacklevel=2)
             return self.base_forward(x)
-        return self.adapter_forward(x)
+        chosen = self.computing()
+        if len(chosen) == 1:  # one active adapter here: its own forward, exactly as if it were alone
+            return chosen[0].adapter_forward(x)
+        if not chosen:
+            return self.plain_forward(x)
+        out = self.base_forward(x)  # the same sum whichever layer hosts: delete() keeps the others' bits
+        for layer in chosen:
+            out = out + layer.delta_forward(x).to(out.dtype)
+        return out
+
+    # ------------------------------------------------------------------ several adapters on one module
+    def stack(self) -> list["AdapterLayer"]:
+        """This host and its peers (every adapter's layer on this module), host first."""
+        peers = self._modules.get("peers")
+        if not isinstance(peers, nn.ModuleDict):
+            return [self]
+        return [self, *(cast(AdapterLayer, layer) for layer in peers.values())]
+
+    def remove_peer(self, name: str) -> "AdapterLayer":
+        """Take adapter ``name``'s layer out of this host's peers and return it."""
+        peers = self._modules["peers"]
+        assert isinstance(peers, nn.ModuleDict)
+        layer = cast(AdapterLayer, peers[name])
+        del peers[name]
+        return layer
+
+    def computing(self) -> list["AdapterLayer"]:
+        """The layers of :meth:`stack` whose updates the forward pass adds (the active ones)."""
+        return [layer for layer in self.stack() if layer.active]
+
+    def add_peer(self, layer: "AdapterLayer") -> None:
+        """Put another adapter's layer for this module beside this one (built over the same base module).
+
+        The peer keeps ``weight``/``bias`` as plain attributes (the host's tensors): the ``state_dict``
+        lists them once, under the host's names."""
+        if "peers" not in self._modules:
+            self.peers = nn.ModuleDict()
+        for name in ("weight", "bias"):
+            if name in layer._parameters:  # (a peer moving to a new host has them unregistered already)
+                layer.__dict__[name] = layer._parameters.pop(name)
+        layer.is_peer = True
+        layer.train(self.training)
+        self.peers[layer.adapter_name] = layer
+
+    def make_host(self) -> None:
+        """Undo :meth:`add_peer`'s changes to this layer (it takes a slot in the model)."""
+        for name in ("weight", "bias"):
+            self.register_parameter(name, self.__dict__.pop(name))
+        self.is_peer = False
+
+    def combined_weight(self) -> Tensor:
+        """``W0 + Σ_{active} ΔW_i`` (fp32, ``out x in``): what a merge writes; one active layer: its ``merged_weight``."""
+        chosen = self.computing()
+        if len(chosen) == 1:
+            return chosen[0].merged_weight()
+        w = self.unmerged_base_weight().float()  # out x in
+        for layer in chosen:
+            w = w + layer.delta_weight()
+        return w
+
+    def _set_merged(self, merged: bool, original: Tensor | None) -> None:
+        """Record the merge state on every layer of the stack (peers read ``W0`` through it)."""
+        for layer in self.stack():
+            layer.merged, layer._original_weight = merged, original
+
+    def _refuse_while_disabled(self, what: str) -> None:
+        if self.disabled:
+            raise RuntimeError(f"cannot {what} inside `with rankwise.disabled(model):`; do it after the block")
 
     @torch.no_grad()
     def merge(self) -> None:
         """Write the adapted weight into ``weight`` (once; idempotent). The original bits are kept."""
+        self._refuse_while_disabled("merge")
         if self.merged:
             return
         if self.quantized:
             raise merge_refusal(self._base_ref[0])
-        new = self.merged_weight()  # out x in, fp32
+        new = self.combined_weight()  # out x in, fp32
         cast = (new.t() if self.fan_in_fan_out else new).to(self.weight.dtype)  # what would be written
         if not torch.isfinite(cast).all():  # checked after the cast: W0 + ΔW may overflow fp16 although finite in fp32
             peak = float(new.abs().max()) if torch.isfinite(new).all() else float("nan")
@@ -210,17 +309,18 @@ class AdapterLayer(nn.Module):
                 "or not finite. Keep the adapter unmerged, or merge into a wider dtype (model.float() first)"
             )
         if self.tied:  # never write into a shared tensor: keep it (it is the original) and own the merged one
-            self._original_weight = self.weight
+            original = self.weight
             self.weight = nn.Parameter(cast, requires_grad=False)
         else:
-            self._original_weight = self.weight.detach().clone()
+            original = self.weight.detach().clone()
             self.weight.copy_(cast)
-        self.merged = True
+        self._set_merged(True, original)
         self._warned_merged = False
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore the exact original weight (idempotent)."""
+        self._refuse_while_disabled("unmerge")
         if not self.merged:
             return
         assert self._original_weight is not None
@@ -228,13 +328,43 @@ class AdapterLayer(nn.Module):
             self.weight = self._original_weight  # type: ignore[assignment]
         else:
             self.weight.copy_(self._original_weight)
-        self._original_weight = None
-        self.merged = False
+        self._set_merged(False, None)
+
+    @torch.no_grad()
+    def disable(self) -> None:
+        """Compute the base module alone (idempotent). A merged host swaps the kept original bits into
+        ``weight`` and the merged bits into the kept copy (exact both ways; one layer's copy at a time); a
+        merged tied layer needs nothing: its base module still holds the shared, never-written original."""
+        if self.disabled:
+            return
+        if self.merged and not self.tied:
+            kept = self._original_weight
+            assert kept is not None
+            merged_bits = self.weight.detach().clone()
+            self.weight.copy_(kept)
+            kept.copy_(merged_bits)
+            self._merged_aside = kept
+            self._set_merged(False, None)
+        self.disabled = True
+
+    @torch.no_grad()
+    def enable(self) -> None:
+        """Undo :meth:`disable` exactly (idempotent): a merged host gets its merged bits back."""
+        if not self.disabled:
+            return
+        self.disabled = False
+        aside = self._merged_aside
+        if aside is not None:
+            original = self.weight.detach().clone()
+            self.weight.copy_(aside)
+            aside.copy_(original)
+            self._merged_aside = None
+            self._set_merged(True, aside)
 
     def to_merged_float(self) -> nn.Module:
         """A quantised base's replacement for a merged detach: a float ``nn.Linear`` holding the
-        dequantised ``W0`` + the update, in the base's compute dtype."""
-        return float_linear(self._base_ref[0], self.merged_weight().detach())
+        dequantised ``W0`` + the update(s), in the base's compute dtype."""
+        return float_linear(self._base_ref[0], self.combined_weight().detach())
 
     def to_base(self) -> nn.Module:
         """The original base module (holding the same, possibly merged, weight)."""
@@ -245,14 +375,16 @@ class AdapterLayer(nn.Module):
 
     def adapter_state(self) -> dict[str, Tensor]:
         """Every tensor that defines the adapter (not the base weight/bias), by local name."""
-        return {k: v for k, v in self.state_dict(keep_vars=False).items() if k not in ("weight", "bias", UNMERGED_KEY)}
+        return {k: v for k, v in self.state_dict(keep_vars=False).items()
+                if k not in ("weight", "bias", UNMERGED_KEY) and not k.startswith("peers.")}
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         """A merged layer's ``state_dict`` carries its merged state: ``weight`` is the merged weight (what a
         plain model reading it computes) and ``unmerged_weight`` the kept original bits, so it loads into a
-        fresh adapted model merged and exactly unmergeable, never with the update applied twice."""
+        fresh adapted model merged and exactly unmergeable, never with the update applied twice (a host only:
+        its peers hold no base tensors of their own)."""
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.merged:
+        if self.merged and not self.is_peer:
             assert self._original_weight is not None
             destination[prefix + UNMERGED_KEY] = self._original_weight if keep_vars else self._original_weight.detach()
 
@@ -272,6 +404,9 @@ class AdapterLayer(nn.Module):
         shapes = {k[len(prefix):]: v.shape for k, v in state_dict.items()
                   if k.startswith(prefix) and "." not in k[len(prefix):] and hasattr(v, "shape")}
         self.resize_for_load(shapes)
+        if self.is_peer:  # its host unmerged the stack before and merges it again after (_merge_after_load)
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+            return
         was_merged = self.merged
         self.unmerge()  # the incoming tensors are loaded into the unmerged layer
         unmerged = state_dict.pop(prefix + UNMERGED_KEY, None)  # a merged layer's state_dict
@@ -279,8 +414,8 @@ class AdapterLayer(nn.Module):
             state_dict[prefix + "weight"] = unmerged
         n_errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if (unmerged is not None or was_merged) and len(error_msgs) == n_errors:
-            self.merge()
+        # merged again once the peers (submodules, loaded after this) have their tensors: _merge_after_load
+        self._merge_pending = (unmerged is not None or was_merged) and len(error_msgs) == n_errors
 
     def requires_grad(self) -> bool:
         """Whether any of this layer's trainable tensors is set to train (``False`` after ``load(..., trainable=False)``)."""
@@ -295,3 +430,10 @@ class AdapterLayer(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"scale={self.scale:.4g}, merged={self.merged}"
         )
+
+
+def _merge_after_load(layer: AdapterLayer, _keys: Any) -> None:
+    """After ``load_state_dict`` reached a layer and its peers: merge it if it came (or was) merged."""
+    if layer._merge_pending:
+        layer._merge_pending = False
+        layer.merge()

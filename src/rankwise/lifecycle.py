@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -29,7 +29,9 @@ from .config import AdapterConfig
 from .layer import AdapterLayer
 from .quant import dequantize_model, merge_refusal, parameter_count
 from .registry import BuildResult, LossFn, method_for
-from .state import STATE_ATTR, RankwiseState, adapter_layers, get_state, is_attached, refuse_peft_model, unwrap_model  # noqa: F401
+from .layer import DEFAULT_ADAPTER
+from .state import (STATE_ATTR, AdapterSet, RankwiseState, adapter_layers, adapter_set, base_modules,  # noqa: F401
+                    every_layer, get_state, is_attached, refuse_peft_model, slot_layers, unwrap_model)
 from .targeting import find_modules_to_save, find_targets, is_all_linear
 
 
@@ -146,7 +148,7 @@ def lora_plus_param_groups(
     """
     fast: list[nn.Parameter] = []
     fast_ids: set[int] = set()
-    for layer in adapter_layers(model).values():
+    for _, layer in every_layer(model):
         for name in layer.lr_multiplied:
             p = getattr(layer, name)
             if p.requires_grad:
@@ -176,29 +178,45 @@ def _report(model: nn.Module, config: AdapterConfig, result: BuildResult, saved:
     return AttachReport(config.method, rows, trainable, total, mts, list(result.notes))
 
 
-def install(model: nn.Module, config: AdapterConfig, result: BuildResult, saved: dict[str, nn.Module]) -> AttachReport:
-    """Swap built layers into the model, freeze the rest, and record the state (no checks: callers check).
+def install(
+    model: nn.Module, config: AdapterConfig, result: BuildResult, saved: dict[str, nn.Module], name: str = DEFAULT_ADAPTER
+) -> AttachReport:
+    """Swap built layers into the model (beside a module's existing adapter: as a peer of its host),
+    freeze the rest, and record the state as adapter ``name``, active (no checks: callers check).
 
     Each fully-trained module is replaced by a trainable copy (as PEFT does): the original, kept for
-    :func:`detach`, is never trained, and a head tied to another module (``lm_head`` and the input
-    embedding) trains its own copy instead of the shared tensor. Call it inside :func:`all_or_nothing`,
-    which puts the original modules and flags back on an error.
+    :func:`detach` and :func:`rankwise.disabled`, is never trained, and a head tied to another module
+    (``lm_head`` and the input embedding) trains its own copy instead of the shared tensor. The first
+    adapter freezes every other parameter; a later one leaves the existing adapters' flags alone. Call it
+    inside :func:`all_or_nothing`, which puts the original modules and flags back on an error.
     """
+    adapters: AdapterSet | None = getattr(model, STATE_ATTR, None)
     ties = _ties(model, result, saved)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name, layer in result.layers.items():
-        layer.train(model.get_submodule(name).training)  # a new module defaults to train mode: keep the model's
-        layer.tied = name in ties
-        _set_submodule(model, name, layer)
+    if adapters is None:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    for layer_name, layer in result.layers.items():
+        layer.adapter_name = name
+        slot = model.get_submodule(layer_name)
+        if isinstance(slot, AdapterLayer):
+            slot.add_peer(layer)
+        else:
+            layer.train(slot.training)  # a new module defaults to train mode: keep the model's
+            layer.tied = layer_name in ties
+            _set_submodule(model, layer_name, layer)
         for p in layer.trainable_tensors().values():
             p.requires_grad_(True)
-    for name, original in saved.items():
+    for module_name, original in saved.items():
         trained = copy.deepcopy(original)
-        _set_submodule(model, name, trained)
+        _set_submodule(model, module_name, trained)
         for p in trained.parameters():
             p.requires_grad_(True)
-    setattr(model, STATE_ATTR, RankwiseState(config, list(result.layers), list(saved), original_modules=dict(saved)))
+    state = RankwiseState(config, list(result.layers), list(saved), original_modules=dict(saved))
+    if adapters is None:
+        setattr(model, STATE_ATTR, AdapterSet({name: state}, [name]))
+    else:
+        adapters.adapters[name] = state
+        adapters.active.append(name)
     carry_state_in_state_dict(model)
     report = _report(model, config, result, saved)
     for name, others in ties.items():
@@ -251,29 +269,35 @@ def carry_state_in_state_dict(model: nn.Module) -> None:
 
 
 def _state_into_dict(module: nn.Module, state_dict: dict[str, Any], prefix: str, _meta: Any) -> None:
-    state = getattr(module, STATE_ATTR, None)
-    if state is not None:
-        blob = json.dumps({"step": state.step, "method_state": state.method_state}, sort_keys=True).encode()
+    adapters: AdapterSet | None = getattr(module, STATE_ATTR, None)
+    if adapters is not None:  # one adapter: {"step", "method_state"}; several: {"adapters": {name: {...}}}
+        states = {n: {"step": s.step, "method_state": s.method_state} for n, s in adapters.adapters.items()}
+        body = next(iter(states.values())) if len(states) == 1 else {"adapters": states}
+        blob = json.dumps(body, sort_keys=True).encode()
         state_dict[prefix + STATE_KEY] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
 
 
 def _state_from_dict(module: nn.Module, state_dict: dict[str, Any], prefix: str, _meta: Any, _strict: bool,
                      _missing: list[str], _unexpected: list[str], errors: list[str]) -> None:
     raw = state_dict.pop(prefix + STATE_KEY, None)  # consumed here: never an unexpected key
-    state = getattr(module, STATE_ATTR, None)
-    if raw is None or state is None:
+    adapters: AdapterSet | None = getattr(module, STATE_ATTR, None)
+    if raw is None or adapters is None:
         return
     where = f"state_dict key {prefix + STATE_KEY!r}"
+    parsed: dict[str, tuple[int, dict[str, Any]]] = {}
     try:
         decoded = json.loads(bytes(raw.detach().cpu().to(torch.uint8).tolist()))
-        step = decoded["step"]
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be an integer >= 0, got {step!r}")
-        method_state = validate_method_state(decoded["method_state"], where)
-    except (ValueError, TypeError, KeyError, AdapterFileError) as exc:  # JSONDecodeError is a ValueError
+        entries = decoded["adapters"] if "adapters" in decoded else {adapters.resolve(None): decoded}
+        for name, entry in entries.items():
+            step = entry["step"]
+            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                raise ValueError(f"step must be an integer >= 0, got {step!r}")
+            parsed[adapters.resolve(name)] = (step, dict(validate_method_state(entry["method_state"], where)))
+    except (ValueError, TypeError, KeyError, AttributeError, AdapterFileError) as exc:  # JSONDecodeError: a ValueError
         errors.append(f"{where} is not a rankwise state ({exc})")
         return
-    state.step, state.method_state = step, dict(method_state)
+    for name, (step, method_state) in parsed.items():
+        adapters.adapters[name].step, adapters.adapters[name].method_state = step, method_state
 
 
 @contextmanager
@@ -287,17 +311,28 @@ def all_or_nothing(model: nn.Module, targets: Iterable[str]) -> Iterator[None]:
     """
     flags = [(p, p.requires_grad) for p in model.parameters()]
     originals = {name: model.get_submodule(name) for name in targets}
-    had_state = hasattr(model, STATE_ATTR)
+    stacks = {name: m.stack() for name, m in originals.items() if isinstance(m, AdapterLayer)}
+    adapters: AdapterSet | None = getattr(model, STATE_ATTR, None)
+    before = (dict(adapters.adapters), list(adapters.active)) if adapters is not None else None
     try:
         yield
     except BaseException:
         for name, module in originals.items():
             if model.get_submodule(name) is not module:
                 _set_submodule(model, name, module)
+        for name, stack in stacks.items():  # peers a failed attach added beside existing adapters
+            host = cast(AdapterLayer, originals[name])
+            for peer in host.stack()[1:]:
+                if peer not in stack:
+                    host.remove_peer(peer.adapter_name)
         for p, flag in flags:
             p.requires_grad_(flag)
-        if not had_state and hasattr(model, STATE_ATTR):
-            delattr(model, STATE_ATTR)
+        if before is None:
+            if hasattr(model, STATE_ATTR):
+                delattr(model, STATE_ATTR)
+        else:
+            assert adapters is not None
+            adapters.adapters, adapters.active = before
         raise
 
 
@@ -306,6 +341,8 @@ def attach(
     config: AdapterConfig,
     calibration: Iterable[Any] | None = None,
     loss_fn: LossFn | None = None,
+    *,
+    name: str | None = None,
 ) -> AttachReport:
     """Put adapters on the modules ``config`` targets, in place; freeze everything else.
 
@@ -317,6 +354,9 @@ def attach(
             ``model(**batch)`` (a dict) or ``model(batch)``, and its ``.loss`` is used unless
             ``loss_fn(model, batch)`` is given.
         loss_fn: optional ``(model, batch) -> scalar loss``.
+        name: the adapter's name (default ``"default"``). On a model that has adapters already, a new
+            name adds this adapter beside them (any method, any layers) and makes it active too
+            (:func:`rankwise.set_active` chooses); it may not train modules fully (``modules_to_save``).
 
     Returns:
         The per-layer report, an :class:`AttachReport` (print it for a table).
@@ -330,21 +370,18 @@ def attach(
         raise TypeError(f"config must be a rankwise config (e.g. rankwise.LoraConfig), got {type(config).__name__}")
     model = unwrap_model(model)
     refuse_peft_model(model)
-    if is_attached(model):
-        raise ValueError(
-            "this model already has rankwise adapters; call rankwise.detach(model) first "
-            "(attaching twice would stack adapters on adapters)"
-        )
+    name = check_new_name(model, name, config)
     method = method_for(config)
+    modules = base_modules(model)
     saved = find_modules_to_save(model, config.modules_to_save)
-    targets = find_targets(model, config.target_modules, config.exclude_modules, skip=saved)
+    targets = find_targets(model, config.target_modules, config.exclude_modules, skip=saved, modules=modules)
     if is_all_linear(config.target_modules):  # the adapter records the layers it has, not the shorthand
         config = config.replace(target_modules=tuple(targets))
     if method.uses_calibration and calibration is None:
         raise ValueError(f"{method.name} initialises from data: pass calibration=<iterable of training batches> to attach")
     with all_or_nothing(model, [*targets, *saved]):
         result = method.build(model, targets, config, calibration, loss_fn)
-        report = install(model, config, result, saved)
+        report = install(model, config, result, saved, name)
     _warn_fresh_frozen(model)
     return report
 
@@ -357,7 +394,7 @@ def fresh_frozen_modules(model: nn.Module) -> list[str]:
     params = list(model.named_parameters())
     if not any(getattr(p, "_is_hf_initialized", False) for _, p in params):
         return []
-    adapters = tuple(f"{name}." for name in adapter_layers(model))  # their frozen factors are rankwise's own
+    adapters = tuple(f"{name}." for name in slot_layers(model))  # their frozen factors are rankwise's own
     fresh = [n.rpartition(".")[0] or n for n, p in params
              if not getattr(p, "_is_hf_initialized", False) and not p.requires_grad and not n.startswith(adapters)]
     return sorted(set(fresh))
@@ -372,6 +409,41 @@ def _warn_fresh_frozen(model: nn.Module) -> None:
                       stacklevel=3)
 
 
+def check_new_name(model: nn.Module, name: str | None, config: AdapterConfig | None = None) -> str:
+    """The name a new adapter gets (``None``: ``"default"``), refused before anything changes when it is
+    taken, malformed, or the model cannot take another adapter now (merged, disabled, or a second
+    adapter asking for ``modules_to_save``)."""
+    if name is not None and (not isinstance(name, str) or not name or "." in name or "/" in name):
+        raise ValueError(f"an adapter name must be a non-empty string without '.' or '/', got {name!r}")
+    if not is_attached(model):
+        return name or DEFAULT_ADAPTER
+    adapters: AdapterSet | None = getattr(model, STATE_ATTR, None)
+    if name is None or adapters is None:
+        raise ValueError(
+            "this model already has rankwise adapters; call rankwise.detach(model) first, or pass name= to add "
+            "another adapter beside them (attaching twice without a name would stack adapters on adapters)"
+        )
+    if name in adapters.adapters:
+        raise ValueError(f"this model already has an adapter named {name!r} (its adapters: {sorted(adapters.adapters)}); "
+                         "choose another name or rankwise.delete(model, name) first")
+    refuse_if_merged_or_disabled(model, f"add adapter {name!r}")
+    if config is not None and config.modules_to_save:
+        raise ValueError(
+            f"adapter {name!r} asks to train {list(config.modules_to_save)} fully (modules_to_save), but this model has "
+            "adapters already: a module has one trained copy, so only a model's first adapter may have them"
+        )
+    return name
+
+
+def refuse_if_merged_or_disabled(model: nn.Module, what: str) -> None:
+    """Raise naming ``what`` when an adapter layer is merged or inside ``rankwise.disabled`` (nothing changed yet)."""
+    hosts = slot_layers(model).values()
+    if any(layer.disabled for layer in hosts):
+        raise RuntimeError(f"cannot {what} inside `with rankwise.disabled(model):`; do it after the block")
+    if any(layer.merged for layer in hosts):
+        raise ValueError(f"cannot {what} while the adapters are merged: call rankwise.unmerge(model) first")
+
+
 def detach(model: nn.Module, merge: bool = False) -> nn.Module:
     """Remove every adapter, restoring the original modules (merged first if ``merge=True``).
 
@@ -384,14 +456,17 @@ def detach(model: nn.Module, merge: bool = False) -> nn.Module:
     dequantised, in the layers' compute dtype (``rankwise.quant``). Returns the (unwrapped) model.
     """
     model = unwrap_model(model)
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+    layers = slot_layers(model)
     if not layers:
         raise ValueError(f"this {type(model).__name__} has no rankwise adapters to detach")
+    if any(layer.disabled for layer in layers.values()):
+        raise RuntimeError("cannot detach inside `with rankwise.disabled(model):`; do it after the block")
     quantized = any(layer.quantized for layer in layers.values())
     if merge:  # every float layer first, all or nothing: a refusal leaves the model attached and unmerged
         merge_all({n: layer for n, layer in layers.items() if not layer.quantized})
-    state = getattr(model, STATE_ATTR, None)
-    untied = merge and (any(layer.tied for layer in layers.values()) or _trains_a_tie(model, state))
+    adapters: AdapterSet | None = getattr(model, STATE_ATTR, None)
+    originals = {n: m for st in (adapters.adapters.values() if adapters else ()) for n, m in st.original_modules.items()}
+    untied = merge and (any(layer.tied for layer in layers.values()) or _trains_a_tie(model, originals))
     for name, layer in layers.items():
         if merge and layer.quantized:  # a float nn.Linear: dequantised W0 + update (never rounded back to 4 bits)
             _set_submodule(model, name, layer.to_merged_float())
@@ -404,23 +479,21 @@ def detach(model: nn.Module, merge: bool = False) -> nn.Module:
         _set_submodule(model, name, layer.to_base())
     if merge and quantized:  # the rest of the model too, so save_pretrained writes a float checkpoint
         dequantize_model(model)
-    if state is not None and not merge:  # the fully-trained modules as they were (their trained copies go)
-        for name, original in state.original_modules.items():
+    if not merge:  # the fully-trained modules as they were (their trained copies go)
+        for name, original in originals.items():
             _set_submodule(model, name, _like(original, model.get_submodule(name)))
     config: Any = getattr(model, "config", None)  # a transformers PretrainedConfig, if any
     if untied and config is not None and getattr(config, "tie_word_embeddings", False):
         config.tie_word_embeddings = False  # save_pretrained / from_pretrained must not tie them again
-    if state is not None:
+    if adapters is not None:
         delattr(model, STATE_ATTR)
     return model
 
 
-def _trains_a_tie(model: nn.Module, state: RankwiseState | None) -> bool:
+def _trains_a_tie(model: nn.Module, originals: dict[str, nn.Module]) -> bool:
     """Whether a fully-trained copy replaced a module whose weight the model still shares elsewhere."""
-    if state is None:
-        return False
-    mine = {p.data_ptr() for n in state.original_modules for p in model.get_submodule(n).parameters()}
-    shared = {p.data_ptr() for m in state.original_modules.values() for p in m.parameters()}
+    mine = {p.data_ptr() for n in originals for p in model.get_submodule(n).parameters()}
+    shared = {p.data_ptr() for m in originals.values() for p in m.parameters()}
     return bool(shared & {p.data_ptr() for p in model.parameters()} - mine)
 
 
@@ -430,14 +503,29 @@ def _like(original: nn.Module, current: nn.Module) -> nn.Module:
     return original if ref is None else original.to(device=ref.device, dtype=ref.dtype)
 
 
-def merge(model: nn.Module) -> None:
-    """Merge every adapter into its base weight (idempotent; :func:`unmerge` restores the exact bits)."""
-    layers = adapter_layers(model)
+def merge(model: nn.Module, name: str | list[str] | None = None) -> None:
+    """Merge the active adapters into the base weights (idempotent; :func:`unmerge` restores the exact bits).
+
+    Each layer gets ``W0 + Σ ΔW_i`` over the active adapters that adapt it, exactly what the unmerged
+    forward computes, so adapters on different layer sets merge together fine. ``name`` (one or a
+    list): merge those instead; they become the active set (a merged model computes what it holds).
+    """
+    layers = slot_layers(model)
     if not layers:
         raise ValueError("no rankwise adapters to merge")
     for layer in layers.values():  # all-or-nothing: refuse before any layer is merged
         if layer.quantized:
             raise merge_refusal(layer._base_ref[0])
+        layer._refuse_while_disabled("merge")
+    if name is not None:
+        from .adapters import set_active  # set_active sits above lifecycle (it needs no attach machinery)
+
+        names = [name] if isinstance(name, str) else list(name)
+        if any(layer.merged for layer in layers.values()):
+            if set(names) != set(adapter_set(model).active):
+                raise ValueError(f"the model is merged with adapters {adapter_set(model).active}, not {names}: unmerge first")
+            return
+        set_active(model, names)
     merge_all(layers)
 
 
@@ -459,9 +547,11 @@ def merge_all(layers: dict[str, AdapterLayer]) -> None:
 
 def unmerge(model: nn.Module) -> None:
     """Undo :func:`merge` exactly (idempotent)."""
-    layers = adapter_layers(model)
+    layers = slot_layers(model)
     if not layers:
         raise ValueError("no rankwise adapters to unmerge")
+    for layer in layers.values():
+        layer._refuse_while_disabled("unmerge")
     for layer in layers.values():
         layer.unmerge()
 
@@ -479,11 +569,12 @@ def _first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
 
 def _adapter_tensors(model: nn.Module, grads: bool) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    for name, layer in adapter_layers(model).items():
+    for name, layer in every_layer(model):
+        prefix = "" if layer.adapter_name == DEFAULT_ADAPTER else f"{layer.adapter_name}:"
         for t, p in layer.trainable_tensors().items():
             value = p.grad if grads else p
             if value is not None:
-                out[f"{name}.{t}"] = value.detach()
+                out[f"{prefix}{name}.{t}"] = value.detach()
     return out
 
 
@@ -502,15 +593,28 @@ def check_finite_grads(model: nn.Module) -> None:
         )
 
 
-def step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, check_finite: bool = True) -> None:
+def step(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, check_finite: bool = True, name: str | None = None
+) -> None:
     """Call after every ``optimizer.step()``. A no-op for most methods; RAC-LoRA ends links here.
 
     It never changes the function the model computes. With ``check_finite`` (the default) it first
     checks every adapter tensor for NaN/inf (one host sync) and raises ``FloatingPointError`` naming
-    the first bad one: NaN gradients otherwise poison a run silently.
+    the first bad one: NaN gradients otherwise poison a run silently. With several adapters it steps
+    adapter ``name``, or (``None``) every active adapter that has a tensor requiring gradients.
     """
-    state = get_state(model)
-    merged = [n for n, layer in adapter_layers(model).items() if layer.merged and layer.requires_grad()]
+    adapters = adapter_set(model)
+    if name is not None or len(adapters.adapters) == 1:
+        names = [adapters.resolve(name)]
+    else:
+        names = [n for n in adapters.active if any(layer.requires_grad() for layer in adapter_layers(model, n).values())]
+    for n in names:
+        _step_one(model, optimizer, n, check_finite and n == names[0])
+
+
+def _step_one(model: nn.Module, optimizer: torch.optim.Optimizer | None, name: str, check_finite: bool) -> None:
+    state = get_state(model, name)
+    merged = [n for n, layer in adapter_layers(model, name).items() if layer.merged and layer.requires_grad()]
     if merged:
         raise ValueError(
             f"step() while the adapter is merged (layers {merged[:4]}): a merged adapter does not train (its tensors "
@@ -529,7 +633,7 @@ def step(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, ch
     state.step += 1
     if method.on_step is not None:
         try:
-            method.on_step(model, adapter_layers(model), optimizer, state)
+            method.on_step(model, adapter_layers(model, name), optimizer, state)
         except BaseException:
             state.step -= 1  # a refused step (e.g. the wrong optimizer) is not counted
             raise

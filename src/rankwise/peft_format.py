@@ -36,12 +36,13 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from .adapter_file import (PEFT_FILES, AdapterFileError, atomic_write_bytes, check_output_folder, file_dict, file_int,
-                           file_names, file_number, is_peft_adapter, read_json)
-from .io import install_rebuilt
+from .adapter_file import (PEFT_FILES, AdapterFileError, atomic_write_bytes, file_dict, file_int, file_names,
+                           file_number, is_peft_adapter, read_json)
+from .io import check_folders, folders_by_name, install_rebuilt
+from .lifecycle import check_new_name
 from .methods import DoraConfig, LoraConfig
 from .registry import method_for
-from .state import adapter_layers, get_state, is_attached, refuse_peft_model, unwrap_model
+from .state import adapter_layers, base_modules, get_state, is_attached, refuse_peft_model, unwrap_model
 from .targeting import SUPPORTED_TYPES, find_modules_to_save, is_conv1d, is_supported
 
 PEFT_CONFIG = "adapter_config.json"
@@ -60,6 +61,7 @@ def export_peft(
     vllm: bool = False,
     base_model_name_or_path: str | None = None,
     overwrite: bool = False,
+    name: str | None = None,
 ) -> Path:
     """Write the model's adapter as a PEFT LoRA (or DoRA) adapter folder; returns the folder.
 
@@ -67,17 +69,35 @@ def export_peft(
     ``path`` must be new, empty or a previous PEFT adapter (replaced); a folder holding anything else (a
     rankwise adapter, whose ``adapter_config.json`` this would replace, a model, other files) raises
     ``FileExistsError`` naming what it holds, unless ``overwrite=True`` (PEFT's two files are written and
-    everything else there is left). A ``torch.compile`` / DDP / FSDP1 wrapper is unwrapped (module names
-    are the plain model's).
+    everything else there is left).
+    ``name``: that adapter alone. Several adapters and no ``name``: HF PEFT's multi-adapter layout
+    (``"default"`` in ``path``, each other adapter in ``path/<name>/``; PEFT loads one with
+    ``model.load_adapter(path/<name>, adapter_name=<name>)``); every adapter is converted before any file
+    is written, so one PEFT cannot express stops the export naming it.
+    A ``torch.compile`` / DDP / FSDP1 wrapper is unwrapped (module names are the plain model's).
     """
     model = unwrap_model(model)
-    folder = Path(path)
+    folders = folders_by_name(model, path, name)
     if not overwrite:
-        check_output_folder(folder, PEFT_FILES, is_peft_adapter, "a PEFT adapter",
-                            "pass overwrite=True to rankwise.export_peft to write into it anyway")
-    state = get_state(model)
-    layers = adapter_layers(model)
-    factors = {name: layer.peft_factors() for name, layer in layers.items()}
+        check_folders(folders, PEFT_FILES, is_peft_adapter, "a PEFT adapter",
+                      "pass overwrite=True to rankwise.export_peft to write into it anyway")
+    files: dict[str, tuple[bytes, bytes]] = {}
+    for adapter in folders:
+        try:
+            files[adapter] = _peft_files(model, adapter, vllm, base_model_name_or_path)
+        except (ValueError, NotImplementedError) as exc:
+            raise type(exc)(f"adapter {adapter!r} cannot be exported to PEFT: {exc}") from exc
+    for adapter, (weights, config) in files.items():
+        atomic_write_bytes(folders[adapter] / PEFT_WEIGHTS, weights)
+        atomic_write_bytes(folders[adapter] / PEFT_CONFIG, config)
+    return Path(path)
+
+
+def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path: str | None) -> tuple[bytes, bytes]:
+    """Adapter ``name`` as PEFT's two files: ``(adapter_model.safetensors, adapter_config.json)`` bytes."""
+    state = get_state(model, name)
+    layers = adapter_layers(model, name)
+    factors = {n: layer.peft_factors() for n, layer in layers.items()}
     dora = {name for name, f in factors.items() if f.magnitude is not None}
     if dora and len(dora) != len(factors):
         raise ValueError("cannot export a mix of DoRA-style and LoRA-style layers as one PEFT adapter")
@@ -118,9 +138,8 @@ def export_peft(
         "layers_to_transform": None,
         "layers_pattern": None,
     }
-    atomic_write_bytes(folder / PEFT_WEIGHTS, st_save(tensors, metadata={"format": "pt", "exported_by": f"rankwise {state.config.method}"}))
-    atomic_write_bytes(folder / PEFT_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
-    return folder
+    weights = st_save(tensors, metadata={"format": "pt", "exported_by": f"rankwise {state.config.method}"})
+    return weights, (json.dumps(config, indent=2) + "\n").encode()
 
 
 def _peft_tensors(
@@ -296,7 +315,9 @@ def _check_init(init: Any, path: Path) -> None:
     )
 
 
-def import_peft(base_model: nn.Module, path: str | os.PathLike[str], *, trainable: bool = True) -> nn.Module:
+def import_peft(
+    base_model: nn.Module, path: str | os.PathLike[str], *, trainable: bool = True, name: str | None = None
+) -> nn.Module:
     """Attach a HF PEFT LoRA / rsLoRA / DoRA adapter folder to ``base_model`` in place, to continue training.
 
     Per-layer ranks come from the tensor shapes (checked against ``rank_pattern``), per-layer scales
@@ -308,13 +329,17 @@ def import_peft(base_model: nn.Module, path: str | os.PathLike[str], *, trainabl
     Everything is checked before the model is touched; unsupported PEFT types, options or layer
     types raise ``ValueError`` / ``TypeError`` naming the culprit, a malformed file (bad JSON or
     safetensors, a missing or non-finite number, a regex pattern key) :class:`AdapterFileError`
-    naming the field; either way the model is left as it was (flags included).
+    naming the field; either way the model is left as it was (flags included). ``name``: import it as
+    adapter ``name``, beside the model's other adapters if it has some (``attach``'s rules; one folder of
+    PEFT's multi-adapter layout at a time: ``import_peft(model, path/<name>, name=<name>)``).
     """
     folder = Path(path)
     base_model = unwrap_model(base_model)
     refuse_peft_model(base_model)
-    if is_attached(base_model):
-        raise ValueError("this model already has rankwise adapters; import onto a fresh base model")
+    if is_attached(base_model) and name is None:
+        raise ValueError("this model already has rankwise adapters; import onto a fresh base model, or pass name= "
+                         "to import this one beside them")
+    name = check_new_name(base_model, name)
     for file in (PEFT_CONFIG, PEFT_WEIGHTS):
         if not (folder / file).is_file():
             raise FileNotFoundError(f"no PEFT adapter at {folder}: {file} is missing")
@@ -330,13 +355,14 @@ def import_peft(base_model: nn.Module, path: str | os.PathLike[str], *, trainabl
         modules_to_save=tuple(saved) or None,
         use_rslora=bool(cfg.get("use_rslora")),
     )
+    check_new_name(base_model, name, config)  # beside other adapters: no modules_to_save
 
     def rebuild_and_fill() -> tuple[dict[str, Any], dict[str, dict[str, Tensor]]]:
         layers = method_for(config).rebuild(targets, config, ranks)
         _fill_from_peft(layers, parts, cfg, config.use_rslora)
         return layers, mts
 
-    install_rebuilt(base_model, config, targets, saved, rebuild_and_fill, trainable=trainable)
+    install_rebuilt(base_model, config, targets, saved, rebuild_and_fill, trainable=trainable, name=name)
     return base_model
 
 
@@ -352,7 +378,7 @@ def _peft_layers(
     if not parts:
         raise ValueError(f"{folder / PEFT_WEIGHTS} holds no lora_A/lora_B tensors")
     dora = bool(cfg.get("use_dora"))
-    modules = dict(base_model.named_modules())
+    modules = dict(base_modules(base_model))  # a module beside another adapter is seen as its base module
     targets: dict[str, nn.Module] = {}
     ranks: dict[str, int] = {}
     for name, got in parts.items():

@@ -2,19 +2,27 @@
 
 The bottom of the library's layering: methods (``methods/*.py``), ``io`` and ``peft_format`` read a
 model's adapters through these, without importing ``lifecycle`` (attach, merge, step) above them.
+
+A model may carry several named adapters (``attach(model, cfg, name=...)``). Each adapted module's
+slot in the model holds one :class:`~rankwise.layer.AdapterLayer`, the *host* (the first adapter that
+adapts that module); every other adapter's layer for the same module is a *peer* in the host's
+``peers`` (built over the same base module, sharing its ``weight``/``bias``). With one adapter there
+are no peers and nothing differs from a model that never heard of names.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from .config import AdapterConfig
-from .layer import AdapterLayer
+from .layer import DEFAULT_ADAPTER, AdapterLayer
 
 STATE_ATTR = "_rankwise"
+DEFAULT_NAME = DEFAULT_ADAPTER  # the name of an adapter attached without one (HF PEFT's default too)
 # wrappers whose inner model holds the adapter: torch.compile, DDP, DataParallel, FSDP1
 _WRAPPER_ATTRS = {"OptimizedModule": "_orig_mod", "DistributedDataParallel": "module", "DataParallel": "module",
                   "FullyShardedDataParallel": "_fsdp_wrapped_module"}
@@ -24,7 +32,7 @@ _WRAPPER_SEGMENTS = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped
 
 @dataclass
 class RankwiseState:
-    """What ``attach`` remembers on the model (as ``model._rankwise``)."""
+    """What ``attach`` remembers about one adapter."""
 
     config: AdapterConfig
     layer_names: list[str]
@@ -34,6 +42,25 @@ class RankwiseState:
     # the fully-trained modules as they were before attach (the model trains copies, as PEFT does); not
     # submodules, so they are in no state_dict or optimizer; detach() without merge puts them back
     original_modules: dict[str, nn.Module] = field(default_factory=dict)
+
+
+@dataclass
+class AdapterSet:
+    """What ``attach`` remembers on the model (as ``model._rankwise``): every adapter by name, and the
+    names of those that compute (their updates add up)."""
+
+    adapters: dict[str, RankwiseState]
+    active: list[str]
+
+    def resolve(self, name: str | None) -> str:
+        """``name`` checked to exist; ``None``: the only adapter's name (several: an error asking for one)."""
+        if name is None:
+            if len(self.adapters) == 1:
+                return next(iter(self.adapters))
+            raise ValueError(f"this model has {len(self.adapters)} adapters {sorted(self.adapters)}: pass name= to choose one")
+        if name not in self.adapters:
+            raise ValueError(f"no adapter named {name!r} on this model; its adapters: {sorted(self.adapters)}")
+        return name
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -54,12 +81,50 @@ def plain_name(name: str) -> str:
     return name
 
 
-def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
-    """``{full_name: layer}`` for every adapter layer in the (unwrapped) model, by its plain name."""
-    return {plain_name(name): m for name, m in unwrap_model(model).named_modules() if isinstance(m, AdapterLayer)}
+def slot_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    """``{full_name: host layer}``: the adapter layer in each adapted module's slot, by its plain name
+    (peers, which live inside their host, are not listed)."""
+    return {plain_name(name): m for name, m in unwrap_model(model).named_modules()
+            if isinstance(m, AdapterLayer) and not m.is_peer}
 
 
-def get_state(model: nn.Module) -> RankwiseState:
+def base_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model.named_modules()`` as before any ``attach``: each host replaced by its base module and
+    nothing inside a host listed (targeting a model that has adapters sees the modules it adapts)."""
+    out: list[tuple[str, nn.Module]] = []
+    hosts: list[str] = []
+    for name, module in unwrap_model(model).named_modules():
+        if any(name.startswith(h + ".") for h in hosts):
+            continue
+        if isinstance(module, AdapterLayer):
+            hosts.append(name)
+            module = module.base_layer()
+        out.append((name, module))
+    return out
+
+
+def every_layer(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    """``(full_name, layer)`` for every adapter's layer (hosts and peers), in model order."""
+    for name, host in slot_layers(model).items():
+        for layer in host.stack():
+            yield name, layer
+
+
+def adapter_layers(model: nn.Module, name: str | None = None) -> dict[str, AdapterLayer]:
+    """``{full_name: layer}`` for every layer of adapter ``name`` (``None``: the model's only adapter).
+
+    A model with several adapters needs ``name``; one with layers but no recorded state (mid-attach)
+    lists its hosts.
+    """
+    adapters = getattr(unwrap_model(model), STATE_ATTR, None)
+    if adapters is None:
+        return slot_layers(model)
+    wanted = adapters.resolve(name)
+    return {n: layer for n, layer in every_layer(model) if layer.adapter_name == wanted}
+
+
+def adapter_set(model: nn.Module) -> AdapterSet:
+    """The model's :class:`AdapterSet`; ``ValueError`` when it has no rankwise adapters."""
     state = getattr(unwrap_model(model), STATE_ATTR, None)
     if state is None:
         raise ValueError(f"this {type(model).__name__} has no rankwise adapters: call rankwise.attach first")
@@ -85,6 +150,12 @@ def refuse_peft_model(model: nn.Module) -> None:
     )
 
 
+def get_state(model: nn.Module, name: str | None = None) -> RankwiseState:
+    """The state of adapter ``name`` (``None``: the model's only adapter)."""
+    adapters = adapter_set(model)
+    return adapters.adapters[adapters.resolve(name)]
+
+
 def is_attached(model: nn.Module) -> bool:
     model = unwrap_model(model)
-    return getattr(model, STATE_ATTR, None) is not None or bool(adapter_layers(model))
+    return getattr(model, STATE_ATTR, None) is not None or bool(slot_layers(model))

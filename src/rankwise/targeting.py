@@ -74,9 +74,12 @@ def find_targets(
     target_modules: tuple[str, ...] | str,
     exclude_modules: tuple[str, ...] | str | None = None,
     skip: Iterable[str] = (),
+    modules: list[tuple[str, nn.Module]] | None = None,
 ) -> dict[str, nn.Module]:
     """Return ``{full_name: module}`` for every module selected by the config, in model order.
 
+    ``modules``: the ``(name, module)`` pairs to choose from (default ``model.named_modules()``; a model
+    with adapters passes its base modules, :func:`rankwise.state.base_modules`).
     Raises ``ValueError`` naming the spec when nothing matches, and ``TypeError`` naming the module
     when a match has an unsupported type.
     """
@@ -84,8 +87,9 @@ def find_targets(
     all_linear = is_all_linear(target_modules)
     if all_linear:
         skipped += output_heads(model)
+    named = list(model.named_modules()) if modules is None else modules
     found: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
+    for name, module in named:
         if not name or name_matches(name, exclude_modules):
             continue
         if not (is_supported(module) if all_linear else name_matches(name, target_modules)):
@@ -99,7 +103,7 @@ def find_targets(
             )
         found[name] = module
     if not found:
-        sample = [n for n, m in model.named_modules() if n and is_supported(m)][:12]
+        sample = [n for n, m in named if n and is_supported(m)][:12]
         raise ValueError(
             f"target_modules={target_modules!r} matched no module of {type(model).__name__} "
             f"(exclude_modules={exclude_modules!r}). Adaptable layers include: {sample}"

@@ -193,7 +193,7 @@ def _import(args: argparse.Namespace) -> str:
     rankwise.import_peft(model, args.adapter)
     rankwise.save(model, args.out)
     n = len(rankwise.adapter_layers(model))
-    return f"rankwise {model._rankwise.config.method} adapter ({n} layers) written to {args.out}"
+    return f"rankwise {rankwise.state.get_state(model).config.method} adapter ({n} layers) written to {args.out}"
 
 
 def run(args: argparse.Namespace) -> int:

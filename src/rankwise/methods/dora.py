@@ -120,6 +120,7 @@ class DoraLinear(LoraLinear):
 
     trainable: ClassVar[tuple[str, ...]] = ("lora_a", "lora_b", "magnitude")
     norm_n0: Tensor  # buffer: ‖W0‖²_row
+    delta_forward = AdapterLayer.delta_forward  # not LoRA's: the magnitude rescales the base path too
 
     def __init__(self, base: nn.Module, config: AdapterConfig, rank: int, *, index: int = 0, init: bool = True) -> None:
         super().__init__(base, config, rank, index=index, init=init)

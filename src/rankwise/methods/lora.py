@@ -76,6 +76,10 @@ class LoraLinear(AdapterLayer):
         result = self.base_forward(x)  # (..., out); F.linear does not keep its output for backward
         return result.add_(self.lora_out(self.dropout(x)).to(result.dtype))
 
+    def delta_forward(self, x: Tensor) -> Tensor:
+        """``s · dropout(x) Aᵀ Bᵀ`` alone (beside other adapters), in the adapter dtype."""
+        return self.lora_out(self.dropout(x))
+
     def merged_weight(self) -> Tensor:
         w0 = self.unmerged_base_weight().float()  # out x in
         return w0 + self.scale * (self.lora_b.float() @ self.lora_a.float())  # out x in

@@ -347,28 +347,29 @@ def on_step(model: nn.Module, layers: dict[str, AdapterLayer], optimizer: Any, s
         state.method_state["link_step"] = link_step
 
 
-def _rac_state(model: nn.Module) -> tuple[RacLoraConfig, RankwiseState, dict[str, RacLoraLinear]]:
-    state = get_state(model)
+def _rac_state(model: nn.Module, name: str | None = None) -> tuple[RacLoraConfig, RankwiseState, dict[str, RacLoraLinear]]:
+    state = get_state(model, name)
     if not isinstance(state.config, RacLoraConfig):
         raise ValueError(f"this model's adapter is {state.config.method!r}, not a RAC-LoRA chain (rankwise.RacLoraConfig)")
-    layers = {n: layer for n, layer in adapter_layers(model).items() if isinstance(layer, RacLoraLinear)}
+    layers = {n: layer for n, layer in adapter_layers(model, name).items() if isinstance(layer, RacLoraLinear)}
     return state.config, state, layers
 
 
-def end_link(model: nn.Module, optimizer: Any) -> None:
+def end_link(model: nn.Module, optimizer: Any, name: str | None = None) -> None:
     """End the current link now (e.g. at an epoch's end): merge, resample, reset the optimizer state
     (only the new sketch's with ``keep_optimizer_state``).
 
     Never changes the model's function. Raises for a config with ``chain=False`` (one link by definition).
+    ``name``: which adapter, on a model with several.
     """
-    config, state, layers = _rac_state(model)
+    config, state, layers = _rac_state(model, name)
     if not config.chain:
         raise ValueError("this RacLoraConfig has chain=False (Asymmetric LoRA / LoRA: a single link); there is no link to end")
     _end_links(dict(layers), optimizer, state)
 
 
 @torch.no_grad()
-def compress_chain(model: nn.Module, rank: int) -> dict[str, float]:
+def compress_chain(model: nn.Module, rank: int, name: str | None = None) -> dict[str, float]:
     """Fold each layer's whole update (chain + current link) into a chain of rank ``≤ rank`` by SVD.
 
     For export/serving after training: the current link's trained factor is zeroed (its product moves
@@ -376,7 +377,7 @@ def compress_chain(model: nn.Module, rank: int) -> dict[str, float]:
     Frobenius error ``‖ΔW − ΔW_rank‖ / ‖ΔW‖``.
     """
     check_positive_int("rank", rank)
-    _, _, layers = _rac_state(model)
+    _, _, layers = _rac_state(model, name)
     merged = [n for n, layer in layers.items() if layer.merged]
     if merged:
         raise ValueError(f"unmerge before compressing the chain (merged layers: {merged[:4]})")

@@ -1,0 +1,118 @@
+"""Adapter control: switch every adapter off for a block, choose the active ones, delete one.
+
+``with rankwise.disabled(model):`` — inside, each adapted module runs its base module's own forward,
+so the model computes exactly what it computed before ``attach`` (bit for bit, in any dtype, merged or
+not), and no adapter tensor is in the graph; a fully-trained module (``modules_to_save``, trained as a
+copy) is its original for the block. A merged model is not refused: each merged layer swaps
+its kept original bits into the weight for the block and the merged bits back after (exact both ways,
+one layer's copy at a time). On exit — also when the block raises — everything is as it was; blocks
+nest. This is how a preference trainer gets reference log-probabilities from the policy's own
+weights (HF PEFT's ``disable_adapter()``).
+
+Several adapters on one model (``attach(model, cfg, name=...)``): :func:`set_active` chooses those
+that compute (their updates add up, as in HF PEFT); :func:`delete` removes one, leaving the others
+computing exactly what they computed before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+from .layer import AdapterLayer
+from .lifecycle import _like, _set_submodule, detach, refuse_if_merged_or_disabled
+from .state import adapter_set, slot_layers, unwrap_model
+
+
+@contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model is its base model: every adapter (of every name) is off, and each
+    fully-trained module (``modules_to_save``, trained as a copy) is its original again.
+
+    Merge, unmerge, attach, delete and detach are refused inside the block.
+    """
+    model = unwrap_model(model)
+    adapters = adapter_set(model)
+    switched: list[AdapterLayer] = []
+    trained: list[tuple[str, nn.Module]] = []
+    try:
+        for layer in slot_layers(model).values():
+            if not layer.disabled:  # an enclosing block's layers are left to it
+                switched.append(layer)
+                layer.disable()
+        for state in adapters.adapters.values():
+            for name, original in state.original_modules.items():
+                current = model.get_submodule(name)
+                if current is not original:  # (an enclosing block put it in already)
+                    trained.append((name, current))
+                    _set_submodule(model, name, _like(original, current))
+        yield model
+    finally:
+        for name, current in reversed(trained):
+            _set_submodule(model, name, current)
+        for layer in reversed(switched):
+            layer.enable()
+
+
+def set_active(model: nn.Module, names: str | list[str]) -> None:
+    """Make adapter(s) ``names`` the ones that compute; the others stay on the model, idle.
+
+    Several active adapters add their updates (``W0 + Σ ΔW_i``). ``requires_grad`` is left as it is
+    (an idle adapter gets no gradient because it is not in the graph). Refused on a merged model.
+    """
+    model = unwrap_model(model)
+    adapters = adapter_set(model)
+    chosen = [names] if isinstance(names, str) else list(names)
+    if not chosen:
+        raise ValueError("set_active needs at least one adapter name (use `with rankwise.disabled(model):` for none)")
+    for name in chosen:
+        adapters.resolve(name)
+    if any(layer.merged for layer in slot_layers(model).values()):
+        raise ValueError(f"cannot change the active adapters of a merged model (merged: {adapters.active}): "
+                         "call rankwise.unmerge(model) first")
+    for host in slot_layers(model).values():
+        for layer in host.stack():
+            layer.active = layer.adapter_name in chosen
+    adapters.active = [n for n in adapters.adapters if n in chosen]
+
+
+def delete(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name``; every other adapter stays and computes exactly what it did.
+
+    Deleting the last adapter is :func:`rankwise.detach` (the original modules back); deleting the only
+    active one activates the first remaining (as HF PEFT does). The deleted adapter's fully-trained
+    modules get their originals back, as ``detach`` does. Refused on a merged model and inside
+    ``rankwise.disabled``.
+    """
+    model = unwrap_model(model)
+    adapters = adapter_set(model)
+    adapters.resolve(name)
+    refuse_if_merged_or_disabled(model, f"delete adapter {name!r}")
+    if len(adapters.adapters) == 1:
+        detach(model)
+        return
+    for slot, host in slot_layers(model).items():
+        stack = host.stack()
+        if host.adapter_name == name:
+            _set_submodule(model, slot, _promote(host, stack[1:]))
+        elif any(layer.adapter_name == name for layer in stack):
+            host.remove_peer(name)
+    state = adapters.adapters.pop(name)
+    for module_name, original in state.original_modules.items():  # as detach(): the originals back
+        _set_submodule(model, module_name, _like(original, model.get_submodule(module_name)))
+    remaining = [n for n in adapters.active if n != name]
+    set_active(model, remaining or [next(iter(adapters.adapters))])  # none left active: the first one (as HF PEFT)
+
+
+def _promote(host: AdapterLayer, peers: list[AdapterLayer]) -> nn.Module:
+    """What takes ``host``'s slot when its adapter goes: the first peer (holding the rest), or the base module."""
+    if not peers:
+        return host.to_base()
+    new_host, rest = host.remove_peer(peers[0].adapter_name), peers[1:]
+    new_host.make_host()
+    new_host.tied = host.tied
+    for peer in rest:
+        new_host.add_peer(host.remove_peer(peer.adapter_name))
+    return new_host
