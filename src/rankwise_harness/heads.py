@@ -25,6 +25,7 @@ The head is a module the harness trains fully next to the adapter (``modules_to_
 
 from __future__ import annotations
 
+import json
 import types
 from pathlib import Path
 from typing import Any
@@ -194,7 +195,7 @@ def load_merged(folder: str | Path) -> nn.Module:
     from .models import head_modules
 
     folder = Path(folder)
-    spec = json.loads((folder / HEAD_FILE).read_text())
+    spec = read_json((folder / HEAD_FILE).read_bytes(), folder / HEAD_FILE, ValueError)
     config = transformers.AutoConfig.from_pretrained(folder)
     cls = getattr(transformers, (config.architectures or [""])[0], None)
     if cls is None:
