@@ -23,21 +23,10 @@ from rankwise_harness.config import ConfigError, RunConfig
 from rankwise_harness.data import DataError, get_task, load_task_data
 from rankwise_harness.train import finetune
 from test_harness_data import FORMATS, _folder
+from test_hardening_harness import _Crash, _crash_at
 from test_harness_train import _cfg, sst2, tiny_models  # noqa: F401  (module fixtures: a tiny BERT, 64 SST-2 rows)
 
 QUIET = dict(show_progress=False, log=lambda _m: None)
-
-
-class _Crash(RuntimeError):
-    pass
-
-
-def _crash_at(n: int):
-    def hook(step: int, _loss: float) -> None:
-        if step == n:
-            raise _Crash
-
-    return hook
 
 
 def _interrupted(cfg: RunConfig, at: int = 3) -> None:
