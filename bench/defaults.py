@@ -103,7 +103,7 @@ def main() -> None:
                 continue
             results.append(_row(key, run_dir, time.time() - t0))
             print(json.dumps(results[-1]), flush=True)
-    (out / "grid.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "grid.json").write_text(json.dumps({"command": "python bench/defaults.py " + " ".join(sys.argv[1:]), "runs": results}, indent=1) + "\n")
     table = ["| task | method | lr | schedule | steps | held-out metric | before training | loss first -> last | wall s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (r["task"], r["method"], r["schedule"], r["lr"])):

@@ -199,7 +199,7 @@ def main() -> None:
         return
     rows = run(a.steps, a.size, a.out)
     out = ROOT / "docs" / "bench"
-    (out / "dpo-memory.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "dpo-memory.json").write_text(json.dumps({"command": "python bench/dpo_memory.py " + " ".join(sys.argv[1:]), "rows": rows}, indent=2) + "\n")
     (out / "dpo-memory.md").write_text(report(rows, a.steps))
 
 

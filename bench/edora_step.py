@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for row in rows:
         peak = f"{row['step_peak_mib']:.1f}" if row["step_peak_mib"] is not None else "-"
         print(f"{row['method']:<16} {row['median_ms']:>10.2f} {row['ratio']:>17.3f}x {row['trainable']:>11,} {peak:>14}")
-    result = {"args": {k: str(v) for k, v in vars(args).items()}, "device": device_name, "torch": torch.__version__, "rows": rows}
+    result = {"command": "python bench/edora_step.py " + " ".join(sys.argv[1:]), "args": {k: str(v) for k, v in vars(args).items()}, "device": device_name, "torch": torch.__version__, "rows": rows}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

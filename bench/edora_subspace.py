@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -130,7 +131,7 @@ def main() -> None:
                      f"{pct('dora_random')} | {pct('isotropic')} | {med(kind, 'step_svd'):.1f} | {med(kind, 'step_random'):.1f} |")
     out = ROOT / "docs" / "bench" / f"{args.name}.md"
     out.write_text("\n".join(lines) + "\n")
-    (out.with_suffix(".json")).write_text(json.dumps(rows, indent=1) + "\n")
+    (out.with_suffix(".json")).write_text(json.dumps({"command": "python bench/edora_subspace.py " + " ".join(sys.argv[1:]), "rows": rows}, indent=1) + "\n")
     print("\n".join(lines))
 
 

@@ -12,7 +12,7 @@ cost against ``n_steps``, and adapter file sizes. Packaged MiniLM, CPU, same tar
   ``rankwise.export_peft`` and, for LoRA/DoRA, of PEFT's own ``save_pretrained`` of the same adapter.
 
     python bench/extras.py            # writes docs/bench/extras.{json,md}
-    python bench/extras.py --quick    # a smoke run (writes extras_quick.*)
+    python bench/extras.py --quick    # a smoke run (writes extras-quick.*)
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def main() -> None:
         return
     if args.quick:
         args.batch, args.seq, args.rounds, args.n_steps = 2, 16, 2, "1,2"
-    suffix = "_quick" if args.quick else ""
+    suffix = "-quick" if args.quick else ""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     parts = set(args.parts.split(","))

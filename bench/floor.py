@@ -15,7 +15,7 @@ Shapes: ``minilm`` (the packaged MiniLM, r 8 on query/key/value/dense, batch 32 
 MLP 1536, 9 heads / 3 KV heads, all seven linear layers per block targeted, a 2-label
 sequence-classification head, vocabulary cut to 32000 (SmolLM2: 49152) since only the linear layers' shapes matter).
 
-    python bench/floor.py --shape minilm --rounds 15      # writes docs/bench/floor_minilm.{json,md}
+    python bench/floor.py --shape minilm --rounds 15      # writes docs/bench/floor-minilm.{json,md}; runs kept as floor-minilm-runN
     python bench/floor.py --shape smollm --batch 4 --seq 64 --rounds 6
     python bench/floor.py --shape minilm --profile        # torch profiler table per op, fused vs reference
     python bench/floor.py --shape minilm --memory         # training RSS growth per variant
@@ -183,7 +183,7 @@ def main() -> None:
         lines = [f"Training RSS growth over 3 steps (MB), `python bench/floor.py {' '.join(sys.argv[1:])}`, batch {args.batch} x {args.seq}:",
                  "", "| variant | RSS growth (MB) | × PEFT LoRA |", "|---|---:|---:|"]
         lines += [f"| {k} | {v:.0f} | {v / rss['peft-lora']:.2f} |" for k, v in rss.items()]
-        (Path(args.out) / f"floor_{args.shape}_memory.md").write_text("\n".join(lines) + "\n")
+        (Path(args.out) / f"floor-{args.shape}-memory.md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
         return
     models, trainable = build(args.shape, args.r, args.batch, args.seq)
@@ -192,8 +192,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
     if args.profile:
-        text = profile(models, batch, ["floor", "lora", "lora-ref", "dora", "dora-ref"], 3)
-        (out / f"floor_{args.shape}_profile.md").write_text(text)
+        text = f"`python bench/floor.py {' '.join(sys.argv[1:])}`\n\n" + profile(models, batch, ["floor", "lora", "lora-ref", "dora", "dora-ref"], 3)
+        (out / f"floor-{args.shape}-profile.md").write_text(text)
         print(text)
         return
     times = time_all(models, batch, args.rounds, args.warmup)
@@ -207,9 +207,9 @@ def main() -> None:
     }
     rows = {label: {"median_s": med[label], "to_floor": med[label] / med["floor"], "to_peft_lora": med[label] / med["peft-lora"],
                     "trainable": trainable[label], "times_s": times[label]} for label in times}
-    (out / f"floor_{args.shape}.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    (out / f"floor-{args.shape}.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
     text = table(meta, rows)
-    (out / f"floor_{args.shape}.md").write_text(text)
+    (out / f"floor-{args.shape}.md").write_text(text)
     print(text)
 
 

@@ -222,7 +222,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / ("speed_quick.json" if args.quick else "speed.json")).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    (out / ("speed-quick.json" if args.quick else "speed.json")).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     lines = [f"Measured {meta['date']} on {meta['machine']}; `{meta['command']}`; rank {args.r}, targets {TARGETS}, "
              f"median of {args.rounds} interleaved steps.", ""]
     for res in results:
@@ -233,7 +233,7 @@ def main() -> None:
             lines.append(f"| {label} | {v['trainable']:,} | {1000 * v['median_s']:.1f} | {v['ratio_to_peft_lora']:.3f} | "
                          f"{v['peak_rss_mb']:.0f} | {v['train_growth_mb']:.0f} |")
         lines.append("")
-    (out / ("speed_quick.md" if args.quick else "speed.md")).write_text("\n".join(lines))
+    (out / ("speed-quick.md" if args.quick else "speed.md")).write_text("\n".join(lines))
     print("\n".join(lines))
 
 

@@ -93,9 +93,9 @@ def main() -> None:
                 rate = (math.log(gaps[end]) - math.log(gaps[0])) / max(end, 1)  # mean log-gap slope per step until then
                 summary.setdefault(kind, {})[key] = {"gap_start": gaps[0], "gap_end": gaps[-1], "steps_to_1e-6": hit, "log_gap_slope": rate}
                 print(f"{kind:20s} {key:34s} gap {gaps[0]:.3g} -> {gaps[-1]:.3g}  steps to 1e-6 rel. gap: {hit}  slope(log gap)/step {rate:.4f}")
-    out = ROOT / "docs" / "img"
+    out = ROOT / "docs" / "bench"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "raclora_convex.json").write_text(json.dumps({"n": n, "c": c, "steps": steps, "summary": summary}, indent=1))
+    (out / "raclora-convex.json").write_text(json.dumps({"command": "python experiments/raclora/convex.py " + " ".join(sys.argv[1:]), "n": n, "c": c, "steps": steps, "summary": summary}, indent=1))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,7 +110,7 @@ def main() -> None:
         ax.set_ylabel("f(W) − f* (full FT optimum)")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "raclora_convex.png", dpi=110)
+    fig.savefig(out / "raclora-convex.png", dpi=110)
 
 
 if __name__ == "__main__":

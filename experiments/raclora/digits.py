@@ -117,10 +117,10 @@ def main() -> None:
     for m, r in table.items():
         lines.append(f"| {m} | {r['A'][0]:.1f} ± {r['A'][1]:.1f} | {r['B'][0]:.1f} ± {r['B'][1]:.1f} | {PAPER[m][0]} | {PAPER[m][1]} |")
     print("\n".join(lines))
-    out = ROOT / "docs" / "img"
+    out = ROOT / "docs" / "bench"
     out.mkdir(parents=True, exist_ok=True)
-    (out / ("raclora_digits_quick.json" if args.quick else "raclora_digits.json")).write_text(
-        json.dumps({"seeds": seeds, "links": links, "epochs_per_link": epl, "lr": args.lr, "table": table, "markdown": lines}, indent=1)
+    (out / ("raclora-digits-quick.json" if args.quick else "raclora-digits.json")).write_text(
+        json.dumps({"command": "python experiments/raclora/digits.py " + " ".join(sys.argv[1:]), "seeds": seeds, "links": links, "epochs_per_link": epl, "lr": args.lr, "table": table, "markdown": lines}, indent=1)
     )
 
 

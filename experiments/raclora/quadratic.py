@@ -67,10 +67,10 @@ def main() -> None:
             mean = [sum(c[i] for c in curves) / len(curves) for i in range(steps)]
             results.setdefault(gamma_name, {})[method] = mean
             print(f"γ={gamma_name:6s} {method:16s} f(W_0)={mean[0]:.4g}  f(W_T)={mean[-1]:.4g}")
-    out = ROOT / "docs" / "img"
-    tag = "" if args.sketch_scale == 1.0 else f"_scale{args.sketch_scale:g}"
+    out = ROOT / "docs" / "bench"
+    tag = "" if args.sketch_scale == 1.0 else f"-scale{args.sketch_scale:g}"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"raclora_quadratic_ls{args.link_steps}{tag}.json").write_text(json.dumps({"n": n, "steps": steps, "seeds": seeds, "final": {g: {k: v[-1] for k, v in r.items()} for g, r in results.items()}}, indent=1))
+    (out / f"raclora-quadratic-ls{args.link_steps}{tag}.json").write_text(json.dumps({"command": "python experiments/raclora/quadratic.py " + " ".join(sys.argv[1:]), "n": n, "steps": steps, "seeds": seeds, "final": {g: {k: v[-1] for k, v in r.items()} for g, r in results.items()}}, indent=1))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,7 +85,7 @@ def main() -> None:
         ax.set_ylabel("f(W) − f*")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out / f"raclora_quadratic_ls{args.link_steps}{tag}.png", dpi=110)
+    fig.savefig(out / f"raclora-quadratic-ls{args.link_steps}{tag}.png", dpi=110)
 
 
 if __name__ == "__main__":
