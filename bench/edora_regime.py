@@ -18,7 +18,7 @@ trainable adapter parameters (the head counted apart).
 
 Regime (b), ``--regime b``: SmolLM2-135M classifying by prompt and label words, no head at all (so no
 head flags; adapters on ``q_proj,v_proj``, the causal LM's counterparts of RoBERTa's query/value). Runs
-are in their own folder (``<runs>-b``). Far slower per step than MiniLM on a CPU: see docs/benchmarks.md
+are in their own folder (``<runs>-b``). Far slower per step than MiniLM on a CPU: see docs/evidence/edora.md
 for what has been run.
 """
 

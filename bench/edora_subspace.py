@@ -17,7 +17,7 @@ EDoRA's paper target set (query, value, attention output, FFN output), for both 
     python bench/edora_subspace.py --full runs/quality/sst2/full-seed0 \\
         --dora runs/quality-r16-1000/sst2/dora-seed0        # writes docs/bench/edora-subspace.md
 
-Cheap (no training); the runs come from ``bench/quality.py`` (section 3 and 3b of docs/benchmarks.md).
+Cheap (no training); the runs come from ``bench/quality.py`` (sections 3 and 3b of docs/evidence/minilm-quality.md).
 """
 
 from __future__ import annotations

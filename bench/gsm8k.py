@@ -7,7 +7,7 @@ Each method is one `rankwise finetune --task gsm8k` run (finished runs are reuse
 Budgets mirror the GLUE benchmark: LoRA r=8, GoRA r_ref=8 (LoRA-8's parameter budget), EDoRA r=16,
 targets q_proj, v_proj (the harness's Llama default until issue 18, now pinned here) and a linear schedule
 with 6 % warm-up (likewise). EDoRA runs at its own learning rate
-(``edora@1e-2``: ~10x LoRA's, see docs/benchmarks.md section 3).
+(``edora@1e-2``: ~10x LoRA's, see docs/evidence/minilm-quality.md section 3).
 
     python bench/gsm8k.py                                   # the documented run (about 1.5 h on 2 CPU cores)
     python bench/gsm8k.py --steps 2 --max-eval 4 --runs /tmp/g   # smoke run

@@ -2,7 +2,7 @@
 
 Attaches each method to the packaged MiniLM (and, with ``--smollm2``, SmolLM2-135M) and counts the
 parameters that require grad, classifier excluded: the numbers behind the "EDoRA trains N× fewer"
-claims in docs/benchmarks.md. Cheap (no training); writes ``docs/bench/params.md``.
+claims in docs/evidence/. Cheap (no training); writes ``docs/bench/params.md``.
 
     python bench/params.py
 """

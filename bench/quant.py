@@ -201,7 +201,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = ("quant_quick" if args.quick else "quant") + args.tag
+    stem = ("quant-quick" if args.quick else "quant") + args.tag
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     text = report(results, meta)
     (out / f"{stem}.md").write_text(text + "\n")

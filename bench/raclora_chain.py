@@ -12,7 +12,7 @@ the report plots the held-out metric against epoch for all arms (see ``bench/reg
     python bench/raclora_chain.py                    # the runs (long on 2 CPU cores), resumable
     python bench/raclora_chain.py --report-only      # tables + curves from finished runs
 
-Results and the command that made them: docs/benchmarks.md §3f (docs/bench/raclora-chain.md, .png).
+Results and the command that made them: docs/evidence/raclora.md §3f (docs/bench/raclora-chain.md, .png).
 """
 
 from __future__ import annotations

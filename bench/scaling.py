@@ -84,7 +84,7 @@ def main() -> None:
             "command": "python bench/scaling.py " + " ".join(sys.argv[1:]), "tokens": args.tokens, "rounds": rounds}
     out = ROOT / "docs" / "bench"
     out.mkdir(parents=True, exist_ok=True)
-    stem = "scaling_quick" if args.quick else "scaling"
+    stem = "scaling-quick" if args.quick else "scaling"
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "by_rank": by_rank, "by_width": by_width}, indent=1))
     lines = [f"Measured {meta['date']} on {meta['machine']}; `{meta['command']}`; one `width x width` linear layer, "
              f"{args.tokens} tokens per step, median of {rounds} interleaved steps; ms per step.", "",

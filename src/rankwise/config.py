@@ -58,7 +58,7 @@ class AdapterConfig:
 
     method: ClassVar[str] = "base"
     # a learning rate that trains the method well with AdamW at a constant rate (measured on MiniLM / GLUE,
-    # docs/benchmarks.md "Default learning rates and targets"); training harnesses use it when given none
+    # docs/evidence/defaults.md "Default learning rates and targets"); training harnesses use it when given none
     default_lr: ClassVar[float] = 1e-3
 
     r: int = 8

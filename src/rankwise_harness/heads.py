@@ -17,7 +17,7 @@
 
 Without ``--pooling``, sentence-transformers checkpoints (a ``modules.json`` and a ``1_Pooling`` config asking
 for mean pooling, as the packaged MiniLM has) get ``mean``, every other model ``cls``
-(:func:`resolve_pooling`); measured on SST-2 / MiniLM in docs/benchmarks.md section 3e.
+(:func:`resolve_pooling`); measured on SST-2 / MiniLM in docs/evidence/edora.md section 3e.
 
 The head is a module the harness trains fully next to the adapter (``modules_to_save``), at
 ``--head-lr``; its parameters are reported apart from the adapter's (``head_params``).

@@ -66,7 +66,7 @@ class EdoraConfig(AdapterConfig):
     """
 
     method: ClassVar[str] = "edora"
-    default_lr: ClassVar[float] = 1e-2  # only an r x r core per layer trains: ~10x LoRA's rate (docs/benchmarks.md)
+    default_lr: ClassVar[float] = 1e-2  # only an r x r core per layer trains: ~10x LoRA's rate (docs/evidence/defaults.md)
 
     sigma: float = 1e-5
     svd: str = "exact"
@@ -143,7 +143,7 @@ class EdoraLinear(AdapterLayer):
 
     trainable: ClassVar[tuple[str, ...]] = ("core", "magnitude")
     # LoRA+ groups give the core (the update's only trained factor) the multiplied rate, the magnitude the
-    # base rate. On MiniLM one rate for both, ~10x LoRA's, scored higher (docs/benchmarks.md §3d).
+    # base rate. On MiniLM one rate for both, ~10x LoRA's, scored higher (docs/evidence/edora.md §3d).
     lr_multiplied: ClassVar[tuple[str, ...]] = ("core",)
     frozen_a: Tensor  # buffers (typed here: nn.Module's __getattr__ says Tensor | Module)
     frozen_b: Tensor
