@@ -162,3 +162,16 @@ def test_the_edora_verdict_follows_the_pre_registered_rule(tmp_ledger: Path) -> 
     assert "fails" in row and "20.0×" in row and "| 8/10 |" in row and "(5, 5)" in row
     avg = next(line for line in lines if line.startswith("| average | edora-svd"))
     assert "fails" in avg  # one task: the average is that task
+
+
+def test_the_ledger_root_is_not_git_ignored() -> None:
+    """The ledger is committed so runs continue on another machine: a ``runs/`` ignore rule must not swallow it."""
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    probe = ledger.entry_path("some-experiment", "mrpc/lora/lr0.001-seed0").relative_to(root)
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(probe)], cwd=root)
+    assert ignored.returncode == 1, f"{probe} is git-ignored: ledger entries would never be committed"
