@@ -10,7 +10,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -19,6 +18,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from .config import is_number
 
 _FINGERPRINT_POINTS = 8
 
@@ -137,8 +138,7 @@ def file_int(value: Any, file: Any, field: str, minimum: int = 1) -> int:
 
 def file_number(value: Any, file: Any, field: str, positive: bool = True) -> float:
     """``value`` as a finite float (``> 0`` when ``positive``), else :class:`AdapterFileError` naming ``field``."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or (positive and value <= 0):
+    if not is_number(value, "> 0" if positive else "finite"):
         raise AdapterFileError(f"{_where(file, field)} must be a finite {'positive ' if positive else ''}number, got {value!r}")
     return float(value)
 

@@ -11,7 +11,41 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
+
+NumberBound = Literal["finite", ">= 0", "> 0"]
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
+    """LoRA's forward scale ``s`` at rank ``r``: ``alpha / r`` (LoRA §4.1), or ``alpha / √r`` with rsLoRA
+    (Kalajdzievski 2023, the rank-stabilised scale).
+
+    The one home of this formula: a layer's scale (:meth:`AdapterConfig.scale`), a PEFT import's per-layer
+    scales and, through its inverse :func:`lora_alpha`, a PEFT export's ``lora_alpha`` / ``alpha_pattern``.
+    """
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def lora_alpha(scale: float, rank: int, rslora: bool) -> float:
+    """The ``alpha`` whose :func:`lora_scale` at rank ``r`` is ``scale``: ``s·r``, or ``s·√r`` with rsLoRA."""
+    return scale * (math.sqrt(rank) if rslora else rank)
+
+
+def is_number(value: Any, bound: NumberBound = "finite") -> bool:
+    """Whether ``value`` is a finite real number (an ``int`` or ``float``; a ``bool`` is not), and
+    ``>= 0`` or ``> 0`` when ``bound`` says so."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return bound == "finite" or value > 0 or (bound == ">= 0" and value == 0)
+
+
+def check_number(name: str, value: Any, bound: NumberBound = "> 0", *, none: bool = False) -> None:
+    """Raise ``ValueError`` naming ``name`` unless :func:`is_number` ``(value, bound)`` (``none``: ``None`` is allowed too)."""
+    if (value is None and none) or is_number(value, bound):
+        return
+    what = {"finite": "a finite number", ">= 0": "a finite number >= 0", "> 0": "a positive finite number"}[bound]
+    raise ValueError(f"{name} must be {'None or ' if none else ''}{what}, got {value!r}")
+
 
 def check_positive_int(name: str, value: Any, *, none: str | None = None) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``value`` is an ``int`` >= 1 (a ``bool`` is not).
@@ -80,14 +114,14 @@ class AdapterConfig:
         if self.target_modules is None or (isinstance(self.target_modules, tuple) and not self.target_modules):
             raise ValueError("target_modules must name at least one module")
         check_positive_int("r", self.r)
-        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
-            raise ValueError(f"alpha must be a positive finite number, got {self.alpha!r}")
+        check_number("alpha", self.alpha)
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
     def scale(self, rank: int) -> float:
-        """The forward scale ``s`` for a layer of rank ``rank``: ``alpha/r`` or, with rsLoRA, ``alpha/sqrt(r)``."""
-        return self.alpha / math.sqrt(rank) if self.use_rslora else self.alpha / rank
+        """The forward scale ``s`` for a layer of rank ``rank``: ``alpha/r`` or, with rsLoRA, ``alpha/sqrt(r)``
+        (:func:`lora_scale`)."""
+        return lora_scale(self.alpha, rank, self.use_rslora)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict including the method name."""

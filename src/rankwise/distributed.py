@@ -34,6 +34,21 @@ def broadcast_from_rank0(value: int) -> int:
     return int(t.item())
 
 
+SEED_DRAW_BOUND = 2**31 - 1  # a drawn seed is in [0, this): layer_generator's ``seed · 1_000_003 + i`` stays in int64
+
+
+def shared_seed(seed: int | None) -> int:
+    """The seed a method's random init draws from: ``seed``, or for ``None`` one drawn from torch's global RNG
+    and made rank 0's on every ``torch.distributed`` rank (:func:`broadcast_from_rank0`).
+
+    Either way an ``int``, and the same one whether or not a process group runs: one process, or a group of
+    any size whose rank 0 has the same global RNG state, builds the same adapter.
+    """
+    if seed is not None:
+        return int(seed)
+    return broadcast_from_rank0(int(torch.randint(0, SEED_DRAW_BOUND, (), dtype=torch.int64)))
+
+
 def whole(t: torch.Tensor) -> torch.Tensor:
     """A tensor's whole value: an FSDP2 parameter (a sharded ``DTensor``) gathered from every rank (a
     collective: every rank must call it), anything else as it is."""

@@ -43,7 +43,7 @@ from .config import AdapterConfig
 from .layer import AdapterLayer
 from .lifecycle import all_or_nothing, check_new_name, install
 from .quant import dense_weight, quant_block, quant_kind
-from .registry import BuildResult, config_from_dict, get_method
+from .registry import BuildResult, Method, config_from_dict, get_method
 from .state import (DEFAULT_NAME, adapter_layers, adapter_set, base_modules, get_state, is_attached, refuse_peft_model,
                     unwrap_model)
 from .targeting import SUPPORTED_TYPES, is_supported, out_in
@@ -355,12 +355,13 @@ def install_rebuilt(
 
 
 def _rebuild_filled(
-    method: Any, targets: dict[str, nn.Module], config: Any, meta: dict[str, Any], tensors: dict[str, Tensor], path: Any
+    method: Method, targets: dict[str, nn.Module], config: AdapterConfig, meta: dict[str, Any], tensors: dict[str, Tensor], path: Any
 ) -> dict[str, AdapterLayer]:
-    """The method's layers at the recorded ranks, filled with the file's tensors and per-layer scales."""
+    """The method's layers at the recorded ranks and per-layer scales, filled with the file's tensors."""
     ranks = {n: int(spec["rank"]) for n, spec in meta["layers"].items()}
+    scales = {n: float(spec["scale"]) for n, spec in meta["layers"].items() if "scale" in spec}  # older files: none
     try:
-        layers = method.rebuild(targets, config, ranks)
+        layers = rebuild_layers(method, targets, config, ranks, scales)
     except (ValueError, TypeError) as exc:
         raise AdapterFileError(f"the adapter at {path} cannot be rebuilt on this model: {exc}") from exc
     for name, layer in layers.items():
@@ -370,8 +371,21 @@ def _rebuild_filled(
             _fill(layer, name, tensors)
         except AdapterFileError as exc:
             raise AdapterFileError(f"{exc} (the file records field 'layers.{name}.rank' = {ranks[name]})") from exc
-        if "scale" in meta["layers"][name]:  # a layer's scale may differ from config.scale(rank) (PEFT patterns)
-            layer.scale = float(meta["layers"][name]["scale"])
+    return layers
+
+
+def rebuild_layers(
+    method: Method, targets: dict[str, nn.Module], config: AdapterConfig, ranks: dict[str, int], scales: dict[str, float]
+) -> dict[str, AdapterLayer]:
+    """``method.rebuild``'s uninitialised layers of the given ranks, each at the scale a file gives it.
+
+    A layer is built at ``config.scale(rank)`` (:func:`rankwise.config.lora_scale`); a file may record a
+    layer's own scale instead (a rankwise file records every layer's, a PEFT file's ``alpha_pattern``
+    gives a layer its own ``alpha``), and this is the one place such a scale replaces the built one.
+    """
+    layers = method.rebuild(targets, config, ranks)
+    for name, scale in scales.items():
+        layers[name].scale = scale
     return layers
 
 

@@ -73,7 +73,8 @@ def layer_generator(seed: int | None, index: int) -> torch.Generator | None:
 class AdapterLayer(nn.Module):
     """Base class: owns the base layer's ``weight``/``bias``, the rank and the scale; merges and unmerges.
 
-    Subclasses set ``trainable`` (names of their trainable tensors) and ``lr_multiplied`` (the tensors
+    Subclasses set ``trainable`` (names of their trainable tensors: a class default a layer may narrow
+    in its constructor when its config decides, as RAC-LoRA's does) and ``lr_multiplied`` (the tensors
     LoRA+ gives the larger learning rate), and implement :meth:`adapter_forward` and
     :meth:`merged_weight`.
 
@@ -87,7 +88,7 @@ class AdapterLayer(nn.Module):
     ``build`` instead.
     """
 
-    trainable: ClassVar[tuple[str, ...]] = ()
+    trainable: tuple[str, ...] = ()
     lr_multiplied: ClassVar[tuple[str, ...]] = ()
     weight: Tensor  # the base's own tensors, shared (nn.Module's __getattr__ would type them Tensor | Module)
     bias: Tensor | None

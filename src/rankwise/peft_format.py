@@ -38,7 +38,8 @@ from torch import Tensor, nn
 
 from .adapter_file import (PEFT_FILES, AdapterFileError, atomic_write_bytes, file_dict, file_int, file_names,
                            file_number, is_peft_adapter, read_json)
-from .io import check_folders, folders_by_name, install_rebuilt
+from .config import lora_alpha, lora_scale
+from .io import check_folders, folders_by_name, install_rebuilt, rebuild_layers
 from .lifecycle import check_new_name
 from .methods import DoraConfig, LoraConfig
 from .registry import method_for
@@ -165,7 +166,7 @@ def _peft_tensors(
                 b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)  # out x r_max
         rank = a.shape[0]
         ranks[name] = rank
-        alphas[name] = 1.0 * rank if vllm else f.scale * (math.sqrt(rank) if use_rslora else rank)
+        alphas[name] = lora_alpha(1.0 if vllm else f.scale, rank, use_rslora)  # vllm: the scale is in B
         tensors[f"{PREFIX}{name}.lora_A.weight"] = a.contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = b.contiguous()
         if f.magnitude is not None:
@@ -357,9 +358,11 @@ def import_peft(
     )
     check_new_name(base_model, name, config)  # beside other adapters: no modules_to_save
 
+    scales = {n: lora_scale(_layer_alpha(cfg, n), r, config.use_rslora) for n, r in ranks.items()}
+
     def rebuild_and_fill() -> tuple[dict[str, Any], dict[str, dict[str, Tensor]]]:
-        layers = method_for(config).rebuild(targets, config, ranks)
-        _fill_from_peft(layers, parts, cfg, config.use_rslora)
+        layers = rebuild_layers(method_for(config), targets, config, ranks, scales)
+        _fill_from_peft(layers, parts)
         return layers, mts
 
     install_rebuilt(base_model, config, targets, saved, rebuild_and_fill, trainable=trainable, name=name)
@@ -428,12 +431,15 @@ def _peft_saved_modules(
     return saved, mts
 
 
+def _layer_alpha(cfg: dict[str, Any], name: str) -> float:
+    """Layer ``name``'s ``alpha``: its ``alpha_pattern`` entry, else the global ``lora_alpha``."""
+    return float(pattern_value(cfg.get("alpha_pattern") or {}, name, cfg["lora_alpha"], "alpha_pattern"))
+
+
 @torch.no_grad()
-def _fill_from_peft(layers: dict[str, Any], parts: dict[str, dict[str, Tensor]], cfg: dict[str, Any], rslora: bool) -> None:
-    """Copy PEFT's factors into the rebuilt layers and set each layer's scale from ``alpha_pattern``."""
+def _fill_from_peft(layers: dict[str, Any], parts: dict[str, dict[str, Tensor]]) -> None:
+    """Copy PEFT's factors (and DoRA's magnitudes) into the rebuilt layers."""
     for name, layer in layers.items():
-        alpha = float(pattern_value(cfg.get("alpha_pattern") or {}, name, cfg["lora_alpha"], "alpha_pattern"))
-        layer.scale = alpha / math.sqrt(layer.rank) if rslora else alpha / layer.rank
         for ours, theirs in (("lora_a", "lora_A"), ("lora_b", "lora_B"), ("magnitude", "lora_magnitude_vector")):
             if theirs in parts[name]:
                 src = parts[name][theirs]

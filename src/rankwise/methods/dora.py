@@ -72,6 +72,12 @@ def magnitude_scale(magnitude: Tensor, norm: Tensor) -> Tensor:
     return (magnitude.to(wide) / clamp_norm(norm.to(wide))).to(magnitude.dtype)
 
 
+def magnitude_direction(magnitude: Tensor, directed: Tensor) -> Tensor:
+    """DoRA eq. (5)'s merged weight ``m ⊙ V / ‖V‖_row`` (``out x in``, fp32) from the magnitude ``m`` (``out``)
+    and the direction ``V = W0 + ΔW`` (``out x in``, fp32); an all-zero row stays zero (the norm is clamped)."""
+    return magnitude.float().unsqueeze(1) * (directed / clamp_norm(scaled_row_norm(directed)))  # out x in
+
+
 def low_rank_row_norm(n0: Tensor, c: Tensor, b: Tensor, k: Tensor, s: float) -> Tensor:
     """``‖W0 + s·B A‖_row`` (``out``) from ``n0 = ‖W0‖²_row`` (``out``), ``C = W0 Aᵀ`` (``out x r``),
     ``B`` (``out x r``) and ``K = A Aᵀ`` (``r x r``), never forming an ``out x in`` matrix::
@@ -118,7 +124,7 @@ class DoraConfig(AdapterConfig):
 class DoraLinear(LoraLinear):
     """LoRA's factors plus a trainable magnitude ``m`` (``out``)."""
 
-    trainable: ClassVar[tuple[str, ...]] = ("lora_a", "lora_b", "magnitude")
+    trainable: tuple[str, ...] = ("lora_a", "lora_b", "magnitude")
     norm_n0: Tensor  # buffer: ‖W0‖²_row
     delta_forward = AdapterLayer.delta_forward  # not LoRA's: the magnitude rescales the base path too
 
@@ -196,9 +202,8 @@ class DoraLinear(LoraLinear):
         return magnitude_forward(self, x, magnitude_scale(self.magnitude, norm), self.lora_out, base_no_bias)
 
     def merged_weight(self) -> Tensor:
-        w0 = self.unmerged_base_weight().float()  # out x in
-        directed = w0 + self.scale * (self.lora_b.float() @ self.lora_a.float())  # out x in
-        return self.magnitude.float().unsqueeze(1) * (directed / clamp_norm(scaled_row_norm(directed)))  # out x in
+        """``m ⊙ V / ‖V‖_row`` with ``V = W0 + s·B A``, LoRA's merged weight (DoRA eq. 5)."""
+        return magnitude_direction(self.magnitude, super().merged_weight())  # out x in
 
     def peft_factors(self) -> PeftFactors:
         return PeftFactors(self.lora_a.detach(), self.lora_b.detach(), self.scale, self.magnitude.detach())

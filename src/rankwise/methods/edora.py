@@ -41,11 +41,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..config import AdapterConfig
+from ..config import AdapterConfig, check_number
 from ..fused import low_rank_linear, use_fused
 from ..layer import AdapterLayer, PeftFactors, layer_generator
 from ..registry import BuildResult, Method, register_method, simple_build
-from .dora import clamp_norm, magnitude_forward, magnitude_scale, pow2_scale, scaled_row_norm, wide_dtype
+from .dora import low_rank_row_norm, magnitude_direction, magnitude_forward, magnitude_scale, pow2_scale, wide_dtype
 
 SVD_MODES = ("exact", "randomized")
 FACTOR_MODES = ("svd", "random")
@@ -75,8 +75,7 @@ class EdoraConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not (isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma) and self.sigma >= 0):
-            raise ValueError(f"sigma must be a finite number >= 0, got {self.sigma!r}")
+        check_number("sigma", self.sigma, ">= 0")
         if self.svd not in SVD_MODES:
             raise ValueError(f"svd must be one of {SVD_MODES}, got {self.svd!r}")
         if not isinstance(self.svd_niter, int) or isinstance(self.svd_niter, bool) or self.svd_niter < 0:
@@ -141,7 +140,7 @@ def random_factors(out_f: int, in_f: int, rank: int, generator: torch.Generator 
 class EdoraLinear(AdapterLayer):
     """Frozen ``B`` (``frozen_b``), ``A`` (``frozen_a``); trainable core ``R`` (``core``) and magnitude ``m``."""
 
-    trainable: ClassVar[tuple[str, ...]] = ("core", "magnitude")
+    trainable: tuple[str, ...] = ("core", "magnitude")
     # LoRA+ groups give the core (the update's only trained factor) the multiplied rate, the magnitude the
     # base rate. On MiniLM one rate for both, ~10x LoRA's, scored higher (docs/evidence/edora.md §3d).
     lr_multiplied: ClassVar[tuple[str, ...]] = ("core",)
@@ -240,11 +239,11 @@ class EdoraLinear(AdapterLayer):
 
         ``br`` is ``B R`` when the caller already has it.
         """
-        s, wide = self.scale, wide_dtype(self.adapter_dtype)
+        wide = wide_dtype(self.adapter_dtype)
         br = (self.frozen_b @ self.core if br is None else br.detach()).to(wide)  # out x r
         c, n0, cc, k = (t.to(wide) for t in (self.norm_scale, self.norm_n0, self.norm_c, self.norm_k))
-        inner = torch.addmm(cc, br, k, beta=2 * s, alpha=s * s)  # out x r: (2s·C + s²·BRK) / c²
-        return (c * (n0 + (br * inner).sum(dim=1)).clamp_min(0).sqrt()).to(self.adapter_dtype)  # out
+        # the terms are those of W0 / c and A / c, so the norm is c · ‖W0/c + s·(BR)(A/c)‖_row
+        return (c * low_rank_row_norm(n0, cc, br, k, self.scale)).to(self.adapter_dtype)  # out
 
     def lora_out(self, x: Tensor) -> Tensor:
         """``s · ((x Aᵀ) Rᵀ) Bᵀ`` for an input already dropped-out, in the adapter dtype."""
@@ -276,8 +275,7 @@ class EdoraLinear(AdapterLayer):
     def merged_weight(self) -> Tensor:
         w0 = self.unmerged_base_weight().float()  # out x in
         delta = self.frozen_b.float() @ self.core.float() @ self.frozen_a.float()  # out x in
-        directed = w0 + self.scale * delta  # out x in
-        return self.magnitude.float().unsqueeze(1) * (directed / clamp_norm(scaled_row_norm(directed)))  # out x in
+        return magnitude_direction(self.magnitude, w0 + self.scale * delta)  # out x in
 
     def peft_factors(self) -> PeftFactors:
         """PEFT DoRA form: ``lora_A = A``, ``lora_B = B R``, the magnitude and ``s``."""

@@ -28,8 +28,8 @@ One procedure before training decides, from gradients, each layer's rank *and* B
 5. **Train** like LoRA: a :class:`GoraLinear` *is* a :class:`LoraLinear` of rank ``r_i``, so merge,
    save/load (ranks come back from the file) and PEFT export (``rank_pattern``) work unchanged.
 
-``GoraConfig.r`` is an alias of ``r_ref`` (leave it out, or pass the same value): GoRA has no single
-rank, and ``r_ref`` is what LoRA at equal budget would use.
+``GoraConfig.r`` and ``r_ref`` name one number (pass either, or both equal; default 8): GoRA has no
+single rank, and ``r_ref`` is what LoRA at equal budget would use.
 """
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
 
-from ..config import AdapterConfig, check_positive_int
-from ..distributed import broadcast_from_rank0, process_group
+from ..config import AdapterConfig, check_number, check_positive_int
+from ..distributed import process_group, shared_seed
 from ..layer import AdapterLayer, layer_generator
 from ..registry import BuildResult, LossFn, Method, register_method, simple_build
 from .gora_gradients import collect_gradients, importance_shares, importances
@@ -59,7 +59,8 @@ class GoraConfig(AdapterConfig):
     """GoRA. See :class:`rankwise.config.AdapterConfig` for the common fields.
 
     Attributes:
-        r_ref: the reference rank: the budget is what LoRA at rank ``r_ref`` would train.
+        r_ref: the reference rank: the budget is what LoRA at rank ``r_ref`` would train (default 8; ``r``
+            is another name for it).
         r_min, r_max: bounds on every layer's rank (also capped by ``min(in, out)``).
         gamma: ``γ``, the size of the initial step (0 gives B = 0: adaptive ranks, LoRA-style init).
         n_steps: calibration steps whose gradients are averaged.
@@ -71,7 +72,8 @@ class GoraConfig(AdapterConfig):
             (relative) between steps; ``None`` never stops early (the paper's option uses 0.1).
         early_stop_min_steps: steps always taken before early stopping may trigger.
         offload_to_cpu: keep the gradient accumulators in CPU memory (for large models on a GPU).
-        r: alias of ``r_ref`` (0 or equal to ``r_ref``); set automatically.
+        r: ``r_ref`` under the name every method has: pass either (0 or left out: not given); after
+            construction both hold the reference rank, and :meth:`replace` changes both.
         use_rslora: must stay ``True``: GoRA's forward scale is ``α/√r_i``.
     """
 
@@ -79,7 +81,7 @@ class GoraConfig(AdapterConfig):
 
     r: int = 0
     use_rslora: bool = True
-    r_ref: int = 8
+    r_ref: int = 0
     r_min: int = 4
     r_max: int = 32
     gamma: float = 5e-2
@@ -92,25 +94,32 @@ class GoraConfig(AdapterConfig):
     offload_to_cpu: bool = False
 
     def __post_init__(self) -> None:
+        given = {self.r, self.r_ref} - {0}
+        if len(given) > 1:
+            raise ValueError(f"GoRA's r is an alias of r_ref: pass one of them, or both equal (got r={self.r}, r_ref={self.r_ref})")
+        rank = given.pop() if given else 8
+        for name in ("r", "r_ref"):
+            object.__setattr__(self, name, rank)
         for name in ("r_ref", "r_min", "r_max", "n_steps", "grad_accumulation", "early_stop_min_steps"):
             check_positive_int(name, getattr(self, name))
-        if self.r not in (0, self.r_ref):
-            raise ValueError(f"GoRA's r is an alias of r_ref: leave r out or pass r == r_ref (got r={self.r}, r_ref={self.r_ref})")
-        object.__setattr__(self, "r", self.r_ref)
         super().__post_init__()
+
+    def replace(self, **changes: Any) -> GoraConfig:
+        """A copy with some fields changed; ``r`` or ``r_ref`` alone changes both (one number, two names)."""
+        for name, alias in (("r", "r_ref"), ("r_ref", "r")):
+            if name in changes and alias not in changes:
+                changes[alias] = changes[name]
+        return cast(GoraConfig, super().replace(**changes))
         if self.r_min > self.r_max:
             raise ValueError(f"r_min ({self.r_min}) must not exceed r_max ({self.r_max})")
         if not self.use_rslora:
             raise ValueError("GoRA always scales by alpha/sqrt(r_i) (rsLoRA-style): use_rslora must be True")
-        if not (isinstance(self.gamma, (int, float)) and math.isfinite(self.gamma) and self.gamma >= 0):
-            raise ValueError(f"gamma must be a finite number >= 0, got {self.gamma!r}")
+        check_number("gamma", self.gamma, ">= 0")
         if self.importance not in IMPORTANCES:
             raise ValueError(f"importance must be one of {IMPORTANCES}, got {self.importance!r}")
         if self.budget not in BUDGETS:
             raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
-        t = self.early_stop_threshold
-        if t is not None and not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
-            raise ValueError(f"early_stop_threshold must be None or a positive number, got {t!r}")
+        check_number("early_stop_threshold", self.early_stop_threshold, none=True)
 
 
 class GoraLinear(LoraLinear):
@@ -231,13 +240,6 @@ def allocate_ranks(
 
 
 # ---------------------------------------------------------------------------- 4. build
-def _shared_seed(seed: int | None) -> tuple[int | None, str]:
-    """The seed A is drawn from: the config's; under distributed with ``None``, one broadcast from rank 0."""
-    if seed is not None or process_group() is None:
-        return seed, "config" if seed is not None else "torch global RNG"
-    return broadcast_from_rank0(int(torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64))), "broadcast from rank 0"
-
-
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -251,7 +253,9 @@ def build(
     imp = importances(targets, grads, config.importance)
     shapes = {n: (g.shape[0], g.shape[1]) for n, g in grads.items()}
     alloc = allocate_ranks(imp, shapes, config.r_ref, config.r_min, config.r_max, config.budget)
-    seed, seed_source = _shared_seed(config.seed)
+    seed = shared_seed(config.seed)
+    seed_source = "config" if config.seed is not None else (
+        "drawn from torch's global RNG" + (", broadcast from rank 0" if process_group() is not None else ""))
     layers: dict[str, AdapterLayer] = {}
     for i, (name, module) in enumerate(targets.items()):
         layer = GoraLinear(module, config, alloc.ranks[name], index=i, init=False)
@@ -277,7 +281,7 @@ def build(
         f"({100.0 * (alloc.spent - alloc.budget) / alloc.budget:+.3f}%)",
         f"GoRA adapter size: {alloc.params:,} parameters vs LoRA r={config.r_ref}: {alloc.lora_params:,} ({diff:+.3f}%); "
         f"ranks in [{min(alloc.ranks.values())}, {max(alloc.ranks.values())}] (bounds {config.r_min}..{config.r_max})",
-        f"GoRA importance: {config.importance}; gamma = {config.gamma:g}; A seed: {seed_source}",
+        f"GoRA importance: {config.importance}; gamma = {config.gamma:g}; A seed: {seed} ({seed_source})",
         f"GoRA gradient collection: {stats.steps} steps x {config.grad_accumulation} micro-batches ({stats.batches} batches"
         f"{', early stop' if stats.early_stopped else ''}), world size {stats.world_size}, {stats.seconds:.3f} s, "
         f"accumulators {_mib(stats.accumulator_bytes)} on {'CPU' if config.offload_to_cpu else 'the weights device'}, "

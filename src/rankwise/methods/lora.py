@@ -34,7 +34,7 @@ class LoraConfig(AdapterConfig):
 class LoraLinear(AdapterLayer):
     """``W0 + s·B A`` over a frozen ``nn.Linear`` / ``Conv1D``."""
 
-    trainable: ClassVar[tuple[str, ...]] = ("lora_a", "lora_b")
+    trainable: tuple[str, ...] = ("lora_a", "lora_b")
     lr_multiplied: ClassVar[tuple[str, ...]] = ("lora_b",)
 
     def __init__(self, base: nn.Module, config: AdapterConfig, rank: int, *, index: int = 0, init: bool = True) -> None:

@@ -52,14 +52,15 @@ other starts at zero) — the paper's "A Gaussian, B zero" / "A zero, B Gaussian
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from ..config import AdapterConfig, check_positive_int
-from ..distributed import assign, broadcast_from_rank0, check_unflattened, whole
+from ..config import AdapterConfig, check_number, check_positive_int
+from ..distributed import assign, check_unflattened, shared_seed, whole
 from ..fused import low_rank_linear, use_fused
 from ..layer import AdapterLayer, PeftFactors
 from ..optim import check_optimizer, reset_optimizer_state
@@ -105,8 +106,7 @@ class RacLoraConfig(AdapterConfig):
         check_positive_int("link_steps", self.link_steps, none="links end by rankwise.end_link")
         if not isinstance(self.keep_optimizer_state, bool):
             raise ValueError(f"keep_optimizer_state must be true or false, got {self.keep_optimizer_state!r}")
-        if not (isinstance(self.sketch_scale, (int, float)) and math.isfinite(self.sketch_scale) and self.sketch_scale > 0):
-            raise ValueError(f"sketch_scale must be a positive finite number, got {self.sketch_scale!r}")
+        check_number("sketch_scale", self.sketch_scale)
 
     @classmethod
     def asymmetric(cls, **kwargs: Any) -> "RacLoraConfig":
@@ -124,20 +124,22 @@ class RacLoraConfig(AdapterConfig):
         return cls(**{"chain": False, "train_both": True, **kwargs})
 
 
+def resolve_seed(seed: int | None) -> int:
+    """Deprecated: :func:`rankwise.distributed.shared_seed`, every method's one seed helper."""
+    warnings.warn("rankwise.methods.raclora.resolve_seed is deprecated: use rankwise.distributed.shared_seed",
+                  DeprecationWarning, stacklevel=2)
+    return shared_seed(seed)
+
+
 def sketch_generator(seed: int, index: int, link: int) -> torch.Generator:
     """The CPU generator for layer ``index``'s sketch in link ``link``: the same on every device and rank."""
     return torch.Generator().manual_seed(((int(seed) * 1_000_003 + index) * 1_000_033 + link) % (2**63 - 1))
 
 
-def resolve_seed(seed: int | None) -> int:
-    """``seed``, or one drawn from torch's global RNG, made identical on every ``torch.distributed`` rank."""
-    return int(seed) if seed is not None else broadcast_from_rank0(int(torch.randint(0, 2**62, ())))
-
-
 class RacLoraLinear(AdapterLayer):
     """A link ``s·B A`` (one factor a frozen Gaussian sketch) plus the merged chain ``C_b Cₐ`` over ``W0``."""
 
-    trainable: ClassVar[tuple[str, ...]] = ("lora_a", "lora_b")  # narrowed per instance in __init__
+    trainable: tuple[str, ...] = ("lora_a", "lora_b")  # narrowed per instance in __init__ (the config decides)
     lr_multiplied: ClassVar[tuple[str, ...]] = ("lora_b",)
     lora_a: Tensor  # a parameter or the frozen sketch buffer (typed here: nn.Module's __getattr__ is untyped)
     lora_b: Tensor
@@ -156,7 +158,7 @@ class RacLoraLinear(AdapterLayer):
         self.train_both: bool = config.train_both
         # which Parameters the optimizer must hold: the trained factor, or both when the role alternates
         both = config.train_both or config.frozen == "alternate"
-        self.trainable = ("lora_a", "lora_b") if both else ("lora_b",) if config.frozen == "A" else ("lora_a",)  # type: ignore[misc]
+        self.trainable = ("lora_a", "lora_b") if both else ("lora_b",) if config.frozen == "A" else ("lora_a",)
         # a factor that is never trained is the sketch: a buffer (saved, not a parameter, never in an optimizer)
         for name, shape in (("lora_a", (rank, self.in_features)), ("lora_b", (self.out_features, rank))):  # r x in, out x r
             if name in self.trainable:
@@ -394,7 +396,7 @@ def compress_chain(model: nn.Module, rank: int, name: str | None = None) -> dict
 # ---------------------------------------------------------------------------- registration
 def _build(model: nn.Module, targets: dict[str, nn.Module], config: AdapterConfig, calibration: Any, loss_fn: Any) -> BuildResult:  # noqa: ARG001
     assert isinstance(config, RacLoraConfig)
-    seed = resolve_seed(config.seed)
+    seed = shared_seed(config.seed)
     layers: dict[str, AdapterLayer] = {
         name: RacLoraLinear(m, config, config.r, index=i, seed=seed) for i, (name, m) in enumerate(targets.items())
     }
