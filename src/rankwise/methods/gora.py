@@ -103,13 +103,6 @@ class GoraConfig(AdapterConfig):
         for name in ("r_ref", "r_min", "r_max", "n_steps", "grad_accumulation", "early_stop_min_steps"):
             check_positive_int(name, getattr(self, name))
         super().__post_init__()
-
-    def replace(self, **changes: Any) -> GoraConfig:
-        """A copy with some fields changed; ``r`` or ``r_ref`` alone changes both (one number, two names)."""
-        for name, alias in (("r", "r_ref"), ("r_ref", "r")):
-            if name in changes and alias not in changes:
-                changes[alias] = changes[name]
-        return cast(GoraConfig, super().replace(**changes))
         if self.r_min > self.r_max:
             raise ValueError(f"r_min ({self.r_min}) must not exceed r_max ({self.r_max})")
         if not self.use_rslora:
@@ -120,6 +113,13 @@ class GoraConfig(AdapterConfig):
         if self.budget not in BUDGETS:
             raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
         check_number("early_stop_threshold", self.early_stop_threshold, none=True)
+
+    def replace(self, **changes: Any) -> GoraConfig:
+        """A copy with some fields changed; ``r`` or ``r_ref`` alone changes both (one number, two names)."""
+        for name, alias in (("r", "r_ref"), ("r_ref", "r")):
+            if name in changes and alias not in changes:
+                changes[alias] = changes[name]
+        return cast(GoraConfig, super().replace(**changes))
 
 
 class GoraLinear(LoraLinear):
