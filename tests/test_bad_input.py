@@ -241,3 +241,20 @@ def test_merge_without_adapters() -> None:
         rankwise.merge(TinyMLP())
     with pytest.raises(ValueError, match="no rankwise adapters"):
         rankwise.step(TinyMLP(), None)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**44, 1.5, True, "3"])
+def test_a_seed_outside_torchs_range_is_refused_at_config_time(seed: object) -> None:
+    """A seed whose per-layer generator seed (seed * 1_000_003 + index) overflows torch's 64 bits used to raise
+    a bare RuntimeError deep inside attach; every method's config refuses it up front, naming the field."""
+    from rankwise.registry import all_methods
+
+    for method in all_methods().values():
+        with pytest.raises(ValueError, match="seed"):
+            method.config_cls(target_modules=("fc1",), seed=seed)
+
+
+def test_the_largest_accepted_seed_attaches() -> None:
+    model = TinyMLP()
+    rankwise.attach(model, rankwise.LoraConfig(target_modules=("fc1",), seed=2**32 - 1))
+    assert isinstance(model.fc1, rankwise.AdapterLayer)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -57,6 +58,18 @@ def check_positive_int(name: str, value: Any, *, none: str | None = None) -> Non
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         also = "" if none is None else f" or None{f' ({none})' if none else ''}"
         raise ValueError(f"{name} must be a positive integer{also}, got {value!r}")
+
+
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(seed: Any) -> None:
+    """Raise ``ValueError`` unless ``seed`` is ``None`` or an integer in ``[0, 2**32)``: a layer's generator is
+    seeded with ``seed * 1_000_003 + layer index``, which must fit torch's 64-bit seed."""
+    if seed is None:
+        return
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= int(seed) <= MAX_SEED:
+        raise ValueError(f"seed must be None or an integer in [0, {MAX_SEED}], got {seed!r}")
 
 
 def _as_targets(value: Any, field_name: str) -> tuple[str, ...] | str | None:
@@ -117,6 +130,7 @@ class AdapterConfig:
         check_number("alpha", self.alpha)
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        check_seed(self.seed)
 
     def scale(self, rank: int) -> float:
         """The forward scale ``s`` for a layer of rank ``rank``: ``alpha/r`` or, with rsLoRA, ``alpha/sqrt(r)``
