@@ -15,20 +15,33 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TinyMLP, minilm_path, write_sst2_slice
 from torch import nn
+from toy_tasktype import WordCount
 
 import rankwise
-from conftest import TinyMLP, minilm_path, write_sst2_slice
 from rankwise_harness import data
 from rankwise_harness.batches import micro_batch_indices
 from rankwise_harness.config import ConfigError, RunConfig, build_method_config
 from rankwise_harness.data import Task, get_task
-from rankwise_harness.sources import (ExternalAdapter, FullFineTuning, RankwiseAdapter, adapter_source, method_names,
-                                      with_heads)
-from rankwise_harness.tasktypes import (EncoderHead, Generation, LabelWordsType, register_task_type, task_type_class,
-                                        task_type_for, unregister_task_type)
+from rankwise_harness.sources import (
+    ExternalAdapter,
+    FullFineTuning,
+    RankwiseAdapter,
+    adapter_source,
+    method_names,
+    with_heads,
+)
+from rankwise_harness.tasktypes import (
+    EncoderHead,
+    Generation,
+    LabelWordsType,
+    register_task_type,
+    task_type_class,
+    task_type_for,
+    unregister_task_type,
+)
 from rankwise_harness.train import finetune
-from toy_tasktype import WordCount
 
 QUIET = dict(show_progress=False, log=lambda _m: None)
 COUNT_TASK = Task("wordcount", "count", labels=tuple(str(i) for i in range(40)), metrics=("mae",))
@@ -37,7 +50,13 @@ COUNT_TASK = Task("wordcount", "count", labels=tuple(str(i) for i in range(40)),
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A tiny BERT without dropout (so a training step's loss is a pure function of the batch) and a tiny GPT-2."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+    from transformers import (
+        AutoTokenizer,
+        BertConfig,
+        BertForSequenceClassification,
+        GPT2Config,
+        GPT2LMHeadModel,
+    )
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
     root = tmp_path_factory.mktemp("tasktype-models")

@@ -23,7 +23,7 @@ class WordCount(TaskType):
     name = "toy-word-count"
     kinds = ("count",)
 
-    def load(self, device: torch.device, say: Say) -> nn.Module:  # noqa: ARG002
+    def load(self, device: torch.device, say: Say) -> nn.Module:
         model, self.tokenizer = load_pretrained(self.model_name, "AutoModelForSequenceClassification", None, device,
                                                 num_labels=1, ignore_mismatched_sizes=True)
         return model

@@ -49,7 +49,7 @@ class AdapterSource(ABC):
     resumable = True
     description = ""
 
-    def check(self, cfg: RunConfig) -> None:  # noqa: ARG002
+    def check(self, cfg: RunConfig) -> None:
         """Refuse flags this source cannot honour (a :class:`ConfigError` names the flag)."""
 
     @abstractmethod
@@ -61,7 +61,7 @@ class AdapterSource(ABC):
         """The adapter config ``--r/--alpha/--dropout/--targets/--set`` build (``None``: no adapter); the run config
         keeps it (:meth:`RunConfig.method_config`)."""
 
-    def calibration_batches(self, cfg: RunConfig, mcfg: rankwise.AdapterConfig | None) -> int:  # noqa: ARG002
+    def calibration_batches(self, cfg: RunConfig, mcfg: rankwise.AdapterConfig | None) -> int:
         """How many training batches :meth:`prepare` reads (0: none)."""
         return 0
 
@@ -90,7 +90,7 @@ class AdapterSource(ABC):
         """What :meth:`save` writes in the run folder."""
         return "adapter/" if self.writes_adapter else "model.safetensors"
 
-    def plot(self, model: nn.Module, folder: Path, method: str) -> None:  # noqa: ARG002
+    def plot(self, model: nn.Module, folder: Path, method: str) -> None:
         """A picture of the trained adapter, if the source draws one."""
 
     def adapter_params(self, trainable: int, head: int) -> int | None:
@@ -116,6 +116,8 @@ class RankwiseAdapter(AdapterSource):
 
     def prepare(self, model: nn.Module, mcfg: rankwise.AdapterConfig | None, calibration: Batches | None,
                 loss_fn: LossFn) -> Any:
+        if mcfg is None:
+            raise ConfigError("a library method's adapter needs its config")
         return rankwise.attach(model, mcfg, calibration=calibration, loss_fn=loss_fn)
 
     def param_groups(self, model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
@@ -145,7 +147,7 @@ class ExternalAdapter(RankwiseAdapter):
 
     def __init__(self, attach_fn: AttachFn, name: str | None = None) -> None:
         self.attach_fn = attach_fn
-        self.implementation = name or getattr(attach_fn, "__name__", "external")
+        self.implementation = name or str(getattr(attach_fn, "__name__", "external"))
 
     def check(self, cfg: RunConfig) -> None:
         if cfg.method_config() is None:
@@ -153,13 +155,13 @@ class ExternalAdapter(RankwiseAdapter):
                               f"--method {cfg.method} has none")
 
     def prepare(self, model: nn.Module, mcfg: rankwise.AdapterConfig | None, calibration: Batches | None,
-                loss_fn: LossFn) -> Any:  # noqa: ARG002
+                loss_fn: LossFn) -> Any:
         return self.attach_fn(model, mcfg, calibration=calibration)
 
     def save(self, model: nn.Module, folder: Path) -> None:
         AdapterSource.save(self, model, folder)
 
-    def plot(self, model: nn.Module, folder: Path, method: str) -> None:  # noqa: ARG002
+    def plot(self, model: nn.Module, folder: Path, method: str) -> None:
         return None
 
 
@@ -177,19 +179,19 @@ class FullFineTuning(AdapterSource):
             raise ConfigError("--quantize trains adapters over a frozen quantised base; full fine-tuning cannot train "
                               "quantised weights (pick an adapter method)")
 
-    def default_lr(self, method: str) -> float:  # noqa: ARG002
+    def default_lr(self, method: str) -> float:
         return FULL_LR
 
-    def config(self, cfg: RunConfig) -> rankwise.AdapterConfig | None:  # noqa: ARG002
+    def config(self, cfg: RunConfig) -> rankwise.AdapterConfig | None:
         return None
 
     def prepare(self, model: nn.Module, mcfg: rankwise.AdapterConfig | None, calibration: Batches | None,
-                loss_fn: LossFn) -> Any:  # noqa: ARG002
+                loss_fn: LossFn) -> Any:
         for p in model.parameters():
             p.requires_grad_(True)
         return None
 
-    def adapter_params(self, trainable: int, head: int) -> int | None:  # noqa: ARG002
+    def adapter_params(self, trainable: int, head: int) -> int | None:
         return None
 
 

@@ -222,8 +222,8 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
         if run.saved is not None:
             _check_same_data(run)
         _load_model(run)
-        adapter = _set_up_adapter(run)
-        training = _set_up_training(run, adapter, hook)
+        prepared = _set_up_adapter(run)
+        training = _set_up_training(run, prepared, hook)
         loop = where["loop"] = _restore_or_start(run, training)
         where["total"] = training.total_steps
         _train(run, training, loop, show_progress)

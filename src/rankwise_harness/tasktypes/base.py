@@ -47,7 +47,7 @@ class TaskType(ABC):
         self.model_class: str | None = None  # set by ``load`` when the model it returns wraps another class
 
     @classmethod
-    def claims(cls, task: Task, model_name: str) -> bool:  # noqa: ARG003
+    def claims(cls, task: Task, model_name: str) -> bool:
         """Whether this task type trains ``task`` (one of its :attr:`kinds`) on ``model_name``."""
         return True
 
@@ -64,7 +64,7 @@ class TaskType(ABC):
         """The model's task-head modules, trained fully next to the adapter (``None``: none)."""
         return head_modules(model)
 
-    def train_rows(self, rows: list[Example], say: Say) -> list[Example]:  # noqa: ARG002
+    def train_rows(self, rows: list[Example], say: Say) -> list[Example]:
         """The training rows this task type can learn from (after :meth:`load`); a row it cannot use is dropped, said."""
         return rows
 
@@ -88,7 +88,7 @@ class TaskType(ABC):
         """The task's metrics for ``predictions`` of ``rows``; appends one ``predictions.jsonl`` record per row to
         ``records`` when given."""
 
-    def baseline(self, train: list[Example], dev: list[Example]) -> dict[str, float] | None:  # noqa: ARG002
+    def baseline(self, train: list[Example], dev: list[Example]) -> dict[str, float] | None:
         """Dev's metrics of a trivial predictor fitted on train, for ``majority_baseline`` (``None``: none)."""
         return None
 

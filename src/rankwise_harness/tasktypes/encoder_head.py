@@ -39,14 +39,14 @@ class EncoderHead(TaskType):
         self._pooling = resolve_pooling(cfg.pooling, model_name)
 
     @classmethod
-    def claims(cls, task: Task, model_name: str) -> bool:  # noqa: ARG003
+    def claims(cls, task: Task, model_name: str) -> bool:
         return not is_causal_lm(model_name)
 
     @property
     def pooling(self) -> str | None:
         return self._pooling
 
-    def load(self, device: torch.device, say: Say) -> nn.Module:  # noqa: ARG002
+    def load(self, device: torch.device, say: Say) -> nn.Module:
         # a checkpoint's own head may have another size: it is re-initialised for this task; the harness trains (or
         # replaces) the new head, so transformers' "classifier MISSING" report is no news
         with quiet_head_report():
@@ -81,7 +81,7 @@ class EncoderHead(TaskType):
         """The predicted class (or score) in a prediction."""
         return prediction
 
-    def extra(self, prediction: Any) -> dict[str, Any]:  # noqa: ARG002
+    def extra(self, prediction: Any) -> dict[str, Any]:
         """What a ``predictions.jsonl`` record holds besides the index, the prediction and the label."""
         return {}
 

@@ -34,11 +34,11 @@ class Generation(TaskType):
         if cfg.template is not None or cfg.label_words is not None:
             raise ConfigError(f"--template/--label-words are for classification tasks; {task.name} is a generation task")
 
-    def load(self, device: torch.device, say: Say) -> nn.Module:  # noqa: ARG002
+    def load(self, device: torch.device, say: Say) -> nn.Module:
         model, self.tokenizer = load_pretrained(self.model_name, "AutoModelForCausalLM", self.cfg.quantize, device)
         return model
 
-    def heads(self, model: nn.Module) -> tuple[str, ...] | None:  # noqa: ARG002
+    def heads(self, model: nn.Module) -> tuple[str, ...] | None:
         return None
 
     def prompt(self, ex: Example) -> str:
@@ -79,7 +79,7 @@ class Generation(TaskType):
             "labels": torch.tensor([lab + [IGNORE] * (width - len(lab)) for lab in labels]),
         }
 
-    def predict(self, model: nn.Module, rows: list[Example], device: torch.device, autocast: Any) -> list[Any]:  # noqa: ARG002
+    def predict(self, model: nn.Module, rows: list[Example], device: torch.device, autocast: Any) -> list[Any]:
         """Greedy continuations of the rows' prompts (``--max-new-tokens``)."""
         tok = self.tokenizer
         side = tok.padding_side

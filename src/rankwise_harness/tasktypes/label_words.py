@@ -40,7 +40,7 @@ class LabelWordsType(EncoderHead):
             raise ConfigError("--head/--pooling apply to encoder classifiers; a causal LM scores label words (no head)")
 
     @classmethod
-    def claims(cls, task: Task, model_name: str) -> bool:  # noqa: ARG003
+    def claims(cls, task: Task, model_name: str) -> bool:
         return is_causal_lm(model_name)
 
     @property
