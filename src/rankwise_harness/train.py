@@ -10,7 +10,6 @@ run does.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import math
 import os
@@ -38,7 +37,8 @@ from .deps import can_plot, check_harness
 from .heads import head_parameters, with_head_group
 from .models import resolve_model_name
 from .progress import Progress, TrackedBatches
-from .runlock import LOCK_NAME, RunLock, acquire
+from .runlock import RunLock, acquire
+from .runfolder import finished, fmt_metrics, loss_window, plot_loss, prepare_output, save_figure, settings_diff, summary
 from .selection import best_and_last, evals_since_best, sample_rows, split_validation
 from .sources import AdapterSource, AttachFn, ExternalAdapter, LossFn, adapter_source, with_heads
 from .tasktypes import TaskType, task_type_for
@@ -93,58 +93,6 @@ def warm_up_head(model: nn.Module, heads: tuple[str, ...], batches: Iterable[dic
 def save_trainable(model: nn.Module, method: str, folder: Path) -> None:
     """The run's result, as ``--method method``'s adapter source saves it (the adapter, or the trained weights)."""
     adapter_source(method).save(model, folder)
-
-
-def finished(out: Path) -> bool:
-    """Whether ``out`` holds a finished run: its metrics and its result written, its checkpoints gone (a finish
-    stopped by a full disk leaves them, so ``--resume`` finishes it)."""
-    result = (out / "adapter" / "adapter.safetensors").is_file() or (out / "model.safetensors").is_file()
-    return (out / "metrics.json").is_file() and result and not (out / CKPT_DIR / "LATEST").is_file()
-
-
-# ---------------------------------------------------------------------------- output folder
-def prepare_output(cfg: RunConfig, resume: bool, overwrite: bool, delete: bool = True) -> Path | None:
-    """Check the output folder; returns the checkpoint to resume from, if any. Never deletes a
-    folder that is not a rankwise run."""
-    out = Path(cfg.output)
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--output {out} exists and is not a folder")
-    config_file = out / "config.json"
-    has_run = config_file.is_file()
-    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
-        if not has_run:
-            raise RunError(f"--output {out} is not empty and holds no rankwise run; refusing to write into it")
-        previous = read_run_json(config_file)
-        if not isinstance(previous, dict):
-            raise RunError(f"--output {out} has a config.json that rankwise did not write; refusing to use it")
-        if resume:
-            diff = _settings_diff(RunConfig.from_dict(previous.get("run", {})).identity(), cfg.identity())
-            if diff:
-                raise RunError(f"--resume: {out} holds a run with different settings ({', '.join(diff)}); "
-                               "resume with the same settings or choose another --output")
-            return latest_checkpoint(out)
-        if not overwrite:
-            raise RunError(f"--output {out} holds another run ({previous.get('run', {}).get('method')} on "
-                           f"{previous.get('run', {}).get('task')}); pass --overwrite to replace it or --resume to continue it")
-        if previous.get("format") != RUN_MARKER:
-            raise RunError(f"--output {out} has a config.json that rankwise did not write; refusing to delete it")
-        if delete:  # everything but the lock this run holds
-            for child in out.iterdir():
-                if child.name != LOCK_NAME:
-                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-    return None
-
-
-def _settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """The settings (``RunConfig.identity``) that differ, by flag name; the method config's by field."""
-    diff = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if a != b and isinstance(a, dict) and isinstance(b, dict):
-            diff += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        elif a != b:
-            diff.append(key)
-    return diff
 
 
 # ---------------------------------------------------------------------------- the run
@@ -534,7 +482,7 @@ def _restore_or_start(run: _Run, training: _Training) -> _Loop:
         loop = _Loop(0, 0.0, History(), None)
         if run.cfg.eval_before:
             loop.metrics_before = run.evaluate(run.dev)
-            run.say(f"before training: {_fmt_metrics(loop.metrics_before)}")
+            run.say(f"before training: {fmt_metrics(loop.metrics_before)}")
     loop.micro = loop.step * run.cfg.grad_accum
     return loop
 
@@ -607,7 +555,7 @@ def _evaluate_and_save_when_due(run: _Run, training: _Training, loop: _Loop, bar
         loop.history.evals.append(_eval_entry(step, loop.micro / per_epoch, result, run))
         loop.eval_time += time.perf_counter() - t_eval
         if run.accelerator.is_main_process:
-            bar.write(f"step {step}: loss {loss_value:.4f}  {_fmt_metrics(result)}")
+            bar.write(f"step {step}: loss {loss_value:.4f}  {fmt_metrics(result)}")
     if cfg.save_every and step % cfg.save_every == 0 and step < training.total_steps:
         t_save = time.perf_counter()
         a = training.adapter
@@ -649,12 +597,12 @@ def _write_outputs(run: _Run, training: _Training, loop: _Loop, result: dict[str
     kept = (f"the last checkpoint ({latest.read_text().strip()}) is kept" if latest.is_file()
             else "no checkpoint was written, so the run starts over")
     with disk_full_is_named(out, needed, "writing the run's final outputs",
-                            f"{kept}: free space and run the same command with --resume (dev: {_fmt_metrics(result['metrics'])})"):
+                            f"{kept}: free space and run the same command with --resume (dev: {fmt_metrics(result['metrics'])})"):
         atomic_write_bytes(out / "metrics.json", metrics)
         atomic_write_bytes(out / "predictions.jsonl", predictions)
         run.source.save(training.raw_model, out)
         if run.plots:
-            plot_loss(loop.history, out / "loss_curve.png", f"{cfg.method} on {run.task.name}")
+            plot_loss(loop.history.losses, out / "loss_curve.png", f"{cfg.method} on {run.task.name}")
             run.source.plot(training.raw_model, out, cfg.method)
 
 
@@ -696,75 +644,6 @@ def _eval_entry(step: int, epoch: float, dev_metrics: dict[str, float], run: _Ru
     return entry
 
 
-def loss_window(n_steps: int) -> int:
-    """How many steps the first/last loss means cover: 10, or half the run (at least 1) when it is shorter
-    than 20 steps, so the two windows never share a step."""
-    return max(1, min(10, n_steps // 2))
-
-
-def _fmt_metrics(m: dict[str, float]) -> str:
-    return "  ".join(f"{k} {v:.4f}" for k, v in m.items())
-
-
-def summary(result: dict[str, Any], out: Path, saved: str = "adapter/") -> str:
-    """The run's closing lines; ``saved``: what holds its result in ``out`` (``adapter/`` or ``model.safetensors``)."""
-    lines = [f"== {result['method']} on {result['task']} (seed {result['seed']}) =="]
-    if result.get("metrics_before"):
-        lines.append(f"before:      {_fmt_metrics(result['metrics_before'])}")
-    lines.append(f"after:       {_fmt_metrics(result['metrics'])}")
-    losses = result["losses"]
-    if len(losses) == 1:
-        lines.append(f"loss:        {losses[0]:.4f} (one step)")
-    elif losses:
-        k = loss_window(len(losses))
-        lines.append(f"loss:        {np.mean(losses[:k]):.4f} (mean of the first {k} steps) -> "
-                     f"{np.mean(losses[-k:]):.4f} (last {k})")
-    lines.append(f"trainable:   {result['trainable_params']:,} of {result['total_params']:,} parameters"
-                 f" (task head {result.get('head_params') or 0:,})")
-    if result.get("best"):
-        b = result["best"]
-        lines.append(f"best on val: step {b['step']} (epoch {b['epoch']}): val {_fmt_metrics(b['val'])}; "
-                     f"dev {_fmt_metrics(b['dev'])}")
-    lines.append(f"time:        {result['train_seconds']:.1f}s training ({result['steps']} steps, "
-                 f"{1000 * result['step_seconds']:.1f} ms/step), init {result['init_seconds']:.2f}s")
-    lines.append(f"peak memory: {result['peak_memory_mb']:.0f} MB ({result['peak_memory_kind']})")
-    lines.append(f"outputs:     {out}/ (config.json, metrics.json, predictions.jsonl, loss_curve.png, "
-                 f"{saved})")
-    return "\n".join(lines)
-
-
-def plot_loss(history: History, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    steps = np.arange(1, len(history.losses) + 1)
-    ax.plot(steps, history.losses, lw=0.8, alpha=0.5, label="loss")
-    if len(history.losses) >= 5:
-        w = max(2, len(history.losses) // 20)
-        smooth = np.convolve(history.losses, np.ones(w) / w, mode="valid")
-        ax.plot(steps[w - 1:], smooth, lw=1.8, label=f"mean of {w}")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    ax.set_title(title)
-    ax.legend(loc="upper right")
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def save_figure(fig: Any, path: Path) -> None:
-    """Write a matplotlib figure as PNG atomically (a full disk leaves no partial file) and close it."""
-    import matplotlib.pyplot as plt
-    from rankwise.adapter_file import atomic_write_bytes
-
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=110)
-    finally:
-        plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-__all__ = ["finetune", "RunConfig", "RunError", "ConfigError", "evaluate", "micro_batch_indices"]
+_settings_diff = settings_diff  # its old name here
+__all__ = ["ConfigError", "RunConfig", "RunError", "evaluate", "finetune", "finished", "loss_window", "micro_batch_indices",
+           "prepare_output", "save_figure", "summary"]
