@@ -107,7 +107,7 @@ def run_one(task: str, arm: str, seed: int, lr: float, args: argparse.Namespace,
 
 # ---------------------------------------------------------------------------- PEFT arms (child process)
 def peft_attach(arm: str, total_steps: int):
-    """An ``attach_fn`` injecting HF PEFT's LoRA-GA / PiSSA / AdaLoRA at LoRA-8's budget in place."""
+    """An ``ExternalAdapter``'s attach function: HF PEFT's LoRA-GA / PiSSA / AdaLoRA at LoRA-8's budget, in place."""
     import peft
     import torch
 
@@ -164,6 +164,7 @@ def run_peft(argv: list[str]) -> None:
     """``--one ARM finetune-flags...``: one PEFT arm through the harness, in this process."""
     from rankwise_harness.cli import _run_config, build_parser
     from rankwise_harness.data import get_task, load_task_data
+    from rankwise_harness.sources import ExternalAdapter
     from rankwise_harness.train import finetune
 
     arm, rest = argv[0], argv[1:]
@@ -172,7 +173,7 @@ def run_peft(argv: list[str]) -> None:
     n = len(load_task_data(get_task(cfg.task), cfg.data).train)
     n = min(n, cfg.max_train) if cfg.max_train else n
     total = max(1, math.ceil(cfg.epochs * max(1, n // cfg.batch_size)))
-    finetune(cfg, overwrite=True, show_progress=False, attach_fn=peft_attach(arm, total))
+    finetune(cfg, overwrite=True, show_progress=False, adapter=ExternalAdapter(peft_attach(arm, total)))
 
 
 # ---------------------------------------------------------------------------- the plan

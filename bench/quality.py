@@ -7,7 +7,7 @@ score against trainable parameters.
 Budgets: LoRA, DoRA and RAC-LoRA at r=8, GoRA at r_ref=8 (LoRA-8's parameter budget), EDoRA at r=16
 (the paper's setting); all on the same targets (query, value) with the classifier trained fully.
 ``peft-lora`` / ``peft-dora`` are HF PEFT's layers run through the identical harness loop (the
-``attach_fn`` seam of ``rankwise_harness.train.finetune``): the controls our LoRA/DoRA must match.
+``ExternalAdapter`` source of ``rankwise_harness.train.finetune``): the controls our LoRA/DoRA must match.
 ``METHOD@LR`` runs a method at its own learning rate (``edora@1e-2``; its runs are kept apart), and
 ``METHOD+KEY=VALUE`` with a config field overridden (``gora+gamma=0``: adaptive ranks without the
 gradient init; ``lora+use_rslora=true``: LoRA at GoRA's α/√r scale); ``+lora_plus=16`` trains with LoRA+ groups
@@ -54,7 +54,7 @@ METHOD_ARGS = {
 
 
 def peft_attach(use_dora: bool):
-    """An ``attach_fn`` for the harness that injects HF PEFT's LoRA/DoRA in place of rankwise's."""
+    """An ``ExternalAdapter``'s attach function for the harness: it injects HF PEFT's LoRA/DoRA in place of rankwise's."""
 
     def attach(model, mcfg, calibration=None):  # noqa: ARG001 - PEFT's LoRA/DoRA need no calibration
         from peft import LoraConfig, get_peft_model
@@ -89,11 +89,12 @@ def split_label(label: str, known: dict | None = None) -> tuple[str, str | None,
 def run_peft(cmd: list[str]) -> None:
     """Run one PEFT control in this process through the harness (``--one`` mode)."""
     from rankwise_harness.cli import _run_config, build_parser
+    from rankwise_harness.sources import ExternalAdapter
     from rankwise_harness.train import finetune
 
     args = build_parser().parse_args(["finetune", *cmd])
     cfg = _run_config(args, args.method.removeprefix("peft-"), args.output)
-    finetune(cfg, overwrite=True, show_progress=False, attach_fn=peft_attach(args.method == "peft-dora"))
+    finetune(cfg, overwrite=True, show_progress=False, adapter=ExternalAdapter(peft_attach(args.method == "peft-dora")))
 
 
 def run_one(task: str, label: str, seed: int, args: argparse.Namespace) -> Path:

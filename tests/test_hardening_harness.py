@@ -174,7 +174,7 @@ def test_damaged_checkpoint_is_named(tmp_path: Path, tiny_models: dict[str, str]
         (ckpt.parent / "LATEST").write_text("../../elsewhere")
     import rankwise_harness.train as train_mod
 
-    monkeypatch.setattr(train_mod, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(train_mod, "_load_model", lambda *a: pytest.fail("the model was loaded"))
     want = {"garbage-json": "trainer.json cannot be used", "wrong-format": "trainer.json cannot be used.*format",
             "tensor-ref": "tensor '999' is not in", "bad-step": r"field\(s\) \['step'\]",
             "latest-escapes": "not a checkpoint folder"}[damage]
@@ -440,7 +440,7 @@ def test_every_numeric_flag_is_checked_before_any_work(tmp_path: Path, capsys, m
     from rankwise_harness import cli
 
     monkeypatch.setattr(train_mod, "load_task_data", lambda *a: pytest.fail("the data was read"))
-    monkeypatch.setattr(train_mod, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(train_mod, "_load_model", lambda *a: pytest.fail("the model was loaded"))
     out = tmp_path / "run"
     assert cli.main(["finetune", "--task", "sst2", "--data", sst2, "--output", str(out), f"{flag}={value}"]) == 2
     assert re.search(says, capsys.readouterr().err)

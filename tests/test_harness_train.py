@@ -28,7 +28,9 @@ from rankwise_harness import cli
 from rankwise_harness.config import ConfigError, RunConfig
 from rankwise_harness.data import get_task
 from rankwise_harness.data import Example
-from rankwise_harness.batches import IGNORE, Encoder, micro_batch_indices
+from rankwise_harness.batches import IGNORE, micro_batch_indices
+from rankwise_harness.sources import ExternalAdapter
+from rankwise_harness.tasktypes import TaskType, task_type_for
 from rankwise_harness.train import RunError, finetune
 
 SHARED = Path(os.environ.get("RANKWISE_SHARED_DATA", SHARED_DATA))
@@ -56,6 +58,14 @@ def sst2(tmp_path_factory: pytest.TempPathFactory) -> str:
     """64 train / 32 dev rows: a slice of the real SST-2 when present, else a fixture in its format."""
     return write_sst2_slice(tmp_path_factory.mktemp("sst2"), 64, 32)
 
+
+def bound_task_type(task: str, model: str, max_length: int) -> TaskType:
+    """``task``'s task type on ``model`` with its tokenizer loaded (no model), to make batches."""
+    from transformers import AutoTokenizer
+
+    tt = task_type_for(get_task(task), model, RunConfig(task=task, max_length=max_length))
+    tt.tokenizer = AutoTokenizer.from_pretrained(model)
+    return tt
 
 def _cfg(tmp_path: Path, models: dict[str, str], data: str, **kw) -> RunConfig:
     base = dict(task="sst2", method="lora", data=data, model=models["bert"], output=str(tmp_path / "run"), r=4,
@@ -88,8 +98,7 @@ def test_finetune_writes_every_output(tmp_path: Path, tiny_models: dict[str, str
     fresh = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"], num_labels=2)
     rankwise.load(fresh, out / "adapter")
     assert rankwise.count_parameters(fresh)[0] == saved["trainable_params"]
-    batch = Encoder(get_task("sst2"), AutoTokenizer.from_pretrained(tiny_models["bert"]), 32).train_batch(
-        load_task_data(get_task("sst2"), sst2).dev)
+    batch = bound_task_type("sst2", tiny_models["bert"], 32).train_batch(load_task_data(get_task("sst2"), sst2).dev)
     labels = batch.pop("labels")
     with torch.no_grad():
         pred = fresh.eval()(**batch).logits.argmax(-1)
@@ -195,7 +204,7 @@ def test_head_warm_up_trains_only_the_head(tiny_models: dict[str, str], sst2: st
     model.bert.embeddings.word_embeddings.weight.requires_grad_(False)  # a pattern the warm-up must restore
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    enc = Encoder(get_task("sst2"), AutoTokenizer.from_pretrained(tiny_models["bert"]), 32)
+    enc = bound_task_type("sst2", tiny_models["bert"], 32)
     # one class only: whatever the (random) features, the head can fit it through its bias, so the loss
     # must fall on real SST-2 rows and on the offline fixture alike
     rows = [ex for ex in load_task_data(get_task("sst2"), sst2).train if ex.label == 1][:16]
@@ -220,7 +229,7 @@ def test_head_warm_up_stops_on_a_non_finite_loss(tiny_models: dict[str, str], ss
     model = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"])
     with torch.no_grad():
         model.classifier.bias.fill_(float("nan"))
-    enc = Encoder(get_task("sst2"), AutoTokenizer.from_pretrained(tiny_models["bert"]), 32)
+    enc = bound_task_type("sst2", tiny_models["bert"], 32)
     batch = enc.train_batch(load_task_data(get_task("sst2"), sst2).train[:8])
     with pytest.raises(RunError, match="non-finite loss .* at step 1"):
         warm_up_head(model, ("classifier",), [batch] * 3, lr=1e-2)
@@ -274,9 +283,11 @@ def test_full_finetuning_saves_trained_weights(tmp_path: Path, tiny_models: dict
     assert sum(t.numel() for t in weights.values()) >= result["trainable_params"]  # tied tensors appear under each name
 
 
-def test_attach_fn_stands_in_for_attach_in_the_same_loop(tmp_path: Path, tiny_models: dict[str, str], sst2: str) -> None:
-    """The seam bench/quality.py uses for PEFT controls: an attach_fn that is rankwise.attach reproduces
-    the normal run's losses exactly; a PEFT one trains and saves its trainable tensors."""
+def test_an_external_adapter_stands_in_for_attach_in_the_same_loop(tmp_path: Path, tiny_models: dict[str, str],
+                                                                   sst2: str) -> None:
+    """The source bench/quality.py uses for PEFT controls: an ExternalAdapter that is rankwise.attach reproduces
+    the normal run's losses exactly; a PEFT one trains and saves its trainable tensors; the older spelling
+    ``attach_fn=`` still works, with a DeprecationWarning."""
     seen: list[str] = []
 
     def via_rankwise(model, mcfg, calibration=None):
@@ -285,8 +296,11 @@ def test_attach_fn_stands_in_for_attach_in_the_same_loop(tmp_path: Path, tiny_mo
 
     quiet = dict(show_progress=False, log=lambda _m: None)
     ref = finetune(_cfg(tmp_path / "ref", tiny_models, sst2), **quiet)
-    same = finetune(_cfg(tmp_path / "same", tiny_models, sst2), attach_fn=via_rankwise, **quiet)
+    same = finetune(_cfg(tmp_path / "same", tiny_models, sst2), adapter=ExternalAdapter(via_rankwise), **quiet)
     assert seen == ["lora"] and same["losses"] == ref["losses"] and same["metrics"] == ref["metrics"]
+    with pytest.warns(DeprecationWarning, match="attach_fn"):
+        old = finetune(_cfg(tmp_path / "old", tiny_models, sst2), attach_fn=via_rankwise, **quiet)
+    assert old["losses"] == ref["losses"] and old["adapter_implementation"] == "via_rankwise"
 
     peft = pytest.importorskip("peft")
 
@@ -296,13 +310,13 @@ def test_attach_fn_stands_in_for_attach_in_the_same_loop(tmp_path: Path, tiny_mo
         peft.get_peft_model(model, cfg)
         return "peft"
 
-    got = finetune(_cfg(tmp_path / "peft", tiny_models, sst2), attach_fn=via_peft, **quiet)
+    got = finetune(_cfg(tmp_path / "peft", tiny_models, sst2), adapter=ExternalAdapter(via_peft), **quiet)
     assert got["trainable_params"] == ref["trainable_params"]  # same budget as rankwise LoRA
     assert got["adapter_implementation"] == "via_peft" and all(np.isfinite(got["losses"]))
     saved = load_file(str(tmp_path / "peft" / "run" / "model.safetensors"))
     assert sum(t.numel() for t in saved.values()) == got["trainable_params"]
     with pytest.raises(Exception, match="resume"):
-        finetune(_cfg(tmp_path / "peft", tiny_models, sst2), attach_fn=via_peft, resume=True, **quiet)
+        finetune(_cfg(tmp_path / "peft", tiny_models, sst2), adapter=ExternalAdapter(via_peft), resume=True, **quiet)
 
 
 def test_output_folder_guards(tmp_path: Path, tiny_models: dict[str, str], sst2: str) -> None:
@@ -381,7 +395,7 @@ def test_causal_lm_loss_covers_answer_tokens_only(tiny_models: dict[str, str]) -
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_models["gpt2"])
-    enc = Encoder(get_task("gsm8k"), tok, max_length=64)
+    enc = bound_task_type("gsm8k", tiny_models["gpt2"], 64)
     ex = [Example("What is 2+3?", target="2+3=5\n#### 5"), Example("And 10+20?", target="#### 30")]
     batch = enc.train_batch(ex)
     for i, e in enumerate(ex):
@@ -419,7 +433,7 @@ def test_generation_rows_without_an_answer_token_are_dropped_or_refused(tmp_path
     rows = [{"question": "What is 1+1?", "answer": "1+1=2\n#### 2"},
             {"question": "How many apples " * 12 + "are there?", "answer": "#### 3"}]
     (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    enc = Encoder(get_task("gsm8k"), tok, max_length=24)
+    enc = bound_task_type("gsm8k", tiny_models["gpt2"], 24)
     short, long = (Example(r["question"], target=r["answer"]) for r in rows)
     assert len(tok(enc.prompt(short))["input_ids"]) < 24 <= len(tok(enc.prompt(long))["input_ids"])
     assert enc.keeps_answer(short) and not enc.keeps_answer(long)

@@ -181,7 +181,9 @@ def _recorded_run(cfg: RunConfig, monkeypatch: pytest.MonkeyPatch) -> tuple[list
     """Run ``cfg``; returns the rows training batches drew, the rows every held-out evaluation saw, and metrics."""
     trained: list[tuple] = []
     inside = [False]
-    real_eval, real_batch = train_mod.evaluate, train_mod.Encoder.train_batch
+    from rankwise_harness.tasktypes import EncoderHead
+
+    real_eval, real_batch = train_mod.evaluate, EncoderHead.train_batch
 
     def evaluate(model, enc, rows, *args, **kwargs):
         inside[0] = True
@@ -196,7 +198,7 @@ def _recorded_run(cfg: RunConfig, monkeypatch: pytest.MonkeyPatch) -> tuple[list
         return real_batch(self, rows)
 
     monkeypatch.setattr(train_mod, "evaluate", evaluate)
-    monkeypatch.setattr(train_mod.Encoder, "train_batch", train_batch)
+    monkeypatch.setattr(EncoderHead, "train_batch", train_batch)
     seen: list[list[tuple]] = []
 
     def spy_split(rows, fraction, data_seed=0):

@@ -5,7 +5,7 @@ token is prepended) are built offline here. Checked: the loss is the hand-comput
 cross-entropy of the label word, the head applied at the last position gives the full forward's
 logits there (right- and left-padded batches), every classification task has a valid template,
 multi-token label words are scored by their first token, every method (and ``full``, ``compare``,
-GoRA's calibration, an ``attach_fn``) trains in this mode, and bad flags stop before anything is written.
+GoRA's calibration, an external adapter) trains in this mode, and bad flags stop before anything is written.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from conftest import minilm_path, write_sst2_slice
 from rankwise_harness import cli
 from rankwise_harness.config import ConfigError, RunConfig
 from rankwise_harness.data import TASKS, Example, get_task, load_task_data
+from rankwise_harness.sources import ExternalAdapter
 from rankwise_harness.train import finetune
 from rankwise_harness.verbalize import (DEFAULT_VERBALIZERS, LabelWordLM, LabelWords, Verbalizer, check_template,
                                         is_causal_lm, label_word_setup, parse_label_words, unescape_template,
@@ -309,7 +310,7 @@ def test_training_lowers_the_label_word_loss(tmp_path: Path, tiny_lm: str, sst2:
     assert sum(result["losses"][-5:]) / 5 < 0.5 * sum(result["losses"][:5]) / 5
 
 
-def test_attach_fn_and_gora_calibration_see_the_label_word_loss(tmp_path: Path, tiny_lm: str, sst2: str) -> None:
+def test_an_external_adapter_and_gora_calibration_see_the_label_word_loss(tmp_path: Path, tiny_lm: str, sst2: str) -> None:
     """The attach seam (bench/quality.py's PEFT route) gets the wrapped causal LM and label-word
     calibration batches, whose ``.loss`` is the label-word cross-entropy."""
     seen: dict = {}
@@ -323,7 +324,7 @@ def test_attach_fn_and_gora_calibration_see_the_label_word_loss(tmp_path: Path, 
 
     cfg = _cfg(tmp_path, tiny_lm, sst2, method="gora", targets=("q_proj", "v_proj"),
                overrides={"n_steps": "2"})
-    finetune(cfg, attach_fn=attach, **QUIET)
+    finetune(cfg, adapter=ExternalAdapter(attach), **QUIET)
     assert seen["type"] is LabelWordLM and len(seen["losses"]) == 2
     assert all(0 < loss < 20 for loss in seen["losses"]) and all(set(l) <= {0, 1} for l in seen["labels"])
 
@@ -345,7 +346,7 @@ def test_peft_injection_works_on_the_wrapper(tmp_path: Path, tiny_lm: str, sst2:
                                                    target_modules=list(mcfg.target_modules)))
         return "peft"
 
-    got = finetune(_cfg(tmp_path, tiny_lm, sst2, targets=("q_proj", "v_proj")), attach_fn=via_peft, **QUIET)
+    got = finetune(_cfg(tmp_path, tiny_lm, sst2, targets=("q_proj", "v_proj")), adapter=ExternalAdapter(via_peft), **QUIET)
     ref = finetune(_cfg(tmp_path / "ref", tiny_lm, sst2, targets=("q_proj", "v_proj")), **QUIET)
     assert got["trainable_params"] == ref["trainable_params"] and got["losses"][0] == pytest.approx(ref["losses"][0])
 

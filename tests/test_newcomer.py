@@ -99,7 +99,7 @@ def _no_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*_a, **_k):
         raise AssertionError("the model was loaded before the dependency check")
 
-    monkeypatch.setattr(train_mod, "load_model", fail)
+    monkeypatch.setattr(train_mod, "_load_model", fail)
     monkeypatch.setattr(train_mod, "load_task_data", fail)
 
 

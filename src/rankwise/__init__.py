@@ -40,6 +40,7 @@ from .lifecycle import (
 from .peft_format import export_peft, import_peft
 from .adapters import delete, disabled, set_active
 from .registry import all_methods, config_from_dict
+from .state import adapter_config, set_step_count, step_count
 
 __all__ = [
     "__version__",
@@ -67,6 +68,9 @@ __all__ = [
     "AdapterFileError",
     "AdapterLayer",
     "adapter_layers",
+    "adapter_config",
+    "step_count",
+    "set_step_count",
     "trainable_parameters",
     "count_parameters",
     "lora_plus_param_groups",

@@ -159,3 +159,22 @@ def get_state(model: nn.Module, name: str | None = None) -> RankwiseState:
 def is_attached(model: nn.Module) -> bool:
     model = unwrap_model(model)
     return getattr(model, STATE_ATTR, None) is not None or bool(slot_layers(model))
+
+
+def adapter_config(model: nn.Module, name: str | None = None) -> AdapterConfig:
+    """The config adapter ``name`` (``None``: the model's only adapter) was attached, loaded or imported with."""
+    return get_state(model, name).config
+
+
+def step_count(model: nn.Module, name: str | None = None) -> int:
+    """How many optimizer steps :func:`rankwise.step` has counted for adapter ``name`` (saved with the adapter
+    and restored by :func:`rankwise.load`; a method's step-driven schedule, such as RAC-LoRA's links, reads it)."""
+    return get_state(model, name).step
+
+
+def set_step_count(model: nn.Module, step: int, name: str | None = None) -> None:
+    """Set adapter ``name``'s step count: for a training loop resumed from its own checkpoint at optimizer step
+    ``step`` (an adapter file written before step counts were saved loads with 0)."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an integer >= 0, got {step!r}")
+    get_state(model, name).step = step

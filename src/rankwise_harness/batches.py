@@ -1,4 +1,4 @@
-"""Examples to model batches: the :class:`Encoder`, the training order and the side streams.
+"""Model batches: the training order and the side streams (a run's task type makes the batches themselves).
 
 The training order is a pure function of ``(seed, micro-batch number)`` (:func:`micro_batch_indices`),
 so a resumed run reads exactly the batches an uninterrupted one does; calibration and head warm-up
@@ -10,8 +10,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -21,53 +20,28 @@ from .verbalize import LabelWords
 IGNORE = -100  # the label of a token the loss skips
 
 
-@dataclass
-class Encoder:
-    """Turns examples into model batches for a task and tokenizer."""
+class Batcher(Protocol):
+    """What turns examples into model batches: a run's task type (:mod:`rankwise_harness.tasktypes`)."""
 
-    task: Task
-    tokenizer: Any
-    max_length: int
-    label_words: LabelWords | None = None  # a causal LM classifying by label words (verbalize.py)
+    def train_batch(self, rows: list[Example]) -> dict[str, torch.Tensor]: ...
 
-    def prompt(self, ex: Example) -> str:
-        return f"Question: {ex.text}\nAnswer: "
 
-    def keeps_answer(self, ex: Example) -> bool:
-        """Generation tasks: whether ``--max-length`` leaves at least one answer token after the prompt (a row
-        whose question alone fills it would teach nothing, and a batch of only such rows has no loss)."""
-        return len(self.tokenizer(self.prompt(ex))["input_ids"]) < self.max_length
+def Encoder(task: Task, tokenizer: Any, max_length: int, label_words: LabelWords | None = None) -> Any:  # noqa: N802
+    """Deprecated: the task type for ``task`` (label words: a causal LM's), bound to ``tokenizer``; its
+    ``train_batch`` is what ``Encoder.train_batch`` was. A run builds its task type from the registry
+    (:func:`rankwise_harness.tasktypes.task_type_for`)."""
+    import warnings
 
-    def train_batch(self, rows: list[Example]) -> dict[str, torch.Tensor]:
-        if self.task.kind == "generation":
-            return self._lm_batch(rows)
-        if self.label_words is not None:
-            return self.label_words.batch(self.tokenizer, rows, self.max_length)
-        pairs = [r.text_pair for r in rows]
-        enc = self.tokenizer([r.text for r in rows], pairs if pairs[0] is not None else None,
-                             truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
-        dtype = torch.float32 if self.task.kind == "regression" else torch.long
-        enc["labels"] = torch.tensor([r.label for r in rows], dtype=dtype)
-        return dict(enc)
+    from .config import RunConfig
+    from .tasktypes import EncoderHead, Generation, LabelWordsType, TaskType
 
-    def _lm_batch(self, rows: list[Example]) -> dict[str, torch.Tensor]:
-        """Question -> worked answer; the loss covers answer tokens (and the end token) only."""
-        tok = self.tokenizer
-        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        seqs, labels = [], []
-        for r in rows:
-            p = tok(self.prompt(r))["input_ids"]
-            a = tok(r.target, add_special_tokens=False)["input_ids"] + eos
-            ids = (p + a)[: self.max_length]
-            seqs.append(ids)
-            labels.append(([IGNORE] * len(p) + a)[: self.max_length])
-        width = max(len(s) for s in seqs)
-        pad = tok.pad_token_id
-        return {
-            "input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in seqs]),
-            "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs]),
-            "labels": torch.tensor([lab + [IGNORE] * (width - len(lab)) for lab in labels]),
-        }
+    warnings.warn("rankwise_harness.batches.Encoder is deprecated: a run's task type "
+                  "(rankwise_harness.tasktypes) makes its batches", DeprecationWarning, stacklevel=2)
+    cls = Generation if task.kind == "generation" else LabelWordsType if label_words is not None else EncoderHead
+    made: Any = object.__new__(cls)
+    TaskType.__init__(made, task, "", RunConfig(task=task.name, max_length=max_length))
+    made.tokenizer, made.words = tokenizer, label_words
+    return made
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -85,7 +59,7 @@ def micro_batch_indices(n: int, global_bs: int, seed: int, micro: int) -> list[i
     return perm[b * global_bs : (b + 1) * global_bs]
 
 
-def random_batches(enc: Encoder, train: list[Example], n: int, batch_size: int, seed: int,
+def random_batches(enc: Batcher, train: list[Example], n: int, batch_size: int, seed: int,
                    device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
     """``n`` batches of ``batch_size`` training examples drawn (without replacement within a batch) from a
     stream seeded by ``seed`` alone: calibration and head warm-up data, apart from the training order."""

@@ -384,7 +384,6 @@ def restore_model(model: nn.Module, has_adapter: bool, ckpt: Checkpoint) -> dict
     trained tensors; returns the fresh base's :func:`frozen_digests`, taken before any tensor is loaded."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    from rankwise.state import get_state
 
     try:
         if has_adapter:
@@ -397,7 +396,7 @@ def restore_model(model: nn.Module, has_adapter: bool, ckpt: Checkpoint) -> dict
     if unexpected:
         raise RunError(f"checkpoint {ckpt.path} holds tensors this model lacks: {unexpected[:5]}")
     if has_adapter:
-        get_state(model).step = ckpt.trainer.step
+        rankwise.set_step_count(model, ckpt.trainer.step)
     else:
         for p in model.parameters():
             p.requires_grad_(True)

@@ -228,11 +228,17 @@ def _list_methods() -> int:
 
     import rankwise
 
+    from .sources import harness_sources
+
+    own = harness_sources()
     for name, method in sorted(rankwise.all_methods().items()):
+        if name in own:
+            continue
         fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(method.config_cls))
         note = " (initialises from training batches)" if method.uses_calibration else ""
         print(f"{name}{note}, default lr {method.config_cls.default_lr:g}\n    {method.config_cls.__name__}: {fields}")
-    print("full\n    full fine-tuning: every weight trained, no adapters")
+    for name, source in own.items():
+        print(f"{name}\n    {source.description}")
     return 0
 
 

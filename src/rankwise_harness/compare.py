@@ -27,7 +27,8 @@ from .checkpoint import RunError, read_run_json
 from .config import RUN_MARKER, RunConfig, check_method
 from .deps import can_plot
 from .runlock import LOCK_NAME, acquire
-from .train import finetune, finished, save_figure
+from .runfolder import finished, save_figure
+from .train import finetune
 
 COMPARE_MARKER = "rankwise-compare/1"
 MARKER_FILE = "compare.json"

@@ -2,7 +2,8 @@
 
 The harness is method-agnostic: a method's config class comes from ``rankwise.all_methods()``, and
 its dataclass fields are filled from ``--r/--alpha/--dropout/--targets`` and ``--set key=value``.
-``full`` (full fine-tuning, no adapters) is the harness's own.
+Which source a ``--method`` runs (a library method's adapter, or the harness's own ``full``) the adapter-source
+registry answers (:mod:`rankwise_harness.sources`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,16 @@ from rankwise.targeting import ALL_LINEAR, is_all_linear
 
 from . import QUANTIZE_CHOICES
 
-FULL = "full"
 RUN_MARKER = "rankwise-run/1"
-FULL_LR = 5e-5
+
+
+def __getattr__(name: str) -> Any:
+    """``FULL`` / ``FULL_LR``, once this module's: full fine-tuning is now an adapter source (:mod:`.sources`)."""
+    if name in ("FULL", "FULL_LR"):
+        from . import sources
+
+        return sources.FULL if name == "FULL" else sources.FULL_LR
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ConfigError(ValueError):
@@ -29,19 +37,23 @@ class ConfigError(ValueError):
 
 
 def method_names() -> list[str]:
-    return sorted(rankwise.all_methods()) + [FULL]
+    from .sources import method_names
+
+    return method_names()
 
 
 def check_method(name: str) -> None:
-    if name != FULL and name not in rankwise.all_methods():
-        raise ConfigError(f"unknown method {name!r}; known: {', '.join(method_names())}")
+    from .sources import adapter_source
+
+    adapter_source(name)
 
 
 def default_lr(method: str) -> float:
-    """The learning rate a run of ``method`` gets without ``--lr``: the method config's ``default_lr``
-    (``full``: 5e-5)."""
-    check_method(method)
-    return FULL_LR if method == FULL else float(rankwise.all_methods()[method].config_cls.default_lr)
+    """The learning rate a run of ``method`` gets without ``--lr``: its source's (a method config's
+    ``default_lr``; ``full``: 5e-5)."""
+    from .sources import adapter_source
+
+    return adapter_source(method).default_lr(method)
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, str]:
@@ -98,9 +110,9 @@ def build_method_config(
     methods that have one (GoRA's reference rank, whose ``r`` is its alias); left out, ``--set r_ref=N``
     alone sets the rank.
     """
-    check_method(method)
-    if method == FULL:
-        raise ConfigError("full fine-tuning has no adapter config")
+    if method not in rankwise.all_methods():
+        check_method(method)
+        raise ConfigError(f"{method} has no adapter config")
     cls = rankwise.all_methods()[method].config_cls
     fields = {f.name: f for f in dataclasses.fields(cls)}
     given = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": targets,
@@ -180,27 +192,34 @@ class RunConfig:
             self.targets = tuple(self.targets)
         if self.label_words is not None and not isinstance(self.label_words, tuple):
             self.label_words = tuple(self.label_words)
-        check_method(self.method)
+        from .sources import adapter_source
+
+        source = adapter_source(self.method)
         self._check_numbers()
-        if self.head_warmup_steps and self.method == FULL:
-            raise ConfigError("--head-warmup-steps is for adapter methods (full fine-tuning trains the head anyway)")
         if self.schedule not in ("linear", "cosine", "constant"):
             raise ConfigError(f"--schedule must be linear, cosine or constant, got {self.schedule!r}")
         if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
             raise ConfigError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize!r}")
-        if self.quantize is not None and self.method == FULL:
-            raise ConfigError("--quantize trains adapters over a frozen quantised base; full fine-tuning cannot train "
-                              "quantised weights (pick an adapter method)")
+        source.check(self)
         if self.precision not in ("auto", "no", "bf16", "fp16"):
             raise ConfigError(f"--precision must be auto, no, bf16 or fp16, got {self.precision!r}")
         if isinstance(self.warmup_ratio, bool) or not (isinstance(self.warmup_ratio, (int, float)) and 0.0 <= self.warmup_ratio < 1.0):
             raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.lr is None:
-            self.lr = default_lr(self.method)
+            self.lr = source.default_lr(self.method)
         self._check_head_and_split()
-        if self.method != FULL:  # the adapter's own fields (--r, --alpha, --dropout, --set), before any model loads
-            build_method_config(self.method, r=self.r, alpha=self.alpha, dropout=self.dropout,
-                                targets=self.targets or ("any",), seed=self.seed, overrides=self.overrides)
+        self.method_config()  # the adapter's own fields (--r, --alpha, --dropout, --set), before any model loads
+
+    def method_config(self) -> rankwise.AdapterConfig | None:
+        """The adapter config ``--r/--alpha/--dropout/--targets/--set`` build for the method (``None``: it has
+        none, as ``full``), built by its source once and kept; rebuilt only when one of those fields changed."""
+        from .sources import adapter_source
+
+        key = (self.method, self.r, self.alpha, self.dropout, self.targets, self.seed, tuple(self.overrides.items()))
+        if getattr(self, "_method_config_key", None) != key:
+            self._method_config = adapter_source(self.method).config(self)
+            self._method_config_key = key
+        return self._method_config
 
     def _check_numbers(self) -> None:
         """Every numeric flag is a finite number of the right kind and range; a ConfigError names the flag."""
@@ -267,12 +286,11 @@ class RunConfig:
         out.pop("output")
         task = get_task(self.task)
         out["model"], model_path = canonical_model(self.model, task)
-        if self.method != FULL:
+        mcfg = self.method_config()
+        if mcfg is not None:
             for key in ("r", "alpha", "dropout", "overrides", "targets"):
                 out.pop(key)
-            out["method_config"] = build_method_config(
-                self.method, r=self.r, alpha=self.alpha, dropout=self.dropout, targets=target_spec(self.targets),
-                seed=self.seed, overrides=self.overrides).to_dict()
+            out["method_config"] = mcfg.to_dict()
         default = DEFAULT_VERBALIZERS.get(self.task)
         if default is not None:
             out["template"] = self.template if self.template is not None else default.template

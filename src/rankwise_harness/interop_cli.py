@@ -102,16 +102,14 @@ def _run_base(args: argparse.Namespace, run: dict[str, Any] | None) -> tuple[str
             raise ValueError(f"{args.adapter} is not a rankwise run's adapter folder: pass --base")
         return args.base, args.model_class, {}
     from .data import get_task
+    from .models import classifier_kwargs
 
     task = get_task(run["run"]["task"])
     causal = task.kind == "generation" or run.get("label_words") is not None
     model_class = args.model_class or run.get("model_class") or (
         "AutoModelForCausalLM" if causal else "AutoModelForSequenceClassification")
-    kwargs: dict[str, Any] = {}
-    if not causal:  # the run's head size; a checkpoint's own head of another size is replaced, as in training
-        kwargs = {"num_labels": task.num_labels, "ignore_mismatched_sizes": True}
-        if task.kind == "regression":
-            kwargs["problem_type"] = "regression"
+    # the run's head size; a checkpoint's own head of another size is replaced, as in training
+    kwargs: dict[str, Any] = {} if causal else classifier_kwargs(task)
     return args.base or run["model_path"], model_class, kwargs
 
 
@@ -193,7 +191,7 @@ def _import(args: argparse.Namespace) -> str:
     rankwise.import_peft(model, args.adapter)
     rankwise.save(model, args.out)
     n = len(rankwise.adapter_layers(model))
-    return f"rankwise {rankwise.state.get_state(model).config.method} adapter ({n} layers) written to {args.out}"
+    return f"rankwise {rankwise.adapter_config(model).method} adapter ({n} layers) written to {args.out}"
 
 
 def run(args: argparse.Namespace) -> int:

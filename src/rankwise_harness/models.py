@@ -30,6 +30,9 @@ SMOLLM2 = "smollm2"
 MINILM = "minilm"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# the offline default model of a task kind (any other kind: MINILM); a new kind may add its own
+DEFAULT_MODELS: dict[str, str] = {"generation": SMOLLM2}
+
 # freshly initialised task heads, trained fully next to the adapters
 HEAD_NAMES = ("classifier", "score", "pre_classifier")
 
@@ -127,12 +130,17 @@ def smollm2_path() -> str:
     return str(target)
 
 
+def default_model(task: Task) -> str:
+    """The model a run of ``task`` loads without ``--model``: its kind's entry in :data:`DEFAULT_MODELS`, else MiniLM."""
+    return DEFAULT_MODELS.get(task.kind, MINILM)
+
+
 def canonical_model(name: str | None, task: Task) -> tuple[str, str | None]:
     """``(one spelling of the model, a local folder holding it or None)``, without loading or converting
     anything: the default (``None``) and the packaged models' aliases and folders compare equal, and a local
     folder is its real path."""
     if name is None:
-        name = SMOLLM2 if task.kind == "generation" else MINILM
+        name = default_model(task)
     if name == SMOLLM2 or os.path.realpath(name) == os.path.realpath(cache_dir() / "smollm2-135m-instruct-fp32"):
         return SMOLLM2, None
     try:
@@ -147,7 +155,7 @@ def canonical_model(name: str | None, task: Task) -> tuple[str, str | None]:
 def resolve_model_name(name: str | None, task: Task) -> str:
     """The path or hub name to load: ``None`` picks the offline default for the task's kind."""
     if name is None:
-        name = SMOLLM2 if task.kind == "generation" else MINILM
+        name = default_model(task)
     if name == MINILM:
         return minilm_path()
     if name == SMOLLM2:
@@ -178,26 +186,26 @@ def quantization_kwargs(quantize: str, device: torch.device) -> dict[str, Any]:
     return {"quantization_config": config, "device_map": {"": device}}
 
 
-def load_model(name: str, task: Task, causal_lm: bool = False, quantize: str | None = None,
-               device: torch.device | None = None) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)`` for ``task``: a sequence-classification model (regression head for
-    STS-B), or a causal LM for generation and (``causal_lm``) for classification by label words
-    (``verbalize.py``); ``quantize`` (``nf4``/``fp4``/``int8``) loads its linear layers quantised by
-    bitsandbytes, placed on ``device``. Errors name the model and what to do."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+def classifier_kwargs(task: Task) -> dict[str, Any]:
+    """``from_pretrained`` arguments giving a sequence classifier ``task``'s head: its size (one output and
+    ``problem_type="regression"`` for a regression task), replacing a checkpoint's own head of another size."""
+    kwargs: dict[str, Any] = {"num_labels": task.num_labels, "ignore_mismatched_sizes": True}
+    if task.kind == "regression":
+        kwargs["problem_type"] = "regression"
+    return kwargs
+
+
+def load_pretrained(name: str, auto_class: str, quantize: str | None = None, device: torch.device | None = None,
+                    **kwargs: Any) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)``: ``name`` loaded with transformers' ``auto_class`` (``AutoModelForCausalLM``, ...) and
+    ``kwargs``; ``quantize`` (``nf4``/``fp4``/``int8``) loads its linear layers quantised by bitsandbytes, placed
+    on ``device``. The tokenizer gets a pad token when it has none. Errors name the model and what to do."""
+    import transformers
 
     quant = quantization_kwargs(quantize, device or torch.device("cpu")) if quantize else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        if task.kind == "generation" or causal_lm:
-            model = AutoModelForCausalLM.from_pretrained(name, **quant)
-        else:
-            # a checkpoint's own head may have another size: it is re-initialised for this task
-            kwargs: dict[str, Any] = {"num_labels": task.num_labels, "ignore_mismatched_sizes": True, **quant}
-            if task.kind == "regression":
-                kwargs["problem_type"] = "regression"
-            with quiet_head_report():  # the harness trains (or replaces) the new head: no "classifier MISSING"
-                model = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+        model = getattr(transformers, auto_class).from_pretrained(name, **kwargs, **quant)
     except OSError as exc:
         raise ModelError(f"could not load model {name!r}: {exc}") from None
     if quantize:  # evaluating mid-run must not repack 4-bit CPU weights (training through them would fail)
@@ -209,6 +217,17 @@ def load_model(name: str, task: Task, causal_lm: bool = False, quantize: str | N
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def load_model(name: str, task: Task, causal_lm: bool = False, quantize: str | None = None,
+               device: torch.device | None = None) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` for ``task``: a causal LM for generation and (``causal_lm``) for classification by
+    label words, else a sequence classifier with ``task``'s head. Kept for old callers: a run loads through its
+    task type (:mod:`rankwise_harness.tasktypes`), which calls :func:`load_pretrained`."""
+    if task.kind == "generation" or causal_lm:
+        return load_pretrained(name, "AutoModelForCausalLM", quantize, device)
+    with quiet_head_report():
+        return load_pretrained(name, "AutoModelForSequenceClassification", quantize, device, **classifier_kwargs(task))
 
 
 def head_modules(model: nn.Module) -> tuple[str, ...] | None:

@@ -10,7 +10,6 @@ run does.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import math
 import os
@@ -28,29 +27,34 @@ from torch import nn
 
 import rankwise
 
-from .batches import Encoder, micro_batch_indices, random_batches, to_device
+from .batches import micro_batch_indices, random_batches, to_device
 from .evaluation import evaluate
-from .metrics import majority_class
 from .checkpoint import (CKPT_DIR, Checkpoint, RunError, RunInterrupted, TrainerState, disk_full_is_named, tensor_bytes, frozen_digests, latest_checkpoint, model_tensors,
                          read_checkpoint, read_run_json, restore_model, write_checkpoint)
-from .config import FULL, RUN_MARKER, ConfigError, RunConfig, build_method_config, target_spec
+from .config import RUN_MARKER, ConfigError, RunConfig
 from .data import Example, Splits, Task, fingerprint, get_task, load_task_data
 from .deps import can_plot, check_harness
-from .heads import head_parameters, install_head, resolve_pooling, with_head_group
-from .models import head_modules, load_model, resolve_model_name
+from .heads import head_parameters, with_head_group
+from .models import resolve_model_name
 from .progress import Progress, TrackedBatches
-from .runlock import LOCK_NAME, RunLock, acquire
+from .runlock import RunLock, acquire
+from .runfolder import finished, fmt_metrics, loss_window, plot_loss, prepare_output, save_figure, settings_diff, summary
 from .selection import best_and_last, evals_since_best, sample_rows, split_validation
-from .verbalize import LabelWords, label_word_setup
+from .sources import AdapterSource, AttachFn, ExternalAdapter, LossFn, adapter_source, with_heads
+from .tasktypes import TaskType, task_type_for
 
 StepHook = Callable[[int, float], None]  # (optimizer step just done, its loss) -> None; may raise
-AttachFn = Callable[..., Any]  # (model, method config, calibration=...) -> printable report; adapts in place
+
+
+def _model_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**batch).loss
 
 
 # ---------------------------------------------------------------------------- head warm-up
 def warm_up_head(model: nn.Module, heads: tuple[str, ...], batches: Iterable[dict[str, torch.Tensor]],
-                 lr: float) -> list[float]:
-    """Train only the modules named in ``heads`` (the task head), one AdamW step per batch; returns the losses.
+                 lr: float, loss_fn: LossFn = _model_loss) -> list[float]:
+    """Train only the modules named in ``heads`` (the task head), one AdamW step per batch on ``loss_fn(model,
+    batch)`` (default: the model's ``.loss``); returns the losses.
 
     Used before attaching an adapter (``--head-warmup-steps``) so a data-dependent init such as GoRA's
     calibration sees a trained classifier rather than a random one. Every other parameter is left
@@ -70,7 +74,7 @@ def warm_up_head(model: nn.Module, heads: tuple[str, ...], batches: Iterable[dic
     model.train()
     try:
         for batch in batches:
-            loss = model(**batch).loss
+            loss = loss_fn(model, batch)
             if not torch.isfinite(loss):
                 raise RunError(f"head warm-up: non-finite loss {loss.item()} at step {len(losses) + 1}")
             opt.zero_grad(set_to_none=True)
@@ -87,66 +91,8 @@ def warm_up_head(model: nn.Module, heads: tuple[str, ...], batches: Iterable[dic
 
 # ---------------------------------------------------------------------------- checkpoints (checkpoint.py)
 def save_trainable(model: nn.Module, method: str, folder: Path) -> None:
-    """The run's result: the adapter (``rankwise.save``), or for ``full`` the trained weights; atomically."""
-    from safetensors.torch import save
-    from rankwise.adapter_file import atomic_write_bytes
-
-    if method == FULL:
-        atomic_write_bytes(folder / "model.safetensors", save(model_tensors(model)))
-    else:
-        rankwise.save(model, folder / "adapter")
-
-
-def finished(out: Path) -> bool:
-    """Whether ``out`` holds a finished run: its metrics and its result written, its checkpoints gone (a finish
-    stopped by a full disk leaves them, so ``--resume`` finishes it)."""
-    result = (out / "adapter" / "adapter.safetensors").is_file() or (out / "model.safetensors").is_file()
-    return (out / "metrics.json").is_file() and result and not (out / CKPT_DIR / "LATEST").is_file()
-
-
-# ---------------------------------------------------------------------------- output folder
-def prepare_output(cfg: RunConfig, resume: bool, overwrite: bool, delete: bool = True) -> Path | None:
-    """Check the output folder; returns the checkpoint to resume from, if any. Never deletes a
-    folder that is not a rankwise run."""
-    out = Path(cfg.output)
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--output {out} exists and is not a folder")
-    config_file = out / "config.json"
-    has_run = config_file.is_file()
-    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
-        if not has_run:
-            raise RunError(f"--output {out} is not empty and holds no rankwise run; refusing to write into it")
-        previous = read_run_json(config_file)
-        if not isinstance(previous, dict):
-            raise RunError(f"--output {out} has a config.json that rankwise did not write; refusing to use it")
-        if resume:
-            diff = _settings_diff(RunConfig.from_dict(previous.get("run", {})).identity(), cfg.identity())
-            if diff:
-                raise RunError(f"--resume: {out} holds a run with different settings ({', '.join(diff)}); "
-                               "resume with the same settings or choose another --output")
-            return latest_checkpoint(out)
-        if not overwrite:
-            raise RunError(f"--output {out} holds another run ({previous.get('run', {}).get('method')} on "
-                           f"{previous.get('run', {}).get('task')}); pass --overwrite to replace it or --resume to continue it")
-        if previous.get("format") != RUN_MARKER:
-            raise RunError(f"--output {out} has a config.json that rankwise did not write; refusing to delete it")
-        if delete:  # everything but the lock this run holds
-            for child in out.iterdir():
-                if child.name != LOCK_NAME:
-                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-    return None
-
-
-def _settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """The settings (``RunConfig.identity``) that differ, by flag name; the method config's by field."""
-    diff = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if a != b and isinstance(a, dict) and isinstance(b, dict):
-            diff += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        elif a != b:
-            diff.append(key)
-    return diff
+    """The run's result, as ``--method method``'s adapter source saves it (the adapter, or the trained weights)."""
+    adapter_source(method).save(model, folder)
 
 
 # ---------------------------------------------------------------------------- the run
@@ -193,26 +139,27 @@ def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
 
 
 def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, hook: StepHook | None = None,
-             show_progress: bool = True, log: Callable[[str], None] = print,
+             show_progress: bool = True, log: Callable[[str], None] = print, adapter: AdapterSource | None = None,
              attach_fn: AttachFn | None = None) -> dict[str, Any]:
     """Run ``cfg`` end to end; writes the output folder and returns what ``metrics.json`` holds.
 
-    ``attach_fn`` stands in for ``rankwise.attach`` (same arguments; it adapts the model in place and
-    returns something printable): ``bench/quality.py`` passes HF PEFT's injection through it, so PEFT
-    controls run the identical data, loop and evaluation. Such a run saves its trainable tensors as
-    ``model.safetensors`` (not a rankwise adapter), never calls ``rankwise.step`` and cannot resume.
+    ``adapter`` stands in for the source ``cfg.method`` names (:mod:`.sources`): an
+    :class:`~rankwise_harness.sources.ExternalAdapter` trains another library's adapter (``bench/quality.py``
+    passes HF PEFT's injection) on the identical data, loop and evaluation. ``attach_fn`` is the older
+    spelling of ``adapter=ExternalAdapter(attach_fn)`` (deprecated).
 
     The stages, in order: open the run (settings, processes, output folder, checkpoint), read the data,
     load the model, set up the adapter (or restore it), the optimizer, then the loop and the finish.
     """
-    if attach_fn is not None and (resume or cfg.method == FULL):
-        raise ConfigError("attach_fn runs cannot resume and need an adapter method's config")
+    source = _source(cfg, adapter, attach_fn)
+    if resume and not source.resumable:
+        raise ConfigError(f"--resume: a run of {source.implementation} cannot resume")
     if resume and overwrite:
         raise ConfigError(f"--resume and --overwrite contradict each other: --resume continues the run in "
                           f"{cfg.output} from its last checkpoint, --overwrite deletes it and starts again; pass one")
     check_harness(cfg.task, cfg.quantize)  # before any loading or training: a missing package stops the run now
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run = _open_run(cfg, resume, overwrite, log)
+    run = _open_run(cfg, source, resume, overwrite, log)
     run.progress = show_progress
     where: dict[str, Any] = {}  # the loop, once it exists: Ctrl-C names its step
     try:
@@ -223,12 +170,12 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
         if run.saved is not None:
             _check_same_data(run)
         _load_model(run)
-        adapter = _set_up_adapter(run, attach_fn)
-        training = _set_up_training(run, adapter, attach_fn, hook)
+        prepared = _set_up_adapter(run)
+        training = _set_up_training(run, prepared, hook)
         loop = where["loop"] = _restore_or_start(run, training)
         where["total"] = training.total_steps
         _train(run, training, loop, show_progress)
-        return _finish(run, training, loop, attach_fn)
+        return _finish(run, training, loop)
     except KeyboardInterrupt:
         loop = where.get("loop")
         ckpt = _latest_or_none(run.out)
@@ -236,6 +183,21 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
     finally:
         if run.lock is not None:
             run.lock.release()
+
+
+def _source(cfg: RunConfig, adapter: AdapterSource | None, attach_fn: AttachFn | None) -> AdapterSource:
+    """The run's adapter source: ``adapter``, else one made of ``attach_fn`` (deprecated), else ``cfg.method``'s."""
+    if attach_fn is not None:
+        import warnings
+
+        warnings.warn("finetune(attach_fn=f) is deprecated: pass adapter=rankwise_harness.sources.ExternalAdapter(f)",
+                      DeprecationWarning, stacklevel=3)
+        if adapter is not None:
+            raise ConfigError("pass adapter= or attach_fn=, not both")
+        adapter = ExternalAdapter(attach_fn)
+    source = adapter or adapter_source(cfg.method)
+    source.check(cfg)
+    return source
 
 
 def _latest_or_none(out: Path) -> Path | None:
@@ -258,7 +220,8 @@ class _Run:
     plots: bool
     task: Task
     model_name: str
-    label_words: LabelWords | None
+    task_type: TaskType  # how the task is loaded, batched, trained and scored (tasktypes/)
+    source: AdapterSource  # how the trained parameters come about and are saved (sources.py)
     ckpt: Path | None
     saved: Checkpoint | None  # the checkpoint to resume from, read once
     lock: RunLock | None  # the output folder's lock (main process)
@@ -267,9 +230,7 @@ class _Run:
     dev: list[Example] = field(default_factory=list)
     val: list[Example] = field(default_factory=list)
     model: Any = None  # the model (after ``accelerator.prepare``, its wrapper)
-    enc: Encoder | None = None
-    pooling: str | None = None
-    model_class: str | None = None  # the transformers class loaded (before label words wrap it), for ``export``
+    model_class: str | None = None  # the transformers class loaded (before a task type wraps it), for ``export``
     progress: bool = True  # progress of training and of the other long phases (evaluation, calibration)
 
     @property
@@ -286,12 +247,11 @@ class _Run:
 
     @property
     def heads(self) -> tuple[str, ...] | None:
-        return head_modules(self.model) if self.task.kind != "generation" else None
+        return self.task_type.heads(self.model)
 
     def evaluate(self, data: list[Example], records: list[dict[str, Any]] | None = None) -> dict[str, float]:
         desc = f"evaluating {len(data):,} examples" if self.progress else None
-        return evaluate(self.model, self.enc, data, self.accelerator, self.cfg.batch_size * 2, self.cfg.max_new_tokens,
-                        records, desc)
+        return evaluate(self.model, self.task_type, data, self.accelerator, self.cfg.batch_size * 2, records, desc)
 
 
 @dataclass
@@ -336,17 +296,14 @@ class _Loop:
         return self.elapsed + time.perf_counter() - self.t_start - self.eval_time
 
 
-def _open_run(cfg: RunConfig, resume: bool, overwrite: bool, log: Callable[[str], None]) -> _Run:
+def _open_run(cfg: RunConfig, source: AdapterSource, resume: bool, overwrite: bool, log: Callable[[str], None]) -> _Run:
     """Settings checked, processes set up, output folder checked (and cleared), checkpoint read."""
     from accelerate import Accelerator
 
     task = get_task(cfg.task)
     plots = can_plot("the run's plots (loss_curve.png)")
     model_name = resolve_model_name(cfg.model, task)
-    # causal LMs classify by label words: template and words are checked before anything is written
-    label_words = label_word_setup(task, model_name, None, cfg.template, cfg.label_words, cfg.max_length)
-    if label_words is not None and (cfg.head != "linear" or cfg.pooling is not None):
-        raise ConfigError("--head/--pooling apply to encoder classifiers; a causal LM scores label words (no head)")
+    task_type = task_type_for(task, model_name, cfg)  # its flags are checked before anything is written
     if cfg.precision == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     else:
@@ -367,7 +324,7 @@ def _open_run(cfg: RunConfig, resume: bool, overwrite: bool, log: Callable[[str]
             lock.release()
         raise
     accelerator.wait_for_everyone()
-    return _Run(cfg, accelerator, say, Path(cfg.output), mp, plots, task, model_name, label_words, ckpt, saved, lock)
+    return _Run(cfg, accelerator, say, Path(cfg.output), mp, plots, task, model_name, task_type, source, ckpt, saved, lock)
 
 
 def _read_data(run: _Run) -> None:
@@ -411,68 +368,31 @@ def _check_same_data(run: _Run) -> None:
 
 
 def _load_model(run: _Run) -> None:
-    """The base model (seeded), with label words or a task head, on the run's device; its encoder."""
+    """The base model (seeded) as the task type loads it, on the run's device; the training rows it can use."""
     from accelerate.utils import set_seed
 
-    cfg, task, label_words = run.cfg, run.task, run.label_words
-    set_seed(cfg.seed)
-    model, tokenizer = load_model(run.model_name, task, causal_lm=label_words is not None, quantize=cfg.quantize,
-                                  device=run.accelerator.device)
-    run.model_class = type(model).__name__
-    if label_words is not None:
-        model = label_words.wrap(model)
-        for note in label_words.notes():
-            run.say(note)
-    run.pooling = resolve_pooling(cfg.pooling, run.model_name) if task.kind != "generation" and label_words is None else None
-    if run.pooling is not None:
-        try:
-            install_head(model, cfg.head, run.pooling, head_modules(model))
-        except ValueError as exc:
-            raise ConfigError(f"--head {cfg.head} --pooling {run.pooling} on {run.model_name}: {exc}") from None
-    run.enc = Encoder(task, tokenizer, cfg.max_length, label_words)
-    if task.kind == "generation":
-        _drop_answerless_rows(run)
-    if not cfg.quantize:  # a quantised model is placed by from_pretrained (bitsandbytes models refuse .to)
+    set_seed(run.cfg.seed)
+    model = run.task_type.load(run.accelerator.device, run.say)
+    run.model_class = run.task_type.model_class or type(model).__name__
+    run.train = run.task_type.train_rows(run.train, run.say)
+    if not run.cfg.quantize:  # a quantised model is placed by from_pretrained (bitsandbytes models refuse .to)
         model.to(run.accelerator.device)
     run.model = model
 
 
-def _drop_answerless_rows(run: _Run) -> None:
-    """Generation tasks: training rows whose question alone fills ``--max-length`` are dropped (said, with their
-    count); when that is every row, the run stops with a ConfigError before any training."""
-    kept = [r for r in run.train if run.enc.keeps_answer(r)]
-    if not kept:
-        raise ConfigError(f"--max-length {run.cfg.max_length}: every training question fills it, leaving no answer "
-                          "token to learn from; raise --max-length")
-    if len(kept) < len(run.train):
-        run.say(f"dropped {len(run.train) - len(kept)} of {len(run.train)} training rows: their question alone fills "
-                f"--max-length {run.cfg.max_length}, leaving no answer token")
-    run.train = kept
-
-
-def _set_up_adapter(run: _Run, attach_fn: AttachFn | None) -> _Adapter:
-    """Full fine-tuning unfreezes everything; a method's adapter is attached (after an optional head
-    warm-up, with calibration data when the method asks) or, on resume, rebuilt from the checkpoint."""
-    cfg, model = run.cfg, run.model
-    adapter = _Adapter(None, 0.0, None, {})
-    if cfg.method == FULL:
-        for p in model.parameters():
-            p.requires_grad_(True)
-    else:
-        heads = run.heads
-        mcfg = build_method_config(cfg.method, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
-                                   targets=target_spec(cfg.targets), modules_to_save=heads, seed=cfg.seed,
-                                   overrides=cfg.overrides)
-        adapter.method_config = mcfg.to_dict()
-        if not run.saved:
-            adapter.head_warmup = _head_warmup(run, heads) if cfg.head_warmup_steps else None
-            adapter.init_seconds = _attach(run, mcfg, attach_fn)
-    # the frozen tensors' digests, for checkpoints: the checkpoint's on resume, else the fresh base's
+def _set_up_adapter(run: _Run) -> _Adapter:
+    """The source makes the trainable parameters (after an optional head warm-up, with calibration data when it
+    asks) or, on resume, they are rebuilt from the checkpoint."""
+    cfg, model, heads = run.cfg, run.model, run.heads
+    mcfg = with_heads(cfg.method_config(), heads)
+    adapter = _Adapter(mcfg.to_dict() if mcfg is not None else None, 0.0, None, {})
+    if run.saved:  # the frozen tensors' digests, for checkpoints: the checkpoint's on resume, else the fresh base's
+        adapter.frozen = restore_model(model, run.source.writes_adapter, run.saved)
+        return adapter
+    adapter.head_warmup = _head_warmup(run, heads) if cfg.head_warmup_steps else None
+    adapter.init_seconds = _attach(run, mcfg)
     # (hashing every adapted base weight is only worth it when checkpoints will be written)
-    if run.saved:
-        adapter.frozen = restore_model(model, cfg.method != FULL, run.saved)
-    else:
-        adapter.frozen = frozen_digests(model) if cfg.save_every else {}
+    adapter.frozen = frozen_digests(model) if cfg.save_every else {}
     return adapter
 
 
@@ -481,11 +401,11 @@ def _head_warmup(run: _Run, heads: tuple[str, ...] | None) -> dict[str, Any]:
     cfg = run.cfg
     if not heads:
         raise ConfigError(f"--head-warmup-steps: {run.model_name} on {run.task.name} has no task head to warm up")
-    batches = random_batches(run.enc, run.train, cfg.head_warmup_steps, cfg.batch_size, cfg.seed + 104729,
+    batches = random_batches(run.task_type, run.train, cfg.head_warmup_steps, cfg.batch_size, cfg.seed + 104729,
                              run.accelerator.device)
     t0 = time.perf_counter()
     with run.accelerator.autocast():
-        losses = warm_up_head(run.model, heads, batches, cfg.head_lr or cfg.lr)
+        losses = warm_up_head(run.model, heads, batches, cfg.head_lr or cfg.lr, run.task_type.loss)
     info = {"steps": len(losses), "seconds": round(time.perf_counter() - t0, 3),
             "loss_first": losses[0], "loss_last10_mean": float(np.mean(losses[-10:]))}
     run.say(f"head warm-up ({', '.join(heads)} only): {len(losses)} steps, loss {losses[0]:.4f} -> "
@@ -493,43 +413,39 @@ def _head_warmup(run: _Run, heads: tuple[str, ...] | None) -> dict[str, Any]:
     return info
 
 
-def _attach(run: _Run, mcfg: rankwise.AdapterConfig, attach_fn: AttachFn | None) -> float:
-    """Attach the adapter (calibration batches drawn when the method asks); returns the seconds it took."""
+def _attach(run: _Run, mcfg: rankwise.AdapterConfig | None) -> float:
+    """The source makes the trainable parameters (calibration batches drawn when it asks); returns the seconds it took."""
     cfg = run.cfg
-    method = rankwise.all_methods()[cfg.method]
+    n_cal = run.source.calibration_batches(cfg, mcfg)
     calibration = None
-    if method.uses_calibration:  # as many batches as the method's config asks for, unless the user says
-        n_cal = cfg.calibration_batches or method.calibration_batches(mcfg)
-        calibration = TrackedBatches(random_batches(run.enc, run.train, n_cal, cfg.batch_size, cfg.seed + 7919,
+    if n_cal:  # as many batches as the method's config asks for, unless the user says
+        calibration = TrackedBatches(random_batches(run.task_type, run.train, n_cal, cfg.batch_size, cfg.seed + 7919,
                                                     run.accelerator.device), f"{cfg.method} calibration batches",
                                      enabled=run.progress and run.accelerator.is_main_process)
     t0 = time.perf_counter()
     try:
-        report = (attach_fn or rankwise.attach)(run.model, mcfg, calibration=calibration)
+        report = run.source.prepare(run.model, mcfg, calibration, run.task_type.loss)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"cannot attach {cfg.method} to {run.model_name}: {exc}") from exc
     seconds = time.perf_counter() - t0
-    run.say(str(report))
+    if report is not None:
+        run.say(str(report))
     return seconds
 
 
-def _set_up_training(run: _Run, adapter: _Adapter, attach_fn: AttachFn | None, hook: StepHook | None) -> _Training:
+def _set_up_training(run: _Run, adapter: _Adapter, hook: StepHook | None) -> _Training:
     """Optimizer (LoRA+ groups, the head's group), schedule, Accelerate's wrapping, and ``config.json``."""
     cfg, model = run.cfg, run.model
     trainable, total = rankwise.count_parameters(model)
     head_params = head_parameters(model, run.heads)
     n_head = sum(p.numel() for p in head_params if p.requires_grad)
-    if cfg.method != FULL and cfg.lora_plus_ratio:
-        groups = rankwise.lora_plus_param_groups(model, cfg.lr, cfg.lora_plus_ratio, cfg.weight_decay)
-    else:
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
-    groups = with_head_group(groups, head_params, cfg.head_lr or cfg.lr, cfg.weight_decay)
+    groups = with_head_group(run.source.param_groups(model, cfg), head_params, cfg.head_lr or cfg.lr, cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * run.per_epoch / cfg.grad_accum))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total_steps))
     run.model, optimizer = run.accelerator.prepare(model, optimizer)
     training = _Training(adapter, optimizer, scheduler, run.accelerator.unwrap_model(run.model), total_steps,
-                         trainable, total, n_head, cfg.method != FULL and attach_fn is None, hook)
+                         trainable, total, n_head, run.source.calls_step, hook)
     _write_config(run, training)
     return training
 
@@ -540,8 +456,8 @@ def _write_config(run: _Run, training: _Training) -> None:
                 "method_config": training.adapter.method_config, "total_steps": training.total_steps,
                 "train_examples": len(run.train), "dev_examples": len(run.dev), "val_examples": len(run.val),
                 "data_source": run.splits.source, "data_fingerprint": _data_fingerprint(run), "num_processes": run.world,
-                "mixed_precision": run.mp, "model_class": run.model_class, "head": run.cfg.head, "pooling": run.pooling,
-                "label_words": run.label_words.to_dict() if run.label_words is not None else None}
+                "mixed_precision": run.mp, "model_class": run.model_class, "head": run.cfg.head,
+                "pooling": run.task_type.pooling, "label_words": run.task_type.label_words()}
     if run.accelerator.is_main_process:
         from rankwise.adapter_file import atomic_write_bytes
 
@@ -566,7 +482,7 @@ def _restore_or_start(run: _Run, training: _Training) -> _Loop:
         loop = _Loop(0, 0.0, History(), None)
         if run.cfg.eval_before:
             loop.metrics_before = run.evaluate(run.dev)
-            run.say(f"before training: {_fmt_metrics(loop.metrics_before)}")
+            run.say(f"before training: {fmt_metrics(loop.metrics_before)}")
     loop.micro = loop.step * run.cfg.grad_accum
     return loop
 
@@ -617,12 +533,12 @@ def _accumulate(run: _Run, loop: _Loop) -> torch.Tensor:
     for k in range(cfg.grad_accum):
         idx = micro_batch_indices(len(run.train), run.global_bs, cfg.seed, loop.micro)
         mine = idx[accelerator.process_index * cfg.batch_size : (accelerator.process_index + 1) * cfg.batch_size]
-        batch = to_device(run.enc.train_batch([run.train[i] for i in mine]), accelerator.device)
+        batch = to_device(run.task_type.train_batch([run.train[i] for i in mine]), accelerator.device)
         loop.micro += 1
         sync = k == cfg.grad_accum - 1
         ctx = accelerator.no_sync(run.model) if not sync else contextlib.nullcontext()
         with ctx, accelerator.autocast():
-            loss = run.model(**batch).loss / cfg.grad_accum
+            loss = run.task_type.loss(run.model, batch) / cfg.grad_accum
             accelerator.backward(loss)
         step_loss += loss.detach()
     return step_loss
@@ -639,35 +555,35 @@ def _evaluate_and_save_when_due(run: _Run, training: _Training, loop: _Loop, bar
         loop.history.evals.append(_eval_entry(step, loop.micro / per_epoch, result, run))
         loop.eval_time += time.perf_counter() - t_eval
         if run.accelerator.is_main_process:
-            bar.write(f"step {step}: loss {loss_value:.4f}  {_fmt_metrics(result)}")
+            bar.write(f"step {step}: loss {loss_value:.4f}  {fmt_metrics(result)}")
     if cfg.save_every and step % cfg.save_every == 0 and step < training.total_steps:
         t_save = time.perf_counter()
         a = training.adapter
         state = TrainerState(step, loop.seconds(), loop.micro, loop.history.losses, loop.history.evals,
                              loop.metrics_before, a.init_seconds, a.head_warmup)
-        write_checkpoint(run.model, cfg.method != FULL, run.accelerator, training.optimizer, training.scheduler,
+        write_checkpoint(run.model, run.source.writes_adapter, run.accelerator, training.optimizer, training.scheduler,
                          state, run.out, a.frozen)
         loop.eval_time += time.perf_counter() - t_save
 
 
-def _finish(run: _Run, training: _Training, loop: _Loop, attach_fn: AttachFn | None) -> dict[str, Any]:
+def _finish(run: _Run, training: _Training, loop: _Loop) -> dict[str, Any]:
     """The final evaluation, ``metrics.json``, ``predictions.jsonl``, the result and the plots; the checkpoints go."""
     train_seconds = loop.seconds()
     peak_mb, peak_kind = _peak_memory_mb(run.accelerator.device)
     records: list[dict[str, Any]] = []
     final = run.evaluate(run.dev, records)
     loop.history.evals.append(_eval_entry(loop.step, loop.micro / run.per_epoch, final, run))
-    result = _result(run, training, loop, final, train_seconds, (peak_mb, peak_kind), attach_fn)
+    result = _result(run, training, loop, final, train_seconds, (peak_mb, peak_kind))
     if run.accelerator.is_main_process:
-        _write_outputs(run, training, loop, result, records, attach_fn)
+        _write_outputs(run, training, loop, result, records)
         shutil.rmtree(run.out / CKPT_DIR, ignore_errors=True)  # only once every output is written
-        run.say(summary(result, run.out))
+        run.say(summary(result, run.out, run.source.result_name()))
     run.accelerator.wait_for_everyone()
     return result
 
 
-def _write_outputs(run: _Run, training: _Training, loop: _Loop, result: dict[str, Any], records: list[dict[str, Any]],
-                   attach_fn: AttachFn | None) -> None:
+def _write_outputs(run: _Run, training: _Training, loop: _Loop, result: dict[str, Any],
+                   records: list[dict[str, Any]]) -> None:
     """``metrics.json`` first (the smallest and most precious), then the predictions, the result and the plots,
     each atomically. A full disk raises one :class:`DiskFullError` naming the folder and the space needed;
     the checkpoints stay, so ``--resume`` finishes the run once space is freed."""
@@ -681,29 +597,27 @@ def _write_outputs(run: _Run, training: _Training, loop: _Loop, result: dict[str
     kept = (f"the last checkpoint ({latest.read_text().strip()}) is kept" if latest.is_file()
             else "no checkpoint was written, so the run starts over")
     with disk_full_is_named(out, needed, "writing the run's final outputs",
-                            f"{kept}: free space and run the same command with --resume (dev: {_fmt_metrics(result['metrics'])})"):
+                            f"{kept}: free space and run the same command with --resume (dev: {fmt_metrics(result['metrics'])})"):
         atomic_write_bytes(out / "metrics.json", metrics)
         atomic_write_bytes(out / "predictions.jsonl", predictions)
-        save_trainable(training.raw_model, FULL if attach_fn is not None else cfg.method, out)
+        run.source.save(training.raw_model, out)
         if run.plots:
-            plot_loss(loop.history, out / "loss_curve.png", f"{cfg.method} on {run.task.name}")
-            method = rankwise.all_methods().get(cfg.method)
-            if method is not None and method.plot is not None and attach_fn is None:
-                method.plot(training.raw_model, out / f"{cfg.method}_ranks.png")
+            plot_loss(loop.history.losses, out / "loss_curve.png", f"{cfg.method} on {run.task.name}")
+            run.source.plot(training.raw_model, out, cfg.method)
 
 
 def _result(run: _Run, training: _Training, loop: _Loop, final: dict[str, float], train_seconds: float,
-            peak: tuple[float, str], attach_fn: AttachFn | None) -> dict[str, Any]:
+            peak: tuple[float, str]) -> dict[str, Any]:
     """What ``metrics.json`` holds."""
     cfg, losses, step = run.cfg, loop.history.losses, loop.step
     best, last = best_and_last(loop.history.evals, run.task.metrics[0])
     return {
         "task": run.task.name, "method": cfg.method, "model": run.model_name, "quantize": cfg.quantize, "seed": cfg.seed,
         "metrics": final, "metrics_before": loop.metrics_before, "headline_metric": run.task.metrics[0],
-        "majority_baseline": _majority(run),
+        "majority_baseline": run.task_type.baseline(run.train, run.dev),
         "trainable_params": training.trainable, "total_params": training.total,
-        "head": cfg.head, "pooling": run.pooling, "head_params": training.n_head,
-        "adapter_params": None if cfg.method == FULL else training.trainable - training.n_head,
+        "head": cfg.head, "pooling": run.task_type.pooling, "head_params": training.n_head,
+        "adapter_params": run.source.adapter_params(training.trainable, training.n_head),
         "best": best, "last": last, "val_examples": len(run.val),
         "train_seconds": round(train_seconds, 3), "step_seconds": round(train_seconds / max(step, 1), 5),
         "steps": step, "stopped_early": step < training.total_steps, "steps_this_session": step - (run.saved.trainer.step if run.saved else 0),
@@ -717,16 +631,9 @@ def _result(run: _Run, training: _Training, loop: _Loop, final: dict[str, float]
         "eval_history": loop.history.evals, "losses": losses,
         "num_processes": run.world, "mixed_precision": run.mp, "device": str(run.accelerator.device),
         "train_examples": len(run.train), "dev_examples": len(run.dev), "skipped_rows": len(run.splits.skipped),
-        "adapter_implementation": "rankwise" if attach_fn is None else getattr(attach_fn, "__name__", "external"),
-        "label_words": run.label_words.to_dict() if run.label_words is not None else None,
+        "adapter_implementation": run.source.implementation,
+        "label_words": run.task_type.label_words(),
     }
-
-
-def _majority(run: _Run) -> dict[str, float] | None:
-    """Classification: dev's metrics for always predicting the most frequent training label; else ``None``."""
-    if run.task.kind != "classification" or not run.train or not run.dev:
-        return None
-    return majority_class(run.task.metrics, [e.label for e in run.train], [e.label for e in run.dev])
 
 
 def _eval_entry(step: int, epoch: float, dev_metrics: dict[str, float], run: _Run) -> dict[str, Any]:
@@ -737,74 +644,6 @@ def _eval_entry(step: int, epoch: float, dev_metrics: dict[str, float], run: _Ru
     return entry
 
 
-def loss_window(n_steps: int) -> int:
-    """How many steps the first/last loss means cover: 10, or half the run (at least 1) when it is shorter
-    than 20 steps, so the two windows never share a step."""
-    return max(1, min(10, n_steps // 2))
-
-
-def _fmt_metrics(m: dict[str, float]) -> str:
-    return "  ".join(f"{k} {v:.4f}" for k, v in m.items())
-
-
-def summary(result: dict[str, Any], out: Path) -> str:
-    lines = [f"== {result['method']} on {result['task']} (seed {result['seed']}) =="]
-    if result.get("metrics_before"):
-        lines.append(f"before:      {_fmt_metrics(result['metrics_before'])}")
-    lines.append(f"after:       {_fmt_metrics(result['metrics'])}")
-    losses = result["losses"]
-    if len(losses) == 1:
-        lines.append(f"loss:        {losses[0]:.4f} (one step)")
-    elif losses:
-        k = loss_window(len(losses))
-        lines.append(f"loss:        {np.mean(losses[:k]):.4f} (mean of the first {k} steps) -> "
-                     f"{np.mean(losses[-k:]):.4f} (last {k})")
-    lines.append(f"trainable:   {result['trainable_params']:,} of {result['total_params']:,} parameters"
-                 f" (task head {result.get('head_params') or 0:,})")
-    if result.get("best"):
-        b = result["best"]
-        lines.append(f"best on val: step {b['step']} (epoch {b['epoch']}): val {_fmt_metrics(b['val'])}; "
-                     f"dev {_fmt_metrics(b['dev'])}")
-    lines.append(f"time:        {result['train_seconds']:.1f}s training ({result['steps']} steps, "
-                 f"{1000 * result['step_seconds']:.1f} ms/step), init {result['init_seconds']:.2f}s")
-    lines.append(f"peak memory: {result['peak_memory_mb']:.0f} MB ({result['peak_memory_kind']})")
-    lines.append(f"outputs:     {out}/ (config.json, metrics.json, predictions.jsonl, loss_curve.png, "
-                 f"{'model.safetensors' if result['method'] == FULL else 'adapter/'})")
-    return "\n".join(lines)
-
-
-def plot_loss(history: History, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    steps = np.arange(1, len(history.losses) + 1)
-    ax.plot(steps, history.losses, lw=0.8, alpha=0.5, label="loss")
-    if len(history.losses) >= 5:
-        w = max(2, len(history.losses) // 20)
-        smooth = np.convolve(history.losses, np.ones(w) / w, mode="valid")
-        ax.plot(steps[w - 1:], smooth, lw=1.8, label=f"mean of {w}")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    ax.set_title(title)
-    ax.legend(loc="upper right")
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def save_figure(fig: Any, path: Path) -> None:
-    """Write a matplotlib figure as PNG atomically (a full disk leaves no partial file) and close it."""
-    import matplotlib.pyplot as plt
-    from rankwise.adapter_file import atomic_write_bytes
-
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=110)
-    finally:
-        plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-__all__ = ["finetune", "RunConfig", "RunError", "ConfigError", "evaluate", "micro_batch_indices"]
+_settings_diff = settings_diff  # its old name here
+__all__ = ["ConfigError", "RunConfig", "RunError", "evaluate", "finetune", "finished", "loss_window", "micro_batch_indices",
+           "prepare_output", "save_figure", "summary"]

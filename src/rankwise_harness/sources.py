@@ -1,0 +1,236 @@
+"""Adapter sources: how a run makes the parameters it trains, and what it keeps as its result.
+
+``--method NAME`` picks a source from this registry: a name registered here (``full``: full fine-tuning),
+else any method of the library's registry (``rankwise.all_methods()``), whose adapter ``rankwise.attach``
+builds. A caller may also hand :func:`~rankwise_harness.train.finetune` an :class:`ExternalAdapter`: an
+adapter another library injects (HF PEFT's, for the benchmarks' controls) trained by the same loop. The
+training loop asks its source, never the method's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+import rankwise
+
+from .config import ConfigError, build_method_config, target_spec
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+
+FULL, FULL_LR = "full", 5e-5  # full fine-tuning's --method and default learning rate
+AttachFn = Callable[..., Any]  # (model, method config, calibration=...) -> printable report; adapts in place
+Batches = Iterable[dict[str, torch.Tensor]]
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]  # (model, batch) -> the task's loss
+
+
+class AdapterSource(ABC):
+    """How a run's trainable parameters come about, are checkpointed and saved.
+
+    Attributes:
+        implementation: ``metrics.json``'s ``adapter_implementation``.
+        writes_adapter: whether checkpoints and the result hold a rankwise adapter (``adapter/``); else the
+            result is the trained tensors (``model.safetensors``).
+        calls_step: whether the loop calls ``rankwise.step`` after each optimizer step.
+        resumable: whether a run can continue from its checkpoint.
+        description: one line for ``rankwise methods``.
+    """
+
+    implementation = "rankwise"
+    writes_adapter = True
+    calls_step = True
+    resumable = True
+    description = ""
+
+    def check(self, cfg: RunConfig) -> None:
+        """Refuse flags this source cannot honour (a :class:`ConfigError` names the flag)."""
+
+    @abstractmethod
+    def default_lr(self, method: str) -> float:
+        """The learning rate a run gets without ``--lr``."""
+
+    @abstractmethod
+    def config(self, cfg: RunConfig) -> rankwise.AdapterConfig | None:
+        """The adapter config ``--r/--alpha/--dropout/--targets/--set`` build (``None``: no adapter); the run config
+        keeps it (:meth:`RunConfig.method_config`)."""
+
+    def calibration_batches(self, cfg: RunConfig, mcfg: rankwise.AdapterConfig | None) -> int:
+        """How many training batches :meth:`prepare` reads (0: none)."""
+        return 0
+
+    @abstractmethod
+    def prepare(self, model: nn.Module, mcfg: rankwise.AdapterConfig | None, calibration: Batches | None,
+                loss_fn: LossFn) -> Any:
+        """Make ``model``'s trainable parameters (in place; ``calibration`` and the task's ``loss_fn`` for a
+        data-dependent init); returns a printable report, or ``None``."""
+
+    def param_groups(self, model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups (the head's group is added by the caller)."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr,
+                 "weight_decay": cfg.weight_decay}]
+
+    def save(self, model: nn.Module, folder: Path) -> None:
+        """The run's result, atomically: the trained tensors as ``model.safetensors``."""
+        from safetensors.torch import save
+
+        from rankwise.adapter_file import atomic_write_bytes
+
+        from .checkpoint import model_tensors
+
+        atomic_write_bytes(folder / "model.safetensors", save(model_tensors(model)))
+
+    def result_name(self) -> str:
+        """What :meth:`save` writes in the run folder."""
+        return "adapter/" if self.writes_adapter else "model.safetensors"
+
+    def plot(self, model: nn.Module, folder: Path, method: str) -> None:
+        """A picture of the trained adapter, if the source draws one."""
+
+    def adapter_params(self, trainable: int, head: int) -> int | None:
+        """The adapter's own trainable parameters (``None``: no adapter)."""
+        return trainable - head
+
+
+class RankwiseAdapter(AdapterSource):
+    """A method of the library's registry, attached by ``rankwise.attach`` and saved by ``rankwise.save``."""
+
+    def default_lr(self, method: str) -> float:
+        return float(rankwise.all_methods()[method].config_cls.default_lr)
+
+    def config(self, cfg: RunConfig) -> rankwise.AdapterConfig | None:
+        return build_method_config(cfg.method, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
+                                   targets=target_spec(cfg.targets), seed=cfg.seed, overrides=cfg.overrides)
+
+    def calibration_batches(self, cfg: RunConfig, mcfg: rankwise.AdapterConfig | None) -> int:
+        method = rankwise.all_methods()[cfg.method]
+        if not method.uses_calibration:
+            return 0
+        return cfg.calibration_batches or method.calibration_batches(mcfg)
+
+    def prepare(self, model: nn.Module, mcfg: rankwise.AdapterConfig | None, calibration: Batches | None,
+                loss_fn: LossFn) -> Any:
+        if mcfg is None:
+            raise ConfigError("a library method's adapter needs its config")
+        return rankwise.attach(model, mcfg, calibration=calibration, loss_fn=loss_fn)
+
+    def param_groups(self, model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
+        if cfg.lora_plus_ratio:
+            return rankwise.lora_plus_param_groups(model, cfg.lr, cfg.lora_plus_ratio, cfg.weight_decay)
+        return super().param_groups(model, cfg)
+
+    def save(self, model: nn.Module, folder: Path) -> None:
+        rankwise.save(model, folder / "adapter")
+
+    def plot(self, model: nn.Module, folder: Path, method: str) -> None:
+        draw = rankwise.all_methods()[method].plot
+        if draw is not None:
+            draw(model, folder / f"{method}_ranks.png")
+
+
+class ExternalAdapter(RankwiseAdapter):
+    """An adapter another library injects, in place of ``rankwise.attach``: ``attach_fn(model, method config,
+    calibration=...)`` adapts the model in place and returns something printable. The method config (and its
+    calibration data) are the run's rankwise method's, so a control trains on the identical data, loop and
+    evaluation. Its result is the trained tensors (``model.safetensors``); it never calls ``rankwise.step``
+    and cannot resume."""
+
+    writes_adapter = False
+    calls_step = False
+    resumable = False
+
+    def __init__(self, attach_fn: AttachFn, name: str | None = None) -> None:
+        self.attach_fn = attach_fn
+        self.implementation = name or str(getattr(attach_fn, "__name__", "external"))
+
+    def check(self, cfg: RunConfig) -> None:
+        if cfg.method_config() is None:
+            raise ConfigError(f"an external adapter ({self.implementation}) needs an adapter method's config; "
+                              f"--method {cfg.method} has none")
+
+    def prepare(self, model: nn.Module, mcfg: rankwise.AdapterConfig | None, calibration: Batches | None,
+                loss_fn: LossFn) -> Any:
+        return self.attach_fn(model, mcfg, calibration=calibration)
+
+    def save(self, model: nn.Module, folder: Path) -> None:
+        AdapterSource.save(self, model, folder)
+
+    def plot(self, model: nn.Module, folder: Path, method: str) -> None:
+        return None
+
+
+class FullFineTuning(AdapterSource):
+    """No adapter: every weight of the model trains (``--method full``)."""
+
+    writes_adapter = False
+    calls_step = False
+    description = "full fine-tuning: every weight trained, no adapters"
+
+    def check(self, cfg: RunConfig) -> None:
+        if cfg.head_warmup_steps:
+            raise ConfigError("--head-warmup-steps is for adapter methods (full fine-tuning trains the head anyway)")
+        if cfg.quantize is not None:
+            raise ConfigError("--quantize trains adapters over a frozen quantised base; full fine-tuning cannot train "
+                              "quantised weights (pick an adapter method)")
+
+    def default_lr(self, method: str) -> float:
+        return FULL_LR
+
+    def config(self, cfg: RunConfig) -> rankwise.AdapterConfig | None:
+        return None
+
+    def prepare(self, model: nn.Module, mcfg: rankwise.AdapterConfig | None, calibration: Batches | None,
+                loss_fn: LossFn) -> Any:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return None
+
+    def adapter_params(self, trainable: int, head: int) -> int | None:
+        return None
+
+
+_SOURCES: dict[str, AdapterSource] = {}
+
+
+def register_adapter_source(name: str, source: AdapterSource) -> AdapterSource:
+    """``--method name`` runs ``source`` (a name the library's registry also has is shadowed); returns it."""
+    _SOURCES[name] = source
+    return source
+
+
+def harness_sources() -> dict[str, AdapterSource]:
+    """The sources registered here by name (not the library's methods)."""
+    return dict(_SOURCES)
+
+
+def method_names() -> list[str]:
+    """Every ``--method``: the library's methods, then the harness's own sources."""
+    return sorted(set(rankwise.all_methods()) - set(_SOURCES)) + list(_SOURCES)
+
+
+def adapter_source(method: str) -> AdapterSource:
+    """The source ``--method method`` runs; a :class:`ConfigError` names an unknown one."""
+    if method in _SOURCES:
+        return _SOURCES[method]
+    if method in rankwise.all_methods():
+        return RankwiseAdapter()
+    raise ConfigError(f"unknown method {method!r}; known: {', '.join(method_names())}")
+
+
+def with_heads(mcfg: rankwise.AdapterConfig | None, heads: tuple[str, ...] | None) -> rankwise.AdapterConfig | None:
+    """``mcfg`` whose ``modules_to_save`` are the model's task heads (unchanged without heads)."""
+    if mcfg is None or heads is None:
+        return mcfg
+    try:
+        return dataclasses.replace(mcfg, modules_to_save=heads)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"bad {type(mcfg).__name__}: {exc}") from None
+
+
+register_adapter_source(FULL, FullFineTuning())
