@@ -106,9 +106,8 @@ def build_method_config(
 ) -> rankwise.AdapterConfig:
     """The method's config: class defaults, then the common values given, then ``overrides``.
 
-    A value left ``None`` keeps the config class's default. ``r``, when given, also sets ``r_ref`` for
-    methods that have one (GoRA's reference rank, whose ``r`` is its alias); left out, ``--set r_ref=N``
-    alone sets the rank.
+    A value left ``None`` keeps the config class's default. A method config owns its rank: GoRA's ``r`` and
+    ``r_ref`` are one number (either given sets both), so ``--r`` is passed as ``r`` to every method.
     """
     if method not in rankwise.all_methods():
         check_method(method)
@@ -117,8 +116,6 @@ def build_method_config(
     fields = {f.name: f for f in dataclasses.fields(cls)}
     given = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": targets,
              "modules_to_save": modules_to_save, "seed": seed}
-    if "r_ref" in fields and r is not None:
-        given["r_ref"] = r
     values = {k: v for k, v in given.items() if v is not None and k in fields}
     for key, raw in (overrides or {}).items():
         if key not in fields:
