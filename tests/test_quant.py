@@ -79,7 +79,7 @@ def quant_snapshot(model: nn.Module) -> dict[str, list[torch.Tensor]]:
     """Raw bytes of every quantised weight and its scales (4-bit absmax / 8-bit row scales)."""
     out: dict[str, list[torch.Tensor]] = {}
     for name, m in model.named_modules():
-        base = m._base_ref[0] if isinstance(m, rankwise.AdapterLayer) else m
+        base = m.base_layer() if isinstance(m, rankwise.AdapterLayer) else m
         if not quant.is_quantized(base):
             continue
         w = base.weight
@@ -89,7 +89,7 @@ def quant_snapshot(model: nn.Module) -> dict[str, list[torch.Tensor]]:
 
 
 def quantized_bases(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: layer._base_ref[0] for n, layer in rankwise.adapter_layers(model).items() if layer.quantized}
+    return {n: layer.base_layer() for n, layer in rankwise.adapter_layers(model).items() if layer.quantized}
 
 
 def train(model: nn.Module, steps: int = 3, lr: float = 1e-2, seeds: list[int] | None = None) -> list[float]:
