@@ -130,6 +130,8 @@ def test_every_method_trains_and_never_writes_the_quantised_weight(llama_dir: st
     layers = rankwise.adapter_layers(model)
     assert len(layers) == 6 and all(layer.quantized == ("8bit" if kind == "int8" else "4bit") for layer in layers.values())
     assert [(row.out_features, row.in_features) for row in report.layers][:3] == [(64, 64), (32, 64), (64, 128)]
+    label = {"nf4": "nf4", "fp4-dq": "fp4 (double quant)", "int8": "int8"}[kind]  # the report says the base, and no fusion
+    assert all((row.base, row.path) == (label, f"reference: {label} base") for row in report.layers)
     float_total = sum(p.numel() for p in transformers.LlamaForCausalLM.from_pretrained(llama_dir).parameters())
     assert report.total == float_total + report.trainable  # 4-bit weights counted as values, not packed bytes
     trainable = rankwise.trainable_parameters(model)
@@ -383,8 +385,8 @@ def test_dequantisation_per_step(llama_dir: str, method: str, kind: str, dropout
     config, calibration = METHOD_CASES[method].make(case, False)
     rankwise.attach(model, config.replace(dropout=dropout), calibration=calibration)
     calls: list[int] = []
-    real = rankwise.layer.dequantize
-    monkeypatch.setattr(rankwise.layer, "dequantize", lambda m: calls.append(1) or real(m))
+    real = quant.dequantize  # the base-layer kinds (rankwise.base_layers) dequantise through rankwise.quant
+    monkeypatch.setattr(quant, "dequantize", lambda m: calls.append(1) or real(m))
     model(**batch(3)).loss.backward()
     assert len(calls) == per_forward * len(rankwise.adapter_layers(model))
 

@@ -75,23 +75,28 @@ class BaseKind:
         out_f, in_f = cast(Tensor, self.module.weight).shape
         return int(in_f), int(out_f)
 
+    @classmethod
+    def out_in(cls, t: Tensor) -> Tensor:
+        """A tensor laid out like the stored weight (the weight itself, its gradient), as ``out x in`` (a view)."""
+        return t
+
     def dense(self, weight: Tensor) -> Tensor:
         """The layer's ``weight`` (stored layout) as ``out x in``: a view for a float kind."""
-        return weight
+        return self.out_in(weight)
 
     def stored(self, w: Tensor) -> Tensor:
         """An ``out x in`` matrix in the stored layout (what a merge writes)."""
         return w
 
-    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, training: bool) -> Tensor:  # noqa: ARG002
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, training: bool) -> Tensor:
         """``x W0ᵀ + b`` with the layer's current ``weight`` and ``bias``."""
         return F.linear(x, self.dense(weight), bias)
 
-    def forward_no_bias(self, x: Tensor, weight: Tensor, bias: Tensor | None, training: bool) -> Tensor:  # noqa: ARG002
+    def forward_no_bias(self, x: Tensor, weight: Tensor, bias: Tensor | None, training: bool) -> Tensor:
         """``x W0ᵀ``."""
         return F.linear(x, self.dense(weight))
 
-    def plain_forward(self, x: Tensor, training: bool) -> Tensor:  # noqa: ARG002
+    def plain_forward(self, x: Tensor, training: bool) -> Tensor:
         """The module's own forward, as before ``attach``."""
         return self.module(x)
 
@@ -128,8 +133,9 @@ class Conv1DKind(BaseKind):
         in_f, out_f = cast(Tensor, self.module.weight).shape
         return int(in_f), int(out_f)
 
-    def dense(self, weight: Tensor) -> Tensor:
-        return weight.t()
+    @classmethod
+    def out_in(cls, t: Tensor) -> Tensor:
+        return t.t()
 
     def stored(self, w: Tensor) -> Tensor:
         return w.t()
@@ -155,14 +161,14 @@ class Bnb4bitKind(BaseKind):
         layer: Any = self.module  # the stored weight is packed: the layer knows its shape
         return int(layer.in_features), int(layer.out_features)
 
-    def dense(self, weight: Tensor) -> Tensor:  # noqa: ARG002
+    def dense(self, weight: Tensor) -> Tensor:
         """A new fp32 ``out x in`` tensor, dequantised on each call."""
         return quant.dequantize(self.module)
 
     def stored(self, w: Tensor) -> Tensor:
         raise quant.merge_refusal(self.module)
 
-    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, training: bool) -> Tensor:  # noqa: ARG002
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, training: bool) -> Tensor:
         return quant.base_forward(self.module, x, training)
 
     def forward_no_bias(self, x: Tensor, weight: Tensor, bias: Tensor | None, training: bool) -> Tensor:
@@ -229,5 +235,15 @@ def supported_types() -> tuple[str, ...]:
     return tuple(dict.fromkeys(kind.type_name for kind in reversed(KINDS)))
 
 
-__all__ = ["BaseKind", "Bnb4bitKind", "Bnb8bitKind", "Conv1DKind", "KINDS", "base_kind", "is_conv1d", "kind_class",
-           "register_kind", "supported_types"]
+__all__ = [
+    "KINDS",
+    "BaseKind",
+    "Bnb4bitKind",
+    "Bnb8bitKind",
+    "Conv1DKind",
+    "base_kind",
+    "is_conv1d",
+    "kind_class",
+    "register_kind",
+    "supported_types",
+]

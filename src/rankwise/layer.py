@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base_layers import BaseKind, base_kind
@@ -263,14 +262,14 @@ class AdapterLayer(nn.Module):
         return out
 
     # ------------------------------------------------------------------ several adapters on one module
-    def stack(self) -> list["AdapterLayer"]:
+    def stack(self) -> list[AdapterLayer]:
         """This host and its peers (every adapter's layer on this module), host first."""
         peers = self._modules.get("peers")
         if not isinstance(peers, nn.ModuleDict):
             return [self]
         return [self, *(cast(AdapterLayer, layer) for layer in peers.values())]
 
-    def remove_peer(self, name: str) -> "AdapterLayer":
+    def remove_peer(self, name: str) -> AdapterLayer:
         """Take adapter ``name``'s layer out of this host's peers and return it."""
         peers = self._modules["peers"]
         assert isinstance(peers, nn.ModuleDict)
@@ -278,11 +277,11 @@ class AdapterLayer(nn.Module):
         del peers[name]
         return layer
 
-    def computing(self) -> list["AdapterLayer"]:
+    def computing(self) -> list[AdapterLayer]:
         """The layers of :meth:`stack` whose updates the forward pass adds (the active ones)."""
         return [layer for layer in self.stack() if layer.active]
 
-    def add_peer(self, layer: "AdapterLayer") -> None:
+    def add_peer(self, layer: AdapterLayer) -> None:
         """Put another adapter's layer for this module beside this one (built over the same base module).
 
         The peer keeps ``weight``/``bias`` as plain attributes (the host's tensors): the ``state_dict``

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .base_layers import is_conv1d, kind_class, supported_types
+from .base_layers import is_conv1d, kind_class, supported_types  # noqa: F401  (is_conv1d: re-exported, its old home)
 
 SUPPORTED_TYPES: tuple[str, ...] = supported_types()  # ("Linear", "Conv1D"): the registered base-layer kinds
 ALL_LINEAR = "all-linear"
@@ -55,8 +55,10 @@ def name_matches(name: str, spec: tuple[str, ...] | str | None) -> bool:
 
 
 def out_in(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
-    """A tensor laid out like ``module.weight``, as ``out x in`` (transposed for ``Conv1D``; a view)."""
-    return t.t() if is_conv1d(module) else t
+    """A tensor laid out like ``module.weight``, as ``out x in`` (transposed for ``Conv1D``; a view): its kind's
+    :meth:`~rankwise.base_layers.BaseKind.out_in`."""
+    kind = kind_class(module)
+    return t if kind is None else kind.out_in(t)
 
 
 def is_supported(module: nn.Module) -> bool:
@@ -131,5 +133,5 @@ def target_names(model: nn.Module, config: object) -> list[str]:
     """The full names of the layers ``rankwise.attach(model, config)`` would adapt (``all-linear`` resolved),
     e.g. to hand another library (HF PEFT) exactly the same targets."""
     saved = find_modules_to_save(model, getattr(config, "modules_to_save", None))
-    return list(find_targets(model, getattr(config, "target_modules"), getattr(config, "exclude_modules", None),
+    return list(find_targets(model, config.target_modules, getattr(config, "exclude_modules", None),
                              skip=saved))
