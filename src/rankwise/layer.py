@@ -1,12 +1,17 @@
 """The thin contract every adapter layer follows.
 
-An :class:`AdapterLayer` replaces a ``nn.Linear`` (or transformers' GPT-2 ``Conv1D``) in place. It
-*keeps the base layer's names*: the frozen base tensors stay reachable as ``layer.weight`` and
-``layer.bias`` (the very same ``Parameter`` objects), so the model's ``state_dict`` keys for the base
-weights do not change. A method adds its own tensors next to them and implements
+An :class:`AdapterLayer` replaces a ``nn.Linear`` (or transformers' GPT-2 ``Conv1D``, or a bitsandbytes
+4-bit / 8-bit layer) in place. It *keeps the base layer's names*: the frozen base tensors stay reachable
+as ``layer.weight`` and ``layer.bias`` (the very same ``Parameter`` objects), so the model's ``state_dict``
+keys for the base weights do not change. What differs between kinds of base module (the weight's layout,
+dequantisation, the base forward, whether a merge can be written) is its :attr:`kind`, a
+:class:`rankwise.base_layers.BaseKind` chosen by :func:`rankwise.base_layers.base_kind`; the layer reads
+``W0`` only as ``out x in`` through it. A method adds its own tensors next to them and implements
 
-* :meth:`adapter_forward` — the forward pass while unmerged;
-* :meth:`merged_weight` — the ``out x in`` weight the layer is equivalent to (fp32).
+* :meth:`adapter_forward` — the plain forward pass while unmerged;
+* :meth:`merged_weight` — the ``out x in`` weight the layer is equivalent to (fp32);
+* optionally :meth:`fused_inputs` — its factors for the one-node training step (:mod:`rankwise.fused`), which
+  :meth:`own_forward`, the one place the path is chosen, then uses whenever it applies.
 
 Merging is explicit and idempotent, guarded by ``self.merged``: :meth:`merge` writes
 ``merged_weight()`` into ``weight`` once (rounding once into the base dtype) and keeps the original
@@ -77,7 +82,7 @@ class AdapterLayer(nn.Module):
     :meth:`merged_weight`.
 
     **Constructor contract.** A method's layer is built as ``Layer(base, config, rank, *, index, init)``:
-    ``base`` the ``nn.Linear``/``Conv1D`` it replaces, ``config`` the method's config, ``rank`` this
+    ``base`` the module it replaces (any kind :mod:`rankwise.base_layers` handles), ``config`` the method's config, ``rank`` this
     layer's rank (a method such as GoRA gives each layer its own), ``index`` the layer's position among
     the targets (seeds its random init through :func:`layer_generator`), and ``init=False`` for an
     *uninitialised* layer of the right shapes, which ``load``/``import_peft`` then fill from a file.
