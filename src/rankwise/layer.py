@@ -82,9 +82,9 @@ class AdapterLayer(nn.Module):
     :meth:`merged_weight`.
 
     **Constructor contract.** A method's layer is built as ``Layer(base, config, rank, *, index, init)``:
-    ``base`` the module it replaces (any kind :mod:`rankwise.base_layers` handles), ``config`` the method's config, ``rank`` this
-    layer's rank (a method such as GoRA gives each layer its own), ``index`` the layer's position among
-    the targets (seeds its random init through :func:`layer_generator`), and ``init=False`` for an
+    ``base`` the module it replaces (any kind :mod:`rankwise.base_layers` handles), ``config`` the method's
+    config, ``rank`` this layer's rank (a method such as GoRA gives each layer its own), ``index`` the layer's
+    position among the targets (seeds its random init through :func:`layer_generator`), and ``init=False`` for an
     *uninitialised* layer of the right shapes, which ``load``/``import_peft`` then fill from a file.
     :func:`rankwise.registry.simple_build` (and so every method's ``rebuild``) relies on exactly this
     signature; a layer whose init needs more (data, the whole model) does that work in its method's
@@ -267,14 +267,14 @@ class AdapterLayer(nn.Module):
         return out
 
     # ------------------------------------------------------------------ several adapters on one module
-    def stack(self) -> list[AdapterLayer]:
+    def stack(self) -> list["AdapterLayer"]:
         """This host and its peers (every adapter's layer on this module), host first."""
         peers = self._modules.get("peers")
         if not isinstance(peers, nn.ModuleDict):
             return [self]
         return [self, *(cast(AdapterLayer, layer) for layer in peers.values())]
 
-    def remove_peer(self, name: str) -> AdapterLayer:
+    def remove_peer(self, name: str) -> "AdapterLayer":
         """Take adapter ``name``'s layer out of this host's peers and return it."""
         peers = self._modules["peers"]
         assert isinstance(peers, nn.ModuleDict)
@@ -282,11 +282,11 @@ class AdapterLayer(nn.Module):
         del peers[name]
         return layer
 
-    def computing(self) -> list[AdapterLayer]:
+    def computing(self) -> list["AdapterLayer"]:
         """The layers of :meth:`stack` whose updates the forward pass adds (the active ones)."""
         return [layer for layer in self.stack() if layer.active]
 
-    def add_peer(self, layer: AdapterLayer) -> None:
+    def add_peer(self, layer: "AdapterLayer") -> None:
         """Put another adapter's layer for this module beside this one (built over the same base module).
 
         The peer keeps ``weight``/``bias`` as plain attributes (the host's tensors): the ``state_dict``

@@ -133,5 +133,5 @@ def target_names(model: nn.Module, config: object) -> list[str]:
     """The full names of the layers ``rankwise.attach(model, config)`` would adapt (``all-linear`` resolved),
     e.g. to hand another library (HF PEFT) exactly the same targets."""
     saved = find_modules_to_save(model, getattr(config, "modules_to_save", None))
-    return list(find_targets(model, config.target_modules, getattr(config, "exclude_modules", None),
+    return list(find_targets(model, getattr(config, "target_modules"), getattr(config, "exclude_modules", None),
                              skip=saved))
