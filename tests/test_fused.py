@@ -212,3 +212,15 @@ def test_repr_says_which_path(method: str) -> None:
     assert "path=reference: dropout" in repr(dropped)
     conv = MAKERS[method](_base("conv1d", torch.float32), 0.0)
     assert "base=conv1d, path=fused" in repr(conv)
+
+
+def test_old_forward_names_still_work_with_a_deprecation_warning() -> None:
+    layer = MAKERS["dora"](_base("linear", torch.float64), 0.0)
+    x = torch.randn(3, IN, dtype=torch.float64, requires_grad=True)
+    with reference_path():
+        reference = layer(x)
+    fused = layer(x)
+    with pytest.warns(DeprecationWarning, match="adapter_forward"):
+        assert torch.equal(layer.reference_forward(x), reference)
+    with pytest.warns(DeprecationWarning, match="own_forward"):
+        assert torch.equal(layer.fused_forward(x), fused)

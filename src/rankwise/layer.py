@@ -228,6 +228,19 @@ class AdapterLayer(nn.Module):
                 return low_rank_linear(x, self.base_weight(), self.bias, inputs.a, inputs.b, inputs.mu)  # (..., out)
         return self.adapter_forward(x)
 
+    def reference_forward(self, x: Tensor) -> Tensor:
+        """Deprecated (a method's plain forward is now :meth:`adapter_forward`): runs :meth:`adapter_forward`."""
+        warnings.warn("AdapterLayer.reference_forward is deprecated: call adapter_forward (the plain forward)",
+                      DeprecationWarning, stacklevel=2)
+        return self.adapter_forward(x)
+
+    def fused_forward(self, x: Tensor) -> Tensor:
+        """Deprecated (the path is chosen in :meth:`own_forward`): the fused node on :meth:`fused_inputs`, unconditionally."""
+        warnings.warn("AdapterLayer.fused_forward is deprecated: call the layer (own_forward chooses the path)",
+                      DeprecationWarning, stacklevel=2)
+        inputs = self.fused_inputs()
+        return low_rank_linear(x, self.base_weight(), self.bias, inputs.a, inputs.b, inputs.mu)
+
     def merged_weight(self) -> Tensor:  # pragma: no cover - abstract
         """The equivalent dense weight, ``out x in``, in fp32 (computed from the unmerged ``W0``)."""
         raise NotImplementedError
