@@ -79,7 +79,7 @@ def quant_snapshot(model: nn.Module) -> dict[str, list[torch.Tensor]]:
     """Raw bytes of every quantised weight and its scales (4-bit absmax / 8-bit row scales)."""
     out: dict[str, list[torch.Tensor]] = {}
     for name, m in model.named_modules():
-        base = m._base_ref[0] if isinstance(m, rankwise.AdapterLayer) else m
+        base = m.base_layer() if isinstance(m, rankwise.AdapterLayer) else m
         if not quant.is_quantized(base):
             continue
         w = base.weight
@@ -89,7 +89,7 @@ def quant_snapshot(model: nn.Module) -> dict[str, list[torch.Tensor]]:
 
 
 def quantized_bases(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: layer._base_ref[0] for n, layer in rankwise.adapter_layers(model).items() if layer.quantized}
+    return {n: layer.base_layer() for n, layer in rankwise.adapter_layers(model).items() if layer.quantized}
 
 
 def train(model: nn.Module, steps: int = 3, lr: float = 1e-2, seeds: list[int] | None = None) -> list[float]:
@@ -130,6 +130,8 @@ def test_every_method_trains_and_never_writes_the_quantised_weight(llama_dir: st
     layers = rankwise.adapter_layers(model)
     assert len(layers) == 6 and all(layer.quantized == ("8bit" if kind == "int8" else "4bit") for layer in layers.values())
     assert [(row.out_features, row.in_features) for row in report.layers][:3] == [(64, 64), (32, 64), (64, 128)]
+    label = {"nf4": "nf4", "fp4-dq": "fp4 (double quant)", "int8": "int8"}[kind]  # the report says the base, and no fusion
+    assert all((row.base, row.path) == (label, f"reference: {label} base") for row in report.layers)
     float_total = sum(p.numel() for p in transformers.LlamaForCausalLM.from_pretrained(llama_dir).parameters())
     assert report.total == float_total + report.trainable  # 4-bit weights counted as values, not packed bytes
     trainable = rankwise.trainable_parameters(model)
@@ -383,8 +385,8 @@ def test_dequantisation_per_step(llama_dir: str, method: str, kind: str, dropout
     config, calibration = METHOD_CASES[method].make(case, False)
     rankwise.attach(model, config.replace(dropout=dropout), calibration=calibration)
     calls: list[int] = []
-    real = rankwise.layer.dequantize
-    monkeypatch.setattr(rankwise.layer, "dequantize", lambda m: calls.append(1) or real(m))
+    real = quant.dequantize  # the base-layer kinds (rankwise.base_layers) dequantise through rankwise.quant
+    monkeypatch.setattr(quant, "dequantize", lambda m: calls.append(1) or real(m))
     model(**batch(3)).loss.backward()
     assert len(calls) == per_forward * len(rankwise.adapter_layers(model))
 

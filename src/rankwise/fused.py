@@ -24,9 +24,19 @@ frozen ``A``, RAC-LoRA's sketch): gradients are computed only for inputs that re
 Mixed precision (a bf16/fp16 base with fp32 adapters) follows the reference path's casts exactly:
 the base GEMM runs in the base dtype, the low-rank path in the adapter dtype, cast once when added.
 
-The fused path is taken only when it applies (:func:`use_fused`): in training with gradients on,
-without dropout, over a float (not bitsandbytes) base whose weight and bias are frozen. Everything
-else runs the layer's plain reference implementation, which the tests compare the fused path with.
+Where it is chosen: in one place, :meth:`rankwise.layer.AdapterLayer.own_forward` (which the layer's
+``forward`` calls). A method takes part by supplying its factors, :meth:`~rankwise.layer.AdapterLayer.fused_inputs`
+(a :class:`FusedInputs`); its :meth:`~rankwise.layer.AdapterLayer.adapter_forward` stays the plain reference
+implementation, which the tests compare the fused path with. The fused node runs when
+
+* the layer allows it as it stands (:func:`fused_blocker` gives ``None``): the method has a fused form, the
+  base kind is a dense float one (not bitsandbytes: :attr:`rankwise.base_layers.BaseKind.fusable`), no
+  dropout, and the base weight and bias are frozen; the module repr (``path=...``) and the attach report's
+  ``path`` column say which, and why not;
+* and at run time (:func:`fusion_on`): fusion is on (not inside :func:`reference_path`), autograd is on,
+  autocast is off (it re-types the GEMMs; the reference path follows it), and some input of the node needs
+  a gradient.
+
 :func:`reference_path` forces the reference path (for tests and benchmarks).
 """
 
@@ -34,12 +44,33 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 _ENABLED = [True]
+
+
+@dataclass(frozen=True)
+class FusedInputs:
+    """A method's factors for :class:`LowRankLinear`: ``y = x W0ᵀ + b + (x Aᵀ) Bᵀ``, or with ``mu``
+    ``y = b + μ ⊙ (x W0ᵀ + (x Aᵀ) Bᵀ)``. Detach what is not trained (EDoRA's frozen ``A``, RAC-LoRA's sketch).
+
+    Attributes:
+        a: ``r x in``, the adapter dtype.
+        b: ``out x r``, the scale included.
+        mu: ``out``, ``m / ‖W0 + ΔW‖_row`` with the norm detached (DoRA family); ``None`` for LoRA.
+    """
+
+    a: Tensor
+    b: Tensor
+    mu: Tensor | None = None
+
+    def need_grad(self, x: Tensor) -> bool:
+        """Whether the node forms any gradient: ``x`` or a factor requires one (else the reference path runs)."""
+        return x.requires_grad or self.a.requires_grad or self.b.requires_grad or (self.mu is not None and self.mu.requires_grad)
 
 
 @contextmanager
@@ -53,19 +84,43 @@ def reference_path() -> Iterator[None]:
         _ENABLED[0] = previous
 
 
-def use_fused(layer: Any, *tensors: Tensor) -> bool:
-    """Whether ``layer`` (an :class:`rankwise.layer.AdapterLayer`) may take the fused path now.
+def fused_blocker(layer: Any) -> str | None:
+    """Why ``layer`` (an :class:`rankwise.layer.AdapterLayer`) never takes the fused path as it stands, or ``None``:
+    ``"no fused form"`` (its method supplies no :meth:`~rankwise.layer.AdapterLayer.fused_inputs`), ``"<kind> base"``
+    (a bitsandbytes base), ``"dropout"``, ``"trainable base weight"`` (a gradient for ``W0``/``b`` is never formed)."""
+    if not layer.has_fused_form():
+        return "no fused form"
+    if not layer.kind.fusable:
+        return f"{layer.kind.describe()} base"
+    if not isinstance(layer.dropout, nn.Identity):
+        return "dropout"
+    if layer.weight.requires_grad or (layer.bias is not None and layer.bias.requires_grad):
+        return "trainable base weight"
+    return None
 
-    Needs: fusion enabled, autograd on and some input requiring a gradient, no autocast, no dropout,
-    a float (not quantised) base, and a frozen base weight and bias (a gradient for them is never formed).
-    """
-    if not (_ENABLED[0] and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+
+def _run_time_on(layer: Any) -> bool:
+    """Fusion enabled, autograd on, autocast off (for the CPU and the layer's device)."""
+    if not (_ENABLED[0] and torch.is_grad_enabled()):
         return False
-    if any(torch.is_autocast_enabled(d) for d in ("cpu", layer.weight.device.type)):
-        return False  # autocast re-types the GEMMs; the reference path follows it
-    if layer.quantized or not isinstance(layer.dropout, nn.Identity):
+    return not any(torch.is_autocast_enabled(d) for d in ("cpu", layer.weight.device.type))
+
+
+def fusion_on(layer: Any, x: Tensor) -> bool:
+    """Whether ``layer`` takes the fused path for input ``x`` now, short of the last check (that some input of the
+    node needs a gradient: :meth:`FusedInputs.need_grad`, once the factors are formed): :func:`fused_blocker` gives
+    ``None``, fusion and autograd are on, autocast is off, and ``x`` or a trained tensor requires a gradient."""
+    if not _run_time_on(layer) or fused_blocker(layer) is not None:
         return False
-    return not layer.weight.requires_grad and (layer.bias is None or not layer.bias.requires_grad)
+    return x.requires_grad or any(p.requires_grad for p in layer.trainable_tensors().values())
+
+
+def use_fused(layer: Any, *tensors: Tensor) -> bool:
+    """Whether ``layer`` may take the fused path with these node inputs (kept for old callers; the layers choose
+    in :meth:`rankwise.layer.AdapterLayer.own_forward`)."""
+    if not (_run_time_on(layer) and any(t.requires_grad for t in tensors)):
+        return False
+    return fused_blocker(layer) in (None, "no fused form")
 
 
 def _flat(t: Tensor) -> Tensor:

@@ -1,12 +1,17 @@
 """The thin contract every adapter layer follows.
 
-An :class:`AdapterLayer` replaces a ``nn.Linear`` (or transformers' GPT-2 ``Conv1D``) in place. It
-*keeps the base layer's names*: the frozen base tensors stay reachable as ``layer.weight`` and
-``layer.bias`` (the very same ``Parameter`` objects), so the model's ``state_dict`` keys for the base
-weights do not change. A method adds its own tensors next to them and implements
+An :class:`AdapterLayer` replaces a ``nn.Linear`` (or transformers' GPT-2 ``Conv1D``, or a bitsandbytes
+4-bit / 8-bit layer) in place. It *keeps the base layer's names*: the frozen base tensors stay reachable
+as ``layer.weight`` and ``layer.bias`` (the very same ``Parameter`` objects), so the model's ``state_dict``
+keys for the base weights do not change. What differs between kinds of base module (the weight's layout,
+dequantisation, the base forward, whether a merge can be written) is its :attr:`kind`, a
+:class:`rankwise.base_layers.BaseKind` chosen by :func:`rankwise.base_layers.base_kind`; the layer reads
+``W0`` only as ``out x in`` through it. A method adds its own tensors next to them and implements
 
-* :meth:`adapter_forward` — the forward pass while unmerged;
-* :meth:`merged_weight` — the ``out x in`` weight the layer is equivalent to (fp32).
+* :meth:`adapter_forward` — the plain forward pass while unmerged;
+* :meth:`merged_weight` — the ``out x in`` weight the layer is equivalent to (fp32);
+* optionally :meth:`fused_inputs` — its factors for the one-node training step (:mod:`rankwise.fused`), which
+  :meth:`own_forward`, the one place the path is chosen, then uses whenever it applies.
 
 Merging is explicit and idempotent, guarded by ``self.merged``: :meth:`merge` writes
 ``merged_weight()`` into ``weight`` once (rounding once into the base dtype) and keeps the original
@@ -31,13 +36,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base_layers import BaseKind, base_kind
 from .config import AdapterConfig
-from .quant import base_forward as quant_base_forward
-from .quant import check_adaptable, dequantize, float_linear, keep_layout, merge_refusal
-from .targeting import is_conv1d
+from .fused import FusedInputs, fused_blocker, fusion_on, low_rank_linear
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 MERGED_TRAINING = (
@@ -79,9 +82,9 @@ class AdapterLayer(nn.Module):
     :meth:`merged_weight`.
 
     **Constructor contract.** A method's layer is built as ``Layer(base, config, rank, *, index, init)``:
-    ``base`` the ``nn.Linear``/``Conv1D`` it replaces, ``config`` the method's config, ``rank`` this
-    layer's rank (a method such as GoRA gives each layer its own), ``index`` the layer's position among
-    the targets (seeds its random init through :func:`layer_generator`), and ``init=False`` for an
+    ``base`` the module it replaces (any kind :mod:`rankwise.base_layers` handles), ``config`` the method's
+    config, ``rank`` this layer's rank (a method such as GoRA gives each layer its own), ``index`` the layer's
+    position among the targets (seeds its random init through :func:`layer_generator`), and ``init=False`` for an
     *uninitialised* layer of the right shapes, which ``load``/``import_peft`` then fill from a file.
     :func:`rankwise.registry.simple_build` (and so every method's ``rebuild``) relies on exactly this
     signature; a layer whose init needs more (data, the whole model) does that work in its method's
@@ -96,15 +99,9 @@ class AdapterLayer(nn.Module):
     def __init__(self, base: nn.Module, config: AdapterConfig, rank: int) -> None:
         super().__init__()
         weight: Tensor = base.weight  # type: ignore[assignment]  # nn.Module attribute: a Tensor here
-        # "4bit" / "8bit" for a bitsandbytes layer (rankwise.quant), None for a float one; raises for others
-        self.quantized: str | None = check_adaptable(base)
-        if self.quantized:
-            keep_layout(base)  # bitsandbytes must not repack this weight for CPU inference (rankwise.quant)
-        self.fan_in_fan_out: bool = is_conv1d(base)  # GPT-2 style: weight is in x out
-        if self.quantized:  # the stored weight is packed: the layer knows its shape
-            in_features, out_features = cast(Any, base).in_features, cast(Any, base).out_features
-        else:
-            in_features, out_features = (weight.shape[0], weight.shape[1]) if self.fan_in_fan_out else (weight.shape[1], weight.shape[0])
+        # what the base module is (rankwise.base_layers): how W0 is read, run and merged; raises for what cannot be adapted
+        self.kind: BaseKind = base_kind(base)
+        in_features, out_features = self.kind.features()
         if rank > min(in_features, out_features):
             raise ValueError(
                 f"rank {rank} is larger than this layer's dimensions (out={out_features}, in={in_features}); "
@@ -131,7 +128,6 @@ class AdapterLayer(nn.Module):
         self.tied: bool = False
         self._warned_merged: bool = False  # a training forward while merged has been named (MERGED_TRAINING)
         self._original_weight: Tensor | None = None
-        self._base_ref: list[nn.Module] = [base]  # a list so it is not registered as a submodule
         self.adapter_name: str = DEFAULT_ADAPTER  # which named adapter this layer belongs to
         self.active: bool = True  # whether this layer's update is computed (rankwise.set_active)
         self.is_peer: bool = False  # a peer lives in its host's ``peers``, not in the model's slot
@@ -152,37 +148,46 @@ class AdapterLayer(nn.Module):
             return self._init_dtype
         return getattr(self, self.trainable[0]).dtype
 
+    @property
+    def quantized(self) -> str | None:
+        """``"4bit"`` / ``"8bit"`` over a bitsandbytes base (:mod:`rankwise.quant`), ``None`` over a float one."""
+        return self.kind.quantized
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        """Whether the base stores its weight ``in x out`` (GPT-2 ``Conv1D``; PEFT's ``fan_in_fan_out``)."""
+        return self.kind.fan_in_fan_out
+
     def base_layer(self) -> nn.Module:
         """The base module this layer adapts (not a submodule: its tensors are this layer's ``weight``/``bias``)."""
-        return self._base_ref[0]
+        return self.kind.module
 
     def base_weight(self) -> Tensor:
         """The frozen base weight as ``out x in`` (a view; transposed for ``Conv1D``; for a quantised
         base a new fp32 tensor, dequantised on each call)."""
-        if self.quantized:
-            return dequantize(self._base_ref[0])
-        return self.weight.t() if self.fan_in_fan_out else self.weight
+        return self.kind.dense(self.weight)
 
     def unmerged_base_weight(self) -> Tensor:
         """``W0`` in ``out x in`` even while merged (the kept original bits; dequantised for a quantised base)."""
-        if self.quantized:
-            return self.base_weight()  # never merged
         w = self._original_weight if self.merged else self.weight
         assert w is not None
-        return w.t() if self.fan_in_fan_out else w
+        return self.kind.dense(w)
 
     def base_forward(self, x: Tensor) -> Tensor:
         """``x W0ᵀ + b``; a quantised base runs its own (bitsandbytes) forward."""
-        if self.quantized:
-            return quant_base_forward(self._base_ref[0], x, self.training)
-        return F.linear(x, self.base_weight(), self.bias)
+        return self.kind.forward(x, self.weight, self.bias, self.training)
 
     def base_forward_no_bias(self, x: Tensor) -> Tensor:
         """``x W0ᵀ`` (a quantised base: its own forward, less the bias, as HF PEFT's QDoRA computes it)."""
-        if self.quantized:
-            out = self.base_forward(x)
-            return out if self.bias is None else out - self.bias.to(out.dtype)
-        return F.linear(x, self.base_weight())
+        return self.kind.forward_no_bias(x, self.weight, self.bias, self.training)
+
+    def probe_forward(self, x: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x W0ᵀ, rows W0ᵀ)`` from one base call: ``rows`` (``k x in``) ride along as extra inputs, so over a
+        base that dequantises inside its forward (:meth:`rankwise.base_layers.BaseKind.cheap_probe`) one
+        dequantisation serves both. Returns ``(..., out)`` and ``k x out``."""
+        flat = x.reshape(-1, x.shape[-1])  # tokens x in
+        both = self.base_forward_no_bias(torch.cat([flat, rows.to(flat.dtype)]))  # (tokens + k) x out
+        return both[: flat.shape[0]].reshape(*x.shape[:-1], both.shape[-1]), both[flat.shape[0]:]
 
     def new_tensor(self, *shape: int, zeros: bool = True) -> Tensor:
         """An adapter tensor on the base weight's device, in the adapter dtype."""
@@ -191,7 +196,50 @@ class AdapterLayer(nn.Module):
 
     # ------------------------------------------------------------------ the contract
     def adapter_forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """The method's plain (reference) forward while unmerged: any mode, dropout, base kind."""
         raise NotImplementedError
+
+    def fused_inputs(self) -> FusedInputs:  # pragma: no cover - optional
+        """The factors of the one-node training step (:class:`rankwise.fused.LowRankLinear`), for a method
+        whose unmerged forward is ``x W0ᵀ + b + (x Aᵀ) Bᵀ`` or DoRA's ``b + μ ⊙ (x W0ᵀ + (x Aᵀ) Bᵀ)`` without
+        dropout. A method that does not override it always runs :meth:`adapter_forward`."""
+        raise NotImplementedError
+
+    @classmethod
+    def has_fused_form(cls) -> bool:
+        """Whether this method supplies :meth:`fused_inputs` (the fused tests list every registered method that does)."""
+        return cls.fused_inputs is not AdapterLayer.fused_inputs
+
+    def fused_path(self) -> str:
+        """Which path a training forward (autograd on, no autocast) takes now: ``"fused"`` or
+        ``"reference: <why>"`` (:func:`rankwise.fused.fused_blocker`); shown in the repr and the attach report."""
+        why = fused_blocker(self)
+        return "fused" if why is None else f"reference: {why}"
+
+    def own_forward(self, x: Tensor) -> Tensor:
+        """This layer's unmerged forward: the fused node when it applies, else :meth:`adapter_forward`.
+
+        The one place the fused path is chosen: static conditions (:func:`rankwise.fused.fused_blocker`),
+        run-time ones (:func:`rankwise.fused.fusion_on`), then some input of the node must need a gradient.
+        """
+        if fusion_on(self, x):
+            inputs = self.fused_inputs()
+            if inputs.need_grad(x):
+                return low_rank_linear(x, self.base_weight(), self.bias, inputs.a, inputs.b, inputs.mu)  # (..., out)
+        return self.adapter_forward(x)
+
+    def reference_forward(self, x: Tensor) -> Tensor:
+        """Deprecated (a method's plain forward is now :meth:`adapter_forward`): runs :meth:`adapter_forward`."""
+        warnings.warn("AdapterLayer.reference_forward is deprecated: call adapter_forward (the plain forward)",
+                      DeprecationWarning, stacklevel=2)
+        return self.adapter_forward(x)
+
+    def fused_forward(self, x: Tensor) -> Tensor:
+        """Deprecated (the path is chosen in :meth:`own_forward`): the fused node on :meth:`fused_inputs`, unconditionally."""
+        warnings.warn("AdapterLayer.fused_forward is deprecated: call the layer (own_forward chooses the path)",
+                      DeprecationWarning, stacklevel=2)
+        inputs = self.fused_inputs()
+        return low_rank_linear(x, self.base_weight(), self.bias, inputs.a, inputs.b, inputs.mu)
 
     def merged_weight(self) -> Tensor:  # pragma: no cover - abstract
         """The equivalent dense weight, ``out x in``, in fp32 (computed from the unmerged ``W0``)."""
@@ -207,13 +255,11 @@ class AdapterLayer(nn.Module):
 
     def delta_forward(self, x: Tensor) -> Tensor:
         """This layer's update to the output, ``f(x) − (x W0ᵀ + b)`` (what it adds beside other adapters)."""
-        return self.adapter_forward(x) - self.base_forward(x)
+        return self.own_forward(x) - self.base_forward(x)
 
     def plain_forward(self, x: Tensor) -> Tensor:
         """The base module exactly as before ``attach``: its own forward (a quantised base: bitsandbytes')."""
-        if self.quantized:
-            return self.base_forward(x)
-        return self.base_layer()(x)
+        return self.kind.plain_forward(x, self.training)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.disabled:
@@ -225,7 +271,7 @@ class AdapterLayer(nn.Module):
             return self.base_forward(x)
         chosen = self.computing()
         if len(chosen) == 1:  # one active adapter here: its own forward, exactly as if it were alone
-            return chosen[0].adapter_forward(x)
+            return chosen[0].own_forward(x)
         if not chosen:
             return self.plain_forward(x)
         out = self.base_forward(x)  # the same sum whichever layer hosts: delete() keeps the others' bits
@@ -288,20 +334,20 @@ class AdapterLayer(nn.Module):
         for layer in self.stack():
             layer.merged, layer._original_weight = merged, original
 
-    def _refuse_while_disabled(self, what: str) -> None:
+    def refuse_while_disabled(self, what: str) -> None:
+        """Raise ``RuntimeError`` if this layer is inside ``rankwise.disabled`` (``what``: the refused call)."""
         if self.disabled:
             raise RuntimeError(f"cannot {what} inside `with rankwise.disabled(model):`; do it after the block")
 
     @torch.no_grad()
     def merge(self) -> None:
         """Write the adapted weight into ``weight`` (once; idempotent). The original bits are kept."""
-        self._refuse_while_disabled("merge")
+        self.refuse_while_disabled("merge")
         if self.merged:
             return
-        if self.quantized:
-            raise merge_refusal(self._base_ref[0])
+        self.kind.check_merge()
         new = self.combined_weight()  # out x in, fp32
-        cast = (new.t() if self.fan_in_fan_out else new).to(self.weight.dtype)  # what would be written
+        cast = self.kind.stored(new).to(self.weight.dtype)  # what would be written
         if not torch.isfinite(cast).all():  # checked after the cast: W0 + ΔW may overflow fp16 although finite in fp32
             peak = float(new.abs().max()) if torch.isfinite(new).all() else float("nan")
             raise FloatingPointError(
@@ -321,7 +367,7 @@ class AdapterLayer(nn.Module):
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore the exact original weight (idempotent)."""
-        self._refuse_while_disabled("unmerge")
+        self.refuse_while_disabled("unmerge")
         if not self.merged:
             return
         assert self._original_weight is not None
@@ -362,14 +408,30 @@ class AdapterLayer(nn.Module):
             self._merged_aside = None
             self._set_merged(True, aside)
 
+    def check_mergeable(self) -> None:
+        """Raise (changing nothing) when this layer cannot merge: a quantised base, or inside ``disabled``."""
+        self.kind.check_merge()
+        self.refuse_while_disabled("merge")
+
+    @torch.no_grad()
+    def merge_for_good(self) -> nn.Module:
+        """``detach(merge=True)``'s step: the module for the model's slot, holding ``W0`` + the update(s): the base
+        module merged in place with the kept original bits dropped (nothing unmerges it), or over a base that
+        cannot merge in place (quantised) a new float module (:meth:`rankwise.base_layers.BaseKind.merged_module`)."""
+        if not self.kind.merges_in_place:
+            return self.to_merged_float()
+        self.merge()
+        self._original_weight = None
+        return self.to_base()
+
     def to_merged_float(self) -> nn.Module:
         """A quantised base's replacement for a merged detach: a float ``nn.Linear`` holding the
         dequantised ``W0`` + the update(s), in the base's compute dtype."""
-        return float_linear(self._base_ref[0], self.combined_weight().detach())
+        return self.kind.merged_module(self.combined_weight().detach())
 
     def to_base(self) -> nn.Module:
         """The original base module (holding the same, possibly merged, weight)."""
-        base = self._base_ref[0]
+        base = self.kind.module
         cast(Any, base).weight = self.weight
         cast(Any, base).bias = self.bias
         return base
@@ -429,7 +491,7 @@ class AdapterLayer(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-            f"scale={self.scale:.4g}, merged={self.merged}"
+            f"scale={self.scale:.4g}, merged={self.merged}, base={self.kind.describe()}, path={self.fused_path()}"
         )
 
 

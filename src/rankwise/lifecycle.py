@@ -27,7 +27,7 @@ from torch import nn
 from .adapter_file import AdapterFileError, validate_method_state
 from .config import AdapterConfig
 from .layer import AdapterLayer
-from .quant import dequantize_model, merge_refusal, parameter_count
+from .quant import dequantize_model, parameter_count
 from .registry import BuildResult, LossFn, method_for
 from .layer import DEFAULT_ADAPTER
 from .state import (STATE_ATTR, AdapterSet, RankwiseState, adapter_layers, adapter_set, base_modules,  # noqa: F401
@@ -43,11 +43,14 @@ class LayerRow:
     rank: int
     trainable: int
     extras: dict[str, Any] = field(default_factory=dict)
+    base: str = ""  # the base-layer kind (rankwise.base_layers): "linear", "conv1d", "nf4", "int8" ...
+    path: str = ""  # a training forward's path: "fused" or "reference: <why>" (AdapterLayer.fused_path)
 
 
 @dataclass
 class AttachReport:
-    """Per adapted layer: name, shape, rank, trainable parameters; and the totals. Prints as a table."""
+    """Per adapted layer: name, shape, rank, trainable parameters, base kind and training path (fused or
+    reference, and why); and the totals. Prints as a table."""
 
     method: str
     layers: list[LayerRow]
@@ -74,14 +77,14 @@ class AttachReport:
         extra_keys: list[str] = []
         for row in self.layers:
             extra_keys += [k for k in row.extras if k not in extra_keys]
-        header = ["layer", "shape (out x in)", "rank", "trainable", *extra_keys]
+        header = ["layer", "shape (out x in)", "rank", "trainable", "base", "path", *extra_keys]
         rows = [
-            [row.name, f"{row.out_features} x {row.in_features}", str(row.rank), f"{row.trainable:,}"]
+            [row.name, f"{row.out_features} x {row.in_features}", str(row.rank), f"{row.trainable:,}", row.base, row.path]
             + [_fmt(row.extras.get(k, "")) for k in extra_keys]
             for row in self.layers
         ]
         for name, n in self.modules_to_save.items():
-            rows.append([name + " (trained fully)", "", "", f"{n:,}"] + [""] * len(extra_keys))
+            rows.append([name + " (trained fully)", "", "", f"{n:,}", "", ""] + [""] * len(extra_keys))
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
         line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
         out = [f"rankwise {self.method}: {len(self.layers)} adapted layers", line(header), line(["-" * w for w in widths])]
@@ -172,7 +175,8 @@ def _report(model: nn.Module, config: AdapterConfig, result: BuildResult, saved:
     rows = []
     for name, layer in result.layers.items():
         n = sum(p.numel() for p in layer.trainable_tensors().values() if p.requires_grad)
-        rows.append(LayerRow(name, layer.out_features, layer.in_features, layer.rank, n, result.extras.get(name, {})))
+        rows.append(LayerRow(name, layer.out_features, layer.in_features, layer.rank, n, result.extras.get(name, {}),
+                             layer.kind.describe(), layer.fused_path()))
     trainable, total = count_parameters(model)
     mts = {name: sum(p.numel() for p in m.parameters()) for name, m in saved.items()}
     return AttachReport(config.method, rows, trainable, total, mts, list(result.notes))
@@ -461,23 +465,19 @@ def detach(model: nn.Module, merge: bool = False) -> nn.Module:
         raise ValueError(f"this {type(model).__name__} has no rankwise adapters to detach")
     if any(layer.disabled for layer in layers.values()):
         raise RuntimeError("cannot detach inside `with rankwise.disabled(model):`; do it after the block")
-    quantized = any(layer.quantized for layer in layers.values())
+    in_place = {n: layer for n, layer in layers.items() if layer.kind.merges_in_place}  # float bases (not bitsandbytes)
     if merge:  # every float layer first, all or nothing: a refusal leaves the model attached and unmerged
-        merge_all({n: layer for n, layer in layers.items() if not layer.quantized})
+        merge_all(in_place)
     adapters: AdapterSet | None = getattr(model, STATE_ATTR, None)
     originals = {n: m for st in (adapters.adapters.values() if adapters else ()) for n, m in st.original_modules.items()}
     untied = merge and (any(layer.tied for layer in layers.values()) or _trains_a_tie(model, originals))
     for name, layer in layers.items():
-        if merge and layer.quantized:  # a float nn.Linear: dequantised W0 + update (never rounded back to 4 bits)
-            _set_submodule(model, name, layer.to_merged_float())
+        if merge:  # a quantised base: a float nn.Linear, dequantised W0 + update (never rounded back to 4 bits)
+            _set_submodule(model, name, layer.merge_for_good())
             continue
-        if merge:
-            layer.merge()
-            layer._original_weight = None  # the merge is permanent: drop the kept copy
-        else:
-            layer.unmerge()
+        layer.unmerge()
         _set_submodule(model, name, layer.to_base())
-    if merge and quantized:  # the rest of the model too, so save_pretrained writes a float checkpoint
+    if merge and len(in_place) < len(layers):  # the rest of the model too, so save_pretrained writes a float checkpoint
         dequantize_model(model)
     if not merge:  # the fully-trained modules as they were (their trained copies go)
         for name, original in originals.items():
@@ -514,9 +514,7 @@ def merge(model: nn.Module, name: str | list[str] | None = None) -> None:
     if not layers:
         raise ValueError("no rankwise adapters to merge")
     for layer in layers.values():  # all-or-nothing: refuse before any layer is merged
-        if layer.quantized:
-            raise merge_refusal(layer._base_ref[0])
-        layer._refuse_while_disabled("merge")
+        layer.check_mergeable()
     if name is not None:
         from .adapters import set_active  # set_active sits above lifecycle (it needs no attach machinery)
 
@@ -551,7 +549,7 @@ def unmerge(model: nn.Module) -> None:
     if not layers:
         raise ValueError("no rankwise adapters to unmerge")
     for layer in layers.values():
-        layer._refuse_while_disabled("unmerge")
+        layer.refuse_while_disabled("unmerge")
     for layer in layers.values():
         layer.unmerge()
 

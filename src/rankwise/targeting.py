@@ -20,7 +20,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-SUPPORTED_TYPES: tuple[str, ...] = ("Linear", "Conv1D")
+from .base_layers import is_conv1d, kind_class, supported_types  # noqa: F401  (is_conv1d: re-exported, its old home)
+
+SUPPORTED_TYPES: tuple[str, ...] = supported_types()  # ("Linear", "Conv1D"): the registered base-layer kinds
 ALL_LINEAR = "all-linear"
 CLASSIFIER_HEADS: tuple[str, ...] = ("classifier", "score")  # top-level heads of classification models
 
@@ -52,21 +54,23 @@ def name_matches(name: str, spec: tuple[str, ...] | str | None) -> bool:
     return any(name == key or name.endswith("." + key) for key in spec)
 
 
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' GPT-2 style ``Conv1D``, whose weight is stored ``in x out`` (PEFT's ``fan_in_fan_out``)."""
-    return type(module).__name__ == "Conv1D"
-
-
 def out_in(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
-    """A tensor laid out like ``module.weight``, as ``out x in`` (transposed for ``Conv1D``; a view)."""
-    return t.t() if is_conv1d(module) else t
+    """A tensor laid out like ``module.weight``, as ``out x in`` (transposed for ``Conv1D``; a view): its kind's
+    :meth:`~rankwise.base_layers.BaseKind.out_in`."""
+    kind = kind_class(module)
+    return t if kind is None else kind.out_in(t)
 
 
 def is_supported(module: nn.Module) -> bool:
-    """``nn.Linear`` (and subclasses) and transformers' GPT-2 style ``Conv1D`` (transposed weight)."""
-    if isinstance(module, nn.Linear):
-        return True
-    return is_conv1d(module) and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+    """Whether a registered base-layer kind handles ``module`` (:mod:`rankwise.base_layers`): ``nn.Linear`` (and
+    subclasses, bitsandbytes' among them) and transformers' GPT-2 style ``Conv1D`` (transposed weight)."""
+    return kind_class(module) is not None
+
+
+def is_all_linear_kind(module: nn.Module) -> bool:
+    """Whether ``target_modules="all-linear"`` selects ``module`` (its kind's ``all_linear``)."""
+    kind = kind_class(module)
+    return kind is not None and kind.all_linear
 
 
 def find_targets(
@@ -92,7 +96,7 @@ def find_targets(
     for name, module in named:
         if not name or name_matches(name, exclude_modules):
             continue
-        if not (is_supported(module) if all_linear else name_matches(name, target_modules)):
+        if not (is_all_linear_kind(module) if all_linear else name_matches(name, target_modules)):
             continue
         if any(name == s or name.startswith(s + ".") for s in skipped):
             continue

@@ -35,9 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AdapterConfig
-from ..fused import low_rank_linear, use_fused
+from ..fused import FusedInputs
 from ..layer import AdapterLayer, PeftFactors
-from ..quant import compute_dtype
 from ..registry import Method, register_method, simple_build
 from .lora import LoraLinear
 
@@ -132,7 +131,7 @@ class DoraLinear(LoraLinear):
         super().__init__(base, config, rank, index=index, init=init)
         self.magnitude = nn.Parameter(self.new_tensor(self.out_features))  # out
         n0 = None
-        if self.quantized == "4bit" and compute_dtype(base) == torch.float32:
+        if self.kind.cheap_probe():  # a 4-bit base computing in fp32 (rankwise.base_layers)
             # ‖W0‖²_row once (one dequantisation, here): the per-step norm then needs no more (probed_forward)
             w0 = self.base_weight().double()  # out x in
             n0 = (w0 * w0).sum(dim=1).to(self.adapter_dtype)  # out
@@ -166,19 +165,14 @@ class DoraLinear(LoraLinear):
         n0 = (w * w).sum(dim=1)  # out
         return (c * low_rank_row_norm(n0, w @ a.t(), b, a @ a.t(), self.scale)).to(self.adapter_dtype)  # out
 
-    def adapter_forward(self, x: Tensor) -> Tensor:
-        if use_fused(self, x, self.lora_a, self.lora_b, self.magnitude):
-            return self.fused_forward(x)
-        return self.reference_forward(x)
-
-    def fused_forward(self, x: Tensor) -> Tensor:
-        """The training step's path (no dropout): ``h = b + μ ⊙ (x W0ᵀ + s·x Aᵀ Bᵀ)``, ``μ = m/n`` with
+    def fused_inputs(self) -> FusedInputs:
+        """The training step's factors (no dropout): ``h = b + μ ⊙ (x W0ᵀ + s·x Aᵀ Bᵀ)``, ``μ = m/n`` with
         ``n`` detached, in one autograd node (:class:`rankwise.fused.LowRankLinear`); its backward is
         LoRA's with ``g' = g ⊙ μ``, plus ``dμ = Σ_tokens g ⊙ (x W0ᵀ + s·x Aᵀ Bᵀ)``."""
         mu = magnitude_scale(self.magnitude, self.weight_norm())  # out
-        return low_rank_linear(x, self.base_weight(), self.bias, self.lora_a, self.scaled_b(), mu)  # (..., out)
+        return FusedInputs(self.lora_a, self.scaled_b(), mu)
 
-    def reference_forward(self, x: Tensor) -> Tensor:
+    def adapter_forward(self, x: Tensor) -> Tensor:
         """The plain implementation (eval, dropout, quantised base; what the fused path is tested against)."""
         if self.norm_n0 is not None and isinstance(self.dropout, nn.Identity):
             return self.probed_forward(x)
@@ -194,10 +188,8 @@ class DoraLinear(LoraLinear):
         (``‖W0‖²_row`` from attach). HF PEFT's QDoRA dequantises ``W0`` a second time for the norm.
         """
         a, b = self.lora_a.detach(), self.lora_b.detach()  # r x in, out x r
-        flat = x.reshape(-1, x.shape[-1])  # tokens x in
-        both = self.base_forward_no_bias(torch.cat([flat, a.to(flat.dtype)]))  # (tokens + r) x out
-        base_no_bias = both[: flat.shape[0]].reshape(*x.shape[:-1], both.shape[-1])  # (..., out)
-        c = both[flat.shape[0]:].detach().t().to(self.adapter_dtype)  # out x r
+        base_no_bias, probed = self.probe_forward(x, a)  # (..., out), r x out
+        c = probed.detach().t().to(self.adapter_dtype)  # out x r
         norm = low_rank_row_norm(self.norm_n0, c, b, a @ a.t(), self.scale)  # out
         return magnitude_forward(self, x, magnitude_scale(self.magnitude, norm), self.lora_out, base_no_bias)
 

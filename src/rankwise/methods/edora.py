@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AdapterConfig, check_number
-from ..fused import low_rank_linear, use_fused
+from ..fused import FusedInputs
 from ..layer import AdapterLayer, PeftFactors, layer_generator
 from ..registry import BuildResult, Method, register_method, simple_build
 from .dora import low_rank_row_norm, magnitude_direction, magnitude_forward, magnitude_scale, pow2_scale, wide_dtype
@@ -253,19 +253,14 @@ class EdoraLinear(AdapterLayer):
         h = x.to(self.adapter_dtype) @ self.frozen_a.t()  # (..., r)
         return h @ (br * self.scale).t()  # (..., out); s applied to the out x r factor
 
-    def adapter_forward(self, x: Tensor) -> Tensor:
-        if use_fused(self, x, self.core, self.magnitude):
-            return self.fused_forward(x)
-        return self.reference_forward(x)
-
-    def fused_forward(self, x: Tensor) -> Tensor:
-        """The training step's path (no dropout), in one autograd node (:class:`rankwise.fused.LowRankLinear`):
+    def fused_inputs(self) -> FusedInputs:
+        """The training step's factors (no dropout), one autograd node (:class:`rankwise.fused.LowRankLinear`):
         DoRA's with ``A`` frozen, so the backward forms only ``d(s·BR) = g'ᵀ (x Aᵀ)`` (-> ``dR``), ``dμ``, ``dx``."""
         br = self.frozen_b @ self.core  # out x r, computed once for the norm and the update
         mag_scale = magnitude_scale(self.magnitude, self.weight_norm(br))  # out; finite on an all-zero row
-        return low_rank_linear(x, self.base_weight(), self.bias, self.frozen_a, br * self.scale, mag_scale)
+        return FusedInputs(self.frozen_a, br * self.scale, mag_scale)
 
-    def reference_forward(self, x: Tensor) -> Tensor:
+    def adapter_forward(self, x: Tensor) -> Tensor:
         """The plain implementation (eval, dropout, quantised base; what the fused path is tested against)."""
         br = self.frozen_b @ self.core  # out x r, computed once for the norm and the update
         mag_scale = magnitude_scale(self.magnitude, self.weight_norm(br))  # out; finite on an all-zero row

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AdapterConfig
-from ..fused import low_rank_linear, use_fused
+from ..fused import FusedInputs
 from ..layer import AdapterLayer, PeftFactors, layer_generator
 from ..registry import Method, register_method, simple_build
 
@@ -61,17 +61,12 @@ class LoraLinear(AdapterLayer):
         """``s · x Aᵀ Bᵀ`` for an input already dropped-out, in the adapter dtype."""
         return (x.to(self.adapter_dtype) @ self.lora_a.t()) @ self.scaled_b().t()  # (..., out)
 
+    def fused_inputs(self) -> FusedInputs:
+        """The training step's factors ``(A, s·B)``: one autograd node (:class:`rankwise.fused.LowRankLinear`),
+        backward ``u = g (sB)``, ``dx = g W0 + u A``, ``dA = uᵀ x``, ``d(sB) = gᵀ (x Aᵀ)``; no dropout."""
+        return FusedInputs(self.lora_a, self.scaled_b())
+
     def adapter_forward(self, x: Tensor) -> Tensor:
-        if use_fused(self, x, self.lora_a, self.lora_b):
-            return self.fused_forward(x)
-        return self.reference_forward(x)
-
-    def fused_forward(self, x: Tensor) -> Tensor:
-        """The training step's path: one autograd node (:class:`rankwise.fused.LowRankLinear`), backward
-        ``u = g (sB)``, ``dx = g W0 + u A``, ``dA = uᵀ x``, ``d(sB) = gᵀ (x Aᵀ)``; no dropout."""
-        return low_rank_linear(x, self.base_weight(), self.bias, self.lora_a, self.scaled_b())  # (..., out)
-
-    def reference_forward(self, x: Tensor) -> Tensor:
         """The plain implementation (eval, dropout, quantised base; what the fused path is tested against)."""
         result = self.base_forward(x)  # (..., out); F.linear does not keep its output for backward
         return result.add_(self.lora_out(self.dropout(x)).to(result.dtype))

@@ -61,7 +61,7 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig, check_number, check_positive_int
 from ..distributed import assign, check_unflattened, shared_seed, whole
-from ..fused import low_rank_linear, use_fused
+from ..fused import FusedInputs
 from ..layer import AdapterLayer, PeftFactors
 from ..optim import check_optimizer, reset_optimizer_state
 from ..registry import BuildResult, Method, register_method, simple_build
@@ -252,13 +252,12 @@ class RacLoraLinear(AdapterLayer):
             b = torch.cat([self.chain_b, b], dim=1)  # out x (k + r)
         return a, b
 
-    def adapter_forward(self, x: Tensor) -> Tensor:
-        if use_fused(self, x, *self.link_trained()):
-            a, b = self.forward_factors()  # one autograd node (rankwise.fused.LowRankLinear), LoRA's backward
-            return low_rank_linear(x, self.base_weight(), self.bias, a, b)
-        return self.reference_forward(x)
+    def fused_inputs(self) -> FusedInputs:
+        """The whole update's factors (chain and link; the sketch detached): one autograd node
+        (:class:`rankwise.fused.LowRankLinear`), LoRA's backward."""
+        return FusedInputs(*self.forward_factors())
 
-    def reference_forward(self, x: Tensor) -> Tensor:
+    def adapter_forward(self, x: Tensor) -> Tensor:
         """The plain implementation (eval, dropout, quantised base; what the fused path is tested against)."""
         result = self.base_forward(x)  # (..., out)
         x_d = self.dropout(x).to(self.adapter_dtype)

@@ -1,0 +1,249 @@
+"""Base-layer kinds: how an adapter layer reads, runs and merges the module it adapts.
+
+An :class:`~rankwise.layer.AdapterLayer` works on ``W0`` as ``out x in`` and on the base forward
+``x W0ᵀ + b``, whatever the module stores. One small :class:`BaseKind` per kind of base module answers
+those questions for it:
+
+=================  =====================================  ==================================
+kind               stored weight                          base forward
+=================  =====================================  ==================================
+``linear``         ``nn.Linear``: ``out x in``            ``F.linear(x, W0, b)``
+``conv1d``         GPT-2 ``Conv1D``: ``in x out``         ``F.linear(x, Wᵀ, b)``
+``4bit``           bitsandbytes ``Linear4bit`` (packed)   bitsandbytes' own matmul
+``8bit``           bitsandbytes ``Linear8bitLt`` (int8)   bitsandbytes' own matmul
+=================  =====================================  ==================================
+
+:func:`base_kind` is the dispatcher: it asks the registered kinds in order (the most specific first:
+bitsandbytes' layers are ``nn.Linear`` subclasses) and the first whose :meth:`BaseKind.matches`
+accepts the module handles it, as HF PEFT's ``dispatch_*`` functions each claim a module or pass.
+A new kind (``nn.Conv2d``, ``nn.Embedding``) is one subclass plus :func:`register_kind`; targeting
+(:func:`rankwise.targeting.is_supported`), the layer, merging and the fused path then follow it.
+
+A kind holds no tensor of its own: the layer passes its current ``weight`` (a merged tied layer owns a
+new one), so a kind never goes stale.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import quant
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style ``Conv1D``, whose weight is stored ``in x out`` (PEFT's ``fan_in_fan_out``)."""
+    return type(module).__name__ == "Conv1D"
+
+
+class BaseKind:
+    """One kind of base module: a float ``nn.Linear`` here; subclasses override what differs.
+
+    Attributes:
+        name: the kind's label in reprs and reports.
+        type_name: the module type named in "rankwise adapts ..." messages.
+        quantized: ``"4bit"`` / ``"8bit"`` for a bitsandbytes base, else ``None``.
+        fan_in_fan_out: the stored weight is ``in x out`` (GPT-2 ``Conv1D``).
+        fusable: the fused node (:class:`rankwise.fused.LowRankLinear`, a dense ``x W0ᵀ + b``) can stand in
+            for this kind's base forward.
+        all_linear: ``target_modules="all-linear"`` selects modules of this kind.
+        merges_in_place: ``merge`` writes ``W0 + ΔW`` into the stored weight (and ``unmerge`` restores it);
+            otherwise merging is refused and ``detach(merge=True)`` swaps in :meth:`merged_module`.
+    """
+
+    name: ClassVar[str] = "linear"
+    type_name: ClassVar[str] = "Linear"
+    quantized: ClassVar[str | None] = None
+    fan_in_fan_out: ClassVar[bool] = False
+    fusable: ClassVar[bool] = True
+    all_linear: ClassVar[bool] = True
+    merges_in_place: ClassVar[bool] = True
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        """Whether this kind handles ``module`` (asked in :func:`base_kind`'s order)."""
+        return isinstance(module, nn.Linear)
+
+    def features(self) -> tuple[int, int]:
+        """``(in_features, out_features)``."""
+        out_f, in_f = cast(Tensor, self.module.weight).shape
+        return int(in_f), int(out_f)
+
+    @classmethod
+    def out_in(cls, t: Tensor) -> Tensor:
+        """A tensor laid out like the stored weight (the weight itself, its gradient), as ``out x in`` (a view)."""
+        return t
+
+    def dense(self, weight: Tensor) -> Tensor:
+        """The layer's ``weight`` (stored layout) as ``out x in``: a view for a float kind."""
+        return self.out_in(weight)
+
+    def stored(self, w: Tensor) -> Tensor:
+        """An ``out x in`` matrix in the stored layout (what a merge writes)."""
+        return w
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, training: bool) -> Tensor:
+        """``x W0ᵀ + b`` with the layer's current ``weight`` and ``bias``."""
+        return F.linear(x, self.dense(weight), bias)
+
+    def forward_no_bias(self, x: Tensor, weight: Tensor, bias: Tensor | None, training: bool) -> Tensor:
+        """``x W0ᵀ``."""
+        return F.linear(x, self.dense(weight))
+
+    def plain_forward(self, x: Tensor, training: bool) -> Tensor:
+        """The module's own forward, as before ``attach``."""
+        return self.module(x)
+
+    def cheap_probe(self) -> bool:
+        """Whether extra input rows ride along a base forward at no extra read of ``W0`` (a 4-bit base computing
+        in fp32 dequantises inside each call; see :meth:`rankwise.layer.AdapterLayer.probe_forward`)."""
+        return False
+
+    def check_merge(self) -> None:
+        """Raise when ``W0 + ΔW`` cannot be written into this kind's weight (and restored)."""
+
+    def merged_module(self, weight: Tensor) -> nn.Module:
+        """For a kind that cannot merge in place (``merges_in_place`` false): a float module holding ``weight``
+        (``out x in``), ``detach(merge=True)``'s replacement for the base module."""
+        raise TypeError(f"a {self.name} base merges in place (AdapterLayer.merge)")
+
+    def describe(self) -> str:
+        """A short label: the kind's name (a quantised kind's format, e.g. ``"nf4 (double quant)"``)."""
+        return self.name
+
+
+class Conv1DKind(BaseKind):
+    """transformers' GPT-2 ``Conv1D``: ``y = x W + b`` with ``W`` stored ``in x out``."""
+
+    name: ClassVar[str] = "conv1d"
+    type_name: ClassVar[str] = "Conv1D"
+    fan_in_fan_out: ClassVar[bool] = True
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return is_conv1d(module) and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+    def features(self) -> tuple[int, int]:
+        in_f, out_f = cast(Tensor, self.module.weight).shape
+        return int(in_f), int(out_f)
+
+    @classmethod
+    def out_in(cls, t: Tensor) -> Tensor:
+        return t.t()
+
+    def stored(self, w: Tensor) -> Tensor:
+        return w.t()
+
+
+class Bnb4bitKind(BaseKind):
+    """bitsandbytes ``Linear4bit`` (nf4 / fp4, optionally double-quantised): frozen, never merged (:mod:`rankwise.quant`)."""
+
+    name: ClassVar[str] = "4bit"
+    quantized: ClassVar[str | None] = "4bit"
+    fusable: ClassVar[bool] = False
+    merges_in_place: ClassVar[bool] = False
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module)
+        quant.keep_layout(module)  # bitsandbytes must not repack this weight for CPU inference (rankwise.quant)
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return quant.quant_kind(module) == cls.quantized
+
+    def features(self) -> tuple[int, int]:
+        layer: Any = self.module  # the stored weight is packed: the layer knows its shape
+        return int(layer.in_features), int(layer.out_features)
+
+    def dense(self, weight: Tensor) -> Tensor:
+        """A new fp32 ``out x in`` tensor, dequantised on each call."""
+        return quant.dequantize(self.module)
+
+    def stored(self, w: Tensor) -> Tensor:
+        raise quant.merge_refusal(self.module)
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, training: bool) -> Tensor:
+        return quant.base_forward(self.module, x, training)
+
+    def forward_no_bias(self, x: Tensor, weight: Tensor, bias: Tensor | None, training: bool) -> Tensor:
+        """Its own forward less the bias (as HF PEFT's QDoRA computes it)."""
+        out = self.forward(x, weight, bias, training)
+        return out if bias is None else out - bias.to(out.dtype)
+
+    def plain_forward(self, x: Tensor, training: bool) -> Tensor:
+        return quant.base_forward(self.module, x, training)
+
+    def cheap_probe(self) -> bool:
+        return quant.compute_dtype(self.module) == torch.float32
+
+    def check_merge(self) -> None:
+        raise quant.merge_refusal(self.module)
+
+    def merged_module(self, weight: Tensor) -> nn.Module:
+        """A float ``nn.Linear``: the dequantised ``W0`` + the update(s), in the base's compute dtype."""
+        return quant.float_linear(self.module, weight)
+
+    def describe(self) -> str:
+        return quant.describe_quant(self.module)
+
+
+class Bnb8bitKind(Bnb4bitKind):
+    """bitsandbytes ``Linear8bitLt`` (int8 weights, ``has_fp16_weights=False``): as the 4-bit kind, no ride-along."""
+
+    name: ClassVar[str] = "8bit"
+    quantized: ClassVar[str | None] = "8bit"
+
+    def cheap_probe(self) -> bool:
+        return False
+
+
+KINDS: list[type[BaseKind]] = [Bnb4bitKind, Bnb8bitKind, Conv1DKind, BaseKind]  # asked in this order
+
+
+def register_kind(kind: type[BaseKind]) -> type[BaseKind]:
+    """Add a base-layer kind, asked before the built-in ones (a subclass of ``nn.Linear`` needs to be)."""
+    KINDS.insert(0, kind)
+    return kind
+
+
+def kind_class(module: nn.Module) -> type[BaseKind] | None:
+    """The registered kind that handles ``module`` (``None``: rankwise cannot adapt it)."""
+    return next((kind for kind in KINDS if kind.matches(module)), None)
+
+
+def base_kind(module: nn.Module) -> BaseKind:
+    """The dispatcher: the :class:`BaseKind` for ``module``, after the checks that it can be adapted.
+
+    ``TypeError`` for a module no kind handles or with a non-float weight that is no bitsandbytes layer;
+    ``ImportError``/``ValueError`` for a bitsandbytes layer rankwise cannot use (:func:`rankwise.quant.check_adaptable`).
+    """
+    quant.check_adaptable(module)
+    kind = kind_class(module)
+    if kind is None:
+        raise TypeError(f"cannot adapt a {type(module).__name__}: rankwise adapts {', '.join(supported_types())} layers")
+    return kind(module)
+
+
+def supported_types() -> tuple[str, ...]:
+    """The module types the registered kinds adapt, for messages (``("Linear", "Conv1D")`` built in)."""
+    return tuple(dict.fromkeys(kind.type_name for kind in reversed(KINDS)))
+
+
+__all__ = [
+    "KINDS",
+    "BaseKind",
+    "Bnb4bitKind",
+    "Bnb8bitKind",
+    "Conv1DKind",
+    "base_kind",
+    "is_conv1d",
+    "kind_class",
+    "register_kind",
+    "supported_types",
+]
