@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import ROOT, TARGETS, _status_kb, batch_for, calibration, load_base, variants  # noqa: E402
 
 import rankwise  # noqa: E402
+from rankwise.state import is_attached  # noqa: E402
 
 METHODS = ("lora", "dora", "gora", "edora", "raclora")
 
@@ -54,7 +55,7 @@ def _train_a_little(model: torch.nn.Module, batch: dict[str, torch.Tensor], step
         model(**batch).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if hasattr(model, "_rankwise"):
+        if is_attached(model):
             rankwise.step(model, opt)
     model.eval()
 

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import rankwise  # noqa: E402
+from rankwise.state import is_attached  # noqa: E402
 
 TARGETS = ["query", "key", "value", "dense"]
 
@@ -109,7 +110,7 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict[s
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    if hasattr(model, "_rankwise"):
+    if is_attached(model):
         rankwise.step(model, opt)
 
 
