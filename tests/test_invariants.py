@@ -96,6 +96,34 @@ def test_merge_unmerge(model_case: ModelCase, method_case: MethodCase) -> None:
     assert torch.equal(again, unmerged)
 
 
+
+def _fp64_adapted(case: ModelCase, method: MethodCase, name: str | None = None, model: torch.nn.Module | None = None):
+    """``case``'s model in fp64 (or ``model``) with ``method`` attached (as ``name``) and perturbed."""
+    model = case.make().double() if model is None else model
+    config, calibration = method.make(case, False)
+    calibration = [_cast(b, torch.float64) for b in calibration] if calibration else None
+    rankwise.attach(model, config, calibration=calibration, name=name)
+    _perturb(model, seed=2 if name else 1)
+    return model
+
+
+def test_an_fp64_model_merges_without_rounding_to_fp32(small_case: ModelCase, method_case: MethodCase) -> None:
+    """Merging an fp64 model computes ``W0 + ΔW`` in fp64: merged and unmerged outputs agree to fp64's rounding,
+    alone and with a second adapter active on the same layers (in fp32 they differed by ~1e-8)."""
+    model = _fp64_adapted(small_case, method_case)
+    batch = _cast(small_case.batch(3), torch.float64)
+    for second in (False, True):  # one adapter, then two active ones (the combined merge)
+        if second:
+            model = _fp64_adapted(small_case, METHOD_CASES["lora"], name="b", model=model)
+            rankwise.set_active(model, ["default", "b"])
+        with torch.no_grad():
+            unmerged = small_case.output(model, batch)
+            rankwise.merge(model)
+            merged = small_case.output(model, batch)
+            rankwise.unmerge(model)
+        assert merged.dtype == torch.float64
+        torch.testing.assert_close(merged, unmerged, rtol=1e-11, atol=1e-12)
+
 def test_save_load_roundtrip(model_case: ModelCase, method_case: MethodCase, tmp_path) -> None:
     base, model, _ = _attach(model_case, method_case)
     _train(model, model_case, steps=2)

@@ -68,7 +68,7 @@ class ToyLinear(AdapterLayer):
         return FusedInputs(self.lora_a, self.gated_b())
 
     def merged_weight(self) -> Tensor:
-        return self.unmerged_base_weight().float() + self.gated_b().float() @ self.lora_a.float()  # out x in
+        return self.wide(self.unmerged_base_weight()) + self.wide(self.gated_b()) @ self.wide(self.lora_a)  # out x in
 
     def peft_factors(self) -> PeftFactors:
         return PeftFactors(self.lora_a.detach(), (self.lora_b * self.gate).detach(), self.scale)

@@ -43,6 +43,11 @@ from .config import AdapterConfig
 from .fused import FusedInputs, fused_blocker, fusion_on, low_rank_linear
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype merged weights and DoRA-family norms are computed in: fp64 for fp64, else fp32 (fp16/bf16 upcast)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 MERGED_TRAINING = (
     "rankwise: a training forward (train mode, gradients on) through merged adapter layers: a merged adapter "
     "does not train (its tensors get no gradient) while fully-trained modules still would. Call "
@@ -241,13 +246,23 @@ class AdapterLayer(nn.Module):
         inputs = self.fused_inputs()
         return low_rank_linear(x, self.base_weight(), self.bias, inputs.a, inputs.b, inputs.mu)
 
+    @property
+    def merge_dtype(self) -> torch.dtype:
+        """What merged weights are computed in: fp64 when the base weight or the adapter is fp64 (an fp64 model
+        merges without rounding ``W0`` to fp32), else fp32."""
+        return torch.float64 if torch.float64 in (self.weight.dtype, self.adapter_dtype) else torch.float32
+
+    def wide(self, t: Tensor) -> Tensor:
+        """``t`` in :attr:`merge_dtype` (a merged-weight term)."""
+        return t.to(self.merge_dtype)
+
     def merged_weight(self) -> Tensor:  # pragma: no cover - abstract
-        """The equivalent dense weight, ``out x in``, in fp32 (computed from the unmerged ``W0``)."""
+        """The equivalent dense weight, ``out x in``, in :attr:`merge_dtype` (computed from the unmerged ``W0``)."""
         raise NotImplementedError
 
     def delta_weight(self) -> Tensor:
-        """``merged_weight() - W0`` in fp32, ``out x in``."""
-        return self.merged_weight() - self.unmerged_base_weight().float()
+        """``merged_weight() - W0`` in :attr:`merge_dtype`, ``out x in``."""
+        return self.merged_weight() - self.wide(self.unmerged_base_weight())
 
     def peft_factors(self) -> PeftFactors:
         """This layer as PEFT LoRA/DoRA factors (for :func:`rankwise.export_peft`)."""
@@ -320,13 +335,15 @@ class AdapterLayer(nn.Module):
         self.is_peer = False
 
     def combined_weight(self) -> Tensor:
-        """``W0 + Σ_{active} ΔW_i`` (fp32, ``out x in``): what a merge writes; one active layer: its ``merged_weight``."""
+        """``W0 + Σ_{active} ΔW_i`` (:attr:`merge_dtype`, ``out x in``): what a merge writes; one active layer:
+        its ``merged_weight``."""
         chosen = self.computing()
         if len(chosen) == 1:
             return chosen[0].merged_weight()
-        w = self.unmerged_base_weight().float()  # out x in
+        wide = torch.float64 if any(layer.merge_dtype == torch.float64 for layer in chosen) else torch.float32
+        w = self.unmerged_base_weight().to(wide)  # out x in
         for layer in chosen:
-            w = w + layer.delta_weight()
+            w = w + layer.delta_weight().to(wide)
         return w
 
     def _set_merged(self, merged: bool, original: Tensor | None) -> None:
@@ -346,7 +363,7 @@ class AdapterLayer(nn.Module):
         if self.merged:
             return
         self.kind.check_merge()
-        new = self.combined_weight()  # out x in, fp32
+        new = self.combined_weight()  # out x in, merge_dtype
         cast = self.kind.stored(new).to(self.weight.dtype)  # what would be written
         if not torch.isfinite(cast).all():  # checked after the cast: W0 + ΔW may overflow fp16 although finite in fp32
             peak = float(new.abs().max()) if torch.isfinite(new).all() else float("nan")

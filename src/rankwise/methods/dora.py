@@ -36,14 +36,9 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig
 from ..fused import FusedInputs
-from ..layer import AdapterLayer, PeftFactors
+from ..layer import AdapterLayer, PeftFactors, wide_dtype
 from ..registry import Method, register_method, simple_build
 from .lora import LoraLinear
-
-def wide_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype DoRA-family norms are computed in: fp64 for fp64, else fp32 (fp16/bf16 are upcast)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def pow2_scale(peak: Tensor) -> Tensor:
     """``2^e`` with ``peak / 2^e`` in ``[1, 2)`` (1 for a zero peak): dividing by it is exact, never overflows
@@ -72,9 +67,10 @@ def magnitude_scale(magnitude: Tensor, norm: Tensor) -> Tensor:
 
 
 def magnitude_direction(magnitude: Tensor, directed: Tensor) -> Tensor:
-    """DoRA eq. (5)'s merged weight ``m ⊙ V / ‖V‖_row`` (``out x in``, fp32) from the magnitude ``m`` (``out``)
-    and the direction ``V = W0 + ΔW`` (``out x in``, fp32); an all-zero row stays zero (the norm is clamped)."""
-    return magnitude.float().unsqueeze(1) * (directed / clamp_norm(scaled_row_norm(directed)))  # out x in
+    """DoRA eq. (5)'s merged weight ``m ⊙ V / ‖V‖_row`` (``out x in``, ``V``'s dtype: fp32, or fp64) from the
+    magnitude ``m`` (``out``) and the direction ``V = W0 + ΔW`` (``out x in``); an all-zero row stays zero (the
+    norm is clamped)."""
+    return magnitude.to(directed.dtype).unsqueeze(1) * (directed / clamp_norm(scaled_row_norm(directed)))  # out x in
 
 
 def low_rank_row_norm(n0: Tensor, c: Tensor, b: Tensor, k: Tensor, s: float) -> Tensor:

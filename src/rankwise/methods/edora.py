@@ -43,9 +43,9 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig, check_number
 from ..fused import FusedInputs
-from ..layer import AdapterLayer, PeftFactors, layer_generator
+from ..layer import AdapterLayer, PeftFactors, layer_generator, wide_dtype
 from ..registry import BuildResult, Method, register_method, simple_build
-from .dora import low_rank_row_norm, magnitude_direction, magnitude_forward, magnitude_scale, pow2_scale, wide_dtype
+from .dora import low_rank_row_norm, magnitude_direction, magnitude_forward, magnitude_scale, pow2_scale
 
 SVD_MODES = ("exact", "randomized")
 FACTOR_MODES = ("svd", "random")
@@ -268,8 +268,8 @@ class EdoraLinear(AdapterLayer):
 
     # ------------------------------------------------------------------ merge / export
     def merged_weight(self) -> Tensor:
-        w0 = self.unmerged_base_weight().float()  # out x in
-        delta = self.frozen_b.float() @ self.core.float() @ self.frozen_a.float()  # out x in
+        w0 = self.wide(self.unmerged_base_weight())  # out x in
+        delta = self.wide(self.frozen_b) @ self.wide(self.core) @ self.wide(self.frozen_a)  # out x in
         return magnitude_direction(self.magnitude, w0 + self.scale * delta)  # out x in
 
     def peft_factors(self) -> PeftFactors:

@@ -76,8 +76,8 @@ class LoraLinear(AdapterLayer):
         return self.lora_out(self.dropout(x))
 
     def merged_weight(self) -> Tensor:
-        w0 = self.unmerged_base_weight().float()  # out x in
-        return w0 + self.scale * (self.lora_b.float() @ self.lora_a.float())  # out x in
+        w0 = self.wide(self.unmerged_base_weight())  # out x in
+        return w0 + self.scale * (self.wide(self.lora_b) @ self.wide(self.lora_a))  # out x in
 
     def peft_factors(self) -> PeftFactors:
         return PeftFactors(self.lora_a.detach(), self.lora_b.detach(), self.scale)

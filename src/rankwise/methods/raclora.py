@@ -239,8 +239,8 @@ class RacLoraLinear(AdapterLayer):
 
     # ------------------------------------------------------------------ the contract
     def chain_delta(self) -> Tensor:
-        """``Σ_{τ<t} s B_τ A_τ = C_b Cₐ`` in fp32, ``out x in``."""
-        return self.chain_b.float() @ self.chain_a.float()  # out x in
+        """``Σ_{τ<t} s B_τ A_τ = C_b Cₐ`` in :attr:`merge_dtype`, ``out x in``."""
+        return self.wide(self.chain_b) @ self.wide(self.chain_a)  # out x in
 
     def forward_factors(self) -> tuple[Tensor, Tensor]:
         """``(A, s·B)`` of the whole update: chain and current link as one rank-``(k + r)`` product
@@ -266,8 +266,8 @@ class RacLoraLinear(AdapterLayer):
         return result.add_(update.to(result.dtype))
 
     def merged_weight(self) -> Tensor:
-        w0 = self.unmerged_base_weight().float()  # out x in
-        return w0 + self.chain_delta() + self.scale * (self.lora_b.float() @ self.lora_a.float())  # out x in
+        w0 = self.wide(self.unmerged_base_weight())  # out x in
+        return w0 + self.chain_delta() + self.scale * (self.wide(self.lora_b) @ self.wide(self.lora_a))  # out x in
 
     def peft_factors(self) -> PeftFactors:
         """The whole chain as one LoRA of rank ``k + r`` (``k`` = chain rank), scale baked into ``B``.
