@@ -145,7 +145,7 @@ def main() -> None:
               *(["--patience", str(args.patience)] if args.patience else []),
               *(["--model", model] if model else []), *shlex.split(args.extra)]
     out = ROOT / "docs" / "bench"
-    lines = [header("python " + " ".join(shlex.quote(a) for a in sys.argv)), ""]
+    lines = [header("python " + " ".join(shlex.quote(a) for a in sys.argv), runs.name), ""]
     all_picked: dict[str, float | None] = {}
     for task in args.tasks.split(","):
         picked = run_all(runs, task, chosen, seeds, common, args.dry_run, args.report_only)

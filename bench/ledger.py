@@ -51,6 +51,22 @@ def entries(experiment: str) -> dict[str, dict[str, Any]]:
     return {str(p.relative_to(base).with_suffix("")): json.loads(p.read_text()) for p in sorted(base.rglob("*.json"))}
 
 
+
+def commits_line(experiment: str) -> str:
+    """Which commits ``experiment``'s entries came from (``rankwise_commit``, with counts): a report's provenance
+    line, pointing at ``docs/bench/code-drift.md`` when there is more than one."""
+    def short(commit: str) -> str:
+        return commit.split("+")[0][:12] + ("+dirty" if commit.endswith("+dirty") else "")
+
+    counts = Counter(short(e.get("rankwise_commit", "unknown")) for e in entries(experiment).values())
+    if not counts:
+        return "No entries yet."
+    listed = ", ".join(f"`{c}` ({n})" for c, n in counts.most_common())
+    if len(counts) == 1:
+        return f"All {counts.total()} entries from commit {listed}."
+    return (f"Entries by commit: {listed}; whether those commits produce the same numbers: "
+            "[code-drift.md](code-drift.md) (`bench/code_drift.py`).")
+
 def reduce_losses(losses: list[float], steps_per_epoch: int | None) -> dict[str, Any]:
     """Per-epoch means and at most :data:`LOSS_BINS` equal-width bin means (each with its last step)."""
     out: dict[str, Any] = {"steps": len(losses)}

@@ -126,7 +126,7 @@ def main() -> None:
     if args.dry_run:
         return
     out = ROOT / "docs" / "bench"
-    lines = [header("python " + " ".join(shlex.quote(a) for a in sys.argv)),
+    lines = [header("python " + " ".join(shlex.quote(a) for a in sys.argv), runs.name),
              f"{args.steps} optimizer steps per run; a chain link is {args.link_steps} steps. Protocol: "
              "docs/protocols/raclora-rank.md.", ""]
     lines += table(runs, args.task, chosen, picked, seeds) + [""] + grid_table(runs, args.task, chosen) + [""]

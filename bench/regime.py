@@ -313,5 +313,8 @@ def curves(runs: Path, task: str, arms: list[Arm], picked: dict[str, float | Non
     plt.close(fig)
 
 
-def header(command: str) -> str:
-    return f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores. Command: `{command}`."
+def header(command: str, experiment: str | None = None) -> str:
+    """A report's first line: the machine and the command; with ``experiment``, the commits its ledger entries
+    came from (:func:`ledger.commits_line`)."""
+    line = f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores. Command: `{command}`."
+    return line + (" " + ledger.commits_line(experiment) if experiment else "")

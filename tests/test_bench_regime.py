@@ -175,3 +175,31 @@ def test_the_ledger_root_is_not_git_ignored() -> None:
     probe = ledger.entry_path("some-experiment", "mrpc/lora/lr0.001-seed0").relative_to(root)
     ignored = subprocess.run(["git", "check-ignore", "-q", str(probe)], cwd=root)
     assert ignored.returncode == 1, f"{probe} is git-ignored: ledger entries would never be committed"
+
+
+def test_a_report_names_the_commits_its_entries_came_from(tmp_ledger: Path) -> None:
+    """An experiment run across sessions mixes commits: the report says which, with counts, and points at the
+    drift checks only when there is more than one."""
+    def put(run_id: str, commit: str) -> None:
+        path = ledger.entry_path("exp", run_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"run_id": run_id, "rankwise_commit": commit}))
+
+    assert ledger.commits_line("exp") == "No entries yet."
+    put("a/lr1-seed0", "6e3eeb96fdf1a5d0" + "0" * 24)
+    put("a/lr1-seed1", "6e3eeb96fdf1a5d0" + "0" * 24)
+    assert ledger.commits_line("exp") == "All 2 entries from commit `6e3eeb96fdf1` (2)."
+    put("a/lr1-seed2", "d708152aaaaa" + "1" * 28 + "+dirty")
+    line = ledger.commits_line("exp")
+    assert "`6e3eeb96fdf1` (2)" in line and "`d708152aaaaa+dirty` (1)" in line and "code-drift.md" in line
+
+
+def test_the_drift_check_ignores_only_what_differs_between_identical_runs() -> None:
+    import code_drift
+
+    metrics = {"train_seconds": 3.2, "step_seconds": 0.4, "peak_memory_mb": 900, "steps_this_session": 8,
+               "losses": [0.7, 0.6], "metrics": {"accuracy": 0.5}, "best": {"step": 8, "dev": {"accuracy": 0.5}}}
+    kept = code_drift.stable(metrics)
+    assert kept == {"losses": [0.7, 0.6], "metrics": {"accuracy": 0.5}, "best": {"step": 8, "dev": {"accuracy": 0.5}}}
+    assert code_drift.compare({"metrics": kept, "predictions": "p", "weights": {"a": "1"}},
+                              {"metrics": kept, "predictions": "p", "weights": {"a": "2"}}) == ["same", "same", "differs"]
