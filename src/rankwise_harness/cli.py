@@ -10,9 +10,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from . import QUANTIZE_CHOICES
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 # the defaults (all-linear targets, the method's lr, constant schedule) on a short run
 DEMO_ARGS = ["--task", "rotten", "--method", "lora", "--max-steps", "120", "--batch-size", "16",
@@ -107,7 +112,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _run_config(args: argparse.Namespace, method: str, output: str):  # -> RunConfig
+def _run_config(args: argparse.Namespace, method: str, output: str) -> RunConfig:
     """The run config from parsed flags: every :class:`RunConfig` field is read from the flag of the same
     name (a new flag is one field there plus its ``add_argument``), a few through their parsers."""
     import dataclasses
@@ -115,7 +120,7 @@ def _run_config(args: argparse.Namespace, method: str, output: str):  # -> RunCo
     from .config import RunConfig, parse_overrides
     from .verbalize import parse_label_words, unescape_template
 
-    parse = {"targets": lambda v: tuple(v) if v else None, "overrides": parse_overrides,
+    parse: dict[str, Callable[[Any], Any]] = {"targets": lambda v: tuple(v) if v else None, "overrides": parse_overrides,
              "template": unescape_template, "label_words": parse_label_words}
     values = {}
     for f in dataclasses.fields(RunConfig):

@@ -116,7 +116,7 @@ def build_method_config(
     fields = {f.name: f for f in dataclasses.fields(cls)}
     given = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": targets,
              "modules_to_save": modules_to_save, "seed": seed}
-    values = {k: v for k, v in given.items() if v is not None and k in fields}
+    values: dict[str, Any] = {k: v for k, v in given.items() if v is not None and k in fields}  # the fields' own types
     for key, raw in (overrides or {}).items():
         if key not in fields:
             raise ConfigError(f"--set {key}=...: {cls.__name__} has no field {key!r}; fields: {', '.join(fields)}")
@@ -206,6 +206,12 @@ class RunConfig:
             self.lr = source.default_lr(self.method)
         self._check_head_and_split()
         self.method_config()  # the adapter's own fields (--r, --alpha, --dropout, --set), before any model loads
+
+    @property
+    def learning_rate(self) -> float:
+        """``lr`` as resolved: ``__post_init__`` fills in the method's default when ``--lr`` is not given."""
+        assert self.lr is not None, "RunConfig.__post_init__ resolves lr"
+        return self.lr
 
     def method_config(self) -> rankwise.AdapterConfig | None:
         """The adapter config ``--r/--alpha/--dropout/--targets/--set`` build for the method (``None``: it has

@@ -163,17 +163,18 @@ def read_glue_tsv(task: Task, path: Path, skip_bad_rows: bool = False, skipped: 
             missing = [c for c in task.columns if c is not None and c not in header]
             if missing:
                 raise DataError(f"{path}: header lacks column(s) {missing} that a {task.name} file has; found {header}")
-            idx = [header.index(c) if c is not None else None for c in task.columns]
+            text_at, pair_at, label_at = (header.index(c) if c is not None else None for c in task.columns)
             width = len(header)
         else:
-            idx, width = list(task.columns), 4
+            (text_at, pair_at, label_at), width = task.columns, 4
+        assert text_at is not None and label_at is not None, "every task has a text and a label column"
         for where, row in rows:
             try:
                 if len(row) != width:
                     raise DataError(f"{where}: expected {width} tab-separated fields, found {len(row)}")
-                text = row[idx[0]]
-                pair = row[idx[1]] if idx[1] is not None else None
-                out.append(Example(text, pair, _label(task, row[idx[2]], where)))
+                text = row[text_at]
+                pair = row[pair_at] if pair_at is not None else None
+                out.append(Example(text, pair, _label(task, row[label_at], where)))
             except DataError as exc:
                 _bad_row(exc, skip_bad_rows, skipped)
     return _usable(out, path)
@@ -325,10 +326,10 @@ def load_task_data(task: Task, data: str | None, skip_bad_rows: bool = False) ->
         raise DataError(f"data folder {folder} does not exist")
     skipped: list[str] = []
     if task.kind == "generation":
-        dev = folder / "test.jsonl" if (folder / "test.jsonl").is_file() else folder / "dev.jsonl"
+        dev_file = folder / "test.jsonl" if (folder / "test.jsonl").is_file() else folder / "dev.jsonl"
         train = read_gsm8k_jsonl(folder / "train.jsonl", skip_bad_rows, skipped)
-        return Splits(train, read_gsm8k_jsonl(dev, skip_bad_rows, skipped), str(folder), skipped,
-                      {"train": str(folder / "train.jsonl"), "dev": str(dev)})
+        return Splits(train, read_gsm8k_jsonl(dev_file, skip_bad_rows, skipped), str(folder), skipped,
+                      {"train": str(folder / "train.jsonl"), "dev": str(dev_file)})
     train = read_glue_tsv(task, folder / "train.tsv", skip_bad_rows, skipped)
     dev = read_glue_tsv(task, _dev_path(task, folder), skip_bad_rows, skipped)
     return Splits(train, dev, str(folder), skipped, {"train": str(folder / "train.tsv"), "dev": str(_dev_path(task, folder))})

@@ -27,13 +27,18 @@ from __future__ import annotations
 
 import json
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from rankwise.adapter_file import read_json
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+    from transformers.modeling_outputs import SequenceClassifierOutput
 
 HEADS = ("linear", "roberta")
 POOLINGS = ("cls", "mean")
@@ -116,7 +121,7 @@ def install_head(model: nn.Module, head: str, pooling: str, heads: tuple[str, ..
     if is_default(head, pooling):
         return None
     name = _head_name(model, heads)
-    config = model.config
+    config: Any = model.config  # a transformers config: its fields (hidden_size, num_labels) vary by model
     new = ClassifierHead(head, int(config.hidden_size), int(config.num_labels), head_dropout(config))
     init = getattr(model, "_init_weights", None)
     if callable(init):  # the model's own initialisation for new layers (BERT: N(0, 0.02), zero bias)
@@ -127,17 +132,21 @@ def install_head(model: nn.Module, head: str, pooling: str, heads: tuple[str, ..
     for other in heads or ():
         if other != name:
             delattr(model, other)
-    if getattr(model.base_model, "pooler", None) is not None:  # BERT's pooler: its output is no longer read,
-        model.base_model.pooler = None  # so it would only cost compute (and dead adapters under all-linear)
+    base = cast(nn.Module, model.base_model)  # transformers' backbone (torch's stubs type attributes as Tensor | Module)
+    if getattr(base, "pooler", None) is not None:  # BERT's pooler: its output is no longer read,
+        # so it would only cost compute (and dead adapters under all-linear); torch's __setattr__ stub omits the
+        # None that unregisters a submodule
+        base.pooler = None  # type: ignore[assignment]
     setattr(model, name, new)
     model.forward = types.MethodType(_pooled_forward(name, pooling), model)
     return name
 
 
-def _pooled_forward(head_name: str, pooling: str):  # -> the model's new forward
+def _pooled_forward(head_name: str, pooling: str) -> Callable[..., SequenceClassifierOutput]:
+    """The model's new forward: the backbone, ``pooling`` over its last hidden states, then the head."""
     from transformers.modeling_outputs import SequenceClassifierOutput
 
-    def forward(self: nn.Module, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+    def forward(self: PreTrainedModel, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 labels: Tensor | None = None, **kwargs: Any) -> SequenceClassifierOutput:
         kwargs.pop("return_dict", None)
         out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)

@@ -119,12 +119,13 @@ def _harness_head(args: argparse.Namespace, run: dict[str, Any] | None) -> tuple
     anything loads)."""
     from .heads import is_default
 
-    head, pooling = (run or {}).get("head"), (run or {}).get("pooling")
+    meta = run or {}
+    head, pooling = meta.get("head"), meta.get("pooling")
     if head is None or pooling is None or is_default(head, pooling):
         return None
     if args.format != "merged":
         raise ValueError(f"this run trained the harness's own head (--head {head} --pooling {pooling}) in place of "
-                         f"{run.get('model_class') or 'the model'}'s, which no transformers class computes, so a "
+                         f"{meta.get('model_class') or 'the model'}'s, which no transformers class computes, so a "
                          f"{args.format} adapter would not reproduce it: use --format merged (it loads with "
                          "rankwise_harness.heads.load_merged), or train with --head linear --pooling cls for a PEFT adapter")
     return head, pooling

@@ -11,12 +11,12 @@ import numpy as np
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
 
-def accuracy(pred: Sequence[int], gold: Sequence[int]) -> float:
+def accuracy(pred: Sequence[float], gold: Sequence[float]) -> float:
     p, g = np.asarray(pred), np.asarray(gold)
     return float((p == g).mean()) if len(g) else 0.0
 
 
-def f1(pred: Sequence[int], gold: Sequence[int], positive: int = 1) -> float:
+def f1(pred: Sequence[float], gold: Sequence[float], positive: int = 1) -> float:
     """Binary F1 of class ``positive``: ``2·TP / (2·TP + FP + FN)`` (0 when undefined)."""
     p, g = np.asarray(pred) == positive, np.asarray(gold) == positive
     tp = float(np.sum(p & g))
@@ -24,7 +24,7 @@ def f1(pred: Sequence[int], gold: Sequence[int], positive: int = 1) -> float:
     return 2 * tp / denom if denom else 0.0
 
 
-def matthews(pred: Sequence[int], gold: Sequence[int]) -> float:
+def matthews(pred: Sequence[float], gold: Sequence[float]) -> float:
     """Matthews correlation, multiclass form (Gorodkin 2004); equals the binary ``(TP·TN − FP·FN)/√(...)``.
 
     ``MCC = (c·s − Σ_k p_k t_k) / √((s² − Σ p_k²)(s² − Σ t_k²))`` with ``c`` correct, ``s`` total,
@@ -39,7 +39,7 @@ def matthews(pred: Sequence[int], gold: Sequence[int]) -> float:
     return float((c * s - pk @ tk) / denom) if denom else 0.0
 
 
-def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+def pearson(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
     a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     a, b = a - a.mean(), b - b.mean()
     denom = np.sqrt((a @ a) * (b @ b))
@@ -94,7 +94,7 @@ def compute(names: Sequence[str], pred: Sequence[float], gold: Sequence[float]) 
     return {name: fns[name](pred, gold) for name in names}
 
 
-def majority_class(names: Sequence[str], train_labels: Sequence[int], gold: Sequence[int]) -> dict[str, float]:
+def majority_class(names: Sequence[str], train_labels: Sequence[float], gold: Sequence[float]) -> dict[str, float]:
     """The named metrics of always predicting the most frequent training label (the lowest index on a tie):
     the score a classifier must beat to have learnt anything (accuracy = that class's share, Matthews 0)."""
     counts = np.bincount(np.asarray(train_labels, dtype=np.int64))

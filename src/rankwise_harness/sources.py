@@ -122,7 +122,7 @@ class RankwiseAdapter(AdapterSource):
 
     def param_groups(self, model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
         if cfg.lora_plus_ratio:
-            return rankwise.lora_plus_param_groups(model, cfg.lr, cfg.lora_plus_ratio, cfg.weight_decay)
+            return rankwise.lora_plus_param_groups(model, cfg.learning_rate, cfg.lora_plus_ratio, cfg.weight_decay)
         return super().param_groups(model, cfg)
 
     def save(self, model: nn.Module, folder: Path) -> None:

@@ -177,9 +177,9 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
         _train(run, training, loop, show_progress)
         return _finish(run, training, loop)
     except KeyboardInterrupt:
-        loop = where.get("loop")
+        reached: _Loop | None = where.get("loop")
         ckpt = _latest_or_none(run.out)
-        raise RunInterrupted(run.out, loop.step if loop else None, where.get("total"), ckpt) from None
+        raise RunInterrupted(run.out, reached.step if reached else None, where.get("total"), ckpt) from None
     finally:
         if run.lock is not None:
             run.lock.release()
@@ -232,6 +232,12 @@ class _Run:
     model: Any = None  # the model (after ``accelerator.prepare``, its wrapper)
     model_class: str | None = None  # the transformers class loaded (before a task type wraps it), for ``export``
     progress: bool = True  # progress of training and of the other long phases (evaluation, calibration)
+
+    @property
+    def data(self) -> Splits:
+        """The splits as read (the ``splits`` that :func:`_read_data`, the first stage, sets)."""
+        assert self.splits is not None, "_read_data runs first"
+        return self.splits
 
     @property
     def world(self) -> int:
@@ -347,7 +353,7 @@ def _read_data(run: _Run) -> None:
 
 def _data_fingerprint(run: _Run) -> dict[str, Any]:
     """Per split the run uses: how many examples, their SHA-256 (:func:`data.fingerprint`) and the file read."""
-    return {split: {"examples": len(rows), "sha256": fingerprint(rows), "file": run.splits.file_of(split)}
+    return {split: {"examples": len(rows), "sha256": fingerprint(rows), "file": run.data.file_of(split)}
             for split, rows in (("train", run.train), ("dev", run.dev), ("val", run.val))}
 
 
@@ -405,7 +411,7 @@ def _head_warmup(run: _Run, heads: tuple[str, ...] | None) -> dict[str, Any]:
                              run.accelerator.device)
     t0 = time.perf_counter()
     with run.accelerator.autocast():
-        losses = warm_up_head(run.model, heads, batches, cfg.head_lr or cfg.lr, run.task_type.loss)
+        losses = warm_up_head(run.model, heads, batches, cfg.head_lr or cfg.learning_rate, run.task_type.loss)
     info = {"steps": len(losses), "seconds": round(time.perf_counter() - t0, 3),
             "loss_first": losses[0], "loss_last10_mean": float(np.mean(losses[-10:]))}
     run.say(f"head warm-up ({', '.join(heads)} only): {len(losses)} steps, loss {losses[0]:.4f} -> "
@@ -439,8 +445,8 @@ def _set_up_training(run: _Run, adapter: _Adapter, hook: StepHook | None) -> _Tr
     trainable, total = rankwise.count_parameters(model)
     head_params = head_parameters(model, run.heads)
     n_head = sum(p.numel() for p in head_params if p.requires_grad)
-    groups = with_head_group(run.source.param_groups(model, cfg), head_params, cfg.head_lr or cfg.lr, cfg.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    groups = with_head_group(run.source.param_groups(model, cfg), head_params, cfg.head_lr or cfg.learning_rate, cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * run.per_epoch / cfg.grad_accum))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total_steps))
     run.model, optimizer = run.accelerator.prepare(model, optimizer)
@@ -455,7 +461,7 @@ def _write_config(run: _Run, training: _Training) -> None:
     resolved = {"format": RUN_MARKER, "run": run.cfg.to_dict(), "model_path": run.model_name,
                 "method_config": training.adapter.method_config, "total_steps": training.total_steps,
                 "train_examples": len(run.train), "dev_examples": len(run.dev), "val_examples": len(run.val),
-                "data_source": run.splits.source, "data_fingerprint": _data_fingerprint(run), "num_processes": run.world,
+                "data_source": run.data.source, "data_fingerprint": _data_fingerprint(run), "num_processes": run.world,
                 "mixed_precision": run.mp, "model_class": run.model_class, "head": run.cfg.head,
                 "pooling": run.task_type.pooling, "label_words": run.task_type.label_words()}
     if run.accelerator.is_main_process:
@@ -523,7 +529,9 @@ def _out_of_patience(run: _Run, loop: _Loop) -> bool:
     """``--patience N``: the last N held-out evaluations brought no new best (checked before every step, so a
     run resumed at that point stops too)."""
     patience = run.cfg.patience
-    return bool(patience) and evals_since_best(loop.history.evals, run.task.metrics[0]) >= patience
+    if not patience:
+        return False
+    return evals_since_best(loop.history.evals, run.task.metrics[0]) >= patience
 
 
 def _accumulate(run: _Run, loop: _Loop) -> torch.Tensor:
@@ -630,7 +638,7 @@ def _result(run: _Run, training: _Training, loop: _Loop, final: dict[str, float]
         "loss_last10_mean": float(np.mean(losses[-loss_window(len(losses)):])) if losses else None,
         "eval_history": loop.history.evals, "losses": losses,
         "num_processes": run.world, "mixed_precision": run.mp, "device": str(run.accelerator.device),
-        "train_examples": len(run.train), "dev_examples": len(run.dev), "skipped_rows": len(run.splits.skipped),
+        "train_examples": len(run.train), "dev_examples": len(run.dev), "skipped_rows": len(run.data.skipped),
         "adapter_implementation": run.source.implementation,
         "label_words": run.task_type.label_words(),
     }

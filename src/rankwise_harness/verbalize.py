@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import string
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -290,11 +290,13 @@ class LabelWordLM(nn.Module):
     label-word logits.
     """
 
+    label_token_ids: torch.Tensor  # a buffer (registered in __init__)
+
     def __init__(self, lm: nn.Module, label_token_ids: tuple[int, ...]) -> None:
         super().__init__()
         from .models import ModelError
 
-        head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+        head = cast(Any, lm).get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
         children = dict(lm.named_children())
         backbone = getattr(lm, "base_model_prefix", "")
         head_name = next((n for n, m in children.items() if m is head), None)

@@ -90,10 +90,16 @@ class EncoderHead(TaskType):
         if records is not None:
             records += [{"index": i, "prediction": v, "label": ex.label, **self.extra(p)}
                         for (i, ex), p, v in zip(rows, predictions, values)]
-        return M.compute(self.task.metrics, values, [ex.label for _, ex in rows])
+        return M.compute(self.task.metrics, values, [_label(ex) for _, ex in rows])
 
     def baseline(self, train: list[Example], dev: list[Example]) -> dict[str, float] | None:
         """Classification: always predicting the most frequent training label."""
         if self.task.kind != "classification" or not train or not dev:
             return None
-        return M.majority_class(self.task.metrics, [e.label for e in train], [e.label for e in dev])
+        return M.majority_class(self.task.metrics, [_label(e) for e in train], [_label(e) for e in dev])
+
+
+def _label(example: Example) -> float:
+    """A classification or regression example's label (a class index or a score; only generation's have none)."""
+    assert example.label is not None, "a classification or regression example has a label"
+    return example.label

@@ -6,7 +6,7 @@ covers the answer tokens only. Evaluation generates greedily and compares final 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -89,7 +89,7 @@ class Generation(TaskType):
         finally:
             tok.padding_side = side
         batch = {k: v.to(device) for k, v in batch.items() if k != "token_type_ids"}
-        gen = model.generate(**batch, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
+        gen = cast(Any, model).generate(**batch, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         return tok.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
