@@ -35,8 +35,9 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 # ---------------------------------------------------------------------------- --overwrite and bad input
 def test_overwrite_with_bad_input_keeps_the_run_it_was_to_replace(tmp_path: Path, tiny_models: dict[str, str],
                                                                    sst2: str) -> None:
-    """``--overwrite`` replaces a run only once the new one is ready to write: a mistyped ``--data`` (or a
-    model that cannot be loaded) is refused with every byte of the finished run kept; good input replaces it."""
+    """``--overwrite`` replaces a run only once the new one is ready to write: a mistyped ``--data``, or a rank
+    the model's layers cannot hold (found only when the adapter is attached), is refused with every byte of the
+    finished run kept; good input replaces it."""
     cfg = _cfg(tmp_path, tiny_models, sst2, max_steps=2)
     finetune(cfg, **QUIET)
     out = Path(cfg.output)
@@ -45,8 +46,8 @@ def test_overwrite_with_bad_input_keeps_the_run_it_was_to_replace(tmp_path: Path
     with pytest.raises(DataError, match="does not exist"):
         finetune(_cfg(tmp_path, tiny_models, str(tmp_path / "no-such-data"), max_steps=2), overwrite=True, **QUIET)
     assert _snapshot(out) == before
-    with pytest.raises(Exception):
-        finetune(_cfg(tmp_path, {"bert": str(tmp_path / "no-such-model")}, sst2, max_steps=2), overwrite=True, **QUIET)
+    with pytest.raises(ConfigError, match="cannot attach lora"):  # rank 64 > the tiny BERT's 32: found at attach
+        finetune(_cfg(tmp_path, tiny_models, sst2, max_steps=2, r=64), overwrite=True, **QUIET)
     assert _snapshot(out) == before
     again = finetune(_cfg(tmp_path, tiny_models, sst2, max_steps=3), overwrite=True, **QUIET)
     assert again["steps"] == 3 and json.loads((out / "metrics.json").read_text())["steps"] == 3
