@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .base_layers import is_conv1d, kind_class, supported_types  # noqa: F401  (is_conv1d: re-exported, its old home)
+from .base_layers import forward_bypassed, is_conv1d, kind_class, supported_types  # noqa: F401  (is_conv1d: re-exported, its old home)
 
 SUPPORTED_TYPES: tuple[str, ...] = supported_types()  # ("Linear", "Conv1D"): the registered base-layer kinds
 ALL_LINEAR = "all-linear"
@@ -101,8 +101,10 @@ def find_targets(
         if any(name == s or name.startswith(s + ".") for s in skipped):
             continue
         if not is_supported(module):
+            why = (" inside torch's nn.MultiheadAttention, which never calls its forward (it reads the weight "
+                   "directly), so an adapter there would compute nothing") if forward_bypassed(module) else ""
             raise TypeError(
-                f"target {name!r} is a {type(module).__name__}; rankwise adapts {', '.join(SUPPORTED_TYPES)} "
+                f"target {name!r} is a {type(module).__name__}{why}; rankwise adapts {', '.join(SUPPORTED_TYPES)} "
                 f"layers only. Narrow target_modules (or add {name!r} to exclude_modules)."
             )
         found[name] = module
