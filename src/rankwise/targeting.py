@@ -63,7 +63,8 @@ def out_in(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
 
 def is_supported(module: nn.Module) -> bool:
     """Whether a registered base-layer kind handles ``module`` (:mod:`rankwise.base_layers`): ``nn.Linear`` (and
-    subclasses, bitsandbytes' among them) and transformers' GPT-2 style ``Conv1D`` (transposed weight)."""
+    subclasses, bitsandbytes' among them, but not ``nn.MultiheadAttention``'s ``out_proj``, whose forward never runs)
+    and transformers' GPT-2 style ``Conv1D`` (transposed weight)."""
     return kind_class(module) is not None
 
 
