@@ -258,3 +258,33 @@ def test_the_largest_accepted_seed_attaches() -> None:
     model = TinyMLP()
     rankwise.attach(model, rankwise.LoraConfig(target_modules=("fc1",), seed=2**32 - 1))
     assert isinstance(model.fc1, rankwise.AdapterLayer)
+
+
+class _TorchAttention(nn.Module):
+    """torch's own ``nn.MultiheadAttention`` (its ``out_proj`` is a Linear whose forward it never calls) and a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.attn(x, x, x)[0])
+
+
+def test_torch_multihead_attention_out_proj_is_never_adapted_silently() -> None:
+    """``nn.MultiheadAttention`` applies ``out_proj.weight`` inside ``F.multi_head_attention_forward``, never calling
+    ``out_proj``'s forward: an adapter there got no gradient and changed no output while unmerged, yet a merge
+    changed the outputs. Naming it is refused (model unchanged); ``all-linear`` leaves it out and adapts the rest,
+    every adapted layer then on the gradient path."""
+    torch.manual_seed(0)
+    model = _TorchAttention()
+    snap = _snapshot(model)
+    with pytest.raises(TypeError, match=r"'attn\.out_proj' .*MultiheadAttention.* never calls"):
+        rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["out_proj", "fc"]))
+    _assert_unchanged(model, snap)
+    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules="all-linear", seed=0))
+    layers = rankwise.adapter_layers(model)
+    assert list(layers) == ["fc"]
+    model(torch.randn(2, 5, 16)).sum().backward()
+    assert all(layer.lora_a.grad is not None or layer.lora_b.grad is not None for layer in layers.values())

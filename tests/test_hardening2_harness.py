@@ -75,7 +75,7 @@ def test_resume_on_other_data_is_refused_naming_the_file(tmp_path: Path, tiny_mo
                                                          change: str) -> None:
     """The run records a SHA-256 of the examples each split uses (``config.json``: ``data_fingerprint``); a
     ``--resume`` whose data gives other examples (the review's every-label flip, one edited text, a row added,
-    an edited dev file) is refused before any model loads, naming the file. Put back,
+    an edited dev file) is refused before any training, naming the file. Put back,
     the data resumes and the run ends as an uninterrupted one."""
     data = _copy_data(sst2, tmp_path / "data")
     cfg = _cfg(tmp_path, tiny_models, str(data), max_steps=6, save_every=2)

@@ -39,6 +39,13 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
 
 
+def forward_bypassed(module: nn.Module) -> bool:
+    """torch's ``nn.MultiheadAttention.out_proj`` (a ``NonDynamicallyQuantizableLinear``): the attention applies its
+    weight inside ``F.multi_head_attention_forward`` and never calls its forward, so an adapter there would get no
+    gradient and change no output (yet a merge would write into the weight)."""
+    return isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear)
+
+
 class BaseKind:
     """One kind of base module: a float ``nn.Linear`` here; subclasses override what differs.
 
@@ -67,8 +74,8 @@ class BaseKind:
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
-        """Whether this kind handles ``module`` (asked in :func:`base_kind`'s order)."""
-        return isinstance(module, nn.Linear)
+        """Whether this kind handles ``module`` (asked in :func:`base_kind`'s order): a Linear whose forward runs."""
+        return isinstance(module, nn.Linear) and not forward_bypassed(module)
 
     def features(self) -> tuple[int, int]:
         """``(in_features, out_features)``."""
@@ -242,6 +249,7 @@ __all__ = [
     "Bnb8bitKind",
     "Conv1DKind",
     "base_kind",
+    "forward_bypassed",
     "is_conv1d",
     "kind_class",
     "register_kind",

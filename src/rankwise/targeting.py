@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .base_layers import is_conv1d, kind_class, supported_types  # noqa: F401  (is_conv1d: re-exported, its old home)
+from .base_layers import forward_bypassed, is_conv1d, kind_class, supported_types  # noqa: F401  (is_conv1d: re-exported, its old home)
 
 SUPPORTED_TYPES: tuple[str, ...] = supported_types()  # ("Linear", "Conv1D"): the registered base-layer kinds
 ALL_LINEAR = "all-linear"
@@ -63,7 +63,8 @@ def out_in(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
 
 def is_supported(module: nn.Module) -> bool:
     """Whether a registered base-layer kind handles ``module`` (:mod:`rankwise.base_layers`): ``nn.Linear`` (and
-    subclasses, bitsandbytes' among them) and transformers' GPT-2 style ``Conv1D`` (transposed weight)."""
+    subclasses, bitsandbytes' among them, but not ``nn.MultiheadAttention``'s ``out_proj``, whose forward never runs)
+    and transformers' GPT-2 style ``Conv1D`` (transposed weight)."""
     return kind_class(module) is not None
 
 
@@ -101,8 +102,10 @@ def find_targets(
         if any(name == s or name.startswith(s + ".") for s in skipped):
             continue
         if not is_supported(module):
+            why = (" inside torch's nn.MultiheadAttention, which never calls its forward (it reads the weight "
+                   "directly), so an adapter there would compute nothing") if forward_bypassed(module) else ""
             raise TypeError(
-                f"target {name!r} is a {type(module).__name__}; rankwise adapts {', '.join(SUPPORTED_TYPES)} "
+                f"target {name!r} is a {type(module).__name__}{why}; rankwise adapts {', '.join(SUPPORTED_TYPES)} "
                 f"layers only. Narrow target_modules (or add {name!r} to exclude_modules)."
             )
         found[name] = module

@@ -24,7 +24,8 @@ def finished(out: Path) -> bool:
 
 def prepare_output(cfg: RunConfig, resume: bool, overwrite: bool, delete: bool = True) -> Path | None:
     """Check the output folder; returns the checkpoint to resume from, if any. Never deletes a
-    folder that is not a rankwise run."""
+    folder that is not a rankwise run; ``delete``: clear one that ``overwrite`` replaces now (:func:`clear_run`;
+    ``finetune`` clears it later, just before its first write)."""
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise RunError(f"--output {out} exists and is not a folder")
@@ -47,11 +48,19 @@ def prepare_output(cfg: RunConfig, resume: bool, overwrite: bool, delete: bool =
                            f"{previous.get('run', {}).get('task')}); pass --overwrite to replace it or --resume to continue it")
         if previous.get("format") != RUN_MARKER:
             raise RunError(f"--output {out} has a config.json that rankwise did not write; refusing to delete it")
-        if delete:  # everything but the lock this run holds
-            for child in out.iterdir():
-                if child.name != LOCK_NAME:
-                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        if delete:
+            clear_run(out)
     return None
+
+
+def clear_run(out: Path) -> None:
+    """Delete a run folder's contents but the lock this run holds (``--overwrite``, once the new run is about to
+    write: bad input found before then leaves the old run whole)."""
+    if not out.is_dir():
+        return
+    for child in out.iterdir():
+        if child.name != LOCK_NAME:
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
 
 
 def settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

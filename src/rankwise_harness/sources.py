@@ -138,8 +138,8 @@ class ExternalAdapter(RankwiseAdapter):
     """An adapter another library injects, in place of ``rankwise.attach``: ``attach_fn(model, method config,
     calibration=...)`` adapts the model in place and returns something printable. The method config (and its
     calibration data) are the run's rankwise method's, so a control trains on the identical data, loop and
-    evaluation. Its result is the trained tensors (``model.safetensors``); it never calls ``rankwise.step``
-    and cannot resume."""
+    evaluation. Its result is the trained tensors (``model.safetensors``); it never calls ``rankwise.step``,
+    cannot resume and refuses ``--lora-plus-ratio`` (LoRA+ groups are built from rankwise's layers)."""
 
     writes_adapter = False
     calls_step = False
@@ -153,6 +153,9 @@ class ExternalAdapter(RankwiseAdapter):
         if cfg.method_config() is None:
             raise ConfigError(f"an external adapter ({self.implementation}) needs an adapter method's config; "
                               f"--method {cfg.method} has none")
+        if cfg.lora_plus_ratio:  # the groups find rankwise layers' B factors: none here, so every tensor got --lr
+            raise ConfigError(f"--lora-plus-ratio: LoRA+ groups are built from rankwise's adapter layers; an external "
+                              f"adapter ({self.implementation}) would train with no group at the larger rate")
 
     def prepare(self, model: nn.Module, mcfg: rankwise.AdapterConfig | None, calibration: Batches | None,
                 loss_fn: LossFn) -> Any:

@@ -38,7 +38,7 @@ from .heads import head_parameters, with_head_group
 from .models import resolve_model_name
 from .progress import Progress, TrackedBatches
 from .runlock import RunLock, acquire
-from .runfolder import finished, fmt_metrics, loss_window, plot_loss, prepare_output, save_figure, settings_diff, summary
+from .runfolder import clear_run, finished, fmt_metrics, loss_window, plot_loss, prepare_output, save_figure, settings_diff, summary
 from .selection import best_and_last, evals_since_best, sample_rows, split_validation
 from .sources import AdapterSource, AttachFn, ExternalAdapter, LossFn, adapter_source, with_heads
 from .tasktypes import TaskType, task_type_for
@@ -166,10 +166,12 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
         if resume and run.ckpt is None and finished(run.out):
             run.say(f"{run.out} holds a finished run; nothing to resume (pass --overwrite to run it again)")
             return read_run_json(run.out / "metrics.json")
-        _read_data(run)
         if run.saved is not None:
-            _check_same_data(run)
+            _check_same_processes(run)
+        _read_data(run)
         _load_model(run)
+        if run.saved is not None:  # the rows trained on: after the task type dropped those it cannot use
+            _check_same_data(run)
         prepared = _set_up_adapter(run)
         training = _set_up_training(run, prepared, hook)
         loop = where["loop"] = _restore_or_start(run, training)
@@ -225,6 +227,7 @@ class _Run:
     ckpt: Path | None
     saved: Checkpoint | None  # the checkpoint to resume from, read once
     lock: RunLock | None  # the output folder's lock (main process)
+    replaces: bool  # --overwrite: the folder's old run is cleared just before this one writes config.json
     splits: Splits | None = None
     train: list[Example] = field(default_factory=list)
     dev: list[Example] = field(default_factory=list)
@@ -319,18 +322,20 @@ def _open_run(cfg: RunConfig, source: AdapterSource, resume: bool, overwrite: bo
     accelerator = Accelerator(mixed_precision=mp, cpu=multi_cpu)
     say = log if accelerator.is_main_process else (lambda _msg: None)
     # every process checks (so all stop on a bad folder); a foreign folder is refused before a lock file is made
-    # in it; the main process then owns the folder (a live run there refuses this one) and only it deletes
+    # in it; the main process then owns the folder (a live run there refuses this one) and only it deletes, once
+    # the new run is about to write (_write_config): bad data or a bad model found before then loses nothing
     prepare_output(cfg, resume, overwrite, delete=False)
     lock = acquire(Path(cfg.output), say) if accelerator.is_main_process else None
     try:
-        ckpt = prepare_output(cfg, resume, overwrite, delete=accelerator.is_main_process)
+        ckpt = prepare_output(cfg, resume, overwrite, delete=False)
         saved = read_checkpoint(ckpt, accelerator.process_index) if ckpt else None  # read once
     except BaseException:
         if lock is not None:
             lock.release()
         raise
     accelerator.wait_for_everyone()
-    return _Run(cfg, accelerator, say, Path(cfg.output), mp, plots, task, model_name, task_type, source, ckpt, saved, lock)
+    return _Run(cfg, accelerator, say, Path(cfg.output), mp, plots, task, model_name, task_type, source, ckpt, saved, lock,
+                overwrite)
 
 
 def _read_data(run: _Run) -> None:
@@ -357,9 +362,20 @@ def _data_fingerprint(run: _Run) -> dict[str, Any]:
             for split, rows in (("train", run.train), ("dev", run.dev), ("val", run.val))}
 
 
+def _check_same_processes(run: _Run) -> None:
+    """``--resume`` by as many processes as the run started with (``config.json``'s ``num_processes``): the global
+    batch, so the data order, the steps per epoch and the schedule, follow that number."""
+    then = read_run_json(run.out / "config.json").get("num_processes")
+    if isinstance(then, int) and then != run.world:
+        raise RunError(f"--resume: {run.out} started with {then} processes (global batch {run.cfg.batch_size} x {then}) "
+                       f"but is resumed by {run.world}: its batches, data order and schedule would change; resume it "
+                       f"with {then} processes (torchrun / accelerate launch), or start again with --overwrite")
+
+
 def _check_same_data(run: _Run) -> None:
     """``--resume`` on the data the run started with: every split's fingerprint equals the one ``config.json``
-    recorded (runs from before fingerprints were recorded are not checked)."""
+    recorded (runs from before fingerprints were recorded are not checked). Asked after the task type chose its
+    training rows (:meth:`TaskType.train_rows`), as the fingerprint was taken."""
     recorded = read_run_json(run.out / "config.json").get("data_fingerprint")
     if not isinstance(recorded, dict):
         run.say(f"note: {run.out}/config.json records no data fingerprint (an older rankwise); the data is not checked")
@@ -457,7 +473,8 @@ def _set_up_training(run: _Run, adapter: _Adapter, hook: StepHook | None) -> _Tr
 
 
 def _write_config(run: _Run, training: _Training) -> None:
-    """The resolved config, written before any training (it marks the folder as this run's)."""
+    """The resolved config, written before any training (it marks the folder as this run's); with ``--overwrite``
+    the old run is cleared first."""
     resolved = {"format": RUN_MARKER, "run": run.cfg.to_dict(), "model_path": run.model_name,
                 "method_config": training.adapter.method_config, "total_steps": training.total_steps,
                 "train_examples": len(run.train), "dev_examples": len(run.dev), "val_examples": len(run.val),
@@ -468,6 +485,8 @@ def _write_config(run: _Run, training: _Training) -> None:
         from rankwise.adapter_file import atomic_write_bytes
 
         text = (json.dumps(resolved, indent=2) + "\n").encode()
+        if run.replaces:
+            clear_run(run.out)
         with disk_full_is_named(run.out, len(text), "writing config.json", "nothing was trained yet: free space and "
                                 "run the same command again"):
             run.out.mkdir(parents=True, exist_ok=True)
