@@ -1,10 +1,11 @@
-"""Issue 33: an adversarial review of the harness after its refactor into task types and adapter sources,
+"""An adversarial review (round 3, 2026-12-04) of the harness after its refactor into task types and adapter sources,
 hunting silently wrong results and data loss (docs/reliability.md, "Adversarial review, round 3").
 
 Each case was first shown to fail: ``--overwrite`` with a mistyped ``--data`` deleted the finished run it was
 to replace and then stopped; a generation run that dropped rows too long for ``--max-length`` could never
 resume ("the train data changed"); a run resumed by another number of processes went on silently with another
-global batch, data order and schedule; ``--lora-plus-ratio`` on an external (PEFT) adapter changed nothing.
+global batch, data order and schedule (or in another mixed precision); ``--lora-plus-ratio`` on an external
+(PEFT) adapter changed nothing; a ``LATEST`` naming a checkpoint without ``trainer.json`` restarted from step 0.
 """
 
 from __future__ import annotations
@@ -119,3 +120,38 @@ def test_lora_plus_on_an_external_adapter_is_refused(tmp_path: Path, tiny_models
     plain = finetune(_cfg(tmp_path / "plain", tiny_models, sst2, max_steps=2), **QUIET)
     plus = finetune(cfg, **QUIET)
     assert plus["losses"][0] == plain["losses"][0] and plus["losses"][1] != plain["losses"][1]
+
+
+# ---------------------------------------------------------------------------- resume: precision, a damaged checkpoint
+def test_resume_in_another_precision_is_refused(tmp_path: Path, tiny_models: dict[str, str], sst2: str) -> None:
+    """``--precision auto`` resolves per machine (bf16 on a bf16 GPU, else none): a run resumed where it resolves
+    otherwise would go on silently in another precision. ``--resume`` refuses a precision other than the one
+    ``config.json`` records, naming both, and writes nothing."""
+    cfg = _cfg(tmp_path, tiny_models, sst2, max_steps=6, save_every=2)
+    with pytest.raises(_Crash):
+        finetune(cfg, hook=_crash_at(3), **QUIET)
+    config_file = Path(cfg.output) / "config.json"
+    recorded = json.loads(config_file.read_text())
+    assert recorded["mixed_precision"] == "no"
+    config_file.write_text(json.dumps({**recorded, "mixed_precision": "bf16"}))  # as a bf16 GPU resolves auto
+    before = _snapshot(Path(cfg.output))
+    with pytest.raises(RunError, match=r"mixed precision bf16 .* resumed in no"):
+        finetune(cfg, resume=True, **QUIET)
+    assert _snapshot(Path(cfg.output)) == before
+    config_file.write_text(json.dumps(recorded))
+    assert finetune(cfg, resume=True, **QUIET)["steps"] == 6
+
+
+def test_a_checkpoint_named_by_latest_but_damaged_is_refused_not_restarted(tmp_path: Path, tiny_models: dict[str, str],
+                                                                           sst2: str) -> None:
+    """``LATEST`` names a checkpoint whose ``trainer.json`` is gone (deleted, or a copy that lost files): ``--resume``
+    started again from step 0 without a word. It is refused, naming the folder, and nothing is written."""
+    cfg = _cfg(tmp_path, tiny_models, sst2, max_steps=6, save_every=2)
+    with pytest.raises(_Crash):
+        finetune(cfg, hook=_crash_at(3), **QUIET)
+    root = Path(cfg.output) / CKPT_DIR
+    (root / (root / "LATEST").read_text().strip() / "trainer.json").unlink()
+    before = _snapshot(Path(cfg.output))
+    with pytest.raises(RunError, match=r"no trainer\.json"):
+        finetune(cfg, resume=True, **QUIET)
+    assert _snapshot(Path(cfg.output)) == before

@@ -350,7 +350,8 @@ def write_checkpoint(model: nn.Module, has_adapter: bool, accelerator: Any, opti
 
 
 def latest_checkpoint(output: Path) -> Path | None:
-    """The folder ``LATEST`` names, if it holds a checkpoint. An old ``torch.save`` checkpoint is refused, unread."""
+    """The folder ``LATEST`` names (``None`` without ``LATEST``). A folder without ``trainer.json`` is refused, not
+    skipped (a silent start from step 0), and so is an old ``torch.save`` checkpoint, unread."""
     pointer = output / CKPT_DIR / LATEST
     if not pointer.is_file():
         return None
@@ -363,7 +364,9 @@ def latest_checkpoint(output: Path) -> Path | None:
     if (path / "trainer.pt").exists():
         raise RunError(f"checkpoint {path} was written by an older rankwise with torch.save (trainer.pt); such files "
                        "are never loaded, since loading one can run arbitrary code: start again with --overwrite")
-    return None
+    raise RunError(f"{pointer} names {name}, but {path} holds no trainer.json (deleted, or copied without it): "
+                   "the run cannot continue from it and was left as it is; restore that folder, or start again with "
+                   "--overwrite")
 
 
 def read_checkpoint(path: Path, process_index: int) -> Checkpoint:

@@ -363,13 +363,20 @@ def _data_fingerprint(run: _Run) -> dict[str, Any]:
 
 
 def _check_same_processes(run: _Run) -> None:
-    """``--resume`` by as many processes as the run started with (``config.json``'s ``num_processes``): the global
-    batch, so the data order, the steps per epoch and the schedule, follow that number."""
-    then = read_run_json(run.out / "config.json").get("num_processes")
+    """``--resume`` by as many processes, in the same mixed precision, as the run started with (``config.json``'s
+    ``num_processes`` and ``mixed_precision``): the global batch, so the data order, the steps per epoch and the
+    schedule, follow the number of processes; ``--precision auto`` resolves per machine."""
+    recorded = read_run_json(run.out / "config.json")
+    then = recorded.get("num_processes")
     if isinstance(then, int) and then != run.world:
         raise RunError(f"--resume: {run.out} started with {then} processes (global batch {run.cfg.batch_size} x {then}) "
                        f"but is resumed by {run.world}: its batches, data order and schedule would change; resume it "
                        f"with {then} processes (torchrun / accelerate launch), or start again with --overwrite")
+    precision = recorded.get("mixed_precision")
+    if isinstance(precision, str) and precision != run.mp:
+        raise RunError(f"--resume: {run.out} started in mixed precision {precision} but would be resumed in {run.mp} "
+                       f"(--precision {run.cfg.precision} resolves per machine): pass --precision {precision} on a "
+                       "machine that has it, or start again with --overwrite")
 
 
 def _check_same_data(run: _Run) -> None:
