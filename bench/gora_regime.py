@@ -216,6 +216,7 @@ def jobs(args: argparse.Namespace) -> list[tuple[str, str, int, float, bool]]:
                     if a != "full" or seed in args.seeds[: args.full_seeds]]
             out += [(task, t, seed, lr, False) for t, lr in picks.items() if lr is not None]
         out += [(task, a, s, args.lr, False) for a in args.arms if a in PEFT_ARMS for s in args.seeds[: args.peft_seeds]]
+        out += extra_seed_jobs(task, args)
     return out
 
 
@@ -232,33 +233,84 @@ def plan(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------- report
-def verdict(a: list[float], b: list[float], name_a: str, name_b: str, margin: float = 2.0) -> str:
-    """The pre-registered rule (docs/protocols/gora-mrpc.md): ``a`` beats ``b`` when the mean accuracy difference
-    exceeds both ``margin`` points and twice its Welch standard error; within 2 standard errors: add seeds 3 and
-    4 (said, not done here); otherwise not distinguishable at this budget. Values are in points (x100)."""
-    if min(len(a), len(b)) < 2:
-        return f"{name_a} vs {name_b}: not decided yet (needs >= 2 seeds each; have {len(a)} and {len(b)})"
-    d, se, df = welch(a, b)
-    ci = f"difference {d:+.1f} points, Welch s.e. {se:.1f} (df {df:.1f}), ±2 s.e. [{d - 2 * se:+.1f}, {d + 2 * se:+.1f}]"
-    if d > margin and d > 2 * se:
-        return f"{name_a} beats {name_b}: {ci}"
-    if d < -margin and -d > 2 * se:
-        return f"{name_b} beats {name_a}: {ci}"
-    if abs(d) <= 2 * se and min(len(a), len(b)) < 5:
-        return f"{name_a} vs {name_b}: within 2 s.e.: the rule adds seeds 3 and 4 to both; {ci}"
-    return f"{name_a} vs {name_b}: not distinguishable at this budget; {ci}"
+EXTRA_SEEDS = (3, 4)  # the rule's second look (docs/protocols/gora-mrpc.md): within 2 s.e. on seeds 0-2
+COMPARED = ("lora-tuned", "rslora-lp16")  # GoRA's arm against each
 
 
-def arm_runs(task: str, arm: str, args: argparse.Namespace) -> tuple[float | None, list[dict[str, Any]]]:
-    """The lr an arm ran at (a tuned arm's pick; ``None`` before it is known) and its finished seeds' entries."""
+def rule(a: list[float], b: list[float], margin: float = 2.0) -> str:
+    """One application of the pre-registered rule to dev accuracies in points: ``"a"`` beats (the mean difference
+    exceeds both ``margin`` and twice its Welch s.e.), ``"b"`` beats (the same, mirrored), ``"within"`` (the
+    difference is within 2 s.e.), else ``"apart"``."""
+    d, se, _ = welch(a, b)
+    if abs(d) > margin and abs(d) > 2 * se:
+        return "a" if d > 0 else "b"
+    return "within" if abs(d) <= 2 * se else "apart"
+
+
+def stage(a: dict[int, float], b: dict[int, float], seeds: list[int]) -> tuple[list[int], str | None]:
+    """The seeds the rule applies to and its outcome (``None``: one of those seeds has not finished on both arms).
+    First the asked ``seeds`` (0-2); an outcome within 2 s.e. there adds :data:`EXTRA_SEEDS` to both arms and
+    the rule is applied again, once: after 5 seeds it is final. Seeds 3 and 4 never count before that."""
+    def apply(used: list[int]) -> str | None:
+        return rule([a[s] for s in used], [b[s] for s in used]) if all(s in a and s in b for s in used) else None
+
+    first = apply(seeds)
+    more = [*seeds, *(s for s in EXTRA_SEEDS if s not in seeds)]
+    if first != "within" or len(more) == len(seeds):
+        return seeds, first
+    return more, apply(more)
+
+
+def _interval(a: dict[int, float], b: dict[int, float], used: list[int]) -> str:
+    d, se, df = welch([a[s] for s in used], [b[s] for s in used])
+    return (f"{len(used)} seeds, difference {d:+.1f} points, Welch s.e. {se:.1f} (df {df:.1f}), "
+            f"±2 s.e. [{d - 2 * se:+.1f}, {d + 2 * se:+.1f}]")
+
+
+def verdict(a: dict[int, float], b: dict[int, float], name_a: str, name_b: str, seeds: list[int]) -> str:
+    """The verdict of :func:`stage` on per-seed dev accuracies (points) ``a`` and ``b``, with the interval
+    (difference ± 2 Welch s.e.) on the seeds it used."""
+    used, outcome = stage(a, b, seeds)
+    if outcome is None and len(used) > len(seeds):
+        return (f"{name_a} vs {name_b}: within 2 s.e.: the rule adds seeds 3 and 4 to both (not decided yet); "
+                + _interval(a, b, seeds))
+    if outcome is None:
+        have = [s for s in used if s in a and s in b]
+        return f"{name_a} vs {name_b}: not decided yet (the rule needs seeds {used} of both; finished: {have})"
+    if outcome in ("a", "b"):
+        win, lose = (name_a, name_b) if outcome == "a" else (name_b, name_a)
+        return f"{win} beats {lose}: {_interval(a, b, used)}"
+    return f"{name_a} vs {name_b}: not distinguishable at this budget; {_interval(a, b, used)}"
+
+
+def arm_runs(task: str, arm: str, args: argparse.Namespace) -> tuple[float | None, dict[int, dict[str, Any]]]:
+    """The lr an arm ran at (a tuned arm's pick; ``None`` before it is known) and its finished seeds' entries by
+    seed: the asked seeds, and seeds 3 and 4 where the decision rule added them."""
     if arm in TUNED:
         lr = best_lr(task, TUNED[arm], args.lora_grid if arm == "lora-tuned" else args.gora_grid, args)
     else:
         lr = args.full_lr if arm == "full" else args.lr
     if lr is None:
-        return None, []
-    found = [ledger.entry(args.experiment, run_id(task, arm, lr, s)) for s in args.seeds]
-    return lr, [e for e in found if e is not None]
+        return None, {}
+    found = {s: ledger.entry(args.experiment, run_id(task, arm, lr, s)) for s in [*args.seeds, *EXTRA_SEEDS]}
+    return lr, {s: e for s, e in found.items() if e is not None}
+
+
+def seed_accuracies(task: str, arm: str, args: argparse.Namespace) -> dict[int, float]:
+    """The arm's dev accuracy (points) per finished seed: what the decision rule compares."""
+    return {s: 100 * e["metrics"]["metrics"]["accuracy"] for s, e in arm_runs(task, arm, args)[1].items()}
+
+
+def extra_seed_jobs(task: str, args: argparse.Namespace) -> list[tuple[str, str, int, float, bool]]:
+    """Seeds 3 and 4 of the two arms of each comparison that the rule found within 2 s.e. on seeds 0-2."""
+    mine = choose_gora(task, args)
+    out: list[tuple[str, str, int, float, bool]] = []
+    for other in (o for o in COMPARED if mine in args.arms and o in args.arms):
+        used, _ = stage(seed_accuracies(task, mine, args), seed_accuracies(task, other, args), args.seeds)
+        for arm in (mine, other) if len(used) > len(args.seeds) else ():
+            lr = arm_runs(task, arm, args)[0]
+            out += [(task, arm, s, lr, False) for s in used[len(args.seeds):] if lr is not None]
+    return list(dict.fromkeys(out))
 
 
 def _yes_share(e: dict[str, Any]) -> float:
@@ -271,17 +323,18 @@ def _majority(e: dict[str, Any]) -> float:
     return max(labels.values()) / sum(labels.values())
 
 
-def table_rows(task: str, args: argparse.Namespace) -> tuple[list[str], dict[str, list[float]]]:
-    """Markdown rows per arm, and each arm's per-seed dev accuracies (x100) for the verdicts."""
+def table_rows(task: str, args: argparse.Namespace) -> tuple[list[str], dict[str, dict[int, float]]]:
+    """Markdown rows per arm, and each arm's dev accuracies (x100) by seed for the verdicts."""
     rows, accs = [], {}
     for arm in args.arms:
-        lr, es = arm_runs(task, arm, args)
+        lr, by_seed = arm_runs(task, arm, args)
+        es = list(by_seed.values())
         if not es:
             rows.append(f"| {arm} | {'pick pending' if lr is None else f'{lr:g}'} | not yet run | | | | | | |")
             continue
         acc = [100 * e["metrics"]["metrics"]["accuracy"] for e in es]
         f1 = [100 * e["metrics"]["metrics"]["f1"] for e in es]
-        accs[arm] = acc
+        accs[arm] = seed_accuracies(task, arm, args)
         sd = (lambda v: f" ± {statistics.stdev(v):.1f}" if len(v) > 1 else "")  # noqa: E731
         m0 = es[0]["metrics"]
         init = statistics.mean(e["metrics"]["init_seconds"] / (e["metrics"]["init_seconds"] + e["metrics"]["train_seconds"])
@@ -328,9 +381,8 @@ def report(args: argparse.Namespace) -> None:
         gora_best = choose_gora(task, args)
         if gora_best and gora_best in accs:
             lines.append(f"- GoRA's arm for the verdict (picked on held-out): {gora_best}")
-            for other in ("lora-tuned", "rslora-lp16"):
-                if other in accs:
-                    lines.append("- " + verdict(accs[gora_best], accs[other], gora_best, other))
+            for other in (o for o in COMPARED if o in accs):
+                lines.append("- " + verdict(accs[gora_best], accs[other], gora_best, other, args.seeds))
         lines.append("")
     out = ROOT / "docs" / "bench" / f"{args.experiment}.md"
     out.write_text("\n".join(lines) + "\n")

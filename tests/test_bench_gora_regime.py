@@ -78,14 +78,84 @@ def test_the_plan_runs_baseline_and_recipe_first_then_the_sweeps_and_picks_on_he
     assert gr.choose_gora("mrpc", args) == "gora", "the sweep picked the recipe's own lr"
 
 
+def _by_seed(*values: float) -> dict[int, float]:
+    return dict(enumerate(values))
+
+
 def test_the_verdict_follows_the_pre_registered_rule() -> None:
-    far = gr.verdict([80.0, 81.0, 82.0], [70.0, 71.0, 72.0], "gora", "lora")
-    assert far.startswith("gora beats lora")
-    small = gr.verdict([71.5, 72.5, 73.5], [70.0, 71.0, 72.0], "gora", "lora")  # +1.5: under the 2-point margin
-    assert "beats" not in small
-    noisy = gr.verdict([60.0, 75.0, 90.0], [70.0, 71.0, 72.0], "gora", "lora")
-    assert "adds seeds 3 and 4" in noisy
-    assert gr.verdict([70.0, 71.0, 72.0], [80.0, 81.0, 82.0], "gora", "lora").startswith("lora beats gora")
-    assert "not decided" in gr.verdict([70.0], [71.0, 72.0], "gora", "lora")
+    def verdict(a: list[float], b: list[float]) -> str:
+        return gr.verdict(_by_seed(*a), _by_seed(*b), "gora", "lora", [0, 1, 2])
+
+    assert verdict([80.0, 81.0, 82.0], [70.0, 71.0, 72.0]).startswith("gora beats lora")
+    small = verdict([72.0, 72.5, 73.0], [70.5, 71.0, 71.5])  # +1.5 > 2 s.e. (0.8) but under the 2-point margin
+    assert "not distinguishable at this budget" in small and "adds seeds" not in small
+    assert "adds seeds 3 and 4" in verdict([60.0, 75.0, 90.0], [70.0, 71.0, 72.0])
+    assert verdict([70.0, 71.0, 72.0], [80.0, 81.0, 82.0]).startswith("lora beats gora")
+    assert "not decided" in verdict([70.0], [71.0, 72.0])
     d, se, _ = gr.welch([1.0, 3.0], [0.0, 0.0, 0.0])
     assert d == pytest.approx(2.0) and se == pytest.approx(1.0)  # var 2 / 2 + 0
+
+
+def test_every_seed_at_the_majority_class_is_within_two_standard_errors_then_final() -> None:
+    """Zero spread on both arms and no difference: 0 <= 2 x 0 is within 2 s.e. (seeds 3 and 4 are added), and
+    after 5 seeds not distinguishable; zero spread with a 3-point difference is a win."""
+    flat = _by_seed(68.4, 68.4, 68.4, 68.4, 68.4)
+    three = {s: flat[s] for s in (0, 1, 2)}
+    assert "adds seeds 3 and 4" in gr.verdict(three, three, "gora", "lora", [0, 1, 2])
+    assert "not distinguishable" in gr.verdict(flat, flat, "gora", "lora", [0, 1, 2])
+    assert gr.verdict(_by_seed(71.4, 71.4, 71.4), three, "gora", "lora", [0, 1, 2]).startswith("gora beats lora")
+
+
+def _seeds(args: argparse.Namespace, arm: str, lr: float, accs: dict[int, float]) -> None:
+    """Finished runs of ``arm`` at ``lr``: seed -> dev accuracy in points."""
+    for seed, acc in accs.items():
+        _finish(args, gr.run_id("mrpc", arm, lr, seed), acc=acc / 100)
+
+
+def _sweeps(args: argparse.Namespace) -> None:
+    """Both sweeps done: LoRA picks 3e-4 on held-out, GoRA picks 1e-4 (so GoRA's arm is ``gora``)."""
+    for lr, held in zip(args.lora_grid, (0.60, 0.81, 0.70, 0.50)):
+        _finish(args, gr.run_id("mrpc", "lora", lr, 0, sweep=True), held)
+    for lr, held in zip(args.gora_grid, (0.6, 0.9, 0.7, 0.5)):
+        _finish(args, gr.run_id("mrpc", "gora", lr, 0, sweep=True), held)
+
+
+def test_within_two_standard_errors_the_plan_adds_seeds_3_and_4_to_those_two_arms_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/protocols/gora-mrpc.md: a difference within 2 s.e. adds seeds 3 and 4 to the two compared arms and
+    the rule is applied again; a comparison decided on seeds 0-2 adds nothing."""
+    monkeypatch.setattr(ledger, "LEDGER", tmp_path)
+    args = _args()
+    _sweeps(args)
+    _seeds(args, "gora", 1e-4, {0: 70.0, 1: 76.0, 2: 82.0})      # vs lora-tuned: +6, s.e. 3.5: within 2 s.e.
+    _seeds(args, "lora-tuned", 3e-4, {0: 69.0, 1: 70.0, 2: 71.0})
+    _seeds(args, "rslora-lp16", 1e-4, {0: 90.0, 1: 91.0, 2: 92.0})  # -15 points, s.e. 3.5: rsLoRA beats GoRA
+    extra = {(j[1], j[2], j[3]) for j in gr.jobs(args) if j[2] in (3, 4)}
+    assert extra == {("gora", 3, 1e-4), ("gora", 4, 1e-4), ("lora-tuned", 3, 3e-4), ("lora-tuned", 4, 3e-4)}
+    acc = {a: gr.seed_accuracies("mrpc", a, args) for a in ("gora", "lora-tuned", "rslora-lp16")}
+    assert "adds seeds 3 and 4" in gr.verdict(acc["gora"], acc["lora-tuned"], "gora", "lora-tuned", args.seeds)
+    assert gr.verdict(acc["gora"], acc["rslora-lp16"], "gora", "rslora-lp16", args.seeds).startswith(
+        "rslora-lp16 beats gora")
+    _seeds(args, "gora", 1e-4, {3: 76.0, 4: 76.0})
+    _seeds(args, "lora-tuned", 3e-4, {3: 70.0, 4: 70.0})
+    acc = {a: gr.seed_accuracies("mrpc", a, args) for a in ("gora", "lora-tuned")}
+    five = gr.verdict(acc["gora"], acc["lora-tuned"], "gora", "lora-tuned", args.seeds)
+    assert five.startswith("gora beats lora-tuned") and "5 seeds" in five  # +6, s.e. 1.9 on 5 seeds
+    assert not any(j[2] > 4 for j in gr.jobs(args)), "after 5 seeds the rule is final"
+
+
+def test_after_five_seeds_within_two_standard_errors_is_final() -> None:
+    a = {0: 70.0, 1: 72.0, 2: 74.0, 3: 71.0, 4: 73.0}
+    b = {0: 69.0, 1: 71.0, 2: 73.0, 3: 70.0, 4: 72.0}  # +1 point, s.e. 1
+    three = gr.verdict({s: a[s] for s in (0, 1, 2)}, {s: b[s] for s in (0, 1, 2)}, "gora", "lora", [0, 1, 2])
+    assert "adds seeds 3 and 4" in three
+    assert "not distinguishable at this budget" in gr.verdict(a, b, "gora", "lora", [0, 1, 2])
+
+
+def test_no_verdict_before_the_three_seeds_of_both_arms() -> None:
+    """The rule is applied to seeds 0-2 of both arms: two seeds 10 points apart are not yet a verdict."""
+    two = gr.verdict({0: 80.0, 1: 81.0}, {0: 70.0, 1: 71.0, 2: 72.0}, "gora", "lora", [0, 1, 2])
+    assert "beats" not in two and "not decided yet" in two
+    # seeds 3 and 4 never count before the rule asks for them: a decided 3-seed comparison stays decided
+    far = gr.verdict({0: 80.0, 1: 81.0, 2: 82.0, 3: 60.0}, {0: 70.0, 1: 71.0, 2: 72.0}, "gora", "lora", [0, 1, 2])
+    assert far.startswith("gora beats lora") and "3 seeds" in far
