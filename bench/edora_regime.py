@@ -28,6 +28,7 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from regime import ROOT, Arm, curves, grid_table, head_only, header, run_all, seed_metrics, table, welch_interval  # noqa: E402
@@ -69,10 +70,38 @@ def rule(d: float, low: float, high: float) -> str:
     return "not decided at this budget"
 
 
+PARAM_RATIO = 20.0  # the parameter half of the claim: DoRA's adapter parameters / EDoRA's >= 20
+
+
+def plateaued(m: dict[str, Any], max_epochs: float) -> bool:
+    """The run was stopped by patience (it ended before ``max_epochs``): the protocol's plateau."""
+    return m["last"]["epoch"] < max_epochs
+
+
+def _pair(per_task: dict[str, dict[str, dict[int, float]]], task: str, edora: str) -> tuple[list[float], list[float]]:
+    """DoRA's and ``edora``'s verdict scores for ``task``, or for ``"average"``: per seed index finished on every
+    task by both arms, the mean of the tasks' scores."""
+    if task != "average":
+        return list(per_task[task]["dora"].values()), list(per_task[task][edora].values())
+    tasks = list(per_task)
+    common = [s for s in per_task[tasks[0]]["dora"] if all(s in per_task[t][x] for t in tasks for x in ("dora", edora))]
+    dora, ed = ([sum(per_task[t][x][s] for t in tasks) / len(tasks) for s in common] for x in ("dora", edora))
+    return dora, ed
+
+
+def _cells(ms: dict[str, list[dict[str, Any]]], edora: str, max_epochs: float) -> tuple[str, str]:
+    """The parameter ratio with the parameter half's verdict, and how many of the runs plateaued."""
+    ratio = ms["dora"][0]["adapter_params"] / ms[edora][0]["adapter_params"]
+    half = "holds" if ratio >= PARAM_RATIO else "does not hold"
+    both = ms["dora"] + ms[edora]
+    return f"{ratio:.1f}× (parameter half {half})", f"{sum(plateaued(m, max_epochs) for m in both)}/{len(both)}"
+
+
 def verdict_lines(runs: Path, tasks: list[str], arms: list[Arm], picked: dict[str, float | None],
                   seeds: list[int], max_epochs: float) -> list[str]:
-    """Per task, per EDoRA arm and for the tasks' average: the 90 % Welch interval of DoRA − EDoRA, the verdict,
-    the DoRA / EDoRA adapter-parameter ratio, and how many runs stopped by patience (plateaued)."""
+    """Per task, per EDoRA arm and for the tasks' average: the 90 % Welch interval of DoRA − EDoRA, the verdict
+    (provisional while either arm has fewer seeds than planned), the DoRA / EDoRA adapter-parameter ratio and the
+    parameter half's verdict, and how many runs stopped by patience (plateaued)."""
     by = {a.label: a for a in arms}
     if "dora" not in by:
         return []
@@ -80,31 +109,40 @@ def verdict_lines(runs: Path, tasks: list[str], arms: list[Arm], picked: dict[st
              "CoLA MCC / MRPC accuracy, x100; 90 % Welch interval of DoRA − EDoRA)", "",
              "| task | EDoRA arm | DoRA − EDoRA | 90 % interval | seeds (DoRA, EDoRA) | verdict | params DoRA / EDoRA | runs plateaued |",
              "|---|---|---:|---|---|---|---:|---:|"]
-    per_task: dict[str, dict[str, dict[int, float]]] = {}
-    for task in tasks:
-        per_task[task] = {a.label: dev_scores(runs, task, a, picked.get(f"{task}:{a.label}"), seeds) for a in arms}
+    per_task = {t: {a.label: dev_scores(runs, t, a, picked.get(f"{t}:{a.label}"), seeds) for a in arms} for t in tasks}
     for edora in (a for a in ("edora-svd", "edora-random") if a in by):
+        planned = (len(by["dora"].seeds(seeds)), len(by[edora].seeds(seeds)))
         for task in [*tasks, "average"]:
-            if task == "average":
-                common = [s for s in seeds if all(s in per_task[t][x] for t in tasks for x in ("dora", edora))]
-                dora = [sum(per_task[t]["dora"][s] for t in tasks) / len(tasks) for s in common]
-                ed = [sum(per_task[t][edora][s] for t in tasks) / len(tasks) for s in common]
-                ratio, stopped = "", ""
-            else:
-                dora, ed = list(per_task[task]["dora"].values()), list(per_task[task][edora].values())
+            dora, ed = _pair(per_task, task, edora)
+            cells = ("", "")
+            if task != "average":
                 ms = {x: seed_metrics(runs, task, by[x], picked.get(f"{task}:{x}"), seeds) for x in ("dora", edora)}
                 if not (ms["dora"] and ms[edora]):
                     lines.append(f"| {task} | {edora} | | | ({len(dora)}, {len(ed)}) | not yet run | | |")
                     continue
-                ratio = f"{ms['dora'][0]['adapter_params'] / ms[edora][0]['adapter_params']:.1f}×"
-                runs_all = ms["dora"] + ms[edora]
-                stopped = f"{sum(m['last']['epoch'] < max_epochs for m in runs_all)}/{len(runs_all)}"
+                cells = _cells(ms, edora, max_epochs)
             if min(len(dora), len(ed)) < 2:
-                lines.append(f"| {task} | {edora} | | | ({len(dora)}, {len(ed)}) | not decided yet (< 2 seeds) | {ratio} | {stopped} |")
+                lines.append(f"| {task} | {edora} | | | ({len(dora)}, {len(ed)}) | not decided yet (< 2 seeds) | {cells[0]} | {cells[1]} |")
                 continue
             d, low, high = welch_interval(dora, ed, 0.90)
+            short = len(dora) < planned[0] or len(ed) < planned[1]
             lines.append(f"| {task} | {edora} | {d:+.2f} | [{low:+.2f}, {high:+.2f}] | ({len(dora)}, {len(ed)}) "
-                         f"| {rule(d, low, high)} | {ratio} | {stopped} |")
+                         f"| {rule(d, low, high)}{' (provisional: fewer seeds than planned)' if short else ''} "
+                         f"| {cells[0]} | {cells[1]} |")
+    return lines
+
+
+def epochs_lines(runs: Path, task: str, arms: list[Arm], picked: dict[str, float | None], seeds: list[int],
+                 max_epochs: float) -> list[str]:
+    """Markdown rows: every arm's epochs run per seed at its pick, ``*`` on a run that reached ``max_epochs``
+    without patience stopping it, and how many of its runs plateaued (docs/protocols/edora-decided.md)."""
+    lines = [f"**{task}: epochs run** (seed order; * reached epoch {max_epochs:g} without a plateau)", "",
+             "| arm | epochs run | runs plateaued (stopped by patience) |", "|---|---|---:|"]
+    for arm in arms:
+        ms = seed_metrics(runs, task, arm, picked.get(arm.label), seeds)
+        cells = [f"{m['last']['epoch']:g}" + ("" if plateaued(m, max_epochs) else "*") for m in ms]
+        stopped = sum(plateaued(m, max_epochs) for m in ms)
+        lines.append(f"| {arm.label} | {', '.join(cells) or 'not yet run'} | {f'{stopped}/{len(ms)}' if ms else ''} |")
     return lines
 
 
@@ -152,7 +190,8 @@ def main() -> None:
         all_picked |= {f"{task}:{k}": v for k, v in picked.items()}
         if args.dry_run:
             continue
-        lines += table(runs, task, chosen, picked, seeds) + [""] + grid_table(runs, task, chosen) + [""]
+        lines += table(runs, task, chosen, picked, seeds) + [""] + epochs_lines(runs, task, chosen, picked, seeds, args.epochs)
+        lines += [""] + grid_table(runs, task, chosen) + [""]
         curves(runs, task, chosen, picked, seeds, out / f"{args.name}-{task}.png")
     if not args.dry_run:
         lines += verdict_lines(runs, args.tasks.split(","), chosen, all_picked, seeds, args.epochs)

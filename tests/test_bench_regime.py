@@ -203,3 +203,49 @@ def test_the_drift_check_ignores_only_what_differs_between_identical_runs() -> N
     assert kept == {"losses": [0.7, 0.6], "metrics": {"accuracy": 0.5}, "best": {"step": 8, "dev": {"accuracy": 0.5}}}
     assert code_drift.compare({"metrics": kept, "predictions": "p", "weights": {"a": "1"}},
                               {"metrics": kept, "predictions": "p", "weights": {"a": "2"}}) == ["same", "same", "differs"]
+
+
+def _edora_runs(tmp_ledger: Path, er, dora: list[float], edora: list[float], params: tuple[int, int]):
+    """DoRA and EDoRA-SVD runs on MRPC at their picks (dev accuracy in points per seed, adapter parameters)."""
+    by = {a.label: a for a in er.arms(8, 16.0)}
+    picked = {"mrpc:dora": 1e-3, "mrpc:edora-svd": 1e-2}
+    for label, scores, n in (("dora", dora, params[0]), ("edora-svd", edora, params[1])):
+        for s, score in enumerate(scores):
+            _write_entry(tmp_ledger, "mrpc", by[label], picked[f"mrpc:{label}"], s, {
+                "adapter_params": n, "last": {"epoch": 20.0 if s == 0 else 6.0},
+                "best": {"dev": {"accuracy": score / 100, "f1": 0.0}}})
+    return by, picked
+
+
+def test_the_edora_parameter_half_holds_only_at_a_ratio_of_20_or_more(tmp_ledger: Path) -> None:
+    """docs/protocols/edora-decided.md: 'The parameter half holds where DoRA's adapter parameters / EDoRA's >= 20'."""
+    er = _edora()
+    for params, holds in (((20_000, 1_000), True), ((19_900, 1_000), False)):
+        by, picked = _edora_runs(tmp_ledger, er, [80.0, 80.5, 80.2, 80.4, 80.1], [80.1, 80.4, 80.3, 80.2, 80.0], params)
+        lines = er.verdict_lines(tmp_ledger, ["mrpc"], [by["dora"], by["edora-svd"]], picked, [0, 1, 2, 3, 4], 20.0)
+        row = next(line for line in lines if line.startswith("| mrpc | edora-svd"))
+        assert ("parameter half holds" in row) is holds and ("parameter half does not hold" in row) is not holds, row
+
+
+def test_an_edora_verdict_from_fewer_seeds_than_planned_is_provisional(tmp_ledger: Path) -> None:
+    """DoRA and EDoRA run 5 seeds: a verdict on 3 of them is marked provisional; on all 5 it is not."""
+    er = _edora()
+    dora, edora = [80.0, 80.5, 80.2, 80.4, 80.1], [80.1, 80.4, 80.3, 80.2, 80.0]
+    by, picked = _edora_runs(tmp_ledger, er, dora[:3], edora[:3], (20_000, 1_000))
+    lines = er.verdict_lines(tmp_ledger, ["mrpc"], [by["dora"], by["edora-svd"]], picked, [0, 1, 2, 3, 4], 20.0)
+    assert all("provisional" in line for line in lines if line.startswith(("| mrpc | edora-svd", "| average")))
+    by, picked = _edora_runs(tmp_ledger, er, dora, edora, (20_000, 1_000))
+    lines = er.verdict_lines(tmp_ledger, ["mrpc"], [by["dora"], by["edora-svd"]], picked, [0, 1, 2, 3, 4], 20.0)
+    row = next(line for line in lines if line.startswith("| mrpc | edora-svd"))
+    assert "holds" in row and "provisional" not in row
+
+
+def test_the_edora_report_gives_every_arms_epochs_and_marks_runs_that_never_plateaued(tmp_ledger: Path) -> None:
+    """'epochs run' per task and r; 'arms that reach epoch 20 without stopping are marked in the report' (every
+    arm, LoRA and head-only included)."""
+    er = _edora()
+    by, picked = _edora_runs(tmp_ledger, er, [80.0, 80.5, 80.2], [80.1, 80.4, 80.3], (20_000, 1_000))
+    lines = er.epochs_lines(tmp_ledger, "mrpc", [by["dora"], by["lora"]], {"dora": 1e-3, "lora": 1e-3}, [0, 1, 2], 20.0)
+    dora = next(line for line in lines if line.startswith("| dora |"))
+    assert "20*, 6, 6" in dora and "2/3" in dora  # seed 0 ran all 20 epochs (marked), two stopped by patience
+    assert any(line.startswith("| lora |") and "not yet run" in line for line in lines)
