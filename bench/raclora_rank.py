@@ -28,7 +28,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from regime import ROOT, Arm, grid_table, header, run_all, seed_metrics, table, welch_interval  # noqa: E402
+from regime import (ROOT, Arm, grid_table, header, last_epoch_loss, run_all, seed_metrics, table,  # noqa: E402
+                    welch_interval)
 
 ADAPTER_LRS = [3e-4, 1e-3, 3e-3]
 
@@ -48,9 +49,42 @@ def arms(link_steps: int) -> list[Arm]:
     return out
 
 
+SEEDS = 3  # seeds 0-2 at each arm's pick: fewer make the acceptance and the verdicts provisional
+CHAIN_ARMS = ("raclora-frozenA-r1", "raclora-frozenB-r1", "cola-r1", "asymmetric-r1")
+
+
 def final_losses(ms: list[dict]) -> list[float]:
-    """Each run's mean training loss over its last epoch."""
-    return [m["epoch_losses"][-1] for m in ms]
+    """Each run's mean training loss over its last epoch (:func:`regime.last_epoch_loss`)."""
+    return [last_epoch_loss(m) for m in ms]
+
+
+def acceptance(r1: list[dict], full: list[dict]) -> tuple[bool, str]:
+    """Does rank 1 bind: LoRA r 1's mean last-epoch training loss >= 2x full fine-tuning's and >= 0.05 above it?"""
+    a, b = statistics.mean(final_losses(r1)), statistics.mean(final_losses(full))
+    binds = a >= 2 * b and a - b >= 0.05
+    note = " (provisional: fewer than 3 seeds)" if min(len(r1), len(full)) < SEEDS else ""
+    return binds, (f"Acceptance{note}: LoRA r 1's last-epoch training loss {a:.3f} vs full fine-tuning's {b:.3f}: rank 1 "
+                   + ("binds (≥ 2× and ≥ 0.05 above): the setting is accepted." if binds else
+                      "does not bind by the pre-registered margin: this setting cannot decide the claim."))
+
+
+def arm_line(label: str, r1: list[dict], full: list[dict], ms: list[dict], accepted: bool) -> str:
+    """One chain arm against LoRA r 1: the 90 % Welch interval of (LoRA r 1 − arm) on the last-epoch training loss,
+    the verdict (none where the setting was not accepted), and below the plateau how far toward full fine-tuning."""
+    if len(ms) < 2 or len(r1) < 2:
+        return f"- {label}: not decided yet (needs ≥ 2 seeds beside LoRA r 1's)"
+    _, low, high = welch_interval(final_losses(r1), final_losses(ms), 0.90)
+    mine, a = statistics.mean(final_losses(ms)), statistics.mean(final_losses(r1))
+    head = (f"- {label}: final training loss {mine:.3f} (90 % interval of LoRA r 1 − arm [{low:+.3f}, {high:+.3f}]); ")
+    if not accepted:
+        return head + "no verdict: the setting was not accepted (rank 1 does not bind)"
+    note = " (provisional: fewer than 3 seeds)" if min(len(ms), len(r1), len(full)) < SEEDS else ""
+    if high < 0:
+        return head + f"fits worse than one rank-1 adapter{note}"
+    if low <= 0:
+        return head + f"not separable from LoRA r 1's plateau at this budget{note}"
+    way = (a - mine) / (a - statistics.mean(final_losses(full)))
+    return head + f"below LoRA r 1's plateau{note}, {100 * way:.0f} % of the way from LoRA r 1 to full fine-tuning"
 
 
 def verdict(runs: Path, task: str, chosen: list[Arm], picked: dict, seeds: list[int]) -> list[str]:
@@ -59,25 +93,8 @@ def verdict(runs: Path, task: str, chosen: list[Arm], picked: dict, seeds: list[
     by = {a.label: seed_metrics(runs, task, a, picked.get(a.label), seeds) for a in chosen}
     if not (by.get("lora-r1") and by.get("full")):
         return ["Verdict: not yet (LoRA r 1 and full fine-tuning must both have finished)."]
-    r1, full = statistics.mean(final_losses(by["lora-r1"])), statistics.mean(final_losses(by["full"]))
-    binds = r1 >= 2 * full and r1 - full >= 0.05
-    n = min(len(by["lora-r1"]), len(by["full"]))
-    lines = [f"Acceptance{' (provisional: fewer than 3 seeds)' if n < 3 else ''}: LoRA r 1's last-epoch training loss "
-             f"{r1:.3f} vs full fine-tuning's {full:.3f}: rank 1 "
-             + ("binds (≥ 2× and ≥ 0.05 above): the setting is accepted." if binds else
-                "does not bind by the pre-registered margin: this setting cannot decide the claim."), ""]
-    for label in ("raclora-frozenA-r1", "raclora-frozenB-r1", "cola-r1", "asymmetric-r1"):
-        ms = by.get(label)
-        if not ms or len(ms) < 2 or len(by["lora-r1"]) < 2:
-            lines.append(f"- {label}: not decided yet (needs ≥ 2 seeds beside LoRA r 1's)")
-            continue
-        d, low, high = welch_interval(final_losses(by["lora-r1"]), final_losses(ms), 0.90)
-        frac = (r1 - statistics.mean(final_losses(ms))) / (r1 - full) if r1 != full else float("nan")
-        below = "below" if low > 0 else "above" if high < 0 else "not separable from"
-        lines.append(f"- {label}: final training loss {statistics.mean(final_losses(ms)):.3f}, {below} LoRA r 1's plateau "
-                     f"(90 % interval of LoRA r 1 − arm [{low:+.3f}, {high:+.3f}]); {100 * frac:.0f} % of the way from "
-                     "LoRA r 1 to full fine-tuning")
-    return lines
+    accepted, line = acceptance(by["lora-r1"], by["full"])
+    return [line, "", *(arm_line(label, by["lora-r1"], by["full"], by.get(label) or [], accepted) for label in CHAIN_ARMS)]
 
 
 def loss_curves(runs: Path, task: str, chosen: list[Arm], picked: dict, seeds: list[int], path: Path) -> None:

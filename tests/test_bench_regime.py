@@ -249,3 +249,45 @@ def test_the_edora_report_gives_every_arms_epochs_and_marks_runs_that_never_plat
     dora = next(line for line in lines if line.startswith("| dora |"))
     assert "20*, 6, 6" in dora and "2/3" in dora  # seed 0 ran all 20 epochs (marked), two stopped by patience
     assert any(line.startswith("| lora |") and "not yet run" in line for line in lines)
+
+
+def _raclora_verdict(tmp_ledger: Path, losses: dict[str, list[float]]) -> list[str]:
+    """raclora_rank's verdict lines from runs (at lr 1e-3, seeds in order) whose last-epoch losses are given."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("raclora_rank", _BENCH / "raclora_rank.py")
+    rr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rr)
+    arms = {a.label: a for a in rr.arms(20)}
+    for label, values in losses.items():
+        for seed, loss in enumerate(values):
+            _write_entry(tmp_ledger, "sst2", arms[label], 1e-3, seed, {"epoch_losses": [0.7, loss]})
+    return rr.verdict(tmp_ledger, "sst2", list(arms.values()), {k: 1e-3 for k in arms}, [0, 1, 2])
+
+
+def test_raclora_gives_no_chain_verdict_where_rank_does_not_bind(tmp_ledger: Path) -> None:
+    """docs/protocols/raclora-rank.md: acceptance is checked before any verdict; where rank 1 does not bind
+    (here 1.5x and 0.03 above full fine-tuning), the setting cannot decide the claim."""
+    lines = _raclora_verdict(tmp_ledger, {"lora-r1": [0.09, 0.09, 0.09], "full": [0.06, 0.06, 0.06],
+                                          "raclora-frozenA-r1": [0.02, 0.021, 0.022]})
+    assert "does not bind" in lines[0]
+    arm = next(line for line in lines if line.startswith("- raclora-frozenA-r1"))
+    assert "no verdict" in arm and "below" not in arm and "% of the way" not in arm
+
+
+def test_raclora_says_how_far_only_for_an_arm_below_the_plateau(tmp_ledger: Path) -> None:
+    r1, full, chain = [0.30, 0.31, 0.29], [0.010, 0.012, 0.011], [0.10, 0.11, 0.12]
+    lines = _raclora_verdict(tmp_ledger, {"lora-r1": r1, "full": full, "raclora-frozenA-r1": chain,
+                                          "asymmetric-r1": [0.35, 0.36, 0.34]})
+    assert "binds" in lines[0] and "provisional" not in lines[0]
+    below = next(line for line in lines if line.startswith("- raclora-frozenA-r1"))
+    way = (sum(r1) / 3 - sum(chain) / 3) / (sum(r1) / 3 - sum(full) / 3)  # (LoRA r 1 − arm) / (LoRA r 1 − full)
+    assert "below LoRA r 1's plateau" in below and f"{100 * way:.0f} % of the way" in below
+    worse = next(line for line in lines if line.startswith("- asymmetric-r1"))
+    assert "worse" in worse and "% of the way" not in worse
+
+
+def test_a_raclora_verdict_on_fewer_than_three_seeds_is_provisional(tmp_ledger: Path) -> None:
+    lines = _raclora_verdict(tmp_ledger, {"lora-r1": [0.30, 0.31, 0.29], "full": [0.010, 0.012, 0.011],
+                                          "cola-r1": [0.10, 0.11]})
+    assert "provisional" in next(line for line in lines if line.startswith("- cola-r1"))
