@@ -159,3 +159,11 @@ def test_no_verdict_before_the_three_seeds_of_both_arms() -> None:
     # seeds 3 and 4 never count before the rule asks for them: a decided 3-seed comparison stays decided
     far = gr.verdict({0: 80.0, 1: 81.0, 2: 82.0, 3: 60.0}, {0: 70.0, 1: 71.0, 2: 72.0}, "gora", "lora", [0, 1, 2])
     assert far.startswith("gora beats lora") and "3 seeds" in far
+
+
+def test_a_held_out_tie_picks_the_smaller_lr_and_dev_never_chooses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ledger, "LEDGER", tmp_path)
+    args = _args()
+    for lr, held, dev in zip(args.lora_grid, (0.70, 0.81, 0.81, 0.60), (0.9, 0.1, 0.2, 0.95)):
+        _finish(args, gr.run_id("mrpc", "lora", lr, 0, sweep=True), held, acc=dev)
+    assert gr.best_lr("mrpc", "lora", args.lora_grid, args) == 3e-4

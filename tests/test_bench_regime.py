@@ -291,3 +291,47 @@ def test_a_raclora_verdict_on_fewer_than_three_seeds_is_provisional(tmp_ledger: 
     lines = _raclora_verdict(tmp_ledger, {"lora-r1": [0.30, 0.31, 0.29], "full": [0.010, 0.012, 0.011],
                                           "cola-r1": [0.10, 0.11]})
     assert "provisional" in next(line for line in lines if line.startswith("- cola-r1"))
+
+
+def test_welch_matches_scipys_unequal_variance_t_test() -> None:
+    """Unequal sizes and spreads: the interval and df are scipy's Welch t-test's (an independent implementation);
+    one side without spread leaves the other side's n - 1 degrees of freedom."""
+    from scipy import stats
+
+    a, b = [2.0, 3.5, 4.0, 6.0], [1.0, 2.0, 2.2]
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    d, low, high = regime.welch_interval(a, b, 0.90)
+    assert (low, high) == pytest.approx(tuple(ref.confidence_interval(0.90)))
+    assert regime.welch(a, b)[2] == pytest.approx(ref.df)
+    assert regime.welch(a, [5.0, 5.0])[2] == pytest.approx(len(a) - 1)
+    assert regime.welch_interval([68.4] * 3, [68.4] * 5) == (0.0, 0.0, 0.0)  # every seed at the majority class
+
+
+def test_the_grid_extends_at_most_three_times_half_a_decade_each(tmp_ledger: Path) -> None:
+    """A held-out score that keeps rising with the lr: 3 extensions (x sqrt(10) each, 2 significant digits), then
+    the pick stays at the edge."""
+    arm = regime.Arm("a", "lora", [], [1e-3, 3e-3, 1e-2])
+    for lr in (1e-3, 3e-3, 1e-2, 0.032, 0.1, 0.32, 1.0):
+        _write_entry(tmp_ledger, "mrpc", arm, lr, 0, {"method": "lora", "headline_metric": "accuracy",
+                                                        "best": {"val": {"accuracy": lr}}})
+    assert regime.pick_lr(tmp_ledger, "mrpc", arm, [], dry=True) == pytest.approx(0.32)
+    assert arm.lrs == pytest.approx([1e-3, 3e-3, 1e-2, 0.032, 0.1, 0.32])
+
+
+def test_the_edora_average_is_taken_per_seed_index_across_the_two_tasks(tmp_ledger: Path) -> None:
+    """'for the two-task average (per seed index, the mean of the two tasks' scores)': MRPC accuracy and CoLA MCC
+    of seed s are averaged, then the Welch interval is taken over those per-seed averages."""
+    er = _edora()
+    by = {a.label: a for a in er.arms(8, 16.0)}
+    picked = {f"{t}:{x}": lr for t in ("mrpc", "cola") for x, lr in (("dora", 1e-3), ("edora-svd", 1e-2))}
+    scores = {("mrpc", "dora"): [80, 82, 84], ("cola", "dora"): [50, 46, 54],
+              ("mrpc", "edora-svd"): [79, 81, 80], ("cola", "edora-svd"): [49, 45, 53]}
+    for (task, label), values in scores.items():
+        metric = {"mrpc": "accuracy", "cola": "matthews"}[task]
+        for s, v in enumerate(values):
+            _write_entry(tmp_ledger, task, by[label], picked[f"{task}:{label}"], s, {
+                "adapter_params": 1, "last": {"epoch": 5.0}, "best": {"dev": {metric: v / 100}}})
+    lines = er.verdict_lines(tmp_ledger, ["mrpc", "cola"], [by["dora"], by["edora-svd"]], picked, [0, 1, 2], 20.0)
+    avg = next(line for line in lines if line.startswith("| average | edora-svd"))
+    d, low, high = regime.welch_interval([65.0, 64.0, 69.0], [64.0, 63.0, 66.5], 0.90)  # the per-seed means
+    assert f"| {d:+.2f} | [{low:+.2f}, {high:+.2f}] |" in avg
