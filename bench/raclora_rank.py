@@ -28,8 +28,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from regime import (ROOT, Arm, grid_table, header, last_epoch_loss, run_all, seed_metrics, table,  # noqa: E402
-                    welch_interval)
+from regime import ROOT, Arm, grid_table, header, last_epoch_loss, run_all, seed_metrics, table, welch_interval  # noqa: E402
 
 ADAPTER_LRS = [3e-4, 1e-3, 3e-3]
 

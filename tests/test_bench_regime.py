@@ -244,7 +244,7 @@ def test_the_edora_report_gives_every_arms_epochs_and_marks_runs_that_never_plat
     """'epochs run' per task and r; 'arms that reach epoch 20 without stopping are marked in the report' (every
     arm, LoRA and head-only included)."""
     er = _edora()
-    by, picked = _edora_runs(tmp_ledger, er, [80.0, 80.5, 80.2], [80.1, 80.4, 80.3], (20_000, 1_000))
+    by, _ = _edora_runs(tmp_ledger, er, [80.0, 80.5, 80.2], [80.1, 80.4, 80.3], (20_000, 1_000))
     lines = er.epochs_lines(tmp_ledger, "mrpc", [by["dora"], by["lora"]], {"dora": 1e-3, "lora": 1e-3}, [0, 1, 2], 20.0)
     dora = next(line for line in lines if line.startswith("| dora |"))
     assert "20*, 6, 6" in dora and "2/3" in dora  # seed 0 ran all 20 epochs (marked), two stopped by patience
@@ -300,7 +300,7 @@ def test_welch_matches_scipys_unequal_variance_t_test() -> None:
 
     a, b = [2.0, 3.5, 4.0, 6.0], [1.0, 2.0, 2.2]
     ref = stats.ttest_ind(a, b, equal_var=False)
-    d, low, high = regime.welch_interval(a, b, 0.90)
+    _, low, high = regime.welch_interval(a, b, 0.90)
     assert (low, high) == pytest.approx(tuple(ref.confidence_interval(0.90)))
     assert regime.welch(a, b)[2] == pytest.approx(ref.df)
     assert regime.welch(a, [5.0, 5.0])[2] == pytest.approx(len(a) - 1)
