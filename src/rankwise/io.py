@@ -45,7 +45,7 @@ from .lifecycle import all_or_nothing, check_new_name, install
 from .quant import dense_weight, quant_block, quant_kind
 from .registry import BuildResult, Method, config_from_dict, get_method
 from .state import (DEFAULT_NAME, adapter_layers, adapter_set, base_modules, get_state, is_attached, refuse_peft_model,
-                    unwrap_model)
+                    slot_layers, unwrap_model)
 from .targeting import SUPPORTED_TYPES, is_supported, out_in
 
 TENSOR_FILE = "adapter.safetensors"
@@ -96,10 +96,15 @@ def adapter_tensors(model: nn.Module, name: str | None = None) -> dict[str, Tens
     return out
 
 
-def folders_by_name(model: nn.Module, path: str | os.PathLike[str], name: str | None) -> dict[str, Path]:
+def folders_by_name(model: nn.Module, path: str | os.PathLike[str], name: str | None, what: str) -> dict[str, Path]:
     """Where ``save`` / ``export_peft`` write each adapter: adapter ``name`` (or a model's only adapter) in
     ``path``; with several adapters and no name, HF PEFT's multi-adapter layout: ``"default"`` in ``path``,
-    each other adapter in ``path/<name>/``."""
+    each other adapter in ``path/<name>/``.
+
+    Refused (``RuntimeError`` naming ``what``) inside ``rankwise.disabled``: the fully-trained modules in the
+    model there are the originals, so the file would hold the untrained ones."""
+    for layer in slot_layers(model).values():
+        layer.refuse_while_disabled(what)
     adapters = adapter_set(model)
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
@@ -132,7 +137,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, overwrite: bool = Fa
     A ``torch.compile`` / DDP / FSDP1 wrapper is unwrapped: names are the plain model's, as ``load`` expects.
     """
     model = unwrap_model(model)
-    folders = folders_by_name(model, path, name)
+    folders = folders_by_name(model, path, name, "save an adapter")
     if not overwrite:
         check_folders(folders, RANKWISE_FILES, is_rankwise_adapter, "a rankwise adapter",
                       "pass overwrite=True to rankwise.save to write into it anyway")

@@ -78,7 +78,7 @@ def export_peft(
     A ``torch.compile`` / DDP / FSDP1 wrapper is unwrapped (module names are the plain model's).
     """
     model = unwrap_model(model)
-    folders = folders_by_name(model, path, name)
+    folders = folders_by_name(model, path, name, "export an adapter")
     if not overwrite:
         check_folders(folders, PEFT_FILES, is_peft_adapter, "a PEFT adapter",
                       "pass overwrite=True to rankwise.export_peft to write into it anyway")
@@ -114,8 +114,9 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
     tensors, ranks, alphas = _peft_tensors(model, factors, state.modules_to_save, vllm, use_rslora)
     r_global = _most_common(list(ranks.values()))
     alpha_global = _most_common([alphas[n] for n in ranks if ranks[n] == r_global])
-    rank_pattern = {n: r for n, r in ranks.items() if r != r_global}
-    alpha_pattern = {n: a for n, a in alphas.items() if not math.isclose(a, alpha_global, rel_tol=1e-12)}
+    key = _pattern_keys(model, list(ranks))
+    rank_pattern = {key[n]: r for n, r in ranks.items() if r != r_global}
+    alpha_pattern = {key[n]: a for n, a in alphas.items() if not math.isclose(a, alpha_global, rel_tol=1e-12)}
     if vllm:
         assert not rank_pattern and not alpha_pattern
     config = {
@@ -141,6 +142,14 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
     }
     weights = st_save(tensors, metadata={"format": "pt", "exported_by": f"rankwise {state.config.method}"})
     return weights, (json.dumps(config, indent=2) + "\n").encode()
+
+
+def _pattern_keys(model: nn.Module, names: list[str]) -> dict[str, str]:
+    r"""Each layer's ``rank_pattern`` / ``alpha_pattern`` key: one that PEFT's rule ``(.*\.)?(key)$`` matches to that
+    layer alone. Its full name, or ``^name`` where the name is also a dotted suffix of another module's (a top-level
+    ``fc`` beside ``block.fc``: the key ``fc`` would give ``block.fc`` its rank and alpha too)."""
+    modules = [n for n, _ in base_modules(model)]
+    return {n: f"^{n}" if any(m.endswith("." + n) for m in modules) else n for n in names}
 
 
 def _peft_tensors(
