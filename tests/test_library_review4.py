@@ -103,3 +103,54 @@ def test_exported_pattern_keys_reach_one_layer_each(patterns: dict, tmp_path: Pa
     torch.testing.assert_close(again(x), want, rtol=1e-5, atol=1e-6)
     back = rankwise.import_peft(_nested(), tmp_path / "again")  # and our import reads the anchored keys as PEFT does
     torch.testing.assert_close(back(x), want, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- an idle adapter's fully-trained modules
+def test_an_idle_adapter_contributes_nothing_not_even_its_fully_trained_modules(mlp_case: ModelCase,
+                                                                                 tmp_path: Path) -> None:
+    """``set_active("b")`` beside a first adapter that trains the head fully: the idle adapter's trained head kept
+    computing (outputs off by 2.2 from PEFT's ``set_adapter("b")``, from ``b`` alone on the base and from the
+    model with the first adapter deleted). Now its head is set aside while idle, as PEFT does; save and export
+    still write the trained head; reactivating gives the trained model back bit for bit."""
+    from peft import PeftModel
+
+    model = mlp_case.make()
+    rankwise.attach(model, rankwise.LoraConfig(r=2, alpha=4, target_modules=["fc1"], modules_to_save=[mlp_case.head]))
+    rankwise.attach(model, rankwise.LoraConfig(r=2, alpha=4, target_modules=["fc2"]), name="b")
+    with torch.no_grad():
+        model.head.weight.add_(1.0)
+        for name in ("default", "b"):
+            for layer in rankwise.adapter_layers(model, name).values():
+                layer.lora_b.normal_(std=0.3)
+    batch = mlp_case.batch(0)
+    both = mlp_case.output(model, batch)
+    rankwise.export_peft(model, tmp_path / "peft")
+    rankwise.set_active(model, "default")
+    default_only = mlp_case.output(model, batch)
+
+    rankwise.set_active(model, "b")
+    b_only = mlp_case.output(model, batch)
+    theirs = PeftModel.from_pretrained(mlp_case.make(), tmp_path / "peft")
+    theirs.load_adapter(tmp_path / "peft" / "b", adapter_name="b")
+    theirs.base_model.set_adapter("b")
+    torch.testing.assert_close(b_only, mlp_case.output(theirs, batch), rtol=1e-5, atol=1e-6)
+    rankwise.save(model, tmp_path / "b", name="b")
+    alone = rankwise.load(mlp_case.make(), tmp_path / "b")
+    torch.testing.assert_close(b_only, mlp_case.output(alone, batch), rtol=1e-5, atol=1e-6)
+
+    # idle, its trained head is still what save / export write
+    rankwise.save(model, tmp_path / "default", name="default")
+    torch.testing.assert_close(mlp_case.output(rankwise.load(mlp_case.make(), tmp_path / "default"), batch), default_only)
+    rankwise.export_peft(model, tmp_path / "peft-idle", name="default")
+    exported = PeftModel.from_pretrained(mlp_case.make(), tmp_path / "peft-idle")
+    torch.testing.assert_close(mlp_case.output(exported, batch), default_only, rtol=1e-5, atol=1e-6)
+
+    rankwise.set_active(model, ["default", "b"])
+    assert torch.equal(mlp_case.output(model, batch), both)
+    with rankwise.disabled(model):
+        with pytest.raises(RuntimeError, match="inside `with rankwise.disabled"):
+            rankwise.set_active(model, "b")
+    assert torch.equal(mlp_case.output(model, batch), both)
+    rankwise.set_active(model, "b")
+    rankwise.delete(model, "default")  # deleting the idle adapter: b alone, on the original head
+    torch.testing.assert_close(mlp_case.output(model, batch), b_only)

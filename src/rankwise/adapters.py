@@ -23,7 +23,7 @@ from torch import nn
 
 from .layer import AdapterLayer
 from .lifecycle import _like, _set_submodule, detach, refuse_if_merged_or_disabled
-from .state import adapter_set, slot_layers, unwrap_model
+from .state import RankwiseState, adapter_set, slot_layers, unwrap_model
 
 
 @contextmanager
@@ -59,8 +59,11 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 def set_active(model: nn.Module, names: str | list[str]) -> None:
     """Make adapter(s) ``names`` the ones that compute; the others stay on the model, idle.
 
-    Several active adapters add their updates (``W0 + Σ ΔW_i``). ``requires_grad`` is left as it is
-    (an idle adapter gets no gradient because it is not in the graph). Refused on a merged model.
+    Several active adapters add their updates (``W0 + Σ ΔW_i``). An idle adapter's fully-trained modules
+    (``modules_to_save``, trained as copies) are set aside and the originals put in, as HF PEFT's
+    ``set_adapter`` does: an idle adapter contributes nothing. ``requires_grad`` is left as it is (an idle
+    adapter gets no gradient because it is not in the graph). Refused on a merged model and inside
+    ``rankwise.disabled``.
     """
     model = unwrap_model(model)
     adapters = adapter_set(model)
@@ -69,13 +72,28 @@ def set_active(model: nn.Module, names: str | list[str]) -> None:
         raise ValueError("set_active needs at least one adapter name (use `with rankwise.disabled(model):` for none)")
     for name in chosen:
         adapters.resolve(name)
+    for host in slot_layers(model).values():
+        host.refuse_while_disabled("change the active adapters")
     if any(layer.merged for layer in slot_layers(model).values()):
         raise ValueError(f"cannot change the active adapters of a merged model (merged: {adapters.active}): "
                          "call rankwise.unmerge(model) first")
     for host in slot_layers(model).values():
         for layer in host.stack():
             layer.active = layer.adapter_name in chosen
+    for name, state in adapters.adapters.items():
+        _set_idle_modules(model, state, idle=name not in chosen)
     adapters.active = [n for n in adapters.adapters if n in chosen]
+
+
+def _set_idle_modules(model: nn.Module, state: RankwiseState, idle: bool) -> None:
+    """An adapter's fully-trained modules for its activity: the trained copies while active; while idle the
+    originals, the copies kept in ``state.idle_modules`` (idempotent both ways)."""
+    for name, original in state.original_modules.items():
+        if idle and name not in state.idle_modules:
+            state.idle_modules[name] = model.get_submodule(name)
+            _set_submodule(model, name, _like(original, state.idle_modules[name]))
+        elif not idle and name in state.idle_modules:
+            _set_submodule(model, name, state.idle_modules.pop(name))
 
 
 def delete(model: nn.Module, name: str) -> None:

@@ -44,8 +44,8 @@ from .layer import AdapterLayer
 from .lifecycle import all_or_nothing, check_new_name, install
 from .quant import dense_weight, quant_block, quant_kind
 from .registry import BuildResult, Method, config_from_dict, get_method
-from .state import (DEFAULT_NAME, adapter_layers, adapter_set, base_modules, get_state, is_attached, refuse_peft_model,
-                    slot_layers, unwrap_model)
+from .state import (DEFAULT_NAME, adapter_layers, adapter_set, base_modules, fully_trained_modules, get_state, is_attached,
+                    refuse_peft_model, slot_layers, unwrap_model)
 from .targeting import SUPPORTED_TYPES, is_supported, out_in
 
 TENSOR_FILE = "adapter.safetensors"
@@ -83,15 +83,14 @@ def describe(model: nn.Module, name: str | None = None) -> dict[str, Any]:
 def adapter_tensors(model: nn.Module, name: str | None = None) -> dict[str, Tensor]:
     """Every tensor ``save`` writes for adapter ``name`` (``None``: the only one), by file key."""
     model = unwrap_model(model)
-    state = get_state(model, name)
     out: dict[str, Tensor] = {}
     # copies, never views of live parameters: hashing goes through numpy, which pins a CPU tensor's
     # storage (FSDP must be able to free its unsharded parameters after saving)
     for layer_name, layer in adapter_layers(model, name).items():
         for key, t in layer.adapter_state().items():
             out[f"{layer_name}.{key}"] = t.detach().to("cpu", copy=True).contiguous()
-    for module_name in state.modules_to_save:
-        for key, t in model.get_submodule(module_name).state_dict().items():
+    for module_name, module in fully_trained_modules(model, name).items():
+        for key, t in module.state_dict().items():
             out[f"modules_to_save.{module_name}.{key}"] = t.detach().to("cpu", copy=True).contiguous()
     return out
 

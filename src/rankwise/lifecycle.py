@@ -453,7 +453,7 @@ def detach(model: nn.Module, merge: bool = False) -> nn.Module:
 
     Without ``merge`` the model's weights are exactly the originals again, and the fully-trained modules
     (``modules_to_save``, trained as copies) are the original module objects. With ``merge`` they keep
-    their trained copies; a layer or module that was tied to another (``lm_head`` and the input
+    their trained copies (an idle adapter's: the originals, what the model computed); a layer or module that was tied to another (``lm_head`` and the input
     embedding) ends untied, and ``config.tie_word_embeddings`` is set to False. With ``merge`` on a
     bitsandbytes-quantised model the result is a float model: each adapted layer becomes an
     ``nn.Linear`` holding the dequantised ``W0`` + the update, the other quantised layers are

@@ -43,7 +43,8 @@ from .io import check_folders, folders_by_name, install_rebuilt, rebuild_layers
 from .lifecycle import check_new_name
 from .methods import DoraConfig, LoraConfig
 from .registry import method_for
-from .state import adapter_layers, base_modules, get_state, is_attached, refuse_peft_model, unwrap_model
+from .state import (adapter_layers, base_modules, fully_trained_modules, get_state, is_attached, refuse_peft_model,
+                    unwrap_model)
 from .targeting import SUPPORTED_TYPES, find_modules_to_save, is_conv1d, is_supported
 
 PEFT_CONFIG = "adapter_config.json"
@@ -111,7 +112,7 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
 
     use_rslora = bool(getattr(state.config, "use_rslora", False)) and not vllm
-    tensors, ranks, alphas = _peft_tensors(model, factors, state.modules_to_save, vllm, use_rslora)
+    tensors, ranks, alphas = _peft_tensors(factors, fully_trained_modules(model, name), vllm, use_rslora)
     r_global = _most_common(list(ranks.values()))
     alpha_global = _most_common([alphas[n] for n in ranks if ranks[n] == r_global])
     key = _pattern_keys(model, list(ranks))
@@ -153,7 +154,7 @@ def _pattern_keys(model: nn.Module, names: list[str]) -> dict[str, str]:
 
 
 def _peft_tensors(
-    model: nn.Module, factors: dict[str, Any], modules_to_save: list[str], vllm: bool, use_rslora: bool
+    factors: dict[str, Any], modules_to_save: dict[str, nn.Module], vllm: bool, use_rslora: bool
 ) -> tuple[dict[str, Tensor], dict[str, int], dict[str, float]]:
     """PEFT's tensors (factors, DoRA magnitudes, fully-trained modules) and each layer's rank and alpha.
 
@@ -180,8 +181,8 @@ def _peft_tensors(
         tensors[f"{PREFIX}{name}.lora_B.weight"] = b.contiguous()
         if f.magnitude is not None:
             tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = f.magnitude.detach().float().cpu().contiguous()
-    for name in modules_to_save:
-        for key, t in model.get_submodule(name).state_dict().items():
+    for name, module in modules_to_save.items():
+        for key, t in module.state_dict().items():
             tensors[f"{PREFIX}{name}.{key}"] = t.detach().cpu().contiguous()
     return tensors, ranks, alphas
 

@@ -42,6 +42,8 @@ class RankwiseState:
     # the fully-trained modules as they were before attach (the model trains copies, as PEFT does); not
     # submodules, so they are in no state_dict or optimizer; detach() without merge puts them back
     original_modules: dict[str, nn.Module] = field(default_factory=dict)
+    # the trained copies while this adapter is idle (rankwise.set_active): the originals are in the model then
+    idle_modules: dict[str, nn.Module] = field(default_factory=dict)
 
 
 @dataclass
@@ -154,6 +156,14 @@ def get_state(model: nn.Module, name: str | None = None) -> RankwiseState:
     """The state of adapter ``name`` (``None``: the model's only adapter)."""
     adapters = adapter_set(model)
     return adapters.adapters[adapters.resolve(name)]
+
+
+def fully_trained_modules(model: nn.Module, name: str | None = None) -> dict[str, nn.Module]:
+    """``{module name: trained copy}`` of adapter ``name``'s fully-trained modules (``modules_to_save``): in the
+    model, or set aside while the adapter is idle. What ``save`` / ``export_peft`` write."""
+    model = unwrap_model(model)
+    state = get_state(model, name)
+    return {n: state.idle_modules[n] if n in state.idle_modules else model.get_submodule(n) for n in state.modules_to_save}
 
 
 def is_attached(model: nn.Module) -> bool:
