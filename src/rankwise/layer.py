@@ -20,7 +20,8 @@ bits, which :meth:`unmerge` restores exactly. ``train()``/``eval()`` never merge
 Several adapters on one module (``attach(..., name=...)``): the layer in the model's slot is the
 *host*; other adapters' layers for the same module are its ``peers`` (built over the same base module,
 so they share ``weight``/``bias``). The host's forward is the base plus the sum of the *active*
-layers' updates (HF PEFT's rule for several active adapters)::
+layers' updates (HF PEFT's rule for several active LoRA adapters; PEFT's eval forward of a DoRA adapter
+after another active one rescales the running sum, so there its result depends on the order; this one does not)::
 
     h = x W0ᵀ + b + Σ_{i active} (f_i(x) − x W0ᵀ − b)        (f_i: layer i's own forward)
 
