@@ -24,7 +24,7 @@ import numpy as np
 from rankwise.adapter_file import atomic_write_bytes
 
 from .checkpoint import RunError, read_run_json
-from .config import RUN_MARKER, RunConfig, check_method
+from .config import RUN_MARKER, ConfigError, RunConfig, check_method
 from .deps import can_plot
 from .runlock import LOCK_NAME, acquire
 from .runfolder import finished, save_figure
@@ -82,6 +82,11 @@ def compare(base: RunConfig, methods: list[str], seeds: list[int], output: Path,
     """
     for m in methods:
         check_method(m)
+    for flag, values in (("--methods", methods), ("--seeds", seeds)):
+        twice = [str(v) for i, v in enumerate(values) if v in values[:i]]
+        if twice:  # one run counted twice: a mean over it, a spread of 0
+            raise ConfigError(f"{flag} names {', '.join(dict.fromkeys(twice))} more than once; each (method, seed) "
+                              "run is counted once in the means: name each once")
     check_compare_output(output, overwrite)
     lock = acquire(output, log)
     try:
@@ -151,13 +156,24 @@ def baselines(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     majority = next((r["majority_baseline"] for r in results if r.get("majority_baseline")), None)
     if majority:
         rows.append({"method": "majority class", "seeds": 0, **_mean_std([majority])})
-    # one untrained model per seed (every method of a seed starts from it): its score once per seed
-    before = list({r["seed"]: r["metrics_before"] for r in results if r.get("metrics_before")}.values())
-    if before:
-        zero_shot = any(r.get("label_words") for r in results)
-        rows.append({"method": "zero-shot (before training)" if zero_shot else "before training", "seeds": len(before),
-                     **_mean_std(before)})
-    return rows
+    return rows + _before_training(results)
+
+
+def _before_training(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``--eval-before`` rows: each run's scores after its adapter's init, before any step. Methods that start
+    from the same model (the same scores, seed by seed: an update initialised to zero) share one row; a method whose
+    init already changes the model (a data-driven initial step) gets its own row, named, never averaged in."""
+    by_method: dict[str, dict[int, dict[str, float]]] = {}
+    for r in results:
+        if r.get("metrics_before"):
+            by_method.setdefault(r["method"], {})[r["seed"]] = r["metrics_before"]
+    groups: list[tuple[list[str], dict[int, dict[str, float]]]] = []
+    for method, per_seed in by_method.items():
+        same = next((g for g in groups if g[1] == per_seed), None)
+        same[0].append(method) if same else groups.append(([method], per_seed))
+    name = "zero-shot (before training)" if any(r.get("label_words") for r in results) else "before training"
+    return [{"method": name if len(groups) == 1 else f"{name}: {', '.join(methods)}", "seeds": len(per_seed),
+             **_mean_std(list(per_seed.values()))} for methods, per_seed in groups]
 
 
 def _cell(row: dict[str, Any], metric: str) -> str:
@@ -228,7 +244,8 @@ def plot_compare(rows: list[dict[str, Any]], path: Path, task: str, base_rows: l
     for i, r in enumerate(rows):
         ax.errorbar(r["trainable_params"], r[f"{metric}_mean"], yerr=r[f"{metric}_std"], fmt=markers[i % len(markers)],
                     ms=8, capsize=4, label=f"{r['method']} ({r['seeds']} seed{'s' if r['seeds'] > 1 else ''})")
-    for b, style in zip(base_rows or [], ("--", ":")):
+    for i, b in enumerate(base_rows or []):
+        style = ("--", ":", "-.")[i % 3]
         ax.axhline(b[f"{metric}_mean"], color="grey", ls=style, lw=1.3, label=f"{b['method']}: {b[f'{metric}_mean']:.3f}")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(EngFormatter(sep=""))
