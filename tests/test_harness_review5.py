@@ -67,3 +67,36 @@ def test_the_before_training_row_is_never_one_methods_initialised_model() -> Non
     same = [_run(m, s, untrained[s]) for m in ("lora", "dora") for s in (0, 1)]
     (row,) = baselines(same)
     assert row["method"] == "before training" and row["pearson_mean"] == np.mean([0.048, 0.052])
+
+
+# ---------------------------------------------------------------------------- a finished run on other data
+def test_a_finished_run_is_reused_only_on_the_data_it_was_trained_on(tmp_path: Path, tiny_models: dict[str, str],
+                                                                     sst2: str, capsys) -> None:
+    """``compare`` reuses a finished run with the same settings; the data folder is one of them, but its files
+    were not: after ``train.tsv`` changed, ``--seeds 0,1`` averaged seed 0 trained on the old rows with seed 1 on
+    the new. Refused now (as ``--resume`` of an unfinished run is), naming the split; every file kept."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.tsv", "dev.tsv"):
+        (data / name).write_bytes((Path(sst2) / name).read_bytes())
+    out = tmp_path / "cmp"
+    args = ["compare", "--methods", "lora", "--task", "sst2", "--data", str(data), "--model", tiny_models["bert"],
+            "--max-steps", "1", "--lr", "0.002", "--batch-size", "8", "--max-length", "32", "--r", "2",
+            "--output", str(out), "--no-progress"]
+    assert cli.main([*args, "--seeds", "0"]) == 0
+    kept = (out / "lora-seed0" / "metrics.json").read_bytes()
+    lines = (data / "train.tsv").read_text().splitlines()
+    flipped = [lines[0]] + [f"{t}\t{1 - int(y)}" for t, y in (line.rsplit("\t", 1) for line in lines[1:])]
+    (data / "train.tsv").write_text("\n".join(flipped) + "\n")
+    capsys.readouterr()
+    assert cli.main([*args, "--seeds", "0,1"]) == 2
+    err = capsys.readouterr().err
+    assert "train data changed" in err, err
+    assert (out / "lora-seed0" / "metrics.json").read_bytes() == kept
+    assert not (out / "lora-seed1").exists()
+    # finetune --resume of the finished run says the same, not its old result as if for these rows
+    run = ["finetune", "--method", "lora", *args[3:-3], "--output", str(out / "lora-seed0"), "--resume", "--no-progress"]
+    assert cli.main(run) == 2 and "train data changed" in capsys.readouterr().err
+    (data / "train.tsv").write_text("\n".join(lines) + "\n")  # the rows it was trained on: reused again
+    assert cli.main([*args, "--seeds", "0"]) == 0
+    assert (out / "lora-seed0" / "metrics.json").read_bytes() == kept

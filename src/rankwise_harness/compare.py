@@ -40,12 +40,12 @@ def run_folder(output: Path, method: str, seed: int) -> Path:
     return output / f"{method}-seed{seed}"
 
 
-def _finished(folder: Path, cfg: RunConfig) -> dict[str, Any] | None:
-    metrics, config = folder / "metrics.json", folder / "config.json"
+def _finished(folder: Path, cfg: RunConfig) -> bool:
+    """Whether ``folder`` holds a finished run of ``cfg``'s settings (``finetune(resume=True)`` returns its result)."""
+    config = folder / "config.json"
     if not (finished(folder) and config.is_file()):
-        return None
-    old = RunConfig.from_dict(read_run_json(config).get("run", {})).identity()
-    return read_run_json(metrics) if old == cfg.identity() else None
+        return False
+    return RunConfig.from_dict(read_run_json(config).get("run", {})).identity() == cfg.identity()
 
 
 def _is_run(folder: Path) -> bool:
@@ -104,11 +104,8 @@ def _compare(base: RunConfig, methods: list[str], seeds: list[int], output: Path
         for seed in seeds:
             folder = run_folder(output, method, seed)
             cfg = dataclasses.replace(base, method=method, seed=seed, output=str(folder), lr=lr)
-            done = None if overwrite else _finished(folder, cfg)
-            if done is not None:
-                log(f"reusing finished run {folder}")
-                results.append(done)
-                continue
+            if not overwrite and _finished(folder, cfg):
+                log(f"reusing finished run {folder}")  # finetune checks that its data is this data
             # an unfinished run with the same settings continues; a different run there is refused
             # (finetune says so) unless --overwrite
             started = (folder / "config.json").is_file() and not overwrite

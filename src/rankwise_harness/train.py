@@ -164,8 +164,7 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
     where: dict[str, Any] = {}  # the loop, once it exists: Ctrl-C names its step
     try:
         if resume and run.ckpt is None and finished(run.out):
-            run.say(f"{run.out} holds a finished run; nothing to resume (pass --overwrite to run it again)")
-            return read_run_json(run.out / "metrics.json")
+            return _finished_result(run)
         if run.saved is not None:
             _check_same_processes(run)
         _read_data(run)
@@ -185,6 +184,16 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
     finally:
         if run.lock is not None:
             run.lock.release()
+
+
+def _finished_result(run: _Run) -> dict[str, Any]:
+    """A finished run's result (``--resume`` of it, ``compare`` reusing it), once its data is the data given now:
+    the same settings name the same folder, whose files may have changed since (``_check_same_data``)."""
+    _read_data(run)
+    _load_model(run)
+    _check_same_data(run)
+    run.say(f"{run.out} holds a finished run; nothing to resume (pass --overwrite to run it again)")
+    return read_run_json(run.out / "metrics.json")
 
 
 def _source(cfg: RunConfig, adapter: AdapterSource | None, attach_fn: AttachFn | None) -> AdapterSource:
