@@ -100,3 +100,25 @@ def test_a_finished_run_is_reused_only_on_the_data_it_was_trained_on(tmp_path: P
     (data / "train.tsv").write_text("\n".join(lines) + "\n")  # the rows it was trained on: reused again
     assert cli.main([*args, "--seeds", "0"]) == 0
     assert (out / "lora-seed0" / "metrics.json").read_bytes() == kept
+
+
+# ---------------------------------------------------------------------------- demo: its --overwrite is for its own folder
+def test_demo_elsewhere_never_replaces_a_run_it_was_not_told_to(tmp_path: Path, tiny_models: dict[str, str], sst2: str,
+                                                                capsys) -> None:
+    """``rankwise demo`` is ``finetune ... --output runs/demo --overwrite``, later flags overriding the demo's; with
+    ``--output RUN`` the demo's own ``--overwrite`` replaced whatever run RUN held (another method's, say).
+    It now applies to the demo's own folder only: RUN is kept, as ``finetune`` keeps it, unless ``--overwrite``
+    is given; ``--resume`` continues a demo (it contradicted the demo's ``--overwrite``)."""
+    run = tmp_path / "run"
+    small = ["--task", "sst2", "--data", sst2, "--model", tiny_models["bert"], "--max-steps", "1", "--batch-size", "8",
+             "--max-length", "32", "--r", "2", "--max-eval", "8", "--output", str(run), "--no-progress"]
+    assert cli.main(["demo", *small, "--method", "dora"]) == 0  # an earlier run in RUN (another method's)
+    kept = (run / "metrics.json").read_bytes()
+    capsys.readouterr()
+    assert cli.main(["demo", *small]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (run / "metrics.json").read_bytes() == kept
+    assert cli.main(["demo", *small, "--method", "dora", "--resume"]) == 0  # the same run: nothing to redo
+    assert (run / "metrics.json").read_bytes() == kept
+    assert cli.main(["demo", *small, "--overwrite"]) == 0  # asked: replaced
+    assert b'"method": "lora"' in (run / "metrics.json").read_bytes()

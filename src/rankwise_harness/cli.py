@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 DEMO_ARGS = ["--task", "rotten", "--method", "lora", "--max-steps", "120", "--batch-size", "16",
              "--max-length", "64", "--max-eval", "500", "--eval-before", "--eval-every", "40",
              "--output", "runs/demo", "--overwrite"]
+DEMO_OUTPUT = "runs/demo"
 
 
 def _csv(value: str) -> list[str]:
@@ -153,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the main job: LoRA on the packaged MiniLM, Rotten Tomatoes snippets, 120 steps (measured "
                           "on a 2-core CPU: 45 s of training when the machine was quiet, 4-7 min in all when it was shared)")
     demo.add_argument("finetune_flags", nargs="*", help="any finetune flags; they override the demo's "
-                      f"({' '.join(DEMO_ARGS)})")
+                      f"({' '.join(DEMO_ARGS)}; its --overwrite only for {DEMO_OUTPUT}: a run at another --output is "
+                      "kept unless you pass --overwrite)")
     return parser
 
 
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["demo"] and not {"-h", "--help"} & set(argv):  # later flags override the demo's
-        return main(["finetune", *DEMO_ARGS, *argv[1:]])
+        return main(["finetune", *_demo_args(argv[1:])])
     args = build_parser().parse_args(argv)
     from .deps import MissingDependencyError, check_harness
 
@@ -213,6 +215,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rankwise: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _demo_args(flags: list[str]) -> list[str]:
+    """``finetune``'s flags for ``demo FLAGS``: the demo's, then ``FLAGS`` (later flags win). The demo replaces
+    only its own folder: with ``--output`` elsewhere (or ``--resume``) its ``--overwrite`` is left out, so a
+    run there is kept unless ``FLAGS`` say ``--overwrite``."""
+    own = [a for a in DEMO_ARGS if a != "--overwrite"]
+    args = build_parser().parse_args(["finetune", *own, *flags])
+    return [*own, *(["--overwrite"] if args.output == DEMO_OUTPUT and not args.resume else []), *flags]
 
 
 def _again(command: str, argv: list[str], resumable: bool) -> str:
