@@ -84,3 +84,41 @@ def test_bad_input_exits_nonzero_with_a_message(saved, tmp_path: Path, capsys) -
     assert "'Nope' is not a transformers model class" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _cli("export", str(tmp / "adapter"), "--base", str(tmp / "base"), "--out", str(tmp / "w"), "--format", "onnx")
+
+
+def _folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("fmt", ["peft", "merged"])
+def test_an_export_that_fails_midway_keeps_the_previous_export(saved, fmt: str, monkeypatch) -> None:
+    """Exporting again into a folder holding an earlier export of the same kind replaces it only once the new one
+    is whole: a write that fails halfway (a full disk, Ctrl-C) leaves every byte of the earlier export and no
+    half-written folder beside it. (``--format merged`` wrote ``save_pretrained`` straight into the folder.)"""
+    _base, _model, tmp = saved
+    argv = ("export", str(tmp / "adapter"), "--base", str(tmp / "base"), "--out", str(tmp / fmt), "--format", fmt)
+    assert _cli(*argv) == 0
+    before = _folder_bytes(tmp / fmt)
+
+    def half_then_fail(real):
+        def write(self_or_model, folder, *args, **kwargs):
+            real(self_or_model, folder, *args, **kwargs)
+            for p in Path(folder).iterdir():  # the new files are there, and one is cut short
+                p.write_bytes(p.read_bytes()[: max(1, p.stat().st_size // 2)])
+                break
+            raise OSError(28, "No space left on device")
+        return write
+
+    if fmt == "merged":
+        from transformers import PreTrainedModel
+
+        monkeypatch.setattr(PreTrainedModel, "save_pretrained", half_then_fail(PreTrainedModel.save_pretrained))
+    else:
+        import rankwise.peft_format as pf
+
+        real = pf.export_peft
+        monkeypatch.setattr(rankwise, "export_peft", lambda model, folder, **kw: half_then_fail(
+            lambda m, f, **k: real(m, f, **k))(model, folder, **kw))
+    assert _cli(*argv) != 0
+    assert _folder_bytes(tmp / fmt) == before
+    assert sorted(p.name for p in tmp.iterdir()) == sorted(["adapter", "base", fmt])

@@ -11,6 +11,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -260,6 +261,41 @@ def fingerprint_tolerance(weight_out_in: Tensor, quant: str, block: int) -> Tens
     return (_QUANT_ERROR[quant] * absmax * 1.01).cpu()
 
 
+def _fsync_folder(folder: Path) -> None:
+    """Make renames inside ``folder`` durable (best effort: some filesystems refuse a folder fsync)."""
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def replace_folder(folder: Path, write: Callable[[Path], object]) -> None:
+    """Write a whole folder anew: ``write(tmp)`` fills a hidden sibling, which then takes ``folder``'s place.
+
+    A write that fails or is interrupted leaves ``folder`` exactly as it was (the sibling is removed), and the
+    new folder never keeps a stale file of the old one (an old shard beside a new single file). The swap is two
+    renames in one parent; only a crash between them leaves the old folder as ``.<name>.<pid>.old`` beside it.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = folder.with_name(f".{folder.name}.{os.getpid()}.old")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    _fsync_folder(folder.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder, fsync, then ``os.replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -276,11 +312,4 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    _fsync_folder(path.parent)  # make the rename itself durable

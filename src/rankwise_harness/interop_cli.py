@@ -151,7 +151,7 @@ def check_out(out: str, inputs: list[str], files: tuple[str, ...], is_ours: Call
 
 def _export(args: argparse.Namespace) -> str:
     import rankwise
-    from rankwise.adapter_file import PEFT_FILES, is_hf_model, is_peft_adapter
+    from rankwise.adapter_file import PEFT_FILES, is_hf_model, is_peft_adapter, replace_folder
 
     run = run_record(args.adapter)
     head = _harness_head(args, run)
@@ -170,17 +170,24 @@ def _export(args: argparse.Namespace) -> str:
     cls = type(model).__name__
     if args.format == "merged":
         rankwise.detach(model, merge=True)
-        model.save_pretrained(args.out)
+        replace_folder(Path(args.out), lambda tmp: _write_merged(model, tmp, head))
         if head is None:
             return f"merged model written to {args.out} (load it with {cls}.from_pretrained)"
-        from .heads import write_head_spec
-
-        write_head_spec(args.out, *head)
         return (f"merged model written to {args.out} ({cls} with the run's {head[0]} head on {head[1]} pooling; "
                 f"load it with rankwise_harness.heads.load_merged({str(args.out)!r}))")
-    rankwise.export_peft(model, args.out, vllm=args.format == "vllm", base_model_name_or_path=base)
+    replace_folder(Path(args.out), lambda tmp: rankwise.export_peft(model, tmp, vllm=args.format == "vllm",
+                                                                     base_model_name_or_path=base))
     return f"{args.format} adapter written to {args.out} (load it onto {cls}.from_pretrained({base!r}"\
            f"{', num_labels=' + str(kwargs['num_labels']) if 'num_labels' in kwargs else ''}))"
+
+
+def _write_merged(model: Any, folder: Path, head: tuple[str, str] | None) -> None:
+    """The merged model's files in ``folder`` (and the harness head's spec, when the run had its own head)."""
+    model.save_pretrained(folder)
+    if head is not None:
+        from .heads import write_head_spec
+
+        write_head_spec(folder, *head)
 
 
 def _import(args: argparse.Namespace) -> str:
