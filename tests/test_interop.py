@@ -132,7 +132,6 @@ def test_import_refuses_other_peft_types(mlp_case: ModelCase, tmp_path: Path) ->
         ({"bias": "all"}, "trains biases"),
         ({"lora_bias": True}, "lora_bias=True"),
         ({"layers_to_transform": [0]}, "layers_to_transform"),
-        ({"fan_in_fan_out": True}, "fan_in_fan_out=True but adapts nn.Linear"),
         ({"rank_pattern": {"fc1": 3}}, "rank 4 in its tensors but 3 in adapter_config.json"),
     ],
 )

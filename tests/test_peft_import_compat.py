@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import rankwise
@@ -170,8 +170,9 @@ def test_peft_modules_to_save_classifier_also_trains_pre_classifier_and_imports(
 
 
 def test_an_export_whose_modules_to_save_peft_would_widen_says_so_and_round_trips(tmp_path: Path) -> None:
-    """rankwise trains ``classifier`` alone; PEFT's rule also wraps ``pre_classifier`` (a copy of the base module:
-    the same outputs, but PEFT would train it). No name PEFT reads can avoid that: the export warns, naming it."""
+    """rankwise trains ``classifier`` alone; PEFT's rule also wraps ``pre_classifier`` and its load needs a tensor
+    for it (a ``KeyError`` without). No name PEFT reads can avoid that: the export writes the base module's values
+    (the same outputs; PEFT would train it) and warns, naming it."""
     base = _distilbert()
     model = copy.deepcopy(base)
     rankwise.attach(model, rankwise.LoraConfig(r=4, target_modules=["q_lin"], modules_to_save=["classifier"], seed=0))
@@ -179,12 +180,41 @@ def test_an_export_whose_modules_to_save_peft_would_widen_says_so_and_round_trip
     with pytest.warns(UserWarning, match=r"'pre_classifier'"):
         rankwise.export_peft(model.eval(), tmp_path)
     batch = _distilbert_batch(0)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
     with torch.no_grad():
-        torch.testing.assert_close(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)(**batch).logits,
-                                   model(**batch).logits, rtol=1e-5, atol=1e-6)
-        back = rankwise.import_peft(copy.deepcopy(base), tmp_path)  # no tensors for pre_classifier: left as it is
-        assert get_state(back).modules_to_save == ["classifier"]
+        torch.testing.assert_close(theirs(**batch).logits, model(**batch).logits, rtol=1e-5, atol=1e-6)
+    back = rankwise.import_peft(copy.deepcopy(base), tmp_path)  # what PEFT loads and would train
+    assert sorted(get_state(back).modules_to_save) == ["classifier", "pre_classifier"]
+    _same_step(back, theirs, batch, _distilbert_batch(1))
+
+
+def test_an_older_export_without_the_widened_modules_tensors_imports_them_as_the_base(tmp_path: Path) -> None:
+    """A file naming ``classifier`` with no ``pre_classifier`` tensors (rankwise's export before this fix; PEFT's
+    load fails on it with a KeyError): the matched module has nothing to load, so it stays the base module."""
+    base = _distilbert()
+    model = copy.deepcopy(base)
+    rankwise.attach(model, rankwise.LoraConfig(r=4, target_modules=["q_lin"], modules_to_save=["classifier"], seed=0))
+    _perturb(model, 2)
+    rankwise.export_peft(model.eval(), tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(str(weights)).items() if ".pre_classifier." not in k}, str(weights))
+    back = rankwise.import_peft(copy.deepcopy(base), tmp_path)
+    assert get_state(back).modules_to_save == ["classifier"]
+    batch = _distilbert_batch(0)
+    with torch.no_grad():
         assert torch.equal(back(**batch).logits, model(**batch).logits)
+
+
+def test_an_export_whose_modules_to_save_peft_would_widen_onto_an_adapted_layer_is_refused(tmp_path: Path) -> None:
+    base = _distilbert()
+    with pytest.raises(TypeError, match="modules_to_save cannot be applied"):  # PEFT itself refuses this adapter
+        peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["pre_classifier"],
+                                                                 modules_to_save=["classifier"]))
+    model = copy.deepcopy(base)
+    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["pre_classifier"], modules_to_save=["classifier"]))
+    with pytest.raises(ValueError, match=r"also selects the adapted \['pre_classifier'\]"):
+        rankwise.export_peft(model, tmp_path / "out")
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
 class _NestedHeads(nn.Module):

@@ -27,7 +27,9 @@ import json
 import math
 import os
 import re
+import warnings
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +47,7 @@ from .methods import DoraConfig, LoraConfig
 from .registry import method_for
 from .state import (adapter_layers, base_modules, fully_trained_modules, get_state, is_attached, refuse_peft_model,
                     unwrap_model)
-from .targeting import SUPPORTED_TYPES, find_modules_to_save, is_conv1d, is_supported
+from .targeting import SUPPORTED_TYPES, is_supported
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -112,7 +114,8 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
 
     use_rslora = bool(getattr(state.config, "use_rslora", False)) and not vllm
-    tensors, ranks, alphas = _peft_tensors(factors, fully_trained_modules(model, name), vllm, use_rslora)
+    saved = fully_trained_modules(model, name) | _peft_widened(model, name, state.modules_to_save, list(layers))
+    tensors, ranks, alphas = _peft_tensors(factors, saved, vllm, use_rslora)
     r_global = _most_common(list(ranks.values()))
     alpha_global = _most_common([alphas[n] for n in ranks if ranks[n] == r_global])
     key = _pattern_keys(model, list(ranks))
@@ -143,6 +146,29 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
     }
     weights = st_save(tensors, metadata={"format": "pt", "exported_by": f"rankwise {state.config.method}"})
     return weights, (json.dumps(config, indent=2) + "\n").encode()
+
+
+def _peft_widened(model: nn.Module, name: str, saved: list[str], layers: list[str]) -> dict[str, nn.Module]:
+    """The base modules PEFT's ``modules_to_save`` rule (:func:`peft_wraps`) adds to adapter ``name``'s ``saved``.
+
+    A top-level ``classifier`` also wraps a ``pre_classifier``, and no name PEFT reads excludes it. PEFT's load
+    needs a tensor for every wrapped module (it fails with a ``KeyError`` otherwise), so these are written as
+    they are (the base module's values: PEFT's outputs are the same) with a warning, since PEFT would train them if
+    training continued there. One holding an adapted layer is refused (``ValueError``): PEFT cannot wrap LoRA layers.
+    """
+    base = dict(base_modules(model))
+    extra = [n for n in peft_wraps(list(base), saved) if not any(n == s or n.startswith(s + ".") for s in saved)]
+    adapted = [n for n in extra if any(t == n or t.startswith(n + ".") for t in layers)]
+    if adapted:
+        raise ValueError(f"PEFT matches modules_to_save {saved} by plain name suffix, which also selects the adapted "
+                         f"{adapted}, and PEFT cannot train an adapted layer fully: rename or re-train without it")
+    if extra:
+        warnings.warn(
+            f"adapter {name!r}: HF PEFT matches modules_to_save {saved} by plain name suffix, so it also wraps {extra}; "
+            "they are written as the base modules (PEFT's outputs are the same), but PEFT would train them too",
+            UserWarning, stacklevel=4,
+        )
+    return {n: base[n] for n in extra}
 
 
 def _pattern_keys(model: nn.Module, names: list[str]) -> dict[str, str]:
@@ -357,7 +383,8 @@ def import_peft(
     cfg = _read_peft_config(folder)
     tensors = _read_peft_tensors(folder)
     parts, targets, ranks = _peft_layers(base_model, folder, cfg, tensors)
-    saved, mts = _peft_saved_modules(base_model, folder, cfg, tensors)
+    placed = {k for k in tensors if _LORA_KEY.fullmatch(k)} | _peft_base_weights(folder, targets, tensors)
+    saved, mts = _peft_saved_modules(base_model, folder, cfg, tensors, placed)
     config = (DoraConfig if cfg.get("use_dora") else LoraConfig)(
         r=int(cfg["r"]),
         alpha=float(cfg["lora_alpha"]),
@@ -382,7 +409,12 @@ def import_peft(
 def _peft_layers(
     base_model: nn.Module, folder: Path, cfg: dict[str, Any], tensors: dict[str, Tensor]
 ) -> tuple[dict[str, dict[str, Tensor]], dict[str, nn.Module], dict[str, int]]:
-    """``(parts, targets, ranks)``: each adapted layer's PEFT tensors, its module, its rank (all checked)."""
+    """``(parts, targets, ranks)``: each adapted layer's PEFT tensors, its module, its rank (all checked).
+
+    The config's ``fan_in_fan_out`` is not read: PEFT decides it per layer from the base layer's type (its
+    ``dispatch_default`` forces ``True`` for a GPT-2 ``Conv1D``, ``False`` for an ``nn.Linear``, bitsandbytes' layers
+    ``False``), and so does each rankwise layer's base kind; the saved value is only the last layer's.
+    """
     parts: dict[str, dict[str, Tensor]] = {}
     for key, t in tensors.items():
         m = _LORA_KEY.fullmatch(key)
@@ -410,35 +442,84 @@ def _peft_layers(
         if rank != expected_rank:
             raise ValueError(f"PEFT layer {name!r} has rank {rank} in its tensors but {expected_rank} in adapter_config.json")
         targets[name], ranks[name] = module, rank
-    if any(not is_conv1d(m) for m in targets.values()) and cfg.get("fan_in_fan_out"):
-        raise ValueError(
-            f"{folder} sets fan_in_fan_out=True but adapts nn.Linear layers, whose weights PEFT would then read "
-            "transposed; rankwise supports fan_in_fan_out for GPT-2 Conv1D layers only"
-        )
     return parts, targets, ranks
 
 
 def _peft_saved_modules(
-    base_model: nn.Module, folder: Path, cfg: dict[str, Any], tensors: dict[str, Tensor]
+    base_model: nn.Module, folder: Path, cfg: dict[str, Any], tensors: dict[str, Tensor], placed: set[str]
 ) -> tuple[dict[str, nn.Module], dict[str, dict[str, Tensor]]]:
-    """``(saved, their tensors)``: the fully-trained modules; every tensor of the file must find its place."""
-    # PEFT skips modules_to_save entries that match nothing (task_type="SEQ_CLS" lists both "classifier"
-    # and "score"); every saved tensor must still find its module (the stray check below)
-    names = [n for n, _ in base_model.named_modules()]
-    wanted = [k for k in cfg.get("modules_to_save") or () if any(n == k or n.endswith("." + k) for n in names)]
-    saved = find_modules_to_save(base_model, tuple(wanted) or None)
-    lora_keys = {k for k in tensors if _LORA_KEY.fullmatch(k)}
+    """``(saved, their tensors)``: the fully-trained modules; every tensor of the file not in ``placed`` must find
+    its place in one.
+
+    They are the modules PEFT wraps (:func:`peft_wraps`) whose tensors the file holds. PEFT skips entries that
+    match nothing (``task_type="SEQ_CLS"`` lists both ``"classifier"`` and ``"score"``); a matched module without
+    any tensor in the file (rankwise's export of ``classifier`` on a model with a ``pre_classifier``) is PEFT's
+    untouched copy of the base module, so it stays the base module here: the same outputs.
+    """
+    modules = dict(base_model.named_modules())
+    saved: dict[str, nn.Module] = {}
     mts: dict[str, dict[str, Tensor]] = {}
-    for name, module in saved.items():
-        sd = module.state_dict()
+    for name in peft_wraps(list(modules), cfg.get("modules_to_save") or ()):
+        sd = modules[name].state_dict()
         got = {k: tensors.get(f"{name}.{k}") for k in sd}
+        if all(v is None for v in got.values()):
+            continue
         if any(v is None or v.shape != sd[k].shape for k, v in got.items()):
             raise ValueError(f"PEFT adapter's tensors for fully-trained module {name!r} are missing or do not fit this model")
-        mts[name] = got  # type: ignore[assignment]
-    stray = sorted(set(tensors) - lora_keys - {f"{n}.{k}" for n, sd in mts.items() for k in sd})
+        saved[name], mts[name] = modules[name], got  # type: ignore[assignment]
+    stray = sorted(set(tensors) - placed - {f"{n}.{k}" for n, sd in mts.items() for k in sd})
     if stray:
         raise ValueError(f"{folder / PEFT_WEIGHTS} holds tensors rankwise cannot place: {stray[:5]}")
     return saved, mts
+
+
+def peft_wraps(names: list[str], entries: Iterable[str]) -> list[str]:
+    """The modules (of ``names``, a model's module names) HF PEFT trains fully for ``modules_to_save=entries``.
+
+    PEFT's rule (``peft.utils.other._set_trainable``) wraps every module whose name ends with an entry as a plain
+    string, so ``"classifier"`` wraps DistilBERT's ``pre_classifier`` too; a module inside a wrapped one is part of
+    its copy, so only the outermost are listed.
+    """
+    keys = tuple(entries)
+    hits = [n for n in names if n and n.endswith(keys)] if keys else []
+    return [n for n in hits if not any(n.startswith(o + ".") for o in hits)]
+
+
+_BASE_KEY = re.compile(r"(?P<module>.+)\.base_layer\.(?P<param>[^.]+)")
+
+
+def _peft_base_weights(folder: Path, targets: dict[str, nn.Module], tensors: dict[str, Tensor]) -> set[str]:
+    """The file's keys holding an adapted layer's own base weight, each checked to be the model's.
+
+    PEFT saves the base weight of an adapted embedding layer (``target_modules`` naming ``lm_head`` or
+    ``embed_tokens``: its ``save_embedding_layers="auto"``), as ``<layer>.base_layer.<param>``; for GPT-2's
+    ``lm_head`` that is the weight tied to ``wte``. PEFT's load copies it over the model's. Where it is the model's
+    weight (:func:`_same_weight`) that copy changes nothing; otherwise PEFT's load replaces a base weight, which
+    a rankwise adapter neither changes nor carries: ``ValueError`` naming the key.
+    """
+    found: set[str] = set()
+    for key, saved in tensors.items():
+        m = _BASE_KEY.fullmatch(key)
+        if m is None or m["module"] not in targets:
+            continue
+        own = targets[m["module"]].state_dict().get(m["param"])
+        if own is None or own.shape != saved.shape or not _same_weight(own, saved):
+            raise ValueError(
+                f"{folder / PEFT_WEIGHTS} holds {key!r}, the base weight of {m['module']!r} (PEFT saves an adapted "
+                f"embedding layer's base weight and its load writes it over the model's), and it differs from this "
+                f"model's {m['module']}.{m['param']}: the adapter was saved from another base (a resized or trained "
+                "embedding?). rankwise leaves base weights as they are and cannot carry this one: import onto the "
+                "base the adapter was saved from"
+            )
+        found.add(key)
+    return found
+
+
+def _same_weight(own: Tensor, saved: Tensor) -> bool:
+    """Whether ``saved`` is the weight ``own``, at the coarser of their two precisions (a bf16 file of an fp32
+    base's weight, or the reverse)."""
+    saved = saved.to(own.device)
+    return torch.equal(saved.to(own.dtype), own) or torch.equal(own.to(saved.dtype), saved)
 
 
 def _layer_alpha(cfg: dict[str, Any], name: str) -> float:
