@@ -19,6 +19,11 @@ number of its config is validated, and ``rank_pattern`` / ``alpha_pattern`` keys
 module names or dotted name suffixes (optionally anchored with ``^`` / ``$``), never as regexes — what
 PEFT's rule ``(.*\.)?(key)$`` gives for such keys, without the catastrophic backtracking a crafted
 regex key could cause. A key with other regex syntax is refused, naming it.
+
+Where PEFT 0.21 reads a field its own way, import follows it: ``fan_in_fan_out`` is decided per layer by the
+base layer's type (``Conv1D``: True, ``nn.Linear``: False), ``modules_to_save`` entries are plain name suffixes
+(:func:`peft_wraps`), and an adapted embedding layer's base weight, which PEFT saves beside its factors, must be
+the model's own (:func:`_peft_base_weights`).
 """
 
 from __future__ import annotations
@@ -79,6 +84,8 @@ def export_peft(
     ``model.load_adapter(path/<name>, adapter_name=<name>)``); every adapter is converted before any file
     is written, so one PEFT cannot express stops the export naming it.
     A ``torch.compile`` / DDP / FSDP1 wrapper is unwrapped (module names are the plain model's).
+    ``modules_to_save`` are written as full names; a module PEFT's plain-suffix rule adds to them (a top-level
+    ``classifier`` also selects ``pre_classifier``) is written as the base module, with a ``UserWarning``.
     """
     model = unwrap_model(model)
     folders = folders_by_name(model, path, name, "export an adapter")
@@ -360,8 +367,10 @@ def import_peft(
     Per-layer ranks come from the tensor shapes (checked against ``rank_pattern``), per-layer scales
     from ``alpha_pattern`` (``alpha / r``, or ``alpha / √r`` with ``use_rslora``) and live on each layer,
     so :func:`rankwise.save` / :func:`rankwise.load` and :func:`export_peft` keep them. GPT-2 ``Conv1D``
-    layers (``fan_in_fan_out``) and ``modules_to_save`` are imported too. The result computes what
-    ``peft.PeftModel.from_pretrained(base_model, path)`` computes.
+    layers (``fan_in_fan_out``, per layer as PEFT decides it), ``modules_to_save`` (PEFT's plain-suffix rule) and
+    an adapted ``lm_head`` / ``embed_tokens`` (PEFT saves its base weight too: it must be this model's, else
+    ``ValueError``) are imported too. The result computes what ``peft.PeftModel.from_pretrained(base_model, path)``
+    computes.
 
     Everything is checked before the model is touched; unsupported PEFT types, options or layer
     types raise ``ValueError`` / ``TypeError`` naming the culprit, a malformed file (bad JSON or
