@@ -23,7 +23,7 @@ regex key could cause. A key with other regex syntax is refused, naming it.
 Where PEFT 0.21 reads a field its own way, import follows it: ``fan_in_fan_out`` is decided per layer by the
 base layer's type (``Conv1D``: True, ``nn.Linear``: False), ``modules_to_save`` entries are plain name suffixes
 (:func:`peft_wraps`), and an adapted embedding layer's base weight, which PEFT saves beside its factors, must be
-the model's own (:func:`_peft_base_weights`).
+the model's own (``_peft_base_weights``).
 """
 
 from __future__ import annotations
@@ -171,8 +171,8 @@ def _peft_widened(model: nn.Module, name: str, saved: list[str], layers: list[st
                          f"{adapted}, and PEFT cannot train an adapted layer fully: rename or re-train without it")
     if extra:
         warnings.warn(
-            f"adapter {name!r}: HF PEFT matches modules_to_save {saved} by plain name suffix, so it also wraps {extra}; "
-            "they are written as the base modules (PEFT's outputs are the same), but PEFT would train them too",
+            f"adapter {name!r}: HF PEFT matches modules_to_save {saved} by plain name suffix, so it also wraps "
+            f"{extra}; they are written as the base modules (PEFT's outputs are the same), but PEFT would train them too",
             UserWarning, stacklevel=4,
         )
     return {n: base[n] for n in extra}
@@ -503,7 +503,7 @@ def _peft_base_weights(folder: Path, targets: dict[str, nn.Module], tensors: dic
     PEFT saves the base weight of an adapted embedding layer (``target_modules`` naming ``lm_head`` or
     ``embed_tokens``: its ``save_embedding_layers="auto"``), as ``<layer>.base_layer.<param>``; for GPT-2's
     ``lm_head`` that is the weight tied to ``wte``. PEFT's load copies it over the model's. Where it is the model's
-    weight (:func:`_same_weight`) that copy changes nothing; otherwise PEFT's load replaces a base weight, which
+    weight (``_same_weight``) that copy changes nothing; otherwise PEFT's load replaces a base weight, which
     a rankwise adapter neither changes nor carries: ``ValueError`` naming the key.
     """
     found: set[str] = set()
