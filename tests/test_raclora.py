@@ -309,3 +309,32 @@ def test_one_cola_link_is_lora_with_a_gaussian_a() -> None:
             opt.step()
             opt.zero_grad()
         torch.testing.assert_close(cola(x).logits, lora(x).logits, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("frozen", ["A", "B"])
+def test_dropout_acts_on_the_current_link_only_not_on_the_merged_chain(frozen: str) -> None:
+    """A merged link is part of ``W`` (paper: ``W ← W + s B_t A_t``): in training with dropout the layer computes
+    ``x (W0 + C_b Cₐ)ᵀ + b + s · dropout(x) A_tᵀ B_tᵀ`` (its docstring's form; LoRA's dropout on the trained
+    path only), the chain's term on the undropped input. Checked against that closed form under one dropout mask."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 12).double()
+    layer = RacLoraLinear(base, rankwise.RacLoraConfig(r=2, alpha=4, dropout=0.5, frozen=frozen, seed=0), 2, seed=0).double()
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):  # two merged links, then a current link with both factors non-zero
+        with torch.no_grad():
+            (layer.lora_b if frozen == "A" else layer.lora_a).normal_(0, 0.5, generator=g)
+        layer.end_link()
+    with torch.no_grad():
+        (layer.lora_b if frozen == "A" else layer.lora_a).normal_(0, 0.5, generator=g)
+    layer.train()
+    x = torch.randn(5, 16, dtype=torch.float64, generator=g)
+    torch.manual_seed(123)
+    y = layer(x)
+    torch.manual_seed(123)
+    x_d = torch.nn.functional.dropout(x, 0.5, training=True)  # the same mask
+    with torch.no_grad():
+        w = base.weight + layer.chain_b @ layer.chain_a  # out x in: W0 with the chain merged in
+        expected = x @ w.t() + base.bias + layer.scale * (x_d @ layer.lora_a.t()) @ layer.lora_b.t()
+    torch.testing.assert_close(y.detach(), expected, rtol=1e-12, atol=1e-12)
+    layer.eval()  # no dropout: the plain sum
+    torch.testing.assert_close(layer(x).detach(), x @ layer.merged_weight().t() + base.bias, rtol=1e-12, atol=1e-12)
