@@ -258,11 +258,20 @@ class RacLoraLinear(AdapterLayer):
         return FusedInputs(*self.forward_factors())
 
     def adapter_forward(self, x: Tensor) -> Tensor:
-        """The plain implementation (eval, dropout, quantised base; what the fused path is tested against)."""
+        """The plain implementation (eval, dropout, quantised base; what the fused path is tested against)::
+
+            h = x W0ᵀ + b + x Cₐᵀ C_bᵀ + s · dropout(x) A_tᵀ B_tᵀ
+
+        The merged chain is part of ``W`` (``W ← W + s B_t A_t``), so dropout acts on the current link only."""
         result = self.base_forward(x)  # (..., out)
         x_d = self.dropout(x).to(self.adapter_dtype)
-        a, b = self.forward_factors()
-        update = (x_d @ a.t()) @ b.t()  # (..., out)
+        a, b = self.forward_factors()  # (k + r) x in, out x (k + r): the chain's k rows first
+        k = self.chain_a.shape[0]
+        if isinstance(self.dropout, nn.Identity) or not k:
+            update = (x_d @ a.t()) @ b.t()  # (..., out)
+        else:  # the chain is merged into W: x Cₐᵀ C_bᵀ on x itself, dropout on the current link only
+            x_c = x.to(self.adapter_dtype)
+            update = (x_c @ a[:k].t()) @ b[:, :k].t() + (x_d @ a[k:].t()) @ b[:, k:].t()  # (..., out)
         return result.add_(update.to(result.dtype))
 
     def merged_weight(self) -> Tensor:
