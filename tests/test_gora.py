@@ -173,6 +173,34 @@ def test_update_is_projected_negative_gradient(case_name: str, mlp_case: ModelCa
         torch.testing.assert_close(layer.weight, base.get_submodule(name).weight, rtol=0, atol=0)
 
 
+def test_a_tied_target_weight_takes_its_own_layers_gradient(gpt2_case: ModelCase) -> None:
+    """GPT-2's ``lm_head`` shares its weight with ``wte``. The adapter changes ``lm_head``'s use of it only, so Ḡ is
+    the gradient of the loss w.r.t. that use (the untied model's ``lm_head.weight.grad``), not the shared tensor's
+    total (which adds the embedding's): the closed form s·B A = −γ √(in/r) · Ḡ P_A holds with the untied
+    gradient, and GoRA on the tied model builds what it builds on an untied copy (same ranks, same B)."""
+    tied = gpt2_case.make().double()
+    assert tied.lm_head.weight is tied.transformer.wte.weight
+    untied = copy.deepcopy(tied)
+    untied.lm_head.weight = nn.Parameter(untied.lm_head.weight.detach().clone())  # same values, its own tensor
+    batches = [gpt2_case.batch(10 + i) for i in range(3)]
+    gamma = 0.07
+    cfg = rankwise.GoraConfig(r_ref=4, r_min=2, r_max=8, alpha=8.0, gamma=gamma, n_steps=3,
+                              target_modules=["lm_head", "c_attn"], seed=0)
+    grads = _mean_grads(untied, batches, ["lm_head"])
+    built = {}
+    for key, base in (("tied", tied), ("untied", untied)):
+        model = copy.deepcopy(base)
+        rankwise.attach(model, cfg, calibration=batches)
+        built[key] = rankwise.adapter_layers(model)
+    layer = built["tied"]["lm_head"]
+    a = layer.lora_a.detach()
+    expected = -gamma * math.sqrt(layer.in_features / layer.rank) * grads["lm_head"] @ (torch.linalg.pinv(a) @ a)
+    torch.testing.assert_close(layer.scale * layer.lora_b.detach() @ a, expected, rtol=1e-6, atol=1e-12)
+    for name, other in built["untied"].items():
+        assert built["tied"][name].rank == other.rank, name
+        torch.testing.assert_close(built["tied"][name].lora_b, other.lora_b, rtol=1e-6, atol=1e-12)
+
+
 def test_init_is_a_descent_step() -> None:
     """The loss on the calibration batches falls by ≈ ⟨Ḡ, ΔW⟩ < 0; with B's sign flipped it rises."""
     torch.manual_seed(0)
