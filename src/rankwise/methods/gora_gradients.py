@@ -70,9 +70,10 @@ def _weight_out_in(module: nn.Module, t: Tensor) -> Tensor:
 
 
 def tap_weight_gradient(module: nn.Module, acc: Tensor) -> Any:
-    """Add the gradient of ``module``'s weight, ``Σ δᵀ x`` (``out x in``), into ``acc`` on every backward,
-    from the layer's input ``x`` and output gradient ``δ``; for weights that cannot hold a ``.grad``
-    (bitsandbytes-quantised bases). Returns the hook's handle (``.remove()`` it).
+    """Add the gradient of ``module``'s weight through this module's own calls, ``Σ δᵀ x`` (``out x in``; in
+    ``acc`` in the weight's layout: transposed for ``Conv1D``), into ``acc`` on every backward, from the layer's
+    input ``x`` and output gradient ``δ``; for weights that cannot hold a ``.grad`` (bitsandbytes-quantised bases)
+    or whose ``.grad`` would add other modules' uses (a tied weight). Returns the hook's handle (``.remove()`` it).
 
     When nothing before the layer needs a gradient, its output is made a leaf that does, so ``δ`` still
     flows back to it (the layers before it need no gradient of their own from this one).
@@ -83,13 +84,25 @@ def tap_weight_gradient(module: nn.Module, acc: Tensor) -> Any:
         out = output if output.requires_grad else output.detach().requires_grad_(True)
 
         def grad_hook(delta: Tensor) -> None:
-            d = delta.detach().reshape(-1, delta.shape[-1]).to(torch.float32)  # tokens x out
-            acc.add_((d.t() @ x.reshape(-1, x.shape[-1]).to(torch.float32)).to(acc.device))  # out x in
+            d = delta.detach().reshape(-1, delta.shape[-1]).to(acc.dtype)  # tokens x out
+            g = d.t() @ x.reshape(-1, x.shape[-1]).to(acc.dtype)  # out x in
+            acc.add_(_weight_out_in(module, g).to(acc.device))  # the weight's layout
 
         out.register_hook(grad_hook)
         return out
 
     return module.register_forward_hook(forward_hook)
+
+
+def _tapped(model: nn.Module, targets: dict[str, nn.Module]) -> set[str]:
+    """The targets whose weight gradient comes from :func:`tap_weight_gradient`: a quantised weight holds no
+    ``.grad``, and a weight the model also uses elsewhere (tied: ``lm_head`` and the input embedding) would get
+    every use's gradient in ``.grad``, while the adapter changes this layer's use only."""
+    users: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        for p in m.parameters(recurse=False):
+            users[id(p)] = users.get(id(p), 0) + 1
+    return {name for name, m in targets.items() if is_quantized(m) or users.get(id(m.weight), 0) > 1}
 
 
 def _check_calibration_size(calibration: Iterable[Any] | None, config: GoraConfig) -> None:
@@ -108,15 +121,15 @@ def _check_calibration_size(calibration: Iterable[Any] | None, config: GoraConfi
             )
 
 
-def _accumulators(targets: dict[str, nn.Module], tapped: set[str], offload_to_cpu: bool) -> dict[str, Tensor]:
+def _accumulators(targets: dict[str, nn.Module], offload_to_cpu: bool) -> dict[str, Tensor]:
     """A zero gradient sum per target, at least fp32 (bf16/fp16 gradients are summed in fp32); ``out x in``
-    for a tapped (quantised) layer, else the weight's own layout."""
+    for a quantised layer (its weight is packed storage), else the weight's own layout."""
     acc = {}
     for name, m in targets.items():
         w: Tensor = cast(Tensor, m.weight)
         acc[name] = torch.zeros(
-            (cast(Any, m).out_features, cast(Any, m).in_features) if name in tapped else w.shape,
-            dtype=torch.float32 if name in tapped else torch.promote_types(w.dtype, torch.float32),
+            (cast(Any, m).out_features, cast(Any, m).in_features) if is_quantized(m) else w.shape,
+            dtype=torch.promote_types(w.dtype, torch.float32),  # a quantised weight's storage dtype gives fp32
             device="cpu" if offload_to_cpu else w.device,
         )
     return acc
@@ -155,7 +168,7 @@ def _settled(
 
 def _hook_gradients(targets: dict[str, nn.Module], tapped: set[str], acc: dict[str, Tensor], hooks: list[Any]) -> None:
     """Each target weight's gradient summed into ``acc`` as it arrives (and freed at once: peak memory ~ one
-    layer's gradient), tapped from the layer's input and output gradient for a quantised weight; the
+    layer's gradient), tapped from the layer's input and output gradient for a quantised or tied weight; the
     handles go into ``hooks`` one by one, so the caller removes every one made, also after an error."""
 
     def fold(name: str) -> Any:
@@ -215,8 +228,8 @@ def collect_gradients(
     grads = {n: p.grad for n, p in params.items()}
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     weights = {name: m.weight for name, m in targets.items()}
-    tapped = {name for name, m in targets.items() if is_quantized(m)}  # no .grad on a quantised weight
-    acc = _accumulators(targets, tapped, config.offload_to_cpu)
+    tapped = _tapped(model, targets)
+    acc = _accumulators(targets, config.offload_to_cpu)
     cuda_devices = {w.device for w in weights.values() if w.device.type == "cuda"}
     for d in cuda_devices:
         torch.cuda.reset_peak_memory_stats(d)
