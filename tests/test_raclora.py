@@ -338,3 +338,21 @@ def test_dropout_acts_on_the_current_link_only_not_on_the_merged_chain(frozen: s
     torch.testing.assert_close(y.detach(), expected, rtol=1e-12, atol=1e-12)
     layer.eval()  # no dropout: the plain sum
     torch.testing.assert_close(layer(x).detach(), x @ layer.merged_weight().t() + base.bias, rtol=1e-12, atol=1e-12)
+
+
+def test_a_refactored_chain_keeps_an_fp64_layers_precision() -> None:
+    """Once the chain's rank would pass ``min(in, out)`` it is re-factored by an SVD, losslessly: the record's
+    product stays ``Σ_t s B_t A_t`` to the layer's own precision (here fp64, so a link end never moves the
+    function by more than fp64 rounding)."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(10, 6).double()
+    layer = RacLoraLinear(base, rankwise.RacLoraConfig(r=2, alpha=4, seed=0), 2, seed=0)
+    g = torch.Generator().manual_seed(0)
+    expected = torch.zeros(6, 10, dtype=torch.float64)
+    for _ in range(5):  # chain rank 2, 4, 6, then re-factored at 6 = min(in, out)
+        with torch.no_grad():
+            layer.lora_b.copy_(torch.randn(6, 2, generator=g, dtype=torch.float64))
+        expected += layer.scale * layer.lora_b.detach() @ layer.lora_a
+        layer.end_link()
+    assert layer.chain_a.shape[0] == 6 and layer.chain_a.dtype == torch.float64
+    torch.testing.assert_close(layer.chain_delta(), expected, rtol=1e-12, atol=1e-12)
