@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from ..config import AdapterConfig, check_number, check_positive_int
 from ..distributed import assign, check_unflattened, shared_seed, whole
 from ..fused import FusedInputs
-from ..layer import AdapterLayer, PeftFactors
+from ..layer import AdapterLayer, PeftFactors, wide_dtype
 from ..optim import check_optimizer, reset_optimizer_state
 from ..registry import BuildResult, Method, register_method, simple_build
 from ..state import RankwiseState, adapter_layers, get_state
@@ -302,9 +302,10 @@ class RacLoraLinear(AdapterLayer):
 
 @torch.no_grad()
 def refactor(chain_a: Tensor, chain_b: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
-    """``C_b Cₐ ≈ U_k S_k V_kᵀ`` (truncated SVD): new ``(Cₐ, C_b)`` of rank ``≤ rank`` and the relative
-    Frobenius error ``‖S_{k:}‖ / ‖S‖`` (0 when ``rank ≥`` the product's rank)."""
-    delta = chain_b.float() @ chain_a.float()  # out x in
+    """``C_b Cₐ ≈ U_k S_k V_kᵀ`` (truncated SVD, in fp32, fp64 for an fp64 chain): new ``(Cₐ, C_b)`` of rank
+    ``≤ rank`` and the relative Frobenius error ``‖S_{k:}‖ / ‖S‖`` (0 when ``rank ≥`` the product's rank)."""
+    wide = wide_dtype(chain_a.dtype)
+    delta = chain_b.to(wide) @ chain_a.to(wide)  # out x in
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)  # out x m, m, m x in
     k = min(rank, s.shape[0])
     total = float(torch.linalg.norm(s))
