@@ -318,7 +318,8 @@ def test_dropout_acts_on_the_current_link_only_not_on_the_merged_chain(frozen: s
     path only), the chain's term on the undropped input. Checked against that closed form under one dropout mask."""
     torch.manual_seed(0)
     base = torch.nn.Linear(16, 12).double()
-    layer = RacLoraLinear(base, rankwise.RacLoraConfig(r=2, alpha=4, dropout=0.5, frozen=frozen, seed=0), 2, seed=0).double()
+    cfg = rankwise.RacLoraConfig(r=2, alpha=4, dropout=0.5, frozen=frozen, seed=0)
+    layer = RacLoraLinear(base, cfg, 2, seed=0).double()
     g = torch.Generator().manual_seed(1)
     for _ in range(2):  # two merged links, then a current link with both factors non-zero
         with torch.no_grad():
