@@ -1,0 +1,73 @@
+"""Integrations review (2026-12-04): HF Trainer's callback, against an uninterrupted run as the reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import rankwise
+from conftest import TinyMLP
+from rankwise.state import get_state
+
+transformers = pytest.importorskip("transformers")
+
+
+class _DictMLP(TinyMLP):
+    """TinyMLP returning a dict, as ``Trainer`` expects of a model's output."""
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> Any:  # type: ignore[override]
+        out = super().forward(x, labels)
+        return {"loss": out.loss, "logits": out.logits}
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(n, 12, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+def _epoch_chain_run(out: Path, epochs_per_link: int, resume: Path | None) -> torch.nn.Module:
+    """4 epochs of 4 optimizer steps (2 micro-batches each), a checkpoint every 2 steps; links end by epoch."""
+    from rankwise.integrations.hf import RankwiseCallback
+
+    torch.manual_seed(0)
+    model = _DictMLP()
+    rankwise.attach(model, rankwise.RacLoraConfig(r=2, alpha=4, link_steps=None, target_modules=["fc1", "fc2"], seed=3))
+    args = transformers.TrainingArguments(
+        output_dir=str(out), num_train_epochs=4, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        save_steps=2, learning_rate=1e-2, lr_scheduler_type="constant", seed=0, report_to=[], logging_strategy="no",
+        disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Rows(16),
+                                   callbacks=[RankwiseCallback(epochs_per_link=epochs_per_link)])
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    return model
+
+
+@pytest.mark.parametrize(("epochs_per_link", "checkpoint"), [(2, 4), (2, 6), (1, 4)],
+                         ids=["every-2-epochs-from-an-epoch-end", "every-2-epochs-from-mid-epoch", "every-epoch-from-an-epoch-end"])
+def test_epoch_links_resume_like_the_uninterrupted_run(epochs_per_link: int, checkpoint: int, tmp_path: Path) -> None:
+    """``RankwiseCallback(epochs_per_link=k)`` resumed from a step checkpoint (at an epoch's last step, or mid-epoch)
+    ends its links at the epochs the uninterrupted run does: the same chain, counters and tensors. The callback
+    counted epochs itself from 0 in each ``train()``, so a resumed run ended links k epochs after the resume; and a
+    checkpoint at an epoch's last step was written before that epoch's link end, which the resumed run never did."""
+    from rankwise.io import adapter_tensors
+
+    whole = _epoch_chain_run(tmp_path / "whole", epochs_per_link, None)
+    resumed = _epoch_chain_run(tmp_path / "resumed", epochs_per_link, tmp_path / "whole" / f"checkpoint-{checkpoint}")
+    links = 4 // epochs_per_link
+    assert get_state(whole).step == 16 and get_state(whole).method_state["links"] == links  # one link per k epochs
+    assert all(int(layer.links) == links for layer in rankwise.adapter_layers(whole).values())
+    assert (get_state(resumed).step, get_state(resumed).method_state) == (get_state(whole).step, get_state(whole).method_state)
+    expected, got = adapter_tensors(whole), adapter_tensors(resumed)
+    assert expected.keys() == got.keys()
+    for key, t in expected.items():
+        assert torch.equal(got[key], t), key
