@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import TinyMLP
 
 import rankwise
-from conftest import TinyMLP
 from rankwise.state import get_state
 
 transformers = pytest.importorskip("transformers")
