@@ -149,18 +149,24 @@ def _dpo(model: torch.nn.Module, tok: Any, tmp_path: Path, **kw: Any) -> Any:
                           processing_class=tok, **kw)
 
 
+def _off_zero_lora(base: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``base`` with a LoRA already off zero (e.g. after SFT): the policy is not the base."""
+    model = copy.deepcopy(base)
+    rankwise.attach(model, rankwise.LoraConfig(r=4, alpha=8, target_modules="all-linear", seed=0))
+    with torch.no_grad():
+        for name, p in rankwise.trainable_parameters(model).items():
+            if name.endswith("lora_b"):
+                p.add_(0.05)
+    return model
+
+
 def test_dpo_reference_log_probs_come_from_the_same_model_under_disabled(tmp_path: Path) -> None:
     """The recipe: build the DPOTrainer inside ``rankwise.disabled`` with ``precompute_ref_log_probs``; the
     reference log-probs it stores equal those a deep-copied base model gives as ``ref_model``, bit for bit,
     with one model in memory; then DPO trains the adapter only."""
     tok = _tokenizer()
     base = _tiny_llama(tok)
-    model = copy.deepcopy(base)
-    rankwise.attach(model, rankwise.LoraConfig(r=4, alpha=8, target_modules="all-linear", seed=0))
-    with torch.no_grad():  # an adapter already off zero (e.g. after SFT): the policy is not the base
-        for name, p in rankwise.trainable_parameters(model).items():
-            if name.endswith("lora_b"):
-                p.add_(0.05)
+    model = _off_zero_lora(base)
     with rankwise.disabled(model):
         ours = _dpo(model, tok, tmp_path / "ours")
     deep_copy = _dpo(copy.deepcopy(model), tok, tmp_path / "copy", ref_model=copy.deepcopy(base))
@@ -177,3 +183,20 @@ def test_dpo_reference_log_probs_come_from_the_same_model_under_disabled(tmp_pat
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     assert all(not torch.equal(p, trainable[n]) for n, p in model.named_parameters() if n in trainable)
+
+
+def test_dpo_reference_log_probs_are_not_taken_from_a_cache_of_the_adapted_model(tmp_path: Path) -> None:
+    """TRL caches precomputed reference log-probs beside the dataset, keyed by a hash of ``model.state_dict()``. The
+    state_dict was the same with the adapter on and inside ``rankwise.disabled``, so a DPOTrainer built by the recipe
+    after one built without the block (an earlier attempt, or an earlier run on a dataset saved on disk) took the
+    adapted model's log-probs as the reference, silently. Reference: a deep-copied base as ``ref_model``."""
+    tok = _tokenizer()
+    base = _tiny_llama(tok)
+    model = _off_zero_lora(base)
+    adapted = _dpo(model, tok, tmp_path)  # the adapter on: these are the policy's log-probs
+    with rankwise.disabled(model):
+        ours = _dpo(model, tok, tmp_path)  # the same dataset and arguments: the same cache file names
+    expected = _dpo(copy.deepcopy(model), tok, tmp_path / "copy", ref_model=copy.deepcopy(base))
+    for column in ("ref_chosen_logps", "ref_rejected_logps"):
+        assert adapted.train_dataset[column] != expected.train_dataset[column]  # they differ: the test can fail
+        assert ours.train_dataset[column] == expected.train_dataset[column], column
