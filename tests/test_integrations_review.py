@@ -71,3 +71,24 @@ def test_epoch_links_resume_like_the_uninterrupted_run(epochs_per_link: int, che
     assert expected.keys() == got.keys()
     for key, t in expected.items():
         assert torch.equal(got[key], t), key
+
+
+@pytest.mark.parametrize("adapters", [1, 2])
+def test_a_state_dict_inside_disabled_differs_from_the_adapted_one_and_loads_back(adapters: int) -> None:
+    """Inside ``rankwise.disabled`` the model computes its base: its state_dict says so (TRL keys its reference
+    log-prob cache by a hash of the state_dict), differing from the adapted model's in ``rankwise_state`` only;
+    loaded back it restores the same tensors and counters, and disables nothing."""
+    torch.manual_seed(0)
+    model = TinyMLP()
+    for i in range(adapters):
+        rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["fc1"], seed=i), name=None if i == 0 else "other")
+    get_state(model, "default").step = 3
+    adapted = model.state_dict()
+    with rankwise.disabled(model):
+        inside = model.state_dict()
+    assert adapted.keys() == inside.keys() and not torch.equal(adapted["rankwise_state"], inside["rankwise_state"])
+    assert all(torch.equal(adapted[k], inside[k]) for k in adapted if k != "rankwise_state")
+    get_state(model, "default").step = 0
+    model.load_state_dict(inside)
+    assert get_state(model, "default").step == 3 and not any(layer.disabled for layer in rankwise.adapter_layers(model, "default").values())
+    assert torch.equal(model.state_dict()["rankwise_state"], adapted["rankwise_state"])

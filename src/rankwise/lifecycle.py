@@ -263,8 +263,10 @@ STATE_KEY = "rankwise_state"  # the model's state_dict key for its step counter 
 def carry_state_in_state_dict(model: nn.Module) -> None:
     """Make ``model.state_dict()`` carry the rankwise step counter and method state (RAC-LoRA's position in its
     link, ...) under :data:`STATE_KEY`, and ``load_state_dict`` restore them: so a checkpoint any trainer writes
-    from the state_dict (HF ``Trainer``, Accelerate, a hand-written loop) resumes every method exactly. Once
-    per model; the hooks do nothing on a model without adapters."""
+    from the state_dict (HF ``Trainer``, Accelerate, a hand-written loop) resumes every method exactly. Inside
+    :func:`rankwise.disabled` the state also says ``"disabled": true`` (read back as nothing), so a state_dict, or
+    a cache keyed by its hash, never passes for the adapted model's. Once per model; the hooks do nothing on a
+    model without adapters."""
     if getattr(model, "_rankwise_state_hooks", False):
         return
     model.register_state_dict_post_hook(_state_into_dict)
@@ -277,6 +279,8 @@ def _state_into_dict(module: nn.Module, state_dict: dict[str, Any], prefix: str,
     if adapters is not None:  # one adapter: {"step", "method_state"}; several: {"adapters": {name: {...}}}
         states = {n: {"step": s.step, "method_state": s.method_state} for n, s in adapters.adapters.items()}
         body = next(iter(states.values())) if len(states) == 1 else {"adapters": states}
+        if any(layer.disabled for layer in slot_layers(module).values()):  # the base's function: never the same
+            body = {**body, "disabled": True}  # state_dict (nor hash: TRL's reference log-prob cache) as the adapted one
         blob = json.dumps(body, sort_keys=True).encode()
         state_dict[prefix + STATE_KEY] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
 
