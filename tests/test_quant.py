@@ -178,6 +178,48 @@ def test_quantised_adapter_equals_float_adapter_on_the_dequantised_base(llama_di
     torch.testing.assert_close(outputs(ours), outputs(ref), rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 2-layer Qwen2 (q/k/v projections with a bias, as Qwen2.5's), biases drawn away from zero."""
+    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 1.0)
+    path = tmp_path_factory.mktemp("qwen2")
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("method", ["lora", "raclora", "dora"])
+def test_a_4bit_base_with_a_bias_trains_as_the_dequantised_float_base(qwen_dir: str, method: str) -> None:
+    """bitsandbytes' 4-bit matmul with a bias returns a view: LoRA's and RAC-LoRA's in-place add on it made
+    the first training forward fail ("Output 0 of MatMul4Bit is a view and is being modified inplace")."""
+    def make(dequantised: bool) -> nn.Module:
+        config = transformers.BitsAndBytesConfig(**QUANTS["nf4"])
+        model = transformers.Qwen2ForCausalLM.from_pretrained(qwen_dir, quantization_config=config, device_map="cpu").train()
+        if dequantised:
+            quant.dequantize_model(model)
+        case = ModelCase("qwen-nf4", lambda: model, batch, ["q_proj", "v_proj"], None)
+        rankwise.attach(model, METHOD_CASES[method].make(case, False)[0])
+        with torch.no_grad():  # B away from zero, so the update shows in the outputs and A's gradient
+            for p in rankwise.trainable_parameters(model).values():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        return model
+    ours, ref = make(False), make(True)
+    assert all(layer.quantized == "4bit" and layer.bias is not None for layer in rankwise.adapter_layers(ours).values())
+    out_ours, out_ref = ours(**batch(8)), ref(**batch(8))
+    torch.testing.assert_close(out_ours.logits, out_ref.logits, rtol=1e-5, atol=1e-5)
+    out_ours.loss.backward()
+    out_ref.loss.backward()
+    grads_ref = {n: p.grad for n, p in rankwise.trainable_parameters(ref).items()}
+    for n, p in rankwise.trainable_parameters(ours).items():
+        torch.testing.assert_close(p.grad, grads_ref[n], rtol=1e-4, atol=1e-6)
+
+
 def test_merged_detach_saves_as_a_float_checkpoint(llama_dir: str, tmp_path: Path) -> None:
     model = attach_method(llama_dir, "nf4", "dora")
     train(model)

@@ -184,7 +184,10 @@ def base_forward(module: nn.Module, x: Tensor, training: bool) -> Tensor:
     """
     if module.training != training:
         module.train(training)
-    return module(x)
+    out = module(x)
+    # bitsandbytes' 4-bit matmul with a bias returns a view of its autograd node's output, which an adapter's
+    # in-place add would make autograd refuse in training: give the adapter a tensor of its own (as PEFT clones)
+    return out.clone() if out._is_view() else out
 
 
 def merge_refusal(module: nn.Module) -> ValueError:
