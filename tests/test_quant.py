@@ -220,6 +220,34 @@ def test_a_4bit_base_with_a_bias_trains_as_the_dequantised_float_base(qwen_dir: 
         torch.testing.assert_close(p.grad, grads_ref[n], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("model_dtype, compute", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)],
+                         ids=["fp32-model-bf16-compute", "bf16-model-fp32-compute"])
+def test_merged_detach_layers_take_the_models_dtype(llama_dir: str, model_dtype: torch.dtype, compute: torch.dtype,
+                                                    tmp_path: Path) -> None:
+    """A 4-bit layer takes and returns the model's dtype whatever it computes in (QLoRA's usual setup: an fp32
+    model, bf16 compute): the float layers of a merged detach were made in the compute dtype, so the detached
+    model's first forward failed ("expected m1 and m2 to have the same dtype")."""
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+    model = transformers.LlamaForCausalLM.from_pretrained(llama_dir, quantization_config=config, device_map="cpu",
+                                                          dtype=model_dtype).train()
+    rankwise.attach(model, rankwise.LoraConfig(r=4, alpha=8, target_modules=TARGETS, seed=0))
+    train(model)
+    expected = outputs(model)
+    rankwise.save(model, tmp_path)
+    rankwise.detach(model, merge=True)
+    assert {m.weight.dtype for m in model.modules() if isinstance(m, nn.Linear)} == {model_dtype}
+    torch.testing.assert_close(outputs(model), expected, rtol=0, atol=2e-2)  # bf16 rounding somewhere on both sides
+    # the reference: the same adapter merged on the float model holding the dequantised weights
+    ref = transformers.LlamaForCausalLM.from_pretrained(llama_dir, quantization_config=config, device_map="cpu",
+                                                        dtype=model_dtype)
+    quant.dequantize_model(ref)
+    rankwise.load(ref, tmp_path)
+    rankwise.detach(ref, merge=True)
+    ref_modules = dict(ref.named_modules())
+    for name in rankwise.read_adapter(tmp_path)[0]["layers"]:
+        torch.testing.assert_close(model.get_submodule(name).weight, ref_modules[name].weight, rtol=1e-5, atol=1e-6)
+
+
 def test_merged_detach_saves_as_a_float_checkpoint(llama_dir: str, tmp_path: Path) -> None:
     model = attach_method(llama_dir, "nf4", "dora")
     train(model)

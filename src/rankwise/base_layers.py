@@ -193,7 +193,8 @@ class Bnb4bitKind(BaseKind):
         raise quant.merge_refusal(self.module)
 
     def merged_module(self, weight: Tensor) -> nn.Module:
-        """A float ``nn.Linear``: the dequantised ``W0`` + the update(s), in the base's compute dtype."""
+        """A float ``nn.Linear``: the dequantised ``W0`` + the update(s), in the float dtype the base takes and
+        returns (:func:`rankwise.quant.float_dtype`)."""
         return quant.float_linear(self.module, weight)
 
     def describe(self) -> str:

@@ -444,7 +444,7 @@ class AdapterLayer(nn.Module):
 
     def to_merged_float(self) -> nn.Module:
         """A quantised base's replacement for a merged detach: a float ``nn.Linear`` holding the
-        dequantised ``W0`` + the update(s), in the base's compute dtype."""
+        dequantised ``W0`` + the update(s), in the float dtype the base takes and returns."""
         return self.kind.merged_module(self.combined_weight().detach())
 
     def to_base(self) -> nn.Module:

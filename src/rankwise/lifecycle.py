@@ -461,7 +461,8 @@ def detach(model: nn.Module, merge: bool = False) -> nn.Module:
     embedding) ends untied, and ``config.tie_word_embeddings`` is set to False. With ``merge`` on a
     bitsandbytes-quantised model the result is a float model: each adapted layer becomes an
     ``nn.Linear`` holding the dequantised ``W0`` + the update, the other quantised layers are
-    dequantised, in the layers' compute dtype (``rankwise.quant``). Returns the (unwrapped) model.
+    dequantised, in the float dtype each layer takes and returns (a 4-bit weight's checkpoint dtype;
+    ``rankwise.quant.float_dtype``). Returns the (unwrapped) model.
     """
     model = unwrap_model(model)
     layers = slot_layers(model)

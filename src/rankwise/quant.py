@@ -147,6 +147,17 @@ def compute_dtype(module: nn.Module) -> torch.dtype:
     return bias.dtype if bias is not None and torch.is_floating_point(bias) else torch.float32
 
 
+def float_dtype(module: nn.Module) -> torch.dtype:
+    """The float dtype a quantised layer takes and returns (bitsandbytes casts its output back to the input's):
+    a 4-bit weight's ``quant_state.dtype`` (the checkpoint's dtype it was quantised from); an int8 layer keeps
+    no such record, so its bias's dtype (bitsandbytes casts the bias to the input's), else fp32."""
+    dtype = getattr(getattr(getattr(module, "weight", None), "quant_state", None), "dtype", None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    bias = getattr(module, "bias", None)
+    return bias.dtype if bias is not None and torch.is_floating_point(bias) else torch.float32
+
+
 @torch.no_grad()
 def dequantize(module: nn.Module) -> Tensor:
     """One quantised layer's weight as a new fp32 ``out x in`` tensor (the quantised weight is not touched)."""
@@ -202,8 +213,9 @@ def merge_refusal(module: nn.Module) -> ValueError:
 
 def float_linear(module: nn.Module, weight: Tensor, dtype: torch.dtype | None = None) -> nn.Linear:
     """A plain ``nn.Linear`` with ``weight`` (``out x in``) and the quantised ``module``'s bias, in ``dtype``
-    (default: the module's compute dtype), on the weight's device."""
-    dtype = dtype or compute_dtype(module)
+    (default: the float dtype the module takes and returns, :func:`float_dtype`, so the model around it still
+    fits), on the weight's device."""
+    dtype = dtype or float_dtype(module)
     bias = getattr(module, "bias", None)
     out_f, in_f = weight.shape
     linear = nn.Linear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=dtype)
@@ -244,6 +256,6 @@ def dequantize_model(model: nn.Module) -> list[str]:
 
 __all__ = [
     "QUANT_EXTRA", "base_forward", "check_adaptable", "compute_dtype", "dense_weight", "dequantize",
-    "dequantize_model", "describe_quant", "float_linear", "is_quantized", "keep_layout", "merge_refusal",
+    "dequantize_model", "describe_quant", "float_dtype", "float_linear", "is_quantized", "keep_layout", "merge_refusal",
     "parameter_count", "quant_kind",
 ]
