@@ -166,7 +166,7 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
         if resume and run.ckpt is None and finished(run.out):
             return _finished_result(run)
         if run.saved is not None:
-            _check_same_processes(run)
+            _check_same_launch(run)
         _read_data(run)
         _load_model(run)
         if run.saved is not None:  # the rows trained on: after the task type dropped those it cannot use
@@ -371,7 +371,7 @@ def _data_fingerprint(run: _Run) -> dict[str, Any]:
             for split, rows in (("train", run.train), ("dev", run.dev), ("val", run.val))}
 
 
-def _check_same_processes(run: _Run) -> None:
+def _check_same_launch(run: _Run) -> None:
     """``--resume`` by as many processes, in the same mixed precision, as the run started with (``config.json``'s
     ``num_processes`` and ``mixed_precision``): the global batch, so the data order, the steps per epoch and the
     schedule, follow the number of processes; ``--precision auto`` resolves per machine."""
