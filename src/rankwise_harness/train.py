@@ -541,13 +541,14 @@ def _train(run: _Run, training: _Training, loop: _Loop, show_progress: bool) -> 
     loop.t_start = time.perf_counter()
     while loop.step < training.total_steps and not _out_of_patience(run, loop):
         step_loss = _accumulate(run, loop)
+        loss_value = float(accelerator.reduce(step_loss, "mean")) if run.world > 1 else float(step_loss)
+        _check_finite_loss(run, loop, loss_value, training.total_steps)
         training.optimizer.step()
         training.scheduler.step()
         training.optimizer.zero_grad(set_to_none=True)
         if training.call_step:
             rankwise.step(training.raw_model, training.optimizer.optimizer)
         loop.step += 1
-        loss_value = float(accelerator.reduce(step_loss, "mean")) if run.world > 1 else float(step_loss)
         loop.history.losses.append(loss_value)
         bar.update(loss_value, float(np.mean(loop.history.losses[-10:])),
                    loop.step * run.global_bs * cfg.grad_accum / max(loop.seconds(), 1e-9))
@@ -558,6 +559,18 @@ def _train(run: _Run, training: _Training, loop: _Loop, show_progress: bool) -> 
     if loop.step < training.total_steps:
         run.say(f"early stop at step {loop.step} of {training.total_steps}: {cfg.patience} held-out evaluation(s) "
                 "without a new best")
+
+
+def _check_finite_loss(run: _Run, loop: _Loop, loss: float, total: int) -> None:
+    """Stop before the optimizer steps on a NaN/inf loss (every process sees the same, reduced, value): training on
+    would write NaN into the trained tensors and report the NaN model's metrics as the run's result."""
+    if math.isfinite(loss):
+        return
+    ckpt = _latest_or_none(run.out)
+    kept = f"the last checkpoint ({ckpt.name}) is kept" if ckpt is not None else "no checkpoint was written"
+    raise RunError(f"non-finite training loss ({loss}) at step {loop.step + 1} of {total}: the optimizer step was not "
+                   f"taken and no result is written ({kept}); lower --lr or check the data, then start again with "
+                   "--overwrite")
 
 
 def _out_of_patience(run: _Run, loop: _Loop) -> bool:
