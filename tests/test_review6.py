@@ -61,3 +61,91 @@ def test_a_non_finite_training_loss_stops_the_run_before_the_optimizer_steps(
     assert "checkpoint" in str(info.value)
     out = Path(cfg.output)
     assert not (out / "metrics.json").exists() and (out / "checkpoints" / "LATEST").read_text() == "step-0000002"
+
+
+# ---------------------------------------------------------------------------- weight decay groups
+def _hf_decayed(model: torch.nn.Module) -> set[str]:
+    """The trainable parameters HF ``Trainer`` decays (its own rule: not biases, not normalisation layers)."""
+    from transformers import Trainer
+
+    names = set(Trainer.get_decay_parameter_names(None, model))  # type: ignore[arg-type]  (self is unused)
+    return {n for n, p in model.named_parameters() if p.requires_grad and n in names}
+
+
+def _decay_of(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, float]:
+    name = {id(p): n for n, p in model.named_parameters()}
+    out: dict[str, float] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            assert name[id(p)] not in out, f"{name[id(p)]} is in two parameter groups"
+            out[name[id(p)]] = group["weight_decay"]
+    return out
+
+
+@pytest.mark.parametrize("method,extra", [("full", {}), ("lora", {}), ("dora", {"lora_plus_ratio": 4.0})],
+                         ids=["full", "lora", "dora-lora-plus"])
+def test_weight_decay_skips_biases_and_layernorms_as_hf_trainer_does(
+        tmp_path: Path, tiny_models: dict[str, str], sst2: str, method: str, extra: dict,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--weight-decay 0.1``: before, every trained tensor was decayed, biases and LayerNorm weights too (full
+    fine-tuning pulled every LayerNorm gain toward 0; the head's bias was decayed in every run). Now the decayed
+    set is exactly HF ``Trainer``'s (``get_decay_parameter_names``), each tensor in one group, every trained
+    tensor in the optimizer, the learning rates untouched (LoRA+'s ``B`` keeps ratio x lr)."""
+    import rankwise_harness.train as train
+
+    seen: dict[str, object] = {}
+    real = train._set_up_training
+
+    def spy(run, adapter, hook):  # type: ignore[no-untyped-def]
+        training = real(run, adapter, hook)
+        seen["training"] = training
+        return training
+
+    monkeypatch.setattr(train, "_set_up_training", spy)
+    cfg = _cfg(tmp_path, tiny_models, sst2, method=method, max_steps=1, weight_decay=0.1, **extra)
+    finetune(cfg, **QUIET)
+    training = seen["training"]
+    model = training.raw_model  # type: ignore[attr-defined]
+    decay = _decay_of(training.optimizer.optimizer, model)  # type: ignore[attr-defined]
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(decay) == trained
+    assert {n for n, wd in decay.items() if wd > 0} == _hf_decayed(model)
+    assert {wd for wd in decay.values()} == {0.0, 0.1}
+    if extra:
+        lrs = {n: g["lr"] for g in training.optimizer.optimizer.param_groups for n in  # type: ignore[attr-defined]
+               [k for k, p in model.named_parameters() if any(p is q for q in g["params"])]}
+        assert all(lr == pytest.approx(4 * 5e-3) for n, lr in lrs.items() if n.endswith("lora_b"))
+        assert all(lr == pytest.approx(5e-3) for n, lr in lrs.items() if not n.endswith("lora_b"))
+
+
+def test_without_weight_decay_the_groups_are_as_before(tmp_path: Path, tiny_models: dict[str, str], sst2: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--weight-decay 0`` (the default) adds no group: a checkpoint written before keeps fitting the optimizer."""
+    import rankwise_harness.train as train
+
+    seen: dict[str, object] = {}
+    real = train._set_up_training
+    monkeypatch.setattr(train, "_set_up_training",
+                        lambda run, adapter, hook: seen.setdefault("t", real(run, adapter, hook)))
+    finetune(_cfg(tmp_path, tiny_models, sst2, method="lora", max_steps=1, lora_plus_ratio=4.0), **QUIET)
+    groups = seen["t"].optimizer.optimizer.param_groups  # type: ignore[attr-defined]
+    assert [g.get("name") for g in groups] == ["base_lr", "lora_plus_b", "head"]
+
+
+def test_lora_plus_groups_decay_what_hf_trainer_decays() -> None:
+    """The library's ``lora_plus_param_groups(weight_decay=...)`` on DoRA with a fully trained LayerNorm and head
+    (``modules_to_save``): the biases and the LayerNorm were decayed; now exactly HF ``Trainer``'s set is (the
+    magnitudes too, as there), and the ``lr`` of each tensor is unchanged (``B``: ratio x lr)."""
+    import rankwise
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
+    rankwise.attach(model, rankwise.DoraConfig(r=2, alpha=4, target_modules=("0",), modules_to_save=("1", "2")))
+    groups = rankwise.lora_plus_param_groups(model, lr=1e-3, ratio=16, weight_decay=0.05)
+    optimizer = torch.optim.AdamW(groups)
+    decay = _decay_of(optimizer, model)
+    assert set(decay) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n, wd in decay.items() if wd > 0} == _hf_decayed(model)
+    assert any(n.endswith("magnitude") for n in _hf_decayed(model))
+    lr = {n: g["lr"] for g in groups for n, p in model.named_parameters() if any(p is q for q in g["params"])}
+    assert {n for n, v in lr.items() if v == pytest.approx(16e-3)} == {n for n in lr if n.endswith("lora_b")}

@@ -27,6 +27,7 @@ from torch import nn
 from .adapter_file import AdapterFileError, validate_method_state
 from .config import AdapterConfig
 from .layer import AdapterLayer
+from .optim import split_weight_decay
 from .quant import dequantize_model, parameter_count
 from .registry import BuildResult, LossFn, method_for
 from .layer import DEFAULT_ADAPTER
@@ -147,7 +148,10 @@ def lora_plus_param_groups(
 
     Works for every method: each layer names the tensors that get the larger rate (LoRA's, DoRA's,
     GoRA's and RAC-LoRA's ``B``; EDoRA's core ``R``, its only trained factor); all other trainable
-    tensors (``A``, magnitudes, fully-trained modules) get ``lr``.
+    tensors (``A``, magnitudes, fully-trained modules) get ``lr``. ``weight_decay`` skips biases and
+    normalisation layers (:func:`rankwise.optim.split_weight_decay`: a ``*_no_decay`` sibling group).
+    (PEFT's ``create_loraplus_optimizer`` also gives every 1-D tensor — magnitudes, biases — ``ratio · lr``;
+    the paper's rule, kept here, is ``B`` alone.)
     """
     fast: list[nn.Parameter] = []
     fast_ids: set[int] = set()
@@ -161,7 +165,7 @@ def lora_plus_param_groups(
     groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "base_lr"}]
     if fast:
         groups.append({"params": fast, "lr": lr * ratio, "weight_decay": weight_decay, "name": "lora_plus_b"})
-    return [g for g in groups if g["params"]]
+    return split_weight_decay(model, [g for g in groups if g["params"]])
 
 
 # ---------------------------------------------------------------------------- attach / detach

@@ -1,7 +1,12 @@
-"""Optimizer bookkeeping shared by methods that restart factors during training (RAC-LoRA, COLA).
+"""Optimizer bookkeeping: weight-decay groups, and what methods that restart factors during training (RAC-LoRA,
+COLA) need.
 
 A link end re-initialises a factor, so the optimizer must forget that factor's moments, and it must be
 the optimizer that actually trains the model (else the real one keeps stale moments).
+
+Weight decay skips biases and normalisation layers' parameters (:func:`split_weight_decay`), as HF ``Trainer``
+(``get_decay_parameter_names``) and PEFT's LoRA+ optimizer do; every other trained tensor (LoRA's factors, DoRA's
+magnitude, as there) is decayed.
 """
 
 from __future__ import annotations
@@ -9,9 +14,45 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from .layer import AdapterLayer
+
+
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """A normalisation layer: torch's, or a model's own class named so (``LlamaRMSNorm``, ``T5LayerNorm``)."""
+    return isinstance(module, _NORM_TYPES) or "norm" in type(module).__name__.lower()
+
+
+def no_decay_ids(model: nn.Module) -> set[int]:
+    """``id``s of the parameters weight decay skips: every bias, and every parameter of a normalisation layer."""
+    ids: set[int] = set()
+    for module in model.modules():
+        norm = _is_norm(module)
+        ids.update(id(p) for name, p in module.named_parameters(recurse=False) if norm or "bias" in name)
+    return ids
+
+
+def split_weight_decay(model: nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``groups`` with each decayed group's biases and normalisation parameters moved into a sibling group of the
+    same settings and ``weight_decay`` 0 (named ``<name>_no_decay``); groups without decay are returned as they are
+    (so a run without weight decay has the groups it always had). Idempotent."""
+    skip = no_decay_ids(model)
+    out: list[dict[str, Any]] = []
+    for group in groups:
+        params = list(group["params"])
+        kept = [p for p in params if id(p) not in skip]
+        if not group.get("weight_decay") or len(kept) == len(params):
+            out.append(group)
+            continue
+        if kept:
+            out.append({**group, "params": kept})
+        name = f"{group['name']}_no_decay" if "name" in group else "no_decay"
+        out.append({**group, "params": [p for p in params if id(p) in skip], "weight_decay": 0.0, "name": name})
+    return out
 
 
 def reset_optimizer_state(optimizer: Any, params: Iterable[Tensor]) -> None:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 import rankwise
+from rankwise.optim import split_weight_decay
 
 from .batches import micro_batch_indices, random_batches, to_device
 from .evaluation import evaluate
@@ -478,6 +479,7 @@ def _set_up_training(run: _Run, adapter: _Adapter, hook: StepHook | None) -> _Tr
     head_params = head_parameters(model, run.heads)
     n_head = sum(p.numel() for p in head_params if p.requires_grad)
     groups = with_head_group(run.source.param_groups(model, cfg), head_params, cfg.head_lr or cfg.learning_rate, cfg.weight_decay)
+    groups = split_weight_decay(model, groups)  # biases and LayerNorms are not decayed (HF Trainer's rule)
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * run.per_epoch / cfg.grad_accum))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total_steps))
