@@ -149,3 +149,18 @@ def test_lora_plus_groups_decay_what_hf_trainer_decays() -> None:
     assert any(n.endswith("magnitude") for n in _hf_decayed(model))
     lr = {n: g["lr"] for g in groups for n, p in model.named_parameters() if any(p is q for q in g["params"])}
     assert {n for n, v in lr.items() if v == pytest.approx(16e-3)} == {n for n in lr if n.endswith("lora_b")}
+
+
+# ---------------------------------------------------------------------------- --precision fp16 without a GPU
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU fp16 autocast runs")
+def test_fp16_on_a_machine_without_a_gpu_is_refused_not_run_in_fp32(tmp_path: Path, tiny_models: dict[str, str],
+                                                                     sst2: str) -> None:
+    """Accelerate runs no fp16 autocast on a CPU (``native_amp`` is off there): a ``--precision fp16`` run trained
+    and evaluated in fp32 (autocast off, fp32 logits) while ``config.json`` and ``metrics.json`` said
+    ``mixed_precision: fp16``. Now it is a ``ConfigError`` naming the flag, before anything is written."""
+    from rankwise_harness.config import ConfigError
+
+    cfg = _cfg(tmp_path, tiny_models, sst2, max_steps=1, precision="fp16")
+    with pytest.raises(ConfigError, match=r"--precision fp16 needs a GPU.*fp32.*--precision bf16"):
+        finetune(cfg, **QUIET)
+    assert not Path(cfg.output).exists()

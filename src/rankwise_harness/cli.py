@@ -100,7 +100,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    "the best evaluation")
     g.add_argument("--max-new-tokens", type=int, default=256, help="generation budget for gsm8k evaluation")
     g.add_argument("--precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
-                   help="auto: bf16 on GPUs that support it, else fp32")
+                   help="auto: bf16 on GPUs that support it, else fp32; fp16: GPUs only")
     g = p.add_argument_group("evaluation, checkpoints, output")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate on dev every N optimizer steps (0: at the end only)")
     g.add_argument("--eval-before", action="store_true", help="also evaluate before training")

@@ -327,6 +327,9 @@ def _open_run(cfg: RunConfig, source: AdapterSource, resume: bool, overwrite: bo
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     else:
         mp = cfg.precision
+    if mp == "fp16" and not torch.cuda.is_available():  # Accelerate would ignore it and train in fp32
+        raise ConfigError("--precision fp16 needs a GPU: on a CPU Accelerate runs no fp16 autocast, so the run would "
+                          "train in fp32 while its files say fp16; pass --precision bf16 (CPU autocast) or no")
     # several CPU processes (torchrun without GPUs) need cpu=True for Accelerate to set up gloo
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(mixed_precision=mp, cpu=multi_cpu)
