@@ -8,6 +8,7 @@ under test: a plain PyTorch loop written here, autograd, or HF transformers' own
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -72,6 +73,17 @@ def _hf_decayed(model: torch.nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters() if p.requires_grad and n in names}
 
 
+def _training_of(cfg: RunConfig, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Run ``cfg``; the run's optimizer side (``train._Training``: the optimizer, the unwrapped model)."""
+    import rankwise_harness.train as train
+
+    seen: list[Any] = []
+    real = train._set_up_training
+    monkeypatch.setattr(train, "_set_up_training", lambda *args: seen.append(real(*args)) or seen[-1])
+    finetune(cfg, **QUIET)
+    return seen[0]
+
+
 def _decay_of(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, float]:
     name = {id(p): n for n, p in model.named_parameters()}
     out: dict[str, float] = {}
@@ -91,28 +103,16 @@ def test_weight_decay_skips_biases_and_layernorms_as_hf_trainer_does(
     fine-tuning pulled every LayerNorm gain toward 0; the head's bias was decayed in every run). Now the decayed
     set is exactly HF ``Trainer``'s (``get_decay_parameter_names``), each tensor in one group, every trained
     tensor in the optimizer, the learning rates untouched (LoRA+'s ``B`` keeps ratio x lr)."""
-    import rankwise_harness.train as train
-
-    seen: dict[str, object] = {}
-    real = train._set_up_training
-
-    def spy(run, adapter, hook):  # type: ignore[no-untyped-def]
-        training = real(run, adapter, hook)
-        seen["training"] = training
-        return training
-
-    monkeypatch.setattr(train, "_set_up_training", spy)
-    cfg = _cfg(tmp_path, tiny_models, sst2, method=method, max_steps=1, weight_decay=0.1, **extra)
-    finetune(cfg, **QUIET)
-    training = seen["training"]
-    model = training.raw_model  # type: ignore[attr-defined]
-    decay = _decay_of(training.optimizer.optimizer, model)  # type: ignore[attr-defined]
+    training = _training_of(_cfg(tmp_path, tiny_models, sst2, method=method, max_steps=1, weight_decay=0.1, **extra),
+                            monkeypatch)
+    model = training.raw_model
+    decay = _decay_of(training.optimizer.optimizer, model)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(decay) == trained
     assert {n for n, wd in decay.items() if wd > 0} == _hf_decayed(model)
     assert {wd for wd in decay.values()} == {0.0, 0.1}
     if extra:
-        lrs = {n: g["lr"] for g in training.optimizer.optimizer.param_groups for n in  # type: ignore[attr-defined]
+        lrs = {n: g["lr"] for g in training.optimizer.optimizer.param_groups for n in
                [k for k, p in model.named_parameters() if any(p is q for q in g["params"])]}
         assert all(lr == pytest.approx(4 * 5e-3) for n, lr in lrs.items() if n.endswith("lora_b"))
         assert all(lr == pytest.approx(5e-3) for n, lr in lrs.items() if not n.endswith("lora_b"))
@@ -121,14 +121,9 @@ def test_weight_decay_skips_biases_and_layernorms_as_hf_trainer_does(
 def test_without_weight_decay_the_groups_are_as_before(tmp_path: Path, tiny_models: dict[str, str], sst2: str,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """``--weight-decay 0`` (the default) adds no group: a checkpoint written before keeps fitting the optimizer."""
-    import rankwise_harness.train as train
-
-    seen: dict[str, object] = {}
-    real = train._set_up_training
-    monkeypatch.setattr(train, "_set_up_training",
-                        lambda run, adapter, hook: seen.setdefault("t", real(run, adapter, hook)))
-    finetune(_cfg(tmp_path, tiny_models, sst2, method="lora", max_steps=1, lora_plus_ratio=4.0), **QUIET)
-    groups = seen["t"].optimizer.optimizer.param_groups  # type: ignore[attr-defined]
+    training = _training_of(_cfg(tmp_path, tiny_models, sst2, method="lora", max_steps=1, lora_plus_ratio=4.0),
+                            monkeypatch)
+    groups = training.optimizer.optimizer.param_groups
     assert [g.get("name") for g in groups] == ["base_lr", "lora_plus_b", "head"]
 
 
