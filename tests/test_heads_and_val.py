@@ -143,12 +143,14 @@ def test_roberta_head_trains_at_head_lr_and_is_counted_apart(tmp_path: Path, tin
     (opt,) = made
     groups = {g.get("name"): g for g in opt.param_groups}
     h = 32  # the tiny BERT's width
-    assert sorted(tuple(p.shape) for p in groups["head"]["params"]) == [(2,), (2, h), (h,), (h, h)]
-    assert groups["head"]["initial_lr"] == 3e-2
-    assert all(g["initial_lr"] == 1e-3 for name, g in groups.items() if name != "head")
-    assert all(g["weight_decay"] == 0.01 for g in opt.param_groups)
-    head_ids = {id(p) for p in groups["head"]["params"]}
-    assert not any(id(p) in head_ids for name, g in groups.items() if name != "head" for p in g["params"])
+    head = ("head", "head_no_decay")  # the head's biases are not decayed (HF Trainer's rule)
+    assert sorted(tuple(p.shape) for name in head for p in groups[name]["params"]) == [(2,), (2, h), (h,), (h, h)]
+    assert all(groups[name]["initial_lr"] == 3e-2 for name in head)
+    assert all(g["initial_lr"] == 1e-3 for name, g in groups.items() if name not in head)
+    assert [g["weight_decay"] for g in opt.param_groups if g.get("name") != "head_no_decay"] == [0.01] * (len(groups) - 1)
+    assert groups["head_no_decay"]["weight_decay"] == 0.0
+    head_ids = {id(p) for name in head for p in groups[name]["params"]}
+    assert not any(id(p) in head_ids for name, g in groups.items() if name not in head for p in g["params"])
     # h x h + h + 2h + 2 head parameters; LoRA r=4 on query and value of 2 layers: 4 x 4 x (h + h)
     assert result["head_params"] == h * h + h + 2 * h + 2
     assert result["adapter_params"] == 4 * 4 * (h + h)
