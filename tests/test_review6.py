@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 import torch
+from test_harness_train import _cfg, sst2, tiny_models  # noqa: F401  (module fixtures: a tiny BERT, 64 SST-2 rows)
 
 from rankwise_harness.checkpoint import RunError
 from rankwise_harness.config import RunConfig
-from rankwise_harness.tasktypes import task_type_for
 from rankwise_harness.data import get_task
+from rankwise_harness.tasktypes import task_type_for
 from rankwise_harness.train import finetune
-from test_harness_train import _cfg, sst2, tiny_models  # noqa: F401  (module fixtures: a tiny BERT, 64 SST-2 rows)
 
 QUIET = dict(show_progress=False, log=lambda _m: None)
 

@@ -18,7 +18,6 @@ from torch import Tensor, nn
 
 from .layer import AdapterLayer
 
-
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase)
 
 
