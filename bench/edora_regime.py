@@ -173,7 +173,7 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     runs, seeds = Path(args.runs + ("-b" if args.regime == "b" else "")), [int(s) for s in args.seeds.split(",")]
-    chosen = [a for a in arms(args.r, args.alpha, args.few_seeds) if a.label in args.arms.split(",")]
+    labels = args.arms.split(",")
     model = args.model or ("smollm2" if args.regime == "b" else None)
     regime = (["--head", "roberta", "--pooling", "mean", "--head-lr", f"{args.head_lr:g}", "--targets", args.targets]
               if args.regime == "a" else ["--targets", "q_proj,v_proj"])
@@ -186,6 +186,9 @@ def main() -> None:
     lines = [header("python " + " ".join(shlex.quote(a) for a in sys.argv), runs.name), ""]
     all_picked: dict[str, float | None] = {}
     for task in args.tasks.split(","):
+        # fresh arms per task: a grid extended on one task must not carry its points (nor use up its extensions)
+        # into the next task's grid
+        chosen = [a for a in arms(args.r, args.alpha, args.few_seeds) if a.label in labels]
         picked = run_all(runs, task, chosen, seeds, common, args.dry_run, args.report_only)
         all_picked |= {f"{task}:{k}": v for k, v in picked.items()}
         if args.dry_run:

@@ -335,3 +335,26 @@ def test_the_edora_average_is_taken_per_seed_index_across_the_two_tasks(tmp_ledg
     avg = next(line for line in lines if line.startswith("| average | edora-svd"))
     d, low, high = regime.welch_interval([65.0, 64.0, 69.0], [64.0, 63.0, 66.5], 0.90)  # the per-seed means
     assert f"| {d:+.2f} | [{low:+.2f}, {high:+.2f}] |" in avg
+
+
+def _held(tmp_ledger: Path, task: str, arm, scores: dict[float, float]) -> None:
+    """Finished seed-0 grid runs of ``arm`` on ``task`` with these held-out F1 scores by lr."""
+    for lr, v in scores.items():
+        _write_entry(tmp_ledger, task, arm, lr, 0, {"method": arm.method, "headline_metric": "f1",
+                                                      "best": {"val": {"f1": v}}})
+
+
+def test_a_grid_extended_on_one_task_does_not_carry_into_the_next(tmp_ledger: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/protocols/edora-decided.md: each task's grid is {3e-4, 1e-3, 3e-3} for LoRA, extended by that task's own
+    edge picks (at most 3). MRPC's LoRA pick sits at the low edge twice (extended to 9.5e-5 and 3e-5); CoLA's grid
+    must still be the three base points (before: it ran MRPC's extensions too, and had one extension left)."""
+    er = _edora()
+    runs = tmp_ledger.parent / "edora-x"
+    lora = er.arms(8, 16.0)[0]
+    _held(runs, "mrpc", lora, {3e-4: 0.80, 1e-3: 0.75, 3e-3: 0.70, 9.5e-5: 0.82, 3e-5: 0.81})
+    monkeypatch.setattr(sys, "argv", ["edora_regime.py", "--tasks", "mrpc,cola", "--arms", "lora", "--seeds", "0",
+                                      "--runs", str(runs), "--dry-run"])
+    er.main()
+    listed = [line.split()[-1] for line in capsys.readouterr().out.splitlines() if line.startswith("+ (not run) cola/")]
+    assert sorted(listed) == ["cola/lora/lr0.0003-seed0", "cola/lora/lr0.001-seed0", "cola/lora/lr0.003-seed0"]
