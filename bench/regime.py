@@ -47,6 +47,7 @@ class Arm:
     n_seeds: int | None = None
     extend_grid: bool = True  # a pick at the grid's edge adds the next point outward (half a decade)
     pick_on: str = "held-out"  # or "train-loss": the lowest last-epoch training loss (an optimisation claim)
+    trains_adapter: bool = True  # False: a control whose adapter is attached but held still (no adapter parameters)
     base_grid: int = field(init=False, default=0)  # the grid's size as given, before any extension
 
     def __post_init__(self) -> None:
@@ -59,7 +60,16 @@ class Arm:
 def head_only(flags: list[str], n_seeds: int | None = None) -> Arm:
     """The control arm: the head trained alone (a LoRA whose lr 1e-12 leaves B at zero, so the adapter adds
     nothing); it shows how much of a score the head earns without any adapter."""
-    return Arm("head-only", "lora", flags, [1e-12], n_seeds, extend_grid=False)
+    return Arm("head-only", "lora", flags, [1e-12], n_seeds, extend_grid=False, trains_adapter=False)
+
+
+def adapter_cell(arm: Arm, m: dict[str, Any]) -> str:
+    """The table's adapter parameters: the adapter's trainable count; full fine-tuning's every weight but the head;
+    0 for a control whose adapter never moves (the head-only arm's LoRA, held at lr 1e-12: its size in brackets)."""
+    adapter = m.get("adapter_params")  # None: full fine-tuning (every weight trains)
+    if adapter is None:
+        return f"{m['trainable_params'] - m['head_params']:,} (all)"
+    return f"{adapter:,}" if arm.trains_adapter else f"0 (its {arm.method} of {adapter:,} held still)"
 
 
 def run_id(task: str, arm: Arm, lr: float, seed: int) -> str:
@@ -244,10 +254,8 @@ def table(runs: Path, task: str, arms: list[Arm], picked: dict[str, float | None
         last = [m["last"]["dev"][head] for m in ms]
         last_acc = [m["last"]["dev"].get("accuracy", float("nan")) for m in ms]
         secs = statistics.mean(m["train_seconds"] for m in ms)
-        adapter = ms[0].get("adapter_params")  # None: full fine-tuning (every weight trains)
-        adapter_cell = f"{adapter:,}" if adapter is not None else f"{ms[0]['trainable_params'] - ms[0]['head_params']:,} (all)"
         mark = "†" if arm.pick_on == "train-loss" else ""
-        lines.append(f"| {arm.label} | {lr:g}{mark}{grid} | {adapter_cell} | {ms[0]['head_params']:,} | "
+        lines.append(f"| {arm.label} | {lr:g}{mark}{grid} | {adapter_cell(arm, ms[0])} | {ms[0]['head_params']:,} | "
                      f"{mean_std(best)} | {mean_std(best_acc)} | {mean_std(last)} | {mean_std(last_acc)} | "
                      f"{mean_std([last_epoch_loss(m) for m in ms], scale=1, digits=3)} | {secs:.0f} |")
     return lines

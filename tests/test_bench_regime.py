@@ -358,3 +358,20 @@ def test_a_grid_extended_on_one_task_does_not_carry_into_the_next(tmp_ledger: Pa
     er.main()
     listed = [line.split()[-1] for line in capsys.readouterr().out.splitlines() if line.startswith("+ (not run) cola/")]
     assert sorted(listed) == ["cola/lora/lr0.0003-seed0", "cola/lora/lr0.001-seed0", "cola/lora/lr0.003-seed0"]
+
+
+def test_the_head_only_control_reports_no_adapter_parameters(tmp_ledger: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/protocols/edora-decided.md: 'trainable adapter parameters with the head counted separately'. The
+    head-only control's LoRA is attached but held at lr 1e-12 (it never moves): its adapter count is 0, not the
+    LoRA's size (before: the table gave it LoRA's count, 202,752 at r 8 on MiniLM's four targets)."""
+    monkeypatch.setattr(regime, "majority_rate", lambda task: 0.684)
+    er = _edora()
+    by = {a.label: a for a in er.arms(8, 16.0)}
+    run = {"headline_metric": "f1", "adapter_params": 202_752, "head_params": 148_610, "train_seconds": 1.0,
+           "steps": 2, "last": {"epoch": 2.0, "dev": {"f1": 0.8, "accuracy": 0.7}}, "epoch_losses": [0.7, 0.6],
+           "best": {"val": {"f1": 0.8}, "dev": {"f1": 0.8, "accuracy": 0.7}}}
+    _write_entry(tmp_ledger, "mrpc", by["head-only"], 1e-12, 0, {"method": "lora", **run})
+    _write_entry(tmp_ledger, "mrpc", by["lora"], 1e-3, 0, {"method": "lora", **run})
+    rows = regime.table(tmp_ledger, "mrpc", [by["lora"], by["head-only"]], {"lora": 1e-3, "head-only": 1e-12}, [0])
+    cells = {row.split(" | ")[0].lstrip("| "): row.split(" | ")[2] for row in rows if row.startswith("| ")}
+    assert cells["lora"] == "202,752" and cells["head-only"].startswith("0 ") and cells["head-only"] != "202,752"
