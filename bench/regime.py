@@ -286,6 +286,23 @@ def epoch_losses(m: dict[str, Any]) -> list[float]:
     return [statistics.mean(losses[i:i + per_epoch]) for i in range(0, len(losses), per_epoch)]
 
 
+def seed_means(ms: list[dict[str, Any]]) -> tuple[dict[float, float], dict[int, float]]:
+    """Per epoch, the mean over the runs that reached it of the held-out headline metric, and of the epoch's mean
+    training loss. A run's evaluations count once per step: a run stopped by ``--patience`` is evaluated again at
+    its last step by the finish (the same weights), which must not weigh it twice."""
+    head = ms[0]["headline_metric"]
+    scores: dict[float, list[float]] = {}
+    losses: dict[int, list[float]] = {}
+    for m in ms:
+        once = {e["step"]: e for e in m["eval_history"] if isinstance(e.get("val"), dict)}
+        for e in once.values():
+            scores.setdefault(e["epoch"], []).append(e["val"][head])
+        for i, loss in enumerate(epoch_losses(m), start=1):
+            losses.setdefault(i, []).append(loss)
+    return ({x: statistics.mean(scores[x]) for x in sorted(scores)},
+            {x: statistics.mean(losses[x]) for x in sorted(losses)})
+
+
 def curves(runs: Path, task: str, arms: list[Arm], picked: dict[str, float | None], seeds: list[int], path: Path) -> None:
     """Two panels, seed mean per arm against epoch: the held-out headline metric, and the training loss."""
     import matplotlib
@@ -299,19 +316,10 @@ def curves(runs: Path, task: str, arms: list[Arm], picked: dict[str, float | Non
         ms = seed_metrics(runs, task, arm, lr, seeds)
         if not ms:
             continue
-        head = ms[0]["headline_metric"]
-        by_epoch: dict[float, list[float]] = {}
-        for m in ms:
-            for e in m["eval_history"]:
-                if "val" in e:
-                    by_epoch.setdefault(e["epoch"], []).append(e["val"][head])
-        xs = sorted(by_epoch)
-        line, = held.plot(xs, [100 * statistics.mean(by_epoch[x]) for x in xs], marker="o", ms=3,
+        scores, losses = seed_means(ms)
+        line, = held.plot(list(scores), [100 * v for v in scores.values()], marker="o", ms=3,
                           label=f"{arm.label} (lr {lr:g})")
-        per_run = [epoch_losses(m) for m in ms]
-        n = min(len(v) for v in per_run)
-        fit.plot(range(1, n + 1), [statistics.mean(v[i] for v in per_run) for i in range(n)], marker="o", ms=3,
-                 color=line.get_color())
+        fit.plot(list(losses), list(losses.values()), marker="o", ms=3, color=line.get_color())
     held.set(xlabel="epoch", ylabel="held-out metric x100", title=f"{task}: held-out training rows")
     fit.set(xlabel="epoch", ylabel="mean training loss of the epoch", yscale="log", title="fit to the training rows")
     held.legend(fontsize=7)

@@ -375,3 +375,19 @@ def test_the_head_only_control_reports_no_adapter_parameters(tmp_ledger: Path, m
     rows = regime.table(tmp_ledger, "mrpc", [by["lora"], by["head-only"]], {"lora": 1e-3, "head-only": 1e-12}, [0])
     cells = {row.split(" | ")[0].lstrip("| "): row.split(" | ")[2] for row in rows if row.startswith("| ")}
     assert cells["lora"] == "202,752" and cells["head-only"].startswith("0 ") and cells["head-only"] != "202,752"
+
+
+def test_the_curves_weigh_each_run_once_per_epoch_and_show_every_epoch_reached() -> None:
+    """The curves' seed means (held-out metric and training loss beside it, per epoch): a run stopped by patience
+    is evaluated again at its last step by the finish; that repeat must not count twice. The training loss is
+    drawn for every epoch some run reached (before: cut at the shortest run's length, so one early-stopped seed
+    hid the others' later epochs)."""
+    early = {"headline_metric": "f1", "steps": 3, "last": {"epoch": 3.0}, "epoch_losses": [0.7, 0.5, 0.4],
+             "eval_history": [{"step": s, "epoch": float(s), "val": {"f1": v}} for s, v in ((1, 0.5), (2, 0.7), (3, 0.6))]
+             + [{"step": 3, "epoch": 3.0, "val": {"f1": 0.6}}]}  # the finish's evaluation of the same weights
+    full = {"headline_metric": "f1", "steps": 5, "last": {"epoch": 5.0}, "epoch_losses": [0.9, 0.7, 0.3, 0.2, 0.1],
+            "eval_history": [{"step": s, "epoch": float(s), "val": {"f1": v}}
+                             for s, v in ((1, 0.4), (2, 0.5), (3, 0.9), (4, 0.7), (5, 0.8))]}
+    scores, losses = regime.seed_means([early, full])
+    assert scores == pytest.approx({1.0: 0.45, 2.0: 0.6, 3.0: 0.75, 4.0: 0.7, 5.0: 0.8})
+    assert losses == pytest.approx({1: 0.8, 2: 0.6, 3: 0.35, 4: 0.2, 5: 0.1})
