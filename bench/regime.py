@@ -145,6 +145,25 @@ def outward(lrs: list[float], best: float) -> float | None:
     return float(f"{best * step:.2g}")
 
 
+def grid_score(arm: Arm, m: dict[str, Any]) -> float:
+    """What a grid run is picked on: its best held-out score, or (``pick_on="train-loss"``) minus its last-epoch loss."""
+    return held_out_score(m) if arm.pick_on == "held-out" else -last_epoch_loss(m)
+
+
+def _unique(scores: dict[float, float], best: float | None) -> bool:
+    """``best`` scored strictly above every other grid point (a tie is no edge pick)."""
+    return best is not None and sum(v == scores[best] for v in scores.values()) == 1
+
+
+def still_at_edge(runs: Path, task: str, arm: Arm, lr: float | None) -> bool:
+    """The pick ``lr`` sits, untied, at an edge of its extensible grid once the grid has run (extensions
+    exhausted): the protocol's "the picked lr must not sit at a grid edge" is not met, and the report says so."""
+    if lr is None or not arm.extend_grid or outward(arm.lrs, lr) is None:
+        return False
+    scores = {x: grid_score(arm, m) for x in arm.lrs if (m := metrics(runs, task, arm, x, 0)) is not None}
+    return len(scores) == len(arm.lrs) and _unique(scores, lr)
+
+
 def pick_lr(runs: Path, task: str, arm: Arm, common: list[str], dry: bool = False) -> float | None:
     """Run the arm's grid at seed 0 (resumably) and return the lr with the best held-out score (``arm.pick_on``
     ``"train-loss"``: the lowest last-epoch training loss) among the finished grid runs (ties: the smaller lr). A pick at the grid's edge that no other point ties extends the grid outward
@@ -156,10 +175,9 @@ def pick_lr(runs: Path, task: str, arm: Arm, common: list[str], dry: bool = Fals
         lr = todo.pop(0)
         m = run_one(runs, task, arm, lr, 0, common, dry)
         if m is not None:
-            scores[lr] = held_out_score(m) if arm.pick_on == "held-out" else -last_epoch_loss(m)
+            scores[lr] = grid_score(arm, m)
         best = max(scores, key=lambda v: (scores[v], -v)) if scores else None
-        unique = best is not None and sum(v == scores[best] for v in scores.values()) == 1  # a tie is no edge pick
-        if not todo and unique and arm.extend_grid and len(arm.lrs) - arm.base_grid < MAX_EXTENSIONS:
+        if not todo and _unique(scores, best) and arm.extend_grid and len(arm.lrs) - arm.base_grid < MAX_EXTENSIONS:
             nxt = outward(arm.lrs, best)
             if nxt is not None and nxt not in arm.lrs and (not dry or metrics(runs, task, arm, nxt, 0) is not None):
                 arm.lrs.append(nxt)
@@ -244,7 +262,8 @@ def table(runs: Path, task: str, arms: list[Arm], picked: dict[str, float | None
     for arm in arms:
         lr = picked.get(arm.label)
         ms = seed_metrics(runs, task, arm, lr, seeds)
-        grid = f" (grid {grid_done(runs, task, arm)}/{len(arm.lrs)})"
+        edge = ", still at its edge" if still_at_edge(runs, task, arm, lr) else ""
+        grid = f" (grid {grid_done(runs, task, arm)}/{len(arm.lrs)}{edge})"
         if not ms:
             lines.append(f"| {arm.label} | {'—' if lr is None else f'{lr:g}'}{grid} | — | — | not yet run | | | | | |")
             continue

@@ -391,3 +391,20 @@ def test_the_curves_weigh_each_run_once_per_epoch_and_show_every_epoch_reached()
     scores, losses = regime.seed_means([early, full])
     assert scores == pytest.approx({1.0: 0.45, 2.0: 0.6, 3.0: 0.75, 4.0: 0.7, 5.0: 0.8})
     assert losses == pytest.approx({1: 0.8, 2: 0.6, 3: 0.35, 4: 0.2, 5: 0.1})
+
+
+def test_a_pick_left_at_the_grids_edge_after_three_extensions_is_named(tmp_ledger: Path) -> None:
+    """Issue 27: 'the picked lr must not sit at a grid edge'; the protocol extends at most 3 times, so a pick still at
+    the edge afterwards (the old smoke's LoRA at 9.5e-6, grid 6/6) is named in the table; an interior pick and a
+    tied edge pick (no edge pick by the protocol) are not."""
+    rising = regime.Arm("a", "lora", [], [1e-3, 3e-3, 1e-2])
+    _held(tmp_ledger, "mrpc", rising, {lr: lr for lr in (1e-3, 3e-3, 1e-2, 0.032, 0.1, 0.32)})
+    pick = regime.pick_lr(tmp_ledger, "mrpc", rising, [], dry=True)
+    assert pick == pytest.approx(0.32) and regime.still_at_edge(tmp_ledger, "mrpc", rising, pick)
+    peaked = regime.Arm("b", "lora", [], [1e-3, 3e-3, 1e-2])
+    _held(tmp_ledger, "mrpc", peaked, {1e-3: 0.5, 3e-3: 0.7, 1e-2: 0.6})
+    assert not regime.still_at_edge(tmp_ledger, "mrpc", peaked, regime.pick_lr(tmp_ledger, "mrpc", peaked, [], dry=True))
+    flat = regime.Arm("c", "lora", [], [1e-3, 3e-3, 1e-2])
+    _held(tmp_ledger, "mrpc", flat, {1e-3: 0.5, 3e-3: 0.5, 1e-2: 0.5})
+    assert not regime.still_at_edge(tmp_ledger, "mrpc", flat, regime.pick_lr(tmp_ledger, "mrpc", flat, [], dry=True))
+    assert not regime.still_at_edge(tmp_ledger, "mrpc", regime.head_only([]), 1e-12)
