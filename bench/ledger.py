@@ -58,7 +58,11 @@ def commits_line(experiment: str) -> str:
     def short(commit: str) -> str:
         return commit.split("+")[0][:12] + ("+dirty" if commit.endswith("+dirty") else "")
 
-    counts = Counter(short(e.get("rankwise_commit", "unknown")) for e in entries(experiment).values())
+    def origin(e: dict[str, Any]) -> str:
+        now = short(e.get("rankwise_commit", "unknown"))
+        return f"{short(e['started_commit'])} resumed at {now}" if "started_commit" in e else now
+
+    counts = Counter(origin(e) for e in entries(experiment).values())
     if not counts:
         return "No entries yet."
     listed = ", ".join(f"`{c}` ({n})" for c, n in counts.most_common())
@@ -89,7 +93,8 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _commit() -> str:
+def commit() -> str:
+    """This checkout's ``HEAD`` (``+dirty`` when ``src/`` or ``bench/`` has uncommitted changes), or ``unknown``."""
     try:
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "src", "bench"],
@@ -115,14 +120,18 @@ def steps_per_epoch(metrics: dict[str, Any]) -> int | None:
     return max(1, round(metrics["steps"] / epoch)) if epoch else None
 
 
-def record(experiment: str, run_id: str, folder: Path, command: list[str], started: float) -> dict[str, Any]:
-    """Write the ledger entry of the finished run in ``folder`` (atomically) and return it."""
+def record(experiment: str, run_id: str, folder: Path, command: list[str], started: float,
+           started_commit: str | None = None) -> dict[str, Any]:
+    """Write the ledger entry of the finished run in ``folder`` (atomically) and return it. ``started_commit``: the
+    commit the run started at (``unknown`` when not kept), recorded as ``started_commit`` when it is not this one
+    (a run resumed across commits: :func:`commits_line` names both)."""
+    now_commit = commit()
     metrics = json.loads((folder / "metrics.json").read_text())
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
     losses = metrics.pop("losses", []) or []
     now = time.time()
     data = {
-        "experiment": experiment, "run_id": run_id, "command": shlex.join(command), "rankwise_commit": _commit(),
+        "experiment": experiment, "run_id": run_id, "command": shlex.join(command), "rankwise_commit": now_commit,
         "started_utc": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
         "finished_utc": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds_last_segment": round(now - started, 1),
@@ -131,6 +140,8 @@ def record(experiment: str, run_id: str, folder: Path, command: list[str], start
         "packages": _versions(), "metrics": metrics, "losses": reduce_losses(losses, steps_per_epoch(metrics)),
         "dev_counts": _prediction_counts(folder), "config": config,
     }
+    if started_commit is not None and started_commit != now_commit:
+        data["started_commit"] = started_commit
     path = entry_path(experiment, run_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")

@@ -408,3 +408,37 @@ def test_a_pick_left_at_the_grids_edge_after_three_extensions_is_named(tmp_ledge
     _held(tmp_ledger, "mrpc", flat, {1e-3: 0.5, 3e-3: 0.5, 1e-2: 0.5})
     assert not regime.still_at_edge(tmp_ledger, "mrpc", flat, regime.pick_lr(tmp_ledger, "mrpc", flat, [], dry=True))
     assert not regime.still_at_edge(tmp_ledger, "mrpc", regime.head_only([]), 1e-12)
+
+
+def test_a_run_resumed_at_another_commit_names_both_in_the_ledger(tmp_ledger: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A killed run resumes from its checkpoint (`--resume`), possibly days later at a newer commit: its entry
+    keeps the commit it started at beside the one that finished it, and the report's provenance line names both
+    (before: only the finishing commit, so a run trained partly by older code passed as the newer code's)."""
+    import subprocess
+
+    commit = {"now": "a" * 40}
+    monkeypatch.setattr(ledger, "commit", lambda: commit["now"])
+    calls: list[list[str]] = []
+
+    def fake_finetune(cmd, check, env):
+        out = Path(cmd[cmd.index("--output") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        calls.append(cmd)
+        (out / "config.json").write_text("{}")
+        if len(calls) == 1:  # the first attempt is killed after it started
+            raise subprocess.CalledProcessError(-15, cmd)
+        (out / "metrics.json").write_text(json.dumps({"losses": [0.5], "metrics": {}}))
+
+    monkeypatch.setattr(regime.subprocess, "run", fake_finetune)
+    arm = regime.Arm("a", "lora", [], [1e-3])
+    with pytest.raises(subprocess.CalledProcessError):
+        regime.run_one(tmp_ledger, "mrpc", arm, 1e-3, 0, [])
+    commit["now"] = "b" * 40
+    regime.run_one(tmp_ledger, "mrpc", arm, 1e-3, 0, [])
+    assert calls[0][-1] == "--overwrite" and calls[1][-1] == "--resume"
+    e = ledger.entry(tmp_ledger.name, regime.run_id("mrpc", arm, 1e-3, 0))
+    assert (e["started_commit"], e["rankwise_commit"]) == ("a" * 40, "b" * 40)
+    regime.run_one(tmp_ledger, "mrpc", arm, 1e-3, 1, [])  # started and finished at the same commit
+    assert "started_commit" not in ledger.entry(tmp_ledger.name, regime.run_id("mrpc", arm, 1e-3, 1))
+    line = ledger.commits_line(tmp_ledger.name)
+    assert "`aaaaaaaaaaaa resumed at bbbbbbbbbbbb` (1)" in line and "`bbbbbbbbbbbb` (1)" in line and "code-drift" in line
