@@ -25,6 +25,7 @@ for what has been run.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -169,11 +170,14 @@ def main() -> None:
     ap.add_argument("--arms", default="lora,dora,edora-svd,edora-random,head-only")
     ap.add_argument("--runs", default=str(ROOT / "runs" / "edora-regime"))
     ap.add_argument("--name", default="edora-regime")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run (the protocol: one)")
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     runs, seeds = Path(args.runs + ("-b" if args.regime == "b" else "")), [int(s) for s in args.seeds.split(",")]
     labels = args.arms.split(",")
+    # every run's threads, whatever the caller's environment (the runs inherit it; the ledger records it)
+    os.environ.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     model = args.model or ("smollm2" if args.regime == "b" else None)
     regime = (["--head", "roberta", "--pooling", "mean", "--head-lr", f"{args.head_lr:g}", "--targets", args.targets]
               if args.regime == "a" else ["--targets", "q_proj,v_proj"])

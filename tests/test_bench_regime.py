@@ -353,6 +353,8 @@ def test_a_grid_extended_on_one_task_does_not_carry_into_the_next(tmp_ledger: Pa
     runs = tmp_ledger.parent / "edora-x"
     lora = er.arms(8, 16.0)[0]
     _held(runs, "mrpc", lora, {3e-4: 0.80, 1e-3: 0.75, 3e-3: 0.70, 9.5e-5: 0.82, 3e-5: 0.81})
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # main() sets them: restored after the test
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(sys, "argv", ["edora_regime.py", "--tasks", "mrpc,cola", "--arms", "lora", "--seeds", "0",
                                       "--runs", str(runs), "--dry-run"])
     er.main()
@@ -442,3 +444,18 @@ def test_a_run_resumed_at_another_commit_names_both_in_the_ledger(tmp_ledger: Pa
     assert "started_commit" not in ledger.entry(tmp_ledger.name, regime.run_id("mrpc", arm, 1e-3, 1))
     line = ledger.commits_line(tmp_ledger.name)
     assert "`aaaaaaaaaaaa resumed at bbbbbbbbbbbb` (1)" in line and "`bbbbbbbbbbbb` (1)" in line and "code-drift" in line
+
+
+def test_the_edora_runs_get_one_thread_whatever_the_callers_environment(tmp_ledger: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/protocols/edora-decided.md: 'fp32, CPU, one thread per run'. The runs inherit the driver's environment
+    (and the ledger records its OMP_NUM_THREADS): started without OMP_NUM_THREADS, torch took every core."""
+    er = _edora()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "8")
+    monkeypatch.setattr(sys, "argv", ["edora_regime.py", "--tasks", "mrpc", "--arms", "lora", "--seeds", "0",
+                                      "--runs", str(tmp_ledger.parent / "edora-t"), "--dry-run"])
+    er.main()
+    import os
+
+    assert os.environ["OMP_NUM_THREADS"] == "1" and os.environ["MKL_NUM_THREADS"] == "1"
