@@ -121,11 +121,12 @@ def steps_per_epoch(metrics: dict[str, Any]) -> int | None:
 
 
 def record(experiment: str, run_id: str, folder: Path, command: list[str], started: float,
-           started_commit: str | None = None) -> dict[str, Any]:
-    """Write the ledger entry of the finished run in ``folder`` (atomically) and return it. ``started_commit``: the
-    commit the run started at (``unknown`` when not kept), recorded as ``started_commit`` when it is not this one
-    (a run resumed across commits: :func:`commits_line` names both)."""
-    now_commit = commit()
+           started_commit: str | None = None, ran_at: str | None = None) -> dict[str, Any]:
+    """Write the ledger entry of the finished run in ``folder`` (atomically) and return it. ``ran_at``: the commit
+    the run's last segment was started at (``rankwise_commit``; default: the checkout's now); ``started_commit``:
+    the commit its first segment started at (``unknown`` when not kept), recorded when it differs (a run resumed
+    across commits: :func:`commits_line` names both)."""
+    now_commit = ran_at or commit()
     metrics = json.loads((folder / "metrics.json").read_text())
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
     losses = metrics.pop("losses", []) or []

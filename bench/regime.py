@@ -95,11 +95,13 @@ def run_one(runs: Path, task: str, arm: Arm, lr: float, seed: int, common: list[
            "--method", arm.method, "--lr", f"{lr:g}", "--seed", str(seed), "--max-length", str(max_len),
            "--output", str(out), "--no-progress", *common, *arm.flags]
     cmd.append("--resume" if (out / "config.json").is_file() and not (out / "metrics.json").is_file() else "--overwrite")
-    stamp, started_commit = out.with_name(out.name + ".commit"), None  # beside the folder: --overwrite keeps it
+    stamp = out.with_name(out.name + ".commit")  # the commit the run started at, beside the folder (--overwrite keeps it)
+    started_commit = segment_commit = None
     if not (out / "metrics.json").is_file():
+        segment_commit = ledger.commit()  # the code this segment runs, read now: the checkout may move before it ends
         if cmd[-1] == "--overwrite":
             stamp.parent.mkdir(parents=True, exist_ok=True)
-            stamp.write_text(ledger.commit() + "\n")
+            stamp.write_text(segment_commit + "\n")
         started_commit = stamp.read_text().strip() if stamp.is_file() else "unknown"
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
         print("+", " ".join(cmd), flush=True)
@@ -107,7 +109,8 @@ def run_one(runs: Path, task: str, arm: Arm, lr: float, seed: int, common: list[
         subprocess.run(cmd, check=True, env=env)
     else:  # finished before the ledger existed (or before it was written): record it now
         started = (out / "metrics.json").stat().st_mtime
-    return _as_metrics(ledger.record(runs.name, run_id(task, arm, lr, seed), out, cmd, started, started_commit))
+    return _as_metrics(ledger.record(runs.name, run_id(task, arm, lr, seed), out, cmd, started, started_commit,
+                                   segment_commit))
 
 
 def _as_metrics(entry: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -415,7 +415,8 @@ def test_a_pick_left_at_the_grids_edge_after_three_extensions_is_named(tmp_ledge
 def test_a_run_resumed_at_another_commit_names_both_in_the_ledger(tmp_ledger: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A killed run resumes from its checkpoint (`--resume`), possibly days later at a newer commit: its entry
     keeps the commit it started at beside the one that finished it, and the report's provenance line names both
-    (before: only the finishing commit, so a run trained partly by older code passed as the newer code's)."""
+    (before: only the commit checked out when it finished, so a run trained partly or wholly by older code passed
+    as the newer code's)."""
     import subprocess
 
     commit = {"now": "a" * 40}
@@ -430,6 +431,7 @@ def test_a_run_resumed_at_another_commit_names_both_in_the_ledger(tmp_ledger: Pa
         if len(calls) == 1:  # the first attempt is killed after it started
             raise subprocess.CalledProcessError(-15, cmd)
         (out / "metrics.json").write_text(json.dumps({"losses": [0.5], "metrics": {}}))
+        commit["now"] = "c" * 40  # the checkout moves on while a run trains: the run is still the code it started with
 
     monkeypatch.setattr(regime.subprocess, "run", fake_finetune)
     arm = regime.Arm("a", "lora", [], [1e-3])
@@ -440,8 +442,10 @@ def test_a_run_resumed_at_another_commit_names_both_in_the_ledger(tmp_ledger: Pa
     assert calls[0][-1] == "--overwrite" and calls[1][-1] == "--resume"
     e = ledger.entry(tmp_ledger.name, regime.run_id("mrpc", arm, 1e-3, 0))
     assert (e["started_commit"], e["rankwise_commit"]) == ("a" * 40, "b" * 40)
-    regime.run_one(tmp_ledger, "mrpc", arm, 1e-3, 1, [])  # started and finished at the same commit
-    assert "started_commit" not in ledger.entry(tmp_ledger.name, regime.run_id("mrpc", arm, 1e-3, 1))
+    commit["now"] = "b" * 40
+    regime.run_one(tmp_ledger, "mrpc", arm, 1e-3, 1, [])  # one segment: the commit it started at, though HEAD moved
+    e = ledger.entry(tmp_ledger.name, regime.run_id("mrpc", arm, 1e-3, 1))
+    assert "started_commit" not in e and e["rankwise_commit"] == "b" * 40
     line = ledger.commits_line(tmp_ledger.name)
     assert "`aaaaaaaaaaaa resumed at bbbbbbbbbbbb` (1)" in line and "`bbbbbbbbbbbb` (1)" in line and "code-drift" in line
 
