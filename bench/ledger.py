@@ -159,14 +159,14 @@ def run_recorded(experiment: str, run_id: str, folder: Path, command: list[str],
     if done is not None:
         return done
     print("+", shlex.join(command), flush=True)
-    started = time.time()
+    started, ran_at = time.time(), commit()  # the code the run starts with (the checkout may move while it trains)
     if log is None:
         subprocess.run(command, check=True, env=env)
     else:
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("a") as fh:
             subprocess.run(command, check=True, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    return record(experiment, run_id, folder, command, started)
+    return record(experiment, run_id, folder, command, started, ran_at=ran_at)
 
 
 if __name__ == "__main__":  # python bench/ledger.py EXPERIMENT: list its finished runs

@@ -463,3 +463,19 @@ def test_the_edora_runs_get_one_thread_whatever_the_callers_environment(tmp_ledg
     import os
 
     assert os.environ["OMP_NUM_THREADS"] == "1" and os.environ["MKL_NUM_THREADS"] == "1"
+
+
+def test_run_recorded_names_the_commit_its_run_started_at(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/ledger.run_recorded (gora_regime's runs): the checkout moving while a run trains does not relabel it."""
+    monkeypatch.setattr(ledger, "LEDGER", tmp_path / "ledger")
+    commit = {"now": "a" * 40}
+    monkeypatch.setattr(ledger, "commit", lambda: commit["now"])
+
+    def fake_finetune(cmd, check, env):
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "metrics.json").write_text(json.dumps({"losses": [0.5], "metrics": {}}))
+        commit["now"] = "b" * 40
+
+    monkeypatch.setattr(ledger.subprocess, "run", fake_finetune)
+    e = ledger.run_recorded("exp", "mrpc/x/lr0.001-seed0", tmp_path / "run", ["rankwise", "finetune"])
+    assert e["rankwise_commit"] == "a" * 40
