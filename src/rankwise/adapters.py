@@ -36,7 +36,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     model = unwrap_model(model)
     adapters = adapter_set(model)
     switched: list[AdapterLayer] = []
-    trained: list[tuple[str, nn.Module]] = []
+    trained: list[tuple[RankwiseState, str, nn.Module]] = []
     try:
         for layer in slot_layers(model).values():
             if not layer.disabled:  # an enclosing block's layers are left to it
@@ -45,12 +45,14 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
         for state in adapters.adapters.values():
             for name, original in state.original_modules.items():
                 current = model.get_submodule(name)
-                if current is not original:  # (an enclosing block put it in already)
-                    trained.append((name, current))
+                if current is not original:  # (an enclosing block, or set_active, put it in already)
+                    trained.append((state, name, current))
+                    state.idle_modules[name] = current  # set aside as an idle adapter's: save, state_dict find it
                     _set_submodule(model, name, _like(original, current))
         yield model
     finally:
-        for name, current in reversed(trained):
+        for state, name, current in reversed(trained):
+            state.idle_modules.pop(name, None)
             _set_submodule(model, name, current)
         for layer in reversed(switched):
             layer.enable()

@@ -32,7 +32,7 @@ from .quant import dequantize_model, parameter_count
 from .registry import BuildResult, LossFn, method_for
 from .layer import DEFAULT_ADAPTER
 from .state import (STATE_ATTR, AdapterSet, RankwiseState, adapter_layers, adapter_set, base_modules,  # noqa: F401
-                    every_layer, get_state, is_attached, refuse_peft_model, slot_layers, unwrap_model)
+                    every_layer, fully_trained_modules, get_state, is_attached, refuse_peft_model, slot_layers, unwrap_model)
 from .targeting import find_modules_to_save, find_targets, is_all_linear
 
 
@@ -275,6 +275,8 @@ def carry_state_in_state_dict(model: nn.Module) -> None:
         return
     model.register_state_dict_post_hook(_state_into_dict)
     model.register_load_state_dict_pre_hook(_state_from_dict)
+    model.register_state_dict_post_hook(_copies_into_dict)
+    model.register_load_state_dict_pre_hook(_copies_from_dict)
     model._rankwise_state_hooks = True  # type: ignore[assignment]
 
 
@@ -310,6 +312,44 @@ def _state_from_dict(module: nn.Module, state_dict: dict[str, Any], prefix: str,
         return
     for name, (step, method_state) in parsed.items():
         adapters.adapters[name].step, adapters.adapters[name].method_state = step, method_state
+
+
+def _set_aside(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module]]:
+    """``(module name, trained copy, module in its slot)`` for each fully-trained module whose slot holds its
+    original now (its adapter idle, or inside :func:`rankwise.disabled`)."""
+    adapters: AdapterSet | None = getattr(model, STATE_ATTR, None)
+    for name in adapters.adapters if adapters is not None else ():
+        for module_name, trained in fully_trained_modules(model, name).items():
+            slot = model.get_submodule(module_name)
+            if slot is not trained:
+                yield module_name, trained, slot
+
+
+def _copies_into_dict(module: nn.Module, state_dict: dict[str, Any], prefix: str, _meta: Any) -> None:
+    """A fully-trained module's keys hold its trained copy in every state (active, idle, disabled), as HF PEFT's
+    state_dict holds every adapter's copy whatever is active: a checkpoint taken while the copy is set aside loses
+    nothing. (The original is the base model's own, frozen: not written, as when the copy is in.)"""
+    for module_name, trained, _ in _set_aside(module):
+        for key, t in trained.state_dict().items():
+            if f"{prefix}{module_name}.{key}" in state_dict:
+                state_dict[f"{prefix}{module_name}.{key}"] = t
+
+
+def _copies_from_dict(module: nn.Module, state_dict: dict[str, Any], prefix: str, _meta: Any, _strict: bool,
+                      _missing: list[str], _unexpected: list[str], errors: list[str]) -> None:
+    """Load a fully-trained module's keys into its trained copy when it is set aside (its adapter idle); the
+    original in the slot keeps its own tensors (they are put under those keys for the slot's own load)."""
+    for module_name, trained, slot in _set_aside(module):
+        own = slot.state_dict()
+        incoming = {k: state_dict[f"{prefix}{module_name}.{k}"] for k in own if f"{prefix}{module_name}.{k}" in state_dict}
+        if not incoming:
+            continue  # the slot's own load reports the keys missing
+        try:
+            trained.load_state_dict(incoming, strict=False)
+        except RuntimeError as exc:
+            errors.append(f"{module_name!r} (adapter's trained copy, set aside while the adapter is idle): {exc}")
+            continue
+        state_dict.update({f"{prefix}{module_name}.{k}": own[k] for k in incoming})
 
 
 @contextmanager
