@@ -71,6 +71,8 @@ def _cfg(tmp_path: Path, models: dict[str, str], data: str, **kw) -> RunConfig:
     base = dict(task="sst2", method="lora", data=data, model=models["bert"], output=str(tmp_path / "run"), r=4,
                 alpha=8, max_steps=4, batch_size=8, lr=5e-3, max_length=32, warmup_ratio=0.0)
     base.update(kw)
+    if base["method"] == "full":  # no adapter: finetune refuses its flags
+        base = {k: v for k, v in base.items() if k not in ("r", "alpha") or k in kw}
     return RunConfig(**base)
 
 

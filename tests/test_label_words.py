@@ -83,6 +83,8 @@ def _cfg(tmp_path: Path, model: str, data: str, **kw) -> RunConfig:
     base = dict(task="sst2", method="lora", data=data, model=model, output=str(tmp_path / "run"), r=4, alpha=8,
                 max_steps=2, batch_size=4, lr=5e-3, max_length=48, warmup_ratio=0.0, max_eval=8)
     base.update(kw)
+    if base["method"] == "full":  # no adapter: finetune refuses its flags
+        base = {k: v for k, v in base.items() if k not in ("r", "alpha") or k in kw}
     return RunConfig(**base)
 
 

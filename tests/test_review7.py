@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import rankwise
 from conftest import ModelCase
+from rankwise_harness import cli
+from test_harness_train import _cfg, sst2, tiny_models  # noqa: F401  (module fixtures: a tiny BERT, 64 SST-2 rows)
 
 LORA = dict(r=4, alpha=8, target_modules=["fc1", "fc2"], seed=0)
 
@@ -91,3 +96,41 @@ def test_a_head_of_the_wrong_shape_loaded_while_idle_is_an_error(mlp_case: Model
     rankwise.set_active(model, "b")
     with pytest.raises(RuntimeError, match="head"):
         model.load_state_dict(sd)
+
+
+# ---------------------------------------------------------------------------- 2: adapter-only flags with --method full
+ADAPTER_ONLY = [["--r", "4"], ["--alpha", "8"], ["--dropout", "0.1"], ["--lora-plus-ratio", "4"],
+                ["--targets", "query"], ["--set", "use_rslora=true"]]
+
+
+@pytest.mark.parametrize("flag", ADAPTER_ONLY, ids=lambda f: f[0])
+def test_finetune_full_refuses_an_adapter_only_flag(tmp_path: Path, tiny_models: dict[str, str], sst2: str,
+                                                    flag: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Full fine-tuning has no adapter: such a flag changed nothing while config.json recorded it."""
+    out = tmp_path / "run"
+    code = cli.main(["finetune", "--method", "full", "--task", "sst2", "--data", sst2, "--model", tiny_models["bert"],
+                     "--max-steps", "1", "--output", str(out), "--no-progress", *flag])
+    assert code == 2
+    assert flag[0] in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_compare_passes_adapter_flags_to_adapter_methods_only(tmp_path: Path, tiny_models: dict[str, str],
+                                                              sst2: str) -> None:
+    """``compare --methods full,lora --r 2 ...``: LoRA gets them; full trains without them and its config.json says
+    so (the values it used: none), and it is the very run ``finetune --method full`` makes without them."""
+    out = tmp_path / "cmp"
+    common = ["--task", "sst2", "--data", sst2, "--model", tiny_models["bert"], "--max-steps", "2", "--batch-size", "8",
+              "--max-length", "32", "--no-progress"]
+    given = {"r": 2, "alpha": 4.0, "dropout": 0.05, "lora_plus_ratio": 4.0}
+    assert cli.main(["compare", "--methods", "full,lora", "--seeds", "0", "--r", "2", "--alpha", "4", "--dropout", "0.05",
+                     "--lora-plus-ratio", "4", "--output", str(out), *common]) == 0
+    run = {m: json.loads((out / f"{m}-seed0" / "config.json").read_text())["run"] for m in ("full", "lora")}
+    assert {k: run["lora"][k] for k in given} == given
+    assert {k: run["full"][k] for k in given} == dict.fromkeys(given)
+    assert cli.main(["finetune", "--method", "full", "--output", str(tmp_path / "plain"), *common]) == 0
+    full = load_file(str(out / "full-seed0" / "model.safetensors"))
+    plain = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    assert full.keys() == plain.keys() and all(torch.equal(full[k], plain[k]) for k in full)
+    assert cli.main(["compare", "--methods", "full", "--seeds", "0", "--r", "2", "--output", str(tmp_path / "c2"),
+                     *common]) == 2  # a flag no compared method uses

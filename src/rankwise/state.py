@@ -42,7 +42,8 @@ class RankwiseState:
     # the fully-trained modules as they were before attach (the model trains copies, as PEFT does); not
     # submodules, so they are in no state_dict or optimizer; detach() without merge puts them back
     original_modules: dict[str, nn.Module] = field(default_factory=dict)
-    # the trained copies while this adapter is idle (rankwise.set_active): the originals are in the model then
+    # the trained copies while this adapter is idle (rankwise.set_active) or inside rankwise.disabled: the originals
+    # are in the model then
     idle_modules: dict[str, nn.Module] = field(default_factory=dict)
 
 

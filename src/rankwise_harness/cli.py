@@ -202,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
             from .compare import compare
 
             output = Path(args.output or f"runs/compare-{args.task}")
-            base = _run_config(args, args.methods[0], str(output))
+            from .sources import shared_method
+
+            base = _run_config(args, shared_method(args.methods), str(output))
             compare(base, args.methods, args.seeds, output, lr=args.lr, overwrite=args.overwrite,
                     show_progress=not args.no_progress)
     except RunInterrupted as exc:

@@ -12,7 +12,6 @@ folder's lock while it runs (``runlock.py``), as each of its runs holds its own.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import re
@@ -28,6 +27,7 @@ from .config import RUN_MARKER, ConfigError, RunConfig, check_method
 from .deps import can_plot
 from .runlock import LOCK_NAME, acquire
 from .runfolder import finished, save_figure
+from .sources import adapter_source, flag_name, for_method
 from .train import finetune
 
 COMPARE_MARKER = "rankwise-compare/1"
@@ -101,9 +101,13 @@ def _compare(base: RunConfig, methods: list[str], seeds: list[int], output: Path
              show_progress: bool, log: Any) -> list[dict[str, Any]]:
     results = []
     for method in methods:
+        left_out = adapter_source(method).given_unused(base)
+        if left_out:
+            log(f"{method}: {', '.join(flag_name(n) for n in left_out)} left out (no use for them; its config.json "
+                "records the run without them)")
         for seed in seeds:
             folder = run_folder(output, method, seed)
-            cfg = dataclasses.replace(base, method=method, seed=seed, output=str(folder), lr=lr)
+            cfg = for_method(base, method, seed=seed, output=str(folder), lr=lr)
             if not overwrite and _finished(folder, cfg):
                 log(f"reusing finished run {folder}")  # finetune checks that its data is this data
             # an unfinished run with the same settings continues; a different run there is refused

@@ -283,12 +283,15 @@ class RunConfig:
         from .data import get_task
         from .heads import resolve_pooling
         from .models import canonical_model
+        from .sources import adapter_source
         from .verbalize import DEFAULT_VERBALIZERS
 
         out = self.to_dict()
         out.pop("output")
         task = get_task(self.task)
         out["model"], model_path = canonical_model(self.model, task)
+        for key in adapter_source(self.method).unused:  # what the run has no use for (older runs recorded it)
+            out.pop(key)
         mcfg = self.method_config()
         if mcfg is not None:
             for key in ("r", "alpha", "dropout", "overrides", "targets"):

@@ -41,6 +41,8 @@ class AdapterSource(ABC):
         calls_step: whether the loop calls ``rankwise.step`` after each optimizer step.
         resumable: whether a run can continue from its checkpoint.
         description: one line for ``rankwise methods``.
+        unused: the :class:`RunConfig` fields (flags) this source has no use for: ``finetune`` refuses one
+            given, ``compare`` (whose flags are shared by every method) leaves it out of this source's runs.
     """
 
     implementation = "rankwise"
@@ -48,9 +50,23 @@ class AdapterSource(ABC):
     calls_step = True
     resumable = True
     description = ""
+    unused: tuple[str, ...] = ()
 
     def check(self, cfg: RunConfig) -> None:
-        """Refuse flags this source cannot honour (a :class:`ConfigError` names the flag)."""
+        """Refuse flags this source cannot honour (a :class:`ConfigError` names the flag); the base refuses any
+        of :attr:`unused` given."""
+        given = list(self.given_unused(cfg))
+        if given:
+            flags = ", ".join(flag_name(n) for n in given)
+            raise ConfigError(f"{flags}: --method {cfg.method} has no use for {'it' if len(given) == 1 else 'them'} "
+                              f"({self.description or self.implementation}); drop {'it' if len(given) == 1 else 'them'} "
+                              "(rankwise compare passes such shared flags only to the methods that use them)")
+
+    def given_unused(self, cfg: RunConfig) -> dict[str, Any]:
+        """``{field: its default}`` for each of :attr:`unused` that ``cfg`` sets (to put the defaults back)."""
+        defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                    for f in dataclasses.fields(cfg) if f.name in self.unused}
+        return {n: d for n, d in defaults.items() if getattr(cfg, n) != d}
 
     @abstractmethod
     def default_lr(self, method: str) -> float:
@@ -174,8 +190,10 @@ class FullFineTuning(AdapterSource):
     writes_adapter = False
     calls_step = False
     description = "full fine-tuning: every weight trained, no adapters"
+    unused = ("r", "alpha", "dropout", "targets", "overrides", "lora_plus_ratio")  # the adapter's flags
 
     def check(self, cfg: RunConfig) -> None:
+        super().check(cfg)
         if cfg.head_warmup_steps:
             raise ConfigError("--head-warmup-steps is for adapter methods (full fine-tuning trains the head anyway)")
         if cfg.quantize is not None:
@@ -224,6 +242,22 @@ def adapter_source(method: str) -> AdapterSource:
     if method in rankwise.all_methods():
         return RankwiseAdapter()
     raise ConfigError(f"unknown method {method!r}; known: {', '.join(method_names())}")
+
+
+def flag_name(field_name: str) -> str:
+    """The CLI flag of a :class:`RunConfig` field (``lora_plus_ratio`` -> ``--lora-plus-ratio``; ``overrides``: ``--set``)."""
+    return "--set" if field_name == "overrides" else "--" + field_name.replace("_", "-")
+
+
+def for_method(base: RunConfig, method: str, **changes: Any) -> RunConfig:
+    """``base`` (a ``compare``'s shared flags) for a run of ``method``: ``changes`` applied, and the flags its source
+    has no use for back at their defaults, so its ``config.json`` records what the run used."""
+    return dataclasses.replace(base, method=method, **changes, **adapter_source(method).given_unused(base))
+
+
+def shared_method(methods: list[str]) -> str:
+    """The method a ``compare``'s shared run config is checked as: the first whose source uses every flag."""
+    return next((m for m in methods if not adapter_source(m).unused), methods[0])
 
 
 def with_heads(mcfg: rankwise.AdapterConfig | None, heads: tuple[str, ...] | None) -> rankwise.AdapterConfig | None:
