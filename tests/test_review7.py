@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -134,3 +135,103 @@ def test_compare_passes_adapter_flags_to_adapter_methods_only(tmp_path: Path, ti
     assert full.keys() == plain.keys() and all(torch.equal(full[k], plain[k]) for k in full)
     assert cli.main(["compare", "--methods", "full", "--seeds", "0", "--r", "2", "--output", str(tmp_path / "c2"),
                      *common]) == 2  # a flag no compared method uses
+
+
+# ---------------------------------------------------------------------------- 3: --max-grad-norm
+@pytest.fixture(scope="module")
+def still_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 2-layer BERT without dropout (so a plain loop written here draws no random numbers the run drew)."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from conftest import minilm_path
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    path = tmp_path_factory.mktemp("still") / "bert"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def _run_capturing_start(cfg: object, monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """Run ``cfg``; what a plain loop needs, captured before the first step: the run, the model's copy, the
+    optimizer's groups (hyper-parameters, by parameter name); and the trained model after."""
+    import rankwise_harness.train as train
+    from rankwise_harness.train import finetune
+
+    seen: dict[str, object] = {}
+    real = train._set_up_training
+
+    def spy(run, *args):  # noqa: ANN001, ANN202
+        training = real(run, *args)
+        model = training.raw_model
+        names = {id(p): n for n, p in model.named_parameters()}
+        seen.update(run=run, start=copy.deepcopy(model), trained=model,
+                    groups=[{**{k: v for k, v in g.items() if k != "params"}, "names": [names[id(p)] for p in g["params"]]}
+                            for g in training.optimizer.optimizer.param_groups])
+        return training
+
+    monkeypatch.setattr(train, "_set_up_training", spy)
+    finetune(cfg, show_progress=False, log=lambda _m: None)
+    return seen
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_max_grad_norm_makes_the_updates_of_a_plain_loop_with_clip_grad_norm(
+        tmp_path: Path, still_bert: str, sst2: str, method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--max-grad-norm 0.05`` (below every step's norm here, so every step clips): the run's trained tensors equal
+    a plain PyTorch loop's on the same batches, which sums the accumulated micro-batches' gradients, calls
+    ``torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)`` and steps AdamW with the run's groups."""
+    from rankwise_harness.batches import micro_batch_indices
+    from rankwise_harness.config import RunConfig
+
+    extra = {} if method == "full" else {"r": 2, "alpha": 4}
+    cfg = RunConfig(task="sst2", method=method, data=sst2, model=still_bert, output=str(tmp_path / "run"), max_steps=3,
+                    grad_accum=2, batch_size=8, lr=1e-2, max_length=32, max_grad_norm=0.05, **extra)
+    seen = _run_capturing_start(cfg, monkeypatch)
+    run, ref = seen["run"], seen["start"]
+    params = dict(ref.named_parameters())
+    opt = torch.optim.AdamW([{**{k: v for k, v in g.items() if k != "names"}, "params": [params[n] for n in g["names"]]}
+                             for g in seen["groups"]])
+    norms, micro = [], 0
+    ref.train()
+    for _ in range(3):
+        for _ in range(2):
+            idx = micro_batch_indices(len(run.train), 8, cfg.seed, micro)
+            micro += 1
+            (run.task_type.loss(ref, run.task_type.train_batch([run.train[i] for i in idx])) / 2).backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert min(norms) > 0.05  # every step clipped: the test tells clipping from none
+    trained = dict(seen["trained"].named_parameters())
+    for name, p in params.items():
+        if p.requires_grad:
+            torch.testing.assert_close(trained[name], p, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_max_grad_norm_is_off_by_default_recorded_and_checked(tmp_path: Path, still_bert: str, sst2: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Default: no clipping call at all (runs as before); the value is in config.json; a resume with another value
+    is refused like any other changed setting; a bad value is refused before anything is written."""
+    from accelerate import Accelerator
+
+    from rankwise_harness.config import ConfigError, RunConfig
+    from rankwise_harness.train import RunError, finetune
+
+    def never(*_a: object, **_k: object) -> None:
+        raise AssertionError("clip_grad_norm_ called without --max-grad-norm")
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", never)
+    cfg = RunConfig(task="sst2", method="lora", data=sst2, model=still_bert, output=str(tmp_path / "run"), max_steps=4,
+                    batch_size=8, max_length=32, save_every=2, r=2)
+    finetune(cfg, show_progress=False, log=lambda _m: None)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["run"]["max_grad_norm"] is None
+    with pytest.raises(RunError, match="different settings \\(max_grad_norm\\)"):
+        finetune(dataclasses.replace(cfg, max_grad_norm=1.0), resume=True, show_progress=False, log=lambda _m: None)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="--max-grad-norm"):
+            RunConfig(task="sst2", method="lora", max_grad_norm=bad)

@@ -149,6 +149,7 @@ class RunConfig:
     lr: float | None = None
     lora_plus_ratio: float | None = None
     weight_decay: float = 0.0
+    max_grad_norm: float | None = None  # clip the step's gradient norm (HF Trainer's max_grad_norm); None: never
     warmup_ratio: float = 0.0
     schedule: str = "constant"
     grad_accum: int = 1
@@ -180,7 +181,7 @@ class RunConfig:
         (("batch_size", "grad_accum", "max_length", "calibration_batches", "max_new_tokens", "max_steps",
           "max_train", "max_eval", "patience"), True, 1, True),
         (("seed", "data_seed", "eval_every", "save_every", "head_warmup_steps"), True, 0, True),
-        (("epochs", "lr", "lora_plus_ratio", "head_lr"), False, 0.0, False),
+        (("epochs", "lr", "lora_plus_ratio", "head_lr", "max_grad_norm"), False, 0.0, False),
         (("weight_decay",), False, 0.0, True),
     )
 

@@ -548,6 +548,8 @@ def _train(run: _Run, training: _Training, loop: _Loop, show_progress: bool) -> 
         step_loss = _accumulate(run, loop)
         loss_value = float(accelerator.reduce(step_loss, "mean")) if run.world > 1 else float(step_loss)
         _check_finite_loss(run, loop, loss_value, training.total_steps)
+        if cfg.max_grad_norm is not None:  # the summed gradients, unscaled, all processes' (Accelerate's clip)
+            accelerator.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm)
         training.optimizer.step()
         training.scheduler.step()
         training.optimizer.zero_grad(set_to_none=True)
