@@ -235,3 +235,29 @@ def test_max_grad_norm_is_off_by_default_recorded_and_checked(tmp_path: Path, st
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ConfigError, match="--max-grad-norm"):
             RunConfig(task="sst2", method="lora", max_grad_norm=bad)
+
+
+@pytest.mark.slow
+def test_max_grad_norm_under_two_processes_clips_the_whole_batchs_gradient(tmp_path: Path, still_bert: str,
+                                                                         sst2: str) -> None:
+    """torchrun, 2 CPU processes x 4 rows: the clip acts on the gradient after the processes' all-reduce (clipping
+    before it, or on one process only, would make them differ), so the trained tensors equal one process's on the
+    same 8-row global batches."""
+    import os
+    import subprocess
+    import sys
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    common = ["finetune", "--task", "sst2", "--data", sst2, "--model", still_bert, "--max-steps", "3", "--grad-accum", "2",
+              "--max-length", "32", "--rank", "2", "--lr", "0.01", "--max-grad-norm", "0.05", "--no-progress"]
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "rankwise_harness.cli", *common,
+           "--batch-size", "4", "--output", str(tmp_path / "two")]
+    one = [sys.executable, "-m", "rankwise_harness.cli", *common, "--batch-size", "8", "--output", str(tmp_path / "one")]
+    for cmd in (two, one):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    a, b = (load_file(str(tmp_path / n / "adapter" / "adapter.safetensors")) for n in ("two", "one"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
