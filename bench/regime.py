@@ -80,6 +80,26 @@ def run_dir(runs: Path, task: str, arm: Arm, lr: float, seed: int) -> Path:
     return runs / run_id(task, arm, lr, seed)
 
 
+def used_flags(method: str, flags: list[str]) -> list[str]:
+    """A regime's common ``flags`` (``--flag value`` pairs and switches) without those ``method`` has no use for
+    (its adapter source's ``unused``: ``--targets``, ``--r``, ``--set`` ... for full fine-tuning, which ``finetune``
+    refuses). A run folder that recorded them (made before) still resumes: ``RunConfig.from_dict`` drops them."""
+    from rankwise_harness.sources import adapter_source, flag_name
+
+    unused = {flag_name(n) for n in adapter_source(method).unused}
+    unused |= {"--rank"} if "--r" in unused else set()  # --r's other spelling
+    out: list[str] = []
+    skip = False
+    for flag in flags:
+        if skip:
+            skip = False
+        elif flag.split("=", 1)[0] in unused:
+            skip = "=" not in flag  # ``--targets q,v``: its value goes too
+        else:
+            out.append(flag)
+    return out
+
+
 def run_one(runs: Path, task: str, arm: Arm, lr: float, seed: int, common: list[str],
             dry: bool = False) -> dict[str, Any] | None:
     """One ``rankwise finetune`` run, unless the ledger (experiment ``runs.name``) has it; an unfinished run
@@ -93,7 +113,7 @@ def run_one(runs: Path, task: str, arm: Arm, lr: float, seed: int, common: list[
     folder, max_len = GLUE[task]
     cmd = [sys.executable, "-m", "rankwise_harness.cli", "finetune", "--task", task, "--data", str(DATA / "glue" / folder),
            "--method", arm.method, "--lr", f"{lr:g}", "--seed", str(seed), "--max-length", str(max_len),
-           "--output", str(out), "--no-progress", *common, *arm.flags]
+           "--output", str(out), "--no-progress", *used_flags(arm.method, common), *arm.flags]
     cmd.append("--resume" if (out / "config.json").is_file() and not (out / "metrics.json").is_file() else "--overwrite")
     stamp = out.with_name(out.name + ".commit")  # the commit the run started at, beside the folder (--overwrite keeps it)
     started_commit = segment_commit = None

@@ -479,3 +479,31 @@ def test_run_recorded_names_the_commit_its_run_started_at(tmp_path: Path, monkey
     monkeypatch.setattr(ledger.subprocess, "run", fake_finetune)
     e = ledger.run_recorded("exp", "mrpc/x/lr0.001-seed0", tmp_path / "run", ["rankwise", "finetune"])
     assert e["rankwise_commit"] == "a" * 40
+
+
+def test_a_full_fine_tuning_arm_gets_no_adapter_flag_of_the_common_ones(tmp_ledger: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A regime's common flags (``--targets query,value``, raclora_rank's and raclora_chain's) go to every arm; full
+    fine-tuning has no adapter, and ``finetune --method full`` refuses adapter flags: its command leaves them out
+    (the harness's adapter source says which), and every command is one ``finetune`` accepts."""
+    from rankwise_harness import cli
+
+    calls: list[list[str]] = []
+
+    def fake_finetune(cmd, check, env):
+        out = Path(cmd[cmd.index("--output") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        calls.append(cmd)
+        (out / "metrics.json").write_text(json.dumps({"losses": [0.5], "metrics": {}}))
+
+    monkeypatch.setattr(ledger, "commit", lambda: "a" * 40)
+    monkeypatch.setattr(regime.subprocess, "run", fake_finetune)
+    common = ["--head", "linear", "--targets", "query,value", "--weight-decay", "0.01", "--set", "use_rslora=true"]
+    for arm in (regime.Arm("full", "full", [], [1e-5]), regime.Arm("lora-r1", "lora", ["--r", "1"], [1e-3])):
+        regime.run_one(tmp_ledger, "mrpc", arm, arm.lrs[0], 0, common)
+    full, lora = (c[c.index("finetune"):-1] for c in calls)
+    assert "--targets" not in full and "--set" not in full and full[full.index("--weight-decay") + 1] == "0.01"
+    assert lora[lora.index("--targets") + 1] == "query,value" and "--set" in lora
+    for argv in (full, lora):
+        args = cli.build_parser().parse_args(argv)
+        cli._run_config(args, args.method, args.output)  # a ConfigError if finetune refuses a flag

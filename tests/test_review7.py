@@ -261,3 +261,23 @@ def test_max_grad_norm_under_two_processes_clips_the_whole_batchs_gradient(tmp_p
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_a_full_run_recorded_with_adapter_flags_still_resumes(tmp_path: Path, tiny_models: dict[str, str],
+                                                              sst2: str) -> None:
+    """A full fine-tuning run started before the refusal recorded the adapter flags it was given (a regime's
+    ``--targets query,value``): its config.json still reads, and the run resumes (and counts as finished) with the
+    command that leaves them out."""
+    from rankwise_harness.config import RunConfig
+    from rankwise_harness.train import finetune
+
+    cfg = _cfg(tmp_path, tiny_models, sst2, method="full", max_steps=2)
+    finetune(cfg, show_progress=False, log=lambda _m: None)
+    config = tmp_path / "run" / "config.json"
+    recorded = json.loads(config.read_text())
+    recorded["run"].update(r=8, alpha=16.0, targets=["query", "value"], overrides={"use_rslora": "true"},
+                           lora_plus_ratio=4.0)
+    config.write_text(json.dumps(recorded))
+    assert RunConfig.from_dict(recorded["run"]).identity() == cfg.identity()
+    result = finetune(cfg, resume=True, show_progress=False, log=lambda _m: None)  # finished: its result
+    assert result["steps"] == 2

@@ -271,8 +271,13 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        from .sources import adapter_source
+
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        for key in adapter_source(values.get("method", "lora")).unused:  # recorded by a run made before they were
+            values.pop(key, None)  # refused (the run had no use for them): the run as it was made
+        return cls(**values)
 
     def identity(self) -> dict[str, Any]:
         """The fields that must match to resume a run (where it writes does not matter), each in one
@@ -284,15 +289,12 @@ class RunConfig:
         from .data import get_task
         from .heads import resolve_pooling
         from .models import canonical_model
-        from .sources import adapter_source
         from .verbalize import DEFAULT_VERBALIZERS
 
         out = self.to_dict()
         out.pop("output")
         task = get_task(self.task)
         out["model"], model_path = canonical_model(self.model, task)
-        for key in adapter_source(self.method).unused:  # what the run has no use for (older runs recorded it)
-            out.pop(key)
         mcfg = self.method_config()
         if mcfg is not None:
             for key in ("r", "alpha", "dropout", "overrides", "targets"):
