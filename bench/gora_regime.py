@@ -183,6 +183,29 @@ def held_out(e: dict[str, Any]) -> float:
     return float(m["best"]["val"][m["headline_metric"]])
 
 
+def held_out_accuracy(e: dict[str, Any]) -> float:
+    """A sweep run's held-out accuracy, shown beside the F1 the pick uses."""
+    return float(e["metrics"]["best"]["val"].get("accuracy", math.nan))
+
+
+def constant_answer_line(task: str, args: argparse.Namespace) -> str:
+    """What answering the majority class on every held-out row scores there (MRPC: "yes", F1 ≈ 80.7): a sweep
+    point near it has learned little, whatever its F1. Computed from the data's split (the harness's own), so the
+    line is empty when the data is not here."""
+    from rankwise_harness.data import DataError, get_task, load_task_data
+    from rankwise_harness.selection import split_validation
+    try:
+        rows = load_task_data(get_task(task), str(Path(args.data) / "glue" / TASKS[task][0])).train
+    except (OSError, DataError):
+        return ""
+    labels = [r.label for r in split_validation(rows, VAL_SPLIT)[1]]
+    top = max(set(labels), key=labels.count)
+    share = labels.count(top) / len(labels)
+    f1 = 2 * share / (1 + share) if top == 1 else 0.0  # F1 of the positive class when every answer is class `top`
+    return (f"  (on the {len(labels)} held-out rows, answering class {top} every time scores F1 {100 * f1:.1f} / "
+            f"accuracy {100 * share:.1f})")
+
+
 def best_lr(task: str, base: str, grid: list[float], args: argparse.Namespace) -> float | None:
     """The grid lr whose sweep run (seed 0) scores best on the held-out rows (ties: the smaller lr); ``None``
     until every grid point has finished (a pick from part of the grid would not be the protocol's)."""
@@ -352,11 +375,12 @@ def sweep_lines(task: str, args: argparse.Namespace) -> list[str]:
         cells = []
         for lr in grid:
             e = ledger.entry(args.experiment, run_id(task, TUNED[tuned], lr, 0, sweep=True))
-            cells.append(f"{lr:g}: " + ("not run" if e is None else f"{100 * held_out(e):.1f}"))
+            cells.append(f"{lr:g}: " + ("not run" if e is None else
+                                        f"{100 * held_out(e):.1f} / {100 * held_out_accuracy(e):.1f}"))
         pick = best_lr(task, TUNED[tuned], grid, args)
-        lines.append(f"- {TUNED[tuned]} sweep (held-out F1 x100, seed 0): " + ", ".join(cells)
-                     + f"; picked {'—' if pick is None else f'{pick:g}'}")
-    return lines
+        lines.append(f"- {TUNED[tuned]} sweep (held-out F1 / accuracy x100, seed 0; the pick uses F1): "
+                     + ", ".join(cells) + f"; picked {'—' if pick is None else f'{pick:g}'}")
+    return lines + [constant_answer_line(task, args)]
 
 
 def report(args: argparse.Namespace) -> None:

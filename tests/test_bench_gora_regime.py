@@ -167,3 +167,26 @@ def test_a_held_out_tie_picks_the_smaller_lr_and_dev_never_chooses(tmp_path: Pat
     for lr, held, dev in zip(args.lora_grid, (0.70, 0.81, 0.81, 0.60), (0.9, 0.1, 0.2, 0.95)):
         _finish(args, gr.run_id("mrpc", "lora", lr, 0, sweep=True), held, acc=dev)
     assert gr.best_lr("mrpc", "lora", args.lora_grid, args) == 3e-4
+
+
+def test_the_sweep_lines_give_the_held_out_score_of_a_constant_answer(tmp_path: Path) -> None:
+    """The report shows what answering "yes" on every held-out row scores (MRPC's F1 rewards it: a sweep point
+    near it has learned little): its numbers are sklearn's F1 / accuracy of an all-"yes" answer on the held-out
+    rows the sweeps use."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from rankwise_harness.data import get_task, load_task_data
+    from rankwise_harness.selection import split_validation
+
+    folder = tmp_path / "glue" / "MRPC"
+    folder.mkdir(parents=True)
+    head = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+    body = "".join(f"{int(i % 10 < 7)}\t{i}\t{i + 1}\tsentence {i}\tanother {i}\n" for i in range(60))
+    for name in ("train.tsv", "dev.tsv"):
+        (folder / name).write_text(head + body)
+    line = gr.constant_answer_line("mrpc", _args(data=str(tmp_path)))
+    held = [r.label for r in split_validation(load_task_data(get_task("mrpc"), str(folder)).train, gr.VAL_SPLIT)[1]]
+    yes = [1] * len(held)
+    assert f"F1 {100 * f1_score(held, yes):.1f} / accuracy {100 * accuracy_score(held, yes):.1f}" in line
+    assert f"{len(held)} held-out rows" in line
+    assert gr.constant_answer_line("mrpc", _args(data=str(tmp_path / "absent"))) == ""
