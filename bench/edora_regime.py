@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from regime import ROOT, Arm, curves, grid_table, head_only, header, run_all, seed_metrics, table, welch_interval  # noqa: E402
+from regime import (DATA, GLUE, ROOT, Arm, constant_answer_line, curves, grid_table, head_only, header, run_all,  # noqa: E402
+                    seed_metrics, table, welch_interval)
 
 
 def arms(r: int, alpha: float, few: int | None = 3) -> list[Arm]:
@@ -199,6 +200,8 @@ def main() -> None:
             continue
         lines += table(runs, task, chosen, picked, seeds) + [""] + epochs_lines(runs, task, chosen, picked, seeds, args.epochs)
         lines += [""] + grid_table(runs, task, chosen) + [""]
+        if args.max_train is None:  # the grid's held-out rows are the full training file's split
+            lines += [constant_answer_line(task, DATA / "glue" / GLUE[task][0], args.val_split), ""]
         curves(runs, task, chosen, picked, seeds, out / f"{args.name}-{task}.png")
     if not args.dry_run:
         lines += verdict_lines(runs, args.tasks.split(","), chosen, all_picked, seeds, args.epochs)

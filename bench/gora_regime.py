@@ -41,6 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ledger  # noqa: E402  (bench/ is not a package)
+import regime  # noqa: E402
 from regime import welch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,24 +187,6 @@ def held_out(e: dict[str, Any]) -> float:
 def held_out_accuracy(e: dict[str, Any]) -> float:
     """A sweep run's held-out accuracy, shown beside the F1 the pick uses."""
     return float(e["metrics"]["best"]["val"].get("accuracy", math.nan))
-
-
-def constant_answer_line(task: str, args: argparse.Namespace) -> str:
-    """What answering the majority class on every held-out row scores there (MRPC: "yes", F1 ≈ 80.7): a sweep
-    point near it has learned little, whatever its F1. Computed from the data's split (the harness's own), so the
-    line is empty when the data is not here."""
-    from rankwise_harness.data import DataError, get_task, load_task_data
-    from rankwise_harness.selection import split_validation
-    try:
-        rows = load_task_data(get_task(task), str(Path(args.data) / "glue" / TASKS[task][0])).train
-    except (OSError, DataError):
-        return ""
-    labels = [r.label for r in split_validation(rows, VAL_SPLIT)[1]]
-    top = max(set(labels), key=labels.count)
-    share = labels.count(top) / len(labels)
-    f1 = 2 * share / (1 + share) if top == 1 else 0.0  # F1 of the positive class when every answer is class `top`
-    return (f"  (on the {len(labels)} held-out rows, answering class {top} every time scores F1 {100 * f1:.1f} / "
-            f"accuracy {100 * share:.1f})")
 
 
 def best_lr(task: str, base: str, grid: list[float], args: argparse.Namespace) -> float | None:
@@ -380,7 +363,7 @@ def sweep_lines(task: str, args: argparse.Namespace) -> list[str]:
         pick = best_lr(task, TUNED[tuned], grid, args)
         lines.append(f"- {TUNED[tuned]} sweep (held-out F1 / accuracy x100, seed 0; the pick uses F1): "
                      + ", ".join(cells) + f"; picked {'—' if pick is None else f'{pick:g}'}")
-    return lines + [constant_answer_line(task, args)]
+    return lines + ["  " + regime.constant_answer_line(task, Path(args.data) / "glue" / TASKS[task][0], VAL_SPLIT)]
 
 
 def report(args: argparse.Namespace) -> None:

@@ -268,6 +268,25 @@ def majority_rate(task: str) -> float:
     return Counter(e.label for e in dev).most_common(1)[0][1] / len(dev)
 
 
+def constant_answer_line(task: str, folder: Path, fraction: float) -> str:
+    """What answering the majority class on every held-out row scores there (``--val-split fraction`` of the
+    task's training file in ``folder``, split as the harness splits it): MRPC's F1 rewards answering "yes"
+    (F1 ≈ 80.7), so a grid point near it has learned little, whatever its F1. Empty when the data is not here."""
+    from rankwise_harness.data import DataError, get_task, load_task_data
+    from rankwise_harness.selection import split_validation
+
+    try:
+        rows = load_task_data(get_task(task), str(folder)).train
+    except (OSError, DataError):
+        return ""
+    labels = [r.label for r in split_validation(rows, fraction)[1]]
+    top = max(set(labels), key=labels.count)
+    share = labels.count(top) / len(labels)
+    f1 = 2 * share / (1 + share) if top == 1 else 0.0  # the positive class's F1 when every answer is class `top`
+    return (f"(on the {len(labels)} held-out rows, answering class {top} every time scores F1 {100 * f1:.1f} / "
+            f"accuracy {100 * share:.1f}; MCC 0)")
+
+
 def mean_std(values: list[float], scale: float = 100, digits: int = 1) -> str:
     if not values:
         return "—"

@@ -184,9 +184,10 @@ def test_the_sweep_lines_give_the_held_out_score_of_a_constant_answer(tmp_path: 
     body = "".join(f"{int(i % 10 < 7)}\t{i}\t{i + 1}\tsentence {i}\tanother {i}\n" for i in range(60))
     for name in ("train.tsv", "dev.tsv"):
         (folder / name).write_text(head + body)
-    line = gr.constant_answer_line("mrpc", _args(data=str(tmp_path)))
+    line = gr.regime.constant_answer_line("mrpc", folder, gr.VAL_SPLIT)
     held = [r.label for r in split_validation(load_task_data(get_task("mrpc"), str(folder)).train, gr.VAL_SPLIT)[1]]
     yes = [1] * len(held)
     assert f"F1 {100 * f1_score(held, yes):.1f} / accuracy {100 * accuracy_score(held, yes):.1f}" in line
     assert f"{len(held)} held-out rows" in line
-    assert gr.constant_answer_line("mrpc", _args(data=str(tmp_path / "absent"))) == ""
+    assert gr.regime.constant_answer_line("mrpc", tmp_path / "absent", gr.VAL_SPLIT) == ""
+    assert any(line in x for x in gr.sweep_lines("mrpc", _args(data=str(tmp_path))))
