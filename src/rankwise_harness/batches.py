@@ -1,7 +1,9 @@
 """Model batches: the training order and the side streams (a run's task type makes the batches themselves).
 
 The training order is a pure function of ``(seed, micro-batch number)`` (:func:`micro_batch_indices`),
-so a resumed run reads exactly the batches an uninterrupted one does; calibration and head warm-up
+and an optimizer step's micro-batches a pure function of its number (:func:`step_micro_batches`: an epoch's
+last accumulation window is short rather than borrowing the next epoch's batches), so a resumed run reads
+exactly the batches an uninterrupted one does; calibration and head warm-up
 draw from their own seeded streams (:func:`random_batches`) and leave that order alone.
 """
 
@@ -57,6 +59,23 @@ def micro_batch_indices(n: int, global_bs: int, seed: int, micro: int) -> list[i
     if n < global_bs:
         perm = (perm * math.ceil(global_bs / n))[:global_bs]
     return perm[b * global_bs : (b + 1) * global_bs]
+
+
+def steps_per_epoch(per_epoch: int, grad_accum: int) -> int:
+    """Optimizer steps in an epoch of ``per_epoch`` micro-batches accumulated ``grad_accum`` at a time:
+    ``ceil(per_epoch / grad_accum)``, the last one short when ``grad_accum`` does not divide ``per_epoch``
+    (HF Trainer's ``num_update_steps_per_epoch``)."""
+    return -(-per_epoch // grad_accum)
+
+
+def step_micro_batches(step: int, per_epoch: int, grad_accum: int) -> range:
+    """Global micro-batch numbers that optimizer step ``step`` (0-based) accumulates: each epoch's
+    ``per_epoch`` micro-batches cut into windows of ``grad_accum``, the last window holding what is left,
+    so no step crosses an epoch's end and ``N`` epochs use every example exactly ``N`` times. With
+    ``grad_accum`` 1, step ``s`` is micro-batch ``s``."""
+    epoch, window = divmod(step, steps_per_epoch(per_epoch, grad_accum))
+    start = epoch * per_epoch + window * grad_accum
+    return range(start, min(start + grad_accum, (epoch + 1) * per_epoch))
 
 
 def random_batches(enc: Batcher, train: list[Example], n: int, batch_size: int, seed: int,

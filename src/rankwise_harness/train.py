@@ -28,7 +28,7 @@ from torch import nn
 import rankwise
 from rankwise.optim import split_weight_decay
 
-from .batches import micro_batch_indices, random_batches, to_device
+from .batches import micro_batch_indices, random_batches, step_micro_batches, steps_per_epoch, to_device
 from .evaluation import evaluate
 from .checkpoint import (CKPT_DIR, Checkpoint, RunError, RunInterrupted, TrainerState, disk_full_is_named, tensor_bytes, frozen_digests, latest_checkpoint, model_tensors,
                          read_checkpoint, read_run_json, restore_model, write_checkpoint)
@@ -172,6 +172,7 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
         _load_model(run)
         if run.saved is not None:  # the rows trained on: after the task type dropped those it cannot use
             _check_same_data(run)
+            _check_same_schedule(run)
         prepared = _set_up_adapter(run)
         training = _set_up_training(run, prepared, hook)
         loop = where["loop"] = _restore_or_start(run, training)
@@ -193,6 +194,9 @@ def _finished_result(run: _Run) -> dict[str, Any]:
     _read_data(run)
     _load_model(run)
     _check_same_data(run)
+    if _older_windows(run):
+        run.say(f"note: {run.out} was trained by an older rankwise whose --grad-accum windows ran across epoch ends "
+                "(its eval_history's epochs say how far it went); pass --overwrite to train it on today's schedule")
     run.say(f"{run.out} holds a finished run; nothing to resume (pass --overwrite to run it again)")
     return read_run_json(run.out / "metrics.json")
 
@@ -262,7 +266,17 @@ class _Run:
 
     @property
     def per_epoch(self) -> int:
+        """Micro-batches (global batches) in an epoch."""
         return max(1, len(self.train) // self.global_bs)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in an epoch, the last one short when ``--grad-accum`` does not divide ``per_epoch``."""
+        return steps_per_epoch(self.per_epoch, self.cfg.grad_accum)
+
+    def window(self, step: int) -> range:
+        """The global micro-batch numbers optimizer step ``step`` (0-based) accumulates."""
+        return step_micro_batches(step, self.per_epoch, self.cfg.grad_accum)
 
     @property
     def heads(self) -> tuple[str, ...] | None:
@@ -409,6 +423,30 @@ def _check_same_data(run: _Run) -> None:
                            f"{was}); resume on the data the run started with, or start again with --overwrite")
 
 
+def _older_windows(run: _Run) -> bool:
+    """Whether the run in ``run.out`` was started by a rankwise whose accumulation windows ran across epoch ends
+    (its ``config.json`` records no ``steps_per_epoch``) and whose schedule differs from today's: with
+    ``--grad-accum`` K > 1 not dividing the micro-batches per epoch, each epoch's last window took the next
+    epoch's first batches (today it is a short step)."""
+    if "steps_per_epoch" in read_run_json(run.out / "config.json"):
+        return False
+    return run.cfg.grad_accum > 1 and run.per_epoch % run.cfg.grad_accum != 0
+
+
+def _check_same_schedule(run: _Run) -> None:
+    """``--resume`` onto the optimizer-step schedule the run started with: a run started before epochs ended with a
+    short accumulation step (:func:`_older_windows`) is refused rather than continued on different batches."""
+    if not _older_windows(run):
+        return
+    cfg, per_epoch = run.cfg, run.per_epoch
+    raise RunError(f"--resume: {run.out} was started by an older rankwise whose --grad-accum {cfg.grad_accum} windows "
+                   f"ran across epoch ends ({per_epoch} batches per epoch: each epoch's last window took the next "
+                   f"epoch's first batches, so --epochs {cfg.epochs:g} trained on more than {cfg.epochs:g} epochs); this "
+                   f"rankwise ends each epoch with a short step ({run.steps_per_epoch} steps per epoch), so the resumed "
+                   "run would continue on different batches and a different schedule. Finish it with the rankwise it "
+                   "started with, or start again with --overwrite")
+
+
 def _load_model(run: _Run) -> None:
     """The base model (seeded) as the task type loads it, on the run's device; the training rows it can use."""
     from accelerate.utils import set_seed
@@ -484,7 +522,7 @@ def _set_up_training(run: _Run, adapter: _Adapter, hook: StepHook | None) -> _Tr
     groups = with_head_group(run.source.param_groups(model, cfg), head_params, cfg.head_lr or cfg.learning_rate, cfg.weight_decay)
     groups = split_weight_decay(model, groups)  # biases and LayerNorms are not decayed (HF Trainer's rule)
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * run.per_epoch / cfg.grad_accum))
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * run.steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total_steps))
     run.model, optimizer = run.accelerator.prepare(model, optimizer)
     training = _Training(adapter, optimizer, scheduler, run.accelerator.unwrap_model(run.model), total_steps,
@@ -502,6 +540,8 @@ def _write_config(run: _Run, training: _Training) -> None:
                 "data_source": run.data.source, "data_fingerprint": _data_fingerprint(run), "num_processes": run.world,
                 "mixed_precision": run.mp, "model_class": run.model_class, "head": run.cfg.head,
                 "pooling": run.task_type.pooling, "label_words": run.task_type.label_words()}
+    if run.cfg.grad_accum > 1:  # marks a run whose epochs end with a short step (_older_windows); --grad-accum 1's
+        resolved["steps_per_epoch"] = run.steps_per_epoch  # config.json stays as it was: its schedule never changed
     if run.accelerator.is_main_process:
         from rankwise.adapter_file import atomic_write_bytes
 
@@ -522,6 +562,9 @@ def _restore_or_start(run: _Run, training: _Training) -> _Loop:
         saved.restore_training(training.optimizer, training.scheduler)  # optimizer, schedule, RNG states
         t = saved.trainer
         loop = _Loop(t.step, t.elapsed, History(list(t.losses), list(t.evals)), t.metrics_before)
+        if t.micro != run.window(t.step).start:  # a checkpoint of another schedule: never continue it silently
+            raise RunError(f"--resume: {run.ckpt} is at step {t.step} after {t.micro} batches, but this schedule "
+                           f"reaches step {t.step} after {run.window(t.step).start}; start again with --overwrite")
         training.adapter.init_seconds, training.adapter.head_warmup = t.init_seconds, t.head_warmup
         run.say(f"resumed from {run.ckpt} at step {loop.step} of {training.total_steps}")
     else:
@@ -529,7 +572,7 @@ def _restore_or_start(run: _Run, training: _Training) -> _Loop:
         if run.cfg.eval_before:
             loop.metrics_before = run.evaluate(run.dev)
             run.say(f"before training: {fmt_metrics(loop.metrics_before)}")
-    loop.micro = loop.step * run.cfg.grad_accum
+    loop.micro = run.window(loop.step).start
     return loop
 
 
@@ -558,7 +601,7 @@ def _train(run: _Run, training: _Training, loop: _Loop, show_progress: bool) -> 
         loop.step += 1
         loop.history.losses.append(loss_value)
         bar.update(loss_value, float(np.mean(loop.history.losses[-10:])),
-                   loop.step * run.global_bs * cfg.grad_accum / max(loop.seconds(), 1e-9))
+                   loop.micro * run.global_bs / max(loop.seconds(), 1e-9))
         _evaluate_and_save_when_due(run, training, loop, bar, loss_value)
         if training.hook is not None:
             training.hook(loop.step, loss_value)
@@ -590,18 +633,24 @@ def _out_of_patience(run: _Run, loop: _Loop) -> bool:
 
 
 def _accumulate(run: _Run, loop: _Loop) -> torch.Tensor:
-    """``grad_accum`` micro-batches' gradients (synchronised across processes on the last); their summed loss."""
+    """The gradients of step ``loop.step``'s window of micro-batches (:meth:`_Run.window`: ``grad_accum`` of them,
+    an epoch's last window what is left), synchronised across processes on the last; returns their mean loss.
+
+    The step minimises the mean of its micro-batch losses, L = (1/r) Σ_k L_k over the r micro-batches it holds,
+    so a short window is normalised as the full ones are (HF Trainer's ``loss / current_gradient_accumulation_steps``);
+    every micro-batch is a full global batch, so for a per-example loss L is the mean over the window's examples."""
     cfg, accelerator = run.cfg, run.accelerator
     step_loss = torch.zeros((), device=accelerator.device)
-    for k in range(cfg.grad_accum):
-        idx = micro_batch_indices(len(run.train), run.global_bs, cfg.seed, loop.micro)
+    window = run.window(loop.step)
+    for k, micro in enumerate(window):
+        idx = micro_batch_indices(len(run.train), run.global_bs, cfg.seed, micro)
         mine = idx[accelerator.process_index * cfg.batch_size : (accelerator.process_index + 1) * cfg.batch_size]
         batch = to_device(run.task_type.train_batch([run.train[i] for i in mine]), accelerator.device)
-        loop.micro += 1
-        sync = k == cfg.grad_accum - 1
+        loop.micro = micro + 1
+        sync = k == len(window) - 1
         ctx = accelerator.no_sync(run.model) if not sync else contextlib.nullcontext()
         with ctx, accelerator.autocast():
-            loss = run.task_type.loss(run.model, batch) / cfg.grad_accum
+            loss = run.task_type.loss(run.model, batch) / len(window)
             accelerator.backward(loss)
         step_loss += loss.detach()
     return step_loss
@@ -611,7 +660,7 @@ def _evaluate_and_save_when_due(run: _Run, training: _Training, loop: _Loop, bar
     """``--eval-every`` / ``--eval-each-epoch`` evaluations and ``--save-every`` checkpoints (never at the last
     step: the finish evaluates and saves); their time is kept out of the training time."""
     cfg, step, per_epoch = run.cfg, loop.step, run.per_epoch
-    epoch_end = cfg.eval_each_epoch and loop.micro // per_epoch > (loop.micro - cfg.grad_accum) // per_epoch
+    epoch_end = cfg.eval_each_epoch and step % run.steps_per_epoch == 0
     if ((cfg.eval_every and step % cfg.eval_every == 0) or epoch_end) and step < training.total_steps:
         t_eval = time.perf_counter()
         result = run.evaluate(run.dev)
