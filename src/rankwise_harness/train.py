@@ -441,9 +441,9 @@ def _check_same_schedule(run: _Run) -> None:
     cfg, per_epoch = run.cfg, run.per_epoch
     raise RunError(f"--resume: {run.out} was started by an older rankwise whose --grad-accum {cfg.grad_accum} windows "
                    f"ran across epoch ends ({per_epoch} batches per epoch: each epoch's last window took the next "
-                   f"epoch's first batches, so --epochs {cfg.epochs:g} trained on more than {cfg.epochs:g} epochs); this "
-                   f"rankwise ends each epoch with a short step ({run.steps_per_epoch} steps per epoch), so the resumed "
-                   "run would continue on different batches and a different schedule. Finish it with the rankwise it "
+                   f"epoch's first batches, and --epochs could train on more than {cfg.epochs:g} epochs); this "
+                   f"rankwise ends each epoch with a short step ({run.steps_per_epoch} steps per epoch), so the "
+                   "resumed run would continue on different batches and a different schedule. Finish it with the rankwise it "
                    "started with, or start again with --overwrite")
 
 
