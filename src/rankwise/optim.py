@@ -27,11 +27,13 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def no_decay_ids(model: nn.Module) -> set[int]:
-    """``id``s of the parameters weight decay skips: every bias, and every parameter of a normalisation layer."""
+    """``id``s of the parameters weight decay skips: every parameter of a normalisation layer, and every bias: "bias"
+    in its full name, as HF ``Trainer`` reads it (T5's ``relative_attention_bias.weight`` too)."""
     ids: set[int] = set()
-    for module in model.modules():
+    for module_name, module in model.named_modules():
         norm = _is_norm(module)
-        ids.update(id(p) for name, p in module.named_parameters(recurse=False) if norm or "bias" in name)
+        ids.update(id(p) for name, p in module.named_parameters(recurse=False)
+                   if norm or "bias" in f"{module_name}.{name}".lower())
     return ids
 
 

@@ -591,6 +591,7 @@ def _train(run: _Run, training: _Training, loop: _Loop, show_progress: bool) -> 
         step_loss = _accumulate(run, loop)
         loss_value = float(accelerator.reduce(step_loss, "mean")) if run.world > 1 else float(step_loss)
         _check_finite_loss(run, loop, loss_value, training.total_steps)
+        _check_finite_grads(run, loop, training.total_steps)
         if cfg.max_grad_norm is not None:  # the summed gradients, unscaled, all processes' (Accelerate's clip)
             accelerator.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm)
         training.optimizer.step()
@@ -614,11 +615,28 @@ def _train(run: _Run, training: _Training, loop: _Loop, show_progress: bool) -> 
 def _check_finite_loss(run: _Run, loop: _Loop, loss: float, total: int) -> None:
     """Stop before the optimizer steps on a NaN/inf loss (every process sees the same, reduced, value): training on
     would write NaN into the trained tensors and report the NaN model's metrics as the run's result."""
-    if math.isfinite(loss):
+    if not math.isfinite(loss):
+        _stop_non_finite(run, loop, f"training loss ({loss})", total)
+
+
+def _check_finite_grads(run: _Run, loop: _Loop, total: int) -> None:
+    """Stop before the optimizer steps on a NaN/inf gradient under a finite loss (any process's: the flag is
+    summed across them): AdamW would write NaN into those tensors (``--max-grad-norm``: into every one), and a
+    checkpoint due at that step would replace the last good one. Not under fp16, whose loss scaler skips such
+    steps itself."""
+    if run.accelerator.scaler is not None:
         return
+    grads = [p.grad for p in run.model.parameters() if p.grad is not None]
+    bad = torch.stack([~torch.isfinite(g).all() for g in grads]).any().float() if grads else torch.zeros(())
+    bad = run.accelerator.reduce(bad.to(run.accelerator.device), "sum") if run.world > 1 else bad
+    if float(bad) > 0:
+        _stop_non_finite(run, loop, "gradient (the loss is finite)", total)
+
+
+def _stop_non_finite(run: _Run, loop: _Loop, what: str, total: int) -> None:
     ckpt = _latest_or_none(run.out)
     kept = f"the last checkpoint ({ckpt.name}) is kept" if ckpt is not None else "no checkpoint was written"
-    raise RunError(f"non-finite training loss ({loss}) at step {loop.step + 1} of {total}: the optimizer step was not "
+    raise RunError(f"non-finite {what} at step {loop.step + 1} of {total}: the optimizer step was not "
                    f"taken and no result is written ({kept}); lower --lr or check the data, then start again with "
                    "--overwrite")
 
