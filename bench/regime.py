@@ -31,6 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ledger  # noqa: E402  (bench/ is not a package)
 
 ROOT = Path(__file__).resolve().parents[1]
+# The drivers' own imports of rankwise come from this checkout's src/ (as their runs' PYTHONPATH does), whatever
+# python starts them: bench/experiments.sh runs a pinned worktree with a venv whose editable install is elsewhere.
+sys.path.insert(0, str(ROOT / "src"))
 DATA = Path(os.environ.get("RANKWISE_SHARED_DATA", str(ROOT.parent / "shared" / "data")))
 GLUE = {"sst2": ("SST-2", 64), "cola": ("CoLA", 64), "mrpc": ("MRPC", 128)}
 

@@ -507,3 +507,21 @@ def test_a_full_fine_tuning_arm_gets_no_adapter_flag_of_the_common_ones(tmp_ledg
     for argv in (full, lora):
         args = cli.build_parser().parse_args(argv)
         cli._run_config(args, args.method, args.output)  # a ConfigError if finetune refuses a flag
+
+
+@pytest.mark.parametrize("driver", ["regime", "gora_regime"])
+def test_a_driver_imports_the_harness_of_its_own_checkout_whatever_the_python(tmp_path: Path, driver: str) -> None:
+    """bench/experiments.sh starts the drivers with the lead's venv python (rankwise installed editable from the
+    lead's checkout) in a worktree pinned at another commit: the driver's own in-process imports (``used_flags``
+    before every run, the report's data helpers) must come from the pinned ``src/``, not from a checkout that moves
+    (or is mid-edit) while a job runs for days."""
+    import os
+    import subprocess
+
+    root = _BENCH.parent
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = (f"import sys; sys.path.insert(0, {str(_BENCH)!r}); import {driver}; import rankwise_harness, rankwise; "
+            "print(rankwise_harness.__file__); print(rankwise.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    for line in out.stdout.split():
+        assert Path(line).resolve().is_relative_to((root / "src").resolve()), (line, root)
