@@ -104,6 +104,17 @@ def commit() -> str:
         return "unknown"
 
 
+def started_at(folder: Path, fresh: bool, now: str) -> str:
+    """The commit the run in ``folder`` started at, kept beside it in ``<folder>.commit`` (an ``--overwrite`` keeps
+    it): ``now`` when the run starts afresh (``fresh``, written there), else the one read back (``unknown`` when its
+    first segment kept none: a run started before this was recorded)."""
+    stamp = folder.with_name(folder.name + ".commit")
+    if fresh:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(now + "\n")
+    return stamp.read_text().strip() if stamp.is_file() else "unknown"
+
+
 def _prediction_counts(folder: Path) -> dict[str, dict[str, int]]:
     path = folder / "predictions.jsonl"
     if not path.is_file():
@@ -154,19 +165,21 @@ def record(experiment: str, run_id: str, folder: Path, command: list[str], start
 def run_recorded(experiment: str, run_id: str, folder: Path, command: list[str], env: dict[str, str] | None = None,
                  log: Path | None = None) -> dict[str, Any]:
     """The ledger entry of ``run_id``: read when it exists; else ``command`` runs (its output appended to ``log``,
-    else to this process's), and the finished run in ``folder`` is recorded."""
+    else to this process's), and the finished run in ``folder`` is recorded, with the commit it started at when
+    ``command`` resumes it (``--resume``) at another (:func:`started_at`)."""
     done = entry(experiment, run_id)
     if done is not None:
         return done
     print("+", shlex.join(command), flush=True)
     started, ran_at = time.time(), commit()  # the code the run starts with (the checkout may move while it trains)
+    first = started_at(folder, "--resume" not in command, ran_at)
     if log is None:
         subprocess.run(command, check=True, env=env)
     else:
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("a") as fh:
             subprocess.run(command, check=True, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    return record(experiment, run_id, folder, command, started, ran_at=ran_at)
+    return record(experiment, run_id, folder, command, started, first, ran_at)
 
 
 if __name__ == "__main__":  # python bench/ledger.py EXPERIMENT: list its finished runs

@@ -118,14 +118,10 @@ def run_one(runs: Path, task: str, arm: Arm, lr: float, seed: int, common: list[
            "--method", arm.method, "--lr", f"{lr:g}", "--seed", str(seed), "--max-length", str(max_len),
            "--output", str(out), "--no-progress", *used_flags(arm.method, common), *arm.flags]
     cmd.append("--resume" if (out / "config.json").is_file() and not (out / "metrics.json").is_file() else "--overwrite")
-    stamp = out.with_name(out.name + ".commit")  # the commit the run started at, beside the folder (--overwrite keeps it)
     started_commit = segment_commit = None
     if not (out / "metrics.json").is_file():
         segment_commit = ledger.commit()  # the code this segment runs, read now: the checkout may move before it ends
-        if cmd[-1] == "--overwrite":
-            stamp.parent.mkdir(parents=True, exist_ok=True)
-            stamp.write_text(segment_commit + "\n")
-        started_commit = stamp.read_text().strip() if stamp.is_file() else "unknown"
+        started_commit = ledger.started_at(out, cmd[-1] == "--overwrite", segment_commit)
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
         print("+", " ".join(cmd), flush=True)
         started = time.time()

@@ -525,3 +525,32 @@ def test_a_driver_imports_the_harness_of_its_own_checkout_whatever_the_python(tm
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
     for line in out.stdout.split():
         assert Path(line).resolve().is_relative_to((root / "src").resolve()), (line, root)
+
+
+def test_run_recorded_keeps_the_commit_a_resumed_run_started_at(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gora_regime's runs (bench/ledger.run_recorded) resume with ``--resume`` after a kill, possibly once the pinned
+    worktree has moved to a newer commit: the entry names the commit the run started at beside the one that
+    finished it, as bench/regime.py's runs do (before: only the last segment's, so a run trained partly by older
+    code passed as the newer code's); a run started again with ``--overwrite`` is a fresh start."""
+    import subprocess
+
+    monkeypatch.setattr(ledger, "LEDGER", tmp_path / "ledger")
+    commit = {"now": "a" * 40}
+    monkeypatch.setattr(ledger, "commit", lambda: commit["now"])
+    attempts: list[list[str]] = []
+
+    def fake_finetune(cmd, check, env):
+        (tmp_path / "run").mkdir(exist_ok=True)
+        attempts.append(cmd)
+        if len(attempts) == 1:  # killed after it started
+            raise subprocess.CalledProcessError(-15, cmd)
+        (tmp_path / "run" / "metrics.json").write_text(json.dumps({"losses": [0.5], "metrics": {}}))
+
+    monkeypatch.setattr(ledger.subprocess, "run", fake_finetune)
+    with pytest.raises(subprocess.CalledProcessError):
+        ledger.run_recorded("exp", "mrpc/x/lr0.001-seed0", tmp_path / "run", ["finetune", "--overwrite"])
+    commit["now"] = "b" * 40
+    e = ledger.run_recorded("exp", "mrpc/x/lr0.001-seed0", tmp_path / "run", ["finetune", "--resume"])
+    assert (e["started_commit"], e["rankwise_commit"]) == ("a" * 40, "b" * 40)
+    e = ledger.run_recorded("exp", "mrpc/x/lr0.001-seed1", tmp_path / "run", ["finetune", "--overwrite"])
+    assert "started_commit" not in e and e["rankwise_commit"] == "b" * 40
