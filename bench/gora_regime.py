@@ -260,6 +260,8 @@ def stage(a: dict[int, float], b: dict[int, float], seeds: list[int]) -> tuple[l
     def apply(used: list[int]) -> str | None:
         return rule([a[s] for s in used], [b[s] for s in used]) if all(s in a and s in b for s in used) else None
 
+    if len(seeds) < 2:  # Welch's s.e. needs two seeds per arm (a smoke run's --seeds 0): no verdict
+        return seeds, None
     first = apply(seeds)
     more = [*seeds, *(s for s in EXTRA_SEEDS if s not in seeds)]
     if first != "within" or len(more) == len(seeds):
@@ -277,6 +279,8 @@ def verdict(a: dict[int, float], b: dict[int, float], name_a: str, name_b: str, 
     """The verdict of :func:`stage` on per-seed dev accuracies (points) ``a`` and ``b``, with the interval
     (difference ± 2 Welch s.e.) on the seeds it used."""
     used, outcome = stage(a, b, seeds)
+    if len(seeds) < 2:
+        return f"{name_a} vs {name_b}: no verdict: the rule needs at least 2 seeds per arm (asked: {seeds})"
     if outcome is None and len(used) > len(seeds):
         return (f"{name_a} vs {name_b}: within 2 s.e.: the rule adds seeds 3 and 4 to both (not decided yet); "
                 + _interval(a, b, seeds))

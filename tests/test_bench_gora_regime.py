@@ -161,6 +161,16 @@ def test_no_verdict_before_the_three_seeds_of_both_arms() -> None:
     assert far.startswith("gora beats lora") and "3 seeds" in far
 
 
+def test_a_single_seed_gets_no_verdict_and_no_crash() -> None:
+    """``--seeds 0`` (a smoke run): Welch's rule needs two seeds per arm, so one seed is no verdict and adds no
+    seeds (before: ``statistics.variance`` raised once both arms' seed 0 finished, in the plan's second pass,
+    after every run and before the report)."""
+    used, outcome = gr.stage({0: 80.0}, {0: 70.0}, [0])
+    assert (used, outcome) == ([0], None)
+    line = gr.verdict({0: 80.0}, {0: 70.0}, "gora", "lora", [0])
+    assert "beats" not in line and "at least 2 seeds" in line
+
+
 def test_a_held_out_tie_picks_the_smaller_lr_and_dev_never_chooses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ledger, "LEDGER", tmp_path)
     args = _args()
