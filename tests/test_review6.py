@@ -7,6 +7,7 @@ under test: a plain PyTorch loop written here, autograd, or HF transformers' own
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,21 @@ from rankwise_harness.train import finetune
 QUIET = dict(show_progress=False, log=lambda _m: None)
 
 
+def poison_third_loss(monkeypatch: pytest.MonkeyPatch, cfg: RunConfig, model: str,
+                      poison: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """The run's third micro-batch loss goes through ``poison`` (the task type's ``loss``, patched)."""
+    task_type = type(task_type_for(get_task("sst2"), model, cfg))
+    real_loss = task_type.loss
+    calls = [0]
+
+    def loss(self, model, batch):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        value = real_loss(self, model, batch)
+        return poison(value) if calls[0] == 3 else value
+
+    monkeypatch.setattr(task_type, "loss", loss)
+
+
 # ---------------------------------------------------------------------------- a NaN loss in the harness's loop
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_a_non_finite_training_loss_stops_the_run_before_the_optimizer_steps(
@@ -33,18 +49,7 @@ def test_a_non_finite_training_loss_stops_the_run_before_the_optimizer_steps(
     dev accuracy (0.5625 on this slice) as the run's result. Now every source stops with a ``RunError`` naming
     the step, before that step's optimizer update, and writes no result."""
     cfg = _cfg(tmp_path, tiny_models, sst2, method=method, max_steps=5, save_every=2)
-    task_type = type(task_type_for(get_task("sst2"), tiny_models["bert"], cfg))
-    real_loss = task_type.loss
-    calls = [0]
-
-    def loss(self, model, batch):  # type: ignore[no-untyped-def]
-        calls[0] += 1
-        value = real_loss(self, model, batch)
-        if calls[0] == 3:
-            value = value * float("nan")
-        return value
-
-    monkeypatch.setattr(task_type, "loss", loss)
+    poison_third_loss(monkeypatch, cfg, tiny_models["bert"], lambda value: value * float("nan"))
     steps: list[int] = []
     hooked: list[int] = []
 

@@ -11,12 +11,10 @@ from safetensors.torch import load_file
 
 import rankwise
 from rankwise.optim import split_weight_decay
-from rankwise_harness.data import get_task
 from rankwise_harness.checkpoint import RunError
-from rankwise_harness.tasktypes import task_type_for
 from rankwise_harness.train import finetune
 from test_harness_train import _cfg, sst2, tiny_models  # noqa: F401  (module fixtures: a tiny BERT, 64 SST-2 rows)
-from test_review6 import _decay_of, _hf_decayed
+from test_review6 import _decay_of, _hf_decayed, poison_third_loss
 
 
 def _tiny_t5() -> torch.nn.Module:
@@ -70,22 +68,13 @@ def test_a_non_finite_gradient_under_a_finite_loss_stops_before_the_step_and_kee
     loss stopped the run naming that NaN checkpoint as "kept". Now the run stops before the third step's update and
     the kept checkpoint (step 2) holds finite tensors only, equal to an uninterrupted run's step 2."""
     cfg = _cfg(tmp_path, tiny_models, sst2, method="full", lr=1e-4, max_steps=5, save_every=1, max_grad_norm=clip)
-    task_type = type(task_type_for(get_task("sst2"), tiny_models["bert"], cfg))
-    real_loss = task_type.loss
-    calls = [0]
-
-    def loss(self, model, batch):  # type: ignore[no-untyped-def]
-        calls[0] += 1
-        value = real_loss(self, model, batch)
-        return _NanGradient.apply(value) if calls[0] == 3 else value
-
-    monkeypatch.setattr(task_type, "loss", loss)
+    poison_third_loss(monkeypatch, cfg, tiny_models["bert"], _NanGradient.apply)
     with pytest.raises(RunError, match=r"non-finite gradient \(the loss is finite\) at step 3 of 5.*step-0000002"):
         finetune(cfg, show_progress=False, log=lambda _m: None)
     kept = Path(cfg.output) / "checkpoints" / "step-0000002"
     tensors = {f: load_file(str(f)) for f in kept.rglob("*.safetensors")}
     assert tensors and all(torch.isfinite(t).all() for ts in tensors.values() for t in ts.values() if t.is_floating_point())
-    monkeypatch.setattr(task_type, "loss", real_loss)
+    monkeypatch.undo()  # the real loss again, for the uninterrupted reference
     reference = _cfg(tmp_path / "ref", tiny_models, sst2, method="full", lr=1e-4, max_steps=2, save_every=1,
                      max_grad_norm=clip)
     finetune(reference, show_progress=False, log=lambda _m: None)
