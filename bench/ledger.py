@@ -164,12 +164,18 @@ def record(experiment: str, run_id: str, folder: Path, command: list[str], start
 
 def run_recorded(experiment: str, run_id: str, folder: Path, command: list[str], env: dict[str, str] | None = None,
                  log: Path | None = None) -> dict[str, Any]:
-    """The ledger entry of ``run_id``: read when it exists; else ``command`` runs (its output appended to ``log``,
+    """The ledger entry of ``run_id``: read when it exists; recorded from ``folder`` when the run there finished
+    but its entry was never written (its ``rankwise_commit`` is then the checkout's now, its first commit the one
+    kept beside the folder); else ``command`` runs (its output appended to ``log``,
     else to this process's), and the finished run in ``folder`` is recorded, with the commit it started at when
     ``command`` resumes it (``--resume``) at another (:func:`started_at`)."""
     done = entry(experiment, run_id)
     if done is not None:
         return done
+    if (folder / "metrics.json").is_file():  # finished, its entry never written (the job stopped between the two)
+        print("+ (finished, recorded now)", shlex.join(command), flush=True)
+        return record(experiment, run_id, folder, command, (folder / "metrics.json").stat().st_mtime,
+                      started_at(folder, False, "unknown"))
     print("+", shlex.join(command), flush=True)
     started, ran_at = time.time(), commit()  # the code the run starts with (the checkout may move while it trains)
     first = started_at(folder, "--resume" not in command, ran_at)

@@ -552,5 +552,26 @@ def test_run_recorded_keeps_the_commit_a_resumed_run_started_at(tmp_path: Path, 
     commit["now"] = "b" * 40
     e = ledger.run_recorded("exp", "mrpc/x/lr0.001-seed0", tmp_path / "run", ["finetune", "--resume"])
     assert (e["started_commit"], e["rankwise_commit"]) == ("a" * 40, "b" * 40)
+    (tmp_path / "run" / "metrics.json").unlink()  # (a finished folder without an entry is recorded, not run)
     e = ledger.run_recorded("exp", "mrpc/x/lr0.001-seed1", tmp_path / "run", ["finetune", "--overwrite"])
     assert "started_commit" not in e and e["rankwise_commit"] == "b" * 40
+
+
+def test_a_run_that_finished_without_its_ledger_entry_is_recorded_not_run_again(tmp_path: Path,
+                                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job stopped between a run's end and its ledger entry (the session ended): the next launch records the
+    finished folder instead of training it again with ``--overwrite`` (an hour of SmolLM2 each)."""
+    monkeypatch.setattr(ledger, "LEDGER", tmp_path / "ledger")
+    run = tmp_path / "runs" / "lr0.001-seed0"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"steps": 4, "last": {"epoch": 1.0}, "losses": [1.0, 1.0, 1.0, 1.0],
+                                                  "headline_metric": "f1", "metrics": {"f1": 0.5}}))
+    (run / "config.json").write_text(json.dumps({"run": {"lr": 1e-3}}))
+    ledger.started_at(run, True, "abc123")  # the stamp the run's first segment wrote
+    ran: list[list[str]] = []
+    monkeypatch.setattr(ledger.subprocess, "run", lambda cmd, **_kw: ran.append(cmd))
+    monkeypatch.setattr(ledger, "commit", lambda: "def456")  # the checkout's commit now
+    e = ledger.run_recorded("exp", "mrpc/x/lr0.001-seed0", run, ["rankwise", "finetune", "--overwrite"])
+    assert ran == [] and ledger.entry("exp", "mrpc/x/lr0.001-seed0") == e
+    assert e["metrics"]["metrics"] == {"f1": 0.5}
+    assert (e.get("started_commit"), e["rankwise_commit"]) == ("abc123", "def456")
