@@ -98,11 +98,9 @@ def run_one(task: str, arm: str, seed: int, lr: float, args: argparse.Namespace,
     if arm in PEFT_ARMS:
         cmd = [sys.executable, __file__, "--one", arm, *cmd[1:], "--overwrite"]
     else:
-        unfinished = (out / "config.json").is_file() and not (out / "metrics.json").is_file()
         cmd = [sys.executable, "-m", "rankwise_harness.cli", *cmd, "--save-every", str(args.save_every),
-               "--resume" if unfinished else "--overwrite"]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               ledger.resume_flag(out)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     return ledger.run_recorded(args.experiment, rid, out, cmd, env, log=out.parent / f"{out.name}.log")
 
 
