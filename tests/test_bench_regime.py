@@ -740,3 +740,76 @@ def test_an_entry_write_cut_short_leaves_no_entry_and_the_next_write_succeeds(tm
     e = ledger.record("exp", "mrpc/x/lr0.001-seed0", run, ["finetune"], started=0.0)
     assert ledger.entry("exp", "mrpc/x/lr0.001-seed0") == e
     assert [p.name for p in ledger.entry_path("exp", "mrpc/x/lr0.001-seed0").parent.iterdir()] == ["lr0.001-seed0.json"]
+
+
+# ---------------------------------------------------------------------------- another machine
+def _machine(tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch, ledger_from: Path | None = None) -> Path:
+    """Machine ``name``: its own ledger root (a copy of ``ledger_from``: the committed ledger a fresh clone has)
+    and an empty runs root; returns the runs folder of experiment ``exp`` there (no run folders yet)."""
+    import shutil
+
+    root = tmp_path / name
+    if ledger_from is not None:
+        shutil.copytree(ledger_from, root / "ledger")
+    monkeypatch.setattr(ledger, "LEDGER", root / "ledger")
+    return root / "runs" / "exp"
+
+
+def _scored_runs(score, calls: list[tuple[str, float, int]], stop_at: tuple[str, float, int] | None = None):
+    """A fake ``finetune``: the run's folder finishes with held-out score ``score(arm, lr, seed)``; the job is
+    stopped (KeyboardInterrupt) when it reaches the run ``stop_at``."""
+    def run(cmd, **_kw):
+        out = Path(cmd[cmd.index("--output") + 1])
+        job = (out.parent.name, float(cmd[cmd.index("--lr") + 1]), int(cmd[cmd.index("--seed") + 1]))
+        if job == stop_at:
+            raise KeyboardInterrupt
+        calls.append(job)
+        assert cmd[-1] == "--overwrite", "no run folder on this machine: every run starts afresh"
+        _finished(out, score(*job))
+
+    return run
+
+
+def test_a_new_machine_continues_from_the_committed_ledger_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Machine A runs the grids (arm ``a``'s pick sits at the edge: its grid extends) and part of the seed stage, then
+    stops. A fresh clone at a later commit (B), with the committed ledger and no run folders, skips every ledgered
+    run, finds the same picks and grid extension from the ledger alone, runs exactly the runs A did not finish,
+    and its report is the one A builds from the same ledger."""
+    monkeypatch.setattr(regime, "majority_rate", lambda task: 0.5)
+    score = lambda arm, lr, seed: (lr if arm == "a" else 1 - abs(lr - 2e-3) * 100) / 2 + seed / 100  # noqa: E731
+
+    def arms() -> list:
+        return [regime.Arm("a", "lora", [], [1e-3, 2e-3, 3e-3]), regime.Arm("b", "lora", [], [1e-3, 2e-3, 3e-3])]
+
+    def report(runs: Path, chosen: list, picked: dict) -> list[str]:
+        return [regime.header("x", runs.name), *regime.table(runs, "mrpc", chosen, picked, [0, 1, 2]),
+                *regime.grid_table(runs, "mrpc", chosen)]
+
+    monkeypatch.setattr(ledger, "commit", lambda: "a" * 40)
+    on_a: list[tuple[str, float, int]] = []
+    runs_a = _machine(tmp_path, "A", monkeypatch)
+    monkeypatch.setattr(ledger.subprocess, "run", _scored_runs(score, on_a, stop_at=("b", 2e-3, 1)))
+    arms_a = arms()
+    with pytest.raises(KeyboardInterrupt):
+        regime.run_all(runs_a, "mrpc", arms_a, [0, 1, 2], [])
+    assert ("a", 0.0095, 0) in on_a and on_a[-1] == ("a", 0.095, 1)  # a's grid extended 3 times; seeds began
+    regime.run_all(runs_a, "mrpc", arms_a, [0, 1, 2], [], report_only=True)
+    picked_a = {x.label: regime.pick_lr(runs_a, "mrpc", x, [], dry=True) for x in arms_a}
+    at_a = report(runs_a, arms_a, picked_a)
+
+    monkeypatch.setattr(ledger, "commit", lambda: "b" * 40)
+    on_b: list[tuple[str, float, int]] = []
+    runs_b = _machine(tmp_path, "B", monkeypatch, ledger_from=tmp_path / "A" / "ledger")
+    arms_b = arms()
+    capsys.readouterr()
+    regime.run_all(runs_b, "mrpc", arms_b, [0, 1, 2], [], dry=True)
+    planned = sorted(line.split()[-1] for line in capsys.readouterr().out.splitlines() if line.startswith("+ (not run)"))
+    assert report(runs_b, arms_b, picked_a) == at_a, "the report from the ledger alone is A's"
+    assert [x.lrs for x in arms_b] == [x.lrs for x in arms_a]
+    monkeypatch.setattr(ledger.subprocess, "run", _scored_runs(score, on_b))
+    picked_b = regime.run_all(runs_b, "mrpc", arms_b, [0, 1, 2], [])
+    assert picked_b == picked_a == {"a": 0.095, "b": 2e-3}
+    assert on_b == [("b", 2e-3, 1), ("a", 0.095, 2), ("b", 2e-3, 2)], "B ran what A had not finished, nothing else"
+    assert planned == sorted(regime.run_id("mrpc", x, lr, s) for x, lr, s in ((arms_b[1], 2e-3, 1),
+                                                                              (arms_b[0], 0.095, 2), (arms_b[1], 2e-3, 2)))
