@@ -261,3 +261,21 @@ def test_a_new_machine_continues_from_the_committed_ledger_alone(tmp_path: Path,
     assert on_b and not set(on_b) & set(on_a), "B ran nothing A had finished"
     done = set(ledger.entries("exp"))
     assert done == set(on_a) | set(on_b) == {gr.run_id(t, a, lr, s, sw) for t, a, s, lr, sw in gr.jobs(args)}
+
+
+def test_one_pass_of_the_plan_hands_each_run_to_one_worker_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--jobs N`` runs a pass's jobs in parallel: a run listed twice (seed 0 of the first arms is listed again in
+    the seed loop; a tuned arm whose pick is its base arm's lr is that arm's runs) could go to two workers at
+    once, both training one folder. Each run id is handed out once per pass."""
+    from collections import Counter
+
+    monkeypatch.setattr(ledger, "LEDGER", tmp_path)
+    args = _args(jobs=2)
+    for base, grid in (("lora", args.lora_grid), ("gora", args.gora_grid)):  # both sweeps pick lr 1e-4
+        for lr in grid:
+            _finish(args, gr.run_id("mrpc", base, lr, 0, sweep=True), 0.9 if lr == 1e-4 else 0.5)
+    handed: list[str] = []
+    monkeypatch.setattr(gr, "run_one", lambda task, arm, seed, lr, _a, sweep=False:
+                        handed.append(gr.run_id(task, arm, lr, seed, sweep)))
+    gr.plan(args)
+    assert handed and max(Counter(handed).values()) == 1, Counter(handed).most_common(2)
