@@ -60,6 +60,7 @@ PEFT_ARMS = ("peft-loraga", "peft-pissa", "peft-adalora")
 ARMS = ("lora", "lora-tuned", "rslora-lp16", "gora", "gora-g0", "gora-tuned", *PEFT_ARMS, "full")
 DEFAULT_ARMS = "lora,lora-tuned,rslora-lp16,gora,gora-g0,gora-tuned,peft-loraga,peft-pissa"
 VAL_SPLIT = 0.1
+Job = tuple[str, str, int, float, bool]  # (task, arm, seed, lr, sweep)
 
 
 # ---------------------------------------------------------------------------- one run
@@ -98,11 +99,9 @@ def run_one(task: str, arm: str, seed: int, lr: float, args: argparse.Namespace,
     if arm in PEFT_ARMS:
         cmd = [sys.executable, __file__, "--one", arm, *cmd[1:], "--overwrite"]
     else:
-        unfinished = (out / "config.json").is_file() and not (out / "metrics.json").is_file()
         cmd = [sys.executable, "-m", "rankwise_harness.cli", *cmd, "--save-every", str(args.save_every),
-               "--resume" if unfinished else "--overwrite"]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               ledger.resume_flag(out)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     return ledger.run_recorded(args.experiment, rid, out, cmd, env, log=out.parent / f"{out.name}.log")
 
 
@@ -231,11 +230,22 @@ def plan(args: argparse.Namespace) -> None:
     each pass, so a grid that finishes adds its tuned arm's runs."""
     from concurrent.futures import ThreadPoolExecutor
 
-    seen: set[tuple[str, str, int, float, bool]] = set()
-    while todo := [j for j in jobs(args) if j not in seen]:
+    seen: set[str] = set()
+    while todo := _new_runs(jobs(args), seen):
         seen |= set(todo)
         with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda j: run_one(j[0], j[1], j[2], j[3], args, sweep=j[4]), todo))
+            list(pool.map(lambda j: run_one(j[0], j[1], j[2], j[3], args, sweep=j[4]), todo.values()))
+
+
+def _new_runs(listed: list[Job], seen: set[str]) -> dict[str, Job]:
+    """The listed jobs by run id, each run once (a job listed twice, or a tuned arm's job that is its base arm's
+    run, would go to two workers of ``--jobs`` at once), leaving out the runs handed out before (``seen``)."""
+    out: dict[str, Job] = {}
+    for j in listed:
+        rid = run_id(j[0], j[1], j[3], j[2], j[4])
+        if rid not in seen and rid not in out:
+            out[rid] = j
+    return out
 
 
 # ---------------------------------------------------------------------------- report

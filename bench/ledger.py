@@ -39,16 +39,34 @@ def entry_path(experiment: str, run_id: str) -> Path:
     return LEDGER / experiment / f"{run_id}.json"
 
 
+class LedgerError(ValueError):
+    """A ledger file that is not a whole entry (cut short, a merge conflict, edited by hand): named, never taken
+    for an unfinished run (which would train it again) nor left out of a report."""
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """The entry in ``path``: a JSON object holding its run's ``metrics``, else :class:`LedgerError` naming it."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = exc
+    if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
+        why = f"({data})" if isinstance(data, Exception) else "(no JSON object with a run's metrics)"
+        raise LedgerError(f"{path} is not a whole ledger entry {why}: restore it from git, or delete it to run "
+                          "that run again")
+    return data
+
+
 def entry(experiment: str, run_id: str) -> dict[str, Any] | None:
     """The ledger's record of a finished run, or ``None`` when the run has not finished (on any machine)."""
     path = entry_path(experiment, run_id)
-    return json.loads(path.read_text()) if path.is_file() else None
+    return _read(path) if path.is_file() else None
 
 
 def entries(experiment: str) -> dict[str, dict[str, Any]]:
-    """Every finished run of ``experiment``, by run id."""
+    """Every finished run of ``experiment``, by run id (a write cut short leaves a ``.tmp`` file: no entry)."""
     base = LEDGER / experiment
-    return {str(p.relative_to(base).with_suffix("")): json.loads(p.read_text()) for p in sorted(base.rglob("*.json"))}
+    return {str(p.relative_to(base).with_suffix("")): _read(p) for p in sorted(base.rglob("*.json"))}
 
 
 
@@ -60,7 +78,10 @@ def commits_line(experiment: str) -> str:
 
     def origin(e: dict[str, Any]) -> str:
         now = short(e.get("rankwise_commit", "unknown"))
-        return f"{short(e['started_commit'])} resumed at {now}" if "started_commit" in e else now
+        if "started_commit" not in e:
+            return now
+        first = short(e["started_commit"])
+        return f"{first}, last segment's commit unknown" if now == "unknown" else f"{first} resumed at {now}"
 
     counts = Counter(origin(e) for e in entries(experiment).values())
     if not counts:
@@ -104,15 +125,51 @@ def commit() -> str:
         return "unknown"
 
 
-def started_at(folder: Path, fresh: bool, now: str) -> str:
-    """The commit the run in ``folder`` started at, kept beside it in ``<folder>.commit`` (an ``--overwrite`` keeps
-    it): ``now`` when the run starts afresh (``fresh``, written there), else the one read back (``unknown`` when its
+def _write(path: Path, text: str) -> None:
+    """``text`` into ``path`` whole or not at all: a temporary file beside it, flushed to disk, then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _stamps(folder: Path) -> tuple[Path, Path]:
+    """Beside the run folder (an ``--overwrite`` clears the folder, not them): ``<folder>.commit``, the commit the
+    run started at, and ``<folder>.last-commit``, the commit its latest segment started at."""
+    return folder.with_name(folder.name + ".commit"), folder.with_name(folder.name + ".last-commit")
+
+
+def _stamp(path: Path) -> str:
+    text = path.read_text().strip() if path.is_file() else ""
+    return text or "unknown"
+
+
+def segment_begins(folder: Path, fresh: bool, now: str) -> str:
+    """A segment of the run in ``folder`` starts at commit ``now``: stamped as its latest segment's, and as the
+    run's first when it starts afresh (``fresh``); returns the commit the run started at (``unknown`` when its
     first segment kept none: a run started before this was recorded)."""
-    stamp = folder.with_name(folder.name + ".commit")
+    first, last = _stamps(folder)
     if fresh:
-        stamp.parent.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(now + "\n")
-    return stamp.read_text().strip() if stamp.is_file() else "unknown"
+        _write(first, now + "\n")
+    _write(last, now + "\n")
+    return _stamp(first)
+
+
+def kept_commits(folder: Path) -> tuple[str, str]:
+    """The commits the run in ``folder`` started at and its last segment started at, as stamped when they began
+    (:func:`segment_begins`); ``unknown`` for one never stamped (segments run by a driver older than the stamp)."""
+    first, last = _stamps(folder)
+    return _stamp(first), _stamp(last)
+
+
+def resume_flag(folder: Path) -> str:
+    """``--resume`` for a run started in ``folder`` and not finished (its ``config.json`` and no ``metrics.json``),
+    else ``--overwrite`` (a fresh start)."""
+    unfinished = (folder / "config.json").is_file() and not (folder / "metrics.json").is_file()
+    return "--resume" if unfinished else "--overwrite"
 
 
 def _prediction_counts(folder: Path) -> dict[str, dict[str, int]]:
@@ -154,31 +211,29 @@ def record(experiment: str, run_id: str, folder: Path, command: list[str], start
     }
     if started_commit is not None and started_commit != now_commit:
         data["started_commit"] = started_commit
-    path = entry_path(experiment, run_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    _write(entry_path(experiment, run_id), json.dumps(data, indent=1) + "\n")
     return data
 
 
 def run_recorded(experiment: str, run_id: str, folder: Path, command: list[str], env: dict[str, str] | None = None,
                  log: Path | None = None) -> dict[str, Any]:
     """The ledger entry of ``run_id``: read when it exists; recorded from ``folder`` when the run there finished
-    but its entry was never written (its ``rankwise_commit`` is then the checkout's now, its first commit the one
-    kept beside the folder); else ``command`` runs (its output appended to ``log``,
-    else to this process's), and the finished run in ``folder`` is recorded, with the commit it started at when
-    ``command`` resumes it (``--resume``) at another (:func:`started_at`)."""
+    but its entry was never written (the commits that ran it: :func:`kept_commits`); else ``command`` runs, with
+    this checkout's ``src/`` first on its ``PYTHONPATH`` (``env``, default this process's; its output appended to
+    ``log``, else to this process's), and the finished run in ``folder`` is recorded with the commit its segment
+    started at and, when ``command`` resumes it (``--resume``) at another, the commit the run started at."""
     done = entry(experiment, run_id)
     if done is not None:
         return done
     if (folder / "metrics.json").is_file():  # finished, its entry never written (the job stopped between the two)
         print("+ (finished, recorded now)", shlex.join(command), flush=True)
-        return record(experiment, run_id, folder, command, (folder / "metrics.json").stat().st_mtime,
-                      started_at(folder, False, "unknown"))
+        first, last = kept_commits(folder)
+        return record(experiment, run_id, folder, command, (folder / "metrics.json").stat().st_mtime, first, last)
     print("+", shlex.join(command), flush=True)
     started, ran_at = time.time(), commit()  # the code the run starts with (the checkout may move while it trains)
-    first = started_at(folder, "--resume" not in command, ran_at)
+    first = segment_begins(folder, "--resume" not in command, ran_at)
+    base = os.environ if env is None else env
+    env = {**base, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "src"), base.get("PYTHONPATH")) if p)}
     if log is None:
         subprocess.run(command, check=True, env=env)
     else:

@@ -16,13 +16,10 @@ command, on this machine or another. Reports read the ledger only.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,7 +103,8 @@ def used_flags(method: str, flags: list[str]) -> list[str]:
 def run_one(runs: Path, task: str, arm: Arm, lr: float, seed: int, common: list[str],
             dry: bool = False) -> dict[str, Any] | None:
     """One ``rankwise finetune`` run, unless the ledger (experiment ``runs.name``) has it; an unfinished run
-    folder resumes. Returns the run's metrics (``None`` with ``dry`` when it has not finished)."""
+    folder resumes, a finished one without its entry is recorded (:func:`ledger.run_recorded`). Returns the run's
+    metrics (``None`` with ``dry`` when it has not finished)."""
     done = metrics(runs, task, arm, lr, seed)
     if done is not None or dry:
         if dry and done is None:
@@ -116,20 +114,8 @@ def run_one(runs: Path, task: str, arm: Arm, lr: float, seed: int, common: list[
     folder, max_len = GLUE[task]
     cmd = [sys.executable, "-m", "rankwise_harness.cli", "finetune", "--task", task, "--data", str(DATA / "glue" / folder),
            "--method", arm.method, "--lr", f"{lr:g}", "--seed", str(seed), "--max-length", str(max_len),
-           "--output", str(out), "--no-progress", *used_flags(arm.method, common), *arm.flags]
-    cmd.append("--resume" if (out / "config.json").is_file() and not (out / "metrics.json").is_file() else "--overwrite")
-    started_commit = segment_commit = None
-    if not (out / "metrics.json").is_file():
-        segment_commit = ledger.commit()  # the code this segment runs, read now: the checkout may move before it ends
-        started_commit = ledger.started_at(out, cmd[-1] == "--overwrite", segment_commit)
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        print("+", " ".join(cmd), flush=True)
-        started = time.time()
-        subprocess.run(cmd, check=True, env=env)
-    else:  # finished before the ledger existed (or before it was written): record it now
-        started = (out / "metrics.json").stat().st_mtime
-    return _as_metrics(ledger.record(runs.name, run_id(task, arm, lr, seed), out, cmd, started, started_commit,
-                                   segment_commit))
+           "--output", str(out), "--no-progress", *used_flags(arm.method, common), *arm.flags, ledger.resume_flag(out)]
+    return _as_metrics(ledger.run_recorded(runs.name, run_id(task, arm, lr, seed), out, cmd))
 
 
 def _as_metrics(entry: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -201,3 +201,81 @@ def test_the_sweep_lines_give_the_held_out_score_of_a_constant_answer(tmp_path: 
     assert f"{len(held)} held-out rows" in line
     assert gr.regime.constant_answer_line("mrpc", tmp_path / "absent", gr.VAL_SPLIT) == ""
     assert any(line in x for x in gr.sweep_lines("mrpc", _args(data=str(tmp_path))))
+
+
+def test_a_new_machine_continues_from_the_committed_ledger_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Machine A runs the plan until it is stopped mid-way (both sweeps done, so the tuned arms' picks are known);
+    a fresh clone at a later commit (B), with the committed ledger and no run folders, plans the same jobs and
+    picks from the ledger alone, runs exactly the runs A did not finish (each afresh), and writes the report A
+    writes from the same ledger."""
+    import shutil
+
+    def score(arm: str, lr: float, seed: int) -> float:
+        return 0.6 + (round(lr * 1e5) % 7) / 50 + seed / 100 + (0.05 if arm.startswith("gora") else 0)
+
+    def fake(calls: list, stop_after: int | None = None):
+        def run(cmd, **_kw):
+            if stop_after is not None and len(calls) == stop_after:
+                raise KeyboardInterrupt
+            out = Path(cmd[cmd.index("--output") + 1])
+            calls.append(str(out.relative_to(tmp_path).as_posix().split("/", 2)[2]))
+            assert cmd[-1] == "--overwrite"
+            s = score(out.parent.name, float(cmd[cmd.index("--lr") + 1]), int(cmd[cmd.index("--seed") + 1]))
+            out.mkdir(parents=True)
+            (out / "metrics.json").write_text(json.dumps({
+                "headline_metric": "f1", "metrics": {"accuracy": s, "f1": s}, "best": {"val": {"f1": s, "accuracy": s}},
+                "steps": 4, "losses": [0.5] * 4, "last": {"epoch": 1.0}, "init_seconds": 1.0, "train_seconds": 9.0,
+                "trainable_params": 5, "step_seconds": 2.25}))
+            (out / "predictions.jsonl").write_text("".join(json.dumps({"label": i % 2, "prediction": int(i < 3)}) + "\n"
+                                                           for i in range(4)))
+        return run
+
+    def machine(name: str) -> argparse.Namespace:
+        monkeypatch.setattr(ledger, "LEDGER", tmp_path / name / "ledger")
+        monkeypatch.setattr(gr, "ROOT", tmp_path / name)  # the report goes to <ROOT>/docs/bench/<experiment>.md
+        (tmp_path / name / "docs" / "bench").mkdir(parents=True)
+        return _args(runs=str(tmp_path / name / "runs"), data=str(tmp_path / "no-data"), save_every=20, threads=1, jobs=1)
+
+    monkeypatch.setattr(ledger, "commit", lambda: "a" * 40)
+    on_a: list[str] = []
+    args = machine("A")
+    monkeypatch.setattr(ledger.subprocess, "run", fake(on_a, stop_after=16))
+    with pytest.raises(KeyboardInterrupt):
+        gr.plan(args)
+    assert gr.choose_gora("mrpc", args) is not None and any("-tuned" in j[1] for j in gr.jobs(args))
+    jobs_a, picks_a = gr.jobs(args), [gr.best_lr("mrpc", b, g, args) for b, g in (("lora", args.lora_grid),
+                                                                                   ("gora", args.gora_grid))]
+    gr.report(args)
+    report_a = (tmp_path / "A" / "docs" / "bench" / "exp.md").read_text()
+
+    monkeypatch.setattr(ledger, "commit", lambda: "b" * 40)
+    shutil.copytree(tmp_path / "A" / "ledger", tmp_path / "B" / "ledger")
+    args = machine("B")
+    assert gr.jobs(args) == jobs_a
+    assert [gr.best_lr("mrpc", b, g, args) for b, g in (("lora", args.lora_grid), ("gora", args.gora_grid))] == picks_a
+    gr.report(args)
+    assert (tmp_path / "B" / "docs" / "bench" / "exp.md").read_text() == report_a
+    on_b: list[str] = []
+    monkeypatch.setattr(ledger.subprocess, "run", fake(on_b))
+    gr.plan(args)
+    assert on_b and not set(on_b) & set(on_a), "B ran nothing A had finished"
+    done = set(ledger.entries("exp"))
+    assert done == set(on_a) | set(on_b) == {gr.run_id(t, a, lr, s, sw) for t, a, s, lr, sw in gr.jobs(args)}
+
+
+def test_one_pass_of_the_plan_hands_each_run_to_one_worker_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--jobs N`` runs a pass's jobs in parallel: a run listed twice (seed 0 of the first arms is listed again in
+    the seed loop; a tuned arm whose pick is its base arm's lr is that arm's runs) could go to two workers at
+    once, both training one folder. Each run id is handed out once per pass."""
+    from collections import Counter
+
+    monkeypatch.setattr(ledger, "LEDGER", tmp_path)
+    args = _args(jobs=2)
+    for base, grid in (("lora", args.lora_grid), ("gora", args.gora_grid)):  # both sweeps pick lr 1e-4
+        for lr in grid:
+            _finish(args, gr.run_id("mrpc", base, lr, 0, sweep=True), 0.9 if lr == 1e-4 else 0.5)
+    handed: list[str] = []
+    monkeypatch.setattr(gr, "run_one", lambda task, arm, seed, lr, _a, sweep=False:
+                        handed.append(gr.run_id(task, arm, lr, seed, sweep)))
+    gr.plan(args)
+    assert handed and max(Counter(handed).values()) == 1, Counter(handed).most_common(2)

@@ -183,7 +183,7 @@ def test_a_report_names_the_commits_its_entries_came_from(tmp_ledger: Path) -> N
     def put(run_id: str, commit: str) -> None:
         path = ledger.entry_path("exp", run_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"run_id": run_id, "rankwise_commit": commit}))
+        path.write_text(json.dumps({"run_id": run_id, "rankwise_commit": commit, "metrics": {}}))
 
     assert ledger.commits_line("exp") == "No entries yet."
     put("a/lr1-seed0", "6e3eeb96fdf1a5d0" + "0" * 24)
@@ -433,7 +433,7 @@ def test_a_run_resumed_at_another_commit_names_both_in_the_ledger(tmp_ledger: Pa
         (out / "metrics.json").write_text(json.dumps({"losses": [0.5], "metrics": {}}))
         commit["now"] = "c" * 40  # the checkout moves on while a run trains: the run is still the code it started with
 
-    monkeypatch.setattr(regime.subprocess, "run", fake_finetune)
+    monkeypatch.setattr(ledger.subprocess, "run", fake_finetune)
     arm = regime.Arm("a", "lora", [], [1e-3])
     with pytest.raises(subprocess.CalledProcessError):
         regime.run_one(tmp_ledger, "mrpc", arm, 1e-3, 0, [])
@@ -497,7 +497,7 @@ def test_a_full_fine_tuning_arm_gets_no_adapter_flag_of_the_common_ones(tmp_ledg
         (out / "metrics.json").write_text(json.dumps({"losses": [0.5], "metrics": {}}))
 
     monkeypatch.setattr(ledger, "commit", lambda: "a" * 40)
-    monkeypatch.setattr(regime.subprocess, "run", fake_finetune)
+    monkeypatch.setattr(ledger.subprocess, "run", fake_finetune)
     common = ["--head", "linear", "--targets", "query,value", "--weight-decay", "0.01", "--set", "use_rslora=true"]
     for arm in (regime.Arm("full", "full", [], [1e-5]), regime.Arm("lora-r1", "lora", ["--r", "1"], [1e-3])):
         regime.run_one(tmp_ledger, "mrpc", arm, arm.lrs[0], 0, common)
@@ -557,21 +557,259 @@ def test_run_recorded_keeps_the_commit_a_resumed_run_started_at(tmp_path: Path, 
     assert "started_commit" not in e and e["rankwise_commit"] == "b" * 40
 
 
-def test_a_run_that_finished_without_its_ledger_entry_is_recorded_not_run_again(tmp_path: Path,
-                                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """A job stopped between a run's end and its ledger entry (the session ended): the next launch records the
-    finished folder instead of training it again with ``--overwrite`` (an hour of SmolLM2 each)."""
+# ---------------------------------------------------------------------------- both drivers' run paths (one shared)
+def _gora():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gora_regime", _BENCH / "gora_regime.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _finished(out: Path, score: float = 0.5, steps: int = 4) -> None:
+    """The files a finished ``rankwise finetune`` leaves in ``out`` (those the ledger and the reports read)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({"run": {"lr": 1e-3}}))
+    scores = {"f1": score, "accuracy": score}
+    (out / "metrics.json").write_text(json.dumps({
+        "method": "lora", "headline_metric": "f1", "metrics": scores, "steps": steps, "steps_this_session": steps,
+        "losses": [1.0 - score] * steps, "last": {"epoch": 1.0, "dev": scores}, "best": {"val": scores, "dev": scores},
+        "eval_history": [{"step": steps, "epoch": 1.0, "val": scores}], "adapter_params": 10, "head_params": 2,
+        "trainable_params": 12, "train_seconds": 1.0, "step_seconds": 0.25, "init_seconds": 0.1}))
+    (out / "predictions.jsonl").write_text("".join(json.dumps({"label": i % 2, "prediction": 1}) + "\n" for i in range(4)))
+
+
+def _driver(name: str, tmp_path: Path):
+    """One run of driver ``name`` (``regime``: raclora_rank's and edora_regime's path; ``gora_regime``): a function
+    launching it, its run folder, and where its ledger entry goes (experiment, run id)."""
+    if name == "regime":
+        runs, arm = tmp_path / "runs" / "exp", regime.Arm("a", "lora", [], [1e-3])
+        return (lambda: regime.run_one(runs, "mrpc", arm, 1e-3, 0, []), regime.run_dir(runs, "mrpc", arm, 1e-3, 0),
+                "exp", regime.run_id("mrpc", arm, 1e-3, 0))
+    gr = _gora()
+    import argparse
+
+    args = argparse.Namespace(model="smollm2", calibration_batches=64, max_train=None, experiment="exp",
+                              runs=str(tmp_path / "runs" / "exp"), data=str(tmp_path / "data"), save_every=20, threads=3)
+    rid = gr.run_id("mrpc", "lora", 1e-4, 0)
+    return lambda: gr.run_one("mrpc", "lora", 0, 1e-4, args), Path(args.runs) / rid, "exp", rid
+
+
+DRIVERS = ["regime", "gora_regime"]
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_run_finished_without_its_entry_is_recorded_with_the_commits_that_ran_it(
+        driver: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Started at commit A, killed, resumed at B; the job stops after the run finished and before its entry was
+    written; the next launch, at C, records the folder without training it again, naming A (first segment) and B
+    (the last one), as the entry written at the run's end would have. Before: regime.run_one recorded C alone (no
+    ``started_commit``) and ledger.run_recorded recorded C as the commit that ran it: code that never trained it."""
+    import subprocess
+
     monkeypatch.setattr(ledger, "LEDGER", tmp_path / "ledger")
-    run = tmp_path / "runs" / "lr0.001-seed0"
-    run.mkdir(parents=True)
-    (run / "metrics.json").write_text(json.dumps({"steps": 4, "last": {"epoch": 1.0}, "losses": [1.0, 1.0, 1.0, 1.0],
-                                                  "headline_metric": "f1", "metrics": {"f1": 0.5}}))
-    (run / "config.json").write_text(json.dumps({"run": {"lr": 1e-3}}))
-    ledger.started_at(run, True, "abc123")  # the stamp the run's first segment wrote
-    ran: list[list[str]] = []
-    monkeypatch.setattr(ledger.subprocess, "run", lambda cmd, **_kw: ran.append(cmd))
-    monkeypatch.setattr(ledger, "commit", lambda: "def456")  # the checkout's commit now
-    e = ledger.run_recorded("exp", "mrpc/x/lr0.001-seed0", run, ["rankwise", "finetune", "--overwrite"])
-    assert ran == [] and ledger.entry("exp", "mrpc/x/lr0.001-seed0") == e
-    assert e["metrics"]["metrics"] == {"f1": 0.5}
-    assert (e.get("started_commit"), e["rankwise_commit"]) == ("abc123", "def456")
+    launch, folder, experiment, rid = _driver(driver, tmp_path)
+    commit = {"now": "a" * 40}
+    monkeypatch.setattr(ledger, "commit", lambda: commit["now"])
+    calls: list[list[str]] = []
+
+    def segment(cmd, **_kw):
+        calls.append(cmd)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text("{}")
+        if len(calls) == 1:
+            raise subprocess.CalledProcessError(-15, cmd)  # killed mid-run
+        _finished(folder)
+        raise KeyboardInterrupt  # the job is stopped as the run ends, before its entry is written
+
+    monkeypatch.setattr(subprocess, "run", segment)
+    with pytest.raises(subprocess.CalledProcessError):
+        launch()
+    commit["now"] = "b" * 40
+    with pytest.raises(KeyboardInterrupt):
+        launch()
+    assert calls[1][-1] == "--resume" and ledger.entry(experiment, rid) is None
+    commit["now"] = "c" * 40
+    launch()
+    assert len(calls) == 2, "a finished run is recorded, not trained again"
+    e = ledger.entry(experiment, rid)
+    assert (e.get("started_commit"), e["rankwise_commit"]) == ("a" * 40, "b" * 40)
+    assert e["metrics"]["metrics"]["f1"] == 0.5
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_finished_folder_from_before_the_segment_stamp_records_its_last_commit_as_unknown(
+        driver: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finished folder whose segments an older driver ran keeps only ``<folder>.commit`` (the commit it started
+    at); which commit ran its last segment was never written: the entry says ``unknown`` rather than the checkout's
+    HEAD now, and the report's provenance line does not call it a resume."""
+    monkeypatch.setattr(ledger, "LEDGER", tmp_path / "ledger")
+    monkeypatch.setattr(ledger, "commit", lambda: "d" * 40)
+    launch, folder, experiment, rid = _driver(driver, tmp_path)
+    _finished(folder)
+    folder.with_name(folder.name + ".commit").write_text("abc123\n")  # what the older drivers wrote
+    monkeypatch.setattr(ledger.subprocess, "run", lambda cmd, **_kw: pytest.fail(f"ran {cmd}"))
+    launch()
+    e = ledger.entry(experiment, rid)
+    assert (e.get("started_commit"), e["rankwise_commit"]) == ("abc123", "unknown")
+    assert "resumed" not in ledger.commits_line(experiment) and "abc123" in ledger.commits_line(experiment)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_drivers_run_imports_its_own_checkouts_src(driver: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every run's PYTHONPATH starts with the driver's checkout's ``src/`` (the pinned worktree's code, not the
+    venv's editable install), keeping the caller's after it; gora_regime's runs also get ``--threads`` threads."""
+    monkeypatch.setattr(ledger, "LEDGER", tmp_path / "ledger")
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    monkeypatch.setattr(ledger, "commit", lambda: "a" * 40)
+    launch, folder, _, _ = _driver(driver, tmp_path)
+    envs = []
+
+    def run(cmd, env=None, **_kw):
+        envs.append(env)
+        _finished(folder)
+
+    monkeypatch.setattr(ledger.subprocess, "run", run)
+    launch()
+    import os
+
+    assert envs[0]["PYTHONPATH"].split(os.pathsep) == [str(ledger.ROOT / "src"), "/elsewhere"]
+    if driver == "gora_regime":
+        assert (envs[0]["OMP_NUM_THREADS"], envs[0]["MKL_NUM_THREADS"]) == ("3", "3")
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_started_run_resumes_and_a_new_one_overwrites(driver: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ledger, "LEDGER", tmp_path / "ledger")
+    monkeypatch.setattr(ledger, "commit", lambda: "a" * 40)
+    launch, folder, experiment, rid = _driver(driver, tmp_path)
+    flags: list[str] = []
+
+    def run(cmd, **_kw):
+        flags.append(cmd[-1])
+        _finished(folder)
+
+    monkeypatch.setattr(ledger.subprocess, "run", run)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")  # a run started, checkpoints but no result
+    launch()
+    ledger.entry_path(experiment, rid).unlink()
+    for name in folder.iterdir():
+        name.unlink()
+    launch()  # an empty folder: a fresh start
+    assert flags == ["--resume", "--overwrite"]
+
+
+# ---------------------------------------------------------------------------- the ledger's files
+def test_a_truncated_or_broken_entry_is_an_error_naming_its_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A half-written entry (a crash while git wrote it, a merge conflict) must never pass as an unfinished run (it
+    would be trained again) nor be dropped from a report: reading it fails, naming the file."""
+    monkeypatch.setattr(ledger, "LEDGER", tmp_path / "ledger")
+    run = tmp_path / "run"
+    _finished(run)
+    ledger.record("exp", "mrpc/x/lr0.001-seed0", run, ["finetune"], started=0.0)
+    path = ledger.entry_path("exp", "mrpc/x/lr0.001-seed0")
+    whole = path.read_text()
+    for broken in (whole[: len(whole) // 2], "", "<<<<<<< HEAD\n" + whole, "[1, 2]", '{"run_id": "x"}'):
+        path.write_text(broken)
+        for read in (lambda: ledger.entry("exp", "mrpc/x/lr0.001-seed0"), lambda: ledger.entries("exp")):
+            with pytest.raises(ledger.LedgerError, match=str(path)):
+                read()
+
+
+def test_an_entry_write_cut_short_leaves_no_entry_and_the_next_write_succeeds(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Entries are written to a temporary file and renamed: a crash before the rename leaves the run unfinished
+    (its folder records it at the next launch), the temporary file is no entry, and a later write replaces it."""
+    import os
+
+    monkeypatch.setattr(ledger, "LEDGER", tmp_path / "ledger")
+    run = tmp_path / "run"
+    _finished(run)
+
+    def crash(*_a):
+        raise OSError("killed")
+
+    real = os.replace
+    monkeypatch.setattr(ledger.os, "replace", crash)
+    with pytest.raises(OSError):
+        ledger.record("exp", "mrpc/x/lr0.001-seed0", run, ["finetune"], started=0.0)
+    assert ledger.entry("exp", "mrpc/x/lr0.001-seed0") is None and ledger.entries("exp") == {}
+    monkeypatch.setattr(ledger.os, "replace", real)
+    e = ledger.record("exp", "mrpc/x/lr0.001-seed0", run, ["finetune"], started=0.0)
+    assert ledger.entry("exp", "mrpc/x/lr0.001-seed0") == e
+    assert [p.name for p in ledger.entry_path("exp", "mrpc/x/lr0.001-seed0").parent.iterdir()] == ["lr0.001-seed0.json"]
+
+
+# ---------------------------------------------------------------------------- another machine
+def _machine(tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch, ledger_from: Path | None = None) -> Path:
+    """Machine ``name``: its own ledger root (a copy of ``ledger_from``: the committed ledger a fresh clone has)
+    and an empty runs root; returns the runs folder of experiment ``exp`` there (no run folders yet)."""
+    import shutil
+
+    root = tmp_path / name
+    if ledger_from is not None:
+        shutil.copytree(ledger_from, root / "ledger")
+    monkeypatch.setattr(ledger, "LEDGER", root / "ledger")
+    return root / "runs" / "exp"
+
+
+def _scored_runs(score, calls: list[tuple[str, float, int]], stop_at: tuple[str, float, int] | None = None):
+    """A fake ``finetune``: the run's folder finishes with held-out score ``score(arm, lr, seed)``; the job is
+    stopped (KeyboardInterrupt) when it reaches the run ``stop_at``."""
+    def run(cmd, **_kw):
+        out = Path(cmd[cmd.index("--output") + 1])
+        job = (out.parent.name, float(cmd[cmd.index("--lr") + 1]), int(cmd[cmd.index("--seed") + 1]))
+        if job == stop_at:
+            raise KeyboardInterrupt
+        calls.append(job)
+        assert cmd[-1] == "--overwrite", "no run folder on this machine: every run starts afresh"
+        _finished(out, score(*job))
+
+    return run
+
+
+def test_a_new_machine_continues_from_the_committed_ledger_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Machine A runs the grids (arm ``a``'s pick sits at the edge: its grid extends) and part of the seed stage, then
+    stops. A fresh clone at a later commit (B), with the committed ledger and no run folders, skips every ledgered
+    run, finds the same picks and grid extension from the ledger alone, runs exactly the runs A did not finish,
+    and its report is the one A builds from the same ledger."""
+    monkeypatch.setattr(regime, "majority_rate", lambda task: 0.5)
+    score = lambda arm, lr, seed: (lr if arm == "a" else 1 - abs(lr - 2e-3) * 100) / 2 + seed / 100  # noqa: E731
+
+    def arms() -> list:
+        return [regime.Arm("a", "lora", [], [1e-3, 2e-3, 3e-3]), regime.Arm("b", "lora", [], [1e-3, 2e-3, 3e-3])]
+
+    def report(runs: Path, chosen: list, picked: dict) -> list[str]:
+        return [regime.header("x", runs.name), *regime.table(runs, "mrpc", chosen, picked, [0, 1, 2]),
+                *regime.grid_table(runs, "mrpc", chosen)]
+
+    monkeypatch.setattr(ledger, "commit", lambda: "a" * 40)
+    on_a: list[tuple[str, float, int]] = []
+    runs_a = _machine(tmp_path, "A", monkeypatch)
+    monkeypatch.setattr(ledger.subprocess, "run", _scored_runs(score, on_a, stop_at=("b", 2e-3, 1)))
+    arms_a = arms()
+    with pytest.raises(KeyboardInterrupt):
+        regime.run_all(runs_a, "mrpc", arms_a, [0, 1, 2], [])
+    assert ("a", 0.0095, 0) in on_a and on_a[-1] == ("a", 0.095, 1)  # a's grid extended 3 times; seeds began
+    regime.run_all(runs_a, "mrpc", arms_a, [0, 1, 2], [], report_only=True)
+    picked_a = {x.label: regime.pick_lr(runs_a, "mrpc", x, [], dry=True) for x in arms_a}
+    at_a = report(runs_a, arms_a, picked_a)
+
+    monkeypatch.setattr(ledger, "commit", lambda: "b" * 40)
+    on_b: list[tuple[str, float, int]] = []
+    runs_b = _machine(tmp_path, "B", monkeypatch, ledger_from=tmp_path / "A" / "ledger")
+    arms_b = arms()
+    capsys.readouterr()
+    regime.run_all(runs_b, "mrpc", arms_b, [0, 1, 2], [], dry=True)
+    planned = sorted(line.split()[-1] for line in capsys.readouterr().out.splitlines() if line.startswith("+ (not run)"))
+    assert report(runs_b, arms_b, picked_a) == at_a, "the report from the ledger alone is A's"
+    assert [x.lrs for x in arms_b] == [x.lrs for x in arms_a]
+    monkeypatch.setattr(ledger.subprocess, "run", _scored_runs(score, on_b))
+    picked_b = regime.run_all(runs_b, "mrpc", arms_b, [0, 1, 2], [])
+    assert picked_b == picked_a == {"a": 0.095, "b": 2e-3}
+    assert on_b == [("b", 2e-3, 1), ("a", 0.095, 2), ("b", 2e-3, 2)], "B ran what A had not finished, nothing else"
+    assert planned == sorted(regime.run_id("mrpc", x, lr, s) for x, lr, s in ((arms_b[1], 2e-3, 1),
+                                                                              (arms_b[0], 0.095, 2), (arms_b[1], 2e-3, 2)))
