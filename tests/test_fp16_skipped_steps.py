@@ -110,12 +110,12 @@ def test_a_skipped_update_does_not_advance_the_schedule(tmp_path: Path, tiny_mod
     updates = _record_updates(monkeypatch)
     result = finetune(cfg, **QUIET)
     assert made[0].scaler.get_scale() == _scale_after(10, {1, 4, 5})  # the scaler saw those overflows, no other
-    assert result["steps"] == 10 and len(result["losses"]) == 10
-    assert result["skipped_steps"] == [1, 4, 5]
     assert len(updates) == 7
     for k, update in enumerate(updates):
         for lr, base in update["lrs"]:
             assert math.isclose(lr, base * (1 - k / 10), rel_tol=1e-12), (k, lr, base)
+    assert result["steps"] == 10 and len(result["losses"]) == 10
+    assert result["skipped_steps"] == [1, 4, 5]
     assert json.loads((Path(cfg.output) / "metrics.json").read_text())["skipped_steps"] == [1, 4, 5]
 
 
@@ -130,11 +130,11 @@ def test_a_raclora_link_is_link_steps_updates_made(tmp_path: Path, tiny_models: 
     _overflow_at(monkeypatch, cfg, {2, 3, 7})
     updates = _record_updates(monkeypatch)
     result = finetune(cfg, **QUIET)
-    assert result["skipped_steps"] == [2, 3, 7]
     assert [u["adam_step"] for u in updates] == [1, 2, 3, 1, 2, 3, 1]
     meta = json.loads((Path(cfg.output) / "adapter" / "adapter_config.json").read_text())
     assert meta["step"] == 7
     assert meta["method_state"] == {"link_step": 1, "links": 2}
+    assert result["skipped_steps"] == [2, 3, 7]
 
 
 def test_the_loss_scalers_state_is_checkpointed_and_a_resumed_run_continues_it(
@@ -168,12 +168,13 @@ def test_the_loss_scalers_state_is_checkpointed_and_a_resumed_run_continues_it(
         finetune(cfg, hook=crash, **QUIET)
     ckpt = Path(cfg.output) / "checkpoints" / "step-0000004"
     saved = json.loads((ckpt / "trainer.json").read_text())["state"]
-    assert saved["scaler"] == scalers["whole"][3]  # after step 4: scale 2^10 / 4 (two skips), tracker 1
+    assert saved.get("scaler") == scalers["whole"][3]  # after step 4: scale 2^10 / 4 (two skips), tracker 1
     assert saved["scaler"]["scale"] == 2.0**8 and saved["scaler"]["_growth_tracker"] == 1
     assert saved["skipped"] == [2, 3]
     calls[0] = 4  # resumed after step 4
     resumed = finetune(cfg, resume=True, hook=record("resumed"), **QUIET)
     assert scalers["resumed"] == scalers["whole"][4:]
+    assert [s["scale"] for s in scalers["whole"]] == [_scale_after(n, {2, 3, 7}) for n in range(1, 11)]
     assert resumed["skipped_steps"] == whole["skipped_steps"] == [2, 3, 7]
     assert resumed["losses"] == whole["losses"] and resumed["metrics"] == whole["metrics"]
     a = load_file(str(tmp_path / "a" / "run" / "adapter" / "adapter.safetensors"))
