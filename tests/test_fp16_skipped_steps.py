@@ -187,7 +187,8 @@ def test_the_loss_scalers_state_is_checkpointed_and_a_resumed_run_continues_it(
 def test_a_damaged_scaler_state_or_skipped_list_is_refused(tmp_path: Path, tiny_models: dict[str, str], sst2: str,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """A checkpoint whose scaler scale is not a finite number > 0, or whose skipped steps are not increasing step
-    numbers within the run, is refused naming the file; the checkpoint is left as it is."""
+    numbers within the run, is refused naming the file; the checkpoint is left as it is. One written before the
+    scaler's state was saved resumes with a note that the scale starts again from its initial value."""
     _scaled_cpu(monkeypatch)
     cfg = _cfg(tmp_path, tiny_models, sst2, max_steps=4, save_every=2)
     calls = _overflow_at(monkeypatch, cfg, {1})
@@ -207,9 +208,12 @@ def test_a_damaged_scaler_state_or_skipped_list_is_refused(tmp_path: Path, tiny_
         file.write_text(json.dumps(doc))
         with pytest.raises(RunError, match=message):
             finetune(cfg, resume=True, **QUIET)
-    file.write_text(good)
-    calls[0] = 2
-    assert finetune(cfg, resume=True, **QUIET)["skipped_steps"] == [1]
+    doc = json.loads(good)
+    del doc["state"]["scaler"]
+    file.write_text(json.dumps(doc))
+    calls[0], said = 2, []
+    assert finetune(cfg, resume=True, show_progress=False, log=said.append)["skipped_steps"] == [1]
+    assert any("holds no loss-scaler state" in line and "starts again from 1024" in line for line in said), said
 
 
 def test_rankwise_callback_does_not_count_a_step_the_scaler_skipped() -> None:
