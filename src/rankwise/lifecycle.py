@@ -643,7 +643,8 @@ def check_finite_grads(model: nn.Module) -> None:
 def step(
     model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, check_finite: bool = True, name: str | None = None
 ) -> None:
-    """Call after every ``optimizer.step()``. A no-op for most methods; RAC-LoRA ends links here.
+    """Call after every ``optimizer.step()`` that updated the parameters (not after one the fp16 loss scaler
+    skipped: the count is the updates made). A no-op for most methods; RAC-LoRA ends links here.
 
     It never changes the function the model computes. With ``check_finite`` (the default) it first
     checks every adapter tensor for NaN/inf (one host sync) and raises ``FloatingPointError`` naming

@@ -6,8 +6,9 @@
 * ``model_tensors.safetensors`` — what training changes besides it: every trainable tensor, and any frozen
   tensor of an adapted layer that no longer equals the freshly loaded base (none for the registered
   methods, whose base weights stay frozen; the check keeps a method that writes into its base resumable);
-* ``trainer.json`` + ``trainer.safetensors`` — step, elapsed time, losses, evaluations, optimizer and
-  scheduler state: plain values as JSON, tensors as safetensors;
+* ``trainer.json`` + ``trainer.safetensors`` — step, elapsed time, losses, evaluations, the steps whose update
+  the fp16 loss scaler skipped, optimizer, scheduler and (fp16) loss-scaler state: plain values as JSON, tensors
+  as safetensors;
 * ``rng-<process>.json`` + ``rng-<process>.safetensors`` — each process's Python, NumPy and torch RNG states.
 
 Only JSON and safetensors are read, never ``torch.load``: a run folder from someone else cannot run code on
@@ -223,22 +224,36 @@ class TrainerState:
     metrics_before: dict[str, float] | None = None
     init_seconds: float = 0.0
     head_warmup: dict[str, Any] | None = None
+    skipped: list[int] = field(default_factory=list)  # the steps (1-based) whose update the fp16 loss scaler skipped
+
+    @property
+    def updates(self) -> int:
+        """Optimizer updates made: the steps taken less those the loss scaler skipped (``rankwise.step``'s count)."""
+        return self.step - len(self.skipped)
 
     @classmethod
     def from_state(cls, state: dict[str, Any], where: Path) -> "TrainerState":
-        try:
-            out = cls(**{k: state[k] for k in cls.__dataclass_fields__})
+        try:  # ``skipped`` is absent from checkpoints written before it was recorded (none skipped: fp16 aside)
+            out = cls(**{k: state[k] for k in cls.__dataclass_fields__ if k != "skipped"}, skipped=state.get("skipped", []))
         except (KeyError, TypeError) as exc:
             raise RunError(f"checkpoint {where}: trainer state lacks {exc}; start again with --overwrite") from None
         checks = {"step": isinstance(out.step, int) and not isinstance(out.step, bool) and out.step >= 0,
                   "micro": isinstance(out.micro, int) and out.micro >= 0,
                   "elapsed": isinstance(out.elapsed, (int, float)) and out.elapsed >= 0,
                   "losses": isinstance(out.losses, list) and all(isinstance(v, (int, float)) for v in out.losses),
-                  "evals": isinstance(out.evals, list) and all(isinstance(v, dict) for v in out.evals)}
+                  "evals": isinstance(out.evals, list) and all(isinstance(v, dict) for v in out.evals),
+                  "skipped": _step_numbers(out.skipped, out.step)}
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise RunError(f"checkpoint {where}: trainer state field(s) {bad} are not valid; start again with --overwrite")
         return out
+
+
+def _step_numbers(value: Any, step: int) -> bool:
+    """Whether ``value`` is a strictly increasing list of step numbers in ``1 .. step``."""
+    if not (isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        return False
+    return all(1 <= v <= step for v in value) and all(a < b for a, b in zip(value, value[1:]))
 
 
 @dataclass
@@ -250,16 +265,30 @@ class Checkpoint:
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     rng: dict[str, Any]
+    scaler: dict[str, Any] | None = None  # the fp16 loss scaler's ``state_dict`` (None: no scaler, or an older file)
 
-    def restore_training(self, optimizer: Any, scheduler: Any) -> None:
-        """Load the optimizer, schedule and RNG states (this process's)."""
+    def restore_training(self, optimizer: Any, scheduler: Any, scaler: Any = None) -> None:
+        """Load the optimizer, schedule and RNG states (this process's) and, given the run's fp16 loss ``scaler``
+        and a checkpoint that holds its state, the scaler's scale and growth tracker."""
         try:
             optimizer.load_state_dict(self.optimizer)
             scheduler.load_state_dict(self.scheduler)
+            if scaler is not None and self.scaler is not None:
+                scaler.load_state_dict(_scaler_state(self.scaler))
             set_rng_state(self.rng)
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
             raise RunError(f"checkpoint {self.path} does not fit this run ({type(exc).__name__}: {exc}); "
                            "start again with --overwrite") from None
+
+
+def _scaler_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A saved ``GradScaler.state_dict()``, checked: a finite scale > 0, counts that are integers >= 0 (else ``ValueError``)."""
+    scale, tracker = state.get("scale"), state.get("_growth_tracker")
+    if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale < float("inf")):
+        raise ValueError(f"the loss scaler's scale {scale!r} is not a finite number > 0")
+    if not (isinstance(tracker, int) and not isinstance(tracker, bool) and tracker >= 0):
+        raise ValueError(f"the loss scaler's growth tracker {tracker!r} is not an integer >= 0")
+    return state
 
 
 def rng_state() -> dict[str, Any]:
@@ -317,6 +346,8 @@ def write_checkpoint(model: nn.Module, has_adapter: bool, accelerator: Any, opti
     tensors = model_tensors(unwrapped, frozen) if accelerator.is_main_process else {}
     state = ({**asdict(trainer), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
              if accelerator.is_main_process else {})
+    if accelerator.is_main_process and accelerator.scaler is not None:  # fp16: the scale and its growth tracker
+        state["scaler"] = accelerator.scaler.state_dict()
     needed = 2 * tensor_bytes(tensors) + tensor_bytes(state) + 2**20  # the adapter is within the trainable tensors
     kept = (f"the previous checkpoint ({(root / LATEST).read_text().strip()}) is kept" if (root / LATEST).is_file()
             else "no earlier checkpoint exists")
@@ -379,7 +410,10 @@ def read_checkpoint(path: Path, process_index: int) -> Checkpoint:
     optimizer, scheduler = state.get("optimizer"), state.get("scheduler")
     if not isinstance(optimizer, dict) or not isinstance(scheduler, dict):
         raise RunError(f"checkpoint {path}: trainer.json lacks the optimizer or scheduler state; start again with --overwrite")
-    return Checkpoint(path, TrainerState.from_state(state, path), optimizer, scheduler, rng)
+    scaler = state.get("scaler")
+    if scaler is not None and not isinstance(scaler, dict):
+        raise RunError(f"checkpoint {path}: trainer.json's loss-scaler state is not an object; start again with --overwrite")
+    return Checkpoint(path, TrainerState.from_state(state, path), optimizer, scheduler, rng, scaler)
 
 
 def restore_model(model: nn.Module, has_adapter: bool, ckpt: Checkpoint) -> dict[str, str]:
@@ -398,8 +432,8 @@ def restore_model(model: nn.Module, has_adapter: bool, ckpt: Checkpoint) -> dict
         raise RunError(f"checkpoint {ckpt.path} cannot be restored ({exc}); start again with --overwrite") from None
     if unexpected:
         raise RunError(f"checkpoint {ckpt.path} holds tensors this model lacks: {unexpected[:5]}")
-    if has_adapter:
-        rankwise.set_step_count(model, ckpt.trainer.step)
+    if has_adapter:  # the updates made (``rankwise.step`` is not called on a step the fp16 loss scaler skipped)
+        rankwise.set_step_count(model, ckpt.trainer.updates)
     else:
         for p in model.parameters():
             p.requires_grad_(True)

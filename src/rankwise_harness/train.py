@@ -101,6 +101,7 @@ def save_trainable(model: nn.Module, method: str, folder: Path) -> None:
 class History:
     losses: list[float] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)  # steps (1-based) whose update the fp16 loss scaler skipped
 
 
 def _schedule(cfg: RunConfig, total: int) -> Callable[[int], float]:
@@ -559,9 +560,13 @@ def _restore_or_start(run: _Run, training: _Training) -> _Loop:
     (with ``--eval-before``, dev's metrics before training)."""
     saved = run.saved
     if saved:
-        saved.restore_training(training.optimizer, training.scheduler)  # optimizer, schedule, RNG states
+        scaler = run.accelerator.scaler
+        saved.restore_training(training.optimizer, training.scheduler, scaler)  # optimizer, schedule, RNG, fp16 scale
+        if scaler is not None and saved.scaler is None:
+            run.say(f"note: {run.ckpt} holds no loss-scaler state (an older rankwise): the fp16 loss scale starts again "
+                    f"from {scaler.get_scale():g}, so the resumed run may skip updates the uninterrupted one made")
         t = saved.trainer
-        loop = _Loop(t.step, t.elapsed, History(list(t.losses), list(t.evals)), t.metrics_before)
+        loop = _Loop(t.step, t.elapsed, History(list(t.losses), list(t.evals), list(t.skipped)), t.metrics_before)
         if t.micro != run.window(t.step).start:  # a checkpoint of another schedule: never continue it silently
             raise RunError(f"--resume: {run.ckpt} is at step {t.step} after {t.micro} batches, but this schedule "
                            f"reaches step {t.step} after {run.window(t.step).start}; start again with --overwrite")
@@ -594,12 +599,10 @@ def _train(run: _Run, training: _Training, loop: _Loop, show_progress: bool) -> 
         _check_finite_grads(run, loop, training.total_steps)
         if cfg.max_grad_norm is not None:  # the summed gradients, unscaled, all processes' (Accelerate's clip)
             accelerator.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm)
-        training.optimizer.step()
-        training.scheduler.step()
-        training.optimizer.zero_grad(set_to_none=True)
-        if training.call_step:
-            rankwise.step(training.raw_model, training.optimizer.optimizer)
+        applied = _update(run, training)
         loop.step += 1
+        if not applied:
+            loop.history.skipped.append(loop.step)
         loop.history.losses.append(loss_value)
         bar.update(loss_value, float(np.mean(loop.history.losses[-10:])),
                    loop.micro * run.global_bs / max(loop.seconds(), 1e-9))
@@ -607,9 +610,34 @@ def _train(run: _Run, training: _Training, loop: _Loop, show_progress: bool) -> 
         if training.hook is not None:
             training.hook(loop.step, loss_value)
     bar.close()
+    if loop.history.skipped:
+        run.say(f"the fp16 loss scaler skipped {len(loop.history.skipped)} of {loop.step} updates (overflowing "
+                f"gradients): steps {loop.history.skipped[:10]}{' ...' if len(loop.history.skipped) > 10 else ''}")
     if loop.step < training.total_steps:
         run.say(f"early stop at step {loop.step} of {training.total_steps}: {cfg.patience} held-out evaluation(s) "
                 "without a new best")
+
+
+def _update(run: _Run, training: _Training) -> bool:
+    """The optimizer step on the accumulated gradients, then the schedule and ``rankwise.step``; returns whether the
+    update was made.
+
+    Under fp16 the loss scaler skips an update whose unscaled gradients hold inf/NaN (and lowers its scale):
+    Accelerate's ``optimizer_step_was_skipped``. Such a step moved no parameter, so, as HF ``Trainer`` (which
+    steps its scheduler only ``if not accelerator.optimizer_step_was_skipped``), the schedule does not advance
+    (the lr of the k-th update is the schedule's k-th value), and ``rankwise.step`` is not called: a method's
+    step count is the updates made, as Adam's own is, so a RAC-LoRA link is ``link_steps`` updates at any
+    precision. The step still counts for the loop (its batches were used; ``--max-steps``, the checkpoint and
+    evaluation cadences and the losses go by it) and is recorded in ``History.skipped``.
+    """
+    training.optimizer.step()
+    applied = not run.accelerator.optimizer_step_was_skipped
+    if applied:
+        training.scheduler.step()
+    training.optimizer.zero_grad(set_to_none=True)
+    if applied and training.call_step:
+        rankwise.step(training.raw_model, training.optimizer.optimizer)
+    return applied
 
 
 def _check_finite_loss(run: _Run, loop: _Loop, loss: float, total: int) -> None:
@@ -690,7 +718,7 @@ def _evaluate_and_save_when_due(run: _Run, training: _Training, loop: _Loop, bar
         t_save = time.perf_counter()
         a = training.adapter
         state = TrainerState(step, loop.seconds(), loop.micro, loop.history.losses, loop.history.evals,
-                             loop.metrics_before, a.init_seconds, a.head_warmup)
+                             loop.metrics_before, a.init_seconds, a.head_warmup, loop.history.skipped)
         write_checkpoint(run.model, run.source.writes_adapter, run.accelerator, training.optimizer, training.scheduler,
                          state, run.out, a.frozen)
         loop.eval_time += time.perf_counter() - t_save
@@ -750,7 +778,7 @@ def _result(run: _Run, training: _Training, loop: _Loop, final: dict[str, float]
         "adapter_params": run.source.adapter_params(training.trainable, training.n_head),
         "best": best, "last": last, "val_examples": len(run.val),
         "train_seconds": round(train_seconds, 3), "step_seconds": round(train_seconds / max(step, 1), 5),
-        "steps": step, "stopped_early": step < training.total_steps, "steps_this_session": step - (run.saved.trainer.step if run.saved else 0),
+        "steps": step, "skipped_steps": loop.history.skipped, "stopped_early": step < training.total_steps, "steps_this_session": step - (run.saved.trainer.step if run.saved else 0),
         "init_seconds": round(training.adapter.init_seconds, 3), "head_warmup": training.adapter.head_warmup,
         "peak_memory_mb": round(peak[0], 1), "peak_memory_kind": peak[1],
         "final_loss": losses[-1] if losses else None,

@@ -15,7 +15,11 @@ from ..methods.raclora import end_link
 
 
 class RankwiseCallback(TrainerCallback):  # type: ignore[misc]
-    """Calls ``rankwise.step(model, optimizer)`` after every optimizer step of an HF ``Trainer``.
+    """Calls ``rankwise.step(model, optimizer)`` after every optimizer update of an HF ``Trainer``.
+
+    An update the fp16 loss scaler skipped (the Accelerate optimizer's ``step_was_skipped``: Trainer calls
+    ``on_step_end`` after it too, holding back only its lr scheduler) is not counted: a method's step count is
+    the updates made, so a RAC-LoRA link is ``link_steps`` updates at any precision.
 
     Args:
         model: the model rankwise adapted (default: the ``model`` the Trainer passes to callbacks).
@@ -41,7 +45,9 @@ class RankwiseCallback(TrainerCallback):  # type: ignore[misc]
         self._epochs = math.floor(state.epoch or 0)  # whole epochs the (restored) state has behind it
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        step(self._model(kwargs), kwargs.get("optimizer"))
+        optimizer = kwargs.get("optimizer")
+        if not getattr(optimizer, "step_was_skipped", False):
+            step(self._model(kwargs), optimizer)
         if state.epoch is not None and state.epoch == int(state.epoch):  # this step finished an epoch
             self._epoch_done(int(state.epoch), kwargs)
 

@@ -6,16 +6,18 @@
     trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[RankwiseCallback()])
 
 ``on_step_end`` fires once per *optimizer* step (``on_substep_end`` marks the micro-batches of
-gradient accumulation), so RAC-LoRA's ``link_steps`` counts optimizer steps. ``epochs_per_link=k``
+gradient accumulation), so RAC-LoRA's ``link_steps`` counts optimizer steps; one the fp16 loss scaler skipped
+(Trainer calls ``on_step_end`` after it too) is not counted. ``epochs_per_link=k``
 also ends a link every ``k`` epochs (use it with ``RacLoraConfig(link_steps=None)``).
 
-With Accelerate, call step only when gradients were synchronised (an optimizer step happened)::
+With Accelerate, call step only when an optimizer update happened (gradients synchronised, not skipped by the
+fp16 loss scaler)::
 
     for batch in loader:
         with accelerator.accumulate(model):
             accelerator.backward(model(**batch).loss)
             optimizer.step(); optimizer.zero_grad()
-        if accelerator.sync_gradients:
+        if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
             rankwise.step(accelerator.unwrap_model(model), optimizer)
 
 ``transformers`` is imported only when ``RankwiseCallback`` is first used (PEP 562 ``__getattr__``).
