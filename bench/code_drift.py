@@ -91,11 +91,29 @@ def run_probes(commit: str, work: Path) -> tuple[str, dict[str, dict[str, Any] |
     return sha, found
 
 
+def common(old: Any, new: Any, where: str = "") -> tuple[Any, Any, list[str]]:
+    """``old`` and ``new`` cut to the dict keys both have (recursively), and the keys only one has (``+key``: new
+    only, ``-key``: old only). A field a later commit adds (or drops) moves no number the two share."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return old, new, []
+    only = [f"+{where}{k}" for k in new if k not in old] + [f"-{where}{k}" for k in old if k not in new]
+    kept_old, kept_new = {}, {}
+    for k in old.keys() & new.keys():
+        kept_old[k], kept_new[k], deeper = common(old[k], new[k], f"{where}{k}.")
+        only += deeper
+    return kept_old, kept_new, only
+
+
 def compare(old: dict[str, Any] | str, new: dict[str, Any] | str) -> list[str]:
-    """One cell per compared part: ``same`` or ``differs`` (``failed`` when a run did not finish)."""
+    """One cell per compared part: ``same`` or ``differs`` (``failed`` when a run did not finish); the metrics are
+    compared on the fields both commits write, and a field only one writes is named beside the verdict."""
     if isinstance(old, str) or isinstance(new, str):
         return ["failed"] * 3
-    return ["same" if old[k] == new[k] else "differs" for k in ("metrics", "predictions", "weights")]
+    shared_old, shared_new, only = common(old["metrics"], new["metrics"])
+    cells = ["same" if shared_old == shared_new else "differs"]
+    if only:
+        cells[0] += f" (fields in one commit only: {', '.join(sorted(only))})"
+    return cells + ["same" if old[k] == new[k] else "differs" for k in ("predictions", "weights")]
 
 
 def main() -> None:
@@ -106,7 +124,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="code-drift-") as tmp:
         (old_sha, old), (new_sha, new) = (run_probes(c, Path(tmp)) for c in (args.old, args.new))
     rows = [f"| {name} | {' | '.join(compare(old[name], new[name]))} |" for name in PROBES]
-    same = all("same | same | same" in row for row in rows)
+    same = all(row.count("| same") == 3 for row in rows)
     lines = [f"## {old_sha[:12]} → {new_sha[:12]}: {'identical' if same else 'NUMBERS MOVED'}", "",
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, `python bench/code_drift.py {args.old} {args.new}`; "
              "single-threaded CPU runs (SmolLM2-135M-Instruct dequantised from Q4_1).", "",

@@ -205,6 +205,22 @@ def test_the_drift_check_ignores_only_what_differs_between_identical_runs() -> N
                               {"metrics": kept, "predictions": "p", "weights": {"a": "2"}}) == ["same", "same", "differs"]
 
 
+def test_the_drift_check_compares_the_fields_both_commits_write_and_names_the_rest() -> None:
+    import code_drift
+
+    old = {"losses": [0.7, 0.6], "best": {"step": 8, "dev": {"accuracy": 0.5}}}
+    grown = {**old, "skipped_steps": [], "best": {**old["best"], "note": "x"}}  # a later commit writes two more fields
+    cell = code_drift.compare({"metrics": old, "predictions": "p", "weights": {}},
+                              {"metrics": grown, "predictions": "p", "weights": {}})[0]
+    assert cell.startswith("same") and "+skipped_steps" in cell and "+best.note" in cell
+    moved = {**grown, "losses": [0.7, 0.61]}  # a shared number moved: differs, whatever else was added
+    assert code_drift.compare({"metrics": old, "predictions": "p", "weights": {}},
+                              {"metrics": moved, "predictions": "p", "weights": {}})[0].startswith("differs")
+    dropped = code_drift.compare({"metrics": grown, "predictions": "p", "weights": {}},
+                                 {"metrics": old, "predictions": "p", "weights": {}})[0]
+    assert dropped.startswith("same") and "-skipped_steps" in dropped
+
+
 def _edora_runs(tmp_ledger: Path, er, dora: list[float], edora: list[float], params: tuple[int, int]):
     """DoRA and EDoRA-SVD runs on MRPC at their picks (dev accuracy in points per seed, adapter parameters)."""
     by = {a.label: a for a in er.arms(8, 16.0)}
