@@ -266,3 +266,23 @@ def test_a_link_end_without_an_optimizer_beside_another_adapter_steps_none(mlp_c
         rankwise.step(model)
     _same_state(model, before)
     assert rankwise.step_count(model, "default") == rankwise.step_count(model, "b") == 0
+
+
+def test_the_eight_exported_at_once_compute_in_hf_peft_what_they_compute_here(mlp_case: ModelCase, tmp_path: Path) -> None:
+    """The stack above exported in one call (PEFT's multi-adapter layout: "default" at the root, each other adapter in
+    its subfolder: RAC-LoRA's chain as a LoRA of rank ``k + r``, GoRA's rank and rsLoRA's flag per adapter, EDoRA as
+    DoRA) and read by HF PEFT adapter by adapter: each alone computes PEFT's output, and the LoRA-form ones active
+    together too (PEFT adds their updates; with a DoRA adapter among several PEFT's result depends on the order,
+    see tests/test_adapter_control.py)."""
+    peft = pytest.importorskip("peft")
+    model = _stacked(mlp_case)
+    rankwise.export_peft(model, tmp_path / "peft")
+    names = ["default", *list(STACK)[1:]]
+    theirs = peft.PeftModel.from_pretrained(mlp_case.make(), tmp_path / "peft")
+    for name in names[1:]:
+        theirs.load_adapter(tmp_path / "peft" / name, adapter_name=name)
+    lora_form = [n for n in names if n not in ("dora", "edora")]
+    for active in [*([n] for n in names), lora_form]:
+        rankwise.set_active(model, active)
+        theirs.base_model.set_adapter(active)
+        torch.testing.assert_close(_out(model, mlp_case), _out(theirs.eval(), mlp_case), rtol=1e-5, atol=1e-6)
