@@ -16,7 +16,7 @@ from torch import Tensor, nn
 import rankwise
 from conftest import ModelCase, TinyMLP
 
-x_seed = 11
+X_SEED = 11  # the batch every output here is computed on
 
 
 def _perturb(model: nn.Module, seed: int) -> None:
@@ -29,7 +29,7 @@ def _perturb(model: nn.Module, seed: int) -> None:
 
 def _out(model: nn.Module, case: ModelCase) -> Tensor:
     with torch.no_grad():
-        return case.output(model, case.batch(x_seed))
+        return case.output(model, case.batch(X_SEED))
 
 
 def _state(model: nn.Module) -> dict[str, Tensor]:
@@ -124,8 +124,11 @@ def test_eight_methods_on_one_layer_add_up_and_survive_every_operation(mlp_case:
     model = _stacked(mlp_case)
     names = ["default", *list(STACK)[1:]]
     assert all(int(rankwise.adapter_layers(model, n)["fc2"].links) == 2 for n in ("raclora", "cola"))
-    check = lambda m, active: torch.testing.assert_close(_out(m, mlp_case), _out(_hand_model(mlp_case, model, active), mlp_case),  # noqa: E731
-                                                        rtol=1e-4, atol=1e-5)
+
+    def check(m: nn.Module, active: list[str]) -> None:
+        expected = _out(_hand_model(mlp_case, model, active), mlp_case)
+        torch.testing.assert_close(_out(m, mlp_case), expected, rtol=1e-4, atol=1e-5)
+
     check(model, names)
     unmerged = _out(model, mlp_case)
     rankwise.merge(model)
