@@ -289,3 +289,25 @@ def test_the_eight_exported_at_once_compute_in_hf_peft_what_they_compute_here(ml
         rankwise.set_active(model, active)
         theirs.base_model.set_adapter(active)
         torch.testing.assert_close(_out(model, mlp_case), _out(theirs.eval(), mlp_case), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- 4: load_state_dict inside disabled
+def test_load_state_dict_inside_disabled_is_refused_before_anything_loads(mlp_case: ModelCase) -> None:
+    """Inside ``rankwise.disabled`` merge and unmerge are refused, so a layer's load (which unmerges) raised, but only
+    once the model's own hook had restored the step counters and the modules before the first adapted one (``fc1``
+    here, not adapted) had loaded: a refused call that changed the model. Now refused before anything loads."""
+    model = mlp_case.make()
+    rankwise.attach(model, rankwise.LoraConfig(r=2, alpha=4, target_modules=["fc2"], seed=0))
+    rankwise.attach(model, rankwise.RacLoraConfig(r=2, alpha=4, target_modules=["fc2"], seed=1), name="b")
+    rankwise.state.get_state(model, "b").step = 7
+    sd = copy.deepcopy(model.state_dict())
+    rankwise.state.get_state(model, "b").step = 3
+    _perturb(model, 4)
+    with torch.no_grad():
+        model.fc1.weight.add_(1.0)
+    before = _state(model)
+    with rankwise.disabled(model):
+        with pytest.raises(RuntimeError, match="cannot load a state_dict inside `with rankwise.disabled"):
+            model.load_state_dict(sd)
+    _same_state(model, before)
+    assert rankwise.step_count(model, "b") == 3

@@ -293,6 +293,8 @@ def _state_into_dict(module: nn.Module, state_dict: dict[str, Any], prefix: str,
 
 def _state_from_dict(module: nn.Module, state_dict: dict[str, Any], prefix: str, _meta: Any, _strict: bool,
                      _missing: list[str], _unexpected: list[str], errors: list[str]) -> None:
+    for layer in slot_layers(module).values():  # refused before any tensor or counter is loaded (the layers refuse later)
+        layer.refuse_while_disabled("load a state_dict")
     raw = state_dict.pop(prefix + STATE_KEY, None)  # consumed here: never an unexpected key
     adapters: AdapterSet | None = getattr(module, STATE_ATTR, None)
     if raw is None or adapters is None:
