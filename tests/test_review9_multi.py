@@ -311,3 +311,31 @@ def test_load_state_dict_inside_disabled_is_refused_before_anything_loads(mlp_ca
             model.load_state_dict(sd)
     _same_state(model, before)
     assert rankwise.step_count(model, "b") == 3
+
+
+# ---------------------------------------------------------------------------- 5: a merged tied layer's state_dict
+def test_a_merged_tied_heads_state_dict_loads_into_a_fresh_model(gpt2_case: ModelCase) -> None:
+    """LoRA "default" and DoRA "b" on GPT-2's ``lm_head``, tied to the input embedding. Merging gives the head its
+    own merged weight and keeps the shared one as the original; that original (a ``Parameter``) was registered on
+    every layer of the stack as ``_original_weight``, so the merged state_dict held ``lm_head._original_weight``,
+    ``lm_head.peers.b._original_weight`` beside ``unmerged_weight``, and a fresh adapted model refused it (unexpected
+    keys). Now it loads merged, computes the same, and unmerges tied again."""
+    def make(seed: int) -> nn.Module:
+        model = gpt2_case.make()
+        rankwise.attach(model, rankwise.LoraConfig(r=2, alpha=4, target_modules=["lm_head", "c_attn"], seed=seed))
+        rankwise.attach(model, rankwise.DoraConfig(r=2, alpha=4, target_modules=["lm_head"], seed=seed + 1), name="b")
+        return model
+
+    with pytest.warns(UserWarning, match="tied weights"):
+        model, fresh = make(0), make(5)
+    _perturb(model, 3)
+    unmerged = _out(model, gpt2_case)
+    rankwise.merge(model)
+    sd = model.state_dict()
+    assert not [k for k in sd if "_original_weight" in k]
+    fresh.load_state_dict(sd)
+    assert all(layer.merged for layer in rankwise.state.slot_layers(fresh).values())
+    torch.testing.assert_close(_out(fresh, gpt2_case), _out(model, gpt2_case), rtol=0, atol=0)
+    rankwise.unmerge(fresh)
+    assert fresh.lm_head.weight is fresh.transformer.wte.weight
+    assert torch.equal(_out(fresh, gpt2_case), unmerged)

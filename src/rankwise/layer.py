@@ -358,9 +358,12 @@ class AdapterLayer(nn.Module):
         return w
 
     def _set_merged(self, merged: bool, original: Tensor | None) -> None:
-        """Record the merge state on every layer of the stack (peers read ``W0`` through it)."""
+        """Record the merge state on every layer of the stack (peers read ``W0`` through it). The kept bits are a plain
+        attribute, never a registered parameter (a tied layer keeps the shared ``Parameter`` itself), so the
+        ``state_dict`` carries them once, as ``unmerged_weight``."""
         for layer in self.stack():
-            layer.merged, layer._original_weight = merged, original
+            layer.merged = merged
+            layer.__dict__["_original_weight"] = original
 
     def refuse_while_disabled(self, what: str) -> None:
         """Raise ``RuntimeError`` if this layer is inside ``rankwise.disabled`` (``what``: the refused call)."""
