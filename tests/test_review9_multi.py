@@ -339,3 +339,29 @@ def test_a_merged_tied_heads_state_dict_loads_into_a_fresh_model(gpt2_case: Mode
     rankwise.unmerge(fresh)
     assert fresh.lm_head.weight is fresh.transformer.wte.weight
     assert torch.equal(_out(fresh, gpt2_case), unmerged)
+
+
+def test_two_active_lora_adapters_train_with_hf_peft_gradients(mlp_case: ModelCase, tmp_path: Path) -> None:
+    """LoRA "default" (fc1, fc2) and rsLoRA "b" (fc2) both active in a training step: the loss and every factor's
+    gradient equal HF PEFT's with both adapters active and trainable (``set_adapter([...])``), read from our export."""
+    peft = pytest.importorskip("peft")
+    model = mlp_case.make()
+    rankwise.attach(model, rankwise.LoraConfig(r=2, alpha=4, target_modules=["fc1", "fc2"], seed=0))
+    rankwise.attach(model, rankwise.LoraConfig(r=2, alpha=4, use_rslora=True, target_modules=["fc2"], seed=1), name="b")
+    _perturb(model, 3)
+    rankwise.export_peft(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(mlp_case.make(), tmp_path, is_trainable=True)
+    theirs.load_adapter(tmp_path / "b", adapter_name="b", is_trainable=True)
+    theirs.base_model.set_adapter(["default", "b"])
+    batch = mlp_case.batch(4)
+    model.train()
+    theirs.train()
+    ours, peft_loss = model(**batch).loss, theirs(**batch).loss
+    torch.testing.assert_close(ours, peft_loss, rtol=1e-6, atol=1e-7)
+    ours.backward()
+    peft_loss.backward()
+    grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    for name, layer in rankwise.state.every_layer(model):
+        for mine, part in ((layer.lora_a, "A"), (layer.lora_b, "B")):
+            torch.testing.assert_close(mine.grad, grads[f"base_model.model.{name}.lora_{part}.{layer.adapter_name}.weight"],
+                                       rtol=1e-5, atol=1e-7)
