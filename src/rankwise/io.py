@@ -41,7 +41,7 @@ from .adapter_file import (RANKWISE_FILES, AdapterFileError, atomic_write_bytes,
                            tensors_digest, validate_description)
 from .config import AdapterConfig
 from .layer import AdapterLayer
-from .lifecycle import all_or_nothing, check_new_name, install
+from .lifecycle import all_or_nothing, check_new_name, install, refuse_fully_trained_targets
 from .quant import dense_weight, quant_block, quant_kind
 from .registry import BuildResult, Method, config_from_dict, get_method
 from .state import (DEFAULT_NAME, adapter_layers, adapter_set, base_modules, fully_trained_modules, get_state, is_attached,
@@ -306,6 +306,7 @@ def load(
     check_new_name(model, name, config)  # beside other adapters: no modules_to_save
     method = get_method(config.method)
     targets, saved = recorded_modules(model, meta)
+    refuse_fully_trained_targets(model, targets, name)
     _check_fits(model, meta, targets, check_base)
     _check_tensors_finite(tensors, path)
 

@@ -322,18 +322,28 @@ class AdapterLayer(nn.Module):
         lists them once, under the host's names."""
         if "peers" not in self._modules:
             self.peers = nn.ModuleDict()
-        for name in ("weight", "bias"):
-            if name in layer._parameters:  # (a peer moving to a new host has them unregistered already)
-                layer.__dict__[name] = layer._parameters.pop(name)
         layer.is_peer = True
         layer.train(self.training)
         self.peers[layer.adapter_name] = layer
+        self.share_base()
 
     def make_host(self) -> None:
         """Undo :meth:`add_peer`'s changes to this layer (it takes a slot in the model)."""
         for name in ("weight", "bias"):
             self.register_parameter(name, self.__dict__.pop(name))
         self.is_peer = False
+
+    def share_base(self) -> None:
+        """Point the base module and every peer at this host's ``weight``/``bias``, the one copy of ``W0`` (after
+        ``load_state_dict(assign=True)`` put new tensors in: ``disabled``, a module with no active layer and the
+        peers must read those). A peer holds them as plain attributes, not parameters: the ``state_dict`` lists
+        them once, under the host's names."""
+        base = cast(Any, self.kind.module)
+        base.weight, base.bias = self.weight, self.bias
+        for peer in self.stack()[1:]:
+            for name in ("weight", "bias"):
+                peer._parameters.pop(name, None)
+                peer.__dict__[name] = getattr(self, name)
 
     def combined_weight(self) -> Tensor:
         """``W0 + Σ_{active} ΔW_i`` (:attr:`merge_dtype`, ``out x in``): what a merge writes; one active layer:
@@ -348,9 +358,12 @@ class AdapterLayer(nn.Module):
         return w
 
     def _set_merged(self, merged: bool, original: Tensor | None) -> None:
-        """Record the merge state on every layer of the stack (peers read ``W0`` through it)."""
+        """Record the merge state on every layer of the stack (peers read ``W0`` through it). The kept bits are a plain
+        attribute, never a registered parameter (a tied layer keeps the shared ``Parameter`` itself), so the
+        ``state_dict`` carries them once, as ``unmerged_weight``."""
         for layer in self.stack():
-            layer.merged, layer._original_weight = merged, original
+            layer.merged = merged
+            layer.__dict__["_original_weight"] = original
 
     def refuse_while_disabled(self, what: str) -> None:
         """Raise ``RuntimeError`` if this layer is inside ``rankwise.disabled`` (``what``: the refused call)."""
@@ -449,10 +462,8 @@ class AdapterLayer(nn.Module):
 
     def to_base(self) -> nn.Module:
         """The original base module (holding the same, possibly merged, weight)."""
-        base = self.kind.module
-        cast(Any, base).weight = self.weight
-        cast(Any, base).bias = self.bias
-        return base
+        self.share_base()
+        return self.kind.module
 
     def adapter_state(self) -> dict[str, Tensor]:
         """Every tensor that defines the adapter (not the base weight/bias), by local name."""
@@ -495,6 +506,7 @@ class AdapterLayer(nn.Module):
             state_dict[prefix + "weight"] = unmerged
         n_errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self.share_base()  # assign=True put new tensors in: the base module and the peers (loaded next) read them
         # merged again once the peers (submodules, loaded after this) have their tensors: _merge_after_load
         self._merge_pending = (unmerged is not None or was_merged) and len(error_msgs) == n_errors
 

@@ -293,6 +293,8 @@ def _state_into_dict(module: nn.Module, state_dict: dict[str, Any], prefix: str,
 
 def _state_from_dict(module: nn.Module, state_dict: dict[str, Any], prefix: str, _meta: Any, _strict: bool,
                      _missing: list[str], _unexpected: list[str], errors: list[str]) -> None:
+    for layer in slot_layers(module).values():  # refused before any tensor or counter is loaded (the layers refuse later)
+        layer.refuse_while_disabled("load a state_dict")
     raw = state_dict.pop(prefix + STATE_KEY, None)  # consumed here: never an unexpected key
     adapters: AdapterSet | None = getattr(module, STATE_ATTR, None)
     if raw is None or adapters is None:
@@ -427,6 +429,7 @@ def attach(
     modules = base_modules(model)
     saved = find_modules_to_save(model, config.modules_to_save)
     targets = find_targets(model, config.target_modules, config.exclude_modules, skip=saved, modules=modules)
+    refuse_fully_trained_targets(model, targets, name)
     if is_all_linear(config.target_modules):  # the adapter records the layers it has, not the shorthand
         config = config.replace(target_modules=tuple(targets))
     if method.uses_calibration and calibration is None:
@@ -485,6 +488,21 @@ def check_new_name(model: nn.Module, name: str | None, config: AdapterConfig | N
             "adapters already: a module has one trained copy, so only a model's first adapter may have them"
         )
     return name
+
+
+def refuse_fully_trained_targets(model: nn.Module, targets: Iterable[str], name: str) -> None:
+    """Refuse (``ValueError``, nothing changed yet) a new adapter ``name`` with a layer on, or inside, a module another
+    adapter trains fully (``modules_to_save``): the layer would wrap that adapter's trained copy (and freeze it), and
+    :func:`rankwise.set_active` swaps the module in that slot for the copy or the original, dropping the layer."""
+    adapters: AdapterSet | None = getattr(model, STATE_ATTR, None)
+    for other, state in (adapters.adapters.items() if adapters is not None else ()):
+        for module in state.modules_to_save:
+            hits = [t for t in targets if t == module or t.startswith(module + ".")]
+            if hits:
+                raise ValueError(
+                    f"adapter {name!r} would adapt {hits[0]!r}, which adapter {other!r} trains fully (modules_to_save): "
+                    f"one module cannot be both. Leave it out (exclude_modules=[{hits[0]!r}]) or delete {other!r} first"
+                )
 
 
 def refuse_if_merged_or_disabled(model: nn.Module, what: str) -> None:
@@ -649,26 +667,44 @@ def step(
     It never changes the function the model computes. With ``check_finite`` (the default) it first
     checks every adapter tensor for NaN/inf (one host sync) and raises ``FloatingPointError`` naming
     the first bad one: NaN gradients otherwise poison a run silently. With several adapters it steps
-    adapter ``name``, or (``None``) every active adapter that has a tensor requiring gradients.
+    adapter ``name``, or (``None``) every active adapter that has a tensor requiring gradients: all of
+    them or, when one refuses (merged, or an optimizer that does not train it), none.
     """
     adapters = adapter_set(model)
     if name is not None or len(adapters.adapters) == 1:
         names = [adapters.resolve(name)]
     else:
         names = [n for n in adapters.active if any(layer.requires_grad() for layer in adapter_layers(model, n).values())]
+    for n in names:  # every refusal before any adapter is stepped: a retry never steps one twice
+        try:
+            _check_step(model, optimizer, n)
+        except ValueError as exc:
+            if len(names) == 1:
+                raise
+            raise ValueError(f"adapter {n!r}: {exc}. No adapter was stepped (this step covered {names}; "
+                             "rankwise.step(model, optimizer, name=...) steps one, with the optimizer that trains it)") from None
     for n in names:
         _step_one(model, optimizer, n, check_finite and n == names[0])
 
 
-def _step_one(model: nn.Module, optimizer: torch.optim.Optimizer | None, name: str, check_finite: bool) -> None:
+def _check_step(model: nn.Module, optimizer: torch.optim.Optimizer | None, name: str) -> None:
+    """Raise, changing nothing, where adapter ``name``'s step would be refused: merged, or its method's own check."""
     state = get_state(model, name)
-    merged = [n for n, layer in adapter_layers(model, name).items() if layer.merged and layer.requires_grad()]
+    layers = adapter_layers(model, name)
+    merged = [n for n, layer in layers.items() if layer.merged and layer.requires_grad()]
     if merged:
         raise ValueError(
             f"step() while the adapter is merged (layers {merged[:4]}): a merged adapter does not train (its tensors "
             "get no gradient), so this step trained only the fully-trained modules. Call rankwise.unmerge(model) "
             "before training"
         )
+    method = method_for(state.config)
+    if method.check_step is not None:
+        method.check_step(model, layers, optimizer, state)
+
+
+def _step_one(model: nn.Module, optimizer: torch.optim.Optimizer | None, name: str, check_finite: bool) -> None:
+    state = get_state(model, name)
     if check_finite:
         bad = _first_non_finite(_adapter_tensors(model, grads=False))
         if bad is not None:

@@ -47,7 +47,7 @@ from .adapter_file import (PEFT_FILES, AdapterFileError, atomic_write_bytes, fil
                            file_number, is_peft_adapter, read_json)
 from .config import lora_alpha, lora_scale
 from .io import check_folders, folders_by_name, install_rebuilt, rebuild_layers
-from .lifecycle import check_new_name
+from .lifecycle import check_new_name, refuse_fully_trained_targets
 from .methods import DoraConfig, LoraConfig
 from .registry import method_for
 from .state import (adapter_layers, base_modules, fully_trained_modules, get_state, is_attached, refuse_peft_model,
@@ -403,6 +403,7 @@ def import_peft(
         use_rslora=bool(cfg.get("use_rslora")),
     )
     check_new_name(base_model, name, config)  # beside other adapters: no modules_to_save
+    refuse_fully_trained_targets(base_model, targets, name)
 
     scales = {n: lora_scale(_layer_alpha(cfg, n), r, config.use_rslora) for n, r in ranks.items()}
 

@@ -54,6 +54,8 @@ class Method:
             (``{name: Layer(base, config, ranks[name], index=i, init=False)}``: the constructor
             contract in :class:`~rankwise.layer.AdapterLayer`).
         on_step: called by :func:`rankwise.step` after each optimizer step (``None``: no-op).
+        check_step: raises, changing nothing, where ``on_step`` would refuse this step (same arguments); a step
+            over several adapters checks each before any is stepped (``None``: ``on_step`` never refuses).
         uses_calibration: whether ``build`` needs calibration data.
         calibration_batches: how many calibration batches ``build`` reads for a given config (a
             harness draws that many when the user does not say; only read when ``uses_calibration``).
@@ -66,6 +68,7 @@ class Method:
     build: Build
     rebuild: Rebuild
     on_step: OnStep | None = None
+    check_step: OnStep | None = None
     uses_calibration: bool = False
     calibration_batches: Callable[[Any], int] = _default_calibration_batches
     plot: Plot | None = None

@@ -323,12 +323,13 @@ def link_end_resets(layer: RacLoraLinear, keep: bool) -> tuple[Tensor, ...]:
     return tuple(t for t in (layer.lora_a, layer.lora_b) if id(t) not in trained)
 
 
+NO_OPTIMIZER = ("a RAC-LoRA link ends here and its optimizer state must be reset: call rankwise.step(model, optimizer) "
+                "(or rankwise.end_link(model, optimizer)) with the optimizer")
+
+
 def _end_links(layers: dict[str, AdapterLayer], optimizer: Any, state: RankwiseState) -> None:
     if optimizer is None:
-        raise ValueError(
-            "a RAC-LoRA link ends here and its optimizer state must be reset: call rankwise.step(model, optimizer) "
-            "(or rankwise.end_link(model, optimizer)) with the optimizer"
-        )
+        raise ValueError(NO_OPTIMIZER)
     check_optimizer(layers, optimizer)
     chain = [layer for layer in layers.values() if isinstance(layer, RacLoraLinear)]
     assert len(chain) == len(layers)
@@ -343,16 +344,33 @@ def _end_links(layers: dict[str, AdapterLayer], optimizer: Any, state: RankwiseS
     state.method_state["links"] = int(state.method_state.get("links", 0)) + 1
 
 
-def on_step(model: nn.Module, layers: dict[str, AdapterLayer], optimizer: Any, state: RankwiseState) -> None:  # noqa: ARG001
-    """After each optimizer step: count it; end the link after ``link_steps`` steps (chains only)."""
+def _link_ends(config: RacLoraConfig, state: RankwiseState) -> bool:
+    """Whether the coming step ends the current link (a chain with ``link_steps``)."""
+    return config.link_steps is not None and int(state.method_state.get("link_step", 0)) + 1 >= config.link_steps
+
+
+def check_step(model: nn.Module, layers: dict[str, AdapterLayer], optimizer: Any, state: RankwiseState) -> None:  # noqa: ARG001
+    """What :func:`on_step` refuses, raised before anything changes: an optimizer that does not hold the chain's
+    trained factors (checked every step, so a wrong one is caught at once, not at a link end), or none at a link end."""
     config = state.config
     assert isinstance(config, RacLoraConfig)
     if not config.chain:
         return
     if optimizer is not None:
-        check_optimizer(layers, optimizer)  # every step, so a wrong optimizer is caught at once, not at a link end
+        check_optimizer(layers, optimizer)
+    elif _link_ends(config, state):
+        raise ValueError(NO_OPTIMIZER)
+
+
+def on_step(model: nn.Module, layers: dict[str, AdapterLayer], optimizer: Any, state: RankwiseState) -> None:
+    """After each optimizer step: count it; end the link after ``link_steps`` steps (chains only)."""
+    config = state.config
+    assert isinstance(config, RacLoraConfig)
+    if not config.chain:
+        return
+    check_step(model, layers, optimizer, state)
     link_step = int(state.method_state.get("link_step", 0)) + 1
-    if config.link_steps is not None and link_step >= config.link_steps:
+    if _link_ends(config, state):
         _end_links(layers, optimizer, state)  # checks first, so a refusal changes nothing; resets link_step
     else:
         state.method_state["link_step"] = link_step
@@ -416,4 +434,5 @@ def _build(model: nn.Module, targets: dict[str, nn.Module], config: AdapterConfi
 _, _rebuild = simple_build(RacLoraLinear)  # uninitialised layers of the saved ranks: the constructor contract
 
 
-RACLORA = register_method(Method(name="raclora", config_cls=RacLoraConfig, build=_build, rebuild=_rebuild, on_step=on_step))
+RACLORA = register_method(Method(name="raclora", config_cls=RacLoraConfig, build=_build, rebuild=_rebuild, on_step=on_step,
+                                  check_step=check_step))
