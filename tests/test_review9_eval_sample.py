@@ -129,3 +129,34 @@ def test_an_old_folder_without_max_eval_is_reused_as_before(tmp_path: Path, tiny
     capsys.readouterr()
     assert cli.main(args) == 0 and "reusing finished run" in capsys.readouterr().out
     assert (out / "lora-seed0" / "metrics.json").read_bytes() == kept
+
+
+# ---------------------------------------------------------------------------- compare: per-seed trainable counts
+def _result(method: str, seed: int, trainable: int, accuracy: float) -> dict[str, object]:
+    return {"method": method, "seed": seed, "task": "sst2", "headline_metric": "accuracy", "metrics": {"accuracy": accuracy},
+            "trainable_params": trainable, "step_seconds": 0.01, "init_seconds": 0.1, "peak_memory_mb": 100.0}
+
+
+def test_compare_shows_each_seeds_trainable_count_where_seeds_differ(tmp_path: Path) -> None:
+    """A method allocating its ranks from gradients can train 1,000 parameters with one seed and 1,600 with
+    another; the table showed seed 0's count as the method's. It shows the range and says why; the CSV has the
+    mean, min and max; a method whose seeds agree keeps one number."""
+    from rankwise_harness.compare import plot_compare
+
+    counts = {0: 1600, 1: 1000, 2: 1300}
+    results = [_result("lora", s, 800, 0.6 + s / 100) for s in counts] + [_result("gora", s, n, 0.7) for s, n in counts.items()]
+    rows = aggregate(results)
+    write_tables(rows, tmp_path)
+    md = (tmp_path / "compare.md").read_text()
+    lora, gora = (next(l for l in md.splitlines() if l.startswith(f"| {m} |")) for m in ("lora", "gora"))
+    assert "| 1,000–1,600 |" in gora and "1,600 |" not in gora.replace("1,000–1,600", "")
+    assert "| 800 |" in lora
+    assert "min–max over seeds where they differ" in md
+    by_method = {r["method"]: r for r in csv.DictReader((tmp_path / "compare.csv").open()) if r["kind"] == "method"}
+    assert (int(by_method["gora"]["trainable_params_min"]), int(by_method["gora"]["trainable_params_max"])) == (1000, 1600)
+    assert float(by_method["gora"]["trainable_params"]) == pytest.approx(sum(counts.values()) / 3)
+    assert by_method["lora"]["trainable_params"] == by_method["lora"]["trainable_params_min"] == "800"
+    plot_compare(rows, tmp_path / "compare.png", "sst2")  # the range as a horizontal bar: it draws
+    assert (tmp_path / "compare.png").stat().st_size > 1000
+    write_tables(aggregate([r for r in results if r["method"] == "lora"]), tmp_path)
+    assert "min–max" not in (tmp_path / "compare.md").read_text()  # seeds that agree: one number, no note
