@@ -1,8 +1,8 @@
-"""Review round 9: ``--max-eval`` draws its dev rows as ``--max-train`` draws training rows (label-stratified,
-seeded by ``--data-seed``, file order kept; ``--subset prefix``: the file's first rows), since a GLUE dev file is
-ordered by source and its first rows are a biased evaluation set; a run folder recorded before (its dev rows the
-file's first) is neither resumed nor reused as if it had evaluated on the sample. And ``compare`` shows every
-seed's trainable-parameter count where seeds differ, not the first seed's alone."""
+"""Review round 9 (docs/reliability.md, "Review round 9"): ``--max-eval`` draws its dev rows as ``--max-train``
+draws training rows (label-stratified, seeded by ``--data-seed``, file order kept; ``--subset prefix``: the file's
+first rows), since a GLUE dev file is ordered by source and its first rows are a biased evaluation set; a run folder
+recorded before (its dev rows the file's first) is neither resumed nor reused as if it had evaluated on the sample.
+And ``compare`` shows every seed's trainable-parameter count where seeds differ, not the first seed's alone."""
 
 from __future__ import annotations
 

@@ -120,7 +120,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 def _run_config(args: argparse.Namespace, method: str, output: str) -> RunConfig:
     """The run config from parsed flags: every :class:`RunConfig` field is read from the flag of the same
     name (a new flag is one field there plus its ``add_argument``), a few through their parsers; ``eval_subset``
-    has no flag (it follows ``--subset``; only an older run's ``config.json`` sets it)."""
+    has no flag (it follows ``--subset``; only a recorded run's ``config.json`` sets it)."""
     import dataclasses
 
     from .config import RunConfig, parse_overrides
