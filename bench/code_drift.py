@@ -14,6 +14,12 @@ is appended to ``docs/bench/code-drift.md``; the experiment reports list the com
 
 Each commit is checked out into a temporary ``git worktree`` (removed afterwards); the runs are single-threaded
 and take a few minutes in all.
+
+The probes pass ``--subset prefix``: their ``--max-train`` and ``--max-eval`` rows are the files' first rows at
+every commit since ``--subset`` exists (``6e3eeb9`` has it). ``--max-eval`` drew the first dev rows until
+2026-12-04 and a stratified sample since, so without it a check across that change would differ for that reason
+alone. The prefix changes the probes' training rows too, on both sides alike: a check stays a like-for-like
+comparison of the code, though its rows are no longer those of the default sample.
 """
 
 from __future__ import annotations
@@ -33,10 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "glue"
 OUT = ROOT / "docs" / "bench" / "code-drift.md"
 MINILM = ["--task", "sst2", "--data", str(DATA / "SST-2"), "--max-train", "96", "--max-eval", "64", "--max-steps", "8",
-          "--batch-size", "8", "--seed", "3"]
+          "--batch-size", "8", "--seed", "3", "--subset", "prefix"]
 SMOLLM = ["--task", "mrpc", "--data", str(DATA / "MRPC"), "--model", "smollm2", "--max-train", "24", "--max-eval", "16",
           "--max-steps", "3", "--batch-size", "4", "--max-length", "96", "--seed", "1", "--targets", "q_proj,v_proj",
-          "--r", "4", "--alpha", "8"]
+          "--r", "4", "--alpha", "8", "--subset", "prefix"]
 PROBES: dict[str, list[str]] = {
     "minilm-lora": ["--method", "lora", *MINILM],
     "minilm-dora-heldout": ["--method", "dora", *MINILM, "--val-split", "0.25", "--eval-each-epoch", "--epochs", "2"],

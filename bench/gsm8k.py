@@ -1,8 +1,9 @@
 """GSM8K generation with SmolLM2-135M-Instruct: LoRA vs GoRA vs EDoRA, exact match of the final number.
 
 Each method is one `rankwise finetune --task gsm8k` run (finished runs are reused) on the first
-``--max-eval`` test problems, greedy decoding; the LoRA run also scores the untouched model first
-(``--eval-before``), the reference every adapter must beat. Results go to ``docs/bench/gsm8k.md``.
+``--max-eval`` test problems (``--subset prefix``: the problems ``docs/bench/gsm8k.md`` was measured on and
+the runs it reuses evaluated; the harness's default draws a seeded random sample), greedy decoding; the LoRA
+run also scores the untouched model first (``--eval-before``), the reference every adapter must beat. Results go to ``docs/bench/gsm8k.md``.
 
 Budgets mirror the GLUE benchmark: LoRA r=8, GoRA r_ref=8 (LoRA-8's parameter budget), EDoRA r=16,
 targets q_proj, v_proj (the harness's Llama default until issue 18, now pinned here) and a linear schedule
@@ -43,7 +44,7 @@ def run_one(label: str, args: argparse.Namespace) -> Path:
     cmd = ["rankwise", "finetune", "--method", method, "--task", "gsm8k", "--data", str(Path(args.data) / "gsm8k"),
            "--output", str(out), "--seed", str(args.seed), "--max-steps", str(args.steps),
            "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--lr", lr or str(args.lr),
-           "--max-eval", str(args.max_eval), "--max-new-tokens", str(args.max_new_tokens),
+           "--max-eval", str(args.max_eval), "--subset", "prefix", "--max-new-tokens", str(args.max_new_tokens),
            "--no-progress", "--overwrite", "--targets", "q_proj,v_proj", "--schedule", "linear", "--warmup-ratio", "0.06",
            *METHOD_ARGS[method], *[a for kv in sets for a in ("--set", kv)]]
     if label == args.base_with:

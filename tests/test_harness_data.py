@@ -261,6 +261,8 @@ def test_every_run_config_field_comes_from_its_flag() -> None:
     run = _run_config(build_parser().parse_args(argv), "dora", "out")
     defaults = {f.name: f.default for f in dataclasses.fields(type(run)) if f.default is not dataclasses.MISSING}
     unchanged = {k for k, v in dataclasses.asdict(run).items() if k in defaults and v == defaults[k]}
-    # the flags given above cover every field but these (each its own feature, tested elsewhere)
-    assert unchanged == {"template", "label_words", "quantize"}
+    # the flags given above cover every field but these (each its own feature, tested elsewhere; eval_subset has
+    # no flag: it follows --subset, test_review9_eval_sample.py)
+    assert unchanged == {"template", "label_words", "quantize", "eval_subset"}
+    assert run.dev_subset == "prefix"
     assert run.targets == ("query", "value") and run.overrides == {"use_rslora": "true"} and run.r == 4

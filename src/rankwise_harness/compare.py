@@ -124,7 +124,8 @@ def _compare(base: RunConfig, methods: list[str], seeds: list[int], output: Path
 
 def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per method: mean and std (over seeds; ``None`` with one seed) of each metric, params, step time,
-    memory."""
+    memory. ``trainable_params`` is the seeds' count when they agree, else their mean, with ``trainable_params_min``
+    and ``_max`` (a method that allocates its ranks from data can train a different number per seed)."""
     by_method: dict[str, list[dict[str, Any]]] = {}
     for r in results:
         by_method.setdefault(r["method"], []).append(r)
@@ -132,12 +133,25 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for method, runs in by_method.items():
         row: dict[str, Any] = {"method": method, "seeds": len(runs), "headline": runs[0]["headline_metric"]}
         row.update(_mean_std([r["metrics"] for r in runs]))
-        row["trainable_params"] = runs[0]["trainable_params"]
+        row.update(_param_counts([r["trainable_params"] for r in runs]))
         row["step_ms"] = 1000 * float(np.mean([r["step_seconds"] for r in runs]))
         row["init_seconds"] = float(np.mean([r["init_seconds"] for r in runs]))
         row["peak_memory_mb"] = float(np.max([r["peak_memory_mb"] for r in runs]))
         rows.append(row)
     return rows
+
+
+def _param_counts(counts: list[int]) -> dict[str, float | int]:
+    """``trainable_params`` (the count, or the mean when seeds differ) and its min and max over seeds."""
+    low, high = min(counts), max(counts)
+    return {"trainable_params": low if low == high else float(np.mean(counts)), "trainable_params_min": low,
+            "trainable_params_max": high}
+
+
+def _params_cell(row: dict[str, Any]) -> str:
+    """One count, or ``min–max`` where the seeds trained different numbers of parameters."""
+    low, high = row["trainable_params_min"], row["trainable_params_max"]
+    return f"{low:,}" if low == high else f"{low:,}–{high:,}"
 
 
 def _mean_std(metrics: list[dict[str, float]]) -> dict[str, float | None]:
@@ -206,7 +220,7 @@ def write_tables(rows: list[dict[str, Any]], output: Path, base_rows: list[dict[
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [r["method"], *[_cell(r, m) for m in metric_names], _beats(r, majority, headline),
-                 f"{r['trainable_params']:,}", f"{r['step_ms']:.1f}", f"{r['init_seconds']:.2f}",
+                 _params_cell(r), f"{r['step_ms']:.1f}", f"{r['init_seconds']:.2f}",
                  f"{r['peak_memory_mb']:.0f}", str(r["seeds"])]
         lines.append("| " + " | ".join(cells) + " |")
     for b in base_rows:
@@ -216,11 +230,14 @@ def write_tables(rows: list[dict[str, Any]], output: Path, base_rows: list[dict[
     if majority is not None:
         notes.append("*majority class*: always predicting the most frequent training label; a method marked **no** "
                      "scores no better than that on the headline metric.")
+    if any(r["trainable_params_min"] != r["trainable_params_max"] for r in rows):
+        notes.append("trainable params: min–max over seeds where they differ (the method allocates its ranks from "
+                     "data, so each seed trained its own number); compare.csv has the mean, min and max.")
     notes.append("step (ms): wall-clock time per optimizer step while the run ran; other load on the machine "
                  "inflates it, so compare step times only between runs made under the same load.")
     atomic_write_bytes(output / "compare.md", ("\n".join(lines + notes) + "\n").encode())
     fields = ["kind", "method", *[f"{m}_{s}" for m in metric_names for s in ("mean", "std")], "trainable_params",
-              "step_ms", "init_seconds", "peak_memory_mb", "seeds"]
+              "trainable_params_min", "trainable_params_max", "step_ms", "init_seconds", "peak_memory_mb", "seeds"]
     buf = io.StringIO(newline="")
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
@@ -229,8 +246,9 @@ def write_tables(rows: list[dict[str, Any]], output: Path, base_rows: list[dict[
 
 
 def plot_compare(rows: list[dict[str, Any]], path: Path, task: str, base_rows: list[dict[str, Any]] | None = None) -> None:
-    """Headline metric (mean; ± std over seeds from two seeds on) against trainable parameters (log scale), one
-    marker per method named in the legend, the baselines as horizontal lines."""
+    """Headline metric (mean; ± std over seeds from two seeds on) against trainable parameters (log scale; the
+    mean, a horizontal bar spanning min to max where seeds differ), one marker per method named in the legend, the
+    baselines as horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -243,7 +261,9 @@ def plot_compare(rows: list[dict[str, Any]], path: Path, task: str, base_rows: l
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     markers = "osD^vP*Xh<>"
     for i, r in enumerate(rows):
-        ax.errorbar(r["trainable_params"], r[f"{metric}_mean"], yerr=r[f"{metric}_std"], fmt=markers[i % len(markers)],
+        x, low, high = r["trainable_params"], r["trainable_params_min"], r["trainable_params_max"]
+        ax.errorbar(x, r[f"{metric}_mean"], yerr=r[f"{metric}_std"], xerr=None if low == high else [[x - low], [high - x]],
+                    fmt=markers[i % len(markers)],
                     ms=8, capsize=4, label=f"{r['method']} ({r['seeds']} seed{'s' if r['seeds'] > 1 else ''})")
     for i, b in enumerate(base_rows or []):
         style = ("--", ":", "-.")[i % 3]

@@ -19,6 +19,7 @@ import rankwise
 from rankwise.targeting import ALL_LINEAR, is_all_linear
 
 from . import QUANTIZE_CHOICES
+from .selection import SUBSETS
 
 RUN_MARKER = "rankwise-run/1"
 
@@ -155,9 +156,12 @@ class RunConfig:
     grad_accum: int = 1
     max_length: int = 128
     max_train: int | None = None
-    data_seed: int = 0  # --max-train's sample and --val-split's rows (selection.py)
-    subset: str = "stratified"  # or "prefix": --max-train takes the file's first rows
+    data_seed: int = 0  # --max-train's and --max-eval's samples and --val-split's rows (selection.py)
+    subset: str = "stratified"  # or "prefix": --max-train and --max-eval take the files' first rows
     max_eval: int | None = None
+    # --max-eval's rows; no flag: None follows ``subset``. "prefix" only for a folder recorded before --max-eval
+    # sampled (its config.json has no such key: ``from_dict``), so resuming or reusing it compares honestly
+    eval_subset: str | None = None
     eval_every: int = 0
     eval_before: bool = False
     save_every: int = 0
@@ -254,8 +258,9 @@ class RunConfig:
             raise ConfigError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if not is_default(self.head, self.pooling or "cls") and get_task(self.task).kind == "generation":
             raise ConfigError(f"--head/--pooling are for classification and regression tasks; {self.task} generates text")
-        if self.subset not in ("stratified", "prefix"):
-            raise ConfigError(f"--subset must be stratified or prefix, got {self.subset!r}")
+        if self.subset not in SUBSETS or self.eval_subset not in (None, *SUBSETS):
+            bad = self.subset if self.subset not in SUBSETS else self.eval_subset
+            raise ConfigError(f"--subset must be stratified or prefix, got {bad!r}")
         v = self.val_split
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 < v < 1):
             raise ConfigError(f"--val-split must be a fraction strictly between 0 and 1, got {v!r}")
@@ -263,8 +268,14 @@ class RunConfig:
             raise ConfigError("--patience stops on the held-out metric: it needs --val-split and an evaluation "
                               "schedule (--eval-each-epoch or --eval-every)")
 
+    @property
+    def dev_subset(self) -> str:
+        """How ``--max-eval`` draws its dev rows: ``eval_subset`` when a recorded run fixed it, else ``--subset``."""
+        return self.eval_subset or self.subset
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
+        out["eval_subset"] = self.dev_subset  # recorded resolved: the folder says which dev rows it used
         out["targets"] = list(self.targets) if self.targets is not None else None
         out["label_words"] = list(self.label_words) if self.label_words is not None else None
         return out
@@ -277,6 +288,7 @@ class RunConfig:
         values = {k: v for k, v in data.items() if k in known}
         for key in adapter_source(values.get("method", "lora")).unused:  # recorded by a run made before they were
             values.pop(key, None)  # refused (the run had no use for them): the run as it was made
+        values.setdefault("eval_subset", "prefix")  # recorded before --max-eval sampled: it took the first rows
         return cls(**values)
 
     def identity(self) -> dict[str, Any]:
@@ -285,7 +297,8 @@ class RunConfig:
         MiniLM's path are one model), the adapter (``--r/--alpha/--dropout/--targets/--set`` as the method
         config they build: ``--r 8`` equals the default 8, ``--targets all-linear`` the default targets), the
         causal-LM template and label words (``None`` is the task's default), the pooling (``None`` is the
-        model's default) and the data folder (its real path)."""
+        model's default), the data folder (its real path), and how rows are drawn only where rows are drawn
+        (``subset`` with ``--max-train``, ``eval_subset`` with ``--max-eval``)."""
         from .data import get_task
         from .heads import resolve_pooling
         from .models import canonical_model
@@ -293,6 +306,9 @@ class RunConfig:
 
         out = self.to_dict()
         out.pop("output")
+        for key, n in (("subset", self.max_train), ("eval_subset", self.max_eval)):
+            if n is None:  # every row is used: how a sample would be drawn does not matter
+                out.pop(key)
         task = get_task(self.task)
         out["model"], model_path = canonical_model(self.model, task)
         mcfg = self.method_config()

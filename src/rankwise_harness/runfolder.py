@@ -15,6 +15,11 @@ from .config import RUN_MARKER, RunConfig
 from .runlock import LOCK_NAME
 
 
+# what a differing setting means when its name alone does not say it
+DIFF_NOTES = {"eval_subset": "eval_subset is how --max-eval's dev rows are drawn (--subset; a run recorded before "
+                             "--max-eval sampled took the dev file's first rows, as --subset prefix does)"}
+
+
 def finished(out: Path) -> bool:
     """Whether ``out`` holds a finished run: its metrics and its result written, its checkpoints gone (a finish
     stopped by a full disk leaves them, so ``--resume`` finishes it)."""
@@ -40,7 +45,8 @@ def prepare_output(cfg: RunConfig, resume: bool, overwrite: bool, delete: bool =
         if resume:
             diff = settings_diff(RunConfig.from_dict(previous.get("run", {})).identity(), cfg.identity())
             if diff:
-                raise RunError(f"--resume: {out} holds a run with different settings ({', '.join(diff)}); "
+                notes = "".join(f"; {DIFF_NOTES[k]}" for k in diff if k in DIFF_NOTES)
+                raise RunError(f"--resume: {out} holds a run with different settings ({', '.join(diff)}){notes}; "
                                "resume with the same settings or choose another --output")
             return latest_checkpoint(out)
         if not overwrite:

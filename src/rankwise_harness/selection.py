@@ -1,9 +1,10 @@
-"""Which training rows a run uses (``--max-train``, ``--val-split``) and choosing the best evaluation.
+"""Which rows a run uses (``--max-train``, ``--max-eval``, ``--val-split``) and choosing the best evaluation.
 
 ``--max-train N`` applies first: ``N`` rows drawn at random, label-stratified (each class keeps its share of
 the file, by largest remainders), seeded by ``--data-seed`` (default 0), so the same ``N`` and seed give the
 same rows on any machine; ``--subset prefix`` takes the file's first ``N`` rows instead (GLUE files are
-ordered by source: a prefix is a biased sample, kept only to reproduce older reports). ``--val-split F``
+ordered by source: a prefix is a biased sample, kept only to reproduce older reports). ``--max-eval N`` draws
+the dev rows the same way (:func:`sample_rows`, the same seed and ``--subset``). ``--val-split F``
 then holds out ``round(F * n)`` of those rows, drawn the same way (stratified, seeded by :data:`VAL_SPLIT_SEED`
 plus ``--data-seed``): the split never depends on the run's ``--seed``, so every method, seed and resumed run
 sees the same rows. Both parts keep file order. Training never draws a held-out row, and the dev set is never
@@ -52,8 +53,9 @@ def stratified_indices(keys: Sequence[Hashable], k: int, seed: int) -> list[int]
 
 
 def sample_rows(rows: list[T], n: int | None, seed: int, subset: str = "stratified") -> list[T]:
-    """``--max-train``: all rows when ``n`` is ``None`` or covers them; else ``n`` rows, stratified and seeded
-    (:func:`stratified_indices`), or the first ``n`` with ``subset="prefix"``. File order is kept."""
+    """``--max-train`` and ``--max-eval``: all rows when ``n`` is ``None`` or covers them; else ``n`` rows,
+    stratified and seeded (:func:`stratified_indices`), or the first ``n`` with ``subset="prefix"``. File order
+    is kept."""
     if subset not in SUBSETS:
         raise ValueError(f"--subset must be one of {', '.join(SUBSETS)}, got {subset!r}")
     if n is None or n >= len(rows):

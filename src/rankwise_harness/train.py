@@ -367,8 +367,9 @@ def _open_run(cfg: RunConfig, source: AdapterSource, resume: bool, overwrite: bo
 
 
 def _read_data(run: _Run) -> None:
-    """The task's splits: ``--max-train`` rows sampled (stratified, seeded by ``--data-seed``), ``--max-eval``
-    the first dev rows, ``--val-split`` held out of train (stratified, seeded); see :mod:`.selection`."""
+    """The task's splits: ``--max-train`` and ``--max-eval`` rows sampled (stratified, seeded by ``--data-seed``;
+    ``--subset prefix``: the files' first rows), ``--val-split`` held out of train (stratified, seeded); see
+    :mod:`.selection`."""
     cfg = run.cfg
     run.splits = load_task_data(run.task, cfg.data, cfg.skip_bad_rows)
     for msg in run.splits.skipped[:20]:
@@ -376,7 +377,7 @@ def _read_data(run: _Run) -> None:
     if len(run.splits.skipped) > 20:
         run.say(f"skipped {len(run.splits.skipped) - 20} more bad rows")
     run.train = sample_rows(run.splits.train, cfg.max_train, cfg.data_seed, cfg.subset)
-    run.dev = run.splits.dev[: cfg.max_eval] if cfg.max_eval else run.splits.dev
+    run.dev = sample_rows(run.splits.dev, cfg.max_eval, cfg.data_seed, cfg.dev_subset)
     if cfg.val_split:
         try:
             run.train, run.val, _ = split_validation(run.train, cfg.val_split, cfg.data_seed)
