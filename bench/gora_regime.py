@@ -44,6 +44,8 @@ import ledger  # noqa: E402  (bench/ is not a package)
 import regime  # noqa: E402
 from regime import welch  # noqa: E402
 
+from rankwise_harness.compare import count_cell  # noqa: E402  (regime put this checkout's src/ first)
+
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"mrpc": ("MRPC", 120), "cola": ("CoLA", 64), "sst2": ("SST-2", 64)}  # MRPC 120: measured, < 1 % truncated
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -361,7 +363,8 @@ def table_rows(task: str, args: argparse.Namespace) -> tuple[list[str], dict[str
                                for e in es)
         wall = (m0["init_seconds"] + m0["train_seconds"]) / 60
         rows.append(f"| {arm} | {lr:g} | {statistics.mean(acc):.1f}{sd(acc)} (n={len(acc)}) | {statistics.mean(f1):.1f}{sd(f1)} "
-                    f"| {100 * statistics.mean(_yes_share(e) for e in es):.1f} | {m0['trainable_params']:,} "
+                    f"| {100 * statistics.mean(_yes_share(e) for e in es):.1f} "
+                    f"| {count_cell([e['metrics']['trainable_params'] for e in es])} "
                     f"| {100 * init:.1f}% | {wall:.0f} min | {m0['step_seconds']:.1f} |")
     return rows, accs
 

@@ -279,3 +279,23 @@ def test_one_pass_of_the_plan_hands_each_run_to_one_worker_once(tmp_path: Path, 
                         handed.append(gr.run_id(task, arm, lr, seed, sweep)))
     gr.plan(args)
     assert handed and max(Counter(handed).values()) == 1, Counter(handed).most_common(2)
+
+
+def test_the_table_shows_every_seeds_trainable_count_where_seeds_differ(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """GoRA allocates its ranks from each seed's gradients, so its seeds can train different numbers of
+    parameters: the table shows their range, not the first seed's count; seeds that agree show one number."""
+    monkeypatch.setattr(ledger, "LEDGER", tmp_path)
+    args = _args(arms=["lora", "gora"])
+    for arm, counts in (("lora", (900, 900, 900)), ("gora", (1_000, 1_600, 1_200))):
+        for seed, n in enumerate(counts):
+            path = ledger.entry_path(args.experiment, gr.run_id("mrpc", arm, args.lr, seed))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            m = {"metrics": {"accuracy": 0.7, "f1": 0.8}, "trainable_params": n, "init_seconds": 1.0,
+                 "train_seconds": 9.0, "step_seconds": 2.0}
+            path.write_text(json.dumps({"metrics": m, "dev_counts": {"predictions": {"1": 3, "0": 1},
+                                                                     "labels": {"1": 2, "0": 2}}}))
+    rows, _ = gr.table_rows("mrpc", args)
+    lora, gora = (next(r for r in rows if r.startswith(f"| {arm} |")) for arm in ("lora", "gora"))
+    assert "| 900 |" in lora
+    assert "| 1,000–1,600 |" in gora and "| 1,000 |" not in gora

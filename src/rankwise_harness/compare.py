@@ -148,10 +148,14 @@ def _param_counts(counts: list[int]) -> dict[str, float | int]:
             "trainable_params_max": high}
 
 
-def _params_cell(row: dict[str, Any]) -> str:
-    """One count, or ``min–max`` where the seeds trained different numbers of parameters."""
-    low, high = row["trainable_params_min"], row["trainable_params_max"]
+def count_cell(counts: list[int]) -> str:
+    """One count, or ``min–max`` where the runs (seeds) trained different numbers of parameters."""
+    low, high = min(counts), max(counts)
     return f"{low:,}" if low == high else f"{low:,}–{high:,}"
+
+
+def _params_cell(row: dict[str, Any]) -> str:
+    return count_cell([row["trainable_params_min"], row["trainable_params_max"]])
 
 
 def _mean_std(metrics: list[dict[str, float]]) -> dict[str, float | None]:
