@@ -1,0 +1,83 @@
+"""Review round 10 (2026-12-05): four items earlier sessions noticed and left alone.
+
+1. A bitsandbytes int8 layer without a bias records no float dtype; a merged detach of a bf16/fp16 model made
+   it an fp32 ``nn.Linear`` and the detached model's first forward failed.
+2. GoRA's mean gradient does not depend on how the same calibration batches are cut into steps x
+   micro-batches; it is the mean of the batches' mean gradients (as PEFT's LoRA-GA estimate), also when the
+   batches differ in size.
+3. ``seed=None`` under torch.distributed: every rank gets rank 0's adapter, so an FSDP2-sharded adapter is
+   what one process with rank 0's RNG state draws (a per-rank RNG state made a mix of the ranks' draws).
+4. ``export_peft``'s one ``fan_in_fan_out`` on a model mixing GPT-2 ``Conv1D`` and ``nn.Linear`` targets:
+   PEFT decides it per layer on load, so PEFT computes what rankwise does (pinned against PEFT's outputs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import rankwise
+
+
+# ---------------------------------------------------------------------------- 1. int8 without a bias
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 1-layer Llama (no biases anywhere) saved as a checkpoint, widths multiples of 64."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("llama")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_merged_detach_of_an_int8_model_without_biases_keeps_the_models_dtype(llama_dir: str, dtype: torch.dtype) -> None:
+    """Every layer of the detached model is in the model's dtype (the int8 layers took and returned it), its
+    forward runs, and each merged weight is bitsandbytes' own dequantised ``W0`` + ``s·B·A``, rounded once."""
+    bnb = pytest.importorskip("bitsandbytes")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.LlamaForCausalLM.from_pretrained(
+        llama_dir, quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True), device_map="cpu", dtype=dtype)
+    assert all(m.bias is None for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt))
+    rankwise.attach(model, rankwise.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], seed=0))
+    layers = rankwise.adapter_layers(model)
+    expected = {}
+    with torch.no_grad():
+        for i, layer in enumerate(layers.values()):
+            layer.lora_b.copy_(0.05 * torch.randn(layer.lora_b.shape, generator=torch.Generator().manual_seed(i)))
+            base = layer.base_layer()
+            w0 = bnb.functional.int8_vectorwise_dequant(base.weight.data, base.weight.SCB).float()
+            expected[next(n for n, m in layers.items() if m is layer)] = (
+                w0 + layer.scale * layer.lora_b.float() @ layer.lora_a.float()).to(dtype)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    rankwise.detach(model, merge=True)
+    assert {m.weight.dtype for m in model.modules() if isinstance(m, nn.Linear)} == {dtype}
+    for name, weight in expected.items():
+        assert torch.equal(model.get_submodule(name).weight, weight), name
+    with torch.no_grad():
+        after = model(input_ids=ids).logits  # failed: "expected m1 and m2 to have the same dtype"
+    assert after.dtype == before.dtype == dtype
+    # bitsandbytes' int8 matmul also quantises the activations, so the float model differs from it a little
+    torch.testing.assert_close(after.float(), before.float(), rtol=0, atol=0.1)
+
+
+def test_an_int8_layer_without_a_bias_dequantises_to_the_models_dtype(llama_dir: str) -> None:
+    """``rankwise.quant.dequantize_model`` alone (no adapter): the float layers come out in the model's dtype."""
+    pytest.importorskip("bitsandbytes")
+    transformers = pytest.importorskip("transformers")
+    from rankwise import quant
+
+    model = transformers.LlamaForCausalLM.from_pretrained(
+        llama_dir, quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True), device_map="cpu",
+        dtype=torch.bfloat16)
+    assert quant.dequantize_model(model)
+    assert {m.weight.dtype for m in model.modules() if isinstance(m, nn.Linear)} == {torch.bfloat16}
+    with torch.no_grad():
+        assert model(input_ids=torch.zeros(1, 4, dtype=torch.long)).logits.dtype == torch.bfloat16
