@@ -81,3 +81,69 @@ def test_an_int8_layer_without_a_bias_dequantises_to_the_models_dtype(llama_dir:
     assert {m.weight.dtype for m in model.modules() if isinstance(m, nn.Linear)} == {torch.bfloat16}
     with torch.no_grad():
         assert model(input_ids=torch.zeros(1, 4, dtype=torch.long)).logits.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------- 2. GoRA's averaging
+def _gora_batches(sizes: list[int]) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for i, n in enumerate(sizes):
+        g = torch.Generator().manual_seed(50 + i)
+        out.append({"x": torch.randn(n, 12, generator=g, dtype=torch.float64), "labels": torch.randint(0, 3, (n,), generator=g)})
+    return out
+
+
+def _gora_attach(mlp_case, batches, n_steps: int, accumulation: int):
+    model = mlp_case.make().double()
+    cfg = rankwise.GoraConfig(r_ref=4, r_min=2, r_max=12, alpha=8, gamma=0.07, n_steps=n_steps,
+                              grad_accumulation=accumulation, target_modules=["fc1", "fc2"], seed=0)
+    report = rankwise.attach(model, cfg, calibration=batches)
+    return model, report
+
+
+def _batch_gradients(model: nn.Module, batches, names: list[str]) -> list[dict[str, torch.Tensor]]:
+    """Each batch's gradient of its own (mean) loss w.r.t. each named weight, the plain autograd way."""
+    out = []
+    for b in batches:
+        model.zero_grad(set_to_none=True)
+        model(**b).loss.backward()
+        out.append({n: model.get_submodule(n).weight.grad.detach().clone() for n in names})
+    return out
+
+
+@pytest.mark.parametrize("sizes", [[8, 8, 8, 8], [8, 8, 8, 2]], ids=["equal-batches", "short-last-batch"])
+def test_gora_uses_the_mean_of_the_batches_mean_gradients_however_they_are_split(mlp_case, sizes: list[int]) -> None:
+    """The same 4 calibration batches as 4 steps x 1, 2 x 2 or 1 x 4 micro-batches: the same ranks, the same
+    importance and the same init, each the closed form (GoRA eq. 8-9) of ``Ḡ = (1/4) Σ_b ∇ L_b`` with ``L_b`` the
+    batch's mean loss: the mean of the batches' mean gradients (the paper's "sum, then divide by N"; PEFT's
+    LoRA-GA estimate divides its summed ``.grad`` by the number of backward passes likewise), not the mean over
+    examples, which weights a short batch less."""
+    import copy
+    import math
+
+    batches = _gora_batches(sizes)
+    names = ["fc1", "fc2"]
+    base = mlp_case.make().double()
+    per_batch = _batch_gradients(copy.deepcopy(base), batches, names)
+    mean = {n: sum(g[n] for g in per_batch) / len(batches) for n in names}
+    by_example = {n: sum(k * g[n] for k, g in zip(sizes, per_batch)) / sum(sizes) for n in names}
+    runs = {split: _gora_attach(mlp_case, batches, *split) for split in [(4, 1), (2, 2), (1, 4)]}
+    first = None
+    for (model, report) in runs.values():
+        layers = rankwise.adapter_layers(model)
+        assert any("(4 batches" in note for note in report.notes)
+        importance = {row.name: row.extras["importance"] for row in report.layers}
+        for name, layer in layers.items():
+            w = base.get_submodule(name).weight.detach()
+            assert importance[name] == pytest.approx(float((w * mean[name]).abs().mean()), rel=1e-6)  # an fp32 mean
+            a = layer.lora_a.detach()
+            expected = -0.07 * math.sqrt(layer.in_features / layer.rank) * mean[name] @ (torch.linalg.pinv(a) @ a)
+            torch.testing.assert_close(layer.scale * layer.lora_b.detach() @ a, expected, rtol=1e-6, atol=1e-12)
+        state = {n: (layer.rank, layer.lora_a.detach(), layer.lora_b.detach()) for n, layer in layers.items()}
+        if first is None:
+            first = state
+            continue
+        for n, (r, a, b) in state.items():
+            assert r == first[n][0] and torch.equal(a, first[n][1])  # same ranks, same seeded A
+            torch.testing.assert_close(b, first[n][2], rtol=1e-10, atol=1e-14)  # float rounding apart
+    if len(set(sizes)) > 1:  # the test tells the two means apart where they differ
+        assert any(not torch.allclose(mean[n], by_example[n], rtol=1e-3, atol=0) for n in names)
