@@ -147,3 +147,38 @@ def test_gora_uses_the_mean_of_the_batches_mean_gradients_however_they_are_split
             torch.testing.assert_close(b, first[n][2], rtol=1e-10, atol=1e-14)  # float rounding apart
     if len(set(sizes)) > 1:  # the test tells the two means apart where they differ
         assert any(not torch.allclose(mean[n], by_example[n], rtol=1e-3, atol=0) for n in names)
+
+
+# ---------------------------------------------------------------------------- 3. seed=None under torch.distributed
+def test_unseeded_adapters_are_rank_0s_on_every_rank_and_under_fsdp2(tmp_path: Path) -> None:
+    """Ranks whose global RNGs differ (``accelerate``'s ``set_seed(..., device_specific=True)``) attach with
+    ``seed=None``: every rank holds rank 0's adapter, so FSDP2 (which shards each rank's own tensors and
+    broadcasts nothing) holds it too, and it is what one process with rank 0's RNG state draws. Before, LoRA's
+    and DoRA's A and EDoRA's core were each rank's own draw, and the sharded tensor a mix of the ranks' rows."""
+    import os
+    import subprocess
+    import sys
+
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("this torch build has no torch.distributed")
+    from method_matrix import METHOD_CASES
+    from seed_none_worker import adapter_tensors, attach_unseeded
+
+    here = Path(__file__).resolve().parent
+    out = tmp_path / "seed_none.pt"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here.parent / "src"), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(here / "seed_none_worker.py"), "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0 and out.exists(), f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    results = torch.load(out)
+    assert set(results) == set(METHOD_CASES)
+    for method, r in results.items():
+        alone = adapter_tensors(attach_unseeded(method))  # one process, rank 0's RNG state
+        assert set(alone) == set(r["sharded"]) and alone, method
+        for key, want in alone.items():
+            for rank, held in enumerate(r["ranks"]):
+                assert torch.equal(held[key], want), f"{method}: rank {rank}'s {key} is not rank 0's draw"
+            assert torch.equal(r["sharded"][key], want), f"{method}: the FSDP2-sharded {key} is not rank 0's draw"

@@ -26,6 +26,7 @@ from torch import nn
 
 from .adapter_file import AdapterFileError, validate_method_state
 from .config import AdapterConfig
+from .distributed import share_from_rank0
 from .layer import AdapterLayer
 from .optim import split_weight_decay
 from .quant import dequantize_model, model_float_dtype, parameter_count
@@ -436,6 +437,8 @@ def attach(
         raise ValueError(f"{method.name} initialises from data: pass calibration=<iterable of training batches> to attach")
     with all_or_nothing(model, [*targets, *saved]):
         result = method.build(model, targets, config, calibration, loss_fn)
+        if config.seed is None:  # unseeded draws come from each rank's own RNG: every rank takes rank 0's
+            share_from_rank0([t for layer in result.layers.values() for t in layer.adapter_state().values()])
         report = install(model, config, result, saved, name)
     _warn_fresh_frozen(model)
     return report
