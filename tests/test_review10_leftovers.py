@@ -182,3 +182,59 @@ def test_unseeded_adapters_are_rank_0s_on_every_rank_and_under_fsdp2(tmp_path: P
             for rank, held in enumerate(r["ranks"]):
                 assert torch.equal(held[key], want), f"{method}: rank {rank}'s {key} is not rank 0's draw"
             assert torch.equal(r["sharded"][key], want), f"{method}: the FSDP2-sharded {key} is not rank 0's draw"
+
+
+# ---------------------------------------------------------------------------- 4. one fan_in_fan_out, mixed layers
+class _Mixed(nn.Module):
+    """GPT-2 ``Conv1D`` and ``nn.Linear`` targets interleaved, so whichever PEFT meets first, it meets both kinds
+    again (PEFT's dispatch flips its config's ``fan_in_fan_out`` to each layer's kind, with a warning)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.conv_in = Conv1D(10, 6)  # nf=10 outputs, nx=6 inputs: weight 6 x 10
+        self.lin_mid = nn.Linear(10, 8)
+        self.conv_mid = Conv1D(7, 8)
+        self.lin_out = nn.Linear(7, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv_in(x))
+        h = torch.tanh(self.lin_mid(h))
+        return self.lin_out(torch.tanh(self.conv_mid(h)))
+
+
+@pytest.mark.filterwarnings("ignore:fan_in_fan_out is set:UserWarning")
+@pytest.mark.parametrize("targets", [["conv_in", "lin_mid", "conv_mid", "lin_out"], ["lin_mid", "conv_mid"]],
+                         ids=["conv1d-first", "linear-first"])
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_export_peft_on_mixed_conv1d_and_linear_targets_computes_in_peft_what_it_does_here(
+        tmp_path: Path, targets: list[str], method: str) -> None:
+    """``export_peft`` writes one ``fan_in_fan_out`` (True: some target is a ``Conv1D``); PEFT 0.21 decides it per
+    layer from the base layer's type on load, so PEFT's model computes rankwise's outputs, unmerged and after its
+    own ``merge_and_unload``, and each PEFT layer carries its own kind's value."""
+    import copy
+    import json
+
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    base = _Mixed().eval()
+    ours = copy.deepcopy(base)
+    cls = rankwise.DoraConfig if method == "dora" else rankwise.LoraConfig
+    rankwise.attach(ours, cls(r=3, alpha=6, target_modules=targets, seed=0))
+    with torch.no_grad():  # a trained-looking adapter: every trainable tensor moved
+        g = torch.Generator().manual_seed(1)
+        for p in rankwise.trainable_parameters(ours).values():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    rankwise.export_peft(ours.eval(), tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    kinds = {n.removeprefix("base_model.model."): m.fan_in_fan_out for n, m in theirs.named_modules() if hasattr(m, "lora_A")}
+    assert kinds == {n: n.startswith("conv") for n in targets}
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = ours(x)
+        assert not torch.allclose(want, base(x), atol=1e-3)  # the adapter changes the output
+        torch.testing.assert_close(theirs(x), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(theirs.merge_and_unload()(x), want, rtol=1e-5, atol=1e-5)
