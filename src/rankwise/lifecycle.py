@@ -401,6 +401,9 @@ def attach(
 ) -> AttachReport:
     """Put adapters on the modules ``config`` targets, in place; freeze everything else.
 
+    Under ``torch.distributed`` call it on every rank (then wrap): with ``seed=None`` every rank takes rank 0's
+    random init (a broadcast), and GoRA all-reduces its calibration gradients.
+
     Args:
         model: any ``nn.Module`` (a Hugging Face model, a plain MLP, ...); a ``torch.compile`` / DDP
             wrapper is unwrapped (the adapter goes on the model inside).
