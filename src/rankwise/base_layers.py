@@ -115,9 +115,10 @@ class BaseKind:
     def check_merge(self) -> None:
         """Raise when ``W0 + ΔW`` cannot be written into this kind's weight (and restored)."""
 
-    def merged_module(self, weight: Tensor) -> nn.Module:
+    def merged_module(self, weight: Tensor, default_dtype: torch.dtype = torch.float32) -> nn.Module:
         """For a kind that cannot merge in place (``merges_in_place`` false): a float module holding ``weight``
-        (``out x in``), ``detach(merge=True)``'s replacement for the base module."""
+        (``out x in``), ``detach(merge=True)``'s replacement for the base module; ``default_dtype`` (the model's
+        float dtype) where the base records no float dtype of its own."""
         raise TypeError(f"a {self.name} base merges in place (AdapterLayer.merge)")
 
     def describe(self) -> str:
@@ -192,10 +193,10 @@ class Bnb4bitKind(BaseKind):
     def check_merge(self) -> None:
         raise quant.merge_refusal(self.module)
 
-    def merged_module(self, weight: Tensor) -> nn.Module:
+    def merged_module(self, weight: Tensor, default_dtype: torch.dtype = torch.float32) -> nn.Module:
         """A float ``nn.Linear``: the dequantised ``W0`` + the update(s), in the float dtype the base takes and
-        returns (:func:`rankwise.quant.float_dtype`)."""
-        return quant.float_linear(self.module, weight)
+        returns (:func:`rankwise.quant.float_dtype`; ``default_dtype`` for an int8 base without a bias)."""
+        return quant.float_linear(self.module, weight, quant.float_dtype(self.module, default_dtype))
 
     def describe(self) -> str:
         return quant.describe_quant(self.module)

@@ -100,7 +100,8 @@ class AdapterConfig:
         exclude_modules: same syntax; matching modules are never adapted.
         modules_to_save: module-name suffixes of modules trained fully (e.g. a classifier head).
         use_rslora: scale by ``alpha / sqrt(r)`` (Kalajdzievski 2023) instead of ``alpha / r``.
-        seed: seed for the adapter's random initialisation; ``None`` draws from torch's global RNG.
+        seed: seed for the adapter's random initialisation; ``None`` draws from torch's global RNG (under
+            ``torch.distributed``, rank 0's draws on every rank: ``attach`` broadcasts them).
     """
 
     method: ClassVar[str] = "base"

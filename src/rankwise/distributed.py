@@ -1,12 +1,13 @@
 """``torch.distributed`` for the methods: the process group if any, its device, and a value shared from rank 0.
 
-One home for what GoRA (gradient all-reduce, early-stop flag, shared A seed) and RAC-LoRA (shared
-sketch seed, link ends on FSDP2's sharded parameters) need; every function is a no-op without an
+One home for what GoRA (gradient all-reduce, early-stop flag, shared A seed), RAC-LoRA (shared
+sketch seed, link ends on FSDP2's sharded parameters) and ``attach`` (an unseeded adapter made rank 0's) need; every function is a no-op without an
 initialised process group or a sharded tensor.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -32,6 +33,22 @@ def broadcast_from_rank0(value: int) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=comm_device(dist))
     dist.broadcast(t, src=0)
     return int(t.item())
+
+
+@torch.no_grad()
+def share_from_rank0(tensors: Iterable[torch.Tensor]) -> None:
+    """Overwrite each tensor, in place, with rank 0's (nothing without a process group): an unseeded init's
+    draws made one on every rank, as DDP's broadcast at wrap makes them, which FSDP does not do (it keeps each
+    rank's own shard of each rank's own tensor). A collective: every rank passes the same tensors in the same order."""
+    dist = process_group()
+    if dist is None:
+        return
+    device = comm_device(dist)
+    for t in tensors:
+        buf = t.detach().to(device)
+        dist.broadcast(buf, src=0)
+        if buf is not t:
+            t.copy_(buf)
 
 
 SEED_DRAW_BOUND = 2**31 - 1  # a drawn seed is in [0, this): layer_generator's ``seed · 1_000_003 + i`` stays in int64

@@ -445,20 +445,22 @@ class AdapterLayer(nn.Module):
         self.refuse_while_disabled("merge")
 
     @torch.no_grad()
-    def merge_for_good(self) -> nn.Module:
+    def merge_for_good(self, default_dtype: torch.dtype = torch.float32) -> nn.Module:
         """``detach(merge=True)``'s step: the module for the model's slot, holding ``W0`` + the update(s): the base
         module merged in place with the kept original bits dropped (nothing unmerges it), or over a base that
-        cannot merge in place (quantised) a new float module (:meth:`rankwise.base_layers.BaseKind.merged_module`)."""
+        cannot merge in place (quantised) a new float module (:meth:`rankwise.base_layers.BaseKind.merged_module`;
+        ``default_dtype``, the model's float dtype, where the base records none)."""
         if not self.kind.merges_in_place:
-            return self.to_merged_float()
+            return self.to_merged_float(default_dtype)
         self.merge()
         self._original_weight = None
         return self.to_base()
 
-    def to_merged_float(self) -> nn.Module:
+    def to_merged_float(self, default_dtype: torch.dtype = torch.float32) -> nn.Module:
         """A quantised base's replacement for a merged detach: a float ``nn.Linear`` holding the
-        dequantised ``W0`` + the update(s), in the float dtype the base takes and returns."""
-        return self.kind.merged_module(self.combined_weight().detach())
+        dequantised ``W0`` + the update(s), in the float dtype the base takes and returns (``default_dtype``
+        where the base records none: an int8 layer without a bias)."""
+        return self.kind.merged_module(self.combined_weight().detach(), default_dtype)
 
     def to_base(self) -> nn.Module:
         """The original base module (holding the same, possibly merged, weight)."""

@@ -26,9 +26,10 @@ from torch import nn
 
 from .adapter_file import AdapterFileError, validate_method_state
 from .config import AdapterConfig
+from .distributed import share_from_rank0
 from .layer import AdapterLayer
 from .optim import split_weight_decay
-from .quant import dequantize_model, parameter_count
+from .quant import dequantize_model, model_float_dtype, parameter_count
 from .registry import BuildResult, LossFn, method_for
 from .layer import DEFAULT_ADAPTER
 from .state import (STATE_ATTR, AdapterSet, RankwiseState, adapter_layers, adapter_set, base_modules,  # noqa: F401
@@ -400,6 +401,9 @@ def attach(
 ) -> AttachReport:
     """Put adapters on the modules ``config`` targets, in place; freeze everything else.
 
+    Under ``torch.distributed`` call it on every rank (then wrap): with ``seed=None`` every rank takes rank 0's
+    random init (a broadcast), and GoRA all-reduces its calibration gradients.
+
     Args:
         model: any ``nn.Module`` (a Hugging Face model, a plain MLP, ...); a ``torch.compile`` / DDP
             wrapper is unwrapped (the adapter goes on the model inside).
@@ -436,6 +440,8 @@ def attach(
         raise ValueError(f"{method.name} initialises from data: pass calibration=<iterable of training batches> to attach")
     with all_or_nothing(model, [*targets, *saved]):
         result = method.build(model, targets, config, calibration, loss_fn)
+        if config.seed is None:  # unseeded draws come from each rank's own RNG: every rank takes rank 0's
+            share_from_rank0([t for layer in result.layers.values() for t in layer.adapter_state().values()])
         report = install(model, config, result, saved, name)
     _warn_fresh_frozen(model)
     return report
@@ -523,8 +529,9 @@ def detach(model: nn.Module, merge: bool = False) -> nn.Module:
     embedding) ends untied, and ``config.tie_word_embeddings`` is set to False. With ``merge`` on a
     bitsandbytes-quantised model the result is a float model: each adapted layer becomes an
     ``nn.Linear`` holding the dequantised ``W0`` + the update, the other quantised layers are
-    dequantised, in the float dtype each layer takes and returns (a 4-bit weight's checkpoint dtype;
-    ``rankwise.quant.float_dtype``). Returns the (unwrapped) model.
+    dequantised, in the float dtype each layer takes and returns (a 4-bit weight's checkpoint dtype, an int8
+    layer's bias dtype; an int8 layer without a bias: the dtype of most of the model's own float weights,
+    ``rankwise.quant.float_dtype`` / ``model_float_dtype``). Returns the (unwrapped) model.
     """
     model = unwrap_model(model)
     layers = slot_layers(model)
@@ -538,14 +545,17 @@ def detach(model: nn.Module, merge: bool = False) -> nn.Module:
     adapters: AdapterSet | None = getattr(model, STATE_ATTR, None)
     originals = {n: m for st in (adapters.adapters.values() if adapters else ()) for n, m in st.original_modules.items()}
     untied = merge and (any(layer.tied for layer in layers.values()) or _trains_a_tie(model, originals))
+    # the model's float dtype (its adapters' own tensors left out): what an int8 base without a bias takes and returns
+    dtype = model_float_dtype(model, [p for layer in layers.values() for n, p in layer.named_parameters()
+                                      if n not in ("weight", "bias")]) if merge else torch.float32
     for name, layer in layers.items():
         if merge:  # a quantised base: a float nn.Linear, dequantised W0 + update (never rounded back to 4 bits)
-            _set_submodule(model, name, layer.merge_for_good())
+            _set_submodule(model, name, layer.merge_for_good(dtype))
             continue
         layer.unmerge()
         _set_submodule(model, name, layer.to_base())
     if merge and len(in_place) < len(layers):  # the rest of the model too, so save_pretrained writes a float checkpoint
-        dequantize_model(model)
+        dequantize_model(model, dtype)
     if not merge:  # the fully-trained modules as they were (their trained copies go)
         for name, original in originals.items():
             _set_submodule(model, name, _like(original, model.get_submodule(name)))

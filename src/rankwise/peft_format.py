@@ -86,6 +86,9 @@ def export_peft(
     A ``torch.compile`` / DDP / FSDP1 wrapper is unwrapped (module names are the plain model's).
     ``modules_to_save`` are written as full names; a module PEFT's plain-suffix rule adds to them (a top-level
     ``classifier`` also selects ``pre_classifier``) is written as the base module, with a ``UserWarning``.
+    PEFT's config has one ``fan_in_fan_out``: it is True when any target is a GPT-2 ``Conv1D``. PEFT 0.21 sets
+    each layer's from its base layer's type on load (with a ``UserWarning`` per layer whose kind disagrees),
+    so an adapter on ``Conv1D`` and ``nn.Linear`` layers loads right (``tests/test_review10_leftovers.py``).
     """
     model = unwrap_model(model)
     folders = folders_by_name(model, path, name, "export an adapter")

@@ -23,6 +23,7 @@ gets an error naming the extra to install (``pip install 'rankwise[quant]'``).
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from typing import Any, cast
 
 import torch
@@ -147,15 +148,28 @@ def compute_dtype(module: nn.Module) -> torch.dtype:
     return bias.dtype if bias is not None and torch.is_floating_point(bias) else torch.float32
 
 
-def float_dtype(module: nn.Module) -> torch.dtype:
+def float_dtype(module: nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
     """The float dtype a quantised layer takes and returns (bitsandbytes casts its output back to the input's):
     a 4-bit weight's ``quant_state.dtype`` (the checkpoint's dtype it was quantised from); an int8 layer keeps
-    no such record, so its bias's dtype (bitsandbytes casts the bias to the input's), else fp32."""
+    no such record, so its bias's dtype (bitsandbytes casts the bias to the input's), else ``default`` (for a
+    whole model: :func:`model_float_dtype`, the dtype its other layers hand this one)."""
     dtype = getattr(getattr(getattr(module, "weight", None), "quant_state", None), "dtype", None)
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         return dtype
     bias = getattr(module, "bias", None)
-    return bias.dtype if bias is not None and torch.is_floating_point(bias) else torch.float32
+    return bias.dtype if bias is not None and torch.is_floating_point(bias) else default
+
+
+def model_float_dtype(model: nn.Module, exclude: Iterable[Tensor] = ()) -> torch.dtype:
+    """The float dtype most of ``model``'s float parameters have (counted by size; quantised weights, which are
+    not float, and ``exclude`` left out), fp32 when it has none: what the model's float layers compute in, so
+    what an int8 layer without a bias, which records no float dtype, takes and returns."""
+    skip = {id(t) for t in exclude}
+    sizes: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point() and id(p) not in skip:
+            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+    return max(sizes, key=lambda d: sizes[d]) if sizes else torch.float32
 
 
 @torch.no_grad()
@@ -230,18 +244,20 @@ def float_linear(module: nn.Module, weight: Tensor, dtype: torch.dtype | None = 
     return linear
 
 
-def dequantize_model(model: nn.Module) -> list[str]:
+def dequantize_model(model: nn.Module, default_dtype: torch.dtype | None = None) -> list[str]:
     """Replace every bitsandbytes layer left in ``model`` by a float ``nn.Linear`` (one layer at a time)
     and drop transformers' quantisation markers, so ``save_pretrained`` writes a plain float checkpoint.
 
-    Returns the names of the layers replaced.
+    Each layer gets the float dtype it takes and returns (:func:`float_dtype`); an int8 layer without a bias
+    gets ``default_dtype`` (default: :func:`model_float_dtype`, the model's own). Returns the names replaced.
     """
     names = [name for name, m in model.named_modules() if name and is_quantized(m)]
+    default = default_dtype or model_float_dtype(model)
     for name in names:
         module = model.get_submodule(name)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, float_linear(module, dequantize(module)))
+        setattr(parent, child, float_linear(module, dequantize(module), float_dtype(module, default)))
     if names or getattr(model, "is_quantized", False):
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "quantization_config"):
@@ -257,5 +273,6 @@ def dequantize_model(model: nn.Module) -> list[str]:
 __all__ = [
     "QUANT_EXTRA", "base_forward", "check_adaptable", "compute_dtype", "dense_weight", "dequantize",
     "dequantize_model", "describe_quant", "float_dtype", "float_linear", "is_quantized", "keep_layout", "merge_refusal",
+    "model_float_dtype",
     "parameter_count", "quant_kind",
 ]

@@ -67,6 +67,10 @@ class GoraConfig(AdapterConfig):
         gamma: ``γ``, the size of the initial step (0 gives B = 0: adaptive ranks, LoRA-style init).
         n_steps: calibration steps whose gradients are averaged.
         grad_accumulation: micro-batches per step (so ``n_steps · grad_accumulation`` batches are read).
+            ``Ḡ`` is the mean over all of them of each batch's mean-loss gradient, ``(1/N) Σ_b ∇L_b``, so only
+            the product counts (4 x 1, 2 x 2 and 1 x 4 give the same init, float rounding apart); a short
+            batch weighs as much as a full one (the paper's mean over passes; PEFT's LoRA-GA likewise). The
+            split matters only to early stopping, which checks after each step.
         importance: ``"mean_abs_wg"`` (mean |W ⊙ Ḡ|, default), ``"nuclear_g"`` (‖Ḡ‖_*) or
             ``"nuclear_wg"`` (‖W ⊙ Ḡ‖_*).
         budget: ``"params"`` (b = r_ref · Σ(in+out), the official code) or ``"sqrt"`` (the paper's √ form).
