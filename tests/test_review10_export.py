@@ -182,3 +182,154 @@ def test_a_full_run_with_the_harness_head_merges_with_it(bert: str, sst2: str, t
     with torch.no_grad():
         torch.testing.assert_close(load_merged(tmp_path / "merged")(**batch).logits, model.eval()(**batch).logits,
                                    rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- every method, label words, PEFT
+METHOD_FLAGS = {
+    "lora": ["--targets", "q_proj,v_proj"],  # a --targets subset
+    "dora": [],
+    "edora": [],  # its r x r core and frozen SVD factors: a DoRA with lora_B = B R
+    "gora": ["--set", "n_steps=2", "--set", "r_min=1", "--set", "r_max=8"],  # per-layer ranks: rank_pattern
+    "raclora": ["--set", "link_steps=2"],  # 3 link ends in 6 steps: chain of rank 12 + the current link
+    "cola": ["--method", "raclora", "--set", "link_steps=2", "--set", "train_both=true"],
+}
+
+
+@pytest.mark.parametrize("name", list(METHOD_FLAGS))
+def test_every_methods_label_word_run_serves_its_predictions_from_peft(name: str, llama: str, sst2: str,
+                                                                        tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """The PEFT adapter exported from the run folder, on a fresh base in HF PEFT 0.21, gives the label-word
+    probabilities the run wrote in ``predictions.jsonl``; its config names what PEFT and vLLM read."""
+    from transformers import LlamaForCausalLM
+
+    run = tmp_path / "run"
+    flags = METHOD_FLAGS[name]
+    method = "raclora" if name == "cola" else name
+    _finetune(run, llama, sst2, method, "--r", "4", *[f for f in flags if f not in ("--method", "raclora")])
+    rc, err = _export(capsys, run / "adapter", tmp_path / "peft")
+    assert rc == 0, err
+    served = peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(llama), tmp_path / "peft").eval()
+    saved = _saved_probs(run)
+    assert max(abs(p[0] - 0.5) for p in saved) > 1e-3  # the run learned something to compare
+    torch.testing.assert_close(_label_word_probs(served, llama, sst2), saved, rtol=0, atol=1e-5)
+    _check_config(tmp_path / "peft", run, llama)
+
+
+def _check_config(folder: Path, run: Path, base: str) -> None:
+    """``adapter_config.json`` against the tensors and the run (the fields PEFT and vLLM read)."""
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    layers = {k[len("base_model.model."):-len(".lora_A.weight")]: t.shape[0] for k, t in tensors.items()
+              if k.endswith(".lora_A.weight")}
+    assert sorted(cfg["target_modules"]) == sorted(layers)
+    assert {n: cfg["rank_pattern"].get(n, cfg["r"]) for n in layers} == layers  # every layer's rank, as PEFT reads it
+    saved = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert cfg["use_dora"] == any(k.endswith("lora_magnitude_vector") for k in tensors)
+    assert cfg["use_rslora"] == bool(saved["config"].get("use_rslora"))
+    assert cfg["fan_in_fan_out"] is False and cfg["bias"] == "none" and cfg["peft_type"] == "LORA"
+    assert cfg["base_model_name_or_path"] == base and not cfg["modules_to_save"]
+
+
+# ---------------------------------------------------------------------------- vLLM: no modules_to_save
+def test_the_vllm_form_of_an_adapter_with_a_trained_head_is_refused(bert: str, sst2: str, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """vLLM refuses any adapter whose ``modules_to_save`` is set ("vLLM only supports modules_to_save being None",
+    its ``PEFTHelper``), and dropping the trained head would serve other outputs; the vLLM form was written with
+    it anyway. Now it is refused, naming ``--format merged`` / ``peft``; PEFT's form still carries the head."""
+    run = tmp_path / "run"
+    _finetune(run, bert, sst2, "lora", "--r", "4", "--head", "linear", "--pooling", "cls")
+    rc, err = _export(capsys, run / "adapter", tmp_path / "vllm", "vllm")
+    assert rc == 2 and "modules_to_save" in err and "--format merged" in err, err
+    assert not (tmp_path / "vllm").exists()
+    model = _run_model_adapter(run, bert)
+    with pytest.raises(ValueError, match="vLLM refuses adapters with modules_to_save"):
+        rankwise.export_peft(model, tmp_path / "lib", vllm=True)
+    assert not (tmp_path / "lib").exists() or not any((tmp_path / "lib").iterdir())
+    assert _export(capsys, run / "adapter", tmp_path / "peft")[0] == 0
+
+
+def _run_model_adapter(run: Path, base: str) -> torch.nn.Module:
+    from transformers import BertForSequenceClassification
+
+    return rankwise.load(BertForSequenceClassification.from_pretrained(base, num_labels=2), run / "adapter").eval()
+
+
+# ---------------------------------------------------------------------------- atomic pair
+def test_an_export_failing_at_its_second_file_keeps_the_previous_export(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PEFT adapter is two files; ``export_peft`` wrote each atomically but one after the other, so a failure at the
+    second (a full disk, Ctrl-C) left the new tensors beside the old ``adapter_config.json``: PEFT loads that pair
+    and computes something else (here the old ``lora_alpha`` 4 over factors trained at 8). Every file of the previous
+    export must stay as it was. (``rankwise.save`` needs no such care: its safetensors file carries its own
+    description, the JSON is a readable copy: ``test_failure_writing_the_readable_config_keeps_a_consistent_adapter``.)"""
+    import os
+
+    def trained(alpha: float) -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+        rankwise.attach(model, rankwise.LoraConfig(r=2, alpha=alpha, target_modules=["0", "2"], seed=0))
+        with torch.no_grad():
+            for p in rankwise.trainable_parameters(model).values():
+                p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(int(alpha))))
+        return model
+
+    folder = rankwise.export_peft(trained(4.0), tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    real_fdopen, opened = os.fdopen, []
+
+    def second_file_fails(fd: int, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        f = real_fdopen(fd, mode, *args, **kwargs)
+        opened.append(f)
+        if len(opened) == 2:  # the second file of the pair: the disk fills up
+            def write(_data: bytes) -> int:
+                raise OSError(28, "No space left on device")
+            f.write = write  # type: ignore[method-assign]
+        return f
+
+    monkeypatch.setattr(os, "fdopen", second_file_fails)
+    with pytest.raises(OSError, match="No space left"):
+        rankwise.export_peft(trained(8.0), folder)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+# ---------------------------------------------------------------------------- an unfinished run
+def test_an_unfinished_run_is_refused_naming_its_checkpoint_which_exports(bert: str, sst2: str, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A run stopped after its step-2 checkpoint has no ``adapter/``: the export said only "no adapter at RUN/adapter".
+    Now one line says the run has not finished, how to finish it, and which checkpoint to export; that
+    checkpoint's adapter exports with the run's model, class and head (read from the run), and PEFT computes what the
+    checkpoint's adapter computes in rankwise."""
+    from transformers import BertForSequenceClassification
+
+    from rankwise_harness.config import RunConfig
+    from rankwise_harness.train import finetune
+
+    run = tmp_path / "run"
+    cfg = RunConfig(task="sst2", method="dora", data=sst2, model=bert, output=str(run), r=4, max_steps=4,
+                    batch_size=8, lr=1e-2, max_length=32, save_every=2, head="linear", pooling="cls")
+
+    class Stop(RuntimeError):
+        pass
+
+    def stop(step: int, _loss: float) -> None:
+        if step == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        finetune(cfg, hook=stop, show_progress=False, log=lambda _m: None)
+    assert not (run / "adapter").exists()
+    for source in (run, run / "adapter"):
+        rc, err = _export(capsys, source, tmp_path / "x")
+        assert rc == 2 and len(err.strip().splitlines()) == 1, err
+        assert "has not finished" in err and "--resume" in err and "step-0000002" in err, err
+    ckpt = run / "checkpoints" / "step-0000002" / "adapter"
+    rc, err = _export(capsys, ckpt, tmp_path / "peft")  # no --base: the run's record is found
+    assert rc == 0, err
+    fresh = BertForSequenceClassification.from_pretrained(bert, num_labels=2)
+    want = rankwise.load(BertForSequenceClassification.from_pretrained(bert, num_labels=2), ckpt).eval()
+    batch = _bert_batch(bert)
+    with torch.no_grad():
+        got = peft.PeftModel.from_pretrained(fresh, tmp_path / "peft").eval()(**batch).logits
+        torch.testing.assert_close(got, want(**batch).logits, rtol=1e-5, atol=1e-6)
