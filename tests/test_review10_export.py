@@ -24,6 +24,7 @@ from conftest import minilm_path, write_sst2_slice
 from rankwise_harness import cli
 
 sys.path.insert(0, str(Path(__file__).parent))
+from test_interop import apply_vllm_rules  # noqa: E402
 from test_label_words import _tiny_tokenizer  # noqa: E402
 
 peft = pytest.importorskip("peft")
@@ -214,6 +215,13 @@ def test_every_methods_label_word_run_serves_its_predictions_from_peft(name: str
     assert max(abs(p[0] - 0.5) for p in saved) > 1e-3  # the run learned something to compare
     torch.testing.assert_close(_label_word_probs(served, llama, sst2), saved, rtol=0, atol=1e-5)
     _check_config(tmp_path / "peft", run, llama)
+    rc, err = _export(capsys, run / "adapter", tmp_path / "vllm", "vllm")
+    if json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["use_dora"]:
+        assert rc == 2 and "vLLM refuses DoRA" in err and "--format merged" in err, err
+        return
+    assert rc == 0, err  # what an engine reading only r, lora_alpha and the shapes computes: the same
+    served = apply_vllm_rules(LlamaForCausalLM.from_pretrained(llama).eval(), tmp_path / "vllm")
+    torch.testing.assert_close(_label_word_probs(served, llama, sst2), saved, rtol=0, atol=1e-5)
 
 
 def _check_config(folder: Path, run: Path, base: str) -> None:
@@ -333,3 +341,45 @@ def test_an_unfinished_run_is_refused_naming_its_checkpoint_which_exports(bert: 
     with torch.no_grad():
         got = peft.PeftModel.from_pretrained(fresh, tmp_path / "peft").eval()(**batch).logits
         torch.testing.assert_close(got, want(**batch).logits, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- a quantised run
+def test_a_quantised_runs_merged_export_is_the_runs_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A ``--quantize nf4`` run's model is the nf4 base plus the adapter. Its merged export (no flags: the run's
+    record gives the rest) was W + ΔW on the float checkpoint, silently another model than the run's; it now loads
+    the base as the run did (``--quantize none`` asks for the float base by name)."""
+    pytest.importorskip("bitsandbytes")
+    import transformers
+
+    from test_quant import QUANTS
+
+    from rankwise_harness.config import RunConfig
+    from rankwise_harness.train import finetune
+
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_path())
+    base = tmp_path / "model"
+    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   num_labels=2, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    transformers.LlamaForSequenceClassification(cfg).save_pretrained(base)
+    tok.save_pretrained(base)
+    data = write_sst2_slice(tmp_path, 16, 4)
+    run = tmp_path / "run"
+    finetune(RunConfig(task="sst2", method="lora", data=data, model=str(base), output=str(run), r=4, max_steps=2,
+                       batch_size=4, lr=5e-3, max_length=24, quantize="nf4"), show_progress=False, log=lambda _m: None)
+    quantised = transformers.LlamaForSequenceClassification.from_pretrained(
+        base, device_map="cpu",
+        quantization_config=transformers.BitsAndBytesConfig(**QUANTS["nf4"], llm_int8_skip_modules=["score"]))
+    want_model = rankwise.load(quantised, run / "adapter").eval()
+    batch = dict(tok(["a fine film", "dull , flat and far too long"], padding=True, return_tensors="pt"))
+    rc, err = _export(capsys, run / "adapter", tmp_path / "merged", "merged")
+    assert rc == 0, err
+    merged = transformers.LlamaForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        want = want_model(**batch).logits
+        torch.testing.assert_close(merged(**batch).logits, want, rtol=1e-4, atol=1e-5)
+        rc, err = _export(capsys, run / "adapter", tmp_path / "on-float", "merged", "--quantize", "none")
+        assert rc == 0, err
+        on_float = transformers.LlamaForSequenceClassification.from_pretrained(tmp_path / "on-float").eval()
+        assert not torch.allclose(on_float(**batch).logits, want, rtol=1e-4, atol=1e-5)  # W + ΔW: another model

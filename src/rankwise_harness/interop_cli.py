@@ -48,9 +48,10 @@ def add_subcommands(subparsers: Any) -> None:
     export.add_argument("--model-class", default=None, help="transformers class for the base (default: the class the "
                         "run recorded, else config.json's architecture)")
     export.add_argument("--no-check-base", action="store_true", help="skip the base-weight fingerprint check")
-    export.add_argument("--quantize", choices=QUANTIZE_CHOICES,
-                        help="load BASE quantised as in training (finetune --quantize); merged: a float model of the "
-                             "dequantised base + update")
+    export.add_argument("--quantize", choices=(*QUANTIZE_CHOICES, "none"),
+                        help="load BASE quantised as in training (finetune --quantize; default for a run's adapter: "
+                             "what the run recorded); merged: a float model of the dequantised base + update; none: "
+                             "the float base (a quantised run's update on the unquantised weights)")
     imp = subparsers.add_parser("import", help="turn a PEFT LoRA/DoRA adapter into a rankwise adapter to continue training")
     imp.add_argument("adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
     imp.add_argument("--base", required=True, help="the base model the adapter belongs to (HF folder or name)")
@@ -220,7 +221,7 @@ def _export(args: argparse.Namespace) -> str:
         check_out(args.out, [args.adapter, str(result), base], MERGED_FILES, is_hf_model, "a merged model")
     else:
         check_out(args.out, [args.adapter, str(result), base], PEFT_FILES, is_peft_adapter, "a PEFT adapter")
-    model = load_base(base, model_class, args.quantize, **kwargs)
+    model = load_base(base, model_class, _quantize(args, run), **kwargs)
     if head is not None:
         from .heads import install_head
         from .models import head_modules
@@ -243,6 +244,14 @@ def _export(args: argparse.Namespace) -> str:
                                                                      base_model_name_or_path=base))
     return f"{args.format} adapter written to {args.out} (load it onto {cls}.from_pretrained({base!r}"\
            f"{', num_labels=' + str(kwargs['num_labels']) if 'num_labels' in kwargs else ''}))"
+
+
+def _quantize(args: argparse.Namespace, run: dict[str, Any] | None) -> str | None:
+    """How to load the base: ``--quantize`` (``none``: float), else as the run was trained (its recorded
+    ``quantize``), so a merged export of a quantised run computes the run's model (dequantised base + update)."""
+    if args.quantize is not None:
+        return None if args.quantize == "none" else str(args.quantize)
+    return (run or {}).get("run", {}).get("quantize")
 
 
 def load_trained_tensors(model: Any, file: Path) -> None:
