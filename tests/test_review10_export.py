@@ -383,3 +383,25 @@ def test_a_quantised_runs_merged_export_is_the_runs_model(tmp_path: Path, capsys
         assert rc == 0, err
         on_float = transformers.LlamaForSequenceClassification.from_pretrained(tmp_path / "on-float").eval()
         assert not torch.allclose(on_float(**batch).logits, want, rtol=1e-4, atol=1e-5)  # W + ΔW: another model
+
+
+def test_a_run_of_an_external_adapter_is_refused_saying_whose_tensors_it_holds(llama: str, sst2: str, tmp_path: Path,
+                                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """``finetune(cfg, adapter=ExternalAdapter(...))`` (the benchmarks' PEFT controls) saves the injected adapter's
+    tensors as ``model.safetensors``, no ``adapter/``: the export said the run had no result."""
+    from rankwise_harness.config import RunConfig
+    from rankwise_harness.sources import ExternalAdapter
+    from rankwise_harness.train import finetune
+
+    def attach(model: torch.nn.Module, mcfg: Any, calibration: Any = None) -> str:
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.endswith("q_proj.weight"))  # another library's trainable tensors
+        return "external"
+
+    run = tmp_path / "run"
+    cfg = RunConfig(task="sst2", method="lora", data=sst2, model=llama, output=str(run), r=4, max_steps=2,
+                    batch_size=8, lr=1e-2, max_length=32)
+    finetune(cfg, adapter=ExternalAdapter(attach), show_progress=False, log=lambda _m: None)
+    assert (run / "model.safetensors").is_file() and not (run / "adapter").exists()
+    rc, err = _export(capsys, run / "adapter", tmp_path / "x", "merged")
+    assert rc == 2 and "another library" in err and len(err.strip().splitlines()) == 1, err

@@ -137,6 +137,9 @@ def _trained_result(args: argparse.Namespace, run: dict[str, Any] | None) -> tup
                          "model holding the run's trained weights")
     elif (folder / "model.safetensors").is_file():
         return folder / "model.safetensors", False
+    if source.writes_adapter and (folder / "model.safetensors").is_file():  # finetune(adapter=ExternalAdapter(...))
+        raise ValueError(f"{folder} holds the tensors of an adapter another library injected (model.safetensors, "
+                         "no rankwise adapter/): load them with that library; rankwise export reads rankwise adapters")
     raise ValueError(_unfinished(folder, source.writes_adapter))
 
 
