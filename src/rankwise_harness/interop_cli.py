@@ -11,6 +11,10 @@
 the adapter baked in (``save_pretrained``). ``import`` turns a PEFT LoRA/DoRA adapter into a rankwise
 adapter folder that ``rankwise.load`` (and training) continue from.
 
+``ADAPTER`` may be a run folder, its ``adapter/`` or a checkpoint's (``RUN/checkpoints/step-N/adapter``): the
+base, its class, the head and ``--quantize`` then come from the run's ``config.json``. A full fine-tuning run
+(``RUN/model.safetensors``) exports as ``merged`` only; an unfinished run is refused, naming its last checkpoint.
+
 ``--out`` is never an input folder, and never a non-empty folder holding anything but a previous output
 of the same kind (``import``: a rankwise adapter; ``export``: a PEFT adapter or a merged model): a PEFT
 adapter and a rankwise adapter both use ``adapter_config.json``, so writing one over the other destroys it.
