@@ -215,7 +215,7 @@ def test_every_methods_label_word_run_serves_its_predictions_from_peft(name: str
     assert max(abs(p[0] - 0.5) for p in saved) > 1e-3  # the run learned something to compare
     torch.testing.assert_close(_label_word_probs(served, llama, sst2), saved, rtol=0, atol=1e-5)
     _check_config(tmp_path / "peft", run, llama)
-    rc, err = _export(capsys, run / "adapter", tmp_path / "vllm", "vllm")
+    rc, err = _export(capsys, run, tmp_path / "vllm", "vllm")  # the run folder itself names its adapter
     if json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["use_dora"]:
         assert rc == 2 and "vLLM refuses DoRA" in err and "--format merged" in err, err
         return
@@ -247,7 +247,7 @@ def test_the_vllm_form_of_an_adapter_with_a_trained_head_is_refused(bert: str, s
     it anyway. Now it is refused, naming ``--format merged`` / ``peft``; PEFT's form still carries the head."""
     run = tmp_path / "run"
     _finetune(run, bert, sst2, "lora", "--r", "4", "--head", "linear", "--pooling", "cls")
-    rc, err = _export(capsys, run / "adapter", tmp_path / "vllm", "vllm")
+    rc, err = _export(capsys, run, tmp_path / "vllm", "vllm")  # the run folder itself names its adapter
     assert rc == 2 and "modules_to_save" in err and "--format merged" in err, err
     assert not (tmp_path / "vllm").exists()
     model = _run_model_adapter(run, bert)
