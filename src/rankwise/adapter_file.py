@@ -298,18 +298,34 @@ def replace_folder(folder: Path, write: Callable[[Path], object]) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder, fsync, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    atomic_write_files({path: data})
+
+
+def atomic_write_files(files: dict[Path, bytes]) -> None:
+    """Write several files (an adapter's tensors and config) so that a failure leaves every one as it was.
+
+    Each is first written whole to a temp file beside it and fsynced; only when all are written are they renamed
+    into place, one ``os.replace`` each, so a full disk or Ctrl-C while writing (the slow part) changes nothing and
+    leaves no temp file; only a crash between the renames (microseconds) could leave a mix.
+    """
+    temps: dict[Path, str] = {}
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for path, data in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, temps[path] = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for path, tmp in list(temps.items()):
+            os.replace(tmp, path)
+            del temps[path]
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        for tmp in temps.values():
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
         raise
-    _fsync_folder(path.parent)  # make the rename itself durable
+    for parent in {path.parent for path in files}:
+        _fsync_folder(parent)  # make the renames themselves durable

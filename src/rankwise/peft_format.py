@@ -43,7 +43,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from .adapter_file import (PEFT_FILES, AdapterFileError, atomic_write_bytes, file_dict, file_int, file_names,
+from .adapter_file import (PEFT_FILES, AdapterFileError, atomic_write_files, file_dict, file_int, file_names,
                            file_number, is_peft_adapter, read_json)
 from .config import lora_alpha, lora_scale
 from .io import check_folders, folders_by_name, install_rebuilt, rebuild_layers
@@ -57,6 +57,8 @@ from .targeting import SUPPORTED_TYPES, is_supported
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+SERVE_MERGED = ("Serve merged weights instead: rankwise export ... --format merged, or rankwise.detach(model, "
+                "merge=True) then model.save_pretrained(dir)")
 
 
 def _most_common(values: list[Any]) -> Any:
@@ -101,9 +103,8 @@ def export_peft(
             files[adapter] = _peft_files(model, adapter, vllm, base_model_name_or_path)
         except (ValueError, NotImplementedError) as exc:
             raise type(exc)(f"adapter {adapter!r} cannot be exported to PEFT: {exc}") from exc
-    for adapter, (weights, config) in files.items():
-        atomic_write_bytes(folders[adapter] / PEFT_WEIGHTS, weights)
-        atomic_write_bytes(folders[adapter] / PEFT_CONFIG, config)
+    atomic_write_files({folders[adapter] / file: data for adapter, (weights, config) in files.items()
+                        for file, data in ((PEFT_WEIGHTS, weights), (PEFT_CONFIG, config))})
     return Path(path)
 
 
@@ -116,15 +117,16 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
     if dora and len(dora) != len(factors):
         raise ValueError("cannot export a mix of DoRA-style and LoRA-style layers as one PEFT adapter")
     if vllm and dora:
-        raise ValueError(
-            f"{state.config.method} is a DoRA-family method and vLLM refuses DoRA adapters. Serve merged weights "
-            "instead: rankwise.detach(model, merge=True); model.save_pretrained(dir)"
-        )
+        raise ValueError(f"{state.config.method} is a DoRA-family method and vLLM refuses DoRA adapters. {SERVE_MERGED}")
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
 
     use_rslora = bool(getattr(state.config, "use_rslora", False)) and not vllm
     saved = fully_trained_modules(model, name) | _peft_widened(model, name, state.modules_to_save, list(layers))
+    if vllm and saved:
+        raise ValueError(f"vLLM refuses adapters with modules_to_save (\"vLLM only supports modules_to_save being "
+                         f"None\"), and without the trained {sorted(saved)} it would serve other outputs. {SERVE_MERGED}; "
+                         "or export the PEFT form (vllm=False, --format peft), which HF PEFT loads with them")
     tensors, ranks, alphas = _peft_tensors(factors, saved, vllm, use_rslora)
     r_global = _most_common(list(ranks.values()))
     alpha_global = _most_common([alphas[n] for n in ranks if ranks[n] == r_global])

@@ -11,6 +11,10 @@
 the adapter baked in (``save_pretrained``). ``import`` turns a PEFT LoRA/DoRA adapter into a rankwise
 adapter folder that ``rankwise.load`` (and training) continue from.
 
+``ADAPTER`` may be a run folder, its ``adapter/`` or a checkpoint's (``RUN/checkpoints/step-N/adapter``): the
+base, its class, the head and ``--quantize`` then come from the run's ``config.json``. A full fine-tuning run
+(``RUN/model.safetensors``) exports as ``merged`` only; an unfinished run is refused, naming its last checkpoint.
+
 ``--out`` is never an input folder, and never a non-empty folder holding anything but a previous output
 of the same kind (``import``: a rankwise adapter; ``export``: a PEFT adapter or a merged model): a PEFT
 adapter and a rankwise adapter both use ``adapter_config.json``, so writing one over the other destroys it.
@@ -48,9 +52,10 @@ def add_subcommands(subparsers: Any) -> None:
     export.add_argument("--model-class", default=None, help="transformers class for the base (default: the class the "
                         "run recorded, else config.json's architecture)")
     export.add_argument("--no-check-base", action="store_true", help="skip the base-weight fingerprint check")
-    export.add_argument("--quantize", choices=QUANTIZE_CHOICES,
-                        help="load BASE quantised as in training (finetune --quantize); merged: a float model of the "
-                             "dequantised base + update")
+    export.add_argument("--quantize", choices=(*QUANTIZE_CHOICES, "none"),
+                        help="load BASE quantised as in training (finetune --quantize; default for a run's adapter: "
+                             "what the run recorded); merged: a float model of the dequantised base + update; none: "
+                             "the float base (a quantised run's update on the unquantised weights)")
     imp = subparsers.add_parser("import", help="turn a PEFT LoRA/DoRA adapter into a rankwise adapter to continue training")
     imp.add_argument("adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
     imp.add_argument("--base", required=True, help="the base model the adapter belongs to (HF folder or name)")
@@ -84,14 +89,76 @@ def load_base(name_or_path: str, model_class: str | None = None, quantize: str |
 
 
 def run_record(adapter: str) -> dict[str, Any] | None:
-    """The ``config.json`` of the rankwise run whose ``adapter/`` folder ``adapter`` is, else ``None``."""
+    """The ``config.json`` of the rankwise run whose folder, ``adapter/`` folder or checkpoint adapter
+    (``RUN/checkpoints/step-N/adapter``) ``adapter`` is, else ``None``."""
+    folder = run_folder(adapter)
+    return None if folder is None else _record(folder)
+
+
+def _record(folder: Path) -> dict[str, Any] | None:
     from rankwise.adapter_file import json_config
 
     from .config import RUN_MARKER
 
-    folder = Path(adapter)
-    record = json_config(folder.parent, "config.json") if folder.name == "adapter" else None
+    record = json_config(folder, "config.json") if folder.is_dir() else None
     return record if record is not None and record.get("format") == RUN_MARKER else None
+
+
+def run_folder(source: str) -> Path | None:
+    """The run folder ``source`` names or lies in (the run itself, its ``adapter/``, a checkpoint's ``adapter/``),
+    else ``None``."""
+    from .checkpoint import CKPT_DIR
+
+    path = Path(source)
+    candidates = [path]
+    if path.name == "adapter":
+        candidates.append(path.parent)
+        if re.fullmatch(r"step-\d+", path.parent.name) and path.parent.parent.name == CKPT_DIR:
+            candidates.append(path.parents[2])
+    return next((c for c in candidates if _record(c) is not None), None)
+
+
+def _trained_result(args: argparse.Namespace, run: dict[str, Any] | None) -> tuple[Path, bool]:
+    """``(where the trained result is, whether it is an adapter)``: ``args.adapter`` outside a run; in a run, its
+    adapter (``RUN/adapter``, or the checkpoint's adapter given), or its trained tensors (``RUN/model.safetensors``)
+    for a run that trained no adapter. An unfinished run, which holds only checkpoints, is refused saying how to
+    finish it or which checkpoint to export."""
+    from .sources import adapter_source
+
+    given = Path(args.adapter)
+    if run is None:
+        return given, True
+    folder = run_folder(args.adapter)
+    assert folder is not None
+    source = adapter_source(run["run"]["method"])
+    if source.writes_adapter:
+        result = given if given.name == "adapter" else folder / "adapter"
+        if (result / "adapter.safetensors").is_file():
+            return result, True
+    elif args.format != "merged":
+        raise ValueError(f"{folder} trained no adapter (--method {run['run']['method']}: {source.description}), so "
+                         f"there is no low-rank update to write as a {args.format} adapter: use --format merged, a "
+                         "model holding the run's trained weights")
+    elif (folder / "model.safetensors").is_file():
+        return folder / "model.safetensors", False
+    if source.writes_adapter and (folder / "model.safetensors").is_file():  # finetune(adapter=ExternalAdapter(...))
+        raise ValueError(f"{folder} holds the tensors of an adapter another library injected (model.safetensors, "
+                         "no rankwise adapter/): load them with that library; rankwise export reads rankwise adapters")
+    raise ValueError(_unfinished(folder, source.writes_adapter))
+
+
+def _unfinished(folder: Path, writes_adapter: bool) -> str:
+    """Why a run folder without its result cannot be exported, and what to do."""
+    from .checkpoint import CKPT_DIR, LATEST
+
+    pointer = folder / CKPT_DIR / LATEST
+    if not pointer.is_file():
+        return f"{folder} holds no trained result and no checkpoint: the run did not get far enough to save one"
+    step = pointer.read_text(errors="replace").strip()
+    also = (f", or export its last checkpoint as it is: rankwise export {folder / CKPT_DIR / step / 'adapter'} "
+            "--out DIR" if writes_adapter else "")
+    return (f"{folder} has not finished: it holds only checkpoints (the last: {step}); finish it with the same "
+            f"rankwise finetune command and --resume{also}")
 
 
 def _run_base(args: argparse.Namespace, run: dict[str, Any] | None) -> tuple[str, str | None, dict[str, Any]]:
@@ -154,22 +221,27 @@ def _export(args: argparse.Namespace) -> str:
     from rankwise.adapter_file import PEFT_FILES, is_hf_model, is_peft_adapter, replace_folder
 
     run = run_record(args.adapter)
+    result, is_adapter = _trained_result(args, run)
     head = _harness_head(args, run)
     base, model_class, kwargs = _run_base(args, run)
     if args.format == "merged":
-        check_out(args.out, [args.adapter, base], MERGED_FILES, is_hf_model, "a merged model")
+        check_out(args.out, [args.adapter, str(result), base], MERGED_FILES, is_hf_model, "a merged model")
     else:
-        check_out(args.out, [args.adapter, base], PEFT_FILES, is_peft_adapter, "a PEFT adapter")
-    model = load_base(base, model_class, args.quantize, **kwargs)
+        check_out(args.out, [args.adapter, str(result), base], PEFT_FILES, is_peft_adapter, "a PEFT adapter")
+    model = load_base(base, model_class, _quantize(args, run), **kwargs)
     if head is not None:
         from .heads import install_head
         from .models import head_modules
 
         install_head(model, *head, head_modules(model))
-    rankwise.load(model, args.adapter, check_base=not args.no_check_base, trainable=False)
+    if is_adapter:
+        rankwise.load(model, result, check_base=not args.no_check_base, trainable=False)
+    else:
+        load_trained_tensors(model, result)
     cls = type(model).__name__
     if args.format == "merged":
-        rankwise.detach(model, merge=True)
+        if is_adapter:
+            rankwise.detach(model, merge=True)
         replace_folder(Path(args.out), lambda tmp: _write_merged(model, tmp, head))
         if head is None:
             return f"merged model written to {args.out} (load it with {cls}.from_pretrained)"
@@ -179,6 +251,28 @@ def _export(args: argparse.Namespace) -> str:
                                                                      base_model_name_or_path=base))
     return f"{args.format} adapter written to {args.out} (load it onto {cls}.from_pretrained({base!r}"\
            f"{', num_labels=' + str(kwargs['num_labels']) if 'num_labels' in kwargs else ''}))"
+
+
+def _quantize(args: argparse.Namespace, run: dict[str, Any] | None) -> str | None:
+    """How to load the base: ``--quantize`` (``none``: float), else as the run was trained (its recorded
+    ``quantize``), so a merged export of a quantised run computes the run's model (dequantised base + update)."""
+    if args.quantize is not None:
+        return None if args.quantize == "none" else str(args.quantize)
+    return (run or {}).get("run", {}).get("quantize")
+
+
+def load_trained_tensors(model: Any, file: Path) -> None:
+    """Load a run's trained tensors (``model.safetensors`` of a run that trained no adapter) into ``model``, the
+    base the run started from; a tensor the model lacks, or of another shape, raises ``ValueError`` naming it."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(file))
+    own = model.state_dict()
+    foreign = sorted(k for k, t in tensors.items() if k not in own or own[k].shape != t.shape)
+    if foreign:
+        raise ValueError(f"{file} does not fit the base {type(model).__name__}: {foreign[:4]} are not its tensors "
+                         "(or not of their shapes); pass the run's --base and --model-class")
+    model.load_state_dict(tensors, strict=False)
 
 
 def _write_merged(model: Any, folder: Path, head: tuple[str, str] | None) -> None:
