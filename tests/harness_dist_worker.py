@@ -1,0 +1,110 @@
+"""Worker for tests/test_review10_distributed.py: ``finetune`` itself on 2 gloo processes (torchrun), several runs in
+one launch (a launch costs more than the runs).
+
+Not a test module (no ``test_`` prefix). Every rank writes ``rank<r>.json`` under ``--root``: per scenario what
+``finetune`` returned or the error it raised. The scenarios:
+
+* ``whole`` — the run of :func:`run_config` uninterrupted;
+* ``cut`` — the same run stopped by Ctrl-C during step 3, then ``--resume``d (all on 2 processes);
+* ``left`` — the same run stopped during step 3 and left there (the test resumes it with 1 process);
+* ``nan-loss`` / ``nan-grad`` — rank 1 alone makes a NaN loss / a NaN gradient under a finite loss at step 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from rankwise_harness.config import RunConfig
+from rankwise_harness.tasktypes import TaskType
+from rankwise_harness.train import RunInterrupted, finetune
+
+QUIET: dict[str, Any] = dict(show_progress=False, log=lambda _m: None)
+CUT_AT = 3  # Ctrl-C during this step (the checkpoint of step 2 is kept)
+NAN_AT = 2  # rank 1's non-finite step
+LOSS = TaskType.loss  # the task types' own loss, before a scenario patches it
+
+
+def run_config(model: str, data: str, output: Path, batch_size: int, method: str = "gora") -> RunConfig:
+    """The run compared: 31 training rows sampled (7 held out by --val-split, 24 left: 3 global batches of 8 an
+    epoch, cut by --grad-accum 2 into a full and a short window), 13 dev rows (odd: not a multiple of 2
+    processes), an evaluation after every step, early stopping, a checkpoint every 2 steps."""
+    extra = {"overrides": {"n_steps": "2", "r_min": "2", "r_max": "8"}} if method == "gora" else {}
+    return RunConfig(task="sst2", method=method, data=data, model=model, output=str(output), r=4, alpha=8, lr=2e-2,
+                     batch_size=batch_size, grad_accum=2, epochs=3, max_length=32, max_train=31, max_eval=13,
+                     val_split=0.23, eval_every=1, patience=3, save_every=2, warmup_ratio=0.0, precision="no", **extra)
+
+
+def _interrupt_at(step: int):
+    def hook(done: int, _loss: float) -> None:
+        if done == step - 1:
+            raise KeyboardInterrupt
+    return hook
+
+
+def _nan_on_rank1(kind: str) -> None:
+    """From step ``NAN_AT`` on, rank 1's training loss is NaN (``nan-loss``), or finite with a NaN gradient for
+    every trainable tensor (``nan-grad``: ``where`` on a false mask passes 0 x inf back)."""
+    calls = {"n": 0}
+
+    def loss(self: TaskType, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        value = LOSS(self, model, batch)
+        calls["n"] += 1
+        if dist.get_rank() != 1 or calls["n"] <= 2 * (NAN_AT - 1):  # 2 micro-batches a step
+            return value
+        if kind == "nan-loss":
+            return value * float("nan")
+        params = [p for p in model.parameters() if p.requires_grad]
+        off = sum(torch.where(torch.zeros_like(p, dtype=torch.bool), p * float("inf"), torch.zeros_like(p)).sum()
+                  for p in params)
+        return value + off
+
+    TaskType.loss = loss  # type: ignore[method-assign]
+
+
+def scenario(name: str, model: str, data: str, root: Path) -> dict[str, Any]:
+    method = "lora" if name.startswith("nan") else "gora"
+    cfg = run_config(model, data, root / name, 4, method)
+    if name == "whole":
+        return finetune(cfg, **QUIET)
+    if name.startswith("nan"):
+        _nan_on_rank1(name)
+        finetune(cfg, **QUIET)
+        return {}
+    try:
+        finetune(cfg, hook=_interrupt_at(CUT_AT), **QUIET)
+    except RunInterrupted:
+        pass
+    dist.barrier()
+    return finetune(cfg, resume=True, **QUIET) if name == "cut" else {}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--scenarios", default="whole,cut,left,nan-loss,nan-grad")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=90))
+    root = Path(args.root)
+    out: dict[str, Any] = {}
+    for name in args.scenarios.split(","):
+        try:
+            out[name] = scenario(name, args.model, args.data, root)
+        except Exception as exc:  # noqa: BLE001 (recorded for the test to show)
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        dist.barrier()
+    (root / f"rank{dist.get_rank()}.json").write_text(json.dumps(out, default=str))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Review round 10: the harness under 2 processes (torchrun, gloo on CPU) against one process.
+
+One torchrun launch (``tests/harness_dist_worker.py``) runs ``finetune`` several times on 2 processes x 4 rows;
+the references here run one process x 8 rows (the same global batches) on a BERT without dropout, so the two
+must agree: the sampled rows, the losses, the evaluations and the early-stopping decision, GoRA's
+calibration, the trained tensors; an interrupted 2-process run resumed must equal the uninterrupted one
+bit for bit; a NaN on one rank must stop both at the same step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import minilm_path, write_sst2_slice
+from harness_dist_worker import CUT_AT, NAN_AT, QUIET, run_config
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def still_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 2-layer BERT without dropout: one process on 8 rows and two on 4 each then compute the same thing."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    path = tmp_path_factory.mktemp("still") / "bert"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory: pytest.TempPathFactory, still_bert: str) -> dict[str, Any]:
+    """The worker's scenarios on 2 processes; per rank, what each returned or raised."""
+    data = write_sst2_slice(tmp_path_factory.mktemp("sst2"), 64, 32)
+    root = tmp_path_factory.mktemp("two")
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(HERE.parent / "src"), str(HERE), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(HERE / "harness_dist_worker.py"), "--model", still_bert, "--data", data, "--root", str(root)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-6000:]}\n{done.stderr[-6000:]}"
+    ranks = [json.loads((root / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return {"root": root, "data": data, "model": still_bert, "ranks": ranks}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory, launched: dict[str, Any]) -> dict[str, Any]:
+    """The same run on one process x 8 rows."""
+    from rankwise_harness.train import finetune
+
+    out = tmp_path_factory.mktemp("one") / "run"
+    return finetune(run_config(launched["model"], launched["data"], out, 8), **QUIET) | {"out": str(out)}
+
+
+def _adapter(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter" / "adapter.safetensors"))
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_on_the_same_global_batches(launched: dict[str, Any], one_process: dict[str, Any]) -> None:
+    """Rows sampled, losses, every evaluation (dev 13 rows and held-out 7: neither a multiple of 2), the
+    early-stopping step, GoRA's ranks and the trained tensors: 2 processes x 4 rows = 1 process x 8 rows."""
+    two = launched["ranks"][0]["whole"]
+    assert "error" not in two, two
+    assert launched["ranks"][1]["whole"]["metrics"] == two["metrics"]  # every rank returns the same result
+    assert (two["train_examples"], two["dev_examples"], two["val_examples"]) == (24, 13, 7)
+    config = [json.loads((Path(p) / "config.json").read_text()) for p in (launched["root"] / "whole", one_process["out"])]
+    assert config[0]["data_fingerprint"] == config[1]["data_fingerprint"]
+    assert config[0]["method_config"] == config[1]["method_config"]
+    a, b = _adapter(launched["root"] / "whole"), _adapter(Path(one_process["out"]))
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}, "GoRA allocated other ranks"
+    assert two["steps"] == one_process["steps"] and two["stopped_early"] == one_process["stopped_early"]
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one_process["losses"]), rtol=1e-4, atol=1e-6)
+    assert [e["val"] for e in two["eval_history"]] == [e["val"] for e in one_process["eval_history"]]
+    assert two["eval_history"] == one_process["eval_history"]
+    assert two["metrics"] == one_process["metrics"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.slow
+def test_two_process_evaluation_is_the_one_process_evaluation_of_the_same_model(launched: dict[str, Any]) -> None:
+    """The 2-process run's adapter, evaluated by one process on the same 13 dev rows, gives its metrics.json and
+    its predictions.jsonl: every row once, in dev order (no row padded in or counted twice)."""
+    import rankwise
+    from rankwise_harness.data import get_task, load_task_data
+    from rankwise_harness.evaluation import evaluate
+    from rankwise_harness.selection import sample_rows
+    from rankwise_harness.tasktypes import task_type_for
+
+    folder = launched["root"] / "whole"
+    cfg = run_config(launched["model"], launched["data"], folder, 4)
+    task = get_task("sst2")
+    tt = task_type_for(task, launched["model"], cfg)
+    model = tt.load(torch.device("cpu"), lambda _m: None)
+    rankwise.load(model, folder / "adapter")
+    dev = sample_rows(load_task_data(task, launched["data"]).dev, 13, cfg.data_seed)
+
+    class One:
+        process_index, num_processes, is_main_process, device = 0, 1, True, torch.device("cpu")
+
+        @staticmethod
+        def autocast():
+            import contextlib
+
+            return contextlib.nullcontext()
+
+    records: list[dict[str, Any]] = []
+    metrics = evaluate(model, tt, dev, One(), 8, records)
+    written = json.loads((folder / "metrics.json").read_text())
+    assert metrics == written["metrics"]
+    rows = _rows(folder / "predictions.jsonl")
+    assert [r["index"] for r in rows] == list(range(13))
+    assert rows == records
+
+
+@pytest.mark.slow
+def test_two_process_run_resumed_equals_uninterrupted(launched: dict[str, Any]) -> None:
+    """Stopped during step 3 (checkpoint of step 2), resumed on 2 processes: the losses, evaluations, metrics,
+    predictions and adapter bytes of the uninterrupted 2-process run."""
+    whole, cut = (launched["ranks"][0][k] for k in ("whole", "cut"))
+    assert "error" not in cut, cut
+    assert cut["steps_this_session"] == whole["steps"] - (CUT_AT - 1)
+    for key in ("losses", "eval_history", "metrics", "steps"):
+        assert cut[key] == whole[key], key
+    a, b = (launched["root"] / k for k in ("whole", "cut"))
+    assert (a / "adapter" / "adapter.safetensors").read_bytes() == (b / "adapter" / "adapter.safetensors").read_bytes()
+    assert (a / "predictions.jsonl").read_text() == (b / "predictions.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_a_two_process_checkpoint_is_refused_by_one_process(launched: dict[str, Any]) -> None:
+    from rankwise_harness.train import RunError, finetune
+
+    folder = launched["root"] / "left"
+    assert (folder / "checkpoints" / "LATEST").read_text().strip() == f"step-{CUT_AT - 1:07d}"
+    before = sorted(p.name for p in folder.rglob("*"))
+    with pytest.raises(RunError, match="started with 2 processes .* resumed by 1"):
+        finetune(run_config(launched["model"], launched["data"], folder, 4), resume=True, **QUIET)
+    assert sorted(p.name for p in folder.rglob("*")) == before  # nothing lost
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["nan-loss", "nan-grad"])
+def test_a_nan_on_one_rank_stops_every_rank_at_that_step(launched: dict[str, Any], kind: str) -> None:
+    errors = [launched["ranks"][r][kind].get("error", "") for r in (0, 1)]
+    what = "training loss" if kind == "nan-loss" else "gradient"
+    for e in errors:
+        assert f"non-finite {what}" in e and f"at step {NAN_AT} of" in e, errors
+    assert not (launched["root"] / kind / "adapter").exists()
