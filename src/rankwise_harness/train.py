@@ -262,6 +262,11 @@ class _Run:
         return self.accelerator.num_processes
 
     @property
+    def part(self) -> tuple[int, int]:
+        """``(this process's index, the number of processes)``: its share of a global batch."""
+        return self.accelerator.process_index, self.world
+
+    @property
     def global_bs(self) -> int:
         return self.cfg.batch_size * self.world
 
@@ -501,8 +506,10 @@ def _attach(run: _Run, mcfg: rankwise.AdapterConfig | None) -> float:
     n_cal = run.source.calibration_batches(cfg, mcfg)
     calibration = None
     if n_cal:  # as many batches as the method's config asks for, unless the user says
+        # each process its share of every global batch (a method's calibration averages across processes, as
+        # GoRA's gradient all-reduce does): n processes calibrate on what one process with n x the batch does
         calibration = TrackedBatches(random_batches(run.task_type, run.train, n_cal, cfg.batch_size, cfg.seed + 7919,
-                                                    run.accelerator.device), f"{cfg.method} calibration batches",
+                                                    run.accelerator.device, run.part), f"{cfg.method} calibration batches",
                                      enabled=run.progress and run.accelerator.is_main_process)
     t0 = time.perf_counter()
     try:
