@@ -34,8 +34,11 @@ LOSS = TaskType.loss  # the task types' own loss, before a scenario patches it
 def run_config(model: str, data: str, output: Path, batch_size: int, method: str = "gora") -> RunConfig:
     """The run compared: 31 training rows sampled (7 held out by --val-split, 24 left: 3 global batches of 8 an
     epoch, cut by --grad-accum 2 into a full and a short window), 13 dev rows (odd: not a multiple of 2
-    processes), an evaluation after every step, early stopping, a checkpoint every 2 steps."""
-    extra = {"overrides": {"n_steps": "2", "r_min": "2", "r_max": "8"}} if method == "gora" else {}
+    processes), an evaluation after every step, early stopping, a checkpoint every 2 steps; GoRA's head warm-up
+    and calibration."""
+    extra: dict[str, Any] = {}
+    if method == "gora":  # the head warmed up first, then GoRA's calibration through it
+        extra = {"overrides": {"n_steps": "2", "r_min": "2", "r_max": "8"}, "head_warmup_steps": 2, "head_lr": 5e-2}
     return RunConfig(task="sst2", method=method, data=data, model=model, output=str(output), r=4, alpha=8, lr=2e-2,
                      batch_size=batch_size, grad_accum=2, epochs=3, max_length=32, max_train=31, max_eval=13,
                      val_split=0.23, eval_every=1, patience=3, save_every=2, warmup_ratio=0.0, precision="no", **extra)
