@@ -80,7 +80,8 @@ def test_two_processes_equal_one_on_the_same_global_batches(launched: dict[str, 
     early-stopping step, GoRA's ranks and the trained tensors: 2 processes x 4 rows = 1 process x 8 rows."""
     two = launched["ranks"][0]["whole"]
     assert "error" not in two, two
-    assert launched["ranks"][1]["whole"]["metrics"] == two["metrics"]  # every rank returns the same result
+    for key in ("metrics", "steps", "eval_history", "losses"):  # every rank the same result, the same stop
+        assert launched["ranks"][1]["whole"][key] == two[key], key
     assert (two["train_examples"], two["dev_examples"], two["val_examples"]) == (24, 13, 7)
     config = [json.loads((Path(p) / "config.json").read_text()) for p in (launched["root"] / "whole", one_process["out"])]
     assert config[0]["data_fingerprint"] == config[1]["data_fingerprint"]
@@ -166,3 +167,30 @@ def test_a_nan_on_one_rank_stops_every_rank_at_that_step(launched: dict[str, Any
     for e in errors:
         assert f"non-finite {what}" in e and f"at step {NAN_AT} of" in e, errors
     assert not (launched["root"] / kind / "adapter").exists()
+
+
+class _Indices:
+    """A batcher whose batch is the rows themselves (integers), to see which rows a process gets."""
+
+    def train_batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        return {"rows": torch.tensor(rows)}
+
+
+@pytest.mark.parametrize("n_rows", [40, 11, 5])
+def test_each_process_gets_its_share_of_the_one_process_calibration_batch(n_rows: int) -> None:
+    """Calibration and head warm-up batches: process r of 2 with batch size 4 gets rows 4r..4r+3 of the batch one
+    process with batch size 8 draws from the same seed; with fewer rows than the global batch each process still
+    gets 4 (the draw wraps, as the training order does), and one process keeps its short batch as before."""
+    from rankwise_harness.batches import random_batches
+
+    rows = list(range(n_rows))
+    one = [b["rows"].tolist() for b in random_batches(_Indices(), rows, 3, 8, 17, torch.device("cpu"))]
+    parts = [[b["rows"].tolist() for b in random_batches(_Indices(), rows, 3, 4, 17, torch.device("cpu"), (r, 2))]
+             for r in (0, 1)]
+    for k in range(3):
+        assert len(parts[0][k]) == len(parts[1][k]) == 4
+        whole = parts[0][k] + parts[1][k]
+        if n_rows >= 8:
+            assert whole == one[k]
+        else:  # one process: its n_rows distinct rows; two: those rows, in the same order, wrapped to 8
+            assert len(set(one[k])) == len(one[k]) == n_rows and whole == (one[k] * 2)[:8]
