@@ -111,3 +111,36 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def nan_in_one_shard(rank: int, world: int, init_file: str, out_file: str) -> None:
+    """``torch.multiprocessing.spawn`` target: FSDP2 on 2 gloo processes (``fully_shard`` per adapted layer, then the
+    root), a NaN put into rank 0's shard of one adapter tensor, then ``rankwise.step``; writes what it did."""
+    import rankwise
+    from conftest import TinyMLP
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        torch.manual_seed(0)
+        model = TinyMLP()
+        rankwise.attach(model, rankwise.LoraConfig(r=4, alpha=8, target_modules=["fc1", "fc2"], seed=0))
+        for layer in rankwise.adapter_layers(model).values():
+            fully_shard(layer)
+        fully_shard(model)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        model(torch.randn(4, 12), labels=torch.randint(0, 3, (4,))).loss.backward()
+        opt.step()
+        if rank == 0:
+            with torch.no_grad():
+                model.get_submodule("fc1").lora_b.to_local().view(-1)[0] = float("nan")
+        try:
+            rankwise.step(model, opt)
+            what = "stepped"
+        except FloatingPointError as exc:
+            what = f"raised: {exc}"
+        Path(f"{out_file}.{rank}").write_text(what)
+    finally:
+        dist.destroy_process_group()

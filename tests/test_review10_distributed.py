@@ -190,3 +190,17 @@ def test_each_process_gets_its_share_of_the_one_process_calibration_batch(n_rows
             assert whole == one[k]
         else:  # one process: its n_rows distinct rows; two: those rows, in the same order, wrapped to 8
             assert len(set(one[k])) == len(one[k]) == n_rows and whole == (one[k] * 2)[:8]
+
+
+def test_a_nan_in_one_ranks_fsdp2_shard_stops_rankwise_step_on_every_rank(tmp_path: Path) -> None:
+    """``rankwise.step``'s finiteness check under FSDP2: a NaN in rank 0's shard of ``fc1.lora_b`` is every rank's
+    (each checks its shard, then the flags are combined), so both raise naming it; none steps alone or hangs."""
+    import torch.multiprocessing as mp
+
+    import harness_dist_worker as w
+
+    out = str(tmp_path / "out")
+    mp.spawn(w.nan_in_one_shard, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    said = [Path(f"{out}.{r}").read_text() for r in (0, 1)]
+    for s in said:
+        assert s.startswith("raised:") and "'fc1.lora_b'" in s, said

@@ -37,6 +37,23 @@ def mean_across_ranks(t: torch.Tensor) -> torch.Tensor:
     return (buf / dist.get_world_size()).to(t.device)
 
 
+def true_on_every_rank(flags: torch.Tensor) -> torch.Tensor:
+    """A boolean tensor's elementwise AND across the ranks (a collective: every rank must call it, with a tensor of
+    the same shape); ``flags`` itself without a process group."""
+    dist = process_group()
+    if dist is None:
+        return flags
+    buf = flags.to(device=comm_device(dist), dtype=torch.int32)
+    dist.all_reduce(buf, op=dist.ReduceOp.MIN)
+    return buf.to(device=flags.device, dtype=torch.bool)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: an FSDP2 parameter's (a sharded ``DTensor``) local shard, no communication;
+    anything else as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def broadcast_from_rank0(value: int) -> int:
     """``value`` as rank 0 has it (unchanged without a process group): a seed drawn on every rank, made one."""
     dist = process_group()
