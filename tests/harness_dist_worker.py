@@ -113,34 +113,102 @@ if __name__ == "__main__":
     main()
 
 
-def nan_in_one_shard(rank: int, world: int, init_file: str, out_file: str) -> None:
-    """``torch.multiprocessing.spawn`` target: FSDP2 on 2 gloo processes (``fully_shard`` per adapted layer, then the
-    root), a NaN put into rank 0's shard of one adapter tensor, then ``rankwise.step``; writes what it did."""
-    import rankwise
-    from conftest import TinyMLP
-    from torch.distributed.fsdp import fully_shard
 
+def library_checks(rank: int, world: int, init_file: str, out_file: str) -> None:
+    """``torch.multiprocessing.spawn`` target (2 gloo processes) for the library's own collectives: writes
+    ``{"fsdp2_nan": ..., "several": ...}`` as JSON to ``out_file.<rank>``."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=30))
     try:
-        torch.manual_seed(0)
-        model = TinyMLP()
-        rankwise.attach(model, rankwise.LoraConfig(r=4, alpha=8, target_modules=["fc1", "fc2"], seed=0))
-        for layer in rankwise.adapter_layers(model).values():
-            fully_shard(layer)
-        fully_shard(model)
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-        model(torch.randn(4, 12), labels=torch.randint(0, 3, (4,))).loss.backward()
-        opt.step()
-        if rank == 0:
-            with torch.no_grad():
-                model.get_submodule("fc1").lora_b.to_local().view(-1)[0] = float("nan")
-        try:
-            rankwise.step(model, opt)
-            what = "stepped"
-        except FloatingPointError as exc:
-            what = f"raised: {exc}"
-        Path(f"{out_file}.{rank}").write_text(what)
+        out = {"fsdp2_nan": _fsdp2_nan_in_rank0s_shard(rank), "several": _several_adapters_under_ddp(rank)}
+        Path(f"{out_file}.{rank}").write_text(json.dumps(out))
     finally:
         dist.destroy_process_group()
+
+
+def _fsdp2_nan_in_rank0s_shard(rank: int) -> str:
+    """FSDP2 (``fully_shard`` per adapted layer, then the root), a NaN put into rank 0's shard of ``fc1.lora_b``
+    after one step, then ``rankwise.step``: what it did."""
+    import rankwise
+    from conftest import TinyMLP
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = TinyMLP()
+    rankwise.attach(model, rankwise.LoraConfig(r=4, alpha=8, target_modules=["fc1", "fc2"], seed=0))
+    for layer in rankwise.adapter_layers(model).values():
+        fully_shard(layer)
+    fully_shard(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(torch.randn(4, 12), labels=torch.randint(0, 3, (4,))).loss.backward()
+    opt.step()
+    if rank == 0:
+        with torch.no_grad():
+            model.get_submodule("fc1").lora_b.to_local().view(-1)[0] = float("nan")
+    try:
+        rankwise.step(model, opt)
+    except FloatingPointError as exc:
+        return f"raised: {exc}"
+    return "stepped"
+
+
+def _two_named_chains() -> torch.nn.Module:
+    """RAC-LoRA "default" on fc1 (links of 2 steps, seeded) and COLA "b" on fc2 (links of 1 step, ``seed=None``: drawn
+    from the global RNG, which differs per rank here, and made rank 0's), both active and trainable."""
+    import rankwise
+    from conftest import TinyMLP
+
+    torch.manual_seed(0)
+    model = TinyMLP()
+    rankwise.attach(model, rankwise.RacLoraConfig(r=2, alpha=4, link_steps=2, target_modules=["fc1"], seed=0))
+    torch.manual_seed(77 + dist.get_rank())
+    rankwise.attach(model, rankwise.RacLoraConfig.cola(r=2, alpha=4, link_steps=1, target_modules=["fc2"]), name="b")
+    rankwise.set_active(model, ["default", "b"])
+    return model
+
+
+def _trained(model: torch.nn.Module) -> torch.Tensor:
+    import rankwise
+
+    return torch.cat([t.detach().double().reshape(-1) for n in ("default", "b")
+                      for layer in rankwise.adapter_layers(model, n).values()
+                      for _, t in sorted(layer.adapter_state().items())])
+
+
+def _several_adapters_under_ddp(rank: int) -> dict[str, Any]:
+    """Two named chains under DDP, 4 Adam steps (links end at steps 1-4 for "b", 2 and 4 for "default"), each rank
+    on its half of every batch, ``rankwise.step(model, opt)`` stepping both; against one process accumulating the
+    two halves (computed on every rank, its attach's seed broadcast too)."""
+    import rankwise
+
+    def batch(i: int, part: slice) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(900 + i)
+        whole = {"x": torch.randn(8, 12, generator=g), "labels": torch.randint(0, 3, (8,), generator=g)}
+        return {k: v[part] for k, v in whole.items()}
+
+    halves = (slice(0, 4), slice(4, 8))
+    model = _two_named_chains()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.Adam([p for p in ddp.parameters() if p.requires_grad], lr=1e-2)
+    ref = _two_named_chains()
+    ref_opt = torch.optim.Adam([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
+    probe = batch(99, slice(0, 8))
+    start = ref(**probe).logits.detach()
+    for i in range(4):
+        ddp(**batch(i, halves[rank])).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        rankwise.step(model, opt)
+        for part in halves:
+            (ref(**batch(i, part)).loss / 2).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        rankwise.step(ref, ref_opt)
+    mine = _trained(model)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    links = {n: int(rankwise.adapter_layers(model, n)[m].links) for n, m in (("default", "fc1"), ("b", "fc2"))}
+    return {"ranks_identical": all(torch.equal(g, gathered[0]) for g in gathered), "links": links,
+            "max_abs_diff": float((mine - _trained(ref)).abs().max()),
+            "moved": float((ref(**probe).logits.detach() - start).abs().max())}  # the function trained, not 0 = 0

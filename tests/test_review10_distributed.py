@@ -192,15 +192,31 @@ def test_each_process_gets_its_share_of_the_one_process_calibration_batch(n_rows
             assert len(set(one[k])) == len(one[k]) == n_rows and whole == (one[k] * 2)[:8]
 
 
-def test_a_nan_in_one_ranks_fsdp2_shard_stops_rankwise_step_on_every_rank(tmp_path: Path) -> None:
-    """``rankwise.step``'s finiteness check under FSDP2: a NaN in rank 0's shard of ``fc1.lora_b`` is every rank's
-    (each checks its shard, then the flags are combined), so both raise naming it; none steps alone or hangs."""
+
+@pytest.fixture(scope="module")
+def library_checks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """``harness_dist_worker.library_checks`` on 2 spawned gloo processes; what each rank wrote."""
     import torch.multiprocessing as mp
 
     import harness_dist_worker as w
 
-    out = str(tmp_path / "out")
-    mp.spawn(w.nan_in_one_shard, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
-    said = [Path(f"{out}.{r}").read_text() for r in (0, 1)]
+    root = tmp_path_factory.mktemp("library")
+    mp.spawn(w.library_checks, args=(2, str(root / "init"), str(root / "out")), nprocs=2, join=True)
+    return [json.loads((root / f"out.{r}").read_text()) for r in (0, 1)]
+
+
+def test_a_nan_in_one_ranks_fsdp2_shard_stops_rankwise_step_on_every_rank(library_checks: list[dict[str, Any]]) -> None:
+    """``rankwise.step``'s finiteness check under FSDP2: a NaN in rank 0's shard of ``fc1.lora_b`` is every rank's
+    (each checks its shard, then the flags are combined), so both raise naming it; none steps alone or hangs."""
+    said = [r["fsdp2_nan"] for r in library_checks]
     for s in said:
         assert s.startswith("raised:") and "'fc1.lora_b'" in s, said
+
+
+def test_several_named_chains_step_together_under_ddp(library_checks: list[dict[str, Any]]) -> None:
+    """Two named adapters (RAC-LoRA and COLA with a broadcast seed) stepped by one ``rankwise.step`` under DDP, links
+    ending at different steps: identical on both ranks and equal to one process accumulating the two halves."""
+    for r in library_checks:
+        got = r["several"]
+        assert got["ranks_identical"] and got["links"] == {"default": 2, "b": 4}, got
+        assert got["moved"] > 1e-3 and got["max_abs_diff"] <= 1e-6, got
