@@ -21,26 +21,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import minilm_path, write_sst2_slice
+from conftest import write_sst2_slice
 from harness_dist_worker import CUT_AT, NAN_AT, QUIET, run_config
 
 HERE = Path(__file__).resolve().parent
-
-
-@pytest.fixture(scope="module")
-def still_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A 2-layer BERT without dropout: one process on 8 rows and two on 4 each then compute the same thing."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    tok = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-    path = tmp_path_factory.mktemp("still") / "bert"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
