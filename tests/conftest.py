@@ -188,3 +188,20 @@ def assert_grads_match_peft(ours: nn.Module, theirs: nn.Module, dora: bool, rtol
         if dora:
             torch.testing.assert_close(layer.magnitude.grad, pl.lora_magnitude_vector["default"].weight.grad,
                                        rtol=rtol, atol=atol)
+
+
+@pytest.fixture(scope="session")
+def still_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 2-layer BERT without dropout, saved with the packaged MiniLM's tokenizer: a plain loop draws no random
+    numbers a run drew, and one process on 8 rows computes what two on 4 each compute."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    path = tmp_path_factory.mktemp("still") / "bert"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

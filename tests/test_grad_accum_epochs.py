@@ -22,7 +22,6 @@ import rankwise_harness.train as train
 from rankwise_harness.batches import micro_batch_indices, step_micro_batches, steps_per_epoch
 from rankwise_harness.train import RunError, finetune
 from test_harness_train import _cfg, sst2, tiny_models  # noqa: F401  (module fixtures: a tiny BERT, 64 SST-2 rows)
-from test_review7 import still_bert  # noqa: F401  (a tiny BERT without dropout)
 
 QUIET = dict(show_progress=False, log=lambda _m: None)
 PER_EPOCH = 64 // 8  # batches per epoch of the runs here

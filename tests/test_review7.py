@@ -138,22 +138,7 @@ def test_compare_passes_adapter_flags_to_adapter_methods_only(tmp_path: Path, ti
 
 
 # ---------------------------------------------------------------------------- 3: --max-grad-norm
-@pytest.fixture(scope="module")
-def still_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A 2-layer BERT without dropout (so a plain loop written here draws no random numbers the run drew)."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from conftest import minilm_path
-
-    tok = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-    path = tmp_path_factory.mktemp("still") / "bert"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+# (still_bert: conftest.py)
 
 
 def _run_capturing_start(cfg: object, monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:

@@ -1,8 +1,9 @@
 """``torch.distributed`` for the methods: the process group if any, its device, and a value shared from rank 0.
 
-One home for what GoRA (gradient all-reduce, early-stop flag, shared A seed), RAC-LoRA (shared
-sketch seed, link ends on FSDP2's sharded parameters) and ``attach`` (an unseeded adapter made rank 0's) need; every function is a no-op without an
-initialised process group or a sharded tensor.
+One home for what GoRA (gradient all-reduce, early-stop flag, shared A seed), the harness's head warm-up
+(gradient all-reduce), RAC-LoRA (shared sketch seed, link ends on FSDP2's sharded parameters) and ``attach`` (an
+unseeded adapter made rank 0's) need; every function is a no-op without an initialised process group or a
+sharded tensor.
 """
 
 from __future__ import annotations
@@ -23,6 +24,34 @@ def process_group() -> Any:
 def comm_device(dist: Any) -> torch.device:
     """Where collectives' tensors live: the current CUDA device under NCCL, else the CPU."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def mean_across_ranks(t: torch.Tensor) -> torch.Tensor:
+    """``t`` averaged over every rank of the process group (a collective: every rank must call it, with a
+    tensor of the same shape); ``t`` itself without a process group."""
+    dist = process_group()
+    if dist is None:
+        return t
+    buf = t.to(comm_device(dist))
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return (buf / dist.get_world_size()).to(t.device)
+
+
+def true_on_every_rank(flags: torch.Tensor) -> torch.Tensor:
+    """A boolean tensor's elementwise AND across the ranks (a collective: every rank must call it, with a tensor of
+    the same shape); ``flags`` itself without a process group."""
+    dist = process_group()
+    if dist is None:
+        return flags
+    buf = flags.to(device=comm_device(dist), dtype=torch.int32)
+    dist.all_reduce(buf, op=dist.ReduceOp.MIN)
+    return buf.to(device=flags.device, dtype=torch.bool)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: an FSDP2 parameter's (a sharded ``DTensor``) local shard, no communication;
+    anything else as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def broadcast_from_rank0(value: int) -> int:

@@ -26,7 +26,7 @@ from torch import nn
 
 from .adapter_file import AdapterFileError, validate_method_state
 from .config import AdapterConfig
-from .distributed import share_from_rank0
+from .distributed import local, share_from_rank0, true_on_every_rank
 from .layer import AdapterLayer
 from .optim import split_weight_decay
 from .quant import dequantize_model, model_float_dtype, parameter_count
@@ -632,11 +632,16 @@ def unmerge(model: nn.Module) -> None:
 
 
 def _first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
-    """The name of the first tensor holding a NaN/inf, with one host sync for all of them."""
+    """The name of the first tensor holding a NaN/inf, with one host sync for all of them.
+
+    FSDP2's parameters (sharded ``DTensor``s) are checked shard by shard, each rank its own, and the flags are
+    combined across the ranks (one all-reduce), so a NaN in one rank's shard stops every rank at this step."""
     if not tensors:
         return None
     device = next(iter(tensors.values())).device
-    flags = torch.stack([torch.isfinite(t).all().to(device) for t in tensors.values()])  # n_tensors
+    flags = torch.stack([torch.isfinite(local(t)).all().to(device) for t in tensors.values()])  # n_tensors
+    if any(local(t) is not t for t in tensors.values()):
+        flags = true_on_every_rank(flags)
     if bool(flags.all()):
         return None
     return list(tensors)[int((~flags).nonzero()[0])]

@@ -56,7 +56,9 @@ class Method:
         on_step: called by :func:`rankwise.step` after each optimizer step (``None``: no-op).
         check_step: raises, changing nothing, where ``on_step`` would refuse this step (same arguments); a step
             over several adapters checks each before any is stepped (``None``: ``on_step`` never refuses).
-        uses_calibration: whether ``build`` needs calibration data.
+        uses_calibration: whether ``build`` needs calibration data. Under ``torch.distributed`` the harness gives
+            each process its share of every calibration batch, so ``build`` averages what it collects across
+            processes before deciding anything (GoRA all-reduces its gradients), or the ranks build different adapters.
         calibration_batches: how many calibration batches ``build`` reads for a given config (a
             harness draws that many when the user does not say; only read when ``uses_calibration``).
         plot: draws the adapted model's per-layer ranks to a file (``None``: the method has no such

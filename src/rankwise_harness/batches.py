@@ -79,9 +79,19 @@ def step_micro_batches(step: int, per_epoch: int, grad_accum: int) -> range:
 
 
 def random_batches(enc: Batcher, train: list[Example], n: int, batch_size: int, seed: int,
-                   device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+                   device: torch.device, part: tuple[int, int] = (0, 1)) -> Iterator[dict[str, torch.Tensor]]:
     """``n`` batches of ``batch_size`` training examples drawn (without replacement within a batch) from a
-    stream seeded by ``seed`` alone: calibration and head warm-up data, apart from the training order."""
+    stream seeded by ``seed`` alone: calibration and head warm-up data, apart from the training order.
+
+    ``part=(rank, world)``: the stream draws global batches of ``batch_size · world`` rows, as the training order
+    does, and this process gets rows ``rank · batch_size`` to ``(rank + 1) · batch_size`` of each, so ``world``
+    processes together see what one process with ``batch_size · world`` sees (a global batch larger than the
+    data wraps, as :func:`micro_batch_indices` does)."""
+    rank, world = part
+    size = batch_size * world
     g = random.Random(seed)
     for _ in range(n):
-        yield to_device(enc.train_batch([train[i] for i in g.sample(range(len(train)), min(batch_size, len(train)))]), device)
+        drawn = g.sample(range(len(train)), min(size, len(train)))
+        if world > 1 and len(drawn) < size:  # every process its full share (one process keeps the short batch)
+            drawn = (drawn * math.ceil(size / len(drawn)))[:size]
+        yield to_device(enc.train_batch([train[i] for i in drawn[rank * batch_size : (rank + 1) * batch_size]]), device)

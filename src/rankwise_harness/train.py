@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 import rankwise
+from rankwise.distributed import mean_across_ranks
 from rankwise.optim import split_weight_decay
 
 from .batches import micro_batch_indices, random_batches, step_micro_batches, steps_per_epoch, to_device
@@ -60,6 +61,10 @@ def warm_up_head(model: nn.Module, heads: tuple[str, ...], batches: Iterable[dic
     Used before attaching an adapter (``--head-warmup-steps``) so a data-dependent init such as GoRA's
     calibration sees a trained classifier rather than a random one. Every other parameter is left
     bit-for-bit as it was, and every ``requires_grad`` flag and the train/eval mode are restored.
+
+    Under ``torch.distributed`` every rank calls this with its share of every batch (the model not yet wrapped):
+    the head's gradients and the loss are averaged across ranks before each step (a collective), so every rank
+    trains the same head, the one a single process trains on the whole batches; the losses returned are the means.
     """
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
@@ -76,12 +81,16 @@ def warm_up_head(model: nn.Module, heads: tuple[str, ...], batches: Iterable[dic
     try:
         for batch in batches:
             loss = loss_fn(model, batch)
-            if not torch.isfinite(loss):
-                raise RunError(f"head warm-up: non-finite loss {loss.item()} at step {len(losses) + 1}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            mean = float(mean_across_ranks(loss.detach().float()))  # every rank sees the same value, stops together
+            if not math.isfinite(mean):
+                raise RunError(f"head warm-up: non-finite loss {mean} at step {len(losses) + 1}")
+            for p in params:
+                if p.grad is not None:
+                    p.grad.copy_(mean_across_ranks(p.grad))
             opt.step()
-            losses.append(float(loss.detach()))
+            losses.append(mean)
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])
@@ -260,6 +269,11 @@ class _Run:
     @property
     def world(self) -> int:
         return self.accelerator.num_processes
+
+    @property
+    def part(self) -> tuple[int, int]:
+        """``(this process's index, the number of processes)``: its share of a global batch."""
+        return self.accelerator.process_index, self.world
 
     @property
     def global_bs(self) -> int:
@@ -484,7 +498,7 @@ def _head_warmup(run: _Run, heads: tuple[str, ...] | None) -> dict[str, Any]:
     if not heads:
         raise ConfigError(f"--head-warmup-steps: {run.model_name} on {run.task.name} has no task head to warm up")
     batches = random_batches(run.task_type, run.train, cfg.head_warmup_steps, cfg.batch_size, cfg.seed + 104729,
-                             run.accelerator.device)
+                             run.accelerator.device, run.part)  # each process its share; warm_up_head averages
     t0 = time.perf_counter()
     with run.accelerator.autocast():
         losses = warm_up_head(run.model, heads, batches, cfg.head_lr or cfg.learning_rate, run.task_type.loss)
@@ -501,8 +515,10 @@ def _attach(run: _Run, mcfg: rankwise.AdapterConfig | None) -> float:
     n_cal = run.source.calibration_batches(cfg, mcfg)
     calibration = None
     if n_cal:  # as many batches as the method's config asks for, unless the user says
+        # each process its share of every global batch (a method's calibration averages across processes, as
+        # GoRA's gradient all-reduce does): n processes calibrate on what one process with n x the batch does
         calibration = TrackedBatches(random_batches(run.task_type, run.train, n_cal, cfg.batch_size, cfg.seed + 7919,
-                                                    run.accelerator.device), f"{cfg.method} calibration batches",
+                                                    run.accelerator.device, run.part), f"{cfg.method} calibration batches",
                                      enabled=run.progress and run.accelerator.is_main_process)
     t0 = time.perf_counter()
     try:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import Tensor, nn
 
-from ..distributed import comm_device, process_group
+from ..distributed import comm_device, mean_across_ranks, process_group
 from ..quant import dense_weight, is_quantized, keep_layout
 from ..registry import LossFn
 from ..targeting import out_in
@@ -56,12 +56,6 @@ def calibration_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> Te
             "frozen inputs only?): GoRA needs the gradient of the loss w.r.t. the target weights"
         )
     return loss.reshape(())
-
-
-def _all_reduce_mean(t: Tensor, dist: Any) -> Tensor:
-    buf = t.to(comm_device(dist))
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-    return (buf / dist.get_world_size()).to(t.device)
 
 
 def _weight_out_in(module: nn.Module, t: Tensor) -> Tensor:
@@ -265,7 +259,7 @@ def collect_gradients(
         _restore(model, hooks, params, flags, grads, buffers)
     mean = {name: _weight_out_in(targets[name], a / steps) for name, a in acc.items()}
     if dist is not None:
-        mean = {name: _all_reduce_mean(g, dist) for name, g in mean.items()}
+        mean = {name: mean_across_ranks(g) for name, g in mean.items()}
     stats = GradientStats(
         steps=steps,
         batches=batches,

@@ -1,0 +1,214 @@
+"""Worker for tests/test_review10_distributed.py: ``finetune`` itself on 2 gloo processes (torchrun), several runs in
+one launch (a launch costs more than the runs).
+
+Not a test module (no ``test_`` prefix). Every rank writes ``rank<r>.json`` under ``--root``: per scenario what
+``finetune`` returned or the error it raised. The scenarios:
+
+* ``whole`` — the run of :func:`run_config` uninterrupted;
+* ``cut`` — the same run stopped by Ctrl-C during step 3, then ``--resume``d (all on 2 processes);
+* ``left`` — the same run stopped during step 3 and left there (the test resumes it with 1 process);
+* ``nan-loss`` / ``nan-grad`` — rank 1 alone makes a NaN loss / a NaN gradient under a finite loss at step 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from rankwise_harness.config import RunConfig
+from rankwise_harness.tasktypes import TaskType
+from rankwise_harness.train import RunInterrupted, finetune
+
+QUIET: dict[str, Any] = dict(show_progress=False, log=lambda _m: None)
+CUT_AT = 3  # Ctrl-C during this step (the checkpoint of step 2 is kept)
+NAN_AT = 2  # rank 1's non-finite step
+LOSS = TaskType.loss  # the task types' own loss, before a scenario patches it
+
+
+def run_config(model: str, data: str, output: Path, batch_size: int, method: str = "gora") -> RunConfig:
+    """The run compared: 31 training rows sampled (7 held out by --val-split, 24 left: 3 global batches of 8 an
+    epoch, cut by --grad-accum 2 into a full and a short window), 13 dev rows (odd: not a multiple of 2
+    processes), an evaluation after every step, early stopping, a checkpoint every 2 steps; GoRA's head warm-up
+    and calibration."""
+    extra: dict[str, Any] = {}
+    if method == "gora":  # the head warmed up first, then GoRA's calibration through it
+        extra = {"overrides": {"n_steps": "2", "r_min": "2", "r_max": "8"}, "head_warmup_steps": 2, "head_lr": 5e-2}
+    return RunConfig(task="sst2", method=method, data=data, model=model, output=str(output), r=4, alpha=8, lr=2e-2,
+                     batch_size=batch_size, grad_accum=2, epochs=3, max_length=32, max_train=31, max_eval=13,
+                     val_split=0.23, eval_every=1, patience=3, save_every=2, warmup_ratio=0.0, precision="no", **extra)
+
+
+def _interrupt_at(step: int):
+    def hook(done: int, _loss: float) -> None:
+        if done == step - 1:
+            raise KeyboardInterrupt
+    return hook
+
+
+def _nan_on_rank1(kind: str) -> None:
+    """From step ``NAN_AT`` on, rank 1's training loss is NaN (``nan-loss``), or finite with a NaN gradient for
+    every trainable tensor (``nan-grad``: ``where`` on a false mask passes 0 x inf back)."""
+    calls = {"n": 0}
+
+    def loss(self: TaskType, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        value = LOSS(self, model, batch)
+        calls["n"] += 1
+        if dist.get_rank() != 1 or calls["n"] <= 2 * (NAN_AT - 1):  # 2 micro-batches a step
+            return value
+        if kind == "nan-loss":
+            return value * float("nan")
+        params = [p for p in model.parameters() if p.requires_grad]
+        off = sum(torch.where(torch.zeros_like(p, dtype=torch.bool), p * float("inf"), torch.zeros_like(p)).sum()
+                  for p in params)
+        return value + off
+
+    TaskType.loss = loss  # type: ignore[method-assign]
+
+
+def scenario(name: str, model: str, data: str, root: Path) -> dict[str, Any]:
+    method = "lora" if name.startswith("nan") else "gora"
+    cfg = run_config(model, data, root / name, 4, method)
+    if name == "whole":
+        return finetune(cfg, **QUIET)
+    if name.startswith("nan"):
+        _nan_on_rank1(name)
+        finetune(cfg, **QUIET)
+        return {}
+    try:
+        finetune(cfg, hook=_interrupt_at(CUT_AT), **QUIET)
+    except RunInterrupted:
+        pass
+    dist.barrier()
+    return finetune(cfg, resume=True, **QUIET) if name == "cut" else {}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--scenarios", default="whole,cut,left,nan-loss,nan-grad")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=90))
+    root = Path(args.root)
+    out: dict[str, Any] = {}
+    for name in args.scenarios.split(","):
+        try:
+            out[name] = scenario(name, args.model, args.data, root)
+        except Exception as exc:  # noqa: BLE001 (recorded for the test to show)
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        dist.barrier()
+    (root / f"rank{dist.get_rank()}.json").write_text(json.dumps(out, default=str))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
+
+
+
+def library_checks(rank: int, world: int, init_file: str, out_file: str) -> None:
+    """``torch.multiprocessing.spawn`` target (2 gloo processes) for the library's own collectives: writes
+    ``{"fsdp2_nan": ..., "several": ...}`` as JSON to ``out_file.<rank>``."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        out = {"fsdp2_nan": _fsdp2_nan_in_rank0s_shard(rank), "several": _several_adapters_under_ddp(rank)}
+        Path(f"{out_file}.{rank}").write_text(json.dumps(out))
+    finally:
+        dist.destroy_process_group()
+
+
+def _fsdp2_nan_in_rank0s_shard(rank: int) -> str:
+    """FSDP2 (``fully_shard`` per adapted layer, then the root), a NaN put into rank 0's shard of ``fc1.lora_b``
+    after one step, then ``rankwise.step``: what it did."""
+    import rankwise
+    from conftest import TinyMLP
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = TinyMLP()
+    rankwise.attach(model, rankwise.LoraConfig(r=4, alpha=8, target_modules=["fc1", "fc2"], seed=0))
+    for layer in rankwise.adapter_layers(model).values():
+        fully_shard(layer)
+    fully_shard(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(torch.randn(4, 12), labels=torch.randint(0, 3, (4,))).loss.backward()
+    opt.step()
+    if rank == 0:
+        with torch.no_grad():
+            model.get_submodule("fc1").lora_b.to_local().view(-1)[0] = float("nan")
+    try:
+        rankwise.step(model, opt)
+    except FloatingPointError as exc:
+        return f"raised: {exc}"
+    return "stepped"
+
+
+def _two_named_chains() -> torch.nn.Module:
+    """RAC-LoRA "default" on fc1 (links of 2 steps, seeded) and COLA "b" on fc2 (links of 1 step, ``seed=None``: drawn
+    from the global RNG, which differs per rank here, and made rank 0's), both active and trainable."""
+    import rankwise
+    from conftest import TinyMLP
+
+    torch.manual_seed(0)
+    model = TinyMLP()
+    rankwise.attach(model, rankwise.RacLoraConfig(r=2, alpha=4, link_steps=2, target_modules=["fc1"], seed=0))
+    torch.manual_seed(77 + dist.get_rank())
+    rankwise.attach(model, rankwise.RacLoraConfig.cola(r=2, alpha=4, link_steps=1, target_modules=["fc2"]), name="b")
+    rankwise.set_active(model, ["default", "b"])
+    return model
+
+
+def _trained(model: torch.nn.Module) -> torch.Tensor:
+    import rankwise
+
+    return torch.cat([t.detach().double().reshape(-1) for n in ("default", "b")
+                      for layer in rankwise.adapter_layers(model, n).values()
+                      for _, t in sorted(layer.adapter_state().items())])
+
+
+def _several_adapters_under_ddp(rank: int) -> dict[str, Any]:
+    """Two named chains under DDP, 4 Adam steps (links end at steps 1-4 for "b", 2 and 4 for "default"), each rank
+    on its half of every batch, ``rankwise.step(model, opt)`` stepping both; against one process accumulating the
+    two halves (computed on every rank, its attach's seed broadcast too)."""
+    import rankwise
+
+    def batch(i: int, part: slice) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(900 + i)
+        whole = {"x": torch.randn(8, 12, generator=g), "labels": torch.randint(0, 3, (8,), generator=g)}
+        return {k: v[part] for k, v in whole.items()}
+
+    halves = (slice(0, 4), slice(4, 8))
+    model = _two_named_chains()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.Adam([p for p in ddp.parameters() if p.requires_grad], lr=1e-2)
+    ref = _two_named_chains()
+    ref_opt = torch.optim.Adam([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
+    probe = batch(99, slice(0, 8))
+    start = ref(**probe).logits.detach()
+    for i in range(4):
+        ddp(**batch(i, halves[rank])).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        rankwise.step(model, opt)
+        for part in halves:
+            (ref(**batch(i, part)).loss / 2).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        rankwise.step(ref, ref_opt)
+    mine = _trained(model)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    links = {n: int(rankwise.adapter_layers(model, n)[m].links) for n, m in (("default", "fc1"), ("b", "fc2"))}
+    return {"ranks_identical": all(torch.equal(g, gathered[0]) for g in gathered), "links": links,
+            "max_abs_diff": float((mine - _trained(ref)).abs().max()),
+            "moved": float((ref(**probe).logits.detach() - start).abs().max())}  # the function trained, not 0 = 0

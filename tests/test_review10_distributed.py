@@ -1,0 +1,206 @@
+"""Review round 10: the harness under 2 processes (torchrun, gloo on CPU) against one process.
+
+One torchrun launch (``tests/harness_dist_worker.py``) runs ``finetune`` several times on 2 processes x 4 rows;
+the references here run one process x 8 rows (the same global batches) on a BERT without dropout, so the two
+must agree: the sampled rows, the losses, the evaluations and the early-stopping decision, GoRA's
+calibration, the trained tensors; an interrupted 2-process run resumed must equal the uninterrupted one
+bit for bit; a NaN on one rank must stop both at the same step. The launch and the references take about
+26 s together (measured on the shared 2-core box under load), so these run in CI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_sst2_slice
+from harness_dist_worker import CUT_AT, NAN_AT, QUIET, run_config
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory: pytest.TempPathFactory, still_bert: str) -> dict[str, Any]:
+    """The worker's scenarios on 2 processes; per rank, what each returned or raised."""
+    data = write_sst2_slice(tmp_path_factory.mktemp("sst2"), 64, 32)
+    root = tmp_path_factory.mktemp("two")
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(HERE.parent / "src"), str(HERE), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(HERE / "harness_dist_worker.py"), "--model", still_bert, "--data", data, "--root", str(root)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-6000:]}\n{done.stderr[-6000:]}"
+    ranks = [json.loads((root / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return {"root": root, "data": data, "model": still_bert, "ranks": ranks}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory, launched: dict[str, Any]) -> dict[str, Any]:
+    """The same run on one process x 8 rows."""
+    from rankwise_harness.train import finetune
+
+    out = tmp_path_factory.mktemp("one") / "run"
+    return finetune(run_config(launched["model"], launched["data"], out, 8), **QUIET) | {"out": str(out)}
+
+
+def _adapter(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter" / "adapter.safetensors"))
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_two_processes_equal_one_on_the_same_global_batches(launched: dict[str, Any], one_process: dict[str, Any]) -> None:
+    """Rows sampled, losses, every evaluation (dev 13 rows and held-out 7: neither a multiple of 2), the
+    early-stopping step, GoRA's ranks and the trained tensors: 2 processes x 4 rows = 1 process x 8 rows."""
+    two = launched["ranks"][0]["whole"]
+    assert "error" not in two, two
+    for key in ("metrics", "steps", "eval_history", "losses"):  # every rank the same result, the same stop
+        assert launched["ranks"][1]["whole"][key] == two[key], key
+    assert (two["train_examples"], two["dev_examples"], two["val_examples"]) == (24, 13, 7)
+    config = [json.loads((Path(p) / "config.json").read_text()) for p in (launched["root"] / "whole", one_process["out"])]
+    assert config[0]["data_fingerprint"] == config[1]["data_fingerprint"]
+    assert config[0]["method_config"] == config[1]["method_config"]
+    a, b = _adapter(launched["root"] / "whole"), _adapter(Path(one_process["out"]))
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}, "GoRA allocated other ranks"
+    assert two["steps"] == one_process["steps"] and two["stopped_early"] == one_process["stopped_early"]
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one_process["losses"]), rtol=1e-4, atol=1e-6)
+    assert [e["val"] for e in two["eval_history"]] == [e["val"] for e in one_process["eval_history"]]
+    assert two["eval_history"] == one_process["eval_history"]
+    assert two["metrics"] == one_process["metrics"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_two_process_evaluation_is_the_one_process_evaluation_of_the_same_model(launched: dict[str, Any]) -> None:
+    """The 2-process run's adapter, evaluated by one process on the same 13 dev rows, gives its metrics.json and
+    its predictions.jsonl: every row once, in dev order (no row padded in or counted twice)."""
+    import rankwise
+    from rankwise_harness.data import get_task, load_task_data
+    from rankwise_harness.evaluation import evaluate
+    from rankwise_harness.selection import sample_rows
+    from rankwise_harness.tasktypes import task_type_for
+
+    folder = launched["root"] / "whole"
+    cfg = run_config(launched["model"], launched["data"], folder, 4)
+    task = get_task("sst2")
+    tt = task_type_for(task, launched["model"], cfg)
+    model = tt.load(torch.device("cpu"), lambda _m: None)
+    rankwise.load(model, folder / "adapter")
+    dev = sample_rows(load_task_data(task, launched["data"]).dev, 13, cfg.data_seed)
+
+    class One:
+        process_index, num_processes, is_main_process, device = 0, 1, True, torch.device("cpu")
+
+        @staticmethod
+        def autocast():
+            import contextlib
+
+            return contextlib.nullcontext()
+
+    records: list[dict[str, Any]] = []
+    metrics = evaluate(model, tt, dev, One(), 8, records)
+    written = json.loads((folder / "metrics.json").read_text())
+    assert metrics == written["metrics"]
+    rows = _rows(folder / "predictions.jsonl")
+    assert [r["index"] for r in rows] == list(range(13))
+    assert rows == records
+
+
+def test_two_process_run_resumed_equals_uninterrupted(launched: dict[str, Any]) -> None:
+    """Stopped during step 3 (checkpoint of step 2), resumed on 2 processes: the losses, evaluations, metrics,
+    predictions and adapter bytes of the uninterrupted 2-process run."""
+    whole, cut = (launched["ranks"][0][k] for k in ("whole", "cut"))
+    assert "error" not in cut, cut
+    assert cut["steps_this_session"] == whole["steps"] - (CUT_AT - 1)
+    for key in ("losses", "eval_history", "metrics", "steps"):
+        assert cut[key] == whole[key], key
+    a, b = (launched["root"] / k for k in ("whole", "cut"))
+    assert (a / "adapter" / "adapter.safetensors").read_bytes() == (b / "adapter" / "adapter.safetensors").read_bytes()
+    assert (a / "predictions.jsonl").read_text() == (b / "predictions.jsonl").read_text()
+
+
+def test_a_two_process_checkpoint_is_refused_by_one_process(launched: dict[str, Any]) -> None:
+    from rankwise_harness.train import RunError, finetune
+
+    folder = launched["root"] / "left"
+    assert (folder / "checkpoints" / "LATEST").read_text().strip() == f"step-{CUT_AT - 1:07d}"
+    before = sorted(p.name for p in folder.rglob("*"))
+    with pytest.raises(RunError, match="started with 2 processes .* resumed by 1"):
+        finetune(run_config(launched["model"], launched["data"], folder, 4), resume=True, **QUIET)
+    assert sorted(p.name for p in folder.rglob("*")) == before  # nothing lost
+
+
+@pytest.mark.parametrize("kind", ["nan-loss", "nan-grad"])
+def test_a_nan_on_one_rank_stops_every_rank_at_that_step(launched: dict[str, Any], kind: str) -> None:
+    errors = [launched["ranks"][r][kind].get("error", "") for r in (0, 1)]
+    what = "training loss" if kind == "nan-loss" else "gradient"
+    for e in errors:
+        assert f"non-finite {what}" in e and f"at step {NAN_AT} of" in e, errors
+    assert not (launched["root"] / kind / "adapter").exists()
+
+
+class _Indices:
+    """A batcher whose batch is the rows themselves (integers), to see which rows a process gets."""
+
+    def train_batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        return {"rows": torch.tensor(rows)}
+
+
+@pytest.mark.parametrize("n_rows", [40, 11, 5])
+def test_each_process_gets_its_share_of_the_one_process_calibration_batch(n_rows: int) -> None:
+    """Calibration and head warm-up batches: process r of 2 with batch size 4 gets rows 4r..4r+3 of the batch one
+    process with batch size 8 draws from the same seed; with fewer rows than the global batch each process still
+    gets 4 (the draw wraps, as the training order does), and one process keeps its short batch as before."""
+    from rankwise_harness.batches import random_batches
+
+    rows = list(range(n_rows))
+    one = [b["rows"].tolist() for b in random_batches(_Indices(), rows, 3, 8, 17, torch.device("cpu"))]
+    parts = [[b["rows"].tolist() for b in random_batches(_Indices(), rows, 3, 4, 17, torch.device("cpu"), (r, 2))]
+             for r in (0, 1)]
+    for k in range(3):
+        assert len(parts[0][k]) == len(parts[1][k]) == 4
+        whole = parts[0][k] + parts[1][k]
+        if n_rows >= 8:
+            assert whole == one[k]
+        else:  # one process: its n_rows distinct rows; two: those rows, in the same order, wrapped to 8
+            assert len(set(one[k])) == len(one[k]) == n_rows and whole == (one[k] * 2)[:8]
+
+
+
+@pytest.fixture(scope="module")
+def library_checks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """``harness_dist_worker.library_checks`` on 2 spawned gloo processes; what each rank wrote."""
+    import torch.multiprocessing as mp
+
+    import harness_dist_worker as w
+
+    root = tmp_path_factory.mktemp("library")
+    mp.spawn(w.library_checks, args=(2, str(root / "init"), str(root / "out")), nprocs=2, join=True)
+    return [json.loads((root / f"out.{r}").read_text()) for r in (0, 1)]
+
+
+def test_a_nan_in_one_ranks_fsdp2_shard_stops_rankwise_step_on_every_rank(library_checks: list[dict[str, Any]]) -> None:
+    """``rankwise.step``'s finiteness check under FSDP2: a NaN in rank 0's shard of ``fc1.lora_b`` is every rank's
+    (each checks its shard, then the flags are combined), so both raise naming it; none steps alone or hangs."""
+    said = [r["fsdp2_nan"] for r in library_checks]
+    for s in said:
+        assert s.startswith("raised:") and "'fc1.lora_b'" in s, said
+
+
+def test_several_named_chains_step_together_under_ddp(library_checks: list[dict[str, Any]]) -> None:
+    """Two named adapters (RAC-LoRA and COLA with a broadcast seed) stepped by one ``rankwise.step`` under DDP, links
+    ending at different steps: identical on both ranks and equal to one process accumulating the two halves."""
+    for r in library_checks:
+        got = r["several"]
+        assert got["ranks_identical"] and got["links"] == {"default": 2, "b": 4}, got
+        assert got["moved"] > 1e-3 and got["max_abs_diff"] <= 1e-6, got
