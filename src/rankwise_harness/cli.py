@@ -257,7 +257,8 @@ def _list_methods() -> int:
     for name, method in sorted(rankwise.all_methods().items()):
         if name in own:
             continue
-        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(method.config_cls))
+        default = method.config_cls()  # the values left-out fields take (GoRA's r/r_ref: 8, set in __post_init__)
+        fields = ", ".join(f"{f.name}={getattr(default, f.name)!r}" for f in dataclasses.fields(method.config_cls))
         note = " (initialises from training batches)" if method.uses_calibration else ""
         print(f"{name}{note}, default lr {method.config_cls.default_lr:g}\n    {method.config_cls.__name__}: {fields}")
     for name, source in own.items():
