@@ -44,7 +44,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    "or 'hf' to download by name (online only); rotten needs none")
     g.add_argument("--skip-bad-rows", action="store_true", help="skip rows that do not parse (default: stop with the line number)")
     g.add_argument("--max-train", type=int, help="train on N rows drawn at random, label-stratified, seeded by "
-                   "--data-seed (the same N and seed: the same rows on any machine)")
+                   "--data-seed (the same N and seed: the same rows on any machine; --subset prefix: the first N)")
     g.add_argument("--data-seed", type=int, default=0, help="seed of --max-train's and --max-eval's samples and "
                    "--val-split's held-out rows (default 0; never the run's --seed, so every seed sees the same rows)")
     g.add_argument("--subset", default="stratified", choices=["stratified", "prefix"],
