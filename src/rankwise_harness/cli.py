@@ -1,4 +1,5 @@
-"""The ``rankwise`` command line: ``finetune``, ``compare``, ``methods``, ``tasks``, ``demo``.
+"""The ``rankwise`` command line: ``finetune``, ``compare``, ``methods``, ``tasks``, ``demo``; ``export`` and
+``import`` (:mod:`.interop_cli`).
 
     rankwise finetune --method gora --task sst2 --data ../shared/data/glue/SST-2 --output runs/sst2-gora
     rankwise compare  --methods lora,dora,full --task cola --data ../shared/data/glue/CoLA --seeds 0,1,2
