@@ -74,7 +74,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", default=[],
                    help="any field of the method's config, e.g. --set r_min=2 --set use_rslora=true (repeatable)")
     g = p.add_argument_group("training")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="the run's seed: new head and adapter initialisation, data "
+                   "order, calibration batches, dropout (default 0; which rows are used: --data-seed)")
     g.add_argument("--max-steps", type=int, help="optimizer steps (default: from --epochs)")
     g.add_argument("--epochs", type=float, default=1.0, help="passes over the training data (default 1)")
     g.add_argument("--batch-size", type=int, default=16, help="per process and micro-batch (default 16)")
@@ -149,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("compare", help="run several methods x seeds; write tables and a plot",
                         description="Run every (method, seed); writes compare.md, compare.csv, compare.png to --output.")
     cp.add_argument("--methods", type=_csv, required=True, help="comma-separated, e.g. lora,dora,gora,full")
-    cp.add_argument("--seeds", type=lambda s: [int(v) for v in _csv(s)], default=[0, 1, 2])
+    cp.add_argument("--seeds", type=lambda s: [int(v) for v in _csv(s)], default=[0, 1, 2],
+                    help="comma-separated run seeds, one run per method and seed (default 0,1,2; --seed is not read)")
     cp.add_argument("--output", help="folder for all runs and the tables (default runs/compare-<task>)")
     _add_run_args(cp)
     sub.add_parser("methods", help="list the registered methods and their config fields")
