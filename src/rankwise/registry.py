@@ -98,6 +98,12 @@ def method_for(config: AdapterConfig) -> Method:
 
 
 def all_methods() -> dict[str, Method]:
+    """Every registered method by name (a copy: changing it registers nothing).
+
+    Returns:
+        ``{name: Method}``: each method's config class, builders, step hook and calibration needs; the
+        ``name`` is what a config's ``method`` field and a saved adapter's description say.
+    """
     return dict(_METHODS)
 
 

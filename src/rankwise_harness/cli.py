@@ -1,4 +1,5 @@
-"""The ``rankwise`` command line: ``finetune``, ``compare``, ``methods``, ``tasks``, ``demo``.
+"""The ``rankwise`` command line: ``finetune``, ``compare``, ``methods``, ``tasks``, ``demo``; ``export`` and
+``import`` (:mod:`.interop_cli`).
 
     rankwise finetune --method gora --task sst2 --data ../shared/data/glue/SST-2 --output runs/sst2-gora
     rankwise compare  --methods lora,dora,full --task cola --data ../shared/data/glue/CoLA --seeds 0,1,2
@@ -44,7 +45,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    "or 'hf' to download by name (online only); rotten needs none")
     g.add_argument("--skip-bad-rows", action="store_true", help="skip rows that do not parse (default: stop with the line number)")
     g.add_argument("--max-train", type=int, help="train on N rows drawn at random, label-stratified, seeded by "
-                   "--data-seed (the same N and seed: the same rows on any machine)")
+                   "--data-seed (the same N and seed: the same rows on any machine; --subset prefix: the first N)")
     g.add_argument("--data-seed", type=int, default=0, help="seed of --max-train's and --max-eval's samples and "
                    "--val-split's held-out rows (default 0; never the run's --seed, so every seed sees the same rows)")
     g.add_argument("--subset", default="stratified", choices=["stratified", "prefix"],
@@ -73,7 +74,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", default=[],
                    help="any field of the method's config, e.g. --set r_min=2 --set use_rslora=true (repeatable)")
     g = p.add_argument_group("training")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="the run's seed: new head and adapter initialisation, data "
+                   "order, calibration batches, dropout (default 0; which rows are used: --data-seed)")
     g.add_argument("--max-steps", type=int, help="optimizer steps (default: from --epochs)")
     g.add_argument("--epochs", type=float, default=1.0, help="passes over the training data (default 1)")
     g.add_argument("--batch-size", type=int, default=16, help="per process and micro-batch (default 16)")
@@ -148,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("compare", help="run several methods x seeds; write tables and a plot",
                         description="Run every (method, seed); writes compare.md, compare.csv, compare.png to --output.")
     cp.add_argument("--methods", type=_csv, required=True, help="comma-separated, e.g. lora,dora,gora,full")
-    cp.add_argument("--seeds", type=lambda s: [int(v) for v in _csv(s)], default=[0, 1, 2])
+    cp.add_argument("--seeds", type=lambda s: [int(v) for v in _csv(s)], default=[0, 1, 2],
+                    help="comma-separated run seeds, one run per method and seed (default 0,1,2; --seed is not read)")
     cp.add_argument("--output", help="folder for all runs and the tables (default runs/compare-<task>)")
     _add_run_args(cp)
     sub.add_parser("methods", help="list the registered methods and their config fields")
@@ -257,7 +260,8 @@ def _list_methods() -> int:
     for name, method in sorted(rankwise.all_methods().items()):
         if name in own:
             continue
-        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(method.config_cls))
+        default = method.config_cls()  # the values left-out fields take (GoRA's r/r_ref: 8, set in __post_init__)
+        fields = ", ".join(f"{f.name}={getattr(default, f.name)!r}" for f in dataclasses.fields(method.config_cls))
         note = " (initialises from training batches)" if method.uses_calibration else ""
         print(f"{name}{note}, default lr {method.config_cls.default_lr:g}\n    {method.config_cls.__name__}: {fields}")
     for name, source in own.items():

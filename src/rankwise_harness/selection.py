@@ -52,17 +52,22 @@ def stratified_indices(keys: Sequence[Hashable], k: int, seed: int) -> list[int]
     return sorted(i for c, ix in groups.items() for i in rng.sample(ix, quota[c]))
 
 
-def sample_rows(rows: list[T], n: int | None, seed: int, subset: str = "stratified") -> list[T]:
-    """``--max-train`` and ``--max-eval``: all rows when ``n`` is ``None`` or covers them; else ``n`` rows,
-    stratified and seeded (:func:`stratified_indices`), or the first ``n`` with ``subset="prefix"``. File order
-    is kept."""
+def sample_indices(rows: Sequence[Any], n: int | None, seed: int, subset: str = "stratified") -> list[int]:
+    """``--max-train`` and ``--max-eval``: the positions of the rows used, in file order: all when ``n`` is
+    ``None`` or covers them; else ``n``, stratified and seeded (:func:`stratified_indices`), or the first ``n``
+    with ``subset="prefix"``."""
     if subset not in SUBSETS:
         raise ValueError(f"--subset must be one of {', '.join(SUBSETS)}, got {subset!r}")
     if n is None or n >= len(rows):
-        return list(rows)
+        return list(range(len(rows)))
     if subset == "prefix":
-        return rows[:n]
-    return [rows[i] for i in stratified_indices([stratum(r) for r in rows], n, seed)]
+        return list(range(n))
+    return stratified_indices([stratum(r) for r in rows], n, seed)
+
+
+def sample_rows(rows: list[T], n: int | None, seed: int, subset: str = "stratified") -> list[T]:
+    """The rows at :func:`sample_indices`, in file order."""
+    return [rows[i] for i in sample_indices(rows, n, seed, subset)]
 
 
 def split_validation(rows: list[T], fraction: float, data_seed: int = 0) -> tuple[list[T], list[T], list[int]]:

@@ -41,7 +41,7 @@ from .models import resolve_model_name
 from .progress import Progress, TrackedBatches
 from .runlock import RunLock, acquire
 from .runfolder import clear_run, finished, fmt_metrics, loss_window, plot_loss, prepare_output, save_figure, settings_diff, summary
-from .selection import best_and_last, evals_since_best, sample_rows, split_validation
+from .selection import best_and_last, evals_since_best, sample_indices, sample_rows, split_validation
 from .sources import AdapterSource, AttachFn, ExternalAdapter, LossFn, adapter_source, with_heads
 from .tasktypes import TaskType, task_type_for
 
@@ -255,6 +255,7 @@ class _Run:
     splits: Splits | None = None
     train: list[Example] = field(default_factory=list)
     dev: list[Example] = field(default_factory=list)
+    dev_rows: list[int] = field(default_factory=list)  # each dev example's position in the dev file's rows
     val: list[Example] = field(default_factory=list)
     model: Any = None  # the model (after ``accelerator.prepare``, its wrapper)
     model_class: str | None = None  # the transformers class loaded (before a task type wraps it), for ``export``
@@ -391,7 +392,8 @@ def _read_data(run: _Run) -> None:
     if len(run.splits.skipped) > 20:
         run.say(f"skipped {len(run.splits.skipped) - 20} more bad rows")
     run.train = sample_rows(run.splits.train, cfg.max_train, cfg.data_seed, cfg.subset)
-    run.dev = sample_rows(run.splits.dev, cfg.max_eval, cfg.data_seed, cfg.dev_subset)
+    run.dev_rows = sample_indices(run.splits.dev, cfg.max_eval, cfg.data_seed, cfg.dev_subset)
+    run.dev = [run.splits.dev[i] for i in run.dev_rows]
     if cfg.val_split:
         try:
             run.train, run.val, _ = split_validation(run.train, cfg.val_split, cfg.data_seed)
@@ -747,6 +749,8 @@ def _finish(run: _Run, training: _Training, loop: _Loop) -> dict[str, Any]:
     peak_mb, peak_kind = _peak_memory_mb(run.accelerator.device)
     records: list[dict[str, Any]] = []
     final = run.evaluate(run.dev, records)
+    for record in records:  # the dev file's row, not the position in a --max-eval sample
+        record["index"] = run.dev_rows[record["index"]]
     loop.history.evals.append(_eval_entry(loop.step, loop.micro / run.per_epoch, final, run))
     result = _result(run, training, loop, final, train_seconds, (peak_mb, peak_kind))
     if run.accelerator.is_main_process:
