@@ -177,6 +177,20 @@ def gpt2_case() -> ModelCase:
     return _gpt2_case()
 
 
+class PoisonGradient(torch.autograd.Function):
+    """The identity forward (the loss is unchanged); its gradient times ``factor`` backward (``inf``: an fp16
+    overflow, ``nan``: a NaN in the backward pass). ``PoisonGradient.apply(x, float("inf"))``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, factor: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.factor = factor
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad * ctx.factor, None
+
+
 def assert_grads_match_peft(ours: nn.Module, theirs: nn.Module, dora: bool, rtol: float, atol: float) -> None:
     """Every adapter layer's A, B (and DoRA magnitude) gradients equal those of the same layer in HF PEFT's model."""
     import rankwise

@@ -17,28 +17,17 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import PoisonGradient
 from safetensors.torch import load_file
+from test_harness_train import _cfg, sst2, tiny_models  # noqa: F401  (module fixtures: a tiny BERT, 64 SST-2 rows)
 
 import rankwise
 from rankwise_harness.checkpoint import RunError
 from rankwise_harness.data import get_task
 from rankwise_harness.tasktypes import task_type_for
 from rankwise_harness.train import finetune
-from test_harness_train import _cfg, sst2, tiny_models  # noqa: F401  (module fixtures: a tiny BERT, 64 SST-2 rows)
 
 QUIET: dict[str, Any] = dict(show_progress=False, log=lambda _m: None)
-
-
-class _Overflow(torch.autograd.Function):
-    """The identity forward (the loss is unchanged); inf/NaN gradients backward (an fp16 overflow in the backward)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return grad * float("inf")
 
 
 def _scaled_cpu(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
@@ -76,7 +65,7 @@ def _overflow_at(monkeypatch: pytest.MonkeyPatch, cfg: Any, steps: set[int]) -> 
     def loss(self, model, batch):  # type: ignore[no-untyped-def]
         calls[0] += 1
         value = real_loss(self, model, batch)
-        return _Overflow.apply(value) if calls[0] in steps else value
+        return PoisonGradient.apply(value, float("inf")) if calls[0] in steps else value
 
     monkeypatch.setattr(task_type, "loss", loss)
     return calls

@@ -7,14 +7,15 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import PoisonGradient
 from safetensors.torch import load_file
+from test_harness_train import _cfg, sst2, tiny_models  # noqa: F401  (module fixtures: a tiny BERT, 64 SST-2 rows)
+from test_review6 import _decay_of, _hf_decayed, poison_third_loss
 
 import rankwise
 from rankwise.optim import split_weight_decay
 from rankwise_harness.checkpoint import RunError
 from rankwise_harness.train import finetune
-from test_harness_train import _cfg, sst2, tiny_models  # noqa: F401  (module fixtures: a tiny BERT, 64 SST-2 rows)
-from test_review6 import _decay_of, _hf_decayed, poison_third_loss
 
 
 def _tiny_t5() -> torch.nn.Module:
@@ -46,16 +47,6 @@ def test_t5s_relative_attention_bias_is_not_decayed_as_hf_trainer() -> None:
 
 
 # ---------------------------------------------------------------------------- a finite loss, a non-finite gradient
-class _NanGradient(torch.autograd.Function):
-    """The identity forward (the loss stays finite); a NaN gradient backward (an overflow in the backward pass)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return grad * float("nan")
 
 
 @pytest.mark.parametrize("clip", [None, 1.0], ids=["no-clip", "max-grad-norm"])
@@ -68,7 +59,7 @@ def test_a_non_finite_gradient_under_a_finite_loss_stops_before_the_step_and_kee
     loss stopped the run naming that NaN checkpoint as "kept". Now the run stops before the third step's update and
     the kept checkpoint (step 2) holds finite tensors only, equal to an uninterrupted run's step 2."""
     cfg = _cfg(tmp_path, tiny_models, sst2, method="full", lr=1e-4, max_steps=5, save_every=1, max_grad_norm=clip)
-    poison_third_loss(monkeypatch, cfg, tiny_models["bert"], _NanGradient.apply)
+    poison_third_loss(monkeypatch, cfg, tiny_models["bert"], lambda x: PoisonGradient.apply(x, float("nan")))
     with pytest.raises(RunError, match=r"non-finite gradient \(the loss is finite\) at step 3 of 5.*step-0000002"):
         finetune(cfg, show_progress=False, log=lambda _m: None)
     kept = Path(cfg.output) / "checkpoints" / "step-0000002"
