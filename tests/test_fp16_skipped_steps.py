@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import PoisonGradient
 from safetensors.torch import load_file
-from test_harness_train import _cfg, sst2, tiny_models  # noqa: F401  (module fixtures: a tiny BERT, 64 SST-2 rows)
+from test_harness_train import Crash, _cfg, crash_at, sst2, tiny_models  # noqa: F401  (module fixtures: a tiny BERT, 64 SST-2 rows)
 
 import rankwise
 from rankwise_harness.checkpoint import RunError
@@ -144,12 +144,7 @@ def test_the_loss_scalers_state_is_checkpointed_and_a_resumed_run_continues_it(
     calls = _overflow_at(monkeypatch, whole_cfg, {2, 3, 7})
     whole = finetune(whole_cfg, hook=record("whole"), **QUIET)
 
-    class Crash(RuntimeError):
-        pass
-
-    def crash(step: int, _loss: float) -> None:
-        if step == 5:
-            raise Crash
+    crash = crash_at(5)
 
     cfg = _cfg(tmp_path / "b", tiny_models, sst2, **kw)
     calls[0] = 0

@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -117,6 +118,18 @@ def _resume_methods() -> list[str]:
     return sorted(rankwise.all_methods()) + ["full"]
 
 
+class Crash(RuntimeError):
+    """A run stopped mid-way (a killed session), raised by :func:`crash_at`'s hook."""
+
+
+def crash_at(step: int) -> Callable[[int, float], None]:
+    """A ``finetune(hook=...)`` that stops the run with :class:`Crash` after ``step``."""
+    def hook(at: int, _loss: float) -> None:
+        if at == step:
+            raise Crash
+    return hook
+
+
 @pytest.mark.parametrize("method", _resume_methods())
 def test_resume_after_interruption_equals_uninterrupted(tmp_path: Path, tiny_models: dict[str, str], sst2: str,
                                                         method: str) -> None:
@@ -130,12 +143,7 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path: Path, tiny_mod
         kw["overrides"] = {"link_steps": "2"} if "link_steps" in fields else {}  # RAC-LoRA: links end mid-run
     whole = finetune(_cfg(tmp_path / "a", tiny_models, sst2, **kw), show_progress=False, log=lambda _m: None)
 
-    class Crash(RuntimeError):
-        pass
-
-    def crash(step: int, _loss: float) -> None:
-        if step == 5:
-            raise Crash
+    crash = crash_at(5)
 
     cfg = _cfg(tmp_path / "b", tiny_models, sst2, **kw)
     with pytest.raises(Crash):
