@@ -87,7 +87,7 @@ def test_two_process_evaluation_is_the_one_process_evaluation_of_the_same_model(
     import rankwise
     from rankwise_harness.data import get_task, load_task_data
     from rankwise_harness.evaluation import evaluate
-    from rankwise_harness.selection import sample_rows
+    from rankwise_harness.selection import sample_indices, sample_rows
     from rankwise_harness.tasktypes import task_type_for
 
     folder = launched["root"] / "whole"
@@ -112,8 +112,10 @@ def test_two_process_evaluation_is_the_one_process_evaluation_of_the_same_model(
     written = json.loads((folder / "metrics.json").read_text())
     assert metrics == written["metrics"]
     rows = _rows(folder / "predictions.jsonl")
-    assert [r["index"] for r in rows] == list(range(13))
-    assert rows == records
+    # each record names its dev file row (the sample's rows, in file order); otherwise the one-process records
+    file_rows = sample_indices(load_task_data(task, launched["data"]).dev, 13, cfg.data_seed)
+    assert [r["index"] for r in rows] == file_rows and len(set(file_rows)) == 13
+    assert rows == [{**r, "index": file_rows[r["index"]]} for r in records]
 
 
 def test_two_process_run_resumed_equals_uninterrupted(launched: dict[str, Any]) -> None:
