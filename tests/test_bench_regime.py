@@ -72,6 +72,32 @@ def test_a_tied_edge_pick_extends_nothing(tmp_ledger: Path, monkeypatch: pytest.
     assert regime.pick_lr(tmp_ledger, "mrpc", arm, [], dry=True) == 1.0 and arm.lrs == [1.0, 2.0, 3.0]
 
 
+def test_one_arms_grid_extension_leaves_an_arm_built_from_the_same_list_alone(tmp_ledger: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/raclora_rank.py builds every adapter arm from one module-level list. An arm whose pick sits at the
+    grid's edge extends its own grid only: the interior-pick arm is neither run at the new point nor reported as
+    missing it ("grid 3/4", "not run")."""
+    calls: list[tuple[str, float]] = []
+    loss = {("interior", 1.0): 0.5, ("interior", 2.0): 0.1, ("interior", 3.0): 0.4,
+            ("edge", 1.0): 0.5, ("edge", 2.0): 0.4, ("edge", 3.0): 0.3, ("edge", 9.5): 0.6}
+
+    def fake_run_one(runs, task, arm, lr, seed, common, dry=False):
+        done = regime.metrics(runs, task, arm, lr, seed)
+        if done is not None or dry:
+            return done
+        calls.append((arm.label, lr))
+        return _write_entry(runs, task, arm, lr, seed, {"method": "lora", "epoch_losses": [1.0, loss[(arm.label, lr)]]})
+
+    monkeypatch.setattr(regime, "run_one", fake_run_one)
+    shared = [1.0, 2.0, 3.0]
+    arms = [regime.Arm("edge", "lora", [], shared, pick_on="train-loss"),
+            regime.Arm("interior", "lora", [], shared, pick_on="train-loss")]
+    assert regime.run_all(tmp_ledger, "sst2", arms, [0], []) == {"edge": 3.0, "interior": 2.0}
+    assert ("interior", 9.5) not in calls and ("edge", 9.5) in calls, calls
+    assert arms[1].lrs == [1.0, 2.0, 3.0] and shared == [1.0, 2.0, 3.0]
+    assert regime.grid_done(tmp_ledger, "sst2", arms[1]) == len(arms[1].lrs) == 3
+
+
 def test_outward_steps_half_a_decade_beyond_an_edge_only() -> None:
     assert regime.outward([1e-3, 3e-3, 1e-2], 1e-2) == pytest.approx(0.032)
     assert regime.outward([1e-3, 3e-3, 1e-2], 1e-3) == pytest.approx(3.2e-4)
