@@ -54,6 +54,7 @@ class Arm:
     base_grid: int = field(init=False, default=0)  # the grid's size as given, before any extension
 
     def __post_init__(self) -> None:
+        self.lrs = list(self.lrs)  # the arm's own: its grid's extensions (pick_lr) must not reach another arm's
         self.base_grid = len(self.lrs)
 
     def seeds(self, seeds: list[int]) -> list[int]:
