@@ -159,3 +159,52 @@ def test_an_interrupted_save_of_several_adapters_keeps_every_previous_file(mlp_c
     assert after.keys() == before.keys()  # no temp file left either
     for p, data in before.items():
         assert after[p] == data, f"{p.relative_to(folder)} changed"
+
+
+# ---------------------------------------------------------------------------- 2, 3: found correct, kept so
+def test_merge_of_several_in_bf16_is_idempotent_exact_and_off_inside_disabled(mlp_case: ModelCase) -> None:
+    """LoRA + DoRA on a bf16 base: a merge equals the unmerged forward (to bf16 rounding of one write), a second merge
+    changes no bit, ``disabled`` while merged is the base bit for bit and gives the merged bits back, and the unmerge
+    restores every original bit."""
+    base, model = _pair(mlp_case, rankwise.LoraConfig, rankwise.DoraConfig, torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    unmerged = _out(model, mlp_case)
+    rankwise.merge(model)
+    merged = _out(model, mlp_case)
+    torch.testing.assert_close(merged, unmerged, rtol=0.05, atol=0.05)  # bf16: W0 + ΔW rounded once
+    weights = [model.fc1.weight.clone(), model.fc2.weight.clone()]
+    rankwise.merge(model)
+    assert torch.equal(model.fc1.weight, weights[0]) and torch.equal(model.fc2.weight, weights[1])
+    with rankwise.disabled(model):
+        assert torch.equal(_out(model, mlp_case), _out(base, mlp_case))
+    assert torch.equal(_out(model, mlp_case), merged)
+    rankwise.unmerge(model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_loading_an_adapter_by_name_leaves_the_others_and_a_taken_name_is_refused(mlp_case: ModelCase,
+                                                                                  tmp_path: Path) -> None:
+    """``load(model, dir, name="b")`` beside "default" changes none of default's tensors or outputs; loading under
+    a name the model has is refused before anything changes; ``save(name=)`` writes that adapter's tensors only."""
+    _, model = _pair(mlp_case, rankwise.DoraConfig, rankwise.LoraConfig)
+    rankwise.save(model, tmp_path / "b", name="b")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "b/adapter.safetensors"), framework="pt") as f:
+        assert sorted(f.keys()) == ["fc2.lora_a", "fc2.lora_b"]
+    fresh = copy.deepcopy(model)
+    rankwise.delete(fresh, "b")
+    alone = _out(fresh, mlp_case)
+    before = {k: v.clone() for k, v in fresh.state_dict().items() if k != "rankwise_state"}
+    rankwise.load(fresh, tmp_path / "b", name="b")
+    for k, v in before.items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    rankwise.set_active(fresh, "default")
+    assert torch.equal(_out(fresh, mlp_case), alone)
+    rankwise.set_active(fresh, ["default", "b"])
+    assert torch.equal(_out(fresh, mlp_case), _out(model, mlp_case))
+    state = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match="already has an adapter named 'b'"):
+        rankwise.load(fresh, tmp_path / "b", name="b")
+    for k, v in state.items():
+        assert torch.equal(fresh.state_dict()[k], v), k
