@@ -152,7 +152,10 @@ def test_set_active_delete_and_attach_are_refused_on_a_merged_model(mlp_case: Mo
         with pytest.raises(ValueError, match="merged"):
             call()
     _same_state(model, before)
-    rankwise.merge(model, ["b", "default"])  # the set it holds: idempotent
+    rankwise.merge(model, ["default", "b"])  # the adapters it holds, in their order: idempotent
+    with pytest.raises(ValueError, match="merged"):  # another order computes another weight (b is DoRA): refused
+        rankwise.merge(model, ["b", "default"])
+    _same_state(model, before)
 
 
 def test_merge_of_a_chosen_adapter(mlp_case: ModelCase, tmp_path: Path) -> None:

@@ -236,19 +236,28 @@ def _two(model_case: ModelCase, method_case: MethodCase, tmp):
 
 
 def _with_weights(base: torch.nn.Module, *adapted: torch.nn.Module) -> torch.nn.Module:
-    """``base`` with each adapted layer's weight ``W0 + Σ ΔW_i`` (the adapters' own ``delta_weight``): the
-    closed form of several active adapters."""
+    """``base`` with each adapted layer's weight composed over the adapters in turn, HF PEFT's rule for several
+    active adapters: ``W ← W + ΔW`` for a LoRA-form one (its own ``delta_weight``), ``W ← μ ⊙ (W + s·B A)`` with
+    ``μ = m / ‖W0 + s·B A‖_row`` for a DoRA-family one (from its PEFT factors)."""
     out = copy.deepcopy(base)
     with torch.no_grad():
         for model in adapted:
             for name, layer in rankwise.adapter_layers(model).items():
-                delta = layer.delta_weight()  # out x in
                 w = out.get_submodule(name).weight
-                w.add_((delta.t() if layer.fan_in_fan_out else delta).to(w.dtype))
+                now = (w.t() if layer.fan_in_fan_out else w).double()  # out x in
+                factors = layer.peft_factors() if hasattr(layer, "magnitude") else None
+                if factors is None or factors.magnitude is None:
+                    now = now + layer.delta_weight().double()
+                else:
+                    w0 = layer.unmerged_base_weight().double()  # out x in
+                    lora = factors.scale * factors.lora_b.double() @ factors.lora_a.double()  # out x in
+                    mu = factors.magnitude.double() / (w0 + lora).norm(dim=1)  # out
+                    now = mu[:, None] * (now + lora)
+                w.copy_((now.t() if layer.fan_in_fan_out else now).to(w.dtype))
     return out
 
 
-def test_two_active_adapters_add_their_updates(small_case: ModelCase, method_case: MethodCase, tmp_path) -> None:
+def test_two_active_adapters_compose_as_in_hf_peft(small_case: ModelCase, method_case: MethodCase, tmp_path) -> None:
     single_a, single_b, both = _two(small_case, method_case, tmp_path)
     base = small_case.make()
     batch = small_case.batch(6)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -123,24 +124,35 @@ def test_failed_first_save_leaves_nothing_loadable(mlp_case: ModelCase, tmp_path
 
 
 def test_failure_writing_the_readable_config_keeps_a_consistent_adapter(mlp_case: ModelCase, tmp_path: Path, monkeypatch) -> None:
-    """adapter.safetensors is the single source of truth: it is replaced whole, before the JSON copy."""
+    """A failure at the JSON copy (the second file) leaves the previous adapter whole: both of its files are written to
+    temp files first and renamed only when both are whole (``atomic_write_files``), so it still loads, never a mix."""
+    import os
+
     model = _attached(mlp_case, METHOD_CASES["dora"])
     path = rankwise.save(model, tmp_path / "adapter")
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    batch = mlp_case.batch(1)
+    with torch.no_grad():
+        old = model(**batch).logits
     _nudge(model, seed=2)
-    real = rio.atomic_write_bytes
+    real_fdopen, opened = os.fdopen, []
 
-    def fail_on_json(target: Path, data: bytes) -> None:
-        if target.name == rio.CONFIG_FILE:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(target, data)
+    def fail_on_json(fd: int, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        f = real_fdopen(fd, mode, *args, **kwargs)
+        opened.append(f)
+        if len(opened) == 2:  # the JSON copy, after the tensors
+            def write(_data: bytes) -> int:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            f.write = write  # type: ignore[method-assign]
+        return f
 
-    monkeypatch.setattr(rio, "atomic_write_bytes", fail_on_json)
+    monkeypatch.setattr(os, "fdopen", fail_on_json)
     with pytest.raises(OSError):
         rankwise.save(model, path)
     monkeypatch.undo()
-    batch = mlp_case.batch(1)
-    with torch.no_grad():  # the new, complete adapter loads (never a mix of old and new tensors)
-        assert torch.equal(rankwise.load(mlp_case.make(), path)(**batch).logits, model(**batch).logits)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    with torch.no_grad():  # the previous, complete adapter loads (never a mix of old and new tensors)
+        assert torch.equal(rankwise.load(mlp_case.make(), path)(**batch).logits, old)
 
 
 # ---------------------------------------------------------------------------- wrong method on load

@@ -44,24 +44,22 @@ def _same_state(model: nn.Module, before: dict[str, Tensor]) -> None:
 
 
 # ---------------------------------------------------------------------------- the closed form, by hand
-def _row_normalised(m: Tensor, v: Tensor) -> Tensor:
-    """DoRA's ``m ⊙ V / ‖V‖_row`` (DoRA eq. 5; ``‖·‖`` over each output's row, as HF PEFT's ``weight_norm``)."""
-    return m[:, None] * v / v.norm(dim=1, keepdim=True)
-
-
-def _hand_delta(layer: rankwise.AdapterLayer, w0: Tensor, alpha: float, rs: bool) -> Tensor:
-    """``ΔW`` (``out x in``, fp64) from the layer's own tensors and the papers' formulas, not its code (``rs``:
-    rsLoRA's scale ``alpha / √r``, GoRA's always)."""
+def _hand_step(layer: rankwise.AdapterLayer, w: Tensor, w0: Tensor, alpha: float, rs: bool) -> Tensor:
+    """The weight after this adapter, given ``w`` (``out x in``, fp64) after those before it (HF PEFT's rule for
+    several active adapters: ``w + ΔW``; a DoRA-family one ``m ⊙ (w + ΔW_lora) / ‖W0 + ΔW_lora‖_row``), from the
+    layer's own tensors and the papers' formulas, not its code (``rs``: rsLoRA's scale ``alpha / √r``, GoRA's always)."""
     t = {k: v.double() for k, v in layer.state_dict().items()}
     r = layer.rank
     if "chain_a" in t:  # RAC-LoRA / Asymmetric / COLA: the chain (scale baked in) plus the link, s = alpha / r
-        return t["chain_b"] @ t["chain_a"] + (alpha / r) * t["lora_b"] @ t["lora_a"]
+        return w + t["chain_b"] @ t["chain_a"] + (alpha / r) * t["lora_b"] @ t["lora_a"]
     if "core" in t:  # EDoRA: m ⊙ (W0 + s·B R A) / ‖·‖_row
-        return _row_normalised(t["magnitude"], w0 + (alpha / r) * t["frozen_b"] @ t["core"] @ t["frozen_a"]) - w0
-    s = alpha / math.sqrt(r) if rs else alpha / r
-    if "magnitude" in t:  # DoRA
-        return _row_normalised(t["magnitude"], w0 + s * t["lora_b"] @ t["lora_a"]) - w0
-    return s * t["lora_b"] @ t["lora_a"]  # LoRA / rsLoRA / GoRA
+        lora = (alpha / r) * t["frozen_b"] @ t["core"] @ t["frozen_a"]
+    else:
+        s = alpha / math.sqrt(r) if rs else alpha / r
+        lora = s * t["lora_b"] @ t["lora_a"]
+    if "magnitude" in t:  # DoRA / EDoRA: μ = m / ‖W0 + ΔW_lora‖_row rescales the weight so far
+        return (t["magnitude"] / (w0 + lora).norm(dim=1))[:, None] * (w + lora)
+    return w + lora  # LoRA / rsLoRA / GoRA
 
 
 STACK: dict[str, Callable[[list[str], int], rankwise.AdapterConfig]] = {
@@ -104,23 +102,27 @@ def _stacked(case: ModelCase) -> nn.Module:
 
 
 def _hand_model(case: ModelCase, model: nn.Module, names: list[str]) -> nn.Module:
-    """The base model with each adapted weight ``W0 + Σ_{names} ΔW_i`` (fp64 sums, by hand)."""
+    """The base model with each adapted weight composed over ``names`` in that order (fp64, by hand)."""
     ref = case.make()
     with torch.no_grad():
-        for name in names:
-            for module, layer in rankwise.adapter_layers(model, name).items():
-                w = ref.get_submodule(module).weight
-                rs = rankwise.adapter_config(model, name).use_rslora
-                w0 = case.make().get_submodule(module).weight.double()
-                w.add_(_hand_delta(layer, w0, 4.0, rs).to(w.dtype))
+        modules = {m for name in names for m in rankwise.adapter_layers(model, name)}
+        for module in modules:
+            w0 = case.make().get_submodule(module).weight.double()
+            w = w0.clone()
+            for name in names:
+                layer = rankwise.adapter_layers(model, name).get(module)
+                if layer is not None:
+                    w = _hand_step(layer, w, w0, 4.0, rankwise.adapter_config(model, name).use_rslora)
+            ref.get_submodule(module).weight.copy_(w.float())
     return ref
 
 
-def test_eight_methods_on_one_layer_add_up_and_survive_every_operation(mlp_case: ModelCase, tmp_path: Path) -> None:
+def test_eight_methods_on_one_layer_compose_and_survive_every_operation(mlp_case: ModelCase, tmp_path: Path) -> None:
     """LoRA, rsLoRA, DoRA, RAC-LoRA (two links in its chain), Asymmetric LoRA (B frozen), COLA, EDoRA and GoRA on
     one layer: the forward pass, a merge (and its exact unmerge), any subset made active, a save of all of them loaded
     onto a fresh base adapter by adapter, a state_dict round trip, and deleting each in turn, all against
-    ``W0 + Σ ΔW_i`` computed by hand from each adapter's own factors."""
+    the composition computed by hand from each adapter's own factors (``W0 + Σ ΔW_i`` for the LoRA-form ones, each
+    DoRA-family one rescaling the weight before it: HF PEFT's rule, round 11)."""
     model = _stacked(mlp_case)
     names = ["default", *list(STACK)[1:]]
     assert all(int(rankwise.adapter_layers(model, n)["fc2"].links) == 2 for n in ("raclora", "cola"))
@@ -274,9 +276,8 @@ def test_a_link_end_without_an_optimizer_beside_another_adapter_steps_none(mlp_c
 def test_the_eight_exported_at_once_compute_in_hf_peft_what_they_compute_here(mlp_case: ModelCase, tmp_path: Path) -> None:
     """The stack above exported in one call (PEFT's multi-adapter layout: "default" at the root, each other adapter in
     its subfolder: RAC-LoRA's chain as a LoRA of rank ``k + r``, GoRA's rank and rsLoRA's flag per adapter, EDoRA as
-    DoRA) and read by HF PEFT adapter by adapter: each alone computes PEFT's output, and the LoRA-form ones active
-    together too (PEFT adds their updates; with a DoRA adapter among several PEFT's result depends on the order,
-    see tests/test_adapter_control.py)."""
+    DoRA) and read by HF PEFT adapter by adapter: each alone computes PEFT's output, the LoRA-form ones active
+    together too, and all eight in either order (a DoRA adapter rescales those before it, in PEFT and here: round 11)."""
     peft = pytest.importorskip("peft")
     model = _stacked(mlp_case)
     rankwise.export_peft(model, tmp_path / "peft")
@@ -285,7 +286,7 @@ def test_the_eight_exported_at_once_compute_in_hf_peft_what_they_compute_here(ml
     for name in names[1:]:
         theirs.load_adapter(tmp_path / "peft" / name, adapter_name=name)
     lora_form = [n for n in names if n not in ("dora", "edora")]
-    for active in [*([n] for n in names), lora_form]:
+    for active in [*([n] for n in names), lora_form, names, names[::-1]]:
         rankwise.set_active(model, active)
         theirs.base_model.set_adapter(active)
         torch.testing.assert_close(_out(model, mlp_case), _out(theirs.eval(), mlp_case), rtol=1e-5, atol=1e-6)

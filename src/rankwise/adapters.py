@@ -10,7 +10,8 @@ nest. This is how a preference trainer gets reference log-probabilities from the
 weights (HF PEFT's ``disable_adapter()``).
 
 Several adapters on one model (``attach(model, cfg, name=...)``): :func:`set_active` chooses those
-that compute (their updates add up, as in HF PEFT); :func:`delete` removes one, leaving the others
+that compute, and their order (as HF PEFT's ``set_adapter``: LoRA-form updates add up, a DoRA adapter
+rescales those before it); :func:`delete` removes one, leaving the others
 computing exactly what they computed before.
 """
 
@@ -61,7 +62,9 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 def set_active(model: nn.Module, names: str | list[str]) -> None:
     """Make adapter(s) ``names`` the ones that compute; the others stay on the model, idle.
 
-    Several active adapters add their updates (``W0 + Σ ΔW_i``). An idle adapter's fully-trained modules
+    Several active adapters are applied in the order given, as HF PEFT's ``set_adapter`` applies them: LoRA-form
+    updates add up (``W0 + Σ ΔW_i``, in any order), a DoRA-family adapter's magnitude rescales what the adapters
+    before it computed (:class:`rankwise.AdapterLayer`). An idle adapter's fully-trained modules
     (``modules_to_save``, trained as copies) are set aside and the originals put in, as HF PEFT's
     ``set_adapter`` does: an idle adapter contributes nothing. ``requires_grad`` is left as it is (an idle
     adapter gets no gradient because it is not in the graph). Refused on a merged model and inside
@@ -69,7 +72,7 @@ def set_active(model: nn.Module, names: str | list[str]) -> None:
     """
     model = unwrap_model(model)
     adapters = adapter_set(model)
-    chosen = [names] if isinstance(names, str) else list(names)
+    chosen = list(dict.fromkeys([names] if isinstance(names, str) else names))  # in the order given, once each
     if not chosen:
         raise ValueError("set_active needs at least one adapter name (use `with rankwise.disabled(model):` for none)")
     for name in chosen:
@@ -82,9 +85,10 @@ def set_active(model: nn.Module, names: str | list[str]) -> None:
     for host in slot_layers(model).values():
         for layer in host.stack():
             layer.active = layer.adapter_name in chosen
+            layer.order = chosen.index(layer.adapter_name) if layer.active else 0
     for name, state in adapters.adapters.items():
         _set_idle_modules(model, state, idle=name not in chosen)
-    adapters.active = [n for n in adapters.adapters if n in chosen]
+    adapters.active = chosen
 
 
 def _set_idle_modules(model: nn.Module, state: RankwiseState, idle: bool) -> None:

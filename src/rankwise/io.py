@@ -36,8 +36,8 @@ from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
 from ._version import __version__
-from .adapter_file import (RANKWISE_FILES, AdapterFileError, atomic_write_bytes, base_fingerprint,  # noqa: F401
-                           check_output_folder, fingerprint_tolerance, is_rankwise_adapter, metadata_digest, read_json,
+from .adapter_file import (RANKWISE_FILES, AdapterFileError, atomic_write_bytes, atomic_write_files,  # noqa: F401
+                           base_fingerprint, check_output_folder, fingerprint_tolerance, is_rankwise_adapter, metadata_digest, read_json,
                            tensors_digest, validate_description)
 from .config import AdapterConfig
 from .layer import AdapterLayer
@@ -140,11 +140,13 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, overwrite: bool = Fa
     if not overwrite:
         check_folders(folders, RANKWISE_FILES, is_rankwise_adapter, "a rankwise adapter",
                       "pass overwrite=True to rankwise.save to write into it anyway")
-    blobs = {n: _adapter_blob(model, n) for n in folders}  # every adapter described before any file is written
-    for n, (meta, blob) in blobs.items():
-        atomic_write_bytes(folders[n] / TENSOR_FILE, blob)
+    files: dict[Path, bytes] = {}
+    for n, folder in folders.items():  # every adapter described before any file is written
+        meta, blob = _adapter_blob(model, n)
         readable = dict(meta, file_sha256=hashlib.sha256(blob).hexdigest())
-        atomic_write_bytes(folders[n] / CONFIG_FILE, (json.dumps(readable, indent=2) + "\n").encode())
+        files[folder / TENSOR_FILE] = blob
+        files[folder / CONFIG_FILE] = (json.dumps(readable, indent=2) + "\n").encode()
+    atomic_write_files(files)  # all whole before any is renamed: a failure keeps every adapter's previous files
     return Path(path)
 
 

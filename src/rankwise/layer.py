@@ -19,14 +19,18 @@ bits, which :meth:`unmerge` restores exactly. ``train()``/``eval()`` never merge
 
 Several adapters on one module (``attach(..., name=...)``): the layer in the model's slot is the
 *host*; other adapters' layers for the same module are its ``peers`` (built over the same base module,
-so they share ``weight``/``bias``). The host's forward is the base plus the sum of the *active*
-layers' updates (HF PEFT's rule for several active LoRA adapters; PEFT's eval forward of a DoRA adapter
-after another active one rescales the running sum, so there its result depends on the order; this one does not)::
+so they share ``weight``/``bias``). The host applies the *active* layers one after the other, in the
+order :func:`rankwise.set_active` got them, as HF PEFT applies its active adapters (``h_0 = x W0ᵀ + b``)::
 
-    h = x W0ᵀ + b + Σ_{i active} (f_i(x) − x W0ᵀ − b)        (f_i: layer i's own forward)
+    h_i = h_{i−1} + (f_i(x) − x W0ᵀ − b)                    an additive layer (LoRA's form)
+    h_i = f_i(x) + μ_i ⊙ (h_{i−1} − x W0ᵀ − b)              a DoRA-family layer, μ_i = m_i / ‖W0 + ΔW_i‖_row
 
-and a merge writes ``W0 + Σ_{i active} ΔW_i``. With one active layer the host runs that layer's own
-forward and merge, unchanged. :meth:`disable` switches the whole stack off: the base module's own
+(``f_i``: layer i's own forward; a DoRA layer's magnitude rescales the updates of the layers before it,
+PEFT's ``base_result = result``; in a training forward with dropout PEFT's DoRA takes its base path from
+the dropped-out input instead, and so does this one: it adds its own update). A merge writes the same
+composition of weights, ``W_i = W_{i−1} + ΔW_i`` or ``W_i = μ_i ⊙ (W_{i−1} + ΔW_i^lora)`` (PEFT's merge). So
+additive layers commute, and a DoRA layer's place matters. With one active layer the host runs that layer's
+own forward and merge, unchanged. :meth:`disable` switches the whole stack off: the base module's own
 forward, bit for bit (a merged host puts the kept original bits in for the while, see there).
 """
 
@@ -136,6 +140,7 @@ class AdapterLayer(nn.Module):
         self._original_weight: Tensor | None = None
         self.adapter_name: str = DEFAULT_ADAPTER  # which named adapter this layer belongs to
         self.active: bool = True  # whether this layer's update is computed (rankwise.set_active)
+        self.order: int = 0  # its place among the active layers of its module (rankwise.set_active's order)
         self.is_peer: bool = False  # a peer lives in its host's ``peers``, not in the model's slot
         self.disabled: bool = False  # inside rankwise.disabled(): the base module's own forward (hosts only)
         self._merged_aside: Tensor | None = None  # a disabled merged host's merged bits, put back by enable()
@@ -290,10 +295,35 @@ class AdapterLayer(nn.Module):
             return chosen[0].own_forward(x)
         if not chosen:
             return self.plain_forward(x)
-        out = self.base_forward(x)  # the same sum whichever layer hosts: delete() keeps the others' bits
+        out = self.base_forward(x)  # the same result whichever layer hosts: delete() keeps the others' bits
         for layer in chosen:
-            out = out + layer.delta_forward(x).to(out.dtype)
+            out = layer.stacked_forward(x, out)
         return out
+
+    def row_scale(self) -> Tensor | None:
+        """``μ`` (``out``), how this layer rescales the output of the active layers before it on its module
+        (see the module docstring); ``None`` for an additive update. DoRA-family layers: ``m / ‖W0 + ΔW‖_row``."""
+        return None
+
+    def stacked_forward(self, x: Tensor, before: Tensor) -> Tensor:
+        """This layer's output after the active layers before it, which computed ``before`` (``(..., out)``):
+        ``before + f(x) − base(x)``, or with a row scale ``μ`` ``f(x) + μ ⊙ (before − base(x))`` (HF PEFT's
+        order rule; a training forward with dropout adds, as PEFT's DoRA does there)."""
+        mu = self.row_scale() if not (self.training and not isinstance(self.dropout, nn.Identity)) else None
+        if mu is None:
+            return before + self.delta_forward(x).to(before.dtype)
+        earlier = (before - self.base_forward(x)).to(mu.dtype) * mu  # (..., out): the others' updates, rescaled
+        return (self.own_forward(x) + earlier).to(before.dtype)
+
+    def stacked_weight(self, before: Tensor) -> Tensor:
+        """The merged weight after the active layers before it, which hold ``before`` (``out x in``, a wide dtype):
+        ``before + ΔW``, or with a row scale ``μ`` ``merged_weight() + μ ⊙ (before − W0)`` (:meth:`stacked_forward`'s
+        weight: PEFT's merge of several DoRA adapters)."""
+        mu = self.row_scale()
+        if mu is None:
+            return before + self.delta_weight().to(before.dtype)
+        w0 = self.unmerged_base_weight().to(before.dtype)  # out x in
+        return self.merged_weight().to(before.dtype) + mu.to(before.dtype).unsqueeze(1) * (before - w0)
 
     # ------------------------------------------------------------------ several adapters on one module
     def stack(self) -> list["AdapterLayer"]:
@@ -312,8 +342,8 @@ class AdapterLayer(nn.Module):
         return layer
 
     def computing(self) -> list["AdapterLayer"]:
-        """The layers of :meth:`stack` whose updates the forward pass adds (the active ones)."""
-        return [layer for layer in self.stack() if layer.active]
+        """The layers of :meth:`stack` the forward pass applies (the active ones), in their :attr:`order`."""
+        return sorted((layer for layer in self.stack() if layer.active), key=lambda layer: layer.order)
 
     def add_peer(self, layer: "AdapterLayer") -> None:
         """Put another adapter's layer for this module beside this one (built over the same base module).
@@ -346,15 +376,15 @@ class AdapterLayer(nn.Module):
                 peer.__dict__[name] = getattr(self, name)
 
     def combined_weight(self) -> Tensor:
-        """``W0 + Σ_{active} ΔW_i`` (:attr:`merge_dtype`, ``out x in``): what a merge writes; one active layer:
-        its ``merged_weight``."""
+        """What a merge writes (``out x in``, fp32 or fp64): the active layers' weights composed in their order
+        (:meth:`stacked_weight`; ``W0 + Σ ΔW_i`` for additive ones); one active layer: its ``merged_weight``."""
         chosen = self.computing()
         if len(chosen) == 1:
             return chosen[0].merged_weight()
         wide = torch.float64 if any(layer.merge_dtype == torch.float64 for layer in chosen) else torch.float32
         w = self.unmerged_base_weight().to(wide)  # out x in
         for layer in chosen:
-            w = w + layer.delta_weight().to(wide)
+            w = layer.stacked_weight(w)
         return w
 
     def _set_merged(self, merged: bool, original: Tensor | None) -> None:

@@ -206,6 +206,7 @@ def install(
             p.requires_grad_(False)
     for layer_name, layer in result.layers.items():
         layer.adapter_name = name
+        layer.order = len(adapters.active) if adapters is not None else 0  # joins the active adapters, last
         slot = model.get_submodule(layer_name)
         if isinstance(slot, AdapterLayer):
             slot.add_peer(layer)
@@ -583,9 +584,10 @@ def _like(original: nn.Module, current: nn.Module) -> nn.Module:
 def merge(model: nn.Module, name: str | list[str] | None = None) -> None:
     """Merge the active adapters into the base weights (idempotent; :func:`unmerge` restores the exact bits).
 
-    Each layer gets ``W0 + Σ ΔW_i`` over the active adapters that adapt it, exactly what the unmerged
-    forward computes, so adapters on different layer sets merge together fine. ``name`` (one or a
-    list): merge those instead; they become the active set (a merged model computes what it holds).
+    Each layer gets the weight the unmerged forward computes over the active adapters that adapt it
+    (``W0 + Σ ΔW_i`` for LoRA-form ones; a DoRA adapter rescales those before it, as in HF PEFT), so
+    adapters on different layer sets merge together fine. ``name`` (one or a list, in the order to apply
+    them): merge those instead; they become the active set (a merged model computes what it holds).
     """
     layers = slot_layers(model)
     if not layers:
@@ -595,9 +597,9 @@ def merge(model: nn.Module, name: str | list[str] | None = None) -> None:
     if name is not None:
         from .adapters import set_active  # set_active sits above lifecycle (it needs no attach machinery)
 
-        names = [name] if isinstance(name, str) else list(name)
-        if any(layer.merged for layer in layers.values()):
-            if set(names) != set(adapter_set(model).active):
+        names = list(dict.fromkeys([name] if isinstance(name, str) else name))
+        if any(layer.merged for layer in layers.values()):  # the same adapters in the same order (it matters for DoRA)
+            if names != adapter_set(model).active:
                 raise ValueError(f"the model is merged with adapters {adapter_set(model).active}, not {names}: unmerge first")
             return
         set_active(model, names)

@@ -50,7 +50,7 @@ class RankwiseState:
 @dataclass
 class AdapterSet:
     """What ``attach`` remembers on the model (as ``model._rankwise``): every adapter by name, and the
-    names of those that compute (their updates add up)."""
+    names of those that compute, in the order they are applied (:func:`rankwise.set_active`)."""
 
     adapters: dict[str, RankwiseState]
     active: list[str]

@@ -161,18 +161,22 @@ class DoraLinear(LoraLinear):
         n0 = (w * w).sum(dim=1)  # out
         return (c * low_rank_row_norm(n0, w @ a.t(), b, a @ a.t(), self.scale)).to(self.adapter_dtype)  # out
 
+    def row_scale(self) -> Tensor:
+        """``μ = m / ‖W0 + s·B A‖_row`` (``out``, the norm detached): DoRA's row scale, which also rescales the
+        updates of the adapters active before this one (:meth:`AdapterLayer.stacked_forward`, HF PEFT's rule)."""
+        return magnitude_scale(self.magnitude, self.weight_norm())
+
     def fused_inputs(self) -> FusedInputs:
         """The training step's factors (no dropout): ``h = b + μ ⊙ (x W0ᵀ + s·x Aᵀ Bᵀ)``, ``μ = m/n`` with
         ``n`` detached, in one autograd node (:class:`rankwise.fused.LowRankLinear`); its backward is
         LoRA's with ``g' = g ⊙ μ``, plus ``dμ = Σ_tokens g ⊙ (x W0ᵀ + s·x Aᵀ Bᵀ)``."""
-        mu = magnitude_scale(self.magnitude, self.weight_norm())  # out
-        return FusedInputs(self.lora_a, self.scaled_b(), mu)
+        return FusedInputs(self.lora_a, self.scaled_b(), self.row_scale())
 
     def adapter_forward(self, x: Tensor) -> Tensor:
         """The plain implementation (eval, dropout, quantised base; what the fused path is tested against)."""
         if self.norm_n0 is not None and isinstance(self.dropout, nn.Identity):
             return self.probed_forward(x)
-        return magnitude_forward(self, x, magnitude_scale(self.magnitude, self.weight_norm()), self.lora_out)
+        return magnitude_forward(self, x, self.row_scale(), self.lora_out)
 
     def probed_forward(self, x: Tensor) -> Tensor:
         """Over a 4-bit base computing in fp32, without dropout: one bitsandbytes call computes ``x W0ᵀ``

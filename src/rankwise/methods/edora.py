@@ -245,6 +245,11 @@ class EdoraLinear(AdapterLayer):
         # the terms are those of W0 / c and A / c, so the norm is c · ‖W0/c + s·(BR)(A/c)‖_row
         return (c * low_rank_row_norm(n0, cc, br, k, self.scale)).to(self.adapter_dtype)  # out
 
+    def row_scale(self) -> Tensor:
+        """``μ = m / ‖W0 + s·B R A‖_row`` (``out``, the norm detached): DoRA's row scale, which also rescales the
+        updates of the adapters active before this one (:meth:`AdapterLayer.stacked_forward`, HF PEFT's rule)."""
+        return magnitude_scale(self.magnitude, self.weight_norm())
+
     def lora_out(self, x: Tensor) -> Tensor:
         """``s · ((x Aᵀ) Rᵀ) Bᵀ`` for an input already dropped-out, in the adapter dtype."""
         return self._lora_out(x, self.frozen_b @ self.core)
