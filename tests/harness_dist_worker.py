@@ -13,17 +13,15 @@ Not a test module (no ``test_`` prefix). Every rank writes ``rank<r>.json`` unde
 from __future__ import annotations
 
 import argparse
-import datetime
-import faulthandler
 import gc
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from dist_teardown import join, leave
 from rankwise_harness.config import RunConfig
 from rankwise_harness.tasktypes import TaskType
 from rankwise_harness.train import RunInterrupted, finetune
@@ -98,8 +96,7 @@ def main() -> None:
     parser.add_argument("--root", required=True)
     parser.add_argument("--scenarios", default="whole,cut,left,nan-loss,nan-grad")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=90))
+    join()
     root = Path(args.root)
     out: dict[str, Any] = {}
     for name in args.scenarios.split(","):
@@ -109,36 +106,25 @@ def main() -> None:
             out[name] = {"error": f"{type(exc).__name__}: {exc}"}
         dist.barrier()
     (root / f"rank{dist.get_rank()}.json").write_text(json.dumps(out, default=str))
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()
+    leave()
 
 
 
-def library_checks(rank: int, world: int, init_file: str, out_file: str) -> None:
-    """``torch.multiprocessing.spawn`` target (2 gloo processes) for the library's own collectives: writes
-    ``{"fsdp2_nan": ..., "several": ...}`` as JSON to ``out_file.<rank>``."""
-    faulthandler.enable(all_threads=True)  # an abort in C++ (gloo) prints every thread's Python stack to stderr
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        out: dict[str, Any] = {}
-        for name, check in (("fsdp2_nan", _fsdp2_nan_in_rank0s_shard), ("several", _several_adapters_under_ddp)):
+
+def library_checks(rank: int, world: int, init_file: str, out_file: str, names: list[str] | None = None) -> None:
+    """``torch.multiprocessing.spawn`` target (2 gloo processes) for the library's own collectives: writes what each
+    check of :data:`LIBRARY_CHECKS` (or those ``names``) returned, ``{name: ...}``, as JSON to ``out_file.<rank>``."""
+    join(rank, world, init_file)
+    out: dict[str, Any] = {}
+    for name, check in LIBRARY_CHECKS.items():
+        if names is None or name in names:
             out[name] = check(rank)
-            # Each check's FSDP2 / DDP model (reference cycles; its hooks and reducer hold the process group) is
+            # Each check's FSDP / DDP model (reference cycles; its hooks and reducer hold the process group) is
             # freed now, on both ranks, not by a garbage collection at some later point of one rank.
             gc.collect()
             dist.barrier()
-        Path(f"{out_file}.{rank}").write_text(json.dumps(out))
-    finally:
-        dist.destroy_process_group()
-    # CI once saw rank 1 SIGABRT ("terminate called without an active exception"; where, it did not say: the
-    # faulthandler above now does). Everything the tests read is written and the group is destroyed: leave without
-    # the interpreter's finalisation of gloo's C++ threads, which is torch's, not what these tests check.
-    os._exit(0)
+    Path(f"{out_file}.{rank}").write_text(json.dumps(out))
+    leave()
 
 
 def _fsdp2_nan_in_rank0s_shard(rank: int) -> str:
@@ -226,3 +212,101 @@ def _several_adapters_under_ddp(rank: int) -> dict[str, Any]:
     return {"ranks_identical": all(torch.equal(g, gathered[0]) for g in gathered), "links": links,
             "max_abs_diff": float((mine - _trained(ref)).abs().max()),
             "moved": float((ref(**probe).logits.detach() - start).abs().max())}  # the function trained, not 0 = 0
+
+
+def _fsdp1(use_orig_params: bool = True) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer]:
+    """The tiny MLP with LoRA on fc1 and fc2 under ``FullyShardedDataParallel`` (the root only: on 2 ranks rank 0's
+    flat shard holds all of fc1, rank 1's none of it), after one forward/backward; ``use_orig_params=False`` needs
+    every parameter trainable (FSDP1 refuses a flat parameter of mixed ``requires_grad``). (inner, wrapped, opt)."""
+    import rankwise
+    from conftest import TinyMLP
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    torch.manual_seed(0)
+    model = TinyMLP()
+    rankwise.attach(model, rankwise.LoraConfig(r=4, alpha=8, target_modules=["fc1", "fc2"], seed=0))
+    if not use_orig_params:
+        model.requires_grad_(True)
+    wrapped = FullyShardedDataParallel(model, use_orig_params=use_orig_params, device_id=torch.device("cpu"))
+    opt = torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=0.1)
+    wrapped(torch.randn(4, 12), labels=torch.randint(0, 3, (4,))).loss.backward()
+    return model, wrapped, opt
+
+
+def _outcome(work: Any) -> str:
+    """What ``work()`` did: ``"ok"``, or ``"<ErrorType>: <message>"``."""
+    try:
+        work()
+    except Exception as exc:  # noqa: BLE001 (the test reads it)
+        return f"{type(exc).__name__}: {exc}"
+    return "ok"
+
+
+def _fsdp1_nan_in_rank0s_shard(rank: int) -> dict[str, str]:
+    """FSDP1 (``use_orig_params=True``) outside ``summon_full_params``: a NaN put into rank 0's shard of
+    ``fc1.lora_b``'s gradient, then ``check_finite_grads`` (``grads``; rank 1 has no gradient for fc1: its shard is
+    empty); the gradient made finite, a step and ``rankwise.step`` (``clean``); a NaN put into rank 0's shard of
+    ``fc1.lora_b`` itself, then ``rankwise.step`` (``step``)."""
+    import rankwise
+
+    model, _wrapped, opt = _fsdp1()
+    lora_b = model.get_submodule("fc1").lora_b
+    if rank == 0:
+        with torch.no_grad():
+            lora_b.grad.view(-1)[0] = float("nan")
+    out = {"grads": _outcome(lambda: rankwise.check_finite_grads(model))}
+    if lora_b.grad is not None:
+        lora_b.grad.nan_to_num_(0.0)
+    opt.step()
+    out["clean"] = _outcome(lambda: rankwise.step(model, opt))
+    if rank == 0:
+        with torch.no_grad():
+            lora_b.view(-1)[0] = float("nan")
+    out["step"] = _outcome(lambda: rankwise.step(model, opt))
+    return out
+
+
+def _fsdp1_flat_parameters(rank: int) -> dict[str, str]:
+    """``FullyShardedDataParallel(use_orig_params=False)``: ``rankwise.step`` and ``check_finite_grads``."""
+    import rankwise
+
+    model, _wrapped, opt = _fsdp1(use_orig_params=False)
+    opt.step()
+    return {"step": _outcome(lambda: rankwise.step(model, opt)),
+            "grads": _outcome(lambda: rankwise.check_finite_grads(model))}
+
+
+def _gora_calibration_failing_on_rank1(rank: int) -> dict[str, str]:
+    """GoRA's calibration (3 steps) on 2 ranks where rank 1's batches fail and rank 0's do not: its second batch holds a
+    NaN (``nan``, also with early stopping: ``nan_early``), its iterator ends after 2 batches (``ran_out``), its list
+    holds 2 (``short``); what ``attach`` did on each rank."""
+    import rankwise
+    from conftest import TinyMLP
+
+    def batches(nan: bool) -> list[dict[str, torch.Tensor]]:
+        g = torch.Generator().manual_seed(40 + rank)
+        out = [{"x": torch.randn(4, 12, generator=g), "labels": torch.randint(0, 3, (4,), generator=g)} for _ in range(3)]
+        if nan and rank == 1:
+            out[1]["x"][0, 0] = float("nan")
+        return out
+
+    def attach(calibration: Any, **extra: Any) -> None:
+        torch.manual_seed(0)
+        cfg = rankwise.GoraConfig(r_ref=4, r_min=2, r_max=8, alpha=8, n_steps=3, target_modules=["fc1", "fc2"], seed=0,
+                                  **extra)
+        rankwise.attach(TinyMLP(), cfg, calibration=calibration)
+
+    mine = batches(False)
+    return {"nan": _outcome(lambda: attach(batches(True))),
+            "nan_early": _outcome(lambda: attach(batches(True), early_stop_threshold=1e-9)),
+            "ran_out": _outcome(lambda: attach(iter(mine[: 3 - rank]))),
+            "short": _outcome(lambda: attach(mine[: 3 - rank]))}
+
+
+LIBRARY_CHECKS = {"fsdp2_nan": _fsdp2_nan_in_rank0s_shard, "several": _several_adapters_under_ddp,
+                  "fsdp1_nan": _fsdp1_nan_in_rank0s_shard, "fsdp1_flat": _fsdp1_flat_parameters,
+                  "gora_rank1_fails": _gora_calibration_failing_on_rank1}
+
+
+if __name__ == "__main__":
+    main()

@@ -206,3 +206,37 @@ def test_several_named_chains_step_together_under_ddp(library_checks: list[dict[
         got = r["several"]
         assert got["ranks_identical"] and got["links"] == {"default": 2, "b": 4}, got
         assert got["moved"] > 1e-3 and got["max_abs_diff"] <= 1e-6, got
+
+
+# ---------------------------------------------------------------- review round 11: the same spawn's further checks
+def test_a_nan_in_one_ranks_fsdp1_shard_stops_every_rank(library_checks: list[dict[str, Any]]) -> None:
+    """FSDP1 (``use_orig_params=True``) outside ``summon_full_params``: a NaN in rank 0's flat shard of ``fc1.lora_b``
+    (its gradient for ``check_finite_grads``, the tensor for ``rankwise.step``) makes both ranks raise naming it,
+    although rank 1 holds none of fc1 (an empty shard, no gradient); finite, both step."""
+    said = [r["fsdp1_nan"] for r in library_checks]
+    for s in said:
+        assert s["grads"].startswith("FloatingPointError") and "'fc1.lora_b'" in s["grads"], said
+        assert s["clean"] == "ok", said
+        assert s["step"].startswith("FloatingPointError") and "'fc1.lora_b'" in s["step"], said
+
+
+def test_fsdp1_flat_parameters_are_refused_with_the_fix(library_checks: list[dict[str, Any]]) -> None:
+    """``FullyShardedDataParallel(use_orig_params=False)`` leaves the adapter's tensors as views into freed flat
+    storage (reading them crashed the process): ``rankwise.step`` and ``check_finite_grads`` refuse it on both ranks."""
+    for r in library_checks:
+        for what in ("step", "grads"):
+            said = r["fsdp1_flat"][what]
+            assert said.startswith("ValueError") and "use_orig_params=True" in said and "fully_shard" in said, r
+
+
+def test_gora_calibration_failing_on_one_rank_stops_every_rank(library_checks: list[dict[str, Any]]) -> None:
+    """Rank 1's calibration batches fail (a NaN, too few: an iterator that ends, a short list) while rank 0's do not:
+    both ranks raise at that step (rank 1 its own error, rank 0 the NaN's layer or "another process"), none waits in
+    a collective the other never joins."""
+    r0, r1 = (r["gora_rank1_fails"] for r in library_checks)
+    for kind in ("nan", "nan_early"):
+        for said in (r0[kind], r1[kind]):
+            assert said.startswith("FloatingPointError") and "calibration step 2" in said, (r0, r1)
+    for kind in ("ran_out", "short"):
+        assert r1[kind].startswith("ValueError") and "calibration batches" in r1[kind], r1
+        assert r0[kind].startswith("RuntimeError") and "another process" in r0[kind], r0

@@ -48,6 +48,24 @@ def true_on_every_rank(flags: torch.Tensor) -> torch.Tensor:
     return buf.to(device=flags.device, dtype=torch.bool)
 
 
+def sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP manages ``model`` (``fully_shard``, or ``FullyShardedDataParallel`` around it): then each rank
+    holds its own part of a parameter (FSDP2's ``DTensor`` shard, FSDP1's flat-shard view outside
+    ``summon_full_params``), and a check of the parameters must combine the ranks' answers. Both mark the modules
+    they manage (``_is_fsdp_managed_module``); an FSDP1 view is otherwise a plain tensor."""
+    return any(getattr(m, "_is_fsdp_managed_module", False) for m in model.modules())
+
+
+def check_original_params(model: torch.nn.Module) -> None:
+    """Refuse a model under ``FullyShardedDataParallel(use_orig_params=False)``: its modules' tensors are views
+    into a flat parameter whose storage is freed outside the forward pass (reading one crashed the process:
+    SIGSEGV, measured with torch 2.13), not the adapter's parameters."""
+    if any(getattr(m, "_fsdp_use_orig_params", True) is False for m in model.modules()):
+        raise ValueError("the model is wrapped in FullyShardedDataParallel(use_orig_params=False): its adapter tensors "
+                         "are views into a flat parameter, freed outside the forward pass. Wrap with "
+                         "use_orig_params=True, or shard with FSDP2 (fully_shard)")
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a tensor: an FSDP2 parameter's (a sharded ``DTensor``) local shard, no communication;
     anything else as it is."""

@@ -26,7 +26,7 @@ from torch import nn
 
 from .adapter_file import AdapterFileError, validate_method_state
 from .config import AdapterConfig
-from .distributed import local, share_from_rank0, true_on_every_rank
+from .distributed import check_original_params, local, share_from_rank0, sharded, true_on_every_rank
 from .layer import AdapterLayer
 from .optim import split_weight_decay
 from .quant import dequantize_model, model_float_dtype, parameter_count
@@ -633,30 +633,35 @@ def unmerge(model: nn.Module) -> None:
         layer.unmerge()
 
 
-def _first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
-    """The name of the first tensor holding a NaN/inf, with one host sync for all of them.
+def _first_non_finite(model: nn.Module, grads: bool) -> str | None:
+    """The name of the first adapter tensor (or its gradient, with ``grads``) holding a NaN/inf, with one host sync
+    for all of them.
 
-    FSDP2's parameters (sharded ``DTensor``s) are checked shard by shard, each rank its own, and the flags are
-    combined across the ranks (one all-reduce), so a NaN in one rank's shard stops every rank at this step."""
+    Under FSDP (:func:`~rankwise.distributed.sharded`: FSDP2's ``DTensor`` shards, FSDP1's flat-shard views) each
+    rank checks its own part and the flags are combined across the ranks (one all-reduce), so a NaN in one rank's
+    shard stops every rank at this step. A missing gradient (FSDP1 gives an empty shard none) counts as finite: every
+    rank flags the same tensors, in the same order."""
+    tensors = _adapter_tensors(model, grads)
     if not tensors:
         return None
-    device = next(iter(tensors.values())).device
-    flags = torch.stack([torch.isfinite(local(t)).all().to(device) for t in tensors.values()])  # n_tensors
-    if any(local(t) is not t for t in tensors.values()):
+    device = next((t.device for t in tensors.values() if t is not None), torch.device("cpu"))
+    flags = torch.stack([torch.isfinite(local(t)).all().to(device) if t is not None else torch.tensor(True, device=device)
+                         for t in tensors.values()])  # n_tensors
+    if sharded(model) or any(t is not None and local(t) is not t for t in tensors.values()):
         flags = true_on_every_rank(flags)
     if bool(flags.all()):
         return None
     return list(tensors)[int((~flags).nonzero()[0])]
 
 
-def _adapter_tensors(model: nn.Module, grads: bool) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
+def _adapter_tensors(model: nn.Module, grads: bool) -> dict[str, torch.Tensor | None]:
+    """Every adapter's trained tensors (or their gradients: ``None`` where there is none), by name."""
+    out: dict[str, torch.Tensor | None] = {}
     for name, layer in every_layer(model):
         prefix = "" if layer.adapter_name == DEFAULT_ADAPTER else f"{layer.adapter_name}:"
         for t, p in layer.trainable_tensors().items():
             value = p.grad if grads else p
-            if value is not None:
-                out[f"{prefix}{name}.{t}"] = value.detach()
+            out[f"{prefix}{name}.{t}"] = None if value is None else value.detach()
     return out
 
 
@@ -667,7 +672,8 @@ def check_finite_grads(model: nn.Module) -> None:
     applied (one host sync per call). Not for fp16 loss scaling, where inf gradients are expected
     and ``GradScaler`` skips the step itself.
     """
-    bad = _first_non_finite(_adapter_tensors(model, grads=True))
+    check_original_params(model)
+    bad = _first_non_finite(model, grads=True)
     if bad is not None:
         raise FloatingPointError(
             f"the gradient of adapter tensor {bad!r} holds NaN/inf: check the loss and inputs of this batch "
@@ -687,6 +693,7 @@ def step(
     adapter ``name``, or (``None``) every active adapter that has a tensor requiring gradients: all of
     them or, when one refuses (merged, or an optimizer that does not train it), none.
     """
+    check_original_params(model)
     adapters = adapter_set(model)
     if name is not None or len(adapters.adapters) == 1:
         names = [adapters.resolve(name)]
@@ -723,7 +730,7 @@ def _check_step(model: nn.Module, optimizer: torch.optim.Optimizer | None, name:
 def _step_one(model: nn.Module, optimizer: torch.optim.Optimizer | None, name: str, check_finite: bool) -> None:
     state = get_state(model, name)
     if check_finite:
-        bad = _first_non_finite(_adapter_tensors(model, grads=False))
+        bad = _first_non_finite(model, grads=False)
         if bad is not None:
             raise FloatingPointError(
                 f"adapter tensor {bad!r} holds NaN/inf after step {state.step + 1}: a NaN/inf gradient or a too "

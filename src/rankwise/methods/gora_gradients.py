@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from ..distributed import comm_device, mean_across_ranks, process_group
+from ..distributed import comm_device, mean_across_ranks, process_group, true_on_every_rank
 from ..quant import dense_weight, is_quantized, keep_layout
 from ..registry import LossFn
 from ..targeting import out_in
@@ -196,6 +196,41 @@ def _restore(model: nn.Module, hooks: list[Any], params: dict[str, nn.Parameter]
                 b.copy_(buffers[n])
 
 
+def _caught(work: Callable[[], None]) -> Exception | None:
+    """The exception ``work()`` raised, if any (to be raised once every rank knows: :func:`_stop_together`)."""
+    try:
+        work()
+    except Exception as exc:  # noqa: BLE001 (raised again by _stop_together, on every rank)
+        return exc
+    return None
+
+
+def _accumulate_step(model: nn.Module, it: Iterator[Any], done: int, config: GoraConfig, loss_fn: LossFn | None) -> None:
+    """One calibration step: ``grad_accumulation`` batches' gradients (each loss divided by that count) into the
+    accumulators, through the hooks; ``done`` batches were read before it."""
+    for i in range(config.grad_accumulation):
+        loss = calibration_loss(model, _next_batch(it, done + i, config), loss_fn)
+        (loss / config.grad_accumulation).backward()
+
+
+def _stop_together(error: Exception | None, acc: dict[str, Tensor], steps: int) -> None:
+    """Raise, on every rank alike, when this rank's calibration step raised ``error`` or any rank's accumulated
+    gradient is not finite (a collective under ``torch.distributed``: each rank's flags, ANDed); else nothing."""
+    ok = torch.stack([torch.tensor(error is None), *(torch.isfinite(a).all().cpu() for a in acc.values())])
+    ok = true_on_every_rank(ok)
+    if error is not None:
+        raise error
+    if not bool(ok[0]):
+        raise RuntimeError(f"GoRA calibration failed on another process at step {steps} (its error says why); "
+                           "this process stopped with it")
+    for name, fine in zip(acc, ok[1:].tolist()):
+        if not fine:
+            raise FloatingPointError(
+                f"non-finite gradient (NaN/inf) for layer {name!r} at calibration step {steps}: check the "
+                "batches, the loss, or lower the precision risk (e.g. fp32 calibration)"
+            )
+
+
 def collect_gradients(
     model: nn.Module, targets: dict[str, nn.Module], config: GoraConfig, calibration: Iterable[Any], loss_fn: LossFn | None
 ) -> tuple[dict[str, Tensor], GradientStats]:
@@ -208,11 +243,12 @@ def collect_gradients(
     train/eval mode is left as the caller set it (dropout then acts as in training).
 
     Under ``torch.distributed`` every rank must call this with the same ``n_steps`` and
-    ``grad_accumulation`` (each on its own shard of the batches): the mean is all-reduced at the end
-    and, with early stopping, a stop flag after every step. A rank that raises (e.g. runs out of
-    batches) leaves the others waiting in the collective, as any failed rank in a DDP job does.
+    ``grad_accumulation`` (each on its own shard of the batches, of one size on every rank: the mean of the
+    ranks' means is the whole batch's mean only then, as under DDP): the mean is all-reduced at the end; after
+    every step, whether each rank's step went well (:func:`_stop_together`) and, with early stopping, a stop
+    flag. So a rank whose batches fail (too few, no loss, a NaN gradient) stops every rank at that step, each
+    raising, rather than leaving the others waiting in a collective it never joins.
     """
-    _check_calibration_size(calibration, config)
     # the calibration forwards run in the caller's mode; an eval-mode model (as from_pretrained returns it)
     # would let bitsandbytes repack its 4-bit CPU weights, after which training through them fails
     keep_layout(model)
@@ -237,19 +273,14 @@ def collect_gradients(
             p.requires_grad_(False)
             p.grad = None
         _hook_gradients(targets, tapped, acc, hooks)
-        it: Iterator[Any] = iter(calibration)
+        error = _caught(lambda: _check_calibration_size(calibration, config))
+        it: Iterator[Any] = iter(calibration) if error is None else iter(())  # type: ignore[arg-type]
         while steps < config.n_steps:
-            for _ in range(config.grad_accumulation):
-                loss = calibration_loss(model, _next_batch(it, batches, config), loss_fn)
-                (loss / config.grad_accumulation).backward()
-                batches += 1
+            if error is None:
+                error = _caught(lambda: _accumulate_step(model, it, batches, config, loss_fn))
+            batches += config.grad_accumulation if error is None else 0
             steps += 1
-            for name, a in acc.items():
-                if not torch.isfinite(a).all():
-                    raise FloatingPointError(
-                        f"non-finite gradient (NaN/inf) for layer {name!r} at calibration step {steps}: check the "
-                        "batches, the loss, or lower the precision risk (e.g. fp32 calibration)"
-                    )
+            _stop_together(error, acc, steps)
             if config.early_stop_threshold is not None:
                 settled, previous = _settled(targets, acc, steps, previous, config, dist)
                 if settled and steps >= config.early_stop_min_steps and steps < config.n_steps:
