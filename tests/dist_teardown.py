@@ -20,7 +20,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-TIMEOUT = datetime.timedelta(seconds=300)  # any one collective's wait; the launching tests allow 240-600 s in all
+TIMEOUT = datetime.timedelta(seconds=180)  # one collective's wait: under the launching tests' 240-600 s
 
 
 def join(rank: int | None = None, world: int | None = None, init_file: str | None = None) -> None:

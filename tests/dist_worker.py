@@ -11,7 +11,6 @@ then the root), ``fsdp1`` (``FullyShardedDataParallel`` with ``use_orig_params=T
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import rankwise  # noqa: E402
 from conftest import MODEL_CASES  # noqa: E402
+from dist_teardown import join, leave  # noqa: E402
 from method_matrix import METHOD_CASES  # noqa: E402
 
 STEPS = 3
@@ -166,8 +166,7 @@ def main() -> None:
     parser.add_argument("--case", default="mlp", choices=list(MODEL_CASES))
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    join()
     results: dict[str, object] = {}
     for method_name in METHOD_CASES:
         try:
@@ -176,7 +175,7 @@ def main() -> None:
             results[method_name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(results, indent=2))
-    dist.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":

@@ -6,10 +6,10 @@ Not a test module (no ``test_`` prefix); ``tests/test_gora.py`` spawns it with t
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 import rankwise
 from conftest import TinyMLP
+from dist_teardown import join, leave
 
 
 def global_batches(n: int) -> list[dict[str, torch.Tensor]]:
@@ -33,19 +33,16 @@ def adapters(model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor | int]]
 
 
 def run(rank: int, world: int, init_file: str, out_file: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        per = 8 // world
-        mine = [{k: v[rank * per:(rank + 1) * per] for k, v in b.items()} for b in global_batches(3)]
-        results = {}
-        for seed in (0, None):
-            torch.manual_seed(0)
-            model = TinyMLP()
-            torch.manual_seed(1234 + rank)  # a different global RNG per rank: only the broadcast seed can align A
-            report = rankwise.attach(model, make_config(seed), calibration=mine)
-            results[str(seed)] = adapters(model)
-            results[f"notes{seed}"] = report.notes
-        torch.save(results, f"{out_file}.{rank}")
-    finally:
-        dist.destroy_process_group()
+    join(rank, world, init_file)
+    per = 8 // world
+    mine = [{k: v[rank * per:(rank + 1) * per] for k, v in b.items()} for b in global_batches(3)]
+    results = {}
+    for seed in (0, None):
+        torch.manual_seed(0)
+        model = TinyMLP()
+        torch.manual_seed(1234 + rank)  # a different global RNG per rank: only the broadcast seed can align A
+        report = rankwise.attach(model, make_config(seed), calibration=mine)
+        results[str(seed)] = adapters(model)
+        results[f"notes{seed}"] = report.notes
+    torch.save(results, f"{out_file}.{rank}")
+    leave()

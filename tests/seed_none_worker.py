@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import rankwise  # noqa: E402
 from conftest import MODEL_CASES  # noqa: E402
+from dist_teardown import join, leave  # noqa: E402
 from method_matrix import METHOD_CASES  # noqa: E402
 
 RANK_SEED = 100  # rank k seeds its global RNG with RANK_SEED + k
@@ -51,7 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    dist.init_process_group("gloo")
+    join()
     from torch.distributed.fsdp import fully_shard
 
     results = {}
@@ -66,8 +67,8 @@ def main() -> None:
         results[method] = {"ranks": gathered, "sharded": adapter_tensors(model)}
     if dist.get_rank() == 0:
         torch.save(results, args.out)
-    dist.barrier()
-    dist.destroy_process_group()
+    del results, model  # the FSDP2 models hold the group: freed before it is destroyed
+    leave()
 
 
 if __name__ == "__main__":

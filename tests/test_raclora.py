@@ -219,10 +219,9 @@ def test_hf_callback_counts_optimizer_steps_under_accumulation(tmp_path) -> None
 
 
 def _dist_worker(rank: int, world: int, folder: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = os.environ["RW_TEST_PORT"]
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    from dist_teardown import join, leave
+
+    join(rank, world, os.path.join(folder, "init"))
     torch.manual_seed(100 + rank)  # different global RNG per rank: the chain's seed must still agree
     model = TinyMLP()
     rankwise.attach(model, rankwise.RacLoraConfig(r=2, alpha=4, link_steps=2, target_modules=["fc1", "fc2"]))
@@ -235,16 +234,12 @@ def _dist_worker(rank: int, world: int, folder: str) -> None:
         opt.zero_grad()
         rankwise.step(model, opt)
     torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(folder, f"rank{rank}.pt"))
-    torch.distributed.destroy_process_group()
+    del ddp, opt  # the reducer holds the group: freed before it is destroyed
+    leave()
 
 
 @pytest.mark.slow  # ~10 s on 2 shared cores (process start-up); run with -m slow
 def test_two_gloo_processes_build_identical_chains(tmp_path) -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ["RW_TEST_PORT"] = str(s.getsockname()[1])
     mp.spawn(_dist_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     s0, s1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert int(s0["fc1.links"]) == 2 and s0["fc1.chain_a"].shape[0] == 4
