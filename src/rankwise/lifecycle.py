@@ -689,9 +689,10 @@ def step(
 
     It never changes the function the model computes. With ``check_finite`` (the default) it first
     checks every adapter tensor for NaN/inf (one host sync) and raises ``FloatingPointError`` naming
-    the first bad one: NaN gradients otherwise poison a run silently. With several adapters it steps
-    adapter ``name``, or (``None``) every active adapter that has a tensor requiring gradients: all of
-    them or, when one refuses (merged, or an optimizer that does not train it), none.
+    the first bad one: NaN gradients otherwise poison a run silently. Under FSDP (1 or 2) the check is a
+    collective (each rank checks its shards, every rank raises alike): call ``step`` on every rank. With
+    several adapters it steps adapter ``name``, or (``None``) every active adapter that has a tensor requiring
+    gradients: all of them or, when one refuses (merged, or an optimizer that does not train it), none.
     """
     check_original_params(model)
     adapters = adapter_set(model)
