@@ -196,10 +196,10 @@ def _restore(model: nn.Module, hooks: list[Any], params: dict[str, nn.Parameter]
                 b.copy_(buffers[n])
 
 
-def _caught(work: Callable[[], None]) -> Exception | None:
-    """The exception ``work()`` raised, if any (to be raised once every rank knows: :func:`_stop_together`)."""
+def _caught(work: Callable[..., None], *args: Any) -> Exception | None:
+    """The exception ``work(*args)`` raised, if any (to be raised once every rank knows: :func:`_stop_together`)."""
     try:
-        work()
+        work(*args)
     except Exception as exc:  # noqa: BLE001 (raised again by _stop_together, on every rank)
         return exc
     return None
@@ -273,11 +273,11 @@ def collect_gradients(
             p.requires_grad_(False)
             p.grad = None
         _hook_gradients(targets, tapped, acc, hooks)
-        error = _caught(lambda: _check_calibration_size(calibration, config))
+        error = _caught(_check_calibration_size, calibration, config)
         it: Iterator[Any] = iter(calibration) if error is None else iter(())  # type: ignore[arg-type]
         while steps < config.n_steps:
             if error is None:
-                error = _caught(lambda: _accumulate_step(model, it, batches, config, loss_fn))
+                error = _caught(_accumulate_step, model, it, batches, config, loss_fn)
             batches += config.grad_accumulation if error is None else 0
             steps += 1
             _stop_together(error, acc, steps)
