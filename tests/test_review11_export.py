@@ -1,0 +1,182 @@
+"""Review round 11, the export path: what PEFT's ``AutoPeftModelFor...`` classes read from an exported folder.
+
+``export_peft`` wrote ``task_type: null`` and no ``auto_mapping``, which every ``AutoPeftModel*.from_pretrained`` refuses
+("Cannot infer the auto class from the config"). PEFT writes the task type its ``PeftModelFor...`` class is chosen by
+(``CAUSAL_LM``, ``SEQ_CLS``, ...), or, with none, ``auto_mapping`` naming the base class. Each test here loads the
+exported folder the way a PEFT user would (the base read from ``base_model_name_or_path``) and compares the outputs
+with the rankwise model's.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import rankwise
+from method_matrix import METHOD_CASES
+
+peft = pytest.importorskip("peft")
+
+
+def _perturbed(model: nn.Module, config: rankwise.AdapterConfig, calibration: Any = None) -> nn.Module:
+    """``model`` with ``config`` attached and every trainable tensor moved off its init (a trained adapter)."""
+    rankwise.attach(model, config, calibration=calibration)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in rankwise.trainable_parameters(model).values():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def _config(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "adapter_config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                 tie_word_embeddings=True)).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny ``BertForSequenceClassification`` checkpoint (its head saved: a fine-tuned classifier)."""
+    from conftest import MODEL_CASES
+
+    folder = tmp_path_factory.mktemp("bert")
+    MODEL_CASES["bert"]().make().save_pretrained(folder)
+    return str(folder)
+
+
+IDS = torch.randint(1, 64, (3, 9), generator=torch.Generator().manual_seed(0))
+
+# the methods PEFT has by name and those exported as plain LoRA / DoRA factors
+CAUSAL_METHODS = ["lora", "lora-rs", "dora", "gora", "edora-random", "raclora", "cola", "asymmetric"]
+
+
+@pytest.mark.parametrize("method", CAUSAL_METHODS)
+def test_a_causal_lm_export_loads_with_autopeftmodelforcausallm(method: str, llama: str, tmp_path: Path) -> None:
+    """``AutoPeftModelForCausalLM.from_pretrained(folder)`` (TRL's and the PEFT docs' way to serve an adapter) loads the
+    base the folder names and computes the rankwise model's logits."""
+    from transformers import LlamaForCausalLM
+
+    from conftest import ModelCase
+
+    case = ModelCase("llama", lambda: LlamaForCausalLM.from_pretrained(llama),
+                     lambda seed: {"input_ids": torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(seed)),
+                                   "labels": torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(seed))},
+                     ["q_proj", "v_proj", "down_proj"], None)
+    config, calibration = METHOD_CASES[method].make(case, False)
+    model = _perturbed(case.make(), config, calibration)
+    rankwise.export_peft(model, tmp_path / "out")
+    served = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(served).__name__ == "PeftModelForCausalLM" and _config(tmp_path / "out")["task_type"] == "CAUSAL_LM"
+    with torch.no_grad():
+        want = model(input_ids=IDS).logits
+        assert not torch.allclose(want, LlamaForCausalLM.from_pretrained(llama)(input_ids=IDS).logits, atol=1e-4)
+        torch.testing.assert_close(served(input_ids=IDS).logits, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["trained", "pretrained"])
+def test_a_sequence_classifier_export_loads_with_autopeftmodelforsequenceclassification(head: str, bert: str,
+                                                                                       tmp_path: Path) -> None:
+    """``SEQ_CLS``: PEFT's ``PeftModelForSequenceClassification`` adds ``classifier`` and ``score`` to
+    ``modules_to_save`` on load and needs their tensors in the file (a ``KeyError`` otherwise), so an adapter that
+    leaves a fine-tuned head as it is writes the head's own values: the same outputs."""
+    from transformers import BertForSequenceClassification
+
+    model = _perturbed(BertForSequenceClassification.from_pretrained(bert).eval(), rankwise.LoraConfig(
+        r=4, alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"] if head == "trained" else None))
+    rankwise.export_peft(model, tmp_path / "out")
+    with torch.no_grad():
+        want = model(input_ids=IDS).logits
+        for load in (lambda: peft.AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "out"),
+                     lambda: peft.PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(bert),
+                                                            tmp_path / "out")):
+            torch.testing.assert_close(load().eval()(input_ids=IDS).logits, want, rtol=1e-5, atol=1e-6)
+    assert _config(tmp_path / "out")["task_type"] == "SEQ_CLS"
+    # and back: rankwise's import of the folder computes the same
+    again = rankwise.import_peft(BertForSequenceClassification.from_pretrained(bert).eval(), tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=IDS).logits, want, rtol=1e-5, atol=1e-6)
+
+
+def test_an_adapter_on_the_classifier_itself_is_written_without_a_task_type(bert: str, tmp_path: Path) -> None:
+    """PEFT's ``SEQ_CLS`` model wraps the head for full training, which cannot hold a LoRA layer (``TypeError`` /
+    ``KeyError`` on load): an adapter on ``classifier`` keeps ``task_type`` null and names its base class in
+    ``auto_mapping``, as PEFT's own save of such a model does, so ``PeftModel`` and ``AutoPeftModel`` load it."""
+    from transformers import BertForSequenceClassification
+
+    model = _perturbed(BertForSequenceClassification.from_pretrained(bert).eval(),
+                       rankwise.LoraConfig(r=2, alpha=4, target_modules=["query", "classifier"]))
+    rankwise.export_peft(model, tmp_path / "out")
+    with torch.no_grad():
+        want = model(input_ids=IDS).logits
+        for load in (lambda: peft.AutoPeftModel.from_pretrained(tmp_path / "out"),
+                     lambda: peft.PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(bert),
+                                                            tmp_path / "out")):
+            torch.testing.assert_close(load().eval()(input_ids=IDS).logits, want, rtol=1e-5, atol=1e-6)
+    cfg = _config(tmp_path / "out")
+    assert cfg["task_type"] is None and cfg["auto_mapping"]["base_model_class"] == "BertForSequenceClassification"
+
+
+def test_a_bare_encoder_export_loads_with_autopeftmodel(tmp_path: Path) -> None:
+    """A model with no task head (``BertModel``, a sentence encoder): no task type; ``auto_mapping`` names the class."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=48, max_position_embeddings=32)).save_pretrained(tmp_path / "base")
+    model = _perturbed(BertModel.from_pretrained(tmp_path / "base").eval(),
+                       rankwise.DoraConfig(r=2, alpha=4, target_modules=["query", "value"]))
+    rankwise.export_peft(model, tmp_path / "out")
+    served = peft.AutoPeftModel.from_pretrained(tmp_path / "out").eval()
+    assert _config(tmp_path / "out")["task_type"] is None
+    with torch.no_grad():
+        torch.testing.assert_close(served(input_ids=IDS).last_hidden_state, model(input_ids=IDS).last_hidden_state,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_the_vllm_form_of_a_sequence_classifier_names_no_modules_to_save(bert: str, tmp_path: Path) -> None:
+    """vLLM refuses any ``modules_to_save``; ``SEQ_CLS`` would need the head's tensors, so the vLLM form of an adapter
+    that leaves the head as it is has no task type (and still loads in PEFT, with the same outputs)."""
+    from transformers import BertForSequenceClassification
+
+    model = _perturbed(BertForSequenceClassification.from_pretrained(bert).eval(),
+                       rankwise.LoraConfig(r=2, alpha=4, target_modules=["query"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rankwise.export_peft(model, tmp_path / "out", vllm=True)
+    cfg = _config(tmp_path / "out")
+    assert cfg["modules_to_save"] is None and cfg["task_type"] is None
+    served = peft.PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(bert), tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(served.eval()(input_ids=IDS).logits, model(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_export_of_a_model_copy_keeps_the_trained_head(bert: str, tmp_path: Path) -> None:
+    """``SEQ_CLS`` with the head trained: the file holds the trained head (not the base's), once."""
+    from safetensors.torch import load_file
+    from transformers import BertForSequenceClassification
+
+    base = BertForSequenceClassification.from_pretrained(bert).eval()
+    model = _perturbed(copy.deepcopy(base), rankwise.LoraConfig(r=2, alpha=4, target_modules=["query"],
+                                                                modules_to_save=["classifier"]))
+    rankwise.export_peft(model, tmp_path / "out")
+    tensors = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    trained = model.get_submodule("classifier").weight
+    assert not torch.equal(trained, base.classifier.weight)
+    assert torch.equal(tensors["base_model.model.classifier.weight"], trained.detach())
