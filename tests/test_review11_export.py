@@ -180,3 +180,42 @@ def test_export_of_a_model_copy_keeps_the_trained_head(bert: str, tmp_path: Path
     trained = model.get_submodule("classifier").weight
     assert not torch.equal(trained, base.classifier.weight)
     assert torch.equal(tensors["base_model.model.classifier.weight"], trained.detach())
+
+
+# ---------------------------------------------------------------------------- chains: every export form after link ends
+@pytest.mark.parametrize("method", ["raclora", "raclora-b", "cola"])
+def test_a_chain_after_link_ends_and_a_refactor_exports_to_every_form(method: str, tmp_path: Path) -> None:
+    """RAC-LoRA / COLA after 5 link ends on ``fc1`` (12 -> 16): the chain passes ``min(in, out) = 12`` and is
+    re-factored by an SVD. The PEFT form, the vLLM form (an engine reading only ``r`` / ``lora_alpha``) and the merged
+    model each compute the trained model's outputs; the earlier tests exported chains only from un-stepped models."""
+    import dataclasses
+
+    from conftest import MODEL_CASES
+    from test_interop import apply_vllm_rules
+
+    case = dataclasses.replace(MODEL_CASES["mlp"](), head=None)
+    base = case.make()
+    config, _ = METHOD_CASES[method].make(case, False)
+    model = copy.deepcopy(base)
+    rankwise.attach(model, dataclasses.replace(config, link_steps=1))
+    opt = torch.optim.SGD(rankwise.trainable_parameters(model).values(), lr=0.5)
+    for i in range(5):
+        model(**case.batch(i)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        rankwise.step(model, opt)
+    model(**case.batch(9)).loss.backward()  # a current link that is not zero
+    opt.step()
+    layer = rankwise.adapter_layers(model)["fc1"]
+    assert layer.chain_a.shape[0] == 12 and bool(layer.lora_b.any())  # re-factored, and a live link beside it
+    batch = case.batch(7)
+    with torch.no_grad():
+        want = model.eval()(**batch).logits
+        assert not torch.allclose(want, base(**batch).logits, atol=1e-3)
+        rankwise.export_peft(model, tmp_path / "peft")
+        rankwise.export_peft(model, tmp_path / "vllm", vllm=True)
+        served = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+        torch.testing.assert_close(served(**batch).logits, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(apply_vllm_rules(base, tmp_path / "vllm")(**batch).logits, want, rtol=1e-5, atol=1e-5)
+        merged = rankwise.detach(model, merge=True)
+        torch.testing.assert_close(merged(**batch).logits, want, rtol=1e-5, atol=1e-5)
