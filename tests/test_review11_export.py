@@ -219,3 +219,30 @@ def test_a_chain_after_link_ends_and_a_refactor_exports_to_every_form(method: st
         torch.testing.assert_close(apply_vllm_rules(base, tmp_path / "vllm")(**batch).logits, want, rtol=1e-5, atol=1e-5)
         merged = rankwise.detach(model, merge=True)
         torch.testing.assert_close(merged(**batch).logits, want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- a checkpoint the run no longer holds
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_checkpoint_a_finished_run_deleted_is_refused_not_replaced_by_the_result(method: str, bert: str,
+                                                                                   tmp_path: Path,
+                                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """The round-10 message for an unfinished run names ``RUN/checkpoints/step-N/adapter``; once the run is resumed
+    and finishes, it deletes its checkpoints. That command then exported the finished model of a full fine-tuning
+    run in place of the step-N one it names (exit 0), and for an adapter run said the run "did not get far enough to
+    save one". Now one line says the checkpoint is gone and what to export; nothing is written."""
+    from conftest import write_sst2_slice
+    from rankwise_harness import cli
+
+    data = write_sst2_slice(tmp_path, 16, 4)
+    run = tmp_path / "run"
+    assert cli.main(["finetune", "--task", "sst2", "--data", data, "--model", bert, "--method", method, "--max-steps",
+                     "4", "--save-every", "2", "--batch-size", "8", "--max-length", "16", "--output", str(run),
+                     "--no-progress"]) == 0
+    gone = run / "checkpoints" / "step-0000002" / "adapter"
+    assert not gone.parent.exists()  # a finished run keeps no checkpoint
+    capsys.readouterr()
+    rc = cli.main(["export", str(gone), "--out", str(tmp_path / "out"), "--format", "merged"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "has finished" in err and f"rankwise export {run} " in err, err
+    assert not (tmp_path / "out").exists()
