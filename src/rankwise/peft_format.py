@@ -86,6 +86,9 @@ def export_peft(
     ``model.load_adapter(path/<name>, adapter_name=<name>)``); every adapter is converted before any file
     is written, so one PEFT cannot express stops the export naming it.
     A ``torch.compile`` / DDP / FSDP1 wrapper is unwrapped (module names are the plain model's).
+    ``task_type`` is PEFT's for the model's transformers class (``CAUSAL_LM``, ``SEQ_CLS``, ...: what
+    ``AutoPeftModelFor...`` and ``PeftModel.from_pretrained`` choose their class by), with the heads that task
+    trains (:func:`_peft_task`); otherwise null with ``auto_mapping`` naming the class, as PEFT writes it.
     ``modules_to_save`` are written as full names; a module PEFT's plain-suffix rule adds to them (a top-level
     ``classifier`` also selects ``pre_classifier``) is written as the base module, with a ``UserWarning``.
     PEFT's config has one ``fan_in_fan_out``: it is True when any target is a GPT-2 ``Conv1D``. PEFT 0.21 sets
