@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 import torch
+from method_matrix import METHOD_CASES
 from torch import nn
 
 import rankwise
-from method_matrix import METHOD_CASES
 
 peft = pytest.importorskip("peft")
 
@@ -71,9 +71,8 @@ CAUSAL_METHODS = ["lora", "lora-rs", "dora", "gora", "edora-random", "raclora", 
 def test_a_causal_lm_export_loads_with_autopeftmodelforcausallm(method: str, llama: str, tmp_path: Path) -> None:
     """``AutoPeftModelForCausalLM.from_pretrained(folder)`` (TRL's and the PEFT docs' way to serve an adapter) loads the
     base the folder names and computes the rankwise model's logits."""
-    from transformers import LlamaForCausalLM
-
     from conftest import ModelCase
+    from transformers import LlamaForCausalLM
 
     case = ModelCase("llama", lambda: LlamaForCausalLM.from_pretrained(llama),
                      lambda seed: {"input_ids": torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(seed)),
@@ -231,6 +230,7 @@ def test_a_checkpoint_a_finished_run_deleted_is_refused_not_replaced_by_the_resu
     run in place of the step-N one it names (exit 0), and for an adapter run said the run "did not get far enough to
     save one". Now one line says the checkpoint is gone and what to export; nothing is written."""
     from conftest import write_sst2_slice
+
     from rankwise_harness import cli
 
     data = write_sst2_slice(tmp_path, 16, 4)
