@@ -86,6 +86,9 @@ def export_peft(
     ``model.load_adapter(path/<name>, adapter_name=<name>)``); every adapter is converted before any file
     is written, so one PEFT cannot express stops the export naming it.
     A ``torch.compile`` / DDP / FSDP1 wrapper is unwrapped (module names are the plain model's).
+    ``task_type`` is PEFT's for the model's transformers class (``CAUSAL_LM``, ``SEQ_CLS``, ...: what
+    ``AutoPeftModelFor...`` and ``PeftModel.from_pretrained`` choose their class by), with the heads that task
+    trains (:func:`_peft_task`); otherwise null with ``auto_mapping`` naming the class, as PEFT writes it.
     ``modules_to_save`` are written as full names; a module PEFT's plain-suffix rule adds to them (a top-level
     ``classifier`` also selects ``pre_classifier``) is written as the base module, with a ``UserWarning``.
     PEFT's config has one ``fan_in_fan_out``: it is True when any target is a GPT-2 ``Conv1D``. PEFT 0.21 sets
@@ -122,7 +125,10 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
 
     use_rslora = bool(getattr(state.config, "use_rslora", False)) and not vllm
-    saved = fully_trained_modules(model, name) | _peft_widened(model, name, state.modules_to_save, list(layers))
+    task_type, heads = _peft_task(model, state.modules_to_save, list(layers), vllm)
+    entries = [*state.modules_to_save, *(h for h in heads if h not in state.modules_to_save)]
+    saved = (_peft_heads(model, heads) | _peft_widened(model, name, state.modules_to_save, list(layers))
+             | fully_trained_modules(model, name))  # a trained module's tensors are written last: they win
     if vllm and saved:
         raise ValueError(f"vLLM refuses adapters with modules_to_save (\"vLLM only supports modules_to_save being "
                          f"None\"), and without the trained {sorted(saved)} it would serve other outputs. {SERVE_MERGED}; "
@@ -137,7 +143,7 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
         assert not rank_pattern and not alpha_pattern
     config = {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "r": int(r_global),
         "lora_alpha": alpha_global,
@@ -147,7 +153,7 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
         "use_rslora": use_rslora,
         "use_dora": bool(dora),
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
-        "modules_to_save": list(state.modules_to_save) or None,
+        "modules_to_save": entries or None,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "init_lora_weights": True,
@@ -156,8 +162,61 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
         "layers_to_transform": None,
         "layers_pattern": None,
     }
+    if task_type is None:  # what PEFT's save writes then: AutoPeftModel* build the base from it
+        config["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
     weights = st_save(tensors, metadata={"format": "pt", "exported_by": f"rankwise {state.config.method}"})
     return weights, (json.dumps(config, indent=2) + "\n").encode()
+
+
+# PEFT's task types, by the transformers Auto class whose mapping names the model's class, and the head modules the
+# task's PeftModelFor... class adds to modules_to_save on load (peft.peft_model, PEFT 0.21)
+_TASK_TYPES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("CAUSAL_LM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", ()),
+    ("SEQ_2_SEQ_LM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", ()),
+    ("SEQ_CLS", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", ("classifier", "score")),
+    ("TOKEN_CLS", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", ("classifier", "score")),
+    ("QUESTION_ANS", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", ("qa_outputs",)),
+)
+
+
+def _class_task(model: nn.Module) -> tuple[str | None, tuple[str, ...]]:
+    """``(task_type, heads)`` for the model's transformers class (or the one it subclasses): the PEFT task type
+    ``AutoPeftModelFor...`` loads it with, and the head modules that task trains; ``(None, ())`` for any other
+    class (a bare encoder, a model of another library)."""
+    classes = {c.__name__ for c in type(model).__mro__ if c.__module__.startswith("transformers.")}
+    if not classes:
+        return None, ()
+    from transformers.models.auto import modeling_auto
+
+    for task, mapping, heads in _TASK_TYPES:
+        names = getattr(modeling_auto, mapping, {}).values()
+        if classes & {n for v in names for n in ((v,) if isinstance(v, str) else v)}:
+            return task, heads
+    return None, ()
+
+
+def _peft_task(model: nn.Module, saved: list[str], layers: list[str], vllm: bool) -> tuple[str | None, tuple[str, ...]]:
+    """``(task_type, heads)`` to write: :func:`_class_task`'s, unless PEFT could not load the adapter with it.
+
+    PEFT's ``SEQ_CLS`` / ``TOKEN_CLS`` / ``QUESTION_ANS`` models add their heads to ``modules_to_save`` on load and
+    need their tensors in the file (a ``KeyError`` otherwise), so the heads are written (:func:`_peft_heads`).
+    Where a head would wrap an adapted layer (PEFT refuses that) or the vLLM form cannot hold ``modules_to_save``,
+    no task type is written (``auto_mapping`` names the class instead, as PEFT's save of a model without one does).
+    """
+    task, heads = _class_task(model)
+    if not heads:
+        return task, ()
+    wrapped = peft_wraps([n for n, _ in base_modules(model)], (*saved, *heads))
+    inside = [t for t in layers if any(t == n or t.startswith(n + ".") for n in wrapped)]
+    if inside or (vllm and wrapped):
+        return None, ()
+    return task, heads
+
+
+def _peft_heads(model: nn.Module, heads: tuple[str, ...]) -> dict[str, nn.Module]:
+    """The modules PEFT's task wraps for ``heads``, as they are in the model (written so PEFT's load finds them)."""
+    modules = dict(base_modules(model))
+    return {n: modules[n] for n in peft_wraps(list(modules), heads)}
 
 
 def _peft_widened(model: nn.Module, name: str, saved: list[str], layers: list[str]) -> dict[str, nn.Module]:

@@ -131,6 +131,8 @@ def _trained_result(args: argparse.Namespace, run: dict[str, Any] | None) -> tup
     folder = run_folder(args.adapter)
     assert folder is not None
     source = adapter_source(run["run"]["method"])
+    if folder not in (given, given.parent) and not (given / "adapter.safetensors").is_file():  # a checkpoint's, gone
+        raise ValueError(_missing_checkpoint(folder, given, source.writes_adapter))
     if source.writes_adapter:
         result = given if given.name == "adapter" else folder / "adapter"
         if (result / "adapter.safetensors").is_file():
@@ -145,6 +147,16 @@ def _trained_result(args: argparse.Namespace, run: dict[str, Any] | None) -> tup
         raise ValueError(f"{folder} holds the tensors of an adapter another library injected (model.safetensors, "
                          "no rankwise adapter/): load them with that library; rankwise export reads rankwise adapters")
     raise ValueError(_unfinished(folder, source.writes_adapter))
+
+
+def _missing_checkpoint(folder: Path, given: Path, writes_adapter: bool) -> str:
+    """Why checkpoint adapter ``given`` of run ``folder`` cannot be exported: a finished run deleted it (its result,
+    never another model than the one named, is what to export), or the run is unfinished and it is not its last."""
+    if (folder / "adapter" / "adapter.safetensors").is_file() or (folder / "model.safetensors").is_file():
+        how = "" if writes_adapter else " --format merged"
+        return (f"{given} does not exist: {folder} has finished, and a finished run deletes its checkpoints; export "
+                f"its result: rankwise export {folder} --out DIR{how}")
+    return f"{given} holds no adapter. {_unfinished(folder, writes_adapter)}"
 
 
 def _unfinished(folder: Path, writes_adapter: bool) -> str:
