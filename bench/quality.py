@@ -142,7 +142,11 @@ def schedule_args(args: argparse.Namespace) -> list[str]:
 
 
 def report(args: argparse.Namespace) -> None:
+    from rankwise_harness.compare import count_cell, param_counts
+    from regime import mean_std
+
     rows = []
+    scores: dict[tuple[str, str], list[float]] = {}  # (task, method) -> the seeds' scores x 100
     days: set[str] = set()
     for task in args.tasks.split(","):
         metric = TASKS[task][2]
@@ -153,10 +157,12 @@ def report(args: argparse.Namespace) -> None:
                 continue
             ms = [json.loads(p.read_text()) for p in runs]
             vals = [100 * m["metrics"][metric] for m in ms]
+            scores[(task, method)] = vals
             rows.append({
                 "task": task, "method": method, "metric": metric, "n_seeds": len(vals),
-                "mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                "trainable": ms[0]["trainable_params"],
+                "mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else None,
+                # each seed's own count (GoRA allocates its ranks from the run's gradients): mean, min and max
+                **param_counts([m["trainable_params"] for m in ms]),
                 "step_ms": 1000 * statistics.mean(m["step_seconds"] for m in ms),
                 # the head warm-up (if any) is part of the initialisation's cost
                 "init_s": statistics.mean(m.get("init_seconds", 0.0) + (m.get("head_warmup") or {}).get("seconds", 0.0)
@@ -193,17 +199,23 @@ def report(args: argparse.Namespace) -> None:
         "| method | trainable | " + " | ".join(tasks) + " | average | init share of run |",
         "|---|---:|" + "---:|" * len(tasks) + "---:|---:|",
     ]
-    plot = []
+    plot, spans = [], False
     for method, per in by_method.items():
-        cells = [f"{per[t]['mean']:.1f} ± {per[t]['std']:.1f}" + (f" (n={per[t]['n_seeds']})" if per[t]["n_seeds"] < 3 else "")
-                 if t in per else "—" for t in tasks]
+        cells = [mean_std(scores[(t, method)], scale=1) if t in per else "—" for t in tasks]
         complete = all(t in per for t in tasks)
         avg = statistics.mean(per[t]["mean"] for t in tasks) if complete else float("nan")
         init_share = statistics.mean(per[t]["init_s"] / (per[t]["init_s"] + per[t]["train_s"]) for t in per)
-        trainable = next(iter(per.values()))["trainable"]
-        lines.append(f"| {method} | {trainable:,} | " + " | ".join(cells) + f" | {avg:.1f} | {100 * init_share:.1f}% |".replace("nan", "—"))
+        # every run of the row, all tasks and seeds: one count, or min–max where they differ
+        counts = [n for r in per.values() for n in (r["trainable_params_min"], r["trainable_params_max"])]
+        trainable = statistics.mean(r["trainable_params"] for r in per.values())
+        lines.append(f"| {method} | {count_cell(counts)} | " + " | ".join(cells) + f" | {avg:.1f} | {100 * init_share:.1f}% |".replace("nan", "—"))
         if complete:
             plot.append((method, trainable, avg))
+        spans |= len(set(counts)) > 1
+    if spans:
+        lines += ["", "trainable: min–max over the row's runs (tasks and seeds) where they differ (a method that "
+                  "allocates its ranks from data trains its own number in each run); the CSV has each task's mean, "
+                  "min and max, the plot the mean."]
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:

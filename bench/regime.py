@@ -274,10 +274,12 @@ def constant_answer_line(task: str, folder: Path, fraction: float) -> str:
 
 
 def mean_std(values: list[float], scale: float = 100, digits: int = 1) -> str:
+    """``mean ± std`` (the sample standard deviation) of ``scale × values``, with ``(n=N)`` under 3 values; one
+    value has no spread to show (not ``± 0.0``, which reads as seeds that agreed); none: ``—``."""
     if not values:
         return "—"
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    s = f"{scale * statistics.mean(values):.{digits}f} ± {scale * spread:.{digits}f}"
+    s = f"{scale * statistics.mean(values):.{digits}f}"
+    s += f" ± {scale * statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
     return s + (f" (n={len(values)})" if len(values) < 3 else "")
 
 
