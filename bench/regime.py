@@ -169,13 +169,25 @@ def _unique(scores: dict[float, float], best: float | None) -> bool:
     return best is not None and sum(v == scores[best] for v in scores.values()) == 1
 
 
-def still_at_edge(runs: Path, task: str, arm: Arm, lr: float | None) -> bool:
-    """The pick ``lr`` sits, untied, at an edge of its extensible grid once the grid has run (extensions
-    exhausted): the protocol's "the picked lr must not sit at a grid edge" is not met, and the report says so."""
-    if lr is None or not arm.extend_grid or outward(arm.lrs, lr) is None:
-        return False
+def edge_note(runs: Path, task: str, arm: Arm, lr: float | None) -> str:
+    """The lr cell's note on a pick sitting, untied, at an edge of its extensible grid once every grid point has run:
+    ``", at its edge: extends to X, not yet run"`` while extensions are left (the protocols extend the grid), ``",
+    still at its edge"`` after :data:`MAX_EXTENSIONS` (the protocol's "the picked lr must not sit at a grid edge" is
+    not met, and the report says so); else empty."""
+    nxt = None if lr is None or not arm.extend_grid else outward(arm.lrs, lr)
+    if nxt is None:
+        return ""
     scores = {x: grid_score(arm, m) for x in arm.lrs if (m := metrics(runs, task, arm, x, 0)) is not None}
-    return len(scores) == len(arm.lrs) and _unique(scores, lr)
+    if len(scores) < len(arm.lrs) or not _unique(scores, lr):
+        return ""
+    if len(arm.lrs) - arm.base_grid >= MAX_EXTENSIONS:
+        return ", still at its edge"
+    return f", at its edge: extends to {nxt:g}, not yet run"
+
+
+def still_at_edge(runs: Path, task: str, arm: Arm, lr: float | None) -> bool:
+    """The pick ``lr`` sits, untied, at an edge of its grid after the grid's :data:`MAX_EXTENSIONS` extensions."""
+    return edge_note(runs, task, arm, lr) == ", still at its edge"
 
 
 def pick_lr(runs: Path, task: str, arm: Arm, common: list[str], dry: bool = False) -> float | None:
@@ -297,8 +309,7 @@ def table(runs: Path, task: str, arms: list[Arm], picked: dict[str, float | None
     for arm in arms:
         lr = picked.get(arm.label)
         ms = seed_metrics(runs, task, arm, lr, seeds)
-        edge = ", still at its edge" if still_at_edge(runs, task, arm, lr) else ""
-        grid = f" (grid {grid_done(runs, task, arm)}/{len(arm.lrs)}{edge})"
+        grid = f" (grid {grid_done(runs, task, arm)}/{len(arm.lrs)}{edge_note(runs, task, arm, lr)})"
         if not ms:
             lines.append(f"| {arm.label} | {'—' if lr is None else f'{lr:g}'}{grid} | — | — | not yet run | | | | | |")
             continue

@@ -72,3 +72,42 @@ def test_quality_shows_no_spread_for_a_single_seed(tmp_path: Path, monkeypatch: 
     md = _quality_report(tmp_path, monkeypatch, "sst2", "lora,dora", "0,1")
     assert _row(md, "lora")[2] == "80.0 (n=1)"
     assert _row(md, "dora")[2] == f"81.0 ± {2 / 2 ** 0.5:.1f} (n=2)"
+
+
+import ledger  # noqa: E402
+import regime  # noqa: E402
+
+
+@pytest.fixture()
+def tmp_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setattr(ledger, "LEDGER", tmp_path / "ledger")
+    return tmp_path / "runs"
+
+
+def _grid_run(runs: Path, task: str, arm: regime.Arm, lr: float, held_out: float) -> None:
+    """A finished seed-0 grid run of ``arm`` with this held-out F1 (a ledger entry as bench/ledger.py writes it)."""
+    path = ledger.entry_path(runs.name, regime.run_id(task, arm, lr, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"run_id": regime.run_id(task, arm, lr, 0), "command": "x", "losses": {},
+                                "metrics": {"method": arm.method, "headline_metric": "f1", "best": {"val": {"f1": held_out}}}}))
+
+
+def test_an_edge_pick_whose_extension_has_not_run_is_not_called_still_at_its_edge(tmp_ledger: Path) -> None:
+    """The protocols: a unique pick at a grid edge extends the grid outward (at most 3 times); "still at its edge" is
+    a pick left there after the 3 extensions (edora-decided.md, change (2)). The committed raclora-rank report said
+    "grid 3/3, still at its edge" for three arms whose first extension (3e-3 -> 9.5e-3) had not run yet: the cell
+    now says the grid extends, and to which lr."""
+    arm = regime.Arm("a", "lora", [], [3e-4, 1e-3, 3e-3])
+    for lr, v in {3e-4: 0.5, 1e-3: 0.6, 3e-3: 0.7}.items():
+        _grid_run(tmp_ledger, "sst2", arm, lr, v)
+    pick = regime.pick_lr(tmp_ledger, "sst2", arm, [], dry=True)
+    assert pick == 3e-3 and arm.lrs == [3e-4, 1e-3, 3e-3]  # the extension is not in the ledger yet
+    assert not regime.still_at_edge(tmp_ledger, "sst2", arm, pick)
+    assert regime.edge_note(tmp_ledger, "sst2", arm, pick) == ", at its edge: extends to 0.0095, not yet run"
+    # after the 3 extensions (9.5e-3, 0.03, 0.095), each better than the last: still at its edge, and said so
+    for lr, v in {9.5e-3: 0.8, 0.03: 0.9, 0.095: 0.95}.items():
+        _grid_run(tmp_ledger, "sst2", arm, lr, v)
+    pick = regime.pick_lr(tmp_ledger, "sst2", arm, [], dry=True)
+    assert pick == 0.095 and len(arm.lrs) == 6
+    assert regime.still_at_edge(tmp_ledger, "sst2", arm, pick)
+    assert regime.edge_note(tmp_ledger, "sst2", arm, pick) == ", still at its edge"
