@@ -111,3 +111,86 @@ def test_an_edge_pick_whose_extension_has_not_run_is_not_called_still_at_its_edg
     assert pick == 0.095 and len(arm.lrs) == 6
     assert regime.still_at_edge(tmp_ledger, "sst2", arm, pick)
     assert regime.edge_note(tmp_ledger, "sst2", arm, pick) == ", still at its edge"
+
+
+class _SlowClock:
+    """``time`` for rankwise_harness.progress: each reading is ``step`` seconds after the last (a phase where every
+    batch takes that long), so the sparse cadence shows without waiting."""
+
+    def __init__(self, step: float) -> None:
+        self.now, self.step = 0.0, step
+
+    def perf_counter(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_no_progress_still_says_that_a_long_calibration_and_training_are_working(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--no-progress`` (the experiments' runs) hid every progress line: a 40-70 minute GoRA calibration, then hours
+    of training, printed nothing, so a log could not tell a hang from work. Now it prints sparse plain lines (one per
+    ``SPARSE_SECONDS``, a closing one) for calibration, training and evaluation, and the run's log says when a
+    calibration starts and how long it took. Here every clock reading is 400 s later: a 4-batch calibration takes
+    minutes, so lines come."""
+    from conftest import minilm_path, write_sst2_slice
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from rankwise_harness import progress
+    from rankwise_harness.config import RunConfig
+    from rankwise_harness.train import finetune
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                             num_attention_heads=4, intermediate_size=48,
+                                             max_position_embeddings=64)).save_pretrained(tmp_path / "bert")
+    tok.save_pretrained(tmp_path / "bert")
+    (tmp_path / "sst2").mkdir()
+    data = write_sst2_slice(tmp_path / "sst2", 48, 16)
+    monkeypatch.setattr(progress, "time", _SlowClock(400.0))
+    said: list[str] = []
+    cfg = RunConfig(task="sst2", method="gora", data=data, model=str(tmp_path / "bert"), output=str(tmp_path / "run"),
+                    r=4, alpha=8, max_steps=6, batch_size=8, lr=5e-3, max_length=32, warmup_ratio=0.0,
+                    overrides={"n_steps": "4"})
+    finetune(cfg, show_progress=False, log=said.append)
+    out = capsys.readouterr().out
+    assert any("calibration batches: " in line and "/4," in line for line in out.splitlines()), out
+    assert any("gora/sst2 step " in line for line in out.splitlines()), out
+    assert any(line.startswith("evaluating 16 examples: ") for line in out.splitlines()), out
+    start = next(m for m in said if m.startswith("gora: calibrating on 4 batches of 8"))
+    end = next(m for m in said if m.startswith("gora: calibrated in "))
+    assert said.index(start) < said.index(end)
+
+
+def test_sparse_progress_prints_rarely_never_a_bar_and_nothing_on_other_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sparse (``--no-progress``): a line once SPARSE_SECONDS have passed, none per step, no bar even on a terminal,
+    a closing line at the end when one was printed; ``enabled=False`` (a process other than the main one): nothing.
+    A consumer that takes exactly ``len`` calibration batches (never asks for a next) still has its last one counted."""
+    import io
+
+    from rankwise_harness import progress
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(progress, "time", _SlowClock(progress.SPARSE_SECONDS / 2))  # a line every second reading
+    tty, out = Tty(), io.StringIO()
+    p = progress.Progress(6, desc="x", stream=tty, out=out, every_steps=1, sparse=True)
+    for _ in range(6):
+        p.update(1.0, 1.0, 1.0)
+    p.close()
+    assert tty.getvalue() == ""  # no bar
+    assert [line.split()[2] for line in out.getvalue().splitlines()] == ["2/6", "4/6", "6/6"]  # not every step
+    silent = io.StringIO()
+    q = progress.Progress(6, desc="x", stream=tty, out=silent, enabled=False, sparse=True)
+    batches = progress.TrackedBatches(list(range(4)), "cal", enabled=False, out=silent, sparse=True)
+    for _ in range(6):
+        q.update(1.0, 1.0, 1.0)
+    assert list(batches) == [0, 1, 2, 3] and silent.getvalue() == ""
+    shown = io.StringIO()
+    it = iter(progress.TrackedBatches(list(range(4)), "cal", out=shown, sparse=True))
+    assert [next(it) for _ in range(4)] == [0, 1, 2, 3]
+    it.close()  # the consumer stops after exactly 4
+    assert shown.getvalue().splitlines()[-1].startswith("cal: 4/4, ")

@@ -116,7 +116,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N optimizer steps (for --resume)")
     g.add_argument("--overwrite", action="store_true", help="replace a previous run in the output folder")
     g.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last checkpoint")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: a plain line every 5 minutes of a long phase (calibration, training, evaluation)")
 
 
 def _run_config(args: argparse.Namespace, method: str, output: str) -> RunConfig:
