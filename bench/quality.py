@@ -142,8 +142,9 @@ def schedule_args(args: argparse.Namespace) -> list[str]:
 
 
 def report(args: argparse.Namespace) -> None:
+    from regime import mean_std  # first: it puts this checkout's src/ first on the path
+
     from rankwise_harness.compare import count_cell, param_counts
-    from regime import mean_std
 
     rows = []
     scores: dict[tuple[str, str], list[float]] = {}  # (task, method) -> the seeds' scores x 100

@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # The drivers' own imports of rankwise come from this checkout's src/ (as their runs' PYTHONPATH does), whatever
 # python starts them: bench/experiments.sh runs a pinned worktree with a venv whose editable install is elsewhere.
 sys.path.insert(0, str(ROOT / "src"))
+from rankwise_harness.compare import count_cell  # noqa: E402  (one count, or min–max where runs differ)
+
 DATA = Path(os.environ.get("RANKWISE_SHARED_DATA", str(ROOT.parent / "shared" / "data")))
 GLUE = {"sst2": ("SST-2", 64), "cola": ("CoLA", 64), "mrpc": ("MRPC", 128)}
 
@@ -64,13 +66,15 @@ def head_only(flags: list[str], n_seeds: int | None = None) -> Arm:
     return Arm("head-only", "lora", flags, [1e-12], n_seeds, extend_grid=False, trains_adapter=False)
 
 
-def adapter_cell(arm: Arm, m: dict[str, Any]) -> str:
-    """The table's adapter parameters: the adapter's trainable count; full fine-tuning's every weight but the head;
-    0 for a control whose adapter never moves (the head-only arm's LoRA, held at lr 1e-12: its size in brackets)."""
-    adapter = m.get("adapter_params")  # None: full fine-tuning (every weight trains)
-    if adapter is None:
-        return f"{m['trainable_params'] - m['head_params']:,} (all)"
-    return f"{adapter:,}" if arm.trains_adapter else f"0 (its {arm.method} of {adapter:,} held still)"
+def adapter_cell(arm: Arm, ms: list[dict[str, Any]]) -> str:
+    """The table's adapter parameters over the arm's runs ``ms`` (one count, or ``min–max`` where seeds trained
+    different numbers: compare's :func:`~rankwise_harness.compare.count_cell`): the adapter's trainable count; full
+    fine-tuning's every weight but the head; 0 for a control whose adapter never moves (the head-only arm's LoRA,
+    held at lr 1e-12: its size in brackets)."""
+    if ms[0].get("adapter_params") is None:  # full fine-tuning (every weight trains)
+        return f"{count_cell([m['trainable_params'] - m['head_params'] for m in ms])} (all)"
+    size = count_cell([m["adapter_params"] for m in ms])
+    return size if arm.trains_adapter else f"0 (its {arm.method} of {size} held still)"
 
 
 def run_id(task: str, arm: Arm, lr: float, seed: int) -> str:
@@ -320,7 +324,7 @@ def table(runs: Path, task: str, arms: list[Arm], picked: dict[str, float | None
         last_acc = [m["last"]["dev"].get("accuracy", float("nan")) for m in ms]
         secs = statistics.mean(m["train_seconds"] for m in ms)
         mark = "†" if arm.pick_on == "train-loss" else ""
-        lines.append(f"| {arm.label} | {lr:g}{mark}{grid} | {adapter_cell(arm, ms[0])} | {ms[0]['head_params']:,} | "
+        lines.append(f"| {arm.label} | {lr:g}{mark}{grid} | {adapter_cell(arm, ms)} | {count_cell([m['head_params'] for m in ms])} | "
                      f"{mean_std(best)} | {mean_std(best_acc)} | {mean_std(last)} | {mean_std(last_acc)} | "
                      f"{mean_std([last_epoch_loss(m) for m in ms], scale=1, digits=3)} | {secs:.0f} |")
     return lines

@@ -194,3 +194,23 @@ def test_sparse_progress_prints_rarely_never_a_bar_and_nothing_on_other_processe
     assert [next(it) for _ in range(4)] == [0, 1, 2, 3]
     it.close()  # the consumer stops after exactly 4
     assert shown.getvalue().splitlines()[-1].startswith("cal: 4/4, ")
+
+
+def test_the_regime_table_counts_every_seeds_parameters(tmp_ledger: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The regime reports' parameter cells come from every seed's run (``min–max`` where they differ, as compare and
+    the GoRA report show them), not the first seed's; one seed's score shows no spread."""
+    monkeypatch.setattr(regime, "majority_rate", lambda task: 0.5)
+    arm = regime.Arm("a", "gora", [], [1e-3], extend_grid=False)
+    for seed, n in enumerate((1_000, 1_200, 900)):
+        path = ledger.entry_path(tmp_ledger.name, regime.run_id("sst2", arm, 1e-3, seed))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        dev = {"f1": 0.5 + seed / 10, "accuracy": 0.6}
+        path.write_text(json.dumps({"run_id": "x", "command": "x", "losses": {"epoch_losses": [0.3]}, "metrics": {
+            "method": "gora", "headline_metric": "f1", "adapter_params": n, "head_params": 770, "train_seconds": 1.0,
+            "best": {"val": {"f1": 0.5}, "dev": dev}, "last": {"dev": dev, "epoch": 1.0}}}))
+    row = next(x for x in regime.table(tmp_ledger, "sst2", [arm], {"a": 1e-3}, [0, 1, 2]) if x.startswith("| a |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:4] == ["900–1,200", "770"]
+    assert cells[4] == "60.0 ± 10.0"  # f1 50, 60, 70: mean 60, sample std 10
+    one = next(x for x in regime.table(tmp_ledger, "sst2", [arm], {"a": 1e-3}, [0]) if x.startswith("| a |"))
+    assert [c.strip() for c in one.strip("|").split("|")][2:5] == ["1,000", "770", "50.0 (n=1)"]
