@@ -141,6 +141,13 @@ def schedule_args(args: argparse.Namespace) -> list[str]:
     return [*length, "--schedule", "linear", "--warmup-ratio", "0.06"]  # the pre-issue-18 default, pinned
 
 
+def run_dates(metrics_files: list[Path]) -> str:
+    """The days the runs finished (their ``metrics.json`` files' times, UTC): ``"D"`` or ``"D1 to D2"``, so a
+    ``--report-only`` rerun keeps the runs' dates rather than the day the report was written."""
+    days = sorted({datetime.fromtimestamp(p.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d") for p in metrics_files})
+    return days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
+
+
 def report(args: argparse.Namespace) -> None:
     from regime import mean_std  # first: it puts this checkout's src/ first on the path
 
@@ -148,7 +155,7 @@ def report(args: argparse.Namespace) -> None:
 
     rows = []
     scores: dict[tuple[str, str], list[float]] = {}  # (task, method) -> the seeds' scores x 100
-    days: set[str] = set()
+    finished: list[Path] = []
     for task in args.tasks.split(","):
         metric = TASKS[task][2]
         for method in args.methods:
@@ -171,8 +178,7 @@ def report(args: argparse.Namespace) -> None:
                 "train_s": statistics.mean(m["train_seconds"] for m in ms),
                 "peak_mb": max(m["peak_memory_mb"] for m in ms),
             })
-            # when the runs finished (their metrics files), so a --report-only rerun keeps the runs' dates
-            days |= {datetime.fromtimestamp(p.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d") for p in runs}
+            finished += runs
     out = ROOT / "docs" / "bench"
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"{args.name}.csv", "w", newline="") as f:
@@ -183,7 +189,7 @@ def report(args: argparse.Namespace) -> None:
     for r in rows:
         by_method.setdefault(r["method"], {})[r["task"]] = r
     tasks = [t for t in TASKS if any(t in v for v in by_method.values())]
-    date = min(days) if len(days) == 1 else f"{min(days)} to {max(days)}"
+    date = run_dates(finished)
     sched = f"--tasks {args.tasks} --methods {','.join(args.methods)} --seeds {args.seeds} "
     sched += f"--epochs {args.epochs}" if args.epochs else f"--steps {args.steps}"
     sched += (f" --r {args.r}" if args.r is not None else "") + (f" --targets {args.targets}" if args.targets else "")

@@ -214,3 +214,25 @@ def test_the_regime_table_counts_every_seeds_parameters(tmp_ledger: Path, monkey
     assert cells[4] == "60.0 ± 10.0"  # f1 50, 60, 70: mean 60, sample std 10
     one = next(x for x in regime.table(tmp_ledger, "sst2", [arm], {"a": 1e-3}, [0]) if x.startswith("| a |"))
     assert [c.strip() for c in one.strip("|").split("|")][2:5] == ["1,000", "770", "50.0 (n=1)"]
+
+
+def test_gsm8k_report_dates_its_runs_not_the_day_it_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--report-only`` re-renders finished runs: "Measured D" is the day the runs finished (their metrics files),
+    as bench/quality.py's report says it (one helper, ``quality.run_dates``), not the day the report was written."""
+    import os
+
+    import gsm8k
+
+    run = tmp_path / "runs" / "lora-seed0"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({
+        "metrics": {"exact_match": 0.05}, "dev_examples": 200, "trainable_params": 10, "loss_first10_mean": 1.0,
+        "loss_last10_mean": 0.5, "train_seconds": 3.0, "init_seconds": 0.1}))
+    stamp = 1_795_392_000  # 2026-11-23 00:00 UTC
+    os.utime(run / "metrics.json", (stamp, stamp + 3600))
+    monkeypatch.setattr(gsm8k, "ROOT", tmp_path)
+    args = argparse.Namespace(methods=["lora"], runs=str(tmp_path / "runs"), seed=0, steps=100, batch_size=4, lr=1e-3,
+                              max_eval=200, max_length=256, max_new_tokens=256)
+    gsm8k.report(args)
+    md = (tmp_path / "docs" / "bench" / "gsm8k.md").read_text()
+    assert md.startswith("Measured 2026-11-23 on ") and "| lora | 10 | 5.0 | 10/200 |" in md
