@@ -23,12 +23,11 @@ import os
 import platform
 import subprocess
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from quality import split_label  # noqa: E402 - METHOD@LR / METHOD+KEY=VALUE labels, as in the GLUE benchmark
+from quality import run_dates, split_label  # noqa: E402 - METHOD@LR / METHOD+KEY=VALUE labels, as in the GLUE benchmark
 METHOD_ARGS = {
     "lora": ["--r", "8", "--alpha", "16"],
     "gora": ["--r", "8", "--alpha", "16"],
@@ -55,7 +54,7 @@ def run_one(label: str, args: argparse.Namespace) -> Path:
 
 
 def report(args: argparse.Namespace) -> None:
-    rows, before = [], None
+    rows, before, found = [], None, []
     for label in args.methods:
         p = Path(args.runs) / f"{label}-seed{args.seed}" / "metrics.json"
         if not p.exists():
@@ -64,7 +63,10 @@ def report(args: argparse.Namespace) -> None:
         if m.get("metrics_before"):
             before = (m["metrics_before"]["exact_match"], m["dev_examples"])
         rows.append((label, m))
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+        found.append(p)
+    if not rows:
+        raise SystemExit(f"no finished run of {', '.join(args.methods)} in {args.runs}")
+    date = run_dates(found)  # when the runs finished, not when this report was written
     lines = [
         f"Measured {date} on {platform.machine()}, {os.cpu_count()} CPU cores; `python bench/gsm8k.py "
         f"--steps {args.steps} --batch-size {args.batch_size} --lr {args.lr} --max-eval {args.max_eval} "

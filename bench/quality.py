@@ -141,9 +141,21 @@ def schedule_args(args: argparse.Namespace) -> list[str]:
     return [*length, "--schedule", "linear", "--warmup-ratio", "0.06"]  # the pre-issue-18 default, pinned
 
 
+def run_dates(metrics_files: list[Path]) -> str:
+    """The days the runs finished (their ``metrics.json`` files' times, UTC): ``"D"`` or ``"D1 to D2"``, so a
+    ``--report-only`` rerun keeps the runs' dates rather than the day the report was written."""
+    days = sorted({datetime.fromtimestamp(p.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d") for p in metrics_files})
+    return days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
+
+
 def report(args: argparse.Namespace) -> None:
+    from regime import mean_std  # first: it puts this checkout's src/ first on the path
+
+    from rankwise_harness.compare import count_cell, param_counts
+
     rows = []
-    days: set[str] = set()
+    scores: dict[tuple[str, str], list[float]] = {}  # (task, method) -> the seeds' scores x 100
+    finished: list[Path] = []
     for task in args.tasks.split(","):
         metric = TASKS[task][2]
         for method in args.methods:
@@ -153,10 +165,12 @@ def report(args: argparse.Namespace) -> None:
                 continue
             ms = [json.loads(p.read_text()) for p in runs]
             vals = [100 * m["metrics"][metric] for m in ms]
+            scores[(task, method)] = vals
             rows.append({
                 "task": task, "method": method, "metric": metric, "n_seeds": len(vals),
-                "mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                "trainable": ms[0]["trainable_params"],
+                "mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else None,
+                # each seed's own count (GoRA allocates its ranks from the run's gradients): mean, min and max
+                **param_counts([m["trainable_params"] for m in ms]),
                 "step_ms": 1000 * statistics.mean(m["step_seconds"] for m in ms),
                 # the head warm-up (if any) is part of the initialisation's cost
                 "init_s": statistics.mean(m.get("init_seconds", 0.0) + (m.get("head_warmup") or {}).get("seconds", 0.0)
@@ -164,8 +178,7 @@ def report(args: argparse.Namespace) -> None:
                 "train_s": statistics.mean(m["train_seconds"] for m in ms),
                 "peak_mb": max(m["peak_memory_mb"] for m in ms),
             })
-            # when the runs finished (their metrics files), so a --report-only rerun keeps the runs' dates
-            days |= {datetime.fromtimestamp(p.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d") for p in runs}
+            finished += runs
     out = ROOT / "docs" / "bench"
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"{args.name}.csv", "w", newline="") as f:
@@ -176,7 +189,7 @@ def report(args: argparse.Namespace) -> None:
     for r in rows:
         by_method.setdefault(r["method"], {})[r["task"]] = r
     tasks = [t for t in TASKS if any(t in v for v in by_method.values())]
-    date = min(days) if len(days) == 1 else f"{min(days)} to {max(days)}"
+    date = run_dates(finished)
     sched = f"--tasks {args.tasks} --methods {','.join(args.methods)} --seeds {args.seeds} "
     sched += f"--epochs {args.epochs}" if args.epochs else f"--steps {args.steps}"
     sched += (f" --r {args.r}" if args.r is not None else "") + (f" --targets {args.targets}" if args.targets else "")
@@ -193,17 +206,23 @@ def report(args: argparse.Namespace) -> None:
         "| method | trainable | " + " | ".join(tasks) + " | average | init share of run |",
         "|---|---:|" + "---:|" * len(tasks) + "---:|---:|",
     ]
-    plot = []
+    plot, spans = [], False
     for method, per in by_method.items():
-        cells = [f"{per[t]['mean']:.1f} ± {per[t]['std']:.1f}" + (f" (n={per[t]['n_seeds']})" if per[t]["n_seeds"] < 3 else "")
-                 if t in per else "—" for t in tasks]
+        cells = [mean_std(scores[(t, method)], scale=1) if t in per else "—" for t in tasks]
         complete = all(t in per for t in tasks)
         avg = statistics.mean(per[t]["mean"] for t in tasks) if complete else float("nan")
         init_share = statistics.mean(per[t]["init_s"] / (per[t]["init_s"] + per[t]["train_s"]) for t in per)
-        trainable = next(iter(per.values()))["trainable"]
-        lines.append(f"| {method} | {trainable:,} | " + " | ".join(cells) + f" | {avg:.1f} | {100 * init_share:.1f}% |".replace("nan", "—"))
+        # every run of the row, all tasks and seeds: one count, or min–max where they differ
+        counts = [n for r in per.values() for n in (r["trainable_params_min"], r["trainable_params_max"])]
+        trainable = statistics.mean(r["trainable_params"] for r in per.values())
+        lines.append(f"| {method} | {count_cell(counts)} | " + " | ".join(cells) + f" | {avg:.1f} | {100 * init_share:.1f}% |".replace("nan", "—"))
         if complete:
             plot.append((method, trainable, avg))
+        spans |= len(set(counts)) > 1
+    if spans:
+        lines += ["", "trainable: min–max over the row's runs (tasks and seeds) where they differ (a method that "
+                  "allocates its ranks from data trains its own number in each run); the CSV has each task's mean, "
+                  "min and max, the plot the mean."]
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:

@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # The drivers' own imports of rankwise come from this checkout's src/ (as their runs' PYTHONPATH does), whatever
 # python starts them: bench/experiments.sh runs a pinned worktree with a venv whose editable install is elsewhere.
 sys.path.insert(0, str(ROOT / "src"))
+from rankwise_harness.compare import count_cell  # noqa: E402  (one count, or min–max where runs differ)
+
 DATA = Path(os.environ.get("RANKWISE_SHARED_DATA", str(ROOT.parent / "shared" / "data")))
 GLUE = {"sst2": ("SST-2", 64), "cola": ("CoLA", 64), "mrpc": ("MRPC", 128)}
 
@@ -64,13 +66,15 @@ def head_only(flags: list[str], n_seeds: int | None = None) -> Arm:
     return Arm("head-only", "lora", flags, [1e-12], n_seeds, extend_grid=False, trains_adapter=False)
 
 
-def adapter_cell(arm: Arm, m: dict[str, Any]) -> str:
-    """The table's adapter parameters: the adapter's trainable count; full fine-tuning's every weight but the head;
-    0 for a control whose adapter never moves (the head-only arm's LoRA, held at lr 1e-12: its size in brackets)."""
-    adapter = m.get("adapter_params")  # None: full fine-tuning (every weight trains)
-    if adapter is None:
-        return f"{m['trainable_params'] - m['head_params']:,} (all)"
-    return f"{adapter:,}" if arm.trains_adapter else f"0 (its {arm.method} of {adapter:,} held still)"
+def adapter_cell(arm: Arm, ms: list[dict[str, Any]]) -> str:
+    """The table's adapter parameters over the arm's runs ``ms`` (one count, or ``min–max`` where seeds trained
+    different numbers: compare's :func:`~rankwise_harness.compare.count_cell`): the adapter's trainable count; full
+    fine-tuning's every weight but the head; 0 for a control whose adapter never moves (the head-only arm's LoRA,
+    held at lr 1e-12: its size in brackets)."""
+    if ms[0].get("adapter_params") is None:  # full fine-tuning (every weight trains)
+        return f"{count_cell([m['trainable_params'] - m['head_params'] for m in ms])} (all)"
+    size = count_cell([m["adapter_params"] for m in ms])
+    return size if arm.trains_adapter else f"0 (its {arm.method} of {size} held still)"
 
 
 def run_id(task: str, arm: Arm, lr: float, seed: int) -> str:
@@ -169,13 +173,25 @@ def _unique(scores: dict[float, float], best: float | None) -> bool:
     return best is not None and sum(v == scores[best] for v in scores.values()) == 1
 
 
-def still_at_edge(runs: Path, task: str, arm: Arm, lr: float | None) -> bool:
-    """The pick ``lr`` sits, untied, at an edge of its extensible grid once the grid has run (extensions
-    exhausted): the protocol's "the picked lr must not sit at a grid edge" is not met, and the report says so."""
-    if lr is None or not arm.extend_grid or outward(arm.lrs, lr) is None:
-        return False
+def edge_note(runs: Path, task: str, arm: Arm, lr: float | None) -> str:
+    """The lr cell's note on a pick sitting, untied, at an edge of its extensible grid once every grid point has run:
+    ``", at its edge: extends to X, not yet run"`` while extensions are left (the protocols extend the grid), ``",
+    still at its edge"`` after :data:`MAX_EXTENSIONS` (the protocol's "the picked lr must not sit at a grid edge" is
+    not met, and the report says so); else empty."""
+    nxt = None if lr is None or not arm.extend_grid else outward(arm.lrs, lr)
+    if nxt is None:
+        return ""
     scores = {x: grid_score(arm, m) for x in arm.lrs if (m := metrics(runs, task, arm, x, 0)) is not None}
-    return len(scores) == len(arm.lrs) and _unique(scores, lr)
+    if len(scores) < len(arm.lrs) or not _unique(scores, lr):
+        return ""
+    if len(arm.lrs) - arm.base_grid >= MAX_EXTENSIONS:
+        return ", still at its edge"
+    return f", at its edge: extends to {nxt:g}, not yet run"
+
+
+def still_at_edge(runs: Path, task: str, arm: Arm, lr: float | None) -> bool:
+    """The pick ``lr`` sits, untied, at an edge of its grid after the grid's :data:`MAX_EXTENSIONS` extensions."""
+    return edge_note(runs, task, arm, lr) == ", still at its edge"
 
 
 def pick_lr(runs: Path, task: str, arm: Arm, common: list[str], dry: bool = False) -> float | None:
@@ -274,10 +290,12 @@ def constant_answer_line(task: str, folder: Path, fraction: float) -> str:
 
 
 def mean_std(values: list[float], scale: float = 100, digits: int = 1) -> str:
+    """``mean ± std`` (the sample standard deviation) of ``scale × values``, with ``(n=N)`` under 3 values; one
+    value has no spread to show (not ``± 0.0``, which reads as seeds that agreed); none: ``—``."""
     if not values:
         return "—"
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    s = f"{scale * statistics.mean(values):.{digits}f} ± {scale * spread:.{digits}f}"
+    s = f"{scale * statistics.mean(values):.{digits}f}"
+    s += f" ± {scale * statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
     return s + (f" (n={len(values)})" if len(values) < 3 else "")
 
 
@@ -295,8 +313,7 @@ def table(runs: Path, task: str, arms: list[Arm], picked: dict[str, float | None
     for arm in arms:
         lr = picked.get(arm.label)
         ms = seed_metrics(runs, task, arm, lr, seeds)
-        edge = ", still at its edge" if still_at_edge(runs, task, arm, lr) else ""
-        grid = f" (grid {grid_done(runs, task, arm)}/{len(arm.lrs)}{edge})"
+        grid = f" (grid {grid_done(runs, task, arm)}/{len(arm.lrs)}{edge_note(runs, task, arm, lr)})"
         if not ms:
             lines.append(f"| {arm.label} | {'—' if lr is None else f'{lr:g}'}{grid} | — | — | not yet run | | | | | |")
             continue
@@ -307,7 +324,7 @@ def table(runs: Path, task: str, arms: list[Arm], picked: dict[str, float | None
         last_acc = [m["last"]["dev"].get("accuracy", float("nan")) for m in ms]
         secs = statistics.mean(m["train_seconds"] for m in ms)
         mark = "†" if arm.pick_on == "train-loss" else ""
-        lines.append(f"| {arm.label} | {lr:g}{mark}{grid} | {adapter_cell(arm, ms[0])} | {ms[0]['head_params']:,} | "
+        lines.append(f"| {arm.label} | {lr:g}{mark}{grid} | {adapter_cell(arm, ms)} | {count_cell([m['head_params'] for m in ms])} | "
                      f"{mean_std(best)} | {mean_std(best_acc)} | {mean_std(last)} | {mean_std(last_acc)} | "
                      f"{mean_std([last_epoch_loss(m) for m in ms], scale=1, digits=3)} | {secs:.0f} |")
     return lines

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import QUANTIZE_CHOICES
+from .progress import SPARSE_SECONDS
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -116,7 +117,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N optimizer steps (for --resume)")
     g.add_argument("--overwrite", action="store_true", help="replace a previous run in the output folder")
     g.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last checkpoint")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-progress", action="store_true",
+                   help=f"no progress bar: a plain line every {SPARSE_SECONDS / 60:g} minutes of a long phase (calibration, "
+                        "training, evaluation)")
 
 
 def _run_config(args: argparse.Namespace, method: str, output: str) -> RunConfig:

@@ -133,7 +133,7 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for method, runs in by_method.items():
         row: dict[str, Any] = {"method": method, "seeds": len(runs), "headline": runs[0]["headline_metric"]}
         row.update(_mean_std([r["metrics"] for r in runs]))
-        row.update(_param_counts([r["trainable_params"] for r in runs]))
+        row.update(param_counts([r["trainable_params"] for r in runs]))
         row["step_ms"] = 1000 * float(np.mean([r["step_seconds"] for r in runs]))
         row["init_seconds"] = float(np.mean([r["init_seconds"] for r in runs]))
         row["peak_memory_mb"] = float(np.max([r["peak_memory_mb"] for r in runs]))
@@ -141,7 +141,7 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _param_counts(counts: list[int]) -> dict[str, float | int]:
+def param_counts(counts: list[int]) -> dict[str, float | int]:
     """``trainable_params`` (the count, or the mean when seeds differ) and its min and max over seeds."""
     low, high = min(counts), max(counts)
     return {"trainable_params": low if low == high else float(np.mean(counts)), "trainable_params_min": low,

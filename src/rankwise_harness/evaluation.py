@@ -14,13 +14,13 @@ from .tasktypes import TaskType
 
 @torch.no_grad()
 def evaluate(model: nn.Module, task_type: TaskType, dev: list[Example], accelerator: Any, batch_size: int,
-             records: list[dict[str, Any]] | None = None, desc: str | None = None) -> dict[str, float]:
+             records: list[dict[str, Any]] | None = None, desc: str | None = None, sparse: bool = False) -> dict[str, float]:
     """The task's metrics on ``dev`` (sharded across processes, gathered on all): ``task_type.predict`` on each
     process's batches, ``task_type.score`` on all of them in ``dev``'s order.
 
     ``records``, when given, receives one dict per dev example in order (the task type's ``predictions.jsonl``
     record). ``desc`` shows the main process's batches as a
-    :class:`~rankwise_harness.progress.PhaseProgress` under that label.
+    :class:`~rankwise_harness.progress.PhaseProgress` under that label (``sparse``: its rare plain lines only).
     """
     from accelerate.utils import gather_object
 
@@ -30,7 +30,7 @@ def evaluate(model: nn.Module, task_type: TaskType, dev: list[Example], accelera
     mine = list(range(rank, len(dev), world))
     out: list[tuple[int, Any]] = []
     starts = range(0, len(mine), batch_size)
-    bar = PhaseProgress(len(starts), desc or "", enabled=desc is not None and accelerator.is_main_process)
+    bar = PhaseProgress(len(starts), desc or "", enabled=desc is not None and accelerator.is_main_process, sparse=sparse)
     for i in starts:
         idx = mine[i : i + batch_size]
         predictions = task_type.predict(model, [dev[j] for j in idx], accelerator.device, accelerator.autocast)

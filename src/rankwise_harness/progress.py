@@ -5,6 +5,11 @@ calibration batches, dev evaluation).
 Off a terminal a bar would write one ``\\r``-separated frame per step, so a log becomes one very long line.
 :class:`Progress` prints instead one line every ``every_steps`` steps or ``every_seconds`` seconds
 (whichever comes first), and at the last step: step, loss, mean of the last 10 losses, examples/s, ETA.
+
+``sparse`` (``--no-progress``: the benchmark drivers' runs, whose output goes to a log) draws no bar and prints a
+plain line only once :data:`SPARSE_SECONDS` have passed since the last, and a closing one if any was printed: a
+phase of minutes or hours (GoRA's calibration, a long run) still shows it is working, a short one stays silent.
+``enabled=False`` prints nothing at all (the other processes of a distributed run).
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
+
+
+SPARSE_SECONDS = 300.0  # with sparse progress (--no-progress), a line at most this often
 
 
 def _clock(seconds: float) -> str:
@@ -31,20 +39,24 @@ class Progress:
         out: where plain lines and :meth:`write` go without a bar (default ``sys.stdout``).
         every_steps: off a TTY, a line every this many steps (default: a twentieth of the run, at least 1).
         every_seconds: off a TTY, also a line when this long has passed since the last one.
+        sparse: no bar and no per-step cadence: a line every :data:`SPARSE_SECONDS`, and at the last step if any
+            was printed (``--no-progress``).
     """
 
     def __init__(self, total: int, initial: int = 0, desc: str = "", enabled: bool = True,
-                 stream: TextIO | None = None, out: TextIO | None = None, every_steps: int | None = None, every_seconds: float = 60.0) -> None:
-        self.total, self.step, self.desc, self.enabled = total, initial, desc, enabled
+                 stream: TextIO | None = None, out: TextIO | None = None, every_steps: int | None = None,
+                 every_seconds: float = 60.0, sparse: bool = False) -> None:
+        self.total, self.step, self.desc, self.enabled, self.sparse = total, initial, desc, enabled, sparse
         self.stream = stream if stream is not None else sys.stderr
         self.out = out
-        self.every_steps = every_steps or max(1, total // 20)
-        self.every_seconds = every_seconds
+        self.every_steps = total + 1 if sparse else every_steps or max(1, total // 20)
+        self.every_seconds = max(every_seconds, SPARSE_SECONDS) if sparse else every_seconds
         self._initial = initial
         self._t0 = self._last = time.perf_counter()
+        self._printed = False
         self._bar: Any = None
         isatty = getattr(self.stream, "isatty", None)
-        if enabled and callable(isatty) and isatty():
+        if enabled and not sparse and callable(isatty) and isatty():
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", file=self.stream, dynamic_ncols=True)
@@ -59,10 +71,10 @@ class Progress:
         if not self.enabled:
             return
         now = time.perf_counter()
-        due = self.step % self.every_steps == 0 or now - self._last >= self.every_seconds or self.step == self.total
-        if not due:
+        last = self.step == self.total and (self._printed or not self.sparse)
+        if not (self.step % self.every_steps == 0 or now - self._last >= self.every_seconds or last):
             return
-        self._last = now
+        self._last, self._printed = now, True
         rate = (now - self._t0) / max(self.step - self._initial, 1)
         eta = _clock(rate * (self.total - self.step))
         self.write(f"{self.desc} step {self.step}/{self.total}  loss {loss:.4f}  avg10 {avg10:.4f}  "
@@ -87,19 +99,20 @@ class PhaseProgress:
 
     On a terminal a tqdm bar; off one (CI, ``> log``) a plain line ``desc: k/n, elapsed, ETA`` once
     ``every_seconds`` have passed since the phase began or since the last line, and a closing line if any
-    was printed, so a phase of a few seconds stays silent in logs and tests.
+    was printed, so a phase of a few seconds stays silent in logs and tests; ``sparse``: no bar, and those lines
+    every :data:`SPARSE_SECONDS` (``--no-progress``).
     """
 
     def __init__(self, total: int, desc: str, enabled: bool = True, stream: TextIO | None = None,
-                 out: TextIO | None = None, every_seconds: float = 10.0) -> None:
+                 out: TextIO | None = None, every_seconds: float = 10.0, sparse: bool = False) -> None:
         self.total, self.desc, self.enabled, self.done = total, desc, enabled, 0
         self.stream = stream if stream is not None else sys.stderr
-        self.out, self.every_seconds = out, every_seconds
+        self.out, self.every_seconds = out, max(every_seconds, SPARSE_SECONDS) if sparse else every_seconds
         self._t0 = self._last = time.perf_counter()
-        self._printed = False
+        self._printed: int | None = None  # the count the last line showed (None: no line yet)
         self._bar: Any = None
         isatty = getattr(self.stream, "isatty", None)
-        if enabled and callable(isatty) and isatty():
+        if enabled and not sparse and callable(isatty) and isatty():
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total, desc=desc, file=self.stream, dynamic_ncols=True, leave=False)
@@ -111,10 +124,11 @@ class PhaseProgress:
             return
         now = time.perf_counter()
         if self.enabled and now - self._last >= self.every_seconds:
-            self._last, self._printed = now, True
+            self._last = now
             self._line(now)
 
     def _line(self, now: float) -> None:
+        self._printed = self.done  # how far the last line said
         elapsed = now - self._t0
         eta = elapsed / max(self.done, 1) * (self.total - self.done)
         print(f"{self.desc}: {self.done}/{self.total}, {_clock(elapsed)} elapsed, ETA {_clock(eta)}",
@@ -123,7 +137,7 @@ class PhaseProgress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        elif self._printed:
+        elif self._printed is not None and self._printed != self.done:  # a closing line, unless the last said it
             self._line(time.perf_counter())
 
 
@@ -136,10 +150,16 @@ class TrackedBatches(list):  # type: ignore[type-arg]
         self.desc, self.enabled, self.kwargs = desc, enabled, kwargs
 
     def __iter__(self) -> Iterator[Any]:
+        """Each item counts as done when the next is asked for, or when the consumer stops after it (a consumer that
+        takes exactly ``len`` items never asks again: its last item still counts)."""
         bar = PhaseProgress(len(self), self.desc, self.enabled, **self.kwargs)
+        handed = 0
         try:
             for item in super().__iter__():
+                if handed:
+                    bar.advance()
+                handed += 1
                 yield item
-                bar.advance()
         finally:
+            bar.advance(handed - bar.done)
             bar.close()

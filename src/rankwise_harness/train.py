@@ -299,8 +299,8 @@ class _Run:
         return self.task_type.heads(self.model)
 
     def evaluate(self, data: list[Example], records: list[dict[str, Any]] | None = None) -> dict[str, float]:
-        desc = f"evaluating {len(data):,} examples" if self.progress else None
-        return evaluate(self.model, self.task_type, data, self.accelerator, self.cfg.batch_size * 2, records, desc)
+        return evaluate(self.model, self.task_type, data, self.accelerator, self.cfg.batch_size * 2, records,
+                        f"evaluating {len(data):,} examples", sparse=not self.progress)
 
 
 @dataclass
@@ -521,13 +521,16 @@ def _attach(run: _Run, mcfg: rankwise.AdapterConfig | None) -> float:
         # GoRA's gradient all-reduce does): n processes calibrate on what one process with n x the batch does
         calibration = TrackedBatches(random_batches(run.task_type, run.train, n_cal, cfg.batch_size, cfg.seed + 7919,
                                                     run.accelerator.device, run.part), f"{cfg.method} calibration batches",
-                                     enabled=run.progress and run.accelerator.is_main_process)
+                                     enabled=run.accelerator.is_main_process, sparse=not run.progress)
+        run.say(f"{cfg.method}: calibrating on {n_cal} batches of {cfg.batch_size} training rows")
     t0 = time.perf_counter()
     try:
         report = run.source.prepare(run.model, mcfg, calibration, run.task_type.loss)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"cannot attach {cfg.method} to {run.model_name}: {exc}") from exc
     seconds = time.perf_counter() - t0
+    if calibration is not None:
+        run.say(f"{cfg.method}: calibrated in {seconds:.1f} s")
     if report is not None:
         run.say(str(report))
     return seconds
@@ -608,8 +611,8 @@ def _train(run: _Run, training: _Training, loop: _Loop, show_progress: bool) -> 
             f"parameters, device {accelerator.device}, {run.world} process(es), precision {run.mp}")
     run.model.train()
     _reset_peak_memory(accelerator.device)
-    bar = Progress(training.total_steps, loop.step, f"{cfg.method}/{run.task.name}",
-                   show_progress and accelerator.is_main_process)
+    bar = Progress(training.total_steps, loop.step, f"{cfg.method}/{run.task.name}", accelerator.is_main_process,
+                   sparse=not show_progress)
     loop.t_start = time.perf_counter()
     while loop.step < training.total_steps and not _out_of_patience(run, loop):
         step_loss = _accumulate(run, loop)
