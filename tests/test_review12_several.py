@@ -5,7 +5,6 @@ tested it."""
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from torch import Tensor, nn
 
 import rankwise
 from conftest import ModelCase
+from test_hardening import _rewrite
 
 
 def _lora_then_dora(case: ModelCase) -> tuple[nn.Module, nn.Module]:
@@ -56,3 +56,39 @@ def test_a_save_of_several_adapters_loads_back_with_its_active_adapters_in_their
     rankwise.load(other, tmp_path / "s", name="default")
     assert rankwise.state.adapter_set(other).active == active
     torch.testing.assert_close(_out(other, mlp_case), saved, rtol=1e-6, atol=1e-7)
+
+
+def test_a_save_of_one_adapter_records_no_active_set_and_old_files_keep_loading_in_load_order(
+        mlp_case: ModelCase, tmp_path: Path) -> None:
+    """``save(name=)`` writes one adapter, belonging to no set: loading it beside others joins them, last, as before;
+    so do files written before the active set was recorded (the multi-adapter layout without ``saved_with``)."""
+    base, model = _lora_then_dora(mlp_case)
+    rankwise.set_active(model, ["b", "default"])
+    rankwise.save(model, tmp_path / "one", name="b")
+    rankwise.save(model, tmp_path / "s")
+    _rewrite(tmp_path / "s", lambda meta, _t: meta.pop("saved_with"))  # as an older rankwise wrote it
+    again = rankwise.load(copy.deepcopy(base), tmp_path / "s")
+    rankwise.load(again, tmp_path / "one", name="b")
+    assert rankwise.state.adapter_set(again).active == ["default", "b"]
+
+
+@pytest.mark.parametrize("bad", [{"adapters": ["default", "b"], "active": []},
+                                 {"adapters": ["default", "b"], "active": ["c"]},
+                                 {"adapters": ["default", "b"], "active": ["b", "b"]},
+                                 {"adapters": "default", "active": ["default"]},
+                                 ["default", "b"]])
+def test_a_crafted_saved_with_is_refused_before_the_model_changes(mlp_case: ModelCase, tmp_path: Path,
+                                                                  bad: object) -> None:
+    """The recorded active set is validated with the rest of the description: a bad one is refused, naming the
+    field, and the model is left as it was."""
+    base, model = _lora_then_dora(mlp_case)
+    rankwise.save(model, tmp_path / "s")
+
+    def craft(meta: dict, _tensors: dict) -> None:
+        meta["saved_with"] = bad
+
+    _rewrite(tmp_path / "s", craft)
+    fresh = copy.deepcopy(base)
+    with pytest.raises(rankwise.AdapterFileError, match="saved_with"):
+        rankwise.load(fresh, tmp_path / "s")
+    assert not any(isinstance(m, rankwise.AdapterLayer) for m in fresh.modules())

@@ -203,7 +203,20 @@ def validate_description(meta: Any, file: Any) -> dict[str, Any]:
     file_names(meta.get("modules_to_save", []), file, "modules_to_save")
     validate_method_state(meta.get("method_state", {}), file)
     file_int(meta.get("step", 0), file, "step", minimum=0)  # rankwise.step calls so far (absent in older files)
+    if "saved_with" in meta:
+        validate_saved_with(meta["saved_with"], file)
     return meta
+
+
+def validate_saved_with(value: Any, file: Any) -> dict[str, Any]:
+    """A recorded ``saved_with`` (the adapters one ``save`` wrote together, and the active ones in their order):
+    ``{"adapters": [names], "active": [names]}``, the active ones distinct, at least one, each among ``adapters``."""
+    adapters = file_names(file_dict(value, file, "saved_with").get("adapters"), file, "saved_with.adapters")
+    active = file_names(value.get("active"), file, "saved_with.active")
+    if not active or len(set(active)) != len(active) or not set(active) <= set(adapters):
+        raise AdapterFileError(f"{_where(file, 'saved_with.active')} must name distinct adapters among "
+                               f"saved_with.adapters {adapters!r:.200}, at least one; got {active!r:.200}")
+    return value
 
 
 def validate_method_state(value: Any, file: Any) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from ._version import __version__
 from .adapter_file import (RANKWISE_FILES, AdapterFileError, atomic_write_bytes, atomic_write_files,  # noqa: F401
                            base_fingerprint, check_output_folder, fingerprint_tolerance, is_rankwise_adapter, metadata_digest, read_json,
                            tensors_digest, validate_description)
+from .adapters import set_active
 from .config import AdapterConfig
 from .layer import AdapterLayer
 from .lifecycle import all_or_nothing, check_new_name, install, refuse_fully_trained_targets
@@ -141,8 +142,9 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, overwrite: bool = Fa
         check_folders(folders, RANKWISE_FILES, is_rankwise_adapter, "a rankwise adapter",
                       "pass overwrite=True to rankwise.save to write into it anyway")
     files: dict[Path, bytes] = {}
+    together = saved_with(model) if len(folders) > 1 else None
     for n, folder in folders.items():  # every adapter described before any file is written
-        meta, blob = _adapter_blob(model, n)
+        meta, blob = _adapter_blob(model, n, together)
         readable = dict(meta, file_sha256=hashlib.sha256(blob).hexdigest())
         files[folder / TENSOR_FILE] = blob
         files[folder / CONFIG_FILE] = (json.dumps(readable, indent=2) + "\n").encode()
@@ -150,9 +152,28 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, overwrite: bool = Fa
     return Path(path)
 
 
-def _adapter_blob(model: nn.Module, name: str) -> tuple[dict[str, Any], bytes]:
-    """Adapter ``name``'s description (digests included) and its safetensors file's bytes."""
+def saved_with(model: nn.Module) -> dict[str, list[str]]:
+    """What a save of all of a model's adapters records in each file: their names and the active ones in their
+    order (the order matters: a DoRA-family adapter rescales those before it), which :func:`load` restores."""
+    adapters = adapter_set(model)
+    return {"adapters": list(adapters.adapters), "active": list(adapters.active)}
+
+
+def restore_saved_with(model: nn.Module, meta: dict[str, Any]) -> None:
+    """After ``load`` brought in the last adapter of a save of several (every name its ``saved_with`` records is on
+    the model now): make the saved active adapters the active ones, in their saved order."""
+    together = meta.get("saved_with")
+    if together is None or not set(together["adapters"]) <= set(adapter_set(model).adapters):
+        return
+    set_active(model, together["active"])
+
+
+def _adapter_blob(model: nn.Module, name: str, together: dict[str, list[str]] | None = None) -> tuple[dict[str, Any], bytes]:
+    """Adapter ``name``'s description (digests included; ``together``: :func:`saved_with`) and its safetensors file's
+    bytes."""
     meta = describe(model, name)
+    if together is not None:
+        meta["saved_with"] = together
     tensors = adapter_tensors(model, name)
     meta["tensors_sha256"] = tensors_digest(tensors)
     meta["metadata_sha256"] = metadata_digest(meta)
@@ -326,6 +347,7 @@ def load(
 
     install_rebuilt(model, config, targets, saved, rebuild_and_fill, trainable=trainable,
                     method_state=dict(meta.get("method_state", {})), step=int(meta.get("step", 0)), name=name)
+    restore_saved_with(model, meta)
     return model
 
 
