@@ -18,10 +18,10 @@ import pytest
 _BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(_BENCH))
 import ledger  # noqa: E402  (bench/ is not a package)
-import quality  # noqa: E402
 import raclora_rank  # noqa: E402
 import regime  # noqa: E402
 from test_bench_gora_regime import _args, _sweeps, gr  # noqa: E402  (one home for the GoRA ledger helpers)
+from test_bench_regime import _edora, _write_entry  # noqa: E402  (the regime ledger helpers)
 from test_review11_reports import _quality_report, _quality_run  # noqa: E402
 
 
@@ -117,7 +117,10 @@ def test_the_quality_report_without_runs_says_so_and_keeps_the_committed_report(
 
 
 # ---------------------------------------------------------------------------- RAC-LoRA's picks and verdicts
-from test_bench_regime import _edora, _write_entry, tmp_ledger  # noqa: E402,F401  (the regime ledger helpers)
+@pytest.fixture()
+def tmp_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setattr(ledger, "LEDGER", tmp_path / "ledger")
+    return tmp_path / "runs"
 
 
 def _rac(runs: Path, arm: regime.Arm, lr: float, seed: int, loss: float) -> None:
