@@ -323,16 +323,47 @@ def seed_accuracies(task: str, arm: str, args: argparse.Namespace) -> dict[int, 
     return {s: 100 * e["metrics"]["metrics"]["accuracy"] for s, e in arm_runs(task, arm, args)[1].items()}
 
 
-def extra_seed_jobs(task: str, args: argparse.Namespace) -> list[tuple[str, str, int, float, bool]]:
-    """Seeds 3 and 4 of the two arms of each comparison that the rule found within 2 s.e. on seeds 0-2."""
+def added_seeds(task: str, args: argparse.Namespace) -> dict[str, list[int]]:
+    """Per arm, the seeds the rule added to it beyond the asked ones: seeds 3 and 4 of the two arms of each
+    comparison that it found within 2 s.e. on seeds 0-2 (:func:`stage`); arms it added none to are absent."""
     mine = choose_gora(task, args)
-    out: list[tuple[str, str, int, float, bool]] = []
+    out: dict[str, list[int]] = {}
     for other in (o for o in COMPARED if mine in args.arms and o in args.arms):
         used, _ = stage(seed_accuracies(task, mine, args), seed_accuracies(task, other, args), args.seeds)
         for arm in (mine, other) if len(used) > len(args.seeds) else ():
-            lr = arm_runs(task, arm, args)[0]
-            out += [(task, arm, s, lr, False) for s in used[len(args.seeds):] if lr is not None]
-    return list(dict.fromkeys(out))
+            out[arm] = list(dict.fromkeys([*out.get(arm, []), *used[len(args.seeds):]]))
+    return out
+
+
+def extra_seed_jobs(task: str, args: argparse.Namespace) -> list[tuple[str, str, int, float, bool]]:
+    """Seeds 3 and 4 of the two arms of each comparison that the rule found within 2 s.e. on seeds 0-2."""
+    out: list[tuple[str, str, int, float, bool]] = []
+    for arm, seeds in added_seeds(task, args).items():
+        lr = arm_runs(task, arm, args)[0]
+        out += [(task, arm, s, lr, False) for s in seeds if lr is not None]
+    return out
+
+
+def rule_runs(task: str, arm: str, args: argparse.Namespace) -> tuple[float | None, dict[int, dict[str, Any]],
+                                                                      dict[int, dict[str, Any]]]:
+    """The arm's lr, its finished runs of the seeds the rule uses for it (the asked seeds and those
+    :func:`added_seeds` gave it), and its other finished runs (a seed 3 or 4 the rule did not add to this arm), by
+    seed: the table is over the first, never the second (a mean over other runs than the verdict's)."""
+    lr, found = arm_runs(task, arm, args)
+    used = [*args.seeds, *added_seeds(task, args).get(arm, [])]
+    return (lr, {s: e for s, e in found.items() if s in used}, {s: e for s, e in found.items() if s not in used})
+
+
+def unused_run_lines(task: str, args: argparse.Namespace) -> list[str]:
+    """A note per arm with finished runs the rule does not use, with their dev accuracies (kept out of the table)."""
+    lines = []
+    for arm in args.arms:
+        other = rule_runs(task, arm, args)[2]
+        if other:
+            vals = ", ".join(f"seed {s}: {100 * e['metrics']['metrics']['accuracy']:.1f}" for s, e in other.items())
+            lines.append(f"- {arm}: finished runs the decision rule has not added to this arm ({vals} dev accuracy "
+                         "x100): not in its row nor in any verdict")
+    return lines
 
 
 def _yes_share(e: dict[str, Any]) -> float:
@@ -346,17 +377,18 @@ def _majority(e: dict[str, Any]) -> float:
 
 
 def table_rows(task: str, args: argparse.Namespace) -> tuple[list[str], dict[str, dict[int, float]]]:
-    """Markdown rows per arm, and each arm's dev accuracies (x100) by seed for the verdicts."""
+    """Markdown rows per arm over the runs the decision rule uses for it (:func:`rule_runs`), and each arm's dev
+    accuracies (x100) by seed for the verdicts."""
     rows, accs = [], {}
     for arm in args.arms:
-        lr, by_seed = arm_runs(task, arm, args)
+        lr, by_seed, _ = rule_runs(task, arm, args)
         es = list(by_seed.values())
         if not es:
             rows.append(f"| {arm} | {'pick pending' if lr is None else f'{lr:g}'} | not yet run | | | | | | |")
             continue
         acc = [100 * e["metrics"]["metrics"]["accuracy"] for e in es]
         f1 = [100 * e["metrics"]["metrics"]["f1"] for e in es]
-        accs[arm] = seed_accuracies(task, arm, args)
+        accs[arm] = seed_accuracies(task, arm, args)  # every finished seed: the rule picks its own (stage)
         sd = (lambda v: f" ± {statistics.stdev(v):.1f}" if len(v) > 1 else "")  # noqa: E731
         m0 = es[0]["metrics"]
         init = statistics.mean(e["metrics"]["init_seconds"] / (e["metrics"]["init_seconds"] + e["metrics"]["train_seconds"])
@@ -397,11 +429,15 @@ def report(args: argparse.Namespace) -> None:
              "single-threaded runs on a shared 2-core CPU box (wall times are distorted by the load). "
              + ledger.commits_line(args.experiment), ""]
     for task in args.tasks:
-        some = next(e for rid, e in runs.items() if rid.startswith(task + "/"))
+        some = next((e for rid, e in runs.items() if rid.startswith(task + "/")), None)
+        if some is None:  # a task just added to the command: nothing of it has finished
+            lines += [f"**{task}** — no runs yet for {task}", ""]
+            continue
         rows, accs = table_rows(task, args)
         lines += [f"**{task}** — dev majority-class rate {100 * _majority(some):.1f} %", "",
                   "| arm | lr | dev accuracy | dev F1 | 'yes' answers % | trainable | init share | one run | s/step |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, "", *sweep_lines(task, args), ""]
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, "", *unused_run_lines(task, args),
+                  *sweep_lines(task, args), ""]
         gora_best = choose_gora(task, args)
         if gora_best and gora_best in accs:
             lines.append(f"- GoRA's arm for the verdict (picked on held-out): {gora_best}")

@@ -156,12 +156,14 @@ def report(args: argparse.Namespace) -> None:
     rows = []
     scores: dict[tuple[str, str], list[float]] = {}  # (task, method) -> the seeds' scores x 100
     finished: list[Path] = []
+    missing: dict[str, list[str]] = {}  # task -> the asked methods without a finished run of an asked seed
     for task in args.tasks.split(","):
         metric = TASKS[task][2]
         for method in args.methods:
             # only the seeds asked for (a --seeds 0 probe next to 3-seed runs of the same label reports seed 0)
             runs = [p for s in args.seeds.split(",") if (p := Path(args.runs) / task / f"{method}-seed{s}" / "metrics.json").is_file()]
             if not runs:
+                missing.setdefault(task, []).append(method)
                 continue
             ms = [json.loads(p.read_text()) for p in runs]
             vals = [100 * m["metrics"][metric] for m in ms]
@@ -179,6 +181,10 @@ def report(args: argparse.Namespace) -> None:
                 "peak_mb": max(m["peak_memory_mb"] for m in ms),
             })
             finished += runs
+    gaps = "no runs yet for " + "; ".join(f"{t}: {', '.join(ms)}" for t, ms in missing.items())
+    if not rows:  # the report is built from run folders: one this machine lacks must not blank the committed tables
+        print(f"{gaps} (seeds {args.seeds}, in {args.runs}): nothing to report, docs/bench/{args.name}.* left as they are")
+        return
     out = ROOT / "docs" / "bench"
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"{args.name}.csv", "w", newline="") as f:
@@ -219,6 +225,8 @@ def report(args: argparse.Namespace) -> None:
         if complete:
             plot.append((method, trainable, avg))
         spans |= len(set(counts)) > 1
+    if missing:
+        lines += ["", gaps + "."]
     if spans:
         lines += ["", "trainable: min–max over the row's runs (tasks and seeds) where they differ (a method that "
                   "allocates its ranks from data trains its own number in each run); the CSV has each task's mean, "

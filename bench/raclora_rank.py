@@ -28,7 +28,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from regime import ROOT, Arm, grid_table, header, last_epoch_loss, run_all, seed_metrics, table, welch_interval  # noqa: E402
+from regime import (ROOT, Arm, grid_table, header, last_epoch_loss, run_all, seed_metrics, still_at_edge, table,  # noqa: E402
+                    welch_interval)
 
 ADAPTER_LRS = [3e-4, 1e-3, 3e-3]
 
@@ -67,14 +68,19 @@ def acceptance(r1: list[dict], full: list[dict]) -> tuple[bool, str]:
                       "does not bind by the pre-registered margin: this setting cannot decide the claim."))
 
 
-def arm_line(label: str, r1: list[dict], full: list[dict], ms: list[dict], accepted: bool) -> str:
+EDGE = " (its lr is still at its grid's edge after the protocol's 3 extensions: the pick stands, lrs beyond it untried)"
+
+
+def arm_line(label: str, r1: list[dict], full: list[dict], ms: list[dict], accepted: bool, at_edge: bool = False) -> str:
     """One chain arm against LoRA r 1: the 90 % Welch interval of (LoRA r 1 − arm) on the last-epoch training loss,
-    the verdict (none where the setting was not accepted), and below the plateau how far toward full fine-tuning."""
+    the verdict (none where the setting was not accepted), and below the plateau how far toward full fine-tuning;
+    ``at_edge``: the arm's pick is still at its grid's edge after the extensions (:func:`regime.still_at_edge`)."""
     if len(ms) < 2 or len(r1) < 2:
         return f"- {label}: not decided yet (needs ≥ 2 seeds beside LoRA r 1's)"
     _, low, high = welch_interval(final_losses(r1), final_losses(ms), 0.90)
     mine, a = statistics.mean(final_losses(ms)), statistics.mean(final_losses(r1))
-    head = (f"- {label}: final training loss {mine:.3f} (90 % interval of LoRA r 1 − arm [{low:+.3f}, {high:+.3f}]); ")
+    head = (f"- {label}{EDGE if at_edge else ''}: final training loss {mine:.3f} (90 % interval of LoRA r 1 − arm "
+            f"[{low:+.3f}, {high:+.3f}]); ")
     if not accepted:
         return head + "no verdict: the setting was not accepted (rank 1 does not bind)"
     note = " (provisional: fewer than 3 seeds)" if min(len(ms), len(r1), len(full)) < SEEDS else ""
@@ -93,7 +99,9 @@ def verdict(runs: Path, task: str, chosen: list[Arm], picked: dict, seeds: list[
     if not (by.get("lora-r1") and by.get("full")):
         return ["Verdict: not yet (LoRA r 1 and full fine-tuning must both have finished)."]
     accepted, line = acceptance(by["lora-r1"], by["full"])
-    return [line, "", *(arm_line(label, by["lora-r1"], by["full"], by.get(label) or [], accepted) for label in CHAIN_ARMS)]
+    edge = {a.label: still_at_edge(runs, task, a, picked.get(a.label)) for a in chosen}
+    return [line, "", *(arm_line(label, by["lora-r1"], by["full"], by.get(label) or [], accepted, edge.get(label, False))
+                        for label in CHAIN_ARMS)]
 
 
 def loss_curves(runs: Path, task: str, chosen: list[Arm], picked: dict, seeds: list[int], path: Path) -> None:
