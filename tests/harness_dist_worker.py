@@ -127,19 +127,35 @@ def library_checks(rank: int, world: int, init_file: str, out_file: str, names: 
     leave()
 
 
-def _fsdp2_nan_in_rank0s_shard(rank: int) -> str:
-    """FSDP2 (``fully_shard`` per adapted layer, then the root), a NaN put into rank 0's shard of ``fc1.lora_b``
-    after one step, then ``rankwise.step``: what it did."""
+def _lora_mlp() -> torch.nn.Module:
+    """The tiny MLP with LoRA (r 4, seeded) on fc1 and fc2, unwrapped: every spawn check's model."""
     import rankwise
     from conftest import TinyMLP
-    from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
     model = TinyMLP()
     rankwise.attach(model, rankwise.LoraConfig(r=4, alpha=8, target_modules=["fc1", "fc2"], seed=0))
+    return model
+
+
+def _fsdp2() -> torch.nn.Module:
+    """:func:`_lora_mlp` under FSDP2: ``fully_shard`` per adapted layer, then the root."""
+    import rankwise
+    from torch.distributed.fsdp import fully_shard
+
+    model = _lora_mlp()
     for layer in rankwise.adapter_layers(model).values():
         fully_shard(layer)
     fully_shard(model)
+    return model
+
+
+def _fsdp2_nan_in_rank0s_shard(rank: int) -> str:
+    """FSDP2 (``fully_shard`` per adapted layer, then the root), a NaN put into rank 0's shard of ``fc1.lora_b``
+    after one step, then ``rankwise.step``: what it did."""
+    import rankwise
+
+    model = _fsdp2()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     model(torch.randn(4, 12), labels=torch.randint(0, 3, (4,))).loss.backward()
     opt.step()
@@ -218,13 +234,9 @@ def _fsdp1(use_orig_params: bool = True) -> tuple[torch.nn.Module, torch.nn.Modu
     """The tiny MLP with LoRA on fc1 and fc2 under ``FullyShardedDataParallel`` (the root only: on 2 ranks rank 0's
     flat shard holds all of fc1, rank 1's none of it), after one forward/backward; ``use_orig_params=False`` needs
     every parameter trainable (FSDP1 refuses a flat parameter of mixed ``requires_grad``). (inner, wrapped, opt)."""
-    import rankwise
-    from conftest import TinyMLP
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    torch.manual_seed(0)
-    model = TinyMLP()
-    rankwise.attach(model, rankwise.LoraConfig(r=4, alpha=8, target_modules=["fc1", "fc2"], seed=0))
+    model = _lora_mlp()
     if not use_orig_params:
         model.requires_grad_(True)
     wrapped = FullyShardedDataParallel(model, use_orig_params=use_orig_params, device_id=torch.device("cpu"))
@@ -303,9 +315,54 @@ def _gora_calibration_failing_on_rank1(rank: int) -> dict[str, str]:
             "short": _outcome(lambda: attach(mine[: 3 - rank]))}
 
 
+def _save_under_fsdp(rank: int) -> dict[str, str]:
+    """``rankwise.save`` / ``export_peft`` / ``merge`` on models whose adapter tensors are shards here: FSDP1
+    (``use_orig_params=True``) outside ``summon_full_params`` (saving over a previous adapter: is it kept?), inside it
+    (the file compared with one process's), FSDP2 and the gathering its error names, FSDP1 ``use_orig_params=False``
+    (last: before round 12 its export killed the process). What each did, or ``same`` / ``differs`` from the file one
+    process saves of the same adapter."""
+    import tempfile
+
+    import rankwise
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        reference = (rankwise.save(_lora_mlp(), root / "one") / "adapter.safetensors").read_bytes()
+        rankwise.save(_lora_mlp(), root / "kept")
+
+        def same(folder: Path) -> str:
+            return "same" if (folder / "adapter.safetensors").read_bytes() == reference else "differs"
+
+        out: dict[str, str] = {}
+        _inner, wrapped, _opt = _fsdp1()
+        out["fsdp1_save"] = _outcome(lambda: rankwise.save(wrapped, root / "kept"))
+        out["fsdp1_kept"] = same(root / "kept")
+        out["fsdp1_export"] = _outcome(lambda: rankwise.export_peft(wrapped, root / "peft1"))
+        out["fsdp1_merge"] = _outcome(lambda: rankwise.merge(wrapped))
+        with FullyShardedDataParallel.summon_full_params(wrapped):
+            out["fsdp1_summoned"] = _outcome(lambda: rankwise.save(wrapped, root / "summoned"))
+        out["fsdp1_summoned_file"] = same(root / "summoned")
+        model = _fsdp2()
+        out["fsdp2_save"] = _outcome(lambda: rankwise.save(model, root / "two"))
+        out["fsdp2_export"] = _outcome(lambda: rankwise.export_peft(model, root / "peft2"))
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:  # the error's recipe: the gathered state into an unsharded copy, saved there
+            copy = _lora_mlp()
+            copy.load_state_dict(state)
+            out["fsdp2_gathered_file"] = same(rankwise.save(copy, root / "gathered"))
+        _inner, wrapped, _opt = _fsdp1(use_orig_params=False)
+        for what, work in (("save", rankwise.save), ("export", rankwise.export_peft)):
+            out[f"flat_{what}"] = _outcome(lambda: work(wrapped, root / f"flat_{what}"))
+        out["flat_merge"] = _outcome(lambda: rankwise.merge(wrapped))
+    return out
+
+
 LIBRARY_CHECKS = {"fsdp2_nan": _fsdp2_nan_in_rank0s_shard, "several": _several_adapters_under_ddp,
                   "fsdp1_nan": _fsdp1_nan_in_rank0s_shard, "fsdp1_flat": _fsdp1_flat_parameters,
-                  "gora_rank1_fails": _gora_calibration_failing_on_rank1}
+                  "gora_rank1_fails": _gora_calibration_failing_on_rank1,
+                  "save_sharded": _save_under_fsdp}
 
 
 if __name__ == "__main__":

@@ -240,3 +240,28 @@ def test_gora_calibration_failing_on_one_rank_stops_every_rank(library_checks: l
     for kind in ("ran_out", "short"):
         assert r1[kind].startswith("ValueError") and "calibration batches" in r1[kind], r1
         assert r0[kind].startswith("RuntimeError") and "another process" in r0[kind], r0
+
+
+# ---------------------------------------------------------------- review round 12: the same spawn's further checks
+def test_save_export_and_merge_refuse_fsdp_shards_and_keep_the_previous_adapter(library_checks: list[dict[str, Any]]) -> None:
+    """FSDP1 outside ``summon_full_params`` and FSDP2 hold each rank's shards of the adapter tensors: ``save`` wrote
+    rank 0's flat shards as the adapter over the previous one (and ``export_peft`` did on both ranks), FSDP2 and
+    ``use_orig_params=False`` crashed unclearly (``export_peft``: SIGSEGV). Now every rank refuses with the fix, and
+    the previous adapter's file is as it was."""
+    for r in library_checks:
+        got = r["save_sharded"]
+        for what in ("fsdp1_save", "fsdp1_export", "fsdp1_merge"):
+            assert got[what].startswith("ValueError") and "summon_full_params" in got[what], got
+        assert got["fsdp1_kept"] == "same", got
+        for what in ("fsdp2_save", "fsdp2_export"):
+            assert got[what].startswith("ValueError") and "get_model_state_dict" in got[what], got
+        for what in ("flat_save", "flat_export", "flat_merge"):
+            assert got[what].startswith("ValueError") and "use_orig_params=True" in got[what], got
+
+
+def test_the_fixes_the_errors_name_save_what_one_process_saves(library_checks: list[dict[str, Any]]) -> None:
+    """Inside FSDP1's ``summon_full_params`` every rank saves the whole adapter, and FSDP2's state gathered by
+    ``get_model_state_dict`` into an unsharded copy saves it too: byte for byte the file one process saves."""
+    for r in library_checks:
+        assert r["save_sharded"]["fsdp1_summoned"] == "ok" and r["save_sharded"]["fsdp1_summoned_file"] == "same", r
+    assert library_checks[0]["save_sharded"]["fsdp2_gathered_file"] == "same", library_checks[0]

@@ -66,6 +66,27 @@ def check_original_params(model: torch.nn.Module) -> None:
                          "use_orig_params=True, or shard with FSDP2 (fully_shard)")
 
 
+def check_whole(model: torch.nn.Module, weights: Iterable[torch.Tensor], what: str, *, dtensors_ok: bool = False) -> None:
+    """Refuse to ``what`` (save, export, merge) a model whose adapted layers' tensors are not whole on this rank, by
+    their base ``weights``: FSDP1's ``use_orig_params=False`` (:func:`check_original_params`), FSDP1's flat-shard
+    views outside ``summon_full_params`` (1-D: an empty one on a rank holding none of it; writing them produced a
+    file of shards, silently), FSDP2's ``DTensor`` shards (unless ``dtensors_ok``: their arithmetic is the whole
+    tensor's). A ``ValueError`` naming the fix; nothing read or written."""
+    check_original_params(model)
+    weights = list(weights)
+    if sharded(model) and any(w.dim() < 2 for w in weights):
+        raise ValueError(f"cannot {what}: outside summon_full_params, FullyShardedDataParallel (FSDP1) holds this "
+                         "rank's flat shard of each adapter tensor, not the tensor. Do it inside `with "
+                         "FullyShardedDataParallel.summon_full_params(model):` (entered on every rank; writeback=True, "
+                         "the default, keeps a merge)")
+    if not dtensors_ok and any(local(w) is not w for w in weights):
+        raise ValueError(f"cannot {what}: fully_shard (FSDP2) holds this rank's shard of each adapter tensor. Gather "
+                         "the whole model first, on every rank: state = torch.distributed.checkpoint.state_dict."
+                         "get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, "
+                         "cpu_offload=True)); then, on rank 0, load state into an unsharded copy of the model with the "
+                         f"same adapter attached and {what} that copy")
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a tensor: an FSDP2 parameter's (a sharded ``DTensor``) local shard, no communication;
     anything else as it is."""

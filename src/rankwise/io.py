@@ -41,6 +41,7 @@ from .adapter_file import (RANKWISE_FILES, AdapterFileError, atomic_write_bytes,
                            tensors_digest, validate_description)
 from .adapters import set_active
 from .config import AdapterConfig
+from .distributed import check_whole
 from .layer import AdapterLayer
 from .lifecycle import all_or_nothing, check_new_name, install, refuse_fully_trained_targets
 from .quant import dense_weight, quant_block, quant_kind
@@ -102,8 +103,11 @@ def folders_by_name(model: nn.Module, path: str | os.PathLike[str], name: str | 
     each other adapter in ``path/<name>/``.
 
     Refused (``RuntimeError`` naming ``what``) inside ``rankwise.disabled``: the fully-trained modules in the
-    model there are the originals, so the file would hold the untrained ones."""
-    for layer in slot_layers(model).values():
+    model there are the originals, so the file would hold the untrained ones. Refused (``ValueError`` naming the
+    fix) under FSDP where this rank holds shards, not the tensors (:func:`~rankwise.distributed.check_whole`)."""
+    layers = slot_layers(model)
+    check_whole(model, (layer.weight for layer in layers.values()), what)
+    for layer in layers.values():
         layer.refuse_while_disabled(what)
     adapters = adapter_set(model)
     folder = Path(path)

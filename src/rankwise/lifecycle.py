@@ -26,7 +26,7 @@ from torch import nn
 
 from .adapter_file import AdapterFileError, validate_method_state
 from .config import AdapterConfig
-from .distributed import check_original_params, local, share_from_rank0, sharded, true_on_every_rank
+from .distributed import check_original_params, check_whole, local, share_from_rank0, sharded, true_on_every_rank
 from .layer import AdapterLayer
 from .optim import split_weight_decay
 from .quant import dequantize_model, model_float_dtype, parameter_count
@@ -592,6 +592,7 @@ def merge(model: nn.Module, name: str | list[str] | None = None) -> None:
     layers = slot_layers(model)
     if not layers:
         raise ValueError("no rankwise adapters to merge")
+    check_whole(model, (layer.weight for layer in layers.values()), "merge", dtensors_ok=True)
     for layer in layers.values():  # all-or-nothing: refuse before any layer is merged
         layer.check_mergeable()
     if name is not None:
@@ -627,6 +628,7 @@ def unmerge(model: nn.Module) -> None:
     layers = slot_layers(model)
     if not layers:
         raise ValueError("no rankwise adapters to unmerge")
+    check_whole(model, (layer.weight for layer in layers.values()), "unmerge", dtensors_ok=True)
     for layer in layers.values():
         layer.refuse_while_disabled("unmerge")
     for layer in layers.values():
