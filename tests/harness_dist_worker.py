@@ -333,7 +333,8 @@ def _save_under_fsdp(rank: int) -> dict[str, str]:
         rankwise.save(_lora_mlp(), root / "kept")
 
         def same(folder: Path) -> str:
-            return "same" if (folder / "adapter.safetensors").read_bytes() == reference else "differs"
+            file = folder / "adapter.safetensors"
+            return "missing" if not file.is_file() else "same" if file.read_bytes() == reference else "differs"
 
         out: dict[str, str] = {}
         _inner, wrapped, _opt = _fsdp1()
