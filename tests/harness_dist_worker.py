@@ -7,7 +7,8 @@ Not a test module (no ``test_`` prefix). Every rank writes ``rank<r>.json`` unde
 * ``whole`` — the run of :func:`run_config` uninterrupted;
 * ``cut`` — the same run stopped by Ctrl-C during step 3, then ``--resume``d (all on 2 processes);
 * ``left`` — the same run stopped during step 3 and left there (the test resumes it with 1 process);
-* ``nan-loss`` / ``nan-grad`` — rank 1 alone makes a NaN loss / a NaN gradient under a finite loss at step 2.
+* ``nan-loss`` / ``nan-grad`` — rank 1 alone makes a NaN loss / a NaN gradient under a finite loss at step 2;
+* ``disk-full`` — rank 0's disk is full while it writes the checkpoint of step 4 (the one of step 2 written).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from rankwise_harness.train import RunInterrupted, finetune
 QUIET: dict[str, Any] = dict(show_progress=False, log=lambda _m: None)
 CUT_AT = 3  # Ctrl-C during this step (the checkpoint of step 2 is kept)
 NAN_AT = 2  # rank 1's non-finite step
+FULL_AT = 4  # rank 0's disk is full while it writes this step's checkpoint
 LOSS = TaskType.loss  # the task types' own loss, before a scenario patches it
 
 
@@ -72,13 +74,34 @@ def _nan_on_rank1(kind: str) -> None:
     TaskType.loss = loss  # type: ignore[method-assign]
 
 
+def _disk_full_on_rank0_at(step: int) -> None:
+    """Rank 0's writes into the checkpoint of ``step`` fail as a full disk does (``OSError`` ENOSPC)."""
+    import errno
+
+    import rankwise.adapter_file as adapter_file
+
+    write = adapter_file.atomic_write_bytes
+
+    def full(path: Path, data: bytes) -> None:
+        if dist.get_rank() == 0 and f".step-{step:07d}.tmp" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        write(path, data)
+
+    adapter_file.atomic_write_bytes = full  # type: ignore[assignment]
+
+
 def scenario(name: str, model: str, data: str, root: Path) -> dict[str, Any]:
-    method = "lora" if name.startswith("nan") else "gora"
+    TaskType.loss = LOSS  # type: ignore[method-assign]  # as a scenario before this one may have patched it
+    method = "lora" if name.startswith(("nan", "disk")) else "gora"
     cfg = run_config(model, data, root / name, 4, method)
     if name == "whole":
         return finetune(cfg, **QUIET)
     if name.startswith("nan"):
         _nan_on_rank1(name)
+        finetune(cfg, **QUIET)
+        return {}
+    if name == "disk-full":
+        _disk_full_on_rank0_at(FULL_AT)
         finetune(cfg, **QUIET)
         return {}
     try:
@@ -94,7 +117,7 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--data", required=True)
     parser.add_argument("--root", required=True)
-    parser.add_argument("--scenarios", default="whole,cut,left,nan-loss,nan-grad")
+    parser.add_argument("--scenarios", default="whole,cut,left,nan-loss,nan-grad,disk-full")
     args = parser.parse_args()
     join()
     root = Path(args.root)

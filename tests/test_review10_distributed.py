@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import write_sst2_slice
-from harness_dist_worker import CUT_AT, NAN_AT, QUIET, run_config
+from harness_dist_worker import CUT_AT, FULL_AT, NAN_AT, QUIET, run_config
 
 HERE = Path(__file__).resolve().parent
 
@@ -149,6 +149,24 @@ def test_a_nan_on_one_rank_stops_every_rank_at_that_step(launched: dict[str, Any
     for e in errors:
         assert f"non-finite {what}" in e and f"at step {NAN_AT} of" in e, errors
     assert not (launched["root"] / kind / "adapter").exists()
+
+
+def test_a_full_disk_on_one_rank_while_checkpointing_stops_every_rank_and_keeps_the_previous(launched: dict[str, Any]) -> None:
+    """Review round 12: rank 0's disk fills while it writes the checkpoint of step 4. Before, rank 0 raised and
+    rank 1 waited at the barrier after the write (until torchrun killed it, or a later collective of rank 0's met
+    it). Now both raise at once, rank 0 the full disk, rank 1 naming it; the checkpoint of step 2 stays in force,
+    readable, and no half-written folder is left."""
+    import rankwise
+
+    r0, r1 = (launched["ranks"][r]["disk-full"].get("error", "") for r in (0, 1))
+    new, old = f"step-{FULL_AT:07d}", f"step-{FULL_AT - 2:07d}"
+    assert r0.startswith("DiskFullError") and new in r0, (r0, r1)
+    assert r1.startswith("RunError") and f"process 0 failed writing checkpoint {new} (DiskFullError" in r1, (r0, r1)
+    assert f"previous checkpoint ({old}) is kept" in r1, r1
+    folder = launched["root"] / "disk-full" / "checkpoints"
+    assert (folder / "LATEST").read_text().strip() == old
+    assert sorted(p.name for p in folder.iterdir()) == ["LATEST", old]
+    rankwise.read_adapter(folder / old / "adapter")  # whole: its checksums verified
 
 
 class _Indices:

@@ -24,7 +24,7 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -351,33 +351,74 @@ def write_checkpoint(model: nn.Module, has_adapter: bool, accelerator: Any, opti
     needed = 2 * tensor_bytes(tensors) + tensor_bytes(state) + 2**20  # the adapter is within the trainable tensors
     kept = (f"the previous checkpoint ({(root / LATEST).read_text().strip()}) is kept" if (root / LATEST).is_file()
             else "no earlier checkpoint exists")
+    what = f"writing checkpoint {name}"
+
+    def start() -> None:
+        if accelerator.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+
+    def write() -> None:
+        write_state(tmp, f"rng-{accelerator.process_index}", rng_state())
+        if accelerator.is_main_process:
+            if has_adapter:
+                rankwise.save(unwrapped, tmp / "adapter")
+            atomic_write_bytes(tmp / MODEL_TENSORS, save(tensors))
+            write_state(tmp, "trainer", state)
+
+    def publish() -> None:
+        if accelerator.is_main_process:
+            final = root / name
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            atomic_write_bytes(root / LATEST, name.encode())
+            for old in root.glob("step-*"):
+                if old.name != name:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    for work in (start, write, publish):
+        def named(work: Callable[[], None] = work) -> None:
+            with disk_full_is_named(root, needed, what, f"{kept}: free space and run the same command with --resume"):
+                work()
+        on_every_process(what, named, lambda: shutil.rmtree(tmp, ignore_errors=True), kept)
+
+
+def on_every_process(what: str, work: Callable[[], None], undo: Callable[[], None], kept: str) -> None:
+    """Run ``work`` here, then learn every process's outcome (a collective: it stands for a barrier, so no process
+    waits at one for a peer that failed). When any failed: ``undo`` and raise on every process, the failing one its
+    own error, the others a :class:`RunError` naming that process, its error and ``kept``. A Ctrl-C (not an
+    ``Exception``) undoes and passes through unexchanged, as every process gets its own."""
+    error: Exception | None = None
     try:
-        with disk_full_is_named(root, needed, f"writing checkpoint {name}",
-                                f"{kept}: free space and run the same command with --resume"):
-            if accelerator.is_main_process:
-                root.mkdir(parents=True, exist_ok=True)
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir()
-            accelerator.wait_for_everyone()
-            write_state(tmp, f"rng-{accelerator.process_index}", rng_state())
-            if accelerator.is_main_process:
-                if has_adapter:
-                    rankwise.save(unwrapped, tmp / "adapter")
-                atomic_write_bytes(tmp / MODEL_TENSORS, save(tensors))
-                write_state(tmp, "trainer", state)
+        work()
+    except Exception as exc:  # noqa: BLE001 (exchanged, then raised)
+        error = exc
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        undo()
         raise
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        final = root / name
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        atomic_write_bytes(root / LATEST, name.encode())
-        for old in root.glob("step-*"):
-            if old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    said = _every_process_error(error)
+    if error is None and not any(said):
+        return
+    undo()
+    if error is not None:
+        raise error
+    index, text = next((i, t) for i, t in enumerate(said) if t)
+    raise RunError(f"process {index} failed {what} ({text}); {kept}")
+
+
+def _every_process_error(error: Exception | None) -> list[str | None]:
+    """Each process's error as text (``None``: it succeeded), by process index (a collective under
+    ``torch.distributed``; this process's alone without one)."""
+    from rankwise.distributed import process_group
+
+    mine = None if error is None else f"{type(error).__name__}: {error}"
+    dist = process_group()
+    if dist is None:
+        return [mine]
+    said: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(said, mine)
+    return said
 
 
 def latest_checkpoint(output: Path) -> Path | None:
