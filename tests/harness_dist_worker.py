@@ -78,7 +78,7 @@ def _disk_full_on_rank0_at(step: int) -> None:
     """Rank 0's writes into the checkpoint of ``step`` fail as a full disk does (``OSError`` ENOSPC)."""
     import errno
 
-    import rankwise.adapter_file as adapter_file
+    from rankwise import adapter_file
 
     write = adapter_file.atomic_write_bytes
 
@@ -378,7 +378,7 @@ def _save_under_fsdp(rank: int) -> dict[str, str]:
             out["fsdp2_gathered_file"] = same(rankwise.save(copy, root / "gathered"))
         _inner, wrapped, _opt = _fsdp1(use_orig_params=False)
         for what, work in (("save", rankwise.save), ("export", rankwise.export_peft)):
-            out[f"flat_{what}"] = _outcome(lambda: work(wrapped, root / f"flat_{what}"))
+            out[f"flat_{what}"] = _outcome(lambda what=what, work=work: work(wrapped, root / f"flat_{what}"))
         out["flat_merge"] = _outcome(lambda: rankwise.merge(wrapped))
     return out
 
