@@ -8,7 +8,8 @@ Not a test module (no ``test_`` prefix). Every rank writes ``rank<r>.json`` unde
 * ``cut`` — the same run stopped by Ctrl-C during step 3, then ``--resume``d (all on 2 processes);
 * ``left`` — the same run stopped during step 3 and left there (the test resumes it with 1 process);
 * ``nan-loss`` / ``nan-grad`` — rank 1 alone makes a NaN loss / a NaN gradient under a finite loss at step 2;
-* ``disk-full`` — rank 0's disk is full while it writes the checkpoint of step 4 (the one of step 2 written).
+* ``disk-full`` — rank 0's disk is full while it writes the checkpoint of step 4 (the one of step 2 written);
+* ``disk-full-end`` — rank 0's disk is full while it writes the finished run's ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from dist_teardown import join, leave
+from rankwise import adapter_file
 from rankwise_harness.config import RunConfig
 from rankwise_harness.tasktypes import TaskType
 from rankwise_harness.train import RunInterrupted, finetune
@@ -32,6 +34,7 @@ CUT_AT = 3  # Ctrl-C during this step (the checkpoint of step 2 is kept)
 NAN_AT = 2  # rank 1's non-finite step
 FULL_AT = 4  # rank 0's disk is full while it writes this step's checkpoint
 LOSS = TaskType.loss  # the task types' own loss, before a scenario patches it
+WRITE = adapter_file.atomic_write_bytes  # the same for the file writer
 
 
 def run_config(model: str, data: str, output: Path, batch_size: int, method: str = "gora") -> RunConfig:
@@ -74,24 +77,21 @@ def _nan_on_rank1(kind: str) -> None:
     TaskType.loss = loss  # type: ignore[method-assign]
 
 
-def _disk_full_on_rank0_at(step: int) -> None:
-    """Rank 0's writes into the checkpoint of ``step`` fail as a full disk does (``OSError`` ENOSPC)."""
+def _disk_full_on_rank0(where: str) -> None:
+    """Rank 0's writes to a path containing ``where`` fail as a full disk does (``OSError`` ENOSPC)."""
     import errno
 
-    from rankwise import adapter_file
-
-    write = adapter_file.atomic_write_bytes
-
     def full(path: Path, data: bytes) -> None:
-        if dist.get_rank() == 0 and f".step-{step:07d}.tmp" in str(path):
+        if dist.get_rank() == 0 and where in str(path):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        write(path, data)
+        WRITE(path, data)
 
     adapter_file.atomic_write_bytes = full  # type: ignore[assignment]
 
 
 def scenario(name: str, model: str, data: str, root: Path) -> dict[str, Any]:
-    TaskType.loss = LOSS  # type: ignore[method-assign]  # as a scenario before this one may have patched it
+    TaskType.loss = LOSS  # type: ignore[method-assign]  # as a scenario before this one may have patched them
+    adapter_file.atomic_write_bytes = WRITE
     method = "lora" if name.startswith(("nan", "disk")) else "gora"
     cfg = run_config(model, data, root / name, 4, method)
     if name == "whole":
@@ -100,8 +100,8 @@ def scenario(name: str, model: str, data: str, root: Path) -> dict[str, Any]:
         _nan_on_rank1(name)
         finetune(cfg, **QUIET)
         return {}
-    if name == "disk-full":
-        _disk_full_on_rank0_at(FULL_AT)
+    if name.startswith("disk-full"):
+        _disk_full_on_rank0(f".step-{FULL_AT:07d}.tmp" if name == "disk-full" else "metrics.json")
         finetune(cfg, **QUIET)
         return {}
     try:
@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--data", required=True)
     parser.add_argument("--root", required=True)
-    parser.add_argument("--scenarios", default="whole,cut,left,nan-loss,nan-grad,disk-full")
+    parser.add_argument("--scenarios", default="whole,cut,left,nan-loss,nan-grad,disk-full,disk-full-end")
     args = parser.parse_args()
     join()
     root = Path(args.root)

@@ -169,6 +169,16 @@ def test_a_full_disk_on_one_rank_while_checkpointing_stops_every_rank_and_keeps_
     rankwise.read_adapter(folder / old / "adapter")  # whole: its checksums verified
 
 
+def test_a_full_disk_on_one_rank_at_the_end_stops_every_rank(launched: dict[str, Any]) -> None:
+    """The same for the finished run's outputs (rank 0 writes them while the others waited at a barrier): both raise,
+    rank 1 naming rank 0's full disk; no metrics.json, the checkpoints are kept for ``--resume``."""
+    r0, r1 = (launched["ranks"][r]["disk-full-end"].get("error", "") for r in (0, 1))
+    assert r0.startswith("DiskFullError") and "final outputs" in r0, (r0, r1)
+    assert r1.startswith("RunError") and "process 0 failed writing the run's final outputs (DiskFullError" in r1, r1
+    folder = launched["root"] / "disk-full-end"
+    assert not (folder / "metrics.json").exists() and (folder / "checkpoints" / "LATEST").is_file()
+
+
 class _Indices:
     """A batcher whose batch is the rows themselves (integers), to see which rows a process gets."""
 

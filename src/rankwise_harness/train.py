@@ -32,7 +32,7 @@ from rankwise.optim import split_weight_decay
 from .batches import micro_batch_indices, random_batches, step_micro_batches, steps_per_epoch, to_device
 from .evaluation import evaluate
 from .checkpoint import (CKPT_DIR, Checkpoint, RunError, RunInterrupted, TrainerState, disk_full_is_named, tensor_bytes, frozen_digests, latest_checkpoint, model_tensors,
-                         read_checkpoint, read_run_json, restore_model, write_checkpoint)
+                         on_every_process, read_checkpoint, read_run_json, restore_model, write_checkpoint)
 from .config import RUN_MARKER, ConfigError, RunConfig
 from .data import Example, Splits, Task, fingerprint, get_task, load_task_data
 from .deps import can_plot, check_harness
@@ -756,11 +756,15 @@ def _finish(run: _Run, training: _Training, loop: _Loop) -> dict[str, Any]:
         record["index"] = run.dev_rows[record["index"]]
     loop.history.evals.append(_eval_entry(loop.step, loop.micro / run.per_epoch, final, run))
     result = _result(run, training, loop, final, train_seconds, (peak_mb, peak_kind))
-    if run.accelerator.is_main_process:
-        _write_outputs(run, training, loop, result, records)
-        shutil.rmtree(run.out / CKPT_DIR, ignore_errors=True)  # only once every output is written
-        run.say(summary(result, run.out, run.source.result_name()))
-    run.accelerator.wait_for_everyone()
+
+    def write() -> None:
+        if run.accelerator.is_main_process:
+            _write_outputs(run, training, loop, result, records)
+            shutil.rmtree(run.out / CKPT_DIR, ignore_errors=True)  # only once every output is written
+            run.say(summary(result, run.out, run.source.result_name()))
+
+    # in place of a barrier: a process whose write failed stops every process, none waits for it
+    on_every_process("writing the run's final outputs", write, lambda: None, "this process stops too")
     return result
 
 
