@@ -84,7 +84,7 @@ def check_whole(model: torch.nn.Module, weights: Iterable[torch.Tensor], what: s
                          "the whole model first, on every rank: state = torch.distributed.checkpoint.state_dict."
                          "get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, "
                          "cpu_offload=True)); then, on rank 0, load state into an unsharded copy of the model with the "
-                         f"same adapter attached and {what} that copy")
+                         f"same adapter attached and {what} that copy (docs/distributed.md)")
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
