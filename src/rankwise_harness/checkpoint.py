@@ -335,7 +335,10 @@ def write_checkpoint(model: nn.Module, has_adapter: bool, accelerator: Any, opti
                      trainer: TrainerState, output: Path, frozen: dict[str, str] | None) -> None:
     """Write ``checkpoints/step-N`` in a temporary folder, rename it into place, then move the
     ``LATEST`` pointer (an interrupted save leaves the previous checkpoint in force). A full disk removes
-    the temporary folder and raises :class:`DiskFullError` (the previous checkpoint stays in force)."""
+    the temporary folder and raises :class:`DiskFullError` (the previous checkpoint stays in force). Each phase
+    (make the folder, write, rename) ends with :func:`on_every_process`: a failure on one process stops every
+    process there, once all have finished writing (none waits at a barrier for it, none writes into a folder
+    being removed)."""
     from safetensors.torch import save
     from rankwise.adapter_file import atomic_write_bytes
 
