@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state() -> Iterator[None]:
+    """Every test starts with Accelerate's process-wide singletons unset (as ``accelerate.test_utils``'
+    ``AccelerateTestCase`` does after each test): a test that left an ``Accelerator`` set up, in one mixed precision,
+    would otherwise decide what the next test file's ``Accelerator`` may be, so a new file's name could break CI."""
+    yield
+    state = sys.modules.get("accelerate.state")  # a test that never imported Accelerate has nothing to reset
+    if state is not None and hasattr(state, "AcceleratorState"):
+        state.AcceleratorState._reset_state(reset_partial_state=True)
+        state.GradientState._reset_state()
 
 
 def write_sst2_slice(folder: Path, n_train: int, n_dev: int) -> str:

@@ -16,7 +16,7 @@ import os
 import resource
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,7 +170,15 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, h
                           f"{cfg.output} from its last checkpoint, --overwrite deletes it and starts again; pass one")
     check_harness(cfg.task, cfg.quantize)  # before any loading or training: a missing package stops the run now
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run = _open_run(cfg, source, resume, overwrite, log)
+    mp = _mixed_precision(cfg)
+    with _accelerate_state(mp):
+        return _stages(cfg, source, mp, resume, overwrite, hook, show_progress, log)
+
+
+def _stages(cfg: RunConfig, source: AdapterSource, mp: str, resume: bool, overwrite: bool, hook: StepHook | None,
+            show_progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """:func:`finetune`'s stages, in Accelerate's state for mixed precision ``mp``."""
+    run = _open_run(cfg, source, mp, resume, overwrite, log)
     run.progress = show_progress
     where: dict[str, Any] = {}  # the loop, once it exists: Ctrl-C names its step
     try:
@@ -345,14 +353,8 @@ class _Loop:
         return self.elapsed + time.perf_counter() - self.t_start - self.eval_time
 
 
-def _open_run(cfg: RunConfig, source: AdapterSource, resume: bool, overwrite: bool, log: Callable[[str], None]) -> _Run:
-    """Settings checked, processes set up, output folder checked (and cleared), checkpoint read."""
-    from accelerate import Accelerator
-
-    task = get_task(cfg.task)
-    plots = can_plot("the run's plots (loss_curve.png)")
-    model_name = resolve_model_name(cfg.model, task)
-    task_type = task_type_for(task, model_name, cfg)  # its flags are checked before anything is written
+def _mixed_precision(cfg: RunConfig) -> str:
+    """Accelerate's ``mixed_precision`` for ``--precision`` (``auto``: bf16 on a bf16 GPU, else none)."""
     if cfg.precision == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     else:
@@ -360,6 +362,40 @@ def _open_run(cfg: RunConfig, source: AdapterSource, resume: bool, overwrite: bo
     if mp == "fp16" and not torch.cuda.is_available():  # Accelerate would ignore it and train in fp32
         raise ConfigError("--precision fp16 needs a GPU: on a CPU Accelerate runs no fp16 autocast, so the run would "
                           "train in fp32 while its files say fp16; pass --precision bf16 (CPU autocast) or no")
+    return mp
+
+
+@contextlib.contextmanager
+def _accelerate_state(mp: str) -> Iterator[None]:
+    """Accelerate's process-wide state for one run. Its ``AcceleratorState`` is a singleton whose mixed precision
+    cannot change once set, so a run that set it up clears it (and ``GradientState``) when it ends: the next
+    ``finetune`` in this process may use another ``--precision``. ``PartialState`` (ranks, device, process
+    group) stays: it is the same for every run of the process. A state someone else set up (an ``Accelerator``
+    the caller made) is theirs: it is left alone, and a run in another precision is refused before it starts."""
+    from accelerate.state import AcceleratorState, GradientState, is_initialized
+
+    fresh = not is_initialized()
+    if not fresh and AcceleratorState().mixed_precision != mp:
+        raise ConfigError(f"this process already set up Accelerate in mixed precision "
+                          f"{AcceleratorState().mixed_precision} (an Accelerator made outside finetune, which cannot "
+                          f"change it): pass --precision {AcceleratorState().mixed_precision}, or train in a fresh process")
+    try:
+        yield
+    finally:
+        if fresh:
+            AcceleratorState._reset_state()
+            GradientState._reset_state()
+
+
+def _open_run(cfg: RunConfig, source: AdapterSource, mp: str, resume: bool, overwrite: bool,
+              log: Callable[[str], None]) -> _Run:
+    """Settings checked, processes set up, output folder checked (and cleared), checkpoint read."""
+    from accelerate import Accelerator
+
+    task = get_task(cfg.task)
+    plots = can_plot("the run's plots (loss_curve.png)")
+    model_name = resolve_model_name(cfg.model, task)
+    task_type = task_type_for(task, model_name, cfg)  # its flags are checked before anything is written
     # several CPU processes (torchrun without GPUs) need cpu=True for Accelerate to set up gloo
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(mixed_precision=mp, cpu=multi_cpu)
