@@ -3,6 +3,8 @@
 1. ``finetune`` made an ``Accelerator`` and left Accelerate's ``AcceleratorState`` singleton set up when it ended.
    Its mixed precision cannot change once set, so a second ``finetune`` in the same process with another
    ``--precision`` died in Accelerate ("AcceleratorState has already been initialized ... restart your runtime").
+2. ``rankwise export RUN --format merged`` wrote the model without a tokenizer, which serving the folder (a
+   transformers pipeline, vLLM) needs beside it: the base's tokenizer is written there now, in the same atomic write.
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from test_harness_train import _cfg, sst2, tiny_models  # noqa: F401  (module fixtures: a tiny BERT, 64 SST-2 rows)
 
+import rankwise
+from rankwise_harness import cli
 from rankwise_harness.config import ConfigError
+from rankwise_harness.models import ModelError
 from rankwise_harness.train import finetune
 
 QUIET: dict[str, Any] = dict(show_progress=False, log=lambda _m: None)
@@ -56,3 +62,78 @@ def test_a_callers_accelerator_is_kept_and_another_precision_refused(tmp_path: P
     assert not (tmp_path / "no").exists()
     _run(tmp_path, tiny_models, sst2, "bf16", "bf16")
     assert mine.state.mixed_precision == "bf16" and AcceleratorState().mixed_precision == "bf16"
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, str], sst2: str) -> Path:
+    """A finished LoRA run of the tiny BERT (saved with the packaged MiniLM's tokenizer) on SST-2."""
+    cfg = _cfg(tmp_path_factory.mktemp("run"), tiny_models, sst2, max_steps=6)
+    finetune(cfg, **QUIET)
+    return Path(cfg.output)
+
+
+def test_a_merged_export_serves_the_runs_predictions_with_its_own_tokenizer(finished_run: Path, sst2: str,
+                                                                            tmp_path: Path) -> None:
+    """The merged folder alone (``AutoTokenizer`` and ``AutoModelForSequenceClassification`` from it, as a pipeline
+    loads it) predicts what the run's ``predictions.jsonl`` recorded for every dev row."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rankwise_harness.data import get_task, load_task_data
+
+    base = json.loads((finished_run / "config.json").read_text())["model_path"]
+    merged = tmp_path / "merged"
+    assert cli.main(["export", str(finished_run), "--out", str(merged), "--format", "merged"]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    dev = load_task_data(get_task("sst2"), sst2).dev
+    recorded = [json.loads(line) for line in (finished_run / "predictions.jsonl").read_text().splitlines()]
+    rows = [dev[r["index"]] for r in recorded]
+    batch = tokenizer([r.text for r in rows], truncation=True, max_length=32, padding=True, return_tensors="pt")
+    trained = rankwise.load(AutoModelForSequenceClassification.from_pretrained(base, num_labels=2),
+                            finished_run / "adapter", trainable=False).eval()  # the run's model, rebuilt by hand
+    reference = AutoTokenizer.from_pretrained(base)(
+        [r.text for r in rows], truncation=True, max_length=32, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits, want = model(**batch).logits, trained(**reference).logits
+    assert logits.argmax(-1).tolist() == [r["prediction"] for r in recorded]
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+    # exported again into the same folder: the tokenizer's files are a merged model's own, not foreign files
+    assert cli.main(["export", str(finished_run), "--out", str(merged), "--format", "merged"]) == 0
+
+
+def test_a_merged_export_of_a_base_without_a_tokenizer_says_so_and_writes_the_model(
+        finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A base folder holding no tokenizer: one line on stderr says none was written; the model is written."""
+    from transformers import AutoModelForSequenceClassification
+
+    bare = _without_tokenizer(json.loads((finished_run / "config.json").read_text())["model_path"], tmp_path)
+    capsys.readouterr()
+    merged = tmp_path / "merged"
+    assert cli.main(["export", str(finished_run), "--base", str(bare), "--out", str(merged), "--format", "merged"]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "tokenizer" in line]  # (not the load bars)
+    assert len(err) == 1 and err[0].startswith("note: no tokenizer") and str(bare) in err[0], err
+    assert not list(merged.glob("tokenizer*"))
+    AutoModelForSequenceClassification.from_pretrained(merged)
+
+
+def _without_tokenizer(base: str, tmp_path: Path) -> Path:
+    """A copy of model folder ``base`` without its tokenizer's files."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(Path(base) / name, bare / name)
+    return bare
+
+
+def test_a_run_on_a_base_without_a_tokenizer_is_refused(tmp_path: Path, tiny_models: dict[str, str], sst2: str) -> None:
+    """transformers builds the config's tokenizer class with an empty vocabulary from a folder holding none (every
+    word ``[UNK]``), which a run trained on without a word; now the run stops naming the folder."""
+    from transformers import AutoTokenizer
+
+    bare = _without_tokenizer(tiny_models["bert"], tmp_path)
+    empty = AutoTokenizer.from_pretrained(bare)
+    assert set(empty("a fine film")["input_ids"][1:-1]) == {empty.unk_token_id}  # what the run would have trained on
+    with pytest.raises(ModelError, match=r"holds no tokenizer"):
+        finetune(_cfg(tmp_path, {"bert": str(bare)}, sst2), **QUIET)

@@ -32,12 +32,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import QUANTIZE_CHOICES
+from . import QUANTIZE_CHOICES, TOKENIZER_FILES
 
 FORMATS = ("peft", "vllm", "merged")
 # what a merged-model output folder may hold (file name patterns); the adapter kinds' are the library's
 MERGED_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-                "model-*-of-*.safetensors", "rankwise_head.json")
+                "model-*-of-*.safetensors", "rankwise_head.json", *TOKENIZER_FILES)  # the base's tokenizer beside it
 
 
 def add_subcommands(subparsers: Any) -> None:
@@ -254,7 +254,8 @@ def _export(args: argparse.Namespace) -> str:
     if args.format == "merged":
         if is_adapter:
             rankwise.detach(model, merge=True)
-        replace_folder(Path(args.out), lambda tmp: _write_merged(model, tmp, head))
+        tokenizer = _base_tokenizer(base, model)
+        replace_folder(Path(args.out), lambda tmp: _write_merged(model, tmp, head, tokenizer))
         if head is None:
             return f"merged model written to {args.out} (load it with {cls}.from_pretrained)"
         return (f"merged model written to {args.out} ({cls} with the run's {head[0]} head on {head[1]} pooling; "
@@ -287,9 +288,29 @@ def load_trained_tensors(model: Any, file: Path) -> None:
     model.load_state_dict(tensors, strict=False)
 
 
-def _write_merged(model: Any, folder: Path, head: tuple[str, str] | None) -> None:
-    """The merged model's files in ``folder`` (and the harness head's spec, when the run had its own head)."""
+def _base_tokenizer(base: str, model: Any) -> Any:
+    """``base``'s tokenizer as a run loads it (a pad token given, which ``model``'s config then names), to save
+    beside the merged model that is served with it; ``None``, said in one line on stderr, when it cannot be loaded
+    (a base folder holding no tokenizer, a hub name offline): the model is written all the same."""
+    from .models import load_tokenizer, pad_like
+
+    try:
+        tokenizer = load_tokenizer(base)
+    except (OSError, ValueError, TypeError, KeyError, ImportError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"note: no tokenizer written beside the merged model: {base}'s could not be loaded ({reason}); save "
+              "the base's tokenizer into that folder before serving it", file=sys.stderr)
+        return None
+    pad_like(model, tokenizer)
+    return tokenizer
+
+
+def _write_merged(model: Any, folder: Path, head: tuple[str, str] | None, tokenizer: Any) -> None:
+    """The merged model's files in ``folder``, with the base's tokenizer (when it loaded) and the harness head's
+    spec (when the run had its own head)."""
     model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
     if head is not None:
         from .heads import write_head_spec
 

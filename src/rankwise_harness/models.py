@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import QUANTIZE_CHOICES
+from . import QUANTIZE_CHOICES, TOKENIZER_FILES
 from .data import Task
 
 SMOLLM2 = "smollm2"
@@ -204,7 +204,7 @@ def load_pretrained(name: str, auto_class: str, quantize: str | None = None, dev
 
     quant = quantization_kwargs(quantize, device or torch.device("cpu")) if quantize else {}
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+        tokenizer = load_tokenizer(name)
         model = getattr(transformers, auto_class).from_pretrained(name, **kwargs, **quant)
     except OSError as exc:
         raise ModelError(f"could not load model {name!r}: {exc}") from None
@@ -212,11 +212,31 @@ def load_pretrained(name: str, auto_class: str, quantize: str | None = None, dev
         from rankwise.quant import keep_layout
 
         keep_layout(model)
+    pad_like(model, tokenizer)
+    return model, tokenizer
+
+
+def load_tokenizer(name: str) -> Any:
+    """``name``'s tokenizer, given a pad token (its EOS, else its UNK) when it has none: every run pads batches. A
+    local folder holding no tokenizer file raises :class:`ModelError`."""
+    import transformers
+
+    folder = Path(name)
+    if folder.is_dir() and not any(any(folder.glob(f)) for f in TOKENIZER_FILES):
+        # transformers then builds the config's tokenizer class with an empty vocabulary: every word [UNK]
+        raise ModelError(f"{name} holds no tokenizer (none of {', '.join(TOKENIZER_FILES[:5])}, ...): save the "
+                         "model's tokenizer into it (tokenizer.save_pretrained)")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def pad_like(model: nn.Module, tokenizer: Any) -> None:
+    """``model``'s config names ``tokenizer``'s pad token when it names none (a sequence classifier on a decoder
+    finds each row's last token by it)."""
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
 
 
 def load_model(name: str, task: Task, causal_lm: bool = False, quantize: str | None = None,
