@@ -5,6 +5,10 @@
    ``--precision`` died in Accelerate ("AcceleratorState has already been initialized ... restart your runtime").
 2. ``rankwise export RUN --format merged`` wrote the model without a tokenizer, which serving the folder (a
    transformers pipeline, vLLM) needs beside it: the base's tokenizer is written there now, in the same atomic write.
+3. Several named adapters of a sequence classifier exported at once (PEFT's multi-adapter layout, each with the
+   ``SEQ_CLS`` head PEFT's load needs): an adapter that trains no head of its own computes with the model's
+   original head, but its file held whatever head sat in the model at export time (another adapter's trained copy
+   while that one was active), so PEFT served it with the other adapter's head.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import ModelCase
 from test_harness_train import _cfg, sst2, tiny_models  # noqa: F401  (module fixtures: a tiny BERT, 64 SST-2 rows)
 
 import rankwise
@@ -137,3 +142,35 @@ def test_a_run_on_a_base_without_a_tokenizer_is_refused(tmp_path: Path, tiny_mod
     assert set(empty("a fine film")["input_ids"][1:-1]) == {empty.unk_token_id}  # what the run would have trained on
     with pytest.raises(ModelError, match=r"holds no tokenizer"):
         finetune(_cfg(tmp_path, {"bert": str(bare)}, sst2), **QUIET)
+
+
+@pytest.mark.parametrize("active", [["default", "other"], ["default"], ["other"]], ids=["both", "default", "other"])
+def test_named_adapters_of_a_sequence_classifier_load_in_peft_each_with_its_own_head(
+        bert_case: ModelCase, active: list[str], tmp_path: Path) -> None:
+    """LoRA "default" training the classifier, DoRA "other" on top without a head of its own, exported whichever is
+    active: PEFT's ``PeftModel.from_pretrained`` + ``load_adapter(path/other, adapter_name="other")`` compute each
+    adapter's outputs alone (``set_adapter``) as rankwise's ``set_active`` does, the trained head and the original one."""
+    peft = pytest.importorskip("peft")
+    model = bert_case.make()
+    rankwise.attach(model, rankwise.LoraConfig(r=4, alpha=8, target_modules=("query", "value"),
+                                               modules_to_save=("classifier",)))
+    rankwise.attach(model, rankwise.DoraConfig(r=4, alpha=8, target_modules=("query", "value")), name="other")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in rankwise.trainable_parameters(model).values():
+            param.add_(0.2 * torch.randn(param.shape, generator=g))
+    rankwise.set_active(model, active)
+    rankwise.export_peft(model, tmp_path / "peft")
+    theirs = peft.PeftModel.from_pretrained(bert_case.make(), tmp_path / "peft")
+    theirs.load_adapter(tmp_path / "peft" / "other", adapter_name="other")
+    batch = bert_case.batch(11)
+    outputs = {}
+    for name in ("default", "other"):
+        rankwise.set_active(model, name)
+        theirs.base_model.set_adapter(name)
+        with torch.no_grad():
+            outputs[name] = bert_case.output(model.eval(), batch)
+            torch.testing.assert_close(bert_case.output(theirs.eval(), batch), outputs[name], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        base = bert_case.output(bert_case.make(), batch)
+    assert not torch.allclose(outputs["default"], outputs["other"]) and not torch.allclose(outputs["other"], base)

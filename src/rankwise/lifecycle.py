@@ -33,7 +33,8 @@ from .quant import dequantize_model, model_float_dtype, parameter_count
 from .registry import BuildResult, LossFn, method_for
 from .layer import DEFAULT_ADAPTER
 from .state import (STATE_ATTR, AdapterSet, RankwiseState, adapter_layers, adapter_set, base_modules,  # noqa: F401
-                    every_layer, fully_trained_modules, get_state, is_attached, refuse_peft_model, slot_layers, unwrap_model)
+                    every_layer, fully_trained_modules, get_state, is_attached, original_modules, refuse_peft_model,
+                    slot_layers, unwrap_model)
 from .targeting import find_modules_to_save, find_targets, is_all_linear
 
 
@@ -543,8 +544,7 @@ def detach(model: nn.Module, merge: bool = False) -> nn.Module:
     in_place = {n: layer for n, layer in layers.items() if layer.kind.merges_in_place}  # float bases (not bitsandbytes)
     if merge:  # every float layer first, all or nothing: a refusal leaves the model attached and unmerged
         merge_all(in_place)
-    adapters: AdapterSet | None = getattr(model, STATE_ATTR, None)
-    originals = {n: m for st in (adapters.adapters.values() if adapters else ()) for n, m in st.original_modules.items()}
+    originals = original_modules(model)
     untied = merge and (any(layer.tied for layer in layers.values()) or _trains_a_tie(model, originals))
     # the model's float dtype (its adapters' own tensors left out): what an int8 base without a bias takes and returns
     dtype = model_float_dtype(model, [p for layer in layers.values() for n, p in layer.named_parameters()

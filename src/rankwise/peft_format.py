@@ -50,8 +50,8 @@ from .io import check_folders, folders_by_name, install_rebuilt, rebuild_layers
 from .lifecycle import check_new_name, refuse_fully_trained_targets
 from .methods import DoraConfig, LoraConfig
 from .registry import method_for
-from .state import (adapter_layers, base_modules, fully_trained_modules, get_state, is_attached, refuse_peft_model,
-                    unwrap_model)
+from .state import (adapter_layers, base_modules, fully_trained_modules, get_state, is_attached, original_modules,
+                    refuse_peft_model, unwrap_model)
 from .targeting import SUPPORTED_TYPES, is_supported
 
 PEFT_CONFIG = "adapter_config.json"
@@ -214,8 +214,10 @@ def _peft_task(model: nn.Module, saved: list[str], layers: list[str], vllm: bool
 
 
 def _peft_heads(model: nn.Module, heads: tuple[str, ...]) -> dict[str, nn.Module]:
-    """The modules PEFT's task wraps for ``heads``, as they are in the model (written so PEFT's load finds them)."""
-    modules = dict(base_modules(model))
+    """The modules PEFT's task wraps for ``heads``, as the base model has them (written so PEFT's load finds them):
+    an original, not another adapter's trained copy standing in the model while that adapter is active (the
+    adapter exported computes with the original when active alone; its own trained copies are written over these)."""
+    modules = dict(base_modules(model)) | original_modules(model)
     return {n: modules[n] for n in peft_wraps(list(modules), heads)}
 
 

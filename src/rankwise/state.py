@@ -159,6 +159,13 @@ def get_state(model: nn.Module, name: str | None = None) -> RankwiseState:
     return adapters.adapters[adapters.resolve(name)]
 
 
+def original_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``{module name: original}`` of every adapter's fully-trained modules (``modules_to_save``): the modules the
+    base model has there, wherever a trained copy stands in for one now."""
+    adapters: AdapterSet | None = getattr(unwrap_model(model), STATE_ATTR, None)
+    return {n: m for st in (adapters.adapters.values() if adapters else ()) for n, m in st.original_modules.items()}
+
+
 def fully_trained_modules(model: nn.Module, name: str | None = None) -> dict[str, nn.Module]:
     """``{module name: trained copy}`` of adapter ``name``'s fully-trained modules (``modules_to_save``): in the
     model, or set aside while the adapter is idle. What ``save`` / ``export_peft`` write."""
