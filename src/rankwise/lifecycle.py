@@ -563,7 +563,7 @@ def detach(model: nn.Module, merge: bool = False) -> nn.Module:
     config: Any = getattr(model, "config", None)  # a transformers PretrainedConfig, if any
     if untied and config is not None and getattr(config, "tie_word_embeddings", False):
         config.tie_word_embeddings = False  # save_pretrained / from_pretrained must not tie them again
-    if adapters is not None:
+    if hasattr(model, STATE_ATTR):
         delattr(model, STATE_ATTR)
     return model
 

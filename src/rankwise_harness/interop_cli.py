@@ -8,7 +8,7 @@
 ``BASE`` is a Hugging Face model folder (or hub name); its class is read from ``config.json``'s
 ``architectures`` unless ``--model-class`` names one. ``peft`` writes a PEFT LoRA/DoRA folder,
 ``vllm`` the form engines reading only ``r`` / ``lora_alpha`` serve, ``merged`` a plain model with
-the adapter baked in (``save_pretrained``). ``import`` turns a PEFT LoRA/DoRA adapter into a rankwise
+the adapter baked in (``save_pretrained``) and the base's tokenizer beside it. ``import`` turns a PEFT LoRA/DoRA adapter into a rankwise
 adapter folder that ``rankwise.load`` (and training) continue from.
 
 ``ADAPTER`` may be a run folder, its ``adapter/`` or a checkpoint's (``RUN/checkpoints/step-N/adapter``): the
@@ -292,9 +292,11 @@ def _base_tokenizer(base: str, model: Any) -> Any:
     """``base``'s tokenizer as a run loads it (a pad token given, which ``model``'s config then names), to save
     beside the merged model that is served with it; ``None``, said in one line on stderr, when it cannot be loaded
     (a base folder holding no tokenizer, a hub name offline): the model is written all the same."""
-    from .models import load_tokenizer, pad_like
+    from .models import holds_no_tokenizer, load_tokenizer, pad_like
 
     try:
+        if holds_no_tokenizer(base):
+            raise OSError("its folder holds no tokenizer file")
         tokenizer = load_tokenizer(base)
     except (OSError, ValueError, TypeError, KeyError, ImportError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

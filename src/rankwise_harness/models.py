@@ -217,19 +217,20 @@ def load_pretrained(name: str, auto_class: str, quantize: str | None = None, dev
 
 
 def load_tokenizer(name: str) -> Any:
-    """``name``'s tokenizer, given a pad token (its EOS, else its UNK) when it has none: every run pads batches. A
-    local folder holding no tokenizer file raises :class:`ModelError`."""
+    """``name``'s tokenizer, given a pad token (its EOS, else its UNK) when it has none: every run pads batches."""
     import transformers
 
-    folder = Path(name)
-    if folder.is_dir() and not any(any(folder.glob(f)) for f in TOKENIZER_FILES):
-        # transformers then builds the config's tokenizer class with an empty vocabulary: every word [UNK]
-        raise ModelError(f"{name} holds no tokenizer (none of {', '.join(TOKENIZER_FILES[:5])}, ...): save the "
-                         "model's tokenizer into it (tokenizer.save_pretrained)")
     tokenizer = transformers.AutoTokenizer.from_pretrained(name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
+
+
+def holds_no_tokenizer(name: str) -> bool:
+    """Whether ``name`` is a local folder without any tokenizer file. transformers' ``AutoTokenizer`` still loads
+    one from it: the config's tokenizer class with an empty vocabulary, which reads every word as ``[UNK]``."""
+    folder = Path(name)
+    return folder.is_dir() and not any(any(folder.glob(f)) for f in TOKENIZER_FILES)
 
 
 def pad_like(model: nn.Module, tokenizer: Any) -> None:
