@@ -236,8 +236,9 @@ def holds_no_tokenizer(name: str) -> bool:
 def pad_like(model: nn.Module, tokenizer: Any) -> None:
     """``model``'s config names ``tokenizer``'s pad token when it names none (a sequence classifier on a decoder
     finds each row's last token by it)."""
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    config: Any = model.config  # a transformers PretrainedConfig
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = tokenizer.pad_token_id
 
 
 def load_model(name: str, task: Task, causal_lm: bool = False, quantize: str | None = None,
