@@ -100,6 +100,9 @@ def scenario(name: str, model: str, data: str, root: Path) -> dict[str, Any]:
         _nan_on_rank1(name)
         finetune(cfg, **QUIET)
         return {}
+    if name == "locked":  # the test holds this folder's lock: rank 0 cannot take it
+        finetune(cfg, **QUIET)
+        return {}
     if name.startswith("disk-full"):
         _disk_full_on_rank0(f".step-{FULL_AT:07d}.tmp" if name == "disk-full" else "metrics.json")
         finetune(cfg, **QUIET)
@@ -117,7 +120,7 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--data", required=True)
     parser.add_argument("--root", required=True)
-    parser.add_argument("--scenarios", default="whole,cut,left,nan-loss,nan-grad,disk-full,disk-full-end")
+    parser.add_argument("--scenarios", default="whole,cut,left,nan-loss,nan-grad,disk-full,disk-full-end,locked")
     args = parser.parse_args()
     join()
     root = Path(args.root)

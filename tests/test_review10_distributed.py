@@ -36,7 +36,13 @@ def launched(tmp_path_factory: pytest.TempPathFactory, still_bert: str) -> dict[
                PYTHONPATH=os.pathsep.join([str(HERE.parent / "src"), str(HERE), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(HERE / "harness_dist_worker.py"), "--model", still_bert, "--data", data, "--root", str(root)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    from rankwise_harness.runlock import acquire
+
+    held = acquire(root / "locked")  # a live run (this process) holds the "locked" scenario's folder
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        held.release()
     assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-6000:]}\n{done.stderr[-6000:]}"
     ranks = [json.loads((root / f"rank{r}.json").read_text()) for r in (0, 1)]
     return {"root": root, "data": data, "model": still_bert, "ranks": ranks}
@@ -177,6 +183,17 @@ def test_a_full_disk_on_one_rank_at_the_end_stops_every_rank(launched: dict[str,
     assert r1.startswith("RunError") and "process 0 failed writing the run's final outputs (DiskFullError" in r1, r1
     folder = launched["root"] / "disk-full-end"
     assert not (folder / "metrics.json").exists() and (folder / "checkpoints" / "LATEST").is_file()
+
+
+def test_a_run_folder_another_live_run_holds_stops_every_rank_at_once(launched: dict[str, Any]) -> None:
+    """Review round 12: rank 0 cannot take the run folder's lock (a live run holds it). Before, rank 0 raised and
+    rank 1 waited at the barrier after it (until the collective timed out or torchrun killed it). Now both raise
+    at once, rank 0 the lock's error, rank 1 naming it; nothing is written into the folder."""
+    r0, r1 = (launched["ranks"][r]["locked"].get("error", "") for r in (0, 1))
+    assert r0.startswith("RunError") and "process 0" not in r0, (r0, r1)
+    assert r1.startswith("RunError") and "process 0 failed opening the run folder (RunError" in r1, (r0, r1)
+    # the test's lock, released, removed the folder it had made: it could only if the run wrote nothing there
+    assert not (launched["root"] / "locked").exists()
 
 
 class _Indices:

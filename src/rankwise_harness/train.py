@@ -403,16 +403,28 @@ def _open_run(cfg: RunConfig, source: AdapterSource, mp: str, resume: bool, over
     # every process checks (so all stop on a bad folder); a foreign folder is refused before a lock file is made
     # in it; the main process then owns the folder (a live run there refuses this one) and only it deletes, once
     # the new run is about to write (_write_config): bad data or a bad model found before then loses nothing
-    prepare_output(cfg, resume, overwrite, delete=False)
-    lock = acquire(Path(cfg.output), say) if accelerator.is_main_process else None
-    try:
+    # (each step's outcome is exchanged: a failure on one process, e.g. a live run holding the lock, stops all of
+    # them at once, where a barrier would keep the others waiting for it)
+    taken: list[RunLock] = []
+    found: list[Any] = []
+
+    def take() -> None:
+        prepare_output(cfg, resume, overwrite, delete=False)
+        if accelerator.is_main_process:
+            taken.append(acquire(Path(cfg.output), say))
+
+    def read() -> None:
         ckpt = prepare_output(cfg, resume, overwrite, delete=False)
-        saved = read_checkpoint(ckpt, accelerator.process_index) if ckpt else None  # read once
-    except BaseException:
-        if lock is not None:
+        found[:] = [ckpt, read_checkpoint(ckpt, accelerator.process_index) if ckpt else None]  # read once
+
+    def release() -> None:
+        for lock in taken:
             lock.release()
-        raise
-    accelerator.wait_for_everyone()
+
+    on_every_process("opening the run folder", take, release, "nothing was written")
+    on_every_process("reading the run folder", read, release, "nothing was written")
+    ckpt, saved = found
+    lock = taken[0] if taken else None
     return _Run(cfg, accelerator, say, Path(cfg.output), mp, plots, task, model_name, task_type, source, ckpt, saved, lock,
                 overwrite)
 
