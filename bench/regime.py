@@ -342,6 +342,7 @@ def grid_table(runs: Path, task: str, arms: list[Arm]) -> list[str]:
             m = metrics(runs, task, arm, lr, 0)
             cells.append(f"{lr:g}: not run" if m is None else
                          f"{lr:g}: {100 * held_out_score(m):.1f} / {last_epoch_loss(m):.3f}")
+        cells += [""] * (width - len(cells))  # a shorter grid: empty cells, so every row has the header's columns
         lines.append(f"| {arm.label} | " + " | ".join(cells) + " |")
     return lines
 

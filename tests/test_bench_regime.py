@@ -151,6 +151,16 @@ def test_grid_table_shows_every_grid_point_and_the_unfinished_ones(tmp_ledger: P
     assert row == "| a | 0.001: 81.3 / 0.375 | 0.003: not run |"
 
 
+def test_grid_table_gives_a_shorter_grid_the_headers_columns(tmp_ledger: Path) -> None:
+    """An arm with fewer grid points than the longest (a grid extended at its edge) gets empty cells, so every
+    row has as many cells as the header and markdown does not shift or drop columns."""
+    long, short = regime.Arm("a", "lora", [], [1e-4, 1e-3, 3e-3]), regime.Arm("b", "lora", [], [1e-3])
+    lines = regime.grid_table(tmp_ledger, "mrpc", [long, short])
+    header, rows = lines[2], lines[-2:]
+    assert [r.count("|") for r in rows] == [header.count("|")] * 2
+    assert rows[1] == "| b | 0.001: not run |  |  |"
+
+
 def _edora():
     import importlib.util
 
