@@ -500,7 +500,18 @@ class AdapterLayer(nn.Module):
     def adapter_state(self) -> dict[str, Tensor]:
         """Every tensor that defines the adapter (not the base weight/bias), by local name."""
         return {k: v for k, v in self.state_dict(keep_vars=False).items()
-                if k not in ("weight", "bias", UNMERGED_KEY) and not k.startswith("peers.")}
+                if k not in ("weight", "bias", UNMERGED_KEY) and not k.startswith("peers.") and k not in self._base_extras()}
+
+    def _base_extras(self, prefix: str = "", keep_vars: bool = False) -> dict[str, Any]:
+        """What the base module's own ``state_dict`` holds beside ``weight``/``bias``: bitsandbytes' quantisation
+        state (4-bit ``weight.absmax`` / ``weight.quant_map`` / ``weight.quant_state.*``, int8 ``SCB`` /
+        ``weight_format``), without which ``from_pretrained`` of a saved model cannot run the packed weight.
+        Empty for a float base and for a peer (its host writes the base's tensors)."""
+        if not self.quantized or self.is_peer:
+            return {}
+        own: dict[str, Any] = {}
+        self.kind.module._save_to_state_dict(own, prefix, keep_vars)
+        return {k: v for k, v in own.items() if k not in (prefix + "weight", prefix + "bias")}
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         """A merged layer's ``state_dict`` carries its merged state: ``weight`` is the merged weight (what a
@@ -508,6 +519,7 @@ class AdapterLayer(nn.Module):
         fresh adapted model merged and exactly unmergeable, never with the update applied twice (a host only:
         its peers hold no base tensors of their own)."""
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.update(self._base_extras(prefix, keep_vars))  # a quantised base's own state, as it saves it
         if self.merged and not self.is_peer:
             assert self._original_weight is not None
             destination[prefix + UNMERGED_KEY] = self._original_weight if keep_vars else self._original_weight.detach()
@@ -533,6 +545,8 @@ class AdapterLayer(nn.Module):
             return
         was_merged = self.merged
         self.unmerge()  # the incoming tensors are loaded into the unmerged layer
+        for key in self._base_extras(prefix):  # the base keeps its own quantisation state (its packed weight is frozen)
+            state_dict.pop(key, None)
         unmerged = state_dict.pop(prefix + UNMERGED_KEY, None)  # a merged layer's state_dict
         if unmerged is not None:  # load its original W0; the merged weight is recomputed from it (the same bits)
             state_dict[prefix + "weight"] = unmerged

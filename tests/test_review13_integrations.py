@@ -1,0 +1,68 @@
+"""Review round 13 (D): rankwise inside HF Trainer / TRL / Accelerate around save and resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import rankwise
+from rankwise import quant
+
+transformers = pytest.importorskip("transformers")
+
+TARGETS = ["q_proj", "v_proj"]
+QUANTS: dict[str, dict[str, Any]] = {
+    "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.float32},
+    "int8": {"load_in_8bit": True},
+}
+
+
+def _tiny_llama(**extra: Any) -> Any:
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, **extra))
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("llama13")
+    _tiny_llama().save_pretrained(path)
+    return str(path)
+
+
+def _quantized(path: str, kind: str) -> Any:
+    config = transformers.BitsAndBytesConfig(**QUANTS[kind])
+    return transformers.LlamaForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu").train()
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_save_pretrained_of_an_adapted_quantized_model_keeps_the_adapted_layers_quantisation_state(
+        llama_dir: str, kind: str, tmp_path: Path) -> None:
+    """``model.save_pretrained`` (what ``trainer.save_model`` and every Trainer checkpoint call) on a bitsandbytes
+    base with rankwise layers: the adapted layers wrote their packed weight without bitsandbytes' quantisation
+    state (4-bit ``weight.absmax`` / ``quant_map`` / ``quant_state``, int8 ``SCB``), so ``from_pretrained`` of the
+    folder gave adapted modules that cannot run ("quant_state is required"). Now each such module reloads with the
+    base's exact quantised weight (its dequantised ``W0`` equal bit for bit) and the state_dict still loads back."""
+    pytest.importorskip("bitsandbytes")
+    model = _quantized(llama_dir, kind)
+    base_w = {n: quant.dequantize(model.get_submodule(n)) for n, _ in model.named_modules() if n.endswith(tuple(TARGETS))}
+    rankwise.attach(model, rankwise.LoraConfig(r=2, alpha=4, target_modules=TARGETS, seed=0))
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path, device_map="cpu").train()
+    for name, w in base_w.items():
+        module = reloaded.get_submodule(name)
+        assert quant.is_quantized(module), name
+        assert torch.equal(quant.dequantize(module), w), name
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.isfinite(reloaded(input_ids=ids).logits).all()
+    adapter_keys = {k for layer in rankwise.adapter_layers(model).values() for k in layer.adapter_state()}
+    assert adapter_keys == {"lora_a", "lora_b"}  # the quantisation state is the base's, never the adapter's
+    before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    model.load_state_dict(model.state_dict(), strict=False)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
