@@ -66,3 +66,43 @@ def test_save_pretrained_of_an_adapted_quantized_model_keeps_the_adapted_layers_
     model.load_state_dict(model.state_dict(), strict=False)
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_hf_trainer_refuses_a_quantized_base_even_with_rankwise_adapters(llama_dir: str) -> None:
+    """transformers' Trainer (so TRL's SFTTrainer too) refuses a bitsandbytes-quantised model that is not a PEFT
+    model ("purely quantized"), adapters or not: docs/howto/quantized.md and hf-trainer.md send such runs to an own
+    loop, Accelerate or the CLI. If transformers starts accepting them, this fails and the docs change."""
+    pytest.importorskip("bitsandbytes")
+    model = _quantized(llama_dir, "nf4")
+    rankwise.attach(model, rankwise.LoraConfig(r=2, alpha=4, target_modules=TARGETS, seed=0))
+    args = transformers.TrainingArguments(output_dir="unused", max_steps=1, report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="purely quantized"):
+        transformers.Trainer(model=model, args=args, train_dataset=[])
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoints_raclora_chain_and_counters(tmp_path: Path) -> None:
+    """``load_best_model_at_end``: after links ended past the best checkpoint, the model holds that checkpoint's
+    adapter exactly (the chain record shrinks back to its shape) and its step counter and link state."""
+    import json
+
+    import safetensors.torch
+
+    from rankwise.integrations.hf import RankwiseCallback
+    from rankwise.state import get_state
+
+    model = _tiny_llama()
+    rankwise.attach(model, rankwise.RacLoraConfig(r=2, alpha=4, link_steps=2, target_modules=TARGETS, seed=0))
+    rows = [{"input_ids": r, "labels": r} for r in torch.randint(0, 64, (24, 8), generator=torch.Generator().manual_seed(0))]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=6, save_steps=3, eval_strategy="steps", eval_steps=3, per_device_train_batch_size=4,
+        learning_rate=1e-2, load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True,  # the worse: step 3
+        report_to=[], logging_strategy="no", disable_tqdm=True, use_cpu=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows, eval_dataset=rows[:4],
+                                   callbacks=[RankwiseCallback()])
+    trainer.train()
+    best = safetensors.torch.load_file(str(Path(trainer.state.best_model_checkpoint) / "model.safetensors"))
+    saved = json.loads(bytes(best.pop("rankwise_state").tolist()))
+    assert saved["step"] == 3 < trainer.state.global_step
+    assert (get_state(model).step, get_state(model).method_state) == (saved["step"], saved["method_state"])
+    now = model.state_dict()
+    assert all(torch.equal(now[k], t) for k, t in best.items())
