@@ -106,3 +106,22 @@ def test_load_best_model_at_end_restores_the_best_checkpoints_raclora_chain_and_
     assert (get_state(model).step, get_state(model).method_state) == (saved["step"], saved["method_state"])
     now = model.state_dict()
     assert all(torch.equal(now[k], t) for k, t in best.items())
+
+
+def test_load_from_a_whole_model_or_peft_folder_says_which_format_it_is_and_what_to_do(tmp_path: Path) -> None:
+    """``rankwise.load`` on a folder ``save_pretrained`` / an HF Trainer wrote (the whole model's weights, adapter
+    tensors inside), or on an HF PEFT adapter, said only "adapter.safetensors does not exist"; it now names the
+    format it found and the path that loads it, and the model is left as it was."""
+    model = _tiny_llama()
+    rankwise.attach(model, rankwise.LoraConfig(r=2, alpha=4, target_modules=TARGETS, seed=0))
+    model.save_pretrained(tmp_path / "whole")
+    rankwise.export_peft(model, tmp_path / "peft")
+    fresh = _tiny_llama()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(rankwise.AdapterFileError, match=r"whole model's weights .*load_state_dict"):
+        rankwise.load(fresh, tmp_path / "whole")
+    with pytest.raises(rankwise.AdapterFileError, match=r"HF PEFT adapter .*import_peft"):
+        rankwise.load(fresh, tmp_path / "peft")
+    with pytest.raises(rankwise.AdapterFileError, match=r"does not exist$"):  # an empty folder: no hint to give
+        rankwise.load(fresh, tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items()) and not rankwise.adapter_layers(fresh)

@@ -189,7 +189,7 @@ def read_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str
     """Read and verify a saved adapter: ``(description, tensors)``. Raises :class:`AdapterFileError`."""
     file = Path(path) / TENSOR_FILE if Path(path).is_dir() or not str(path).endswith(".safetensors") else Path(path)
     if not file.is_file():
-        raise AdapterFileError(f"no adapter at {path}: {file} does not exist")
+        raise AdapterFileError(f"no adapter at {path}: {file} does not exist{_other_format_hint(file.parent)}")
     try:
         with safe_open(str(file), framework="pt") as f:
             raw_meta = (f.metadata() or {}).get("rankwise")
@@ -209,6 +209,19 @@ def read_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str
     if "metadata_sha256" in meta and metadata_digest(meta) != meta["metadata_sha256"]:
         raise AdapterFileError(f"{file} is corrupt: its description's checksum does not match the one recorded at save time")
     return validate_description(meta, file), tensors
+
+
+def _other_format_hint(folder: Path) -> str:
+    """What to do when ``folder`` holds another format's files instead of a rankwise adapter ("" otherwise)."""
+    if (folder / "adapter_config.json").is_file():
+        return ("; it holds an HF PEFT adapter (adapter_config.json): bring it in with rankwise.import_peft "
+                "(`rankwise import`)")
+    if any((folder / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                                             "trainer_state.json")):
+        return ("; it holds a whole model's weights (a transformers save_pretrained, or an HF Trainer checkpoint / "
+                "save_model): attach the same adapter config to the base and load_state_dict those weights "
+                "(docs/howto/hf-trainer.md), or save the adapter alone with rankwise.save")
+    return ""
 
 
 def recorded_modules(model: nn.Module, meta: dict[str, Any]) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
