@@ -46,6 +46,29 @@ def write_sst2_slice(folder: Path, n_train: int, n_dev: int) -> str:
     return str(folder)
 
 
+# a tiny WordPiece vocabulary: BERT's special tokens, every lowercase letter as a word start and as a continuation
+# (so any lowercase word splits into known pieces, never [UNK]), then punctuation and digits to fill the size
+TINY_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def save_tiny_tokenizer(folder: str | Path, vocab_size: int) -> Any:
+    """Save a real WordPiece tokenizer (transformers' ``BertTokenizer``) of exactly ``vocab_size`` tokens into model
+    folder ``folder``, as a tiny test model's own tokenizer (a folder without one is refused by a run: transformers
+    would read every word as ``[UNK]``). Returns the tokenizer."""
+    import string
+
+    from transformers import BertTokenizer
+
+    letters = string.ascii_lowercase
+    words = [*TINY_SPECIALS, *letters, *(f"##{c}" for c in letters), *".,'-!?:;", *string.digits]
+    if vocab_size < len(TINY_SPECIALS) + 2 * len(letters):
+        raise ValueError(f"vocab_size {vocab_size} cannot hold the special tokens and the letters")
+    words += [f"[unused{i}]" for i in range(vocab_size - len(words))]
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(words[:vocab_size])})
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
 class TinyMLP(nn.Module):
     """A 3-layer MLP with named layers; ``model(x, labels)`` returns an object with ``.loss`` and ``.logits``."""
 

@@ -53,11 +53,13 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A tiny ``BertForSequenceClassification`` checkpoint (its head saved: a fine-tuned classifier)."""
-    from conftest import MODEL_CASES
+    """A tiny ``BertForSequenceClassification`` checkpoint (its head saved: a fine-tuned classifier), with a tiny
+    real tokenizer of its 64-token vocabulary (a run refuses a folder without one)."""
+    from conftest import MODEL_CASES, save_tiny_tokenizer
 
     folder = tmp_path_factory.mktemp("bert")
     MODEL_CASES["bert"]().make().save_pretrained(folder)
+    save_tiny_tokenizer(folder, 64)
     return str(folder)
 
 

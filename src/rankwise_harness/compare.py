@@ -25,6 +25,7 @@ from rankwise.adapter_file import atomic_write_bytes
 from .checkpoint import RunError, read_run_json
 from .config import RUN_MARKER, ConfigError, RunConfig, check_method
 from .deps import can_plot
+from .models import check_tokenizer
 from .runlock import LOCK_NAME, acquire
 from .runfolder import finished, save_figure
 from .sources import adapter_source, flag_name, for_method
@@ -87,6 +88,8 @@ def compare(base: RunConfig, methods: list[str], seeds: list[int], output: Path,
         if twice:  # one run counted twice: a mean over it, a spread of 0
             raise ConfigError(f"{flag} names {', '.join(dict.fromkeys(twice))} more than once; each (method, seed) "
                               "run is counted once in the means: name each once")
+    if base.model is not None:  # (the default models come with theirs)
+        check_tokenizer(base.model)  # every run would be refused: refused before the folder is made
     check_compare_output(output, overwrite)
     lock = acquire(output, log)
     try:

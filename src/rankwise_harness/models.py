@@ -217,9 +217,11 @@ def load_pretrained(name: str, auto_class: str, quantize: str | None = None, dev
 
 
 def load_tokenizer(name: str) -> Any:
-    """``name``'s tokenizer, given a pad token (its EOS, else its UNK) when it has none: every run pads batches."""
+    """``name``'s tokenizer, given a pad token (its EOS, else its UNK) when it has none: every run pads batches. A
+    local folder holding no tokenizer file raises :class:`ModelError` (:func:`check_tokenizer`)."""
     import transformers
 
+    check_tokenizer(name)
     tokenizer = transformers.AutoTokenizer.from_pretrained(name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -231,6 +233,17 @@ def holds_no_tokenizer(name: str) -> bool:
     one from it: the config's tokenizer class with an empty vocabulary, which reads every word as ``[UNK]``."""
     folder = Path(name)
     return folder.is_dir() and not any(any(folder.glob(f)) for f in TOKENIZER_FILES)
+
+
+def check_tokenizer(name: str) -> None:
+    """Raise :class:`ModelError` when ``name`` is a local folder holding no tokenizer file, naming it and what to do:
+    trained on, the empty-vocabulary tokenizer transformers builds there reads every word as ``[UNK]``, and the run's
+    metrics measure nothing. A hub name (no folder) passes: its tokenizer is the hub's. A run checks this first,
+    before anything is written."""
+    if holds_no_tokenizer(name):
+        raise ModelError(f"{name} holds no tokenizer file (none of {', '.join(TOKENIZER_FILES[:3])}, ...): "
+                         "transformers would read every word as [UNK]; save the model's tokenizer into that folder, "
+                         f"e.g. AutoTokenizer.from_pretrained(<the model it came from>).save_pretrained({name!r})")
 
 
 def pad_like(model: nn.Module, tokenizer: Any) -> None:

@@ -37,7 +37,7 @@ from .config import RUN_MARKER, ConfigError, RunConfig
 from .data import Example, Splits, Task, fingerprint, get_task, load_task_data
 from .deps import can_plot, check_harness
 from .heads import head_parameters, with_head_group
-from .models import resolve_model_name
+from .models import check_tokenizer, resolve_model_name
 from .progress import Progress, TrackedBatches
 from .runlock import RunLock, acquire
 from .runfolder import clear_run, finished, fmt_metrics, loss_window, plot_loss, prepare_output, save_figure, settings_diff, summary
@@ -395,6 +395,7 @@ def _open_run(cfg: RunConfig, source: AdapterSource, mp: str, resume: bool, over
     task = get_task(cfg.task)
     plots = can_plot("the run's plots (loss_curve.png)")
     model_name = resolve_model_name(cfg.model, task)
+    check_tokenizer(model_name)  # a folder without one: every word [UNK]; refused before the task type reads it
     task_type = task_type_for(task, model_name, cfg)  # its flags are checked before anything is written
     # several CPU processes (torchrun without GPUs) need cpu=True for Accelerate to set up gloo
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
