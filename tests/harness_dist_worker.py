@@ -142,8 +142,8 @@ def library_checks(rank: int, world: int, init_file: str, out_file: str, names: 
     check of :data:`LIBRARY_CHECKS` (or those ``names``) returned, ``{name: ...}``, as JSON to ``out_file.<rank>``."""
     join(rank, world, init_file)
     out: dict[str, Any] = {}
-    for name, check in LIBRARY_CHECKS.items():
-        if names is None or name in names:
+    for name, check in (LIBRARY_CHECKS | ROUND13_CHECKS).items():
+        if (names is None and name in LIBRARY_CHECKS) or (names is not None and name in names):
             out[name] = check(rank)
             # Each check's FSDP / DDP model (reference cycles; its hooks and reducer hold the process group) is
             # freed now, on both ranks, not by a garbage collection at some later point of one rank.
@@ -386,10 +386,63 @@ def _save_under_fsdp(rank: int) -> dict[str, str]:
     return out
 
 
+def _lora_head() -> torch.nn.Module:
+    """:func:`_lora_mlp` with the head trained fully and saved whole (``modules_to_save=["head"]``)."""
+    import rankwise
+    from conftest import TinyMLP
+
+    torch.manual_seed(0)
+    model = TinyMLP()
+    rankwise.attach(model, rankwise.LoraConfig(r=4, alpha=8, target_modules=["fc1", "fc2"], modules_to_save=["head"],
+                                               seed=0))
+    return model
+
+
+def _save_with_only_the_head_sharded(rank: int) -> dict[str, str]:
+    """Review round 13: ``save`` / ``export_peft`` where the adapted layers are whole on every rank and only the
+    ``modules_to_save`` head is sharded: FSDP1 with the adapted layers ignored (the head in the root's flat shard:
+    rank 0 holds part of its weight, rank 1 the rest and none of its bias), FSDP1 wrapping the head alone, FSDP2
+    ``fully_shard`` on the head alone; each saved over a previous adapter (is it kept?), then inside
+    ``summon_full_params`` (FSDP1: the file compared with one process's). What each did, or ``same`` / ``differs``."""
+    import tempfile
+
+    import rankwise
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        reference = (rankwise.save(_lora_head(), root / "one") / "adapter.safetensors").read_bytes()
+
+        def same(folder: Path, as_: bytes = reference) -> str:
+            file = folder / "adapter.safetensors"
+            return "missing" if not file.is_file() else "same" if file.read_bytes() == as_ else "differs"
+
+        model = _lora_head()
+        ignored = FullyShardedDataParallel(model, ignored_modules=[model.fc1, model.fc2], use_orig_params=True,
+                                           device_id=torch.device("cpu"))
+        wrapped_head = _lora_head()
+        wrapped_head.head = FullyShardedDataParallel(wrapped_head.head, use_orig_params=True,
+                                                     device_id=torch.device("cpu"))
+        two = _lora_head()
+        fully_shard(two.head)
+        out: dict[str, str] = {}
+        for kind, m in (("ignored", ignored), ("wrapped_head", wrapped_head), ("fsdp2_head", two)):
+            previous = (rankwise.save(_lora_mlp(), root / kind) / "adapter.safetensors").read_bytes()
+            out[f"{kind}_save"] = _outcome(lambda m=m, kind=kind: rankwise.save(m, root / kind))
+            out[f"{kind}_kept"] = same(root / kind, previous)
+            out[f"{kind}_export"] = _outcome(lambda m=m, kind=kind: rankwise.export_peft(m, root / f"{kind}_peft"))
+        for kind, m in (("ignored", ignored), ("wrapped_head", wrapped_head)):
+            with FullyShardedDataParallel.summon_full_params(m):
+                out[f"{kind}_summoned"] = _outcome(lambda m=m, kind=kind: rankwise.save(m, root / f"{kind}_s"))
+            out[f"{kind}_summoned_file"] = same(root / f"{kind}_s")
+    return out
+
+
 LIBRARY_CHECKS = {"fsdp2_nan": _fsdp2_nan_in_rank0s_shard, "several": _several_adapters_under_ddp,
                   "fsdp1_nan": _fsdp1_nan_in_rank0s_shard, "fsdp1_flat": _fsdp1_flat_parameters,
                   "gora_rank1_fails": _gora_calibration_failing_on_rank1,
                   "save_sharded": _save_under_fsdp}
+ROUND13_CHECKS = {"head_sharded": _save_with_only_the_head_sharded}  # run by tests/test_review13_distributed.py alone
 
 
 if __name__ == "__main__":

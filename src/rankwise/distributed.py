@@ -75,16 +75,36 @@ def check_whole(model: torch.nn.Module, weights: Iterable[torch.Tensor], what: s
     check_original_params(model)
     weights = list(weights)
     if sharded(model) and any(w.dim() < 2 for w in weights):
-        raise ValueError(f"cannot {what}: outside summon_full_params, FullyShardedDataParallel (FSDP1) holds this "
-                         "rank's flat shard of each adapter tensor, not the tensor. Do it inside `with "
-                         "FullyShardedDataParallel.summon_full_params(model):` (entered on every rank; writeback=True, "
-                         "the default, keeps a merge)")
+        raise ValueError(_fsdp1_refusal(what, "each adapter tensor"))
     if not dtensors_ok and any(local(w) is not w for w in weights):
-        raise ValueError(f"cannot {what}: fully_shard (FSDP2) holds this rank's shard of each adapter tensor. Gather "
-                         "the whole model first, on every rank: state = torch.distributed.checkpoint.state_dict."
-                         "get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, "
-                         "cpu_offload=True)); then, on rank 0, load state into an unsharded copy of the model with the "
-                         f"same adapter attached and {what} that copy (docs/distributed.md)")
+        raise ValueError(_fsdp2_refusal(what, "each adapter tensor"))
+
+
+def check_whole_modules(modules: dict[str, list[tuple[torch.Tensor, torch.Size]]], what: str) -> None:
+    """Refuse to ``what`` (save, export) fully-trained modules (``modules_to_save``, written whole) whose parameters
+    are not whole on this rank: ``{module name: [(parameter, its whole shape)]}`` (the shapes from the module before
+    attach). FSDP2's ``DTensor`` shards, FSDP1's flat-shard views outside ``summon_full_params`` (flattened, with
+    another shape than the whole one: 1-D, empty on a rank holding none of it; writing them produced a file of
+    shards, silently, even where every adapted layer was whole). A ``ValueError`` naming the module and the fix."""
+    for name, params in modules.items():
+        whose = f"module {name!r} (modules_to_save: trained fully, saved whole)"
+        if any(local(p) is not p for p, _ in params):
+            raise ValueError(_fsdp2_refusal(what, whose))
+        if any(getattr(p, "_fsdp_flattened", False) and p.shape != shape for p, shape in params):
+            raise ValueError(_fsdp1_refusal(what, whose))
+
+
+def _fsdp1_refusal(what: str, whose: str) -> str:
+    return (f"cannot {what}: outside summon_full_params, FullyShardedDataParallel (FSDP1) holds this rank's flat shard "
+            f"of {whose}, not the tensor. Do it inside `with FullyShardedDataParallel.summon_full_params(model):` "
+            "(entered on every rank; writeback=True, the default, keeps a merge)")
+
+
+def _fsdp2_refusal(what: str, whose: str) -> str:
+    return (f"cannot {what}: fully_shard (FSDP2) holds this rank's shard of {whose}. Gather the whole model first, on "
+            "every rank: state = torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options="
+            "StateDictOptions(full_state_dict=True, cpu_offload=True)); then, on rank 0, load state into an unsharded "
+            f"copy of the model with the same adapter attached and {what} that copy (docs/distributed.md)")
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
