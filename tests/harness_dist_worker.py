@@ -490,7 +490,53 @@ def _ctrl_c_on_rank1_while_checkpointing(rank: int) -> dict[str, str]:
     return {"said": said, "seconds": f"{time.perf_counter() - start:.1f}", "undone": str(bool(undone))}
 
 
-ROUND13_CHECKS = {"head_sharded": _save_with_only_the_head_sharded, "ctrl_c": _ctrl_c_on_rank1_while_checkpointing}  # run by tests/test_review13_distributed.py alone
+def _file_contents(folder: Path, file: str) -> tuple[Any, ...] | None:
+    """A saved or exported adapter's contents: its ``adapter_config.json``, its safetensors metadata, its tensors by
+    name (dtype, shape, values); ``None`` when missing. (safetensors writes the metadata's keys in a per-process
+    order, so two processes' exports can differ in bytes and not in content.)"""
+    from safetensors import safe_open
+
+    if not (folder / file).is_file():
+        return None
+    with safe_open(str(folder / file), framework="pt") as f:
+        tensors = {k: (str(t.dtype), tuple(t.shape), t.tolist()) for k in f.keys() for t in [f.get_tensor(k)]}
+        meta = f.metadata()
+    return json.loads((folder / "adapter_config.json").read_text()), meta, tensors
+
+
+def _flat_parameters_inside_summon_full_params(rank: int) -> dict[str, str]:
+    """Review round 13: ``FullyShardedDataParallel(use_orig_params=False)`` (every parameter trainable, after one
+    forward/backward), inside ``summon_full_params``: ``save`` and ``export_peft`` of the LoRA MLP and of the one with
+    a ``modules_to_save`` head, each compared with what one process writes of the same (untrained) adapter (``save``:
+    the bytes; ``export``: the contents); and after leaving it, ``save`` again (the flat storage freed). What each
+    did, or ``same`` / ``differs`` / ``missing``."""
+    import tempfile
+
+    import rankwise
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    writers = (("save", rankwise.save, lambda d: (d / "adapter.safetensors").read_bytes()),
+               ("export", rankwise.export_peft, lambda d: _file_contents(d, "adapter_model.safetensors")))
+    out: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for kind, make in (("lora", _lora_mlp), ("head", _lora_head)):
+            one = {what: read(work(make(), root / f"{kind}_{what}_one")) for what, work, read in writers}
+            model = make()
+            model.requires_grad_(True)
+            wrapped = FullyShardedDataParallel(model, use_orig_params=False, device_id=torch.device("cpu"))
+            wrapped(torch.randn(4, 12), labels=torch.randint(0, 3, (4,))).loss.backward()
+            with FullyShardedDataParallel.summon_full_params(wrapped):
+                for what, work, read in writers:
+                    folder = root / f"{kind}_{what}"
+                    out[f"{kind}_{what}"] = _outcome(lambda work=work, folder=folder: work(wrapped, folder))
+                    got = read(folder) if (folder / "adapter_config.json").is_file() else None
+                    out[f"{kind}_{what}_file"] = "missing" if got is None else "same" if got == one[what] else "differs"
+            out[f"{kind}_after"] = _outcome(lambda: rankwise.save(wrapped, root / f"{kind}_after"))
+    return out
+
+
+ROUND13_CHECKS = {"flat_summoned": _flat_parameters_inside_summon_full_params, "head_sharded": _save_with_only_the_head_sharded, "ctrl_c": _ctrl_c_on_rank1_while_checkpointing}  # run by tests/test_review13_distributed.py alone
 
 
 if __name__ == "__main__":

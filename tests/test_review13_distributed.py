@@ -96,3 +96,18 @@ def test_a_ctrl_c_on_one_rank_while_the_harness_checkpoints_interrupts_every_ran
     assert (folder / "LATEST").read_text().strip() == old
     assert sorted(p.name for p in folder.iterdir()) == ["LATEST", old]
     rankwise.read_adapter(folder / old / "adapter")  # whole: its checksums verified
+
+
+def test_flat_parameters_save_inside_summon_full_params_what_one_process_saves(checks: list[dict[str, Any]]) -> None:
+    """``use_orig_params=False`` inside ``summon_full_params``: every tensor whole (views into the gathered flat
+    parameter, its storage allocated on every rank), so ``save`` there writes, byte for byte, the file one process
+    writes of the same adapter, and ``export_peft`` the same config, metadata and tensors (also with a
+    ``modules_to_save`` head). Before, refused as outside it. Outside it (the flat storage freed again), still
+    refused with the fix, which now names this way too. (``merge`` there stays refused: not checked.)"""
+    for r in checks:
+        got = r["flat_summoned"]
+        for kind in ("lora", "head"):
+            for what in ("save", "export"):
+                assert got[f"{kind}_{what}"] == "ok" and got[f"{kind}_{what}_file"] == "same", (kind, what, got)
+            after = got[f"{kind}_after"]
+            assert after.startswith("ValueError") and "use_orig_params=True" in after, (kind, got)

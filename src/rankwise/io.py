@@ -106,7 +106,7 @@ def folders_by_name(model: nn.Module, path: str | os.PathLike[str], name: str | 
     model there are the originals, so the file would hold the untrained ones. Refused (``ValueError`` naming the
     fix) under FSDP where this rank holds shards, not the tensors (:func:`~rankwise.distributed.check_whole`)."""
     layers = slot_layers(model)
-    check_whole(model, (layer.weight for layer in layers.values()), what)
+    check_whole(model, (layer.weight for layer in layers.values()), what, summoned_ok=True)
     check_whole_modules(_fully_trained_parameters(model), what)
     for layer in layers.values():
         layer.refuse_while_disabled(what)
