@@ -23,15 +23,18 @@ import torch.distributed as dist
 TIMEOUT = datetime.timedelta(seconds=180)  # one collective's wait: under the launching tests' 240-600 s
 
 
-def join(rank: int | None = None, world: int | None = None, init_file: str | None = None) -> None:
+def join(rank: int | None = None, world: int | None = None, init_file: str | None = None,
+         timeout_s: float | None = None) -> None:
     """Start the gloo group: from torchrun's environment, or (a spawned process) ``rank`` of ``world`` through
-    ``init_file``; one CPU thread, and every thread's Python stack printed if the process aborts in C++."""
+    ``init_file``; one CPU thread, and every thread's Python stack printed if the process aborts in C++.
+    ``timeout_s``: one collective's wait (default :data:`TIMEOUT`; shorter where a test checks that none waits)."""
     faulthandler.enable(all_threads=True)
     torch.set_num_threads(1)
+    timeout = TIMEOUT if timeout_s is None else datetime.timedelta(seconds=timeout_s)
     if init_file is None:
-        dist.init_process_group("gloo", timeout=TIMEOUT)
+        dist.init_process_group("gloo", timeout=timeout)
     else:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=TIMEOUT)
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timeout)
 
 
 def leave() -> None:

@@ -9,7 +9,9 @@ Not a test module (no ``test_`` prefix). Every rank writes ``rank<r>.json`` unde
 * ``left`` — the same run stopped during step 3 and left there (the test resumes it with 1 process);
 * ``nan-loss`` / ``nan-grad`` — rank 1 alone makes a NaN loss / a NaN gradient under a finite loss at step 2;
 * ``disk-full`` — rank 0's disk is full while it writes the checkpoint of step 4 (the one of step 2 written);
-* ``disk-full-end`` — rank 0's disk is full while it writes the finished run's ``metrics.json``.
+* ``disk-full-end`` — rank 0's disk is full while it writes the finished run's ``metrics.json``;
+* ``ctrl-c-ckpt`` — rank 1 alone is interrupted (Ctrl-C) while it writes the checkpoint of step 4 (not in the default
+  list: tests/test_review13_distributed.py launches it alone).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch.distributed as dist
 
 from dist_teardown import join, leave
 from rankwise import adapter_file
+from rankwise_harness import checkpoint
 from rankwise_harness.config import RunConfig
 from rankwise_harness.tasktypes import TaskType
 from rankwise_harness.train import RunInterrupted, finetune
@@ -35,6 +38,7 @@ NAN_AT = 2  # rank 1's non-finite step
 FULL_AT = 4  # rank 0's disk is full while it writes this step's checkpoint
 LOSS = TaskType.loss  # the task types' own loss, before a scenario patches it
 WRITE = adapter_file.atomic_write_bytes  # the same for the file writer
+WRITE_STATE = checkpoint.write_state  # and for the checkpoint's state writer
 
 
 def run_config(model: str, data: str, output: Path, batch_size: int, method: str = "gora") -> RunConfig:
@@ -89,10 +93,22 @@ def _disk_full_on_rank0(where: str) -> None:
     adapter_file.atomic_write_bytes = full  # type: ignore[assignment]
 
 
+def _ctrl_c_on_rank1(where: str) -> None:
+    """Review round 13: rank 1 alone is interrupted (``KeyboardInterrupt``) as it writes its random state into a
+    path containing ``where``, while rank 0 writes the rest of that checkpoint."""
+    def interrupted(folder: Path, name: str, value: Any) -> None:
+        if dist.get_rank() == 1 and where in str(folder):
+            raise KeyboardInterrupt
+        WRITE_STATE(folder, name, value)
+
+    checkpoint.write_state = interrupted  # type: ignore[assignment]
+
+
 def scenario(name: str, model: str, data: str, root: Path) -> dict[str, Any]:
     TaskType.loss = LOSS  # type: ignore[method-assign]  # as a scenario before this one may have patched them
     adapter_file.atomic_write_bytes = WRITE
-    method = "lora" if name.startswith(("nan", "disk")) else "gora"
+    checkpoint.write_state = WRITE_STATE
+    method = "lora" if name.startswith(("nan", "disk", "ctrl-c")) else "gora"
     cfg = run_config(model, data, root / name, 4, method)
     if name == "whole":
         return finetune(cfg, **QUIET)
@@ -101,6 +117,10 @@ def scenario(name: str, model: str, data: str, root: Path) -> dict[str, Any]:
         finetune(cfg, **QUIET)
         return {}
     if name == "locked":  # the test holds this folder's lock: rank 0 cannot take it
+        finetune(cfg, **QUIET)
+        return {}
+    if name == "ctrl-c-ckpt":
+        _ctrl_c_on_rank1(f".step-{FULL_AT:07d}.tmp")
         finetune(cfg, **QUIET)
         return {}
     if name.startswith("disk-full"):
@@ -121,8 +141,9 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--root", required=True)
     parser.add_argument("--scenarios", default="whole,cut,left,nan-loss,nan-grad,disk-full,disk-full-end,locked")
+    parser.add_argument("--timeout-s", type=float, default=None, help="one collective's wait (dist_teardown.join)")
     args = parser.parse_args()
-    join()
+    join(timeout_s=args.timeout_s)
     root = Path(args.root)
     out: dict[str, Any] = {}
     for name in args.scenarios.split(","):
@@ -137,13 +158,15 @@ def main() -> None:
 
 
 
-def library_checks(rank: int, world: int, init_file: str, out_file: str, names: list[str] | None = None) -> None:
+def library_checks(rank: int, world: int, init_file: str, out_file: str, names: list[str] | None = None,
+                   timeout_s: float | None = None) -> None:
     """``torch.multiprocessing.spawn`` target (2 gloo processes) for the library's own collectives: writes what each
-    check of :data:`LIBRARY_CHECKS` (or those ``names``) returned, ``{name: ...}``, as JSON to ``out_file.<rank>``."""
-    join(rank, world, init_file)
+    check of :data:`LIBRARY_CHECKS` (or those ``names``, of it or :data:`ROUND13_CHECKS`) returned, ``{name: ...}``,
+    as JSON to ``out_file.<rank>``. ``timeout_s``: one collective's wait, in place of :data:`dist_teardown.TIMEOUT`."""
+    join(rank, world, init_file, timeout_s)
     out: dict[str, Any] = {}
-    for name, check in LIBRARY_CHECKS.items():
-        if names is None or name in names:
+    for name, check in (LIBRARY_CHECKS | ROUND13_CHECKS).items():
+        if (names is None and name in LIBRARY_CHECKS) or (names is not None and name in names):
             out[name] = check(rank)
             # Each check's FSDP / DDP model (reference cycles; its hooks and reducer hold the process group) is
             # freed now, on both ranks, not by a garbage collection at some later point of one rank.
@@ -386,10 +409,134 @@ def _save_under_fsdp(rank: int) -> dict[str, str]:
     return out
 
 
+def _lora_head() -> torch.nn.Module:
+    """:func:`_lora_mlp` with the head trained fully and saved whole (``modules_to_save=["head"]``)."""
+    import rankwise
+    from conftest import TinyMLP
+
+    torch.manual_seed(0)
+    model = TinyMLP()
+    rankwise.attach(model, rankwise.LoraConfig(r=4, alpha=8, target_modules=["fc1", "fc2"], modules_to_save=["head"],
+                                               seed=0))
+    return model
+
+
+def _save_with_only_the_head_sharded(rank: int) -> dict[str, str]:
+    """Review round 13: ``save`` / ``export_peft`` where the adapted layers are whole on every rank and only the
+    ``modules_to_save`` head is sharded: FSDP1 with the adapted layers ignored (the head in the root's flat shard:
+    rank 0 holds part of its weight, rank 1 the rest and none of its bias), FSDP1 wrapping the head alone, FSDP2
+    ``fully_shard`` on the head alone; each saved over a previous adapter (is it kept?), then inside
+    ``summon_full_params`` (FSDP1: the file compared with one process's). What each did, or ``same`` / ``differs``."""
+    import tempfile
+
+    import rankwise
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        reference = (rankwise.save(_lora_head(), root / "one") / "adapter.safetensors").read_bytes()
+
+        def same(folder: Path, as_: bytes = reference) -> str:
+            file = folder / "adapter.safetensors"
+            return "missing" if not file.is_file() else "same" if file.read_bytes() == as_ else "differs"
+
+        model = _lora_head()
+        ignored = FullyShardedDataParallel(model, ignored_modules=[model.fc1, model.fc2], use_orig_params=True,
+                                           device_id=torch.device("cpu"))
+        wrapped_head = _lora_head()
+        wrapped_head.head = FullyShardedDataParallel(wrapped_head.head, use_orig_params=True,
+                                                     device_id=torch.device("cpu"))
+        two = _lora_head()
+        fully_shard(two.head)
+        out: dict[str, str] = {}
+        for kind, m in (("ignored", ignored), ("wrapped_head", wrapped_head), ("fsdp2_head", two)):
+            previous = (rankwise.save(_lora_mlp(), root / kind) / "adapter.safetensors").read_bytes()
+            out[f"{kind}_save"] = _outcome(lambda m=m, kind=kind: rankwise.save(m, root / kind))
+            out[f"{kind}_kept"] = same(root / kind, previous)
+            out[f"{kind}_export"] = _outcome(lambda m=m, kind=kind: rankwise.export_peft(m, root / f"{kind}_peft"))
+        for kind, m in (("ignored", ignored), ("wrapped_head", wrapped_head)):
+            with FullyShardedDataParallel.summon_full_params(m):
+                out[f"{kind}_summoned"] = _outcome(lambda m=m, kind=kind: rankwise.save(m, root / f"{kind}_s"))
+            out[f"{kind}_summoned_file"] = same(root / f"{kind}_s")
+    return out
+
+
 LIBRARY_CHECKS = {"fsdp2_nan": _fsdp2_nan_in_rank0s_shard, "several": _several_adapters_under_ddp,
                   "fsdp1_nan": _fsdp1_nan_in_rank0s_shard, "fsdp1_flat": _fsdp1_flat_parameters,
                   "gora_rank1_fails": _gora_calibration_failing_on_rank1,
                   "save_sharded": _save_under_fsdp}
+def _ctrl_c_on_rank1_while_checkpointing(rank: int) -> dict[str, str]:
+    """Review round 13: rank 1 alone is interrupted (``KeyboardInterrupt``: a Ctrl-C, a SIGINT sent to it) in one
+    phase of ``write_checkpoint`` while rank 0 is still writing; each phase's ``undo`` records that it ran. What
+    ``on_every_process`` raised on each rank, its seconds, and whether ``undo`` ran."""
+    import time
+
+    from rankwise_harness.checkpoint import on_every_process
+
+    undone: list[bool] = []
+
+    def work() -> None:
+        if rank == 1:
+            raise KeyboardInterrupt
+        time.sleep(0.5)  # rank 0 still writing when rank 1 is interrupted
+
+    start = time.perf_counter()
+    said = "returned"
+    try:
+        on_every_process("writing checkpoint step-0000004", work, lambda: undone.append(True),
+                         "the previous checkpoint (step-0000002) is kept")
+    except BaseException as exc:  # noqa: BLE001 (the test reads it)
+        said = f"{type(exc).__name__}: {exc}"
+    return {"said": said, "seconds": f"{time.perf_counter() - start:.1f}", "undone": str(bool(undone))}
+
+
+def _file_contents(folder: Path, file: str) -> tuple[Any, ...] | None:
+    """A saved or exported adapter's contents: its ``adapter_config.json``, its safetensors metadata, its tensors by
+    name (dtype, shape, values); ``None`` when missing. (safetensors writes the metadata's keys in a per-process
+    order, so two processes' exports can differ in bytes and not in content.)"""
+    from safetensors import safe_open
+
+    if not (folder / file).is_file():
+        return None
+    with safe_open(str(folder / file), framework="pt") as f:
+        tensors = {k: (str(t.dtype), tuple(t.shape), t.tolist()) for k in f.keys() for t in [f.get_tensor(k)]}
+        meta = f.metadata()
+    return json.loads((folder / "adapter_config.json").read_text()), meta, tensors
+
+
+def _flat_parameters_inside_summon_full_params(rank: int) -> dict[str, str]:
+    """Review round 13: ``FullyShardedDataParallel(use_orig_params=False)`` (every parameter trainable, after one
+    forward/backward), inside ``summon_full_params``: ``save`` and ``export_peft`` of the LoRA MLP and of the one with
+    a ``modules_to_save`` head, each compared with what one process writes of the same (untrained) adapter (``save``:
+    the bytes; ``export``: the contents); and after leaving it, ``save`` again (the flat storage freed). What each
+    did, or ``same`` / ``differs`` / ``missing``."""
+    import tempfile
+
+    import rankwise
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    writers = (("save", rankwise.save, lambda d: (d / "adapter.safetensors").read_bytes()),
+               ("export", rankwise.export_peft, lambda d: _file_contents(d, "adapter_model.safetensors")))
+    out: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for kind, make in (("lora", _lora_mlp), ("head", _lora_head)):
+            one = {what: read(work(make(), root / f"{kind}_{what}_one")) for what, work, read in writers}
+            model = make()
+            model.requires_grad_(True)
+            wrapped = FullyShardedDataParallel(model, use_orig_params=False, device_id=torch.device("cpu"))
+            wrapped(torch.randn(4, 12), labels=torch.randint(0, 3, (4,))).loss.backward()
+            with FullyShardedDataParallel.summon_full_params(wrapped):
+                for what, work, read in writers:
+                    folder = root / f"{kind}_{what}"
+                    out[f"{kind}_{what}"] = _outcome(lambda work=work, folder=folder: work(wrapped, folder))
+                    got = read(folder) if (folder / "adapter_config.json").is_file() else None
+                    out[f"{kind}_{what}_file"] = "missing" if got is None else "same" if got == one[what] else "differs"
+            out[f"{kind}_after"] = _outcome(lambda: rankwise.save(wrapped, root / f"{kind}_after"))
+    return out
+
+
+ROUND13_CHECKS = {"flat_summoned": _flat_parameters_inside_summon_full_params, "head_sharded": _save_with_only_the_head_sharded, "ctrl_c": _ctrl_c_on_rank1_while_checkpointing}  # run by tests/test_review13_distributed.py alone
 
 
 if __name__ == "__main__":

@@ -56,35 +56,73 @@ def sharded(model: torch.nn.Module) -> bool:
     return any(getattr(m, "_is_fsdp_managed_module", False) for m in model.modules())
 
 
+def uses_flat_params(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is under ``FullyShardedDataParallel(use_orig_params=False)`` (FSDP1 marks the modules)."""
+    return any(getattr(m, "_fsdp_use_orig_params", True) is False for m in model.modules())
+
+
 def check_original_params(model: torch.nn.Module) -> None:
     """Refuse a model under ``FullyShardedDataParallel(use_orig_params=False)``: its modules' tensors are views
     into a flat parameter whose storage is freed outside the forward pass (reading one crashed the process:
     SIGSEGV, measured with torch 2.13), not the adapter's parameters."""
-    if any(getattr(m, "_fsdp_use_orig_params", True) is False for m in model.modules()):
-        raise ValueError("the model is wrapped in FullyShardedDataParallel(use_orig_params=False): its adapter tensors "
-                         "are views into a flat parameter, freed outside the forward pass. Wrap with "
-                         "use_orig_params=True, or shard with FSDP2 (fully_shard)")
+    if uses_flat_params(model):
+        raise ValueError(_FLAT_REFUSAL)
 
 
-def check_whole(model: torch.nn.Module, weights: Iterable[torch.Tensor], what: str, *, dtensors_ok: bool = False) -> None:
+_FLAT_REFUSAL = ("the model is wrapped in FullyShardedDataParallel(use_orig_params=False): its adapter tensors are views "
+                 "into a flat parameter, freed outside the forward pass. Wrap with use_orig_params=True, or shard with "
+                 "FSDP2 (fully_shard)")
+
+
+def _storage_holds(t: torch.Tensor) -> bool:
+    """Whether ``t``'s storage holds all of it: not a view into a freed (resized to 0) flat parameter."""
+    return t.untyped_storage().nbytes() >= (t.storage_offset() + t.numel()) * t.element_size()
+
+
+def check_whole(model: torch.nn.Module, weights: Iterable[torch.Tensor], what: str, *, dtensors_ok: bool = False,
+                summoned_ok: bool = False) -> None:
     """Refuse to ``what`` (save, export, merge) a model whose adapted layers' tensors are not whole on this rank, by
-    their base ``weights``: FSDP1's ``use_orig_params=False`` (:func:`check_original_params`), FSDP1's flat-shard
-    views outside ``summon_full_params`` (1-D: an empty one on a rank holding none of it; writing them produced a
-    file of shards, silently), FSDP2's ``DTensor`` shards (unless ``dtensors_ok``: their arithmetic is the whole
-    tensor's). A ``ValueError`` naming the fix; nothing read or written."""
-    check_original_params(model)
+    their base ``weights``: FSDP1's ``use_orig_params=False`` (:func:`check_original_params`; with ``summoned_ok``
+    not inside ``summon_full_params``, where its views are whole: their storage, the gathered flat parameter, is
+    allocated on every rank), FSDP1's flat-shard views outside ``summon_full_params`` (1-D: an empty one on a rank
+    holding none of it; writing them produced a file of shards, silently), FSDP2's ``DTensor`` shards (unless
+    ``dtensors_ok``: their arithmetic is the whole tensor's). A ``ValueError`` naming the fix; nothing read or
+    written."""
     weights = list(weights)
+    if uses_flat_params(model) and not (summoned_ok and all(_storage_holds(w) for w in weights)):
+        raise ValueError(_FLAT_REFUSAL + (f" (or {what} inside `with FullyShardedDataParallel.summon_full_params(model):`"
+                                          ", entered on every rank)" if summoned_ok else ""))
     if sharded(model) and any(w.dim() < 2 for w in weights):
-        raise ValueError(f"cannot {what}: outside summon_full_params, FullyShardedDataParallel (FSDP1) holds this "
-                         "rank's flat shard of each adapter tensor, not the tensor. Do it inside `with "
-                         "FullyShardedDataParallel.summon_full_params(model):` (entered on every rank; writeback=True, "
-                         "the default, keeps a merge)")
+        raise ValueError(_fsdp1_refusal(what, "each adapter tensor"))
     if not dtensors_ok and any(local(w) is not w for w in weights):
-        raise ValueError(f"cannot {what}: fully_shard (FSDP2) holds this rank's shard of each adapter tensor. Gather "
-                         "the whole model first, on every rank: state = torch.distributed.checkpoint.state_dict."
-                         "get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, "
-                         "cpu_offload=True)); then, on rank 0, load state into an unsharded copy of the model with the "
-                         f"same adapter attached and {what} that copy (docs/distributed.md)")
+        raise ValueError(_fsdp2_refusal(what, "each adapter tensor"))
+
+
+def check_whole_modules(modules: dict[str, list[tuple[torch.Tensor, torch.Size]]], what: str) -> None:
+    """Refuse to ``what`` (save, export) fully-trained modules (``modules_to_save``, written whole) whose parameters
+    are not whole on this rank: ``{module name: [(parameter, its whole shape)]}`` (the shapes from the module before
+    attach). FSDP2's ``DTensor`` shards, FSDP1's flat-shard views outside ``summon_full_params`` (flattened, with
+    another shape than the whole one: 1-D, empty on a rank holding none of it; writing them produced a file of
+    shards, silently, even where every adapted layer was whole). A ``ValueError`` naming the module and the fix."""
+    for name, params in modules.items():
+        whose = f"module {name!r} (modules_to_save: trained fully, saved whole)"
+        if any(local(p) is not p for p, _ in params):
+            raise ValueError(_fsdp2_refusal(what, whose))
+        if any(getattr(p, "_fsdp_flattened", False) and p.shape != shape for p, shape in params):
+            raise ValueError(_fsdp1_refusal(what, whose))
+
+
+def _fsdp1_refusal(what: str, whose: str) -> str:
+    return (f"cannot {what}: outside summon_full_params, FullyShardedDataParallel (FSDP1) holds this rank's flat shard "
+            f"of {whose}, not the tensor. Do it inside `with FullyShardedDataParallel.summon_full_params(model):` "
+            "(entered on every rank; writeback=True, the default, keeps a merge)")
+
+
+def _fsdp2_refusal(what: str, whose: str) -> str:
+    return (f"cannot {what}: fully_shard (FSDP2) holds this rank's shard of {whose}. Gather the whole model first, on "
+            "every rank: state = torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options="
+            "StateDictOptions(full_state_dict=True, cpu_offload=True)); then, on rank 0, load state into an unsharded "
+            f"copy of the model with the same adapter attached and {what} that copy (docs/distributed.md)")
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

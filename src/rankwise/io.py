@@ -41,13 +41,13 @@ from .adapter_file import (RANKWISE_FILES, AdapterFileError, atomic_write_bytes,
                            tensors_digest, validate_description)
 from .adapters import set_active
 from .config import AdapterConfig
-from .distributed import check_whole
+from .distributed import check_whole, check_whole_modules
 from .layer import AdapterLayer
 from .lifecycle import all_or_nothing, check_new_name, install, refuse_fully_trained_targets
 from .quant import dense_weight, quant_block, quant_kind
 from .registry import BuildResult, Method, config_from_dict, get_method
 from .state import (DEFAULT_NAME, adapter_layers, adapter_set, base_modules, fully_trained_modules, get_state, is_attached,
-                    refuse_peft_model, slot_layers, unwrap_model)
+                    plain_name, refuse_peft_model, slot_layers, unwrap_model)
 from .targeting import SUPPORTED_TYPES, is_supported, out_in
 
 TENSOR_FILE = "adapter.safetensors"
@@ -106,7 +106,8 @@ def folders_by_name(model: nn.Module, path: str | os.PathLike[str], name: str | 
     model there are the originals, so the file would hold the untrained ones. Refused (``ValueError`` naming the
     fix) under FSDP where this rank holds shards, not the tensors (:func:`~rankwise.distributed.check_whole`)."""
     layers = slot_layers(model)
-    check_whole(model, (layer.weight for layer in layers.values()), what)
+    check_whole(model, (layer.weight for layer in layers.values()), what, summoned_ok=True)
+    check_whole_modules(_fully_trained_parameters(model), what)
     for layer in layers.values():
         layer.refuse_while_disabled(what)
     adapters = adapter_set(model)
@@ -116,6 +117,18 @@ def folders_by_name(model: nn.Module, path: str | os.PathLike[str], name: str | 
     if name is not None or len(adapters.adapters) == 1:
         return {adapters.resolve(name): folder}
     return {n: folder if n == DEFAULT_NAME else folder / n for n in adapters.adapters}
+
+
+def _fully_trained_parameters(model: nn.Module) -> dict[str, list[tuple[Tensor, torch.Size]]]:
+    """Every adapter's fully-trained modules' parameters with their whole shapes (those of the module before attach,
+    which no wrapper shards), for :func:`~rankwise.distributed.check_whole_modules`."""
+    out: dict[str, list[tuple[Tensor, torch.Size]]] = {}
+    for adapter in adapter_set(model).adapters:
+        originals = get_state(model, adapter).original_modules
+        for name, module in fully_trained_modules(model, adapter).items():
+            shapes = {n: p.shape for n, p in originals[name].named_parameters()}
+            out[name] = [(p, shapes.get(plain_name(n), p.shape)) for n, p in module.named_parameters()]
+    return out
 
 
 def check_folders(folders: dict[str, Path], files: tuple[str, ...], is_ours: Callable[[Path], bool], kind: str,

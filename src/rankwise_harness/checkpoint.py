@@ -50,14 +50,14 @@ class RunError(RuntimeError):
 class RunInterrupted(RunError):
     """Ctrl-C (SIGINT) during a run: where it stopped and the checkpoint kept; the command line adds how to resume."""
 
-    def __init__(self, out: Path, step: int | None, total: int | None, checkpoint: Path | None) -> None:
+    def __init__(self, out: Path, step: int | None, total: int | None, checkpoint: Path | None, by: str = "") -> None:
         self.out, self.step, self.total, self.checkpoint = out, step, total, checkpoint
         # ``step`` optimizer steps were done: Ctrl-C came during the next one, or in the finish after the last
         where = ("before training started" if step is None or not total else
                  f"at step {step + 1} of {total} ({step} done)" if step < total else f"after the last step ({total})")
         kept = (f"the last checkpoint ({checkpoint.name}) is kept in {checkpoint.parent}" if checkpoint is not None
                 else "no checkpoint was written (pass --save-every N to make a run resumable)")
-        super().__init__(f"interrupted {where}; {kept}")
+        super().__init__(f"interrupted {where}{f' ({by})' if by else ''}; {kept}")  # by: another process's Ctrl-C
 
 
 class DiskFullError(RunError):
@@ -390,23 +390,34 @@ def write_checkpoint(model: nn.Module, has_adapter: bool, accelerator: Any, opti
 def on_every_process(what: str, work: Callable[[], None], undo: Callable[[], None], kept: str) -> None:
     """Run ``work`` here, then learn every process's outcome (a collective: it stands for a barrier, so no process
     waits at one for a peer that failed). When any failed: ``undo`` and raise on every process, the failing one its
-    own error, the others a :class:`RunError` naming that process, its error and ``kept``. A Ctrl-C (not an
-    ``Exception``) undoes and passes through unexchanged, as every process gets its own."""
-    error: Exception | None = None
+    own error, the others a :class:`RunError` naming that process, its error and ``kept``. A Ctrl-C during ``work``
+    (``KeyboardInterrupt``: every process's under a terminal, this one's alone under a signal sent to it) is told
+    too, before leaving: every process undoes and raises ``KeyboardInterrupt``, the others naming this one, none left
+    waiting for it (if the exchange itself fails, this process still raises its own). Any other ``BaseException``
+    undoes and passes through unexchanged."""
+    error: Exception | KeyboardInterrupt | None = None
     try:
         work()
-    except Exception as exc:  # noqa: BLE001 (exchanged, then raised)
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 (exchanged, then raised)
         error = exc
     except BaseException:
         undo()
         raise
-    said = _every_process_error(error)
+    try:
+        said = _every_process_error(error)
+    except Exception:
+        if isinstance(error, KeyboardInterrupt):
+            undo()
+            raise error from None
+        raise
     if error is None and not any(said):
         return
     undo()
     if error is not None:
         raise error
     index, text = next((i, t) for i, t in enumerate(said) if t)
+    if text.startswith(f"{KeyboardInterrupt.__name__}:"):
+        raise KeyboardInterrupt(f"process {index} was interrupted (Ctrl-C) {what}; {kept}")
     raise RunError(f"process {index} failed {what} ({text}); {kept}")
 
 

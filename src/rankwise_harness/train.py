@@ -197,10 +197,10 @@ def _stages(cfg: RunConfig, source: AdapterSource, mp: str, resume: bool, overwr
         where["total"] = training.total_steps
         _train(run, training, loop, show_progress)
         return _finish(run, training, loop)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # this process's Ctrl-C, or another's told by on_every_process (its message)
         reached: _Loop | None = where.get("loop")
         ckpt = _latest_or_none(run.out)
-        raise RunInterrupted(run.out, reached.step if reached else None, where.get("total"), ckpt) from None
+        raise RunInterrupted(run.out, reached.step if reached else None, where.get("total"), ckpt, str(exc)) from None
     finally:
         if run.lock is not None:
             run.lock.release()

@@ -1,0 +1,113 @@
+"""Review round 13: FSDP corners of ``save`` / ``export_peft`` and of the harness's checkpoint exchange, on 2 spawned
+gloo processes (``harness_dist_worker``'s checks, only those named here: a spawn takes seconds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+HERE = Path(__file__).resolve().parent
+WAIT_S = 30.0
+
+
+@pytest.fixture(scope="module")
+def checks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """This round's checks of ``harness_dist_worker.library_checks`` on 2 spawned processes; what each rank wrote."""
+    import torch.multiprocessing as mp
+
+    import harness_dist_worker as w
+
+    root = tmp_path_factory.mktemp("round13")
+    # a collective waits WAIT_S at most: a rank left waiting for a peer ends the spawn with an error, never hangs it
+    mp.spawn(w.library_checks, args=(2, str(root / "init"), str(root / "out"), list(w.ROUND13_CHECKS), WAIT_S),
+             nprocs=2, join=True)
+    return [json.loads((root / f"out.{r}").read_text()) for r in (0, 1)]
+
+
+def test_save_refuses_a_sharded_modules_to_save_head_and_keeps_the_previous_adapter(checks: list[dict[str, Any]]) -> None:
+    """Only the ``modules_to_save`` head sharded, the adapted layers whole: FSDP1 (the adapted layers ignored) wrote
+    each rank's flat shard of the head's weight (rank 0: 22 of its 48 numbers as a 1-D tensor; rank 1: the rest, and
+    an empty bias) as the adapter, over the previous one; FSDP2 raised numpy's error about tensor subclasses. Now
+    every rank refuses, naming the head and the fix, and the previous adapter's file is as it was."""
+    for r in checks:
+        got = r["head_sharded"]
+        for kind, fix in (("ignored", "summon_full_params"), ("wrapped_head", "summon_full_params"),
+                          ("fsdp2_head", "get_model_state_dict")):
+            for what in ("save", "export"):
+                said = got[f"{kind}_{what}"]
+                assert said.startswith("ValueError") and "'head'" in said and fix in said, (kind, what, said)
+            assert got[f"{kind}_kept"] == "same", (kind, got)
+
+
+def test_inside_summon_full_params_a_sharded_head_saves_what_one_process_saves(checks: list[dict[str, Any]]) -> None:
+    """The fix the FSDP1 error names: inside ``summon_full_params`` every rank writes the file one process writes,
+    byte for byte (the head whole)."""
+    for r in checks:
+        got = r["head_sharded"]
+        for kind in ("ignored", "wrapped_head"):
+            assert got[f"{kind}_summoned"] == "ok" and got[f"{kind}_summoned_file"] == "same", (kind, got)
+
+
+def test_a_ctrl_c_on_one_rank_while_checkpointing_stops_every_rank_at_once(checks: list[dict[str, Any]]) -> None:
+    """Rank 1 alone gets a Ctrl-C (``KeyboardInterrupt``) in a phase of the checkpoint write while rank 0 still writes.
+    Before, rank 1 left without a word and rank 0 waited in the exchange of outcomes until the collective timed out
+    (gloo's "Timed out waiting ... for send operation", after WAIT_S here; 30 min under Accelerate's default), or
+    failed at once with "Connection closed by peer" if rank 1's process ended. Now rank 1 tells the others before
+    leaving: both undo the phase and raise ``KeyboardInterrupt`` (the harness's ``RunInterrupted`` with the resume
+    hint), rank 0's naming rank 1 and that the previous checkpoint is kept, well before the timeout."""
+    r0, r1 = (r["ctrl_c"] for r in checks)
+    assert r1["said"] == "KeyboardInterrupt: " and r1["undone"] == "True", r1
+    assert r0["said"].startswith("KeyboardInterrupt: process 1 was interrupted") and "step-0000004" in r0["said"], r0
+    assert "previous checkpoint (step-0000002) is kept" in r0["said"] and r0["undone"] == "True", r0
+    assert float(r0["seconds"]) < WAIT_S / 2, r0
+
+
+def test_a_ctrl_c_on_one_rank_while_the_harness_checkpoints_interrupts_every_rank(tmp_path: Path, still_bert: str) -> None:
+    """The same in ``finetune`` on 2 torchrun processes: rank 1 alone is interrupted while it writes its part of the
+    checkpoint of step 4. Both raise ``RunInterrupted`` at that step (rank 0 naming rank 1's Ctrl-C), the checkpoint of
+    step 2 stays in force, readable, and no half-written folder is left. Collectives wait WAIT_S at most."""
+    from conftest import write_sst2_slice
+    from harness_dist_worker import FULL_AT
+
+    import rankwise
+
+    (tmp_path / "sst2").mkdir()
+    data = write_sst2_slice(tmp_path / "sst2", 64, 32)
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(HERE.parent / "src"), str(HERE), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(HERE / "harness_dist_worker.py"), "--model", still_bert, "--data", data, "--root", str(tmp_path),
+           "--scenarios", "ctrl-c-ckpt", "--timeout-s", str(WAIT_S)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text())["ctrl-c-ckpt"].get("error", "") for r in (0, 1))
+    new, old = f"step-{FULL_AT:07d}", f"step-{FULL_AT - 2:07d}"
+    for said in (r0, r1):
+        assert said.startswith("RunInterrupted: interrupted at step 5 of") and f"({old}) is kept" in said, (r0, r1)
+    assert f"process 1 was interrupted (Ctrl-C) writing checkpoint {new}" in r0, r0
+    folder = tmp_path / "ctrl-c-ckpt" / "checkpoints"
+    assert (folder / "LATEST").read_text().strip() == old
+    assert sorted(p.name for p in folder.iterdir()) == ["LATEST", old]
+    rankwise.read_adapter(folder / old / "adapter")  # whole: its checksums verified
+
+
+def test_flat_parameters_save_inside_summon_full_params_what_one_process_saves(checks: list[dict[str, Any]]) -> None:
+    """``use_orig_params=False`` inside ``summon_full_params``: every tensor whole (views into the gathered flat
+    parameter, its storage allocated on every rank), so ``save`` there writes, byte for byte, the file one process
+    writes of the same adapter, and ``export_peft`` the same config, metadata and tensors (also with a
+    ``modules_to_save`` head). Before, refused as outside it. Outside it (the flat storage freed again), still
+    refused with the fix, which now names this way too. (``merge`` there stays refused: not checked.)"""
+    for r in checks:
+        got = r["flat_summoned"]
+        for kind in ("lora", "head"):
+            for what in ("save", "export"):
+                assert got[f"{kind}_{what}"] == "ok" and got[f"{kind}_{what}_file"] == "same", (kind, what, got)
+            after = got[f"{kind}_after"]
+            assert after.startswith("ValueError") and "use_orig_params=True" in after, (kind, got)
