@@ -50,8 +50,8 @@ from .io import check_folders, folders_by_name, install_rebuilt, rebuild_layers
 from .lifecycle import check_new_name, refuse_fully_trained_targets
 from .methods import DoraConfig, LoraConfig
 from .registry import method_for
-from .state import (adapter_layers, base_modules, fully_trained_modules, get_state, is_attached, original_modules,
-                    refuse_peft_model, unwrap_model)
+from .state import (adapter_layers, base_modules, base_state_dict, fully_trained_modules, get_state, is_attached,
+                    original_modules, refuse_peft_model, unwrap_model)
 from .targeting import SUPPORTED_TYPES, is_supported
 
 PEFT_CONFIG = "adapter_config.json"
@@ -103,7 +103,7 @@ def export_peft(
     files: dict[str, tuple[bytes, bytes]] = {}
     for adapter in folders:
         try:
-            files[adapter] = _peft_files(model, adapter, vllm, base_model_name_or_path)
+            files[adapter] = _peft_files(model, adapter, vllm, base_model_name_or_path, list(folders))
         except (ValueError, NotImplementedError) as exc:
             raise type(exc)(f"adapter {adapter!r} cannot be exported to PEFT: {exc}") from exc
     atomic_write_files({folders[adapter] / file: data for adapter, (weights, config) in files.items()
@@ -111,8 +111,10 @@ def export_peft(
     return Path(path)
 
 
-def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path: str | None) -> tuple[bytes, bytes]:
-    """Adapter ``name`` as PEFT's two files: ``(adapter_model.safetensors, adapter_config.json)`` bytes."""
+def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path: str | None,
+                together: list[str]) -> tuple[bytes, bytes]:
+    """Adapter ``name`` as PEFT's two files: ``(adapter_model.safetensors, adapter_config.json)`` bytes; ``together``:
+    the adapters exported with it into one multi-adapter layout (:func:`_refuse_wrapped_peers`)."""
     state = get_state(model, name)
     layers = adapter_layers(model, name)
     factors = {n: layer.peft_factors() for n, layer in layers.items()}
@@ -129,6 +131,7 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
     entries = [*state.modules_to_save, *(h for h in heads if h not in state.modules_to_save)]
     saved = (_peft_heads(model, heads) | _peft_widened(model, name, state.modules_to_save, list(layers))
              | fully_trained_modules(model, name))  # a trained module's tensors are written last: they win
+    _refuse_wrapped_peers(model, name, list(saved), together)
     if vllm and saved:
         raise ValueError(f"vLLM refuses adapters with modules_to_save (\"vLLM only supports modules_to_save being "
                          f"None\"), and without the trained {sorted(saved)} it would serve other outputs. {SERVE_MERGED}; "
@@ -217,8 +220,14 @@ def _peft_heads(model: nn.Module, heads: tuple[str, ...]) -> dict[str, nn.Module
     """The modules PEFT's task wraps for ``heads``, as the base model has them (written so PEFT's load finds them):
     an original, not another adapter's trained copy standing in the model while that adapter is active (the
     adapter exported computes with the original when active alone; its own trained copies are written over these)."""
-    modules = dict(base_modules(model)) | original_modules(model)
-    return {n: modules[n] for n in peft_wraps(list(modules), heads)}
+    return _in_slots(model, peft_wraps([n for n, _ in base_modules(model)], heads), original_modules(model))
+
+
+def _in_slots(model: nn.Module, names: list[str], originals: dict[str, nn.Module] | None = None) -> dict[str, nn.Module]:
+    """Modules ``names``: ``originals``' where given, else what sits in the model's slot (an adapted module: its host
+    layer, whose tensors :func:`rankwise.state.base_state_dict` reads as the base module's, unmerged)."""
+    slots = dict(model.named_modules())
+    return {n: (originals or {}).get(n, slots[n]) for n in names}
 
 
 def _peft_widened(model: nn.Module, name: str, saved: list[str], layers: list[str]) -> dict[str, nn.Module]:
@@ -229,8 +238,7 @@ def _peft_widened(model: nn.Module, name: str, saved: list[str], layers: list[st
     they are (the base module's values: PEFT's outputs are the same) with a warning, since PEFT would train them if
     training continued there. One holding an adapted layer is refused (``ValueError``): PEFT cannot wrap LoRA layers.
     """
-    base = dict(base_modules(model))
-    extra = [n for n in peft_wraps(list(base), saved) if not any(n == s or n.startswith(s + ".") for s in saved)]
+    extra = [n for n in peft_wraps([n for n, _ in base_modules(model)], saved) if not any(n == s or n.startswith(s + ".") for s in saved)]
     adapted = [n for n in extra if any(t == n or t.startswith(n + ".") for t in layers)]
     if adapted:
         raise ValueError(f"PEFT matches modules_to_save {saved} by plain name suffix, which also selects the adapted "
@@ -241,7 +249,20 @@ def _peft_widened(model: nn.Module, name: str, saved: list[str], layers: list[st
             f"{extra}; they are written as the base modules (PEFT's outputs are the same), but PEFT would train them too",
             UserWarning, stacklevel=4,
         )
-    return {n: base[n] for n in extra}
+    return _in_slots(model, extra)
+
+
+def _refuse_wrapped_peers(model: nn.Module, name: str, saved: list[str], together: list[str]) -> None:
+    """Refuse (``ValueError``) a multi-adapter layout PEFT cannot load: PEFT's load of adapter ``name`` wraps ``saved``
+    (``modules_to_save``, a task's heads, their widening) and then cannot put another adapter's layer on, or inside, a
+    wrapped module ("Target module ModulesToSaveWrapper ... is not supported"). Each adapter exports alone."""
+    others = {t: o for o in together if o != name for t in adapter_layers(model, o)}
+    clash = [f"{n!r}, which adapter {o!r} adapts ({t})" for n in saved for t, o in others.items()
+             if t == n or t.startswith(n + ".")]
+    if clash:
+        raise ValueError(f"PEFT's load of it trains {'; '.join(clash)} fully (modules_to_save), and PEFT cannot then "
+                         "load that adapter's layer there. Export each adapter alone: "
+                         "rankwise.export_peft(model, dir, name=...)")
 
 
 def _pattern_keys(model: nn.Module, names: list[str]) -> dict[str, str]:
@@ -281,7 +302,7 @@ def _peft_tensors(
         if f.magnitude is not None:
             tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = f.magnitude.detach().float().cpu().contiguous()
     for name, module in modules_to_save.items():
-        for key, t in module.state_dict().items():
+        for key, t in base_state_dict(module).items():  # another adapter's layer inside: the base module's tensors
             tensors[f"{PREFIX}{name}.{key}"] = t.detach().cpu().contiguous()
     return tensors, ranks, alphas
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from .config import AdapterConfig
 from .layer import DEFAULT_ADAPTER, AdapterLayer
@@ -103,6 +103,21 @@ def base_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
             hosts.append(name)
             module = module.base_layer()
         out.append((name, module))
+    return out
+
+
+def base_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    """``module.state_dict()`` as the base model has it: each adapter host inside it replaced by its base module's
+    tensors, ``W0``'s original bits where the host is merged (no adapter tensor, no other adapter's update)."""
+    hosts = {n: m for n, m in module.named_modules() if isinstance(m, AdapterLayer) and not m.is_peer}
+    prefix = {n: f"{n}." if n else "" for n in hosts}
+    out = {k: v for k, v in module.state_dict().items() if not any(k.startswith(p) for p in prefix.values())}
+    for n, host in hosts.items():
+        own = host.base_layer().state_dict()
+        if host.merged:  # its weight holds the update(s): the kept original bits are the base model's
+            assert host._original_weight is not None
+            own["weight"] = host._original_weight.detach()
+        out.update({prefix[n] + k: v for k, v in own.items()})
     return out
 
 
