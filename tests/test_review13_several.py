@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import rankwise
+from conftest import ModelCase
 from test_peft_import_compat import _distilbert, _distilbert_batch
 
 peft = pytest.importorskip("peft")
@@ -101,3 +102,49 @@ def test_the_multi_adapter_export_with_a_widened_head_loads_in_peft_and_each_ada
         rankwise.merge(model)
         torch.testing.assert_close(_logits(model), _logits(theirs), rtol=1e-5, atol=1e-6)
         rankwise.unmerge(model)
+
+
+# ---------------------------------------------------------------------------- 2: the active adapters, public
+def test_active_adapters_is_the_order_set_active_got_and_what_the_model_computes(mlp_case: ModelCase, tmp_path: Path) -> None:
+    """``rankwise.active_adapters`` reads what ``set_active`` / ``attach`` / ``merge(name)`` / ``delete`` / ``load`` left
+    (users reached into ``rankwise.state.adapter_set(model).active`` for it): a tuple, so changing it changes nothing,
+    and giving it back to ``set_active`` computes the same outputs (the order matters: "b" is DoRA)."""
+    model = mlp_case.make()
+    with pytest.raises(ValueError, match="no rankwise adapters"):
+        rankwise.active_adapters(model)
+    rankwise.attach(model, rankwise.LoraConfig(r=4, alpha=8, target_modules=["fc1", "fc2"], seed=0))
+    assert rankwise.active_adapters(model) == ("default",)
+    rankwise.attach(model, rankwise.DoraConfig(r=2, alpha=4, target_modules=["fc2"], seed=1), name="b")
+    assert rankwise.active_adapters(model) == ("default", "b")  # attach puts the new one last
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in rankwise.trainable_parameters(model).values():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    batch = mlp_case.batch(0)
+    outputs = {}
+    for order in (["b", "default"], ["default", "b"], ["b"]):
+        rankwise.set_active(model, order)
+        assert rankwise.active_adapters(model) == tuple(order)
+        with torch.no_grad():
+            outputs[tuple(order)] = mlp_case.output(model, batch)
+    assert not torch.equal(outputs[("b", "default")], outputs[("default", "b")])
+    for order, out in outputs.items():  # read back, then given back after another set: the same outputs
+        rankwise.set_active(model, list(order))
+        got = rankwise.active_adapters(model)
+        rankwise.set_active(model, "default")
+        rankwise.set_active(model, list(got))
+        with torch.no_grad():
+            assert torch.equal(mlp_case.output(model, batch), out)
+    rankwise.set_active(model, ["b", "default"])
+    with rankwise.disabled(model):  # what computes once the block ends
+        assert rankwise.active_adapters(model) == ("b", "default")
+    rankwise.save(model, tmp_path / "both")
+    again = rankwise.load(mlp_case.make(), tmp_path / "both")
+    rankwise.load(again, tmp_path / "both/b", name="b")
+    assert rankwise.active_adapters(again) == ("b", "default")  # the saved order, restored
+    rankwise.merge(model, "b")
+    assert rankwise.active_adapters(model) == ("b",)
+    rankwise.unmerge(model)
+    rankwise.delete(model, "b")
+    assert rankwise.active_adapters(model) == ("default",)
+    assert rankwise.active_adapters(torch.compile(model)) == ("default",)  # a wrapper is seen through
