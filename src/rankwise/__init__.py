@@ -10,7 +10,9 @@ The public surface::
     rankwise.save(model, "out/"); rankwise.load(base_model, "out/")
     rankwise.export_peft(model, "peft_out/"); rankwise.import_peft(base_model, "peft_out/")
     with rankwise.disabled(model): ...            # the base model, exactly (e.g. DPO's reference)
-    rankwise.attach(model, cfg2, name="b"); rankwise.set_active(model, ["default", "b"]); rankwise.delete(model, "b")
+    rankwise.attach(model, cfg2, name="b"); rankwise.set_active(model, ["b", "default"])
+    rankwise.active_adapters(model)               # ("b", "default"): the adapters that compute, in order
+    rankwise.delete(model, "b")
 
 ``__all__`` is the core API, which every method works through. One method's extras live in its module
 (``from rankwise.methods.raclora import end_link``; ``rankwise.methods.gora.plot_gora_ranks``); the four
@@ -38,7 +40,7 @@ from .lifecycle import (
     unmerge,
 )
 from .peft_format import export_peft, import_peft
-from .adapters import delete, disabled, set_active
+from .adapters import active_adapters, delete, disabled, set_active
 from .registry import all_methods, config_from_dict
 from .state import adapter_config, set_step_count, step_count
 
@@ -56,6 +58,7 @@ __all__ = [
     "unmerge",
     "disabled",
     "set_active",
+    "active_adapters",
     "delete",
     "step",
     "check_finite_grads",

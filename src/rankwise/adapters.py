@@ -10,7 +10,7 @@ nest. This is how a preference trainer gets reference log-probabilities from the
 weights (HF PEFT's ``disable_adapter()``).
 
 Several adapters on one model (``attach(model, cfg, name=...)``): :func:`set_active` chooses those
-that compute, and their order (as HF PEFT's ``set_adapter``: LoRA-form updates add up, a DoRA adapter
+that compute, and their order (:func:`active_adapters` reads them) (as HF PEFT's ``set_adapter``: LoRA-form updates add up, a DoRA adapter
 rescales those before it); :func:`delete` removes one, leaving the others
 computing exactly what they computed before.
 """
@@ -89,6 +89,19 @@ def set_active(model: nn.Module, names: str | list[str]) -> None:
     for name, state in adapters.adapters.items():
         _set_idle_modules(model, state, idle=name not in chosen)
     adapters.active = chosen
+
+
+def active_adapters(model: nn.Module) -> tuple[str, ...]:
+    """The names of the adapters that compute, in the order they are applied (:func:`set_active`'s order; HF PEFT's
+    ``active_adapters``).
+
+    ``attach(..., name=)`` puts a new adapter last, ``merge(model, name)`` makes the merged ones the set, ``delete``
+    takes one out, and ``load`` of a multi-adapter save restores the saved set. Inside ``rankwise.disabled`` it is the
+    set that computes once the block ends. A tuple: a copy, so changing the model's set goes through
+    :func:`set_active` (``set_active(model, list(active_adapters(model)))`` changes nothing). ``ValueError`` for a
+    model without rankwise adapters.
+    """
+    return tuple(adapter_set(unwrap_model(model)).active)
 
 
 def _set_idle_modules(model: nn.Module, state: RankwiseState, idle: bool) -> None:
