@@ -5,16 +5,19 @@ forward counted by a hook."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import rankwise
 from conftest import ModelCase
 from test_peft_import_compat import _distilbert, _distilbert_batch
+from test_review11_several import PAIRS, _pair, _peft
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # the widened pre_classifier's notice
@@ -148,3 +151,101 @@ def test_active_adapters_is_the_order_set_active_got_and_what_the_model_computes
     rankwise.delete(model, "b")
     assert rankwise.active_adapters(model) == ("default",)
     assert rankwise.active_adapters(torch.compile(model)) == ("default",)  # a wrapper is seen through
+
+
+# ---------------------------------------------------------------------------- 3: one base matmul per module
+class _BaseMatmuls(TorchDispatchMode):
+    """Counts the matrix products that read ``w0``'s storage (``x W0ᵀ`` in any form: ``F.linear``'s ``addmm``, the
+    fused node's ``mm``, a ``Conv1D``'s ``addmm``); the row norms read ``W0`` through a rescaled copy, not counted."""
+
+    def __init__(self, w0: torch.Tensor) -> None:
+        super().__init__()
+        self.ptr, self.count = w0.untyped_storage().data_ptr(), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func.overloadpacket in _MATMULS and any(
+                isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == self.ptr for a in args):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+_MATMULS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm}
+
+
+def _count_base_matmuls(model: nn.Module, case: ModelCase, seed: int = 0) -> tuple[int, torch.Tensor]:
+    w0 = rankwise.adapter_layers(model, "default")["fc2"].weight
+    with _BaseMatmuls(w0) as counter:
+        out = case.output(model, case.batch(seed))
+    return counter.count, out
+
+
+@pytest.mark.parametrize("pair", list(PAIRS))
+def test_several_active_adapters_run_the_base_matmul_once_as_hf_peft(mlp_case: ModelCase, tmp_path: Path, pair: str) -> None:
+    """With several adapters active on ``fc2`` a DoRA-family layer computed its own forward and the base's, three
+    ``x W0ᵀ`` where PEFT runs one (its DoRA works from ``base_result = result``). Now one per forward, eval and
+    training (the fused path's conditions hold), in either order; the outputs stay PEFT's (the oracle). With dropout,
+    in training, PEFT's DoRA takes one more, ``x_d W0ᵀ``, per DoRA-family layer, and so does rankwise."""
+    base, model = _pair(mlp_case, *PAIRS[pair])
+    theirs = _peft(base, model, tmp_path / "peft")
+    for order in (["default", "b"], ["b", "default"]):
+        rankwise.set_active(model, order)
+        theirs.base_model.set_adapter(order)
+        with torch.no_grad():
+            expected = mlp_case.output(theirs, mlp_case.batch(0))
+        for training in (False, True):
+            model.train(training)
+            with torch.set_grad_enabled(training):
+                count, out = _count_base_matmuls(model, mlp_case)
+            assert count == 1, (order, training)
+            torch.testing.assert_close(out.detach(), expected, rtol=1e-5, atol=1e-6)
+    with_dropout = _with_dropout(model, 0.25).train()
+    dora_layers = sum(layer.row_scale() is not None for layer in rankwise.state.slot_layers(model)["fc2"].stack())
+    assert _count_base_matmuls(with_dropout, mlp_case)[0] == 1 + dora_layers
+
+
+def _with_dropout(model: nn.Module, p: float) -> nn.Module:
+    """``model``'s adapters with dropout ``p``, in their layers and their configs (what the export writes as PEFT's
+    ``lora_dropout``), as if attached with ``dropout=p``."""
+    for name in rankwise.active_adapters(model):
+        state = rankwise.state.get_state(model, name)
+        state.config = dataclasses.replace(state.config, dropout=p)
+        for layer in rankwise.adapter_layers(model, name).values():
+            layer.dropout = nn.Dropout(p)
+    return model
+
+
+@pytest.mark.parametrize("pair", list(PAIRS))
+def test_several_active_adapters_with_dropout_train_as_hf_peft(mlp_case: ModelCase, tmp_path: Path, pair: str) -> None:
+    """A training forward with ``lora_dropout > 0``: PEFT's DoRA then takes its base path from the dropped-out input
+    (no ``base_result``), its LoRA adds its update of the dropped-out input; the same masks (drawn in the same order from
+    the same seed) give PEFT's loss and gradients, in either order."""
+    base, model = _pair(mlp_case, *PAIRS[pair])
+    _with_dropout(model, 0.25)
+    rankwise.export_peft(model, tmp_path / "peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft", is_trainable=True)
+    theirs.load_adapter(tmp_path / "peft/b", adapter_name="b", is_trainable=True)
+    assert theirs.base_model.model.fc2.lora_dropout["b"].p == 0.25
+    batch = mlp_case.batch(1)
+    for order in (["default", "b"], ["b", "default"]):
+        rankwise.set_active(model, order)
+        theirs.base_model.set_adapter(order)
+        model.train(), theirs.train()
+        model.zero_grad(), theirs.zero_grad()
+        torch.manual_seed(5)
+        ours = model(**batch).loss
+        torch.manual_seed(5)
+        peft_loss = theirs(**batch).loss
+        torch.testing.assert_close(ours, peft_loss, rtol=1e-6, atol=1e-7)
+        ours.backward()
+        peft_loss.backward()
+        compared = 0
+        for name in order:
+            layer, peft_layer = rankwise.adapter_layers(model, name)["fc2"], theirs.base_model.model.fc2
+            want = {"lora_b": peft_layer.lora_B[name].weight}
+            if name in peft_layer.lora_magnitude_vector:
+                want["magnitude"] = peft_layer.lora_magnitude_vector[name].weight
+            for attr, theirs_t in want.items():
+                if attr in layer.trainable:  # EDoRA trains a core R, not B
+                    torch.testing.assert_close(getattr(layer, attr).grad, theirs_t.grad, rtol=1e-4, atol=1e-6)
+                    compared += 1
+        assert compared >= 2

@@ -23,11 +23,13 @@ so they share ``weight``/``bias``). The host applies the *active* layers one aft
 order :func:`rankwise.set_active` got them, as HF PEFT applies its active adapters (``h_0 = x W0ᵀ + b``)::
 
     h_i = h_{i−1} + (f_i(x) − x W0ᵀ − b)                    an additive layer (LoRA's form)
-    h_i = f_i(x) + μ_i ⊙ (h_{i−1} − x W0ᵀ − b)              a DoRA-family layer, μ_i = m_i / ‖W0 + ΔW_i‖_row
+    h_i = h_{i−1} + (μ_i − 1) ⊙ (h_{i−1} − b) + μ_i ⊙ s_i·x ΔW_iᵀ     a DoRA-family layer, μ_i = m_i / ‖W0 + ΔW_i‖_row
 
-(``f_i``: layer i's own forward; a DoRA layer's magnitude rescales the updates of the layers before it,
-PEFT's ``base_result = result``; in a training forward with dropout PEFT's DoRA takes its base path from
-the dropped-out input instead, and so does this one: it adds its own update). A merge writes the same
+(``f_i``: layer i's own forward; the DoRA step is ``f_i(x) + μ_i ⊙ (h_{i−1} − x W0ᵀ − b)``, computed as PEFT does
+from ``h_{i−1}`` alone, its ``base_result = result``: one base matmul per module however many layers are active;
+a DoRA layer's magnitude rescales the updates of the layers before it. In a training forward with dropout PEFT's
+DoRA takes its base path from the dropped-out input instead, ``(μ_i − 1) ⊙ x_d W0ᵀ``, and so does this one: it adds
+its own update). A merge writes the same
 composition of weights, ``W_i = W_{i−1} + ΔW_i`` or ``W_i = μ_i ⊙ (W_{i−1} + ΔW_i^lora)`` (PEFT's merge). So
 additive layers commute, and a DoRA layer's place matters. With one active layer the host runs that layer's
 own forward and merge, unchanged. :meth:`disable` switches the whole stack off: the base module's own
@@ -302,18 +304,33 @@ class AdapterLayer(nn.Module):
 
     def row_scale(self) -> Tensor | None:
         """``μ`` (``out``), how this layer rescales the output of the active layers before it on its module
-        (see the module docstring); ``None`` for an additive update. DoRA-family layers: ``m / ‖W0 + ΔW‖_row``."""
+        (see the module docstring); ``None`` for an additive update. DoRA-family layers: ``m / ‖W0 + ΔW‖_row``,
+        and they supply :meth:`lora_out`."""
         return None
+
+    def lora_out(self, x: Tensor) -> Tensor:  # pragma: no cover - supplied by the methods that use it
+        """``s · x ΔWᵀ`` (``(..., out)``, the adapter dtype) for an input already dropped out: the low-rank update
+        alone, which a DoRA-family layer's :meth:`row_scale` multiplies (:meth:`stacked_forward`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no low-rank update of its own")
 
     def stacked_forward(self, x: Tensor, before: Tensor) -> Tensor:
         """This layer's output after the active layers before it, which computed ``before`` (``(..., out)``):
-        ``before + f(x) − base(x)``, or with a row scale ``μ`` ``f(x) + μ ⊙ (before − base(x))`` (HF PEFT's
-        order rule; a training forward with dropout adds, as PEFT's DoRA does there)."""
-        mu = self.row_scale() if not (self.training and not isinstance(self.dropout, nn.Identity)) else None
+        ``before + f(x) − base(x)``, or with a row scale ``μ`` HF PEFT's DoRA step (``base_result = result``)::
+
+            before + (μ − 1) ⊙ (before − b) + μ ⊙ s·x ΔWᵀ   (= f(x) + μ ⊙ (before − x W0ᵀ − b), from ``before`` alone)
+
+        so a DoRA-family layer runs no base matmul of its own; in a training forward with dropout PEFT's DoRA takes its
+        base path from the dropped-out input instead, ``before + (μ − 1) ⊙ x_d W0ᵀ + μ ⊙ s·x_d ΔWᵀ`` (one matmul)."""
+        mu = self.row_scale()
         if mu is None:
             return before + self.delta_forward(x).to(before.dtype)
-        earlier = (before - self.base_forward(x)).to(mu.dtype) * mu  # (..., out): the others' updates, rescaled
-        return (self.own_forward(x) + earlier).to(before.dtype)
+        if self.training and not isinstance(self.dropout, nn.Identity):
+            x = self.dropout(x)
+            base = self.base_forward_no_bias(x)  # (..., out): x_d W0ᵀ
+        else:
+            base = before if self.bias is None else before - self.bias  # (..., out): the layers before, less b
+        dora = (mu - 1) * base.to(mu.dtype) + mu * self.lora_out(x)  # (..., out), adapter dtype
+        return (before + dora).to(before.dtype)
 
     def stacked_weight(self, before: Tensor) -> Tensor:
         """The merged weight after the active layers before it, which hold ``before`` (``out x in``, a wide dtype):
