@@ -257,11 +257,10 @@ def _refuse_wrapped_peers(model: nn.Module, name: str, saved: list[str], togethe
     (``modules_to_save``, a task's heads, their widening) and then cannot put another adapter's layer on, or inside, a
     wrapped module ("Target module ModulesToSaveWrapper ... is not supported"). Each adapter exports alone."""
     others = {t: o for o in together if o != name for t in adapter_layers(model, o)}
-    clash = [f"{n!r}, which adapter {o!r} adapts ({t})" for n in saved for t, o in others.items()
-             if t == n or t.startswith(n + ".")]
+    clash = [f"{n!r} (adapter {o!r} adapts {t!r})" for n in saved for t, o in others.items() if t == n or t.startswith(n + ".")]
     if clash:
-        raise ValueError(f"PEFT's load of it trains {'; '.join(clash)} fully (modules_to_save), and PEFT cannot then "
-                         "load that adapter's layer there. Export each adapter alone: "
+        raise ValueError(f"PEFT's load of it trains {', '.join(clash)} fully (modules_to_save), and PEFT cannot then load "
+                         "the other adapter's layer there, so it could not load this layout. Export each adapter alone: "
                          "rankwise.export_peft(model, dir, name=...)")
 
 
