@@ -226,8 +226,8 @@ def _peft_heads(model: nn.Module, heads: tuple[str, ...]) -> dict[str, nn.Module
 def _in_slots(model: nn.Module, names: list[str], originals: dict[str, nn.Module] | None = None) -> dict[str, nn.Module]:
     """Modules ``names``: ``originals``' where given, else what sits in the model's slot (an adapted module: its host
     layer, whose tensors :func:`rankwise.state.base_state_dict` reads as the base module's, unmerged)."""
-    slots = dict(model.named_modules())
-    return {n: (originals or {}).get(n, slots[n]) for n in names}
+    modules = dict(model.named_modules()) | (originals or {})
+    return {n: modules[n] for n in names}
 
 
 def _peft_widened(model: nn.Module, name: str, saved: list[str], layers: list[str]) -> dict[str, nn.Module]:
