@@ -421,7 +421,7 @@ def on_every_process(what: str, work: Callable[[], None], undo: Callable[[], Non
     raise RunError(f"process {index} failed {what} ({text}); {kept}")
 
 
-def _every_process_error(error: Exception | None) -> list[str | None]:
+def _every_process_error(error: BaseException | None) -> list[str | None]:
     """Each process's error as text (``None``: it succeeded), by process index (a collective under
     ``torch.distributed``; this process's alone without one)."""
     from rankwise.distributed import process_group
