@@ -160,6 +160,37 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path: Path, tiny_mod
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("setup", ["gora", "head-warmup"])
+def test_a_run_killed_before_its_first_checkpoint_keeps_its_costly_set_up(tmp_path: Path, tiny_models: dict[str, str],
+                                                                          sst2: str, setup: str) -> None:
+    """GoRA's calibration (~45 min on SmolLM2 here) or a head warm-up is checkpointed at step 0 when the run writes
+    checkpoints: a run killed before step --save-every resumes from there without calibrating again, and ends bitwise
+    where the uninterrupted run ends (its RNG states, eval-before metrics and init time are the step-0 ones). A run
+    with no such set-up writes no step-0 checkpoint (the lora control)."""
+    kw: dict = dict(max_steps=4, save_every=3, eval_before=True, dropout=0.1)
+    kw.update(method="gora", overrides={"n_steps": "2"}) if setup == "gora" else kw.update(head_warmup_steps=2)
+    whole = finetune(_cfg(tmp_path / "a", tiny_models, sst2, **kw), show_progress=False, log=lambda _m: None)
+    cfg = _cfg(tmp_path / "b", tiny_models, sst2, **kw)
+    with pytest.raises(Crash):
+        finetune(cfg, hook=crash_at(1), show_progress=False, log=lambda _m: None)
+    assert (Path(cfg.output) / "checkpoints" / "LATEST").read_text() == "step-0000000"
+    said: list[str] = []
+    resumed = finetune(cfg, resume=True, show_progress=False, log=said.append)
+    assert not any("calibrating" in m or "head warm-up" in m for m in said), said
+    assert resumed["steps_this_session"] == 4
+    assert resumed["losses"] == whole["losses"] and resumed["metrics"] == whole["metrics"]
+    assert resumed["metrics_before"] == whole["metrics_before"]
+    if setup == "head-warmup":  # the first session's warm-up record, kept
+        assert resumed["head_warmup"]["loss_first"] == whole["head_warmup"]["loss_first"]
+    a = load_file(str(tmp_path / "a" / "run" / "adapter/adapter.safetensors"))
+    b = load_file(str(Path(cfg.output) / "adapter/adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    plain = _cfg(tmp_path / "c", tiny_models, sst2, max_steps=4, save_every=3)
+    with pytest.raises(Crash):
+        finetune(plain, hook=crash_at(1), show_progress=False, log=lambda _m: None)
+    assert not (Path(plain.output) / "checkpoints" / "LATEST").exists()
+
+
 def test_grad_accum_counts_optimizer_steps(tmp_path: Path, tiny_models: dict[str, str], sst2: str,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []

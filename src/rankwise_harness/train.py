@@ -319,6 +319,7 @@ class _Adapter:
     init_seconds: float
     head_warmup: dict[str, Any] | None
     frozen: dict[str, str]
+    calibrated: bool = False  # the source drew calibration batches (GoRA's gradients): work a step-0 checkpoint keeps
 
 
 @dataclass
@@ -538,6 +539,7 @@ def _set_up_adapter(run: _Run) -> _Adapter:
         return adapter
     adapter.head_warmup = _head_warmup(run, heads) if cfg.head_warmup_steps else None
     adapter.init_seconds = _attach(run, mcfg)
+    adapter.calibrated = bool(run.source.calibration_batches(cfg, mcfg))
     # (hashing every adapted base weight is only worth it when checkpoints will be written)
     adapter.frozen = frozen_digests(model) if cfg.save_every else {}
     return adapter
@@ -648,6 +650,10 @@ def _restore_or_start(run: _Run, training: _Training) -> _Loop:
         if run.cfg.eval_before:
             loop.metrics_before = run.evaluate(run.dev)
             run.say(f"before training: {fmt_metrics(loop.metrics_before)}")
+        if run.cfg.save_every and (training.adapter.calibrated or training.adapter.head_warmup is not None):
+            loop.t_start = time.perf_counter()  # a step-0 checkpoint: a run killed before step --save-every resumes
+            _checkpoint(run, training, loop)    # here, not calibrating (GoRA: ~45 min on SmolLM2) or warming up again
+            loop.eval_time = 0.0  # _train starts the clock afresh
     loop.micro = run.window(loop.step).start
     return loop
 
@@ -786,13 +792,18 @@ def _evaluate_and_save_when_due(run: _Run, training: _Training, loop: _Loop, bar
         if run.accelerator.is_main_process:
             bar.write(f"step {step}: loss {loss_value:.4f}  {fmt_metrics(result)}")
     if cfg.save_every and step % cfg.save_every == 0 and step < training.total_steps:
-        t_save = time.perf_counter()
-        a = training.adapter
-        state = TrainerState(step, loop.seconds(), loop.micro, loop.history.losses, loop.history.evals,
-                             loop.metrics_before, a.init_seconds, a.head_warmup, loop.history.skipped)
-        write_checkpoint(run.model, run.source.writes_adapter, run.accelerator, training.optimizer, training.scheduler,
-                         state, run.out, a.frozen)
-        loop.eval_time += time.perf_counter() - t_save
+        _checkpoint(run, training, loop)
+
+
+def _checkpoint(run: _Run, training: _Training, loop: _Loop) -> None:
+    """A checkpoint at ``loop.step`` (its time kept out of the training time)."""
+    t_save = time.perf_counter()
+    a = training.adapter
+    state = TrainerState(loop.step, loop.seconds(), loop.micro, loop.history.losses, loop.history.evals,
+                         loop.metrics_before, a.init_seconds, a.head_warmup, loop.history.skipped)
+    write_checkpoint(run.model, run.source.writes_adapter, run.accelerator, training.optimizer, training.scheduler,
+                     state, run.out, a.frozen)
+    loop.eval_time += time.perf_counter() - t_save
 
 
 def _finish(run: _Run, training: _Training, loop: _Loop) -> dict[str, Any]:
