@@ -50,10 +50,12 @@ PROBES: dict[str, list[str]] = {
                               "--pooling", "mean"],
     "minilm-raclora-chain": ["--method", "raclora", *MINILM, "--set", "link_steps=3", "--set", "keep_optimizer_state=true",
                              "--head", "linear", "--pooling", "mean", "--targets", "query,value", "--r", "1", "--alpha", "2"],
-    "minilm-gora-loraplus": ["--method", "gora", *MINILM, "--lora-plus-ratio", "16", "--set", "n_steps=2"],
+    "minilm-gora-loraplus": ["--method", "gora", *MINILM, "--lora-plus-ratio", "16", "--set", "n_steps=2",
+                             "--save-every", "2"],  # checkpoints as the experiments' GoRA runs write them
     "minilm-full": ["--method", "full", *MINILM, "--lr", "3e-5"],
     "smollm2-lora": ["--method", "lora", *SMOLLM, "--schedule", "cosine", "--warmup-ratio", "0.03"],
-    "smollm2-gora": ["--method", "gora", *SMOLLM, "--lora-plus-ratio", "16", "--set", "gamma=0.05", "--set", "n_steps=2"],
+    "smollm2-gora": ["--method", "gora", *SMOLLM, "--lora-plus-ratio", "16", "--set", "gamma=0.05", "--set", "n_steps=2",
+                     "--save-every", "2"],
 }
 VOLATILE = ("second", "time", "date", "utc", "peak", "rss", "memory", "output", "version", "host", "_ms", "command",
             "wall", "path", "session")
