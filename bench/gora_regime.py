@@ -36,6 +36,7 @@ import os
 import statistics
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -255,14 +256,25 @@ EXTRA_SEEDS = (3, 4)  # the rule's second look (docs/protocols/gora-mrpc.md): wi
 COMPARED = ("lora-tuned", "rslora-lp16")  # GoRA's arm against each
 
 
+def exact(points: float) -> Fraction:
+    """The fraction a dev accuracy in points stands for: ``100 k / n`` for ``k`` of ``n`` rows right, whose float is
+    within ~1e-14 of it, while two fractions with denominators up to 10^6 lie at least 1e-12 apart: the nearest
+    such fraction is it, exactly (a value such as 72.1 gives 721/10)."""
+    return Fraction(points).limit_denominator(10**6)
+
+
 def rule(a: list[float], b: list[float], margin: float = 2.0) -> str:
     """One application of the pre-registered rule to dev accuracies in points: ``"a"`` beats (the mean difference
-    exceeds both ``margin`` and twice its Welch s.e.), ``"b"`` beats (the same, mirrored), ``"within"`` (the
-    difference is within 2 s.e.), else ``"apart"``."""
-    d, se, _ = welch(a, b)
-    if abs(d) > margin and abs(d) > 2 * se:
+    ``d`` exceeds both ``margin`` and twice its Welch s.e.), ``"b"`` beats (the same, mirrored), ``"within"`` (``|d|``
+    is at most 2 s.e.), else ``"apart"``. Compared in exact fractions (:func:`exact`; ``d² > 4 s.e.²``): accuracies
+    are whole rows of the dev set, so ``|d|`` can equal 2 s.e. exactly (one arm at 279/408 on every seed, the other
+    at 279, 292 and 292 of 408), a tie that is "within" and that float rounding must not decide."""
+    fa, fb = [exact(v) for v in a], [exact(v) for v in b]
+    d = statistics.mean(fa) - statistics.mean(fb)
+    beyond = d * d > 4 * (statistics.variance(fa) / len(fa) + statistics.variance(fb) / len(fb))
+    if abs(d) > margin and beyond:
         return "a" if d > 0 else "b"
-    return "within" if abs(d) <= 2 * se else "apart"
+    return "apart" if beyond else "within"
 
 
 def stage(a: dict[int, float], b: dict[int, float], seeds: list[int]) -> tuple[list[int], str | None]:

@@ -299,3 +299,165 @@ def test_the_table_shows_every_seeds_trainable_count_where_seeds_differ(tmp_path
     lora, gora = (next(r for r in rows if r.startswith(f"| {arm} |")) for arm in ("lora", "gora"))
     assert "| 900 |" in lora
     assert "| 1,000–1,600 |" in gora and "| 1,000 |" not in gora
+
+
+# ---------------------------------------------------------------------------- the report's verdicts, end to end
+def _reference_rule(a: list, b: list) -> tuple[str, float, float]:
+    """docs/protocols/gora-mrpc.md's rule written from the protocol's text (not from gora_regime), in exact
+    arithmetic on the values given (``Fraction``s, or floats taken as the binary fractions they are):
+    ``("a" | "b" | "within" | "apart", mean(a) - mean(b), Welch s.e.)``."""
+    from fractions import Fraction
+
+    def mean_and_var(x: list) -> tuple[Fraction, Fraction]:
+        xs = [Fraction(v) for v in x]
+        m = sum(xs) / len(xs)
+        return m, sum((v - m) ** 2 for v in xs) / (len(xs) - 1)
+
+    (ma, va), (mb, vb) = mean_and_var(a), mean_and_var(b)
+    d, se2 = ma - mb, va / len(a) + vb / len(b)
+    if abs(d) > 2 and d * d > 4 * se2:
+        outcome = "a" if d > 0 else "b"
+    else:
+        outcome = "within" if d * d <= 4 * se2 else "apart"
+    return outcome, float(d), float(se2) ** 0.5
+
+
+def _entry(args: argparse.Namespace, rid: str, acc: float, f1: float, held: tuple[float, float] | None = None) -> None:
+    """A ledger entry with the fields the report reads: dev accuracy / F1 (fractions), the held-out F1 / accuracy of
+    a sweep run, and dev counts."""
+    path = ledger.entry_path(args.experiment, rid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    m = {"headline_metric": "f1", "metrics": {"accuracy": acc, "f1": f1},
+         "best": {"val": {"f1": held[0], "accuracy": held[1]}} if held else None,
+         "trainable_params": 100, "init_seconds": 1.0, "train_seconds": 9.0, "step_seconds": 1.0}
+    path.write_text(json.dumps({"metrics": m, "finished_utc": "2026-12-05T00:00:00",
+                                "dev_counts": {"labels": {"0": 129, "1": 279}, "predictions": {"0": 100, "1": 308}}}))
+
+
+def test_the_reports_verdicts_follow_the_protocol_from_a_ledger_with_traps(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole path from a ledger to the report's verdict lines, on numbers built so that every misreading of the
+    protocol gives another line: GoRA's arm is the GoRA sweep's held-out pick (gora-tuned at 3e-4; arm 4, ``gora``,
+    has far better dev accuracy, and the sweep runs' dev accuracies point elsewhere); the compared metric is dev
+    accuracy (the F1s order the arms the other way); a comparison decided on seeds 0-2 uses those three seeds even
+    where seeds 3 and 4 of one arm exist; a comparison within 2 s.e. on seeds 0-2 is decided again on seeds 0-4.
+    The expected outcomes and numbers are :func:`_reference_rule`'s."""
+    import re
+
+    monkeypatch.setattr(ledger, "LEDGER", tmp_path / "ledger")
+    monkeypatch.setattr(gr, "ROOT", tmp_path)
+    (tmp_path / "docs" / "bench").mkdir(parents=True)
+    args = _args(data=str(tmp_path / "no-data"))
+    # sweeps: (held-out F1, held-out accuracy, dev accuracy); the dev accuracies would pick 1e-4 on both grids
+    for base, grid, f1s in (("lora", args.lora_grid, (0.70, 0.72, 0.80, 0.75)),
+                            ("gora", args.gora_grid, (0.60, 0.70, 0.85, 0.80))):
+        for lr, f1 in zip(grid, f1s):
+            _entry(args, gr.run_id("mrpc", base, lr, 0, sweep=True), acc=0.95 if lr == 1e-4 else 0.5, f1=0.5,
+                   held=(f1, 1 - f1))
+    dev = {  # arm -> (lr, dev accuracy in points by seed, dev F1 in points by seed)
+        "lora": (1e-4, [69.0, 69.5, 70.0], [81.0] * 3),
+        "lora-tuned": (1e-3, [70.1, 71.3, 72.5], [95.0, 96.0, 97.0]),
+        "rslora-lp16": (1e-4, [73.0, 75.0, 77.0, 73.0, 73.5], [99.0] * 5),
+        "gora": (1e-4, [90.0, 91.0, 92.0], [50.0] * 3),
+        "gora-tuned": (3e-4, [75.0, 76.2, 77.4, 78.0, 78.5], [70.0] * 5),
+    }
+    for arm, (lr, accs, f1s) in dev.items():
+        for seed, (acc, f1) in enumerate(zip(accs, f1s)):
+            _entry(args, gr.run_id("mrpc", arm, lr, seed), acc=acc / 100, f1=f1 / 100)
+    gr.report(args)
+    text = (tmp_path / "docs" / "bench" / "exp.md").read_text()
+    assert "- GoRA's arm for the verdict (picked on held-out): gora-tuned" in text
+
+    def line(other: str) -> str:
+        return next(x for x in text.splitlines() if x.startswith("- ") and other in x and "gora-tuned" in x
+                    and ("beats" in x or "distinguishable" in x or "within" in x))
+
+    def numbers(x: str, n: int, d: float, se: float) -> None:
+        """The line's seed count, difference, s.e. and ±2 s.e. interval are these (to the printed 0.1)."""
+        got = re.search(r"(\d) seeds, difference ([+-][\d.]+) points, Welch s\.e\. ([\d.]+) .*"
+                        r"\[([+-][\d.]+), ([+-][\d.]+)\]", x).groups()
+        assert int(got[0]) == n
+        assert [float(v) for v in got[1:]] == pytest.approx([d, se, d - 2 * se, d + 2 * se], abs=0.051)
+
+    g = dev["gora-tuned"][1]
+    # vs lora-tuned: decided on seeds 0-2 (seeds 3 and 4 of gora-tuned exist: unused here)
+    outcome, d, se = _reference_rule(g[:3], dev["lora-tuned"][1])
+    assert outcome == "a"
+    x = line("lora-tuned")
+    assert x.startswith("- gora-tuned beats lora-tuned:")
+    numbers(x, 3, d, se)
+    # vs rslora-lp16: within 2 s.e. on seeds 0-2, so seeds 3 and 4 of both arms, and the rule again on 5 seeds
+    assert _reference_rule(g[:3], dev["rslora-lp16"][1][:3])[0] == "within"
+    outcome, d, se = _reference_rule(g, dev["rslora-lp16"][1])
+    assert outcome == "a"  # on 5 seeds: more than 2 points and 2 s.e. (the F1s say the opposite)
+    x = line("rslora-lp16")
+    assert x.startswith("- gora-tuned beats rslora-lp16:")
+    numbers(x, 5, d, se)
+    # the table's row of GoRA's arm is over the 5 seeds the rule used for it; lora-tuned's over its 3
+    row = next(x for x in text.splitlines() if x.startswith("| gora-tuned |"))
+    assert f"| {sum(g) / 5:.1f} ± " in row and "(n=5)" in row
+
+
+def test_the_lr_pick_at_a_grids_edge_stands_as_the_protocol_fixes_it(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/protocols/gora-mrpc.md fixes the grids and says nothing of extending them (unlike the EDoRA and RAC-LoRA
+    protocols): a pick at the grid's top (LoRA's 3e-3 on the ledger) is the pick, and the plan runs no lr
+    outside the grid."""
+    monkeypatch.setattr(ledger, "LEDGER", tmp_path)
+    args = _args()
+    for base, grid in (("lora", args.lora_grid), ("gora", args.gora_grid)):
+        for i, lr in enumerate(grid):  # held-out F1 rising with the lr: the top of each grid
+            _finish(args, gr.run_id("mrpc", base, lr, 0, sweep=True), 0.70 + i / 100)
+    assert gr.best_lr("mrpc", "lora", args.lora_grid, args) == 3e-3
+    assert gr.choose_gora("mrpc", args) == "gora-tuned"
+    assert {j[3] for j in gr.jobs(args)} <= {*args.lora_grid, *args.gora_grid}
+
+
+def test_the_staged_rule_agrees_with_the_protocols_text_on_many_seed_sets() -> None:
+    """3,000 pairs of per-seed dev accuracies on the 408-row lattice (spreads and gaps drawn so that every outcome,
+    the neighbourhoods of both thresholds and exact ties at 2 s.e. occur), staged as docs/protocols/gora-mrpc.md
+    says: seeds 0-2; within 2 s.e. there, seeds 0-4 and the rule once more (final). :func:`gr.verdict`'s words and
+    seed count, on the floats the report reads, are the reference's (:func:`_reference_rule` on the exact
+    fractions k/408) on every pair."""
+    import numpy as np
+
+    from fractions import Fraction
+
+    rng = np.random.default_rng(26)
+    seen = set()
+    for _ in range(3000):
+        spread_a, spread_b, gap = rng.choice([0, 1, 4, 12, 30]), rng.choice([0, 1, 4, 12, 30]), rng.integers(-25, 26)
+        ka = [int(280 + gap + rng.integers(-spread_a, spread_a + 1)) for _ in range(5)]
+        kb = [int(280 + rng.integers(-spread_b, spread_b + 1)) for _ in range(5)]
+        exact_a, exact_b = ([Fraction(100 * k, 408) for k in ks] for ks in (ka, kb))  # the reference's: exact
+        outcome, _, _ = _reference_rule(exact_a[:3], exact_b[:3])
+        n = 3
+        if outcome == "within":
+            outcome, n = _reference_rule(exact_a, exact_b)[0], 5
+        words = {"a": "gora beats lora:", "b": "lora beats gora:"}.get(outcome, "gora vs lora: not distinguishable")
+        a, b = _rows(*ka), _rows(*kb)  # the verdict's: floats, as the report reads them from the ledger
+        line = gr.verdict(a, b, "gora", "lora", [0, 1, 2])
+        assert line.startswith(words) and f"{n} seeds" in line, (a, b, line)
+        seen.add((outcome, n))
+    assert seen == {(o, n) for o in ("a", "b", "within", "apart") for n in (3, 5)} - {("within", 3)}, seen
+
+
+def _rows(*correct: int) -> dict[int, float]:
+    """Dev accuracies in points by seed as the report has them (``100 x`` the ledger's accuracy) of runs that got
+    ``correct`` of MRPC's 408 dev rows right."""
+    return {s: 100 * (k / 408) for s, k in enumerate(correct)}
+
+
+def test_a_difference_of_exactly_two_standard_errors_is_within_them() -> None:
+    """Dev accuracies are whole rows of 408, so the difference can equal twice its Welch s.e. exactly: one arm at one
+    accuracy on every seed (LoRA answering "yes" on every row: 279/408, 68.4), the other at (that, y, y) or at
+    (x, y, y) with x 4 times as far from it as y. The protocol's "within 2 standard errors" holds there (the
+    difference does not exceed 2 s.e.): seeds 3 and 4 are added, and after 5 seeds such a tie is "not
+    distinguishable". Before: float rounding decided the tie, and decided it as a final "beats" (the interval's end
+    printed as +0.0) or a final "not distinguishable" on seeds 0-2 for many of them."""
+    lora = _rows(279, 279, 279)
+    for gora in ((279, 292, 292), (279, 263, 263), (243, 270, 270), (279, 282, 282), (319, 289, 289)):
+        line = gr.verdict(_rows(*gora), lora, "gora", "lora-tuned", [0, 1, 2])
+        assert line.startswith("gora vs lora-tuned: within 2 s.e.: the rule adds seeds 3 and 4"), (gora, line)
+    five = gr.verdict(_rows(240, 315, 315, 315, 315), _rows(*[270] * 5), "gora", "lora-tuned", [0, 1, 2])
+    assert five.startswith("gora vs lora-tuned: not distinguishable at this budget; 5 seeds"), five

@@ -865,3 +865,97 @@ def test_a_new_machine_continues_from_the_committed_ledger_alone(tmp_path: Path,
     assert on_b == [("b", 2e-3, 1), ("a", 0.095, 2), ("b", 2e-3, 2)], "B ran what A had not finished, nothing else"
     assert planned == sorted(regime.run_id("mrpc", x, lr, s) for x, lr, s in ((arms_b[1], 2e-3, 1),
                                                                               (arms_b[0], 0.095, 2), (arms_b[1], 2e-3, 2)))
+
+
+def _edora_category(low: float, high: float) -> str:
+    """docs/protocols/edora-decided.md's verdict from a 90 % interval of DoRA − EDoRA, as the protocol words it."""
+    if low >= -1 and high <= 1:
+        return "holds"
+    return "fails" if low > 1 else "not decided at this budget"
+
+
+def test_the_edora_verdicts_are_scipys_intervals_on_the_protocols_metric_and_epoch(tmp_ledger: Path) -> None:
+    """The verdict table against scipy's Welch interval (``ttest_ind(equal_var=False).confidence_interval(0.90)``,
+    an independent implementation) over the protocol's numbers: dev MRPC accuracy and CoLA MCC at the best held-out
+    epoch, 5 seeds each. Every other reading gives another verdict: MRPC F1 and the last epoch's accuracy put EDoRA
+    far below DoRA, CoLA accuracy puts the two level. The two-task average is per seed index; an EDoRA better by
+    more than a point (interval below −1) is "not decided" by the rule's letter."""
+    from scipy import stats
+
+    er = _edora()
+    by = {a.label: a for a in er.arms(8, 16.0)}
+    picked = {f"{t}:{x}": lr for t in ("mrpc", "cola") for x, lr in
+              (("dora", 1e-3), ("edora-svd", 1e-2), ("edora-random", 3e-2))}
+    verdict_metric = {  # (task, arm) -> the protocol's metric in points by seed
+        ("mrpc", "dora"): [80.0, 80.5, 80.2, 80.4, 80.1], ("mrpc", "edora-svd"): [80.1, 80.4, 80.3, 80.2, 80.0],
+        ("mrpc", "edora-random"): [82.4, 82.9, 82.6, 82.8, 82.5],
+        ("cola", "dora"): [50.0, 51.0, 52.0, 50.5, 51.5], ("cola", "edora-svd"): [45.0, 46.0, 47.0, 45.5, 46.5],
+        ("cola", "edora-random"): [49.0, 52.5, 50.0, 53.0, 51.0]}
+    for (task, label), values in verdict_metric.items():
+        trap = 40.0 if label.startswith("edora") else 90.0  # the wrong metric / epoch: EDoRA 50 points below
+        for s, v in enumerate(values):
+            best = {"accuracy": v / 100, "f1": trap / 100} if task == "mrpc" else {"matthews": v / 100, "accuracy": 0.7}
+            _write_entry(tmp_ledger, task, by[label], picked[f"{task}:{label}"], s, {
+                "adapter_params": 211_968 if label == "dora" else 10_752, "best": {"dev": best},
+                "last": {"epoch": 9.0, "dev": {"accuracy": trap / 100, "f1": trap / 100, "matthews": trap / 100}}})
+    lines = er.verdict_lines(tmp_ledger, ["mrpc", "cola"], list(by.values()), picked, [0, 1, 2, 3, 4], 20.0)
+
+    def expected(dora: list[float], ed: list[float]) -> tuple[float, float, float, str]:
+        low, high = stats.ttest_ind(dora, ed, equal_var=False).confidence_interval(0.90)
+        return sum(dora) / len(dora) - sum(ed) / len(ed), float(low), float(high), _edora_category(low, high)
+
+    seen = set()
+    for edora in ("edora-svd", "edora-random"):
+        pairs = {t: (verdict_metric[(t, "dora")], verdict_metric[(t, edora)]) for t in ("mrpc", "cola")}
+        pairs["average"] = tuple([(m + c) / 2 for m, c in zip(pairs["mrpc"][i], pairs["cola"][i])] for i in (0, 1))
+        for task, (dora, ed) in pairs.items():
+            d, low, high, verdict = expected(dora, ed)
+            row = next(x for x in lines if x.startswith(f"| {task} | {edora} |"))
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            assert cells[2:5] == [f"{d:+.2f}", f"[{low:+.2f}, {high:+.2f}]", "(5, 5)"], row
+            assert cells[5].startswith(verdict) and "provisional" not in cells[5], row
+            seen.add(verdict)
+            if task != "average":
+                assert cells[6] == "19.7× (parameter half does not hold)", row  # 211,968 / 10,752 at r 8
+    assert seen == {"holds", "fails", "not decided at this budget"}, "the data reach every verdict"
+    assert next(x for x in lines if x.startswith("| mrpc | edora-random |")).split("|")[3].strip().startswith("-")
+
+
+def test_the_raclora_verdicts_are_scipys_intervals_on_the_final_steps_loss(tmp_ledger: Path) -> None:
+    """docs/protocols/raclora-rank.md, with its 2026-12-04 clarification: acceptance and verdicts read each run's
+    mean training loss over its final (partial) epoch, ``epoch_losses[-1]``; the last whole epoch (``[-2]``) is
+    built here to give the opposite acceptance and the opposite verdict of every chain arm. The intervals are
+    scipy's Welch 90 % interval of LoRA r 1 − arm (lower loss is better: an interval above 0 is "below the
+    plateau"), the fraction of the way is (LoRA r 1 − arm) / (LoRA r 1 − full) on the seed means."""
+    from scipy import stats
+
+    final = {"lora-r1": [0.10, 0.11, 0.09], "full": [0.010, 0.012, 0.011], "raclora-frozenA-r1": [0.050, 0.055, 0.060],
+             "cola-r1": [0.12, 0.14, 0.13], "asymmetric-r1": [0.095, 0.115, 0.100], "raclora-frozenB-r1": [0.01]}
+    whole = {"lora-r1": 0.06, "full": 0.03, "raclora-frozenA-r1": 0.20, "cola-r1": 0.01, "asymmetric-r1": 0.30,
+             "raclora-frozenB-r1": 0.5}  # by this reading: r 1 does not bind (0.03 above), every verdict flips
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("raclora_rank", _BENCH / "raclora_rank.py")
+    rr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rr)
+    arms = {a.label: a for a in rr.arms(20)}
+    for label, values in final.items():
+        for seed, loss in enumerate(values):
+            _write_entry(tmp_ledger, "sst2", arms[label], 1e-3, seed, {"epoch_losses": [0.7, whole[label], loss]})
+    lines = rr.verdict(tmp_ledger, "sst2", list(arms.values()), {k: 1e-3 for k in arms}, [0, 1, 2])
+    mean = {k: sum(v) / len(v) for k, v in final.items()}
+    assert lines[0].startswith("Acceptance:") and "rank 1 binds" in lines[0]
+    assert f"{mean['lora-r1']:.3f} vs full fine-tuning's {mean['full']:.3f}" in lines[0]
+    expect = {"raclora-frozenA-r1": "below LoRA r 1's plateau", "cola-r1": "fits worse than one rank-1 adapter",
+              "asymmetric-r1": "not separable from LoRA r 1's plateau at this budget"}
+    for label, words in expect.items():
+        low, high = stats.ttest_ind(final["lora-r1"], final[label], equal_var=False).confidence_interval(0.90)
+        row = next(x for x in lines if x.startswith(f"- {label}:"))
+        assert f"final training loss {mean[label]:.3f} (90 % interval of LoRA r 1 − arm [{low:+.3f}, {high:+.3f}]); " \
+               f"{words}" in row, row
+        assert ((low > 0) == (label == "raclora-frozenA-r1")) and ((high < 0) == (label == "cola-r1"))
+    way = (mean["lora-r1"] - mean["raclora-frozenA-r1"]) / (mean["lora-r1"] - mean["full"])
+    assert f"{100 * way:.0f} % of the way from LoRA r 1 to full fine-tuning" in next(
+        x for x in lines if x.startswith("- raclora-frozenA-r1:"))
+    assert next(x for x in lines if x.startswith("- raclora-frozenB-r1:")).endswith("not decided yet (needs ≥ 2 seeds "
+                                                                                     "beside LoRA r 1's)")
