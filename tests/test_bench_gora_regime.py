@@ -419,9 +419,9 @@ def test_the_staged_rule_agrees_with_the_protocols_text_on_many_seed_sets() -> N
     says: seeds 0-2; within 2 s.e. there, seeds 0-4 and the rule once more (final). :func:`gr.verdict`'s words and
     seed count, on the floats the report reads, are the reference's (:func:`_reference_rule` on the exact
     fractions k/408) on every pair."""
-    import numpy as np
-
     from fractions import Fraction
+
+    import numpy as np
 
     rng = np.random.default_rng(26)
     seen = set()
