@@ -85,7 +85,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, help=f"learning rate (default: the method's own; {_default_lrs()})")
     g.add_argument("--lora-plus-ratio", type=float, help="LoRA+: B-side learning rate (EDoRA: the core's) = ratio x lr")
     g.add_argument("--weight-decay", type=float, default=0.0,
-                   help="AdamW's decoupled weight decay, on every trainable tensor (adapter, head, biases)")
+                   help="AdamW's decoupled weight decay, on every trainable tensor but biases and normalisation "
+                        "layers (HF Trainer's rule)")
     g.add_argument("--max-grad-norm", type=float,
                    help="clip the gradient norm of each optimizer step (over every trained tensor, after accumulation) "
                         "to this value, as HF Trainer's max_grad_norm (its default 1.0); default: no clipping")
