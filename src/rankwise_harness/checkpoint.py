@@ -41,6 +41,7 @@ FORMAT = "rankwise-checkpoint/2"
 MODEL_TENSORS = "model_tensors.safetensors"
 _STEP_NAME = re.compile(r"step-\d{7,}")
 _TENSOR, _TUPLE, _ITEMS, _ARRAY = "__tensor__", "__tuple__", "__items__", "__ndarray__"
+_TOLD = "rankwise_told"  # set on a KeyboardInterrupt every process learned of
 
 
 class RunError(RuntimeError):
@@ -48,10 +49,13 @@ class RunError(RuntimeError):
 
 
 class RunInterrupted(RunError):
-    """Ctrl-C (SIGINT) during a run: where it stopped and the checkpoint kept; the command line adds how to resume."""
+    """Ctrl-C (SIGINT) during a run: where it stopped and the checkpoint kept; the command line adds how to resume.
+    ``by``: what stopped it when not this process's own Ctrl-C (another process's Ctrl-C, or its leaving);
+    ``alone``: this process's own Ctrl-C, not told to the other processes of the run (they may wait for it)."""
 
-    def __init__(self, out: Path, step: int | None, total: int | None, checkpoint: Path | None, by: str = "") -> None:
-        self.out, self.step, self.total, self.checkpoint = out, step, total, checkpoint
+    def __init__(self, out: Path, step: int | None, total: int | None, checkpoint: Path | None, by: str = "",
+                 alone: bool = False) -> None:
+        self.out, self.step, self.total, self.checkpoint, self.alone = out, step, total, checkpoint, alone
         # ``step`` optimizer steps were done: Ctrl-C came during the next one, or in the finish after the last
         where = ("before training started" if step is None or not total else
                  f"at step {step + 1} of {total} ({step} done)" if step < total else f"after the last step ({total})")
@@ -393,8 +397,8 @@ def on_every_process(what: str, work: Callable[[], None], undo: Callable[[], Non
     own error, the others a :class:`RunError` naming that process, its error and ``kept``. A Ctrl-C during ``work``
     (``KeyboardInterrupt``: every process's under a terminal, this one's alone under a signal sent to it) is told
     too, before leaving: every process undoes and raises ``KeyboardInterrupt``, the others naming this one, none left
-    waiting for it (if the exchange itself fails, this process still raises its own). Any other ``BaseException``
-    undoes and passes through unexchanged."""
+    waiting for it (if the exchange itself fails, this process undoes and still raises its own; :func:`was_told`
+    tells the two apart). Any other ``BaseException`` undoes and passes through unexchanged."""
     error: Exception | KeyboardInterrupt | None = None
     try:
         work()
@@ -405,20 +409,31 @@ def on_every_process(what: str, work: Callable[[], None], undo: Callable[[], Non
         raise
     try:
         said = _every_process_error(error)
-    except Exception:
+    except Exception:  # the exchange broke (a process left alone): nothing of the phase is kept here either
+        undo()
         if isinstance(error, KeyboardInterrupt):
-            undo()
             raise error from None
         raise
     if error is None and not any(said):
         return
     undo()
     if error is not None:
-        raise error
+        raise told(error) if isinstance(error, KeyboardInterrupt) else error
     index, text = next((i, t) for i, t in enumerate(said) if t)
     if text.startswith(f"{KeyboardInterrupt.__name__}:"):
-        raise KeyboardInterrupt(f"process {index} was interrupted (Ctrl-C) {what}; {kept}")
+        raise told(KeyboardInterrupt(f"process {index} was interrupted (Ctrl-C) {what}; {kept}"))
     raise RunError(f"process {index} failed {what} ({text}); {kept}")
+
+
+def told(exc: KeyboardInterrupt) -> KeyboardInterrupt:
+    """``exc`` marked as a Ctrl-C every process learned of (:func:`was_told`): none waits for this one."""
+    setattr(exc, _TOLD, True)
+    return exc
+
+
+def was_told(exc: KeyboardInterrupt) -> bool:
+    """Whether :func:`on_every_process` told every process of the Ctrl-C ``exc``."""
+    return bool(getattr(exc, _TOLD, False))
 
 
 def _every_process_error(error: BaseException | None) -> list[str | None]:

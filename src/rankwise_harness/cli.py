@@ -187,10 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rankwise: error: {exc}", file=sys.stderr)
         return 2
 
-    from .checkpoint import RunInterrupted
+    from .checkpoint import RunInterrupted, was_told
     from .config import ConfigError
     from .data import DataError
     from .models import ModelError
+    from .peers import leave_alone
     from .train import RunError
 
     try:
@@ -222,9 +223,13 @@ def main(argv: list[str] | None = None) -> int:
                     show_progress=not args.no_progress)
     except RunInterrupted as exc:
         print(f"rankwise: {exc}; {_again(args.command, argv, exc.checkpoint is not None)}", file=sys.stderr)
+        if exc.alone:  # the others may be waiting for this process in a collective
+            leave_alone("was interrupted (Ctrl-C)", 130)
         return 130
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(f"rankwise: interrupted; {_again(args.command, argv, False)}", file=sys.stderr)
+        if not was_told(exc):
+            leave_alone("was interrupted (Ctrl-C)", 130)
         return 130
     except (ConfigError, DataError, ModelError, RunError, MissingDependencyError) as exc:
         print(f"rankwise: error: {exc}", file=sys.stderr)

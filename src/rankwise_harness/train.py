@@ -31,13 +31,14 @@ from rankwise.optim import split_weight_decay
 
 from .batches import micro_batch_indices, random_batches, step_micro_batches, steps_per_epoch, to_device
 from .evaluation import evaluate
-from .checkpoint import (CKPT_DIR, Checkpoint, RunError, RunInterrupted, TrainerState, disk_full_is_named, tensor_bytes, frozen_digests, latest_checkpoint, model_tensors,
+from .checkpoint import (CKPT_DIR, Checkpoint, RunError, RunInterrupted, TrainerState, was_told, disk_full_is_named, tensor_bytes, frozen_digests, latest_checkpoint, model_tensors,
                          on_every_process, read_checkpoint, read_run_json, restore_model, write_checkpoint)
 from .config import RUN_MARKER, ConfigError, RunConfig
 from .data import Example, Splits, Task, fingerprint, get_task, load_task_data
 from .deps import can_plot, check_harness
 from .heads import head_parameters, with_head_group
 from .models import check_tokenizer, resolve_model_name
+from .peers import who_left
 from .progress import Progress, TrackedBatches
 from .runlock import RunLock, acquire
 from .runfolder import clear_run, finished, fmt_metrics, loss_window, plot_loss, prepare_output, save_figure, settings_diff, summary
@@ -198,12 +199,24 @@ def _stages(cfg: RunConfig, source: AdapterSource, mp: str, resume: bool, overwr
         _train(run, training, loop, show_progress)
         return _finish(run, training, loop)
     except KeyboardInterrupt as exc:  # this process's Ctrl-C, or another's told by on_every_process (its message)
-        reached: _Loop | None = where.get("loop")
-        ckpt = _latest_or_none(run.out)
-        raise RunInterrupted(run.out, reached.step if reached else None, where.get("total"), ckpt, str(exc)) from None
+        raise _interrupted(run, where, str(exc), alone=not was_told(exc)) from None
+    except RuntimeError as exc:  # a collective broken by a process that left alone (its Ctrl-C in a step)
+        left = who_left(exc)
+        if left is None:
+            raise
+        raise _interrupted(run, where, left) from exc
     finally:
         if run.lock is not None:
             run.lock.release()
+
+
+def _interrupted(run: _Run, where: dict[str, Any], by: str, alone: bool = False) -> RunInterrupted:
+    """:class:`RunInterrupted` at the loop's step (``where``: :func:`_stages`'s), naming the checkpoint kept and
+    ``by`` (another process's Ctrl-C or leaving; empty: this process's own Ctrl-C); ``alone``: its own Ctrl-C,
+    which the other processes (if any) were not told of."""
+    reached: _Loop | None = where.get("loop")
+    step, total = reached.step if reached else None, where.get("total")
+    return RunInterrupted(run.out, step, total, _latest_or_none(run.out), by, alone=alone and run.world > 1)
 
 
 def _finished_result(run: _Run) -> dict[str, Any]:
