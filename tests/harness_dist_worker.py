@@ -539,5 +539,45 @@ def _flat_parameters_inside_summon_full_params(rank: int) -> dict[str, str]:
 ROUND13_CHECKS = {"flat_summoned": _flat_parameters_inside_summon_full_params, "head_sharded": _save_with_only_the_head_sharded, "ctrl_c": _ctrl_c_on_rank1_while_checkpointing}  # run by tests/test_review13_distributed.py alone
 
 
+def cli_run(root: Path, argv: list[str], timeout_s: float) -> None:
+    """Review round 13: the command line itself (``rankwise_harness.cli.main(argv)``) on this process, started by hand
+    with torch's environment variables (not torchrun, which stops the other processes itself once one ends), its
+    collectives waiting ``timeout_s`` at most. With ``RANKWISE_TEST_SIGINT_AT=N`` in the environment, rank 1 sends
+    itself a SIGINT (a Ctrl-C on it alone) in the loss of step N's first micro-batch, while rank 0 goes on into that
+    step's collectives, and writes when into ``root/signal.json``. A process whose ``main`` returns writes its exit
+    status and when into ``root/rank<r>.json``; rank 1 then lingers ``timeout_s`` (as a notebook or a slow
+    interpreter teardown would) before it exits with that status."""
+    import os
+    import signal
+    import sys
+    import time
+
+    from rankwise_harness import cli
+
+    join(timeout_s=timeout_s)
+    rank, at = dist.get_rank(), int(os.environ.get("RANKWISE_TEST_SIGINT_AT", "0"))
+    calls = {"n": 0}
+
+    def loss(self: TaskType, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        calls["n"] += 1
+        if rank == 1 and at and calls["n"] == 2 * (at - 1) + 1:  # 2 micro-batches a step
+            (root / "signal.json").write_text(json.dumps({"at": time.time()}))
+            os.kill(os.getpid(), signal.SIGINT)
+        return LOSS(self, model, batch)
+
+    TaskType.loss = loss  # type: ignore[method-assign]
+    code = cli.main(argv)
+    (root / f"rank{rank}.json").write_text(json.dumps({"code": code, "at": time.time()}))
+    sys.stderr.flush()
+    if rank == 1:
+        time.sleep(timeout_s)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if sys.argv[1:2] == ["cli"]:  # cli ROOT TIMEOUT_S ARGS...
+        cli_run(Path(sys.argv[2]), sys.argv[4:], float(sys.argv[3]))
+    else:
+        main()

@@ -111,3 +111,74 @@ def test_flat_parameters_save_inside_summon_full_params_what_one_process_saves(c
                 assert got[f"{kind}_{what}"] == "ok" and got[f"{kind}_{what}_file"] == "same", (kind, what, got)
             after = got[f"{kind}_after"]
             assert after.startswith("ValueError") and "use_orig_params=True" in after, (kind, got)
+
+
+def _launch_cli(root: Path, argv: list[str], env: dict[str, str]) -> list[tuple[int, str]]:
+    """``harness_dist_worker.py cli``: the command line on 2 gloo processes started by hand (torch's environment
+    variables, a free port; no torchrun, which would stop the other process itself); each one's exit status and
+    stderr. Collectives wait WAIT_S at most, each process 240 s (then killed: the test fails, never hangs)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        penv = dict(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, str(HERE / "harness_dist_worker.py"), "cli", str(root),
+                                       str(WAIT_S), *argv], env=penv, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True))
+    out = []
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        out.append((p.returncode, err))
+    return out
+
+
+def test_a_ctrl_c_on_one_process_in_a_training_step_ends_every_process_at_once_and_the_run_resumes(
+        tmp_path: Path, still_bert: str) -> None:
+    """``rankwise finetune`` on 2 processes; rank 1 alone gets a SIGINT in step 3's first micro-batch, rank 0 goes on
+    into that step's collectives. Before, rank 1 printed its message and its ``main`` returned while rank 0 waited in
+    its collective until rank 1's process ended (seconds of interpreter teardown; a process that lives on, as here
+    where rank 1 lingers WAIT_S: the collective's timeout, 30 min by default), then died on gloo's bare "Connection
+    closed by peer" / "Timed out" traceback. Now rank 1 ends its process right after its own cleanup (its ``main``
+    never returns: no lingering), and rank 0 says at once that process 1 was interrupted, at which step, and which
+    checkpoint is kept, with the command to resume; both exit 130. The run folder holds step 2's checkpoint, whole,
+    and no half-written one; the same command with ``--resume`` on 2 processes finishes the run."""
+    from conftest import write_sst2_slice
+
+    import rankwise
+
+    (tmp_path / "sst2").mkdir()
+    data = write_sst2_slice(tmp_path / "sst2", 64, 32)
+    out = tmp_path / "run"
+    argv = ["finetune", "--task", "sst2", "--method", "lora", "--data", data, "--model", still_bert,
+            "--output", str(out), "--r", "4", "--batch-size", "4", "--grad-accum", "2", "--epochs", "3",
+            "--max-length", "32", "--max-train", "31", "--max-eval", "13", "--val-split", "0.23", "--eval-every", "1",
+            "--save-every", "2", "--lr", "2e-2", "--warmup-ratio", "0", "--precision", "no", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(HERE.parent / "src"), str(HERE), os.environ.get("PYTHONPATH", "")]))
+    (c0, e0), (c1, e1) = _launch_cli(tmp_path, argv, dict(env, RANKWISE_TEST_SIGINT_AT="3"))
+    said = (e0.strip().splitlines() or [""])[-1], (e1.strip().splitlines() or [""])[-1]
+    assert (c0, c1) == (130, 130), (c0, c1, e0[-3000:], e1[-3000:])
+    kept = f"the last checkpoint (step-0000002) is kept in {out / 'checkpoints'}; resume with: rankwise finetune"
+    assert said[1].startswith("rankwise: interrupted at step 3 of 6 (2 done); ") and kept in said[1], said
+    assert said[0].startswith("rankwise: interrupted at step 3 of 6 (2 done) (process 1 was interrupted (Ctrl-C)); "), said
+    assert kept in said[0] and said[0].endswith(" --resume"), said
+    assert not (tmp_path / "rank1.json").exists()  # rank 1 ended inside main, after its message
+    waited = json.loads((tmp_path / "rank0.json").read_text())["at"] - json.loads((tmp_path / "signal.json").read_text())["at"]
+    assert waited < WAIT_S / 2, waited  # measured 0.3 s; before: until rank 1's process ended, or WAIT_S
+    folder = out / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["LATEST", "step-0000002"]
+    assert (folder / "LATEST").read_text().strip() == "step-0000002"
+    rankwise.read_adapter(folder / "step-0000002" / "adapter")  # whole: its checksums verified
+    (c0, e0), (c1, e1) = _launch_cli(tmp_path, [*argv, "--resume"], env)
+    assert (c0, c1) == (0, 0), (e0[-3000:], e1[-3000:])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["steps_this_session"] == 4, metrics

@@ -201,7 +201,7 @@ def _stages(cfg: RunConfig, source: AdapterSource, mp: str, resume: bool, overwr
     except KeyboardInterrupt as exc:  # this process's Ctrl-C, or another's told by on_every_process (its message)
         raise _interrupted(run, where, str(exc), alone=not was_told(exc)) from None
     except RuntimeError as exc:  # a collective broken by a process that left alone (its Ctrl-C in a step)
-        left = who_left(exc)
+        left = None if isinstance(exc, RunError) else who_left(exc)
         if left is None:
             raise
         raise _interrupted(run, where, left) from exc
