@@ -150,7 +150,7 @@ def main() -> None:
         try:
             out[name] = scenario(name, args.model, args.data, root)
         except Exception as exc:  # noqa: BLE001 (recorded for the test to show)
-            out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            out[name] = {"error": f"{type(exc).__name__}: {exc}", "alone": getattr(exc, "alone", None)}
         dist.barrier()
     (root / f"rank{dist.get_rank()}.json").write_text(json.dumps(out, default=str))
     leave()
@@ -468,10 +468,11 @@ LIBRARY_CHECKS = {"fsdp2_nan": _fsdp2_nan_in_rank0s_shard, "several": _several_a
 def _ctrl_c_on_rank1_while_checkpointing(rank: int) -> dict[str, str]:
     """Review round 13: rank 1 alone is interrupted (``KeyboardInterrupt``: a Ctrl-C, a SIGINT sent to it) in one
     phase of ``write_checkpoint`` while rank 0 is still writing; each phase's ``undo`` records that it ran. What
-    ``on_every_process`` raised on each rank, its seconds, and whether ``undo`` ran."""
+    ``on_every_process`` raised on each rank, its seconds, whether ``undo`` ran, and whether the interrupt is marked as
+    told to every process (``was_told``: the command line then does not end that process early)."""
     import time
 
-    from rankwise_harness.checkpoint import on_every_process
+    from rankwise_harness.checkpoint import on_every_process, was_told
 
     undone: list[bool] = []
 
@@ -481,13 +482,14 @@ def _ctrl_c_on_rank1_while_checkpointing(rank: int) -> dict[str, str]:
         time.sleep(0.5)  # rank 0 still writing when rank 1 is interrupted
 
     start = time.perf_counter()
-    said = "returned"
+    said, told = "returned", "no interrupt"
     try:
         on_every_process("writing checkpoint step-0000004", work, lambda: undone.append(True),
                          "the previous checkpoint (step-0000002) is kept")
     except BaseException as exc:  # noqa: BLE001 (the test reads it)
         said = f"{type(exc).__name__}: {exc}"
-    return {"said": said, "seconds": f"{time.perf_counter() - start:.1f}", "undone": str(bool(undone))}
+        told = str(was_told(exc)) if isinstance(exc, KeyboardInterrupt) else told
+    return {"said": said, "seconds": f"{time.perf_counter() - start:.1f}", "undone": str(bool(undone)), "told": told}
 
 
 def _file_contents(folder: Path, file: str) -> tuple[Any, ...] | None:

@@ -67,6 +67,7 @@ def test_a_ctrl_c_on_one_rank_while_checkpointing_stops_every_rank_at_once(check
     assert r0["said"].startswith("KeyboardInterrupt: process 1 was interrupted") and "step-0000004" in r0["said"], r0
     assert "previous checkpoint (step-0000002) is kept" in r0["said"] and r0["undone"] == "True", r0
     assert float(r0["seconds"]) < WAIT_S / 2, r0
+    assert r0["told"] == r1["told"] == "True", (r0, r1)  # every process knows: none is ended early (peers.leave_alone)
 
 
 def test_a_ctrl_c_on_one_rank_while_the_harness_checkpoints_interrupts_every_rank(tmp_path: Path, still_bert: str) -> None:
@@ -92,6 +93,8 @@ def test_a_ctrl_c_on_one_rank_while_the_harness_checkpoints_interrupts_every_ran
     for said in (r0, r1):
         assert said.startswith("RunInterrupted: interrupted at step 5 of") and f"({old}) is kept" in said, (r0, r1)
     assert f"process 1 was interrupted (Ctrl-C) writing checkpoint {new}" in r0, r0
+    told = [json.loads((tmp_path / f"rank{r}.json").read_text())["ctrl-c-ckpt"]["alone"] for r in (0, 1)]
+    assert told == [False, False], told  # told to every process: the command line ends neither early
     folder = tmp_path / "ctrl-c-ckpt" / "checkpoints"
     assert (folder / "LATEST").read_text().strip() == old
     assert sorted(p.name for p in folder.iterdir()) == ["LATEST", old]

@@ -4,14 +4,15 @@ Such a process does not reach the others' next collective: they wait in it until
 process ends) or the collective times out (30 min for gloo by default). So the command line, once such a process
 has cleaned up (lock released, nothing half-written), :func:`leave_alone`: it notes why in the process group's
 store and ends the process, and every other process's collective fails at once (gloo: "Connection closed by
-peer"). ``finetune`` turns that failure into :class:`~.checkpoint.RunInterrupted`
-with :func:`who_left`'s text, naming the process and why (read back from the store), and the checkpoint kept.
+peer"). ``finetune`` turns that failure into :class:`~.checkpoint.RunInterrupted` with :func:`who_left`'s text,
+naming the process and why (read back from the store), and the checkpoint kept.
 
 Only the failure path touches the store: a run that nobody leaves makes no extra collective or store call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sys
@@ -47,10 +48,8 @@ def leave_alone(why: str, code: int) -> None:
         return
     store = _store(dist)
     if store is not None:
-        try:
+        with contextlib.suppress(Exception):  # as in _store
             store.set(f"{NOTE}{dist.get_rank()}", why)
-        except Exception:  # noqa: BLE001 (as in _store)
-            pass
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -58,9 +57,8 @@ def leave_alone(why: str, code: int) -> None:
 
 def who_left(exc: BaseException) -> str | None:
     """When ``exc`` is a collective broken by another process's leaving (``torch.distributed.DistError``, or gloo's
-    closed connection / timeout), which process left and why, as the notes in the store say (else: its collective's
-    error, and that the other processes' output says why); ``None`` for any other error or without a process
-    group."""
+    closed connection / timeout), which process left and why, as the notes in the store say (else: the collective's
+    error); ``None`` for any other error or without a process group of several processes."""
     dist = process_group()
     if dist is None or dist.get_world_size() < 2:
         return None
@@ -70,20 +68,16 @@ def who_left(exc: BaseException) -> str | None:
     if notes:
         return "; ".join(f"process {i} {text}" for i, text in notes.items())
     said = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-    return f"another process left the run ({said}); its own output says why"
+    return f"a collective with the other processes failed ({said}): one of them left the run or stopped answering"
 
 
 def _notes(dist: Any) -> dict[int, str]:
     """The other processes' :func:`leave_alone` notes, by process index (none if the store cannot be read)."""
     store = _store(dist)
     out: dict[int, str] = {}
-    if store is None:
-        return out
-    try:
-        for i in range(dist.get_world_size()):
+    with contextlib.suppress(Exception):  # as in _store
+        for i in range(dist.get_world_size() if store is not None else 0):
             key = f"{NOTE}{i}"
             if i != dist.get_rank() and store.check([key]):
                 out[i] = store.get(key).decode(errors="replace")[:300]
-    except Exception:  # noqa: BLE001 (as in _store)
-        pass
     return out
