@@ -303,13 +303,18 @@ def test_the_edora_report_gives_every_arms_epochs_and_marks_runs_that_never_plat
     assert any(line.startswith("| lora |") and "not yet run" in line for line in lines)
 
 
-def _raclora_verdict(tmp_ledger: Path, losses: dict[str, list[float]]) -> list[str]:
-    """raclora_rank's verdict lines from runs (at lr 1e-3, seeds in order) whose last-epoch losses are given."""
+def _raclora():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("raclora_rank", _BENCH / "raclora_rank.py")
-    rr = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rr)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _raclora_verdict(tmp_ledger: Path, losses: dict[str, list[float]]) -> list[str]:
+    """raclora_rank's verdict lines from runs (at lr 1e-3, seeds in order) whose last-epoch losses are given."""
+    rr = _raclora()
     arms = {a.label: a for a in rr.arms(20)}
     for label, values in losses.items():
         for seed, loss in enumerate(values):
@@ -933,11 +938,7 @@ def test_the_raclora_verdicts_are_scipys_intervals_on_the_final_steps_loss(tmp_l
              "cola-r1": [0.12, 0.14, 0.13], "asymmetric-r1": [0.095, 0.115, 0.100], "raclora-frozenB-r1": [0.01]}
     whole = {"lora-r1": 0.06, "full": 0.03, "raclora-frozenA-r1": 0.20, "cola-r1": 0.01, "asymmetric-r1": 0.30,
              "raclora-frozenB-r1": 0.5}  # by this reading: r 1 does not bind (0.03 above), every verdict flips
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("raclora_rank", _BENCH / "raclora_rank.py")
-    rr = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rr)
+    rr = _raclora()
     arms = {a.label: a for a in rr.arms(20)}
     for label, values in final.items():
         for seed, loss in enumerate(values):
