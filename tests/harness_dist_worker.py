@@ -556,7 +556,8 @@ def cli_run(root: Path, argv: list[str], timeout_s: float) -> None:
 
     from rankwise_harness import cli
 
-    join(timeout_s=timeout_s)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a Ctrl-C raises, even where the test runner was started
+    join(timeout_s=timeout_s)                                  # as a background job (`cmd &` ignores SIGINT)
     rank, at = dist.get_rank(), int(os.environ.get("RANKWISE_TEST_SIGINT_AT", "0"))
     calls = {"n": 0}
 

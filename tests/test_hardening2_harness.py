@@ -163,6 +163,7 @@ def test_resume_with_the_default_model_spelled_out(tmp_path: Path, tiny_models: 
 # as the test needs) and SIGKILLs the process after step KILL_AT
 _CHILD = """
 import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's Ctrl-C, even under a shell's `cmd &` (SIG_IGN)
 import rankwise
 from rankwise_harness import cli
 kill_at, gate = int(os.environ.get("KILL_AT", "0")), os.environ.get("GATE")
