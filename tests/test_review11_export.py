@@ -101,18 +101,26 @@ def test_a_sequence_classifier_export_loads_with_autopeftmodelforsequenceclassif
 
     model = _perturbed(BertForSequenceClassification.from_pretrained(bert).eval(), rankwise.LoraConfig(
         r=4, alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"] if head == "trained" else None))
-    rankwise.export_peft(model, tmp_path / "out")
-    with torch.no_grad():
-        want = model(input_ids=IDS).logits
-        for load in (lambda: peft.AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "out"),
-                     lambda: peft.PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(bert),
-                                                            tmp_path / "out")):
-            torch.testing.assert_close(load().eval()(input_ids=IDS).logits, want, rtol=1e-5, atol=1e-6)
+    want = _exported_loads_alike(model, tmp_path / "out", bert, peft.AutoPeftModelForSequenceClassification)
     assert _config(tmp_path / "out")["task_type"] == "SEQ_CLS"
     # and back: rankwise's import of the folder computes the same
     again = rankwise.import_peft(BertForSequenceClassification.from_pretrained(bert).eval(), tmp_path / "out")
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=IDS).logits, want, rtol=1e-5, atol=1e-6)
+
+
+def _exported_loads_alike(model: torch.nn.Module, out: Path, bert: str, auto: Any) -> torch.Tensor:
+    """Export ``model`` to ``out``; PEFT's ``auto`` class and ``PeftModel`` over a fresh BERT both load it and compute
+    its logits. Returns those logits."""
+    from transformers import BertForSequenceClassification
+
+    rankwise.export_peft(model, out)
+    with torch.no_grad():
+        want = model(input_ids=IDS).logits
+        for load in (lambda: auto.from_pretrained(out),
+                     lambda: peft.PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(bert), out)):
+            torch.testing.assert_close(load().eval()(input_ids=IDS).logits, want, rtol=1e-5, atol=1e-6)
+    return want
 
 
 def test_an_adapter_on_the_classifier_itself_is_written_without_a_task_type(bert: str, tmp_path: Path) -> None:
@@ -123,13 +131,7 @@ def test_an_adapter_on_the_classifier_itself_is_written_without_a_task_type(bert
 
     model = _perturbed(BertForSequenceClassification.from_pretrained(bert).eval(),
                        rankwise.LoraConfig(r=2, alpha=4, target_modules=["query", "classifier"]))
-    rankwise.export_peft(model, tmp_path / "out")
-    with torch.no_grad():
-        want = model(input_ids=IDS).logits
-        for load in (lambda: peft.AutoPeftModel.from_pretrained(tmp_path / "out"),
-                     lambda: peft.PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(bert),
-                                                            tmp_path / "out")):
-            torch.testing.assert_close(load().eval()(input_ids=IDS).logits, want, rtol=1e-5, atol=1e-6)
+    _exported_loads_alike(model, tmp_path / "out", bert, peft.AutoPeftModel)
     cfg = _config(tmp_path / "out")
     assert cfg["task_type"] is None and cfg["auto_mapping"]["base_model_class"] == "BertForSequenceClassification"
 
