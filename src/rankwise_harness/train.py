@@ -551,8 +551,7 @@ def _set_up_adapter(run: _Run) -> _Adapter:
         adapter.frozen = restore_model(model, run.source.writes_adapter, run.saved)
         return adapter
     adapter.head_warmup = _head_warmup(run, heads) if cfg.head_warmup_steps else None
-    adapter.init_seconds = _attach(run, mcfg)
-    adapter.calibrated = bool(run.source.calibration_batches(cfg, mcfg))
+    adapter.init_seconds, adapter.calibrated = _attach(run, mcfg)
     # (hashing every adapted base weight is only worth it when checkpoints will be written)
     adapter.frozen = frozen_digests(model) if cfg.save_every else {}
     return adapter
@@ -575,8 +574,9 @@ def _head_warmup(run: _Run, heads: tuple[str, ...] | None) -> dict[str, Any]:
     return info
 
 
-def _attach(run: _Run, mcfg: rankwise.AdapterConfig | None) -> float:
-    """The source makes the trainable parameters (calibration batches drawn when it asks); returns the seconds it took."""
+def _attach(run: _Run, mcfg: rankwise.AdapterConfig | None) -> tuple[float, bool]:
+    """The source makes the trainable parameters (calibration batches drawn when it asks); returns the seconds it took
+    and whether it calibrated."""
     cfg = run.cfg
     n_cal = run.source.calibration_batches(cfg, mcfg)
     calibration = None
@@ -597,7 +597,7 @@ def _attach(run: _Run, mcfg: rankwise.AdapterConfig | None) -> float:
         run.say(f"{cfg.method}: calibrated in {seconds:.1f} s")
     if report is not None:
         run.say(str(report))
-    return seconds
+    return seconds, calibration is not None
 
 
 def _set_up_training(run: _Run, adapter: _Adapter, hook: StepHook | None) -> _Training:
