@@ -474,6 +474,72 @@ def test_hf_trainer_resume_equals_the_uninterrupted_run(bert_case: ModelCase, me
         assert torch.equal(got[key], t), key
 
 
+def test_each_trainer_checkpoint_holds_the_adapter_loadable_on_its_own(bert_case: ModelCase, method_case: MethodCase,
+                                                                       tmp_path: Path) -> None:
+    """Every method: ``RankwiseCallback`` saves the adapter into each checkpoint's ``rankwise_adapter`` folder.
+    ``rankwise.load`` of it on a fresh base (no calibration: GoRA's ranks come from the file) gives at step 3 the
+    adapter the checkpoint's own weights hold (the whole-model route: attach the same config, ``load_state_dict``)
+    and at step 6 the trained model, tensors, counter and method state alike; ``rankwise.load`` of the checkpoint
+    folder itself names that folder."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    from rankwise.io import adapter_tensors
+    from rankwise.state import get_state
+
+    whole = _trainer_run(bert_case, method_case, tmp_path, None)
+    config, calibration = method_case.make(bert_case, True)
+    via_weights = bert_case.make()
+    rankwise.attach(via_weights, config, calibration=calibration)
+    missing, unexpected = via_weights.load_state_dict(load_file(tmp_path / "checkpoint-3" / "model.safetensors"),
+                                                      strict=False)
+    assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
+    for step, reference in ((3, via_weights), (6, whole)):
+        loaded = rankwise.load(bert_case.make(), tmp_path / f"checkpoint-{step}" / "rankwise_adapter")
+        expected, got = adapter_tensors(reference), adapter_tensors(loaded)
+        assert expected.keys() == got.keys()
+        for key, t in expected.items():
+            assert torch.equal(got[key], t), (step, key)
+        assert (get_state(loaded).step, get_state(loaded).method_state) == (step, get_state(reference).method_state)
+    assert not torch.equal(adapter_tensors(via_weights)[key], adapter_tensors(whole)[key])  # 3 steps apart
+    with pytest.raises(rankwise.AdapterFileError, match=r"RankwiseCallback saved in .*checkpoint-6.rankwise_adapter"):
+        rankwise.load(bert_case.make(), tmp_path / "checkpoint-6")
+
+
+def test_the_checkpoint_adapter_folder_can_be_turned_off_and_is_written_once(bert_case: ModelCase, tmp_path: Path) -> None:
+    """``adapter_folder=None`` writes nothing into the checkpoint; a process that does not write checkpoints
+    (``args.should_save`` false: not the main one) writes no adapter either; a folder name that leaves the
+    checkpoint is refused at construction; the checkpoint with the folder still loads with ``from_pretrained``
+    (transformers takes ``rankwise_adapter/adapter_config.json`` for nothing of its own)."""
+    transformers = pytest.importorskip("transformers")
+    from types import SimpleNamespace
+
+    from rankwise.integrations.hf import RankwiseCallback
+
+    model = bert_case.make()
+    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=bert_case.targets, seed=0))
+    (tmp_path / "checkpoint-4").mkdir()
+    state = SimpleNamespace(global_step=4, epoch=None)
+    RankwiseCallback(model, adapter_folder=None).on_save(SimpleNamespace(output_dir=str(tmp_path), should_save=True),
+                                                         state, None)
+    RankwiseCallback(model).on_save(SimpleNamespace(output_dir=str(tmp_path), should_save=False), state, None)
+    assert list((tmp_path / "checkpoint-4").iterdir()) == []
+    RankwiseCallback(model, adapter_folder="mine/adapter").on_save(
+        SimpleNamespace(output_dir=str(tmp_path), should_save=True), state, None)
+    assert (tmp_path / "checkpoint-4" / "mine" / "adapter" / "adapter.safetensors").is_file()
+    for bad in ("", "/abs", "../out", "a/../../b"):
+        with pytest.raises(ValueError, match="adapter_folder must be a folder name inside the checkpoint"):
+            RankwiseCallback(adapter_folder=bad)
+    with pytest.warns(UserWarning, match="no checkpoint folder .*checkpoint-5"):
+        RankwiseCallback(model).on_save(SimpleNamespace(output_dir=str(tmp_path), should_save=True),
+                                        SimpleNamespace(global_step=5, epoch=None), None)
+    folder = tmp_path / "trained"
+    model.save_pretrained(folder)
+    rankwise.save(model, folder / "rankwise_adapter")
+    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(folder)
+    assert type(reloaded).__name__ == type(bert_case.make()).__name__
+
+
 def test_a_damaged_state_in_a_state_dict_is_named(mlp_case: ModelCase) -> None:
     """The state the state_dict carries is validated like a saved adapter's: garbage or a negative counter is
     a load_state_dict error naming the key, never a silently wrong counter."""

@@ -68,6 +68,7 @@ def read_json(text: str | bytes, file: Any, error: type[Exception] = AdapterFile
 
 # ---------------------------------------------------------------------------- output folders
 RANKWISE_FILES = ("adapter.safetensors", "adapter_config.json")  # what rankwise.save writes
+CHECKPOINT_ADAPTER_FOLDER = "rankwise_adapter"  # where RankwiseCallback saves the adapter in an HF Trainer checkpoint
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")  # what PEFT / export_peft write
 
 

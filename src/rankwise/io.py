@@ -36,7 +36,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
 from ._version import __version__
-from .adapter_file import (RANKWISE_FILES, AdapterFileError, atomic_write_bytes, atomic_write_files,  # noqa: F401
+from .adapter_file import (CHECKPOINT_ADAPTER_FOLDER, RANKWISE_FILES, AdapterFileError, atomic_write_bytes, atomic_write_files,  # noqa: F401
                            base_fingerprint, check_output_folder, fingerprint_tolerance, is_rankwise_adapter, metadata_digest, read_json,
                            tensors_digest, validate_description)
 from .adapters import set_active
@@ -147,7 +147,9 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, overwrite: bool = Fa
     ``path`` must be new, empty or a previous rankwise adapter (which is replaced); a folder holding
     anything else (a PEFT adapter, whose ``adapter_config.json`` this would replace, a model, other
     files) raises ``FileExistsError`` naming what it holds, unless ``overwrite=True`` (then rankwise's
-    two files are written and everything else there is left as it was).
+    two files are written and everything else there is left as it was; beside a transformers model's
+    ``config.json`` that makes ``AutoModel*.from_pretrained`` of the folder take it for a PEFT adapter and fail:
+    use a subfolder, as ``RankwiseCallback`` does in Trainer checkpoints).
     ``name``: that adapter alone (the same file as a model with only it would write). A model with
     several adapters and no ``name`` writes them all, as HF PEFT lays them out: ``"default"`` in
     ``path``, each other one in ``path/<name>/`` (load each with ``load(model, path/<name>, name=...)``).
@@ -229,6 +231,10 @@ def _other_format_hint(folder: Path) -> str:
     if (folder / "adapter_config.json").is_file():
         return ("; it holds an HF PEFT adapter (adapter_config.json): bring it in with rankwise.import_peft "
                 "(`rankwise import`)")
+    inside = folder / CHECKPOINT_ADAPTER_FOLDER
+    if is_rankwise_adapter(inside):
+        return (f"; it holds an HF Trainer checkpoint whose adapter RankwiseCallback saved in {inside}: "
+                f"rankwise.load(model, {str(inside)!r})")
     if any((folder / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                                              "trainer_state.json")):
         return ("; it holds a whole model's weights (a transformers save_pretrained, or an HF Trainer checkpoint / "
