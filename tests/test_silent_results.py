@@ -540,6 +540,65 @@ def test_the_checkpoint_adapter_folder_can_be_turned_off_and_is_written_once(ber
     assert type(reloaded).__name__ == type(bert_case.make()).__name__
 
 
+def test_a_trainer_resume_with_another_adapter_is_refused_before_anything_loads(bert_case: ModelCase,
+                                                                              tmp_path: Path) -> None:
+    """A Trainer run resumed after attaching another config than the checkpoint's (value swapped for key: the
+    optimizer's groups keep their sizes) went on silently: transformers loads with ``strict=False``, so the key
+    adapters started fresh, the value adapter was dropped with one logged warning, and Adam's state for value's
+    tensors was loaded into key's. Now ``load_state_dict`` raises before any tensor loads, naming the layers."""
+    transformers = pytest.importorskip("transformers")
+    from rankwise.integrations.hf import RankwiseCallback
+
+    def trainer(targets: list[str]) -> tuple[nn.Module, transformers.Trainer]:
+        model = bert_case.make()
+        rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=targets, seed=0))
+        args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=4, save_steps=2, report_to=[],
+                                              per_device_train_batch_size=4, logging_strategy="no", use_cpu=True,
+                                              disable_tqdm=True)
+        return model, transformers.Trainer(model=model, args=args, train_dataset=_Rows(bert_case, 4),
+                                           callbacks=[RankwiseCallback()])
+
+    trainer(["query", "value"])[1].train()
+    model, other = trainer(["query", "key"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"another adapter: adapter 'default': adapted layers only in the state_dict "
+                                           r"\['bert.encoder.layer.0.attention.self.value', .*only in this model "
+                                           r"\['bert.encoder.layer.0.attention.self.key'.*nothing was loaded"):
+        other.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_a_state_dict_of_another_method_or_head_is_refused_and_an_old_one_still_loads(mlp_case: ModelCase) -> None:
+    """The layout check covers the method (LoRA's tensors into DoRA: DoRA's magnitude stayed at its init) and the
+    fully-trained modules; a state written before the layout was recorded loads as before, and dropping the
+    state's key loads the tensors alone, as the error says."""
+    import json
+
+    lora = mlp_case.make()
+    rankwise.attach(lora, rankwise.LoraConfig(r=2, target_modules=["fc1"], modules_to_save=["head"], seed=0))
+    saved = lora.state_dict()
+    for config, match in ((rankwise.DoraConfig(r=2, target_modules=["fc1"], modules_to_save=["head"], seed=0),
+                           r"method 'lora', this model's 'dora'"),
+                          (rankwise.LoraConfig(r=2, target_modules=["fc1"], seed=0),
+                           r"fully-trained modules only in the state_dict \['head'\], only in this model \[\]")):
+        other = mlp_case.make()
+        rankwise.attach(other, config)
+        with pytest.raises(RuntimeError, match=match):
+            other.load_state_dict(saved, strict=False)
+    blob = json.loads(bytes(saved["rankwise_state"].tolist()))
+    del blob["layout"]
+    old = dict(saved, rankwise_state=torch.frombuffer(bytearray(json.dumps(blob).encode()), dtype=torch.uint8))
+    fresh = mlp_case.make()
+    rankwise.attach(fresh, rankwise.LoraConfig(r=2, target_modules=["fc1"], modules_to_save=["head"], seed=1))
+    fresh.load_state_dict(old)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in saved.items())
+    dora = mlp_case.make()
+    rankwise.attach(dora, rankwise.DoraConfig(r=2, target_modules=["fc1"], modules_to_save=["head"], seed=1))
+    missing, _ = dora.load_state_dict({k: v for k, v in saved.items() if k != "rankwise_state"}, strict=False)
+    assert missing == ["fc1.magnitude"] and torch.equal(dora.fc1.lora_a, lora.fc1.lora_a)
+
+
 def test_a_damaged_state_in_a_state_dict_is_named(mlp_case: ModelCase) -> None:
     """The state the state_dict carries is validated like a saved adapter's: garbage or a negative counter is
     a load_state_dict error naming the key, never a silently wrong counter."""

@@ -286,7 +286,8 @@ def carry_state_in_state_dict(model: nn.Module) -> None:
 def _state_into_dict(module: nn.Module, state_dict: dict[str, Any], prefix: str, _meta: Any) -> None:
     adapters: AdapterSet | None = getattr(module, STATE_ATTR, None)
     if adapters is not None:  # one adapter: {"step", "method_state"}; several: {"adapters": {name: {...}}}
-        states = {n: {"step": s.step, "method_state": s.method_state} for n, s in adapters.adapters.items()}
+        states = {n: {"step": s.step, "method_state": s.method_state, "layout": _layout(s)}
+                  for n, s in adapters.adapters.items()}
         body = next(iter(states.values())) if len(states) == 1 else {"adapters": states}
         if any(layer.disabled for layer in slot_layers(module).values()):  # the base's function: never the same
             body = {**body, "disabled": True}  # state_dict (nor hash: TRL's reference log-prob cache) as the adapted one
@@ -304,6 +305,7 @@ def _state_from_dict(module: nn.Module, state_dict: dict[str, Any], prefix: str,
         return
     where = f"state_dict key {prefix + STATE_KEY!r}"
     parsed: dict[str, tuple[int, dict[str, Any]]] = {}
+    layouts: dict[str, Any] = {}
     try:
         decoded = json.loads(bytes(raw.detach().cpu().to(torch.uint8).tolist()))
         entries = decoded["adapters"] if "adapters" in decoded else {adapters.resolve(None): decoded}
@@ -312,11 +314,47 @@ def _state_from_dict(module: nn.Module, state_dict: dict[str, Any], prefix: str,
             if isinstance(step, bool) or not isinstance(step, int) or step < 0:
                 raise ValueError(f"step must be an integer >= 0, got {step!r}")
             parsed[adapters.resolve(name)] = (step, dict(validate_method_state(entry["method_state"], where)))
+            layouts[adapters.resolve(name)] = entry.get("layout")  # absent in states written before 2026-12-05
     except (ValueError, TypeError, KeyError, AttributeError, AdapterFileError) as exc:  # JSONDecodeError: a ValueError
         errors.append(f"{where} is not a rankwise state ({exc})")
         return
+    mismatches = [m for n, saved in layouts.items() if (m := _layout_mismatch(n, saved, adapters.adapters[n]))]
+    if mismatches:  # raised before any tensor is loaded, even under strict=False (HF Trainer's resume), where the
+        # tensors would load in part with only a warning and training would go on as if resumed
+        raise RuntimeError(
+            f"cannot load this state_dict into {type(module).__name__}: its {where} says it was saved from a model with "
+            f"another adapter: {'; '.join(mismatches)}. Attach the config the checkpoint was trained with before "
+            f"loading it (to load its tensors anyway, without the step counter and method state, drop the "
+            f"{STATE_KEY!r} key); nothing was loaded")
     for name, (step, method_state) in parsed.items():
         adapters.adapters[name].step, adapters.adapters[name].method_state = step, method_state
+
+
+def _layout(state: RankwiseState) -> dict[str, Any]:
+    """What an adapter's tensors in a state_dict belong to: its method, adapted layers and fully-trained modules."""
+    return {"method": state.config.method, "layers": sorted(state.layer_names),
+            "modules_to_save": sorted(state.modules_to_save)}
+
+
+def _layout_mismatch(name: str, saved: Any, state: RankwiseState) -> str:
+    """How adapter ``name``'s saved :func:`_layout` differs from the model's (``""``: it does not, or none was
+    saved). A state_dict loaded into another layout loads in part: the keys of layers only one side has are
+    missing or unexpected, a warning under ``strict=False``, and the rest trains on as if resumed."""
+    if saved is None:
+        return ""
+    live = _layout(state)
+    if not isinstance(saved, dict) or set(saved) != set(live):
+        return f"adapter {name!r}: unreadable layout {saved!r}"
+    out = []
+    if saved["method"] != live["method"]:
+        out.append(f"method {saved['method']!r}, this model's {live['method']!r}")
+    for key, what in (("layers", "adapted layers"), ("modules_to_save", "fully-trained modules")):
+        only_saved = sorted(set(saved[key]) - set(live[key]))
+        only_live = sorted(set(live[key]) - set(saved[key]))
+        if only_saved or only_live:
+            out.append(f"{what} only in the state_dict {only_saved[:4]}{' ...' if len(only_saved) > 4 else ''}, "
+                       f"only in this model {only_live[:4]}{' ...' if len(only_live) > 4 else ''}")
+    return f"adapter {name!r}: {', '.join(out)}" if out else ""
 
 
 def _set_aside(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module]]:
