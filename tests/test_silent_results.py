@@ -690,3 +690,20 @@ def test_detach_without_merge_restores_the_original_fully_trained_modules(mlp_ca
     plain = rankwise.detach(model)
     assert plain.head is head and torch.equal(plain.head.weight, base.head.weight)
     torch.testing.assert_close(_outputs(mlp_case, plain), _outputs(mlp_case, base), rtol=0, atol=0)
+
+
+def test_the_same_adapter_exports_to_the_same_bytes(mlp_case: ModelCase, tmp_path: Path) -> None:
+    """``export_peft`` of one adapter twelve times gives one byte string (with two metadata keys safetensors
+    ordered them by a per-call hash map: two forms, so a checksum or a cache keyed by the file changed at random;
+    at 29c9988 12 exports here gave 2 forms), as ``save``'s file does."""
+    import hashlib
+
+    model = mlp_case.make()
+    rankwise.attach(model, rankwise.DoraConfig(r=2, target_modules=["fc1", "fc2"], modules_to_save=["head"], seed=0))
+    digests = set()
+    for i in range(12):
+        rankwise.export_peft(model, tmp_path / f"peft{i}")
+        rankwise.save(model, tmp_path / f"rw{i}")
+        digests.add(tuple(hashlib.sha256((tmp_path / f"{kind}{i}" / file).read_bytes()).hexdigest()
+                          for kind, file in (("peft", "adapter_model.safetensors"), ("rw", "adapter.safetensors"))))
+    assert len(digests) == 1

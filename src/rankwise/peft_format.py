@@ -167,7 +167,9 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
     }
     if task_type is None:  # what PEFT's save writes then: AutoPeftModel* build the base from it
         config["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
-    weights = st_save(tensors, metadata={"format": "pt", "exported_by": f"rankwise {state.config.method}"})
+    # one metadata key, as PEFT writes: safetensors orders several keys by a per-call hash map, so the same
+    # adapter's file had two byte forms (one process or two)
+    weights = st_save(tensors, metadata={"format": "pt"})
     return weights, (json.dumps(config, indent=2) + "\n").encode()
 
 
