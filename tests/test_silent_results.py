@@ -440,14 +440,19 @@ class _Rows(torch.utils.data.Dataset):
         return self.rows[i]
 
 
-def _trainer_run(case: ModelCase, method: MethodCase, out: Path, resume: Path | None) -> nn.Module:
+def _trainer_run(case: ModelCase, method: MethodCase, out: Path, resume: Path | None,
+                 adapter: Path | None = None) -> nn.Module:
+    """A 6-step Trainer run, checkpoints at 3 and 6; ``adapter``: the model is ``rankwise.load`` of it, not attach."""
     from transformers import Trainer, TrainingArguments
 
     from rankwise.integrations.hf import RankwiseCallback
 
     model = case.make()
-    config, calibration = method.make(case, True)
-    rankwise.attach(model, config, calibration=calibration)
+    if adapter is not None:
+        rankwise.load(model, adapter)
+    else:
+        config, calibration = method.make(case, True)
+        rankwise.attach(model, config, calibration=calibration)
     args = TrainingArguments(output_dir=str(out), max_steps=6, save_steps=3, per_device_train_batch_size=4,
                              learning_rate=1e-2, lr_scheduler_type="constant", seed=0, report_to=[],
                              logging_strategy="no", disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
@@ -479,8 +484,9 @@ def test_each_trainer_checkpoint_holds_the_adapter_loadable_on_its_own(bert_case
     """Every method: ``RankwiseCallback`` saves the adapter into each checkpoint's ``rankwise_adapter`` folder.
     ``rankwise.load`` of it on a fresh base (no calibration: GoRA's ranks come from the file) gives at step 3 the
     adapter the checkpoint's own weights hold (the whole-model route: attach the same config, ``load_state_dict``)
-    and at step 6 the trained model, tensors, counter and method state alike; ``rankwise.load`` of the checkpoint
-    folder itself names that folder."""
+    and at step 6 the trained model, tensors, counter and method state alike; a run resumed from step 3 on that
+    load instead of ``attach`` (GoRA: no second calibration) ends where the uninterrupted one does, exactly;
+    ``rankwise.load`` of the checkpoint folder itself names that folder."""
     pytest.importorskip("transformers")
     from safetensors.torch import load_file
 
@@ -502,6 +508,11 @@ def test_each_trainer_checkpoint_holds_the_adapter_loadable_on_its_own(bert_case
             assert torch.equal(got[key], t), (step, key)
         assert (get_state(loaded).step, get_state(loaded).method_state) == (step, get_state(reference).method_state)
     assert not torch.equal(adapter_tensors(via_weights)[key], adapter_tensors(whole)[key])  # 3 steps apart
+    resumed = _trainer_run(bert_case, method_case, tmp_path / "resumed", tmp_path / "checkpoint-3",
+                           adapter=tmp_path / "checkpoint-3" / "rankwise_adapter")  # no attach: no calibration
+    assert (get_state(resumed).step, get_state(resumed).method_state) == (6, get_state(whole).method_state)
+    for key, t in adapter_tensors(whole).items():
+        assert torch.equal(adapter_tensors(resumed)[key], t), key
     with pytest.raises(rankwise.AdapterFileError, match=r"RankwiseCallback saved in .*checkpoint-6.rankwise_adapter"):
         rankwise.load(bert_case.make(), tmp_path / "checkpoint-6")
 
