@@ -535,7 +535,7 @@ def test_the_checkpoint_adapter_folder_can_be_turned_off_and_is_written_once(ber
                                                          state, None)
     RankwiseCallback(model).on_save(SimpleNamespace(output_dir=str(tmp_path), should_save=False), state, None)
     assert list((tmp_path / "checkpoint-4").iterdir()) == []
-    RankwiseCallback(model, adapter_folder="mine/adapter").on_save(
+    RankwiseCallback(model, adapter_folder=Path("mine") / "adapter").on_save(
         SimpleNamespace(output_dir=str(tmp_path), should_save=True), state, None)
     assert (tmp_path / "checkpoint-4" / "mine" / "adapter" / "adapter.safetensors").is_file()
     for bad in ("", "/abs", "../out", "a/../../b"):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from pathlib import Path, PurePath
 from typing import Any
@@ -43,7 +44,7 @@ class RankwiseCallback(TrainerCallback):  # type: ignore[misc]
     """
 
     def __init__(self, model: nn.Module | None = None, epochs_per_link: int | None = None,
-                 adapter_folder: str | None = CHECKPOINT_ADAPTER_FOLDER) -> None:
+                 adapter_folder: str | os.PathLike[str] | None = CHECKPOINT_ADAPTER_FOLDER) -> None:
         check_positive_int("epochs_per_link", epochs_per_link, none="")
         _check_folder_name(adapter_folder)
         self.model = model
@@ -100,11 +101,11 @@ class RankwiseCallback(TrainerCallback):  # type: ignore[misc]
             end_link(self._model(kwargs), kwargs.get("optimizer"))
 
 
-def _check_folder_name(name: str | None) -> None:
+def _check_folder_name(name: str | os.PathLike[str] | None) -> None:
     """``adapter_folder`` must name a folder inside the checkpoint: one relative path, no ``..``."""
     if name is None:
         return
-    parts = PurePath(name).parts if isinstance(name, str) else ()
+    parts = PurePath(name).parts if isinstance(name, (str, os.PathLike)) else ()
     if not parts or PurePath(name).is_absolute() or ".." in parts:
         raise ValueError(f"adapter_folder must be a folder name inside the checkpoint (e.g. {CHECKPOINT_ADAPTER_FOLDER!r}) or "
                          f"None, got {name!r}")
