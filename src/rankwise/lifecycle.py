@@ -343,7 +343,8 @@ def _layout_mismatch(name: str, saved: Any, state: RankwiseState) -> str:
     if saved is None:
         return ""
     live = _layout(state)
-    if not isinstance(saved, dict) or set(saved) != set(live):
+    if (not isinstance(saved, dict) or set(saved) != set(live)
+            or not all(isinstance(saved[k], list) for k in ("layers", "modules_to_save"))):
         return f"adapter {name!r}: unreadable layout {saved!r}"
     out = []
     if saved["method"] != live["method"]:
