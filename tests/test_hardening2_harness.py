@@ -214,6 +214,47 @@ def test_two_runs_on_one_output_second_refused_at_once(tmp_path: Path, tiny_mode
                 p.wait()
 
 
+_SLOW_OWNER = """
+import fcntl, json, os, socket, sys, time
+path = sys.argv[1]
+fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))  # the window between taking the lock and writing the record
+record = {"pid": os.getpid(), "host": socket.gethostname(), "started": "now", "command": "slow owner"}
+os.ftruncate(fd, 0)
+os.pwrite(fd, (json.dumps(record) + "\\n").encode(), 0)
+time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["empty-file", "dead-owners-record"])
+def test_a_refusal_inside_the_owners_first_moments_still_names_the_owner(tmp_path: Path, stale: bool) -> None:
+    """CI's race (stop 39): the second run tried the lock after the owner had taken it but before it had written its
+    record, and was refused with "its owner has not written its PID yet". The refusal now waits for the record, so
+    it names the live owner; the same when the file still holds a killed run's record the owner has not yet
+    replaced (the refusal must not name the dead PID)."""
+    import socket
+
+    from rankwise_harness.runlock import LOCK_NAME, acquire
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    if stale:  # a record left by a process that is gone (a child that has ended)
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        (folder / LOCK_NAME).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(),
+                                                    "started": "earlier", "command": "killed run"}) + "\n")
+    owner = subprocess.Popen([sys.executable, "-c", _SLOW_OWNER, str(folder / LOCK_NAME), "0.8"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None and owner.stdout.readline().strip() == "held"
+        with pytest.raises(RunError, match=rf"in use by another rankwise run \(pid {owner.pid} on host "):
+            acquire(folder)
+    finally:
+        owner.kill()
+        owner.wait()
+
+
 def _race(procs: list[subprocess.Popen], args: list[str], gate: Path, out: Path) -> None:
     import socket
 

@@ -69,6 +69,33 @@ def _owner(fd: int) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _alive_here(owner: dict[str, Any]) -> bool:
+    """Whether ``owner`` could be the process holding the lock: on another host (not checkable), or a live PID here."""
+    if owner.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(owner.get("pid", -1)), 0)
+    except PermissionError:
+        return True
+    except (OSError, ValueError, TypeError, OverflowError):
+        return False
+    return True
+
+
+def _live_owner(fd: int, wait_s: float = 5.0) -> dict[str, Any] | None:
+    """The record of the live run holding the lock behind ``fd``. A run writes its record just after it takes the
+    lock, so a refusal in that moment reads an empty file or the record of the killed run it is taking over; wait
+    (up to ``wait_s``) for the holder's own record rather than name nobody, or a dead PID."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        owner = _owner(fd)
+        if owner is not None and _alive_here(owner):
+            return owner
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.02)
+
+
 def describe_owner(owner: dict[str, Any] | None) -> str:
     if owner is None:
         return "its owner has not written its PID yet"
@@ -88,7 +115,7 @@ def acquire(folder: Path, say: Callable[[str], None] = print) -> RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            owner = _owner(fd)
+            owner = _live_owner(fd)
             os.close(fd)
             raise RunError(f"--output {folder} is in use by another rankwise run ({describe_owner(owner)}); wait "
                            "for it to end or choose another --output") from None
