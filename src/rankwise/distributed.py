@@ -8,7 +8,7 @@ sharded tensor.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -98,6 +98,43 @@ def check_whole(model: torch.nn.Module, weights: Iterable[torch.Tensor], what: s
         raise ValueError(_fsdp2_refusal(what, "each adapter tensor"))
 
 
+def zero3_partitioned(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DeepSpeed ZeRO-3 parameter partitioned across ranks right now (DeepSpeed marks its
+    parameters with ``ds_id``; outside a gather a partitioned one holds an empty placeholder, its whole shape in
+    ``ds_shape``). A parameter ZeRO-3 keeps whole (below ``stage3_param_persistence_threshold``) or one inside
+    ``deepspeed.zero.GatheredParameters`` is whole."""
+    shape = getattr(t, "ds_shape", None)
+    return getattr(t, "ds_id", None) is not None and shape is not None and t.numel() != torch.Size(shape).numel()
+
+
+def named_parameters_of(modules: Mapping[str, torch.nn.Module]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``("<module>.<parameter>", parameter)`` for every parameter of every module in ``{name: module}``."""
+    for name, module in modules.items():
+        for tensor_name, t in module.named_parameters():
+            yield f"{name}.{tensor_name}", t
+
+
+def check_not_zero3_partitioned(named: Iterable[tuple[str, torch.Tensor]], what: str, fix: str) -> None:
+    """Refuse to ``what`` when one of the ``(name, tensor)`` pairs is a partitioned ZeRO-3 parameter: this rank holds
+    an empty placeholder, not the tensor (measured with DeepSpeed 0.19.8 on two processes: ``export_peft`` wrote
+    0-element tensors with no error, ``save`` raised an ``IndexError``, ``attach`` a bare unpacking error).
+    A ``ValueError`` naming the tensor and ``fix``; nothing read or written."""
+    for name, t in named:
+        if zero3_partitioned(t):
+            raise ValueError(f"cannot {what}: DeepSpeed ZeRO-3 has partitioned {name} (this rank holds {tuple(t.shape)} "
+                             f"of {tuple(getattr(t, 'ds_shape', ()))}), so its value is not here. {fix}")
+
+
+ZERO3_GATHER = ("Do it inside `with deepspeed.zero.GatheredParameters(list(model.parameters())):`, entered on every rank "
+                "(docs/distributed.md)")
+ZERO3_GATHER_WRITE = ("Do it inside `with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):`, "
+                      "entered on every rank, so rank 0's change reaches every partition (docs/distributed.md)")
+ZERO3_ATTACH = ("Attach to the model before DeepSpeed partitions it: build or load it outside `deepspeed.zero.Init`, then "
+                "hand it to `deepspeed.initialize`; rankwise cannot build adapters on ZeRO-3's placeholders. (transformers' "
+                "`from_pretrained` partitions at load once a ZeRO-3 config is active, e.g. TrainingArguments(deepspeed=...) "
+                "made before the model; docs/distributed.md)")
+
+
 def check_whole_modules(modules: dict[str, list[tuple[torch.Tensor, torch.Size]]], what: str) -> None:
     """Refuse to ``what`` (save, export) fully-trained modules (``modules_to_save``, written whole) whose parameters
     are not whole on this rank: ``{module name: [(parameter, its whole shape)]}`` (the shapes from the module before
@@ -110,6 +147,7 @@ def check_whole_modules(modules: dict[str, list[tuple[torch.Tensor, torch.Size]]
             raise ValueError(_fsdp2_refusal(what, whose))
         if any(getattr(p, "_fsdp_flattened", False) and p.shape != shape for p, shape in params):
             raise ValueError(_fsdp1_refusal(what, whose))
+        check_not_zero3_partitioned(((f"a parameter of {whose}", p) for p, _ in params), what, ZERO3_GATHER)
 
 
 def _fsdp1_refusal(what: str, whose: str) -> str:

@@ -26,7 +26,18 @@ from torch import nn
 
 from .adapter_file import AdapterFileError, validate_method_state
 from .config import AdapterConfig
-from .distributed import check_original_params, check_whole, local, share_from_rank0, sharded, true_on_every_rank
+from .distributed import (
+    ZERO3_ATTACH,
+    ZERO3_GATHER_WRITE,
+    check_not_zero3_partitioned,
+    check_original_params,
+    check_whole,
+    local,
+    named_parameters_of,
+    share_from_rank0,
+    sharded,
+    true_on_every_rank,
+)
 from .layer import AdapterLayer
 from .optim import split_weight_decay
 from .quant import dequantize_model, model_float_dtype, parameter_count
@@ -475,6 +486,7 @@ def attach(
     saved = find_modules_to_save(model, config.modules_to_save)
     targets = find_targets(model, config.target_modules, config.exclude_modules, skip=saved, modules=modules)
     refuse_fully_trained_targets(model, targets, name)
+    check_not_zero3_partitioned(named_parameters_of({**targets, **saved}), "attach", ZERO3_ATTACH)
     if is_all_linear(config.target_modules):  # the adapter records the layers it has, not the shorthand
         config = config.replace(target_modules=tuple(targets))
     if method.uses_calibration and calibration is None:
@@ -632,6 +644,7 @@ def merge(model: nn.Module, name: str | list[str] | None = None) -> None:
     if not layers:
         raise ValueError("no rankwise adapters to merge")
     check_whole(model, (layer.weight for layer in layers.values()), "merge", dtensors_ok=True)
+    check_not_zero3_partitioned(named_parameters_of(layers), "merge", ZERO3_GATHER_WRITE)
     for layer in layers.values():  # all-or-nothing: refuse before any layer is merged
         layer.check_mergeable()
     if name is not None:
@@ -668,6 +681,7 @@ def unmerge(model: nn.Module) -> None:
     if not layers:
         raise ValueError("no rankwise adapters to unmerge")
     check_whole(model, (layer.weight for layer in layers.values()), "unmerge", dtensors_ok=True)
+    check_not_zero3_partitioned(named_parameters_of(layers), "unmerge", ZERO3_GATHER_WRITE)
     for layer in layers.values():
         layer.refuse_while_disabled("unmerge")
     for layer in layers.values():

@@ -71,6 +71,14 @@ def check_optimizer(layers: dict[str, AdapterLayer], optimizer: Any) -> None:
     different model, or built before ``attach``) the real one would keep stale moments and move a
     factor on a zero gradient.
     """
+    deepspeed = _deepspeed_class(optimizer)
+    if deepspeed is not None:
+        raise ValueError(
+            f"RAC-LoRA / COLA cannot end links with a DeepSpeed optimizer ({deepspeed}): a link end rewrites the trained "
+            "factor in place and resets its optimizer state, while DeepSpeed keeps its own fp32 copies of the parameters "
+            "and their moments, which rankwise cannot reach, so its next step would bring the old factor back and count "
+            "the merged update twice. Train RAC-LoRA with a torch optimizer under DDP or FSDP2 (docs/distributed.md)"
+        )
     held = {id(p) for group in getattr(optimizer, "param_groups", ()) for p in group.get("params", ())}
     for name, layer in layers.items():
         for tensor_name, p in layer.trainable_tensors().items():
@@ -80,3 +88,16 @@ def check_optimizer(layers: dict[str, AdapterLayer], optimizer: Any) -> None:
                     f"{name}.{tensor_name}: pass the optimizer that trains this model (built after rankwise.attach, "
                     "e.g. torch.optim.AdamW(rankwise.trainable_parameters(model).values()))"
                 )
+
+
+def _deepspeed_class(optimizer: Any) -> str | None:
+    """The qualified class name of a DeepSpeed optimizer in ``optimizer`` or the optimizers it wraps (Accelerate's
+    ``DeepSpeedOptimizerWrapper`` holds DeepSpeed's own in ``.optimizer``); ``None`` when there is none."""
+    for _ in range(4):
+        if optimizer is None:
+            return None
+        cls = type(optimizer)
+        if cls.__module__.split(".")[0] == "deepspeed":
+            return f"{cls.__module__}.{cls.__qualname__}"
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
