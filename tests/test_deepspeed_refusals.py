@@ -97,6 +97,24 @@ def test_a_zero3_parameter_kept_whole_is_not_refused(tmp_path: Path) -> None:
     rankwise.merge(model)
 
 
+def test_the_trainer_callback_skips_the_checkpoint_adapter_of_a_partitioned_model_with_a_warning(tmp_path: Path) -> None:
+    """``RankwiseCallback.on_save`` under ZeRO-3 (the HF Trainer's DeepSpeed path): a warning naming the gather, the
+    checkpoint left as the Trainer wrote it; training is not stopped by an error at the first checkpoint."""
+    pytest.importorskip("transformers")
+    from types import SimpleNamespace
+
+    from rankwise.integrations.hf import RankwiseCallback
+
+    model = _model()
+    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["0"]))
+    _partition(model[0].weight)
+    (tmp_path / "checkpoint-2").mkdir()
+    with pytest.warns(UserWarning, match="DeepSpeed ZeRO-3 partitions the model, so .*checkpoint-2 .*GatheredParameters"):
+        RankwiseCallback(model).on_save(SimpleNamespace(output_dir=str(tmp_path), should_save=True),
+                                        SimpleNamespace(global_step=2, epoch=None), None)
+    assert list((tmp_path / "checkpoint-2").iterdir()) == []
+
+
 class _ZeroOptimizer:
     """Stands for DeepSpeed's ZeRO-1/2 optimizer: the class lives in ``deepspeed.runtime.zero.stage_1_and_2`` and holds
     flat fp32 partitions, not the model's parameters."""

@@ -15,7 +15,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..adapter_file import CHECKPOINT_ADAPTER_FOLDER
 from ..config import check_positive_int
-from ..distributed import sharded
+from ..distributed import sharded, zero3_partitioned
 from ..io import save
 from ..lifecycle import step
 from ..methods.raclora import end_link
@@ -81,6 +81,10 @@ class RankwiseCallback(TrainerCallback):  # type: ignore[misc]
         if sharded(model):
             self._skip(f"FSDP shards the model, so {checkpoint} and later checkpoints hold no {self.adapter_folder} "
                        "folder: save the adapter as docs/distributed.md says")
+        elif any(zero3_partitioned(p) for p in model.parameters()):
+            self._skip(f"DeepSpeed ZeRO-3 partitions the model, so {checkpoint} and later checkpoints hold no "
+                       f"{self.adapter_folder} folder: save the adapter inside deepspeed.zero.GatheredParameters as "
+                       "docs/distributed.md says")
         elif not checkpoint.is_dir():
             self._skip(f"no checkpoint folder {checkpoint} (a hyperparameter-search trial saves under its own run "
                        f"folder), so the adapter was not written into a checkpoint")
