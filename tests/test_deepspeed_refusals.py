@@ -115,6 +115,26 @@ def test_the_trainer_callback_skips_the_checkpoint_adapter_of_a_partitioned_mode
     assert list((tmp_path / "checkpoint-2").iterdir()) == []
 
 
+def test_check_finite_grads_warns_when_no_gradient_is_there_to_check() -> None:
+    """Under DeepSpeed ZeRO-2 (measured, 1 process) every adapter tensor's ``.grad`` is ``None`` after
+    ``engine.backward`` of a NaN loss: ``check_finite_grads`` passed in silence, as if it had checked. It now warns
+    that nothing was checked (as it does when called before ``backward``); with gradients there it stays silent
+    and still raises on a NaN."""
+    model = _model()
+    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["0"], seed=0))
+    with pytest.warns(UserWarning, match="no adapter tensor has a gradient, so nothing was checked"):
+        rankwise.check_finite_grads(model)
+    model(torch.randn(3, 8)).sum().backward()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rankwise.check_finite_grads(model)
+    model[0].lora_a.grad[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="0.lora_a"):
+        rankwise.check_finite_grads(model)
+
+
 class _ZeroOptimizer:
     """Stands for DeepSpeed's ZeRO-1/2 optimizer: the class lives in ``deepspeed.runtime.zero.stage_1_and_2`` and holds
     flat fp32 partitions, not the model's parameters."""

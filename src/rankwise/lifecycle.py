@@ -720,15 +720,25 @@ def _adapter_tensors(model: nn.Module, grads: bool) -> dict[str, torch.Tensor | 
     return out
 
 
+NOTHING_CHECKED = ("rankwise.check_finite_grads: no adapter tensor has a gradient, so nothing was checked. Call it between "
+                   "loss.backward() and optimizer.step(); under DeepSpeed ZeRO (stage 1-3) the gradients live in "
+                   "DeepSpeed's own buffers, out of rankwise's reach (DeepSpeed checks them itself: at ZeRO-2 it skipped a step "
+                   "with NaN gradients; docs/distributed.md)")
+
+
 def check_finite_grads(model: nn.Module) -> None:
     """Raise ``FloatingPointError`` naming the adapter tensor whose gradient holds NaN/inf.
 
     Call it between ``loss.backward()`` and ``optimizer.step()`` to stop before a bad update is
     applied (one host sync per call). Not for fp16 loss scaling, where inf gradients are expected
-    and ``GradScaler`` skips the step itself.
+    and ``GradScaler`` skips the step itself. Warns when no adapter tensor has a gradient, so nothing was checked
+    (called before ``backward``, or under DeepSpeed ZeRO, which keeps the gradients in buffers of its own).
     """
     check_original_params(model)
     bad = _first_non_finite(model, grads=True)
+    grads = _adapter_tensors(model, grads=True)
+    if grads and all(g is None for g in grads.values()):
+        warnings.warn(NOTHING_CHECKED, stacklevel=2)
     if bad is not None:
         raise FloatingPointError(
             f"the gradient of adapter tensor {bad!r} holds NaN/inf: check the loss and inputs of this batch "
