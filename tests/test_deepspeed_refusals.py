@@ -215,3 +215,34 @@ def test_real_deepspeed_zero3_on_two_processes(tmp_path: Path) -> None:
         assert p.returncode == 0, err[-3000:]
         assert "refused save True" in out and "refused export True" in out and "NOT REFUSED" not in out, out
         assert "saved whole True True" in out, out
+
+
+@pytest.mark.parametrize("kind", ["DEEPSPEED", "FSDP", "MEGATRON_LM"])
+def test_the_harness_refuses_a_deepspeed_or_fsdp_launch(kind: str) -> None:
+    """``rankwise finetune`` under ``accelerate launch --use_deepspeed`` ended in Accelerate's traceback (measured
+    with DeepSpeed 0.19.8); it trains one process or DDP, and now says so, for each of Accelerate's own values."""
+    from accelerate.utils import DistributedType
+
+    from rankwise_harness.config import ConfigError
+    from rankwise_harness.train import check_launch
+
+    with pytest.raises(ConfigError, match=rf"asks Accelerate for {kind}, which rankwise finetune does not run"):
+        check_launch(str(DistributedType[kind]))
+    for fine in ("NO", "MULTI_CPU", "MULTI_GPU"):
+        check_launch(str(DistributedType[fine]))
+
+
+@pytest.mark.slow
+def test_real_deepspeed_launch_of_the_harness_exits_2_writing_nothing(tmp_path: Path) -> None:
+    pytest.importorskip("deepspeed")
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue" / "SST-2"
+    if not data.is_dir():
+        pytest.skip("../shared/data absent")
+    env = {**os.environ, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2", "DS_ACCELERATOR": "cpu",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29654", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "rankwise_harness.cli", "finetune", "--task", "sst2", "--data", str(data),
+                           "--method", "lora", "--max-train", "64", "--max-steps", "2", "--output", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "asks Accelerate for DEEPSPEED" in proc.stderr, proc.stderr[-2000:]
+    assert not out.exists()

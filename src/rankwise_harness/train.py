@@ -401,6 +401,22 @@ def _accelerate_state(mp: str) -> Iterator[None]:
             GradientState._reset_state()
 
 
+UNSUPPORTED_LAUNCHES = ("DEEPSPEED", "FSDP", "MEGATRON_LM")
+
+
+def check_launch(distributed_type: str) -> None:
+    """Refuse an ``accelerate launch`` that asks for DeepSpeed, FSDP or Megatron-LM (``--use_deepspeed``, an Accelerate
+    config, ``ACCELERATE_USE_DEEPSPEED``...): the harness trains one process or DDP (torchrun / plain ``accelerate
+    launch``). Before, DeepSpeed ended in Accelerate's traceback about ``train_micro_batch_size_per_gpu``; with it
+    given, a ZeRO-3 run would have been refused at its first checkpoint. Checked before anything is written."""
+    kind = distributed_type.rsplit(".", 1)[-1].upper()
+    if kind in UNSUPPORTED_LAUNCHES:
+        raise ConfigError(f"this launch asks Accelerate for {kind}, which rankwise finetune does not run: it trains one "
+                          "process or DDP. Launch with torchrun, or accelerate launch without --use_deepspeed / "
+                          "--use_fsdp (and an Accelerate config without them); for FSDP2 or DeepSpeed in your own "
+                          "loop see docs/distributed.md")
+
+
 def _open_run(cfg: RunConfig, source: AdapterSource, mp: str, resume: bool, overwrite: bool,
               log: Callable[[str], None]) -> _Run:
     """Settings checked, processes set up, output folder checked (and cleared), checkpoint read."""
@@ -414,6 +430,7 @@ def _open_run(cfg: RunConfig, source: AdapterSource, mp: str, resume: bool, over
     # several CPU processes (torchrun without GPUs) need cpu=True for Accelerate to set up gloo
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(mixed_precision=mp, cpu=multi_cpu)
+    check_launch(str(accelerator.distributed_type))
     say = log if accelerator.is_main_process else (lambda _msg: None)
     # every process checks (so all stop on a bad folder); a foreign folder is refused before a lock file is made
     # in it; the main process then owns the folder (a live run there refuses this one) and only it deletes, once
