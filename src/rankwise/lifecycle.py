@@ -487,6 +487,7 @@ def attach(
     targets = find_targets(model, config.target_modules, config.exclude_modules, skip=saved, modules=modules)
     refuse_fully_trained_targets(model, targets, name)
     check_not_zero3_partitioned(named_parameters_of({**targets, **saved}), "attach", ZERO3_ATTACH)
+    refuse_meta_weights(named_parameters_of({**targets, **saved}))
     if is_all_linear(config.target_modules):  # the adapter records the layers it has, not the shorthand
         config = config.replace(target_modules=tuple(targets))
     if method.uses_calibration and calibration is None:
@@ -500,6 +501,19 @@ def attach(
     return report
 
 
+def refuse_meta_weights(named: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Refuse to attach to a module whose weights are on the meta device: not in memory (Accelerate's ``device_map``
+    offloaded them to disk or CPU and loads them only inside the forward, or the model was built under
+    ``init_empty_weights``). Before, LoRA and DoRA attached and the first forward failed inside torch ("Tensor on
+    device meta is not on the expected device cpu"), DoRA's magnitude already computed from nothing."""
+    for name, t in named:
+        if t.is_meta:
+            raise ValueError(f"cannot attach: {name} is on the meta device, so its value is not in memory (Accelerate's "
+                             "device_map offloaded it to disk/CPU, or the model was built under init_empty_weights). "
+                             "Load the model with every adapted module's weights in memory (a device_map without "
+                             "offloading them); rankwise does not adapt offloaded modules")
+
+
 def fresh_frozen_modules(model: nn.Module) -> list[str]:
     """Modules whose parameters transformers' ``from_pretrained`` newly initialised (missing from the checkpoint,
     e.g. a new ``classifier``) and that stay frozen: random weights nothing trains. transformers marks every
@@ -510,7 +524,8 @@ def fresh_frozen_modules(model: nn.Module) -> list[str]:
         return []
     adapters = tuple(f"{name}." for name in slot_layers(model))  # their frozen factors are rankwise's own
     fresh = [n.rpartition(".")[0] or n for n, p in params
-             if not getattr(p, "_is_hf_initialized", False) and not p.requires_grad and not n.startswith(adapters)]
+             if not getattr(p, "_is_hf_initialized", False) and not p.requires_grad and not n.startswith(adapters)
+             and not p.is_meta]  # an offloaded (device_map) parameter was loaded, not initialised
     return sorted(set(fresh))
 
 
