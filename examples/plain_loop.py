@@ -16,7 +16,7 @@ import rankwise
 
 
 def make_model() -> torch.nn.Module:
-    torch.manual_seed(0)  # the same "pretrained" weights each time (load_pretrained gives you this for free)
+    torch.manual_seed(0)  # the same "pretrained" weights each time (from_pretrained gives you this for free)
     cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
     return BertForSequenceClassification(cfg)
 

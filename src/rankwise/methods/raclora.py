@@ -76,7 +76,7 @@ class RacLoraConfig(AdapterConfig):
 
     Attributes:
         link_steps: optimizer steps per link (``rankwise.step`` ends a link every ``link_steps``
-            calls); ``None``: links end only when you call :func:`rankwise.end_link` (e.g. per epoch).
+            calls); ``None``: links end only when you call :func:`rankwise.methods.raclora.end_link` (e.g. per epoch).
         frozen: the sampled (random, frozen) factor: ``"A"`` (train ``B`` from zero, the paper's
             default), ``"B"`` (train ``A`` from zero), or ``"alternate"`` (``A`` in even links, ``B`` in
             odd ones). With ``train_both`` it names the Gaussian-initialised factor.
