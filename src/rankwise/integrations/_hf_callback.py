@@ -38,8 +38,8 @@ class RankwiseCallback(TrainerCallback):  # type: ignore[misc]
             adapter of the model) into this folder inside it, ``<output_dir>/checkpoint-<step>/rankwise_adapter``
             by default, so ``rankwise.load(base, that folder)`` brings it back on its own (GoRA's per-layer ranks
             included, no calibration). Written by the process that writes the checkpoint (``args.should_save``).
-            ``None``: write nothing. Not written, with a warning, for a model FSDP shards (save it as
-            docs/distributed.md says) or a hyperparameter-search trial (its checkpoints lie elsewhere).
+            ``None``: write nothing. Not written, with a warning, for a model FSDP shards or DeepSpeed ZeRO-3
+            partitions (save it as docs/distributed.md says) or a hyperparameter-search trial (its checkpoints lie elsewhere).
             ``trainer.save_model(dir)`` calls no callback: save the adapter there with ``rankwise.save``.
     """
 
