@@ -288,3 +288,46 @@ def test_torch_multihead_attention_out_proj_is_never_adapted_silently() -> None:
     assert list(layers) == ["fc"]
     model(torch.randn(2, 5, 16)).sum().backward()
     assert all(layer.lora_a.grad is not None or layer.lora_b.grad is not None for layer in layers.values())
+
+
+def _bool_fields() -> list[tuple[str, str]]:
+    """(method, field) for every true/false field of every registered method's config (the registry answers)."""
+    return sorted({(name, f.name) for name, m in rankwise.all_methods().items()
+                   for f in dataclasses.fields(m.config_cls) if f.type in ("bool", bool)})
+
+
+@pytest.mark.parametrize("method, field", _bool_fields())
+@pytest.mark.parametrize("value", ["False", "no", "", None, 0, 1.0])
+def test_a_true_false_field_refuses_anything_but_a_bool(method: str, field: str, value: object) -> None:
+    """Before: any value was kept, and a string like "False" (what `--set use_rslora=False` gives, JSON reading
+    Python's spelling as a string) counted as true: rsLoRA's scale, or RAC-LoRA's chain, on when asked off."""
+    cls = rankwise.all_methods()[method].config_cls
+    with pytest.raises(ValueError, match=f"{field} must be true or false, got {value!r}"):
+        cls(**{field: value})
+
+
+@pytest.mark.parametrize("method, field", _bool_fields())
+def test_a_true_false_field_keeps_a_bool(method: str, field: str) -> None:
+    cls = rankwise.all_methods()[method].config_cls
+    default = next(f.default for f in dataclasses.fields(cls) if f.name == field)
+    for value in (True, False):
+        try:
+            cfg = cls(**{field: value})
+        except ValueError:  # a value the method itself refuses (GoRA always scales rsLoRA-style)
+            assert value is not default
+            continue
+        assert getattr(cfg, field) is value and rankwise.config_from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("value", ["0.1", True, None])
+def test_dropout_must_be_a_number(value: object) -> None:
+    with pytest.raises(ValueError, match="dropout must be"):
+        rankwise.LoraConfig(dropout=value)  # type: ignore[arg-type]
+
+
+def test_the_harness_refuses_a_python_spelled_false() -> None:
+    from rankwise_harness.config import ConfigError, build_method_config
+
+    with pytest.raises(ConfigError, match=r"use_rslora must be true or false, got 'False'"):
+        build_method_config("lora", overrides={"use_rslora": "False"})
+    assert build_method_config("lora", overrides={"use_rslora": False}).scale(8) == 2.0

@@ -60,6 +60,13 @@ def check_positive_int(name: str, value: Any, *, none: str | None = None) -> Non
         raise ValueError(f"{name} must be a positive integer{also}, got {value!r}")
 
 
+def check_bool(name: str, value: Any) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is ``True`` or ``False``: a string such as ``"False"``
+    is truthy, so taking it would switch the option on when asked off."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
 MAX_SEED = 2**32 - 1
 
 
@@ -129,9 +136,12 @@ class AdapterConfig:
             raise ValueError("target_modules must name at least one module")
         check_positive_int("r", self.r)
         check_number("alpha", self.alpha)
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not (is_number(self.dropout, ">= 0") and self.dropout < 1):
+            raise ValueError(f"dropout must be in [0, 1) (a number), got {self.dropout!r}")
         check_seed(self.seed)
+        for f in dataclasses.fields(self):  # every true/false field, a method's own ones too
+            if f.type in ("bool", bool):
+                check_bool(f.name, getattr(self, f.name))
 
     def scale(self, rank: int) -> float:
         """The forward scale ``s`` for a layer of rank ``rank``: ``alpha/r`` or, with rsLoRA, ``alpha/sqrt(r)``

@@ -104,8 +104,6 @@ class RacLoraConfig(AdapterConfig):
         if self.frozen not in FROZEN_CHOICES:
             raise ValueError(f"frozen must be one of {FROZEN_CHOICES}, got {self.frozen!r}")
         check_positive_int("link_steps", self.link_steps, none="links end by rankwise.end_link")
-        if not isinstance(self.keep_optimizer_state, bool):
-            raise ValueError(f"keep_optimizer_state must be true or false, got {self.keep_optimizer_state!r}")
         check_number("sketch_scale", self.sketch_scale)
 
     @classmethod
