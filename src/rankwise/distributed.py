@@ -9,9 +9,12 @@ sharded tensor.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .layer import AdapterLayer
 
 
 def process_group() -> Any:
@@ -96,6 +99,15 @@ def check_whole(model: torch.nn.Module, weights: Iterable[torch.Tensor], what: s
         raise ValueError(_fsdp1_refusal(what, "each adapter tensor"))
     if not dtensors_ok and any(local(w) is not w for w in weights):
         raise ValueError(_fsdp2_refusal(what, "each adapter tensor"))
+
+
+def check_layers_whole(model: torch.nn.Module, layers: Mapping[str, AdapterLayer], what: str, zero3_fix: str, *,
+                       dtensors_ok: bool = False, summoned_ok: bool = False) -> None:
+    """The check before reading or writing adapted ``layers``' tensors (``{name: layer}``): :func:`check_whole` on
+    their base weights (FSDP) and :func:`check_not_zero3_partitioned` on all their parameters (DeepSpeed ZeRO-3)."""
+    check_whole(model, (layer.weight for layer in layers.values()), what, dtensors_ok=dtensors_ok,
+                summoned_ok=summoned_ok)
+    check_not_zero3_partitioned(named_parameters_of(layers), what, zero3_fix)
 
 
 def zero3_partitioned(t: torch.Tensor) -> bool:

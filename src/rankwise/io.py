@@ -41,7 +41,7 @@ from .adapter_file import (CHECKPOINT_ADAPTER_FOLDER, RANKWISE_FILES, AdapterFil
                            tensors_digest, validate_description)
 from .adapters import set_active
 from .config import AdapterConfig
-from .distributed import ZERO3_GATHER, check_not_zero3_partitioned, check_whole, check_whole_modules, named_parameters_of
+from .distributed import ZERO3_GATHER, check_layers_whole, check_whole_modules
 from .layer import AdapterLayer
 from .lifecycle import all_or_nothing, check_new_name, install, refuse_fully_trained_targets
 from .quant import dense_weight, quant_block, quant_kind
@@ -106,8 +106,7 @@ def folders_by_name(model: nn.Module, path: str | os.PathLike[str], name: str | 
     model there are the originals, so the file would hold the untrained ones. Refused (``ValueError`` naming the
     fix) under FSDP where this rank holds shards, not the tensors (:func:`~rankwise.distributed.check_whole`)."""
     layers = slot_layers(model)
-    check_whole(model, (layer.weight for layer in layers.values()), what, summoned_ok=True)
-    check_not_zero3_partitioned(named_parameters_of(layers), what, ZERO3_GATHER)
+    check_layers_whole(model, layers, what, ZERO3_GATHER, summoned_ok=True)
     check_whole_modules(_fully_trained_parameters(model), what)
     for layer in layers.values():
         layer.refuse_while_disabled(what)

@@ -29,9 +29,9 @@ from .config import AdapterConfig
 from .distributed import (
     ZERO3_ATTACH,
     ZERO3_GATHER_WRITE,
+    check_layers_whole,
     check_not_zero3_partitioned,
     check_original_params,
-    check_whole,
     local,
     named_parameters_of,
     share_from_rank0,
@@ -658,8 +658,7 @@ def merge(model: nn.Module, name: str | list[str] | None = None) -> None:
     layers = slot_layers(model)
     if not layers:
         raise ValueError("no rankwise adapters to merge")
-    check_whole(model, (layer.weight for layer in layers.values()), "merge", dtensors_ok=True)
-    check_not_zero3_partitioned(named_parameters_of(layers), "merge", ZERO3_GATHER_WRITE)
+    check_layers_whole(model, layers, "merge", ZERO3_GATHER_WRITE, dtensors_ok=True)
     for layer in layers.values():  # all-or-nothing: refuse before any layer is merged
         layer.check_mergeable()
     if name is not None:
@@ -695,23 +694,21 @@ def unmerge(model: nn.Module) -> None:
     layers = slot_layers(model)
     if not layers:
         raise ValueError("no rankwise adapters to unmerge")
-    check_whole(model, (layer.weight for layer in layers.values()), "unmerge", dtensors_ok=True)
-    check_not_zero3_partitioned(named_parameters_of(layers), "unmerge", ZERO3_GATHER_WRITE)
+    check_layers_whole(model, layers, "unmerge", ZERO3_GATHER_WRITE, dtensors_ok=True)
     for layer in layers.values():
         layer.refuse_while_disabled("unmerge")
     for layer in layers.values():
         layer.unmerge()
 
 
-def _first_non_finite(model: nn.Module, grads: bool) -> str | None:
-    """The name of the first adapter tensor (or its gradient, with ``grads``) holding a NaN/inf, with one host sync
-    for all of them.
+def _first_non_finite(model: nn.Module, tensors: dict[str, torch.Tensor | None]) -> str | None:
+    """The name of the first of ``tensors`` (:func:`_adapter_tensors`: ``model``'s adapter tensors or their gradients)
+    holding a NaN/inf, with one host sync for all of them.
 
     Under FSDP (:func:`~rankwise.distributed.sharded`: FSDP2's ``DTensor`` shards, FSDP1's flat-shard views) each
     rank checks its own part and the flags are combined across the ranks (one all-reduce), so a NaN in one rank's
     shard stops every rank at this step. A missing gradient (FSDP1 gives an empty shard none) counts as finite: every
     rank flags the same tensors, in the same order."""
-    tensors = _adapter_tensors(model, grads)
     if not tensors:
         return None
     device = next((t.device for t in tensors.values() if t is not None), torch.device("cpu"))
@@ -750,8 +747,8 @@ def check_finite_grads(model: nn.Module) -> None:
     (called before ``backward``, or under DeepSpeed ZeRO, which keeps the gradients in buffers of its own).
     """
     check_original_params(model)
-    bad = _first_non_finite(model, grads=True)
     grads = _adapter_tensors(model, grads=True)
+    bad = _first_non_finite(model, grads)
     if grads and all(g is None for g in grads.values()):
         warnings.warn(NOTHING_CHECKED, stacklevel=2)
     if bad is not None:
@@ -811,7 +808,7 @@ def _check_step(model: nn.Module, optimizer: torch.optim.Optimizer | None, name:
 def _step_one(model: nn.Module, optimizer: torch.optim.Optimizer | None, name: str, check_finite: bool) -> None:
     state = get_state(model, name)
     if check_finite:
-        bad = _first_non_finite(model, grads=False)
+        bad = _first_non_finite(model, _adapter_tensors(model, grads=False))
         if bad is not None:
             raise FloatingPointError(
                 f"adapter tensor {bad!r} holds NaN/inf after step {state.step + 1}: a NaN/inf gradient or a too "
