@@ -24,7 +24,7 @@ from torch import nn
 
 from .layer import AdapterLayer
 from .lifecycle import _like, _set_submodule, detach, refuse_if_merged_or_disabled
-from .state import RankwiseState, adapter_set, slot_layers, unwrap_model
+from .state import RankwiseState, adapter_set, names_in_order, slot_layers, unwrap_model
 
 
 @contextmanager
@@ -72,7 +72,7 @@ def set_active(model: nn.Module, names: str | list[str]) -> None:
     """
     model = unwrap_model(model)
     adapters = adapter_set(model)
-    chosen = list(dict.fromkeys([names] if isinstance(names, str) else names))  # in the order given, once each
+    chosen = names_in_order(names)  # in the order given, once each
     if not chosen:
         raise ValueError("set_active needs at least one adapter name (use `with rankwise.disabled(model):` for none)")
     for name in chosen:

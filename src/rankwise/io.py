@@ -40,7 +40,7 @@ from .adapter_file import (CHECKPOINT_ADAPTER_FOLDER, RANKWISE_FILES, AdapterFil
                            base_fingerprint, check_output_folder, fingerprint_tolerance, is_rankwise_adapter, metadata_digest, read_json,
                            tensors_digest, validate_description)
 from .adapters import set_active
-from .config import AdapterConfig
+from .config import AdapterConfig, check_bool
 from .distributed import ZERO3_GATHER, check_layers_whole, check_whole_modules
 from .layer import AdapterLayer
 from .lifecycle import all_or_nothing, check_new_name, install, refuse_fully_trained_targets
@@ -155,6 +155,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, overwrite: bool = Fa
     ``path``, each other one in ``path/<name>/`` (load each with ``load(model, path/<name>, name=...)``).
     A ``torch.compile`` / DDP / FSDP1 wrapper is unwrapped: names are the plain model's, as ``load`` expects.
     """
+    check_bool("overwrite", overwrite)
     model = unwrap_model(model)
     folders = folders_by_name(model, path, name, "save an adapter")
     if not overwrite:
@@ -344,6 +345,8 @@ def load(
     ``name``: load it as adapter ``name``, beside the model's other adapters if it has some (``attach``'s
     rules). Returns the (unwrapped) model.
     """
+    check_bool("check_base", check_base)
+    check_bool("trainable", trainable)
     if expect_method is not None:
         get_method(expect_method)  # an unknown name is the caller's error, not the file's
     model = unwrap_model(model)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .adapter_file import AdapterFileError, validate_method_state
-from .config import AdapterConfig
+from .config import AdapterConfig, check_bool, check_number
 from .distributed import (
     ZERO3_ATTACH,
     ZERO3_GATHER_WRITE,
@@ -45,7 +45,7 @@ from .registry import BuildResult, LossFn, method_for
 from .layer import DEFAULT_ADAPTER
 from .state import (STATE_ATTR, AdapterSet, RankwiseState, adapter_layers, adapter_set, base_modules,  # noqa: F401
                     every_layer, fully_trained_modules, get_state, is_attached, original_modules, refuse_peft_model,
-                    slot_layers, unwrap_model)
+                    names_in_order, slot_layers, unwrap_model)
 from .targeting import find_modules_to_save, find_targets, is_all_linear
 
 
@@ -166,6 +166,9 @@ def lora_plus_param_groups(
     (PEFT's ``create_loraplus_optimizer`` also gives every 1-D tensor — magnitudes, biases — ``ratio · lr``;
     the paper's rule, kept here, is ``B`` alone.)
     """
+    check_number("lr", lr)
+    check_number("ratio", ratio)
+    check_number("weight_decay", weight_decay, ">= 0")
     fast: list[nn.Parameter] = []
     fast_ids: set[int] = set()
     for _, layer in every_layer(model):
@@ -601,6 +604,7 @@ def detach(model: nn.Module, merge: bool = False) -> nn.Module:
     layer's bias dtype; an int8 layer without a bias: the dtype of most of the model's own float weights,
     ``rankwise.quant.float_dtype`` / ``model_float_dtype``). Returns the (unwrapped) model.
     """
+    check_bool("merge", merge)
     model = unwrap_model(model)
     layers = slot_layers(model)
     if not layers:
@@ -664,7 +668,7 @@ def merge(model: nn.Module, name: str | list[str] | None = None) -> None:
     if name is not None:
         from .adapters import set_active  # set_active sits above lifecycle (it needs no attach machinery)
 
-        names = list(dict.fromkeys([name] if isinstance(name, str) else name))
+        names = names_in_order(name)
         if any(layer.merged for layer in layers.values()):  # the same adapters in the same order (it matters for DoRA)
             if names != adapter_set(model).active:
                 raise ValueError(f"the model is merged with adapters {adapter_set(model).active}, not {names}: unmerge first")
@@ -771,6 +775,7 @@ def step(
     several adapters it steps adapter ``name``, or (``None``) every active adapter that has a tensor requiring
     gradients: all of them or, when one refuses (merged, or an optimizer that does not train it), none.
     """
+    check_bool("check_finite", check_finite)
     check_original_params(model)
     adapters = adapter_set(model)
     if name is not None or len(adapters.adapters) == 1:

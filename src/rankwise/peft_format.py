@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from .adapter_file import (PEFT_FILES, AdapterFileError, atomic_write_files, file_dict, file_int, file_names,
                            file_number, is_peft_adapter, read_json)
-from .config import lora_alpha, lora_scale
+from .config import check_bool, lora_alpha, lora_scale
 from .io import check_folders, folders_by_name, install_rebuilt, rebuild_layers
 from .lifecycle import check_new_name, refuse_fully_trained_targets
 from .methods import DoraConfig, LoraConfig
@@ -95,6 +95,8 @@ def export_peft(
     each layer's from its base layer's type on load (with a ``UserWarning`` per layer whose kind disagrees),
     so an adapter on ``Conv1D`` and ``nn.Linear`` layers loads right (``tests/test_review10_leftovers.py``).
     """
+    check_bool("vllm", vllm)
+    check_bool("overwrite", overwrite)
     model = unwrap_model(model)
     folders = folders_by_name(model, path, name, "export an adapter")
     if not overwrite:
@@ -467,6 +469,7 @@ def import_peft(
     adapter ``name``, beside the model's other adapters if it has some (``attach``'s rules; one folder of
     PEFT's multi-adapter layout at a time: ``import_peft(model, path/<name>, name=<name>)``).
     """
+    check_bool("trainable", trainable)
     folder = Path(path)
     base_model = unwrap_model(base_model)
     refuse_peft_model(base_model)

@@ -66,6 +66,16 @@ class AdapterSet:
         return name
 
 
+def names_in_order(names: Any) -> list[str]:
+    """Adapter ``names`` (one name, or several in the order to apply them) as a list, each once. A ``set`` is
+    refused: its order is its strings' hash order, which changes from one Python process to the next, and the order
+    decides what a DoRA-family adapter rescales."""
+    if isinstance(names, (set, frozenset)):
+        raise TypeError(f"adapter names must be one name or a list in the order to apply them (a set has no order), "
+                        f"got {type(names).__name__} {sorted(names)!r}")
+    return list(dict.fromkeys([names] if isinstance(names, str) else names))
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The model inside ``torch.compile`` / DDP / ``DataParallel`` / FSDP1 wrappers (any nesting).
 

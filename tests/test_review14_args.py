@@ -1,0 +1,122 @@
+"""Review round 14: an argument accepted without error whose value was silently read as something else
+(docs/reliability.md, "Review round 14")."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import rankwise
+from conftest import TinyMLP
+
+
+def _adapted(seed: int = 0) -> nn.Module:
+    """A TinyMLP with a LoRA adapter whose update is not zero (so a merge changes the weights)."""
+    torch.manual_seed(seed)
+    model = TinyMLP()
+    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["fc1", "fc2"], seed=0))
+    with torch.no_grad():
+        for layer in rankwise.adapter_layers(model).values():
+            layer.lora_b.normal_()
+    return model
+
+
+def _base() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyMLP()
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------- true/false keyword arguments
+# (call, the keyword): each is given the string "False", which is truthy, so it was read as True
+BOOL_ARGS: dict[str, tuple[Callable[[nn.Module, Path, Any], Any], str]] = {
+    "detach-merge": (lambda m, d, v: rankwise.detach(m, merge=v), "merge"),
+    "step-check_finite": (lambda m, d, v: rankwise.step(m, check_finite=v), "check_finite"),
+    "save-overwrite": (lambda m, d, v: rankwise.save(m, d / "other", overwrite=v), "overwrite"),
+    "load-check_base": (lambda m, d, v: rankwise.load(_base(), d / "saved", check_base=v), "check_base"),
+    "load-trainable": (lambda m, d, v: rankwise.load(_base(), d / "saved", trainable=v), "trainable"),
+    "export_peft-vllm": (lambda m, d, v: rankwise.export_peft(m, d / "peft_new", vllm=v), "vllm"),
+    "export_peft-overwrite": (lambda m, d, v: rankwise.export_peft(m, d / "other", overwrite=v), "overwrite"),
+    "import_peft-trainable": (lambda m, d, v: rankwise.import_peft(_base(), d / "peft", trainable=v), "trainable"),
+}
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> Path:
+    model = _adapted()
+    rankwise.save(model, tmp_path / "saved")
+    rankwise.export_peft(model, tmp_path / "peft")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("value", ["False", "no", 0, None, 1.0])
+@pytest.mark.parametrize("case", sorted(BOOL_ARGS))
+def test_a_true_false_argument_refuses_anything_but_a_bool(case: str, value: Any, folders: Path) -> None:
+    """``detach(model, merge="False")`` merged the adapter in (a non-empty string is true); ``export_peft(...,
+    vllm="no")`` wrote the vLLM form; ``load(..., trainable="False")`` left the adapter trainable."""
+    call, arg = BOOL_ARGS[case]
+    model = _adapted()
+    x = torch.randn(3, 12)
+    before, files = model(x).logits, _files(folders)
+    with pytest.raises(ValueError, match=rf"{arg} must be true or false, got {value!r}"):
+        call(model, folders, value)
+    assert torch.equal(model(x).logits, before) and rankwise.adapter_layers(model)
+    assert _files(folders) == files
+
+
+@pytest.mark.parametrize("case", sorted(BOOL_ARGS))
+def test_a_true_false_argument_keeps_its_bools(case: str, folders: Path) -> None:
+    call, arg = BOOL_ARGS[case]
+    call(_adapted(), folders, True)
+    if arg == "overwrite":  # False is read as False: the folder holding other files is refused
+        with pytest.raises(FileExistsError, match="pass overwrite=True"):
+            call(_adapted(), folders, False)
+    else:
+        call(_adapted(), folders, False)
+
+
+# ---------------------------------------------------------------------------- LoRA+ groups
+@pytest.mark.parametrize("kwargs", [
+    {"lr": -1e-3}, {"lr": 0.0}, {"lr": float("nan")}, {"lr": True},
+    {"lr": 1e-3, "ratio": 0}, {"lr": 1e-3, "ratio": -16.0}, {"lr": 1e-3, "ratio": float("inf")},
+    {"lr": 1e-3, "weight_decay": -0.01}, {"lr": 1e-3, "weight_decay": float("nan")},
+], ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_lora_plus_groups_refuse_rates_out_of_range(kwargs: dict[str, Any]) -> None:
+    """``ratio=0`` gave B a learning rate of 0 (B never trained), a negative one gradient ascent on B, ``lr=True`` a
+    rate of 1: AdamW takes a group's rate without checking it."""
+    bad = next(k for k, v in kwargs.items() if k != "lr" or len(kwargs) == 1)
+    with pytest.raises(ValueError, match=rf"^{bad} must be"):
+        rankwise.lora_plus_param_groups(_adapted(), **kwargs)
+
+
+def test_lora_plus_groups_keep_their_rates() -> None:
+    groups = rankwise.lora_plus_param_groups(_adapted(), lr=1e-3, ratio=4, weight_decay=0.0)
+    assert [g["lr"] for g in groups] == [1e-3, 4e-3]
+
+
+# ---------------------------------------------------------------------------- the order of active adapters
+@pytest.mark.parametrize("call", ["set_active", "merge"])
+def test_an_unordered_set_of_adapter_names_is_refused(call: str) -> None:
+    """The active adapters apply in the order given (a DoRA adapter rescales those before it); a ``set``'s order is
+    its strings' hash order, which changes from one Python process to the next (``PYTHONHASHSEED``)."""
+    model = _adapted()
+    rankwise.attach(model, rankwise.DoraConfig(r=2, target_modules=["fc1"], seed=1), name="b")
+    x = torch.randn(3, 12)
+    before, active = model(x).logits, rankwise.active_adapters(model)
+    fn = rankwise.set_active if call == "set_active" else rankwise.merge
+    with pytest.raises(TypeError, match=r"a set has no order.*got set"):
+        fn(model, {"b", "default"})
+    assert rankwise.active_adapters(model) == active and torch.equal(model(x).logits, before)
+    fn(model, ["b", "default"])  # a list (or tuple, or one name) as before
+    assert rankwise.active_adapters(model) == ("b", "default")
+
