@@ -120,3 +120,68 @@ def test_an_unordered_set_of_adapter_names_is_refused(call: str) -> None:
     fn(model, ["b", "default"])  # a list (or tuple, or one name) as before
     assert rankwise.active_adapters(model) == ("b", "default")
 
+
+# ---------------------------------------------------------------------------- the harness's flags
+def _refused_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                             argv: list[str], says: str) -> None:
+    """``rankwise argv`` exits 2 naming ``says``, before the data or the model is read and the output folder made."""
+    import re
+
+    import rankwise_harness.train as train_mod
+    from rankwise_harness import cli
+
+    monkeypatch.setattr(train_mod, "load_task_data", lambda *a: pytest.fail("the data was read"))
+    monkeypatch.setattr(train_mod, "_load_model", lambda *a: pytest.fail("the model was loaded"))
+    out = tmp_path / "run"
+    assert cli.main([*argv, "--task", "sst2", "--data", str(tmp_path), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(says, err), err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["", ",", " , "])
+def test_targets_naming_no_module_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str], value: str) -> None:
+    """``--targets ""`` (an empty shell variable) trained every Linear layer (all-linear, the default)."""
+    _refused_before_any_work(tmp_path, monkeypatch, capsys, ["finetune", f"--targets={value}"],
+                             r"--targets names no module.*omit --targets")
+
+
+@pytest.mark.parametrize("flag,value,field", [
+    ("--r", "8", "r=4"), ("--alpha", "16.0", "alpha=32"), ("--dropout", "0.1", "dropout=0.0"),
+    ("--targets", "key", "target_modules=query"), ("--r", "4", "r=4"),
+])
+def test_a_set_field_that_has_its_own_flag_given_both_ways_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], flag: str, value: str,
+        field: str) -> None:
+    """``--r 8 --set r=4`` trained at rank 4 (``--set`` won, ``--r`` was dropped unsaid); ``--targets key --set
+    target_modules=query`` adapted query only."""
+    _refused_before_any_work(tmp_path, monkeypatch, capsys, ["finetune", flag, value, "--set", field],
+                             rf"--set {field} and {flag} {value} both set {field.split('=')[0]}: pass one")
+
+
+def test_a_set_module_list_of_one_name_is_a_name_as_with_several() -> None:
+    """``--set exclude_modules=query`` was one regex matched against whole module names, so it excluded nothing
+    (``bert.encoder.layer.0.attention.self.query`` is not ``query``), where ``--set exclude_modules=query,key`` excluded
+    both as name suffixes (``--targets query`` too)."""
+    from rankwise_harness.config import build_method_config
+
+    for field in ("exclude_modules", "target_modules", "modules_to_save"):
+        one = build_method_config("lora", overrides={field: "query"})
+        assert getattr(one, field) == ("query",), field
+        assert getattr(build_method_config("lora", overrides={field: "query,key"}), field) == ("query", "key")
+    assert build_method_config("lora", overrides={"exclude_modules": r".*\.0\..*"}).exclude_modules == r".*\.0\..*"
+    assert build_method_config("lora", overrides={"target_modules": "all-linear"}).target_modules == "all-linear"
+
+
+def test_a_set_module_list_of_one_name_excludes_it_on_a_model() -> None:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from rankwise_harness.config import build_method_config
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=16))
+    report = rankwise.attach(model, build_method_config("lora", targets=("query", "value"),
+                                                        overrides={"exclude_modules": "query"}))
+    assert [row.name.rsplit(".", 1)[1] for row in report.layers] == ["value"]

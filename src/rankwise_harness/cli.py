@@ -134,7 +134,7 @@ def _run_config(args: argparse.Namespace, method: str, output: str) -> RunConfig
     from .config import RunConfig, parse_overrides
     from .verbalize import parse_label_words, unescape_template
 
-    parse: dict[str, Callable[[Any], Any]] = {"targets": lambda v: tuple(v) if v else None, "overrides": parse_overrides,
+    parse: dict[str, Callable[[Any], Any]] = {"targets": tuple, "overrides": parse_overrides,
              "template": unescape_template, "label_words": parse_label_words}
     values = {}
     for f in dataclasses.fields(RunConfig):

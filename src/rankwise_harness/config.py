@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ from . import QUANTIZE_CHOICES
 from .selection import SUBSETS
 
 RUN_MARKER = "rankwise-run/1"
+MODULE_NAME = re.compile(r"[\w.\-]+")  # a module name or dotted suffix; a regex holds other characters too
 
 
 def __getattr__(name: str) -> Any:
@@ -68,9 +70,10 @@ def parse_overrides(items: list[str] | None) -> dict[str, str]:
     return out
 
 
-def _coerce(raw: Any, default: Any) -> Any:
+def _coerce(raw: Any, default: Any, module_names: bool = False) -> Any:
     """A CLI string as the field's type: JSON if it parses (``8``, ``0.1``, ``true``, ``[..]``), a
-    comma list for tuple fields, else the string."""
+    comma list for tuple fields, else the string. ``module_names`` (a field of module-name suffixes): one name is a
+    list of one, as several are and as ``--targets`` reads it; a value with regex characters stays one regex."""
     if not isinstance(raw, str):
         return raw
     try:
@@ -79,6 +82,8 @@ def _coerce(raw: Any, default: Any) -> Any:
         value = raw
     if isinstance(value, str) and (isinstance(default, tuple) or default is None) and "," in value:
         value = tuple(v.strip() for v in value.split(",") if v.strip())
+    if isinstance(value, str) and module_names and MODULE_NAME.fullmatch(value) and not is_all_linear(value):
+        value = (value,)
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(value, list):
@@ -122,7 +127,7 @@ def build_method_config(
         if key not in fields:
             raise ConfigError(f"--set {key}=...: {cls.__name__} has no field {key!r}; fields: {', '.join(fields)}")
         default = fields[key].default if fields[key].default is not dataclasses.MISSING else None
-        values[key] = _coerce(raw, default)
+        values[key] = _coerce(raw, default, module_names="tuple[str" in str(fields[key].type))
     try:
         return cls(**values)
     except (TypeError, ValueError) as exc:
@@ -180,6 +185,9 @@ class RunConfig:
     patience: int | None = None  # stop after this many held-out evaluations without a new best
     quantize: str | None = None
 
+    # the config fields with a flag of their own: --set of one of them beside its flag would silently win
+    _SET_WITH_A_FLAG = (("r", "r", "--r"), ("alpha", "alpha", "--alpha"), ("dropout", "dropout", "--dropout"),
+                        ("target_modules", "targets", "--targets"))
     # every numeric flag, by rule: (flags, integer, lowest allowed, lowest included); None always means "default"
     _NUMBERS = (
         (("batch_size", "grad_accum", "max_length", "calibration_batches", "max_new_tokens", "max_steps",
@@ -198,6 +206,7 @@ class RunConfig:
 
         source = adapter_source(self.method)
         self._check_numbers()
+        self._check_adapter_flags()
         if self.schedule not in ("linear", "cosine", "constant"):
             raise ConfigError(f"--schedule must be linear, cosine or constant, got {self.schedule!r}")
         if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
@@ -245,6 +254,18 @@ class RunConfig:
                     bound = ("0 or more" if low == 0 else f"at least {low}") if inclusive else "positive"
                     hint = " (omit it to use all)" if name in ("max_train", "max_eval") else ""
                     raise ConfigError(f"{flag} must be {bound}{hint}, got {value!r}")
+
+    def _check_adapter_flags(self) -> None:
+        """``--targets`` names a module (an empty one read as the default, all-linear), and no config field is set both
+        by its flag and by ``--set``."""
+        if self.targets is not None and not self.targets:
+            raise ConfigError("--targets names no module (it was empty): name module-name suffixes (query,value), or "
+                              "omit --targets for all-linear")
+        for key, name, flag in self._SET_WITH_A_FLAG:
+            value = getattr(self, name)
+            if key in self.overrides and value is not None:
+                shown = ",".join(value) if isinstance(value, tuple) else value
+                raise ConfigError(f"--set {key}={self.overrides[key]} and {flag} {shown} both set {key}: pass one")
 
     def _check_head_and_split(self) -> None:
         """``--head``, ``--pooling`` (classification tasks only), ``--val-split`` (strictly between 0 and 1) and
