@@ -185,3 +185,25 @@ def test_a_set_module_list_of_one_name_excludes_it_on_a_model() -> None:
     report = rankwise.attach(model, build_method_config("lora", targets=("query", "value"),
                                                         overrides={"exclude_modules": "query"}))
     assert [row.name.rsplit(".", 1)[1] for row in report.layers] == ["value"]
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--methods", "lora", "--seed", "3"], r"--seed 3: compare runs each seed of --seeds .*pass --seeds 3"),
+    (["--methods", "lora", "--seeds", "0", "--seed", "0"], r"--seed 0: compare runs each seed of --seeds"),
+    (["--methods", ""], r"--methods names nothing"),
+    (["--methods", "lora", "--seeds", ","], r"--seeds names nothing"),
+])
+def test_compare_refuses_a_seed_flag_it_would_drop_and_empty_lists(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str],
+        says: str) -> None:
+    """``compare --seed 3`` ran seeds 0, 1, 2 (every run's seed is one of ``--seeds``; ``--seed`` was dropped unsaid);
+    an empty ``--methods`` was an ``IndexError``, an empty ``--seeds`` a ``FileNotFoundError`` after writing the folder."""
+    _refused_before_any_work(tmp_path, monkeypatch, capsys, ["compare", *argv], says)
+
+
+def test_compare_still_gives_its_runs_their_seeds() -> None:
+    from rankwise_harness.cli import _compare_args, build_parser
+
+    args = build_parser().parse_args(["compare", "--methods", "lora", "--seeds", "1,2", "--task", "sst2"])
+    _compare_args(args)
+    assert args.seed == 0 and args.seeds == [1, 2]

@@ -160,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated run seeds, one run per method and seed (default 0,1,2; --seed is not read)")
     cp.add_argument("--output", help="folder for all runs and the tables (default runs/compare-<task>)")
     _add_run_args(cp)
+    cp.set_defaults(seed=None)  # compare's seeds are --seeds: a --seed given is refused, not dropped (_compare_args)
     sub.add_parser("methods", help="list the registered methods and their config fields")
     sub.add_parser("tasks", help="list the tasks, their data formats and metrics")
     from .interop_cli import add_subcommands
@@ -217,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             from .compare import compare
 
             output = Path(args.output or f"runs/compare-{args.task}")
+            _compare_args(args)
             from .sources import shared_method
 
             base = _run_config(args, shared_method(args.methods), str(output))
@@ -236,6 +238,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rankwise: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _compare_args(args: argparse.Namespace) -> None:
+    """``compare`` runs every method of ``--methods`` at every seed of ``--seeds``: each names one at least, and a
+    ``--seed`` (every run's seed is one of ``--seeds``) is refused instead of being dropped."""
+    from .config import ConfigError
+
+    if args.seed is not None:
+        raise ConfigError(f"--seed {args.seed}: compare runs each seed of --seeds (default 0,1,2); pass --seeds {args.seed}")
+    for flag, values in (("--methods", args.methods), ("--seeds", args.seeds)):
+        if not values:
+            raise ConfigError(f"{flag} names nothing: name at least one")
+    args.seed = 0  # the shared run config's; each run's seed is set from --seeds
 
 
 def _demo_args(flags: list[str]) -> list[str]:
