@@ -13,6 +13,7 @@ from torch import nn
 
 import rankwise
 from conftest import TinyMLP
+from test_harness_train import _cfg, sst2, tiny_models  # noqa: F401  (module fixtures: a tiny BERT, 64 SST-2 rows)
 
 
 def _adapted(seed: int = 0) -> nn.Module:
@@ -207,3 +208,19 @@ def test_compare_still_gives_its_runs_their_seeds() -> None:
     args = build_parser().parse_args(["compare", "--methods", "lora", "--seeds", "1,2", "--task", "sst2"])
     _compare_args(args)
     assert args.seed == 0 and args.seeds == [1, 2]
+
+
+# ---------------------------------------------------------------------------- --set modules_to_save beside a task head
+
+
+def test_set_modules_to_save_on_a_classification_run_trains_them_beside_the_head(
+        tmp_path: Path, tiny_models: dict[str, str], sst2: str) -> None:
+    """Before: the task head replaced the user's ``modules_to_save``, silently: ``--set modules_to_save=pooler``
+    trained the head only. Now both are trained fully and saved."""
+    from rankwise_harness.train import finetune
+
+    cfg = _cfg(tmp_path, tiny_models, sst2, targets=("query", "value"), overrides={"modules_to_save": "pooler"})
+    finetune(cfg, show_progress=False, log=lambda _m: None)
+    description, tensors = rankwise.read_adapter(tmp_path / "run" / "adapter")
+    assert description["config"]["modules_to_save"] == ["classifier", "pooler"]
+    assert any(k.startswith("modules_to_save.") and ".pooler." in k for k in tensors), sorted(tensors)

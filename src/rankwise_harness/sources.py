@@ -261,11 +261,12 @@ def shared_method(methods: list[str]) -> str:
 
 
 def with_heads(mcfg: rankwise.AdapterConfig | None, heads: tuple[str, ...] | None) -> rankwise.AdapterConfig | None:
-    """``mcfg`` whose ``modules_to_save`` are the model's task heads (unchanged without heads)."""
+    """``mcfg`` whose ``modules_to_save`` are the model's task heads, then those the user named (``--set
+    modules_to_save=...``: trained fully beside the heads); unchanged without heads."""
     if mcfg is None or heads is None:
         return mcfg
     try:
-        return dataclasses.replace(mcfg, modules_to_save=heads)
+        return dataclasses.replace(mcfg, modules_to_save=tuple(dict.fromkeys((*heads, *(mcfg.modules_to_save or ())))))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad {type(mcfg).__name__}: {exc}") from None
 
