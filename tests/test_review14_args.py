@@ -224,3 +224,18 @@ def test_set_modules_to_save_on_a_classification_run_trains_them_beside_the_head
     description, tensors = rankwise.read_adapter(tmp_path / "run" / "adapter")
     assert description["config"]["modules_to_save"] == ["classifier", "pooler"]
     assert any(k.startswith("modules_to_save.") and ".pooler." in k for k in tensors), sorted(tensors)
+
+
+def test_export_names_the_base_as_a_string_or_refuses(folders: Path) -> None:
+    """Before: ``base_model_name_or_path=5`` was written into adapter_config.json as the number 5 (PEFT reads it as
+    the model to load), and a ``Path`` failed inside the JSON writer. Now a path is written as its string and
+    anything else but a string is refused, writing nothing."""
+    import json
+
+    model = _adapted()
+    rankwise.export_peft(model, folders / "by_path", base_model_name_or_path=folders / "base")
+    written = json.loads((folders / "by_path" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert written == str(folders / "base")
+    with pytest.raises(TypeError, match="base_model_name_or_path must be"):
+        rankwise.export_peft(model, folders / "by_number", base_model_name_or_path=5)  # type: ignore[arg-type]
+    assert not (folders / "by_number").exists()

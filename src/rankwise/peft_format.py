@@ -70,7 +70,7 @@ def export_peft(
     path: str | os.PathLike[str],
     *,
     vllm: bool = False,
-    base_model_name_or_path: str | None = None,
+    base_model_name_or_path: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     name: str | None = None,
 ) -> Path:
@@ -97,6 +97,10 @@ def export_peft(
     """
     check_bool("vllm", vllm)
     check_bool("overwrite", overwrite)
+    if isinstance(base_model_name_or_path, os.PathLike):
+        base_model_name_or_path = os.fspath(base_model_name_or_path)
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+        raise TypeError(f"base_model_name_or_path must be a hub name or a folder, got {base_model_name_or_path!r}")
     model = unwrap_model(model)
     folders = folders_by_name(model, path, name, "export an adapter")
     if not overwrite:
