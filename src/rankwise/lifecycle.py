@@ -64,7 +64,14 @@ class LayerRow:
 @dataclass
 class AttachReport:
     """Per adapted layer: name, shape, rank, trainable parameters, base kind and training path (fused or
-    reference, and why); and the totals. Prints as a table."""
+    reference, and why); and the totals. Prints as a table.
+
+    ``trainable`` and ``total`` are the whole model's after the attach, as :func:`count_parameters` counts them:
+    beside other adapters ``trainable`` holds theirs too (the rows sum to this adapter's own,
+    :attr:`adapter_trainable`, and the table says so). ``total`` counts ``nn.Parameter`` objects, each once: a
+    frozen factor or record an adapter keeps as a buffer (RAC-LoRA's sketch and chain, EDoRA's SVD factors) is not
+    counted, a fully-trained module counts its trained copy (the original, set aside, is not on the model), a 4-bit
+    weight the values it holds. ``modules_to_save``: each fully-trained module's parameter count."""
 
     method: str
     layers: list[LayerRow]
@@ -142,14 +149,18 @@ def trainable_parameters(model: nn.Module) -> TrainableParameters:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts (shared tensors counted once)."""
+    """``(trainable, total)``: the model's parameters (``nn.Parameter`` objects; shared ones counted once) that
+    train, and all of them. Buffers are not parameters: RAC-LoRA's frozen sketch and chain record and EDoRA's frozen
+    SVD factors are not in ``total`` (HF PEFT, which keeps frozen factors as parameters, would count them). A
+    RAC-LoRA ``frozen="alternate"`` layer counts both factors as trainable (both are parameters; each link trains
+    one). A bitsandbytes 4-bit weight counts the values it was quantised from."""
     seen: set[int] = set()
     trainable = total = 0
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += parameter_count(p)  # a 4-bit weight holds two values per stored byte
+        total += parameter_count(p)  # a 4-bit weight: the values it was quantised from
         trainable += p.numel() if p.requires_grad else 0
     return trainable, total
 
@@ -244,10 +255,20 @@ def install(
         adapters.active.append(name)
     carry_state_in_state_dict(model)
     report = _report(model, config, result, saved)
+    if adapters is not None:  # the totals are the model's: say which part is this adapter's
+        report.notes.append(_own_share_note(name, report, [n for n in adapters.adapters if n != name]))
     for name, others in ties.items():
         report.notes.append(_tie_note(name, others, name in saved))
         warnings.warn(report.notes[-1], stacklevel=3)
     return report
+
+
+def _own_share_note(name: str, report: AttachReport, others: list[str]) -> str:
+    """The report line of an adapter attached beside others: its own trainable count within the model's."""
+    own = report.adapter_trainable + sum(report.modules_to_save.values())
+    return (f"rankwise: trainable counts the whole model: adapter {name!r} trains {own:,} of them (the rows above); "
+            f"the adapters already on it ({', '.join(map(repr, others))}) and anything else left trainable, the other "
+            f"{report.trainable - own:,}")
 
 
 def _ties(model: nn.Module, result: BuildResult, saved: dict[str, nn.Module]) -> dict[str, list[str]]:

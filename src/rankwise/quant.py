@@ -116,9 +116,16 @@ def check_adaptable(module: nn.Module) -> str | None:
 
 
 def parameter_count(p: Tensor) -> int:
-    """How many weights ``p`` holds: a bitsandbytes 4-bit weight packs two per byte of its storage."""
+    """How many weights ``p`` holds. A quantised bitsandbytes 4-bit weight packs two per byte of its storage,
+    padded to whole storage elements (15 values take 8 bytes), so it counts the shape it was quantised from
+    (``quant_state.shape``); one not yet quantised (a ``Linear4bit`` before its move to a device) holds its values
+    as they are."""
     if type(p).__name__ == "Params4bit":
-        return p.numel() * p.element_size() * 2
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            return int(torch.Size(state.shape).numel())
+        if getattr(p, "bnb_quantized", True):
+            return p.numel() * p.element_size() * 2  # packed, its shape lost: two per byte
     return p.numel()
 
 

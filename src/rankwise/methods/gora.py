@@ -306,13 +306,24 @@ class RankTable:
     ranks: list[list[int | None]]
 
 
-def _split_name(name: str) -> tuple[int, str]:
-    """``'bert.encoder.layer.3.attention.self.query'`` -> ``(3, 'attention.self.query')``; no number -> ``(0, name)``."""
+def _split_name(name: str) -> tuple[int, str, str]:
+    """``'bert.encoder.layer.3.attention.self.query'`` -> ``(3, 'bert.encoder.layer', 'attention.self.query')``:
+    layer number, the stack the number counts in, module type; no number -> ``(0, '', name)``."""
     parts = name.split(".")
     for k, part in enumerate(parts):
         if part.isdigit():
-            return int(part), ".".join(parts[k + 1:]) or parts[k - 1]
-    return 0, name
+            return int(part), ".".join(parts[:k]), ".".join(parts[k + 1:]) or parts[k - 1]
+    return 0, "", name
+
+
+def _row_labels(keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """A row label per ``(stack, module type)``: the type, or ``stack.type`` where several stacks have that type
+    (an encoder's and a decoder's ``self_attn.q_proj``), so no layer's cell is written over another's."""
+    pairs = list(keys)
+    stacks: dict[str, set[str]] = {}
+    for stack, kind in pairs:
+        stacks.setdefault(kind, set()).add(stack)
+    return {(stack, kind): kind if len(stacks[kind]) == 1 else f"{stack}.{kind}" for stack, kind in pairs}
 
 
 def gora_rank_table(model_or_report: Any) -> RankTable:
@@ -327,7 +338,9 @@ def gora_rank_table(model_or_report: Any) -> RankTable:
         raise TypeError(f"expected a model with rankwise adapters or an AttachReport, got {type(model_or_report).__name__}")
     if not ranks:
         raise ValueError("no adapted layers to tabulate")
-    cells = {_split_name(n): r for n, r in ranks.items()}
+    split = {n: _split_name(n) for n in ranks}
+    labels = _row_labels((stack, kind) for _, stack, kind in split.values())
+    cells = {(i, labels[stack, kind]): ranks[n] for n, (i, stack, kind) in split.items()}
     types = list(dict.fromkeys(t for _, t in cells))
     indices = sorted({i for i, _ in cells})
     return RankTable(types, indices, [[cells.get((i, t)) for i in indices] for t in types])
