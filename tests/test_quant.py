@@ -650,3 +650,17 @@ def test_cli_export_merged_from_a_quantised_base(llama_dir: str, tmp_path: Path)
     on_float = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged2").train()
     assert not torch.equal(outputs(on_float), outputs(model))
     torch.testing.assert_close(outputs(on_float), outputs(model), rtol=0.1, atol=0.1)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_attach_to_a_4bit_layer_not_yet_quantised_is_refused(method: str) -> None:
+    """A ``Linear4bit`` holds float weights until its move to a device quantises them. Before: attach took it (and
+    DoRA's magnitude came from the float weights, not the 4-bit ones the layer computes with after its move; the base
+    forward itself fails with bitsandbytes' assertion until then). Now refused, naming the fix; nothing attached."""
+    model = nn.Sequential(bnb.nn.Linear4bit(16, 8, bias=False, compute_dtype=torch.float32))
+    assert getattr(model[0].weight, "bnb_quantized", None) is False
+    flags = [p.requires_grad for p in model.parameters()]
+    cfg = rankwise.LoraConfig(r=2, target_modules=["0"]) if method == "lora" else rankwise.DoraConfig(r=2, target_modules=["0"])
+    with pytest.raises(ValueError, match=r"not quantised yet.*\.to\(device\)"):
+        rankwise.attach(model, cfg)
+    assert type(model[0]).__name__ == "Linear4bit" and [p.requires_grad for p in model.parameters()] == flags

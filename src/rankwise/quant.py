@@ -107,6 +107,12 @@ def check_adaptable(module: nn.Module) -> str | None:
             "without gradients ran before attach); training through it fails. Reload the model, or call "
             "rankwise.quant.keep_layout(model) right after loading it"
         )
+    if kind == "4bit" and getattr(weight, "bnb_quantized", True) is False:
+        raise ValueError(
+            f"this {type(module).__name__}'s weight is not quantised yet: bitsandbytes quantises it when the layer moves "
+            "to a device (`.to(device)`); attach after that, so the adapter is built on the 4-bit weights the layer "
+            "computes with"
+        )
     if kind == "8bit" and weight is not None and weight.dtype != torch.int8:
         raise TypeError(
             f"cannot adapt a {type(module).__name__} with has_fp16_weights=True (weight dtype {weight.dtype}): rankwise "
