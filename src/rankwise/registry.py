@@ -61,6 +61,10 @@ class Method:
             processes before deciding anything (GoRA all-reduces its gradients), or the ranks build different adapters.
         calibration_batches: how many calibration batches ``build`` reads for a given config (a
             harness draws that many when the user does not say; only read when ``uses_calibration``).
+        calibration_config: for a method whose config sets how many calibration batches ``build`` reads (GoRA's
+            ``n_steps x grad_accumulation``), ``(config, n) -> the config that reads n`` (raises ``ValueError``
+            where none does): a harness's batch count given by the user reaches the method through it, rather than
+            being drawn and left unread. ``None``: ``build`` reads every batch it is given.
         plot: draws the adapted model's per-layer ranks to a file (``None``: the method has no such
             picture); a harness calls it at the end of a run as ``<name>_ranks.png``.
     """
@@ -73,6 +77,7 @@ class Method:
     check_step: OnStep | None = None
     uses_calibration: bool = False
     calibration_batches: Callable[[Any], int] = _default_calibration_batches
+    calibration_config: Callable[[Any, int], Any] | None = None
     plot: Plot | None = None
 
 

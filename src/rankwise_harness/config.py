@@ -228,11 +228,13 @@ class RunConfig:
         return self.lr
 
     def method_config(self) -> rankwise.AdapterConfig | None:
-        """The adapter config ``--r/--alpha/--dropout/--targets/--set`` build for the method (``None``: it has
-        none, as ``full``), built by its source once and kept; rebuilt only when one of those fields changed."""
+        """The adapter config ``--r/--alpha/--dropout/--targets/--set`` (and GoRA's ``--calibration-batches``) build for
+        the method (``None``: it has none, as ``full``), built by its source once and kept; rebuilt only when one of
+        those fields changed."""
         from .sources import adapter_source
 
-        key = (self.method, self.r, self.alpha, self.dropout, self.targets, self.seed, tuple(self.overrides.items()))
+        key = (self.method, self.r, self.alpha, self.dropout, self.targets, self.seed, tuple(self.overrides.items()),
+               self.calibration_batches)
         if getattr(self, "_method_config_key", None) != key:
             self._method_config = adapter_source(self.method).config(self)
             self._method_config_key = key

@@ -121,8 +121,24 @@ class RankwiseAdapter(AdapterSource):
         return float(rankwise.all_methods()[method].config_cls.default_lr)
 
     def config(self, cfg: RunConfig) -> rankwise.AdapterConfig | None:
-        return build_method_config(cfg.method, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
+        """The method's config; ``--calibration-batches N`` for a method whose config sets how many batches it reads
+        (GoRA: ``n_steps x grad_accumulation``) sets that count to N (before, N batches were drawn and GoRA averaged
+        its default 8 of them, the log saying N), refused where ``--set`` gives the count another value."""
+        mcfg = build_method_config(cfg.method, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
                                    targets=target_spec(cfg.targets), seed=cfg.seed, overrides=cfg.overrides)
+        method, n = rankwise.all_methods()[cfg.method], cfg.calibration_batches
+        if not (n and method.uses_calibration and method.calibration_config is not None) or method.calibration_batches(mcfg) == n:
+            return mcfg
+        try:
+            reading = method.calibration_config(mcfg, n)
+        except ValueError as exc:
+            raise ConfigError(f"--calibration-batches {n}: {exc}") from exc
+        moved = [k for k in cfg.overrides if getattr(reading, k, None) != getattr(mcfg, k, None)]
+        if moved:
+            raise ConfigError(f"--calibration-batches {n} and --set {' --set '.join(f'{k}={cfg.overrides[k]}' for k in moved)} "
+                              f"(which reads {method.calibration_batches(mcfg)}) both set how many calibration batches "
+                              f"{cfg.method} reads: pass one")
+        return reading
 
     def calibration_batches(self, cfg: RunConfig, mcfg: rankwise.AdapterConfig | None) -> int:
         method = rankwise.all_methods()[cfg.method]

@@ -379,7 +379,15 @@ def plot_gora_ranks(model_or_report: Any, path: str | None = None, title: str = 
     return fig
 
 
+def _reading(config: GoraConfig, n: int) -> GoraConfig:
+    """The config that reads ``n`` calibration batches: ``n_steps = n / grad_accumulation``."""
+    if n % config.grad_accumulation:
+        raise ValueError(f"GoRA reads n_steps x grad_accumulation batches: {n} is not a multiple of "
+                         f"grad_accumulation = {config.grad_accumulation}")
+    return config.replace(n_steps=n // config.grad_accumulation)
+
+
 _, _rebuild = simple_build(GoraLinear)
 GORA = register_method(Method(name="gora", config_cls=GoraConfig, build=build, rebuild=_rebuild, uses_calibration=True,
                               calibration_batches=lambda c: c.n_steps * c.grad_accumulation,
-                              plot=plot_gora_ranks))
+                              calibration_config=_reading, plot=plot_gora_ranks))
