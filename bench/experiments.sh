@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start, or continue, the pre-registered experiments of issues 26 and 27 in the background: two single-threaded
 # jobs, as the protocols in docs/protocols/ say.
-#   job 1: GoRA on full MRPC (bench/gora_regime.py --experiment gora-mrpc)
+#   job 1: GoRA on full MRPC (bench/gora_regime.py --experiment gora-mrpc: the decision rule's arms first)
 #   job 2: RAC-LoRA where rank binds (bench/raclora_rank.py), then EDoRA on MRPC and CoLA at r 8, then r 12
 #          (bench/edora_regime.py, the commands in docs/protocols/edora-decided.md)
 # A run whose result is in the ledger (docs/bench/runs/ of THIS checkout) is skipped; a run folder with checkpoints
@@ -37,7 +37,11 @@ mkdir -p "$EXP/logs"
 export RANKWISE_LEDGER=$MAIN/docs/bench/runs OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 EDORA="bench/edora_regime.py --tasks mrpc,cola --targets query,value,output.dense --epochs 20 --patience 3 --seeds 0,1,2,3,4 --few-seeds 3"
 cd "$EXP"
-nohup nice -n "${NICE:-10}" "$PY" bench/gora_regime.py --experiment gora-mrpc > logs/gora.log 2>&1 &
+# the decision rule's arms (GoRA and its two comparators, docs/protocols/gora-mrpc.md) at every seed first, so its
+# verdict comes as early as it can; then the other arms (the order of runs changes no run)
+RULE_ARMS=gora,gora-tuned,rslora-lp16,lora-tuned
+nohup nice -n "${NICE:-10}" bash -c "'$PY' bench/gora_regime.py --experiment gora-mrpc --arms $RULE_ARMS \
+  && '$PY' bench/gora_regime.py --experiment gora-mrpc" > logs/gora.log 2>&1 &
 nohup nice -n "${NICE:-10}" bash -c "'$PY' bench/raclora_rank.py \
   && '$PY' $EDORA --r 8 --runs runs/edora-decided-r8 --name edora-decided-r8 \
   && '$PY' $EDORA --r 12 --runs runs/edora-decided-r12 --name edora-decided-r12" > logs/rac-edora.log 2>&1 &
