@@ -24,3 +24,13 @@ def test_every_source_module_is_on_the_layout_map() -> None:
 
 def test_the_readme_links_the_layout_map() -> None:
     assert "docs/layout.md" in (ROOT / "README.md").read_text()
+
+
+def test_every_test_file_is_in_the_topic_table() -> None:
+    """docs/layout.md's "Where a behaviour is tested" names every tests/test_*.py (a new file is placed there, so a
+    newcomer finds it by topic)."""
+    layout = (ROOT / "docs" / "layout.md").read_text()
+    table = layout[layout.index("## Where a behaviour is tested"):]
+    table = table[: table.index("\n## ")]
+    missing = [p.name for p in sorted((ROOT / "tests").glob("test_*.py")) if f"`{p.name}`" not in table]
+    assert not missing, f"docs/layout.md's test table does not name {missing}"

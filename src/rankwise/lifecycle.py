@@ -566,8 +566,10 @@ def check_new_name(model: nn.Module, name: str | None, config: AdapterConfig | N
     """The name a new adapter gets (``None``: ``"default"``), refused before anything changes when it is
     taken, malformed, or the model cannot take another adapter now (merged, disabled, or a second
     adapter asking for ``modules_to_save``)."""
-    if name is not None and (not isinstance(name, str) or not name or "." in name or "/" in name):
-        raise ValueError(f"an adapter name must be a non-empty string without '.' or '/', got {name!r}")
+    if name is not None and (not isinstance(name, str) or not name or name != name.strip() or not name.isprintable()
+                             or any(c in name for c in "./\\")):
+        raise ValueError("an adapter name must be a non-empty string without '.', '/' or '\\', spaces at its ends or "
+                         f"control characters (it names a folder of an export and a part of tensor keys), got {name!r}")
     if not is_attached(model):
         return name or DEFAULT_ADAPTER
     adapters: AdapterSet | None = getattr(model, STATE_ATTR, None)

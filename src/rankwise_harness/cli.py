@@ -103,7 +103,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    "model's own head) or roberta (dense h x h + tanh + out_proj, RoBERTa's GLUE head); not adapter parameters")
     g.add_argument("--pooling", help="cls (first token) or mean (over non-padding tokens); default: mean for "
                    "sentence-transformers checkpoints such as the packaged MiniLM, else cls")
-    g.add_argument("--head-lr", type=float, help="learning rate of the classification head (default: --lr)")
+    g.add_argument("--head-lr", type=float, help="learning rate of the classification head (default: --lr; refused "
+                   "where the run trains no head: label words, generation)")
     g.add_argument("--val-split", type=float, help="hold out this fraction (0-1) of the training rows (after "
                    "--max-train; label-stratified, seeded by --data-seed, never --seed); evaluated beside dev; picks "
                    "the best evaluation")

@@ -88,6 +88,8 @@ def compare(base: RunConfig, methods: list[str], seeds: list[int], output: Path,
         if twice:  # one run counted twice: a mean over it, a spread of 0
             raise ConfigError(f"{flag} names {', '.join(dict.fromkeys(twice))} more than once; each (method, seed) "
                               "run is counted once in the means: name each once")
+    for m in methods:  # each run's settings (its --set fields, its flags) checked before the first run trains
+        for_method(base, m, lr=lr)
     if base.model is not None:  # (the default models come with theirs)
         check_tokenizer(base.model)  # every run would be refused: refused before the folder is made
     check_compare_output(output, overwrite)

@@ -284,6 +284,9 @@ class RunConfig:
         if self.subset not in SUBSETS or self.eval_subset not in (None, *SUBSETS):
             bad = self.subset if self.subset not in SUBSETS else self.eval_subset
             raise ConfigError(f"--subset must be stratified or prefix, got {bad!r}")
+        if self.subset != "stratified" and self.max_train is None and self.max_eval is None:
+            raise ConfigError(f"--subset {self.subset} says how --max-train / --max-eval draw their rows; with neither "
+                              "given every row is used: give one, or drop --subset")
         v = self.val_split
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 < v < 1):
             raise ConfigError(f"--val-split must be a fraction strictly between 0 and 1, got {v!r}")
@@ -312,6 +315,8 @@ class RunConfig:
         for key in adapter_source(values.get("method", "lora")).unused:  # recorded by a run made before they were
             values.pop(key, None)  # refused (the run had no use for them): the run as it was made
         values.setdefault("eval_subset", "prefix")  # recorded before --max-eval sampled: it took the first rows
+        if values.get("max_train") is None and values.get("max_eval") is None:
+            values.pop("subset", None)  # recorded before a --subset with no row limit was refused: it drew nothing
         return cls(**values)
 
     def identity(self) -> dict[str, Any]:

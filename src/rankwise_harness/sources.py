@@ -115,7 +115,12 @@ class AdapterSource(ABC):
 
 
 class RankwiseAdapter(AdapterSource):
-    """A method of the library's registry, attached by ``rankwise.attach`` and saved by ``rankwise.save``."""
+    """A method of the library's registry, attached by ``rankwise.attach`` and saved by ``rankwise.save``; a
+    method that reads no calibration data has no use for ``--calibration-batches``."""
+
+    def __init__(self, method: str | None = None) -> None:
+        if method is not None and not rankwise.all_methods()[method].uses_calibration:
+            self.unused = ("calibration_batches",)
 
     def default_lr(self, method: str) -> float:
         return float(rankwise.all_methods()[method].config_cls.default_lr)
@@ -206,7 +211,8 @@ class FullFineTuning(AdapterSource):
     writes_adapter = False
     calls_step = False
     description = "full fine-tuning: every weight trained, no adapters"
-    unused = ("r", "alpha", "dropout", "targets", "overrides", "lora_plus_ratio")  # the adapter's flags
+    unused = ("r", "alpha", "dropout", "targets", "overrides", "lora_plus_ratio",  # the adapter's flags
+              "calibration_batches")
 
     def check(self, cfg: RunConfig) -> None:
         super().check(cfg)
@@ -256,7 +262,7 @@ def adapter_source(method: str) -> AdapterSource:
     if method in _SOURCES:
         return _SOURCES[method]
     if method in rankwise.all_methods():
-        return RankwiseAdapter()
+        return RankwiseAdapter(method)
     raise ConfigError(f"unknown method {method!r}; known: {', '.join(method_names())}")
 
 
@@ -272,8 +278,12 @@ def for_method(base: RunConfig, method: str, **changes: Any) -> RunConfig:
 
 
 def shared_method(methods: list[str]) -> str:
-    """The method a ``compare``'s shared run config is checked as: the first whose source uses every flag."""
-    return next((m for m in methods if not adapter_source(m).unused), methods[0])
+    """The method a ``compare``'s shared run config is checked as: the first whose source uses every flag that any of
+    ``methods`` uses (its :attr:`~AdapterSource.unused` is in every other's), so that only a flag none of them uses
+    is refused; else the first with the fewest unused flags."""
+    unused = {m: set(adapter_source(m).unused) for m in methods}
+    return next((m for m in methods if all(unused[m] <= u for u in unused.values())),
+                min(methods, key=lambda m: len(unused[m])))
 
 
 def with_heads(mcfg: rankwise.AdapterConfig | None, heads: tuple[str, ...] | None) -> rankwise.AdapterConfig | None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from ..config import ConfigError
 from ..data import Example, Task
 from ..models import head_modules
 
@@ -45,6 +46,14 @@ class TaskType(ABC):
         self.task, self.model_name, self.cfg = task, model_name, cfg
         self.tokenizer: Any = None
         self.model_class: str | None = None  # set by ``load`` when the model it returns wraps another class
+
+    def refuse_head_flags(self, why: str) -> None:
+        """For a task type that puts no head on its model: refuse the flags only a head reads (``--head-lr``,
+        ``--head-warmup-steps``), which would change nothing while ``config.json`` recorded them."""
+        given = [flag for flag, value in (("--head-lr", self.cfg.head_lr is not None),
+                                          ("--head-warmup-steps", bool(self.cfg.head_warmup_steps))) if value]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: {why}; drop {'it' if len(given) == 1 else 'them'}")
 
     @classmethod
     def claims(cls, task: Task, model_name: str) -> bool:

@@ -33,6 +33,7 @@ class Generation(TaskType):
         super().__init__(task, model_name, cfg)
         if cfg.template is not None or cfg.label_words is not None:
             raise ConfigError(f"--template/--label-words are for classification tasks; {task.name} is a generation task")
+        self.refuse_head_flags(f"{task.name} is a generation task: its causal LM trains no task head")
 
     def load(self, device: torch.device, say: Say) -> nn.Module:
         model, self.tokenizer = load_pretrained(self.model_name, "AutoModelForCausalLM", self.cfg.quantize, device)

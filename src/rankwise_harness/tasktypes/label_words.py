@@ -38,6 +38,7 @@ class LabelWordsType(EncoderHead):
         self.words = LabelWords.resolve(verbalizer, AutoTokenizer.from_pretrained(model_name), cfg.max_length)
         if cfg.head != "linear" or cfg.pooling is not None:
             raise ConfigError("--head/--pooling apply to encoder classifiers; a causal LM scores label words (no head)")
+        self.refuse_head_flags(f"{model_name} is a causal LM scored on label words: it trains no task head")
 
     @classmethod
     def claims(cls, task: Task, model_name: str) -> bool:
