@@ -226,32 +226,36 @@ class LibraryUse(ast.NodeVisitor):
         self.problems[f"{self.block.at(getattr(node, 'lineno', 0))}: {text}"] = None
 
     # -- bindings
+    def imported_module(self, node: ast.AST, name: str, spelled: str) -> Any:
+        """Module ``name`` as the block imports it (``None``, a problem noted, when it cannot be imported); it and
+        its parent packages count as imported."""
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            self.problem(node, f"`{spelled}`: {exc}")
+            return None
+        parts = name.split(".")
+        self.imported.update(".".join(parts[: i + 1]) for i in range(len(parts)))
+        return module
+
     def visit_Import(self, node: ast.Import) -> None:
         for alias in node.names:
             if alias.name.split(".")[0] not in LIBRARIES:
                 self.env.pop(alias.asname or alias.name.split(".")[0], None)
                 continue
-            try:
-                module = importlib.import_module(alias.name)
-            except ModuleNotFoundError as exc:
-                self.problem(node, f"`import {alias.name}`: {exc}")
-                continue
-            parts = alias.name.split(".")
-            self.imported.update(".".join(parts[: i + 1]) for i in range(len(parts)))
-            self.env[alias.asname or parts[0]] = module if alias.asname else importlib.import_module(parts[0])
+            module = self.imported_module(node, alias.name, f"import {alias.name}")
+            if module is not None:
+                self.env[alias.asname or alias.name.split(".")[0]] = (
+                    module if alias.asname else importlib.import_module(alias.name.split(".")[0]))
 
     def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
         if node.level or not node.module or node.module.split(".")[0] not in LIBRARIES:
             for alias in node.names:
                 self.env.pop(alias.asname or alias.name, None)
             return
-        try:
-            module = importlib.import_module(node.module)
-        except ModuleNotFoundError as exc:
-            self.problem(node, f"`from {node.module} import ...`: {exc}")
+        module = self.imported_module(node, node.module, f"from {node.module} import ...")
+        if module is None:
             return
-        parts = node.module.split(".")
-        self.imported.update(".".join(parts[: i + 1]) for i in range(len(parts)))
         for alias in node.names:
             if alias.name == "*":
                 continue
