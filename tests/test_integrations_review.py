@@ -92,3 +92,29 @@ def test_a_state_dict_inside_disabled_differs_from_the_adapted_one_and_loads_bac
     model.load_state_dict(inside)
     assert get_state(model, "default").step == 3 and not any(layer.disabled for layer in rankwise.adapter_layers(model, "default").values())
     assert torch.equal(model.state_dict()["rankwise_state"], adapted["rankwise_state"])
+
+
+def test_the_dotted_path_to_the_callback_works_after_a_bare_import() -> None:
+    """``rankwise.integrations.hf.RankwiseCallback`` resolves after ``import rankwise`` alone (PEP 562 on first
+    use), to the class ``from rankwise.integrations.hf import RankwiseCallback`` gives, while the bare import still
+    imports neither the integrations nor transformers; a name that is not there is still an AttributeError."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, rankwise\n"
+        "assert 'transformers' not in sys.modules and 'rankwise.integrations' not in sys.modules\n"
+        "cls = rankwise.integrations.hf.RankwiseCallback\n"
+        "from rankwise.integrations.hf import RankwiseCallback\n"
+        "import transformers\n"
+        "assert cls is RankwiseCallback and issubclass(cls, transformers.TrainerCallback)\n"
+        "for owner, name in ((rankwise, 'integration'), (rankwise.integrations, 'trl'), (rankwise.integrations, 'hf2')):\n"
+        "    try:\n"
+        "        getattr(owner, name)\n"
+        "    except AttributeError as e:\n"
+        "        assert name in str(e), e\n"
+        "    else:\n"
+        "        raise AssertionError(name)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

@@ -19,6 +19,8 @@ The public surface::
 that were once top-level names still are, for old code, but are not in ``__all__``.
 """
 
+from typing import Any
+
 from ._version import __version__
 from .config import AdapterConfig
 from .io import AdapterFileError, load, read_adapter, save
@@ -80,3 +82,15 @@ __all__ = [
     "all_methods",
     "config_from_dict",
 ]
+
+_SUBPACKAGES = ("integrations",)  # imported on first use: ``rankwise.integrations.hf.RankwiseCallback`` works after
+# a bare ``import rankwise`` without it importing a training framework
+
+
+def __getattr__(name: str) -> Any:
+    """PEP 562: the subpackages in ``_SUBPACKAGES`` on first attribute access."""
+    if name in _SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
