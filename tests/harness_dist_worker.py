@@ -161,11 +161,11 @@ def main() -> None:
 def library_checks(rank: int, world: int, init_file: str, out_file: str, names: list[str] | None = None,
                    timeout_s: float | None = None) -> None:
     """``torch.multiprocessing.spawn`` target (2 gloo processes) for the library's own collectives: writes what each
-    check of :data:`LIBRARY_CHECKS` (or those ``names``, of it or :data:`ROUND13_CHECKS`) returned, ``{name: ...}``,
-    as JSON to ``out_file.<rank>``. ``timeout_s``: one collective's wait, in place of :data:`dist_teardown.TIMEOUT`."""
+    check of :data:`LIBRARY_CHECKS` (or those ``names``, of it, :data:`ROUND13_CHECKS` or :data:`ROUND16_CHECKS`)
+    returned, ``{name: ...}``, as JSON to ``out_file.<rank>``. ``timeout_s``: one collective's wait, in place of :data:`dist_teardown.TIMEOUT`."""
     join(rank, world, init_file, timeout_s)
     out: dict[str, Any] = {}
-    for name, check in (LIBRARY_CHECKS | ROUND13_CHECKS).items():
+    for name, check in (LIBRARY_CHECKS | ROUND13_CHECKS | ROUND16_CHECKS).items():
         if (names is None and name in LIBRARY_CHECKS) or (names is not None and name in names):
             out[name] = check(rank)
             # Each check's FSDP / DDP model (reference cycles; its hooks and reducer hold the process group) is
@@ -538,6 +538,29 @@ def _flat_parameters_inside_summon_full_params(rank: int) -> dict[str, str]:
     return out
 
 
+def _counts_under_sharding(rank: int) -> dict[str, Any]:
+    """Review round 16: ``count_parameters`` / ``trainable_parameters`` of :func:`_lora_mlp` unwrapped, under FSDP1
+    (``use_orig_params=True``) outside and inside ``summon_full_params``, under FSDP1 with flat parameters, and under
+    FSDP2 (``fully_shard``): the counts, or what counting raised."""
+    import rankwise
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    plain = _lora_mlp()
+    out: dict[str, Any] = {"unwrapped": list(rankwise.count_parameters(plain)),
+                           "unwrapped_tensors": len(rankwise.trainable_parameters(plain))}
+    _, wrapped, _ = _fsdp1()
+    out["fsdp1"] = _outcome(lambda: rankwise.count_parameters(wrapped))
+    listed = rankwise.trainable_parameters(wrapped)
+    out["fsdp1_listed"] = [len(listed), repr(listed), _outcome(lambda: listed.trainable)]
+    with FullyShardedDataParallel.summon_full_params(wrapped):
+        out["fsdp1_summoned"] = list(rankwise.count_parameters(wrapped))
+    _, flat, _ = _fsdp1(use_orig_params=False)
+    out["fsdp1_flat"] = _outcome(lambda: rankwise.count_parameters(flat))
+    out["fsdp2"] = list(rankwise.count_parameters(_fsdp2()))
+    return out
+
+
+ROUND16_CHECKS = {"counts": _counts_under_sharding}  # run by tests/test_review16_counts.py alone
 ROUND13_CHECKS = {"flat_summoned": _flat_parameters_inside_summon_full_params, "head_sharded": _save_with_only_the_head_sharded, "ctrl_c": _ctrl_c_on_rank1_while_checkpointing}  # run by tests/test_review13_distributed.py alone
 
 

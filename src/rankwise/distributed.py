@@ -119,6 +119,24 @@ def zero3_partitioned(t: torch.Tensor) -> bool:
     return getattr(t, "ds_id", None) is not None and shape is not None and t.numel() != torch.Size(shape).numel()
 
 
+def check_countable(params: Iterable[torch.Tensor]) -> None:
+    """Refuse to count ``params`` (a model's) when FSDP1 holds them as this rank's flat shards: outside
+    ``summon_full_params`` (``use_orig_params=True``) every parameter is a 1-D view of this rank's share, so a count
+    is that share (measured: 6 of 88 trainable values on rank 0 of 2, 82 on rank 1); with ``use_orig_params=False``
+    the parameters are the flat ones themselves, padded. Inside ``summon_full_params`` the views have their shapes
+    again, and the count is the whole model's. FSDP2's ``DTensor`` counts its whole shape; a ZeRO-3 placeholder
+    is counted by its ``ds_shape`` (:func:`rankwise.quant.parameter_count`)."""
+    params = list(params)
+    flat = any(type(p).__name__ == "FlatParameter" for p in params)
+    views = [p for p in params if getattr(p, "_fsdp_flattened", False)]
+    if flat or (views and all(p.dim() < 2 for p in views)):
+        raise ValueError(
+            "cannot count parameters: FullyShardedDataParallel (FSDP1) holds this rank's flat shard of them, so a count "
+            "would be this rank's share only. Count before wrapping (attach's report has .trainable and .total), or "
+            "inside `with FullyShardedDataParallel.summon_full_params(model):`, entered on every rank "
+            "(use_orig_params=True)")
+
+
 def named_parameters_of(modules: Mapping[str, torch.nn.Module]) -> Iterator[tuple[str, torch.Tensor]]:
     """``("<module>.<parameter>", parameter)`` for every parameter of every module in ``{name: module}``."""
     for name, module in modules.items():

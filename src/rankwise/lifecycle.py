@@ -29,6 +29,7 @@ from .config import AdapterConfig, check_bool, check_number
 from .distributed import (
     ZERO3_ATTACH,
     ZERO3_GATHER_WRITE,
+    check_countable,
     check_layers_whole,
     check_not_zero3_partitioned,
     check_original_params,
@@ -126,17 +127,33 @@ def _fmt(value: Any) -> str:
 class TrainableParameters(dict[str, nn.Parameter]):
     """``{name: parameter}`` for every parameter with ``requires_grad`` (a plain dict: ``.values()`` feeds an
     optimizer), printing as one summary line instead of every tensor: ``trainable params: 147,456 || all
-    params: 22,860,290 || trainable%: 0.6450`` (the form of PEFT's ``print_trainable_parameters``)."""
+    params: 22,860,290 || trainable%: 0.6450`` (the form of PEFT's ``print_trainable_parameters``). Where the model
+    cannot be counted (FSDP1's flat shards), the dict is whole and ``trainable`` / ``total`` raise the reason."""
 
-    def __init__(self, params: dict[str, nn.Parameter], trainable: int, total: int) -> None:
+    def __init__(self, params: dict[str, nn.Parameter], counts: tuple[int, int] | str) -> None:
         super().__init__(params)
-        self.trainable, self.total = trainable, total
+        self._counts = counts
+
+    def _count(self, i: int) -> int:
+        if isinstance(self._counts, str):
+            raise ValueError(self._counts)
+        return self._counts[i]
+
+    @property
+    def trainable(self) -> int:
+        return self._count(0)
+
+    @property
+    def total(self) -> int:
+        return self._count(1)
 
     @property
     def percent(self) -> float:
         return 100.0 * self.trainable / max(self.total, 1)
 
     def __repr__(self) -> str:
+        if isinstance(self._counts, str):
+            return f"{len(self)} trainable tensors (not counted: {self._counts})"
         return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
 
     __str__ = __repr__
@@ -145,7 +162,11 @@ class TrainableParameters(dict[str, nn.Parameter]):
 def trainable_parameters(model: nn.Module) -> TrainableParameters:
     """``{name: parameter}`` for every parameter with ``requires_grad``; prints as a one-line summary
     (counts as :func:`count_parameters`: shared tensors once, 4-bit weights by the values they hold)."""
-    return TrainableParameters({n: p for n, p in model.named_parameters() if p.requires_grad}, *count_parameters(model))
+    try:
+        counts: tuple[int, int] | str = count_parameters(model)
+    except ValueError as exc:  # FSDP1's flat shards: the dict still feeds an optimizer
+        counts = str(exc)
+    return TrainableParameters({n: p for n, p in model.named_parameters() if p.requires_grad}, counts)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -153,16 +174,13 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     train, and all of them. Buffers are not parameters: RAC-LoRA's frozen sketch and chain record and EDoRA's frozen
     SVD factors are not in ``total`` (HF PEFT, which keeps frozen factors as parameters, would count them). A
     RAC-LoRA ``frozen="alternate"`` layer counts both factors as trainable (both are parameters; each link trains
-    one). A bitsandbytes 4-bit weight counts the values it was quantised from."""
-    seen: set[int] = set()
-    trainable = total = 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += parameter_count(p)  # a 4-bit weight: the values it was quantised from
-        trainable += p.numel() if p.requires_grad else 0
-    return trainable, total
+    one). A bitsandbytes 4-bit weight counts the values it was quantised from; sharded parameters count whole
+    (FSDP2, DeepSpeed ZeRO-3), and FSDP1's flat shards are refused outside ``summon_full_params``
+    (:func:`rankwise.distributed.check_countable`: a ``ValueError``)."""
+    params = list({id(p): p for p in model.parameters()}.values())
+    check_countable(params)
+    counts = [(parameter_count(p), p.requires_grad) for p in params]  # 4-bit, ZeRO-3: the values they stand for
+    return sum(n for n, trains in counts if trains), sum(n for n, _ in counts)
 
 
 def lora_plus_param_groups(

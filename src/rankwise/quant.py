@@ -125,7 +125,10 @@ def parameter_count(p: Tensor) -> int:
     """How many weights ``p`` holds. A quantised bitsandbytes 4-bit weight packs two per byte of its storage,
     padded to whole storage elements (15 values take 8 bytes), so it counts the shape it was quantised from
     (``quant_state.shape``); one not yet quantised (a ``Linear4bit`` before its move to a device) holds its values
-    as they are."""
+    as they are. A DeepSpeed ZeRO-3 parameter counts its whole shape (``ds_shape``; outside a gather the tensor is
+    an empty placeholder), as FSDP2's ``DTensor`` does by itself."""
+    if getattr(p, "ds_id", None) is not None and getattr(p, "ds_shape", None) is not None:
+        return int(torch.Size(p.ds_shape).numel())  # type: ignore[attr-defined]
     if type(p).__name__ == "Params4bit":
         state = getattr(p, "quant_state", None)
         if state is not None:
