@@ -42,6 +42,7 @@ from .adapter_file import (CHECKPOINT_ADAPTER_FOLDER, RANKWISE_FILES, AdapterFil
 from .adapters import set_active
 from .config import AdapterConfig, check_bool
 from .distributed import ZERO3_GATHER, check_layers_whole, check_whole_modules
+from .hub import adapter_folder
 from .layer import AdapterLayer
 from .lifecycle import all_or_nothing, check_new_name, install, refuse_fully_trained_targets
 from .quant import dense_weight, quant_block, quant_kind
@@ -332,8 +333,13 @@ def load(
     trainable: bool = True,
     expect_method: str | None = None,
     name: str | None = None,
+    revision: str | None = None,
+    subfolder: str | None = None,
 ) -> nn.Module:
     """Attach the adapter saved at ``path`` to ``model`` (a fresh base), reproducing it exactly.
+
+    ``path``: the folder :func:`save` wrote (or its ``adapter.safetensors``), or a Hugging Face Hub repo id
+    (``"owner/name"``, at ``revision``, in ``subfolder``) when no such path exists here (:mod:`rankwise.hub`).
 
     The adapter goes on exactly the layers the file records (by full name; the saved
     ``target_modules`` is never evaluated). Everything is verified before the model is touched: a
@@ -355,7 +361,11 @@ def load(
         raise ValueError("this model already has rankwise adapters; load onto a fresh base model (or detach first), "
                          "or pass name= to load this one beside them")
     name = check_new_name(model, name)
-    meta, tensors = read_adapter(path)
+    try:
+        folder = adapter_folder(path, RANKWISE_FILES, revision=revision, subfolder=subfolder, what="rankwise adapter")
+    except FileNotFoundError as exc:
+        raise AdapterFileError(str(exc)) from exc
+    meta, tensors = read_adapter(folder)
     if expect_method is not None and meta["method"] != expect_method:
         raise AdapterFileError(
             f"the adapter at {path} was saved by method {meta['method']!r}, not {expect_method!r} as expected "

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from .adapter_file import (PEFT_FILES, AdapterFileError, atomic_write_files, file_dict, file_int, file_names,
                            file_number, is_peft_adapter, read_json)
 from .config import check_bool, lora_alpha, lora_scale
+from .hub import adapter_folder
 from .io import check_folders, folders_by_name, install_rebuilt, rebuild_layers
 from .lifecycle import check_new_name, refuse_fully_trained_targets
 from .methods import DoraConfig, LoraConfig
@@ -56,6 +57,7 @@ from .targeting import SUPPORTED_TYPES, is_supported
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_WEIGHTS_BIN = "adapter_model.bin"  # what PEFT wrote before safetensors (and with safe_serialization=False)
 PREFIX = "base_model.model."
 SERVE_MERGED = ("Serve merged weights instead: rankwise export ... --format merged, or rankwise.detach(model, "
                 "merge=True) then model.save_pretrained(dir)")
@@ -390,12 +392,26 @@ def _read_peft_config(folder: Path) -> dict[str, Any]:
     return cfg
 
 
-def _read_peft_tensors(folder: Path) -> dict[str, Tensor]:
-    """The adapter's tensors without PEFT's ``base_model.model.`` prefix; a bad file raises :class:`AdapterFileError`."""
+def _load_bin(file: Path) -> dict[str, Tensor]:
+    raw = torch.load(file, map_location="cpu", weights_only=True)
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in raw.items()):
+        raise AdapterFileError(f"{file} is not a state dict of named tensors (got {type(raw).__name__})")
+    return raw
+
+
+def _weights_file(folder: Path) -> Path:
+    """``adapter_model.safetensors``, else PEFT's older ``adapter_model.bin`` when only that is there."""
     file = folder / PEFT_WEIGHTS
+    return folder / PEFT_WEIGHTS_BIN if not file.is_file() and (folder / PEFT_WEIGHTS_BIN).is_file() else file
+
+
+def _read_peft_tensors(folder: Path) -> dict[str, Tensor]:
+    """The adapter's tensors without PEFT's ``base_model.model.`` prefix; a bad file raises :class:`AdapterFileError`.
+    A ``.bin`` is read with ``torch.load(weights_only=True)``: tensors only, no code from the file runs."""
+    file = _weights_file(folder)
     try:
-        raw = load_file(str(file))
-    except Exception as exc:  # safetensors raises several types for truncated/corrupt headers
+        raw = load_file(str(file)) if file.suffix == ".safetensors" else _load_bin(file)
+    except Exception as exc:  # safetensors / torch raise several types for truncated/corrupt files
         raise AdapterFileError(f"{file} is truncated or corrupt and cannot be read ({exc})") from exc
     for key, t in raw.items():
         if torch.is_floating_point(t) and not bool(torch.isfinite(t).all()):
@@ -454,9 +470,14 @@ def _check_init(init: Any, path: Path) -> None:
 
 
 def import_peft(
-    base_model: nn.Module, path: str | os.PathLike[str], *, trainable: bool = True, name: str | None = None
+    base_model: nn.Module, path: str | os.PathLike[str], *, trainable: bool = True, name: str | None = None,
+    revision: str | None = None, subfolder: str | None = None,
 ) -> nn.Module:
     """Attach a HF PEFT LoRA / rsLoRA / DoRA adapter folder to ``base_model`` in place, to continue training.
+
+    ``path``: the adapter's folder (``adapter_config.json`` with ``adapter_model.safetensors``, or PEFT's older
+    ``adapter_model.bin``), or a Hugging Face Hub repo id (``"owner/name"``, at ``revision``, in ``subfolder``)
+    when no such path exists here (:mod:`rankwise.hub`), as ``PeftModel.from_pretrained`` takes.
 
     Per-layer ranks come from the tensor shapes (checked against ``rank_pattern``), per-layer scales
     from ``alpha_pattern`` (``alpha / r``, or ``alpha / √r`` with ``use_rslora``) and live on each layer,
@@ -474,16 +495,18 @@ def import_peft(
     PEFT's multi-adapter layout at a time: ``import_peft(model, path/<name>, name=<name>)``).
     """
     check_bool("trainable", trainable)
-    folder = Path(path)
     base_model = unwrap_model(base_model)
     refuse_peft_model(base_model)
     if is_attached(base_model) and name is None:
         raise ValueError("this model already has rankwise adapters; import onto a fresh base model, or pass name= "
                          "to import this one beside them")
     name = check_new_name(base_model, name)
-    for file in (PEFT_CONFIG, PEFT_WEIGHTS):
-        if not (folder / file).is_file():
-            raise FileNotFoundError(f"no PEFT adapter at {folder}: {file} is missing")
+    folder = adapter_folder(path, (PEFT_CONFIG, PEFT_WEIGHTS, PEFT_WEIGHTS_BIN), revision=revision, subfolder=subfolder,
+                            what="PEFT adapter")
+    if not (folder / PEFT_CONFIG).is_file():
+        raise FileNotFoundError(f"no PEFT adapter at {folder}: {PEFT_CONFIG} is missing")
+    if not _weights_file(folder).is_file():
+        raise FileNotFoundError(f"no PEFT adapter at {folder}: {PEFT_WEIGHTS} is missing (nor {PEFT_WEIGHTS_BIN})")
     cfg = _read_peft_config(folder)
     tensors = _read_peft_tensors(folder)
     parts, targets, ranks = _peft_layers(base_model, folder, cfg, tensors)
@@ -526,7 +549,7 @@ def _peft_layers(
         if m:
             parts.setdefault(m["module"], {})[m["part"].split(".")[0]] = t
     if not parts:
-        raise ValueError(f"{folder / PEFT_WEIGHTS} holds no lora_A/lora_B tensors")
+        raise ValueError(f"{_weights_file(folder)} holds no lora_A/lora_B tensors")
     dora = bool(cfg.get("use_dora"))
     modules = dict(base_modules(base_model))  # a module beside another adapter is seen as its base module
     targets: dict[str, nn.Module] = {}
@@ -574,7 +597,7 @@ def _peft_saved_modules(
         saved[name], mts[name] = modules[name], got  # type: ignore[assignment]
     stray = sorted(set(tensors) - placed - {f"{n}.{k}" for n, sd in mts.items() for k in sd})
     if stray:
-        raise ValueError(f"{folder / PEFT_WEIGHTS} holds tensors rankwise cannot place: {stray[:5]}")
+        raise ValueError(f"{_weights_file(folder)} holds tensors rankwise cannot place: {stray[:5]}")
     return saved, mts
 
 
@@ -610,7 +633,7 @@ def _peft_base_weights(folder: Path, targets: dict[str, nn.Module], tensors: dic
         own = targets[m["module"]].state_dict().get(m["param"])
         if own is None or own.shape != saved.shape or not _same_weight(own, saved):
             raise ValueError(
-                f"{folder / PEFT_WEIGHTS} holds {key!r}, the base weight of {m['module']!r} (PEFT saves an adapted "
+                f"{_weights_file(folder)} holds {key!r}, the base weight of {m['module']!r} (PEFT saves an adapted "
                 f"embedding layer's base weight and its load writes it over the model's), and it differs from this "
                 f"model's {m['module']}.{m['param']}: the adapter was saved from another base (a resized or trained "
                 "embedding?). rankwise leaves base weights as they are and cannot carry this one: import onto the "

@@ -57,7 +57,10 @@ def add_subcommands(subparsers: Any) -> None:
                              "what the run recorded); merged: a float model of the dequantised base + update; none: "
                              "the float base (a quantised run's update on the unquantised weights)")
     imp = subparsers.add_parser("import", help="turn a PEFT LoRA/DoRA adapter into a rankwise adapter to continue training")
-    imp.add_argument("adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    imp.add_argument("adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors or .bin), "
+                                     "or a Hugging Face Hub repo id (owner/name) when no such folder exists here")
+    imp.add_argument("--revision", help="the Hub repo's branch, tag or commit (with a repo id)")
+    imp.add_argument("--subfolder", help="the adapter's subfolder in the repo or folder (PEFT's multi-adapter layout)")
     imp.add_argument("--base", required=True, help="the base model the adapter belongs to (HF folder or name)")
     imp.add_argument("--out", required=True, help="output folder for the rankwise adapter")
     imp.add_argument("--model-class", default=None, help="transformers class for the base (default: from config.json)")
@@ -325,7 +328,7 @@ def _import(args: argparse.Namespace) -> str:
 
     check_out(args.out, [args.adapter, args.base], RANKWISE_FILES, is_rankwise_adapter, "a rankwise adapter")
     model = load_base(args.base, args.model_class, args.quantize)
-    rankwise.import_peft(model, args.adapter)
+    rankwise.import_peft(model, args.adapter, revision=args.revision, subfolder=args.subfolder)
     rankwise.save(model, args.out)
     n = len(rankwise.adapter_layers(model))
     return f"rankwise {rankwise.adapter_config(model).method} adapter ({n} layers) written to {args.out}"
