@@ -201,3 +201,18 @@ def test_rankwise_import_takes_a_repo_id_and_its_revision(hub: _Hub, bert_case: 
     batch = bert_case.batch(1)
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(**batch).logits, theirs.eval()(**batch).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_a_repo_without_the_adapter_where_asked_names_the_repo_and_subfolder(hub: _Hub, tmp_path: Path) -> None:
+    """The adapter sits in a subfolder and none was given (or the wrong one): the error names the repo and says
+    what to pass, not the Hub's cache folder; the model is untouched."""
+    rankwise.export_peft(_trained_lora(), tmp_path / "repo" / "b")
+    hub.repos["someone/several"] = tmp_path / "repo"
+    base = _base()
+    with pytest.raises(FileNotFoundError, match=r"someone/several on the Hugging Face Hub.*adapter_config.json.*subfolder="):
+        rankwise.import_peft(base, "someone/several")
+    with pytest.raises(FileNotFoundError, match=r"someone/several in c/ on the Hugging Face Hub"):
+        rankwise.import_peft(base, "someone/several", subfolder="c")
+    with pytest.raises(rankwise.AdapterFileError, match=r"someone/several.*adapter.safetensors"):
+        rankwise.load(base, "someone/several")
+    assert not rankwise.adapter_layers(base)

@@ -38,7 +38,8 @@ def looks_like_repo_id(path: str | os.PathLike[str]) -> bool:
 def adapter_folder(path: str | os.PathLike[str], files: Sequence[str], *, revision: str | None = None,
                    subfolder: str | None = None, what: str = "adapter") -> Path:
     """The local folder to read an adapter from: ``path`` (``/ subfolder``) when it exists here or cannot be a repo
-    id (the caller then says what is missing), else the Hub snapshot of repo ``path`` holding ``files``.
+    id (the caller then says what is missing), else the Hub snapshot of repo ``path`` holding ``files`` (the first
+    of them must be there: a repo without it is refused naming the repo, not the cache folder).
 
     Raises ``ValueError`` for ``revision`` with a local path or a ``subfolder`` that climbs out, and
     ``FileNotFoundError`` naming the Hub's reason (not found, offline and not cached, gated, no such revision)
@@ -64,4 +65,9 @@ def adapter_folder(path: str | os.PathLike[str], files: Sequence[str], *, revisi
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise FileNotFoundError(f"no {what} at {repo}: no such folder here, and the Hugging Face Hub gave none "
                                 f"({type(exc).__name__}: {reason})") from exc
-    return Path(snapshot) / subfolder if subfolder else Path(snapshot)
+    folder = Path(snapshot) / subfolder if subfolder else Path(snapshot)
+    if not (folder / files[0]).is_file():
+        where = f"{repo}" + (f" at revision {revision}" if revision else "") + (f" in {subfolder}/" if subfolder else "")
+        raise FileNotFoundError(f"no {what} at {where} on the Hugging Face Hub: the repo has no {files[0]} there"
+                                + ("" if subfolder else " (an adapter in a subfolder of the repo: pass subfolder=)"))
+    return folder
