@@ -30,7 +30,7 @@ _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")
 
 def looks_like_repo_id(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` could name a Hub repo: a ``str`` of the form ``name`` or ``owner/name`` (not a ``Path``, not
-    absolute, no ``..``, not a file name ending in ``.safetensors`` / ``.json``)."""
+    absolute, no ``..``, not a file name ending in ``.safetensors`` / ``.json`` / ``.bin``)."""
     return (isinstance(path, str) and _REPO_ID.fullmatch(path) is not None and ".." not in path
             and not path.endswith((".safetensors", ".json", ".bin")))
 
