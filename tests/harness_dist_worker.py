@@ -176,6 +176,17 @@ def library_checks(rank: int, world: int, init_file: str, out_file: str, names: 
     leave()
 
 
+def spawn_library_checks(root: Path, names: list[str] | None = None, timeout_s: float | None = None
+                         ) -> list[dict[str, Any]]:
+    """Run :func:`library_checks` (``names`` of them, or :data:`LIBRARY_CHECKS`) on 2 spawned gloo processes, their
+    files under ``root``; what each rank wrote, by rank. With ``timeout_s`` a collective waits that long at most: a
+    rank left waiting for a peer ends the spawn with an error, never hangs it."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(library_checks, args=(2, str(root / "init"), str(root / "out"), names, timeout_s), nprocs=2, join=True)
+    return [json.loads((root / f"out.{r}").read_text()) for r in (0, 1)]
+
+
 def _lora_mlp() -> torch.nn.Module:
     """The tiny MLP with LoRA (r 4, seeded) on fc1 and fc2, unwrapped: every spawn check's model."""
     import rankwise

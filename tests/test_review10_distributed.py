@@ -227,13 +227,9 @@ def test_each_process_gets_its_share_of_the_one_process_calibration_batch(n_rows
 @pytest.fixture(scope="module")
 def library_checks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """``harness_dist_worker.library_checks`` on 2 spawned gloo processes; what each rank wrote."""
-    import torch.multiprocessing as mp
-
     import harness_dist_worker as w
 
-    root = tmp_path_factory.mktemp("library")
-    mp.spawn(w.library_checks, args=(2, str(root / "init"), str(root / "out")), nprocs=2, join=True)
-    return [json.loads((root / f"out.{r}").read_text()) for r in (0, 1)]
+    return w.spawn_library_checks(tmp_path_factory.mktemp("library"))
 
 
 def test_a_nan_in_one_ranks_fsdp2_shard_stops_rankwise_step_on_every_rank(library_checks: list[dict[str, Any]]) -> None:

@@ -20,15 +20,9 @@ WAIT_S = 30.0
 @pytest.fixture(scope="module")
 def checks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """This round's checks of ``harness_dist_worker.library_checks`` on 2 spawned processes; what each rank wrote."""
-    import torch.multiprocessing as mp
-
     import harness_dist_worker as w
 
-    root = tmp_path_factory.mktemp("round13")
-    # a collective waits WAIT_S at most: a rank left waiting for a peer ends the spawn with an error, never hangs it
-    mp.spawn(w.library_checks, args=(2, str(root / "init"), str(root / "out"), list(w.ROUND13_CHECKS), WAIT_S),
-             nprocs=2, join=True)
-    return [json.loads((root / f"out.{r}").read_text()) for r in (0, 1)]
+    return w.spawn_library_checks(tmp_path_factory.mktemp("round13"), list(w.ROUND13_CHECKS), WAIT_S)
 
 
 def test_save_refuses_a_sharded_modules_to_save_head_and_keeps_the_previous_adapter(checks: list[dict[str, Any]]) -> None:

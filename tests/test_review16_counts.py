@@ -6,7 +6,6 @@ FSDP1's flat shards are refused outside ``summon_full_params``, naming the fix."
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +21,9 @@ WAIT_S = 30.0
 @pytest.fixture(scope="module")
 def counts(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """``harness_dist_worker``'s ``counts`` check on 2 spawned gloo processes: what each rank returned."""
-    import torch.multiprocessing as mp
-
     import harness_dist_worker as w
 
-    root = tmp_path_factory.mktemp("round16")
-    mp.spawn(w.library_checks, args=(2, str(root / "init"), str(root / "out"), list(w.ROUND16_CHECKS), WAIT_S),
-             nprocs=2, join=True)
-    return [json.loads((root / f"out.{r}").read_text())["counts"] for r in (0, 1)]
+    return [r["counts"] for r in w.spawn_library_checks(tmp_path_factory.mktemp("round16"), list(w.ROUND16_CHECKS), WAIT_S)]
 
 
 def test_fsdp1_shards_are_refused_outside_summon_full_params_and_counted_whole_inside(counts: list[dict[str, Any]]) -> None:
