@@ -57,7 +57,10 @@ from .targeting import SUPPORTED_TYPES, is_supported
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
-PEFT_WEIGHTS_BIN = "adapter_model.bin"  # what PEFT wrote before safetensors (and with safe_serialization=False)
+PEFT_WEIGHTS_BIN = "adapter_model.bin"  # PEFT's older pickled format: not read (rankwise unpickles nothing)
+BIN_REFUSAL = (f"only {PEFT_WEIGHTS_BIN} is there, PEFT's older pickled format, which rankwise does not read (unpickling "
+               "can run code from the file). Convert it once where you trust it: peft.PeftModel.from_pretrained(base, "
+               "dir).save_pretrained(out) writes adapter_model.safetensors; import out")
 PREFIX = "base_model.model."
 SERVE_MERGED = ("Serve merged weights instead: rankwise export ... --format merged, or rankwise.detach(model, "
                 "merge=True) then model.save_pretrained(dir)")
@@ -392,26 +395,12 @@ def _read_peft_config(folder: Path) -> dict[str, Any]:
     return cfg
 
 
-def _load_bin(file: Path) -> dict[str, Tensor]:
-    raw = torch.load(file, map_location="cpu", weights_only=True)
-    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in raw.items()):
-        raise AdapterFileError(f"{file} is not a state dict of named tensors (got {type(raw).__name__})")
-    return raw
-
-
-def _weights_file(folder: Path) -> Path:
-    """``adapter_model.safetensors``, else PEFT's older ``adapter_model.bin`` when only that is there."""
-    file = folder / PEFT_WEIGHTS
-    return folder / PEFT_WEIGHTS_BIN if not file.is_file() and (folder / PEFT_WEIGHTS_BIN).is_file() else file
-
-
 def _read_peft_tensors(folder: Path) -> dict[str, Tensor]:
-    """The adapter's tensors without PEFT's ``base_model.model.`` prefix; a bad file raises :class:`AdapterFileError`.
-    A ``.bin`` is read with ``torch.load(weights_only=True)``: tensors only, no code from the file runs."""
-    file = _weights_file(folder)
+    """The adapter's tensors without PEFT's ``base_model.model.`` prefix; a bad file raises :class:`AdapterFileError`."""
+    file = folder / PEFT_WEIGHTS
     try:
-        raw = load_file(str(file)) if file.suffix == ".safetensors" else _load_bin(file)
-    except Exception as exc:  # safetensors / torch raise several types for truncated/corrupt files
+        raw = load_file(str(file))
+    except Exception as exc:  # safetensors raises several types for truncated/corrupt headers
         raise AdapterFileError(f"{file} is truncated or corrupt and cannot be read ({exc})") from exc
     for key, t in raw.items():
         if torch.is_floating_point(t) and not bool(torch.isfinite(t).all()):
@@ -475,8 +464,8 @@ def import_peft(
 ) -> nn.Module:
     """Attach a HF PEFT LoRA / rsLoRA / DoRA adapter folder to ``base_model`` in place, to continue training.
 
-    ``path``: the adapter's folder (``adapter_config.json`` with ``adapter_model.safetensors``, or PEFT's older
-    ``adapter_model.bin``), or a Hugging Face Hub repo id (``"owner/name"``, at ``revision``, in ``subfolder``)
+    ``path``: the adapter's folder (``adapter_config.json`` with ``adapter_model.safetensors``; PEFT's older
+    pickled ``adapter_model.bin`` is refused with the command that converts it), or a Hugging Face Hub repo id (``"owner/name"``, at ``revision``, in ``subfolder``)
     when no such path exists here (:mod:`rankwise.hub`), as ``PeftModel.from_pretrained`` takes.
 
     Per-layer ranks come from the tensor shapes (checked against ``rank_pattern``), per-layer scales
@@ -501,12 +490,15 @@ def import_peft(
         raise ValueError("this model already has rankwise adapters; import onto a fresh base model, or pass name= "
                          "to import this one beside them")
     name = check_new_name(base_model, name)
-    folder = adapter_folder(path, (PEFT_CONFIG, PEFT_WEIGHTS, PEFT_WEIGHTS_BIN), revision=revision, subfolder=subfolder,
+    folder = adapter_folder(path, (PEFT_CONFIG, PEFT_WEIGHTS), revision=revision, subfolder=subfolder,
                             what="PEFT adapter")
     if not (folder / PEFT_CONFIG).is_file():
         raise FileNotFoundError(f"no PEFT adapter at {folder}: {PEFT_CONFIG} is missing")
-    if not _weights_file(folder).is_file():
-        raise FileNotFoundError(f"no PEFT adapter at {folder}: {PEFT_WEIGHTS} is missing (nor {PEFT_WEIGHTS_BIN})")
+    if not (folder / PEFT_WEIGHTS).is_file():
+        raise FileNotFoundError(f"no PEFT adapter at {folder}: {PEFT_WEIGHTS} is missing"
+                                + (f"; {BIN_REFUSAL}" if (folder / PEFT_WEIGHTS_BIN).is_file() else
+                                   f" (a repo or folder with only {PEFT_WEIGHTS_BIN}, PEFT's older pickled format, is not "
+                                   "read: convert it with PEFT's save_pretrained)"))
     cfg = _read_peft_config(folder)
     tensors = _read_peft_tensors(folder)
     parts, targets, ranks = _peft_layers(base_model, folder, cfg, tensors)
@@ -549,7 +541,7 @@ def _peft_layers(
         if m:
             parts.setdefault(m["module"], {})[m["part"].split(".")[0]] = t
     if not parts:
-        raise ValueError(f"{_weights_file(folder)} holds no lora_A/lora_B tensors")
+        raise ValueError(f"{folder / PEFT_WEIGHTS} holds no lora_A/lora_B tensors")
     dora = bool(cfg.get("use_dora"))
     modules = dict(base_modules(base_model))  # a module beside another adapter is seen as its base module
     targets: dict[str, nn.Module] = {}
@@ -597,7 +589,7 @@ def _peft_saved_modules(
         saved[name], mts[name] = modules[name], got  # type: ignore[assignment]
     stray = sorted(set(tensors) - placed - {f"{n}.{k}" for n, sd in mts.items() for k in sd})
     if stray:
-        raise ValueError(f"{_weights_file(folder)} holds tensors rankwise cannot place: {stray[:5]}")
+        raise ValueError(f"{folder / PEFT_WEIGHTS} holds tensors rankwise cannot place: {stray[:5]}")
     return saved, mts
 
 
@@ -633,7 +625,7 @@ def _peft_base_weights(folder: Path, targets: dict[str, nn.Module], tensors: dic
         own = targets[m["module"]].state_dict().get(m["param"])
         if own is None or own.shape != saved.shape or not _same_weight(own, saved):
             raise ValueError(
-                f"{_weights_file(folder)} holds {key!r}, the base weight of {m['module']!r} (PEFT saves an adapted "
+                f"{folder / PEFT_WEIGHTS} holds {key!r}, the base weight of {m['module']!r} (PEFT saves an adapted "
                 f"embedding layer's base weight and its load writes it over the model's), and it differs from this "
                 f"model's {m['module']}.{m['param']}: the adapter was saved from another base (a resized or trained "
                 "embedding?). rankwise leaves base weights as they are and cannot carry this one: import onto the "
