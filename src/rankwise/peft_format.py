@@ -465,8 +465,9 @@ def import_peft(
     """Attach a HF PEFT LoRA / rsLoRA / DoRA adapter folder to ``base_model`` in place, to continue training.
 
     ``path``: the adapter's folder (``adapter_config.json`` with ``adapter_model.safetensors``; PEFT's older
-    pickled ``adapter_model.bin`` is refused with the command that converts it), or a Hugging Face Hub repo id (``"owner/name"``, at ``revision``, in ``subfolder``)
-    when no such path exists here (:mod:`rankwise.hub`), as ``PeftModel.from_pretrained`` takes.
+    pickled ``adapter_model.bin`` is refused with the command that converts it), or a Hugging Face Hub repo id
+    (``"owner/name"``, at ``revision``, in ``subfolder``) when no such path exists here (:mod:`rankwise.hub`), as
+    ``PeftModel.from_pretrained`` takes.
 
     Per-layer ranks come from the tensor shapes (checked against ``rank_pattern``), per-layer scales
     from ``alpha_pattern`` (``alpha / r``, or ``alpha / √r`` with ``use_rslora``) and live on each layer,
