@@ -48,6 +48,7 @@ from .adapter_file import (PEFT_FILES, AdapterFileError, atomic_write_files, fil
 from .config import check_bool, lora_alpha, lora_scale
 from .hub import adapter_folder
 from .io import check_folders, folders_by_name, install_rebuilt, rebuild_layers
+from .layer import wide_dtype
 from .lifecycle import check_new_name, refuse_fully_trained_targets
 from .methods import DoraConfig, LoraConfig
 from .registry import method_for
@@ -298,8 +299,9 @@ def _peft_tensors(
     alphas: dict[str, float] = {}
     r_max = max(f.lora_a.shape[0] for f in factors.values())
     for name, f in factors.items():
-        a = f.lora_a.detach().float().cpu()  # r x in
-        b = f.lora_b.detach().float().cpu()  # out x r
+        wide = wide_dtype(f.lora_a.dtype)  # fp32 (bf16/fp16 upcast exactly, as PEFT keeps its adapters), fp64 kept
+        a = f.lora_a.detach().to(device="cpu", dtype=wide)  # r x in
+        b = f.lora_b.detach().to(device="cpu", dtype=wide)  # out x r
         if vllm:
             b = b * f.scale
             pad = r_max - a.shape[0]
@@ -312,7 +314,8 @@ def _peft_tensors(
         tensors[f"{PREFIX}{name}.lora_A.weight"] = a.contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = b.contiguous()
         if f.magnitude is not None:
-            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = f.magnitude.detach().float().cpu().contiguous()
+            magnitude = f.magnitude.detach().to(device="cpu", dtype=wide_dtype(f.magnitude.dtype))  # out
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = magnitude.contiguous()
     for name, module in modules_to_save.items():
         for key, t in base_state_dict(module).items():  # another adapter's layer inside: the base module's tensors
             tensors[f"{PREFIX}{name}.{key}"] = t.detach().cpu().contiguous()

@@ -281,11 +281,13 @@ class RacLoraLinear(AdapterLayer):
 
         The current link is left out when its product is exactly zero (e.g. right after a link end).
         """
-        a = self.lora_a.detach().float()  # r x in
-        b = self.scale * self.lora_b.detach().float()  # out x r
+        wide = wide_dtype(self.adapter_dtype)  # fp32, or fp64 for an fp64 chain (never rounded to fp32)
+        a = self.lora_a.detach().to(wide)  # r x in
+        b = self.scale * self.lora_b.detach().to(wide)  # out x r
+        chain_a, chain_b = self.chain_a.to(wide), self.chain_b.to(wide)  # k x in, out x k
         if self.chain_a.shape[0] and not (bool(a.any()) and bool(b.any())):
-            return PeftFactors(self.chain_a.float(), self.chain_b.float(), 1.0)
-        return PeftFactors(torch.cat([self.chain_a.float(), a]), torch.cat([self.chain_b.float(), b], dim=1), 1.0)
+            return PeftFactors(chain_a, chain_b, 1.0)
+        return PeftFactors(torch.cat([chain_a, a]), torch.cat([chain_b, b], dim=1), 1.0)
 
     def resize_for_load(self, shapes: dict[str, torch.Size]) -> None:
         """Give the chain record the saved rank before a saved adapter is filled in (it grows in training)."""
