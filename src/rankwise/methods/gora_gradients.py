@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -34,6 +34,66 @@ class GradientStats:
     accumulator_bytes: int
     peak_cuda_bytes: int | None
     world_size: int
+
+
+FP16_INITIAL_SCALE = 2.0**16  # torch.amp.GradScaler's init_scale
+
+
+@dataclass
+class LossScale:
+    """The calibration loss's scale on an fp16 model, as ``torch.amp.GradScaler`` scales a training loss.
+
+    fp16 keeps 11 significant bits only above 6.1e-5 and flushes values below 6e-8 to zero, and the mean gradient
+    of a weight entry is often that small: unscaled, the gradients fp16 backpropagates lose their precision or
+    vanish (GoRA's importance and initial ``B`` with them). On an fp16 model the loss is multiplied by ``scale``
+    (2^16 to start, a power of two: exact), each batch's gradients are held until its backward ends
+    (:attr:`pending`, :attr:`staged`), then divided by ``scale`` into the fp32 accumulators (:meth:`settle`); a batch
+    whose scaled gradients overflow runs again at half the scale. Off on other models (bf16 has fp32's range): their
+    gradients go straight into the accumulators, and the loss is not multiplied."""
+
+    scale: float = 1.0
+    pending: dict[str, Tensor] | None = None  # this batch's weight gradients (their own dtype); None: not scaling
+    staged: dict[str, Tensor] = field(default_factory=dict)  # this batch's tapped gradient sums (fp32), when scaling
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> LossScale:
+        """Scaling on when any of the model's parameters is fp16 (its activations' gradients then are too)."""
+        if any(p.dtype == torch.float16 for p in model.parameters()):
+            return cls(scale=FP16_INITIAL_SCALE, pending={})
+        return cls()
+
+    def sink(self, name: str, acc: Tensor) -> Tensor:
+        """Where a tapped layer adds this batch's gradient: its accumulator, or (scaling) a staging sum of its shape."""
+        if self.pending is None:
+            return acc
+        return self.staged.setdefault(name, torch.zeros_like(acc))
+
+    def take(self, name: str, grad: Tensor, acc: Tensor) -> None:
+        """A weight's gradient from this batch's backward: into its accumulator, or (scaling) held for
+        :meth:`settle`."""
+        if self.pending is None:
+            acc.add_(grad.detach().to(device=acc.device, dtype=acc.dtype))
+        else:
+            self.pending[name] = grad.detach()
+
+    def settle(self, acc: dict[str, Tensor]) -> bool:
+        """After a batch's backward: ``False`` (run it again, at half the scale) when scaled gradients overflowed;
+        else each held gradient ``/ scale`` into ``acc`` and ``True``. At scale 1 they are added whatever they hold
+        (a non-finite gradient then stops the calibration, naming its layer)."""
+        if self.pending is None:
+            return True
+        held = {**self.pending, **self.staged}
+        self.pending = {}
+        finite = all(bool(torch.isfinite(g).all()) for g in held.values())
+        if finite or self.scale <= 1.0:
+            for name, g in held.items():
+                acc[name].add_(g.to(device=acc[name].device, dtype=acc[name].dtype) / self.scale)
+        for t in self.staged.values():
+            t.zero_()
+        if finite or self.scale <= 1.0:
+            return True
+        self.scale /= 2.0
+        return False
 
 
 def calibration_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> Tensor:
@@ -160,22 +220,24 @@ def _settled(
     return settled, now
 
 
-def _hook_gradients(targets: dict[str, nn.Module], tapped: set[str], acc: dict[str, Tensor], hooks: list[Any]) -> None:
+def _hook_gradients(targets: dict[str, nn.Module], tapped: set[str], acc: dict[str, Tensor], hooks: list[Any],
+                    scaler: LossScale) -> None:
     """Each target weight's gradient summed into ``acc`` as it arrives (and freed at once: peak memory ~ one
-    layer's gradient), tapped from the layer's input and output gradient for a quantised or tied weight; the
-    handles go into ``hooks`` one by one, so the caller removes every one made, also after an error."""
+    layer's gradient; on an fp16 model one batch's gradients, held by ``scaler``), tapped from the layer's input and
+    output gradient for a quantised or tied weight; the handles go into ``hooks`` one by one, so the caller removes
+    every one made, also after an error."""
 
     def fold(name: str) -> Any:
         def hook(p: Tensor) -> None:
             assert p.grad is not None
-            acc[name].add_(p.grad.detach().to(device=acc[name].device, dtype=acc[name].dtype))
+            scaler.take(name, p.grad, acc[name])
             p.grad = None
 
         return hook
 
     for name, m in targets.items():
         if name in tapped:
-            hooks.append(tap_weight_gradient(m, acc[name]))
+            hooks.append(tap_weight_gradient(m, scaler.sink(name, acc[name])))
             continue
         weight = cast(Tensor, m.weight)
         weight.requires_grad_(True)
@@ -205,12 +267,18 @@ def _caught(work: Callable[..., None], *args: Any) -> Exception | None:
     return None
 
 
-def _accumulate_step(model: nn.Module, it: Iterator[Any], done: int, config: GoraConfig, loss_fn: LossFn | None) -> None:
+def _accumulate_step(model: nn.Module, it: Iterator[Any], done: int, config: GoraConfig, loss_fn: LossFn | None,
+                     scaler: LossScale, acc: dict[str, Tensor]) -> None:
     """One calibration step: ``grad_accumulation`` batches' gradients (each loss divided by that count) into the
-    accumulators, through the hooks; ``done`` batches were read before it."""
+    accumulators ``acc``, through the hooks; ``done`` batches were read before it. On an fp16 model each loss is
+    also multiplied by the loss scale, and a batch whose scaled gradients overflow runs again (:class:`LossScale`)."""
     for i in range(config.grad_accumulation):
-        loss = calibration_loss(model, _next_batch(it, done + i, config), loss_fn)
-        (loss / config.grad_accumulation).backward()
+        batch = _next_batch(it, done + i, config)
+        while True:
+            loss = calibration_loss(model, batch, loss_fn) / config.grad_accumulation
+            (loss if scaler.scale == 1.0 else loss * scaler.scale).backward()
+            if scaler.settle(acc):
+                break
 
 
 def _stop_together(error: Exception | None, acc: dict[str, Tensor], steps: int) -> None:
@@ -235,6 +303,8 @@ def collect_gradients(
     model: nn.Module, targets: dict[str, nn.Module], config: GoraConfig, calibration: Iterable[Any], loss_fn: LossFn | None
 ) -> tuple[dict[str, Tensor], GradientStats]:
     """Step 1: the mean gradient ``Ḡ_i`` (fp32, or fp64 for an fp64 model; ``out x in``) of every target weight.
+    On an fp16 model the calibration loss is scaled as ``torch.amp.GradScaler`` scales it (:class:`LossScale`), so
+    small gradients neither vanish nor lose their precision in fp16.
 
     The model comes back as it went in: ``requires_grad`` flags, ``.grad`` fields and buffers (e.g.
     batch-norm statistics updated in train mode) are restored, also when this raises. Its 4-bit layers are
@@ -272,12 +342,13 @@ def collect_gradients(
         for p in params.values():
             p.requires_grad_(False)
             p.grad = None
-        _hook_gradients(targets, tapped, acc, hooks)
+        scaler = LossScale.for_model(model)
+        _hook_gradients(targets, tapped, acc, hooks, scaler)
         error = _caught(_check_calibration_size, calibration, config)
         it: Iterator[Any] = iter(calibration) if error is None else iter(())  # type: ignore[arg-type]
         while steps < config.n_steps:
             if error is None:
-                error = _caught(_accumulate_step, model, it, batches, config, loss_fn)
+                error = _caught(_accumulate_step, model, it, batches, config, loss_fn, scaler, acc)
             batches += config.grad_accumulation if error is None else 0
             steps += 1
             _stop_together(error, acc, steps)
