@@ -205,7 +205,7 @@ def test_a_repo_without_the_adapter_where_asked_names_the_repo_and_subfolder(hub
     rankwise.export_peft(_trained_lora(), tmp_path / "repo" / "b")
     hub.repos["someone/several"] = tmp_path / "repo"
     base = _base()
-    with pytest.raises(FileNotFoundError, match=r"someone/several on the Hugging Face Hub.*adapter_config.json.*subfolder="):
+    with pytest.raises(FileNotFoundError, match=r"someone/several on the Hugging Face Hub.*adapter_model.safetensors.*subfolder="):
         rankwise.import_peft(base, "someone/several")
     with pytest.raises(FileNotFoundError, match=r"someone/several in c/ on the Hugging Face Hub"):
         rankwise.import_peft(base, "someone/several", subfolder="c")

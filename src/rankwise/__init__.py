@@ -94,3 +94,8 @@ def __getattr__(name: str) -> Any:
 
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """PEP 562: the module's names and the subpackages it imports on first use (so ``dir`` and completion list them)."""
+    return sorted({*globals(), *_SUBPACKAGES})

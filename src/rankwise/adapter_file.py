@@ -210,13 +210,17 @@ def validate_description(meta: Any, file: Any) -> dict[str, Any]:
 
 
 def validate_saved_with(value: Any, file: Any) -> dict[str, Any]:
-    """A recorded ``saved_with`` (the adapters one ``save`` wrote together, and the active ones in their order):
-    ``{"adapters": [names], "active": [names]}``, the active ones distinct, at least one, each among ``adapters``."""
+    """A recorded ``saved_with`` (the adapters one ``save`` wrote together, the active ones in their order, and the
+    file's own adapter's name, absent in older files): ``{"adapters": [names], "active": [names], "name": name}``, the
+    active ones distinct, at least one, each among ``adapters``, and ``name`` among them."""
     adapters = file_names(file_dict(value, file, "saved_with").get("adapters"), file, "saved_with.adapters")
     active = file_names(value.get("active"), file, "saved_with.active")
     if not active or len(set(active)) != len(active) or not set(active) <= set(adapters):
         raise AdapterFileError(f"{_where(file, 'saved_with.active')} must name distinct adapters among "
                                f"saved_with.adapters {adapters!r:.200}, at least one; got {active!r:.200}")
+    if "name" in value and value["name"] not in adapters:
+        raise AdapterFileError(f"{_where(file, 'saved_with.name')} must be one of saved_with.adapters {adapters!r:.200}, "
+                               f"got {value['name']!r:.100}")
     return value
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ._version import __version__
@@ -36,10 +36,11 @@ def looks_like_repo_id(path: str | os.PathLike[str]) -> bool:
 
 
 def adapter_folder(path: str | os.PathLike[str], files: Sequence[str], *, revision: str | None = None,
-                   subfolder: str | None = None, what: str = "adapter") -> Path:
+                   subfolder: str | None = None, what: str = "adapter", hint: Callable[[Path], str] | None = None) -> Path:
     """The local folder to read an adapter from: ``path`` (``/ subfolder``) when it exists here or cannot be a repo
     id (the caller then says what is missing), else the Hub snapshot of repo ``path`` holding ``files`` (the first
-    of them must be there: a repo without it is refused naming the repo, not the cache folder).
+    of them must be there: a repo without it is refused naming the repo, not the cache folder, with ``hint(snapshot)``
+    where that says what the files fetched are instead, e.g. another format's adapter; else the subfolder hint).
 
     Raises ``ValueError`` for ``revision`` with a local path or a ``subfolder`` that climbs out, and
     ``FileNotFoundError`` naming the Hub's reason (not found, offline and not cached, gated, no such revision)
@@ -68,6 +69,7 @@ def adapter_folder(path: str | os.PathLike[str], files: Sequence[str], *, revisi
     folder = Path(snapshot) / subfolder if subfolder else Path(snapshot)
     if not (folder / files[0]).is_file():
         where = f"{repo}" + (f" at revision {revision}" if revision else "") + (f" in {subfolder}/" if subfolder else "")
+        other = hint(folder) if hint is not None else ""
         raise FileNotFoundError(f"no {what} at {where} on the Hugging Face Hub: the repo has no {files[0]} there"
-                                + ("" if subfolder else " (an adapter in a subfolder of the repo: pass subfolder=)"))
+                                + (other or ("" if subfolder else " (an adapter in a subfolder of the repo: pass subfolder=)")))
     return folder

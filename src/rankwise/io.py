@@ -37,8 +37,8 @@ from torch import Tensor, nn
 
 from ._version import __version__
 from .adapter_file import (CHECKPOINT_ADAPTER_FOLDER, RANKWISE_FILES, AdapterFileError, atomic_write_bytes, atomic_write_files,  # noqa: F401
-                           base_fingerprint, check_output_folder, fingerprint_tolerance, is_rankwise_adapter, metadata_digest, read_json,
-                           tensors_digest, validate_description)
+                           base_fingerprint, check_output_folder, fingerprint_tolerance, is_peft_adapter, is_rankwise_adapter,
+                           metadata_digest, read_json, tensors_digest, validate_description)
 from .adapters import set_active
 from .config import AdapterConfig, check_bool
 from .distributed import ZERO3_GATHER, check_layers_whole, check_whole_modules
@@ -175,18 +175,24 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, overwrite: bool = Fa
 
 def saved_with(model: nn.Module) -> dict[str, list[str]]:
     """What a save of all of a model's adapters records in each file: their names and the active ones in their
-    order (the order matters: a DoRA-family adapter rescales those before it), which :func:`load` restores."""
+    order (the order matters: a DoRA-family adapter rescales those before it), which :func:`load` restores; each
+    file also records its own adapter's ``name`` (:func:`restore_saved_with`)."""
     adapters = adapter_set(model)
     return {"adapters": list(adapters.adapters), "active": list(adapters.active)}
 
 
-def restore_saved_with(model: nn.Module, meta: dict[str, Any]) -> None:
-    """After ``load`` brought in the last adapter of a save of several (every name its ``saved_with`` records is on
-    the model now): make the saved active adapters the active ones, in their saved order."""
+def restore_saved_with(model: nn.Module, meta: dict[str, Any], name: str) -> None:
+    """After ``load`` brought in, as ``name``, the last adapter of a save of several (every name its ``saved_with``
+    records is on the model now): make the saved active adapters the active ones, in their saved order.
+
+    Only when ``name`` is the name the file was saved as (files written before the name was recorded: one of the
+    saved names): an adapter loaded under another name (``load(model, dir/b, name="c")``, or the two of a save
+    loaded with their names swapped) is not the one the saved set names, so the set is left as ``attach`` makes it."""
     together = meta.get("saved_with")
-    if together is None or not set(together["adapters"]) <= set(adapter_set(model).adapters):
+    if together is None or together.get("name", name) != name or name not in together["adapters"]:
         return
-    set_active(model, together["active"])
+    if set(together["adapters"]) <= set(adapter_set(model).adapters):
+        set_active(model, together["active"])
 
 
 def _adapter_blob(model: nn.Module, name: str, together: dict[str, list[str]] | None = None) -> tuple[dict[str, Any], bytes]:
@@ -194,7 +200,7 @@ def _adapter_blob(model: nn.Module, name: str, together: dict[str, list[str]] | 
     bytes."""
     meta = describe(model, name)
     if together is not None:
-        meta["saved_with"] = together
+        meta["saved_with"] = {**together, "name": name}
     tensors = adapter_tensors(model, name)
     meta["tensors_sha256"] = tensors_digest(tensors)
     meta["metadata_sha256"] = metadata_digest(meta)
@@ -219,7 +225,7 @@ def read_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str
     if not isinstance(meta, dict):
         raise AdapterFileError(f"{file}: the rankwise metadata must be a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
-        raise AdapterFileError(f"{file} has format {meta.get('format')!r}; this rankwise reads {FORMAT!r}")
+        raise AdapterFileError(f"{file} has format {meta.get('format')!r}; this rankwise reads {FORMAT!r}{saved_by(meta)}")
     digest = tensors_digest(tensors)
     if digest != meta.get("tensors_sha256"):
         raise AdapterFileError(f"{file} is corrupt: its tensors' checksum does not match the one recorded at save time")
@@ -228,9 +234,18 @@ def read_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str
     return validate_description(meta, file), tensors
 
 
+def saved_by(meta: dict[str, Any]) -> str:
+    """For an error about a file this rankwise cannot read: which rankwise version saved it, where another did (a
+    newer one may have written a format, method or field this one lacks); "" otherwise."""
+    version = meta.get("version")
+    if not isinstance(version, str) or version == __version__:
+        return ""
+    return f" (it was saved by rankwise {version:.40}; this is rankwise {__version__}: read it with that version or newer)"
+
+
 def _other_format_hint(folder: Path) -> str:
     """What to do when ``folder`` holds another format's files instead of a rankwise adapter ("" otherwise)."""
-    if (folder / "adapter_config.json").is_file():
+    if is_peft_adapter(folder):
         return ("; it holds an HF PEFT adapter (adapter_config.json): bring it in with rankwise.import_peft "
                 "(`rankwise import`)")
     inside = folder / CHECKPOINT_ADAPTER_FOLDER
@@ -362,7 +377,8 @@ def load(
                          "or pass name= to load this one beside them")
     name = check_new_name(model, name)
     try:
-        folder = adapter_folder(path, RANKWISE_FILES, revision=revision, subfolder=subfolder, what="rankwise adapter")
+        folder = adapter_folder(path, RANKWISE_FILES, revision=revision, subfolder=subfolder, what="rankwise adapter",
+                                hint=_other_format_hint)
     except FileNotFoundError as exc:
         raise AdapterFileError(str(exc)) from exc
     meta, tensors = read_adapter(folder)
@@ -374,7 +390,7 @@ def load(
     try:
         config = config_from_dict(meta["config"])
     except (ValueError, TypeError) as exc:
-        raise AdapterFileError(f"adapter config at {path} is not usable by this rankwise ({exc})") from exc
+        raise AdapterFileError(f"adapter config at {path} is not usable by this rankwise ({exc}){saved_by(meta)}") from exc
     if config.method != meta["method"]:
         raise AdapterFileError(f"{path}: field 'method' is {meta['method']!r} but the config is {config.method!r}'s")
     check_new_name(model, name, config)  # beside other adapters: no modules_to_save
@@ -396,7 +412,7 @@ def load(
 
     install_rebuilt(model, config, targets, saved, rebuild_and_fill, trainable=trainable,
                     method_state=dict(meta.get("method_state", {})), step=int(meta.get("step", 0)), name=name)
-    restore_saved_with(model, meta)
+    restore_saved_with(model, meta, name)
     return model
 
 

@@ -44,7 +44,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
 from .adapter_file import (PEFT_FILES, AdapterFileError, atomic_write_files, file_dict, file_int, file_names,
-                           file_number, is_peft_adapter, read_json)
+                           file_number, is_peft_adapter, is_rankwise_adapter, read_json)
 from .config import check_bool, lora_alpha, lora_scale
 from .hub import adapter_folder
 from .io import check_folders, folders_by_name, install_rebuilt, rebuild_layers
@@ -95,6 +95,7 @@ def export_peft(
     ``task_type`` is PEFT's for the model's transformers class (``CAUSAL_LM``, ``SEQ_CLS``, ...: what
     ``AutoPeftModelFor...`` and ``PeftModel.from_pretrained`` choose their class by), with the heads that task
     trains (:func:`_peft_task`); otherwise null with ``auto_mapping`` naming the class, as PEFT writes it.
+    ``target_modules`` names the adapted layers (:func:`_peft_target_modules`: PEFT adapts exactly those).
     ``modules_to_save`` are written as full names; a module PEFT's plain-suffix rule adds to them (a top-level
     ``classifier`` also selects ``pre_classifier``) is written as the base module, with a ``UserWarning``.
     PEFT's config has one ``fan_in_fan_out``: it is True when any target is a GPT-2 ``Conv1D``. PEFT 0.21 sets
@@ -162,7 +163,7 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
         "base_model_name_or_path": base_model_name_or_path,
         "r": int(r_global),
         "lora_alpha": alpha_global,
-        "target_modules": sorted(factors),
+        "target_modules": _peft_target_modules(model, sorted(factors)),
         "lora_dropout": 0.0 if vllm else float(state.config.dropout),
         "bias": "none",
         "use_rslora": use_rslora,
@@ -286,6 +287,17 @@ def _pattern_keys(model: nn.Module, names: list[str]) -> dict[str, str]:
     return {n: f"^{n}" if any(m.endswith("." + n) for m in modules) else n for n in names}
 
 
+def _peft_target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
+    """``target_modules`` that selects exactly the adapted layers ``names`` under PEFT's rule: the list of their full
+    names, which PEFT matches as names or dotted suffixes; where that would also select another module (a top-level
+    ``fc`` beside ``block.fc``: PEFT's load would put a layer of its own there, which ``PeftModel.from_pretrained(...,
+    is_trainable=True)`` trains), a regex of exactly those names, which PEFT matches whole (``re.fullmatch``)."""
+    chosen = set(names)
+    if any(m not in chosen and m.endswith(tuple("." + n for n in names)) for m, _ in base_modules(model)):
+        return "|".join(re.escape(n) for n in names)
+    return names
+
+
 def _peft_tensors(
     factors: dict[str, Any], modules_to_save: dict[str, nn.Module], vllm: bool, use_rslora: bool
 ) -> tuple[dict[str, Tensor], dict[str, int], dict[str, float]]:
@@ -334,7 +346,21 @@ _UNSUPPORTED_OPTIONS: dict[str, str] = {
     "lora_bias": "a trainable bias on lora_B",
     "target_parameters": "LoRA on nn.Parameter targets",
     "use_bdlora": "block-diagonal LoRA",
+    "kasa_config": "KaSA: a truncated base weight and a singular-value diagonal between the factors",
+    "monteclora_config": "MonteCLoRA: Monte Carlo sampling on the factors",
+    "velora_config": "VeLoRA: its own backward pass and projection tensors",
+    "arrow_config": "Arrow routing among several LoRA adapters",
 }
+# every field of HF PEFT 0.21's LoraConfig (with PeftConfig's): another one is a newer PEFT's option (:func:`_unknown_options`)
+_PEFT_FIELDS = frozenset((
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+    "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias", "use_rslora",
+    "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
+    "megatron_config", "megatron_core", "trainable_token_indices", "loftq_config", "eva_config", "corda_config",
+    "lora_ga_config", "use_dora", "velora_config", "alora_invocation_tokens", "use_qalora", "qalora_group_size",
+    "monteclora_config", "layer_replication", "runtime_config", "lora_bias", "target_parameters", "use_bdlora",
+    "arrow_config", "kasa_config", "ensure_weight_tying",
+))
 # PEFT ``init_lora_weights`` values whose adapters apply to the base as it is: PEFT's load leaves W0 alone
 _PORTABLE_INITS: tuple[Any, ...] = (True, False, "gaussian", "eva", "orthogonal", "mica")
 # ... and those whose adapters were trained on a base PEFT changed at init (value prefix -> name)
@@ -427,6 +453,21 @@ def _check_peft_config(cfg: dict[str, Any], path: Path) -> None:
             raise ValueError(f"{path} uses PEFT option {key}={cfg[key]!r} ({what}), which rankwise does not support")
     init = cfg.get("init_lora_weights")
     _check_init(True if init is None else init, path)  # absent or null: PEFT's default, True
+    unknown = _unknown_options(cfg)
+    if unknown:
+        warnings.warn(
+            f"{path / PEFT_CONFIG} sets {unknown} (saved by PEFT {cfg.get('peft_version', '?')}): options HF PEFT 0.21 "
+            "does not have, which rankwise does not read. They are ignored, as PEFT 0.21 ignores them (with a warning "
+            "of its own); if one changes what the adapter computes, the import computes something else: check its "
+            "outputs against the PEFT version that saved it",
+            UserWarning, stacklevel=4,
+        )
+
+
+def _unknown_options(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a PEFT config that PEFT 0.21 does not have (a newer PEFT's options), except those left at an
+    empty value (null, false, [], {}: a new option a newer PEFT writes switched off)."""
+    return {k: v for k, v in sorted(cfg.items()) if k not in _PEFT_FIELDS and v not in (None, False, [], {}, "")}
 
 
 def _check_init(init: Any, path: Path) -> None:
@@ -483,7 +524,8 @@ def import_peft(
     Everything is checked before the model is touched; unsupported PEFT types, options or layer
     types raise ``ValueError`` / ``TypeError`` naming the culprit, a malformed file (bad JSON or
     safetensors, a missing or non-finite number, a regex pattern key) :class:`AdapterFileError`
-    naming the field; either way the model is left as it was (flags included). ``name``: import it as
+    naming the field; either way the model is left as it was (flags included). A field PEFT 0.21 does not have (a
+    newer PEFT's option) is ignored, as PEFT 0.21 ignores it, with a ``UserWarning`` naming it. ``name``: import it as
     adapter ``name``, beside the model's other adapters if it has some (``attach``'s rules; one folder of
     PEFT's multi-adapter layout at a time: ``import_peft(model, path/<name>, name=<name>)``).
     """
@@ -494,15 +536,12 @@ def import_peft(
         raise ValueError("this model already has rankwise adapters; import onto a fresh base model, or pass name= "
                          "to import this one beside them")
     name = check_new_name(base_model, name)
-    folder = adapter_folder(path, (PEFT_CONFIG, PEFT_WEIGHTS), revision=revision, subfolder=subfolder,
-                            what="PEFT adapter")
+    folder = adapter_folder(path, (PEFT_WEIGHTS, PEFT_CONFIG), revision=revision, subfolder=subfolder,
+                            what="PEFT adapter", hint=_not_peft_hint)
     if not (folder / PEFT_CONFIG).is_file():
         raise FileNotFoundError(f"no PEFT adapter at {folder}: {PEFT_CONFIG} is missing")
     if not (folder / PEFT_WEIGHTS).is_file():
-        raise FileNotFoundError(f"no PEFT adapter at {folder}: {PEFT_WEIGHTS} is missing"
-                                + (f"; {BIN_REFUSAL}" if (folder / PEFT_WEIGHTS_BIN).is_file() else
-                                   f" (a repo or folder with only {PEFT_WEIGHTS_BIN}, PEFT's older pickled format, is not "
-                                   "read: convert it with PEFT's save_pretrained)"))
+        raise FileNotFoundError(f"no PEFT adapter at {folder}: {PEFT_WEIGHTS} is missing{_not_peft_hint(folder)}")
     cfg = _read_peft_config(folder)
     tensors = _read_peft_tensors(folder)
     parts, targets, ranks = _peft_layers(base_model, folder, cfg, tensors)
@@ -528,6 +567,21 @@ def import_peft(
 
     install_rebuilt(base_model, config, targets, saved, rebuild_and_fill, trainable=trainable, name=name)
     return base_model
+
+
+def _not_peft_hint(folder: Path) -> str:
+    """What ``folder`` (without ``adapter_model.safetensors``) holds instead, and how to read it: a rankwise adapter
+    (``rankwise.save``'s ``adapter_config.json``), PEFT's older pickled weights (or, beside a PEFT config, perhaps
+    those: a Hub snapshot fetches no ``.bin``); "" for a folder without ``adapter_config.json``."""
+    if is_rankwise_adapter(folder):
+        return (f"; it holds a rankwise adapter ({PEFT_CONFIG} written by rankwise.save), not a PEFT one: load it with "
+                "rankwise.load")
+    if (folder / PEFT_WEIGHTS_BIN).is_file():
+        return f"; {BIN_REFUSAL}"
+    if not (folder / PEFT_CONFIG).is_file():
+        return ""
+    return (f" (a repo or folder with only {PEFT_WEIGHTS_BIN}, PEFT's older pickled format, is not read: convert it "
+            "with PEFT's save_pretrained)")
 
 
 def _peft_layers(

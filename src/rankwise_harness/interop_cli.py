@@ -57,7 +57,8 @@ def add_subcommands(subparsers: Any) -> None:
                              "what the run recorded); merged: a float model of the dequantised base + update; none: "
                              "the float base (a quantised run's update on the unquantised weights)")
     imp = subparsers.add_parser("import", help="turn a PEFT LoRA/DoRA adapter into a rankwise adapter to continue training")
-    imp.add_argument("adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors or .bin), "
+    imp.add_argument("adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors; PEFT's older "
+                                     "pickled adapter_model.bin is refused, naming the conversion), "
                                      "or a Hugging Face Hub repo id (owner/name) when no such folder exists here")
     imp.add_argument("--revision", help="the Hub repo's branch, tag or commit (with a repo id)")
     imp.add_argument("--subfolder", help="the adapter's subfolder in the repo or folder (PEFT's multi-adapter layout)")

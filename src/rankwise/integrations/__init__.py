@@ -15,3 +15,8 @@ def __getattr__(name: str) -> Any:
 
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """PEP 562: the module's names and the integration modules it imports on first use."""
+    return sorted({*globals(), *_MODULES})

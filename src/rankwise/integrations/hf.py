@@ -40,3 +40,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["RankwiseCallback"]
+
+
+def __dir__() -> list[str]:
+    """PEP 562: the module's names and ``RankwiseCallback``, imported on first use."""
+    return sorted({*globals(), *__all__})
