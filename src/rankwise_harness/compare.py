@@ -235,7 +235,8 @@ def write_tables(rows: list[dict[str, Any]], output: Path, base_rows: list[dict[
     for b in base_rows:
         lines.append("| " + " | ".join([f"*{b['method']}*", *[_cell(b, m) for m in metric_names], "", "", "", "", "",
                                         str(b["seeds"] or "")]) + " |")
-    notes = ["", "Dev metrics; ± is the standard deviation over seeds (shown from 2 seeds on)."]
+    notes = ["", "Dev metrics; ± is the sample standard deviation over seeds (n − 1 in its denominator; shown from 2 "
+             "seeds on)."]
     if majority is not None:
         notes.append("*majority class*: always predicting the most frequent training label; a method marked **no** "
                      "scores no better than that on the headline metric.")

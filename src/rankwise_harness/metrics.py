@@ -66,13 +66,14 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 def extract_final_number(text: str) -> Decimal | None:
-    """The final answer in a GSM8K-style text: what follows the last ``####`` if present, else the
-    last number in the text. Commas, ``$`` and a trailing ``.`` are ignored; ``None`` if there is none."""
-    tail = text.rsplit("####", 1)[1] if "####" in text else text
-    found = _NUMBER.findall(tail)
+    """The final answer in a GSM8K-style text: the first number after its **first** ``####`` when it has one (a
+    worked answer has exactly one, closing it: whatever a model writes after that line is no longer its answer),
+    else the last number in the text. Commas, ``$`` and a trailing ``.`` are ignored; ``None`` if there is none."""
+    _, mark, tail = text.partition("####")
+    found = _NUMBER.findall(tail if mark else text)
     if not found:
         return None
-    raw = (found[0] if "####" in text else found[-1]).replace(",", "").replace("$", "")
+    raw = (found[0] if mark else found[-1]).replace(",", "").replace("$", "")
     try:
         return Decimal(raw).normalize()
     except InvalidOperation:
