@@ -40,7 +40,7 @@ from .distributed import (
     true_on_every_rank,
 )
 from .layer import AdapterLayer
-from .optim import split_weight_decay
+from .optim import made_no_update, split_weight_decay
 from .quant import dequantize_model, model_float_dtype, parameter_count
 from .registry import BuildResult, LossFn, method_for
 from .layer import DEFAULT_ADAPTER
@@ -193,7 +193,10 @@ def lora_plus_param_groups(
     tensors (``A``, magnitudes, fully-trained modules) get ``lr``. ``weight_decay`` skips biases and
     normalisation layers (:func:`rankwise.optim.split_weight_decay`: a ``*_no_decay`` sibling group).
     (PEFT's ``create_loraplus_optimizer`` also gives every 1-D tensor — magnitudes, biases — ``ratio · lr``;
-    the paper's rule, kept here, is ``B`` alone.)
+    the paper's rule, kept here, is ``B`` alone.) RAC-LoRA trains one factor per link: with ``frozen="A"`` its
+    trained ``B`` gets ``ratio · lr``; with ``frozen="B"`` nothing would, so a ``ratio`` other than 1 is refused
+    (``ValueError``); with ``frozen="alternate"`` the links that train ``B`` run at ``ratio · lr`` and those that train
+    ``A`` at ``lr``.
     """
     check_number("lr", lr)
     check_number("ratio", ratio)
@@ -206,6 +209,11 @@ def lora_plus_param_groups(
             if p.requires_grad:
                 fast.append(p)
                 fast_ids.add(id(p))
+    if not fast and ratio != 1 and any(layer.requires_grad() for _, layer in every_layer(model)):
+        raise ValueError(
+            f"LoRA+ ratio {ratio:g} would change nothing: no adapter of this model trains a tensor LoRA+ speeds up "
+            "(a B factor; EDoRA's core), e.g. RAC-LoRA with frozen='B' trains only A, whose rate is lr (LoRA+'s rule: "
+            "lr_B = ratio x lr_A). Leave the LoRA+ groups out, or use frozen='A' (B trained)")
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in fast_ids]
     groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "base_lr"}]
     if fast:
@@ -809,6 +817,11 @@ def step(
     """Call after every ``optimizer.step()`` that updated the parameters (not after one the fp16 loss scaler
     skipped: the count is the updates made). A no-op for most methods; RAC-LoRA ends links here.
 
+    Given Accelerate's optimizer wrapper, a call after a ``step()`` that made no update is not counted and does
+    nothing (:func:`rankwise.optim.made_no_update`: a micro-batch inside ``accelerator.accumulate`` that does not end
+    the accumulation, or an update the fp16 loss scaler skipped), so a RAC-LoRA link is ``link_steps`` updates even
+    when ``step`` is called after every micro-batch. A plain torch optimizer cannot tell: call ``step`` after updates only.
+
     It never changes the function the model computes. With ``check_finite`` (the default) it first
     checks every adapter tensor for NaN/inf (one host sync) and raises ``FloatingPointError`` naming
     the first bad one: NaN gradients otherwise poison a run silently. Under FSDP (1 or 2) the check is a
@@ -818,6 +831,8 @@ def step(
     """
     check_bool("check_finite", check_finite)
     check_original_params(model)
+    if made_no_update(optimizer):  # Accelerate accumulating, or the fp16 scaler skipped it: not an update
+        return
     adapters = adapter_set(model)
     if name is not None or len(adapters.adapters) == 1:
         names = [adapters.resolve(name)]

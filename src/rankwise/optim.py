@@ -64,6 +64,17 @@ def reset_optimizer_state(optimizer: Any, params: Iterable[Tensor]) -> None:
             del state[p]
 
 
+def made_no_update(optimizer: Any) -> bool:
+    """Whether ``optimizer``'s last ``step()`` is known to have changed no parameter: Accelerate's wrapper
+    (``AcceleratedOptimizer``) inside ``accelerator.accumulate`` on a micro-batch that does not end the accumulation
+    (``gradient_state.sync_gradients`` False: its ``step`` returns at once), or after its fp16 loss scaler skipped the
+    update (``step_was_skipped``). A plain torch optimizer cannot tell: ``False``."""
+    gradient_state = getattr(optimizer, "gradient_state", None)
+    if gradient_state is not None and getattr(gradient_state, "sync_gradients", True) is False:
+        return True
+    return getattr(optimizer, "step_was_skipped", False) is True
+
+
 def check_optimizer(layers: dict[str, AdapterLayer], optimizer: Any) -> None:
     """Raise unless ``optimizer`` holds every trained factor of ``layers`` (checked before a link ends).
 

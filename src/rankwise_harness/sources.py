@@ -159,7 +159,10 @@ class RankwiseAdapter(AdapterSource):
 
     def param_groups(self, model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
         if cfg.lora_plus_ratio:
-            return rankwise.lora_plus_param_groups(model, cfg.learning_rate, cfg.lora_plus_ratio, cfg.weight_decay)
+            try:
+                return rankwise.lora_plus_param_groups(model, cfg.learning_rate, cfg.lora_plus_ratio, cfg.weight_decay)
+            except ValueError as exc:  # e.g. RAC-LoRA frozen='B': no B factor trains, so the ratio would be ignored
+                raise ConfigError(f"--lora-plus-ratio {cfg.lora_plus_ratio:g}: {exc}") from None
         return super().param_groups(model, cfg)
 
     def save(self, model: nn.Module, folder: Path) -> None:

@@ -18,7 +18,7 @@ from ..config import check_positive_int
 from ..distributed import sharded, zero3_partitioned
 from ..io import save
 from ..lifecycle import step
-from ..methods.raclora import end_link
+from ..methods.raclora import chain_names, end_link
 
 
 class RankwiseCallback(TrainerCallback):  # type: ignore[misc]
@@ -30,7 +30,9 @@ class RankwiseCallback(TrainerCallback):  # type: ignore[misc]
 
     Args:
         model: the model rankwise adapted (default: the ``model`` the Trainer passes to callbacks).
-        epochs_per_link: also end a RAC-LoRA link every this many epochs (``None``: only by steps). Epochs
+        epochs_per_link: also end a RAC-LoRA link every this many epochs (``None``: only by steps); on a model with
+            several adapters, the link of every active RAC-LoRA / COLA chain (:func:`rankwise.methods.raclora.end_link`).
+            A model with no such chain is refused when training begins. Epochs
             are the Trainer's own count (``state.epoch``), so a run resumed from a checkpoint ends its links
             at the epochs the uninterrupted run does; an epoch's link ends right after its last optimizer
             step, before a checkpoint or an evaluation at that step.
@@ -61,11 +63,11 @@ class RankwiseCallback(TrainerCallback):  # type: ignore[misc]
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._epochs = math.floor(state.epoch or 0)  # whole epochs the (restored) state has behind it
+        if self.epochs_per_link is not None:  # a model with no chain to end: refused now, not after an epoch's work
+            chain_names(self._model(kwargs))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        optimizer = kwargs.get("optimizer")
-        if not getattr(optimizer, "step_was_skipped", False):
-            step(self._model(kwargs), optimizer)
+        step(self._model(kwargs), kwargs.get("optimizer"))  # not counted where the update was skipped (made_no_update)
         if state.epoch is not None and state.epoch == int(state.epoch):  # this step finished an epoch
             self._epoch_done(int(state.epoch), kwargs)
 

@@ -65,7 +65,7 @@ from ..fused import FusedInputs
 from ..layer import AdapterLayer, PeftFactors, wide_dtype
 from ..optim import check_optimizer, reset_optimizer_state
 from ..registry import BuildResult, Method, register_method, simple_build
-from ..state import RankwiseState, adapter_layers, get_state
+from ..state import RankwiseState, adapter_layers, adapter_set, get_state
 
 FROZEN_CHOICES = ("A", "B", "alternate")
 
@@ -327,7 +327,9 @@ NO_OPTIMIZER = ("a RAC-LoRA link ends here and its optimizer state must be reset
                 "(or rankwise.end_link(model, optimizer)) with the optimizer")
 
 
-def _end_links(layers: dict[str, AdapterLayer], optimizer: Any, state: RankwiseState) -> None:
+def _check_link_end(layers: dict[str, AdapterLayer], optimizer: Any) -> list[RacLoraLinear]:
+    """What a link end refuses, raised before anything changes: no optimizer, one that does not hold the trained
+    factors, FSDP1's flattened shards. Returns the chain's layers."""
     if optimizer is None:
         raise ValueError(NO_OPTIMIZER)
     check_optimizer(layers, optimizer)
@@ -335,7 +337,11 @@ def _end_links(layers: dict[str, AdapterLayer], optimizer: Any, state: RankwiseS
     assert len(chain) == len(layers)
     for layer in chain:
         layer.check_link_shapes()  # every layer before any changes: a refusal leaves the chain as it was
-    for layer in chain:
+    return chain
+
+
+def _end_links(layers: dict[str, AdapterLayer], optimizer: Any, state: RankwiseState) -> None:
+    for layer in _check_link_end(layers, optimizer):
         layer.end_link()
         reset_optimizer_state(optimizer, link_end_resets(layer, bool(getattr(state.config, "keep_optimizer_state", False))))
         layer.lora_a.grad = None
@@ -384,17 +390,40 @@ def _rac_state(model: nn.Module, name: str | None = None) -> tuple[RacLoraConfig
     return state.config, state, layers
 
 
+def chain_names(model: nn.Module, name: str | None = None) -> list[str]:
+    """The adapters :func:`end_link` ends: ``name``; ``None``: the model's only adapter or, with several, every
+    active one that is a RAC-LoRA / COLA chain (``chain=True``) and trains, as :func:`rankwise.step` steps every
+    active adapter that trains.
+    Raises where that names no chain."""
+    adapters = adapter_set(model)
+    if name is not None or len(adapters.adapters) == 1:
+        names = [adapters.resolve(name)]
+    else:
+        names = [n for n in adapters.active if getattr(adapters.adapters[n].config, "chain", False) is True
+                 and isinstance(adapters.adapters[n].config, RacLoraConfig)
+                 and any(layer.requires_grad() for layer in adapter_layers(model, n).values())]
+        if not names:
+            raise ValueError(f"no active adapter of this model ({adapters.active}) is a trained RAC-LoRA / COLA chain "
+                             "(rankwise.RacLoraConfig with chain=True): there is no link to end")
+    for n in names:
+        if not _rac_state(model, n)[0].chain:
+            raise ValueError("this RacLoraConfig has chain=False (Asymmetric LoRA / LoRA: a single link); there is no link to end")
+    return names
+
+
 def end_link(model: nn.Module, optimizer: Any, name: str | None = None) -> None:
     """End the current link now (e.g. at an epoch's end): merge, resample, reset the optimizer state
     (only the new sketch's with ``keep_optimizer_state``).
 
     Never changes the model's function. Raises for a config with ``chain=False`` (one link by definition).
-    ``name``: which adapter, on a model with several.
+    ``name``: which adapter, on a model with several; ``None``: the only adapter or, with several, every active
+    chain (:func:`chain_names`), all or none: every refusal is raised before any link ends.
     """
-    config, state, layers = _rac_state(model, name)
-    if not config.chain:
-        raise ValueError("this RacLoraConfig has chain=False (Asymmetric LoRA / LoRA: a single link); there is no link to end")
-    _end_links(dict(layers), optimizer, state)
+    chains = [_rac_state(model, n) for n in chain_names(model, name)]
+    for _, _, layers in chains:
+        _check_link_end(dict(layers), optimizer)
+    for _, state, layers in chains:
+        _end_links(dict(layers), optimizer, state)
 
 
 @torch.no_grad()
