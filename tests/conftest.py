@@ -21,6 +21,29 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+class NestedFc(nn.Module):
+    """A top-level ``fc`` beside ``block.fc`` (``width x width`` each): PEFT's suffix rule for
+    ``target_modules=["fc"]`` selects both, an exact name only the first."""
+
+    def __init__(self, width: int = 6) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(width, width)
+        self.block = nn.Module()
+        self.block.fc = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block.fc(torch.tanh(self.fc(x)))
+
+
+def run_python(code: str) -> None:
+    """Run ``code`` in a fresh interpreter (nothing imported yet) and fail with its stderr unless it exits 0."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state() -> Iterator[None]:
     """Every test starts with Accelerate's process-wide singletons unset (as ``accelerate.test_utils``'

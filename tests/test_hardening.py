@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import rankwise
-from conftest import ModelCase
+from conftest import ModelCase, NestedFc
 from method_matrix import METHOD_CASES
 from rankwise.io import metadata_digest, tensors_digest
 from rankwise.state import get_state
@@ -493,28 +493,18 @@ def test_ddp_wrapped_model_saves_plain_names(mlp_case: ModelCase, tmp_path) -> N
 
 
 # ---------------------------------------------------------------------------- 12. import → save → load of a regex-targeted PEFT adapter
-class _Nested(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc = nn.Linear(6, 6)
-        self.block = nn.Module()
-        self.block.fc = nn.Linear(6, 6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block.fc(torch.tanh(self.fc(x)))
 
 
 def test_import_save_load_round_trip_of_a_regex_target(tmp_path) -> None:
     peft = pytest.importorskip("peft")
-    theirs = peft.get_peft_model(_Nested(), peft.LoraConfig(r=2, lora_alpha=4, target_modules="fc", init_lora_weights=False))
+    theirs = peft.get_peft_model(NestedFc(), peft.LoraConfig(r=2, lora_alpha=4, target_modules="fc", init_lora_weights=False))
     theirs.save_pretrained(str(tmp_path / "peft"))
     x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
     want = theirs(x)
-    ours = rankwise.import_peft(_Nested(), tmp_path / "peft")
+    ours = rankwise.import_peft(NestedFc(), tmp_path / "peft")
     assert list(rankwise.adapter_layers(ours)) == ["fc"]  # the regex matched the top-level fc only
     rankwise.save(ours, tmp_path / "rw")
-    loaded = rankwise.load(_Nested(), tmp_path / "rw")
+    loaded = rankwise.load(NestedFc(), tmp_path / "rw")
     assert list(rankwise.adapter_layers(loaded)) == ["fc"]
     torch.testing.assert_close(loaded(x), want, rtol=1e-5, atol=1e-6)
 

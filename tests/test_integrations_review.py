@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TinyMLP
+from conftest import TinyMLP, run_python
 
 import rankwise
 from rankwise.state import get_state
@@ -98,9 +98,6 @@ def test_the_dotted_path_to_the_callback_works_after_a_bare_import() -> None:
     """``rankwise.integrations.hf.RankwiseCallback`` resolves after ``import rankwise`` alone (PEP 562 on first
     use), to the class ``from rankwise.integrations.hf import RankwiseCallback`` gives, while the bare import still
     imports neither the integrations nor transformers; a name that is not there is still an AttributeError."""
-    import subprocess
-    import sys
-
     code = (
         "import sys, rankwise\n"
         "assert 'transformers' not in sys.modules and 'rankwise.integrations' not in sys.modules\n"
@@ -116,5 +113,4 @@ def test_the_dotted_path_to_the_callback_works_after_a_bare_import() -> None:
         "    else:\n"
         "        raise AssertionError(name)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    run_python(code)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 import rankwise
-from conftest import ModelCase, TinyMLP
+from conftest import ModelCase, NestedFc, TinyMLP, run_python
 from test_hardening import _rewrite
 from test_hub import _Hub, hub  # noqa: F401  (the fixture)
 from test_review12_several import _lora_then_dora
@@ -230,33 +228,19 @@ def test_a_file_a_newer_rankwise_wrote_names_that_version(tmp_path: Path, change
 
 
 # ---------------------------------------------------------------- export: PEFT adapts exactly rankwise's layers
-class _Nested(nn.Module):
-    """A top-level ``fc`` beside ``block.fc``: PEFT's suffix rule for ``target_modules=["fc"]`` selects both."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc = nn.Linear(8, 8)
-        self.block = nn.Module()
-        self.block.fc = nn.Linear(8, 8)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.block.fc(torch.tanh(self.fc(x)))
-
-
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_an_export_names_its_layers_so_peft_adapts_those_alone(tmp_path: Path, method: str) -> None:
     """rankwise adapts the top-level ``fc`` only (``target_modules="fc"``, a whole-name regex). Before: the export
     wrote ``target_modules: ["fc"]`` and PEFT's load put a LoRA layer of its own on ``block.fc`` too (B zero, so the
     same outputs, but ``is_trainable=True`` trained 32 more parameters). Now PEFT adapts exactly rankwise's layers."""
-    model = _Nested()
+    model = NestedFc(8)
     config = {"lora": rankwise.LoraConfig, "dora": rankwise.DoraConfig}[method](r=2, alpha=4, target_modules="fc", seed=0)
     rankwise.attach(model, config)
     with torch.no_grad():
         for layer in rankwise.adapter_layers(model).values():
             layer.lora_b.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
     rankwise.export_peft(model, tmp_path / "peft")
-    theirs = peft.PeftModel.from_pretrained(_Nested(), tmp_path / "peft", is_trainable=True)
+    theirs = peft.PeftModel.from_pretrained(NestedFc(8), tmp_path / "peft", is_trainable=True)
     adapted = [n for n, m in theirs.base_model.model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
     assert adapted == list(rankwise.adapter_layers(model)) == ["fc"]
     trained = {n: p.numel() for n, p in theirs.named_parameters() if p.requires_grad}
@@ -264,7 +248,7 @@ def test_an_export_names_its_layers_so_peft_adapts_those_alone(tmp_path: Path, m
     x = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(theirs(x), model(x), rtol=1e-6, atol=1e-6)
-        back = rankwise.import_peft(_Nested(), tmp_path / "peft")
+        back = rankwise.import_peft(NestedFc(8), tmp_path / "peft")
         torch.testing.assert_close(back(x), model(x), rtol=1e-6, atol=1e-6)
 
 
@@ -332,5 +316,4 @@ def test_dir_lists_the_lazily_imported_subpackages_without_importing_them() -> N
         "exec('from rankwise import *', ns)\n"
         "assert 'integrations' not in ns and 'load' in ns\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    run_python(code)
