@@ -298,15 +298,15 @@ def test_save_load_per_name_roundtrip(small_case: ModelCase, method_case: Method
     single_b = (tmp_path / "b/adapter.safetensors").read_bytes()
     assert (tmp_path / "only-b/adapter.safetensors").read_bytes() == single_b
     # a save of both: each file holds what the model with only that adapter wrote (tensors and description),
-    # plus the record of the adapters saved together and the active ones in order (load restores it)
-    for got, alone in (("both/b", "b"), ("both", "a")):
+    # plus the record of the adapters saved together, the active ones in order (load restores it) and its own name
+    for got, alone, name in (("both/b", "b", "b"), ("both", "a", "default")):
         meta, tensors = read_adapter(tmp_path / got)
         meta_alone, tensors_alone = read_adapter(tmp_path / alone)
         assert tensors.keys() == tensors_alone.keys()
         assert all(torch.equal(tensors[k], tensors_alone[k]) for k in tensors)
         drop = {"saved_with", "metadata_sha256"}
         assert {k: v for k, v in meta.items() if k not in drop} == {k: v for k, v in meta_alone.items() if k not in drop}
-        assert meta["saved_with"] == {"adapters": ["default", "b"], "active": ["default", "b"]}
+        assert meta["saved_with"] == {"adapters": ["default", "b"], "active": ["default", "b"], "name": name}
     fresh = small_case.make()
     rankwise.load(fresh, tmp_path / "both")
     rankwise.load(fresh, tmp_path / "both/b", name="b")
