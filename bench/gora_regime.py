@@ -438,7 +438,8 @@ def report(args: argparse.Namespace) -> None:
              f"command `python bench/gora_regime.py --experiment {args.experiment}`; protocol and decision rule: "
              "[docs/protocols/gora-mrpc.md](../protocols/gora-mrpc.md). SmolLM2-135M-Instruct dequantised from Q4_1 "
              "(GGUF) by label words; one epoch, batch 32, cosine, 3 % warm-up, r 8 / α 16 on every projection; "
-             "single-threaded runs on a shared 2-core CPU box (wall times are distorted by the load). "
+             "single-threaded runs on a shared 2-core CPU box (wall times are distorted by the load); "
+             "`mean ± s`: s is the sample standard deviation over seeds (n − 1). "
              + ledger.commits_line(args.experiment), ""]
     for task in args.tasks:
         some = next((e for rid, e in runs.items() if rid.startswith(task + "/")), None)

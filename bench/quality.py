@@ -206,7 +206,7 @@ def report(args: argparse.Namespace) -> None:
     lines = [
         f"Measured {date} on {platform.machine()}, {os.cpu_count()} CPU cores; `python bench/quality.py "
         f"{sched} --lr {args.lr} --full-lr {args.full_lr} --runs {runs_arg} --name {args.name}`. Packaged MiniLM (all-MiniLM-L6-v2), "
-        f"{run_len} x batch 16 per run, dev sets of ../shared/data; mean ± std over seeds "
+        f"{run_len} x batch 16 per run, dev sets of ../shared/data; mean ± sample standard deviation over seeds "
         "(score x 100: SST-2 accuracy, CoLA Matthews, MRPC F1); cells with fewer than 3 seeds say n. "
         "Step times are in bench/speed.py's results, not here: these runs shared the machine with other jobs.", "",
         "| method | trainable | " + " | ".join(tasks) + " | average | init share of run |",

@@ -400,7 +400,8 @@ def curves(runs: Path, task: str, arms: list[Arm], picked: dict[str, float | Non
 
 
 def header(command: str, experiment: str | None = None) -> str:
-    """A report's first line: the machine and the command; with ``experiment``, the commits its ledger entries
-    came from (:func:`ledger.commits_line`)."""
-    line = f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores. Command: `{command}`."
+    """A report's first line: the machine, the command and what ``±`` is; with ``experiment``, the commits its
+    ledger entries came from (:func:`ledger.commits_line`)."""
+    line = (f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores. Command: `{command}`. "
+            "A cell `mean ± s` gives the sample standard deviation over seeds (n − 1).")
     return line + (" " + ledger.commits_line(experiment) if experiment else "")
