@@ -340,8 +340,9 @@ def _check_link_end(layers: dict[str, AdapterLayer], optimizer: Any) -> list[Rac
     return chain
 
 
-def _end_links(layers: dict[str, AdapterLayer], optimizer: Any, state: RankwiseState) -> None:
-    for layer in _check_link_end(layers, optimizer):
+def _end_links(chain: list[RacLoraLinear], optimizer: Any, state: RankwiseState) -> None:
+    """End the link of ``chain`` (layers :func:`_check_link_end` passed): merge, resample, reset Adam's state."""
+    for layer in chain:
         layer.end_link()
         reset_optimizer_state(optimizer, link_end_resets(layer, bool(getattr(state.config, "keep_optimizer_state", False))))
         layer.lora_a.grad = None
@@ -377,7 +378,7 @@ def on_step(model: nn.Module, layers: dict[str, AdapterLayer], optimizer: Any, s
     check_step(model, layers, optimizer, state)
     link_step = int(state.method_state.get("link_step", 0)) + 1
     if _link_ends(config, state):
-        _end_links(layers, optimizer, state)  # checks first, so a refusal changes nothing; resets link_step
+        _end_links(_check_link_end(layers, optimizer), optimizer, state)  # a refusal changes nothing; resets link_step
     else:
         state.method_state["link_step"] = link_step
 
@@ -419,11 +420,10 @@ def end_link(model: nn.Module, optimizer: Any, name: str | None = None) -> None:
     ``name``: which adapter, on a model with several; ``None``: the only adapter or, with several, every active
     chain (:func:`chain_names`), all or none: every refusal is raised before any link ends.
     """
-    chains = [_rac_state(model, n) for n in chain_names(model, name)]
-    for _, _, layers in chains:
-        _check_link_end(dict(layers), optimizer)
-    for _, state, layers in chains:
-        _end_links(dict(layers), optimizer, state)
+    chains = [(state, _check_link_end(dict(layers), optimizer))
+              for _, state, layers in (_rac_state(model, n) for n in chain_names(model, name))]
+    for state, chain in chains:  # every chain checked before any link ends
+        _end_links(chain, optimizer, state)
 
 
 @torch.no_grad()
