@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Start, or continue, the pre-registered experiments of issues 26 and 27 in the background: two single-threaded
 # jobs, as the protocols in docs/protocols/ say.
-#   first: the GoRA decision rule's arms, two runs at a time (bench/gora_regime.py --jobs 2); then two jobs:
-#   job 1: GoRA's other arms on full MRPC (bench/gora_regime.py --experiment gora-mrpc)
-#   job 2: RAC-LoRA where rank binds (bench/raclora_rank.py), then EDoRA on MRPC and CoLA at r 8, then r 12
-#          (bench/edora_regime.py, the commands in docs/protocols/edora-decided.md)
+#   1. the GoRA decision rule's arms, two runs at a time (bench/gora_regime.py --jobs 2);
+#   2. GoRA's other arms on full MRPC, two at a time (bench/gora_regime.py --experiment gora-mrpc --jobs 2), so
+#      issue 26's ledger is complete as early as it can be;
+#   3. two jobs: RAC-LoRA where rank binds (bench/raclora_rank.py, complete: it skips), then EDoRA on MRPC and CoLA
+#      at r 8; beside it EDoRA at r 12 (bench/edora_regime.py, the commands in docs/protocols/edora-decided.md).
+#      The two ranks share no run and write separate ledgers. The order of runs changes no run.
 # A run whose result is in the ledger (docs/bench/runs/ of THIS checkout) is skipped; a run folder with checkpoints
 # and no result continues from its last one (same machine); anything else starts. Commit the ledger before you stop.
 #
@@ -38,17 +40,14 @@ mkdir -p "$EXP/logs"
 export RANKWISE_LEDGER=$MAIN/docs/bench/runs OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 EDORA="bench/edora_regime.py --tasks mrpc,cola --targets query,value,output.dense --epochs 20 --patience 3 --seeds 0,1,2,3,4 --few-seeds 3"
 cd "$EXP"
-# the decision rule's arms (GoRA and its two comparators, docs/protocols/gora-mrpc.md) at every seed first, so its
-# verdict comes as early as it can; then the other arms (the order of runs changes no run)
-# run two at a time (one per core; the EDoRA job waits for them), then the other arms beside the EDoRA job
 RULE_ARMS=gora,gora-tuned,rslora-lp16,lora-tuned
 nohup nice -n "${NICE:-10}" bash -c "'$PY' bench/gora_regime.py --experiment gora-mrpc --arms $RULE_ARMS --jobs 2 \
   > logs/gora.log 2>&1; \
-  '$PY' bench/gora_regime.py --experiment gora-mrpc >> logs/gora.log 2>&1 & \
+  '$PY' bench/gora_regime.py --experiment gora-mrpc --jobs 2 >> logs/gora.log 2>&1; \
   { '$PY' bench/raclora_rank.py \
-  && '$PY' $EDORA --r 8 --runs runs/edora-decided-r8 --name edora-decided-r8 \
-  && '$PY' $EDORA --r 12 --runs runs/edora-decided-r12 --name edora-decided-r12; } > logs/rac-edora.log 2>&1; wait" &
+    && '$PY' $EDORA --r 8 --runs runs/edora-decided-r8 --name edora-decided-r8; } > logs/rac-edora.log 2>&1 & \
+  '$PY' $EDORA --r 12 --runs runs/edora-decided-r12 --name edora-decided-r12 > logs/edora-r12.log 2>&1; wait" &
 if [ -n "${AUTOGROUP_NICE:-}" ] && [ -w /proc/$$/autogroup ]; then
   echo "$AUTOGROUP_NICE" > /proc/$$/autogroup && echo "autogroup: $(cat /proc/$$/autogroup)"  # the jobs share this session's
 fi
-echo "started: tail -f $EXP/logs/gora.log $EXP/logs/rac-edora.log"
+echo "started: tail -f $EXP/logs/gora.log $EXP/logs/rac-edora.log $EXP/logs/edora-r12.log"
