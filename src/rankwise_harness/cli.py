@@ -117,7 +117,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-each-epoch", action="store_true", help="also evaluate at every epoch's end")
     g.add_argument("--patience", type=int, help="early stopping: end training after N evaluations in a row without "
                    "a new best held-out headline metric (needs --val-split and --eval-every or --eval-each-epoch; the lr "
-                   "schedule keeps its planned length)")
+                   "schedule keeps its planned length; the last model is saved unless --keep-best)")
+    g.add_argument("--keep-best", action="store_true", help="keep the model of the best held-out evaluation as the "
+                   "run's result (adapter/, predictions.jsonl, metrics) instead of the last one, as HF Trainer's "
+                   "load_best_model_at_end (needs --val-split and --eval-every or --eval-each-epoch)")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N optimizer steps (for --resume)")
     g.add_argument("--overwrite", action="store_true", help="replace a previous run in the output folder")
     g.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last checkpoint")

@@ -183,6 +183,7 @@ class RunConfig:
     val_split: float | None = None
     eval_each_epoch: bool = False
     patience: int | None = None  # stop after this many held-out evaluations without a new best
+    keep_best: bool = False  # the result is the best held-out evaluation's model, not the last (keepbest.py)
     quantize: str | None = None
 
     # the config fields with a flag of their own: --set of one of them beside its flag would silently win
@@ -271,7 +272,7 @@ class RunConfig:
 
     def _check_head_and_split(self) -> None:
         """``--head``, ``--pooling`` (classification tasks only), ``--val-split`` (strictly between 0 and 1) and
-        ``--patience`` (which needs held-out evaluations)."""
+        ``--patience`` and ``--keep-best`` (which need held-out evaluations)."""
         from .data import get_task
         from .heads import HEADS, POOLINGS, is_default
 
@@ -293,6 +294,9 @@ class RunConfig:
         if self.patience is not None and not (v and (self.eval_each_epoch or self.eval_every)):
             raise ConfigError("--patience stops on the held-out metric: it needs --val-split and an evaluation "
                               "schedule (--eval-each-epoch or --eval-every)")
+        if self.keep_best and not (v and (self.eval_each_epoch or self.eval_every)):
+            raise ConfigError("--keep-best keeps the model of the best held-out evaluation: it needs --val-split and "
+                              "an evaluation schedule (--eval-each-epoch or --eval-every)")
 
     @property
     def dev_subset(self) -> str:

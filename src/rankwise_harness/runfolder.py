@@ -110,6 +110,10 @@ def summary(result: dict[str, Any], out: Path, saved: str = "adapter/") -> str:
         b = result["best"]
         lines.append(f"best on val: step {b['step']} (epoch {b['epoch']}): val {fmt_metrics(b['val'])}; "
                      f"dev {fmt_metrics(b['dev'])}")
+    kept = result.get("kept") or {}
+    if kept.get("which") == "best" and kept.get("step") != result["steps"]:
+        lines.append(f"kept:        the model of step {kept['step']}, the best held-out evaluation (--keep-best): "
+                     "`after` is its dev result, metrics.json's `last` the final model's")
     lines.append(f"time:        {result['train_seconds']:.1f}s training ({result['steps']} steps, "
                  f"{1000 * result['step_seconds']:.1f} ms/step), init {result['init_seconds']:.2f}s")
     lines.append(f"peak memory: {result['peak_memory_mb']:.0f} MB ({result['peak_memory_kind']})")

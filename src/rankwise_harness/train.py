@@ -37,6 +37,7 @@ from .config import RUN_MARKER, ConfigError, RunConfig
 from .data import Example, Splits, Task, fingerprint, get_task, load_task_data
 from .deps import can_plot, check_harness
 from .heads import head_parameters, with_head_group
+from . import keepbest
 from .models import check_tokenizer, resolve_model_name
 from .peers import who_left
 from .progress import Progress, TrackedBatches
@@ -816,8 +817,11 @@ def _evaluate_and_save_when_due(run: _Run, training: _Training, loop: _Loop, bar
     epoch_end = cfg.eval_each_epoch and step % run.steps_per_epoch == 0
     if ((cfg.eval_every and step % cfg.eval_every == 0) or epoch_end) and step < training.total_steps:
         t_eval = time.perf_counter()
-        result = run.evaluate(run.dev)
+        records: list[dict[str, Any]] | None = [] if cfg.keep_best else None
+        result = run.evaluate(run.dev, records)
         loop.history.evals.append(_eval_entry(step, loop.micro / per_epoch, result, run))
+        if records is not None and evals_since_best(loop.history.evals, run.task.metrics[0]) == 0:
+            _snapshot_best(run, training, loop.history.evals[-1], _predictions(run, records))
         loop.eval_time += time.perf_counter() - t_eval
         if run.accelerator.is_main_process:
             bar.write(f"step {step}: loss {loss_value:.4f}  {fmt_metrics(result)}")
@@ -836,21 +840,61 @@ def _checkpoint(run: _Run, training: _Training, loop: _Loop) -> None:
     loop.eval_time += time.perf_counter() - t_save
 
 
+def _snapshot_best(run: _Run, training: _Training, entry: dict[str, Any], predictions: bytes) -> None:
+    """``--keep-best``: the evaluation ``entry`` is a new best held-out one; what the run would keep were it to end
+    now goes into ``.best/`` (:mod:`.keepbest`; its time is kept out of the training time by the caller)."""
+    what = f"keeping the best evaluation's result (step {entry['step']})"
+
+    def write() -> None:
+        if run.accelerator.is_main_process:
+            needed = 2 * tensor_bytes(model_tensors(training.raw_model)) + len(predictions) + 2**20
+            with disk_full_is_named(run.out, needed, what, "the previous best is kept: free space and run the same "
+                                    "command with --resume"):
+                keepbest.snapshot(run.out, entry, lambda folder: run.source.save(training.raw_model, folder), predictions)
+
+    on_every_process(what, write, lambda: None, "the previous best is kept")
+
+
+def _predictions(run: _Run, records: list[dict[str, Any]]) -> bytes:
+    """``predictions.jsonl``: one line per dev example, ``index`` its row in the dev file (not its position in a
+    ``--max-eval`` sample)."""
+    for record in records:
+        record["index"] = run.dev_rows[record["index"]]
+    return "".join(json.dumps(r) + "\n" for r in records).encode()
+
+
+def _kept(run: _Run, loop: _Loop) -> keepbest.Kept | None:
+    """``--keep-best``: the snapshot of the best held-out evaluation when it is not the final model's (``None``: the
+    final model is kept, being the best, or, said in the log, because no snapshot of the best can be trusted)."""
+    if not run.cfg.keep_best:
+        return None
+    best, _ = best_and_last(loop.history.evals, run.task.metrics[0])
+    if best is not None and best["step"] == loop.step:
+        return None
+    kept, why = keepbest.find(run.out, best)
+    if kept is None:
+        run.say(f"--keep-best: the last model is kept, not the best held-out evaluation's: {why}")
+    return kept
+
+
 def _finish(run: _Run, training: _Training, loop: _Loop) -> dict[str, Any]:
-    """The final evaluation, ``metrics.json``, ``predictions.jsonl``, the result and the plots; the checkpoints go."""
+    """The final evaluation, ``metrics.json``, ``predictions.jsonl``, the result and the plots (``--keep-best``: the
+    best held-out evaluation's, :mod:`.keepbest`); the checkpoints and snapshots go."""
     train_seconds = loop.seconds()
     peak_mb, peak_kind = _peak_memory_mb(run.accelerator.device)
     records: list[dict[str, Any]] = []
     final = run.evaluate(run.dev, records)
-    for record in records:  # the dev file's row, not the position in a --max-eval sample
-        record["index"] = run.dev_rows[record["index"]]
     loop.history.evals.append(_eval_entry(loop.step, loop.micro / run.per_epoch, final, run))
-    result = _result(run, training, loop, final, train_seconds, (peak_mb, peak_kind))
+    kept = _kept(run, loop)
+    predictions = _predictions(run, records) if kept is None else kept.predictions()
+    result = _result(run, training, loop, final if kept is None else kept.dev, train_seconds, (peak_mb, peak_kind))
+    result["kept"] = _kept_entry(run, loop, kept)
 
     def write() -> None:
         if run.accelerator.is_main_process:
-            _write_outputs(run, training, loop, result, records)
+            _write_outputs(run, training, loop, result, predictions, kept)
             shutil.rmtree(run.out / CKPT_DIR, ignore_errors=True)  # only once every output is written
+            keepbest.clear(run.out)
             run.say(summary(result, run.out, run.source.result_name()))
 
     # in place of a barrier: a process whose write failed stops every process, none waits for it
@@ -858,16 +902,24 @@ def _finish(run: _Run, training: _Training, loop: _Loop) -> dict[str, Any]:
     return result
 
 
-def _write_outputs(run: _Run, training: _Training, loop: _Loop, result: dict[str, Any],
-                   records: list[dict[str, Any]]) -> None:
+def _kept_entry(run: _Run, loop: _Loop, kept: keepbest.Kept | None) -> dict[str, Any]:
+    """``metrics.json``'s ``kept``: which model the run's result files hold (``best`` or ``last``) and its step."""
+    if kept is not None:
+        return {"which": "best", "step": kept.step}
+    best, _ = best_and_last(loop.history.evals, run.task.metrics[0])
+    last_is_best = run.cfg.keep_best and best is not None and best["step"] == loop.step
+    return {"which": "best" if last_is_best else "last", "step": loop.step}
+
+
+def _write_outputs(run: _Run, training: _Training, loop: _Loop, result: dict[str, Any], predictions: bytes,
+                   best: keepbest.Kept | None) -> None:
     """``metrics.json`` first (the smallest and most precious), then the predictions, the result and the plots,
     each atomically. A full disk raises one :class:`DiskFullError` naming the folder and the space needed;
     the checkpoints stay, so ``--resume`` finishes the run once space is freed."""
-    from rankwise.adapter_file import atomic_write_bytes
+    from rankwise.adapter_file import atomic_write_bytes, atomic_write_files
 
     out, cfg = run.out, run.cfg
     metrics = (json.dumps(result, indent=2) + "\n").encode()
-    predictions = "".join(json.dumps(r) + "\n" for r in records).encode()
     needed = len(metrics) + len(predictions) + 2 * tensor_bytes(model_tensors(training.raw_model)) + 2**20
     latest = out / CKPT_DIR / "LATEST"
     kept = (f"the last checkpoint ({latest.read_text().strip()}) is kept" if latest.is_file()
@@ -876,7 +928,10 @@ def _write_outputs(run: _Run, training: _Training, loop: _Loop, result: dict[str
                             f"{kept}: free space and run the same command with --resume (dev: {fmt_metrics(result['metrics'])})"):
         atomic_write_bytes(out / "metrics.json", metrics)
         atomic_write_bytes(out / "predictions.jsonl", predictions)
-        run.source.save(training.raw_model, out)
+        if best is None:
+            run.source.save(training.raw_model, out)
+        else:  # the best evaluation's result files, as its snapshot holds them
+            atomic_write_files({out / rel: data for rel, data in best.result_files().items()})
         if run.plots:
             plot_loss(loop.history.losses, out / "loss_curve.png", f"{cfg.method} on {run.task.name}")
             run.source.plot(training.raw_model, out, cfg.method)
