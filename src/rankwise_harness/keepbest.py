@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .selection import dev_metrics
+
 BEST, TMP, OLD = ".best", ".best.tmp", ".best.old"
 ENTRY, PREDICTIONS = "best.json", "predictions.jsonl"
 
@@ -48,11 +50,6 @@ class Kept:
         """The result files, by their path relative to the run folder (``adapter/...`` or ``model.safetensors``)."""
         return {p.relative_to(self.folder): p.read_bytes() for p in sorted(self.folder.rglob("*"))
                 if p.is_file() and p.name not in (ENTRY, PREDICTIONS)}
-
-
-def dev_metrics(entry: dict[str, Any]) -> dict[str, float]:
-    """An ``eval_history`` entry's dev metrics (what is not its step, epoch or held-out metrics)."""
-    return {k: v for k, v in entry.items() if k not in ("step", "epoch", "val")}
 
 
 def snapshot(out: Path, entry: dict[str, Any], save_result: Callable[[Path], None], predictions: bytes) -> None:

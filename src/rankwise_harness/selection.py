@@ -86,9 +86,13 @@ def split_validation(rows: list[T], fraction: float, data_seed: int = 0) -> tupl
     return [r for i, r in enumerate(rows) if i not in held_set], [rows[i] for i in held], held
 
 
+def dev_metrics(entry: dict[str, Any]) -> dict[str, float]:
+    """An ``eval_history`` entry's dev metrics (what is not its step, epoch or held-out metrics)."""
+    return {k: v for k, v in entry.items() if k not in ("step", "epoch", "val")}
+
+
 def _summary(entry: dict[str, Any], headline: str) -> dict[str, Any]:
-    dev = {k: v for k, v in entry.items() if k not in ("step", "epoch", "val")}
-    return {"step": entry.get("step"), "epoch": entry.get("epoch"), "val": entry.get("val"), "dev": dev,
+    return {"step": entry.get("step"), "epoch": entry.get("epoch"), "val": entry.get("val"), "dev": dev_metrics(entry),
             "headline_metric": headline}
 
 
