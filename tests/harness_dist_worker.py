@@ -11,7 +11,10 @@ Not a test module (no ``test_`` prefix). Every rank writes ``rank<r>.json`` unde
 * ``disk-full`` — rank 0's disk is full while it writes the checkpoint of step 4 (the one of step 2 written);
 * ``disk-full-end`` — rank 0's disk is full while it writes the finished run's ``metrics.json``;
 * ``ctrl-c-ckpt`` — rank 1 alone is interrupted (Ctrl-C) while it writes the checkpoint of step 4 (not in the default
-  list: tests/test_review13_distributed.py launches it alone).
+  list: tests/test_review13_distributed.py launches it alone);
+* ``keep-best`` — a ``--keep-best`` run whose held-out metric is scripted by step (:data:`KEEP_BEST_VAL`), rank 1
+  slowed down just before the finish decides what to keep (not in the default list: tests/test_review18_keep_best.py
+  launches it alone).
 """
 
 from __future__ import annotations
@@ -104,10 +107,50 @@ def _ctrl_c_on_rank1(where: str) -> None:
     checkpoint.write_state = interrupted  # type: ignore[assignment]
 
 
+KEEP_BEST_VAL = {4: 0.5, 8: 0.6, 12: 0.75, 16: 0.6, 20: 0.75}  # the held-out accuracy by step: best 12 (20 ties it)
+KEEP_BEST_LAG_S = 3.0  # rank 1's delay before the finish's choice of model
+
+
+def keep_best_config(model: str, data: str, output: Path) -> RunConfig:
+    """Review round 18: a ``--keep-best`` run on 2 processes (36 training rows, 2 x 4 a global batch: 4 steps an
+    epoch, 5 epochs, an evaluation at each epoch's end), the tiny GPT-2's label words (its predictions carry their
+    probabilities)."""
+    return RunConfig(task="sst2", method="lora", data=data, model=model, output=str(output), r=4, alpha=8, lr=2e-2,
+                     batch_size=4, max_length=32, max_train=48, val_split=0.25, epochs=5, eval_each_epoch=True,
+                     warmup_ratio=0.0, precision="no", keep_best=True)
+
+
+def _keep_best(model: str, data: str, output: Path) -> dict[str, Any]:
+    """``keep-best``: the held-out metric of each evaluation is :data:`KEEP_BEST_VAL`'s (dev's is the model's own),
+    and rank 1 reaches the finish's choice of model :data:`KEEP_BEST_LAG_S` late (a descheduled process), after
+    rank 0 could have written the outputs and removed the snapshot."""
+    import time
+
+    from rankwise_harness import train as train_mod
+
+    entry, kept = train_mod._eval_entry, train_mod._kept
+
+    def scripted(step: int, epoch: float, dev: dict[str, float], run: Any) -> dict[str, Any]:
+        return {**entry(step, epoch, dev, run), "val": {"accuracy": KEEP_BEST_VAL[step]}}
+
+    def late(run: Any, loop: Any) -> Any:
+        if dist.get_rank() == 1:
+            time.sleep(KEEP_BEST_LAG_S)
+        return kept(run, loop)
+
+    train_mod._eval_entry, train_mod._kept = scripted, late  # type: ignore[assignment]
+    try:
+        return finetune(keep_best_config(model, data, output), **QUIET)
+    finally:
+        train_mod._eval_entry, train_mod._kept = entry, kept  # type: ignore[assignment]
+
+
 def scenario(name: str, model: str, data: str, root: Path) -> dict[str, Any]:
     TaskType.loss = LOSS  # type: ignore[method-assign]  # as a scenario before this one may have patched them
     adapter_file.atomic_write_bytes = WRITE
     checkpoint.write_state = WRITE_STATE
+    if name == "keep-best":
+        return _keep_best(model, data, root / name)
     method = "lora" if name.startswith(("nan", "disk", "ctrl-c")) else "gora"
     cfg = run_config(model, data, root / name, 4, method)
     if name == "whole":

@@ -9,9 +9,11 @@ and ``--patience`` use), the run writes what it would keep were it to end there 
 * ``best.json``, that evaluation's ``eval_history`` entry (step, epoch, dev and held-out metrics).
 
 The folder is written whole as ``.best.tmp/`` and then swapped in (``.best/`` is renamed ``.best.old/`` for the
-moment between the two renames, and read in its place if a crash falls there), so an interrupted snapshot leaves
-the previous one in force. At the finish the run copies the snapshot's files into the run folder, so ``adapter/``,
-``predictions.jsonl`` and ``metrics.json``'s ``metrics`` are the best evaluation's, and removes ``.best/``.
+moment between the two renames, and read in its place if a crash falls there; the next snapshot renames it back
+before it starts), so an interrupted snapshot leaves the previous one in force, also after two crashes. At the
+finish the run copies the snapshot's files into the run folder, so ``adapter/``, ``predictions.jsonl`` and
+``metrics.json``'s ``metrics`` are the best evaluation's, and removes ``.best/``. Only the main process of a
+multi-process run reads the snapshot, and tells the others what it kept.
 
 A snapshot is used only when ``best.json`` is the evaluation the run's own history calls best (same step and
 held-out metrics). A resumed run replays the steps after its checkpoint and rewrites the snapshot at the same
@@ -57,6 +59,8 @@ def snapshot(out: Path, entry: dict[str, Any], save_result: Callable[[Path], Non
     from rankwise.adapter_file import atomic_write_bytes
 
     tmp, best, old = out / TMP, out / BEST, out / OLD
+    if not best.exists() and (old / ENTRY).is_file():  # a crash between the last snapshot's two renames left the
+        os.replace(old, best)                         # previous one as .best.old: back in force before it goes
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_result(tmp)

@@ -43,9 +43,12 @@ def prepare_output(cfg: RunConfig, resume: bool, overwrite: bool, delete: bool =
         if not isinstance(previous, dict):
             raise RunError(f"--output {out} has a config.json that rankwise did not write; refusing to use it")
         if resume:
-            diff = settings_diff(RunConfig.from_dict(previous.get("run", {})).identity(), cfg.identity())
+            was = RunConfig.from_dict(previous.get("run", {}))
+            diff = settings_diff(was.identity(), cfg.identity())
             if diff:
                 notes = "".join(f"; {DIFF_NOTES[k]}" for k in diff if k in DIFF_NOTES)
+                if "keep_best" in diff:
+                    notes += f"; {keep_best_note(was.keep_best)}"
                 raise RunError(f"--resume: {out} holds a run with different settings ({', '.join(diff)}){notes}; "
                                "resume with the same settings or choose another --output")
             return latest_checkpoint(out)
@@ -67,6 +70,15 @@ def clear_run(out: Path) -> None:
     for child in out.iterdir():
         if child.name != LOCK_NAME:
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+
+
+def keep_best_note(started_with: bool) -> str:
+    """Why a run's ``--keep-best`` cannot change on ``--resume``, and what to pass (``started_with``: the run's)."""
+    if started_with:
+        return ("keep_best: the run was started with --keep-best (its snapshot of the best held-out evaluation is "
+                "kept as it trains); resume it with --keep-best, or start again with --overwrite")
+    return ("keep_best: the run was started without --keep-best, so no snapshot of its earlier evaluations' models "
+            "was kept; resume it without --keep-best, or start again with --keep-best and --overwrite")
 
 
 def settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

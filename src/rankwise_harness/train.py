@@ -865,13 +865,29 @@ def _predictions(run: _Run, records: list[dict[str, Any]]) -> bytes:
 
 def _kept(run: _Run, loop: _Loop) -> keepbest.Kept | None:
     """``--keep-best``: the snapshot of the best held-out evaluation when it is not the final model's (``None``: the
-    final model is kept, being the best, or, said in the log, because no snapshot of the best can be trusted)."""
+    final model is kept, being the best, or, said in the log, because no snapshot of the best can be trusted).
+
+    Only the main process reads the snapshot (it alone wrote it, and removes it once the outputs are written) and
+    tells the others what it found (a collective): another process reading it itself could come after the removal
+    and keep the last model, or fail reading and leave the main process waiting for it at the finish."""
     if not run.cfg.keep_best:
         return None
     best, _ = best_and_last(loop.history.evals, run.task.metrics[0])
     if best is not None and best["step"] == loop.step:
         return None
-    kept, why = keepbest.find(run.out, best)
+    found: list[Any] = [None, ""]
+    if run.accelerator.is_main_process:
+        try:
+            found = list(keepbest.find(run.out, best))
+        except Exception as exc:  # noqa: BLE001 (the others wait for this answer: a bad snapshot is not kept)
+            found = [None, f"the snapshot in {run.out / keepbest.BEST} cannot be read ({type(exc).__name__}: {exc})"]
+    if run.world > 1:
+        from rankwise.distributed import process_group
+
+        dist = process_group()
+        if dist is not None:
+            dist.broadcast_object_list(found, src=0)
+    kept, why = found
     if kept is None:
         run.say(f"--keep-best: the last model is kept, not the best held-out evaluation's: {why}")
     return kept
@@ -886,12 +902,12 @@ def _finish(run: _Run, training: _Training, loop: _Loop) -> dict[str, Any]:
     final = run.evaluate(run.dev, records)
     loop.history.evals.append(_eval_entry(loop.step, loop.micro / run.per_epoch, final, run))
     kept = _kept(run, loop)
-    predictions = _predictions(run, records) if kept is None else kept.predictions()
     result = _result(run, training, loop, final if kept is None else kept.dev, train_seconds, (peak_mb, peak_kind))
     result["kept"] = _kept_entry(run, loop, kept)
 
     def write() -> None:
-        if run.accelerator.is_main_process:
+        if run.accelerator.is_main_process:  # (it alone reads the snapshot: _kept)
+            predictions = _predictions(run, records) if kept is None else kept.predictions()
             _write_outputs(run, training, loop, result, predictions, kept)
             shutil.rmtree(run.out / CKPT_DIR, ignore_errors=True)  # only once every output is written
             keepbest.clear(run.out)
