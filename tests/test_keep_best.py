@@ -66,17 +66,22 @@ def grab_model(monkeypatch: pytest.MonkeyPatch) -> dict:
     return holder
 
 
-def _dev_score(out: Path, data: str) -> tuple[dict[str, float], list[dict]]:
-    """The saved adapter on a fresh base (loaded as the run's task type loads it): its dev metrics and
-    predictions, evaluated apart from the run."""
+def _fresh_score(out: Path, data: str) -> tuple[dict[str, float], list[dict]]:
+    """The run's result files (``adapter/`` or ``model.safetensors``) on a fresh base, loaded as the run's task type
+    loads it: its dev metrics and predictions, evaluated apart from the run."""
     from accelerate import Accelerator
+
+    from rankwise_harness.interop_cli import load_trained_tensors
 
     saved = json.loads((out / "config.json").read_text())
     cfg = RunConfig.from_dict({**saved["run"], "output": str(out)})
     task = get_task(cfg.task)
     tt = task_type_for(task, saved["model_path"], cfg)
     model = tt.load(torch.device("cpu"), lambda _m: None)
-    rankwise.load(model, out / "adapter")
+    if (out / "adapter").is_dir():
+        rankwise.load(model, out / "adapter")
+    else:
+        load_trained_tensors(model, out / "model.safetensors")
     model.eval()
     records: list[dict] = []
     metrics = evaluate(model, tt, load_task_data(task, data).dev, Accelerator(cpu=True), cfg.batch_size * 2, records,
@@ -99,7 +104,7 @@ def test_keep_best_keeps_the_best_evaluation_and_its_adapter_reproduces_it(
     assert saved["metrics"] == best["dev"] and saved["last"] == last
     # the kept adapter, on a fresh base, scores what the best evaluation recorded, with the same predictions
     # (label-word probabilities included)
-    metrics, records = _dev_score(out, sst2)
+    metrics, records = _fresh_score(out, sst2)
     assert metrics == best["dev"]
     assert _predictions(out) == records
     # the same run keeping its last model predicts otherwise (the sabotage moved it): the check can fail
@@ -114,7 +119,7 @@ def test_without_keep_best_the_last_model_is_kept(tmp_path: Path, tiny_models: d
     result, out = _run(tmp_path, tiny_models, sst2, "last", hook=_sabotage(grab_model))
     assert result["kept"] == {"which": "last", "step": result["steps"]}
     assert result["metrics"] == result["last"]["dev"]
-    metrics, records = _dev_score(out, sst2)
+    metrics, records = _fresh_score(out, sst2)
     assert metrics == result["last"]["dev"] and _predictions(out) == records
     assert not (out / keepbest.BEST).exists()
 

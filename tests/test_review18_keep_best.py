@@ -18,48 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from test_harness_train import _cfg, sst2, tiny_models  # noqa: F401  (module fixtures: a tiny BERT and GPT-2, SST-2 rows)
+from test_keep_best import _fresh_score, _predictions
 
-import rankwise
 from rankwise_harness import keepbest
 from rankwise_harness import train as train_mod
 from rankwise_harness.config import RUN_MARKER, RunConfig
-from rankwise_harness.data import get_task, load_task_data
-from rankwise_harness.evaluation import evaluate
-from rankwise_harness.interop_cli import load_trained_tensors
 from rankwise_harness.runfolder import prepare_output
-from rankwise_harness.tasktypes import task_type_for
 from rankwise_harness.train import RunError, finetune
 
 HERE = Path(__file__).resolve().parent
 QUIET: dict[str, Any] = {"show_progress": False, "log": lambda _m: None}
 VAL = {4: 0.5, 8: 0.6, 12: 0.75, 16: 0.6, 20: 0.75}  # held-out accuracy by step: the best is step 12 (20 ties it)
-
-
-def _fresh_score(out: Path, data: str) -> tuple[dict[str, float], list[dict]]:
-    """The run's result files (``adapter/`` or ``model.safetensors``) on a fresh base, as the run's task type loads
-    it: its dev metrics and predictions, evaluated apart from the run."""
-    from accelerate import Accelerator
-
-    saved = json.loads((out / "config.json").read_text())
-    cfg = RunConfig.from_dict({**saved["run"], "output": str(out)})
-    task = get_task(cfg.task)
-    tt = task_type_for(task, saved["model_path"], cfg)
-    model = tt.load(torch.device("cpu"), lambda _m: None)
-    if (out / "adapter").is_dir():
-        rankwise.load(model, out / "adapter")
-    else:
-        load_trained_tensors(model, out / "model.safetensors")
-    model.eval()
-    records: list[dict] = []
-    metrics = evaluate(model, tt, load_task_data(task, data).dev, Accelerator(cpu=True), cfg.batch_size * 2, records,
-                       "dev", sparse=True)
-    return metrics, records
-
-
-def _predictions(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
 
 
 def _same_predictions(got: list[dict], want: list[dict], tol: float) -> bool:
