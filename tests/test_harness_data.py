@@ -257,7 +257,7 @@ def test_every_run_config_field_comes_from_its_flag() -> None:
             "--max-train", "9", "--data-seed", "3", "--subset", "prefix", "--max-eval", "8", "--eval-every", "3", "--eval-before", "--save-every", "2",
             "--calibration-batches", "4", "--head-warmup-steps", "2", "--max-new-tokens", "5", "--precision", "no",
             "--skip-bad-rows", "--head", "roberta", "--pooling", "mean", "--head-lr", "0.02",
-            "--val-split", "0.25", "--eval-each-epoch", "--patience", "2", "--max-grad-norm", "1.5"]
+            "--val-split", "0.25", "--eval-each-epoch", "--patience", "2", "--keep-best", "--max-grad-norm", "1.5"]
     run = _run_config(build_parser().parse_args(argv), "gora", "out")  # a method that reads --calibration-batches
     defaults = {f.name: f.default for f in dataclasses.fields(type(run)) if f.default is not dataclasses.MISSING}
     unchanged = {k for k, v in dataclasses.asdict(run).items() if k in defaults and v == defaults[k]}
