@@ -133,10 +133,10 @@ def _keep_best(model: str, data: str, output: Path) -> dict[str, Any]:
     def scripted(step: int, epoch: float, dev: dict[str, float], run: Any) -> dict[str, Any]:
         return {**entry(step, epoch, dev, run), "val": {"accuracy": KEEP_BEST_VAL[step]}}
 
-    def late(run: Any, loop: Any) -> Any:
+    def late(run: Any, loop: Any, best: Any) -> Any:
         if dist.get_rank() == 1:
             time.sleep(KEEP_BEST_LAG_S)
-        return kept(run, loop)
+        return kept(run, loop, best)
 
     train_mod._eval_entry, train_mod._kept = scripted, late  # type: ignore[assignment]
     try:

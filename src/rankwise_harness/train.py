@@ -863,7 +863,7 @@ def _predictions(run: _Run, records: list[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in records).encode()
 
 
-def _kept(run: _Run, loop: _Loop) -> keepbest.Kept | None:
+def _kept(run: _Run, loop: _Loop, best: dict[str, Any] | None) -> keepbest.Kept | None:
     """``--keep-best``: the snapshot of the best held-out evaluation when it is not the final model's (``None``: the
     final model is kept, being the best, or, said in the log, because no snapshot of the best can be trusted).
 
@@ -872,7 +872,6 @@ def _kept(run: _Run, loop: _Loop) -> keepbest.Kept | None:
     and keep the last model, or fail reading and leave the main process waiting for it at the finish."""
     if not run.cfg.keep_best:
         return None
-    best, _ = best_and_last(loop.history.evals, run.task.metrics[0])
     if best is not None and best["step"] == loop.step:
         return None
     found: list[Any] = [None, ""]
@@ -901,9 +900,10 @@ def _finish(run: _Run, training: _Training, loop: _Loop) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     final = run.evaluate(run.dev, records)
     loop.history.evals.append(_eval_entry(loop.step, loop.micro / run.per_epoch, final, run))
-    kept = _kept(run, loop)
+    best, _ = best_and_last(loop.history.evals, run.task.metrics[0])
+    kept = _kept(run, loop, best)
     result = _result(run, training, loop, final if kept is None else kept.dev, train_seconds, (peak_mb, peak_kind))
-    result["kept"] = _kept_entry(run, loop, kept)
+    result["kept"] = _kept_entry(run, loop, kept, best)
 
     def write() -> None:
         if run.accelerator.is_main_process:  # (it alone reads the snapshot: _kept)
@@ -918,11 +918,10 @@ def _finish(run: _Run, training: _Training, loop: _Loop) -> dict[str, Any]:
     return result
 
 
-def _kept_entry(run: _Run, loop: _Loop, kept: keepbest.Kept | None) -> dict[str, Any]:
+def _kept_entry(run: _Run, loop: _Loop, kept: keepbest.Kept | None, best: dict[str, Any] | None) -> dict[str, Any]:
     """``metrics.json``'s ``kept``: which model the run's result files hold (``best`` or ``last``) and its step."""
     if kept is not None:
         return {"which": "best", "step": kept.step}
-    best, _ = best_and_last(loop.history.evals, run.task.metrics[0])
     last_is_best = run.cfg.keep_best and best is not None and best["step"] == loop.step
     return {"which": "best" if last_is_best else "last", "step": loop.step}
 
