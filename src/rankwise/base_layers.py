@@ -11,12 +11,19 @@ kind               stored weight                          base forward
 ``conv1d``         GPT-2 ``Conv1D``: ``in x out``         ``F.linear(x, Wᵀ, b)``
 ``4bit``           bitsandbytes ``Linear4bit`` (packed)   bitsandbytes' own matmul
 ``8bit``           bitsandbytes ``Linear8bitLt`` (int8)   bitsandbytes' own matmul
+``embedding``      ``nn.Embedding``: ``in x out``          ``F.embedding(ids, W)`` (its own settings)
+                   (``num_embeddings x embedding_dim``)
 =================  =====================================  ==================================
+
+An embedding is the linear map of a one-hot input: ``in = num_embeddings``, ``out = embedding_dim``, and its
+input is integer ids, so ``x W0ᵀ`` is a row lookup ``W[ids]``. Every product of the input with an ``r x in``
+factor goes through :meth:`BaseKind.down` (``x Aᵀ``, for ids the lookup ``Aᵀ[ids]``), the one operation a method
+needs from the kind beyond the base forward. ``nn.Conv2d`` has no kind yet (not supported).
 
 :func:`base_kind` is the dispatcher: it asks the registered kinds in order (the most specific first:
 bitsandbytes' layers are ``nn.Linear`` subclasses) and the first whose :meth:`BaseKind.matches`
 accepts the module handles it, as HF PEFT's ``dispatch_*`` functions each claim a module or pass.
-A new kind (``nn.Conv2d``, ``nn.Embedding``) is one subclass plus :func:`register_kind`; targeting
+A new kind (``nn.Conv2d``) is one subclass plus :func:`register_kind`; targeting
 (:func:`rankwise.targeting.is_supported`), the layer, merging and the fused path then follow it.
 
 A kind holds no tensor of its own: the layer passes its current ``weight`` (a merged tied layer owns a
@@ -59,6 +66,9 @@ class BaseKind:
         all_linear: ``target_modules="all-linear"`` selects modules of this kind.
         merges_in_place: ``merge`` writes ``W0 + ΔW`` into the stored weight (and ``unmerge`` restores it);
             otherwise merging is refused and ``detach(merge=True)`` swaps in :meth:`merged_module`.
+        index_input: the input is integer ids (``nn.Embedding``): :meth:`down` is a lookup, no input dropout
+            applies (HF PEFT's embedding layer applies none), and LoRA starts from ``A = 0``, ``B ~ N(0, 1)`` (PEFT's
+            and the LoRA paper's code's embedding init) instead of a random ``A`` and ``B = 0``.
     """
 
     name: ClassVar[str] = "linear"
@@ -68,6 +78,7 @@ class BaseKind:
     fusable: ClassVar[bool] = True
     all_linear: ClassVar[bool] = True
     merges_in_place: ClassVar[bool] = True
+    index_input: ClassVar[bool] = False
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -106,6 +117,21 @@ class BaseKind:
     def plain_forward(self, x: Tensor, training: bool) -> Tensor:
         """The module's own forward, as before ``attach``."""
         return self.module(x)
+
+    def down(self, x: Tensor, a: Tensor, dtype: torch.dtype) -> Tensor:
+        """``x Aᵀ`` (``(..., r)``) for a factor ``A`` (``r x in``), the input cast to ``dtype`` (the adapter's): the
+        input's product with a low-rank factor, the one place a method reads the input (besides the base forward)."""
+        return x.to(dtype) @ a.t()
+
+    def weight_grad(self, x: Tensor, d: Tensor) -> Tensor:
+        """``∂L/∂W0`` (``out x in``, ``d``'s dtype) through this module's call on input ``x`` with output gradient
+        ``d`` (``(..., out)``): ``Σ_tokens dᵀ x``."""
+        flat_d = d.reshape(-1, d.shape[-1])  # tokens x out
+        return flat_d.t() @ x.reshape(-1, x.shape[-1]).to(d.dtype)  # out x in
+
+    def clear_padding(self, a: Tensor) -> None:
+        """Zero, in place, the column of an ``r x in`` factor that the module keeps fixed (an embedding's
+        ``padding_idx``); nothing for other kinds."""
 
     def cheap_probe(self) -> bool:
         """Whether extra input rows ride along a base forward at no extra read of ``W0`` (a 4-bit base computing
@@ -212,7 +238,98 @@ class Bnb8bitKind(Bnb4bitKind):
         return False
 
 
-KINDS: list[type[BaseKind]] = [Bnb4bitKind, Bnb8bitKind, Conv1DKind, BaseKind]  # asked in this order
+class EmbeddingKind(BaseKind):
+    """``nn.Embedding``: ``y = W[ids]`` with ``W`` stored ``num_embeddings x embedding_dim``, i.e. ``in x out`` (the
+    linear map of a one-hot input, ``in = num_embeddings``). The base forward is ``F.embedding`` with the module's
+    own ``padding_idx``, ``norm_type`` and ``scale_grad_by_freq``; :meth:`down` looks up ``Aᵀ`` with the same
+    ``padding_idx`` and ``scale_grad_by_freq`` (as HF PEFT's ``Embedding._embed``), so ``A``'s padding column gets
+    no gradient and, starting at zero (:meth:`clear_padding`), the padding row's update stays zero.
+
+    Refused (:meth:`check_module`): ``max_norm`` (``F.embedding`` renormalises the looked-up rows of the weight in
+    place on every call: ``W0`` would drift, and merge / unmerge could not be exact), ``sparse=True`` (sparse
+    gradients; the frozen base needs none) and a subclass with a forward of its own (e.g. a scaled embedding).
+    """
+
+    name: ClassVar[str] = "embedding"
+    type_name: ClassVar[str] = "Embedding"
+    fusable: ClassVar[bool] = False  # the fused node is a dense x W0ᵀ + b, not a lookup
+    all_linear: ClassVar[bool] = False  # as HF PEFT's "all-linear": only named embeddings are adapted
+    index_input: ClassVar[bool] = True
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module)
+        self.check_module(module)
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return isinstance(module, nn.Embedding)
+
+    @staticmethod
+    def check_module(module: nn.Module) -> None:
+        """Raise ``TypeError`` / ``ValueError`` for an embedding whose forward rankwise cannot reproduce exactly."""
+        emb = cast(nn.Embedding, module)
+        if type(emb).forward is not nn.Embedding.forward:
+            raise TypeError(
+                f"cannot adapt a {type(emb).__name__}: it is an nn.Embedding with a forward of its own (e.g. a scaled "
+                "embedding), which rankwise does not reproduce; only nn.Embedding's own lookup is supported"
+            )
+        if emb.max_norm is not None:
+            raise ValueError(
+                f"cannot adapt an nn.Embedding with max_norm={emb.max_norm}: its forward renormalises the looked-up rows "
+                "of the weight in place, so the frozen W0 would change and merge/unmerge could not be exact"
+            )
+        if emb.sparse:
+            raise ValueError("cannot adapt an nn.Embedding with sparse=True (sparse gradients): its weight is frozen "
+                             "under an adapter, so build it with sparse=False")
+
+    def features(self) -> tuple[int, int]:
+        in_f, out_f = cast(Tensor, self.module.weight).shape  # num_embeddings x embedding_dim
+        return int(in_f), int(out_f)
+
+    @classmethod
+    def out_in(cls, t: Tensor) -> Tensor:
+        return t.t()
+
+    def stored(self, w: Tensor) -> Tensor:
+        return w.t()
+
+    def _lookup(self, ids: Tensor, table: Tensor) -> Tensor:
+        """``table[ids]`` (``(..., cols)``) with the module's settings (``max_norm`` is refused at attach)."""
+        emb = cast(nn.Embedding, self.module)
+        return F.embedding(ids, table, emb.padding_idx, None, emb.norm_type, emb.scale_grad_by_freq, False)
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, training: bool) -> Tensor:
+        """``W[ids]`` (``(..., out)``): ``x W0ᵀ`` for a one-hot ``x``; an embedding has no bias."""
+        return self._lookup(x, weight)
+
+    def forward_no_bias(self, x: Tensor, weight: Tensor, bias: Tensor | None, training: bool) -> Tensor:
+        return self._lookup(x, weight)
+
+    def down(self, x: Tensor, a: Tensor, dtype: torch.dtype) -> Tensor:
+        """``Aᵀ[ids]`` (``(..., r)``, ``A``'s dtype): ``x Aᵀ`` for a one-hot ``x``; ids are not cast."""
+        return self._lookup(x, a.t())
+
+    def weight_grad(self, x: Tensor, d: Tensor) -> Tensor:
+        """``∂L/∂W0`` (``out x in``): the output gradients summed into the columns of their ids (``dᵀ`` times the
+        one-hot input), as ``F.embedding``'s backward: the padding column zero, and each column divided by its
+        id's count in the batch under ``scale_grad_by_freq``."""
+        emb = cast(nn.Embedding, self.module)
+        ids = x.reshape(-1)  # tokens
+        flat_d = d.reshape(-1, d.shape[-1])  # tokens x out
+        g = flat_d.new_zeros(flat_d.shape[1], emb.num_embeddings).index_add_(1, ids, flat_d.t())  # out x in
+        if emb.scale_grad_by_freq:
+            g = g / torch.bincount(ids, minlength=emb.num_embeddings).clamp_min(1).to(g.dtype)
+        if emb.padding_idx is not None:
+            g[:, emb.padding_idx] = 0
+        return g
+
+    def clear_padding(self, a: Tensor) -> None:
+        padding_idx = cast(nn.Embedding, self.module).padding_idx
+        if padding_idx is not None:
+            a[:, padding_idx] = 0
+
+
+KINDS: list[type[BaseKind]] = [Bnb4bitKind, Bnb8bitKind, EmbeddingKind, Conv1DKind, BaseKind]  # asked in this order
 
 
 def register_kind(kind: type[BaseKind]) -> type[BaseKind]:
@@ -240,7 +357,7 @@ def base_kind(module: nn.Module) -> BaseKind:
 
 
 def supported_types() -> tuple[str, ...]:
-    """The module types the registered kinds adapt, for messages (``("Linear", "Conv1D")`` built in)."""
+    """The module types the registered kinds adapt, for messages (``("Linear", "Conv1D", "Embedding")`` built in)."""
     return tuple(dict.fromkeys(kind.type_name for kind in reversed(KINDS)))
 
 
@@ -250,6 +367,7 @@ __all__ = [
     "Bnb4bitKind",
     "Bnb8bitKind",
     "Conv1DKind",
+    "EmbeddingKind",
     "base_kind",
     "forward_bypassed",
     "is_conv1d",

@@ -1,7 +1,7 @@
 """The thin contract every adapter layer follows.
 
-An :class:`AdapterLayer` replaces a ``nn.Linear`` (or transformers' GPT-2 ``Conv1D``, or a bitsandbytes
-4-bit / 8-bit layer) in place. It *keeps the base layer's names*: the frozen base tensors stay reachable
+An :class:`AdapterLayer` replaces a ``nn.Linear`` (or transformers' GPT-2 ``Conv1D``, an ``nn.Embedding``, or a
+bitsandbytes 4-bit / 8-bit layer) in place. It *keeps the base layer's names*: the frozen base tensors stay reachable
 as ``layer.weight`` and ``layer.bias`` (the very same ``Parameter`` objects), so the model's ``state_dict``
 keys for the base weights do not change. What differs between kinds of base module (the weight's layout,
 dequantisation, the base forward, whether a merge can be written) is its :attr:`kind`, a
@@ -125,11 +125,13 @@ class AdapterLayer(nn.Module):
         self.scale: float = config.scale(rank)
         # the base tensors, shared (not copied) and frozen
         self.weight = weight
-        self.register_parameter("bias", cast(Any, base).bias)
+        self.register_parameter("bias", getattr(base, "bias", None))  # an nn.Embedding has none
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        self.dropout: nn.Module = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        # on the input of the low-rank path; never on an embedding's ids (HF PEFT's embedding layer applies none)
+        takes_dropout = config.dropout > 0 and not self.kind.index_input
+        self.dropout: nn.Module = nn.Dropout(config.dropout) if takes_dropout else nn.Identity()
         # adapters are created in fp32 over a bf16/fp16 base (the usual mixed-precision setup) and over a
         # quantised base (whose weight dtype is its storage format); afterwards they run in whatever dtype
         # their tensors have (see adapter_dtype)
@@ -386,7 +388,9 @@ class AdapterLayer(nn.Module):
         peers must read those). A peer holds them as plain attributes, not parameters: the ``state_dict`` lists
         them once, under the host's names."""
         base = cast(Any, self.kind.module)
-        base.weight, base.bias = self.weight, self.bias
+        base.weight = self.weight
+        if hasattr(base, "bias"):  # an nn.Embedding has no bias: none is added to it
+            base.bias = self.bias
         for peer in self.stack()[1:]:
             for name in ("weight", "bias"):
                 peer._parameters.pop(name, None)

@@ -10,6 +10,13 @@ handling of dropout (the magnitude rescales the dropped-out input's path)::
 
     h = x W0ᵀ + b + (m/n − 1) ⊙ x_d W0ᵀ + (m/n) ⊙ s · x_d Aᵀ Bᵀ,     n = ‖W0 + s B A‖_row
 
+Over an ``nn.Embedding`` (``in = num_embeddings``, ``out = embedding_dim``; weight stored ``in x out``) this is HF
+PEFT's ``DoraEmbeddingLayer``: the norm runs over the rows of ``W0 + s·B A`` taken ``out x in``, i.e. one norm per
+embedding dimension, across the vocabulary (PEFT transposes the stored weight, ``fan_in_fan_out=True``), so ``m``
+has ``embedding_dim`` entries; the norm is detached; no dropout, and no bias::
+
+    h = (m/n) ⊙ (W0[ids] + s · Aᵀ[ids] Bᵀ),        merged: W[i] = (m/n) ⊙ (W0 + s·B A)ᵀ[i]
+
 The row norm never forms ``B A`` or ``W0 + s·B A``: ``‖W0 + s·B A‖²_row = ‖W0‖²_row +
 rowsum(B ⊙ (2s·W0 Aᵀ + s²·B A Aᵀ))`` (:func:`low_rank_row_norm`).
 

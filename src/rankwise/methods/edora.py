@@ -24,6 +24,11 @@ so ``W' = W0`` at init holds for any finite weight scale (see :mod:`rankwise.met
 (PEFT's, with its dropout semantics, :func:`rankwise.methods.dora.magnitude_forward`) with the
 low-rank path ``s·((x Aᵀ) Rᵀ) Bᵀ``.
 
+Over an ``nn.Embedding`` (``in = num_embeddings``, ``out = embedding_dim``) everything above holds as written, with
+DoRA's embedding convention (:mod:`rankwise.methods.dora`): the norm runs over ``W0``'s ``out x in`` rows, one per
+embedding dimension (across the vocabulary), so ``m`` has ``embedding_dim`` entries; ``x Aᵀ`` is the lookup
+``Aᵀ[ids]``, no dropout, and ``A``'s ``padding_idx`` column is zeroed (the padding row's update stays zero).
+
 ``factors="random"`` is the paper's ablation: frozen random factors instead of the SVD ones, drawn as
 the official code draws them (Kaiming-uniform, a = √5, on the transposed factors:
 ``A ~ U(±1/√r)``, ``B ~ U(±1/√out)``).
@@ -190,6 +195,7 @@ class EdoraLinear(AdapterLayer):
         else:
             b, a = random_factors(self.out_features, self.in_features, self.rank, generator)
             spectrum = None
+        self.kind.clear_padding(a)  # an embedding's padding row keeps a zero update (W0's is zero: A's column ~0)
         self.frozen_b.copy_(b)
         self.frozen_a.copy_(a)
         self.precompute_norm_terms()
@@ -255,7 +261,7 @@ class EdoraLinear(AdapterLayer):
         return self._lora_out(x, self.frozen_b @ self.core)
 
     def _lora_out(self, x: Tensor, br: Tensor) -> Tensor:
-        h = x.to(self.adapter_dtype) @ self.frozen_a.t()  # (..., r)
+        h = self.kind.down(x, self.frozen_a, self.adapter_dtype)  # (..., r)
         return h @ (br * self.scale).t()  # (..., out); s applied to the out x r factor
 
     def fused_inputs(self) -> FusedInputs:

@@ -49,7 +49,7 @@ from ..distributed import process_group, shared_seed
 from ..layer import AdapterLayer, layer_generator
 from ..registry import BuildResult, LossFn, Method, register_method, simple_build
 from .gora_gradients import collect_gradients, importance_shares, importances
-from .lora import LoraLinear
+from .lora import LoraLinear, kaiming_a
 
 IMPORTANCES = ("mean_abs_wg", "nuclear_g", "nuclear_wg")
 BUDGETS = ("params", "sqrt")
@@ -130,6 +130,15 @@ class GoraConfig(AdapterConfig):
 
 class GoraLinear(LoraLinear):
     """A LoRA layer whose rank came from GoRA's allocation and whose B starts at ``−ξ Ḡ A⁺``."""
+
+    @torch.no_grad()
+    def init_lora(self, generator: torch.Generator | None = None) -> None:
+        """A ~ Kaiming-uniform(a=√5), B = 0, over every base kind: B is then solved against A
+        (:meth:`init_from_gradient`), which needs A of full row rank, so an embedding keeps this init too (not
+        LoRA's A = 0 there), with its padding column zero (``Ḡ``'s is zero: the padding row's update stays zero)."""
+        self.lora_a.copy_(kaiming_a(self.rank, self.in_features, generator))
+        self.kind.clear_padding(self.lora_a)
+        self.lora_b.zero_()
 
     @torch.no_grad()
     def init_from_gradient(self, grad: Tensor, gamma: float, alpha: float) -> None:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import Tensor, nn
 
+from ..base_layers import base_kind
 from ..distributed import comm_device, mean_across_ranks, process_group, true_on_every_rank
 from ..quant import dense_weight, is_quantized, keep_layout
 from ..registry import LossFn
@@ -130,16 +131,17 @@ def tap_weight_gradient(module: nn.Module, acc: Tensor) -> Any:
     or whose ``.grad`` would add other modules' uses (a tied weight). Returns the hook's handle (``.remove()`` it).
 
     When nothing before the layer needs a gradient, its output is made a leaf that does, so ``δ`` still
-    flows back to it (the layers before it need no gradient of their own from this one).
+    flows back to it (the layers before it need no gradient of their own from this one). For an embedding ``x`` is
+    the ids (a one-hot input): the kind's :meth:`~rankwise.base_layers.BaseKind.weight_grad` scatter-adds ``δ``.
     """
+    kind = base_kind(module)  # how this module's input makes its weight's gradient (rankwise.base_layers)
 
     def forward_hook(_module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
-        x = args[0].detach()  # (..., in)
+        x = args[0].detach()  # (..., in), or ids
         out = output if output.requires_grad else output.detach().requires_grad_(True)
 
         def grad_hook(delta: Tensor) -> None:
-            d = delta.detach().reshape(-1, delta.shape[-1]).to(acc.dtype)  # tokens x out
-            g = d.t() @ x.reshape(-1, x.shape[-1]).to(acc.dtype)  # out x in
+            g = kind.weight_grad(x, delta.detach().to(acc.dtype))  # out x in: Σ δᵀ x (ids: a scatter-add)
             acc.add_(_weight_out_in(module, g).to(acc.device))  # the weight's layout
 
         out.register_hook(grad_hook)

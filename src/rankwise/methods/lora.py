@@ -7,6 +7,14 @@ The adapted layer computes (LoRA eq. 3, in PyTorch's ``out x in`` convention)::
 with ``A: r x in`` Kaiming-uniform (a = √5), ``B: out x r`` zero (so ΔW = 0 at init), and
 ``s = alpha / r`` — or ``alpha / √r`` with rsLoRA (Kalajdzievski 2023). This is numerically the
 same layer as HF PEFT's ``LoraLayer`` (tested against it).
+
+Over an ``nn.Embedding`` (``in = num_embeddings``, ``out = embedding_dim``; :class:`rankwise.base_layers.EmbeddingKind`)
+the input is ids, ``x Aᵀ`` is the lookup ``Aᵀ[ids]``, and, as HF PEFT's ``lora.Embedding`` (whose
+``lora_embedding_A`` / ``lora_embedding_B`` are these ``A`` / ``B``)::
+
+    h = W0[ids] + s · Aᵀ[ids] Bᵀ,        ΔW = s · B A   (merged: W[i] += s · (B A)ᵀ[i])
+
+with no dropout, and the init swapped: ``A = 0``, ``B ~ N(0, 1)`` (ΔW = 0 still).
 """
 
 from __future__ import annotations
@@ -22,6 +30,13 @@ from ..config import AdapterConfig
 from ..fused import FusedInputs
 from ..layer import AdapterLayer, PeftFactors, layer_generator
 from ..registry import Method, register_method, simple_build
+
+
+def kaiming_a(rank: int, in_features: int, generator: torch.Generator | None) -> Tensor:
+    """A new fp32 ``r x in`` factor, Kaiming-uniform (a = √5) as ``nn.Linear``'s default: ``U(±1/√in)``."""
+    a = torch.empty(rank, in_features, dtype=torch.float32)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+    return a
 
 
 @dataclass(frozen=True)
@@ -46,10 +61,13 @@ class LoraLinear(AdapterLayer):
 
     @torch.no_grad()
     def init_lora(self, generator: torch.Generator | None = None) -> None:
-        """A ~ Kaiming-uniform(a=√5) (as ``nn.Linear``'s default), B = 0: the update starts at zero."""
-        a = torch.empty(self.rank, self.in_features, dtype=torch.float32)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-        self.lora_a.copy_(a)
+        """A ~ Kaiming-uniform(a=√5) (as ``nn.Linear``'s default), B = 0: the update starts at zero. Over an
+        embedding HF PEFT's init instead: A = 0, B ~ N(0, 1) (drawn on the CPU, then moved)."""
+        if self.kind.index_input:
+            self.lora_a.zero_()
+            self.lora_b.copy_(torch.randn(self.out_features, self.rank, generator=generator))
+            return
+        self.lora_a.copy_(kaiming_a(self.rank, self.in_features, generator))
         self.lora_b.zero_()
 
     def scaled_b(self) -> Tensor:
@@ -59,7 +77,7 @@ class LoraLinear(AdapterLayer):
 
     def lora_out(self, x: Tensor) -> Tensor:
         """``s · x Aᵀ Bᵀ`` for an input already dropped-out, in the adapter dtype."""
-        return (x.to(self.adapter_dtype) @ self.lora_a.t()) @ self.scaled_b().t()  # (..., out)
+        return self.kind.down(x, self.lora_a, self.adapter_dtype) @ self.scaled_b().t()  # (..., out)
 
     def fused_inputs(self) -> FusedInputs:
         """The training step's factors ``(A, s·B)``: one autograd node (:class:`rankwise.fused.LowRankLinear`),

@@ -38,6 +38,11 @@ Kaiming-uniform ``A`` has ``σ² = 1/(3 in)``). The follow-up code's unit varian
 ``sketch_scale = √n``; under SGD it multiplies the effective step by ``n`` (measured in ``docs/raclora.md``);
 under Adam, whose update of ``B`` is normalised per element, by about ``√n``.
 
+Over an ``nn.Embedding`` (``in = num_embeddings``, ``out = embedding_dim``) ``x Aᵀ`` is the lookup ``Aᵀ[ids]``, no
+dropout applies, the chain is merged the same way (into ``(Cₐ, C_b)``, never into the embedding table), and a sampled
+``A`` has its ``padding_idx`` column zeroed, so the padding row's update stays zero (``σ = sketch_scale / √n`` with
+``n = num_embeddings``).
+
 The same machinery gives the paper's baselines, one flag apart:
 
 * RAC-LoRA: ``train_both=False, chain=True`` (default);
@@ -200,6 +205,7 @@ class RacLoraLinear(AdapterLayer):
         g = sketch_generator(int(self.sketch_seed), self.index, int(self.links))
         if self.sampled() == "A":
             sketch = torch.randn(self.rank, self.in_features, generator=g) * (self.sketch_scale / math.sqrt(self.in_features))
+            self.kind.clear_padding(sketch)  # an embedding's padding row keeps a zero update
             assign(self.lora_a, sketch)  # r x in
             self.lora_b.zero_()
         else:
@@ -262,14 +268,13 @@ class RacLoraLinear(AdapterLayer):
 
         The merged chain is part of ``W`` (``W ← W + s B_t A_t``), so dropout acts on the current link only."""
         result = self.base_forward(x)  # (..., out)
-        x_d = self.dropout(x).to(self.adapter_dtype)
+        x_d, dtype, down = self.dropout(x), self.adapter_dtype, self.kind.down  # down(x, a, dtype) = x Aᵀ
         a, b = self.forward_factors()  # (k + r) x in, out x (k + r): the chain's k rows first
         k = self.chain_a.shape[0]
         if isinstance(self.dropout, nn.Identity) or not k:
-            update = (x_d @ a.t()) @ b.t()  # (..., out)
+            update = down(x_d, a, dtype) @ b.t()  # (..., out)
         else:  # the chain is merged into W: x Cₐᵀ C_bᵀ on x itself, dropout on the current link only
-            x_c = x.to(self.adapter_dtype)
-            update = (x_c @ a[:k].t()) @ b[:, :k].t() + (x_d @ a[k:].t()) @ b[:, k:].t()  # (..., out)
+            update = down(x, a[:k], dtype) @ b[:, :k].t() + down(x_d, a[k:], dtype) @ b[:, k:].t()  # (..., out)
         return result.add_(update.to(result.dtype))
 
     def merged_weight(self) -> Tensor:
