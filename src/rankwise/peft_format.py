@@ -2,7 +2,9 @@ r"""Export to the HF PEFT adapter format, so a rankwise adapter serves wherever 
 
 A PEFT LoRA adapter is a folder with ``adapter_config.json`` and ``adapter_model.safetensors`` whose
 keys are ``base_model.model.<module>.lora_A.weight`` (``r x in``), ``...lora_B.weight`` (``out x r``)
-and, for DoRA, ``...lora_magnitude_vector`` (``out``). Per-layer ranks and scales go in
+and, for DoRA, ``...lora_magnitude_vector`` (``out``); an ``nn.Embedding`` layer's factors are
+``...lora_embedding_A`` (``r x num_embeddings``) and ``...lora_embedding_B`` (``embedding_dim x r``), the same
+``A`` and ``B`` (PEFT's ``lora.Embedding`` adds ``s · (B A)ᵀ`` to the table). Per-layer ranks and scales go in
 ``rank_pattern`` / ``alpha_pattern`` (regexes matched as ``(.*\.)?(key)$``; we write full module
 names). Every method maps onto this through :meth:`AdapterLayer.peft_factors`.
 
@@ -54,6 +56,7 @@ from .methods import DoraConfig, LoraConfig
 from .registry import method_for
 from .state import (adapter_layers, base_modules, base_state_dict, fully_trained_modules, get_state, is_attached,
                     original_modules, refuse_peft_model, unwrap_model)
+from .base_layers import kind_class
 from .targeting import SUPPORTED_TYPES, is_supported
 
 PEFT_CONFIG = "adapter_config.json"
@@ -63,6 +66,9 @@ BIN_REFUSAL = (f"only {PEFT_WEIGHTS_BIN} is there, PEFT's older pickled format, 
                "can run code from the file). Convert it once where you trust it: peft.PeftModel.from_pretrained(base, "
                "dir).save_pretrained(out) writes adapter_model.safetensors; import out")
 PREFIX = "base_model.model."
+# PEFT's file keys of a layer's (A, B): an nn.Linear / Conv1D's (False), an nn.Embedding's (True), same shapes
+FACTOR_KEYS: dict[bool, tuple[str, str]] = {False: ("lora_A.weight", "lora_B.weight"),
+                                            True: ("lora_embedding_A", "lora_embedding_B")}
 SERVE_MERGED = ("Serve merged weights instead: rankwise export ... --format merged, or rankwise.detach(model, "
                 "merge=True) then model.save_pretrained(dir)")
 
@@ -136,6 +142,10 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
         raise ValueError("cannot export a mix of DoRA-style and LoRA-style layers as one PEFT adapter")
     if vllm and dora:
         raise ValueError(f"{state.config.method} is a DoRA-family method and vLLM refuses DoRA adapters. {SERVE_MERGED}")
+    lookups = {n for n, layer in layers.items() if layer.kind.index_input}  # nn.Embedding layers: PEFT's lora_embedding_*
+    if vllm and lookups:
+        raise ValueError(f"the vLLM form is written for linear layers only, and this adapter has embedding layers "
+                         f"{sorted(lookups)[:3]}. {SERVE_MERGED}; or export the PEFT form (vllm=False), which HF PEFT loads")
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
 
@@ -149,7 +159,7 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
         raise ValueError(f"vLLM refuses adapters with modules_to_save (\"vLLM only supports modules_to_save being "
                          f"None\"), and without the trained {sorted(saved)} it would serve other outputs. {SERVE_MERGED}; "
                          "or export the PEFT form (vllm=False, --format peft), which HF PEFT loads with them")
-    tensors, ranks, alphas = _peft_tensors(factors, saved, vllm, use_rslora)
+    tensors, ranks, alphas = _peft_tensors(factors, saved, vllm, use_rslora, lookups)
     r_global = _most_common(list(ranks.values()))
     alpha_global = _most_common([alphas[n] for n in ranks if ranks[n] == r_global])
     key = _pattern_keys(model, list(ranks))
@@ -299,9 +309,10 @@ def _peft_target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
 
 
 def _peft_tensors(
-    factors: dict[str, Any], modules_to_save: dict[str, nn.Module], vllm: bool, use_rslora: bool
+    factors: dict[str, Any], modules_to_save: dict[str, nn.Module], vllm: bool, use_rslora: bool, lookups: set[str]
 ) -> tuple[dict[str, Tensor], dict[str, int], dict[str, float]]:
-    """PEFT's tensors (factors, DoRA magnitudes, fully-trained modules) and each layer's rank and alpha.
+    """PEFT's tensors (factors, DoRA magnitudes, fully-trained modules) and each layer's rank and alpha; the layers
+    in ``lookups`` (embeddings) under PEFT's embedding names (:data:`FACTOR_KEYS`).
 
     ``vllm``: the scale is baked into ``B`` and every layer padded with zeros to the largest rank,
     so one ``r`` and ``lora_alpha = r`` describe them all.
@@ -323,8 +334,9 @@ def _peft_tensors(
         rank = a.shape[0]
         ranks[name] = rank
         alphas[name] = lora_alpha(1.0 if vllm else f.scale, rank, use_rslora)  # vllm: the scale is in B
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = a.contiguous()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = b.contiguous()
+        key_a, key_b = FACTOR_KEYS[name in lookups]
+        tensors[f"{PREFIX}{name}.{key_a}"] = a.contiguous()
+        tensors[f"{PREFIX}{name}.{key_b}"] = b.contiguous()
         if f.magnitude is not None:
             magnitude = f.magnitude.detach().to(device="cpu", dtype=wide_dtype(f.magnitude.dtype))  # out
             tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = magnitude.contiguous()
@@ -597,7 +609,7 @@ def _peft_layers(
     for key, t in tensors.items():
         m = _LORA_KEY.fullmatch(key)
         if m:
-            parts.setdefault(m["module"], {})[m["part"].split(".")[0]] = t
+            parts.setdefault(m["module"], {})[m["part"].split(".")[0]] = t  # lora_A, lora_embedding_A, ...
     if not parts:
         raise ValueError(f"{folder / PEFT_WEIGHTS} holds no lora_A/lora_B tensors")
     dora = bool(cfg.get("use_dora"))
@@ -612,9 +624,14 @@ def _peft_layers(
             raise TypeError(
                 f"PEFT adapter layer {name!r} is a {type(module).__name__}; rankwise adapts {', '.join(SUPPORTED_TYPES)} layers only"
             )
-        need = {"lora_A", "lora_B"} | ({"lora_magnitude_vector"} if dora else set())
+        kind = kind_class(module)
+        lookup = kind is not None and kind.index_input  # PEFT names an embedding's factors lora_embedding_A / _B
+        factor_names = [key.split(".")[0] for key in FACTOR_KEYS[lookup]]
+        need = set(factor_names) | ({"lora_magnitude_vector"} if dora else set())
         if set(got) != need:
-            raise ValueError(f"PEFT layer {name!r} has tensors {sorted(got)}, expected {sorted(need)}")
+            raise ValueError(f"PEFT layer {name!r} ({type(module).__name__}) has tensors {sorted(got)}, expected {sorted(need)}")
+        parts[name] = got = {theirs: got[key] for theirs, key in zip(("lora_A", "lora_B"), factor_names)} | (
+            {"lora_magnitude_vector": got["lora_magnitude_vector"]} if dora else {})
         rank = int(got["lora_A"].shape[0])
         expected_rank = int(pattern_value(cfg.get("rank_pattern") or {}, name, cfg["r"], "rank_pattern"))
         if rank != expected_rank:
