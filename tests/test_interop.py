@@ -146,11 +146,13 @@ def test_import_refuses_unsupported_configs(mlp_case: ModelCase, tmp_path: Path,
     _assert_unchanged(base, snap)
 
 
-def test_import_refuses_layer_types_we_do_not_adapt(bert_case: ModelCase, tmp_path: Path) -> None:
-    base = bert_case.make()
-    folder = _write_peft(tmp_path, base, r=2, target_modules=["word_embeddings", "query"])
+def test_import_refuses_layer_types_we_do_not_adapt(tmp_path: Path) -> None:
+    """PEFT's LoRA adapts an ``nn.Conv2d``; rankwise does not (yet): refused by name, the model unchanged."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    folder = _write_peft(tmp_path, base, r=2, target_modules=["0", "2"])
     snap = _snapshot(base)
-    with pytest.raises(TypeError, match=r"'bert.embeddings.word_embeddings' is a Embedding"):
+    with pytest.raises(TypeError, match=r"'0' is a Conv2d; rankwise adapts Linear, Conv1D, Embedding layers only"):
         rankwise.import_peft(base, folder)
     _assert_unchanged(base, snap)
 

@@ -9,13 +9,19 @@ import torch
 
 import rankwise
 from rankwise.io import read_adapter
-from conftest import ModelCase
+from conftest import EMBEDDING_CASE, MODEL_CASES, ModelCase, make_model_case
 from method_matrix import METHOD_CASES, MethodCase
 
 
 @pytest.fixture(params=list(METHOD_CASES))
 def method_case(request: pytest.FixtureRequest) -> MethodCase:
     return METHOD_CASES[request.param]
+
+
+@pytest.fixture(params=[*MODEL_CASES, "llama-embedding"])
+def model_case(request: pytest.FixtureRequest) -> ModelCase:
+    """conftest's model kinds plus an ``nn.Embedding`` base (a tiny Llama adapted on its tied ``embed_tokens``)."""
+    return EMBEDDING_CASE() if request.param == "llama-embedding" else make_model_case(request.param)
 
 
 def _attach(case: ModelCase, method: MethodCase, with_head: bool = True):
@@ -244,8 +250,9 @@ def _with_weights(base: torch.nn.Module, *adapted: torch.nn.Module) -> torch.nn.
     with torch.no_grad():
         for model in adapted:
             for name, layer in rankwise.adapter_layers(model).items():
-                w = out.get_submodule(name).weight
-                now = (w.t() if layer.fan_in_fan_out else w).double()  # out x in
+                module = out.get_submodule(name)
+                w = module.weight
+                now = layer.kind.out_in(w).double()  # out x in
                 factors = layer.peft_factors() if hasattr(layer, "magnitude") else None
                 if factors is None or factors.magnitude is None:
                     now = now + layer.delta_weight().double()
@@ -254,7 +261,8 @@ def _with_weights(base: torch.nn.Module, *adapted: torch.nn.Module) -> torch.nn.
                     lora = factors.scale * factors.lora_b.double() @ factors.lora_a.double()  # out x in
                     mu = factors.magnitude.double() / (w0 + lora).norm(dim=1)  # out
                     now = mu[:, None] * (now + lora)
-                w.copy_((now.t() if layer.fan_in_fan_out else now).to(w.dtype))
+                # a new tensor, not written into w: a tied one (lm_head and embed_tokens) would change both
+                module.weight = torch.nn.Parameter(layer.kind.stored(now).to(w.dtype))
     return out
 
 

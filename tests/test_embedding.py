@@ -1,0 +1,422 @@
+"""Adapters on ``nn.Embedding`` (HF PEFT's ``lora_embedding_A`` / ``lora_embedding_B``): every method's forward and
+merged weight against a closed form, LoRA and DoRA against HF PEFT 0.21 (outputs, gradients, merge, export / import),
+targeting, tied weights, padding rows, GoRA's embedding gradient, half precision and the refusals.
+
+The invariant matrix (tests/test_invariants.py) runs every method on an embedding base too (its ``llama-embedding``
+case: merge/unmerge, save/load, detach, disabled, several named adapters).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import rankwise
+from rankwise.base_layers import EmbeddingKind, base_kind
+from rankwise.fused import fused_blocker
+from rankwise.methods.gora_gradients import tap_weight_gradient
+from rankwise.targeting import target_names
+from conftest import EMBEDDING_CASE
+from method_matrix import METHOD_CASES
+
+VOCAB, DIM = 24, 8
+
+
+class TinyLM(nn.Module):
+    """An embedding (padding row 0) feeding a linear head: ``x -> head(emb(ids))``."""
+
+    def __init__(self, **emb_kwargs) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, DIM, padding_idx=0, **emb_kwargs)
+        self.head = nn.Linear(DIM, 5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(ids))
+
+
+def _tiny(seed: int = 0, **emb_kwargs) -> TinyLM:
+    torch.manual_seed(seed)
+    return TinyLM(**emb_kwargs)
+
+
+def _ids(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (3, 7), generator=g)
+    ids[0, 0] = 0  # a padding token among them
+    return ids
+
+
+def _loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids).pow(2).mean()
+
+
+CONFIGS = {
+    "lora": lambda: rankwise.LoraConfig(r=3, alpha=6, target_modules=["emb"], seed=0),
+    "lora-rs": lambda: rankwise.LoraConfig(r=3, alpha=6, use_rslora=True, target_modules=["emb"], seed=0),
+    "dora": lambda: rankwise.DoraConfig(r=3, alpha=6, target_modules=["emb"], seed=0),
+    "edora": lambda: rankwise.EdoraConfig(r=3, alpha=6, target_modules=["emb"], seed=0),
+    "edora-random": lambda: rankwise.EdoraConfig(r=3, alpha=6, factors="random", target_modules=["emb"], seed=0),
+    "raclora": lambda: rankwise.RacLoraConfig(r=3, alpha=6, link_steps=2, target_modules=["emb"], seed=0),
+    "raclora-b": lambda: rankwise.RacLoraConfig(r=3, alpha=6, link_steps=2, frozen="B", target_modules=["emb"], seed=0),
+    "cola": lambda: rankwise.RacLoraConfig.cola(r=3, alpha=6, link_steps=2, target_modules=["emb"], seed=0),
+    "asymmetric": lambda: rankwise.RacLoraConfig.asymmetric(r=3, alpha=6, target_modules=["emb"], seed=0),
+    "gora": lambda: rankwise.GoraConfig(r_ref=3, r_min=2, r_max=4, alpha=6, n_steps=2, target_modules=["emb", "head"], seed=0),
+}
+
+
+def _attached(method: str, seed: int = 0, **emb_kwargs) -> TinyLM:
+    model = _tiny(seed, **emb_kwargs)
+    calibration = [_ids(50), _ids(51)] if method == "gora" else None
+    rankwise.attach(model, CONFIGS[method](), calibration=calibration, loss_fn=_loss if calibration else None)
+    return model
+
+
+def _train(model: nn.Module, steps: int = 4) -> None:
+    opt = torch.optim.Adam(rankwise.trainable_parameters(model).values(), lr=5e-2)
+    model.train()
+    for i in range(steps):
+        _loss(model, _ids(100 + i)).backward()
+        opt.step()
+        opt.zero_grad()
+        rankwise.step(model, opt)
+    model.eval()
+
+
+def _delta_out_in(layer) -> torch.Tensor:
+    """The update ``ΔW`` (``out x in``, fp64) from the layer's factors, by each method's own formula (paper form)."""
+    d = lambda t: t.detach().double()  # noqa: E731
+    if hasattr(layer, "core"):  # EDoRA: s · B R A
+        return layer.scale * d(layer.frozen_b) @ d(layer.core) @ d(layer.frozen_a)
+    delta = layer.scale * d(layer.lora_b) @ d(layer.lora_a)
+    if hasattr(layer, "chain_a"):  # RAC-LoRA: the merged links C_b Cₐ as well
+        delta = delta + d(layer.chain_b) @ d(layer.chain_a)
+    return delta
+
+
+def _expected_table(layer, w0: torch.Tensor) -> torch.Tensor:
+    """The adapted embedding table (``num_embeddings x embedding_dim``, fp64), from ``W0`` as stored: ``W0 + ΔWᵀ``, or
+    DoRA's ``(μ ⊙ (W0ᵀ + ΔW))ᵀ`` with ``μ = m / ‖W0ᵀ + ΔW‖`` over each ``out x in`` row (one per embedding dim)."""
+    v = w0.double().t() + _delta_out_in(layer)  # out x in
+    if hasattr(layer, "magnitude"):
+        v = layer.magnitude.detach().double()[:, None] * v / v.norm(dim=1, keepdim=True)
+    return v.t()
+
+
+# ---------------------------------------------------------------------------- every method: the closed form
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_forward_and_merge_are_the_closed_form(method: str) -> None:
+    """Trained (RAC-LoRA across link ends), then: the layer's output is ``F.embedding(ids, W0 + ΔWᵀ)`` (DoRA family:
+    ``μ ⊙`` the direction), its merged weight that table, merge/unmerge exact, the padding row's update zero."""
+    model = _attached(method)
+    w0 = model.emb.weight.detach().clone()
+    _train(model)
+    layer = rankwise.adapter_layers(model)["emb"]
+    assert isinstance(layer.kind, EmbeddingKind) and layer.in_features == VOCAB and layer.out_features == DIM
+    if method in ("raclora", "cola"):
+        assert layer.chain_a.shape[0] > 0, "no link ended: the chain is not exercised"
+    table = _expected_table(layer, w0)
+    assert not torch.allclose(table, w0.double(), atol=1e-4), "the adapter did not move: the test would prove nothing"
+    ids = _ids(7)
+    with torch.no_grad():
+        got = layer(ids)
+        torch.testing.assert_close(got.double(), F.embedding(ids, table), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer.merged_weight().double().t(), table, rtol=1e-5, atol=1e-6)
+        assert torch.equal(table[0], w0[0].double()), "the padding row changed"  # W0[0] = 0: stays exactly zero
+        rankwise.merge(model)
+        torch.testing.assert_close(model.emb.weight.double(), table, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer(ids), got, rtol=1e-5, atol=1e-6)
+        rankwise.unmerge(model)
+    assert torch.equal(model.emb.weight, w0)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "edora", "raclora", "raclora-b", "cola"])
+def test_identity_at_init_and_no_dropout(method: str) -> None:
+    """An unchanged model at attach, and no dropout on ids (HF PEFT's embedding applies none): with ``dropout=0.5`` a
+    training forward equals the eval one. LoRA's embedding init is PEFT's: ``A = 0``, ``B ~ N(0, 1)``."""
+    base = _tiny()
+    model = copy.deepcopy(base)
+    config = CONFIGS[method]().replace(dropout=0.5)
+    if method == "edora":
+        config = config.replace(sigma=0.0)
+    rankwise.attach(model, config)
+    layer = rankwise.adapter_layers(model)["emb"]
+    assert isinstance(layer.dropout, nn.Identity)
+    ids = _ids(3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), base(ids), rtol=0, atol=1e-6)
+        if method in ("lora", "dora"):
+            assert not layer.lora_a.any() and layer.lora_b.abs().min() > 0
+        for p in rankwise.trainable_parameters(model).values():
+            p.add_(0.1)
+        model.eval()
+        out_eval = model(ids)
+        model.train()
+        assert torch.equal(model(ids), out_eval)
+
+
+# ---------------------------------------------------------------------------- against HF PEFT
+def _peft_and_ours(dora: bool, rslora: bool = False, dtype: torch.dtype = torch.float32):
+    """The same tiny model adapted by PEFT and by rankwise with the same factors (perturbed from init)."""
+    base = _tiny().to(dtype)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=3, lora_alpha=6, target_modules=["emb"],
+                                                                      use_dora=dora, use_rslora=rslora, lora_dropout=0.3))
+    ours = copy.deepcopy(base)
+    rankwise.attach(ours, rankwise.DoraConfig(r=3, alpha=6, use_rslora=rslora, dropout=0.3, target_modules=["emb"])
+                    if dora else rankwise.LoraConfig(r=3, alpha=6, use_rslora=rslora, dropout=0.3, target_modules=["emb"]))
+    layer = rankwise.adapter_layers(ours)["emb"]
+    pl = theirs.base_model.model.emb
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        layer.lora_a.copy_(torch.randn(layer.lora_a.shape, generator=g))
+        layer.lora_a[:, 0] = 0  # the padding column, as training leaves it
+        layer.lora_b.copy_(torch.randn(layer.lora_b.shape, generator=g))
+        pl.lora_embedding_A["default"].copy_(layer.lora_a)
+        pl.lora_embedding_B["default"].copy_(layer.lora_b)
+        if dora:
+            layer.magnitude.mul_(1 + 0.2 * torch.rand(layer.magnitude.shape, generator=g))
+            pl.lora_magnitude_vector["default"].weight.copy_(layer.magnitude)
+    assert pl.scaling["default"] == layer.scale
+    return base, theirs, ours
+
+
+@pytest.mark.parametrize("dora, rslora", [(False, False), (False, True), (True, False)])
+def test_outputs_gradients_and_merge_match_peft(dora: bool, rslora: bool) -> None:
+    base, theirs, ours = _peft_and_ours(dora, rslora)
+    layer = rankwise.adapter_layers(ours)["emb"]
+    pl = theirs.base_model.model.emb
+    if dora:  # PEFT's magnitude has embedding_dim entries: the norm runs over each out x in row (across the vocab)
+        assert pl.lora_magnitude_vector["default"].weight.shape == layer.magnitude.shape == (DIM,)
+    ids = _ids(1)
+    theirs.train(); ours.train()  # lora_dropout=0.3 is ignored on an embedding by both
+    torch.testing.assert_close(ours(ids), theirs(ids), rtol=1e-5, atol=1e-6)
+    _loss(ours, ids).backward()
+    _loss(theirs, ids).backward()
+    torch.testing.assert_close(layer.lora_a.grad, pl.lora_embedding_A["default"].grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(layer.lora_b.grad, pl.lora_embedding_B["default"].grad, rtol=1e-5, atol=1e-7)
+    assert not layer.lora_a.grad[:, 0].any()  # padding_idx: no gradient for A's padding column (PEFT's too)
+    if dora:
+        torch.testing.assert_close(layer.magnitude.grad, pl.lora_magnitude_vector["default"].weight.grad, rtol=1e-5, atol=1e-7)
+    theirs.eval(); ours.eval()
+    merged_theirs = copy.deepcopy(theirs).merge_and_unload()
+    merged_ours = rankwise.detach(copy.deepcopy(ours), merge=True)
+    torch.testing.assert_close(merged_ours.emb.weight, merged_theirs.emb.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_a_bf16_base_with_fp32_adapters_matches_peft_and_unmerges_exactly() -> None:
+    base, theirs, ours = _peft_and_ours(dora=True, dtype=torch.bfloat16)
+    layer = rankwise.adapter_layers(ours)["emb"]
+    assert layer.weight.dtype == torch.bfloat16 and layer.lora_a.dtype == torch.float32  # adapter kept in fp32
+    pl = theirs.base_model.model.emb
+    with torch.no_grad():  # PEFT creates its adapter in the base dtype here: put ours (fp32) in, as fp32
+        for name in ("lora_embedding_A", "lora_embedding_B"):
+            getattr(pl, name)["default"].data = getattr(pl, name)["default"].data.float()
+        pl.lora_embedding_A["default"].copy_(layer.lora_a)
+        pl.lora_embedding_B["default"].copy_(layer.lora_b)
+        pl.lora_magnitude_vector["default"].weight.data = layer.magnitude.detach().clone()
+    ids = _ids(2)
+    w0 = layer.weight.detach().clone()
+    with torch.no_grad():
+        out = ours.emb(ids)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out, theirs.base_model.model.emb(ids), rtol=1e-2, atol=1e-2)
+        reference = F.embedding(ids, _expected_table(layer, w0))  # fp64
+        torch.testing.assert_close(out.double(), reference, rtol=1e-2, atol=1e-2)
+        rankwise.merge(ours)
+        rankwise.unmerge(ours)
+    assert torch.equal(layer.weight, w0)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_export_loads_in_peft_and_a_peft_adapter_imports(dora: bool, tmp_path: Path) -> None:
+    """A tiny transformers Llama adapted on ``embed_tokens`` and ``q_proj``: ``export_peft`` writes PEFT's
+    ``lora_embedding_A`` (``r x vocab``) / ``lora_embedding_B`` (``dim x r``) and ``PeftModel.from_pretrained`` gives our
+    logits; a PEFT-trained adapter imports back with PEFT's logits."""
+    from safetensors.torch import load_file
+
+    case = EMBEDDING_CASE()
+    config = (rankwise.DoraConfig if dora else rankwise.LoraConfig)(r=2, alpha=4, target_modules=["embed_tokens", "q_proj"], seed=0)
+    ours = case.make()
+    rankwise.attach(ours, config)
+    with torch.no_grad():
+        for p in rankwise.trainable_parameters(ours).values():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    rankwise.export_peft(ours, tmp_path / "peft")
+    tensors = load_file(tmp_path / "peft/adapter_model.safetensors")
+    key = "base_model.model.model.embed_tokens."
+    assert tensors[key + "lora_embedding_A"].shape == (2, 48) and tensors[key + "lora_embedding_B"].shape == (16, 2)
+    assert (key + "lora_magnitude_vector" in tensors) == dora
+    loaded = peft.PeftModel.from_pretrained(case.make(), tmp_path / "peft").eval()
+    assert isinstance(loaded.base_model.model.model.embed_tokens, peft.tuners.lora.Embedding)
+    batch = case.batch(0)
+    with torch.no_grad():
+        logits = case.output(ours, batch)
+        torch.testing.assert_close(case.output(loaded, batch), logits, rtol=1e-5, atol=1e-5)
+
+    # a PEFT-made adapter (PEFT's own init, then moved), saved by PEFT, imported by rankwise
+    theirs = peft.get_peft_model(case.make(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["embed_tokens", "q_proj"],
+                                                              use_dora=dora))
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    theirs.save_pretrained(tmp_path / "theirs")  # with the embedding's base weight (save_embedding_layers="auto")
+    imported = rankwise.import_peft(case.make(), tmp_path / "theirs")
+    assert isinstance(rankwise.adapter_layers(imported)["model.embed_tokens"].kind, EmbeddingKind)
+    with torch.no_grad():
+        torch.testing.assert_close(case.output(imported, batch), case.output(theirs.eval(), batch), rtol=1e-5, atol=1e-5)
+
+
+def test_vllm_export_refuses_embedding_layers(tmp_path: Path) -> None:
+    model = _attached("lora")
+    with pytest.raises(ValueError, match="embedding layers"):
+        rankwise.export_peft(model, tmp_path / "v", vllm=True)
+
+
+# ---------------------------------------------------------------------------- targeting, refusals, fused path
+def test_all_linear_leaves_embeddings_and_naming_them_adapts_them() -> None:
+    case = EMBEDDING_CASE()
+    names = target_names(case.make(), rankwise.LoraConfig(target_modules="all-linear"))
+    assert names and not any("embed" in n for n in names)
+    peft_model = peft.get_peft_model(case.make(), peft.LoraConfig(target_modules="all-linear"))
+    assert sorted(n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+                  if isinstance(m, peft.tuners.lora.LoraLayer)) == sorted(names)  # PEFT's all-linear: the same layers
+    named = target_names(case.make(), rankwise.LoraConfig(target_modules=["embed_tokens", "q_proj"]))
+    assert named == ["model.embed_tokens", "model.layers.0.self_attn.q_proj"]
+
+
+def test_unsupported_types_are_named_with_embedding_among_the_supported() -> None:
+    model = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4), nn.Conv2d(1, 1, 1))
+    for target in ("1", "2"):
+        with pytest.raises(TypeError, match=r"rankwise adapts Linear, Conv1D, Embedding layers only"):
+            rankwise.attach(copy.deepcopy(model), rankwise.LoraConfig(r=2, target_modules=[target]))
+
+
+class ScaledEmbedding(nn.Embedding):
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * 2.0
+
+
+@pytest.mark.parametrize("module, error, match", [
+    (nn.Embedding(10, 4, max_norm=1.0), ValueError, "max_norm=1.0"),
+    (nn.Embedding(10, 4, sparse=True), ValueError, "sparse=True"),
+    (ScaledEmbedding(10, 4), TypeError, "a forward of its own"),
+])
+def test_embeddings_whose_forward_cannot_be_kept_are_refused(module: nn.Module, error: type, match: str) -> None:
+    model = nn.Sequential(module)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(error, match=match):
+        rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["0"]))
+    assert model[0] is module and not rankwise.adapter_layers(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_the_fused_path_names_the_embedding_base() -> None:
+    model = _attached("dora")
+    layer = rankwise.adapter_layers(model)["emb"]
+    assert fused_blocker(layer) == "embedding base" and layer.fused_path() == "reference: embedding base"
+
+
+# ---------------------------------------------------------------------------- tied weights
+@pytest.mark.parametrize("targets", [["embed_tokens"], ["embed_tokens", "lm_head"]])
+def test_a_tied_embedding_is_never_written_and_detach_merge_unties(targets: list[str]) -> None:
+    case = EMBEDDING_CASE()
+    base = case.make()
+    model = case.make()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    shared = model.lm_head.weight
+    original = shared.detach().clone()
+    with pytest.warns(UserWarning, match="tied weights"):
+        rankwise.attach(model, rankwise.LoraConfig(r=2, alpha=4, target_modules=targets, seed=0))
+    with torch.no_grad():
+        for p in rankwise.trainable_parameters(model).values():
+            p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    batch = case.batch(1)
+    with torch.no_grad():
+        adapted = case.output(model, batch)
+        assert not torch.allclose(adapted, case.output(base, batch), atol=1e-4)
+        rankwise.merge(model)
+        torch.testing.assert_close(case.output(model, batch), adapted, rtol=1e-5, atol=1e-5)
+        assert torch.equal(shared, original), "a merge wrote into the tied tensor"
+        rankwise.unmerge(model)
+    assert model.model.embed_tokens.weight is shared
+    merged = rankwise.detach(copy.deepcopy(model), merge=True)
+    with torch.no_grad():
+        torch.testing.assert_close(case.output(merged, batch), adapted, rtol=1e-5, atol=1e-5)
+    assert merged.lm_head.weight is not merged.model.embed_tokens.weight and not merged.config.tie_word_embeddings
+    if targets == ["embed_tokens"]:  # the head keeps W0: only the input embedding's use was adapted
+        assert torch.equal(merged.lm_head.weight, original)
+    plain = rankwise.detach(model)
+    assert plain.lm_head.weight is plain.model.embed_tokens.weight and torch.equal(shared, original)
+
+
+# ---------------------------------------------------------------------------- several named adapters
+def test_two_named_adapters_on_one_embedding_add_their_updates() -> None:
+    model = _tiny()
+    w0 = model.emb.weight.detach().clone()
+    rankwise.attach(model, rankwise.LoraConfig(r=2, alpha=4, target_modules=["emb"], seed=1))
+    rankwise.attach(model, rankwise.LoraConfig(r=3, alpha=3, target_modules=["emb"], seed=2), name="second")
+    layers = [rankwise.adapter_layers(model, n)["emb"] for n in ("default", "second")]
+    with torch.no_grad():
+        for layer in layers:
+            layer.lora_a.add_(0.3 * torch.randn(layer.lora_a.shape, generator=torch.Generator().manual_seed(layer.rank)))
+    rankwise.set_active(model, ["default", "second"])
+    table = w0.double() + sum(_delta_out_in(layer).t() for layer in layers)
+    ids = _ids(5)
+    with torch.no_grad():
+        torch.testing.assert_close(model.emb(ids).double(), F.embedding(ids, table), rtol=1e-5, atol=1e-6)
+        rankwise.set_active(model, "second")
+        torch.testing.assert_close(model.emb(ids).double(), F.embedding(ids, w0.double() + _delta_out_in(layers[1]).t()),
+                                   rtol=1e-5, atol=1e-6)
+        with rankwise.disabled(model):
+            assert torch.equal(model.emb(ids), F.embedding(ids, w0, padding_idx=0))
+
+
+# ---------------------------------------------------------------------------- GoRA's gradient of an embedding
+@pytest.mark.parametrize("scale_grad_by_freq", [False, True])
+def test_the_embedding_weight_gradient_is_autograds(scale_grad_by_freq: bool) -> None:
+    """``∂L/∂W0`` from the ids and the output gradient (GoRA's tap for a tied weight) equals autograd's on the
+    dense weight: padding column zero, counts divided out under ``scale_grad_by_freq``."""
+    emb = nn.Embedding(VOCAB, DIM, padding_idx=0, scale_grad_by_freq=scale_grad_by_freq)
+    ids = torch.cat([_ids(1), torch.tensor([[3, 3, 3, 0, 5, 5, 1]])])  # repeated ids and the padding id
+    d = torch.randn(*ids.shape, DIM, generator=torch.Generator().manual_seed(0))
+    (emb(ids) * d).sum().backward()
+    assert emb.weight.grad is not None
+    torch.testing.assert_close(base_kind(emb).weight_grad(ids, d).t(), emb.weight.grad, rtol=1e-6, atol=1e-6)
+    acc = torch.zeros_like(emb.weight)
+    handle = tap_weight_gradient(emb, acc)
+    with torch.no_grad():
+        emb.weight.requires_grad_(False)
+    (emb(ids) * d).sum().backward()
+    handle.remove()
+    torch.testing.assert_close(acc, emb.weight.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_gora_on_a_tied_embedding_takes_the_gradient_of_its_own_use() -> None:
+    """GoRA on the tied Llama's ``embed_tokens``: the initial update is ``−γ √(in/r) · Ḡ P_A`` with ``Ḡ`` the
+    gradient through the embedding alone (not the head's use of the same tensor), from an untied copy's autograd."""
+    case = EMBEDDING_CASE()
+    calibration = [case.batch(40)]
+    model = case.make()
+    rankwise.attach(model, rankwise.GoraConfig(r_ref=2, r_min=2, r_max=2, alpha=4, n_steps=1, gamma=0.05,
+                                               target_modules=["embed_tokens"], seed=0), calibration=calibration)
+    layer = rankwise.adapter_layers(model)["model.embed_tokens"]
+    untied = case.make()
+    untied.model.embed_tokens.weight = nn.Parameter(untied.lm_head.weight.detach().clone())
+    untied(**calibration[0]).loss.backward()
+    grad = untied.model.embed_tokens.weight.grad.t().double()  # out x in: the embedding's use only
+    a = layer.lora_a.detach().double()
+    projection = a.t() @ torch.linalg.solve(a @ a.t(), a)  # in x in
+    expected = -0.05 * (layer.in_features / layer.rank) ** 0.5 * grad @ projection
+    torch.testing.assert_close(_delta_out_in(layer), expected, rtol=1e-4, atol=1e-7)
+    assert not layer.lora_a[:, 0].any()  # padding column zero: the padding row's update is zero
+
+
+def test_method_matrix_lists_every_method_tested_here() -> None:
+    """Every method of the invariant matrix has an embedding case above (a new method must add one)."""
+    assert set(METHOD_CASES) <= set(CONFIGS)
