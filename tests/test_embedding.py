@@ -272,6 +272,25 @@ def test_export_loads_in_peft_and_a_peft_adapter_imports(dora: bool, tmp_path: P
         torch.testing.assert_close(case.output(imported, batch), case.output(theirs.eval(), batch), rtol=1e-5, atol=1e-5)
 
 
+def test_a_peft_adapter_with_ensure_weight_tying_imports_with_peft_s_outputs_and_a_warning(tmp_path: Path) -> None:
+    """PEFT's ``ensure_weight_tying=True`` on the tied ``lm_head`` also adapts ``embed_tokens`` (tied factors): the
+    import computes PEFT's logits and warns that the two layers train independently from there."""
+    case = EMBEDDING_CASE()
+    theirs = peft.get_peft_model(case.make(), peft.LoraConfig(r=2, target_modules=["lm_head", "q_proj"],
+                                                              ensure_weight_tying=True))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    theirs.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="ensure_weight_tying=True"):
+        ours = rankwise.import_peft(case.make(), tmp_path)
+    assert {"model.embed_tokens", "lm_head"} <= set(rankwise.adapter_layers(ours))
+    batch = case.batch(2)
+    with torch.no_grad():
+        torch.testing.assert_close(case.output(ours, batch), case.output(theirs.eval(), batch), rtol=1e-5, atol=1e-5)
+
+
 def test_vllm_export_refuses_embedding_layers(tmp_path: Path) -> None:
     model = _attached("lora")
     with pytest.raises(ValueError, match="embedding layers"):
@@ -375,6 +394,31 @@ def test_two_named_adapters_on_one_embedding_add_their_updates() -> None:
                                    rtol=1e-5, atol=1e-6)
         with rankwise.disabled(model):
             assert torch.equal(model.emb(ids), F.embedding(ids, w0, padding_idx=0))
+
+
+@pytest.mark.parametrize("order", [("default", "b"), ("b", "default")])
+def test_lora_and_dora_active_together_on_an_embedding_compute_peft_s_outputs(order: tuple[str, str], tmp_path: Path) -> None:
+    """LoRA ("default") and DoRA ("b") on one embedding, both active in either order: PEFT (the export in its
+    multi-adapter layout, ``set_adapter`` in the same order) computes the same outputs, and so does the merge."""
+    model = _tiny()
+    rankwise.attach(model, rankwise.LoraConfig(r=2, alpha=4, target_modules=["emb"], seed=1))
+    rankwise.attach(model, rankwise.DoraConfig(r=3, alpha=3, target_modules=["emb"], seed=2), name="b")
+    with torch.no_grad():
+        for p in rankwise.trainable_parameters(model).values():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        for layer in (rankwise.adapter_layers(model, n)["emb"] for n in ("default", "b")):
+            layer.lora_a[:, 0] = 0
+    rankwise.set_active(model, list(order))
+    rankwise.export_peft(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(_tiny(), tmp_path)
+    theirs.load_adapter(tmp_path / "b", adapter_name="b")
+    theirs.base_model.set_adapter(list(order))
+    ids = _ids(9)
+    with torch.no_grad():
+        expected = theirs.eval()(ids)
+        torch.testing.assert_close(model(ids), expected, rtol=1e-5, atol=1e-6)
+        rankwise.merge(model)
+        torch.testing.assert_close(model(ids), expected, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- GoRA's gradient of an embedding

@@ -343,6 +343,12 @@ def kind_class(module: nn.Module) -> type[BaseKind] | None:
     return next((kind for kind in KINDS if kind.matches(module)), None)
 
 
+def takes_ids(module: nn.Module) -> bool:
+    """Whether ``module``'s kind reads integer ids (``nn.Embedding``: :attr:`BaseKind.index_input`)."""
+    kind = kind_class(module)
+    return kind is not None and kind.index_input
+
+
 def base_kind(module: nn.Module) -> BaseKind:
     """The dispatcher: the :class:`BaseKind` for ``module``, after the checks that it can be adapted.
 
@@ -374,4 +380,5 @@ __all__ = [
     "kind_class",
     "register_kind",
     "supported_types",
+    "takes_ids",
 ]

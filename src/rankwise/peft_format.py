@@ -56,7 +56,7 @@ from .methods import DoraConfig, LoraConfig
 from .registry import method_for
 from .state import (adapter_layers, base_modules, base_state_dict, fully_trained_modules, get_state, is_attached,
                     original_modules, refuse_peft_model, unwrap_model)
-from .base_layers import kind_class
+from .base_layers import takes_ids
 from .targeting import SUPPORTED_TYPES, is_supported
 
 PEFT_CONFIG = "adapter_config.json"
@@ -557,6 +557,11 @@ def import_peft(
     cfg = _read_peft_config(folder)
     tensors = _read_peft_tensors(folder)
     parts, targets, ranks = _peft_layers(base_model, folder, cfg, tensors)
+    if cfg.get("ensure_weight_tying") and any(takes_ids(m) for m in targets.values()):
+        warnings.warn(
+            "rankwise: this PEFT adapter was made with ensure_weight_tying=True, which ties the tied lm_head's "
+            "factors to the input embedding's; rankwise imports them as independent layers: the same outputs as "
+            "PEFT's now, but training them further lets them differ (PEFT keeps them tied)", UserWarning, stacklevel=2)
     placed = {k for k in tensors if _LORA_KEY.fullmatch(k)} | _peft_base_weights(folder, targets, tensors)
     saved, mts = _peft_saved_modules(base_model, folder, cfg, tensors, placed)
     config = (DoraConfig if cfg.get("use_dora") else LoraConfig)(
@@ -624,9 +629,7 @@ def _peft_layers(
             raise TypeError(
                 f"PEFT adapter layer {name!r} is a {type(module).__name__}; rankwise adapts {', '.join(SUPPORTED_TYPES)} layers only"
             )
-        kind = kind_class(module)
-        lookup = kind is not None and kind.index_input  # PEFT names an embedding's factors lora_embedding_A / _B
-        factor_names = [key.split(".")[0] for key in FACTOR_KEYS[lookup]]
+        factor_names = [key.split(".")[0] for key in FACTOR_KEYS[takes_ids(module)]]  # an embedding's: lora_embedding_*
         need = set(factor_names) | ({"lora_magnitude_vector"} if dora else set())
         if set(got) != need:
             raise ValueError(f"PEFT layer {name!r} ({type(module).__name__}) has tensors {sorted(got)}, expected {sorted(need)}")
