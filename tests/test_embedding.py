@@ -208,10 +208,11 @@ def test_outputs_gradients_and_merge_match_peft(dora: bool, rslora: bool) -> Non
     torch.testing.assert_close(merged_ours.emb.weight, merged_theirs.emb.weight, rtol=1e-5, atol=1e-6)
 
 
-def test_a_bf16_base_with_fp32_adapters_matches_peft_and_unmerges_exactly() -> None:
-    base, theirs, ours = _peft_and_ours(dora=True, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_base_with_fp32_adapters_matches_peft_and_unmerges_exactly(dtype: torch.dtype) -> None:
+    base, theirs, ours = _peft_and_ours(dora=True, dtype=dtype)
     layer = rankwise.adapter_layers(ours)["emb"]
-    assert layer.weight.dtype == torch.bfloat16 and layer.lora_a.dtype == torch.float32  # adapter kept in fp32
+    assert layer.weight.dtype == dtype and layer.lora_a.dtype == torch.float32  # adapter kept in fp32
     pl = theirs.base_model.model.emb
     with torch.no_grad():  # PEFT creates its adapter in the base dtype here: put ours (fp32) in, as fp32
         for name in ("lora_embedding_A", "lora_embedding_B"):
@@ -223,7 +224,7 @@ def test_a_bf16_base_with_fp32_adapters_matches_peft_and_unmerges_exactly() -> N
     w0 = layer.weight.detach().clone()
     with torch.no_grad():
         out = ours.emb(ids)
-        assert out.dtype == torch.bfloat16
+        assert out.dtype == dtype
         torch.testing.assert_close(out, theirs.base_model.model.emb(ids), rtol=1e-2, atol=1e-2)
         reference = F.embedding(ids, _expected_table(layer, w0))  # fp64
         torch.testing.assert_close(out.double(), reference, rtol=1e-2, atol=1e-2)

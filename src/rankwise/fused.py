@@ -87,7 +87,8 @@ def reference_path() -> Iterator[None]:
 def fused_blocker(layer: Any) -> str | None:
     """Why ``layer`` (an :class:`rankwise.layer.AdapterLayer`) never takes the fused path as it stands, or ``None``:
     ``"no fused form"`` (its method supplies no :meth:`~rankwise.layer.AdapterLayer.fused_inputs`), ``"<kind> base"``
-    (a bitsandbytes base), ``"dropout"``, ``"trainable base weight"`` (a gradient for ``W0``/``b`` is never formed)."""
+    (a bitsandbytes or an embedding base: :attr:`rankwise.base_layers.BaseKind.fusable`), ``"dropout"``,
+    ``"trainable base weight"`` (a gradient for ``W0``/``b`` is never formed)."""
     if not layer.has_fused_form():
         return "no fused form"
     if not layer.kind.fusable:
