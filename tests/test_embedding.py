@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transformers.models.bart.modeling_bart import BartScaledWordEmbedding
+from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+
 import rankwise
 from rankwise.base_layers import EmbeddingKind, base_kind
 from rankwise.fused import fused_blocker
@@ -40,9 +43,21 @@ class TinyLM(nn.Module):
         return self.head(self.emb(ids))
 
 
-def _tiny(seed: int = 0, **emb_kwargs) -> TinyLM:
+# transformers' scaled embeddings (forward W[ids] · embed_scale): a tensor buffer, and a Python float
+SCALED = {
+    "gemma3": lambda: Gemma3TextScaledWordEmbedding(VOCAB, DIM, padding_idx=0, embed_scale=DIM ** 0.5),
+    "bart": lambda: BartScaledWordEmbedding(VOCAB, DIM, padding_idx=0, embed_scale=3.0),
+}
+SCALE = {None: 1.0, "gemma3": DIM ** 0.5, "bart": 3.0}
+
+
+def _tiny(seed: int = 0, scaled: str | None = None, **emb_kwargs) -> TinyLM:
+    """The tiny LM; ``scaled``: its embedding one of transformers' scaled ones (:data:`SCALED`)."""
     torch.manual_seed(seed)
-    return TinyLM(**emb_kwargs)
+    model = TinyLM(**emb_kwargs)
+    if scaled is not None:
+        model.emb = SCALED[scaled]()
+    return model
 
 
 def _ids(seed: int = 0) -> torch.Tensor:
@@ -70,8 +85,8 @@ CONFIGS = {
 }
 
 
-def _attached(method: str, seed: int = 0, **emb_kwargs) -> TinyLM:
-    model = _tiny(seed, **emb_kwargs)
+def _attached(method: str, seed: int = 0, scaled: str | None = None, **emb_kwargs) -> TinyLM:
+    model = _tiny(seed, scaled, **emb_kwargs)
     calibration = [_ids(50), _ids(51)] if method == "gora" else None
     rankwise.attach(model, CONFIGS[method](), calibration=calibration, loss_fn=_loss if calibration else None)
     return model
@@ -109,11 +124,14 @@ def _expected_table(layer, w0: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- every method: the closed form
+@pytest.mark.parametrize("scaled", [None, "gemma3"])
 @pytest.mark.parametrize("method", list(CONFIGS))
-def test_forward_and_merge_are_the_closed_form(method: str) -> None:
+def test_forward_and_merge_are_the_closed_form(method: str, scaled: str | None) -> None:
     """Trained (RAC-LoRA across link ends), then: the layer's output is ``F.embedding(ids, W0 + ΔWᵀ)`` (DoRA family:
-    ``μ ⊙`` the direction), its merged weight that table, merge/unmerge exact, the padding row's update zero."""
-    model = _attached(method)
+    ``μ ⊙`` the direction; a scaled embedding's times its ``c``), its merged weight that table (unscaled: the module
+    scales it), merge/unmerge exact, the padding row's update zero."""
+    model = _attached(method, scaled=scaled)
+    c = SCALE[scaled]
     w0 = model.emb.weight.detach().clone()
     _train(model)
     layer = rankwise.adapter_layers(model)["emb"]
@@ -125,7 +143,7 @@ def test_forward_and_merge_are_the_closed_form(method: str) -> None:
     ids = _ids(7)
     with torch.no_grad():
         got = layer(ids)
-        torch.testing.assert_close(got.double(), F.embedding(ids, table), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.double(), c * F.embedding(ids, table), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(layer.merged_weight().double().t(), table, rtol=1e-5, atol=1e-6)
         assert torch.equal(table[0], w0[0].double()), "the padding row changed"  # W0[0] = 0: stays exactly zero
         rankwise.merge(model)
@@ -161,9 +179,9 @@ def test_identity_at_init_and_no_dropout(method: str) -> None:
 
 
 # ---------------------------------------------------------------------------- against HF PEFT
-def _peft_and_ours(dora: bool, rslora: bool = False, dtype: torch.dtype = torch.float32):
+def _peft_and_ours(dora: bool, rslora: bool = False, dtype: torch.dtype = torch.float32, scaled: str | None = None):
     """The same tiny model adapted by PEFT and by rankwise with the same factors (perturbed from init)."""
-    base = _tiny().to(dtype)
+    base = _tiny(scaled=scaled).to(dtype)
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=3, lora_alpha=6, target_modules=["emb"],
                                                                       use_dora=dora, use_rslora=rslora, lora_dropout=0.3))
     ours = copy.deepcopy(base)
@@ -185,9 +203,12 @@ def _peft_and_ours(dora: bool, rslora: bool = False, dtype: torch.dtype = torch.
     return base, theirs, ours
 
 
-@pytest.mark.parametrize("dora, rslora", [(False, False), (False, True), (True, False)])
-def test_outputs_gradients_and_merge_match_peft(dora: bool, rslora: bool) -> None:
-    base, theirs, ours = _peft_and_ours(dora, rslora)
+@pytest.mark.parametrize("dora, rslora, scaled", [(False, False, None), (False, True, None), (True, False, None),
+                                                  (False, False, "gemma3"), (True, False, "gemma3"),
+                                                  (False, False, "bart"), (True, False, "bart")])
+def test_outputs_gradients_and_merge_match_peft(dora: bool, rslora: bool, scaled: str | None) -> None:
+    """Also over transformers' scaled embeddings, which PEFT scales its update for (``_get_embed_scale``)."""
+    base, theirs, ours = _peft_and_ours(dora, rslora, scaled=scaled)
     layer = rankwise.adapter_layers(ours)["emb"]
     pl = theirs.base_model.model.emb
     if dora:  # PEFT's magnitude has embedding_dim entries: the norm runs over each out x in row (across the vocab)
@@ -206,6 +227,9 @@ def test_outputs_gradients_and_merge_match_peft(dora: bool, rslora: bool) -> Non
     merged_theirs = copy.deepcopy(theirs).merge_and_unload()
     merged_ours = rankwise.detach(copy.deepcopy(ours), merge=True)
     torch.testing.assert_close(merged_ours.emb.weight, merged_theirs.emb.weight, rtol=1e-5, atol=1e-6)
+    if scaled is not None:  # the merged module scales W0 + ΔW itself: the same outputs as the unmerged adapter
+        assert type(merged_ours.emb) is type(base.emb)
+        torch.testing.assert_close(merged_ours(ids), ours(ids), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -322,10 +346,20 @@ class ScaledEmbedding(nn.Embedding):
         return super().forward(ids) * 2.0
 
 
+class ShiftedEmbedding(nn.Embedding):
+    """Has a scalar ``embed_scale``, but its forward is not ``W[ids] · embed_scale``."""
+
+    embed_scale = 2.0
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * self.embed_scale + 1.0
+
+
 @pytest.mark.parametrize("module, error, match", [
     (nn.Embedding(10, 4, max_norm=1.0), ValueError, "max_norm=1.0"),
     (nn.Embedding(10, 4, sparse=True), ValueError, "sparse=True"),
-    (ScaledEmbedding(10, 4), TypeError, "a forward of its own"),
+    (ScaledEmbedding(10, 4), TypeError, "a forward of its own and no scalar embed_scale"),
+    (ShiftedEmbedding(10, 4), TypeError, "does not compute W\\[ids\\] \\* embed_scale"),
 ])
 def test_embeddings_whose_forward_cannot_be_kept_are_refused(module: nn.Module, error: type, match: str) -> None:
     model = nn.Sequential(module)
@@ -423,11 +457,12 @@ def test_lora_and_dora_active_together_on_an_embedding_compute_peft_s_outputs(or
 
 
 # ---------------------------------------------------------------------------- GoRA's gradient of an embedding
-@pytest.mark.parametrize("scale_grad_by_freq", [False, True])
-def test_the_embedding_weight_gradient_is_autograds(scale_grad_by_freq: bool) -> None:
+@pytest.mark.parametrize("scale_grad_by_freq, scaled", [(False, None), (True, None), (False, "gemma3"), (False, "bart")])
+def test_the_embedding_weight_gradient_is_autograds(scale_grad_by_freq: bool, scaled: str | None) -> None:
     """``∂L/∂W0`` from the ids and the output gradient (GoRA's tap for a tied weight) equals autograd's on the
-    dense weight: padding column zero, counts divided out under ``scale_grad_by_freq``."""
-    emb = nn.Embedding(VOCAB, DIM, padding_idx=0, scale_grad_by_freq=scale_grad_by_freq)
+    dense weight: padding column zero, counts divided out under ``scale_grad_by_freq``, times a scaled embedding's c."""
+    emb = nn.Embedding(VOCAB, DIM, padding_idx=0, scale_grad_by_freq=scale_grad_by_freq) if scaled is None \
+        else SCALED[scaled]()
     ids = torch.cat([_ids(1), torch.tensor([[3, 3, 3, 0, 5, 5, 1]])])  # repeated ids and the padding id
     d = torch.randn(*ids.shape, DIM, generator=torch.Generator().manual_seed(0))
     (emb(ids) * d).sum().backward()

@@ -245,9 +245,16 @@ class EmbeddingKind(BaseKind):
     ``padding_idx`` and ``scale_grad_by_freq`` (as HF PEFT's ``Embedding._embed``), so ``A``'s padding column gets
     no gradient and, starting at zero (:meth:`clear_padding`), the padding row's update stays zero.
 
+    A *scaled* embedding (transformers' ``Gemma3TextScaledWordEmbedding``, ``BartScaledWordEmbedding``, ...: a subclass
+    whose forward is ``W[ids] · c`` with a scalar ``embed_scale`` attribute ``c``) is the linear map of ``c`` times the
+    one-hot input, so the base forward, :meth:`down` and :meth:`weight_grad` each carry the factor ``c`` and every
+    method follows: LoRA's ``c · s · Aᵀ[ids] Bᵀ`` and DoRA's ``μ ⊙ c · (W0[ids] + s · Aᵀ[ids] Bᵀ)`` with ``μ`` from
+    the unscaled ``W0 + s·B A`` are HF PEFT's (``_get_embed_scale``); a merge writes ``W0 + ΔW``, which the module
+    scales itself. Attach checks on a few rows that the subclass's forward is that product (:meth:`check_scaled`).
+
     Refused (:meth:`check_module`): ``max_norm`` (``F.embedding`` renormalises the looked-up rows of the weight in
     place on every call: ``W0`` would drift, and merge / unmerge could not be exact), ``sparse=True`` (sparse
-    gradients; the frozen base needs none) and a subclass with a forward of its own (e.g. a scaled embedding).
+    gradients; the frozen base needs none) and a subclass with any other forward of its own.
     """
 
     name: ClassVar[str] = "embedding"
@@ -269,10 +276,7 @@ class EmbeddingKind(BaseKind):
         """Raise ``TypeError`` / ``ValueError`` for an embedding whose forward rankwise cannot reproduce exactly."""
         emb = cast(nn.Embedding, module)
         if type(emb).forward is not nn.Embedding.forward:
-            raise TypeError(
-                f"cannot adapt a {type(emb).__name__}: it is an nn.Embedding with a forward of its own (e.g. a scaled "
-                "embedding), which rankwise does not reproduce; only nn.Embedding's own lookup is supported"
-            )
+            EmbeddingKind.check_scaled(emb)
         if emb.max_norm is not None:
             raise ValueError(
                 f"cannot adapt an nn.Embedding with max_norm={emb.max_norm}: its forward renormalises the looked-up rows "
@@ -281,6 +285,33 @@ class EmbeddingKind(BaseKind):
         if emb.sparse:
             raise ValueError("cannot adapt an nn.Embedding with sparse=True (sparse gradients): its weight is frozen "
                              "under an adapter, so build it with sparse=False")
+
+    @staticmethod
+    def check_scaled(emb: nn.Embedding) -> None:
+        """For a subclass with a forward of its own: ``TypeError`` unless it has a scalar ``embed_scale`` and its forward
+        gives exactly ``W[ids] · embed_scale`` (:func:`scaled`) on a few rows (checked unless the weight is on
+        ``meta``, i.e. not loaded yet)."""
+        name = type(emb).__name__
+        scale = getattr(emb, "embed_scale", None)
+        scalar = isinstance(scale, (int, float)) or (isinstance(scale, Tensor) and scale.numel() == 1)
+        if not scalar or isinstance(scale, bool):
+            raise TypeError(
+                f"cannot adapt a {name}: it is an nn.Embedding with a forward of its own and no scalar embed_scale, "
+                "which rankwise does not reproduce; it adapts nn.Embedding's lookup, and a scaled embedding's "
+                "(W[ids] * embed_scale, as transformers' Gemma3TextScaledWordEmbedding)"
+            )
+        weight = cast(Tensor, emb.weight)
+        if weight.is_meta:
+            return
+        ids = torch.arange(min(4, emb.num_embeddings), device=weight.device)
+        with torch.no_grad():
+            own = type(emb).forward(emb, ids)  # the subclass's forward itself (no hooks)
+            expected = scaled(F.embedding(ids, weight, emb.padding_idx, None, emb.norm_type), scale)
+        if not (isinstance(own, Tensor) and own.shape == expected.shape and torch.equal(own, expected)):
+            raise TypeError(
+                f"cannot adapt a {name}: it has a scalar embed_scale, but its forward does not compute "
+                "W[ids] * embed_scale on the first rows, so rankwise could not reproduce it"
+            )
 
     def features(self) -> tuple[int, int]:
         in_f, out_f = cast(Tensor, self.module.weight).shape  # num_embeddings x embedding_dim
@@ -298,16 +329,24 @@ class EmbeddingKind(BaseKind):
         emb = cast(nn.Embedding, self.module)
         return F.embedding(ids, table, emb.padding_idx, None, emb.norm_type, emb.scale_grad_by_freq, False)
 
+    def embed_scale(self) -> Tensor | float | None:
+        """A scaled embedding's ``c`` (its ``embed_scale``, read at each call: a buffer moves with the module), else
+        ``None``."""
+        if type(self.module).forward is nn.Embedding.forward:
+            return None
+        return cast("Tensor | float", getattr(self.module, "embed_scale"))
+
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, training: bool) -> Tensor:
-        """``W[ids]`` (``(..., out)``): ``x W0ᵀ`` for a one-hot ``x``; an embedding has no bias."""
-        return self._lookup(x, weight)
+        """``W[ids]`` (``(..., out)``; ``c · W[ids]`` scaled): ``x W0ᵀ`` for a one-hot ``x``; an embedding has no bias."""
+        return scaled(self._lookup(x, weight), self.embed_scale())
 
     def forward_no_bias(self, x: Tensor, weight: Tensor, bias: Tensor | None, training: bool) -> Tensor:
-        return self._lookup(x, weight)
+        return self.forward(x, weight, bias, training)
 
     def down(self, x: Tensor, a: Tensor, dtype: torch.dtype) -> Tensor:
-        """``Aᵀ[ids]`` (``(..., r)``, ``A``'s dtype): ``x Aᵀ`` for a one-hot ``x``; ids are not cast."""
-        return self._lookup(x, a.t())
+        """``Aᵀ[ids]`` (``(..., r)``, ``A``'s dtype; ``c · Aᵀ[ids]`` scaled): ``x Aᵀ`` for a one-hot ``x``; ids are
+        not cast."""
+        return scaled(self._lookup(x, a.t()), self.embed_scale())  # (..., r)
 
     def weight_grad(self, x: Tensor, d: Tensor) -> Tensor:
         """``∂L/∂W0`` (``out x in``): the output gradients summed into the columns of their ids (``dᵀ`` times the
@@ -321,12 +360,20 @@ class EmbeddingKind(BaseKind):
             g = g / torch.bincount(ids, minlength=emb.num_embeddings).clamp_min(1).to(g.dtype)
         if emb.padding_idx is not None:
             g[:, emb.padding_idx] = 0
-        return g
+        return scaled(g, self.embed_scale())  # a scaled embedding's input is c times the one-hot one
 
     def clear_padding(self, a: Tensor) -> None:
         padding_idx = cast(nn.Embedding, self.module).padding_idx
         if padding_idx is not None:
             a[:, padding_idx] = 0
+
+
+def scaled(out: Tensor, c: Tensor | float | None) -> Tensor:
+    """A scaled embedding's output ``W[ids] · c`` as transformers' modules compute it: a tensor ``c`` cast to the
+    output's dtype first (``Gemma3TextScaledWordEmbedding``), a Python number as it is (``BartScaledWordEmbedding``)."""
+    if c is None:
+        return out
+    return out * (c.to(out.dtype) if isinstance(c, Tensor) else c)
 
 
 KINDS: list[type[BaseKind]] = [Bnb4bitKind, Bnb8bitKind, EmbeddingKind, Conv1DKind, BaseKind]  # asked in this order
