@@ -152,16 +152,9 @@ class BaseKind:
         return self.name
 
 
-class Conv1DKind(BaseKind):
-    """transformers' GPT-2 ``Conv1D``: ``y = x W + b`` with ``W`` stored ``in x out``."""
-
-    name: ClassVar[str] = "conv1d"
-    type_name: ClassVar[str] = "Conv1D"
-    fan_in_fan_out: ClassVar[bool] = True
-
-    @classmethod
-    def matches(cls, module: nn.Module) -> bool:
-        return is_conv1d(module) and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+class InOutKind(BaseKind):
+    """A kind whose weight is stored ``in x out``, the transpose of the layer's ``out x in`` (GPT-2's ``Conv1D``, an
+    embedding table)."""
 
     def features(self) -> tuple[int, int]:
         in_f, out_f = cast(Tensor, self.module.weight).shape
@@ -173,6 +166,18 @@ class Conv1DKind(BaseKind):
 
     def stored(self, w: Tensor) -> Tensor:
         return w.t()
+
+
+class Conv1DKind(InOutKind):
+    """transformers' GPT-2 ``Conv1D``: ``y = x W + b`` with ``W`` stored ``in x out``."""
+
+    name: ClassVar[str] = "conv1d"
+    type_name: ClassVar[str] = "Conv1D"
+    fan_in_fan_out: ClassVar[bool] = True
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return is_conv1d(module) and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
 class Bnb4bitKind(BaseKind):
@@ -238,7 +243,7 @@ class Bnb8bitKind(Bnb4bitKind):
         return False
 
 
-class EmbeddingKind(BaseKind):
+class EmbeddingKind(InOutKind):
     """``nn.Embedding``: ``y = W[ids]`` with ``W`` stored ``num_embeddings x embedding_dim``, i.e. ``in x out`` (the
     linear map of a one-hot input, ``in = num_embeddings``). The base forward is ``F.embedding`` with the module's
     own ``padding_idx``, ``norm_type`` and ``scale_grad_by_freq``; :meth:`down` looks up ``Aᵀ`` with the same
@@ -312,17 +317,6 @@ class EmbeddingKind(BaseKind):
                 f"cannot adapt a {name}: it has a scalar embed_scale, but its forward does not compute "
                 "W[ids] * embed_scale on the first rows, so rankwise could not reproduce it"
             )
-
-    def features(self) -> tuple[int, int]:
-        in_f, out_f = cast(Tensor, self.module.weight).shape  # num_embeddings x embedding_dim
-        return int(in_f), int(out_f)
-
-    @classmethod
-    def out_in(cls, t: Tensor) -> Tensor:
-        return t.t()
-
-    def stored(self, w: Tensor) -> Tensor:
-        return w.t()
 
     def _lookup(self, ids: Tensor, table: Tensor) -> Tensor:
         """``table[ids]`` (``(..., cols)``) with the module's settings (``max_norm`` is refused at attach)."""
@@ -421,6 +415,7 @@ __all__ = [
     "Bnb8bitKind",
     "Conv1DKind",
     "EmbeddingKind",
+    "InOutKind",
     "base_kind",
     "forward_bypassed",
     "is_conv1d",
