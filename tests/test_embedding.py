@@ -500,3 +500,46 @@ def test_gora_on_a_tied_embedding_takes_the_gradient_of_its_own_use() -> None:
 def test_method_matrix_lists_every_method_tested_here() -> None:
     """Every method of the invariant matrix has an embedding case above (a new method must add one)."""
     assert set(METHOD_CASES) <= set(CONFIGS)
+
+
+# ---------------------------------------------------------------------------- LoRA+ groups
+def _lrs(groups: list[dict], named: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``{name: lr}`` of every tensor in optimizer ``groups`` (each tensor in exactly one group)."""
+    by_id = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert len(by_id) == sum(len(g["params"]) for g in groups), "a tensor in two groups"
+    return {name: by_id[id(p)] for name, p in named.items() if id(p) in by_id}
+
+
+def test_lora_plus_embedding_lr_groups_as_peft_s_create_loraplus_optimizer() -> None:
+    """``embedding_lr=`` puts an embedding's factors at that rate, the head's ``B`` at ``ratio · lr`` and its ``A`` at
+    ``lr``: tensor for tensor the rates of PEFT's ``create_loraplus_optimizer(loraplus_lr_embedding=...)``."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    base = _tiny()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=3, lora_alpha=6, target_modules=["emb", "head"]))
+    peft_lrs = _lrs(create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16,
+                                              loraplus_lr_embedding=5e-5).param_groups,
+                    dict(theirs.named_parameters()))
+    ours = copy.deepcopy(base)
+    rankwise.attach(ours, rankwise.LoraConfig(r=3, alpha=6, target_modules=["emb", "head"]))
+    our_lrs = _lrs(rankwise.lora_plus_param_groups(ours, lr=1e-3, ratio=16, embedding_lr=5e-5),
+                   dict(ours.named_parameters()))
+    names = {"emb.lora_a": "base_model.model.emb.lora_embedding_A.default",
+             "emb.lora_b": "base_model.model.emb.lora_embedding_B.default",
+             "head.lora_a": "base_model.model.head.lora_A.default.weight",
+             "head.lora_b": "base_model.model.head.lora_B.default.weight"}
+    assert set(our_lrs) == set(names) and set(peft_lrs) == set(names.values())
+    assert {ours_name: our_lrs[ours_name] for ours_name in names} == {o: peft_lrs[t] for o, t in names.items()}
+    assert our_lrs["emb.lora_b"] == 5e-5 and our_lrs["head.lora_b"] == 16e-3  # the rates themselves, not just equal
+    default = _lrs(rankwise.lora_plus_param_groups(ours, lr=1e-3, ratio=16), dict(ours.named_parameters()))
+    assert default["emb.lora_b"] == 16e-3 and default["emb.lora_a"] == 1e-3  # without it: B's rule, as any layer
+
+
+def test_lora_plus_embedding_lr_alone_on_an_embedding_and_bad_rates() -> None:
+    model = _attached("lora")  # the embedding is the only adapted layer
+    groups = rankwise.lora_plus_param_groups(model, lr=1e-3, ratio=16, embedding_lr=1e-4)
+    # the head is frozen: no other group, and ratio 16 is not refused although no B outside the embedding trains
+    assert [(g["name"], g["lr"]) for g in groups] == [("lora_plus_embedding", 1e-4)]
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in rankwise.trainable_parameters(model).values()}
+    with pytest.raises(ValueError, match="embedding_lr"):
+        rankwise.lora_plus_param_groups(model, lr=1e-3, embedding_lr=0.0)

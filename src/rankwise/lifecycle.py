@@ -184,7 +184,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def lora_plus_param_groups(
-    model: nn.Module, lr: float, ratio: float = 16.0, weight_decay: float = 0.0
+    model: nn.Module, lr: float, ratio: float = 16.0, weight_decay: float = 0.0, embedding_lr: float | None = None
 ) -> list[dict[str, Any]]:
     """Optimizer parameter groups for LoRA+ (Hayou et al. 2024): ``lr_B = ratio · lr``.
 
@@ -197,19 +197,23 @@ def lora_plus_param_groups(
     trained ``B`` gets ``ratio · lr``; with ``frozen="B"`` nothing would, so a ``ratio`` other than 1 is refused
     (``ValueError``); with ``frozen="alternate"`` the links that train ``B`` run at ``ratio · lr`` and those that train
     ``A`` at ``lr``.
+
+    ``embedding_lr``: the trained tensors of adapters on ``nn.Embedding`` layers get this rate, in a group of their own
+    (``"lora_plus_embedding"``), as HF PEFT's ``create_loraplus_optimizer`` puts them (its ``loraplus_lr_embedding``,
+    default 1e-6; PEFT leaves a DoRA magnitude on an embedding in its 1-D group instead). ``None`` (the default): an
+    embedding's adapter follows the rule above, like any layer's.
     """
     check_number("lr", lr)
     check_number("ratio", ratio)
     check_number("weight_decay", weight_decay, ">= 0")
-    fast: list[nn.Parameter] = []
-    fast_ids: set[int] = set()
-    for _, layer in every_layer(model):
-        for name in layer.lr_multiplied:
-            p = getattr(layer, name)
-            if p.requires_grad:
-                fast.append(p)
-                fast_ids.add(id(p))
-    if not fast and ratio != 1 and any(layer.requires_grad() for _, layer in every_layer(model)):
+    if embedding_lr is not None:
+        check_number("embedding_lr", embedding_lr)
+    grouped = [layer for _, layer in every_layer(model) if embedding_lr is None or not layer.kind.index_input]
+    embedded = [p for _, layer in every_layer(model) if layer not in grouped
+                for p in layer.trainable_tensors().values() if p.requires_grad]
+    fast = [p for layer in grouped for p in (getattr(layer, name) for name in layer.lr_multiplied) if p.requires_grad]
+    fast_ids = {id(p) for p in fast + embedded}
+    if not fast and ratio != 1 and any(layer.requires_grad() for layer in grouped):
         raise ValueError(
             f"LoRA+ ratio {ratio:g} would change nothing: no adapter of this model trains a tensor LoRA+ speeds up "
             "(a B factor; EDoRA's core), e.g. RAC-LoRA with frozen='B' trains only A, whose rate is lr (LoRA+'s rule: "
@@ -218,6 +222,8 @@ def lora_plus_param_groups(
     groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "base_lr"}]
     if fast:
         groups.append({"params": fast, "lr": lr * ratio, "weight_decay": weight_decay, "name": "lora_plus_b"})
+    if embedded:
+        groups.append({"params": embedded, "lr": embedding_lr, "weight_decay": weight_decay, "name": "lora_plus_embedding"})
     return split_weight_decay(model, [g for g in groups if g["params"]])
 
 
