@@ -543,3 +543,16 @@ def test_lora_plus_embedding_lr_alone_on_an_embedding_and_bad_rates() -> None:
     assert {id(p) for p in groups[0]["params"]} == {id(p) for p in rankwise.trainable_parameters(model).values()}
     with pytest.raises(ValueError, match="embedding_lr"):
         rankwise.lora_plus_param_groups(model, lr=1e-3, embedding_lr=0.0)
+
+
+def test_a_scaled_embedding_with_max_norm_is_refused_before_its_forward_runs() -> None:
+    """The ``max_norm`` refusal comes before the scaled-forward check, which calls the module's forward: a
+    ``max_norm`` lookup would renormalise the looked-up rows of the weight in place, so the model must be untouched."""
+    emb = BartScaledWordEmbedding(VOCAB, DIM, padding_idx=0, embed_scale=3.0)
+    emb.max_norm = 1e-3  # every row is longer: any lookup of rows 0-3 would rewrite them
+    with torch.no_grad():
+        emb.weight.mul_(10)
+    before = emb.weight.detach().clone()
+    with pytest.raises(ValueError, match="max_norm"):
+        rankwise.attach(nn.Sequential(emb), rankwise.LoraConfig(r=2, target_modules=["0"]))
+    assert torch.equal(emb.weight, before)

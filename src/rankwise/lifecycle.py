@@ -208,9 +208,10 @@ def lora_plus_param_groups(
     check_number("weight_decay", weight_decay, ">= 0")
     if embedding_lr is not None:
         check_number("embedding_lr", embedding_lr)
-    grouped = [layer for _, layer in every_layer(model) if embedding_lr is None or not layer.kind.index_input]
-    embedded = [p for _, layer in every_layer(model) if layer not in grouped
-                for p in layer.trainable_tensors().values() if p.requires_grad]
+    layers = [layer for _, layer in every_layer(model)]
+    own_rate = [layer for layer in layers if embedding_lr is not None and layer.kind.index_input]  # embeddings'
+    grouped = [layer for layer in layers if layer not in own_rate]  # LoRA+'s rule
+    embedded = [p for layer in own_rate for p in layer.trainable_tensors().values() if p.requires_grad]
     fast = [p for layer in grouped for p in (getattr(layer, name) for name in layer.lr_multiplied) if p.requires_grad]
     fast_ids = {id(p) for p in fast + embedded}
     if not fast and ratio != 1 and any(layer.requires_grad() for layer in grouped):
