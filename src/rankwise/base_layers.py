@@ -13,17 +13,26 @@ kind               stored weight                          base forward
 ``8bit``           bitsandbytes ``Linear8bitLt`` (int8)   bitsandbytes' own matmul
 ``embedding``      ``nn.Embedding``: ``in x out``          ``F.embedding(ids, W)`` (its own settings)
                    (``num_embeddings x embedding_dim``)
+``conv``           ``nn.Conv1d/2d/3d``: ``(out, c, *k)``   the module's ``_conv_forward``
+                   (``out x in``, ``in = c·∏k``)           (channels moved last)
 =================  =====================================  ==================================
 
 An embedding is the linear map of a one-hot input: ``in = num_embeddings``, ``out = embedding_dim``, and its
 input is integer ids, so ``x W0ᵀ`` is a row lookup ``W[ids]``. Every product of the input with an ``r x in``
 factor goes through :meth:`BaseKind.down` (``x Aᵀ``, for ids the lookup ``Aᵀ[ids]``), the one operation a method
-needs from the kind beyond the base forward. ``nn.Conv2d`` has no kind yet (not supported).
+needs from the kind beyond the base forward.
+
+A convolution is the linear map of its input's unfolded patches: ``in = in_channels·∏kernel_size``,
+``out = out_channels``, and ``W0.reshape(out, -1)`` is ``out x in`` (:class:`ConvKind`). Its output is channels-first
+``(N, out, *spatial)``; the kind shows the methods a channels-last view ``(N, *spatial, out)`` (the base forward and
+:meth:`BaseKind.down` move the channels last), so every method's ``(..., out)`` arithmetic, a DoRA row scale and the
+bias broadcast on the last dimension unchanged, and :meth:`BaseKind.to_output` moves the layer's result back once,
+at :meth:`rankwise.layer.AdapterLayer.forward`'s exit.
 
 :func:`base_kind` is the dispatcher: it asks the registered kinds in order (the most specific first:
 bitsandbytes' layers are ``nn.Linear`` subclasses) and the first whose :meth:`BaseKind.matches`
 accepts the module handles it, as HF PEFT's ``dispatch_*`` functions each claim a module or pass.
-A new kind (``nn.Conv2d``) is one subclass plus :func:`register_kind`; targeting
+A new kind is one subclass plus :func:`register_kind`; targeting
 (:func:`rankwise.targeting.is_supported`), the layer, merging and the fused path then follow it.
 
 A kind holds no tensor of its own: the layer passes its current ``weight`` (a merged tied layer owns a
@@ -32,6 +41,8 @@ new one), so a kind never goes stale.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any, ClassVar, cast
 
 import torch
@@ -125,9 +136,31 @@ class BaseKind:
 
     def weight_grad(self, x: Tensor, d: Tensor) -> Tensor:
         """``∂L/∂W0`` (``out x in``, ``d``'s dtype) through this module's call on input ``x`` with output gradient
-        ``d`` (``(..., out)``): ``Σ_tokens dᵀ x``."""
+        ``d`` (laid out as the module returns its output: ``(..., out)`` here): ``Σ_tokens dᵀ x``."""
         flat_d = d.reshape(-1, d.shape[-1])  # tokens x out
         return flat_d.t() @ x.reshape(-1, x.shape[-1]).to(d.dtype)  # out x in
+
+    def to_output(self, y: Tensor) -> Tensor:
+        """The layer's result ``y`` (``(..., out)``, as the methods compute it) in the layout the module returns
+        (:meth:`rankwise.layer.AdapterLayer.forward`'s one exit): ``y`` itself here; a convolution moves its channels
+        back to dimension 1."""
+        return y
+
+    @staticmethod
+    def check_module(module: nn.Module) -> None:
+        """Raise ``TypeError`` / ``ValueError`` (saying why) when this kind matches ``module`` but cannot reproduce its
+        forward exactly (asked by :func:`rankwise.targeting.find_targets`, naming the target, and at construction)."""
+
+    def peft_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """The shapes HF PEFT stores a rank-``rank`` layer's ``lora_A`` (``r x in``), ``lora_B`` (``out x r``) and DoRA
+        magnitude (``out``) in; a convolution's are PEFT's conv weights (:meth:`ConvKind.peft_shapes`)."""
+        in_f, out_f = self.features()
+        return (rank, in_f), (out_f, rank), (out_f,)
+
+    def peft_mismatch(self) -> str | None:
+        """Why HF PEFT 0.21's layer for this module computes something other than ``W0 + ΔW`` (so an adapter here cannot
+        cross to or from PEFT's format), or ``None``."""
+        return None
 
     def clear_padding(self, a: Tensor) -> None:
         """Zero, in place, the column of an ``r x in`` factor that the module keeps fixed (an embedding's
@@ -370,7 +403,137 @@ def scaled(out: Tensor, c: Tensor | float | None) -> Tensor:
     return out * (c.to(out.dtype) if isinstance(c, Tensor) else c)
 
 
-KINDS: list[type[BaseKind]] = [Bnb4bitKind, Bnb8bitKind, EmbeddingKind, Conv1DKind, BaseKind]  # asked in this order
+CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # the convolutions ConvKind adapts
+_CONV_WEIGHT_GRAD: dict[int, Callable[..., Tensor]] = {  # by the number of spatial dimensions
+    1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight,
+}
+
+
+class ConvKind(BaseKind):
+    """``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``, weight ``(out, c, *k)``: the linear map of the input's unfolded
+    patches, ``in = c·∏k``, ``out = out_channels``, ``W0 = weight.reshape(out, -1)`` (``out x in``, a view). The base
+    forward is the module's own ``_conv_forward`` (its stride, padding, dilation and ``padding_mode``), and so is
+    :meth:`down`: ``x Aᵀ`` for an ``r x in`` factor is the convolution of ``x`` with ``A`` reshaped to an ``(r, c, *k)``
+    kernel (each patch's product with ``A``). Both return channels last, ``(N, *spatial, ·)`` (unbatched:
+    ``(*spatial, ·)``), so the methods' ``(..., out)`` arithmetic applies as it is; :meth:`to_output` moves the layer's
+    result's channels back to where the module returns them.
+
+    HF PEFT's conv layer is the same ``A`` and ``B`` as PEFT's conv weights: ``lora_A`` a convolution ``(r, c, *k)``
+    with the base's kernel, stride and padding, ``lora_B`` a 1x1 convolution ``(out, r, 1, ...)``; its DoRA magnitude
+    is stored ``(1, out, 1, ...)`` (:meth:`peft_shapes`), its norm the same row norm of ``W0 + s·B A`` (``out x in``).
+    PEFT builds ``lora_A`` without the base's dilation and ``padding_mode``, so where those matter its forward is not
+    its own merged weight's, and such a layer does not cross to or from PEFT's format (:meth:`peft_mismatch`).
+
+    Refused (:meth:`check_module`): ``groups > 1``, a transposed convolution, a lazy one not yet run, and a subclass
+    with a forward (or ``_conv_forward``) of its own.
+    """
+
+    name: ClassVar[str] = "conv"
+    type_name: ClassVar[str] = "Conv1d/2d/3d"
+    fusable: ClassVar[bool] = False  # the fused node is a dense x W0ᵀ + b over the last dimension, not a convolution
+    all_linear: ClassVar[bool] = False  # as HF PEFT's "all-linear": only named convolutions are adapted
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module)
+        self.check_module(module)
+        self.conv: Any = module  # its _conv_forward and settings (torch's stubs type neither on _ConvNd)
+        self.spatial: int = len(self.conv.kernel_size)  # 1, 2 or 3
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return isinstance(module, (*CONV_TYPES, nn.modules.conv._ConvTransposeNd))  # the latter to be refused by name
+
+    @staticmethod
+    def check_module(module: nn.Module) -> None:
+        """``TypeError`` / ``ValueError`` for a convolution whose forward rankwise cannot reproduce as ``W0 + ΔW``."""
+        name = type(module).__name__
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            raise TypeError(f"cannot adapt a {name}: transposed convolutions are not supported (HF PEFT 0.21 adapts none "
+                            "either); rankwise adapts nn.Conv1d, nn.Conv2d and nn.Conv3d")
+        conv: Any = module
+        if nn.parameter.is_lazy(conv.weight):
+            raise ValueError(f"cannot adapt a {name} whose weight is not initialised yet (a lazy module): run one "
+                             "forward pass first")
+        if conv.groups > 1:
+            raise ValueError(
+                f"cannot adapt a {name} with groups={conv.groups}: its weight holds each group's channels only, so a "
+                "low-rank update over all input channels cannot be merged into it (HF PEFT's layer there is no update "
+                "of W0 and PEFT refuses to merge it)"
+            )
+        plain = next(t for t in CONV_TYPES if isinstance(module, t))
+        if type(module).forward is not plain.forward or getattr(type(module), "_conv_forward") is not getattr(plain, "_conv_forward"):
+            raise TypeError(f"cannot adapt a {name}: it is an nn.{plain.__name__} with a forward of its own, which "
+                            f"rankwise does not reproduce; it adapts nn.{plain.__name__}'s convolution")
+
+    def features(self) -> tuple[int, int]:
+        shape = cast(Tensor, self.module.weight).shape  # out, c, *k
+        return math.prod(shape[1:]), int(shape[0])
+
+    @classmethod
+    def out_in(cls, t: Tensor) -> Tensor:
+        """``(out, c, *k)`` as ``out x in`` (a view of a contiguous tensor; an ``out x in`` one is returned as it is)."""
+        return t.flatten(1)
+
+    def stored(self, w: Tensor) -> Tensor:
+        return w.reshape(cast(Tensor, self.module.weight).shape)  # (out, c, *k)
+
+    def _last(self, y: Tensor) -> Tensor:
+        """A convolution's output ``(N, ch, *spatial)`` (unbatched ``(ch, *spatial)``) as ``(N, *spatial, ch)`` (a view)."""
+        return y.movedim(y.dim() - 1 - self.spatial, -1)
+
+    def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None, training: bool) -> Tensor:
+        """``conv(x, W0) + b`` with the module's settings, channels last (``(N, *spatial, out)``)."""
+        return self._last(self.conv._conv_forward(x, weight, bias))
+
+    def forward_no_bias(self, x: Tensor, weight: Tensor, bias: Tensor | None, training: bool) -> Tensor:
+        return self._last(self.conv._conv_forward(x, weight, None))
+
+    def down(self, x: Tensor, a: Tensor, dtype: torch.dtype) -> Tensor:
+        """``x Aᵀ`` for every patch: ``conv(x, A as an (r, c, *k) kernel)`` with the module's stride, padding, dilation
+        and ``padding_mode``, channels last (``(N, *spatial, r)``)."""
+        kernel = a.reshape(a.shape[0], *cast(Tensor, self.module.weight).shape[1:])  # (r, c, *k)
+        return self._last(self.conv._conv_forward(x.to(dtype), kernel, None))  # (N, *spatial, r)
+
+    def to_output(self, y: Tensor) -> Tensor:
+        """``(N, *spatial, out)`` back to the module's ``(N, out, *spatial)``, contiguous as the module returns it (code
+        after a convolution may ``.view`` its output)."""
+        return y.movedim(-1, y.dim() - 1 - self.spatial).contiguous()
+
+    def weight_grad(self, x: Tensor, d: Tensor) -> Tensor:
+        """``∂L/∂W0`` (``out x in``) from the input ``x`` and the gradient ``d`` of the module's output (channels first, as
+        the module returns it): ``Σ_patches dᵀ · patches(x)``, torch's convolution weight gradient on ``x`` padded as the
+        module pads it (zeros, its ``padding_mode``, ``"same"``), then unpadded stride and dilation."""
+        if x.dim() == self.spatial + 1:  # an unbatched call
+            x, d = x.unsqueeze(0), d.unsqueeze(0)
+        mode = "constant" if self.conv.padding_mode == "zeros" else self.conv.padding_mode
+        padded = F.pad(x.to(d.dtype), self.conv._reversed_padding_repeated_twice, mode=mode)  # (N, c, *padded)
+        shape = cast(Tensor, self.module.weight).shape
+        g = _CONV_WEIGHT_GRAD[self.spatial](padded, shape, d, self.conv.stride, 0, self.conv.dilation, 1)  # (out, c, *k)
+        return g.flatten(1)  # out x in
+
+    def peft_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """PEFT's conv weights: ``lora_A`` ``(r, c, *k)``, ``lora_B`` ``(out, r, 1, ...)``, magnitude ``(1, out, 1, ...)``."""
+        shape = tuple(int(n) for n in cast(Tensor, self.module.weight).shape)
+        ones = (1,) * self.spatial
+        return (rank, *shape[1:]), (shape[0], rank, *ones), (1, shape[0], *ones)
+
+    def peft_mismatch(self) -> str | None:
+        """PEFT 0.21 builds ``lora_A`` as ``Conv(c, r, kernel, stride, padding)``: without a ``padding_mode`` (zeros) and
+        without the base's dilation, so its forward then differs from its own merge (and with a dilated kernel the shapes
+        differ)."""
+        if self.conv.padding_mode != "zeros":
+            return (f"padding_mode={self.conv.padding_mode!r}: HF PEFT 0.21's lora_A pads with zeros whatever the base "
+                    "does, so its forward differs from W0 + ΔW")
+        if any(d != 1 and k != 1 for d, k in zip(self.conv.dilation, self.conv.kernel_size)):
+            return (f"dilation={tuple(self.conv.dilation)}: HF PEFT 0.21 builds lora_A without the base's dilation, so "
+                    "its forward differs from W0 + ΔW (or fails on the shapes)")
+        return None
+
+    def describe(self) -> str:
+        return f"nn.{next(t for t in CONV_TYPES if isinstance(self.module, t)).__name__}"
+
+
+KINDS: list[type[BaseKind]] = [Bnb4bitKind, Bnb8bitKind, ConvKind, EmbeddingKind, Conv1DKind, BaseKind]  # asked in this order
 
 
 def register_kind(kind: type[BaseKind]) -> type[BaseKind]:
@@ -404,7 +567,8 @@ def base_kind(module: nn.Module) -> BaseKind:
 
 
 def supported_types() -> tuple[str, ...]:
-    """The module types the registered kinds adapt, for messages (``("Linear", "Conv1D", "Embedding")`` built in)."""
+    """The module types the registered kinds adapt, for messages (``("Linear", "Conv1D", "Embedding", "Conv1d/2d/3d")``
+    built in)."""
     return tuple(dict.fromkeys(kind.type_name for kind in reversed(KINDS)))
 
 
@@ -413,7 +577,9 @@ __all__ = [
     "BaseKind",
     "Bnb4bitKind",
     "Bnb8bitKind",
+    "CONV_TYPES",
     "Conv1DKind",
+    "ConvKind",
     "EmbeddingKind",
     "InOutKind",
     "base_kind",

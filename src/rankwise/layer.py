@@ -287,18 +287,26 @@ class AdapterLayer(nn.Module):
         return self.kind.plain_forward(x, self.training)
 
     def forward(self, x: Tensor) -> Tensor:
+        """The module's output: its own forward when disabled or with no active adapter, else the merged weight's or
+        the active layers' result, computed as ``(..., out)`` and put in the module's layout once, here
+        (:meth:`rankwise.base_layers.BaseKind.to_output`: a convolution's channels back to dimension 1)."""
         if self.disabled:
             return self.plain_forward(x)
+        chosen = self.computing()
+        if not chosen and not self.merged:
+            return self.plain_forward(x)
+        return self.kind.to_output(self._adapted_forward(x, chosen))
+
+    def _adapted_forward(self, x: Tensor, chosen: list["AdapterLayer"]) -> Tensor:
+        """``(..., out)``: the merged weight's base forward, the one active layer's own forward, or the active
+        layers' composition (:meth:`stacked_forward`)."""
         if self.merged:
             if not self._warned_merged and self.training and torch.is_grad_enabled() and self.requires_grad():
                 self._warned_merged = True  # once per merge
-                warnings.warn(MERGED_TRAINING, stacklevel=2)
+                warnings.warn(MERGED_TRAINING, stacklevel=3)
             return self.base_forward(x)
-        chosen = self.computing()
         if len(chosen) == 1:  # one active adapter here: its own forward, exactly as if it were alone
             return chosen[0].own_forward(x)
-        if not chosen:
-            return self.plain_forward(x)
         out = self.base_forward(x)  # the same result whichever layer hosts: delete() keeps the others' bits
         for layer in chosen:
             out = layer.stacked_forward(x, out)

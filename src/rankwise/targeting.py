@@ -22,7 +22,7 @@ from torch import nn
 
 from .base_layers import forward_bypassed, is_conv1d, kind_class, supported_types  # noqa: F401  (is_conv1d: re-exported, its old home)
 
-SUPPORTED_TYPES: tuple[str, ...] = supported_types()  # ("Linear", "Conv1D"): the registered base-layer kinds
+SUPPORTED_TYPES: tuple[str, ...] = supported_types()  # ("Linear", "Conv1D", ...): the registered base-layer kinds
 ALL_LINEAR = "all-linear"
 CLASSIFIER_HEADS: tuple[str, ...] = ("classifier", "score")  # top-level heads of classification models
 
@@ -55,7 +55,8 @@ def name_matches(name: str, spec: tuple[str, ...] | str | None) -> bool:
 
 
 def out_in(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
-    """A tensor laid out like ``module.weight``, as ``out x in`` (transposed for ``Conv1D``; a view): its kind's
+    """A tensor laid out like ``module.weight``, as ``out x in`` (transposed for ``Conv1D``, flattened for a convolution;
+    a view): its kind's
     :meth:`~rankwise.base_layers.BaseKind.out_in`."""
     kind = kind_class(module)
     return t if kind is None else kind.out_in(t)
@@ -63,8 +64,9 @@ def out_in(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
 
 def is_supported(module: nn.Module) -> bool:
     """Whether a registered base-layer kind handles ``module`` (:mod:`rankwise.base_layers`): ``nn.Linear`` (and
-    subclasses, bitsandbytes' among them, but not ``nn.MultiheadAttention``'s ``out_proj``, whose forward never runs)
-    and transformers' GPT-2 style ``Conv1D`` (transposed weight)."""
+    subclasses, bitsandbytes' among them, but not ``nn.MultiheadAttention``'s ``out_proj``, whose forward never runs),
+    transformers' GPT-2 style ``Conv1D`` (transposed weight), ``nn.Embedding`` and ``nn.Conv1d/2d/3d`` (a grouped or
+    transposed convolution is matched, then refused by :func:`check_target`)."""
     return kind_class(module) is not None
 
 
@@ -72,6 +74,19 @@ def is_all_linear_kind(module: nn.Module) -> bool:
     """Whether ``target_modules="all-linear"`` selects ``module`` (its kind's ``all_linear``)."""
     kind = kind_class(module)
     return kind is not None and kind.all_linear
+
+
+def check_target(name: str, module: nn.Module) -> None:
+    """Raise its kind's ``TypeError`` / ``ValueError`` (:meth:`~rankwise.base_layers.BaseKind.check_module`), prefixed
+    with the target's name, when ``module``'s kind matches it but cannot reproduce its forward (a grouped or transposed
+    convolution, an embedding with ``max_norm``, ...)."""
+    kind = kind_class(module)
+    if kind is None:
+        return
+    try:
+        kind.check_module(module)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"target {name!r}: {exc}") from None
 
 
 def find_targets(
@@ -85,8 +100,8 @@ def find_targets(
 
     ``modules``: the ``(name, module)`` pairs to choose from (default ``model.named_modules()``; a model
     with adapters passes its base modules, :func:`rankwise.state.base_modules`).
-    Raises ``ValueError`` naming the spec when nothing matches, and ``TypeError`` naming the module
-    when a match has an unsupported type.
+    Raises ``ValueError`` naming the spec when nothing matches, ``TypeError`` naming the module when a match has an
+    unsupported type, and its kind's refusal naming it when the kind cannot reproduce its forward (:func:`check_target`).
     """
     skipped = tuple(skip)
     all_linear = is_all_linear(target_modules)
@@ -108,6 +123,7 @@ def find_targets(
                 f"target {name!r} is a {type(module).__name__}{why}; rankwise adapts {', '.join(SUPPORTED_TYPES)} "
                 f"layers only. Narrow target_modules (or add {name!r} to exclude_modules)."
             )
+        check_target(name, module)
         found[name] = module
     if not found:
         sample = [n for n, m in named if n and is_supported(m)][:12]

@@ -120,7 +120,8 @@ def calibration_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> Te
 
 
 def _weight_out_in(module: nn.Module, t: Tensor) -> Tensor:
-    """A weight-shaped tensor as ``out x in`` (transposed for GPT-2 ``Conv1D``)."""
+    """A weight-shaped tensor as ``out x in`` (transposed for GPT-2 ``Conv1D``, ``(out, c, *k)`` flattened for a
+    convolution; a view of a contiguous tensor)."""
     return out_in(module, t)
 
 
@@ -132,7 +133,8 @@ def tap_weight_gradient(module: nn.Module, acc: Tensor) -> Any:
 
     When nothing before the layer needs a gradient, its output is made a leaf that does, so ``δ`` still
     flows back to it (the layers before it need no gradient of their own from this one). For an embedding ``x`` is
-    the ids (a one-hot input): the kind's :meth:`~rankwise.base_layers.BaseKind.weight_grad` scatter-adds ``δ``.
+    the ids (a one-hot input): the kind's :meth:`~rankwise.base_layers.BaseKind.weight_grad` scatter-adds ``δ``; for a
+    convolution it is torch's convolution weight gradient (``δ`` channels first, as the module returns its output).
     """
     kind = base_kind(module)  # how this module's input makes its weight's gradient (rankwise.base_layers)
 
@@ -142,7 +144,7 @@ def tap_weight_gradient(module: nn.Module, acc: Tensor) -> Any:
 
         def grad_hook(delta: Tensor) -> None:
             g = kind.weight_grad(x, delta.detach().to(acc.dtype))  # out x in: Σ δᵀ x (ids: a scatter-add)
-            acc.add_(_weight_out_in(module, g).to(acc.device))  # the weight's layout
+            _weight_out_in(module, acc).add_(g.to(acc.device))  # into acc (the weight's layout) through its out x in view
 
         out.register_hook(grad_hook)
         return out
@@ -210,7 +212,7 @@ def _settled(
 ) -> tuple[bool, dict[str, float]]:
     """Early stopping: whether every layer's importance moved by at most ``early_stop_threshold`` (relative)
     since the last step, agreed across ranks (every rank stops at the same step); and the importances now."""
-    now = {n: _importance(targets[n], a / steps, config.importance) for n, a in acc.items()}
+    now = {n: _importance(targets[n], _weight_out_in(targets[n], a / steps), config.importance) for n, a in acc.items()}
     threshold = config.early_stop_threshold or 0.0  # called only when it is set
     settled = previous is not None and all(
         abs(now[n] - previous[n]) <= threshold * max(abs(previous[n]), 1e-30) for n in now
@@ -378,17 +380,19 @@ def collect_gradients(
 
 # ---------------------------------------------------------------------------- 2. importance
 def _importance(module: nn.Module, grad_like: Tensor, kind: str) -> float:
-    """One layer's importance from its (running) mean gradient, in the weight's own layout."""
+    """One layer's importance from its (running) mean gradient ``out x in`` (a convolution's too: its weight as the
+    ``out x in`` matrix of its patch map; every measure is the same on the transposed matrix)."""
     g = grad_like.float()
     if kind == "nuclear_g":
         return float(torch.linalg.matrix_norm(g, ord="nuc"))
-    wg = dense_weight(module).detach().to(device=g.device, dtype=torch.float32) * g  # dequantised if quantised
+    w = _weight_out_in(module, dense_weight(module)).detach()  # out x in, dequantised if quantised
+    wg = w.to(device=g.device, dtype=torch.float32) * g
     return float(wg.abs().mean()) if kind == "mean_abs_wg" else float(torch.linalg.matrix_norm(wg, ord="nuc"))
 
 
 def importances(targets: dict[str, nn.Module], grads: dict[str, Tensor], kind: str) -> dict[str, float]:
     """Step 2: ``I_i`` for every layer (``grads`` are ``out x in``); raises naming a layer whose ``I_i`` is not finite."""
-    out = {name: _importance(targets[name], _weight_out_in(targets[name], grads[name]), kind) for name in targets}
+    out = {name: _importance(targets[name], grads[name], kind) for name in targets}
     for name, value in out.items():
         if not math.isfinite(value):
             raise FloatingPointError(
