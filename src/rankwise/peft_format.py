@@ -36,7 +36,7 @@ import os
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +56,10 @@ from .methods import DoraConfig, LoraConfig
 from .registry import method_for
 from .state import (adapter_layers, base_modules, base_state_dict, fully_trained_modules, get_state, is_attached,
                     original_modules, refuse_peft_model, unwrap_model)
-from .base_layers import takes_ids
-from .targeting import SUPPORTED_TYPES, is_supported
+from .base_layers import ConvKind, kind_class, takes_ids
+from .targeting import SUPPORTED_TYPES, check_target, is_supported
+
+PeftShapes = Callable[[int], tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]  # rank -> (A, B, magnitude) shapes
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -146,6 +148,14 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
     if vllm and lookups:
         raise ValueError(f"the vLLM form is written for linear layers only, and this adapter has embedding layers "
                          f"{sorted(lookups)[:3]}. {SERVE_MERGED}; or export the PEFT form (vllm=False), which HF PEFT loads")
+    convs = sorted(n for n, layer in layers.items() if isinstance(layer.kind, ConvKind))
+    if vllm and convs:
+        raise ValueError(f"the vLLM form is written for linear layers only, and this adapter has convolution layers "
+                         f"{convs[:3]}. {SERVE_MERGED}; or export the PEFT form (vllm=False), which HF PEFT loads")
+    for n, layer in layers.items():
+        why = layer.kind.peft_mismatch()
+        if why is not None:
+            raise ValueError(f"layer {n!r} ({layer.kind.describe()}) has {why}. {SERVE_MERGED}")
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
 
@@ -159,7 +169,8 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
         raise ValueError(f"vLLM refuses adapters with modules_to_save (\"vLLM only supports modules_to_save being "
                          f"None\"), and without the trained {sorted(saved)} it would serve other outputs. {SERVE_MERGED}; "
                          "or export the PEFT form (vllm=False, --format peft), which HF PEFT loads with them")
-    tensors, ranks, alphas = _peft_tensors(factors, saved, vllm, use_rslora, lookups)
+    shapes = {n: layer.kind.peft_shapes for n, layer in layers.items()}
+    tensors, ranks, alphas = _peft_tensors(factors, saved, vllm, use_rslora, lookups, shapes)
     r_global = _most_common(list(ranks.values()))
     alpha_global = _most_common([alphas[n] for n in ranks if ranks[n] == r_global])
     key = _pattern_keys(model, list(ranks))
@@ -309,10 +320,12 @@ def _peft_target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
 
 
 def _peft_tensors(
-    factors: dict[str, Any], modules_to_save: dict[str, nn.Module], vllm: bool, use_rslora: bool, lookups: set[str]
+    factors: dict[str, Any], modules_to_save: dict[str, nn.Module], vllm: bool, use_rslora: bool, lookups: set[str],
+    shapes: dict[str, PeftShapes],
 ) -> tuple[dict[str, Tensor], dict[str, int], dict[str, float]]:
     """PEFT's tensors (factors, DoRA magnitudes, fully-trained modules) and each layer's rank and alpha; the layers
-    in ``lookups`` (embeddings) under PEFT's embedding names (:data:`FACTOR_KEYS`).
+    in ``lookups`` (embeddings) under PEFT's embedding names (:data:`FACTOR_KEYS`), each layer's tensors in the shapes
+    ``shapes[name](rank)`` gives (:meth:`rankwise.base_layers.BaseKind.peft_shapes`: a convolution's are conv weights).
 
     ``vllm``: the scale is baked into ``B`` and every layer padded with zeros to the largest rank,
     so one ``r`` and ``lora_alpha = r`` describe them all.
@@ -335,11 +348,12 @@ def _peft_tensors(
         ranks[name] = rank
         alphas[name] = lora_alpha(1.0 if vllm else f.scale, rank, use_rslora)  # vllm: the scale is in B
         key_a, key_b = FACTOR_KEYS[name in lookups]
-        tensors[f"{PREFIX}{name}.{key_a}"] = a.contiguous()
-        tensors[f"{PREFIX}{name}.{key_b}"] = b.contiguous()
+        a_shape, b_shape, m_shape = shapes[name](rank)
+        tensors[f"{PREFIX}{name}.{key_a}"] = a.reshape(a_shape).contiguous()
+        tensors[f"{PREFIX}{name}.{key_b}"] = b.reshape(b_shape).contiguous()
         if f.magnitude is not None:
             magnitude = f.magnitude.detach().to(device="cpu", dtype=wide_dtype(f.magnitude.dtype))  # out
-            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = magnitude.contiguous()
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = magnitude.reshape(m_shape).contiguous()
     for name, module in modules_to_save.items():
         for key, t in base_state_dict(module).items():  # another adapter's layer inside: the base module's tensors
             tensors[f"{PREFIX}{name}.{key}"] = t.detach().cpu().contiguous()
@@ -625,6 +639,9 @@ def _peft_layers(
         if name not in modules:
             raise ValueError(f"PEFT adapter layer {name!r} is not a module of this {type(base_model).__name__}: wrong base model?")
         module = modules[name]
+        kind_cls = kind_class(module)
+        if kind_cls is not None and issubclass(kind_cls, ConvKind):
+            got = _conv_from_peft(name, module, got)
         if not is_supported(module) or any(t.dim() != 2 for k, t in got.items() if k != "lora_magnitude_vector"):
             raise TypeError(
                 f"PEFT adapter layer {name!r} is a {type(module).__name__}; rankwise adapts {', '.join(SUPPORTED_TYPES)} layers only"
@@ -641,6 +658,28 @@ def _peft_layers(
             raise ValueError(f"PEFT layer {name!r} has rank {rank} in its tensors but {expected_rank} in adapter_config.json")
         targets[name], ranks[name] = module, rank
     return parts, targets, ranks
+
+
+def _conv_from_peft(name: str, module: nn.Module, got: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A convolution layer's PEFT tensors (conv weights ``lora_A`` ``(r, c, *k)``, ``lora_B`` ``(out, r, 1, ...)``, DoRA's
+    magnitude ``(1, out, 1, ...)``) as rankwise's ``r x in`` / ``out x r`` / ``out``, after the refusals: a convolution
+    rankwise cannot adapt (named, :func:`rankwise.targeting.check_target`), one whose PEFT forward is not ``W0 + ΔW``
+    (:meth:`rankwise.base_layers.ConvKind.peft_mismatch`), tensors of other shapes (``ValueError`` naming them)."""
+    check_target(name, module)
+    kind = ConvKind(module)
+    why = kind.peft_mismatch()
+    if why is not None:
+        raise ValueError(f"PEFT layer {name!r} ({kind.describe()}) has {why}: rankwise computes W0 + ΔW there, HF PEFT "
+                         "computed something else, so the import would not reproduce PEFT's outputs")
+    a = got.get("lora_A")
+    rank = int(a.shape[0]) if a is not None and a.dim() > 0 else 0
+    expected = dict(zip(("lora_A", "lora_B", "lora_magnitude_vector"), kind.peft_shapes(rank)))
+    wrong = {k: tuple(t.shape) for k, t in got.items() if k in expected and tuple(t.shape) != expected[k]}
+    if wrong:
+        raise ValueError(f"PEFT layer {name!r} ({kind.describe()}) has tensors of shapes {wrong}; this convolution needs "
+                         f"{ {k: expected[k] for k in wrong} }")
+    flat = {"lora_A": (rank, -1), "lora_B": (-1, rank), "lora_magnitude_vector": (-1,)}
+    return {k: t.reshape(flat[k]) if k in flat else t for k, t in got.items()}
 
 
 def _peft_saved_modules(
