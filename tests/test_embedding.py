@@ -335,9 +335,9 @@ def test_all_linear_leaves_embeddings_and_naming_them_adapts_them() -> None:
 
 
 def test_unsupported_types_are_named_with_embedding_among_the_supported() -> None:
-    model = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4), nn.Conv2d(1, 1, 1))
+    model = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4), nn.BatchNorm1d(4))
     for target in ("1", "2"):
-        with pytest.raises(TypeError, match=r"rankwise adapts Linear, Conv1D, Embedding layers only"):
+        with pytest.raises(TypeError, match=r"rankwise adapts Linear, Conv1D, Embedding, Conv1d/2d/3d layers only"):
             rankwise.attach(copy.deepcopy(model), rankwise.LoraConfig(r=2, target_modules=[target]))
 
 

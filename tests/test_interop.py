@@ -147,14 +147,23 @@ def test_import_refuses_unsupported_configs(mlp_case: ModelCase, tmp_path: Path,
 
 
 def test_import_refuses_layer_types_we_do_not_adapt(tmp_path: Path) -> None:
-    """PEFT's LoRA adapts an ``nn.Conv2d``; rankwise does not (yet): refused by name, the model unchanged."""
+    """PEFT's LoRA adapts a grouped ``nn.Conv2d`` (``lora_A`` over all channels: no update of ``W0``, which PEFT cannot
+    merge); rankwise does not: refused by name and reason, the model unchanged. A layer whose module is of a type no kind
+    adapts (the same file onto a model with a LayerNorm there): a ``TypeError`` naming the types rankwise adapts."""
     torch.manual_seed(0)
-    base = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
-    folder = _write_peft(tmp_path, base, r=2, target_modules=["0", "2"])
+    base = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    with pytest.warns(UserWarning, match="groups > 1"):
+        folder = _write_peft(tmp_path, base, r=2, target_modules=["0", "2"])
     snap = _snapshot(base)
-    with pytest.raises(TypeError, match=r"'0' is a Conv2d; rankwise adapts Linear, Conv1D, Embedding layers only"):
+    with pytest.raises(ValueError, match=r"target '0': cannot adapt a Conv2d with groups=2"):
         rankwise.import_peft(base, folder)
     _assert_unchanged(base, snap)
+    other = nn.Sequential(nn.LayerNorm(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    snap = _snapshot(other)
+    with pytest.raises(TypeError, match=r"'0' is a LayerNorm; rankwise adapts Linear, Conv1D, Embedding, Conv1d/2d/3d "
+                                        r"layers only"):
+        rankwise.import_peft(other, folder)
+    _assert_unchanged(other, snap)
 
 
 def test_import_refuses_wrong_base(mlp_case: ModelCase, tmp_path: Path) -> None:

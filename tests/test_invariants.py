@@ -9,7 +9,7 @@ import torch
 
 import rankwise
 from rankwise.io import read_adapter
-from conftest import EMBEDDING_CASE, MODEL_CASES, ModelCase, make_model_case
+from conftest import CONV_CASE, EMBEDDING_CASE, MODEL_CASES, ModelCase, make_model_case
 from method_matrix import METHOD_CASES, MethodCase
 
 
@@ -18,10 +18,14 @@ def method_case(request: pytest.FixtureRequest) -> MethodCase:
     return METHOD_CASES[request.param]
 
 
-@pytest.fixture(params=[*MODEL_CASES, "llama-embedding"])
+EXTRA_CASES = {"llama-embedding": EMBEDDING_CASE, "cnn": CONV_CASE}
+
+
+@pytest.fixture(params=[*MODEL_CASES, *EXTRA_CASES])
 def model_case(request: pytest.FixtureRequest) -> ModelCase:
-    """conftest's model kinds plus an ``nn.Embedding`` base (a tiny Llama adapted on its tied ``embed_tokens``)."""
-    return EMBEDDING_CASE() if request.param == "llama-embedding" else make_model_case(request.param)
+    """conftest's model kinds plus an ``nn.Embedding`` base (a tiny Llama adapted on its tied ``embed_tokens``) and
+    convolutions (a tiny CNN adapted on two ``nn.Conv2d`` and an ``nn.Conv1d``)."""
+    return EXTRA_CASES[request.param]() if request.param in EXTRA_CASES else make_model_case(request.param)
 
 
 def _attach(case: ModelCase, method: MethodCase, with_head: bool = True):
