@@ -48,6 +48,7 @@ from typing import Any, ClassVar, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.grad import conv1d_weight, conv2d_weight, conv3d_weight  # a convolution's weight gradient
 
 from . import quant
 
@@ -404,9 +405,7 @@ def scaled(out: Tensor, c: Tensor | float | None) -> Tensor:
 
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # the convolutions ConvKind adapts
-_CONV_WEIGHT_GRAD: dict[int, Callable[..., Tensor]] = {  # by the number of spatial dimensions
-    1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight,
-}
+_CONV_WEIGHT_GRAD: dict[int, Callable[..., Tensor]] = {1: conv1d_weight, 2: conv2d_weight, 3: conv3d_weight}  # by spatial dims
 
 
 class ConvKind(BaseKind):
@@ -437,7 +436,8 @@ class ConvKind(BaseKind):
         super().__init__(module)
         self.check_module(module)
         self.conv: Any = module  # its _conv_forward and settings (torch's stubs type neither on _ConvNd)
-        self.spatial: int = len(self.conv.kernel_size)  # 1, 2 or 3
+        kernel: tuple[int, ...] = getattr(module, "kernel_size")
+        self.spatial: int = len(kernel)  # 1, 2 or 3
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
@@ -501,14 +501,19 @@ class ConvKind(BaseKind):
 
     def weight_grad(self, x: Tensor, d: Tensor) -> Tensor:
         """``∂L/∂W0`` (``out x in``) from the input ``x`` and the gradient ``d`` of the module's output (channels first, as
-        the module returns it): ``Σ_patches dᵀ · patches(x)``, torch's convolution weight gradient on ``x`` padded as the
-        module pads it (zeros, its ``padding_mode``, ``"same"``), then unpadded stride and dilation."""
+        the module returns it): ``Σ_patches dᵀ · patches(x)``, torch's convolution weight gradient with the module's
+        stride, dilation and padding (as ``_conv_forward`` pads: zeros by the numbers, else ``x`` padded first by its
+        ``padding_mode`` or for ``"same"``)."""
+        conv = self.conv
         if x.dim() == self.spatial + 1:  # an unbatched call
             x, d = x.unsqueeze(0), d.unsqueeze(0)
-        mode = "constant" if self.conv.padding_mode == "zeros" else self.conv.padding_mode
-        padded = F.pad(x.to(d.dtype), self.conv._reversed_padding_repeated_twice, mode=mode)  # (N, c, *padded)
+        x = x.to(d.dtype)
+        padding = conv.padding
+        if conv.padding_mode != "zeros" or isinstance(padding, str):  # torch's own explicit padding for these
+            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            x, padding = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode), 0  # (N, c, *padded)
         shape = cast(Tensor, self.module.weight).shape
-        g = _CONV_WEIGHT_GRAD[self.spatial](padded, shape, d, self.conv.stride, 0, self.conv.dilation, 1)  # (out, c, *k)
+        g = _CONV_WEIGHT_GRAD[self.spatial](x, shape, d, conv.stride, padding, conv.dilation, 1)  # (out, c, *k)
         return g.flatten(1)  # out x in
 
     def peft_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:

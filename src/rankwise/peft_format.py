@@ -169,7 +169,7 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
         raise ValueError(f"vLLM refuses adapters with modules_to_save (\"vLLM only supports modules_to_save being "
                          f"None\"), and without the trained {sorted(saved)} it would serve other outputs. {SERVE_MERGED}; "
                          "or export the PEFT form (vllm=False, --format peft), which HF PEFT loads with them")
-    shapes = {n: layer.kind.peft_shapes for n, layer in layers.items()}
+    shapes: dict[str, PeftShapes] = {n: layer.kind.peft_shapes for n, layer in layers.items()}
     tensors, ranks, alphas = _peft_tensors(factors, saved, vllm, use_rslora, lookups, shapes)
     r_global = _most_common(list(ranks.values()))
     alpha_global = _most_common([alphas[n] for n in ranks if ranks[n] == r_global])
