@@ -1,7 +1,7 @@
 """The thin contract every adapter layer follows.
 
-An :class:`AdapterLayer` replaces a ``nn.Linear`` (or transformers' GPT-2 ``Conv1D``, an ``nn.Embedding``, or a
-bitsandbytes 4-bit / 8-bit layer) in place. It *keeps the base layer's names*: the frozen base tensors stay reachable
+An :class:`AdapterLayer` replaces a ``nn.Linear`` (or transformers' GPT-2 ``Conv1D``, an ``nn.Embedding``, an
+``nn.Conv1d/2d/3d``, or a bitsandbytes 4-bit / 8-bit layer) in place. It *keeps the base layer's names*: the frozen base tensors stay reachable
 as ``layer.weight`` and ``layer.bias`` (the very same ``Parameter`` objects), so the model's ``state_dict``
 keys for the base weights do not change. What differs between kinds of base module (the weight's layout,
 dequantisation, the base forward, whether a merge can be written) is its :attr:`kind`, a

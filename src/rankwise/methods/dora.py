@@ -17,6 +17,10 @@ has ``embedding_dim`` entries; the norm is detached; no dropout, and no bias::
 
     h = (m/n) ⊙ (W0[ids] + s · Aᵀ[ids] Bᵀ),        merged: W[i] = (m/n) ⊙ (W0 + s·B A)ᵀ[i]
 
+Over an ``nn.Conv1d/2d/3d`` (``W0`` the weight ``(out, c, *k)`` flattened ``out x in``) the rows are the output
+channels: one norm over each channel's ``c·∏k`` weights, ``m`` of ``out`` entries (HF PEFT's ``_DoraConvNdLayer``, which
+stores it ``(1, out, 1, ...)``), and ``h = b + (m/n) ⊙ (conv(x, W0) + s · conv(x, A) Bᵀ)`` on the channels.
+
 The row norm never forms ``B A`` or ``W0 + s·B A``: ``‖W0 + s·B A‖²_row = ‖W0‖²_row +
 rowsum(B ⊙ (2s·W0 Aᵀ + s²·B A Aᵀ))`` (:func:`low_rank_row_norm`).
 

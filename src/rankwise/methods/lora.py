@@ -15,6 +15,14 @@ the input is ids, ``x Aᵀ`` is the lookup ``Aᵀ[ids]``, and, as HF PEFT's ``lo
     h = W0[ids] + s · Aᵀ[ids] Bᵀ,        ΔW = s · B A   (merged: W[i] += s · (B A)ᵀ[i])
 
 with no dropout, and the init swapped: ``A = 0``, ``B ~ N(0, 1)`` (ΔW = 0 still).
+
+Over an ``nn.Conv1d/2d/3d`` (``in = in_channels·∏kernel``, ``out = out_channels``; :class:`rankwise.base_layers.ConvKind`)
+``x Aᵀ`` is the convolution of ``x`` with ``A`` as an ``(r, in_channels, *kernel)`` kernel (the base's stride, padding,
+dilation), ``Bᵀ`` a 1x1 convolution, as HF PEFT's conv ``lora_A`` / ``lora_B``::
+
+    h = conv(x, W0) + b + s · conv(dropout(x), A) Bᵀ  =  conv(x, W0 + s · B A) + b   (without dropout)
+
+with this file's init (Kaiming-uniform over ``in``, PEFT's conv init too).
 """
 
 from __future__ import annotations
