@@ -106,6 +106,9 @@ def export_peft(
     ``target_modules`` names the adapted layers (:func:`_peft_target_modules`: PEFT adapts exactly those).
     ``modules_to_save`` are written as full names; a module PEFT's plain-suffix rule adds to them (a top-level
     ``classifier`` also selects ``pre_classifier``) is written as the base module, with a ``UserWarning``.
+    A convolution layer is written as PEFT's conv weights (``lora_A`` ``(r, c, *k)``, ``lora_B`` ``(out, r, 1, ...)``,
+    DoRA's magnitude ``(1, out, 1, ...)``); one that is dilated or pads other than with zeros is refused
+    (``ValueError``): PEFT 0.21's ``lora_A`` drops both, so PEFT would compute something else there.
     PEFT's config has one ``fan_in_fan_out``: it is True when any target is a GPT-2 ``Conv1D``. PEFT 0.21 sets
     each layer's from its base layer's type on load (with a ``UserWarning`` per layer whose kind disagrees),
     so an adapter on ``Conv1D`` and ``nn.Linear`` layers loads right (``tests/test_review10_leftovers.py``).
@@ -542,8 +545,9 @@ def import_peft(
     Per-layer ranks come from the tensor shapes (checked against ``rank_pattern``), per-layer scales
     from ``alpha_pattern`` (``alpha / r``, or ``alpha / √r`` with ``use_rslora``) and live on each layer,
     so :func:`rankwise.save` / :func:`rankwise.load` and :func:`export_peft` keep them. GPT-2 ``Conv1D``
-    layers (``fan_in_fan_out``, per layer as PEFT decides it), ``modules_to_save`` (PEFT's plain-suffix rule) and
-    an adapted ``lm_head`` / ``embed_tokens`` (PEFT saves its base weight too: it must be this model's, else
+    layers (``fan_in_fan_out``, per layer as PEFT decides it), ``nn.Conv1d/2d/3d`` layers (PEFT's conv weights; a
+    dilated one, or one padding other than with zeros, is refused: PEFT's forward there was not ``W0 + ΔW``),
+    ``modules_to_save`` (PEFT's plain-suffix rule) and an adapted ``lm_head`` / ``embed_tokens`` (PEFT saves its base weight too: it must be this model's, else
     ``ValueError``) are imported too. The result computes what ``peft.PeftModel.from_pretrained(base_model, path)``
     computes.
 
