@@ -457,12 +457,22 @@ def test_import_refuses_a_peft_conv_layer_whose_forward_was_not_its_merge(kind: 
 
 
 def test_import_refuses_conv_tensors_of_other_shapes(tmp_path: Path) -> None:
-    """A PEFT adapter made on a kernel-3 conv, imported onto a kernel-1 one with the same channels: refused, named."""
+    """A PEFT adapter made on a kernel-3 conv, imported onto a kernel-1 one with the same channels: refused, named; so
+    is the file without its ``lora_A``."""
+    from safetensors.torch import load_file, save_file
+
     theirs = peft.get_peft_model(_net("k3-pad1"), peft.LoraConfig(r=2, target_modules=["conv"]))
     theirs.save_pretrained(tmp_path)
     base = _net("k1")
     snap = _snapshot(base)
     with pytest.raises(ValueError, match=r"PEFT layer 'conv' \(nn.Conv2d\) has tensors of shapes \{'lora_A': \(2, 3, 3, 3\)"):
+        rankwise.import_peft(base, tmp_path)
+    _assert_unchanged(base, snap)
+    file = tmp_path / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(file).items() if "lora_A" not in k}, file)
+    base = _net("k3-pad1")
+    snap = _snapshot(base)
+    with pytest.raises(ValueError, match=r"PEFT layer 'conv' \(nn.Conv2d\) has tensors \['lora_B'\] and no lora_A"):
         rankwise.import_peft(base, tmp_path)
     _assert_unchanged(base, snap)
 

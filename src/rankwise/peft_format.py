@@ -676,7 +676,9 @@ def _conv_from_peft(name: str, module: nn.Module, got: dict[str, Tensor]) -> dic
         raise ValueError(f"PEFT layer {name!r} ({kind.describe()}) has {why}: rankwise computes W0 + ΔW there, HF PEFT "
                          "computed something else, so the import would not reproduce PEFT's outputs")
     a = got.get("lora_A")
-    rank = int(a.shape[0]) if a is not None and a.dim() > 0 else 0
+    if a is None or a.dim() == 0:
+        raise ValueError(f"PEFT layer {name!r} ({kind.describe()}) has tensors {sorted(got)} and no lora_A conv weight")
+    rank = int(a.shape[0])
     expected = dict(zip(("lora_A", "lora_B", "lora_magnitude_vector"), kind.peft_shapes(rank)))
     wrong = {k: tuple(t.shape) for k, t in got.items() if k in expected and tuple(t.shape) != expected[k]}
     if wrong:
