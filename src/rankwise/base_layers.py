@@ -48,7 +48,7 @@ from typing import Any, ClassVar, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.grad import conv1d_weight, conv2d_weight, conv3d_weight  # a convolution's weight gradient
+from torch.nn.grad import conv1d_weight, conv2d_weight, conv3d_weight
 
 from . import quant
 
@@ -578,11 +578,11 @@ def supported_types() -> tuple[str, ...]:
 
 
 __all__ = [
+    "CONV_TYPES",
     "KINDS",
     "BaseKind",
     "Bnb4bitKind",
     "Bnb8bitKind",
-    "CONV_TYPES",
     "Conv1DKind",
     "ConvKind",
     "EmbeddingKind",
