@@ -544,7 +544,8 @@ def test_lora_plus_embedding_lr_alone_on_an_embedding_and_bad_rates() -> None:
     assert {id(p) for p in groups[0]["params"]} == {id(p) for p in rankwise.trainable_parameters(model).values()}
     with pytest.raises(ValueError, match="embedding_lr"):
         rankwise.lora_plus_param_groups(model, lr=1e-3, embedding_lr=0.0)
-    head_only = rankwise.attach(TinyLM(), rankwise.LoraConfig(r=2, target_modules=["head"]))
+    head_only = TinyLM()  # (attach returns its report, not the model)
+    rankwise.attach(head_only, rankwise.LoraConfig(r=2, target_modules=["head"]))
     with pytest.raises(ValueError, match="embedding_lr=0.0001 would change nothing: no adapter .* nn.Embedding"):
         rankwise.lora_plus_param_groups(head_only, lr=1e-3, ratio=16, embedding_lr=1e-4)
 
