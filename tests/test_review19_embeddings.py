@@ -107,6 +107,32 @@ def test_a_block_held_in_two_places_is_still_adapted_in_both_uses() -> None:
     assert model["b"][0] is layer
 
 
+# ---------------------------------------------------------------------------- "all-linear" inside a list
+@pytest.mark.parametrize("targets", [["all-linear", "embed_tokens"], ("embed_tokens", "ALL-LINEAR"), ["all-linear"]])
+def test_all_linear_inside_a_list_is_refused_not_dropped(targets) -> None:
+    """Before: ``["all-linear", "embed_tokens"]`` attached one layer, the embedding (the entry "all-linear" is a
+    module-name suffix there and matched nothing; HF PEFT 0.21 does the same). Now the config says what to write."""
+    with pytest.raises(ValueError, match="'all-linear' is a shorthand only as the whole value"):
+        rankwise.LoraConfig(r=2, target_modules=targets)
+    model = EMBEDDING_CASE().make()  # the way the message names: the resolved layers plus the embedding
+    names = rankwise.targeting.target_names(model, rankwise.LoraConfig(target_modules="all-linear")) + ["embed_tokens"]
+    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=names))
+    layers = rankwise.adapter_layers(model)
+    assert "model.embed_tokens" in layers and "model.layers.0.self_attn.q_proj" in layers and "lm_head" not in layers
+
+
+def test_the_harness_refuses_targets_all_linear_plus_an_embedding_writing_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from rankwise_harness import cli
+
+    run = tmp_path / "run"
+    assert cli.main(["finetune", "--method", "lora", "--task", "sst2", "--data", str(tmp_path / "none"), "--model",
+                     str(tmp_path / "none"), "--output", str(run), "--targets", "all-linear,word_embeddings",
+                     "--max-steps", "1", "--no-progress"]) == 2
+    assert "'all-linear' is a shorthand only as the whole value" in capsys.readouterr().err
+    assert not run.exists()
+
+
 # ---------------------------------------------------------------------------- merged tied pair, then model.to(dtype)
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_a_merged_tied_pair_converted_to_bf16_unmerges_and_disables_in_bf16(method: str) -> None:
