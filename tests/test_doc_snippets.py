@@ -25,7 +25,8 @@ Blocks checked by 1-3 only (``STATIC_ONLY``):
 - docs/distributed.md#2 (FSDP2 save): a model sharded by FSDP2 over several processes.
 - The blocks that include an example (``--8<-- "examples/x.py"``; the block's code is the file):
   docs/quickstart.md#1, docs/howto/trl.md#1, docs/howto/export.md#1, docs/howto/own-loop.md#1 and #2,
-  docs/howto/hf-trainer.md#1, docs/howto/quantized.md#1, docs/methods/raclora.md#1, docs/methods/gora.md#1.
+  docs/howto/hf-trainer.md#1, docs/howto/quantized.md#1, docs/methods/raclora.md#1, docs/methods/gora.md#1,
+  docs/howto/new-tokens.md#1.
   tests/test_examples.py runs each of these files on its tiny model already.
 
 The DPO block (docs/howto/adapters.md#1) runs TRL's ``DPOTrainer`` (3 steps; TRL's import is most of its

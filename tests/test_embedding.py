@@ -27,6 +27,7 @@ from rankwise.methods.gora_gradients import tap_weight_gradient
 from rankwise.targeting import target_names
 from conftest import EMBEDDING_CASE
 from method_matrix import METHOD_CASES
+from test_harness_train import sst2, tiny_models  # noqa: F401  (module fixtures)
 
 VOCAB, DIM = 24, 8
 
@@ -543,6 +544,10 @@ def test_lora_plus_embedding_lr_alone_on_an_embedding_and_bad_rates() -> None:
     assert {id(p) for p in groups[0]["params"]} == {id(p) for p in rankwise.trainable_parameters(model).values()}
     with pytest.raises(ValueError, match="embedding_lr"):
         rankwise.lora_plus_param_groups(model, lr=1e-3, embedding_lr=0.0)
+    head_only = TinyLM()  # (attach returns its report, not the model)
+    rankwise.attach(head_only, rankwise.LoraConfig(r=2, target_modules=["head"]))
+    with pytest.raises(ValueError, match="embedding_lr=0.0001 would change nothing: no adapter .* nn.Embedding"):
+        rankwise.lora_plus_param_groups(head_only, lr=1e-3, ratio=16, embedding_lr=1e-4)
 
 
 def test_a_scaled_embedding_with_max_norm_is_refused_before_its_forward_runs() -> None:
@@ -556,3 +561,57 @@ def test_a_scaled_embedding_with_max_norm_is_refused_before_its_forward_runs() -
     with pytest.raises(ValueError, match="max_norm"):
         rankwise.attach(nn.Sequential(emb), rankwise.LoraConfig(r=2, target_modules=["0"]))
     assert torch.equal(emb.weight, before)
+
+
+# ---------------------------------------------------------------------------- the harness: --lora-plus-embedding-lr
+def _harness_lora_plus(run: Path, model: str, data: str, *flags: str) -> int:
+    from rankwise_harness import cli
+
+    return cli.main(["finetune", "--method", "lora", "--task", "sst2", "--data", data, "--model", model, "--output",
+                     str(run), "--max-steps", "1", "--batch-size", "8", "--max-length", "32", "--lr", "1e-3",
+                     "--no-progress", *flags])
+
+
+def test_the_harness_trains_embedding_adapters_at_lora_plus_embedding_lr(
+        tmp_path: Path, tiny_models: dict[str, str], sst2: str) -> None:  # noqa: F811
+    """One Adam step moves each tensor entry with a gradient by its group's rate (``lr · g/(|g| + ε)``, ``≈ lr`` for
+    ``|g| ≫ ε``). An embedding's LoRA starts at ``A = 0`` with ``B`` random, so step 1 moves only ``A``: by the
+    embedding rate 1e-5 with the flag, by ``--lr`` 1e-3 without it; ``query``'s ``B`` (from 0) by up to ratio · lr."""
+    def first_step(run: Path, *flags: str) -> dict[str, torch.Tensor]:
+        assert _harness_lora_plus(run, tiny_models["bert"], sst2, "--targets", "word_embeddings,query",
+                                  "--lora-plus-ratio", "4", *flags) == 0
+        from safetensors.torch import load_file
+
+        return load_file(str(run / "adapter" / "adapter.safetensors"))
+
+    def moved(tensors: dict[str, torch.Tensor], suffix: str) -> torch.Tensor:
+        t = torch.cat([v.flatten() for k, v in tensors.items() if k.endswith(suffix)])
+        return t[t != 0].abs()
+
+    own = first_step(tmp_path / "own", "--lora-plus-embedding-lr", "1e-5")
+    rule = first_step(tmp_path / "rule")
+    emb_own, emb_rule = moved(own, "word_embeddings.lora_a"), moved(rule, "word_embeddings.lora_a")
+    assert emb_own.numel() > 0 and emb_own.max() <= 1e-5 * (1 + 1e-4) and emb_own.median() > 0.9e-5
+    assert emb_rule.max() <= 1e-3 * (1 + 1e-4) and emb_rule.median() > 0.9e-3  # LoRA+'s rule: A at lr
+    for tensors in (own, rule):
+        query_b = moved(tensors, "query.lora_b")
+        assert 2e-3 < query_b.max() <= 4e-3 * (1 + 1e-4)  # ratio · lr (its gradients are small: not all ≫ ε)
+    import json
+
+    assert json.loads((tmp_path / "own" / "config.json").read_text())["run"]["lora_plus_embedding_lr"] == 1e-5
+
+
+@pytest.mark.parametrize("flags, says", [
+    (("--targets", "word_embeddings", "--lora-plus-embedding-lr", "1e-5"), "needs --lora-plus-ratio"),
+    (("--targets", "query", "--lora-plus-ratio", "4", "--lora-plus-embedding-lr", "1e-5"),
+     "--lora-plus-embedding-lr 1e-05: embedding_lr=1e-05 would change nothing"),
+    (("--targets", "word_embeddings", "--lora-plus-ratio", "4", "--lora-plus-embedding-lr", "0"),
+     "--lora-plus-embedding-lr must be positive"),
+], ids=["without-a-ratio", "no-embedding-target", "zero"])
+def test_the_harness_refuses_a_lora_plus_embedding_lr_that_would_not_apply_writing_nothing(
+        flags: tuple[str, ...], says: str, tmp_path: Path, tiny_models: dict[str, str], sst2: str,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    assert _harness_lora_plus(run, tiny_models["bert"], sst2, *flags) == 2
+    assert says in capsys.readouterr().err
+    assert not run.exists()

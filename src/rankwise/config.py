@@ -88,6 +88,14 @@ def _as_targets(value: Any, field_name: str) -> tuple[str, ...] | str | None:
         for item in items:
             if not isinstance(item, str) or not item:
                 raise TypeError(f"{field_name} must hold non-empty strings, got {item!r}")
+        if field_name == "target_modules" and any(item.lower() == "all-linear" for item in items):
+            # a list entry is a module-name suffix: "all-linear" there matched nothing and was dropped, so
+            # ["all-linear", "embed_tokens"] adapted the embedding alone (HF PEFT 0.21 does the same, silently)
+            raise ValueError(
+                f"target_modules={list(items)!r}: 'all-linear' is a shorthand only as the whole value "
+                "(target_modules='all-linear'); in a list it would be a module name that matches nothing. To add "
+                "other modules (an embedding) to it, list the layers: rankwise.targeting.target_names(model, "
+                "LoraConfig(target_modules='all-linear')) + ['embed_tokens']")
         return items
     raise TypeError(f"{field_name} must be a list of module-name suffixes or a regex string, got {type(value).__name__}")
 

@@ -542,6 +542,22 @@ class AdapterLayer(nn.Module):
         self.kind.module._save_to_state_dict(own, prefix, keep_vars)
         return {k: v for k, v in own.items() if k not in (prefix + "weight", prefix + "bias")}
 
+    def _apply(self, fn: Any, recurse: bool = True) -> "AdapterLayer":
+        """``model.to(...)`` / ``.half()`` / ``.cuda()``: also the kept original bits of a merged layer (and a disabled
+        merged host's merged bits), which are plain attributes, converted in place (``.data``, as torch converts a
+        parameter) so every layer of the stack still shares the one tensor. A merged *tied* layer's kept bits are the
+        shared ``Parameter`` itself; when every module holding it is an adapter layer (a tied ``embed_tokens`` and
+        ``lm_head`` both adapted), nothing else converts it, and ``unmerge`` put the old dtype / device back into the model."""
+        super()._apply(fn, recurse)
+        for name in ("_original_weight", "_merged_aside"):
+            kept = self.__dict__.get(name)
+            if isinstance(kept, Tensor):
+                with torch.no_grad():
+                    new = fn(kept)
+                if new is not kept:
+                    kept.data = new  # in place: the peers, the base module (tied: the other holders) keep the object
+        return self
+
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         """A merged layer's ``state_dict`` carries its merged state: ``weight`` is the merged weight (what a
         plain model reading it computes) and ``unmerged_weight`` the kept original bits, so it loads into a

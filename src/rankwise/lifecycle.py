@@ -201,7 +201,8 @@ def lora_plus_param_groups(
     ``embedding_lr``: the trained tensors of adapters on ``nn.Embedding`` layers get this rate, in a group of their own
     (``"lora_plus_embedding"``), as HF PEFT's ``create_loraplus_optimizer`` puts them (its ``loraplus_lr_embedding``,
     default 1e-6; PEFT leaves a DoRA magnitude on an embedding in its 1-D group instead). ``None`` (the default): an
-    embedding's adapter follows the rule above, like any layer's.
+    embedding's adapter follows the rule above, like any layer's. A rate given where no embedding's adapter trains is
+    refused (``ValueError``), as a ratio that would change nothing is.
     """
     check_number("lr", lr)
     check_number("ratio", ratio)
@@ -212,6 +213,9 @@ def lora_plus_param_groups(
     own_rate = [layer for layer in layers if embedding_lr is not None and layer.kind.index_input]  # embeddings'
     grouped = [layer for layer in layers if layer not in own_rate]  # LoRA+'s rule
     embedded = [p for layer in own_rate for p in layer.trainable_tensors().values() if p.requires_grad]
+    if embedding_lr is not None and not embedded:
+        raise ValueError(f"embedding_lr={embedding_lr:g} would change nothing: no adapter of this model trains a tensor on "
+                         "an nn.Embedding (name the embedding in target_modules, or leave embedding_lr out)")
     fast = [p for layer in grouped for p in (getattr(layer, name) for name in layer.lr_multiplied) if p.requires_grad]
     fast_ids = {id(p) for p in fast + embedded}
     if not fast and ratio != 1 and any(layer.requires_grad() for layer in grouped):

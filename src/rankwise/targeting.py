@@ -89,6 +89,41 @@ def check_target(name: str, module: nn.Module) -> None:
         raise type(exc)(f"target {name!r}: {exc}") from None
 
 
+def module_slots(model: nn.Module) -> dict[int, list[str]]:
+    """``{id(module): [full names]}``: the places (a parent module's attribute) that hold each submodule, one name per
+    place. A module has one, unless the model holds the very same object in several places: BART's ``shared``
+    embedding is also ``encoder.embed_tokens`` and ``decoder.embed_tokens`` after ``set_input_embeddings`` (which
+    ``resize_token_embeddings`` calls). ``named_modules()`` lists such a module once, under its first name; a module
+    inside a block held in several places is in one place (its parent's attribute) and has one name."""
+    slots: dict[int, list[str]] = {}
+    parents: set[int] = set()
+    for parent_name, parent in model.named_modules(remove_duplicate=False):
+        if id(parent) in parents:
+            continue
+        parents.add(id(parent))
+        for attr, child in parent._modules.items():
+            if child is not None:
+                slots.setdefault(id(child), []).append(f"{parent_name}.{attr}" if parent_name else attr)
+    return slots
+
+
+def refuse_held_in_several_places(found: dict[str, nn.Module], slots: dict[int, list[str]], what: str) -> None:
+    """``ValueError`` for a module of ``found`` that the model holds in several places (:func:`module_slots`): an
+    adapter layer (or a fully-trained copy) replaces it in one place only, so wherever the model calls it under
+    another name it would compute the original module (the adapter would not run there, nor train from it)."""
+    for name, module in found.items():
+        places = slots.get(id(module), [])
+        if len(places) > 1:
+            others = [p for p in places if p != name]
+            raise ValueError(
+                f"{what} {name!r} is one {type(module).__name__} object the model also holds as {others[:4]} (e.g. "
+                "BART's shared embedding after resize_token_embeddings / set_input_embeddings): rankwise replaces a "
+                "module in one place, so where the model calls it under another name the adapter would not run and "
+                "would train nothing. Put a module of its own in each place (they may share the one weight "
+                "Parameter: tied weights are supported), or leave it out (exclude_modules)"
+            )
+
+
 def find_targets(
     model: nn.Module,
     target_modules: tuple[str, ...] | str,
@@ -108,11 +143,13 @@ def find_targets(
     if all_linear:
         skipped += output_heads(model)
     named = list(model.named_modules()) if modules is None else modules
+    slots = module_slots(model)
     found: dict[str, nn.Module] = {}
     for name, module in named:
         if not name or name_matches(name, exclude_modules):
             continue
-        if not (is_all_linear_kind(module) if all_linear else name_matches(name, target_modules)):
+        names = slots.get(id(module)) or [name]  # a module held in several places matches under any of its names
+        if not (is_all_linear_kind(module) if all_linear else any(name_matches(n, target_modules) for n in names)):
             continue
         if any(name == s or name.startswith(s + ".") for s in skipped):
             continue
@@ -125,6 +162,7 @@ def find_targets(
             )
         check_target(name, module)
         found[name] = module
+    refuse_held_in_several_places(found, slots, "target")
     if not found:
         sample = [n for n, m in named if n and is_supported(m)][:12]
         raise ValueError(
@@ -145,7 +183,9 @@ def find_modules_to_save(model: nn.Module, names: tuple[str, ...] | None) -> dic
             raise ValueError(f"modules_to_save entry {key!r} matched no module of {type(model).__name__}")
         found.update(hits)
     # keep only outermost modules (a child of a saved module is saved with it)
-    return {n: m for n, m in found.items() if not any(n.startswith(o + ".") for o in found if o != n)}
+    outermost = {n: m for n, m in found.items() if not any(n.startswith(o + ".") for o in found if o != n)}
+    refuse_held_in_several_places(outermost, module_slots(model), "modules_to_save entry")
+    return outermost
 
 
 def target_names(model: nn.Module, config: object) -> list[str]:

@@ -84,6 +84,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, help=f"learning rate (default: the method's own; {_default_lrs()})")
     g.add_argument("--lora-plus-ratio", type=float, help="LoRA+: B-side learning rate (EDoRA: the core's) = ratio x lr")
+    g.add_argument("--lora-plus-embedding-lr", type=float,
+                   help="with --lora-plus-ratio: the learning rate of the adapters on nn.Embedding targets (all their "
+                        "tensors; HF PEFT's loraplus_lr_embedding); default: LoRA+'s rule, as any layer")
     g.add_argument("--weight-decay", type=float, default=0.0,
                    help="AdamW's decoupled weight decay, on every trainable tensor but biases and normalisation "
                         "layers (HF Trainer's rule)")

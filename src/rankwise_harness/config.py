@@ -154,6 +154,7 @@ class RunConfig:
     batch_size: int = 16
     lr: float | None = None
     lora_plus_ratio: float | None = None
+    lora_plus_embedding_lr: float | None = None  # with lora_plus_ratio: the embeddings' adapters' rate
     weight_decay: float = 0.0
     max_grad_norm: float | None = None  # clip the step's gradient norm (HF Trainer's max_grad_norm); None: never
     warmup_ratio: float = 0.0
@@ -194,7 +195,7 @@ class RunConfig:
         (("batch_size", "grad_accum", "max_length", "calibration_batches", "max_new_tokens", "max_steps",
           "max_train", "max_eval", "patience"), True, 1, True),
         (("seed", "data_seed", "eval_every", "save_every", "head_warmup_steps"), True, 0, True),
-        (("epochs", "lr", "lora_plus_ratio", "head_lr", "max_grad_norm"), False, 0.0, False),
+        (("epochs", "lr", "lora_plus_ratio", "lora_plus_embedding_lr", "head_lr", "max_grad_norm"), False, 0.0, False),
         (("weight_decay",), False, 0.0, True),
     )
 
@@ -264,6 +265,9 @@ class RunConfig:
         if self.targets is not None and not self.targets:
             raise ConfigError("--targets names no module (it was empty): name module-name suffixes (query,value), or "
                               "omit --targets for all-linear")
+        if self.lora_plus_embedding_lr is not None and not self.lora_plus_ratio:
+            raise ConfigError("--lora-plus-embedding-lr sets a LoRA+ group's rate: it needs --lora-plus-ratio (1 keeps "
+                              "every other tensor at --lr)")
         for key, name, flag in self._SET_WITH_A_FLAG:
             value = getattr(self, name)
             if key in self.overrides and value is not None:

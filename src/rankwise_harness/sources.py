@@ -160,9 +160,12 @@ class RankwiseAdapter(AdapterSource):
     def param_groups(self, model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
         if cfg.lora_plus_ratio:
             try:
-                return rankwise.lora_plus_param_groups(model, cfg.learning_rate, cfg.lora_plus_ratio, cfg.weight_decay)
+                return rankwise.lora_plus_param_groups(model, cfg.learning_rate, cfg.lora_plus_ratio, cfg.weight_decay,
+                                                       embedding_lr=cfg.lora_plus_embedding_lr)
             except ValueError as exc:  # e.g. RAC-LoRA frozen='B': no B factor trains, so the ratio would be ignored
-                raise ConfigError(f"--lora-plus-ratio {cfg.lora_plus_ratio:g}: {exc}") from None
+                flags = f"--lora-plus-ratio {cfg.lora_plus_ratio:g}" + (
+                    f" --lora-plus-embedding-lr {cfg.lora_plus_embedding_lr:g}" if cfg.lora_plus_embedding_lr else "")
+                raise ConfigError(f"{flags}: {exc}") from None
         return super().param_groups(model, cfg)
 
     def save(self, model: nn.Module, folder: Path) -> None:
@@ -214,7 +217,7 @@ class FullFineTuning(AdapterSource):
     writes_adapter = False
     calls_step = False
     description = "full fine-tuning: every weight trained, no adapters"
-    unused = ("r", "alpha", "dropout", "targets", "overrides", "lora_plus_ratio",  # the adapter's flags
+    unused = ("r", "alpha", "dropout", "targets", "overrides", "lora_plus_ratio", "lora_plus_embedding_lr",  # adapters'
               "calibration_batches")
 
     def check(self, cfg: RunConfig) -> None:
