@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 import rankwise
 from conftest import ModelCase
 
@@ -57,3 +59,15 @@ METHOD_CASES: dict[str, MethodCase] = {
     "cola": MethodCase("cola", lambda c, h: (rankwise.RacLoraConfig.cola(r=4, alpha=8, link_steps=2, **_common(c, h)), None)),
     "asymmetric": MethodCase("asymmetric", lambda c, h: (rankwise.RacLoraConfig.asymmetric(r=4, alpha=8, **_common(c, h)), None)),
 }
+
+
+def paper_delta(layer: Any) -> torch.Tensor:
+    """A layer's update ``ΔW`` (``out x in``, fp64) from its factors, by each method's own formula (the paper's form,
+    not the layer's ``delta_weight``): EDoRA ``s · B R A``; else ``s · B A``, plus RAC-LoRA's merged links ``C_b Cₐ``."""
+    d = lambda t: t.detach().double()  # noqa: E731
+    if hasattr(layer, "core"):  # EDoRA: s · B R A
+        return layer.scale * d(layer.frozen_b) @ d(layer.core) @ d(layer.frozen_a)
+    delta = layer.scale * d(layer.lora_b) @ d(layer.lora_a)
+    if hasattr(layer, "chain_a"):  # RAC-LoRA: the merged links C_b Cₐ as well
+        delta = delta + d(layer.chain_b) @ d(layer.chain_a)
+    return delta

@@ -25,7 +25,7 @@ from rankwise.layer import AdapterLayer
 from rankwise.methods.gora_gradients import tap_weight_gradient
 from rankwise.targeting import target_names
 from conftest import CONV_CASE, ModelCase
-from method_matrix import METHOD_CASES, MethodCase
+from method_matrix import METHOD_CASES, MethodCase, paper_delta
 from test_bad_input import _assert_unchanged, _snapshot
 
 # convolutions whose PEFT layer computes W0 + ΔW (the same kernel, stride and padding for lora_A)
@@ -114,21 +114,10 @@ def _train(model: Net, steps: int = 4) -> None:
     model.eval()
 
 
-def _delta_out_in(layer) -> torch.Tensor:
-    """The update ``ΔW`` (``out x in``, fp64) from the layer's factors, by each method's own formula (paper form)."""
-    d = lambda t: t.detach().double()  # noqa: E731
-    if hasattr(layer, "core"):  # EDoRA: s · B R A
-        return layer.scale * d(layer.frozen_b) @ d(layer.core) @ d(layer.frozen_a)
-    delta = layer.scale * d(layer.lora_b) @ d(layer.lora_a)
-    if hasattr(layer, "chain_a"):  # RAC-LoRA: the merged links C_b Cₐ as well
-        delta = delta + d(layer.chain_b) @ d(layer.chain_a)
-    return delta
-
-
 def _expected_weight(layer, w0: torch.Tensor) -> torch.Tensor:
     """The adapted conv weight (``(out, c, *k)``, fp64) from ``W0`` as stored: ``W0 + ΔW`` or DoRA's
     ``μ ⊙ (W0 + ΔW)`` with ``μ = m / ‖W0 + ΔW‖`` over each output channel's ``c·∏k`` entries."""
-    v = w0.double().reshape(w0.shape[0], -1) + _delta_out_in(layer)  # out x in: each output channel's patch weights
+    v = w0.double().reshape(w0.shape[0], -1) + paper_delta(layer)  # out x in: each output channel's patch weights
     if hasattr(layer, "magnitude"):
         v = layer.magnitude.detach().double()[:, None] * v / v.norm(dim=1, keepdim=True)
     return v.reshape(w0.shape)
@@ -510,13 +499,13 @@ def test_two_named_adapters_on_one_conv_add_their_updates() -> None:
     _perturb(model)
     layers = [rankwise.adapter_layers(model, n)["conv"] for n in ("default", "second")]
     rankwise.set_active(model, ["default", "second"])
-    weight = w0.double() + sum(_delta_out_in(layer) for layer in layers).reshape(w0.shape)
+    weight = w0.double() + sum(paper_delta(layer) for layer in layers).reshape(w0.shape)
     x = _x(model, 5)
     plain = _net("conv1d").conv
     with torch.no_grad():
         torch.testing.assert_close(model(x).double(), _with_weight(plain, weight)(x.double()), rtol=1e-5, atol=1e-5)
         rankwise.set_active(model, "second")
-        alone = w0.double() + _delta_out_in(layers[1]).reshape(w0.shape)
+        alone = w0.double() + paper_delta(layers[1]).reshape(w0.shape)
         torch.testing.assert_close(model(x).double(), _with_weight(plain, alone)(x.double()), rtol=1e-5, atol=1e-5)
 
 
@@ -558,7 +547,7 @@ def test_gora_s_initial_update_on_a_conv_is_its_formula(kind: str) -> None:
     a = layer.lora_a.detach().double()
     projection = a.t() @ torch.linalg.solve(a @ a.t(), a)  # in x in
     expected = -0.05 * (layer.in_features / layer.rank) ** 0.5 * grad @ projection
-    torch.testing.assert_close(_delta_out_in(layer), expected, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(paper_delta(layer), expected, rtol=1e-4, atol=1e-7)
 
 
 def test_method_matrix_lists_every_method_tested_here() -> None:

@@ -26,7 +26,7 @@ from rankwise.fused import fused_blocker
 from rankwise.methods.gora_gradients import tap_weight_gradient
 from rankwise.targeting import target_names
 from conftest import EMBEDDING_CASE
-from method_matrix import METHOD_CASES
+from method_matrix import METHOD_CASES, paper_delta
 from test_harness_train import sst2, tiny_models  # noqa: F401  (module fixtures)
 
 VOCAB, DIM = 24, 8
@@ -104,21 +104,10 @@ def _train(model: nn.Module, steps: int = 4) -> None:
     model.eval()
 
 
-def _delta_out_in(layer) -> torch.Tensor:
-    """The update ``ΔW`` (``out x in``, fp64) from the layer's factors, by each method's own formula (paper form)."""
-    d = lambda t: t.detach().double()  # noqa: E731
-    if hasattr(layer, "core"):  # EDoRA: s · B R A
-        return layer.scale * d(layer.frozen_b) @ d(layer.core) @ d(layer.frozen_a)
-    delta = layer.scale * d(layer.lora_b) @ d(layer.lora_a)
-    if hasattr(layer, "chain_a"):  # RAC-LoRA: the merged links C_b Cₐ as well
-        delta = delta + d(layer.chain_b) @ d(layer.chain_a)
-    return delta
-
-
 def _expected_table(layer, w0: torch.Tensor) -> torch.Tensor:
     """The adapted embedding table (``num_embeddings x embedding_dim``, fp64), from ``W0`` as stored: ``W0 + ΔWᵀ``, or
     DoRA's ``(μ ⊙ (W0ᵀ + ΔW))ᵀ`` with ``μ = m / ‖W0ᵀ + ΔW‖`` over each ``out x in`` row (one per embedding dim)."""
-    v = w0.double().t() + _delta_out_in(layer)  # out x in
+    v = w0.double().t() + paper_delta(layer)  # out x in
     if hasattr(layer, "magnitude"):
         v = layer.magnitude.detach().double()[:, None] * v / v.norm(dim=1, keepdim=True)
     return v.t()
@@ -421,12 +410,12 @@ def test_two_named_adapters_on_one_embedding_add_their_updates() -> None:
         for layer in layers:
             layer.lora_a.add_(0.3 * torch.randn(layer.lora_a.shape, generator=torch.Generator().manual_seed(layer.rank)))
     rankwise.set_active(model, ["default", "second"])
-    table = w0.double() + sum(_delta_out_in(layer).t() for layer in layers)
+    table = w0.double() + sum(paper_delta(layer).t() for layer in layers)
     ids = _ids(5)
     with torch.no_grad():
         torch.testing.assert_close(model.emb(ids).double(), F.embedding(ids, table), rtol=1e-5, atol=1e-6)
         rankwise.set_active(model, "second")
-        torch.testing.assert_close(model.emb(ids).double(), F.embedding(ids, w0.double() + _delta_out_in(layers[1]).t()),
+        torch.testing.assert_close(model.emb(ids).double(), F.embedding(ids, w0.double() + paper_delta(layers[1]).t()),
                                    rtol=1e-5, atol=1e-6)
         with rankwise.disabled(model):
             assert torch.equal(model.emb(ids), F.embedding(ids, w0, padding_idx=0))
@@ -494,7 +483,7 @@ def test_gora_on_a_tied_embedding_takes_the_gradient_of_its_own_use() -> None:
     a = layer.lora_a.detach().double()
     projection = a.t() @ torch.linalg.solve(a @ a.t(), a)  # in x in
     expected = -0.05 * (layer.in_features / layer.rank) ** 0.5 * grad @ projection
-    torch.testing.assert_close(_delta_out_in(layer), expected, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(paper_delta(layer), expected, rtol=1e-4, atol=1e-7)
     assert not layer.lora_a[:, 0].any()  # padding column zero: the padding row's update is zero
 
 
