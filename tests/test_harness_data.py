@@ -252,7 +252,7 @@ def test_every_run_config_field_comes_from_its_flag() -> None:
 
     argv = ["finetune", "--task", "rotten", "--data", "d", "--model", "m", "--targets", "query,value", "--r", "4",
             "--alpha", "3", "--dropout", "0.1", "--set", "use_rslora=true", "--seed", "5", "--max-steps", "7",
-            "--epochs", "2", "--batch-size", "3", "--lr", "0.01", "--lora-plus-ratio", "4", "--weight-decay", "0.1",
+            "--epochs", "2", "--batch-size", "3", "--lr", "0.01", "--lora-plus-ratio", "4", "--lora-plus-embedding-lr", "1e-5", "--weight-decay", "0.1",
             "--warmup-ratio", "0.2", "--schedule", "cosine", "--grad-accum", "2", "--max-length", "32",
             "--max-train", "9", "--data-seed", "3", "--subset", "prefix", "--max-eval", "8", "--eval-every", "3", "--eval-before", "--save-every", "2",
             "--calibration-batches", "4", "--head-warmup-steps", "2", "--max-new-tokens", "5", "--precision", "no",
