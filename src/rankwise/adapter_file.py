@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -191,6 +192,8 @@ def validate_description(meta: Any, file: Any) -> dict[str, Any]:
             file_number(spec["scale"], file, f"{where}.scale")
         if not isinstance(spec.get("conv1d", False), bool):
             raise AdapterFileError(f"{_where(file, where + '.conv1d')} must be true or false, got {spec['conv1d']!r}")
+        if "weight_shape" in spec:
+            _check_weight_shape(spec, file, where)
         if "base_fingerprint" in spec:
             points = spec["base_fingerprint"]
             if not isinstance(points, list) or len(points) != _FINGERPRINT_POINTS:
@@ -207,6 +210,19 @@ def validate_description(meta: Any, file: Any) -> dict[str, Any]:
     if "saved_with" in meta:
         validate_saved_with(meta["saved_with"], file)
     return meta
+
+
+def _check_weight_shape(spec: dict[str, Any], file: Any, where: str) -> None:
+    """A convolution layer's recorded ``weight_shape``: ``[out, c, *k]`` (1 to 3 kernel sizes), of ``out x in`` =
+    ``out x c·∏k``."""
+    shape = spec["weight_shape"]
+    if not isinstance(shape, list) or not 3 <= len(shape) <= 5:
+        raise AdapterFileError(f"{_where(file, where + '.weight_shape')} must be a list [out, c, *kernel], got {shape!r:.80}")
+    for i, n in enumerate(shape):
+        file_int(n, file, f"{where}.weight_shape[{i}]")
+    if shape[0] != spec["out_features"] or math.prod(shape[1:]) != spec["in_features"]:
+        raise AdapterFileError(f"{_where(file, where + '.weight_shape')} {shape} is not {spec['out_features']} x "
+                               f"{spec['in_features']} (out x c·∏k)")
 
 
 def validate_saved_with(value: Any, file: Any) -> dict[str, Any]:
