@@ -43,6 +43,7 @@ from .layer import AdapterLayer
 from .optim import made_no_update, split_weight_decay
 from .quant import dequantize_model, model_float_dtype, parameter_count
 from .registry import BuildResult, LossFn, method_for
+from .slots import set_submodule as _set_submodule  # the slot's hooks go along with each replacement
 from .layer import DEFAULT_ADAPTER
 from .state import (STATE_ATTR, AdapterSet, RankwiseState, adapter_layers, adapter_set, base_modules,  # noqa: F401
                     every_layer, fully_trained_modules, get_state, is_attached, original_modules, refuse_peft_model,
@@ -233,12 +234,6 @@ def lora_plus_param_groups(
 
 
 # ---------------------------------------------------------------------------- attach / detach
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def _report(model: nn.Module, config: AdapterConfig, result: BuildResult, saved: dict[str, nn.Module]) -> AttachReport:
     rows = []
     for name, layer in result.layers.items():

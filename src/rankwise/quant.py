@@ -29,6 +29,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from .slots import set_submodule
+
 QUANT_EXTRA = "pip install 'rankwise[quant]'"
 QUANT_TYPES: dict[str, str] = {"Linear4bit": "4bit", "Linear8bitLt": "8bit"}  # bitsandbytes class -> kind
 _PARAM_TYPES = ("Params4bit", "Int8Params")  # bitsandbytes' weight classes
@@ -271,9 +273,7 @@ def dequantize_model(model: nn.Module, default_dtype: torch.dtype | None = None)
     default = default_dtype or model_float_dtype(model)
     for name in names:
         module = model.get_submodule(name)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, float_linear(module, dequantize(module), float_dtype(module, default)))
+        set_submodule(model, name, float_linear(module, dequantize(module), float_dtype(module, default)))
     if names or getattr(model, "is_quantized", False):
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "quantization_config"):
