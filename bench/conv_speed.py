@@ -23,6 +23,12 @@ GoRA have no PEFT counterpart: their ratio is to PEFT LoRA too, labelled so.
 
     python bench/conv_speed.py                  # full run, writes docs/bench/conv-speed.{json,md}
     python bench/conv_speed.py --quick          # a smoke run, writes docs/bench/conv-speed-quick.*
+    python bench/conv_speed.py --profile        # what one step copies, writes docs/bench/conv-speed-profile.md
+
+``--profile`` counts, for one training step of each LoRA / DoRA variant, the calls of the ops that copy, allocate
+or fill activation-sized tensors (and the matmuls), with the elements of their first input (torch profiler's
+recorded shapes; inputs under 10,000 elements left out), and the autograd graph's nodes by kind: counts, not
+times, so the machine's load does not blur them.
 """
 
 from __future__ import annotations
@@ -30,12 +36,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -306,6 +314,61 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, An
     return meta, results
 
 
+PROFILED_OPS = ("aten::copy_", "aten::clone", "aten::new_empty_strided", "aten::zero_", "aten::fill_", "aten::mm")
+GRAPH_NODES = ("CopySlices", "AsStridedBackward0", "CloneBackward0", "PermuteBackward0", "MmBackward0",
+               "ConvolutionBackward0")
+MIN_ELEMENTS = 10_000
+
+
+def op_counts(model: nn.Module, opt: torch.optim.Optimizer, batch: Batch) -> dict[str, tuple[int, float]]:
+    """op -> (calls, million elements of the first input) in one profiled training step (after one unprofiled)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    train_step(model, opt, batch)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        train_step(model, opt, batch)
+    counts = {op: (0, 0.0) for op in PROFILED_OPS}
+    for event in prof.events():
+        shapes = event.input_shapes
+        n = math.prod(shapes[0]) if event.name in counts and shapes and shapes[0] else 0
+        if n >= MIN_ELEMENTS:
+            calls, elements = counts[event.name]
+            counts[event.name] = (calls + 1, elements + n / 1e6)
+    return counts
+
+
+def graph_counts(model: nn.Module, batch: Batch) -> Counter[str]:
+    """The autograd graph of the loss, its nodes counted by kind."""
+    seen: set[Any] = set()
+    todo = [model(**batch).loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo += [nxt for nxt, _ in node.next_functions]
+    return Counter(type(node).__name__ for node in seen)
+
+
+def profile_report(models: str, r: int, batch_size: int) -> str:
+    lines = [f"Command: `{' '.join(['python bench/conv_speed.py', *sys.argv[1:]])}`", "",
+             (f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, torch {torch.__version__}, peft "
+             f"{_peft_version()}, rank {r}, batch {batch_size}. One training step per variant: calls / million "
+             f"elements of the first input (inputs of {MIN_ELEMENTS:,} elements or more), then the loss's autograd "
+             "nodes by kind."), ""]
+    for name in models.split(","):
+        case = CASES[name]
+        base, batch, makers = case.build(), case.batch(batch_size, 0), variants(case, r, batch_size)
+        lines += [f"**{name}**: {case.describe}", "", "| variant | " + " | ".join(o[6:] for o in PROFILED_OPS) + " | "
+                  + " | ".join(GRAPH_NODES) + " |", "|---|" + "---:|" * (len(PROFILED_OPS) + len(GRAPH_NODES))]
+        for label in ("peft-lora", "lora", "peft-dora", "dora", "edora"):
+            model, opt = make_trainable(makers[label], base)
+            ops, nodes = op_counts(model, opt, batch), graph_counts(model, batch)
+            lines.append(f"| {LABELS[label]} | " + " | ".join(f"{c} / {m:.2f}" for c, m in ops.values()) + " | "
+                         + " | ".join(str(nodes[n]) for n in GRAPH_NODES) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def _peft_version() -> str:
     import peft
 
@@ -322,12 +385,18 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--memory-steps", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench"))
+    ap.add_argument("--profile", action="store_true", help="count what one step copies (conv-speed-profile.md)")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     if args.memory_child:
         case, label = args.memory_child.split(":")
         memory_child(CASES[case], label, args.r, args.batch_size, args.rounds)
+        return
+    if args.profile:
+        text = profile_report(args.models, args.r, args.batch_size)
+        Path(args.out, "conv-speed-profile.md").write_text(text)
+        print(text)
         return
     if args.quick:
         args.rounds, args.warmup, args.memory_steps = 3, 1, 2
