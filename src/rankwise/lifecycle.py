@@ -48,6 +48,7 @@ from .state import (STATE_ATTR, AdapterSet, RankwiseState, adapter_layers, adapt
                     every_layer, fully_trained_modules, get_state, is_attached, original_modules, refuse_peft_model,
                     names_in_order, slot_layers, unwrap_model)
 from .targeting import find_modules_to_save, find_targets, is_all_linear
+from .tokens import build_token_layers, plan_token_rows, token_extras
 
 
 @dataclass
@@ -210,7 +211,8 @@ def lora_plus_param_groups(
     if embedding_lr is not None:
         check_number("embedding_lr", embedding_lr)
     layers = [layer for _, layer in every_layer(model)]
-    own_rate = [layer for layer in layers if embedding_lr is not None and layer.kind.index_input]  # embeddings'
+    # embeddings' low-rank layers (trainable token rows keep lr, as PEFT's LoRA+ gives its trainable_tokens_delta)
+    own_rate = [layer for layer in layers if embedding_lr is not None and layer.kind.index_input and not layer.token_rows]
     grouped = [layer for layer in layers if layer not in own_rate]  # LoRA+'s rule
     embedded = [p for layer in own_rate for p in layer.trainable_tensors().values() if p.requires_grad]
     if embedding_lr is not None and not embedded:
@@ -553,8 +555,15 @@ def attach(
         config = config.replace(target_modules=tuple(targets))
     if method.uses_calibration and calibration is None:
         raise ValueError(f"{method.name} initialises from data: pass calibration=<iterable of training batches> to attach")
-    with all_or_nothing(model, [*targets, *saved]):
+    plan = plan_token_rows(model, config, modules, targets, saved)  # trainable token rows, checked
+    refuse_fully_trained_targets(model, plan, name)
+    if plan:  # the adapter records full names, as for "all-linear"
+        config = config.replace(trainable_token_indices={n: rows for n, (rows, leader) in plan.items() if leader is None})
+    with all_or_nothing(model, [*targets, *plan, *saved]):
         result = method.build(model, targets, config, calibration, loss_fn)
+        tokens = build_token_layers(plan, modules, config)
+        result.layers.update(tokens)
+        result.extras.update(token_extras(tokens))
         if config.seed is None:  # unseeded draws come from each rank's own RNG: every rank takes rank 0's
             share_from_rank0([t for layer in result.layers.values() for t in layer.adapter_state().values()])
         report = install(model, config, result, saved, name)

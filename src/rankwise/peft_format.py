@@ -58,6 +58,8 @@ from .state import (adapter_layers, base_modules, base_state_dict, fully_trained
                     original_modules, refuse_peft_model, unwrap_model)
 from .base_layers import ConvKind, kind_class, takes_ids
 from .targeting import SUPPORTED_TYPES, check_target, is_supported
+from .peft_tokens import check_token_plan, export_token_rows, fill_token_rows, import_token_rows
+from .tokens import build_token_layers
 
 PeftShapes = Callable[[int], tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]  # rank -> (A, B, magnitude) shapes
 
@@ -174,6 +176,11 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
                          "or export the PEFT form (vllm=False, --format peft), which HF PEFT loads with them")
     shapes: dict[str, PeftShapes] = {n: layer.kind.peft_shapes for n, layer in layers.items()}
     tensors, ranks, alphas = _peft_tensors(factors, saved, vllm, use_rslora, lookups, shapes)
+    token_indices, token_tensors = export_token_rows(model, name, PREFIX)
+    if vllm and token_indices:
+        raise ValueError(f"the vLLM form has no trainable token rows (trainable_token_indices, on {sorted(token_indices)[:3]}). "
+                         f"{SERVE_MERGED}; or export the PEFT form (vllm=False), which HF PEFT loads")
+    tensors.update(token_tensors)
     r_global = _most_common(list(ranks.values()))
     alpha_global = _most_common([alphas[n] for n in ranks if ranks[n] == r_global])
     key = _pattern_keys(model, list(ranks))
@@ -201,6 +208,7 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
         "revision": None,
         "layers_to_transform": None,
         "layers_pattern": None,
+        "trainable_token_indices": token_indices,
     }
     if task_type is None:  # what PEFT's save writes then: AutoPeftModel* build the base from it
         config["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
@@ -369,7 +377,6 @@ _UNSUPPORTED_OPTIONS: dict[str, str] = {
     "layers_to_transform": "adapters on a subset of layer indices",
     "layer_replication": "layer replication",
     "megatron_config": "Megatron parallel layers",
-    "trainable_token_indices": "trainable tokens",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
     "use_qalora": "QA-LoRA",
     "lora_bias": "a trainable bias on lora_B",
@@ -580,8 +587,11 @@ def import_peft(
             "rankwise: this PEFT adapter was made with ensure_weight_tying=True, which ties the tied lm_head's "
             "factors to the input embedding's; rankwise imports them as independent layers: the same outputs as "
             "PEFT's now, but training them further lets them differ (PEFT keeps them tied)", UserWarning, stacklevel=2)
-    placed = {k for k in tensors if _LORA_KEY.fullmatch(k)} | _peft_base_weights(folder, targets, tensors)
+    plan, token_values, token_keys = import_token_rows(base_model, folder, cfg, tensors)
+    placed = {k for k in tensors if _LORA_KEY.fullmatch(k)} | _peft_base_weights(folder, targets, tensors) | token_keys
     saved, mts = _peft_saved_modules(base_model, folder, cfg, tensors, placed)
+    modules = base_modules(base_model)
+    check_token_plan(plan, modules, targets, saved)
     config = (DoraConfig if cfg.get("use_dora") else LoraConfig)(
         r=int(cfg["r"]),
         alpha=float(cfg["lora_alpha"]),
@@ -589,18 +599,22 @@ def import_peft(
         target_modules=tuple(targets),  # full names: exactly the layers the adapter has
         modules_to_save=tuple(saved) or None,
         use_rslora=bool(cfg.get("use_rslora")),
+        trainable_token_indices={n: rows for n, (rows, leader) in plan.items() if leader is None} or None,
     )
     check_new_name(base_model, name, config)  # beside other adapters: no modules_to_save
-    refuse_fully_trained_targets(base_model, targets, name)
+    refuse_fully_trained_targets(base_model, [*targets, *plan], name)
 
     scales = {n: lora_scale(_layer_alpha(cfg, n), r, config.use_rslora) for n, r in ranks.items()}
 
     def rebuild_and_fill() -> tuple[dict[str, Any], dict[str, dict[str, Tensor]]]:
-        layers = rebuild_layers(method_for(config), targets, config, ranks, scales)
+        layers: dict[str, Any] = rebuild_layers(method_for(config), targets, config, ranks, scales)
         _fill_from_peft(layers, parts)
-        return layers, mts
+        tokens = build_token_layers(plan, modules, config)
+        fill_token_rows(tokens, token_values)
+        return layers | tokens, mts
 
-    install_rebuilt(base_model, config, targets, saved, rebuild_and_fill, trainable=trainable, name=name)
+    install_rebuilt(base_model, config, {**targets, **{n: dict(modules)[n] for n in plan}}, saved, rebuild_and_fill,
+                    trainable=trainable, name=name)
     return base_model
 
 
