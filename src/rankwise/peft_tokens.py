@@ -56,40 +56,48 @@ def import_token_rows(model: nn.Module, folder: Path, cfg: dict[str, Any], tenso
     file keys this places. :class:`AdapterFileError` for a file that does not fit: rows without
     ``trainable_token_indices``, a module PEFT would not wrap, a tensor of the wrong shape, an embedding weight that is
     not the model's. Conflicts with the adapter's other layers are :func:`check_token_plan`'s."""
-    found = {m["module"]: (m["part"], key) for key, m in ((k, TOKEN_KEY.fullmatch(k)) for k in tensors) if m}
+    matched = [(m["module"], m["part"], key) for key, m in ((k, TOKEN_KEY.fullmatch(k)) for k in tensors) if m]
+    stored = {module: key for module, part, key in matched if part != "base_layer.weight"}  # W[I], by module
+    bases = {module: key for module, part, key in matched if part == "base_layer.weight"}  # the embedding weights
     wanted = cfg.get("trainable_token_indices")
     if wanted in (None, [], {}):
-        if found:
-            raise AdapterFileError(f"{folder}: the file holds trainable token rows {sorted(found)[:3]} but "
+        if matched:
+            raise AdapterFileError(f"{folder}: the file holds trainable token rows {sorted(stored or bases)[:3]} but "
                                    "adapter_config.json has no trainable_token_indices")
         return {}, {}, set()
     try:
         wanted = as_token_indices(wanted)
     except (TypeError, ValueError) as exc:
         raise AdapterFileError(f"{folder}: field 'trainable_token_indices': {exc}") from None
-    modules = base_modules(model)
-    wraps = _peft_wrapped(model, modules, wanted)
-    plan = _peft_plan(model, modules, wraps, cfg, {n for n, (part, _) in found.items() if part != "base_layer.weight"})
-    rows: dict[str, Tensor] = {}
-    placed: set[str] = set()
-    for module, (part, key) in found.items():
-        if module not in plan or (part != "base_layer.weight" and plan[module][1] is not None):
-            raise AdapterFileError(f"{folder}: tensor {key!r} is for module {module!r}, whose rows PEFT's load of "
-                                   f"trainable_token_indices={cfg['trainable_token_indices']!r:.200} does not train here")
-        weight = cast(Tensor, dict(modules)[module].weight)
-        if part == "base_layer.weight":
-            _check_same_weight(folder, key, tensors[key], weight)
-        elif tuple(tensors[key].shape) != (len(plan[module][0]), weight.shape[1]):
-            raise AdapterFileError(f"{folder}: tensor {key!r} has shape {tuple(tensors[key].shape)}, and {module!r} "
-                                   f"needs {(len(plan[module][0]), int(weight.shape[1]))} ({len(plan[module][0])} rows)")
-        else:
-            rows[module] = tensors[key]
-        placed.add(key)
-    lacking = [n for n, (_, leader) in plan.items() if leader is None and n not in rows]
-    if lacking:
-        raise AdapterFileError(f"{folder}: PEFT trains rows of {lacking[:3]} (trainable_token_indices) and the file holds "
-                               f"no {_VALUES} for them")
-    return plan, rows, placed
+    modules = dict(base_modules(model))
+    plan = _peft_plan(model, list(modules.items()), _peft_wrapped(model, list(modules.items()), wanted), cfg, set(stored))
+    strays = [key for module, key in [*stored.items(), *bases.items()] if module not in plan]
+    strays += [key for module, key in stored.items() if module in plan and not _own_or_leaders(plan, module, stored, tensors)]
+    if strays:
+        raise AdapterFileError(f"{folder}: tensor {strays[0]!r} is for a module whose rows PEFT's load of "
+                               f"trainable_token_indices={cfg['trainable_token_indices']!r:.200} does not train here")
+    for module, key in bases.items():
+        _check_same_weight(folder, key, tensors[key], cast(Tensor, modules[module].weight))
+    rows = {module: tensors[key] for module, key in stored.items() if plan[module][1] is None}
+    for module, (indices, leader) in plan.items():
+        need = (len(indices), int(cast(Tensor, modules[module].weight).shape[1]))
+        if leader is None and module not in rows:
+            raise AdapterFileError(f"{folder}: PEFT trains rows of {module!r} (trainable_token_indices) and the file "
+                                   f"holds no {_VALUES} for it")
+        if leader is None and tuple(rows[module].shape) != need:
+            raise AdapterFileError(f"{folder}: tensor {stored[module]!r} has shape {tuple(rows[module].shape)}, and "
+                                   f"{module!r} needs {need} ({len(indices)} rows)")
+    return plan, rows, {key for _, _, key in matched}
+
+
+def _own_or_leaders(plan: TokenPlan, module: str, stored: dict[str, str], tensors: dict[str, Tensor]) -> bool:
+    """Whether ``module``'s stored rows belong in the file: its own, or a tied follower's that are its leader's very
+    values (PEFT's save of the embedding layers, on a vocabulary other than the base checkpoint's, writes the shared
+    rows under the follower's name too)."""
+    leader = plan[module][1]
+    if leader is None:
+        return True
+    return leader in stored and torch.equal(tensors[stored[module]], tensors[stored[leader]])
 
 
 def _peft_wrapped(model: nn.Module, modules: list[tuple[str, nn.Module]], wanted: Any) -> dict[str, tuple[int, ...]]:
