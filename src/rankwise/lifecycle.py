@@ -297,6 +297,8 @@ def install(
     if adapters is not None:  # the totals are the model's: say which part is this adapter's
         report.notes.append(_own_share_note(name, report, [n for n in adapters.adapters if n != name]))
     for name, others in ties.items():
+        if _shared_rows(result.layers, name, others):
+            continue  # token rows whose every tied partner follows the same D (rankwise.tokens): the tie is kept
         report.notes.append(_tie_note(name, others, name in saved))
         warnings.warn(report.notes[-1], stacklevel=3)
     return report
@@ -325,6 +327,15 @@ def _ties(model: nn.Module, result: BuildResult, saved: dict[str, nn.Module]) ->
         if others:
             ties[name] = others
     return ties
+
+
+def _shared_rows(layers: dict[str, AdapterLayer], name: str, others: list[str]) -> bool:
+    """Whether ``name``'s layer holds token rows and each other holder of its weight (``others``: parameter names)
+    is a layer holding the very same rows tensor: the modules change together, so the tie holds."""
+    mine = layers.get(name)
+    partners = [layers.get(other.rpartition(".")[0]) for other in others]
+    return (mine is not None and mine.token_rows
+            and all(p is not None and p.token_rows and p.token_delta is mine.token_delta for p in partners))
 
 
 def _tie_note(name: str, others: list[str], fully_trained: bool) -> str:
