@@ -1,4 +1,5 @@
-"""Trainable token rows (``trainable_token_indices``, HF PEFT's field; :mod:`rankwise.tokens`): every method with rows
+"""Trainable token rows (``trainable_token_indices``, HF PEFT's field; :mod:`rankwise.tokens`) and tied low-rank
+adapters (``ensure_weight_tying``, :mod:`rankwise.ties`): every method with rows
 beside its low-rank layers against the closed form ``W[I] = W0[I] + D``, the rows not listed untouched, merge /
 unmerge / ``disabled()``, the tied head following the embedding (one shared tensor), save / load, HF PEFT 0.21 both
 ways (its own training imported, ours exported and loaded by ``PeftModel.from_pretrained``, gradients), and the
@@ -447,3 +448,104 @@ def test_the_config_keeps_its_rows_through_json() -> None:
     assert config.trainable_token_indices == {"embed_tokens": (4, 1)}  # the order is D's row order
     assert config_from_dict(json.loads(json.dumps(config.to_dict()))) == config
     assert rankwise.LoraConfig(trainable_token_indices=[2, 3]).to_dict()["trainable_token_indices"] == [2, 3]
+
+
+# ---------------------------------------------------------------------------- ensure_weight_tying: tied low-rank adapters
+def _tied_lora(case, **fields) -> nn.Module:
+    model = case.make()
+    rankwise.attach(model, rankwise.LoraConfig(r=2, alpha=4, target_modules=["lm_head", "q_proj"], ensure_weight_tying=True,
+                                               seed=0, **fields))
+    return model
+
+
+def test_ensure_weight_tying_keeps_the_tied_head_on_the_embedding_s_table_through_training(tmp_path: Path) -> None:
+    """Targeting the tied ``lm_head`` with ``ensure_weight_tying`` adapts ``embed_tokens`` (as PEFT does) and the head
+    follows it: after AdamW steps the head's logits are ``x Tᵀ`` for the embedding's adapted table ``T = W0 + s (B A)ᵀ``
+    (from the embedding layer's factors, here), no tensor of its own is counted or saved, merge / unmerge are exact, and
+    save / load and export → ``PeftModel.from_pretrained`` → import give the same logits, the head tied again."""
+    case = EMBEDDING_CASE()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = _tied_lora(case)
+    assert not [w for w in caught if "tied weights" in str(w.message)]
+    assert set(rankwise.adapter_layers(model)) == {"model.embed_tokens", "model.layers.0.self_attn.q_proj"}
+    head = rankwise.state.tied_layers(model)["lm_head"]
+    emb = rankwise.adapter_layers(model)["model.embed_tokens"]
+    assert head.leader == "model.embed_tokens" and head.trainable_tensors() == {}
+    assert rankwise.trainable_parameters(model).trainable == sum(
+        p.numel() for layer in rankwise.adapter_layers(model).values() for p in layer.trainable_tensors().values())
+    opt = torch.optim.AdamW(rankwise.trainable_parameters(model).values(), lr=5e-2)
+    model.train()
+    for i in range(4):
+        model(**case.batch(i)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+    w0 = model.lm_head.weight.detach().clone()
+    with torch.no_grad():
+        table = w0.double() + emb.scale * (emb.lora_b.double() @ emb.lora_a.double()).t()  # vocab x dim
+        assert not torch.allclose(table, w0.double(), atol=1e-3)
+        torch.testing.assert_close(model.lm_head(x).double(), x.double() @ table.t(), rtol=1e-5, atol=1e-5)
+        batch = case.batch(9)
+        logits = case.output(model, batch)
+        rankwise.merge(model)
+        torch.testing.assert_close(model.lm_head.weight.double(), table, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(case.output(model, batch), logits, rtol=1e-5, atol=1e-5)
+        rankwise.unmerge(model)
+    assert torch.equal(model.lm_head.weight, w0) and model.lm_head.weight is model.model.embed_tokens.weight
+    rankwise.save(model, tmp_path / "a")
+    assert not any(k.startswith("lm_head") for k in load_file(tmp_path / "a/adapter.safetensors"))
+    loaded = rankwise.load(case.make(), tmp_path / "a")
+    rankwise.export_peft(model, tmp_path / "peft")
+    assert json.loads((tmp_path / "peft/adapter_config.json").read_text())["ensure_weight_tying"] is True
+    theirs = peft.PeftModel.from_pretrained(case.make(), tmp_path / "peft").eval()
+    back = rankwise.import_peft(case.make(), tmp_path / "peft")
+    with torch.no_grad():
+        assert torch.equal(case.output(loaded, batch), logits)
+        torch.testing.assert_close(case.output(theirs, batch), logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(case.output(back, batch), logits, rtol=1e-5, atol=1e-5)
+    assert set(rankwise.state.tied_layers(back)) == {"lm_head"} and set(rankwise.state.tied_layers(loaded)) == {"lm_head"}
+
+
+def test_a_peft_tied_adapter_imports_tied_and_trains_as_peft_trains_it(tmp_path: Path) -> None:
+    """PEFT's ``ensure_weight_tying`` LoRA (its head's factors views of the embedding's), saved, imported: the head is
+    tied, and three SGD steps on the same batches in PEFT and in rankwise end at the same logits (both train one set
+    of factors from both uses; before, rankwise's two copies drifted apart)."""
+    case = EMBEDDING_CASE()
+    theirs = peft.get_peft_model(case.make(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["lm_head", "q_proj"],
+                                                              ensure_weight_tying=True))
+    _perturb(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours = rankwise.import_peft(case.make(), tmp_path)
+    assert set(rankwise.state.tied_layers(ours)) == {"lm_head"}
+    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.2) for m in (theirs, ours)]
+    for m in (theirs, ours):
+        m.train()
+    for i in range(3):
+        for m, opt in zip((theirs, ours), opts):
+            m(**case.batch(i)).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    batch = case.batch(5)
+    with torch.no_grad():
+        got, expected = case.output(ours.eval(), batch), case.output(theirs.eval(), batch)
+        assert not torch.allclose(got, case.output(case.make(), batch), atol=1e-2)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_ensure_weight_tying_refuses_what_it_cannot_tie() -> None:
+    """A DoRA adapter (its magnitude rescales the embedding's rows; PEFT's tied head has its own) and a tied head given
+    other token rows than the embedding (PEFT refuses it too): ``ValueError``, the model unchanged."""
+    case = EMBEDDING_CASE()
+    model = case.make()
+    with pytest.raises(ValueError, match="ensure_weight_tying=True ties \\['lm_head'\\].*lora, gora only"):
+        rankwise.attach(model, rankwise.DoraConfig(r=2, target_modules=["lm_head", "q_proj"], ensure_weight_tying=True))
+    with pytest.raises(ValueError, match="gives the tied 'lm_head' other rows"):
+        rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["q_proj"], ensure_weight_tying=True,
+                                                   trainable_token_indices={"embed_tokens": [3], "lm_head": [4]}))
+    with pytest.raises(ValueError, match="Cannot ensure weight tying"):  # PEFT's own refusal of the same
+        peft.get_peft_model(case.make(), peft.LoraConfig(r=2, target_modules=["q_proj"], ensure_weight_tying=True,
+                                                         trainable_token_indices={"embed_tokens": [3], "lm_head": [4]}))
+    assert not rankwise.adapter_layers(model) and model.lm_head.weight is model.model.embed_tokens.weight
+    assert all(p.requires_grad for p in model.parameters())

@@ -198,6 +198,10 @@ def validate_description(meta: Any, file: Any) -> dict[str, Any]:
             file_int(spec["base_quant_block"], file, f"{where}.base_quant_block")
     file_names(meta.get("modules_to_save", []), file, "modules_to_save")
     validate_token_rows(meta.get("token_rows", {}), file)
+    for head, emb in file_dict(meta.get("tied_heads", {}), file, "tied_heads").items():
+        if not isinstance(emb, str) or emb not in layers or head in layers:
+            raise AdapterFileError(f"{_where(file, 'tied_heads.' + head)} must name one of the adapter's layers (and the "
+                                   f"head none of them), got {emb!r:.200}")
     validate_method_state(meta.get("method_state", {}), file)
     file_int(meta.get("step", 0), file, "step", minimum=0)  # rankwise.step calls so far (absent in older files)
     if "saved_with" in meta:

@@ -156,6 +156,10 @@ class AdapterConfig:
             PEFT's field of the same name; :mod:`rankwise.tokens`): a list of token ids (the model's input
             embedding's rows; a head tied to it follows), or ``{module-name suffix: ids}`` (an ``nn.Embedding``, or
             an ``nn.Linear`` output head without bias). Every other row stays exactly as it was.
+        ensure_weight_tying: HF PEFT's field: a head whose weight is a targeted embedding's (a tied ``lm_head``) keeps
+            computing with the embedding's adapted table, one set of factors for both (:mod:`rankwise.ties`; LoRA and
+            GoRA; targeting the head targets the embedding), and a tied head listed in ``trainable_token_indices`` with
+            other rows than the embedding's is refused. Without it the two layers train apart, as in PEFT.
     """
 
     method: ClassVar[str] = "base"
@@ -172,6 +176,7 @@ class AdapterConfig:
     use_rslora: bool = False
     seed: int | None = None
     trainable_token_indices: TokenIndices | None = None
+    ensure_weight_tying: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "trainable_token_indices", as_token_indices(self.trainable_token_indices))

@@ -48,8 +48,9 @@ from .lifecycle import all_or_nothing, check_new_name, install, refuse_fully_tra
 from .quant import dense_weight, quant_block, quant_kind
 from .registry import BuildResult, Method, config_from_dict, get_method
 from .state import (DEFAULT_NAME, adapter_layers, adapter_set, base_modules, fully_trained_modules, get_state, is_attached,
-                    plain_name, refuse_peft_model, slot_layers, token_layers, unwrap_model)
+                    plain_name, refuse_peft_model, slot_layers, tied_layers, token_layers, unwrap_model)
 from .targeting import SUPPORTED_TYPES, is_supported, out_in
+from .ties import TIE_METHODS, build_ties
 from .tokens import TokenPlan, build_token_layers, check_token_module, refuse_token_conflicts
 
 TENSOR_FILE = "adapter.safetensors"
@@ -81,7 +82,14 @@ def describe(model: nn.Module, name: str | None = None) -> dict[str, Any]:
         "modules_to_save": state.modules_to_save,
         "method_state": state.method_state,
         "step": state.step,
-    } | _token_description(model, name)
+    } | _token_description(model, name) | _tie_description(model, name)
+
+
+def _tie_description(model: nn.Module, name: str | None) -> dict[str, Any]:
+    """``{"tied_heads": {head: embedding}}`` for an adapter whose heads follow its embedding layer
+    (``ensure_weight_tying``, :mod:`rankwise.ties`); ``{}`` without."""
+    heads = tied_layers(model, name)
+    return {"tied_heads": {n: layer.leader for n, layer in heads.items()}} if heads else {}
 
 
 def _token_description(model: nn.Module, name: str | None) -> dict[str, Any]:
@@ -330,6 +338,22 @@ def recorded_token_rows(model: nn.Module, meta: dict[str, Any], targets: dict[st
     return plan
 
 
+def recorded_ties(model: nn.Module, meta: dict[str, Any], targets: dict[str, nn.Module], method: str) -> dict[str, nn.Module]:
+    """``{head: module}`` of the file's tied heads (:mod:`rankwise.ties`), each checked (:class:`AdapterFileError`): a
+    module of the model sharing the weight of the embedding it follows, a layer of the adapter, of a method that ties."""
+    modules = dict(base_modules(model))
+    out: dict[str, nn.Module] = {}
+    for head, emb in meta.get("tied_heads", {}).items():
+        module = modules.get(head)
+        if method not in TIE_METHODS:
+            raise AdapterFileError(f"the adapter's {head!r} follows {emb!r} (ensure_weight_tying), which {method} layers do not")
+        if module is None or emb not in targets or getattr(module, "weight", None) is not getattr(targets[emb], "weight", 0):
+            raise AdapterFileError(f"the adapter's {head!r} follows the adapted {emb!r}, whose weight it shared, and in this "
+                                   f"model {'it is no module' if module is None else 'they do not share one'}: wrong base model")
+        out[head] = module
+    return out
+
+
 def filled_token_layers(plan: TokenPlan, modules: list[tuple[str, nn.Module]], config: AdapterConfig,
                         tensors: dict[str, Tensor]) -> dict[str, AdapterLayer]:
     """:func:`rankwise.tokens.build_token_layers` for a file's plan, each owner's ``D`` filled from ``<module>.token_delta``."""
@@ -444,13 +468,15 @@ def load(
     check_new_name(model, name, config)  # beside other adapters: no modules_to_save
     method = get_method(config.method)
     targets, saved = recorded_modules(model, meta)
-    plan = recorded_token_rows(model, meta, targets, saved, check_base)
-    refuse_fully_trained_targets(model, [*targets, *plan], name)
+    ties = recorded_ties(model, meta, targets, config.method)
+    plan = recorded_token_rows(model, meta, {**targets, **ties}, saved, check_base)
+    refuse_fully_trained_targets(model, [*targets, *ties, *plan], name)
     _check_fits(model, meta, targets, check_base)
     _check_tensors_finite(tensors, path)
 
     def rebuild_and_fill() -> tuple[dict[str, AdapterLayer], dict[str, dict[str, Tensor]]]:
         layers = _rebuild_filled(method, targets, config, meta, tensors, path)
+        layers.update(build_ties({h: e for h, e in meta.get("tied_heads", {}).items()}, base_modules(model), config, layers))
         layers.update(filled_token_layers(plan, base_modules(model), config, tensors))
         mts_tensors = _saved_module_tensors(saved, tensors)
         known = {f"{n}.{k}" for n, layer in layers.items() for k in layer.adapter_state()}
@@ -460,7 +486,7 @@ def load(
             raise AdapterFileError(f"adapter file holds tensors this method does not use: {stray[:5]}")
         return layers, mts_tensors
 
-    install_rebuilt(model, config, {**targets, **{n: model.get_submodule(n) for n in plan}}, saved, rebuild_and_fill,
+    install_rebuilt(model, config, {**targets, **ties, **{n: model.get_submodule(n) for n in plan}}, saved, rebuild_and_fill,
                     trainable=trainable, method_state=dict(meta.get("method_state", {})), step=int(meta.get("step", 0)),
                     name=name)
     restore_saved_with(model, meta, name)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .config import AdapterConfig
 from .layer import DEFAULT_ADAPTER, AdapterLayer
+from .ties import TiedHead
 from .tokens import TokenRows
 
 STATE_ATTR = "_rankwise"
@@ -146,7 +147,13 @@ def adapter_layers(model: nn.Module, name: str | None = None) -> dict[str, Adapt
     A model with several adapters needs ``name``; one with layers but no recorded state (mid-attach)
     lists its hosts.
     """
-    return {n: layer for n, layer in _own_layers(model, name).items() if not layer.token_rows}
+    return {n: layer for n, layer in _own_layers(model, name).items() if not (layer.token_rows or layer.follows_layer)}
+
+
+def tied_layers(model: nn.Module, name: str | None = None) -> dict[str, TiedHead]:
+    """``{head: layer}`` for adapter ``name``'s heads tied to its embedding layer (``ensure_weight_tying``,
+    :class:`rankwise.ties.TiedHead`; ``layer.leader`` names the embedding)."""
+    return {n: cast(TiedHead, layer) for n, layer in _own_layers(model, name).items() if layer.follows_layer}
 
 
 def token_layers(model: nn.Module, name: str | None = None) -> dict[str, TokenRows]:

@@ -217,6 +217,13 @@ def plan_token_rows(model: nn.Module, config: AdapterConfig, modules: list[tuple
     rows = resolve_token_modules(model, config, modules)
     follow = tied_followers(modules, rows)
     by_name = dict(modules)
+    apart = [n for n in rows if n not in follow and any(getattr(by_name[n], "weight", 0) is getattr(by_name[e], "weight", 1)
+                                                        for e in rows if e != n and isinstance(by_name[e], nn.Embedding))]
+    if apart and config.ensure_weight_tying:
+        raise ValueError(f"ensure_weight_tying=True, and trainable_token_indices gives the tied {apart[0]!r} other rows "
+                         f"than the embedding it shares its weight with ({ {n: list(r) for n, r in rows.items()} }): "
+                         "list the same rows for both (or only the embedding's: the head follows), or leave "
+                         "ensure_weight_tying out (HF PEFT refuses this too)")
     plan: TokenPlan = {}
     for n, _ in modules:
         if n in rows or n in follow:
