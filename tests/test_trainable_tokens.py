@@ -549,3 +549,26 @@ def test_ensure_weight_tying_refuses_what_it_cannot_tie() -> None:
                                                          trainable_token_indices={"embed_tokens": [3], "lm_head": [4]}))
     assert not rankwise.adapter_layers(model) and model.lm_head.weight is model.model.embed_tokens.weight
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_gora_ties_its_embedding_layer_too(tmp_path: Path) -> None:
+    """GoRA (its own rank per layer) with ``ensure_weight_tying``: trained, the head on the embedding's factors at the
+    embedding's rank, and the export loads in PEFT with the same logits (the head written as PEFT's tied factors)."""
+    case = EMBEDDING_CASE()
+    model = case.make()
+    rankwise.attach(model, rankwise.GoraConfig(r_ref=2, r_min=1, r_max=3, alpha=4, n_steps=1, seed=0, ensure_weight_tying=True,
+                                               target_modules=["lm_head", "q_proj", "v_proj"]), calibration=[case.batch(40)])
+    opt = torch.optim.AdamW(rankwise.trainable_parameters(model).values(), lr=5e-2)
+    model.train()
+    for i in range(3):
+        model(**case.batch(i)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        rankwise.step(model, opt)
+    head = rankwise.state.tied_layers(model)["lm_head"]
+    assert head.rank == rankwise.adapter_layers(model)["model.embed_tokens"].rank
+    rankwise.export_peft(model.eval(), tmp_path)
+    theirs = peft.PeftModel.from_pretrained(case.make(), tmp_path).eval()
+    batch = case.batch(3)
+    with torch.no_grad():
+        torch.testing.assert_close(case.output(theirs, batch), case.output(model, batch), rtol=1e-5, atol=1e-5)
