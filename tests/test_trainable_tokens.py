@@ -572,3 +572,11 @@ def test_gora_ties_its_embedding_layer_too(tmp_path: Path) -> None:
     batch = case.batch(3)
     with torch.no_grad():
         torch.testing.assert_close(case.output(theirs, batch), case.output(model, batch), rtol=1e-5, atol=1e-5)
+
+
+def test_an_embedding_whose_forward_cannot_be_kept_is_refused_for_rows_too() -> None:
+    """The kinds' own refusals apply to token rows: ``max_norm`` renormalises looked-up rows in place (W0 would drift)."""
+    model = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0), nn.Linear(4, 3))
+    with pytest.raises(ValueError, match="target '0'.*max_norm=1.0"):
+        rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["1"], trainable_token_indices={"0": [1]}))
+    assert not token_layers(model)

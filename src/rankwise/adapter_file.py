@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -191,6 +192,8 @@ def validate_description(meta: Any, file: Any) -> dict[str, Any]:
             file_number(spec["scale"], file, f"{where}.scale")
         if not isinstance(spec.get("conv1d", False), bool):
             raise AdapterFileError(f"{_where(file, where + '.conv1d')} must be true or false, got {spec['conv1d']!r}")
+        if "weight_shape" in spec:
+            _check_weight_shape(spec, file, where)
         _check_fingerprint(spec, file, where)
         if spec.get("base_quant", "4bit") not in ("4bit", "8bit"):
             raise AdapterFileError(f"{_where(file, where + '.base_quant')} must be \"4bit\" or \"8bit\", got {spec['base_quant']!r:.50}")
@@ -237,6 +240,19 @@ def validate_token_rows(value: Any, file: Any) -> None:
             raise AdapterFileError(f"{_where(file, where + '.leader')} must be null or name another token_rows entry "
                                    f"that has no leader and the same rows, got {leader!r:.200}")
         _check_fingerprint(spec, file, where)
+
+
+def _check_weight_shape(spec: dict[str, Any], file: Any, where: str) -> None:
+    """A convolution layer's recorded ``weight_shape``: ``[out, c, *k]`` (1 to 3 kernel sizes), of ``out x in`` =
+    ``out x c·∏k``."""
+    shape = spec["weight_shape"]
+    if not isinstance(shape, list) or not 3 <= len(shape) <= 5:
+        raise AdapterFileError(f"{_where(file, where + '.weight_shape')} must be a list [out, c, *kernel], got {shape!r:.80}")
+    for i, n in enumerate(shape):
+        file_int(n, file, f"{where}.weight_shape[{i}]")
+    if shape[0] != spec["out_features"] or math.prod(shape[1:]) != spec["in_features"]:
+        raise AdapterFileError(f"{_where(file, where + '.weight_shape')} {shape} is not {spec['out_features']} x "
+                               f"{spec['in_features']} (out x c·∏k)")
 
 
 def validate_saved_with(value: Any, file: Any) -> dict[str, Any]:

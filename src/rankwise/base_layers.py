@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.grad import conv1d_weight, conv2d_weight, conv3d_weight
+from torch.nn.utils import parametrize
 
 from . import quant
 
@@ -63,6 +64,36 @@ def forward_bypassed(module: nn.Module) -> bool:
     weight inside ``F.multi_head_attention_forward`` and never calls its forward, so an adapter there would get no
     gradient and change no output (yet a merge would write into the weight)."""
     return isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear)
+
+
+def check_stored_weight(module: nn.Module) -> None:
+    """``TypeError`` when ``module``'s weight (or bias) is computed on each call instead of stored: a torch
+    parametrization (``torch.nn.utils.parametrizations.weight_norm`` / ``spectral_norm``, ...), or a forward pre-hook
+    that rebuilds ``weight`` from other tensors (the older ``torch.nn.utils.weight_norm`` / ``spectral_norm``,
+    ``torch.nn.utils.prune``), which leaves ``weight`` out of the module's parameters.
+
+    An adapter layer reads ``W0`` as a tensor and runs the base without calling the module: it would fix a value the
+    module recomputes (spectral_norm's power iteration), write a merge where the module never reads it
+    (``detach(merge=True)`` gave back the module computing ``W0`` again), and a trainable recomputed weight cannot be
+    frozen (torch's "only change requires_grad flags of leaf variables")."""
+    name = type(module).__name__
+    if parametrize.is_parametrized(module):
+        found = {t: [type(p).__name__ for p in plist] for t, plist in cast(Any, module).parametrizations.items()}
+        raise TypeError(
+            f"cannot adapt a {name}: its tensors are computed on each call by torch parametrizations {found}, so an "
+            "adapter's W0 and merge would not be what the module computes. Make them plain tensors first "
+            "(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight'), and so for each tensor named: it "
+            "keeps their current values)"
+        )
+    if not isinstance(module._parameters.get("weight"), nn.Parameter):
+        hooks = [type(h).__name__ for h in module._forward_pre_hooks.values()]
+        raise TypeError(
+            f"cannot adapt a {name}: its weight is not a stored parameter of its own (its parameters: "
+            f"{sorted(module._parameters)}; forward pre-hooks: {hooks}): it is rebuilt on each call, as the older "
+            "torch.nn.utils.weight_norm / spectral_norm and torch.nn.utils.prune do, so an adapter's W0 and merge "
+            "would not be what the module computes. Make it a plain weight first (torch.nn.utils.remove_weight_norm, "
+            "remove_spectral_norm, or torch.nn.utils.prune.remove(module, 'weight'))"
+        )
 
 
 class BaseKind:
@@ -147,10 +178,13 @@ class BaseKind:
         back to dimension 1."""
         return y
 
-    @staticmethod
-    def check_module(module: nn.Module) -> None:
+    @classmethod
+    def check_module(cls, module: nn.Module) -> None:
         """Raise ``TypeError`` / ``ValueError`` (saying why) when this kind matches ``module`` but cannot reproduce its
-        forward exactly (asked by :func:`rankwise.targeting.find_targets`, naming the target, and at construction)."""
+        forward exactly: for every kind, a weight computed on each call (:func:`check_stored_weight`); a kind refusing
+        more calls this first. Asked once per module, where modules are chosen (:func:`rankwise.targeting.check_target`:
+        attach, load, import_peft), naming the target, before anything changes; building a kind asks nothing."""
+        check_stored_weight(module)
 
     def peft_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         """The shapes HF PEFT stores a rank-``rank`` layer's ``lora_A`` (``r x in``), ``lora_B`` (``out x r``) and DoRA
@@ -184,6 +218,11 @@ class BaseKind:
     def describe(self) -> str:
         """A short label: the kind's name (a quantised kind's format, e.g. ``"nf4 (double quant)"``)."""
         return self.name
+
+    def layout(self) -> dict[str, list[int]]:
+        """What ``rankwise.save`` records of the base beyond ``out x in`` for ``load`` to compare: nothing here; a
+        convolution's weight shape (:meth:`ConvKind.layout`)."""
+        return {}
 
 
 class InOutKind(BaseKind):
@@ -302,17 +341,14 @@ class EmbeddingKind(InOutKind):
     all_linear: ClassVar[bool] = False  # as HF PEFT's "all-linear": only named embeddings are adapted
     index_input: ClassVar[bool] = True
 
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__(module)
-        self.check_module(module)
-
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
         return isinstance(module, nn.Embedding)
 
-    @staticmethod
-    def check_module(module: nn.Module) -> None:
+    @classmethod
+    def check_module(cls, module: nn.Module) -> None:
         """Raise ``TypeError`` / ``ValueError`` for an embedding whose forward rankwise cannot reproduce exactly."""
+        super().check_module(module)
         emb = cast(nn.Embedding, module)
         if emb.max_norm is not None:
             raise ValueError(
@@ -434,7 +470,6 @@ class ConvKind(BaseKind):
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__(module)
-        self.check_module(module)
         self.conv: Any = module  # its _conv_forward and settings (torch's stubs type neither on _ConvNd)
         kernel: tuple[int, ...] = getattr(module, "kernel_size")
         self.spatial: int = len(kernel)  # 1, 2 or 3
@@ -443,9 +478,10 @@ class ConvKind(BaseKind):
     def matches(cls, module: nn.Module) -> bool:
         return isinstance(module, (*CONV_TYPES, nn.modules.conv._ConvTransposeNd))  # the latter to be refused by name
 
-    @staticmethod
-    def check_module(module: nn.Module) -> None:
+    @classmethod
+    def check_module(cls, module: nn.Module) -> None:
         """``TypeError`` / ``ValueError`` for a convolution whose forward rankwise cannot reproduce as ``W0 + ΔW``."""
+        super().check_module(module)
         name = type(module).__name__
         if isinstance(module, nn.modules.conv._ConvTransposeNd):
             raise TypeError(f"cannot adapt a {name}: transposed convolutions are not supported (HF PEFT 0.21 adapts none "
@@ -537,6 +573,12 @@ class ConvKind(BaseKind):
     def describe(self) -> str:
         return f"nn.{next(t for t in CONV_TYPES if isinstance(self.module, t)).__name__}"
 
+    def layout(self) -> dict[str, list[int]]:
+        """``{"weight_shape": [out, c, *k]}``: ``in = c·∏k`` alone does not say which input values a column of ``W0``
+        (and of ``A``) multiplies, so ``load`` refuses a convolution of another kernel (or a ``Linear``) with the same
+        ``out x in``."""
+        return {"weight_shape": [int(n) for n in cast(Tensor, self.module.weight).shape]}
+
 
 KINDS: list[type[BaseKind]] = [Bnb4bitKind, Bnb8bitKind, ConvKind, EmbeddingKind, Conv1DKind, BaseKind]  # asked in this order
 
@@ -559,10 +601,13 @@ def takes_ids(module: nn.Module) -> bool:
 
 
 def base_kind(module: nn.Module) -> BaseKind:
-    """The dispatcher: the :class:`BaseKind` for ``module``, after the checks that it can be adapted.
+    """The dispatcher: the :class:`BaseKind` for ``module``.
 
     ``TypeError`` for a module no kind handles or with a non-float weight that is no bitsandbytes layer;
     ``ImportError``/``ValueError`` for a bitsandbytes layer rankwise cannot use (:func:`rankwise.quant.check_adaptable`).
+    The refusals of a module its kind matches but cannot reproduce (:meth:`BaseKind.check_module`) are not asked here:
+    they run once, where attach / load / import_peft choose the modules (:func:`rankwise.targeting.check_target`),
+    before anything changes.
     """
     quant.check_adaptable(module)
     kind = kind_class(module)
@@ -588,6 +633,7 @@ __all__ = [
     "EmbeddingKind",
     "InOutKind",
     "base_kind",
+    "check_stored_weight",
     "forward_bypassed",
     "is_conv1d",
     "kind_class",

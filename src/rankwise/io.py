@@ -28,7 +28,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import safe_open
@@ -49,7 +49,7 @@ from .quant import dense_weight, quant_block, quant_kind
 from .registry import BuildResult, Method, config_from_dict, get_method
 from .state import (DEFAULT_NAME, adapter_layers, adapter_set, base_modules, fully_trained_modules, get_state, is_attached,
                     plain_name, refuse_peft_model, slot_layers, tied_layers, token_layers, unwrap_model)
-from .targeting import SUPPORTED_TYPES, is_supported, out_in
+from .targeting import SUPPORTED_TYPES, adaptable_sample, check_target, is_supported, out_in
 from .ties import TIE_METHODS, build_ties
 from .tokens import TokenPlan, build_token_layers, check_token_module, refuse_token_conflicts
 
@@ -75,6 +75,7 @@ def describe(model: nn.Module, name: str | None = None) -> dict[str, Any]:
                 "scale": layer.scale,
                 "conv1d": layer.fan_in_fan_out,
                 "base_fingerprint": base_fingerprint(layer.unmerged_base_weight()),
+                **layer.kind.layout(),  # a convolution's weight shape
                 **_quant_spec(layer.base_layer()),
             }
             for name, layer in layers.items()
@@ -289,7 +290,7 @@ def recorded_modules(model: nn.Module, meta: dict[str, Any]) -> tuple[dict[str, 
     modules = dict(named)
     missing = [n for n in [*layers, *mts] if n not in modules]
     if missing:
-        sample = [n for n, m in named if n and is_supported(m)][:8]
+        sample = adaptable_sample(named, 8)
         raise AdapterFileError(
             f"the adapter's layers do not fit this model ({type(model).__name__}): modules in the adapter but not in the "
             f"model: {missing[:8]}; adaptable layers of the model include {sample}. Is this the right base model?"
@@ -304,6 +305,10 @@ def recorded_modules(model: nn.Module, meta: dict[str, Any]) -> tuple[dict[str, 
                 f"the adapter's layer {name!r} is a {type(module).__name__} in this model; rankwise adapts "
                 f"{', '.join(SUPPORTED_TYPES)} layers only: wrong base model"
             )
+        try:
+            check_target(name, module)  # its kind's refusals (a grouped convolution, a parametrized weight, ...)
+        except (TypeError, ValueError) as exc:
+            raise AdapterFileError(f"cannot load the adapter onto this model: {exc}") from exc
         inside = [s for s in saved if name == s or name.startswith(s + ".")]
         if inside:
             raise AdapterFileError(f"the adapter's layer {name!r} lies inside fully-trained module {inside[0]!r}: the file is inconsistent")
@@ -397,6 +402,13 @@ def _check_fits(model: nn.Module, meta: dict[str, Any], targets: dict[str, nn.Mo
             raise AdapterFileError(
                 f"layer {name!r} is {out_f} x {in_f} in this model but {spec['out_features']} x {spec['in_features']} "
                 "in the adapter: wrong base model"
+            )
+        shape = [int(n) for n in cast(Tensor, module.weight).shape]
+        if "weight_shape" in spec and spec["weight_shape"] != shape:  # a convolution's kernel (absent in older files)
+            raise AdapterFileError(
+                f"layer {name!r} is a {type(module).__name__} with weight shape {shape} in this model, but the adapter was "
+                f"made on a convolution of weight shape {spec['weight_shape']} (the same {out_f} x {in_f} over other "
+                "patches): wrong base model"
             )
         if check_base and "base_fingerprint" in spec:
             if not _base_matches(module, out_in(module, w), spec):

@@ -665,6 +665,7 @@ def _peft_layers(
         if name not in modules:
             raise ValueError(f"PEFT adapter layer {name!r} is not a module of this {type(base_model).__name__}: wrong base model?")
         module = modules[name]
+        check_target(name, module)  # its kind's refusals (a grouped convolution, an embedding with max_norm, ...)
         kind_cls = kind_class(module)
         if kind_cls is not None and issubclass(kind_cls, ConvKind):
             got = _conv_from_peft(name, module, got)
@@ -707,9 +708,8 @@ def _peft_ties(model: nn.Module, cfg: dict[str, Any], parts: dict[str, dict[str,
 def _conv_from_peft(name: str, module: nn.Module, got: dict[str, Tensor]) -> dict[str, Tensor]:
     """A convolution layer's PEFT tensors (conv weights ``lora_A`` ``(r, c, *k)``, ``lora_B`` ``(out, r, 1, ...)``, DoRA's
     magnitude ``(1, out, 1, ...)``) as rankwise's ``r x in`` / ``out x r`` / ``out``, after the refusals: a convolution
-    rankwise cannot adapt (named, :func:`rankwise.targeting.check_target`), one whose PEFT forward is not ``W0 + ΔW``
-    (:meth:`rankwise.base_layers.ConvKind.peft_mismatch`), tensors of other shapes (``ValueError`` naming them)."""
-    check_target(name, module)
+    whose PEFT forward is not ``W0 + ΔW`` (:meth:`rankwise.base_layers.ConvKind.peft_mismatch`), tensors of other shapes
+    (``ValueError`` naming them); one rankwise cannot adapt was refused before (:func:`rankwise.targeting.check_target`)."""
     kind = ConvKind(module)
     why = kind.peft_mismatch()
     if why is not None:

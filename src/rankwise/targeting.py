@@ -14,6 +14,7 @@ Semantics (the same as HF PEFT's, so configs transfer):
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable
 
@@ -66,8 +67,27 @@ def is_supported(module: nn.Module) -> bool:
     """Whether a registered base-layer kind handles ``module`` (:mod:`rankwise.base_layers`): ``nn.Linear`` (and
     subclasses, bitsandbytes' among them, but not ``nn.MultiheadAttention``'s ``out_proj``, whose forward never runs),
     transformers' GPT-2 style ``Conv1D`` (transposed weight), ``nn.Embedding`` and ``nn.Conv1d/2d/3d`` (a grouped or
-    transposed convolution is matched, then refused by :func:`check_target`)."""
+    transposed convolution is matched, then refused by :func:`check_target`; :func:`is_adaptable` leaves it out)."""
     return kind_class(module) is not None
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """Whether rankwise can adapt ``module``: a kind handles it (:func:`is_supported`) and does not refuse it
+    (:func:`check_target`: a grouped or transposed convolution, an embedding with ``max_norm``, a parametrized weight,
+    ... are not). For the samples of adaptable layers that "matched nothing" errors show."""
+    kind = kind_class(module)
+    if kind is None:
+        return False
+    try:
+        kind.check_module(module)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def adaptable_sample(named: Iterable[tuple[str, nn.Module]], n: int) -> list[str]:
+    """The names of the first ``n`` modules of ``named`` that rankwise can adapt (:func:`is_adaptable`)."""
+    return list(itertools.islice((name for name, m in named if name and is_adaptable(m)), n))
 
 
 def is_all_linear_kind(module: nn.Module) -> bool:
@@ -79,7 +99,9 @@ def is_all_linear_kind(module: nn.Module) -> bool:
 def check_target(name: str, module: nn.Module) -> None:
     """Raise its kind's ``TypeError`` / ``ValueError`` (:meth:`~rankwise.base_layers.BaseKind.check_module`), prefixed
     with the target's name, when ``module``'s kind matches it but cannot reproduce its forward (a grouped or transposed
-    convolution, an embedding with ``max_norm``, ...)."""
+    convolution, an embedding with ``max_norm``, a weight recomputed on each call, ...). The one place those refusals
+    run: attach (:func:`find_targets`), ``load`` and ``import_peft`` call it on every module they adapt, before anything
+    changes; building a kind or a layer does not check again."""
     kind = kind_class(module)
     if kind is None:
         return
@@ -164,7 +186,7 @@ def find_targets(
         found[name] = module
     refuse_held_in_several_places(found, slots, "target")
     if not found:
-        sample = [n for n, m in named if n and is_supported(m)][:12]
+        sample = adaptable_sample(named, 12)
         raise ValueError(
             f"target_modules={target_modules!r} matched no module of {type(model).__name__} "
             f"(exclude_modules={exclude_modules!r}). Adaptable layers include: {sample}"

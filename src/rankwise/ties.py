@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .config import AdapterConfig
 from .layer import AdapterLayer, PeftFactors
+from .targeting import check_target
 
 TIE_METHODS = ("lora", "gora")  # methods whose embedding layer is LoRA's additive form (LoraLinear): the ones tied
 
@@ -102,6 +103,8 @@ def plan_ties(config: AdapterConfig, modules: list[tuple[str, nn.Module]], targe
                          "form a head can share (a DoRA-family magnitude rescales the embedding's rows; PEFT's tied "
                          "DoRA head keeps a magnitude of its own). Leave ensure_weight_tying out (the two layers "
                          "then train apart), or adapt the embedding alone")
+    for h in ties:
+        check_target(h, by_name[h])  # its kind's refusals (a weight recomputed on each call, ...)
     biased = [h for h in ties if getattr(by_name[h], "bias", None) is not None]
     if biased:
         raise ValueError(f"ensure_weight_tying: the tied head {biased[0]!r} has a bias; rankwise ties bias-free heads")

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from .base_layers import BaseKind, EmbeddingKind, base_kind, scaled
 from .config import AdapterConfig
 from .layer import AdapterLayer
+from .targeting import check_target
 
 ACCEPTED = ("an nn.Embedding (its rows: token ids), or an nn.Linear output head without bias (its rows: the tokens it "
             "scores), as HF PEFT's trainable tokens")
@@ -134,6 +135,8 @@ def check_token_module(module: nn.Module, indices: tuple[int, ...], name: str = 
     """Raise (``TypeError`` / ``ValueError``, naming ``name``) unless ``module`` takes trainable rows ``indices``: a kind
     :data:`ACCEPTED` names, every index one of its rows."""
     where = f"trainable_token_indices names {name!r}, " if name else ""
+    if isinstance(module, (nn.Embedding, nn.Linear)):
+        check_target(name, module)  # its kind's refusals (an embedding with max_norm, a weight recomputed on each call)
     kind = base_kind(module) if isinstance(module, (nn.Embedding, nn.Linear)) else None
     if kind is None or not (kind.index_input or (type(kind) is BaseKind and getattr(module, "bias", None) is None)):
         what = type(module).__name__ + (" with a bias" if isinstance(module, nn.Linear) else "")
