@@ -8,7 +8,8 @@ list (the input embedding's rows, ``get_input_embeddings()``, else a module endi
 embedding gets no tensor: PEFT's load ties it to the embedding's rows when the model's config has
 ``tie_word_embeddings`` and the tied layers' rows do not differ (or ``ensure_weight_tying`` is set). Where the vocabulary
 differs from the base checkpoint's config, PEFT also writes the embedding's weight, as
-``<module>.token_adapter.base_layer.weight``. Export writes ``W0[I] + D``; import takes ``D = W[I] − W0[I]``.
+``<module>.token_adapter.base_layer.weight`` (checked to be this model's), and the tied head's copy of the shared rows
+(checked to be the embedding's). Export writes ``W0[I] + D``; import takes ``D = W[I] − W0[I]``.
 """
 
 from __future__ import annotations
