@@ -287,12 +287,14 @@ def test_export_loads_in_peft_and_a_peft_adapter_imports(dora: bool, tmp_path: P
         torch.testing.assert_close(case.output(imported, batch), case.output(theirs.eval(), batch), rtol=1e-5, atol=1e-5)
 
 
-def test_a_peft_adapter_with_ensure_weight_tying_imports_with_peft_s_outputs_and_a_warning(tmp_path: Path) -> None:
-    """PEFT's ``ensure_weight_tying=True`` on the tied ``lm_head`` also adapts ``embed_tokens`` (tied factors): the
-    import computes PEFT's logits and warns that the two layers train independently from there."""
+def test_a_peft_dora_adapter_with_ensure_weight_tying_imports_with_peft_s_outputs_and_a_warning(tmp_path: Path) -> None:
+    """PEFT's ``ensure_weight_tying=True`` on the tied ``lm_head`` also adapts ``embed_tokens`` (tied factors). With
+    DoRA (PEFT's tied head has a magnitude of its own, which rankwise does not tie) the import computes PEFT's logits
+    and warns that the two layers train independently from there; a LoRA adapter's stay tied
+    (``tests/test_trainable_tokens.py``, ``ensure_weight_tying``)."""
     case = EMBEDDING_CASE()
     theirs = peft.get_peft_model(case.make(), peft.LoraConfig(r=2, target_modules=["lm_head", "q_proj"],
-                                                              ensure_weight_tying=True))
+                                                              ensure_weight_tying=True, use_dora=True))
     with torch.no_grad():
         for p in theirs.parameters():
             if p.requires_grad:

@@ -194,22 +194,52 @@ def validate_description(meta: Any, file: Any) -> dict[str, Any]:
             raise AdapterFileError(f"{_where(file, where + '.conv1d')} must be true or false, got {spec['conv1d']!r}")
         if "weight_shape" in spec:
             _check_weight_shape(spec, file, where)
-        if "base_fingerprint" in spec:
-            points = spec["base_fingerprint"]
-            if not isinstance(points, list) or len(points) != _FINGERPRINT_POINTS:
-                raise AdapterFileError(f"{_where(file, where + '.base_fingerprint')} must be a list of {_FINGERPRINT_POINTS} numbers")
-            for i, v in enumerate(points):
-                file_number(v, file, f"{where}.base_fingerprint[{i}]", positive=False)
+        _check_fingerprint(spec, file, where)
         if spec.get("base_quant", "4bit") not in ("4bit", "8bit"):
             raise AdapterFileError(f"{_where(file, where + '.base_quant')} must be \"4bit\" or \"8bit\", got {spec['base_quant']!r:.50}")
         if "base_quant_block" in spec:
             file_int(spec["base_quant_block"], file, f"{where}.base_quant_block")
     file_names(meta.get("modules_to_save", []), file, "modules_to_save")
+    validate_token_rows(meta.get("token_rows", {}), file)
+    for head, emb in file_dict(meta.get("tied_heads", {}), file, "tied_heads").items():
+        if not isinstance(emb, str) or emb not in layers or head in layers:
+            raise AdapterFileError(f"{_where(file, 'tied_heads.' + head)} must name one of the adapter's layers (and the "
+                                   f"head none of them), got {emb!r:.200}")
     validate_method_state(meta.get("method_state", {}), file)
     file_int(meta.get("step", 0), file, "step", minimum=0)  # rankwise.step calls so far (absent in older files)
     if "saved_with" in meta:
         validate_saved_with(meta["saved_with"], file)
     return meta
+
+
+def _check_fingerprint(spec: dict[str, Any], file: Any, where: str) -> None:
+    """A recorded ``base_fingerprint`` (optional): a list of :data:`_FINGERPRINT_POINTS` finite numbers."""
+    if "base_fingerprint" in spec:
+        points = spec["base_fingerprint"]
+        if not isinstance(points, list) or len(points) != _FINGERPRINT_POINTS:
+            raise AdapterFileError(f"{_where(file, where + '.base_fingerprint')} must be a list of {_FINGERPRINT_POINTS} numbers")
+        for i, v in enumerate(points):
+            file_number(v, file, f"{where}.base_fingerprint[{i}]", positive=False)
+
+
+def validate_token_rows(value: Any, file: Any) -> None:
+    """A recorded ``token_rows`` (trainable token rows, :mod:`rankwise.tokens`): ``{module: {"rows": [distinct ids >= 0],
+    "leader": null or a module whose own entry has no leader, with the same rows, "base_fingerprint": [numbers]}}``."""
+    rows = file_dict(value, file, "token_rows")
+    for name, spec in rows.items():
+        where = f"token_rows.{name}"
+        file_dict(spec, file, where)
+        ids = spec.get("rows")
+        if not isinstance(ids, list) or not ids or len(set(map(repr, ids))) != len(ids):
+            raise AdapterFileError(f"{_where(file, where + '.rows')} must be a non-empty list of distinct token ids, got {ids!r:.200}")
+        for i, v in enumerate(ids):
+            file_int(v, file, f"{where}.rows[{i}]", minimum=0)
+        leader = spec.get("leader")
+        if leader is not None and (not isinstance(leader, str) or not isinstance(rows.get(leader), dict)
+                                   or rows[leader].get("leader") is not None or rows[leader].get("rows") != ids):
+            raise AdapterFileError(f"{_where(file, where + '.leader')} must be null or name another token_rows entry "
+                                   f"that has no leader and the same rows, got {leader!r:.200}")
+        _check_fingerprint(spec, file, where)
 
 
 def _check_weight_shape(spec: dict[str, Any], file: Any, where: str) -> None:

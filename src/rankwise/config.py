@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -100,6 +101,40 @@ def _as_targets(value: Any, field_name: str) -> tuple[str, ...] | str | None:
     raise TypeError(f"{field_name} must be a list of module-name suffixes or a regex string, got {type(value).__name__}")
 
 
+TokenIndices = tuple[int, ...] | dict[str, tuple[int, ...]]
+
+
+def as_token_indices(value: Any) -> TokenIndices | None:
+    """Normalise ``trainable_token_indices``: ``None``; a list of row indices (the input embedding's) as a tuple; or
+    ``{module-name suffix: indices}`` with each list as a tuple. ``ValueError`` / ``TypeError`` naming what is wrong:
+    an empty list, an index that is not an ``int`` >= 0, one listed twice (which value would the row take?)."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        if not value:
+            raise ValueError("trainable_token_indices must name at least one module, got {}")
+        for key in value:
+            if not isinstance(key, str) or not key:
+                raise TypeError(f"trainable_token_indices keys must be non-empty module names, got {key!r}")
+        return {key: _row_indices(rows, f"trainable_token_indices[{key!r}]") for key, rows in value.items()}
+    return _row_indices(value, "trainable_token_indices")
+
+
+def _row_indices(rows: Any, where: str) -> tuple[int, ...]:
+    """One list of row indices, checked (see :func:`as_token_indices`)."""
+    if isinstance(rows, (str, bytes)) or not isinstance(rows, (list, tuple)):
+        raise TypeError(f"{where} must be a list of token indices (or a dict {{module name: list}}), got {rows!r:.80}")
+    if not rows:
+        raise ValueError(f"{where} is empty: list the token indices whose rows train")
+    bad = [i for i in rows if not isinstance(i, numbers.Integral) or isinstance(i, bool) or int(i) < 0]
+    if bad:
+        raise ValueError(f"{where} must hold integers >= 0 (token ids), got {bad[0]!r}")
+    twice = sorted(i for i, n in Counter(int(i) for i in rows).items() if n > 1)
+    if twice:
+        raise ValueError(f"{where} lists {twice[:5]} more than once: each row trains once")
+    return tuple(int(i) for i in rows)
+
+
 @dataclass(frozen=True)
 class AdapterConfig:
     """Fields common to all methods.
@@ -117,6 +152,14 @@ class AdapterConfig:
         use_rslora: scale by ``alpha / sqrt(r)`` (Kalajdzievski 2023) instead of ``alpha / r``.
         seed: seed for the adapter's random initialisation; ``None`` draws from torch's global RNG (under
             ``torch.distributed``, rank 0's draws on every rank: ``attach`` broadcasts them).
+        trainable_token_indices: rows of an embedding trained as dense updates beside the low-rank layers (HF
+            PEFT's field of the same name; :mod:`rankwise.tokens`): a list of token ids (the model's input
+            embedding's rows; a head tied to it follows), or ``{module-name suffix: ids}`` (an ``nn.Embedding``, or
+            an ``nn.Linear`` output head without bias). Every other row stays exactly as it was.
+        ensure_weight_tying: HF PEFT's field: a head whose weight is a targeted embedding's (a tied ``lm_head``) keeps
+            computing with the embedding's adapted table, one set of factors for both (:mod:`rankwise.ties`; LoRA and
+            GoRA; targeting the head targets the embedding), and a tied head listed in ``trainable_token_indices`` with
+            other rows than the embedding's is refused. Without it the two layers train apart, as in PEFT.
     """
 
     method: ClassVar[str] = "base"
@@ -132,8 +175,11 @@ class AdapterConfig:
     modules_to_save: tuple[str, ...] | None = None
     use_rslora: bool = False
     seed: int | None = None
+    trainable_token_indices: TokenIndices | None = None
+    ensure_weight_tying: bool = False
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "trainable_token_indices", as_token_indices(self.trainable_token_indices))
         object.__setattr__(self, "target_modules", _as_targets(self.target_modules, "target_modules"))
         object.__setattr__(self, "exclude_modules", _as_targets(self.exclude_modules, "exclude_modules"))
         mts = _as_targets(self.modules_to_save, "modules_to_save")
@@ -161,6 +207,8 @@ class AdapterConfig:
         out: dict[str, Any] = {"method": self.method}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if isinstance(value, dict):  # trainable_token_indices
+                value = {k: list(v) for k, v in value.items()}
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 

@@ -48,8 +48,10 @@ from .lifecycle import all_or_nothing, check_new_name, install, refuse_fully_tra
 from .quant import dense_weight, quant_block, quant_kind
 from .registry import BuildResult, Method, config_from_dict, get_method
 from .state import (DEFAULT_NAME, adapter_layers, adapter_set, base_modules, fully_trained_modules, get_state, is_attached,
-                    plain_name, refuse_peft_model, slot_layers, unwrap_model)
+                    plain_name, refuse_peft_model, slot_layers, tied_layers, token_layers, unwrap_model)
 from .targeting import SUPPORTED_TYPES, adaptable_sample, check_target, is_supported, out_in
+from .ties import TIE_METHODS, build_ties
+from .tokens import TokenPlan, build_token_layers, check_token_module, refuse_token_conflicts
 
 TENSOR_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -81,7 +83,23 @@ def describe(model: nn.Module, name: str | None = None) -> dict[str, Any]:
         "modules_to_save": state.modules_to_save,
         "method_state": state.method_state,
         "step": state.step,
-    }
+    } | _token_description(model, name) | _tie_description(model, name)
+
+
+def _tie_description(model: nn.Module, name: str | None) -> dict[str, Any]:
+    """``{"tied_heads": {head: embedding}}`` for an adapter whose heads follow its embedding layer
+    (``ensure_weight_tying``, :mod:`rankwise.ties`); ``{}`` without."""
+    heads = tied_layers(model, name)
+    return {"tied_heads": {n: layer.leader for n, layer in heads.items()}} if heads else {}
+
+
+def _token_description(model: nn.Module, name: str | None) -> dict[str, Any]:
+    """``{"token_rows": {module: {"rows", "leader", "base_fingerprint"}}}`` for an adapter with trainable token rows
+    (a tied follower records the layer whose ``D`` it shares); ``{}`` without (the files of before stay as they were)."""
+    layers = token_layers(model, name)
+    return {"token_rows": {n: {"rows": list(layer.indices), "leader": layer.leader,
+                               "base_fingerprint": base_fingerprint(layer.unmerged_base_weight())}
+                           for n, layer in layers.items()}} if layers else {}
 
 
 def adapter_tensors(model: nn.Module, name: str | None = None) -> dict[str, Tensor]:
@@ -90,7 +108,8 @@ def adapter_tensors(model: nn.Module, name: str | None = None) -> dict[str, Tens
     out: dict[str, Tensor] = {}
     # copies, never views of live parameters: hashing goes through numpy, which pins a CPU tensor's
     # storage (FSDP must be able to free its unsharded parameters after saving)
-    for layer_name, layer in adapter_layers(model, name).items():
+    owners = {n: layer for n, layer in token_layers(model, name).items() if layer.leader is None}  # a follower's D: its leader's
+    for layer_name, layer in (adapter_layers(model, name) | owners).items():
         for key, t in layer.adapter_state().items():
             out[f"{layer_name}.{key}"] = t.detach().to("cpu", copy=True).contiguous()
     for module_name, module in fully_trained_modules(model, name).items():
@@ -297,6 +316,59 @@ def recorded_modules(model: nn.Module, meta: dict[str, Any]) -> tuple[dict[str, 
     return targets, saved
 
 
+def recorded_token_rows(model: nn.Module, meta: dict[str, Any], targets: dict[str, nn.Module], saved: dict[str, nn.Module],
+                        check_base: bool) -> TokenPlan:
+    """The file's trainable token rows as a plan (:func:`rankwise.tokens.build_token_layers`), each checked against the
+    model (:class:`AdapterFileError` naming it): a module of a kind that takes them, rows in range, not a low-rank
+    layer or a fully-trained module of the adapter, a follower still sharing its leader's weight, the base rows
+    the ones the adapter was trained on (unless ``check_base=False``)."""
+    modules = dict(base_modules(model))
+    plan: TokenPlan = {}
+    for name, spec in meta.get("token_rows", {}).items():
+        module, leader = modules.get(name), spec["leader"]
+        try:
+            if module is None:
+                raise ValueError(f"the adapter's token rows are on {name!r}, which is not a module of this {type(model).__name__}")
+            refuse_token_conflicts(name, targets, saved, leader)
+            check_token_module(module, tuple(spec["rows"]), name)
+            if leader is not None and getattr(module, "weight", None) is not getattr(modules.get(leader), "weight", 0):
+                raise ValueError(f"the adapter's {name!r} follows the rows of {leader!r}, whose weight it shared, and in "
+                                 "this model they do not share one (untied): wrong base model")
+        except (ValueError, TypeError) as exc:
+            raise AdapterFileError(str(exc)) from None
+        if check_base and not _base_matches(module, out_in(module, dense_weight(module)), spec):
+            raise AdapterFileError(f"{name!r} (trainable token rows) has different base weights from those the adapter was "
+                                   "trained on: wrong base checkpoint (pass check_base=False to load anyway)")
+        plan[name] = (tuple(spec["rows"]), leader)
+    return plan
+
+
+def recorded_ties(model: nn.Module, meta: dict[str, Any], targets: dict[str, nn.Module], method: str) -> dict[str, nn.Module]:
+    """``{head: module}`` of the file's tied heads (:mod:`rankwise.ties`), each checked (:class:`AdapterFileError`): a
+    module of the model sharing the weight of the embedding it follows, a layer of the adapter, of a method that ties."""
+    modules = dict(base_modules(model))
+    out: dict[str, nn.Module] = {}
+    for head, emb in meta.get("tied_heads", {}).items():
+        module = modules.get(head)
+        if method not in TIE_METHODS:
+            raise AdapterFileError(f"the adapter's {head!r} follows {emb!r} (ensure_weight_tying), which {method} layers do not")
+        if module is None or emb not in targets or getattr(module, "weight", None) is not getattr(targets[emb], "weight", 0):
+            raise AdapterFileError(f"the adapter's {head!r} follows the adapted {emb!r}, whose weight it shared, and in this "
+                                   f"model {'it is no module' if module is None else 'they do not share one'}: wrong base model")
+        out[head] = module
+    return out
+
+
+def filled_token_layers(plan: TokenPlan, modules: list[tuple[str, nn.Module]], config: AdapterConfig,
+                        tensors: dict[str, Tensor]) -> dict[str, AdapterLayer]:
+    """:func:`rankwise.tokens.build_token_layers` for a file's plan, each owner's ``D`` filled from ``<module>.token_delta``."""
+    layers = build_token_layers(plan, modules, config)
+    for name, layer in layers.items():
+        if layer.leader is None:
+            _fill(layer, name, tensors)
+    return dict(layers)
+
+
 def _quant_spec(base: nn.Module) -> dict[str, Any]:
     """For a quantised base layer: its kind and block (4-bit: values per absmax; int8: a row), for the
     fingerprint check of a load onto a base quantised differently (or not at all)."""
@@ -408,12 +480,16 @@ def load(
     check_new_name(model, name, config)  # beside other adapters: no modules_to_save
     method = get_method(config.method)
     targets, saved = recorded_modules(model, meta)
-    refuse_fully_trained_targets(model, targets, name)
+    ties = recorded_ties(model, meta, targets, config.method)
+    plan = recorded_token_rows(model, meta, {**targets, **ties}, saved, check_base)
+    refuse_fully_trained_targets(model, [*targets, *ties, *plan], name)
     _check_fits(model, meta, targets, check_base)
     _check_tensors_finite(tensors, path)
 
     def rebuild_and_fill() -> tuple[dict[str, AdapterLayer], dict[str, dict[str, Tensor]]]:
         layers = _rebuild_filled(method, targets, config, meta, tensors, path)
+        layers.update(build_ties({h: e for h, e in meta.get("tied_heads", {}).items()}, base_modules(model), config, layers))
+        layers.update(filled_token_layers(plan, base_modules(model), config, tensors))
         mts_tensors = _saved_module_tensors(saved, tensors)
         known = {f"{n}.{k}" for n, layer in layers.items() for k in layer.adapter_state()}
         known |= {f"modules_to_save.{n}.{k}" for n, sd in mts_tensors.items() for k in sd}
@@ -422,8 +498,9 @@ def load(
             raise AdapterFileError(f"adapter file holds tensors this method does not use: {stray[:5]}")
         return layers, mts_tensors
 
-    install_rebuilt(model, config, targets, saved, rebuild_and_fill, trainable=trainable,
-                    method_state=dict(meta.get("method_state", {})), step=int(meta.get("step", 0)), name=name)
+    install_rebuilt(model, config, {**targets, **ties, **{n: model.get_submodule(n) for n in plan}}, saved, rebuild_and_fill,
+                    trainable=trainable, method_state=dict(meta.get("method_state", {})), step=int(meta.get("step", 0)),
+                    name=name)
     restore_saved_with(model, meta, name)
     return model
 

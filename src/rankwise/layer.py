@@ -105,6 +105,8 @@ class AdapterLayer(nn.Module):
 
     trainable: tuple[str, ...] = ()
     lr_multiplied: ClassVar[tuple[str, ...]] = ()
+    token_rows: ClassVar[bool] = False  # rows trained densely (rankwise.tokens.TokenRows), not a method's low-rank layer
+    follows_layer: ClassVar[bool] = False  # a head computing with a tied embedding's layer (rankwise.ties.TiedHead)
     weight: Tensor  # the base's own tensors, shared (nn.Module's __getattr__ would type them Tensor | Module)
     bias: Tensor | None
 

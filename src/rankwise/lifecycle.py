@@ -49,6 +49,8 @@ from .state import (STATE_ATTR, AdapterSet, RankwiseState, adapter_layers, adapt
                     every_layer, fully_trained_modules, get_state, is_attached, original_modules, refuse_peft_model,
                     names_in_order, slot_layers, unwrap_model)
 from .targeting import find_modules_to_save, find_targets, is_all_linear
+from .ties import build_ties, plan_ties
+from .tokens import build_token_layers, plan_token_rows, token_extras
 
 
 @dataclass
@@ -211,7 +213,8 @@ def lora_plus_param_groups(
     if embedding_lr is not None:
         check_number("embedding_lr", embedding_lr)
     layers = [layer for _, layer in every_layer(model)]
-    own_rate = [layer for layer in layers if embedding_lr is not None and layer.kind.index_input]  # embeddings'
+    # embeddings' low-rank layers (trainable token rows keep lr, as PEFT's LoRA+ gives its trainable_tokens_delta)
+    own_rate = [layer for layer in layers if embedding_lr is not None and layer.kind.index_input and not layer.token_rows]
     grouped = [layer for layer in layers if layer not in own_rate]  # LoRA+'s rule
     embedded = [p for layer in own_rate for p in layer.trainable_tensors().values() if p.requires_grad]
     if embedding_lr is not None and not embedded:
@@ -290,6 +293,8 @@ def install(
     if adapters is not None:  # the totals are the model's: say which part is this adapter's
         report.notes.append(_own_share_note(name, report, [n for n in adapters.adapters if n != name]))
     for name, others in ties.items():
+        if _tie_kept(result.layers, name, others):
+            continue  # every tied partner follows the same rows / factors (rankwise.tokens, rankwise.ties)
         report.notes.append(_tie_note(name, others, name in saved))
         warnings.warn(report.notes[-1], stacklevel=3)
     return report
@@ -318,6 +323,23 @@ def _ties(model: nn.Module, result: BuildResult, saved: dict[str, nn.Module]) ->
         if others:
             ties[name] = others
     return ties
+
+
+def _tie_kept(layers: dict[str, AdapterLayer], name: str, others: list[str]) -> bool:
+    """Whether every other holder of ``name``'s weight (``others``: parameter names) is a layer that changes with
+    ``name``'s (:func:`_together`): the tie holds, and the note that merging parts them would be wrong."""
+    mine = layers.get(name)
+    partners = [(other.rpartition(".")[0], layers.get(other.rpartition(".")[0])) for other in others]
+    return mine is not None and bool(partners) and all(
+        layer is not None and _together(mine, name, layer, n) for n, layer in partners)
+
+
+def _together(a: AdapterLayer, a_name: str, b: AdapterLayer, b_name: str) -> bool:
+    """Token rows sharing one rows tensor (:mod:`rankwise.tokens`), or a tied head and the embedding layer it follows
+    (:mod:`rankwise.ties`)."""
+    if a.token_rows or b.token_rows:
+        return a.token_rows and b.token_rows and getattr(a, "token_delta") is getattr(b, "token_delta")
+    return getattr(a, "leader", None) == b_name or getattr(b, "leader", None) == a_name
 
 
 def _tie_note(name: str, others: list[str], fully_trained: bool) -> str:
@@ -548,8 +570,17 @@ def attach(
         config = config.replace(target_modules=tuple(targets))
     if method.uses_calibration and calibration is None:
         raise ValueError(f"{method.name} initialises from data: pass calibration=<iterable of training batches> to attach")
-    with all_or_nothing(model, [*targets, *saved]):
+    targets, ties = plan_ties(config, modules, targets)  # ensure_weight_tying: tied heads follow their embedding
+    refuse_fully_trained_targets(model, [*targets, *ties], name)
+    plan = plan_token_rows(model, config, modules, {**targets, **{h: dict(modules)[h] for h in ties}}, saved)
+    refuse_fully_trained_targets(model, plan, name)
+    if plan:  # the adapter records full names, as for "all-linear"
+        config = config.replace(trainable_token_indices={n: rows for n, (rows, leader) in plan.items() if leader is None})
+    with all_or_nothing(model, [*targets, *ties, *plan, *saved]):
         result = method.build(model, targets, config, calibration, loss_fn)
+        tokens = build_token_layers(plan, modules, config)
+        result.layers.update({**build_ties(ties, modules, config, result.layers), **tokens})
+        result.extras.update(token_extras(tokens) | {h: {"tied to": e} for h, e in ties.items()})
         if config.seed is None:  # unseeded draws come from each rank's own RNG: every rank takes rank 0's
             share_from_rank0([t for layer in result.layers.values() for t in layer.adapter_state().values()])
         report = install(model, config, result, saved, name)

@@ -55,9 +55,12 @@ from .lifecycle import check_new_name, refuse_fully_trained_targets
 from .methods import DoraConfig, LoraConfig
 from .registry import method_for
 from .state import (adapter_layers, base_modules, base_state_dict, fully_trained_modules, get_state, is_attached,
-                    original_modules, refuse_peft_model, unwrap_model)
+                    original_modules, refuse_peft_model, tied_layers, unwrap_model)
 from .base_layers import ConvKind, kind_class, takes_ids
 from .targeting import SUPPORTED_TYPES, check_target, is_supported
+from .peft_tokens import check_token_plan, export_token_rows, fill_token_rows, import_token_rows
+from .ties import build_ties, tied_heads
+from .tokens import build_token_layers
 
 PeftShapes = Callable[[int], tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]  # rank -> (A, B, magnitude) shapes
 
@@ -140,7 +143,7 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
     """Adapter ``name`` as PEFT's two files: ``(adapter_model.safetensors, adapter_config.json)`` bytes; ``together``:
     the adapters exported with it into one multi-adapter layout (:func:`_refuse_wrapped_peers`)."""
     state = get_state(model, name)
-    layers = adapter_layers(model, name)
+    layers = adapter_layers(model, name) | tied_layers(model, name)  # a tied head: PEFT's tied lora_A / lora_B
     factors = {n: layer.peft_factors() for n, layer in layers.items()}
     dora = {name for name, f in factors.items() if f.magnitude is not None}
     if dora and len(dora) != len(factors):
@@ -174,6 +177,11 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
                          "or export the PEFT form (vllm=False, --format peft), which HF PEFT loads with them")
     shapes: dict[str, PeftShapes] = {n: layer.kind.peft_shapes for n, layer in layers.items()}
     tensors, ranks, alphas = _peft_tensors(factors, saved, vllm, use_rslora, lookups, shapes)
+    token_indices, token_tensors = export_token_rows(model, name, PREFIX)
+    if vllm and token_indices:
+        raise ValueError(f"the vLLM form has no trainable token rows (trainable_token_indices, on {sorted(token_indices)[:3]}). "
+                         f"{SERVE_MERGED}; or export the PEFT form (vllm=False), which HF PEFT loads")
+    tensors.update(token_tensors)
     r_global = _most_common(list(ranks.values()))
     alpha_global = _most_common([alphas[n] for n in ranks if ranks[n] == r_global])
     key = _pattern_keys(model, list(ranks))
@@ -201,6 +209,8 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
         "revision": None,
         "layers_to_transform": None,
         "layers_pattern": None,
+        "trainable_token_indices": token_indices,
+        "ensure_weight_tying": bool(tied_layers(model, name)),  # PEFT's load ties the heads' factors to the embedding's
     }
     if task_type is None:  # what PEFT's save writes then: AutoPeftModel* build the base from it
         config["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
@@ -369,7 +379,6 @@ _UNSUPPORTED_OPTIONS: dict[str, str] = {
     "layers_to_transform": "adapters on a subset of layer indices",
     "layer_replication": "layer replication",
     "megatron_config": "Megatron parallel layers",
-    "trainable_token_indices": "trainable tokens",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
     "use_qalora": "QA-LoRA",
     "lora_bias": "a trainable bias on lora_B",
@@ -575,13 +584,21 @@ def import_peft(
     cfg = _read_peft_config(folder)
     tensors = _read_peft_tensors(folder)
     parts, targets, ranks = _peft_layers(base_model, folder, cfg, tensors)
-    if cfg.get("ensure_weight_tying") and any(takes_ids(m) for m in targets.values()):
+    ties = _peft_ties(base_model, cfg, parts, targets)
+    if cfg.get("ensure_weight_tying") and any(takes_ids(m) for m in targets.values()) and not ties:
         warnings.warn(
             "rankwise: this PEFT adapter was made with ensure_weight_tying=True, which ties the tied lm_head's "
-            "factors to the input embedding's; rankwise imports them as independent layers: the same outputs as "
-            "PEFT's now, but training them further lets them differ (PEFT keeps them tied)", UserWarning, stacklevel=2)
-    placed = {k for k in tensors if _LORA_KEY.fullmatch(k)} | _peft_base_weights(folder, targets, tensors)
+            "factors to the input embedding's; rankwise ties a LoRA adapter's (not DoRA's: PEFT's tied DoRA head has a "
+            "magnitude of its own), so it imports these as independent layers: the same outputs as PEFT's now, but "
+            "training them further lets them differ (PEFT keeps them tied)", UserWarning, stacklevel=2)
+    peft_targets = dict(targets)  # PEFT's adapted layers (their saved base weights are checked against them)
+    for head in ties:  # the head computes with the embedding's factors (rankwise.ties.TiedHead)
+        del targets[head], ranks[head]
+    plan, token_values, token_keys = import_token_rows(base_model, folder, cfg, tensors)
+    placed = {k for k in tensors if _LORA_KEY.fullmatch(k)} | _peft_base_weights(folder, peft_targets, tensors) | token_keys
     saved, mts = _peft_saved_modules(base_model, folder, cfg, tensors, placed)
+    modules = base_modules(base_model)
+    check_token_plan(plan, modules, targets, saved)
     config = (DoraConfig if cfg.get("use_dora") else LoraConfig)(
         r=int(cfg["r"]),
         alpha=float(cfg["lora_alpha"]),
@@ -589,18 +606,23 @@ def import_peft(
         target_modules=tuple(targets),  # full names: exactly the layers the adapter has
         modules_to_save=tuple(saved) or None,
         use_rslora=bool(cfg.get("use_rslora")),
+        trainable_token_indices={n: rows for n, (rows, leader) in plan.items() if leader is None} or None,
+        ensure_weight_tying=bool(ties),
     )
     check_new_name(base_model, name, config)  # beside other adapters: no modules_to_save
-    refuse_fully_trained_targets(base_model, targets, name)
+    refuse_fully_trained_targets(base_model, [*targets, *ties, *plan], name)
 
     scales = {n: lora_scale(_layer_alpha(cfg, n), r, config.use_rslora) for n, r in ranks.items()}
 
     def rebuild_and_fill() -> tuple[dict[str, Any], dict[str, dict[str, Tensor]]]:
-        layers = rebuild_layers(method_for(config), targets, config, ranks, scales)
+        layers: dict[str, Any] = rebuild_layers(method_for(config), targets, config, ranks, scales)
         _fill_from_peft(layers, parts)
-        return layers, mts
+        tokens = build_token_layers(plan, modules, config)
+        fill_token_rows(tokens, token_values)
+        return layers | build_ties(ties, modules, config, layers) | tokens, mts
 
-    install_rebuilt(base_model, config, targets, saved, rebuild_and_fill, trainable=trainable, name=name)
+    install_rebuilt(base_model, config, {**targets, **{n: dict(modules)[n] for n in [*ties, *plan]}}, saved, rebuild_and_fill,
+                    trainable=trainable, name=name)
     return base_model
 
 
@@ -663,6 +685,24 @@ def _peft_layers(
             raise ValueError(f"PEFT layer {name!r} has rank {rank} in its tensors but {expected_rank} in adapter_config.json")
         targets[name], ranks[name] = module, rank
     return parts, targets, ranks
+
+
+def _peft_ties(model: nn.Module, cfg: dict[str, Any], parts: dict[str, dict[str, Tensor]], targets: dict[str, nn.Module]
+               ) -> dict[str, str]:
+    """``{head: embedding}`` for the file's heads PEFT tied to the adapted embedding (``ensure_weight_tying``, a LoRA
+    adapter): a layer on a module sharing the embedding's weight whose ``lora_A`` / ``lora_B`` are the embedding's
+    ``lora_embedding_B`` / ``lora_embedding_A`` transposed, at the same rank and scale; imported as a
+    :class:`rankwise.ties.TiedHead`, so training keeps them tied. ``{}`` where PEFT did not tie (or a DoRA adapter)."""
+    if not cfg.get("ensure_weight_tying") or cfg.get("use_dora"):
+        return {}
+    embeddings = [n for n, m in targets.items() if takes_ids(m)]
+    out: dict[str, str] = {}
+    for head, emb in tied_heads(base_modules(model), embeddings).items():
+        h, e = parts.get(head), parts[emb]
+        if (h is not None and _layer_alpha(cfg, head) == _layer_alpha(cfg, emb) and h["lora_A"].shape == e["lora_B"].t().shape
+                and torch.equal(h["lora_A"], e["lora_B"].t()) and torch.equal(h["lora_B"], e["lora_A"].t())):
+            out[head] = emb
+    return out
 
 
 def _conv_from_peft(name: str, module: nn.Module, got: dict[str, Tensor]) -> dict[str, Tensor]:

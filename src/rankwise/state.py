@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, nn
 
 from .config import AdapterConfig
 from .layer import DEFAULT_ADAPTER, AdapterLayer
+from .ties import TiedHead
+from .tokens import TokenRows
 
 STATE_ATTR = "_rankwise"
 DEFAULT_NAME = DEFAULT_ADAPTER  # the name of an adapter attached without one (HF PEFT's default too)
@@ -139,11 +141,28 @@ def every_layer(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
 
 
 def adapter_layers(model: nn.Module, name: str | None = None) -> dict[str, AdapterLayer]:
-    """``{full_name: layer}`` for every layer of adapter ``name`` (``None``: the model's only adapter).
+    """``{full_name: layer}`` for every low-rank layer of adapter ``name`` (``None``: the model's only adapter): its
+    method's layers, not its trainable token rows (:func:`token_layers`).
 
     A model with several adapters needs ``name``; one with layers but no recorded state (mid-attach)
     lists its hosts.
     """
+    return {n: layer for n, layer in _own_layers(model, name).items() if not (layer.token_rows or layer.follows_layer)}
+
+
+def tied_layers(model: nn.Module, name: str | None = None) -> dict[str, TiedHead]:
+    """``{head: layer}`` for adapter ``name``'s heads tied to its embedding layer (``ensure_weight_tying``,
+    :class:`rankwise.ties.TiedHead`; ``layer.leader`` names the embedding)."""
+    return {n: cast(TiedHead, layer) for n, layer in _own_layers(model, name).items() if layer.follows_layer}
+
+
+def token_layers(model: nn.Module, name: str | None = None) -> dict[str, TokenRows]:
+    """``{full_name: layer}`` for adapter ``name``'s trainable token rows (:class:`rankwise.tokens.TokenRows`; its
+    config's ``trainable_token_indices``), tied followers included (``layer.leader`` names the layer they follow)."""
+    return {n: cast(TokenRows, layer) for n, layer in _own_layers(model, name).items() if layer.token_rows}
+
+
+def _own_layers(model: nn.Module, name: str | None) -> dict[str, AdapterLayer]:
     adapters = getattr(unwrap_model(model), STATE_ATTR, None)
     if adapters is None:
         return slot_layers(model)

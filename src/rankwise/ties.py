@@ -1,0 +1,120 @@
+"""Tied low-rank adapters (``ensure_weight_tying``, HF PEFT 0.21's field): a head whose weight *is* the input
+embedding's keeps computing with the embedding's adapted table.
+
+An output head tied to an embedding (``lm_head.weight is embed_tokens.weight``: ``vocab x dim``) is the transpose of
+the embedding's ``out x in`` map. With the embedding adapted by LoRA (``ΔW = s·B A``, ``A: r x vocab``,
+``B: dim x r``; GoRA's layers are LoRA's with their own rank) its table is ``W0 + s·(B A)ᵀ``, and a :class:`TiedHead`
+on the head computes with that same table::
+
+    h = x W0ᵀ + s · (x B) A          (…, vocab),        ΔW_head = s · Aᵀ Bᵀ = ΔW_embᵀ
+
+from the embedding layer's own ``A`` and ``B``: one set of factors, trained by both uses, counted and saved once,
+so the two stay tied through training. This is PEFT's tie (its head's ``lora_A`` is the embedding's
+``lora_embedding_B`` transposed, its ``lora_B`` the embedding's ``lora_embedding_A`` transposed), which an export
+writes out (with ``ensure_weight_tying: true``) and an import recognises. Only an additive LoRA-form embedding layer
+(LoRA, rsLoRA, GoRA) is tied: a DoRA-family layer's magnitude rescales the embedding's rows one way and PEFT's tied
+head gets a magnitude of its own, and RAC-LoRA / EDoRA factors have no such form, so ``attach`` refuses those with
+``ensure_weight_tying``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, cast
+
+from torch import Tensor, nn
+
+from .config import AdapterConfig
+from .layer import AdapterLayer, PeftFactors
+from .targeting import check_target
+
+TIE_METHODS = ("lora", "gora")  # methods whose embedding layer is LoRA's additive form (LoraLinear): the ones tied
+
+
+class TiedHead(AdapterLayer):
+    """A head tied to an adapted embedding: ``x W0ᵀ + s·(x B) A`` with the embedding layer's ``A``, ``B``, ``s``
+    (:attr:`leader` names that layer). It owns no tensor."""
+
+    follows_layer: ClassVar[bool] = True
+    trainable: tuple[str, ...] = ()
+
+    def __init__(self, base: nn.Module, config: AdapterConfig, leader: tuple[str, AdapterLayer]) -> None:
+        super().__init__(base, config, leader[1].rank)
+        self.leader: str = leader[0]
+        self.scale = leader[1].scale
+        self._leader = [leader[1]]  # a list: not a submodule (its tensors are listed, and saved, under the embedding)
+        self.dropout = nn.Identity()
+
+    @property
+    def embedding(self) -> Any:
+        """The embedding's layer (a LoRA-form layer: ``lora_a`` ``r x vocab``, ``lora_b`` ``dim x r``)."""
+        return self._leader[0]
+
+    def adapter_forward(self, x: Tensor) -> Tensor:
+        emb = self.embedding
+        out = self.base_forward(x)  # (..., vocab)
+        return out + (((x.to(emb.lora_b.dtype) @ emb.lora_b) @ emb.lora_a) * self.scale).to(out.dtype)
+
+    def delta_weight(self) -> Tensor:
+        return cast(Tensor, self.embedding.delta_weight()).t().to(self.weight.device)  # vocab x dim
+
+    def merged_weight(self) -> Tensor:
+        return self.wide(self.unmerged_base_weight()) + self.delta_weight()
+
+    def peft_factors(self) -> PeftFactors:
+        """PEFT's tied head: ``lora_A = Bᵀ`` (``r x dim``), ``lora_B = Aᵀ`` (``vocab x r``), the embedding's scale."""
+        emb = self.embedding
+        return PeftFactors(emb.lora_b.detach().t(), emb.lora_a.detach().t(), self.scale)
+
+    def extra_repr(self) -> str:
+        return f"tied to {self.leader}, rank={self.rank}, merged={self.merged}"
+
+
+def tied_heads(modules: list[tuple[str, nn.Module]], embeddings: list[str]) -> dict[str, str]:
+    """``{head: embedding}``: each module other than the embeddings whose ``weight`` is the very ``Parameter`` of one
+    of ``embeddings`` (an ``nn.Embedding``'s)."""
+    by_name = dict(modules)
+    out: dict[str, str] = {}
+    for emb in embeddings:
+        weight = getattr(by_name[emb], "weight", None)
+        if not isinstance(by_name[emb], nn.Embedding) or weight is None:
+            continue
+        for n, m in modules:
+            if n and n not in embeddings and getattr(m, "weight", None) is weight:
+                out[n] = emb
+    return out
+
+
+def plan_ties(config: AdapterConfig, modules: list[tuple[str, nn.Module]], targets: dict[str, nn.Module]
+              ) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """``(targets, ties)`` under ``config.ensure_weight_tying`` (as given without it): a head tied to an embedding is
+    not built by the method but follows the embedding's layer (``ties``: ``{head: embedding}``), and an embedding
+    whose tied head is targeted is targeted too (PEFT adds it). ``ValueError`` for a method whose embedding layer
+    cannot be tied (:data:`TIE_METHODS`) or a tied head with a bias."""
+    if not getattr(config, "ensure_weight_tying", False):
+        return targets, {}
+    by_name = dict(modules)
+    embeddings = [n for n, m in modules if isinstance(m, nn.Embedding)]
+    ties = {h: e for h, e in tied_heads(modules, embeddings).items() if h in targets or e in targets}
+    if not ties:
+        return targets, {}
+    if config.method not in TIE_METHODS:
+        raise ValueError(f"ensure_weight_tying=True ties {sorted(ties)} to the embedding's adapter, which rankwise does "
+                         f"for {', '.join(TIE_METHODS)} only: a {config.method} layer's update of the embedding has no "
+                         "form a head can share (a DoRA-family magnitude rescales the embedding's rows; PEFT's tied "
+                         "DoRA head keeps a magnitude of its own). Leave ensure_weight_tying out (the two layers "
+                         "then train apart), or adapt the embedding alone")
+    for h in ties:
+        check_target(h, by_name[h])  # its kind's refusals (a weight recomputed on each call, ...)
+    biased = [h for h in ties if getattr(by_name[h], "bias", None) is not None]
+    if biased:
+        raise ValueError(f"ensure_weight_tying: the tied head {biased[0]!r} has a bias; rankwise ties bias-free heads")
+    order = [n for n, _ in modules]
+    chosen = {n for n in targets if n not in ties} | set(ties.values())
+    return {n: by_name[n] for n in order if n in chosen}, ties
+
+
+def build_ties(ties: dict[str, str], modules: list[tuple[str, nn.Module]], config: AdapterConfig,
+               layers: dict[str, AdapterLayer]) -> dict[str, TiedHead]:
+    """The :class:`TiedHead` layers of ``ties``, each following the embedding's layer in ``layers``."""
+    by_name = dict(modules)
+    return {h: TiedHead(by_name[h], config, (e, layers[e])) for h, e in ties.items()}
