@@ -166,6 +166,12 @@ class BaseKind:
         input's product with a low-rank factor, the one place a method reads the input (besides the base forward)."""
         return x.to(dtype) @ a.t()
 
+    def up(self, h: Tensor, b: Tensor) -> Tensor:
+        """``h Bᵀ`` (``(..., out)``) for ``h = down(...)`` (``(..., r)``) and a factor ``B`` (``out x r``, ``h``'s dtype):
+        the low-rank update's second product, laid out as :meth:`down` lays out ``h`` (a convolution computes it on
+        its channels-first memory, :meth:`ConvKind.up`)."""
+        return h @ b.t()
+
     def weight_grad(self, x: Tensor, d: Tensor) -> Tensor:
         """``∂L/∂W0`` (``out x in``, ``d``'s dtype) through this module's call on input ``x`` with output gradient
         ``d`` (laid out as the module returns its output: ``(..., out)`` here): ``Σ_tokens dᵀ x``."""
@@ -175,7 +181,8 @@ class BaseKind:
     def to_output(self, y: Tensor) -> Tensor:
         """The layer's result ``y`` (``(..., out)``, as the methods compute it) in the layout the module returns
         (:meth:`rankwise.layer.AdapterLayer.forward`'s one exit): ``y`` itself here; a convolution moves its channels
-        back to dimension 1."""
+        back to dimension 1 (free when ``y`` is a channels-last view of channels-first memory, as its
+        :meth:`forward`, :meth:`down` and :meth:`up` return and elementwise ops on them keep)."""
         return y
 
     @classmethod
@@ -442,6 +449,7 @@ def scaled(out: Tensor, c: Tensor | float | None) -> Tensor:
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # the convolutions ConvKind adapts
 _CONV_WEIGHT_GRAD: dict[int, Callable[..., Tensor]] = {1: conv1d_weight, 2: conv2d_weight, 3: conv3d_weight}  # by spatial dims
+_CONV: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}  # by spatial dims
 
 
 class ConvKind(BaseKind):
@@ -449,9 +457,13 @@ class ConvKind(BaseKind):
     patches, ``in = c·∏k``, ``out = out_channels``, ``W0 = weight.reshape(out, -1)`` (``out x in``, a view). The base
     forward is the module's own ``_conv_forward`` (its stride, padding, dilation and ``padding_mode``), and so is
     :meth:`down`: ``x Aᵀ`` for an ``r x in`` factor is the convolution of ``x`` with ``A`` reshaped to an ``(r, c, *k)``
-    kernel (each patch's product with ``A``). Both return channels last, ``(N, *spatial, ·)`` (unbatched:
-    ``(*spatial, ·)``), so the methods' ``(..., out)`` arithmetic applies as it is; :meth:`to_output` moves the layer's
-    result's channels back to where the module returns them.
+    kernel (each patch's product with ``A``); :meth:`up`, ``h Bᵀ``, is a 1x1 convolution with ``B`` as an ``(out, r, 1, ...)``
+kernel. All three return channels last, ``(N, *spatial, ·)`` (unbatched: ``(*spatial, ·)``), so the methods'
+``(..., out)`` arithmetic applies as it is; each is a view (a permute) of a convolution's channels-first output, and
+torch's elementwise ops on such views keep that memory, so :meth:`to_output`, which moves the layer's result's
+channels back to where the module returns them, finds it contiguous and copies nothing (as HF PEFT's conv layer, no
+per-layer copy of the output; methods add their update out of place, as an in-place add into the view would make
+autograd copy the whole output in backward).
 
     HF PEFT's conv layer is the same ``A`` and ``B`` as PEFT's conv weights: ``lora_A`` a convolution ``(r, c, *k)``
     with the base's kernel, stride and padding, ``lora_B`` a 1x1 convolution ``(out, r, 1, ...)``; its DoRA magnitude
@@ -530,9 +542,18 @@ class ConvKind(BaseKind):
         kernel = a.reshape(a.shape[0], *cast(Tensor, self.module.weight).shape[1:])  # (r, c, *k)
         return self._last(self.conv._conv_forward(x.to(dtype), kernel, None))  # (N, *spatial, r)
 
+    def up(self, h: Tensor, b: Tensor) -> Tensor:
+        """``h Bᵀ`` for every position: ``conv(h, B as an (out, r, 1, ...) kernel)`` on ``h``'s channels-first memory
+        (``h`` as :meth:`down` returns it, a view of ``(N, r, *spatial)``), channels last (``(N, *spatial, out)``, a view
+        of a channels-first tensor: no copy of ``h``, of the result or of their gradients, as ``h @ Bᵀ`` on the views
+        made)."""
+        first = h.movedim(-1, h.dim() - 1 - self.spatial)  # (N, r, *spatial)
+        return self._last(_CONV[self.spatial](first, b.reshape(*b.shape, *(1,) * self.spatial)))  # (N, *spatial, out)
+
     def to_output(self, y: Tensor) -> Tensor:
         """``(N, *spatial, out)`` back to the module's ``(N, out, *spatial)``, contiguous as the module returns it (code
-        after a convolution may ``.view`` its output)."""
+        after a convolution may ``.view`` its output): a view, no copy, when ``y``'s memory is channels first (the
+        methods' results are, from :meth:`forward`, :meth:`down` and :meth:`up`)."""
         return y.movedim(-1, y.dim() - 1 - self.spatial).contiguous()
 
     def weight_grad(self, x: Tensor, d: Tensor) -> Tensor:

@@ -262,7 +262,7 @@ class EdoraLinear(AdapterLayer):
 
     def _lora_out(self, x: Tensor, br: Tensor) -> Tensor:
         h = self.kind.down(x, self.frozen_a, self.adapter_dtype)  # (..., r)
-        return h @ (br * self.scale).t()  # (..., out); s applied to the out x r factor
+        return self.kind.up(h, br * self.scale)  # (..., out); s applied to the out x r factor
 
     def fused_inputs(self) -> FusedInputs:
         """The training step's factors (no dropout), one autograd node (:class:`rankwise.fused.LowRankLinear`):

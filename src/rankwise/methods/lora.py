@@ -85,7 +85,7 @@ class LoraLinear(AdapterLayer):
 
     def lora_out(self, x: Tensor) -> Tensor:
         """``s · x Aᵀ Bᵀ`` for an input already dropped-out, in the adapter dtype."""
-        return self.kind.down(x, self.lora_a, self.adapter_dtype) @ self.scaled_b().t()  # (..., out)
+        return self.kind.up(self.kind.down(x, self.lora_a, self.adapter_dtype), self.scaled_b())  # (..., out)
 
     def fused_inputs(self) -> FusedInputs:
         """The training step's factors ``(A, s·B)``: one autograd node (:class:`rankwise.fused.LowRankLinear`),
@@ -94,8 +94,8 @@ class LoraLinear(AdapterLayer):
 
     def adapter_forward(self, x: Tensor) -> Tensor:
         """The plain implementation (eval, dropout, quantised base; what the fused path is tested against)."""
-        result = self.base_forward(x)  # (..., out); F.linear does not keep its output for backward
-        return result.add_(self.lora_out(self.dropout(x)).to(result.dtype))
+        result = self.base_forward(x)  # (..., out), a view over a convolution: added to out of place
+        return result + self.lora_out(self.dropout(x)).to(result.dtype)
 
     def delta_forward(self, x: Tensor) -> Tensor:
         """``s · dropout(x) Aᵀ Bᵀ`` alone (beside other adapters), in the adapter dtype."""

@@ -268,14 +268,14 @@ class RacLoraLinear(AdapterLayer):
 
         The merged chain is part of ``W`` (``W ← W + s B_t A_t``), so dropout acts on the current link only."""
         result = self.base_forward(x)  # (..., out)
-        x_d, dtype, down = self.dropout(x), self.adapter_dtype, self.kind.down  # down(x, a, dtype) = x Aᵀ
+        x_d, dtype, down, up = self.dropout(x), self.adapter_dtype, self.kind.down, self.kind.up  # x Aᵀ, h Bᵀ
         a, b = self.forward_factors()  # (k + r) x in, out x (k + r): the chain's k rows first
         k = self.chain_a.shape[0]
         if isinstance(self.dropout, nn.Identity) or not k:
-            update = down(x_d, a, dtype) @ b.t()  # (..., out)
+            update = up(down(x_d, a, dtype), b)  # (..., out)
         else:  # the chain is merged into W: x Cₐᵀ C_bᵀ on x itself, dropout on the current link only
-            update = down(x, a[:k], dtype) @ b[:, :k].t() + down(x_d, a[k:], dtype) @ b[:, k:].t()  # (..., out)
-        return result.add_(update.to(result.dtype))
+            update = up(down(x, a[:k], dtype), b[:, :k]) + up(down(x_d, a[k:], dtype), b[:, k:])  # (..., out)
+        return result + update.to(result.dtype)  # out of place: over a convolution result is a view
 
     def merged_weight(self) -> Tensor:
         w0 = self.wide(self.unmerged_base_weight())  # out x in
