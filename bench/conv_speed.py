@@ -59,7 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from speed import _status_kb, adapter_maker, step_times, summarise, train_step
+from speed import adapter_maker, step_times, summarise, train_step, training_peak
 
 import rankwise
 
@@ -230,19 +230,7 @@ def memory_child(case: Case, label: str, r: int, batch_size: int, steps: int) ->
     base = case.build()
     model, opt = make_trainable(variants(case, r, batch_size)[label], base)
     del base
-    batch = case.batch(batch_size, 0)
-    import gc
-
-    gc.collect()
-    before = _status_kb("VmRSS")
-    try:  # reset the kernel's peak-RSS mark so building the model does not mask the training peak
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-    for _ in range(steps):
-        train_step(model, opt, batch)
-    peak = _status_kb("VmHWM")
-    print(json.dumps({"peak_rss_mb": peak / 1024, "train_growth_mb": (peak - before) / 1024}))
+    print(json.dumps(training_peak(model, opt, case.batch(batch_size, 0), steps)))
 
 
 def memory(case: str, label: str, r: int, batch_size: int, steps: int) -> dict[str, float]:

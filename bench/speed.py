@@ -158,19 +158,24 @@ def memory_child(label: str, r: int, batch_size: int, seq_len: int, steps: int) 
     base = load_base()
     model, opt = make_trainable(label, variants(r, batch_size, seq_len)[label], base)
     del base
-    batch = batch_for(batch_size, seq_len)
+    print(json.dumps(training_peak(model, opt, batch_for(batch_size, seq_len), steps)))
+
+
+def training_peak(model: torch.nn.Module, opt: Any, batch: dict[str, torch.Tensor], steps: int) -> dict[str, float]:
+    """Peak RSS over ``steps`` training steps, and its growth over the RSS right before them (MB). The kernel's
+    peak mark is reset first, so building or loading the model does not mask the training peak."""
     import gc
 
     gc.collect()
     before = _status_kb("VmRSS")
-    try:  # reset the kernel's peak-RSS mark so loading the model does not mask the training peak
+    try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
     for _ in range(steps):
         train_step(model, opt, batch)
     peak = _status_kb("VmHWM")
-    print(json.dumps({"peak_rss_mb": peak / 1024, "train_growth_mb": (peak - before) / 1024}))
+    return {"peak_rss_mb": peak / 1024, "train_growth_mb": (peak - before) / 1024}
 
 
 def _status_kb(field: str) -> float:
