@@ -22,8 +22,8 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from .layer import AdapterLayer
 from .distributed import sharded
+from .layer import AdapterLayer
 from .lifecycle import _like, detach, refuse_if_merged_or_disabled
 from .slots import set_submodule as _set_submodule
 from .state import RankwiseState, adapter_set, names_in_order, slot_layers, unwrap_model

@@ -24,6 +24,7 @@ M = TypeVar("M", bound=nn.Module)
 # nn.Module's per-module hook tables (torch 2.x); state-dict hooks stay with their module (they describe its tensors)
 HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
                "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
+# the state-dict tables: copied with a module by copy_module, never moved
 STATE_DICT_TABLES = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
                      "_load_state_dict_post_hooks")
 
@@ -43,7 +44,8 @@ def swap_accelerate_hooks(leaving: nn.Module, arriving: nn.Module) -> None:
     hooks = [getattr(leaving, "_hf_hook", None), getattr(arriving, "_hf_hook", None)]
     if hooks == [None, None]:
         return
-    from accelerate.hooks import add_hook_to_module, remove_hook_from_module  # a hook is there: Accelerate is installed
+    # a hook is there, so Accelerate is installed
+    from accelerate.hooks import add_hook_to_module, remove_hook_from_module
 
     for module, hook in zip((leaving, arriving), hooks):
         if hook is not None:
