@@ -22,6 +22,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from .distributed import sharded
 from .layer import AdapterLayer
 from .lifecycle import _like, detach, refuse_if_merged_or_disabled
 from .slots import set_submodule as _set_submodule
@@ -121,13 +122,19 @@ def delete(model: nn.Module, name: str) -> None:
 
     Deleting the last adapter is :func:`rankwise.detach` (the original modules back); deleting the only
     active one activates the first remaining (as HF PEFT does). The deleted adapter's fully-trained
-    modules get their originals back, as ``detach`` does. Refused on a merged model and inside
-    ``rankwise.disabled``.
+    modules get their originals back, as ``detach`` does. Refused on a merged model, inside
+    ``rankwise.disabled`` and on a model FSDP shards (delete before ``fully_shard``).
     """
     model = unwrap_model(model)
     adapters = adapter_set(model)
     adapters.resolve(name)
     refuse_if_merged_or_disabled(model, f"delete adapter {name!r}")
+    if sharded(model):
+        raise ValueError(
+            f"cannot delete adapter {name!r}: FSDP manages this model (fully_shard / FullyShardedDataParallel), and its "
+            "parameter groups and hooks stay on the modules it wrapped, so a layer taken out of them would leave FSDP "
+            "gathering tensors no module uses and a promoted layer running another module's hooks. Delete before "
+            "sharding, or leave the adapter idle (rankwise.set_active(model, others)): an idle adapter computes nothing")
     if len(adapters.adapters) == 1:
         detach(model)
         return

@@ -13,7 +13,6 @@ module of the model is replaced, so an error leaves the model exactly as it was.
 
 from __future__ import annotations
 
-import copy
 import json
 import warnings
 from collections.abc import Iterable, Iterator
@@ -43,6 +42,7 @@ from .layer import AdapterLayer
 from .optim import made_no_update, split_weight_decay
 from .quant import dequantize_model, model_float_dtype, parameter_count
 from .registry import BuildResult, LossFn, method_for
+from .slots import copy_module as _copy_module  # modules_to_save's trained copy, its hooks' owners not copied
 from .slots import set_submodule as _set_submodule  # the slot's hooks go along with each replacement
 from .layer import DEFAULT_ADAPTER
 from .state import (STATE_ATTR, AdapterSet, RankwiseState, adapter_layers, adapter_set, base_modules,  # noqa: F401
@@ -278,7 +278,7 @@ def install(
         for p in layer.trainable_tensors().values():
             p.requires_grad_(True)
     for module_name, original in saved.items():
-        trained = copy.deepcopy(original)
+        trained = _copy_module(original)  # its hooks copied as tables, not the objects they belong to
         _set_submodule(model, module_name, trained)
         for p in trained.parameters():
             p.requires_grad_(True)

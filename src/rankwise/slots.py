@@ -8,15 +8,25 @@ hook tables to the module now in the slot and gives the one leaving it the new m
 layer): each hook keeps running exactly once per call, on the module that now stands there, seeing its input and
 its (adapted) output; the ``RemovableHandle`` it returned still removes it, since the table moves as one object.
 HF PEFT instead calls the wrapped base layer, so its hooks see the base's own output, without the update.
+Accelerate's hooks (``accelerate.hooks.add_hook_to_module``, which ``device_map`` dispatch uses: ``_hf_hook``, run by
+a ``forward`` it wraps) move the same way, through Accelerate's own functions.
 """
 
 from __future__ import annotations
 
+import copy
+from typing import Any, TypeVar
+
 from torch import nn
+
+M = TypeVar("M", bound=nn.Module)
 
 # nn.Module's per-module hook tables (torch 2.x); state-dict hooks stay with their module (they describe its tensors)
 HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
                "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
+# the state-dict tables: copied with a module by copy_module, never moved
+STATE_DICT_TABLES = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                     "_load_state_dict_post_hooks")
 
 
 def swap_hooks(leaving: nn.Module, arriving: nn.Module) -> None:
@@ -28,6 +38,36 @@ def swap_hooks(leaving: nn.Module, arriving: nn.Module) -> None:
             object.__setattr__(arriving, table, held)
 
 
+def swap_accelerate_hooks(leaving: nn.Module, arriving: nn.Module) -> None:
+    """Exchange the two modules' Accelerate hooks (``_hf_hook``, set by ``accelerate.hooks.add_hook_to_module``), each
+    taken off with ``remove_hook_from_module`` and put on the other with ``add_hook_to_module``."""
+    hooks = [getattr(leaving, "_hf_hook", None), getattr(arriving, "_hf_hook", None)]
+    if hooks == [None, None]:
+        return
+    # a hook is there, so Accelerate is installed
+    from accelerate.hooks import add_hook_to_module, remove_hook_from_module
+
+    for module, hook in zip((leaving, arriving), hooks):
+        if hook is not None:
+            remove_hook_from_module(module)
+    for module, hook in zip((arriving, leaving), hooks):
+        if hook is not None:
+            add_hook_to_module(module, hook)
+
+
+def copy_module(module: M) -> M:
+    """A deep copy of ``module`` (``modules_to_save``'s trained copy) holding the same hooks: each hook table of it and
+    its submodules is copied as a table, not deeply, so an object a hook is a method of (one holding the model, or a
+    lock) is not copied with it."""
+    memo: dict[int, Any] = {}
+    for m in module.modules():
+        for name in HOOK_TABLES + STATE_DICT_TABLES:
+            table = getattr(m, name, None)
+            if isinstance(table, dict):
+                memo[id(table)] = type(table)(table)
+    return copy.deepcopy(module, memo)
+
+
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put ``module`` at ``name`` in ``model`` (``name`` non-empty), the hooks of the one there moving to it."""
     parent_name, _, child = name.rpartition(".")
@@ -35,4 +75,5 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     leaving = getattr(parent, child)
     if isinstance(leaving, nn.Module) and leaving is not module:
         swap_hooks(leaving, module)
+        swap_accelerate_hooks(leaving, module)
     setattr(parent, child, module)
