@@ -1,0 +1,57 @@
+"""Review round 21: trainable token rows (``trainable_token_indices``) and tied heads (``ensure_weight_tying``) tried
+as a hostile user would (docs/reliability.md, "Review round 21"), against HF PEFT 0.21 and closed forms.
+
+* the PEFT export of rows over a bf16 / fp16 base wrote them in the base's dtype, rounding ``W0[I] + D`` once more:
+  a trained update below half a unit in the last place of ``W0`` was erased from the file (PEFT itself keeps and
+  saves the rows in fp32), and ``import_peft`` of the export did not give the adapter back;
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import rankwise
+from conftest import EMBEDDING_CASE
+from rankwise.state import token_layers
+
+ROWS = [7, 3, 5]  # not sorted: D's row order is the config's
+
+
+def _tiny_llama(dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The tiny Llama of ``tests/conftest.py`` (``lm_head`` tied to ``embed_tokens``), in ``dtype``."""
+    return EMBEDDING_CASE().make().to(dtype)
+
+
+# ---------------------------------------------------------------------------- export over a half-precision base
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_an_export_over_a_half_precision_base_keeps_small_row_updates(dtype: torch.dtype, tmp_path: Path) -> None:
+    """``D`` a thousandth of ``W0``'s rows (below half their ulp in bf16 / fp16): the exported rows are
+    ``W0[I] + D`` in fp32, the dtype PEFT's own save of the same model writes, and ``import_peft`` of the export
+    gives ``D`` back (to fp32 rounding); before, the rows were rounded to the base dtype and ``D`` came back as 0."""
+    model = _tiny_llama(dtype)
+    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=ROWS))
+    layer = token_layers(model)["model.embed_tokens"]
+    w0_rows = model.model.embed_tokens.weight.detach()[ROWS].float()  # k x dim
+    with torch.no_grad():
+        layer.token_delta.copy_(w0_rows * 1e-3)
+    d = layer.token_delta.detach().clone()
+    rankwise.export_peft(model, tmp_path / "ours")
+    rows = load_file(tmp_path / "ours/adapter_model.safetensors")[
+        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    theirs = peft.get_peft_model(_tiny_llama(dtype), peft.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                      trainable_token_indices=ROWS))
+    theirs.save_pretrained(tmp_path / "peft")
+    peft_rows = load_file(tmp_path / "peft/adapter_model.safetensors")[
+        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    assert rows.dtype == peft_rows.dtype == torch.float32
+    torch.testing.assert_close(rows, w0_rows + d, rtol=0, atol=0)
+    back = token_layers(rankwise.import_peft(_tiny_llama(dtype), tmp_path / "ours"))["model.embed_tokens"]
+    torch.testing.assert_close(back.token_delta.detach(), d, rtol=0, atol=1e-7)
