@@ -90,3 +90,40 @@ def test_gora_s_tied_embedding_starts_from_the_gradient_of_both_uses() -> None:
     expected = -config.gamma * math.sqrt(emb.in_features / emb.rank) * _mean_tied_gradient(calibration) @ projection
     got = emb.delta_weight().double()  # dim x vocab
     assert float((got - expected).norm() / expected.norm()) < 1e-5
+
+
+# ---------------------------------------------------------------------------- PEFT's TrainableTokensConfig
+@pytest.mark.parametrize("tied", [True, False])
+def test_peft_s_rows_alone_adapter_is_refused_naming_the_merge_that_keeps_its_outputs(tied: bool, tmp_path: Path) -> None:
+    """A ``TrainableTokensConfig`` folder: ``import_peft`` refuses it by its type, naming ``merge_and_unload``, the
+    model untouched; that remedy, then a rankwise adapter with rows on the merged model, computes PEFT's logits."""
+    def base() -> nn.Module:
+        model = _tiny_llama()
+        if not tied:
+            model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach() * 0.5)
+            model.config.tie_word_embeddings = False
+        return model
+
+    theirs = peft.get_peft_model(base(), peft.TrainableTokensConfig(token_indices=ROWS))
+    with torch.no_grad():
+        theirs.base_model.model.model.embed_tokens.trainable_tokens_delta["default"].add_(0.5)
+    theirs.save_pretrained(tmp_path)
+    model = base()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="'TRAINABLE_TOKENS' adapter .*rows \\[7, 3, 5\\].*merge_and_unload"):
+        rankwise.import_peft(model, tmp_path)
+    assert not rankwise.adapter_layers(model) and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    batch = EMBEDDING_CASE().batch(2)
+    batch["input_ids"][0, :3] = torch.tensor(ROWS)  # the trained rows are read (untied: nothing else shows them)
+    merged = peft.PeftModel.from_pretrained(base(), tmp_path).merge_and_unload()
+    rankwise.attach(merged, rankwise.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=ROWS))
+    with torch.no_grad():
+        expected = theirs.eval()(**batch).logits
+        assert not torch.allclose(expected, base()(**batch).logits, atol=1e-3)
+        torch.testing.assert_close(merged(**batch).logits, expected, rtol=0, atol=1e-6)
+
+
+def test_a_rows_only_config_says_why_it_needs_a_low_rank_target() -> None:
+    with pytest.raises(ValueError, match="must name at least one module: a rankwise adapter has low-rank layers.*"
+                                         "TrainableTokensConfig"):
+        rankwise.LoraConfig(target_modules=[], trainable_token_indices=[3])
