@@ -9,18 +9,17 @@ as a hostile user would (docs/reliability.md, "Review round 21"), against HF PEF
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 
 import peft
 import pytest
 import torch
+from conftest import EMBEDDING_CASE
 from safetensors.torch import load_file
 from torch import nn
 
 import rankwise
-from conftest import EMBEDDING_CASE
 from rankwise.state import token_layers
 
 ROWS = [7, 3, 5]  # not sorted: D's row order is the config's
