@@ -187,7 +187,9 @@ class AdapterConfig:
             mts = (mts,)
         object.__setattr__(self, "modules_to_save", mts)
         if self.target_modules is None or (isinstance(self.target_modules, tuple) and not self.target_modules):
-            raise ValueError("target_modules must name at least one module")
+            alone = (": a rankwise adapter has low-rank layers, and trainable_token_indices trains rows beside them "
+                     "(rows alone are HF PEFT's TrainableTokensConfig)") if self.trainable_token_indices else ""
+            raise ValueError(f"target_modules must name at least one module{alone}")
         check_positive_int("r", self.r)
         check_number("alpha", self.alpha)
         if not (is_number(self.dropout, ">= 0") and self.dropout < 1):

@@ -374,6 +374,14 @@ def _peft_tensors(
 
 
 # ---------------------------------------------------------------------------- import
+# PEFT's TrainableTokensConfig (peft_type TRAINABLE_TOKENS) trains rows alone; a rankwise adapter has low-rank layers
+_ROWS_ALONE = (
+    "{path} holds a PEFT 'TRAINABLE_TOKENS' adapter (TrainableTokensConfig: rows {rows!r:.80} of {where!r:.80} trained "
+    "alone, no low-rank layers), and a rankwise adapter always has low-rank layers (trainable_token_indices trains "
+    "rows beside them), so it is not imported. Use it merged: peft.PeftModel.from_pretrained(base, path)"
+    ".merge_and_unload() writes the trained rows into the embedding (and its tied head); attach rankwise adapters to "
+    "that model (with trainable_token_indices to train those rows further)"
+)
 # PEFT LoraConfig options that change what an adapter computes in ways rankwise does not model.
 _UNSUPPORTED_OPTIONS: dict[str, str] = {
     "layers_to_transform": "adapters on a subset of layer indices",
@@ -476,6 +484,8 @@ def _read_peft_tensors(folder: Path) -> dict[str, Tensor]:
 
 
 def _check_peft_config(cfg: dict[str, Any], path: Path) -> None:
+    if cfg.get("peft_type") == "TRAINABLE_TOKENS":
+        raise ValueError(_ROWS_ALONE.format(path=path, rows=cfg.get("token_indices"), where=cfg.get("target_modules")))
     if cfg.get("peft_type") != "LORA":
         raise ValueError(
             f"{path} holds a PEFT {cfg.get('peft_type')!r} adapter; rankwise imports LORA adapters only "

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .adapter_file import AdapterFileError
 from .config import as_token_indices
+from .layer import wide_dtype
 from .state import base_modules, token_layers
 from .tokens import TokenPlan, check_token_module, input_embedding, refuse_token_conflicts
 
@@ -45,7 +46,9 @@ def export_token_rows(model: nn.Module, name: str, prefix: str) -> tuple[dict[st
     modules = base_modules(model)
     tied = peft_ties_heads(model) and any(layer.leader == input_embedding(model, modules) for layer in layers.values())
     written = {n: layer for n, layer in layers.items() if layer.leader is None or not tied}
-    tensors = {f"{prefix}{n}.{_VALUES}": layer.row_values().to(layer.weight.dtype).cpu().contiguous()  # k x dim: W0[I] + D
+    # k x dim: W0[I] + D, in fp32 over a bf16 / fp16 base (fp64 kept), as PEFT keeps and saves its rows: rounded to the
+    # base dtype, an update below half an ulp of W0 would be lost from the file
+    tensors = {f"{prefix}{n}.{_VALUES}": layer.row_values().to(wide_dtype(layer.weight.dtype)).cpu().contiguous()
                for n, layer in written.items()}
     return {n: list(layer.indices) for n, layer in written.items()}, tensors
 

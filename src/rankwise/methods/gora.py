@@ -9,7 +9,8 @@ One procedure before training decides, from gradients, each layer's rank *and* B
    inference + one layer's gradient. A quantised weight holds no gradient, and a tied one's ``.grad`` adds
    its other uses (``lm_head`` tied to the input embedding), while the adapter changes this layer's use only:
    there ``Ḡ_i = Σ δᵀ x`` comes from the layer's input and output gradient
-   (:func:`gora_gradients.tap_weight_gradient`). Under
+   (:func:`gora_gradients.tap_weight_gradient`); with ``ensure_weight_tying`` the tied head computes with the
+   embedding layer's update (:mod:`rankwise.ties`), so there ``.grad``, every use's, is the gradient. Under
    ``torch.distributed`` the mean is all-reduced, so every rank allocates the same ranks and (with a
    shared seed) builds identical adapters. Steps 1 and 2 live in ``gora_gradients.py``.
 2. **Importance** ``I_i = mean(|W_i ⊙ Ḡ_i|)`` (default; the paper's ablation winner), or the nuclear

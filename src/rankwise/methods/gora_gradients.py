@@ -17,7 +17,9 @@ from ..base_layers import base_kind
 from ..distributed import comm_device, mean_across_ranks, process_group, true_on_every_rank
 from ..quant import dense_weight, is_quantized, keep_layout
 from ..registry import LossFn
+from ..state import base_modules
 from ..targeting import out_in
+from ..ties import tied_heads
 
 if TYPE_CHECKING:
     from .gora import GoraConfig
@@ -152,15 +154,25 @@ def tap_weight_gradient(module: nn.Module, acc: Tensor) -> Any:
     return module.register_forward_hook(forward_hook)
 
 
-def _tapped(model: nn.Module, targets: dict[str, nn.Module]) -> set[str]:
+def _tapped(model: nn.Module, targets: dict[str, nn.Module], followed: set[str]) -> set[str]:
     """The targets whose weight gradient comes from :func:`tap_weight_gradient`: a quantised weight holds no
     ``.grad``, and a weight the model also uses elsewhere (tied: ``lm_head`` and the input embedding) would get
-    every use's gradient in ``.grad``, while the adapter changes this layer's use only."""
+    every use's gradient in ``.grad``, while the adapter changes this layer's use only. ``followed``: targets whose
+    other users all compute with this layer's update (:func:`_followed`), where every use's gradient is the one."""
     users: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
         for p in m.parameters(recurse=False):
             users[id(p)] = users.get(id(p), 0) + 1
-    return {name for name, m in targets.items() if is_quantized(m) or users.get(id(m.weight), 0) > 1}
+    return {name for name, m in targets.items()
+            if is_quantized(m) or (users.get(id(m.weight), 0) > 1 and name not in followed)}
+
+
+def _followed(model: nn.Module, targets: dict[str, nn.Module], config: GoraConfig) -> set[str]:
+    """The target embeddings whose tied heads follow their layer (``ensure_weight_tying``: every module sharing the
+    weight computes with the embedding layer's factors, :mod:`rankwise.ties`), so the update moves every use."""
+    if not config.ensure_weight_tying:
+        return set()
+    return set(tied_heads(base_modules(model), [n for n, m in targets.items() if isinstance(m, nn.Embedding)]).values())
 
 
 def _check_calibration_size(calibration: Iterable[Any] | None, config: GoraConfig) -> None:
@@ -332,7 +344,7 @@ def collect_gradients(
     grads = {n: p.grad for n, p in params.items()}
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     weights = {name: m.weight for name, m in targets.items()}
-    tapped = _tapped(model, targets)
+    tapped = _tapped(model, targets, _followed(model, targets, config))
     acc = _accumulators(targets, config.offload_to_cpu)
     cuda_devices = {w.device for w in weights.values() if w.device.type == "cuda"}
     for d in cuda_devices:
