@@ -11,6 +11,8 @@ the resident size right before training (model loaded, adapters attached): what 
 
     python bench/speed.py                       # full run, writes docs/bench/speed.{json,md}
     python bench/speed.py --quick               # a smoke run
+    python bench/speed.py --dropout 0.1         # every adapter with dropout 0.1 on its input (PEFT's lora_dropout):
+                                                # the plain, unfused path; writes docs/bench/speed-dropout0.1.{json,md}
 """
 
 from __future__ import annotations
@@ -76,31 +78,35 @@ def adapter_maker(name: str, targets: list[str], calibration: Callable[[], list]
     return make
 
 
-def peft_maker(r: int, targets: list[str], dora: bool) -> Callable[[torch.nn.Module], torch.nn.Module]:
-    """A function wrapping a fresh base in HF PEFT's LoRA (or DoRA) at rank ``r``, alpha ``2r``."""
+def peft_maker(r: int, targets: list[str], dora: bool, dropout: float = 0.0) -> Callable[[torch.nn.Module], torch.nn.Module]:
+    """A function wrapping a fresh base in HF PEFT's LoRA (or DoRA) at rank ``r``, alpha ``2r``, ``lora_dropout``."""
     def make(base: torch.nn.Module) -> torch.nn.Module:
         import peft
 
-        return peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, use_dora=dora))
+        return peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, use_dora=dora,
+                                                         lora_dropout=dropout))
 
     return make
 
 
-def variants(r: int, batch_size: int, seq_len: int) -> dict[str, Callable[[torch.nn.Module], torch.nn.Module]]:
-    """label -> function turning a fresh base model into the model to train."""
+def variants(r: int, batch_size: int, seq_len: int,
+             dropout: float = 0.0) -> dict[str, Callable[[torch.nn.Module], torch.nn.Module]]:
+    """label -> function turning a fresh base model into the model to train (every adapter with ``dropout``)."""
     def calib() -> list[dict[str, torch.Tensor]]:
         return calibration(4, batch_size, seq_len)
 
     methods = rankwise.all_methods()
-    out: dict[str, Callable] = {"peft-lora": peft_maker(r, TARGETS, False), "peft-dora": peft_maker(r, TARGETS, True),
-                                "lora": adapter_maker("lora", TARGETS, r=r, alpha=2 * r),
-                                "dora": adapter_maker("dora", TARGETS, r=r, alpha=2 * r)}
+    d = {"dropout": dropout}
+    out: dict[str, Callable] = {"peft-lora": peft_maker(r, TARGETS, False, dropout),
+                                "peft-dora": peft_maker(r, TARGETS, True, dropout),
+                                "lora": adapter_maker("lora", TARGETS, r=r, alpha=2 * r, **d),
+                                "dora": adapter_maker("dora", TARGETS, r=r, alpha=2 * r, **d)}
     if "gora" in methods:
-        out["gora"] = adapter_maker("gora", TARGETS, calib, r_ref=r, alpha=2 * r, n_steps=4)
+        out["gora"] = adapter_maker("gora", TARGETS, calib, r_ref=r, alpha=2 * r, n_steps=4, **d)
     if "edora" in methods:
-        out["edora"] = adapter_maker("edora", TARGETS, r=r, alpha=2 * r)
+        out["edora"] = adapter_maker("edora", TARGETS, r=r, alpha=2 * r, **d)
     if "raclora" in methods:
-        out["raclora"] = adapter_maker("raclora", TARGETS, r=r, alpha=2 * r, link_steps=10)
+        out["raclora"] = adapter_maker("raclora", TARGETS, r=r, alpha=2 * r, link_steps=10, **d)
     out["full"] = lambda base: base
     return out
 
@@ -148,15 +154,17 @@ def summarise(times: dict[str, list[float]], models: dict[str, tuple], ref: str)
     return out
 
 
-def time_interleaved(r: int, batch_size: int, seq_len: int, rounds: int, warmup: int) -> dict[str, dict[str, float]]:
+def time_interleaved(r: int, batch_size: int, seq_len: int, rounds: int, warmup: int,
+                     dropout: float = 0.0) -> dict[str, dict[str, float]]:
     base = load_base()
-    models = {label: make_trainable(label, make, base) for label, make in variants(r, batch_size, seq_len).items()}
+    models = {label: make_trainable(label, make, base)
+              for label, make in variants(r, batch_size, seq_len, dropout).items()}
     return summarise(step_times(models, batch_for(batch_size, seq_len), rounds, warmup), models, "peft-lora")
 
 
-def memory_child(label: str, r: int, batch_size: int, seq_len: int, steps: int) -> None:
+def memory_child(label: str, r: int, batch_size: int, seq_len: int, steps: int, dropout: float = 0.0) -> None:
     base = load_base()
-    model, opt = make_trainable(label, variants(r, batch_size, seq_len)[label], base)
+    model, opt = make_trainable(label, variants(r, batch_size, seq_len, dropout)[label], base)
     del base
     print(json.dumps(training_peak(model, opt, batch_for(batch_size, seq_len), steps)))
 
@@ -185,10 +193,11 @@ def _status_kb(field: str) -> float:
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
-def memory(label: str, r: int, batch_size: int, seq_len: int, steps: int, script: str = __file__) -> dict[str, float]:
+def memory(label: str, r: int, batch_size: int, seq_len: int, steps: int, script: str = __file__,
+           dropout: float = 0.0) -> dict[str, float]:
     """Peak RSS of ``steps`` training steps of one variant, measured in a child process of ``script``."""
     cmd = [sys.executable, script, "--memory-child", label, "--r", str(r), "--batch-sizes", str(batch_size),
-           "--seq-lens", str(seq_len), "--rounds", str(steps)]
+           "--seq-lens", str(seq_len), "--rounds", str(steps), "--dropout", str(dropout)]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -201,21 +210,23 @@ def main() -> None:
     ap.add_argument("--seq-lens", default="64,128")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--dropout", type=float, default=0.0,
+                    help="dropout on every adapter's input (rankwise dropout, PEFT lora_dropout); > 0 takes the plain path")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench"))
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     if args.memory_child:
-        memory_child(args.memory_child, args.r, int(args.batch_sizes), int(args.seq_lens), args.rounds)
+        memory_child(args.memory_child, args.r, int(args.batch_sizes), int(args.seq_lens), args.rounds, args.dropout)
         return
     if args.quick:
         args.batch_sizes, args.seq_lens, args.rounds, args.warmup = "4", "32", 3, 1
     results = []
     for bs in [int(x) for x in args.batch_sizes.split(",")]:
         for sl in [int(x) for x in args.seq_lens.split(",")]:
-            timing = time_interleaved(args.r, bs, sl, args.rounds, args.warmup)
+            timing = time_interleaved(args.r, bs, sl, args.rounds, args.warmup, args.dropout)
             for label in timing:
-                timing[label].update(memory(label, args.r, bs, sl, 3 if args.quick else 5))
+                timing[label].update(memory(label, args.r, bs, sl, 3 if args.quick else 5, dropout=args.dropout))
             results.append({"batch_size": bs, "seq_len": sl, "variants": timing})
             print(json.dumps(results[-1], indent=1), flush=True)
     meta = {
@@ -225,12 +236,14 @@ def main() -> None:
         "command": "python bench/speed.py " + " ".join(sys.argv[1:]),
         "rank": args.r,
         "rounds": args.rounds,
+        "dropout": args.dropout,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / ("speed-quick.json" if args.quick else "speed.json")).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    stem = ("speed-quick" if args.quick else "speed") + (f"-dropout{args.dropout:g}" if args.dropout else "")
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     lines = [f"Measured {meta['date']} on {meta['machine']}; `{meta['command']}`; rank {args.r}, targets {TARGETS}, "
-             f"median of {args.rounds} interleaved steps.", ""]
+             f"adapter dropout {args.dropout:g}, median of {args.rounds} interleaved steps.", ""]
     for res in results:
         lines += [f"**batch {res['batch_size']} x seq {res['seq_len']}**", "",
                   "| variant | trainable | median step (ms) | ratio to PEFT LoRA | peak RSS (MB) | RSS growth in training (MB) |",
@@ -239,7 +252,7 @@ def main() -> None:
             lines.append(f"| {label} | {v['trainable']:,} | {1000 * v['median_s']:.1f} | {v['ratio_to_peft_lora']:.3f} | "
                          f"{v['peak_rss_mb']:.0f} | {v['train_growth_mb']:.0f} |")
         lines.append("")
-    (out / ("speed-quick.md" if args.quick else "speed.md")).write_text("\n".join(lines))
+    (out / f"{stem}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 
