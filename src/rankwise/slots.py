@@ -25,7 +25,7 @@ M = TypeVar("M", bound=nn.Module)
 # nn.Module's per-module hook tables (torch 2.x); state-dict hooks stay with their module (they describe its tensors)
 HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
                "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
-# the state-dict tables: copied with a module by copy_module, never moved
+# the state-dict tables: shared with a copy by copy_module, never moved (they describe their module's tensors)
 STATE_DICT_TABLES = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
                      "_load_state_dict_post_hooks")
 
