@@ -24,7 +24,8 @@ from torch import nn
 
 from .distributed import sharded
 from .layer import AdapterLayer
-from .lifecycle import _like, detach, refuse_if_merged_or_disabled
+from .lifecycle import _like, check_leaving, detach, hand_over_additions, refuse_if_merged_or_disabled
+from .slots import replace_all as _replace_all
 from .slots import set_submodule as _set_submodule
 from .state import RankwiseState, adapter_set, names_in_order, slot_layers, unwrap_model
 
@@ -123,7 +124,8 @@ def delete(model: nn.Module, name: str) -> None:
     Deleting the last adapter is :func:`rankwise.detach` (the original modules back); deleting the only
     active one activates the first remaining (as HF PEFT does). The deleted adapter's fully-trained
     modules get their originals back, as ``detach`` does. Refused on a merged model, inside
-    ``rankwise.disabled`` and on a model FSDP shards (delete before ``fully_shard``).
+    ``rankwise.disabled`` and on a model FSDP shards (delete before ``fully_shard``). All or nothing, as ``detach``:
+    its refusals come before any module is replaced, an error while replacing puts every slot and peer back.
     """
     model = unwrap_model(model)
     adapters = adapter_set(model)
@@ -138,15 +140,27 @@ def delete(model: nn.Module, name: str) -> None:
     if len(adapters.adapters) == 1:
         detach(model)
         return
-    for slot, host in slot_layers(model).items():
-        stack = host.stack()
-        if host.adapter_name == name:
-            _set_submodule(model, slot, _promote(host, stack[1:]))
-        elif any(layer.adapter_name == name for layer in stack):
+    hosts = slot_layers(model)
+    leaving = {slot: host for slot, host in hosts.items() if host.adapter_name == name}
+    check_leaving(leaving)  # before anything changes
+    modules: dict[str, nn.Module] = {}
+    try:  # all or nothing: an error (an interrupt too) puts the slots back and the peers in their hosts
+        for slot, host in leaving.items():
+            modules[slot] = _promote(host, host.stack()[1:])
+        originals = adapters.adapters[name].original_modules  # as detach(): the originals back
+        modules.update({n: _like(original, model.get_submodule(n)) for n, original in originals.items()})
+        _replace_all(model, modules)
+    except BaseException:
+        for slot, host in leaving.items():
+            if slot in modules:
+                _demote(host, modules[slot])
+        raise
+    for slot, host in leaving.items():
+        hand_over_additions(slot, host, modules[slot])
+    for host in hosts.values():
+        if host.adapter_name != name and any(layer.adapter_name == name for layer in host.stack()):
             host.remove_peer(name)
-    state = adapters.adapters.pop(name)
-    for module_name, original in state.original_modules.items():  # as detach(): the originals back
-        _set_submodule(model, module_name, _like(original, model.get_submodule(module_name)))
+    del adapters.adapters[name]
     remaining = [n for n in adapters.active if n != name]
     set_active(model, remaining or [next(iter(adapters.adapters))])  # none left active: the first one (as HF PEFT)
 
@@ -161,3 +175,16 @@ def _promote(host: AdapterLayer, peers: list[AdapterLayer]) -> nn.Module:
     for peer in rest:
         new_host.add_peer(host.remove_peer(peer.adapter_name))
     return new_host
+
+
+def _demote(host: AdapterLayer, promoted: nn.Module) -> None:
+    """Undo :func:`_promote`: the layer that took ``host``'s slot, and the peers it took, back among ``host``'s peers in
+    their order (nothing, where the base module took the slot)."""
+    if not isinstance(promoted, AdapterLayer) or promoted is host:
+        return
+    rest = [promoted.remove_peer(peer.adapter_name) for peer in promoted.stack()[1:]]
+    if "peers" in promoted._modules:
+        delattr(promoted, "peers")
+    promoted.tied = False
+    for layer in (promoted, *rest):
+        host.add_peer(layer)

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from .base_layers import BaseKind, base_kind
 from .config import AdapterConfig
 from .fused import FusedInputs, fused_blocker, fusion_on, low_rank_linear
+from .slots import STATE_DICT_TABLES
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -152,6 +153,9 @@ class AdapterLayer(nn.Module):
         self._merged_aside: Tensor | None = None  # a disabled merged host's merged bits, put back by enable()
         self._merge_pending: bool = False  # a load_state_dict of a merged layer merges after its peers loaded
         self.register_load_state_dict_post_hook(_merge_after_load)
+        # what the layer held when it was put on the model (mark_own): anything else a user registered on it since
+        self.own_buffers: frozenset[str] = frozenset()
+        self.own_state_dict_hooks: frozenset[int] = frozenset()
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -292,6 +296,8 @@ class AdapterLayer(nn.Module):
         """The module's output: its own forward when disabled or with no active adapter, else the merged weight's or
         the active layers' result, computed as ``(..., out)`` and put in the module's layout once, here
         (:meth:`rankwise.base_layers.BaseKind.to_output`: a convolution's channels back to dimension 1)."""
+        if "parametrizations" in self._modules:  # registered after attach (a parametrized module is refused there)
+            self.check_base_stored()
         if self.disabled:
             return self.plain_forward(x)
         chosen = self.computing()
@@ -426,6 +432,40 @@ class AdapterLayer(nn.Module):
             layer.merged = merged
             layer.__dict__["_original_weight"] = original
 
+    def check_base_stored(self, name: str = "") -> None:
+        """``TypeError`` when a torch parametrization was registered on this layer's ``weight`` / ``bias`` (the base
+        module's tensors, shared) after attach (``name``: the layer's, for the message). The adapter reads ``W0`` as a
+        stored tensor: the unmerged forward would compute with the parametrized value, ``disabled()`` and the module
+        put back at detach with the stored one, and a merge would write into a value recomputed on the next read
+        (lost). Refused (at the forward, merge, detach and delete, before anything changes) rather than half honoured,
+        as attach refuses a parametrized target (:func:`rankwise.base_layers.check_stored_weight`)."""
+        plists = self._modules.get("parametrizations")
+        found = {t: [type(p).__name__ for p in plist] for t, plist in (plists.items() if plists is not None else ())
+                 if t in ("weight", "bias")}
+        if found:
+            where = f"adapter layer {name!r}" if name else f"this {type(self).__name__}"
+            raise TypeError(
+                f"{where} has torch parametrizations {found} on the base module's tensors, registered after attach: "
+                "the adapter reads W0 as a stored tensor, so its forward, merge, disabled() and detach would not agree "
+                "on W0. Take them off first, keeping the stored W0 "
+                f"(torch.nn.utils.parametrize.remove_parametrizations(layer, {next(iter(found))!r}, "
+                "leave_parametrized=False)), and register them on the module after rankwise.detach")
+
+    def mark_own(self) -> None:
+        """Record the buffers and state-dict hooks this layer has now, as it goes on the model (``attach``, ``load``):
+        what :meth:`user_buffers` and :meth:`user_state_dict_hooks` leave out."""
+        self.own_buffers = frozenset(self._buffers)
+        self.own_state_dict_hooks = frozenset(k for table in STATE_DICT_TABLES for k in getattr(self, table))
+
+    def user_buffers(self) -> list[str]:
+        """The buffers registered on this layer after :meth:`mark_own` (a user's, while attached)."""
+        return [n for n, b in self._buffers.items() if n not in self.own_buffers and b is not None]
+
+    def user_state_dict_hooks(self) -> list[str]:
+        """The kinds (their tables' names) of the state-dict hooks registered on this layer after :meth:`mark_own`."""
+        return [table.strip("_") for table in STATE_DICT_TABLES
+                if any(k not in self.own_state_dict_hooks for k in getattr(self, table))]
+
     def refuse_while_disabled(self, what: str) -> None:
         """Raise ``RuntimeError`` if this layer is inside ``rankwise.disabled`` (``what``: the refused call)."""
         if self.disabled:
@@ -504,18 +544,22 @@ class AdapterLayer(nn.Module):
         """Raise (changing nothing) when this layer cannot merge: a quantised base, or inside ``disabled``."""
         self.kind.check_merge()
         self.refuse_while_disabled("merge")
+        self.check_base_stored()
 
     @torch.no_grad()
     def merge_for_good(self, default_dtype: torch.dtype = torch.float32) -> nn.Module:
-        """``detach(merge=True)``'s step: the module for the model's slot, holding ``W0`` + the update(s): the base
-        module merged in place with the kept original bits dropped (nothing unmerges it), or over a base that
-        cannot merge in place (quantised) a new float module (:meth:`rankwise.base_layers.BaseKind.merged_module`;
-        ``default_dtype``, the model's float dtype, where the base records none)."""
+        """``detach(merge=True)``'s module for the model's slot, holding ``W0`` + the update(s): the base module merged
+        in place, or over a base that cannot merge in place (quantised) a new float module
+        (:meth:`rankwise.base_layers.BaseKind.merged_module`; ``default_dtype``, the model's float dtype, where the
+        base records none). The kept original bits stay (``unmerge`` still undoes it) until :meth:`forget_original`."""
         if not self.kind.merges_in_place:
             return self.to_merged_float(default_dtype)
         self.merge()
-        self._original_weight = None
         return self.to_base()
+
+    def forget_original(self) -> None:
+        """Drop the kept original bits once a merged detach is done (nothing unmerges this layer any more)."""
+        self._original_weight = None
 
     def to_merged_float(self, default_dtype: torch.dtype = torch.float32) -> nn.Module:
         """A quantised base's replacement for a merged detach: a float ``nn.Linear`` holding the

@@ -40,9 +40,11 @@ from .distributed import (
 )
 from .layer import AdapterLayer
 from .optim import made_no_update, split_weight_decay
-from .quant import dequantize_model, model_float_dtype, parameter_count
+from .quant import dequantize_model, model_float_dtype, parameter_count, quant_kind
 from .registry import BuildResult, LossFn, method_for
 from .slots import copy_module as _copy_module  # modules_to_save's trained copy, its hooks' owners not copied
+from .slots import STATE_DICT_TABLES, hand_over_buffers
+from .slots import replace_all as _replace_all  # all or nothing: a failed replacement puts the slots back
 from .slots import set_submodule as _set_submodule  # the slot's hooks go along with each replacement
 from .layer import DEFAULT_ADAPTER
 from .state import (STATE_ATTR, AdapterSet, RankwiseState, adapter_layers, adapter_set, base_modules,  # noqa: F401
@@ -265,7 +267,9 @@ def install(
     if adapters is None:
         for p in model.parameters():
             p.requires_grad_(False)
+    left = [note for layer_name in result.layers if (note := _left_behind(layer_name, model.get_submodule(layer_name)))]
     for layer_name, layer in result.layers.items():
+        layer.mark_own()
         layer.adapter_name = name
         layer.order = len(adapters.active) if adapters is not None else 0  # joins the active adapters, last
         slot = model.get_submodule(layer_name)
@@ -292,12 +296,35 @@ def install(
     report = _report(model, config, result, saved)
     if adapters is not None:  # the totals are the model's: say which part is this adapter's
         report.notes.append(_own_share_note(name, report, [n for n in adapters.adapters if n != name]))
+    for note in left:
+        report.notes.append(note)
+        warnings.warn(note, stacklevel=3)
     for name, others in ties.items():
         if _tie_kept(result.layers, name, others):
             continue  # every tied partner follows the same rows / factors (rankwise.tokens, rankwise.ties)
         report.notes.append(_tie_note(name, others, name in saved))
         warnings.warn(report.notes[-1], stacklevel=3)
     return report
+
+
+def _left_behind(name: str, target: nn.Module) -> str | None:
+    """The note for what stays on target ``name`` while an adapter layer stands in its slot (``None``: nothing): its
+    state-dict hooks (the layer, holding ``weight`` / ``bias`` and the adapter's tensors, writes the model's
+    ``state_dict`` there, and ``rankwise.save`` reads it: a user's hook run on it could add keys to the adapter file) and
+    its buffers. Both come back with the module at ``detach``. A bitsandbytes layer's own hooks are left out (the
+    layer's ``_load_from_state_dict`` does their work); an adapter layer already there (a peer joins it) has none."""
+    if isinstance(target, AdapterLayer):
+        return None
+    kinds = [table.strip("_") for table in STATE_DICT_TABLES if any(
+        getattr(getattr(h, "hook", h), "__module__", "").split(".")[0] != "bitsandbytes"
+        for h in getattr(target, table, {}).values())]
+    buffers = [] if quant_kind(target) else [n for n, b in target._buffers.items() if b is not None]
+    if not kinds and not buffers:
+        return None
+    held = ", ".join([*kinds, *([f"buffers {buffers}"] if buffers else [])])
+    return (f"rankwise: {name!r} has {held} of its own: they stay on the {type(target).__name__}, which the adapter layer "
+            "replaces in the model, so while attached they do not run or appear in model.state_dict() (the adapter "
+            "layer's state_dict is written there); detach puts the module, with them, back")
 
 
 def _own_share_note(name: str, report: AttachReport, others: list[str]) -> str:
@@ -689,6 +716,11 @@ def detach(model: nn.Module, merge: bool = False) -> nn.Module:
     dequantised, in the float dtype each layer takes and returns (a 4-bit weight's checkpoint dtype, an int8
     layer's bias dtype; an int8 layer without a bias: the dtype of most of the model's own float weights,
     ``rankwise.quant.float_dtype`` / ``model_float_dtype``). Returns the (unwrapped) model.
+
+    All or nothing, as ``attach``: what would stop a layer leaving (:func:`check_leaving`) is refused before any
+    module is replaced, and an error while replacing (an interrupt too) puts every slot back and every layer merged as
+    it was. Buffers registered on an adapter layer while attached go to the module put back in its slot; its
+    state-dict hooks cannot, and are named in a warning (:func:`hand_over_additions`).
     """
     check_bool("merge", merge)
     model = unwrap_model(model)
@@ -697,7 +729,9 @@ def detach(model: nn.Module, merge: bool = False) -> nn.Module:
         raise ValueError(f"this {type(model).__name__} has no rankwise adapters to detach")
     if any(layer.disabled for layer in layers.values()):
         raise RuntimeError("cannot detach inside `with rankwise.disabled(model):`; do it after the block")
+    check_leaving(layers)
     in_place = {n: layer for n, layer in layers.items() if layer.kind.merges_in_place}  # float bases (not bitsandbytes)
+    merged_before = {n for n, layer in layers.items() if layer.merged}
     if merge:  # every float layer first, all or nothing: a refusal leaves the model attached and unmerged
         merge_all(in_place)
     originals = original_modules(model)
@@ -705,23 +739,69 @@ def detach(model: nn.Module, merge: bool = False) -> nn.Module:
     # the model's float dtype (its adapters' own tensors left out): what an int8 base without a bias takes and returns
     dtype = model_float_dtype(model, [p for layer in layers.values() for n, p in layer.named_parameters()
                                       if n not in ("weight", "bias")]) if merge else torch.float32
+    try:  # all or nothing: an error (an interrupt too) puts every slot and merge back as it was
+        modules: dict[str, nn.Module] = {}
+        for name, layer in layers.items():
+            if not merge:
+                layer.unmerge()
+            # merge: a quantised base becomes a float nn.Linear, dequantised W0 + update (never rounded back to 4 bits)
+            modules[name] = layer.merge_for_good(dtype) if merge else layer.to_base()
+        if not merge:  # the fully-trained modules as they were (their trained copies go)
+            modules.update({name: _like(original, model.get_submodule(name)) for name, original in originals.items()})
+        _replace_all(model, modules)
+    except BaseException:
+        _remerge(layers, merged_before)
+        raise
     for name, layer in layers.items():
-        if merge:  # a quantised base: a float nn.Linear, dequantised W0 + update (never rounded back to 4 bits)
-            _set_submodule(model, name, layer.merge_for_good(dtype))
-            continue
-        layer.unmerge()
-        _set_submodule(model, name, layer.to_base())
+        hand_over_additions(name, layer, model.get_submodule(name))
+        if merge:
+            layer.forget_original()
     if merge and len(in_place) < len(layers):  # the rest of the model too, so save_pretrained writes a float checkpoint
         dequantize_model(model, dtype)
-    if not merge:  # the fully-trained modules as they were (their trained copies go)
-        for name, original in originals.items():
-            _set_submodule(model, name, _like(original, model.get_submodule(name)))
     config: Any = getattr(model, "config", None)  # a transformers PretrainedConfig, if any
     if untied and config is not None and getattr(config, "tie_word_embeddings", False):
         config.tie_word_embeddings = False  # save_pretrained / from_pretrained must not tie them again
     if hasattr(model, STATE_ATTR):
         delattr(model, STATE_ATTR)
     return model
+
+
+def check_leaving(hosts: dict[str, AdapterLayer]) -> None:
+    """Raise, changing nothing, where an adapter layer cannot leave its slot (``detach``, ``delete``): a parametrization
+    on its base tensors (:meth:`AdapterLayer.check_base_stored`), or a buffer registered on it while attached whose
+    name its base module already holds (the buffer goes to the base: :func:`hand_over_additions`)."""
+    for name, layer in hosts.items():
+        layer.check_base_stored(name)
+        base = layer.base_layer()
+        clash = [b for b in layer.user_buffers() if hasattr(base, b)]
+        if clash:
+            raise ValueError(
+                f"cannot take adapter layer {name!r} off: buffers {clash} were registered on it while attached, and "
+                f"its base module {type(base).__name__} has attributes of those names, so they cannot go back with it. "
+                "Rename or delete them first (del layer.<name>); nothing was changed")
+
+
+def hand_over_additions(name: str, layer: AdapterLayer, arriving: nn.Module) -> None:
+    """What a user registered on ``layer`` while attached, as it leaves slot ``name`` for good: its buffers go to
+    ``arriving`` (the module now in the slot: ``model.state_dict()`` keeps their keys; forward hooks moved with the
+    slot already); its state-dict hooks cannot follow (a moved hook's handle would no longer remove it, and they
+    were written for the layer's state_dict, adapter tensors included), so each kind is named in a warning."""
+    hand_over_buffers(layer, arriving, layer.user_buffers())
+    kinds = layer.user_state_dict_hooks()
+    if kinds:
+        warnings.warn(f"rankwise: the {', '.join(kinds)} registered on adapter layer {name!r} while attached go with the "
+                      f"layer, not to the {type(arriving).__name__} now in its slot: register them on that module again "
+                      "if it needs them", stacklevel=3)
+
+
+def _remerge(layers: dict[str, AdapterLayer], merged: set[str]) -> None:
+    """Each layer merged exactly where ``merged`` names it and unmerged elsewhere, as before a detach that failed
+    (a merge recomputes the same bits from the kept ``W0``)."""
+    for name, layer in layers.items():
+        if name in merged:
+            layer.merge()
+        else:
+            layer.unmerge()
 
 
 def _trains_a_tie(model: nn.Module, originals: dict[str, nn.Module]) -> bool:

@@ -15,6 +15,7 @@ a ``forward`` it wraps) move the same way, through Accelerate's own functions.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from torch import nn
@@ -24,7 +25,7 @@ M = TypeVar("M", bound=nn.Module)
 # nn.Module's per-module hook tables (torch 2.x); state-dict hooks stay with their module (they describe its tensors)
 HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
                "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
-# the state-dict tables: copied with a module by copy_module, never moved
+# the state-dict tables: shared with a copy by copy_module, never moved (they describe their module's tensors)
 STATE_DICT_TABLES = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
                      "_load_state_dict_post_hooks")
 
@@ -56,15 +57,17 @@ def swap_accelerate_hooks(leaving: nn.Module, arriving: nn.Module) -> None:
 
 
 def copy_module(module: M) -> M:
-    """A deep copy of ``module`` (``modules_to_save``'s trained copy) holding the same hooks: each hook table of it and
-    its submodules is copied as a table, not deeply, so an object a hook is a method of (one holding the model, or a
-    lock) is not copied with it."""
+    """A deep copy of ``module`` (``modules_to_save``'s trained copy) sharing its hook tables: each hook table of it
+    and its submodules is the same table object in the copy, so an object a hook is a method of (one holding the
+    model, or a lock) is not copied, and a hook's ``RemovableHandle`` (registered on the original or on the copy,
+    before attach or after) removes it from both. Only one of the two is in the model at a time (the original inside
+    ``disabled()`` or while its adapter is idle, the copy otherwise), so each hook runs once per call."""
     memo: dict[int, Any] = {}
     for m in module.modules():
         for name in HOOK_TABLES + STATE_DICT_TABLES:
             table = getattr(m, name, None)
             if isinstance(table, dict):
-                memo[id(table)] = type(table)(table)
+                memo[id(table)] = table
     return copy.deepcopy(module, memo)
 
 
@@ -77,3 +80,28 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
         swap_hooks(leaving, module)
         swap_accelerate_hooks(leaving, module)
     setattr(parent, child, module)
+
+
+def replace_all(model: nn.Module, modules: Mapping[str, nn.Module]) -> None:
+    """Put each of ``modules`` in its slot (``{name: module}``, :func:`set_submodule`), all or nothing: if a
+    replacement raises (an interrupt too), the slots already replaced get back the modules they held, hooks and
+    all, before the error goes on."""
+    done: list[tuple[str, nn.Module]] = []
+    try:
+        for name, module in modules.items():
+            leaving = model.get_submodule(name)
+            set_submodule(model, name, module)
+            done.append((name, leaving))
+    except BaseException:
+        for name, leaving in reversed(done):
+            set_submodule(model, name, leaving)
+        raise
+
+
+def hand_over_buffers(leaving: nn.Module, arriving: nn.Module, names: list[str]) -> None:
+    """Move buffers ``names`` (persistent or not) from ``leaving`` to ``arriving`` (which holds no attribute of those
+    names: the caller checks), so ``model.state_dict()`` keeps their keys when a module leaves its slot for good."""
+    for name in names:
+        persistent = name not in leaving._non_persistent_buffers_set
+        arriving.register_buffer(name, leaving._buffers.pop(name), persistent=persistent)
+        leaving._non_persistent_buffers_set.discard(name)
