@@ -275,7 +275,7 @@ class RacLoraLinear(AdapterLayer):
             update = up(down(x_d, a, dtype), b)  # (..., out)
         else:  # the chain is merged into W: x Cₐᵀ C_bᵀ on x itself, dropout on the current link only
             update = up(down(x, a[:k], dtype), b[:, :k]) + up(down(x_d, a[k:], dtype), b[:, k:])  # (..., out)
-        return result + update.to(result.dtype)  # out of place: over a convolution result is a view
+        return self.kind.add_update(result, update.to(result.dtype))
 
     def merged_weight(self) -> Tensor:
         w0 = self.wide(self.unmerged_base_weight())  # out x in
