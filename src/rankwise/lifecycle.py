@@ -51,7 +51,7 @@ from .state import (STATE_ATTR, AdapterSet, RankwiseState, adapter_layers, adapt
                     every_layer, fully_trained_modules, get_state, is_attached, original_modules, refuse_peft_model,
                     names_in_order, slot_layers, unwrap_model)
 from .targeting import find_modules_to_save, find_targets, is_all_linear
-from .ties import build_ties, plan_ties
+from .ties import build_ties, join_merged_ties, merge_parts_ties, plan_ties
 from .tokens import build_token_layers, plan_token_rows, token_extras
 
 
@@ -709,8 +709,11 @@ def detach(model: nn.Module, merge: bool = False) -> nn.Module:
 
     Without ``merge`` the model's weights are exactly the originals again, and the fully-trained modules
     (``modules_to_save``, trained as copies) are the original module objects. With ``merge`` they keep
-    their trained copies (an idle adapter's: the originals, what the model computed); a layer or module that was tied to another (``lm_head`` and the input
-    embedding) ends untied, and ``config.tie_word_embeddings`` is set to False. With ``merge`` on a
+    their trained copies (an idle adapter's: the originals, what the model computed). A tied pair (``lm_head`` and
+    the input embedding) whose uses merged to the same table (token rows the head follows, ``ensure_weight_tying``)
+    stays tied, holding that one table; one whose uses differ (the head keeps ``W0``, trains other rows or factors
+    of its own, or is trained fully) ends untied, each module with its own table, and
+    ``config.tie_word_embeddings`` is set to False (:func:`rankwise.ties.merge_parts_ties`). With ``merge`` on a
     bitsandbytes-quantised model the result is a float model: each adapted layer becomes an
     ``nn.Linear`` holding the dequantised ``W0`` + the update, the other quantised layers are
     dequantised, in the float dtype each layer takes and returns (a 4-bit weight's checkpoint dtype, an int8
@@ -735,7 +738,7 @@ def detach(model: nn.Module, merge: bool = False) -> nn.Module:
     if merge:  # every float layer first, all or nothing: a refusal leaves the model attached and unmerged
         merge_all(in_place)
     originals = original_modules(model)
-    untied = merge and (any(layer.tied for layer in layers.values()) or _trains_a_tie(model, originals))
+    untied = merge and (merge_parts_ties(model, layers.values()) or _trains_a_tie(model, originals))
     # the model's float dtype (its adapters' own tensors left out): what an int8 base without a bias takes and returns
     dtype = model_float_dtype(model, [p for layer in layers.values() for n, p in layer.named_parameters()
                                       if n not in ("weight", "bias")]) if merge else torch.float32
@@ -802,6 +805,7 @@ def _remerge(layers: dict[str, AdapterLayer], merged: set[str]) -> None:
             layer.merge()
         else:
             layer.unmerge()
+    join_merged_ties(layers.values())  # a tied pair merged to one table is one tensor again (rankwise.ties)
 
 
 def _trains_a_tie(model: nn.Module, originals: dict[str, nn.Module]) -> bool:
@@ -857,6 +861,7 @@ def merge_all(layers: dict[str, AdapterLayer]) -> None:
                 merged.unmerge()
             raise FloatingPointError(f"layer {name!r}: {exc}; no layer was merged") from None
         done.append(layer)
+    join_merged_ties(layers.values())  # a tied pair merged to one table stays one tensor (rankwise.ties)
 
 
 def unmerge(model: nn.Module) -> None:

@@ -15,12 +15,22 @@ writes out (with ``ensure_weight_tying: true``) and an import recognises. Only a
 (LoRA, rsLoRA, GoRA) is tied: a DoRA-family layer's magnitude rescales the embedding's rows one way and PEFT's tied
 head gets a magnitude of its own, and RAC-LoRA / EDoRA factors have no such form, so ``attach`` refuses those with
 ``ensure_weight_tying``.
+
+A merge never writes into a tied weight (:meth:`rankwise.layer.AdapterLayer.merge` gives a tied layer a new merged
+``Parameter`` and keeps the shared one as its original, so unmerge ties them again exactly). Where every holder of
+the shared weight is an adapter layer and all merged to the same table (token rows shared with a tied head, a
+:class:`TiedHead` and its embedding: ``W0 + ΔW`` and its transpose's stored form are the same numbers), they then
+hold one merged ``Parameter`` (:func:`join_merged_ties`), so a merged model is tied as its base was (HF PEFT's
+``merge_and_unload`` keeps the tie too); where the uses differ (the head keeps ``W0``, or trains other rows or its own
+factors or magnitude) each keeps its own table and ``detach(merge=True)`` unties them (:func:`merge_parts_ties`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, ClassVar, cast
 
+import torch
 from torch import Tensor, nn
 
 from .config import AdapterConfig
@@ -118,3 +128,42 @@ def build_ties(ties: dict[str, str], modules: list[tuple[str, nn.Module]], confi
     """The :class:`TiedHead` layers of ``ties``, each following the embedding's layer in ``layers``."""
     by_name = dict(modules)
     return {h: TiedHead(by_name[h], config, (e, layers[e])) for h, e in ties.items()}
+
+
+def _merged_tie_groups(layers: Iterable[AdapterLayer]) -> list[list[AdapterLayer]]:
+    """The tied host layers (``layer.tied``) of ``layers``, grouped by the shared weight each was merged from (its
+    kept original); an unmerged tied layer is a group of its own."""
+    groups: dict[int, list[AdapterLayer]] = {}
+    for layer in layers:
+        if layer.tied and not layer.is_peer:
+            key = id(layer._original_weight) if layer.merged else id(layer)
+            groups.setdefault(key, []).append(layer)
+    return list(groups.values())
+
+
+def _one_table(group: list[AdapterLayer]) -> bool:
+    """Whether every layer of ``group`` is merged and holds the same stored table (shape, dtype and bits)."""
+    first = group[0].weight
+    return all(layer.merged for layer in group) and all(
+        layer.weight.shape == first.shape and layer.weight.dtype == first.dtype and torch.equal(layer.weight, first)
+        for layer in group[1:])
+
+
+@torch.no_grad()
+def join_merged_ties(layers: Iterable[AdapterLayer]) -> None:
+    """After a merge: the merged tied layers that share one original weight and merged to the same table hold the
+    first one's merged ``Parameter`` (the module docstring: a merged tied pair stays one tensor; unmerge puts the
+    shared original back into each)."""
+    for group in _merged_tie_groups(layers):
+        if len(group) > 1 and _one_table(group):
+            for layer in group[1:]:
+                layer.weight = group[0].weight  # its base module keeps the original: disabled() computes W0
+
+
+def merge_parts_ties(model: nn.Module, layers: Iterable[AdapterLayer]) -> bool:
+    """Whether the merged state of ``layers`` (all of ``model``'s hosts, merged) parts a tie: a tied layer unmerged
+    (a base merged elsewhere: a new module), tied layers of one original weight holding different merged tables, or
+    the original still held by a module of ``model`` that is no adapter layer (it keeps ``W0``)."""
+    held = {id(p) for p in model.parameters()}
+    return any(len({id(layer.weight) for layer in group}) > 1 or not group[0].merged
+               or id(group[0]._original_weight) in held for group in _merged_tie_groups(layers))
