@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -129,15 +130,40 @@ def folders_by_name(model: nn.Module, path: str | os.PathLike[str], name: str | 
     layers = slot_layers(model)
     check_layers_whole(model, layers, what, ZERO3_GATHER, summoned_ok=True)
     check_whole_modules(_fully_trained_parameters(model), what)
-    for layer in layers.values():
+    for slot, layer in layers.items():
         layer.refuse_while_disabled(what)
+        layer.check_base_stored(slot)  # a parametrized W0: no fingerprint, no file load could check
     adapters = adapter_set(model)
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"{folder} exists and is not a folder")
     if name is not None or len(adapters.adapters) == 1:
-        return {adapters.resolve(name): folder}
-    return {n: folder if n == DEFAULT_NAME else folder / n for n in adapters.adapters}
+        folders = {adapters.resolve(name): folder}
+    else:
+        folders = {n: folder if n == DEFAULT_NAME else folder / n for n in adapters.adapters}
+    for adapter in folders:
+        warn_left_out(model, adapter, what)
+    return folders
+
+
+def warn_left_out(model: nn.Module, name: str, what: str) -> None:
+    """Name in a ``UserWarning`` what a user put on adapter ``name``'s layers while attached that its file does not
+    hold (:meth:`AdapterLayer.adapter_state`, which ``save`` and ``export_peft`` both follow): tensors registered
+    on a layer (they stay in ``model.state_dict()``), and parametrizations of a factor (the file holds the value
+    they compute, so a load computes the same; the parametrization itself is the user's to register again)."""
+    layers = adapter_layers(model, name)
+    tensors = [f"{n}.{t}" for n, layer in layers.items() for t in layer.user_tensors()]
+    params = [f"{n}.{t}" for n, layer in layers.items() for t in layer.parametrized_factors()]
+    if tensors:
+        warnings.warn(f"rankwise ({what}): the file of adapter {name!r} leaves out {tensors[:6]}{' ...' if len(tensors) > 6 else ''}, "
+                      "registered on its adapter layers after attach: they are not the adapter's (model.state_dict() "
+                      "holds them; register them again after loading the adapter if you need them)", stacklevel=4)
+    if params:
+        warnings.warn(f"rankwise ({what}): the file of adapter {name!r} holds the value that the parametrizations on "
+                      f"{params[:6]}{' ...' if len(params) > 6 else ''} compute (what the forward uses), not the "
+                      "parametrizations: after loading, the factor is a plain tensor computing the same outputs; to "
+                      "train on with the parametrization, register it again (torch.nn.utils.parametrize, with a "
+                      "right_inverse so its original is computed from that value)", stacklevel=4)
 
 
 def _fully_trained_parameters(model: nn.Module) -> dict[str, list[tuple[Tensor, torch.Size]]]:
