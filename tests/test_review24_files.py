@@ -247,3 +247,35 @@ def test_disabled_puts_everything_back_when_the_block_raises() -> None:
             raise KeyError("in the block")
     assert _picture(model) == before
     torch.testing.assert_close(_out(model), out, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- 4. several adapters in one folder
+@pytest.mark.parametrize("call", ["save", "export_peft"])
+def test_adapters_whose_names_differ_only_in_case_are_not_written_into_one_folder(call: str, tmp_path: Path) -> None:
+    """Adapters ``B`` and ``b`` saved together go to ``path/B`` and ``path/b``: one folder on a case-insensitive file
+    system (macOS, Windows), where one adapter's files replaced the other's. Refused now, nothing written; each
+    saves alone with ``name=``. Before, written (on Linux two folders; copied to such a system, one adapter lost)."""
+    model = _base()
+    for name in ("B", "b"):
+        rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=SLOTS), name=name)
+    write = getattr(rankwise, call)
+    with pytest.raises(ValueError, match="differ only in case"):
+        write(model, tmp_path / "both")
+    assert not (tmp_path / "both").exists()
+    for name in ("B", "b"):
+        write(model, tmp_path / f"alone-{name.encode().hex()}", name=name)
+
+
+def test_loading_a_save_of_several_adapters_without_a_default_names_the_subfolders(tmp_path: Path) -> None:
+    """``save(model)`` of adapters ``a`` and ``b`` writes ``path/a`` and ``path/b`` only; ``load(base, path)`` said
+    "adapter.safetensors does not exist" and nothing of where the adapters are. Now it names the subfolders and the
+    call that loads one (which then gives the adapter's outputs)."""
+    model = _base()
+    for name in ("a", "b"):
+        rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=SLOTS, seed=len(name)), name=name)
+    _moved(model)
+    rankwise.set_active(model, ["a"])
+    rankwise.save(model, tmp_path / "both")
+    with pytest.raises(rankwise.AdapterFileError, match=r"subfolders \['a', 'b'\].*name='a'"):
+        rankwise.load(_base(), tmp_path / "both")
+    torch.testing.assert_close(_out(rankwise.load(_base(), tmp_path / "both" / "a", name="a")), _out(model), rtol=0, atol=0)

@@ -34,7 +34,9 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block the model is its base model: every adapter (of every name) is off, and each
     fully-trained module (``modules_to_save``, trained as a copy) is its original again.
 
-    Merge, unmerge, attach, delete and detach are refused inside the block.
+    Merge, unmerge, attach, delete and detach are refused inside the block. The modules are swapped all or
+    nothing (:func:`rankwise.slots.replace_all`); should that fail as the block exits (an interrupt), the trained
+    copies stay set aside (kept, saved) and ``set_active(model, list(active_adapters(model)))`` puts them back.
     """
     model = unwrap_model(model)
     adapters = adapter_set(model)
@@ -82,7 +84,7 @@ def set_active(model: nn.Module, names: str | list[str]) -> None:
     (``modules_to_save``, trained as copies) are set aside and the originals put in, as HF PEFT's
     ``set_adapter`` does: an idle adapter contributes nothing. ``requires_grad`` is left as it is (an idle
     adapter gets no gradient because it is not in the graph). Refused on a merged model and inside
-    ``rankwise.disabled``.
+    ``rankwise.disabled``. All or nothing: an error while swapping the modules (an interrupt too) changes nothing.
     """
     model = unwrap_model(model)
     adapters = adapter_set(model)

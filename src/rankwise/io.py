@@ -141,9 +141,23 @@ def folders_by_name(model: nn.Module, path: str | os.PathLike[str], name: str | 
         folders = {adapters.resolve(name): folder}
     else:
         folders = {n: folder if n == DEFAULT_NAME else folder / n for n in adapters.adapters}
+        refuse_case_clashes([n for n in folders if n != DEFAULT_NAME], what)  # "default" goes in path itself
     for adapter in folders:
         warn_left_out(model, adapter, what)
     return folders
+
+
+def refuse_case_clashes(names: list[str], what: str) -> None:
+    """Refuse (``ValueError``, nothing written) adapter names that differ only in case when each goes to its own
+    subfolder: on a case-insensitive file system (macOS's and Windows' defaults), or once the folder is copied to
+    one, ``path/B`` and ``path/b`` are one folder and one adapter's files replace the other's."""
+    seen: dict[str, str] = {}
+    for n in names:
+        other = seen.setdefault(n.casefold(), n)
+        if other != n:
+            raise ValueError(f"cannot {what} of adapters {other!r} and {n!r} into subfolders of one folder: their names "
+                             "differ only in case, and on a case-insensitive file system one's files would replace the "
+                             "other's. Write each with name= to a folder of its own, or rename one")
 
 
 def warn_left_out(model: nn.Module, name: str, what: str) -> None:
@@ -201,6 +215,9 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, overwrite: bool = Fa
     several adapters and no ``name`` writes them all, as HF PEFT lays them out: ``"default"`` in
     ``path``, each other one in ``path/<name>/`` (load each with ``load(model, path/<name>, name=...)``).
     A ``torch.compile`` / DDP / FSDP1 wrapper is unwrapped: names are the plain model's, as ``load`` expects.
+    The file holds the adapter's own tensors (:meth:`AdapterLayer.adapter_state`): what a user registered on its layers
+    while attached is left out, and a factor a user parametrized is written as the value the forward uses (each named
+    in a warning: :func:`warn_left_out`).
     """
     check_bool("overwrite", overwrite)
     model = unwrap_model(model)
@@ -303,6 +320,10 @@ def _other_format_hint(folder: Path) -> str:
         return ("; it holds a whole model's weights (a transformers save_pretrained, or an HF Trainer checkpoint / "
                 "save_model): attach the same adapter config to the base and load_state_dict those weights "
                 "(docs/howto/hf-trainer.md), or save the adapter alone with rankwise.save")
+    named = sorted(sub.name for sub in folder.iterdir() if is_rankwise_adapter(sub)) if folder.is_dir() else []
+    if named:  # a save of several adapters, none named "default": each in its subfolder
+        return (f"; its subfolders {named[:6]} hold rankwise adapters (a save of several adapters puts each but "
+                f"\"default\" in path/<name>/): rankwise.load(model, {str(folder / named[0])!r}, name={named[0]!r})")
     return ""
 
 

@@ -475,7 +475,7 @@ class AdapterLayer(nn.Module):
         """The adapter's own tensors a user put a ``torch.nn.utils.parametrize`` parametrization on (its base
         ``weight`` / ``bias``: :meth:`check_base_stored`): the forward and merge use the value it computes."""
         plists = self._modules.get("parametrizations")
-        return [t for t in (plists or {}) if t not in ("weight", "bias")]
+        return [t for t in (plists.keys() if isinstance(plists, nn.ModuleDict) else ()) if t not in ("weight", "bias")]
 
     def user_state_dict_hooks(self) -> list[str]:
         """The kinds (their tables' names) of the state-dict hooks registered on this layer after :meth:`mark_own`."""
