@@ -17,7 +17,7 @@ computing exactly what they computed before.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 from torch import nn
@@ -26,7 +26,6 @@ from .distributed import sharded
 from .layer import AdapterLayer
 from .lifecycle import _like, check_leaving, detach, hand_over_additions, refuse_if_merged_or_disabled
 from .slots import replace_all as _replace_all
-from .slots import set_submodule as _set_submodule
 from .state import RankwiseState, adapter_set, names_in_order, slot_layers, unwrap_model
 
 
@@ -35,31 +34,45 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block the model is its base model: every adapter (of every name) is off, and each
     fully-trained module (``modules_to_save``, trained as a copy) is its original again.
 
-    Merge, unmerge, attach, delete and detach are refused inside the block.
+    Merge, unmerge, attach, delete and detach are refused inside the block. The modules are swapped all or
+    nothing (:func:`rankwise.slots.replace_all`); should that fail as the block exits (an interrupt), the trained
+    copies stay set aside (kept, saved) and ``set_active(model, list(active_adapters(model)))`` puts them back.
     """
     model = unwrap_model(model)
     adapters = adapter_set(model)
     switched: list[AdapterLayer] = []
-    trained: list[tuple[RankwiseState, str, nn.Module]] = []
+    aside: dict[str, tuple[RankwiseState, nn.Module]] = {}
     try:
         for layer in slot_layers(model).values():
             if not layer.disabled:  # an enclosing block's layers are left to it
                 switched.append(layer)
                 layer.disable()
-        for state in adapters.adapters.values():
-            for name, original in state.original_modules.items():
-                current = model.get_submodule(name)
-                if current is not original:  # (an enclosing block, or set_active, put it in already)
-                    trained.append((state, name, current))
-                    state.idle_modules[name] = current  # set aside as an idle adapter's: save, state_dict find it
-                    _set_submodule(model, name, _like(original, current))
+        copies = _trained_copies(model, adapters.adapters.values())  # (an enclosing block, or set_active: none)
+        _replace_all(model, {name: _like(state.original_modules[name], copy) for name, (state, copy) in copies.items()})
+        for name, (state, copy) in copies.items():
+            state.idle_modules[name] = copy  # set aside as an idle adapter's: save, state_dict find it
+        aside = copies
         yield model
     finally:
-        for state, name, current in reversed(trained):
-            state.idle_modules.pop(name, None)
-            _set_submodule(model, name, current)
-        for layer in reversed(switched):
-            layer.enable()
+        try:  # the copies back, all or nothing: on an error they stay set aside (kept; set_active puts them back)
+            _replace_all(model, {name: copy for name, (_, copy) in aside.items()})
+            for name, (state, _) in aside.items():
+                del state.idle_modules[name]
+        finally:
+            for layer in reversed(switched):
+                layer.enable()
+
+
+def _trained_copies(model: nn.Module, states: Iterable[RankwiseState]) -> dict[str, tuple[RankwiseState, nn.Module]]:
+    """``{module name: (its adapter's state, trained copy)}`` for each fully-trained module whose slot holds its trained
+    copy now (not its original)."""
+    out: dict[str, tuple[RankwiseState, nn.Module]] = {}
+    for state in states:
+        for name, original in state.original_modules.items():
+            current = model.get_submodule(name)
+            if current is not original:
+                out[name] = (state, current)
+    return out
 
 
 def set_active(model: nn.Module, names: str | list[str]) -> None:
@@ -71,7 +84,7 @@ def set_active(model: nn.Module, names: str | list[str]) -> None:
     (``modules_to_save``, trained as copies) are set aside and the originals put in, as HF PEFT's
     ``set_adapter`` does: an idle adapter contributes nothing. ``requires_grad`` is left as it is (an idle
     adapter gets no gradient because it is not in the graph). Refused on a merged model and inside
-    ``rankwise.disabled``.
+    ``rankwise.disabled``. All or nothing: an error while swapping the modules (an interrupt too) changes nothing.
     """
     model = unwrap_model(model)
     adapters = adapter_set(model)
@@ -85,12 +98,11 @@ def set_active(model: nn.Module, names: str | list[str]) -> None:
     if any(layer.merged for layer in slot_layers(model).values()):
         raise ValueError(f"cannot change the active adapters of a merged model (merged: {adapters.active}): "
                          "call rankwise.unmerge(model) first")
-    for host in slot_layers(model).values():
+    _set_idle_modules(model, {name: (state, name not in chosen) for name, state in adapters.adapters.items()})
+    for host in slot_layers(model).values():  # after the only step that can fail
         for layer in host.stack():
             layer.active = layer.adapter_name in chosen
             layer.order = chosen.index(layer.adapter_name) if layer.active else 0
-    for name, state in adapters.adapters.items():
-        _set_idle_modules(model, state, idle=name not in chosen)
     adapters.active = chosen
 
 
@@ -107,15 +119,26 @@ def active_adapters(model: nn.Module) -> tuple[str, ...]:
     return tuple(adapter_set(unwrap_model(model)).active)
 
 
-def _set_idle_modules(model: nn.Module, state: RankwiseState, idle: bool) -> None:
-    """An adapter's fully-trained modules for its activity: the trained copies while active; while idle the
-    originals, the copies kept in ``state.idle_modules`` (idempotent both ways)."""
-    for name, original in state.original_modules.items():
-        if idle and name not in state.idle_modules:
-            state.idle_modules[name] = model.get_submodule(name)
-            _set_submodule(model, name, _like(original, state.idle_modules[name]))
-        elif not idle and name in state.idle_modules:
-            _set_submodule(model, name, state.idle_modules.pop(name))
+def _set_idle_modules(model: nn.Module, states: dict[str, tuple[RankwiseState, bool]]) -> None:
+    """Each adapter's fully-trained modules for its activity (``{adapter: (state, idle)}``): the trained copies while
+    active; while idle the originals, the copies kept in ``state.idle_modules`` (idempotent both ways). All or nothing
+    (:func:`rankwise.slots.replace_all`): ``idle_modules`` changes only once every slot holds its new module."""
+    modules: dict[str, nn.Module] = {}
+    aside: list[tuple[RankwiseState, str, nn.Module]] = []
+    back: list[tuple[RankwiseState, str]] = []
+    for state, idle in states.values():
+        for name, original in state.original_modules.items():
+            if idle and name not in state.idle_modules:
+                aside.append((state, name, model.get_submodule(name)))
+                modules[name] = _like(original, aside[-1][2])
+            elif not idle and name in state.idle_modules:
+                back.append((state, name))
+                modules[name] = state.idle_modules[name]
+    _replace_all(model, modules)
+    for state, name, copy in aside:
+        state.idle_modules[name] = copy
+    for state, name in back:
+        del state.idle_modules[name]
 
 
 def delete(model: nn.Module, name: str) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -129,15 +130,54 @@ def folders_by_name(model: nn.Module, path: str | os.PathLike[str], name: str | 
     layers = slot_layers(model)
     check_layers_whole(model, layers, what, ZERO3_GATHER, summoned_ok=True)
     check_whole_modules(_fully_trained_parameters(model), what)
-    for layer in layers.values():
+    for slot, layer in layers.items():
         layer.refuse_while_disabled(what)
+        layer.check_base_stored(slot)  # a parametrized W0: no fingerprint, no file load could check
     adapters = adapter_set(model)
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"{folder} exists and is not a folder")
     if name is not None or len(adapters.adapters) == 1:
-        return {adapters.resolve(name): folder}
-    return {n: folder if n == DEFAULT_NAME else folder / n for n in adapters.adapters}
+        folders = {adapters.resolve(name): folder}
+    else:
+        folders = {n: folder if n == DEFAULT_NAME else folder / n for n in adapters.adapters}
+        refuse_case_clashes([n for n in folders if n != DEFAULT_NAME], what)  # "default" goes in path itself
+    for adapter in folders:
+        warn_left_out(model, adapter, what)
+    return folders
+
+
+def refuse_case_clashes(names: list[str], what: str) -> None:
+    """Refuse (``ValueError``, nothing written) adapter names that differ only in case when each goes to its own
+    subfolder: on a case-insensitive file system (macOS's and Windows' defaults), or once the folder is copied to
+    one, ``path/B`` and ``path/b`` are one folder and one adapter's files replace the other's."""
+    seen: dict[str, str] = {}
+    for n in names:
+        other = seen.setdefault(n.casefold(), n)
+        if other != n:
+            raise ValueError(f"cannot {what} of adapters {other!r} and {n!r} into subfolders of one folder: their names "
+                             "differ only in case, and on a case-insensitive file system one's files would replace the "
+                             "other's. Write each with name= to a folder of its own, or rename one")
+
+
+def warn_left_out(model: nn.Module, name: str, what: str) -> None:
+    """Name in a ``UserWarning`` what a user put on adapter ``name``'s layers while attached that its file does not
+    hold (:meth:`AdapterLayer.adapter_state`, which ``save`` and ``export_peft`` both follow): tensors registered
+    on a layer (they stay in ``model.state_dict()``), and parametrizations of a factor (the file holds the value
+    they compute, so a load computes the same; the parametrization itself is the user's to register again)."""
+    layers = adapter_layers(model, name)
+    tensors = [f"{n}.{t}" for n, layer in layers.items() for t in layer.user_tensors()]
+    params = [f"{n}.{t}" for n, layer in layers.items() for t in layer.parametrized_factors()]
+    if tensors:
+        warnings.warn(f"rankwise ({what}): the file of adapter {name!r} leaves out {tensors[:6]}{' ...' if len(tensors) > 6 else ''}, "
+                      "registered on its adapter layers after attach: they are not the adapter's (model.state_dict() "
+                      "holds them; register them again after loading the adapter if you need them)", stacklevel=4)
+    if params:
+        warnings.warn(f"rankwise ({what}): the file of adapter {name!r} holds the value that the parametrizations on "
+                      f"{params[:6]}{' ...' if len(params) > 6 else ''} compute (what the forward uses), not the "
+                      "parametrizations: after loading, the factor is a plain tensor computing the same outputs; to "
+                      "train on with the parametrization, register it again (torch.nn.utils.parametrize, with a "
+                      "right_inverse so its original is computed from that value)", stacklevel=4)
 
 
 def _fully_trained_parameters(model: nn.Module) -> dict[str, list[tuple[Tensor, torch.Size]]]:
@@ -175,6 +215,9 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, overwrite: bool = Fa
     several adapters and no ``name`` writes them all, as HF PEFT lays them out: ``"default"`` in
     ``path``, each other one in ``path/<name>/`` (load each with ``load(model, path/<name>, name=...)``).
     A ``torch.compile`` / DDP / FSDP1 wrapper is unwrapped: names are the plain model's, as ``load`` expects.
+    The file holds the adapter's own tensors (:meth:`AdapterLayer.adapter_state`): what a user registered on its layers
+    while attached is left out, and a factor a user parametrized is written as the value the forward uses (each named
+    in a warning: :func:`warn_left_out`).
     """
     check_bool("overwrite", overwrite)
     model = unwrap_model(model)
@@ -277,6 +320,10 @@ def _other_format_hint(folder: Path) -> str:
         return ("; it holds a whole model's weights (a transformers save_pretrained, or an HF Trainer checkpoint / "
                 "save_model): attach the same adapter config to the base and load_state_dict those weights "
                 "(docs/howto/hf-trainer.md), or save the adapter alone with rankwise.save")
+    named = sorted(sub.name for sub in folder.iterdir() if is_rankwise_adapter(sub)) if folder.is_dir() else []
+    if named:  # a save of several adapters, none named "default": each in its subfolder
+        return (f"; its subfolders {named[:6]} hold rankwise adapters (a save of several adapters puts each but "
+                f"\"default\" in path/<name>/): rankwise.load(model, {str(folder / named[0])!r}, name={named[0]!r})")
     return ""
 
 

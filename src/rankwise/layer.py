@@ -155,6 +155,7 @@ class AdapterLayer(nn.Module):
         self.register_load_state_dict_post_hook(_merge_after_load)
         # what the layer held when it was put on the model (mark_own): anything else a user registered on it since
         self.own_buffers: frozenset[str] = frozenset()
+        self.own_parameters: frozenset[str] | None = None  # None: not on a model yet (nothing is a user's)
         self.own_state_dict_hooks: frozenset[int] = frozenset()
 
     # ------------------------------------------------------------------ helpers
@@ -455,11 +456,26 @@ class AdapterLayer(nn.Module):
         """Record the buffers and state-dict hooks this layer has now, as it goes on the model (``attach``, ``load``):
         what :meth:`user_buffers` and :meth:`user_state_dict_hooks` leave out."""
         self.own_buffers = frozenset(self._buffers)
+        self.own_parameters = frozenset(self._parameters)
         self.own_state_dict_hooks = frozenset(k for table in STATE_DICT_TABLES for k in getattr(self, table))
 
     def user_buffers(self) -> list[str]:
         """The buffers registered on this layer after :meth:`mark_own` (a user's, while attached)."""
         return [n for n, b in self._buffers.items() if n not in self.own_buffers and b is not None]
+
+    def user_tensors(self) -> list[str]:
+        """The parameters and persistent buffers registered on this layer after :meth:`mark_own` (a user's, while
+        attached; none before it): in ``model.state_dict()``, never in the adapter's file (:meth:`adapter_state`)."""
+        if self.own_parameters is None:
+            return []
+        params = [n for n, p in self._parameters.items() if n not in self.own_parameters and p is not None]
+        return params + [n for n in self.user_buffers() if n not in self._non_persistent_buffers_set]
+
+    def parametrized_factors(self) -> list[str]:
+        """The adapter's own tensors a user put a ``torch.nn.utils.parametrize`` parametrization on (its base
+        ``weight`` / ``bias``: :meth:`check_base_stored`): the forward and merge use the value it computes."""
+        plists = self._modules.get("parametrizations")
+        return [t for t in (plists.keys() if isinstance(plists, nn.ModuleDict) else ()) if t not in ("weight", "bias")]
 
     def user_state_dict_hooks(self) -> list[str]:
         """The kinds (their tables' names) of the state-dict hooks registered on this layer after :meth:`mark_own`."""
@@ -573,9 +589,14 @@ class AdapterLayer(nn.Module):
         return self.kind.module
 
     def adapter_state(self) -> dict[str, Tensor]:
-        """Every tensor that defines the adapter (not the base weight/bias), by local name."""
-        return {k: v for k, v in self.state_dict(keep_vars=False).items()
-                if k not in ("weight", "bias", UNMERGED_KEY) and not k.startswith("peers.") and k not in self._base_extras()}
+        """Every tensor that defines the adapter (not the base weight/bias), by local name: what ``rankwise.save`` writes
+        and ``load`` fills. A factor a user parametrized (:meth:`parametrized_factors`) under its own name, holding the
+        value the forward uses (not ``parametrizations.<name>.original``, which ``load`` could not place); a tensor a
+        user registered on the layer while attached (:meth:`user_tensors`) left out: it is not the adapter's."""
+        left_out = {"weight", "bias", UNMERGED_KEY, *self._base_extras(), *self.user_tensors()}
+        state = {k: v for k, v in self.state_dict(keep_vars=False).items()
+                 if k not in left_out and not k.startswith(("peers.", "parametrizations."))}
+        return state | {t: getattr(self, t).detach() for t in self.parametrized_factors()}
 
     def _base_extras(self, prefix: str = "", keep_vars: bool = False) -> dict[str, Any]:
         """What the base module's own ``state_dict`` holds beside ``weight``/``bias``: bitsandbytes' quantisation
