@@ -130,7 +130,9 @@ class RankwiseAdapter(AdapterSource):
         (GoRA: ``n_steps x grad_accumulation``) sets that count to N (before, N batches were drawn and GoRA averaged
         its default 8 of them, the log saying N), refused where ``--set`` gives the count another value."""
         mcfg = build_method_config(cfg.method, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
-                                   targets=target_spec(cfg.targets), seed=cfg.seed, overrides=cfg.overrides)
+                                   targets=target_spec(cfg.targets), seed=cfg.seed,
+                                   trainable_token_indices=cfg.trainable_token_indices,
+                                   ensure_weight_tying=cfg.ensure_weight_tying, overrides=cfg.overrides)
         method, n = rankwise.all_methods()[cfg.method], cfg.calibration_batches
         if not (n and method.uses_calibration and method.calibration_config is not None) or method.calibration_batches(mcfg) == n:
             return mcfg
@@ -218,7 +220,7 @@ class FullFineTuning(AdapterSource):
     calls_step = False
     description = "full fine-tuning: every weight trained, no adapters"
     unused = ("r", "alpha", "dropout", "targets", "overrides", "lora_plus_ratio", "lora_plus_embedding_lr",  # adapters'
-              "calibration_batches")
+              "calibration_batches", "trainable_token_indices", "ensure_weight_tying")
 
     def check(self, cfg: RunConfig) -> None:
         super().check(cfg)
