@@ -186,13 +186,56 @@ def test_a_method_that_cannot_tie_refuses_before_anything_trains(tiny_lm: str, s
     assert cli.main([f for f in flags if f != "--ensure-weight-tying"]) == 0
 
 
+@pytest.fixture(scope="module")
+def untied_lm(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny Llama with its own lm_head (tie_word_embeddings=False)."""
+    from test_label_words import _tiny_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _tiny_tokenizer()
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                      tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    folder = tmp_path_factory.mktemp("untied-llama")
+    lm.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("case", ["tied head, no adapter on it", "no tied head"])
+def test_a_tie_flag_that_ties_nothing_is_refused_before_training(tiny_lm: str, untied_lm: str, sst2: str,
+                                                                 tmp_path: Path, case: str,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: the run trained and reported nothing, the flag silently ignored (HF PEFT warns: "You have requested
+    `ensure_weight_tying`, but no tied modules ..."). Now the run stops before training, saying why."""
+    model = tiny_lm if case.startswith("tied") else untied_lm
+    flags = _flags(model, sst2, tmp_path / "run", "--ensure-weight-tying")
+    if case == "no tied head":
+        flags[flags.index("q_proj,v_proj")] = "q_proj,v_proj,embed_tokens"
+    assert cli.main(flags) == 2
+    err = capsys.readouterr().err
+    assert "--ensure-weight-tying ties nothing" in err and "Traceback" not in err
+    assert ("no head shares" in err) if case == "no tied head" else ("add embed_tokens to --targets" in err)
+    assert not (tmp_path / "run" / "config.json").exists()
+    # where it ties something it runs: the tied head's rows follow the embedding's
+    assert cli.main(_flags(tiny_lm, sst2, tmp_path / "rows", "--ensure-weight-tying", "--trainable-token-indices",
+                           "5")) == 0
+
+
 class _Crash(Exception):
     pass
 
 
-def test_resume_after_a_crash_ends_where_the_uninterrupted_run_ends(tiny_lm: str, sst2: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("tie", ["rows", "rows and tie", "tie"])
+def test_resume_after_a_crash_ends_where_the_uninterrupted_run_ends(tiny_lm: str, sst2: str, tmp_path: Path,
+                                                                     tie: str) -> None:
     rows = ",".join(map(str, _ids(tiny_lm)))
-    extra = ("--trainable-token-indices", rows, "--max-steps", "6", "--save-every", "2", "--dropout", "0.1")
+    extra: tuple[str, ...] = ("--max-steps", "6", "--save-every", "2", "--dropout", "0.1")
+    if "rows" in tie:
+        extra += ("--trainable-token-indices", rows)
+    if "tie" in tie:  # the tied head follows the embedding's layer: the token rows', or the embedding's LoRA factors
+        extra += ("--ensure-weight-tying",) + (("--targets", "q_proj,v_proj,embed_tokens") if tie == "tie" else ())
     assert cli.main(_flags(tiny_lm, sst2, tmp_path / "whole", *extra)) == 0
 
     args = cli.build_parser().parse_args(_flags(tiny_lm, sst2, tmp_path / "cut", *extra))
@@ -208,7 +251,27 @@ def test_resume_after_a_crash_ends_where_the_uninterrupted_run_ends(tiny_lm: str
     whole, cut = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("whole", "cut"))
     assert cut["steps_this_session"] == 6 - 2 and cut["losses"] == whole["losses"]
     a, b = (load_file(str(tmp_path / d / "adapter" / "adapter.safetensors")) for d in ("whole", "cut"))
-    assert a.keys() == b.keys() and any("token" in k for k in a) and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and any(("token" if "rows" in tie else "embed") in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # other rows than the run's are another run: --resume refuses them
+    other = [*_flags(tiny_lm, sst2, tmp_path / "cut", *extra), "--resume", "--trainable-token-indices", "5"]
+    assert cli.main([f for f in other if f != "--ensure-weight-tying"]) == 2
+
+
+def test_compare_trains_the_rows_with_the_adapter_methods_and_reuses_its_runs(tiny_lm: str, sst2: str,
+                                                                             tmp_path: Path) -> None:
+    flags = _flags(tiny_lm, sst2, tmp_path / "cmp", "--trainable-token-indices", "embed_tokens=5,7", "--seeds", "0")
+    flags[0], flags[flags.index("--method")] = "compare", "--methods"
+    flags[flags.index("lora")] = "lora,full"
+    flags.remove("--r"), flags.remove("4"), flags.remove("--alpha"), flags.remove("8")
+    assert cli.main(flags) == 0
+    runs = {json.loads(p.read_text())["run"]["method"]: json.loads(p.read_text())["run"]
+            for p in (tmp_path / "cmp").glob("*/config.json")}
+    assert runs["lora"]["trainable_token_indices"] == {"embed_tokens": [5, 7]}
+    assert runs["full"]["trainable_token_indices"] is None
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cmp").glob("*/metrics.json")}
+    assert cli.main(flags) == 0  # the same command again: every run is found finished and reused
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cmp").glob("*/metrics.json")} == stamps
 
 
 def test_keep_best_keeps_the_best_evaluations_rows(tiny_lm: str, sst2: str, tmp_path: Path,

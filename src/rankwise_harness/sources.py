@@ -157,7 +157,10 @@ class RankwiseAdapter(AdapterSource):
                 loss_fn: LossFn) -> Any:
         if mcfg is None:
             raise ConfigError("a library method's adapter needs its config")
-        return rankwise.attach(model, mcfg, calibration=calibration, loss_fn=loss_fn)
+        report = rankwise.attach(model, mcfg, calibration=calibration, loss_fn=loss_fn)
+        if mcfg.ensure_weight_tying:
+            check_tied(model)
+        return report
 
     def param_groups(self, model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
         if cfg.lora_plus_ratio:
@@ -177,6 +180,26 @@ class RankwiseAdapter(AdapterSource):
         draw = rankwise.all_methods()[method].plot
         if draw is not None:
             draw(model, folder / f"{method}_ranks.png")
+
+
+def check_tied(model: nn.Module) -> None:
+    """``ensure_weight_tying`` (``--ensure-weight-tying``) asked, after attach: a :class:`ConfigError` where it tied
+    nothing (the library, as PEFT, then trains as without it; PEFT warns): no head of the model shares an embedding's
+    weight, or the adapter has no layer on the tied pair (a head following the embedding's factors or token rows)."""
+    from rankwise.state import tied_layers, token_layers
+    from rankwise.ties import tied_heads
+
+    if tied_layers(model) or any(layer.leader for layer in token_layers(model).values()):
+        return
+    modules = list(model.named_modules())
+    heads = tied_heads(modules, [n for n, m in modules if isinstance(m, nn.Embedding)])
+    if not heads:
+        raise ConfigError("--ensure-weight-tying ties nothing: no head shares an embedding's weight in this model "
+                          "(its config's tie_word_embeddings is False, or it has no output head); drop the flag")
+    emb = next(iter(heads.values()))
+    raise ConfigError(f"--ensure-weight-tying ties nothing: {sorted(heads)} share(s) the weight of {emb!r}, but the "
+                      f"adapter has no layer there to tie: add {emb.rsplit('.', 1)[-1]} to --targets (the head then "
+                      "computes with its factors) or list its rows in --trainable-token-indices, or drop the flag")
 
 
 class ExternalAdapter(RankwiseAdapter):
