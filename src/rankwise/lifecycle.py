@@ -279,8 +279,8 @@ def install(
             layer.train(slot.training)  # a new module defaults to train mode: keep the model's
             layer.tied = layer_name in ties
             _set_submodule(model, layer_name, layer)
-        for p in layer.trainable_tensors().values():
-            p.requires_grad_(True)
+        for t in layer.trainable_tensors().values():
+            t.requires_grad_(True)
     for module_name, original in saved.items():
         trained = _copy_module(original)  # its hooks copied as tables, not the objects they belong to
         _set_submodule(model, module_name, trained)
