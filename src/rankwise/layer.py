@@ -299,6 +299,7 @@ class AdapterLayer(nn.Module):
         (:meth:`rankwise.base_layers.BaseKind.to_output`: a convolution's channels back to dimension 1)."""
         if "parametrizations" in self._modules:  # registered after attach (a parametrized module is refused there)
             self.check_base_stored()
+            self.check_fixed_stored()
         if self.disabled:
             return self.plain_forward(x)
         chosen = self.computing()
@@ -452,6 +453,33 @@ class AdapterLayer(nn.Module):
                 f"(torch.nn.utils.parametrize.remove_parametrizations(layer, {next(iter(found))!r}, "
                 "leave_parametrized=False)), and register them on the module after rankwise.detach")
 
+    def check_fixed_stored(self, name: str = "") -> None:
+        """``TypeError`` when a torch parametrization was registered after attach on an adapter tensor this layer does
+        not train (not in ``trainable``: RAC-LoRA's sketch and chain record, EDoRA's frozen SVD factors and norm terms;
+        ``name``: the layer's, for the message). A method may keep terms computed once from such a tensor (EDoRA's
+        norm from ``A``) or rewrite it in place (RAC-LoRA's sketch at a link end), which a computed value would
+        silently escape. A trained factor's parametrization is honoured (:meth:`leaves`)."""
+        fixed = [t for t in self.parametrized_factors() if t not in self.trainable]
+        if fixed:
+            where = f"adapter layer {name!r}" if name else f"this {type(self).__name__}"
+            raise TypeError(
+                f"{where} has torch parametrizations on {fixed}, tensors it holds fixed (not trained), registered after "
+                "attach: the method keeps terms computed from them or rewrites them in place, so its forward would not "
+                "agree with the parametrized value. Take them off, keeping the value "
+                f"(torch.nn.utils.parametrize.remove_parametrizations(layer, {fixed[0]!r}, leave_parametrized=True))")
+
+    def leaves(self, name: str) -> dict[str, Tensor]:
+        """The stored tensors behind adapter tensor ``name``, by name: the tensor itself, or for one a user put a torch
+        parametrization on after attach the tensors it is computed from (``parametrizations.<name>.original``, under
+        ``name``; ``original0``, ... as ``<name>.original0``, ... where a ``right_inverse`` splits it). What an
+        optimizer trains and a gradient check reads: the computed value is not a leaf (its ``.grad`` stays ``None``)."""
+        plists = self._modules.get("parametrizations")
+        if not isinstance(plists, nn.ModuleDict) or name not in plists:
+            return {name: getattr(self, name)}
+        plist = plists[name]
+        held = {**plist._parameters, **plist._buffers}
+        return {name if k == "original" else f"{name}.{k}": t for k, t in held.items() if t is not None}
+
     def mark_own(self) -> None:
         """Record the buffers and state-dict hooks this layer has now, as it goes on the model (``attach``, ``load``):
         what :meth:`user_buffers` and :meth:`user_state_dict_hooks` leave out."""
@@ -463,13 +491,18 @@ class AdapterLayer(nn.Module):
         """The buffers registered on this layer after :meth:`mark_own` (a user's, while attached)."""
         return [n for n, b in self._buffers.items() if n not in self.own_buffers and b is not None]
 
+    def user_parameters(self) -> list[str]:
+        """The parameters registered on this layer after :meth:`mark_own` (a user's, while attached; none before it)."""
+        if self.own_parameters is None:
+            return []
+        return [n for n, p in self._parameters.items() if n not in self.own_parameters and p is not None]
+
     def user_tensors(self) -> list[str]:
         """The parameters and persistent buffers registered on this layer after :meth:`mark_own` (a user's, while
         attached; none before it): in ``model.state_dict()``, never in the adapter's file (:meth:`adapter_state`)."""
         if self.own_parameters is None:
             return []
-        params = [n for n, p in self._parameters.items() if n not in self.own_parameters and p is not None]
-        return params + [n for n in self.user_buffers() if n not in self._non_persistent_buffers_set]
+        return self.user_parameters() + [n for n in self.user_buffers() if n not in self._non_persistent_buffers_set]
 
     def parametrized_factors(self) -> list[str]:
         """The adapter's own tensors a user put a ``torch.nn.utils.parametrize`` parametrization on (its base
@@ -672,9 +705,10 @@ class AdapterLayer(nn.Module):
         """Whether any of this layer's trainable tensors is set to train (``False`` after ``load(..., trainable=False)``)."""
         return any(p.requires_grad for p in self.trainable_tensors().values())
 
-    def trainable_tensors(self) -> dict[str, nn.Parameter]:
-        """``{name: tensor}`` for the names in ``trainable`` (this layer's trained tensors)."""
-        return {name: getattr(self, name) for name in self.trainable}
+    def trainable_tensors(self) -> dict[str, Tensor]:
+        """``{name: tensor}`` for the names in ``trainable`` (this layer's trained tensors): the stored ones, a
+        parametrized factor's ``original`` under the factor's name (:meth:`leaves`)."""
+        return {k: t for name in self.trainable for k, t in self.leaves(name).items()}
 
     def extra_repr(self) -> str:
         return (

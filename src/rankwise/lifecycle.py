@@ -43,7 +43,7 @@ from .optim import made_no_update, split_weight_decay
 from .quant import dequantize_model, model_float_dtype, parameter_count, quant_kind
 from .registry import BuildResult, LossFn, method_for
 from .slots import copy_module as _copy_module  # modules_to_save's trained copy, its hooks' owners not copied
-from .slots import STATE_DICT_TABLES, hand_over_buffers
+from .slots import STATE_DICT_TABLES, hand_over_tensors
 from .slots import replace_all as _replace_all  # all or nothing: a failed replacement puts the slots back
 from .slots import set_submodule as _set_submodule  # the slot's hooks go along with each replacement
 from .layer import DEFAULT_ADAPTER
@@ -222,7 +222,7 @@ def lora_plus_param_groups(
     if embedding_lr is not None and not embedded:
         raise ValueError(f"embedding_lr={embedding_lr:g} would change nothing: no adapter of this model trains a tensor on "
                          "an nn.Embedding (name the embedding in target_modules, or leave embedding_lr out)")
-    fast = [p for layer in grouped for p in (getattr(layer, name) for name in layer.lr_multiplied) if p.requires_grad]
+    fast = [p for layer in grouped for name in layer.lr_multiplied for p in layer.leaves(name).values() if p.requires_grad]
     fast_ids = {id(p) for p in fast + embedded}
     if not fast and ratio != 1 and any(layer.requires_grad() for layer in grouped):
         raise ValueError(
@@ -279,8 +279,8 @@ def install(
             layer.train(slot.training)  # a new module defaults to train mode: keep the model's
             layer.tied = layer_name in ties
             _set_submodule(model, layer_name, layer)
-        for p in layer.trainable_tensors().values():
-            p.requires_grad_(True)
+        for t in layer.trainable_tensors().values():
+            t.requires_grad_(True)
     for module_name, original in saved.items():
         trained = _copy_module(original)  # its hooks copied as tables, not the objects they belong to
         _set_submodule(model, module_name, trained)
@@ -722,8 +722,8 @@ def detach(model: nn.Module, merge: bool = False) -> nn.Module:
 
     All or nothing, as ``attach``: what would stop a layer leaving (:func:`check_leaving`) is refused before any
     module is replaced, and an error while replacing (an interrupt too) puts every slot back and every layer merged as
-    it was. Buffers registered on an adapter layer while attached go to the module put back in its slot; its
-    state-dict hooks cannot, and are named in a warning (:func:`hand_over_additions`).
+    it was. Parameters and buffers registered on an adapter layer while attached go to the module put back in its
+    slot; its state-dict hooks cannot, and are named in a warning (:func:`hand_over_additions`).
     """
     check_bool("merge", merge)
     model = unwrap_model(model)
@@ -771,25 +771,26 @@ def detach(model: nn.Module, merge: bool = False) -> nn.Module:
 
 def check_leaving(hosts: dict[str, AdapterLayer]) -> None:
     """Raise, changing nothing, where an adapter layer cannot leave its slot (``detach``, ``delete``): a parametrization
-    on its base tensors (:meth:`AdapterLayer.check_base_stored`), or a buffer registered on it while attached whose
-    name its base module already holds (the buffer goes to the base: :func:`hand_over_additions`)."""
+    on its base tensors (:meth:`AdapterLayer.check_base_stored`), or a parameter or buffer registered on it while
+    attached whose name its base module already holds (they go to the base: :func:`hand_over_additions`)."""
     for name, layer in hosts.items():
         layer.check_base_stored(name)
         base = layer.base_layer()
-        clash = [b for b in layer.user_buffers() if hasattr(base, b)]
+        clash = [t for t in layer.user_parameters() + layer.user_buffers() if hasattr(base, t)]
         if clash:
             raise ValueError(
-                f"cannot take adapter layer {name!r} off: buffers {clash} were registered on it while attached, and "
+                f"cannot take adapter layer {name!r} off: tensors {clash} were registered on it while attached, and "
                 f"its base module {type(base).__name__} has attributes of those names, so they cannot go back with it. "
                 "Rename or delete them first (del layer.<name>); nothing was changed")
 
 
 def hand_over_additions(name: str, layer: AdapterLayer, arriving: nn.Module) -> None:
-    """What a user registered on ``layer`` while attached, as it leaves slot ``name`` for good: its buffers go to
-    ``arriving`` (the module now in the slot: ``model.state_dict()`` keeps their keys; forward hooks moved with the
-    slot already); its state-dict hooks cannot follow (a moved hook's handle would no longer remove it, and they
-    were written for the layer's state_dict, adapter tensors included), so each kind is named in a warning."""
-    hand_over_buffers(layer, arriving, layer.user_buffers())
+    """What a user registered on ``layer`` while attached, as it leaves slot ``name`` for good: its parameters and
+    buffers go to ``arriving`` (the module now in the slot: ``model.state_dict()`` keeps their keys, a parameter its
+    ``requires_grad``; forward hooks moved with the slot already); its state-dict hooks cannot follow (a moved hook's
+    handle would no longer remove it, and they were written for the layer's state_dict, adapter tensors included), so
+    each kind is named in a warning."""
+    hand_over_tensors(layer, arriving, layer.user_parameters() + layer.user_buffers())
     kinds = layer.user_state_dict_hooks()
     if kinds:
         warnings.warn(f"rankwise: the {', '.join(kinds)} registered on adapter layer {name!r} while attached go with the "

@@ -98,10 +98,14 @@ def replace_all(model: nn.Module, modules: Mapping[str, nn.Module]) -> None:
         raise
 
 
-def hand_over_buffers(leaving: nn.Module, arriving: nn.Module, names: list[str]) -> None:
-    """Move buffers ``names`` (persistent or not) from ``leaving`` to ``arriving`` (which holds no attribute of those
-    names: the caller checks), so ``model.state_dict()`` keeps their keys when a module leaves its slot for good."""
+def hand_over_tensors(leaving: nn.Module, arriving: nn.Module, names: list[str]) -> None:
+    """Move parameters and buffers ``names`` (the same objects: ``requires_grad``, a buffer's persistence kept) from
+    ``leaving`` to ``arriving`` (which holds no attribute of those names: the caller checks), so
+    ``model.state_dict()`` keeps their keys when a module leaves its slot for good."""
     for name in names:
+        if name in leaving._parameters:
+            arriving.register_parameter(name, leaving._parameters.pop(name))
+            continue
         persistent = name not in leaving._non_persistent_buffers_set
         arriving.register_buffer(name, leaving._buffers.pop(name), persistent=persistent)
         leaving._non_persistent_buffers_set.discard(name)

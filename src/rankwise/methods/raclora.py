@@ -328,6 +328,21 @@ def link_end_resets(layer: RacLoraLinear, keep: bool) -> tuple[Tensor, ...]:
     return tuple(t for t in (layer.lora_a, layer.lora_b) if id(t) not in trained)
 
 
+def refuse_parametrized(layers: dict[str, AdapterLayer]) -> None:
+    """Raise, changing nothing, where a user put a torch parametrization on a factor of the chain's layers after attach:
+    a link end (and :func:`compress_chain`) re-zeroes the trained factor and resamples the sketch in place, which on a
+    parametrized factor would write a computed value and leave the tensor behind it as it was (the link counted twice,
+    the same sketch kept)."""
+    for name, layer in layers.items():
+        found = layer.parametrized_factors()
+        if found:
+            raise ValueError(
+                f"RAC-LoRA / COLA rewrites its factors in place at a link end, and adapter layer {name!r} has torch "
+                f"parametrizations on {found}: the write would miss the tensor behind them. Take them off, keeping their "
+                f"value (torch.nn.utils.parametrize.remove_parametrizations(layer, {found[0]!r}, leave_parametrized=True):"
+                " a trained factor stays the same object, so the optimizer keeps it); nothing was changed")
+
+
 NO_OPTIMIZER = ("a RAC-LoRA link ends here and its optimizer state must be reset: call rankwise.step(model, optimizer) "
                 "(or rankwise.end_link(model, optimizer)) with the optimizer")
 
@@ -337,6 +352,7 @@ def _check_link_end(layers: dict[str, AdapterLayer], optimizer: Any) -> list[Rac
     factors, FSDP1's flattened shards. Returns the chain's layers."""
     if optimizer is None:
         raise ValueError(NO_OPTIMIZER)
+    refuse_parametrized(layers)
     check_optimizer(layers, optimizer)
     chain = [layer for layer in layers.values() if isinstance(layer, RacLoraLinear)]
     assert len(chain) == len(layers)
@@ -362,12 +378,14 @@ def _link_ends(config: RacLoraConfig, state: RankwiseState) -> bool:
 
 
 def check_step(model: nn.Module, layers: dict[str, AdapterLayer], optimizer: Any, state: RankwiseState) -> None:  # noqa: ARG001
-    """What :func:`on_step` refuses, raised before anything changes: an optimizer that does not hold the chain's
-    trained factors (checked every step, so a wrong one is caught at once, not at a link end), or none at a link end."""
+    """What :func:`on_step` refuses, raised before anything changes: a parametrized factor (:func:`refuse_parametrized`)
+    or an optimizer that does not hold the chain's trained factors (checked every step, so either is caught at once,
+    not at a link end), or no optimizer at a link end."""
     config = state.config
     assert isinstance(config, RacLoraConfig)
     if not config.chain:
         return
+    refuse_parametrized(layers)
     if optimizer is not None:
         check_optimizer(layers, optimizer)
     elif _link_ends(config, state):
@@ -441,6 +459,7 @@ def compress_chain(model: nn.Module, rank: int, name: str | None = None) -> dict
     """
     check_positive_int("rank", rank)
     _, _, layers = _rac_state(model, name)
+    refuse_parametrized(dict(layers))
     merged = [n for n, layer in layers.items() if layer.merged]
     if merged:
         raise ValueError(f"unmerge before compressing the chain (merged layers: {merged[:4]})")
