@@ -257,7 +257,8 @@ def test_every_run_config_field_comes_from_its_flag() -> None:
             "--max-train", "9", "--data-seed", "3", "--subset", "prefix", "--max-eval", "8", "--eval-every", "3", "--eval-before", "--save-every", "2",
             "--calibration-batches", "4", "--head-warmup-steps", "2", "--max-new-tokens", "5", "--precision", "no",
             "--skip-bad-rows", "--head", "roberta", "--pooling", "mean", "--head-lr", "0.02",
-            "--val-split", "0.25", "--eval-each-epoch", "--patience", "2", "--keep-best", "--max-grad-norm", "1.5"]
+            "--val-split", "0.25", "--eval-each-epoch", "--patience", "2", "--keep-best", "--max-grad-norm", "1.5",
+            "--trainable-token-indices", "embed_tokens=5,7;lm_head=5", "--ensure-weight-tying"]
     run = _run_config(build_parser().parse_args(argv), "gora", "out")  # a method that reads --calibration-batches
     defaults = {f.name: f.default for f in dataclasses.fields(type(run)) if f.default is not dataclasses.MISSING}
     unchanged = {k for k, v in dataclasses.asdict(run).items() if k in defaults and v == defaults[k]}
@@ -266,3 +267,6 @@ def test_every_run_config_field_comes_from_its_flag() -> None:
     assert unchanged == {"template", "label_words", "quantize", "eval_subset"}
     assert run.dev_subset == "prefix"
     assert run.targets == ("query", "value") and run.overrides == {"use_rslora": "true"} and run.r == 4
+    assert run.trainable_token_indices == {"embed_tokens": (5, 7), "lm_head": (5,)} and run.ensure_weight_tying is True
+    mcfg = run.method_config()
+    assert mcfg.trainable_token_indices == run.trainable_token_indices and mcfg.ensure_weight_tying is True

@@ -73,6 +73,14 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    "sentence pairs, {text_pair}; \\n is a newline (default per task: `rankwise tasks`)")
     g.add_argument("--label-words", help="causal LMs: one word per class in the task's label order, comma-separated "
                    "with spaces kept (' no, yes') or a JSON list; a word of several tokens is scored by its first")
+    g.add_argument("--trainable-token-indices", metavar="IDS",
+                   help="train these rows of an embedding densely beside the adapter, every other row unchanged (the "
+                        "config's trainable_token_indices, HF PEFT's): 5,7,9 for the input embedding's rows (a tied "
+                        "lm_head follows them), embed_tokens=5,7;lm_head=5 per module (quote it in a shell), or JSON")
+    g.add_argument("--ensure-weight-tying", action="store_true",
+                   help="a head tied to the input embedding (tie_word_embeddings) computes with the embedding's "
+                        "adapter, one set of factors for both (the config's ensure_weight_tying, HF PEFT's); a method "
+                        "whose embedding layer cannot be shared refuses it at attach, before training")
     g.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", default=[],
                    help="any field of the method's config, e.g. --set r_min=2 --set use_rslora=true (repeatable)")
     g = p.add_argument_group("training")

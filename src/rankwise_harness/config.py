@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import rankwise
+from rankwise.config import TokenIndices, as_token_indices
 from rankwise.targeting import ALL_LINEAR, is_all_linear
 
 from . import QUANTIZE_CHOICES
@@ -91,6 +92,56 @@ def _coerce(raw: Any, default: Any, module_names: bool = False) -> Any:
     return value
 
 
+TOKEN_INDICES_SYNTAX = ("5,7,9 (rows of the input embedding), embed_tokens=5,7;lm_head=5 (rows per module: "
+                        "name=ids, modules separated by ';'), or the same as JSON ([5,7,9] / {\"embed_tokens\": [5,7]})")
+
+
+def parse_token_indices(raw: Any) -> TokenIndices | None:
+    """``--trainable-token-indices`` as the config's ``trainable_token_indices``: ``"5,7,9"`` (the model's input
+    embedding's rows), ``"embed_tokens=5,7;lm_head=5"`` (``{module-name suffix: ids}``), or JSON (``[5,7,9]``,
+    ``{"embed_tokens": [5,7]}``); a list or dict (a recorded ``config.json``, the Python API) is checked as given.
+    A :class:`ConfigError` names the flag, the bad part and the syntax."""
+    flag = "--trainable-token-indices"
+    value: Any = raw
+    if isinstance(raw, str):
+        text = raw.strip()
+        if not text:
+            raise ConfigError(f"{flag} is empty: give {TOKEN_INDICES_SYNTAX}")
+        if text[0] in "[{":
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{flag} {raw!r} is not valid JSON ({exc.msg}); give {TOKEN_INDICES_SYNTAX}") from None
+        elif "=" in text:
+            value = {}
+            for part in (p.strip() for p in text.split(";")):
+                if not part:
+                    continue
+                name, sep, ids = (x.strip() for x in part.partition("="))
+                if not sep or not name or not MODULE_NAME.fullmatch(name):
+                    raise ConfigError(f"{flag}: {part!r} is not module=ids (e.g. embed_tokens=5,7); give "
+                                      f"{TOKEN_INDICES_SYNTAX}")
+                if name in value:
+                    raise ConfigError(f"{flag} names {name!r} twice: list its rows once (embed_tokens=5,7)")
+                value[name] = _token_ids(ids, f"{flag} {name}=")
+        else:
+            value = _token_ids(text, flag)
+    try:
+        return as_token_indices(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{flag}: {exc}") from None
+
+
+def _token_ids(text: str, where: str) -> list[int]:
+    """``"5, 7,9"`` -> ``[5, 7, 9]``; a :class:`ConfigError` names a part that is not a token id."""
+    parts = [p.strip() for p in text.split(",")]
+    bad = [p for p in parts if not p.isdecimal()]
+    if bad or not text.strip():
+        shown = repr(bad[0]) if bad and bad[0] else "an empty entry"
+        raise ConfigError(f"{where}{text}: {shown} is not a token id (an integer >= 0); give {TOKEN_INDICES_SYNTAX}")
+    return [int(p) for p in parts]
+
+
 def target_spec(targets: tuple[str, ...] | None) -> tuple[str, ...] | str:
     """The ``target_modules`` a run's ``--targets`` asks for: ``"all-linear"`` (the default, also when
     spelled ``--targets all-linear``) or the given module-name suffixes."""
@@ -108,6 +159,8 @@ def build_method_config(
     targets: tuple[str, ...] | str | None = None,
     modules_to_save: tuple[str, ...] | None = None,
     seed: int | None = None,
+    trainable_token_indices: TokenIndices | None = None,
+    ensure_weight_tying: bool | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> rankwise.AdapterConfig:
     """The method's config: class defaults, then the common values given, then ``overrides``.
@@ -121,7 +174,8 @@ def build_method_config(
     cls = rankwise.all_methods()[method].config_cls
     fields = {f.name: f for f in dataclasses.fields(cls)}
     given = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": targets,
-             "modules_to_save": modules_to_save, "seed": seed}
+             "modules_to_save": modules_to_save, "seed": seed, "trainable_token_indices": trainable_token_indices,
+             "ensure_weight_tying": ensure_weight_tying or None}
     values: dict[str, Any] = {k: v for k, v in given.items() if v is not None and k in fields}  # the fields' own types
     for key, raw in (overrides or {}).items():
         if key not in fields:
@@ -186,10 +240,15 @@ class RunConfig:
     patience: int | None = None  # stop after this many held-out evaluations without a new best
     keep_best: bool = False  # the result is the best held-out evaluation's model, not the last (keepbest.py)
     quantize: str | None = None
+    # the adapter config's rows trained densely (parse_token_indices: "5,7", "embed_tokens=5,7;lm_head=5" or JSON)
+    trainable_token_indices: TokenIndices | None = None
+    ensure_weight_tying: bool = False  # a head tied to the embedding computes with the embedding's adapter
 
     # the config fields with a flag of their own: --set of one of them beside its flag would silently win
     _SET_WITH_A_FLAG = (("r", "r", "--r"), ("alpha", "alpha", "--alpha"), ("dropout", "dropout", "--dropout"),
-                        ("target_modules", "targets", "--targets"))
+                        ("target_modules", "targets", "--targets"),
+                        ("trainable_token_indices", "trainable_token_indices", "--trainable-token-indices"),
+                        ("ensure_weight_tying", "ensure_weight_tying", "--ensure-weight-tying"))
     # every numeric flag, by rule: (flags, integer, lowest allowed, lowest included); None always means "default"
     _NUMBERS = (
         (("batch_size", "grad_accum", "max_length", "calibration_batches", "max_new_tokens", "max_steps",
@@ -204,6 +263,10 @@ class RunConfig:
             self.targets = tuple(self.targets)
         if self.label_words is not None and not isinstance(self.label_words, tuple):
             self.label_words = tuple(self.label_words)
+        if self.trainable_token_indices is not None:
+            self.trainable_token_indices = parse_token_indices(self.trainable_token_indices)
+        if not isinstance(self.ensure_weight_tying, bool):
+            raise ConfigError(f"--ensure-weight-tying is a switch (true or false), got {self.ensure_weight_tying!r}")
         from .sources import adapter_source
 
         source = adapter_source(self.method)
@@ -236,7 +299,7 @@ class RunConfig:
         from .sources import adapter_source
 
         key = (self.method, self.r, self.alpha, self.dropout, self.targets, self.seed, tuple(self.overrides.items()),
-               self.calibration_batches)
+               self.calibration_batches, self.trainable_token_indices, self.ensure_weight_tying)
         if getattr(self, "_method_config_key", None) != key:
             self._method_config = adapter_source(self.method).config(self)
             self._method_config_key = key
@@ -270,9 +333,11 @@ class RunConfig:
                               "every other tensor at --lr)")
         for key, name, flag in self._SET_WITH_A_FLAG:
             value = getattr(self, name)
-            if key in self.overrides and value is not None:
-                shown = ",".join(value) if isinstance(value, tuple) else value
-                raise ConfigError(f"--set {key}={self.overrides[key]} and {flag} {shown} both set {key}: pass one")
+            if key in self.overrides and value is not None and value is not False:
+                shown = "" if value is True else ",".join(map(str, value)) if isinstance(value, tuple) else (
+                    ";".join(f"{k}={','.join(map(str, v))}" for k, v in value.items()) if isinstance(value, dict) else value)
+                raise ConfigError(f"--set {key}={self.overrides[key]} and {flag}{' ' if shown != '' else ''}{shown} both set "
+                                  f"{key}: pass one")
 
     def _check_head_and_split(self) -> None:
         """``--head``, ``--pooling`` (classification tasks only), ``--val-split`` (strictly between 0 and 1) and
@@ -312,6 +377,9 @@ class RunConfig:
         out["eval_subset"] = self.dev_subset  # recorded resolved: the folder says which dev rows it used
         out["targets"] = list(self.targets) if self.targets is not None else None
         out["label_words"] = list(self.label_words) if self.label_words is not None else None
+        rows = self.trainable_token_indices
+        out["trainable_token_indices"] = (None if rows is None else {k: list(v) for k, v in rows.items()}
+                                          if isinstance(rows, dict) else list(rows))
         return out
 
     @classmethod
@@ -349,8 +417,8 @@ class RunConfig:
         out["model"], model_path = canonical_model(self.model, task)
         mcfg = self.method_config()
         if mcfg is not None:
-            for key in ("r", "alpha", "dropout", "overrides", "targets"):
-                out.pop(key)
+            for key in ("r", "alpha", "dropout", "overrides", "targets", "trainable_token_indices", "ensure_weight_tying"):
+                out.pop(key)  # as the method config has them
             out["method_config"] = mcfg.to_dict()
         default = DEFAULT_VERBALIZERS.get(self.task)
         if default is not None:

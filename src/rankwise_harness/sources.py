@@ -130,7 +130,9 @@ class RankwiseAdapter(AdapterSource):
         (GoRA: ``n_steps x grad_accumulation``) sets that count to N (before, N batches were drawn and GoRA averaged
         its default 8 of them, the log saying N), refused where ``--set`` gives the count another value."""
         mcfg = build_method_config(cfg.method, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
-                                   targets=target_spec(cfg.targets), seed=cfg.seed, overrides=cfg.overrides)
+                                   targets=target_spec(cfg.targets), seed=cfg.seed,
+                                   trainable_token_indices=cfg.trainable_token_indices,
+                                   ensure_weight_tying=cfg.ensure_weight_tying, overrides=cfg.overrides)
         method, n = rankwise.all_methods()[cfg.method], cfg.calibration_batches
         if not (n and method.uses_calibration and method.calibration_config is not None) or method.calibration_batches(mcfg) == n:
             return mcfg
@@ -155,7 +157,10 @@ class RankwiseAdapter(AdapterSource):
                 loss_fn: LossFn) -> Any:
         if mcfg is None:
             raise ConfigError("a library method's adapter needs its config")
-        return rankwise.attach(model, mcfg, calibration=calibration, loss_fn=loss_fn)
+        report = rankwise.attach(model, mcfg, calibration=calibration, loss_fn=loss_fn)
+        if mcfg.ensure_weight_tying:
+            check_tied(model)
+        return report
 
     def param_groups(self, model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
         if cfg.lora_plus_ratio:
@@ -175,6 +180,26 @@ class RankwiseAdapter(AdapterSource):
         draw = rankwise.all_methods()[method].plot
         if draw is not None:
             draw(model, folder / f"{method}_ranks.png")
+
+
+def check_tied(model: nn.Module) -> None:
+    """``ensure_weight_tying`` (``--ensure-weight-tying``) asked, after attach: a :class:`ConfigError` where it tied
+    nothing (the library, as PEFT, then trains as without it; PEFT warns): no head of the model shares an embedding's
+    weight, or the adapter has no layer on the tied pair (a head following the embedding's factors or token rows)."""
+    from rankwise.state import tied_layers, token_layers
+    from rankwise.ties import tied_heads
+
+    if tied_layers(model) or any(layer.leader for layer in token_layers(model).values()):
+        return
+    modules = list(model.named_modules())
+    heads = tied_heads(modules, [n for n, m in modules if isinstance(m, nn.Embedding)])
+    if not heads:
+        raise ConfigError("--ensure-weight-tying ties nothing: no head shares an embedding's weight in this model "
+                          "(its config's tie_word_embeddings is False, or it has no output head); drop the flag")
+    emb = next(iter(heads.values()))
+    raise ConfigError(f"--ensure-weight-tying ties nothing: {sorted(heads)} share(s) the weight of {emb!r}, but the "
+                      f"adapter has no layer there to tie: add {emb.rsplit('.', 1)[-1]} to --targets (the head then "
+                      "computes with its factors) or list its rows in --trainable-token-indices, or drop the flag")
 
 
 class ExternalAdapter(RankwiseAdapter):
@@ -218,7 +243,7 @@ class FullFineTuning(AdapterSource):
     calls_step = False
     description = "full fine-tuning: every weight trained, no adapters"
     unused = ("r", "alpha", "dropout", "targets", "overrides", "lora_plus_ratio", "lora_plus_embedding_lr",  # adapters'
-              "calibration_batches")
+              "calibration_batches", "trainable_token_indices", "ensure_weight_tying")
 
     def check(self, cfg: RunConfig) -> None:
         super().check(cfg)
