@@ -442,8 +442,8 @@ class AdapterLayer(nn.Module):
         (lost). Refused (at the forward, merge, detach and delete, before anything changes) rather than half honoured,
         as attach refuses a parametrized target (:func:`rankwise.base_layers.check_stored_weight`)."""
         plists = self._modules.get("parametrizations")
-        found = {t: [type(p).__name__ for p in plist] for t, plist in (plists.items() if plists is not None else ())
-                 if t in ("weight", "bias")}
+        held = plists.items() if isinstance(plists, nn.ModuleDict) else ()
+        found = {t: [type(p).__name__ for p in cast(nn.ModuleList, plist)] for t, plist in held if t in ("weight", "bias")}
         if found:
             where = f"adapter layer {name!r}" if name else f"this {type(self).__name__}"
             raise TypeError(
