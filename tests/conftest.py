@@ -92,6 +92,28 @@ def save_tiny_tokenizer(folder: str | Path, vocab_size: int) -> Any:
     return tokenizer
 
 
+class LinearStack(nn.Module):
+    """``n`` ``Linear(width, width)`` in a row (``layers.0`` ... ``layers.<n-1>``), each followed by tanh: the review
+    tests' model for slot replacement, detach and files."""
+
+    def __init__(self, n: int, width: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(width, width) for _ in range(n)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+class Negate(nn.Module):
+    """A torch parametrization: the tensor's negative (no ``right_inverse``: the value it computes is ``-`` the one
+    stored)."""
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return -w
+
+
 class TinyMLP(nn.Module):
     """A 3-layer MLP with named layers; ``model(x, labels)`` returns an object with ``.loss`` and ``.logits``."""
 

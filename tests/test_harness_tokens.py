@@ -189,18 +189,9 @@ def test_a_method_that_cannot_tie_refuses_before_anything_trains(tiny_lm: str, s
 @pytest.fixture(scope="module")
 def untied_lm(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The tiny Llama with its own lm_head (tie_word_embeddings=False)."""
-    from test_label_words import _tiny_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from test_label_words import save_tiny_llama
 
-    tok = _tiny_tokenizer()
-    torch.manual_seed(0)
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                      tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2))
-    folder = tmp_path_factory.mktemp("untied-llama")
-    lm.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
+    return save_tiny_llama(tmp_path_factory.mktemp("untied-llama"), tied=False)
 
 
 @pytest.mark.parametrize("case", ["tied head, no adapter on it", "no tied head"])

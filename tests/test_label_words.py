@@ -51,20 +51,25 @@ def _tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A 2-layer Llama (tied embeddings, like SmolLM2) with the tiny tokenizer, saved as a checkpoint."""
+def save_tiny_llama(folder: Path, tied: bool) -> str:
+    """A seeded 2-layer Llama with the tiny tokenizer saved in ``folder`` (``tied``: its head shares the input
+    embedding's weight, as SmolLM2's); returns the folder."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = _tiny_tokenizer()
     torch.manual_seed(0)
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                      tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2))
-    folder = tmp_path_factory.mktemp("tiny-llama")
+                                      tie_word_embeddings=tied, pad_token_id=0, bos_token_id=1, eos_token_id=2))
     lm.save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 2-layer Llama (tied embeddings, like SmolLM2) with the tiny tokenizer, saved as a checkpoint."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tied=True)
 
 
 def _load(path: str):

@@ -11,44 +11,24 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import LinearStack, Negate, TinyMLP
 from torch import nn
 from torch.nn.utils import parametrize
 
 import rankwise
 import rankwise.slots
-from conftest import TinyMLP
 
 SLOTS = [f"layers.{i}" for i in range(6)]
-
-
-class Stack(nn.Module):
-    """Six ``Linear(4, 4)`` in a row."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList([nn.Linear(4, 4) for _ in range(6)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = torch.tanh(layer(x))
-        return x
-
-
-class Negate(nn.Module):
-    """A parametrization: the weight's negative."""
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return -w
 
 
 def _x() -> torch.Tensor:
     return torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
 
 
-def _adapted(names: tuple[str, ...] = ("default",)) -> Stack:
-    """A seeded :class:`Stack`, LoRA on every layer for each adapter name, the updates moved off zero."""
+def _adapted(names: tuple[str, ...] = ("default",)) -> LinearStack:
+    """A seeded :class:`conftest.LinearStack` (6 x Linear(4, 4)), LoRA on every layer for each adapter name, the updates moved off zero."""
     torch.manual_seed(0)
-    model = Stack()
+    model = LinearStack(6, 4)
     for i, name in enumerate(names):
         rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=SLOTS, seed=i), name=name)
     g = torch.Generator().manual_seed(3)
@@ -60,7 +40,7 @@ def _adapted(names: tuple[str, ...] = ("default",)) -> Stack:
     return model.eval()
 
 
-def _counting_hooks(model: Stack) -> list[int]:
+def _counting_hooks(model: LinearStack) -> list[int]:
     """A forward pre-hook on each slot counting its calls (registered on what stands there now)."""
     calls = [0] * len(SLOTS)
     for i, slot in enumerate(SLOTS):
@@ -70,7 +50,7 @@ def _counting_hooks(model: Stack) -> list[int]:
     return calls
 
 
-def _picture(model: Stack) -> tuple[list[int], list[list[str]], list[bool], dict[str, torch.Tensor], Any]:
+def _picture(model: LinearStack) -> tuple[list[int], list[list[str]], list[bool], dict[str, torch.Tensor], Any]:
     """What a failed detach / delete must leave unchanged: the module objects in the slots, each slot's adapters in
     order, merge flags, every tensor of the state_dict and the adapter set."""
     slots = [model.get_submodule(s) for s in SLOTS]
@@ -81,7 +61,7 @@ def _picture(model: Stack) -> tuple[list[int], list[list[str]], list[bool], dict
     return [id(m) for m in slots], stacks, merged, tensors, adapters and (list(adapters.adapters), list(adapters.active))
 
 
-def _assert_unchanged(model: Stack, before: Any, out_before: torch.Tensor) -> None:
+def _assert_unchanged(model: LinearStack, before: Any, out_before: torch.Tensor) -> None:
     ids, stacks, merged, tensors, adapters = _picture(model)
     assert (ids, stacks, merged, adapters) == (before[0], before[1], before[2], before[4])
     assert tensors.keys() == before[3].keys()

@@ -140,6 +140,19 @@ def _peft_merged_save(folder: Path, out: Path) -> tuple[nn.Module, set[str], boo
         "tie_word_embeddings"]
 
 
+def _merged_saves_agree(model: torch.nn.Module, tmp_path: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """PEFT's ``merge_and_unload`` of ``tmp_path/adapter`` and our ``detach(merge=True)`` of ``model``, each saved with
+    ``save_pretrained``: both stay tied and write the same keys and ``tie_word_embeddings: true``. Returns
+    ``(theirs, ours)``."""
+    theirs, their_keys, their_tie = _peft_merged_save(tmp_path / "adapter", tmp_path / "peft")
+    ours = rankwise.detach(model, merge=True)
+    ours.save_pretrained(tmp_path / "ours")
+    assert _tied(theirs) and _tied(ours)
+    assert set(load_file(tmp_path / "ours/model.safetensors")) == their_keys
+    assert json.loads((tmp_path / "ours/config.json").read_text())["tie_word_embeddings"] is their_tie is True
+    return theirs, ours
+
+
 def test_merged_token_rows_save_as_peft_s_merge_and_unload_saves_them(tmp_path: Path) -> None:
     """Rows on the tied pair, exported and loaded by PEFT: its ``merge_and_unload`` and our ``detach(merge=True)`` give
     the same logits, the head still the embedding's ``Parameter``, and ``save_pretrained`` writes the same keys and
@@ -148,12 +161,7 @@ def test_merged_token_rows_save_as_peft_s_merge_and_unload_saves_them(tmp_path: 
     _rows(model)
     _perturb(model)
     rankwise.export_peft(model, tmp_path / "adapter")
-    theirs, their_keys, their_tie = _peft_merged_save(tmp_path / "adapter", tmp_path / "peft")
-    ours = rankwise.detach(model, merge=True)
-    ours.save_pretrained(tmp_path / "ours")
-    assert _tied(theirs) and _tied(ours)
-    assert set(load_file(tmp_path / "ours/model.safetensors")) == their_keys
-    assert json.loads((tmp_path / "ours/config.json").read_text())["tie_word_embeddings"] is their_tie is True
+    theirs, ours = _merged_saves_agree(model, tmp_path)
     torch.testing.assert_close(_logits(ours), _logits(theirs), rtol=1e-5, atol=1e-5)
 
 
@@ -168,12 +176,7 @@ def test_merged_ensure_weight_tying_lora_saves_as_peft_s_merge_keeps_the_tie(tmp
     rankwise.export_peft(model, tmp_path / "adapter")
     unmerged = peft.PeftModel.from_pretrained(EMBEDDING_CASE().make(), tmp_path / "adapter").eval()
     torch.testing.assert_close(_logits(unmerged), adapted, rtol=1e-5, atol=1e-5)
-    theirs, their_keys, their_tie = _peft_merged_save(tmp_path / "adapter", tmp_path / "peft")
-    ours = rankwise.detach(model, merge=True)
-    ours.save_pretrained(tmp_path / "ours")
-    assert _tied(theirs) and _tied(ours)
-    assert set(load_file(tmp_path / "ours/model.safetensors")) == their_keys
-    assert json.loads((tmp_path / "ours/config.json").read_text())["tie_word_embeddings"] is their_tie is True
+    _, ours = _merged_saves_agree(model, tmp_path)
     torch.testing.assert_close(_logits(ours), adapted, rtol=1e-5, atol=1e-5)
 
 

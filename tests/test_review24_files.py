@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import Negate
 from safetensors import safe_open
 from torch import nn
 from torch.nn.utils import parametrize
@@ -35,13 +36,6 @@ class Stack(nn.Module):
         for layer in self.layers:
             x = torch.tanh(layer(x))
         return self.h3(torch.tanh(self.h2(torch.tanh(self.h1(x)))))
-
-
-class Negate(nn.Module):
-    """A parametrization: the tensor's negative (no ``right_inverse``: the value it computes is ``-`` the one before)."""
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return -w
 
 
 def _x() -> torch.Tensor:

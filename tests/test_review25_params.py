@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import LinearStack, Negate
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -19,26 +20,6 @@ import rankwise
 from rankwise.methods.raclora import compress_chain, end_link
 
 SLOTS = [f"layers.{i}" for i in range(3)]
-
-
-class Stack(nn.Module):
-    """Three ``Linear(6, 6)`` in a row."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList([nn.Linear(6, 6) for _ in range(3)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = torch.tanh(layer(x))
-        return x
-
-
-class Negate(nn.Module):
-    """A parametrization: the tensor's negative (no ``right_inverse``)."""
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return -w
 
 
 def _x() -> torch.Tensor:
@@ -49,9 +30,9 @@ def _loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return model(batch).pow(2).sum()
 
 
-def _adapted(config: rankwise.AdapterConfig, names: tuple[str, ...] = ("default",)) -> Stack:
+def _adapted(config: rankwise.AdapterConfig, names: tuple[str, ...] = ("default",)) -> LinearStack:
     torch.manual_seed(0)
-    model = Stack()
+    model = LinearStack(3, 6)
     for name in names:
         rankwise.attach(model, config, name=None if name == "default" else name,
                         calibration=[_x()], loss_fn=_loss)  # calibration: GoRA's, ignored by the others
@@ -103,7 +84,7 @@ def test_lora_plus_gives_a_parametrized_b_its_rate_and_trains_it() -> None:
     assert not torch.equal(original, before)
 
 
-def _chain(frozen: str = "A") -> Stack:
+def _chain(frozen: str = "A") -> LinearStack:
     return _adapted(rankwise.RacLoraConfig(r=2, alpha=4, target_modules="all-linear", link_steps=1, frozen=frozen, seed=0))
 
 
