@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -195,3 +196,26 @@ def test_peft_s_tied_dora_imports_as_two_layers_with_peft_s_logits_and_merges_un
     plain = rankwise.detach(ours, merge=True)
     assert not _tied(plain) and plain.config.tie_word_embeddings is False
     torch.testing.assert_close(_logits(plain), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_ensure_weight_tying_that_ties_nothing_says_so_and_one_that_ties_does_not() -> None:
+    """``ensure_weight_tying=True`` with no layer on a tied pair (PEFT 0.21 warns "no tied modules are added"): before,
+    the adapter trained as without the flag and nothing said so. Now ``attach`` warns and the report carries the note;
+    where it ties (the head targeted, or rows the head follows) nothing is said, and the tie is real."""
+    quiet = {"head targeted": dict(target_modules=["lm_head", "q_proj"]),
+             "rows": dict(target_modules=["q_proj"], trainable_token_indices=[5])}
+    for label, kw in quiet.items():
+        model = EMBEDDING_CASE().make()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            report = rankwise.attach(model, rankwise.LoraConfig(r=2, ensure_weight_tying=True, **kw))
+        assert not any("tied nothing" in n for n in report.notes), label
+    model = EMBEDDING_CASE().make()
+    with pytest.warns(UserWarning, match="ensure_weight_tying=True tied nothing") as caught:
+        report = rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["q_proj"], ensure_weight_tying=True))
+    assert any("tied nothing" in n for n in report.notes)
+    assert sum("tied nothing" in str(w.message) for w in caught) == 1
+    untied = EMBEDDING_CASE().make()  # the same config without the flag computes the same: the flag changed nothing
+    rankwise.attach(untied, rankwise.LoraConfig(r=2, target_modules=["q_proj"]))
+    ids = torch.arange(1, 9).reshape(1, 8)
+    torch.testing.assert_close(model(input_ids=ids).logits, untied(input_ids=ids).logits, rtol=0, atol=0)

@@ -51,7 +51,7 @@ from .state import (STATE_ATTR, AdapterSet, RankwiseState, adapter_layers, adapt
                     every_layer, fully_trained_modules, get_state, is_attached, original_modules, refuse_peft_model,
                     names_in_order, slot_layers, unwrap_model)
 from .targeting import find_modules_to_save, find_targets, is_all_linear
-from .ties import build_ties, join_merged_ties, merge_parts_ties, plan_ties
+from .ties import build_ties, join_merged_ties, merge_parts_ties, plan_ties, unmet_tie_note
 from .tokens import build_token_layers, plan_token_rows, token_extras
 
 
@@ -611,6 +611,10 @@ def attach(
         if config.seed is None:  # unseeded draws come from each rank's own RNG: every rank takes rank 0's
             share_from_rank0([t for layer in result.layers.values() for t in layer.adapter_state().values()])
         report = install(model, config, result, saved, name)
+    note = unmet_tie_note(config, ties, [n for n, (_, leader) in plan.items() if leader is not None])
+    if note:
+        report.notes.append(note)
+        warnings.warn(note, stacklevel=2)
     _warn_fresh_frozen(model)
     return report
 

@@ -123,6 +123,17 @@ def plan_ties(config: AdapterConfig, modules: list[tuple[str, nn.Module]], targe
     return {n: by_name[n] for n in order if n in chosen}, ties
 
 
+def unmet_tie_note(config: AdapterConfig, ties: dict[str, str], followers: list[str]) -> str | None:
+    """The warning for ``ensure_weight_tying=True`` that tied nothing (``None`` where it tied something or was not
+    asked): no tied head follows the embedding's factors (``ties``) nor its token rows (``followers``), so the adapter
+    trains as without the flag (HF PEFT warns the same way)."""
+    if not getattr(config, "ensure_weight_tying", False) or ties or followers:
+        return None
+    return ("rankwise: ensure_weight_tying=True tied nothing: no head shares an embedding's weight in this model, or "
+            "neither the embedding nor its tied head is a target (nor has trainable_token_indices); the adapter trains "
+            "as without it. Add the embedding (or the head) to target_modules, or drop the flag")
+
+
 def build_ties(ties: dict[str, str], modules: list[tuple[str, nn.Module]], config: AdapterConfig,
                layers: dict[str, AdapterLayer]) -> dict[str, TiedHead]:
     """The :class:`TiedHead` layers of ``ties``, each following the embedding's layer in ``layers``."""
