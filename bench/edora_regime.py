@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from regime import (DATA, GLUE, ROOT, Arm, constant_answer_line, curves, grid_table, head_only, header, run_all,  # noqa: E402
-                    seed_metrics, table, welch_interval)
+from regime import (DATA, GLUE, ROOT, Arm, check_settings, constant_answer_line, curves, grid_table, head_only,  # noqa: E402
+                    header, run_all, seed_metrics, table, unread_entries, welch_interval)
 
 
 def arms(r: int, alpha: float, few: int | None = 3) -> list[Arm]:
@@ -198,8 +198,10 @@ def main() -> None:
         all_picked |= {f"{task}:{k}": v for k, v in picked.items()}
         if args.dry_run:
             continue
+        check_settings(runs, task, chosen, picked, seeds, common)
         lines += table(runs, task, chosen, picked, seeds) + [""] + epochs_lines(runs, task, chosen, picked, seeds, args.epochs)
         lines += [""] + grid_table(runs, task, chosen) + [""]
+        lines += [line, ""] if (line := unread_entries(runs, task, chosen, picked, seeds)) else []
         if args.max_train is None:  # the grid's held-out rows are the full training file's split
             lines += [constant_answer_line(task, DATA / "glue" / GLUE[task][0], args.val_split), ""]
         curves(runs, task, chosen, picked, seeds, out / f"{args.name}-{task}.png")

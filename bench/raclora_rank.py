@@ -28,8 +28,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from regime import (ROOT, Arm, grid_table, header, last_epoch_loss, run_all, seed_metrics, still_at_edge, table,  # noqa: E402
-                    welch_interval)
+from regime import (ROOT, Arm, check_settings, grid_table, header, last_epoch_loss, run_all, seed_metrics,  # noqa: E402
+                    still_at_edge, table, unread_entries, welch_interval)
 
 ADAPTER_LRS = [3e-4, 1e-3, 3e-3]
 
@@ -153,7 +153,9 @@ def main() -> None:
     lines = [header("python " + " ".join(shlex.quote(a) for a in sys.argv), runs.name),
              f"{args.steps} optimizer steps per run; a chain link is {args.link_steps} steps. Protocol: "
              "docs/protocols/raclora-rank.md.", ""]
+    check_settings(runs, args.task, chosen, picked, seeds, common)
     lines += table(runs, args.task, chosen, picked, seeds) + [""] + grid_table(runs, args.task, chosen) + [""]
+    lines += [line, ""] if (line := unread_entries(runs, args.task, chosen, picked, seeds)) else []
     lines += verdict(runs, args.task, chosen, picked, seeds)
     loss_curves(runs, args.task, chosen, picked, seeds, out / f"{args.name}.png")
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")

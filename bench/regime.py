@@ -16,6 +16,7 @@ command, on this machine or another. Reports read the ledger only.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -116,11 +117,18 @@ def run_one(runs: Path, task: str, arm: Arm, lr: float, seed: int, common: list[
             print("+ (not run)", run_id(task, arm, lr, seed), flush=True)
         return done
     out = run_dir(runs, task, arm, lr, seed)
-    folder, max_len = GLUE[task]
-    cmd = [sys.executable, "-m", "rankwise_harness.cli", "finetune", "--task", task, "--data", str(DATA / "glue" / folder),
-           "--method", arm.method, "--lr", f"{lr:g}", "--seed", str(seed), "--max-length", str(max_len),
-           "--output", str(out), "--no-progress", *used_flags(arm.method, common), *arm.flags, ledger.resume_flag(out)]
+    cmd = finetune_command(runs, task, arm, lr, seed, common)
     return _as_metrics(ledger.run_recorded(runs.name, run_id(task, arm, lr, seed), out, cmd))
+
+
+def finetune_command(runs: Path, task: str, arm: Arm, lr: float, seed: int, common: list[str]) -> list[str]:
+    """The ``rankwise finetune`` command of one run (what :func:`run_one` starts; :func:`check_settings` compares
+    a ledger entry's recorded settings with it)."""
+    out = run_dir(runs, task, arm, lr, seed)
+    folder, max_len = GLUE[task]
+    return [sys.executable, "-m", "rankwise_harness.cli", "finetune", "--task", task, "--data", str(DATA / "glue" / folder),
+            "--method", arm.method, "--lr", f"{lr:g}", "--seed", str(seed), "--max-length", str(max_len),
+            "--output", str(out), "--no-progress", *used_flags(arm.method, common), *arm.flags, ledger.resume_flag(out)]
 
 
 def _as_metrics(entry: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -134,6 +142,87 @@ def _as_metrics(entry: dict[str, Any] | None) -> dict[str, Any] | None:
 def metrics(runs: Path, task: str, arm: Arm, lr: float, seed: int) -> dict[str, Any] | None:
     """The finished run's metrics from the ledger (experiment ``runs.name``), or ``None``."""
     return _as_metrics(ledger.entry(runs.name, run_id(task, arm, lr, seed)))
+
+
+# where a run's data folder is on its machine (its files' digests are compared instead) and how often it saved a
+# checkpoint: no part of what it computed
+WHERE_ONLY = ("data", "save_every")
+
+
+def _settings(run: dict[str, Any]) -> dict[str, Any]:
+    """A run config's settings as ``--resume`` compares them (``RunConfig.identity``: equivalent spellings equal; a
+    recorded config read as ``--resume`` reads it), without :data:`WHERE_ONLY`."""
+    from rankwise_harness.config import RunConfig
+
+    return {k: v for k, v in RunConfig.from_dict(run).identity().items() if k not in WHERE_ONLY}
+
+
+def planned_settings(command: list[str]) -> dict[str, Any]:
+    """The settings a ``finetune`` command (:func:`finetune_command`) runs with, as its run would record them."""
+    from rankwise_harness.cli import _run_config, build_parser
+
+    args = build_parser().parse_args(command[command.index("finetune"):])
+    return _settings(_run_config(args, args.method, args.output).to_dict())
+
+
+def read_entries(runs: Path, task: str, arms: list[Arm], picked: dict[str, float | None],
+                 seeds: list[int]) -> dict[tuple[str, float, int], dict[str, Any]]:
+    """The ledger entries a report of ``task`` reads, by (arm, lr, seed): every arm's grid points at seed 0 (its grid
+    as extended) and its share of ``seeds`` at its pick."""
+    wanted = [(a, lr, 0) for a in arms for lr in a.lrs]
+    wanted += [(a, lr, s) for a in arms if (lr := picked.get(a.label)) is not None for s in a.seeds(seeds)]
+    found = {}
+    for arm, lr, seed in wanted:
+        if (e := ledger.entry(runs.name, run_id(task, arm, lr, seed))) is not None:
+            found[(arm.label, lr, seed)] = e
+    return found
+
+
+def check_settings(runs: Path, task: str, arms: list[Arm], picked: dict[str, float | None], seeds: list[int],
+                   common: list[str]) -> None:
+    """Every entry a report of ``task`` reads was made with the settings this command gives its run (the lr, seed,
+    method, rank, epochs, patience, split, ... that its ``config.json`` recorded; where it wrote aside) and on
+    the same data as the others (the training and dev files' digests): else :class:`ledger.LedgerError` naming each
+    entry and what differs. The ledger is keyed by task, arm, lr and seed only, so a smoke run, a run of another
+    protocol under the same ``--runs`` name, an entry copied to another seed's name, or a report built with other
+    flags than the runs would otherwise be counted silently."""
+    from rankwise_harness.runfolder import settings_diff
+
+    by = {a.label: a for a in arms}
+    problems, data = [], {}
+    for (label, lr, seed), e in read_entries(runs, task, arms, picked, seeds).items():
+        name = f"{ledger.entry_path(runs.name, run_id(task, by[label], lr, seed))}"
+        recorded = (e.get("config") or {}).get("run")
+        if not isinstance(recorded, dict):
+            problems.append(f"{name}: no recorded settings (config.run)")
+            continue
+        planned = planned_settings(finetune_command(runs, task, by[label], lr, seed, common))
+        diff = settings_diff(_settings(recorded), planned)
+        if diff:
+            problems.append(f"{name}: {', '.join(diff)} differ")
+        prints = e["config"].get("data_fingerprint") or {}
+        data.setdefault(json.dumps({k: v.get("sha256") for k, v in prints.items()}, sort_keys=True), []).append(name)
+    if len(data) > 1:
+        problems += [f"{names[0]}{f' and {len(names) - 1} more' if len(names) > 1 else ''}: data {digests}"
+                     for digests, names in data.items()]
+    if problems:
+        raise ledger.LedgerError(
+            f"{task}: ledger entries made with other settings or data than this command's runs:\n  " +
+            "\n  ".join(problems) + "\nbuild the report with the flags the runs were made with (the protocol's "
+            "command), or move those entries out of the ledger (git mv) to run them again")
+
+
+def unread_entries(runs: Path, task: str, arms: list[Arm], picked: dict[str, float | None], seeds: list[int]) -> str:
+    """A report line naming ``task``'s ledger entries the report does not read (seeds at an lr that is not the
+    pick, seeds not asked, arms not asked, files not named as the runs are), so no finished run leaves the evidence
+    unseen; empty when it reads them all."""
+    read = {run_id(task, next(a for a in arms if a.label == label), lr, seed)
+            for label, lr, seed in read_entries(runs, task, arms, picked, seeds)}
+    unread = sorted(rid for rid in ledger.entries(runs.name) if rid.startswith(f"{task}/") and rid not in read)
+    if not unread:
+        return ""
+    return (f"Ledger entries of {task} this report does not read ({len(unread)}: not the picked lr, a seed or arm "
+            f"not asked, or a file not named as a run): " + ", ".join(f"`{rid}`" for rid in unread))
 
 
 def held_out_score(m: dict[str, Any]) -> float:
