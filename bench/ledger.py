@@ -64,7 +64,8 @@ def entry(experiment: str, run_id: str) -> dict[str, Any] | None:
 
 
 def entries(experiment: str) -> dict[str, dict[str, Any]]:
-    """Every finished run of ``experiment``, by run id (a write cut short leaves a ``.tmp`` file: no entry)."""
+    """Every finished run of ``experiment``, by run id (a write cut short leaves a ``.tmp`` file, a second record of
+    a run a ``.second-*`` file: neither is an entry)."""
     base = LEDGER / experiment
     return {str(p.relative_to(base).with_suffix("")): _read(p) for p in sorted(base.rglob("*.json"))}
 
@@ -128,7 +129,7 @@ def commit() -> str:
 def _write(path: Path, text: str) -> None:
     """``text`` into ``path`` whole or not at all: a temporary file beside it, flushed to disk, then renamed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per writer: two never write into one file
     with tmp.open("w") as fh:
         fh.write(text)
         fh.flush()
@@ -211,8 +212,25 @@ def record(experiment: str, run_id: str, folder: Path, command: list[str], start
     }
     if started_commit is not None and started_commit != now_commit:
         data["started_commit"] = started_commit
-    _write(entry_path(experiment, run_id), json.dumps(data, indent=1) + "\n")
+    path = entry_path(experiment, run_id)
+    if path.exists():
+        return _keep_first(path, data)
+    _write(path, json.dumps(data, indent=1) + "\n")
     return data
+
+
+def _keep_first(path: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """A run recorded while its entry already exists (the same run finished on another machine and was pulled in
+    while this one trained, or two jobs ran it): the entry in the ledger stays, as committed evidence must not
+    change under a report; the second result goes beside it as ``<run id>.json.second-<UTC time>`` (no entry: it
+    is not read, but it is there to commit and compare) and a warning names both. Returns the kept entry (a
+    broken one raises :class:`LedgerError` after the second result is safe)."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    aside = path.with_name(f"{path.name}.second-{stamp}")
+    _write(aside, json.dumps(data, indent=1) + "\n")
+    print(f"ledger: {path} already holds this run; kept it, and wrote this machine's result beside it as "
+          f"{aside.name} (compare the two; replace the entry by hand only on purpose)", file=sys.stderr, flush=True)
+    return _read(path)
 
 
 def run_recorded(experiment: str, run_id: str, folder: Path, command: list[str], env: dict[str, str] | None = None,
