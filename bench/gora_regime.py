@@ -427,6 +427,24 @@ def sweep_lines(task: str, args: argparse.Namespace) -> list[str]:
     return lines + ["  " + regime.constant_answer_line(task, Path(args.data) / "glue" / TASKS[task][0], VAL_SPLIT)]
 
 
+def read_runs(task: str, args: argparse.Namespace) -> list[tuple[str, dict[str, Any], list[str]]]:
+    """``(file, entry, command)`` of every entry the report of ``task`` reads (the sweeps' grid runs, each arm's
+    runs at its lr, seeds 3 and 4 included), with the ``finetune`` command this command gives that run."""
+    data = str(Path(args.data) / "glue" / TASKS[task][0])
+    wanted = [(TUNED[t], 0, lr, True) for t, grid in (("lora-tuned", args.lora_grid), ("gora-tuned", args.gora_grid))
+              for lr in grid]
+    for arm in args.arms:
+        lr, found = arm_runs(task, arm, args)
+        wanted += [(arm, s, lr, False) for s in found if lr is not None]
+    out = []
+    for arm, seed, lr, sweep in wanted:
+        rid = run_id(task, arm, lr, seed, sweep)
+        if (e := ledger.entry(args.experiment, rid)) is not None:
+            cmd = run_args(task, arm, seed, lr, data, Path(rid), args, sweep)  # where it wrote is not compared
+            out.append((str(ledger.entry_path(args.experiment, rid)), e, cmd))
+    return out
+
+
 def report(args: argparse.Namespace) -> None:
     """``docs/bench/<experiment>.md``: the table per task, the sweeps and the verdicts, from the ledger alone."""
     runs = ledger.entries(args.experiment)
@@ -446,6 +464,7 @@ def report(args: argparse.Namespace) -> None:
         if some is None:  # a task just added to the command: nothing of it has finished
             lines += [f"**{task}** — no runs yet for {task}", ""]
             continue
+        regime.check_recorded(task, read_runs(task, args))  # entries made as this command makes its runs
         rows, accs = table_rows(task, args)
         lines += [f"**{task}** — dev majority-class rate {100 * _majority(some):.1f} %", "",
                   "| arm | lr | dev accuracy | dev F1 | 'yes' answers % | trainable | init share | one run | s/step |",

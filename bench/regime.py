@@ -149,6 +149,10 @@ def metrics(runs: Path, task: str, arm: Arm, lr: float, seed: int) -> dict[str, 
 WHERE_ONLY = ("data", "save_every")
 
 
+# the settings that choose a run's training, held-out and dev rows from its data files
+ROW_CHOICE = ("val_split", "max_train", "max_eval", "data_seed", "subset")
+
+
 def _settings(run: dict[str, Any]) -> dict[str, Any]:
     """A run config's settings as ``--resume`` compares them (``RunConfig.identity``: equivalent spellings equal; a
     recorded config read as ``--resume`` reads it), without :data:`WHERE_ONLY`."""
@@ -180,31 +184,44 @@ def read_entries(runs: Path, task: str, arms: list[Arm], picked: dict[str, float
 
 def check_settings(runs: Path, task: str, arms: list[Arm], picked: dict[str, float | None], seeds: list[int],
                    common: list[str]) -> None:
-    """Every entry a report of ``task`` reads was made with the settings this command gives its run (the lr, seed,
-    method, rank, epochs, patience, split, ... that its ``config.json`` recorded; where it wrote aside) and on
-    the same data as the others (the training and dev files' digests): else :class:`ledger.LedgerError` naming each
-    entry and what differs. The ledger is keyed by task, arm, lr and seed only, so a smoke run, a run of another
-    protocol under the same ``--runs`` name, an entry copied to another seed's name, or a report built with other
-    flags than the runs would otherwise be counted silently."""
+    """Every entry a report of ``task`` reads was made as this command makes its run (:func:`check_recorded`)."""
+    by = {a.label: a for a in arms}
+    check_recorded(task, [(str(ledger.entry_path(runs.name, run_id(task, by[label], lr, seed))), e,
+                           finetune_command(runs, task, by[label], lr, seed, common))
+                          for (label, lr, seed), e in read_entries(runs, task, arms, picked, seeds).items()])
+
+
+def check_recorded(task: str, read: list[tuple[str, dict[str, Any], list[str]]]) -> None:
+    """Each ``(file, entry, command)`` a report of ``task`` reads: the entry was made with the settings ``command``
+    gives its run (the lr, seed, method, rank, epochs, patience, split, ... that its ``config.json`` recorded, as
+    ``--resume`` compares them; where its data folder was aside), and on the same data as the others (the training,
+    held-out and dev rows' digests); else :class:`ledger.LedgerError` naming each entry and what differs. The ledger
+    is keyed by task, arm, lr and seed only, so a smoke run, a run of another protocol under the same experiment
+    name, an entry copied to another seed's name, or a report built with other flags than the runs would otherwise
+    be counted silently. An entry without a ``config`` field at all (none that :func:`ledger.record` writes) is not
+    compared."""
     from rankwise_harness.runfolder import settings_diff
 
-    by = {a.label: a for a in arms}
-    problems, data = [], {}
-    for (label, lr, seed), e in read_entries(runs, task, arms, picked, seeds).items():
-        name = f"{ledger.entry_path(runs.name, run_id(task, by[label], lr, seed))}"
-        recorded = (e.get("config") or {}).get("run")
-        if not isinstance(recorded, dict):
-            problems.append(f"{name}: no recorded settings (config.run)")
+    problems: list[str] = []
+    data: dict[str, dict[str, list[str]]] = {}
+    for name, e, command in read:
+        if "config" not in e:  # not written by ledger.record (which always writes one): nothing to compare
             continue
-        planned = planned_settings(finetune_command(runs, task, by[label], lr, seed, common))
-        diff = settings_diff(_settings(recorded), planned)
+        recorded = e["config"].get("run")
+        if not isinstance(recorded, dict):
+            problems.append(f"{name}: no recorded settings (its run folder had no config.json)")
+            continue
+        diff = settings_diff(_settings(recorded), planned_settings(command))
         if diff:
             problems.append(f"{name}: {', '.join(diff)} differ")
+        rows = json.dumps({k: recorded.get(k) for k in ROW_CHOICE})  # runs drawing the same rows: the same digests
         prints = e["config"].get("data_fingerprint") or {}
-        data.setdefault(json.dumps({k: v.get("sha256") for k, v in prints.items()}, sort_keys=True), []).append(name)
-    if len(data) > 1:
-        problems += [f"{names[0]}{f' and {len(names) - 1} more' if len(names) > 1 else ''}: data {digests}"
-                     for digests, names in data.items()]
+        digests = json.dumps({k: v.get("sha256") for k, v in prints.items()}, sort_keys=True)
+        data.setdefault(rows, {}).setdefault(digests, []).append(name)
+    for rows, found in data.items():
+        if len(found) > 1:
+            problems += [f"{names[0]}{f' and {len(names) - 1} more' if len(names) > 1 else ''}: data {digests}"
+                         for digests, names in found.items()]
     if problems:
         raise ledger.LedgerError(
             f"{task}: ledger entries made with other settings or data than this command's runs:\n  " +

@@ -49,6 +49,15 @@ def test_a_tuned_arm_at_its_base_arms_lr_is_the_same_run() -> None:
     assert gr.run_id("mrpc", "lora", 1e-4, 0, sweep=True) != gr.run_id("mrpc", "lora", 1e-4, 0)
 
 
+def _recorded_run(cmd: list[str]) -> dict:
+    """The ``run`` a finished ``finetune`` (or a PEFT arm's ``--one ARM`` child) records in its ``config.json``."""
+    from rankwise_harness.cli import _run_config, build_parser
+
+    flags = cmd[cmd.index("finetune") + 1:] if "finetune" in cmd else cmd[cmd.index("--one") + 2:]
+    args = build_parser().parse_args(["finetune", *flags])
+    return _run_config(args, args.method, args.output).to_dict()
+
+
 def _finish(args: argparse.Namespace, rid: str, held: float | None = None, acc: float = 0.7) -> None:
     path = ledger.entry_path(args.experiment, rid)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -228,6 +237,7 @@ def test_a_new_machine_continues_from_the_committed_ledger_alone(tmp_path: Path,
                 "trainable_params": 5, "step_seconds": 2.25}))
             (out / "predictions.jsonl").write_text("".join(json.dumps({"label": i % 2, "prediction": int(i < 3)}) + "\n"
                                                            for i in range(4)))
+            (out / "config.json").write_text(json.dumps({"run": _recorded_run(cmd)}))  # as finetune records it
         return run
 
     def machine(name: str) -> argparse.Namespace:

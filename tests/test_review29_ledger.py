@@ -19,6 +19,7 @@ _BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(_BENCH))
 import ledger  # noqa: E402  (bench/ is not a package)
 import regime  # noqa: E402
+from test_bench_gora_regime import _args, gr  # noqa: E402  (the GoRA driver and its arguments)
 from test_bench_regime import _edora, _finished, _write_entry, tmp_ledger  # noqa: E402,F401  (one home: the fixture)
 
 COMMITTED = Path(__file__).resolve().parents[1] / "docs" / "bench" / "runs" / "edora-decided-r8"
@@ -94,6 +95,26 @@ def test_a_report_refuses_entries_made_with_other_settings_or_data(r8: Path, tmp
         _report(tmp_path, monkeypatch, *flags)
     assert "edora-decided-r8/mrpc/" in str(err.value) and "protocol's command" in str(err.value)
     assert not (tmp_path / "docs" / "bench" / "r8.md").exists()
+
+
+def test_the_gora_report_refuses_an_entry_made_with_another_arm_s_settings(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same check in ``bench/gora_regime.py``'s report, on a copy of the committed ``gora-mrpc`` ledger: its report
+    builds as committed; rsLoRA + LoRA+ 16's seed 0 under LoRA's seed 2's name (a run folder renamed before its
+    entry was recorded) was counted in LoRA's row before; now the report stops, naming the entry and the settings."""
+    committed = COMMITTED.parent / "gora-mrpc"
+    if not (committed / "mrpc" / "lora" / "lr0.0001-seed2.json").is_file():
+        pytest.skip("the committed gora-mrpc ledger is not in this checkout")
+    monkeypatch.setattr(ledger, "LEDGER", tmp_path / "ledger")
+    shutil.copytree(committed, tmp_path / "ledger" / "gora-mrpc")
+    monkeypatch.setattr(gr, "ROOT", tmp_path)
+    (tmp_path / "docs" / "bench").mkdir(parents=True)
+    args = _args(experiment="gora-mrpc", data=str(tmp_path / "no-data"))
+    gr.report(args)
+    mrpc = tmp_path / "ledger" / "gora-mrpc" / "mrpc"
+    shutil.copy(mrpc / "rslora-lp16" / "lr0.0001-seed0.json", mrpc / "lora" / "lr0.0001-seed2.json")
+    with pytest.raises(ledger.LedgerError, match="lora/lr0.0001-seed2.json: .*lora_plus_ratio.*seed"):
+        gr.report(args)
 
 
 def test_entries_the_report_does_not_read_are_named(r8: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
