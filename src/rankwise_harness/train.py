@@ -101,12 +101,6 @@ def warm_up_head(model: nn.Module, heads: tuple[str, ...], batches: Iterable[dic
     return losses
 
 
-# ---------------------------------------------------------------------------- checkpoints (checkpoint.py)
-def save_trainable(model: nn.Module, method: str, folder: Path) -> None:
-    """The run's result, as ``--method method``'s adapter source saves it (the adapter, or the trained weights)."""
-    adapter_source(method).save(model, folder)
-
-
 # ---------------------------------------------------------------------------- the run
 @dataclass
 class History:
