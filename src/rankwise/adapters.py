@@ -165,7 +165,7 @@ def delete(model: nn.Module, name: str) -> None:
         return
     hosts = slot_layers(model)
     leaving = {slot: host for slot, host in hosts.items() if host.adapter_name == name}
-    check_leaving(leaving)  # before anything changes
+    check_leaving(leaving, promoting=True)  # before anything changes (a promoted peer's names too)
     modules: dict[str, nn.Module] = {}
     try:  # all or nothing: an error (an interrupt too) puts the slots back and the peers in their hosts
         for slot, host in leaving.items():

@@ -773,19 +773,35 @@ def detach(model: nn.Module, merge: bool = False) -> nn.Module:
     return model
 
 
-def check_leaving(hosts: dict[str, AdapterLayer]) -> None:
+def check_leaving(hosts: dict[str, AdapterLayer], promoting: bool = False) -> None:
     """Raise, changing nothing, where an adapter layer cannot leave its slot (``detach``, ``delete``): a parametrization
     on its base tensors (:meth:`AdapterLayer.check_base_stored`), or a parameter or buffer registered on it while
-    attached whose name its base module already holds (they go to the base: :func:`hand_over_additions`)."""
+    attached whose name a module it goes to already holds (:func:`hand_over_additions`): its base module, and with
+    ``promoting`` (``delete``) the peer that takes its slot (:func:`_taking_the_slot`). Such a name would make the hand
+    over fail after the slots changed, or, where the peer holds a parameter of that name (a DoRA peer's
+    ``magnitude``), silently replace the peer's own tensor."""
     for name, layer in hosts.items():
         layer.check_base_stored(name)
-        base = layer.base_layer()
-        clash = [t for t in layer.user_parameters() + layer.user_buffers() if hasattr(base, t)]
-        if clash:
-            raise ValueError(
-                f"cannot take adapter layer {name!r} off: tensors {clash} were registered on it while attached, and "
-                f"its base module {type(base).__name__} has attributes of those names, so they cannot go back with it. "
-                "Rename or delete them first (del layer.<name>); nothing was changed")
+        mine = layer.user_parameters() + layer.user_buffers()
+        for what, module in _taking_the_slot(layer, promoting):
+            clash = [t for t in mine if hasattr(module, t)]
+            if clash:
+                raise ValueError(
+                    f"cannot take adapter layer {name!r} off: tensors {clash} were registered on it while attached, and "
+                    f"{what} has attributes of those names, so they cannot go to it. Rename "
+                    f"or delete them first (delattr(model.get_submodule({name!r}), {clash[0]!r})); nothing was changed")
+
+
+def _taking_the_slot(layer: AdapterLayer, promoting: bool) -> list[tuple[str, nn.Module]]:
+    """The modules a user's tensors on ``layer`` go to as it leaves (described, for a message): at ``delete``
+    (``promoting``) its first peer, which takes the slot, and in any case its base module (where a later detach puts
+    them)."""
+    base = layer.base_layer()
+    taking = [(f"its base module {type(base).__name__}", base)]
+    peers = layer.stack()[1:] if promoting else []
+    for peer in peers[:1]:
+        taking.insert(0, (f"the {type(peer).__name__} of adapter {peer.adapter_name!r}, which takes its slot,", peer))
+    return taking
 
 
 def hand_over_additions(name: str, layer: AdapterLayer, arriving: nn.Module) -> None:

@@ -1,0 +1,93 @@
+"""Review round 28: what rounds 23b-25 left open. ``delete`` promoting a peer into the slot of a layer carrying a
+user's tensor whose name the peer holds (a buffer ``magnitude`` on a LoRA host beside a DoRA peer failed after the
+slots changed; a parameter of that name silently replaced the peer's own); a ``disabled()`` exit that fails part way
+(the model ran half enabled, silently); ``load_state_dict`` of a merged tied model into a fresh adapted one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from conftest import LinearStack
+from torch import nn
+
+import rankwise
+
+SLOTS = [f"layers.{i}" for i in range(3)]
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+
+
+def _out(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(_x())
+
+
+def _moved(model: nn.Module) -> None:
+    """Every trainable tensor moved off its initial value (a zero LoRA B would hide a wrong factor)."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in rankwise.trainable_parameters(model).values():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+
+CONFIGS = {
+    "lora": lambda: rankwise.LoraConfig(r=2, target_modules=SLOTS),
+    "dora": lambda: rankwise.DoraConfig(r=2, target_modules=SLOTS, seed=1),
+    "edora": lambda: rankwise.EdoraConfig(r=2, target_modules=SLOTS),
+}
+
+
+def _two_adapters(host: str, peer: str) -> LinearStack:
+    """``default`` (``host``'s method: the layer in each slot) and ``b`` (``peer``'s, its peer), both active."""
+    torch.manual_seed(0)
+    model = LinearStack(3, 4).eval()
+    rankwise.attach(model, CONFIGS[host]())
+    rankwise.attach(model, CONFIGS[peer](), name="b")
+    _moved(model)
+    rankwise.set_active(model, ["default", "b"])
+    return model
+
+
+def _picture(model: nn.Module) -> Any:
+    """What a refused delete must leave as it was: the module in each slot, each stack's layers in order, the set."""
+    return ([id(model.get_submodule(n)) for n in SLOTS],
+            [[id(layer) for layer in model.get_submodule(n).stack()] for n in SLOTS], rankwise.active_adapters(model))
+
+
+# ---------------------------------------------------------------------------- 1. delete promoting a peer
+@pytest.mark.parametrize(("host", "peer", "kind", "tensor"), [
+    ("lora", "dora", "buffer", "magnitude"), ("lora", "dora", "parameter", "magnitude"),
+    ("edora", "lora", "parameter", "lora_a")], ids=["buffer-magnitude", "parameter-magnitude", "parameter-lora_a"])
+def test_delete_refuses_a_user_s_tensor_whose_name_the_promoted_peer_holds(host: str, peer: str, kind: str,
+                                                                           tensor: str) -> None:
+    """A tensor registered on ``layers.1``'s host layer while attached, named as one of its peer's own tensors; deleting
+    the host's adapter promotes the peer into the slot, where the tensor cannot go. Refused naming the slot, the tensor
+    and ``delattr``, with nothing changed (slots, stacks, set, state_dict, outputs bit for bit); after the remedy the
+    delete succeeds and the peer computes what it computed alone. Before: a buffer raised torch's "attribute
+    'magnitude' already exists" with the slots already holding the peers and the set still naming ``default``; a
+    parameter silently replaced the peer's own (DoRA's magnitude: outputs 0.59 off)."""
+    model = _two_adapters(host, peer)
+    rankwise.set_active(model, "b")
+    alone = _out(model)
+    rankwise.set_active(model, ["default", "b"])
+    value = torch.full((4,) if tensor == "magnitude" else (2, 4), 7.0)
+    if kind == "buffer":
+        model.layers[1].register_buffer(tensor, value)
+    else:
+        model.layers[1].register_parameter(tensor, nn.Parameter(value))
+    before, out = _picture(model), _out(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"'layers\.1'.*\['{tensor}'\].*adapter 'b'.*delattr"):
+        rankwise.delete(model, "default")
+    assert _picture(model) == before
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    torch.testing.assert_close(_out(model), out, rtol=0, atol=0)
+    delattr(model.layers[1], tensor)
+    rankwise.delete(model, "default")
+    assert rankwise.active_adapters(model) == ("b",)
+    torch.testing.assert_close(_out(model), alone, rtol=0, atol=0)
