@@ -91,3 +91,64 @@ def test_delete_refuses_a_user_s_tensor_whose_name_the_promoted_peer_holds(host:
     rankwise.delete(model, "default")
     assert rankwise.active_adapters(model) == ("b",)
     torch.testing.assert_close(_out(model), alone, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- 2. a disabled() exit that fails
+class _Interrupted(BaseException):
+    pass
+
+
+RECOVERY = r"rankwise\.set_active\(model, list\(rankwise\.active_adapters\(model\)\)\)"
+
+
+def _headed(merged: bool) -> LinearStack:
+    """LoRA on layers 0-2, ``layers.3`` trained fully (``modules_to_save``); merged or not."""
+    torch.manual_seed(0)
+    model = LinearStack(4, 4).eval()
+    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=SLOTS, modules_to_save=["layers.3"]))
+    _moved(model)
+    if merged:
+        rankwise.merge(model)
+    return model
+
+
+def _fail_on_exit(monkeypatch: pytest.MonkeyPatch, model: LinearStack, where: str) -> None:
+    """Inside the block: the restore of ``layers.1`` (the 2nd of the 3 adapter layers) raises, or that of the trained
+    head (its slot's hook swap, the first as the block exits)."""
+    def fails(*_: Any) -> None:
+        raise _Interrupted(f"restoring {where}")
+
+    if where == "head":
+        monkeypatch.setattr(rankwise.slots, "swap_hooks", fails)
+    else:
+        monkeypatch.setattr(model.layers[1], "enable", fails)
+
+
+@pytest.mark.parametrize(("where", "merged"), [("layer", False), ("layer", True), ("head", False)],
+                         ids=["layer", "merged-layer", "head"])
+def test_a_failed_disabled_exit_refuses_every_forward_until_set_active_finishes_it(
+        where: str, merged: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``with rankwise.disabled(model):`` whose exit fails at the 2nd of 3 layers (merged or not) or at the trained
+    head: every forward is then refused, naming the state and the call that finishes the exit, and so are merge,
+    detach, delete, attach and a new ``disabled()`` block; that call gives the enabled model's outputs bit for bit,
+    each layer merged as before and the trained head in its slot. Before, the model ran silently half enabled (layer
+    2 adapted, layers 0-1 the base: 1.15 off), and only a layer left disabled showed it ("inside disabled" refusals,
+    set_active among them: no way back); a failed head left adapted layers before the original head, silently."""
+    model = _headed(merged)
+    out, head = _out(model), model.layers[3]
+    with pytest.raises(_Interrupted):
+        with rankwise.disabled(model):
+            assert model.layers[3] is not head
+            _fail_on_exit(monkeypatch, model, where)
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match=rf"half enabled.*{RECOVERY}"):
+        model(_x())
+    for call in (lambda: rankwise.merge(model), lambda: rankwise.detach(model), lambda: rankwise.delete(model, "default"),
+                 lambda: rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=SLOTS), name="b"),
+                 lambda: rankwise.disabled(model).__enter__()):
+        with pytest.raises(RuntimeError, match=RECOVERY):
+            call()
+    rankwise.set_active(model, list(rankwise.active_adapters(model)))
+    assert model.layers[3] is head
+    assert [m.merged for m in model.layers[:3]] == [merged] * 3 and not any(m.disabled for m in model.layers[:3])
+    torch.testing.assert_close(_out(model), out, rtol=0, atol=0)

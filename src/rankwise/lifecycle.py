@@ -702,6 +702,8 @@ def refuse_fully_trained_targets(model: nn.Module, targets: Iterable[str], name:
 def refuse_if_merged_or_disabled(model: nn.Module, what: str) -> None:
     """Raise naming ``what`` when an adapter layer is merged or inside ``rankwise.disabled`` (nothing changed yet)."""
     hosts = slot_layers(model).values()
+    for layer in hosts:
+        layer.refuse_if_half_enabled(what)
     if any(layer.disabled for layer in hosts):
         raise RuntimeError(f"cannot {what} inside `with rankwise.disabled(model):`; do it after the block")
     if any(layer.merged for layer in hosts):
@@ -734,6 +736,8 @@ def detach(model: nn.Module, merge: bool = False) -> nn.Module:
     layers = slot_layers(model)
     if not layers:
         raise ValueError(f"this {type(model).__name__} has no rankwise adapters to detach")
+    for layer in layers.values():
+        layer.refuse_if_half_enabled("detach")
     if any(layer.disabled for layer in layers.values()):
         raise RuntimeError("cannot detach inside `with rankwise.disabled(model):`; do it after the block")
     check_leaving(layers)
