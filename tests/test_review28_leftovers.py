@@ -152,3 +152,59 @@ def test_a_failed_disabled_exit_refuses_every_forward_until_set_active_finishes_
     assert model.layers[3] is head
     assert [m.merged for m in model.layers[:3]] == [merged] * 3 and not any(m.disabled for m in model.layers[:3])
     torch.testing.assert_close(_out(model), out, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- 3. a merged tied model's state_dict loaded
+def _tiny_tied_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+
+
+TIED_CONFIGS = {  # the head follows the embedding's token rows; the head computes with the embedding's LoRA factors
+    "rows": lambda: rankwise.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[7, 3, 5]),
+    "ensure_weight_tying": lambda: rankwise.LoraConfig(r=2, target_modules=["lm_head", "q_proj"],
+                                                       ensure_weight_tying=True),
+}
+
+
+def _llama_logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(1))).logits
+
+
+def _tied(model: nn.Module) -> bool:
+    return model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("case", list(TIED_CONFIGS))
+def test_a_merged_tied_pair_loaded_into_a_fresh_adapted_model_is_one_table(case: str) -> None:
+    """A merged model's ``state_dict`` (its tied ``lm_head`` / ``embed_tokens`` one merged table) loaded into a fresh
+    model with the same adapter, as HF Trainer resumes: the pair holds one ``Parameter`` again, so
+    ``count_parameters`` and ``state_dict`` are the source's (every key, bit for bit) and the logits the same;
+    ``unmerge`` puts the one shared original back in both, and ``detach(merge=True)`` keeps the tie. Before: each layer
+    merged on its own at the load, two equal tables until the next merge or unmerge (``count_parameters``' total
+    3744 against 3232 here: a second ``vocab x dim`` table, as much memory again for a real vocabulary)."""
+    source = _tiny_tied_llama()
+    rankwise.attach(source, TIED_CONFIGS[case]())
+    _moved(source)
+    rankwise.merge(source)
+    assert _tied(source)
+    logits, state = _llama_logits(source), source.state_dict()
+
+    fresh = _tiny_tied_llama()
+    original = fresh.model.embed_tokens.weight
+    rankwise.attach(fresh, TIED_CONFIGS[case]())
+    fresh.load_state_dict(state)
+    assert _tied(fresh)
+    assert rankwise.count_parameters(fresh) == rankwise.count_parameters(source)
+    loaded = fresh.state_dict()
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    torch.testing.assert_close(_llama_logits(fresh), logits, rtol=0, atol=0)
+    rankwise.unmerge(fresh)
+    assert fresh.model.embed_tokens.weight is original and fresh.lm_head.weight is original
+    plain = rankwise.detach(fresh, merge=True)
+    assert _tied(plain) and plain.config.tie_word_embeddings
+    torch.testing.assert_close(_llama_logits(plain), logits, rtol=1e-6, atol=1e-6)

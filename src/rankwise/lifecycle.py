@@ -388,7 +388,8 @@ def carry_state_in_state_dict(model: nn.Module) -> None:
     link, ...) under :data:`STATE_KEY`, and ``load_state_dict`` restore them: so a checkpoint any trainer writes
     from the state_dict (HF ``Trainer``, Accelerate, a hand-written loop) resumes every method exactly. Inside
     :func:`rankwise.disabled` the state also says ``"disabled": true`` (read back as nothing), so a state_dict, or
-    a cache keyed by its hash, never passes for the adapted model's. Once per model; the hooks do nothing on a
+    a cache keyed by its hash, never passes for the adapted model's. After a load, a tied pair whose layers came
+    merged holds one merged table again (:func:`_join_ties_after_load`). Once per model; the hooks do nothing on a
     model without adapters."""
     if getattr(model, "_rankwise_state_hooks", False):
         return
@@ -396,7 +397,17 @@ def carry_state_in_state_dict(model: nn.Module) -> None:
     model.register_load_state_dict_pre_hook(_state_from_dict)
     model.register_state_dict_post_hook(_copies_into_dict)
     model.register_load_state_dict_pre_hook(_copies_from_dict)
+    model.register_load_state_dict_post_hook(_join_ties_after_load)
     model._rankwise_state_hooks = True  # type: ignore[assignment]
+
+
+def _join_ties_after_load(module: nn.Module, _keys: Any) -> None:
+    """After ``load_state_dict`` of a merged state (HF Trainer's resume while merged): each layer merged on its own
+    once it and its peers loaded (``layer._merge_after_load``, which runs before this, the model's own hook), so a tied
+    pair held two equal merged tables until the next merge: twice the memory and the parameter count of a merged
+    model. The tied layers that merged to one table hold one ``Parameter`` again, as after ``rankwise.merge``
+    (:func:`rankwise.ties.join_merged_ties`)."""
+    join_merged_ties(slot_layers(module).values())
 
 
 def _state_into_dict(module: nn.Module, state_dict: dict[str, Any], prefix: str, _meta: Any) -> None:
