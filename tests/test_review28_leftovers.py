@@ -113,19 +113,28 @@ def _headed(merged: bool) -> LinearStack:
 
 
 def _fail_on_exit(monkeypatch: pytest.MonkeyPatch, model: LinearStack, where: str) -> None:
-    """Inside the block: the restore of ``layers.1`` (the 2nd of the 3 adapter layers) raises, or that of the trained
-    head (its slot's hook swap, the first as the block exits)."""
+    """Inside the block: the restore of ``layers.1`` (the 2nd of the 3 adapter layers) raises, or within it the copy
+    a merged layer makes to get its merged bits back (the exit's 2nd tensor copy: layers are enabled last to first),
+    or the restore of the trained head (its slot's hook swap, the first as the block exits)."""
     def fails(*_: Any) -> None:
         raise _Interrupted(f"restoring {where}")
 
     if where == "head":
         monkeypatch.setattr(rankwise.slots, "swap_hooks", fails)
+    elif where == "copy":
+        real, seen = torch.Tensor.clone, [0]
+
+        def clone(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            seen[0] += 1
+            return fails() if seen[0] == 2 else real(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, "clone", clone)
     else:
         monkeypatch.setattr(model.layers[1], "enable", fails)
 
 
-@pytest.mark.parametrize(("where", "merged"), [("layer", False), ("layer", True), ("head", False)],
-                         ids=["layer", "merged-layer", "head"])
+@pytest.mark.parametrize(("where", "merged"), [("layer", False), ("layer", True), ("copy", True), ("head", False)],
+                         ids=["layer", "merged-layer", "merged-layer-s-copy", "head"])
 def test_a_failed_disabled_exit_refuses_every_forward_until_set_active_finishes_it(
         where: str, merged: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """``with rankwise.disabled(model):`` whose exit fails at the 2nd of 3 layers (merged or not) or at the trained
@@ -133,13 +142,13 @@ def test_a_failed_disabled_exit_refuses_every_forward_until_set_active_finishes_
     detach, delete, attach and a new ``disabled()`` block; that call gives the enabled model's outputs bit for bit,
     each layer merged as before and the trained head in its slot. Before, the model ran silently half enabled (layer
     2 adapted, layers 0-1 the base: 1.15 off), and only a layer left disabled showed it ("inside disabled" refusals,
-    set_active among them: no way back); a failed head left adapted layers before the original head, silently."""
+    set_active among them: no way back); a failed head left adapted layers before the original head, silently; a
+    failed copy left ``layers.1`` enabled but unmerged, its merged bits aside, which no later call put back."""
     model = _headed(merged)
     out, head = _out(model), model.layers[3]
-    with pytest.raises(_Interrupted):
-        with rankwise.disabled(model):
-            assert model.layers[3] is not head
-            _fail_on_exit(monkeypatch, model, where)
+    with pytest.raises(_Interrupted), rankwise.disabled(model):
+        assert model.layers[3] is not head
+        _fail_on_exit(monkeypatch, model, where)
     monkeypatch.undo()
     with pytest.raises(RuntimeError, match=rf"half enabled.*{RECOVERY}"):
         model(_x())
