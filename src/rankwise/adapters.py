@@ -35,11 +35,15 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     fully-trained module (``modules_to_save``, trained as a copy) is its original again.
 
     Merge, unmerge, attach, delete and detach are refused inside the block. The modules are swapped all or
-    nothing (:func:`rankwise.slots.replace_all`); should that fail as the block exits (an interrupt), the trained
-    copies stay set aside (kept, saved) and ``set_active(model, list(active_adapters(model)))`` puts them back.
+    nothing (:func:`rankwise.slots.replace_all`). Should the exit fail part way (an interrupt, out of memory while a
+    merged layer gets its bits back), the model is *half enabled*: the trained copies stay set aside (kept, saved),
+    some layers may still compute the base, and every forward (and merge, detach, delete, attach, a new block) is
+    refused, naming ``set_active(model, list(active_adapters(model)))``, which finishes the exit.
     """
     model = unwrap_model(model)
     adapters = adapter_set(model)
+    for layer in slot_layers(model).values():
+        layer.refuse_if_half_enabled("enter rankwise.disabled")
     switched: list[AdapterLayer] = []
     aside: dict[str, tuple[RankwiseState, nn.Module]] = {}
     try:
@@ -54,13 +58,28 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
         aside = copies
         yield model
     finally:
-        try:  # the copies back, all or nothing: on an error they stay set aside (kept; set_active puts them back)
-            _replace_all(model, {name: copy for name, (_, copy) in aside.items()})
-            for name, (state, _) in aside.items():
-                del state.idle_modules[name]
-        finally:
-            for layer in reversed(switched):
-                layer.enable()
+        try:
+            try:  # the copies back, all or nothing: on an error they stay set aside (kept; set_active puts them back)
+                _replace_all(model, {name: copy for name, (_, copy) in aside.items()})
+                for name, (state, _) in aside.items():
+                    del state.idle_modules[name]
+            finally:
+                for layer in reversed(switched):
+                    layer.enable()  # each one all or nothing
+        except BaseException as error:
+            _mark_half_enabled(model, error)
+            raise
+
+
+def _mark_half_enabled(model: nn.Module, error: BaseException) -> None:
+    """After a failed exit of :func:`disabled`: every adapter layer refuses the forward (and the calls that would build
+    on this state), saying what happened and that :func:`set_active` finishes the exit."""
+    why = (f"rankwise.disabled(model) failed as it exited ({type(error).__name__}: {error}), so the model is half "
+           "enabled: some adapter layers may still compute the base model, and some fully-trained modules "
+           "(modules_to_save) be their originals, their trained copies set aside (kept; rankwise.save writes them). "
+           "Finish the exit with rankwise.set_active(model, list(rankwise.active_adapters(model)))")
+    for layer in slot_layers(model).values():
+        layer.half_enabled = why
 
 
 def _trained_copies(model: nn.Module, states: Iterable[RankwiseState]) -> dict[str, tuple[RankwiseState, nn.Module]]:
@@ -83,8 +102,11 @@ def set_active(model: nn.Module, names: str | list[str]) -> None:
     before it computed (:class:`rankwise.AdapterLayer`). An idle adapter's fully-trained modules
     (``modules_to_save``, trained as copies) are set aside and the originals put in, as HF PEFT's
     ``set_adapter`` does: an idle adapter contributes nothing. ``requires_grad`` is left as it is (an idle
-    adapter gets no gradient because it is not in the graph). Refused on a merged model and inside
-    ``rankwise.disabled``. All or nothing: an error while swapping the modules (an interrupt too) changes nothing.
+    adapter gets no gradient because it is not in the graph). Refused inside ``rankwise.disabled``, and on a
+    merged model unless ``names`` is the set it merged (which changes nothing). All or nothing: an error while
+    swapping the modules (an interrupt too) changes nothing. On a model left half enabled by a failed ``disabled()``
+    exit it first finishes that exit (every layer enabled, each all or nothing; then the trained copies back), so
+    ``set_active(model, list(active_adapters(model)))`` is the way back, merged or not.
     """
     model = unwrap_model(model)
     adapters = adapter_set(model)
@@ -93,13 +115,18 @@ def set_active(model: nn.Module, names: str | list[str]) -> None:
         raise ValueError("set_active needs at least one adapter name (use `with rankwise.disabled(model):` for none)")
     for name in chosen:
         adapters.resolve(name)
-    for host in slot_layers(model).values():
+    hosts = slot_layers(model).values()
+    half = any(host.half_enabled is not None for host in hosts)
+    for host in hosts:
+        if half:  # a failed disabled() exit, finished here (each layer all or nothing)
+            host.enable()
         host.refuse_while_disabled("change the active adapters")
-    if any(layer.merged for layer in slot_layers(model).values()):
+    if any(layer.merged for layer in hosts) and chosen != adapters.active:
         raise ValueError(f"cannot change the active adapters of a merged model (merged: {adapters.active}): "
                          "call rankwise.unmerge(model) first")
     _set_idle_modules(model, {name: (state, name not in chosen) for name, state in adapters.adapters.items()})
-    for host in slot_layers(model).values():  # after the only step that can fail
+    for host in hosts:  # after the only steps that can fail
+        host.half_enabled = None
         for layer in host.stack():
             layer.active = layer.adapter_name in chosen
             layer.order = chosen.index(layer.adapter_name) if layer.active else 0
@@ -165,7 +192,7 @@ def delete(model: nn.Module, name: str) -> None:
         return
     hosts = slot_layers(model)
     leaving = {slot: host for slot, host in hosts.items() if host.adapter_name == name}
-    check_leaving(leaving)  # before anything changes
+    check_leaving(leaving, promoting=True)  # before anything changes (a promoted peer's names too)
     modules: dict[str, nn.Module] = {}
     try:  # all or nothing: an error (an interrupt too) puts the slots back and the peers in their hosts
         for slot, host in leaving.items():

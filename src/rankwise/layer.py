@@ -150,6 +150,8 @@ class AdapterLayer(nn.Module):
         self.order: int = 0  # its place among the active layers of its module (rankwise.set_active's order)
         self.is_peer: bool = False  # a peer lives in its host's ``peers``, not in the model's slot
         self.disabled: bool = False  # inside rankwise.disabled(): the base module's own forward (hosts only)
+        # why the model is half enabled (a rankwise.disabled() exit failed): the forward refuses until set_active
+        self.half_enabled: str | None = None
         self._merged_aside: Tensor | None = None  # a disabled merged host's merged bits, put back by enable()
         self._merge_pending: bool = False  # a load_state_dict of a merged layer merges after its peers loaded
         self.register_load_state_dict_post_hook(_merge_after_load)
@@ -296,7 +298,11 @@ class AdapterLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """The module's output: its own forward when disabled or with no active adapter, else the merged weight's or
         the active layers' result, computed as ``(..., out)`` and put in the module's layout once, here
-        (:meth:`rankwise.base_layers.BaseKind.to_output`: a convolution's channels back to dimension 1)."""
+        (:meth:`rankwise.base_layers.BaseKind.to_output`: a convolution's channels back to dimension 1). Refused while
+        the model is half enabled (:meth:`refuse_if_half_enabled`): its outputs would be neither the adapted model's
+        nor the base's."""
+        if self.half_enabled is not None:
+            self.refuse_if_half_enabled("run the forward")
         if "parametrizations" in self._modules:  # registered after attach (a parametrized module is refused there)
             self.check_base_stored()
             self.check_fixed_stored()
@@ -516,9 +522,17 @@ class AdapterLayer(nn.Module):
                 if any(k not in self.own_state_dict_hooks for k in getattr(self, table))]
 
     def refuse_while_disabled(self, what: str) -> None:
-        """Raise ``RuntimeError`` if this layer is inside ``rankwise.disabled`` (``what``: the refused call)."""
+        """Raise ``RuntimeError`` if this layer is inside ``rankwise.disabled`` (``what``: the refused call), or still
+        disabled after that block's exit failed (:meth:`refuse_if_half_enabled` says how to finish it)."""
         if self.disabled:
+            self.refuse_if_half_enabled(what)
             raise RuntimeError(f"cannot {what} inside `with rankwise.disabled(model):`; do it after the block")
+
+    def refuse_if_half_enabled(self, what: str) -> None:
+        """Raise ``RuntimeError`` naming ``what`` while the model is half enabled: a ``rankwise.disabled()`` exit failed
+        part way (:attr:`half_enabled` says how), so some layers or fully-trained modules may still be the base's."""
+        if self.half_enabled is not None:
+            raise RuntimeError(f"cannot {what}: {self.half_enabled}")
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -577,10 +591,10 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def enable(self) -> None:
-        """Undo :meth:`disable` exactly (idempotent): a merged host gets its merged bits back."""
+        """Undo :meth:`disable` exactly (idempotent): a merged host gets its merged bits back. The one step that can
+        fail (the copy's memory) comes before anything changes, so a layer is enabled or left as it was."""
         if not self.disabled:
             return
-        self.disabled = False
         aside = self._merged_aside
         if aside is not None:
             original = self.weight.detach().clone()
@@ -588,9 +602,11 @@ class AdapterLayer(nn.Module):
             aside.copy_(original)
             self._merged_aside = None
             self._set_merged(True, aside)
+        self.disabled = False
 
     def check_mergeable(self) -> None:
-        """Raise (changing nothing) when this layer cannot merge: a quantised base, or inside ``disabled``."""
+        """Raise (changing nothing) when this layer cannot merge: a quantised base, inside ``disabled`` or half enabled."""
+        self.refuse_if_half_enabled("merge")
         self.kind.check_merge()
         self.refuse_while_disabled("merge")
         self.check_base_stored()

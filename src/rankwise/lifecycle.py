@@ -388,7 +388,8 @@ def carry_state_in_state_dict(model: nn.Module) -> None:
     link, ...) under :data:`STATE_KEY`, and ``load_state_dict`` restore them: so a checkpoint any trainer writes
     from the state_dict (HF ``Trainer``, Accelerate, a hand-written loop) resumes every method exactly. Inside
     :func:`rankwise.disabled` the state also says ``"disabled": true`` (read back as nothing), so a state_dict, or
-    a cache keyed by its hash, never passes for the adapted model's. Once per model; the hooks do nothing on a
+    a cache keyed by its hash, never passes for the adapted model's. After a load, a tied pair whose layers came
+    merged holds one merged table again (:func:`_join_ties_after_load`). Once per model; the hooks do nothing on a
     model without adapters."""
     if getattr(model, "_rankwise_state_hooks", False):
         return
@@ -396,7 +397,17 @@ def carry_state_in_state_dict(model: nn.Module) -> None:
     model.register_load_state_dict_pre_hook(_state_from_dict)
     model.register_state_dict_post_hook(_copies_into_dict)
     model.register_load_state_dict_pre_hook(_copies_from_dict)
+    model.register_load_state_dict_post_hook(_join_ties_after_load)
     model._rankwise_state_hooks = True  # type: ignore[assignment]
+
+
+def _join_ties_after_load(module: nn.Module, _keys: Any) -> None:
+    """After ``load_state_dict`` of a merged state (HF Trainer's resume while merged): each layer merged on its own
+    once it and its peers loaded (``layer._merge_after_load``, which runs before this, the model's own hook), so a tied
+    pair held two equal merged tables until the next merge: twice the memory and the parameter count of a merged
+    model. The tied layers that merged to one table hold one ``Parameter`` again, as after ``rankwise.merge``
+    (:func:`rankwise.ties.join_merged_ties`)."""
+    join_merged_ties(slot_layers(module).values())
 
 
 def _state_into_dict(module: nn.Module, state_dict: dict[str, Any], prefix: str, _meta: Any) -> None:
@@ -702,6 +713,8 @@ def refuse_fully_trained_targets(model: nn.Module, targets: Iterable[str], name:
 def refuse_if_merged_or_disabled(model: nn.Module, what: str) -> None:
     """Raise naming ``what`` when an adapter layer is merged or inside ``rankwise.disabled`` (nothing changed yet)."""
     hosts = slot_layers(model).values()
+    for layer in hosts:
+        layer.refuse_if_half_enabled(what)
     if any(layer.disabled for layer in hosts):
         raise RuntimeError(f"cannot {what} inside `with rankwise.disabled(model):`; do it after the block")
     if any(layer.merged for layer in hosts):
@@ -734,6 +747,8 @@ def detach(model: nn.Module, merge: bool = False) -> nn.Module:
     layers = slot_layers(model)
     if not layers:
         raise ValueError(f"this {type(model).__name__} has no rankwise adapters to detach")
+    for layer in layers.values():
+        layer.refuse_if_half_enabled("detach")
     if any(layer.disabled for layer in layers.values()):
         raise RuntimeError("cannot detach inside `with rankwise.disabled(model):`; do it after the block")
     check_leaving(layers)
@@ -773,19 +788,35 @@ def detach(model: nn.Module, merge: bool = False) -> nn.Module:
     return model
 
 
-def check_leaving(hosts: dict[str, AdapterLayer]) -> None:
+def check_leaving(hosts: dict[str, AdapterLayer], promoting: bool = False) -> None:
     """Raise, changing nothing, where an adapter layer cannot leave its slot (``detach``, ``delete``): a parametrization
     on its base tensors (:meth:`AdapterLayer.check_base_stored`), or a parameter or buffer registered on it while
-    attached whose name its base module already holds (they go to the base: :func:`hand_over_additions`)."""
+    attached whose name a module it goes to already holds (:func:`hand_over_additions`): its base module, and with
+    ``promoting`` (``delete``) the peer that takes its slot (:func:`_taking_the_slot`). Such a name would make the hand
+    over fail after the slots changed, or, where the peer holds a parameter of that name (a DoRA peer's
+    ``magnitude``), silently replace the peer's own tensor."""
     for name, layer in hosts.items():
         layer.check_base_stored(name)
-        base = layer.base_layer()
-        clash = [t for t in layer.user_parameters() + layer.user_buffers() if hasattr(base, t)]
-        if clash:
-            raise ValueError(
-                f"cannot take adapter layer {name!r} off: tensors {clash} were registered on it while attached, and "
-                f"its base module {type(base).__name__} has attributes of those names, so they cannot go back with it. "
-                "Rename or delete them first (del layer.<name>); nothing was changed")
+        mine = layer.user_parameters() + layer.user_buffers()
+        for what, module in _taking_the_slot(layer, promoting):
+            clash = [t for t in mine if hasattr(module, t)]
+            if clash:
+                raise ValueError(
+                    f"cannot take adapter layer {name!r} off: tensors {clash} were registered on it while attached, and "
+                    f"{what} has attributes of those names, so they cannot go to it. Rename "
+                    f"or delete them first (delattr(model.get_submodule({name!r}), {clash[0]!r})); nothing was changed")
+
+
+def _taking_the_slot(layer: AdapterLayer, promoting: bool) -> list[tuple[str, nn.Module]]:
+    """The modules a user's tensors on ``layer`` go to as it leaves (described, for a message): at ``delete``
+    (``promoting``) its first peer, which takes the slot, and in any case its base module (where a later detach puts
+    them)."""
+    base = layer.base_layer()
+    taking = [(f"its base module {type(base).__name__}", base)]
+    peers = layer.stack()[1:] if promoting else []
+    for peer in peers[:1]:
+        taking.insert(0, (f"the {type(peer).__name__} of adapter {peer.adapter_name!r}, which takes its slot,", peer))
+    return taking
 
 
 def hand_over_additions(name: str, layer: AdapterLayer, arriving: nn.Module) -> None:
