@@ -56,19 +56,19 @@ METHOD_ARGS = {
 def peft_attach(use_dora: bool):
     """An ``ExternalAdapter``'s attach function for the harness: it injects HF PEFT's LoRA/DoRA in place of rankwise's."""
 
+    from rankwise_harness.sources import PEFT_LORA_FIELDS, peft_lora_config
+
     def attach(model, mcfg, calibration=None):  # noqa: ARG001 - PEFT's LoRA/DoRA need no calibration
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        from rankwise.targeting import target_names
-
-        targets = target_names(model, mcfg)  # exactly rankwise's layers ("all-linear" resolved by our rule)
-        pc = LoraConfig(r=mcfg.r, lora_alpha=mcfg.alpha, lora_dropout=mcfg.dropout, use_dora=use_dora,
-                        target_modules=targets, modules_to_save=list(mcfg.modules_to_save or []))
+        # exactly rankwise's layers ("all-linear" resolved by our rule), its token rows and tie
+        pc = peft_lora_config(model, mcfg, use_dora=use_dora)
         get_peft_model(model, pc)  # injects into ``model`` in place; the wrapper is not needed
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        return f"HF PEFT {'DoRA' if use_dora else 'LoRA'} r={mcfg.r} on {len(targets)} layers: {n:,} trainable"
+        return f"HF PEFT {'DoRA' if use_dora else 'LoRA'} r={mcfg.r} on {len(pc.target_modules)} layers: {n:,} trainable"
 
     attach.__name__ = "peft-dora" if use_dora else "peft-lora"
+    attach.honours = PEFT_LORA_FIELDS  # any other field set is refused by the harness (ExternalAdapter.check)
     return attach
 
 

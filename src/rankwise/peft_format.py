@@ -37,6 +37,7 @@ import re
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +75,41 @@ PREFIX = "base_model.model."
 # PEFT's file keys of a layer's (A, B): an nn.Linear / Conv1D's (False), an nn.Embedding's (True), same shapes
 FACTOR_KEYS: dict[bool, tuple[str, str]] = {False: ("lora_A.weight", "lora_B.weight"),
                                             True: ("lora_embedding_A", "lora_embedding_B")}
-SERVE_MERGED = ("Serve merged weights instead: rankwise export ... --format merged, or rankwise.detach(model, "
-                "merge=True) then model.save_pretrained(dir)")
+
+
+@dataclass(frozen=True)
+class Remedies:
+    """How a front end names the ways out of a refused export: serving merged weights, and (where the vLLM form was
+    refused) writing PEFT's own form. Each front end names its own: the Python API's below, the CLI's ``--format``."""
+
+    merged: str
+    peft_form: str
+
+
+PYTHON_REMEDIES = Remedies(merged="rankwise.detach(model, merge=True) then model.save_pretrained(dir)",
+                           peft_form="vllm=False")
+
+
+class ExportRefused(ValueError):
+    """:func:`export_peft` cannot write this adapter in the form asked. ``reason`` says why; the message offers merged
+    weights and, where ``peft_form``, PEFT's own form, worded for the Python API (:data:`PYTHON_REMEDIES`); a front end
+    with its own spelling words the same refusal its way (:meth:`worded`)."""
+
+    def __init__(self, reason: str, peft_form: bool = False, where: str = "") -> None:
+        self.reason, self.peft_form, self.where = reason, peft_form, where
+        super().__init__(self.worded(PYTHON_REMEDIES))
+
+    def worded(self, remedies: Remedies) -> str:
+        """The refusal with ``remedies``' spelling of the ways out."""
+        text = f"{self.where}{self.reason}. Serve merged weights instead: {remedies.merged}"
+        return text + (f"; or export the PEFT form ({remedies.peft_form}), which HF PEFT loads" if self.peft_form else "")
+
+    def __reduce__(self) -> tuple[type[ExportRefused], tuple[str, bool, str]]:  # copied or pickled whole
+        return ExportRefused, (self.reason, self.peft_form, self.where)
+
+    def within(self, where: str) -> ExportRefused:
+        """The same refusal, ``where`` (e.g. which adapter) said first."""
+        return ExportRefused(self.reason, self.peft_form, where + self.where)
 
 
 def _most_common(values: list[Any]) -> Any:
@@ -131,6 +165,8 @@ def export_peft(
     for adapter in folders:
         try:
             files[adapter] = _peft_files(model, adapter, vllm, base_model_name_or_path, list(folders))
+        except ExportRefused as exc:
+            raise exc.within(f"adapter {adapter!r} cannot be exported to PEFT: ") from exc
         except (ValueError, NotImplementedError) as exc:
             raise type(exc)(f"adapter {adapter!r} cannot be exported to PEFT: {exc}") from exc
     atomic_write_files({folders[adapter] / file: data for adapter, (weights, config) in files.items()
@@ -149,19 +185,19 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
     if dora and len(dora) != len(factors):
         raise ValueError("cannot export a mix of DoRA-style and LoRA-style layers as one PEFT adapter")
     if vllm and dora:
-        raise ValueError(f"{state.config.method} is a DoRA-family method and vLLM refuses DoRA adapters. {SERVE_MERGED}")
+        raise ExportRefused(f"{state.config.method} is a DoRA-family method and vLLM refuses DoRA adapters")
     lookups = {n for n, layer in layers.items() if layer.kind.index_input}  # nn.Embedding layers: PEFT's lora_embedding_*
     if vllm and lookups:
-        raise ValueError(f"the vLLM form is written for linear layers only, and this adapter has embedding layers "
-                         f"{sorted(lookups)[:3]}. {SERVE_MERGED}; or export the PEFT form (vllm=False), which HF PEFT loads")
+        raise ExportRefused(f"the vLLM form is written for linear layers only, and this adapter has embedding layers "
+                            f"{sorted(lookups)[:3]}", peft_form=True)
     convs = sorted(n for n, layer in layers.items() if isinstance(layer.kind, ConvKind))
     if vllm and convs:
-        raise ValueError(f"the vLLM form is written for linear layers only, and this adapter has convolution layers "
-                         f"{convs[:3]}. {SERVE_MERGED}; or export the PEFT form (vllm=False), which HF PEFT loads")
+        raise ExportRefused(f"the vLLM form is written for linear layers only, and this adapter has convolution layers "
+                            f"{convs[:3]}", peft_form=True)
     for n, layer in layers.items():
         why = layer.kind.peft_mismatch()
         if why is not None:
-            raise ValueError(f"layer {n!r} ({layer.kind.describe()}) has {why}. {SERVE_MERGED}")
+            raise ExportRefused(f"layer {n!r} ({layer.kind.describe()}) has {why}")
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
 
@@ -172,15 +208,14 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
              | fully_trained_modules(model, name))  # a trained module's tensors are written last: they win
     _refuse_wrapped_peers(model, name, list(saved), together)
     if vllm and saved:
-        raise ValueError(f"vLLM refuses adapters with modules_to_save (\"vLLM only supports modules_to_save being "
-                         f"None\"), and without the trained {sorted(saved)} it would serve other outputs. {SERVE_MERGED}; "
-                         "or export the PEFT form (vllm=False, --format peft), which HF PEFT loads with them")
+        raise ExportRefused(f"vLLM refuses adapters with modules_to_save (\"vLLM only supports modules_to_save being "
+                            f"None\"), and without the trained {sorted(saved)} it would serve other outputs", peft_form=True)
     shapes: dict[str, PeftShapes] = {n: layer.kind.peft_shapes for n, layer in layers.items()}
     tensors, ranks, alphas = _peft_tensors(factors, saved, vllm, use_rslora, lookups, shapes)
     token_indices, token_tensors = export_token_rows(model, name, PREFIX)
     if vllm and token_indices:
-        raise ValueError(f"the vLLM form has no trainable token rows (trainable_token_indices, on {sorted(token_indices)[:3]}). "
-                         f"{SERVE_MERGED}; or export the PEFT form (vllm=False), which HF PEFT loads")
+        raise ExportRefused(f"the vLLM form has no trainable token rows (trainable_token_indices, on "
+                            f"{sorted(token_indices)[:3]})", peft_form=True)
     tensors.update(token_tensors)
     r_global = _most_common(list(ranks.values()))
     alpha_global = _most_common([alphas[n] for n in ranks if ranks[n] == r_global])

@@ -167,6 +167,7 @@ def find_targets(
     named = list(model.named_modules()) if modules is None else modules
     slots = module_slots(model)
     found: dict[str, nn.Module] = {}
+    passed_over: list[str] = []  # matched, but trained fully (modules_to_save) or an output head all-linear leaves out
     for name, module in named:
         if not name or name_matches(name, exclude_modules):
             continue
@@ -174,6 +175,7 @@ def find_targets(
         if not (is_all_linear_kind(module) if all_linear else any(name_matches(n, target_modules) for n in names)):
             continue
         if any(name == s or name.startswith(s + ".") for s in skipped):
+            passed_over.append(name)
             continue
         if not is_supported(module):
             why = (" inside torch's nn.MultiheadAttention, which never calls its forward (it reads the weight "
@@ -185,6 +187,12 @@ def find_targets(
         check_target(name, module)
         found[name] = module
     refuse_held_in_several_places(found, slots, "target")
+    if not found and passed_over and not all_linear:
+        raise ValueError(
+            f"target_modules={target_modules!r} matched only {passed_over[:4]}, which the adapter trains fully "
+            f"(modules_to_save={tuple(skipped)!r}): a module is either adapted or trained fully. Leave it out of "
+            "modules_to_save, or name other layers in target_modules"
+        )
     if not found:
         sample = adaptable_sample(named, 12)
         raise ValueError(

@@ -13,6 +13,8 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,6 +144,50 @@ def _token_ids(text: str, where: str) -> list[int]:
     return [int(p) for p in parts]
 
 
+# the adapter config's fields with a flag of their own: (config field, RunConfig field, flag); any other field is
+# given by --set FIELD=VALUE, and --set of one of these beside its flag is refused (RunConfig._check_adapter_flags)
+CONFIG_FLAGS = (("r", "r", "--r"), ("alpha", "alpha", "--alpha"), ("dropout", "dropout", "--dropout"),
+                ("target_modules", "targets", "--targets"),
+                ("trainable_token_indices", "trainable_token_indices", "--trainable-token-indices"),
+                ("ensure_weight_tying", "ensure_weight_tying", "--ensure-weight-tying"))
+_FLAG_OF = {key: flag for key, _, flag in CONFIG_FLAGS} | {"seed": "--seed"}
+
+
+def flag_of(field_name: str, overrides: Mapping[str, str]) -> str:
+    """How a method config's field is given on the command line: ``--set field=VALUE`` as the user gave it, else the
+    field's own flag (``target_modules``: ``--targets``), else ``--set field=...``; ``modules_to_save`` also holds the
+    task's head, which the harness adds."""
+    if field_name in overrides:
+        given = f"--set {field_name}={overrides[field_name]}"
+    else:
+        given = _FLAG_OF.get(field_name, f"--set {field_name}=...")
+    return f"{given} (with the task's head, which the harness adds)" if field_name == "modules_to_save" else given
+
+
+def in_flag_terms(message: str, fields: Iterable[str], overrides: Mapping[str, str]) -> str:
+    """``message`` (a library error, worded for the Python API's config fields) followed by the flag of each of
+    ``fields`` it names as a word, so a CLI user reads what to change: ``... [on the command line: target_modules is
+    --targets]``; unchanged when it names none. The library's words are kept whole."""
+    named = [f for f in dict.fromkeys(fields) if re.search(rf"(?<![\w.\-]){re.escape(f)}(?![\w\-])", message)]
+    if not named:
+        return message
+    return f"{message} [on the command line: {'; '.join(f'{f} is {flag_of(f, overrides)}' for f in named)}]"
+
+
+@contextmanager
+def flag_worded(what: str, fields: Iterable[str], overrides: Mapping[str, str] | None = None) -> Iterator[None]:
+    """The one place the harness rewords a library error for its flags: a ``ValueError`` / ``TypeError`` raised in the
+    block (building a method config, attaching it) becomes a :class:`ConfigError` ``"what: message [on the command
+    line: field is --flag]"`` (:func:`in_flag_terms`); a :class:`ConfigError` (the harness's own, already in flag
+    terms) passes unchanged."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{what}: {in_flag_terms(str(exc), fields, overrides or {})}") from exc
+
+
 def target_spec(targets: tuple[str, ...] | None) -> tuple[str, ...] | str:
     """The ``target_modules`` a run's ``--targets`` asks for: ``"all-linear"`` (the default, also when
     spelled ``--targets all-linear``) or the given module-name suffixes."""
@@ -182,10 +228,8 @@ def build_method_config(
             raise ConfigError(f"--set {key}=...: {cls.__name__} has no field {key!r}; fields: {', '.join(fields)}")
         default = fields[key].default if fields[key].default is not dataclasses.MISSING else None
         values[key] = _coerce(raw, default, module_names="tuple[str" in str(fields[key].type))
-    try:
+    with flag_worded(f"bad {cls.__name__} for method {method!r}", fields, overrides):
         return cls(**values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"bad {cls.__name__} for method {method!r}: {exc}") from None
 
 
 @dataclass
@@ -245,10 +289,7 @@ class RunConfig:
     ensure_weight_tying: bool = False  # a head tied to the embedding computes with the embedding's adapter
 
     # the config fields with a flag of their own: --set of one of them beside its flag would silently win
-    _SET_WITH_A_FLAG = (("r", "r", "--r"), ("alpha", "alpha", "--alpha"), ("dropout", "dropout", "--dropout"),
-                        ("target_modules", "targets", "--targets"),
-                        ("trainable_token_indices", "trainable_token_indices", "--trainable-token-indices"),
-                        ("ensure_weight_tying", "ensure_weight_tying", "--ensure-weight-tying"))
+    _SET_WITH_A_FLAG = CONFIG_FLAGS
     # every numeric flag, by rule: (flags, integer, lowest allowed, lowest included); None always means "default"
     _NUMBERS = (
         (("batch_size", "grad_accum", "max_length", "calibration_batches", "max_new_tokens", "max_steps",

@@ -27,12 +27,16 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import QUANTIZE_CHOICES, TOKENIZER_FILES
+
+if TYPE_CHECKING:
+    from rankwise.peft_format import Remedies
 
 FORMATS = ("peft", "vllm", "merged")
 # what a merged-model output folder may hold (file name patterns); the adapter kinds' are the library's
@@ -235,6 +239,7 @@ def check_out(out: str, inputs: list[str], files: tuple[str, ...], is_ours: Call
 def _export(args: argparse.Namespace) -> str:
     import rankwise
     from rankwise.adapter_file import PEFT_FILES, is_hf_model, is_peft_adapter, replace_folder
+    from rankwise.peft_format import ExportRefused
 
     run = run_record(args.adapter)
     result, is_adapter = _trained_result(args, run)
@@ -264,10 +269,22 @@ def _export(args: argparse.Namespace) -> str:
             return f"merged model written to {args.out} (load it with {cls}.from_pretrained)"
         return (f"merged model written to {args.out} ({cls} with the run's {head[0]} head on {head[1]} pooling; "
                 f"load it with rankwise_harness.heads.load_merged({str(args.out)!r}))")
-    replace_folder(Path(args.out), lambda tmp: rankwise.export_peft(model, tmp, vllm=args.format == "vllm",
-                                                                     base_model_name_or_path=base))
+    try:
+        replace_folder(Path(args.out), lambda tmp: rankwise.export_peft(model, tmp, vllm=args.format == "vllm",
+                                                                         base_model_name_or_path=base))
+    except ExportRefused as exc:  # the library's remedies are the Python API's (vllm=False): this command's instead
+        raise ValueError(exc.worded(cli_remedies(args))) from exc
     return f"{args.format} adapter written to {args.out} (load it onto {cls}.from_pretrained({base!r}"\
            f"{', num_labels=' + str(kwargs['num_labels']) if 'num_labels' in kwargs else ''}))"
+
+
+def cli_remedies(args: argparse.Namespace) -> Remedies:
+    """The ways out of a refused export as this command spells them: ``--format merged`` / ``--format peft``."""
+    from rankwise.peft_format import Remedies
+
+    again = f"rankwise export {shlex.quote(args.adapter)} --out {shlex.quote(args.out)}"
+    return Remedies(merged=f"--format merged ({again} --format merged, your other flags kept)",
+                    peft_form="--format peft, the default")
 
 
 def _quantize(args: argparse.Namespace, run: dict[str, Any] | None) -> str | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +20,7 @@ from torch import nn
 
 import rankwise
 
-from .config import ConfigError, build_method_config, target_spec
+from .config import ConfigError, build_method_config, flag_of, flag_worded, target_spec
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -136,10 +136,8 @@ class RankwiseAdapter(AdapterSource):
         method, n = rankwise.all_methods()[cfg.method], cfg.calibration_batches
         if not (n and method.uses_calibration and method.calibration_config is not None) or method.calibration_batches(mcfg) == n:
             return mcfg
-        try:
+        with flag_worded(f"--calibration-batches {n}", config_fields(mcfg), cfg.overrides):
             reading = method.calibration_config(mcfg, n)
-        except ValueError as exc:
-            raise ConfigError(f"--calibration-batches {n}: {exc}") from exc
         moved = [k for k in cfg.overrides if getattr(reading, k, None) != getattr(mcfg, k, None)]
         if moved:
             raise ConfigError(f"--calibration-batches {n} and --set {' --set '.join(f'{k}={cfg.overrides[k]}' for k in moved)} "
@@ -207,23 +205,48 @@ class ExternalAdapter(RankwiseAdapter):
     calibration=...)`` adapts the model in place and returns something printable. The method config (and its
     calibration data) are the run's rankwise method's, so a control trains on the identical data, loop and
     evaluation. Its result is the trained tensors (``model.safetensors``); it never calls ``rankwise.step``,
-    cannot resume and refuses ``--lora-plus-ratio`` (LoRA+ groups are built from rankwise's layers)."""
+    cannot resume and refuses ``--lora-plus-ratio`` (LoRA+ groups are built from rankwise's layers).
+
+    ``honours``: the method config's fields ``attach_fn`` carries over to its adapter (``None``: every field, e.g. a
+    function calling ``rankwise.attach``; else ``attach_fn.honours`` where it has one). A run whose config sets any
+    other field away from its class default is refused before anything loads, naming the flag: a control that
+    silently trains without a requested feature (token rows, a tie, rsLoRA's scale) makes an unfair comparison.
+    ``seed`` is always honoured: ``finetune`` seeds the global generators another library initialises from."""
 
     writes_adapter = False
     calls_step = False
     resumable = False
 
-    def __init__(self, attach_fn: AttachFn, name: str | None = None) -> None:
+    def __init__(self, attach_fn: AttachFn, name: str | None = None, honours: Collection[str] | None = None) -> None:
         self.attach_fn = attach_fn
         self.implementation = name or str(getattr(attach_fn, "__name__", "external"))
+        declared = honours if honours is not None else getattr(attach_fn, "honours", None)
+        self.honours = None if declared is None else frozenset(declared) | {"seed"}
 
     def check(self, cfg: RunConfig) -> None:
-        if cfg.method_config() is None:
+        mcfg = cfg.method_config()
+        if mcfg is None:
             raise ConfigError(f"an external adapter ({self.implementation}) needs an adapter method's config; "
                               f"--method {cfg.method} has none")
         if cfg.lora_plus_ratio:  # the groups find rankwise layers' B factors: none here, so every tensor got --lr
             raise ConfigError(f"--lora-plus-ratio: LoRA+ groups are built from rankwise's adapter layers; an external "
                               f"adapter ({self.implementation}) would train with no group at the larger rate")
+        dropped = self.dropped(mcfg)
+        if dropped:
+            flags = ", ".join(flag_of(f, cfg.overrides) for f in dropped)
+            raise ConfigError(f"{flags}: the external adapter {self.implementation} does not carry "
+                              f"{', '.join(dropped)} over to its own config, so it would train without "
+                              f"{'it' if len(dropped) == 1 else 'them'} and compare unfairly; drop "
+                              f"{'it' if len(dropped) == 1 else 'them'}, or give the control a function that passes "
+                              f"{'it' if len(dropped) == 1 else 'them'} on (ExternalAdapter(..., honours=...))")
+
+    def dropped(self, mcfg: rankwise.AdapterConfig) -> list[str]:
+        """The fields ``mcfg`` sets away from its class's defaults that this adapter does not honour."""
+        if self.honours is None:
+            return []
+        default = type(mcfg)()
+        return [f.name for f in dataclasses.fields(mcfg)
+                if f.name not in self.honours and getattr(mcfg, f.name) != getattr(default, f.name)]
 
     def prepare(self, model: nn.Module, mcfg: rankwise.AdapterConfig | None, calibration: Batches | None,
                 loss_fn: LossFn) -> Any:
@@ -234,6 +257,33 @@ class ExternalAdapter(RankwiseAdapter):
 
     def plot(self, model: nn.Module, folder: Path, method: str) -> None:
         return None
+
+
+# the adapter config's fields peft_lora_config carries into HF PEFT's LoraConfig (exclude_modules: through the
+# resolved target names; seed: finetune seeds the generators PEFT initialises from)
+PEFT_LORA_FIELDS = ("r", "alpha", "dropout", "target_modules", "exclude_modules", "modules_to_save", "use_rslora", "seed",
+                    "trainable_token_indices", "ensure_weight_tying")
+
+
+def peft_lora_config(model: nn.Module, mcfg: rankwise.AdapterConfig, **peft_fields: Any) -> Any:
+    """HF PEFT's ``LoraConfig`` for a control of ``mcfg`` on ``model`` (``peft_fields``: PEFT's own, e.g.
+    ``use_dora=True``): the same layers (``rankwise.targeting.target_names``: ``all-linear`` and ``exclude_modules``
+    resolved by rankwise's rule), rank, alpha, dropout, rsLoRA, fully trained modules, token rows (PEFT's
+    ``trainable_token_indices``, keyed by the full module names rankwise resolves, so a wrapper without
+    ``get_input_embeddings`` still gets them) and ``ensure_weight_tying``. Every field it carries is in
+    :data:`PEFT_LORA_FIELDS`, for :class:`ExternalAdapter`'s ``honours``."""
+    from peft import LoraConfig
+
+    from rankwise.targeting import target_names
+    from rankwise.tokens import resolve_token_modules
+
+    rows = resolve_token_modules(model, mcfg, list(model.named_modules()))
+    fields: dict[str, Any] = {  # lora_alpha a float as ours (PEFT's annotation says int; it computes alpha / r)
+        "r": mcfg.r, "lora_alpha": mcfg.alpha, "lora_dropout": mcfg.dropout, "use_rslora": mcfg.use_rslora,
+        "target_modules": target_names(model, mcfg), "modules_to_save": list(mcfg.modules_to_save or []),
+        "trainable_token_indices": {n: list(r) for n, r in rows.items()} or None,
+        "ensure_weight_tying": mcfg.ensure_weight_tying}
+    return LoraConfig(**fields, **peft_fields)
 
 
 class FullFineTuning(AdapterSource):
@@ -317,15 +367,20 @@ def shared_method(methods: list[str]) -> str:
                 min(methods, key=lambda m: len(unused[m])))
 
 
-def with_heads(mcfg: rankwise.AdapterConfig | None, heads: tuple[str, ...] | None) -> rankwise.AdapterConfig | None:
+def with_heads(mcfg: rankwise.AdapterConfig | None, heads: tuple[str, ...] | None,
+               overrides: dict[str, str] | None = None) -> rankwise.AdapterConfig | None:
     """``mcfg`` whose ``modules_to_save`` are the model's task heads, then those the user named (``--set
-    modules_to_save=...``: trained fully beside the heads); unchanged without heads."""
+    modules_to_save=...``: trained fully beside the heads); unchanged without heads. ``overrides``: the run's
+    ``--set`` values, to word an error in the flags the user gave."""
     if mcfg is None or heads is None:
         return mcfg
-    try:
+    with flag_worded(f"bad {type(mcfg).__name__}", config_fields(mcfg), overrides):
         return dataclasses.replace(mcfg, modules_to_save=tuple(dict.fromkeys((*heads, *(mcfg.modules_to_save or ())))))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"bad {type(mcfg).__name__}: {exc}") from None
+
+
+def config_fields(mcfg: rankwise.AdapterConfig | None) -> list[str]:
+    """The field names of an adapter config (none without one), which an error in flag terms may name."""
+    return [] if mcfg is None else [f.name for f in dataclasses.fields(mcfg)]
 
 
 register_adapter_source(FULL, FullFineTuning())

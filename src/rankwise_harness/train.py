@@ -33,7 +33,7 @@ from .batches import micro_batch_indices, random_batches, step_micro_batches, st
 from .evaluation import evaluate
 from .checkpoint import (CKPT_DIR, Checkpoint, RunError, RunInterrupted, TrainerState, was_told, disk_full_is_named, tensor_bytes, frozen_digests, latest_checkpoint, model_tensors,
                          on_every_process, read_checkpoint, read_run_json, restore_model, write_checkpoint)
-from .config import RUN_MARKER, ConfigError, RunConfig
+from .config import RUN_MARKER, ConfigError, RunConfig, flag_worded
 from .data import Example, Splits, Task, fingerprint, get_task, load_task_data
 from .deps import can_plot, check_harness
 from .heads import head_parameters, with_head_group
@@ -44,7 +44,7 @@ from .progress import Progress, TrackedBatches
 from .runlock import RunLock, acquire
 from .runfolder import clear_run, finished, fmt_metrics, loss_window, plot_loss, prepare_output, save_figure, settings_diff, summary
 from .selection import best_and_last, evals_since_best, sample_indices, sample_rows, split_validation
-from .sources import AdapterSource, AttachFn, ExternalAdapter, LossFn, adapter_source, with_heads
+from .sources import AdapterSource, AttachFn, ExternalAdapter, LossFn, adapter_source, config_fields, with_heads
 from .tasktypes import TaskType, task_type_for
 
 StepHook = Callable[[int, float], None]  # (optimizer step just done, its loss) -> None; may raise
@@ -557,7 +557,7 @@ def _set_up_adapter(run: _Run) -> _Adapter:
     """The source makes the trainable parameters (after an optional head warm-up, with calibration data when it
     asks) or, on resume, they are rebuilt from the checkpoint."""
     cfg, model, heads = run.cfg, run.model, run.heads
-    mcfg = with_heads(cfg.method_config(), heads)
+    mcfg = with_heads(cfg.method_config(), heads, cfg.overrides)
     adapter = _Adapter(mcfg.to_dict() if mcfg is not None else None, 0.0, None, {})
     if run.saved:  # the frozen tensors' digests, for checkpoints: the checkpoint's on resume, else the fresh base's
         adapter.frozen = restore_model(model, run.source.writes_adapter, run.saved)
@@ -600,10 +600,8 @@ def _attach(run: _Run, mcfg: rankwise.AdapterConfig | None) -> tuple[float, bool
                                      enabled=run.accelerator.is_main_process, sparse=not run.progress)
         run.say(f"{cfg.method}: calibrating on {n_cal} batches of {cfg.batch_size} training rows")
     t0 = time.perf_counter()
-    try:
+    with flag_worded(f"cannot attach {cfg.method} to {run.model_name}", config_fields(mcfg), cfg.overrides):
         report = run.source.prepare(run.model, mcfg, calibration, run.task_type.loss)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"cannot attach {cfg.method} to {run.model_name}: {exc}") from exc
     seconds = time.perf_counter() - t0
     if calibration is not None:
         run.say(f"{cfg.method}: calibrated in {seconds:.1f} s")

@@ -306,6 +306,9 @@ class LabelWordLM(nn.Module):
         for name, child in children.items():
             self.add_module(name, child)
         self.config = lm.config
+        tied = getattr(lm, "_tied_weights_keys", None)
+        if tied:  # its names are the LM's own (its top-level modules kept): HF PEFT finds the tie through it
+            self._tied_weights_keys = tied  # (a PEFT control's ensure_weight_tying and token rows on the tied head)
         self.backbone_name, self.head_name = backbone, head_name
         self.softcap = getattr(lm.config, "final_logit_softcapping", None)
         self.register_buffer("label_token_ids", torch.tensor(label_token_ids, dtype=torch.long), persistent=False)
