@@ -13,8 +13,10 @@ does the head still compute with the embedding's (moved) table?
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
+import peft
 import pytest
 import torch
 from torch import nn
@@ -113,3 +115,32 @@ def test_the_library_and_the_harness_give_one_answer_and_it_is_true(case: str) -
         assert "modules_to_save" in notes[0] and "--set modules_to_save" in refusal
     if case == "rows on the head alone":  # it has a layer on the head: the remedy is the embedding's rows
         assert "no layer there" not in refusal and "list them for embed_tokens" in refusal
+
+
+def test_a_tied_head_drops_its_input_as_peft_s_does_in_training(tmp_path: Path) -> None:
+    """``ensure_weight_tying`` LoRA with ``lora_dropout=0.3`` on the tied pair alone: PEFT's tied ``lm_head`` is a LoRA
+    linear, dropout on its input; rankwise's :class:`rankwise.ties.TiedHead` had none (it set ``nn.Identity``), so
+    with the same seeds the two trained apart, silently. Now three SGD steps in train mode, each forward from the same
+    seed, end at PEFT's logits (the embedding's lookup drops nothing in either)."""
+    theirs = peft.get_peft_model(_llama(True), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["lm_head"],
+                                                               lora_dropout=0.3, ensure_weight_tying=True))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    theirs.save_pretrained(tmp_path)
+    ours = rankwise.import_peft(_llama(True), tmp_path)
+    assert set(rankwise.state.tied_layers(ours)) == {"lm_head"}
+    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.2) for m in (theirs, ours)]
+    ids = torch.randint(0, VOCAB, (3, 8), generator=torch.Generator().manual_seed(1))
+    for i in range(3):
+        for m, opt in zip((theirs, ours), opts):
+            m.train()
+            torch.manual_seed(100 + i)
+            m(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    with torch.no_grad():
+        got, expected = ours.eval()(input_ids=ids).logits, theirs.eval()(input_ids=ids).logits
+    assert not torch.allclose(got, _llama(True)(input_ids=ids).logits, atol=1e-2)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

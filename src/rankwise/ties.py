@@ -6,7 +6,7 @@ the embedding's ``out x in`` map. With the embedding adapted by LoRA (``ΔW = s�
 ``B: dim x r``; GoRA's layers are LoRA's with their own rank) its table is ``W0 + s·(B A)ᵀ``, and a :class:`TiedHead`
 on the head computes with that same table::
 
-    h = x W0ᵀ + s · (x B) A          (…, vocab),        ΔW_head = s · Aᵀ Bᵀ = ΔW_embᵀ
+    h = x W0ᵀ + s · (dropout(x) B) A          (…, vocab),        ΔW_head = s · Aᵀ Bᵀ = ΔW_embᵀ
 
 from the embedding layer's own ``A`` and ``B``: one set of factors, trained by both uses, counted and saved once,
 so the two stay tied through training. This is PEFT's tie (its head's ``lora_A`` is the embedding's
@@ -42,8 +42,9 @@ TIE_METHODS = ("lora", "gora")  # methods whose embedding layer is LoRA's additi
 
 
 class TiedHead(AdapterLayer):
-    """A head tied to an adapted embedding: ``x W0ᵀ + s·(x B) A`` with the embedding layer's ``A``, ``B``, ``s``
-    (:attr:`leader` names that layer). It owns no tensor."""
+    """A head tied to an adapted embedding: ``x W0ᵀ + s·(dropout(x) B) A`` with the embedding layer's ``A``, ``B``,
+    ``s`` (:attr:`leader` names that layer) and the config's dropout (PEFT's tied head drops its input as every LoRA
+    linear does; the embedding's own lookup has none). It owns no tensor."""
 
     follows_layer: ClassVar[bool] = True
     trainable: tuple[str, ...] = ()
@@ -53,7 +54,7 @@ class TiedHead(AdapterLayer):
         self.leader: str = leader[0]
         self.scale = leader[1].scale
         self._leader = [leader[1]]  # a list: not a submodule (its tensors are listed, and saved, under the embedding)
-        self.dropout = nn.Identity()
+        # self.dropout: the config's, on the head's input as on any adapted linear's (PEFT's tied head has it too)
 
     @property
     def embedding(self) -> Any:
@@ -63,7 +64,7 @@ class TiedHead(AdapterLayer):
     def adapter_forward(self, x: Tensor) -> Tensor:
         emb = self.embedding
         out = self.base_forward(x)  # (..., vocab)
-        return out + (((x.to(emb.lora_b.dtype) @ emb.lora_b) @ emb.lora_a) * self.scale).to(out.dtype)
+        return out + (((self.dropout(x).to(emb.lora_b.dtype) @ emb.lora_b) @ emb.lora_a) * self.scale).to(out.dtype)
 
     def delta_weight(self) -> Tensor:
         return cast(Tensor, self.embedding.delta_weight()).t().to(self.weight.device)  # vocab x dim
