@@ -144,3 +144,25 @@ def test_a_tied_head_drops_its_input_as_peft_s_does_in_training(tmp_path: Path) 
         got, expected = ours.eval()(input_ids=ids).logits, theirs.eval()(input_ids=ids).logits
     assert not torch.allclose(got, _llama(True)(input_ids=ids).logits, atol=1e-2)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_excluded_embedding_the_tie_would_adapt_is_refused_and_an_excluded_head_is_tied_as_peft_ties_it() -> None:
+    """``target_modules=["lm_head"]``, ``exclude_modules=["embed_tokens"]``, ``ensure_weight_tying``: before, the tie
+    adapted the excluded embedding, silently (PEFT fails with "'Embedding' object has no attribute
+    'lora_embedding_A'"). Now refused before anything changes, naming exclude_modules. The other way round (the
+    embedding targeted, the head excluded) PEFT ties the head all the same, and so does rankwise."""
+    model = _llama(True)
+    ids = torch.arange(1, 9).reshape(1, 8)
+    before = model(input_ids=ids).logits
+    with pytest.raises(ValueError, match="exclude_modules names 'model.embed_tokens'"):
+        rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["lm_head", "q_proj"],
+                                                   exclude_modules=["embed_tokens"], ensure_weight_tying=True))
+    assert not any(isinstance(m, rankwise.AdapterLayer) for m in model.modules())
+    assert torch.equal(model(input_ids=ids).logits, before)
+    fields: dict[str, Any] = dict(target_modules=["embed_tokens", "q_proj"], exclude_modules=["lm_head"])
+    theirs = peft.get_peft_model(_llama(True), peft.LoraConfig(r=2, ensure_weight_tying=True, **fields))
+    assert "default" in theirs.base_model.model.lm_head.lora_A  # PEFT's tied head, though excluded
+    ours = _llama(True)
+    report = rankwise.attach(ours, rankwise.LoraConfig(r=2, ensure_weight_tying=True, **fields))
+    assert report.tie is not None and report.tie.tied == {"lm_head": "model.embed_tokens"}
+    assert set(rankwise.state.tied_layers(ours)) == {"lm_head"}

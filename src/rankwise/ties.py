@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .config import AdapterConfig
 from .layer import AdapterLayer, PeftFactors
-from .targeting import check_target
+from .targeting import check_target, name_matches
 
 TIE_METHODS = ("lora", "gora")  # methods whose embedding layer is LoRA's additive form (LoraLinear): the ones tied
 
@@ -101,7 +101,9 @@ def plan_ties(config: AdapterConfig, modules: list[tuple[str, nn.Module]], targe
     """``(targets, ties)`` under ``config.ensure_weight_tying`` (as given without it): a head tied to an embedding is
     not built by the method but follows the embedding's layer (``ties``: ``{head: embedding}``), and an embedding
     whose tied head is targeted is targeted too (PEFT adds it). ``ValueError`` for a method whose embedding layer
-    cannot be tied (:data:`TIE_METHODS`) or a tied head with a bias."""
+    cannot be tied (:data:`TIE_METHODS`), a tied head with a bias, or an embedding the tie would adapt that
+    ``exclude_modules`` names (PEFT fails there on an attribute; a head excluded is tied all the same, as PEFT ties
+    it: the head *is* the embedding's weight)."""
     if not getattr(config, "ensure_weight_tying", False):
         return targets, {}
     by_name = dict(modules)
@@ -115,6 +117,13 @@ def plan_ties(config: AdapterConfig, modules: list[tuple[str, nn.Module]], targe
                          "form a head can share (a DoRA-family magnitude rescales the embedding's rows; PEFT's tied "
                          "DoRA head keeps a magnitude of its own). Leave ensure_weight_tying out (the two layers "
                          "then train apart), or adapt the embedding alone")
+    excluded = {h: e for h, e in ties.items() if name_matches(e, config.exclude_modules)}
+    if excluded:
+        head, emb = next(iter(excluded.items()))
+        raise ValueError(f"ensure_weight_tying=True ties the head {head!r} to {emb!r}'s factors, and exclude_modules "
+                         f"names {emb!r}: the tie would adapt a module you excluded. Drop {emb!r} from exclude_modules "
+                         "(the pair is then adapted as one), or leave ensure_weight_tying out (the head then trains "
+                         "factors of its own)")
     for h in ties:
         check_target(h, by_name[h])  # its kind's refusals (a weight recomputed on each call, ...)
     biased = [h for h in ties if getattr(by_name[h], "bias", None) is not None]
