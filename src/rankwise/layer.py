@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from .base_layers import BaseKind, base_kind
 from .config import AdapterConfig
 from .fused import FusedInputs, fused_blocker, fusion_on, low_rank_linear
-from .slots import STATE_DICT_TABLES
+from .slots import state_dict_hooks
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -491,7 +491,7 @@ class AdapterLayer(nn.Module):
         what :meth:`user_buffers` and :meth:`user_state_dict_hooks` leave out."""
         self.own_buffers = frozenset(self._buffers)
         self.own_parameters = frozenset(self._parameters)
-        self.own_state_dict_hooks = frozenset(k for table in STATE_DICT_TABLES for k in getattr(self, table))
+        self.own_state_dict_hooks = frozenset(k for hooks in state_dict_hooks(self).values() for k in hooks)
 
     def user_buffers(self) -> list[str]:
         """The buffers registered on this layer after :meth:`mark_own` (a user's, while attached)."""
@@ -518,8 +518,7 @@ class AdapterLayer(nn.Module):
 
     def user_state_dict_hooks(self) -> list[str]:
         """The kinds (their tables' names) of the state-dict hooks registered on this layer after :meth:`mark_own`."""
-        return [table.strip("_") for table in STATE_DICT_TABLES
-                if any(k not in self.own_state_dict_hooks for k in getattr(self, table))]
+        return list(state_dict_hooks(self, besides=self.own_state_dict_hooks))
 
     def refuse_while_disabled(self, what: str) -> None:
         """Raise ``RuntimeError`` if this layer is inside ``rankwise.disabled`` (``what``: the refused call), or still

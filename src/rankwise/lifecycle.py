@@ -43,7 +43,7 @@ from .optim import made_no_update, split_weight_decay
 from .quant import dequantize_model, model_float_dtype, parameter_count, quant_kind
 from .registry import BuildResult, LossFn, method_for
 from .slots import copy_module as _copy_module  # modules_to_save's trained copy, its hooks' owners not copied
-from .slots import STATE_DICT_TABLES, hand_over_tensors
+from .slots import hand_over_tensors, hook_package, state_dict_hooks
 from .slots import replace_all as _replace_all  # all or nothing: a failed replacement puts the slots back
 from .slots import set_submodule as _set_submodule  # the slot's hooks go along with each replacement
 from .layer import DEFAULT_ADAPTER
@@ -51,7 +51,7 @@ from .state import (STATE_ATTR, AdapterSet, RankwiseState, adapter_layers, adapt
                     every_layer, fully_trained_modules, get_state, is_attached, original_modules, refuse_peft_model,
                     names_in_order, slot_layers, unwrap_model)
 from .targeting import find_modules_to_save, find_targets, is_all_linear
-from .ties import build_ties, join_merged_ties, merge_parts_ties, plan_ties, unmet_tie_note
+from .ties import TieOutcome, build_ties, join_merged_ties, merge_parts_ties, plan_ties, tie_outcome
 from .tokens import build_token_layers, plan_token_rows, token_extras
 
 
@@ -85,6 +85,7 @@ class AttachReport:
     total: int
     modules_to_save: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    tie: TieOutcome | None = None  # ensure_weight_tying's answer (rankwise.ties.TieOutcome); None: not asked
 
     @property
     def adapter_trainable(self) -> int:
@@ -98,6 +99,9 @@ class AttachReport:
             "total": self.total,
             "modules_to_save": self.modules_to_save,
             "notes": self.notes,
+            "tie": None if self.tie is None else {"tied": dict(self.tie.tied), "heads": dict(self.tie.heads),
+                                                  "own_rows": list(self.tie.own_rows),
+                                                  "trained_fully": list(self.tie.trained_fully)},
         }
 
     def __str__(self) -> str:
@@ -315,9 +319,8 @@ def _left_behind(name: str, target: nn.Module) -> str | None:
     layer's ``_load_from_state_dict`` does their work); an adapter layer already there (a peer joins it) has none."""
     if isinstance(target, AdapterLayer):
         return None
-    kinds = [table.strip("_") for table in STATE_DICT_TABLES if any(
-        getattr(getattr(h, "hook", h), "__module__", "").split(".")[0] != "bitsandbytes"
-        for h in getattr(target, table, {}).values())]
+    kinds = [kind for kind, hooks in state_dict_hooks(target).items()
+             if any(hook_package(h) != "bitsandbytes" for h in hooks.values())]
     buffers = [] if quant_kind(target) else [n for n, b in target._buffers.items() if b is not None]
     if not kinds and not buffers:
         return None
@@ -622,7 +625,8 @@ def attach(
         if config.seed is None:  # unseeded draws come from each rank's own RNG: every rank takes rank 0's
             share_from_rank0([t for layer in result.layers.values() for t in layer.adapter_state().values()])
         report = install(model, config, result, saved, name)
-    note = unmet_tie_note(config, ties, [n for n, (_, leader) in plan.items() if leader is not None])
+    report.tie = tie_outcome(config, modules, ties, {n: leader for n, (_, leader) in plan.items()}, saved)
+    note = report.tie.note() if report.tie is not None else None
     if note:
         report.notes.append(note)
         warnings.warn(note, stacklevel=2)

@@ -15,7 +15,7 @@ a ``forward`` it wraps) move the same way, through Accelerate's own functions.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, TypeVar
 
 from torch import nn
@@ -28,6 +28,26 @@ HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward
 # the state-dict tables: shared with a copy by copy_module, never moved (they describe their module's tensors)
 STATE_DICT_TABLES = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
                      "_load_state_dict_post_hooks")
+
+
+def state_dict_hooks(module: nn.Module, *, besides: Collection[int] = frozenset()) -> dict[str, dict[int, Any]]:
+    """``module``'s state-dict hooks by kind: ``{kind: {handle id: hook}}``, the kind its table's name without the
+    underscores (``state_dict_hooks``, ``load_state_dict_pre_hooks``, ...: :data:`STATE_DICT_TABLES`), leaving out the
+    hooks whose handle ids are in ``besides`` and the kinds then holding none. The one listing of them: the hooks
+    ``attach`` names as left on a target, those an adapter layer records as its own when it goes on the model, and
+    those it names as a user's at ``detach``."""
+    out: dict[str, dict[int, Any]] = {}
+    for table in STATE_DICT_TABLES:
+        hooks = {k: h for k, h in getattr(module, table, {}).items() if k not in besides}
+        if hooks:
+            out[table.strip("_")] = hooks
+    return out
+
+
+def hook_package(hook: Any) -> str:
+    """The top-level package a hook's function comes from (``"bitsandbytes"``, ``"rankwise"``, ...; ``""`` where it
+    does not say), looking through torch's wrapper of a state-dict hook registered with its module."""
+    return str(getattr(getattr(hook, "hook", hook), "__module__", "") or "").split(".")[0]
 
 
 def swap_hooks(leaving: nn.Module, arriving: nn.Module) -> None:

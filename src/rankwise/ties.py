@@ -6,7 +6,7 @@ the embedding's ``out x in`` map. With the embedding adapted by LoRA (``ΔW = s�
 ``B: dim x r``; GoRA's layers are LoRA's with their own rank) its table is ``W0 + s·(B A)ᵀ``, and a :class:`TiedHead`
 on the head computes with that same table::
 
-    h = x W0ᵀ + s · (x B) A          (…, vocab),        ΔW_head = s · Aᵀ Bᵀ = ΔW_embᵀ
+    h = x W0ᵀ + s · (dropout(x) B) A          (…, vocab),        ΔW_head = s · Aᵀ Bᵀ = ΔW_embᵀ
 
 from the embedding layer's own ``A`` and ``B``: one set of factors, trained by both uses, counted and saved once,
 so the two stay tied through training. This is PEFT's tie (its head's ``lora_A`` is the embedding's
@@ -27,7 +27,8 @@ factors or magnitude) each keeps its own table and ``detach(merge=True)`` unties
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
 import torch
@@ -35,14 +36,15 @@ from torch import Tensor, nn
 
 from .config import AdapterConfig
 from .layer import AdapterLayer, PeftFactors
-from .targeting import check_target
+from .targeting import check_target, name_matches
 
 TIE_METHODS = ("lora", "gora")  # methods whose embedding layer is LoRA's additive form (LoraLinear): the ones tied
 
 
 class TiedHead(AdapterLayer):
-    """A head tied to an adapted embedding: ``x W0ᵀ + s·(x B) A`` with the embedding layer's ``A``, ``B``, ``s``
-    (:attr:`leader` names that layer). It owns no tensor."""
+    """A head tied to an adapted embedding: ``x W0ᵀ + s·(dropout(x) B) A`` with the embedding layer's ``A``, ``B``,
+    ``s`` (:attr:`leader` names that layer) and the config's dropout (PEFT's tied head drops its input as every LoRA
+    linear does; the embedding's own lookup has none). It owns no tensor."""
 
     follows_layer: ClassVar[bool] = True
     trainable: tuple[str, ...] = ()
@@ -52,7 +54,7 @@ class TiedHead(AdapterLayer):
         self.leader: str = leader[0]
         self.scale = leader[1].scale
         self._leader = [leader[1]]  # a list: not a submodule (its tensors are listed, and saved, under the embedding)
-        self.dropout = nn.Identity()
+        # self.dropout: the config's, on the head's input as on any adapted linear's (PEFT's tied head has it too)
 
     @property
     def embedding(self) -> Any:
@@ -62,7 +64,7 @@ class TiedHead(AdapterLayer):
     def adapter_forward(self, x: Tensor) -> Tensor:
         emb = self.embedding
         out = self.base_forward(x)  # (..., vocab)
-        return out + (((x.to(emb.lora_b.dtype) @ emb.lora_b) @ emb.lora_a) * self.scale).to(out.dtype)
+        return out + (((self.dropout(x).to(emb.lora_b.dtype) @ emb.lora_b) @ emb.lora_a) * self.scale).to(out.dtype)
 
     def delta_weight(self) -> Tensor:
         return cast(Tensor, self.embedding.delta_weight()).t().to(self.weight.device)  # vocab x dim
@@ -99,7 +101,9 @@ def plan_ties(config: AdapterConfig, modules: list[tuple[str, nn.Module]], targe
     """``(targets, ties)`` under ``config.ensure_weight_tying`` (as given without it): a head tied to an embedding is
     not built by the method but follows the embedding's layer (``ties``: ``{head: embedding}``), and an embedding
     whose tied head is targeted is targeted too (PEFT adds it). ``ValueError`` for a method whose embedding layer
-    cannot be tied (:data:`TIE_METHODS`) or a tied head with a bias."""
+    cannot be tied (:data:`TIE_METHODS`), a tied head with a bias, or an embedding the tie would adapt that
+    ``exclude_modules`` names (PEFT fails there on an attribute; a head excluded is tied all the same, as PEFT ties
+    it: the head *is* the embedding's weight)."""
     if not getattr(config, "ensure_weight_tying", False):
         return targets, {}
     by_name = dict(modules)
@@ -113,6 +117,13 @@ def plan_ties(config: AdapterConfig, modules: list[tuple[str, nn.Module]], targe
                          "form a head can share (a DoRA-family magnitude rescales the embedding's rows; PEFT's tied "
                          "DoRA head keeps a magnitude of its own). Leave ensure_weight_tying out (the two layers "
                          "then train apart), or adapt the embedding alone")
+    excluded = {h: e for h, e in ties.items() if name_matches(e, config.exclude_modules)}
+    if excluded:
+        head, emb = next(iter(excluded.items()))
+        raise ValueError(f"ensure_weight_tying=True ties the head {head!r} to {emb!r}'s factors, and exclude_modules "
+                         f"names {emb!r}: the tie would adapt a module you excluded. Drop {emb!r} from exclude_modules "
+                         "(the pair is then adapted as one), or leave ensure_weight_tying out (the head then trains "
+                         "factors of its own)")
     for h in ties:
         check_target(h, by_name[h])  # its kind's refusals (a weight recomputed on each call, ...)
     biased = [h for h in ties if getattr(by_name[h], "bias", None) is not None]
@@ -123,15 +134,67 @@ def plan_ties(config: AdapterConfig, modules: list[tuple[str, nn.Module]], targe
     return {n: by_name[n] for n in order if n in chosen}, ties
 
 
-def unmet_tie_note(config: AdapterConfig, ties: dict[str, str], followers: list[str]) -> str | None:
-    """The warning for ``ensure_weight_tying=True`` that tied nothing (``None`` where it tied something or was not
-    asked): no tied head follows the embedding's factors (``ties``) nor its token rows (``followers``), so the adapter
-    trains as without the flag (HF PEFT warns the same way)."""
-    if not getattr(config, "ensure_weight_tying", False) or ties or followers:
+@dataclass(frozen=True)
+class TieOutcome:
+    """What ``ensure_weight_tying=True`` did on one ``attach``: the one answer to "did it tie anything, and if not, why
+    not", recorded in the attach report (:attr:`rankwise.AttachReport.tie`). The library warns from it
+    (:meth:`note`, as HF PEFT warns) and the harness refuses from it with its flags' remedies, so the two cannot
+    disagree.
+
+    ``tied``: ``{module: embedding}`` for each module this adapter made follow an embedding (a :class:`TiedHead` on
+    its factors, or token rows sharing its ``D``); empty: the flag tied nothing. ``heads``: ``{head: embedding}`` for
+    every module of the model sharing an ``nn.Embedding``'s weight, as before the attach (empty: the model has no tied
+    head). ``own_rows``: tied heads given token rows of their own (``trainable_token_indices`` names the head, not its
+    embedding); ``trained_fully``: heads and their embeddings in ``modules_to_save`` (a trained copy, apart from the
+    other)."""
+
+    tied: Mapping[str, str]
+    heads: Mapping[str, str]
+    own_rows: tuple[str, ...] = ()
+    trained_fully: tuple[str, ...] = ()
+
+    @property
+    def met(self) -> bool:
+        """Whether the flag tied anything."""
+        return bool(self.tied)
+
+    def note(self) -> str | None:
+        """The warning where the flag tied nothing (``None`` where it tied something): the adapter then trains as
+        without it, and the note says why and what would tie."""
+        if self.met:
+            return None
+        start = "rankwise: ensure_weight_tying=True tied nothing: "
+        if not self.heads:
+            return start + ("no head shares an embedding's weight in this model (its config's tie_word_embeddings is "
+                            "False, or it has no output head); the adapter trains as without it. Drop the flag")
+        head, emb = next(iter(self.heads.items()))
+        if self.own_rows:
+            return start + (f"{self.own_rows[0]!r} shares the weight of {emb!r}, and trainable_token_indices gives "
+                            f"rows to {self.own_rows[0]!r} alone: they train apart from {emb!r}'s. List the rows for "
+                            f"{emb!r} (its tied head follows them), or drop the flag")
+        if self.trained_fully:
+            return start + (f"{list(self.trained_fully)} in modules_to_save train(s) a copy of the weight {head!r} and "
+                            f"{emb!r} share, apart from the other; rankwise ties a head to its embedding's LoRA factors "
+                            f"or token rows, not to a fully-trained copy (HF PEFT ties modules_to_save). Target {emb!r} "
+                            "(or the head) instead, or drop the flag")
+        return start + (f"{sorted(self.heads)} share(s) the weight of {emb!r}, but neither is a target nor has "
+                        "trainable_token_indices; the adapter trains as without it. Add the embedding (or the head) "
+                        "to target_modules, or list its rows in trainable_token_indices, or drop the flag")
+
+
+def tie_outcome(config: AdapterConfig, modules: list[tuple[str, nn.Module]], ties: Mapping[str, str],
+                rows: Mapping[str, str | None], saved: Iterable[str]) -> TieOutcome | None:
+    """The :class:`TieOutcome` of an attach (``None`` where ``ensure_weight_tying`` was not asked): ``modules`` the
+    model's as before it (:func:`rankwise.state.base_modules`), ``ties`` :func:`plan_ties`' ``{head: embedding}``,
+    ``rows`` the token-row plan's ``{module: the embedding it follows, or None}``, ``saved`` the fully-trained
+    modules."""
+    if not getattr(config, "ensure_weight_tying", False):
         return None
-    return ("rankwise: ensure_weight_tying=True tied nothing: no head shares an embedding's weight in this model, or "
-            "neither the embedding nor its tied head is a target (nor has trainable_token_indices); the adapter trains "
-            "as without it. Add the embedding (or the head) to target_modules, or drop the flag")
+    heads = tied_heads(modules, [n for n, m in modules if isinstance(m, nn.Embedding)])
+    pair = set(heads) | set(heads.values())
+    return TieOutcome(tied={**ties, **{n: e for n, e in rows.items() if e is not None}}, heads=heads,
+                      own_rows=tuple(n for n, e in rows.items() if e is None and n in heads),
+                      trained_fully=tuple(n for n in saved if n in pair))
 
 
 def build_ties(ties: dict[str, str], modules: list[tuple[str, nn.Module]], config: AdapterConfig,

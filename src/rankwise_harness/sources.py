@@ -156,8 +156,7 @@ class RankwiseAdapter(AdapterSource):
         if mcfg is None:
             raise ConfigError("a library method's adapter needs its config")
         report = rankwise.attach(model, mcfg, calibration=calibration, loss_fn=loss_fn)
-        if mcfg.ensure_weight_tying:
-            check_tied(model)
+        check_tied(report)  # the library's recorded answer (None without --ensure-weight-tying)
         return report
 
     def param_groups(self, model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
@@ -180,24 +179,31 @@ class RankwiseAdapter(AdapterSource):
             draw(model, folder / f"{method}_ranks.png")
 
 
-def check_tied(model: nn.Module) -> None:
-    """``ensure_weight_tying`` (``--ensure-weight-tying``) asked, after attach: a :class:`ConfigError` where it tied
-    nothing (the library, as PEFT, then trains as without it; PEFT warns): no head of the model shares an embedding's
-    weight, or the adapter has no layer on the tied pair (a head following the embedding's factors or token rows)."""
-    from rankwise.state import tied_layers, token_layers
-    from rankwise.ties import tied_heads
-
-    if tied_layers(model) or any(layer.leader for layer in token_layers(model).values()):
+def check_tied(report: rankwise.AttachReport) -> None:
+    """``--ensure-weight-tying`` asked: a :class:`ConfigError` where the attach tied nothing (the library, as PEFT,
+    then trains as without it and warns), worded in the harness's flags. The answer is the library's own, recorded in
+    the attach report (:attr:`rankwise.AttachReport.tie`), never derived again here, so the two cannot disagree."""
+    tie = report.tie
+    if tie is None or tie.met:
         return
-    modules = list(model.named_modules())
-    heads = tied_heads(modules, [n for n, m in modules if isinstance(m, nn.Embedding)])
-    if not heads:
-        raise ConfigError("--ensure-weight-tying ties nothing: no head shares an embedding's weight in this model "
-                          "(its config's tie_word_embeddings is False, or it has no output head); drop the flag")
-    emb = next(iter(heads.values()))
-    raise ConfigError(f"--ensure-weight-tying ties nothing: {sorted(heads)} share(s) the weight of {emb!r}, but the "
-                      f"adapter has no layer there to tie: add {emb.rsplit('.', 1)[-1]} to --targets (the head then "
-                      "computes with its factors) or list its rows in --trainable-token-indices, or drop the flag")
+    start = "--ensure-weight-tying ties nothing: "
+    if not tie.heads:
+        raise ConfigError(start + "no head shares an embedding's weight in this model (its config's "
+                          "tie_word_embeddings is False, or it has no output head); drop the flag")
+    head, emb = next(iter(tie.heads.items()))
+    short = emb.rsplit(".", 1)[-1]
+    if tie.own_rows:
+        raise ConfigError(start + f"{tie.own_rows[0]!r} shares the weight of {emb!r}, and --trainable-token-indices "
+                          f"gives rows to {tie.own_rows[0]!r} alone, which train apart from {emb!r}'s: list them for "
+                          f"{short} (a plain list of ids, or {short}=<ids>; the head follows), or drop the flag")
+    if tie.trained_fully:
+        raise ConfigError(start + f"{list(tie.trained_fully)} (--set modules_to_save) train(s) a copy of the weight "
+                          f"{head!r} and {emb!r} share, apart from the other, and the tie is made with the embedding's "
+                          f"low-rank factors or token rows only: add {short} to --targets instead (the head then "
+                          "computes with its factors), or drop the flag")
+    raise ConfigError(start + f"{sorted(tie.heads)} share(s) the weight of {emb!r}, but the adapter has no layer there "
+                      f"to tie: add {short} to --targets (the head then computes with its factors) or list its rows in "
+                      "--trainable-token-indices, or drop the flag")
 
 
 class ExternalAdapter(RankwiseAdapter):
