@@ -29,6 +29,87 @@ sys.path.insert(0, str(_BENCH))
 import ledger  # noqa: E402  (bench/ is not a package)
 import regime  # noqa: E402
 from test_bench_regime import _edora, _edora_runs, tmp_ledger  # noqa: E402,F401  (one home: the fixture, the runs)
+from test_label_words import tiny_lm  # noqa: E402,F401  (module fixture: a tiny tied Llama, saved)
+
+
+# ---------------------------------------------------------------------------- 1. DoRA's vLLM refusal names PEFT's form
+def _dora_llama(tiny_lm: str) -> nn.Module:
+    """The tiny Llama with DoRA on ``q_proj`` / ``v_proj``, every trainable tensor moved off its initial value (a zero
+    ``B`` or an untouched magnitude would hide a wrong export)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
+    rankwise.attach(model, rankwise.DoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in rankwise.trainable_parameters(model).values():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=torch.randint(3, 60, (2, 7), generator=torch.Generator().manual_seed(1))).logits
+
+
+def _peft_logits(tiny_lm: str, folder: Path) -> torch.Tensor:
+    """The logits of HF PEFT's own load of the adapter in ``folder`` onto the base checkpoint."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
+    model = PeftModel.from_pretrained(base, str(folder)).eval()
+    assert model.peft_config["default"].use_dora
+    return _logits(model)
+
+
+def test_the_python_api_s_dora_vllm_refusal_names_peft_s_form_which_peft_loads(tiny_lm: str, tmp_path: Path) -> None:
+    """``export_peft(vllm=True)`` of a DoRA adapter is refused (vLLM refuses DoRA) naming both ways out, in the
+    Python API's words: merged weights and ``vllm=False``. Following the second gives a folder HF PEFT 0.21 loads as
+    DoRA with the rankwise model's logits. Before: merged weights only."""
+    model = _dora_llama(tiny_lm)
+    with pytest.raises(ValueError, match="DoRA") as err:
+        rankwise.export_peft(model, tmp_path / "vllm", vllm=True)
+    said = str(err.value)
+    assert "vllm=False" in said and "rankwise.detach(model, merge=True)" in said and "--format" not in said, said
+    assert not (tmp_path / "vllm").exists()
+    rankwise.export_peft(model, tmp_path / "peft", vllm=False)
+    torch.testing.assert_close(_peft_logits(tiny_lm, tmp_path / "peft"), _logits(model), rtol=1e-5, atol=1e-5)
+
+
+def test_rankwise_export_s_dora_vllm_refusal_names_format_peft_which_peft_loads(
+        tiny_lm: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``rankwise export --format vllm`` of a DoRA adapter names ``--format peft`` (and ``--format merged``), not the
+    Python API's arguments; ``--format peft`` then writes a folder HF PEFT loads with the rankwise model's logits."""
+    from rankwise_harness import cli
+
+    model = _dora_llama(tiny_lm)
+    rankwise.save(model, tmp_path / "adapter")
+    export = ["export", str(tmp_path / "adapter"), "--base", tiny_lm, "--out", str(tmp_path / "out")]
+    capsys.readouterr()
+    assert cli.main([*export, "--format", "vllm"]) == 2
+    err = capsys.readouterr().err
+    assert "DoRA" in err and "--format peft" in err and "--format merged" in err, err
+    assert "vllm=False" not in err and "rankwise.detach" not in err, err
+    assert not (tmp_path / "out").exists()
+    assert cli.main([*export, "--format", "peft"]) == 0
+    torch.testing.assert_close(_peft_logits(tiny_lm, tmp_path / "out"), _logits(model), rtol=1e-5, atol=1e-5)
+
+
+
+def test_a_vllm_refusal_offers_peft_s_form_only_where_peft_s_form_would_be_written(tmp_path: Path) -> None:
+    """A LoRA on a dilated ``nn.Conv2d`` (PEFT 0.21's ``lora_A`` drops the dilation, so its PEFT form is refused too):
+    the vLLM refusal names merged weights only, and says why the PEFT form is no way out either. Before: it offered
+    "export the PEFT form (vllm=False)", which then refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, dilation=2))
+    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["0"]))
+    with pytest.raises(ValueError, match="dilation") as err:
+        rankwise.export_peft(model, tmp_path / "vllm", vllm=True)
+    assert "vllm=False" not in str(err.value) and "rankwise.detach(model, merge=True)" in str(err.value), err.value
+    with pytest.raises(ValueError, match="dilation"):
+        rankwise.export_peft(model, tmp_path / "peft", vllm=False)
 
 
 # ---------------------------------------------------------------------------- 3. intervals printed on the rule's side

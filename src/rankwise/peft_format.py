@@ -184,8 +184,13 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
     dora = {name for name, f in factors.items() if f.magnitude is not None}
     if dora and len(dora) != len(factors):
         raise ValueError("cannot export a mix of DoRA-style and LoRA-style layers as one PEFT adapter")
-    if vllm and dora:
-        raise ExportRefused(f"{state.config.method} is a DoRA-family method and vLLM refuses DoRA adapters")
+    for n, layer in layers.items():  # both forms: first, so a vLLM refusal below offers PEFT's form only where it works
+        why = layer.kind.peft_mismatch()
+        if why is not None:
+            raise ExportRefused(f"layer {n!r} ({layer.kind.describe()}) has {why}")
+    if vllm and dora:  # PEFT's own form loads DoRA (use_dora), so it is a way out
+        raise ExportRefused(f"{state.config.method} is a DoRA-family method and vLLM refuses DoRA adapters",
+                            peft_form=True)
     lookups = {n for n, layer in layers.items() if layer.kind.index_input}  # nn.Embedding layers: PEFT's lora_embedding_*
     if vllm and lookups:
         raise ExportRefused(f"the vLLM form is written for linear layers only, and this adapter has embedding layers "
@@ -194,10 +199,6 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
     if vllm and convs:
         raise ExportRefused(f"the vLLM form is written for linear layers only, and this adapter has convolution layers "
                             f"{convs[:3]}", peft_form=True)
-    for n, layer in layers.items():
-        why = layer.kind.peft_mismatch()
-        if why is not None:
-            raise ExportRefused(f"layer {n!r} ({layer.kind.describe()}) has {why}")
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
 
