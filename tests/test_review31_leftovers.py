@@ -30,6 +30,7 @@ import ledger  # noqa: E402  (bench/ is not a package)
 import regime  # noqa: E402
 from test_bench_regime import _edora, _edora_runs, tmp_ledger  # noqa: E402,F401  (one home: the fixture, the runs)
 from test_label_words import tiny_lm  # noqa: E402,F401  (module fixture: a tiny tied Llama, saved)
+from test_review28_leftovers import RECOVERY, _fail_on_exit, _headed, _Interrupted, _x  # noqa: E402  (one home)
 
 
 # ---------------------------------------------------------------------------- 1. DoRA's vLLM refusal names PEFT's form
@@ -110,6 +111,37 @@ def test_a_vllm_refusal_offers_peft_s_form_only_where_peft_s_form_would_be_writt
     assert "vllm=False" not in str(err.value) and "rankwise.detach(model, merge=True)" in str(err.value), err.value
     with pytest.raises(ValueError, match="dilation"):
         rankwise.export_peft(model, tmp_path / "peft", vllm=False)
+
+
+
+# ---------------------------------------------------------------------------- 2. a half-enabled model's trained head
+@pytest.mark.parametrize("where", ["head", "layer"])
+def test_a_half_enabled_model_refuses_a_forward_of_its_trained_head_alone(where: str,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """LoRA on ``layers.0-2`` and ``layers.3`` trained fully (``modules_to_save``), its exit from ``disabled()`` failing
+    at the head's restore (the original left in the slot, the trained copy aside) or at a layer (the copy back). A
+    call of the head alone (``model.layers[3](h)``, or a submodule of it), which passes through no adapter layer, is
+    refused with the half-enabled message, in both cases, as the model's forward is; after the recovery call it
+    computes the trained copy's output, bit for bit. Before: with the head's restore failed, the original head
+    answered silently (not the trained one: 0.5 off here)."""
+    model = _headed(False)
+    h = torch.randn(5, 4, generator=torch.Generator().manual_seed(2))
+    trained = model.layers[3]
+    with torch.no_grad():
+        want = trained(h)
+    with pytest.raises(_Interrupted), rankwise.disabled(model):
+        _fail_on_exit(monkeypatch, model, where)
+    monkeypatch.undo()
+    assert (model.layers[3] is trained) == (where == "layer")
+    for call in (lambda: model.layers[3](h), lambda: model(_x())):
+        with pytest.raises(RuntimeError, match=rf"half enabled.*{RECOVERY}"), torch.no_grad():
+            call()
+    rankwise.set_active(model, list(rankwise.active_adapters(model)))
+    assert model.layers[3] is trained
+    with torch.no_grad():
+        torch.testing.assert_close(model.layers[3](h), want, rtol=0, atol=0)
+        with rankwise.disabled(model):  # the original, untouched by the refusal (its hooks gone with it)
+            assert model.layers[3] is not trained and not model.layers[3]._forward_pre_hooks
 
 
 # ---------------------------------------------------------------------------- 3. intervals printed on the rule's side
