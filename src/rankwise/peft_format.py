@@ -184,11 +184,21 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
     dora = {name for name, f in factors.items() if f.magnitude is not None}
     if dora and len(dora) != len(factors):
         raise ValueError("cannot export a mix of DoRA-style and LoRA-style layers as one PEFT adapter")
-    for n, layer in layers.items():  # both forms: first, so a vLLM refusal below offers PEFT's form only where it works
+    for n, layer in layers.items():  # both forms
         why = layer.kind.peft_mismatch()
         if why is not None:
             raise ExportRefused(f"layer {n!r} ({layer.kind.describe()}) has {why}")
-    if vllm and dora:  # PEFT's own form loads DoRA (use_dora), so it is a way out
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+    use_rslora = bool(getattr(state.config, "use_rslora", False)) and not vllm
+    task_type, heads = _peft_task(model, state.modules_to_save, list(layers), vllm)
+    entries = [*state.modules_to_save, *(h for h in heads if h not in state.modules_to_save)]
+    saved = (_peft_heads(model, heads) | _peft_widened(model, name, state.modules_to_save, list(layers))
+             | fully_trained_modules(model, name))  # a trained module's tensors are written last: they win
+    _refuse_wrapped_peers(model, name, list(saved), together)
+    # the vLLM form's refusals that offer PEFT's own form: after every check the PEFT form makes, so it is a way out
+    if vllm and dora:  # PEFT's form loads DoRA (use_dora)
         raise ExportRefused(f"{state.config.method} is a DoRA-family method and vLLM refuses DoRA adapters",
                             peft_form=True)
     lookups = {n for n, layer in layers.items() if layer.kind.index_input}  # nn.Embedding layers: PEFT's lora_embedding_*
@@ -199,15 +209,6 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
     if vllm and convs:
         raise ExportRefused(f"the vLLM form is written for linear layers only, and this adapter has convolution layers "
                             f"{convs[:3]}", peft_form=True)
-    if base_model_name_or_path is None:
-        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-
-    use_rslora = bool(getattr(state.config, "use_rslora", False)) and not vllm
-    task_type, heads = _peft_task(model, state.modules_to_save, list(layers), vllm)
-    entries = [*state.modules_to_save, *(h for h in heads if h not in state.modules_to_save)]
-    saved = (_peft_heads(model, heads) | _peft_widened(model, name, state.modules_to_save, list(layers))
-             | fully_trained_modules(model, name))  # a trained module's tensors are written last: they win
-    _refuse_wrapped_peers(model, name, list(saved), together)
     if vllm and saved:
         raise ExportRefused(f"vLLM refuses adapters with modules_to_save (\"vLLM only supports modules_to_save being "
                             f"None\"), and without the trained {sorted(saved)} it would serve other outputs", peft_form=True)
