@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from regime import (DATA, GLUE, ROOT, Arm, check_settings, constant_answer_line, curves, grid_table, head_only,  # noqa: E402
-                    header, run_all, seed_metrics, table, unread_entries, welch_interval)
+                    header, interval_cell, run_all, seed_metrics, table, unread_entries, welch_interval)
 
 
 def arms(r: int, alpha: float, few: int | None = 3) -> list[Arm]:
@@ -63,11 +63,14 @@ def dev_scores(runs: Path, task: str, arm: Arm, lr: float | None, seeds: list[in
     return out
 
 
+MARGIN = 1.0  # the rule's bounds, ±1 point (docs/protocols/edora-decided.md)
+
+
 def rule(d: float, low: float, high: float) -> str:
     """The pre-registered verdict (docs/protocols/edora-decided.md) from the 90 % interval of DoRA − EDoRA."""
-    if -1 <= low and high <= 1:
+    if -MARGIN <= low and high <= MARGIN:
         return "holds (EDoRA within 1 point of DoRA)"
-    if low > 1:
+    if low > MARGIN:
         return "fails (EDoRA more than 1 point below DoRA)"
     return "not decided at this budget"
 
@@ -128,7 +131,7 @@ def verdict_lines(runs: Path, tasks: list[str], arms: list[Arm], picked: dict[st
                 continue
             d, low, high = welch_interval(dora, ed, 0.90)
             short = len(dora) < planned[0] or len(ed) < planned[1]
-            lines.append(f"| {task} | {edora} | {d:+.2f} | [{low:+.2f}, {high:+.2f}] | ({len(dora)}, {len(ed)}) "
+            lines.append(f"| {task} | {edora} | {d:+.2f} | {interval_cell(low, high, (-MARGIN, MARGIN))} | ({len(dora)}, {len(ed)}) "
                          f"| {rule(d, low, high)}{' (provisional: fewer seeds than planned)' if short else ''} "
                          f"| {cells[0]} | {cells[1]} |")
     return lines

@@ -26,6 +26,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from rankwise.adapter_file import fsync_folder
+
 ROOT = Path(__file__).resolve().parents[1]
 LEDGER = Path(os.environ.get("RANKWISE_LEDGER", str(ROOT / "docs" / "bench" / "runs")))
 LOSS_BINS = 200
@@ -127,7 +129,8 @@ def commit() -> str:
 
 
 def _write(path: Path, text: str) -> None:
-    """``text`` into ``path`` whole or not at all: a temporary file beside it, flushed to disk, then renamed."""
+    """``text`` into ``path`` whole or not at all: a temporary file beside it, flushed to disk, then renamed, and the
+    folder synced so that the rename too survives a power cut (:func:`rankwise.adapter_file.fsync_folder`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per writer: two never write into one file
     with tmp.open("w") as fh:
@@ -135,6 +138,7 @@ def _write(path: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    fsync_folder(path.parent)
 
 
 def _stamps(folder: Path) -> tuple[Path, Path]:

@@ -28,8 +28,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from regime import (ROOT, Arm, check_settings, grid_table, header, last_epoch_loss, run_all, seed_metrics,  # noqa: E402
-                    still_at_edge, table, unread_entries, welch_interval)
+from regime import (ROOT, Arm, check_settings, grid_table, header, interval_cell, last_epoch_loss, run_all,  # noqa: E402
+                    seed_metrics, still_at_edge, table, unread_entries, welch_interval)
 
 ADAPTER_LRS = [3e-4, 1e-3, 3e-3]
 
@@ -80,7 +80,7 @@ def arm_line(label: str, r1: list[dict], full: list[dict], ms: list[dict], accep
     _, low, high = welch_interval(final_losses(r1), final_losses(ms), 0.90)
     mine, a = statistics.mean(final_losses(ms)), statistics.mean(final_losses(r1))
     head = (f"- {label}{EDGE if at_edge else ''}: final training loss {mine:.3f} (90 % interval of LoRA r 1 − arm "
-            f"[{low:+.3f}, {high:+.3f}]); ")
+            f"{interval_cell(low, high, (0.0,), 3)}); ")
     if not accepted:
         return head + "no verdict: the setting was not accepted (rank 1 does not bind)"
     note = " (provisional: fewer than 3 seeds)" if min(len(ms), len(r1), len(full)) < SEEDS else ""

@@ -366,6 +366,21 @@ def welch_interval(a: list[float], b: list[float], level: float = 0.90) -> tuple
     return d, d - half, d + half
 
 
+def _side(value: float, bound: float) -> int:
+    return (value > bound) - (value < bound)
+
+
+def interval_cell(low: float, high: float, bounds: tuple[float, ...], digits: int = 2) -> str:
+    """``[low, high]`` signed, to ``digits`` decimals, or to more where an end would print on another side of one of
+    the verdict rule's ``bounds`` than it is (a lower end of 1.004 as ``+1.00`` beside "fails", whose rule reads
+    "above +1"): both ends then get the fewest decimals at which each, read back, compares with every bound as the
+    value does. 17 decimals always do (a float of the tables' size round-trips)."""
+    for n in range(digits, 18):
+        if all(_side(float(f"{v:.{n}f}"), b) == _side(v, b) for v in (low, high) for b in bounds):
+            return f"[{low:+.{n}f}, {high:+.{n}f}]"
+    return f"[{low:+}, {high:+}]"  # not reached for finite ends; repr round-trips
+
+
 def majority_rate(task: str) -> float:
     """The dev set's majority-class rate (what predicting one class for everything scores)."""
     from collections import Counter

@@ -325,8 +325,9 @@ def fingerprint_tolerance(weight_out_in: Tensor, quant: str, block: int) -> Tens
     return (_QUANT_ERROR[quant] * absmax * 1.01).cpu()
 
 
-def _fsync_folder(folder: Path) -> None:
-    """Make renames inside ``folder`` durable (best effort: some filesystems refuse a folder fsync)."""
+def fsync_folder(folder: Path) -> None:
+    """Make renames inside ``folder`` durable (best effort: some filesystems refuse a folder fsync). The one home of
+    this step: the adapter files' atomic writes call it, and so does the benchmarks' result ledger (``bench/ledger.py``)."""
     try:
         dfd = os.open(folder, os.O_RDONLY)
         try:
@@ -356,7 +357,7 @@ def replace_folder(folder: Path, write: Callable[[Path], object]) -> None:
     if folder.exists():
         os.replace(folder, old)
     os.replace(tmp, folder)
-    _fsync_folder(folder.parent)
+    fsync_folder(folder.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -392,4 +393,4 @@ def atomic_write_files(files: dict[Path, bytes]) -> None:
                 pass
         raise
     for parent in {path.parent for path in files}:
-        _fsync_folder(parent)  # make the renames themselves durable
+        fsync_folder(parent)  # make the renames themselves durable

@@ -67,19 +67,30 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
                 for layer in reversed(switched):
                     layer.enable()  # each one all or nothing
         except BaseException as error:
-            _mark_half_enabled(model, error)
+            _mark_half_enabled(model, error, aside)
             raise
 
 
-def _mark_half_enabled(model: nn.Module, error: BaseException) -> None:
+def _mark_half_enabled(model: nn.Module, error: BaseException,
+                       aside: dict[str, tuple[RankwiseState, nn.Module]]) -> None:
     """After a failed exit of :func:`disabled`: every adapter layer refuses the forward (and the calls that would build
-    on this state), saying what happened and that :func:`set_active` finishes the exit."""
+    on this state), saying what happened and that :func:`set_active` finishes the exit. So does each fully-trained
+    module the block set aside (``aside``: its trained copy and its original, each submodule), since a call of it
+    alone passes through no adapter layer and its slot may still hold the original, silently not the trained one."""
     why = (f"rankwise.disabled(model) failed as it exited ({type(error).__name__}: {error}), so the model is half "
            "enabled: some adapter layers may still compute the base model, and some fully-trained modules "
            "(modules_to_save) be their originals, their trained copies set aside (kept; rankwise.save writes them). "
            "Finish the exit with rankwise.set_active(model, list(rankwise.active_adapters(model)))")
     for layer in slot_layers(model).values():
         layer.half_enabled = why
+
+    def refuse(module: nn.Module, args: object) -> None:
+        raise RuntimeError(f"cannot run the forward: {why}")
+
+    hooks = adapter_set(model).half_enabled_hooks
+    for name, (state, copy) in aside.items():
+        for module in {id(m): m for top in (copy, state.original_modules[name]) for m in top.modules()}.values():
+            hooks.append(module.register_forward_pre_hook(refuse))
 
 
 def _trained_copies(model: nn.Module, states: Iterable[RankwiseState]) -> dict[str, tuple[RankwiseState, nn.Module]]:
@@ -125,7 +136,10 @@ def set_active(model: nn.Module, names: str | list[str]) -> None:
         raise ValueError(f"cannot change the active adapters of a merged model (merged: {adapters.active}): "
                          "call rankwise.unmerge(model) first")
     _set_idle_modules(model, {name: (state, name not in chosen) for name, state in adapters.adapters.items()})
-    for host in hosts:  # after the only steps that can fail
+    for handle in adapters.half_enabled_hooks:  # after the only steps that can fail: the half-enabled marks go
+        handle.remove()
+    adapters.half_enabled_hooks.clear()
+    for host in hosts:
         host.half_enabled = None
         for layer in host.stack():
             layer.active = layer.adapter_name in chosen

@@ -184,17 +184,7 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
     dora = {name for name, f in factors.items() if f.magnitude is not None}
     if dora and len(dora) != len(factors):
         raise ValueError("cannot export a mix of DoRA-style and LoRA-style layers as one PEFT adapter")
-    if vllm and dora:
-        raise ExportRefused(f"{state.config.method} is a DoRA-family method and vLLM refuses DoRA adapters")
-    lookups = {n for n, layer in layers.items() if layer.kind.index_input}  # nn.Embedding layers: PEFT's lora_embedding_*
-    if vllm and lookups:
-        raise ExportRefused(f"the vLLM form is written for linear layers only, and this adapter has embedding layers "
-                            f"{sorted(lookups)[:3]}", peft_form=True)
-    convs = sorted(n for n, layer in layers.items() if isinstance(layer.kind, ConvKind))
-    if vllm and convs:
-        raise ExportRefused(f"the vLLM form is written for linear layers only, and this adapter has convolution layers "
-                            f"{convs[:3]}", peft_form=True)
-    for n, layer in layers.items():
+    for n, layer in layers.items():  # both forms
         why = layer.kind.peft_mismatch()
         if why is not None:
             raise ExportRefused(f"layer {n!r} ({layer.kind.describe()}) has {why}")
@@ -207,6 +197,18 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
     saved = (_peft_heads(model, heads) | _peft_widened(model, name, state.modules_to_save, list(layers))
              | fully_trained_modules(model, name))  # a trained module's tensors are written last: they win
     _refuse_wrapped_peers(model, name, list(saved), together)
+    # the vLLM form's refusals that offer PEFT's own form: after every check the PEFT form makes, so it is a way out
+    if vllm and dora:  # PEFT's form loads DoRA (use_dora)
+        raise ExportRefused(f"{state.config.method} is a DoRA-family method and vLLM refuses DoRA adapters",
+                            peft_form=True)
+    lookups = {n for n, layer in layers.items() if layer.kind.index_input}  # nn.Embedding layers: PEFT's lora_embedding_*
+    if vllm and lookups:
+        raise ExportRefused(f"the vLLM form is written for linear layers only, and this adapter has embedding layers "
+                            f"{sorted(lookups)[:3]}", peft_form=True)
+    convs = sorted(n for n, layer in layers.items() if isinstance(layer.kind, ConvKind))
+    if vllm and convs:
+        raise ExportRefused(f"the vLLM form is written for linear layers only, and this adapter has convolution layers "
+                            f"{convs[:3]}", peft_form=True)
     if vllm and saved:
         raise ExportRefused(f"vLLM refuses adapters with modules_to_save (\"vLLM only supports modules_to_save being "
                             f"None\"), and without the trained {sorted(saved)} it would serve other outputs", peft_form=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from .config import AdapterConfig
 from .layer import DEFAULT_ADAPTER, AdapterLayer
@@ -56,6 +57,9 @@ class AdapterSet:
 
     adapters: dict[str, RankwiseState]
     active: list[str]
+    # while half enabled (a failed rankwise.disabled() exit): the handles of the forward pre-hooks that make each
+    # fully-trained module (copy and original, every submodule) refuse a call; set_active removes them
+    half_enabled_hooks: list[RemovableHandle] = field(default_factory=list)
 
     def resolve(self, name: str | None) -> str:
         """``name`` checked to exist; ``None``: the only adapter's name (several: an error asking for one)."""
