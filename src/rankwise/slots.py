@@ -128,15 +128,16 @@ def _shared_load_pre_hooks(module: nn.Module) -> MutableMapping[int, Any]:
     return table.hooks if isinstance(table, BoundLoadPreHooks) else table
 
 
-def copy_module(module: M) -> M:
+def copy_module(module: M, shared: dict[int, Any] | None = None) -> M:
     """A deep copy of ``module`` (``modules_to_save``'s trained copy) sharing its hook tables: each hook table of it
     and its submodules is the same table object in the copy, so an object a hook is a method of (one holding the
     model, or a lock) is not copied, and a hook's ``RemovableHandle`` (registered on the original or on the copy,
     before attach or after) removes it from both. Only one of the two is in the model at a time (the original inside
     ``disabled()`` or while its adapter is idle, the copy otherwise), so each hook runs once per call. The load
     pre-hooks, which torch binds to the module they were registered on, are shared through a
-    :class:`BoundLoadPreHooks` on each side, so each runs on the module being loaded."""
-    memo: dict[int, Any] = {}
+    :class:`BoundLoadPreHooks` on each side, so each runs on the module being loaded. ``shared``: a memo kept across
+    the copies of several modules, so modules that share a tensor (a tied head and its embedding) share its copy."""
+    memo: dict[int, Any] = {} if shared is None else shared
     for m in module.modules():
         for name in HOOK_TABLES + STATE_DICT_TABLES:
             table = getattr(m, name, None)
