@@ -51,7 +51,7 @@ from .state import (STATE_ATTR, AdapterSet, RankwiseState, adapter_layers, adapt
                     every_layer, fully_trained_modules, get_state, is_attached, original_modules, refuse_peft_model,
                     names_in_order, slot_layers, unwrap_model)
 from .targeting import find_modules_to_save, find_targets, is_all_linear
-from .ties import TieOutcome, build_ties, join_merged_ties, merge_parts_ties, plan_ties, tie_outcome
+from .ties import TieOutcome, build_ties, join_merged_ties, merge_parts_ties, plan_ties, tie_outcome, tie_saved
 from .tokens import build_token_layers, plan_token_rows, token_extras
 
 
@@ -250,8 +250,16 @@ def _report(model: nn.Module, config: AdapterConfig, result: BuildResult, saved:
         rows.append(LayerRow(name, layer.out_features, layer.in_features, layer.rank, n, result.extras.get(name, {}),
                              layer.kind.describe(), layer.fused_path()))
     trainable, total = count_parameters(model)
-    mts = {name: sum(p.numel() for p in m.parameters()) for name, m in saved.items()}
+    counted: set[int] = set()  # a tied pair's trained copies share one table: counted once, under the first
+    mts = {name: _count_new(model.get_submodule(name), counted) for name in saved}
     return AttachReport(config.method, rows, trainable, total, mts, list(result.notes))
+
+
+def _count_new(module: nn.Module, counted: set[int]) -> int:
+    """The elements of ``module``'s parameters not in ``counted`` (ids), which it then holds too."""
+    fresh = [p for p in module.parameters() if id(p) not in counted]
+    counted.update(id(p) for p in fresh)
+    return sum(p.numel() for p in fresh)
 
 
 def install(
@@ -262,7 +270,8 @@ def install(
 
     Each fully-trained module is replaced by a trainable copy (as PEFT does): the original, kept for
     :func:`detach` and :func:`rankwise.disabled`, is never trained, and a head tied to another module
-    (``lm_head`` and the input embedding) trains its own copy instead of the shared tensor. The first
+    (``lm_head`` and the input embedding) trains its own copy instead of the shared tensor (under
+    ``ensure_weight_tying`` the pair's copies, both trained, share one copy of it, as in HF PEFT). The first
     adapter freezes every other parameter; a later one leaves the existing adapters' flags alone. Call it
     inside :func:`all_or_nothing`, which puts the original modules and flags back on an error.
     """
@@ -285,8 +294,9 @@ def install(
             _set_submodule(model, layer_name, layer)
         for t in layer.trainable_tensors().values():
             t.requires_grad_(True)
+    shared: dict[int, Any] | None = {} if config.ensure_weight_tying else None  # a tied pair's copies: one table
     for module_name, original in saved.items():
-        trained = _copy_module(original)  # its hooks copied as tables, not the objects they belong to
+        trained = _copy_module(original, shared)  # its hooks copied as tables, not the objects they belong to
         _set_submodule(model, module_name, trained)
         for p in trained.parameters():
             p.requires_grad_(True)
@@ -304,7 +314,7 @@ def install(
         report.notes.append(note)
         warnings.warn(note, stacklevel=3)
     for name, others in ties.items():
-        if _tie_kept(result.layers, name, others):
+        if _tie_kept(result.layers, name, others) or _copies_tied(model, saved, name, others):
             continue  # every tied partner follows the same rows / factors (rankwise.tokens, rankwise.ties)
         report.notes.append(_tie_note(name, others, name in saved))
         warnings.warn(report.notes[-1], stacklevel=3)
@@ -362,6 +372,15 @@ def _tie_kept(layers: dict[str, AdapterLayer], name: str, others: list[str]) -> 
     partners = [(other.rpartition(".")[0], layers.get(other.rpartition(".")[0])) for other in others]
     return mine is not None and bool(partners) and all(
         layer is not None and _together(mine, name, layer, n) for n, layer in partners)
+
+
+def _copies_tied(model: nn.Module, saved: dict[str, nn.Module], name: str, others: list[str]) -> bool:
+    """Whether fully-trained module ``name`` and every other holder of its tensors (``others``: parameter names) are
+    trained copies sharing those tensors' one copy (``ensure_weight_tying``: a tied pair in ``modules_to_save``)."""
+    if name not in saved:
+        return False
+    held = {id(p) for p in model.get_submodule(name).parameters()}
+    return all(o.rpartition(".")[0] in saved and id(model.get_parameter(o)) in held for o in others)
 
 
 def _together(a: AdapterLayer, a_name: str, b: AdapterLayer, b_name: str) -> bool:
@@ -602,7 +621,7 @@ def attach(
     name = check_new_name(model, name, config)
     method = method_for(config)
     modules = base_modules(model)
-    saved = find_modules_to_save(model, config.modules_to_save)
+    saved = tie_saved(config, modules, find_modules_to_save(model, config.modules_to_save))  # a tied pair: both
     targets = find_targets(model, config.target_modules, config.exclude_modules, skip=saved, modules=modules)
     refuse_fully_trained_targets(model, targets, name)
     check_not_zero3_partitioned(named_parameters_of({**targets, **saved}), "attach", ZERO3_ATTACH)

@@ -247,7 +247,8 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
         "layers_to_transform": None,
         "layers_pattern": None,
         "trainable_token_indices": token_indices,
-        "ensure_weight_tying": bool(tied_layers(model, name)),  # PEFT's load ties the heads' factors to the embedding's
+        # PEFT's load ties the heads' factors to the embedding's, or a tied pair's trained copies (modules_to_save)
+        "ensure_weight_tying": bool(tied_layers(model, name)) or bool(_tied_copies(model, name)),
     }
     if task_type is None:  # what PEFT's save writes then: AutoPeftModel* build the base from it
         config["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
@@ -406,8 +407,16 @@ def _peft_tensors(
             tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = magnitude.reshape(m_shape).contiguous()
     for name, module in modules_to_save.items():
         for key, t in base_state_dict(module).items():  # another adapter's layer inside: the base module's tensors
-            tensors[f"{PREFIX}{name}.{key}"] = t.detach().cpu().contiguous()
+            tensors[f"{PREFIX}{name}.{key}"] = t.detach().to("cpu", copy=True).contiguous()  # a tied pair: two
     return tensors, ranks, alphas
+
+
+def _tied_copies(model: nn.Module, name: str) -> dict[str, str]:
+    """``{head: embedding}`` of adapter ``name``'s fully-trained modules whose trained copies share one table (a tied
+    pair in ``modules_to_save`` under ``ensure_weight_tying``): PEFT's load ties them again from
+    ``ensure_weight_tying: true`` (it keeps the embedding in ``modules_to_save`` and puts the head on its copy)."""
+    copies = fully_trained_modules(model, name)
+    return tied_heads(list(copies.items()), [n for n, m in copies.items() if isinstance(m, nn.Embedding)])
 
 
 # ---------------------------------------------------------------------------- import
@@ -654,7 +663,8 @@ def import_peft(
         modules_to_save=tuple(saved) or None,
         use_rslora=bool(cfg.get("use_rslora")),
         trainable_token_indices={n: rows for n, (rows, leader) in plan.items() if leader is None} or None,
-        ensure_weight_tying=bool(ties),
+        ensure_weight_tying=bool(ties) or bool(cfg.get("ensure_weight_tying") and tied_heads(
+            list(saved.items()), [n for n, m in saved.items() if isinstance(m, nn.Embedding)])),
     )
     check_new_name(base_model, name, config)  # beside other adapters: no modules_to_save
     refuse_fully_trained_targets(base_model, [*targets, *ties, *plan], name)
@@ -789,7 +799,10 @@ def _peft_saved_modules(
     modules = dict(base_model.named_modules())
     saved: dict[str, nn.Module] = {}
     mts: dict[str, dict[str, Tensor]] = {}
-    for name in peft_wraps(list(modules), cfg.get("modules_to_save") or ()):
+    wrapped = peft_wraps(list(modules), cfg.get("modules_to_save") or ())
+    if cfg.get("ensure_weight_tying"):  # PEFT puts a head tied to a saved embedding on the embedding copy's table
+        wrapped += [h for h, e in tied_heads(list(modules.items()), wrapped).items() if h not in wrapped]
+    for name in wrapped:
         sd = modules[name].state_dict()
         got = {k: tensors.get(f"{name}.{k}") for k in sd}
         if all(v is None for v in got.values()):

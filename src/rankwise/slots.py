@@ -15,10 +15,13 @@ a ``forward`` it wraps) move the same way, through Accelerate's own functions.
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection, Mapping
+import weakref
+from collections import OrderedDict
+from collections.abc import Collection, Iterator, Mapping, MutableMapping
 from typing import Any, TypeVar
 
 from torch import nn
+from torch.nn.modules.module import _WrappedHook
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -76,19 +79,76 @@ def swap_accelerate_hooks(leaving: nn.Module, arriving: nn.Module) -> None:
             add_hook_to_module(module, hook)
 
 
-def copy_module(module: M) -> M:
+class BoundLoadPreHooks(MutableMapping[int, Any]):
+    """A module's load pre-hook table (``_load_state_dict_pre_hooks``) over a table it shares with another module
+    (a ``modules_to_save`` module and its trained copy: :func:`copy_module`). torch binds such a hook to the module it
+    was registered on (``_WrappedHook``, holding it weakly) and passes that module, not the one being loaded; read
+    through this table every bound hook gets its :attr:`owner`, the module whose table it is. Entries live in
+    :attr:`hooks`, the one table both modules read, so a hook's ``RemovableHandle`` (registered on either, before
+    attach or after) removes it from both."""
+
+    def __init__(self, hooks: MutableMapping[int, Any], owner: nn.Module) -> None:
+        self.hooks = hooks
+        self._owner = weakref.ref(owner)  # the owner holds this table: a strong reference would be a cycle
+
+    def _bound(self, hook: Any) -> Any:
+        owner = self._owner()
+        if isinstance(hook, _WrappedHook) and hook.with_module and owner is not None and hook.module() is not owner:
+            return _WrappedHook(hook.hook, owner)
+        return hook
+
+    def __getitem__(self, key: int) -> Any:
+        return self._bound(self.hooks[key])
+
+    def __setitem__(self, key: int, hook: Any) -> None:
+        self.hooks[key] = hook
+
+    def __delitem__(self, key: int) -> None:
+        del self.hooks[key]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.hooks)
+
+    def __len__(self) -> int:
+        return len(self.hooks)
+
+    def _plain(self) -> OrderedDict[int, Any]:
+        return OrderedDict(self.items())
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> OrderedDict[int, Any]:
+        return copy.deepcopy(self._plain(), memo)  # a copied module gets a table of its own, as torch's would
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (OrderedDict, (list(self.items()),))  # torch.save of a module: the plain table, bound to its owner
+
+
+def _shared_load_pre_hooks(module: nn.Module) -> MutableMapping[int, Any]:
+    """The table ``module``'s load pre-hooks live in (the one under its :class:`BoundLoadPreHooks`, if it has one)."""
+    table = module._load_state_dict_pre_hooks
+    return table.hooks if isinstance(table, BoundLoadPreHooks) else table
+
+
+def copy_module(module: M, shared: dict[int, Any] | None = None) -> M:
     """A deep copy of ``module`` (``modules_to_save``'s trained copy) sharing its hook tables: each hook table of it
     and its submodules is the same table object in the copy, so an object a hook is a method of (one holding the
     model, or a lock) is not copied, and a hook's ``RemovableHandle`` (registered on the original or on the copy,
     before attach or after) removes it from both. Only one of the two is in the model at a time (the original inside
-    ``disabled()`` or while its adapter is idle, the copy otherwise), so each hook runs once per call."""
-    memo: dict[int, Any] = {}
+    ``disabled()`` or while its adapter is idle, the copy otherwise), so each hook runs once per call. The load
+    pre-hooks, which torch binds to the module they were registered on, are shared through a
+    :class:`BoundLoadPreHooks` on each side, so each runs on the module being loaded. ``shared``: a memo kept across
+    the copies of several modules, so modules that share a tensor (a tied head and its embedding) share its copy."""
+    memo: dict[int, Any] = {} if shared is None else shared
     for m in module.modules():
         for name in HOOK_TABLES + STATE_DICT_TABLES:
             table = getattr(m, name, None)
-            if isinstance(table, dict):
+            if isinstance(table, (dict, BoundLoadPreHooks)):
                 memo[id(table)] = table
-    return copy.deepcopy(module, memo)
+    copied = copy.deepcopy(module, memo)
+    for original, twin in zip(module.modules(), copied.modules()):
+        hooks = _shared_load_pre_hooks(original)
+        for m in (original, twin):
+            object.__setattr__(m, "_load_state_dict_pre_hooks", BoundLoadPreHooks(hooks, m))
+    return copied
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -134,6 +134,28 @@ def plan_ties(config: AdapterConfig, modules: list[tuple[str, nn.Module]], targe
     return {n: by_name[n] for n in order if n in chosen}, ties
 
 
+def tie_saved(config: AdapterConfig, modules: list[tuple[str, nn.Module]], saved: dict[str, nn.Module]
+              ) -> dict[str, nn.Module]:
+    """``saved`` (the fully-trained modules, ``modules_to_save``) with, under ``config.ensure_weight_tying``, the
+    other half of each tied pair one of them is in (a head tied to an embedding and that embedding), in model order:
+    both are then trained as copies sharing one copy of the table (:func:`rankwise.slots.copy_module`), as HF PEFT
+    0.21 adds the embedding to ``modules_to_save`` and gives the head a module on the embedding copy's weight."""
+    if not getattr(config, "ensure_weight_tying", False) or not saved:
+        return saved
+    pairs = tied_heads(modules, [n for n, m in modules if isinstance(m, nn.Embedding)])
+    wanted = set(saved) | {e for h, e in pairs.items() if h in saved} | {h for h, e in pairs.items() if e in saved}
+    return {n: m for n, m in modules if n in wanted}
+
+
+def saved_ties(config: AdapterConfig, modules: list[tuple[str, nn.Module]], saved: Iterable[str]) -> dict[str, str]:
+    """``{head: embedding}`` of the tied pairs :func:`tie_saved` trains as one table (empty without the flag)."""
+    if not getattr(config, "ensure_weight_tying", False):
+        return {}
+    names = set(saved)
+    pairs = tied_heads(modules, [n for n, m in modules if isinstance(m, nn.Embedding)])
+    return {h: e for h, e in pairs.items() if h in names and e in names}
+
+
 @dataclass(frozen=True)
 class TieOutcome:
     """What ``ensure_weight_tying=True`` did on one ``attach``: the one answer to "did it tie anything, and if not, why
@@ -142,7 +164,7 @@ class TieOutcome:
     disagree.
 
     ``tied``: ``{module: embedding}`` for each module this adapter made follow an embedding (a :class:`TiedHead` on
-    its factors, or token rows sharing its ``D``); empty: the flag tied nothing. ``heads``: ``{head: embedding}`` for
+    its factors, token rows sharing its ``D``, or a trained copy sharing its trained copy's table); empty: the flag tied nothing. ``heads``: ``{head: embedding}`` for
     every module of the model sharing an ``nn.Embedding``'s weight, as before the attach (empty: the model has no tied
     head). ``own_rows``: tied heads given token rows of their own (``trainable_token_indices`` names the head, not its
     embedding); ``trained_fully``: heads and their embeddings in ``modules_to_save`` (a trained copy, apart from the
@@ -192,7 +214,8 @@ def tie_outcome(config: AdapterConfig, modules: list[tuple[str, nn.Module]], tie
         return None
     heads = tied_heads(modules, [n for n, m in modules if isinstance(m, nn.Embedding)])
     pair = set(heads) | set(heads.values())
-    return TieOutcome(tied={**ties, **{n: e for n, e in rows.items() if e is not None}}, heads=heads,
+    tied = {**ties, **{n: e for n, e in rows.items() if e is not None}, **saved_ties(config, modules, saved)}
+    return TieOutcome(tied=tied, heads=heads,
                       own_rows=tuple(n for n, e in rows.items() if e is None and n in heads),
                       trained_fully=tuple(n for n in saved if n in pair))
 
