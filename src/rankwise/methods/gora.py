@@ -6,11 +6,13 @@ One procedure before training decides, from gradients, each layer's rank *and* B
    backward passes (each the mean of ``grad_accumulation`` micro-batches) on calibration batches give
    the mean gradient ``Ḡ_i`` (out x in). Each weight's ``.grad`` is folded into an fp32 accumulator
    (optionally on the CPU) by a post-accumulate hook and freed at once, so peak memory stays near
-   inference + one layer's gradient. A quantised weight holds no gradient, and a tied one's ``.grad`` adds
-   its other uses (``lm_head`` tied to the input embedding), while the adapter changes this layer's use only:
-   there ``Ḡ_i = Σ δᵀ x`` comes from the layer's input and output gradient
-   (:func:`gora_gradients.tap_weight_gradient`); with ``ensure_weight_tying`` the tied head computes with the
-   embedding layer's update (:mod:`rankwise.ties`), so there ``.grad``, every use's, is the gradient. Under
+   inference + one layer's gradient. A quantised weight holds no gradient: there ``Ḡ_i = Σ δᵀ x`` comes from
+   the layer's input and output gradient (:func:`gora_gradients.tap_weight_gradient`; at the adapter layer in
+   its slot when another adapter is attached there). A tied one's ``.grad`` adds its other uses (``lm_head``
+   tied to the input embedding), while the adapter changes this layer's use only: during calibration the layer
+   reads a leaf of its own on the same storage; with ``ensure_weight_tying`` the tied head computes with the
+   embedding layer's update (:mod:`rankwise.ties`), so there ``.grad``, every use's, is the gradient. Beside
+   other active adapters the gradient is the model's as it computes (base plus their updates). Under
    ``torch.distributed`` the mean is all-reduced, so every rank allocates the same ranks and (with a
    shared seed) builds identical adapters. Steps 1 and 2 live in ``gora_gradients.py``.
 2. **Importance** ``I_i = mean(|W_i ⊙ Ḡ_i|)`` (default; the paper's ablation winner), or the nuclear

@@ -17,7 +17,7 @@ from ..base_layers import base_kind
 from ..distributed import comm_device, mean_across_ranks, process_group, true_on_every_rank
 from ..quant import dense_weight, is_quantized, keep_layout
 from ..registry import LossFn
-from ..state import base_modules
+from ..state import base_modules, slot_layers
 from ..targeting import out_in
 from ..ties import tied_heads
 
@@ -127,11 +127,14 @@ def _weight_out_in(module: nn.Module, t: Tensor) -> Tensor:
     return out_in(module, t)
 
 
-def tap_weight_gradient(module: nn.Module, acc: Tensor) -> Any:
+def tap_weight_gradient(module: nn.Module, acc: Tensor, where: nn.Module | None = None) -> Any:
     """Add the gradient of ``module``'s weight through this module's own calls, ``Σ δᵀ x`` (``out x in``; in
     ``acc`` in the weight's layout: transposed for ``Conv1D``), into ``acc`` on every backward, from the layer's
-    input ``x`` and output gradient ``δ``; for weights that cannot hold a ``.grad`` (bitsandbytes-quantised bases)
-    or whose ``.grad`` would add other modules' uses (a tied weight). Returns the hook's handle (``.remove()`` it).
+    input ``x`` and output gradient ``δ``; for weights that cannot hold a ``.grad`` (bitsandbytes-quantised bases).
+    ``where``: the module whose calls are tapped, ``module`` by default; the adapter layer in ``module``'s slot when
+    another adapter is attached there (its forward computes ``x W0ᵀ`` itself, never calling ``module``; its output
+    is ``x W0ᵀ + b`` plus updates that do not read ``W0``, so ``δᵀ x`` is still ``W0``'s gradient). Returns the
+    hook's handle (``.remove()`` it).
 
     When nothing before the layer needs a gradient, its output is made a leaf that does, so ``δ`` still
     flows back to it (the layers before it need no gradient of their own from this one). For an embedding ``x`` is
@@ -151,20 +154,73 @@ def tap_weight_gradient(module: nn.Module, acc: Tensor) -> Any:
         out.register_hook(grad_hook)
         return out
 
-    return module.register_forward_hook(forward_hook)
+    return (where if where is not None else module).register_forward_hook(forward_hook)
 
 
-def _tapped(model: nn.Module, targets: dict[str, nn.Module], followed: set[str]) -> set[str]:
-    """The targets whose weight gradient comes from :func:`tap_weight_gradient`: a quantised weight holds no
-    ``.grad``, and a weight the model also uses elsewhere (tied: ``lm_head`` and the input embedding) would get
-    every use's gradient in ``.grad``, while the adapter changes this layer's use only. ``followed``: targets whose
-    other users all compute with this layer's update (:func:`_followed`), where every use's gradient is the one."""
+def _tapped(model: nn.Module, targets: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The targets whose weight gradient comes from :func:`tap_weight_gradient` (a quantised weight holds no
+    ``.grad``), each with the module whose calls are tapped: its slot's adapter layer where another adapter is
+    attached there (refused where one of the active layers there rescales its rows: ``δᵀ x`` is not ``W0``'s
+    gradient then), else the target itself."""
+    hosts = slot_layers(model)
+    out: dict[str, nn.Module] = {}
+    for name, m in targets.items():
+        if not is_quantized(m):
+            continue
+        host = hosts.get(name)
+        scaling = [] if host is None or host.merged else [layer.adapter_name for layer in host.computing()
+                                                           if layer.row_scale() is not None]
+        if scaling:
+            raise ValueError(
+                f"GoRA cannot tap the gradient of the quantised weight of {name!r} beside adapter(s) {scaling}, which "
+                "rescale its rows (DoRA family), so its output gradient times its input is not that weight's gradient: "
+                "attach GoRA before them, or make other adapters the active ones while GoRA attaches "
+                "(rankwise.set_active(model, [...]))"
+            )
+        out[name] = host if host is not None else m
+    return out
+
+
+def _shared(model: nn.Module, targets: dict[str, nn.Module], followed: set[str]) -> set[str]:
+    """The float targets whose weight the model also uses elsewhere (tied: ``lm_head`` and the input embedding):
+    their ``.grad`` would add every use's gradient, while the adapter changes this layer's use only, so calibration
+    gives them a leaf of their own (:func:`_own_leaves`). ``followed``: targets whose other users all compute with
+    this layer's update (:func:`_followed`), where every use's gradient is the one."""
     users: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
         for p in m.parameters(recurse=False):
             users[id(p)] = users.get(id(p), 0) + 1
     return {name for name, m in targets.items()
-            if is_quantized(m) or (users.get(id(m.weight), 0) > 1 and name not in followed)}
+            if not is_quantized(m) and users.get(id(m.weight), 0) > 1 and name not in followed}
+
+
+def _put_weight(owner: nn.Module, weight: nn.Parameter) -> None:
+    """``weight`` as ``owner``'s ``weight`` parameter; an adapter layer (the slot's host) then points its base
+    module and peers at it (:meth:`~rankwise.layer.AdapterLayer.share_base`)."""
+    owner._parameters["weight"] = weight
+    share = getattr(owner, "share_base", None)
+    if share is not None:
+        share()
+
+
+def _own_leaves(model: nn.Module, targets: dict[str, nn.Module], shared: set[str],
+                swapped: dict[str, tuple[nn.Module, nn.Parameter]]) -> None:
+    """Give each shared target (:func:`_shared`) a weight of its own for the calibration: a new leaf on the same
+    storage (nothing copied), in the target's module, or in its slot's adapter layer where another adapter is
+    attached there, so its ``.grad`` is this layer's use's gradient alone, whatever computes ``x W0ᵀ``. Each
+    ``name: (owner, original weight)`` goes into ``swapped`` before its swap, for :func:`_original_weights`."""
+    hosts = slot_layers(model)
+    for name in shared:
+        owner = hosts.get(name, targets[name])
+        original = cast(nn.Parameter, owner._parameters["weight"])
+        swapped[name] = (owner, original)
+        _put_weight(owner, nn.Parameter(original.detach(), requires_grad=False))
+
+
+def _original_weights(swapped: dict[str, tuple[nn.Module, nn.Parameter]]) -> None:
+    """Undo :func:`_own_leaves`: each owner's original (shared) weight back."""
+    for owner, original in swapped.values():
+        _put_weight(owner, original)
 
 
 def _followed(model: nn.Module, targets: dict[str, nn.Module], config: GoraConfig) -> set[str]:
@@ -236,12 +292,12 @@ def _settled(
     return settled, now
 
 
-def _hook_gradients(targets: dict[str, nn.Module], tapped: set[str], acc: dict[str, Tensor], hooks: list[Any],
-                    scaler: LossScale) -> None:
+def _hook_gradients(targets: dict[str, nn.Module], tapped: dict[str, nn.Module], acc: dict[str, Tensor],
+                    hooks: list[Any], scaler: LossScale) -> None:
     """Each target weight's gradient summed into ``acc`` as it arrives (and freed at once: peak memory ~ one
-    layer's gradient; on an fp16 model one batch's gradients, held by ``scaler``), tapped from the layer's input and
-    output gradient for a quantised or tied weight; the handles go into ``hooks`` one by one, so the caller removes
-    every one made, also after an error."""
+    layer's gradient; on an fp16 model one batch's gradients, held by ``scaler``), tapped from the input and
+    output gradient of ``tapped[name]`` for a quantised weight; the handles go into ``hooks`` one by one, so the
+    caller removes every one made, also after an error."""
 
     def fold(name: str) -> Any:
         def hook(p: Tensor) -> None:
@@ -253,7 +309,7 @@ def _hook_gradients(targets: dict[str, nn.Module], tapped: set[str], acc: dict[s
 
     for name, m in targets.items():
         if name in tapped:
-            hooks.append(tap_weight_gradient(m, scaler.sink(name, acc[name])))
+            hooks.append(tap_weight_gradient(m, scaler.sink(name, acc[name]), where=tapped[name]))
             continue
         weight = cast(Tensor, m.weight)
         weight.requires_grad_(True)
@@ -344,7 +400,8 @@ def collect_gradients(
     grads = {n: p.grad for n, p in params.items()}
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     weights = {name: m.weight for name, m in targets.items()}
-    tapped = _tapped(model, targets, _followed(model, targets, config))
+    tapped = _tapped(model, targets)
+    shared = _shared(model, targets, _followed(model, targets, config))
     acc = _accumulators(targets, config.offload_to_cpu)
     cuda_devices = {w.device for w in weights.values() if w.device.type == "cuda"}
     for d in cuda_devices:
@@ -354,10 +411,12 @@ def collect_gradients(
     steps = batches = 0
     early = False
     previous: dict[str, float] | None = None
+    swapped: dict[str, tuple[nn.Module, nn.Parameter]] = {}
     try:
         for p in params.values():
             p.requires_grad_(False)
             p.grad = None
+        _own_leaves(model, targets, shared, swapped)
         scaler = LossScale.for_model(model)
         _hook_gradients(targets, tapped, acc, hooks, scaler)
         error = _caught(_check_calibration_size, calibration, config)
@@ -374,6 +433,7 @@ def collect_gradients(
                     early = True
                     break
     finally:
+        _original_weights(swapped)
         _restore(model, hooks, params, flags, grads, buffers)
     mean = {name: _weight_out_in(targets[name], a / steps) for name, a in acc.items()}
     if dist is not None:
