@@ -172,7 +172,6 @@ class EdoraLinear(AdapterLayer):
         self.norm_n0: Tensor
         self.norm_c: Tensor
         self.norm_k: Tensor
-        self.register_load_state_dict_post_hook(_after_load)
         if init:
             self.initialise(config, index)
 
@@ -238,6 +237,15 @@ class EdoraLinear(AdapterLayer):
             self.precompute_norm_terms()
         return self
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        """After ``load_state_dict`` filled in a new ``A`` or a new base: recompute the norm terms here, as the tensors
+        arrive, not in a post-hook. A merged stack merges again in :class:`AdapterLayer`'s post-hook, registered
+        first, so a post-hook of this class ran after that merge: an EDoRA host with an adapter before it then
+        merged with the old terms in its row scale (review round 34). A peer's ``W0`` is its host's, loaded before it."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self.precompute_norm_terms()
+
     # ------------------------------------------------------------------ forward
     @torch.no_grad()
     def weight_norm(self, br: Tensor | None = None) -> Tensor:
@@ -287,11 +295,6 @@ class EdoraLinear(AdapterLayer):
         """PEFT DoRA form: ``lora_A = A``, ``lora_B = B R``, the magnitude and ``s``."""
         b_r = self.frozen_b.detach() @ self.core.detach()  # out x r
         return PeftFactors(self.frozen_a.detach(), b_r, self.scale, self.magnitude.detach())
-
-
-def _after_load(layer: EdoraLinear, _keys: Any) -> None:
-    """After ``load_state_dict`` (new ``A`` or a new base): recompute the norm terms."""
-    layer.precompute_norm_terms()
 
 
 # ---------------------------------------------------------------------------- build
