@@ -45,11 +45,13 @@ def _forward(weights: list[Tensor], biases: list[Tensor], x: Tensor) -> Tensor:
 
 
 def _moved(model: torch.nn.Module, name: str, *tensors: str) -> None:
-    """Draw each named tensor of adapter ``name``'s layers from N(0, 0.5²), so no factor sits at its zero init."""
+    """Draw each named tensor of adapter ``name``'s layers from N(0, 0.5²), so no factor sits at its zero init (from a
+    fixed generator: two models given the same adapter get the same values)."""
+    generator = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for layer in rankwise.adapter_layers(model, name).values():
             for t in tensors:
-                getattr(layer, t).normal_(0.0, 0.5)
+                getattr(layer, t).normal_(0.0, 0.5, generator=generator)
 
 
 # ---------------------------------------------------------------------------- 1. EDoRA host, merged stack, load_state_dict
@@ -201,3 +203,30 @@ def test_edora_beside_a_lora_peer_takes_w0_alone_and_keeps_its_norm_through_merg
         v = orig.weight.double() + lay.scale * lay.frozen_b.double() @ lay.core.double() @ lay.frozen_a.double()
         weights.append(lay.magnitude.double().unsqueeze(1) * v / v.norm(dim=1, keepdim=True))
     assert (model(x).double() - _forward(weights, [b.bias for b in base.layers], x)).abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------------------- 3. EDoRA as a peer through model.to(dtype)
+def _terms(layer: torch.nn.Module) -> list[Tensor]:
+    return [t.clone() for t in (layer.norm_scale, layer.norm_n0, layer.norm_c, layer.norm_k)]
+
+
+def test_an_edora_peer_s_norm_terms_follow_its_host_s_converted_w0_as_a_host_s_do() -> None:
+    """``model.to(torch.bfloat16)`` converts a host's submodules (its peers) before its own ``W0``: a peer EDoRA
+    recomputed its norm terms from the fp32 ``W0`` while its forward then ran on the bf16 one."""
+    alone = _stack(0)
+    rankwise.attach(alone, rankwise.EdoraConfig(r=2, alpha=2, target_modules=TARGETS, seed=4), name="e")
+    beside = _stack(0)
+    rankwise.attach(beside, rankwise.LoraConfig(r=2, alpha=2, target_modules=TARGETS, seed=1))
+    rankwise.attach(beside, rankwise.EdoraConfig(r=2, alpha=2, target_modules=TARGETS, seed=4), name="e")
+    rankwise.set_active(beside, "e")
+    for model in (alone, beside):
+        _moved(model, "e", "core")
+        model.to(torch.bfloat16)
+    x = _x().to(torch.bfloat16)
+    for model in (alone, beside):
+        for layer in rankwise.adapter_layers(model, "e").values():
+            assert layer.weight.dtype == torch.bfloat16
+            held = _terms(layer)
+            layer.precompute_norm_terms()  # the terms of the W0 the layer computes with now
+            assert all(torch.equal(a, b) for a, b in zip(held, _terms(layer)))
+    assert torch.equal(beside(x), alone(x))

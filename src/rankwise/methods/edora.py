@@ -172,6 +172,7 @@ class EdoraLinear(AdapterLayer):
         self.norm_n0: Tensor
         self.norm_c: Tensor
         self.norm_k: Tensor
+        self._terms_stale: bool = False  # a conversion changed the terms' dtype; recomputed once W0 is converted
         if init:
             self.initialise(config, index)
 
@@ -234,8 +235,17 @@ class EdoraLinear(AdapterLayer):
         if self.norm_n0.dtype != wide:
             for name in ("norm_scale", "norm_n0", "norm_c", "norm_k"):
                 setattr(self, name, getattr(self, name).to(wide))
-            self.precompute_norm_terms()
+            self._terms_stale = True
+        if self._terms_stale and not self.is_peer:  # a peer's W0 is its host's, converted after it: base_converted
+            self.base_converted()
         return self
+
+    def base_converted(self) -> None:
+        """Recompute the norm terms where a conversion changed their dtype (:meth:`_apply`), now that ``W0`` is
+        converted too (a peer's host calls this after converting its ``W0``; review round 34)."""
+        if self._terms_stale:
+            self._terms_stale = False
+            self.precompute_norm_terms()
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
                               missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
