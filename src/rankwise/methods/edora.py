@@ -149,6 +149,7 @@ class EdoraLinear(AdapterLayer):
     # LoRA+ groups give the core (the update's only trained factor) the multiplied rate, the magnitude the
     # base rate. On MiniLM one rate for both, ~10x LoRA's, scored higher (docs/evidence/edora.md §3d).
     lr_multiplied: ClassVar[tuple[str, ...]] = ("core",)
+    _terms_stale: bool = False  # a conversion changed the norm terms' dtype: recomputed once W0 is converted too
     frozen_a: Tensor  # buffers (typed here: nn.Module's __getattr__ says Tensor | Module)
     frozen_b: Tensor
     norm_n0: Tensor
@@ -172,7 +173,6 @@ class EdoraLinear(AdapterLayer):
         self.norm_n0: Tensor
         self.norm_c: Tensor
         self.norm_k: Tensor
-        self._terms_stale: bool = False  # a conversion changed the terms' dtype; recomputed once W0 is converted
         if init:
             self.initialise(config, index)
 
