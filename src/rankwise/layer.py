@@ -671,7 +671,14 @@ class AdapterLayer(nn.Module):
                     new = fn(kept)
                 if new is not kept:
                     kept.data = new  # in place: the peers, the base module (tied: the other holders) keep the object
+        if not self.is_peer:  # torch converted the peers (submodules) before this host's W0: they see it only now
+            for peer in self.stack()[1:]:
+                peer.base_converted()
         return self
+
+    def base_converted(self) -> None:
+        """Called on each peer by its host's ``_apply`` once the host's ``W0`` (and kept bits) are converted: a peer
+        keeping terms computed from ``W0`` (EDoRA's norm) recomputes them here. Nothing by default."""
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         """A merged layer's ``state_dict`` carries its merged state: ``weight`` is the merged weight (what a

@@ -149,6 +149,7 @@ class EdoraLinear(AdapterLayer):
     # LoRA+ groups give the core (the update's only trained factor) the multiplied rate, the magnitude the
     # base rate. On MiniLM one rate for both, ~10x LoRA's, scored higher (docs/evidence/edora.md §3d).
     lr_multiplied: ClassVar[tuple[str, ...]] = ("core",)
+    _terms_stale: bool = False  # a conversion changed the norm terms' dtype: recomputed once W0 is converted too
     frozen_a: Tensor  # buffers (typed here: nn.Module's __getattr__ says Tensor | Module)
     frozen_b: Tensor
     norm_n0: Tensor
@@ -172,7 +173,6 @@ class EdoraLinear(AdapterLayer):
         self.norm_n0: Tensor
         self.norm_c: Tensor
         self.norm_k: Tensor
-        self.register_load_state_dict_post_hook(_after_load)
         if init:
             self.initialise(config, index)
 
@@ -235,8 +235,26 @@ class EdoraLinear(AdapterLayer):
         if self.norm_n0.dtype != wide:
             for name in ("norm_scale", "norm_n0", "norm_c", "norm_k"):
                 setattr(self, name, getattr(self, name).to(wide))
-            self.precompute_norm_terms()
+            self._terms_stale = True
+        if self._terms_stale and not self.is_peer:  # a peer's W0 is its host's, converted after it: base_converted
+            self.base_converted()
         return self
+
+    def base_converted(self) -> None:
+        """Recompute the norm terms where a conversion changed their dtype (:meth:`_apply`), now that ``W0`` is
+        converted too (a peer's host calls this after converting its ``W0``; review round 34)."""
+        if self._terms_stale:
+            self._terms_stale = False
+            self.precompute_norm_terms()
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        """After ``load_state_dict`` filled in a new ``A`` or a new base: recompute the norm terms here, as the tensors
+        arrive, not in a post-hook. A merged stack merges again in :class:`AdapterLayer`'s post-hook, registered
+        first, so a post-hook of this class ran after that merge: an EDoRA host with an adapter before it then
+        merged with the old terms in its row scale (review round 34). A peer's ``W0`` is its host's, loaded before it."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self.precompute_norm_terms()
 
     # ------------------------------------------------------------------ forward
     @torch.no_grad()
@@ -287,11 +305,6 @@ class EdoraLinear(AdapterLayer):
         """PEFT DoRA form: ``lora_A = A``, ``lora_B = B R``, the magnitude and ``s``."""
         b_r = self.frozen_b.detach() @ self.core.detach()  # out x r
         return PeftFactors(self.frozen_a.detach(), b_r, self.scale, self.magnitude.detach())
-
-
-def _after_load(layer: EdoraLinear, _keys: Any) -> None:
-    """After ``load_state_dict`` (new ``A`` or a new base): recompute the norm terms."""
-    layer.precompute_norm_terms()
 
 
 # ---------------------------------------------------------------------------- build
