@@ -653,6 +653,8 @@ def import_peft(
     plan, token_values, token_keys = import_token_rows(base_model, folder, cfg, tensors)
     placed = {k for k in tensors if _LORA_KEY.fullmatch(k)} | _peft_base_weights(folder, peft_targets, tensors) | token_keys
     saved, mts = _peft_saved_modules(base_model, folder, cfg, tensors, placed)
+    if cfg.get("ensure_weight_tying"):
+        _check_tied_copies_agree(folder, saved, mts)
     modules = base_modules(base_model)
     check_token_plan(plan, modules, targets, saved)
     config = (DoraConfig if cfg.get("use_dora") else LoraConfig)(
@@ -814,6 +816,22 @@ def _peft_saved_modules(
     if stray:
         raise ValueError(f"{folder / PEFT_WEIGHTS} holds tensors rankwise cannot place: {stray[:5]}")
     return saved, mts
+
+
+def _check_tied_copies_agree(folder: Path, saved: dict[str, nn.Module], mts: dict[str, dict[str, Tensor]]) -> None:
+    """Refuse a file whose tied pair's trained copies (``ensure_weight_tying``, a tied head and its embedding both in
+    ``saved``) hold different tables. They become one table here, as in PEFT 0.21, whose load copies both tensors into
+    it, the later silently winning; PEFT's ``save_pretrained`` writes the one table twice, so a difference means the
+    file was edited or made elsewhere, and loading it would drop one of the two trained tables unseen."""
+    embeddings = [n for n, m in saved.items() if isinstance(m, nn.Embedding)]
+    for head, emb in tied_heads(list(saved.items()), embeddings).items():
+        if not torch.equal(mts[head]["weight"], mts[emb]["weight"]):
+            raise ValueError(
+                f"{folder / PEFT_WEIGHTS} holds different tables for the tied pair {head!r} and {emb!r} under "
+                f"ensure_weight_tying=True, which trains them as one table (PEFT's save writes it twice; PEFT 0.21 "
+                f"loads both into it, the later silently winning): write the table you trained under both names, or, "
+                f"to load them as two tables apart, set \"ensure_weight_tying\": false in {PEFT_CONFIG} and list "
+                f"both {head!r} and {emb!r} in its modules_to_save")
 
 
 def peft_wraps(names: list[str], entries: Iterable[str]) -> list[str]:

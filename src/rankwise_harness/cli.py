@@ -249,7 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         if not was_told(exc):
             leave_alone("was interrupted (Ctrl-C)", 130)
         return 130
-    except (ConfigError, DataError, ModelError, RunError, MissingDependencyError) as exc:
+    except ConfigError as exc:  # with the flags of the config fields a library error names
+        print(f"rankwise: error: {exc.for_command_line()}", file=sys.stderr)
+        return 2
+    except (DataError, ModelError, RunError, MissingDependencyError) as exc:
         print(f"rankwise: error: {exc}", file=sys.stderr)
         return 2
     return 0

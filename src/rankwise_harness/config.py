@@ -39,7 +39,18 @@ def __getattr__(name: str) -> Any:
 
 
 class ConfigError(ValueError):
-    """A bad method, field or value; the message names it."""
+    """A bad method, field or value; the message names it. ``command_line``: what a command-line user also reads
+    (:func:`flag_note`, the flags of the config fields the message names), added by the CLI alone
+    (:meth:`for_command_line`): a Python caller set the fields themselves, so ``str(error)`` keeps the library's
+    words."""
+
+    def __init__(self, message: str, command_line: str = "") -> None:
+        super().__init__(message)
+        self.command_line = command_line
+
+    def for_command_line(self) -> str:
+        """The message as ``rankwise finetune`` / ``compare`` print it: with the flags' note, where there is one."""
+        return f"{self}{self.command_line}"
 
 
 def method_names() -> list[str]:
@@ -164,28 +175,34 @@ def flag_of(field_name: str, overrides: Mapping[str, str]) -> str:
     return f"{given} (with the task's head, which the harness adds)" if field_name == "modules_to_save" else given
 
 
-def in_flag_terms(message: str, fields: Iterable[str], overrides: Mapping[str, str]) -> str:
-    """``message`` (a library error, worded for the Python API's config fields) followed by the flag of each of
-    ``fields`` it names as a word, so a CLI user reads what to change: ``... [on the command line: target_modules is
-    --targets]``; unchanged when it names none. The library's words are kept whole."""
+def flag_note(message: str, fields: Iterable[str], overrides: Mapping[str, str]) -> str:
+    """The flag of each of ``fields`` that ``message`` (a library error, worded for the Python API's config fields)
+    names as a word, so a CLI user reads what to change: `` [on the command line: target_modules is --targets]``;
+    ``""`` when it names none."""
     named = [f for f in dict.fromkeys(fields) if re.search(rf"(?<![\w.\-]){re.escape(f)}(?![\w\-])", message)]
     if not named:
-        return message
-    return f"{message} [on the command line: {'; '.join(f'{f} is {flag_of(f, overrides)}' for f in named)}]"
+        return ""
+    return f" [on the command line: {'; '.join(f'{f} is {flag_of(f, overrides)}' for f in named)}]"
+
+
+def in_flag_terms(message: str, fields: Iterable[str], overrides: Mapping[str, str]) -> str:
+    """``message`` followed by its :func:`flag_note`; the library's words are kept whole."""
+    return message + flag_note(message, fields, overrides)
 
 
 @contextmanager
 def flag_worded(what: str, fields: Iterable[str], overrides: Mapping[str, str] | None = None) -> Iterator[None]:
     """The one place the harness rewords a library error for its flags: a ``ValueError`` / ``TypeError`` raised in the
-    block (building a method config, attaching it) becomes a :class:`ConfigError` ``"what: message [on the command
-    line: field is --flag]"`` (:func:`in_flag_terms`); a :class:`ConfigError` (the harness's own, already in flag
-    terms) passes unchanged."""
+    block (building a method config, attaching it) becomes a :class:`ConfigError` ``"what: message"`` carrying the
+    flags' note (:func:`flag_note`) for the command line, which ``cli.main`` prints after it (``[on the command line:
+    field is --flag]``); a Python caller of ``finetune`` reads the library's words. A :class:`ConfigError` (the
+    harness's own, already in flag terms) passes unchanged."""
     try:
         yield
     except ConfigError:
         raise
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{what}: {in_flag_terms(str(exc), fields, overrides or {})}") from exc
+        raise ConfigError(f"{what}: {exc}", flag_note(str(exc), fields, overrides or {})) from exc
 
 
 def target_spec(targets: tuple[str, ...] | None) -> tuple[str, ...] | str:

@@ -10,6 +10,7 @@ training loop asks its source, never the method's name.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
@@ -155,9 +156,7 @@ class RankwiseAdapter(AdapterSource):
                 loss_fn: LossFn) -> Any:
         if mcfg is None:
             raise ConfigError("a library method's adapter needs its config")
-        report = rankwise.attach(model, mcfg, calibration=calibration, loss_fn=loss_fn)
-        check_tied(report)  # the library's recorded answer (None without --ensure-weight-tying)
-        return report
+        return attach_judged(model, mcfg, calibration=calibration, loss_fn=loss_fn)
 
     def param_groups(self, model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
         if cfg.lora_plus_ratio:
@@ -177,6 +176,27 @@ class RankwiseAdapter(AdapterSource):
         draw = rankwise.all_methods()[method].plot
         if draw is not None:
             draw(model, folder / f"{method}_ranks.png")
+
+
+def attach_judged(model: nn.Module, mcfg: rankwise.AdapterConfig, **kw: Any) -> rankwise.AttachReport:
+    """``rankwise.attach`` then :func:`check_tied`, the user told once: where the harness refuses a tie that tied
+    nothing, the library's warning saying the same (``report.tie.note()``) is left out, so the refusal is the one
+    message. Every other warning the attach raised is shown after it returns (or fails), as it would have been."""
+    held: list[warnings.WarningMessage] = []
+    said_by_refusal: set[str] = set()
+    try:
+        with warnings.catch_warnings(record=True) as held:  # the filters kept: only showing them is put off
+            report = rankwise.attach(model, mcfg, **kw)
+        try:
+            check_tied(report)  # the library's recorded answer (None without --ensure-weight-tying)
+        except ConfigError:
+            said_by_refusal = {report.tie.note() or ""} if report.tie is not None else set()
+            raise
+    finally:
+        for w in held:
+            if str(w.message) not in said_by_refusal:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+    return report
 
 
 def check_tied(report: rankwise.AttachReport) -> None:
