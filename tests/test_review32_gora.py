@@ -99,8 +99,9 @@ def test_gora_attached_beside_a_lora_on_a_tied_head_starts_from_that_gradient() 
     torch.testing.assert_close(update, want, rtol=1e-4, atol=1e-7)
 
 
-def _quantised_pair(tmp_path: Any) -> tuple[nn.Module, nn.Module]:
-    """test_quant's 2-layer Llama as nf4 and as the float model of its dequantised weights (``tmp_path``: its folder)."""
+def _quantised_pair(tmp_path: Any, kind: str = "nf4") -> tuple[nn.Module, nn.Module]:
+    """test_quant's 2-layer Llama quantised (``kind``: one of test_quant's ``QUANTS``, nf4 by default) and as the float
+    model of its dequantised weights (``tmp_path``: its folder)."""
     pytest.importorskip("bitsandbytes")
     transformers = pytest.importorskip("transformers")
     from test_quant import VOCAB, load_dequantized, load_quantized
@@ -109,7 +110,7 @@ def _quantised_pair(tmp_path: Any) -> tuple[nn.Module, nn.Module]:
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
-    return load_quantized(str(tmp_path), "nf4"), load_dequantized(str(tmp_path), "nf4")
+    return load_quantized(str(tmp_path), kind), load_dequantized(str(tmp_path), kind)
 
 
 def test_gora_beside_a_lora_on_a_quantised_layer_takes_its_gradient(tmp_path: Any) -> None:
