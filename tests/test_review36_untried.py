@@ -20,10 +20,9 @@ import torch
 from torch import nn
 
 import rankwise
-from rankwise.methods.gora_gradients import collect_gradients
-from rankwise.state import adapter_layers, adapter_set, base_modules
+from rankwise.state import adapter_layers, adapter_set
 from test_review28_leftovers import RECOVERY, _fail_on_exit, _headed, _Interrupted, _tiny_tied_llama, _x
-from test_review32_gora import _quantised_pair, _with_trained_lora
+from test_review32_gora import _gradients_beside_a_lora, _quantised_pair
 
 
 # ---------------------------------------------------------------------------- 1a. an 8-bit base
@@ -36,21 +35,16 @@ def test_gora_beside_a_lora_on_an_8bit_layer_takes_its_gradient_and_beside_a_dor
     from test_quant import batch
 
     quantised, float_model = _quantised_pair(tmp_path, "int8")
-    batches = [batch(1000 + i) for i in range(2)]
-    config = rankwise.GoraConfig(r=4, r_min=2, r_max=8, n_steps=2, target_modules=["q_proj", "v_proj"])
-    grads = {}
-    for key, model in (("quantised", quantised), ("float", float_model)):
-        _with_trained_lora(model, ["q_proj"])
-        targets = {n: m for n, m in base_modules(model) if n.endswith(("q_proj", "v_proj"))}
-        grads[key], _ = collect_gradients(model, targets, config, batches, None)
+    got, reference = _gradients_beside_a_lora(quantised, float_model)
     assert all(layer.quantized == "8bit" for layer in adapter_layers(quantised).values())
-    for name, g in grads["float"].items():
+    for name, g in reference.items():
         assert float(g.abs().max()) > 1e-4
-        torch.testing.assert_close(grads["quantised"][name], g, rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(got[name], g, rtol=1e-3, atol=1e-6)
     dora, _ = _quantised_pair(tmp_path / "dora", "int8")
     rankwise.attach(dora, rankwise.DoraConfig(r=2, target_modules=["q_proj"]))
+    config = rankwise.GoraConfig(r=4, r_min=2, r_max=8, n_steps=1, target_modules=["q_proj"])
     with pytest.raises(ValueError, match=r"rescale its rows.*attach GoRA before them"):
-        rankwise.attach(dora, config.replace(target_modules=("q_proj",), n_steps=1), [batch(1)], name="g")
+        rankwise.attach(dora, config, [batch(1)], name="g")
 
 
 # ---------------------------------------------------------------------------- 1b. ensure_weight_tying beside an adapter
