@@ -99,8 +99,9 @@ def test_gora_attached_beside_a_lora_on_a_tied_head_starts_from_that_gradient() 
     torch.testing.assert_close(update, want, rtol=1e-4, atol=1e-7)
 
 
-def _quantised_pair(tmp_path: Any) -> tuple[nn.Module, nn.Module]:
-    """test_quant's 2-layer Llama as nf4 and as the float model of its dequantised weights (``tmp_path``: its folder)."""
+def _quantised_pair(tmp_path: Any, kind: str = "nf4") -> tuple[nn.Module, nn.Module]:
+    """test_quant's 2-layer Llama quantised (``kind``: one of test_quant's ``QUANTS``, nf4 by default) and as the float
+    model of its dequantised weights (``tmp_path``: its folder)."""
     pytest.importorskip("bitsandbytes")
     transformers = pytest.importorskip("transformers")
     from test_quant import VOCAB, load_dequantized, load_quantized
@@ -109,7 +110,7 @@ def _quantised_pair(tmp_path: Any) -> tuple[nn.Module, nn.Module]:
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
-    return load_quantized(str(tmp_path), "nf4"), load_dequantized(str(tmp_path), "nf4")
+    return load_quantized(str(tmp_path), kind), load_dequantized(str(tmp_path), kind)
 
 
 def test_gora_beside_a_lora_on_a_quantised_layer_takes_its_gradient(tmp_path: Any) -> None:
@@ -117,19 +118,26 @@ def test_gora_beside_a_lora_on_a_quantised_layer_takes_its_gradient(tmp_path: An
     a quantised weight's gradient was tapped on the bitsandbytes module, which the LoRA layer in its slot never calls:
     ``q_proj``'s ``Ḡ`` was 0, silently. Now tapped on the slot's layer: equal to autograd's ``.grad`` on the float
     model of the dequantised weights with the same LoRA (as test_quant's check without a LoRA)."""
+    quantised, reference = _gradients_beside_a_lora(*_quantised_pair(tmp_path))
+    for name, g in reference.items():
+        assert float(g.abs().max()) > 1e-4
+        torch.testing.assert_close(quantised[name], g, rtol=1e-4, atol=1e-7)
+
+
+def _gradients_beside_a_lora(quantised: nn.Module, float_model: nn.Module
+                             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """GoRA's mean gradients (``collect_gradients``, on ``q_proj`` and ``v_proj``, 2 of test_quant's batches) with a
+    trained LoRA on ``q_proj`` of each model of a :func:`_quantised_pair`: ``(the quantised model's, the float's)``."""
     from test_quant import batch
 
-    quantised, float_model = _quantised_pair(tmp_path)
     batches = [batch(1000 + i) for i in range(2)]
     config = rankwise.GoraConfig(r=4, r_min=2, r_max=8, n_steps=2, target_modules=["q_proj", "v_proj"])
-    grads = {}
-    for key, model in (("quantised", quantised), ("float", float_model)):
+    grads = []
+    for model in (quantised, float_model):
         _with_trained_lora(model, ["q_proj"])
         targets = {n: m for n, m in base_modules(model) if n.endswith(("q_proj", "v_proj"))}
-        grads[key], _ = collect_gradients(model, targets, config, batches, None)
-    for name, g in grads["float"].items():
-        assert float(g.abs().max()) > 1e-4
-        torch.testing.assert_close(grads["quantised"][name], g, rtol=1e-4, atol=1e-7)
+        grads.append(collect_gradients(model, targets, config, batches, None)[0])
+    return grads[0], grads[1]
 
 
 def test_gora_beside_a_dora_on_a_quantised_layer_is_refused(tmp_path: Any) -> None:

@@ -75,8 +75,9 @@ def _mark_half_enabled(model: nn.Module, error: BaseException,
                        aside: dict[str, tuple[RankwiseState, nn.Module]]) -> None:
     """After a failed exit of :func:`disabled`: every adapter layer refuses the forward (and the calls that would build
     on this state), saying what happened and that :func:`set_active` finishes the exit. So does each fully-trained
-    module the block set aside (``aside``: its trained copy and its original, each submodule), since a call of it
-    alone passes through no adapter layer and its slot may still hold the original, silently not the trained one."""
+    module the block set aside (``aside``: its trained copy and its original, each submodule; one hook per hook table,
+    which the two share), since a call of it alone passes through no adapter layer and its slot may still hold the
+    original, silently not the trained one."""
     why = (f"rankwise.disabled(model) failed as it exited ({type(error).__name__}: {error}), so the model is half "
            "enabled: some adapter layers may still compute the base model, and some fully-trained modules "
            "(modules_to_save) be their originals, their trained copies set aside (kept; rankwise.save writes them). "
@@ -88,9 +89,16 @@ def _mark_half_enabled(model: nn.Module, error: BaseException,
         raise RuntimeError(f"cannot run the forward: {why}")
 
     hooks = adapter_set(model).half_enabled_hooks
-    for name, (state, copy) in aside.items():
-        for module in {id(m): m for top in (copy, state.original_modules[name]) for m in top.modules()}.values():
-            hooks.append(module.register_forward_pre_hook(refuse))
+    tops = [top for name, (state, copy) in aside.items() for top in (copy, state.original_modules[name])]
+    for module in _one_per_table(tops):
+        hooks.append(module.register_forward_pre_hook(refuse))
+
+
+def _one_per_table(tops: Iterable[nn.Module]) -> list[nn.Module]:
+    """One module per forward pre-hook table among ``tops`` and their submodules: a trained copy and its original
+    share their tables (:func:`rankwise.slots.copy_module`), so a hook registered on each would sit in one table
+    twice (and run twice)."""
+    return list({id(m._forward_pre_hooks): m for top in tops for m in top.modules()}.values())
 
 
 def _trained_copies(model: nn.Module, states: Iterable[RankwiseState]) -> dict[str, tuple[RankwiseState, nn.Module]]:

@@ -167,8 +167,8 @@ class TieOutcome:
     its factors, token rows sharing its ``D``, or a trained copy sharing its trained copy's table); empty: the flag tied nothing. ``heads``: ``{head: embedding}`` for
     every module of the model sharing an ``nn.Embedding``'s weight, as before the attach (empty: the model has no tied
     head). ``own_rows``: tied heads given token rows of their own (``trainable_token_indices`` names the head, not its
-    embedding); ``trained_fully``: heads and their embeddings in ``modules_to_save`` (a trained copy, apart from the
-    other)."""
+    embedding); ``trained_fully``: heads and their embeddings in ``modules_to_save``, which under the flag always come
+    as a pair (:func:`tie_saved`) trained as one table, so they are in ``tied`` too (never a reason it tied nothing)."""
 
     tied: Mapping[str, str]
     heads: Mapping[str, str]
@@ -189,16 +189,11 @@ class TieOutcome:
         if not self.heads:
             return start + ("no head shares an embedding's weight in this model (its config's tie_word_embeddings is "
                             "False, or it has no output head); the adapter trains as without it. Drop the flag")
-        head, emb = next(iter(self.heads.items()))
+        emb = next(iter(self.heads.values()))
         if self.own_rows:
             return start + (f"{self.own_rows[0]!r} shares the weight of {emb!r}, and trainable_token_indices gives "
                             f"rows to {self.own_rows[0]!r} alone: they train apart from {emb!r}'s. List the rows for "
                             f"{emb!r} (its tied head follows them), or drop the flag")
-        if self.trained_fully:
-            return start + (f"{list(self.trained_fully)} in modules_to_save train(s) a copy of the weight {head!r} and "
-                            f"{emb!r} share, apart from the other; rankwise ties a head to its embedding's LoRA factors "
-                            f"or token rows, not to a fully-trained copy (HF PEFT ties modules_to_save). Target {emb!r} "
-                            "(or the head) instead, or drop the flag")
         return start + (f"{sorted(self.heads)} share(s) the weight of {emb!r}, but neither is a target nor has "
                         "trainable_token_indices; the adapter trains as without it. Add the embedding (or the head) "
                         "to target_modules, or list its rows in trainable_token_indices, or drop the flag")

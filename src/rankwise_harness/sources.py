@@ -210,17 +210,12 @@ def check_tied(report: rankwise.AttachReport) -> None:
     if not tie.heads:
         raise ConfigError(start + "no head shares an embedding's weight in this model (its config's "
                           "tie_word_embeddings is False, or it has no output head); drop the flag")
-    head, emb = next(iter(tie.heads.items()))
+    emb = next(iter(tie.heads.values()))
     short = emb.rsplit(".", 1)[-1]
     if tie.own_rows:
         raise ConfigError(start + f"{tie.own_rows[0]!r} shares the weight of {emb!r}, and --trainable-token-indices "
                           f"gives rows to {tie.own_rows[0]!r} alone, which train apart from {emb!r}'s: list them for "
                           f"{short} (a plain list of ids, or {short}=<ids>; the head follows), or drop the flag")
-    if tie.trained_fully:
-        raise ConfigError(start + f"{list(tie.trained_fully)} (--set modules_to_save) train(s) a copy of the weight "
-                          f"{head!r} and {emb!r} share, apart from the other, and the tie is made with the embedding's "
-                          f"low-rank factors or token rows only: add {short} to --targets instead (the head then "
-                          "computes with its factors), or drop the flag")
     raise ConfigError(start + f"{sorted(tie.heads)} share(s) the weight of {emb!r}, but the adapter has no layer there "
                       f"to tie: add {short} to --targets (the head then computes with its factors) or list its rows in "
                       "--trainable-token-indices, or drop the flag")
