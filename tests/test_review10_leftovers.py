@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,24 @@ def test_an_int8_layer_without_a_bias_dequantises_to_the_models_dtype(llama_dir:
     assert {m.weight.dtype for m in model.modules() if isinstance(m, nn.Linear)} == {torch.bfloat16}
     with torch.no_grad():
         assert model(input_ids=torch.zeros(1, 4, dtype=torch.long)).logits.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("load", ["8bit", "nf4"])
+def test_a_dequantised_model_s_float_layers_keep_the_loaded_mark(llama_dir: str, load: str) -> None:
+    """``dequantize_model`` builds float layers from the checkpoint's (quantised) weights: ``attach`` must not warn
+    that they were "newly initialised" by ``from_pretrained`` (before, every replaced projection was named)."""
+    pytest.importorskip("bitsandbytes")
+    transformers = pytest.importorskip("transformers")
+    from rankwise import quant
+
+    q = (transformers.BitsAndBytesConfig(load_in_8bit=True) if load == "8bit"
+         else transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
+    model = transformers.LlamaForCausalLM.from_pretrained(llama_dir, quantization_config=q, device_map="cpu")
+    assert quant.dequantize_model(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert not [str(w.message) for w in caught if "newly initialised" in str(w.message)]
 
 
 # ---------------------------------------------------------------------------- 2. GoRA's averaging

@@ -255,9 +255,10 @@ def float_linear(module: nn.Module, weight: Tensor, dtype: torch.dtype | None = 
         linear.weight.copy_(weight)
         if bias is not None:
             linear.bias.copy_(bias)
-    linear.weight.requires_grad_(False)
-    if linear.bias is not None:
-        linear.bias.requires_grad_(False)
+    for name, p in linear.named_parameters():  # frozen; and loaded from the checkpoint if the quantised one was
+        p.requires_grad_(False)
+        if getattr(getattr(module, name, None), "_is_hf_initialized", False):
+            p._is_hf_initialized = True  # type: ignore[attr-defined]  # transformers' mark: attach's "newly initialised" check
     linear.train(module.training)
     return linear
 
