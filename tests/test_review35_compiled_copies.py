@@ -283,7 +283,7 @@ SWITCHED = {
 
 
 @pytest.mark.filterwarnings("ignore:rankwise. a training forward")  # through a merged layer: named, on purpose here
-@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("grad", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["no_grad", "grad"])
 @pytest.mark.parametrize("method", list(SWITCHED))
 def test_one_compiled_module_follows_merge_disabled_and_set_active(method: str, grad: bool) -> None:
     """One ``torch.compile(model, backend="aot_eager")``, never recompiled by hand, run after each change: ``merge`` /
