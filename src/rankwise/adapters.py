@@ -125,7 +125,9 @@ def set_active(model: nn.Module, names: str | list[str]) -> None:
     merged model unless ``names`` is the set it merged (which changes nothing). All or nothing: an error while
     swapping the modules (an interrupt too) changes nothing. On a model left half enabled by a failed ``disabled()``
     exit it first finishes that exit (every layer enabled, each all or nothing; then the trained copies back), so
-    ``set_active(model, list(active_adapters(model)))`` is the way back, merged or not.
+    ``set_active(model, list(active_adapters(model)))`` is the way back, merged or not; the same for a copy of a model
+    (``copy.deepcopy``, ``torch.save`` / ``torch.load``) taken inside a ``disabled()`` block, which computes the base
+    until then.
     """
     model = unwrap_model(model)
     adapters = adapter_set(model)
@@ -135,9 +137,10 @@ def set_active(model: nn.Module, names: str | list[str]) -> None:
     for name in chosen:
         adapters.resolve(name)
     hosts = slot_layers(model).values()
-    half = any(host.half_enabled is not None for host in hosts)
+    # a failed disabled() exit, or a copy taken inside a block (which no block will enable): finished here
+    half = any(host.half_enabled is not None or host.copied_inside_disabled() for host in hosts)
     for host in hosts:
-        if half:  # a failed disabled() exit, finished here (each layer all or nothing)
+        if half:  # each layer all or nothing
             host.enable()
         host.refuse_while_disabled("change the active adapters")
     if any(layer.merged for layer in hosts) and chosen != adapters.active:

@@ -39,6 +39,7 @@ forward, bit for bit (a merged host puts the kept original bits in for the while
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
@@ -60,6 +61,14 @@ MERGED_TRAINING = (
     "rankwise: a training forward (train mode, gradients on) through merged adapter layers: a merged adapter "
     "does not train (its tensors get no gradient) while fully-trained modules still would. Call "
     "rankwise.unmerge(model) before training; for inference use model.eval() or torch.no_grad()"
+)
+# the layers a live rankwise.disabled() block switched off (AdapterLayer.disable / enable): a layer disabled but not
+# here is a copy (copy.deepcopy, torch.save / torch.load) of one taken inside a block, which no block will enable
+_IN_A_BLOCK: weakref.WeakSet[AdapterLayer] = weakref.WeakSet()
+COPIED_INSIDE_DISABLED = (
+    "cannot {what}: this model was copied (copy.deepcopy, or torch.save and torch.load) inside `with "
+    "rankwise.disabled(model):`, so it computes the base model and no block will end for it. Enable its adapters "
+    "with rankwise.set_active(model, list(rankwise.active_adapters(model)))"
 )
 UNMERGED_KEY = "unmerged_weight"  # a merged layer's original weight, in its state_dict (see _save_to_state_dict)
 DEFAULT_ADAPTER = "default"  # the name of an adapter attached without one (HF PEFT's default too)
@@ -525,7 +534,15 @@ class AdapterLayer(nn.Module):
         disabled after that block's exit failed (:meth:`refuse_if_half_enabled` says how to finish it)."""
         if self.disabled:
             self.refuse_if_half_enabled(what)
+            if self.copied_inside_disabled():
+                raise RuntimeError(COPIED_INSIDE_DISABLED.format(what=what))
             raise RuntimeError(f"cannot {what} inside `with rankwise.disabled(model):`; do it after the block")
+
+    def copied_inside_disabled(self) -> bool:
+        """Whether this layer is disabled with no live ``rankwise.disabled()`` block holding it: a copy of a layer
+        taken inside one (``copy.deepcopy``, ``torch.save`` / ``torch.load`` copy the ``disabled`` flag, not the
+        block); :func:`rankwise.set_active` enables it."""
+        return self.disabled and self not in _IN_A_BLOCK
 
     def refuse_if_half_enabled(self, what: str) -> None:
         """Raise ``RuntimeError`` naming ``what`` while the model is half enabled: a ``rankwise.disabled()`` exit failed
@@ -587,6 +604,7 @@ class AdapterLayer(nn.Module):
             self._merged_aside = kept
             self._set_merged(False, None)
         self.disabled = True
+        _IN_A_BLOCK.add(self)
 
     @torch.no_grad()
     def enable(self) -> None:
@@ -602,6 +620,7 @@ class AdapterLayer(nn.Module):
             self._merged_aside = None
             self._set_merged(True, aside)
         self.disabled = False
+        _IN_A_BLOCK.discard(self)
 
     def check_mergeable(self) -> None:
         """Raise (changing nothing) when this layer cannot merge: a quantised base, inside ``disabled`` or half enabled."""

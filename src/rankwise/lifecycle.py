@@ -738,8 +738,8 @@ def refuse_if_merged_or_disabled(model: nn.Module, what: str) -> None:
     hosts = slot_layers(model).values()
     for layer in hosts:
         layer.refuse_if_half_enabled(what)
-    if any(layer.disabled for layer in hosts):
-        raise RuntimeError(f"cannot {what} inside `with rankwise.disabled(model):`; do it after the block")
+    for layer in hosts:
+        layer.refuse_while_disabled(what)
     if any(layer.merged for layer in hosts):
         raise ValueError(f"cannot {what} while the adapters are merged: call rankwise.unmerge(model) first")
 
@@ -772,8 +772,8 @@ def detach(model: nn.Module, merge: bool = False) -> nn.Module:
         raise ValueError(f"this {type(model).__name__} has no rankwise adapters to detach")
     for layer in layers.values():
         layer.refuse_if_half_enabled("detach")
-    if any(layer.disabled for layer in layers.values()):
-        raise RuntimeError("cannot detach inside `with rankwise.disabled(model):`; do it after the block")
+    for layer in layers.values():
+        layer.refuse_while_disabled("detach")
     check_leaving(layers)
     in_place = {n: layer for n, layer in layers.items() if layer.kind.merges_in_place}  # float bases (not bitsandbytes)
     merged_before = {n for n, layer in layers.items() if layer.merged}

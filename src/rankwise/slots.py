@@ -115,11 +115,23 @@ class BoundLoadPreHooks(MutableMapping[int, Any]):
     def _plain(self) -> OrderedDict[int, Any]:
         return OrderedDict(self.items())
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> OrderedDict[int, Any]:
-        return copy.deepcopy(self._plain(), memo)  # a copied module gets a table of its own, as torch's would
+    def __deepcopy__(self, memo: dict[int, Any]) -> MutableMapping[int, Any]:
+        """A copy of the owner (being copied: it is in ``memo``) gets this table over the copy of :attr:`hooks`, which
+        the copy of the other module sharing it (copied in the same ``deepcopy``) reads too, so the copy shares as the
+        original does; a copy of the owner alone gets a table of its own, as torch's would. A table copied without
+        its owner is the plain table, bound to the owner."""
+        owner = memo.get(id(self._owner()))
+        if owner is None:
+            return copy.deepcopy(self._plain(), memo)
+        return BoundLoadPreHooks(copy.deepcopy(self.hooks, memo), owner)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (OrderedDict, (list(self.items()),))  # torch.save of a module: the plain table, bound to its owner
+        """``torch.save`` of a model: the shared table and the owner, so ``torch.load`` shares as :meth:`__deepcopy__`
+        does (pickle writes each object once); without an owner, the plain table."""
+        owner = self._owner()
+        if owner is None:
+            return (OrderedDict, (list(self.items()),))
+        return (BoundLoadPreHooks, (self.hooks, owner))
 
 
 def _shared_load_pre_hooks(module: nn.Module) -> MutableMapping[int, Any]:
