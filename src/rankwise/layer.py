@@ -62,6 +62,18 @@ MERGED_TRAINING = (
     "does not train (its tensors get no gradient) while fully-trained modules still would. Call "
     "rankwise.unmerge(model) before training; for inference use model.eval() or torch.no_grad()"
 )
+
+
+@torch.compiler.disable(reason=MERGED_TRAINING)
+def _warn_merged_training(layer: AdapterLayer) -> None:
+    """Say once per merge that ``layer``'s training forward is merged (``MERGED_TRAINING``). Kept out of
+    ``torch.compile``'s graph with the warning as the reason: dynamo cannot trace ``warnings.warn``, so a compile
+    breaks the graph here and warns eagerly, and ``fullgraph=True`` fails with these words and their remedy
+    instead of naming only ``_warnings.warn``."""
+    layer._warned_merged = True
+    warnings.warn(MERGED_TRAINING, stacklevel=5)  # the caller of the model's forward, as before this helper
+
+
 # the layers a live rankwise.disabled() block switched off (AdapterLayer.disable / enable): a layer disabled but not
 # here is a copy (copy.deepcopy, torch.save / torch.load) of one taken inside a block, which no block will enable
 _IN_A_BLOCK: weakref.WeakSet[AdapterLayer] = weakref.WeakSet()
@@ -327,8 +339,7 @@ class AdapterLayer(nn.Module):
         layers' composition (:meth:`stacked_forward`)."""
         if self.merged:
             if not self._warned_merged and self.training and torch.is_grad_enabled() and self.requires_grad():
-                self._warned_merged = True  # once per merge
-                warnings.warn(MERGED_TRAINING, stacklevel=3)
+                _warn_merged_training(self)
             return self.base_forward(x)
         if len(chosen) == 1:  # one active adapter here: its own forward, exactly as if it were alone
             return chosen[0].own_forward(x)
