@@ -127,7 +127,7 @@ class BoundLoadPreHooks(MutableMapping[int, Any]):
 
     def __reduce__(self) -> tuple[Any, ...]:
         """``torch.save`` of a model: the shared table and the owner, so ``torch.load`` shares as :meth:`__deepcopy__`
-        does (pickle writes each object once); without an owner, the plain table."""
+        does (the file holds each object once); without an owner, the plain table."""
         owner = self._owner()
         if owner is None:
             return (OrderedDict, (list(self.items()),))
