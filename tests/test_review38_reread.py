@@ -10,10 +10,13 @@
    with a head (the harness adds it to ``modules_to_save`` after the model loads, which ``check`` never saw): the
    control trained with the classifier frozen at its random start ("task head 0"), silently. Now refused before the
    function runs, naming the head and ``honours``.
+3. ``torch.save(model)`` of a model left half enabled by a failed ``disabled()`` exit, with a fully-trained module:
+   the refusing forward pre-hook was a closure, so the pickle failed. Now a class: the copy refuses and recovers.
 """
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ from rankwise_harness.sources import PEFT_LORA_FIELDS, ExternalAdapter, check_ti
 from rankwise_harness.train import finetune
 
 from conftest import write_sst2_slice
+from test_review28_leftovers import RECOVERY, _fail_on_exit, _headed, _Interrupted, _x
 
 
 # ---------------------------------------------------------------------------- 1. two tied pairs
@@ -122,3 +126,30 @@ def test_an_external_adapter_that_drops_modules_to_save_is_refused_on_a_task_wit
     assert not called
     # a control that carries it (bench/quality.py's PEFT LoRA) is not refused with the head
     assert ExternalAdapter(narrow, honours=PEFT_LORA_FIELDS).dropped(with_heads(cfg.method_config(), ("classifier",))) == []
+
+
+# ---------------------------------------------------------------------------- 3. a half-enabled model pickled
+@pytest.mark.parametrize("where", ["head", "layer"])
+def test_a_half_enabled_model_pickles_and_its_copy_refuses_and_recovers_alone(
+        where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``disabled()`` exit that fails (round 28's fault injection at the trained head or at a layer) on a model with
+    a fully-trained module: before, ``torch.save(model)`` failed ("Can't pickle local object
+    '_mark_half_enabled.<locals>.refuse'", the refusing hook a closure). Now the loaded copy refuses its forward as the
+    model does, ``set_active`` recovers it to the enabled model's outputs bit for bit with no refusing hook left,
+    and the model itself stays refused until its own ``set_active``."""
+    model = _headed(False)
+    want = model(_x()).detach()
+    with pytest.raises(_Interrupted), rankwise.disabled(model):
+        _fail_on_exit(monkeypatch, model, where)
+    monkeypatch.undo()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with pytest.raises(RuntimeError, match=rf"half enabled.*{RECOVERY}"):
+        loaded(_x())
+    rankwise.set_active(loaded, list(rankwise.active_adapters(loaded)))
+    torch.testing.assert_close(loaded(_x()), want, rtol=0, atol=0)
+    assert not any(m._forward_pre_hooks for m in loaded.modules())
+    with pytest.raises(RuntimeError, match=RECOVERY):
+        model(_x())
