@@ -23,16 +23,20 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import write_sst2_slice
+from test_review28_leftovers import RECOVERY, _fail_on_exit, _headed, _Interrupted, _x
 from torch import nn
 
 import rankwise
 from rankwise.state import token_layers
 from rankwise_harness.config import ConfigError, RunConfig
-from rankwise_harness.sources import PEFT_LORA_FIELDS, ExternalAdapter, check_tied, with_heads
+from rankwise_harness.sources import (
+    PEFT_LORA_FIELDS,
+    ExternalAdapter,
+    check_tied,
+    with_heads,
+)
 from rankwise_harness.train import finetune
-
-from conftest import write_sst2_slice
-from test_review28_leftovers import RECOVERY, _fail_on_exit, _headed, _Interrupted, _x
 
 
 # ---------------------------------------------------------------------------- 1. two tied pairs
