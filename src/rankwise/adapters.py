@@ -84,14 +84,22 @@ def _mark_half_enabled(model: nn.Module, error: BaseException,
            "Finish the exit with rankwise.set_active(model, list(rankwise.active_adapters(model)))")
     for layer in slot_layers(model).values():
         layer.half_enabled = why
-
-    def refuse(module: nn.Module, args: object) -> None:
-        raise RuntimeError(f"cannot run the forward: {why}")
-
     hooks = adapter_set(model).half_enabled_hooks
     tops = [top for name, (state, copy) in aside.items() for top in (copy, state.original_modules[name])]
     for module in _one_per_table(tops):
-        hooks.append(module.register_forward_pre_hook(refuse))
+        hooks.append(module.register_forward_pre_hook(_RefuseForward(why)))
+
+
+class _RefuseForward:
+    """The forward pre-hook a half-enabled model's fully-trained modules carry (:func:`_mark_half_enabled`): it
+    raises, saying why. A class, not a closure, so the model can still be pickled (``torch.save(model)``,
+    ``copy.deepcopy``) and the copy refuses and recovers as the model does."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+    def __call__(self, module: nn.Module, args: object) -> None:
+        raise RuntimeError(f"cannot run the forward: {self.why}")
 
 
 def _one_per_table(tops: Iterable[nn.Module]) -> list[nn.Module]:

@@ -164,11 +164,12 @@ class TieOutcome:
     disagree.
 
     ``tied``: ``{module: embedding}`` for each module this adapter made follow an embedding (a :class:`TiedHead` on
-    its factors, token rows sharing its ``D``, or a trained copy sharing its trained copy's table); empty: the flag tied nothing. ``heads``: ``{head: embedding}`` for
-    every module of the model sharing an ``nn.Embedding``'s weight, as before the attach (empty: the model has no tied
-    head). ``own_rows``: tied heads given token rows of their own (``trainable_token_indices`` names the head, not its
-    embedding); ``trained_fully``: heads and their embeddings in ``modules_to_save``, which under the flag always come
-    as a pair (:func:`tie_saved`) trained as one table, so they are in ``tied`` too (never a reason it tied nothing)."""
+    its factors, token rows sharing its ``D``, or a trained copy sharing its trained copy's table); empty: the flag
+    tied nothing. ``heads``: ``{head: embedding}`` for every module of the model sharing an ``nn.Embedding``'s weight,
+    as before the attach (empty: the model has no tied head). ``own_rows``: tied heads given token rows of their own
+    (``trainable_token_indices`` names the head, not its embedding); ``trained_fully``: heads and their embeddings in
+    ``modules_to_save``, which under the flag always come as a pair (:func:`tie_saved`) trained as one table, so each
+    such head is a key of ``tied`` (never a reason it tied nothing)."""
 
     tied: Mapping[str, str]
     heads: Mapping[str, str]
@@ -180,6 +181,16 @@ class TieOutcome:
         """Whether the flag tied anything."""
         return bool(self.tied)
 
+    def subject(self) -> tuple[list[str], str]:
+        """``(heads, embedding)``: the tied pair a note that the flag tied nothing speaks of (on a model with tied
+        heads): the first head given rows of its own and its embedding, else the model's first tied embedding and
+        every head sharing its weight, so each head named shares the weight of the embedding named, also where the
+        model ties several embeddings."""
+        if self.own_rows:
+            return [self.own_rows[0]], self.heads[self.own_rows[0]]
+        emb = next(iter(self.heads.values()))
+        return sorted(h for h, e in self.heads.items() if e == emb), emb
+
     def note(self) -> str | None:
         """The warning where the flag tied nothing (``None`` where it tied something): the adapter then trains as
         without it, and the note says why and what would tie."""
@@ -189,12 +200,12 @@ class TieOutcome:
         if not self.heads:
             return start + ("no head shares an embedding's weight in this model (its config's tie_word_embeddings is "
                             "False, or it has no output head); the adapter trains as without it. Drop the flag")
-        emb = next(iter(self.heads.values()))
+        heads, emb = self.subject()
         if self.own_rows:
-            return start + (f"{self.own_rows[0]!r} shares the weight of {emb!r}, and trainable_token_indices gives "
-                            f"rows to {self.own_rows[0]!r} alone: they train apart from {emb!r}'s. List the rows for "
-                            f"{emb!r} (its tied head follows them), or drop the flag")
-        return start + (f"{sorted(self.heads)} share(s) the weight of {emb!r}, but neither is a target nor has "
+            return start + (f"{heads[0]!r} shares the weight of {emb!r}, and trainable_token_indices gives rows to "
+                            f"{heads[0]!r} alone: they train apart from {emb!r}'s. List the rows for {emb!r} (its "
+                            "tied head follows them), or drop the flag")
+        return start + (f"{heads} share(s) the weight of {emb!r}, but neither is a target nor has "
                         "trainable_token_indices; the adapter trains as without it. Add the embedding (or the head) "
                         "to target_modules, or list its rows in trainable_token_indices, or drop the flag")
 

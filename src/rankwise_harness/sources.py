@@ -210,13 +210,13 @@ def check_tied(report: rankwise.AttachReport) -> None:
     if not tie.heads:
         raise ConfigError(start + "no head shares an embedding's weight in this model (its config's "
                           "tie_word_embeddings is False, or it has no output head); drop the flag")
-    emb = next(iter(tie.heads.values()))
+    heads, emb = tie.subject()  # the pair the library's note names
     short = emb.rsplit(".", 1)[-1]
     if tie.own_rows:
-        raise ConfigError(start + f"{tie.own_rows[0]!r} shares the weight of {emb!r}, and --trainable-token-indices "
-                          f"gives rows to {tie.own_rows[0]!r} alone, which train apart from {emb!r}'s: list them for "
-                          f"{short} (a plain list of ids, or {short}=<ids>; the head follows), or drop the flag")
-    raise ConfigError(start + f"{sorted(tie.heads)} share(s) the weight of {emb!r}, but the adapter has no layer there "
+        raise ConfigError(start + f"{heads[0]!r} shares the weight of {emb!r}, and --trainable-token-indices gives "
+                          f"rows to {heads[0]!r} alone, which train apart from {emb!r}'s: list them for {short} (a "
+                          f"plain list of ids, or {short}=<ids>; the head follows), or drop the flag")
+    raise ConfigError(start + f"{heads} share(s) the weight of {emb!r}, but the adapter has no layer there "
                       f"to tie: add {short} to --targets (the head then computes with its factors) or list its rows in "
                       "--trainable-token-indices, or drop the flag")
 
@@ -271,6 +271,17 @@ class ExternalAdapter(RankwiseAdapter):
 
     def prepare(self, model: nn.Module, mcfg: rankwise.AdapterConfig | None, calibration: Batches | None,
                 loss_fn: LossFn) -> Any:
+        """``attach_fn`` on the model; refused first where ``mcfg`` (the run's config with the task's head added to
+        ``modules_to_save``, which :meth:`check` could not see before the model loaded) sets a field the function
+        does not carry: the head would not train as it does beside a rankwise adapter."""
+        dropped = self.dropped(mcfg) if mcfg is not None else []
+        if dropped:
+            heads = ", ".join(getattr(mcfg, "modules_to_save", None) or ())
+            raise ConfigError(f"the external adapter {self.implementation} does not carry {', '.join(dropped)} over "
+                              f"to its own config, and the harness sets modules_to_save to hold the task's head "
+                              f"({heads}), trained fully beside the adapter: the control would not train it as the run "
+                              "does and would compare unfairly. Give the control a function that passes "
+                              "modules_to_save on (ExternalAdapter(..., honours=...))")
         return self.attach_fn(model, mcfg, calibration=calibration)
 
     def save(self, model: nn.Module, folder: Path) -> None:

@@ -168,8 +168,9 @@ def _tapped(model: nn.Module, targets: dict[str, nn.Module]) -> dict[str, nn.Mod
         if not is_quantized(m):
             continue
         host = hosts.get(name)
-        scaling = [] if host is None or host.merged else [layer.adapter_name for layer in host.computing()
-                                                           if layer.row_scale() is not None]
+        # (a host here is never merged: a quantised base refuses merge, and attach refuses a merged model)
+        scaling = [] if host is None else [layer.adapter_name for layer in host.computing()
+                                           if layer.row_scale() is not None]
         if scaling:
             raise ValueError(
                 f"GoRA cannot tap the gradient of the quantised weight of {name!r} beside adapter(s) {scaling}, which "
