@@ -262,10 +262,16 @@ class ExternalAdapter(RankwiseAdapter):
                               f"{'it' if len(dropped) == 1 else 'them'} on (ExternalAdapter(..., honours=...))")
 
     def dropped(self, mcfg: rankwise.AdapterConfig) -> list[str]:
-        """The fields ``mcfg`` sets away from its class's defaults that this adapter does not honour."""
+        """The fields ``mcfg`` sets away from its class's defaults that this adapter does not honour. The defaults are
+        taken with the honoured fields as ``mcfg`` sets them, so a field that follows from those (GoRA's ``r_ref``,
+        one number with ``r``) is carried with them, not dropped."""
         if self.honours is None:
             return []
-        default = type(mcfg)()
+        carried = {f.name: getattr(mcfg, f.name) for f in dataclasses.fields(mcfg) if f.name in self.honours}
+        try:
+            default = type(mcfg)(**carried)
+        except (ValueError, TypeError):  # valid only beside a field the adapter drops: compare with the plain defaults
+            default = type(mcfg)()
         return [f.name for f in dataclasses.fields(mcfg)
                 if f.name not in self.honours and getattr(mcfg, f.name) != getattr(default, f.name)]
 
