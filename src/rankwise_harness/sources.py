@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Iterable
+from contextlib import contextmanager
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -182,21 +183,34 @@ def attach_judged(model: nn.Module, mcfg: rankwise.AdapterConfig, **kw: Any) -> 
     """``rankwise.attach`` then :func:`check_tied`, the user told once: where the harness refuses a tie that tied
     nothing, the library's warning saying the same (``report.tie.note()``) is left out, so the refusal is the one
     message. Every other warning the attach raised is shown after it returns (or fails), as it would have been."""
-    held: list[warnings.WarningMessage] = []
     said_by_refusal: set[str] = set()
-    try:
-        with warnings.catch_warnings(record=True) as held:  # the filters kept: only showing them is put off
-            report = rankwise.attach(model, mcfg, **kw)
+    with _held_warnings() as held:
+        report = rankwise.attach(model, mcfg, **kw)
         try:
             check_tied(report)  # the library's recorded answer (None without --ensure-weight-tying)
         except ConfigError:
             said_by_refusal = {report.tie.note() or ""} if report.tie is not None else set()
             raise
-    finally:
-        for w in held:
-            if str(w.message) not in said_by_refusal:
-                warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+        finally:
+            held[:] = [w for w in held if str(w[0]) not in said_by_refusal]
     return report
+
+
+@contextmanager
+def _held_warnings() -> Iterator[list[tuple[Any, ...]]]:
+    """The warnings raised in the block, shown (``warnings.showwarning``'s arguments) when it ends, the list's entries
+    as the block left them. Only the showing is put off: the filters and each module's registry of warnings already
+    shown stay as they are (``warnings.catch_warnings`` would reset the registries, so a ``"default"`` filter would
+    show a warning again on each call), so a warning is shown where, and as often as, it would have been."""
+    show = warnings.showwarning
+    held: list[tuple[Any, ...]] = []
+    warnings.showwarning = lambda *args: held.append(args)  # type: ignore[assignment]
+    try:
+        yield held
+    finally:
+        warnings.showwarning = show
+        for args in held:
+            show(*args)
 
 
 def check_tied(report: rankwise.AttachReport) -> None:
