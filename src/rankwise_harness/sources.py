@@ -230,9 +230,9 @@ def check_tied(report: rankwise.AttachReport) -> None:
         raise ConfigError(start + f"{heads[0]!r} shares the weight of {emb!r}, and --trainable-token-indices gives "
                           f"rows to {heads[0]!r} alone, which train apart from {emb!r}'s: list them for {short} (a "
                           f"plain list of ids, or {short}=<ids>; the head follows), or drop the flag")
-    raise ConfigError(start + f"{heads} share(s) the weight of {emb!r}, but the adapter has no layer there "
-                      f"to tie: add {short} to --targets (the head then computes with its factors) or list its rows in "
-                      "--trainable-token-indices, or drop the flag")
+    raise ConfigError(start + f"{heads} share(s) the weight of {emb!r}{tie.other_pairs()}, but the adapter has no "
+                      f"layer there to tie: add {short} to --targets (the head then computes with its factors) or list "
+                      "its rows in --trainable-token-indices, or drop the flag")
 
 
 class ExternalAdapter(RankwiseAdapter):
