@@ -191,6 +191,16 @@ class TieOutcome:
         emb = next(iter(self.heads.values()))
         return sorted(h for h, e in self.heads.items() if e == emb), emb
 
+    def other_pairs(self) -> str:
+        """Where no head has rows of its own, the model's tied pairs :meth:`subject` leaves out, as a clause to follow
+        it (`` (and ['head2'] that of 'emb2')``; ``""`` on a model with one tied embedding): a note that the flag tied
+        nothing names every pair it could have tied."""
+        if self.own_rows:
+            return ""
+        _, first = self.subject()
+        rest = {e: sorted(h for h, f in self.heads.items() if f == e) for e in self.heads.values() if e != first}
+        return f" (and {'; '.join(f'{hs} that of {e!r}' for e, hs in rest.items())})" if rest else ""
+
     def note(self) -> str | None:
         """The warning where the flag tied nothing (``None`` where it tied something): the adapter then trains as
         without it, and the note says why and what would tie."""
@@ -205,7 +215,7 @@ class TieOutcome:
             return start + (f"{heads[0]!r} shares the weight of {emb!r}, and trainable_token_indices gives rows to "
                             f"{heads[0]!r} alone: they train apart from {emb!r}'s. List the rows for {emb!r} (its "
                             "tied head follows them), or drop the flag")
-        return start + (f"{heads} share(s) the weight of {emb!r}, but neither is a target nor has "
+        return start + (f"{heads} share(s) the weight of {emb!r}{self.other_pairs()}, but neither is a target nor has "
                         "trainable_token_indices; the adapter trains as without it. Add the embedding (or the head) "
                         "to target_modules, or list its rows in trainable_token_indices, or drop the flag")
 

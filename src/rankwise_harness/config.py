@@ -175,11 +175,22 @@ def flag_of(field_name: str, overrides: Mapping[str, str]) -> str:
     return f"{given} (with the task's head, which the harness adds)" if field_name == "modules_to_save" else given
 
 
+def names_field(message: str, field_name: str) -> bool:
+    """Whether ``message`` (a library error) names the config field ``field_name`` as the library writes fields: a
+    name with an underscore (``r_ref``, ``target_modules``) wherever it stands as a word; a name that is also a plain
+    word (``r``, ``importance``, ``frozen``, ``factors``) only as ``name=value``, ``name <= n`` or ``name must ...``,
+    so "importance of layer 'x'" or "its weight is frozen" is not taken for the field."""
+    bounded = rf"(?<![\w.\-]){re.escape(field_name)}(?![\w\-])"
+    if not field_name.isalpha():
+        return re.search(bounded, message) is not None
+    return re.search(rf"{bounded}(?=\s*(?:[=<>]|must\b))", message) is not None
+
+
 def flag_note(message: str, fields: Iterable[str], overrides: Mapping[str, str]) -> str:
     """The flag of each of ``fields`` that ``message`` (a library error, worded for the Python API's config fields)
-    names as a word, so a CLI user reads what to change: `` [on the command line: target_modules is --targets]``;
-    ``""`` when it names none."""
-    named = [f for f in dict.fromkeys(fields) if re.search(rf"(?<![\w.\-]){re.escape(f)}(?![\w\-])", message)]
+    names (:func:`names_field`), so a CLI user reads what to change: `` [on the command line: target_modules is
+    --targets]``; ``""`` when it names none."""
+    named = [f for f in dict.fromkeys(fields) if names_field(message, f)]
     if not named:
         return ""
     return f" [on the command line: {'; '.join(f'{f} is {flag_of(f, overrides)}' for f in named)}]"

@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -182,21 +183,34 @@ def attach_judged(model: nn.Module, mcfg: rankwise.AdapterConfig, **kw: Any) -> 
     """``rankwise.attach`` then :func:`check_tied`, the user told once: where the harness refuses a tie that tied
     nothing, the library's warning saying the same (``report.tie.note()``) is left out, so the refusal is the one
     message. Every other warning the attach raised is shown after it returns (or fails), as it would have been."""
-    held: list[warnings.WarningMessage] = []
     said_by_refusal: set[str] = set()
-    try:
-        with warnings.catch_warnings(record=True) as held:  # the filters kept: only showing them is put off
-            report = rankwise.attach(model, mcfg, **kw)
+    with _held_warnings() as held:
+        report = rankwise.attach(model, mcfg, **kw)
         try:
             check_tied(report)  # the library's recorded answer (None without --ensure-weight-tying)
         except ConfigError:
             said_by_refusal = {report.tie.note() or ""} if report.tie is not None else set()
             raise
-    finally:
-        for w in held:
-            if str(w.message) not in said_by_refusal:
-                warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+        finally:
+            held[:] = [w for w in held if str(w[0]) not in said_by_refusal]
     return report
+
+
+@contextmanager
+def _held_warnings() -> Iterator[list[tuple[Any, ...]]]:
+    """The warnings raised in the block, shown (``warnings.showwarning``'s arguments) when it ends, the list's entries
+    as the block left them. Only the showing is put off: the filters and each module's registry of warnings already
+    shown stay as they are (``warnings.catch_warnings`` would reset the registries, so a ``"default"`` filter would
+    show a warning again on each call), so a warning is shown where, and as often as, it would have been."""
+    show = warnings.showwarning
+    held: list[tuple[Any, ...]] = []
+    warnings.showwarning = lambda *args: held.append(args)  # type: ignore[assignment]
+    try:
+        yield held
+    finally:
+        warnings.showwarning = show
+        for args in held:
+            show(*args)
 
 
 def check_tied(report: rankwise.AttachReport) -> None:
@@ -216,9 +230,9 @@ def check_tied(report: rankwise.AttachReport) -> None:
         raise ConfigError(start + f"{heads[0]!r} shares the weight of {emb!r}, and --trainable-token-indices gives "
                           f"rows to {heads[0]!r} alone, which train apart from {emb!r}'s: list them for {short} (a "
                           f"plain list of ids, or {short}=<ids>; the head follows), or drop the flag")
-    raise ConfigError(start + f"{heads} share(s) the weight of {emb!r}, but the adapter has no layer there "
-                      f"to tie: add {short} to --targets (the head then computes with its factors) or list its rows in "
-                      "--trainable-token-indices, or drop the flag")
+    raise ConfigError(start + f"{heads} share(s) the weight of {emb!r}{tie.other_pairs()}, but the adapter has no "
+                      f"layer there to tie: add {short} to --targets (the head then computes with its factors) or list "
+                      "its rows in --trainable-token-indices, or drop the flag")
 
 
 class ExternalAdapter(RankwiseAdapter):
@@ -262,10 +276,16 @@ class ExternalAdapter(RankwiseAdapter):
                               f"{'it' if len(dropped) == 1 else 'them'} on (ExternalAdapter(..., honours=...))")
 
     def dropped(self, mcfg: rankwise.AdapterConfig) -> list[str]:
-        """The fields ``mcfg`` sets away from its class's defaults that this adapter does not honour."""
+        """The fields ``mcfg`` sets away from its class's defaults that this adapter does not honour. The defaults are
+        taken with the honoured fields as ``mcfg`` sets them, so a field that follows from those (GoRA's ``r_ref``,
+        one number with ``r``) is carried with them, not dropped."""
         if self.honours is None:
             return []
-        default = type(mcfg)()
+        carried = {f.name: getattr(mcfg, f.name) for f in dataclasses.fields(mcfg) if f.name in self.honours}
+        try:
+            default = type(mcfg)(**carried)
+        except (ValueError, TypeError):  # valid only beside a field the adapter drops: compare with the plain defaults
+            default = type(mcfg)()
         return [f.name for f in dataclasses.fields(mcfg)
                 if f.name not in self.honours and getattr(mcfg, f.name) != getattr(default, f.name)]
 
