@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from .adapter_file import (PEFT_FILES, AdapterFileError, atomic_write_files, file_dict, file_int, file_names,
                            file_number, is_peft_adapter, is_rankwise_adapter, read_json)
-from .config import check_bool, lora_alpha, lora_scale
+from .config import AdapterConfig, check_bool, lora_alpha, lora_scale
 from .hub import adapter_folder
 from .io import check_folders, folders_by_name, install_rebuilt, rebuild_layers
 from .layer import wide_dtype
@@ -61,7 +61,7 @@ from .base_layers import ConvKind, kind_class, takes_ids
 from .targeting import SUPPORTED_TYPES, check_target, is_supported
 from .peft_tokens import check_token_plan, export_token_rows, fill_token_rows, import_token_rows
 from .ties import build_ties, tied_heads
-from .tokens import build_token_layers
+from .tokens import TokenPlan, build_token_layers
 
 PeftShapes = Callable[[int], tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]  # rank -> (A, B, magnitude) shapes
 
@@ -626,38 +626,95 @@ def import_peft(
     """
     check_bool("trainable", trainable)
     base_model = unwrap_model(base_model)
+    name = _import_name(base_model, name)
+    folder = _peft_folder(path, revision, subfolder)
+    cfg = _read_peft_config(folder)
+    tensors = _read_peft_tensors(folder)
+    parts, targets, ranks, ties, peft_targets = _peft_layers_untied(base_model, folder, cfg, tensors)
+    plan, token_values, token_keys = import_token_rows(base_model, folder, cfg, tensors)
+    saved, mts = _peft_saved_checked(base_model, folder, cfg, tensors, peft_targets, token_keys)
+    modules = base_modules(base_model)
+    check_token_plan(plan, modules, targets, saved)
+    config = _peft_adapter_config(cfg, targets, saved, plan, ties)
+    check_new_name(base_model, name, config)  # beside other adapters: no modules_to_save
+    refuse_fully_trained_targets(base_model, [*targets, *ties, *plan], name)
+    scales = {n: lora_scale(_layer_alpha(cfg, n), r, config.use_rslora) for n, r in ranks.items()}
+    rebuild = _PeftRebuild(config, targets, ranks, scales, parts, ties, modules, plan, token_values, mts)
+    install_rebuilt(base_model, config, rebuild.slots(), saved, rebuild, trainable=trainable, name=name)
+    return base_model
+
+
+def _import_name(base_model: nn.Module, name: str | None) -> str:
+    """The adapter name the import takes, after the refusals that need no file: a PEFT model (import onto its base), a
+    model with rankwise adapters and no ``name`` (which would silently replace nothing: it must be said), a name
+    :func:`rankwise.lifecycle.check_new_name` refuses."""
     refuse_peft_model(base_model)
     if is_attached(base_model) and name is None:
         raise ValueError("this model already has rankwise adapters; import onto a fresh base model, or pass name= "
                          "to import this one beside them")
-    name = check_new_name(base_model, name)
+    return check_new_name(base_model, name)
+
+
+def _peft_folder(path: str | os.PathLike[str], revision: str | None, subfolder: str | None) -> Path:
+    """The local folder of the PEFT adapter at ``path`` (a folder, or a Hub repo id fetched), refused unless it holds
+    both PEFT files: a missing one is named, with what the folder holds instead where that tells the remedy."""
     folder = adapter_folder(path, (PEFT_WEIGHTS, PEFT_CONFIG), revision=revision, subfolder=subfolder,
                             what="PEFT adapter", hint=_not_peft_hint)
     if not (folder / PEFT_CONFIG).is_file():
         raise FileNotFoundError(f"no PEFT adapter at {folder}: {PEFT_CONFIG} is missing")
     if not (folder / PEFT_WEIGHTS).is_file():
         raise FileNotFoundError(f"no PEFT adapter at {folder}: {PEFT_WEIGHTS} is missing{_not_peft_hint(folder)}")
-    cfg = _read_peft_config(folder)
-    tensors = _read_peft_tensors(folder)
+    return folder
+
+
+def _peft_layers_untied(
+    base_model: nn.Module, folder: Path, cfg: dict[str, Any], tensors: dict[str, Tensor]
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, nn.Module], dict[str, int], dict[str, str], dict[str, nn.Module]]:
+    """``(parts, targets, ranks, ties, peft_targets)``: :func:`_peft_layers`' layers, with the heads PEFT tied to their
+    embedding (:func:`_peft_ties`) taken out of ``targets`` / ``ranks`` (each becomes a
+    :class:`rankwise.ties.TiedHead` computing with the embedding's factors); ``peft_targets`` keeps every layer PEFT
+    adapted, whose saved base weights are checked against them. Warns where PEFT's tie is not kept."""
     parts, targets, ranks = _peft_layers(base_model, folder, cfg, tensors)
     ties = _peft_ties(base_model, cfg, parts, targets)
+    _warn_untied(cfg, targets, ties)
+    peft_targets = dict(targets)
+    for head in ties:
+        del targets[head], ranks[head]
+    return parts, targets, ranks, ties, peft_targets
+
+
+def _warn_untied(cfg: dict[str, Any], targets: dict[str, nn.Module], ties: dict[str, str]) -> None:
+    """Warn where PEFT tied an adapted embedding's head (``ensure_weight_tying``) and rankwise imports the two as
+    independent layers (a DoRA adapter, or factors that differ): the same outputs now, but not kept tied by training."""
     if cfg.get("ensure_weight_tying") and any(takes_ids(m) for m in targets.values()) and not ties:
         warnings.warn(
             "rankwise: this PEFT adapter was made with ensure_weight_tying=True, which ties the tied lm_head's "
             "factors to the input embedding's; rankwise ties a LoRA adapter's (not DoRA's: PEFT's tied DoRA head has a "
             "magnitude of its own), so it imports these as independent layers: the same outputs as PEFT's now, but "
-            "training them further lets them differ (PEFT keeps them tied)", UserWarning, stacklevel=2)
-    peft_targets = dict(targets)  # PEFT's adapted layers (their saved base weights are checked against them)
-    for head in ties:  # the head computes with the embedding's factors (rankwise.ties.TiedHead)
-        del targets[head], ranks[head]
-    plan, token_values, token_keys = import_token_rows(base_model, folder, cfg, tensors)
+            "training them further lets them differ (PEFT keeps them tied)", UserWarning,
+            stacklevel=4)  # import_peft's caller
+
+
+def _peft_saved_checked(
+    base_model: nn.Module, folder: Path, cfg: dict[str, Any], tensors: dict[str, Tensor],
+    peft_targets: dict[str, nn.Module], token_keys: set[str],
+) -> tuple[dict[str, nn.Module], dict[str, dict[str, Tensor]]]:
+    """``(saved, their tensors)``: :func:`_peft_saved_modules` given every key already placed (the factors, the
+    adapted layers' saved base weights, checked here, the token rows), then, under ``ensure_weight_tying``, a tied
+    pair's two trained tables checked to agree (:func:`_check_tied_copies_agree`)."""
     placed = {k for k in tensors if _LORA_KEY.fullmatch(k)} | _peft_base_weights(folder, peft_targets, tensors) | token_keys
     saved, mts = _peft_saved_modules(base_model, folder, cfg, tensors, placed)
     if cfg.get("ensure_weight_tying"):
         _check_tied_copies_agree(folder, saved, mts)
-    modules = base_modules(base_model)
-    check_token_plan(plan, modules, targets, saved)
-    config = (DoraConfig if cfg.get("use_dora") else LoraConfig)(
+    return saved, mts
+
+
+def _peft_adapter_config(cfg: dict[str, Any], targets: dict[str, nn.Module], saved: dict[str, nn.Module],
+                         plan: TokenPlan, ties: dict[str, str]) -> AdapterConfig:
+    """The rankwise config of the PEFT one: LoRA or DoRA with its ``r``, ``alpha``, dropout and rsLoRA, its exact
+    layers (full names, not PEFT's patterns), fully-trained modules and token rows (each leader's); tied as PEFT tied
+    (a LoRA head tied to its embedding, or a tied pair both trained fully)."""
+    return (DoraConfig if cfg.get("use_dora") else LoraConfig)(
         r=int(cfg["r"]),
         alpha=float(cfg["lora_alpha"]),
         dropout=float(cfg.get("lora_dropout") or 0.0),
@@ -668,21 +725,37 @@ def import_peft(
         ensure_weight_tying=bool(ties) or bool(cfg.get("ensure_weight_tying") and tied_heads(
             list(saved.items()), [n for n, m in saved.items() if isinstance(m, nn.Embedding)])),
     )
-    check_new_name(base_model, name, config)  # beside other adapters: no modules_to_save
-    refuse_fully_trained_targets(base_model, [*targets, *ties, *plan], name)
 
-    scales = {n: lora_scale(_layer_alpha(cfg, n), r, config.use_rslora) for n, r in ranks.items()}
 
-    def rebuild_and_fill() -> tuple[dict[str, Any], dict[str, dict[str, Tensor]]]:
-        layers: dict[str, Any] = rebuild_layers(method_for(config), targets, config, ranks, scales)
-        _fill_from_peft(layers, parts)
-        tokens = build_token_layers(plan, modules, config)
-        fill_token_rows(tokens, token_values)
-        return layers | build_ties(ties, modules, config, layers) | tokens, mts
+@dataclass(frozen=True)
+class _PeftRebuild:
+    """:func:`import_peft`'s rebuild step, called by :func:`rankwise.io.install_rebuilt` inside its all-or-nothing
+    block (building a layer freezes its base weight): everything it needs, gathered once every check has passed."""
 
-    install_rebuilt(base_model, config, {**targets, **{n: dict(modules)[n] for n in [*ties, *plan]}}, saved, rebuild_and_fill,
-                    trainable=trainable, name=name)
-    return base_model
+    config: AdapterConfig
+    targets: dict[str, nn.Module]
+    ranks: dict[str, int]
+    scales: dict[str, float]
+    parts: dict[str, dict[str, Tensor]]
+    ties: dict[str, str]
+    modules: list[tuple[str, nn.Module]]
+    plan: TokenPlan
+    token_values: dict[str, Tensor]
+    mts: dict[str, dict[str, Tensor]]
+
+    def slots(self) -> dict[str, nn.Module]:
+        """The modules whose slots the adapter takes: its low-rank layers', its tied heads', its token rows'."""
+        by_name = dict(self.modules)
+        return {**self.targets, **{n: by_name[n] for n in [*self.ties, *self.plan]}}
+
+    def __call__(self) -> tuple[dict[str, Any], dict[str, dict[str, Tensor]]]:
+        """The layers, filled with the file's tensors (tied heads and token rows after the layers they follow), and
+        each fully-trained module's tensors."""
+        layers: dict[str, Any] = rebuild_layers(method_for(self.config), self.targets, self.config, self.ranks, self.scales)
+        _fill_from_peft(layers, self.parts)
+        tokens = build_token_layers(self.plan, self.modules, self.config)
+        fill_token_rows(tokens, self.token_values)
+        return layers | build_ties(self.ties, self.modules, self.config, layers) | tokens, self.mts
 
 
 def _not_peft_hint(folder: Path) -> str:
