@@ -51,7 +51,7 @@ from .adapter_file import (PEFT_FILES, AdapterFileError, atomic_write_files, fil
 from .config import AdapterConfig, check_bool, lora_alpha, lora_scale
 from .hub import adapter_folder
 from .io import check_folders, folders_by_name, install_rebuilt, rebuild_layers
-from .layer import wide_dtype
+from .layer import AdapterLayer, PeftFactors, wide_dtype
 from .lifecycle import check_new_name, refuse_fully_trained_targets
 from .methods import DoraConfig, LoraConfig
 from .registry import method_for
@@ -181,6 +181,32 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
     state = get_state(model, name)
     layers = adapter_layers(model, name) | tied_layers(model, name)  # a tied head: PEFT's tied lora_A / lora_B
     factors = {n: layer.peft_factors() for n, layer in layers.items()}
+    dora = _refuse_unwritable_layers(layers, factors)
+    base_model_name_or_path = _base_model_name(model, base_model_name_or_path)
+    use_rslora = bool(getattr(state.config, "use_rslora", False)) and not vllm
+    task_type, heads = _peft_task(model, state.modules_to_save, list(layers), vllm)
+    saved = _export_saved(model, name, state.modules_to_save, heads, list(layers))
+    _refuse_wrapped_peers(model, name, list(saved), together)
+    lookups = {n for n, layer in layers.items() if layer.kind.index_input}  # nn.Embedding layers: PEFT's lora_embedding_*
+    if vllm:  # its refusals offer PEFT's own form: after every check the PEFT form makes, so it is a way out
+        _refuse_vllm_form(state.config.method, layers, saved, dora, lookups)
+    shapes: dict[str, PeftShapes] = {n: layer.kind.peft_shapes for n, layer in layers.items()}
+    tensors, ranks, alphas = _peft_tensors(factors, saved, vllm, use_rslora, lookups, shapes)
+    token_indices = _add_token_rows(model, name, vllm, tensors)
+    config = _peft_config(model, name, layers, ranks, alphas, task_type=task_type, base=base_model_name_or_path,
+                          dropout=float(state.config.dropout), use_rslora=use_rslora, dora=dora, vllm=vllm,
+                          entries=[*state.modules_to_save, *(h for h in heads if h not in state.modules_to_save)],
+                          token_indices=token_indices)
+    # one metadata key, as PEFT writes: safetensors orders several keys by a per-call hash map, so the same
+    # adapter's file had two byte forms (one process or two)
+    weights = st_save(tensors, metadata={"format": "pt"})
+    return weights, (json.dumps(config, indent=2) + "\n").encode()
+
+
+def _refuse_unwritable_layers(layers: dict[str, AdapterLayer], factors: dict[str, PeftFactors]) -> bool:
+    """Whether the adapter is DoRA-style (PEFT's ``use_dora``), after refusing what no PEFT form writes: DoRA-style
+    and LoRA-style layers mixed (PEFT has one ``use_dora``), a layer whose PEFT forward would compute something else
+    (:meth:`rankwise.base_layers.BaseKind.peft_mismatch`: a dilated convolution, ...)."""
     dora = {name for name, f in factors.items() if f.magnitude is not None}
     if dora and len(dora) != len(factors):
         raise ValueError("cannot export a mix of DoRA-style and LoRA-style layers as one PEFT adapter")
@@ -188,37 +214,61 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
         why = layer.kind.peft_mismatch()
         if why is not None:
             raise ExportRefused(f"layer {n!r} ({layer.kind.describe()}) has {why}")
-    if base_model_name_or_path is None:
-        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    return bool(dora)
 
-    use_rslora = bool(getattr(state.config, "use_rslora", False)) and not vllm
-    task_type, heads = _peft_task(model, state.modules_to_save, list(layers), vllm)
-    entries = [*state.modules_to_save, *(h for h in heads if h not in state.modules_to_save)]
-    saved = (_peft_heads(model, heads) | _peft_widened(model, name, state.modules_to_save, list(layers))
-             | fully_trained_modules(model, name))  # a trained module's tensors are written last: they win
-    _refuse_wrapped_peers(model, name, list(saved), together)
-    # the vLLM form's refusals that offer PEFT's own form: after every check the PEFT form makes, so it is a way out
-    if vllm and dora:  # PEFT's form loads DoRA (use_dora)
-        raise ExportRefused(f"{state.config.method} is a DoRA-family method and vLLM refuses DoRA adapters",
-                            peft_form=True)
-    lookups = {n for n, layer in layers.items() if layer.kind.index_input}  # nn.Embedding layers: PEFT's lora_embedding_*
-    if vllm and lookups:
+
+def _base_model_name(model: nn.Module, given: str | None) -> str | None:
+    """The config's ``base_model_name_or_path``: the one given, else the transformers model's own ``_name_or_path``
+    (``None`` where it has none or it is empty), so PEFT's ``AutoPeftModel*`` can load the base."""
+    if given is None:
+        return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    return given
+
+
+def _export_saved(model: nn.Module, name: str, modules_to_save: list[str], heads: tuple[str, ...], layers: list[str]
+                  ) -> dict[str, nn.Module]:
+    """The modules whose tensors the file holds in full: the heads PEFT's task class trains (:func:`_peft_heads`), the
+    modules PEFT's plain-suffix rule adds (:func:`_peft_widened`), then adapter ``name``'s fully-trained modules,
+    written last so a trained module's tensors win."""
+    return (_peft_heads(model, heads) | _peft_widened(model, name, modules_to_save, layers)
+            | fully_trained_modules(model, name))
+
+
+def _refuse_vllm_form(method: str, layers: dict[str, AdapterLayer], saved: dict[str, nn.Module], dora: bool,
+                      lookups: set[str]) -> None:
+    """Refuse, offering PEFT's own form (``peft_form``), an adapter the vLLM form cannot serve as it computes: DoRA
+    (vLLM refuses it), embedding or convolution layers (the form is written for linear layers), fully-trained
+    modules (vLLM refuses ``modules_to_save``)."""
+    if dora:  # PEFT's form loads DoRA (use_dora)
+        raise ExportRefused(f"{method} is a DoRA-family method and vLLM refuses DoRA adapters", peft_form=True)
+    if lookups:
         raise ExportRefused(f"the vLLM form is written for linear layers only, and this adapter has embedding layers "
                             f"{sorted(lookups)[:3]}", peft_form=True)
     convs = sorted(n for n, layer in layers.items() if isinstance(layer.kind, ConvKind))
-    if vllm and convs:
+    if convs:
         raise ExportRefused(f"the vLLM form is written for linear layers only, and this adapter has convolution layers "
                             f"{convs[:3]}", peft_form=True)
-    if vllm and saved:
+    if saved:
         raise ExportRefused(f"vLLM refuses adapters with modules_to_save (\"vLLM only supports modules_to_save being "
                             f"None\"), and without the trained {sorted(saved)} it would serve other outputs", peft_form=True)
-    shapes: dict[str, PeftShapes] = {n: layer.kind.peft_shapes for n, layer in layers.items()}
-    tensors, ranks, alphas = _peft_tensors(factors, saved, vllm, use_rslora, lookups, shapes)
+
+
+def _add_token_rows(model: nn.Module, name: str, vllm: bool, tensors: dict[str, Tensor]) -> dict[str, list[int]] | None:
+    """Adapter ``name``'s trainable token rows added to ``tensors`` in PEFT's form; returns the config's
+    ``trainable_token_indices``. The vLLM form has none, so rows there are refused (offering PEFT's form)."""
     token_indices, token_tensors = export_token_rows(model, name, PREFIX)
     if vllm and token_indices:
         raise ExportRefused(f"the vLLM form has no trainable token rows (trainable_token_indices, on "
                             f"{sorted(token_indices)[:3]})", peft_form=True)
     tensors.update(token_tensors)
+    return token_indices
+
+
+def _global_rank_alpha(model: nn.Module, ranks: dict[str, int], alphas: dict[str, float], vllm: bool
+                       ) -> tuple[int, float, dict[str, int], dict[str, float]]:
+    """``(r, lora_alpha, rank_pattern, alpha_pattern)``: the most common rank and, among its layers, alpha as the
+    config's globals, every other layer's in the patterns (keyed as :func:`_pattern_keys` names them). The vLLM form
+    has one rank and one alpha (its layers padded, their scales in ``B``), so no patterns."""
     r_global = _most_common(list(ranks.values()))
     alpha_global = _most_common([alphas[n] for n in ranks if ranks[n] == r_global])
     key = _pattern_keys(model, list(ranks))
@@ -226,17 +276,28 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
     alpha_pattern = {key[n]: a for n, a in alphas.items() if not math.isclose(a, alpha_global, rel_tol=1e-12)}
     if vllm:
         assert not rank_pattern and not alpha_pattern
-    config = {
+    return r_global, alpha_global, rank_pattern, alpha_pattern
+
+
+def _peft_config(
+    model: nn.Module, name: str, layers: dict[str, AdapterLayer], ranks: dict[str, int], alphas: dict[str, float], *,
+    task_type: str | None, base: str | None, dropout: float, use_rslora: bool, dora: bool, vllm: bool,
+    entries: list[str], token_indices: dict[str, list[int]] | None,
+) -> dict[str, Any]:
+    """The ``adapter_config.json`` of adapter ``name``: PEFT 0.21's LoraConfig fields, the ranks and alphas as a global
+    and patterns (:func:`_global_rank_alpha`); without a task type, ``auto_mapping`` naming the model's class."""
+    r_global, alpha_global, rank_pattern, alpha_pattern = _global_rank_alpha(model, ranks, alphas, vllm)
+    config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path,
+        "base_model_name_or_path": base,
         "r": int(r_global),
         "lora_alpha": alpha_global,
-        "target_modules": _peft_target_modules(model, sorted(factors)),
-        "lora_dropout": 0.0 if vllm else float(state.config.dropout),
+        "target_modules": _peft_target_modules(model, sorted(layers)),
+        "lora_dropout": 0.0 if vllm else dropout,
         "bias": "none",
         "use_rslora": use_rslora,
-        "use_dora": bool(dora),
+        "use_dora": dora,
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
         "modules_to_save": entries or None,
         "rank_pattern": rank_pattern,
@@ -252,10 +313,7 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
     }
     if task_type is None:  # what PEFT's save writes then: AutoPeftModel* build the base from it
         config["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
-    # one metadata key, as PEFT writes: safetensors orders several keys by a per-call hash map, so the same
-    # adapter's file had two byte forms (one process or two)
-    weights = st_save(tensors, metadata={"format": "pt"})
-    return weights, (json.dumps(config, indent=2) + "\n").encode()
+    return config
 
 
 # PEFT's task types, by the transformers Auto class whose mapping names the model's class, and the head modules the
