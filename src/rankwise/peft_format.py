@@ -152,15 +152,32 @@ def export_peft(
     """
     check_bool("vllm", vllm)
     check_bool("overwrite", overwrite)
-    if isinstance(base_model_name_or_path, os.PathLike):
-        base_model_name_or_path = os.fspath(base_model_name_or_path)
-    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
-        raise TypeError(f"base_model_name_or_path must be a hub name or a folder, got {base_model_name_or_path!r}")
+    base_model_name_or_path = _checked_base_name(base_model_name_or_path)
     model = unwrap_model(model)
     folders = folders_by_name(model, path, name, "export an adapter")
     if not overwrite:
         check_folders(folders, PEFT_FILES, is_peft_adapter, "a PEFT adapter",
                       "pass overwrite=True to rankwise.export_peft to write into it anyway")
+    files = _every_adapter_s_files(model, folders, vllm, base_model_name_or_path)
+    atomic_write_files({folders[adapter] / file: data for adapter, (weights, config) in files.items()
+                        for file, data in ((PEFT_WEIGHTS, weights), (PEFT_CONFIG, config))})
+    return Path(path)
+
+
+def _checked_base_name(given: str | os.PathLike[str] | None) -> str | None:
+    """``base_model_name_or_path`` as the config's string (a path given as ``os.PathLike``), refused (``TypeError``)
+    unless it is a hub name, a folder or ``None``."""
+    if isinstance(given, os.PathLike):
+        given = os.fspath(given)
+    if given is not None and not isinstance(given, str):
+        raise TypeError(f"base_model_name_or_path must be a hub name or a folder, got {given!r}")
+    return given
+
+
+def _every_adapter_s_files(model: nn.Module, folders: dict[str, Path], vllm: bool, base_model_name_or_path: str | None
+                           ) -> dict[str, tuple[bytes, bytes]]:
+    """Each adapter of ``folders``' two PEFT files (:func:`_peft_files`), all converted before any is written, so one
+    PEFT cannot express stops the export with nothing written; its refusal is prefixed with the adapter's name."""
     files: dict[str, tuple[bytes, bytes]] = {}
     for adapter in folders:
         try:
@@ -169,9 +186,7 @@ def export_peft(
             raise exc.within(f"adapter {adapter!r} cannot be exported to PEFT: ") from exc
         except (ValueError, NotImplementedError) as exc:
             raise type(exc)(f"adapter {adapter!r} cannot be exported to PEFT: {exc}") from exc
-    atomic_write_files({folders[adapter] / file: data for adapter, (weights, config) in files.items()
-                        for file, data in ((PEFT_WEIGHTS, weights), (PEFT_CONFIG, config))})
-    return Path(path)
+    return files
 
 
 def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path: str | None,
