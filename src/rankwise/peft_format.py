@@ -50,7 +50,7 @@ from .adapter_file import (PEFT_FILES, AdapterFileError, atomic_write_files, fil
                            file_number, is_peft_adapter, is_rankwise_adapter, read_json)
 from .config import AdapterConfig, check_bool, lora_alpha, lora_scale
 from .hub import adapter_folder
-from .io import check_folders, folders_by_name, install_rebuilt, rebuild_layers
+from .io import check_folders, folders_by_name, install_rebuilt, new_adapter_name, rebuild_layers
 from .layer import AdapterLayer, PeftFactors, wide_dtype
 from .lifecycle import check_new_name, refuse_fully_trained_targets
 from .methods import DoraConfig, LoraConfig
@@ -699,7 +699,8 @@ def import_peft(
     """
     check_bool("trainable", trainable)
     base_model = unwrap_model(base_model)
-    name = _import_name(base_model, name)
+    name = new_adapter_name(base_model, name, "import onto a fresh base model, or pass name= to import this one beside "
+                                              "them")
     folder = _peft_folder(path, revision, subfolder)
     cfg = _read_peft_config(folder)
     tensors = _read_peft_tensors(folder)
@@ -715,17 +716,6 @@ def import_peft(
     rebuild = _PeftRebuild(config, targets, ranks, scales, parts, ties, modules, plan, token_values, mts)
     install_rebuilt(base_model, config, rebuild.slots(), saved, rebuild, trainable=trainable, name=name)
     return base_model
-
-
-def _import_name(base_model: nn.Module, name: str | None) -> str:
-    """The adapter name the import takes, after the refusals that need no file: a PEFT model (import onto its base), a
-    model with rankwise adapters and no ``name`` (which would silently replace nothing: it must be said), a name
-    :func:`rankwise.lifecycle.check_new_name` refuses."""
-    refuse_peft_model(base_model)
-    if is_attached(base_model) and name is None:
-        raise ValueError("this model already has rankwise adapters; import onto a fresh base model, or pass name= "
-                         "to import this one beside them")
-    return check_new_name(base_model, name)
 
 
 def _peft_folder(path: str | os.PathLike[str], revision: str | None, subfolder: str | None) -> Path:
