@@ -41,7 +41,7 @@ from .distributed import (
 from .layer import AdapterLayer
 from .optim import made_no_update, split_weight_decay
 from .quant import dequantize_model, model_float_dtype, parameter_count, quant_kind
-from .registry import BuildResult, LossFn, method_for
+from .registry import BuildResult, LossFn, Method, method_for
 from .slots import copy_module as _copy_module  # modules_to_save's trained copy, its hooks' owners not copied
 from .slots import hand_over_tensors, hook_package, state_dict_hooks
 from .slots import replace_all as _replace_all  # all or nothing: a failed replacement puts the slots back
@@ -52,7 +52,7 @@ from .state import (STATE_ATTR, AdapterSet, RankwiseState, adapter_layers, adapt
                     names_in_order, slot_layers, unwrap_model)
 from .targeting import find_modules_to_save, find_targets, is_all_linear
 from .ties import TieOutcome, build_ties, join_merged_ties, merge_parts_ties, plan_ties, tie_outcome, tie_saved
-from .tokens import build_token_layers, plan_token_rows, token_extras
+from .tokens import TokenPlan, build_token_layers, plan_token_rows, token_extras
 
 
 @dataclass
@@ -621,6 +621,23 @@ def attach(
     name = check_new_name(model, name, config)
     method = method_for(config)
     modules = base_modules(model)
+    config, targets, saved = _attach_targets(model, config, modules, name)
+    if method.uses_calibration and calibration is None:
+        raise ValueError(f"{method.name} initialises from data: pass calibration=<iterable of training batches> to attach")
+    config, targets, ties, plan = _attach_followers(model, config, modules, targets, saved, name)
+    with all_or_nothing(model, [*targets, *ties, *plan, *saved]):
+        result = _build_all(model, method, config, modules, targets, ties, plan, calibration, loss_fn)
+        report = install(model, config, result, saved, name)
+    _report_tie(report, config, modules, ties, plan, saved)
+    _warn_fresh_frozen(model)
+    return report
+
+
+def _attach_targets(model: nn.Module, config: AdapterConfig, modules: list[tuple[str, nn.Module]], name: str
+                    ) -> tuple[AdapterConfig, dict[str, nn.Module], dict[str, nn.Module]]:
+    """``(config, targets, saved)``: the layers ``config`` targets and the modules it trains fully (a tied pair:
+    both), refused where one is another adapter's fully-trained module, a ZeRO-3 partition or on the meta device;
+    an ``"all-linear"`` config records the layers it found, not the shorthand."""
     saved = tie_saved(config, modules, find_modules_to_save(model, config.modules_to_save))  # a tied pair: both
     targets = find_targets(model, config.target_modules, config.exclude_modules, skip=saved, modules=modules)
     refuse_fully_trained_targets(model, targets, name)
@@ -628,29 +645,51 @@ def attach(
     refuse_meta_weights(named_parameters_of({**targets, **saved}))
     if is_all_linear(config.target_modules):  # the adapter records the layers it has, not the shorthand
         config = config.replace(target_modules=tuple(targets))
-    if method.uses_calibration and calibration is None:
-        raise ValueError(f"{method.name} initialises from data: pass calibration=<iterable of training batches> to attach")
+    return config, targets, saved
+
+
+def _attach_followers(
+    model: nn.Module, config: AdapterConfig, modules: list[tuple[str, nn.Module]], targets: dict[str, nn.Module],
+    saved: dict[str, nn.Module], name: str,
+) -> tuple[AdapterConfig, dict[str, nn.Module], dict[str, str], TokenPlan]:
+    """``(config, targets, ties, plan)``: under ``ensure_weight_tying`` the tied heads taken out of ``targets`` to
+    follow their embedding's layer (``ties``), and the trainable token rows' plan, each refused where it lands on
+    another adapter's fully-trained module; a config with token rows records them by full name."""
     targets, ties = plan_ties(config, modules, targets)  # ensure_weight_tying: tied heads follow their embedding
     refuse_fully_trained_targets(model, [*targets, *ties], name)
     plan = plan_token_rows(model, config, modules, {**targets, **{h: dict(modules)[h] for h in ties}}, saved)
     refuse_fully_trained_targets(model, plan, name)
     if plan:  # the adapter records full names, as for "all-linear"
         config = config.replace(trainable_token_indices={n: rows for n, (rows, leader) in plan.items() if leader is None})
-    with all_or_nothing(model, [*targets, *ties, *plan, *saved]):
-        result = method.build(model, targets, config, calibration, loss_fn)
-        tokens = build_token_layers(plan, modules, config)
-        result.layers.update({**build_ties(ties, modules, config, result.layers), **tokens})
-        result.extras.update(token_extras(tokens) | {h: {"tied to": e} for h, e in ties.items()})
-        if config.seed is None:  # unseeded draws come from each rank's own RNG: every rank takes rank 0's
-            share_from_rank0([t for layer in result.layers.values() for t in layer.adapter_state().values()])
-        report = install(model, config, result, saved, name)
+    return config, targets, ties, plan
+
+
+def _build_all(
+    model: nn.Module, method: Method, config: AdapterConfig, modules: list[tuple[str, nn.Module]],
+    targets: dict[str, nn.Module], ties: dict[str, str], plan: TokenPlan, calibration: Iterable[Any] | None,
+    loss_fn: LossFn | None,
+) -> BuildResult:
+    """Every layer of the adapter: the method's (its data-dependent init), then the tied heads following their
+    embedding's layer and the token rows; unseeded draws made equal on every rank (rank 0's). Call it inside
+    :func:`all_or_nothing`: building a layer freezes its base weight."""
+    result = method.build(model, targets, config, calibration, loss_fn)
+    tokens = build_token_layers(plan, modules, config)
+    result.layers.update({**build_ties(ties, modules, config, result.layers), **tokens})
+    result.extras.update(token_extras(tokens) | {h: {"tied to": e} for h, e in ties.items()})
+    if config.seed is None:  # unseeded draws come from each rank's own RNG: every rank takes rank 0's
+        share_from_rank0([t for layer in result.layers.values() for t in layer.adapter_state().values()])
+    return result
+
+
+def _report_tie(report: AttachReport, config: AdapterConfig, modules: list[tuple[str, nn.Module]], ties: dict[str, str],
+                plan: TokenPlan, saved: dict[str, nn.Module]) -> None:
+    """Record on ``report`` what ``ensure_weight_tying`` tied (:func:`rankwise.ties.tie_outcome`), and warn where it
+    tied nothing (the flag asked for a tie the model or the config does not allow)."""
     report.tie = tie_outcome(config, modules, ties, {n: leader for n, (_, leader) in plan.items()}, saved)
     note = report.tie.note() if report.tie is not None else None
     if note:
         report.notes.append(note)
-        warnings.warn(note, stacklevel=2)
-    _warn_fresh_frozen(model)
-    return report
+        warnings.warn(note, stacklevel=3)  # attach's caller
 
 
 def refuse_meta_weights(named: Iterable[tuple[str, torch.Tensor]]) -> None:
