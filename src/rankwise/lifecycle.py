@@ -806,33 +806,16 @@ def detach(model: nn.Module, merge: bool = False) -> nn.Module:
     """
     check_bool("merge", merge)
     model = unwrap_model(model)
-    layers = slot_layers(model)
-    if not layers:
-        raise ValueError(f"this {type(model).__name__} has no rankwise adapters to detach")
-    for layer in layers.values():
-        layer.refuse_if_half_enabled("detach")
-    for layer in layers.values():
-        layer.refuse_while_disabled("detach")
-    check_leaving(layers)
+    layers = _leaving_layers(model)
     in_place = {n: layer for n, layer in layers.items() if layer.kind.merges_in_place}  # float bases (not bitsandbytes)
     merged_before = {n for n, layer in layers.items() if layer.merged}
     if merge:  # every float layer first, all or nothing: a refusal leaves the model attached and unmerged
         merge_all(in_place)
     originals = original_modules(model)
     untied = merge and (merge_parts_ties(model, layers.values()) or _trains_a_tie(model, originals))
-    # the model's float dtype (its adapters' own tensors left out): what an int8 base without a bias takes and returns
-    dtype = model_float_dtype(model, [p for layer in layers.values() for n, p in layer.named_parameters()
-                                      if n not in ("weight", "bias")]) if merge else torch.float32
+    dtype = _merged_float_dtype(model, layers) if merge else torch.float32
     try:  # all or nothing: an error (an interrupt too) puts every slot and merge back as it was
-        modules: dict[str, nn.Module] = {}
-        for name, layer in layers.items():
-            if not merge:
-                layer.unmerge()
-            # merge: a quantised base becomes a float nn.Linear, dequantised W0 + update (never rounded back to 4 bits)
-            modules[name] = layer.merge_for_good(dtype) if merge else layer.to_base()
-        if not merge:  # the fully-trained modules as they were (their trained copies go)
-            modules.update({name: _like(original, model.get_submodule(name)) for name, original in originals.items()})
-        _replace_all(model, modules)
+        _replace_all(model, _leaving_modules(model, layers, originals, merge, dtype))
     except BaseException:
         _remerge(layers, merged_before)
         raise
@@ -842,12 +825,56 @@ def detach(model: nn.Module, merge: bool = False) -> nn.Module:
             layer.forget_original()
     if merge and len(in_place) < len(layers):  # the rest of the model too, so save_pretrained writes a float checkpoint
         dequantize_model(model, dtype)
-    config: Any = getattr(model, "config", None)  # a transformers PretrainedConfig, if any
-    if untied and config is not None and getattr(config, "tie_word_embeddings", False):
-        config.tie_word_embeddings = False  # save_pretrained / from_pretrained must not tie them again
+    _untie_config(model, untied)
     if hasattr(model, STATE_ATTR):
         delattr(model, STATE_ATTR)
     return model
+
+
+def _leaving_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    """The adapter layers in the model's slots (:func:`rankwise.state.slot_layers`), after every refusal that changes
+    nothing: a model without adapters, a half-enabled or disabled model (both name the way out), a layer that cannot
+    leave its slot (:func:`check_leaving`)."""
+    layers = slot_layers(model)
+    if not layers:
+        raise ValueError(f"this {type(model).__name__} has no rankwise adapters to detach")
+    for layer in layers.values():
+        layer.refuse_if_half_enabled("detach")
+    for layer in layers.values():
+        layer.refuse_while_disabled("detach")
+    check_leaving(layers)
+    return layers
+
+
+def _merged_float_dtype(model: nn.Module, layers: dict[str, AdapterLayer]) -> torch.dtype:
+    """The model's float dtype, its adapters' own tensors left out (:func:`rankwise.quant.model_float_dtype`): what a
+    merged int8 base without a bias takes and returns."""
+    return model_float_dtype(model, [p for layer in layers.values() for n, p in layer.named_parameters()
+                                     if n not in ("weight", "bias")])
+
+
+def _leaving_modules(model: nn.Module, layers: dict[str, AdapterLayer], originals: dict[str, nn.Module], merge: bool,
+                     dtype: torch.dtype) -> dict[str, nn.Module]:
+    """``{slot: module}`` to put back: each layer's base unmerged (``merge``: the base with the update merged, a
+    quantised base a float ``nn.Linear``, dequantised ``W0`` + update, never rounded back to 4 bits) and, without
+    ``merge``, the fully-trained modules' originals as they were (their trained copies go). Unmerging changes the
+    layers: call it inside the block that re-merges them on an error."""
+    modules: dict[str, nn.Module] = {}
+    for name, layer in layers.items():
+        if not merge:
+            layer.unmerge()
+        modules[name] = layer.merge_for_good(dtype) if merge else layer.to_base()
+    if not merge:
+        modules.update({name: _like(original, model.get_submodule(name)) for name, original in originals.items()})
+    return modules
+
+
+def _untie_config(model: nn.Module, untied: bool) -> None:
+    """Where a merge parted a tied pair, set a transformers model's ``config.tie_word_embeddings`` to False, so
+    ``save_pretrained`` / ``from_pretrained`` do not tie them again."""
+    config: Any = getattr(model, "config", None)  # a transformers PretrainedConfig, if any
+    if untied and config is not None and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
 
 
 def check_leaving(hosts: dict[str, AdapterLayer], promoting: bool = False) -> None:
