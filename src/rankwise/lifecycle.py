@@ -281,10 +281,27 @@ def install(
         for p in model.parameters():
             p.requires_grad_(False)
     left = [note for layer_name in result.layers if (note := _left_behind(layer_name, model.get_submodule(layer_name)))]
-    for layer_name, layer in result.layers.items():
+    _swap_in_layers(model, result.layers, name, len(adapters.active) if adapters is not None else 0, ties)
+    _swap_in_copies(model, saved, config.ensure_weight_tying)
+    _record_adapter(model, adapters, name, RankwiseState(config, list(result.layers), list(saved),
+                                                         original_modules=dict(saved)))
+    carry_state_in_state_dict(model)
+    report = _report(model, config, result, saved)
+    if adapters is not None:  # the totals are the model's: say which part is this adapter's
+        report.notes.append(_own_share_note(name, report, [n for n in adapters.adapters if n != name]))
+    _note_and_warn(report, left, _untied_notes(model, result.layers, saved, ties))
+    return report
+
+
+def _swap_in_layers(model: nn.Module, layers: dict[str, AdapterLayer], name: str, order: int,
+                    ties: dict[str, list[str]]) -> None:
+    """Each layer into its slot as adapter ``name``'s, ``order``-th of the active adapters (last): beside an adapter
+    already there as its host's peer, else in the slot, in the model's train / eval mode (a new module defaults to
+    train mode), marked tied where its base shares a weight (``ties``); its trainable tensors trainable."""
+    for layer_name, layer in layers.items():
         layer.mark_own()
         layer.adapter_name = name
-        layer.order = len(adapters.active) if adapters is not None else 0  # joins the active adapters, last
+        layer.order = order  # joins the active adapters, last
         slot = model.get_submodule(layer_name)
         if isinstance(slot, AdapterLayer):
             slot.add_peer(layer)
@@ -294,31 +311,44 @@ def install(
             _set_submodule(model, layer_name, layer)
         for t in layer.trainable_tensors().values():
             t.requires_grad_(True)
-    shared: dict[int, Any] | None = {} if config.ensure_weight_tying else None  # a tied pair's copies: one table
+
+
+def _swap_in_copies(model: nn.Module, saved: dict[str, nn.Module], tie: bool) -> None:
+    """A trainable copy of each fully-trained module into its slot (the original, kept aside, is never trained); with
+    ``tie`` (``ensure_weight_tying``) a tied pair's copies hold one copy of their shared table."""
+    shared: dict[int, Any] | None = {} if tie else None  # a tied pair's copies: one table
     for module_name, original in saved.items():
         trained = _copy_module(original, shared)  # its hooks copied as tables, not the objects they belong to
         _set_submodule(model, module_name, trained)
         for p in trained.parameters():
             p.requires_grad_(True)
-    state = RankwiseState(config, list(result.layers), list(saved), original_modules=dict(saved))
+
+
+def _record_adapter(model: nn.Module, adapters: AdapterSet | None, name: str, state: RankwiseState) -> None:
+    """Record ``state`` as adapter ``name``, active: the model's first adapter starts its :class:`AdapterSet`, a later
+    one joins it (last of the active)."""
     if adapters is None:
         setattr(model, STATE_ATTR, AdapterSet({name: state}, [name]))
     else:
         adapters.adapters[name] = state
         adapters.active.append(name)
-    carry_state_in_state_dict(model)
-    report = _report(model, config, result, saved)
-    if adapters is not None:  # the totals are the model's: say which part is this adapter's
-        report.notes.append(_own_share_note(name, report, [n for n in adapters.adapters if n != name]))
-    for note in left:
-        report.notes.append(note)
-        warnings.warn(note, stacklevel=3)
-    for name, others in ties.items():
-        if _tie_kept(result.layers, name, others) or _copies_tied(model, saved, name, others):
-            continue  # every tied partner follows the same rows / factors (rankwise.tokens, rankwise.ties)
-        report.notes.append(_tie_note(name, others, name in saved))
-        warnings.warn(report.notes[-1], stacklevel=3)
-    return report
+
+
+def _untied_notes(model: nn.Module, layers: dict[str, AdapterLayer], saved: dict[str, nn.Module],
+                  ties: dict[str, list[str]]) -> list[str]:
+    """The note of each adapted or fully-trained module sharing its weight (``ties``) whose partners do not follow it
+    (:func:`_tie_kept`, :func:`_copies_tied`): merging, or training the copy, parts the tie."""
+    return [_tie_note(name, others, name in saved) for name, others in ties.items()
+            if not (_tie_kept(layers, name, others) or _copies_tied(model, saved, name, others))]
+
+
+def _note_and_warn(report: AttachReport, *groups: list[str]) -> None:
+    """Each note added to the report and given as a warning, attributed to the caller of ``install``'s caller: the
+    user's line for ``attach``; for ``load`` / ``import_peft`` their own line that calls ``install_rebuilt``."""
+    for notes in groups:
+        for note in notes:
+            report.notes.append(note)
+            warnings.warn(note, stacklevel=4)
 
 
 def _left_behind(name: str, target: nn.Module) -> str | None:
