@@ -55,8 +55,8 @@ from .layer import AdapterLayer, PeftFactors, wide_dtype
 from .lifecycle import check_new_name, refuse_fully_trained_targets
 from .methods import DoraConfig, LoraConfig
 from .registry import method_for
-from .state import (adapter_layers, base_modules, base_state_dict, fully_trained_modules, get_state, is_attached,
-                    original_modules, refuse_peft_model, tied_layers, unwrap_model)
+from .state import (adapter_layers, base_modules, base_state_dict, fully_trained_modules, get_state, original_modules,
+                    tied_layers, unwrap_model)
 from .base_layers import ConvKind, kind_class, takes_ids
 from .targeting import SUPPORTED_TYPES, check_target, is_supported
 from .peft_tokens import check_token_plan, export_token_rows, fill_token_rows, import_token_rows
@@ -209,7 +209,7 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
     tensors, ranks, alphas = _peft_tensors(factors, saved, vllm, use_rslora, lookups, shapes)
     token_indices = _add_token_rows(model, name, vllm, tensors)
     config = _peft_config(model, name, layers, ranks, alphas, task_type=task_type, base=base_model_name_or_path,
-                          dropout=float(state.config.dropout), use_rslora=use_rslora, dora=dora, vllm=vllm,
+                          dropout=0.0 if vllm else float(state.config.dropout), use_rslora=use_rslora, dora=dora, vllm=vllm,
                           entries=[*state.modules_to_save, *(h for h in heads if h not in state.modules_to_save)],
                           token_indices=token_indices)
     # one metadata key, as PEFT writes: safetensors orders several keys by a per-call hash map, so the same
@@ -309,7 +309,7 @@ def _peft_config(
         "r": int(r_global),
         "lora_alpha": alpha_global,
         "target_modules": _peft_target_modules(model, sorted(layers)),
-        "lora_dropout": 0.0 if vllm else dropout,
+        "lora_dropout": dropout,
         "bias": "none",
         "use_rslora": use_rslora,
         "use_dora": dora,
