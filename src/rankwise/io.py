@@ -28,6 +28,7 @@ import json
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -502,17 +503,43 @@ def load(
     if expect_method is not None:
         get_method(expect_method)  # an unknown name is the caller's error, not the file's
     model = unwrap_model(model)
+    name = new_adapter_name(model, name, "load onto a fresh base model (or detach first), or pass name= to load this one "
+                                         "beside them")
+    folder = _rankwise_folder(path, revision, subfolder)
+    meta, tensors = read_adapter(folder)
+    config = _recorded_config(meta, path, expect_method)
+    check_new_name(model, name, config)  # beside other adapters: no modules_to_save
+    rebuild = _recorded_adapter(model, meta, tensors, config, path, name, check_base)
+    install_rebuilt(model, config, rebuild.slots(), rebuild.saved, rebuild, trainable=trainable,
+                    method_state=dict(meta.get("method_state", {})), step=int(meta.get("step", 0)), name=name)
+    restore_saved_with(model, meta, name)
+    return model
+
+
+def new_adapter_name(model: nn.Module, name: str | None, remedy: str) -> str:
+    """The name an adapter read from a file (:func:`load`, :func:`rankwise.import_peft`) takes, after the refusals that
+    need no file: a PEFT model, a model with rankwise adapters and no ``name`` (``ValueError`` ending in ``remedy``:
+    the file's adapter goes beside them only when named), a name :func:`rankwise.lifecycle.check_new_name` refuses."""
     refuse_peft_model(model)
     if is_attached(model) and name is None:
-        raise ValueError("this model already has rankwise adapters; load onto a fresh base model (or detach first), "
-                         "or pass name= to load this one beside them")
-    name = check_new_name(model, name)
+        raise ValueError(f"this model already has rankwise adapters; {remedy}")
+    return check_new_name(model, name)
+
+
+def _rankwise_folder(path: str | os.PathLike[str], revision: str | None, subfolder: str | None) -> Path:
+    """The local folder of the rankwise adapter at ``path`` (a folder, its file, or a Hub repo id fetched); a missing
+    one is an :class:`AdapterFileError`, saying what the folder holds instead where that tells the remedy."""
     try:
-        folder = adapter_folder(path, RANKWISE_FILES, revision=revision, subfolder=subfolder, what="rankwise adapter",
-                                hint=_other_format_hint)
+        return adapter_folder(path, RANKWISE_FILES, revision=revision, subfolder=subfolder, what="rankwise adapter",
+                              hint=_other_format_hint)
     except FileNotFoundError as exc:
         raise AdapterFileError(str(exc)) from exc
-    meta, tensors = read_adapter(folder)
+
+
+def _recorded_config(meta: dict[str, Any], path: Any, expect_method: str | None) -> AdapterConfig:
+    """The file's adapter config, refused (:class:`AdapterFileError`) when it is another method than
+    ``expect_method``, when this rankwise cannot build it (a newer file's field, a bad value), or when the file's
+    ``method`` field and its config disagree."""
     if expect_method is not None and meta["method"] != expect_method:
         raise AdapterFileError(
             f"the adapter at {path} was saved by method {meta['method']!r}, not {expect_method!r} as expected "
@@ -524,7 +551,14 @@ def load(
         raise AdapterFileError(f"adapter config at {path} is not usable by this rankwise ({exc}){saved_by(meta)}") from exc
     if config.method != meta["method"]:
         raise AdapterFileError(f"{path}: field 'method' is {meta['method']!r} but the config is {config.method!r}'s")
-    check_new_name(model, name, config)  # beside other adapters: no modules_to_save
+    return config
+
+
+def _recorded_adapter(model: nn.Module, meta: dict[str, Any], tensors: dict[str, Tensor], config: AdapterConfig,
+                      path: Any, name: str, check_base: bool) -> _RecordedAdapter:
+    """The file's adapter on ``model``, every check made before the model is touched: the recorded modules, tied heads
+    and token rows are the model's, none is another adapter's fully-trained module, the layers fit (shapes, and with
+    ``check_base`` the base weights' fingerprint), no tensor is NaN / inf."""
     method = get_method(config.method)
     targets, saved = recorded_modules(model, meta)
     ties = recorded_ties(model, meta, targets, config.method)
@@ -532,24 +566,50 @@ def load(
     refuse_fully_trained_targets(model, [*targets, *ties, *plan], name)
     _check_fits(model, meta, targets, check_base)
     _check_tensors_finite(tensors, path)
+    return _RecordedAdapter(model, method, config, meta, tensors, path, targets, saved, ties, plan)
 
-    def rebuild_and_fill() -> tuple[dict[str, AdapterLayer], dict[str, dict[str, Tensor]]]:
-        layers = _rebuild_filled(method, targets, config, meta, tensors, path)
-        layers.update(build_ties({h: e for h, e in meta.get("tied_heads", {}).items()}, base_modules(model), config, layers))
-        layers.update(filled_token_layers(plan, base_modules(model), config, tensors))
-        mts_tensors = _saved_module_tensors(saved, tensors)
-        known = {f"{n}.{k}" for n, layer in layers.items() for k in layer.adapter_state()}
-        known |= {f"modules_to_save.{n}.{k}" for n, sd in mts_tensors.items() for k in sd}
-        stray = sorted(set(tensors) - known)
-        if stray:
-            raise AdapterFileError(f"adapter file holds tensors this method does not use: {stray[:5]}")
+
+@dataclass(frozen=True)
+class _RecordedAdapter:
+    """:func:`load`'s rebuild step, called by :func:`install_rebuilt` inside its all-or-nothing block (building a layer
+    freezes its base weight): the checked file and the modules its adapter takes."""
+
+    model: nn.Module
+    method: Method
+    config: AdapterConfig
+    meta: dict[str, Any]
+    tensors: dict[str, Tensor]
+    path: Any
+    targets: dict[str, nn.Module]
+    saved: dict[str, nn.Module]
+    ties: dict[str, nn.Module]
+    plan: TokenPlan
+
+    def slots(self) -> dict[str, nn.Module]:
+        """The modules whose slots the adapter takes: its low-rank layers', its tied heads', its token rows'."""
+        return {**self.targets, **self.ties, **{n: self.model.get_submodule(n) for n in self.plan}}
+
+    def __call__(self) -> tuple[dict[str, AdapterLayer], dict[str, dict[str, Tensor]]]:
+        """The layers, filled with the file's tensors (tied heads and token rows after the layers they follow), and
+        each fully-trained module's tensors; a tensor none of them takes is refused."""
+        layers = _rebuild_filled(self.method, self.targets, self.config, self.meta, self.tensors, self.path)
+        tied = {h: e for h, e in self.meta.get("tied_heads", {}).items()}
+        layers.update(build_ties(tied, base_modules(self.model), self.config, layers))
+        layers.update(filled_token_layers(self.plan, base_modules(self.model), self.config, self.tensors))
+        mts_tensors = _saved_module_tensors(self.saved, self.tensors)
+        _refuse_stray_tensors(self.tensors, layers, mts_tensors)
         return layers, mts_tensors
 
-    install_rebuilt(model, config, {**targets, **ties, **{n: model.get_submodule(n) for n in plan}}, saved, rebuild_and_fill,
-                    trainable=trainable, method_state=dict(meta.get("method_state", {})), step=int(meta.get("step", 0)),
-                    name=name)
-    restore_saved_with(model, meta, name)
-    return model
+
+def _refuse_stray_tensors(tensors: dict[str, Tensor], layers: dict[str, AdapterLayer],
+                          mts_tensors: dict[str, dict[str, Tensor]]) -> None:
+    """Refuse a file holding a tensor that neither a layer's adapter state nor a fully-trained module takes: it was
+    made by another method or edited, and loading it would drop that tensor unseen."""
+    known = {f"{n}.{k}" for n, layer in layers.items() for k in layer.adapter_state()}
+    known |= {f"modules_to_save.{n}.{k}" for n, sd in mts_tensors.items() for k in sd}
+    stray = sorted(set(tensors) - known)
+    if stray:
+        raise AdapterFileError(f"adapter file holds tensors this method does not use: {stray[:5]}")
 
 
 def install_rebuilt(

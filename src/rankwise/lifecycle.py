@@ -41,7 +41,7 @@ from .distributed import (
 from .layer import AdapterLayer
 from .optim import made_no_update, split_weight_decay
 from .quant import dequantize_model, model_float_dtype, parameter_count, quant_kind
-from .registry import BuildResult, LossFn, method_for
+from .registry import BuildResult, LossFn, Method, method_for
 from .slots import copy_module as _copy_module  # modules_to_save's trained copy, its hooks' owners not copied
 from .slots import hand_over_tensors, hook_package, state_dict_hooks
 from .slots import replace_all as _replace_all  # all or nothing: a failed replacement puts the slots back
@@ -52,7 +52,7 @@ from .state import (STATE_ATTR, AdapterSet, RankwiseState, adapter_layers, adapt
                     names_in_order, slot_layers, unwrap_model)
 from .targeting import find_modules_to_save, find_targets, is_all_linear
 from .ties import TieOutcome, build_ties, join_merged_ties, merge_parts_ties, plan_ties, tie_outcome, tie_saved
-from .tokens import build_token_layers, plan_token_rows, token_extras
+from .tokens import TokenPlan, build_token_layers, plan_token_rows, token_extras
 
 
 @dataclass
@@ -281,10 +281,27 @@ def install(
         for p in model.parameters():
             p.requires_grad_(False)
     left = [note for layer_name in result.layers if (note := _left_behind(layer_name, model.get_submodule(layer_name)))]
-    for layer_name, layer in result.layers.items():
+    _swap_in_layers(model, result.layers, name, len(adapters.active) if adapters is not None else 0, ties)
+    _swap_in_copies(model, saved, config.ensure_weight_tying)
+    _record_adapter(model, adapters, name, RankwiseState(config, list(result.layers), list(saved),
+                                                         original_modules=dict(saved)))
+    carry_state_in_state_dict(model)
+    report = _report(model, config, result, saved)
+    if adapters is not None:  # the totals are the model's: say which part is this adapter's
+        report.notes.append(_own_share_note(name, report, [n for n in adapters.adapters if n != name]))
+    _note_and_warn(report, left, _untied_notes(model, result.layers, saved, ties))
+    return report
+
+
+def _swap_in_layers(model: nn.Module, layers: dict[str, AdapterLayer], name: str, order: int,
+                    ties: dict[str, list[str]]) -> None:
+    """Each layer into its slot as adapter ``name``'s, ``order``-th of the active adapters (last): beside an adapter
+    already there as its host's peer, else in the slot, in the model's train / eval mode (a new module defaults to
+    train mode), marked tied where its base shares a weight (``ties``); its trainable tensors trainable."""
+    for layer_name, layer in layers.items():
         layer.mark_own()
         layer.adapter_name = name
-        layer.order = len(adapters.active) if adapters is not None else 0  # joins the active adapters, last
+        layer.order = order  # joins the active adapters, last
         slot = model.get_submodule(layer_name)
         if isinstance(slot, AdapterLayer):
             slot.add_peer(layer)
@@ -294,31 +311,44 @@ def install(
             _set_submodule(model, layer_name, layer)
         for t in layer.trainable_tensors().values():
             t.requires_grad_(True)
-    shared: dict[int, Any] | None = {} if config.ensure_weight_tying else None  # a tied pair's copies: one table
+
+
+def _swap_in_copies(model: nn.Module, saved: dict[str, nn.Module], tie: bool) -> None:
+    """A trainable copy of each fully-trained module into its slot (the original, kept aside, is never trained); with
+    ``tie`` (``ensure_weight_tying``) a tied pair's copies hold one copy of their shared table."""
+    shared: dict[int, Any] | None = {} if tie else None  # a tied pair's copies: one table
     for module_name, original in saved.items():
         trained = _copy_module(original, shared)  # its hooks copied as tables, not the objects they belong to
         _set_submodule(model, module_name, trained)
         for p in trained.parameters():
             p.requires_grad_(True)
-    state = RankwiseState(config, list(result.layers), list(saved), original_modules=dict(saved))
+
+
+def _record_adapter(model: nn.Module, adapters: AdapterSet | None, name: str, state: RankwiseState) -> None:
+    """Record ``state`` as adapter ``name``, active: the model's first adapter starts its :class:`AdapterSet`, a later
+    one joins it (last of the active)."""
     if adapters is None:
         setattr(model, STATE_ATTR, AdapterSet({name: state}, [name]))
     else:
         adapters.adapters[name] = state
         adapters.active.append(name)
-    carry_state_in_state_dict(model)
-    report = _report(model, config, result, saved)
-    if adapters is not None:  # the totals are the model's: say which part is this adapter's
-        report.notes.append(_own_share_note(name, report, [n for n in adapters.adapters if n != name]))
-    for note in left:
-        report.notes.append(note)
-        warnings.warn(note, stacklevel=3)
-    for name, others in ties.items():
-        if _tie_kept(result.layers, name, others) or _copies_tied(model, saved, name, others):
-            continue  # every tied partner follows the same rows / factors (rankwise.tokens, rankwise.ties)
-        report.notes.append(_tie_note(name, others, name in saved))
-        warnings.warn(report.notes[-1], stacklevel=3)
-    return report
+
+
+def _untied_notes(model: nn.Module, layers: dict[str, AdapterLayer], saved: dict[str, nn.Module],
+                  ties: dict[str, list[str]]) -> list[str]:
+    """The note of each adapted or fully-trained module sharing its weight (``ties``) whose partners do not follow it
+    (:func:`_tie_kept`, :func:`_copies_tied`): merging, or training the copy, parts the tie."""
+    return [_tie_note(name, others, name in saved) for name, others in ties.items()
+            if not (_tie_kept(layers, name, others) or _copies_tied(model, saved, name, others))]
+
+
+def _note_and_warn(report: AttachReport, *groups: list[str]) -> None:
+    """Each note added to the report and given as a warning, attributed to the caller of ``install``'s caller: the
+    user's line for ``attach``; for ``load`` / ``import_peft`` their own line that calls ``install_rebuilt``."""
+    for notes in groups:
+        for note in notes:
+            report.notes.append(note)
+            warnings.warn(note, stacklevel=4)
 
 
 def _left_behind(name: str, target: nn.Module) -> str | None:
@@ -621,6 +651,23 @@ def attach(
     name = check_new_name(model, name, config)
     method = method_for(config)
     modules = base_modules(model)
+    config, targets, saved = _attach_targets(model, config, modules, name)
+    if method.uses_calibration and calibration is None:
+        raise ValueError(f"{method.name} initialises from data: pass calibration=<iterable of training batches> to attach")
+    config, targets, ties, plan = _attach_followers(model, config, modules, targets, saved, name)
+    with all_or_nothing(model, [*targets, *ties, *plan, *saved]):
+        result = _build_all(model, method, config, modules, targets, ties, plan, calibration, loss_fn)
+        report = install(model, config, result, saved, name)
+    _report_tie(report, config, modules, ties, plan, saved)
+    _warn_fresh_frozen(model)
+    return report
+
+
+def _attach_targets(model: nn.Module, config: AdapterConfig, modules: list[tuple[str, nn.Module]], name: str
+                    ) -> tuple[AdapterConfig, dict[str, nn.Module], dict[str, nn.Module]]:
+    """``(config, targets, saved)``: the layers ``config`` targets and the modules it trains fully (a tied pair:
+    both), refused where one is another adapter's fully-trained module, a ZeRO-3 partition or on the meta device;
+    an ``"all-linear"`` config records the layers it found, not the shorthand."""
     saved = tie_saved(config, modules, find_modules_to_save(model, config.modules_to_save))  # a tied pair: both
     targets = find_targets(model, config.target_modules, config.exclude_modules, skip=saved, modules=modules)
     refuse_fully_trained_targets(model, targets, name)
@@ -628,29 +675,51 @@ def attach(
     refuse_meta_weights(named_parameters_of({**targets, **saved}))
     if is_all_linear(config.target_modules):  # the adapter records the layers it has, not the shorthand
         config = config.replace(target_modules=tuple(targets))
-    if method.uses_calibration and calibration is None:
-        raise ValueError(f"{method.name} initialises from data: pass calibration=<iterable of training batches> to attach")
+    return config, targets, saved
+
+
+def _attach_followers(
+    model: nn.Module, config: AdapterConfig, modules: list[tuple[str, nn.Module]], targets: dict[str, nn.Module],
+    saved: dict[str, nn.Module], name: str,
+) -> tuple[AdapterConfig, dict[str, nn.Module], dict[str, str], TokenPlan]:
+    """``(config, targets, ties, plan)``: under ``ensure_weight_tying`` the tied heads taken out of ``targets`` to
+    follow their embedding's layer (``ties``), and the trainable token rows' plan, each refused where it lands on
+    another adapter's fully-trained module; a config with token rows records them by full name."""
     targets, ties = plan_ties(config, modules, targets)  # ensure_weight_tying: tied heads follow their embedding
     refuse_fully_trained_targets(model, [*targets, *ties], name)
     plan = plan_token_rows(model, config, modules, {**targets, **{h: dict(modules)[h] for h in ties}}, saved)
     refuse_fully_trained_targets(model, plan, name)
     if plan:  # the adapter records full names, as for "all-linear"
         config = config.replace(trainable_token_indices={n: rows for n, (rows, leader) in plan.items() if leader is None})
-    with all_or_nothing(model, [*targets, *ties, *plan, *saved]):
-        result = method.build(model, targets, config, calibration, loss_fn)
-        tokens = build_token_layers(plan, modules, config)
-        result.layers.update({**build_ties(ties, modules, config, result.layers), **tokens})
-        result.extras.update(token_extras(tokens) | {h: {"tied to": e} for h, e in ties.items()})
-        if config.seed is None:  # unseeded draws come from each rank's own RNG: every rank takes rank 0's
-            share_from_rank0([t for layer in result.layers.values() for t in layer.adapter_state().values()])
-        report = install(model, config, result, saved, name)
+    return config, targets, ties, plan
+
+
+def _build_all(
+    model: nn.Module, method: Method, config: AdapterConfig, modules: list[tuple[str, nn.Module]],
+    targets: dict[str, nn.Module], ties: dict[str, str], plan: TokenPlan, calibration: Iterable[Any] | None,
+    loss_fn: LossFn | None,
+) -> BuildResult:
+    """Every layer of the adapter: the method's (its data-dependent init), then the tied heads following their
+    embedding's layer and the token rows; unseeded draws made equal on every rank (rank 0's). Call it inside
+    :func:`all_or_nothing`: building a layer freezes its base weight."""
+    result = method.build(model, targets, config, calibration, loss_fn)
+    tokens = build_token_layers(plan, modules, config)
+    result.layers.update({**build_ties(ties, modules, config, result.layers), **tokens})
+    result.extras.update(token_extras(tokens) | {h: {"tied to": e} for h, e in ties.items()})
+    if config.seed is None:  # unseeded draws come from each rank's own RNG: every rank takes rank 0's
+        share_from_rank0([t for layer in result.layers.values() for t in layer.adapter_state().values()])
+    return result
+
+
+def _report_tie(report: AttachReport, config: AdapterConfig, modules: list[tuple[str, nn.Module]], ties: dict[str, str],
+                plan: TokenPlan, saved: dict[str, nn.Module]) -> None:
+    """Record on ``report`` what ``ensure_weight_tying`` tied (:func:`rankwise.ties.tie_outcome`), and warn where it
+    tied nothing (the flag asked for a tie the model or the config does not allow)."""
     report.tie = tie_outcome(config, modules, ties, {n: leader for n, (_, leader) in plan.items()}, saved)
     note = report.tie.note() if report.tie is not None else None
     if note:
         report.notes.append(note)
-        warnings.warn(note, stacklevel=2)
-    _warn_fresh_frozen(model)
-    return report
+        warnings.warn(note, stacklevel=3)  # attach's caller
 
 
 def refuse_meta_weights(named: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -767,33 +836,16 @@ def detach(model: nn.Module, merge: bool = False) -> nn.Module:
     """
     check_bool("merge", merge)
     model = unwrap_model(model)
-    layers = slot_layers(model)
-    if not layers:
-        raise ValueError(f"this {type(model).__name__} has no rankwise adapters to detach")
-    for layer in layers.values():
-        layer.refuse_if_half_enabled("detach")
-    for layer in layers.values():
-        layer.refuse_while_disabled("detach")
-    check_leaving(layers)
+    layers = _leaving_layers(model)
     in_place = {n: layer for n, layer in layers.items() if layer.kind.merges_in_place}  # float bases (not bitsandbytes)
     merged_before = {n for n, layer in layers.items() if layer.merged}
     if merge:  # every float layer first, all or nothing: a refusal leaves the model attached and unmerged
         merge_all(in_place)
     originals = original_modules(model)
     untied = merge and (merge_parts_ties(model, layers.values()) or _trains_a_tie(model, originals))
-    # the model's float dtype (its adapters' own tensors left out): what an int8 base without a bias takes and returns
-    dtype = model_float_dtype(model, [p for layer in layers.values() for n, p in layer.named_parameters()
-                                      if n not in ("weight", "bias")]) if merge else torch.float32
+    dtype = _merged_float_dtype(model, layers) if merge else torch.float32
     try:  # all or nothing: an error (an interrupt too) puts every slot and merge back as it was
-        modules: dict[str, nn.Module] = {}
-        for name, layer in layers.items():
-            if not merge:
-                layer.unmerge()
-            # merge: a quantised base becomes a float nn.Linear, dequantised W0 + update (never rounded back to 4 bits)
-            modules[name] = layer.merge_for_good(dtype) if merge else layer.to_base()
-        if not merge:  # the fully-trained modules as they were (their trained copies go)
-            modules.update({name: _like(original, model.get_submodule(name)) for name, original in originals.items()})
-        _replace_all(model, modules)
+        _replace_all(model, _leaving_modules(model, layers, originals, merge, dtype))
     except BaseException:
         _remerge(layers, merged_before)
         raise
@@ -803,12 +855,56 @@ def detach(model: nn.Module, merge: bool = False) -> nn.Module:
             layer.forget_original()
     if merge and len(in_place) < len(layers):  # the rest of the model too, so save_pretrained writes a float checkpoint
         dequantize_model(model, dtype)
-    config: Any = getattr(model, "config", None)  # a transformers PretrainedConfig, if any
-    if untied and config is not None and getattr(config, "tie_word_embeddings", False):
-        config.tie_word_embeddings = False  # save_pretrained / from_pretrained must not tie them again
+    _untie_config(model, untied)
     if hasattr(model, STATE_ATTR):
         delattr(model, STATE_ATTR)
     return model
+
+
+def _leaving_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    """The adapter layers in the model's slots (:func:`rankwise.state.slot_layers`), after every refusal that changes
+    nothing: a model without adapters, a half-enabled or disabled model (both name the way out), a layer that cannot
+    leave its slot (:func:`check_leaving`)."""
+    layers = slot_layers(model)
+    if not layers:
+        raise ValueError(f"this {type(model).__name__} has no rankwise adapters to detach")
+    for layer in layers.values():
+        layer.refuse_if_half_enabled("detach")
+    for layer in layers.values():
+        layer.refuse_while_disabled("detach")
+    check_leaving(layers)
+    return layers
+
+
+def _merged_float_dtype(model: nn.Module, layers: dict[str, AdapterLayer]) -> torch.dtype:
+    """The model's float dtype, its adapters' own tensors left out (:func:`rankwise.quant.model_float_dtype`): what a
+    merged int8 base without a bias takes and returns."""
+    return model_float_dtype(model, [p for layer in layers.values() for n, p in layer.named_parameters()
+                                     if n not in ("weight", "bias")])
+
+
+def _leaving_modules(model: nn.Module, layers: dict[str, AdapterLayer], originals: dict[str, nn.Module], merge: bool,
+                     dtype: torch.dtype) -> dict[str, nn.Module]:
+    """``{slot: module}`` to put back: each layer's base unmerged (``merge``: the base with the update merged, a
+    quantised base a float ``nn.Linear``, dequantised ``W0`` + update, never rounded back to 4 bits) and, without
+    ``merge``, the fully-trained modules' originals as they were (their trained copies go). Unmerging changes the
+    layers: call it inside the block that re-merges them on an error."""
+    modules: dict[str, nn.Module] = {}
+    for name, layer in layers.items():
+        if not merge:
+            layer.unmerge()
+        modules[name] = layer.merge_for_good(dtype) if merge else layer.to_base()
+    if not merge:
+        modules.update({name: _like(original, model.get_submodule(name)) for name, original in originals.items()})
+    return modules
+
+
+def _untie_config(model: nn.Module, untied: bool) -> None:
+    """Where a merge parted a tied pair, set a transformers model's ``config.tie_word_embeddings`` to False, so
+    ``save_pretrained`` / ``from_pretrained`` do not tie them again."""
+    config: Any = getattr(model, "config", None)  # a transformers PretrainedConfig, if any
+    if untied and config is not None and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
 
 
 def check_leaving(hosts: dict[str, AdapterLayer], promoting: bool = False) -> None:

@@ -48,20 +48,20 @@ from torch import Tensor, nn
 
 from .adapter_file import (PEFT_FILES, AdapterFileError, atomic_write_files, file_dict, file_int, file_names,
                            file_number, is_peft_adapter, is_rankwise_adapter, read_json)
-from .config import check_bool, lora_alpha, lora_scale
+from .config import AdapterConfig, check_bool, lora_alpha, lora_scale
 from .hub import adapter_folder
-from .io import check_folders, folders_by_name, install_rebuilt, rebuild_layers
-from .layer import wide_dtype
+from .io import check_folders, folders_by_name, install_rebuilt, new_adapter_name, rebuild_layers
+from .layer import AdapterLayer, PeftFactors, wide_dtype
 from .lifecycle import check_new_name, refuse_fully_trained_targets
 from .methods import DoraConfig, LoraConfig
 from .registry import method_for
-from .state import (adapter_layers, base_modules, base_state_dict, fully_trained_modules, get_state, is_attached,
-                    original_modules, refuse_peft_model, tied_layers, unwrap_model)
+from .state import (adapter_layers, base_modules, base_state_dict, fully_trained_modules, get_state, original_modules,
+                    tied_layers, unwrap_model)
 from .base_layers import ConvKind, kind_class, takes_ids
 from .targeting import SUPPORTED_TYPES, check_target, is_supported
 from .peft_tokens import check_token_plan, export_token_rows, fill_token_rows, import_token_rows
 from .ties import build_ties, tied_heads
-from .tokens import build_token_layers
+from .tokens import TokenPlan, build_token_layers
 
 PeftShapes = Callable[[int], tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]  # rank -> (A, B, magnitude) shapes
 
@@ -152,15 +152,32 @@ def export_peft(
     """
     check_bool("vllm", vllm)
     check_bool("overwrite", overwrite)
-    if isinstance(base_model_name_or_path, os.PathLike):
-        base_model_name_or_path = os.fspath(base_model_name_or_path)
-    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
-        raise TypeError(f"base_model_name_or_path must be a hub name or a folder, got {base_model_name_or_path!r}")
+    base_model_name_or_path = _checked_base_name(base_model_name_or_path)
     model = unwrap_model(model)
     folders = folders_by_name(model, path, name, "export an adapter")
     if not overwrite:
         check_folders(folders, PEFT_FILES, is_peft_adapter, "a PEFT adapter",
                       "pass overwrite=True to rankwise.export_peft to write into it anyway")
+    files = _every_adapter_s_files(model, folders, vllm, base_model_name_or_path)
+    atomic_write_files({folders[adapter] / file: data for adapter, (weights, config) in files.items()
+                        for file, data in ((PEFT_WEIGHTS, weights), (PEFT_CONFIG, config))})
+    return Path(path)
+
+
+def _checked_base_name(given: str | os.PathLike[str] | None) -> str | None:
+    """``base_model_name_or_path`` as the config's string (a path given as ``os.PathLike``), refused (``TypeError``)
+    unless it is a hub name, a folder or ``None``."""
+    if isinstance(given, os.PathLike):
+        given = os.fspath(given)
+    if given is not None and not isinstance(given, str):
+        raise TypeError(f"base_model_name_or_path must be a hub name or a folder, got {given!r}")
+    return given
+
+
+def _every_adapter_s_files(model: nn.Module, folders: dict[str, Path], vllm: bool, base_model_name_or_path: str | None
+                           ) -> dict[str, tuple[bytes, bytes]]:
+    """Each adapter of ``folders``' two PEFT files (:func:`_peft_files`), all converted before any is written, so one
+    PEFT cannot express stops the export with nothing written; its refusal is prefixed with the adapter's name."""
     files: dict[str, tuple[bytes, bytes]] = {}
     for adapter in folders:
         try:
@@ -169,9 +186,7 @@ def export_peft(
             raise exc.within(f"adapter {adapter!r} cannot be exported to PEFT: ") from exc
         except (ValueError, NotImplementedError) as exc:
             raise type(exc)(f"adapter {adapter!r} cannot be exported to PEFT: {exc}") from exc
-    atomic_write_files({folders[adapter] / file: data for adapter, (weights, config) in files.items()
-                        for file, data in ((PEFT_WEIGHTS, weights), (PEFT_CONFIG, config))})
-    return Path(path)
+    return files
 
 
 def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path: str | None,
@@ -181,6 +196,32 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
     state = get_state(model, name)
     layers = adapter_layers(model, name) | tied_layers(model, name)  # a tied head: PEFT's tied lora_A / lora_B
     factors = {n: layer.peft_factors() for n, layer in layers.items()}
+    dora = _refuse_unwritable_layers(layers, factors)
+    base_model_name_or_path = _base_model_name(model, base_model_name_or_path)
+    use_rslora = bool(getattr(state.config, "use_rslora", False)) and not vllm
+    task_type, heads = _peft_task(model, state.modules_to_save, list(layers), vllm)
+    saved = _export_saved(model, name, state.modules_to_save, heads, list(layers))
+    _refuse_wrapped_peers(model, name, list(saved), together)
+    lookups = {n for n, layer in layers.items() if layer.kind.index_input}  # nn.Embedding layers: PEFT's lora_embedding_*
+    if vllm:  # its refusals offer PEFT's own form: after every check the PEFT form makes, so it is a way out
+        _refuse_vllm_form(state.config.method, layers, saved, dora, lookups)
+    shapes: dict[str, PeftShapes] = {n: layer.kind.peft_shapes for n, layer in layers.items()}
+    tensors, ranks, alphas = _peft_tensors(factors, saved, vllm, use_rslora, lookups, shapes)
+    token_indices = _add_token_rows(model, name, vllm, tensors)
+    config = _peft_config(model, name, layers, ranks, alphas, task_type=task_type, base=base_model_name_or_path,
+                          dropout=0.0 if vllm else float(state.config.dropout), use_rslora=use_rslora, dora=dora, vllm=vllm,
+                          entries=[*state.modules_to_save, *(h for h in heads if h not in state.modules_to_save)],
+                          token_indices=token_indices)
+    # one metadata key, as PEFT writes: safetensors orders several keys by a per-call hash map, so the same
+    # adapter's file had two byte forms (one process or two)
+    weights = st_save(tensors, metadata={"format": "pt"})
+    return weights, (json.dumps(config, indent=2) + "\n").encode()
+
+
+def _refuse_unwritable_layers(layers: dict[str, AdapterLayer], factors: dict[str, PeftFactors]) -> bool:
+    """Whether the adapter is DoRA-style (PEFT's ``use_dora``), after refusing what no PEFT form writes: DoRA-style
+    and LoRA-style layers mixed (PEFT has one ``use_dora``), a layer whose PEFT forward would compute something else
+    (:meth:`rankwise.base_layers.BaseKind.peft_mismatch`: a dilated convolution, ...)."""
     dora = {name for name, f in factors.items() if f.magnitude is not None}
     if dora and len(dora) != len(factors):
         raise ValueError("cannot export a mix of DoRA-style and LoRA-style layers as one PEFT adapter")
@@ -188,37 +229,61 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
         why = layer.kind.peft_mismatch()
         if why is not None:
             raise ExportRefused(f"layer {n!r} ({layer.kind.describe()}) has {why}")
-    if base_model_name_or_path is None:
-        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    return bool(dora)
 
-    use_rslora = bool(getattr(state.config, "use_rslora", False)) and not vllm
-    task_type, heads = _peft_task(model, state.modules_to_save, list(layers), vllm)
-    entries = [*state.modules_to_save, *(h for h in heads if h not in state.modules_to_save)]
-    saved = (_peft_heads(model, heads) | _peft_widened(model, name, state.modules_to_save, list(layers))
-             | fully_trained_modules(model, name))  # a trained module's tensors are written last: they win
-    _refuse_wrapped_peers(model, name, list(saved), together)
-    # the vLLM form's refusals that offer PEFT's own form: after every check the PEFT form makes, so it is a way out
-    if vllm and dora:  # PEFT's form loads DoRA (use_dora)
-        raise ExportRefused(f"{state.config.method} is a DoRA-family method and vLLM refuses DoRA adapters",
-                            peft_form=True)
-    lookups = {n for n, layer in layers.items() if layer.kind.index_input}  # nn.Embedding layers: PEFT's lora_embedding_*
-    if vllm and lookups:
+
+def _base_model_name(model: nn.Module, given: str | None) -> str | None:
+    """The config's ``base_model_name_or_path``: the one given, else the transformers model's own ``_name_or_path``
+    (``None`` where it has none or it is empty), so PEFT's ``AutoPeftModel*`` can load the base."""
+    if given is None:
+        return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    return given
+
+
+def _export_saved(model: nn.Module, name: str, modules_to_save: list[str], heads: tuple[str, ...], layers: list[str]
+                  ) -> dict[str, nn.Module]:
+    """The modules whose tensors the file holds in full: the heads PEFT's task class trains (:func:`_peft_heads`), the
+    modules PEFT's plain-suffix rule adds (:func:`_peft_widened`), then adapter ``name``'s fully-trained modules,
+    written last so a trained module's tensors win."""
+    return (_peft_heads(model, heads) | _peft_widened(model, name, modules_to_save, layers)
+            | fully_trained_modules(model, name))
+
+
+def _refuse_vllm_form(method: str, layers: dict[str, AdapterLayer], saved: dict[str, nn.Module], dora: bool,
+                      lookups: set[str]) -> None:
+    """Refuse, offering PEFT's own form (``peft_form``), an adapter the vLLM form cannot serve as it computes: DoRA
+    (vLLM refuses it), embedding or convolution layers (the form is written for linear layers), fully-trained
+    modules (vLLM refuses ``modules_to_save``)."""
+    if dora:  # PEFT's form loads DoRA (use_dora)
+        raise ExportRefused(f"{method} is a DoRA-family method and vLLM refuses DoRA adapters", peft_form=True)
+    if lookups:
         raise ExportRefused(f"the vLLM form is written for linear layers only, and this adapter has embedding layers "
                             f"{sorted(lookups)[:3]}", peft_form=True)
     convs = sorted(n for n, layer in layers.items() if isinstance(layer.kind, ConvKind))
-    if vllm and convs:
+    if convs:
         raise ExportRefused(f"the vLLM form is written for linear layers only, and this adapter has convolution layers "
                             f"{convs[:3]}", peft_form=True)
-    if vllm and saved:
+    if saved:
         raise ExportRefused(f"vLLM refuses adapters with modules_to_save (\"vLLM only supports modules_to_save being "
                             f"None\"), and without the trained {sorted(saved)} it would serve other outputs", peft_form=True)
-    shapes: dict[str, PeftShapes] = {n: layer.kind.peft_shapes for n, layer in layers.items()}
-    tensors, ranks, alphas = _peft_tensors(factors, saved, vllm, use_rslora, lookups, shapes)
+
+
+def _add_token_rows(model: nn.Module, name: str, vllm: bool, tensors: dict[str, Tensor]) -> dict[str, list[int]] | None:
+    """Adapter ``name``'s trainable token rows added to ``tensors`` in PEFT's form; returns the config's
+    ``trainable_token_indices``. The vLLM form has none, so rows there are refused (offering PEFT's form)."""
     token_indices, token_tensors = export_token_rows(model, name, PREFIX)
     if vllm and token_indices:
         raise ExportRefused(f"the vLLM form has no trainable token rows (trainable_token_indices, on "
                             f"{sorted(token_indices)[:3]})", peft_form=True)
     tensors.update(token_tensors)
+    return token_indices
+
+
+def _global_rank_alpha(model: nn.Module, ranks: dict[str, int], alphas: dict[str, float], vllm: bool
+                       ) -> tuple[int, float, dict[str, int], dict[str, float]]:
+    """``(r, lora_alpha, rank_pattern, alpha_pattern)``: the most common rank and, among its layers, alpha as the
+    config's globals, every other layer's in the patterns (keyed as :func:`_pattern_keys` names them). The vLLM form
+    has one rank and one alpha (its layers padded, their scales in ``B``), so no patterns."""
     r_global = _most_common(list(ranks.values()))
     alpha_global = _most_common([alphas[n] for n in ranks if ranks[n] == r_global])
     key = _pattern_keys(model, list(ranks))
@@ -226,17 +291,28 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
     alpha_pattern = {key[n]: a for n, a in alphas.items() if not math.isclose(a, alpha_global, rel_tol=1e-12)}
     if vllm:
         assert not rank_pattern and not alpha_pattern
-    config = {
+    return r_global, alpha_global, rank_pattern, alpha_pattern
+
+
+def _peft_config(
+    model: nn.Module, name: str, layers: dict[str, AdapterLayer], ranks: dict[str, int], alphas: dict[str, float], *,
+    task_type: str | None, base: str | None, dropout: float, use_rslora: bool, dora: bool, vllm: bool,
+    entries: list[str], token_indices: dict[str, list[int]] | None,
+) -> dict[str, Any]:
+    """The ``adapter_config.json`` of adapter ``name``: PEFT 0.21's LoraConfig fields, the ranks and alphas as a global
+    and patterns (:func:`_global_rank_alpha`); without a task type, ``auto_mapping`` naming the model's class."""
+    r_global, alpha_global, rank_pattern, alpha_pattern = _global_rank_alpha(model, ranks, alphas, vllm)
+    config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path,
+        "base_model_name_or_path": base,
         "r": int(r_global),
         "lora_alpha": alpha_global,
-        "target_modules": _peft_target_modules(model, sorted(factors)),
-        "lora_dropout": 0.0 if vllm else float(state.config.dropout),
+        "target_modules": _peft_target_modules(model, sorted(layers)),
+        "lora_dropout": dropout,
         "bias": "none",
         "use_rslora": use_rslora,
-        "use_dora": bool(dora),
+        "use_dora": dora,
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
         "modules_to_save": entries or None,
         "rank_pattern": rank_pattern,
@@ -252,10 +328,7 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
     }
     if task_type is None:  # what PEFT's save writes then: AutoPeftModel* build the base from it
         config["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
-    # one metadata key, as PEFT writes: safetensors orders several keys by a per-call hash map, so the same
-    # adapter's file had two byte forms (one process or two)
-    weights = st_save(tensors, metadata={"format": "pt"})
-    return weights, (json.dumps(config, indent=2) + "\n").encode()
+    return config
 
 
 # PEFT's task types, by the transformers Auto class whose mapping names the model's class, and the head modules the
@@ -626,38 +699,85 @@ def import_peft(
     """
     check_bool("trainable", trainable)
     base_model = unwrap_model(base_model)
-    refuse_peft_model(base_model)
-    if is_attached(base_model) and name is None:
-        raise ValueError("this model already has rankwise adapters; import onto a fresh base model, or pass name= "
-                         "to import this one beside them")
-    name = check_new_name(base_model, name)
+    name = new_adapter_name(base_model, name, "import onto a fresh base model, or pass name= to import this one beside "
+                                              "them")
+    folder = _peft_folder(path, revision, subfolder)
+    cfg = _read_peft_config(folder)
+    tensors = _read_peft_tensors(folder)
+    parts, targets, ranks, ties, peft_targets = _peft_layers_untied(base_model, folder, cfg, tensors)
+    plan, token_values, token_keys = import_token_rows(base_model, folder, cfg, tensors)
+    saved, mts = _peft_saved_checked(base_model, folder, cfg, tensors, peft_targets, token_keys)
+    modules = base_modules(base_model)
+    check_token_plan(plan, modules, targets, saved)
+    config = _peft_adapter_config(cfg, targets, saved, plan, ties)
+    check_new_name(base_model, name, config)  # beside other adapters: no modules_to_save
+    refuse_fully_trained_targets(base_model, [*targets, *ties, *plan], name)
+    scales = {n: lora_scale(_layer_alpha(cfg, n), r, config.use_rslora) for n, r in ranks.items()}
+    rebuild = _PeftRebuild(config, targets, ranks, scales, parts, ties, modules, plan, token_values, mts)
+    install_rebuilt(base_model, config, rebuild.slots(), saved, rebuild, trainable=trainable, name=name)
+    return base_model
+
+
+def _peft_folder(path: str | os.PathLike[str], revision: str | None, subfolder: str | None) -> Path:
+    """The local folder of the PEFT adapter at ``path`` (a folder, or a Hub repo id fetched), refused unless it holds
+    both PEFT files: a missing one is named, with what the folder holds instead where that tells the remedy."""
     folder = adapter_folder(path, (PEFT_WEIGHTS, PEFT_CONFIG), revision=revision, subfolder=subfolder,
                             what="PEFT adapter", hint=_not_peft_hint)
     if not (folder / PEFT_CONFIG).is_file():
         raise FileNotFoundError(f"no PEFT adapter at {folder}: {PEFT_CONFIG} is missing")
     if not (folder / PEFT_WEIGHTS).is_file():
         raise FileNotFoundError(f"no PEFT adapter at {folder}: {PEFT_WEIGHTS} is missing{_not_peft_hint(folder)}")
-    cfg = _read_peft_config(folder)
-    tensors = _read_peft_tensors(folder)
+    return folder
+
+
+def _peft_layers_untied(
+    base_model: nn.Module, folder: Path, cfg: dict[str, Any], tensors: dict[str, Tensor]
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, nn.Module], dict[str, int], dict[str, str], dict[str, nn.Module]]:
+    """``(parts, targets, ranks, ties, peft_targets)``: :func:`_peft_layers`' layers, with the heads PEFT tied to their
+    embedding (:func:`_peft_ties`) taken out of ``targets`` / ``ranks`` (each becomes a
+    :class:`rankwise.ties.TiedHead` computing with the embedding's factors); ``peft_targets`` keeps every layer PEFT
+    adapted, whose saved base weights are checked against them. Warns where PEFT's tie is not kept."""
     parts, targets, ranks = _peft_layers(base_model, folder, cfg, tensors)
     ties = _peft_ties(base_model, cfg, parts, targets)
+    _warn_untied(cfg, targets, ties)
+    peft_targets = dict(targets)
+    for head in ties:
+        del targets[head], ranks[head]
+    return parts, targets, ranks, ties, peft_targets
+
+
+def _warn_untied(cfg: dict[str, Any], targets: dict[str, nn.Module], ties: dict[str, str]) -> None:
+    """Warn where PEFT tied an adapted embedding's head (``ensure_weight_tying``) and rankwise imports the two as
+    independent layers (a DoRA adapter, or factors that differ): the same outputs now, but not kept tied by training."""
     if cfg.get("ensure_weight_tying") and any(takes_ids(m) for m in targets.values()) and not ties:
         warnings.warn(
             "rankwise: this PEFT adapter was made with ensure_weight_tying=True, which ties the tied lm_head's "
             "factors to the input embedding's; rankwise ties a LoRA adapter's (not DoRA's: PEFT's tied DoRA head has a "
             "magnitude of its own), so it imports these as independent layers: the same outputs as PEFT's now, but "
-            "training them further lets them differ (PEFT keeps them tied)", UserWarning, stacklevel=2)
-    peft_targets = dict(targets)  # PEFT's adapted layers (their saved base weights are checked against them)
-    for head in ties:  # the head computes with the embedding's factors (rankwise.ties.TiedHead)
-        del targets[head], ranks[head]
-    plan, token_values, token_keys = import_token_rows(base_model, folder, cfg, tensors)
+            "training them further lets them differ (PEFT keeps them tied)", UserWarning,
+            stacklevel=4)  # import_peft's caller
+
+
+def _peft_saved_checked(
+    base_model: nn.Module, folder: Path, cfg: dict[str, Any], tensors: dict[str, Tensor],
+    peft_targets: dict[str, nn.Module], token_keys: set[str],
+) -> tuple[dict[str, nn.Module], dict[str, dict[str, Tensor]]]:
+    """``(saved, their tensors)``: :func:`_peft_saved_modules` given every key already placed (the factors, the
+    adapted layers' saved base weights, checked here, the token rows), then, under ``ensure_weight_tying``, a tied
+    pair's two trained tables checked to agree (:func:`_check_tied_copies_agree`)."""
     placed = {k for k in tensors if _LORA_KEY.fullmatch(k)} | _peft_base_weights(folder, peft_targets, tensors) | token_keys
     saved, mts = _peft_saved_modules(base_model, folder, cfg, tensors, placed)
     if cfg.get("ensure_weight_tying"):
         _check_tied_copies_agree(folder, saved, mts)
-    modules = base_modules(base_model)
-    check_token_plan(plan, modules, targets, saved)
-    config = (DoraConfig if cfg.get("use_dora") else LoraConfig)(
+    return saved, mts
+
+
+def _peft_adapter_config(cfg: dict[str, Any], targets: dict[str, nn.Module], saved: dict[str, nn.Module],
+                         plan: TokenPlan, ties: dict[str, str]) -> AdapterConfig:
+    """The rankwise config of the PEFT one: LoRA or DoRA with its ``r``, ``alpha``, dropout and rsLoRA, its exact
+    layers (full names, not PEFT's patterns), fully-trained modules and token rows (each leader's); tied as PEFT tied
+    (a LoRA head tied to its embedding, or a tied pair both trained fully)."""
+    return (DoraConfig if cfg.get("use_dora") else LoraConfig)(
         r=int(cfg["r"]),
         alpha=float(cfg["lora_alpha"]),
         dropout=float(cfg.get("lora_dropout") or 0.0),
@@ -668,21 +788,37 @@ def import_peft(
         ensure_weight_tying=bool(ties) or bool(cfg.get("ensure_weight_tying") and tied_heads(
             list(saved.items()), [n for n, m in saved.items() if isinstance(m, nn.Embedding)])),
     )
-    check_new_name(base_model, name, config)  # beside other adapters: no modules_to_save
-    refuse_fully_trained_targets(base_model, [*targets, *ties, *plan], name)
 
-    scales = {n: lora_scale(_layer_alpha(cfg, n), r, config.use_rslora) for n, r in ranks.items()}
 
-    def rebuild_and_fill() -> tuple[dict[str, Any], dict[str, dict[str, Tensor]]]:
-        layers: dict[str, Any] = rebuild_layers(method_for(config), targets, config, ranks, scales)
-        _fill_from_peft(layers, parts)
-        tokens = build_token_layers(plan, modules, config)
-        fill_token_rows(tokens, token_values)
-        return layers | build_ties(ties, modules, config, layers) | tokens, mts
+@dataclass(frozen=True)
+class _PeftRebuild:
+    """:func:`import_peft`'s rebuild step, called by :func:`rankwise.io.install_rebuilt` inside its all-or-nothing
+    block (building a layer freezes its base weight): everything it needs, gathered once every check has passed."""
 
-    install_rebuilt(base_model, config, {**targets, **{n: dict(modules)[n] for n in [*ties, *plan]}}, saved, rebuild_and_fill,
-                    trainable=trainable, name=name)
-    return base_model
+    config: AdapterConfig
+    targets: dict[str, nn.Module]
+    ranks: dict[str, int]
+    scales: dict[str, float]
+    parts: dict[str, dict[str, Tensor]]
+    ties: dict[str, str]
+    modules: list[tuple[str, nn.Module]]
+    plan: TokenPlan
+    token_values: dict[str, Tensor]
+    mts: dict[str, dict[str, Tensor]]
+
+    def slots(self) -> dict[str, nn.Module]:
+        """The modules whose slots the adapter takes: its low-rank layers', its tied heads', its token rows'."""
+        by_name = dict(self.modules)
+        return {**self.targets, **{n: by_name[n] for n in [*self.ties, *self.plan]}}
+
+    def __call__(self) -> tuple[dict[str, Any], dict[str, dict[str, Tensor]]]:
+        """The layers, filled with the file's tensors (tied heads and token rows after the layers they follow), and
+        each fully-trained module's tensors."""
+        layers: dict[str, Any] = rebuild_layers(method_for(self.config), self.targets, self.config, self.ranks, self.scales)
+        _fill_from_peft(layers, self.parts)
+        tokens = build_token_layers(self.plan, self.modules, self.config)
+        fill_token_rows(tokens, self.token_values)
+        return layers | build_ties(self.ties, self.modules, self.config, layers) | tokens, self.mts
 
 
 def _not_peft_hint(folder: Path) -> str:
