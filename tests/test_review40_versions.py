@@ -24,7 +24,8 @@ def test_importing_rankwise_on_a_torch_below_the_floor_names_the_version_and_the
         "try:\n"
         "    import rankwise\n"
         "except ImportError as e:\n"
-        "    assert \"rankwise needs torch>=2.8, and this is torch 2.7.1: pip install --upgrade 'torch>=2.8'\" == str(e), e\n"
+        "    want = \"rankwise needs torch>=2.8, and this is torch 2.7.1: pip install --upgrade 'torch>=2.8'\"\n"
+        "    assert str(e) == want, e\n"
         "else:\n"
         "    raise SystemExit('rankwise imported on a torch reporting 2.7.1')\n"
     )
