@@ -19,9 +19,32 @@ The public surface::
 that were once top-level names still are, for old code, but are not in ``__all__``.
 """
 
+import re
 from typing import Any
 
-from ._version import __version__
+import torch
+
+
+_TORCH_FLOOR = (2, 8)  # pyproject.toml's torch>=2.8: the oldest with every torch API rankwise calls (reliability.md)
+
+
+def _check_torch(version: str) -> None:
+    """Refuse a torch older than ``_TORCH_FLOOR`` at import, naming the fix. Below it an import fails anyway,
+    on a call torch lacks (``torch.compiler.disable(reason=...)`` is 2.8's, ``register_state_dict_post_hook``
+    2.5's, ``nn.RMSNorm`` 2.4's), with an error that names neither torch nor the version; ``pip install
+    --no-deps`` or a pinned environment can hold such a torch. Compares release numbers, not strings
+    (``"2.10" < "2.8"`` as text)."""
+    found = re.match(r"(\d+)\.(\d+)", version)
+    if found is None or (int(found[1]), int(found[2])) >= _TORCH_FLOOR:
+        return  # an unparsable local build is given the benefit of the doubt
+    need = ".".join(map(str, _TORCH_FLOOR))
+    raise ImportError(f"rankwise needs torch>={need}, and this is torch {version}: "
+                      f"pip install --upgrade 'torch>={need}'")
+
+
+_check_torch(torch.__version__)
+
+from ._version import __version__  # after the torch check: the modules below need its torch
 from .config import AdapterConfig
 from .io import AdapterFileError, load, read_adapter, save
 from .layer import AdapterLayer
