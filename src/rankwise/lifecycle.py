@@ -201,7 +201,8 @@ def _check_lora_plus_numbers(lr: float, ratio: float, weight_decay: float, embed
         check_number("embedding_lr", embedding_lr)
 
 
-def _embedding_split(layers: list[AdapterLayer], embedding_lr: float | None) -> tuple[list[AdapterLayer], list[nn.Parameter]]:
+def _embedding_split(layers: list[AdapterLayer], embedding_lr: float | None,
+                     ) -> tuple[list[AdapterLayer], list[torch.Tensor]]:
     """The layers LoRA+'s rule groups, and the trained tensors of the embeddings' low-rank layers, which get
     ``embedding_lr`` as HF PEFT's ``loraplus_lr_embedding`` does (none without it; trainable token rows keep ``lr``,
     as PEFT's LoRA+ gives its ``trainable_tokens_delta``). A rate where no such tensor trains is refused."""
@@ -214,7 +215,7 @@ def _embedding_split(layers: list[AdapterLayer], embedding_lr: float | None) -> 
     return grouped, embedded
 
 
-def _fast_tensors(grouped: list[AdapterLayer], ratio: float) -> list[nn.Parameter]:
+def _fast_tensors(grouped: list[AdapterLayer], ratio: float) -> list[torch.Tensor]:
     """The trained tensors LoRA+ speeds up (``lr_B = ratio · lr``): each layer's ``lr_multiplied`` (``B``; EDoRA's
     core). A ``ratio`` other than 1 where layers train and none of them is refused, as it would change nothing."""
     fast = [p for layer in grouped for name in layer.lr_multiplied for p in layer.leaves(name).values() if p.requires_grad]
@@ -226,7 +227,7 @@ def _fast_tensors(grouped: list[AdapterLayer], ratio: float) -> list[nn.Paramete
     return fast
 
 
-def _lora_plus_groups(model: nn.Module, fast: list[nn.Parameter], embedded: list[nn.Parameter], lr: float, ratio: float,
+def _lora_plus_groups(model: nn.Module, fast: list[torch.Tensor], embedded: list[torch.Tensor], lr: float, ratio: float,
                       weight_decay: float, embedding_lr: float | None) -> list[dict[str, Any]]:
     """The groups before the weight-decay split, empty ones left out: every other trainable tensor at ``lr``
     (``"base_lr"``), the sped-up ones at ``ratio · lr`` (``"lora_plus_b"``), the embeddings' at ``embedding_lr``."""
