@@ -160,11 +160,8 @@ def file_names(value: Any, file: Any, field: str) -> list[str]:
     return value
 
 
-def validate_description(meta: Any, file: Any) -> dict[str, Any]:
-    """Check every field ``load`` uses: types, integers, finite/positive numbers, ranks within the shapes.
-
-    Raises :class:`AdapterFileError` naming the field; returns ``meta``.
-    """
+def _check_header(meta: Any, file: Any) -> None:
+    """The description is an object holding ``method`` (a string), ``config`` (an object) and ``layers``."""
     if not isinstance(meta, dict):
         raise AdapterFileError(f"{file}: the rankwise metadata must be a JSON object, got {type(meta).__name__}")
     for key in ("method", "config", "layers"):
@@ -173,38 +170,64 @@ def validate_description(meta: Any, file: Any) -> dict[str, Any]:
     if not isinstance(meta["method"], str):
         raise AdapterFileError(f"{_where(file, 'method')} must be a string, got {meta['method']!r}")
     file_dict(meta["config"], file, "config")
-    layers = file_dict(meta["layers"], file, "layers")
-    if not layers:
-        raise AdapterFileError(f"{_where(file, 'layers')} is empty: the adapter adapts no layer")
-    for name, spec in layers.items():
-        where = f"layers.{name}"
-        file_dict(spec, file, where)
-        for key in ("out_features", "in_features", "rank"):
-            if key not in spec:
-                raise AdapterFileError(f"{file}: layer {name!r} lacks field {key!r}")
-            file_int(spec[key], file, f"{where}.{key}")
-        if spec["rank"] > min(spec["out_features"], spec["in_features"]):
-            raise AdapterFileError(
-                f"{_where(file, where + '.rank')} is {spec['rank']}, larger than the layer "
-                f"({spec['out_features']} x {spec['in_features']})"
-            )
-        if "scale" in spec:
-            file_number(spec["scale"], file, f"{where}.scale")
-        if not isinstance(spec.get("conv1d", False), bool):
-            raise AdapterFileError(f"{_where(file, where + '.conv1d')} must be true or false, got {spec['conv1d']!r}")
-        if "weight_shape" in spec:
-            _check_weight_shape(spec, file, where)
-        _check_fingerprint(spec, file, where)
-        if spec.get("base_quant", "4bit") not in ("4bit", "8bit"):
-            raise AdapterFileError(f"{_where(file, where + '.base_quant')} must be \"4bit\" or \"8bit\", got {spec['base_quant']!r:.50}")
-        if "base_quant_block" in spec:
-            file_int(spec["base_quant_block"], file, f"{where}.base_quant_block")
-    file_names(meta.get("modules_to_save", []), file, "modules_to_save")
-    validate_token_rows(meta.get("token_rows", {}), file)
+
+
+def _check_layer_shape(name: str, spec: dict[str, Any], file: Any, where: str) -> None:
+    """A layer's ``out_features``, ``in_features`` and ``rank``: present, integers ``>= 1``, the rank within the
+    layer (``rank <= min(out, in)``), so the factors ``load`` allocates from them fit."""
+    for key in ("out_features", "in_features", "rank"):
+        if key not in spec:
+            raise AdapterFileError(f"{file}: layer {name!r} lacks field {key!r}")
+        file_int(spec[key], file, f"{where}.{key}")
+    if spec["rank"] > min(spec["out_features"], spec["in_features"]):
+        raise AdapterFileError(
+            f"{_where(file, where + '.rank')} is {spec['rank']}, larger than the layer "
+            f"({spec['out_features']} x {spec['in_features']})"
+        )
+
+
+def _check_layer(name: str, spec: Any, file: Any) -> None:
+    """One entry of ``layers``: an object, its shape (:func:`_check_layer_shape`), and each optional field ``load``
+    reads (``scale``, ``conv1d``, ``weight_shape``, the base fingerprint, ``base_quant``, ``base_quant_block``)."""
+    where = f"layers.{name}"
+    file_dict(spec, file, where)
+    _check_layer_shape(name, spec, file, where)
+    if "scale" in spec:
+        file_number(spec["scale"], file, f"{where}.scale")
+    if not isinstance(spec.get("conv1d", False), bool):
+        raise AdapterFileError(f"{_where(file, where + '.conv1d')} must be true or false, got {spec['conv1d']!r}")
+    if "weight_shape" in spec:
+        _check_weight_shape(spec, file, where)
+    _check_fingerprint(spec, file, where)
+    if spec.get("base_quant", "4bit") not in ("4bit", "8bit"):
+        raise AdapterFileError(f"{_where(file, where + '.base_quant')} must be \"4bit\" or \"8bit\", got {spec['base_quant']!r:.50}")
+    if "base_quant_block" in spec:
+        file_int(spec["base_quant_block"], file, f"{where}.base_quant_block")
+
+
+def _check_tied_heads(meta: dict[str, Any], layers: dict[str, Any], file: Any) -> None:
+    """``tied_heads`` (``{head: embedding}``, absent in older files): each embedding one of the adapter's layers, each
+    head none of them (a tied head computes with its embedding layer's factors, holding none of its own)."""
     for head, emb in file_dict(meta.get("tied_heads", {}), file, "tied_heads").items():
         if not isinstance(emb, str) or emb not in layers or head in layers:
             raise AdapterFileError(f"{_where(file, 'tied_heads.' + head)} must name one of the adapter's layers (and the "
                                    f"head none of them), got {emb!r:.200}")
+
+
+def validate_description(meta: Any, file: Any) -> dict[str, Any]:
+    """Check every field ``load`` uses: types, integers, finite/positive numbers, ranks within the shapes.
+
+    Raises :class:`AdapterFileError` naming the field; returns ``meta``.
+    """
+    _check_header(meta, file)
+    layers = file_dict(meta["layers"], file, "layers")
+    if not layers:
+        raise AdapterFileError(f"{_where(file, 'layers')} is empty: the adapter adapts no layer")
+    for name, spec in layers.items():
+        _check_layer(name, spec, file)
+    file_names(meta.get("modules_to_save", []), file, "modules_to_save")
+    validate_token_rows(meta.get("token_rows", {}), file)
+    _check_tied_heads(meta, layers, file)
     validate_method_state(meta.get("method_state", {}), file)
     file_int(meta.get("step", 0), file, "step", minimum=0)  # rankwise.step calls so far (absent in older files)
     if "saved_with" in meta:

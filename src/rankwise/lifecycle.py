@@ -192,6 +192,55 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(n for n, trains in counts if trains), sum(n for n, _ in counts)
 
 
+def _check_lora_plus_numbers(lr: float, ratio: float, weight_decay: float, embedding_lr: float | None) -> None:
+    """The rates and the ratio positive and finite, the weight decay ``>= 0``: each refusal names its argument."""
+    check_number("lr", lr)
+    check_number("ratio", ratio)
+    check_number("weight_decay", weight_decay, ">= 0")
+    if embedding_lr is not None:
+        check_number("embedding_lr", embedding_lr)
+
+
+def _embedding_split(layers: list[AdapterLayer], embedding_lr: float | None,
+                     ) -> tuple[list[AdapterLayer], list[torch.Tensor]]:
+    """The layers LoRA+'s rule groups, and the trained tensors of the embeddings' low-rank layers, which get
+    ``embedding_lr`` as HF PEFT's ``loraplus_lr_embedding`` does (none without it; trainable token rows keep ``lr``,
+    as PEFT's LoRA+ gives its ``trainable_tokens_delta``). A rate where no such tensor trains is refused."""
+    own_rate = [layer for layer in layers if embedding_lr is not None and layer.kind.index_input and not layer.token_rows]
+    grouped = [layer for layer in layers if layer not in own_rate]  # LoRA+'s rule
+    embedded = [p for layer in own_rate for p in layer.trainable_tensors().values() if p.requires_grad]
+    if embedding_lr is not None and not embedded:
+        raise ValueError(f"embedding_lr={embedding_lr:g} would change nothing: no adapter of this model trains a tensor on "
+                         "an nn.Embedding (name the embedding in target_modules, or leave embedding_lr out)")
+    return grouped, embedded
+
+
+def _fast_tensors(grouped: list[AdapterLayer], ratio: float) -> list[torch.Tensor]:
+    """The trained tensors LoRA+ speeds up (``lr_B = ratio · lr``): each layer's ``lr_multiplied`` (``B``; EDoRA's
+    core). A ``ratio`` other than 1 where layers train and none of them is refused, as it would change nothing."""
+    fast = [p for layer in grouped for name in layer.lr_multiplied for p in layer.leaves(name).values() if p.requires_grad]
+    if not fast and ratio != 1 and any(layer.requires_grad() for layer in grouped):
+        raise ValueError(
+            f"LoRA+ ratio {ratio:g} would change nothing: no adapter of this model trains a tensor LoRA+ speeds up "
+            "(a B factor; EDoRA's core), e.g. RAC-LoRA with frozen='B' trains only A, whose rate is lr (LoRA+'s rule: "
+            "lr_B = ratio x lr_A). Leave the LoRA+ groups out, or use frozen='A' (B trained)")
+    return fast
+
+
+def _lora_plus_groups(model: nn.Module, fast: list[torch.Tensor], embedded: list[torch.Tensor], lr: float, ratio: float,
+                      weight_decay: float, embedding_lr: float | None) -> list[dict[str, Any]]:
+    """The groups before the weight-decay split, empty ones left out: every other trainable tensor at ``lr``
+    (``"base_lr"``), the sped-up ones at ``ratio · lr`` (``"lora_plus_b"``), the embeddings' at ``embedding_lr``."""
+    fast_ids = {id(p) for p in fast + embedded}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in fast_ids]
+    groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "base_lr"}]
+    if fast:
+        groups.append({"params": fast, "lr": lr * ratio, "weight_decay": weight_decay, "name": "lora_plus_b"})
+    if embedded:
+        groups.append({"params": embedded, "lr": embedding_lr, "weight_decay": weight_decay, "name": "lora_plus_embedding"})
+    return [g for g in groups if g["params"]]
+
+
 def lora_plus_param_groups(
     model: nn.Module, lr: float, ratio: float = 16.0, weight_decay: float = 0.0, embedding_lr: float | None = None
 ) -> list[dict[str, Any]]:
@@ -213,33 +262,11 @@ def lora_plus_param_groups(
     embedding's adapter follows the rule above, like any layer's. A rate given where no embedding's adapter trains is
     refused (``ValueError``), as a ratio that would change nothing is.
     """
-    check_number("lr", lr)
-    check_number("ratio", ratio)
-    check_number("weight_decay", weight_decay, ">= 0")
-    if embedding_lr is not None:
-        check_number("embedding_lr", embedding_lr)
+    _check_lora_plus_numbers(lr, ratio, weight_decay, embedding_lr)
     layers = [layer for _, layer in every_layer(model)]
-    # embeddings' low-rank layers (trainable token rows keep lr, as PEFT's LoRA+ gives its trainable_tokens_delta)
-    own_rate = [layer for layer in layers if embedding_lr is not None and layer.kind.index_input and not layer.token_rows]
-    grouped = [layer for layer in layers if layer not in own_rate]  # LoRA+'s rule
-    embedded = [p for layer in own_rate for p in layer.trainable_tensors().values() if p.requires_grad]
-    if embedding_lr is not None and not embedded:
-        raise ValueError(f"embedding_lr={embedding_lr:g} would change nothing: no adapter of this model trains a tensor on "
-                         "an nn.Embedding (name the embedding in target_modules, or leave embedding_lr out)")
-    fast = [p for layer in grouped for name in layer.lr_multiplied for p in layer.leaves(name).values() if p.requires_grad]
-    fast_ids = {id(p) for p in fast + embedded}
-    if not fast and ratio != 1 and any(layer.requires_grad() for layer in grouped):
-        raise ValueError(
-            f"LoRA+ ratio {ratio:g} would change nothing: no adapter of this model trains a tensor LoRA+ speeds up "
-            "(a B factor; EDoRA's core), e.g. RAC-LoRA with frozen='B' trains only A, whose rate is lr (LoRA+'s rule: "
-            "lr_B = ratio x lr_A). Leave the LoRA+ groups out, or use frozen='A' (B trained)")
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in fast_ids]
-    groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "base_lr"}]
-    if fast:
-        groups.append({"params": fast, "lr": lr * ratio, "weight_decay": weight_decay, "name": "lora_plus_b"})
-    if embedded:
-        groups.append({"params": embedded, "lr": embedding_lr, "weight_decay": weight_decay, "name": "lora_plus_embedding"})
-    return split_weight_decay(model, [g for g in groups if g["params"]])
+    grouped, embedded = _embedding_split(layers, embedding_lr)
+    fast = _fast_tensors(grouped, ratio)
+    return split_weight_decay(model, _lora_plus_groups(model, fast, embedded, lr, ratio, weight_decay, embedding_lr))
 
 
 # ---------------------------------------------------------------------------- attach / detach

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Iterable
+from typing import NoReturn
 
 import torch
 from torch import nn
@@ -146,6 +147,59 @@ def refuse_held_in_several_places(found: dict[str, nn.Module], slots: dict[int, 
             )
 
 
+def _refuse_unsupported(name: str, module: nn.Module) -> None:
+    """``TypeError`` naming a matched module of a type rankwise does not adapt (saying why for a layer inside
+    ``nn.MultiheadAttention``, which never calls it), then its kind's refusals (:func:`check_target`)."""
+    if not is_supported(module):
+        why = (" inside torch's nn.MultiheadAttention, which never calls its forward (it reads the weight "
+               "directly), so an adapter there would compute nothing") if forward_bypassed(module) else ""
+        raise TypeError(
+            f"target {name!r} is a {type(module).__name__}{why}; rankwise adapts {', '.join(SUPPORTED_TYPES)} "
+            f"layers only. Narrow target_modules (or add {name!r} to exclude_modules)."
+        )
+    check_target(name, module)
+
+
+def _matched(named: list[tuple[str, nn.Module]], slots: dict[int, list[str]], target_modules: tuple[str, ...] | str,
+             exclude_modules: tuple[str, ...] | str | None, skipped: tuple[str, ...], all_linear: bool,
+             ) -> tuple[dict[str, nn.Module], list[str]]:
+    """The modules the spec selects, in model order, each checked (:func:`_refuse_unsupported`); and the names it
+    matched but passes over: trained fully (``skipped``: ``modules_to_save``) or an output head all-linear leaves
+    out. A module held in several places matches under any of its names (:func:`module_slots`)."""
+    found: dict[str, nn.Module] = {}
+    passed_over: list[str] = []
+    for name, module in named:
+        if not name or name_matches(name, exclude_modules):
+            continue
+        names = slots.get(id(module)) or [name]
+        if not (is_all_linear_kind(module) if all_linear else any(name_matches(n, target_modules) for n in names)):
+            continue
+        if any(name == s or name.startswith(s + ".") for s in skipped):
+            passed_over.append(name)
+            continue
+        _refuse_unsupported(name, module)
+        found[name] = module
+    return found, passed_over
+
+
+def _refuse_no_targets(model: nn.Module, named: list[tuple[str, nn.Module]], passed_over: list[str],
+                       target_modules: tuple[str, ...] | str, exclude_modules: tuple[str, ...] | str | None,
+                       skipped: tuple[str, ...], all_linear: bool) -> NoReturn:
+    """``ValueError`` for a spec that selected nothing: naming the fully-trained modules it matched alone (they
+    cannot be both), else a sample of the model's adaptable layers to choose from."""
+    if passed_over and not all_linear:
+        raise ValueError(
+            f"target_modules={target_modules!r} matched only {passed_over[:4]}, which the adapter trains fully "
+            f"(modules_to_save={tuple(skipped)!r}): a module is either adapted or trained fully. Leave it out of "
+            "modules_to_save, or name other layers in target_modules"
+        )
+    sample = adaptable_sample(named, 12)
+    raise ValueError(
+        f"target_modules={target_modules!r} matched no module of {type(model).__name__} "
+        f"(exclude_modules={exclude_modules!r}). Adaptable layers include: {sample}"
+    )
+
+
 def find_targets(
     model: nn.Module,
     target_modules: tuple[str, ...] | str,
@@ -166,39 +220,10 @@ def find_targets(
         skipped += output_heads(model)
     named = list(model.named_modules()) if modules is None else modules
     slots = module_slots(model)
-    found: dict[str, nn.Module] = {}
-    passed_over: list[str] = []  # matched, but trained fully (modules_to_save) or an output head all-linear leaves out
-    for name, module in named:
-        if not name or name_matches(name, exclude_modules):
-            continue
-        names = slots.get(id(module)) or [name]  # a module held in several places matches under any of its names
-        if not (is_all_linear_kind(module) if all_linear else any(name_matches(n, target_modules) for n in names)):
-            continue
-        if any(name == s or name.startswith(s + ".") for s in skipped):
-            passed_over.append(name)
-            continue
-        if not is_supported(module):
-            why = (" inside torch's nn.MultiheadAttention, which never calls its forward (it reads the weight "
-                   "directly), so an adapter there would compute nothing") if forward_bypassed(module) else ""
-            raise TypeError(
-                f"target {name!r} is a {type(module).__name__}{why}; rankwise adapts {', '.join(SUPPORTED_TYPES)} "
-                f"layers only. Narrow target_modules (or add {name!r} to exclude_modules)."
-            )
-        check_target(name, module)
-        found[name] = module
+    found, passed_over = _matched(named, slots, target_modules, exclude_modules, skipped, all_linear)
     refuse_held_in_several_places(found, slots, "target")
-    if not found and passed_over and not all_linear:
-        raise ValueError(
-            f"target_modules={target_modules!r} matched only {passed_over[:4]}, which the adapter trains fully "
-            f"(modules_to_save={tuple(skipped)!r}): a module is either adapted or trained fully. Leave it out of "
-            "modules_to_save, or name other layers in target_modules"
-        )
     if not found:
-        sample = adaptable_sample(named, 12)
-        raise ValueError(
-            f"target_modules={target_modules!r} matched no module of {type(model).__name__} "
-            f"(exclude_modules={exclude_modules!r}). Adaptable layers include: {sample}"
-        )
+        _refuse_no_targets(model, named, passed_over, target_modules, exclude_modules, skipped, all_linear)
     return found
 
 

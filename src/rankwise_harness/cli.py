@@ -189,56 +189,78 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["demo"] and not {"-h", "--help"} & set(argv):  # later flags override the demo's
-        return main(["finetune", *_demo_args(argv[1:])])
-    args = build_parser().parse_args(argv)
+def _missing_harness(args: argparse.Namespace) -> int | None:
+    """Exit status 2, with one line naming the extra to install, when the command needs a package this install
+    lacks; ``None`` when all are there. Checked for every command before anything imports transformers or
+    accelerate (a bare ``pip install rankwise`` has the library only); ``--quantize``: bitsandbytes, imported to
+    check it."""
     from .deps import MissingDependencyError, check_harness
 
-    try:  # every command, before anything imports transformers/accelerate (a bare `pip install rankwise`
-        check_harness(getattr(args, "task", None), getattr(args, "quantize", None))  # has the library only): one
-        # line naming the extra; --quantize: bitsandbytes, imported to check it
+    try:
+        check_harness(getattr(args, "task", None), getattr(args, "quantize", None))
     except MissingDependencyError as exc:
         print(f"rankwise: error: {exc}", file=sys.stderr)
         return 2
+    return None
 
+
+def _finetune(args: argparse.Namespace) -> None:
+    """``rankwise finetune``: one run of ``--method``, into ``--output`` (default ``runs/<task>-<method>``)."""
+    from .train import finetune
+
+    output = args.output or f"runs/{args.task}-{args.method}"
+    finetune(_run_config(args, args.method, output), resume=args.resume, overwrite=args.overwrite,
+             show_progress=not args.no_progress)
+
+
+def _compare(args: argparse.Namespace) -> None:
+    """``rankwise compare``: every method of ``--methods`` at every seed of ``--seeds`` (:func:`_compare_args`
+    checks them first), into ``--output`` (default ``runs/compare-<task>``)."""
+    from .compare import compare
+
+    output = Path(args.output or f"runs/compare-{args.task}")
+    _compare_args(args)
+    from .sources import shared_method
+
+    base = _run_config(args, shared_method(args.methods), str(output))
+    compare(base, args.methods, args.seeds, output, lr=args.lr, overwrite=args.overwrite,
+            show_progress=not args.no_progress)
+
+
+def _command(args: argparse.Namespace) -> int:
+    """The command itself, its exit status: the lists, ``export`` / ``import``, or (the task known first) a run."""
+    if args.command == "methods":
+        return _list_methods()
+    if args.command == "tasks":
+        return _list_tasks()
+    if args.command in ("export", "import"):
+        from .interop_cli import run
+
+        return run(args)
+    from .data import get_task
+
+    get_task(args.task)
+    if args.command == "finetune":
+        _finetune(args)
+    else:
+        _compare(args)
+    return 0
+
+
+def _reported(args: argparse.Namespace, argv: list[str]) -> int:
+    """:func:`_command`, its expected failures each one line on stderr and an exit status: 130 for Ctrl-C (saying
+    how to run again; a process interrupted alone tells the others, which may be waiting for it in a collective),
+    2 for a config error (with the flags of the fields it names), bad data, a model, a run or a missing package."""
     from .checkpoint import RunInterrupted, was_told
     from .config import ConfigError
     from .data import DataError
+    from .deps import MissingDependencyError
     from .models import ModelError
     from .peers import leave_alone
     from .train import RunError
 
     try:
-        if args.command == "methods":
-            return _list_methods()
-        if args.command == "tasks":
-            return _list_tasks()
-        if args.command in ("export", "import"):
-            from .interop_cli import run
-
-            return run(args)
-        from .data import get_task
-
-        get_task(args.task)
-        if args.command == "finetune":
-            from .train import finetune
-
-            output = args.output or f"runs/{args.task}-{args.method}"
-            finetune(_run_config(args, args.method, output), resume=args.resume, overwrite=args.overwrite,
-                     show_progress=not args.no_progress)
-        else:
-            from .compare import compare
-
-            output = Path(args.output or f"runs/compare-{args.task}")
-            _compare_args(args)
-            from .sources import shared_method
-
-            base = _run_config(args, shared_method(args.methods), str(output))
-            compare(base, args.methods, args.seeds, output, lr=args.lr, overwrite=args.overwrite,
-                    show_progress=not args.no_progress)
+        return _command(args)
     except RunInterrupted as exc:
         print(f"rankwise: {exc}; {_again(args.command, argv, exc.checkpoint is not None)}", file=sys.stderr)
         if exc.alone:  # the others may be waiting for this process in a collective
@@ -255,7 +277,20 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ModelError, RunError, MissingDependencyError) as exc:
         print(f"rankwise: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``rankwise`` command: ``argv`` (default ``sys.argv[1:]``) parsed, the packages it needs checked, the command
+    run; returns the exit status (0, 2 for an error, 130 for Ctrl-C). ``demo`` is ``finetune`` with the demo's flags."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"] and not {"-h", "--help"} & set(argv):  # later flags override the demo's
+        return main(["finetune", *_demo_args(argv[1:])])
+    args = build_parser().parse_args(argv)
+    missing = _missing_harness(args)
+    if missing is not None:
+        return missing
+    return _reported(args, argv)
 
 
 def _compare_args(args: argparse.Namespace) -> None:

@@ -183,6 +183,84 @@ class Allocation:
     form: str
 
 
+@dataclass(frozen=True)
+class _Fill:
+    """Step 3's water-filling problem: each layer's budget weight ``w_i``, its rank bounds ``lo_i .. hi_i`` and its
+    importance share ``a_i``, every dict in the layers' order."""
+
+    w: dict[str, float]
+    lo: dict[str, int]
+    hi: dict[str, int]
+    share: dict[str, float]
+
+    def fill(self, lam: float) -> dict[str, float]:
+        """The continuous ranks at the multiplier ``λ``: ``clip(λ a_i / w_i, lo_i, hi_i)``."""
+        return {n: min(max(lam * self.share[n] / self.w[n], self.lo[n]), self.hi[n]) for n in self.w}
+
+    def spend(self, t: Mapping[str, float]) -> float:
+        """``Σ_i w_i t_i``: what ranks (or continuous targets) ``t`` cost, in the budget's units."""
+        return sum(self.w[n] * t[n] for n in self.w)
+
+
+def _checked_budget(r_ref: int, r_min: int, w: dict[str, float]) -> float:
+    """The budget ``b = r_ref · Σ_i w_i``, refused when it cannot give every layer ``r_min``."""
+    budget = r_ref * sum(w.values())
+    if budget < r_min * sum(w.values()):
+        raise ValueError(
+            f"the budget b = r_ref x Σw = {budget:.6g} is below r_min everywhere (r_min x Σw = {r_min * sum(w.values()):.6g}): "
+            f"raise r_ref ({r_ref}) to at least r_min ({r_min}) or lower r_min"
+        )
+    return budget
+
+
+def _check_importance(importance: dict[str, float]) -> None:
+    """Every importance ``I_i`` finite and ``>= 0`` (step 2's values; the shares ``a_i`` are made from them)."""
+    for n, v in importance.items():
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"importance of layer {n!r} is {v!r}; it must be finite and >= 0")
+
+
+def _fill_problem(importance: dict[str, float], shapes: dict[str, tuple[int, int]], cost: dict[str, int],
+                  r_ref: int, r_min: int, r_max: int, form: str) -> tuple[_Fill, float]:
+    """Step 3's problem and its budget ``b``: the weights ``w_i`` (``in_i + out_i``, or its square root for the
+    ``"sqrt"`` form), the bounds, the budget and importances checked, and the shares ``a_i = I_i / Σ_j I_j``
+    (``w_i / Σ_j w_j`` where every importance is zero)."""
+    names = list(shapes)
+    w = {n: float(cost[n]) if form == "params" else math.sqrt(cost[n]) for n in names}
+    lo = {n: min(r_min, *shapes[n]) for n in names}
+    hi = {n: min(r_max, *shapes[n]) for n in names}
+    budget = _checked_budget(r_ref, r_min, w)
+    _check_importance(importance)
+    share = importance_shares({n: importance[n] for n in names}) or {n: w[n] / sum(w.values()) for n in names}
+    return _Fill(w, lo, hi, share), budget
+
+
+def _multiplier(p: _Fill, budget: float) -> float:
+    """Water-filling: the ``λ`` with ``Σ_i w_i · clip(λ a_i / w_i, lo_i, hi_i) = b`` (monotone in ``λ``: doubled
+    until it brackets ``b`` or every layer is at its cap, then 200 bisection steps); the bracket's upper end."""
+    lo_lam, hi_lam = 0.0, budget
+    while p.spend(p.fill(hi_lam)) < budget and hi_lam < 1e300 and p.spend(p.fill(hi_lam)) < p.spend(p.hi):
+        hi_lam *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo_lam + hi_lam)
+        if p.spend(p.fill(mid)) < budget:
+            lo_lam = mid
+        else:
+            hi_lam = mid
+    return hi_lam
+
+
+def _integer_ranks(p: _Fill, target: dict[str, float], budget: float) -> dict[str, int]:
+    """Integer ranks from the continuous targets: floor every target, then round up the largest remainders while
+    that brings ``Σ_i w_i r_i`` nearer ``b`` (each rank stays within one unit of its target)."""
+    ranks = {n: int(math.floor(target[n] + 1e-9)) for n in p.w}
+    for n in sorted(p.w, key=lambda n: ranks[n] - target[n]):
+        gap = budget - p.spend(ranks)
+        if target[n] - ranks[n] > 1e-9 and abs(gap - p.w[n]) < abs(gap):
+            ranks[n] += 1
+    return ranks
+
+
 def allocate_ranks(
     importance: dict[str, float],
     shapes: dict[str, tuple[int, int]],
@@ -205,54 +283,17 @@ def allocate_ranks(
         raise ValueError(f"r_min ({r_min}) must not exceed r_max ({r_max})")
     if form not in BUDGETS:
         raise ValueError(f"budget form must be one of {BUDGETS}, got {form!r}")
-    names = list(shapes)
-    cost = {n: shapes[n][0] + shapes[n][1] for n in names}
-    w = {n: float(cost[n]) if form == "params" else math.sqrt(cost[n]) for n in names}
-    lo = {n: min(r_min, *shapes[n]) for n in names}
-    hi = {n: min(r_max, *shapes[n]) for n in names}
-    budget = r_ref * sum(w.values())
-    if budget < r_min * sum(w.values()):
-        raise ValueError(
-            f"the budget b = r_ref x Σw = {budget:.6g} is below r_min everywhere (r_min x Σw = {r_min * sum(w.values()):.6g}): "
-            f"raise r_ref ({r_ref}) to at least r_min ({r_min}) or lower r_min"
-        )
-    for n, v in importance.items():
-        if not (math.isfinite(v) and v >= 0):
-            raise ValueError(f"importance of layer {n!r} is {v!r}; it must be finite and >= 0")
-    share = importance_shares({n: importance[n] for n in names}) or {n: w[n] / sum(w.values()) for n in names}
-
-    def fill(lam: float) -> dict[str, float]:
-        return {n: min(max(lam * share[n] / w[n], lo[n]), hi[n]) for n in names}
-
-    def spend(t: Mapping[str, float]) -> float:
-        return sum(w[n] * t[n] for n in names)
-
-    # water-filling: the multiplier λ whose clipped targets spend exactly b (monotone in λ: bisection)
-    lo_lam, hi_lam = 0.0, budget
-    while spend(fill(hi_lam)) < budget and hi_lam < 1e300 and spend(fill(hi_lam)) < spend(hi):
-        hi_lam *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo_lam + hi_lam)
-        if spend(fill(mid)) < budget:
-            lo_lam = mid
-        else:
-            hi_lam = mid
-    target = fill(hi_lam)
-    # integers: floor every target, then round up the largest remainders while that brings Σ w·r nearer b
-    # (each rank stays within one unit of its continuous target)
-    ranks = {n: int(math.floor(target[n] + 1e-9)) for n in names}
-    for n in sorted(names, key=lambda n: ranks[n] - target[n]):
-        gap = budget - spend(ranks)
-        if target[n] - ranks[n] > 1e-9 and abs(gap - w[n]) < abs(gap):
-            ranks[n] += 1
-    spent = spend(ranks)  # type: ignore[arg-type]
+    cost = {n: shapes[n][0] + shapes[n][1] for n in shapes}
+    problem, budget = _fill_problem(importance, shapes, cost, r_ref, r_min, r_max, form)
+    target = problem.fill(_multiplier(problem, budget))
+    ranks = _integer_ranks(problem, target, budget)
     return Allocation(
         ranks=ranks,
         targets=target,
         budget=budget,
-        spent=spent,
+        spent=problem.spend(ranks),
         lora_params=r_ref * sum(cost.values()),
-        params=sum(ranks[n] * cost[n] for n in names),
+        params=sum(ranks[n] * cost[n] for n in shapes),
         form=form,
     )
 

@@ -372,6 +372,99 @@ def _stop_together(error: Exception | None, acc: dict[str, Tensor], steps: int) 
             )
 
 
+@dataclass(frozen=True)
+class _Saved:
+    """The model as calibration found it, for :func:`_restore`: its parameters with their ``requires_grad`` flags
+    and ``.grad`` fields, and copies of its buffers (train mode updates batch-norm statistics)."""
+
+    params: dict[str, nn.Parameter]
+    flags: dict[str, bool]
+    grads: dict[str, Tensor | None]
+    buffers: dict[str, Tensor]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> _Saved:
+        """What calibration will change on ``model``, read now."""
+        params = dict(model.named_parameters())
+        flags = {n: p.requires_grad for n, p in params.items()}
+        grads = {n: p.grad for n, p in params.items()}
+        return cls(params, flags, grads, {n: b.detach().clone() for n, b in model.named_buffers()})
+
+
+def _cuda_devices(targets: dict[str, nn.Module]) -> set[torch.device]:
+    """The CUDA devices the target weights are on, whose peak memory :class:`GradientStats` reports."""
+    weights = {name: m.weight for name, m in targets.items()}
+    return {w.device for w in weights.values() if w.device.type == "cuda"}
+
+
+def _steps(model: nn.Module, targets: dict[str, nn.Module], config: GoraConfig, it: Iterator[Any],
+           error: Exception | None, loss_fn: LossFn | None, scaler: LossScale, acc: dict[str, Tensor],
+           dist: Any) -> tuple[int, int, bool]:
+    """The calibration steps into ``acc`` (the sum over steps of step 1's gradients): ``n_steps`` of them, or fewer
+    when early stopping finds the importances settled; ``error`` (a size check that failed) or any rank's failed
+    step stops every rank at that step (:func:`_stop_together`). Returns the steps taken, the batches read, and
+    whether early stopping ended it."""
+    steps = batches = 0
+    previous: dict[str, float] | None = None
+    while steps < config.n_steps:
+        if error is None:
+            error = _caught(_accumulate_step, model, it, batches, config, loss_fn, scaler, acc)
+        batches += config.grad_accumulation if error is None else 0
+        steps += 1
+        _stop_together(error, acc, steps)
+        if config.early_stop_threshold is not None:
+            settled, previous = _settled(targets, acc, steps, previous, config, dist)
+            if settled and steps >= config.early_stop_min_steps and steps < config.n_steps:
+                return steps, batches, True
+    return steps, batches, False
+
+
+def _calibrate(model: nn.Module, targets: dict[str, nn.Module], config: GoraConfig, calibration: Iterable[Any],
+               loss_fn: LossFn | None, tapped: dict[str, nn.Module], shared: set[str], acc: dict[str, Tensor],
+               saved: _Saved, dist: Any) -> tuple[int, int, bool]:
+    """Every parameter frozen with its ``.grad`` cleared, the shared targets given leaves of their own
+    (:func:`_own_leaves`), the gradient hooks on, the calibration's size checked, then the steps (:func:`_steps`);
+    the model given back as ``saved`` holds it, also when this raises. Returns what :func:`_steps` returns."""
+    hooks: list[Any] = []
+    swapped: dict[str, tuple[nn.Module, nn.Parameter]] = {}
+    try:
+        for p in saved.params.values():
+            p.requires_grad_(False)
+            p.grad = None
+        _own_leaves(model, targets, shared, swapped)
+        scaler = LossScale.for_model(model)
+        _hook_gradients(targets, tapped, acc, hooks, scaler)
+        error = _caught(_check_calibration_size, calibration, config)
+        it: Iterator[Any] = iter(calibration) if error is None else iter(())  # type: ignore[arg-type]
+        return _steps(model, targets, config, it, error, loss_fn, scaler, acc, dist)
+    finally:
+        _original_weights(swapped)
+        _restore(model, hooks, saved.params, saved.flags, saved.grads, saved.buffers)
+
+
+def _mean_gradients(targets: dict[str, nn.Module], acc: dict[str, Tensor], steps: int, dist: Any) -> dict[str, Tensor]:
+    """Step 1's ``Ḡ_i``: each target's gradient sum over the steps divided by their count, ``out x in``; under
+    ``torch.distributed`` the mean over the ranks (each took the same steps, so it is the whole batch's mean)."""
+    mean = {name: _weight_out_in(targets[name], a / steps) for name, a in acc.items()}
+    if dist is not None:
+        mean = {name: mean_across_ranks(g) for name, g in mean.items()}
+    return mean
+
+
+def _gradient_stats(steps: int, batches: int, early: bool, start: float, acc: dict[str, Tensor],
+                    cuda_devices: set[torch.device], dist: Any) -> GradientStats:
+    """What the collection cost (time since ``start``, accumulator bytes, peak CUDA memory) and how it ended."""
+    return GradientStats(
+        steps=steps,
+        batches=batches,
+        early_stopped=early,
+        seconds=time.perf_counter() - start,
+        accumulator_bytes=sum(a.numel() * a.element_size() for a in acc.values()),
+        peak_cuda_bytes=max((torch.cuda.max_memory_allocated(d) for d in cuda_devices), default=None),
+        world_size=dist.get_world_size() if dist is not None else 1,
+    )
+
+
 def collect_gradients(
     model: nn.Module, targets: dict[str, nn.Module], config: GoraConfig, calibration: Iterable[Any], loss_fn: LossFn | None
 ) -> tuple[dict[str, Tensor], GradientStats]:
@@ -396,59 +489,17 @@ def collect_gradients(
     # would let bitsandbytes repack its 4-bit CPU weights, after which training through them fails
     keep_layout(model)
     dist = process_group()
-    params = dict(model.named_parameters())
-    flags = {n: p.requires_grad for n, p in params.items()}
-    grads = {n: p.grad for n, p in params.items()}
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    weights = {name: m.weight for name, m in targets.items()}
+    saved = _Saved.of(model)
+    cuda_devices = _cuda_devices(targets)
     tapped = _tapped(model, targets)
     shared = _shared(model, targets, _followed(model, targets, config))
     acc = _accumulators(targets, config.offload_to_cpu)
-    cuda_devices = {w.device for w in weights.values() if w.device.type == "cuda"}
     for d in cuda_devices:
         torch.cuda.reset_peak_memory_stats(d)
-    hooks: list[Any] = []
     start = time.perf_counter()
-    steps = batches = 0
-    early = False
-    previous: dict[str, float] | None = None
-    swapped: dict[str, tuple[nn.Module, nn.Parameter]] = {}
-    try:
-        for p in params.values():
-            p.requires_grad_(False)
-            p.grad = None
-        _own_leaves(model, targets, shared, swapped)
-        scaler = LossScale.for_model(model)
-        _hook_gradients(targets, tapped, acc, hooks, scaler)
-        error = _caught(_check_calibration_size, calibration, config)
-        it: Iterator[Any] = iter(calibration) if error is None else iter(())  # type: ignore[arg-type]
-        while steps < config.n_steps:
-            if error is None:
-                error = _caught(_accumulate_step, model, it, batches, config, loss_fn, scaler, acc)
-            batches += config.grad_accumulation if error is None else 0
-            steps += 1
-            _stop_together(error, acc, steps)
-            if config.early_stop_threshold is not None:
-                settled, previous = _settled(targets, acc, steps, previous, config, dist)
-                if settled and steps >= config.early_stop_min_steps and steps < config.n_steps:
-                    early = True
-                    break
-    finally:
-        _original_weights(swapped)
-        _restore(model, hooks, params, flags, grads, buffers)
-    mean = {name: _weight_out_in(targets[name], a / steps) for name, a in acc.items()}
-    if dist is not None:
-        mean = {name: mean_across_ranks(g) for name, g in mean.items()}
-    stats = GradientStats(
-        steps=steps,
-        batches=batches,
-        early_stopped=early,
-        seconds=time.perf_counter() - start,
-        accumulator_bytes=sum(a.numel() * a.element_size() for a in acc.values()),
-        peak_cuda_bytes=max((torch.cuda.max_memory_allocated(d) for d in cuda_devices), default=None),
-        world_size=dist.get_world_size() if dist is not None else 1,
-    )
-    return mean, stats
+    steps, batches, early = _calibrate(model, targets, config, calibration, loss_fn, tapped, shared, acc, saved, dist)
+    mean = _mean_gradients(targets, acc, steps, dist)
+    return mean, _gradient_stats(steps, batches, early, start, acc, cuda_devices, dist)
 
 
 # ---------------------------------------------------------------------------- 2. importance
