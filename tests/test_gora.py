@@ -116,6 +116,16 @@ def test_allocation_errors() -> None:
         allocate_ranks({"a": 1.0, "b": float("nan")}, shapes, 8, 4, 8)
 
 
+def test_allocate_ranks_refuses_layers_named_on_one_side_only() -> None:
+    """A layer with a shape and no importance (or the reverse) is named, not a bare KeyError or a silently dropped
+    importance (round 43 found the KeyError)."""
+    shapes = {"a": (8, 8), "b": (8, 8)}
+    with pytest.raises(ValueError, match=r"\['b'\] have no importance"):
+        allocate_ranks({"a": 1.0}, shapes, 4, 1, 8)
+    with pytest.raises(ValueError, match=r"\['c'\] no shape"):
+        allocate_ranks({"a": 1.0, "b": 1.0, "c": 1.0}, shapes, 4, 1, 8)
+
+
 # ------------------------------------------------------------------ ranks follow gradients
 class _Deep(nn.Module):
     """Four equal 16 x 16 layers; ``boost`` multiplies the gradient reaching ``l0``'s weight."""

@@ -277,12 +277,16 @@ def allocate_ranks(
         form: ``"params"`` (``w_i = in_i + out_i``) or ``"sqrt"`` (``w_i = √(in_i + out_i)``).
 
     Raises:
-        ValueError: ``r_min > r_max``, a negative/non-finite importance, or ``b < r_min · Σ w_i``.
+        ValueError: ``r_min > r_max``, layers named in only one of ``importance`` and ``shapes``, a
+            negative/non-finite importance, or ``b < r_min · Σ w_i``.
     """
     if r_min > r_max:
         raise ValueError(f"r_min ({r_min}) must not exceed r_max ({r_max})")
     if form not in BUDGETS:
         raise ValueError(f"budget form must be one of {BUDGETS}, got {form!r}")
+    if set(importance) != set(shapes):
+        raise ValueError(f"importance and shapes must name the same layers: {sorted(set(shapes) - set(importance))} "
+                         f"have no importance, {sorted(set(importance) - set(shapes))} no shape")
     cost = {n: shapes[n][0] + shapes[n][1] for n in shapes}
     problem, budget = _fill_problem(importance, shapes, cost, r_ref, r_min, r_max, form)
     target = problem.fill(_multiplier(problem, budget))
