@@ -262,8 +262,9 @@ def main() -> None:
     # parts not run now are taken from the previous results file (each part keeps its own stamp)
     prev = json.loads((out / f"extras{suffix}.json").read_text()) if (out / f"extras{suffix}.json").is_file() else {}
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())  # a shared machine: what else ran shows here
     stamp = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine,
-             "command": "python bench/extras.py " + " ".join(sys.argv[1:])}
+             "load": f"load average {load} at the start", "command": "python bench/extras.py " + " ".join(sys.argv[1:])}
     res = {}
     for part, run in (("inference", lambda: inference(args.r, args.batch, args.seq, args.rounds, warmup=2)),
                       ("gora_init", lambda: gora_init([int(n) for n in args.n_steps.split(",")], args.r, args.batch, args.seq)),
@@ -279,11 +280,12 @@ def main() -> None:
 
     def when(part: str) -> str:
         m = res[part]["measured"]
-        return f"{m['date']}, {m['machine']}, `{m['command']}`"
+        load = f", {m['load']}" if "load" in m else ""
+        return f"{m['date']}, {m['machine']}{load}, `{m['command']}`"
 
     lines = [f"Rank {args.r} on {TARGETS}; the first three parts at batch {args.batch} x seq {args.seq}."]
     if "inference" in res:
-        lines += ["", f"**Inference (eval forward, no_grad), median of {args.rounds} interleaved rounds** ({when('inference')})", "",
+        lines += ["", f"**Inference (eval forward, no_grad), median of interleaved rounds** ({when('inference')})", "",
                   "| variant | median (ms) | ratio to base model |", "|---|---:|---:|"]
         lines += [f"| {k} | {v['median_ms']:.1f} | {v['ratio_to_base']:.3f} |" for k, v in res["inference"]["data"].items()]
     if "gora_init" in res:
