@@ -10,9 +10,17 @@ cost against ``n_steps``, and adapter file sizes. Packaged MiniLM, CPU, same tar
   resident size before ``attach``, and what GoRA's own report says.
 - **File sizes:** bytes on disk of ``rankwise.save`` (``adapter.safetensors`` + ``adapter_config.json``), of
   ``rankwise.export_peft`` and, for LoRA/DoRA, of PEFT's own ``save_pretrained`` of the same adapter.
+- **Overhead** (``--parts overhead``): the per-call cost where Python overhead shows most, small inputs: a
+  training step (forward, backward, AdamW step, ``zero_grad``, ``rankwise.step``) at batch 4 x seq 16 and a
+  ``no_grad`` eval forward at batch 1 x seq 8, of the base model, rankwise LoRA / DoRA / EDoRA unmerged and
+  PEFT LoRA / DoRA unmerged, all in one process, order rotating each round; each sample is the mean of a few
+  calls; reported: median ms, and the median over rounds of each round's ratio to the base model and to PEFT
+  LoRA (same round, so the machine's load cancels). Uses only API the code of 2026-11-23 (``f117a9a``) has too,
+  so this file alone, copied into a worktree of an older commit, measures that code the same way.
 
     python bench/extras.py            # writes docs/bench/extras.{json,md}
     python bench/extras.py --quick    # a smoke run (writes extras-quick.*)
+    BENCH_THREADS=1 python bench/extras.py --parts overhead --rounds 30   # only the overhead part
 """
 
 from __future__ import annotations
@@ -37,7 +45,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import ROOT, TARGETS, _status_kb, batch_for, calibration, load_base, variants  # noqa: E402
 
 import rankwise  # noqa: E402
-from rankwise.state import is_attached  # noqa: E402
 
 METHODS = ("lora", "dora", "gora", "edora", "raclora")
 
@@ -49,6 +56,7 @@ def _make(label: str, base: torch.nn.Module, r: int, bs: int, sl: int) -> torch.
 
 def _train_a_little(model: torch.nn.Module, batch: dict[str, torch.Tensor], steps: int = 2) -> None:
     """A few steps so adapters are non-zero (a zero update would make merged == base trivially fast)."""
+    from rankwise.state import is_attached  # here, not at the top: the overhead part runs on code without it
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     for _ in range(steps):
@@ -88,6 +96,90 @@ def inference(r: int, bs: int, sl: int, rounds: int, warmup: int) -> dict[str, d
                     times[label].append(time.perf_counter() - t0)
     ref = statistics.median(times["base (no adapter)"])
     return {k: {"median_ms": 1000 * statistics.median(v), "ratio_to_base": statistics.median(v) / ref} for k, v in times.items()}
+
+
+OVERHEAD_VARIANTS = ("lora", "dora", "edora", "peft-lora", "peft-dora")
+OVERHEAD_SHAPES = {"train step": (4, 16), "eval forward": (1, 8)}
+
+
+def _overhead_models(r: int) -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer | None]]:
+    """label -> (model in train mode, its AdamW); the base model trains nothing, so it has no optimizer."""
+    base = load_base()
+    out: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer | None]] = {"base (no adapter)": (copy.deepcopy(base).train(), None)}
+    for label in OVERHEAD_VARIANTS:
+        m = _make(label, copy.deepcopy(base), r, 4, 16).train()
+        out[label] = (m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3))
+    return out
+
+
+def _overhead_call(kind: str, label: str, model: torch.nn.Module, opt: torch.optim.Optimizer | None,
+                   batch: dict[str, torch.Tensor]) -> None:
+    """One call as a user makes it: an eval forward (no_grad outside), or a whole training step."""
+    if kind == "eval forward":
+        model(**batch)
+        return
+    out = model(**batch)
+    if opt is None:
+        return  # the base model: its forward alone (nothing trains)
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if not label.startswith("peft"):
+        rankwise.step(model, opt)
+
+
+def _overhead_rounds(kind: str, models: dict, batch: dict[str, torch.Tensor], rounds: int, warmup: int,
+                     inner: int) -> dict[str, list[float]]:
+    """Seconds per call of each variant, one sample per round (the mean of ``inner`` calls), order rotating."""
+    labels = list(models)
+    times: dict[str, list[float]] = {k: [] for k in labels}
+    for i in range(warmup + rounds):
+        for label in labels[i % len(labels):] + labels[: i % len(labels)]:
+            model, opt = models[label]
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                _overhead_call(kind, label, model, opt, batch)
+            if i >= warmup:
+                times[label].append((time.perf_counter() - t0) / inner)
+    return times
+
+
+def _ratio(times: dict[str, list[float]], label: str, ref: str) -> float:
+    """Median over rounds of ``label``'s time over ``ref``'s in the same round."""
+    return statistics.median(a / b for a, b in zip(times[label], times[ref]))
+
+
+def overhead(r: int, rounds: int, warmup: int = 3, inner: int = 3) -> dict[str, dict[str, dict[str, float]]]:
+    models = _overhead_models(r)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for kind, (bs, sl) in OVERHEAD_SHAPES.items():
+        batch = batch_for(bs, sl)
+        if kind == "eval forward":
+            batch = {k: v for k, v in batch.items() if k != "labels"}
+            for m, _ in models.values():
+                m.eval()
+            with torch.no_grad():
+                times = _overhead_rounds(kind, models, batch, rounds, warmup, inner)
+        else:
+            times = _overhead_rounds(kind, models, batch, rounds, warmup, inner)
+        out[kind] = {k: {"median_ms": 1000 * statistics.median(v), "ratio_to_base": _ratio(times, k, "base (no adapter)"),
+                         "ratio_to_peft_lora": _ratio(times, k, "peft-lora")} for k, v in times.items()}
+    return out
+
+
+def _overhead_lines(data: dict[str, dict[str, dict[str, float]]], when: str, r: int) -> list[str]:
+    """The overhead part's table: one row per variant, a column pair per kind of call."""
+    kinds = list(data)
+    shapes = ", ".join(f"{k} at batch {bs} x seq {sl}" for k, (bs, sl) in OVERHEAD_SHAPES.items() if k in data)
+    head = " | ".join(f"{k} (ms) | ÷ base | ÷ PEFT LoRA" for k in kinds)
+    lines = ["", f"**Per-call overhead on small inputs** (rank {r}; {shapes}; ratios are medians of per-round ratios; "
+             f"the base model's train step is its forward and loss alone, nothing to train; {when})", "",
+             f"| variant | {head} |", "|---|" + "---:|" * (3 * len(kinds))]
+    for label in data[kinds[0]]:
+        cells = " | ".join(f"{data[k][label]['median_ms']:.2f} | {data[k][label]['ratio_to_base']:.3f} | "
+                           f"{data[k][label]['ratio_to_peft_lora']:.3f}" for k in kinds)
+        lines.append(f"| {label} | {cells} |")
+    return lines
 
 
 def gora_init_child(n_steps: int, r: int, bs: int, sl: int) -> None:
@@ -169,37 +261,45 @@ def main() -> None:
     parts = set(args.parts.split(","))
     # parts not run now are taken from the previous results file (each part keeps its own stamp)
     prev = json.loads((out / f"extras{suffix}.json").read_text()) if (out / f"extras{suffix}.json").is_file() else {}
-    stamp = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-             "command": "python bench/extras.py " + " ".join(sys.argv[1:])}
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())  # a shared machine: what else ran shows here
+    stamp = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine,
+             "load": f"load average {load} at the start", "command": "python bench/extras.py " + " ".join(sys.argv[1:])}
     res = {}
     for part, run in (("inference", lambda: inference(args.r, args.batch, args.seq, args.rounds, warmup=2)),
                       ("gora_init", lambda: gora_init([int(n) for n in args.n_steps.split(",")], args.r, args.batch, args.seq)),
-                      ("file_sizes", lambda: file_sizes(args.r, args.batch, args.seq))):
-        if part in parts or part not in prev:
+                      ("file_sizes", lambda: file_sizes(args.r, args.batch, args.seq)),
+                      ("overhead", lambda: overhead(args.r, args.rounds))):
+        if part in parts:
             res[part] = {"measured": stamp, "data": run()}
             print(json.dumps(res[part], indent=1), flush=True)
-        else:
-            res[part] = prev[part]
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
-            "rank": args.r, "batch": args.batch, "seq": args.seq}
+        elif part in prev:  # a part stamped before stamps named the machine was measured on the file's machine
+            res[part] = {**prev[part], "measured": {"machine": prev["meta"]["machine"], **prev[part]["measured"]}}
+    meta = {"machine": machine, "rank": args.r, "batch": args.batch, "seq": args.seq}
     (out / f"extras{suffix}.json").write_text(json.dumps({"meta": meta, **res}, indent=1))
-    inf, gora, sizes = res["inference"]["data"], res["gora_init"]["data"], res["file_sizes"]["data"]
 
     def when(part: str) -> str:
-        return f"{res[part]['measured']['date']}, `{res[part]['measured']['command']}`"
+        m = res[part]["measured"]
+        load = f", {m['load']}" if "load" in m else ""
+        return f"{m['date']}, {m['machine']}{load}, `{m['command']}`"
 
-    lines = [f"On {meta['machine']}; rank {args.r} on {TARGETS}, batch {args.batch} x seq {args.seq}.", "",
-             f"**Inference (eval forward, no_grad), median of {args.rounds} interleaved rounds** ({when('inference')})", "",
-             "| variant | median (ms) | ratio to base model |", "|---|---:|---:|"]
-    lines += [f"| {k} | {v['median_ms']:.1f} | {v['ratio_to_base']:.3f} |" for k, v in inf.items()]
-    lines += ["", f"**GoRA initialisation against n_steps** (calibration batches of {args.batch} x {args.seq}; {when('gora_init')})", "",
-              "| n_steps | attach (s) | peak RSS growth during attach (MB) |", "|---:|---:|---:|"]
-    lines += [f"| {g['n_steps']} | {g['attach_s']:.2f} | {g['peak_growth_mb']:.0f} |" for g in gora]
-    lines += ["", f"**Adapter files (bytes)** ({when('file_sizes')})", "", "| method | trainable | rankwise.save | export_peft | PEFT save_pretrained |",
-              "|---|---:|---:|---:|---:|"]
-    for name, v in sizes.items():
-        cell = lambda key: f"{sum(v[key].values()):,}" if key in v else "—"  # noqa: E731
-        lines.append(f"| {name} | {v['trainable']:,} | {cell('rankwise')} | {cell('export_peft')} | {cell('peft save_pretrained')} |")
+    lines = [f"Rank {args.r} on {TARGETS}; the first three parts at batch {args.batch} x seq {args.seq}."]
+    if "inference" in res:
+        lines += ["", f"**Inference (eval forward, no_grad), median of interleaved rounds** ({when('inference')})", "",
+                  "| variant | median (ms) | ratio to base model |", "|---|---:|---:|"]
+        lines += [f"| {k} | {v['median_ms']:.1f} | {v['ratio_to_base']:.3f} |" for k, v in res["inference"]["data"].items()]
+    if "gora_init" in res:
+        lines += ["", f"**GoRA initialisation against n_steps** (calibration batches of {args.batch} x {args.seq}; {when('gora_init')})", "",
+                  "| n_steps | attach (s) | peak RSS growth during attach (MB) |", "|---:|---:|---:|"]
+        lines += [f"| {g['n_steps']} | {g['attach_s']:.2f} | {g['peak_growth_mb']:.0f} |" for g in res["gora_init"]["data"]]
+    if "file_sizes" in res:
+        lines += ["", f"**Adapter files (bytes)** ({when('file_sizes')})", "",
+                  "| method | trainable | rankwise.save | export_peft | PEFT save_pretrained |", "|---|---:|---:|---:|---:|"]
+        for name, v in res["file_sizes"]["data"].items():
+            cell = lambda key: f"{sum(v[key].values()):,}" if key in v else "—"  # noqa: E731
+            lines.append(f"| {name} | {v['trainable']:,} | {cell('rankwise')} | {cell('export_peft')} | {cell('peft save_pretrained')} |")
+    if "overhead" in res:
+        lines += _overhead_lines(res["overhead"]["data"], when("overhead"), args.r)
     (out / f"extras{suffix}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
