@@ -626,11 +626,14 @@ def install_rebuilt(
 ) -> None:
     """The shared end of :func:`load` and :func:`rankwise.import_peft`, after their checks of the file.
 
-    ``rebuild_and_fill`` builds the method's layers for ``targets`` and fills them from the file,
-    returning them with each fully-trained module's tensors; it raises on anything that does not fit.
-    Building a layer freezes its base weight, so all of it runs inside :func:`all_or_nothing`: on any
-    error the model is put back as it was. Then the layers are installed, everything is frozen unless
-    ``trainable``, and the fully-trained modules' tensors are loaded last (their shapes already checked).
+    ``targets``: every slot the adapter takes (its layers', tied heads', token rows'), put back on an error.
+    ``rebuild_and_fill`` builds the method's layers and fills them from the file, returning them with each
+    fully-trained module's tensors; it raises on anything that does not fit. Building a layer freezes its base
+    weight, so all of it runs inside :func:`all_or_nothing`: on any error the model is put back as it was. Then
+    the layers are installed (:func:`rankwise.lifecycle.install`), the step and method state set, this adapter's
+    layers and trained copies frozen unless ``trainable`` (for a first adapter that is the whole model:
+    ``install`` froze the rest), and the fully-trained modules' tensors are loaded last (their shapes already
+    checked).
     """
     with all_or_nothing(model, [*targets, *saved]):
         layers, saved_tensors = rebuild_and_fill()

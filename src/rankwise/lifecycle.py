@@ -192,6 +192,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(n for n, trains in counts if trains), sum(n for n, _ in counts)
 
 
+# ---------------------------------------------------------------------------- LoRA+'s optimizer groups
 def _check_lora_plus_numbers(lr: float, ratio: float, weight_decay: float, embedding_lr: float | None) -> None:
     """The rates and the ratio positive and finite, the weight decay ``>= 0``: each refusal names its argument."""
     check_number("lr", lr)
@@ -292,14 +293,18 @@ def _count_new(module: nn.Module, counted: set[int]) -> int:
 def install(
     model: nn.Module, config: AdapterConfig, result: BuildResult, saved: dict[str, nn.Module], name: str = DEFAULT_ADAPTER
 ) -> AttachReport:
-    """Swap built layers into the model (beside a module's existing adapter: as a peer of its host),
-    freeze the rest, and record the state as adapter ``name``, active (no checks: callers check).
+    """Put built layers in the model and record them as adapter ``name``, active (no checks: callers check).
+
+    In order: a first adapter freezes every parameter of the model (a later one leaves the flags alone); each layer
+    goes into its slot (beside a module's existing adapter: as a peer of its host) with its own tensors trainable,
+    then each fully-trained module's trainable copy; the state is recorded and carried in ``state_dict``; the
+    report is made (a later adapter's with a note of its own share), then the notes on what the swap leaves (a
+    target's own hooks or buffers, a tie that merging or training parts) are added to it and given as warnings.
 
     Each fully-trained module is replaced by a trainable copy (as PEFT does): the original, kept for
     :func:`detach` and :func:`rankwise.disabled`, is never trained, and a head tied to another module
     (``lm_head`` and the input embedding) trains its own copy instead of the shared tensor (under
-    ``ensure_weight_tying`` the pair's copies, both trained, share one copy of it, as in HF PEFT). The first
-    adapter freezes every other parameter; a later one leaves the existing adapters' flags alone. Call it
+    ``ensure_weight_tying`` the pair's copies, both trained, share one copy of it, as in HF PEFT). Call it
     inside :func:`all_or_nothing`, which puts the original modules and flags back on an error.
     """
     adapters: AdapterSet | None = getattr(model, STATE_ATTR, None)
@@ -667,8 +672,8 @@ def attach(
         The per-layer report, an :class:`AttachReport` (print it for a table).
 
     Raises:
-        ValueError: a bad target, rank or config value, or a model that already has adapters; the
-            message names the culprit. The model is unchanged on any error (``requires_grad`` flags included).
+        ValueError: a bad target, rank or config value, or a model that already has adapters and no new
+            ``name``; the message names the culprit. The model is unchanged on any error (``requires_grad`` flags included).
         TypeError: ``config`` is not a rankwise config, or a target is a module type rankwise cannot adapt.
     """
     if not isinstance(config, AdapterConfig):
