@@ -1,4 +1,4 @@
-r"""Export to the HF PEFT adapter format, so a rankwise adapter serves wherever PEFT adapters do.
+r"""Export to, and import from, the HF PEFT adapter format, so a rankwise adapter serves wherever PEFT adapters do.
 
 A PEFT LoRA adapter is a folder with ``adapter_config.json`` and ``adapter_model.safetensors`` whose
 keys are ``base_model.model.<module>.lora_A.weight`` (``r x in``), ``...lora_B.weight`` (``out x r``)

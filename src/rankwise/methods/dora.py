@@ -155,7 +155,8 @@ class DoraLinear(LoraLinear):
     def weight_norm(self) -> Tensor:
         """``‖W0 + s·B A‖_row`` (``out``), detached: DoRA treats it as a constant in backward.
 
-        Computed without the ``out x in`` sum, from two reads of ``W0`` (:func:`low_rank_row_norm`)::
+        Computed without forming ``B A`` or the ``out x in`` sum, from two quantities of ``W0``, ``‖W0‖²_row`` and
+        ``W0 Aᵀ`` (:func:`low_rank_row_norm`)::
 
             ‖W0 + s·B A‖²_row = ‖W0‖²_row + rowsum(B ⊙ (2s·W0 Aᵀ + s²·B A Aᵀ))
 

@@ -277,8 +277,8 @@ def allocate_ranks(
         form: ``"params"`` (``w_i = in_i + out_i``) or ``"sqrt"`` (``w_i = √(in_i + out_i)``).
 
     Raises:
-        ValueError: ``r_min > r_max``, layers named in only one of ``importance`` and ``shapes``, a
-            negative/non-finite importance, or ``b < r_min · Σ w_i``.
+        ValueError: ``r_min > r_max``, an unknown ``form``, layers named in only one of ``importance`` and
+            ``shapes``, ``b < r_min · Σ w_i``, or a negative/non-finite importance (checked in that order).
     """
     if r_min > r_max:
         raise ValueError(f"r_min ({r_min}) must not exceed r_max ({r_max})")
@@ -302,7 +302,7 @@ def allocate_ranks(
     )
 
 
-# ---------------------------------------------------------------------------- 4. build
+# ---------------------------------------------------------------------------- steps 1-4 together: build
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -353,7 +353,7 @@ def build(
     return BuildResult(layers, extras, notes)
 
 
-# ---------------------------------------------------------------------------- 6. the rank picture
+# ---------------------------------------------------------------------------- after step 3: the ranks as a table and a plot
 @dataclass
 class RankTable:
     """Ranks as a grid: ``ranks[i][j]`` is the rank of module type ``module_types[i]`` in block ``layer_indices[j]``."""
