@@ -45,11 +45,11 @@ from .adapters import set_active
 from .config import AdapterConfig, check_bool
 from .distributed import ZERO3_GATHER, check_layers_whole, check_whole_modules
 from .hub import adapter_folder
-from .layer import AdapterLayer
+from .layer import DEFAULT_ADAPTER, AdapterLayer
 from .lifecycle import all_or_nothing, check_new_name, install, refuse_fully_trained_targets
 from .quant import dense_weight, quant_block, quant_kind
 from .registry import BuildResult, Method, config_from_dict, get_method
-from .state import (DEFAULT_NAME, adapter_layers, adapter_set, base_modules, fully_trained_modules, get_state, is_attached,
+from .state import (adapter_layers, adapter_set, base_modules, fully_trained_modules, get_state, is_attached,
                     plain_name, refuse_peft_model, slot_layers, tied_layers, token_layers, unwrap_model)
 from .targeting import SUPPORTED_TYPES, adaptable_sample, check_target, is_supported, out_in
 from .ties import TIE_METHODS, build_ties
@@ -141,8 +141,8 @@ def folders_by_name(model: nn.Module, path: str | os.PathLike[str], name: str | 
     if name is not None or len(adapters.adapters) == 1:
         folders = {adapters.resolve(name): folder}
     else:
-        folders = {n: folder if n == DEFAULT_NAME else folder / n for n in adapters.adapters}
-        refuse_case_clashes([n for n in folders if n != DEFAULT_NAME], what)  # "default" goes in path itself
+        folders = {n: folder if n == DEFAULT_ADAPTER else folder / n for n in adapters.adapters}
+        refuse_case_clashes([n for n in folders if n != DEFAULT_ADAPTER], what)  # "default" goes in path itself
     for adapter in folders:
         warn_left_out(model, adapter, what)
     return folders
@@ -622,7 +622,7 @@ def install_rebuilt(
     trainable: bool,
     method_state: dict[str, Any] | None = None,
     step: int = 0,
-    name: str = DEFAULT_NAME,
+    name: str = DEFAULT_ADAPTER,
 ) -> None:
     """The shared end of :func:`load` and :func:`rankwise.import_peft`, after their checks of the file.
 

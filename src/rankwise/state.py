@@ -20,12 +20,11 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .config import AdapterConfig
-from .layer import DEFAULT_ADAPTER, AdapterLayer
+from .layer import AdapterLayer
 from .ties import TiedHead
 from .tokens import TokenRows
 
 STATE_ATTR = "_rankwise"
-DEFAULT_NAME = DEFAULT_ADAPTER  # the name of an adapter attached without one (HF PEFT's default too)
 # wrappers whose inner model holds the adapter: torch.compile, DDP, DataParallel, FSDP1
 _WRAPPER_ATTRS = {"OptimizedModule": "_orig_mod", "DistributedDataParallel": "module", "DataParallel": "module",
                   "FullyShardedDataParallel": "_fsdp_wrapped_module"}
