@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -190,3 +191,30 @@ def test_the_verdict_rule_s_boundaries_and_a_single_seed(tmp_ledger: Path) -> No
     for task, n in (("mrpc", "(3, 1)"), ("average", "(1, 1)")):  # the average: seeds both arms finished
         row = next(x for x in lines if x.startswith(f"| {task} | edora-svd"))
         assert f"{n} | not decided yet (< 2 seeds)" in row and "[" not in row, row
+
+
+def _stated(pattern: str, text: str) -> list[tuple[int, ...]]:
+    return [tuple(int(g) for g in m.groups()) for m in re.finditer(pattern, text)]
+
+
+def test_the_run_counts_the_docs_state_are_the_ledger_s() -> None:
+    """The EDoRA run counts are written by hand in three places each time a run is committed (README's Evidence row,
+    docs/methods/index.md, docs/evidence/edora.md), and the report's provenance line counts the entries it read:
+    each must be the number of entries in the committed ledger, so a run committed without its counts fails here."""
+    root = Path(__file__).resolve().parents[1]
+    entries = {r: len(list((root / "docs" / "bench" / "runs" / f"edora-decided-r{r}").rglob("*.json"))) for r in (8, 12)}
+    if not entries[8]:
+        pytest.skip("the committed edora-decided ledgers are not in this checkout")
+
+    def read(*parts: str) -> str:
+        return (root.joinpath(*parts)).read_text(encoding="utf-8")
+
+    pair = (entries[8], entries[12])
+    assert _stated(r"(\d+) \+ (\d+) runs in", read("README.md")) == [pair]
+    assert _stated(r"(\d+) \+ (\d+) runs in", read("docs", "methods", "index.md")) == [pair]
+    evidence = read("docs", "evidence", "edora.md")
+    assert _stated(r"\*\*r 8, (\d+) runs:\*\*", evidence) == [(entries[8],)]
+    assert _stated(r"\*\*r 12, (\d+) runs:\*\*", evidence) == [(entries[12],)]
+    for r in (8, 12):  # "All N entries from commit `c` (N)." or "Entries by commit: `c1` (n1), `c2` (n2); ..."
+        line = next(x for x in read("docs", "bench", f"edora-decided-r{r}.md").splitlines() if "ntries" in x)
+        assert sum(n for (n,) in _stated(r"`[^`]+` \((\d+)\)", line)) == entries[r], f"edora-decided-r{r}.md"
