@@ -266,3 +266,20 @@ def test_all_linear_on_a_moe_adapts_neither_router_nor_fused_experts() -> None:
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".mlp." in n)
     _loss(model.train(), _ids(2)).backward()
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_a_scaled_embedding_s_embed_scale_is_not_called_left_behind() -> None:
+    """Gemma's ``embed_tokens`` (``W[ids] * sqrt(hidden)``, the scale a buffer) adapted: attach warned that its
+    buffer ``embed_scale`` stays behind and does "not run" while attached, yet the adapter layer reads it on each
+    call. No such warning now; the adapted embedding at init still computes the scaled lookup."""
+    import warnings
+
+    model = _make("gemma")[0]
+    emb = model.model.embed_tokens
+    ids = torch.tensor([[3, 5, 7]])
+    expected = emb.weight[ids] * emb.embed_scale
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["embed_tokens"]))
+    assert not [w for w in caught if "embed_scale" in str(w.message)]
+    torch.testing.assert_close(model.model.embed_tokens(ids), expected, rtol=0, atol=0)
