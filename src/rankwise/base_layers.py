@@ -193,6 +193,12 @@ class BaseKind:
         return y
 
     @classmethod
+    def read_buffers(cls, module: nn.Module) -> tuple[str, ...]:
+        """The names of ``module``'s buffers this kind reads from it on each call (so they keep working while an adapter
+        layer stands in its slot, and attach's note of buffers left behind leaves them out): none here."""
+        return ()
+
+    @classmethod
     def check_module(cls, module: nn.Module) -> None:
         """Raise ``TypeError`` / ``ValueError`` (saying why) when this kind matches ``module`` but cannot reproduce its
         forward exactly: for every kind, a weight computed on each call (:func:`check_stored_weight`); a kind refusing
@@ -406,6 +412,11 @@ class EmbeddingKind(InOutKind):
         """``table[ids]`` (``(..., cols)``) with the module's settings (``max_norm`` is refused at attach)."""
         emb = cast(nn.Embedding, self.module)
         return F.embedding(ids, table, emb.padding_idx, None, emb.norm_type, emb.scale_grad_by_freq, False)
+
+    @classmethod
+    def read_buffers(cls, module: nn.Module) -> tuple[str, ...]:
+        """A scaled embedding's ``embed_scale`` (read by :meth:`embed_scale` on each call), else none."""
+        return () if type(module).forward is nn.Embedding.forward else ("embed_scale",)
 
     def embed_scale(self) -> Tensor | float | None:
         """A scaled embedding's ``c`` (its ``embed_scale``, read at each call: a buffer moves with the module), else

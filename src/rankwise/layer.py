@@ -203,6 +203,23 @@ class AdapterLayer(nn.Module):
         """Whether the base stores its weight ``in x out`` (GPT-2 ``Conv1D``; PEFT's ``fan_in_fan_out``)."""
         return self.kind.fan_in_fan_out
 
+    def __getattr__(self, name: str) -> Any:
+        """A setting of the base module (a plain, public value in its ``__dict__``: a convolution's ``stride``,
+        ``padding``, ``kernel_size``, an embedding's ``padding_idx``, ...) when the layer has no attribute of that name.
+
+        Models read such settings from the module in their slot: Whisper's encoder computes its expected input length
+        from ``self.conv1.stride[0] * self.conv2.stride[0]``, which raised ``AttributeError`` with the convolutions
+        adapted. Only the base's plain values are read: its tensors are this layer's ``weight`` / ``bias``, and its
+        submodules, hooks and private attributes stay its own."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            kind = self.__dict__.get("kind")
+            settings = {} if kind is None or name.startswith("_") else vars(kind.module)
+            if name not in settings or isinstance(settings[name], (Tensor, nn.Module)):
+                raise
+            return settings[name]
+
     def base_layer(self) -> nn.Module:
         """The base module this layer adapts (not a submodule: its tensors are this layer's ``weight``/``bias``)."""
         return self.kind.module

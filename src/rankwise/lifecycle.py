@@ -38,6 +38,7 @@ from .distributed import (
     sharded,
     true_on_every_rank,
 )
+from .base_layers import kind_class
 from .layer import AdapterLayer
 from .optim import made_no_update, split_weight_decay
 from .quant import dequantize_model, model_float_dtype, parameter_count, quant_kind
@@ -387,13 +388,16 @@ def _left_behind(name: str, target: nn.Module) -> str | None:
     """The note for what stays on target ``name`` while an adapter layer stands in its slot (``None``: nothing): its
     state-dict hooks (the layer, holding ``weight`` / ``bias`` and the adapter's tensors, writes the model's
     ``state_dict`` there, and ``rankwise.save`` reads it: a user's hook run on it could add keys to the adapter file) and
-    its buffers. Both come back with the module at ``detach``. A bitsandbytes layer's own hooks are left out (the
+    its buffers, less those its kind reads from it on each call (a scaled embedding's ``embed_scale``, still used:
+    :meth:`~rankwise.base_layers.BaseKind.read_buffers`). Both come back with the module at ``detach``. A bitsandbytes layer's own hooks are left out (the
     layer's ``_load_from_state_dict`` does their work); an adapter layer already there (a peer joins it) has none."""
     if isinstance(target, AdapterLayer):
         return None
     kinds = [kind for kind, hooks in state_dict_hooks(target).items()
              if any(hook_package(h) != "bitsandbytes" for h in hooks.values())]
-    buffers = [] if quant_kind(target) else [n for n, b in target._buffers.items() if b is not None]
+    kind = kind_class(target)
+    read = kind.read_buffers(target) if kind is not None else ()  # a scaled embedding's embed_scale: still used
+    buffers = [] if quant_kind(target) else [n for n, b in target._buffers.items() if b is not None and n not in read]
     if not kinds and not buffers:
         return None
     held = ", ".join([*kinds, *([f"buffers {buffers}"] if buffers else [])])

@@ -153,9 +153,10 @@ def _refuse_unsupported(name: str, module: nn.Module) -> None:
     if not is_supported(module):
         why = (" inside torch's nn.MultiheadAttention, which never calls its forward (it reads the weight "
                "directly), so an adapter there would compute nothing") if forward_bypassed(module) else ""
+        fused = fused_parameters({f"{name}.{p}": t for p, t in module.named_parameters(recurse=False)})
         raise TypeError(
-            f"target {name!r} is a {type(module).__name__}{why}; rankwise adapts {', '.join(SUPPORTED_TYPES)} "
-            f"layers only. Narrow target_modules (or add {name!r} to exclude_modules)."
+            f"target {name!r} is a {type(module).__name__}{why}{_fused_hint(fused)}; rankwise adapts "
+            f"{', '.join(SUPPORTED_TYPES)} layers only. Narrow target_modules (or add {name!r} to exclude_modules)."
         )
     check_target(name, module)
 
@@ -194,10 +195,28 @@ def _refuse_no_targets(model: nn.Module, named: list[tuple[str, nn.Module]], pas
             "modules_to_save, or name other layers in target_modules"
         )
     sample = adaptable_sample(named, 12)
+    params = fused_parameters({n: p for n, p in model.named_parameters() if name_matches(n, target_modules)})
+    names = f": it names parameters, not layers{_fused_hint(params)}" if params else ""
     raise ValueError(
         f"target_modules={target_modules!r} matched no module of {type(model).__name__} "
-        f"(exclude_modules={exclude_modules!r}). Adaptable layers include: {sample}"
+        f"(exclude_modules={exclude_modules!r}){names}. Adaptable layers include: {sample}"
     )
+
+
+def fused_parameters(named: dict[str, torch.Tensor]) -> list[str]:
+    """The names in ``named`` of tensors with three or more dimensions: a mixture-of-experts block's fused expert
+    weights (transformers 5's ``MixtralExperts.gate_up_proj``, ``(experts, out, in)``) are such ``nn.Parameter``s of
+    a module with no layer inside, so neither a target name nor ``all-linear`` can reach them."""
+    return [n for n, p in named.items() if p.dim() >= 3]
+
+
+def _fused_hint(fused: list[str]) -> str:
+    """The words naming fused expert weights (:func:`fused_parameters`) and what to do instead; ``""`` for none."""
+    if not fused:
+        return ""
+    return (f" ({fused[:4]}: several experts' weights fused into one 3-D nn.Parameter, not an nn.Linear per expert). "
+            "rankwise adapts layers, not parameters: adapt the layers around the experts (attention projections, a "
+            "shared expert), or adapt the experts' parameters with HF PEFT (LoraConfig(target_parameters=[...]))")
 
 
 def find_targets(
