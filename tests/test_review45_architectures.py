@@ -11,7 +11,9 @@ exact, and PEFT loads the export (and rankwise imports PEFT's adapter) with PEFT
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -255,6 +257,7 @@ def test_a_fused_expert_parameter_named_as_a_target_says_it_is_a_parameter(spec:
         rankwise.attach(_moe(), rankwise.LoraConfig(r=2, target_modules=spec))
 
 
+@pytest.mark.filterwarnings("ignore:target_modules=.all-linear. leaves")  # said: the test below
 def test_all_linear_on_a_moe_adapts_neither_router_nor_fused_experts() -> None:
     """``all-linear`` on Mixtral adapts the attention projections only, as PEFT 0.21 does: the router
     (``MixtralTopKRouter``, no ``nn.Linear``) and the fused experts keep their weights through training."""
@@ -283,3 +286,28 @@ def test_a_scaled_embedding_s_embed_scale_is_not_called_left_behind() -> None:
         rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["embed_tokens"]))
     assert not [w for w in caught if "embed_scale" in str(w.message)]
     torch.testing.assert_close(model.model.embed_tokens(ids), expected, rtol=0, atol=0)
+
+
+def test_all_linear_on_fused_experts_says_they_stay_frozen(recwarn: pytest.WarningsRecorder) -> None:
+    """``all-linear`` on Mixtral (fused 3-D expert weights) adapts the attention only, as PEFT does; a user who asked
+    for "every linear layer" is told which expert weights stay frozen, at the line that called ``attach``."""
+    rankwise.attach(_moe(), rankwise.LoraConfig(r=2, target_modules="all-linear"))
+    said = [w for w in recwarn if "fused expert" in str(w.message)]
+    assert len(said) == 1 and Path(said[0].filename).resolve() == Path(__file__).resolve(), said
+    assert re.search(r"leaves 2 fused expert weight\(s\) frozen.*experts\.gate_up_proj.*experts\.down_proj.*"
+                     r"target_parameters", str(said[0].message))
+
+
+@pytest.mark.parametrize("family", ["vit", "qwen2-gqa"])
+def test_all_linear_without_experts_says_nothing_of_them(family: str, recwarn: pytest.WarningsRecorder) -> None:
+    """No expert note where there are no experts: ViT's 3-D ``position_embeddings`` / ``cls_token`` are not experts'."""
+    rankwise.attach(_make(family)[0], rankwise.LoraConfig(r=2, target_modules="all-linear"))
+    assert not [w for w in recwarn if "expert" in str(w.message)]
+
+
+def test_a_plain_parameter_named_as_a_target_is_named_without_an_expert_story() -> None:
+    """ViT's ``cls_token`` (a 3-D parameter of the embeddings, not an expert's) named as a target: the refusal says
+    it is a parameter, and says nothing of fused experts."""
+    with pytest.raises(ValueError, match=r"names parameters, not layers \(\['vit\.embeddings\.cls_token'\]\)\.") as err:
+        rankwise.attach(_make("vit")[0], rankwise.LoraConfig(r=2, target_modules=["cls_token"]))
+    assert "expert" not in str(err.value)

@@ -15,7 +15,10 @@ Semantics (the same as HF PEFT's, so configs transfer):
 from __future__ import annotations
 
 import itertools
+import os
 import re
+import sys
+import warnings
 from collections.abc import Iterable
 from typing import NoReturn
 
@@ -153,7 +156,7 @@ def _refuse_unsupported(name: str, module: nn.Module) -> None:
     if not is_supported(module):
         why = (" inside torch's nn.MultiheadAttention, which never calls its forward (it reads the weight "
                "directly), so an adapter there would compute nothing") if forward_bypassed(module) else ""
-        fused = fused_parameters({f"{name}.{p}": t for p, t in module.named_parameters(recurse=False)})
+        fused = fused_parameters(module, name)
         raise TypeError(
             f"target {name!r} is a {type(module).__name__}{why}{_fused_hint(fused)}; rankwise adapts "
             f"{', '.join(SUPPORTED_TYPES)} layers only. Narrow target_modules (or add {name!r} to exclude_modules)."
@@ -195,19 +198,42 @@ def _refuse_no_targets(model: nn.Module, named: list[tuple[str, nn.Module]], pas
             "modules_to_save, or name other layers in target_modules"
         )
     sample = adaptable_sample(named, 12)
-    params = fused_parameters({n: p for n, p in model.named_parameters() if name_matches(n, target_modules)})
-    names = f": it names parameters, not layers{_fused_hint(params)}" if params else ""
+    params = [n for n, _ in model.named_parameters() if name_matches(n, target_modules)]
+    fused = [n for n in fused_parameters(model) if n in params]
+    names = f": it names parameters, not layers ({params[:4]}){_fused_hint(fused)}" if params else ""
     raise ValueError(
         f"target_modules={target_modules!r} matched no module of {type(model).__name__} "
         f"(exclude_modules={exclude_modules!r}){names}. Adaptable layers include: {sample}"
     )
 
 
-def fused_parameters(named: dict[str, torch.Tensor]) -> list[str]:
-    """The names in ``named`` of tensors with three or more dimensions: a mixture-of-experts block's fused expert
-    weights (transformers 5's ``MixtralExperts.gate_up_proj``, ``(experts, out, in)``) are such ``nn.Parameter``s of
-    a module with no layer inside, so neither a target name nor ``all-linear`` can reach them."""
-    return [n for n, p in named.items() if p.dim() >= 3]
+def fused_parameters(model: nn.Module, prefix: str = "") -> list[str]:
+    """The full names of ``model``'s fused expert weights: 3-D parameters held directly by a mixture-of-experts module
+    (its class or its name says "expert"; transformers 5's ``MixtralExperts.gate_up_proj``, ``(experts, out, in)``).
+    Such a module has no layer inside, so neither a target name nor ``all-linear`` can reach them. Other 3-D
+    parameters (ViT's ``position_embeddings``, a convolution's weight) are not experts' and are not named."""
+    return [".".join(part for part in (prefix, m, p) if part)
+            for m, module in model.named_modules() if "expert" in f"{type(module).__name__}.{m}".lower()
+            for p, t in module.named_parameters(recurse=False) if t.dim() == 3]
+
+
+def _warn_fused_left_out(model: nn.Module) -> None:
+    """``all-linear`` on a mixture-of-experts model with fused experts adapts the layers around them only (as HF PEFT
+    does): say so, naming the weights left frozen, rather than let the experts stay untrained unannounced."""
+    fused = fused_parameters(model)
+    if fused:
+        warnings.warn(f"target_modules='all-linear' leaves {len(fused)} fused expert weight(s) frozen"
+                      f"{_fused_hint(fused)}", UserWarning, stacklevel=_user_stacklevel())
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` (for a ``warnings.warn`` in the caller of this function) of the first frame outside the
+    rankwise package: the user's line, whichever public function (``attach``, ``target_names``, ...) led there."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _fused_hint(fused: list[str]) -> str:
@@ -243,6 +269,8 @@ def find_targets(
     refuse_held_in_several_places(found, slots, "target")
     if not found:
         _refuse_no_targets(model, named, passed_over, target_modules, exclude_modules, skipped, all_linear)
+    if all_linear:
+        _warn_fused_left_out(model)
     return found
 
 
