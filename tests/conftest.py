@@ -324,6 +324,15 @@ def gpt2_case() -> ModelCase:
     return _gpt2_case()
 
 
+def perturb_trainable(model: nn.Module, seed: int) -> None:
+    """Move every trainable tensor off its init by ``0.1 · N(0, 1)`` noise (a trained-looking adapter, ``B ≠ 0``)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
 class PoisonGradient(torch.autograd.Function):
     """The identity forward (the loss is unchanged); its gradient times ``factor`` backward (``inf``: an fp16
     overflow, ``nan``: a NaN in the backward pass). ``PoisonGradient.apply(x, float("inf"))``."""

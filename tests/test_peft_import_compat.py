@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import rankwise
-from conftest import ModelCase
+from conftest import ModelCase, perturb_trainable
 from rankwise.state import get_state
 from test_bad_input import _assert_unchanged, _snapshot
 from test_interop_cli import _cli
@@ -31,19 +31,10 @@ transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # PEFT's fan_in_fan_out / tied-weight notices
 
 
-def _perturb(model: nn.Module, seed: int) -> None:
-    """Make every trainable tensor non-trivial (a trained-looking adapter)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-
-
 def _peft_trained(base: nn.Module, folder: Path, **cfg) -> nn.Module:
     """A PEFT LoRA on a copy of ``base`` with perturbed weights, saved by PEFT itself to ``folder``."""
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, **cfg))
-    _perturb(theirs, 3)
+    perturb_trainable(theirs, 3)
     theirs.save_pretrained(folder)
     return theirs.eval()
 
@@ -67,7 +58,7 @@ def test_a_gpt2_export_on_conv1d_and_linear_layers_imports_back(gpt2_case: Model
     base = gpt2_case.make()
     model = copy.deepcopy(base)
     rankwise.attach(model, rankwise.LoraConfig(r=4, alpha=8, target_modules=["c_attn", "lm_head"], seed=0))
-    _perturb(model, 1)
+    perturb_trainable(model, 1)
     rankwise.export_peft(model.eval(), tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is True
     batch = gpt2_case.batch(0)
@@ -177,7 +168,7 @@ def test_an_export_whose_modules_to_save_peft_would_widen_says_so_and_round_trip
     base = _distilbert()
     model = copy.deepcopy(base)
     rankwise.attach(model, rankwise.LoraConfig(r=4, target_modules=["q_lin"], modules_to_save=["classifier"], seed=0))
-    _perturb(model, 2)
+    perturb_trainable(model, 2)
     with pytest.warns(UserWarning, match=r"'pre_classifier'"):
         rankwise.export_peft(model.eval(), tmp_path)
     batch = _distilbert_batch(0)
@@ -195,7 +186,7 @@ def test_an_older_export_without_the_widened_modules_tensors_imports_them_as_the
     base = _distilbert()
     model = copy.deepcopy(base)
     rankwise.attach(model, rankwise.LoraConfig(r=4, target_modules=["q_lin"], modules_to_save=["classifier"], seed=0))
-    _perturb(model, 2)
+    perturb_trainable(model, 2)
     rankwise.export_peft(model.eval(), tmp_path)
     weights = tmp_path / "adapter_model.safetensors"
     save_file({k: v for k, v in load_file(str(weights)).items() if ".pre_classifier." not in k}, str(weights))
@@ -237,7 +228,7 @@ def test_an_export_names_modules_to_save_so_peft_wraps_only_them(tmp_path: Path,
     base = _NestedHeads().eval()
     model = copy.deepcopy(base)
     rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["body"], modules_to_save=["classifier"], seed=0))
-    _perturb(model, 4)
+    perturb_trainable(model, 4)
     rankwise.export_peft(model.eval(), tmp_path)
     assert not [w for w in recwarn if "modules_to_save" in str(w.message)]
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)

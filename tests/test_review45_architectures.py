@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 import transformers as hf
+from conftest import perturb_trainable
 from torch import nn
 
 import rankwise
@@ -186,15 +187,6 @@ PEFT_FORMS: dict[str, tuple[Callable[[list[str]], rankwise.AdapterConfig], dict[
 }
 
 
-def _perturb(model: nn.Module, seed: int) -> None:
-    """Move every trainable tensor off its init (a trained adapter, with B ≠ 0)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-
-
 @pytest.mark.parametrize("family,form", [p for f in FAMILIES for p in _params(f, list(PEFT_FORMS))])
 def test_peft_loads_the_export_and_the_import_is_peft_s(family: str, form: str, tmp_path: Any) -> None:
     """``export_peft`` loaded by ``PeftModel.from_pretrained`` gives rankwise's outputs, and ``import_peft`` of a
@@ -208,13 +200,13 @@ def test_peft_loads_the_export_and_the_import_is_peft_s(family: str, form: str, 
     config, peft_flags = PEFT_FORMS[form]
     ours = copy.deepcopy(model)
     rankwise.attach(ours, config(targets))
-    _perturb(ours, 5)
+    perturb_trainable(ours, 5)
     rankwise.export_peft(ours, tmp_path / "export")
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "export").eval()
     torch.testing.assert_close(_out(loaded, probe), _out(ours.eval(), probe), rtol=1e-5, atol=1e-5)
     theirs = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
         r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False, **peft_flags))
-    _perturb(theirs, 6)
+    perturb_trainable(theirs, 6)
     theirs.save_pretrained(tmp_path / "peft")
     imported = rankwise.import_peft(copy.deepcopy(model), tmp_path / "peft")
     torch.testing.assert_close(_out(imported.eval(), probe), _out(theirs.eval(), probe), rtol=1e-5, atol=1e-5)
