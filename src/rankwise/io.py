@@ -45,7 +45,7 @@ from .adapters import set_active
 from .config import AdapterConfig, check_bool
 from .distributed import ZERO3_GATHER, check_layers_whole, check_whole_modules
 from .hub import adapter_folder
-from .layer import DEFAULT_ADAPTER, AdapterLayer
+from .layer import DEFAULT_ADAPTER, AdapterLayer, outside_inference_mode
 from .lifecycle import all_or_nothing, check_new_name, install, refuse_fully_trained_targets
 from .quant import dense_weight, quant_block, quant_kind
 from .registry import BuildResult, Method, config_from_dict, get_method
@@ -506,13 +506,14 @@ def load(
     name = new_adapter_name(model, name, "load onto a fresh base model (or detach first), or pass name= to load this one "
                                          "beside them")
     folder = _rankwise_folder(path, revision, subfolder)
-    meta, tensors = read_adapter(folder)
-    config = _recorded_config(meta, path, expect_method)
-    check_new_name(model, name, config)  # beside other adapters: no modules_to_save
-    rebuild = _recorded_adapter(model, meta, tensors, config, path, name, check_base)
-    install_rebuilt(model, config, rebuild.slots(), rebuild.saved, rebuild, trainable=trainable,
-                    method_state=dict(meta.get("method_state", {})), step=int(meta.get("step", 0)), name=name)
-    restore_saved_with(model, meta, name)
+    with outside_inference_mode():  # normal tensors, trainable after the block
+        meta, tensors = read_adapter(folder)
+        config = _recorded_config(meta, path, expect_method)
+        check_new_name(model, name, config)  # beside other adapters: no modules_to_save
+        rebuild = _recorded_adapter(model, meta, tensors, config, path, name, check_base)
+        install_rebuilt(model, config, rebuild.slots(), rebuild.saved, rebuild, trainable=trainable,
+                        method_state=dict(meta.get("method_state", {})), step=int(meta.get("step", 0)), name=name)
+        restore_saved_with(model, meta, name)
     return model
 
 

@@ -38,8 +38,10 @@ forward, bit for bit (a merged host puts the kept original bits in for the while
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
@@ -52,6 +54,32 @@ from .fused import FusedInputs, fused_blocker, fusion_on, low_rank_linear
 from .slots import state_dict_hooks
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@contextlib.contextmanager
+def outside_inference_mode() -> Iterator[None]:
+    """A block outside ``torch.inference_mode``, with gradients off as that mode had them; a plain block outside it.
+    For the calls that build and keep tensors on a model (``attach``, ``load``, ``import_peft``): inside inference
+    mode torch makes *inference tensors*, which autograd cannot save for backward and which refuse in-place updates
+    outside the mode, so factors built there could not train afterwards, nor an optimizer step update them (review
+    round 47). A context manager, not a decorator: it adds no frame between the caller and the warnings these calls
+    aim at the caller's line (``stacklevel``)."""
+    if not torch.is_inference_mode_enabled():
+        yield
+        return
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
+def kept_tensor(t: Tensor) -> Tensor:
+    """``t``, or where it is an inference tensor (made inside ``torch.inference_mode``) a normal copy of it: for a
+    tensor a layer keeps past the call that made it (a merge's kept original bits, which a later ``disabled()`` block
+    updates in place; a tied layer's own merged weight, which a full fine-tune after ``detach(merge=True)`` trains),
+    both outside inference mode (review round 47)."""
+    if not t.is_inference():
+        return t
+    with torch.inference_mode(False):
+        return t.clone()
 
 
 def wide_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -596,9 +624,9 @@ class AdapterLayer(nn.Module):
             )
         if self.tied:  # never write into a shared tensor: keep it (it is the original) and own the merged one
             original = self.weight
-            self.weight = nn.Parameter(cast, requires_grad=False)
+            self.weight = nn.Parameter(kept_tensor(cast), requires_grad=False)
         else:
-            original = self.weight.detach().clone()
+            original = kept_tensor(self.weight.detach().clone())  # merged inside inference mode: still normal bits
             self.weight.copy_(cast)
         self._set_merged(True, original)
         self._warned_merged = False

@@ -39,7 +39,7 @@ from .distributed import (
     true_on_every_rank,
 )
 from .base_layers import kind_class
-from .layer import AdapterLayer
+from .layer import AdapterLayer, outside_inference_mode
 from .optim import made_no_update, split_weight_decay
 from .quant import dequantize_model, model_float_dtype, parameter_count, quant_kind
 from .registry import BuildResult, LossFn, Method, method_for
@@ -691,7 +691,8 @@ def attach(
     if method.uses_calibration and calibration is None:
         raise ValueError(f"{method.name} initialises from data: pass calibration=<iterable of training batches> to attach")
     config, targets, ties, plan = _attach_followers(model, config, modules, targets, saved, name)
-    with all_or_nothing(model, [*targets, *ties, *plan, *saved]):
+    # inside torch.inference_mode() too, the adapter is made of normal tensors: trainable after the block
+    with outside_inference_mode(), all_or_nothing(model, [*targets, *ties, *plan, *saved]):
         result = _build_all(model, method, config, modules, targets, ties, plan, calibration, loss_fn)
         report = install(model, config, result, saved, name)
     _report_tie(report, config, modules, ties, plan, saved)

@@ -51,7 +51,7 @@ from .adapter_file import (PEFT_FILES, AdapterFileError, atomic_write_files, fil
 from .config import AdapterConfig, check_bool, lora_alpha, lora_scale
 from .hub import adapter_folder
 from .io import check_folders, folders_by_name, install_rebuilt, new_adapter_name, rebuild_layers
-from .layer import AdapterLayer, PeftFactors, wide_dtype
+from .layer import AdapterLayer, PeftFactors, outside_inference_mode, wide_dtype
 from .lifecycle import check_new_name, refuse_fully_trained_targets
 from .methods import DoraConfig, LoraConfig
 from .registry import method_for
@@ -701,20 +701,21 @@ def import_peft(
     base_model = unwrap_model(base_model)
     name = new_adapter_name(base_model, name, "import onto a fresh base model, or pass name= to import this one beside "
                                               "them")
-    folder = _peft_folder(path, revision, subfolder)
-    cfg = _read_peft_config(folder)
-    tensors = _read_peft_tensors(folder)
-    parts, targets, ranks, ties, peft_targets = _peft_layers_untied(base_model, folder, cfg, tensors)
-    plan, token_values, token_keys = import_token_rows(base_model, folder, cfg, tensors)
-    saved, mts = _peft_saved_checked(base_model, folder, cfg, tensors, peft_targets, token_keys)
-    modules = base_modules(base_model)
-    check_token_plan(plan, modules, targets, saved)
-    config = _peft_adapter_config(cfg, targets, saved, plan, ties)
-    check_new_name(base_model, name, config)  # beside other adapters: no modules_to_save
-    refuse_fully_trained_targets(base_model, [*targets, *ties, *plan], name)
-    scales = {n: lora_scale(_layer_alpha(cfg, n), r, config.use_rslora) for n, r in ranks.items()}
-    rebuild = _PeftRebuild(config, targets, ranks, scales, parts, ties, modules, plan, token_values, mts)
-    install_rebuilt(base_model, config, rebuild.slots(), saved, rebuild, trainable=trainable, name=name)
+    with outside_inference_mode():  # normal tensors, trainable after the block
+        folder = _peft_folder(path, revision, subfolder)
+        cfg = _read_peft_config(folder)
+        tensors = _read_peft_tensors(folder)
+        parts, targets, ranks, ties, peft_targets = _peft_layers_untied(base_model, folder, cfg, tensors)
+        plan, token_values, token_keys = import_token_rows(base_model, folder, cfg, tensors)
+        saved, mts = _peft_saved_checked(base_model, folder, cfg, tensors, peft_targets, token_keys)
+        modules = base_modules(base_model)
+        check_token_plan(plan, modules, targets, saved)
+        config = _peft_adapter_config(cfg, targets, saved, plan, ties)
+        check_new_name(base_model, name, config)  # beside other adapters: no modules_to_save
+        refuse_fully_trained_targets(base_model, [*targets, *ties, *plan], name)
+        scales = {n: lora_scale(_layer_alpha(cfg, n), r, config.use_rslora) for n, r in ranks.items()}
+        rebuild = _PeftRebuild(config, targets, ranks, scales, parts, ties, modules, plan, token_values, mts)
+        install_rebuilt(base_model, config, rebuild.slots(), saved, rebuild, trainable=trainable, name=name)
     return base_model
 
 

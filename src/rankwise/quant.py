@@ -250,7 +250,8 @@ def float_linear(module: nn.Module, weight: Tensor, dtype: torch.dtype | None = 
     dtype = dtype or float_dtype(module)
     bias = getattr(module, "bias", None)
     out_f, in_f = weight.shape
-    linear = nn.Linear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=dtype)
+    with torch.inference_mode(False):  # normal parameters inside inference mode too: the merged model can train after
+        linear = nn.Linear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=dtype)
     with torch.no_grad():
         linear.weight.copy_(weight)
         if bias is not None:

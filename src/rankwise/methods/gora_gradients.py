@@ -115,8 +115,9 @@ def calibration_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> Te
         raise ValueError(f"the calibration loss must be a scalar tensor, got {type(loss).__name__} {getattr(loss, 'shape', '')}")
     if not loss.requires_grad:
         raise ValueError(
-            "the calibration loss does not require grad (computed under torch.no_grad(), detached, or from "
-            "frozen inputs only?): GoRA needs the gradient of the loss w.r.t. the target weights"
+            "the calibration loss does not require grad (computed under torch.no_grad() or torch.inference_mode(), "
+            "detached, or from frozen inputs only?): GoRA needs the gradient of the loss w.r.t. the target weights; "
+            "attach it outside those blocks"
         )
     return loss.reshape(())
 
