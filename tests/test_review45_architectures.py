@@ -18,112 +18,14 @@ from typing import Any
 
 import pytest
 import torch
-import transformers as hf
 from conftest import perturb_trainable
+from families import FAMILIES, IDENTITY_AT_INIT, METHODS, family_loss, family_output, make_family, token_batch
 from torch import nn
 
 import rankwise
 from rankwise.targeting import target_names
 
-Batch = dict[str, torch.Tensor]
-
-
-def _ids(seed: int) -> Batch:
-    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(seed))
-    return {"input_ids": ids, "labels": ids}
-
-
-def _seq2seq(seed: int) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    return {"input_ids": torch.randint(1, 64, (2, 6), generator=g), "labels": torch.randint(1, 64, (2, 5), generator=g)}
-
-
-def _pixels(seed: int) -> Batch:
-    return {"pixel_values": torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed))}
-
-
-def _audio(seed: int) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    return {"input_features": torch.randn(2, 8, 16, generator=g), "labels": torch.randint(3, 64, (2, 5), generator=g)}
-
-
-# family -> (model builder, the family's usual targets, batch maker)
-FAMILIES: dict[str, tuple[Callable[[], nn.Module], list[str], Callable[[int], Batch]]] = {
-    "gpt2": (lambda: hf.GPT2LMHeadModel(hf.GPT2Config(
-        vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=4, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
-        bos_token_id=0, eos_token_id=0)), ["c_attn", "c_proj", "c_fc"], _ids),
-    "t5": (lambda: hf.T5ForConditionalGeneration(hf.T5Config(
-        vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_decoder_layers=1, num_heads=4, dropout_rate=0,
-        relative_attention_num_buckets=8, decoder_start_token_id=0)), ["q", "k", "v", "o", "wi", "wo"], _seq2seq),
-    "qwen2-gqa": (lambda: hf.Qwen2ForCausalLM(hf.Qwen2Config(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32)), ["q_proj", "k_proj", "v_proj", "o_proj"], _ids),
-    "mistral-gqa": (lambda: hf.MistralForCausalLM(hf.MistralConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=1, max_position_embeddings=32)), ["q_proj", "k_proj", "v_proj", "o_proj"], _ids),
-    # Gemma: lm_head tied to a scaled embedding (GemmaTextScaledWordEmbedding: W[ids] * sqrt(hidden)), adapted too
-    "gemma": (lambda: hf.GemmaForCausalLM(hf.GemmaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=8, max_position_embeddings=32)),
-        ["q_proj", "k_proj", "v_proj", "o_proj", "embed_tokens"], _ids),
-    "vit": (lambda: hf.ViTForImageClassification(hf.ViTConfig(
-        image_size=8, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-        intermediate_size=48, num_labels=3, hidden_dropout_prob=0, attention_probs_dropout_prob=0)),
-        ["query", "value", "projection"], _pixels),  # projection: the Conv2d patch embedding
-    "clip-vision": (lambda: hf.CLIPVisionModelWithProjection(hf.CLIPVisionConfig(
-        image_size=8, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-        intermediate_size=48, projection_dim=16)), ["q_proj", "v_proj", "patch_embedding"], _pixels),
-    # Whisper: its encoder reads conv1.stride and conv2.stride in its forward
-    "whisper": (lambda: hf.WhisperForConditionalGeneration(hf.WhisperConfig(
-        vocab_size=64, num_mel_bins=8, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_source_positions=8,
-        max_target_positions=16, decoder_start_token_id=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
-        ["q_proj", "v_proj", "conv1", "conv2"], _audio),
-    "mixtral-moe": (lambda: hf.MixtralForCausalLM(hf.MixtralConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32)),
-        ["q_proj", "v_proj"], _ids),
-    # Qwen2-MoE: fused routed experts beside a shared expert made of nn.Linear layers
-    "qwen2-moe": (lambda: hf.Qwen2MoeForCausalLM(hf.Qwen2MoeConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-        shared_expert_intermediate_size=24, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-        num_experts=4, num_experts_per_tok=2, max_position_embeddings=32)),
-        ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], _ids),
-}
-
-METHODS: dict[str, Callable[[list[str]], rankwise.AdapterConfig]] = {
-    "lora": lambda t: rankwise.LoraConfig(r=2, alpha=4, target_modules=t, seed=0),
-    "dora": lambda t: rankwise.DoraConfig(r=2, alpha=4, target_modules=t, seed=0),
-    "edora": lambda t: rankwise.EdoraConfig(r=2, alpha=4, sigma=0.0, target_modules=t, seed=0),
-    "gora": lambda t: rankwise.GoraConfig(r_ref=2, r_min=1, r_max=4, alpha=4, n_steps=1, target_modules=t, seed=0),
-    "raclora": lambda t: rankwise.RacLoraConfig(r=2, alpha=4, link_steps=1, target_modules=t, seed=0),
-    "asymmetric": lambda t: rankwise.RacLoraConfig.asymmetric(r=2, alpha=4, target_modules=t, seed=0),
-    "cola": lambda t: rankwise.RacLoraConfig.cola(r=2, alpha=4, link_steps=1, target_modules=t, seed=0),
-}
-IDENTITY_AT_INIT = {"lora", "dora", "edora", "raclora", "asymmetric", "cola"}  # GoRA's init is a step
 FAST_FAMILY = "whisper"  # every method runs on it in CI (the family a defect was found on); the rest are slow
-
-
-def _make(family: str) -> tuple[nn.Module, list[str], Callable[[int], Batch]]:
-    build, targets, batch = FAMILIES[family]
-    torch.manual_seed(0)
-    return build().eval(), targets, batch
-
-
-def _main(out: Any) -> torch.Tensor:
-    """A model output's logits (a vision tower with a projection: its image embeddings)."""
-    return out.logits if getattr(out, "logits", None) is not None else out.image_embeds
-
-
-def _out(model: nn.Module, batch: Batch) -> torch.Tensor:
-    with torch.no_grad():
-        return _main(model(**batch))
-
-
-def _loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """The model's loss, or (no labels: the vision towers) the mean square of its output."""
-    out = model(**batch)
-    return out.loss if getattr(out, "loss", None) is not None else _main(out).pow(2).mean()
 
 
 def _params(family: str, methods: list[str]) -> list[Any]:
@@ -137,7 +39,7 @@ def test_the_adapted_layers_are_peft_s(family: str) -> None:
     but for a top-level classification head, which rankwise's ``all-linear`` leaves out by its documented rule."""
     import peft
 
-    model, targets, _ = _make(family)
+    model, targets, _ = make_family(family)
     for spec in (targets, "all-linear"):
         theirs = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=spec))
         expected = set(theirs.targeted_module_names) - ({"classifier"} if spec == "all-linear" else set())
@@ -148,34 +50,34 @@ def test_the_adapted_layers_are_peft_s(family: str) -> None:
 def test_init_step_merge_save_load_detach(family: str, method: str, tmp_path: Any) -> None:
     """Per family and method: the base at init (where the method says so), a trained model that differs from it,
     a merge computing the unmerged forward (fp32: 1e-5), load into a fresh base exact, detach the base bit for bit."""
-    model, targets, batch = _make(family)
+    model, targets, batch = make_family(family)
     base_model = copy.deepcopy(model)
     probe = batch(1)
-    base = _out(model, probe)
+    base = family_output(model, probe)
     calibration = [batch(100)] if method == "gora" else None
     rankwise.attach(model, METHODS[method](targets), calibration=calibration,
-                    loss_fn=(lambda m, b: _loss(m, b)) if calibration else None)
+                    loss_fn=(lambda m, b: family_loss(m, b)) if calibration else None)
     if method in IDENTITY_AT_INIT:
-        assert torch.equal(_out(model, probe), base)
+        assert torch.equal(family_output(model, probe), base)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     for seed in (2, 3):  # two steps: RAC-LoRA's one-step links merge and restart once
         model.train()
-        _loss(model, batch(seed)).backward()
+        family_loss(model, batch(seed)).backward()
         opt.step()
         opt.zero_grad()
         rankwise.step(model, opt)
     model.eval()
-    trained = _out(model, probe)
+    trained = family_output(model, probe)
     assert (trained - base).abs().max() > 1e-4  # the adapter changed the outputs: the targets are on the path
     rankwise.save(model, tmp_path)
     fresh = copy.deepcopy(base_model)
     rankwise.load(fresh, tmp_path)
-    assert torch.equal(_out(fresh.eval(), probe), trained)
+    assert torch.equal(family_output(fresh.eval(), probe), trained)
     rankwise.merge(model)
-    torch.testing.assert_close(_out(model, probe), trained, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(family_output(model, probe), trained, rtol=1e-5, atol=1e-5)
     rankwise.unmerge(model)
     back = rankwise.detach(model)
-    assert torch.equal(_out(back, probe), base)
+    assert torch.equal(family_output(back, probe), base)
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), base_model.state_dict().values()))
 
 
@@ -193,7 +95,7 @@ def test_peft_loads_the_export_and_the_import_is_peft_s(family: str, form: str, 
     PEFT-made adapter gives PEFT's (fp32: 1e-5)."""
     import peft
 
-    model, targets, batch = _make(family)
+    model, targets, batch = make_family(family)
     # PEFT 0.21's own conv layer has no `stride` either, so PEFT cannot run Whisper with conv1 / conv2 adapted
     targets = [t for t in targets if not t.startswith("conv")] if family == "whisper" else targets
     probe = batch(1)
@@ -203,20 +105,20 @@ def test_peft_loads_the_export_and_the_import_is_peft_s(family: str, form: str, 
     perturb_trainable(ours, 5)
     rankwise.export_peft(ours, tmp_path / "export")
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "export").eval()
-    torch.testing.assert_close(_out(loaded, probe), _out(ours.eval(), probe), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(family_output(loaded, probe), family_output(ours.eval(), probe), rtol=1e-5, atol=1e-5)
     theirs = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
         r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False, **peft_flags))
     perturb_trainable(theirs, 6)
     theirs.save_pretrained(tmp_path / "peft")
     imported = rankwise.import_peft(copy.deepcopy(model), tmp_path / "peft")
-    torch.testing.assert_close(_out(imported.eval(), probe), _out(theirs.eval(), probe), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(family_output(imported.eval(), probe), family_output(theirs.eval(), probe), rtol=1e-5, atol=1e-5)
 
 
 def test_an_adapted_convolution_keeps_its_settings_readable() -> None:
     """Whisper's encoder reads ``conv1.stride[0] * conv2.stride[0]``: with its convolutions adapted that raised
     ``AttributeError: 'LoraLinear' object has no attribute 'stride'``. An adapter layer now reads the base module's
     plain settings (its stride, padding, ...), but not its private attributes, tensors or submodules."""
-    model, _, batch = _make("whisper")
+    model, _, batch = make_family("whisper")
     conv2 = model.model.encoder.conv2
     rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["conv1", "conv2"]))
     layer = model.model.encoder.conv2
@@ -227,11 +129,11 @@ def test_an_adapted_convolution_keeps_its_settings_readable() -> None:
     for name in ("extra", "_private_setting", "no_such_setting"):
         with pytest.raises(AttributeError):
             getattr(layer, name)
-    _out(model, batch(1))  # runs
+    family_output(model, batch(1))  # runs
 
 
 def _moe() -> nn.Module:
-    return _make("mixtral-moe")[0]
+    return make_family("mixtral-moe")[0]
 
 
 def test_fused_experts_targeted_by_module_are_refused_naming_the_remedy() -> None:
@@ -259,7 +161,7 @@ def test_all_linear_on_a_moe_adapts_neither_router_nor_fused_experts() -> None:
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if ".mlp." in n}
     rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules="all-linear"))
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".mlp." in n)
-    _loss(model.train(), _ids(2)).backward()
+    family_loss(model.train(), token_batch(2)).backward()
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
 
 
@@ -269,7 +171,7 @@ def test_a_scaled_embedding_s_embed_scale_is_not_called_left_behind() -> None:
     call. No such warning now; the adapted embedding at init still computes the scaled lookup."""
     import warnings
 
-    model = _make("gemma")[0]
+    model = make_family("gemma")[0]
     emb = model.model.embed_tokens
     ids = torch.tensor([[3, 5, 7]])
     expected = emb.weight[ids] * emb.embed_scale
@@ -293,7 +195,7 @@ def test_all_linear_on_fused_experts_says_they_stay_frozen(recwarn: pytest.Warni
 @pytest.mark.parametrize("family", ["vit", "qwen2-gqa"])
 def test_all_linear_without_experts_says_nothing_of_them(family: str, recwarn: pytest.WarningsRecorder) -> None:
     """No expert note where there are no experts: ViT's 3-D ``position_embeddings`` / ``cls_token`` are not experts'."""
-    rankwise.attach(_make(family)[0], rankwise.LoraConfig(r=2, target_modules="all-linear"))
+    rankwise.attach(make_family(family)[0], rankwise.LoraConfig(r=2, target_modules="all-linear"))
     assert not [w for w in recwarn if "expert" in str(w.message)]
 
 
@@ -301,5 +203,5 @@ def test_a_plain_parameter_named_as_a_target_is_named_without_an_expert_story() 
     """ViT's ``cls_token`` (a 3-D parameter of the embeddings, not an expert's) named as a target: the refusal says
     it is a parameter, and says nothing of fused experts."""
     with pytest.raises(ValueError, match=r"names parameters, not layers \(\['vit\.embeddings\.cls_token'\]\)\.") as err:
-        rankwise.attach(_make("vit")[0], rankwise.LoraConfig(r=2, target_modules=["cls_token"]))
+        rankwise.attach(make_family("vit")[0], rankwise.LoraConfig(r=2, target_modules=["cls_token"]))
     assert "expert" not in str(err.value)

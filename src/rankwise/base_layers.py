@@ -173,11 +173,13 @@ class BaseKind:
         return h @ b.t()
 
     def add_update(self, result: Tensor, update: Tensor) -> Tensor:
-        """``result + update`` (``(..., out)``, ``update`` already in ``result``'s dtype) for ``result`` the base
-        forward's own output: added into ``result``'s memory, as no backward keeps that tensor (out of place it cost
-        ~90 MB more peak memory training MiniLM with dropout, ``bench/speed.py --dropout 0.1``; a convolution's result
-        is a view, :meth:`ConvKind.add_update`)."""
-        return result.add_(update)
+        """``result + update`` (``(..., out)``, in ``result``'s dtype) for ``result`` the base forward's own output and
+        ``update`` the low-rank path's (the adapter dtype): summed in the wider of the two dtypes and rounded once into
+        ``result``'s, as HF PEFT does (rounding a fp32 update to a bf16 / fp16 base's dtype first added a second
+        rounding: review round 48). Added into ``result``'s memory, as no backward keeps that tensor (out of place it
+        cost ~90 MB more peak memory training MiniLM with dropout, ``bench/speed.py --dropout 0.1``; a convolution's
+        result is a view, :meth:`ConvKind.add_update`)."""
+        return result.add_(update)  # in place with type promotion: computed in the wider dtype, then written
 
     def weight_grad(self, x: Tensor, d: Tensor) -> Tensor:
         """``∂L/∂W0`` (``out x in``, ``d``'s dtype) through this module's call on input ``x`` with output gradient
@@ -569,9 +571,10 @@ autograd copy the whole output in backward).
         return self._last(_CONV[self.spatial](first, b.reshape(*b.shape, *(1,) * self.spatial)))  # (N, *spatial, out)
 
     def add_update(self, result: Tensor, update: Tensor) -> Tensor:
-        """``result + update`` out of place: ``result`` is a channels-last view of the convolution's output, and an
-        in-place add into it would make autograd copy the whole output in backward."""
-        return result + update
+        """``result + update`` out of place (rounded once into ``result``'s dtype, :meth:`BaseKind.add_update`):
+        ``result`` is a channels-last view of the convolution's output, and an in-place add into it would make autograd
+        copy the whole output in backward."""
+        return (result + update).to(result.dtype)
 
     def to_output(self, y: Tensor) -> Tensor:
         """``(N, *spatial, out)`` back to the module's ``(N, out, *spatial)``, contiguous as the module returns it (code

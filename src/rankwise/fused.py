@@ -22,7 +22,8 @@ gradient is ever formed for ``W0`` or ``b``. The caller detaches what it does no
 frozen ``A``, RAC-LoRA's sketch): gradients are computed only for inputs that require them.
 
 Mixed precision (a bf16/fp16 base with fp32 adapters) follows the reference path's casts exactly:
-the base GEMM runs in the base dtype, the low-rank path in the adapter dtype, cast once when added.
+the base GEMM runs in the base dtype, the low-rank path in the adapter dtype, and their sum is computed in the
+wider of the two and rounded once into the base dtype (HF PEFT's rounding).
 
 Where it is chosen: in one place, :meth:`rankwise.layer.AdapterLayer.own_forward` (which the layer's
 ``forward`` calls). A method takes part by supplying its factors, :meth:`~rankwise.layer.AdapterLayer.fused_inputs`
@@ -148,7 +149,7 @@ class LowRankLinear(torch.autograd.Function):
             if y.dtype == h.dtype:
                 y.addmm_(h, b.t())
             else:
-                y.add_((h @ b.t()).to(y.dtype))
+                y.add_(h @ b.t())  # summed in the wider dtype, rounded once into y's (as the reference path)
             ctx.save_for_backward(x, w0, a, b, h)
         else:
             z = (x2 @ w0.t()).to(h.dtype).addmm_(h, b.t())  # tokens x out, adapter dtype

@@ -708,4 +708,28 @@ def _fill(layer: AdapterLayer, name: str, tensors: dict[str, Tensor]) -> None:
             raise AdapterFileError(
                 f"tensor {file_key!r} has shape {tuple(tensors[file_key].shape)} in the file but {tuple(t.shape)} here"
             )
-    layer.load_state_dict({k: tensors[f"{name}.{k}"] for k in current}, strict=False)
+    saved = {k: tensors[f"{name}.{k}"] for k in current}
+    _take_saved_dtypes(layer, current, saved)
+    layer.load_state_dict(saved, strict=False)
+
+
+def _take_saved_dtypes(layer: AdapterLayer, current: dict[str, Tensor], saved: dict[str, Tensor]) -> None:
+    """Give each float tensor of the freshly built ``layer`` the dtype the file saved it in, before it is filled.
+
+    A layer is built with fp32 factors over a bf16 / fp16 base; an adapter saved after ``model.to(torch.bfloat16)``
+    holds bf16 factors, and its forward computes in bf16. Filled into fp32 tensors, the loaded model computed another
+    forward than the saved one (review round 48); it now holds the saved dtypes, as it holds the saved values. A
+    parametrized factor (:meth:`AdapterLayer.parametrized_factors`) keeps its own dtype: its parametrization owns it.
+    """
+    parametrized = set(layer.parametrized_factors())
+    for key, t in current.items():
+        want = saved[key].dtype
+        if key in parametrized or t.dtype == want or not (t.is_floating_point() and saved[key].is_floating_point()):
+            continue
+        owner_name, _, leaf = key.rpartition(".")
+        owner = layer.get_submodule(owner_name)
+        held = getattr(owner, leaf)
+        if isinstance(held, nn.Parameter):
+            held.data = held.data.to(want)  # the same Parameter object, converted as torch's .to() converts one
+        else:
+            setattr(owner, leaf, held.to(want))  # a registered buffer: replaced under its name

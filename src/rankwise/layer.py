@@ -414,7 +414,7 @@ class AdapterLayer(nn.Module):
         base path from the dropped-out input instead, ``before + (μ − 1) ⊙ x_d W0ᵀ + μ ⊙ s·x_d ΔWᵀ`` (one matmul)."""
         mu = self.row_scale()
         if mu is None:
-            return before + self.delta_forward(x).to(before.dtype)
+            return (before + self.delta_forward(x)).to(before.dtype)  # summed in the wider dtype, rounded once
         if self.training and not isinstance(self.dropout, nn.Identity):
             x = self.dropout(x)
             base = self.base_forward_no_bias(x)  # (..., out): x_d W0ᵀ

@@ -117,7 +117,7 @@ def magnitude_forward(
     result = layer.base_forward(x)  # (..., out)
     base_no_bias = layer.base_forward_no_bias(x_d)  # (..., out)
     dora = (mag_scale - 1) * base_no_bias.to(layer.adapter_dtype) + mag_scale * lora_out(x_d)
-    return result + dora.to(result.dtype)
+    return (result + dora).to(result.dtype)  # rounded once, as PEFT does
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,7 @@ class LoraLinear(AdapterLayer):
     def adapter_forward(self, x: Tensor) -> Tensor:
         """The plain implementation (eval, dropout, quantised base; what the fused path is tested against)."""
         result = self.base_forward(x)  # (..., out)
-        return self.kind.add_update(result, self.lora_out(self.dropout(x)).to(result.dtype))
+        return self.kind.add_update(result, self.lora_out(self.dropout(x)))
 
     def delta_forward(self, x: Tensor) -> Tensor:
         """``s · dropout(x) Aᵀ Bᵀ`` alone (beside other adapters), in the adapter dtype."""

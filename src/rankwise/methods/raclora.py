@@ -275,7 +275,7 @@ class RacLoraLinear(AdapterLayer):
             update = up(down(x_d, a, dtype), b)  # (..., out)
         else:  # the chain is merged into W: x Cₐᵀ C_bᵀ on x itself, dropout on the current link only
             update = up(down(x, a[:k], dtype), b[:, :k]) + up(down(x_d, a[k:], dtype), b[:, k:])  # (..., out)
-        return self.kind.add_update(result, update.to(result.dtype))
+        return self.kind.add_update(result, update)
 
     def merged_weight(self) -> Tensor:
         w0 = self.wide(self.unmerged_base_weight())  # out x in
@@ -295,11 +295,12 @@ class RacLoraLinear(AdapterLayer):
         return PeftFactors(torch.cat([chain_a, a]), torch.cat([chain_b, b], dim=1), 1.0)
 
     def resize_for_load(self, shapes: dict[str, torch.Size]) -> None:
-        """Give the chain record the saved rank before a saved adapter is filled in (it grows in training)."""
+        """Give the chain record the saved rank before a saved adapter is filled in (it grows in training), in the
+        dtype the record holds now (``load_state_dict`` keeps a module's dtypes; :func:`rankwise.load` set the file's)."""
         if "chain_a" in shapes and len(shapes["chain_a"]) == 2:
-            self.chain_a = self.new_tensor(int(shapes["chain_a"][0]), self.in_features)  # k x in
+            self.chain_a = self.chain_a.new_zeros(int(shapes["chain_a"][0]), self.in_features)  # k x in
         if "chain_b" in shapes and len(shapes["chain_b"]) == 2:
-            self.chain_b = self.new_tensor(self.out_features, int(shapes["chain_b"][1]))  # out x k
+            self.chain_b = self.chain_b.new_zeros(self.out_features, int(shapes["chain_b"][1]))  # out x k
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, links={int(self.links)}, chain_rank={self.chain_a.shape[0]}, sketch={self.sampled()}"
