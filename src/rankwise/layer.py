@@ -74,8 +74,9 @@ def outside_inference_mode() -> Iterator[None]:
 def kept_tensor(t: Tensor) -> Tensor:
     """``t``, or where it is an inference tensor (made inside ``torch.inference_mode``) a normal copy of it: for a
     tensor a layer keeps past the call that made it (a merge's kept original bits, which a later ``disabled()`` block
-    updates in place; a tied layer's own merged weight, which a full fine-tune after ``detach(merge=True)`` trains),
-    both outside inference mode (review round 47)."""
+    updates in place; a tied layer's own merged weight, which a full fine-tune after ``detach(merge=True)`` trains;
+    RAC-LoRA's chain record grown at a link end or by ``compress_chain``), all outside inference mode (review rounds
+    47, 49)."""
     if not t.is_inference():
         return t
     with torch.inference_mode(False):

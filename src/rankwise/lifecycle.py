@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .adapter_file import AdapterFileError, validate_method_state
+from .base_layers import kind_class
 from .config import AdapterConfig, check_bool, check_number
 from .distributed import (
     ZERO3_ATTACH,
@@ -38,8 +39,7 @@ from .distributed import (
     sharded,
     true_on_every_rank,
 )
-from .base_layers import kind_class
-from .layer import AdapterLayer, outside_inference_mode
+from .layer import DEFAULT_ADAPTER, AdapterLayer, outside_inference_mode
 from .optim import made_no_update, split_weight_decay
 from .quant import dequantize_model, model_float_dtype, parameter_count, quant_kind
 from .registry import BuildResult, LossFn, Method, method_for
@@ -47,7 +47,6 @@ from .slots import copy_module as _copy_module  # modules_to_save's trained copy
 from .slots import hand_over_tensors, hook_package, state_dict_hooks
 from .slots import replace_all as _replace_all  # all or nothing: a failed replacement puts the slots back
 from .slots import set_submodule as _set_submodule  # the slot's hooks go along with each replacement
-from .layer import DEFAULT_ADAPTER
 from .state import (STATE_ATTR, AdapterSet, RankwiseState, adapter_layers, adapter_set, base_modules,  # noqa: F401
                     every_layer, fully_trained_modules, get_state, is_attached, original_modules, refuse_peft_model,
                     names_in_order, slot_layers, unwrap_model)

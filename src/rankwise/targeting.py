@@ -150,6 +150,12 @@ def refuse_held_in_several_places(found: dict[str, nn.Module], slots: dict[int, 
             )
 
 
+# what fused expert weights are, and what to do instead (the refusals' and all-linear's warning's words)
+FUSED_WEIGHTS = "several experts' weights fused into one 3-D nn.Parameter, not an nn.Linear per expert"
+FUSED_REMEDY = ("adapt the layers around the experts (attention projections, a shared expert), or adapt the experts' "
+                "parameters with HF PEFT (LoraConfig(target_parameters=[...]))")
+
+
 def _refuse_unsupported(name: str, module: nn.Module) -> None:
     """``TypeError`` naming a matched module of a type rankwise does not adapt (saying why for a layer inside
     ``nn.MultiheadAttention``, which never calls it), then its kind's refusals (:func:`check_target`)."""
@@ -197,14 +203,29 @@ def _refuse_no_targets(model: nn.Module, named: list[tuple[str, nn.Module]], pas
             f"(modules_to_save={tuple(skipped)!r}): a module is either adapted or trained fully. Leave it out of "
             "modules_to_save, or name other layers in target_modules"
         )
-    sample = adaptable_sample(named, 12)
-    params = [n for n, _ in model.named_parameters() if name_matches(n, target_modules)]
-    fused = [n for n in fused_parameters(model) if n in params]
-    names = f": it names parameters, not layers ({params[:4]}){_fused_hint(fused)}" if params else ""
+    sample, why = adaptable_sample(named, 12), _why_no_module(model, target_modules)
     raise ValueError(
         f"target_modules={target_modules!r} matched no module of {type(model).__name__} "
-        f"(exclude_modules={exclude_modules!r}){names}. Adaptable layers include: {sample}"
+        f"(exclude_modules={exclude_modules!r}){why}. Adaptable layers include: {sample}"
     )
+
+
+def _why_no_module(model: nn.Module, target_modules: tuple[str, ...] | str) -> str:
+    """What :func:`_refuse_no_targets` adds after "matched no module": the parameters the spec names instead (the
+    experts' story for fused expert weights among them, their names given once); else, on a model whose experts are
+    fused, that no per-expert layer is left to target (transformers 4's Mixtral ``w1`` / ``w2`` / ``w3``, review round
+    49); else nothing."""
+    params = [n for n, _ in model.named_parameters() if name_matches(n, target_modules)]
+    fused = fused_parameters(model)
+    if params:
+        experts = [n for n in fused if n in params]
+        which = "" if len(experts) == len(params) else f"{experts[:4]}: "
+        story = f": {which}{FUSED_WEIGHTS}. Instead, {FUSED_REMEDY}" if experts else ""
+        return f": it names parameters, not layers ({params[:4]}){story}"
+    if fused:
+        return (f". Its experts are fused ({fused[:4]}: {FUSED_WEIGHTS}), so the per-expert layer names of older "
+                f"checkpoints (such as Mixtral's w1 / w2 / w3 before transformers 5) are gone: {FUSED_REMEDY}")
+    return ""
 
 
 def fused_parameters(model: nn.Module, prefix: str = "") -> list[str]:
@@ -240,9 +261,7 @@ def _fused_hint(fused: list[str]) -> str:
     """The words naming fused expert weights (:func:`fused_parameters`) and what to do instead; ``""`` for none."""
     if not fused:
         return ""
-    return (f" ({fused[:4]}: several experts' weights fused into one 3-D nn.Parameter, not an nn.Linear per expert). "
-            "rankwise adapts layers, not parameters: adapt the layers around the experts (attention projections, a "
-            "shared expert), or adapt the experts' parameters with HF PEFT (LoraConfig(target_parameters=[...]))")
+    return f" ({fused[:4]}: {FUSED_WEIGHTS}). rankwise adapts layers, not parameters: {FUSED_REMEDY}"
 
 
 def find_targets(

@@ -67,7 +67,7 @@ from torch import Tensor, nn
 from ..config import AdapterConfig, check_number, check_positive_int
 from ..distributed import assign, check_unflattened, shared_seed, whole
 from ..fused import FusedInputs
-from ..layer import AdapterLayer, PeftFactors, wide_dtype
+from ..layer import AdapterLayer, PeftFactors, kept_tensor, wide_dtype
 from ..optim import check_optimizer, reset_optimizer_state
 from ..registry import BuildResult, Method, register_method, simple_build
 from ..state import RankwiseState, adapter_layers, adapter_set, get_state
@@ -226,8 +226,8 @@ class RacLoraLinear(AdapterLayer):
             chain_b = torch.cat([self.chain_b, self.scale * b], dim=1)  # out x (k + r)
             if chain_a.shape[0] > min(self.in_features, self.out_features):
                 chain_a, chain_b, _ = refactor(chain_a, chain_b, min(self.in_features, self.out_features))
-            self.chain_a = chain_a
-            self.chain_b = chain_b
+            self.chain_a = kept_tensor(chain_a)  # a link ended inside inference mode: still normal tensors
+            self.chain_b = kept_tensor(chain_b)
         self.links += 1
         self.init_link()
 
@@ -469,7 +469,8 @@ def compress_chain(model: nn.Module, rank: int, name: str | None = None) -> dict
         link_a, link_b = layer.whole_link()
         a = torch.cat([layer.chain_a, link_a])  # (k + r) x in
         b = torch.cat([layer.chain_b, layer.scale * link_b], dim=1)  # out x (k + r)
-        layer.chain_a, layer.chain_b, errors[name] = refactor(a, b, rank)
+        chain_a, chain_b, errors[name] = refactor(a, b, rank)
+        layer.chain_a, layer.chain_b = kept_tensor(chain_a), kept_tensor(chain_b)  # normal, inside inference mode too
         (layer.lora_b if layer.sampled() == "A" else layer.lora_a).zero_()
     return errors
 
