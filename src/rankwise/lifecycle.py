@@ -1133,7 +1133,9 @@ def step(
     Given Accelerate's optimizer wrapper, a call after a ``step()`` that made no update is not counted and does
     nothing (:func:`rankwise.optim.made_no_update`: a micro-batch inside ``accelerator.accumulate`` that does not end
     the accumulation, or an update the fp16 loss scaler skipped), so a RAC-LoRA link is ``link_steps`` updates even
-    when ``step`` is called after every micro-batch. A plain torch optimizer cannot tell: call ``step`` after updates only.
+    when ``step`` is called after every micro-batch. A plain torch optimizer cannot tell: call ``step`` after updates only
+    (with ``torch.amp.GradScaler``, a skipped update halves the scale: call ``step`` when ``scaler.get_scale()`` after
+    ``scaler.update()`` is not below its value before ``scaler.step(optimizer)``).
 
     It never changes the function the model computes. With ``check_finite`` (the default) it first
     checks every adapter tensor for NaN/inf (one host sync) and raises ``FloatingPointError`` naming

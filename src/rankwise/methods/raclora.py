@@ -302,6 +302,22 @@ class RacLoraLinear(AdapterLayer):
         if "chain_b" in shapes and len(shapes["chain_b"]) == 2:
             self.chain_b = self.chain_b.new_zeros(self.out_features, int(shapes["chain_b"][1]))  # out x k
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        """As :class:`AdapterLayer`'s, but an empty chain record absent from ``state_dict`` is not a missing key.
+
+        Accelerate's ``save_state`` (safetensors) takes every empty tensor for one storage shared by all (their storage
+        pointer is 0), keeps the first and drops the others, so a RAC-LoRA / COLA model saved before its first link
+        ended (or an asymmetric one, whose record stays empty) came back without them and ``load_state`` raised
+        "Missing key(s)". A ``chain_a`` / ``chain_b`` key is forgiven only where the rest of the layer's state is there
+        (its ``links``) and the record after loading is empty: nothing a file held is lost."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if prefix + "links" not in state_dict or self.chain_a.shape[0] or self.chain_b.shape[1]:
+            return
+        for key in (prefix + "chain_a", prefix + "chain_b"):
+            if key in missing_keys:
+                missing_keys.remove(key)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, links={int(self.links)}, chain_rank={self.chain_a.shape[0]}, sketch={self.sampled()}"
 
