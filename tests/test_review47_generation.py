@@ -21,6 +21,7 @@ import pytest
 import torch
 import transformers as hf
 from conftest import perturb_trainable
+from families import METHODS  # every method's tiny config, one home (round 45's)
 from torch import nn
 
 import rankwise
@@ -54,15 +55,6 @@ def _gpt2() -> nn.Module:
 FAMILIES: dict[str, tuple[Callable[[], nn.Module], list[str]]] = {
     "llama": (_llama, ["q_proj", "v_proj", "down_proj"]),
     "gpt2": (_gpt2, ["c_attn", "c_proj", "c_fc"]),
-}
-METHODS: dict[str, Callable[[list[str]], rankwise.AdapterConfig]] = {
-    "lora": lambda t: rankwise.LoraConfig(r=2, alpha=4, target_modules=t, seed=0),
-    "dora": lambda t: rankwise.DoraConfig(r=2, alpha=4, target_modules=t, seed=0),
-    "edora": lambda t: rankwise.EdoraConfig(r=2, alpha=4, sigma=0.0, target_modules=t, seed=0),
-    "gora": lambda t: rankwise.GoraConfig(r_ref=2, r_min=1, r_max=4, alpha=4, n_steps=1, target_modules=t, seed=0),
-    "raclora": lambda t: rankwise.RacLoraConfig(r=2, alpha=4, link_steps=1, target_modules=t, seed=0),
-    "asymmetric": lambda t: rankwise.RacLoraConfig.asymmetric(r=2, alpha=4, target_modules=t, seed=0),
-    "cola": lambda t: rankwise.RacLoraConfig.cola(r=2, alpha=4, link_steps=1, target_modules=t, seed=0),
 }
 NEW = 6  # tokens generated
 
@@ -310,18 +302,23 @@ def test_a_merge_inside_inference_mode_then_disabled_outside_gives_the_base(meth
     assert torch.equal(_train_step(model), _train_step(_adapted("llama", method)))
 
 
+def _merged_for_good(model: nn.Module, targets: list[str], inside: bool) -> nn.Module:
+    """``model`` with a perturbed LoRA on ``targets``, ``detach(merge=True)`` inside or outside inference mode, then
+    every weight set trainable for a full fine-tune."""
+    rankwise.attach(model, rankwise.LoraConfig(r=2, alpha=4, target_modules=targets, seed=0))
+    perturb_trainable(model, 1)
+    with torch.inference_mode(inside):
+        out = rankwise.detach(model, merge=True)
+    out.requires_grad_(True)
+    return out
+
+
 def test_a_tied_head_merged_for_good_inside_inference_mode_then_fully_fine_tunes() -> None:
     """A tied ``lm_head`` / ``embed_tokens`` pair adapted and ``detach(merge=True)`` inside inference mode: the head
     took an inference tensor as its merged weight, which a full fine-tune afterwards could not train through. Now
     both models (merged inside and outside the block) take the same full fine-tuning step."""
     def merged(inside: bool) -> nn.Module:
-        model = _tied_llama()
-        rankwise.attach(model, rankwise.LoraConfig(r=2, alpha=4, target_modules=["lm_head", "q_proj"], seed=0))
-        perturb_trainable(model, 1)
-        with torch.inference_mode(inside):
-            out = rankwise.detach(model, merge=True)
-        out.requires_grad_(True)
-        return out
+        return _merged_for_good(_tied_llama(), ["lm_head", "q_proj"], inside)
 
     inside, outside = merged(True), merged(False)
     assert not any(p.is_inference() for p in inside.parameters())
@@ -360,14 +357,10 @@ def test_a_4bit_model_merged_for_good_inside_inference_mode_then_fully_fine_tune
         num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(tmp_path)
 
     def merged(inside: bool) -> nn.Module:
-        model = hf.LlamaForCausalLM.from_pretrained(tmp_path, device_map="cpu", quantization_config=hf.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32))
-        rankwise.attach(model, rankwise.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"], seed=0))
-        perturb_trainable(model, 1)
-        with torch.inference_mode(inside):
-            out = rankwise.detach(model, merge=True)
-        out.requires_grad_(True)
-        return out
+        return _merged_for_good(hf.LlamaForCausalLM.from_pretrained(
+            tmp_path, device_map="cpu",
+            quantization_config=hf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)),
+            ["q_proj", "v_proj"], inside)
 
     inside, outside = merged(True), merged(False)
     assert not any(p.is_inference() for p in inside.parameters())
