@@ -10,6 +10,7 @@ once, as HF PEFT does; an ``ensure_weight_tying`` head (:class:`rankwise.ties.Ti
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from conftest import EMBEDDING_CASE, perturb_trainable
 from torch import nn
 
 import rankwise
+from rankwise.state import is_attached
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CHAINS: dict[str, Callable[[], rankwise.RacLoraConfig]] = {
@@ -145,3 +147,26 @@ def test_a_half_head_s_rows_are_its_logits_plus_their_update_rounded_once(dtype_
         expected[:, rows] = (base[:, rows].float() + x.float() @ head.token_delta.float().t()).to(dtype)
     assert head.token_delta.dtype == torch.float32
     assert torch.equal(got, expected)
+
+
+# ---------------------------------------------------------------------------- the fused experts' refusal (round 49)
+def test_the_fused_experts_module_s_refusal_says_each_thing_once() -> None:
+    """``target_modules=["experts"]`` on transformers 5's Mixtral matches the ``MixtralExperts`` module. Round 49 made
+    the parameter-name refusal say each thing once; this one still said what rankwise adapts twice ("rankwise adapts
+    layers, not parameters: adapt the layers around ...; rankwise adapts Linear, ... layers only"). It now names the
+    fused weights once, what rankwise adapts once, then the remedy (the layers around the experts, or PEFT's
+    ``target_parameters``)."""
+    import transformers as hf
+
+    torch.manual_seed(0)
+    model = hf.MixtralForCausalLM(hf.MixtralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32))
+    with pytest.raises(TypeError) as err:
+        rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["experts"]))
+    said = str(err.value)
+    assert said.count("rankwise adapts") == 1, said
+    assert said.count("model.layers.0.mlp.experts.gate_up_proj") == 1, said
+    assert re.search(r"MixtralExperts \(.*gate_up_proj.*3-D nn\.Parameter.*\); rankwise adapts Linear.* layers only\. "
+                     r"Instead, adapt the layers around the experts.*target_parameters", said), said
+    assert not is_attached(model)  # refused before anything was attached
