@@ -4,7 +4,9 @@ Round 50 let a strict ``load_state_dict`` forgive a RAC-LoRA / COLA chain record
 loading layer's record is empty, which a fresh model's always is: a checkpoint that had lost a trained chain loaded
 silently without it. Round 48 made the LoRA-family layers over a half base sum their fp32 update in fp32 and round
 once, as HF PEFT does; an ``ensure_weight_tying`` head (:class:`rankwise.ties.TiedHead`) and trainable token rows
-(:class:`rankwise.tokens.TokenRows`) still rounded the update to the half dtype first, then the sum.
+(:class:`rankwise.tokens.TokenRows`) still rounded the update to the half dtype first, then the sum. Round 49 made
+the refusal of a fused expert parameter say each thing once; the refusal of the fused experts module still said what
+rankwise adapts twice.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from rankwise.state import is_attached
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CHAINS: dict[str, Callable[[], rankwise.RacLoraConfig]] = {
     "raclora": lambda: rankwise.RacLoraConfig(r=2, alpha=4, link_steps=3, target_modules=["q_proj", "v_proj"], seed=0),
-    "cola": lambda: rankwise.RacLoraConfig.cola(r=2, alpha=4, link_steps=3, target_modules=["q_proj", "v_proj"], seed=0),
+    "cola": lambda: rankwise.RacLoraConfig.cola(r=2, alpha=4, link_steps=3, target_modules=["q_proj", "v_proj"],
+                                                seed=0),
 }
 
 
@@ -80,7 +83,8 @@ def _untied_llama() -> nn.Module:
     return LlamaForCausalLM(cfg).eval()
 
 
-def _peft_logits_equal(base: nn.Module, config: rankwise.LoraConfig, folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def _ours_and_peft_s_logits(base: nn.Module, config: rankwise.LoraConfig,
+                            folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """rankwise's logits with ``config`` attached to a copy of ``base`` (moved off its init), and HF PEFT's over
     another copy after loading rankwise's ``export_peft``."""
     import peft
@@ -107,7 +111,7 @@ def test_peft_loads_a_half_tied_head_s_export_and_computes_its_logits_bit_for_bi
     assert base.lm_head.weight is base.model.embed_tokens.weight
     config = rankwise.LoraConfig(r=2, alpha=4, target_modules=["lm_head", "embed_tokens", "q_proj"],
                                  ensure_weight_tying=True)
-    ours, theirs = _peft_logits_equal(base, config, tmp_path)
+    ours, theirs = _ours_and_peft_s_logits(base, config, tmp_path)
     assert ours.dtype == theirs.dtype == dtype
     assert torch.equal(ours, theirs)
 
@@ -121,7 +125,7 @@ def test_peft_loads_half_embedding_rows_and_computes_their_logits_bit_for_bit(dt
     dtype = DTYPES[dtype_name]
     config = rankwise.LoraConfig(r=2, alpha=4, target_modules=["q_proj"],
                                  trainable_token_indices={"embed_tokens": [7, 3, 5]})
-    ours, theirs = _peft_logits_equal(_untied_llama().to(dtype), config, tmp_path)
+    ours, theirs = _ours_and_peft_s_logits(_untied_llama().to(dtype), config, tmp_path)
     assert ours.dtype == theirs.dtype == dtype
     assert torch.equal(ours, theirs)
 
