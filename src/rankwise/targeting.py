@@ -163,9 +163,12 @@ def _refuse_unsupported(name: str, module: nn.Module) -> None:
         why = (" inside torch's nn.MultiheadAttention, which never calls its forward (it reads the weight "
                "directly), so an adapter there would compute nothing") if forward_bypassed(module) else ""
         fused = fused_parameters(module, name)
+        experts = f" ({fused[:4]}: {FUSED_WEIGHTS})" if fused else ""  # once: the types rankwise adapts follow
+        instead = f" Instead, {FUSED_REMEDY}." if fused else ""
         raise TypeError(
-            f"target {name!r} is a {type(module).__name__}{why}{_fused_hint(fused)}; rankwise adapts "
-            f"{', '.join(SUPPORTED_TYPES)} layers only. Narrow target_modules (or add {name!r} to exclude_modules)."
+            f"target {name!r} is a {type(module).__name__}{why}{experts}; rankwise adapts "
+            f"{', '.join(SUPPORTED_TYPES)} layers only.{instead} Narrow target_modules (or add {name!r} to "
+            "exclude_modules)."
         )
     check_target(name, module)
 

@@ -64,7 +64,8 @@ class TiedHead(AdapterLayer):
     def adapter_forward(self, x: Tensor) -> Tensor:
         emb = self.embedding
         out = self.base_forward(x)  # (..., vocab)
-        return out + (((self.dropout(x).to(emb.lora_b.dtype) @ emb.lora_b) @ emb.lora_a) * self.scale).to(out.dtype)
+        update = ((self.dropout(x).to(emb.lora_b.dtype) @ emb.lora_b) @ emb.lora_a) * self.scale  # (..., vocab)
+        return self.kind.add_update(out, update)  # summed in the wider dtype, rounded once (as PEFT's tied head)
 
     def delta_weight(self) -> Tensor:
         return cast(Tensor, self.embedding.delta_weight()).t().to(self.weight.device)  # vocab x dim

@@ -92,9 +92,10 @@ class TokenRows(AdapterLayer):
             table = torch.cat([d.new_zeros(1, d.shape[1]), d])  # (k + 1) x dim: row 0 for the unlisted ids
             emb = cast(nn.Embedding, self.kind.module)
             looked = F.embedding(self.token_slot[x], table, self.padding_slot, None, 2.0, emb.scale_grad_by_freq)
-            return out + scaled(looked, cast(EmbeddingKind, self.kind).embed_scale()).to(out.dtype)  # (..., dim)
+            return (out + scaled(looked, cast(EmbeddingKind, self.kind).embed_scale())).to(out.dtype)  # (..., dim)
         scores = x.to(d.dtype) @ d.t()  # (..., k): x D[j]ᵀ
-        return out.index_add(-1, self.token_index, scores.to(out.dtype))  # (..., vocab)
+        listed = (out.index_select(-1, self.token_index) + scores).to(out.dtype)  # (..., k): summed wide, rounded once
+        return out.index_copy(-1, self.token_index, listed)  # (..., vocab); the rows are distinct (config checks)
 
     def adapter_forward(self, x: Tensor) -> Tensor:
         return self.add_rows(self.base_forward(x), x)

@@ -309,10 +309,13 @@ class RacLoraLinear(AdapterLayer):
         Accelerate's ``save_state`` (safetensors) takes every empty tensor for one storage shared by all (their storage
         pointer is 0), keeps the first and drops the others, so a RAC-LoRA / COLA model saved before its first link
         ended (or an asymmetric one, whose record stays empty) came back without them and ``load_state`` raised
-        "Missing key(s)". A ``chain_a`` / ``chain_b`` key is forgiven only where the rest of the layer's state is there
-        (its ``links``) and the record after loading is empty: nothing a file held is lost."""
+        "Missing key(s)". A ``chain_a`` / ``chain_b`` key is forgiven only where the state says no link has ended yet
+        (its ``links`` is there and zero: the record it was saved with was empty) and the record after loading is
+        empty: nothing a file held is lost. A state whose links ended holds a record of their updates, so its absent
+        record stays missing, as a truncated or hand-edited checkpoint's must (review round 52: it loaded, silently
+        without the chain, into a fresh model, whose record is empty)."""
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if prefix + "links" not in state_dict or self.chain_a.shape[0] or self.chain_b.shape[1]:
+        if not _no_link_ended(state_dict.get(prefix + "links")) or self.chain_a.shape[0] or self.chain_b.shape[1]:
             return
         for key in (prefix + "chain_a", prefix + "chain_b"):
             if key in missing_keys:
@@ -320,6 +323,12 @@ class RacLoraLinear(AdapterLayer):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, links={int(self.links)}, chain_rank={self.chain_a.shape[0]}, sketch={self.sampled()}"
+
+
+def _no_link_ended(links: Any) -> bool:
+    """Whether a state's saved ``links`` (the count of ended links, shape ``(1,)``) says none has ended; ``False``
+    where the state holds no count (``None``) or something else."""
+    return isinstance(links, Tensor) and links.numel() == 1 and not links.is_floating_point() and int(links) == 0
 
 
 @torch.no_grad()
