@@ -174,3 +174,55 @@ def test_the_fused_experts_module_s_refusal_says_each_thing_once() -> None:
     assert re.search(r"MixtralExperts \(.*gate_up_proj.*3-D nn\.Parameter.*\); rankwise adapts Linear.* layers only\. "
                      r"Instead, adapt the layers around the experts.*target_parameters", said), said
     assert not is_attached(model)  # refused before anything was attached
+
+
+# ---------------------------------------------------------------------------- the dtypes a load gives (round 48)
+LOAD_DTYPE_CONFIGS: dict[str, Callable[[], rankwise.AdapterConfig]] = {
+    "lora": lambda: rankwise.LoraConfig(r=2, alpha=4, target_modules=["0", "2"], seed=0),
+    "dora": lambda: rankwise.DoraConfig(r=2, alpha=4, target_modules=["0", "2"], seed=0),
+    "edora": lambda: rankwise.EdoraConfig(r=2, alpha=4, target_modules=["0", "2"], seed=0),
+    "raclora": lambda: rankwise.RacLoraConfig(r=2, alpha=4, link_steps=3, target_modules=["0", "2"], seed=0),
+}
+
+
+def _mlp(dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).to(dtype)
+
+
+def _float_dtypes(model: nn.Module) -> set[torch.dtype]:
+    return {t.dtype for layer in rankwise.adapter_layers(model).values() for t in layer.adapter_state().values()
+            if t.is_floating_point()}
+
+
+@pytest.mark.parametrize("method", list(LOAD_DTYPE_CONFIGS))
+@pytest.mark.parametrize("saved,base,expect", [
+    (torch.bfloat16, torch.float32, torch.float32),  # a narrower file: the factors attach builds here
+    (torch.float32, torch.float64, torch.float64),
+    (torch.bfloat16, torch.bfloat16, torch.bfloat16),  # the base's own dtype: a model converted whole (round 48)
+    (torch.float64, torch.float32, torch.float64),  # a wider file keeps its precision
+    (torch.float32, torch.bfloat16, torch.float32),
+], ids=["bf16-file-fp32-base", "fp32-file-fp64-base", "bf16-file-bf16-base", "fp64-file-fp32-base",
+        "fp32-file-bf16-base"])
+def test_load_narrows_no_factor_below_what_attach_builds(method: str, saved: torch.dtype, base: torch.dtype,
+                                                         expect: torch.dtype, tmp_path: Path) -> None:
+    """An adapter saved in ``saved`` (attached over fp32, then ``model.to(saved)``), loaded onto a fresh base in
+    ``base``: its float tensors come back in ``expect`` holding the saved values exactly. Round 48 gave them the file's
+    dtype always, so a bf16 file onto an fp32 base trained in bf16 (bf16 factors and gradients), and an fp32 file onto
+    an fp64 base in fp32, where ``attach`` on those bases builds fp32 / fp64 (and PEFT upcasts). A file in the base's
+    own dtype or wider keeps it: a bf16-converted model's forward is reproduced bit for bit."""
+    model = _mlp(torch.float32)
+    rankwise.attach(model, LOAD_DTYPE_CONFIGS[method]())
+    perturb_trainable(model, 3)
+    model.to(saved)
+    rankwise.save(model, tmp_path)
+    fresh = _mlp(base)
+    rankwise.load(fresh, tmp_path)
+    assert _float_dtypes(fresh) == {expect}
+    for name, layer in rankwise.adapter_layers(fresh).items():
+        for key, t in layer.adapter_state().items():
+            want = rankwise.adapter_layers(model)[name].adapter_state()[key]
+            assert torch.equal(t, want.to(t.dtype)), (name, key)
+    if expect == saved == base:
+        probe = torch.randn(3, 6, generator=torch.Generator().manual_seed(1)).to(base)
+        assert torch.equal(fresh(probe), model(probe))

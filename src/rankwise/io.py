@@ -497,6 +497,11 @@ def load(
     other method (a pipeline that means to continue LoRA training never silently continues a DoRA adapter).
     ``name``: load it as adapter ``name``, beside the model's other adapters if it has some (``attach``'s
     rules). Returns the (unwrapped) model.
+
+    Dtypes: the values load exactly; a tensor takes the file's dtype where that is the base's own (an adapter saved
+    after ``model.to(torch.bfloat16)``, loaded onto a bf16 base, computes its saved forward bit for bit) or wider than
+    what :func:`~rankwise.attach` builds here, else what ``attach`` builds (fp32 over fp32 and half bases, fp64 over
+    fp64): a bf16 file onto an fp32 base trains in fp32.
     """
     check_bool("check_base", check_base)
     check_bool("trainable", trainable)
@@ -714,17 +719,18 @@ def _fill(layer: AdapterLayer, name: str, tensors: dict[str, Tensor]) -> None:
 
 
 def _take_saved_dtypes(layer: AdapterLayer, current: dict[str, Tensor], saved: dict[str, Tensor]) -> None:
-    """Give each float tensor of the freshly built ``layer`` the dtype the file saved it in, before it is filled.
+    """Give a float tensor of the freshly built ``layer`` the dtype the file saved it in, before it is filled, where
+    :func:`_keeps_saved_dtype` says so; elsewhere it keeps the dtype ``attach`` built (the values are exact either way).
 
     A layer is built with fp32 factors over a bf16 / fp16 base; an adapter saved after ``model.to(torch.bfloat16)``
     holds bf16 factors, and its forward computes in bf16. Filled into fp32 tensors, the loaded model computed another
-    forward than the saved one (review round 48); it now holds the saved dtypes, as it holds the saved values. A
-    parametrized factor (:meth:`AdapterLayer.parametrized_factors`) keeps its own dtype: its parametrization owns it.
+    forward than the saved one (review round 48). A parametrized factor (:meth:`AdapterLayer.parametrized_factors`)
+    keeps its own dtype: its parametrization owns it.
     """
     parametrized = set(layer.parametrized_factors())
     for key, t in current.items():
         want = saved[key].dtype
-        if key in parametrized or t.dtype == want or not (t.is_floating_point() and saved[key].is_floating_point()):
+        if key in parametrized or not _keeps_saved_dtype(layer, t, saved[key]):
             continue
         owner_name, _, leaf = key.rpartition(".")
         owner = layer.get_submodule(owner_name)
@@ -733,3 +739,15 @@ def _take_saved_dtypes(layer: AdapterLayer, current: dict[str, Tensor], saved: d
             held.data = held.data.to(want)  # the same Parameter object, converted as torch's .to() converts one
         else:
             setattr(owner, leaf, held.to(want))  # a registered buffer: replaced under its name
+
+
+def _keeps_saved_dtype(layer: AdapterLayer, built: Tensor, saved: Tensor) -> bool:
+    """Whether a float tensor saved as ``saved`` replaces the dtype of ``built`` (what ``attach`` built here): where
+    the file holds the base's own dtype (a model converted whole, ``model.to(torch.bfloat16)``: its forward is
+    reproduced bit for bit) or a wider one (an fp64 adapter over an fp32 base). A narrower file than what ``attach``
+    builds does not narrow this model's factors: a bf16 file loaded onto an fp32 base trains in fp32, an fp32 file
+    onto an fp64 base in fp64, as ``attach`` there would (review round 52)."""
+    if built.dtype == saved.dtype or not (built.is_floating_point() and saved.is_floating_point()):
+        return False
+    own = not layer.quantized and saved.dtype == layer.weight.dtype
+    return own or saved.dtype.itemsize > built.dtype.itemsize
