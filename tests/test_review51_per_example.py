@@ -450,3 +450,37 @@ def test_a_copy_taken_inside_the_block_computes_as_outside_it(pair: Any, tmp_pat
         rankwise.set_active(other, "b")
         torch.testing.assert_close(_mixed(other, case, batch, MIXED), _alone(other, case, batch, MIXED))
     _untouched(model, case, batch, before)
+
+
+class _PairHead(nn.Module):
+    """A head returning a tuple (logits, their norm): no one tensor to put back per example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 3)
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.proj(h)
+        return out, out.norm(dim=-1)
+
+
+def test_a_trained_module_that_returns_no_single_tensor_is_refused_naming_it() -> None:
+    """A fully-trained module returning a tuple: the forward raises, naming it (rows of a tuple are not put back by
+    guess); the exit restores it. With every row on one set of adapters it runs whole, as outside the block."""
+    torch.manual_seed(0)
+    model = TinyMLP()
+    model.head = _PairHead()
+    model.forward = lambda x: model.head(torch.tanh(model.fc2(torch.tanh(model.fc1(x)))))  # type: ignore[method-assign]
+    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["fc1"], modules_to_save=["head"], seed=0))
+    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["fc2"], seed=1), name="b")
+    perturb_trainable(model, 1)
+    x = torch.randn(4, 12)
+    with pytest.raises(TypeError, match=r"fully-trained module 'head' returns tuple, not one tensor"):
+        with torch.no_grad(), rankwise.per_example(model, ["default", "b", None, "b"]):
+            model(x)
+    assert "forward" not in model.head.__dict__
+    with torch.no_grad(), rankwise.per_example(model, ["default"] * 4):
+        whole = model(x)
+    rankwise.set_active(model, "default")
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(whole, model(x)))

@@ -323,13 +323,15 @@ def per_example(model: nn.Module, names: PerExampleNames, *, repeats: int = 1) -
             host.per_example = (examples, f"adapter layer {slot!r}")
         for name, (adapter, copy, original) in trained.items():
             module = model.get_submodule(name)
+            if isinstance(module.__dict__.get("forward"), _RoutedForward):
+                continue  # one module held at two names: routed once
             module.__dict__["forward"] = _RoutedForward(examples, adapter, copy, original, module, name)
             routed.append(module)
         yield model
     finally:
         for host in hosts.values():
             host.per_example = None
-        for module in routed:
+        for module in reversed(routed):
             module.__dict__["forward"] = module.__dict__["forward"].previous
             if module.__dict__["forward"] is None:
                 del module.__dict__["forward"]
@@ -387,7 +389,7 @@ class _RoutedForward:
     """A fully-trained module's ``forward`` inside :func:`per_example` (set on the module in the slot, which keeps its
     hooks, and run once for the batch): the trained copy's forward for the rows whose adapters include ``adapter``,
     the original's for the rest. Each tensor argument whose first dimension is the batch is split by rows; the
-    module must return one tensor (a head: logits, scores)."""
+    module must then return one tensor (a head: logits, scores). One set for every row: the whole batch, unsplit."""
 
     def __init__(self, examples: Examples, adapter: str, copy: nn.Module, original: nn.Module, slot: nn.Module,
                  where: str) -> None:
@@ -407,12 +409,14 @@ class _RoutedForward:
         """Pickled (``torch.save`` of the model inside the block): loaded, the module computes its own forward."""
         return (_OwnForward, (self.slot,)) if self.previous is None else (_same, (self.previous,))
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         first = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor) and t.dim() > 0), None)
         if first is None:
             raise TypeError(f"rankwise.per_example: fully-trained module {self.where!r} got no tensor to split by example")
         rows = int(first.shape[0])
         groups, inverse = self.examples.split(rows, first.device, f"fully-trained module {self.where!r}")
+        if len(groups) == 1:  # one set for every row: the whole batch, whatever the module returns
+            return self.forwards[self.adapter in groups[0][0]](*args, **kwargs)
         outs = []
         for names, idx in groups:
             take = lambda t: t[idx] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == rows else t  # noqa: E731
@@ -422,9 +426,7 @@ class _RoutedForward:
                                 f"{type(out).__name__}, not one tensor, so its rows cannot be put back per example; "
                                 "train it as adapter layers instead, or run one adapter per batch")
             outs.append(out)
-        if len(outs) == 1:
-            return outs[0]
-        return torch.cat(outs) if inverse is None else torch.cat(outs)[inverse]
+        return Examples.gather(outs, inverse, f"fully-trained module {self.where!r}")
 
 
 class _OwnForward:

@@ -180,6 +180,16 @@ class Examples:
                 self._splits[key] = (list(groups), inverse)
         return self._splits[key]
 
+    @staticmethod
+    def gather(outs: list[Tensor], inverse: Tensor | None, where: str) -> Tensor:
+        """The groups' outputs (:meth:`split`'s order) as one batch in batch order: ``cat(outs)[inverse]``, or
+        ``cat(outs)`` where the groups are runs. A ``TypeError`` naming ``where`` when they differ in dtype, which
+        ``cat`` would promote silently (no row would then be what it is alone)."""
+        if len({out.dtype for out in outs}) > 1:
+            raise TypeError(f"rankwise.per_example: {where}'s groups of examples return different dtypes "
+                            f"{sorted(str(out.dtype) for out in outs)}; give the model one dtype (model.to(dtype))")
+        return torch.cat(outs) if inverse is None else torch.cat(outs)[inverse]
+
 
 def layer_generator(seed: int | None, index: int) -> torch.Generator | None:
     """A CPU generator for layer ``index`` of a seeded config (``None``: use torch's global RNG).
@@ -475,10 +485,7 @@ class AdapterLayer(nn.Module):
         if len(groups) == 1:
             return self.forward_as(x, groups[0][0])
         outs = [self.forward_as(x[rows], names) for names, rows in groups]  # a view or a copy (faster than index_select)
-        if len({out.dtype for out in outs}) > 1:  # never promoted silently by cat
-            raise TypeError(f"rankwise.per_example: {where}'s adapters return different dtypes "
-                            f"{sorted(str(out.dtype) for out in outs)}; give them one dtype (model.to(dtype))")
-        return torch.cat(outs) if inverse is None else torch.cat(outs)[inverse]
+        return Examples.gather(outs, inverse, where)
 
     def forward_as(self, x: Tensor, names: tuple[str, ...]) -> Tensor:
         """The module's output with adapters ``names`` active in that order (``()``: none), as after
