@@ -8,18 +8,18 @@ for the same exported LoRA adapters, HF's ``generate`` per row, and the gradient
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import transformers as hf
+from conftest import CONV_CASE, EMBEDDING_CASE, ModelCase, TinyMLP, make_model_case, perturb_trainable
+from method_matrix import METHOD_CASES, MethodCase
 from torch import Tensor, nn
 
 import rankwise
-from conftest import CONV_CASE, EMBEDDING_CASE, ModelCase, TinyMLP, make_model_case, perturb_trainable
-from method_matrix import METHOD_CASES, MethodCase
 
 # one entry per example: an adapter, none (the base), or a set in order (a DoRA-family adapter rescales those before it)
 MIXED: list[Any] = ["default", "b", None, ["b", "default"], "b", "default", ["default", "b"], None]
@@ -176,6 +176,16 @@ def test_a_trained_head_runs_its_copy_for_its_adapter_s_rows_and_the_original_fo
         torch.testing.assert_close(mixed, _alone(model, case, batch, MIXED))
         assert model.head is slot and "forward" not in slot.__dict__
     assert calls == [len(MIXED), len(MIXED)]
+    slot = model.head  # the copy ("default" active)
+    seen = []
+
+    def own(h: Tensor) -> Tensor:  # an instance forward, as Accelerate's hooks set one
+        seen.append(h.shape[0])
+        return type(slot).forward(slot, h)
+
+    slot.forward = own  # type: ignore[method-assign]
+    torch.testing.assert_close(_mixed(model, case, batch, MIXED), _alone(model, case, batch, MIXED))
+    assert sum(seen[:3]) == sum(1 for e in MIXED if e is not None and "default" in e) and slot.forward is own
 
 
 # ------------------------------------------------------------------------------------------------ HF PEFT

@@ -21,12 +21,11 @@ active; each adapted module runs each distinct set of adapters on its rows (:met
 
 from __future__ import annotations
 
-from copy import deepcopy
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from copy import deepcopy
 from typing import Any, cast
 
-import torch
 from torch import Tensor, nn
 
 from .distributed import sharded
@@ -419,14 +418,19 @@ class _RoutedForward:
             return self.forwards[self.adapter in groups[0][0]](*args, **kwargs)
         outs = []
         for names, idx in groups:
-            take = lambda t: t[idx] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == rows else t  # noqa: E731
-            out = self.forwards[self.adapter in names](*map(take, args), **{k: take(v) for k, v in kwargs.items()})
+            part = [_take(t, idx, rows) for t in args]
+            out = self.forwards[self.adapter in names](*part, **{k: _take(v, idx, rows) for k, v in kwargs.items()})
             if not isinstance(out, Tensor):
                 raise TypeError(f"rankwise.per_example: fully-trained module {self.where!r} returns "
                                 f"{type(out).__name__}, not one tensor, so its rows cannot be put back per example; "
                                 "train it as adapter layers instead, or run one adapter per batch")
             outs.append(out)
         return Examples.gather(outs, inverse, f"fully-trained module {self.where!r}")
+
+
+def _take(value: Any, idx: Tensor | slice, rows: int) -> Any:
+    """``value[idx]`` for a tensor whose first dimension is the batch (``rows``), else ``value`` as it is."""
+    return value[idx] if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == rows else value
 
 
 class _OwnForward:
