@@ -494,3 +494,28 @@ def test_a_trained_module_that_returns_no_single_tensor_is_refused_naming_it() -
     rankwise.set_active(model, "default")
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(whole, model(x)))
+
+
+@pytest.mark.slow  # about 45 s at low priority: dynamo traces the model four times
+def test_a_model_compiled_outside_the_block_routes_inside_it() -> None:
+    """``torch.compile`` of the model, traced outside the block, then run inside it and after it (and the reverse
+    order): each call computes what the eager model does there. The layers' routing is a plain attribute the forward
+    reads first (``AdapterLayer._routed``), so the compiled graph is guarded on it and retraced; the first draft read
+    only a weak table there, and the graph traced outside ignored the block (every row computed the active set)."""
+    case = make_model_case("mlp")
+    model = _two(case, METHOD_CASES["dora"])
+    batch = _batch(case, 3, len(MIXED))
+    with torch.no_grad():
+        plain = case.output(model, batch)
+    mixed = _mixed(model, case, batch, MIXED)
+    assert not torch.allclose(plain, mixed)
+    for inside_first in (False, True):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager")
+        with torch.no_grad():
+            outs = [] if inside_first else [("plain", compiled(**batch).logits)]
+            with rankwise.per_example(model, MIXED):
+                outs.append(("mixed", compiled(**batch).logits))
+            outs.append(("plain", compiled(**batch).logits))
+        for kind, out in outs:
+            torch.testing.assert_close(out, mixed if kind == "mixed" else plain, msg=f"{kind}, inside first: {inside_first}")

@@ -224,6 +224,9 @@ class AdapterLayer(nn.Module):
     lr_multiplied: ClassVar[tuple[str, ...]] = ()
     token_rows: ClassVar[bool] = False  # rows trained densely (rankwise.tokens.TokenRows), not a method's low-rank layer
     follows_layer: ClassVar[bool] = False  # a head computing with a tied embedding's layer (rankwise.ties.TiedHead)
+    # set while a rankwise.per_example() block routes this layer (its split: per_example): a plain attribute the
+    # forward reads first, so torch.compile guards on it and retraces on entering and leaving a block
+    _routed: bool = False
     weight: Tensor  # the base's own tensors, shared (nn.Module's __getattr__ would type them Tensor | Module)
     bias: Tensor | None
 
@@ -289,6 +292,7 @@ class AdapterLayer(nn.Module):
             _PER_EXAMPLE.pop(self, None)
         else:
             _PER_EXAMPLE[self] = value
+        self._routed = value is not None
 
     @property
     def adapter_dtype(self) -> torch.dtype:
@@ -454,8 +458,9 @@ class AdapterLayer(nn.Module):
             self.check_fixed_stored()
         if self.disabled:
             return self.plain_forward(x)
-        if self.per_example is not None:
-            return self.per_example_forward(x, *self.per_example)
+        route = self.per_example if self._routed else None  # a copy taken inside a block: flag set, no route
+        if route is not None:
+            return self.per_example_forward(x, *route)
         chosen = self.computing()
         if not chosen and not self.merged:
             return self.plain_forward(x)
