@@ -519,3 +519,28 @@ def test_a_model_compiled_outside_the_block_routes_inside_it() -> None:
             outs.append(("plain", compiled(**batch).logits))
         for kind, out in outs:
             torch.testing.assert_close(out, mixed if kind == "mixed" else plain, msg=f"{kind}, inside first: {inside_first}")
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_with_the_backward_inside_the_block(reentrant: bool) -> None:
+    """HF gradient checkpointing recomputes each layer's forward in the backward: with the backward inside the block
+    (as the how-to says), every gradient equals the one without checkpointing. (After the block the recomputation
+    would run the active set: torch's non-reentrant checkpoint then raises ``CheckpointError``, the reentrant one gives
+    other gradients silently; docs/reliability.md round 51.)"""
+    model = _tied_llama()
+    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], seed=0))
+    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["v_proj", "o_proj"], seed=1), name="b")
+    perturb_trainable(model, 3)
+    ids = torch.randint(3, 48, (4, 6), generator=torch.Generator().manual_seed(0))
+    params = rankwise.trainable_parameters(model)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.train()
+        with rankwise.per_example(model, ["default", "b", None, "b"]):
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in params.items()})
+        model.zero_grad(set_to_none=True)
+    for n in params:
+        torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)

@@ -296,11 +296,12 @@ def per_example(model: nn.Module, names: PerExampleNames, *, repeats: int = 1) -
     trained copy for the rows whose set holds its adapter, its original for the rest. ``repeats``: the rows each
     example covers in a batch expanded in place (``generate``: ``max(num_beams, num_return_sequences)``); a module
     whose first dimension is neither ``len(names)`` nor ``len(names) * repeats`` raises rather than guess. Gradients
-    and train mode are allowed (each adapter's tensors get the gradient of its own rows). Refused, with nothing
-    changed: a merged model, inside ``disabled()``, a half-enabled model, a nested block; unknown names, none at all.
-    Inside the block, calls that change the adapters (merge, attach, delete, set_active, load, save) are refused.
-    On exit, also when the block raises, every layer and module computes as before.
-    """
+    and train mode are allowed (each adapter's tensors get the gradient of its own rows); with gradient
+    checkpointing, call ``backward`` inside the block (the recomputation runs the layers again, routed only there).
+    Refused, with nothing changed: a merged model, inside ``disabled()``, a half-enabled model, a nested block;
+    unknown names, none at all. Inside the block, calls that change the adapters (merge, attach, delete,
+    set_active, load, save) are refused. On exit, also when the block raises, every layer and module computes as
+    before."""
     model = unwrap_model(model)
     adapters = adapter_set(model)
     examples = Examples(tuple(_example_names(adapters.adapters, entry) for entry in _entries(names)), _repeats(repeats))
