@@ -544,3 +544,28 @@ def test_gradient_checkpointing_with_the_backward_inside_the_block(reentrant: bo
         model.zero_grad(set_to_none=True)
     for n in params:
         torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", [{"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                    "bnb_4bit_compute_dtype": torch.float32}, {"load_in_8bit": True}],
+                         ids=["nf4", "int8"])
+def test_a_quantised_base_computes_each_row_as_alone(quant: dict[str, Any], tmp_path: Path) -> None:
+    """bitsandbytes 4-bit and 8-bit bases (a 64-wide Llama, bitsandbytes' block) with LoRA "default" and DoRA "b":
+    each row of the mixed batch is what it is alone (the route runs each layer's own quantised forward)."""
+    pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    hf.LlamaForCausalLM(hf.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2,
+                                       max_position_embeddings=64)).save_pretrained(tmp_path)
+    model = hf.LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=hf.BitsAndBytesConfig(**quant),
+                                                device_map="cpu").eval()
+    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], seed=0))
+    rankwise.attach(model, rankwise.DoraConfig(r=2, target_modules=["v_proj", "down_proj"], seed=1), name="b")
+    perturb_trainable(model, 2)
+    case = ModelCase("llama-quant", lambda: model, lambda s: {}, [], None)
+    batch = {"input_ids": torch.randint(0, 64, (4, 6), generator=torch.Generator().manual_seed(1))}
+    names = ["b", "default", None, ["default", "b"]]
+    mixed = _mixed(model, case, batch, names)
+    torch.testing.assert_close(mixed, _alone(model, case, batch, names))
+    assert not torch.allclose(mixed, _alone(model, case, batch, ["b"] * 4))
