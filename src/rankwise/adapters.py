@@ -16,7 +16,8 @@ computing exactly what they computed before.
 
 ``with rankwise.per_example(model, ["a", "b", None, ["a", "b"]]):`` — a mixed batch (HF PEFT's
 ``adapter_names=``): row ``i`` computes with its own adapter(s) or, for ``None``, the base model, whatever is
-active; each adapted module runs each distinct set of adapters on its rows (:meth:`rankwise.AdapterLayer.per_example_forward`).
+active; each adapted module runs each distinct set of adapters on its rows
+(:meth:`rankwise.AdapterLayer.per_example_forward`).
 """
 
 from __future__ import annotations
@@ -352,11 +353,13 @@ def _example_names(known: dict[str, RankwiseState], entry: str | Sequence[str] |
     """One example's adapters as a tuple of names in order (``()`` for ``None`` or an empty list), each checked to be
     on the model; HF PEFT's ``"__base__"`` gets a hint that ``None`` is rankwise's spelling."""
     if entry is not None and not isinstance(entry, (str, list, tuple, set, frozenset)):
-        raise TypeError(f"rankwise.per_example: an entry is an adapter name, a list of names or None, got {entry!r}")
+        raise TypeError(f"rankwise.per_example: an entry is an adapter name, a list of names or None, "
+                        f"got {entry!r}")
     chosen = () if entry is None else tuple(names_in_order(entry))  # a set: refused there (no order)
     for name in chosen:
         if not isinstance(name, str):
-            raise TypeError(f"rankwise.per_example: an entry is an adapter name, a list of names or None, got {entry!r}")
+            raise TypeError(f"rankwise.per_example: an entry is an adapter name, a list of names or None, "
+                            f"got {entry!r}")
         if name not in known:
             hint = " (rankwise spells HF PEFT's '__base__', the base model, as None)" if name == "__base__" else ""
             raise ValueError(f"rankwise.per_example: no adapter named {name!r} on this model{hint}; "
@@ -397,7 +400,8 @@ class _RoutedForward:
         self.previous: Callable[..., Any] | None = slot.__dict__.get("forward")  # an instance forward (accelerate's)
         own = self.previous if self.previous is not None else type(slot).forward.__get__(slot)
         # {whether the rows' adapters include `adapter`: the forward to run}; the slot's own runs as its forward was
-        self.forwards = {True: own if slot is copy else copy.forward, False: own if slot is original else original.forward}
+        self.forwards = {True: own if slot is copy else copy.forward,
+                         False: own if slot is original else original.forward}
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Callable[..., Any]:
         """A copy of the module taken inside the block (``copy.deepcopy``) computes as outside it: its own forward."""
@@ -412,7 +416,8 @@ class _RoutedForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         first = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor) and t.dim() > 0), None)
         if first is None:
-            raise TypeError(f"rankwise.per_example: fully-trained module {self.where!r} got no tensor to split by example")
+            raise TypeError(f"rankwise.per_example: fully-trained module {self.where!r} got no tensor to split by "
+                            "example")
         rows = int(first.shape[0])
         groups, inverse = self.examples.split(rows, first.device, f"fully-trained module {self.where!r}")
         if len(groups) == 1:  # one set for every row: the whole batch, whatever the module returns

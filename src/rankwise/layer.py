@@ -161,11 +161,11 @@ class Examples:
 
     def split(self, rows: int, device: torch.device, where: str) -> tuple[list[Group], Tensor | None]:
         """``(groups, inverse)`` for a batch of ``rows`` on ``device``: the rows of each distinct set of adapters (in
-        first-seen order) and the permutation that puts ``cat(group outputs)`` back in batch order (``cat(...)[inverse]``
-        has row ``i`` at place ``i``). Where every group is one run of rows (a batch sorted by adapter) its rows are a
-        ``slice`` (a view, no copy) and ``inverse`` is ``None`` (``cat`` is in batch order). Normal tensors, not
-        inference tensors: a block entered or first run inside ``torch.inference_mode`` still serves a forward with
-        gradients after it."""
+        first-seen order) and the permutation that puts ``cat(group outputs)`` back in batch order
+        (``cat(...)[inverse]`` has row ``i`` at place ``i``). Where every group is one run of rows (a batch sorted by
+        adapter) its rows are a ``slice`` (a view, no copy) and ``inverse`` is ``None`` (``cat`` is in batch order).
+        Normal tensors, not inference tensors: a block entered or first run inside ``torch.inference_mode`` still
+        serves a forward with gradients after it."""
         key = (rows, str(device))
         if key not in self._splits:
             rows_of: dict[tuple[str, ...], list[int]] = {}
@@ -175,7 +175,8 @@ class Examples:
                 self._splits[key] = ([(names, slice(idx[0], idx[-1] + 1)) for names, idx in rows_of.items()], None)
             else:
                 with outside_inference_mode():
-                    groups = [(names, torch.tensor(idx, dtype=torch.long, device=device)) for names, idx in rows_of.items()]
+                    groups = [(names, torch.tensor(idx, dtype=torch.long, device=device))
+                              for names, idx in rows_of.items()]
                     inverse = torch.argsort(torch.cat([cast(Tensor, idx) for _, idx in groups]))
                 self._splits[key] = (list(groups), inverse)
         return self._splits[key]
@@ -489,7 +490,7 @@ class AdapterLayer(nn.Module):
         groups, inverse = examples.split(int(x.shape[0]), x.device, where)
         if len(groups) == 1:
             return self.forward_as(x, groups[0][0])
-        outs = [self.forward_as(x[rows], names) for names, rows in groups]  # a view or a copy (faster than index_select)
+        outs = [self.forward_as(x[rows], names) for names, rows in groups]  # a view or a copy (index_select: slower)
         return Examples.gather(outs, inverse, where)
 
     def forward_as(self, x: Tensor, names: tuple[str, ...]) -> Tensor:
@@ -712,7 +713,8 @@ class AdapterLayer(nn.Module):
         the adapters as they were on entry, so a change of them (merge, attach, delete, set_active, load) or another
         block would leave some rows computing what their names do not say."""
         if self.per_example is not None:
-            raise RuntimeError(f"cannot {what} inside `with rankwise.per_example(model, names):`; do it after the block")
+            raise RuntimeError(f"cannot {what} inside `with rankwise.per_example(model, names):`; "
+                               "do it after the block")
 
     def copied_inside_disabled(self) -> bool:
         """Whether this layer is disabled with no live ``rankwise.disabled()`` block holding it: a copy of a layer
