@@ -569,3 +569,27 @@ def test_a_quantised_base_computes_each_row_as_alone(quant: dict[str, Any], tmp_
     mixed = _mixed(model, case, batch, names)
     torch.testing.assert_close(mixed, _alone(model, case, batch, names))
     assert not torch.allclose(mixed, _alone(model, case, batch, ["b"] * 4))
+
+
+@pytest.mark.slow
+def test_hf_peft_generate_with_adapter_names_gives_the_same_tokens(tmp_path: Path) -> None:
+    """A tiny Llama with two LoRA adapters exported to PEFT: PEFT's ``generate(..., adapter_names=[...])`` (greedy,
+    and beams, which PEFT expands by ``num_beams``) gives rankwise's tokens in the block (``repeats=num_beams``)."""
+    peft = pytest.importorskip("peft")
+    model = _tied_llama()
+    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], seed=0))
+    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["v_proj", "o_proj"], seed=1), name="b")
+    perturb_trainable(model, 4)
+    rankwise.export_peft(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(_tied_llama(), tmp_path)
+    theirs.load_adapter(tmp_path / "b", adapter_name="b")
+    theirs.eval()
+    names = ["b", None, "default", "b"]
+    ids = torch.randint(3, 48, (4, 4), generator=torch.Generator().manual_seed(2))
+    for beams in (1, 3):
+        with rankwise.per_example(model, names, repeats=beams):
+            ours = _generate(model, ids, num_beams=beams)
+        peft_names = ["__base__" if n is None else n for n in names]
+        assert torch.equal(ours, _generate(theirs, ids, num_beams=beams, adapter_names=peft_names)), beams
+        with rankwise.disabled(model):
+            assert not torch.equal(ours, _generate(model, ids, num_beams=beams)), "the adapters change no token"
