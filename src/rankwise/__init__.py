@@ -10,6 +10,7 @@ The public surface::
     rankwise.save(model, "out/"); rankwise.load(base_model, "out/")
     rankwise.export_peft(model, "peft_out/"); rankwise.import_peft(base_model, "peft_out/")
     with rankwise.disabled(model): ...            # the base model, exactly (e.g. DPO's reference)
+    with rankwise.per_example(model, ["a", None]): ...  # a mixed batch: row i with its own adapter (None: the base)
     rankwise.attach(model, cfg2, name="b"); rankwise.set_active(model, ["b", "default"])
     rankwise.active_adapters(model)               # ("b", "default"): the adapters that compute, in order
     rankwise.delete(model, "b")
@@ -65,7 +66,7 @@ from .lifecycle import (
     unmerge,
 )
 from .peft_format import export_peft, import_peft
-from .adapters import active_adapters, delete, disabled, set_active
+from .adapters import active_adapters, delete, disabled, per_example, set_active
 from .registry import all_methods, config_from_dict
 from .state import adapter_config, set_step_count, step_count
 
@@ -82,6 +83,7 @@ __all__ = [
     "merge",
     "unmerge",
     "disabled",
+    "per_example",
     "set_active",
     "active_adapters",
     "delete",

@@ -13,17 +13,24 @@ Several adapters on one model (``attach(model, cfg, name=...)``): :func:`set_act
 that compute, and their order (:func:`active_adapters` reads them) (as HF PEFT's ``set_adapter``: LoRA-form updates add up, a DoRA adapter
 rescales those before it); :func:`delete` removes one, leaving the others
 computing exactly what they computed before.
+
+``with rankwise.per_example(model, ["a", "b", None, ["a", "b"]]):`` — a mixed batch (HF PEFT's
+``adapter_names=``): row ``i`` computes with its own adapter(s) or, for ``None``, the base model, whatever is
+active; each adapted module runs each distinct set of adapters on its rows
+(:meth:`rankwise.AdapterLayer.per_example_forward`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from copy import deepcopy
+from typing import Any, cast
 
-from torch import nn
+from torch import Tensor, nn
 
 from .distributed import sharded
-from .layer import AdapterLayer
+from .layer import AdapterLayer, Examples
 from .lifecycle import _like, check_leaving, detach, hand_over_additions, refuse_if_merged_or_disabled
 from .slots import replace_all as _replace_all
 from .state import RankwiseState, adapter_set, names_in_order, slot_layers, unwrap_model
@@ -44,6 +51,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     adapters = adapter_set(model)
     for layer in slot_layers(model).values():
         layer.refuse_if_half_enabled("enter rankwise.disabled")
+        layer.refuse_in_per_example("enter rankwise.disabled (use None for the examples that run the base model)")
     switched: list[AdapterLayer] = []
     aside: dict[str, tuple[RankwiseState, nn.Module]] = {}
     try:
@@ -271,3 +279,177 @@ def _demote(host: AdapterLayer, promoted: nn.Module) -> None:
     promoted.tied = False
     for layer in (promoted, *rest):
         host.add_peer(layer)
+
+
+PerExampleNames = Sequence[str | Sequence[str] | None]  # one entry per example: a name, names in order, or None
+
+
+@contextmanager
+def per_example(model: nn.Module, names: PerExampleNames, *, repeats: int = 1) -> Iterator[nn.Module]:
+    """Within the block, example ``i`` of each batch computes with adapter ``names[i]``: row ``i`` of the output is
+    the model's output for row ``i`` alone after ``set_active(model, names[i])``, or inside ``disabled()`` for
+    ``None`` (HF PEFT's ``adapter_names=``, its ``"__base__"`` spelled ``None``). An entry may also be a list of
+    names, an active set in order (a DoRA-family adapter rescales those before it, as in :func:`set_active`).
+
+    Any adapter on the model may be named, active or idle; the active set is not used and not changed. Every method
+    is exact through the adapter-layer contract: each adapted module runs each distinct set on its rows
+    (:meth:`rankwise.AdapterLayer.per_example_forward`), and each fully-trained module (``modules_to_save``) its
+    trained copy for the rows whose set holds its adapter, its original for the rest. ``repeats``: the rows each
+    example covers in a batch expanded in place (``generate``: ``max(num_beams, num_return_sequences)``); a module
+    whose first dimension is neither ``len(names)`` nor ``len(names) * repeats`` raises rather than guess. Gradients
+    and train mode are allowed (each adapter's tensors get the gradient of its own rows); with gradient
+    checkpointing, call ``backward`` inside the block (the recomputation runs the layers again, routed only there).
+    Refused, with nothing changed: a merged model, inside ``disabled()``, a half-enabled model, a nested block;
+    unknown names, none at all. Inside the block, calls that change the adapters (merge, attach, delete,
+    set_active, load, save) are refused. On exit, also when the block raises, every layer and module computes as
+    before."""
+    model = unwrap_model(model)
+    adapters = adapter_set(model)
+    examples = Examples(tuple(_example_names(adapters.adapters, entry) for entry in _entries(names)), _repeats(repeats))
+    hosts = slot_layers(model)
+    for host in hosts.values():
+        host.refuse_if_half_enabled("enter rankwise.per_example")
+        host.refuse_while_disabled("enter rankwise.per_example")  # inside disabled(), or a nested block
+    slots = [name for state in adapters.adapters.values() for name in state.original_modules]
+    if any(isinstance(model.get_submodule(name).__dict__.get("forward"), _RoutedForward) for name in slots):
+        raise RuntimeError("cannot enter rankwise.per_example inside `with rankwise.per_example(model, names):`; "
+                           "one block gives each example its adapters")
+    if any(host.merged for host in hosts.values()):
+        raise ValueError("rankwise.per_example runs each example's adapters unmerged, and this model is merged (its "
+                         "weights hold the active set for every example): call rankwise.unmerge(model) first")
+    trained = _fully_trained(model, adapters.adapters)
+    routed: list[nn.Module] = []
+    try:
+        for slot, host in hosts.items():
+            host.per_example = (examples, f"adapter layer {slot!r}")
+        for name, (adapter, copy, original) in trained.items():
+            module = model.get_submodule(name)
+            if isinstance(module.__dict__.get("forward"), _RoutedForward):
+                continue  # one module held at two names: routed once
+            module.__dict__["forward"] = _RoutedForward(examples, adapter, copy, original, module, name)
+            routed.append(module)
+        yield model
+    finally:
+        for host in hosts.values():
+            host.per_example = None
+        for module in reversed(routed):
+            module.__dict__["forward"] = module.__dict__["forward"].previous
+            if module.__dict__["forward"] is None:
+                del module.__dict__["forward"]
+
+
+def _entries(names: PerExampleNames) -> list[str | Sequence[str] | None]:
+    """``names`` as a list of entries, one per example; a ``TypeError`` for one string (its letters are no
+    examples) or a set (no order), a ``ValueError`` for none."""
+    if isinstance(names, (str, bytes, set, frozenset)) or not isinstance(names, Sequence):
+        raise TypeError(f"rankwise.per_example needs a list with one entry per example (an adapter name, a list of "
+                        f"names, or None for the base model), got {type(names).__name__} {names!r}")
+    if not names:
+        raise ValueError("rankwise.per_example needs one entry per example, and got none")
+    return list(names)
+
+
+def _example_names(known: dict[str, RankwiseState], entry: str | Sequence[str] | None) -> tuple[str, ...]:
+    """One example's adapters as a tuple of names in order (``()`` for ``None`` or an empty list), each checked to be
+    on the model; HF PEFT's ``"__base__"`` gets a hint that ``None`` is rankwise's spelling."""
+    if entry is not None and not isinstance(entry, (str, list, tuple, set, frozenset)):
+        raise TypeError(f"rankwise.per_example: an entry is an adapter name, a list of names or None, "
+                        f"got {entry!r}")
+    chosen = () if entry is None else tuple(names_in_order(entry))  # a set: refused there (no order)
+    for name in chosen:
+        if not isinstance(name, str):
+            raise TypeError(f"rankwise.per_example: an entry is an adapter name, a list of names or None, "
+                            f"got {entry!r}")
+        if name not in known:
+            hint = " (rankwise spells HF PEFT's '__base__', the base model, as None)" if name == "__base__" else ""
+            raise ValueError(f"rankwise.per_example: no adapter named {name!r} on this model{hint}; "
+                             f"its adapters: {sorted(known)}")
+    return chosen
+
+
+def _repeats(repeats: int) -> int:
+    """``repeats`` checked to be a positive ``int``."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"rankwise.per_example: repeats must be a positive int (generate's "
+                         f"max(num_beams, num_return_sequences)), got {repeats!r}")
+    return repeats
+
+
+def _fully_trained(model: nn.Module, states: dict[str, RankwiseState]) -> dict[str, tuple[str, nn.Module, nn.Module]]:
+    """``{module name: (its adapter, trained copy, original)}`` for every fully-trained module (``modules_to_save``),
+    active or idle; an original out of its slot on the copy's device and dtype, as :func:`set_active` would put it in
+    (:func:`rankwise.lifecycle._like`)."""
+    out: dict[str, tuple[str, nn.Module, nn.Module]] = {}
+    for adapter, state in states.items():
+        for name, original in state.original_modules.items():
+            current = model.get_submodule(name)
+            copy = state.idle_modules.get(name, current)
+            out[name] = (adapter, copy, original if current is original else _like(original, copy))
+    return out
+
+
+class _RoutedForward:
+    """A fully-trained module's ``forward`` inside :func:`per_example` (set on the module in the slot, which keeps its
+    hooks, and run once for the batch): the trained copy's forward for the rows whose adapters include ``adapter``,
+    the original's for the rest. Each tensor argument whose first dimension is the batch is split by rows; the
+    module must then return one tensor (a head: logits, scores). One set for every row: the whole batch, unsplit."""
+
+    def __init__(self, examples: Examples, adapter: str, copy: nn.Module, original: nn.Module, slot: nn.Module,
+                 where: str) -> None:
+        self.examples, self.adapter, self.where, self.slot = examples, adapter, where, slot
+        self.previous: Callable[..., Any] | None = slot.__dict__.get("forward")  # an instance forward (accelerate's)
+        own = self.previous if self.previous is not None else type(slot).forward.__get__(slot)
+        # {whether the rows' adapters include `adapter`: the forward to run}; the slot's own runs as its forward was
+        self.forwards = {True: own if slot is copy else copy.forward,
+                         False: own if slot is original else original.forward}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Callable[..., Any]:
+        """A copy of the module taken inside the block (``copy.deepcopy``) computes as outside it: its own forward."""
+        if self.previous is not None:
+            return cast(Callable[..., Any], deepcopy(self.previous, memo))
+        return _OwnForward(deepcopy(self.slot, memo))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (``torch.save`` of the model inside the block): loaded, the module computes its own forward."""
+        return (_OwnForward, (self.slot,)) if self.previous is None else (_same, (self.previous,))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        first = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor) and t.dim() > 0), None)
+        if first is None:
+            raise TypeError(f"rankwise.per_example: fully-trained module {self.where!r} got no tensor to split by "
+                            "example")
+        rows = int(first.shape[0])
+        groups, inverse = self.examples.split(rows, first.device, f"fully-trained module {self.where!r}")
+        if len(groups) == 1:  # one set for every row: the whole batch, whatever the module returns
+            return self.forwards[self.adapter in groups[0][0]](*args, **kwargs)
+        outs = []
+        for names, idx in groups:
+            part = [_take(t, idx, rows) for t in args]
+            out = self.forwards[self.adapter in names](*part, **{k: _take(v, idx, rows) for k, v in kwargs.items()})
+            if not isinstance(out, Tensor):
+                raise TypeError(f"rankwise.per_example: fully-trained module {self.where!r} returns "
+                                f"{type(out).__name__}, not one tensor, so its rows cannot be put back per example; "
+                                "train it as adapter layers instead, or run one adapter per batch")
+            outs.append(out)
+        return Examples.gather(outs, inverse, f"fully-trained module {self.where!r}")
+
+
+def _take(value: Any, idx: Tensor | slice, rows: int) -> Any:
+    """``value[idx]`` for a tensor whose first dimension is the batch (``rows``), else ``value`` as it is."""
+    return value[idx] if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == rows else value
+
+
+class _OwnForward:
+    """What a copy of a routed module (taken inside :func:`per_example`) gets for its ``forward``: the module's class
+    forward, as if nothing were set (the copy's own hooks still run around it)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+
+def _same(value: Any) -> Any:
+    """``value`` itself (unpickling a routed module's earlier instance ``forward``)."""
+    return value

@@ -42,7 +42,7 @@ import contextlib
 import warnings
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
 
 import torch
@@ -111,6 +111,9 @@ COPIED_INSIDE_DISABLED = (
     "rankwise.disabled(model):`, so it computes the base model and no block will end for it. Enable its adapters "
     "with rankwise.set_active(model, list(rankwise.active_adapters(model)))"
 )
+# the hosts a live rankwise.per_example() block splits the batch for (AdapterLayer.per_example): a table, not an
+# attribute of the layer, so a copy taken inside a block (copy.deepcopy, torch.save / torch.load) computes as outside it
+_PER_EXAMPLE: weakref.WeakKeyDictionary[AdapterLayer, tuple[Examples, str]] = weakref.WeakKeyDictionary()
 UNMERGED_KEY = "unmerged_weight"  # a merged layer's original weight, in its state_dict (see _save_to_state_dict)
 DEFAULT_ADAPTER = "default"  # the name of an adapter attached without one (HF PEFT's default too)
 
@@ -123,6 +126,70 @@ class PeftFactors:
     lora_b: Tensor  # out x r
     scale: float
     magnitude: Tensor | None = None  # out, for DoRA-family layers
+
+
+Group = tuple[tuple[str, ...], Tensor | slice]  # a set of adapters (names in order, () for none) and its rows
+
+
+@dataclass
+class Examples:
+    """What a ``rankwise.per_example`` block tells each adapter layer: example ``i`` runs the adapters
+    ``names[i]`` (in that order; ``()``: none, the base module), and covers ``repeats`` consecutive rows when the
+    batch was expanded in place (``generate``'s ``repeat_interleave`` for beams). :meth:`split` answers per batch
+    size and device, computed once a block."""
+
+    names: tuple[tuple[str, ...], ...]
+    repeats: int = 1
+    _splits: dict[tuple[int, str], tuple[list[Group], Tensor | None]] = field(default_factory=dict)
+
+    def per_row(self, rows: int, where: str) -> tuple[tuple[str, ...], ...]:
+        """Each row's adapters for a batch of ``rows`` (the examples, or each repeated ``repeats`` times); a
+        ``ValueError`` naming ``where`` (a layer) for any other size: never a guessed split."""
+        if rows == len(self.names):
+            return self.names
+        if rows == len(self.names) * self.repeats:
+            return tuple(key for key in self.names for _ in range(self.repeats))
+        sizes = f"{len(self.names)}" + (f" or {len(self.names) * self.repeats} (repeats={self.repeats})"
+                                        if self.repeats > 1 else "")
+        raise ValueError(
+            f"rankwise.per_example: {where} got an input whose first dimension is {rows}, but the block has "
+            f"{len(self.names)} examples, so it expects {sizes} rows. Here the first dimension is not the batch (an "
+            "expert layer of a mixture-of-experts model that flattens tokens, a sequence-first layout, an unbatched "
+            "input), or the batch is not the one the names were given for (generate with num_beams or "
+            "num_return_sequences: pass repeats=max(num_beams, num_return_sequences)); per-example adapters cannot "
+            "split it")
+
+    def split(self, rows: int, device: torch.device, where: str) -> tuple[list[Group], Tensor | None]:
+        """``(groups, inverse)`` for a batch of ``rows`` on ``device``: the rows of each distinct set of adapters (in
+        first-seen order) and the permutation that puts ``cat(group outputs)`` back in batch order
+        (``cat(...)[inverse]`` has row ``i`` at place ``i``). Where every group is one run of rows (a batch sorted by
+        adapter) its rows are a ``slice`` (a view, no copy) and ``inverse`` is ``None`` (``cat`` is in batch order).
+        Normal tensors, not inference tensors: a block entered or first run inside ``torch.inference_mode`` still
+        serves a forward with gradients after it."""
+        key = (rows, str(device))
+        if key not in self._splits:
+            rows_of: dict[tuple[str, ...], list[int]] = {}
+            for i, names in enumerate(self.per_row(rows, where)):
+                rows_of.setdefault(names, []).append(i)
+            if all(idx[-1] - idx[0] == len(idx) - 1 for idx in rows_of.values()):  # runs, in batch order
+                self._splits[key] = ([(names, slice(idx[0], idx[-1] + 1)) for names, idx in rows_of.items()], None)
+            else:
+                with outside_inference_mode():
+                    groups = [(names, torch.tensor(idx, dtype=torch.long, device=device))
+                              for names, idx in rows_of.items()]
+                    inverse = torch.argsort(torch.cat([cast(Tensor, idx) for _, idx in groups]))
+                self._splits[key] = (list(groups), inverse)
+        return self._splits[key]
+
+    @staticmethod
+    def gather(outs: list[Tensor], inverse: Tensor | None, where: str) -> Tensor:
+        """The groups' outputs (:meth:`split`'s order) as one batch in batch order: ``cat(outs)[inverse]``, or
+        ``cat(outs)`` where the groups are runs. A ``TypeError`` naming ``where`` when they differ in dtype, which
+        ``cat`` would promote silently (no row would then be what it is alone)."""
+        if len({out.dtype for out in outs}) > 1:
+            raise TypeError(f"rankwise.per_example: {where}'s groups of examples return different dtypes "
+                            f"{sorted(str(out.dtype) for out in outs)}; give the model one dtype (model.to(dtype))")
+        return torch.cat(outs) if inverse is None else torch.cat(outs)[inverse]
 
 
 def layer_generator(seed: int | None, index: int) -> torch.Generator | None:
@@ -158,6 +225,9 @@ class AdapterLayer(nn.Module):
     lr_multiplied: ClassVar[tuple[str, ...]] = ()
     token_rows: ClassVar[bool] = False  # rows trained densely (rankwise.tokens.TokenRows), not a method's low-rank layer
     follows_layer: ClassVar[bool] = False  # a head computing with a tied embedding's layer (rankwise.ties.TiedHead)
+    # set while a rankwise.per_example() block routes this layer (its split: per_example): a plain attribute the
+    # forward reads first, so torch.compile guards on it and retraces on entering and leaving a block
+    _routed: bool = False
     weight: Tensor  # the base's own tensors, shared (nn.Module's __getattr__ would type them Tensor | Module)
     bias: Tensor | None
 
@@ -211,6 +281,20 @@ class AdapterLayer(nn.Module):
         self.own_state_dict_hooks: frozenset[int] = frozenset()
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def per_example(self) -> tuple[Examples, str] | None:
+        """Inside a ``rankwise.per_example`` block (hosts only): each example's adapters, and this layer's name for
+        errors; ``None`` outside one (and on a copy of a layer taken inside one)."""
+        return _PER_EXAMPLE.get(self)
+
+    @per_example.setter
+    def per_example(self, value: tuple[Examples, str] | None) -> None:
+        if value is None:
+            _PER_EXAMPLE.pop(self, None)
+        else:
+            _PER_EXAMPLE[self] = value
+        self._routed = value is not None
+
     @property
     def adapter_dtype(self) -> torch.dtype:
         """The dtype the adapter computes in: its own tensors' (read at each use, not cached).
@@ -375,6 +459,9 @@ class AdapterLayer(nn.Module):
             self.check_fixed_stored()
         if self.disabled:
             return self.plain_forward(x)
+        route = self.per_example if self._routed else None  # a copy taken inside a block: flag set, no route
+        if route is not None:
+            return self.per_example_forward(x, *route)
         chosen = self.computing()
         if not chosen and not self.merged:
             return self.plain_forward(x)
@@ -393,6 +480,30 @@ class AdapterLayer(nn.Module):
         for layer in chosen:
             out = layer.stacked_forward(x, out)
         return out
+
+    def per_example_forward(self, x: Tensor, examples: Examples, where: str) -> Tensor:
+        """Inside ``rankwise.per_example``: row ``i`` of the output is this module's output for row ``i`` alone with
+        the example's adapters active (:meth:`forward_as`). Each distinct set of adapters runs once, on its rows
+        (indexed along dimension 0), and the outputs go back in batch order with one gather; one set: the
+        whole batch, unsplit; runs of rows (a batch sorted by adapter): views and no gather. ``where``: this layer's
+        name, for the error on a first dimension that is not the batch."""
+        groups, inverse = examples.split(int(x.shape[0]), x.device, where)
+        if len(groups) == 1:
+            return self.forward_as(x, groups[0][0])
+        outs = [self.forward_as(x[rows], names) for names, rows in groups]  # a view or a copy (index_select: slower)
+        return Examples.gather(outs, inverse, where)
+
+    def forward_as(self, x: Tensor, names: tuple[str, ...]) -> Tensor:
+        """The module's output with adapters ``names`` active in that order (``()``: none), as after
+        ``set_active(model, list(names))`` (or inside ``disabled()`` for none): the base module's own forward where
+        none of them adapts this module, the one layer's own forward, or their composition."""
+        chosen = [layer for name in names for layer in self.stack() if layer.adapter_name == name]
+        if not chosen:
+            return self.plain_forward(x)
+        if self.merged:  # refused at the block's entry and merge inside it; kept for a state_dict load's merge
+            raise RuntimeError("rankwise.per_example runs unmerged adapters and this layer is merged: leave the block "
+                               "and call rankwise.unmerge(model) first")
+        return self.kind.to_output(self._adapted_forward(x, chosen))
 
     def row_scale(self) -> Tensor | None:
         """``μ`` (``out``), how this layer rescales the output of the active layers before it on its module
@@ -588,12 +699,22 @@ class AdapterLayer(nn.Module):
 
     def refuse_while_disabled(self, what: str) -> None:
         """Raise ``RuntimeError`` if this layer is inside ``rankwise.disabled`` (``what``: the refused call), or still
-        disabled after that block's exit failed (:meth:`refuse_if_half_enabled` says how to finish it)."""
+        disabled after that block's exit failed (:meth:`refuse_if_half_enabled` says how to finish it); or inside
+        ``rankwise.per_example`` (:meth:`refuse_in_per_example`)."""
+        self.refuse_in_per_example(what)
         if self.disabled:
             self.refuse_if_half_enabled(what)
             if self.copied_inside_disabled():
                 raise RuntimeError(COPIED_INSIDE_DISABLED.format(what=what))
             raise RuntimeError(f"cannot {what} inside `with rankwise.disabled(model):`; do it after the block")
+
+    def refuse_in_per_example(self, what: str) -> None:
+        """Raise ``RuntimeError`` naming ``what`` inside a ``rankwise.per_example`` block: the block split the batch by
+        the adapters as they were on entry, so a change of them (merge, attach, delete, set_active, load) or another
+        block would leave some rows computing what their names do not say."""
+        if self.per_example is not None:
+            raise RuntimeError(f"cannot {what} inside `with rankwise.per_example(model, names):`; "
+                               "do it after the block")
 
     def copied_inside_disabled(self) -> bool:
         """Whether this layer is disabled with no live ``rankwise.disabled()`` block holding it: a copy of a layer
