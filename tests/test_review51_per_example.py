@@ -546,6 +546,43 @@ def test_gradient_checkpointing_with_the_backward_inside_the_block(reentrant: bo
         torch.testing.assert_close(grads[1][n], grads[0][n], msg=n)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_checkpointed_forward_recomputed_after_the_block_is_refused(reentrant: bool) -> None:
+    """The backward after the block, with HF gradient checkpointing: the recomputation would run the active adapters
+    for every row. Before, the reentrant checkpoint gave other gradients without a word (the non-reentrant one raised
+    torch's ``CheckpointError`` on a shape mismatch); now both raise rankwise's error naming the layer and the remedy
+    (the backward inside the block). Without checkpointing a backward after the block is right: the graph holds the
+    routed forward, and its gradients equal those of a backward inside the block."""
+    model = _tied_llama()
+    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], seed=0))
+    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["v_proj", "o_proj"], seed=1), name="b")
+    perturb_trainable(model, 3)
+    ids = torch.randint(3, 48, (4, 6), generator=torch.Generator().manual_seed(0))
+    params = rankwise.trainable_parameters(model)
+    model.train()
+    grads = []
+    for backward_inside in (True, False):
+        with rankwise.per_example(model, ["default", "b", None, "b"]):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            if backward_inside:
+                loss.backward()
+        if not backward_inside:
+            loss.backward()
+        grads.append({n: p.grad.clone() for n, p in params.items()})
+        model.zero_grad(set_to_none=True)
+    for n in params:
+        assert torch.equal(grads[1][n], grads[0][n]), n
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    with rankwise.per_example(model, ["default", "b", None, "b"]):
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    with pytest.raises(RuntimeError, match=r"per_example: the forward of adapter layer '.*_proj' is being recomputed .*Call "
+                                           r"loss\.backward\(\) inside the block"):
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()  # outside any block: the active set, as usual
+    assert all(p.grad is not None for p in params.values())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", [{"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
                                     "bnb_4bit_compute_dtype": torch.float32}, {"load_in_8bit": True}],

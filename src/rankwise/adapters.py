@@ -298,7 +298,8 @@ def per_example(model: nn.Module, names: PerExampleNames, *, repeats: int = 1) -
     example covers in a batch expanded in place (``generate``: ``max(num_beams, num_return_sequences)``); a module
     whose first dimension is neither ``len(names)`` nor ``len(names) * repeats`` raises rather than guess. Gradients
     and train mode are allowed (each adapter's tensors get the gradient of its own rows); with gradient
-    checkpointing, call ``backward`` inside the block (the recomputation runs the layers again, routed only there).
+    checkpointing, call ``backward`` inside the block (the recomputation runs the layers again, routed only there; a
+    layer recomputed after the block raises ``RuntimeError`` rather than compute the active set's gradients).
     Refused, with nothing changed: a merged model, inside ``disabled()``, a half-enabled model, a nested block;
     unknown names, none at all. Inside the block, calls that change the adapters (merge, attach, delete,
     set_active, load, save) are refused. On exit, also when the block raises, every layer and module computes as

@@ -103,6 +103,24 @@ def _warn_merged_training(layer: AdapterLayer) -> None:
     warnings.warn(MERGED_TRAINING, stacklevel=5)  # the caller of the model's forward, as before this helper
 
 
+RECOMPUTED_AFTER_PER_EXAMPLE = (
+    "rankwise.per_example: the forward of {where} is being recomputed inside a backward (gradient checkpointing) after "
+    "the `with rankwise.per_example(model, names):` block that ran it ended; recomputed now it would run the active "
+    "adapters for every row, and the gradients would silently not be each row's. Call loss.backward() inside the block"
+)
+
+
+@torch.compiler.disable(reason=RECOMPUTED_AFTER_PER_EXAMPLE)
+def _leave_per_example(layer: AdapterLayer) -> None:
+    """The first unrouted forward of ``layer`` since a ``rankwise.per_example`` block routed it: a ``RuntimeError``
+    where it runs inside a backward (a checkpointed forward recomputed after the block: torch's reentrant checkpoint
+    would compute other gradients without a word, its non-reentrant one stop on a shape mismatch), else the mark is
+    cleared. A backward after the block with no recomputation is right as it is (the graph holds the routed forward)."""
+    if torch._C._current_graph_task_id() != -1:  # -1: no backward is running on this thread
+        raise RuntimeError(RECOMPUTED_AFTER_PER_EXAMPLE.format(where=layer._routed_since))
+    layer._routed_since = None
+
+
 # the layers a live rankwise.disabled() block switched off (AdapterLayer.disable / enable): a layer disabled but not
 # here is a copy (copy.deepcopy, torch.save / torch.load) of one taken inside a block, which no block will enable
 _IN_A_BLOCK: weakref.WeakSet[AdapterLayer] = weakref.WeakSet()
@@ -228,6 +246,8 @@ class AdapterLayer(nn.Module):
     # set while a rankwise.per_example() block routes this layer (its split: per_example): a plain attribute the
     # forward reads first, so torch.compile guards on it and retraces on entering and leaving a block
     _routed: bool = False
+    # the layer's name where a block has routed it since its last unrouted forward (_leave_per_example), else None
+    _routed_since: str | None = None
     weight: Tensor  # the base's own tensors, shared (nn.Module's __getattr__ would type them Tensor | Module)
     bias: Tensor | None
 
@@ -461,7 +481,10 @@ class AdapterLayer(nn.Module):
             return self.plain_forward(x)
         route = self.per_example if self._routed else None  # a copy taken inside a block: flag set, no route
         if route is not None:
+            self._routed_since = route[1]
             return self.per_example_forward(x, *route)
+        if self._routed_since is not None:
+            _leave_per_example(self)
         chosen = self.computing()
         if not chosen and not self.merged:
             return self.plain_forward(x)
