@@ -177,6 +177,11 @@ class Examples:
             "num_return_sequences: pass repeats=max(num_beams, num_return_sequences)); per-example adapters cannot "
             "split it")
 
+    def adapters(self) -> tuple[str, ...]:
+        """The adapters some example names, each once, in first-seen order: what a training step in the block trained
+        (:func:`rankwise.state.trained_adapters`)."""
+        return tuple(dict.fromkeys(name for names in self.names for name in names))
+
     def split(self, rows: int, device: torch.device, where: str) -> tuple[list[Group], Tensor | None]:
         """``(groups, inverse)`` for a batch of ``rows`` on ``device``: the rows of each distinct set of adapters (in
         first-seen order) and the permutation that puts ``cat(group outputs)`` back in batch order

@@ -1,0 +1,72 @@
+"""Review round 54 (2026-12-07): a second look at ``rankwise.per_example`` (docs/reliability.md).
+
+Oracles: each row run alone with its adapters made active (``set_active``) or inside ``disabled()``; a step's
+count and a RAC-LoRA link end measured on the adapters the rows trained; the model's function across a link end
+(``end_link`` never changes it); outputs and ``state_dict`` bit for bit after a refusal.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from conftest import make_model_case, perturb_trainable
+from test_review51_per_example import _batch
+from torch import Tensor, nn
+
+import rankwise
+
+
+def _chains() -> tuple[nn.Module, Any, dict[str, Tensor]]:
+    """The MLP case with LoRA "default" active on every target and two RAC-LoRA chains of one-step links, "b" and
+    "c", idle (attached, then ``set_active("default")``)."""
+    case = make_model_case("mlp")
+    model = case.make()
+    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=case.targets, seed=0))
+    for name, seed in (("b", 1), ("c", 2)):
+        rankwise.attach(model, rankwise.RacLoraConfig(r=2, alpha=4, link_steps=1, target_modules=["fc1"], seed=seed),
+                        name=name)
+    perturb_trainable(model, 4)
+    rankwise.set_active(model, "default")
+    return model, case, _batch(case, 3, 4)
+
+
+def test_a_step_inside_the_block_steps_the_adapters_the_rows_trained() -> None:
+    """Training a mixed batch of the idle chains "b" and "c" (the active "default" computes for no row): before, a
+    ``rankwise.step(model, optimizer)`` inside the block stepped "default" (its count 1, a link for nobody) and
+    neither chain (counts 0, no link end: a RAC-LoRA chain silently trained as one long link). Now it steps the adapters
+    the examples name: "b" and "c" counted, each link ended (its product merged into the record, the model's function
+    unchanged by the step), "default" not counted."""
+    model, case, batch = _chains()
+    optimizer = torch.optim.SGD(rankwise.trainable_parameters(model).values(), lr=0.1)
+    model.train()
+    names = ["b", None, "c", "b"]
+    with rankwise.per_example(model, names):
+        case.output(model, batch).pow(2).sum().backward()
+        optimizer.step()
+        with torch.no_grad():
+            before = case.output(model, batch)
+        rankwise.step(model, optimizer)
+        with torch.no_grad():
+            after = case.output(model, batch)
+    assert {n: rankwise.step_count(model, n) for n in ("default", "b", "c")} == {"default": 0, "b": 1, "c": 1}
+    for name in ("b", "c"):
+        layer = rankwise.adapter_layers(model, name)["fc1"]
+        assert int(layer.links) == 1 and layer.chain_a.shape[0] == 2, name  # the trained link is in the record
+    torch.testing.assert_close(after, before)  # a link end never changes the function
+    assert not torch.equal(before[0], before[1]), "the rows compute alike: the names prove nothing"
+
+
+def test_end_link_inside_the_block_ends_the_chains_the_rows_trained() -> None:
+    """``rankwise.end_link(model, optimizer)`` without a name inside the block: before, it looked for an active chain
+    (none: "default" is LoRA) and raised "no active adapter ... is a trained RAC-LoRA / COLA chain"; now it ends the
+    chains the examples name, "b" only here ("c" is named by no row and keeps its link)."""
+    model, case, batch = _chains()
+    optimizer = torch.optim.SGD(rankwise.trainable_parameters(model).values(), lr=0.1)
+    model.train()
+    with rankwise.per_example(model, ["b", None, "b", None]):
+        case.output(model, batch).pow(2).sum().backward()
+        optimizer.step()
+        rankwise.end_link(model, optimizer)
+    assert int(rankwise.adapter_layers(model, "b")["fc1"].links) == 1
+    assert int(rankwise.adapter_layers(model, "c")["fc1"].links) == 0
