@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 from conftest import make_model_case, perturb_trainable
-from test_review51_per_example import _batch
+from test_review51_per_example import _batch, _tied_llama
 from torch import Tensor, nn
 
 import rankwise
@@ -70,3 +71,27 @@ def test_end_link_inside_the_block_ends_the_chains_the_rows_trained() -> None:
         rankwise.end_link(model, optimizer)
     assert int(rankwise.adapter_layers(model, "b")["fc1"].links) == 1
     assert int(rankwise.adapter_layers(model, "c")["fc1"].links) == 0
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_checkpointed_forward_from_before_the_block_recomputed_inside_it_is_refused(reentrant: bool) -> None:
+    """Round 51's case mirrored: the forward outside the block (the active set for every row), its backward inside a
+    block, with HF gradient checkpointing: the recomputation would route each example's adapters. Before, the reentrant
+    checkpoint gave other gradients without a word (tiny Llama: 0.086 off the forward's largest difference) and the
+    non-reentrant one raised torch's ``CheckpointError`` on a shape mismatch; now both raise rankwise's error naming
+    the layer. A backward inside the block of the block's own forward stays right (round 51's tests)."""
+    model = _tied_llama()
+    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], seed=0))
+    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["v_proj", "o_proj"], seed=1), name="b")
+    perturb_trainable(model, 3)
+    ids = torch.randint(3, 48, (4, 6), generator=torch.Generator().manual_seed(0))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.train()
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    with rankwise.per_example(model, ["default", "b", None, "b"]):
+        with pytest.raises(RuntimeError, match=r"per_example: the forward of adapter layer '.*_proj' is being "
+                                               r"recomputed .*ran before the block"):
+            loss.backward()
+    model.zero_grad(set_to_none=True)
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()  # outside any block: as usual
+    assert all(p.grad is not None for p in rankwise.trainable_parameters(model).values())

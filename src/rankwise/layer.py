@@ -119,6 +119,28 @@ def _leave_per_example(layer: AdapterLayer) -> None:
     if torch._C._current_graph_task_id() != -1:  # -1: no backward is running on this thread
         raise RuntimeError(RECOMPUTED_AFTER_PER_EXAMPLE.format(where=layer._routed_since))
     layer._routed_since = None
+    layer._routed_by = None
+
+
+RECOMPUTED_INSIDE_PER_EXAMPLE = (
+    "rankwise.per_example: the forward of {where} is being recomputed inside a backward (gradient checkpointing) "
+    "inside a `with rankwise.per_example(model, names):` block, but the forward that ran it was not this block's (it "
+    "ran before the block, with the active adapters for every row); recomputed now it would run each example's "
+    "adapters, and the gradients would silently not be the forward's. Call loss.backward() outside the block, or run "
+    "the forward inside it"
+)
+
+
+@torch.compiler.disable(reason=RECOMPUTED_INSIDE_PER_EXAMPLE)
+def _enter_per_example(layer: AdapterLayer, examples: Examples, where: str) -> None:
+    """The first forward of ``layer`` routed by the block of ``examples``: a ``RuntimeError`` where it runs inside a
+    backward (a checkpointed forward that ran before the block, recomputed inside it: torch's reentrant checkpoint
+    would compute other gradients without a word, its non-reentrant one stop on a shape mismatch), else the layer is
+    marked as routed by this block (``_routed_by``; its name for :func:`_leave_per_example`)."""
+    if torch._C._current_graph_task_id() != -1:  # -1: no backward is running on this thread
+        raise RuntimeError(RECOMPUTED_INSIDE_PER_EXAMPLE.format(where=where))
+    layer._routed_by = examples
+    layer._routed_since = where
 
 
 # the layers a live rankwise.disabled() block switched off (AdapterLayer.disable / enable): a layer disabled but not
@@ -253,6 +275,8 @@ class AdapterLayer(nn.Module):
     _routed: bool = False
     # the layer's name where a block has routed it since its last unrouted forward (_leave_per_example), else None
     _routed_since: str | None = None
+    # the block (its examples) whose forward last routed this layer, until its next unrouted forward; else None
+    _routed_by: Examples | None = None
     weight: Tensor  # the base's own tensors, shared (nn.Module's __getattr__ would type them Tensor | Module)
     bias: Tensor | None
 
@@ -486,7 +510,8 @@ class AdapterLayer(nn.Module):
             return self.plain_forward(x)
         route = self.per_example if self._routed else None  # a copy taken inside a block: flag set, no route
         if route is not None:
-            self._routed_since = route[1]
+            if self._routed_by is not route[0]:  # this layer's first forward in this block
+                _enter_per_example(self, route[0], route[1])
             return self.per_example_forward(x, *route)
         if self._routed_since is not None:
             _leave_per_example(self)
