@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import make_model_case, perturb_trainable
-from test_review51_per_example import _batch, _tied_llama
+from test_review51_per_example import _alone, _batch, _tied_llama
 from torch import Tensor, nn
 
 import rankwise
@@ -95,3 +95,26 @@ def test_a_checkpointed_forward_from_before_the_block_recomputed_inside_it_is_re
     model.zero_grad(set_to_none=True)
     model(input_ids=ids, labels=ids, use_cache=False).loss.backward()  # outside any block: as usual
     assert all(p.grad is not None for p in rankwise.trainable_parameters(model).values())
+
+
+def test_fullgraph_compile_inside_the_block_routes_each_example() -> None:
+    """``torch.compile(model, fullgraph=True)`` run inside the block (two blocks in turn, other names each, one with
+    the rows interleaved): before, an interleaved batch failed with dynamo's "Encountered
+    torch.is_inference_mode_enabled during tracing" (the split's indices made outside inference mode), naming nothing
+    of rankwise; now the indices are traced (made outside inference mode in eager runs only) and every call equals
+    each row run alone, the fully-trained head included."""
+    case = make_model_case("mlp")
+    model = case.make()
+    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=case.targets, modules_to_save=[case.head], seed=0))
+    rankwise.attach(model, rankwise.DoraConfig(r=2, target_modules=case.targets[-1:], seed=1), name="b")
+    perturb_trainable(model, 5)
+    model.eval()
+    batch = _batch(case, 3, 4)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    for names in (["default", "b", None, "b"], [None, "default", "default", ["b", "default"]]):
+        expected = _alone(model, case, batch, names)
+        with torch.no_grad(), rankwise.per_example(model, names):
+            for _ in range(2):
+                torch.testing.assert_close(case.output(compiled, batch), expected)
+    torch._dynamo.reset()

@@ -131,16 +131,12 @@ RECOMPUTED_INSIDE_PER_EXAMPLE = (
 )
 
 
-@torch.compiler.disable(reason=RECOMPUTED_INSIDE_PER_EXAMPLE)
-def _enter_per_example(layer: AdapterLayer, examples: Examples, where: str) -> None:
-    """The first forward of ``layer`` routed by the block of ``examples``: a ``RuntimeError`` where it runs inside a
-    backward (a checkpointed forward that ran before the block, recomputed inside it: torch's reentrant checkpoint
-    would compute other gradients without a word, its non-reentrant one stop on a shape mismatch), else the layer is
-    marked as routed by this block (``_routed_by``; its name for :func:`_leave_per_example`)."""
+def _refuse_recomputed_inside(where: str) -> None:
+    """The first forward of layer ``where`` routed by a block: a ``RuntimeError`` where it runs inside a backward (a
+    checkpointed forward that ran before the block, recomputed inside it: torch's reentrant checkpoint would compute
+    other gradients without a word, its non-reentrant one stop on a shape mismatch)."""
     if torch._C._current_graph_task_id() != -1:  # -1: no backward is running on this thread
         raise RuntimeError(RECOMPUTED_INSIDE_PER_EXAMPLE.format(where=where))
-    layer._routed_by = examples
-    layer._routed_since = where
 
 
 # the layers a live rankwise.disabled() block switched off (AdapterLayer.disable / enable): a layer disabled but not
@@ -213,17 +209,7 @@ class Examples:
         serves a forward with gradients after it."""
         key = (rows, str(device))
         if key not in self._splits:
-            rows_of: dict[tuple[str, ...], list[int]] = {}
-            for i, names in enumerate(self.per_row(rows, where)):
-                rows_of.setdefault(names, []).append(i)
-            if all(idx[-1] - idx[0] == len(idx) - 1 for idx in rows_of.values()):  # runs, in batch order
-                self._splits[key] = ([(names, slice(idx[0], idx[-1] + 1)) for names, idx in rows_of.items()], None)
-            else:
-                with outside_inference_mode():
-                    groups = [(names, torch.tensor(idx, dtype=torch.long, device=device))
-                              for names, idx in rows_of.items()]
-                    inverse = torch.argsort(torch.cat([cast(Tensor, idx) for _, idx in groups]))
-                self._splits[key] = (list(groups), inverse)
+            self._splits[key] = _new_split(self.per_row(rows, where), device)
         return self._splits[key]
 
     @staticmethod
@@ -235,6 +221,22 @@ class Examples:
             raise TypeError(f"rankwise.per_example: {where}'s groups of examples return different dtypes "
                             f"{sorted(str(out.dtype) for out in outs)}; give the model one dtype (model.to(dtype))")
         return torch.cat(outs) if inverse is None else torch.cat(outs)[inverse]
+
+
+def _new_split(per_row: tuple[tuple[str, ...], ...], device: torch.device) -> tuple[list[Group], Tensor | None]:
+    """:meth:`Examples.split` for rows with adapters ``per_row``, on ``device``. Traced by ``torch.compile`` (its
+    graph then holds the indices: ``fullgraph=True`` works), which cannot trace ``torch.is_inference_mode_enabled``:
+    the indices are made outside inference mode in eager runs only."""
+    rows_of: dict[tuple[str, ...], list[int]] = {}
+    for i, names in enumerate(per_row):
+        rows_of.setdefault(names, []).append(i)
+    if all(idx[-1] - idx[0] == len(idx) - 1 for idx in rows_of.values()):  # runs, in batch order
+        return [(names, slice(idx[0], idx[-1] + 1)) for names, idx in rows_of.items()], None
+    with contextlib.nullcontext() if torch.compiler.is_compiling() else outside_inference_mode():
+        groups: list[Group] = [(names, torch.tensor(idx, dtype=torch.long, device=device))
+                               for names, idx in rows_of.items()]
+        inverse = torch.argsort(torch.cat([cast(Tensor, idx) for _, idx in groups]))
+    return groups, inverse
 
 
 def layer_generator(seed: int | None, index: int) -> torch.Generator | None:
@@ -511,7 +513,9 @@ class AdapterLayer(nn.Module):
         route = self.per_example if self._routed else None  # a copy taken inside a block: flag set, no route
         if route is not None:
             if self._routed_by is not route[0]:  # this layer's first forward in this block
-                _enter_per_example(self, route[0], route[1])
+                if not torch.compiler.is_compiling():  # (a compiled forward is not recomputed by a checkpoint here)
+                    _refuse_recomputed_inside(route[1])
+                self._routed_by, self._routed_since = route[0], route[1]
             return self.per_example_forward(x, *route)
         if self._routed_since is not None:
             _leave_per_example(self)
