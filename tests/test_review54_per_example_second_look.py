@@ -79,7 +79,7 @@ def test_a_checkpointed_forward_from_before_the_block_recomputed_inside_it_is_re
     block, with HF gradient checkpointing: the recomputation would route each example's adapters. Before, the reentrant
     checkpoint gave other gradients without a word (tiny Llama: 0.086 off the forward's largest difference) and the
     non-reentrant one raised torch's ``CheckpointError`` on a shape mismatch; now both raise rankwise's error naming
-    the layer. A backward inside the block of the block's own forward stays right (round 51's tests)."""
+    the layer, also for a forward in one block recomputed inside a later one. A backward inside the block of the block's own forward stays right (round 51's tests)."""
     model = _tied_llama()
     rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], seed=0))
     rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["v_proj", "o_proj"], seed=1), name="b")
@@ -89,6 +89,12 @@ def test_a_checkpointed_forward_from_before_the_block_recomputed_inside_it_is_re
     model.train()
     loss = model(input_ids=ids, labels=ids, use_cache=False).loss
     with rankwise.per_example(model, ["default", "b", None, "b"]):
+        with pytest.raises(RuntimeError, match=r"per_example: the forward of adapter layer '.*_proj' is being "
+                                               r"recomputed .*ran before the block"):
+            loss.backward()
+    with rankwise.per_example(model, ["default", "b", None, "b"]):  # a forward in one block, its backward in another
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    with rankwise.per_example(model, ["b", "b", None, "default"]):
         with pytest.raises(RuntimeError, match=r"per_example: the forward of adapter layer '.*_proj' is being "
                                                r"recomputed .*ran before the block"):
             loss.backward()
