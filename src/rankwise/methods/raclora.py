@@ -449,11 +449,13 @@ def chain_names(model: nn.Module, name: str | None = None) -> list[str]:
     if name is not None or len(adapters.adapters) == 1:
         names = [adapters.resolve(name)]
     else:
-        names = [n for n in trained_adapters(model, adapters) if getattr(adapters.adapters[n].config, "chain", False) is True
+        covered = trained_adapters(model, adapters)
+        names = [n for n in covered if getattr(adapters.adapters[n].config, "chain", False) is True
                  and isinstance(adapters.adapters[n].config, RacLoraConfig)
                  and any(layer.requires_grad() for layer in adapter_layers(model, n).values())]
         if not names:
-            raise ValueError(f"no active adapter of this model ({adapters.active}) is a trained RAC-LoRA / COLA chain "
+            which = "active adapter" if covered == adapters.active else "adapter the rankwise.per_example block names"
+            raise ValueError(f"no {which} of this model ({covered}) is a trained RAC-LoRA / COLA chain "
                              "(rankwise.RacLoraConfig with chain=True): there is no link to end")
     for n in names:
         if not _rac_state(model, n)[0].chain:
