@@ -107,8 +107,9 @@ def test_fullgraph_compile_inside_the_block_routes_each_example() -> None:
     """``torch.compile(model, fullgraph=True)`` run inside the block (two blocks in turn, other names each, one with
     the rows interleaved): before, an interleaved batch failed with dynamo's "Encountered
     torch.is_inference_mode_enabled during tracing" (the split's indices made outside inference mode), naming nothing
-    of rankwise; now the indices are traced (made outside inference mode in eager runs only) and every call equals
-    each row run alone, the fully-trained head included."""
+    of rankwise; now the indices are traced (made in the graph at each call and not cached; eager runs make them
+    outside inference mode) and every call equals each row run alone, the fully-trained head included. A first
+    compiled run inside ``torch.inference_mode`` leaves no inference tensor for a later forward with gradients."""
     case = make_model_case("mlp")
     model = case.make()
     rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=case.targets, modules_to_save=[case.head], seed=0))
@@ -123,4 +124,11 @@ def test_fullgraph_compile_inside_the_block_routes_each_example() -> None:
         with torch.no_grad(), rankwise.per_example(model, names):
             for _ in range(2):
                 torch.testing.assert_close(case.output(compiled, batch), expected)
+    names = ["b", None, "default", "b"]
+    with rankwise.per_example(model, names):  # first run inside inference mode, then with gradients in the block
+        with torch.inference_mode():
+            case.output(compiled, batch)
+        for run in (compiled, model):  # the indices the graph made there are not kept: both run backward
+            case.output(run, batch).pow(2).sum().backward()
+    assert all(p.grad is not None for p in rankwise.trainable_parameters(model).values())
     torch._dynamo.reset()

@@ -207,6 +207,8 @@ class Examples:
         adapter) its rows are a ``slice`` (a view, no copy) and ``inverse`` is ``None`` (``cat`` is in batch order).
         Normal tensors, not inference tensors: a block entered or first run inside ``torch.inference_mode`` still
         serves a forward with gradients after it."""
+        if torch.compiler.is_compiling():  # made in the graph at each call, in that call's mode: never cached
+            return _new_split(self.per_row(rows, where), device)
         key = (rows, str(device))
         if key not in self._splits:
             self._splits[key] = _new_split(self.per_row(rows, where), device)
@@ -225,8 +227,8 @@ class Examples:
 
 def _new_split(per_row: tuple[tuple[str, ...], ...], device: torch.device) -> tuple[list[Group], Tensor | None]:
     """:meth:`Examples.split` for rows with adapters ``per_row``, on ``device``. Traced by ``torch.compile`` (its
-    graph then holds the indices: ``fullgraph=True`` works), which cannot trace ``torch.is_inference_mode_enabled``:
-    the indices are made outside inference mode in eager runs only."""
+    graph then makes the indices at each call, in that call's mode, and nothing is cached: ``fullgraph=True`` works),
+    which cannot trace ``torch.is_inference_mode_enabled``: eager runs make them outside inference mode, to cache."""
     rows_of: dict[tuple[str, ...], list[int]] = {}
     for i, names in enumerate(per_row):
         rows_of.setdefault(names, []).append(i)
