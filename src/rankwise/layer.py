@@ -119,6 +119,24 @@ def _leave_per_example(layer: AdapterLayer) -> None:
     if torch._C._current_graph_task_id() != -1:  # -1: no backward is running on this thread
         raise RuntimeError(RECOMPUTED_AFTER_PER_EXAMPLE.format(where=layer._routed_since))
     layer._routed_since = None
+    layer._routed_by = None
+
+
+RECOMPUTED_INSIDE_PER_EXAMPLE = (
+    "rankwise.per_example: the forward of {where} is being recomputed inside a backward (gradient checkpointing) "
+    "inside a `with rankwise.per_example(model, names):` block, but the forward that ran it was not this block's (it "
+    "ran before the block, with the active adapters for every row); recomputed now it would run each example's "
+    "adapters, and the gradients would silently not be the forward's. Call loss.backward() outside the block, or run "
+    "the forward inside it"
+)
+
+
+def _refuse_recomputed_inside(where: str) -> None:
+    """The first forward of layer ``where`` routed by a block: a ``RuntimeError`` where it runs inside a backward (a
+    checkpointed forward that ran before the block, recomputed inside it: torch's reentrant checkpoint would compute
+    other gradients without a word, its non-reentrant one stop on a shape mismatch)."""
+    if torch._C._current_graph_task_id() != -1:  # -1: no backward is running on this thread
+        raise RuntimeError(RECOMPUTED_INSIDE_PER_EXAMPLE.format(where=where))
 
 
 # the layers a live rankwise.disabled() block switched off (AdapterLayer.disable / enable): a layer disabled but not
@@ -177,6 +195,11 @@ class Examples:
             "num_return_sequences: pass repeats=max(num_beams, num_return_sequences)); per-example adapters cannot "
             "split it")
 
+    def adapters(self) -> tuple[str, ...]:
+        """The adapters some example names, each once, in first-seen order: what a training step in the block trained
+        (:func:`rankwise.state.trained_adapters`)."""
+        return tuple(dict.fromkeys(name for names in self.names for name in names))
+
     def split(self, rows: int, device: torch.device, where: str) -> tuple[list[Group], Tensor | None]:
         """``(groups, inverse)`` for a batch of ``rows`` on ``device``: the rows of each distinct set of adapters (in
         first-seen order) and the permutation that puts ``cat(group outputs)`` back in batch order
@@ -184,19 +207,11 @@ class Examples:
         adapter) its rows are a ``slice`` (a view, no copy) and ``inverse`` is ``None`` (``cat`` is in batch order).
         Normal tensors, not inference tensors: a block entered or first run inside ``torch.inference_mode`` still
         serves a forward with gradients after it."""
+        if torch.compiler.is_compiling():  # made in the graph at each call, in that call's mode: never cached
+            return _new_split(self.per_row(rows, where), device)
         key = (rows, str(device))
         if key not in self._splits:
-            rows_of: dict[tuple[str, ...], list[int]] = {}
-            for i, names in enumerate(self.per_row(rows, where)):
-                rows_of.setdefault(names, []).append(i)
-            if all(idx[-1] - idx[0] == len(idx) - 1 for idx in rows_of.values()):  # runs, in batch order
-                self._splits[key] = ([(names, slice(idx[0], idx[-1] + 1)) for names, idx in rows_of.items()], None)
-            else:
-                with outside_inference_mode():
-                    groups = [(names, torch.tensor(idx, dtype=torch.long, device=device))
-                              for names, idx in rows_of.items()]
-                    inverse = torch.argsort(torch.cat([cast(Tensor, idx) for _, idx in groups]))
-                self._splits[key] = (list(groups), inverse)
+            self._splits[key] = _new_split(self.per_row(rows, where), device)
         return self._splits[key]
 
     @staticmethod
@@ -208,6 +223,22 @@ class Examples:
             raise TypeError(f"rankwise.per_example: {where}'s groups of examples return different dtypes "
                             f"{sorted(str(out.dtype) for out in outs)}; give the model one dtype (model.to(dtype))")
         return torch.cat(outs) if inverse is None else torch.cat(outs)[inverse]
+
+
+def _new_split(per_row: tuple[tuple[str, ...], ...], device: torch.device) -> tuple[list[Group], Tensor | None]:
+    """:meth:`Examples.split` for rows with adapters ``per_row``, on ``device``. Traced by ``torch.compile`` (its
+    graph then makes the indices at each call, in that call's mode, and nothing is cached: ``fullgraph=True`` works),
+    which cannot trace ``torch.is_inference_mode_enabled``: eager runs make them outside inference mode, to cache."""
+    rows_of: dict[tuple[str, ...], list[int]] = {}
+    for i, names in enumerate(per_row):
+        rows_of.setdefault(names, []).append(i)
+    if all(idx[-1] - idx[0] == len(idx) - 1 for idx in rows_of.values()):  # runs, in batch order
+        return [(names, slice(idx[0], idx[-1] + 1)) for names, idx in rows_of.items()], None
+    with contextlib.nullcontext() if torch.compiler.is_compiling() else outside_inference_mode():
+        groups: list[Group] = [(names, torch.tensor(idx, dtype=torch.long, device=device))
+                               for names, idx in rows_of.items()]
+        inverse = torch.argsort(torch.cat([cast(Tensor, idx) for _, idx in groups]))
+    return groups, inverse
 
 
 def layer_generator(seed: int | None, index: int) -> torch.Generator | None:
@@ -248,6 +279,8 @@ class AdapterLayer(nn.Module):
     _routed: bool = False
     # the layer's name where a block has routed it since its last unrouted forward (_leave_per_example), else None
     _routed_since: str | None = None
+    # the block (its examples) whose forward last routed this layer, until its next unrouted forward; else None
+    _routed_by: Examples | None = None
     weight: Tensor  # the base's own tensors, shared (nn.Module's __getattr__ would type them Tensor | Module)
     bias: Tensor | None
 
@@ -481,7 +514,10 @@ class AdapterLayer(nn.Module):
             return self.plain_forward(x)
         route = self.per_example if self._routed else None  # a copy taken inside a block: flag set, no route
         if route is not None:
-            self._routed_since = route[1]
+            if self._routed_by is not route[0]:  # this layer's first forward in this block
+                if not torch.compiler.is_compiling():  # (a compiled forward is not recomputed by a checkpoint here)
+                    _refuse_recomputed_inside(route[1])
+                self._routed_by, self._routed_since = route[0], route[1]
             return self.per_example_forward(x, *route)
         if self._routed_since is not None:
             _leave_per_example(self)

@@ -49,7 +49,7 @@ from .slots import replace_all as _replace_all  # all or nothing: a failed repla
 from .slots import set_submodule as _set_submodule  # the slot's hooks go along with each replacement
 from .state import (STATE_ATTR, AdapterSet, RankwiseState, adapter_layers, adapter_set, base_modules,  # noqa: F401
                     every_layer, fully_trained_modules, get_state, is_attached, original_modules, refuse_peft_model,
-                    names_in_order, slot_layers, unwrap_model)
+                    names_in_order, slot_layers, trained_adapters, unwrap_model)
 from .targeting import find_modules_to_save, find_targets, is_all_linear
 from .ties import TieOutcome, build_ties, join_merged_ties, merge_parts_ties, plan_ties, tie_outcome, tie_saved
 from .tokens import TokenPlan, build_token_layers, plan_token_rows, token_extras
@@ -1142,7 +1142,9 @@ def step(
     the first bad one: NaN gradients otherwise poison a run silently. Under FSDP (1 or 2) the check is a
     collective (each rank checks its shards, every rank raises alike): call ``step`` on every rank. With
     several adapters it steps adapter ``name``, or (``None``) every active adapter that has a tensor requiring
-    gradients: all of them or, when one refuses (merged, or an optimizer that does not train it), none.
+    gradients: all of them or, when one refuses (merged, or an optimizer that does not train it), none. Inside
+    ``rankwise.per_example`` ``None`` means every adapter its examples name (the rows trained those, the active set
+    none); after that block the active set again, so a step taken there names each adapter the batch trained.
     """
     check_bool("check_finite", check_finite)
     check_original_params(model)
@@ -1152,7 +1154,8 @@ def step(
     if name is not None or len(adapters.adapters) == 1:
         names = [adapters.resolve(name)]
     else:
-        names = [n for n in adapters.active if any(layer.requires_grad() for layer in adapter_layers(model, n).values())]
+        names = [n for n in trained_adapters(model, adapters)
+                 if any(layer.requires_grad() for layer in adapter_layers(model, n).values())]
     for n in names:  # every refusal before any adapter is stepped: a retry never steps one twice
         try:
             _check_step(model, optimizer, n)

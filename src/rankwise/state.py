@@ -173,6 +173,17 @@ def _own_layers(model: nn.Module, name: str | None) -> dict[str, AdapterLayer]:
     return {n: layer for n, layer in every_layer(model) if layer.adapter_name == wanted}
 
 
+def trained_adapters(model: nn.Module, adapters: AdapterSet) -> list[str]:
+    """The adapters a call without ``name=`` on a model with several covers (:func:`rankwise.step`,
+    :func:`rankwise.end_link`): the active ones, in their order; inside ``rankwise.per_example`` those its examples
+    name, in the model's order, since there each row computes with its own adapters and the active set with none."""
+    examples = next((host.per_example[0] for host in slot_layers(model).values() if host.per_example is not None), None)
+    if examples is None:
+        return list(adapters.active)
+    named = set(examples.adapters())
+    return [name for name in adapters.adapters if name in named]
+
+
 def adapter_set(model: nn.Module) -> AdapterSet:
     """The model's :class:`AdapterSet`; ``ValueError`` when it has no rankwise adapters."""
     state = getattr(unwrap_model(model), STATE_ATTR, None)

@@ -70,7 +70,7 @@ from ..fused import FusedInputs
 from ..layer import AdapterLayer, PeftFactors, kept_tensor, wide_dtype
 from ..optim import check_optimizer, reset_optimizer_state
 from ..registry import BuildResult, Method, register_method, simple_build
-from ..state import RankwiseState, adapter_layers, adapter_set, get_state
+from ..state import RankwiseState, adapter_layers, adapter_set, get_state, trained_adapters
 
 FROZEN_CHOICES = ("A", "B", "alternate")
 
@@ -443,17 +443,19 @@ def _rac_state(model: nn.Module, name: str | None = None) -> tuple[RacLoraConfig
 def chain_names(model: nn.Module, name: str | None = None) -> list[str]:
     """The adapters :func:`end_link` ends: ``name``; ``None``: the model's only adapter or, with several, every
     active one that is a RAC-LoRA / COLA chain (``chain=True``) and trains, as :func:`rankwise.step` steps every
-    active adapter that trains.
+    active adapter that trains (inside ``rankwise.per_example``: every one its examples name).
     Raises where that names no chain."""
     adapters = adapter_set(model)
     if name is not None or len(adapters.adapters) == 1:
         names = [adapters.resolve(name)]
     else:
-        names = [n for n in adapters.active if getattr(adapters.adapters[n].config, "chain", False) is True
+        covered = trained_adapters(model, adapters)
+        names = [n for n in covered if getattr(adapters.adapters[n].config, "chain", False) is True
                  and isinstance(adapters.adapters[n].config, RacLoraConfig)
                  and any(layer.requires_grad() for layer in adapter_layers(model, n).values())]
         if not names:
-            raise ValueError(f"no active adapter of this model ({adapters.active}) is a trained RAC-LoRA / COLA chain "
+            which = "active adapter" if covered == adapters.active else "adapter the rankwise.per_example block names"
+            raise ValueError(f"no {which} of this model ({covered}) is a trained RAC-LoRA / COLA chain "
                              "(rankwise.RacLoraConfig with chain=True): there is no link to end")
     for n in names:
         if not _rac_state(model, n)[0].chain:
