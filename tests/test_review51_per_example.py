@@ -521,18 +521,23 @@ def test_a_model_compiled_outside_the_block_routes_inside_it() -> None:
             torch.testing.assert_close(out, mixed if kind == "mixed" else plain, msg=f"{kind}, inside first: {inside_first}")
 
 
+def _two_loras_for_checkpointing() -> tuple[nn.Module, torch.Tensor, dict[str, nn.Parameter]]:
+    """The tiny tied Llama with LoRA "default" (q, v) and "b" (v, o), moved off zero; a batch of ids; its trainables."""
+    model = _tied_llama()
+    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], seed=0))
+    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["v_proj", "o_proj"], seed=1), name="b")
+    perturb_trainable(model, 3)
+    ids = torch.randint(3, 48, (4, 6), generator=torch.Generator().manual_seed(0))
+    return model, ids, rankwise.trainable_parameters(model)
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_gradient_checkpointing_with_the_backward_inside_the_block(reentrant: bool) -> None:
     """HF gradient checkpointing recomputes each layer's forward in the backward: with the backward inside the block
     (as the how-to says), every gradient equals the one without checkpointing. (After the block the recomputation
     would run the active set: torch's non-reentrant checkpoint then raises ``CheckpointError``, the reentrant one gives
     other gradients silently; docs/reliability.md round 51.)"""
-    model = _tied_llama()
-    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], seed=0))
-    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["v_proj", "o_proj"], seed=1), name="b")
-    perturb_trainable(model, 3)
-    ids = torch.randint(3, 48, (4, 6), generator=torch.Generator().manual_seed(0))
-    params = rankwise.trainable_parameters(model)
+    model, ids, params = _two_loras_for_checkpointing()
     grads = []
     for checkpointing in (False, True):
         if checkpointing:
@@ -553,12 +558,7 @@ def test_a_checkpointed_forward_recomputed_after_the_block_is_refused(reentrant:
     torch's ``CheckpointError`` on a shape mismatch); now both raise rankwise's error naming the layer and the remedy
     (the backward inside the block). Without checkpointing a backward after the block is right: the graph holds the
     routed forward, and its gradients equal those of a backward inside the block."""
-    model = _tied_llama()
-    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], seed=0))
-    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["v_proj", "o_proj"], seed=1), name="b")
-    perturb_trainable(model, 3)
-    ids = torch.randint(3, 48, (4, 6), generator=torch.Generator().manual_seed(0))
-    params = rankwise.trainable_parameters(model)
+    model, ids, params = _two_loras_for_checkpointing()
     model.train()
     grads = []
     for backward_inside in (True, False):
