@@ -111,15 +111,14 @@ RECOMPUTED_AFTER_PER_EXAMPLE = (
 
 
 @torch.compiler.disable(reason=RECOMPUTED_AFTER_PER_EXAMPLE)
-def _leave_per_example(layer: AdapterLayer) -> None:
-    """The first unrouted forward of ``layer`` since a ``rankwise.per_example`` block routed it: a ``RuntimeError``
-    where it runs inside a backward (a checkpointed forward recomputed after the block: torch's reentrant checkpoint
-    would compute other gradients without a word, its non-reentrant one stop on a shape mismatch), else the mark is
-    cleared. A backward after the block with no recomputation is right as it is (the graph holds the routed forward)."""
-    if torch._C._current_graph_task_id() != -1:  # -1: no backward is running on this thread
-        raise RuntimeError(RECOMPUTED_AFTER_PER_EXAMPLE.format(where=layer._routed_since))
-    layer._routed_since = None
-    layer._routed_by = None
+def _leave_per_example(layer: AdapterLayer, where: str) -> None:
+    """The first unrouted forward of ``layer`` (named ``where``) since a ``rankwise.per_example`` block routed it:
+    refused inside a backward (:func:`_refuse_in_a_backward`: a checkpointed forward recomputed after the block, which
+    torch's reentrant checkpoint would give other gradients without a word, its non-reentrant one a shape mismatch),
+    else the mark is cleared. A backward after the block with no recomputation is right as it is (the graph holds the
+    routed forward)."""
+    _refuse_in_a_backward(RECOMPUTED_AFTER_PER_EXAMPLE, where)
+    layer._routed_mark = None
 
 
 RECOMPUTED_INSIDE_PER_EXAMPLE = (
@@ -131,12 +130,13 @@ RECOMPUTED_INSIDE_PER_EXAMPLE = (
 )
 
 
-def _refuse_recomputed_inside(where: str) -> None:
-    """The first forward of layer ``where`` routed by a block: a ``RuntimeError`` where it runs inside a backward (a
-    checkpointed forward that ran before the block, recomputed inside it: torch's reentrant checkpoint would compute
-    other gradients without a word, its non-reentrant one stop on a shape mismatch)."""
+def _refuse_in_a_backward(message: str, where: str) -> None:
+    """A ``RuntimeError`` with ``message`` (naming layer ``where``) where this forward runs inside a backward, i.e. is
+    a gradient checkpoint's recomputation: the one test behind both of ``per_example``'s checkpoint guards (a forward
+    routed by a block recomputed after it, :data:`RECOMPUTED_AFTER_PER_EXAMPLE`; a forward from outside a block
+    recomputed inside it, :data:`RECOMPUTED_INSIDE_PER_EXAMPLE`)."""
     if torch._C._current_graph_task_id() != -1:  # -1: no backward is running on this thread
-        raise RuntimeError(RECOMPUTED_INSIDE_PER_EXAMPLE.format(where=where))
+        raise RuntimeError(message.format(where=where))
 
 
 # the layers a live rankwise.disabled() block switched off (AdapterLayer.disable / enable): a layer disabled but not
@@ -277,10 +277,9 @@ class AdapterLayer(nn.Module):
     # set while a rankwise.per_example() block routes this layer (its split: per_example): a plain attribute the
     # forward reads first, so torch.compile guards on it and retraces on entering and leaving a block
     _routed: bool = False
-    # the layer's name where a block has routed it since its last unrouted forward (_leave_per_example), else None
-    _routed_since: str | None = None
-    # the block (its examples) whose forward last routed this layer, until its next unrouted forward; else None
-    _routed_by: Examples | None = None
+    # the route (the block's examples, the layer's name) of the block whose forward last routed this layer, until the
+    # layer's next unrouted forward (_leave_per_example); else None
+    _routed_mark: tuple[Examples, str] | None = None
     weight: Tensor  # the base's own tensors, shared (nn.Module's __getattr__ would type them Tensor | Module)
     bias: Tensor | None
 
@@ -514,13 +513,14 @@ class AdapterLayer(nn.Module):
             return self.plain_forward(x)
         route = self.per_example if self._routed else None  # a copy taken inside a block: flag set, no route
         if route is not None:
-            if self._routed_by is not route[0]:  # this layer's first forward in this block
+            mark = self._routed_mark
+            if mark is None or mark[0] is not route[0]:  # this layer's first forward in this block
                 if not torch.compiler.is_compiling():  # (a compiled forward is not recomputed by a checkpoint here)
-                    _refuse_recomputed_inside(route[1])
-                self._routed_by, self._routed_since = route[0], route[1]
+                    _refuse_in_a_backward(RECOMPUTED_INSIDE_PER_EXAMPLE, route[1])
+                self._routed_mark = route
             return self.per_example_forward(x, *route)
-        if self._routed_since is not None:
-            _leave_per_example(self)
+        if self._routed_mark is not None:
+            _leave_per_example(self, self._routed_mark[1])
         chosen = self.computing()
         if not chosen and not self.merged:
             return self.plain_forward(x)
