@@ -261,6 +261,22 @@ def test_merged_detach_saves_as_a_float_checkpoint(llama_dir: str, tmp_path: Pat
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_merged_detach_and_dequantize_leave_the_global_rng_alone(llama_dir: str, kind: str) -> None:
+    """Each float layer that replaces a quantised one was built as a fresh ``nn.Linear``, whose initialisation drew
+    throwaway weights from torch's global generator: a merged detach (or ``dequantize_model``) moved the user's random
+    stream by a layer's worth of draws per layer, so a seeded run after it drew other numbers than the same run on a
+    float base. Both now leave the generator's state as they found it."""
+    model = attach_method(llama_dir, kind, "lora")
+    before = torch.get_rng_state()
+    rankwise.detach(model, merge=True)
+    assert torch.equal(torch.get_rng_state(), before)
+    other = load_quantized(llama_dir, kind)
+    before = torch.get_rng_state()
+    assert quant.dequantize_model(other)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
 @pytest.mark.parametrize("method", ["lora", "dora", "gora", "edora", "raclora"])
 def test_save_load_exact(llama_dir: str, kind: str, method: str, tmp_path: Path) -> None:
     model = attach_method(llama_dir, kind, method)

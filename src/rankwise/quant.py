@@ -251,7 +251,9 @@ def float_linear(module: nn.Module, weight: Tensor, dtype: torch.dtype | None = 
     bias = getattr(module, "bias", None)
     out_f, in_f = weight.shape
     with torch.inference_mode(False):  # normal parameters inside inference mode too: the merged model can train after
-        linear = nn.Linear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=dtype)
+        # built on the meta device and given empty storage: an initialised Linear would draw throwaway weights from
+        # torch's global generator and move the user's random stream
+        linear = nn.Linear(in_f, out_f, bias=bias is not None, device="meta", dtype=dtype).to_empty(device=weight.device)
     with torch.no_grad():
         linear.weight.copy_(weight)
         if bias is not None:
