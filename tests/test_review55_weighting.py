@@ -10,6 +10,7 @@ exported with ``rankwise.export_peft``.
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -342,3 +343,34 @@ def test_combine_on_embeddings_tied_heads_and_convolutions(which: str, tmp_path:
         with torch.no_grad():
             torch.testing.assert_close(case.output(theirs, case.batch(5)), case.output(model, case.batch(5)),
                                        rtol=1e-5, atol=1e-5)
+
+
+def test_per_example_inside_scaled_runs_each_row_rescaled() -> None:
+    """Each row of a mixed batch inside ``scaled`` equals the row alone with its adapters made active (``set_active``
+    before the block; ``disabled()`` for ``None``) inside ``scaled``."""
+    model = _two(METHOD_CASES["dora"])
+    names: list[Any] = ["b", None, "default", ["default", "b"]]
+    batch = {k: v[:4] for k, v in CASE.batch(7).items()}
+    with torch.no_grad(), rankwise.scaled(model, 0.4), rankwise.per_example(model, names):
+        mixed = CASE.output(model, batch)
+    for i, entry in enumerate(names):
+        one = {k: v[i:i + 1] for k, v in batch.items()}
+        if entry is not None:
+            rankwise.set_active(model, entry)
+        with torch.no_grad(), rankwise.scaled(model, 0.4), rankwise.disabled(model) if entry is None else nullcontext():
+            alone = CASE.output(model, one)
+        torch.testing.assert_close(mixed[i:i + 1], alone, rtol=1e-5, atol=1e-6)
+    with rankwise.per_example(model, names), pytest.raises(RuntimeError, match="per_example"):
+        with rankwise.scaled(model, 0.4):
+            pass
+
+
+def test_combine_inside_inference_mode_gives_a_trainable_adapter() -> None:
+    model = _two(METHOD_CASES["lora"])
+    with torch.inference_mode():
+        rankwise.combine(model, WEIGHTS, "ab", how="svd", rank=2)
+    layer = _layer(model, "fc2", "ab")
+    assert not layer.lora_a.is_inference() and layer.lora_a.requires_grad
+    rankwise.set_active(model, "ab")
+    model(**CASE.batch(1)).loss.backward()
+    assert layer.lora_b.grad is not None

@@ -759,12 +759,13 @@ class AdapterLayer(nn.Module):
         """The kinds (their tables' names) of the state-dict hooks registered on this layer after :meth:`mark_own`."""
         return list(state_dict_hooks(self, besides=self.own_state_dict_hooks))
 
-    def refuse_while_disabled(self, what: str) -> None:
+    def refuse_while_disabled(self, what: str, *, scaled_ok: bool = False) -> None:
         """Raise ``RuntimeError`` if this layer is inside ``rankwise.disabled`` (``what``: the refused call), or still
         disabled after that block's exit failed (:meth:`refuse_if_half_enabled` says how to finish it); or inside
         ``rankwise.per_example`` (:meth:`refuse_in_per_example`) or ``rankwise.scaled`` (:meth:`refuse_in_scaled`)."""
         self.refuse_in_per_example(what)
-        self.refuse_in_scaled(what)
+        if not scaled_ok:  # a call that only reads the rescaled layers (a per_example block) is fine inside one
+            self.refuse_in_scaled(what)
         if self.disabled:
             self.refuse_if_half_enabled(what)
             if self.copied_inside_disabled():

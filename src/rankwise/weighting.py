@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapters import set_active
+from .distributed import ZERO3_GATHER, check_layers_whole
 from .io import install_rebuilt, rebuild_layers
 from .layer import AdapterLayer, outside_inference_mode
 from .lifecycle import check_new_name
@@ -50,7 +51,8 @@ def scaled(model: nn.Module, factor: float) -> Iterator[nn.Module]:
     (the merged weights hold the unscaled update: ``unmerge`` first, or merge inside no block), inside
     ``rankwise.per_example``, a half-enabled model. Inside the block the calls that would write or keep the rescaled
     update (merge, unmerge, save, ``export_peft``, ``combine``, attach, delete, ``set_active``, ``load_state_dict``, a
-    RAC-LoRA link end or ``compress_chain``) raise ``RuntimeError``; forwards, ``disabled()`` and gradients are fine.
+    RAC-LoRA link end or ``compress_chain``) raise ``RuntimeError``; forwards, ``disabled()``, ``per_example`` and
+    gradients are fine.
     """
     factor = _finite_factor(factor)
     model = unwrap_model(model)
@@ -65,8 +67,8 @@ def scaled(model: nn.Module, factor: float) -> Iterator[nn.Module]:
     kept: list[tuple[AdapterLayer, dict[str, Any]]] = []
     try:
         for _, layer in every_layer(model):
-            layer.hold_scaled(True)
             kept.append((layer, layer.rescaled(factor)))
+            layer.hold_scaled(True)
         yield model
     finally:
         for layer, old in reversed(kept):
@@ -88,7 +90,8 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str, how: str 
     """Add adapter ``name``, a plain LoRA whose update on each adapted module is ``Σ w_i ΔW_i`` over the adapters
     ``weights`` names (HF PEFT's ``add_weighted_adapter``). It is idle (the active set stays as it was, as PEFT's):
     ``rankwise.set_active(model, name)`` makes it compute. It saves, loads, merges, exports and runs in
-    ``per_example`` as any LoRA; each of its layers has scale 1 (PEFT's ``lora_alpha = r``), the factors carry the rest.
+    ``per_example`` as any LoRA, and trains as an attached one does (its tensors require gradients; PEFT freezes its
+    new adapter); each of its layers has scale 1 (PEFT's ``lora_alpha = r``), the factors carry the rest.
 
     ``weights``: ``{adapter: weight}`` in the order the factors are stacked; a weight may be negative or zero (a
     finite real number). A module some of the adapters do not adapt gets the others' part.
@@ -114,9 +117,11 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str, how: str 
     parts = _parts(model, _checked_weights(model, weights))
     _check_how(how, rank)
     name = check_new_name(model, name)
-    with torch.no_grad(), outside_inference_mode():
-        factors = {slot: (_cat(slot, group) if how == "cat" else _svd(group, rank)) for slot, group in parts.items()}
-    _install(model, name, factors)
+    check_layers_whole(model, slot_layers(model), "combine adapters", ZERO3_GATHER)
+    with outside_inference_mode():  # normal tensors, trainable after a torch.inference_mode block
+        with torch.no_grad():
+            factors = {slot: (_cat(slot, group) if how == "cat" else _svd(group, rank)) for slot, group in parts.items()}
+        _install(model, name, factors)
 
 
 def _checked_weights(model: nn.Module, weights: Mapping[str, float]) -> dict[str, float]:
