@@ -173,6 +173,7 @@ def test_scaled_refuses_bad_factors_and_states_changing_nothing(tmp_path: Path) 
                      lambda: rankwise.export_peft(model, tmp_path / "p"), lambda: rankwise.set_active(model, "b"),
                      lambda: rankwise.combine(model, {"default": 1.0}, "c"), lambda: rankwise.delete(model, "b"),
                      lambda: rankwise.methods.raclora.end_link(model, opt, name="default"),
+                     lambda: rankwise.step(model, opt, name="default"),  # this step would end a link
                      lambda: rankwise.methods.raclora.compress_chain(model, 2, name="default")):
             with pytest.raises(RuntimeError, match="rankwise.scaled"):
                 call()
@@ -196,9 +197,10 @@ def test_combine_cat_is_exact_and_idle(method: str) -> None:
         new = _layer(model, slot, "ab")
         assert type(new) is rankwise.methods.lora.LoraLinear and new.scale == 1.0
         torch.testing.assert_close(new.delta_weight().double(), want, rtol=1e-5, atol=1e-6)
-    peft_rank = lambda slot, n: _layer(model, slot, n).peft_factors().lora_a.shape[0]  # noqa: E731
-    assert _layer(model, "fc1", "ab").rank == peft_rank("fc1", "default")  # Σ r_i over the adapters there
-    assert _layer(model, "fc2", "ab").rank == peft_rank("fc2", "default") + peft_rank("fc2", "b")
+    ranks = {(slot, n): _layer(model, slot, n).peft_factors().lora_a.shape[0]
+             for slot, n in (("fc1", "default"), ("fc2", "default"), ("fc2", "b"))}
+    assert _layer(model, "fc1", "ab").rank == ranks["fc1", "default"]  # Σ r_i over the adapters there
+    assert _layer(model, "fc2", "ab").rank == ranks["fc2", "default"] + ranks["fc2", "b"]
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_CASES))
@@ -343,6 +345,14 @@ def test_combine_on_embeddings_tied_heads_and_convolutions(which: str, tmp_path:
         with torch.no_grad():
             torch.testing.assert_close(case.output(theirs, case.batch(5)), case.output(model, case.batch(5)),
                                        rtol=1e-5, atol=1e-5)
+        from peft.helpers import rescale_adapter_scale  # the tied head's own scale copy rescaled too
+
+        rankwise.set_active(model, "default")
+        rankwise.export_peft(model, tmp_path / "default", name="default")
+        tied = PeftModel.from_pretrained(case.make(), tmp_path / "default").eval()
+        with torch.no_grad(), rankwise.scaled(model, 0.3), rescale_adapter_scale(tied, 0.3):
+            torch.testing.assert_close(case.output(tied, case.batch(5)), case.output(model, case.batch(5)),
+                                       rtol=1e-5, atol=1e-5)
 
 
 def test_per_example_inside_scaled_runs_each_row_rescaled() -> None:
@@ -374,3 +384,30 @@ def test_combine_inside_inference_mode_gives_a_trainable_adapter() -> None:
     rankwise.set_active(model, "ab")
     model(**CASE.batch(1)).loss.backward()
     assert layer.lora_b.grad is not None
+
+
+def test_scaled_leaves_token_rows_as_peft_does(tmp_path: Path) -> None:
+    """Token rows (``trainable_token_indices``) keep their update inside ``scaled``, as PEFT's
+    ``rescale_adapter_scale`` (LoRA layers only): outputs equal PEFT's on the exported adapter."""
+    from peft import PeftModel
+    from peft.helpers import rescale_adapter_scale
+
+    case = EMBEDDING_CASE()
+    model = case.make()
+    rankwise.attach(model, rankwise.LoraConfig(r=2, alpha=4, seed=0, target_modules=["q_proj", "v_proj"],
+                                               trainable_token_indices=[3, 5, 7]))
+    perturb_trainable(model, 3)
+    model.eval()
+    rows = rankwise.state.token_layers(model)
+    assert rows
+    deltas = {n: layer.delta_weight().detach().clone() for n, layer in rows.items()}
+    rankwise.export_peft(model, tmp_path)
+    theirs = PeftModel.from_pretrained(case.make(), tmp_path).eval()
+    with torch.no_grad(), rankwise.scaled(model, 0.0), rescale_adapter_scale(theirs, 0.0):
+        for n, layer in rows.items():
+            assert torch.equal(layer.delta_weight(), deltas[n])
+        torch.testing.assert_close(case.output(theirs, case.batch(5)), case.output(model, case.batch(5)),
+                                   rtol=1e-5, atol=1e-5)
+        with rankwise.disabled(model):
+            base = case.output(model, case.batch(5))
+        assert not torch.allclose(case.output(model, case.batch(5)), base)  # the rows still count

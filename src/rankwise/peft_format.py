@@ -56,8 +56,7 @@ from .lifecycle import check_new_name, refuse_fully_trained_targets
 from .methods import DoraConfig, LoraConfig
 from .registry import method_for
 from .state import (adapter_layers, base_modules, base_state_dict, fully_trained_modules, get_state, original_modules,
-                    slot_layers,
-                    tied_layers, unwrap_model)
+                    slot_layers, tied_layers, unwrap_model)
 from .base_layers import ConvKind, kind_class, takes_ids
 from .targeting import SUPPORTED_TYPES, check_target, is_supported
 from .peft_tokens import check_token_plan, export_token_rows, fill_token_rows, import_token_rows

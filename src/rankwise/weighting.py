@@ -194,7 +194,7 @@ def _cat(slot: str, group: list[Part]) -> tuple[Tensor, Tensor]:
     return a, b
 
 
-def update_weight(layer: AdapterLayer, dtype: torch.dtype) -> Tensor:
+def _update_weight(layer: AdapterLayer, dtype: torch.dtype) -> Tensor:
     """``ΔW`` (``out x in``, ``dtype``) of ``layer``: ``s·B A`` from its LoRA form where it has one (no ``W0`` to cancel),
     else its :meth:`~rankwise.AdapterLayer.delta_weight` (a DoRA-family layer's whole effective update)."""
     try:
@@ -209,7 +209,7 @@ def update_weight(layer: AdapterLayer, dtype: torch.dtype) -> Tensor:
 def _svd(group: list[Part], rank: int | None) -> tuple[Tensor, Tensor]:
     """``(A, B)`` (``k x in``, ``out x k``) of one module: ``Σ w_i ΔW_i`` truncated to rank ``k`` (PEFT's ``"svd"``)."""
     wide = _wide(group)
-    delta = sum(weight * update_weight(layer, wide) for weight, layer in group)  # out x in
+    delta = sum(weight * _update_weight(layer, wide) for weight, layer in group)  # out x in
     assert isinstance(delta, Tensor)
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     k = min(rank if rank is not None else max(layer.rank for _, layer in group), *delta.shape)
