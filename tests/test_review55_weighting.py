@@ -278,6 +278,7 @@ def test_combine_refusals_change_nothing() -> None:
     cases: list[tuple[dict[str, Any], type[Exception], str]] = [
         ({"weights": {"nope": 1.0}, "name": "c"}, ValueError, "no adapter named"),
         ({"weights": {}, "name": "c"}, ValueError, "non-empty"),
+        ({"weights": {None: 1.0}, "name": "c"}, ValueError, "adapter names"),
         ({"weights": {"default": float("nan")}, "name": "c"}, ValueError, "finite"),
         ({"weights": {"default": 1.0}, "name": "c", "how": "linear"}, ValueError, "how must be"),
         ({"weights": {"default": 1.0}, "name": "c", "rank": 2}, ValueError, "rank must be None"),

@@ -131,6 +131,8 @@ def _checked_weights(model: nn.Module, weights: Mapping[str, float]) -> dict[str
     adapters = adapter_set(model)
     out: dict[str, float] = {}
     for adapter, weight in weights.items():
+        if not isinstance(adapter, str):
+            raise ValueError(f"rankwise.combine: weights' keys are adapter names, got {adapter!r}")
         adapters.resolve(adapter)  # ValueError naming the model's adapters
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise ValueError(f"rankwise.combine: the weight of adapter {adapter!r} must be a finite number, got {weight!r}")
