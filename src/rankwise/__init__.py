@@ -11,6 +11,8 @@ The public surface::
     rankwise.export_peft(model, "peft_out/"); rankwise.import_peft(base_model, "peft_out/")
     with rankwise.disabled(model): ...            # the base model, exactly (e.g. DPO's reference)
     with rankwise.per_example(model, ["a", None]): ...  # a mixed batch: row i with its own adapter (None: the base)
+    with rankwise.scaled(model, 0.5): ...          # every adapter's update at half strength
+    rankwise.combine(model, {"a": 0.7, "b": 0.3}, "ab")  # a new LoRA adapter: 0.7 ΔW_a + 0.3 ΔW_b
     rankwise.attach(model, cfg2, name="b"); rankwise.set_active(model, ["b", "default"])
     rankwise.active_adapters(model)               # ("b", "default"): the adapters that compute, in order
     rankwise.delete(model, "b")
@@ -67,6 +69,7 @@ from .lifecycle import (
 )
 from .peft_format import export_peft, import_peft
 from .adapters import active_adapters, delete, disabled, per_example, set_active
+from .weighting import combine, scaled
 from .registry import all_methods, config_from_dict
 from .state import adapter_config, set_step_count, step_count
 
@@ -84,6 +87,8 @@ __all__ = [
     "unmerge",
     "disabled",
     "per_example",
+    "scaled",
+    "combine",
     "set_active",
     "active_adapters",
     "delete",

@@ -300,6 +300,7 @@ def per_example(model: nn.Module, names: PerExampleNames, *, repeats: int = 1) -
     and train mode are allowed (each adapter's tensors get the gradient of its own rows); with gradient
     checkpointing, call ``backward`` inside the block (the recomputation runs the layers again, routed only there; a
     layer recomputed after the block raises ``RuntimeError`` rather than compute the active set's gradients).
+    Inside ``rankwise.scaled`` the rows compute with the rescaled adapters.
     Refused, with nothing changed: a merged model, inside ``disabled()``, a half-enabled model, a nested block;
     unknown names, none at all. Inside the block, calls that change the adapters (merge, attach, delete,
     set_active, load, save) are refused. On exit, also when the block raises, every layer and module computes as
@@ -310,7 +311,7 @@ def per_example(model: nn.Module, names: PerExampleNames, *, repeats: int = 1) -
     hosts = slot_layers(model)
     for host in hosts.values():
         host.refuse_if_half_enabled("enter rankwise.per_example")
-        host.refuse_while_disabled("enter rankwise.per_example")  # inside disabled(), or a nested block
+        host.refuse_while_disabled("enter rankwise.per_example", scaled_ok=True)  # inside disabled(), or a nested block
     slots = [name for state in adapters.adapters.values() for name in state.original_modules]
     if any(isinstance(model.get_submodule(name).__dict__.get("forward"), _RoutedForward) for name in slots):
         raise RuntimeError("cannot enter rankwise.per_example inside `with rankwise.per_example(model, names):`; "

@@ -150,6 +150,9 @@ COPIED_INSIDE_DISABLED = (
 # the hosts a live rankwise.per_example() block splits the batch for (AdapterLayer.per_example): a table, not an
 # attribute of the layer, so a copy taken inside a block (copy.deepcopy, torch.save / torch.load) computes as outside it
 _PER_EXAMPLE: weakref.WeakKeyDictionary[AdapterLayer, tuple[Examples, str]] = weakref.WeakKeyDictionary()
+# the layers a live rankwise.scaled() block (or several, nested) rescaled: how many blocks hold each (a copy of a layer
+# taken inside one is not held: it keeps the rescaled values as its own)
+_SCALED: weakref.WeakKeyDictionary[AdapterLayer, int] = weakref.WeakKeyDictionary()
 UNMERGED_KEY = "unmerged_weight"  # a merged layer's original weight, in its state_dict (see _save_to_state_dict)
 DEFAULT_ADAPTER = "default"  # the name of an adapter attached without one (HF PEFT's default too)
 
@@ -756,16 +759,45 @@ class AdapterLayer(nn.Module):
         """The kinds (their tables' names) of the state-dict hooks registered on this layer after :meth:`mark_own`."""
         return list(state_dict_hooks(self, besides=self.own_state_dict_hooks))
 
-    def refuse_while_disabled(self, what: str) -> None:
+    def refuse_while_disabled(self, what: str, *, scaled_ok: bool = False) -> None:
         """Raise ``RuntimeError`` if this layer is inside ``rankwise.disabled`` (``what``: the refused call), or still
         disabled after that block's exit failed (:meth:`refuse_if_half_enabled` says how to finish it); or inside
-        ``rankwise.per_example`` (:meth:`refuse_in_per_example`)."""
+        ``rankwise.per_example`` (:meth:`refuse_in_per_example`) or ``rankwise.scaled`` (:meth:`refuse_in_scaled`)."""
         self.refuse_in_per_example(what)
+        if not scaled_ok:  # a call that only reads the rescaled layers (a per_example block) is fine inside one
+            self.refuse_in_scaled(what)
         if self.disabled:
             self.refuse_if_half_enabled(what)
             if self.copied_inside_disabled():
                 raise RuntimeError(COPIED_INSIDE_DISABLED.format(what=what))
             raise RuntimeError(f"cannot {what} inside `with rankwise.disabled(model):`; do it after the block")
+
+    def refuse_in_scaled(self, what: str) -> None:
+        """Raise ``RuntimeError`` naming ``what`` inside a ``rankwise.scaled`` block: the layer's strength is rescaled
+        there (:meth:`rescaled`), so a merge, save, export, link end or change of the adapters would write or keep the
+        rescaled update, which the block's exit then takes back from the layer but not from what was made."""
+        if _SCALED.get(self, 0):
+            raise RuntimeError(f"cannot {what} inside `with rankwise.scaled(model, factor):`; do it after the block")
+
+    def hold_scaled(self, held: bool) -> None:
+        """Count a ``rankwise.scaled`` block in (``True``) or out (``False``) of this layer (:meth:`refuse_in_scaled`)."""
+        depth = _SCALED.get(self, 0) + (1 if held else -1)
+        if depth > 0:
+            _SCALED[self] = depth
+        else:
+            _SCALED.pop(self, None)
+
+    def rescaled(self, factor: float) -> dict[str, Any]:
+        """Multiply this layer's update by ``factor`` (:func:`rankwise.scaled`) and return the attributes changed,
+        with their values before (setting them back restores the layer bit for bit).
+
+        Here the scale ``s``: a LoRA-form update ``s·B A`` is then exactly ``factor`` times itself; a DoRA-family layer
+        gets ``s`` multiplied inside its direction, ``m · (W0 + factor·s·B A) / ‖W0 + factor·s·B A‖_row``, as HF PEFT's
+        ``rescale_adapter_scale`` does (its magnitude stays). A method whose update holds more than ``s`` scales
+        (RAC-LoRA's chain record) extends this on its layer class."""
+        old: dict[str, Any] = {"scale": self.scale}
+        self.scale = self.scale * factor
+        return old
 
     def refuse_in_per_example(self, what: str) -> None:
         """Raise ``RuntimeError`` naming ``what`` inside a ``rankwise.per_example`` block: the block split the batch by

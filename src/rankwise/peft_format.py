@@ -56,7 +56,7 @@ from .lifecycle import check_new_name, refuse_fully_trained_targets
 from .methods import DoraConfig, LoraConfig
 from .registry import method_for
 from .state import (adapter_layers, base_modules, base_state_dict, fully_trained_modules, get_state, original_modules,
-                    tied_layers, unwrap_model)
+                    slot_layers, tied_layers, unwrap_model)
 from .base_layers import ConvKind, kind_class, takes_ids
 from .targeting import SUPPORTED_TYPES, check_target, is_supported
 from .peft_tokens import check_token_plan, export_token_rows, fill_token_rows, import_token_rows
@@ -154,6 +154,8 @@ def export_peft(
     check_bool("overwrite", overwrite)
     base_model_name_or_path = _checked_base_name(base_model_name_or_path)
     model = unwrap_model(model)
+    for layer in slot_layers(model).values():  # the rescaled scales would be written (rankwise.scaled)
+        layer.refuse_in_scaled("export an adapter")
     folders = folders_by_name(model, path, name, "export an adapter")
     if not overwrite:
         check_folders(folders, PEFT_FILES, is_peft_adapter, "a PEFT adapter",

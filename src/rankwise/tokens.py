@@ -117,6 +117,11 @@ class TokenRows(AdapterLayer):
     def merged_weight(self) -> Tensor:
         return self.wide(self.unmerged_base_weight()) + self.delta_weight()  # out x in
 
+    def rescaled(self, factor: float) -> dict[str, Any]:
+        """Nothing: token rows keep their update inside ``rankwise.scaled``, as HF PEFT's ``rescale_adapter_scale``
+        leaves its trainable tokens (it rescales LoRA layers only)."""
+        return {}
+
     def base_rows(self) -> Tensor:
         """``W0[I]`` (``k x dim``, merge dtype): the listed rows of the unmerged base table."""
         w0 = self.wide(self.unmerged_base_weight())  # out x in

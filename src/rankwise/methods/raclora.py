@@ -175,6 +175,7 @@ class RacLoraLinear(AdapterLayer):
         # shape (1,), not 0-d: safetensors-friendly; links = merged links so far, sketch_seed = the chain's seed
         self.register_buffer("links", torch.zeros(1, dtype=torch.int64, device=self.weight.device))
         self.register_buffer("sketch_seed", torch.tensor([int(seed)], dtype=torch.int64, device=self.weight.device))
+        self.chain_factor: float = 1.0  # what rankwise.scaled multiplies the chain record by (rescaled), else 1
         if init:
             self.init_link()
 
@@ -242,9 +243,21 @@ class RacLoraLinear(AdapterLayer):
         return whole(self.lora_a.detach()), whole(self.lora_b.detach())  # r x in, out x r
 
     # ------------------------------------------------------------------ the contract
+    def rescaled(self, factor: float) -> dict[str, Any]:
+        """As :meth:`AdapterLayer.rescaled`, and the chain record's product too: the whole update
+        ``C_b Cₐ + s·B A`` (what :meth:`peft_factors` exports as one LoRA) is multiplied by ``factor``."""
+        old = super().rescaled(factor)
+        old["chain_factor"] = self.chain_factor
+        self.chain_factor = self.chain_factor * factor
+        return old
+
+    def chain_b_now(self) -> Tensor:
+        """``C_b`` (``out x k``) as the forward uses it: times :attr:`chain_factor` inside ``rankwise.scaled``."""
+        return self.chain_b if self.chain_factor == 1.0 else self.chain_b * self.chain_factor
+
     def chain_delta(self) -> Tensor:
         """``Σ_{τ<t} s B_τ A_τ = C_b Cₐ`` in :attr:`merge_dtype`, ``out x in``."""
-        return self.wide(self.chain_b) @ self.wide(self.chain_a)  # out x in
+        return self.wide(self.chain_b_now()) @ self.wide(self.chain_a)  # out x in
 
     def forward_factors(self) -> tuple[Tensor, Tensor]:
         """``(A, s·B)`` of the whole update: chain and current link as one rank-``(k + r)`` product
@@ -253,7 +266,7 @@ class RacLoraLinear(AdapterLayer):
         b = b * self.scale  # out x r: the scale on the small factor, not on the activations
         if self.chain_a.shape[0]:
             a = torch.cat([self.chain_a, a])  # (k + r) x in
-            b = torch.cat([self.chain_b, b], dim=1)  # out x (k + r)
+            b = torch.cat([self.chain_b_now(), b], dim=1)  # out x (k + r)
         return a, b
 
     def fused_inputs(self) -> FusedInputs:
@@ -289,7 +302,7 @@ class RacLoraLinear(AdapterLayer):
         wide = wide_dtype(self.adapter_dtype)  # fp32, or fp64 for an fp64 chain (never rounded to fp32)
         a = self.lora_a.detach().to(wide)  # r x in
         b = self.scale * self.lora_b.detach().to(wide)  # out x r
-        chain_a, chain_b = self.chain_a.to(wide), self.chain_b.to(wide)  # k x in, out x k
+        chain_a, chain_b = self.chain_a.to(wide), self.chain_b_now().to(wide)  # k x in, out x k
         if self.chain_a.shape[0] and not (bool(a.any()) and bool(b.any())):
             return PeftFactors(chain_a, chain_b, 1.0)
         return PeftFactors(torch.cat([chain_a, a]), torch.cat([chain_b, b], dim=1), 1.0)
@@ -379,6 +392,8 @@ def _check_link_end(layers: dict[str, AdapterLayer], optimizer: Any) -> list[Rac
     if optimizer is None:
         raise ValueError(NO_OPTIMIZER)
     refuse_parametrized(layers)
+    for layer in layers.values():  # the record would keep the rescaled link (rankwise.scaled)
+        layer.refuse_in_scaled("end a link")
     check_optimizer(layers, optimizer)
     chain = [layer for layer in layers.values() if isinstance(layer, RacLoraLinear)]
     assert len(chain) == len(layers)
@@ -412,6 +427,9 @@ def check_step(model: nn.Module, layers: dict[str, AdapterLayer], optimizer: Any
     if not config.chain:
         return
     refuse_parametrized(layers)
+    if _link_ends(config, state):
+        for layer in layers.values():  # the record would keep the rescaled link (rankwise.scaled)
+            layer.refuse_in_scaled("end a link")
     if optimizer is not None:
         check_optimizer(layers, optimizer)
     elif _link_ends(config, state):
@@ -488,6 +506,8 @@ def compress_chain(model: nn.Module, rank: int, name: str | None = None) -> dict
     check_positive_int("rank", rank)
     _, _, layers = _rac_state(model, name)
     refuse_parametrized(dict(layers))
+    for layer in layers.values():
+        layer.refuse_in_scaled("compress the chain")
     merged = [n for n, layer in layers.items() if layer.merged]
     if merged:
         raise ValueError(f"unmerge before compressing the chain (merged layers: {merged[:4]})")
