@@ -1,11 +1,15 @@
-"""Accelerate with gradient accumulation: call ``rankwise.step`` once per optimizer update made.
+"""Accelerate with gradient accumulation: call ``rankwise.step`` once per
+optimizer update made.
 
-    python examples/accelerate_loop.py [OUT_DIR]      # or: accelerate launch examples/accelerate_loop.py
+    python examples/accelerate_loop.py [OUT_DIR]
+    accelerate launch examples/accelerate_loop.py     # or this
 
-RAC-LoRA ends a link every ``link_steps`` updates, so ``step`` must see updates, not micro-batches: it runs only
-when Accelerate synchronised the gradients (the last micro-batch of an accumulation) and the fp16 loss scaler, if
-any, did not skip the update (overflowing gradients). ``accelerator.prepare`` wraps the model (DDP across
-processes): pass ``accelerator.unwrap_model(model)`` to rankwise.
+RAC-LoRA ends a link every ``link_steps`` updates, so ``step`` must see
+updates, not micro-batches: it runs only when Accelerate synchronised the
+gradients (the last micro-batch of an accumulation) and the fp16 loss
+scaler, if any, did not skip the update (overflowing gradients).
+``accelerator.prepare`` wraps the model (DDP across processes): pass
+``accelerator.unwrap_model(model)`` to rankwise.
 """
 
 import sys

@@ -1,9 +1,11 @@
-"""Export to the HF PEFT adapter format, then load it with PEFT alone (``pip install 'rankwise[peft]'``).
+"""Export to the HF PEFT adapter format, then load it with PEFT alone (``pip
+install 'rankwise[peft]'``).
 
     python examples/export_peft.py [OUT_DIR]
 
-``export_peft`` writes LoRA / rsLoRA / DoRA (and EDoRA, GoRA, RAC-LoRA in their LoRA/DoRA form); ``vllm=True``
-bakes per-layer scales in for engines that read only ``r`` and ``lora_alpha``. A merged model instead:
+``export_peft`` writes LoRA / rsLoRA / DoRA (and EDoRA, GoRA, RAC-LoRA in
+their LoRA/DoRA form); ``vllm=True`` bakes per-layer scales in for engines
+that read only ``r`` and ``lora_alpha``. A merged model instead:
 ``rankwise.detach(model, merge=True)`` then ``model.save_pretrained(dir)``.
 """
 

@@ -1,10 +1,12 @@
-"""GoRA: ranks and B's starting value from gradients on a few training batches (calibration), then training
-with LoRA+ optimizer groups (GoRA's own runs use them).
+"""GoRA: ranks and B's starting value from gradients on a few training
+batches (calibration), then training with LoRA+ optimizer groups (GoRA's own
+runs use them).
 
     python examples/gora_calibration.py [OUT_DIR]
 
-``attach`` reads ``n_steps × grad_accumulation`` batches from ``calibration`` (any iterable of batches that
-``model(**batch)`` accepts; pass ``loss_fn=(model, batch) -> loss`` when the output has no ``.loss``).
+``attach`` reads ``n_steps × grad_accumulation`` batches from
+``calibration`` (any iterable of batches that ``model(**batch)`` accepts;
+pass ``loss_fn=(model, batch) -> loss`` when the output has no ``.loss``).
 """
 
 import sys

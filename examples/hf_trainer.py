@@ -1,10 +1,13 @@
-"""DoRA with the Hugging Face ``Trainer``: attach first, then hand the model over with ``RankwiseCallback``.
+"""DoRA with the Hugging Face ``Trainer``: attach first, then hand the model
+over with ``RankwiseCallback``.
 
     python examples/hf_trainer.py [OUT_DIR]
 
-The callback calls ``rankwise.step`` once per optimizer step (gradient accumulation counted right) and saves
-the adapter into each checkpoint (``checkpoint-<step>/rankwise_adapter``), which ``rankwise.load`` reads on its own.
-A tiny random BERT keeps this to seconds; for a real run use ``from_pretrained``.
+The callback calls ``rankwise.step`` once per optimizer step (gradient
+accumulation counted right) and saves the adapter into each checkpoint
+(``checkpoint-<step>/rankwise_adapter``), which ``rankwise.load`` reads on
+its own. A tiny random BERT keeps this to seconds; for a real run use
+``from_pretrained``.
 """
 
 import sys

@@ -1,16 +1,22 @@
-"""Teach a model new tokens: resize its vocabulary, adapt the input embedding and the output head, train, save.
+"""Teach a model new tokens: resize its vocabulary, adapt the input
+embedding and the output head, train, save.
 
     python examples/new_tokens.py [OUT_DIR]
 
-An ``nn.Embedding`` named in ``target_modules`` gets an adapter like any layer (HF PEFT's ``lora_embedding_A/B``):
-``W0[ids] + s·Aᵀ[ids] Bᵀ``. LoRA starts it at ``A = 0`` (PEFT's embedding init), and a column of ``A`` gets a gradient
-only where its token occurs, so the rows of tokens the training data never shows keep exactly their old embedding.
-Resize *before* ``attach`` (after it, transformers refuses). The new rows of ``W0`` belong to the base, not the
-adapter: transformers' default ``mean_resizing`` makes them the old embeddings' mean (plus noise of ~1e-6, so a base
-resized again agrees); with ``mean_resizing=False`` they are random, so save the resized base beside the adapter.
-``rankwise.load`` refuses a base of another vocabulary size, and one whose last row differs (its fingerprint includes
-the table's last entry). The head must be adapted too for the model to *produce* the new tokens; this tiny Llama's
-head is untied (a tied head shares its weight with the embedding: adapt the embedding alone).
+An ``nn.Embedding`` named in ``target_modules`` gets an adapter like any
+layer (HF PEFT's ``lora_embedding_A/B``): ``W0[ids] + s·Aᵀ[ids] Bᵀ``. LoRA
+starts it at ``A = 0`` (PEFT's embedding init), and a column of ``A`` gets a
+gradient only where its token occurs, so the rows of tokens the training
+data never shows keep exactly their old embedding. Resize *before*
+``attach`` (after it, transformers refuses). The new rows of ``W0`` belong
+to the base, not the adapter: transformers' default ``mean_resizing`` makes
+them the old embeddings' mean (plus noise of ~1e-6, so a base resized again
+agrees); with ``mean_resizing=False`` they are random, so save the resized
+base beside the adapter. ``rankwise.load`` refuses a base of another
+vocabulary size, and one whose last row differs (its fingerprint includes
+the table's last entry). The head must be adapted too for the model to
+*produce* the new tokens; this tiny Llama's head is untied (a tied head
+shares its weight with the embedding: adapt the embedding alone).
 """
 
 import sys

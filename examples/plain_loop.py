@@ -1,9 +1,12 @@
-"""LoRA in a plain PyTorch loop on a Hugging Face classifier: attach, train, merge, save, load.
+"""LoRA in a plain PyTorch loop on a Hugging Face classifier: attach, train,
+merge, save, load.
 
     python examples/plain_loop.py [OUT_DIR]
 
-A tiny randomly initialised BERT keeps this to seconds; for a real run load a checkpoint instead, e.g.
-``BertForSequenceClassification.from_pretrained("bert-base-uncased", num_labels=2)``.
+A tiny randomly initialised BERT keeps this to seconds; for a real run load
+a checkpoint instead, e.g.
+``BertForSequenceClassification.from_pretrained("bert-base-uncased",
+num_labels=2)``.
 """
 
 import sys

@@ -1,10 +1,13 @@
-"""LoRA on a 4-bit (NF4) base, QLoRA-style: the quantised weights stay as they are, the adapter trains in fp32.
+"""LoRA on a 4-bit (NF4) base, QLoRA-style: the quantised weights stay as
+they are, the adapter trains in fp32.
 
     python examples/quantized_base.py [OUT_DIR]
 
-Needs ``pip install 'rankwise[quant]'`` (bitsandbytes; this runs on CPU too). ``merge`` is refused on a
-4-bit base (rounding W0 + ΔW back into 4 bits loses the update); ``detach(model, merge=True)`` gives a
-float model instead, and the saved adapter also loads onto the float checkpoint (QLoRA's serving path).
+Needs ``pip install 'rankwise[quant]'`` (bitsandbytes; this runs on CPU
+too). ``merge`` is refused on a 4-bit base (rounding W0 + ΔW back into 4
+bits loses the update); ``detach(model, merge=True)`` gives a float model
+instead, and the saved adapter also loads onto the float checkpoint (QLoRA's
+serving path).
 """
 
 import sys

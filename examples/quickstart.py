@@ -1,4 +1,5 @@
-"""The quick start: LoRA on a model, a few steps, save, load onto a fresh copy. ``python examples/quickstart.py``"""
+"""The quick start: LoRA on a model, a few steps, save, load onto a fresh
+copy. ``python examples/quickstart.py``"""
 
 import copy
 import sys

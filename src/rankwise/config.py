@@ -163,9 +163,10 @@ class AdapterConfig:
     """
 
     method: ClassVar[str] = "base"
-    # a learning rate that trains the method well with AdamW at a constant rate (measured on MiniLM / GLUE,
-    # docs/evidence/defaults.md "Default learning rates and targets"); training harnesses use it when given none
+    """The method's name: what ``to_dict`` and a saved adapter record and ``config_from_dict`` reads back."""
     default_lr: ClassVar[float] = 1e-3
+    """A learning rate that trains the method well with AdamW at a constant rate (measured on MiniLM / GLUE,
+    docs/evidence/defaults.md "Default learning rates and targets"); training harnesses use it when given none."""
 
     r: int = 8
     alpha: float = 16.0

@@ -582,7 +582,7 @@ class AdapterLayer(nn.Module):
         """This layer's output after the active layers before it, which computed ``before`` (``(..., out)``):
         ``before + f(x) − base(x)``, or with a row scale ``μ`` HF PEFT's DoRA step (``base_result = result``)::
 
-            before + (μ − 1) ⊙ (before − b) + μ ⊙ s·x ΔWᵀ   (= f(x) + μ ⊙ (before − x W0ᵀ − b), from ``before`` alone)
+            before + (μ − 1) ⊙ (before − b) + μ ⊙ s·x ΔWᵀ   (= f(x) + μ ⊙ (before − x W0ᵀ − b), from before alone)
 
         so a DoRA-family layer runs no base matmul of its own; in a training forward with dropout PEFT's DoRA takes its
         base path from the dropped-out input instead, ``before + (μ − 1) ⊙ x_d W0ᵀ + μ ⊙ s·x_d ΔWᵀ`` (one matmul)."""

@@ -66,7 +66,8 @@ class GoraConfig(AdapterConfig):
     Attributes:
         r_ref: the reference rank: the budget is what LoRA at rank ``r_ref`` would train (default 8; ``r``
             is another name for it).
-        r_min, r_max: bounds on every layer's rank (also capped by ``min(in, out)``).
+        r_min: the lower bound on every layer's rank.
+        r_max: the upper bound on every layer's rank (also capped by ``min(in, out)``).
         gamma: ``γ``, the size of the initial step (0 gives B = 0: adaptive ranks, LoRA-style init).
         n_steps: calibration steps whose gradients are averaged.
         grad_accumulation: micro-batches per step (so ``n_steps · grad_accumulation`` batches are read).
