@@ -29,7 +29,7 @@ Blocks checked by 1-3 only (``STATIC_ONLY``):
   docs/howto/new-tokens.md#1.
   tests/test_examples.py runs each of these files on its tiny model already.
 
-The DPO block (docs/howto/adapters.md#1) runs TRL's ``DPOTrainer`` (3 steps; TRL's import is most of its
+The DPO block (docs/howto/adapters.md#2) runs TRL's ``DPOTrainer`` (3 steps; TRL's import is most of its
 ~25 s on 2 cores): ``slow``. A block importing a package that is not installed (trl, datasets, bitsandbytes, ...)
 is skipped, naming it.
 """
@@ -65,14 +65,14 @@ GIVEN: dict[str, dict[str, str]] = {
                               "loader": "your batches (a DistributedSampler's)"},
     "docs/distributed.md#2": {"load_base_model": "your model's loader", "model": "the FSDP2-sharded model",
                               "cfg": "the config it was attached with"},
-    "docs/howto/adapters.md#1": {"pairs": "your preference dataset (prompt, chosen, rejected)"},
+    "docs/howto/adapters.md#2": {"pairs": "your preference dataset (prompt, chosen, rejected)"},
     "docs/raclora.md#1": {"loader": "your batches"},
 }
 STATIC_ONLY: dict[str, str] = {
     "docs/distributed.md#1": "NCCL on GPUs, one process per GPU under torchrun",
     "docs/distributed.md#2": "a model sharded by FSDP2 over several processes",
 }
-SLOW = {"docs/howto/adapters.md#1"}  # TRL's DPOTrainer: its import and 3 steps
+SLOW = {"docs/howto/adapters.md#2"}  # TRL's DPOTrainer: its import and 3 steps
 
 
 # ---------------------------------------------------------------------------------------------- the blocks
