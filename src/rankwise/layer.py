@@ -130,6 +130,15 @@ RECOMPUTED_INSIDE_PER_EXAMPLE = (
 )
 
 
+RECOMPUTED_AT_ANOTHER_STRENGTH = (
+    "rankwise.scaled: the forward of adapter layer {where!r} is being recomputed inside a backward (gradient "
+    "checkpointing) at another strength than it ran at: the forward ran inside a `with rankwise.scaled(model, "
+    "factor):` block that has ended since, or outside the block now open; recomputed now its update would have "
+    "another strength than in the forward, and the gradients would silently not be the forward's. Call loss.backward() where the forward "
+    "ran: inside the same block, or outside any"
+)
+
+
 def _refuse_in_a_backward(message: str, where: str) -> None:
     """A ``RuntimeError`` with ``message`` (naming layer ``where``) where this forward runs inside a backward, i.e. is
     a gradient checkpoint's recomputation: the one test behind both of ``per_example``'s checkpoint guards (a forward
@@ -283,6 +292,11 @@ class AdapterLayer(nn.Module):
     # the route (the block's examples, the layer's name) of the block whose forward last routed this layer, until the
     # layer's next unrouted forward (_leave_per_example); else None
     _routed_mark: tuple[Examples, str] | None = None
+    # the live rankwise.scaled() blocks holding this layer, outermost first (hold_scaled), and the name the innermost
+    # gave it; and the blocks its last forward ran in (a checkpoint's recomputation at another strength is refused)
+    _scaled_blocks: tuple[object, ...] = ()
+    _scaled_where: str = ""
+    _scaled_mark: tuple[object, ...] = ()
     weight: Tensor  # the base's own tensors, shared (nn.Module's __getattr__ would type them Tensor | Module)
     bias: Tensor | None
 
@@ -514,6 +528,9 @@ class AdapterLayer(nn.Module):
             self.check_fixed_stored()
         if self.disabled:
             return self.plain_forward(x)
+        if not torch.compiler.is_compiling() and self._scaled_mark != self._scaled_blocks:
+            _refuse_in_a_backward(RECOMPUTED_AT_ANOTHER_STRENGTH, self._scaled_where)  # (a compiled forward: as below)
+            self._scaled_mark = self._scaled_blocks  # this layer's first forward since a scaled() block began or ended
         route = self.per_example if self._routed else None  # a copy taken inside a block: flag set, no route
         if route is not None:
             mark = self._routed_mark
@@ -779,13 +796,17 @@ class AdapterLayer(nn.Module):
         if _SCALED.get(self, 0):
             raise RuntimeError(f"cannot {what} inside `with rankwise.scaled(model, factor):`; do it after the block")
 
-    def hold_scaled(self, held: bool) -> None:
-        """Count a ``rankwise.scaled`` block in (``True``) or out (``False``) of this layer (:meth:`refuse_in_scaled`)."""
+    def hold_scaled(self, held: bool, block: object, where: str) -> None:
+        """Count ``rankwise.scaled`` block ``block`` in (``True``) or out (``False``, the innermost) of this layer, named
+        ``where``: the calls it refuses (:meth:`refuse_in_scaled`), and the strength its forward runs at, which a
+        gradient checkpoint's recomputation must find unchanged (:data:`RECOMPUTED_AT_ANOTHER_STRENGTH`)."""
         depth = _SCALED.get(self, 0) + (1 if held else -1)
         if depth > 0:
             _SCALED[self] = depth
         else:
             _SCALED.pop(self, None)
+        self._scaled_blocks = (*self._scaled_blocks, block) if held else self._scaled_blocks[:-1]
+        self._scaled_where = where
 
     def rescaled(self, factor: float) -> dict[str, Any]:
         """Multiply this layer's update by ``factor`` (:func:`rankwise.scaled`) and return the attributes changed,
