@@ -1,16 +1,20 @@
 """Review round 57 (2026-12-07): a second look at ``rankwise.scaled`` and ``rankwise.combine`` (docs/reliability.md).
 
 Oracles: the gradients of the same loss without gradient checkpointing (autograd's graph holds the forward's scale),
-and the storage a combined factor keeps alive measured against its own size (``k x in``).
+the storage a combined factor keeps alive measured against its own size (``k x in``), and the outputs of an adapter
+saved and loaded against the model's before the block (bit for bit).
 """
 
 from __future__ import annotations
 
+import copy
+import io
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import perturb_trainable
+from conftest import make_model_case, perturb_trainable
 from test_review51_per_example import _tied_llama
 from torch import Tensor, nn
 
@@ -107,3 +111,47 @@ def test_combine_svd_keeps_only_the_rank_k_factors(monkeypatch: pytest.MonkeyPat
         assert a.shape[0] == 4 and b.shape[1] == 4, slot  # k: the sources' largest rank (PEFT's default)
         for t in (a, b):
             assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), slot
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_copy_taken_inside_scaled_refuses_to_write_its_strength(how: str, tmp_path: Path) -> None:
+    """A copy of the model taken inside ``scaled(model, 0.25)`` keeps the rescaled scales (it computes as the model
+    inside the block, as PEFT's copy does). Before, ``rankwise.save`` of that copy wrote the rescaled scale as the
+    adapter's: the adapter loaded from its file was 0.062 off the original's outputs, silently (PEFT's
+    ``save_pretrained`` writes ``lora_alpha``, the original strength). Now save, export, merge and the other writes of
+    the copy raise naming the copy and the remedy; no file is written; the original saves and loads bit for bit
+    after the block."""
+    case = make_model_case("mlp")
+    model = case.make()
+    rankwise.attach(model, rankwise.LoraConfig(r=2, alpha=4, target_modules=case.targets, seed=0))
+    perturb_trainable(model, 4)
+    model.eval()
+    batch = case.batch(3)
+    with torch.no_grad():
+        want = case.output(model, batch)
+    with rankwise.scaled(model, 0.25):
+        with torch.no_grad():
+            inside = case.output(model, batch)
+        if how == "deepcopy":
+            twin = copy.deepcopy(model)
+        else:
+            buffer = io.BytesIO()
+            torch.save(model, buffer)
+    if how == "torch.save":
+        buffer.seek(0)
+        twin = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(case.output(twin, batch), inside, rtol=0, atol=0)
+    copied = r"cannot {}: this model was copied .* inside `with rankwise.scaled"
+    for what, call in (("save an adapter", lambda: rankwise.save(twin, tmp_path / "twin")),
+                       ("export an adapter", lambda: rankwise.export_peft(twin, tmp_path / "peft")),
+                       ("merge", lambda: rankwise.merge(twin)),
+                       ("change the active adapters", lambda: rankwise.set_active(twin, "default"))):
+        with pytest.raises(RuntimeError, match=copied.format(what)):
+            call()
+    assert not (tmp_path / "twin").exists() or not any((tmp_path / "twin").iterdir())
+    assert not (tmp_path / "peft").exists() or not any((tmp_path / "peft").iterdir())
+    rankwise.save(model, tmp_path / "saved")  # the original, after the block: its own strength
+    fresh = rankwise.load(case.make(), tmp_path / "saved").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(case.output(fresh, batch), want, rtol=0, atol=0)

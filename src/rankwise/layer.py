@@ -159,8 +159,14 @@ COPIED_INSIDE_DISABLED = (
 # the hosts a live rankwise.per_example() block splits the batch for (AdapterLayer.per_example): a table, not an
 # attribute of the layer, so a copy taken inside a block (copy.deepcopy, torch.save / torch.load) computes as outside it
 _PER_EXAMPLE: weakref.WeakKeyDictionary[AdapterLayer, tuple[Examples, str]] = weakref.WeakKeyDictionary()
+COPIED_INSIDE_SCALED = (
+    "cannot {what}: this model was copied (copy.deepcopy, or torch.save and torch.load) inside `with "
+    "rankwise.scaled(model, factor):`, so its adapters keep the rescaled strength and no block will end for it; a save, "
+    "export or merge of it would write that strength as the adapter's. Copy the model outside the block; for an "
+    "adapter at another strength, rankwise.combine(model, {{name: factor}}, new_name) builds one"
+)
 # the layers a live rankwise.scaled() block (or several, nested) rescaled: how many blocks hold each (a copy of a layer
-# taken inside one is not held: it keeps the rescaled values as its own)
+# taken inside one is not held: it keeps the rescaled values as its own, and its writes are refused, COPIED_INSIDE_SCALED)
 _SCALED: weakref.WeakKeyDictionary[AdapterLayer, int] = weakref.WeakKeyDictionary()
 UNMERGED_KEY = "unmerged_weight"  # a merged layer's original weight, in its state_dict (see _save_to_state_dict)
 DEFAULT_ADAPTER = "default"  # the name of an adapter attached without one (HF PEFT's default too)
@@ -792,9 +798,12 @@ class AdapterLayer(nn.Module):
     def refuse_in_scaled(self, what: str) -> None:
         """Raise ``RuntimeError`` naming ``what`` inside a ``rankwise.scaled`` block: the layer's strength is rescaled
         there (:meth:`rescaled`), so a merge, save, export, link end or change of the adapters would write or keep the
-        rescaled update, which the block's exit then takes back from the layer but not from what was made."""
+        rescaled update, which the block's exit then takes back from the layer but not from what was made. Also
+        refused on a copy of the layer taken inside a block (:data:`COPIED_INSIDE_SCALED`), which keeps that update."""
         if _SCALED.get(self, 0):
             raise RuntimeError(f"cannot {what} inside `with rankwise.scaled(model, factor):`; do it after the block")
+        if self._scaled_blocks:  # held by blocks, but by none live: a copy taken inside one
+            raise RuntimeError(COPIED_INSIDE_SCALED.format(what=what))
 
     def hold_scaled(self, held: bool, block: object, where: str) -> None:
         """Count ``rankwise.scaled`` block ``block`` in (``True``) or out (``False``, the innermost) of this layer, named
