@@ -52,7 +52,10 @@ def scaled(model: nn.Module, factor: float) -> Iterator[nn.Module]:
     ``rankwise.per_example``, a half-enabled model. Inside the block the calls that would write or keep the rescaled
     update (merge, unmerge, save, ``export_peft``, ``combine``, attach, delete, ``set_active``, ``load_state_dict``, a
     RAC-LoRA link end or ``compress_chain``) raise ``RuntimeError``; forwards, ``disabled()``, ``per_example`` and
-    gradients are fine.
+    gradients are fine. A gradient checkpoint's recomputation at another strength than its forward's (the forward
+    inside the block, its backward after it, or the reverse) raises ``RuntimeError`` naming the layer: call
+    ``loss.backward()`` where the forward ran. A copy of the model taken inside the block keeps the rescaled strength
+    and refuses those writes (:data:`rankwise.layer.COPIED_INSIDE_SCALED`).
     """
     factor = _finite_factor(factor)
     model = unwrap_model(model)
