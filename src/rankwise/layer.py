@@ -130,6 +130,15 @@ RECOMPUTED_INSIDE_PER_EXAMPLE = (
 )
 
 
+RECOMPUTED_AT_ANOTHER_STRENGTH = (
+    "rankwise.scaled: the forward of adapter layer {where!r} is being recomputed inside a backward (gradient "
+    "checkpointing) at another strength than it ran at: the forward ran inside a `with rankwise.scaled(model, "
+    "factor):` block that has ended since, or outside the block now open; recomputed now its update would have "
+    "another strength than in the forward, and the gradients would silently not be the forward's. Call loss.backward() where the forward "
+    "ran: inside the same block, or outside any"
+)
+
+
 def _refuse_in_a_backward(message: str, where: str) -> None:
     """A ``RuntimeError`` with ``message`` (naming layer ``where``) where this forward runs inside a backward, i.e. is
     a gradient checkpoint's recomputation: the one test behind both of ``per_example``'s checkpoint guards (a forward
@@ -150,8 +159,14 @@ COPIED_INSIDE_DISABLED = (
 # the hosts a live rankwise.per_example() block splits the batch for (AdapterLayer.per_example): a table, not an
 # attribute of the layer, so a copy taken inside a block (copy.deepcopy, torch.save / torch.load) computes as outside it
 _PER_EXAMPLE: weakref.WeakKeyDictionary[AdapterLayer, tuple[Examples, str]] = weakref.WeakKeyDictionary()
+COPIED_INSIDE_SCALED = (
+    "cannot {what}: this model was copied (copy.deepcopy, or torch.save and torch.load) inside `with "
+    "rankwise.scaled(model, factor):`, so its adapters keep the rescaled strength and no block will end for it; a save, "
+    "export or merge of it would write that strength as the adapter's. Copy the model outside the block; for an "
+    "adapter at another strength, rankwise.combine(model, {{name: factor}}, new_name) builds one"
+)
 # the layers a live rankwise.scaled() block (or several, nested) rescaled: how many blocks hold each (a copy of a layer
-# taken inside one is not held: it keeps the rescaled values as its own)
+# taken inside one is not held: it keeps the rescaled values as its own, and its writes are refused, COPIED_INSIDE_SCALED)
 _SCALED: weakref.WeakKeyDictionary[AdapterLayer, int] = weakref.WeakKeyDictionary()
 UNMERGED_KEY = "unmerged_weight"  # a merged layer's original weight, in its state_dict (see _save_to_state_dict)
 DEFAULT_ADAPTER = "default"  # the name of an adapter attached without one (HF PEFT's default too)
@@ -283,6 +298,11 @@ class AdapterLayer(nn.Module):
     # the route (the block's examples, the layer's name) of the block whose forward last routed this layer, until the
     # layer's next unrouted forward (_leave_per_example); else None
     _routed_mark: tuple[Examples, str] | None = None
+    # the live rankwise.scaled() blocks holding this layer, outermost first (hold_scaled), and the name the innermost
+    # gave it; and the blocks its last forward ran in (a checkpoint's recomputation at another strength is refused)
+    _scaled_blocks: tuple[object, ...] = ()
+    _scaled_where: str = ""
+    _scaled_mark: tuple[object, ...] = ()
     weight: Tensor  # the base's own tensors, shared (nn.Module's __getattr__ would type them Tensor | Module)
     bias: Tensor | None
 
@@ -514,6 +534,9 @@ class AdapterLayer(nn.Module):
             self.check_fixed_stored()
         if self.disabled:
             return self.plain_forward(x)
+        if not torch.compiler.is_compiling() and self._scaled_mark != self._scaled_blocks:
+            _refuse_in_a_backward(RECOMPUTED_AT_ANOTHER_STRENGTH, self._scaled_where)  # (a compiled forward: as below)
+            self._scaled_mark = self._scaled_blocks  # this layer's first forward since a scaled() block began or ended
         route = self.per_example if self._routed else None  # a copy taken inside a block: flag set, no route
         if route is not None:
             mark = self._routed_mark
@@ -775,17 +798,24 @@ class AdapterLayer(nn.Module):
     def refuse_in_scaled(self, what: str) -> None:
         """Raise ``RuntimeError`` naming ``what`` inside a ``rankwise.scaled`` block: the layer's strength is rescaled
         there (:meth:`rescaled`), so a merge, save, export, link end or change of the adapters would write or keep the
-        rescaled update, which the block's exit then takes back from the layer but not from what was made."""
+        rescaled update, which the block's exit then takes back from the layer but not from what was made. Also
+        refused on a copy of the layer taken inside a block (:data:`COPIED_INSIDE_SCALED`), which keeps that update."""
         if _SCALED.get(self, 0):
             raise RuntimeError(f"cannot {what} inside `with rankwise.scaled(model, factor):`; do it after the block")
+        if self._scaled_blocks:  # held by blocks, but by none live: a copy taken inside one
+            raise RuntimeError(COPIED_INSIDE_SCALED.format(what=what))
 
-    def hold_scaled(self, held: bool) -> None:
-        """Count a ``rankwise.scaled`` block in (``True``) or out (``False``) of this layer (:meth:`refuse_in_scaled`)."""
+    def hold_scaled(self, held: bool, block: object, where: str) -> None:
+        """Count ``rankwise.scaled`` block ``block`` in (``True``) or out (``False``, the innermost) of this layer, named
+        ``where``: the calls it refuses (:meth:`refuse_in_scaled`), and the strength its forward runs at, which a
+        gradient checkpoint's recomputation must find unchanged (:data:`RECOMPUTED_AT_ANOTHER_STRENGTH`)."""
         depth = _SCALED.get(self, 0) + (1 if held else -1)
         if depth > 0:
             _SCALED[self] = depth
         else:
             _SCALED.pop(self, None)
+        self._scaled_blocks = (*self._scaled_blocks, block) if held else self._scaled_blocks[:-1]
+        self._scaled_where = where
 
     def rescaled(self, factor: float) -> dict[str, Any]:
         """Multiply this layer's update by ``factor`` (:func:`rankwise.scaled`) and return the attributes changed,

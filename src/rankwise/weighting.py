@@ -52,7 +52,10 @@ def scaled(model: nn.Module, factor: float) -> Iterator[nn.Module]:
     ``rankwise.per_example``, a half-enabled model. Inside the block the calls that would write or keep the rescaled
     update (merge, unmerge, save, ``export_peft``, ``combine``, attach, delete, ``set_active``, ``load_state_dict``, a
     RAC-LoRA link end or ``compress_chain``) raise ``RuntimeError``; forwards, ``disabled()``, ``per_example`` and
-    gradients are fine.
+    gradients are fine. A gradient checkpoint's recomputation at another strength than its forward's (the forward
+    inside the block, its backward after it, or the reverse) raises ``RuntimeError`` naming the layer: call
+    ``loss.backward()`` where the forward ran. A copy of the model taken inside the block keeps the rescaled strength
+    and refuses those writes (:data:`rankwise.layer.COPIED_INSIDE_SCALED`).
     """
     factor = _finite_factor(factor)
     model = unwrap_model(model)
@@ -64,17 +67,18 @@ def scaled(model: nn.Module, factor: float) -> Iterator[nn.Module]:
     if any(host.merged for host in hosts.values()):
         raise ValueError("rankwise.scaled rescales unmerged adapters, and this model is merged (its weights hold the "
                          "unscaled update): call rankwise.unmerge(model) first")
-    kept: list[tuple[AdapterLayer, dict[str, Any]]] = []
+    kept: list[tuple[str, AdapterLayer, dict[str, Any]]] = []
+    block = object()  # this block, as each layer's forward remembers it (a checkpoint's recomputation is checked)
     try:
-        for _, layer in every_layer(model):
-            kept.append((layer, layer.rescaled(factor)))
-            layer.hold_scaled(True)
+        for slot, layer in every_layer(model):
+            kept.append((slot, layer, layer.rescaled(factor)))
+            layer.hold_scaled(True, block, slot)
         yield model
     finally:
-        for layer, old in reversed(kept):
+        for slot, layer, old in reversed(kept):
             for attribute, value in old.items():
                 setattr(layer, attribute, value)
-            layer.hold_scaled(False)
+            layer.hold_scaled(False, block, slot)
 
 
 def _finite_factor(factor: Any) -> float:
@@ -215,7 +219,7 @@ def _svd(group: list[Part], rank: int | None) -> tuple[Tensor, Tensor]:
     assert isinstance(delta, Tensor)
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     k = min(rank if rank is not None else max(layer.rank for _, layer in group), *delta.shape)
-    return vh[:k], u[:, :k] * s[:k]
+    return vh[:k].clone(), u[:, :k] * s[:k]  # a copy: the slice of V_hᵀ alone (a view would keep all of it alive)
 
 
 def _install(model: nn.Module, name: str, factors: dict[str, tuple[Tensor, Tensor]]) -> None:
