@@ -39,6 +39,7 @@ forward, bit for bit (a merged host puts the kept original bits in for the while
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -46,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .base_layers import BaseKind, base_kind
@@ -137,6 +139,34 @@ RECOMPUTED_AT_ANOTHER_STRENGTH = (
     "another strength than in the forward, and the gradients would silently not be the forward's. Call loss.backward() where the forward "
     "ran: inside the same block, or outside any"
 )
+
+
+RECOMPUTED_ACROSS_DISABLED = (
+    "rankwise.disabled: the forward of adapter layer {where} is being recomputed inside a backward (gradient "
+    "checkpointing) with the adapters {now}, but its forward ran with them {then}: the forward ran inside a `with "
+    "rankwise.disabled(model):` block that has ended since, or outside the block now open; recomputed now it would "
+    "compute another function, and the gradients would silently not be the forward's (torch's reentrant checkpoint "
+    "leaves the adapters' gradients None). Call loss.backward() where the forward ran: inside the same block, or "
+    "outside any. A forward that needs no gradient (a reference model's) can run under torch.no_grad() anywhere"
+)
+
+
+# torch's reentrant checkpoint runs the forward it will recompute under no_grad, inside this function's frame
+_REENTRANT_CHECKPOINT = torch.utils.checkpoint.CheckpointFunction.forward.__code__
+
+
+def _records_a_graph() -> bool:
+    """Whether the forward running now is one a backward may use, or recompute: grad mode on, or inside torch's
+    reentrant checkpoint (which runs it under no_grad and recomputes it in the backward). A walk up the stack, run
+    only at the first forward after a ``disabled()`` / ``scaled()`` block began or ended."""
+    if torch.is_grad_enabled():
+        return True
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _REENTRANT_CHECKPOINT:
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
 
 
 def _refuse_in_a_backward(message: str, where: str) -> None:
@@ -302,7 +332,9 @@ class AdapterLayer(nn.Module):
     # gave it; and the blocks its last forward ran in (a checkpoint's recomputation at another strength is refused)
     _scaled_blocks: tuple[object, ...] = ()
     _scaled_where: str = ""
-    _scaled_mark: tuple[object, ...] = ()
+    # (disabled, the scaled() blocks) as this layer's last forward that recorded a graph ran: a gradient checkpoint's
+    # recomputation must find them unchanged (_check_recomputation)
+    _forward_mark: tuple[bool, tuple[object, ...]] = (False, ())
     weight: Tensor  # the base's own tensors, shared (nn.Module's __getattr__ would type them Tensor | Module)
     bias: Tensor | None
 
@@ -532,11 +564,12 @@ class AdapterLayer(nn.Module):
         if "parametrizations" in self._modules:  # registered after attach (a parametrized module is refused there)
             self.check_base_stored()
             self.check_fixed_stored()
+        if not torch.compiler.is_compiling():  # (a compiled forward is not recomputed by a checkpoint here)
+            state = (self.disabled, self._scaled_blocks)
+            if state != self._forward_mark:  # the first forward since a disabled() or scaled() block began or ended
+                self._check_recomputation(state)
         if self.disabled:
             return self.plain_forward(x)
-        if not torch.compiler.is_compiling() and self._scaled_mark != self._scaled_blocks:
-            _refuse_in_a_backward(RECOMPUTED_AT_ANOTHER_STRENGTH, self._scaled_where)  # (a compiled forward: as below)
-            self._scaled_mark = self._scaled_blocks  # this layer's first forward since a scaled() block began or ended
         route = self.per_example if self._routed else None  # a copy taken inside a block: flag set, no route
         if route is not None:
             mark = self._routed_mark
@@ -551,6 +584,24 @@ class AdapterLayer(nn.Module):
         if not chosen and not self.merged:
             return self.plain_forward(x)
         return self.kind.to_output(self._adapted_forward(x, chosen))
+
+    def _check_recomputation(self, mark: tuple[bool, tuple[object, ...]]) -> None:
+        """A forward whose ``mark`` (disabled or not, the live ``rankwise.scaled`` blocks) differs from the last
+        graph-recording forward's: inside a backward it is a gradient checkpoint's recomputation of that forward under
+        other adapters, refused (:data:`RECOMPUTED_ACROSS_DISABLED`, :data:`RECOMPUTED_AT_ANOTHER_STRENGTH`: torch's
+        reentrant checkpoint would give other gradients without a word, its non-reentrant one a shape mismatch);
+        otherwise, if it records a graph (:func:`_records_a_graph`), it becomes the mark. A forward under
+        ``torch.no_grad()`` outside a checkpoint (a reference model's inside ``disabled()``, an evaluation) is never
+        recomputed, so it changes nothing."""
+        if torch._C._current_graph_task_id() != -1:  # -1: no backward is running on this thread
+            then, now = self._forward_mark[0], mark[0]
+            if then != now:
+                state = {True: "disabled", False: "on"}
+                where = self._scaled_where or f"{type(self).__name__} (adapter {self.adapter_name!r})"
+                raise RuntimeError(RECOMPUTED_ACROSS_DISABLED.format(where=where, now=state[now], then=state[then]))
+            raise RuntimeError(RECOMPUTED_AT_ANOTHER_STRENGTH.format(where=self._scaled_where))
+        if _records_a_graph():
+            self._forward_mark = mark
 
     def _adapted_forward(self, x: Tensor, chosen: list["AdapterLayer"]) -> Tensor:
         """``(..., out)``: the merged weight's base forward, the one active layer's own forward, or the active
