@@ -465,3 +465,26 @@ def test_gsm8k_lines_blank_bad_and_missing(tmp_path: Path) -> None:
     assert [(r.text, r.target) for r in rows] == [("1+1?", "so #### 2")]
     with pytest.raises(DataError, match="needs train.jsonl and test.jsonl"):
         read_gsm8k_jsonl(tmp_path / "missing.jsonl")
+
+
+# --- the harness's Ctrl-C message (rankwise_harness/cli.py) -----------------------------------------------------
+
+@pytest.mark.parametrize("given", ["--overwrite", "--over", "--ov"])
+def test_the_command_after_ctrl_c_resumes_without_the_overwrite_flag(given: str) -> None:
+    """cli.py 321-328 (``_again``): the command printed after a Ctrl-C that left a checkpoint parses to ``--resume``
+    without ``--overwrite`` also where the run was started with an abbreviation argparse accepted (``--over``);
+    before, the abbreviation was kept and the printed command stopped with "--resume and --overwrite contradict";
+    ``--r`` (``--rank``'s own option) and a path with a space are kept, quoted."""
+    import shlex
+
+    from rankwise_harness.cli import _again, build_parser
+
+    argv = ["finetune", "--task", "sst2", "--method", "lora", "--r", "4", given, "--output", "my runs/a"]
+    assert build_parser().parse_args(argv).overwrite
+    said = _again("finetune", argv, True)
+    assert said.startswith("resume with: rankwise ")
+    args = build_parser().parse_args(shlex.split(said.split("rankwise ", 1)[1]))
+    assert args.resume and not args.overwrite
+    assert (args.r, args.output, args.task, args.method) == (4, "my runs/a", "sst2", "lora")
+    fresh = build_parser().parse_args(shlex.split(_again("finetune", argv, False).split("rankwise ", 1)[1]))
+    assert fresh.overwrite and not fresh.resume
