@@ -273,9 +273,7 @@ def _demote(host: AdapterLayer, promoted: nn.Module) -> None:
     their order (nothing, where the base module took the slot)."""
     if not isinstance(promoted, AdapterLayer) or promoted is host:
         return
-    rest = [promoted.remove_peer(peer.adapter_name) for peer in promoted.stack()[1:]]
-    if "peers" in promoted._modules:
-        delattr(promoted, "peers")
+    rest = [promoted.remove_peer(peer.adapter_name) for peer in promoted.stack()[1:]]  # the last takes "peers" along
     promoted.tied = False
     for layer in (promoted, *rest):
         host.add_peer(layer)

@@ -690,11 +690,15 @@ class AdapterLayer(nn.Module):
         return [self, *(cast(AdapterLayer, layer) for layer in peers.values())]
 
     def remove_peer(self, name: str) -> "AdapterLayer":
-        """Take adapter ``name``'s layer out of this host's peers and return it."""
+        """Take adapter ``name``'s layer out of this host's peers and return it; the last one out takes the
+        (then empty) ``peers`` container with it, so the host's modules are again those of a layer that never had
+        a peer (a failed attach beside an adapter, or ``rankwise.delete``, leaves no trace; review round 58)."""
         peers = self._modules["peers"]
         assert isinstance(peers, nn.ModuleDict)
         layer = cast(AdapterLayer, peers[name])
         del peers[name]
+        if not len(peers):
+            delattr(self, "peers")
         return layer
 
     def computing(self) -> list["AdapterLayer"]:

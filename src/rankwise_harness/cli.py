@@ -315,12 +315,27 @@ def _demo_args(flags: list[str]) -> list[str]:
     return [*own, *(["--overwrite"] if args.output == DEMO_OUTPUT and not args.resume else []), *flags]
 
 
+def _is_flag(arg: str, flags: tuple[str, ...]) -> bool:
+    """Whether command-line word ``arg`` is one of ``flags`` as argparse read it: the flag or an abbreviation of it
+    (``--over``; argparse takes a unique prefix) that is no option of its own (``--r`` is ``--rank``'s)."""
+    if arg in flags:
+        return True
+    return len(arg) > 2 and arg.startswith("--") and arg not in _option_strings() and any(f.startswith(arg) for f in flags)
+
+
+def _option_strings() -> set[str]:
+    """Every option string of the ``rankwise`` command and its subcommands."""
+    parser = build_parser()
+    parsers = [parser, *(p for a in parser._actions if isinstance(a, argparse._SubParsersAction) for p in a.choices.values())]
+    return {s for p in parsers for a in p._actions for s in a.option_strings}
+
+
 def _again(command: str, argv: list[str], resumable: bool) -> str:
     """After Ctrl-C: the command that continues (``finetune`` from its checkpoint with ``--resume``;
     ``compare`` continues its unfinished runs by itself), or that starts over."""
     import shlex
 
-    again = [a for a in argv if a not in ("--overwrite", "--resume")]
+    again = [a for a in argv if not _is_flag(a, ("--overwrite", "--resume"))]
     if command == "finetune":
         again.append("--resume" if resumable else "--overwrite")
     verb = ("resume with" if resumable or command == "compare" else "start again with" if command == "finetune"
