@@ -9,7 +9,6 @@ exported with ``rankwise.export_peft``.
 
 from __future__ import annotations
 
-import copy
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import pytest
 import torch
 from conftest import CONV_CASE, EMBEDDING_CASE, ModelCase, make_model_case, perturb_trainable
 from method_matrix import METHOD_CASES, MethodCase, paper_delta
+from test_review51_per_example import _two as _two_adapters
 from torch import Tensor, nn
 
 import rankwise
@@ -29,24 +29,10 @@ WEIGHTS = {"default": 0.7, "b": -0.4}
 
 
 def _two(method: MethodCase, head: bool = False) -> nn.Module:
-    """The MLP with ``method``'s adapter "default" on fc1 and fc2, trained 3 steps (RAC-LoRA crosses a link end: a
-    chain record), and ``method``'s "b" on fc2 only; every trained tensor moved off its init; eval mode."""
-    model = CASE.make()
-    config, calibration = method.make(CASE, head)
-    rankwise.attach(model, config, calibration=calibration)
-    opt = torch.optim.Adam(rankwise.trainable_parameters(model).values(), lr=1e-2)
-    model.train()
-    for i in range(3):
-        model(**CASE.batch(100 + i)).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        rankwise.step(model, opt)
-    narrow = copy.copy(CASE)
-    narrow.targets = CASE.targets[-1:]
-    config_b, calibration_b = method.make(narrow, False)
-    rankwise.attach(model, config_b, name="b", calibration=calibration_b)
-    perturb_trainable(model, 5)
-    return model.eval()
+    """Round 51's two adapters on the MLP (``test_review51_per_example._two``): ``method``'s "default" on fc1 and fc2
+    trained 3 steps (RAC-LoRA crosses a link end: a chain record), its "b" on fc2 only, every trained tensor moved off
+    its init; eval mode."""
+    return _two_adapters(CASE, method, head)
 
 
 def _out(model: nn.Module, seed: int = 7) -> Tensor:

@@ -8,6 +8,7 @@ saved and loaded against the model's before the block (bit for bit).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 import io
 from pathlib import Path
 from typing import Any
@@ -33,14 +34,9 @@ def _grads(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-@pytest.mark.parametrize("reentrant", [False, True])
-def test_a_checkpointed_forward_recomputed_at_another_strength_is_refused(reentrant: bool) -> None:
-    """HF gradient checkpointing recomputes each layer's forward in the backward, at the strength of that moment.
-    Before, a forward inside ``scaled(model, 0.5)`` whose ``loss.backward()`` ran after the block (or a forward
-    before the block, its backward inside) gave gradients off the forward's by 0.025-0.041 (tiny Llama, LoRA on
-    q/v), silently, with either checkpoint. Now the recomputation raises naming the layer, in both directions and
-    across nested blocks; a forward and its backward in the same block (or both outside) give the gradients of the
-    same loss without checkpointing."""
+def _checkpointed_llama(reentrant: bool, factor: float = 1.0) -> tuple[nn.Module, Callable[[], Tensor], dict[str, Tensor]]:
+    """A tiny Llama with a trained-looking LoRA on q/v, its loss, and the oracle: the gradients without checkpointing
+    inside ``scaled(model, factor)`` (the graph holds the scale); then HF gradient checkpointing is switched on."""
     model = _tied_llama()
     rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], seed=0))
     perturb_trainable(model, 3)
@@ -50,11 +46,23 @@ def test_a_checkpointed_forward_recomputed_at_another_strength_is_refused(reentr
     def loss() -> Tensor:
         return model(input_ids=ids, labels=ids, use_cache=False).loss
 
-    with rankwise.scaled(model, 0.5):  # the oracle: no checkpoint, the graph holds the scale
+    with rankwise.scaled(model, factor):
         loss().backward()
     want = _grads(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model.train()
+    return model, loss, want
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_checkpointed_forward_recomputed_at_another_strength_is_refused(reentrant: bool) -> None:
+    """HF gradient checkpointing recomputes each layer's forward in the backward, at the strength of that moment.
+    Before, a forward inside ``scaled(model, 0.5)`` whose ``loss.backward()`` ran after the block (or a forward
+    before the block, its backward inside) gave gradients off the forward's by 0.025-0.041 (tiny Llama, LoRA on
+    q/v), silently, with either checkpoint. Now the recomputation raises naming the layer, in both directions and
+    across nested blocks; a forward and its backward in the same block (or both outside) give the gradients of the
+    same loss without checkpointing."""
+    model, loss, want = _checkpointed_llama(reentrant, 0.5)
     with rankwise.scaled(model, 0.5):  # forward and backward in one block: right
         loss().backward()
     for name, g in _grads(model).items():

@@ -14,41 +14,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import perturb_trainable
-from test_review51_per_example import _tied_llama
-from torch import Tensor, nn
+from test_review57_weighting_second_look import _checkpointed_llama, _grads
 
 import rankwise
 
 ACROSS = r"rankwise.disabled: the forward of adapter layer .* is being recomputed inside a backward"
-
-
-def _grads(model: nn.Module) -> dict[str, Tensor]:
-    out = {}
-    for name, p in rankwise.trainable_parameters(model).items():
-        assert p.grad is not None, name
-        out[name] = p.grad.clone()
-    model.zero_grad(set_to_none=True)
-    return out
-
-
-def _model_and_loss(reentrant: bool | None) -> tuple[nn.Module, object, dict[str, Tensor]]:
-    """A tiny Llama with a trained-looking LoRA, its loss, and the oracle: the gradients without checkpointing."""
-    model = _tied_llama()
-    rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], seed=0))
-    perturb_trainable(model, 3)
-    ids = torch.randint(3, 48, (4, 6), generator=torch.Generator().manual_seed(0))
-    model.train()
-
-    def loss() -> Tensor:
-        return model(input_ids=ids, labels=ids, use_cache=False).loss
-
-    loss().backward()
-    want = _grads(model)
-    if reentrant is not None:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-        model.train()
-    return model, loss, want
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -57,7 +27,7 @@ def test_a_checkpointed_forward_recomputed_across_disabled_is_refused(reentrant:
     ``None`` (silently), the non-reentrant one raised torch's ``CheckpointError``; now both raise naming the remedy.
     The reverse (a forward inside the block that records a graph, its backward after it) is refused too. Forward and
     backward outside any block still give the gradients without checkpointing."""
-    model, loss, want = _model_and_loss(reentrant)
+    model, loss, want = _checkpointed_llama(reentrant)
     loss().backward()
     for name, g in _grads(model).items():
         torch.testing.assert_close(g, want[name], rtol=1e-5, atol=1e-7)
@@ -79,7 +49,7 @@ def test_a_reference_forward_under_no_grad_between_forward_and_backward_is_fine(
     """TRL's order (the policy's forward, the reference's inside ``disabled()`` under ``no_grad``, the backward after
     the block), and an evaluation at another strength between a forward and its backward (round 57's guard refused
     that backward): the gradients equal those without checkpointing."""
-    model, loss, want = _model_and_loss(reentrant)
+    model, loss, want = _checkpointed_llama(reentrant)
     policy = loss()
     with torch.no_grad(), rankwise.disabled(model):
         reference = loss()
