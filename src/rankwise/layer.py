@@ -158,7 +158,8 @@ _REENTRANT_CHECKPOINT = torch.utils.checkpoint.CheckpointFunction.forward.__code
 def _records_a_graph() -> bool:
     """Whether the forward running now is one a backward may use, or recompute: grad mode on, or inside torch's
     reentrant checkpoint (which runs it under no_grad and recomputes it in the backward). A walk up the stack, run
-    only at the first forward after a ``disabled()`` / ``scaled()`` block began or ended."""
+    only where a forward's state differs from its layer's mark: the first forward after a ``disabled()`` /
+    ``scaled()`` block began or ended, and ``no_grad`` forwards inside such a block (about 3 µs a layer)."""
     if torch.is_grad_enabled():
         return True
     frame = sys._getframe(1)
