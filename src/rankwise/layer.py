@@ -159,7 +159,8 @@ def _records_a_graph() -> bool:
     """Whether the forward running now is one a backward may use, or recompute: grad mode on, or inside torch's
     reentrant checkpoint (which runs it under no_grad and recomputes it in the backward). A walk up the stack, run
     only where a forward's state differs from its layer's mark: the first forward after a ``disabled()`` /
-    ``scaled()`` block began or ended, and ``no_grad`` forwards inside such a block (about 3 µs a layer)."""
+    ``scaled()`` block began or ended, and ``no_grad`` forwards inside such a block (2–7 µs a call at a stack 20–120
+    frames deep, measured on a 2-core CPU)."""
     if torch.is_grad_enabled():
         return True
     frame = sys._getframe(1)
