@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .adapters import set_active
 from .distributed import ZERO3_GATHER, check_layers_whole
 from .io import install_rebuilt, rebuild_layers
-from .layer import AdapterLayer, outside_inference_mode
+from .layer import AdapterLayer, PeftFactors, outside_inference_mode
 from .lifecycle import check_new_name
 from .methods.lora import LORA, LoraConfig, LoraLinear
 from .state import adapter_set, every_layer, slot_layers, unwrap_model
@@ -177,15 +177,22 @@ def _wide(group: list[Part]) -> torch.dtype:
     return torch.float64 if any(layer.merge_dtype == torch.float64 for _, layer in group) else torch.float32
 
 
+def _lora_form(layer: AdapterLayer) -> PeftFactors | None:
+    """``layer``'s update as one LoRA ``s·B A`` (:meth:`~rankwise.AdapterLayer.peft_factors`), or ``None`` where it has
+    none (a DoRA-family magnitude, or no PEFT form): the one test behind ``"cat"`` and ``"svd"``."""
+    try:
+        f = layer.peft_factors()
+    except NotImplementedError:
+        return None
+    return None if f is None or f.magnitude is not None else f
+
+
 def _cat(slot: str, group: list[Part]) -> tuple[Tensor, Tensor]:
     """``(A, B)`` (``Σr x in``, ``out x Σr``) of one module: PEFT's ``"cat"``, ``A = [w_i s_i A_i]``, ``B = [B_i]``."""
     wide, a_parts, b_parts = _wide(group), [], []
     for weight, layer in group:
-        try:
-            f = layer.peft_factors()
-        except NotImplementedError:
-            f = None
-        if f is None or f.magnitude is not None:
+        f = _lora_form(layer)
+        if f is None:
             raise ValueError(
                 f"rankwise.combine(how='cat'): adapter {layer.adapter_name!r}'s layer on {slot!r} "
                 f"({type(layer).__name__}) has no LoRA form B A (a DoRA-family magnitude, or none): use how='svd'")
@@ -203,11 +210,8 @@ def _cat(slot: str, group: list[Part]) -> tuple[Tensor, Tensor]:
 def _update_weight(layer: AdapterLayer, dtype: torch.dtype) -> Tensor:
     """``ΔW`` (``out x in``, ``dtype``) of ``layer``: ``s·B A`` from its LoRA form where it has one (no ``W0`` to cancel),
     else its :meth:`~rankwise.AdapterLayer.delta_weight` (a DoRA-family layer's whole effective update)."""
-    try:
-        f = layer.peft_factors()
-    except NotImplementedError:
-        return layer.delta_weight().to(dtype)
-    if f.magnitude is not None:
+    f = _lora_form(layer)
+    if f is None:
         return layer.delta_weight().to(dtype)
     return f.scale * (f.lora_b.to(dtype) @ f.lora_a.to(dtype))
 
