@@ -128,7 +128,9 @@ def test_a_combined_adapter_takes_its_first_source_s_dropout_as_peft_s_does(tmp_
     its first adapter's config, ``lora_dropout`` included. Now the first adapter ``weights`` names gives it: LoRA
     "default" (dropout 0.1, fc1 and fc2) and "b" (0.3, fc2), combined as ``{"b": 0.5, "default": 1.0}``: every layer
     of the new adapter drops with 0.3, as PEFT's combination of the same two exported adapters (its config and each
-    layer's ``nn.Dropout``), the export carries it, and the eval output is still ``Σ w_i ΔW_i``'s (PEFT's)."""
+    layer's ``nn.Dropout``), the export carries it, and the eval output is still ``Σ w_i ΔW_i``'s (PEFT's). Its
+    tensors require gradients (attach's rule, documented); PEFT freezes its new adapter, but its ``set_adapter``
+    unfreezes it, so once active both train it."""
     from conftest import make_model_case, perturb_trainable
     from peft import PeftModel
 
@@ -151,8 +153,13 @@ def test_a_combined_adapter_takes_its_first_source_s_dropout_as_peft_s_does(tmp_
         peft_dropout = theirs.base_model.model.get_submodule(slot).lora_dropout["ab"]
         assert isinstance(ours.dropout, nn.Dropout) and isinstance(peft_dropout, nn.Dropout)
         assert ours.dropout.p == peft_dropout.p == 0.3
+    peft_a = theirs.base_model.model.get_submodule("fc1").lora_A["ab"].weight
+    assert not peft_a.requires_grad  # PEFT freezes its new adapter ...
     rankwise.set_active(model, "ab")
     theirs.set_adapter("ab")
+    assert peft_a.requires_grad  # ... until it is made active, as rankwise's is trainable (attach's rule)
+    combined = [p for n, p in model.named_parameters() if ".ab." in n]
+    assert len(combined) == 4 and all(p.requires_grad for p in combined)
     batch = case.batch(7)
     with torch.no_grad():
         torch.testing.assert_close(case.output(model, batch), case.output(theirs.eval(), batch), rtol=1e-5, atol=1e-6)

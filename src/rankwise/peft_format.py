@@ -689,7 +689,8 @@ def import_peft(
     dilated one, or one padding other than with zeros, is refused: PEFT's forward there was not ``W0 + ΔW``),
     ``modules_to_save`` (PEFT's plain-suffix rule) and an adapted ``lm_head`` / ``embed_tokens`` (PEFT saves its base weight too: it must be this model's, else
     ``ValueError``) are imported too. The result computes what ``peft.PeftModel.from_pretrained(base_model, path)``
-    computes.
+    computes. An ``ensure_weight_tying`` file whose tied head's factors are absent or not the adapted embedding's
+    transposed (PEFT's save writes the one pair under both names) is refused with a ``ValueError`` naming both remedies.
 
     Everything is checked before the model is touched; unsupported PEFT types, options or layer
     types raise ``ValueError`` / ``TypeError`` naming the culprit, a malformed file (bad JSON or
@@ -752,7 +753,8 @@ def _peft_layers_untied(
 
 def _warn_untied(cfg: dict[str, Any], targets: dict[str, nn.Module], ties: dict[str, str]) -> None:
     """Warn where PEFT tied an adapted embedding's head (``ensure_weight_tying``) and rankwise imports the two as
-    independent layers (a DoRA adapter, or factors that differ): the same outputs now, but not kept tied by training."""
+    independent layers (a DoRA adapter, or a head at another ``lora_alpha``; factors that differ were refused by
+    :func:`_check_tied_factors_agree`): the same outputs now, but not kept tied by training."""
     if cfg.get("ensure_weight_tying") and any(takes_ids(m) for m in targets.values()) and not ties:
         warnings.warn(
             "rankwise: this PEFT adapter was made with ensure_weight_tying=True, which ties the tied lm_head's "
