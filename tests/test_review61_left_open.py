@@ -237,3 +237,62 @@ def test_a_stacked_update_over_a_half_base_is_rounded_once(case: str) -> None:
     assert got.dtype == torch.float16
     differ = (got != want).float().mean().item()
     assert differ < 0.02, f"{differ:.0%} of the entries are not the once-rounded sum"
+
+
+# ---------------------------------------------------------------------------- a trained head that does not fit
+
+
+def _bert(num_labels: int) -> nn.Module:
+    """A tiny BERT classifier (``tests/conftest.py``'s sizes), the same weights each call for a given label count."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=32, num_labels=num_labels)).eval()
+
+
+@pytest.mark.parametrize("edit", ["labels", "no bias"])
+def test_a_fully_trained_head_that_does_not_fit_is_named_with_its_shapes(edit: str, tmp_path: Path) -> None:
+    """A PEFT adapter trained with ``modules_to_save=["classifier"]`` on 3 labels, imported onto a 2-label base (the
+    commonest mismatch), or its file without the head's bias (round 58's unreached error path). Before: "PEFT
+    adapter's tensors for fully-trained module 'classifier' are missing or do not fit this model", naming neither
+    the tensor nor the shapes nor a remedy. Now the message names each tensor with the file's and the model's shapes
+    (or the tensor absent) and says to load the base model the adapter was trained on (``num_labels``); the model is
+    left as it was."""
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.get_peft_model(_bert(3 if edit == "labels" else 2), peft.LoraConfig(
+            r=2, target_modules=["query"], modules_to_save=["classifier"])).save_pretrained(tmp_path / "peft")
+    if edit == "no bias":
+        _edit(tmp_path / "peft", tensors=lambda t: {k: v for k, v in t.items() if not k.endswith("classifier.bias")})
+    model = _bert(2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="'classifier' does not fit this BertForSequenceClassification") as caught:
+        rankwise.import_peft(model, tmp_path / "peft")
+    want = ("weight (3, 32) in the file, (2, 32) here; bias (3,) in the file, (2,) here" if edit == "labels"
+            else "no bias in the file")
+    assert want in str(caught.value) and "num_labels" in str(caught.value)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, rankwise.AdapterLayer) for m in model.modules())
+
+
+def test_rankwise_load_names_a_trained_head_that_does_not_fit(tmp_path: Path) -> None:
+    """The same mismatch through rankwise's own file: an adapter saved with ``modules_to_save=["classifier"]`` on 3
+    labels, loaded onto a 2-label base. Before: "saved tensors for fully-trained module 'classifier' do not fit this
+    model"; now each tensor with both shapes and the remedy (one wording, ``rankwise.io.saved_module_mismatch``), the
+    model left as it was."""
+    trained = _bert(3)
+    rankwise.attach(trained, rankwise.LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]))
+    rankwise.save(trained, tmp_path / "ours")
+    model = _bert(2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(rankwise.AdapterFileError, match="'classifier' does not fit this model") as caught:
+        rankwise.load(model, tmp_path / "ours")
+    for needed in ("weight (3, 32) in the file, (2, 32) here", "bias (3,) in the file, (2,) here", "num_labels"):
+        assert needed in str(caught.value), needed
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, rankwise.AdapterLayer) for m in model.modules())

@@ -50,7 +50,8 @@ from .adapter_file import (PEFT_FILES, AdapterFileError, atomic_write_files, fil
                            file_number, is_peft_adapter, is_rankwise_adapter, read_json)
 from .config import AdapterConfig, check_bool, lora_alpha, lora_scale
 from .hub import adapter_folder
-from .io import check_folders, folders_by_name, install_rebuilt, new_adapter_name, rebuild_layers
+from .io import (TRAINED_ON, check_folders, folders_by_name, install_rebuilt, new_adapter_name, rebuild_layers,
+                 saved_module_mismatch)
 from .layer import AdapterLayer, PeftFactors, outside_inference_mode, wide_dtype
 from .lifecycle import check_new_name, refuse_fully_trained_targets
 from .methods import DoraConfig, LoraConfig
@@ -993,8 +994,10 @@ def _peft_saved_modules(
         got = {k: tensors.get(f"{name}.{k}") for k in sd}
         if all(v is None for v in got.values()):
             continue
-        if any(v is None or v.shape != sd[k].shape for k, v in got.items()):
-            raise ValueError(f"PEFT adapter's tensors for fully-trained module {name!r} are missing or do not fit this model")
+        wrong = saved_module_mismatch({k: v for k, v in got.items() if v is not None}, sd)
+        if wrong:
+            raise ValueError(f"{folder / PEFT_WEIGHTS}'s fully-trained module {name!r} does not fit this "
+                             f"{type(base_model).__name__}: {wrong}. {TRAINED_ON}")
         saved[name], mts[name] = modules[name], got  # type: ignore[assignment]
     stray = sorted(set(tensors) - placed - {f"{n}.{k}" for n, sd in mts.items() for k in sd})
     if stray:
