@@ -108,9 +108,9 @@ def test_combine_svd_keeps_only_the_rank_k_factors(monkeypatch: pytest.MonkeyPat
     seen: dict[str, tuple[Tensor, Tensor]] = {}
     install = rankwise.weighting._install
 
-    def spy(model: nn.Module, name: str, factors: dict[str, tuple[Tensor, Tensor]]) -> Any:
+    def spy(model: nn.Module, name: str, factors: dict[str, tuple[Tensor, Tensor]], *rest: Any) -> Any:
         seen.update(factors)
-        return install(model, name, factors)
+        return install(model, name, factors, *rest)
 
     monkeypatch.setattr(rankwise.weighting, "_install", spy)
     rankwise.combine(model, {"default": 1.0, "b": -0.5}, "ab", how="svd")

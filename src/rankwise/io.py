@@ -697,10 +697,27 @@ def _saved_module_tensors(saved: dict[str, nn.Module], tensors: dict[str, Tensor
         sd = module.state_dict()
         prefix = f"modules_to_save.{name}."
         got = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if set(got) != set(sd) or any(got[k].shape != sd[k].shape for k in sd):
-            raise AdapterFileError(f"saved tensors for fully-trained module {name!r} do not fit this model")
+        wrong = saved_module_mismatch(got, sd)
+        if wrong:
+            raise AdapterFileError(f"the adapter's fully-trained module {name!r} does not fit this model: {wrong}. "
+                                   f"{TRAINED_ON}")
         out[name] = got
     return out
+
+
+TRAINED_ON = "Load the base model the adapter was trained on (a classification head: the same number of labels, num_labels)"
+
+
+def saved_module_mismatch(got: dict[str, Tensor], sd: dict[str, Tensor]) -> str:
+    """What keeps a fully-trained module's tensors in a file (``got``) from this model's module (its ``state_dict``
+    ``sd``): each tensor absent from the file, each the module lacks, each shape the two disagree on; ``""`` if they
+    fit. The one wording of :func:`rankwise.load`'s and :func:`rankwise.import_peft`'s refusal."""
+    missing = [k for k in sd if k not in got]
+    extra = [k for k in got if k not in sd]
+    shapes = [f"{k} {tuple(v.shape)} in the file, {tuple(sd[k].shape)} here" for k, v in got.items()
+              if k in sd and v.shape != sd[k].shape]
+    return "; ".join(([f"no {', '.join(missing)} in the file"] if missing else [])
+                     + ([f"{', '.join(extra)} in the file, not in the module"] if extra else []) + shapes)
 
 
 def _fill(layer: AdapterLayer, name: str, tensors: dict[str, Tensor]) -> None:

@@ -50,7 +50,8 @@ from .adapter_file import (PEFT_FILES, AdapterFileError, atomic_write_files, fil
                            file_number, is_peft_adapter, is_rankwise_adapter, read_json)
 from .config import AdapterConfig, check_bool, lora_alpha, lora_scale
 from .hub import adapter_folder
-from .io import check_folders, folders_by_name, install_rebuilt, new_adapter_name, rebuild_layers
+from .io import (TRAINED_ON, check_folders, folders_by_name, install_rebuilt, new_adapter_name, rebuild_layers,
+                 saved_module_mismatch)
 from .layer import AdapterLayer, PeftFactors, outside_inference_mode, wide_dtype
 from .lifecycle import check_new_name, refuse_fully_trained_targets
 from .methods import DoraConfig, LoraConfig
@@ -689,7 +690,8 @@ def import_peft(
     dilated one, or one padding other than with zeros, is refused: PEFT's forward there was not ``W0 + ΔW``),
     ``modules_to_save`` (PEFT's plain-suffix rule) and an adapted ``lm_head`` / ``embed_tokens`` (PEFT saves its base weight too: it must be this model's, else
     ``ValueError``) are imported too. The result computes what ``peft.PeftModel.from_pretrained(base_model, path)``
-    computes.
+    computes. An ``ensure_weight_tying`` file whose tied head's factors are absent or not the adapted embedding's
+    transposed (PEFT's save writes the one pair under both names) is refused with a ``ValueError`` naming both remedies.
 
     Everything is checked before the model is touched; unsupported PEFT types, options or layer
     types raise ``ValueError`` / ``TypeError`` naming the culprit, a malformed file (bad JSON or
@@ -741,6 +743,7 @@ def _peft_layers_untied(
     :class:`rankwise.ties.TiedHead` computing with the embedding's factors); ``peft_targets`` keeps every layer PEFT
     adapted, whose saved base weights are checked against them. Warns where PEFT's tie is not kept."""
     parts, targets, ranks = _peft_layers(base_model, folder, cfg, tensors)
+    _check_tied_factors_agree(base_model, folder, cfg, parts, targets)
     ties = _peft_ties(base_model, cfg, parts, targets)
     _warn_untied(cfg, targets, ties)
     peft_targets = dict(targets)
@@ -751,7 +754,8 @@ def _peft_layers_untied(
 
 def _warn_untied(cfg: dict[str, Any], targets: dict[str, nn.Module], ties: dict[str, str]) -> None:
     """Warn where PEFT tied an adapted embedding's head (``ensure_weight_tying``) and rankwise imports the two as
-    independent layers (a DoRA adapter, or factors that differ): the same outputs now, but not kept tied by training."""
+    independent layers (a DoRA adapter, or a head at another ``lora_alpha``; factors that differ were refused by
+    :func:`_check_tied_factors_agree`): the same outputs now, but not kept tied by training."""
     if cfg.get("ensure_weight_tying") and any(takes_ids(m) for m in targets.values()) and not ties:
         warnings.warn(
             "rankwise: this PEFT adapter was made with ensure_weight_tying=True, which ties the tied lm_head's "
@@ -896,11 +900,53 @@ def _peft_ties(model: nn.Module, cfg: dict[str, Any], parts: dict[str, dict[str,
     embeddings = [n for n, m in targets.items() if takes_ids(m)]
     out: dict[str, str] = {}
     for head, emb in tied_heads(base_modules(model), embeddings).items():
-        h, e = parts.get(head), parts[emb]
-        if (h is not None and _layer_alpha(cfg, head) == _layer_alpha(cfg, emb) and h["lora_A"].shape == e["lora_B"].t().shape
-                and torch.equal(h["lora_A"], e["lora_B"].t()) and torch.equal(h["lora_B"], e["lora_A"].t())):
+        h = parts.get(head)
+        if h is not None and _layer_alpha(cfg, head) == _layer_alpha(cfg, emb) and _head_is_embeddings(h, parts[emb]):
             out[head] = emb
     return out
+
+
+def _head_is_embeddings(head: dict[str, Tensor], emb: dict[str, Tensor]) -> bool:
+    """Whether a head's PEFT factors are its embedding's transposed (``lora_A = lora_embedding_Bᵀ``, ``lora_B =
+    lora_embedding_Aᵀ``): the one pair of tensors PEFT's ``ensure_weight_tying`` gives the two layers."""
+    a, b = head.get("lora_A"), head.get("lora_B")
+    return (a is not None and b is not None and a.shape == emb["lora_B"].t().shape and b.shape == emb["lora_A"].t().shape
+            and torch.equal(a, emb["lora_B"].t()) and torch.equal(b, emb["lora_A"].t()))
+
+
+def _check_tied_factors_agree(model: nn.Module, folder: Path, cfg: dict[str, Any], parts: dict[str, dict[str, Tensor]],
+                              targets: dict[str, nn.Module]) -> None:
+    """Refuse an ``ensure_weight_tying`` file (LoRA or DoRA) in which a head sharing the weight of an adapted
+    embedding has no factors, or factors that are not the embedding's transposed. PEFT 0.21 gives such a head the
+    embedding's factors themselves (one pair of tensors; DoRA's head keeps a magnitude of its own) and its save
+    writes them under both names, so a difference means the file was edited or made elsewhere. PEFT's load then
+    copies both into the one pair (the later silently winning) or gives the absent head the embedding's factors;
+    an import of the file as it stands would compute something else (round 61)."""
+    if not cfg.get("ensure_weight_tying"):
+        return
+    embeddings = [n for n, m in targets.items() if takes_ids(m)]
+    for head, emb in tied_heads(base_modules(model), embeddings).items():
+        h = parts.get(head)
+        if h is None or not _head_is_embeddings(h, parts[emb]):
+            raise ValueError(f"{folder / PEFT_WEIGHTS} adapts {emb!r} under ensure_weight_tying=True, which gives its "
+                             f"tied head {head!r} the embedding's factors (one pair, trained as one; PEFT's save writes "
+                             f"it under both names), but {_tied_head_mismatch(head, h is None)}")
+
+
+def _tied_head_mismatch(head: str, absent: bool) -> str:
+    """The rest of :func:`_check_tied_factors_agree`'s message: what the file holds, what PEFT makes of it, the
+    remedies."""
+    fix = "Write the embedding's factors, transposed, under the head's names; or, to import "
+    if absent:
+        return ("holds no factors for the head: PEFT 0.21 gives it the embedding's all the same (warning of missing "
+                "keys), where importing the file as it stands would leave the head without its update. " + fix +
+                f"the embedding's layer alone (the head as in the base model), set \"ensure_weight_tying\": false in "
+                f"{PEFT_CONFIG}")
+    return ("holds factors for the head that are not the embedding's transposed (lora_A must equal lora_embedding_B.T "
+            "and lora_B lora_embedding_A.T): PEFT 0.21 copies both into the one pair, the later silently winning, so "
+            "the file holds two adapters where the one trained had one. " + fix +
+            f"the two as layers apart, set \"ensure_weight_tying\": false in {PEFT_CONFIG} and add {head!r} to its "
+            "target_modules")
 
 
 def _conv_from_peft(name: str, module: nn.Module, got: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -948,8 +994,10 @@ def _peft_saved_modules(
         got = {k: tensors.get(f"{name}.{k}") for k in sd}
         if all(v is None for v in got.values()):
             continue
-        if any(v is None or v.shape != sd[k].shape for k, v in got.items()):
-            raise ValueError(f"PEFT adapter's tensors for fully-trained module {name!r} are missing or do not fit this model")
+        wrong = saved_module_mismatch({k: v for k, v in got.items() if v is not None}, sd)
+        if wrong:
+            raise ValueError(f"{folder / PEFT_WEIGHTS}'s fully-trained module {name!r} does not fit this "
+                             f"{type(base_model).__name__}: {wrong}. {TRAINED_ON}")
         saved[name], mts[name] = modules[name], got  # type: ignore[assignment]
     stray = sorted(set(tensors) - placed - {f"{n}.{k}" for n, sd in mts.items() for k in sd})
     if stray:

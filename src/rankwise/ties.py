@@ -62,10 +62,15 @@ class TiedHead(AdapterLayer):
         return self._leader[0]
 
     def adapter_forward(self, x: Tensor) -> Tensor:
-        emb = self.embedding
         out = self.base_forward(x)  # (..., vocab)
-        update = ((self.dropout(x).to(emb.lora_b.dtype) @ emb.lora_b) @ emb.lora_a) * self.scale  # (..., vocab)
-        return self.kind.add_update(out, update)  # summed in the wider dtype, rounded once (as PEFT's tied head)
+        return self.kind.add_update(out, self.delta_forward(x))  # summed in the wider dtype, rounded once (as PEFT's)
+
+    def delta_forward(self, x: Tensor) -> Tensor:
+        """``s · (dropout(x) B) A`` alone (beside other adapters on the head), in the factors' dtype: the update the
+        stack adds to the layers before and rounds once (not this layer's rounded output less a second base matmul
+        over the vocabulary, review round 61)."""
+        emb = self.embedding
+        return ((self.dropout(x).to(emb.lora_b.dtype) @ emb.lora_b) @ emb.lora_a) * self.scale  # (..., vocab)
 
     def delta_weight(self) -> Tensor:
         return cast(Tensor, self.embedding.delta_weight()).t().to(self.weight.device)  # vocab x dim

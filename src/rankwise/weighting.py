@@ -95,7 +95,9 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str, how: str 
     ``weights`` names (HF PEFT's ``add_weighted_adapter``). It is idle (the active set stays as it was, as PEFT's):
     ``rankwise.set_active(model, name)`` makes it compute. It saves, loads, merges, exports and runs in
     ``per_example`` as any LoRA, and trains as an attached one does (its tensors require gradients; PEFT freezes its
-    new adapter); each of its layers has scale 1 (PEFT's ``lora_alpha = r``), the factors carry the rest.
+    new adapter); each of its layers has scale 1 (PEFT's ``lora_alpha = r``), the factors carry the rest, and the
+    dropout of the first adapter ``weights`` names (PEFT copies its first adapter's ``lora_dropout``): it acts only
+    when the combined adapter trains.
 
     ``weights``: ``{adapter: weight}`` in the order the factors are stacked; a weight may be negative or zero (a
     finite real number). A module some of the adapters do not adapt gets the others' part.
@@ -118,14 +120,15 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str, how: str 
     without them (PEFT refuses two adapters training one module, and gives the new adapter an untrained copy of one).
     """
     model = unwrap_model(model)
-    parts = _parts(model, _checked_weights(model, weights))
+    checked = _checked_weights(model, weights)
+    parts = _parts(model, checked)
     _check_how(how, rank)
     name = check_new_name(model, name)
     check_layers_whole(model, slot_layers(model), "combine adapters", ZERO3_GATHER)
     with outside_inference_mode():  # normal tensors, trainable after a torch.inference_mode block
         with torch.no_grad():
             factors = {slot: (_cat(slot, group) if how == "cat" else _svd(group, rank)) for slot, group in parts.items()}
-        _install(model, name, factors)
+        _install(model, name, factors, _first_dropout(model, checked))
 
 
 def _checked_weights(model: nn.Module, weights: Mapping[str, float]) -> dict[str, float]:
@@ -226,14 +229,21 @@ def _svd(group: list[Part], rank: int | None) -> tuple[Tensor, Tensor]:
     return vh[:k].clone(), u[:, :k] * s[:k]  # a copy: the slice of V_hᵀ alone (a view would keep all of it alive)
 
 
-def _install(model: nn.Module, name: str, factors: dict[str, tuple[Tensor, Tensor]]) -> None:
-    """Put ``factors`` on ``model`` as LoRA adapter ``name`` (scale 1 on each layer), idle: the active set kept."""
+def _first_dropout(model: nn.Module, weights: dict[str, float]) -> float:
+    """The dropout of the first adapter ``weights`` names: the combined adapter's (PEFT's ``add_weighted_adapter``
+    copies its first adapter's config, ``lora_dropout`` included)."""
+    return float(adapter_set(model).adapters[next(iter(weights))].config.dropout)
+
+
+def _install(model: nn.Module, name: str, factors: dict[str, tuple[Tensor, Tensor]], dropout: float) -> None:
+    """Put ``factors`` on ``model`` as LoRA adapter ``name`` (scale 1 on each layer, ``dropout``), idle: the active
+    set kept."""
     active = list(adapter_set(model).active)
     hosts = slot_layers(model)
     targets = {slot: hosts[slot].base_layer() for slot in factors}
     ranks = {slot: int(a.shape[0]) for slot, (a, _) in factors.items()}
     top = max(ranks.values())
-    config = LoraConfig(r=top, alpha=float(top), target_modules=tuple(factors))
+    config = LoraConfig(r=top, alpha=float(top), target_modules=tuple(factors), dropout=dropout)
 
     def rebuild_and_fill() -> tuple[dict[str, AdapterLayer], dict[str, dict[str, Tensor]]]:
         layers = rebuild_layers(LORA, targets, config, ranks, dict.fromkeys(factors, 1.0))

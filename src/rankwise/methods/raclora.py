@@ -280,15 +280,19 @@ class RacLoraLinear(AdapterLayer):
             h = x W0ᵀ + b + x Cₐᵀ C_bᵀ + s · dropout(x) A_tᵀ B_tᵀ
 
         The merged chain is part of ``W`` (``W ← W + s B_t A_t``), so dropout acts on the current link only."""
-        result = self.base_forward(x)  # (..., out)
+        return self.kind.add_update(self.base_forward(x), self.delta_forward(x))
+
+    def delta_forward(self, x: Tensor) -> Tensor:
+        """``x Cₐᵀ C_bᵀ + s · dropout(x) A_tᵀ B_tᵀ`` alone (beside other adapters on this module), in the adapter
+        dtype: the update the stack adds to the layers before and rounds once (not this layer's rounded output less
+        a second base matmul, review round 61)."""
         x_d, dtype, down, up = self.dropout(x), self.adapter_dtype, self.kind.down, self.kind.up  # x Aᵀ, h Bᵀ
         a, b = self.forward_factors()  # (k + r) x in, out x (k + r): the chain's k rows first
         k = self.chain_a.shape[0]
         if isinstance(self.dropout, nn.Identity) or not k:
-            update = up(down(x_d, a, dtype), b)  # (..., out)
-        else:  # the chain is merged into W: x Cₐᵀ C_bᵀ on x itself, dropout on the current link only
-            update = up(down(x, a[:k], dtype), b[:, :k]) + up(down(x_d, a[k:], dtype), b[:, k:])  # (..., out)
-        return self.kind.add_update(result, update)
+            return up(down(x_d, a, dtype), b)  # (..., out)
+        # the chain is merged into W: x Cₐᵀ C_bᵀ on x itself, dropout on the current link only
+        return up(down(x, a[:k], dtype), b[:, :k]) + up(down(x_d, a[k:], dtype), b[:, k:])  # (..., out)
 
     def merged_weight(self) -> Tensor:
         w0 = self.wide(self.unmerged_base_weight())  # out x in
