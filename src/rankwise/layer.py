@@ -710,7 +710,10 @@ class AdapterLayer(nn.Module):
         return layer
 
     def computing(self) -> list["AdapterLayer"]:
-        """The layers of :meth:`stack` the forward pass applies (the active ones), in their :attr:`order`."""
+        """The layers of :meth:`stack` the forward pass applies (the active ones), in their :attr:`order`. A host
+        without peers (one adapter on this module, the usual case) is its own stack: no sort (review round 60)."""
+        if "peers" not in self._modules:
+            return [self] if self.active else []
         return sorted((layer for layer in self.stack() if layer.active), key=lambda layer: layer.order)
 
     def add_peer(self, layer: "AdapterLayer") -> None:
