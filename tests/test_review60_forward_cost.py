@@ -205,3 +205,41 @@ def test_no_grad_and_inference_forwards_between_a_checkpoint_and_its_backward_ar
     loss.backward()
     for name, g in _grads(model).items():
         torch.testing.assert_close(g, expected[name], rtol=1e-6, atol=1e-7)
+
+
+def _by_definition(layer: Any) -> list[Any]:
+    """:meth:`AdapterLayer.computing` as documented: the active layers of the module's stack, in their ``order``."""
+    return sorted((peer for peer in layer.stack() if peer.active), key=lambda peer: peer.order)
+
+
+def test_computing_without_peers_is_the_stack_s_active_layers_in_order() -> None:
+    """``computing()``'s fast path (a host without peers, no sort) gives the documented list in every state a module
+    goes through: one adapter active or idle, a second adapter beside it in either order, and after deleting it
+    (its ``peers`` container gone); the forward through a module with nothing active is the base ``Linear``'s, and
+    after the delete the model computes as one that never had the second adapter, bit for bit."""
+    torch.manual_seed(0)
+    model = LinearStack(2, 8)
+    fresh = LinearStack(2, 8)
+    fresh.load_state_dict(model.state_dict())
+    for m in (model, fresh):
+        rankwise.attach(m, rankwise.LoraConfig(r=2, target_modules=["layers.0", "layers.1"], seed=0), name="a")
+        perturb_trainable(m, 1)
+    rankwise.attach(model, rankwise.DoraConfig(r=2, target_modules=["layers.0"], seed=1), name="b")
+    x = torch.randn(4, 8)
+    first, second = model.layers[0], model.layers[1]
+    a0, b0 = (next(peer for peer in first.stack() if peer.adapter_name == n) for n in ("a", "b"))
+    cases: list[tuple[list[str], list[Any], list[Any]]] = [
+        (["a"], [a0], [second]), (["b", "a"], [b0, a0], [second]), (["a", "b"], [a0, b0], [second]), (["b"], [b0], []),
+    ]
+    for names, on_first, on_second in cases:
+        rankwise.set_active(model, names)
+        assert first.computing() == on_first == _by_definition(first)
+        assert second.computing() == on_second == _by_definition(second)
+    with torch.no_grad():  # "b" alone: the second module computes its base Linear
+        h = torch.tanh(first(x))
+        torch.testing.assert_close(second(h), torch.nn.functional.linear(h, second.weight, second.bias), rtol=0, atol=0)
+    rankwise.delete(model, "b")
+    assert "peers" not in first._modules
+    assert first.computing() == [first] == _by_definition(first)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), fresh(x), rtol=0, atol=0)
