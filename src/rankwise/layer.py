@@ -157,12 +157,18 @@ _REENTRANT_CHECKPOINT = torch.utils.checkpoint.CheckpointFunction.forward.__code
 
 def _records_a_graph() -> bool:
     """Whether the forward running now is one a backward may use, or recompute: grad mode on, or inside torch's
-    reentrant checkpoint (which runs it under no_grad and recomputes it in the backward). A walk up the stack, run
-    only where a forward's state differs from its layer's mark: the first forward after a ``disabled()`` /
-    ``scaled()`` block began or ended, and ``no_grad`` forwards inside such a block (2–7 µs a call at a stack 20–120
-    frames deep, measured on a 2-core CPU)."""
+    reentrant checkpoint (which runs it under no_grad and recomputes it in the backward). Run only where a forward's
+    state differs from its layer's mark: the first forward after a ``disabled()`` / ``scaled()`` block began or ended,
+    and ``no_grad`` forwards inside such a block (a reference model's, an evaluation).
+
+    Under ``no_grad`` it walks up the stack for ``CheckpointFunction.forward`` (2–7 µs a call at a stack 20–120 frames
+    deep, measured on a 2-core CPU), but only where forward-mode AD is off: torch runs every ``autograd.Function``'s
+    ``forward``, the reentrant checkpoint's included, with it off, and a plain ``torch.no_grad()`` leaves it on, so a
+    ``no_grad`` forward with it on is in no checkpoint's forward and needs no walk (review round 60)."""
     if torch.is_grad_enabled():
         return True
+    if torch._C._is_fwd_grad_enabled():  # on: not inside any autograd.Function's forward (off: inference_mode too)
+        return False
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code is _REENTRANT_CHECKPOINT:
@@ -704,7 +710,10 @@ class AdapterLayer(nn.Module):
         return layer
 
     def computing(self) -> list["AdapterLayer"]:
-        """The layers of :meth:`stack` the forward pass applies (the active ones), in their :attr:`order`."""
+        """The layers of :meth:`stack` the forward pass applies (the active ones), in their :attr:`order`. A host
+        without peers (one adapter on this module, the usual case) is its own stack: no sort (review round 60)."""
+        if "peers" not in self._modules:
+            return [self] if self.active else []
         return sorted((layer for layer in self.stack() if layer.active), key=lambda layer: layer.order)
 
     def add_peer(self, layer: "AdapterLayer") -> None:
