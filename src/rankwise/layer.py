@@ -44,6 +44,7 @@ import warnings
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any, ClassVar, cast
 
 import torch
@@ -153,28 +154,43 @@ RECOMPUTED_ACROSS_DISABLED = (
 
 # torch's reentrant checkpoint runs the forward it will recompute under no_grad, inside this function's frame
 _REENTRANT_CHECKPOINT = torch.utils.checkpoint.CheckpointFunction.forward.__code__
+# the class of the context (graph node) torch gives an autograd.Function's forward: `<Function's name>Backward`
+_CHECKPOINT_CONTEXT = torch.utils.checkpoint.CheckpointFunction._backward_cls.__name__  # "CheckpointFunctionBackward"
 
 
 def _records_a_graph() -> bool:
-    """Whether the forward running now is one a backward may use, or recompute: grad mode on, or inside torch's
-    reentrant checkpoint (which runs it under no_grad and recomputes it in the backward). Run only where a forward's
-    state differs from its layer's mark: the first forward after a ``disabled()`` / ``scaled()`` block began or ended,
-    and ``no_grad`` forwards inside such a block (a reference model's, an evaluation).
+    """Whether the forward running now is one a backward may use, or recompute: grad mode on, or inside a reentrant
+    checkpoint (which runs it under no_grad and recomputes it in the backward). Run only where a forward's state
+    differs from its layer's mark: the first forward after a ``disabled()`` / ``scaled()`` block began or ended, and
+    ``no_grad`` forwards inside such a block (a reference model's, an evaluation).
 
-    Under ``no_grad`` it walks up the stack for ``CheckpointFunction.forward`` (2–7 µs a call at a stack 20–120 frames
-    deep, measured on a 2-core CPU), but only where forward-mode AD is off: torch runs every ``autograd.Function``'s
-    ``forward``, the reentrant checkpoint's included, with it off, and a plain ``torch.no_grad()`` leaves it on, so a
-    ``no_grad`` forward with it on is in no checkpoint's forward and needs no walk (review round 60)."""
+    Under ``no_grad`` it walks up the stack for a checkpoint's forward (:func:`_is_checkpoint_forward`; 2–7 µs a call
+    at a stack 20–120 frames deep, measured on a 2-core CPU), but only where forward-mode AD is off: torch runs every
+    ``autograd.Function``'s ``forward``, the reentrant checkpoint's included, with it off, and a plain
+    ``torch.no_grad()`` leaves it on, so a ``no_grad`` forward with it on is in no checkpoint's forward and needs no
+    walk (review round 60)."""
     if torch.is_grad_enabled():
         return True
     if torch._C._is_fwd_grad_enabled():  # on: not inside any autograd.Function's forward (off: inference_mode too)
         return False
     frame = sys._getframe(1)
     while frame is not None:
-        if frame.f_code is _REENTRANT_CHECKPOINT:
+        if _is_checkpoint_forward(frame):
             return True
         frame = frame.f_back  # type: ignore[assignment]
     return False
+
+
+def _is_checkpoint_forward(frame: FrameType) -> bool:
+    """Whether ``frame`` runs the ``forward`` of a reentrant checkpoint: torch's ``CheckpointFunction``, or another
+    ``autograd.Function`` of that name (DeepSpeed's and Megatron's activation checkpointing have the same shape: the
+    forward under ``no_grad``, recomputed in the backward; review round 62), known by its context's class, which
+    torch names after the Function. Other frames' locals are never read (a module's ``forward`` takes ``self``)."""
+    code = frame.f_code
+    if code is _REENTRANT_CHECKPOINT:
+        return True
+    return (code.co_name == "forward" and code.co_argcount > 0 and code.co_varnames[0] == "ctx"
+            and type(frame.f_locals.get("ctx")).__name__ == _CHECKPOINT_CONTEXT)
 
 
 def _refuse_in_a_backward(message: str, where: str) -> None:
