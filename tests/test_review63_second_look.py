@@ -12,7 +12,9 @@ loss without checkpointing.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -130,3 +132,36 @@ def test_a_recorded_checkpoint_is_still_found_and_an_unrecorded_one_is_not(kind:
     CHECKPOINTS[kind](nested, x)
     assert seen == [True, False, False, False, True]
 
+
+
+# ---------------------------------------------------------------------------- a tied head under rank_pattern
+
+
+@pytest.mark.parametrize(("pattern", "tied"), [
+    ({"rank_pattern": {"embed_tokens": 4}}, False),
+    ({"rank_pattern": {"lm_head": 4}}, False),
+    ({"rank_pattern": {"embed_tokens": 4}, "alpha_pattern": {"embed_tokens": 16}}, True),
+    ({"rank_pattern": {"embed_tokens": 4}, "use_dora": True}, False),
+], ids=["embedding's rank", "head's rank", "same scale", "dora"])
+def test_peft_s_tied_file_with_a_rank_pattern_imports_as_peft_loads_it(pattern: dict[str, Any], tied: bool,
+                                                                       tmp_path: Path) -> None:
+    """PEFT 0.21's own ``ensure_weight_tying`` save (r 2, alpha 8, on the tiny tied Llama's ``embed_tokens`` and
+    ``q_proj``) with a ``rank_pattern`` entry for the embedding or the head: PEFT gives the head the embedding's
+    factors, at the embedding's rank, and scales it by the head's own config entries (``alpha / r``). Before,
+    ``import_peft`` refused the file PEFT writes and loads ("PEFT layer 'lm_head' has rank 4 in its tensors but 2 in
+    adapter_config.json"). Now it imports with PEFT's logits: the head apart where its scale is not the embedding's,
+    tied (a ``TiedHead``) where it is; DoRA's head apart, as always."""
+    import peft
+    from test_review61_left_open import _logits, _peft_logits, _tiny_tied_llama
+
+    folder = tmp_path / "peft"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.get_peft_model(_tiny_tied_llama(), peft.LoraConfig(
+            r=2, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], ensure_weight_tying=True,
+            init_lora_weights=False, **pattern)).save_pretrained(folder)
+        imported = rankwise.import_peft(_tiny_tied_llama(), folder)
+        want = _peft_logits(folder)
+    assert (type(imported.lm_head).__name__ == "TiedHead") == tied
+    torch.testing.assert_close(_logits(imported), want, rtol=1e-6, atol=1e-4)
+    assert want.sub(_logits(_tiny_tied_llama())).abs().max() > 1.0  # the adapter does something
