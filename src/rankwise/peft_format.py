@@ -754,8 +754,9 @@ def _peft_layers_untied(
 
 def _warn_untied(cfg: dict[str, Any], targets: dict[str, nn.Module], ties: dict[str, str]) -> None:
     """Warn where PEFT tied an adapted embedding's head (``ensure_weight_tying``) and rankwise imports the two as
-    independent layers (a DoRA adapter, or a head at another ``lora_alpha``; factors that differ were refused by
-    :func:`_check_tied_factors_agree`): the same outputs now, but not kept tied by training."""
+    independent layers (a DoRA adapter, or a head at another scale: its own ``alpha_pattern`` or ``rank_pattern``
+    entry; factors that differ were refused by :func:`_check_tied_factors_agree`): the same outputs now, but not kept
+    tied by training."""
     if cfg.get("ensure_weight_tying") and any(takes_ids(m) for m in targets.values()) and not ties:
         warnings.warn(
             "rankwise: this PEFT adapter was made with ensure_weight_tying=True, which ties the tied lm_head's "
@@ -906,7 +907,7 @@ def _peft_ties(model: nn.Module, cfg: dict[str, Any], parts: dict[str, dict[str,
                ) -> dict[str, str]:
     """``{head: embedding}`` for the file's heads PEFT tied to the adapted embedding (``ensure_weight_tying``, a LoRA
     adapter): a layer on a module sharing the embedding's weight whose ``lora_A`` / ``lora_B`` are the embedding's
-    ``lora_embedding_B`` / ``lora_embedding_A`` transposed, at the same rank and scale; imported as a
+    ``lora_embedding_B`` / ``lora_embedding_A`` transposed, at the same scale (:func:`_layer_scale`); imported as a
     :class:`rankwise.ties.TiedHead`, so training keeps them tied. ``{}`` where PEFT did not tie (or a DoRA adapter)."""
     if not cfg.get("ensure_weight_tying") or cfg.get("use_dora"):
         return {}
