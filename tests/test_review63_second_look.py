@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 import torch
-import torch.utils.checkpoint as checkpoint
 from conftest import perturb_trainable
 from test_review62_other_checkpoints import _deepspeed_shaped
 from torch import Tensor, nn
+from torch.utils import checkpoint
 
 import rankwise
 from rankwise import layer as layer_module
