@@ -182,15 +182,32 @@ def _records_a_graph() -> bool:
 
 
 def _is_checkpoint_forward(frame: FrameType) -> bool:
-    """Whether ``frame`` runs the ``forward`` of a reentrant checkpoint: torch's ``CheckpointFunction``, or another
-    ``autograd.Function`` of that name (DeepSpeed's and Megatron's activation checkpointing have the same shape: the
-    forward under ``no_grad``, recomputed in the backward; review round 62), known by its context's class, which
-    torch names after the Function. Other frames' locals are never read (a module's ``forward`` takes ``self``)."""
+    """Whether ``frame`` runs the ``forward`` of a reentrant checkpoint that its backward will recompute: torch's
+    ``CheckpointFunction``, or another ``autograd.Function`` of that name (DeepSpeed's and Megatron's activation
+    checkpointing have the same shape: the forward under ``no_grad``, recomputed in the backward; review round 62),
+    known by its context's class, which torch names after the Function. Other frames' locals are never read (a
+    module's ``forward`` takes ``self``). A checkpoint called where it records nothing (under ``no_grad`` or
+    ``inference_mode``, or with no input that requires grad: a model in training mode run for a reference or an
+    evaluation) is never recomputed (:func:`_is_recorded`; review round 63)."""
     code = frame.f_code
-    if code is _REENTRANT_CHECKPOINT:
+    if code is not _REENTRANT_CHECKPOINT and not (
+            code.co_name == "forward" and code.co_argcount > 0 and code.co_varnames[0] == "ctx"):
+        return False
+    ctx = frame.f_locals.get("ctx")
+    if code is not _REENTRANT_CHECKPOINT and type(ctx).__name__ != _CHECKPOINT_CONTEXT:
+        return False
+    return _is_recorded(ctx)
+
+
+def _is_recorded(ctx: object) -> bool:
+    """Whether the ``autograd.Function`` call whose context (graph node) is ``ctx`` is in a graph, so its backward
+    may run: torch gives the node its edges to the inputs before it calls ``forward``, and none where the call
+    records nothing (grad mode off, or no input requiring grad). A context without edges to read (not torch's
+    node) counts as recorded, as before."""
+    edges = getattr(ctx, "next_functions", None)
+    if edges is None:
         return True
-    return (code.co_name == "forward" and code.co_argcount > 0 and code.co_varnames[0] == "ctx"
-            and type(frame.f_locals.get("ctx")).__name__ == _CHECKPOINT_CONTEXT)
+    return any(node is not None for node, _ in edges)
 
 
 def _refuse_in_a_backward(message: str, where: str) -> None:

@@ -717,7 +717,7 @@ def import_peft(
         config = _peft_adapter_config(cfg, targets, saved, plan, ties)
         check_new_name(base_model, name, config)  # beside other adapters: no modules_to_save
         refuse_fully_trained_targets(base_model, [*targets, *ties, *plan], name)
-        scales = {n: lora_scale(_layer_alpha(cfg, n), r, config.use_rslora) for n, r in ranks.items()}
+        scales = {n: _layer_scale(cfg, n) for n in ranks}
         rebuild = _PeftRebuild(config, targets, ranks, scales, parts, ties, modules, plan, token_values, mts)
         install_rebuilt(base_model, config, rebuild.slots(), saved, rebuild, trainable=trainable, name=name)
     return base_model
@@ -754,8 +754,9 @@ def _peft_layers_untied(
 
 def _warn_untied(cfg: dict[str, Any], targets: dict[str, nn.Module], ties: dict[str, str]) -> None:
     """Warn where PEFT tied an adapted embedding's head (``ensure_weight_tying``) and rankwise imports the two as
-    independent layers (a DoRA adapter, or a head at another ``lora_alpha``; factors that differ were refused by
-    :func:`_check_tied_factors_agree`): the same outputs now, but not kept tied by training."""
+    independent layers (a DoRA adapter, or a head at another scale: its own ``alpha_pattern`` or ``rank_pattern``
+    entry; factors that differ were refused by :func:`_check_tied_factors_agree`): the same outputs now, but not kept
+    tied by training."""
     if cfg.get("ensure_weight_tying") and any(takes_ids(m) for m in targets.values()) and not ties:
         warnings.warn(
             "rankwise: this PEFT adapter was made with ensure_weight_tying=True, which ties the tied lm_head's "
@@ -861,6 +862,7 @@ def _peft_layers(
         raise ValueError(f"{folder / PEFT_WEIGHTS} holds no lora_A/lora_B tensors")
     dora = bool(cfg.get("use_dora"))
     modules = dict(base_modules(base_model))  # a module beside another adapter is seen as its base module
+    heads = _tied_head_names(modules, cfg, parts)
     targets: dict[str, nn.Module] = {}
     ranks: dict[str, int] = {}
     for name, got in parts.items():
@@ -882,18 +884,30 @@ def _peft_layers(
         parts[name] = got = {theirs: got[key] for theirs, key in zip(("lora_A", "lora_B"), factor_names)} | (
             {"lora_magnitude_vector": got["lora_magnitude_vector"]} if dora else {})
         rank = int(got["lora_A"].shape[0])
-        expected_rank = int(pattern_value(cfg.get("rank_pattern") or {}, name, cfg["r"], "rank_pattern"))
-        if rank != expected_rank:
+        expected_rank = _layer_rank(cfg, name)
+        if rank != expected_rank and name not in heads:  # a tied head's factors are checked against the embedding's
             raise ValueError(f"PEFT layer {name!r} has rank {rank} in its tensors but {expected_rank} in adapter_config.json")
         targets[name], ranks[name] = module, rank
     return parts, targets, ranks
+
+
+def _tied_head_names(modules: dict[str, nn.Module], cfg: dict[str, Any], parts: dict[str, dict[str, Tensor]]
+                     ) -> set[str]:
+    """Under ``ensure_weight_tying``, the heads sharing the weight of an embedding the file adapts. PEFT 0.21 gives
+    such a head the embedding's factors themselves, at the embedding's rank, whatever ``rank_pattern`` says of the
+    head (its scale stays the head's: ``alpha / r`` from the config's entries for it); so the head's tensors are
+    checked against the embedding's (:func:`_check_tied_factors_agree`), not against the config's rank."""
+    if not cfg.get("ensure_weight_tying"):
+        return set()
+    embeddings = [n for n in parts if n in modules and takes_ids(modules[n])]
+    return set(tied_heads(list(modules.items()), embeddings)) if embeddings else set()
 
 
 def _peft_ties(model: nn.Module, cfg: dict[str, Any], parts: dict[str, dict[str, Tensor]], targets: dict[str, nn.Module]
                ) -> dict[str, str]:
     """``{head: embedding}`` for the file's heads PEFT tied to the adapted embedding (``ensure_weight_tying``, a LoRA
     adapter): a layer on a module sharing the embedding's weight whose ``lora_A`` / ``lora_B`` are the embedding's
-    ``lora_embedding_B`` / ``lora_embedding_A`` transposed, at the same rank and scale; imported as a
+    ``lora_embedding_B`` / ``lora_embedding_A`` transposed, at the same scale (:func:`_layer_scale`); imported as a
     :class:`rankwise.ties.TiedHead`, so training keeps them tied. ``{}`` where PEFT did not tie (or a DoRA adapter)."""
     if not cfg.get("ensure_weight_tying") or cfg.get("use_dora"):
         return {}
@@ -901,7 +915,7 @@ def _peft_ties(model: nn.Module, cfg: dict[str, Any], parts: dict[str, dict[str,
     out: dict[str, str] = {}
     for head, emb in tied_heads(base_modules(model), embeddings).items():
         h = parts.get(head)
-        if h is not None and _layer_alpha(cfg, head) == _layer_alpha(cfg, emb) and _head_is_embeddings(h, parts[emb]):
+        if h is not None and _layer_scale(cfg, head) == _layer_scale(cfg, emb) and _head_is_embeddings(h, parts[emb]):
             out[head] = emb
     return out
 
@@ -1073,6 +1087,18 @@ def _same_weight(own: Tensor, saved: Tensor) -> bool:
 def _layer_alpha(cfg: dict[str, Any], name: str) -> float:
     """Layer ``name``'s ``alpha``: its ``alpha_pattern`` entry, else the global ``lora_alpha``."""
     return float(pattern_value(cfg.get("alpha_pattern") or {}, name, cfg["lora_alpha"], "alpha_pattern"))
+
+
+def _layer_rank(cfg: dict[str, Any], name: str) -> int:
+    """Layer ``name``'s rank as the config gives it: its ``rank_pattern`` entry, else the global ``r``."""
+    return int(pattern_value(cfg.get("rank_pattern") or {}, name, cfg["r"], "rank_pattern"))
+
+
+def _layer_scale(cfg: dict[str, Any], name: str) -> float:
+    """Layer ``name``'s scale as PEFT computes it, from the config's entries for it: ``alpha / r`` (``alpha / √r``
+    with rsLoRA). Its tensors' rank is the config's, except a head tied to its embedding's factors, which PEFT still
+    scales by its own entries (review round 63)."""
+    return lora_scale(_layer_alpha(cfg, name), _layer_rank(cfg, name), bool(cfg.get("use_rslora")))
 
 
 @torch.no_grad()
