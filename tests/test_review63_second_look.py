@@ -160,8 +160,15 @@ def test_peft_s_tied_file_with_a_rank_pattern_imports_as_peft_loads_it(pattern: 
         peft.get_peft_model(_tiny_tied_llama(), peft.LoraConfig(
             r=2, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], ensure_weight_tying=True,
             init_lora_weights=False, **pattern)).save_pretrained(folder)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         imported = rankwise.import_peft(_tiny_tied_llama(), folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         want = _peft_logits(folder)
     assert (type(imported.lm_head).__name__ == "TiedHead") == tied
+    why = "it is a DoRA adapter" if pattern.get("use_dora") else "the head's scale is not the embedding's"
+    untied = [str(w.message) for w in seen if "independent layers" in str(w.message)]
+    assert len(untied) == (0 if tied else 1) and all(why in m for m in untied)  # the warning names the reason
     torch.testing.assert_close(_logits(imported), want, rtol=1e-6, atol=1e-4)
     assert want.sub(_logits(_tiny_tied_llama())).abs().max() > 1.0  # the adapter does something

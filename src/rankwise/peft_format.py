@@ -758,11 +758,13 @@ def _warn_untied(cfg: dict[str, Any], targets: dict[str, nn.Module], ties: dict[
     entry; factors that differ were refused by :func:`_check_tied_factors_agree`): the same outputs now, but not kept
     tied by training."""
     if cfg.get("ensure_weight_tying") and any(takes_ids(m) for m in targets.values()) and not ties:
+        why = ("it is a DoRA adapter (PEFT's tied DoRA head has a magnitude of its own)" if cfg.get("use_dora") else
+               "the head's scale is not the embedding's (its own alpha_pattern / rank_pattern entry)")
         warnings.warn(
             "rankwise: this PEFT adapter was made with ensure_weight_tying=True, which ties the tied lm_head's "
-            "factors to the input embedding's; rankwise ties a LoRA adapter's (not DoRA's: PEFT's tied DoRA head has a "
-            "magnitude of its own), so it imports these as independent layers: the same outputs as PEFT's now, but "
-            "training them further lets them differ (PEFT keeps them tied)", UserWarning,
+            f"factors to the input embedding's; rankwise ties a LoRA adapter's where the two scales agree, but here {why}, "
+            "so it imports these as independent layers: the same outputs as PEFT's now, but training them further "
+            "lets them differ (PEFT keeps them tied)", UserWarning,
             stacklevel=4)  # import_peft's caller
 
 
