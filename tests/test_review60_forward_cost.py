@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.utils.checkpoint as checkpoint
 from conftest import LinearStack, perturb_trainable
+from test_review57_weighting_second_look import _grads
 from torch import Tensor, nn
 
 import rankwise
@@ -134,16 +135,6 @@ def _model() -> tuple[nn.Module, Tensor]:
     rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["layers.0", "layers.1", "layers.2"], seed=0))
     perturb_trainable(model, 1)
     return model, torch.randn(4, 8, requires_grad=True)
-
-
-def _grads(model: nn.Module) -> dict[str, Tensor]:
-    """The trainable tensors' gradients (each must be there), cleared after."""
-    out = {}
-    for name, p in rankwise.trainable_parameters(model).items():
-        assert p.grad is not None, name
-        out[name] = p.grad.clone()
-    model.zero_grad(set_to_none=True)
-    return out
 
 
 def test_a_no_grad_forward_inside_a_block_does_not_walk_the_stack() -> None:
