@@ -899,10 +899,19 @@ def _tied_head_names(modules: dict[str, nn.Module], cfg: dict[str, Any], parts: 
     such a head the embedding's factors themselves, at the embedding's rank, whatever ``rank_pattern`` says of the
     head (its scale stays the head's: ``alpha / r`` from the config's entries for it); so the head's tensors are
     checked against the embedding's (:func:`_check_tied_factors_agree`), not against the config's rank."""
+    return set(_ensure_tied_heads(list(modules.items()), cfg, parts))
+
+
+def _ensure_tied_heads(modules: list[tuple[str, nn.Module]], cfg: dict[str, Any], adapted: Iterable[str]
+                       ) -> dict[str, str]:
+    """``{head: embedding}`` under ``ensure_weight_tying``: each module of ``modules`` sharing the weight of an
+    embedding among ``adapted`` (the file's layer names); ``{}`` without the option. The one home of the pairs
+    :func:`_tied_head_names`, :func:`_peft_ties` and :func:`_check_tied_factors_agree` look at."""
     if not cfg.get("ensure_weight_tying"):
-        return set()
-    embeddings = [n for n in parts if n in modules and takes_ids(modules[n])]
-    return set(tied_heads(list(modules.items()), embeddings)) if embeddings else set()
+        return {}
+    by_name = dict(modules)
+    embeddings = [n for n in adapted if n in by_name and takes_ids(by_name[n])]
+    return tied_heads(modules, embeddings) if embeddings else {}
 
 
 def _peft_ties(model: nn.Module, cfg: dict[str, Any], parts: dict[str, dict[str, Tensor]], targets: dict[str, nn.Module]
@@ -911,11 +920,10 @@ def _peft_ties(model: nn.Module, cfg: dict[str, Any], parts: dict[str, dict[str,
     adapter): a layer on a module sharing the embedding's weight whose ``lora_A`` / ``lora_B`` are the embedding's
     ``lora_embedding_B`` / ``lora_embedding_A`` transposed, at the same scale (:func:`_layer_scale`); imported as a
     :class:`rankwise.ties.TiedHead`, so training keeps them tied. ``{}`` where PEFT did not tie (or a DoRA adapter)."""
-    if not cfg.get("ensure_weight_tying") or cfg.get("use_dora"):
+    if cfg.get("use_dora"):
         return {}
-    embeddings = [n for n, m in targets.items() if takes_ids(m)]
     out: dict[str, str] = {}
-    for head, emb in tied_heads(base_modules(model), embeddings).items():
+    for head, emb in _ensure_tied_heads(base_modules(model), cfg, targets).items():
         h = parts.get(head)
         if h is not None and _layer_scale(cfg, head) == _layer_scale(cfg, emb) and _head_is_embeddings(h, parts[emb]):
             out[head] = emb
@@ -938,10 +946,7 @@ def _check_tied_factors_agree(model: nn.Module, folder: Path, cfg: dict[str, Any
     writes them under both names, so a difference means the file was edited or made elsewhere. PEFT's load then
     copies both into the one pair (the later silently winning) or gives the absent head the embedding's factors;
     an import of the file as it stands would compute something else (round 61)."""
-    if not cfg.get("ensure_weight_tying"):
-        return
-    embeddings = [n for n, m in targets.items() if takes_ids(m)]
-    for head, emb in tied_heads(base_modules(model), embeddings).items():
+    for head, emb in _ensure_tied_heads(base_modules(model), cfg, targets).items():
         h = parts.get(head)
         if h is None or not _head_is_embeddings(h, parts[emb]):
             raise ValueError(f"{folder / PEFT_WEIGHTS} adapts {emb!r} under ensure_weight_tying=True, which gives its "
