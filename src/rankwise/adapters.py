@@ -55,10 +55,10 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     switched: list[AdapterLayer] = []
     aside: dict[str, tuple[RankwiseState, nn.Module]] = {}
     try:
-        for layer in slot_layers(model).values():
+        for where, layer in slot_layers(model).items():
             if not layer.disabled:  # an enclosing block's layers are left to it
                 switched.append(layer)
-                layer.disable()
+                layer.disable(where)
         copies = _trained_copies(model, adapters.adapters.values())  # (an enclosing block, or set_active: none)
         _replace_all(model, {name: _like(state.original_modules[name], copy) for name, (state, copy) in copies.items()})
         for name, (state, copy) in copies.items():

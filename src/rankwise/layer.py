@@ -369,10 +369,11 @@ class AdapterLayer(nn.Module):
     # the route (the block's examples, the layer's name) of the block whose forward last routed this layer, until the
     # layer's next unrouted forward (_leave_per_example); else None
     _routed_mark: tuple[Examples, str] | None = None
-    # the live rankwise.scaled() blocks holding this layer, outermost first (hold_scaled), and the name the innermost
-    # gave it; and the blocks its last forward ran in (a checkpoint's recomputation at another strength is refused)
+    # the live rankwise.scaled() blocks holding this layer, outermost first (hold_scaled); and the blocks its last
+    # forward ran in (a checkpoint's recomputation at another strength is refused)
     _scaled_blocks: tuple[object, ...] = ()
-    _scaled_where: str = ""
+    # the layer's path in its model, as the last disabled() or scaled() block that held it named it (for its errors)
+    _where: str = ""
     # (disabled, the scaled() blocks) as this layer's last forward that recorded a graph ran: a gradient checkpoint's
     # recomputation must find them unchanged (_check_recomputation)
     _forward_mark: tuple[bool, tuple[object, ...]] = (False, ())
@@ -638,9 +639,9 @@ class AdapterLayer(nn.Module):
             then, now = self._forward_mark[0], mark[0]
             if then != now:
                 state = {True: "disabled", False: "on"}
-                where = self._scaled_where or f"{type(self).__name__} (adapter {self.adapter_name!r})"
+                where = repr(self._where) if self._where else f"{type(self).__name__} (adapter {self.adapter_name!r})"
                 raise RuntimeError(RECOMPUTED_ACROSS_DISABLED.format(where=where, now=state[now], then=state[then]))
-            raise RuntimeError(RECOMPUTED_AT_ANOTHER_STRENGTH.format(where=self._scaled_where))
+            raise RuntimeError(RECOMPUTED_AT_ANOTHER_STRENGTH.format(where=self._where))
         if _records_a_graph():
             self._forward_mark = mark
 
@@ -914,7 +915,7 @@ class AdapterLayer(nn.Module):
         else:
             _SCALED.pop(self, None)
         self._scaled_blocks = (*self._scaled_blocks, block) if held else self._scaled_blocks[:-1]
-        self._scaled_where = where
+        self._where = where
 
     def rescaled(self, factor: float) -> dict[str, Any]:
         """Multiply this layer's update by ``factor`` (:func:`rankwise.scaled`) and return the attributes changed,
@@ -987,12 +988,14 @@ class AdapterLayer(nn.Module):
         self._set_merged(False, None)
 
     @torch.no_grad()
-    def disable(self) -> None:
+    def disable(self, where: str = "") -> None:
         """Compute the base module alone (idempotent). A merged host swaps the kept original bits into
         ``weight`` and the merged bits into the kept copy (exact both ways; one layer's copy at a time); a
-        merged tied layer needs nothing: its base module still holds the shared, never-written original."""
+        merged tied layer needs nothing: its base module still holds the shared, never-written original.
+        ``where``: the layer's path in its model (``rankwise.disabled`` gives it), named by its errors."""
         if self.disabled:
             return
+        self._where = where or self._where
         if self.merged and not self.tied:
             kept = self._original_weight
             assert kept is not None
