@@ -258,8 +258,10 @@ def test_a_refusal_inside_the_owners_first_moments_still_names_the_owner(tmp_pat
 def _race(procs: list[subprocess.Popen], args: list[str], gate: Path, out: Path) -> None:
     import socket
 
-    loser = None
+    loser, deadline = None, time.monotonic() + 300
     while loser is None:  # the refused one ends first, while the owner trains
+        if time.monotonic() > deadline:  # a lock that lets both in: both wait at the gate (round 66: it hung CI)
+            pytest.fail("neither run was refused within 300 s: both took --output (the run lock let them in)")
         time.sleep(0.05)
         loser = next((p for p in procs if p.poll() is not None), None)
     winner = procs[1 - procs.index(loser)]
