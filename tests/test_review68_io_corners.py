@@ -209,12 +209,12 @@ def test_keep_best_s_metrics_are_what_its_kept_files_score_where_best_and_last_d
 def test_a_checkpoint_whose_optimizer_state_is_malformed_is_refused_naming_it(
         interrupted: Path, tmp_path: Path, tiny_models: dict[str, str], sst2: str) -> None:  # noqa: F811
     """An optimizer state that is an object but not an optimizer's (its ``state`` a list: a hand-edited or foreign
-    file) is refused naming the checkpoint and what to do, and the checkpoint is left as it was. Before, torch's
+    file) is refused naming the checkpoint and what to do, and the checkpoints are left as they were. Before, torch's
     ``load_state_dict`` raised an ``AttributeError`` that ``restore_training`` did not catch: a traceback."""
     run, ckpt = _copy(interrupted, tmp_path)
     _edit_state(ckpt / "trainer.json", lambda s: s["optimizer"].__setitem__("state", []))
-    before = _tree(run)
+    before = _tree(run / CKPT_DIR)
     cfg = _cfg(tmp_path, tiny_models, sst2, max_steps=4, save_every=2)
     with pytest.raises(RunError, match=f"{ckpt} does not fit this run.*--overwrite"):
         finetune(cfg, resume=True, **QUIET)
-    assert _tree(run) == before
+    assert _tree(run / CKPT_DIR) == before
