@@ -26,7 +26,7 @@ from rankwise.adapter_file import metadata_digest, replace_folder, tensors_diges
 from rankwise_harness.checkpoint import CKPT_DIR, RunError
 from rankwise_harness.train import finetune
 
-QUIET: dict[str, Any] = dict(show_progress=False, log=lambda _m: None)
+QUIET: dict[str, Any] = {"show_progress": False, "log": lambda _m: None}
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
