@@ -280,7 +280,7 @@ class Checkpoint:
             if scaler is not None and self.scaler is not None:
                 scaler.load_state_dict(_scaler_state(self.scaler))
             set_rng_state(self.rng)
-        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:  # a malformed state
             raise RunError(f"checkpoint {self.path} does not fit this run ({type(exc).__name__}: {exc}); "
                            "start again with --overwrite") from None
 
