@@ -110,8 +110,10 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str, how: str 
     ``how="svd"``: any method. Each module's ``Σ w_i ΔW_i`` (each ``ΔW_i`` the layer's whole effective update,
     :meth:`~rankwise.AdapterLayer.delta_weight`: a DoRA-family one included) is truncated to rank ``k`` by its SVD,
     ``B = U_k Σ_k``, ``A = V_kᵀ`` (PEFT's ``"svd"``), the best rank-``k`` approximation: its Frobenius error is
-    ``√(Σ_{j>k} σ_j²)``. ``k``: ``rank`` (``None``: the largest of the adapters' ranks on that module, PEFT's default),
-    at most ``min(in, out)``.
+    ``√(Σ_{j>k} σ_j²)``. ``k``: ``rank`` (``None``: the largest of the adapters' ranks on that module; PEFT's default
+    is the largest over all the adapters, so a module that only smaller-rank adapters touch gets more columns there,
+    their singular values 0: the same update, other shapes, and more room if it trains on; give ``rank`` for PEFT's
+    shapes), at most ``min(in, out)``.
 
     Refused with nothing changed: an unknown adapter, no weights, a weight that is not a finite number, ``how`` not
     ``"cat"`` / ``"svd"``, a bad ``rank``, a taken or malformed ``name``, a merged model, inside ``disabled()``,
