@@ -178,6 +178,12 @@ def test_metrics_closed_forms() -> None:
     assert M.f1(pred, gold) == pytest.approx(2 * tp / (2 * tp + fp + fn))
     assert M.matthews(pred, gold) == pytest.approx((tp * tn - fp * fn) / np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
     assert M.matthews([1, 1, 1], [0, 1, 1]) == 0.0  # constant prediction: defined as 0
+    # an asymmetric confusion matrix (TP 3, FP 1, FN 2, TN 4): the case above has as many predicted as true 1s and is
+    # symmetric in the classes, so a swapped denominator factor or the other class's F1 scored the same (round 65)
+    pred, gold = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 1, 1, 0, 0, 0, 0]
+    assert M.f1(pred, gold) == pytest.approx(6 / 9)
+    assert M.f1(pred, gold, positive=0) == pytest.approx(8 / 11)
+    assert M.matthews(pred, gold) == pytest.approx((3 * 4 - 1 * 2) / np.sqrt(4 * 5 * 5 * 6))
     assert M.pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
     assert M.spearman([1, 2, 3, 4], [1, 4, 9, 16]) == pytest.approx(1.0)
     assert list(M.rankdata([10, 20, 20, 5])) == [2.0, 3.5, 3.5, 1.0]
