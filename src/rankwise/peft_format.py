@@ -60,6 +60,7 @@ from .state import (adapter_layers, base_modules, base_state_dict, fully_trained
                     slot_layers, tied_layers, unwrap_model)
 from .base_layers import ConvKind, kind_class, takes_ids
 from .targeting import SUPPORTED_TYPES, check_target, is_supported
+from . import peft_version
 from .peft_tokens import check_token_plan, export_token_rows, fill_token_rows, import_token_rows
 from .ties import build_ties, tied_heads
 from .tokens import TokenPlan, build_token_layers
@@ -329,6 +330,8 @@ def _peft_config(
         # PEFT's load ties the heads' factors to the embedding's, or a tied pair's trained copies (modules_to_save)
         "ensure_weight_tying": bool(tied_layers(model, name)) or bool(_tied_copies(model, name)),
     }
+    if (version := peft_version.installed_text()) is not None:  # the rules this file was written by (peft_version.py)
+        config["peft_version"] = version
     if task_type is None:  # what PEFT's save writes then: AutoPeftModel* build the base from it
         config["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
     return config

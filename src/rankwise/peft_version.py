@@ -33,12 +33,18 @@ def parse(text: Any) -> Version | None:
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
-def installed() -> Version | None:
-    """The installed PEFT's version (read from its metadata, without importing it); ``None`` when PEFT is absent."""
+def installed_text() -> str | None:
+    """The installed PEFT's version string (from its metadata, without importing it); ``None`` when PEFT is absent.
+    An export writes it as ``peft_version``, as PEFT's own save does, so that an import reads it by that PEFT's rules."""
     try:
-        return parse(metadata.version("peft"))
+        return metadata.version("peft")
     except metadata.PackageNotFoundError:
         return None
+
+
+def installed() -> Version | None:
+    """The installed PEFT's ``(major, minor)``; ``None`` when PEFT is absent."""
+    return parse(installed_text())
 
 
 def of_file(cfg: dict[str, Any]) -> Version | None:
