@@ -515,7 +515,9 @@ _UNSUPPORTED_OPTIONS: dict[str, str] = {
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
     "use_qalora": "QA-LoRA",
     "lora_bias": "a trainable bias on lora_B",
-    "target_parameters": "LoRA on nn.Parameter targets",
+    "target_parameters": ("LoRA on nn.Parameter targets; PEFT writes it for Mixtral's (since 0.21) and Qwen2-MoE's "
+                          "(since 0.22) fused experts and router when target_modules named their per-expert layers "
+                          "or all-linear"),
     "use_bdlora": "block-diagonal LoRA",
     "kasa_config": "KaSA: a truncated base weight and a singular-value diagonal between the factors",
     "monteclora_config": "MonteCLoRA: Monte Carlo sampling on the factors",
