@@ -230,3 +230,59 @@ def test_a_1x1xk_conv3d_merges_in_peft_022_to_our_outputs_where_peft_021_s_merge
         else:
             with pytest.raises(RuntimeError, match="size of tensor"):
                 copy.deepcopy(theirs).merge_and_unload()
+
+
+# ---------------------------------------------------------------------------- PEFT's LoRA of nn.MultiheadAttention
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.MultiheadAttention(8, 2)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.attn(x, x, x)[0])
+
+
+def test_peft_s_multihead_attention_adapter_is_refused_naming_the_layer_type(tmp_path: Path) -> None:
+    """PEFT's LoRA of an ``nn.MultiheadAttention`` (``attn.lora_*`` for ``in_proj``, ``attn.base_layer.out_proj.lora_*``):
+    the import said ``'attn.base_layer.out_proj' is not a module of this model: wrong base model?``; now a
+    ``TypeError`` names the MultiheadAttention, the model untouched. The file means two things to PEFT: 0.21
+    applied ``out_proj``'s update twice, 0.22 doubles ``lora_B`` on loading a file an older PEFT saved (with a warning)."""
+    theirs = peft.get_peft_model(_Attention(), peft.LoraConfig(r=2, target_modules=["attn"], init_lora_weights=False))
+    theirs.save_pretrained(tmp_path)
+    model = _Attention()
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    with pytest.raises(TypeError, match=r"'attn\.base_layer\.out_proj' is a part of 'attn', a MultiheadAttention"):
+        rankwise.import_peft(model, tmp_path)
+    assert not rankwise.adapter_layers(model)
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+    if PEFT_022:
+        _edit_config(tmp_path, peft_version="0.21.2")
+        with pytest.warns(UserWarning, match="MultiheadAttention twice"):
+            peft.PeftModel.from_pretrained(_Attention(), tmp_path)
+
+
+# ---------------------------------------------------------------------------- add_weighted_adapter of rsLoRA adapters
+def test_combining_rslora_adapters_matches_peft_022_where_peft_021_scaled_the_result_by_sqrt_r(tmp_path: Path) -> None:
+    """``combine(how="cat")`` of two rsLoRA adapters is ``Σ w_i ΔW_i``, scale 1. PEFT's ``add_weighted_adapter`` folds the
+    scales into the factors and sets ``lora_alpha = r``; 0.21 kept the first source's ``use_rslora``, so its combined
+    adapter scaled by ``r / √r = √r``; 0.22 sets ``use_rslora=False``, scale 1: ours then, on 0.21 not."""
+    case = make_model_case("mlp")
+    model = case.make()
+    rankwise.attach(model, rankwise.LoraConfig(r=2, alpha=4, use_rslora=True, target_modules=_TARGETS, seed=0))
+    rankwise.attach(model, rankwise.LoraConfig(r=4, alpha=4, use_rslora=True, target_modules=["fc2"], seed=1),
+                    name="second")
+    perturb_trainable(model, 8)
+    rankwise.export_peft(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(case.make(), tmp_path)
+    theirs.load_adapter(tmp_path / "second", adapter_name="second")
+    weights = {"default": 1.0, "second": 0.5}
+    rankwise.combine(model, weights, "ab")
+    theirs.add_weighted_adapter(list(weights), list(weights.values()), "ab", combination_type="cat")
+    rankwise.set_active(model, "ab")
+    theirs.set_adapter("ab")
+    scaling = theirs.base_model.model.fc2.scaling["ab"]
+    assert scaling == (1.0 if PEFT_022 else pytest.approx(6 ** 0.5))  # fc2's combined rank: 2 + 4
+    assert theirs.peft_config["ab"].use_rslora is not PEFT_022
+    assert torch.allclose(_logits(theirs, case), _logits(model, case), rtol=1e-5, atol=1e-6) is PEFT_022

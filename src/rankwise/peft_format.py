@@ -877,6 +877,7 @@ def _peft_layers(
     ranks: dict[str, int] = {}
     for name, got in parts.items():
         if name not in modules:
+            _refuse_inner_layer(name, modules)
             raise ValueError(f"PEFT adapter layer {name!r} is not a module of this {type(base_model).__name__}: wrong base model?")
         module = modules[name]
         check_target(name, module)  # its kind's refusals (a grouped convolution, an embedding with max_norm, ...)
@@ -899,6 +900,16 @@ def _peft_layers(
             raise ValueError(f"PEFT layer {name!r} has rank {rank} in its tensors but {expected_rank} in adapter_config.json")
         targets[name], ranks[name] = module, rank
     return parts, targets, ranks
+
+
+def _refuse_inner_layer(name: str, modules: dict[str, nn.Module]) -> None:
+    """A PEFT layer named ``<module>.base_layer.<part>`` adapts a part of ``<module>``, a layer PEFT wraps whole (its
+    LoRA of torch's ``nn.MultiheadAttention`` adapts ``in_proj`` and ``out_proj``): ``TypeError`` naming that type,
+    rather than the guess of a wrong base model."""
+    owner = name.split(".base_layer.")[0]
+    if owner != name and owner in modules:
+        raise TypeError(f"PEFT adapter layer {name!r} is a part of {owner!r}, a {type(modules[owner]).__name__}, which PEFT "
+                        f"adapts as a whole; rankwise adapts {', '.join(SUPPORTED_TYPES)} layers only")
 
 
 def _tied_head_names(modules: dict[str, nn.Module], cfg: dict[str, Any], parts: dict[str, dict[str, Tensor]]
