@@ -547,7 +547,8 @@ _UNSUPPORTED_OPTIONS: dict[str, str] = {
     "velora_config": "VeLoRA: its own backward pass and projection tensors",
     "arrow_config": "Arrow routing among several LoRA adapters",
 }
-# every field of HF PEFT 0.21's LoraConfig (with PeftConfig's): another one is a newer PEFT's option (:func:`_unknown_options`)
+# every field of HF PEFT 0.21's and 0.22's LoraConfig (with PeftConfig's; 0.22 added ``astra_config``, which only
+# ``init_lora_weights='astra'`` reads, refused below): another one is a newer PEFT's option (:func:`_unknown_options`)
 _PEFT_FIELDS = frozenset((
     "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
     "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias", "use_rslora",
@@ -555,13 +556,14 @@ _PEFT_FIELDS = frozenset((
     "megatron_config", "megatron_core", "trainable_token_indices", "loftq_config", "eva_config", "corda_config",
     "lora_ga_config", "use_dora", "velora_config", "alora_invocation_tokens", "use_qalora", "qalora_group_size",
     "monteclora_config", "layer_replication", "runtime_config", "lora_bias", "target_parameters", "use_bdlora",
-    "arrow_config", "kasa_config", "ensure_weight_tying",
+    "arrow_config", "kasa_config", "ensure_weight_tying", "astra_config",
 ))
-# PEFT ``init_lora_weights`` values whose adapters apply to the base as it is: PEFT's load leaves W0 alone
-_PORTABLE_INITS: tuple[Any, ...] = (True, False, "gaussian", "eva", "orthogonal", "mica")
+# PEFT ``init_lora_weights`` values whose adapters apply to the base as it is: PEFT's load leaves W0 alone (0.22's
+# "nora" too: A's columns scaled to unit norm, B zero, the base untouched)
+_PORTABLE_INITS: tuple[Any, ...] = (True, False, "gaussian", "eva", "orthogonal", "mica", "nora")
 # ... and those whose adapters were trained on a base PEFT changed at init (value prefix -> name)
 _RESIDUAL_INITS: dict[str, str] = {"pissa": "PiSSA", "olora": "OLoRA", "corda": "CorDA", "lora_ga": "LoRA-GA",
-                                   "loftq": "LoftQ"}
+                                   "loftq": "LoftQ", "astra": "Astra"}  # Astra: PEFT 0.22
 _LORA_KEY = re.compile(
     r"(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?|lora_embedding_[AB])"
 )
@@ -655,15 +657,15 @@ def _check_peft_config(cfg: dict[str, Any], path: Path) -> None:
     if unknown:
         warnings.warn(
             f"{path / PEFT_CONFIG} sets {unknown} (saved by PEFT {cfg.get('peft_version', '?')}): options HF PEFT 0.21 "
-            "does not have, which rankwise does not read. They are ignored, as PEFT 0.21 ignores them (with a warning "
-            "of its own); if one changes what the adapter computes, the import computes something else: check its "
+            "and 0.22 do not have, which rankwise does not read. They are ignored, as PEFT 0.21 and 0.22 ignore them "
+            "(with a warning of their own); if one changes what the adapter computes, the import computes something else: check its "
             "outputs against the PEFT version that saved it",
             UserWarning, stacklevel=4,
         )
 
 
 def _unknown_options(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a PEFT config that PEFT 0.21 does not have (a newer PEFT's options), except those left at an
+    """The fields of a PEFT config that PEFT 0.21 and 0.22 do not have (a newer PEFT's options), except those left at an
     empty value (null, false, [], {}: a new option a newer PEFT writes switched off)."""
     return {k: v for k, v in sorted(cfg.items()) if k not in _PEFT_FIELDS and v not in (None, False, [], {}, "")}
 
@@ -671,8 +673,9 @@ def _unknown_options(cfg: dict[str, Any]) -> dict[str, Any]:
 def _check_init(init: Any, path: Path) -> None:
     """Refuse adapters whose ``init_lora_weights`` changed the base weight ``W0`` they were trained on.
 
-    PiSSA, OLoRA, CorDA and LoRA-GA replace ``W0`` by the residual ``W0 − s·B₀A₀`` of their initial factors
-    (PEFT's load recomputes it for PiSSA/OLoRA/CorDA; PiSSA's ``pissa_niter_k`` draws it at random), LoftQ
+    PiSSA, OLoRA, CorDA, LoRA-GA and (PEFT 0.22) Astra replace ``W0`` by the residual ``W0 − s·B₀A₀`` of their initial
+    factors (PEFT's load recomputes it for PiSSA/OLoRA/CorDA; PiSSA's ``pissa_niter_k`` draws it at random; PEFT
+    0.22's load of an Astra adapter stops, asking for ``preprocess_astra``'s calibration first), LoftQ
     replaces it by a quantised residual: the saved ``lora_A``/``lora_B`` apply to that base, not to the
     model's weights. PEFT converts such an adapter to a plain LoRA of the original base on save.
     """
@@ -692,7 +695,7 @@ def _check_init(init: Any, path: Path) -> None:
         how = (f"make it portable with PEFT: save the trained adapter with peft_model.save_pretrained(out, "
                f"path_initial_model_for_weight_conversion=<the untrained {kind} adapter, saved with "
                "init_lora_weights=True>), which writes a plain LoRA of rank 2r for the original base weights, and "
-               "import that (PEFT docs: 'Convert PiSSA/OLoRA/CorDA/LoRA-GA to LoRA')")
+               "import that (PEFT docs: 'Convert PiSSA/OLoRA/CorDA/LoRA-GA to LoRA'; PEFT 0.22 converts Astra so too)")
     raise ValueError(
         f"{path} is a {kind} adapter (init_lora_weights={init!r}): it was trained on a base weight {kind} changed "
         f"(W0 replaced by a residual of its initial factors), not on this model's weights, so its lora_A/lora_B do "
@@ -725,8 +728,8 @@ def import_peft(
     Everything is checked before the model is touched; unsupported PEFT types, options or layer
     types raise ``ValueError`` / ``TypeError`` naming the culprit, a malformed file (bad JSON or
     safetensors, a missing or non-finite number, a regex pattern key) :class:`AdapterFileError`
-    naming the field; either way the model is left as it was (flags included). A field PEFT 0.21 does not have (a
-    newer PEFT's option) is ignored, as PEFT 0.21 ignores it, with a ``UserWarning`` naming it. ``name``: import it as
+    naming the field; either way the model is left as it was (flags included). A field PEFT 0.21 and 0.22 do not have
+    (a newer PEFT's option) is ignored, as they ignore it, with a ``UserWarning`` naming it. ``name``: import it as
     adapter ``name``, beside the model's other adapters if it has some (``attach``'s rules; one folder of
     PEFT's multi-adapter layout at a time: ``import_peft(model, path/<name>, name=<name>)``).
     """
@@ -898,6 +901,7 @@ def _peft_layers(
     ranks: dict[str, int] = {}
     for name, got in parts.items():
         if name not in modules:
+            _refuse_inner_layer(name, modules)
             raise ValueError(f"PEFT adapter layer {name!r} is not a module of this {type(base_model).__name__}: wrong base model?")
         module = modules[name]
         check_target(name, module)  # its kind's refusals (a grouped convolution, an embedding with max_norm, ...)
@@ -920,6 +924,16 @@ def _peft_layers(
             raise ValueError(f"PEFT layer {name!r} has rank {rank} in its tensors but {expected_rank} in adapter_config.json")
         targets[name], ranks[name] = module, rank
     return parts, targets, ranks
+
+
+def _refuse_inner_layer(name: str, modules: dict[str, nn.Module]) -> None:
+    """A PEFT layer named ``<module>.base_layer.<part>`` adapts a part of ``<module>``, a layer PEFT wraps whole (its
+    LoRA of torch's ``nn.MultiheadAttention`` adapts ``in_proj`` and ``out_proj``): ``TypeError`` naming that type,
+    rather than the guess of a wrong base model."""
+    owner = name.split(".base_layer.")[0]
+    if owner != name and owner in modules:
+        raise TypeError(f"PEFT adapter layer {name!r} is a part of {owner!r}, a {type(modules[owner]).__name__}, which PEFT "
+                        f"adapts as a whole; rankwise adapts {', '.join(SUPPORTED_TYPES)} layers only")
 
 
 def _tied_head_names(modules: dict[str, nn.Module], cfg: dict[str, Any], parts: dict[str, dict[str, Tensor]]
