@@ -78,8 +78,8 @@ def test_an_export_loads_in_the_installed_peft_as_its_import_says(tmp_path: Path
                                                                  writer: str) -> None:
     """``modules_to_save=["classifier"]`` beside a ``pre_classifier``. Written for PEFT 0.21 (or for no PEFT) the file
     also lists ``pre_classifier``, which 0.21 wraps anyway, so PEFT 0.22 wraps it too: before, 0.22 wrapped
-    ``classifier`` alone and called ``pre_classifier``'s tensors unexpected keys, while rankwise's import of the same
-    file said both are trained. Written for 0.22, ``classifier`` alone is written and wrapped; PEFT 0.21's load of that
+    ``classifier`` alone and silently wrote ``pre_classifier``'s tensors over the base model's own (frozen there),
+    while rankwise's import of the same file said both are trained. Written for 0.22, ``classifier`` alone is written and wrapped; PEFT 0.21's load of that
     file, which its suffix rule widens, fails on the missing tensors (a ``KeyError``, loud)."""
     base = _Heads().eval()
     model = copy.deepcopy(base)
@@ -149,29 +149,44 @@ def test_a_widened_module_that_is_adapted_is_refused_unless_written_for_022(
             torch.testing.assert_close(theirs(_x()), model(_x()), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("values", ["trained", "base"])
 @pytest.mark.parametrize("writer", ["0.21.2", "0.22.0"])
-def test_an_import_reads_modules_to_save_by_the_rule_of_the_peft_that_wrote_it(tmp_path: Path, writer: str) -> None:
-    """One file, ``modules_to_save=["classifier"]`` with trained ``classifier`` and ``pre_classifier`` tensors (PEFT
-    0.21's save of that adapter). Said to be PEFT 0.21's, both import trained (what 0.21 trained and computes); said
-    to be 0.22's, whose rule wraps ``classifier`` alone and drops the other tensors (an "unexpected keys" warning), the
-    import refuses the tensors it cannot place: before, it read them by 0.21's rule whatever wrote the file."""
+def test_an_import_reads_modules_to_save_by_the_rule_of_the_peft_that_wrote_it(tmp_path: Path, writer: str,
+                                                                             values: str) -> None:
+    """One file, ``modules_to_save=["classifier"]`` with ``classifier`` and ``pre_classifier`` tensors (PEFT 0.21's
+    save of that adapter, or rankwise's export before this round, which wrote the base values). Said to be PEFT
+    0.21's, both import trained (what 0.21 trained and computes). Said to be 0.22's, whose rule wraps ``classifier``
+    alone: its load writes ``pre_classifier``'s tensors over the base model's own, silently. Base values change
+    nothing there, so they are passed over and the import computes what the installed PEFT does; other values are
+    refused, naming them. Before, the file was read by 0.21's rule whatever wrote it, so the import said trained what
+    PEFT 0.22 left frozen."""
     base = _Heads().eval()
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["body"],
                                                                       modules_to_save=["classifier"]))
-    weights = {f"base_model.model.{n}.{k}": torch.randn(t.shape, generator=torch.Generator().manual_seed(5))
-               for n in ("classifier", "pre_classifier") for k, t in getattr(base, n).state_dict().items()}
-    weights |= {k: torch.randn(v.shape) for k, v in peft.get_peft_model_state_dict(theirs).items() if "lora_" in k}
+    g = torch.Generator().manual_seed(5)
+    weights = {f"base_model.model.classifier.{k}": torch.randn(t.shape, generator=g)
+               for k, t in base.classifier.state_dict().items()}
+    weights |= {f"base_model.model.pre_classifier.{k}": t + (0.3 * torch.randn(t.shape, generator=g) if values == "trained" else 0)
+                for k, t in base.pre_classifier.state_dict().items()}
+    weights |= {k: torch.randn(v.shape, generator=g) for k, v in peft.get_peft_model_state_dict(theirs).items() if "lora_" in k}
     theirs.save_pretrained(tmp_path)
     save_file(weights, str(tmp_path / "adapter_model.safetensors"))
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg | {"peft_version": writer}))
-    if writer == "0.22.0":
-        with pytest.raises(ValueError, match=r"cannot place: \['pre_classifier\.bias', 'pre_classifier\.weight'\]"):
+    if writer == "0.22.0" and values == "trained":
+        with pytest.raises(ValueError, match=r"\['pre_classifier\.bias', 'pre_classifier\.weight'\]: tensors of base "
+                                             r"modules that its modules_to_save \['classifier'\] does not name"):
             rankwise.import_peft(copy.deepcopy(base), tmp_path)
         return
-    ours = rankwise.import_peft(copy.deepcopy(base), tmp_path)
-    assert set(get_state(ours).modules_to_save) == {"classifier", "pre_classifier"}
+    ours = rankwise.import_peft(copy.deepcopy(base), tmp_path).eval()
+    saved = {"classifier"} if writer == "0.22.0" else {"classifier", "pre_classifier"}
+    assert set(get_state(ours).modules_to_save) == saved
     assert torch.equal(ours.pre_classifier.weight, weights["base_model.model.pre_classifier.weight"])
+    if peft_version.parse(writer) == peft_version.installed():  # the installed PEFT read by its own rule
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+        assert _wrapped(loaded) == saved
+        with torch.no_grad():
+            torch.testing.assert_close(ours(_x()), loaded(_x()), rtol=1e-5, atol=1e-6)
 
 
 def _tiny_bert(auto: str) -> nn.Module:

@@ -1067,10 +1067,33 @@ def _peft_saved_modules(
             raise ValueError(f"{folder / PEFT_WEIGHTS}'s fully-trained module {name!r} does not fit this "
                              f"{type(base_model).__name__}: {wrong}. {TRAINED_ON}")
         saved[name], mts[name] = modules[name], got  # type: ignore[assignment]
-    stray = sorted(set(tensors) - placed - {f"{n}.{k}" for n, sd in mts.items() for k in sd})
+    stray = set(tensors) - placed - {f"{n}.{k}" for n, sd in mts.items() for k in sd}
+    stray = sorted(stray - _base_values(base_model, folder, cfg, {k: tensors[k] for k in stray}))
     if stray:
         raise ValueError(f"{folder / PEFT_WEIGHTS} holds tensors rankwise cannot place: {stray[:5]}")
     return saved, mts
+
+
+def _base_values(base_model: nn.Module, folder: Path, cfg: dict[str, Any], stray: dict[str, Tensor]) -> set[str]:
+    """The keys of ``stray`` (tensors no adapter layer or wrapped module takes) that hold the model's own values of a
+    base tensor of that name: PEFT's load writes such a tensor over the base model's (``load_state_dict`` with
+    ``strict=False``), which changes nothing, so they are passed over. One with other values is refused
+    (``ValueError``): PEFT's load would replace a base weight, which a rankwise adapter neither changes nor carries.
+
+    Such files come from a PEFT whose ``modules_to_save`` rule differs from the writer's: a ``pre_classifier``
+    written for PEFT 0.21's plain-suffix rule, read by 0.22's, which does not wrap it (rankwise's own exports for
+    0.21 before review round 71 wrote its base values and did not list it)."""
+    own = base_model.state_dict()
+    same = {k for k, t in stray.items() if k in own and own[k].shape == t.shape and _same_weight(own[k], t)}
+    other = sorted(k for k in stray if k in own and k not in same)
+    if other:
+        raise ValueError(
+            f"{folder / PEFT_WEIGHTS} holds {other[:5]}: tensors of base modules that its modules_to_save "
+            f"{cfg.get('modules_to_save')} does not name under the rule of PEFT {cfg.get('peft_version', '0.21')} (which "
+            "wrote it), with values other than this model's. PEFT's load writes them over the base model's weights, "
+            "which rankwise leaves as they are: list those modules in modules_to_save to import them trained, or "
+            "import onto the base the adapter was saved from")
+    return same
 
 
 def _check_tied_copies_agree(folder: Path, saved: dict[str, nn.Module], mts: dict[str, dict[str, Tensor]]) -> None:
