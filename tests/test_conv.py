@@ -1,7 +1,10 @@
 """Adapters on ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (HF PEFT's conv ``lora_A`` / ``lora_B``): every method's
-forward and merged weight against the closed form ``conv(x, W0 + ΔW)``, LoRA / rsLoRA / DoRA against HF PEFT 0.21
-(outputs, gradients, merge; train mode with dropout and eval mode), export / import, GoRA's convolution gradient, several
-adapters on one convolution, targeting and the refusals.
+forward and merged weight against the closed form ``conv(x, W0 + ΔW)``, LoRA / rsLoRA / DoRA against the installed HF
+PEFT, 0.21 or 0.22 (outputs, gradients, merge; train mode with dropout and eval mode), export / import, GoRA's
+convolution gradient, several adapters on one convolution, targeting and the refusals. Where the two PEFTs differ (a
+dilated or non-zeros-``padding_mode`` convolution: PEFT 0.21's ``lora_A`` drops both, PEFT 0.22's keeps them) each test
+asserts the installed PEFT's own behaviour, and rankwise's rules for the other version by reading it as that version
+(:func:`_as_if_installed`).
 
 The invariant matrix (tests/test_invariants.py) runs every method on convolutions too (its ``cnn`` case: merge/unmerge,
 save/load, detach, disabled, several named adapters).
@@ -10,6 +13,7 @@ save/load, detach, disabled, several named adapters).
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +23,7 @@ import torch
 from torch import nn
 
 import rankwise
+from rankwise import peft_version
 from rankwise.base_layers import ConvKind, base_kind
 from rankwise.fused import fused_blocker
 from rankwise.layer import AdapterLayer
@@ -38,7 +43,8 @@ CONVS: dict[str, Callable[[], nn.Module]] = {
     "conv1d": lambda: nn.Conv1d(3, 6, 3, stride=2, padding=1),
     "conv3d": lambda: nn.Conv3d(2, 4, 3, padding=1, bias=False),
 }
-# ... and those PEFT 0.21 builds lora_A for without the base's dilation / padding_mode (rankwise: W0 + ΔW all the same)
+# ... and those PEFT 0.21 builds lora_A for without the base's dilation / padding_mode (rankwise: W0 + ΔW all the same;
+# PEFT 0.22 builds it with both)
 NOT_PEFT: dict[str, Callable[[], nn.Module]] = {
     "k3-dilation2": lambda: nn.Conv2d(3, 6, 3, padding=2, dilation=2),
     "k3-dilation2-same": lambda: nn.Conv2d(3, 6, 3, padding="same", dilation=2),
@@ -46,6 +52,14 @@ NOT_PEFT: dict[str, Callable[[], nn.Module]] = {
     "conv1d-circular-dilation2": lambda: nn.Conv1d(3, 6, 3, padding=2, dilation=2, padding_mode="circular"),
 }
 ALL_CONVS = {**CONVS, **NOT_PEFT}
+# the installed PEFT builds a conv lora_A with the base's dilation and padding_mode (0.22 and newer)
+PEFT_022 = peft_version.at_least(peft_version.installed())
+
+
+def _as_if_installed(monkeypatch: pytest.MonkeyPatch, text: str | None) -> None:
+    """rankwise reads the installed PEFT as version ``text`` (``None``: no PEFT installed)."""
+    monkeypatch.setattr(peft_version, "installed_text", lambda: text)
+    monkeypatch.setattr(peft_version, "installed", lambda: peft_version.parse(text))
 
 
 class Net(nn.Module):
@@ -289,25 +303,35 @@ def test_peft_s_magnitude_is_one_per_output_channel(dora: bool) -> None:
 
 @pytest.mark.parametrize("kind", list(NOT_PEFT))
 @pytest.mark.parametrize("dora", [False, True])
-def test_where_peft_s_forward_drops_dilation_or_padding_mode_rankwise_computes_peft_s_merge(kind: str, dora: bool) -> None:
-    """PEFT 0.21 builds ``lora_A`` without the base's dilation and ``padding_mode``: its unmerged forward then is not its
-    own merged model's (or fails on the shapes). rankwise's forward is ``W0 + ΔW``'s: PEFT's merged weight and merged
-    model's outputs, and its own merge gives the same."""
+def test_on_a_dilated_or_padding_mode_conv_rankwise_computes_peft_s_merge_and_peft_0_22_s_forward(kind: str,
+                                                                                                 dora: bool) -> None:
+    """rankwise's forward is ``W0 + ΔW``'s: PEFT's merged weight and merged model's outputs, and its own merge gives the
+    same. PEFT's unmerged forward there depends on its version, read from PEFT itself: 0.21 builds ``lora_A`` without
+    the base's dilation and ``padding_mode`` (its ``lora_A`` conv has neither), so its unmerged forward is not its own
+    merged model's (or fails on the shapes); 0.22 builds it with both, and its forward is its merge's and rankwise's
+    (outputs, gradients of A, B and m: :func:`peft_differences`)."""
     base, theirs, ours = _peft_and_ours(kind, dora)
+    lora_a = theirs.base_model.model.conv.lora_A["default"]
+    assert ((lora_a.dilation, lora_a.padding_mode) == (base.conv.dilation, base.conv.padding_mode)) == PEFT_022
     x = _x(base, 2)
     theirs.eval(); ours.eval()
     with torch.no_grad():
         merged_theirs = copy.deepcopy(theirs).merge_and_unload()
         expected = merged_theirs(x)
         torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-5)
-        try:
-            unmerged_theirs = theirs(x)
-        except RuntimeError:  # a dilated kernel without its dilation: another output size
-            unmerged_theirs = None
-        if unmerged_theirs is not None:
-            assert not torch.allclose(unmerged_theirs, expected, atol=1e-3), "PEFT computes W0 + ΔW here after all"
         merged_ours = rankwise.detach(copy.deepcopy(ours), merge=True)
         torch.testing.assert_close(merged_ours.conv.weight, merged_theirs.conv.weight, rtol=1e-5, atol=1e-6)
+        try:
+            unmerged_theirs = theirs(x)
+        except RuntimeError:  # PEFT 0.21: a dilated kernel without its dilation, another output size
+            assert not PEFT_022
+            return
+    if PEFT_022:
+        torch.testing.assert_close(unmerged_theirs, expected, rtol=1e-5, atol=1e-5)
+        for what, diff in peft_differences(kind, dora, False, 0.0).items():
+            assert diff <= 1e-5, f"{what}: max |rankwise - PEFT| = {diff:.3g}"
+    else:
+        assert not torch.allclose(unmerged_theirs, expected, atol=1e-3), "PEFT 0.21 computes W0 + ΔW here after all"
 
 
 def test_a_bf16_base_with_fp32_adapters_matches_the_closed_form_and_unmerges_exactly() -> None:
@@ -418,31 +442,123 @@ def test_export_every_method_loads_in_peft(method_case: MethodCase, tmp_path: Pa
         torch.testing.assert_close(case.output(loaded, batch), case.output(model, batch), rtol=1e-5, atol=1e-5)
 
 
-def test_export_refuses_convolutions_peft_computes_otherwise_and_the_vllm_form(tmp_path: Path) -> None:
-    """The matrix's CNN has a dilated conv: PEFT's lora_A would drop the dilation. The vLLM form has no conv layers."""
+def _folder(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_export_of_a_dilated_or_padding_mode_conv_is_written_for_peft_0_22_with_a_warning(
+        dora: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The matrix's CNN (its ``conv2`` dilated) and a reflect-padded conv, exported where the installed PEFT is 0.22
+    (read so where PEFT 0.21 is installed): written, ``peft_version`` the installed PEFT's, with a ``UserWarning``
+    naming the layer. PEFT 0.22 loads each with rankwise's outputs; PEFT 0.21 computes something else for them, as
+    the warning says (the CNN's dilated ``lora_A`` fails on the shapes). ``import_peft`` of the file gives rankwise's
+    outputs back either way (its ``peft_version`` says 0.22)."""
+    if not PEFT_022:
+        _as_if_installed(monkeypatch, "0.22.0")
+    cfg = rankwise.DoraConfig if dora else rankwise.LoraConfig
     case = CONV_CASE()
+    cnn = _adapted(case.make(), cfg(r=2, target_modules=case.targets, seed=0))
+    reflect = _adapted(_net("k3-reflect"), cfg(r=2, alpha=4, target_modules=["conv"], seed=0))
+    for model in (cnn, reflect):
+        _perturb(model)
+    with pytest.warns(UserWarning, match=r"adapter 'default': layer 'conv2' \(nn.Conv2d\) has dilation=\(2, 2\): .*"
+                                         r"load it with PEFT >= 0.22, as PEFT 0.21 and older compute something else"):
+        rankwise.export_peft(cnn, tmp_path / "cnn")
+    with pytest.warns(UserWarning, match=r"layer 'conv' \(nn.Conv2d\) has padding_mode='reflect'"):
+        rankwise.export_peft(reflect, tmp_path / "reflect")
+    for folder in ("cnn", "reflect"):
+        written = json.loads((tmp_path / folder / "adapter_config.json").read_text())
+        assert written["peft_version"] == peft_version.installed_text() and written["use_dora"] == dora
+    batch, x = case.batch(0), _x(reflect, 3)
+    loaded_cnn = peft.PeftModel.from_pretrained(case.make(), tmp_path / "cnn").eval()
+    loaded_reflect = peft.PeftModel.from_pretrained(_net("k3-reflect"), tmp_path / "reflect").eval()
+    with torch.no_grad():
+        if PEFT_022:
+            torch.testing.assert_close(case.output(loaded_cnn, batch), case.output(cnn, batch), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(loaded_reflect(x), reflect(x), rtol=1e-5, atol=1e-5)
+        else:  # what the warning says of PEFT 0.21
+            with pytest.raises(RuntimeError):
+                case.output(loaded_cnn, batch)
+            assert not torch.allclose(loaded_reflect(x), reflect(x), atol=1e-3)
+        imported = rankwise.import_peft(case.make(), tmp_path / "cnn").eval()
+        torch.testing.assert_close(case.output(imported, batch), case.output(cnn, batch), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("installed", ["0.21.2", None])
+def test_export_of_a_dilated_or_padding_mode_conv_is_refused_with_peft_0_21_or_none(
+        installed: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same two models where the installed PEFT is 0.21 (read so where PEFT 0.22 is installed) or no PEFT is:
+    refused, naming the layer, what PEFT 0.21 does and that PEFT >= 0.22 computes it; nothing written, a previous
+    export in the folder intact. The vLLM form has no conv layers, whatever PEFT is installed."""
+    if PEFT_022 or installed is None:
+        _as_if_installed(monkeypatch, installed)
+    now = r"the installed PEFT is 0\.21\.\d+" if installed else "no PEFT is installed"
+    fix = rf"{now}, and PEFT >= 0.22 computes it as rankwise does: install it to export this layer"
+    case = CONV_CASE()
+    previous = _adapted(_exportable().make(), rankwise.LoraConfig(r=2, target_modules=["conv1", "head"]))
+    rankwise.export_peft(previous, tmp_path / "a")
+    before = _folder(tmp_path / "a")
     model = _adapted(case.make(), rankwise.LoraConfig(r=2, target_modules=case.targets))
-    with pytest.raises(ValueError, match=r"layer 'conv2' \(nn.Conv2d\) has dilation=\(2, 2\)"):
+    with pytest.raises(ValueError, match=r"layer 'conv2' \(nn.Conv2d\) has dilation=\(2, 2\): HF PEFT 0.21 and older "
+                                         rf"build lora_A without the base's dilation.*; {fix}"):
         rankwise.export_peft(model, tmp_path / "a")
+    assert _folder(tmp_path / "a") == before
     reflect = _adapted(_net("k3-reflect"), CONFIGS["lora"]())
-    with pytest.raises(ValueError, match="padding_mode='reflect'"):
+    with pytest.raises(ValueError, match=rf"padding_mode='reflect'.*; {fix}"):
         rankwise.export_peft(reflect, tmp_path / "b")
-    plain = _adapted(_exportable().make(), rankwise.LoraConfig(r=2, target_modules=["conv1", "head"]))
     with pytest.raises(ValueError, match=r"convolution layers \['conv1'\]"):
-        rankwise.export_peft(plain, tmp_path / "c", vllm=True)
-    assert not any(p.exists() for p in (tmp_path / "a", tmp_path / "b", tmp_path / "c"))
+        rankwise.export_peft(previous, tmp_path / "c", vllm=True)
+    assert not any(p.exists() for p in (tmp_path / "b", tmp_path / "c"))
 
 
-@pytest.mark.parametrize("kind, match", [("k3-reflect", "padding_mode='reflect'"),
-                                         ("k3-dilation2-same", r"dilation=\(2, 2\)")])
-def test_import_refuses_a_peft_conv_layer_whose_forward_was_not_its_merge(kind: str, match: str, tmp_path: Path) -> None:
-    theirs = peft.get_peft_model(_net(kind), peft.LoraConfig(r=2, target_modules=["conv"]))
+def _with_peft_version(folder: Path, version: str | None) -> None:
+    """Rewrite the PEFT adapter's ``peft_version`` (``None``: drop it, as PEFT before 0.18 wrote it)."""
+    file = folder / "adapter_config.json"
+    cfg = json.loads(file.read_text())
+    cfg.pop("peft_version", None)
+    file.write_text(json.dumps(cfg if version is None else {**cfg, "peft_version": version}))
+
+
+@pytest.mark.parametrize("kind", list(NOT_PEFT))
+@pytest.mark.parametrize("dora", [False, True])
+def test_import_of_a_peft_conv_adapter_on_a_dilated_or_padding_mode_conv_follows_the_file_s_peft_version(
+        kind: str, dora: bool, tmp_path: Path) -> None:
+    """A PEFT-made adapter (moved from init) on such a conv, saved by the installed PEFT (its ``peft_version``). Written
+    by PEFT 0.22, it imports with PEFT 0.22's own outputs (train mode, eval mode) and merged weight. A file saying PEFT
+    0.21 wrote it, or not saying (no ``peft_version``), is refused, naming the layer, the file's version and that an
+    adapter PEFT >= 0.22 wrote imports; the model is unchanged. Where PEFT 0.21 made it, the file then made to say
+    0.22 imports as ``W0 + ΔW``: PEFT's merge."""
+    theirs = peft.get_peft_model(_net(kind), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["conv"], use_dora=dora))
+    _perturb(theirs)
     theirs.save_pretrained(tmp_path)
-    base = _net(kind)
-    snap = _snapshot(base)
-    with pytest.raises(ValueError, match=match):
-        rankwise.import_peft(base, tmp_path)
-    _assert_unchanged(base, snap)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_version"] == peft.__version__
+    x = _x(_net(kind), 5)
+    with torch.no_grad():
+        merged_theirs = copy.deepcopy(theirs).merge_and_unload()
+    if not PEFT_022:
+        _with_peft_version(tmp_path, "0.22.0")
+    imported = rankwise.import_peft(_net(kind), tmp_path)
+    with torch.no_grad():
+        if PEFT_022:  # PEFT 0.22's own unmerged outputs, both modes
+            for mode in (True, False):
+                theirs.train(mode); imported.train(mode)
+                torch.testing.assert_close(imported(x), theirs(x), rtol=1e-5, atol=1e-5)
+        imported.eval()
+        torch.testing.assert_close(imported(x), merged_theirs(x), rtol=1e-5, atol=1e-5)
+        merged_ours = rankwise.detach(copy.deepcopy(imported), merge=True)
+        torch.testing.assert_close(merged_ours.conv.weight, merged_theirs.conv.weight, rtol=1e-5, atol=1e-6)
+    why = "padding_mode=" if "reflect" in kind or "circular" in kind else r"dilation=\("
+    for version, said in (("0.21.2", "adapter_config.json says PEFT 0.21 wrote it"),
+                          (None, r"adapter_config.json does not say which PEFT wrote it \(no peft_version\), so it is "
+                                 "read as PEFT 0.21's")):
+        _with_peft_version(tmp_path, version)
+        base = _net(kind)
+        snap = _snapshot(base)
+        with pytest.raises(ValueError, match=rf"PEFT layer 'conv' \(nn.Conv[12]d\) has {why}.*; {said}: rankwise "
+                                             r"computes W0 \+ ΔW there.*An adapter written by PEFT >= 0.22.*imports"):
+            rankwise.import_peft(base, tmp_path)
+        _assert_unchanged(base, snap)
 
 
 def test_import_refuses_conv_tensors_of_other_shapes(tmp_path: Path) -> None:

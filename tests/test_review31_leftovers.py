@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import rankwise
+from rankwise import peft_version
 
 _BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(_BENCH))
@@ -100,17 +101,36 @@ def test_rankwise_export_s_dora_vllm_refusal_names_format_peft_which_peft_loads(
 
 
 def test_a_vllm_refusal_offers_peft_s_form_only_where_peft_s_form_would_be_written(tmp_path: Path) -> None:
-    """A LoRA on a dilated ``nn.Conv2d`` (PEFT 0.21's ``lora_A`` drops the dilation, so its PEFT form is refused too):
-    the vLLM refusal names merged weights only, and says why the PEFT form is no way out either. Before: it offered
-    "export the PEFT form (vllm=False)", which then refused."""
+    """A LoRA on a dilated ``nn.Conv2d``. With PEFT 0.21 installed (its ``lora_A`` drops the dilation, so the PEFT form
+    is refused too) the vLLM refusal names merged weights only, and says why the PEFT form is no way out either. Before:
+    it offered "export the PEFT form (vllm=False)", which then refused. With PEFT 0.22 installed (round 70: its
+    ``lora_A`` keeps the dilation) the PEFT form is written, so the vLLM refusal offers it, and taking it writes a
+    folder PEFT loads with the rankwise model's outputs."""
+    from peft import PeftModel
+
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, dilation=2))
     rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["0"]))
-    with pytest.raises(ValueError, match="dilation") as err:
+    with torch.no_grad():
+        for p in rankwise.trainable_parameters(model).values():  # B off zero: an update PEFT must compute too
+            p.add_(0.3)
+    with pytest.raises(ValueError, match="dilation|convolution layers") as err:
         rankwise.export_peft(model, tmp_path / "vllm", vllm=True)
-    assert "vllm=False" not in str(err.value) and "rankwise.detach(model, merge=True)" in str(err.value), err.value
-    with pytest.raises(ValueError, match="dilation"):
+    assert "rankwise.detach(model, merge=True)" in str(err.value), err.value
+    if not peft_version.at_least(peft_version.installed()):
+        assert "dilation" in str(err.value) and "vllm=False" not in str(err.value), err.value
+        with pytest.raises(ValueError, match="dilation"):
+            rankwise.export_peft(model, tmp_path / "peft", vllm=False)
+        return
+    assert "convolution layers ['0']" in str(err.value) and "vllm=False" in str(err.value), err.value
+    with pytest.warns(UserWarning, match=r"layer '0' \(nn.Conv2d\) has dilation=\(2, 2\)"):
         rankwise.export_peft(model, tmp_path / "peft", vllm=False)
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(nn.Sequential(nn.Conv2d(3, 4, 3, dilation=2)), tmp_path / "peft").eval()
+    x = torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+    assert not (tmp_path / "vllm").exists()
 
 
 

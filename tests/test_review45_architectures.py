@@ -23,7 +23,7 @@ from families import FAMILIES, IDENTITY_AT_INIT, METHODS, family_loss, family_ou
 from torch import nn
 
 import rankwise
-from rankwise.targeting import target_names
+from rankwise.targeting import fused_parameters, target_names
 
 FAST_FAMILY = "whisper"  # every method runs on it in CI (the family a defect was found on); the rest are slow
 
@@ -44,6 +44,10 @@ def test_the_adapted_layers_are_peft_s(family: str) -> None:
         theirs = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=spec))
         expected = set(theirs.targeted_module_names) - ({"classifier"} if spec == "all-linear" else set())
         assert set(target_names(model, rankwise.LoraConfig(r=2, target_modules=spec))) == expected, spec
+        # PEFT 0.22 adapts Mixtral's / Qwen2-MoE's fused experts (and, for all-linear, the router) as parameters
+        # too, which rankwise does not: they are fused expert weights (rankwise warns of them) or the router's
+        params = set(getattr(theirs, "targeted_parameter_names", []))
+        assert params <= set(fused_parameters(model)) | {n for n, _ in model.named_parameters() if ".mlp.gate." in n}
 
 
 @pytest.mark.parametrize("family,method", [p for f in FAMILIES for p in _params(f, list(METHODS))])
@@ -106,8 +110,11 @@ def test_peft_loads_the_export_and_the_import_is_peft_s(family: str, form: str, 
     rankwise.export_peft(ours, tmp_path / "export")
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "export").eval()
     torch.testing.assert_close(family_output(loaded, probe), family_output(ours.eval(), probe), rtol=1e-5, atol=1e-5)
+    # PEFT 0.22 reads Qwen2-MoE's bare gate_proj / up_proj / down_proj as the fused experts too (target_parameters,
+    # which rankwise refuses: test_review72_peft_experts.py); the layers rankwise adapted, by full name, are read alike
+    peft_targets = sorted(rankwise.adapter_layers(ours)) if family == "qwen2-moe" else targets
     theirs = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
-        r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False, **peft_flags))
+        r=2, lora_alpha=4, target_modules=peft_targets, init_lora_weights=False, **peft_flags))
     perturb_trainable(theirs, 6)
     theirs.save_pretrained(tmp_path / "peft")
     imported = rankwise.import_peft(copy.deepcopy(model), tmp_path / "peft")
@@ -153,8 +160,9 @@ def test_a_fused_expert_parameter_named_as_a_target_says_it_is_a_parameter(spec:
 
 @pytest.mark.filterwarnings("ignore:target_modules=.all-linear. leaves")  # said: the test below
 def test_all_linear_on_a_moe_adapts_neither_router_nor_fused_experts() -> None:
-    """``all-linear`` on Mixtral adapts the attention projections only, as PEFT 0.21 does: the router
-    (``MixtralTopKRouter``, no ``nn.Linear``) and the fused experts keep their weights through training."""
+    """``all-linear`` on Mixtral adapts the attention projections only: the router (``MixtralTopKRouter``, no
+    ``nn.Linear``) and the fused experts keep their weights through training. (HF PEFT adapts those two as parameters
+    as well, and rankwise's warning says so: ``test_review72_peft_experts.py``.)"""
     model = _moe()
     expected = {f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"}
     assert set(target_names(model, rankwise.LoraConfig(r=2, target_modules="all-linear"))) == expected
@@ -183,8 +191,8 @@ def test_a_scaled_embedding_s_embed_scale_is_not_called_left_behind() -> None:
 
 
 def test_all_linear_on_fused_experts_says_they_stay_frozen(recwarn: pytest.WarningsRecorder) -> None:
-    """``all-linear`` on Mixtral (fused 3-D expert weights) adapts the attention only, as PEFT does; a user who asked
-    for "every linear layer" is told which expert weights stay frozen, at the line that called ``attach``."""
+    """``all-linear`` on Mixtral (fused 3-D expert weights) adapts the attention only; a user who asked for "every
+    linear layer" is told which expert weights stay frozen, at the line that called ``attach``."""
     rankwise.attach(_moe(), rankwise.LoraConfig(r=2, target_modules="all-linear"))
     said = [w for w in recwarn if "fused expert" in str(w.message)]
     assert len(said) == 1 and Path(said[0].filename).resolve() == Path(__file__).resolve(), said

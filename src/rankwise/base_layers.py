@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from torch.nn.grad import conv1d_weight, conv2d_weight, conv3d_weight
 from torch.nn.utils import parametrize
 
-from . import quant
+from . import peft_version, quant
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -214,9 +214,10 @@ class BaseKind:
         in_f, out_f = self.features()
         return (rank, in_f), (out_f, rank), (out_f,)
 
-    def peft_mismatch(self) -> str | None:
-        """Why HF PEFT 0.21's layer for this module computes something other than ``W0 + ΔW`` (so an adapter here cannot
-        cross to or from PEFT's format), or ``None``."""
+    def peft_mismatch(self, peft: peft_version.Version | None = None) -> str | None:
+        """Why HF PEFT ``peft`` (``(major, minor)``; ``None``, a PEFT that does not say which it is, is read by PEFT
+        0.21's rules, :func:`rankwise.peft_version.at_least`) computes something other than ``W0 + ΔW`` for this module,
+        so that an adapter here cannot cross to or from that PEFT's format; ``None`` where it computes ``W0 + ΔW``."""
         return None
 
     def clear_padding(self, a: Tensor) -> None:
@@ -488,8 +489,9 @@ autograd copy the whole output in backward).
     HF PEFT's conv layer is the same ``A`` and ``B`` as PEFT's conv weights: ``lora_A`` a convolution ``(r, c, *k)``
     with the base's kernel, stride and padding, ``lora_B`` a 1x1 convolution ``(out, r, 1, ...)``; its DoRA magnitude
     is stored ``(1, out, 1, ...)`` (:meth:`peft_shapes`), its norm the same row norm of ``W0 + s·B A`` (``out x in``).
-    PEFT builds ``lora_A`` without the base's dilation and ``padding_mode``, so where those matter its forward is not
-    its own merged weight's, and such a layer does not cross to or from PEFT's format (:meth:`peft_mismatch`).
+    PEFT 0.21 (and older) builds ``lora_A`` without the base's dilation and ``padding_mode``, so where those matter its
+    forward is not its own merged weight's, and such a layer does not cross to or from that PEFT's format; PEFT 0.22
+    builds it with both, and computes ``W0 + ΔW`` there as rankwise does (:meth:`peft_mismatch`).
 
     Refused (:meth:`check_module`): ``groups > 1``, a transposed convolution, a lazy one not yet run, and a subclass
     with a forward (or ``_conv_forward``) of its own.
@@ -605,16 +607,19 @@ autograd copy the whole output in backward).
         ones = (1,) * self.spatial
         return (rank, *shape[1:]), (shape[0], rank, *ones), (1, shape[0], *ones)
 
-    def peft_mismatch(self) -> str | None:
-        """PEFT 0.21 builds ``lora_A`` as ``Conv(c, r, kernel, stride, padding)``: without a ``padding_mode`` (zeros) and
-        without the base's dilation, so its forward then differs from its own merge (and with a dilated kernel the shapes
-        differ)."""
+    def peft_mismatch(self, peft: peft_version.Version | None = None) -> str | None:
+        """PEFT 0.21 (and older, and a PEFT that does not say) builds ``lora_A`` as ``Conv(c, r, kernel, stride,
+        padding)``: without a ``padding_mode`` (zeros) and without the base's dilation, so its forward then differs from
+        its own merge (and with a dilated kernel the shapes differ). PEFT 0.22 passes both (``dilation``,
+        ``padding_mode``; its DoRA's base term is the module's ``_conv_forward``): ``None`` for it."""
+        if peft_version.at_least(peft, peft_version.PEFT_022):
+            return None
         if self.conv.padding_mode != "zeros":
-            return (f"padding_mode={self.conv.padding_mode!r}: HF PEFT 0.21's lora_A pads with zeros whatever the base "
-                    "does, so its forward differs from W0 + ΔW")
+            return (f"padding_mode={self.conv.padding_mode!r}: HF PEFT 0.21 and older build lora_A padding with zeros "
+                    "whatever the base does, so their forward differs from W0 + ΔW")
         if any(d != 1 and k != 1 for d, k in zip(self.conv.dilation, self.conv.kernel_size)):
-            return (f"dilation={tuple(self.conv.dilation)}: HF PEFT 0.21 builds lora_A without the base's dilation, so "
-                    "its forward differs from W0 + ΔW (or fails on the shapes)")
+            return (f"dilation={tuple(self.conv.dilation)}: HF PEFT 0.21 and older build lora_A without the base's "
+                    "dilation, so their forward differs from W0 + ΔW (or fails on the shapes)")
         return None
 
     def describe(self) -> str:

@@ -149,8 +149,10 @@ def export_peft(
     PEFT 0.21's plain-suffix rule adds to them (a top-level ``classifier`` also selects ``pre_classifier``) is
     written as the base module and listed too, so PEFT 0.21 and 0.22 wrap the same modules, with a ``UserWarning``.
     A convolution layer is written as PEFT's conv weights (``lora_A`` ``(r, c, *k)``, ``lora_B`` ``(out, r, 1, ...)``,
-    DoRA's magnitude ``(1, out, 1, ...)``); one that is dilated or pads other than with zeros is refused
-    (``ValueError``): PEFT 0.21's ``lora_A`` drops both, so PEFT would compute something else there.
+    DoRA's magnitude ``(1, out, 1, ...)``); one that is dilated or pads other than with zeros is written where the
+    installed PEFT is 0.22 or newer (its ``lora_A`` keeps both: ``W0 + ΔW``), with a ``UserWarning`` naming it (PEFT
+    0.21 and older drop both, so they compute something else there), and refused (``ValueError``, nothing written)
+    with an older PEFT or none installed.
     PEFT's config has one ``fan_in_fan_out``: it is True when any target is a GPT-2 ``Conv1D``. PEFT 0.21 sets
     each layer's from its base layer's type on load (with a ``UserWarning`` per layer whose kind disagrees),
     so an adapter on ``Conv1D`` and ``nn.Linear`` layers loads right (``tests/test_review10_leftovers.py``).
@@ -193,7 +195,24 @@ def _every_adapter_s_files(model: nn.Module, folders: dict[str, Path], vllm: boo
             raise exc.within(f"adapter {adapter!r} cannot be exported to PEFT: ") from exc
         except (ValueError, NotImplementedError) as exc:
             raise type(exc)(f"adapter {adapter!r} cannot be exported to PEFT: {exc}") from exc
+    for adapter in folders:  # every adapter converted: the files will be written
+        _warn_older_peft_computes_otherwise(model, adapter)
     return files
+
+
+def _warn_older_peft_computes_otherwise(model: nn.Module, name: str) -> None:
+    """A ``UserWarning`` per layer of adapter ``name`` that the installed PEFT computes as ``W0 + ΔW`` and PEFT 0.21
+    (and older) otherwise (:meth:`rankwise.base_layers.BaseKind.peft_mismatch`: a dilated convolution, ...): the
+    file is right where a PEFT as new as the installed one loads it, and not where an older one does."""
+    for n, layer in adapter_layers(model, name).items():
+        older = layer.kind.peft_mismatch(None)
+        if older is not None and layer.kind.peft_mismatch(peft_version.installed()) is None:
+            warnings.warn(
+                f"adapter {name!r}: layer {n!r} ({layer.kind.describe()}) has {older}; the file is written for the "
+                f"installed PEFT {peft_version.installed_text()} (its peft_version), which computes W0 + ΔW there as "
+                "rankwise does: load it with PEFT >= 0.22, as PEFT 0.21 and older compute something else for it",
+                UserWarning, stacklevel=4,
+            )
 
 
 def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path: str | None,
@@ -229,14 +248,18 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
 def _refuse_unwritable_layers(layers: dict[str, AdapterLayer], factors: dict[str, PeftFactors]) -> bool:
     """Whether the adapter is DoRA-style (PEFT's ``use_dora``), after refusing what no PEFT form writes: DoRA-style
     and LoRA-style layers mixed (PEFT has one ``use_dora``), a layer whose PEFT forward would compute something else
-    (:meth:`rankwise.base_layers.BaseKind.peft_mismatch`: a dilated convolution, ...)."""
+    (:meth:`rankwise.base_layers.BaseKind.peft_mismatch` for the installed PEFT: a dilated convolution, with PEFT 0.21
+    or none installed, ...)."""
     dora = {name for name, f in factors.items() if f.magnitude is not None}
     if dora and len(dora) != len(factors):
         raise ValueError("cannot export a mix of DoRA-style and LoRA-style layers as one PEFT adapter")
     for n, layer in layers.items():  # both forms
-        why = layer.kind.peft_mismatch()
+        why = layer.kind.peft_mismatch(peft_version.installed())  # the PEFT the file is written for
         if why is not None:
-            raise ExportRefused(f"layer {n!r} ({layer.kind.describe()}) has {why}")
+            installed = peft_version.installed_text()
+            raise ExportRefused(f"layer {n!r} ({layer.kind.describe()}) has {why}; "
+                                + (f"the installed PEFT is {installed}" if installed else "no PEFT is installed")
+                                + ", and PEFT >= 0.22 computes it as rankwise does: install it to export this layer")
     return bool(dora)
 
 
@@ -558,7 +581,9 @@ _UNSUPPORTED_OPTIONS: dict[str, str] = {
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
     "use_qalora": "QA-LoRA",
     "lora_bias": "a trainable bias on lora_B",
-    "target_parameters": "LoRA on nn.Parameter targets",
+    "target_parameters": ("LoRA on nn.Parameter targets; PEFT writes it for Mixtral's (since 0.21) and Qwen2-MoE's "
+                          "(since 0.22) fused experts and router when target_modules named their per-expert layers "
+                          "or all-linear"),
     "use_bdlora": "block-diagonal LoRA",
     "kasa_config": "KaSA: a truncated base weight and a singular-value diagonal between the factors",
     "monteclora_config": "MonteCLoRA: Monte Carlo sampling on the factors",
@@ -733,7 +758,8 @@ def import_peft(
     from ``alpha_pattern`` (``alpha / r``, or ``alpha / √r`` with ``use_rslora``) and live on each layer,
     so :func:`rankwise.save` / :func:`rankwise.load` and :func:`export_peft` keep them. GPT-2 ``Conv1D``
     layers (``fan_in_fan_out``, per layer as PEFT decides it), ``nn.Conv1d/2d/3d`` layers (PEFT's conv weights; a
-    dilated one, or one padding other than with zeros, is refused: PEFT's forward there was not ``W0 + ΔW``),
+    dilated one, or one padding other than with zeros, is refused unless the file's ``peft_version`` is 0.22 or newer:
+    PEFT 0.21's forward there was not ``W0 + ΔW``, 0.22's is),
     ``modules_to_save`` (PEFT's plain-suffix rule) and an adapted ``lm_head`` / ``embed_tokens`` (PEFT saves its base weight too: it must be this model's, else
     ``ValueError``) are imported too. The result computes what ``peft.PeftModel.from_pretrained(base_model, path)``
     computes. An ``ensure_weight_tying`` file whose tied head's factors are absent or not the adapted embedding's
@@ -920,7 +946,7 @@ def _peft_layers(
         check_target(name, module)  # its kind's refusals (a grouped convolution, an embedding with max_norm, ...)
         kind_cls = kind_class(module)
         if kind_cls is not None and issubclass(kind_cls, ConvKind):
-            got = _conv_from_peft(name, module, got)
+            got = _conv_from_peft(name, module, got, peft_version.of_file(cfg))
         if not is_supported(module) or any(t.dim() != 2 for k, t in got.items() if k != "lora_magnitude_vector"):
             raise TypeError(
                 f"PEFT adapter layer {name!r} is a {type(module).__name__}; rankwise adapts {', '.join(SUPPORTED_TYPES)} layers only"
@@ -1016,16 +1042,21 @@ def _tied_head_mismatch(head: str, absent: bool) -> str:
             "target_modules")
 
 
-def _conv_from_peft(name: str, module: nn.Module, got: dict[str, Tensor]) -> dict[str, Tensor]:
+def _conv_from_peft(name: str, module: nn.Module, got: dict[str, Tensor], written_by: peft_version.Version | None
+                    ) -> dict[str, Tensor]:
     """A convolution layer's PEFT tensors (conv weights ``lora_A`` ``(r, c, *k)``, ``lora_B`` ``(out, r, 1, ...)``, DoRA's
     magnitude ``(1, out, 1, ...)``) as rankwise's ``r x in`` / ``out x r`` / ``out``, after the refusals: a convolution
-    whose PEFT forward is not ``W0 + ΔW`` (:meth:`rankwise.base_layers.ConvKind.peft_mismatch`), tensors of other shapes
+    whose forward in the PEFT that wrote the file (``written_by``, :func:`rankwise.peft_version.of_file`) is not
+    ``W0 + ΔW`` (:meth:`rankwise.base_layers.ConvKind.peft_mismatch`), tensors of other shapes
     (``ValueError`` naming them); one rankwise cannot adapt was refused before (:func:`rankwise.targeting.check_target`)."""
     kind = ConvKind(module)
-    why = kind.peft_mismatch()
+    why = kind.peft_mismatch(written_by)
     if why is not None:
-        raise ValueError(f"PEFT layer {name!r} ({kind.describe()}) has {why}: rankwise computes W0 + ΔW there, HF PEFT "
-                         "computed something else, so the import would not reproduce PEFT's outputs")
+        said = (f"{PEFT_CONFIG} says PEFT {'.'.join(map(str, written_by))} wrote it" if written_by is not None else
+                f"{PEFT_CONFIG} does not say which PEFT wrote it (no peft_version), so it is read as PEFT 0.21's")
+        raise ValueError(f"PEFT layer {name!r} ({kind.describe()}) has {why}; {said}: rankwise computes W0 + ΔW there, "
+                         "so the import would not reproduce the outputs of the PEFT that wrote it. An adapter written "
+                         "by PEFT >= 0.22, which builds lora_A with the base's dilation and padding_mode, imports")
     a = got.get("lora_A")
     if a is None or a.dim() == 0:
         raise ValueError(f"PEFT layer {name!r} ({kind.describe()}) has tensors {sorted(got)} and no lora_A conv weight")

@@ -242,12 +242,39 @@ def fused_parameters(model: nn.Module, prefix: str = "") -> list[str]:
 
 
 def _warn_fused_left_out(model: nn.Module) -> None:
-    """``all-linear`` on a mixture-of-experts model with fused experts adapts the layers around them only (as HF PEFT
-    does): say so, naming the weights left frozen, rather than let the experts stay untrained unannounced."""
+    """``all-linear`` on a mixture-of-experts model with fused experts adapts the layers around them only (HF PEFT
+    adapts Mixtral's experts and router too, as parameters, and Qwen2-MoE's since 0.22): say so, naming the weights
+    left frozen, rather than let the experts stay untrained unannounced."""
     fused = fused_parameters(model)
     if fused:
         warnings.warn(f"target_modules='all-linear' leaves {len(fused)} fused expert weight(s) frozen"
-                      f"{_fused_hint(fused)}", UserWarning, stacklevel=_user_stacklevel())
+                      f"{_fused_hint(fused)}. {PEFT_EXPERTS.replace('these too', 'these and the router too')}",
+                      UserWarning, stacklevel=_user_stacklevel())
+
+
+# transformers 4's per-expert layer names that HF PEFT reads as transformers 5's fused expert parameters (its
+# transformers_weight_conversion, on Mixtral since 0.21 and Qwen2-MoE since 0.22: target_modules become target_parameters)
+PER_EXPERT_NAMES = {"w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj",
+                    "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
+PEFT_EXPERTS = ("HF PEFT adapts these too (on Mixtral since PEFT 0.21, on Qwen2-MoE since 0.22: it turns such "
+                "target_modules into target_parameters), so a PEFT adapter made with the same target_modules trains "
+                "more than rankwise's")
+
+
+def _warn_per_expert_names(model: nn.Module, target_modules: tuple[str, ...] | str) -> None:
+    """A target list naming a per-expert layer of transformers 4 (``down_proj``, Mixtral's ``w2``) on a model whose
+    experts are fused: rankwise adapts the layers of that name only (Qwen2-MoE's shared expert) and leaves the fused
+    expert weights frozen, where HF PEFT adapts them as well (:data:`PEFT_EXPERTS`): say so once, naming them."""
+    if isinstance(target_modules, str):
+        return
+    fused = fused_parameters(model)
+    wanted = {PER_EXPERT_NAMES[t] for t in target_modules if t in PER_EXPERT_NAMES}
+    left = [n for n in fused if n.rpartition(".")[2] in wanted]
+    if left:
+        named = sorted(t for t in target_modules if t in PER_EXPERT_NAMES)
+        warnings.warn(f"target_modules names {named}, the per-expert layers of transformers 4; this model's experts "
+                      f"are fused, so {len(left)} fused expert weight(s) stay frozen{_fused_hint(left)}. "
+                      f"{PEFT_EXPERTS}", UserWarning, stacklevel=_user_stacklevel())
 
 
 def _user_stacklevel() -> int:
@@ -293,6 +320,8 @@ def find_targets(
         _refuse_no_targets(model, named, passed_over, target_modules, exclude_modules, skipped, all_linear)
     if all_linear:
         _warn_fused_left_out(model)
+    else:
+        _warn_per_expert_names(model, target_modules)
     return found
 
 

@@ -18,7 +18,8 @@ with no dropout, and the init swapped: ``A = 0``, ``B ~ N(0, 1)`` (ΔW = 0 still
 
 Over an ``nn.Conv1d/2d/3d`` (``in = in_channels·∏kernel``, ``out = out_channels``; :class:`rankwise.base_layers.ConvKind`)
 ``x Aᵀ`` is the convolution of ``x`` with ``A`` as an ``(r, in_channels, *kernel)`` kernel (the base's stride, padding,
-dilation), ``Bᵀ`` a 1x1 convolution, as HF PEFT's conv ``lora_A`` / ``lora_B``::
+dilation and ``padding_mode``), ``Bᵀ`` a 1x1 convolution, as HF PEFT's conv ``lora_A`` / ``lora_B`` (which PEFT 0.21
+builds without the base's dilation and ``padding_mode``, PEFT 0.22 with them)::
 
     h = conv(x, W0) + b + s · conv(dropout(x), A) Bᵀ  =  conv(x, W0 + s · B A) + b   (without dropout)
 
