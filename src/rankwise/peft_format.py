@@ -1098,8 +1098,8 @@ def _peft_saved_modules(
             raise ValueError(f"{folder / PEFT_WEIGHTS}'s fully-trained module {name!r} does not fit this "
                              f"{type(base_model).__name__}: {wrong}. {TRAINED_ON}")
         saved[name], mts[name] = modules[name], got  # type: ignore[assignment]
-    stray = set(tensors) - placed - {f"{n}.{k}" for n, sd in mts.items() for k in sd}
-    stray = sorted(stray - _base_values(base_model, folder, cfg, {k: tensors[k] for k in stray}))
+    unplaced = set(tensors) - placed - {f"{n}.{k}" for n, sd in mts.items() for k in sd}
+    stray = sorted(unplaced - _base_values(base_model, folder, cfg, {k: tensors[k] for k in unplaced}))
     if stray:
         raise ValueError(f"{folder / PEFT_WEIGHTS} holds tensors rankwise cannot place: {stray[:5]}")
     return saved, mts
