@@ -290,8 +290,9 @@ def _export_saved(model: nn.Module, name: str, modules_to_save: list[str], heads
 def _unnamed(model: nn.Module, entries: list[str], saved: list[str]) -> list[str]:
     """The modules written in full (``saved``) that ``entries`` do not name under PEFT 0.22's rule (full name or
     dotted suffix): those PEFT 0.21's plain-suffix rule adds. Listed in ``modules_to_save`` too, PEFT 0.22 wraps them
-    as PEFT 0.21 does (otherwise it would leave them as the base and warn of their tensors as unexpected keys); PEFT
-    0.21 wraps nothing more for them (a name ending with one ends with the entry that selected it)."""
+    as PEFT 0.21 does (otherwise its load writes their tensors over the base model's own modules, silently, and does
+    not train them); PEFT 0.21 wraps nothing more for them (a name ending with one ends with the entry that selected
+    it)."""
     named = peft_wraps([n for n, _ in base_modules(model)], entries, peft_version.PEFT_022)
     return [n for n in saved if not any(n == m or n.startswith(m + ".") for m in named)]
 
