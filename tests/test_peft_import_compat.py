@@ -5,14 +5,18 @@ References are PEFT's own models (``get_peft_model`` / ``PeftModel.from_pretrain
    False, whatever the config says), so an adapter on ``Conv1D`` and ``nn.Linear`` layers imports.
 2. A target on an embedding layer (``lm_head``, GPT-2's tied one): PEFT's save writes the layer's base weight
    (``lm_head.base_layer.weight``, ``save_embedding_layers``).
-3. ``modules_to_save``: PEFT wraps every module whose name ends with an entry as a plain string
-   (``"classifier"`` wraps DistilBERT's ``pre_classifier`` too).
+3. ``modules_to_save``: PEFT 0.21 wraps every module whose name ends with an entry as a plain string
+   (``"classifier"`` wraps DistilBERT's ``pre_classifier`` too); PEFT 0.22 by full name or dotted suffix only
+   (round 71: each version's rule is read from the installed PEFT).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +32,7 @@ from test_interop_cli import _cli
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
+PEFT_022 = rankwise.peft_version.at_least(rankwise.peft_version.parse(peft.__version__))  # its modules_to_save rule
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # PEFT's fan_in_fan_out / tied-weight notices
 
 
@@ -155,21 +160,23 @@ def test_peft_modules_to_save_classifier_also_trains_pre_classifier_and_imports(
     theirs = _peft_trained(base, tmp_path, target_modules=["q_lin", "v_lin"], modules_to_save=["classifier"])
     wrapped = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
                if isinstance(m, peft.utils.other.ModulesToSaveWrapper)}
-    assert wrapped == {"pre_classifier", "classifier"}  # PEFT's rule, read from PEFT itself
+    # PEFT's rule, read from PEFT itself: 0.21's plain suffix also wraps pre_classifier, 0.22's full name does not
+    assert wrapped == ({"classifier"} if PEFT_022 else {"pre_classifier", "classifier"})
     ours = rankwise.import_peft(copy.deepcopy(base), tmp_path)
     assert sorted(get_state(ours).modules_to_save) == sorted(wrapped)
     _same_step(ours, theirs, _distilbert_batch(0), _distilbert_batch(1))
 
 
 def test_an_export_whose_modules_to_save_peft_would_widen_says_so_and_round_trips(tmp_path: Path) -> None:
-    """rankwise trains ``classifier`` alone; PEFT's rule also wraps ``pre_classifier`` and its load needs a tensor
-    for it (a ``KeyError`` without). No name PEFT reads can avoid that: the export writes the base module's values
-    (the same outputs; PEFT would train it) and warns, naming it."""
+    """rankwise trains ``classifier`` alone; PEFT 0.21's rule also wraps ``pre_classifier`` and its load needs a
+    tensor for it (a ``KeyError`` without). No name PEFT 0.21 reads can avoid that: the export writes the base
+    module's values (the same outputs; PEFT would train it) and warns, naming it. Under PEFT 0.22 the ``SEQ_CLS`` task
+    wraps it as a head, so it is written all the same, without a warning (the task's, not the rule's)."""
     base = _distilbert()
     model = copy.deepcopy(base)
     rankwise.attach(model, rankwise.LoraConfig(r=4, target_modules=["q_lin"], modules_to_save=["classifier"], seed=0))
     perturb_trainable(model, 2)
-    with pytest.warns(UserWarning, match=r"'pre_classifier'"):
+    with pytest.warns(UserWarning, match=r"'pre_classifier'") if not PEFT_022 else _no_modules_to_save_warning():
         rankwise.export_peft(model.eval(), tmp_path)
     batch = _distilbert_batch(0)
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
@@ -178,6 +185,14 @@ def test_an_export_whose_modules_to_save_peft_would_widen_says_so_and_round_trip
     back = rankwise.import_peft(copy.deepcopy(base), tmp_path)  # what PEFT loads and would train
     assert sorted(get_state(back).modules_to_save) == ["classifier", "pre_classifier"]
     _same_step(back, theirs, batch, _distilbert_batch(1))
+
+
+@contextlib.contextmanager
+def _no_modules_to_save_warning() -> Iterator[None]:
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        yield
+    assert not [w for w in seen if "modules_to_save" in str(w.message)]
 
 
 def test_an_older_export_without_the_widened_modules_tensors_imports_them_as_the_base(tmp_path: Path) -> None:
@@ -198,15 +213,30 @@ def test_an_older_export_without_the_widened_modules_tensors_imports_them_as_the
 
 
 def test_an_export_whose_modules_to_save_peft_would_widen_onto_an_adapted_layer_is_refused(tmp_path: Path) -> None:
+    """PEFT 0.21 refuses this adapter itself (its suffix rule wraps the LoRA layer), so its export is refused; PEFT
+    0.22 wraps ``classifier`` alone and takes it, so the export (no task type: the ``SEQ_CLS`` heads would wrap the
+    adapted ``pre_classifier``) loads there with rankwise's outputs."""
     base = _distilbert()
-    with pytest.raises(TypeError, match="modules_to_save cannot be applied"):  # PEFT itself refuses this adapter
-        peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["pre_classifier"],
-                                                                 modules_to_save=["classifier"]))
+    made = lambda: peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(  # noqa: E731
+        r=2, target_modules=["pre_classifier"], modules_to_save=["classifier"]))
     model = copy.deepcopy(base)
     rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["pre_classifier"], modules_to_save=["classifier"]))
-    with pytest.raises(ValueError, match=r"also selects the adapted \['pre_classifier'\]"):
-        rankwise.export_peft(model, tmp_path / "out")
-    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+    if not PEFT_022:
+        with pytest.raises(TypeError, match="modules_to_save cannot be applied"):  # PEFT itself refuses this adapter
+            made()
+        with pytest.raises(ValueError, match=r"also selects the adapted \['pre_classifier'\]"):
+            rankwise.export_peft(model, tmp_path / "out")
+        assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+        return
+    assert {n.removeprefix("base_model.model.") for n, m in made().named_modules()
+            if isinstance(m, peft.utils.other.ModulesToSaveWrapper)} == {"classifier"}
+    perturb_trainable(model, 2)
+    rankwise.export_peft(model.eval(), tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["task_type"] is None
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out", strict_adapter_check="error")
+    with torch.no_grad():
+        batch = _distilbert_batch(0)
+        torch.testing.assert_close(theirs.eval()(**batch).logits, model(**batch).logits, rtol=1e-5, atol=1e-6)
 
 
 class _NestedHeads(nn.Module):

@@ -312,10 +312,11 @@ def _seq_cls(kind: str) -> nn.Module:
 @pytest.mark.parametrize("kind", ["roberta", "electra", "distilbert", "bert"])
 def test_all_linear_is_peft_with_seq_cls_and_peft_without_it_also_adapts_the_classifier(kind: str) -> None:
     """README's statement, exactly: rankwise's ``all-linear`` is every Linear except the top-level classifier
-    (and everything in it: RoBERTa's / Electra's ``classifier.dense`` and ``classifier.out_proj``); PEFT with
-    ``task_type="SEQ_CLS"`` adapts the same set (the classifier goes to its modules_to_save; on DistilBERT,
-    whose classifier is a bare Linear, PEFT 0.21 refuses the combination); PEFT without a task type adapts
-    these plus the classifier's Linears."""
+    (and everything in it: RoBERTa's / Electra's ``classifier.dense`` and ``classifier.out_proj``) and
+    ``modules_to_save``; PEFT with ``task_type="SEQ_CLS"`` adapts the same set given the heads it trains fully as
+    ``modules_to_save`` (the harness's heads, ``rankwise_harness.models.head_modules``). On DistilBERT, whose
+    classifier is a bare Linear, PEFT 0.21 refuses the combination and PEFT 0.22 also trains the new, random
+    ``pre_classifier`` fully (read from PEFT). PEFT without a task type adapts these plus the classifier's Linears."""
     peft = pytest.importorskip("peft")
     model = _seq_cls(kind)
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -330,15 +331,19 @@ def test_all_linear_is_peft_with_seq_cls_and_peft_without_it_also_adapts_the_cla
         return {n.removeprefix("base_model.model.") for n, m in wrapped.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
 
     assert peft_targets(None) == ours | head
-    if kind == "distilbert":
-        try:
-            seq_cls = peft_targets("SEQ_CLS")
-        except TypeError as exc:  # PEFT 0.21: "modules_to_save cannot be applied to modules of type ...lora...Linear"
-            assert "modules_to_save" in str(exc)
-            return
-        assert seq_cls == ours
-    else:
-        assert peft_targets("SEQ_CLS") == ours
+    from rankwise_harness.models import head_modules
+
+    heads = head_modules(_seq_cls(kind))
+    assert heads == (("classifier", "pre_classifier") if kind == "distilbert" else ("classifier",))
+    with_heads = _seq_cls(kind)
+    rankwise.attach(with_heads, rankwise.LoraConfig(r=2, target_modules="all-linear", modules_to_save=list(heads), seed=0))
+    new = rankwise.peft_version.at_least(rankwise.peft_version.parse(peft.__version__))
+    if kind == "distilbert" and not new:
+        with pytest.raises(TypeError, match="modules_to_save"):  # PEFT 0.21: "modules_to_save cannot be applied to
+            peft_targets("SEQ_CLS")                              # modules of type ...lora...Linear"
+        return
+    assert peft_targets("SEQ_CLS") == set(rankwise.adapter_layers(with_heads))
+    assert set(rankwise.adapter_layers(with_heads)) == ours - {"pre_classifier"}  # ours itself where there is none
 
 
 # ---------------------------------------------------------------------------- 4. PEFT inits that change W0

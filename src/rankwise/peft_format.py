@@ -23,9 +23,11 @@ PEFT's rule ``(.*\.)?(key)$`` gives for such keys, without the catastrophic back
 regex key could cause. A key with other regex syntax is refused, naming it.
 
 Where PEFT 0.21 reads a field its own way, import follows it: ``fan_in_fan_out`` is decided per layer by the
-base layer's type (``Conv1D``: True, ``nn.Linear``: False), ``modules_to_save`` entries are plain name suffixes
-(:func:`peft_wraps`), and an adapted embedding layer's base weight, which PEFT saves beside its factors, must be
-the model's own (``_peft_base_weights``).
+base layer's type (``Conv1D``: True, ``nn.Linear``: False), and an adapted embedding layer's base weight, which PEFT
+saves beside its factors, must be the model's own (``_peft_base_weights``). Where PEFT 0.21 and 0.22 differ
+(:mod:`rankwise.peft_version`), import follows the PEFT that wrote the file and export the installed PEFT
+(:func:`export_rules`): ``modules_to_save`` entries are plain name suffixes to 0.21 and full names or dotted suffixes
+to 0.22 (:func:`peft_wraps`), and 0.22's classification tasks also train ``pre_classifier`` (:func:`task_heads`).
 """
 
 from __future__ import annotations
@@ -143,8 +145,9 @@ def export_peft(
     ``AutoPeftModelFor...`` and ``PeftModel.from_pretrained`` choose their class by), with the heads that task
     trains (:func:`_peft_task`); otherwise null with ``auto_mapping`` naming the class, as PEFT writes it.
     ``target_modules`` names the adapted layers (:func:`_peft_target_modules`: PEFT adapts exactly those).
-    ``modules_to_save`` are written as full names; a module PEFT's plain-suffix rule adds to them (a top-level
-    ``classifier`` also selects ``pre_classifier``) is written as the base module, with a ``UserWarning``.
+    ``modules_to_save`` are written as full names, by the installed PEFT's rules (:func:`export_rules`); a module
+    PEFT 0.21's plain-suffix rule adds to them (a top-level ``classifier`` also selects ``pre_classifier``) is
+    written as the base module and listed too, so PEFT 0.21 and 0.22 wrap the same modules, with a ``UserWarning``.
     A convolution layer is written as PEFT's conv weights (``lora_A`` ``(r, c, *k)``, ``lora_B`` ``(out, r, 1, ...)``,
     DoRA's magnitude ``(1, out, 1, ...)``); one that is dilated or pads other than with zeros is written where the
     installed PEFT is 0.22 or newer (its ``lora_A`` keeps both: ``W0 + ΔW``), with a ``UserWarning`` naming it (PEFT
@@ -222,8 +225,9 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
     dora = _refuse_unwritable_layers(layers, factors)
     base_model_name_or_path = _base_model_name(model, base_model_name_or_path)
     use_rslora = bool(getattr(state.config, "use_rslora", False)) and not vllm
-    task_type, heads = _peft_task(model, state.modules_to_save, list(layers), vllm)
-    saved = _export_saved(model, name, state.modules_to_save, heads, list(layers))
+    rules = export_rules()
+    task_type, heads = _peft_task(model, state.modules_to_save, list(layers), vllm, rules)
+    saved = _export_saved(model, name, state.modules_to_save, heads, list(layers), rules)
     _refuse_wrapped_peers(model, name, list(saved), together)
     lookups = {n for n, layer in layers.items() if layer.kind.index_input}  # nn.Embedding layers: PEFT's lora_embedding_*
     if vllm:  # its refusals offer PEFT's own form: after every check the PEFT form makes, so it is a way out
@@ -231,10 +235,10 @@ def _peft_files(model: nn.Module, name: str, vllm: bool, base_model_name_or_path
     shapes: dict[str, PeftShapes] = {n: layer.kind.peft_shapes for n, layer in layers.items()}
     tensors, ranks, alphas = _peft_tensors(factors, saved, vllm, use_rslora, lookups, shapes)
     token_indices = _add_token_rows(model, name, vllm, tensors)
+    entries = [*state.modules_to_save, *(h for h in heads if h not in state.modules_to_save)]
     config = _peft_config(model, name, layers, ranks, alphas, task_type=task_type, base=base_model_name_or_path,
                           dropout=0.0 if vllm else float(state.config.dropout), use_rslora=use_rslora, dora=dora, vllm=vllm,
-                          entries=[*state.modules_to_save, *(h for h in heads if h not in state.modules_to_save)],
-                          token_indices=token_indices)
+                          entries=entries + _unnamed(model, entries, list(saved)), token_indices=token_indices)
     # one metadata key, as PEFT writes: safetensors orders several keys by a per-call hash map, so the same
     # adapter's file had two byte forms (one process or two)
     weights = st_save(tensors, metadata={"format": "pt"})
@@ -267,13 +271,30 @@ def _base_model_name(model: nn.Module, given: str | None) -> str | None:
     return given
 
 
-def _export_saved(model: nn.Module, name: str, modules_to_save: list[str], heads: tuple[str, ...], layers: list[str]
-                  ) -> dict[str, nn.Module]:
+def export_rules() -> tuple[peft_version.Version, ...]:
+    """The PEFT versions whose rules an export follows: the installed PEFT's; with no PEFT installed, 0.21's and
+    0.22's both, so that the file loads alike in either (or the export is refused where it cannot)."""
+    installed = peft_version.installed()
+    return (installed,) if installed is not None else (PEFT_021, peft_version.PEFT_022)
+
+
+def _export_saved(model: nn.Module, name: str, modules_to_save: list[str], heads: tuple[str, ...], layers: list[str],
+                  rules: tuple[peft_version.Version, ...]) -> dict[str, nn.Module]:
     """The modules whose tensors the file holds in full: the heads PEFT's task class trains (:func:`_peft_heads`), the
-    modules PEFT's plain-suffix rule adds (:func:`_peft_widened`), then adapter ``name``'s fully-trained modules,
+    modules PEFT 0.21's plain-suffix rule adds (:func:`_peft_widened`), then adapter ``name``'s fully-trained modules,
     written last so a trained module's tensors win."""
-    return (_peft_heads(model, heads) | _peft_widened(model, name, modules_to_save, layers)
+    return (_peft_heads(model, heads, rules) | _peft_widened(model, name, modules_to_save, layers, rules)
             | fully_trained_modules(model, name))
+
+
+def _unnamed(model: nn.Module, entries: list[str], saved: list[str]) -> list[str]:
+    """The modules written in full (``saved``) that ``entries`` do not name under PEFT 0.22's rule (full name or
+    dotted suffix): those PEFT 0.21's plain-suffix rule adds. Listed in ``modules_to_save`` too, PEFT 0.22 wraps them
+    as PEFT 0.21 does (otherwise its load writes their tensors over the base model's own modules, silently, and does
+    not train them); PEFT 0.21 wraps nothing more for them (a name ending with one ends with the entry that selected
+    it)."""
+    named = peft_wraps([n for n, _ in base_modules(model)], entries, peft_version.PEFT_022)
+    return [n for n in saved if not any(n == m or n.startswith(m + ".") for m in named)]
 
 
 def _refuse_vllm_form(method: str, layers: dict[str, AdapterLayer], saved: dict[str, nn.Module], dora: bool,
@@ -361,7 +382,7 @@ def _peft_config(
 
 
 # PEFT's task types, by the transformers Auto class whose mapping names the model's class, and the head modules the
-# task's PeftModelFor... class adds to modules_to_save on load (peft.peft_model, PEFT 0.21)
+# task's PeftModelFor... class adds to modules_to_save on load (peft.peft_model, PEFT 0.21; 0.22 adds _HEADS_022's)
 _TASK_TYPES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("CAUSAL_LM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", ()),
     ("SEQ_2_SEQ_LM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", ()),
@@ -369,47 +390,63 @@ _TASK_TYPES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("TOKEN_CLS", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", ("classifier", "score")),
     ("QUESTION_ANS", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", ("qa_outputs",)),
 )
+# the heads PEFT 0.22 adds to a task's (its CLASSIFIER_MODULE_NAMES): DistilBERT's pre_classifier is a new, random layer
+_HEADS_022: dict[str, tuple[str, ...]] = {"SEQ_CLS": ("pre_classifier",), "TOKEN_CLS": ("pre_classifier",)}
+PEFT_021: peft_version.Version = (0, 21)  # the rules of a file that does not say (and of every PEFT before 0.22)
 
 
-def _class_task(model: nn.Module) -> tuple[str | None, tuple[str, ...]]:
-    """``(task_type, heads)`` for the model's transformers class (or the one it subclasses): the PEFT task type
-    ``AutoPeftModelFor...`` loads it with, and the head modules that task trains; ``(None, ())`` for any other
-    class (a bare encoder, a model of another library)."""
+def task_heads(task: str | None, rules: Iterable[peft_version.Version]) -> tuple[str, ...]:
+    """The heads PEFT's ``task`` class adds to ``modules_to_save`` on load, under each of ``rules``' PEFT versions
+    (their union, in PEFT's order): ``classifier`` and ``score`` for ``SEQ_CLS`` / ``TOKEN_CLS`` (PEFT 0.22: and
+    ``pre_classifier``), ``qa_outputs`` for ``QUESTION_ANS``, none for the others."""
+    heads = next((h for t, _, h in _TASK_TYPES if t == task), ())
+    if any(peft_version.at_least(v) for v in rules):
+        heads = (*heads, *_HEADS_022.get(task or "", ()))
+    return heads
+
+
+def _class_task(model: nn.Module) -> str | None:
+    """The PEFT task type ``AutoPeftModelFor...`` loads the model's transformers class (or the one it subclasses)
+    with; ``None`` for any other class (a bare encoder, a model of another library)."""
     classes = {c.__name__ for c in type(model).__mro__ if c.__module__.startswith("transformers.")}
     if not classes:
-        return None, ()
+        return None
     from transformers.models.auto import modeling_auto
 
-    for task, mapping, heads in _TASK_TYPES:
+    for task, mapping, _ in _TASK_TYPES:
         names = getattr(modeling_auto, mapping, {}).values()
         if classes & {n for v in names for n in ((v,) if isinstance(v, str) else v)}:
-            return task, heads
-    return None, ()
+            return task
+    return None
 
 
-def _peft_task(model: nn.Module, saved: list[str], layers: list[str], vllm: bool) -> tuple[str | None, tuple[str, ...]]:
-    """``(task_type, heads)`` to write: :func:`_class_task`'s, unless PEFT could not load the adapter with it.
+def _peft_task(model: nn.Module, saved: list[str], layers: list[str], vllm: bool,
+               rules: tuple[peft_version.Version, ...]) -> tuple[str | None, tuple[str, ...]]:
+    """``(task_type, heads)`` to write: :func:`_class_task`'s, with its heads under ``rules`` (:func:`task_heads`),
+    unless PEFT could not load the adapter with it.
 
     PEFT's ``SEQ_CLS`` / ``TOKEN_CLS`` / ``QUESTION_ANS`` models add their heads to ``modules_to_save`` on load and
     need their tensors in the file (a ``KeyError`` otherwise), so the heads are written (:func:`_peft_heads`).
     Where a head would wrap an adapted layer (PEFT refuses that) or the vLLM form cannot hold ``modules_to_save``,
     no task type is written (``auto_mapping`` names the class instead, as PEFT's save of a model without one does).
     """
-    task, heads = _class_task(model)
+    task = _class_task(model)
+    heads = task_heads(task, rules)
     if not heads:
         return task, ()
-    wrapped = peft_wraps([n for n, _ in base_modules(model)], (*saved, *heads))
+    wrapped = _wraps_under([n for n, _ in base_modules(model)], (*saved, *heads), rules)
     inside = [t for t in layers if any(t == n or t.startswith(n + ".") for n in wrapped)]
     if inside or (vllm and wrapped):
         return None, ()
     return task, heads
 
 
-def _peft_heads(model: nn.Module, heads: tuple[str, ...]) -> dict[str, nn.Module]:
+def _peft_heads(model: nn.Module, heads: tuple[str, ...], rules: tuple[peft_version.Version, ...]
+                ) -> dict[str, nn.Module]:
     """The modules PEFT's task wraps for ``heads``, as the base model has them (written so PEFT's load finds them):
     an original, not another adapter's trained copy standing in the model while that adapter is active (the
     adapter exported computes with the original when active alone; its own trained copies are written over these)."""
-    return _in_slots(model, peft_wraps([n for n, _ in base_modules(model)], heads), original_modules(model))
+    return _in_slots(model, _wraps_under([n for n, _ in base_modules(model)], heads, rules), original_modules(model))
 
 
 def _in_slots(model: nn.Module, names: list[str], originals: dict[str, nn.Module] | None = None) -> dict[str, nn.Module]:
@@ -419,23 +456,30 @@ def _in_slots(model: nn.Module, names: list[str], originals: dict[str, nn.Module
     return {n: modules[n] for n in names}
 
 
-def _peft_widened(model: nn.Module, name: str, saved: list[str], layers: list[str]) -> dict[str, nn.Module]:
-    """The base modules PEFT's ``modules_to_save`` rule (:func:`peft_wraps`) adds to adapter ``name``'s ``saved``.
+def _peft_widened(model: nn.Module, name: str, saved: list[str], layers: list[str],
+                  rules: tuple[peft_version.Version, ...]) -> dict[str, nn.Module]:
+    """The base modules PEFT 0.21's ``modules_to_save`` rule (:func:`peft_wraps`) adds to adapter ``name``'s ``saved``
+    where ``rules`` include 0.21's (PEFT 0.22 adds none).
 
-    A top-level ``classifier`` also wraps a ``pre_classifier``, and no name PEFT reads excludes it. PEFT's load
-    needs a tensor for every wrapped module (it fails with a ``KeyError`` otherwise), so these are written as
-    they are (the base module's values: PEFT's outputs are the same) with a warning, since PEFT would train them if
-    training continued there. One holding an adapted layer is refused (``ValueError``): PEFT cannot wrap LoRA layers.
+    A top-level ``classifier`` also wraps a ``pre_classifier``, and no name PEFT 0.21 reads excludes it. Its load needs
+    a tensor for every wrapped module (a ``KeyError`` otherwise), so these are written as they are (the base module's
+    values: PEFT's outputs are the same) and listed in ``modules_to_save`` (:func:`_unnamed`), with a warning, since
+    PEFT would train them if training continued there. One holding an adapted layer is refused (``ValueError``):
+    PEFT 0.21 cannot wrap LoRA layers.
     """
-    extra = [n for n in peft_wraps([n for n, _ in base_modules(model)], saved) if not any(n == s or n.startswith(s + ".") for s in saved)]
+    names = [n for n, _ in base_modules(model)]
+    extra = [n for n in _wraps_under(names, saved, rules) if not any(n == s or n.startswith(s + ".") for s in saved)]
     adapted = [n for n in extra if any(t == n or t.startswith(n + ".") for t in layers)]
     if adapted:
-        raise ValueError(f"PEFT matches modules_to_save {saved} by plain name suffix, which also selects the adapted "
-                         f"{adapted}, and PEFT cannot train an adapted layer fully: rename or re-train without it")
+        raise ValueError(f"PEFT 0.21 matches modules_to_save {saved} by plain name suffix, which also selects the adapted "
+                         f"{adapted}, and PEFT cannot train an adapted layer fully: rename or re-train without it"
+                         + ("" if peft_version.installed() else
+                            "; or install PEFT >= 0.22 (which matches full names) and export for it"))
     if extra:
         warnings.warn(
-            f"adapter {name!r}: HF PEFT matches modules_to_save {saved} by plain name suffix, so it also wraps "
-            f"{extra}; they are written as the base modules (PEFT's outputs are the same), but PEFT would train them too",
+            f"adapter {name!r}: HF PEFT 0.21 matches modules_to_save {saved} by plain name suffix, so it also wraps "
+            f"{extra}; they are written as the base modules (PEFT's outputs are the same) and listed in modules_to_save, "
+            "so PEFT 0.22 wraps them too, and both would train them",
             UserWarning, stacklevel=4,
         )
     return _in_slots(model, extra)
@@ -1047,7 +1091,8 @@ def _peft_saved_modules(
     """``(saved, their tensors)``: the fully-trained modules; every tensor of the file not in ``placed`` must find
     its place in one.
 
-    They are the modules PEFT wraps (:func:`peft_wraps`) whose tensors the file holds. PEFT skips entries that
+    They are the modules the PEFT that wrote the file wraps (:func:`peft_wraps`, by its ``peft_version``) whose
+    tensors the file holds. PEFT skips entries that
     match nothing (``task_type="SEQ_CLS"`` lists both ``"classifier"`` and ``"score"``); a matched module without
     any tensor in the file (rankwise's export of ``classifier`` on a model with a ``pre_classifier``) is PEFT's
     untouched copy of the base module, so it stays the base module here: the same outputs.
@@ -1055,7 +1100,7 @@ def _peft_saved_modules(
     modules = dict(base_model.named_modules())
     saved: dict[str, nn.Module] = {}
     mts: dict[str, dict[str, Tensor]] = {}
-    wrapped = peft_wraps(list(modules), cfg.get("modules_to_save") or ())
+    wrapped = peft_wraps(list(modules), cfg.get("modules_to_save") or (), peft_version.of_file(cfg))
     if cfg.get("ensure_weight_tying"):  # PEFT puts a head tied to a saved embedding on the embedding copy's table
         wrapped += [h for h, e in tied_heads(list(modules.items()), wrapped).items() if h not in wrapped]
     for name in wrapped:
@@ -1068,10 +1113,33 @@ def _peft_saved_modules(
             raise ValueError(f"{folder / PEFT_WEIGHTS}'s fully-trained module {name!r} does not fit this "
                              f"{type(base_model).__name__}: {wrong}. {TRAINED_ON}")
         saved[name], mts[name] = modules[name], got  # type: ignore[assignment]
-    stray = sorted(set(tensors) - placed - {f"{n}.{k}" for n, sd in mts.items() for k in sd})
+    unplaced = set(tensors) - placed - {f"{n}.{k}" for n, sd in mts.items() for k in sd}
+    stray = sorted(unplaced - _base_values(base_model, folder, cfg, {k: tensors[k] for k in unplaced}))
     if stray:
         raise ValueError(f"{folder / PEFT_WEIGHTS} holds tensors rankwise cannot place: {stray[:5]}")
     return saved, mts
+
+
+def _base_values(base_model: nn.Module, folder: Path, cfg: dict[str, Any], stray: dict[str, Tensor]) -> set[str]:
+    """The keys of ``stray`` (tensors no adapter layer or wrapped module takes) that hold the model's own values of a
+    base tensor of that name: PEFT's load writes such a tensor over the base model's (``load_state_dict`` with
+    ``strict=False``), which changes nothing, so they are passed over. One with other values is refused
+    (``ValueError``): PEFT's load would replace a base weight, which a rankwise adapter neither changes nor carries.
+
+    Such files come from a PEFT whose ``modules_to_save`` rule differs from the writer's: a ``pre_classifier``
+    written for PEFT 0.21's plain-suffix rule, read by 0.22's, which does not wrap it (rankwise's own exports for
+    0.21 before review round 71 wrote its base values and did not list it)."""
+    own = base_model.state_dict()
+    same = {k for k, t in stray.items() if k in own and own[k].shape == t.shape and _same_weight(own[k], t)}
+    other = sorted(k for k in stray if k in own and k not in same)
+    if other:
+        raise ValueError(
+            f"{folder / PEFT_WEIGHTS} holds {other[:5]}: tensors of base modules that its modules_to_save "
+            f"{cfg.get('modules_to_save')} does not name under the rule of PEFT {cfg.get('peft_version', '0.21')} (which "
+            "wrote it), with values other than this model's. PEFT's load writes them over the base model's weights, "
+            "which rankwise leaves as they are: list those modules in modules_to_save to import them trained, or "
+            "import onto the base the adapter was saved from")
+    return same
 
 
 def _check_tied_copies_agree(folder: Path, saved: dict[str, nn.Module], mts: dict[str, dict[str, Tensor]]) -> None:
@@ -1090,16 +1158,29 @@ def _check_tied_copies_agree(folder: Path, saved: dict[str, nn.Module], mts: dic
                 f"both {head!r} and {emb!r} in its modules_to_save")
 
 
-def peft_wraps(names: list[str], entries: Iterable[str]) -> list[str]:
-    """The modules (of ``names``, a model's module names) HF PEFT trains fully for ``modules_to_save=entries``.
+def peft_wraps(names: list[str], entries: Iterable[str], version: peft_version.Version | None = None) -> list[str]:
+    """The modules (of ``names``, a model's module names) HF PEFT ``version`` trains fully for ``modules_to_save=entries``.
 
-    PEFT's rule (``peft.utils.other._set_trainable``) wraps every module whose name ends with an entry as a plain
-    string, so ``"classifier"`` wraps DistilBERT's ``pre_classifier`` too; a module inside a wrapped one is part of
-    its copy, so only the outermost are listed.
+    PEFT 0.21's rule (``peft.utils.other._set_trainable``; ``version`` ``None`` or older) wraps every module whose
+    name ends with an entry as a plain string, so ``"classifier"`` wraps DistilBERT's ``pre_classifier`` too; PEFT
+    0.22's (``_is_valid_match``) wraps the module of that full name or dotted suffix only. A module inside a wrapped
+    one is part of its copy, so only the outermost are listed.
     """
     keys = tuple(entries)
-    hits = [n for n in names if n and n.endswith(keys)] if keys else []
+    if not keys:
+        return []
+    if peft_version.at_least(version):
+        hits = [n for n in names if n and any(n == k or n.endswith("." + k) for k in keys)]
+    else:
+        hits = [n for n in names if n and n.endswith(keys)]
     return [n for n in hits if not any(n.startswith(o + ".") for o in hits)]
+
+
+def _wraps_under(names: list[str], entries: Iterable[str], rules: tuple[peft_version.Version, ...]) -> list[str]:
+    """The modules some PEFT of ``rules`` wraps for ``entries`` (:func:`peft_wraps`), outermost only."""
+    keys = tuple(entries)
+    hits = {n for v in rules for n in peft_wraps(names, keys, v)}
+    return [n for n in names if n in hits and not any(n.startswith(o + ".") for o in hits)]
 
 
 _BASE_KEY = re.compile(r"(?P<module>.+)\.base_layer\.(?P<param>[^.]+)")
