@@ -235,3 +235,37 @@ def test_gora_calibrates_through_tracked_batches() -> None:
     rankwise.attach(tracked, cfg, calibration=TrackedBatches(data, "gora", enabled=False), loss_fn=loss)
     for a, b in zip(plain.state_dict().values(), tracked.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_attach_warns_when_an_adapted_layer_s_base_was_newly_initialised(tmp_path: Path) -> None:
+    """DistilBERT's sequence classifier adds a random ``pre_classifier`` beside the ``classifier`` (HF PEFT 0.22 trains
+    it as a head for that reason). ``all-linear`` adapts it: a low-rank update of a random weight nothing saves, so
+    the adapter's file fits only that model object (``load`` onto a freshly loaded model refuses it). ``attach`` says
+    so, naming it and ``modules_to_save``; listed there it is trained in full, saved, and loads onto a fresh model."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.DistilBertConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, hidden_dim=48,
+                                        max_position_embeddings=40)
+    transformers.DistilBertModel(cfg).save_pretrained(tmp_path / "base")
+
+    def fresh() -> torch.nn.Module:
+        return transformers.DistilBertForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=2)
+
+    model = fresh()
+    with pytest.warns(UserWarning, match=r"pre_classifier was newly initialised.*is adapted.*"
+                                         r"modules_to_save=\['pre_classifier'\]"):
+        rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules="all-linear", modules_to_save=["classifier"]))
+    assert "pre_classifier" in rankwise.adapter_layers(model)
+    rankwise.save(model, tmp_path / "adapted")
+    with pytest.raises(rankwise.AdapterFileError, match="pre_classifier"):  # why the warning: another random weight
+        rankwise.load(fresh(), tmp_path / "adapted")
+    model = fresh()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules="all-linear",
+                                                   modules_to_save=["classifier", "pre_classifier"]))
+    assert "pre_classifier" not in rankwise.adapter_layers(model)
+    rankwise.save(model, tmp_path / "listed")
+    back = rankwise.load(fresh(), tmp_path / "listed")
+    ids = torch.tensor([[3, 5, 7, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits)

@@ -775,24 +775,37 @@ def fresh_frozen_modules(model: nn.Module) -> list[str]:
     """Modules whose parameters transformers' ``from_pretrained`` newly initialised (missing from the checkpoint,
     e.g. a new ``classifier``) and that stay frozen: random weights nothing trains. transformers marks every
     parameter it loaded ``_is_hf_initialized``; a model without any mark (not loaded that way, or moved since)
-    yields nothing."""
+    yields nothing. An adapted module counts by its base weight (its factors are rankwise's own): an adapter on a
+    random weight trains an update of a weight nothing saves (:func:`fresh_adapted_modules`)."""
     params = list(model.named_parameters())
     if not any(getattr(p, "_is_hf_initialized", False) for _, p in params):
         return []
-    adapters = tuple(f"{name}." for name in slot_layers(model))  # their frozen factors are rankwise's own
+    layers = slot_layers(model)
+    adapters = tuple(f"{name}." for name in layers)
+    bases = {id(t) for layer in layers.values() for t in (layer.weight, layer.bias) if t is not None}
     fresh = [n.rpartition(".")[0] or n for n, p in params
-             if not getattr(p, "_is_hf_initialized", False) and not p.requires_grad and not n.startswith(adapters)
+             if not getattr(p, "_is_hf_initialized", False) and not p.requires_grad
+             and (id(p) in bases or not n.startswith(adapters))
              and not p.is_meta]  # an offloaded (device_map) parameter was loaded, not initialised
     return sorted(set(fresh))
 
 
 def _warn_fresh_frozen(model: nn.Module) -> None:
     fresh = fresh_frozen_modules(model)
-    if fresh:
-        warnings.warn(f"rankwise.attach: {', '.join(fresh[:4])}{' ...' if len(fresh) > 4 else ''} was newly initialised "
+    adapted = [n for n in fresh if n in slot_layers(model)]
+    plain = [n for n in fresh if n not in adapted]
+    if plain:
+        warnings.warn(f"rankwise.attach: {', '.join(plain[:4])}{' ...' if len(plain) > 4 else ''} was newly initialised "
                       "by from_pretrained (missing from the checkpoint) and stays frozen, so it stays random and is not "
-                      f"saved; to train and save it pass modules_to_save={fresh[:4]!r} in the config", UserWarning,
+                      f"saved; to train and save it pass modules_to_save={plain[:4]!r} in the config", UserWarning,
                       stacklevel=3)
+    if adapted:
+        warnings.warn(f"rankwise.attach: {', '.join(adapted[:4])}{' ...' if len(adapted) > 4 else ''} was newly "
+                      "initialised by from_pretrained (missing from the checkpoint; e.g. DistilBERT's pre_classifier) "
+                      "and is adapted: the adapter trains a low-rank update of a random weight that nothing saves, so "
+                      "its file fits only this model object (load onto a freshly loaded model refuses it: other base "
+                      f"weights). To train and save that module in full pass modules_to_save={adapted[:4]!r} in the "
+                      "config (a module in modules_to_save is not adapted)", UserWarning, stacklevel=3)
 
 
 def check_new_name(model: nn.Module, name: str | None, config: AdapterConfig | None = None) -> str:
