@@ -782,12 +782,29 @@ def fresh_frozen_modules(model: nn.Module) -> list[str]:
         return []
     layers = slot_layers(model)
     adapters = tuple(f"{name}." for name in layers)
-    bases = {id(t) for layer in layers.values() for t in (layer.weight, layer.bias) if t is not None}
+    embeddings = {id(m) for m in _token_embeddings(model)}  # resize_token_embeddings drops the mark: not judged
+    bases = {id(t) for layer in layers.values() if id(layer) not in embeddings
+             for t in (layer.weight, layer.bias) if t is not None}
     fresh = [n.rpartition(".")[0] or n for n, p in params
              if not getattr(p, "_is_hf_initialized", False) and not p.requires_grad
              and (id(p) in bases or not n.startswith(adapters))
              and not p.is_meta]  # an offloaded (device_map) parameter was loaded, not initialised
     return sorted(set(fresh))
+
+
+def _token_embeddings(model: nn.Module) -> list[nn.Module]:
+    """The model's input and output embeddings (transformers' getters; none for another model): the modules
+    ``resize_token_embeddings`` rebuilds, so their weights lack ``from_pretrained``'s mark though the checkpoint held
+    them."""
+    found = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):
+            continue
+        if isinstance(module, nn.Module):
+            found.append(module)
+    return found
 
 
 def _warn_fresh_frozen(model: nn.Module) -> None:
