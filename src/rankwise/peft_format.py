@@ -275,7 +275,7 @@ def export_rules() -> tuple[peft_version.Version, ...]:
     """The PEFT versions whose rules an export follows: the installed PEFT's; with no PEFT installed, 0.21's and
     0.22's both, so that the file loads alike in either (or the export is refused where it cannot)."""
     installed = peft_version.installed()
-    return (installed,) if installed is not None else (PEFT_021, peft_version.PEFT_022)
+    return (installed,) if installed is not None else (peft_version.PEFT_021, peft_version.PEFT_022)
 
 
 def _export_saved(model: nn.Module, name: str, modules_to_save: list[str], heads: tuple[str, ...], layers: list[str],
@@ -392,7 +392,6 @@ _TASK_TYPES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 )
 # the heads PEFT 0.22 adds to a task's (its CLASSIFIER_MODULE_NAMES): DistilBERT's pre_classifier is a new, random layer
 _HEADS_022: dict[str, tuple[str, ...]] = {"SEQ_CLS": ("pre_classifier",), "TOKEN_CLS": ("pre_classifier",)}
-PEFT_021: peft_version.Version = (0, 21)  # the rules of a file that does not say (and of every PEFT before 0.22)
 
 
 def task_heads(task: str | None, rules: Iterable[peft_version.Version]) -> tuple[str, ...]:

@@ -25,6 +25,7 @@ Version = tuple[int, int]
 # the first PEFT whose rules are 0.22's (conv lora_A with the base's dilation / padding_mode; modules_to_save by
 # full name or dotted suffix; pre_classifier among the SEQ_CLS heads)
 PEFT_022: Version = (0, 22)
+PEFT_021: Version = (0, 21)  # the rules of a file that does not say which PEFT wrote it (and of every PEFT before 0.22)
 
 
 def parse(text: Any) -> Version | None:
