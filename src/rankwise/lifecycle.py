@@ -809,7 +809,8 @@ def _token_embeddings(model: nn.Module) -> list[nn.Module]:
 
 def _warn_fresh_frozen(model: nn.Module) -> None:
     fresh = fresh_frozen_modules(model)
-    adapted = [n for n in fresh if n in slot_layers(model)]
+    layers = slot_layers(model)
+    adapted = [n for n in fresh if n in layers]
     plain = [n for n in fresh if n not in adapted]
     if plain:
         warnings.warn(f"rankwise.attach: {', '.join(plain[:4])}{' ...' if len(plain) > 4 else ''} was newly initialised "

@@ -1172,14 +1172,19 @@ def peft_wraps(names: list[str], entries: Iterable[str], version: peft_version.V
         hits = [n for n in names if n and any(n == k or n.endswith("." + k) for k in keys)]
     else:
         hits = [n for n in names if n and n.endswith(keys)]
-    return [n for n in hits if not any(n.startswith(o + ".") for o in hits)]
+    return _outermost(hits)
 
 
 def _wraps_under(names: list[str], entries: Iterable[str], rules: tuple[peft_version.Version, ...]) -> list[str]:
     """The modules some PEFT of ``rules`` wraps for ``entries`` (:func:`peft_wraps`), outermost only."""
     keys = tuple(entries)
     hits = {n for v in rules for n in peft_wraps(names, keys, v)}
-    return [n for n in names if n in hits and not any(n.startswith(o + ".") for o in hits)]
+    return _outermost([n for n in names if n in hits])
+
+
+def _outermost(names: list[str]) -> list[str]:
+    """``names`` (module names, in order) without those inside another of them: part of its copy."""
+    return [n for n in names if not any(n.startswith(o + ".") for o in names)]
 
 
 _BASE_KEY = re.compile(r"(?P<module>.+)\.base_layer\.(?P<param>[^.]+)")
