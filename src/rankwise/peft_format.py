@@ -696,6 +696,9 @@ def _check_peft_config(cfg: dict[str, Any], path: Path) -> None:
             raise ValueError(f"{path} uses PEFT option {key}={cfg[key]!r} ({what}), which rankwise does not support")
     init = cfg.get("init_lora_weights")
     _check_init(True if init is None else init, path)  # absent or null: PEFT's default, True
+    why = peft_version.unknown_reason(cfg)
+    if why is not None:  # the version decides the conv and modules_to_save rules: never taken silently
+        warnings.warn(f"{path / PEFT_CONFIG}: {why}", UserWarning, stacklevel=4)
     unknown = _unknown_options(cfg)
     if unknown:
         warnings.warn(
@@ -950,7 +953,7 @@ def _peft_layers(
         check_target(name, module)  # its kind's refusals (a grouped convolution, an embedding with max_norm, ...)
         kind_cls = kind_class(module)
         if kind_cls is not None and issubclass(kind_cls, ConvKind):
-            got = _conv_from_peft(name, module, got, peft_version.of_file(cfg))
+            got = _conv_from_peft(name, module, got, cfg)
         if not is_supported(module) or any(t.dim() != 2 for k, t in got.items() if k != "lora_magnitude_vector"):
             raise TypeError(
                 f"PEFT adapter layer {name!r} is a {type(module).__name__}; rankwise adapts {', '.join(SUPPORTED_TYPES)} layers only"
@@ -1056,18 +1059,16 @@ def _tied_head_mismatch(head: str, absent: bool) -> str:
             "target_modules")
 
 
-def _conv_from_peft(name: str, module: nn.Module, got: dict[str, Tensor], written_by: peft_version.Version | None
-                    ) -> dict[str, Tensor]:
+def _conv_from_peft(name: str, module: nn.Module, got: dict[str, Tensor], cfg: dict[str, Any]) -> dict[str, Tensor]:
     """A convolution layer's PEFT tensors (conv weights ``lora_A`` ``(r, c, *k)``, ``lora_B`` ``(out, r, 1, ...)``, DoRA's
     magnitude ``(1, out, 1, ...)``) as rankwise's ``r x in`` / ``out x r`` / ``out``, after the refusals: a convolution
-    whose forward in the PEFT that wrote the file (``written_by``, :func:`rankwise.peft_version.of_file`) is not
+    whose forward in the PEFT that wrote the file (``cfg``'s ``peft_version``, :func:`rankwise.peft_version.of_file`) is not
     ``W0 + ΔW`` (:meth:`rankwise.base_layers.ConvKind.peft_mismatch`), tensors of other shapes
     (``ValueError`` naming them); one rankwise cannot adapt was refused before (:func:`rankwise.targeting.check_target`)."""
     kind = ConvKind(module)
-    why = kind.peft_mismatch(written_by)
+    why = kind.peft_mismatch(peft_version.of_file(cfg))
     if why is not None:
-        said = (f"{PEFT_CONFIG} says PEFT {'.'.join(map(str, written_by))} wrote it" if written_by is not None else
-                f"{PEFT_CONFIG} does not say which PEFT wrote it (no peft_version), so it is read as PEFT 0.21's")
+        said = f"{PEFT_CONFIG} {peft_version.said_by(cfg)}"
         raise ValueError(f"PEFT layer {name!r} ({kind.describe()}) has {why}; {said}: rankwise computes W0 + ΔW there, "
                          "so the import would not reproduce the outputs of the PEFT that wrote it. An adapter written "
                          "by PEFT >= 0.22, which builds lora_A with the base's dilation and padding_mode, imports")
@@ -1134,11 +1135,18 @@ def _base_values(base_model: nn.Module, folder: Path, cfg: dict[str, Any], stray
     if other:
         raise ValueError(
             f"{folder / PEFT_WEIGHTS} holds {other[:5]}: tensors of base modules that its modules_to_save "
-            f"{cfg.get('modules_to_save')} does not name under the rule of PEFT {cfg.get('peft_version', '0.21')} (which "
-            "wrote it), with values other than this model's. PEFT's load writes them over the base model's weights, "
-            "which rankwise leaves as they are: list those modules in modules_to_save to import them trained, or "
+            f"{cfg.get('modules_to_save')} does not name under the rule of PEFT {_rules_of(cfg)} ({PEFT_CONFIG} "
+            f"{peft_version.said_by(cfg)}), with values other than this model's. PEFT's load writes them over the base "
+            "model's weights, which rankwise leaves as they are: list those modules in modules_to_save to import them trained, or "
             "import onto the base the adapter was saved from")
     return same
+
+
+def _rules_of(cfg: dict[str, Any]) -> str:
+    """The PEFT version whose rules a file is read by, as ``"0.21"``: the one it says wrote it (at most
+    :data:`rankwise.peft_version.NEWEST`, whose rules a newer one's file is read by), else 0.21."""
+    major, minor = min(peft_version.of_file(cfg) or peft_version.PEFT_021, peft_version.NEWEST)
+    return f"{major}.{minor}"
 
 
 def _check_tied_copies_agree(folder: Path, saved: dict[str, nn.Module], mts: dict[str, dict[str, Tensor]]) -> None:
