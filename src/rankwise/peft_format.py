@@ -766,7 +766,7 @@ def import_peft(
     layers (``fan_in_fan_out``, per layer as PEFT decides it), ``nn.Conv1d/2d/3d`` layers (PEFT's conv weights; a
     dilated one, or one padding other than with zeros, is refused unless the file's ``peft_version`` is 0.22 or newer:
     PEFT 0.21's forward there was not ``W0 + ΔW``, 0.22's is),
-    ``modules_to_save`` (PEFT's plain-suffix rule) and an adapted ``lm_head`` / ``embed_tokens`` (PEFT saves its base weight too: it must be this model's, else
+    ``modules_to_save`` (by the rule of the PEFT that wrote the file: :mod:`rankwise.peft_version`) and an adapted ``lm_head`` / ``embed_tokens`` (PEFT saves its base weight too: it must be this model's, else
     ``ValueError``) are imported too. The result computes what ``peft.PeftModel.from_pretrained(base_model, path)``
     computes. An ``ensure_weight_tying`` file whose tied head's factors are absent or not the adapted embedding's
     transposed (PEFT's save writes the one pair under both names) is refused with a ``ValueError`` naming both remedies.

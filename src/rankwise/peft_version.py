@@ -10,9 +10,11 @@ for both:
   dotted suffix, and its sequence-classification task adds ``pre_classifier`` to the heads it trains.
 
 A file PEFT wrote says which PEFT wrote it (``peft_version`` in ``adapter_config.json``, since PEFT 0.18): import
-follows that version's rules (:func:`of_file`); a file without it is read as PEFT 0.21 read it. An export is read
+follows that version's rules (:func:`of_file`); a file without it is read as PEFT 0.21 read it, one whose
+``peft_version`` is no version too, and one from a PEFT newer than :data:`NEWEST` by that PEFT's rules, each of the
+last two with a warning (:func:`unknown_reason`). An export is read
 by the PEFT where it is loaded, which rankwise cannot know: it follows the installed PEFT's rules
-(:func:`installed`), and where no PEFT is installed it writes only what every supported PEFT reads alike.
+(:func:`installed`: the imported ``peft``'s, else the installed distribution's), and where no PEFT is installed it writes only what every supported PEFT reads alike.
 """
 
 from __future__ import annotations
