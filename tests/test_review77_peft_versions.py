@@ -52,16 +52,21 @@ def _x() -> torch.Tensor:
     return torch.randn(2, 3, 7, 7, generator=torch.Generator().manual_seed(3))
 
 
+def _perturb(model: nn.Module) -> None:
+    """Move every trainable tensor (factors off B = 0, the trained head) by a fixed amount."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+
+
 def _exported(folder: Path, monkeypatch: pytest.MonkeyPatch, version: object, missing: bool = False,
               target: str = "conv") -> tuple[nn.Module, Path]:
     """A trained LoRA on ``target`` with ``classifier`` trained fully, exported as if PEFT 0.22.0 were installed, its
     ``peft_version`` then set to ``version`` (dropped with ``missing``); returns the trained model and the folder."""
     model = _Net()
     rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=[target], modules_to_save=["classifier"], seed=0))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    _perturb(model)
     with monkeypatch.context() as m:
         m.setattr(peft_version, "installed_text", lambda: "0.22.0")
         with warnings.catch_warnings():
@@ -183,3 +188,42 @@ def test_the_installed_peft_is_the_one_this_process_imported(tmp_path: Path, mon
                 rankwise.export_peft(model, folder)
     monkeypatch.setitem(sys.modules, "peft", types.SimpleNamespace())  # no __version__: the distribution's
     assert peft_version.installed_text() == "0.22.0"
+
+
+@pytest.mark.parametrize("target", ["body", "pre_classifier"])
+def test_an_export_for_peft_0_22_that_peft_0_21_cannot_load_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    target: str) -> None:
+    """``modules_to_save=["classifier"]`` beside a top-level ``pre_classifier`` (no task type), the LoRA on ``body`` or
+    on ``pre_classifier`` itself, written for PEFT 0.22 (the ``classifier`` alone). Before: written without a word,
+    while the dilated conv's export warns that PEFT 0.21 computes it otherwise; PEFT 0.21's load of the file then fails
+    with its bare ``KeyError: 'base_model.model.pre_classifier.weight'`` (or refuses the adapted layer), as it does here
+    where 0.21 is installed. Now one ``UserWarning`` names ``pre_classifier`` and says to load it with PEFT >= 0.22;
+    written for 0.21 it says nothing of the kind (that file lists ``pre_classifier`` and loads in both)."""
+    def trained() -> nn.Module:
+        model = _Net()
+        rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=[target], modules_to_save=["classifier"], seed=0))
+        _perturb(model)
+        return model.eval()
+
+    for writer in ("0.22.0", "0.21.2"):
+        monkeypatch.setattr(peft_version, "installed_text", lambda w=writer: w)
+        folder = tmp_path / writer
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                rankwise.export_peft(trained(), folder)
+            except ValueError:  # 0.21's rule with the adapted pre_classifier: refused (round 71)
+                assert writer == "0.21.2" and target == "pre_classifier"
+        said = [str(w.message) for w in caught if "cannot load" in str(w.message)]
+        monkeypatch.undo()
+        if writer == "0.21.2":
+            assert not said
+            continue
+        assert len(said) == 1 and "also wrap ['pre_classifier']" in said[0] and "PEFT >= 0.22" in said[0], said
+        if PEFT_022:  # the installed PEFT loads it with rankwise's outputs
+            theirs = peft.PeftModel.from_pretrained(_Net(), folder).eval()
+            with torch.no_grad():
+                torch.testing.assert_close(theirs(_x()), trained()(_x()), rtol=1e-5, atol=1e-6)
+        else:  # PEFT 0.21 cannot, for the module named
+            with pytest.raises((KeyError, TypeError), match="pre_classifier|modules_to_save cannot be applied"):
+                peft.PeftModel.from_pretrained(_Net(), folder)

@@ -147,7 +147,8 @@ def export_peft(
     ``target_modules`` names the adapted layers (:func:`_peft_target_modules`: PEFT adapts exactly those).
     ``modules_to_save`` are written as full names, by the installed PEFT's rules (:func:`export_rules`); a module
     PEFT 0.21's plain-suffix rule adds to them (a top-level ``classifier`` also selects ``pre_classifier``) is
-    written as the base module and listed too, so PEFT 0.21 and 0.22 wrap the same modules, with a ``UserWarning``.
+    written as the base module and listed too, so PEFT 0.21 and 0.22 wrap the same modules, with a ``UserWarning``;
+    written for PEFT 0.22 (installed), it is not, and a ``UserWarning`` says PEFT 0.21 cannot load the file.
     A convolution layer is written as PEFT's conv weights (``lora_A`` ``(r, c, *k)``, ``lora_B`` ``(out, r, 1, ...)``,
     DoRA's magnitude ``(1, out, 1, ...)``); one that is dilated or pads other than with zeros is written where the
     installed PEFT is 0.22 or newer (its ``lora_A`` keeps both: ``W0 + ΔW``), with a ``UserWarning`` naming it (PEFT
@@ -197,7 +198,33 @@ def _every_adapter_s_files(model: nn.Module, folders: dict[str, Path], vllm: boo
             raise type(exc)(f"adapter {adapter!r} cannot be exported to PEFT: {exc}") from exc
     for adapter in folders:  # every adapter converted: the files will be written
         _warn_older_peft_computes_otherwise(model, adapter)
+        _warn_older_peft_widens(model, adapter, json.loads(files[adapter][1]))
     return files
+
+
+def _warn_older_peft_widens(model: nn.Module, name: str, config: dict[str, Any]) -> None:
+    """A ``UserWarning`` where adapter ``name``'s file, written for the installed PEFT 0.22 or newer (``config``, its
+    ``adapter_config.json``), names ``modules_to_save`` that PEFT 0.21's plain-suffix rule widens onto modules the
+    file does not hold in full (a top-level ``classifier`` beside a ``pre_classifier``, no task type; or one that is
+    adapted): PEFT 0.21 and older cannot load it (a ``KeyError`` for their tensors, or a refusal of the adapted layer),
+    where PEFT 0.22 loads it with rankwise's outputs. Nothing for a file written for PEFT 0.21's rules (or with no PEFT
+    installed), which lists such modules itself (:func:`_unnamed`)."""
+    if not peft_version.at_least(peft_version.installed()):
+        return
+    names = [n for n, _ in base_modules(model)]
+    entries = list(config.get("modules_to_save") or ())
+    task = config.get("task_type")
+    newer = peft_wraps(names, [*entries, *task_heads(task, [peft_version.NEWEST])], peft_version.NEWEST)
+    older = peft_wraps(names, [*entries, *task_heads(task, [peft_version.PEFT_021])], peft_version.PEFT_021)
+    beyond = [n for n in older if not any(n == m or n.startswith(m + ".") for m in newer)]
+    if beyond:
+        warnings.warn(
+            f"adapter {name!r}: modules_to_save {entries} is written for the installed PEFT "
+            f"{peft_version.installed_text()} (its peft_version), which matches full names; PEFT 0.21 and older match "
+            f"by plain name suffix, so they also wrap {beyond}, which the file does not hold in full, and cannot load "
+            "it (a KeyError for their tensors, or a refusal of an adapted layer): load it with PEFT >= 0.22",
+            UserWarning, stacklevel=4,
+        )
 
 
 def _warn_older_peft_computes_otherwise(model: nn.Module, name: str) -> None:
