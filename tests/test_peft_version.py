@@ -1,6 +1,7 @@
 """rankwise.peft_version: which PEFT rules a file or an export follows."""
 from __future__ import annotations
 
+import sys
 from importlib import metadata
 
 import pytest
@@ -34,4 +35,5 @@ def test_installed_is_none_without_peft(monkeypatch: pytest.MonkeyPatch) -> None
         raise metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(peft_version.metadata, "version", missing)
+    monkeypatch.delitem(sys.modules, "peft", raising=False)  # not imported either (an imported PEFT is the one run)
     assert peft_version.installed() is None

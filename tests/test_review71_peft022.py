@@ -108,8 +108,8 @@ def test_an_export_warns_of_the_modules_peft_021_widens_onto_unless_written_for_
     rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["body"], modules_to_save=["classifier"], seed=0))
     _export_as(monkeypatch, WRITERS[writer], model.eval(), tmp_path)
     said = [str(w.message) for w in recwarn if "modules_to_save" in str(w.message)]
-    if writer == "peft-0.22":
-        assert not said
+    if writer == "peft-0.22":  # round 77: that PEFT 0.21 cannot load this file is said (it widens onto the module)
+        assert len(said) == 1 and "also wrap ['pre_classifier']" in said[0] and "cannot load" in said[0], said
     else:
         assert len(said) == 1 and "'pre_classifier'" in said[0] and "0.21" in said[0] and "0.22" in said[0]
 

@@ -147,7 +147,8 @@ def export_peft(
     ``target_modules`` names the adapted layers (:func:`_peft_target_modules`: PEFT adapts exactly those).
     ``modules_to_save`` are written as full names, by the installed PEFT's rules (:func:`export_rules`); a module
     PEFT 0.21's plain-suffix rule adds to them (a top-level ``classifier`` also selects ``pre_classifier``) is
-    written as the base module and listed too, so PEFT 0.21 and 0.22 wrap the same modules, with a ``UserWarning``.
+    written as the base module and listed too, so PEFT 0.21 and 0.22 wrap the same modules, with a ``UserWarning``;
+    written for PEFT 0.22 (installed), it is not, and a ``UserWarning`` says PEFT 0.21 cannot load the file.
     A convolution layer is written as PEFT's conv weights (``lora_A`` ``(r, c, *k)``, ``lora_B`` ``(out, r, 1, ...)``,
     DoRA's magnitude ``(1, out, 1, ...)``); one that is dilated or pads other than with zeros is written where the
     installed PEFT is 0.22 or newer (its ``lora_A`` keeps both: ``W0 + ΔW``), with a ``UserWarning`` naming it (PEFT
@@ -197,7 +198,33 @@ def _every_adapter_s_files(model: nn.Module, folders: dict[str, Path], vllm: boo
             raise type(exc)(f"adapter {adapter!r} cannot be exported to PEFT: {exc}") from exc
     for adapter in folders:  # every adapter converted: the files will be written
         _warn_older_peft_computes_otherwise(model, adapter)
+        _warn_older_peft_widens(model, adapter, json.loads(files[adapter][1]))
     return files
+
+
+def _warn_older_peft_widens(model: nn.Module, name: str, config: dict[str, Any]) -> None:
+    """A ``UserWarning`` where adapter ``name``'s file, written for the installed PEFT 0.22 or newer (``config``, its
+    ``adapter_config.json``), names ``modules_to_save`` that PEFT 0.21's plain-suffix rule widens onto modules the
+    file does not hold in full (a top-level ``classifier`` beside a ``pre_classifier``, no task type; or one that is
+    adapted): PEFT 0.21 and older cannot load it (a ``KeyError`` for their tensors, or a refusal of the adapted layer),
+    where PEFT 0.22 loads it with rankwise's outputs. Nothing for a file written for PEFT 0.21's rules (or with no PEFT
+    installed), which lists such modules itself (:func:`_unnamed`)."""
+    if not peft_version.at_least(peft_version.installed()):
+        return
+    names = [n for n, _ in base_modules(model)]
+    entries = list(config.get("modules_to_save") or ())
+    task = config.get("task_type")
+    newer = peft_wraps(names, [*entries, *task_heads(task, [peft_version.NEWEST])], peft_version.NEWEST)
+    older = peft_wraps(names, [*entries, *task_heads(task, [peft_version.PEFT_021])], peft_version.PEFT_021)
+    beyond = [n for n in older if not any(n == m or n.startswith(m + ".") for m in newer)]
+    if beyond:
+        warnings.warn(
+            f"adapter {name!r}: modules_to_save {entries} is written for the installed PEFT "
+            f"{peft_version.installed_text()} (its peft_version), which matches full names; PEFT 0.21 and older match "
+            f"by plain name suffix, so they also wrap {beyond}, which the file does not hold in full, and cannot load "
+            "it (a KeyError for their tensors, or a refusal of an adapted layer): load it with PEFT >= 0.22",
+            UserWarning, stacklevel=4,
+        )
 
 
 def _warn_older_peft_computes_otherwise(model: nn.Module, name: str) -> None:
@@ -696,6 +723,9 @@ def _check_peft_config(cfg: dict[str, Any], path: Path) -> None:
             raise ValueError(f"{path} uses PEFT option {key}={cfg[key]!r} ({what}), which rankwise does not support")
     init = cfg.get("init_lora_weights")
     _check_init(True if init is None else init, path)  # absent or null: PEFT's default, True
+    why = peft_version.unknown_reason(cfg)
+    if why is not None:  # the version decides the conv and modules_to_save rules: never taken silently
+        warnings.warn(f"{path / PEFT_CONFIG}: {why}", UserWarning, stacklevel=4)
     unknown = _unknown_options(cfg)
     if unknown:
         warnings.warn(
@@ -763,7 +793,7 @@ def import_peft(
     layers (``fan_in_fan_out``, per layer as PEFT decides it), ``nn.Conv1d/2d/3d`` layers (PEFT's conv weights; a
     dilated one, or one padding other than with zeros, is refused unless the file's ``peft_version`` is 0.22 or newer:
     PEFT 0.21's forward there was not ``W0 + ΔW``, 0.22's is),
-    ``modules_to_save`` (PEFT's plain-suffix rule) and an adapted ``lm_head`` / ``embed_tokens`` (PEFT saves its base weight too: it must be this model's, else
+    ``modules_to_save`` (by the rule of the PEFT that wrote the file: :mod:`rankwise.peft_version`) and an adapted ``lm_head`` / ``embed_tokens`` (PEFT saves its base weight too: it must be this model's, else
     ``ValueError``) are imported too. The result computes what ``peft.PeftModel.from_pretrained(base_model, path)``
     computes. An ``ensure_weight_tying`` file whose tied head's factors are absent or not the adapted embedding's
     transposed (PEFT's save writes the one pair under both names) is refused with a ``ValueError`` naming both remedies.
@@ -950,7 +980,7 @@ def _peft_layers(
         check_target(name, module)  # its kind's refusals (a grouped convolution, an embedding with max_norm, ...)
         kind_cls = kind_class(module)
         if kind_cls is not None and issubclass(kind_cls, ConvKind):
-            got = _conv_from_peft(name, module, got, peft_version.of_file(cfg))
+            got = _conv_from_peft(name, module, got, cfg)
         if not is_supported(module) or any(t.dim() != 2 for k, t in got.items() if k != "lora_magnitude_vector"):
             raise TypeError(
                 f"PEFT adapter layer {name!r} is a {type(module).__name__}; rankwise adapts {', '.join(SUPPORTED_TYPES)} layers only"
@@ -1056,18 +1086,16 @@ def _tied_head_mismatch(head: str, absent: bool) -> str:
             "target_modules")
 
 
-def _conv_from_peft(name: str, module: nn.Module, got: dict[str, Tensor], written_by: peft_version.Version | None
-                    ) -> dict[str, Tensor]:
+def _conv_from_peft(name: str, module: nn.Module, got: dict[str, Tensor], cfg: dict[str, Any]) -> dict[str, Tensor]:
     """A convolution layer's PEFT tensors (conv weights ``lora_A`` ``(r, c, *k)``, ``lora_B`` ``(out, r, 1, ...)``, DoRA's
     magnitude ``(1, out, 1, ...)``) as rankwise's ``r x in`` / ``out x r`` / ``out``, after the refusals: a convolution
-    whose forward in the PEFT that wrote the file (``written_by``, :func:`rankwise.peft_version.of_file`) is not
+    whose forward in the PEFT that wrote the file (``cfg``'s ``peft_version``, :func:`rankwise.peft_version.of_file`) is not
     ``W0 + ΔW`` (:meth:`rankwise.base_layers.ConvKind.peft_mismatch`), tensors of other shapes
     (``ValueError`` naming them); one rankwise cannot adapt was refused before (:func:`rankwise.targeting.check_target`)."""
     kind = ConvKind(module)
-    why = kind.peft_mismatch(written_by)
+    why = kind.peft_mismatch(peft_version.of_file(cfg))
     if why is not None:
-        said = (f"{PEFT_CONFIG} says PEFT {'.'.join(map(str, written_by))} wrote it" if written_by is not None else
-                f"{PEFT_CONFIG} does not say which PEFT wrote it (no peft_version), so it is read as PEFT 0.21's")
+        said = f"{PEFT_CONFIG} {peft_version.said_by(cfg)}"
         raise ValueError(f"PEFT layer {name!r} ({kind.describe()}) has {why}; {said}: rankwise computes W0 + ΔW there, "
                          "so the import would not reproduce the outputs of the PEFT that wrote it. An adapter written "
                          "by PEFT >= 0.22, which builds lora_A with the base's dilation and padding_mode, imports")
@@ -1134,11 +1162,18 @@ def _base_values(base_model: nn.Module, folder: Path, cfg: dict[str, Any], stray
     if other:
         raise ValueError(
             f"{folder / PEFT_WEIGHTS} holds {other[:5]}: tensors of base modules that its modules_to_save "
-            f"{cfg.get('modules_to_save')} does not name under the rule of PEFT {cfg.get('peft_version', '0.21')} (which "
-            "wrote it), with values other than this model's. PEFT's load writes them over the base model's weights, "
-            "which rankwise leaves as they are: list those modules in modules_to_save to import them trained, or "
+            f"{cfg.get('modules_to_save')} does not name under the rule of PEFT {_rules_of(cfg)} ({PEFT_CONFIG} "
+            f"{peft_version.said_by(cfg)}), with values other than this model's. PEFT's load writes them over the base "
+            "model's weights, which rankwise leaves as they are: list those modules in modules_to_save to import them trained, or "
             "import onto the base the adapter was saved from")
     return same
+
+
+def _rules_of(cfg: dict[str, Any]) -> str:
+    """The PEFT version whose rules a file is read by, as ``"0.21"``: the one it says wrote it (at most
+    :data:`rankwise.peft_version.NEWEST`, whose rules a newer one's file is read by), else 0.21."""
+    major, minor = min(peft_version.of_file(cfg) or peft_version.PEFT_021, peft_version.NEWEST)
+    return f"{major}.{minor}"
 
 
 def _check_tied_copies_agree(folder: Path, saved: dict[str, nn.Module], mts: dict[str, dict[str, Tensor]]) -> None:
