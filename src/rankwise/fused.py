@@ -140,24 +140,32 @@ class LowRankLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, w0: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, mu: Tensor | None) -> Tensor:  # type: ignore[override]
-        lead = x.shape[:-1]
         x2 = _flat(x)  # tokens x in
         xa = x2 if x2.dtype == a.dtype else x2.to(a.dtype)  # tokens x in, adapter dtype
         h = xa @ a.t()  # tokens x r
+        # The output is allocated in its final shape and written through a 2-D view, so it is no view itself:
+        # autograd refuses an in-place op (ReLU(inplace=True), x += ...) on a view made inside a custom Function.
+        y = x.new_empty((*x.shape[:-1], w0.shape[0]))  # ..., out, base dtype
+        y2 = y.view(-1, w0.shape[0])  # tokens x out
         if mu is None:
-            y = torch.addmm(bias, x2, w0.t()) if bias is not None else x2 @ w0.t()  # tokens x out, base dtype
-            if y.dtype == h.dtype:
-                y.addmm_(h, b.t())
+            if bias is not None:
+                torch.addmm(bias, x2, w0.t(), out=y2)
             else:
-                y.add_(h @ b.t())  # summed in the wider dtype, rounded once into y's (as the reference path)
+                torch.mm(x2, w0.t(), out=y2)
+            if y2.dtype == h.dtype:
+                y2.addmm_(h, b.t())
+            else:
+                y2.add_(h @ b.t())  # summed in the wider dtype, rounded once into y's (as the reference path)
             ctx.save_for_backward(x, w0, a, b, h)
         else:
             z = (x2 @ w0.t()).to(h.dtype).addmm_(h, b.t())  # tokens x out, adapter dtype
-            y = torch.addcmul(bias.to(z.dtype), z, mu) if bias is not None else z * mu
-            y = y.to(x.dtype)
+            if y2.dtype == z.dtype:
+                torch.addcmul(bias.to(z.dtype), z, mu, out=y2) if bias is not None else torch.mul(z, mu, out=y2)
+            else:  # computed in the adapter dtype, rounded once into y's
+                y2.copy_(torch.addcmul(bias.to(z.dtype), z, mu) if bias is not None else z * mu)
             ctx.save_for_backward(x, w0, a, b, h, mu, z)
         ctx.dora = mu is not None
-        return y.reshape(*lead, y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
