@@ -138,12 +138,13 @@ def test_a_file_from_a_peft_newer_than_any_checked_warns_and_is_read_by_0_22_s_r
 
 
 @pytest.mark.parametrize("version,rules", [("0.21.2", (0, 21)), ("0.22.0", (0, 22)), (None, None),
-                                           ("0.22.1.dev0@0123abc", (0, 22)), ("v0.22.0", (0, 22)),
+                                           ("0.22.0.post1", (0, 22)), ("v0.22.0", (0, 22)),
                                            ("0.22.0+local", (0, 22))])
 def test_a_known_version_or_none_is_taken_without_a_word(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          version: str | None, rules: tuple[int, int] | None) -> None:
-    """What PEFT writes (its ``__version__``, a dev build's with ``@<commit>``) or a form PEFT's own reading of the
-    field accepts (``packaging.version``: ``v0.22.0``, a local version) is read as that version, silently; no
+    """What PEFT writes for a release (its ``__version__``) or a form PEFT's own reading of the field accepts
+    (``packaging.version``: ``v0.22.0``, a local or post release) is read as that version, silently (a dev build's
+    ``0.22.1.dev0@<commit>`` warns since review round 80: ``test_review80_peft_leftovers.py``); no
     ``peft_version`` (PEFT before 0.18, rankwise's export with no PEFT installed) as 0.21's, silently. The dilated conv
     imports exactly where the rules are 0.22's."""
     model, folder = _exported(tmp_path, monkeypatch, version, missing=version is None)

@@ -58,8 +58,8 @@ from .layer import AdapterLayer, PeftFactors, outside_inference_mode, wide_dtype
 from .lifecycle import check_new_name, refuse_fully_trained_targets
 from .methods import DoraConfig, LoraConfig
 from .registry import method_for
-from .state import (adapter_layers, base_modules, base_state_dict, fully_trained_modules, get_state, original_modules,
-                    slot_layers, tied_layers, unwrap_model)
+from .state import (adapter_layers, base_modules, base_state_dict, fully_trained_modules, get_state, is_attached,
+                    original_modules, slot_layers, tied_layers, unwrap_model)
 from .base_layers import ConvKind, kind_class, takes_ids
 from .targeting import SUPPORTED_TYPES, check_target, is_supported
 from . import peft_version
@@ -187,7 +187,9 @@ def _checked_base_name(given: str | os.PathLike[str] | None) -> str | None:
 def _every_adapter_s_files(model: nn.Module, folders: dict[str, Path], vllm: bool, base_model_name_or_path: str | None
                            ) -> dict[str, tuple[bytes, bytes]]:
     """Each adapter of ``folders``' two PEFT files (:func:`_peft_files`), all converted before any is written, so one
-    PEFT cannot express stops the export with nothing written; its refusal is prefixed with the adapter's name."""
+    PEFT cannot express stops the export with nothing written; its refusal is prefixed with the adapter's name. Then
+    the warnings of a written export: per adapter, what an older PEFT loads otherwise; once, where the installed PEFT's
+    own rules may not be the ones written by (:func:`rankwise.peft_version.installed_reason`)."""
     files: dict[str, tuple[bytes, bytes]] = {}
     for adapter in folders:
         try:
@@ -199,6 +201,8 @@ def _every_adapter_s_files(model: nn.Module, folders: dict[str, Path], vllm: boo
     for adapter in folders:  # every adapter converted: the files will be written
         _warn_older_peft_computes_otherwise(model, adapter)
         _warn_older_peft_widens(model, adapter, json.loads(files[adapter][1]))
+    if (why := peft_version.installed_reason()) is not None:  # a PEFT after NEWEST, or a build between releases
+        warnings.warn(f"rankwise.export_peft: {why}", UserWarning, stacklevel=3)
     return files
 
 
@@ -283,10 +287,8 @@ def _refuse_unwritable_layers(layers: dict[str, AdapterLayer], factors: dict[str
     for n, layer in layers.items():  # both forms
         why = layer.kind.peft_mismatch(peft_version.installed())  # the PEFT the file is written for
         if why is not None:
-            installed = peft_version.installed_text()
-            raise ExportRefused(f"layer {n!r} ({layer.kind.describe()}) has {why}; "
-                                + (f"the installed PEFT is {installed}" if installed else "no PEFT is installed")
-                                + ", and PEFT >= 0.22 computes it as rankwise does: install it to export this layer")
+            raise ExportRefused(f"layer {n!r} ({layer.kind.describe()}) has {why}; {peft_version.installed_said()}, "
+                                "and PEFT >= 0.22 computes it as rankwise does: install it to export this layer")
     return bool(dora)
 
 
@@ -817,6 +819,7 @@ def import_peft(
         parts, targets, ranks, ties, peft_targets = _peft_layers_untied(base_model, folder, cfg, tensors)
         plan, token_values, token_keys = import_token_rows(base_model, folder, cfg, tensors)
         saved, mts = _peft_saved_checked(base_model, folder, cfg, tensors, peft_targets, token_keys)
+        saved, mts, untrained = _untrained_beside_others(base_model, saved, mts)
         modules = base_modules(base_model)
         check_token_plan(plan, modules, targets, saved)
         config = _peft_adapter_config(cfg, targets, saved, plan, ties)
@@ -825,6 +828,13 @@ def import_peft(
         scales = {n: _layer_scale(cfg, n) for n in ranks}
         rebuild = _PeftRebuild(config, targets, ranks, scales, parts, ties, modules, plan, token_values, mts)
         install_rebuilt(base_model, config, rebuild.slots(), saved, rebuild, trainable=trainable, name=name)
+    if untrained:
+        warnings.warn(
+            f"adapter {name!r}: {folder / PEFT_WEIGHTS} holds {untrained} as fully trained modules (modules_to_save) "
+            "with the base model's own values, as PEFT's multi-adapter layout writes a later adapter's task heads. This "
+            "model has adapters already and a module has one trained copy, so they stay the base modules: the adapter "
+            "computes what PEFT computes with it, but training does not change them (PEFT would train a copy of its "
+            "own); import it onto a model of its own to train them", UserWarning, stacklevel=2)
     return base_model
 
 
@@ -885,6 +895,27 @@ def _peft_saved_checked(
     if cfg.get("ensure_weight_tying"):
         _check_tied_copies_agree(folder, saved, mts)
     return saved, mts
+
+
+def _untrained_beside_others(base_model: nn.Module, saved: dict[str, nn.Module], mts: dict[str, dict[str, Tensor]]
+                             ) -> tuple[dict[str, nn.Module], dict[str, dict[str, Tensor]], list[str]]:
+    """``(saved, mts, untrained)``: where the adapter is imported beside other adapters (a model has one trained copy
+    of a module, so only its first adapter may train modules fully: :func:`rankwise.lifecycle.check_new_name`) and
+    every fully-trained module's tensors are the base model's own values, those modules moved to ``untrained``.
+
+    PEFT keeps a trained copy per adapter, and its task classes wrap their heads for every adapter, so the second
+    adapter of PEFT's multi-adapter layout (rankwise's own export of a ``SEQ_CLS`` model, for one) lists the heads
+    with the base values. Such a copy computes as the base module does, which is what the adapter computes with in
+    rankwise when it is active: it imports so, and :func:`import_peft` warns that PEFT would train that copy and
+    rankwise does not. One copy with other values keeps them all, and the import is refused."""
+    if not saved or not is_attached(base_model):
+        return saved, mts, []
+    originals = original_modules(base_model)  # a module another adapter trains: its base module, not the trained copy
+    own = {n: originals.get(n, module).state_dict() for n, module in saved.items()}
+    if not all(t is None or (k in own[n] and own[n][k].shape == t.shape and _same_weight(own[n][k], t))
+               for n in saved for k, t in mts[n].items()):
+        return saved, mts, []
+    return {}, {}, list(saved)
 
 
 def _peft_adapter_config(cfg: dict[str, Any], targets: dict[str, nn.Module], saved: dict[str, nn.Module],
@@ -1098,7 +1129,9 @@ def _conv_from_peft(name: str, module: nn.Module, got: dict[str, Tensor], cfg: d
         said = f"{PEFT_CONFIG} {peft_version.said_by(cfg)}"
         raise ValueError(f"PEFT layer {name!r} ({kind.describe()}) has {why}; {said}: rankwise computes W0 + ΔW there, "
                          "so the import would not reproduce the outputs of the PEFT that wrote it. An adapter written "
-                         "by PEFT >= 0.22, which builds lora_A with the base's dilation and padding_mode, imports")
+                         "by PEFT >= 0.22, which builds lora_A with the base's dilation and padding_mode, imports; PEFT "
+                         "keeps a loaded file's peft_version when it saves it again, so if PEFT >= 0.22 trained these "
+                         "factors, set peft_version to its version")
     a = got.get("lora_A")
     if a is None or a.dim() == 0:
         raise ValueError(f"PEFT layer {name!r} ({kind.describe()}) has tensors {sorted(got)} and no lora_A conv weight")
@@ -1160,20 +1193,30 @@ def _base_values(base_model: nn.Module, folder: Path, cfg: dict[str, Any], stray
     same = {k for k, t in stray.items() if k in own and own[k].shape == t.shape and _same_weight(own[k], t)}
     other = sorted(k for k in stray if k in own and k not in same)
     if other:
-        raise ValueError(
-            f"{folder / PEFT_WEIGHTS} holds {other[:5]}: tensors of base modules that its modules_to_save "
-            f"{cfg.get('modules_to_save')} does not name under the rule of PEFT {_rules_of(cfg)} ({PEFT_CONFIG} "
-            f"{peft_version.said_by(cfg)}), with values other than this model's. PEFT's load writes them over the base "
-            "model's weights, which rankwise leaves as they are: list those modules in modules_to_save to import them trained, or "
-            "import onto the base the adapter was saved from")
+        raise ValueError(f"{folder / PEFT_WEIGHTS} holds {other[:5]}: {_what_peft_does_with(base_model, cfg, other)}. "
+                         "Rankwise reads the modules a file trains from its modules_to_save, and leaves the base model's "
+                         "weights as they are: list those modules in modules_to_save to import them trained, or import "
+                         "onto the base the adapter was saved from")
     return same
 
 
-def _rules_of(cfg: dict[str, Any]) -> str:
-    """The PEFT version whose rules a file is read by, as ``"0.21"``: the one it says wrote it (at most
-    :data:`rankwise.peft_version.NEWEST`, whose rules a newer one's file is read by), else 0.21."""
-    major, minor = min(peft_version.of_file(cfg) or peft_version.PEFT_021, peft_version.NEWEST)
-    return f"{major}.{minor}"
+def _what_peft_does_with(base_model: nn.Module, cfg: dict[str, Any], keys: list[str]) -> str:
+    """What the PEFT that wrote the file does on load with ``keys``, tensors of base modules its ``modules_to_save``
+    does not name: where its ``task_type``'s class wraps them as heads (it adds :func:`task_heads` to
+    ``modules_to_save``, e.g. PEFT's ``PeftModelForSequenceClassification``), it trains them; otherwise its load writes
+    them over the base model's weights."""
+    version = peft_version.of_file(cfg)
+    rules = f"the rule of PEFT {peft_version.rules_named(version)} ({PEFT_CONFIG} {peft_version.said_by(cfg)})"
+    task = cfg.get("task_type")
+    named = task_heads(task, [version or peft_version.PEFT_021])
+    heads = peft_wraps([n for n, _ in base_modules(base_model)], named, version)
+    held = [h for h in heads if any(k.startswith(h + ".") for k in keys)]
+    if held:
+        return (f"tensors of {held}, which its modules_to_save {cfg.get('modules_to_save')} does not list; under {rules} "
+                f"its task_type {task!r} makes PEFT wrap the heads {list(named)} as fully trained "
+                "modules on load (PEFT's own save lists them in modules_to_save), with these values")
+    return (f"tensors of base modules that its modules_to_save {cfg.get('modules_to_save')} does not name under {rules}, "
+            "with values other than this model's. PEFT's load writes them over the base model's weights")
 
 
 def _check_tied_copies_agree(folder: Path, saved: dict[str, nn.Module], mts: dict[str, dict[str, Tensor]]) -> None:
