@@ -492,3 +492,17 @@ def test_calibration_reads_training_rows_only(tmp_path: Path, lm_path: str) -> N
                     targets=("q_proj", "v_proj"), overrides={"n_steps": "3"})
     finetune(cfg, adapter=ExternalAdapter(attach), show_progress=False, log=lambda _m: None)
     assert len(seen) == 12 and set(seen) <= set(train)
+
+
+def test_a_batch_mixing_rows_with_and_without_a_second_text_is_refused_not_truncated_to_single_texts(tmp_path: Path) -> None:
+    """Lead, after round 81's note: the encoder batch read "pair task or not" from its first row only, so a batch
+    whose first row had no second text dropped every other row's second text without a word. Such a batch is refused."""
+    tt = EncoderHead(get_task("mrpc"), minilm_path(), RunConfig(task="mrpc", max_length=64))
+    from transformers import AutoTokenizer
+
+    tt.tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    rows = [Example("A man plays.", None, 0), Example("A dog runs.", "A cat sleeps.", 1)]
+    with pytest.raises(ValueError, match="1 of 2 rows in a batch have a second text"):
+        tt.train_batch(rows)
+    both = tt.train_batch([Example("A man plays.", "He plays.", 0), Example("A dog runs.", "A cat sleeps.", 1)])
+    assert int(both["token_type_ids"].sum()) > 0  # pairs still encoded as pairs

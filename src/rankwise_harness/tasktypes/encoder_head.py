@@ -60,7 +60,11 @@ class EncoderHead(TaskType):
 
     def train_batch(self, rows: list[Example]) -> dict[str, torch.Tensor]:
         pairs = [r.text_pair for r in rows]
-        enc = self.tokenizer([r.text for r in rows], pairs if pairs[0] is not None else None,
+        paired = sum(p is not None for p in pairs)
+        if 0 < paired < len(pairs):  # the tokenizer takes pairs for all rows or none: never drop some rows' second text
+            raise ValueError(f"task {self.task.name}: {paired} of {len(pairs)} rows in a batch have a second text "
+                             "(text_pair) and the others none; every row of a pair task needs both texts")
+        enc = self.tokenizer([r.text for r in rows], pairs if paired else None,
                              truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
         dtype = torch.float32 if self.task.kind == "regression" else torch.long
         enc["labels"] = torch.tensor([r.label for r in rows], dtype=dtype)
