@@ -130,6 +130,21 @@ def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _intermediates(x: Tensor, w0: Tensor, a: Tensor, b: Tensor, dora: bool) -> tuple[Tensor, Tensor | None]:
+    """``h = x Aᵀ`` and (DoRA) ``z = x W0ᵀ + h Bᵀ`` as the forward computes them, recomputed from the node's inputs.
+
+    The forward saves ``h`` and ``z`` without a graph (it runs under no-grad), so a backward that records one
+    (``torch.autograd.grad(..., create_graph=True)``: a gradient penalty, a Hessian-vector product) would treat them
+    as constants and give wrong second derivatives through ``dB = g'ᵀ h`` and ``dμ = Σ g ⊙ z``. Recomputed here,
+    from the saved inputs, they carry the graph to ``x``, ``A`` and ``B``.
+    """
+    x2 = _flat(x)
+    xa = x2 if x2.dtype == a.dtype else x2.to(a.dtype)
+    h = xa @ a.t()  # tokens x r
+    z = torch.addmm((x2 @ w0.t()).to(h.dtype), h, b.t()) if dora else None  # tokens x out, adapter dtype
+    return h, z
+
+
 class LowRankLinear(torch.autograd.Function):
     """``y = x W0ᵀ + bias + (x Aᵀ) Bᵀ`` — or, with ``mu``, ``y = bias + mu ⊙ (x W0ᵀ + (x Aᵀ) Bᵀ)`` — in one node.
 
@@ -173,6 +188,8 @@ class LowRankLinear(torch.autograd.Function):
             x, w0, a, b, h, mu, z = ctx.saved_tensors
         else:
             x, w0, a, b, h = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a backward that records a graph (create_graph=True): see _intermediates
+            h, z = _intermediates(x, w0, a, b, ctx.dora)
         need_x, _, _, need_a, need_b, need_mu = ctx.needs_input_grad
         g = _flat(grad)  # tokens x out, base dtype
         ga = g if g.dtype == a.dtype else g.to(a.dtype)  # tokens x out, adapter dtype
