@@ -7,6 +7,9 @@ checked against finite differences (``torch.autograd.gradgradcheck``).
   Hessian-vector product) gave wrong second derivatives on the fused path: the node saved ``h = x Aᵀ`` (and DoRA's
   ``z``) computed without a graph, so ``dB = g'ᵀ h`` and ``dμ = Σ g ⊙ z`` were constants to the second backward
   (measured: LoRA's second derivative off by up to 1.8e3, every method). Now recomputed from the inputs there.
+* ``torch.func`` transforms (``vmap(grad(...))``: per-example gradients; ``jvp``) and forward-mode AD raised torch's
+  errors about ``setup_context`` / ``jvp`` of a custom Function, naming no layer; the node has a backward only. Now
+  the reference path runs there, with the reference path's results.
 """
 
 from __future__ import annotations
@@ -67,3 +70,51 @@ def test_the_node_s_second_derivatives_match_finite_differences(dora: bool) -> N
     inputs = (x, a, b, *([mu] if mu is not None else []))
     assert torch.autograd.gradcheck(node, inputs)
     assert torch.autograd.gradgradcheck(node, inputs)
+
+
+def _per_example_grads(layer: torch.nn.Module, x: Tensor) -> dict[str, Tensor]:
+    """``vmap(grad(loss))``: each example's gradient of ``Σ tanh(y)²`` for every trained tensor (``torch.func``)."""
+    params = {n: p.detach() for n, p in layer.named_parameters() if p.requires_grad}
+
+    def loss(p: dict[str, Tensor], xi: Tensor) -> Tensor:
+        return (torch.func.functional_call(layer, p, (xi[None],)).tanh() ** 2).sum()
+
+    return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "raclora-both"])
+def test_torch_func_transforms_run_and_equal_the_reference_path(method: str) -> None:
+    """``torch.func.vmap(torch.func.grad(...))`` (per-example gradients) on a training layer. Before: ``RuntimeError``
+    "In order to use an autograd.Function with functorch transforms ... it must override the setup_context
+    staticmethod", naming no layer, where the reference path computes them. Now the reference path runs inside a
+    transform; the result equals ``grad`` per example taken one at a time under ``reference_path()``."""
+    layer = MAKERS[method](_base("linear", torch.float64), 0.0).train()
+    x = torch.randn(4, IN, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    got = _per_example_grads(layer, x)
+    with reference_path():
+        for i in range(x.shape[0]):
+            layer.zero_grad(set_to_none=True)
+            (layer(x[i : i + 1]).tanh() ** 2).sum().backward()
+            for name, p in layer.named_parameters():
+                if p.requires_grad:
+                    want = torch.zeros_like(p) if p.grad is None else p.grad
+                    torch.testing.assert_close(got[name][i], want, rtol=1e-12, atol=1e-12)
+    assert type(layer(x.requires_grad_(True)).grad_fn).__name__ == "LowRankLinearBackward"  # outside: the fused node
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_forward_mode_ad_runs_and_equals_the_reference_path(method: str) -> None:
+    """A Jacobian-vector product (``torch.autograd.forward_ad`` and ``torch.func.jvp``) through a training layer.
+    Before: ``NotImplementedError`` "You must implement the jvp function for custom autograd.Function" (and the
+    ``setup_context`` error for ``torch.func.jvp``). Now the reference path runs; the tangent equals the closed form
+    ``J v`` from the layer's merged weight, ``v W_mergedᵀ``."""
+    import torch.autograd.forward_ad as fw
+
+    layer = MAKERS[method](_base("linear", torch.float64), 0.0).train()
+    g = torch.Generator().manual_seed(4)
+    x, v = (torch.randn(3, IN, dtype=torch.float64, generator=g) for _ in range(2))
+    want = v @ layer.merged_weight().detach().t()
+    with fw.dual_level():
+        tangent = fw.unpack_dual(layer(fw.make_dual(x, v))).tangent
+    torch.testing.assert_close(tangent, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.func.jvp(layer, (x,), (v,))[1], want, rtol=1e-12, atol=1e-12)

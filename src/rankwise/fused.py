@@ -35,8 +35,11 @@ implementation, which the tests compare the fused path with. The fused node runs
   dropout, and the base weight and bias are frozen; the module repr (``path=...``) and the attach report's
   ``path`` column say which, and why not;
 * and at run time (:func:`fusion_on`): fusion is on (not inside :func:`reference_path`), autograd is on,
-  autocast is off (it re-types the GEMMs; the reference path follows it), and some input of the node needs
-  a gradient.
+  autocast is off (it re-types the GEMMs; the reference path follows it), no ``torch.func`` transform and no
+  forward-mode AD is active (the node has a backward only), and some input of the node needs a gradient.
+
+A backward that records a graph (``create_graph=True``) recomputes the node's saved intermediates from its inputs,
+so second derivatives through it are exact (:func:`_intermediates`).
 
 :func:`reference_path` forces the reference path (for tests and benchmarks).
 """
@@ -102,16 +105,32 @@ def fused_blocker(layer: Any) -> str | None:
 
 
 def _run_time_on(layer: Any) -> bool:
-    """Fusion enabled, autograd on, autocast off (for the CPU and the layer's device)."""
+    """Fusion enabled, autograd on, autocast off (for the CPU and the layer's device), and no other
+    differentiation than a backward (:func:`_other_differentiation`)."""
     if not (_ENABLED[0] and torch.is_grad_enabled()):
         return False
-    return not any(torch.is_autocast_enabled(d) for d in ("cpu", layer.weight.device.type))
+    if any(torch.is_autocast_enabled(d) for d in ("cpu", layer.weight.device.type)):
+        return False
+    return not _other_differentiation()
+
+
+def _other_differentiation() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ``jvp``, ...) or forward-mode AD
+    (``torch.autograd.forward_ad.dual_level``) is active: :class:`LowRankLinear` has a backward only, so torch
+    refuses it there (with an error about ``setup_context`` / ``jvp`` that names no layer); the reference path's
+    plain torch ops work under both."""
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
+    if torch.compiler.is_compiling():  # (a compiled forward inside a torch.func transform is not looked for)
+        return False
+    return torch._C._functorch.maybe_current_level() is not None
 
 
 def fusion_on(layer: Any, x: Tensor) -> bool:
     """Whether ``layer`` takes the fused path for input ``x`` now, short of the last check (that some input of the
     node needs a gradient: :meth:`FusedInputs.need_grad`, once the factors are formed): :func:`fused_blocker` gives
-    ``None``, fusion and autograd are on, autocast is off, and ``x`` or a trained tensor requires a gradient."""
+    ``None``, fusion and autograd are on, autocast, ``torch.func`` and forward-mode AD are off, and ``x`` or a
+    trained tensor requires a gradient."""
     if not _run_time_on(layer) or fused_blocker(layer) is not None:
         return False
     return x.requires_grad or any(p.requires_grad for p in layer.trainable_tensors().values())
