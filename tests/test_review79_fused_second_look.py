@@ -14,14 +14,23 @@ checked against finite differences (``torch.autograd.gradgradcheck``).
 
 from __future__ import annotations
 
+import copy
+import warnings
 from contextlib import nullcontext
+from pathlib import Path
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fw
+import torch.distributed as dist
 from test_fused import IN, MAKERS, _base
 from torch import Tensor
+from torch.distributed.fsdp import fully_shard
+from torch.utils.checkpoint import checkpoint
 
+import rankwise
 from rankwise.fused import low_rank_linear, reference_path
+from rankwise.registry import get_method
 
 
 def _second_derivatives(layer: torch.nn.Module, x: Tensor, fused: bool) -> tuple[str, list[Tensor]]:
@@ -108,7 +117,6 @@ def test_forward_mode_ad_runs_and_equals_the_reference_path(method: str) -> None
     Before: ``NotImplementedError`` "You must implement the jvp function for custom autograd.Function" (and the
     ``setup_context`` error for ``torch.func.jvp``). Now the reference path runs; the tangent equals the closed form
     ``J v`` from the layer's merged weight, ``v W_mergedᵀ``."""
-    import torch.autograd.forward_ad as fw
 
     layer = MAKERS[method](_base("linear", torch.float64), 0.0).train()
     g = torch.Generator().manual_seed(4)
@@ -118,3 +126,79 @@ def test_forward_mode_ad_runs_and_equals_the_reference_path(method: str) -> None
         tangent = fw.unpack_dual(layer(fw.make_dual(x, v))).tangent
     torch.testing.assert_close(tangent, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(torch.func.jvp(layer, (x,), (v,))[1], want, rtol=1e-12, atol=1e-12)
+
+
+class _Block(torch.nn.Module):
+    """``fc1 → ReLU(inplace=True) → + x → fc2 → ×0.5 in place``: in-place ops on two adapted layers' outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = torch.nn.Linear(12, 12), torch.nn.ReLU(inplace=True), torch.nn.Linear(12, 12)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)) + x).mul_(0.5)
+
+
+def _adapted_blocks(method: str) -> torch.nn.Sequential:
+    """Two :class:`_Block` s in fp64, ``method`` on all four linears, its tensors moved off their initialisation."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_Block(), _Block()).double()
+    rankwise.attach(model, get_method(method).config_cls(r=4, alpha=8, target_modules=("0.fc1", "0.fc2", "1.fc1", "1.fc2")))
+    with torch.no_grad():
+        for p in rankwise.trainable_parameters(model).values():
+            p.add_(0.1 * torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(5)))
+    return model
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_in_place_ops_after_adapted_layers_train_under_activation_checkpointing(method: str, reentrant: bool) -> None:
+    """Round 78's in-place op, inside ``torch.utils.checkpoint`` segments (the recomputation runs the fused node
+    again): the gradients equal the reference path's without checkpointing (fp64). Before round 78 (6bb33d3~1): the
+    "Output 0 of LowRankLinear is a view and is being modified inplace" error, in both checkpoint modes."""
+
+    x = torch.randn(2, 3, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    grads = []
+    for checkpointed in (True, False):
+        model = _adapted_blocks(method)
+        with nullcontext() if checkpointed else reference_path():
+            h = x
+            for block in model:
+                h = checkpoint(block, h, use_reentrant=reentrant) if checkpointed else block(h)
+            (h * h).sum().backward()
+        grads.append(rankwise.trainable_parameters(model))
+        assert not checkpointed or model[0].fc1.fused_path() == "fused"
+    for name, p in grads[0].items():
+        torch.testing.assert_close(p.grad, grads[1][name].grad, rtol=1e-12, atol=1e-12)
+
+
+def test_fsdp2_on_an_adapted_layer_no_longer_warns_of_a_view(tmp_path: Path) -> None:
+    """Round 75's note, rerun: ``fully_shard`` on an adapted layer (one process, gloo), a training step on 2-D input.
+    Before round 78 FSDP2 warned "FSDP2-wrapped module (FSDPLoraLinear) returned a view tensor" (the fused node's
+    output was a view; measured in the two-process ``dist_worker.py --mode fsdp2`` too: 120 such warnings, 0 now).
+    Now no warning, and the gradients equal an unsharded copy's."""
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 12), torch.nn.Tanh(), torch.nn.Linear(12, 4)).double()
+    rankwise.attach(model, get_method("lora").config_cls(r=4, alpha=8, target_modules=("0", "2")))
+    with torch.no_grad():
+        for p in rankwise.trainable_parameters(model).values():
+            p.add_(0.1)
+    twin = copy.deepcopy(model)
+    x = torch.randn(4, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    twin(x).pow(2).sum().backward()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        fully_shard(model[0])
+        fully_shard(model[2])
+        fully_shard(model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model(x).pow(2).sum().backward()
+        views = [str(w.message) for w in caught if "view tensor" in str(w.message)]
+        assert not views, views
+        want = rankwise.trainable_parameters(twin)
+        for name, p in rankwise.trainable_parameters(model).items():
+            torch.testing.assert_close(p.grad.full_tensor(), want[name].grad, rtol=1e-12, atol=1e-12)
+    finally:
+        dist.destroy_process_group()
