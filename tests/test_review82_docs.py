@@ -84,12 +84,19 @@ def test_the_command_line_page_names_every_subcommand() -> None:
     assert [c for c in _subcommands() if f"`{c}`" not in first] == []
 
 
-def _refusal_list() -> set[str]:
-    """The calls the adapters how-to says ``rankwise.disabled`` refuses."""
+REFUSALS = {  # block -> the sentence of docs/howto/adapters.md that lists what the block refuses
+    "disabled": r"Calls that change or write the adapters are refused inside the block[^:]*:(.*?);",
+    "scaled": r"Inside the block (`?merge.*?) raise \(",
+    "per_example": r"Inside the block, calls that change the adapters or write them \((.*?)\) are refused",
+}
+
+
+def _refusal_list(block: str) -> set[str]:
+    """The calls the adapters how-to says ``rankwise.<block>`` refuses inside it."""
     text = " ".join((ROOT / "docs/howto/adapters.md").read_text().split())
-    sentence = re.search(r"Calls that change or write the adapters are refused inside the block[^:]*:(.*?);", text)
-    assert sentence is not None, "the refusal sentence of rankwise.disabled is gone"
-    return set(re.findall(r"`(\w+)`", sentence.group(1)))
+    sentence = re.search(REFUSALS[block], text)
+    assert sentence is not None, f"the sentence listing what rankwise.{block} refuses is gone"
+    return set(re.findall(r"`(\w+)(?:\(\))?`", sentence.group(1)))
 
 
 class _Two(nn.Module):
@@ -102,11 +109,21 @@ class _Two(nn.Module):
         return self.head(self.fc(x))
 
 
-def test_what_disabled_refuses_is_what_the_page_lists(tmp_path: Path) -> None:
+def _block(block: str, model: nn.Module) -> Any:
+    if block == "disabled":
+        return rankwise.disabled(model)
+    if block == "scaled":
+        return rankwise.scaled(model, 0.5)
+    return rankwise.per_example(model, ["default", None])
+
+
+@pytest.mark.parametrize("block", sorted(REFUSALS))
+def test_what_a_block_refuses_is_what_the_page_lists(block: str, tmp_path: Path) -> None:
     """Inside ``with rankwise.disabled(model):`` the page listed merge, unmerge, attach, delete and detach as
     refused; save, export_peft, load, import_peft, set_active, combine and load_state_dict are refused too (a user
-    saving inside the block got a ``RuntimeError`` the page did not announce). Each call is tried; the set refused
-    must be the set listed, and what works (``step``, ``scaled``) must not be listed."""
+    saving inside the block got a ``RuntimeError`` the page did not announce). ``scaled``'s list lacked load,
+    import_peft and detach, ``per_example``'s load, import_peft, detach, combine, export_peft, scaled and a nested
+    block. Each call is tried inside the block: every one refused must be listed, and none that works."""
     torch.manual_seed(0)
     model = _Two()
     cfg = rankwise.LoraConfig(r=2, target_modules=["fc"])
@@ -126,13 +143,19 @@ def test_what_disabled_refuses_is_what_the_page_lists(tmp_path: Path) -> None:
         "load_state_dict": lambda: model.load_state_dict(model.state_dict()),
         "step": lambda: rankwise.step(model), "scaled": lambda: rankwise.scaled(model, 0.5).__enter__(),
     }
-    refused = set()
+    if block != "disabled":  # per_example refuses to start inside disabled(), which its own section says
+        calls["disabled"] = lambda: rankwise.disabled(model).__enter__()
+        calls["per_example"] = lambda: rankwise.per_example(model, ["default"]).__enter__()
+    refused, works = set(), set()
     for name, call in calls.items():
-        with rankwise.disabled(model):
+        with _block(block, model):
             try:
                 call()
+                works.add(name)
             except RuntimeError as err:
-                assert "rankwise.disabled" in str(err), (name, err)
+                assert f"rankwise.{block}" in str(err), (name, err)
                 refused.add(name)
-    assert refused == _refusal_list(), (sorted(refused), sorted(_refusal_list()))
-    assert rankwise.active_adapters(model) == ("default",)
+    listed = _refusal_list(block)
+    assert refused <= listed, f"refused inside rankwise.{block} but not listed: {sorted(refused - listed)}"
+    assert not works & listed, f"listed as refused inside rankwise.{block} but work: {sorted(works & listed)}"
+    assert {"step"} <= works and rankwise.active_adapters(model) == ("default",)
