@@ -24,6 +24,8 @@ frozen ``A``, RAC-LoRA's sketch): gradients are computed only for inputs that re
 Mixed precision (a bf16/fp16 base with fp32 adapters) follows the reference path's casts exactly:
 the base GEMM runs in the base dtype, the low-rank path in the adapter dtype, and their sum is computed in the
 wider of the two and rounded once into the base dtype (HF PEFT's rounding).
+The up-cast copies this needs (``x`` and ``g`` in the adapter dtype) are temporaries, freed after their last product
+(review round 83): over a half base the node's peak memory stays below the reference path's.
 
 Where it is chosen: in one place, :meth:`rankwise.layer.AdapterLayer.own_forward` (which the layer's
 ``forward`` calls). A method takes part by supplying its factors, :meth:`~rankwise.layer.AdapterLayer.fused_inputs`
