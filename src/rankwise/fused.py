@@ -24,6 +24,8 @@ frozen ``A``, RAC-LoRA's sketch): gradients are computed only for inputs that re
 Mixed precision (a bf16/fp16 base with fp32 adapters) follows the reference path's casts exactly:
 the base GEMM runs in the base dtype, the low-rank path in the adapter dtype, and their sum is computed in the
 wider of the two and rounded once into the base dtype (HF PEFT's rounding).
+The up-cast copies this needs (``x`` and ``g`` in the adapter dtype) are temporaries, freed after their last product
+(review round 83): over a half base the node's peak memory stays below the reference path's.
 
 Where it is chosen: in one place, :meth:`rankwise.layer.AdapterLayer.own_forward` (which the layer's
 ``forward`` calls). A method takes part by supplying its factors, :meth:`~rankwise.layer.AdapterLayer.fused_inputs`
@@ -149,6 +151,23 @@ def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``: itself when it has it, else an up- or down-cast copy."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _input_grad(g: Tensor, w0: Tensor, u: Tensor, a: Tensor) -> Tensor:
+    """``dx = g' W0 + u A`` (``tokens x in``, the base dtype) for ``g'`` in the base dtype and ``u = g' B`` in the
+    adapter dtype: with a half base and fp32 adapters ``u A`` is rounded into the base dtype and then added (as the
+    reference path's two branches meet), else accumulated into the first GEMM's output. The low-rank term is formed
+    and rounded before the base GEMM's output is allocated, so its fp32 ``tokens x in`` temporary is gone by then
+    (the same two roundings and one addition, in another order: the same bits)."""
+    if u.dtype == g.dtype:
+        return (g @ w0).addmm_(u, a)
+    low = (u @ a).to(g.dtype)  # tokens x in, base dtype
+    return (g @ w0).add_(low)
+
+
 def _intermediates(x: Tensor, w0: Tensor, a: Tensor, b: Tensor, dora: bool) -> tuple[Tensor, Tensor | None]:
     """``h = x Aᵀ`` and (DoRA) ``z = x W0ᵀ + h Bᵀ`` as the forward computes them, recomputed from the node's inputs.
 
@@ -158,8 +177,7 @@ def _intermediates(x: Tensor, w0: Tensor, a: Tensor, b: Tensor, dora: bool) -> t
     from the saved inputs, they carry the graph to ``x``, ``A`` and ``B``.
     """
     x2 = _flat(x)
-    xa = x2 if x2.dtype == a.dtype else x2.to(a.dtype)
-    h = xa @ a.t()  # tokens x r
+    h = _as(x2, a.dtype) @ a.t()  # tokens x r
     z = torch.addmm((x2 @ w0.t()).to(h.dtype), h, b.t()) if dora else None  # tokens x out, adapter dtype
     return h, z
 
@@ -175,8 +193,7 @@ class LowRankLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, w0: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, mu: Tensor | None) -> Tensor:  # type: ignore[override]
         x2 = _flat(x)  # tokens x in
-        xa = x2 if x2.dtype == a.dtype else x2.to(a.dtype)  # tokens x in, adapter dtype
-        h = xa @ a.t()  # tokens x r
+        h = _as(x2, a.dtype) @ a.t()  # tokens x r (an up-cast copy of x lives for this product only)
         # The output is allocated in its final shape and written through a 2-D view, so it is no view itself:
         # autograd refuses an in-place op (ReLU(inplace=True), x += ...) on a view made inside a custom Function.
         y = x.new_empty((*x.shape[:-1], w0.shape[0]))  # ..., out, base dtype
@@ -211,29 +228,30 @@ class LowRankLinear(torch.autograd.Function):
             h, z = _intermediates(x, w0, a, b, ctx.dora)
         need_x, _, _, need_a, need_b, need_mu = ctx.needs_input_grad
         g = _flat(grad)  # tokens x out, base dtype
-        ga = g if g.dtype == a.dtype else g.to(a.dtype)  # tokens x out, adapter dtype
+        ga = _as(g, a.dtype)  # tokens x out, adapter dtype
         d_mu = None
         if ctx.dora:
             if need_mu:
                 d_mu = (ga * z).sum(dim=0)  # out
             ga = ga * mu  # g' = g ⊙ μ, tokens x out
-            g = ga if ga.dtype == g.dtype else ga.to(g.dtype)  # the base path's g', base dtype
-        x2 = _flat(x)  # tokens x in
-        d_x = d_a = d_b = None
+            g = _as(ga, g.dtype)  # the base path's g', base dtype
+        # A plain backward drops each full-size temporary once its last product is formed: ga (tokens x out, fp32
+        # over a half base) after dB and u, x's up-cast copy after dA, both before dx's GEMMs (the order of the
+        # products changes no bit). A backward that records a graph keeps ga in it anyway, and forms the products in
+        # the order that sets how the second backward sums its terms (dB last; round 79's bits).
+        plain = not torch.is_grad_enabled()
+        d_b = ga.t() @ h if need_b and plain else None  # out x r
+        d_x = d_a = None
         if need_x or need_a:
             u = ga @ b  # tokens x r: g' B, shared by dx and dA
+            if plain:
+                del ga
             if need_a:
-                xa = x2 if x2.dtype == a.dtype else x2.to(a.dtype)
-                d_a = u.t() @ xa  # r x in
+                d_a = u.t() @ _as(_flat(x), a.dtype)  # r x in
             if need_x:
-                d_x = g @ w0  # tokens x in, base dtype
-                if d_x.dtype == u.dtype:
-                    d_x.addmm_(u, a)
-                else:
-                    d_x.add_((u @ a).to(d_x.dtype))
-                d_x = d_x.reshape(x.shape)
-        if need_b:
-            d_b = ga.t() @ h  # out x r
+                d_x = _input_grad(g, w0, u, a).reshape(x.shape)  # ..., in, base dtype
+        if need_b and not plain:
+            d_b = ga.t() @ h
         return d_x, None, None, d_a, d_b, d_mu
 
 
