@@ -21,8 +21,9 @@ Every block, named ``page#n`` (its n-th python block) and reported by page and l
 
 Blocks checked by 1-3 only (``STATIC_ONLY``):
 
-- docs/distributed.md#1 (DDP): NCCL on GPUs, one process per GPU under torchrun.
+- docs/distributed.md#1 (DDP): one process per GPU (gloo on CPU) under torchrun.
 - docs/distributed.md#2 (FSDP2 save): a model sharded by FSDP2 over several processes.
+  tests/test_review84_distributed_docs.py runs both as written on 2 gloo processes (``slow``).
 - The blocks that include an example (``--8<-- "examples/x.py"``; the block's code is the file):
   docs/quickstart.md#1, docs/howto/trl.md#1, docs/howto/export.md#1, docs/howto/own-loop.md#1 and #2,
   docs/howto/hf-trainer.md#1, docs/howto/quantized.md#1, docs/methods/raclora.md#1, docs/methods/gora.md#1,
@@ -69,8 +70,8 @@ GIVEN: dict[str, dict[str, str]] = {
     "docs/raclora.md#1": {"loader": "your batches"},
 }
 STATIC_ONLY: dict[str, str] = {
-    "docs/distributed.md#1": "NCCL on GPUs, one process per GPU under torchrun",
-    "docs/distributed.md#2": "a model sharded by FSDP2 over several processes",
+    "docs/distributed.md#1": "one process per GPU (gloo on CPU) under torchrun; run by test_review84 (slow)",
+    "docs/distributed.md#2": "a model sharded by FSDP2 over several processes; run by test_review84 (slow)",
 }
 SLOW = {"docs/howto/adapters.md#2"}  # TRL's DPOTrainer: its import and 3 steps
 

@@ -370,7 +370,13 @@ def test_a_4bit_model_merged_for_good_inside_inference_mode_then_fully_fine_tune
 def test_the_harness_s_generation_task_generates_with_the_adapter_left_padded(tmp_path: Path) -> None:
     """The harness's generation task type (``gsm8k``) evaluates by ``predict``: on an adapted tiny Llama its batched,
     left-padded greedy generation gives each prompt the text of the adapted model's own token-by-token argmax (stopped
-    at the model's end token), as that prompt predicted alone; not the base model's."""
+    at the model's end token), as that prompt predicted alone; not the base model's.
+
+    Review round 84: the adapter used to be ``perturb_trainable`` three times, which made the model write ``------``
+    whatever the prompt, so a right-padded batch passed too (measured: the harness with ``padding_side = "right"``
+    passed). Now only the ``B`` factors move (0.3 · N(0, 1)): the three prompts generate three different texts alone,
+    a right-padded batch of them generates other texts for the two shorter rows (checked here), and the harness's
+    batch must give each row its own text."""
     import contextlib
 
     from test_label_words import save_tiny_llama
@@ -387,10 +393,25 @@ def test_the_harness_s_generation_task_generates_with_the_adapter_left_padded(tm
     rows = [Example(q, target="1") for q in ("how many apples", "a b", "if tom has five cats and two dogs, how many")]
     base = gen.predict(model, rows, cpu, contextlib.nullcontext)
     rankwise.attach(model, rankwise.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj", "down_proj"], seed=0))
-    for seed in (1, 2, 3):
-        perturb_trainable(model, seed)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # B moved, A its seeded init: the output still follows the prompt
+        for name, p in model.named_parameters():
+            if name.endswith(".lora_b"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
     model.eval()
     tok = gen.tokenizer
+
+    def right_padded(rows: list[Example]) -> list[str]:
+        side, tok.padding_side = tok.padding_side, "right"
+        try:
+            batch = tok([gen.prompt(r) for r in rows], return_tensors="pt", padding=True)
+        finally:
+            tok.padding_side = side
+        with torch.no_grad():
+            out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 max_new_tokens=NEW, do_sample=False, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id)
+        return tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
     def by_hand(row: Example) -> str:
         ids = tok(gen.prompt(row), return_tensors="pt")["input_ids"]
@@ -402,7 +423,11 @@ def test_the_harness_s_generation_task_generates_with_the_adapter_left_padded(tm
                     break
         return tok.decode(ids[0, start:], skip_special_tokens=True)
 
+    alone = [by_hand(row) for row in rows]
+    assert len(set(alone)) == len(rows), f"the adapter writes the same whatever the prompt: {alone}"
+    padded_right = right_padded(rows)
+    assert [a != b for a, b in zip(padded_right, alone)] == [True, True, False], (padded_right, alone)
     together = gen.predict(model, rows, cpu, contextlib.nullcontext)
+    assert together == alone
     assert together == [gen.predict(model, [row], cpu, contextlib.nullcontext)[0] for row in rows]
-    assert together == [by_hand(row) for row in rows]
     assert together != base

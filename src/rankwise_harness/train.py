@@ -16,7 +16,7 @@ import os
 import resource
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -399,6 +399,18 @@ def _accelerate_state(mp: str) -> Iterator[None]:
 UNSUPPORTED_LAUNCHES = ("DEEPSPEED", "FSDP", "MEGATRON_LM")
 
 
+def check_launch_environment(environ: Mapping[str, str] = os.environ) -> None:
+    """Refuse, before Accelerate is set up, a launch whose environment asks for one of :data:`UNSUPPORTED_LAUNCHES`
+    (``accelerate launch --use_fsdp`` / ``--use_deepspeed`` / an Accelerate config set ``ACCELERATE_USE_<KIND>``,
+    read as Accelerate reads it). :func:`check_launch` alone came too late there: on CPU, 2 processes under
+    ``--use_fsdp`` died inside ``Accelerator()`` ("FSDP parameter initialization with `sync_module_states=True` is not
+    supported on cpu", exit 1), ``--use_deepspeed`` without DeepSpeed installed on its ImportError, and one process
+    under ``--use_fsdp`` trained as if FSDP had not been asked for."""
+    for kind in UNSUPPORTED_LAUNCHES:
+        if environ.get(f"ACCELERATE_USE_{kind}", "false").lower() == "true":
+            check_launch(kind)
+
+
 def check_launch(distributed_type: str) -> None:
     """Refuse an ``accelerate launch`` that asks for DeepSpeed, FSDP or Megatron-LM (``--use_deepspeed``, an Accelerate
     config, ``ACCELERATE_USE_DEEPSPEED``...): the harness trains one process or DDP (torchrun / plain ``accelerate
@@ -424,6 +436,7 @@ def _open_run(cfg: RunConfig, source: AdapterSource, mp: str, resume: bool, over
     task_type = task_type_for(task, model_name, cfg)  # its flags are checked before anything is written
     # several CPU processes (torchrun without GPUs) need cpu=True for Accelerate to set up gloo
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    check_launch_environment()
     accelerator = Accelerator(mixed_precision=mp, cpu=multi_cpu)
     check_launch(str(accelerator.distributed_type))
     say = log if accelerator.is_main_process else (lambda _msg: None)
