@@ -179,3 +179,24 @@ def test_lora_plus_on_a_chain_that_trains_no_b_refuses_a_ratio_below_one_too(rat
     _, model = _attached(frozen="B")
     with pytest.raises(ValueError, match=f"LoRA\\+ ratio {ratio:g} would change nothing"):
         rankwise.lora_plus_param_groups(model, lr=1e-3, ratio=ratio)
+
+
+# ---------------------------------------------------------------------------- a RAC-LoRA link end
+@pytest.mark.parametrize("frozen", ["A", "B", "alternate"])
+def test_a_link_end_right_after_the_optimizer_step_leaves_no_gradient_on_the_factors(frozen: str) -> None:
+    """README's loop calls ``rankwise.step`` after ``optimizer.step()``, before or after ``zero_grad``. Ended before
+    it, the link's gradients are still there: the link end drops them with the moments, so nothing of the old link (the
+    re-zeroed factor's gradient, the new sketch's) reaches a later step. ``test_raclora.py`` checks this after a loop
+    that had already zeroed them."""
+    from test_raclora import _batch, _model
+
+    model = _model(frozen, link_steps=None)
+    opt = torch.optim.Adam(rankwise.trainable_parameters(model).values(), lr=1e-2)
+    model(**_batch(0)).loss.backward()
+    opt.step()
+    layers = rankwise.adapter_layers(model)
+    assert all(t.grad is not None for layer in layers.values() for t in layer.link_trained())
+    rankwise.end_link(model, opt)
+    for layer in layers.values():
+        assert layer.lora_a.grad is None and layer.lora_b.grad is None
+        assert layer.lora_a not in opt.state and layer.lora_b not in opt.state
