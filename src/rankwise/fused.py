@@ -97,6 +97,12 @@ def fused_blocker(layer: Any) -> str | None:
     ``"trainable base weight"`` (a gradient for ``W0``/``b`` is never formed)."""
     if not layer.has_fused_form():
         return "no fused form"
+    return _node_blocker(layer)
+
+
+def _node_blocker(layer: Any) -> str | None:
+    """What rules the node out for ``layer`` whatever supplies its factors: :func:`fused_blocker`'s reasons after
+    ``"no fused form"`` (:func:`use_fused` checks these for a method that calls the node from its own forward)."""
     if not layer.kind.fusable:
         return f"{layer.kind.describe()} base"
     if not isinstance(layer.dropout, nn.Identity):
@@ -139,11 +145,13 @@ def fusion_on(layer: Any, x: Tensor) -> bool:
 
 
 def use_fused(layer: Any, *tensors: Tensor) -> bool:
-    """Whether ``layer`` may take the fused path with these node inputs (kept for old callers; the layers choose
-    in :meth:`rankwise.layer.AdapterLayer.own_forward`)."""
+    """Whether ``layer`` may take the fused path with these node inputs (kept for old callers: a method that calls
+    :func:`low_rank_linear` from its own forward, without :meth:`~rankwise.layer.AdapterLayer.fused_inputs`; the
+    layers choose in :meth:`rankwise.layer.AdapterLayer.own_forward`). Such a layer's missing fused form is no
+    blocker, every other one is (dropout, a bitsandbytes base, a trainable base weight: review round 85)."""
     if not (_run_time_on(layer) and any(t.requires_grad for t in tensors)):
         return False
-    return fused_blocker(layer) in (None, "no fused form")
+    return _node_blocker(layer) is None
 
 
 def _flat(t: Tensor) -> Tensor:
