@@ -64,7 +64,9 @@ def write_sst2_slice(folder: Path, n_train: int, n_dev: int) -> str:
         if real.is_dir():
             lines = (real / f"{split}.tsv").read_text().splitlines()[: n + 1]
         else:
-            lines = ["sentence\tlabel"] + [f"{'good fine' if i % 2 else 'bad awful'} film {i} \t{i % 2}" for i in range(n)]
+            # the split's name in every row: dev rows never repeat training rows, as in the real release
+            lines = ["sentence\tlabel"] + [f"{'good fine' if i % 2 else 'bad awful'} {split} film {i} \t{i % 2}"
+                                           for i in range(n)]
         (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
     return str(folder)
 

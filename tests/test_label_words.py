@@ -301,12 +301,19 @@ def test_trained_adapter_reproduces_the_run_on_a_plain_causal_lm(tmp_path: Path,
     lm, tok = _load(tiny_lm)
     rankwise.load(lm, tmp_path / "run" / "adapter")
     words = LabelWords.resolve(verbalizer_for(get_task("sst2")), tok, 48)
-    dev = load_task_data(get_task("sst2"), sst2).dev[:8]
-    with torch.no_grad():
-        pred = [int(lm(input_ids=torch.tensor([words.prompt_ids(tok, ex, 48)])).logits[0, -1, list(words.token_ids)]
-                    .argmax()) for ex in dev]
     rows = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    # --max-eval 8 evaluates a seeded stratified sample of the dev file: each record names its row there
+    every = load_task_data(get_task("sst2"), sst2).dev
+    dev = [every[r["index"]] for r in rows]
+    assert len(dev) == 8 and all(r["label"] == ex.label for r, ex in zip(rows, dev))
+    with torch.no_grad():
+        logits = [lm(input_ids=torch.tensor([words.prompt_ids(tok, ex, 48)])).logits[0, -1, list(words.token_ids)]
+                  for ex in dev]
+    pred = [int(z.argmax()) for z in logits]
     assert pred == [r["prediction"] for r in rows]
+    # the probabilities too: an argmax alone barely moves after 3 steps, so it would pass without the adapter
+    for z, r in zip(logits, rows):
+        assert z.softmax(-1).tolist() == pytest.approx(list(r["label_word_probs"].values()), abs=1e-5)
     assert result["metrics"]["accuracy"] == pytest.approx(sum(p == ex.label for p, ex in zip(pred, dev)) / len(dev))
 
 
