@@ -145,25 +145,31 @@ def _env() -> dict[str, str]:
                 PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
 
 
-def _argv(model: str, data: str, out: Path, batch_size: int) -> list[str]:
-    return ["finetune", "--task", "gsm8k", "--data", data, "--model", model, "--method", "lora",
+GORA = ["--calibration-batches", "2", "--set", "r_min=2", "--set", "r_max=8"]
+
+
+def _argv(model: str, data: str, out: Path, batch_size: int, method: str = "lora") -> list[str]:
+    return ["finetune", "--task", "gsm8k", "--data", data, "--model", model, "--method", method, *(GORA if method == "gora" else []),
             "--dropout", "0", "--max-steps", "3", "--batch-size", str(batch_size), "--lr", "1e-2", "--max-length", "80",
             "--max-eval", "3", "--max-new-tokens", "2", "--precision", "no", "--no-progress", "--output", str(out)]
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available(), reason="this torch build has no torch.distributed")
-def test_a_generation_run_on_two_processes_is_the_one_process_run(tiny_gpt2: str, gsm: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["lora", "gora"])
+def test_a_generation_run_on_two_processes_is_the_one_process_run(method: str, tiny_gpt2: str, gsm: str,
+                                                                  tmp_path: Path) -> None:
     """``torchrun --nproc_per_node 2 ... --batch-size 4`` against one process with ``--batch-size 8`` on a generation
     task whose answers differ in length: the step losses agree to float rounding (before: 0.017 apart at step 1, the
-    mean of the shares' means) and so do the trained factors."""
+    mean of the shares' means) and so do the trained factors. GoRA: its calibration gradients (averaged across the
+    processes) are weighted the same way, so its init is the one process's too."""
     from rankwise_harness.cli import main
 
     one = tmp_path / "one"
-    assert main(_argv(tiny_gpt2, gsm, one, 8)) == 0
+    assert main(_argv(tiny_gpt2, gsm, one, 8, method)) == 0
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "rankwise_harness.cli", *_argv(tiny_gpt2, gsm, two, 4)]
+           "rankwise_harness.cli", *_argv(tiny_gpt2, gsm, two, 4, method)]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     losses = [json.loads((run / "metrics.json").read_text())["losses"] for run in (one, two)]
