@@ -178,3 +178,26 @@ def test_a_generation_run_on_two_processes_is_the_one_process_run(method: str, t
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-4, msg=name)
+
+
+# ------------------------------------------------------------------------------------- each process's RNG state
+def test_a_checkpoint_holds_each_processs_rng_state_under_its_index(tmp_path: Path) -> None:
+    """Process 1 of 2 writes its own RNG states as ``rng-1`` (rank 0 its ``rng-0``): with dropout the processes' states
+    part ways (a mask consumes the RNG by its size, and the shares are padded to other widths), and a resumed process
+    must go on from its own. (Round 10's resume test has no dropout, so every process's state is the same there: it
+    passes when every process writes ``rng-0``.)"""
+    from types import SimpleNamespace
+
+    from rankwise_harness.checkpoint import CKPT_DIR, TrainerState, read_state, write_checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    torch.manual_seed(1234)
+    torch.rand(17)
+    expected = torch.get_rng_state()
+    process_1 = SimpleNamespace(process_index=1, is_main_process=False, scaler=None, unwrap_model=lambda m: m)
+    tmp = tmp_path / CKPT_DIR / ".step-0000002.tmp"
+    tmp.mkdir(parents=True)  # made by the main process's first phase
+    write_checkpoint(model, False, process_1, None, None, TrainerState(step=2, elapsed=0.0, micro=2),
+                     tmp_path, None)
+    assert sorted(p.name for p in tmp.iterdir()) == ["rng-1.json", "rng-1.safetensors"]
+    assert torch.equal(read_state(tmp, "rng-1")["torch"], expected)
