@@ -201,3 +201,69 @@ def test_a_checkpoint_holds_each_processs_rng_state_under_its_index(tmp_path: Pa
                      tmp_path, None)
     assert sorted(p.name for p in tmp.iterdir()) == ["rng-1.json", "rng-1.safetensors"]
     assert torch.equal(read_state(tmp, "rng-1")["torch"], expected)
+
+
+# ------------------------------------------------------------------------------------- an unseeded chain's later links
+def _unseeded_chain_worker(rank: int, init_file: str, out: str) -> None:
+    """Rank ``rank`` of 2: RAC-LoRA (links of 2 steps) attached with ``seed=None`` after seeding its global RNG per
+    rank, trained 3 steps under DDP (a link end at step 2 draws the next link's frozen factor), its adapter saved."""
+    from seed_none_worker import adapter_tensors, attach_unseeded
+
+    from conftest import MODEL_CASES
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        model = attach_unseeded("raclora")
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.Adam([p for p in ddp.parameters() if p.requires_grad], lr=1e-2)
+        case = MODEL_CASES["mlp"]()
+        for i in range(3):
+            ddp(**case.batch(100 + i)).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            import rankwise
+
+            rankwise.step(model, opt)
+        torch.save(adapter_tensors(model), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not dist.is_available(), reason="this torch build has no torch.distributed")
+def test_an_unseeded_chains_later_links_are_drawn_alike_on_every_rank(tmp_path: Path) -> None:
+    """``seed=None`` with ranks whose global RNGs differ: ``attach`` makes the first link rank 0's, and the links drawn
+    at link ends come from the seed ``shared_seed`` made rank 0's, so after a link end every rank still holds the same
+    chain and frozen factor. (Round 10's test checks the adapter at attach only, where the broadcast of the tensors
+    hides a per-rank seed: a ``shared_seed`` without its broadcast passed it.) 68 s on the shared 2-core box."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "adapter")
+    mp.spawn(_unseeded_chain_worker, args=(str(tmp_path / "init"), out), nprocs=2, join=True)
+    held = [torch.load(f"{out}.{r}") for r in (0, 1)]
+    assert held[0].keys() == held[1].keys() and any("chain" in k for k in held[0]), sorted(held[0])
+    for key in held[0]:
+        assert torch.equal(held[0][key], held[1][key]), f"rank 1's {key} is not rank 0's"
+
+
+# ------------------------------------------------------------------------------------- a model FSDP shards in part
+@pytest.mark.skipif(not dist.is_available(), reason="this torch build has no torch.distributed")
+def test_a_model_fsdp_shards_only_in_part_counts_as_sharded(tmp_path: Path) -> None:
+    """FSDP1 wrapping the head alone (round 13's case) leaves the rest of the model unmanaged: ``sharded`` must still
+    say so, since ``rankwise.step`` and ``check_finite_grads`` combine the ranks' finiteness flags on it (a NaN in one
+    rank's shard of the head must stop every rank). A ``sharded`` asking every module passed every multi-process test
+    (their models are wrapped whole). One gloo process: FSDP1 marks the modules it manages as on several."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    import rankwise
+    from rankwise.distributed import sharded
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+        rankwise.attach(model, rankwise.LoraConfig(r=2, target_modules=["0"], seed=0))
+        assert not sharded(model)
+        model[2] = FullyShardedDataParallel(model[2], use_orig_params=True, device_id=torch.device("cpu"))
+        assert sharded(model)
+    finally:
+        dist.destroy_process_group()
