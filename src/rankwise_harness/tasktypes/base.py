@@ -86,6 +86,13 @@ class TaskType(ABC):
         """The training loss of one batch (default: the model's own ``.loss``)."""
         return model(**batch).loss
 
+    def loss_terms(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many terms :meth:`loss` averages over in ``batch`` (default: its rows, one loss each). Under several
+        processes each process's loss is weighted by its share of the global batch's terms
+        (:func:`rankwise_harness.train.share_weighted`), so that they average to the whole batch's mean, the loss
+        one process with the whole batch minimises."""
+        return int(batch["labels"].shape[0])
+
     # ------------------------------------------------------------------------ evaluation
     @abstractmethod
     def predict(self, model: nn.Module, rows: list[Example], device: torch.device, autocast: Any) -> list[Any]:
