@@ -16,7 +16,7 @@ import os
 import resource
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,25 +54,35 @@ def _model_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
     return model(**batch).loss
 
 
-def share_weighted(loss_fn: LossFn, terms: Callable[[dict[str, torch.Tensor]], int], world: int) -> LossFn:
-    """``loss_fn`` (a mean over ``terms(batch)`` terms: rows, or a causal LM's answer tokens) times this process's
-    share of the global batch's terms, ``terms / mean over the processes of terms`` (a collective: every process
-    calls it once per batch); ``loss_fn`` itself for one process.
+def term_weights(terms: Sequence[int], world: int) -> list[float]:
+    """Each micro-batch's weight that turns the mean of micro-batch means into the mean over every loss term of the
+    global window: ``t_k · r / m`` for micro-batch k of r holding ``t_k`` terms (rows, or a causal LM's answer
+    tokens), ``m`` the mean over the processes of their windows' total terms (a collective when ``world > 1``:
+    every process calls it once per window). Exactly 1.0 where every micro-batch on every process holds as many
+    terms (a classification batch: its rows), so such a run is unchanged bit for bit.
 
-    DDP (and GoRA's calibration, the head warm-up) average the processes' gradients; unweighted, N processes
-    minimise the mean of their shares' means, which is the whole batch's mean only when every share holds as
-    many terms. Weighted, the processes' losses average to the sum over the global batch divided by its terms:
-    what one process with the whole batch computes, and the reported loss is that mean too. (Measured, review
-    round 87: a generation run on 2 processes trained on gradients 16% away from one process's in float64, its
-    loss reported 0.02 off.) Shares of equal size get exactly 1.0, so a classification run is unchanged."""
+    Unweighted, ``r`` micro-batches (``--grad-accum``) or N processes (DDP averages their gradients) minimise the
+    mean of their shares' means, which is the whole window's mean only when every share holds as many terms: a
+    generation run's shares do not (answers differ in length). Weighted, what one process computes from the whole
+    window in one batch, as HF Trainer does since transformers 4.46 (``num_items_in_batch``). Measured, review
+    round 87: a generation run on 2 processes trained on gradients 16 % away from one process's in float64."""
+    total = float(sum(terms))
+    mean = float(mean_across_ranks(torch.tensor(total, dtype=torch.float64))) if world > 1 else total
+    if mean <= 0:  # no term anywhere (every answer cut off): nothing to weight
+        return [1.0] * len(terms)
+    return [t * len(terms) / mean for t in terms]
+
+
+def share_weighted(loss_fn: LossFn, terms: Callable[[dict[str, torch.Tensor]], int], world: int) -> LossFn:
+    """``loss_fn`` (a mean over ``terms(batch)`` terms) times this process's share of the global batch's terms
+    (:func:`term_weights` of one batch), for the single-batch steps (GoRA's calibration, the head warm-up);
+    ``loss_fn`` itself for one process. The training loop weights whole windows (:func:`_accumulate`)."""
     if world == 1:
         return loss_fn
 
     def weighted(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        mine = float(terms(batch))
-        mean = float(mean_across_ranks(torch.tensor(mine, dtype=torch.float64)))
-        loss = loss_fn(model, batch)
-        return loss * (mine / mean) if mean > 0 else loss
+        (weight,) = term_weights([terms(batch)], world)
+        return loss_fn(model, batch) * weight
 
     return weighted
 
@@ -823,22 +833,25 @@ def _accumulate(run: _Run, loop: _Loop) -> torch.Tensor:
     """The gradients of step ``loop.step``'s window of micro-batches (:meth:`_Run.window`: ``grad_accum`` of them,
     an epoch's last window what is left), synchronised across processes on the last; returns their mean loss.
 
-    The step minimises the mean of its micro-batch losses, L = (1/r) Σ_k L_k over the r micro-batches it holds,
-    so a short window is normalised as the full ones are (HF Trainer's ``loss / current_gradient_accumulation_steps``);
-    every micro-batch is a full global batch, so for a per-example loss L is the mean over the window's examples."""
+    The step minimises the mean over every loss term of its r micro-batches on every process,
+    L = Σ_k w_k L_k / r with :func:`term_weights` ``w_k`` (1.0 where the micro-batches hold as many terms, as every
+    classification batch does: L is then the mean of the micro-batch losses, HF Trainer's
+    ``loss / current_gradient_accumulation_steps``), so a short window is normalised as the full ones are."""
     cfg, accelerator = run.cfg, run.accelerator
     step_loss = torch.zeros((), device=accelerator.device)
     window = run.window(loop.step)
-    loss_fn = _loss(run)
-    for k, micro in enumerate(window):
+    batches = []
+    for micro in window:
         idx = micro_batch_indices(len(run.train), run.global_bs, cfg.seed, micro)
         mine = idx[accelerator.process_index * cfg.batch_size : (accelerator.process_index + 1) * cfg.batch_size]
-        batch = to_device(run.task_type.train_batch([run.train[i] for i in mine]), accelerator.device)
+        batches.append(to_device(run.task_type.train_batch([run.train[i] for i in mine]), accelerator.device))
+    weights = term_weights([run.task_type.loss_terms(b) for b in batches], run.world)
+    for k, (micro, batch, weight) in enumerate(zip(window, batches, weights)):
         loop.micro = micro + 1
         sync = k == len(window) - 1
         ctx = accelerator.no_sync(run.model) if not sync else contextlib.nullcontext()
         with ctx, accelerator.autocast():
-            loss = loss_fn(run.model, batch) / len(window)
+            loss = run.task_type.loss(run.model, batch) / len(window) * weight
             accelerator.backward(loss)
         step_loss += loss.detach()
     return step_loss
